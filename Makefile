@@ -1,0 +1,20 @@
+# Every target installs what it needs into .venv first (scripts/bootstrap.sh is idempotent).
+VENV := .venv
+BIN := $(VENV)/bin
+
+.PHONY: setup quickstart test test-slow lint bench
+
+setup:
+	bash scripts/bootstrap.sh
+
+quickstart: setup
+	$(BIN)/llavamed quickstart
+
+test: setup
+	$(BIN)/python -m pytest -q
+
+test-slow: setup
+	$(BIN)/python -m pytest -q -m slow
+
+lint: setup
+	$(BIN)/ruff check src tests benchmarks && $(BIN)/ruff format --check src tests benchmarks

@@ -1,0 +1,3 @@
+from llavamed.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,69 @@
+"""The single ``llavamed`` entry point. Subcommands live in :mod:`llavamed.commands`; this file only
+wires them into argparse so that ``--help`` is fast (heavy imports happen inside each ``run``)."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from llavamed import __version__
+from llavamed.errors import LlavamedError
+
+# (group, module) pairs. A group is a two-word command such as ``data ingest``; None means a
+# top-level command. Each module defines ``register(subparsers)`` which adds its parser and sets
+# ``func``. Order here is the order in ``--help``.
+COMMANDS: list[tuple[str | None, str]] = [
+    ("model", "llavamed.commands.model_init"),
+    ("convert", "llavamed.commands.convert"),
+]
+
+GROUP_HELP = {
+    "data": "build datasets: PMC ingestion, domain labels, alignment and instruction data",
+    "model": "compose LLaVA checkpoints",
+    "convert": "convert foreign checkpoints into the transformers-native llava format",
+    "eval": "evaluate models: VQA benchmarks and the LLM-judge visual chat score",
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="llavamed",
+        description="LLaVA-Med, reproducible: data, training, evaluation and serving of "
+        "biomedical vision-language assistants.",
+    )
+    parser.add_argument("--version", action="version", version=f"llavamed {__version__}")
+    top = parser.add_subparsers(dest="command", metavar="COMMAND")
+    groups: dict[str, argparse._SubParsersAction] = {}
+    for group, module_name in COMMANDS:
+        if group is None:
+            target = top
+        else:
+            if group not in groups:
+                gp = top.add_parser(group, help=GROUP_HELP.get(group, ""))
+                groups[group] = gp.add_subparsers(dest=f"{group}_command", metavar="SUBCOMMAND")
+                gp.set_defaults(func=lambda _a, gp=gp: (gp.print_help(), 2)[1])
+            target = groups[group]
+        importlib.import_module(module_name).register(target)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    try:
+        rc = args.func(args)
+    except LlavamedError as exc:
+        print(f"llavamed: error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("llavamed: interrupted; re-run the same command to resume", file=sys.stderr)
+        return 130
+    return int(rc or 0)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,90 @@
+"""The figure record (DESIGN.md §3) and a reader for both shapes users hold:
+our ``figures.jsonl`` and LLaVA-Med's ``{domain_name: [record, ...]}`` caption JSON."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+from llavamed.errors import InputError
+from llavamed.utils.io import iter_jsonl, read_json
+
+# LLaVA-Med's five domains, in the order the paper's judge uses to pick one per question.
+DOMAINS: tuple[str, ...] = ("chest_xray", "mri", "histology", "gross", "ct_scan")
+
+# LLaVA-Med's caption JSON keys its records by these names.
+LLAVA_MED_DOMAIN_KEYS = {
+    "chest_xray": "chest_xray",
+    "mri": "mri",
+    "histology": "histology",
+    "gross": "gross",
+    "ct_scan": "ct_scan",
+}
+
+
+def empty_domain() -> dict[str, bool]:
+    return {d: False for d in DOMAINS}
+
+
+def primary_domain(domain: dict | None) -> str:
+    """First true flag in the judge's order, or ``"other"``."""
+    for d in DOMAINS:
+        if domain and domain.get(d):
+            return d
+    return "other"
+
+
+def iter_figures(path: str | os.PathLike) -> Iterator[dict]:
+    """Yield figure records from ``figures.jsonl`` or LLaVA-Med's ``{domain: [records]}`` JSON.
+
+    Records from the dict shape get a ``domain`` dict derived from the key they were filed under
+    when they don't carry one.
+    """
+    path = Path(path)
+    with open(path, "rb") as fh:
+        head = fh.read(4096).lstrip()
+    if head.startswith(b"{") and _is_single_json_document(path):
+        data = read_json(path)
+        if not isinstance(data, dict):
+            raise InputError(path, "expected figures.jsonl or a {domain: [records]} JSON object")
+        for key, records in data.items():
+            if not isinstance(records, list):
+                raise InputError(path, f"domain {key!r} does not hold a list of records")
+            for rec in records:
+                if not isinstance(rec, dict):
+                    raise InputError(path, f"record under {key!r} is not an object")
+                if "domain" not in rec:
+                    dom = empty_domain()
+                    if key in dom:
+                        dom[key] = True
+                    rec = {**rec, "domain": dom}
+                yield rec
+    elif head.startswith(b"["):
+        data = read_json(path)
+        for rec in data:
+            if not isinstance(rec, dict):
+                raise InputError(path, "list entry is not an object")
+            yield rec
+    else:
+        yield from iter_jsonl(path)
+
+
+def _is_single_json_document(path: Path) -> bool:
+    """True for a pretty-printed or one-line JSON object, False for JSONL with several objects."""
+    with open(path, encoding="utf-8", errors="replace") as fh:
+        first = fh.readline()
+        second = fh.readline()
+    if not second.strip():
+        try:
+            obj = json.loads(first)
+        except json.JSONDecodeError:
+            return True
+        # A one-line file: a figures.jsonl with one record has a pair_id at top level.
+        return "pair_id" not in obj
+    try:
+        json.loads(first)
+        return False  # first line is a full object: JSONL
+    except json.JSONDecodeError:
+        return True

@@ -1,0 +1,28 @@
+"""One error type for bad input, so every command can print a one-line, actionable message.
+
+Batch jobs catch :class:`InputError`, count it under its ``reason`` and go on; interactive commands
+let it reach :func:`llavamed.cli.main`, which prints it and exits non-zero.
+"""
+
+from __future__ import annotations
+
+
+class LlavamedError(Exception):
+    """Base class for errors llavamed reports to the user without a traceback."""
+
+
+class InputError(LlavamedError):
+    """Bad input: names the file (or record) and a short machine-countable reason."""
+
+    def __init__(self, source: object, reason: str, detail: str = ""):
+        self.source = str(source)
+        self.reason = reason
+        self.detail = detail
+        msg = f"{self.source}: {reason}"
+        if detail:
+            msg += f" ({detail})"
+        super().__init__(msg)
+
+
+class ConfigError(LlavamedError):
+    """An invalid configuration value; the message names the key."""

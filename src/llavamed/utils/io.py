@@ -1,0 +1,135 @@
+"""Crash-safe file writing shared by every command.
+
+Rules: a finished output file is always complete (written to a temp name beside it, fsynced, then
+renamed), and an append-only JSONL log survives SIGKILL at any moment: a torn last line is cut off
+when the log is reopened, so re-running resumes without corrupt or duplicated records.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import tempfile
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import Any
+
+from llavamed.errors import InputError
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike, suffix: str = "") -> Iterator[Path]:
+    """Yield a temp path in the destination folder; on success rename it onto ``path``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix + ".tmp", dir=path.parent)
+    os.close(fd)
+    tmp_path = Path(tmp)
+    try:
+        yield tmp_path
+        with open(tmp_path, "rb+") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp_path, path)
+    finally:
+        if tmp_path.exists():
+            tmp_path.unlink()
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(data)
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def atomic_write_json(path: str | os.PathLike, obj: Any, indent: int | None = 2) -> None:
+    atomic_write_text(path, json.dumps(obj, indent=indent, ensure_ascii=False) + "\n")
+
+
+def read_json(path: str | os.PathLike) -> Any:
+    try:
+        with open(path, encoding="utf-8") as fh:
+            return json.load(fh)
+    except FileNotFoundError as exc:
+        raise InputError(path, "file not found") from exc
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise InputError(path, "invalid JSON", str(exc)) from exc
+
+
+def iter_jsonl(path: str | os.PathLike, skip_bad: bool = False) -> Iterator[dict]:
+    """Yield one dict per line. A bad line raises :class:`InputError` naming file and line,
+    unless ``skip_bad``, in which case a torn final line (a crash mid-write) is ignored."""
+    try:
+        fh = open(path, encoding="utf-8")
+    except FileNotFoundError as exc:
+        raise InputError(path, "file not found") from exc
+    with fh:
+        for lineno, line in enumerate(fh, 1):
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError as exc:
+                if skip_bad:
+                    continue
+                raise InputError(f"{path}:{lineno}", "invalid JSON line", str(exc)) from exc
+            if not isinstance(rec, dict):
+                if skip_bad:
+                    continue
+                raise InputError(f"{path}:{lineno}", "JSON line is not an object")
+            yield rec
+
+
+def write_jsonl(path: str | os.PathLike, records: Iterable[dict]) -> int:
+    """Atomically write all records; returns the count."""
+    n = 0
+    with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8") as fh:
+        for rec in records:
+            fh.write(json.dumps(rec, ensure_ascii=False) + "\n")
+            n += 1
+    return n
+
+
+class JsonlAppender:
+    """Append-only JSONL log that is safe against SIGKILL.
+
+    On open, a partial trailing line (no newline) left by a killed writer is truncated away. Each
+    ``append`` writes one full line and flushes it (``fsync=True`` also syncs to disk), so the
+    file is always a sequence of complete records. Use :meth:`existing` to resume.
+    """
+
+    def __init__(self, path: str | os.PathLike, fsync: bool = False):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._fsync = fsync
+        self._repair()
+        self._fh = open(self.path, "a", encoding="utf-8")
+
+    def _repair(self) -> None:
+        if not self.path.exists():
+            return
+        with open(self.path, "rb+") as fh:
+            data = fh.read()
+            if data and not data.endswith(b"\n"):
+                fh.truncate(data.rfind(b"\n") + 1)
+
+    def existing(self) -> list[dict]:
+        return list(iter_jsonl(self.path, skip_bad=True)) if self.path.exists() else []
+
+    def append(self, record: dict) -> None:
+        self._fh.write(json.dumps(record, ensure_ascii=False) + "\n")
+        self._fh.flush()
+        if self._fsync:
+            os.fsync(self._fh.fileno())
+
+    def close(self) -> None:
+        self._fh.close()
+
+    def __enter__(self) -> JsonlAppender:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
