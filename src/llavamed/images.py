@@ -1,0 +1,196 @@
+"""Decode any image a biomedical user hands us into an RGB ``PIL.Image``.
+
+One function, :func:`load_image`, serves ingestion, training, evaluation and serving, so a file
+that decodes in one place decodes the same everywhere. Handles PNG, JPEG, TIFF, GIF (first frame),
+RGBA/LA (composited on white, as figures are shown on a page), palette, CMYK, 16-bit and float
+grayscale (min-max stretched), and DICOM (modality LUT, then the VOI LUT / window from the file,
+MONOCHROME1 inverted, middle frame of multi-frame series). Anything else raises one
+:class:`~llavamed.errors.InputError` naming the file and a countable reason.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import warnings
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from llavamed.errors import InputError
+
+# ~180 MP (PIL's own bomb threshold is 89 MP with a warning, 179 MP with an error). A PMC figure
+# larger than this is almost certainly corrupt or hostile.
+DEFAULT_MAX_PIXELS = 178_956_970
+DICOM_MAGIC_OFFSET = 128
+
+
+def _is_dicom(head: bytes) -> bool:
+    return len(head) >= DICOM_MAGIC_OFFSET + 4 and head[128:132] == b"DICM"
+
+
+def load_image(
+    source: str | os.PathLike | bytes,
+    *,
+    name: str | None = None,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+) -> Image.Image:
+    """Return ``source`` (a path or raw bytes) as an RGB image, or raise ``InputError``.
+
+    ``name`` is what errors call the input (defaults to the path, or ``<bytes>``).
+    """
+    if isinstance(source, (bytes, bytearray, memoryview)):
+        data = bytes(source)
+        label = name or "<bytes>"
+    else:
+        label = name or str(source)
+        try:
+            data = Path(source).read_bytes()
+        except FileNotFoundError as exc:
+            raise InputError(label, "file not found") from exc
+        except IsADirectoryError as exc:
+            raise InputError(label, "not a file") from exc
+        except OSError as exc:
+            raise InputError(label, "unreadable file", str(exc)) from exc
+    if not data:
+        raise InputError(label, "empty file")
+    if _is_dicom(data[:132]):
+        return _load_dicom(data, label, max_pixels)
+    return _load_raster(data, label, max_pixels)
+
+
+def _load_raster(data: bytes, label: str, max_pixels: int) -> Image.Image:
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            img = Image.open(io.BytesIO(data))
+            w, h = img.size
+            if w * h > max_pixels:
+                raise InputError(label, "image too large", f"{w}x{h} > {max_pixels} pixels")
+            img.seek(0)  # GIF/TIFF: first frame
+            img.load()
+    except InputError:
+        raise
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise InputError(label, "image too large", str(exc)) from exc
+    except UnidentifiedImageError as exc:
+        # pydicom files without the 128-byte preamble still parse as DICOM.
+        dicom = _try_dicom_without_preamble(data, label, max_pixels)
+        if dicom is not None:
+            return dicom
+        raise InputError(label, "not an image") from exc
+    except (OSError, SyntaxError, ValueError, EOFError) as exc:
+        raise InputError(label, "corrupt image", str(exc)) from exc
+    try:
+        img = ImageOps.exif_transpose(img)
+    except Exception:  # a broken EXIF block should not cost us the pixels
+        pass
+    return _to_rgb(img)
+
+
+def _to_rgb(img: Image.Image) -> Image.Image:
+    mode = img.mode
+    if mode == "RGB":
+        return img
+    if mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+        return _array_to_rgb(np.asarray(img, dtype=np.float64))
+    if mode == "P":
+        img = img.convert("RGBA")
+        mode = "RGBA"
+    if mode in ("RGBA", "LA", "PA"):
+        rgba = img.convert("RGBA")
+        canvas = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(canvas, rgba).convert("RGB")
+    if mode == "CMYK":
+        # PIL's CMYK->RGB is naive but matches what browsers show for untagged CMYK JPEGs; Adobe
+        # CMYK JPEGs are stored inverted, which PIL already undoes on decode.
+        return img.convert("RGB")
+    return img.convert("RGB")
+
+
+def _array_to_rgb(arr: np.ndarray, lo: float | None = None, hi: float | None = None) -> Image.Image:
+    """Linearly map ``[lo, hi]`` (default: the array's 0.5/99.5 percentiles) to 0..255 grey."""
+    arr = np.asarray(arr, dtype=np.float64)
+    if arr.ndim == 3 and arr.shape[-1] in (3, 4):
+        arr = arr[..., :3].mean(axis=-1)
+    finite = arr[np.isfinite(arr)]
+    if finite.size == 0:
+        raise InputError("<array>", "corrupt image", "no finite pixel values")
+    if lo is None or hi is None:
+        lo, hi = np.percentile(finite, [0.5, 99.5])
+    if hi <= lo:
+        hi = lo + 1.0
+    out = np.clip((np.nan_to_num(arr, nan=lo) - lo) / (hi - lo), 0.0, 1.0)
+    grey = (out * 255.0 + 0.5).astype(np.uint8)
+    return Image.fromarray(grey, mode="L").convert("RGB")
+
+
+def _try_dicom_without_preamble(data: bytes, label: str, max_pixels: int) -> Image.Image | None:
+    try:
+        import pydicom
+
+        ds = pydicom.dcmread(io.BytesIO(data), force=True)
+        if "PixelData" not in ds:
+            return None
+    except Exception:
+        return None
+    return _dicom_to_image(ds, label, max_pixels)
+
+
+def _load_dicom(data: bytes, label: str, max_pixels: int) -> Image.Image:
+    import pydicom
+    from pydicom.errors import InvalidDicomError
+
+    try:
+        ds = pydicom.dcmread(io.BytesIO(data))
+    except (InvalidDicomError, EOFError, OSError, ValueError) as exc:
+        raise InputError(label, "corrupt DICOM", str(exc)) from exc
+    if "PixelData" not in ds:
+        raise InputError(label, "DICOM without pixel data")
+    return _dicom_to_image(ds, label, max_pixels)
+
+
+def _dicom_to_image(ds, label: str, max_pixels: int) -> Image.Image:
+    from pydicom.pixels import apply_modality_lut, apply_voi_lut
+
+    rows, cols = int(ds.get("Rows", 0)), int(ds.get("Columns", 0))
+    if rows * cols > max_pixels:
+        raise InputError(label, "image too large", f"{cols}x{rows} > {max_pixels} pixels")
+    try:
+        arr = ds.pixel_array
+    except Exception as exc:  # missing codec, truncated pixel data, ...
+        raise InputError(label, "undecodable DICOM pixels", str(exc)) from exc
+    frames = int(ds.get("NumberOfFrames", 1) or 1)
+    photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2"))
+    if frames > 1:
+        arr = arr[frames // 2]  # middle slice: the most representative frame of a series
+    if photometric in ("RGB", "YBR_FULL", "YBR_FULL_422") and arr.ndim == 3:
+        if photometric != "RGB":
+            from pydicom.pixels import convert_color_space
+
+            arr = convert_color_space(arr, photometric, "RGB")
+        return Image.fromarray(np.ascontiguousarray(arr).astype(np.uint8), mode="RGB")
+    values = apply_modality_lut(arr, ds)
+    has_window = "WindowCenter" in ds and "WindowWidth" in ds
+    has_voi_lut = "VOILUTSequence" in ds
+    if has_window or has_voi_lut:
+        windowed = apply_voi_lut(values, ds, index=0)
+        if has_voi_lut and not has_window:
+            img = _array_to_rgb(windowed)
+        else:
+            center = float(_first(ds.WindowCenter))
+            width = float(_first(ds.WindowWidth))
+            img = _array_to_rgb(values, center - width / 2.0, center + width / 2.0)
+    else:
+        img = _array_to_rgb(values)
+    if photometric == "MONOCHROME1":
+        img = ImageOps.invert(img)
+    return img
+
+
+def _first(value):
+    try:
+        return value[0]
+    except (TypeError, IndexError):
+        return value
