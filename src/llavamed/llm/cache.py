@@ -1,0 +1,75 @@
+"""On-disk response cache (SQLite) so that re-running a generation or judging job costs nothing.
+
+The key is a SHA-256 of the canonical JSON of (model, messages, sampling parameters incl. seed):
+any change in prompt or sampling gives a new key, and an identical request is never paid twice.
+SQLite in WAL mode with a busy timeout tolerates several processes sharing one cache file, and a
+committed row survives SIGKILL.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import sqlite3
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+SCHEMA_VERSION = 1
+
+
+def cache_key(model: str, messages: list[dict], params: dict[str, Any]) -> str:
+    payload = {"v": SCHEMA_VERSION, "model": model, "messages": messages, "params": params}
+    blob = json.dumps(payload, sort_keys=True, ensure_ascii=False, separators=(",", ":"))
+    return hashlib.sha256(blob.encode("utf-8")).hexdigest()
+
+
+class ResponseCache:
+    """A key -> JSON value store. Thread-safe; values are whatever the client chooses to keep."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._lock = threading.Lock()
+        self._db = sqlite3.connect(str(self.path), timeout=30.0, check_same_thread=False)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=NORMAL")
+        self._db.execute(
+            "CREATE TABLE IF NOT EXISTS responses ("
+            " key TEXT PRIMARY KEY, model TEXT, value TEXT NOT NULL, created REAL NOT NULL)"
+        )
+        self._db.commit()
+
+    def get(self, key: str) -> dict | None:
+        with self._lock:
+            row = self._db.execute("SELECT value FROM responses WHERE key = ?", (key,)).fetchone()
+        if row is None:
+            return None
+        try:
+            return json.loads(row[0])
+        except json.JSONDecodeError:
+            return None  # a damaged row is a miss; the next put overwrites it
+
+    def put(self, key: str, value: dict, model: str = "") -> None:
+        blob = json.dumps(value, ensure_ascii=False)
+        with self._lock:
+            self._db.execute(
+                "INSERT OR REPLACE INTO responses (key, model, value, created) VALUES (?, ?, ?, ?)",
+                (key, model, blob, time.time()),
+            )
+            self._db.commit()
+
+    def __contains__(self, key: str) -> bool:
+        with self._lock:
+            row = self._db.execute("SELECT 1 FROM responses WHERE key = ?", (key,)).fetchone()
+        return row is not None
+
+    def __len__(self) -> int:
+        with self._lock:
+            return self._db.execute("SELECT COUNT(*) FROM responses").fetchone()[0]
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()

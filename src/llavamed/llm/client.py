@@ -1,0 +1,603 @@
+"""The async OpenAI-compatible chat client shared by ``data instruct`` and ``eval judge``.
+
+It talks plain HTTP (httpx) to ``{base_url}/chat/completions`` so that the same code drives
+OpenAI, Azure OpenAI, vLLM, SGLang, llama.cpp and ``llavamed serve``. What it adds over a bare
+request, because a 60K-caption job must survive a flaky API without losing money or data:
+
+* bounded concurrency (a semaphore held only while a request is in flight);
+* retries with exponential backoff and jitter on 429, 408, 5xx, timeouts, connection resets,
+  truncated or malformed bodies, honouring ``Retry-After`` / ``retry-after-ms``;
+* client-side RPM and TPM token buckets;
+* a per-request wall-clock timeout (covers slow-drip streams, not only idle sockets);
+* a SQLite response cache keyed by (model, messages, sampling params incl. seed);
+* token usage and cost totals with a small, overridable price table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import email.utils
+import json
+import math
+import os
+import random
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any
+
+import httpx
+
+from llavamed.errors import LlavamedError
+from llavamed.llm.cache import ResponseCache, cache_key
+
+# USD per 1M tokens (input, output): public list prices, early 2025. Matched by the longest
+# model-name prefix. Unknown models (local servers) cost 0 and the report says the price is unknown.
+# Prices change: pass --price-in/--price-out for anything that matters.
+PRICES_PER_MTOK: dict[str, tuple[float, float]] = {
+    "gpt-4o-mini": (0.15, 0.60),
+    "gpt-4o": (2.50, 10.00),
+    "gpt-4.1-nano": (0.10, 0.40),
+    "gpt-4.1-mini": (0.40, 1.60),
+    "gpt-4.1": (2.00, 8.00),
+    "gpt-4-turbo": (10.00, 30.00),
+    "gpt-4-32k": (60.00, 120.00),
+    "gpt-4": (30.00, 60.00),
+    "gpt-35-turbo": (0.50, 1.50),
+    "gpt-3.5-turbo": (0.50, 1.50),
+}
+
+# Average characters per token for English/biomedical prose with BPE tokenizers. Used only where a
+# server returns no usage and for --dry-run estimates; always labelled as an estimate.
+CHARS_PER_TOKEN = 4.0
+TOKENS_PER_MESSAGE = 4  # role and separators in chat templates
+
+RETRYABLE_STATUS = {408, 409, 425, 429, 500, 502, 503, 504, 520, 522, 524, 529}
+FATAL_STATUS = {401, 403, 404}  # wrong key, endpoint or model: every request would fail
+
+
+class LLMError(LlavamedError):
+    """A request that failed for good. ``kind`` is countable (``http_400``, ``timeout``...);
+    ``fatal`` means the whole job should stop (bad key, URL or model name)."""
+
+    def __init__(self, kind: str, detail: str = "", fatal: bool = False, attempts: int = 0):
+        self.kind = kind
+        self.detail = detail
+        self.fatal = fatal
+        self.attempts = attempts
+        super().__init__(f"LLM request failed: {kind}" + (f" ({detail})" if detail else ""))
+
+
+def estimate_tokens(obj: str | list[dict]) -> int:
+    """Heuristic token count (~4 characters per token), no tokenizer download needed."""
+    if isinstance(obj, str):
+        return max(1, math.ceil(len(obj) / CHARS_PER_TOKEN))
+    return sum(estimate_tokens(str(m.get("content", ""))) + TOKENS_PER_MESSAGE for m in obj) + 2
+
+
+def lookup_price(model: str) -> tuple[float, float] | None:
+    name = model.lower().rsplit("/", 1)[-1]
+    best = None
+    for prefix, price in PRICES_PER_MTOK.items():
+        if name.startswith(prefix) and (best is None or len(prefix) > len(best[0])):
+            best = (prefix, price)
+    return best[1] if best else None
+
+
+@dataclass
+class ClientOptions:
+    """How to reach the API and how hard to push it."""
+
+    base_url: str
+    """Server root including the API prefix, e.g. ``https://api.openai.com/v1`` or
+    ``http://127.0.0.1:8000/v1``. ``/chat/completions`` is appended."""
+    model: str
+    """Model name sent in each request (the deployment name for Azure)."""
+    api_key: str | None = None
+    """Bearer token; None for local servers that need none."""
+    api_version: str | None = None
+    """Azure OpenAI: sent as ``?api-version=`` with an ``api-key`` header instead of Bearer."""
+    concurrency: int = 8
+    """Requests in flight at once."""
+    rpm: float | None = None
+    """Client-side requests-per-minute limit (None = unlimited)."""
+    tpm: float | None = None
+    """Client-side tokens-per-minute limit, charged with prompt estimate + max_tokens up front
+    and corrected with the real usage afterwards (None = unlimited)."""
+    rate_burst_s: float = 10.0
+    """The RPM/TPM buckets hold this many seconds' worth of budget, so a job starts promptly but
+    cannot dump a whole minute's quota in one burst."""
+    timeout: float = 120.0
+    """Wall-clock limit per request attempt, seconds."""
+    max_retries: int = 6
+    """Retries after the first attempt for retryable failures."""
+    backoff_base: float = 1.0
+    """First backoff delay (seconds); doubles per attempt, with jitter."""
+    backoff_max: float = 60.0
+    max_retry_after: float = 300.0
+    """Cap on a server's Retry-After, so a bogus header can't park the job for a day."""
+    cache_path: str | None = None
+    """SQLite response cache file; None disables caching."""
+    price_in: float | None = None
+    """USD per 1M prompt tokens; default from the built-in table by model name."""
+    price_out: float | None = None
+    """USD per 1M completion tokens."""
+    stream: bool = False
+    """Use server-sent events; a stream that ends without ``[DONE]`` is retried as truncated."""
+    extra_body: dict[str, Any] = field(default_factory=dict)
+    """Extra JSON fields for every request (e.g. vLLM's ``top_k``)."""
+
+    def __post_init__(self) -> None:
+        if self.concurrency < 1:
+            raise LlavamedError("--concurrency must be >= 1")
+        for name in ("rpm", "tpm"):
+            v = getattr(self, name)
+            if v is not None and v <= 0:
+                raise LlavamedError(f"--{name} must be > 0")
+        if self.timeout <= 0:
+            raise LlavamedError("--timeout must be > 0")
+
+    def prices(self) -> tuple[float, float] | None:
+        if self.price_in is not None or self.price_out is not None:
+            return (self.price_in or 0.0, self.price_out or 0.0)
+        return lookup_price(self.model)
+
+
+@dataclass
+class ChatResult:
+    text: str
+    finish_reason: str | None
+    prompt_tokens: int
+    completion_tokens: int
+    cached: bool
+    attempts: int
+    usage_estimated: bool = False
+    cost_usd: float = 0.0
+
+
+@dataclass
+class ClientStats:
+    """Running totals; ``as_dict`` is what reports embed."""
+
+    calls: int = 0
+    requests: int = 0
+    cache_hits: int = 0
+    retries: int = 0
+    failures: int = 0
+    retry_reasons: Counter = field(default_factory=Counter)
+    failure_reasons: Counter = field(default_factory=Counter)
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    usage_estimated_responses: int = 0
+    cached_prompt_tokens: int = 0
+    cached_completion_tokens: int = 0
+    cost_usd: float = 0.0
+    cost_saved_usd: float = 0.0
+    price_known: bool = True
+    started: float = field(default_factory=time.monotonic)
+
+    def as_dict(self) -> dict:
+        elapsed = time.monotonic() - self.started
+        return {
+            "calls": self.calls,
+            "http_requests": self.requests,
+            "cache_hits": self.cache_hits,
+            "retries": self.retries,
+            "retry_reasons": dict(self.retry_reasons),
+            "failures": self.failures,
+            "failure_reasons": dict(self.failure_reasons),
+            "prompt_tokens": self.prompt_tokens,
+            "completion_tokens": self.completion_tokens,
+            "usage_estimated_responses": self.usage_estimated_responses,
+            "cached_prompt_tokens": self.cached_prompt_tokens,
+            "cached_completion_tokens": self.cached_completion_tokens,
+            "cost_usd": round(self.cost_usd, 6),
+            "cost_saved_by_cache_usd": round(self.cost_saved_usd, 6),
+            "price_known": self.price_known,
+            "elapsed_s": round(elapsed, 3),
+        }
+
+
+class TokenBucket:
+    """Leaky budget of ``per_minute`` units, holding at most ``burst_s`` seconds' worth."""
+
+    def __init__(self, per_minute: float, burst_s: float = 10.0):
+        self.rate = per_minute / 60.0
+        self.capacity = max(1.0, self.rate * burst_s)
+        self.tokens = self.capacity
+        self._last = time.monotonic()
+        self._lock = asyncio.Lock()
+
+    def _refill(self) -> None:
+        now = time.monotonic()
+        self.tokens = min(self.capacity, self.tokens + (now - self._last) * self.rate)
+        self._last = now
+
+    async def acquire(self, n: float = 1.0) -> None:
+        # A request bigger than the bucket would otherwise wait forever; it waits for a full one.
+        n = min(float(n), self.capacity)
+        async with self._lock:  # FIFO: waiters don't overtake each other
+            while True:
+                self._refill()
+                if self.tokens >= n:
+                    self.tokens -= n
+                    return
+                await asyncio.sleep((n - self.tokens) / self.rate)
+
+    def adjust(self, n: float) -> None:
+        """Charge (n > 0) or refund (n < 0) after the fact; the balance may go negative."""
+        self._refill()
+        self.tokens = min(self.capacity, self.tokens - n)
+
+
+def parse_retry_after(headers: httpx.Headers) -> float | None:
+    ms = headers.get("retry-after-ms")
+    if ms:
+        try:
+            return max(0.0, float(ms) / 1000.0)
+        except ValueError:
+            pass
+    value = headers.get("retry-after")
+    if not value:
+        return None
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        pass
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    return max(0.0, when.timestamp() - time.time())
+
+
+def backoff_delay(attempt: int, base: float, cap: float, rng: random.Random) -> float:
+    """Exponential backoff with 'equal jitter': half fixed, half random, so retries from many
+    concurrent workers spread out but never collapse to zero."""
+    d = min(cap, base * (2**attempt))
+    return d / 2 + rng.uniform(0, d / 2)
+
+
+class _Retryable(Exception):
+    def __init__(self, kind: str, detail: str = "", retry_after: float | None = None):
+        self.kind = kind
+        self.detail = detail
+        self.retry_after = retry_after
+        super().__init__(kind)
+
+
+def _extract_choice(data: Any) -> tuple[str, str | None, dict | None]:
+    if not isinstance(data, dict):
+        raise _Retryable("malformed_response", "body is not a JSON object")
+    if "error" in data and "choices" not in data:
+        raise _Retryable("error_body", str(data["error"])[:200])
+    choices = data.get("choices")
+    if not isinstance(choices, list) or not choices or not isinstance(choices[0], dict):
+        raise _Retryable("malformed_response", "no choices")
+    msg = choices[0].get("message") or {}
+    content = msg.get("content") if isinstance(msg, dict) else None
+    if content is None:
+        content = choices[0].get("text")  # legacy completions shape some servers return
+    if not isinstance(content, str):
+        raise _Retryable("malformed_response", "choice has no text content")
+    usage = data.get("usage") if isinstance(data.get("usage"), dict) else None
+    return content, choices[0].get("finish_reason"), usage
+
+
+class LLMClient:
+    """Use as ``async with LLMClient(opts) as client: r = await client.chat(messages)``."""
+
+    def __init__(self, options: ClientOptions, *, seed: int | None = None):
+        self.opts = options
+        self.stats = ClientStats()
+        prices = options.prices()
+        self._prices = prices
+        self.stats.price_known = prices is not None
+        self._sem = asyncio.Semaphore(options.concurrency)
+        self._rpm = TokenBucket(options.rpm, options.rate_burst_s) if options.rpm else None
+        self._tpm = TokenBucket(options.tpm, options.rate_burst_s) if options.tpm else None
+        self._cache = ResponseCache(options.cache_path) if options.cache_path else None
+        self._rng = random.Random(seed)
+        url = options.base_url.rstrip("/") + "/chat/completions"
+        self._url = url
+        self._params = {"api-version": options.api_version} if options.api_version else None
+        headers = {"Content-Type": "application/json"}
+        if options.api_key:
+            if options.api_version:
+                headers["api-key"] = options.api_key
+            else:
+                headers["Authorization"] = f"Bearer {options.api_key}"
+        self._http = httpx.AsyncClient(
+            headers=headers,
+            timeout=httpx.Timeout(options.timeout),
+            limits=httpx.Limits(
+                max_connections=options.concurrency,
+                max_keepalive_connections=options.concurrency,
+            ),
+        )
+
+    async def __aenter__(self) -> LLMClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        await self._http.aclose()
+        if self._cache is not None:
+            self._cache.close()
+
+    # -- public -----------------------------------------------------------------------------
+
+    def sampling_params(
+        self,
+        temperature: float | None = None,
+        max_tokens: int | None = None,
+        top_p: float | None = None,
+        seed: int | None = None,
+        variant: int = 0,
+    ) -> dict[str, Any]:
+        p: dict[str, Any] = {}
+        if temperature is not None:
+            p["temperature"] = temperature
+        if max_tokens is not None:
+            p["max_tokens"] = max_tokens
+        if top_p is not None:
+            p["top_p"] = top_p
+        if seed is not None:
+            p["seed"] = seed + variant
+        if self.opts.extra_body:
+            p.update(self.opts.extra_body)
+        return p
+
+    def key_for(self, messages: list[dict], params: dict[str, Any], variant: int = 0) -> str:
+        keyed = dict(params)
+        if variant:
+            keyed["_variant"] = variant  # a deliberate re-ask must not hit the cached answer
+        return cache_key(self.opts.model, messages, keyed)
+
+    def is_cached(self, messages: list[dict], params: dict[str, Any], variant: int = 0) -> bool:
+        return self._cache is not None and self.key_for(messages, params, variant) in self._cache
+
+    def cost(self, prompt_tokens: int, completion_tokens: int) -> float:
+        if self._prices is None:
+            return 0.0
+        pin, pout = self._prices
+        return (prompt_tokens * pin + completion_tokens * pout) / 1e6
+
+    async def chat(
+        self,
+        messages: list[dict],
+        *,
+        temperature: float | None = None,
+        max_tokens: int | None = None,
+        top_p: float | None = None,
+        seed: int | None = None,
+        variant: int = 0,
+        use_cache: bool = True,
+    ) -> ChatResult:
+        """One chat completion. Raises :class:`LLMError` once retries are exhausted or on a
+        non-retryable status. ``variant`` > 0 asks again with a distinct cache key (and seed)."""
+        self.stats.calls += 1
+        params = self.sampling_params(temperature, max_tokens, top_p, seed, variant)
+        key = self.key_for(messages, params, variant)
+        if use_cache and self._cache is not None:
+            hit = self._cache.get(key)
+            if hit is not None and isinstance(hit.get("text"), str):
+                self.stats.cache_hits += 1
+                pt, ct = int(hit.get("prompt_tokens", 0)), int(hit.get("completion_tokens", 0))
+                self.stats.cached_prompt_tokens += pt
+                self.stats.cached_completion_tokens += ct
+                self.stats.cost_saved_usd += self.cost(pt, ct)
+                return ChatResult(
+                    text=hit["text"],
+                    finish_reason=hit.get("finish_reason"),
+                    prompt_tokens=pt,
+                    completion_tokens=ct,
+                    cached=True,
+                    attempts=0,
+                    usage_estimated=bool(hit.get("usage_estimated")),
+                )
+        payload = {"model": self.opts.model, "messages": messages, **params}
+        est_prompt = estimate_tokens(messages)
+        result = await self._request_with_retries(payload, est_prompt, max_tokens)
+        if use_cache and self._cache is not None:
+            self._cache.put(
+                key,
+                {
+                    "text": result.text,
+                    "finish_reason": result.finish_reason,
+                    "prompt_tokens": result.prompt_tokens,
+                    "completion_tokens": result.completion_tokens,
+                    "usage_estimated": result.usage_estimated,
+                },
+                model=self.opts.model,
+            )
+        return result
+
+    # -- internals --------------------------------------------------------------------------
+
+    async def _request_with_retries(
+        self, payload: dict, est_prompt: int, max_tokens: int | None
+    ) -> ChatResult:
+        charge = est_prompt + (max_tokens or 256)
+        attempt = 0
+        while True:
+            if self._rpm is not None:
+                await self._rpm.acquire(1)
+            if self._tpm is not None:
+                await self._tpm.acquire(charge)
+            try:
+                async with self._sem:
+                    self.stats.requests += 1
+                    text, finish, usage = await asyncio.wait_for(
+                        self._one_request(payload), timeout=self.opts.timeout
+                    )
+            except _Retryable as exc:
+                kind, detail, retry_after = exc.kind, exc.detail, exc.retry_after
+            except (asyncio.TimeoutError, httpx.TimeoutException):
+                kind, detail, retry_after = "timeout", f">{self.opts.timeout:g}s", None
+            except httpx.RemoteProtocolError as exc:
+                kind, detail, retry_after = "truncated_response", str(exc)[:200], None
+            except httpx.TransportError as exc:
+                kind, detail, retry_after = "connection_error", type(exc).__name__, None
+            except LLMError as exc:
+                exc.attempts = attempt + 1
+                self.stats.failures += 1
+                self.stats.failure_reasons[exc.kind] += 1
+                raise
+            else:
+                return self._account(text, finish, usage, est_prompt, charge, attempt + 1)
+            if self._tpm is not None:
+                self._tpm.adjust(-charge)  # nothing was generated; give the budget back
+            if attempt >= self.opts.max_retries:
+                self.stats.failures += 1
+                self.stats.failure_reasons[kind] += 1
+                raise LLMError(kind, detail, attempts=attempt + 1)
+            if retry_after is not None:
+                delay = min(retry_after, self.opts.max_retry_after)
+                delay += self._rng.uniform(0, 0.1 * delay + 0.01)
+            else:
+                delay = backoff_delay(
+                    attempt, self.opts.backoff_base, self.opts.backoff_max, self._rng
+                )
+            self.stats.retries += 1
+            self.stats.retry_reasons[kind] += 1
+            attempt += 1
+            await asyncio.sleep(delay)
+
+    async def _one_request(self, payload: dict) -> tuple[str, str | None, dict | None]:
+        if self.opts.stream:
+            return await self._one_streamed(payload)
+        resp = await self._http.post(self._url, json=payload, params=self._params)
+        self._check_status(resp.status_code, resp.headers, resp.text)
+        try:
+            data = resp.json()
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise _Retryable("malformed_response", f"invalid JSON: {exc}") from exc
+        return _extract_choice(data)
+
+    async def _one_streamed(self, payload: dict) -> tuple[str, str | None, dict | None]:
+        body = {**payload, "stream": True}
+        parts: list[str] = []
+        finish = None
+        usage = None
+        done = False
+        async with self._http.stream("POST", self._url, json=body, params=self._params) as resp:
+            if resp.status_code != 200:
+                await resp.aread()
+                self._check_status(resp.status_code, resp.headers, resp.text)
+            async for line in resp.aiter_lines():
+                line = line.strip()
+                if not line.startswith("data:"):
+                    continue
+                data = line[5:].strip()
+                if data == "[DONE]":
+                    done = True
+                    break
+                try:
+                    chunk = json.loads(data)
+                except json.JSONDecodeError as exc:
+                    raise _Retryable("malformed_response", "bad SSE chunk") from exc
+                if isinstance(chunk.get("usage"), dict):
+                    usage = chunk["usage"]
+                for ch in chunk.get("choices") or []:
+                    delta = ch.get("delta") or {}
+                    if isinstance(delta.get("content"), str):
+                        parts.append(delta["content"])
+                    if ch.get("finish_reason"):
+                        finish = ch["finish_reason"]
+        if not done:
+            raise _Retryable("truncated_response", "stream ended without [DONE]")
+        return "".join(parts), finish, usage
+
+    def _check_status(self, status: int, headers: httpx.Headers, text: str) -> None:
+        if status == 200:
+            return
+        detail = text[:300].replace("\n", " ")
+        if status in RETRYABLE_STATUS or status >= 500:
+            raise _Retryable(f"http_{status}", detail, parse_retry_after(headers))
+        raise LLMError(f"http_{status}", detail, fatal=status in FATAL_STATUS)
+
+    def _account(
+        self,
+        text: str,
+        finish: str | None,
+        usage: dict | None,
+        est_prompt: int,
+        charge: int,
+        attempts: int,
+    ) -> ChatResult:
+        estimated = False
+        try:
+            pt = int(usage["prompt_tokens"]) if usage else None
+            ct = int(usage["completion_tokens"]) if usage else None
+        except (KeyError, TypeError, ValueError):
+            pt = ct = None
+        if pt is None or ct is None:
+            pt, ct, estimated = est_prompt, estimate_tokens(text), True
+            self.stats.usage_estimated_responses += 1
+        if self._tpm is not None:
+            self._tpm.adjust(pt + ct - charge)
+        self.stats.prompt_tokens += pt
+        self.stats.completion_tokens += ct
+        cost = self.cost(pt, ct)
+        self.stats.cost_usd += cost
+        return ChatResult(text, finish, pt, ct, False, attempts, estimated, cost)
+
+
+# -- CLI glue shared by the commands that call an LLM -----------------------------------------
+
+
+def add_client_arguments(parser: argparse.ArgumentParser, default_concurrency: int = 8) -> None:
+    g = parser.add_argument_group("LLM endpoint (any OpenAI-compatible chat API)")
+    g.add_argument(
+        "--base-url",
+        required=True,
+        help="API root incl. /v1, e.g. https://api.openai.com/v1, http://127.0.0.1:8000/v1 "
+        "(llavamed serve --text-only, vLLM), or an Azure deployment URL with --api-version",
+    )
+    g.add_argument("--model", required=True, help="model (or Azure deployment) name")
+    g.add_argument(
+        "--api-key-env",
+        default="OPENAI_API_KEY",
+        metavar="VAR",
+        help="environment variable holding the API key (default OPENAI_API_KEY; unset is fine "
+        "for local servers)",
+    )
+    g.add_argument("--api-version", help="Azure OpenAI api-version (switches to api-key header)")
+    g.add_argument("--concurrency", type=int, default=default_concurrency, metavar="N")
+    g.add_argument("--rpm", type=float, help="client-side requests/minute limit")
+    g.add_argument("--tpm", type=float, help="client-side tokens/minute limit")
+    g.add_argument("--timeout", type=float, default=120.0, help="seconds per request attempt")
+    g.add_argument("--max-retries", type=int, default=6)
+    g.add_argument(
+        "--cache",
+        metavar="PATH",
+        help="SQLite response cache (default: next to the output file); 'none' disables it",
+    )
+    g.add_argument("--stream", action="store_true", help="use streaming responses")
+    g.add_argument("--price-in", type=float, help="USD per 1M prompt tokens (overrides table)")
+    g.add_argument("--price-out", type=float, help="USD per 1M completion tokens")
+
+
+def client_options_from_args(args: argparse.Namespace, default_cache: str | None) -> ClientOptions:
+    cache = args.cache if args.cache is not None else default_cache
+    if cache is not None and cache.lower() == "none":
+        cache = None
+    return ClientOptions(
+        base_url=args.base_url,
+        model=args.model,
+        api_key=os.environ.get(args.api_key_env) or None,
+        api_version=args.api_version,
+        concurrency=args.concurrency,
+        rpm=args.rpm,
+        tpm=args.tpm,
+        timeout=args.timeout,
+        max_retries=args.max_retries,
+        cache_path=cache,
+        price_in=args.price_in,
+        price_out=args.price_out,
+        stream=args.stream,
+    )

@@ -1,0 +1,293 @@
+"""A real OpenAI-compatible HTTP server for tests, with scriptable faults.
+
+It binds 127.0.0.1 on an ephemeral port (stdlib ``ThreadingHTTPServer``, HTTP/1.1 keep-alive) and
+answers ``POST /v1/chat/completions`` (plain and streamed) and ``GET /v1/models``. Tests drive it:
+
+    with StubServer(latency=0.05) as srv:
+        srv.plan(["429", "500", "ok"])        # next three requests: 429, 500, then success
+        srv.responder = lambda body: "User: ...\\nAssistant: ..."
+        client = LLMClient(ClientOptions(base_url=srv.base_url, model="stub"))
+
+Behaviours (one per request, taken from the plan FIFO, else ``default``):
+``ok``, ``429`` (Retry-After: ``retry_after`` s), ``429ms`` (retry-after-ms), ``500``, ``503``,
+``400``, ``401``, ``hang`` (sleep ``hang_s`` before answering, to trip client timeouts),
+``malformed`` (200 with a non-JSON body), ``nochoices`` (200 JSON without choices),
+``truncated`` (body shorter than Content-Length / stream without ``[DONE]``), ``reset`` (close the
+socket without a response), ``nousage`` (success without a usage block).
+
+Run standalone (used by benchmarks, which want the server out of the client's process):
+``python tests/openai_stub_server.py --latency 0.2`` prints ``PORT <n>`` and serves until killed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import socket
+import sys
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Iterable
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+Responder = Callable[[dict], str]
+
+
+def default_responder(body: dict) -> str:
+    last = ""
+    for m in body.get("messages", []):
+        if m.get("role") == "user":
+            last = str(m.get("content", ""))
+    return (
+        "User: What does the image show?\n"
+        f"Assistant: The image shows a finding ({len(last)} characters of context).\n"
+        "User: Is anything abnormal visible?\n"
+        "Assistant: There is an area of abnormal appearance in the image."
+    )
+
+
+class _Server(ThreadingHTTPServer):
+    daemon_threads = True
+    request_queue_size = 256  # benchmarks open 32+ connections at once
+    allow_reuse_address = True
+
+
+class StubServer:
+    def __init__(
+        self,
+        latency: float = 0.0,
+        default: str = "ok",
+        retry_after: float = 0.05,
+        hang_s: float = 2.0,
+        responder: Responder | None = None,
+    ):
+        self.latency = latency
+        self.default = default
+        self.retry_after = retry_after
+        self.hang_s = hang_s
+        self.responder: Responder = responder or default_responder
+        self._plan: deque[str] = deque()
+        self._lock = threading.Lock()
+        self.requests: list[dict] = []
+        self.behaviours: list[str] = []
+        self.in_flight = 0
+        self.max_in_flight = 0
+        self._httpd: _Server | None = None
+        self._thread: threading.Thread | None = None
+
+    # -- control ----------------------------------------------------------------------------
+
+    def plan(self, behaviours: Iterable[str]) -> None:
+        with self._lock:
+            self._plan.extend(behaviours)
+
+    def next_behaviour(self) -> str:
+        with self._lock:
+            return self._plan.popleft() if self._plan else self.default
+
+    @property
+    def count(self) -> int:
+        with self._lock:
+            return len(self.requests)
+
+    @property
+    def base_url(self) -> str:
+        assert self._httpd is not None, "server not started"
+        return f"http://127.0.0.1:{self._httpd.server_address[1]}/v1"
+
+    @property
+    def port(self) -> int:
+        assert self._httpd is not None
+        return self._httpd.server_address[1]
+
+    def start(self) -> StubServer:
+        stub = self
+
+        class Handler(_Handler):
+            server_stub = stub
+
+        self._httpd = _Server(("127.0.0.1", 0), Handler)
+        self._thread = threading.Thread(target=self._httpd.serve_forever, daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        if self._httpd is not None:
+            self._httpd.shutdown()
+            self._httpd.server_close()
+            self._httpd = None
+
+    def __enter__(self) -> StubServer:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+class _Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    server_stub: StubServer
+
+    def log_message(self, *args: object) -> None:  # keep test output clean
+        pass
+
+    def _send(
+        self, status: int, body: bytes, headers: dict | None = None, ctype="application/json"
+    ):
+        self.send_response(status)
+        self.send_header("Content-Type", ctype)
+        self.send_header("Content-Length", str(len(body)))
+        for k, v in (headers or {}).items():
+            self.send_header(k, v)
+        self.end_headers()
+        self.wfile.write(body)
+
+    def do_GET(self) -> None:
+        if self.path.rstrip("/").endswith("/models"):
+            body = {"object": "list", "data": [{"id": "stub", "object": "model"}]}
+            self._send(200, json.dumps(body).encode())
+        else:
+            self._send(404, b'{"error": {"message": "not found"}}')
+
+    def do_POST(self) -> None:
+        stub = self.server_stub
+        length = int(self.headers.get("Content-Length") or 0)
+        raw = self.rfile.read(length)
+        if not self.path.split("?")[0].rstrip("/").endswith("/chat/completions"):
+            self._send(404, b'{"error": {"message": "not found"}}')
+            return
+        try:
+            body = json.loads(raw)
+        except json.JSONDecodeError:
+            self._send(400, b'{"error": {"message": "bad json"}}')
+            return
+        behaviour = stub.next_behaviour()
+        with stub._lock:
+            stub.requests.append(body)
+            stub.behaviours.append(behaviour)
+            stub.in_flight += 1
+            stub.max_in_flight = max(stub.max_in_flight, stub.in_flight)
+        try:
+            if stub.latency:
+                time.sleep(stub.latency)
+            self._respond(stub, body, behaviour)
+        except (BrokenPipeError, ConnectionResetError):
+            pass  # the client gave up (timeout) before we answered
+        finally:
+            with stub._lock:
+                stub.in_flight -= 1
+
+    def _respond(self, stub: StubServer, body: dict, behaviour: str) -> None:
+        err = {"error": {"message": f"stub {behaviour}", "type": "stub"}}
+        if behaviour == "429":
+            self._send(429, json.dumps(err).encode(), {"Retry-After": f"{stub.retry_after:g}"})
+            return
+        if behaviour == "429ms":
+            ms = str(int(stub.retry_after * 1000))
+            self._send(429, json.dumps(err).encode(), {"retry-after-ms": ms})
+            return
+        if behaviour.isdigit():
+            self._send(int(behaviour), json.dumps(err).encode())
+            return
+        if behaviour == "reset":
+            self.close_connection = True
+            self.connection.shutdown(socket.SHUT_RDWR)
+            return
+        if behaviour == "malformed":
+            self._send(200, b'{"id": "x", "choices": [{"message": {"content": "oops"')
+            return
+        if behaviour == "nochoices":
+            self._send(200, b'{"id": "x", "object": "chat.completion"}')
+            return
+        if behaviour == "hang":
+            time.sleep(stub.hang_s)
+        text = stub.responder(body)
+        prompt_chars = sum(len(str(m.get("content", ""))) for m in body.get("messages", []))
+        usage = {
+            "prompt_tokens": prompt_chars // 4 + 1,
+            "completion_tokens": len(text) // 4 + 1,
+        }
+        usage["total_tokens"] = usage["prompt_tokens"] + usage["completion_tokens"]
+        if body.get("stream"):
+            self._stream(text, usage, truncated=behaviour == "truncated")
+            return
+        resp = {
+            "id": "chatcmpl-stub",
+            "object": "chat.completion",
+            "created": int(time.time()),
+            "model": body.get("model", "stub"),
+            "choices": [
+                {
+                    "index": 0,
+                    "message": {"role": "assistant", "content": text},
+                    "finish_reason": "stop",
+                }
+            ],
+        }
+        if behaviour != "nousage":
+            resp["usage"] = usage
+        data = json.dumps(resp).encode()
+        if behaviour == "truncated":
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data[: len(data) // 2])
+            self.wfile.flush()
+            self.close_connection = True
+            self.connection.shutdown(socket.SHUT_RDWR)
+            return
+        self._send(200, data)
+
+    def _stream(self, text: str, usage: dict, truncated: bool) -> None:
+        self.send_response(200)
+        self.send_header("Content-Type", "text/event-stream")
+        self.send_header("Connection", "close")
+        self.end_headers()
+        self.close_connection = True
+        words = text.split(" ")
+        pieces = [w + (" " if i < len(words) - 1 else "") for i, w in enumerate(words)]
+        if truncated:
+            pieces = pieces[: max(1, len(pieces) // 2)]
+        for p in pieces:
+            chunk = {"choices": [{"index": 0, "delta": {"content": p}, "finish_reason": None}]}
+            self.wfile.write(f"data: {json.dumps(chunk)}\n\n".encode())
+        if not truncated:
+            final = {"choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]}
+            self.wfile.write(f"data: {json.dumps(final)}\n\n".encode())
+            self.wfile.write(f"data: {json.dumps({'choices': [], 'usage': usage})}\n\n".encode())
+            self.wfile.write(b"data: [DONE]\n\n")
+        self.wfile.flush()
+
+
+try:  # a ready-made fixture for test modules that `from openai_stub_server import openai_stub`
+    import pytest
+
+    @pytest.fixture
+    def openai_stub():
+        with StubServer() as srv:
+            yield srv
+
+except ImportError:  # pragma: no cover - standalone use without pytest
+    pass
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--latency", type=float, default=0.0)
+    ap.add_argument("--default", default="ok")
+    args = ap.parse_args(argv)
+    srv = StubServer(latency=args.latency, default=args.default).start()
+    print(f"PORT {srv.port}", flush=True)
+    try:
+        # Serve until stdin closes or we are killed: a parent that dies takes us with it.
+        sys.stdin.read()
+    except KeyboardInterrupt:
+        pass
+    srv.stop()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,211 @@
+"""The shared OpenAI-compatible client against a real HTTP stub server with injected faults."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import httpx
+import pytest
+
+from llavamed.llm.cache import ResponseCache, cache_key
+from llavamed.llm.client import (
+    ClientOptions,
+    LLMClient,
+    LLMError,
+    TokenBucket,
+    backoff_delay,
+    estimate_tokens,
+    lookup_price,
+    parse_retry_after,
+)
+from openai_stub_server import StubServer
+
+MSGS = [{"role": "user", "content": "Describe the chest X-ray."}]
+
+
+@pytest.fixture
+def stub():
+    with StubServer() as srv:
+        yield srv
+
+
+def opts(srv: StubServer, **kw) -> ClientOptions:
+    base = dict(base_url=srv.base_url, model="stub", backoff_base=0.01, backoff_max=0.05)
+    base.update(kw)
+    return ClientOptions(**base)
+
+
+def run(coro):
+    return asyncio.run(coro)
+
+
+async def _chat(o: ClientOptions, messages=MSGS, n: int = 1, **kw):
+    async with LLMClient(o, seed=0) as c:
+        results = await asyncio.gather(*[c.chat(messages, **kw) for _ in range(n)])
+        return c.stats, results
+
+
+def test_plain_success_counts_usage_and_cost(stub):
+    stats, [r] = run(_chat(opts(stub, price_in=1.0, price_out=2.0)))
+    assert r.text.startswith("User:") and r.finish_reason == "stop"
+    assert not r.cached and r.attempts == 1
+    assert r.prompt_tokens > 0 and r.completion_tokens > 0
+    assert stats.cost_usd == pytest.approx((r.prompt_tokens * 1 + r.completion_tokens * 2) / 1e6)
+    assert stub.requests[0]["model"] == "stub"
+
+
+@pytest.mark.parametrize(
+    "fault", ["429", "429ms", "500", "503", "malformed", "nochoices", "truncated", "reset"]
+)
+def test_retryable_faults_are_retried(stub, fault):
+    stub.plan([fault, fault])
+    stats, [r] = run(_chat(opts(stub)))
+    assert r.attempts == 3 and stats.retries == 2 and stub.count == 3
+    assert r.text.startswith("User:")
+    assert sum(stats.retry_reasons.values()) == 2
+
+
+def test_truncated_stream_is_retried_and_stream_text_assembled(stub):
+    stub.plan(["truncated"])
+    stats, [r] = run(_chat(opts(stub, stream=True)))
+    assert stats.retry_reasons["truncated_response"] == 1
+    assert r.text == stub.responder(stub.requests[-1])
+    assert r.prompt_tokens > 0 and not r.usage_estimated
+
+
+def test_timeout_is_retried(stub):
+    stub.hang_s = 1.0
+    stub.plan(["hang"])
+    t0 = time.monotonic()
+    stats, [r] = run(_chat(opts(stub, timeout=0.3)))
+    assert stats.retry_reasons["timeout"] == 1 and r.attempts == 2
+    assert time.monotonic() - t0 < 1.0  # the timeout fired, we did not wait out the hang
+
+
+def test_retry_after_is_honoured(stub):
+    stub.retry_after = 0.5
+    stub.plan(["429"])
+    t0 = time.monotonic()
+    run(_chat(opts(stub, backoff_base=0.001, backoff_max=0.001)))
+    assert time.monotonic() - t0 >= 0.5
+
+
+def test_retries_exhausted_raise(stub):
+    stub.plan(["500"] * 10)
+    with pytest.raises(LLMError) as ei:
+        run(_chat(opts(stub, max_retries=2)))
+    assert ei.value.kind == "http_500" and ei.value.attempts == 3 and not ei.value.fatal
+    assert stub.count == 3
+
+
+def test_client_errors_not_retried(stub):
+    stub.plan(["400"])
+    with pytest.raises(LLMError) as ei:
+        run(_chat(opts(stub)))
+    assert ei.value.kind == "http_400" and not ei.value.fatal and stub.count == 1
+    stub.plan(["401"])
+    with pytest.raises(LLMError) as ei:
+        run(_chat(opts(stub)))
+    assert ei.value.fatal
+
+
+def test_missing_usage_is_estimated(stub):
+    stub.plan(["nousage"])
+    stats, [r] = run(_chat(opts(stub)))
+    assert r.usage_estimated and stats.usage_estimated_responses == 1
+    assert r.completion_tokens == estimate_tokens(r.text)
+
+
+def test_cache_makes_rerun_free(stub, tmp_path):
+    o = opts(stub, cache_path=str(tmp_path / "c.sqlite"), price_in=10, price_out=10)
+    s1, [a] = run(_chat(o, temperature=0.7, seed=3))
+    s2, [b] = run(_chat(o, temperature=0.7, seed=3))
+    assert stub.count == 1 and b.cached and b.text == a.text
+    assert s2.cache_hits == 1 and s2.requests == 0 and s2.cost_usd == 0
+    assert s2.cost_saved_usd > 0
+    # Any change in sampling params or a deliberate variant is a new request.
+    run(_chat(o, temperature=0.7, seed=4))
+    run(_chat(o, temperature=0.7, seed=3, variant=1))
+    assert stub.count == 3
+
+
+def test_cache_key_depends_on_everything():
+    k = cache_key("m", MSGS, {"temperature": 0.7})
+    assert k == cache_key("m", [dict(MSGS[0])], {"temperature": 0.7})
+    assert k != cache_key("m2", MSGS, {"temperature": 0.7})
+    assert k != cache_key("m", MSGS, {"temperature": 0.8})
+    assert k != cache_key("m", [{"role": "user", "content": "x"}], {"temperature": 0.7})
+
+
+def test_cache_survives_reopen(tmp_path):
+    c = ResponseCache(tmp_path / "c.sqlite")
+    c.put("k", {"text": "hi"})
+    c.close()
+    c2 = ResponseCache(tmp_path / "c.sqlite")
+    assert c2.get("k") == {"text": "hi"} and "k" in c2 and len(c2) == 1 and c2.get("x") is None
+
+
+def test_concurrency_is_bounded(stub):
+    stub.latency = 0.1
+    run(_chat(opts(stub, concurrency=3), n=9))
+    assert stub.max_in_flight == 3
+
+
+def test_rpm_limit_spaces_requests(stub):
+    # 600 rpm = 10/s with a bucket of 1: 6 requests need >= 0.5 s.
+    t0 = time.monotonic()
+    run(_chat(opts(stub, rpm=600, rate_burst_s=0.1, concurrency=6), n=6))
+    assert time.monotonic() - t0 >= 0.45
+
+
+def test_tpm_limit_spaces_requests(stub):
+    # Each request is charged ~prompt estimate + max_tokens (100); 6000 tpm = 100 tokens/s.
+    t0 = time.monotonic()
+    run(_chat(opts(stub, tpm=6000, rate_burst_s=1.0, concurrency=4), n=4, max_tokens=100))
+    assert time.monotonic() - t0 >= 1.5
+
+
+def test_token_bucket_maths():
+    async def go():
+        b = TokenBucket(per_minute=1200, burst_s=0.05)  # 20/s, capacity 1
+        t0 = time.monotonic()
+        for _ in range(5):
+            await b.acquire(1)
+        return time.monotonic() - t0
+
+    assert run(go()) >= 0.18
+
+
+def test_retry_after_parsing_and_backoff():
+    assert parse_retry_after(httpx.Headers({"retry-after": "3"})) == 3.0
+    assert parse_retry_after(httpx.Headers({"retry-after-ms": "250"})) == 0.25
+    assert parse_retry_after(httpx.Headers({"retry-after": "soon"})) is None
+    date = parse_retry_after(httpx.Headers({"retry-after": "Wed, 21 Oct 2015 07:28:00 GMT"}))
+    assert date == 0.0  # in the past
+    import random
+
+    rng = random.Random(0)
+    for attempt in range(8):
+        d = backoff_delay(attempt, 1.0, 10.0, rng)
+        cap = min(10.0, 2**attempt)
+        assert cap / 2 <= d <= cap
+
+
+def test_price_lookup():
+    assert lookup_price("gpt-4o-mini-2024-07-18") == (0.15, 0.60)
+    assert lookup_price("gpt-4o") == (2.50, 10.00)
+    assert lookup_price("HuggingFaceTB/SmolLM2-135M-Instruct") is None
+
+
+def test_azure_style_request(stub):
+    o = opts(stub, api_key="k", api_version="2024-06-01")
+    run(_chat(o))
+    assert stub.count == 1  # the query string and api-key header are accepted
+
+
+def test_bad_options():
+    from llavamed.errors import LlavamedError
+
+    with pytest.raises(LlavamedError):
+        ClientOptions(base_url="http://x", model="m", concurrency=0)
