@@ -1,0 +1,356 @@
+"""VQA metrics as pure functions: LLaVA-Med's lenient metric (for comparability) and strict ones.
+
+Two families, always reported side by side and never mixed up:
+
+* **LLaVA-Med metric** — what ``llava/eval/run_eval_batch.py`` in microsoft/LLaVA-Med computed
+  for the paper's Table 4. Both strings go through :func:`normalize_answer` (VQA-v2 style
+  normalisation as LLaVA-Med's ``glossary.normalize_word`` does it); closed accuracy is
+  "normalised answer is a *substring* of the normalised prediction" (so "no" matches "normal"),
+  open "recall" is the token recall of ``calculate_f1score`` (with its multiplicity quirk, see
+  :func:`llava_med_open_recall`).
+* **Strict metrics** — closed accuracy from an explicit yes/no parse (no or ambiguous answer is
+  wrong), exact match, SQuAD-style token F1 and sentence BLEU-1..4.
+
+All scores are fractions in [0, 1]; reports multiply by 100.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections import Counter
+from collections.abc import Iterable, Sequence
+
+import numpy as np
+
+# --- LLaVA-Med's normalisation ------------------------------------------------------------------
+# These tables reproduce the *behaviour* of LLaVA-Med's glossary.py (itself from the VQA-v2
+# evaluation script). Only the punctuation below is touched; ':', "'", '%', '#', '*', '&' survive.
+_NUMBER_WORDS = {
+    "none": "0",
+    "zero": "0",
+    "one": "1",
+    "two": "2",
+    "three": "3",
+    "four": "4",
+    "five": "5",
+    "six": "6",
+    "seven": "7",
+    "eight": "8",
+    "nine": "9",
+    "ten": "10",
+}
+_ARTICLES = frozenset({"a", "an", "the"})
+_PUNCT = (";", "/", "[", "]", '"', "{", "}", "(", ")", "=", "+", "\\", "_", "-", ">", "<", "@", "`")
+_PUNCT += (",", "?", "!")
+# A period not followed by a digit (so "2.5" keeps its point). LLaVA-Med passed re.UNICODE (32) as
+# the *count* argument of re.sub, so at most 32 periods are removed; we keep that for parity.
+_PERIOD = re.compile(r"\.(?!\d)")
+_PERIOD_MAX = 32
+_DIGIT_COMMA_DIGIT = re.compile(r"(\d)(,)(\d)")
+# The contraction fixes VQA-v2 applies ("dont" -> "don't"); only the apostrophe-less forms matter
+# here because punctuation other than the list above is kept as-is.
+_CONTRACTIONS = {
+    "aint": "ain't",
+    "arent": "aren't",
+    "cant": "can't",
+    "couldve": "could've",
+    "couldnt": "couldn't",
+    "didnt": "didn't",
+    "doesnt": "doesn't",
+    "dont": "don't",
+    "hadnt": "hadn't",
+    "hasnt": "hasn't",
+    "havent": "haven't",
+    "hes": "he's",
+    "isnt": "isn't",
+    "itll": "it'll",
+    "mightnt": "mightn't",
+    "mightve": "might've",
+    "mustnt": "mustn't",
+    "mustve": "must've",
+    "neednt": "needn't",
+    "shouldve": "should've",
+    "shouldnt": "shouldn't",
+    "thats": "that's",
+    "theres": "there's",
+    "theyre": "they're",
+    "theyve": "they've",
+    "wasnt": "wasn't",
+    "werent": "weren't",
+    "whats": "what's",
+    "wheres": "where's",
+    "whos": "who's",
+    "wont": "won't",
+    "wouldve": "would've",
+    "wouldnt": "wouldn't",
+    "youre": "you're",
+    "youve": "you've",
+}
+
+
+def normalize_answer(text: str) -> str:
+    """Normalise an answer the way LLaVA-Med's evaluation did.
+
+    Lowercase; each listed punctuation mark is deleted when it touches a space (or the text has a
+    digit-comma-digit group) and replaced by a space otherwise; periods not followed by a digit are
+    dropped; number words zero..ten (and "none") become digits; articles are dropped; a few
+    contractions are restored; remaining commas are removed.
+    """
+    text = str(text).lower()
+    out = text
+    has_digit_comma = _DIGIT_COMMA_DIGIT.search(text) is not None
+    for p in _PUNCT:
+        # The decision looks at the *original* text, the replacement at the running result:
+        # LLaVA-Med's loop does exactly this.
+        if (p + " " in text or " " + p in text) or has_digit_comma:
+            out = out.replace(p, "")
+        else:
+            out = out.replace(p, " ")
+    out = _PERIOD.sub("", out, count=_PERIOD_MAX)
+    words = []
+    for w in out.split():
+        w = _NUMBER_WORDS.get(w, w)
+        if w in _ARTICLES:
+            continue
+        words.append(_CONTRACTIONS.get(w, w))
+    return " ".join(words).replace(",", "")
+
+
+def _tokens(normalized: str) -> list[str]:
+    return normalized.split()
+
+
+# --- LLaVA-Med metric -------------------------------------------------------------------------
+
+
+def llava_med_closed_hit(prediction: str, answer: str) -> float:
+    """1.0 if the normalised answer is a substring of the normalised prediction, else 0.0.
+
+    Lenient by construction: "no" is found in "normal" or "not", "yes" in "eyes"."""
+    return 1.0 if normalize_answer(answer) in normalize_answer(prediction) else 0.0
+
+
+def llava_med_open_hit(prediction: str, answer: str) -> float:
+    """LLaVA-Med's "open accuracy" (not the paper's headline open metric): substring hit."""
+    return llava_med_closed_hit(prediction, answer)
+
+
+def _llava_med_prf(prediction: str, answer: str) -> tuple[float, float, float]:
+    # calculate_f1score: counts are word multiplicities, but true positives are counted with the
+    # *prediction's* multiplicity, so a repeated correct word inflates recall (see docs).
+    pred = Counter(_tokens(normalize_answer(normalize_answer(prediction))))
+    ref = Counter(_tokens(normalize_answer(normalize_answer(answer))))
+    if not pred or not ref:
+        return 0.0, 0.0, 0.0
+    tp = sum(c for w, c in pred.items() if w in ref)
+    fp = sum(c for w, c in pred.items() if w not in ref)
+    fn = sum(c for w, c in ref.items() if w not in pred)
+    if tp == 0:
+        return 0.0, 0.0, 0.0
+    precision = tp / (tp + fp)
+    recall = tp / (tp + fn)
+    return 2 * precision * recall / (precision + recall), precision, recall
+
+
+def llava_med_open_recall(prediction: str, answer: str) -> float:
+    """The paper's open-question "recall": share of answer tokens found among prediction tokens.
+
+    Reproduces ``calculate_f1score``'s recall exactly, including its quirk that matched tokens are
+    counted with the prediction's multiplicity: answer "left lung", prediction "left left" gives
+    tp=2, fn=1, recall 2/3 (a plain token recall would say 1/2)."""
+    return _llava_med_prf(prediction, answer)[2]
+
+
+# --- strict metrics ---------------------------------------------------------------------------
+
+_STRICT_STRIP = re.compile(r"[^\w\s.]|(?<!\d)\.|\.(?!\d)", re.UNICODE)
+
+
+def normalize_strict(text: str) -> str:
+    """:func:`normalize_answer`, then every remaining punctuation mark removed (a decimal point
+    between digits stays). Used by exact match, token F1 and BLEU."""
+    # Apostrophes join ("don't" -> "dont") rather than split, so contractions stay one token.
+    text = normalize_answer(text).replace("'", "").replace("\u2019", "")
+    return " ".join(_STRICT_STRIP.sub(" ", text).split())
+
+
+def parse_yes_no(prediction: str) -> str | None:
+    """Explicit yes/no reading of a prediction: ``"yes"``, ``"no"`` or ``None``.
+
+    The first word decides when it is yes or no ("No, there is no effusion" -> no). Otherwise the
+    prediction must contain exactly one of the two words; both or neither is ambiguous (None).
+    Substrings never count: "normal" is not "no"."""
+    toks = normalize_strict(prediction).split()
+    if not toks:
+        return None
+    if toks[0] in ("yes", "no"):
+        return toks[0]
+    found = {t for t in toks if t in ("yes", "no")}
+    return found.pop() if len(found) == 1 else None
+
+
+def is_yes_no(answer: str) -> bool:
+    return normalize_strict(answer) in ("yes", "no")
+
+
+def strict_closed_hit(prediction: str, answer: str) -> float:
+    """Closed accuracy without leniency: yes/no answers need the parsed yes/no to match; other
+    closed answers (SLAKE's "left or right?") need an exact normalised match."""
+    if is_yes_no(answer):
+        return 1.0 if parse_yes_no(prediction) == normalize_strict(answer) else 0.0
+    return exact_match(prediction, answer)
+
+
+def exact_match(prediction: str, answer: str) -> float:
+    return 1.0 if normalize_strict(prediction) == normalize_strict(answer) else 0.0
+
+
+def token_f1(prediction: str, answer: str) -> float:
+    """SQuAD-style F1 over :func:`normalize_strict` tokens (multiset overlap)."""
+    pred = normalize_strict(prediction).split()
+    ref = normalize_strict(answer).split()
+    if not pred or not ref:
+        return 1.0 if pred == ref else 0.0
+    overlap = sum((Counter(pred) & Counter(ref)).values())
+    if overlap == 0:
+        return 0.0
+    p = overlap / len(pred)
+    r = overlap / len(ref)
+    return 2 * p * r / (p + r)
+
+
+BLEU_SMOOTH_EPS = 0.1
+
+
+def sentence_bleu(prediction: str, answer: str, n: int) -> float:
+    """Cumulative sentence BLEU-``n`` (uniform weights over orders 1..n, brevity penalty).
+
+    VQA answers are often one or two words, where plain BLEU-4 is undefined or zero. Two documented
+    choices make it meaningful: the effective order is ``min(n, len(hyp), len(ref))`` (a one-word
+    exact answer scores 1 at every n), and an order with no matching n-gram gets
+    ``BLEU_SMOOTH_EPS / count`` instead of 0 (Chen & Cherry 2014, method 1). Empty -> 0.
+    """
+    if n < 1:
+        raise ValueError("BLEU order must be >= 1")
+    hyp = normalize_strict(prediction).split()
+    ref = normalize_strict(answer).split()
+    if not hyp or not ref:
+        return 0.0
+    order = min(n, len(hyp), len(ref))
+    log_sum = 0.0
+    for k in range(1, order + 1):
+        h = Counter(tuple(hyp[i : i + k]) for i in range(len(hyp) - k + 1))
+        r = Counter(tuple(ref[i : i + k]) for i in range(len(ref) - k + 1))
+        total = sum(h.values())
+        match = sum((h & r).values())
+        p = match / total if match else BLEU_SMOOTH_EPS / total
+        log_sum += math.log(p)
+    bp = 1.0 if len(hyp) > len(ref) else math.exp(1 - len(ref) / len(hyp))
+    return bp * math.exp(log_sum / order)
+
+
+# --- per-sample scores and aggregation -------------------------------------------------------
+
+# Metric keys, in display order, with their label and which answer type they apply to.
+METRICS: dict[str, tuple[str, str]] = {
+    "llava_med_closed_acc": ("LLaVA-Med metric: closed accuracy (substring)", "closed"),
+    "llava_med_open_recall": ("LLaVA-Med metric: open recall", "open"),
+    "llava_med_open_hit": ("LLaVA-Med metric: open substring hit", "open"),
+    "strict_closed_acc": ("strict: closed accuracy (yes/no parse)", "closed"),
+    "closed_unparsed": ("strict: closed, no/ambiguous yes-no (share)", "closed"),
+    "exact_match": ("strict: exact match", "all"),
+    "open_exact_match": ("strict: open exact match", "open"),
+    "token_f1": ("strict: token F1", "all"),
+    "open_token_f1": ("strict: open token F1", "open"),
+    "bleu1": ("strict: open BLEU-1", "open"),
+    "bleu2": ("strict: open BLEU-2", "open"),
+    "bleu3": ("strict: open BLEU-3", "open"),
+    "bleu4": ("strict: open BLEU-4", "open"),
+}
+
+# The two numbers the paper's Table 4 reports, and the strict metrics that stand beside them.
+HEADLINE = (
+    "llava_med_open_recall",
+    "llava_med_closed_acc",
+    "strict_closed_acc",
+    "open_exact_match",
+)
+
+
+def score_sample(prediction: str, answer: str, answer_type: str) -> dict[str, float]:
+    """All metrics that apply to one question (closed questions get closed metrics, open ones
+    open metrics; exact match and F1 apply to both)."""
+    if answer_type not in ("open", "closed"):
+        raise ValueError(f"answer_type must be 'open' or 'closed', not {answer_type!r}")
+    s: dict[str, float] = {
+        "exact_match": exact_match(prediction, answer),
+        "token_f1": token_f1(prediction, answer),
+    }
+    if answer_type == "closed":
+        s["llava_med_closed_acc"] = llava_med_closed_hit(prediction, answer)
+        s["strict_closed_acc"] = strict_closed_hit(prediction, answer)
+        if is_yes_no(answer):
+            s["closed_unparsed"] = 1.0 if parse_yes_no(prediction) is None else 0.0
+    else:
+        s["llava_med_open_recall"] = llava_med_open_recall(prediction, answer)
+        s["llava_med_open_hit"] = llava_med_open_hit(prediction, answer)
+        s["open_exact_match"] = s["exact_match"]
+        s["open_token_f1"] = s["token_f1"]
+        for k in (1, 2, 3, 4):
+            s[f"bleu{k}"] = sentence_bleu(prediction, answer, k)
+    return s
+
+
+def bootstrap_ci(
+    values: Sequence[float], n_resamples: int = 1000, alpha: float = 0.05, seed: int = 0
+) -> tuple[float, float]:
+    """Percentile bootstrap confidence interval of the mean (seeded, so reports reproduce).
+
+    Returns (nan, nan) for no values; a single value gives a zero-width interval."""
+    x = np.asarray(values, dtype=np.float64)
+    if x.size == 0:
+        return (math.nan, math.nan)
+    rng = np.random.default_rng(seed)
+    means = np.empty(n_resamples)
+    # Chunked so PathVQA-sized sets (6761 x 1000) stay within a few MB.
+    chunk = max(1, 2_000_000 // x.size)
+    for start in range(0, n_resamples, chunk):
+        stop = min(n_resamples, start + chunk)
+        idx = rng.integers(0, x.size, size=(stop - start, x.size))
+        means[start:stop] = x[idx].mean(axis=1)
+    lo, hi = np.quantile(means, [alpha / 2, 1 - alpha / 2])
+    return (float(lo), float(hi))
+
+
+def paired_bootstrap_diff(
+    a: Sequence[float],
+    b: Sequence[float],
+    n_resamples: int = 1000,
+    alpha: float = 0.05,
+    seed: int = 0,
+) -> dict[str, float]:
+    """Mean of ``a - b`` over paired items (same questions), with a percentile bootstrap CI."""
+    if len(a) != len(b):
+        raise ValueError("paired samples must have equal length")
+    d = np.asarray(a, dtype=np.float64) - np.asarray(b, dtype=np.float64)
+    lo, hi = bootstrap_ci(d, n_resamples, alpha, seed)
+    return {"mean": float(d.mean()) if d.size else math.nan, "lo": lo, "hi": hi, "n": int(d.size)}
+
+
+def aggregate(
+    scores: Iterable[dict[str, float]],
+    n_resamples: int = 1000,
+    seed: int = 0,
+    keys: Iterable[str] | None = None,
+) -> dict[str, dict[str, float]]:
+    """Mean, 95% bootstrap CI and count for each metric over the scores that carry it."""
+    scores = list(scores)
+    out: dict[str, dict[str, float]] = {}
+    for key in keys if keys is not None else METRICS:
+        vals = [s[key] for s in scores if key in s]
+        if not vals:
+            continue
+        lo, hi = bootstrap_ci(vals, n_resamples=n_resamples, seed=seed)
+        out[key] = {"mean": float(np.mean(vals)), "lo": lo, "hi": hi, "n": len(vals)}
+    return out

@@ -1,0 +1,431 @@
+"""Loaders for the medical VQA sets in the shapes people actually hold (DESIGN.md §3).
+
+Every loader returns ``(samples, report)``: typed :class:`VQASample` records and a
+:class:`LoadReport` counting the records it had to skip, per reason. A bad record never stops a
+load; an unreadable *file* raises :class:`InputError`.
+
+* VQA-RAD public JSON + image folder (``VQA_RAD Dataset Public.json``, ``VQA_RAD Image Folder/``);
+  the split lives in ``phrase_type``: values starting with "test" are test, the rest train.
+* SLAKE (Slake1.0): ``train.json`` / ``validate.json`` / ``test.json`` + ``imgs/``; ``q_lang``.
+* Parquet exports of PathVQA and VQA-RAD (columns ``image`` (bytes or {bytes, path}),
+  ``question``, ``answer``), a single file or a folder of ``<split>-*.parquet`` files.
+* LLaVA-Med's converted ``test.json`` (``id``, ``image``, ``answer_type``, ``conversations``).
+
+``answer_type`` comes from the data; only when a record has none do yes/no answers count as
+closed and everything else as open.
+"""
+
+from __future__ import annotations
+
+import os
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from llavamed.errors import InputError
+from llavamed.utils.io import read_json
+
+DATASETS = ("vqa-rad", "slake", "pathvqa", "llava-med")
+VQA_RAD_JSON = "VQA_RAD Dataset Public.json"
+VQA_RAD_IMAGES = "VQA_RAD Image Folder"
+SLAKE_SPLITS = {
+    "train": "train",
+    "val": "validate",
+    "validate": "validate",
+    "validation": "validate",
+    "test": "test",
+}
+
+
+@dataclass
+class VQASample:
+    """One question about one image, whatever file it came from."""
+
+    qid: str
+    image: str | bytes  # a file path, or the encoded image bytes (parquet exports)
+    question: str
+    answer: str
+    answer_type: Literal["closed", "open"]
+    question_type: str = ""
+    lang: str = "en"
+    split: str = "test"
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def image_key(self) -> str:
+        """A short identity of the image, to tell questions about the same image apart."""
+        if isinstance(self.image, bytes):
+            import hashlib
+
+            return "sha1:" + hashlib.sha1(self.image).hexdigest()
+        return str(self.image)
+
+
+@dataclass
+class LoadReport:
+    """What a loader read and what it skipped (per reason, with the first few messages)."""
+
+    source: str
+    n_records: int = 0
+    n_loaded: int = 0
+    n_other_split: int = 0  # valid records of another split or language, not an error
+    bad: Counter = field(default_factory=Counter)
+    examples: list[str] = field(default_factory=list)
+
+    def add_bad(self, err: InputError) -> None:
+        self.bad[err.reason] += 1
+        if len(self.examples) < 20:
+            self.examples.append(str(err))
+
+    def to_dict(self) -> dict:
+        return {
+            "source": self.source,
+            "n_records": self.n_records,
+            "n_loaded": self.n_loaded,
+            "n_other_split": self.n_other_split,
+            "bad": dict(self.bad),
+            "examples": list(self.examples),
+        }
+
+    def summary(self) -> str:
+        s = f"{self.source}: {self.n_loaded} samples loaded of {self.n_records} records"
+        if self.n_other_split:
+            s += f", {self.n_other_split} in other splits/languages"
+        if self.bad:
+            s += "; skipped " + ", ".join(f"{n} {r}" for r, n in sorted(self.bad.items()))
+        return s
+
+
+# --- field helpers ---------------------------------------------------------------------------
+
+
+def _text_field(rec: dict, key: str, src: str, *, required: bool = True) -> str:
+    if key not in rec or rec[key] is None:
+        if required:
+            raise InputError(src, f"missing field {key}")
+        return ""
+    v = rec[key]
+    # Numbers are legitimate answers ("2" lesions); VQA-RAD stores some as JSON numbers.
+    if isinstance(v, bool) or not isinstance(v, str | int | float):
+        raise InputError(src, f"wrong type for {key}", f"got {type(v).__name__}")
+    v = str(v).strip()
+    if required and not v:
+        raise InputError(src, f"empty field {key}")
+    return v
+
+
+def infer_answer_type(answer: str) -> Literal["closed", "open"]:
+    """The fallback when the data has no answer_type: yes/no answers are closed."""
+    from llavamed.eval.metrics import is_yes_no
+
+    return "closed" if is_yes_no(answer) else "open"
+
+
+def _answer_type(rec: dict, answer: str, src: str) -> Literal["closed", "open"]:
+    raw = rec.get("answer_type")
+    if raw is None or (isinstance(raw, str) and not raw.strip()):
+        return infer_answer_type(answer)
+    if not isinstance(raw, str):
+        raise InputError(src, "wrong type for answer_type", f"got {type(raw).__name__}")
+    v = raw.strip().lower()
+    if v not in ("open", "closed"):
+        raise InputError(src, "unknown answer_type", repr(raw))
+    return v  # type: ignore[return-value]
+
+
+def _image_path(folder: Path, name: str, src: str) -> str:
+    p = folder / name
+    if not p.is_file():
+        raise InputError(src, "missing image", str(p))
+    return str(p)
+
+
+def _load_list(path: Path) -> list:
+    data = read_json(path)
+    if not isinstance(data, list):
+        raise InputError(path, "expected a JSON list of records")
+    return data
+
+
+# --- VQA-RAD public JSON ---------------------------------------------------------------------
+
+
+def _find_vqa_rad(path: Path) -> tuple[Path, Path]:
+    if path.is_dir():
+        js = path / VQA_RAD_JSON
+        if not js.is_file():
+            cands = sorted(p for p in path.glob("*.json"))
+            if len(cands) != 1:
+                raise InputError(
+                    path, "no VQA-RAD JSON", f"expected {VQA_RAD_JSON!r} in the folder"
+                )
+            js = cands[0]
+    else:
+        js = path
+    images = js.parent / VQA_RAD_IMAGES
+    return js, images if images.is_dir() else js.parent
+
+
+def load_vqa_rad(
+    path: str | os.PathLike, split: str = "test"
+) -> tuple[list[VQASample], LoadReport]:
+    """VQA-RAD's public JSON (or its parquet export). ``split``: test, train or all."""
+    path = Path(path)
+    if _parquet_files(path, split):
+        return load_parquet(path, split=split, dataset="vqa-rad")
+    js, images = _find_vqa_rad(path)
+    report = LoadReport(str(js))
+    samples = []
+    for i, rec in enumerate(_load_list(js)):
+        report.n_records += 1
+        src = f"{js}[{i}]"
+        try:
+            if not isinstance(rec, dict):
+                raise InputError(src, "record is not an object")
+            phrase = rec.get("phrase_type")
+            rec_split = "test" if isinstance(phrase, str) and phrase.startswith("test") else "train"
+            if split != "all" and rec_split != split:
+                report.n_other_split += 1
+                continue
+            qid = _text_field(rec, "qid", src)
+            question = _text_field(rec, "question", src)
+            answer = _text_field(rec, "answer", src)
+            atype = _answer_type(rec, answer, src)
+            image = _image_path(images, _text_field(rec, "image_name", src), src)
+            qtype = rec.get("question_type")
+            samples.append(
+                VQASample(
+                    qid=qid,
+                    image=image,
+                    question=question,
+                    answer=answer,
+                    answer_type=atype,
+                    question_type=str(qtype).strip() if qtype is not None else "",
+                    split=rec_split,
+                    extra={k: rec[k] for k in ("phrase_type", "image_organ") if k in rec},
+                )
+            )
+        except InputError as err:
+            report.add_bad(err)
+    report.n_loaded = len(samples)
+    return samples, report
+
+
+# --- SLAKE ---------------------------------------------------------------------------------
+
+
+def load_slake(
+    path: str | os.PathLike, split: str = "test", lang: str = "en"
+) -> tuple[list[VQASample], LoadReport]:
+    """SLAKE's folder (``<split>.json`` + ``imgs/``) or one of its split files.
+
+    ``lang``: "en" (the paper's comparison), "zh" or "all"."""
+    path = Path(path)
+    if path.is_dir():
+        if split not in SLAKE_SPLITS:
+            raise InputError(path, "unknown SLAKE split", f"{split!r}; use train, validate or test")
+        js = path / f"{SLAKE_SPLITS[split]}.json"
+        if not js.is_file():
+            raise InputError(js, "file not found")
+    else:
+        js = path
+    images = js.parent / "imgs"
+    if not images.is_dir():
+        images = js.parent
+    split_name = SLAKE_SPLITS.get(js.stem, js.stem)
+    report = LoadReport(str(js))
+    samples = []
+    for i, rec in enumerate(_load_list(js)):
+        report.n_records += 1
+        src = f"{js}[{i}]"
+        try:
+            if not isinstance(rec, dict):
+                raise InputError(src, "record is not an object")
+            q_lang = _text_field(rec, "q_lang", src, required=False) or "en"
+            if lang != "all" and q_lang != lang:
+                report.n_other_split += 1
+                continue
+            qid = _text_field(rec, "qid", src)
+            question = _text_field(rec, "question", src)
+            answer = _text_field(rec, "answer", src)
+            atype = _answer_type(rec, answer, src)
+            image = _image_path(images, _text_field(rec, "img_name", src), src)
+            samples.append(
+                VQASample(
+                    qid=qid,
+                    image=image,
+                    question=question,
+                    answer=answer,
+                    answer_type=atype,
+                    question_type=str(rec.get("content_type") or "").strip(),
+                    lang=q_lang,
+                    split=split_name,
+                    extra={
+                        k: rec[k]
+                        for k in ("img_id", "modality", "location", "base_type")
+                        if k in rec
+                    },
+                )
+            )
+        except InputError as err:
+            report.add_bad(err)
+    report.n_loaded = len(samples)
+    return samples, report
+
+
+# --- parquet (PathVQA, VQA-RAD exports) ----------------------------------------------------
+
+
+def _parquet_files(path: Path, split: str) -> list[Path]:
+    if path.is_file():
+        return [path] if path.suffix == ".parquet" else []
+    if not path.is_dir():
+        return []
+    files = sorted(path.rglob("*.parquet"))
+    if split != "all":
+        # Hugging Face exports name shards "<split>-00000-of-00001-<hash>.parquet".
+        chosen = [f for f in files if f.name.split("-")[0] == split or f.stem == split]
+        files = chosen
+    return files
+
+
+def _image_bytes(v: Any, src: str) -> bytes:
+    if isinstance(v, dict):  # datasets' Image feature: {"bytes": ..., "path": ...}
+        v = v.get("bytes")
+    if isinstance(v, bytearray | memoryview):
+        v = bytes(v)
+    if v is None:
+        raise InputError(src, "missing image")
+    if not isinstance(v, bytes):
+        raise InputError(src, "wrong type for image", f"got {type(v).__name__}")
+    if not v:
+        raise InputError(src, "missing image", "empty bytes")
+    return v
+
+
+def load_parquet(
+    path: str | os.PathLike, split: str = "test", dataset: str = "pathvqa"
+) -> tuple[list[VQASample], LoadReport]:
+    """Parquet with columns ``image``, ``question``, ``answer`` (+ optional ``answer_type``,
+    ``question_type``, ``qid``/``id``); ``path`` is a file or a folder of split-named shards."""
+    import pyarrow.parquet as pq
+
+    path = Path(path)
+    files = _parquet_files(path, split)
+    if not files:
+        raise InputError(path, "no parquet files", f"for split {split!r}")
+    report = LoadReport(str(path))
+    samples = []
+    for f in files:
+        try:
+            table = pq.read_table(f)
+        except Exception as exc:  # pyarrow raises several types for a corrupt file
+            raise InputError(f, "unreadable parquet", str(exc)) from exc
+        missing = {"image", "question", "answer"} - set(table.column_names)
+        if missing:
+            raise InputError(f, "missing columns", ", ".join(sorted(missing)))
+        file_split = split if split != "all" else f.name.split("-")[0]
+        for i, rec in enumerate(table.to_pylist()):
+            report.n_records += 1
+            src = f"{f}[{i}]"
+            try:
+                question = _text_field(rec, "question", src)
+                answer = _text_field(rec, "answer", src)
+                atype = _answer_type(rec, answer, src)
+                image = _image_bytes(rec.get("image"), src)
+                qid = rec.get("qid", rec.get("id"))
+                qid = str(qid) if qid is not None else f"{f.stem}:{i}"
+                samples.append(
+                    VQASample(
+                        qid=qid,
+                        image=image,
+                        question=question,
+                        answer=answer,
+                        answer_type=atype,
+                        question_type=str(rec.get("question_type") or "").strip(),
+                        split=file_split,
+                        extra={"dataset": dataset},
+                    )
+                )
+            except InputError as err:
+                report.add_bad(err)
+    report.n_loaded = len(samples)
+    return samples, report
+
+
+# --- LLaVA-Med's converted test.json -------------------------------------------------------
+
+
+def load_llava_med(
+    path: str | os.PathLike, images: str | os.PathLike | None = None, split: str = "test"
+) -> tuple[list[VQASample], LoadReport]:
+    """LLaVA-Med's ``test.json``; images resolve against ``images`` (default: the JSON's folder,
+    or its ``images/`` subfolder when that exists)."""
+    path = Path(path)
+    js = path / f"{split}.json" if path.is_dir() else path
+    if images is None:
+        images = js.parent / "images" if (js.parent / "images").is_dir() else js.parent
+    images = Path(images)
+    report = LoadReport(str(js))
+    samples = []
+    for i, rec in enumerate(_load_list(js)):
+        report.n_records += 1
+        src = f"{js}[{i}]"
+        try:
+            if not isinstance(rec, dict):
+                raise InputError(src, "record is not an object")
+            qid = _text_field(rec, "id", src)
+            # LLaVA-Med's own evaluator also accepts this misspelling found in its files.
+            conv = rec.get("conversations", rec.get("conversatons"))
+            if conv is None:
+                raise InputError(src, "missing field conversations")
+            if (
+                not isinstance(conv, list)
+                or len(conv) < 2
+                or not all(isinstance(t, dict) for t in conv[:2])
+            ):
+                raise InputError(src, "wrong type for conversations", "need a human and a gpt turn")
+            question = _text_field(conv[0], "value", src).replace("<image>", "").strip()
+            answer = _text_field(conv[1], "value", src)
+            if not question:
+                raise InputError(src, "empty field question")
+            atype = _answer_type(rec, answer, src)
+            image = _image_path(images, _text_field(rec, "image", src), src)
+            samples.append(
+                VQASample(
+                    qid=qid,
+                    image=image,
+                    question=question,
+                    answer=answer,
+                    answer_type=atype,
+                    question_type=str(rec.get("question_type") or "").strip(),
+                    split=split,
+                )
+            )
+        except InputError as err:
+            report.add_bad(err)
+    report.n_loaded = len(samples)
+    return samples, report
+
+
+def load_vqa(
+    dataset: str,
+    path: str | os.PathLike,
+    split: str = "test",
+    lang: str = "en",
+    images: str | os.PathLike | None = None,
+) -> tuple[list[VQASample], LoadReport]:
+    """Dispatch on ``dataset`` (one of :data:`DATASETS`)."""
+    path = Path(path)
+    if not path.exists():
+        raise InputError(path, "file not found")
+    if dataset == "vqa-rad":
+        return load_vqa_rad(path, split=split)
+    if dataset == "slake":
+        return load_slake(path, split=split, lang=lang)
+    if dataset == "pathvqa":
+        return load_parquet(path, split=split, dataset="pathvqa")
+    if dataset == "llava-med":
+        return load_llava_med(path, images=images, split=split)
+    raise InputError(dataset, "unknown dataset", f"choose from {', '.join(DATASETS)}")

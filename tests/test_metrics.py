@@ -1,0 +1,112 @@
+"""Hand-computed checks of the VQA metrics (LLaVA-Med's lenient metric and the strict ones)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from llavamed.eval import metrics as m
+
+
+@pytest.mark.parametrize(
+    "raw, expected",
+    [
+        ("Yes.", "yes"),
+        ("The Answer is: No", "answer is: no"),  # ':' is not in LLaVA-Med's punctuation list
+        ("There are two lesions, 1,000 cells", "there are 2 lesions 1000 cells"),
+        ("left-sided (effusion)", "left sided effusion"),
+        ("x - ray", "x ray"),  # '-' touching a space is deleted, not spaced
+        ("2.5 cm.", "2.5 cm"),  # decimal point kept, final period dropped
+        ("none", "0"),
+        ("an MRI of the brain", "mri of brain"),
+        ("dont know", "don't know"),
+    ],
+)
+def test_normalize_answer_matches_llava_med(raw, expected):
+    assert m.normalize_answer(raw) == expected
+
+
+def test_period_removal_is_capped_like_the_reference():
+    text = "." * 40 + "x"
+    assert m.normalize_answer(text) == "." * 8 + "x"
+
+
+def test_llava_med_closed_is_lenient_substring():
+    assert m.llava_med_closed_hit("Yes, it is.", "yes") == 1.0
+    assert m.llava_med_closed_hit("The heart is normal", "no") == 1.0  # the known leniency
+    assert m.llava_med_closed_hit("Yes", "no") == 0.0
+
+
+def test_llava_med_open_recall_hand_computed():
+    assert m.llava_med_open_recall("right lower lobe", "right lung") == pytest.approx(0.5)
+    # prediction-multiplicity quirk: tp=2 (left x2), fn=1 (lung) -> 2/3
+    assert m.llava_med_open_recall("left left", "left lung") == pytest.approx(2 / 3)
+    assert m.llava_med_open_recall("", "left lung") == 0.0
+    assert m.llava_med_open_recall("the pancreas", "Pancreas.") == 1.0
+
+
+def test_parse_yes_no():
+    assert m.parse_yes_no("No, there is no effusion") == "no"
+    assert m.parse_yes_no("Yes.") == "yes"
+    assert m.parse_yes_no("I think yes") == "yes"
+    assert m.parse_yes_no("normal heart") is None  # substring never counts
+    assert m.parse_yes_no("maybe yes or no") is None  # ambiguous
+    assert m.parse_yes_no("") is None
+
+
+def test_strict_closed():
+    assert m.strict_closed_hit("The heart is normal", "no") == 0.0
+    assert m.strict_closed_hit("no.", "No") == 1.0
+    assert m.strict_closed_hit("Left", "left") == 1.0  # non yes/no closed answers: exact match
+    assert m.strict_closed_hit("left side", "left") == 0.0
+
+
+def test_exact_and_f1():
+    assert m.exact_match("The Pancreas.", "pancreas") == 1.0
+    assert m.exact_match("pancreas head", "pancreas") == 0.0
+    # pred {right, lower, lobe}, ref {right, lung}: overlap 1, p=1/3, r=1/2, F1=0.4
+    assert m.token_f1("right lower lobe", "right lung") == pytest.approx(0.4)
+    assert m.token_f1("", "") == 1.0
+    assert m.token_f1("abc", "") == 0.0
+
+
+def test_bleu_hand_computed():
+    assert m.sentence_bleu("effusion", "effusion", 4) == 1.0  # order capped at 1
+    # hyp "pleural effusion present" vs ref "pleural effusion": p1=2/3, p2=1/2, bp=1
+    assert m.sentence_bleu("pleural effusion present", "pleural effusion", 2) == pytest.approx(
+        math.sqrt(1 / 3)
+    )
+    # short hyp: bp = exp(1 - 3/1); p1 = 1
+    assert m.sentence_bleu("lung", "right lung base", 1) == pytest.approx(math.exp(-2))
+    # no match at all: smoothed p1 = 0.1/1
+    assert m.sentence_bleu("heart", "lung", 1) == pytest.approx(0.1)
+    assert m.sentence_bleu("", "lung", 1) == 0.0
+
+
+def test_score_sample_keys_by_type():
+    c = m.score_sample("yes", "yes", "closed")
+    assert c["llava_med_closed_acc"] == 1 and c["strict_closed_acc"] == 1
+    assert "llava_med_open_recall" not in c and c["closed_unparsed"] == 0.0
+    o = m.score_sample("left lung", "left lung", "open")
+    assert o["open_exact_match"] == 1 and o["bleu4"] == 1 and "strict_closed_acc" not in o
+    with pytest.raises(ValueError):
+        m.score_sample("a", "b", "OPEN")
+
+
+def test_bootstrap_ci_is_seeded_and_sane():
+    vals = [0.0, 1.0] * 50
+    a = m.bootstrap_ci(vals, seed=3)
+    assert a == m.bootstrap_ci(vals, seed=3)
+    assert a[0] < 0.5 < a[1] and 0.35 < a[0] and a[1] < 0.65
+    assert m.bootstrap_ci([1.0]) == (1.0, 1.0)
+    assert all(math.isnan(v) for v in m.bootstrap_ci([]))
+
+
+def test_aggregate_and_paired_diff():
+    scores = [m.score_sample("yes", "yes", "closed"), m.score_sample("no", "yes", "closed")]
+    agg = m.aggregate(scores, n_resamples=200)
+    assert agg["llava_med_closed_acc"]["mean"] == 0.5 and agg["llava_med_closed_acc"]["n"] == 2
+    assert "llava_med_open_recall" not in agg
+    d = m.paired_bootstrap_diff([1, 1, 1, 1], [0, 1, 0, 1], n_resamples=200)
+    assert d["mean"] == 0.5 and d["n"] == 4 and d["lo"] <= 0.5 <= d["hi"]
