@@ -1,0 +1,258 @@
+"""``report.md``, ``report.json`` and a bar chart for a VQA evaluation.
+
+The paper's numbers appear as reference rows, marked as reported elsewhere; everything else in
+the report was measured by this run. All files are written atomically.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+from llavamed.eval import metrics as M
+from llavamed.eval.paper_numbers import CITATION, PAPER_SPLIT_SIZES, reference_rows
+from llavamed.utils.io import atomic_path, atomic_write_json, atomic_write_text
+
+# The rows of the main table, in order: the paper's metric first, strict ones beside it.
+MAIN_ROWS = (
+    "llava_med_open_recall",
+    "llava_med_closed_acc",
+    "strict_closed_acc",
+    "closed_unparsed",
+    "open_exact_match",
+    "open_token_f1",
+    "exact_match",
+    "token_f1",
+    "llava_med_open_hit",
+    "bleu1",
+    "bleu2",
+    "bleu3",
+    "bleu4",
+)
+CHART_METRICS = (
+    "llava_med_open_recall",
+    "llava_med_closed_acc",
+    "strict_closed_acc",
+    "open_exact_match",
+    "token_f1",
+)
+SHORT = {
+    "llava_med_open_recall": "open recall\n(LLaVA-Med)",
+    "llava_med_closed_acc": "closed acc\n(LLaVA-Med)",
+    "strict_closed_acc": "closed acc\n(strict)",
+    "open_exact_match": "open exact\n(strict)",
+    "token_f1": "token F1\n(strict)",
+}
+
+
+def _pct(v) -> str:
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return "–"
+    return f"{100 * v:.2f}"
+
+
+def _cell(stat: dict | None) -> tuple[str, str, str]:
+    if not stat:
+        return "–", "–", "0"
+    return _pct(stat["mean"]), f"[{_pct(stat['lo'])}, {_pct(stat['hi'])}]", str(stat["n"])
+
+
+def render_markdown(result: dict, dataset: str, load_report: dict | None = None) -> str:
+    m = result["metrics"]
+    lines = [f"# VQA evaluation: {dataset}", ""]
+    lines.append(
+        f"Model `{result.get('model_id')}`; {m['n_answered']} of {m['n_samples']} questions "
+        f"answered ({m['n_closed']} closed, {m['n_open']} open); greedy decoding, "
+        f"max_new_tokens={result['options']['max_new_tokens']}, "
+        f"closed-question suffix {'on' if result['options']['closed_suffix'] else 'off'}."
+    )
+    if result.get("limit") is not None or result.get("shard"):
+        lines.append(
+            f"Partial run: limit={result.get('limit')}, shard={result.get('shard')}. "
+            "Not comparable to full-split numbers."
+        )
+    if m["n_missing"]:
+        lines.append(
+            f"**{m['n_missing']} questions have no answer** and are left out of every mean."
+        )
+    sizes = PAPER_SPLIT_SIZES.get(dataset)
+    if sizes and m["n_samples"] != sizes["total"]:
+        lines.append(
+            f"Note: the paper's {dataset} test split has {sizes['total']} questions "
+            f"({sizes['open']} open / {sizes['closed']} closed); this run has {m['n_samples']}."
+        )
+    if load_report:
+        lines.append(
+            f"Data: {load_report['n_loaded']} samples loaded from `{load_report['source']}` "
+            f"({load_report['n_records']} records"
+            + (
+                "; skipped " + ", ".join(f"{n} {r}" for r, n in sorted(load_report["bad"].items()))
+                if load_report.get("bad")
+                else ""
+            )
+            + ")."
+        )
+    lines += ["", "## Results (95% bootstrap CI)", ""]
+    lines += ["| metric | value | 95% CI | n |", "|---|---:|---:|---:|"]
+    for key in MAIN_ROWS:
+        if key in m["overall"]:
+            v, ci, n = _cell(m["overall"][key])
+            lines.append(f"| {M.METRICS[key][0]} | {v} | {ci} | {n} |")
+    lines += [
+        "",
+        "The *LLaVA-Med metric* rows reproduce the paper's evaluation (normalised substring for "
+        'closed questions, so "no" matches "normal"; token recall for open ones) and are the '
+        "only ones comparable to the paper. *Strict* rows parse an explicit yes/no (none or both "
+        "counts as wrong) and require exact matches.",
+    ]
+
+    refs = reference_rows(dataset)
+    if refs:
+        lines += ["", f"## Reference rows ({CITATION}; not measured here)", ""]
+        lines += ["| model | open recall | closed acc | source |", "|---|---:|---:|---|"]
+        for r in refs:
+            o = "–" if r["open_recall"] is None else f"{r['open_recall']:.2f}"
+            c = "–" if r["closed_acc"] is None else f"{r['closed_acc']:.2f}"
+            lines.append(f"| {r['model']} | {o} | {c} | {r['source']} |")
+        ov = m["overall"]
+        lines.append(
+            f"| **this run** (measured) | {_cell(ov.get('llava_med_open_recall'))[0]} | "
+            f"{_cell(ov.get('llava_med_closed_acc'))[0]} | this evaluation |"
+        )
+
+    if result.get("ablations"):
+        lines += ["", "## Image reliance (accuracy drop when the image is replaced)", ""]
+        lines += [
+            "| condition | metric | with image | replaced | drop | 95% CI of drop |",
+            "|---|---|---:|---:|---:|---:|",
+        ]
+        for cond, ab in result["ablations"].items():
+            for key in CHART_METRICS:
+                d = ab["drop"].get(key)
+                if not d:
+                    continue
+                lines.append(
+                    f"| {cond} | {M.METRICS[key][0]} | {_pct(m['overall'][key]['mean'])} | "
+                    f"{_pct(ab['metrics']['overall'][key]['mean'])} | {_pct(d['mean'])} | "
+                    f"[{_pct(d['lo'])}, {_pct(d['hi'])}] |"
+                )
+        lines += [
+            "",
+            "A drop whose CI includes 0 means the answers do not depend on the image: the model "
+            "is not looking. blank = black image; noise = uniform RGB noise; shuffle = another "
+            "question's image (a seeded derangement over distinct images).",
+        ]
+
+    for title, groups in (
+        ("answer type", m["by_answer_type"]),
+        ("question type", m["by_question_type"]),
+    ):
+        if not groups:
+            continue
+        lines += ["", f"## By {title}", ""]
+        lines += [
+            "| group | n | LLaVA-Med open recall | LLaVA-Med closed acc | strict closed acc | "
+            "exact match | token F1 |",
+            "|---|---:|---:|---:|---:|---:|---:|",
+        ]
+        for g, agg in groups.items():
+            n = max((s["n"] for s in agg.values()), default=0)
+            cells = []
+            for key in (
+                "llava_med_open_recall",
+                "llava_med_closed_acc",
+                "strict_closed_acc",
+                "exact_match",
+                "token_f1",
+            ):
+                v, ci, _ = _cell(agg.get(key))
+                cells.append(v if v == "–" else f"{v} {ci}")
+            lines.append(f"| {g} | {n} | " + " | ".join(cells) + " |")
+
+    gen = result.get("generation", {})
+    if gen:
+        lines += ["", "## Generation", ""]
+        lines += ["| condition | generated | resumed | seconds | answers/s | skipped |"]
+        lines += ["|---|---:|---:|---:|---:|---|"]
+        for cond, g in gen.items():
+            sk = ", ".join(f"{n} {r}" for r, n in g["skipped"].items()) or "–"
+            lines.append(
+                f"| {cond} | {g['n_generated']} | {g['n_resumed']} | {g['seconds']} | "
+                f"{g['answers_per_s'] if g['answers_per_s'] is not None else '–'} | {sk} |"
+            )
+    return "\n".join(lines) + "\n"
+
+
+def plot_bars(result: dict, dataset: str, path: str | Path) -> None:
+    """Grouped bars per metric: with image, each ablation, and the paper's best numbers."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    m = result["metrics"]["overall"]
+    keys = [k for k in CHART_METRICS if k in m]
+    series = [("with image", result["metrics"]["overall"])]
+    for cond, ab in result.get("ablations", {}).items():
+        series.append((f"image: {cond}", ab["metrics"]["overall"]))
+    refs = reference_rows(dataset)
+    paper = refs[0] if refs else None
+    x = np.arange(len(keys))
+    width = 0.8 / (len(series) + (1 if paper else 0))
+    fig, ax = plt.subplots(figsize=(max(6, 1.6 * len(keys) + 2), 4.2))
+    for i, (label, agg) in enumerate(series):
+        vals = [100 * agg[k]["mean"] if k in agg else 0 for k in keys]
+        err = [
+            [100 * (agg[k]["mean"] - agg[k]["lo"]) if k in agg else 0 for k in keys],
+            [100 * (agg[k]["hi"] - agg[k]["mean"]) if k in agg else 0 for k in keys],
+        ]
+        ax.bar(x + i * width, vals, width, yerr=err, capsize=2, label=label)
+    if paper:
+        pv = {
+            "llava_med_open_recall": paper["open_recall"],
+            "llava_med_closed_acc": paper["closed_acc"],
+        }
+        vals = [pv.get(k) or 0 for k in keys]
+        ax.bar(
+            x + len(series) * width,
+            vals,
+            width,
+            hatch="//",
+            fill=False,
+            label="paper (reported, Li et al. 2023)",
+        )
+    ax.set_xticks(x + width * (len(series) - (0 if paper else 1)) / 2)
+    ax.set_xticklabels([SHORT.get(k, k) for k in keys], fontsize=8)
+    ax.set_ylabel("%")
+    ax.set_ylim(0, 105)
+    ax.set_title(f"{dataset}: {result.get('model_id')} (95% bootstrap CI)")
+    ax.legend(fontsize=7, loc="upper right")
+    fig.tight_layout()
+    with atomic_path(path, suffix=".png") as tmp:
+        fig.savefig(tmp, format="png", dpi=110)
+    plt.close(fig)
+
+
+def write_report(
+    result: dict, out_dir: str | Path, dataset: str, load_report: dict | None = None
+) -> dict[str, Path]:
+    """Write report.md, report.json and report.png into ``out_dir``; returns their paths."""
+    out_dir = Path(out_dir)
+    paths = {
+        "md": out_dir / "report.md",
+        "json": out_dir / "report.json",
+        "png": out_dir / "report.png",
+    }
+    payload = {
+        "dataset": dataset,
+        **result,
+        "load_report": load_report,
+        "reference_rows": reference_rows(dataset),
+        "metric_labels": {k: v[0] for k, v in M.METRICS.items()},
+        "units": "fractions in [0, 1]; reference rows in percent",
+    }
+    atomic_write_json(paths["json"], payload)
+    atomic_write_text(paths["md"], render_markdown(result, dataset, load_report))
+    plot_bars(result, dataset, paths["png"])
+    return paths

@@ -1,0 +1,504 @@
+"""Batched, deterministic VQA generation with resumable answers files, image ablations, sharding.
+
+Entry points:
+
+* :func:`evaluate_answers` — pure: samples + predictions -> metrics (no model involved).
+* :func:`run_vqa_eval` — generate answers for samples with a checkpoint (resuming whatever an
+  earlier or sharded run already wrote), optionally again with the image blanked, replaced by
+  noise or swapped with another question's image, and return the metrics with the drop.
+
+Answers files are LLaVA-Med's answers JSONL (``question_id, prompt, text, answer_id, model_id,
+metadata``): ``answers.jsonl`` for the real image, ``answers.<ablation>.jsonl`` for ablations, and
+``answers[.<ablation>].shard<K>-of-<N>.jsonl`` for shards. A later unsharded run reads all of
+them, generates only what is missing, and scores the whole set.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import sys
+import time
+import zlib
+from collections import Counter
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from llavamed.errors import InputError
+from llavamed.eval import metrics as M
+from llavamed.eval.vqa_data import VQASample
+from llavamed.utils.io import JsonlAppender, iter_jsonl
+
+ABLATIONS = ("blank", "noise", "shuffle")
+# The paper's suffix for closed yes/no questions (LLaVA-Med's "test_w_options" files).
+CLOSED_SUFFIX = "Please choose from the following two options: [yes, no]"
+
+
+# --- pure scoring ----------------------------------------------------------------------------
+
+
+def _answers_map(answers: Mapping[str, str] | Iterable[dict]) -> dict[str, str]:
+    if isinstance(answers, Mapping):
+        return {str(k): str(v) for k, v in answers.items()}
+    out = {}
+    for rec in answers:
+        out[str(rec["question_id"])] = str(rec.get("text", ""))
+    return out
+
+
+def evaluate_answers(
+    samples: Sequence[VQASample],
+    answers: Mapping[str, str] | Iterable[dict],
+    *,
+    n_resamples: int = 1000,
+    seed: int = 0,
+    with_scores: bool = True,
+) -> dict:
+    """Score predictions against samples. Pure: no model, no files.
+
+    ``answers`` maps question id -> predicted text, or is an iterable of answers records. A
+    sample without an answer is counted in ``n_missing`` and left out of every mean (so a partial
+    run is visible, never silently scored as wrong or right).
+
+    Returns ``{"n_samples", "n_answered", "n_missing", "overall", "by_answer_type",
+    "by_question_type", "scores"}`` where each aggregate maps metric -> {mean, lo, hi, n}
+    (fractions; lo/hi the 95% bootstrap CI) and ``scores`` lists per-question scores.
+    """
+    preds = _answers_map(answers)
+    scores = []
+    for s in samples:
+        if s.qid not in preds:
+            continue
+        sc = M.score_sample(preds[s.qid], s.answer, s.answer_type)
+        scores.append(
+            {
+                "qid": s.qid,
+                "answer_type": s.answer_type,
+                "question_type": s.question_type or "unspecified",
+                "answer": s.answer,
+                "prediction": preds[s.qid],
+                **sc,
+            }
+        )
+
+    def agg(rows):
+        return M.aggregate(rows, n_resamples=n_resamples, seed=seed)
+
+    by_at = {at: agg([r for r in scores if r["answer_type"] == at]) for at in ("closed", "open")}
+    qtypes = sorted({r["question_type"] for r in scores})
+    by_qt = {qt: agg([r for r in scores if r["question_type"] == qt]) for qt in qtypes}
+    out = {
+        "n_samples": len(samples),
+        "n_answered": len(scores),
+        "n_missing": len(samples) - len(scores),
+        "n_closed": sum(1 for r in scores if r["answer_type"] == "closed"),
+        "n_open": sum(1 for r in scores if r["answer_type"] == "open"),
+        "overall": agg(scores),
+        "by_answer_type": {k: v for k, v in by_at.items() if v},
+        "by_question_type": by_qt,
+    }
+    if with_scores:
+        out["scores"] = scores
+    return out
+
+
+def ablation_drop(
+    clean: dict, ablated: dict, *, n_resamples: int = 1000, seed: int = 0
+) -> dict[str, dict]:
+    """Paired drop (clean - ablated) per metric over questions answered in both conditions.
+
+    A model that uses the image loses accuracy when the image is taken away; a drop whose CI
+    includes 0 means the answers don't depend on the image."""
+    a = {r["qid"]: r for r in clean["scores"]}
+    b = {r["qid"]: r for r in ablated["scores"]}
+    common = [q for q in a if q in b]
+    out = {}
+    for key in M.METRICS:
+        xs = [(a[q][key], b[q][key]) for q in common if key in a[q] and key in b[q]]
+        if xs:
+            out[key] = M.paired_bootstrap_diff(
+                [x for x, _ in xs], [y for _, y in xs], n_resamples=n_resamples, seed=seed
+            )
+    return out
+
+
+# --- image ablations ---------------------------------------------------------------------------
+
+
+def blank_image(img: Image.Image) -> Image.Image:
+    """A black image of the same size: no visual information at all."""
+    return Image.new("RGB", img.size, (0, 0, 0))
+
+
+def noise_image(img: Image.Image, seed: int) -> Image.Image:
+    """Uniform RGB noise of the same size, reproducible from ``seed``."""
+    rng = np.random.default_rng(seed)
+    arr = rng.integers(0, 256, size=(img.size[1], img.size[0], 3), dtype=np.uint8)
+    return Image.fromarray(arr, "RGB")
+
+
+def shuffle_map(samples: Sequence[VQASample], seed: int = 0) -> dict[str, str | bytes]:
+    """image_key -> the image of a *different* image, a seeded derangement over distinct images.
+
+    Computed over the full sample list (before --limit/--shard) so every shard agrees. Questions
+    that share an image get the same replacement. With one distinct image nothing can change and
+    the map is the identity."""
+    src: dict[str, str | bytes] = {}
+    for s in samples:
+        src.setdefault(s.image_key, s.image)
+    keys = sorted(src)
+    if len(keys) < 2:
+        return dict(src)
+    order = np.random.default_rng(seed).permutation(len(keys))
+    perm = [keys[i] for i in order]
+    # Each image takes the next one's place in a random cycle: a derangement by construction.
+    return {perm[i]: src[perm[(i + 1) % len(perm)]] for i in range(len(perm))}
+
+
+def _qid_seed(qid: str, seed: int) -> int:
+    return zlib.crc32(qid.encode("utf-8")) ^ seed
+
+
+# --- generation ---------------------------------------------------------------------------
+
+
+def _load_model(model_dir: str | Path, dtype: Any):
+    try:
+        from llavamed.model import load_llava  # the project's loader when present
+    except ImportError:
+        load_llava = None
+    if load_llava is not None:
+        return load_llava(model_dir, dtype=dtype)
+    from transformers import AutoProcessor, LlavaForConditionalGeneration
+
+    model = LlavaForConditionalGeneration.from_pretrained(model_dir, dtype=dtype)
+    return model, AutoProcessor.from_pretrained(model_dir)
+
+
+class VQAGenerator:
+    """Greedy, batched answers from a transformers-native LLaVA checkpoint.
+
+    Prompts use the checkpoint's own chat template with one image placeholder before the
+    question; batches are left-padded so every row's new tokens start at the same column."""
+
+    def __init__(
+        self,
+        model_dir: str | Path | None = None,
+        *,
+        model: Any = None,
+        processor: Any = None,
+        dtype: Any = None,
+        max_new_tokens: int = 64,
+    ):
+        import torch
+
+        if model is None or processor is None:
+            if model_dir is None:
+                raise ValueError("give model_dir or both model and processor")
+            model, processor = _load_model(model_dir, dtype or torch.float32)
+        self.model = model.eval()
+        self.processor = processor
+        self.max_new_tokens = max_new_tokens
+        tok = processor.tokenizer
+        tok.padding_side = "left"
+        if tok.pad_token is None:
+            tok.pad_token = tok.eos_token
+        self.pad_token_id = tok.pad_token_id
+        self.model_id = Path(model_dir).name if model_dir is not None else type(model).__name__
+
+    def prompt(self, question: str) -> str:
+        conv = [
+            {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}
+        ]
+        return self.processor.apply_chat_template(conv, add_generation_prompt=True)
+
+    def generate(self, images: Sequence[Image.Image], questions: Sequence[str]) -> list[str]:
+        import torch
+
+        prompts = [self.prompt(q) for q in questions]
+        inputs = self.processor(
+            text=prompts, images=list(images), padding=True, return_tensors="pt"
+        )
+        with torch.inference_mode():
+            out = self.model.generate(
+                **inputs,
+                do_sample=False,
+                max_new_tokens=self.max_new_tokens,
+                pad_token_id=self.pad_token_id,
+            )
+        new = out[:, inputs["input_ids"].shape[1] :]
+        texts = self.processor.tokenizer.batch_decode(new, skip_special_tokens=True)
+        return [t.strip() for t in texts]
+
+
+# --- the run ---------------------------------------------------------------------------------
+
+
+@dataclass
+class RunOptions:
+    """How answers are generated; these settings are recorded in every answers record and a
+    resumed run must use the same ones."""
+
+    batch_size: int = 8
+    max_new_tokens: int = 64
+    closed_suffix: bool = False
+    seed: int = 0  # noise images and the shuffle derangement
+    n_resamples: int = 1000  # bootstrap resamples for CIs
+
+
+def parse_shard(spec: str | tuple[int, int] | None) -> tuple[int, int] | None:
+    """``"K/N"`` (0-based K) -> (K, N)."""
+    if spec is None:
+        return None
+    if isinstance(spec, tuple):
+        k, n = spec
+    else:
+        try:
+            k, n = (int(x) for x in str(spec).split("/"))
+        except ValueError as exc:
+            raise InputError(spec, "bad --shard", "use K/N, e.g. 0/4") from exc
+    if n < 1 or not 0 <= k < n:
+        raise InputError(f"{k}/{n}", "bad --shard", "need 0 <= K < N")
+    return k, n
+
+
+def select(
+    samples: Sequence[VQASample], limit: int | None = None, shard: tuple[int, int] | None = None
+) -> list[VQASample]:
+    """``--limit`` first (the first N samples), then ``--shard K/N`` (every N-th from K)."""
+    out = list(samples[:limit] if limit is not None else samples)
+    if shard is not None:
+        k, n = shard
+        out = out[k::n]
+    return out
+
+
+def answers_path(out_dir: Path, condition: str, shard: tuple[int, int] | None = None) -> Path:
+    stem = "answers" if condition == "image" else f"answers.{condition}"
+    if shard is not None:
+        stem += f".shard{shard[0]}-of-{shard[1]}"
+    return out_dir / f"{stem}.jsonl"
+
+
+def read_answers(out_dir: Path, condition: str) -> dict[str, dict]:
+    """All answers already written for ``condition``: the main file and every shard file."""
+    main = answers_path(out_dir, condition)
+    files = [main] if main.exists() else []
+    files += sorted(out_dir.glob(f"{main.stem}.shard*-of-*.jsonl"))
+    got: dict[str, dict] = {}
+    for f in files:
+        for rec in iter_jsonl(f, skip_bad=True):
+            if "question_id" in rec and "text" in rec:
+                got.setdefault(str(rec["question_id"]), rec)
+    return got
+
+
+def _check_settings(existing: dict[str, dict], meta: dict, where: Path) -> None:
+    for rec in existing.values():
+        old = rec.get("metadata") or {}
+        for key in ("closed_suffix", "max_new_tokens", "condition", "model_id"):
+            if key in old and old[key] != meta[key]:
+                raise InputError(
+                    where,
+                    "answers written with different settings",
+                    f"{key}={old[key]!r} there, {meta[key]!r} now; use another --out",
+                )
+        return  # one record suffices: every record of a file is written with the same settings
+
+
+def _question_text(s: VQASample, closed_suffix: bool) -> str:
+    if closed_suffix and s.answer_type == "closed" and M.is_yes_no(s.answer):
+        return f"{s.question} {CLOSED_SUFFIX}"
+    return s.question
+
+
+def generate_answers(
+    generator: VQAGenerator,
+    samples: Sequence[VQASample],
+    out_dir: str | Path,
+    condition: str = "image",
+    *,
+    options: RunOptions | None = None,
+    shard: tuple[int, int] | None = None,
+    shuffle: Mapping[str, str | bytes] | None = None,
+    progress: bool = True,
+) -> dict:
+    """Answer every sample not answered yet for ``condition``; append to the answers file.
+
+    Returns ``{"answers": {qid: record}, "n_generated", "n_resumed", "seconds", "skipped"}``."""
+    from tqdm import tqdm
+
+    from llavamed.images import load_image
+
+    opts = options or RunOptions()
+    if condition != "image" and condition not in ABLATIONS:
+        raise InputError(condition, "unknown ablation", f"choose from {', '.join(ABLATIONS)}")
+    out_dir = Path(out_dir)
+    meta_base = {
+        "condition": condition,
+        "closed_suffix": opts.closed_suffix,
+        "max_new_tokens": generator.max_new_tokens,
+        "model_id": generator.model_id,
+        "decoding": "greedy",
+    }
+    existing = read_answers(out_dir, condition)
+    _check_settings(existing, meta_base, out_dir)
+    todo = [s for s in samples if s.qid not in existing]
+    n_resumed = len(samples) - len(todo)
+    skipped: Counter = Counter()
+    t0 = time.perf_counter()
+    n_gen = 0
+    path = answers_path(out_dir, condition, shard)
+    bar = tqdm(
+        total=len(todo),
+        desc=f"answers[{condition}]",
+        file=sys.stderr,
+        disable=not progress or not todo,
+        unit="q",
+    )
+    with JsonlAppender(path) as log:
+        for i in range(0, len(todo), opts.batch_size):
+            batch, images = [], []
+            for s in todo[i : i + opts.batch_size]:
+                try:
+                    src = s.image
+                    if condition == "shuffle" and shuffle is not None:
+                        src = shuffle.get(s.image_key, src)
+                    img = load_image(src, name=f"{s.qid}:{s.image_key[:80]}")
+                    if condition == "blank":
+                        img = blank_image(img)
+                    elif condition == "noise":
+                        img = noise_image(img, _qid_seed(s.qid, opts.seed))
+                except InputError as err:
+                    skipped[err.reason] += 1
+                    continue
+                batch.append(s)
+                images.append(img)
+            if batch:
+                questions = [_question_text(s, opts.closed_suffix) for s in batch]
+                texts = generator.generate(images, questions)
+                for s, q, text in zip(batch, questions, texts, strict=True):
+                    rec = {
+                        "question_id": s.qid,
+                        "prompt": q,
+                        "text": text,
+                        # Deterministic id: the same question/condition/model gives the same id.
+                        "answer_id": hashlib.sha1(
+                            f"{generator.model_id}|{condition}|{s.qid}".encode()
+                        ).hexdigest()[:22],
+                        "model_id": generator.model_id,
+                        "metadata": {
+                            **meta_base,
+                            "answer_type": s.answer_type,
+                            "question_type": s.question_type,
+                        },
+                    }
+                    log.append(rec)
+                    existing[s.qid] = rec
+                n_gen += len(batch)
+            bar.update(min(opts.batch_size, len(todo) - i))
+    bar.close()
+    return {
+        "answers": existing,
+        "n_generated": n_gen,
+        "n_resumed": n_resumed,
+        "seconds": time.perf_counter() - t0,
+        "skipped": dict(skipped),
+    }
+
+
+def run_vqa_eval(
+    model_dir: str | Path | None,
+    samples: Sequence[VQASample],
+    out_dir: str | Path,
+    *,
+    batch_size: int = 8,
+    ablate: str | Sequence[str] | None = None,
+    closed_suffix: bool = False,
+    max_new_tokens: int = 64,
+    limit: int | None = None,
+    shard: str | tuple[int, int] | None = None,
+    seed: int = 0,
+    n_resamples: int = 1000,
+    dtype: Any = None,
+    model: Any = None,
+    processor: Any = None,
+    progress: bool = True,
+) -> dict:
+    """Generate (resuming) and score answers for ``samples``; returns the metrics dict.
+
+    ``ablate``: one of blank|noise|shuffle or a list; each re-runs with the image replaced and
+    adds ``ablations[name] = {"metrics", "drop"}`` (paired drop, clean - ablated, with CIs).
+    ``model``/``processor`` may be passed instead of ``model_dir`` (already loaded).
+    Per-question scores are written to ``out_dir/scores[.<ablation>].jsonl``.
+    """
+    from llavamed.utils.io import write_jsonl
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    shard_t = parse_shard(shard)
+    ablations = [ablate] if isinstance(ablate, str) else list(ablate or [])
+    for a in ablations:
+        if a not in ABLATIONS:
+            raise InputError(a, "unknown ablation", f"choose from {', '.join(ABLATIONS)}")
+    opts = RunOptions(batch_size, max_new_tokens, closed_suffix, seed, n_resamples)
+    shuffle = shuffle_map(samples, seed) if "shuffle" in ablations else None
+    chosen = select(samples, limit, shard_t)
+    gen = VQAGenerator(
+        model_dir, model=model, processor=processor, dtype=dtype, max_new_tokens=max_new_tokens
+    )
+
+    result: dict[str, Any] = {
+        "model_id": gen.model_id,
+        "model_dir": str(model_dir) if model_dir is not None else None,
+        "options": asdict(opts),
+        "limit": limit,
+        "shard": f"{shard_t[0]}/{shard_t[1]}" if shard_t else None,
+        "generation": {},
+        "ablations": {},
+    }
+    evals = {}
+    for cond in ["image", *ablations]:
+        g = generate_answers(
+            gen,
+            chosen,
+            out_dir,
+            cond,
+            options=opts,
+            shard=shard_t,
+            shuffle=shuffle,
+            progress=progress,
+        )
+        answers = {q: r["text"] for q, r in g["answers"].items()}
+        ev = evaluate_answers(chosen, answers, n_resamples=n_resamples, seed=seed)
+        evals[cond] = ev
+        suffix = "" if cond == "image" else f".{cond}"
+        if shard_t:
+            suffix += f".shard{shard_t[0]}-of-{shard_t[1]}"
+        write_jsonl(out_dir / f"scores{suffix}.jsonl", ev["scores"])
+        result["generation"][cond] = {
+            "answers_file": str(answers_path(out_dir, cond, shard_t)),
+            "n_generated": g["n_generated"],
+            "n_resumed": g["n_resumed"],
+            "seconds": round(g["seconds"], 3),
+            "answers_per_s": round(g["n_generated"] / g["seconds"], 3)
+            if g["n_generated"] and g["seconds"] > 0
+            else None,
+            "skipped": g["skipped"],
+        }
+    result["metrics"] = {k: v for k, v in evals["image"].items() if k != "scores"}
+    for cond in ablations:
+        result["ablations"][cond] = {
+            "metrics": {k: v for k, v in evals[cond].items() if k != "scores"},
+            "drop": ablation_drop(evals["image"], evals[cond], n_resamples=n_resamples, seed=seed),
+        }
+    return result
+
+
+def fmt_pct(v: float | None) -> str:
+    return "–" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{100 * v:.2f}"

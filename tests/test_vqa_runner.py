@@ -1,0 +1,240 @@
+"""VQA runner: pure scoring, ablation images, sharding/resume of answers files, and a real run
+with the tiny random LLaVA checkpoint."""
+
+from __future__ import annotations
+
+import io
+import json
+
+import pytest
+from PIL import Image
+
+from llavamed.errors import InputError
+from llavamed.eval import vqa_runner as R
+from llavamed.eval.report import write_report
+from llavamed.eval.vqa_data import VQASample
+from llavamed.utils.io import iter_jsonl
+
+
+def _img(color) -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", (16, 12), color).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def _samples(n=6):
+    out = []
+    for i in range(n):
+        closed = i % 2 == 0
+        out.append(
+            VQASample(
+                qid=f"q{i}",
+                image=_img((40 * i, 10, 10)),
+                question=f"Question {i}?",
+                answer=("yes" if i % 4 == 0 else "no") if closed else f"organ{i}",
+                answer_type="closed" if closed else "open",
+                question_type="PRES" if closed else "ORGAN",
+            )
+        )
+    return out
+
+
+def test_evaluate_answers_hand_computed():
+    s = _samples(4)  # q0 closed yes, q1 open organ1, q2 closed no, q3 open organ3
+    preds = {"q0": "Yes, it is.", "q1": "organ1 left", "q2": "The lung is normal"}
+    ev = R.evaluate_answers(s, preds, n_resamples=100)
+    assert ev["n_missing"] == 1 and ev["n_answered"] == 3
+    ov = ev["overall"]
+    assert ov["llava_med_closed_acc"]["mean"] == 1.0  # "no" found inside "normal"
+    assert ov["strict_closed_acc"]["mean"] == 0.5  # strict parse rejects it
+    assert ov["closed_unparsed"]["mean"] == 0.5
+    assert ov["llava_med_open_recall"]["mean"] == 1.0 and ov["llava_med_open_recall"]["n"] == 1
+    assert ov["open_exact_match"]["mean"] == 0.0
+    assert set(ev["by_question_type"]) == {"PRES", "ORGAN"}
+    # answers records work as well as a dict
+    recs = [{"question_id": k, "text": v} for k, v in preds.items()]
+    assert R.evaluate_answers(s, recs, n_resamples=100)["overall"] == ov
+
+
+def test_ablation_drop_is_paired():
+    s = _samples(4)
+    clean = R.evaluate_answers(s, {"q0": "yes", "q1": "organ1", "q2": "no", "q3": "organ3"})
+    abl = R.evaluate_answers(s, {"q0": "no", "q1": "liver", "q2": "no", "q3": "organ3"})
+    drop = R.ablation_drop(clean, abl, n_resamples=200)
+    assert drop["llava_med_closed_acc"]["mean"] == 0.5
+    assert drop["open_exact_match"]["mean"] == 0.5
+
+
+def test_ablation_images_and_shuffle_map():
+    img = Image.new("RGB", (5, 3), (9, 9, 9))
+    b = R.blank_image(img)
+    assert b.size == (5, 3) and b.getextrema() == ((0, 0), (0, 0), (0, 0))
+    n1, n2 = R.noise_image(img, 1), R.noise_image(img, 1)
+    assert n1.tobytes() == n2.tobytes() and n1.tobytes() != R.noise_image(img, 2).tobytes()
+    s = _samples(6)
+    s.append(VQASample("q6", s[0].image, "again?", "yes", "closed"))  # shares q0's image
+    mp = R.shuffle_map(s, seed=0)
+    assert len(mp) == 6
+    for x in s:
+        assert mp[x.image_key] != x.image  # a derangement: never the same image
+    assert sorted(mp.values()) == sorted({x.image_key: x.image for x in s}.values())
+    assert mp == R.shuffle_map(s, seed=0)
+
+
+def test_select_and_shard_parse():
+    s = _samples(6)
+    assert [x.qid for x in R.select(s, limit=4, shard=(1, 2))] == ["q1", "q3"]
+    assert R.parse_shard("1/3") == (1, 3)
+    for bad in ("3/3", "x", "1/0"):
+        with pytest.raises(InputError, match="bad --shard"):
+            R.parse_shard(bad)
+
+
+class FakeGen:
+    """Stands in for the model in resume/shard bookkeeping tests: answers from the image colour."""
+
+    max_new_tokens = 8
+    model_id = "fake"
+
+    def __init__(self):
+        self.calls = 0
+
+    def generate(self, images, questions):
+        self.calls += 1
+        return [f"red{im.getpixel((0, 0))[0]} {q}" for im, q in zip(images, questions, strict=True)]
+
+
+def test_generate_answers_resume_shards_and_settings(tmp_path):
+    s = _samples(6)
+    opts = R.RunOptions(batch_size=2)
+    g = FakeGen()
+    r0 = R.generate_answers(
+        g, R.select(s, shard=(0, 2)), tmp_path, options=opts, shard=(0, 2), progress=False
+    )
+    assert r0["n_generated"] == 3 and (tmp_path / "answers.shard0-of-2.jsonl").exists()
+    # unsharded run picks the shard's answers up and generates only the rest
+    r = R.generate_answers(g, s, tmp_path, options=opts, progress=False)
+    assert r["n_resumed"] == 3 and r["n_generated"] == 3 and len(r["answers"]) == 6
+    again = R.generate_answers(g, s, tmp_path, options=opts, progress=False)
+    assert again["n_generated"] == 0
+    lines = list(iter_jsonl(tmp_path / "answers.jsonl"))
+    assert len(lines) == 3
+    rec = lines[0]
+    assert set(rec) == {"question_id", "prompt", "text", "answer_id", "model_id", "metadata"}
+    # a torn final line (SIGKILL mid-write) is cut and the question re-answered
+    with open(tmp_path / "answers.jsonl", "a") as fh:
+        fh.write('{"question_id": "zz", "te')
+    R.generate_answers(g, s, tmp_path, options=opts, progress=False)
+    assert len(list(iter_jsonl(tmp_path / "answers.jsonl"))) == 3
+    # closed suffix changes prompts -> refuse to mix with old answers
+    with pytest.raises(InputError, match="different settings"):
+        R.generate_answers(g, s, tmp_path, options=R.RunOptions(closed_suffix=True), progress=False)
+
+
+def test_closed_suffix_and_bad_images(tmp_path):
+    s = _samples(4)
+    s.append(VQASample("bad", b"not an image", "Q?", "yes", "closed"))
+    g = FakeGen()
+    r = R.generate_answers(g, s, tmp_path, options=R.RunOptions(closed_suffix=True), progress=False)
+    assert len(r["answers"]) == 4 and sum(r["skipped"].values()) == 1
+    assert r["answers"]["q0"]["prompt"].endswith(R.CLOSED_SUFFIX)
+    assert r["answers"]["q1"]["prompt"] == "Question 1?"  # open: no suffix
+    # blank ablation: every image is black
+    rb = R.generate_answers(g, s[:4], tmp_path, "blank", progress=False)
+    assert all(a["text"].startswith("red0 ") for a in rb["answers"].values())
+    assert (tmp_path / "answers.blank.jsonl").exists()
+
+
+@pytest.fixture
+def tiny_llava(request):
+    try:
+        return request.getfixturevalue("tiny_llava_dir")
+    except pytest.FixtureLookupError:
+        pytest.skip("tiny_llava_dir fixture not available")
+
+
+def test_run_vqa_eval_real_model_with_ablation_and_report(tiny_llava, tmp_path):
+    s = _samples(6)
+    res = R.run_vqa_eval(
+        tiny_llava,
+        s,
+        tmp_path,
+        batch_size=4,
+        ablate=["blank", "shuffle"],
+        max_new_tokens=4,
+        n_resamples=50,
+        progress=False,
+    )
+    assert res["metrics"]["n_answered"] == 6
+    assert res["generation"]["image"]["n_generated"] == 6
+    assert set(res["ablations"]) == {"blank", "shuffle"}
+    assert "llava_med_closed_acc" in res["ablations"]["blank"]["drop"]
+    paths = write_report(res, tmp_path, "vqa-rad")
+    md = paths["md"].read_text()
+    assert "reported in Li et al. 2023" in md and "Image reliance" in md
+    assert json.loads(paths["json"].read_text())["metrics"]["n_answered"] == 6
+    assert paths["png"].read_bytes()[:4] == b"\x89PNG"
+    # rerun resumes: nothing new generated, same answers
+    res2 = R.run_vqa_eval(
+        tiny_llava, s, tmp_path, batch_size=4, max_new_tokens=4, n_resamples=50, progress=False
+    )
+    assert res2["generation"]["image"]["n_generated"] == 0
+    assert res2["metrics"]["overall"] == res["metrics"]["overall"]
+
+
+def test_batched_equals_single_greedy(tiny_llava, tmp_path):
+    import torch
+
+    s = _samples(4)
+    gen = R.VQAGenerator(tiny_llava, max_new_tokens=5, dtype=torch.float32)
+    imgs = [Image.open(io.BytesIO(x.image)).convert("RGB") for x in s]
+    qs = [x.question + " more words" * i for i, x in enumerate(s)]  # different lengths -> padding
+    batched = gen.generate(imgs, qs)
+    single = [gen.generate([im], [q])[0] for im, q in zip(imgs, qs, strict=True)]
+    assert batched == single
+
+
+def test_report_without_model(tmp_path):
+    s = _samples(4)
+    clean = R.evaluate_answers(
+        s, {"q0": "yes", "q1": "organ1", "q2": "no", "q3": "x"}, n_resamples=50
+    )
+    abl = R.evaluate_answers(s, {"q0": "no", "q1": "liver", "q2": "no", "q3": "x"}, n_resamples=50)
+    res = {
+        "model_id": "m",
+        "options": {"max_new_tokens": 8, "closed_suffix": False},
+        "limit": 4,
+        "shard": None,
+        "generation": {
+            "image": {
+                "n_generated": 4,
+                "n_resumed": 0,
+                "seconds": 1.0,
+                "answers_per_s": 4.0,
+                "skipped": {},
+            }
+        },
+        "metrics": {k: v for k, v in clean.items() if k != "scores"},
+        "ablations": {
+            "noise": {
+                "metrics": {k: v for k, v in abl.items() if k != "scores"},
+                "drop": R.ablation_drop(clean, abl, n_resamples=50),
+            }
+        },
+    }
+    paths = write_report(
+        res,
+        tmp_path,
+        "slake",
+        {"source": "x", "n_records": 5, "n_loaded": 4, "bad": {"missing image": 1}},
+    )
+    md = paths["md"].read_text()
+    assert "| LLaVA-Med metric: closed accuracy (substring) | 100.00 |" in md
+    assert "87.11" in md and "86.78" in md  # paper reference row for SLAKE
+    assert "1 missing image" in md and "Partial run" in md
+    assert (
+        "| noise | LLaVA-Med metric: closed accuracy (substring) | 100.00 | 50.00 | 50.00 |" in md
+    )
+    data = json.loads(paths["json"].read_text())
+    assert data["reference_rows"][0]["source"].startswith("reported in Li et al. 2023")
+    assert paths["png"].stat().st_size > 1000
