@@ -1,0 +1,213 @@
+"""Label the five LLaVA-Med domains (chest_xray, mri, ct_scan, histology, gross) from a figure's
+caption and inline mentions.
+
+A rule-based, multi-label text classifier. The vocabulary lives in
+``resources/domains/vocabulary.json``: modality names and abbreviations ("CXR", "T2WI", "HRCT"),
+stains and magnifications ("H&E", "PAS", "×400"), views and anatomy. Rules, in order:
+
+1. Phrases that name a modality without the figure being one are blanked out first:
+   "CT-guided biopsy", "histologically confirmed", "gross total resection", "X-ray crystal
+   structure", "CT-based model".
+2. A *strong* cue labels its domain unless a negation governs it directly ("No CT was performed",
+   "MRI was not available"). Negations of findings ("no evidence of pneumothorax on the chest
+   radiograph") leave the modality standing.
+3. *Weak* cues ("axial", "magnification", "stained", "resected specimen") label a domain only
+   when two or more agree, no other domain has a strong cue, and none of the domain's *anti* cues
+   ("immunofluorescence", "cell line") is present.
+4. Chest X-ray needs an X-ray word *and* a chest word (or a direct "CXR"/"chest radiograph"); the
+   pair does not count when other anatomy is named, so a knee radiograph is "other".
+5. Mentions are used only when the caption names no modality at all: a body sentence often cites
+   several figures of different kinds.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Iterable
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+
+from llavamed.data.figures import DOMAINS, empty_domain
+
+VOCABULARY_PATH = (
+    Path(__file__).resolve().parent.parent / "resources" / "domains" / "vocabulary.json"
+)
+
+
+@dataclass(frozen=True)
+class _DomainRules:
+    strong: tuple[re.Pattern, ...]
+    combo: tuple[tuple[re.Pattern, ...], ...]
+    weak: tuple[re.Pattern, ...]
+    anti: tuple[re.Pattern, ...]
+
+
+@dataclass(frozen=True)
+class _Rules:
+    not_image: tuple[re.Pattern, ...]
+    neg_before: re.Pattern
+    neg_after: re.Pattern
+    domains: dict[str, _DomainRules]
+
+
+@lru_cache(maxsize=1)
+def _rules() -> _Rules:
+    raw = json.loads(VOCABULARY_PATH.read_text(encoding="utf-8"))
+
+    def ci(patterns: Iterable[str]) -> tuple[re.Pattern, ...]:
+        return tuple(re.compile(p, re.I) for p in patterns)
+
+    def cs(patterns: Iterable[str]) -> tuple[re.Pattern, ...]:
+        return tuple(re.compile(p) for p in patterns)
+
+    domains = {}
+    for name in DOMAINS:
+        d = raw["domains"][name]
+        domains[name] = _DomainRules(
+            strong=ci(d.get("strong", [])) + cs(d.get("strong_cs", [])),
+            combo=tuple(ci(group) for group in d.get("combo", [])),
+            weak=ci(d.get("weak", [])),
+            anti=ci(d.get("anti", [])),
+        )
+    return _Rules(
+        not_image=ci(raw["not_image"]),
+        neg_before=re.compile(raw["negation"]["before"], re.I),
+        neg_after=re.compile(raw["negation"]["after"], re.I),
+        domains=domains,
+    )
+
+
+# A negation only reaches back to the start of its clause.
+_CLAUSE = re.compile(r"[.;:!?()\[\]]")
+
+
+def _blank_not_image(text: str, rules: _Rules) -> str:
+    for pat in rules.not_image:
+        text = pat.sub(lambda m: " " * len(m.group(0)), text)
+    return text
+
+
+def _negated(text: str, start: int, end: int, rules: _Rules) -> bool:
+    clause_start = max((m.end() for m in _CLAUSE.finditer(text, 0, start)), default=0)
+    before = text[max(clause_start, start - 60) : start]
+    if rules.neg_before.search(before):
+        return True
+    return bool(rules.neg_after.match(text, end, min(len(text), end + 80)))
+
+
+def _strong_hits(text: str, dom: _DomainRules, rules: _Rules) -> int:
+    hits = 0
+    for pat in dom.strong:
+        for m in pat.finditer(text):
+            if not _negated(text, m.start(), m.end(), rules):
+                hits += 1
+                break
+    if (
+        dom.combo
+        and all(any(p.search(text) for p in group) for group in dom.combo)
+        and not any(p.search(text) for p in dom.anti)
+    ):
+        hits += 1
+    return hits
+
+
+def domain_scores(text: str) -> dict[str, tuple[int, int, bool]]:
+    """Per domain: (strong cues, weak cues, anti cue present) found in ``text``."""
+    rules = _rules()
+    text = _blank_not_image(text, rules)
+    out = {}
+    for name, dom in rules.domains.items():
+        strong = _strong_hits(text, dom, rules)
+        weak = sum(1 for p in dom.weak if p.search(text))
+        anti = any(p.search(text) for p in dom.anti)
+        out[name] = (strong, weak, anti)
+    return out
+
+
+def classify_text(caption: str, mentions: Iterable[str] | None = None) -> dict[str, bool]:
+    """The five domain flags for a figure; all False means "other"."""
+    labels = empty_domain()
+    scores = domain_scores(caption or "")
+    any_strong = any(s for s, _, _ in scores.values())
+    for name, (strong, weak, anti) in scores.items():
+        if strong:
+            labels[name] = True
+        elif not any_strong and weak >= 2 and not anti:
+            labels[name] = True
+    if not any(labels.values()) and not any_strong and mentions:
+        joined = " ".join(m for m in mentions if m)
+        for name, (strong, _weak, _anti) in domain_scores(joined).items():
+            if strong:
+                labels[name] = True
+    return labels
+
+
+def _mention_texts(record: dict) -> list[str]:
+    mentions = record.get("in_text_mention") or []
+    out = []
+    for m in mentions:
+        if isinstance(m, dict):
+            out.append(str(m.get("tokens", "")))
+        elif isinstance(m, str):
+            out.append(m)
+    return out
+
+
+def classify_record(record: dict) -> dict[str, bool]:
+    return classify_text(str(record.get("fig_caption") or ""), _mention_texts(record))
+
+
+def label_record(record: dict) -> dict:
+    """A copy of ``record`` with its ``domain`` replaced by the classifier's labels."""
+    return {**record, "domain": classify_record(record)}
+
+
+def gold_labels(record: dict) -> dict[str, bool]:
+    """A record's reference labels: a ``domain`` dict of flags, or a list of domain names."""
+    gold = record.get("domain")
+    if isinstance(gold, dict):
+        return {d: bool(gold.get(d)) for d in DOMAINS}
+    if isinstance(gold, (list, tuple)):
+        return {d: d in gold for d in DOMAINS}
+    if isinstance(gold, str):
+        return {d: d == gold for d in DOMAINS}
+    return empty_domain()
+
+
+def evaluate_domains(records: Iterable[dict]) -> dict:
+    """Per-domain precision, recall, F1 and support of the classifier against each record's gold
+    ``domain`` (flags dict, list of names, or one name; none/"other" = no domain).
+
+    Returns ``{"n": N, "exact_match": share, "domains": {name: {precision, recall, f1, support,
+    tp, fp, fn}}}``. Precision of a domain the classifier never predicts is 1.0 when it has no
+    support, else 0.0."""
+    counts = {d: {"tp": 0, "fp": 0, "fn": 0} for d in DOMAINS}
+    n = exact = 0
+    for rec in records:
+        gold = gold_labels(rec)
+        pred = classify_record(rec)
+        n += 1
+        exact += gold == pred
+        for d in DOMAINS:
+            if pred[d] and gold[d]:
+                counts[d]["tp"] += 1
+            elif pred[d]:
+                counts[d]["fp"] += 1
+            elif gold[d]:
+                counts[d]["fn"] += 1
+    out = {}
+    for d, c in counts.items():
+        tp, fp, fn = c["tp"], c["fp"], c["fn"]
+        precision = tp / (tp + fp) if tp + fp else (1.0 if tp + fn == 0 else 0.0)
+        recall = tp / (tp + fn) if tp + fn else 1.0
+        f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
+        out[d] = {
+            "precision": round(precision, 4),
+            "recall": round(recall, 4),
+            "f1": round(f1, 4),
+            "support": tp + fn,
+            **c,
+        }
+    return {"n": n, "exact_match": round(exact / n, 4) if n else 0.0, "domains": out}
