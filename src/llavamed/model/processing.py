@@ -1,0 +1,110 @@
+"""Turn conversations + images into model inputs, identically for training, evaluation and serving.
+
+Prompts (generation) go through the checkpoint's own ``LlavaProcessor`` (``apply_chat_template``
+then ``processor(text, images)``). Training samples go through :func:`encode_training_sample`,
+which tokenizes the same rendered string once, labels tokens from the template's supervised
+character spans, and expands ``<image>`` exactly as the processor does; a test pins the two
+paths to the same ``input_ids``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from llavamed.errors import InputError
+from llavamed.model.templates import (
+    IMAGE_PLACEHOLDER,
+    ChatTemplate,
+    Message,
+    get_template,
+)
+
+IGNORE_INDEX = -100
+
+
+@dataclass
+class Encoded:
+    input_ids: list[int]
+    labels: list[int]
+    num_images: int
+
+
+def template_eos(template: ChatTemplate, tokenizer) -> str:
+    return "<|im_end|>" if template.name == "chatml" else tokenizer.eos_token
+
+
+def num_image_tokens(processor) -> int:
+    """How many ``<image>`` tokens one image expands to (patches, minus CLS under "default")."""
+    size = processor.image_processor.crop_size
+    h, w = (size["height"], size["width"]) if isinstance(size, dict) else (size.height, size.width)
+    n = (h // processor.patch_size) * (w // processor.patch_size)
+    n += processor.num_additional_image_tokens
+    if processor.vision_feature_select_strategy == "default":
+        n -= 1
+    return n
+
+
+def encode_training_sample(
+    messages: Sequence[Message],
+    processor,
+    template: ChatTemplate | str,
+    *,
+    num_images: int,
+    max_length: int | None = None,
+    source: str = "<sample>",
+) -> Encoded:
+    """Input ids and labels for one conversation. Only assistant content and its end-of-turn
+    marker are supervised. Raises ``InputError`` (never silently masks) when the ``<image>``
+    count disagrees with ``num_images``, when truncation would cut image tokens, or when nothing
+    supervised is left."""
+    if isinstance(template, str):
+        template = get_template(template)
+    tok = processor.tokenizer
+    rendered = template.render(messages, eos=template_eos(template, tok))
+    n_placeholders = rendered.text.count(IMAGE_PLACEHOLDER)
+    if n_placeholders != num_images:
+        raise InputError(source, "image token count mismatch",
+                         f"{n_placeholders} <image> in text, {num_images} image(s)")
+    enc = tok(rendered.text, return_offsets_mapping=True, add_special_tokens=template.add_bos)
+    ids, offsets = enc["input_ids"], enc["offset_mapping"]
+    spans = rendered.supervised
+    labels = []
+    for tid, (a, b) in zip(ids, offsets, strict=True):
+        sup = b > a and any(a < e and b > s for s, e in spans)
+        labels.append(tid if sup else IGNORE_INDEX)
+    image_id = tok.convert_tokens_to_ids(IMAGE_PLACEHOLDER)
+    n_img = num_image_tokens(processor)
+    out_ids: list[int] = []
+    out_labels: list[int] = []
+    image_starts = []
+    for tid, lab in zip(ids, labels, strict=True):
+        if tid == image_id:
+            image_starts.append(len(out_ids))
+            out_ids.extend([image_id] * n_img)
+            out_labels.extend([IGNORE_INDEX] * n_img)
+        else:
+            out_ids.append(tid)
+            out_labels.append(lab)
+    if len(image_starts) != num_images:
+        raise InputError(source, "image token count mismatch",
+                         f"tokenizer produced {len(image_starts)} image tokens for {num_images} image(s)")
+    if max_length is not None and len(out_ids) > max_length:
+        for s in image_starts:
+            if s + n_img > max_length:
+                raise InputError(source, "truncation inside image tokens",
+                                 f"{len(out_ids)} tokens > max_length {max_length}")
+        out_ids, out_labels = out_ids[:max_length], out_labels[:max_length]
+    if all(lab == IGNORE_INDEX for lab in out_labels):
+        raise InputError(source, "no supervised tokens", "empty answer or truncated away")
+    return Encoded(out_ids, out_labels, num_images)
+
+
+def generation_prompt(processor, messages: Sequence[dict]) -> str:
+    """The checkpoint's own prompt for HF-style messages, ending where the assistant speaks."""
+    return processor.apply_chat_template(list(messages), add_generation_prompt=True, tokenize=False)
+
+
+def question_messages(question: str, with_image: bool = True) -> list[dict]:
+    content = ([{"type": "image"}] if with_image else []) + [{"type": "text", "text": question}]
+    return [{"role": "user", "content": content}]
