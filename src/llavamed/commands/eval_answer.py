@@ -1,0 +1,59 @@
+"""``llavamed eval answer``: a checkpoint's answers for a qa50-shaped question file."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def register(sub) -> None:
+    p = sub.add_parser(
+        "answer",
+        help="write a model's answers for a qa50-shaped questions file (input to 'eval judge')",
+        description=(
+            "Answer each question of a LLaVA-Med qa50-shaped JSONL ({question_id, image, text, ...}) "
+            "with greedy batched decoding and the checkpoint's chat template; write LLaVA-Med's "
+            "answers JSONL ({question_id, prompt, text, answer_id, model_id, metadata}). "
+            "Re-running resumes; bad records and unreadable images are counted and skipped."
+        ),
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("--model", required=True, help="transformers-native LLaVA checkpoint folder")
+    p.add_argument("--questions", required=True, help="qa50-shaped questions JSONL")
+    p.add_argument(
+        "--images", required=True, help="folder the records' 'image' names resolve against"
+    )
+    p.add_argument("--out", required=True, help="answers JSONL to write (appended, resumable)")
+    p.add_argument("--batch-size", type=int, default=8, help="questions per generate call")
+    p.add_argument("--max-new-tokens", type=int, default=512, help="answer length limit")
+    p.add_argument("--limit", type=int, default=None, help="only the first N questions")
+    p.add_argument(
+        "--dtype", default="float32", choices=["float32", "bfloat16", "float16"], help="model dtype"
+    )
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    import sys
+
+    import torch
+
+    from llavamed.eval.answer import answer_questions
+
+    r = answer_questions(
+        args.model,
+        args.questions,
+        args.images,
+        args.out,
+        batch_size=args.batch_size,
+        max_new_tokens=args.max_new_tokens,
+        limit=args.limit,
+        dtype=getattr(torch, args.dtype),
+    )
+    msg = f"{r['n_generated']} answered, {r['n_resumed']} already done, of {r['n_questions']} questions"
+    if r["bad"]:
+        msg += "; bad records: " + ", ".join(f"{n} {k}" for k, n in r["bad"].items())
+    if r["skipped"]:
+        msg += "; skipped: " + ", ".join(f"{n} {k}" for k, n in r["skipped"].items())
+    print(msg, file=sys.stderr)
+    print(args.out)
+    return 0
