@@ -1,23 +1,7 @@
 """A shared async client for any OpenAI-compatible chat API (OpenAI, Azure, vLLM, llavamed serve),
-used by self-instruct data generation and the LLM judge."""
+used by self-instruct data generation and the LLM judge.
 
-from llavamed.llm.cache import ResponseCache, cache_key
-from llavamed.llm.client import (
-    ChatResult,
-    ClientOptions,
-    ClientStats,
-    LLMClient,
-    LLMError,
-    estimate_tokens,
-)
-
-__all__ = [
-    "ChatResult",
-    "ClientOptions",
-    "ClientStats",
-    "LLMClient",
-    "LLMError",
-    "ResponseCache",
-    "cache_key",
-    "estimate_tokens",
-]
+Public API: :mod:`llavamed.llm.client` (``LLMClient``, ``ClientOptions``, ``ChatResult``,
+``LLMError``, ``estimate_tokens``), :mod:`llavamed.llm.cache` (``ResponseCache``, ``cache_key``),
+:mod:`llavamed.llm.args` (argparse helpers). Nothing is imported here so ``--help`` stays fast.
+"""

@@ -1,0 +1,114 @@
+"""``llavamed data instruct``: self-instruct visual conversations from figure captions."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from llavamed.llm.args import add_client_arguments, client_options_from_args
+
+DESCRIPTION = """\
+Generate multi-turn biomedical visual conversations from figure captions with any OpenAI-compatible
+LLM (the LLaVA-Med self-instruct recipe). The LLM reads each caption - and with --inline-mentions
+the sentences citing the figure - and writes a User/Assistant conversation as if it could see the
+image. Responses are parsed robustly, cleaned as in the paper, and written as LLaVA conversation
+JSON. Paper variants: 10K (--max-samples 10000), 60K (--max-samples 60000) and 60K-IM
+(--max-samples 60000 --inline-mentions).
+
+Safe to interrupt: finished figures go to OUT.partial.jsonl at once, responses to a SQLite cache;
+re-running the same command resumes and costs nothing for work already done. A report with kept
+and dropped counts per reason, retries, tokens and cost is written to <OUT stem>_report.json.
+Exit code 3 means some requests failed after all retries: re-run to fill them in."""
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser(
+        "instruct",
+        help="self-instruct conversations from captions with an OpenAI-compatible LLM",
+        description=DESCRIPTION,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument(
+        "--figures",
+        required=True,
+        type=Path,
+        help="figures.jsonl, or LLaVA-Med's {domain: [records]} caption JSON",
+    )
+    p.add_argument("--out", required=True, type=Path, help="output conversation JSON (a list)")
+    p.add_argument(
+        "--inline-mentions",
+        action="store_true",
+        help='add "Figure Context:" bullets from in_text_mention (the paper\'s best, 60K-IM)',
+    )
+    p.add_argument(
+        "--max-samples", type=int, metavar="N", help="ask about at most N figures (round-robin)"
+    )
+    p.add_argument("--temperature", type=float, default=0.7)
+    p.add_argument("--max-tokens", type=int, default=1024, help="completion limit per request")
+    p.add_argument("--seed", type=int, default=0, help="API seed, cache key, <image> placement")
+    p.add_argument(
+        "--min-turns", type=int, default=2, help="keep conversations with >= this many Q/A pairs"
+    )
+    p.add_argument(
+        "--prompts",
+        type=Path,
+        metavar="DIR",
+        help="folder overriding system_prompt.txt and/or few_shot.json "
+        "(defaults ship in llavamed/resources/instruct)",
+    )
+    p.add_argument("--report", type=Path, help="report path (default <OUT stem>_report.json)")
+    p.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="print the request count and a heuristic token/cost estimate; call nothing",
+    )
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_client_arguments(p)
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from llavamed.data.instruct.runner import InstructOptions, default_cache_path, run_instruct
+    from llavamed.errors import LlavamedError
+
+    if args.max_samples is not None and args.max_samples < 1:
+        raise LlavamedError("--max-samples must be >= 1")
+    if args.min_turns < 1:
+        raise LlavamedError("--min-turns must be >= 1")
+    opts = InstructOptions(
+        figures=args.figures,
+        out=args.out,
+        client=client_options_from_args(args, default_cache_path(args.out)),
+        inline_mentions=args.inline_mentions,
+        max_samples=args.max_samples,
+        temperature=args.temperature,
+        max_tokens=args.max_tokens,
+        seed=args.seed,
+        min_turns=args.min_turns,
+        prompts_dir=args.prompts,
+        dry_run=args.dry_run,
+        progress=not args.no_progress,
+        report_path=args.report,
+    )
+    report, rc = run_instruct(opts)
+    if args.dry_run:
+        print(json.dumps(report, indent=2))
+        return 0
+    t = report["totals"]
+    share = "n/a" if t["kept_share"] is None else f"{100 * t['kept_share']:.1f}%"
+    print(
+        f"kept {t['kept']} / {t['kept'] + t['dropped']} conversations ({share}); "
+        f"dropped {t['dropped_by_reason']}; this run: {report['this_run']['http_requests']} "
+        f"requests, {report['this_run']['cache_hits']} cache hits, "
+        f"{report['this_run']['retries']} retries, ${report['this_run']['cost_usd']:.4f}"
+    )
+    print(f"wrote {args.out} and {opts.resolved_report_path}")
+    if rc:
+        print(
+            f"llavamed: {report['pending_after_failures']} figures failed after retries "
+            f"({report['failed_this_run']}); re-run the same command to retry them",
+            file=sys.stderr,
+        )
+    return rc

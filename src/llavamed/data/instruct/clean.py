@@ -1,0 +1,252 @@
+"""Turn a generator's raw text into clean LLaVA conversation turns.
+
+Two steps, both pure functions:
+
+1. :func:`parse_turns` finds ``User:`` / ``Assistant:`` turns however the model wrote them: any
+   case, markdown bold or headings, list numbering (``1. **User:**``), ``Q:``/``A:``, ``Human:``,
+   several turns on one line, a chatty preamble, chat-template debris (``<|im_end|>``), or a
+   hallucinated next "Figure Caption:" block. Unpaired questions or answers are dropped and counted.
+2. :func:`clean_turns` applies the paper's cleaning (DESIGN.md §4): drop refusal turns ("I cannot
+   see the image"), strip source phrases ("Based on the caption, ..."), drop turns that still talk
+   about the caption or a description, and report why each turn went.
+
+Unlike the reference, a "Yes, according to the description, X" answer keeps its "Yes, ".
+"""
+
+from __future__ import annotations
+
+import random
+import re
+from collections import Counter
+from dataclasses import dataclass, field
+
+USER, ASSISTANT = "user", "assistant"
+
+_ROLE_WORDS = {
+    "user": USER,
+    "human": USER,
+    "q": USER,
+    "question": USER,
+    "assistant": ASSISTANT,
+    "gpt": ASSISTANT,
+    "ai": ASSISTANT,
+    "a": ASSISTANT,
+    "answer": ASSISTANT,
+}
+_EMPH = r"(?:\*\*|__|\*|_)"
+# A speaker marker at the start of a line: optional bullets/numbering/headings/quote marks,
+# optional emphasis, the role word, an optional number ("Q1", "User 2"), a colon, emphasis again.
+_LINE_MARKER = re.compile(
+    r"^\s*(?:(?:[-*•>]|#+|\d+[.)]|\(\d+\))\s*)*"
+    rf"{_EMPH}?\s*\[?(?P<role>user|human|assistant|gpt|ai|question|answer|q|a)\]?"
+    rf"(?:\s*\d+)?\s*{_EMPH}?\s*[:：]\s*{_EMPH}?\s*",
+    re.IGNORECASE,
+)
+# Strong speaker names may also start mid-line ("... image? Assistant: It shows ..."); only the
+# capitalised forms, so ordinary prose such as "the user: ..." is not split.
+_INLINE_MARKER = re.compile(rf"(?<=\S)[ \t]+(?={_EMPH}?(?:User|Assistant|Human)\s*{_EMPH}?:)")
+_PREFIX_ONLY = re.compile(r"^\s*(?:(?:[-*•>]|#+|\d+[.)]|\(\d+\))\s*)*$")
+_STOP_LINE = re.compile(r"^\s*(?:#+\s*)?(?:\*\*)?figure (?:caption|context)\s*(?:\*\*)?\s*:", re.I)
+_DEBRIS = re.compile(r"<\|[^|>]{1,40}\|>|</s>|<s>|\[/?INST\]|<image>|<end_of_turn>|<eos>")
+
+# Answers containing any of these are the model admitting it has no image: never training data.
+REFUSAL_PHRASES = (
+    "having access",
+    "without access",
+    "have access",
+    "access to the image",
+    "access to the actual image",
+    "without the actual image",
+    "without seeing the",
+    "cannot see the",
+    "can't see the",
+    "unable to view",
+    "unable to see",
+    "unable to provide specific details",
+    "cannot directly view",
+    "cannot view the image",
+    "image itself is not available",
+    "image is not available",
+    "not provided in the figure caption",
+    "not mentioned in the caption",
+    "not mentioned in the figure caption",
+    "not specified in the caption",
+    "not specified in the image caption",
+    "as an ai language model",
+    "i'm sorry",
+    "i am sorry",
+    "sorry,",
+)
+
+_SRC = (
+    r"(?:(?:figure|image|provided|given|additional)\s+)?"
+    r"(?:caption|description|context(?:\s+provided)?|information(?:\s+provided)?|text)"
+    r"(?:\s+provided)?"
+)
+# "Based on the caption, X" / "Yes, according to the provided context, X" / "While I cannot see
+# the image, based on the description, X" -> "X" (keeping a leading yes/no).
+_LEAD_CLAUSE = re.compile(
+    r"^(?P<yn>(?:yes|no)\s*,\s*)?"
+    r"(?:(?:while|although)\s+i\s+(?:cannot|can't|am unable to)\s+see\s+the\s+(?:actual\s+)?image\s*,\s*(?:but\s+)?)?"
+    r"(?:i\s+cannot\s+see\s+the\s+image\s*,\s*but\s+)?"
+    r"(?:according\s+(?:to|on)|based\s+on|judging\s+(?:by|from)|in|from|given|considering)\s+"
+    r"the\s+(?:image\s+and\s+(?:the\s+)?)?" + _SRC + r"\s*,\s*",
+    re.IGNORECASE,
+)
+# "The figure caption mentions that X" -> "X".
+_LEAD_VERB = re.compile(
+    r"^(?P<yn>(?:yes|no)\s*,\s*)?the\s+" + _SRC + r"\s+"
+    r"(?:mentions|describes|suggests|indicates|states|notes|shows|reveals)(?:\s+that)?\s+",
+    re.IGNORECASE,
+)
+# ", as mentioned in the caption" / " based on the context provided" inside a sentence.
+_INFIX = re.compile(
+    r",?\s*(?:(?:as|which\s+is)\s+)?(?:(?:mentioned|described|indicated|stated|noted|suggested)\s+"
+    r"(?:in|by)|according\s+to|based\s+on|given|considering)\s+the\s+" + _SRC + r"\b",
+    re.IGNORECASE,
+)
+_SOURCE_WORDS = re.compile(r"\b(?:captions?|descriptions?)\b", re.IGNORECASE)
+_QUESTION_SOURCE = re.compile(
+    r"\b(?:captions?|figure\s+context|provided\s+context|context\s+provided|mentioned\s+in\s+the)\b",
+    re.IGNORECASE,
+)
+
+
+@dataclass
+class CleanResult:
+    turns: list[tuple[str, str]]
+    dropped: Counter = field(default_factory=Counter)
+    """Reasons turns were dropped (parse and cleaning), one count per turn or fragment."""
+
+
+def _tidy(text: str) -> str:
+    text = _DEBRIS.sub("", text)
+    text = re.sub(r"[ \t]+\n", "\n", text)
+    text = re.sub(r"\n{3,}", "\n\n", text)
+    text = text.strip()
+    # Emphasis left dangling by a marker such as "**User:** text**"
+    text = re.sub(r"^(?:\*\*|__)\s*", "", text)
+    text = re.sub(r"\s*(?:\*\*|__)$", "", text)
+    if len(text) >= 2 and text[0] == text[-1] and text[0] in "\"'":
+        text = text[1:-1].strip()
+    return text
+
+
+def _split_inline(line: str) -> str:
+    """Break "Q? Assistant: A. User: Q2?" into lines, but not "1. User:" or "### User:"."""
+    out, last = [], 0
+    for m in _INLINE_MARKER.finditer(line):
+        if _PREFIX_ONLY.match(line[: m.start()]):
+            continue
+        out.append(line[last : m.start()])
+        last = m.end()
+    out.append(line[last:])
+    return "\n".join(out)
+
+
+def parse_turns(raw: str) -> CleanResult:
+    """Split raw generator output into (question, answer) pairs."""
+    dropped: Counter = Counter()
+    text = "\n".join(_split_inline(line) for line in raw.replace("\r\n", "\n").split("\n"))
+    segments: list[list] = []  # [role, [lines]]
+    preamble = False
+    for line in text.split("\n"):
+        if _STOP_LINE.match(line):
+            if segments:
+                dropped["trailing_new_example"] += 1
+                break
+            continue
+        m = _LINE_MARKER.match(line)
+        if m:
+            role = _ROLE_WORDS[m.group("role").lower()]
+            rest = line[m.end() :]
+            if segments and segments[-1][0] == role:
+                segments[-1][1].append(rest)  # "User: ... User: ..." -> one question
+            else:
+                segments.append([role, [rest]])
+        elif segments:
+            segments[-1][1].append(line)
+        elif line.strip():
+            preamble = True
+    if preamble:
+        dropped["preamble"] += 1
+    turns: list[tuple[str, str]] = []
+    i = 0
+    while i < len(segments):
+        role, lines = segments[i]
+        body = _tidy("\n".join(lines))
+        if role == USER and i + 1 < len(segments):
+            answer = _tidy("\n".join(segments[i + 1][1]))
+            if body and answer:
+                turns.append((body, answer))
+            else:
+                dropped["empty_turn"] += 1
+            i += 2
+            continue
+        dropped["unanswered_question" if role == USER else "orphan_answer"] += 1
+        i += 1
+    return CleanResult(turns, dropped)
+
+
+def _capitalise(s: str) -> str:
+    return s[:1].upper() + s[1:] if s else s
+
+
+def strip_source_phrases(answer: str) -> str:
+    """Remove wording that reveals the answer came from text rather than the image."""
+    out = answer
+    for pat in (_LEAD_CLAUSE, _LEAD_VERB):
+        m = pat.match(out)
+        if m:
+            rest = out[m.end() :]
+            yn = m.group("yn")
+            out = (_capitalise(yn.strip().rstrip(",")) + ", " + rest) if yn else _capitalise(rest)
+            break
+    out = _INFIX.sub("", out)
+    out = re.sub(r"\s+([,.;:!?])", r"\1", out)
+    out = re.sub(r"[ \t]{2,}", " ", out)
+    return out.strip()
+
+
+def clean_turns(turns: list[tuple[str, str]]) -> CleanResult:
+    """Paper cleaning over parsed turns; returns the kept turns and per-reason drop counts."""
+    kept: list[tuple[str, str]] = []
+    dropped: Counter = Counter()
+    for q, a in turns:
+        low = a.lower()
+        if any(p in low for p in REFUSAL_PHRASES):
+            dropped["refusal"] += 1
+            continue
+        a2 = strip_source_phrases(a)
+        if not a2:
+            dropped["empty_turn"] += 1
+            continue
+        if _SOURCE_WORDS.search(a2):
+            dropped["answer_mentions_source"] += 1
+            continue
+        if _QUESTION_SOURCE.search(q):
+            dropped["question_mentions_source"] += 1
+            continue
+        kept.append((q, a2))
+    return CleanResult(kept, dropped)
+
+
+def to_llava_sample(record: dict, turns: list[tuple[str, str]], seed: int = 0) -> dict:
+    """LLaVA conversation JSON. ``<image>`` goes before or after the first question, decided by a
+    per-record seeded coin so a resumed run places it exactly as an uninterrupted one would."""
+    pair_id = str(record["pair_id"])
+    before = random.Random(f"{seed}:{pair_id}").random() < 0.5
+    conversations = []
+    for i, (q, a) in enumerate(turns):
+        if i == 0:
+            q = f"<image>\n{q}" if before else f"{q}\n<image>"
+        conversations.append({"from": "human", "value": q})
+        conversations.append({"from": "gpt", "value": a})
+    sample = {
+        "id": pair_id,
+        "image": record.get("image") or f"{pair_id}.jpg",
+        "conversations": conversations,
+    }
+    if record.get("domain") is not None:
+        sample["domain"] = record["domain"]
+    return {k: sample[k] for k in ("id", "image", "domain", "conversations") if k in sample}

@@ -1,0 +1,369 @@
+"""``llavamed data instruct``: the resumable self-instruct job.
+
+Crash safety: every finished figure (kept or dropped, with its reason) is appended and fsynced to
+``<out>.partial.jsonl`` the moment its response is cleaned. A restart skips pair_ids already in
+the log, so SIGKILL at any instant loses at most the requests in flight (and those are usually in
+the response cache). Only at the end is ``<out>`` written, atomically, as a JSON list in selection
+order. Transient request failures are *not* logged, so the next run retries them; a request the
+server rejects outright (HTTP 4xx) is logged as dropped so it is not paid for again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import json
+import os
+import sys
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from llavamed.data.figures import iter_figures, primary_domain
+from llavamed.data.instruct.clean import clean_turns, parse_turns, to_llava_sample
+from llavamed.data.instruct.prompts import (
+    InstructPrompts,
+    build_messages,
+    conversation_to_text,
+    load_prompts,
+)
+from llavamed.data.instruct.select import round_robin
+from llavamed.errors import InputError, LlavamedError
+from llavamed.llm.client import ClientOptions, LLMClient, LLMError, estimate_tokens, lookup_price
+from llavamed.utils.io import JsonlAppender, atomic_write_json
+
+EXIT_INCOMPLETE = 3
+
+
+@dataclass
+class InstructOptions:
+    figures: Path
+    """figures.jsonl or LLaVA-Med's {domain: [records]} caption JSON."""
+    out: Path
+    """Output LLaVA conversation JSON (a list)."""
+    client: ClientOptions
+    inline_mentions: bool = False
+    """Add "Figure Context:" bullets from in_text_mention (the paper's 60K-IM variant)."""
+    max_samples: int | None = None
+    """Cap on figures asked about, chosen round-robin across domains (10K / 60K variants)."""
+    temperature: float = 0.7
+    max_tokens: int = 1024
+    seed: int = 0
+    """Sent to the API (where supported), part of the cache key, and seeds <image> placement."""
+    min_turns: int = 2
+    """Keep conversations with at least this many question/answer pairs after cleaning."""
+    prompts_dir: Path | None = None
+    """Folder overriding system_prompt.txt and/or few_shot.json."""
+    dry_run: bool = False
+    progress: bool = True
+    report_path: Path | None = None
+    """Default: ``<out stem>_report.json`` beside the output."""
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def partial_path(self) -> Path:
+        return self.out.with_name(self.out.name + ".partial.jsonl")
+
+    @property
+    def resolved_report_path(self) -> Path:
+        return self.report_path or self.out.with_name(self.out.stem + "_report.json")
+
+
+def run_fingerprint(opts: InstructOptions, prompts: InstructPrompts) -> str:
+    """Everything that changes what a figure's conversation would be. A log written under another
+    fingerprint is refused rather than silently mixed into this output."""
+    blob = json.dumps(
+        {
+            "model": opts.client.model,
+            "inline": opts.inline_mentions,
+            "temperature": opts.temperature,
+            "max_tokens": opts.max_tokens,
+            "seed": opts.seed,
+            "min_turns": opts.min_turns,
+            "system": prompts.system,
+            "few_shot": prompts.few_shot,
+        },
+        sort_keys=True,
+    )
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def load_selection(opts: InstructOptions) -> tuple[list[dict], Counter, int]:
+    """Valid records in round-robin order, input errors per reason, duplicate count."""
+    errors: Counter = Counter()
+    valid = []
+    for i, rec in enumerate(iter_figures(opts.figures)):
+        try:
+            if not rec.get("pair_id"):
+                raise InputError(f"{opts.figures} record {i}", "missing_pair_id")
+            if not str(rec.get("fig_caption") or "").strip():
+                raise InputError(f"{opts.figures} {rec['pair_id']}", "missing_caption")
+        except InputError as exc:
+            errors[exc.reason] += 1
+            continue
+        valid.append(rec)
+    selected, dups = round_robin(valid, opts.max_samples)
+    return selected, errors, dups
+
+
+@contextlib.contextmanager
+def _exclusive(lock_path: Path):
+    """One writer per output: two concurrent runs would both append the same pair_ids."""
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - non-POSIX
+        yield
+        return
+    lock_path.parent.mkdir(parents=True, exist_ok=True)
+    fh = open(lock_path, "w")
+    try:
+        fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as exc:
+        fh.close()
+        raise LlavamedError(
+            f"{lock_path}: another `data instruct` run is writing this output"
+        ) from exc
+    try:
+        yield
+    finally:
+        fcntl.flock(fh, fcntl.LOCK_UN)
+        fh.close()
+
+
+def _dry_run(opts, prompts, pending, done_n, selected) -> dict:
+    prompt_tokens = 0
+    cached = 0
+    # A completion is budgeted at the few-shot conversations' mean length: what the model imitates.
+    shots = [estimate_tokens(conversation_to_text(e["conversations"])) for e in prompts.few_shot]
+    per_completion = min(opts.max_tokens, int(sum(shots) / max(1, len(shots))))
+    client = LLMClient(opts.client) if opts.client.cache_path else None
+    try:
+        for rec in pending:
+            msgs = build_messages(rec, prompts, opts.inline_mentions)
+            if client is not None:
+                params = client.sampling_params(opts.temperature, opts.max_tokens, None, opts.seed)
+                if client.is_cached(msgs, params):
+                    cached += 1
+                    continue
+            prompt_tokens += estimate_tokens(msgs)
+    finally:
+        if client is not None:
+            asyncio.run(client.aclose())
+    to_call = len(pending) - cached
+    completion_tokens = per_completion * to_call
+    price = opts.client.prices()
+    cost = None
+    if price is not None:
+        cost = (prompt_tokens * price[0] + completion_tokens * price[1]) / 1e6
+    return {
+        "dry_run": True,
+        "selected": len(selected),
+        "already_done": done_n,
+        "cached_responses": cached,
+        "requests_needed": to_call,
+        "estimated_prompt_tokens": prompt_tokens,
+        "estimated_completion_tokens": completion_tokens,
+        "estimated_cost_usd": None if cost is None else round(cost, 4),
+        "price_per_mtok": price,
+        "estimate_method": "heuristic: 4 characters per token; completions sized like the few-shot "
+        "conversations; no tokenizer used",
+    }
+
+
+async def _generate(opts, prompts, pending, appender, fp, bar) -> tuple[Counter, dict, int]:
+    """Ask for every pending record; append each outcome to the log as it completes."""
+    failed: Counter = Counter()
+    length_cut = 0
+    queue: asyncio.Queue = asyncio.Queue()
+    for rec in pending:
+        queue.put_nowait(rec)
+    async with LLMClient(opts.client, seed=opts.seed) as client:
+
+        async def one(rec: dict) -> None:
+            nonlocal length_cut
+            pid = str(rec["pair_id"])
+            messages = build_messages(rec, prompts, opts.inline_mentions)
+            entry: dict = {"pair_id": pid, "fp": fp}
+            try:
+                r = await client.chat(
+                    messages,
+                    temperature=opts.temperature,
+                    max_tokens=opts.max_tokens,
+                    seed=opts.seed,
+                )
+            except LLMError as exc:
+                if exc.fatal:
+                    raise
+                if exc.kind.startswith("http_4"):
+                    entry.update(status="dropped", reason="request_rejected", detail=exc.kind)
+                    appender.append(entry)
+                else:
+                    failed[exc.kind] += 1
+                return
+            if r.finish_reason == "length":
+                length_cut += 1
+            parsed = parse_turns(r.text)
+            cleaned = clean_turns(parsed.turns)
+            drops = parsed.dropped + cleaned.dropped
+            entry.update(
+                prompt_tokens=r.prompt_tokens,
+                completion_tokens=r.completion_tokens,
+                cost_usd=r.cost_usd,
+                cached=r.cached,
+                turns_parsed=len(parsed.turns),
+                turn_drops=dict(drops),
+            )
+            if not parsed.turns:
+                entry.update(status="dropped", reason="unparseable", raw=r.text[:2000])
+            elif len(cleaned.turns) < opts.min_turns:
+                entry.update(status="dropped", reason="too_few_turns")
+            else:
+                entry.update(status="kept", sample=to_llava_sample(rec, cleaned.turns, opts.seed))
+            appender.append(entry)
+
+        async def worker() -> None:
+            while True:
+                try:
+                    rec = queue.get_nowait()
+                except asyncio.QueueEmpty:
+                    return
+                await one(rec)
+                if bar is not None:
+                    bar.update(1)
+                    s = client.stats
+                    bar.set_postfix(
+                        cache=s.cache_hits,
+                        retries=s.retries,
+                        failed=sum(failed.values()),
+                        refresh=False,
+                    )
+
+        # Twice the concurrency in workers keeps every slot busy while some wait out a backoff;
+        # the client's semaphore still caps requests in flight.
+        n_workers = max(1, min(len(pending), 2 * opts.client.concurrency))
+        tasks = [asyncio.create_task(worker()) for _ in range(n_workers)]
+        try:
+            await asyncio.gather(*tasks)
+        except BaseException:
+            for t in tasks:
+                t.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            raise
+        return failed, client.stats.as_dict(), length_cut
+
+
+def summarise(entries: list[dict], selected: list[dict]) -> dict:
+    """Kept/dropped counts, turn-level drop reasons, tokens and cost over the log (all runs)."""
+    dropped: Counter = Counter()
+    turn_drops: Counter = Counter()
+    by_domain: dict[str, Counter] = {}
+    domain_of = {str(r["pair_id"]): primary_domain(r.get("domain")) for r in selected}
+    kept = pt = ct = 0
+    cost = 0.0
+    for e in entries:
+        d = by_domain.setdefault(domain_of.get(e["pair_id"], "other"), Counter())
+        if e.get("status") == "kept":
+            kept += 1
+            d["kept"] += 1
+        else:
+            dropped[e.get("reason", "unknown")] += 1
+            d["dropped"] += 1
+        turn_drops.update(e.get("turn_drops") or {})
+        pt += int(e.get("prompt_tokens") or 0)
+        ct += int(e.get("completion_tokens") or 0)
+        cost += float(e.get("cost_usd") or 0.0)
+    done = kept + sum(dropped.values())
+    return {
+        "kept": kept,
+        "dropped": sum(dropped.values()),
+        "dropped_by_reason": dict(dropped),
+        "kept_share": round(kept / done, 4) if done else None,
+        "turns_dropped_by_reason": dict(turn_drops),
+        "by_domain": {k: dict(v) for k, v in by_domain.items()},
+        "prompt_tokens": pt,
+        "completion_tokens": ct,
+        "cost_usd": round(cost, 6),
+    }
+
+
+def run_instruct(opts: InstructOptions) -> tuple[dict, int]:
+    """Run (or resume) the job. Returns (report, exit code): 0 complete, 3 when some requests
+    failed transiently and a re-run is needed."""
+    prompts = load_prompts(opts.prompts_dir)
+    selected, input_errors, dups = load_selection(opts)
+    fp = run_fingerprint(opts, prompts)
+    partial = opts.partial_path
+    with _exclusive(partial.with_name(partial.name + ".lock")):
+        with JsonlAppender(partial, fsync=True) as appender:
+            done: dict[str, dict] = {}
+            for e in appender.existing():
+                if e.get("fp") != fp:
+                    raise LlavamedError(
+                        f"{partial}: written by a run with different settings (model, prompts, "
+                        "sampling or --inline-mentions); use another --out or delete that log"
+                    )
+                done.setdefault(str(e.get("pair_id")), e)
+            pending = [r for r in selected if str(r["pair_id"]) not in done]
+            if opts.dry_run:
+                report = _dry_run(opts, prompts, pending, len(selected) - len(pending), selected)
+                report["input_errors"] = dict(input_errors)
+                return report, 0
+            bar = None
+            if opts.progress and pending:
+                from tqdm import tqdm
+
+                bar = tqdm(
+                    total=len(selected),
+                    initial=len(selected) - len(pending),
+                    desc="instruct",
+                    unit="fig",
+                    file=sys.stderr,
+                    dynamic_ncols=True,
+                )
+            try:
+                failed, stats, length_cut = asyncio.run(
+                    _generate(opts, prompts, pending, appender, fp, bar)
+                )
+            except LLMError as exc:
+                raise LlavamedError(
+                    f"{opts.client.base_url}: {exc} - stopping; finished records are kept, "
+                    "re-run to resume"
+                ) from exc
+            finally:
+                if bar is not None:
+                    bar.close()
+        entries: dict[str, dict] = {}
+        for e in JsonlAppender(partial).existing():
+            entries.setdefault(str(e["pair_id"]), e)
+        ordered = [entries[str(r["pair_id"])] for r in selected if str(r["pair_id"]) in entries]
+        samples = [e["sample"] for e in ordered if e.get("status") == "kept"]
+        atomic_write_json(opts.out, samples, indent=1)
+        pending_n = len(selected) - len(ordered)
+        report = {
+            "figures": str(opts.figures),
+            "out": str(opts.out),
+            "model": opts.client.model,
+            "base_url": opts.client.base_url,
+            "inline_mentions": opts.inline_mentions,
+            "selected": len(selected),
+            "input_errors": dict(input_errors),
+            "duplicate_pair_ids": dups,
+            "complete": pending_n == 0,
+            "pending_after_failures": pending_n,
+            "failed_this_run": dict(failed),
+            "truncated_by_max_tokens_this_run": length_cut,
+            "totals": summarise(ordered, selected),
+            "this_run": stats,
+            "price_per_mtok": lookup_price(opts.client.model)
+            if opts.client.price_in is None
+            else [opts.client.price_in, opts.client.price_out],
+            "fingerprint": fp,
+            "prompts": prompts.source,
+        }
+        atomic_write_json(opts.resolved_report_path, report)
+    return report, (0 if pending_n == 0 else EXIT_INCOMPLETE)
+
+
+def default_cache_path(out: Path) -> str:
+    return os.fspath(out.with_name(out.stem + ".llm_cache.sqlite"))

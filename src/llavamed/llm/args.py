@@ -1,0 +1,64 @@
+"""Command-line options for the LLM endpoint, shared by every command that calls one.
+Kept free of heavy imports so that ``llavamed --help`` stays fast."""
+
+from __future__ import annotations
+
+import argparse
+import os
+
+# -- CLI glue shared by the commands that call an LLM -----------------------------------------
+
+
+def add_client_arguments(parser: argparse.ArgumentParser, default_concurrency: int = 8) -> None:
+    g = parser.add_argument_group("LLM endpoint (any OpenAI-compatible chat API)")
+    g.add_argument(
+        "--base-url",
+        required=True,
+        help="API root incl. /v1, e.g. https://api.openai.com/v1, http://127.0.0.1:8000/v1 "
+        "(llavamed serve --text-only, vLLM), or an Azure deployment URL with --api-version",
+    )
+    g.add_argument("--model", required=True, help="model (or Azure deployment) name")
+    g.add_argument(
+        "--api-key-env",
+        default="OPENAI_API_KEY",
+        metavar="VAR",
+        help="environment variable holding the API key (default OPENAI_API_KEY; unset is fine "
+        "for local servers)",
+    )
+    g.add_argument("--api-version", help="Azure OpenAI api-version (switches to api-key header)")
+    g.add_argument("--concurrency", type=int, default=default_concurrency, metavar="N")
+    g.add_argument("--rpm", type=float, help="client-side requests/minute limit")
+    g.add_argument("--tpm", type=float, help="client-side tokens/minute limit")
+    g.add_argument("--timeout", type=float, default=120.0, help="seconds per request attempt")
+    g.add_argument("--max-retries", type=int, default=6)
+    g.add_argument(
+        "--cache",
+        metavar="PATH",
+        help="SQLite response cache (default: next to the output file); 'none' disables it",
+    )
+    g.add_argument("--stream", action="store_true", help="use streaming responses")
+    g.add_argument("--price-in", type=float, help="USD per 1M prompt tokens (overrides table)")
+    g.add_argument("--price-out", type=float, help="USD per 1M completion tokens")
+
+
+def client_options_from_args(args: argparse.Namespace, default_cache: str | None):
+    from llavamed.llm.client import ClientOptions
+
+    cache = args.cache if args.cache is not None else default_cache
+    if cache is not None and cache.lower() == "none":
+        cache = None
+    return ClientOptions(
+        base_url=args.base_url,
+        model=args.model,
+        api_key=os.environ.get(args.api_key_env) or None,
+        api_version=args.api_version,
+        concurrency=args.concurrency,
+        rpm=args.rpm,
+        tpm=args.tpm,
+        timeout=args.timeout,
+        max_retries=args.max_retries,
+        cache_path=cache,
+        price_in=args.price_in,
+        price_out=args.price_out,
+        stream=args.stream,
+    )

@@ -1,0 +1,205 @@
+"""Self-instruct pure parts: prompt assembly, round-robin selection, parsing and cleaning."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+
+import pytest
+
+from llavamed.data.figures import DOMAINS
+from llavamed.data.instruct.clean import (
+    clean_turns,
+    parse_turns,
+    strip_source_phrases,
+    to_llava_sample,
+)
+from llavamed.data.instruct.prompts import build_context, build_messages, load_prompts
+from llavamed.data.instruct.select import round_robin
+from llavamed.errors import InputError
+
+
+def rec(pid, domain="chest_xray", mentions=None, caption="A chest radiograph."):
+    dom = {d: d == domain for d in DOMAINS}
+    return {
+        "pair_id": pid,
+        "fig_label": "Figure 1",
+        "fig_caption": caption,
+        "in_text_mention": mentions,
+        "domain": dom,
+        "image": f"images/{pid}.jpg",
+    }
+
+
+# -- prompts -----------------------------------------------------------------------------------
+
+
+def test_context_matches_paper_rendering():
+    r = rec("p1", mentions=[{"tokens": "As shown in  Fig. 1,\nthe lung."}, "Second one."])
+    assert build_context(r, False) == "Figure Caption:\nFigure 1: A chest radiograph."
+    assert build_context(r, True) == (
+        "Figure Caption:\nFigure 1: A chest radiograph.\n\n"
+        "Figure Context:\n\t- As shown in Fig. 1, the lung.\n\t- Second one."
+    )
+    # No mentions: no empty "Figure Context:" block, even with the flag.
+    assert "Figure Context" not in build_context(rec("p2", mentions=None), True)
+
+
+def test_default_prompts_cover_five_domains_and_assemble():
+    p = load_prompts()
+    assert 6 <= len(p.few_shot) <= 10
+    assert set(DOMAINS) <= {ex["domain"] for ex in p.few_shot}
+    for ex in p.few_shot:  # the examples must follow our own rules
+        text = json.dumps(ex["conversations"]).lower()
+        assert "caption" not in text and "<image>" not in text
+    msgs = build_messages(rec("q"), p, inline_mentions=True)
+    assert msgs[0]["role"] == "system" and "User:" in msgs[0]["content"]
+    assert len(msgs) == 2 + 2 * len(p.few_shot)
+    roles = [m["role"] for m in msgs[1:]]
+    assert roles == ["user", "assistant"] * len(p.few_shot) + ["user"]
+    assert msgs[2]["content"].startswith("User: ")
+    assert "Figure Context:" in msgs[1]["content"]  # examples follow the query's variant
+    assert msgs[-1]["content"] == build_context(rec("q"), True)
+    assert not any("Figure Context" in m["content"] for m in build_messages(rec("q"), p, False)[1:])
+
+
+def test_prompt_override_dir(tmp_path):
+    (tmp_path / "system_prompt.txt").write_text("Be brief.")
+    p = load_prompts(tmp_path)
+    assert p.system == "Be brief." and len(p.few_shot) >= 6  # few-shot falls back to default
+    (tmp_path / "few_shot.json").write_text(json.dumps([{"fig_caption": "x"}]))
+    with pytest.raises(InputError):
+        load_prompts(tmp_path)
+    with pytest.raises(InputError):
+        load_prompts(tmp_path / "missing")
+
+
+# -- selection ---------------------------------------------------------------------------------
+
+
+def test_round_robin_balances_domains_and_dedups():
+    recs = [rec(f"c{i}", "chest_xray") for i in range(5)]
+    recs += [rec(f"m{i}", "mri") for i in range(2)]
+    recs += [rec(f"h{i}", "histology") for i in range(3)]
+    recs.append(rec("c0", "chest_xray"))  # LLaVA-Med files list some figures twice
+    out, dups = round_robin(recs)
+    assert dups == 1
+    assert [r["pair_id"] for r in out] == [
+        "c0", "m0", "h0", "c1", "m1", "h1", "c2", "h2", "c3", "c4",
+    ]  # fmt: skip
+    capped, _ = round_robin(recs, max_samples=4)
+    assert [r["pair_id"] for r in capped] == ["c0", "m0", "h0", "c1"]
+
+
+# -- parsing -----------------------------------------------------------------------------------
+
+CANON = "User: What is shown?\nAssistant: A chest X-ray.\n\nUser: Any effusion?\nAssistant: No."
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        CANON,
+        "user: What is shown?\nassistant: A chest X-ray.\nUSER: Any effusion?\nASSISTANT: No.",
+        "**User:** What is shown?\n**Assistant:** A chest X-ray.\n**User:** Any effusion?\n"
+        "**Assistant:** No.",
+        "**User**: What is shown?\n**Assistant**: A chest X-ray.\n**User**: Any effusion?\n"
+        "**Assistant**: No.",
+        "1. User: What is shown?\n   Assistant: A chest X-ray.\n2. User: Any effusion?\n"
+        "   Assistant: No.",
+        "Q1: What is shown?\nA1: A chest X-ray.\nQ2: Any effusion?\nA2: No.",
+        "Human: What is shown?\nGPT: A chest X-ray.\nHuman: Any effusion?\nGPT: No.",
+        "Sure, here is a conversation:\n\nUser: What is shown? Assistant: A chest X-ray. "
+        "User: Any effusion? Assistant: No.",
+        "### User: What is shown?\n### Assistant: A chest X-ray.<|im_end|>\n"
+        "### User: Any effusion?\n### Assistant: No.</s>",
+        "- **Question:** What is shown?\n- **Answer:** A chest X-ray.\n"
+        "- **Question:** Any effusion?\n- **Answer:** No.",
+    ],
+)
+def test_parse_odd_formats(raw):
+    r = parse_turns(raw)
+    assert r.turns == [("What is shown?", "A chest X-ray."), ("Any effusion?", "No.")]
+
+
+def test_parse_multiline_answers_and_debris():
+    raw = (
+        "User: Describe it.\nAssistant: Line one.\n- bullet a\n- bullet b\n\n"
+        "User: And?\nAssistant: Done.\nUser: A trailing question without answer?"
+    )
+    r = parse_turns(raw)
+    assert r.turns[0] == ("Describe it.", "Line one.\n- bullet a\n- bullet b")
+    assert r.turns[1] == ("And?", "Done.")
+    assert r.dropped == Counter({"unanswered_question": 1})
+
+
+def test_parse_stops_at_hallucinated_next_example():
+    raw = CANON + "\n\nFigure Caption:\nFigure 2: x\n\nUser: new?\nAssistant: new."
+    r = parse_turns(raw)
+    assert len(r.turns) == 2 and r.dropped["trailing_new_example"] == 1
+
+
+def test_parse_garbage():
+    for raw in ["", "I like turtles.", "Assistant: hello", "User: only a question"]:
+        assert parse_turns(raw).turns == []
+    assert parse_turns("Assistant: hello").dropped == Counter({"orphan_answer": 1})
+
+
+# -- cleaning ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "answer, expected",
+    [
+        ("Based on the caption, the lesion is large.", "The lesion is large."),
+        ("According to the figure caption, there is edema.", "There is edema."),
+        ("Yes, according to the description, it is enhancing.", "Yes, it is enhancing."),
+        ("No, based on the provided context, it is benign.", "No, it is benign."),
+        ("The figure caption mentions that the mass is cystic.", "The mass is cystic."),
+        (
+            "While I cannot see the actual image, based on the description, it is round.",
+            "It is round.",
+        ),  # fmt: skip
+        (
+            "The nodule is calcified, as mentioned in the figure caption.",
+            "The nodule is calcified.",
+        ),
+        ("It is in the liver, according to the context provided.", "It is in the liver."),
+        ("The heart is enlarged.", "The heart is enlarged."),
+    ],
+)
+def test_strip_source_phrases(answer, expected):
+    assert strip_source_phrases(answer) == expected
+
+
+def test_clean_turns_reasons():
+    turns = [
+        ("What is it?", "Based on the caption, a CT scan."),
+        ("Can you see it?", "I'm sorry, but I cannot see the image."),
+        ("Which side?", "The description says the left side."),
+        ("What does the caption say?", "It is a CT scan."),
+        ("Where?", "In the abdomen."),
+    ]
+    r = clean_turns(turns)
+    assert r.turns == [("What is it?", "A CT scan."), ("Where?", "In the abdomen.")]
+    assert r.dropped == Counter(
+        {"refusal": 1, "answer_mentions_source": 1, "question_mentions_source": 1}
+    )
+
+
+def test_to_llava_sample_image_token_seeded():
+    turns = [("Q1?", "A1."), ("Q2?", "A2.")]
+    places = Counter()
+    for i in range(40):
+        s = to_llava_sample(rec(f"p{i}"), turns, seed=0)
+        first = s["conversations"][0]["value"]
+        assert first.count("<image>") == 1
+        assert s["conversations"][2]["value"] == "Q2?"  # only the first turn gets the token
+        places["before" if first.startswith("<image>\n") else "after"] += 1
+        assert s == to_llava_sample(rec(f"p{i}"), turns, seed=0)  # deterministic per record
+        assert list(s) == ["id", "image", "domain", "conversations"]
+        assert s["image"] == f"images/p{i}.jpg"
+        assert [c["from"] for c in s["conversations"]] == ["human", "gpt", "human", "gpt"]
+    assert places["before"] > 5 and places["after"] > 5
+    no_image = {k: v for k, v in rec("x").items() if k != "image"}
+    assert to_llava_sample(no_image, turns)["image"] == "x.jpg"  # LLaVA-Med naming
