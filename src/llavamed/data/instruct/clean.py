@@ -42,9 +42,12 @@ _LINE_MARKER = re.compile(
     rf"(?:\s*\d+)?\s*{_EMPH}?\s*[:：]\s*{_EMPH}?\s*",
     re.IGNORECASE,
 )
-# Strong speaker names may also start mid-line ("... image? Assistant: It shows ..."); only the
-# capitalised forms, so ordinary prose such as "the user: ..." is not split.
-_INLINE_MARKER = re.compile(rf"(?<=\S)[ \t]+(?={_EMPH}?(?:User|Assistant|Human)\s*{_EMPH}?:)")
+# Speaker names may also start mid-line ("... image? Assistant: It shows ..."): capitalised ones
+# anywhere, lower-case ones only after sentence punctuation, so prose like "the user: x" stays.
+_INLINE_MARKER = re.compile(
+    rf"(?<=\S)[ \t]+(?={_EMPH}?(?:User|Assistant|Human)\s*{_EMPH}?:)"
+    rf"|(?<=[.?!\"')\]])[ \t]+(?={_EMPH}?(?i:user|assistant|human)\s*{_EMPH}?:)"
+)
 _PREFIX_ONLY = re.compile(r"^\s*(?:(?:[-*•>]|#+|\d+[.)]|\(\d+\))\s*)*$")
 _STOP_LINE = re.compile(r"^\s*(?:#+\s*)?(?:\*\*)?figure (?:caption|context)\s*(?:\*\*)?\s*:", re.I)
 _DEBRIS = re.compile(r"<\|[^|>]{1,40}\|>|</s>|<s>|\[/?INST\]|<image>|<end_of_turn>|<eos>")

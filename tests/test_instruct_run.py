@@ -1,0 +1,256 @@
+"""The self-instruct job end to end over HTTP: messy small-model output, faults, resume after
+a real SIGKILL, dry-run, and LLaVA-Med's caption JSON as input."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import zlib
+from pathlib import Path
+
+import pytest
+
+from llavamed.data.figures import DOMAINS
+from llavamed.data.instruct.runner import InstructOptions, run_instruct
+from llavamed.errors import LlavamedError
+from llavamed.llm.client import ClientOptions
+from openai_stub_server import StubServer
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# What a 135M model does to the format, plus what a big model does with forbidden phrasing.
+FORMATS = [
+    "User: What is shown in {p}?\nAssistant: A scan of the region.\n\n"
+    "User: Is anything abnormal?\nAssistant: There is a bright area on one side.",
+    "Sure! Here is a conversation.\n**User:** What is shown in {p}?\n**Assistant:** An image.\n"
+    "**User:** Where?\n**Assistant:** Based on the caption, in the centre.<|im_end|>",
+    "1. Q: What is shown in {p}?\n   A: A section of tissue.\n2. Q: Stain?\n   A: Pink and purple.",
+    "I am a helpful assistant. The image is nice.",  # no turns at all
+    "User: What is shown in {p}?\nAssistant: I'm sorry, I cannot see the image.\n"
+    "User: Anything else?\nAssistant: It looks normal.",  # one turn left after cleaning
+    "user: What is shown in {p}? assistant: hmm User: Really? Assistant: Yes, according to the "
+    "description, it is an X-ray.\nFigure Caption:\nFigure 3: hallucinated next example",
+]
+
+
+def messy_responder(body: dict) -> str:
+    query = body["messages"][-1]["content"]
+    pid = query.split("[")[1].split("]")[0]
+    return FORMATS[zlib.crc32(pid.encode()) % len(FORMATS)].format(p=pid)
+
+
+def write_figures(path: Path, n: int) -> list[str]:
+    ids = []
+    with open(path, "w") as fh:
+        for i in range(n):
+            dom = DOMAINS[i % len(DOMAINS)]
+            pid = f"PMC{i:05d}_F{i % 3}"
+            ids.append(pid)
+            rec = {
+                "pair_id": pid,
+                "fig_label": f"Figure {i % 3 + 1}",
+                "fig_caption": f"[{pid}] A {dom.replace('_', ' ')} figure.",
+                "in_text_mention": [{"tokens": f"As Fig. {i % 3 + 1} shows, {dom}."}],
+                "domain": {d: d == dom for d in DOMAINS},
+                "image": f"images/{pid}.jpg",
+            }
+            fh.write(json.dumps(rec) + "\n")
+        fh.write(json.dumps({"pair_id": "bad1", "fig_caption": "  "}) + "\n")
+    return ids
+
+
+@pytest.fixture
+def stub():
+    with StubServer(responder=messy_responder) as srv:
+        yield srv
+
+
+def make_opts(srv, tmp_path, n=30, **kw) -> InstructOptions:
+    fig = tmp_path / "figures.jsonl"
+    if not fig.exists():
+        write_figures(fig, n)
+    client = ClientOptions(
+        base_url=srv.base_url,
+        model="smollm2-135m",
+        concurrency=4,
+        backoff_base=0.01,
+        backoff_max=0.05,
+        cache_path=str(tmp_path / "cache.sqlite"),
+    )
+    base = dict(figures=fig, out=tmp_path / "instruct.json", client=client, progress=False)
+    base.update(kw)
+    return InstructOptions(**base)
+
+
+def expected_kept(ids):
+    return {p for p in ids if zlib.crc32(p.encode()) % len(FORMATS) in (0, 1, 2, 5)}
+
+
+def test_run_messy_outputs_report_and_rerun_is_free(stub, tmp_path):
+    opts = make_opts(stub, tmp_path, inline_mentions=True)
+    ids = write_figures(opts.figures, 30)
+    report, rc = run_instruct(opts)
+    assert rc == 0 and report["complete"]
+    out = json.loads(opts.out.read_text())
+    assert {s["id"] for s in out} == expected_kept(ids)
+    for s in out:
+        conv = s["conversations"]
+        assert len(conv) >= 4 and conv[0]["value"].count("<image>") == 1
+        text = json.dumps(conv).lower()
+        assert "caption" not in text and "description" not in text and "<|im_end|>" not in text
+        assert s["image"] == f"images/{s['id']}.jpg" and sum(s["domain"].values()) == 1
+    t = report["totals"]
+    assert t["kept"] == len(out) and t["kept"] + t["dropped"] == 30
+    assert t["dropped_by_reason"]["unparseable"] > 0 and t["dropped_by_reason"]["too_few_turns"] > 0
+    assert t["turns_dropped_by_reason"]["refusal"] > 0
+    assert 0 < t["kept_share"] < 1
+    assert report["input_errors"] == {"missing_caption": 1}
+    assert report["this_run"]["http_requests"] == 30 and stub.count == 30
+    assert "Figure Context:" in stub.requests[0]["messages"][-1]["content"]
+    on_disk = json.loads((tmp_path / "instruct_report.json").read_text())
+    assert on_disk["totals"] == t
+    # Re-run: everything is in the log; no request at all, identical output.
+    before = opts.out.read_bytes()
+    report2, rc2 = run_instruct(opts)
+    assert rc2 == 0 and stub.count == 30 and opts.out.read_bytes() == before
+    # Lost log but kept cache: re-run costs nothing either.
+    opts.partial_path.unlink()
+    report3, _ = run_instruct(opts)
+    assert stub.count == 30 and report3["this_run"]["cache_hits"] == 30
+    assert opts.out.read_bytes() == before
+
+
+def test_round_robin_cap_and_changed_settings_refused(stub, tmp_path):
+    opts = make_opts(stub, tmp_path, max_samples=10)
+    report, _ = run_instruct(opts)
+    assert report["selected"] == 10 and stub.count == 10
+    doms = report["totals"]["by_domain"]
+    assert set(doms) == set(DOMAINS) and all(sum(v.values()) == 2 for v in doms.values())
+    # Extending the cap resumes: only the 10 new figures are asked.
+    run_instruct(make_opts(stub, tmp_path, max_samples=20))
+    assert stub.count == 20
+    with pytest.raises(LlavamedError, match="different settings"):
+        run_instruct(make_opts(stub, tmp_path, max_samples=20, temperature=0.1))
+
+
+def test_transient_failures_exit_3_then_resume(stub, tmp_path):
+    opts = make_opts(stub, tmp_path, n=10)
+    opts.client.max_retries = 1
+    stub.plan(["500"])
+    stub.default = "503"
+    report, rc = run_instruct(opts)
+    assert rc == 3 and report["pending_after_failures"] == 10 and not report["complete"]
+    assert report["failed_this_run"] == {"http_503": 10}  # the last error of each record
+    assert report["this_run"]["retry_reasons"] == {"http_500": 1, "http_503": 9}
+    assert stub.count == 20
+    assert json.loads(opts.out.read_text()) == []
+    stub.default = "ok"
+    report, rc = run_instruct(opts)
+    assert rc == 0 and report["totals"]["kept"] + report["totals"]["dropped"] == 10
+
+
+def test_fatal_auth_error_stops_run(stub, tmp_path):
+    stub.default = "401"
+    with pytest.raises(LlavamedError, match="http_401"):
+        run_instruct(make_opts(stub, tmp_path, n=5))
+
+
+def test_rejected_request_logged_not_reasked(stub, tmp_path):
+    opts = make_opts(stub, tmp_path, n=5)
+    opts.client.concurrency = 1
+    stub.plan(["400"])
+    report, rc = run_instruct(opts)
+    assert rc == 0 and report["totals"]["dropped_by_reason"]["request_rejected"] == 1
+    run_instruct(opts)
+    assert stub.count == 5
+
+
+def test_dry_run_calls_nothing(stub, tmp_path):
+    opts = make_opts(stub, tmp_path, n=20, dry_run=True)
+    opts.client.model = "gpt-4o"
+    report, rc = run_instruct(opts)
+    assert stub.count == 0 and not opts.out.exists()
+    assert report["requests_needed"] == 20
+    assert report["estimated_prompt_tokens"] > 20 * 1000  # 8 few-shot examples per request
+    assert report["estimated_cost_usd"] > 0 and "heuristic" in report["estimate_method"]
+
+
+def test_llava_med_caption_json_input(stub, tmp_path):
+    data = {
+        d: [
+            {
+                "pair_id": f"{d}_{i}",
+                "fig_label": "Fig 1",
+                "fig_caption": f"[{d}_{i}] caption",
+                "in_text_mention": None,
+            }
+            for i in range(3)
+        ]
+        for d in DOMAINS
+    }
+    data["mri"].append(data["chest_xray"][0])  # a figure filed under two domains
+    fig = tmp_path / "llava_med_instruct_fig_captions.json"
+    fig.write_text(json.dumps(data))
+    opts = make_opts(stub, tmp_path, figures=fig, max_samples=7)
+    report, _ = run_instruct(opts)
+    assert report["selected"] == 7 and report["duplicate_pair_ids"] == 1
+    asked = [r["messages"][-1]["content"].split("[")[1].split("]")[0] for r in stub.requests]
+    assert {a.split("_")[0] for a in asked} >= {"chest", "mri", "histology", "gross", "ct"}
+
+
+def _cli(fig: Path, out: Path, base_url: str) -> list[str]:
+    return [
+        sys.executable, "-m", "llavamed", "data", "instruct", "--figures", str(fig),
+        "--out", str(out), "--base-url", base_url, "--model", "stub", "--concurrency", "4",
+        "--no-progress", "--api-key-env", "LLAVAMED_TEST_NO_KEY",
+    ]  # fmt: skip
+
+
+def _log_lines(path: Path) -> int:
+    return path.read_bytes().count(b"\n") if path.exists() else 0
+
+
+def test_sigkill_resume_exactly_once(tmp_path):
+    """Kill the real CLI with SIGKILL at several points; the final output must equal an
+    uninterrupted run's, each pair_id exactly once, and no log line may be corrupt."""
+    n = 40
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
+    with StubServer(latency=0.03, responder=messy_responder) as srv:
+        fig = tmp_path / "figures.jsonl"
+        ids = write_figures(fig, n)
+        ref = tmp_path / "ref" / "instruct.json"
+        ref.parent.mkdir()
+        subprocess.run(_cli(fig, ref, srv.base_url), env=env, check=True, timeout=120)
+        ref_samples = json.loads(ref.read_text())
+
+        out = tmp_path / "run" / "instruct.json"
+        out.parent.mkdir()
+        # Separate cache so the killed runs really talk to the server.
+        cmd = _cli(fig, out, srv.base_url) + ["--cache", str(tmp_path / "run" / "c.sqlite")]
+        partial = out.with_name(out.name + ".partial.jsonl")
+        kills = 0
+        for threshold in (5, 15, 28):
+            proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL)
+            deadline = time.monotonic() + 60
+            while _log_lines(partial) < threshold and proc.poll() is None:
+                assert time.monotonic() < deadline
+                time.sleep(0.005)
+            if proc.poll() is None:
+                os.kill(proc.pid, signal.SIGKILL)
+                kills += 1
+            proc.wait(timeout=30)
+            assert not out.exists() or kills == 0  # never finalised by a killed run
+        assert kills >= 2
+        subprocess.run(cmd, env=env, check=True, timeout=120)
+
+    entries = [json.loads(line) for line in partial.read_text().splitlines()]  # no torn line
+    logged = [e["pair_id"] for e in entries]
+    assert sorted(logged) == sorted(ids)  # each figure exactly once in the log
+    samples = json.loads(out.read_text())
+    assert len({s["id"] for s in samples}) == len(samples)
+    assert samples == ref_samples
+    assert {s["id"] for s in samples} == expected_kept(ids)
