@@ -16,6 +16,9 @@ from llavamed.errors import LlavamedError
 # NOTE TO CONTRIBUTORS WORKING IN PARALLEL: read /tmp/common_brief.md (commit rules, budgets) first.
 COMMANDS: list[tuple[str | None, str]] = [
     ("model", "llavamed.commands.model_init"),
+    ("data", "llavamed.commands.data_ingest"),
+    ("data", "llavamed.commands.data_domains"),
+    ("data", "llavamed.commands.data_align"),
     ("data", "llavamed.commands.data_instruct"),
     ("eval", "llavamed.commands.eval_vqa"),
     ("eval", "llavamed.commands.eval_answer"),

@@ -1,0 +1,62 @@
+"""``llavamed data align``: the stage-1 concept-alignment set from figure records."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+DESCRIPTION = """\
+Build the stage-1 (biomedical concept alignment) training set in LLaVA conversation JSON, the
+shape of LLaVA-Med's llava_med_alignment_500k.json. Each figure with an image becomes one sample:
+the human turn is one of the 27 description prompts (11 brief ones from the paper's Table 7, 16
+detailed ones from Table 8) with <image> before or after it, the gpt turn is the caption.
+Prompt choice and <image> placement are seeded per figure (--seed).
+
+Image paths are written relative to the folder of --out, so that folder is the image folder for
+`llavamed train`. Figures without an image are skipped and counted."""
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser(
+        "align",
+        help="stage-1 concept-alignment set (LLaVA conversation JSON) from figures",
+        description=DESCRIPTION,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument(
+        "--figures",
+        required=True,
+        type=Path,
+        help="figures.jsonl, or LLaVA-Med's {domain: [records]} caption JSON",
+    )
+    p.add_argument("--out", required=True, type=Path, help="output JSON (a list of samples)")
+    p.add_argument("--max", dest="max_samples", type=int, metavar="N", help="keep N samples")
+    p.add_argument("--seed", type=int, default=0, help="seed for prompts and subsetting")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from llavamed.data.align import build_alignment
+    from llavamed.data.figures import iter_figures
+    from llavamed.errors import LlavamedError
+    from llavamed.utils.io import atomic_write_json
+
+    if not args.figures.exists():
+        raise LlavamedError(f"{args.figures}: file not found")
+    if args.max_samples is not None and args.max_samples < 1:
+        raise LlavamedError("--max must be >= 1")
+    out_dir = args.out.resolve().parent
+    samples, skipped = build_alignment(
+        iter_figures(args.figures),
+        image_root=args.figures.resolve().parent,
+        out_dir=out_dir,
+        max_samples=args.max_samples,
+        seed=args.seed,
+    )
+    atomic_write_json(args.out, samples, indent=None)
+    msg = f"{len(samples)} alignment samples -> {args.out}"
+    if skipped:
+        msg += f"; skipped {json.dumps(skipped)}"
+    print(msg)
+    return 0

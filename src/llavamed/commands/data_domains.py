@@ -1,0 +1,57 @@
+"""``llavamed data domains``: (re)label the five LLaVA-Med domains from captions and mentions."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+DESCRIPTION = """\
+Label each figure with the five LLaVA-Med domains (chest_xray, mri, ct_scan, histology, gross;
+multi-label; all false means "other") from its caption and inline mentions, with a rule-based
+classifier that knows modality names and abbreviations (CXR, HRCT, T2WI, FLAIR), stains and
+magnifications (H&E, PAS, IHC, x400), anatomy, and negations ("MRI was not performed").
+
+--in accepts our figures.jsonl or LLaVA-Med's {domain: [records]} caption JSON; --out is written
+as figures.jsonl (atomically; --out may equal --in). With --eval, records' existing domain labels
+are taken as the reference and per-domain precision/recall is printed instead of relabelling."""
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser(
+        "domains",
+        help="(re)label the five LLaVA-Med domains from caption text",
+        description=DESCRIPTION,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--in", dest="inp", required=True, type=Path, metavar="FIGURES")
+    p.add_argument("--out", type=Path, metavar="FIGURES", help="output figures.jsonl")
+    p.add_argument(
+        "--eval",
+        action="store_true",
+        help="compare with the records' own domain labels: per-domain precision and recall",
+    )
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from llavamed.data.domains import evaluate_domains, label_record
+    from llavamed.data.figures import DOMAINS, iter_figures
+    from llavamed.errors import LlavamedError
+    from llavamed.utils.io import write_jsonl
+
+    if not args.inp.exists():
+        raise LlavamedError(f"{args.inp}: file not found")
+    if args.eval:
+        result = evaluate_domains(iter_figures(args.inp))
+        print(json.dumps(result, indent=2))
+        return 0
+    if args.out is None:
+        raise LlavamedError("--out is required unless --eval is given")
+    # Read everything first: --out may be the same file as --in.
+    records = [label_record(r) for r in iter_figures(args.inp)]
+    n = write_jsonl(args.out, records)
+    per = {d: sum(1 for r in records if r["domain"][d]) for d in DOMAINS}
+    other = sum(1 for r in records if not any(r["domain"].values()))
+    print(f"{n} records labelled -> {args.out}: {json.dumps({**per, 'other': other})}")
+    return 0

@@ -1,0 +1,91 @@
+"""Stage-1 concept-alignment set: every figure with an image becomes a one-turn LLaVA
+conversation. The human turn is one of the 27 description prompts (LLaVA-Med Tables 7 and 8)
+with ``<image>`` before or after it; the gpt turn is the caption as is."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+from collections.abc import Iterable
+from functools import lru_cache
+from pathlib import Path
+
+IMAGE_TOKEN = "<image>"
+PROMPTS_PATH = Path(__file__).resolve().parent.parent / "resources" / "align_prompts.json"
+
+
+@lru_cache(maxsize=1)
+def alignment_prompts() -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """(brief, detailed): the 11 prompts of Table 7 and the 16 of Table 8."""
+    raw = json.loads(PROMPTS_PATH.read_text(encoding="utf-8"))
+    return tuple(raw["brief"]), tuple(raw["detailed"])
+
+
+def all_prompts() -> tuple[str, ...]:
+    brief, detailed = alignment_prompts()
+    return brief + detailed
+
+
+def alignment_sample(record: dict, rng: random.Random, image: str) -> dict:
+    prompt = rng.choice(all_prompts())
+    human = f"{IMAGE_TOKEN}\n{prompt}" if rng.random() < 0.5 else f"{prompt}\n{IMAGE_TOKEN}"
+    sample = {
+        "id": record["pair_id"],
+        "image": image,
+        "conversations": [
+            {"from": "human", "value": human},
+            {"from": "gpt", "value": record["fig_caption"]},
+        ],
+    }
+    if isinstance(record.get("domain"), dict):
+        sample["domain"] = record["domain"]
+    return sample
+
+
+def build_alignment(
+    records: Iterable[dict],
+    *,
+    image_root: str | os.PathLike | None = None,
+    out_dir: str | os.PathLike | None = None,
+    max_samples: int | None = None,
+    seed: int = 0,
+) -> tuple[list[dict], dict[str, int]]:
+    """Turn figure records into alignment samples; returns ``(samples, skipped_per_reason)``.
+
+    Image paths in records are relative to ``image_root`` (the folder of figures.jsonl); in the
+    samples they are made relative to ``out_dir`` (the folder of alignment.json), so the output
+    trains with its own folder as the image folder. ``max_samples`` takes a seeded random subset;
+    the prompt and ``<image>`` placement are seeded per record, so a record's sample is the same
+    whatever the subset."""
+    skipped: dict[str, int] = {}
+    kept: list[dict] = []
+    seen: set[str] = set()
+    for rec in records:
+        reason = None
+        if not rec.get("image"):
+            reason = "no image"
+        elif not str(rec.get("fig_caption") or "").strip():
+            reason = "empty caption"
+        elif not rec.get("pair_id"):
+            reason = "no pair_id"
+        elif rec["pair_id"] in seen:
+            reason = "duplicate pair_id"
+        if reason:
+            skipped[reason] = skipped.get(reason, 0) + 1
+            continue
+        seen.add(rec["pair_id"])
+        kept.append(rec)
+    if max_samples is not None and len(kept) > max_samples:
+        picked = sorted(random.Random(seed).sample(range(len(kept)), max_samples))
+        kept = [kept[i] for i in picked]
+    samples = []
+    for rec in kept:
+        image = str(rec["image"])
+        if image_root is not None and not os.path.isabs(image):
+            image = os.path.join(image_root, image)
+        if out_dir is not None:
+            image = os.path.relpath(image, out_dir)
+        rng = random.Random(f"{seed}:{rec['pair_id']}")
+        samples.append(alignment_sample(rec, rng, Path(image).as_posix()))
+    return samples, skipped

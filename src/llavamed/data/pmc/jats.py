@@ -1,0 +1,390 @@
+"""Parse a PMC JATS article (``.nxml``) into its figures and the body sentences that cite them.
+
+Real PMC files vary: with or without a default namespace, ``xlink:href`` or plain ``href``,
+``<fig-group>`` wrapping several ``<fig>``, missing ``<label>`` or ``id``, captions made of a
+``<title>`` and several ``<p>``, citations tagged as one ``<xref>`` per figure or one per range
+("Figs. 2–4"). Malformed XML is parsed again with a recovering parser and the fact is reported,
+so the caller can count it instead of losing the article.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from html.entities import name2codepoint
+
+from lxml import etree
+
+from llavamed.data.pmc.sentences import (
+    is_range_gap,
+    label_number,
+    numbers_in_citation,
+    split_sentences,
+    trailing_is_range,
+    trailing_numbers,
+)
+from llavamed.errors import InputError
+
+_STRICT = dict(
+    resolve_entities=False,
+    no_network=True,
+    load_dtd=False,
+    huge_tree=True,
+    remove_comments=True,
+    remove_pis=True,
+)
+
+# Elements whose text is not running body prose: their figures' captions, tables, formulas.
+_NOT_PROSE = frozenset(
+    {
+        "fig",
+        "fig-group",
+        "table-wrap",
+        "table-wrap-group",
+        "table",
+        "supplementary-material",
+        "disp-formula",
+        "caption",
+        "media",
+        "graphic",
+        "alternatives",
+    }
+)
+_SUPPL_LABEL = re.compile(
+    r"^\s*(?:supplementa|suppl\.|additional\s+file|online\s+resource|appendix|"
+    r"(?:fig(?:ure)?s?\.?\s*)?S\d|(?:extended\s+data|video|movie)\b)",
+    re.I,
+)
+_TABLE_LABEL = re.compile(r"^\s*table\b", re.I)
+_WS = re.compile(r"\s+")
+
+
+@dataclass
+class Figure:
+    fig_id: str
+    label: str | None
+    caption: str
+    graphic_ref: str | None
+    number: int | None = None
+    skip_reason: str | None = None  # set for figures that are not figure-caption pairs
+
+
+@dataclass
+class Article:
+    pmid: str | None
+    pmcid: str | None
+    figures: list[Figure]
+    mentions: dict[str, list[str]]  # fig_id -> unique citing sentences, in reading order
+    notes: list[str] = field(default_factory=list)  # countable oddities, e.g. "recovered XML"
+
+
+def normalize_ws(text: str) -> str:
+    return _WS.sub(" ", text).strip()
+
+
+def parse_article(data: bytes, name: str = "<nxml>", fallback_pmcid: str | None = None) -> Article:
+    """Parse one JATS document. Raises :class:`InputError` ("malformed XML", "not a JATS
+    article") when nothing usable can be read."""
+    notes: list[str] = []
+    root = _parse(data, name, notes)
+    _strip_namespaces(root)
+    article = root if root.tag == "article" else root.find(".//article")
+    if article is None:
+        raise InputError(name, "not a JATS article", f"root element <{root.tag}>")
+    pmid, pmcid = _ids(article)
+    if not pmcid and fallback_pmcid:
+        pmcid = fallback_pmcid
+    figures, group_members = _figures(article, notes)
+    mentions = _mentions(article, figures, group_members)
+    return Article(pmid=pmid, pmcid=pmcid, figures=figures, mentions=mentions, notes=notes)
+
+
+def _parse(data: bytes, name: str, notes: list[str]) -> etree._Element:
+    if not data or not data.strip():
+        raise InputError(name, "empty XML file")
+    try:
+        return etree.fromstring(data, etree.XMLParser(**_STRICT))
+    except (etree.XMLSyntaxError, ValueError) as exc:  # ValueError: unknown declared encoding
+        first_error = str(exc)
+    # Second try: decode ourselves (a wrong declared encoding) and turn HTML entities such as
+    # &nbsp; (declared only in the DTD, which is never loaded) into character references.
+    text = _HTML_ENTITY.sub(_entity_ref, _decode(data))
+    text = re.sub(r"^\s*<\?xml[^>]*\?>", "", text, count=1)
+    try:
+        root = etree.fromstring(text, etree.XMLParser(**_STRICT))
+        notes.append("XML encoding or entities repaired")
+        return root
+    except (etree.XMLSyntaxError, ValueError):
+        pass
+    try:
+        root = etree.fromstring(text, etree.XMLParser(recover=True, **_STRICT))
+    except (etree.XMLSyntaxError, ValueError) as exc:
+        raise InputError(name, "malformed XML", str(exc)) from exc
+    if root is None:
+        raise InputError(name, "malformed XML", first_error)
+    notes.append("malformed XML recovered")
+    return root
+
+
+_HTML_ENTITY = re.compile(r"&([A-Za-z][A-Za-z0-9]{1,31});")
+_XML_ENTITIES = frozenset({"amp", "lt", "gt", "quot", "apos"})
+
+
+def _entity_ref(m: re.Match) -> str:
+    name = m.group(1)
+    if name in _XML_ENTITIES or name not in name2codepoint:
+        return m.group(0)
+    return f"&#{name2codepoint[name]};"
+
+
+def _decode(data: bytes) -> str:
+    for enc in ("utf-8-sig", "utf-16") if data[:2] in (b"\xff\xfe", b"\xfe\xff") else ("utf-8",):
+        try:
+            return data.decode(enc)
+        except UnicodeDecodeError:
+            continue
+    return data.decode("cp1252", errors="replace")
+
+
+def _strip_namespaces(root: etree._Element) -> None:
+    """Drop element namespaces (JATS with a default namespace, or prefixed ones) so that one set
+    of tag names serves every variant. Attributes keep theirs (``{xlink}href``)."""
+    for el in root.iter():
+        tag = el.tag
+        if isinstance(tag, str) and tag[0] == "{":
+            el.tag = tag.rsplit("}", 1)[1]
+    etree.cleanup_namespaces(root)
+
+
+def _href(el: etree._Element) -> str | None:
+    for key, value in el.attrib.items():
+        if key == "href" or key.endswith("}href"):
+            return value.strip() or None
+    return None
+
+
+def _flat(el: etree._Element) -> str:
+    return etree.tostring(el, method="text", encoding="unicode", with_tail=False)
+
+
+def _ids(article: etree._Element) -> tuple[str | None, str | None]:
+    meta = article.find("front/article-meta")
+    if meta is None:
+        meta = article.find(".//article-meta")
+    pmid = pmcid = None
+    if meta is not None:
+        for aid in meta.findall("article-id"):
+            kind = (aid.get("pub-id-type") or "").lower()
+            value = normalize_ws(_flat(aid))
+            if not value:
+                continue
+            if kind == "pmid" and pmid is None:
+                pmid = value
+            elif kind in ("pmc", "pmcid") and pmcid is None:
+                pmcid = value if value.upper().startswith("PMC") else f"PMC{value}"
+    return pmid, pmcid
+
+
+def _caption(fig: etree._Element) -> str:
+    caption = fig.find("caption")
+    if caption is None:
+        return ""
+    parts: list[str] = []
+    if caption.text and caption.text.strip():
+        parts.append(caption.text)
+    for child in caption:
+        text = normalize_ws(_flat(child))
+        if child.tag == "title" and text and text[-1] not in ".!?:;":
+            text += "."  # "Chest radiograph" + "Bilateral..." reads as two sentences
+        if text:
+            parts.append(text)
+        if child.tail and child.tail.strip():
+            parts.append(child.tail)
+    return normalize_ws(" ".join(parts))
+
+
+def _skip_reason(fig: etree._Element, label: str | None) -> str | None:
+    fig_type = (fig.get("fig-type") or "").lower()
+    ancestors = {a.tag for a in fig.iterancestors()}
+    if "supplementary-material" in ancestors or fig_type.startswith("suppl"):
+        return "supplementary figure"
+    if label and _SUPPL_LABEL.match(label):
+        return "supplementary figure"
+    if "table-wrap" in ancestors or fig_type == "table" or (label and _TABLE_LABEL.match(label)):
+        return "table figure"
+    return None
+
+
+def _graphic(fig: etree._Element) -> str | None:
+    for g in fig.iter("graphic"):
+        if any(a.tag == "caption" for a in g.iterancestors()):
+            continue
+        ref = _href(g)
+        if ref:
+            return ref
+    return None
+
+
+def _figures(
+    article: etree._Element, notes: list[str]
+) -> tuple[list[Figure], dict[str, list[str]]]:
+    figures: list[Figure] = []
+    group_members: dict[str, list[str]] = {}  # fig-group id -> ids of its figures
+    seen_ids: set[str] = set()
+    for index, fig in enumerate(article.iter("fig"), 1):
+        group = fig.getparent() if fig.getparent() is not None else None
+        in_group = group is not None and group.tag == "fig-group"
+        label_el = fig.find("label")
+        label = normalize_ws(_flat(label_el)) if label_el is not None else ""
+        caption = _caption(fig)
+        if in_group:
+            group_label_el = group.find("label")
+            group_label = normalize_ws(_flat(group_label_el)) if group_label_el is not None else ""
+            group_caption = _caption(group)
+            if not caption:
+                caption = group_caption
+            elif group_caption:
+                caption = f"{group_caption} {caption}"
+            if not label:
+                label = group_label
+        fig_id = (fig.get("id") or "").strip()
+        if not fig_id:
+            fig_id = f"fig{index}"
+            notes.append("figure without id")
+        if fig_id in seen_ids:
+            notes.append("duplicate figure id")
+            fig_id = f"{fig_id}_{index}"
+        seen_ids.add(fig_id)
+        if in_group and group.get("id"):
+            group_members.setdefault(group.get("id"), []).append(fig_id)
+        f = Figure(
+            fig_id=fig_id,
+            label=label or None,
+            caption=caption,
+            graphic_ref=_graphic(fig),
+            number=label_number(label),
+        )
+        f.skip_reason = _skip_reason(fig, f.label)
+        if f.skip_reason is None:
+            if not f.graphic_ref:
+                f.skip_reason = "no graphic"
+            elif not f.caption:
+                f.skip_reason = "no caption"
+        figures.append(f)
+    # A figure without a numbered label is still "Fig. 5" in the text when it is the fifth.
+    main = [f for f in figures if f.skip_reason is None]
+    taken = {f.number for f in main if f.number is not None}
+    for ordinal, f in enumerate(main, 1):
+        if f.number is None and ordinal not in taken:
+            f.number = ordinal
+            taken.add(ordinal)
+    return figures, group_members
+
+
+# --- inline mentions -------------------------------------------------------------------------
+
+
+@dataclass
+class _Ref:
+    start: int
+    end: int
+    rids: list[str]
+    text: str
+
+
+def _paragraph(p: etree._Element) -> tuple[str, list[_Ref]]:
+    """The paragraph's running text, and the spans of its figure citations within it."""
+    parts: list[str] = []
+    refs: list[_Ref] = []
+    pos = 0
+
+    def add(text: str | None) -> None:
+        nonlocal pos
+        if text:
+            parts.append(text)
+            pos += len(text)
+
+    def walk(el: etree._Element) -> None:
+        add(el.text)
+        for child in el:
+            tag = child.tag
+            if not isinstance(tag, str) or tag in _NOT_PROSE:
+                pass
+            elif tag == "xref" and (child.get("ref-type") or "").lower() == "fig":
+                text = _flat(child)
+                start = pos
+                add(text)
+                refs.append(_Ref(start, pos, (child.get("rid") or "").split(), text))
+            else:
+                walk(child)
+            add(child.tail)
+
+    walk(p)
+    return "".join(parts), refs
+
+
+def _mentions(
+    article: etree._Element, figures: list[Figure], group_members: dict[str, list[str]]
+) -> dict[str, list[str]]:
+    main = [f for f in figures if f.skip_reason is None]
+    if not main:
+        return {}
+    known = {f.fig_id for f in main}
+    by_number: dict[int, str] = {}
+    number_of: dict[str, int] = {}
+    for f in main:
+        if f.number is not None:
+            by_number.setdefault(f.number, f.fig_id)
+            number_of[f.fig_id] = f.number
+    out: dict[str, list[str]] = {}
+    seen: dict[str, set[str]] = {}
+
+    def cited_numbers(numbers: list[int]) -> list[str]:
+        return [by_number[n] for n in numbers if n in by_number]
+
+    for body in article.iter("body"):
+        for p in body.iter("p"):
+            if any(a.tag == "p" or a.tag in _NOT_PROSE for a in p.iterancestors()):
+                continue
+            if not any(
+                (x.get("ref-type") or "").lower() == "fig" for x in p.iter("xref")
+            ):  # most paragraphs cite no figure: skip the walk
+                continue
+            text, refs = _paragraph(p)
+            if not refs:
+                continue
+            for a, b in split_sentences(text):
+                in_sentence = [r for r in refs if a <= r.start < b]
+                if not in_sentence:
+                    continue
+                cited: list[str] = []
+                for i, ref in enumerate(in_sentence):
+                    ids: list[str] = []
+                    for rid in ref.rids:
+                        ids.extend(group_members.get(rid, [rid]))
+                    ids = [x for x in ids if x in known]
+                    own_numbers = numbers_in_citation(ref.text)
+                    if len(own_numbers) > 1:  # "Figs. 2–4" inside one xref
+                        ids.extend(cited_numbers(own_numbers))
+                    nxt = in_sentence[i + 1].start if i + 1 < len(in_sentence) else b
+                    after = text[ref.end : nxt]
+                    last = max((number_of[x] for x in ids if x in number_of), default=None)
+                    trailing = trailing_numbers(after)
+                    if trailing and last is not None and trailing_is_range(after):
+                        ids.extend(cited_numbers(list(range(last, trailing[0] + 1))))
+                    ids.extend(cited_numbers(trailing))
+                    if i + 1 < len(in_sentence) and is_range_gap(after) and last is not None:
+                        nxt_ids = [x for x in in_sentence[i + 1].rids if x in number_of]
+                        if nxt_ids:
+                            hi = number_of[nxt_ids[0]]
+                            if 0 < hi - last <= 50:
+                                ids.extend(cited_numbers(list(range(last, hi + 1))))
+                    cited.extend(ids)
+                if not cited:
+                    continue
+                sentence = normalize_ws(text[a:b])
+                for fig_id in dict.fromkeys(cited):
+                    if sentence not in seen.setdefault(fig_id, set()):
+                        seen[fig_id].add(sentence)
+                        out.setdefault(fig_id, []).append(sentence)
+    return out

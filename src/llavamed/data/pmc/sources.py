@@ -1,0 +1,224 @@
+"""Find PMC OA packages under the paths a user gives, and read their articles as streams.
+
+A *package* is the unit of work, of resume and of sharding: one ``.tar.gz`` (or ``.tgz``/``.tar``)
+file, or one folder of unpacked articles (``.nxml`` plus image files), or one lone ``.nxml``.
+Tarballs are read front to back in stream mode (``r|*``): nothing is extracted to disk and a
+truncated file yields every article that arrived before the break.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import tarfile
+import zlib
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path, PurePosixPath
+
+from llavamed.errors import InputError
+
+TAR_SUFFIXES = (".tar.gz", ".tgz", ".tar", ".tar.bz2", ".tar.xz")
+XML_SUFFIXES = (".nxml", ".xml")
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".tif", ".tiff", ".gif", ".bmp", ".webp")
+# When a graphic's href has no extension (common in PMC), prefer the full-resolution formats:
+# PMC packages often carry a small .gif preview beside the .jpg/.tif.
+_EXT_PREFERENCE = (".tif", ".tiff", ".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif")
+# Bulk XML-only tarballs hold thousands of articles in one folder: don't buffer them all.
+_FLUSH_XML_WITHOUT_IMAGES = 64
+_PMCID = re.compile(r"PMC\d+", re.I)
+
+
+@dataclass(frozen=True)
+class PackageRef:
+    key: str  # stable name: the shard hash and the resume ledger use it
+    path: str
+    kind: str  # "tar" | "dir" | "xml"
+    size: int
+    mtime: float
+
+
+@dataclass
+class ArticleFiles:
+    """One article's XML and the image files that sit beside it."""
+
+    name: str  # member or file name, for messages
+    xml: bytes
+    images: dict[str, bytes | Path] = field(default_factory=dict)  # lower-cased basename -> data
+
+    def find_image(self, href: str | None) -> tuple[str, bytes | Path] | None:
+        """Resolve a ``<graphic>`` href to an image file: exact basename first, then the href
+        plus a known extension (hrefs usually omit it), full-resolution formats first."""
+        if not href:
+            return None
+        base = PurePosixPath(href.replace("\\", "/")).name.lower()
+        if base in self.images:
+            return base, self.images[base]
+        for ext in _EXT_PREFERENCE:
+            if base + ext in self.images:
+                return base + ext, self.images[base + ext]
+        stem, dot, ext = base.rpartition(".")
+        if dot and ("." + ext) in IMAGE_SUFFIXES:  # href says .jpg, package holds .tif
+            for alt in _EXT_PREFERENCE:
+                if stem + alt in self.images:
+                    return stem + alt, self.images[stem + alt]
+        return None
+
+    def pmcid_hint(self) -> str | None:
+        m = _PMCID.search(self.name)
+        return m.group(0).upper() if m else None
+
+
+def _is_tar(name: str) -> bool:
+    return name.lower().endswith(TAR_SUFFIXES)
+
+
+def _suffix(name: str) -> str:
+    return os.path.splitext(name)[1].lower()
+
+
+def discover(sources: list[str | os.PathLike]) -> list[PackageRef]:
+    """Every package under ``sources``, sorted by key, each once. Keys are paths relative to the
+    source they were found under (a tarball given directly is keyed by its file name), so the same
+    files mounted at different places on different machines get the same keys."""
+    found: dict[str, PackageRef] = {}
+    real_seen: set[str] = set()
+
+    def add(path: Path, key: str, kind: str) -> None:
+        real = os.path.realpath(path)
+        if real in real_seen:
+            return
+        real_seen.add(real)
+        st = path.stat()
+        while key in found:  # two sources with the same relative layout
+            key = f"{key}~"
+        found[key] = PackageRef(key, str(path), kind, st.st_size, st.st_mtime)
+
+    for src in sources:
+        root = Path(src)
+        if not root.exists():
+            raise InputError(root, "file not found")
+        if root.is_file():
+            if _is_tar(root.name):
+                add(root, root.name, "tar")
+            elif _suffix(root.name) in XML_SUFFIXES:
+                add(root, root.name, "xml")
+            else:
+                raise InputError(root, "not a PMC package", "expected .tar.gz, .nxml or a folder")
+            continue
+        for dirpath, dirnames, filenames in os.walk(root):
+            dirnames.sort()
+            here = Path(dirpath)
+            rel = here.relative_to(root).as_posix()
+            has_xml = False
+            for fn in sorted(filenames):
+                if _is_tar(fn):
+                    add(
+                        here / fn,
+                        (root.name if rel == "." else f"{root.name}/{rel}") + f"/{fn}",
+                        "tar",
+                    )
+                elif _suffix(fn) in XML_SUFFIXES:
+                    has_xml = True
+            if has_xml:
+                add(here, root.name if rel == "." else f"{root.name}/{rel}", "dir")
+    return [found[k] for k in sorted(found)]
+
+
+def shard_of(key: str, n: int) -> int:
+    """Stable shard index of a package key (the same on every machine and Python run)."""
+    return int(hashlib.sha1(key.encode("utf-8")).hexdigest()[:15], 16) % n
+
+
+def select_shard(packages: list[PackageRef], k: int, n: int) -> list[PackageRef]:
+    return [p for p in packages if shard_of(p.key, n) == k]
+
+
+def parse_shard(text: str) -> tuple[int, int]:
+    """``"K/N"`` with 0 <= K < N (0-based, like ``$SLURM_ARRAY_TASK_ID``)."""
+    m = re.fullmatch(r"\s*(\d+)\s*/\s*(\d+)\s*", text or "")
+    if not m:
+        raise InputError("--shard", "expected K/N", text)
+    k, n = int(m.group(1)), int(m.group(2))
+    if n < 1 or not 0 <= k < n:
+        raise InputError("--shard", "K must be in 0..N-1", text)
+    return k, n
+
+
+def iter_articles(pkg: PackageRef, notes: list[str]) -> Iterator[ArticleFiles]:
+    """Yield the package's articles. Problems with the package itself (corrupt or truncated
+    tarball, unreadable file) are appended to ``notes`` as countable reasons."""
+    if pkg.kind == "tar":
+        yield from _iter_tar(pkg, notes)
+    elif pkg.kind == "dir":
+        yield from _iter_dir(Path(pkg.path), notes)
+    else:
+        path = Path(pkg.path)
+        yield from _iter_dir(path.parent, notes, only=path.name)
+
+
+def _group_articles(
+    xmls: dict[str, bytes], images: dict[str, bytes | Path]
+) -> Iterator[ArticleFiles]:
+    # A folder with an .nxml keeps its other .xml files out (MathML, metadata); bulk dumps use .xml.
+    if any(name.lower().endswith(".nxml") for name in xmls):
+        xmls = {k: v for k, v in xmls.items() if k.lower().endswith(".nxml")}
+    for name in sorted(xmls):
+        yield ArticleFiles(name=name, xml=xmls[name], images=images)
+
+
+def _iter_tar(pkg: PackageRef, notes: list[str]) -> Iterator[ArticleFiles]:
+    group_dir: str | None = None
+    xmls: dict[str, bytes] = {}
+    images: dict[str, bytes | Path] = {}
+    try:
+        tf = tarfile.open(pkg.path, mode="r|*")
+    except (tarfile.TarError, OSError, EOFError, zlib.error) as exc:
+        notes.append("corrupt tarball")
+        del exc
+        return
+    try:
+        with tf:
+            for member in tf:
+                if not member.isfile():
+                    continue
+                name = member.name
+                parent = name.rsplit("/", 1)[0] if "/" in name else ""
+                ext = _suffix(name)
+                if ext not in XML_SUFFIXES and ext not in IMAGE_SUFFIXES:
+                    continue  # PDFs, videos, supplementary archives: skipped unread
+                if parent != group_dir:
+                    yield from _group_articles(xmls, images)
+                    xmls, images, group_dir = {}, {}, parent
+                fh = tf.extractfile(member)
+                data = fh.read() if fh is not None else b""
+                if ext in XML_SUFFIXES:
+                    xmls[name] = data
+                    if len(xmls) >= _FLUSH_XML_WITHOUT_IMAGES and not images:
+                        yield from _group_articles(xmls, images)
+                        xmls = {}
+                else:
+                    images[name.rsplit("/", 1)[-1].lower()] = data
+    except (tarfile.TarError, OSError, EOFError, zlib.error):
+        notes.append("corrupt or truncated tarball")
+    yield from _group_articles(xmls, images)
+
+
+def _iter_dir(folder: Path, notes: list[str], only: str | None = None) -> Iterator[ArticleFiles]:
+    try:
+        names = sorted(os.listdir(folder))
+    except OSError:
+        notes.append("unreadable folder")
+        return
+    images: dict[str, bytes | Path] = {
+        n.lower(): folder / n for n in names if _suffix(n) in IMAGE_SUFFIXES
+    }
+    xmls: dict[str, bytes] = {}
+    for n in names:
+        if _suffix(n) in XML_SUFFIXES and (only is None or n == only):
+            try:
+                xmls[n] = (folder / n).read_bytes()
+            except OSError:
+                notes.append("unreadable XML file")
+    yield from _group_articles(xmls, images)
