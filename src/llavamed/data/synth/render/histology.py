@@ -1,0 +1,109 @@
+"""H&E-stained section. Haematoxylin (nuclei) and eosin (cytoplasm, stroma) concentration maps are
+turned into colour with the Beer-Lambert law and the Ruifrok-Johnston stain vectors, which is
+what makes the purple-on-pink look of real slides."""
+
+from __future__ import annotations
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+from llavamed.data.synth.attributes import HistologyAttrs
+from llavamed.data.synth.render.common import Canvas, blur, smooth_noise, to_rgb_image
+
+H_VEC = np.array([0.65, 0.70, 0.29], dtype=np.float32)
+E_VEC = np.array([0.07, 0.99, 0.11], dtype=np.float32)
+MAG_SCALE = {100: 0.8, 200: 1.0, 400: 1.25}
+MAX_NUCLEI = 700
+
+
+def render_histology(a: HistologyAttrs, rng: np.random.Generator, c: Canvas):
+    m = MAG_SCALE[a.magnification]
+    area = c.w * c.h / c.s**2
+    pos = rng.random((MAX_NUCLEI, 2)).astype(np.float32)
+    shape = rng.uniform(-1, 1, (MAX_NUCLEI, 4)).astype(np.float32)
+    glands = rng.random((5, 3)).astype(np.float32)
+    clusters = rng.random((3, 2)).astype(np.float32)
+    lymph = rng.standard_normal((3, 120, 2)).astype(np.float32)
+    fiber = smooth_noise(rng, c, 0.025)
+    fiber2 = smooth_noise(rng, c, 0.012)
+    holes = smooth_noise(rng, c, 0.2)
+    chroma = smooth_noise(rng, c, 0.006)
+    grain = rng.standard_normal((c.h, c.w, 3)).astype(np.float32)
+    stain_jitter = rng.uniform(-1, 1, 4)
+
+    # Eosin: fibrous stroma with some empty (white) spaces.
+    eos = 0.42 + 0.16 * fiber + 0.08 * fiber2
+    eos = eos * np.clip((1.35 - holes) / 0.15, 0.05, 1)
+    hem = Image.new("L", (c.w, c.h), 0)
+    dh = ImageDraw.Draw(hem)
+    eos_img = Image.new("L", (c.w, c.h), 0)
+    de = ImageDraw.Draw(eos_img)
+    lumen_img = Image.new("L", (c.w, c.h), 0)
+    dl = ImageDraw.Draw(lumen_img)
+    s = c.s
+
+    def nucleus(x: float, y: float, k: int, scale: float, value: float) -> None:
+        atyp = a.nuclear_atypia
+        r = (
+            s
+            * m
+            * scale
+            * (0.026 * (1 + 0.3 * shape[k, 0]) if atyp else 0.011 * (1 + 0.12 * shape[k, 0]))
+        )
+        elong = 1 + (0.35 if atyp else 0.2) * abs(shape[k, 1])
+        ang = shape[k, 2] * np.pi
+        n = 9
+        pts = []
+        for t in range(n):
+            th = 2 * np.pi * t / n
+            jag = 1 + (0.22 if atyp else 0.05) * np.sin(3 * th + 7 * shape[k, 3])
+            px_, py_ = r * elong * np.cos(th) * jag, r * np.sin(th) * jag
+            pts.append(
+                (
+                    x + px_ * np.cos(ang) - py_ * np.sin(ang),
+                    y + px_ * np.sin(ang) + py_ * np.cos(ang),
+                )
+            )
+        dh.polygon(pts, fill=int(min(255, value * (1.25 if atyp else 1.0) * 150)))
+
+    k = 0
+    gland_nuclei = []
+    if a.gland_formation:
+        for gi in range(3 + int(glands[4, 0] * 2.99)):
+            gx, gy = glands[gi, 0] * c.w, glands[gi, 1] * c.h
+            rl = s * (0.05 + 0.03 * glands[gi, 2])
+            re = rl + s * 0.045
+            de.ellipse((gx - re, gy - re * 0.85, gx + re, gy + re * 0.85), fill=190)
+            dl.ellipse((gx - rl, gy - rl * 0.85, gx + rl, gy + rl * 0.85), fill=255)
+            nn = int(2 * np.pi * (rl + s * 0.03) / (s * 0.02))
+            for t in range(nn):
+                th = 2 * np.pi * t / nn
+                rr = rl + s * 0.03
+                gland_nuclei.append((gx + rr * np.cos(th), gy + rr * 0.85 * np.sin(th)))
+    for x, y in gland_nuclei:
+        nucleus(x, y, k % MAX_NUCLEI, 1.0, 0.95)
+        k += 1
+    # Stromal / tumour cell nuclei: the count is the cellularity cue.
+    density = 170 if a.cellularity == "low" else 620
+    n_cells = min(MAX_NUCLEI - 1, int(density * area / (m * m)))
+    for i in range(n_cells):
+        nucleus(pos[i, 0] * c.w, pos[i, 1] * c.h, i, 1.0, 0.85 + 0.1 * shape[i, 3])
+    if a.inflammation:  # dense aggregates of small, dark, round lymphocytes
+        for ci in range(2 + int(clusters[2, 0] > 0.5)):
+            cx, cy = clusters[ci, 0] * c.w, clusters[ci, 1] * c.h
+            for lx, ly in lymph[ci]:
+                x, y = cx + lx * s * 0.06, cy + ly * s * 0.045
+                r = s * 0.0085 * m
+                dh.ellipse((x - r, y - r, x + r, y + r), fill=230)
+
+    sigma = 0.5 * s / 256
+    hmap = blur(np.asarray(hem, dtype=np.float32) / 150.0, sigma) * (1 + 0.25 * chroma)
+    emap = np.asarray(eos_img, dtype=np.float32) / 255.0
+    lumen = blur(np.asarray(lumen_img, dtype=np.float32) / 255.0, sigma)
+    eos = np.maximum(eos, emap * (0.75 + 0.1 * fiber2)) * (1 - 0.95 * lumen)
+    hem_strength = 1.5 + 0.2 * stain_jitter[0]
+    eos_strength = 0.95 + 0.2 * stain_jitter[1]
+    od = hmap[..., None] * H_VEC * hem_strength + eos[..., None] * E_VEC * eos_strength
+    od += 0.03 + 0.01 * stain_jitter[2]
+    rgb = np.exp(-od) + grain * 0.012
+    return to_rgb_image(rgb)

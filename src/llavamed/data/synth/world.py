@@ -1,0 +1,331 @@
+"""Build a whole MedSynth world: PMC-style packages, VQA-RAD- and SLAKE-shaped sets, a manifest.
+
+Every item (article or VQA image) draws from its own random stream seeded by (seed, stream,
+index), so the output is byte-identical for any number of worker processes. Cheap planning
+(attributes, text, question choice) happens up front; rendering and encoding run in a process
+pool and each file is written atomically as soon as it is ready. A re-run skips files that exist
+(they are deterministic) and is a no-op once ``manifest.json`` has been written.
+"""
+
+from __future__ import annotations
+
+import io
+import multiprocessing as mp
+import os
+import sys
+from collections import Counter, defaultdict
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from llavamed.data.synth.articles import build_article, manifest_entries, plan_article
+from llavamed.data.synth.attributes import (
+    DOMAINS,
+    attrs_from_dict,
+    attrs_to_dict,
+    sample_attributes,
+)
+from llavamed.data.synth.render import render
+from llavamed.data.synth.vqa import Balancer, questions_for, select_questions
+from llavamed.errors import ConfigError
+from llavamed.utils.io import atomic_write_bytes, atomic_write_json, read_json
+
+GENERATOR_VERSION = "medsynth-1.0"
+DEFAULT_ARTICLES = 150
+DEFAULT_IMAGE_SIZE = 256
+VQA_IMAGES_PER_ARTICLE = 10
+ZH_SHARE = 0.18
+
+VQA_RAD_DIR = "vqa_rad"
+VQA_RAD_JSON = "VQA_RAD Dataset Public.json"
+VQA_RAD_IMAGES = "VQA_RAD Image Folder"
+SETS = {
+    # name: (stream id, domains, split fractions)
+    "vqa_rad": (2, ("chest_xray", "ct_scan", "mri"), {"train": 0.8, "test": 0.2}),
+    "slake": (3, DOMAINS, {"train": 0.7, "validate": 0.15, "test": 0.15}),
+}
+RAD_ORGAN = {"chest_xray": "CHEST", "ct_scan": "ABD", "mri": "HEAD"}
+SLAKE_MODALITY = {
+    "chest_xray": "X-Ray",
+    "ct_scan": "CT",
+    "mri": "MRI",
+    "histology": "Histology",
+    "gross": "Gross",
+}
+SLAKE_LOCATION = {"chest_xray": "Chest_lungs", "ct_scan": "Abdomen", "mri": "Brain"}
+
+
+def _split_assignment(n: int, domains: list[str], fractions: dict[str, float], rng) -> list[str]:
+    """Exact split sizes within each domain, so every split sees every domain."""
+    out = [""] * n
+    for d in sorted(set(domains)):
+        idx = [i for i in range(n) if domains[i] == d]
+        idx = [idx[i] for i in rng.permutation(len(idx))]
+        start = 0
+        names = list(fractions)
+        for k, name in enumerate(names):
+            stop = (
+                len(idx) if k == len(names) - 1 else start + int(round(fractions[name] * len(idx)))
+            )
+            for i in idx[start:stop]:
+                out[i] = name
+            start = stop
+    return out
+
+
+def _image_path(set_name: str, index: int) -> tuple[str, str]:
+    """(name as the dataset records it, path relative to the world root)."""
+    if set_name == "vqa_rad":
+        name = f"synpic{100001 + index}.jpg"
+        return name, f"{VQA_RAD_DIR}/{VQA_RAD_IMAGES}/{name}"
+    name = f"xmlab{index}/source.jpg"
+    return name, f"slake/imgs/{name}"
+
+
+def plan_vqa(seed: int, set_name: str, n_images: int) -> tuple[list[dict], list[dict]]:
+    """(image entries with attributes and split, question records in the set's native shape)."""
+    stream, set_domains, fractions = SETS[set_name]
+    rng = np.random.default_rng([seed, stream, 1 << 30])
+    domains = [set_domains[i % len(set_domains)] for i in rng.permutation(n_images)]
+    splits = _split_assignment(n_images, domains, fractions, rng)
+    balancer = Balancer()
+    images, records = [], []
+    for i in range(n_images):
+        dom = domains[i]
+        attrs = sample_attributes(dom, np.random.default_rng([seed, stream, i, 0]))
+        qrng = np.random.default_rng([seed, stream, i, 2])
+        lang = "zh" if set_name == "slake" and qrng.random() < ZH_SHARE else "en"
+        cands = questions_for(dom, attrs, qrng, lang=lang)
+        chosen = select_questions(
+            cands, qrng, balancer, splits[i], n_closed=3, n_open=2 + int(qrng.random() < 0.5)
+        )
+        name, rel = _image_path(set_name, i)
+        images.append(
+            {
+                "set": set_name,
+                "path": rel,
+                "image_name": name,
+                "index": i,
+                "domain": dom,
+                "split": splits[i],
+                "attributes": attrs_to_dict(attrs),
+            }
+        )
+        for q in chosen:
+            records.append(
+                _native_record(set_name, len(records), i, name, dom, attrs, splits[i], q)
+            )
+    return images, records
+
+
+def _native_record(set_name, qid, index, name, domain, attrs, split, q) -> dict:
+    if set_name == "vqa_rad":
+        return {
+            "qid": qid,
+            "phrase_type": "test_freeform" if split == "test" else "freeform",
+            "qid_linked_id": f"synpic{100001 + index}-{qid}",
+            "image_case_url": f"medsynth://vqa_rad/{name}",
+            "image_name": name,
+            "image_organ": RAD_ORGAN[domain],
+            "evaluation": "given",
+            "question": q["question"],
+            "question_rephrase": "NULL",
+            "question_relation": "NULL",
+            "question_frame": "NULL",
+            "question_type": q["question_type"],
+            "answer": q["answer"],
+            "answer_type": q["answer_type"],
+            "template": q["template"],
+        }
+    if domain in SLAKE_LOCATION:
+        location = SLAKE_LOCATION[domain]
+    else:
+        location = (attrs.tissue if domain == "histology" else attrs.organ).capitalize()
+    return {
+        "img_id": index,
+        "img_name": name,
+        "question": q["question"],
+        "answer": q["answer"],
+        "q_lang": q["lang"],
+        "location": location,
+        "modality": SLAKE_MODALITY[domain],
+        "answer_type": q["answer_type"],
+        "base_type": "vqa",
+        "content_type": q["content_type"],
+        "triple": ["vhead", "_", "_"],
+        "qid": qid,
+        "template": q["template"],
+    }
+
+
+def _work(task: tuple) -> list[dict] | None:
+    kind = task[0]
+    if kind == "article":
+        _, out, seed, index, size = task
+        plan = plan_article(seed, index)
+        path = Path(out) / "packages" / f"{plan.pmcid}.tar.gz"
+        if not path.exists():
+            atomic_write_bytes(path, build_article(plan, seed, size))
+        return manifest_entries(plan)
+    _, out, seed, stream, index, domain, attrs, size, rel = task
+    path = Path(out) / rel
+    if not path.exists():
+        img = render(
+            domain,
+            attrs_from_dict(domain, attrs),
+            np.random.default_rng([seed, stream, index, 1]),
+            size,
+        )
+        buf = io.BytesIO()
+        img.save(buf, "JPEG", quality=92)
+        atomic_write_bytes(path, buf.getvalue())
+    return None
+
+
+def _nested_counts(items: list[dict]) -> dict:
+    out: dict = defaultdict(Counter)
+    for it in items:
+        out[it["domain"]][it["split"]] += 1
+    return {d: dict(sorted(c.items())) for d, c in sorted(out.items())}
+
+
+def generate_world(
+    out_dir: str | os.PathLike,
+    *,
+    articles: int = DEFAULT_ARTICLES,
+    seed: int = 0,
+    image_size: int = DEFAULT_IMAGE_SIZE,
+    workers: int = 1,
+    progress: bool = True,
+    vqa_images: int | None = None,
+) -> dict:
+    """Generate (or resume, or return the finished) MedSynth world in ``out_dir``; returns the
+    manifest. ``vqa_images`` defaults to 10 per article (a third VQA-RAD, the rest SLAKE)."""
+    if articles < 1:
+        raise ConfigError("articles must be >= 1")
+    if image_size < 64:
+        raise ConfigError("image_size must be >= 64 px")
+    if vqa_images is None:
+        vqa_images = VQA_IMAGES_PER_ARTICLE * articles
+    if vqa_images < 6:
+        raise ConfigError("vqa_images must be >= 6")
+    out = Path(out_dir)
+    args = {"articles": articles, "seed": seed, "image_size": image_size, "vqa_images": vqa_images}
+    stamp = {"generator_version": GENERATOR_VERSION, "args": args}
+    manifest_path, stamp_path = out / "manifest.json", out / ".medsynth-args.json"
+    for p in (manifest_path, stamp_path):
+        if p.exists():
+            old = read_json(p)
+            if {k: old.get(k) for k in stamp} != stamp:
+                raise ConfigError(
+                    f"{out} already holds a MedSynth world made with {old.get('args')} "
+                    f"({old.get('generator_version')}); choose another --out or delete it"
+                )
+    if manifest_path.exists():
+        return read_json(manifest_path)
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(stamp_path, stamp)
+
+    n_rad = max(3, vqa_images // 3)
+    plans = {
+        name: plan_vqa(seed, name, n)
+        for name, n in (("vqa_rad", n_rad), ("slake", vqa_images - n_rad))
+    }
+    tasks: list[tuple] = [("article", str(out), seed, i, image_size) for i in range(articles)]
+    for name, (images, _) in plans.items():
+        stream = SETS[name][0]
+        tasks += [
+            (
+                "vqa",
+                str(out),
+                seed,
+                stream,
+                im["index"],
+                im["domain"],
+                im["attributes"],
+                image_size,
+                im["path"],
+            )
+            for im in images
+        ]
+
+    figures: list[dict] = []
+    bar = tqdm(
+        total=len(tasks), desc="medsynth", unit="item", disable=not progress, file=sys.stderr
+    )
+    try:
+        if workers > 1:
+            ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
+            with ctx.Pool(workers) as pool:
+                for res in pool.imap(_work, tasks, chunksize=4):
+                    figures.extend(res or [])
+                    bar.update()
+        else:
+            for t in tasks:
+                figures.extend(_work(t) or [])
+                bar.update()
+    finally:
+        bar.close()
+
+    rad_images, rad_records = plans["vqa_rad"]
+    atomic_write_json(out / VQA_RAD_DIR / VQA_RAD_JSON, rad_records)
+    slake_images, slake_records = plans["slake"]
+    for split in SETS["slake"][2]:
+        atomic_write_json(
+            out / "slake" / f"{split}.json",
+            [r for r in slake_records if _slake_split(r, slake_images) == split],
+        )
+
+    article_splits = Counter()
+    for f in figures:
+        if f["fig_id"] == "F1":
+            article_splits[f["split"]] += 1
+    counts = {
+        "pmc": {
+            "articles": dict(sorted(article_splits.items())),
+            "figures": _nested_counts(figures),
+        },
+        "vqa_rad": {
+            "images": _nested_counts(rad_images),
+            "questions": _question_counts(
+                rad_records, lambda r: "test" if r["phrase_type"].startswith("test") else "train"
+            ),
+        },
+        "slake": {
+            "images": _nested_counts(slake_images),
+            "questions": _question_counts(slake_records, lambda r: _slake_split(r, slake_images)),
+        },
+    }
+    manifest = {
+        "generator": "MedSynth",
+        "generator_version": GENERATOR_VERSION,
+        "seed": seed,
+        "args": args,
+        "domains": list(DOMAINS),
+        "layout": {
+            "packages": "packages/<PMCID>.tar.gz",
+            "vqa_rad": f"{VQA_RAD_DIR}/{VQA_RAD_JSON}",
+            "vqa_rad_images": f"{VQA_RAD_DIR}/{VQA_RAD_IMAGES}/",
+            "slake": "slake/{train,validate,test}.json",
+            "slake_images": "slake/imgs/",
+        },
+        "counts": counts,
+        "images": figures + rad_images + slake_images,
+    }
+    atomic_write_json(manifest_path, manifest, indent=1)
+    return manifest
+
+
+def _slake_split(record: dict, images: list[dict]) -> str:
+    return images[record["img_id"]]["split"]
+
+
+def _question_counts(records: list[dict], split_of) -> dict:
+    out: dict = defaultdict(Counter)
+    for r in records:
+        s = split_of(r)
+        out[s][r["answer_type"]] += 1
+        if r.get("q_lang") == "zh":
+            out[s]["zh"] += 1
+    return {s: dict(sorted(c.items())) for s, c in sorted(out.items())}
