@@ -22,6 +22,7 @@ COMMANDS: list[tuple[str | None, str]] = [
     ("data", "llavamed.commands.data_instruct"),
     ("eval", "llavamed.commands.eval_vqa"),
     ("eval", "llavamed.commands.eval_answer"),
+    ("eval", "llavamed.commands.eval_judge"),
 ]
 
 GROUP_HELP = {

@@ -1,0 +1,409 @@
+"""The paper's LLM-judge visual-chat score (DESIGN.md §4), through the shared LLM client.
+
+For each question of a ``llava_med_eval_qa50_qa.jsonl``-shaped file, a text-only judge sees the
+caption and inline mentions, the question, Assistant 1 = the reference ``gpt4_answer`` and
+Assistant 2 = our model's answer, and returns two 1-10 scores on its first line. The relative score
+is the mean over questions of 100 x s2 / s1 (the paper), reported overall, by type and by domain,
+next to the ratio of means 100 x mean(s2) / mean(s1). With ``swap`` every question is also judged
+with the answers in the other order, which measures the judge's position bias.
+
+Judgements are appended to a JSONL log as they arrive, so an interrupted run resumes; responses are
+cached, so re-running costs nothing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import os
+import re
+import sys
+from collections import Counter
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+
+from llavamed.data.figures import DOMAINS, primary_domain
+from llavamed.errors import InputError, LlavamedError
+from llavamed.llm.client import ClientOptions, LLMClient, LLMError
+from llavamed.utils.io import JsonlAppender, atomic_write_json, iter_jsonl
+
+NORMAL, SWAPPED = "normal", "swapped"
+TYPES = ("conversation", "detailed_description")
+
+
+# -- prompts -----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class JudgePrompts:
+    system: str
+    instruction: str
+
+
+def load_judge_prompts(directory: str | os.PathLike | None = None) -> JudgePrompts:
+    default = Path(str(resources.files("llavamed") / "resources" / "judge"))
+    user = Path(directory) if directory else None
+    if user is not None and not user.is_dir():
+        raise InputError(user, "prompt directory not found")
+
+    def read(name: str) -> str:
+        path = user / name if user is not None and (user / name).exists() else default / name
+        text = path.read_text(encoding="utf-8").strip()
+        if not text:
+            raise InputError(path, "empty prompt file")
+        return text
+
+    return JudgePrompts(read("system_prompt.txt"), read("instruction.txt"))
+
+
+def _mentions(value: object) -> list[str]:
+    if value is None:
+        return []
+    items = value if isinstance(value, list) else [value]
+    out = []
+    for m in items:
+        s = m.get("tokens") if isinstance(m, dict) else m
+        if isinstance(s, str) and s.strip():
+            out.append(" ".join(s.split()))
+    return out
+
+
+def question_text(question: dict) -> str:
+    """The question as the user typed it: the ``<image>`` placeholder means nothing to a judge."""
+    return re.sub(r"\s*<image>\s*", "\n", str(question.get("text", ""))).strip()
+
+
+def build_judge_messages(question: dict, ans1: str, ans2: str, prompts: JudgePrompts) -> list[dict]:
+    label = str(question.get("fig_label") or "").strip()
+    caption = " ".join(str(question.get("fig_caption") or "").split())
+    ctx = f"[Context]\nFigure Caption:\n{label + ': ' if label else ''}{caption}\n\n"
+    mentions = _mentions(question.get("in_text_mention"))
+    if mentions:
+        ctx += "Figure Context:\n\t- " + "\n\t- ".join(mentions) + "\n\n"
+    body = (
+        f"{ctx}[Question]\n{question_text(question)}\n\n"
+        f"[Assistant 1]\n{ans1.strip()}\n\n[End of Assistant 1]\n\n"
+        f"[Assistant 2]\n{ans2.strip()}\n\n[End of Assistant 2]\n\n"
+        f"[System]\n{prompts.instruction}\n\n"
+    )
+    return [{"role": "system", "content": prompts.system}, {"role": "user", "content": body}]
+
+
+# -- parsing and scoring (pure) ------------------------------------------------------------------
+
+_NUM = r"(\d+(?:\.\d+)?)"
+_LABELLED = [re.compile(rf"assistant\s*{i}\s*\**\s*[:=\-]?\s*\**\s*(?:score\s*[:=]?\s*)?{_NUM}", re.I) for i in (1, 2)]  # fmt: skip
+
+
+def parse_scores(text: str) -> tuple[float, float] | None:
+    """The two scores from a judgement, or None. Accepts "8 7", "8, 7", "8/10 7/10", "**8 7**",
+    "Scores: 8 and 7", and "Assistant 1: 8 ... Assistant 2: 7". Scores must lie in 1..10."""
+    if not text:
+        return None
+    found = [p.search(text) for p in _LABELLED]
+    if all(found):
+        pair = (float(found[0].group(1)), float(found[1].group(1)))
+    else:
+        first = next((ln for ln in text.splitlines() if ln.strip()), "")
+        first = re.sub(rf"{_NUM}\s*/\s*10\b", r"\1", first)
+        nums = re.findall(_NUM, first)
+        if len(nums) != 2:
+            return None
+        pair = (float(nums[0]), float(nums[1]))
+    if not all(1.0 <= s <= 10.0 for s in pair):
+        return None
+    return pair
+
+
+def relative_score(pairs: Iterable[tuple[float, float] | None]) -> dict:
+    """Relative score of s2 against s1 over valid pairs (None = invalid judgement)."""
+    pairs = list(pairs)
+    valid = [p for p in pairs if p is not None]
+    out: dict = {"n": len(pairs), "valid": len(valid), "invalid": len(pairs) - len(valid)}
+    if not valid:
+        out.update(mean_of_ratios=None, ratio_of_means=None, mean_s1=None, mean_s2=None)
+        return out
+    m1 = sum(s1 for s1, _ in valid) / len(valid)
+    m2 = sum(s2 for _, s2 in valid) / len(valid)
+    out["mean_of_ratios"] = round(100.0 * sum(s2 / s1 for s1, s2 in valid) / len(valid), 4)
+    out["ratio_of_means"] = round(100.0 * m2 / m1, 4)
+    out["mean_s1"] = round(m1, 4)
+    out["mean_s2"] = round(m2, 4)
+    return out
+
+
+def as_reference_model(order: str, scores: tuple[float, float] | None):
+    """(reference score, model score) whatever the order the judge saw them in."""
+    if scores is None:
+        return None
+    return scores if order == NORMAL else (scores[1], scores[0])
+
+
+def breakdown(rows: list[dict]) -> dict:
+    """rows: {"type", "domain", "pair": (ref, model) | None}. Overall, by type, by domain."""
+    out = {"overall": relative_score(r["pair"] for r in rows), "by_type": {}, "by_domain": {}}
+    for t in sorted({r["type"] for r in rows}, key=lambda t: (t not in TYPES, t)):
+        out["by_type"][t] = relative_score(r["pair"] for r in rows if r["type"] == t)
+    order = [*DOMAINS, "other"]
+    for d in sorted({r["domain"] for r in rows}, key=order.index):
+        out["by_domain"][d] = relative_score(r["pair"] for r in rows if r["domain"] == d)
+    return out
+
+
+def position_bias(normal: dict[str, tuple], swapped: dict[str, tuple]) -> dict:
+    """Judge's preference for the first position, from questions valid in both orders.
+
+    Both dicts map question_id -> (reference score, model score). For one question the first slot
+    gains ((ref_n - ref_s) + (model_s - model_n)) / 2 points: the same answer scored in slot 1
+    minus in slot 2, averaged over both answers. Also: how often the winner flips with the order."""
+    both = [q for q in normal if q in swapped and normal[q] and swapped[q]]
+    if not both:
+        return {"questions": 0, "first_position_advantage": None, "preference_flip_rate": None}
+    adv = []
+    flips = 0
+    for q in both:
+        (rn, mn), (rs, ms) = normal[q], swapped[q]
+        adv.append(((rn - rs) + (ms - mn)) / 2)
+
+        def sign(x: float) -> int:
+            return (x > 0) - (x < 0)
+
+        flips += sign(mn - rn) != sign(ms - rs)
+    return {
+        "questions": len(both),
+        "first_position_advantage": round(sum(adv) / len(adv), 4),
+        "preference_flip_rate": round(flips / len(both), 4),
+    }
+
+
+# -- the job -----------------------------------------------------------------------------------
+
+
+@dataclass
+class JudgeOptions:
+    questions: Path
+    answers: Path
+    out: Path
+    """JSONL log of judgements (one per question and order); also the resume state."""
+    client: ClientOptions
+    swap: bool = False
+    temperature: float = 0.0
+    max_tokens: int = 1024
+    seed: int = 0
+    prompts_dir: Path | None = None
+    progress: bool = True
+    report_path: Path | None = None
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def resolved_report_path(self) -> Path:
+        return self.report_path or self.out.with_name(self.out.stem + "_report.json")
+
+
+def load_pairs(opts: JudgeOptions) -> tuple[list[tuple[dict, str]], Counter]:
+    """(question, model answer) pairs matched by question_id, and counts of what didn't match."""
+    issues: Counter = Counter()
+    answers: dict[str, str] = {}
+    for i, a in enumerate(iter_jsonl(opts.answers)):
+        if "question_id" not in a or not isinstance(a.get("text"), str):
+            raise InputError(f"{opts.answers}:{i + 1}", "answer needs question_id and text")
+        qid = str(a["question_id"])
+        if qid in answers:
+            issues["duplicate_answers"] += 1
+        answers.setdefault(qid, a["text"])
+    pairs, seen = [], set()
+    for i, q in enumerate(iter_jsonl(opts.questions)):
+        if "question_id" not in q or not isinstance(q.get("gpt4_answer"), str):
+            raise InputError(f"{opts.questions}:{i + 1}", "question needs question_id, gpt4_answer")
+        qid = str(q["question_id"])
+        if qid in seen:
+            issues["duplicate_questions"] += 1
+            continue
+        seen.add(qid)
+        if qid not in answers:
+            issues["missing_answer"] += 1
+            continue
+        pairs.append((q, answers[qid]))
+    issues["unmatched_answers"] = len(set(answers) - seen)
+    return pairs, +issues
+
+
+def _fingerprint(opts: JudgeOptions, prompts: JudgePrompts) -> str:
+    blob = json.dumps(
+        [opts.client.model, prompts.system, prompts.instruction, opts.temperature, opts.seed],
+        sort_keys=True,
+    )
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+async def _judge_all(opts, prompts, jobs, appender, fp, bar) -> dict:
+    async with LLMClient(opts.client, seed=opts.seed) as client:
+
+        async def one(q: dict, answer: str, order: str) -> None:
+            ref = q["gpt4_answer"]
+            a1, a2 = (ref, answer) if order == NORMAL else (answer, ref)
+            msgs = build_judge_messages(q, a1, a2, prompts)
+            raws = []
+            scores = None
+            try:
+                for variant in (0, 1):  # one re-ask, with its own cache key, on a bad judgement
+                    r = await client.chat(
+                        msgs,
+                        temperature=opts.temperature,
+                        max_tokens=opts.max_tokens,
+                        seed=opts.seed,
+                        variant=variant,
+                    )
+                    raws.append(r.text)
+                    scores = parse_scores(r.text)
+                    if scores is not None:
+                        break
+            except LLMError as exc:
+                if exc.fatal:
+                    raise
+                if not exc.kind.startswith("http_4"):
+                    return  # transient: not logged, the next run retries it
+                raws.append(f"<request rejected: {exc.kind}>")
+            appender.append(
+                {
+                    "question_id": q["question_id"],
+                    "order": order,
+                    "fp": fp,
+                    "type": q.get("type") or "unknown",
+                    "domain": primary_domain(q.get("domain")),
+                    "scores": list(scores) if scores else None,
+                    "attempts": len(raws),
+                    "judgement": raws[-1] if raws else "",
+                }
+            )
+
+        queue: asyncio.Queue = asyncio.Queue()
+        for job in jobs:
+            queue.put_nowait(job)
+
+        async def worker() -> None:
+            while True:
+                try:
+                    job = queue.get_nowait()
+                except asyncio.QueueEmpty:
+                    return
+                await one(*job)
+                if bar is not None:
+                    bar.update(1)
+
+        n = max(1, min(len(jobs), 2 * opts.client.concurrency))
+        tasks = [asyncio.create_task(worker()) for _ in range(n)]
+        try:
+            await asyncio.gather(*tasks)
+        except BaseException:
+            for t in tasks:
+                t.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            raise
+        return client.stats.as_dict()
+
+
+def run_judge(opts: JudgeOptions) -> tuple[dict, int]:
+    """Judge every (question, answer) pair (twice with ``swap``); returns (report, exit code:
+    0 complete, 3 when some requests failed transiently and a re-run is needed)."""
+    prompts = load_judge_prompts(opts.prompts_dir)
+    pairs, issues = load_pairs(opts)
+    if not pairs:
+        raise InputError(opts.answers, "no answers match the questions by question_id")
+    fp = _fingerprint(opts, prompts)
+    orders = (NORMAL, SWAPPED) if opts.swap else (NORMAL,)
+    with JsonlAppender(opts.out, fsync=True) as appender:
+        done: dict[tuple[str, str], dict] = {}
+        for e in appender.existing():
+            if e.get("fp") != fp:
+                raise LlavamedError(
+                    f"{opts.out}: written by a judge run with other settings (model, prompts, "
+                    "temperature or seed); use another --out or delete it"
+                )
+            done.setdefault((str(e["question_id"]), e["order"]), e)
+        jobs = [
+            (q, a, o) for q, a in pairs for o in orders if (str(q["question_id"]), o) not in done
+        ]
+        bar = None
+        if opts.progress and jobs:
+            from tqdm import tqdm
+
+            bar = tqdm(total=len(jobs), desc="judge", unit="q", file=sys.stderr)
+        try:
+            stats = asyncio.run(_judge_all(opts, prompts, jobs, appender, fp, bar))
+        except LLMError as exc:
+            raise LlavamedError(
+                f"{opts.client.base_url}: {exc} - stopping; re-run to resume"
+            ) from exc
+        finally:
+            if bar is not None:
+                bar.close()
+        for e in appender.existing():
+            done.setdefault((str(e["question_id"]), e["order"]), e)
+
+    per_order: dict[str, dict[str, tuple | None]] = {o: {} for o in orders}
+    rows: dict[str, list[dict]] = {o: [] for o in orders}
+    meta = {}
+    for q, _ in pairs:
+        qid = str(q["question_id"])
+        meta[qid] = (q.get("type") or "unknown", primary_domain(q.get("domain")))
+        for o in orders:
+            e = done.get((qid, o))
+            if e is None:
+                continue
+            pair = as_reference_model(o, tuple(e["scores"]) if e.get("scores") else None)
+            per_order[o][qid] = pair
+            rows[o].append({"type": meta[qid][0], "domain": meta[qid][1], "pair": pair})
+    pending = sum(len(pairs) - len(per_order[o]) for o in orders)
+    report: dict = {
+        "questions": str(opts.questions),
+        "answers": str(opts.answers),
+        "judge_model": opts.client.model,
+        "matched_pairs": len(pairs),
+        "input_issues": dict(issues),
+        "complete": pending == 0,
+        "pending_after_failures": pending,
+        "relative_score": breakdown(rows[NORMAL]),
+        "this_run": stats,
+        "note": "relative score = 100 x model score / reference (gpt4_answer) score; "
+        "mean_of_ratios is the paper's number, ratio_of_means is steadier",
+    }
+    if opts.swap:
+        report["relative_score_swapped"] = breakdown(rows[SWAPPED])
+        avg_rows = []
+        for qid, (t, d) in meta.items():
+            n, s = per_order[NORMAL].get(qid), per_order[SWAPPED].get(qid)
+            pair = ((n[0] + s[0]) / 2, (n[1] + s[1]) / 2) if n and s else None
+            if qid in per_order[NORMAL] and qid in per_order[SWAPPED]:
+                avg_rows.append({"type": t, "domain": d, "pair": pair})
+        report["relative_score_order_averaged"] = breakdown(avg_rows)
+        report["position_bias"] = position_bias(per_order[NORMAL], per_order[SWAPPED])
+    atomic_write_json(opts.resolved_report_path, report)
+    return report, (0 if pending == 0 else 3)
+
+
+def format_table(report: dict) -> str:
+    """A plain-text table of the relative score (normal order) for the terminal."""
+    rs = report["relative_score"]
+    lines = [f"{'group':<24}{'n':>5}{'invalid':>9}{'rel(mean ratio)':>17}{'rel(ratio means)':>18}"]
+
+    def row(name: str, r: dict) -> None:
+        mr = "-" if r["mean_of_ratios"] is None else f"{r['mean_of_ratios']:.1f}"
+        rm = "-" if r["ratio_of_means"] is None else f"{r['ratio_of_means']:.1f}"
+        lines.append(f"{name:<24}{r['n']:>5}{r['invalid']:>9}{mr:>17}{rm:>18}")
+
+    row("overall", rs["overall"])
+    for k, v in rs["by_type"].items():
+        row(f"type: {k}", v)
+    for k, v in rs["by_domain"].items():
+        row(f"domain: {k}", v)
+    if "position_bias" in report:
+        pb = report["position_bias"]
+        lines.append(
+            f"position bias: first slot +{pb['first_position_advantage']} points, "
+            f"preference flips {pb['preference_flip_rate']} over {pb['questions']} questions"
+        )
+    return "\n".join(lines)

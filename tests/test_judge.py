@@ -1,0 +1,249 @@
+"""LLM judge: score parsing, the relative-score maths by hand, and a run over HTTP."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+
+from llavamed.data.figures import DOMAINS
+from llavamed.eval.judge import (
+    JudgeOptions,
+    build_judge_messages,
+    load_judge_prompts,
+    parse_scores,
+    position_bias,
+    relative_score,
+    run_judge,
+)
+from llavamed.llm.client import ClientOptions
+from openai_stub_server import StubServer
+
+
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        ("8 7\nAssistant 1 was more detailed.", (8, 7)),
+        ("8, 7\n...", (8, 7)),
+        ("**8 7**\n...", (8, 7)),
+        ("\n\n  9 10  \nexplanation with 3 numbers 4", (9, 10)),
+        ("8/10 6/10\nbecause", (8, 6)),
+        ("Scores: 7.5 and 6\n", (7.5, 6)),
+        ("Assistant 1: 8\nAssistant 2: 3\nAssistant 1 is better", (8, 3)),
+        ("**Assistant 1:** 9/10, **Assistant 2:** 4/10", (9, 4)),
+        ("Assistant 1 score: 6\nAssistant 2 score: 7", (6, 7)),
+        ("Both assistants did well.", None),
+        ("8\nAssistant 2 gets 7", None),
+        ("11 7", None),
+        ("0 5", None),
+        ("", None),
+        ("8 7 6", None),
+    ],
+)
+def test_parse_scores(text, expected):
+    assert parse_scores(text) == expected
+
+
+def test_relative_score_by_hand():
+    r = relative_score([(8, 4), (6, 9), None, (5, 5)])
+    assert r["n"] == 4 and r["valid"] == 3 and r["invalid"] == 1
+    assert r["mean_of_ratios"] == pytest.approx((50 + 150 + 100) / 3, abs=1e-4)
+    assert r["ratio_of_means"] == pytest.approx(100 * (18 / 3) / (19 / 3), abs=1e-4)
+    empty = relative_score([None])
+    assert empty["mean_of_ratios"] is None and empty["invalid"] == 1
+
+
+def test_position_bias_by_hand():
+    normal = {"a": (8, 6), "b": (5, 5), "c": (7, 3)}
+    swapped = {"a": (7, 7), "b": (4, 6), "c": None}
+    pb = position_bias(normal, swapped)
+    # a: ((8-7) + (7-6))/2 = 1 ; b: ((5-4) + (6-5))/2 = 1 ; c skipped (invalid in one order)
+    assert pb["questions"] == 2 and pb["first_position_advantage"] == 1.0
+    # a: model loses then ties -> flip; b: tie then model wins -> flip
+    assert pb["preference_flip_rate"] == 1.0
+
+
+def test_judge_prompt_layout():
+    q = {
+        "question_id": 1,
+        "fig_label": "Fig 2",
+        "fig_caption": "CT of the  chest.",
+        "in_text_mention": [{"tokens": "As Fig 2 shows."}],
+        "text": "What is seen?\n<image>",
+    }
+    msgs = build_judge_messages(q, "REF", "MODEL", load_judge_prompts())
+    body = msgs[1]["content"]
+    assert body.startswith("[Context]\nFigure Caption:\nFig 2: CT of the chest.\n\n")
+    assert "Figure Context:\n\t- As Fig 2 shows.\n\n[Question]\nWhat is seen?\n\n" in body
+    assert body.index("[Assistant 1]\nREF") < body.index("[Assistant 2]\nMODEL")
+    assert "<image>" not in body and "[System]\n" in body and "1 to 10" in body
+    q["in_text_mention"] = None
+    assert (
+        "Figure Context"
+        not in build_judge_messages(q, "a", "b", load_judge_prompts())[1]["content"]
+    )
+
+
+# -- end to end over HTTP ------------------------------------------------------------------------
+
+BIAS = {"first": 0}
+
+
+def _section(body: str, name: str) -> str:
+    return body.split(f"[{name}]\n")[1].split("\n\n[")[0]
+
+
+def judge_responder(req: dict) -> str:
+    """Scores = word count of each answer (1..10), + optional first-slot bias; formats vary by
+    question so the parser is exercised; Q4 needs the re-ask, Q5 never parses."""
+    body = req["messages"][-1]["content"]
+    qn = int(re.search(r"\[Question\]\nQ(\d+)", body).group(1))
+    s1 = min(10, len(_section(body, "Assistant 1").split()) + BIAS["first"])
+    s2 = min(10, len(_section(body, "Assistant 2").split()))
+    variant = req.get("seed", 0)
+    if qn == 5 or (qn == 4 and variant == 0):
+        return "Both answers are reasonable; I would not assign numbers."
+    if qn == 2:
+        return f"**Scores:** {s1}/10 {s2}/10\nAssistant 2 is better."
+    if qn == 3:
+        return f"Assistant 1: {s1}\nAssistant 2: {s2}\nThey are equal."
+    return f"{s1} {s2}\nAssistant 1 gives more detail."
+
+
+def _dom(*names):
+    return {d: d in names for d in DOMAINS}
+
+
+QUESTIONS = [
+    # (n, type, domain flags, reference words, model words)
+    (1, "conversation", _dom("chest_xray"), 8, 4),
+    (2, "detailed_description", _dom("mri"), 6, 9),
+    (3, "conversation", _dom("histology"), 5, 5),
+    (4, "conversation", _dom("ct_scan", "chest_xray"), 9, 2),  # chest_xray comes first
+    (5, "detailed_description", _dom("gross"), 3, 3),
+    (6, "conversation", _dom("mri"), 3, 3),  # no answer in the answers file
+]
+
+
+def write_inputs(tmp_path):
+    qs, ans = tmp_path / "qa50.jsonl", tmp_path / "answers.jsonl"
+    with open(qs, "w") as fq, open(ans, "w") as fa:
+        for n, typ, dom, rw, mw in QUESTIONS:
+            fq.write(
+                json.dumps(
+                    {
+                        "question_id": n,
+                        "image": f"{n}.jpg",
+                        "pair_id": f"P{n}",
+                        "text": f"Q{n} what is shown?\n<image>",
+                        "gpt4_answer": " ".join(["ref"] * rw),
+                        "fig_caption": "A figure.",
+                        "in_text_mention": None,
+                        "domain": dom,
+                        "type": typ,
+                        "fig_label": "Fig 1",
+                    }
+                )
+                + "\n"
+            )
+            if n != 6:
+                fa.write(
+                    json.dumps(
+                        {
+                            "question_id": n,
+                            "prompt": "",
+                            "text": " ".join(["mod"] * mw),
+                            "answer_id": f"a{n}",
+                            "model_id": "m",
+                            "metadata": {},
+                        }
+                    )
+                    + "\n"
+                )
+    return qs, ans
+
+
+@pytest.fixture
+def stub():
+    BIAS["first"] = 0
+    with StubServer(responder=judge_responder) as srv:
+        yield srv
+
+
+def make_opts(srv, tmp_path, **kw):
+    qs, ans = write_inputs(tmp_path)
+    client = ClientOptions(
+        base_url=srv.base_url,
+        model="judge",
+        concurrency=4,
+        backoff_base=0.01,
+        backoff_max=0.02,
+        cache_path=str(tmp_path / "cache.sqlite"),
+    )
+    base = dict(
+        questions=qs, answers=ans, out=tmp_path / "judge.jsonl", client=client, progress=False
+    )
+    base.update(kw)
+    return JudgeOptions(**base)
+
+
+def test_judge_run_hand_computed(stub, tmp_path):
+    opts = make_opts(stub, tmp_path)
+    stub.plan(["429", "500"])  # faults go through the shared client's retries
+    report, rc = run_judge(opts)
+    assert rc == 0 and report["complete"]
+    assert report["input_issues"] == {"missing_answer": 1}
+    rs = report["relative_score"]
+    o = rs["overall"]
+    assert (o["n"], o["valid"], o["invalid"]) == (5, 4, 1)
+    assert o["mean_of_ratios"] == pytest.approx((50 + 150 + 100 + 200 / 9) / 4, abs=1e-3)
+    assert o["ratio_of_means"] == pytest.approx(100 * 5.0 / 7.0, abs=1e-3)
+    conv = rs["by_type"]["conversation"]
+    assert conv["n"] == 3 and conv["mean_of_ratios"] == pytest.approx(
+        (50 + 100 + 200 / 9) / 3, abs=1e-3
+    )
+    assert conv["ratio_of_means"] == pytest.approx(100 * 11 / 22, abs=1e-3)
+    det = rs["by_type"]["detailed_description"]
+    assert (det["n"], det["invalid"], det["mean_of_ratios"]) == (2, 1, 150.0)
+    assert set(rs["by_domain"]) == {"chest_xray", "mri", "histology", "gross"}
+    assert rs["by_domain"]["chest_xray"]["mean_of_ratios"] == pytest.approx(
+        (50 + 200 / 9) / 2, abs=1e-3
+    )
+    assert rs["by_domain"]["gross"]["invalid"] == 1
+    # Q4 re-asked once (and succeeded), Q5 re-asked once (and stayed invalid): 5 + 2 requests.
+    log = [json.loads(line) for line in opts.out.read_text().splitlines()]
+    attempts = {e["question_id"]: e["attempts"] for e in log}
+    assert attempts == {1: 1, 2: 1, 3: 1, 4: 2, 5: 2}
+    assert report["this_run"]["retries"] == 2 and stub.count == 7 + 2
+    assert json.loads(opts.resolved_report_path.read_text())["relative_score"] == rs
+    # Re-run: resumes from the log, no request.
+    report2, _ = run_judge(opts)
+    assert stub.count == 9 and report2["relative_score"] == rs
+
+
+def test_judge_swap_measures_position_bias(stub, tmp_path):
+    BIAS["first"] = 1  # this judge adds a point to whichever answer comes first
+    report, rc = run_judge(make_opts(stub, tmp_path, swap=True))
+    assert rc == 0
+    pb = report["position_bias"]
+    assert pb["questions"] == 4 and pb["first_position_advantage"] == pytest.approx(1.0)
+    # Normal order: ref gets +1; swapped: model gets +1; the average cancels the bias.
+    avg = report["relative_score_order_averaged"]["overall"]
+    assert avg["ratio_of_means"] == pytest.approx(100 * (20 + 4 * 0.5) / (28 + 4 * 0.5), abs=1e-3)
+    sw = report["relative_score_swapped"]["overall"]
+    assert sw["ratio_of_means"] == pytest.approx(100 * 24 / 28, abs=1e-3)
+
+
+def test_judge_cli(stub, tmp_path, capsys):
+    from llavamed.cli import main
+
+    qs, ans = write_inputs(tmp_path)
+    rc = main(
+        ["eval", "judge", "--questions", str(qs), "--answers", str(ans), "--base-url",
+         stub.base_url, "--model", "judge", "--no-progress", "--api-key-env", "NO_SUCH_VAR"]
+    )  # fmt: skip
+    out = capsys.readouterr().out
+    assert rc == 0 and "overall" in out and "domain: chest_xray" in out
+    assert (tmp_path / "answers.judge.jsonl").exists()
+    assert (tmp_path / "answers.judge_report.json").exists()
