@@ -1,0 +1,61 @@
+import json
+
+from llavamed.cli import main
+from llavamed.data.align import IMAGE_TOKEN, alignment_prompts, all_prompts, build_alignment
+
+
+def _records(n):
+    return [
+        {"pair_id": f"PMC{i}_F1", "fig_caption": f"Caption {i}.", "image": f"images/PMC{i}_F1.jpg",
+         "domain": {"chest_xray": False, "mri": True, "histology": False, "gross": False,
+                    "ct_scan": False}}
+        for i in range(n)
+    ]  # fmt: skip
+
+
+def test_prompt_lists_are_the_papers():
+    brief, detailed = alignment_prompts()
+    assert len(brief) == 11 and len(detailed) == 16 and len(set(all_prompts())) == 27
+    assert brief[0] == "Describe the image concisely."
+    assert detailed[0] == "Describe the following image in detail."
+    assert "Write an exhaustive depiction of the given image." in detailed
+
+
+def test_samples_shape_seeding_and_placement():
+    recs = _records(200) + [{"pair_id": "x", "fig_caption": "No image.", "image": None}]
+    samples, skipped = build_alignment(recs, seed=3)
+    assert skipped == {"no image": 1} and len(samples) == 200
+    before = after = 0
+    used = set()
+    for s, rec in zip(samples, recs, strict=False):
+        human, gpt = s["conversations"]
+        assert (human["from"], gpt["from"]) == ("human", "gpt")
+        assert gpt["value"] == rec["fig_caption"] and s["image"] == rec["image"]
+        assert human["value"].count(IMAGE_TOKEN) == 1
+        prompt = human["value"].replace(IMAGE_TOKEN, "").strip()
+        assert prompt in all_prompts()
+        used.add(prompt)
+        before += human["value"].startswith(IMAGE_TOKEN + "\n")
+        after += human["value"].endswith("\n" + IMAGE_TOKEN)
+    assert before + after == 200 and 60 < before < 140
+    assert len(used) > 20
+    again, _ = build_alignment(recs, seed=3)
+    assert again == samples
+    other, _ = build_alignment(recs, seed=4)
+    assert other != samples
+    subset, _ = build_alignment(recs, seed=3, max_samples=10)
+    assert len(subset) == 10
+    by_id = {s["id"]: s for s in samples}
+    assert all(by_id[s["id"]] == s for s in subset)  # same sample whatever the subset
+
+
+def test_cli_paths_relative_to_output(tmp_path, capsys):
+    figs = tmp_path / "corpus" / "figures.jsonl"
+    figs.parent.mkdir()
+    figs.write_text("".join(json.dumps(r) + "\n" for r in _records(3)))
+    out = tmp_path / "train" / "alignment.json"
+    assert main(["data", "align", "--figures", str(figs), "--out", str(out), "--max", "2"]) == 0
+    data = json.loads(out.read_text())
+    assert len(data) == 2
+    assert all(s["image"].startswith("../corpus/images/") for s in data)
+    assert "2 alignment samples" in capsys.readouterr().out

@@ -1,0 +1,72 @@
+import json
+from pathlib import Path
+
+import pytest
+
+from llavamed.cli import main
+from llavamed.data.domains import classify_text, evaluate_domains
+from llavamed.utils.io import iter_jsonl
+
+DATA = Path(__file__).parent / "data"
+
+
+def _on(labels):
+    return {d for d, v in labels.items() if v}
+
+
+@pytest.mark.parametrize("name", ["domain_captions.jsonl", "domain_captions_heldout.jsonl"])
+def test_precision_recall_floor_on_hand_labelled_captions(name):
+    result = evaluate_domains(iter_jsonl(DATA / name))
+    assert result["n"] >= 40
+    for domain, m in result["domains"].items():
+        assert m["support"] >= 5, domain
+        assert m["precision"] >= 0.85 and m["recall"] >= 0.85, (domain, m)
+
+
+@pytest.mark.parametrize(
+    ("caption", "expected"),
+    [
+        ("CT-guided biopsy; H&E stain shows adenocarcinoma.", {"histology"}),
+        ("Chest radiograph shows no evidence of pneumothorax.", {"chest_xray"}),
+        ("MRI was not performed. Axial CT shows a renal mass.", {"ct_scan"}),
+        ("No CT or MRI was performed; clinical course.", set()),
+        ("T2WI shows a hyperintense lesion.", {"mri"}),
+        ("PA chest radiograph.", {"chest_xray"}),
+        ("Plain radiograph of the knee.", set()),
+        ("Gross specimen of the resected colon.", {"gross"}),
+        ("IHC for CD3 (x200).", {"histology"}),
+        ("Ct values of qPCR for GAPDH.", set()),
+        ("Optical coherence tomography of the retina.", set()),
+        ("Mitral regurgitation (MR) on echocardiography.", set()),
+        ("Patient after gross total resection.", set()),
+        ("(A) CXR. (B) HRCT. (C) H&E, x100.", {"chest_xray", "ct_scan", "histology"}),
+    ],
+)
+def test_tricky_captions(caption, expected):
+    assert _on(classify_text(caption)) == expected
+
+
+def test_mentions_only_when_caption_names_no_modality():
+    mention = ["Axial CT showed a mass (Fig. 2)."]
+    assert _on(classify_text("Case 2 at presentation.", mention)) == {"ct_scan"}
+    assert _on(classify_text("H&E staining of the mass.", mention)) == {"histology"}
+
+
+def test_cli_relabels_both_input_shapes(tmp_path, capsys):
+    llava_med = {
+        "chest_xray": [{"pair_id": "a_1", "fig_caption": "Axial T2-weighted MRI of the brain."}],
+        "histology": [{"pair_id": "b_1", "fig_caption": "Photomicrograph (H&E, x400)."}],
+    }
+    src = tmp_path / "captions.json"
+    src.write_text(json.dumps(llava_med))
+    out = tmp_path / "figures.jsonl"
+    assert main(["data", "domains", "--in", str(src), "--out", str(out)]) == 0
+    recs = {r["pair_id"]: r for r in iter_jsonl(out)}
+    assert _on(recs["a_1"]["domain"]) == {"mri"}  # relabelled from the caption, not the key
+    assert _on(recs["b_1"]["domain"]) == {"histology"}
+    # in place, and --eval on our own jsonl
+    assert main(["data", "domains", "--in", str(out), "--out", str(out)]) == 0
+    capsys.readouterr()
+    assert main(["data", "domains", "--in", str(DATA / "domain_captions.jsonl"), "--eval"]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert printed["domains"]["mri"]["support"] == 13

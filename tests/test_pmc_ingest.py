@@ -1,0 +1,219 @@
+import json
+import shutil
+import tarfile
+
+import pytest
+from PIL import Image
+
+from llavamed.cli import main
+from llavamed.data.figures import DOMAINS
+from llavamed.data.pmc import sources
+from llavamed.data.pmc.ingest import IngestOptions, ingest
+from llavamed.data.pmc.sources import discover, parse_shard, select_shard
+from llavamed.errors import InputError
+from pmc_fixtures import EXPECTED, article_files, make_tarballs, make_unpacked, write_tar
+
+RECORD_KEYS = {
+    "pair_id", "pmid", "pmcid", "fig_id", "fig_label", "fig_caption", "graphic_ref", "image",
+    "in_text_mention", "domain",
+}  # fmt: skip
+
+
+def _records(out):
+    return [json.loads(line) for line in (out / "figures.jsonl").read_text().splitlines()]
+
+
+def _report(out):
+    return json.loads((out / "ingest_report.json").read_text())
+
+
+def test_tarballs_end_to_end(tmp_path):
+    src = make_tarballs(tmp_path / "src")
+    report = ingest([src], tmp_path / "out")
+    recs = {r["pair_id"]: r for r in _records(tmp_path / "out")}
+    assert set(recs) == set(EXPECTED)
+    for pid, rec in recs.items():
+        assert RECORD_KEYS <= set(rec)
+        assert set(rec["domain"]) == set(DOMAINS)
+        assert {d for d, v in rec["domain"].items() if v} == EXPECTED[pid], pid
+        assert rec["image"] == f"images/{pid}.jpg"
+        with Image.open(tmp_path / "out" / rec["image"]) as im:
+            assert im.format == "JPEG" and im.mode == "RGB" and im.size == (64, 48)
+    f1 = recs["PMC1000001_F1"]
+    assert (f1["pmid"], f1["pmcid"], f1["fig_id"], f1["fig_label"]) == (
+        "31000001", "PMC1000001", "F1", "Figure 1",
+    )  # fmt: skip
+    assert f1["in_text_mention"] == [
+        {"tokens": "The admission chest radiograph showed a right upper lobe opacity (Fig. 1)."}
+    ]
+    assert recs["PMC1000001_F5"]["fig_label"] is None  # no <label>: kept, label null
+    assert report["figures_written"] == 8
+    assert report["reasons"] == {
+        "malformed XML recovered": 1,
+        "skipped: image missing": 1,
+        "skipped: no caption": 1,
+        "skipped: supplementary figure": 1,
+        "skipped: table figure": 1,
+    }
+    assert not list((tmp_path / "out").rglob("*.nxml"))  # nothing extracted
+
+
+def test_tarballs_are_read_as_streams(tmp_path, monkeypatch):
+    src = make_tarballs(tmp_path / "src")
+    modes = []
+    real_open = tarfile.open
+
+    def spy(*args, **kwargs):
+        modes.append(kwargs.get("mode", args[1] if len(args) > 1 else "r"))
+        return real_open(*args, **kwargs)
+
+    monkeypatch.setattr(sources.tarfile, "open", spy)
+    ingest([src], tmp_path / "out")
+    assert modes == ["r|*"] * 3
+
+
+def test_unpacked_folders_give_the_same_records(tmp_path):
+    ingest([make_tarballs(tmp_path / "tars")], tmp_path / "a")
+    ingest([make_unpacked(tmp_path / "dirs")], tmp_path / "b")
+
+    def strip(recs):
+        return sorted(({k: v for k, v in r.items() if k != "source"} for r in recs),
+                      key=lambda r: r["pair_id"])  # fmt: skip
+
+    assert strip(_records(tmp_path / "a")) == strip(_records(tmp_path / "b"))
+
+
+def test_keep_missing_images(tmp_path):
+    src = make_tarballs(tmp_path / "src")
+    report = ingest([src], tmp_path / "out", IngestOptions(keep_missing_images=True))
+    recs = {r["pair_id"]: r for r in _records(tmp_path / "out")}
+    assert recs["PMC1000001_F6"]["image"] is None
+    assert recs["PMC1000001_F6"]["domain"]["gross"]
+    assert report["reasons"]["kept without image"] == 1
+
+
+def test_rerun_is_idempotent_and_crash_resumes(tmp_path):
+    src = make_tarballs(tmp_path / "src")
+    out = tmp_path / "out"
+    ingest([src], out)
+    first = (out / "figures.jsonl").read_text()
+    again = ingest([src], out)
+    assert again["last_run"]["packages_processed"] == 0
+    assert (out / "figures.jsonl").read_text() == first
+    # Simulate a SIGKILL in the middle of PMC1000002: its ledger line never got written, one of
+    # its records did, and a torn half line follows.
+    ledger = out / ".done_packages.jsonl"
+    lines = ledger.read_text().splitlines(keepends=True)
+    ledger.write_text("".join(line for line in lines if "PMC1000002" not in line))
+    recs = first.splitlines(keepends=True)
+    kept = [r for r in recs if "PMC1000002_F2" not in r]
+    (out / "figures.jsonl").write_text("".join(kept) + '{"pair_id": "PMC1000002_F2", "pmi')
+    report = ingest([src], out)
+    assert report["last_run"]["packages_processed"] == 1
+    pids = [r["pair_id"] for r in _records(out)]
+    assert len(pids) == len(set(pids)) == 8
+    assert report["figures_written"] == 8
+    assert "skipped: duplicate pair_id" not in report["reasons"]
+
+
+def test_broken_inputs_are_counted_and_the_run_goes_on(tmp_path):
+    src = make_tarballs(tmp_path / "src")
+    good = (src / "PMC1000001.tar.gz").read_bytes()
+    (src / "PMC2000001.tar.gz").write_bytes(good[: len(good) // 2])  # truncated download
+    (src / "PMC2000002.tar.gz").write_bytes(b"this is not gzip at all")
+    files = article_files("PMC1000003")
+    files["kidney.jpg"] = b"\xff\xd8\xff\xe0 truncated jpeg"
+    write_tar(src / "PMC2000003.tar.gz", "PMC1000003", files)
+    report = ingest([src], tmp_path / "out")
+    reasons = report["reasons"]
+    assert reasons["corrupt or truncated tarball"] == 1
+    assert reasons["corrupt tarball"] == 1
+    assert reasons["skipped: corrupt image"] == 1
+    assert report["packages_done"] == 6
+    assert {r["pair_id"] for r in _records(tmp_path / "out")} == set(EXPECTED)
+
+
+def test_duplicate_and_tiny_images(tmp_path):
+    from pmc_fixtures import _bytes, _noise
+
+    src = tmp_path / "src"
+    files = article_files("PMC1000002")
+    files["brain-g2.tif"] = files["brain-g1.png"]  # the same picture twice
+    write_tar(src / "PMC1000002.tar.gz", "PMC1000002", files)
+    files = article_files("PMC1000003")
+    files["kidney.jpg"] = _bytes(_noise(5, size=(20, 200)), "JPEG")
+    write_tar(src / "PMC1000003.tar.gz", "PMC1000003", files)
+    report = ingest([src], tmp_path / "out", IngestOptions(min_image_size=24))
+    assert report["reasons"]["skipped: duplicate image"] == 1
+    assert report["reasons"]["skipped: tiny image"] == 1
+    assert [r["pair_id"] for r in _records(tmp_path / "out")] == ["PMC1000002_F1"]
+
+
+def test_shards_partition_the_packages(tmp_path):
+    src = tmp_path / "src"
+    for i in range(12):
+        write_tar(src / f"PMC3{i:06d}.tar.gz", f"PMC3{i:06d}", {"a.nxml": b"<article/>"})
+    packages = discover([src])
+    parts = [select_shard(packages, k, 3) for k in range(3)]
+    keys = [p.key for part in parts for p in part]
+    assert sorted(keys) == sorted(p.key for p in packages) and len(set(keys)) == 12
+    assert all(parts)  # a hash split, not everything in one shard
+    assert parse_shard("2/3") == (2, 3)
+    for bad in ("3/3", "x", "1/0"):
+        with pytest.raises(InputError):
+            parse_shard(bad)
+
+
+def test_parallel_workers_match_single_process(tmp_path):
+    src = make_tarballs(tmp_path / "src")
+    ingest([src], tmp_path / "one", workers=1)
+    ingest([src], tmp_path / "two", workers=2)
+    assert (tmp_path / "one" / "figures.jsonl").read_text() == (
+        tmp_path / "two" / "figures.jsonl"
+    ).read_text()
+
+
+def test_cli_domain_filter_and_shard(tmp_path, capsys):
+    src = make_tarballs(tmp_path / "src")
+    out = tmp_path / "out"
+    rc = main(["data", "ingest", str(src), "--out", str(out), "--domains", "chest_xray,mri",
+               "--workers", "1", "--no-progress"])  # fmt: skip
+    assert rc == 0
+    assert {r["pair_id"] for r in _records(out)} == {
+        "PMC1000001_F1", "PMC1000002_F1", "PMC1000002_F2",
+    }  # fmt: skip
+    assert _report(out)["reasons"]["skipped: domain not selected"] == 6
+    assert "figures written" in capsys.readouterr().out
+    shard_out = tmp_path / "shards"
+    total = 0
+    for k in range(2):
+        assert main(["data", "ingest", str(src), "--out", str(shard_out / str(k)),
+                     "--shard", f"{k}/2", "--workers", "1", "--no-progress"]) == 0  # fmt: skip
+        total += len(_records(shard_out / str(k)))
+    assert total == len(EXPECTED)
+    assert main(["data", "ingest", str(tmp_path / "nope"), "--out", str(out)]) == 1
+
+
+def test_second_writer_is_refused(tmp_path):
+    from llavamed.data.pmc.ingest import IngestWriter
+
+    w = IngestWriter(tmp_path / "out")
+    try:
+        with pytest.raises(InputError, match="another ingest"):
+            IngestWriter(tmp_path / "out")
+    finally:
+        w.close()
+
+
+def test_changed_package_is_redone(tmp_path):
+    src = tmp_path / "src"
+    files = article_files("PMC1000001")
+    del files["pmc-1000001-g002.jpg"]
+    write_tar(src / "PMC1000001.tar.gz", "PMC1000001", files)
+    first = ingest([src], tmp_path / "out")
+    assert first["figures_written"] == 4
+    shutil.rmtree(src)
+    make_tarballs(src)  # the complete download replaces the partial one
+    report = ingest([src], tmp_path / "out")
+    assert report["figures_written"] == 8
+    assert "skipped: duplicate pair_id" not in report["reasons"]

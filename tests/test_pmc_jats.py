@@ -1,0 +1,90 @@
+import pytest
+
+from llavamed.data.pmc.jats import parse_article
+from llavamed.errors import InputError
+from pmc_fixtures import DATA
+
+
+def _article(name):
+    return parse_article((DATA / f"{name}.nxml").read_bytes(), name)
+
+
+def test_ids_captions_labels_and_skips():
+    a = _article("PMC1000001")
+    assert (a.pmid, a.pmcid) == ("31000001", "PMC1000001")
+    figs = {f.fig_id: f for f in a.figures}
+    # <title> plus two <p>, whitespace normalised, <italic> flattened.
+    assert figs["F1"].caption == (
+        "Chest radiograph on admission. Posteroanterior view showing a right upper lobe opacity. "
+        "The cardiac silhouette is normal."
+    )
+    assert figs["F1"].graphic_ref == "pmc-1000001-g001"
+    # <fig-group>: the group's caption leads each member's caption.
+    assert figs["F3"].caption == "CT follow-up. Coronal CT at 3 months."
+    assert figs["F5"].label is None and figs["F5"].caption.endswith("(H&E, ×400).")
+    assert figs["SF1"].skip_reason == "supplementary figure"
+    assert figs["F7"].skip_reason == "no caption"
+    assert figs["F6"].skip_reason is None
+    assert "T1" not in figs  # a table-wrap is not a figure
+
+
+def test_mentions_ranges_lists_and_sentence_bounds():
+    m = _article("PMC1000001").mentions
+    range_sentence = (
+        "Contrast-enhanced CT images are shown in Figs. 2–4, as described by Smith et al. (2019)."
+    )
+    list_sentence = "Panels are summarised in Fig. 3, 4, 5."
+    assert m["F1"] == ["The admission chest radiograph showed a right upper lobe opacity (Fig. 1)."]
+    assert m["F2"] == [range_sentence]
+    assert m["F3"] == [range_sentence, list_sentence]  # F3 sits inside the range 2–4
+    assert m["F4"] == [range_sentence, list_sentence]
+    # F5 has no <label> but is the fifth figure, so "Fig. 3, 4, 5" cites it.
+    assert m["F5"] == [
+        "Histology, e.g. the H&E stain in Fig. 5, confirmed adenocarcinoma.",
+        list_sentence,
+    ]
+    assert "SF1" not in m and "F7" not in m
+
+
+def test_default_namespace_prefixed_xlink_latin1_and_multi_rid():
+    a = _article("PMC1000002")
+    assert a.pmcid == "PMC1000002" and a.pmid is None
+    figs = {f.fig_id: f for f in a.figures}
+    assert "München" in figs["F1"].caption
+    assert figs["F2"].graphic_ref == "brain-g2"
+    assert figs["F3"].skip_reason == "table figure"
+    both = "Brain MRI findings (Figures 1 and 2) were reviewed by two radiologists, i.e. independently."
+    inside = "T2 hyperintensities were most frequent (Figures 1-2)."
+    assert a.mentions["F1"] == [both, inside]
+    assert a.mentions["F2"] == [both, inside]  # rid="F1 F2" and a range inside one xref
+
+
+def test_malformed_xml_is_recovered_and_noted():
+    a = _article("PMC1000003")
+    assert "malformed XML recovered" in a.notes
+    assert a.pmcid == "PMC1000003"
+    assert a.figures[0].caption.startswith("Gross appearance of the resected kidney")
+    assert a.mentions["f1"][0].startswith("The specimen is shown in Fig. 1.")  # &nbsp; kept
+
+
+def test_unusable_xml_raises_countable_errors():
+    with pytest.raises(InputError) as e:
+        parse_article(b"", "x.nxml")
+    assert e.value.reason == "empty XML file"
+    with pytest.raises(InputError) as e:
+        parse_article(b"\x00\x01 not xml", "x.nxml")
+    assert e.value.reason == "malformed XML"
+    with pytest.raises(InputError) as e:
+        parse_article(b"<html><body/></html>", "x.nxml")
+    assert e.value.reason == "not a JATS article"
+
+
+def test_wrong_declared_encoding_and_missing_ids():
+    doc = (
+        b'<?xml version="1.0" encoding="no-such-encoding"?><article><body><fig>'
+        b"<caption><p>CT scan.</p></caption><graphic href='a.png'/></fig></body></article>"
+    )
+    a = parse_article(doc, "PMC77.nxml", fallback_pmcid="PMC77")
+    assert a.notes == ["XML encoding or entities repaired", "figure without id"]
+    assert a.pmcid == "PMC77"
+    assert a.figures[0].fig_id == "fig1" and a.figures[0].graphic_ref == "a.png"

@@ -1,0 +1,51 @@
+from llavamed.data.pmc.sentences import (
+    is_range_gap,
+    label_number,
+    numbers_in_citation,
+    sentences,
+    trailing_is_range,
+    trailing_numbers,
+)
+
+
+def test_no_split_at_abbreviations_and_decimals():
+    text = (
+        "As shown in Fig. 3 and Figs. 4A, the lesion (approx. 2.5 cm) was reported by Smith et al. "
+        "(2019), e.g. on CT, i.e. twice, vs. 3.1 cm before. The next sentence starts here! "
+        'And "a quoted one." Dr. J. Smith agreed. Final'
+    )
+    assert sentences(text) == [
+        "As shown in Fig. 3 and Figs. 4A, the lesion (approx. 2.5 cm) was reported by Smith et al. "
+        "(2019), e.g. on CT, i.e. twice, vs. 3.1 cm before.",
+        "The next sentence starts here!",
+        'And "a quoted one."',
+        "Dr. J. Smith agreed.",
+        "Final",
+    ]
+
+
+def test_split_needs_capital_or_digit_after():
+    assert sentences("It was small. the next word is lower case.") == [
+        "It was small. the next word is lower case."
+    ]
+    assert sentences("Done (Fig. 1). 2 patients died.") == ["Done (Fig. 1).", "2 patients died."]
+
+
+def test_citation_ranges_and_lists():
+    assert numbers_in_citation("Figs. 2–4") == [2, 3, 4]
+    assert numbers_in_citation("Figures 2 to 4") == [2, 3, 4]
+    assert numbers_in_citation("Fig. 3, 4, 5") == [3, 4, 5]
+    assert numbers_in_citation("Figure 2A–C") == [2]  # panels, not figures
+    assert numbers_in_citation("Figures 2A-4C") == [2, 3, 4]
+    assert numbers_in_citation("Fig. S2") == []  # supplementary
+    assert trailing_numbers(", 4, 5 and 6. Next") == [4, 5, 6]
+    assert trailing_numbers("–4) shows") == [4] and trailing_is_range("–4) shows")
+    assert trailing_numbers(" and Table 2") == []
+    assert is_range_gap("\u2013") and is_range_gap(" to ") and not is_range_gap(", ")
+
+
+def test_label_numbers():
+    assert label_number("Figure 3") == 3
+    assert label_number("FIG. 12.") == 12
+    assert label_number("Figure S2") is None
+    assert label_number(None) is None
