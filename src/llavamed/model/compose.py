@@ -24,17 +24,40 @@ CHECKPOINT_META = "llavamed.json"
 # Small ViTs sized for CPUs. "tiny" is for tests; "cpu" is the embedded default, measured in the
 # design notes to train at a useful speed on 2 cores while keeping patch tokens local (patch 16).
 VISION_PRESETS: dict[str, dict[str, int]] = {
-    "tiny": dict(image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=2,
-                 num_attention_heads=2, intermediate_size=64),
-    "cpu": dict(image_size=128, patch_size=16, hidden_size=256, num_hidden_layers=4,
-                num_attention_heads=4, intermediate_size=1024),
-    "small": dict(image_size=224, patch_size=16, hidden_size=384, num_hidden_layers=6,
-                  num_attention_heads=6, intermediate_size=1536),
+    "tiny": dict(
+        image_size=32,
+        patch_size=8,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+    ),
+    "cpu": dict(
+        image_size=128,
+        patch_size=16,
+        hidden_size=256,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        intermediate_size=1024,
+    ),
+    "small": dict(
+        image_size=224,
+        patch_size=16,
+        hidden_size=384,
+        num_hidden_layers=6,
+        num_attention_heads=6,
+        intermediate_size=1536,
+    ),
 }
 # Random LMs for tests (the embedded tokenizer, 2 layers, hidden 32).
 LM_PRESETS: dict[str, dict[str, int]] = {
-    "tiny": dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                 num_attention_heads=2, num_key_value_heads=1),
+    "tiny": dict(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+    ),
 }
 
 
@@ -94,8 +117,11 @@ def _load_vision(spec: ModelSpec) -> _Vision:
         return _Vision(cfg, None, list(OPENAI_CLIP_MEAN), list(OPENAI_CLIP_STD), has_cls=True)
     path = Path(spec.vision)
     if not (path / "config.json").exists():
-        raise InputError(spec.vision, "not a vision preset or a folder with config.json",
-                         f"presets: {sorted(VISION_PRESETS)}")
+        raise InputError(
+            spec.vision,
+            "not a vision preset or a folder with config.json",
+            f"presets: {sorted(VISION_PRESETS)}",
+        )
     cfg = AutoConfig.from_pretrained(path)
     if getattr(cfg, "vision_config", None) is not None and cfg.model_type in ("clip", "siglip"):
         full_type = cfg.model_type
@@ -258,7 +284,9 @@ def _set_bos_policy(tok, add_bos: bool) -> None:
             pass
 
 
-def save_checkpoint(model, processor, out: str | Path, spec: ModelSpec | None, extra: dict | None = None) -> Path:
+def save_checkpoint(
+    model, processor, out: str | Path, spec: ModelSpec | None, extra: dict | None = None
+) -> Path:
     """Write a native llava checkpoint atomically (temp folder, then rename)."""
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -64,8 +64,11 @@ def encode_training_sample(
     rendered = template.render(messages, eos=template_eos(template, tok))
     n_placeholders = rendered.text.count(IMAGE_PLACEHOLDER)
     if n_placeholders != num_images:
-        raise InputError(source, "image token count mismatch",
-                         f"{n_placeholders} <image> in text, {num_images} image(s)")
+        raise InputError(
+            source,
+            "image token count mismatch",
+            f"{n_placeholders} <image> in text, {num_images} image(s)",
+        )
     enc = tok(rendered.text, return_offsets_mapping=True, add_special_tokens=template.add_bos)
     ids, offsets = enc["input_ids"], enc["offset_mapping"]
     spans = rendered.supervised
@@ -87,13 +90,19 @@ def encode_training_sample(
             out_ids.append(tid)
             out_labels.append(lab)
     if len(image_starts) != num_images:
-        raise InputError(source, "image token count mismatch",
-                         f"tokenizer produced {len(image_starts)} image tokens for {num_images} image(s)")
+        raise InputError(
+            source,
+            "image token count mismatch",
+            f"tokenizer produced {len(image_starts)} image tokens for {num_images} image(s)",
+        )
     if max_length is not None and len(out_ids) > max_length:
         for s in image_starts:
             if s + n_img > max_length:
-                raise InputError(source, "truncation inside image tokens",
-                                 f"{len(out_ids)} tokens > max_length {max_length}")
+                raise InputError(
+                    source,
+                    "truncation inside image tokens",
+                    f"{len(out_ids)} tokens > max_length {max_length}",
+                )
         out_ids, out_labels = out_ids[:max_length], out_labels[:max_length]
     if all(lab == IGNORE_INDEX for lab in out_labels):
         raise InputError(source, "no supervised tokens", "empty answer or truncated away")

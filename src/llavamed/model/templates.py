@@ -163,29 +163,52 @@ class ChatTemplate:
             body = (
                 "{%- for m in turns -%}{%- if m['role'] == 'user' -%}"
                 "{%- if loop.first and system -%}"
-                + q("[INST] <<SYS>>\n") + "{{ system }}" + q("\n<</SYS>>\n\n")
-                + "{{ text(m['content']) }}" + q(" [/INST]")
-                + "{%- else -%}" + q("[INST] ") + "{{ text(m['content']) }}" + q(" [/INST]")
+                + q("[INST] <<SYS>>\n")
+                + "{{ system }}"
+                + q("\n<</SYS>>\n\n")
+                + "{{ text(m['content']) }}"
+                + q(" [/INST]")
+                + "{%- else -%}"
+                + q("[INST] ")
+                + "{{ text(m['content']) }}"
+                + q(" [/INST]")
                 + "{%- endif -%}{%- else -%}"
-                + q(" ") + "{{ text(m['content']) }}" + q(f" {eos}")
+                + q(" ")
+                + "{{ text(m['content']) }}"
+                + q(f" {eos}")
                 + "{%- endif -%}{%- endfor -%}"
             )
         elif self.name == "vicuna_v1":
             body = (
-                "{%- if system is none -%}" + q(VICUNA_SYSTEM) + "{%- else -%}{{ system }}{%- endif -%}"
+                "{%- if system is none -%}"
+                + q(VICUNA_SYSTEM)
+                + "{%- else -%}{{ system }}{%- endif -%}"
                 + q(" ")
                 + "{%- for m in turns -%}{%- if m['role'] == 'user' -%}"
-                + q("USER: ") + "{{ text(m['content']) }}" + q(" ")
-                + "{%- else -%}" + q("ASSISTANT: ") + "{{ text(m['content']) }}" + q(eos)
+                + q("USER: ")
+                + "{{ text(m['content']) }}"
+                + q(" ")
+                + "{%- else -%}"
+                + q("ASSISTANT: ")
+                + "{{ text(m['content']) }}"
+                + q(eos)
                 + "{%- endif -%}{%- endfor -%}"
                 "{%- if add_generation_prompt -%}" + q("ASSISTANT:") + "{%- endif -%}"
             )
         elif self.name == "chatml":
             body = (
-                "{%- if system -%}" + q("<|im_start|>system\n") + "{{ system }}"
-                + q("<|im_end|>\n") + "{%- endif -%}"
-                "{%- for m in turns -%}" + q("<|im_start|>") + "{{ m['role'] }}" + q("\n")
-                + "{{ text(m['content']) }}" + q("<|im_end|>\n") + "{%- endfor -%}"
+                "{%- if system -%}"
+                + q("<|im_start|>system\n")
+                + "{{ system }}"
+                + q("<|im_end|>\n")
+                + "{%- endif -%}"
+                "{%- for m in turns -%}"
+                + q("<|im_start|>")
+                + "{{ m['role'] }}"
+                + q("\n")
+                + "{{ text(m['content']) }}"
+                + q("<|im_end|>\n")
+                + "{%- endfor -%}"
                 "{%- if add_generation_prompt -%}" + q("<|im_start|>assistant\n") + "{%- endif -%}"
             )
         else:  # pragma: no cover
@@ -211,12 +234,22 @@ def get_template(name: str) -> ChatTemplate:
     try:
         return TEMPLATES[name]
     except KeyError:
-        raise InputError("--template", f"unknown template {name!r}", f"choose from {sorted(TEMPLATES)}") from None
+        raise InputError(
+            "--template", f"unknown template {name!r}", f"choose from {sorted(TEMPLATES)}"
+        ) from None
 
 
-def conversation_to_messages(conversations: Sequence[dict], source: str = "<sample>") -> list[Message]:
+def conversation_to_messages(
+    conversations: Sequence[dict], source: str = "<sample>"
+) -> list[Message]:
     """LLaVA JSON turns (``{"from": "human"|"gpt", "value": ...}``) to typed messages."""
-    roles = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
+    roles = {
+        "human": "user",
+        "user": "user",
+        "gpt": "assistant",
+        "assistant": "assistant",
+        "system": "system",
+    }
     out = []
     for i, turn in enumerate(conversations):
         if not isinstance(turn, dict) or "from" not in turn or "value" not in turn:

@@ -1,0 +1,138 @@
+"""Image decoding: every format users hand us, and one clear error for everything else."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from llavamed.errors import InputError
+from llavamed.images import load_image
+
+
+def _encode(img: Image.Image, fmt: str, **kw) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, format=fmt, **kw)
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize("fmt", ["PNG", "JPEG", "TIFF", "GIF", "BMP"])
+def test_common_formats_decode_to_rgb(fmt):
+    img = Image.new("RGB", (40, 30), (200, 100, 50))
+    out = load_image(_encode(img, fmt), name=f"x.{fmt.lower()}")
+    assert out.mode == "RGB" and out.size == (40, 30)
+
+
+def test_rgba_composited_on_white():
+    img = Image.new("RGBA", (4, 4), (255, 0, 0, 0))
+    out = load_image(_encode(img, "PNG"))
+    assert out.getpixel((0, 0)) == (255, 255, 255)
+
+
+def test_palette_and_gif_first_frame():
+    frames = [Image.new("P", (8, 8), i) for i in (10, 200)]
+    buf = io.BytesIO()
+    frames[0].save(buf, format="GIF", save_all=True, append_images=frames[1:])
+    first = load_image(buf.getvalue())
+    ref = frames[0].convert("RGB").getpixel((0, 0))
+    assert first.getpixel((0, 0)) == ref
+
+
+def test_16bit_grayscale_is_stretched():
+    arr = np.linspace(1000, 3000, 64 * 64, dtype=np.uint16).reshape(64, 64)
+    out = np.asarray(load_image(_encode(Image.fromarray(arr), "PNG")))
+    assert out.shape == (64, 64, 3)
+    assert out.min() == 0 and out.max() == 255  # full contrast, not a black image
+
+
+def test_cmyk_jpeg():
+    img = Image.new("CMYK", (10, 10), (0, 255, 255, 0))  # pure red in CMYK
+    r, g, b = load_image(_encode(img, "JPEG")).getpixel((5, 5))
+    assert r > 200 and g < 60 and b < 60
+
+
+@pytest.mark.parametrize(
+    "data,reason",
+    [(b"", "empty file"), (b"this is not an image at all", "not an image")],
+)
+def test_bad_bytes(data, reason):
+    with pytest.raises(InputError, match=f"upload.png: {reason}"):
+        load_image(data, name="upload.png")
+
+
+def test_truncated_png(tmp_path):
+    data = _encode(Image.new("RGB", (200, 200), (1, 2, 3)), "PNG")
+    p = tmp_path / "trunc.png"
+    p.write_bytes(data[: len(data) // 2])
+    with pytest.raises(InputError) as e:
+        load_image(p)
+    assert str(p) in str(e.value) and e.value.reason in ("corrupt image", "not an image")
+
+
+def test_missing_file(tmp_path):
+    with pytest.raises(InputError, match="file not found"):
+        load_image(tmp_path / "nope.jpg")
+
+
+def test_decompression_bomb():
+    data = _encode(Image.new("L", (3000, 3000)), "PNG")
+    with pytest.raises(InputError, match="image too large"):
+        load_image(data, name="bomb.png", max_pixels=1_000_000)
+
+
+def test_real_dicom_ct_and_mr():
+    from pydicom.data import get_testdata_file
+
+    ct = load_image(get_testdata_file("CT_small.dcm"))
+    mr = load_image(get_testdata_file("MR_small.dcm"))
+    for img in (ct, mr):
+        a = np.asarray(img)
+        assert img.mode == "RGB" and a.std() > 10  # windowed to visible contrast
+
+
+def test_dicom_windowing_uses_window_tags(tmp_path):
+    import pydicom
+    from pydicom.data import get_testdata_file
+
+    ds = pydicom.dcmread(get_testdata_file("CT_small.dcm"))
+    ds.WindowCenter, ds.WindowWidth = 40, 400  # soft-tissue window in HU
+    p = tmp_path / "win.dcm"
+    ds.save_as(p)
+    narrow = np.asarray(load_image(p))
+    ds.WindowCenter, ds.WindowWidth = 40, 4000
+    ds.save_as(p)
+    wide = np.asarray(load_image(p))
+    assert narrow.std() > wide.std()  # a narrow window stretches contrast
+
+
+def test_dicom_multiframe_takes_middle_frame(tmp_path):
+    import pydicom
+    from pydicom.dataset import FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
+    frames = np.stack([np.full((8, 8), v, dtype=np.uint16) for v in (0, 500, 1000)])
+    frames[:, 0, 0] = 0
+    frames[:, 0, 1] = 1000
+    ds = pydicom.Dataset()
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.file_meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.4"
+    ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+    ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID
+    ds.Rows, ds.Columns, ds.NumberOfFrames = 8, 8, 3
+    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 0
+    ds.PixelData = frames.tobytes()
+    p = tmp_path / "multi.dcm"
+    ds.save_as(p, enforce_file_format=True)
+    mid = np.asarray(load_image(p))[..., 0]
+    assert 100 < mid[4, 4] < 160  # 500 on a 0..1000 scale
+
+
+def test_dicom_without_pixels(tmp_path):
+    from pydicom.data import get_testdata_file
+
+    with pytest.raises(InputError, match="DICOM without pixel data"):
+        load_image(get_testdata_file("rtplan.dcm"))

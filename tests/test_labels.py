@@ -1,0 +1,109 @@
+"""Training labels: built per message, identical tokenization to the inference processor, and
+loud failures instead of silently masked samples."""
+
+from __future__ import annotations
+
+import pytest
+from PIL import Image
+from transformers import AutoProcessor
+
+from llavamed.errors import InputError
+from llavamed.model.processing import (
+    IGNORE_INDEX,
+    encode_training_sample,
+    num_image_tokens,
+)
+from llavamed.model.templates import conversation_to_messages, get_template
+
+CONV = [
+    {"from": "human", "value": "<image>\nWhat modality is shown?"},
+    {"from": "gpt", "value": "A frontal chest radiograph."},
+    {"from": "human", "value": "Is there an endotracheal tube?"},
+    {"from": "gpt", "value": "Yes, its tip projects above the carina."},
+    {"from": "human", "value": "Which side is the effusion on?"},
+    {"from": "gpt", "value": "Left."},
+]
+
+
+@pytest.fixture(scope="module", params=["chatml", "mistral"])
+def ckpt(request, tiny_llava_dir, tiny_llava_mistral_dir):
+    d = tiny_llava_dir if request.param == "chatml" else tiny_llava_mistral_dir
+    from llavamed.model import checkpoint_template
+
+    return AutoProcessor.from_pretrained(d), checkpoint_template(d)
+
+
+def _supervised_runs(enc, tok):
+    runs, cur = [], []
+    for tid, lab in zip(enc.input_ids, enc.labels, strict=True):
+        if lab != IGNORE_INDEX:
+            assert lab == tid
+            cur.append(tid)
+        elif cur:
+            runs.append(tok.decode(cur))
+            cur = []
+    if cur:
+        runs.append(tok.decode(cur))
+    return runs
+
+
+def test_supervised_tokens_are_exactly_the_assistant_turns(ckpt):
+    processor, template = ckpt
+    enc = encode_training_sample(conversation_to_messages(CONV), processor, template, num_images=1)
+    runs = _supervised_runs(enc, processor.tokenizer)
+    answers = [t["value"] for t in CONV if t["from"] == "gpt"]
+    end = "<|im_end|>" if template == "chatml" else processor.tokenizer.eos_token
+    assert [r.strip() for r in runs] == [
+        f"{a}{end}" if template == "chatml" else f"{a} {end}" for a in answers
+    ]
+
+
+def test_training_ids_equal_inference_processor_ids(ckpt):
+    processor, template = ckpt
+    msgs = conversation_to_messages(CONV)
+    enc = encode_training_sample(msgs, processor, template, num_images=1)
+    t = get_template(template)
+    eos = "<|im_end|>" if template == "chatml" else processor.tokenizer.eos_token
+    text = t.render(msgs, eos=eos).text
+    ref = processor(text=[text], images=[Image.new("RGB", (50, 20))], return_tensors="pt")
+    assert enc.input_ids == ref["input_ids"][0].tolist()
+    n = num_image_tokens(processor)
+    image_id = processor.tokenizer.convert_tokens_to_ids("<image>")
+    assert enc.input_ids.count(image_id) == n == 16
+
+
+def test_image_count_mismatch_raises(ckpt):
+    processor, template = ckpt
+    msgs = conversation_to_messages(CONV)
+    with pytest.raises(InputError, match="image token count mismatch"):
+        encode_training_sample(msgs, processor, template, num_images=0, source="rec-7")
+    no_image = conversation_to_messages(
+        [{"from": "human", "value": "Q"}, {"from": "gpt", "value": "A"}]
+    )
+    with pytest.raises(InputError, match="rec-8: image token count mismatch"):
+        encode_training_sample(no_image, processor, template, num_images=1, source="rec-8")
+
+
+def test_truncation_inside_image_tokens_raises(ckpt):
+    processor, template = ckpt
+    msgs = conversation_to_messages(CONV)
+    with pytest.raises(InputError, match="truncation inside image tokens"):
+        encode_training_sample(msgs, processor, template, num_images=1, max_length=10)
+
+
+def test_truncation_after_image_keeps_prefix(ckpt):
+    processor, template = ckpt
+    msgs = conversation_to_messages(CONV)
+    full = encode_training_sample(msgs, processor, template, num_images=1)
+    cut = encode_training_sample(
+        msgs, processor, template, num_images=1, max_length=len(full.input_ids) - 5
+    )
+    assert cut.input_ids == full.input_ids[:-5]
+    assert cut.labels == full.labels[:-5]
+
+
+def test_nothing_supervised_raises(ckpt):
+    processor, template = ckpt
+    msgs = conversation_to_messages(CONV)
+    with pytest.raises(InputError, match="no supervised tokens"):
+        encode_training_sample(msgs, processor, template, num_images=1, max_length=26)

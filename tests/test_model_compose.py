@@ -1,0 +1,163 @@
+"""Composed checkpoints load in plain transformers (no llavamed import), run forward and generate,
+and keep the parts we put in them."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+from llavamed.errors import ConfigError, InputError
+from llavamed.model import ModelSpec, build, init_checkpoint, load_llava, read_meta
+
+PLAIN_TRANSFORMERS = textwrap.dedent(
+    """
+    import json, sys
+    import torch
+    from PIL import Image
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    d = sys.argv[1]
+    proc = AutoProcessor.from_pretrained(d)
+    model = AutoModelForImageTextToText.from_pretrained(d)
+    msgs = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Is there a tube?"}]}]
+    prompt = proc.apply_chat_template(msgs, add_generation_prompt=True)
+    inputs = proc(text=[prompt], images=[Image.new("RGB", (61, 37), (200, 10, 10))], return_tensors="pt")
+    with torch.no_grad():
+        logits = model(**inputs).logits
+        gen = model.generate(**inputs, max_new_tokens=4, do_sample=False)
+    print(json.dumps({
+        "prompt": prompt,
+        "n_tokens": inputs["input_ids"].shape[1],
+        "logits_finite": bool(torch.isfinite(logits).all()),
+        "new_tokens": gen.shape[1] - inputs["input_ids"].shape[1],
+        "class": type(model).__name__,
+        "llavamed_imported": any(m.startswith("llavamed") for m in sys.modules),
+    }))
+    """
+)
+
+
+def _plain_load(path) -> dict:
+    out = subprocess.run(
+        [sys.executable, "-c", PLAIN_TRANSFORMERS, str(path)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def test_tiny_checkpoint_loads_without_llavamed(tiny_llava_dir):
+    res = _plain_load(tiny_llava_dir)
+    assert res["class"] == "LlavaForConditionalGeneration"
+    assert not res["llavamed_imported"]
+    assert (
+        res["prompt"]
+        == "<|im_start|>user\n<image>\nIs there a tube?<|im_end|>\n<|im_start|>assistant\n"
+    )
+    assert res["logits_finite"] and res["new_tokens"] >= 1
+    assert res["n_tokens"] == 16 + 15  # 16 image tokens from a 32 px / patch 8 tower
+
+
+def test_embedded_default_via_cli_loads_without_llavamed(tmp_path):
+    out = tmp_path / "embedded"
+    proc = subprocess.run(
+        [sys.executable, "-m", "llavamed", "model", "init", "--out", str(out), "--lm-layers", "4"],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    meta = read_meta(out)
+    assert meta["template"] == "chatml" and meta["spec"]["lm"] == "embedded"
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["model_type"] == "llava"
+    assert cfg["text_config"]["num_hidden_layers"] == 4
+    assert "quantization_config" not in cfg["text_config"]
+    res = _plain_load(out)
+    assert res["n_tokens"] == 64 + 15  # 128 px / patch 16
+    assert res["logits_finite"]
+
+
+def test_embedded_lm_weights_survive_composition():
+    """The LM inside the LLaVA equals the dequantized SmolLM2 (same logits on text)."""
+    from transformers import AutoModelForCausalLM
+
+    from llavamed.model.embedded import embedded_lm_dir
+
+    lm = AutoModelForCausalLM.from_pretrained(embedded_lm_dir()).eval()
+    model, processor = build(ModelSpec(lm="embedded", vision="tiny"))
+    model.eval()
+    ids = processor.tokenizer("The chest radiograph shows", return_tensors="pt").input_ids
+    with torch.no_grad():
+        ref = lm(ids).logits
+        got = model(input_ids=ids).logits[..., : ref.shape[-1]]
+    torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4)
+
+
+def test_image_changes_logits(tiny_llava_dir):
+    model, processor = load_llava(tiny_llava_dir)
+    from PIL import Image
+
+    prompt = processor.apply_chat_template(
+        [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Q"}]}],
+        add_generation_prompt=True,
+    )
+    outs = []
+    for colour in ((0, 0, 0), (255, 255, 255)):
+        inputs = processor(
+            text=[prompt], images=[Image.new("RGB", (32, 32), colour)], return_tensors="pt"
+        )
+        with torch.no_grad():
+            outs.append(model(**inputs).logits[0, -1])
+    assert not torch.allclose(outs[0], outs[1])
+
+
+def test_pad_mode_pads_with_mean_colour(tiny_llava_dir):
+    _, processor = load_llava(tiny_llava_dir)
+    from PIL import Image
+
+    wide = Image.new("RGB", (64, 16), (255, 255, 255))
+    px = processor.image_processor(images=[wide], return_tensors="pt")["pixel_values"][0]
+    assert px.shape == (3, 32, 32)
+    # Top rows are padding: mean colour normalises to ~0.
+    assert px[:, 0, :].abs().max() < 0.05
+    assert px[:, 16, :].min() > 1.0  # the white image itself
+
+
+def test_spec_validation():
+    with pytest.raises(ConfigError, match="mlp2x_gelu"):
+        ModelSpec(projector="linear").validate()
+    with pytest.raises(ConfigError, match="aspect"):
+        ModelSpec(aspect="stretch").validate()
+    with pytest.raises(InputError, match="not a vision preset"):
+        build(ModelSpec(lm="tiny", vision="/nonexistent/tower"))
+
+
+def test_vision_folder_round_trip(tmp_path):
+    """A saved CLIP vision tower folder is accepted as --vision and its weights are kept."""
+    from transformers import CLIPVisionConfig, CLIPVisionModel
+
+    from llavamed.model.compose import VISION_PRESETS
+
+    tower = CLIPVisionModel(CLIPVisionConfig(**VISION_PRESETS["tiny"]))
+    tower.save_pretrained(tmp_path / "tower")
+    model, _ = build(ModelSpec(lm="tiny", vision=str(tmp_path / "tower")))
+    for k, v in tower.state_dict().items():
+        torch.testing.assert_close(model.model.vision_tower.state_dict()[k], v)
+    assert model.config.vision_feature_layer == -2  # pretrained towers: LLaVA's default
+
+
+def test_init_is_atomic_and_overwrites(tmp_path):
+    out = tmp_path / "ck"
+    init_checkpoint(out, ModelSpec(lm="tiny", vision="tiny", seed=1))
+    first = (out / "model.safetensors").read_bytes()
+    init_checkpoint(out, ModelSpec(lm="tiny", vision="tiny", seed=2))
+    assert (out / "model.safetensors").read_bytes() != first
+    assert not any(p.name.startswith(".") for p in tmp_path.iterdir())

@@ -1,0 +1,106 @@
+"""Golden strings for the conversation templates (DESIGN.md §4) and the Jinja twins saved in
+checkpoints; the labels test decodes supervised tokens back to exactly the assistant turns."""
+
+from __future__ import annotations
+
+import jinja2
+import pytest
+
+from llavamed.errors import InputError
+from llavamed.model.templates import (
+    VICUNA_SYSTEM,
+    Message,
+    conversation_to_messages,
+    get_template,
+)
+
+TWO_TURNS = [
+    Message("user", "<image>\nQ1"),
+    Message("assistant", "A1"),
+    Message("user", "Q2"),
+    Message("assistant", "A2"),
+]
+
+GOLDEN = {
+    "mistral_instruct": "[INST] <image>\nQ1 [/INST] A1 </s>[INST] Q2 [/INST] A2 </s>",
+    "vicuna_v1": VICUNA_SYSTEM + " USER: <image>\nQ1 ASSISTANT: A1</s>USER: Q2 ASSISTANT: A2</s>",
+    "chatml": (
+        "<|im_start|>user\n<image>\nQ1<|im_end|>\n<|im_start|>assistant\nA1<|im_end|>\n"
+        "<|im_start|>user\nQ2<|im_end|>\n<|im_start|>assistant\nA2<|im_end|>\n"
+    ),
+}
+GOLDEN_PROMPT = {
+    "mistral_instruct": "[INST] <image>\nQ1 [/INST]",
+    "vicuna_v1": VICUNA_SYSTEM + " USER: <image>\nQ1 ASSISTANT:",
+    "chatml": "<|im_start|>user\n<image>\nQ1<|im_end|>\n<|im_start|>assistant\n",
+}
+GOLDEN_SUPERVISED = {
+    "mistral_instruct": [" A1 </s>", " A2 </s>"],
+    "vicuna_v1": [" A1</s>", " A2</s>"],
+    "chatml": ["A1<|im_end|>", "A2<|im_end|>"],
+}
+
+
+def _jinja(name: str, messages, add_generation_prompt: bool) -> str:
+    env = jinja2.Environment()
+    return env.from_string(get_template(name).jinja(eos="</s>")).render(
+        messages=messages, add_generation_prompt=add_generation_prompt
+    )
+
+
+@pytest.mark.parametrize("name", sorted(GOLDEN))
+def test_golden_render(name):
+    r = get_template(name).render(TWO_TURNS, eos="</s>")
+    assert r.text == GOLDEN[name]
+    assert [r.text[a:b] for a, b in r.supervised] == GOLDEN_SUPERVISED[name]
+
+
+@pytest.mark.parametrize("name", sorted(GOLDEN))
+def test_generation_prompt(name):
+    r = get_template(name).render(TWO_TURNS[:1], eos="</s>", add_generation_prompt=True)
+    assert r.text == GOLDEN_PROMPT[name]
+    assert r.supervised == ()
+
+
+@pytest.mark.parametrize("name", sorted(GOLDEN))
+def test_jinja_twin_matches_python(name):
+    hf = [{"role": m.role, "content": m.content} for m in TWO_TURNS]
+    assert _jinja(name, hf, False) == GOLDEN[name]
+    structured = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Q1"}]}]
+    assert _jinja(name, structured, True) == GOLDEN_PROMPT[name]
+
+
+@pytest.mark.parametrize("name", sorted(GOLDEN))
+def test_system_message_round_trip(name):
+    msgs = [Message("system", "Be brief."), *TWO_TURNS]
+    py = get_template(name).render(msgs, eos="</s>").text
+    hf = [{"role": m.role, "content": m.content} for m in msgs]
+    assert _jinja(name, hf, False) == py
+    assert "Be brief." in py
+
+
+def test_mistral_system_goes_inside_first_inst():
+    msgs = [Message("system", "SYS"), *TWO_TURNS[:2]]
+    text = get_template("mistral_instruct").render(msgs, eos="</s>").text
+    assert text == "[INST] <<SYS>>\nSYS\n<</SYS>>\n\n<image>\nQ1 [/INST] A1 </s>"
+
+
+def test_turn_order_is_enforced():
+    with pytest.raises(InputError, match="expected 'user'"):
+        get_template("chatml").render([Message("assistant", "hi")], eos="</s>")
+
+
+def test_unknown_template():
+    with pytest.raises(InputError, match="unknown template"):
+        get_template("alpaca")
+
+
+def test_llava_turns_to_messages():
+    msgs = conversation_to_messages(
+        [{"from": "human", "value": "Q\n<image>"}, {"from": "gpt", "value": "A"}]
+    )
+    assert msgs == [Message("user", "Q\n<image>"), Message("assistant", "A")]
+    with pytest.raises(InputError, match="unknown speaker"):
+        conversation_to_messages([{"from": "robot", "value": "x"}], source="s1")
+    with pytest.raises(InputError, match="malformed"):
+        conversation_to_messages([{"value": "x"}], source="s1")
