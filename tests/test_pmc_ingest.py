@@ -217,3 +217,25 @@ def test_changed_package_is_redone(tmp_path):
     report = ingest([src], tmp_path / "out")
     assert report["figures_written"] == 8
     assert "skipped: duplicate pair_id" not in report["reasons"]
+
+
+def _crash_on_1000002(pkg, opts):
+    import os
+
+    from llavamed.data.pmc.ingest import PackageResult
+
+    if "PMC1000002" in pkg.key:
+        os._exit(1)  # what a segfaulting decoder looks like from the parent
+    return PackageResult(key=pkg.key)
+
+
+def test_a_worker_crash_costs_one_package(tmp_path, monkeypatch):
+    from llavamed.data.pmc import ingest as ingest_mod
+
+    src = make_tarballs(tmp_path / "src")
+    for i in range(4):
+        write_tar(src / f"PMC4{i:06d}.tar.gz", f"PMC4{i:06d}", {"a.nxml": b"<article/>"})
+    monkeypatch.setattr(ingest_mod, "process_package", _crash_on_1000002)
+    report = ingest([src], tmp_path / "out", workers=2)
+    assert report["packages_done"] == 7
+    assert report["reasons"] == {"package crashed a worker": 1}

@@ -22,6 +22,7 @@ import time
 from collections import Counter, deque
 from collections.abc import Iterable, Iterator
 from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -306,20 +307,46 @@ def _results(
             yield pkg, process_package(pkg, opts)
         return
     window = workers * 3
-    with ProcessPoolExecutor(max_workers=workers) as pool:
-        pending: deque = deque()
-        it = iter(todo)
-        for pkg in it:
-            pending.append((pkg, pool.submit(process_package, pkg, opts)))
-            if len(pending) >= window:
-                break
-        while pending:
-            pkg, fut = pending.popleft()
-            result = fut.result()
-            nxt = next(it, None)
-            if nxt is not None:
-                pending.append((nxt, pool.submit(process_package, nxt, opts)))
-            yield pkg, result
+    it = iter(todo)
+    carry: list[PackageRef] = []  # in flight when a worker died; to be redone one by one
+    while True:
+        for pkg in carry:
+            yield pkg, _isolated(pkg, opts)
+        carry = []
+        with ProcessPoolExecutor(max_workers=workers) as pool:
+            pending: deque = deque()
+            for pkg in it:
+                pending.append((pkg, pool.submit(process_package, pkg, opts)))
+                if len(pending) >= window:
+                    break
+            if not pending:
+                return
+            while pending:
+                pkg, fut = pending[0]
+                try:
+                    result = fut.result()
+                except BrokenProcessPool:
+                    # A worker died (segfault in a decoder, OOM kill). Which package did it is
+                    # unknown: redo every package in flight alone, then carry on with a new pool.
+                    carry = [p for p, _ in pending]
+                    break
+                pending.popleft()
+                nxt = next(it, None)
+                if nxt is not None:
+                    pending.append((nxt, pool.submit(process_package, nxt, opts)))
+                yield pkg, result
+            else:
+                return
+
+
+def _isolated(pkg: PackageRef, opts: IngestOptions) -> PackageResult:
+    with ProcessPoolExecutor(max_workers=1) as pool:
+        try:
+            return pool.submit(process_package, pkg, opts).result()
+        except BrokenProcessPool:
+            result = PackageResult(key=pkg.key)
+            result.counts["package crashed a worker"] += 1
+            return result
 
 
 def ingest(
