@@ -1,0 +1,147 @@
+"""``llavamed serve``: an OpenAI-compatible HTTP API for a llava checkpoint or a plain chat LM."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from llavamed.errors import ConfigError
+
+
+def add_model_args(p: argparse.ArgumentParser) -> None:
+    """Options shared by serve, chat and web."""
+    p.add_argument(
+        "--model",
+        required=True,
+        metavar="DIR",
+        help="a llava checkpoint folder, a plain causal LM folder (text-only mode; "
+        "detected from config.json), or 'embedded' for the bundled SmolLM2-135M-Instruct",
+    )
+    p.add_argument(
+        "--dtype",
+        choices=["fp32", "bf16"],
+        default="fp32",
+        help="weights dtype on CPU (default fp32; bf16 is faster on recent CPUs)",
+    )
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser(
+        "serve",
+        help="serve a model over an OpenAI-compatible HTTP API",
+        description="Serve GET /v1/models, POST /v1/chat/completions (streaming and not) and "
+        "GET /health. Images (PNG, JPEG, DICOM, ...) are sent as base64 data: URLs in "
+        "image_url content parts. Concurrent requests are batched; when the queue is full the "
+        "server answers 503 with Retry-After.",
+    )
+    add_model_args(p)
+    p.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1)")
+    p.add_argument("--port", type=int, default=8000, help="port (default 8000; 0 = any free)")
+    key = p.add_mutually_exclusive_group()
+    key.add_argument(
+        "--api-key",
+        metavar="KEY",
+        help="require 'Authorization: Bearer KEY' (prefer --api-key-env: command "
+        "lines are visible to other users)",
+    )
+    key.add_argument("--api-key-env", metavar="VAR", help="read the API key from env var VAR")
+    p.add_argument(
+        "--served-model-name",
+        metavar="NAME",
+        help="model id clients must send (default: the model folder's name)",
+    )
+    p.add_argument("--max-batch-size", type=int, default=8, help="requests decoded together")
+    p.add_argument(
+        "--max-queue",
+        type=int,
+        default=64,
+        help="requests allowed to wait; beyond that 503 + Retry-After",
+    )
+    p.add_argument(
+        "--max-tokens",
+        type=int,
+        default=1024,
+        dest="max_completion_tokens",
+        help="largest max_tokens a request may ask for (and the default)",
+    )
+    p.add_argument(
+        "--max-prompt-tokens",
+        type=int,
+        default=None,
+        help="longest prompt in tokens (default: the model's context window)",
+    )
+    p.add_argument("--max-images", type=int, default=4, help="images per request")
+    p.add_argument("--max-image-mb", type=float, default=16.0, help="bytes per image, in MiB")
+    p.add_argument("--max-image-pixels", type=int, default=40_000_000, help="pixels per image")
+    p.add_argument("--max-request-mb", type=float, default=32.0, help="request body, in MiB")
+    p.add_argument(
+        "--allow-remote-images",
+        action="store_true",
+        help="also fetch http(s) image URLs (off by default; file: URLs and paths "
+        "are always refused)",
+    )
+    p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    p.set_defaults(func=run)
+
+
+def resolve_api_key(args) -> str | None:
+    if args.api_key_env:
+        value = os.environ.get(args.api_key_env)
+        if not value:
+            raise ConfigError(
+                f"--api-key-env: environment variable {args.api_key_env} is unset or empty"
+            )
+        return value
+    return args.api_key or None
+
+
+def run(args) -> int:
+    import logging
+
+    import uvicorn
+
+    from llavamed.serve.api import ServerSettings, bind_socket, create_app
+    from llavamed.serve.engine import Engine, EngineSettings
+
+    for flag in ("max_batch_size", "max_queue", "max_completion_tokens", "max_images"):
+        if getattr(args, flag) < 1:
+            raise ConfigError(f"--{flag.replace('_', '-')} must be >= 1")
+    api_key = resolve_api_key(args)
+    logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
+    engine = Engine.from_path(
+        args.model,
+        dtype=args.dtype,
+        name=args.served_model_name,
+        settings=EngineSettings(max_batch_size=args.max_batch_size, max_queue=args.max_queue),
+    )
+    settings = ServerSettings(
+        served_model_name=args.served_model_name,
+        api_key=api_key,
+        max_request_bytes=int(args.max_request_mb * 2**20),
+        max_image_bytes=int(args.max_image_mb * 2**20),
+        max_image_pixels=args.max_image_pixels,
+        max_images=args.max_images,
+        max_prompt_tokens=args.max_prompt_tokens,
+        max_completion_tokens=args.max_completion_tokens,
+        allow_remote_images=args.allow_remote_images,
+    )
+    app = create_app(engine, settings)
+    sock = bind_socket(args.host, args.port)
+    host, port = sock.getsockname()[:2]
+    kind = "llava (images + text)" if engine.is_multimodal else "text-only"
+    print(
+        f"llavamed: serving {engine.name!r} [{kind}] at http://{host}:{port}/v1"
+        f"{' (API key required)' if api_key else ''}",
+        file=sys.stderr,
+        flush=True,
+    )
+    if api_key is None and args.host not in ("127.0.0.1", "localhost", "::1"):
+        print("llavamed: warning: listening beyond localhost without an API key", file=sys.stderr)
+    # The access log records method, path and status only, never bodies or headers.
+    config = uvicorn.Config(app, log_level=args.log_level, lifespan="off")
+    try:
+        uvicorn.Server(config).run(sockets=[sock])
+    finally:
+        engine.close()
+    return 0

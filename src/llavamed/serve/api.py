@@ -1,0 +1,498 @@
+"""OpenAI-compatible HTTP API over the :class:`~llavamed.serve.engine.Engine`.
+
+``create_app(engine, settings)`` builds the FastAPI app: ``GET /health``, ``GET /v1/models``,
+``POST /v1/chat/completions`` (JSON or SSE). Limits are checked before any work is queued, every
+client error is an OpenAI-shaped 4xx, a full engine queue is 503 with Retry-After, and a client
+that goes away cancels its generation. Request bodies, image bytes and keys are never logged.
+
+``serve_in_background(model, port=0)`` runs the whole server in a thread for tests, benchmarks and
+the quickstart.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import logging
+import socket
+import threading
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from llavamed.errors import InputError
+from llavamed.serve import protocol as P
+from llavamed.serve.engine import (
+    Engine,
+    EngineClosed,
+    EngineSettings,
+    Event,
+    QueueFull,
+    SamplingParams,
+)
+
+log = logging.getLogger("llavamed.serve")
+
+
+@dataclass
+class ServerSettings:
+    """HTTP-side settings and limits. Sizes in bytes."""
+
+    served_model_name: str | None = None
+    """Model id in /v1/models and the only one accepted; default: the engine's name."""
+    api_key: str | None = None
+    """When set, /v1/* requires ``Authorization: Bearer <key>``."""
+    max_request_bytes: int = 32 * 1024 * 1024
+    max_image_bytes: int = 16 * 1024 * 1024
+    max_image_pixels: int = 40_000_000
+    max_images: int = 4
+    max_prompt_tokens: int | None = None
+    """Default: the model's context window minus one."""
+    max_completion_tokens: int = 1024
+    """Largest ``max_tokens`` a request may ask for; also the default when it asks for none."""
+    allow_remote_images: bool = False
+    """Fetch ``http(s)`` image URLs. Off by default: it lets clients make the server fetch URLs."""
+    remote_timeout_s: float = 10.0
+    created: int = field(default_factory=lambda: int(time.time()))
+
+
+def _error(exc: P.ProtocolError):
+    from fastapi.responses import JSONResponse
+
+    return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers)
+
+
+def create_app(engine: Engine, settings: ServerSettings | None = None):
+    """The FastAPI app serving ``engine``."""
+    from fastapi import FastAPI, Request
+    from fastapi.exceptions import RequestValidationError
+    from fastapi.responses import JSONResponse, StreamingResponse
+    from starlette.concurrency import run_in_threadpool
+    from starlette.exceptions import HTTPException as StarletteHTTPException
+
+    settings = settings or ServerSettings()
+    name = settings.served_model_name or engine.name
+    max_prompt = min(settings.max_prompt_tokens or engine.max_context - 1, engine.max_context - 1)
+    app = FastAPI(title="llavamed", docs_url=None, redoc_url=None, openapi_url=None)
+    app.state.engine = engine
+    app.state.settings = settings
+
+    @app.exception_handler(P.ProtocolError)
+    async def _protocol_error(_req, exc: P.ProtocolError):
+        return _error(exc)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(_req, exc: StarletteHTTPException):
+        code = "not_found" if exc.status_code == 404 else None
+        return _error(P.ProtocolError(exc.status_code, str(exc.detail), code=code))
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation_error(_req, exc):
+        return _error(P.ProtocolError(400, "invalid request"))
+
+    @app.exception_handler(Exception)
+    async def _internal(_req, exc: Exception):
+        log.error("internal error: %s", type(exc).__name__)
+        return JSONResponse(
+            {
+                "error": {
+                    "message": "internal server error",
+                    "type": "server_error",
+                    "param": None,
+                    "code": None,
+                }
+            },
+            status_code=500,
+        )
+
+    def check_auth(request: Request) -> None:
+        if settings.api_key is None:
+            return
+        header = request.headers.get("authorization", "")
+        scheme, _, token = header.partition(" ")
+        ok = scheme.lower() == "bearer" and hmac.compare_digest(
+            token.strip().encode(), settings.api_key.encode()
+        )
+        if not ok:
+            raise P.ProtocolError(
+                401,
+                "missing or invalid API key",
+                type="authentication_error",
+                code="invalid_api_key",
+                headers={"WWW-Authenticate": "Bearer"},
+            )
+
+    def check_model(model: str) -> None:
+        if model != name:
+            raise P.ProtocolError(
+                404,
+                f"model {model[:100]!r} not found; this server serves {name!r}",
+                param="model",
+                code="model_not_found",
+            )
+
+    @app.get("/health")
+    async def health():
+        return {
+            "status": "ok",
+            "model": name,
+            "multimodal": engine.is_multimodal,
+            "queue_depth": engine.queue_depth,
+            "stats": dict(engine.stats),
+        }
+
+    @app.get("/v1/models")
+    async def models(request: Request):
+        check_auth(request)
+        return P.ModelList(data=[P.ModelCard(id=name, created=settings.created)]).model_dump()
+
+    @app.get("/v1/models/{model_id:path}")
+    async def model_card(model_id: str, request: Request):
+        check_auth(request)
+        check_model(model_id)
+        return P.ModelCard(id=name, created=settings.created).model_dump()
+
+    async def read_body(request: Request) -> bytes:
+        limit = settings.max_request_bytes
+        declared = request.headers.get("content-length")
+        if declared is not None and declared.isdigit() and int(declared) > limit:
+            raise P.ProtocolError(
+                413, f"request body larger than {limit} bytes", code="request_too_large"
+            )
+        chunks, size = [], 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise P.ProtocolError(
+                    413, f"request body larger than {limit} bytes", code="request_too_large"
+                )
+            chunks.append(chunk)
+        return b"".join(chunks)
+
+    async def load_images(refs: list[P.ImageRef]) -> list:
+        from llavamed.images import load_image
+
+        out = []
+        for ref in refs:
+            data = ref.data if ref.data is not None else await _fetch(ref, settings)
+            try:
+                out.append(
+                    await run_in_threadpool(
+                        load_image, data, name=ref.where, max_pixels=settings.max_image_pixels
+                    )
+                )
+            except InputError as exc:
+                raise P.ProtocolError(
+                    400,
+                    f"{ref.where}: {exc.reason}" + (f" ({exc.detail})" if exc.detail else ""),
+                    param=ref.where,
+                    code="invalid_image",
+                ) from None
+        return out
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request):
+        check_auth(request)
+        body = await read_body(request)
+        try:
+            data = json.loads(body)
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            raise P.ProtocolError(400, "request body is not valid JSON") from None
+        req = P.parse_request(data)
+        check_model(req.model)
+        if req.n != 1:
+            raise P.ProtocolError(400, "only n=1 is supported", param="n")
+        hf_messages, refs = P.to_hf_messages(
+            req.messages,
+            allow_remote=settings.allow_remote_images,
+            max_image_bytes=settings.max_image_bytes,
+        )
+        if refs and not engine.is_multimodal:
+            raise P.ProtocolError(
+                400,
+                f"model {name!r} is text-only and accepts no images",
+                param="messages",
+                code="images_not_supported",
+            )
+        if len(refs) > settings.max_images:
+            raise P.ProtocolError(
+                400,
+                f"too many images: {len(refs)} > {settings.max_images}",
+                param="messages",
+                code="too_many_images",
+            )
+        images = await load_images(refs)
+        try:
+            prompt = await run_in_threadpool(engine.prepare, hf_messages, images)
+        except InputError as exc:
+            raise P.ProtocolError(
+                400,
+                f"messages: {exc.reason}" + (f" ({exc.detail})" if exc.detail else ""),
+                param="messages",
+            ) from None
+        n_prompt = len(prompt.input_ids)
+        if n_prompt > max_prompt:
+            raise P.ProtocolError(
+                400,
+                f"prompt is {n_prompt} tokens; the limit is {max_prompt}",
+                param="messages",
+                code="context_length_exceeded",
+            )
+        asked = req.requested_max_tokens()
+        cap = min(settings.max_completion_tokens, engine.max_context - n_prompt)
+        if asked is not None and asked > settings.max_completion_tokens:
+            raise P.ProtocolError(
+                400,
+                f"max_tokens {asked} exceeds the server limit {settings.max_completion_tokens}",
+                param="max_tokens",
+            )
+        if asked is not None and asked > cap:
+            raise P.ProtocolError(
+                400,
+                f"prompt ({n_prompt}) + max_tokens ({asked}) exceeds the "
+                f"context window ({engine.max_context})",
+                param="max_tokens",
+                code="context_length_exceeded",
+            )
+        params = SamplingParams(
+            max_tokens=asked or cap,
+            temperature=1.0 if req.temperature is None else req.temperature,
+            top_p=1.0 if req.top_p is None else req.top_p,
+            seed=req.seed,
+            stop=req.stop_list(),
+        )
+        loop = asyncio.get_running_loop()
+        events: asyncio.Queue[Event] = asyncio.Queue()
+
+        def on_event(ev: Event) -> None:
+            loop.call_soon_threadsafe(events.put_nowait, ev)
+
+        try:
+            handle = engine.submit(prompt, params, on_event=on_event)
+        except QueueFull as exc:
+            raise P.ProtocolError(
+                503,
+                "server busy: request queue full",
+                type="server_error",
+                code="queue_full",
+                headers={"Retry-After": str(exc.retry_after)},
+            ) from None
+        except EngineClosed:
+            raise P.ProtocolError(
+                503, "server shutting down", type="server_error", headers={"Retry-After": "5"}
+            ) from None
+        except InputError as exc:
+            raise P.ProtocolError(400, str(exc), code="context_length_exceeded") from None
+
+        async def next_event() -> Event | None:
+            """The next event, or None once the client has gone (the work is then cancelled)."""
+            while True:
+                try:
+                    return await asyncio.wait_for(events.get(), timeout=0.5)
+                except asyncio.TimeoutError:
+                    if await request.is_disconnected():
+                        handle.cancel()
+                        return None
+
+        cid, created = P.completion_id(), P.now()
+        if not req.stream:
+            parts: list[str] = []
+            try:
+                while True:
+                    ev = await next_event()
+                    if ev is None:
+                        return JSONResponse({}, status_code=499)
+                    if ev.kind == "error":
+                        raise P.ProtocolError(
+                            500, ev.error or "generation failed", type="server_error"
+                        )
+                    parts.append(ev.text)
+                    if ev.kind == "done":
+                        break
+            finally:
+                handle.cancel()  # no-op when finished; stops work if we are being torn down
+            return P.ChatCompletion(
+                id=cid,
+                created=created,
+                model=name,
+                choices=[
+                    P.Choice(
+                        message=P.AssistantMessage(content="".join(parts)),
+                        finish_reason=ev.finish_reason or "stop",
+                    )
+                ],
+                usage=P.usage(ev.prompt_tokens, ev.completion_tokens),
+            ).model_dump()
+
+        include_usage = bool(req.stream_options and req.stream_options.include_usage)
+
+        def sse(chunk: P.ChatCompletionChunk | dict) -> str:
+            if isinstance(chunk, dict):
+                return f"data: {json.dumps(chunk)}\n\n"
+            return f"data: {chunk.model_dump_json(exclude_none=False)}\n\n"
+
+        def chunk(delta: P.Delta, finish: str | None = None) -> P.ChatCompletionChunk:
+            return P.ChatCompletionChunk(
+                id=cid,
+                created=created,
+                model=name,
+                choices=[P.ChunkChoice(delta=delta, finish_reason=finish)],
+            )
+
+        async def stream() -> AsyncIterator[str]:
+            try:
+                yield sse(chunk(P.Delta(role="assistant", content="")))
+                while True:
+                    ev = await next_event()
+                    if ev is None:
+                        return
+                    if ev.kind == "error":
+                        err = P.ProtocolError(
+                            500, ev.error or "generation failed", type="server_error"
+                        )
+                        yield sse(err.body())
+                        return
+                    if ev.text:
+                        yield sse(chunk(P.Delta(content=ev.text)))
+                    if ev.kind == "done":
+                        yield sse(chunk(P.Delta(), ev.finish_reason or "stop"))
+                        if include_usage:
+                            yield sse(
+                                P.ChatCompletionChunk(
+                                    id=cid,
+                                    created=created,
+                                    model=name,
+                                    choices=[],
+                                    usage=P.usage(ev.prompt_tokens, ev.completion_tokens),
+                                )
+                            )
+                        yield "data: [DONE]\n\n"
+                        return
+            finally:
+                handle.cancel()
+
+        return StreamingResponse(
+            stream(),
+            media_type="text/event-stream",
+            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+        )
+
+    return app
+
+
+async def _fetch(ref: P.ImageRef, settings: ServerSettings) -> bytes:
+    """Download a remote image (only when allowed), capped in size and time."""
+    import httpx
+
+    limit = settings.max_image_bytes
+    try:
+        async with httpx.AsyncClient(
+            timeout=settings.remote_timeout_s, follow_redirects=True
+        ) as client:
+            async with client.stream("GET", ref.url) as resp:
+                if resp.status_code != 200:
+                    raise P.ProtocolError(
+                        400,
+                        f"{ref.where}: image URL answered HTTP {resp.status_code}",
+                        param=ref.where,
+                        code="invalid_image_url",
+                    )
+                chunks, size = [], 0
+                async for part in resp.aiter_bytes():
+                    size += len(part)
+                    if size > limit:
+                        raise P.ProtocolError(
+                            413,
+                            f"{ref.where}: image larger than {limit} bytes",
+                            param=ref.where,
+                            code="image_too_large",
+                        )
+                    chunks.append(part)
+                return b"".join(chunks)
+    except httpx.HTTPError as exc:
+        raise P.ProtocolError(
+            400,
+            f"{ref.where}: could not fetch image URL ({type(exc).__name__})",
+            param=ref.where,
+            code="invalid_image_url",
+        ) from None
+
+
+# --- running the server ----------------------------------------------------------------------
+
+
+@dataclass
+class ServerHandle:
+    """A server running in a background thread: ``base_url`` ends in ``/v1``."""
+
+    base_url: str
+    host: str
+    port: int
+    engine: Engine
+    _server: Any
+    _thread: threading.Thread
+    _own_engine: bool
+
+    def stop(self, timeout: float = 10.0) -> None:
+        self._server.should_exit = True
+        self._thread.join(timeout)
+        if self._own_engine:
+            self.engine.close()
+
+    def __enter__(self) -> ServerHandle:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+def bind_socket(host: str, port: int) -> socket.socket:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((host, port))
+    sock.set_inheritable(True)
+    return sock
+
+
+def serve_in_background(
+    model: str | Path | Engine,
+    host: str = "127.0.0.1",
+    port: int = 0,
+    *,
+    dtype: str | None = None,
+    engine_settings: EngineSettings | None = None,
+    log_level: str = "warning",
+    startup_timeout: float = 120.0,
+    **settings: Any,
+) -> ServerHandle:
+    """Start an OpenAI-compatible server in a daemon thread and return once it accepts
+    connections. ``model``: a folder, ``"embedded"`` or a ready Engine (then ``stop()`` leaves
+    it open). ``port=0`` picks a free port. Extra keyword arguments are ServerSettings fields."""
+    import uvicorn
+
+    own = not isinstance(model, Engine)
+    engine = Engine.from_path(model, dtype=dtype, settings=engine_settings) if own else model
+    app = create_app(engine, ServerSettings(**settings))
+    sock = bind_socket(host, port)
+    real_port = sock.getsockname()[1]
+    config = uvicorn.Config(app, log_level=log_level, access_log=False, lifespan="off")
+    server = uvicorn.Server(config)
+    thread = threading.Thread(
+        target=server.run, kwargs={"sockets": [sock]}, name="llavamed-http", daemon=True
+    )
+    thread.start()
+    deadline = time.monotonic() + startup_timeout
+    while not server.started:
+        if not thread.is_alive() or time.monotonic() > deadline:
+            if own:
+                engine.close()
+            raise RuntimeError("server failed to start")
+        time.sleep(0.02)
+    shown = f"[{host}]" if ":" in host else host
+    return ServerHandle(
+        f"http://{shown}:{real_port}/v1", host, real_port, engine, server, thread, own
+    )

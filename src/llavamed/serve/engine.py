@@ -1,0 +1,750 @@
+"""Batched generation engine: token ids and pixel tensors in, streamed text out. No HTTP here.
+
+One background worker thread owns the model. Requests wait in a bounded queue; the worker takes as
+many as fit in a batch, prefills them together (left-padded), then decodes one token per step for
+the whole batch with a shared KV cache. Requests that arrive while a batch is running join it at the
+next step: they are prefilled on their own and their cache is left-padded and concatenated onto the
+running one (continuous batching). Finished or cancelled rows leave the batch at once, so a long
+answer never holds short ones back.
+
+Every request has its own sampling parameters (temperature, top_p, a seeded ``torch.Generator``,
+stop strings, max_tokens) and its own event stream (a callback or a queue), so the HTTP layer,
+the terminal chat and the benchmark all drive the same code.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import logging
+import queue
+import secrets
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from llavamed.errors import InputError, LlavamedError
+
+log = logging.getLogger(__name__)
+
+EMBEDDED = "embedded"
+
+
+# --- public data types -----------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """How one request is decoded. ``temperature == 0`` is greedy."""
+
+    max_tokens: int = 256
+    temperature: float = 1.0
+    top_p: float = 1.0
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+
+    def __post_init__(self):
+        if self.max_tokens < 1:
+            raise ValueError("max_tokens must be >= 1")
+        if self.temperature < 0:
+            raise ValueError("temperature must be >= 0")
+        if not 0 < self.top_p <= 1:
+            raise ValueError("top_p must be in (0, 1]")
+
+
+@dataclass
+class Prompt:
+    """A tokenized prompt: ids with image tokens already expanded, and one pixel tensor row per
+    image (in the order the image tokens appear)."""
+
+    input_ids: list[int]
+    pixel_values: Any = None  # torch.Tensor (n_images, 3, H, W) or None
+    n_images: int = 0
+
+
+@dataclass
+class EngineSettings:
+    """Batching and queueing knobs."""
+
+    max_batch_size: int = 8
+    """Most requests decoded together."""
+    max_queue: int = 64
+    """Most requests waiting (not yet in a batch); beyond that ``submit`` raises QueueFull."""
+    batch_wait_s: float = 0.01
+    """How long an idle worker waits for company after the first request arrives."""
+    join_running: bool = True
+    """Let new requests join a running batch (continuous batching)."""
+
+
+@dataclass
+class Event:
+    """One item of a request's stream. ``kind``: "text" (a delta), "done" or "error"."""
+
+    kind: str
+    text: str = ""
+    finish_reason: str | None = None
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    error: str | None = None
+
+
+@dataclass
+class Completion:
+    text: str
+    finish_reason: str
+    prompt_tokens: int
+    completion_tokens: int
+
+
+class QueueFull(LlavamedError):
+    """The request queue is full; retry after ``retry_after`` seconds."""
+
+    def __init__(self, retry_after: int):
+        self.retry_after = retry_after
+        super().__init__(f"request queue full; retry after {retry_after}s")
+
+
+class EngineClosed(LlavamedError):
+    pass
+
+
+class GenerationError(LlavamedError):
+    pass
+
+
+class Handle:
+    """A submitted request: cancel it, or read its events / final result."""
+
+    def __init__(self, rid: int, prompt_tokens: int, on_event: Callable[[Event], None] | None):
+        self.id = rid
+        self.prompt_tokens = prompt_tokens
+        self._cancel = threading.Event()
+        self._events: queue.Queue[Event] | None = None
+        if on_event is None:
+            self._events = queue.Queue()
+            on_event = self._events.put
+        self._on_event = on_event
+
+    def cancel(self) -> None:
+        self._cancel.set()
+
+    @property
+    def cancelled(self) -> bool:
+        return self._cancel.is_set()
+
+    def _emit(self, ev: Event) -> None:
+        try:
+            self._on_event(ev)
+        except Exception:  # a consumer that went away must not take the worker down
+            log.debug("event consumer of request %d failed", self.id, exc_info=True)
+            self._cancel.set()
+
+    def events(self, timeout: float | None = None) -> Iterator[Event]:
+        """Events until the terminal one ("done" or "error"); only without ``on_event``."""
+        if self._events is None:
+            raise RuntimeError("this handle delivers events to its callback")
+        while True:
+            ev = self._events.get(timeout=timeout)
+            yield ev
+            if ev.kind in ("done", "error"):
+                return
+
+    def stream(self, timeout: float | None = None) -> Iterator[str]:
+        """Text deltas; raises GenerationError if the engine failed the request."""
+        for ev in self.events(timeout):
+            if ev.kind == "error":
+                raise GenerationError(ev.error or "generation failed")
+            if ev.text:
+                yield ev.text
+
+    def result(self, timeout: float | None = None) -> Completion:
+        parts: list[str] = []
+        for ev in self.events(timeout):
+            if ev.kind == "error":
+                raise GenerationError(ev.error or "generation failed")
+            parts.append(ev.text)
+            if ev.kind == "done":
+                return Completion(
+                    "".join(parts),
+                    ev.finish_reason or "stop",
+                    ev.prompt_tokens,
+                    ev.completion_tokens,
+                )
+        raise GenerationError("event stream ended early")  # pragma: no cover
+
+
+# --- model loading ---------------------------------------------------------------------------
+
+
+def resolve_model_dir(model: str | Path) -> Path:
+    """``"embedded"`` -> the cached SmolLM2-135M-Instruct folder; otherwise the folder itself."""
+    if str(model) == EMBEDDED:
+        from llavamed.model.embedded import embedded_lm_dir
+
+        return embedded_lm_dir()
+    path = Path(model)
+    if not (path / "config.json").is_file():
+        raise InputError(path, "not a model folder", "config.json missing")
+    return path
+
+
+def is_llava_dir(path: str | Path) -> bool:
+    """True for a llava checkpoint (vision tower + LM), False for a plain causal LM."""
+    try:
+        cfg = json.loads((Path(path) / "config.json").read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise InputError(Path(path) / "config.json", "unreadable model config", str(exc)) from exc
+    return cfg.get("model_type") == "llava" or "vision_config" in cfg
+
+
+def parse_dtype(name: str | None):
+    import torch
+
+    table = {
+        None: torch.float32,
+        "fp32": torch.float32,
+        "float32": torch.float32,
+        "bf16": torch.bfloat16,
+        "bfloat16": torch.bfloat16,
+        "fp16": torch.float16,
+        "float16": torch.float16,
+    }
+    if name not in table:
+        raise InputError("--dtype", "unknown dtype", f"{name!r}; use fp32 or bf16")
+    return table[name]
+
+
+# --- the engine ------------------------------------------------------------------------------
+
+
+@dataclass
+class _Row:
+    handle: Handle
+    prompt: Prompt
+    params: SamplingParams
+    gen: Any  # torch.Generator
+    max_new: int
+    ids: list[int] = field(default_factory=list)
+    emitted: str = ""
+    t_submit: float = 0.0
+
+
+@dataclass
+class _Batch:
+    rows: list[_Row]
+    cache: Any
+    mask: Any  # (B, T) long
+    pos: Any  # (B,) next position id
+    last: Any = None  # (B,) last sampled token
+
+
+class Engine:
+    """Owns a model and a worker thread. Thread-safe: ``prepare`` and ``submit`` may be called
+    from any thread."""
+
+    def __init__(
+        self,
+        model,
+        tokenizer,
+        processor=None,
+        *,
+        settings: EngineSettings | None = None,
+        name: str = "model",
+        max_context: int | None = None,
+    ):
+
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        self.processor = processor
+        self.settings = settings or EngineSettings()
+        self.name = name
+        self.is_multimodal = processor is not None
+        cfg = model.config
+        text_cfg = getattr(cfg, "text_config", None) or cfg
+        self.max_context = int(
+            max_context or getattr(text_cfg, "max_position_embeddings", None) or 2048
+        )
+        self.dtype = next(model.parameters()).dtype
+        self.device = next(model.parameters()).device
+        pad = tokenizer.pad_token_id
+        if pad is None:
+            pad = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0
+        self.pad_id = int(pad)
+        self.eos_ids = self._eos_ids()
+        # Tokens the model must never produce: image placeholders would ask for pixels we lack.
+        self.banned_ids: list[int] = []
+        image_id = getattr(cfg, "image_token_id", None) or getattr(cfg, "image_token_index", None)
+        if self.is_multimodal and image_id is not None:
+            self.banned_ids.append(int(image_id))
+        self.vocab_limit = None
+        self._prep_lock = (
+            threading.Lock()
+        )  # HF fast tokenizers are not safe to share across threads
+        self._queue: queue.Queue[_Row] = queue.Queue(maxsize=self.settings.max_queue)
+        self._ids = itertools.count(1)
+        self._closing = threading.Event()
+        self._merge_ok: bool | None = None
+        self.stats = {
+            "submitted": 0,
+            "completed": 0,
+            "cancelled": 0,
+            "failed": 0,
+            "rejected": 0,
+            "tokens": 0,
+            "steps": 0,
+            "prefills": 0,
+            "max_batch": 0,
+        }
+        self._step_ema = 0.05
+        self._thread = threading.Thread(target=self._loop, name="llavamed-engine", daemon=True)
+        self._thread.start()
+
+    # -- construction --------------------------------------------------------------------------
+
+    @classmethod
+    def from_path(
+        cls,
+        model: str | Path,
+        *,
+        dtype: str | None = None,
+        device: str = "cpu",
+        settings: EngineSettings | None = None,
+        name: str | None = None,
+    ) -> Engine:
+        """Load a llava checkpoint or a plain causal LM (detected from config.json);
+        ``"embedded"`` is the embedded SmolLM2-135M-Instruct."""
+        path = resolve_model_dir(model)
+        torch_dtype = parse_dtype(dtype)
+        if is_llava_dir(path):
+            from llavamed.model import load_llava
+
+            mdl, processor = load_llava(path, dtype=torch_dtype, device=device)
+            tok = processor.tokenizer
+        else:
+            from transformers import AutoModelForCausalLM, AutoTokenizer
+
+            tok = AutoTokenizer.from_pretrained(path)
+            if not getattr(tok, "chat_template", None):
+                raise InputError(
+                    path,
+                    "tokenizer has no chat template",
+                    "serve needs an instruction-tuned model with a chat template",
+                )
+            mdl = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype).to(device)
+            processor = None
+        return cls(mdl, tok, processor, settings=settings, name=name or path.name)
+
+    def _eos_ids(self) -> set[int]:
+        ids: set[int] = set()
+        tok = self.tokenizer
+        if tok.eos_token_id is not None:
+            ids.add(int(tok.eos_token_id))
+        gen_cfg = getattr(self.model, "generation_config", None)
+        eos = getattr(gen_cfg, "eos_token_id", None)
+        if isinstance(eos, int):
+            ids.add(eos)
+        elif isinstance(eos, (list, tuple)):
+            ids.update(int(e) for e in eos)
+        # chatml turns end with <|im_end|> even where the tokenizer's eos is something else.
+        for t in ("<|im_end|>", "<|eot_id|>", "<end_of_turn>"):
+            tid = tok.convert_tokens_to_ids(t)
+            if isinstance(tid, int) and tid != tok.unk_token_id and tid >= 0:
+                ids.add(tid)
+        return ids
+
+    # -- prompts ------------------------------------------------------------------------------
+
+    def prepare(self, messages: Sequence[dict], images: Sequence[Any] = ()) -> Prompt:
+        """HF-style messages (structured content with ``{"type": "image"}`` parts for llava) and
+        PIL images -> a Prompt, through the checkpoint's own chat template and processor.
+        Raises InputError for conversations the template or processor reject."""
+        images = list(images)
+        with self._prep_lock:
+            try:
+                if self.is_multimodal:
+                    text = self.processor.apply_chat_template(
+                        list(messages), add_generation_prompt=True, tokenize=False
+                    )
+                    enc = self.processor(text=[text], images=images or None, return_tensors="pt")
+                    ids = enc["input_ids"][0].tolist()
+                    pix = enc.get("pixel_values") if images else None
+                    return Prompt(ids, pix, len(images))
+                if images:
+                    raise InputError(
+                        "messages", "images not supported", f"{self.name} is a text-only model"
+                    )
+                flat = [{"role": m["role"], "content": _flatten(m["content"])} for m in messages]
+                text = self.tokenizer.apply_chat_template(
+                    flat, add_generation_prompt=True, tokenize=False
+                )
+                ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+                return Prompt(list(ids), None, 0)
+            except InputError:
+                raise
+            except Exception as exc:  # jinja TemplateError, processor ValueError, ...
+                raise InputError("messages", "prompt rejected", str(exc)[:300]) from exc
+
+    def count_tokens(self, text: str) -> int:
+        with self._prep_lock:
+            return len(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    # -- submission ---------------------------------------------------------------------------
+
+    def submit(
+        self,
+        prompt: Prompt,
+        params: SamplingParams | None = None,
+        on_event: Callable[[Event], None] | None = None,
+    ) -> Handle:
+        """Queue a request; raises QueueFull when the queue is at capacity, InputError when the
+        prompt leaves no room in the context window."""
+        import torch
+
+        if self._closing.is_set():
+            raise EngineClosed("engine is shut down")
+        params = params or SamplingParams()
+        n_prompt = len(prompt.input_ids)
+        if n_prompt == 0:
+            raise InputError("messages", "empty prompt")
+        room = self.max_context - n_prompt
+        if room < 1:
+            raise InputError(
+                "messages", "prompt too long", f"{n_prompt} tokens >= context {self.max_context}"
+            )
+        gen = torch.Generator(device="cpu")
+        gen.manual_seed(params.seed if params.seed is not None else secrets.randbits(63))
+        handle = Handle(next(self._ids), n_prompt, on_event)
+        row = _Row(
+            handle, prompt, params, gen, min(params.max_tokens, room), t_submit=time.perf_counter()
+        )
+        try:
+            self._queue.put_nowait(row)
+        except queue.Full:
+            self.stats["rejected"] += 1
+            raise QueueFull(self.retry_after()) from None
+        self.stats["submitted"] += 1
+        return handle
+
+    def generate(self, prompt: Prompt, params: SamplingParams | None = None) -> Completion:
+        return self.submit(prompt, params).result()
+
+    def retry_after(self) -> int:
+        """Seconds until a queue slot is likely free: queued requests x typical decode time."""
+        waiting = self._queue.qsize()
+        per_wave = self._step_ema * 128
+        waves = waiting / max(1, self.settings.max_batch_size)
+        return max(1, min(60, round(waves * per_wave)))
+
+    @property
+    def queue_depth(self) -> int:
+        return self._queue.qsize()
+
+    def close(self, timeout: float = 10.0) -> None:
+        self._closing.set()
+        self._thread.join(timeout)
+        while True:
+            try:
+                row = self._queue.get_nowait()
+            except queue.Empty:
+                break
+            row.handle._emit(Event("error", error="engine shut down"))
+
+    def __enter__(self) -> Engine:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # -- worker ------------------------------------------------------------------------------
+
+    def _take(self, n: int, first_timeout: float | None) -> list[_Row]:
+        rows: list[_Row] = []
+        if n <= 0:
+            return rows
+        try:
+            if first_timeout is None:
+                rows.append(self._queue.get_nowait())
+            else:
+                rows.append(self._queue.get(timeout=first_timeout))
+        except queue.Empty:
+            return rows
+        deadline = time.perf_counter() + (self.settings.batch_wait_s if first_timeout else 0)
+        while len(rows) < n:
+            try:
+                rows.append(self._queue.get_nowait())
+            except queue.Empty:
+                left = deadline - time.perf_counter()
+                if left <= 0:
+                    break
+                time.sleep(min(left, 0.002))
+        return rows
+
+    def _loop(self) -> None:
+        import torch
+
+        with torch.inference_mode():
+            self._serve_forever()
+
+    def _serve_forever(self) -> None:
+        batch: _Batch | None = None
+        while not self._closing.is_set():
+            try:
+                if batch is None:
+                    new = self._take(self.settings.max_batch_size, first_timeout=0.1)
+                elif self.settings.join_running and self._merge_ok is not False:
+                    new = self._take(self.settings.max_batch_size - len(batch.rows), None)
+                else:
+                    new = []
+                new = [r for r in new if not self._drop_if_cancelled(r)]
+                if new:
+                    fresh = self._run_guarded(new, self._prefill)
+                    if fresh is not None and fresh.rows:
+                        batch = fresh if batch is None else self._merge(batch, fresh)
+                if batch is not None:
+                    batch = self._run_guarded(batch.rows, lambda _rows, b=batch: self._step(b))
+                    if batch is not None and not batch.rows:
+                        batch = None
+            except Exception:  # never let the worker die; fail what it held
+                log.exception("engine worker error")
+                if batch is not None:
+                    for r in batch.rows:
+                        self._fail(r, "internal error")
+                batch = None
+        if batch is not None:
+            for r in batch.rows:
+                self._fail(r, "engine shut down")
+
+    def _run_guarded(self, rows: list[_Row], fn):
+        try:
+            return fn(rows)
+        except Exception as exc:
+            log.exception("generation failed for %d request(s)", len(rows))
+            for r in rows:
+                self._fail(r, f"generation failed: {type(exc).__name__}")
+            return None
+
+    def _drop_if_cancelled(self, row: _Row) -> bool:
+        if row.handle.cancelled:
+            self.stats["cancelled"] += 1
+            row.handle._emit(
+                Event("done", finish_reason="cancelled", prompt_tokens=row.handle.prompt_tokens)
+            )
+            return True
+        return False
+
+    def _fail(self, row: _Row, msg: str) -> None:
+        self.stats["failed"] += 1
+        row.handle._emit(Event("error", error=msg))
+
+    # -- model steps ------------------------------------------------------------------------
+
+    def _prefill(self, rows: list[_Row]) -> _Batch:
+        import torch
+
+        self.stats["prefills"] += 1
+        lens = [len(r.prompt.input_ids) for r in rows]
+        width = max(lens)
+        ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for i, r in enumerate(rows):
+            ids[i, width - lens[i] :] = torch.tensor(r.prompt.input_ids, dtype=torch.long)
+            mask[i, width - lens[i] :] = 1
+        position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
+        kwargs: dict[str, Any] = dict(
+            input_ids=ids.to(self.device),
+            attention_mask=mask.to(self.device),
+            position_ids=position_ids.to(self.device),
+            use_cache=True,
+            logits_to_keep=1,
+        )
+        pix = [r.prompt.pixel_values for r in rows if r.prompt.pixel_values is not None]
+        if pix:
+            kwargs["pixel_values"] = torch.cat(pix).to(self.device, self.dtype)
+        out = self.model(**kwargs)
+        batch = _Batch(
+            list(rows), out.past_key_values, mask.to(self.device), mask.sum(-1).to(self.device)
+        )
+        if self._merge_ok is None:
+            self._merge_ok = _cache_is_mergeable(batch.cache)
+        self._advance(batch, out.logits[:, -1, :])
+        return batch
+
+    def _step(self, batch: _Batch) -> _Batch:
+        import torch
+
+        keep = [i for i, r in enumerate(batch.rows) if not self._drop_if_cancelled(r)]
+        if len(keep) != len(batch.rows):
+            self._select(batch, keep)
+        if not batch.rows:
+            return batch
+        t0 = time.perf_counter()
+        batch.mask = torch.cat(
+            [
+                batch.mask,
+                torch.ones((len(batch.rows), 1), dtype=batch.mask.dtype, device=self.device),
+            ],
+            dim=1,
+        )
+        out = self.model(
+            input_ids=batch.last[:, None],
+            attention_mask=batch.mask,
+            position_ids=batch.pos[:, None],
+            past_key_values=batch.cache,
+            use_cache=True,
+        )
+        batch.cache = out.past_key_values
+        batch.pos = batch.pos + 1
+        self.stats["steps"] += 1
+        self.stats["max_batch"] = max(self.stats["max_batch"], len(batch.rows))
+        self._advance(batch, out.logits[:, -1, :])
+        self._step_ema = 0.9 * self._step_ema + 0.1 * (time.perf_counter() - t0)
+        return batch
+
+    def _advance(self, batch: _Batch, logits) -> None:
+        """Sample one token per row, stream its text, and drop rows that finished."""
+        import torch
+
+        logits = logits.float()
+        if self.banned_ids:
+            logits[:, self.banned_ids] = float("-inf")
+        greedy = logits.argmax(-1)
+        toks = []
+        keep = []
+        for i, row in enumerate(batch.rows):
+            p = row.params
+            tok = int(greedy[i]) if p.temperature <= 1e-5 else _sample(logits[i], p, row.gen)
+            toks.append(tok)
+            if not self._accept(row, tok):
+                keep.append(i)
+        batch.last = torch.tensor(toks, dtype=torch.long, device=self.device)
+        if len(keep) != len(batch.rows):
+            self._select(batch, keep)
+
+    def _accept(self, row: _Row, tok: int) -> bool:
+        """Record ``tok`` for ``row``, emit new text; True when the row is finished."""
+        if row.handle.cancelled:
+            self._drop_if_cancelled(row)
+            return True
+        finish = None
+        if tok in self.eos_ids:
+            finish = "stop"
+        else:
+            row.ids.append(tok)
+            self.stats["tokens"] += 1
+            if len(row.ids) >= row.max_new:
+                finish = "length"
+        text = self.tokenizer.decode(row.ids, skip_special_tokens=True)
+        stops = row.params.stop
+        if stops:
+            cut = min((j for j in (text.find(s) for s in stops if s) if j >= 0), default=-1)
+            if cut >= 0:
+                text, finish = text[:cut], "stop"
+        if finish is None:
+            hold = 0
+            if text.endswith("\ufffd"):  # an incomplete UTF-8 sequence; wait for the rest
+                hold = 1
+            for s in stops:
+                for k in range(min(len(s) - 1, len(text)), hold, -1):
+                    if text.endswith(s[:k]):
+                        hold = max(hold, k)
+                        break
+            text = text[: len(text) - hold]
+        # Decoding a longer id list can rewrite the tail (rare, with some tokenizers); we never
+        # take back streamed text, so only characters beyond what was sent are new.
+        delta = text[len(row.emitted) :] if text.startswith(row.emitted) else ""
+        row.emitted += delta
+        if finish is None:
+            if delta:
+                row.handle._emit(Event("text", text=delta))
+            return False
+        self.stats["completed"] += 1
+        row.handle._emit(
+            Event(
+                "done",
+                text=delta,
+                finish_reason=finish,
+                prompt_tokens=row.handle.prompt_tokens,
+                completion_tokens=len(row.ids),
+            )
+        )
+        return True
+
+    def _select(self, batch: _Batch, keep: list[int]) -> None:
+        """Keep only rows ``keep`` and trim left padding no remaining row needs."""
+        import torch
+
+        batch.rows = [batch.rows[i] for i in keep]
+        if not keep:
+            batch.cache = None
+            return
+        idx = torch.tensor(keep, dtype=torch.long, device=self.device)
+        mask = batch.mask[idx]
+        used = mask.any(0).nonzero()
+        start = int(used[0]) if len(used) else 0
+        if self._merge_ok:
+            for layer in batch.cache.layers:
+                layer.keys = layer.keys[idx, :, start:]
+                layer.values = layer.values[idx, :, start:]
+            batch.mask = mask[:, start:]
+        else:
+            batch.cache.batch_select_indices(idx)
+            batch.mask = mask
+        batch.pos = batch.pos[idx]
+        if batch.last is not None and batch.last.shape[0] != len(keep):
+            batch.last = batch.last[idx]
+
+    def _merge(self, a: _Batch, b: _Batch) -> _Batch:
+        """Concatenate two batches along the batch axis, left-padding the shorter cache."""
+        import torch
+        import torch.nn.functional as F
+
+        ta, tb = a.mask.shape[1], b.mask.shape[1]
+        width = max(ta, tb)
+
+        def pad(x, t, dim):  # left-pad ``dim`` (2 for kv, 1 for the mask) to ``width``
+            if t == width:
+                return x
+            pads = [0, 0] * (x.dim() - 1 - dim) + [width - t, 0]
+            return F.pad(x, pads)
+
+        for la, lb in zip(a.cache.layers, b.cache.layers, strict=True):
+            la.keys = torch.cat([pad(la.keys, ta, 2), pad(lb.keys, tb, 2)])
+            la.values = torch.cat([pad(la.values, ta, 2), pad(lb.values, tb, 2)])
+        a.mask = torch.cat([pad(a.mask, ta, 1), pad(b.mask, tb, 1)])
+        a.pos = torch.cat([a.pos, b.pos])
+        a.last = torch.cat([a.last, b.last])
+        a.rows = a.rows + b.rows
+        return a
+
+
+def _cache_is_mergeable(cache) -> bool:
+    from transformers.cache_utils import DynamicCache, DynamicLayer
+
+    layers = getattr(cache, "layers", None)
+    return (
+        type(cache) is DynamicCache
+        and bool(layers)
+        and all(type(layer) is DynamicLayer for layer in layers)
+    )
+
+
+def _sample(logits, p: SamplingParams, gen) -> int:
+    import torch
+
+    probs = torch.softmax(logits / p.temperature, dim=-1)
+    if p.top_p < 1.0:
+        sorted_p, order = probs.sort(descending=True)
+        # keep the smallest prefix whose mass reaches top_p (always at least one token)
+        drop = sorted_p.cumsum(-1) - sorted_p >= p.top_p
+        sorted_p[drop] = 0
+        probs = torch.zeros_like(probs).scatter(0, order, sorted_p)
+    return int(torch.multinomial(probs, 1, generator=gen))
+
+
+def _flatten(content) -> str:
+    if isinstance(content, str):
+        return content
+    return "\n".join(part.get("text", "") for part in content if part.get("type") == "text")

@@ -1,0 +1,349 @@
+"""The OpenAI chat-completions schema (the subset we serve) and the conversion of its messages into
+the HF-style messages a chat template renders, plus the images they reference.
+
+Pure: no HTTP and no model. Errors are :class:`ProtocolError` with the HTTP status they deserve;
+their messages never echo request content (image bytes, keys).
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import re
+import time
+import uuid
+from dataclasses import dataclass
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+# --- errors ----------------------------------------------------------------------------------
+
+
+class ProtocolError(Exception):
+    """A client error with an HTTP status and an OpenAI-style error body."""
+
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        *,
+        code: str | None = None,
+        param: str | None = None,
+        type: str = "invalid_request_error",
+        headers: dict[str, str] | None = None,
+    ):
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.code = code
+        self.param = param
+        self.type = type
+        self.headers = headers or {}
+
+    def body(self) -> dict:
+        return {
+            "error": {
+                "message": self.message,
+                "type": self.type,
+                "param": self.param,
+                "code": self.code,
+            }
+        }
+
+
+# --- request schema --------------------------------------------------------------------------
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+
+class ImageURL(_Model):
+    url: str
+    detail: str | None = None
+
+
+class TextPart(_Model):
+    type: Literal["text"]
+    text: str
+
+
+class ImagePart(_Model):
+    type: Literal["image_url"]
+    image_url: ImageURL
+
+
+ContentPart = Annotated[TextPart | ImagePart, Field(discriminator="type")]
+
+
+class ChatMessage(_Model):
+    role: Literal["system", "developer", "user", "assistant"]
+    content: str | list[ContentPart] | None = None
+    name: str | None = None
+
+
+class StreamOptions(_Model):
+    include_usage: bool = False
+
+
+class ChatCompletionRequest(_Model):
+    model: str
+    messages: list[ChatMessage] = Field(min_length=1)
+    temperature: float | None = Field(None, ge=0, le=2)
+    top_p: float | None = Field(None, gt=0, le=1)
+    max_tokens: int | None = Field(None, ge=1)
+    max_completion_tokens: int | None = Field(None, ge=1)
+    stop: str | list[str] | None = None
+    seed: int | None = None
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    n: int = Field(1, ge=1)
+    user: str | None = None
+
+    @field_validator("stop")
+    @classmethod
+    def _stop(cls, v):
+        if isinstance(v, list) and len(v) > 4:
+            raise ValueError("at most 4 stop sequences")
+        return v
+
+    def stop_list(self) -> tuple[str, ...]:
+        if self.stop is None:
+            return ()
+        stops = [self.stop] if isinstance(self.stop, str) else self.stop
+        return tuple(s for s in stops if s)
+
+    def requested_max_tokens(self) -> int | None:
+        return self.max_completion_tokens or self.max_tokens
+
+
+def parse_request(data: Any) -> ChatCompletionRequest:
+    """Validate a decoded JSON body; raise a 400 ProtocolError naming the fields (never values)."""
+    if not isinstance(data, dict):
+        raise ProtocolError(400, "request body must be a JSON object")
+    try:
+        return ChatCompletionRequest.model_validate(data)
+    except ValidationError as exc:
+        errs = exc.errors(include_input=False, include_url=False)
+        first = errs[0]
+        where = ".".join(str(x) for x in first["loc"])
+        more = f" (and {len(errs) - 1} more)" if len(errs) > 1 else ""
+        raise ProtocolError(
+            400, f"invalid request: {where}: {first['msg']}{more}", param=where or None
+        ) from None
+
+
+# --- response schema -------------------------------------------------------------------------
+
+
+class Usage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class AssistantMessage(BaseModel):
+    role: Literal["assistant"] = "assistant"
+    content: str
+
+
+class Choice(BaseModel):
+    index: int = 0
+    message: AssistantMessage
+    finish_reason: str
+    logprobs: None = None
+
+
+class ChatCompletion(BaseModel):
+    id: str
+    object: Literal["chat.completion"] = "chat.completion"
+    created: int
+    model: str
+    choices: list[Choice]
+    usage: Usage
+    system_fingerprint: str | None = None
+
+
+class Delta(BaseModel):
+    role: Literal["assistant"] | None = None
+    content: str | None = None
+
+
+class ChunkChoice(BaseModel):
+    index: int = 0
+    delta: Delta
+    finish_reason: str | None = None
+    logprobs: None = None
+
+
+class ChatCompletionChunk(BaseModel):
+    id: str
+    object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
+    created: int
+    model: str
+    choices: list[ChunkChoice]
+    usage: Usage | None = None
+
+
+class ModelCard(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    created: int
+    owned_by: str = "llavamed"
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]
+
+
+def completion_id() -> str:
+    return "chatcmpl-" + uuid.uuid4().hex[:24]
+
+
+def now() -> int:
+    return int(time.time())
+
+
+def usage(prompt_tokens: int, completion_tokens: int) -> Usage:
+    return Usage(
+        prompt_tokens=prompt_tokens,
+        completion_tokens=completion_tokens,
+        total_tokens=prompt_tokens + completion_tokens,
+    )
+
+
+# --- messages -> prompt ----------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ImageRef:
+    """One image of a request: inline bytes (data URL) or a remote URL to fetch."""
+
+    where: str  # e.g. "messages[0].content[1]", for error messages
+    data: bytes | None = None
+    mime: str | None = None
+    url: str | None = None
+
+
+_DATA_URL = re.compile(r"^data:(?P<mime>[\w.+-]+/[\w.+-]+)?(?P<params>(;[^,;]*)*),", re.S)
+ACCEPTED_MIME = {"application/dicom", "application/octet-stream"}
+
+
+def parse_image_url(url: str, where: str, *, allow_remote: bool, max_bytes: int) -> ImageRef:
+    """Classify and (for data URLs) decode an ``image_url``. Raises ProtocolError: 400 for
+    refused schemes, malformed data URLs and base64; 413 for images over ``max_bytes``."""
+    url = url.strip()
+    low = url[:16].lower()
+    if low.startswith("data:"):
+        m = _DATA_URL.match(url[:256])
+        if not m:
+            raise ProtocolError(
+                400, f"{where}: malformed data URL", param=where, code="invalid_image"
+            )
+        mime = (m.group("mime") or "").lower()
+        params = [p.strip().lower() for p in m.group("params").split(";") if p.strip()]
+        if "base64" not in params:
+            raise ProtocolError(
+                400, f"{where}: data URL must be base64-encoded", param=where, code="invalid_image"
+            )
+        if mime and not (mime.startswith("image/") or mime in ACCEPTED_MIME):
+            raise ProtocolError(
+                400, f"{where}: unsupported media type {mime!r}", param=where, code="invalid_image"
+            )
+        payload = url[m.end() :]
+        # Refuse before decoding: base64 is 4 chars per 3 bytes.
+        if len(payload) * 3 // 4 > max_bytes + 3:
+            raise ProtocolError(
+                413,
+                f"{where}: image larger than {max_bytes} bytes",
+                param=where,
+                code="image_too_large",
+            )
+        try:
+            data = base64.b64decode("".join(payload.split()), validate=True)
+        except (binascii.Error, ValueError):
+            raise ProtocolError(
+                400, f"{where}: malformed base64 in data URL", param=where, code="invalid_image"
+            ) from None
+        if not data:
+            raise ProtocolError(400, f"{where}: empty image", param=where, code="invalid_image")
+        if len(data) > max_bytes:
+            raise ProtocolError(
+                413,
+                f"{where}: image larger than {max_bytes} bytes",
+                param=where,
+                code="image_too_large",
+            )
+        return ImageRef(where, data=data, mime=mime or None)
+    if low.startswith(("http://", "https://")):
+        if not allow_remote:
+            raise ProtocolError(
+                400,
+                f"{where}: remote image URLs are disabled on this server "
+                "(start it with --allow-remote-images, or send a data: URL)",
+                param=where,
+                code="remote_images_disabled",
+            )
+        return ImageRef(where, url=url)
+    if low.startswith("file:"):
+        raise ProtocolError(
+            400,
+            f"{where}: file: URLs are refused; send the image as a data: URL",
+            param=where,
+            code="invalid_image_url",
+        )
+    raise ProtocolError(
+        400,
+        f"{where}: image_url must be a data: URL (paths are refused)",
+        param=where,
+        code="invalid_image_url",
+    )
+
+
+def to_hf_messages(
+    messages: list[ChatMessage], *, allow_remote: bool, max_image_bytes: int
+) -> tuple[list[dict], list[ImageRef]]:
+    """OpenAI messages -> (HF messages with ``{"type": "image"}`` placeholders, image refs in
+    prompt order). System/developer turns become one leading system turn."""
+    hf: list[dict] = []
+    images: list[ImageRef] = []
+    for i, msg in enumerate(messages):
+        role = "system" if msg.role == "developer" else msg.role
+        parts: list[dict] = []
+        content = msg.content
+        if content is None:
+            content = ""
+        if isinstance(content, str):
+            parts.append({"type": "text", "text": content})
+        else:
+            for j, part in enumerate(content):
+                where = f"messages[{i}].content[{j}]"
+                if isinstance(part, TextPart):
+                    parts.append({"type": "text", "text": part.text})
+                else:
+                    if role != "user":
+                        raise ProtocolError(
+                            400, f"{where}: images are only accepted in user messages", param=where
+                        )
+                    images.append(
+                        parse_image_url(
+                            part.image_url.url,
+                            where,
+                            allow_remote=allow_remote,
+                            max_bytes=max_image_bytes,
+                        )
+                    )
+                    parts.append({"type": "image"})
+        if role in ("system", "assistant"):
+            text = "\n".join(p["text"] for p in parts if p["type"] == "text")
+            parts = [{"type": "text", "text": text}]
+        hf.append({"role": role, "content": parts})
+    if hf[-1]["role"] == "assistant":
+        raise ProtocolError(
+            400, "the last message must not be from the assistant", param="messages"
+        )
+    if not any(m["role"] == "user" for m in hf):
+        raise ProtocolError(400, "the conversation has no user message", param="messages")
+    return hf, images

@@ -1,0 +1,220 @@
+"""The batched engine against an independent reference: HF ``generate`` on one prompt at a time."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from llavamed.errors import InputError  # noqa: E402
+from llavamed.serve.engine import (  # noqa: E402
+    Engine,
+    EngineSettings,
+    QueueFull,
+    SamplingParams,
+    is_llava_dir,
+)
+
+QUESTIONS = [
+    "Hi",
+    "Describe the chest radiograph in detail, please, with all findings you can see.",
+    "Is there a fracture?",
+    "What modality is this image and which organ does it show?",
+    "Name one bone.",
+]
+
+
+@pytest.fixture(scope="module")
+def lm_engine(tiny_lm_dir):
+    eng = Engine.from_path(tiny_lm_dir, settings=EngineSettings(max_batch_size=4, max_queue=32))
+    yield eng
+    eng.close()
+
+
+def _reference(engine: Engine, prompt, n: int) -> list[int]:
+    ids = torch.tensor([prompt.input_ids])
+    kwargs = {}
+    if prompt.pixel_values is not None:
+        kwargs["pixel_values"] = prompt.pixel_values
+    with torch.inference_mode():
+        out = engine.model.generate(
+            input_ids=ids,
+            attention_mask=torch.ones_like(ids),
+            do_sample=False,
+            max_new_tokens=n,
+            min_new_tokens=n,
+            pad_token_id=engine.pad_id,
+            suppress_tokens=engine.banned_ids or None,
+            **kwargs,
+        )
+    return out[0, ids.shape[1] :].tolist()
+
+
+def _prompt(engine, q, image=None):
+    content = ([{"type": "image"}] if image is not None else []) + [{"type": "text", "text": q}]
+    return engine.prepare(
+        [{"role": "user", "content": content}], [image] if image is not None else []
+    )
+
+
+def test_detects_model_kind(tiny_lm_dir, tiny_llava_dir):
+    assert is_llava_dir(tiny_llava_dir)
+    assert not is_llava_dir(tiny_lm_dir)
+
+
+def test_batched_greedy_matches_one_at_a_time_generate(lm_engine):
+    """Different prompt lengths, a batch of 4 plus one request that joins the running batch:
+    every row must produce exactly what HF generate produces for it alone."""
+    n = 12
+    # Never stop early, so rows stay in the batch: ban eos by decoding exactly n tokens.
+    eos = lm_engine.eos_ids
+    lm_engine.eos_ids = set()
+    prefills, steps = lm_engine.stats["prefills"], lm_engine.stats["steps"]
+    try:
+        prompts = [_prompt(lm_engine, q) for q in QUESTIONS]
+        late: list = []
+        import queue as _q
+
+        first_events: _q.Queue = _q.Queue()
+
+        def on_first(ev):
+            # Submitted from the worker's own callback, so these two are certain to arrive
+            # while the first batch is still decoding: they must join it.
+            if not late:
+                late.extend(
+                    lm_engine.submit(p, SamplingParams(max_tokens=n, temperature=0))
+                    for p in prompts[3:]
+                )
+            first_events.put(ev)
+
+        handles = [
+            lm_engine.submit(
+                prompts[0], SamplingParams(max_tokens=n, temperature=0), on_event=on_first
+            )
+        ]
+        handles += [
+            lm_engine.submit(p, SamplingParams(max_tokens=n, temperature=0)) for p in prompts[1:3]
+        ]
+        while first_events.get(timeout=120).kind not in ("done", "error"):
+            pass
+        results = [None] + [h.result(timeout=120) for h in handles[1:] + late]
+    finally:
+        lm_engine.eos_ids = eos
+    assert lm_engine.stats["max_batch"] >= 4  # the late pair joined the running batch
+    # one batch's worth of decode steps (+ nothing sequential): joined, not queued behind
+    assert lm_engine.stats["steps"] - steps <= 2 * n
+    assert lm_engine.stats["prefills"] - prefills >= 2
+    results[0] = None
+    texts = set()
+    for p, r in zip(prompts[1:], results[1:], strict=True):
+        ref = _reference(lm_engine, p, n)
+        assert r.completion_tokens == n and r.finish_reason == "length"
+        assert r.text == lm_engine.tokenizer.decode(ref, skip_special_tokens=True)
+        texts.add(r.text)
+    assert len(texts) > 1  # the check is only meaningful if outputs differ by prompt
+    assert lm_engine.stats["max_batch"] >= 2
+
+
+def test_llava_batch_with_images_matches_reference(tiny_llava_dir):
+    from PIL import Image
+
+    eng = Engine.from_path(tiny_llava_dir)
+    try:
+        eng.eos_ids = set()
+        imgs = [Image.new("RGB", (40, 30), (200, 10, 10)), Image.new("RGB", (20, 50), (0, 90, 255))]
+        prompts = [
+            _prompt(eng, "What is shown?", imgs[0]),
+            _prompt(eng, "Hello there"),
+            _prompt(eng, "Any lesion here in this scan?", imgs[1]),
+        ]
+        assert prompts[0].n_images == 1 and prompts[1].pixel_values is None
+        hs = [eng.submit(p, SamplingParams(max_tokens=6, temperature=0)) for p in prompts]
+        for p, h in zip(prompts, hs, strict=True):
+            ref = _reference(eng, p, 6)
+            assert h.result(timeout=60).text == eng.tokenizer.decode(ref, skip_special_tokens=True)
+    finally:
+        eng.close()
+
+
+def test_seeded_sampling_is_reproducible_and_batch_independent(lm_engine):
+    p = _prompt(lm_engine, QUESTIONS[1])
+    params = SamplingParams(max_tokens=10, temperature=1.0, top_p=0.9, seed=123)
+    alone = lm_engine.generate(p, params).text
+    # Same request beside others with other seeds: the row's own generator decides its tokens.
+    hs = [
+        lm_engine.submit(p, SamplingParams(max_tokens=10, temperature=1.0, seed=s)) for s in (1, 2)
+    ]
+    again = lm_engine.submit(p, params)
+    assert again.result(timeout=60).text == alone
+    outs = {h.result(timeout=60).text for h in hs} | {alone}
+    assert len(outs) > 1
+
+
+def test_stop_strings_cut_text_and_streaming_holds_back_prefixes(lm_engine):
+    p = _prompt(lm_engine, QUESTIONS[3])
+    full = lm_engine.generate(p, SamplingParams(max_tokens=16, temperature=0)).text
+    assert len(full) > 6
+    stop = full[3:6]
+    h = lm_engine.submit(p, SamplingParams(max_tokens=16, temperature=0, stop=(stop,)))
+    deltas = list(h.stream(timeout=60))
+    text = "".join(deltas)
+    assert text == full[: full.find(stop)]
+    assert stop not in text
+
+
+def test_queue_full_and_cancellation(tiny_lm_dir):
+    eng = Engine.from_path(tiny_lm_dir, settings=EngineSettings(max_batch_size=1, max_queue=2))
+    try:
+        eng.eos_ids = set()
+        p = _prompt(eng, "long answer please")
+        first = eng.submit(p, SamplingParams(max_tokens=400, temperature=0))
+        # wait until the worker has taken it, then fill the queue
+        for _ in range(200):
+            if eng.queue_depth == 0 and eng.stats["prefills"]:
+                break
+            time.sleep(0.01)
+        queued = [eng.submit(p, SamplingParams(max_tokens=3, temperature=0)) for _ in range(2)]
+        with pytest.raises(QueueFull) as err:
+            eng.submit(p, SamplingParams(max_tokens=3))
+        assert err.value.retry_after >= 1
+        queued[0].cancel()
+        first.cancel()
+        r = first.result(timeout=60)
+        assert r.finish_reason == "cancelled" and r.completion_tokens < 400
+        assert queued[0].result(timeout=60).finish_reason == "cancelled"
+        assert queued[1].result(timeout=60).completion_tokens == 3
+    finally:
+        eng.close()
+
+
+def test_prompt_longer_than_context_is_refused(lm_engine):
+    p = _prompt(lm_engine, "x " * 600)
+    with pytest.raises(InputError, match="prompt too long"):
+        lm_engine.submit(p)
+
+
+def test_images_refused_by_text_only_model(lm_engine):
+    from PIL import Image
+
+    with pytest.raises(InputError, match="images not supported"):
+        lm_engine.prepare(
+            [{"role": "user", "content": [{"type": "image"}]}], [Image.new("RGB", (8, 8))]
+        )
+
+
+def test_concurrent_submitters_all_finish(lm_engine):
+    p = _prompt(lm_engine, "count")
+    out: list = []
+
+    def worker():
+        out.append(lm_engine.generate(p, SamplingParams(max_tokens=5, temperature=0)).text)
+
+    ts = [threading.Thread(target=worker) for _ in range(8)]
+    for t in ts:
+        t.start()
+    for t in ts:
+        t.join(60)
+    assert len(out) == 8 and len(set(out)) == 1
