@@ -23,6 +23,7 @@ COMMANDS: list[tuple[str | None, str]] = [
     ("eval", "llavamed.commands.eval_vqa"),
     ("eval", "llavamed.commands.eval_answer"),
     ("eval", "llavamed.commands.eval_judge"),
+    (None, "llavamed.commands.serve"),
 ]
 
 GROUP_HELP = {
