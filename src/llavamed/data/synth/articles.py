@@ -314,7 +314,7 @@ def encode(img: Image.Image, fmt: str) -> bytes:
     elif fmt == "png":
         img.save(buf, "PNG", compress_level=6)
     else:
-        img.save(buf, "TIFF", compression="tiff_deflate")
+        img.save(buf, "TIFF", compression="tiff_lzw")
     return buf.getvalue()
 
 

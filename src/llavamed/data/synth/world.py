@@ -166,7 +166,7 @@ def _work(task: tuple) -> list[dict] | None:
         plan = plan_article(seed, index)
         path = Path(out) / "packages" / f"{plan.pmcid}.tar.gz"
         if not path.exists():
-            atomic_write_bytes(path, build_article(plan, seed, size))
+            atomic_write_bytes(path, build_article(plan, seed, size), fsync=False)
         return manifest_entries(plan)
     _, out, seed, stream, index, domain, attrs, size, rel = task
     path = Path(out) / rel
@@ -179,7 +179,7 @@ def _work(task: tuple) -> list[dict] | None:
         )
         buf = io.BytesIO()
         img.save(buf, "JPEG", quality=92)
-        atomic_write_bytes(path, buf.getvalue())
+        atomic_write_bytes(path, buf.getvalue(), fsync=False)
     return None
 
 

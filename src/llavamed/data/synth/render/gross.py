@@ -4,7 +4,7 @@ with a coloured lesion on the cut surface and a ruler or a scale bar for size.""
 from __future__ import annotations
 
 import numpy as np
-from PIL import ImageDraw
+from PIL import Image, ImageDraw
 
 from llavamed.data.synth.attributes import GrossAttrs
 from llavamed.data.synth.render.common import (
@@ -89,12 +89,13 @@ def render_gross(a: GrossAttrs, rng: np.random.Generator, c: Canvas):
     c.targets.append((cu, cv))
 
     # Moist surfaces glint; light falls off across the field.
+    gl = Image.new("L", (c.w, c.h), 0)
+    dg = ImageDraw.Draw(gl)
     for gx, gy in glints:
-        g = (
-            soft_mask(ellipse(c, (gx - 0.5) * 0.5, (gy - 0.5) * 0.3 - 0.06, 0.01, 0.005), 0.8)
-            * organ
-        )
-        rgb = rgb + 0.25 * g[..., None]
+        x, y = c.px((gx - 0.5) * 0.5, (gy - 0.5) * 0.3 - 0.06)
+        rx, ry = 0.01 * c.s, 0.005 * c.s
+        dg.ellipse((x - rx, y - ry, x + rx, y + ry), fill=64)
+    rgb = rgb + (np.asarray(gl, dtype=np.float32) / 255.0 * organ)[..., None]
     rgb = rgb * (1 + 0.15 * light + 0.1 * j[4])[..., None]
     rgb = rgb + grain * 0.015
     img = to_rgb_image(rgb)

@@ -72,11 +72,13 @@ def render_chest_xray(a: ChestXrayAttrs, rng: np.random.Generator, c: Canvas):
     spine = soft_mask(np.abs(u) / 0.035, 0.2) * body
     att += spine * (0.07 + 0.03 * np.cos(v * 2 * np.pi / 0.055))
     ribs = np.zeros_like(u)
+    x = au - 0.04
+    rib_extent = np.clip((0.4 - au) / 0.03, 0, 1) * (au > 0.04)
+    rib_base = -0.45 * x + 1.9 * x**2
     for k in range(10):  # posterior ribs: arcs rising from the spine, curving down laterally
         v0 = -0.4 + k * 0.066 + 0.005 * j[2]
-        x = au - 0.04
-        vc = v0 - 0.45 * x + 1.9 * x**2
-        band = np.exp(-(((v - vc) / 0.011) ** 2)) * np.clip((0.4 - au) / 0.03, 0, 1) * (au > 0.04)
+        vc = v0 + rib_base
+        band = np.clip(1 - ((v - vc) / 0.012) ** 2, 0, None) * rib_extent
         ribs = np.maximum(ribs, band)
     att += 0.075 * ribs * body
     for sgn in (-1.0, 1.0):

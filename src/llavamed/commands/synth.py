@@ -1,0 +1,119 @@
+"""``llavamed synth``: generate the MedSynth world (PMC-style packages + VQA sets + manifest)."""
+
+from __future__ import annotations
+
+import argparse
+import os
+from pathlib import Path
+
+# Kept in sync with llavamed.data.synth.world (a test checks it); not imported here so that
+# `llavamed --help` stays fast.
+DEFAULT_ARTICLES = 150
+DEFAULT_IMAGE_SIZE = 256
+
+DESCRIPTION = """\
+Generate MedSynth, a procedurally generated biomedical figure world with ground truth, in DIR:
+
+  DIR/packages/<PMCID>.tar.gz        PMC OA-style packages: a JATS .nxml (pmid/pmcid, body text
+                                     citing figures with <xref ref-type="fig">, <fig> elements
+                                     with label, caption and <graphic xlink:href>) + the images
+  DIR/vqa_rad/VQA_RAD Dataset Public.json and DIR/vqa_rad/VQA_RAD Image Folder/
+                                     a VQA-RAD-shaped set (chest X-ray, CT, MRI)
+  DIR/slake/{train,validate,test}.json and DIR/slake/imgs/xmlab<N>/source.jpg
+                                     a SLAKE-shaped set (all five domains, ~18% Chinese questions)
+  DIR/manifest.json                  seed, generator version, counts per domain and split, and
+                                     the attribute ground truth of every image
+
+Images in five domains (chest X-ray, CT, brain MRI, H&E histology, gross pathology) are drawn
+from explicit attributes; captions and every VQA answer derive from those attributes. The same
+seed and arguments give byte-identical output for any --workers. Re-running into a finished DIR
+is a no-op; re-running after an interruption resumes."""
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser(
+        "synth",
+        help="generate MedSynth: synthetic PMC-style articles and VQA sets with ground truth",
+        description=DESCRIPTION,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--out", required=True, type=Path, metavar="DIR", help="output folder")
+    p.add_argument(
+        "--articles",
+        type=int,
+        default=DEFAULT_ARTICLES,
+        metavar="N",
+        help=f"number of PMC-style articles (1-4 figures each); the VQA sets get 10 images per "
+        f"article unless --vqa-images is given (default: {DEFAULT_ARTICLES}, the quickstart size)",
+    )
+    p.add_argument(
+        "--vqa-images",
+        type=int,
+        default=None,
+        metavar="N",
+        help="total VQA images, a third VQA-RAD and the rest SLAKE (default: 10 x --articles)",
+    )
+    p.add_argument("--seed", type=int, default=0, metavar="S", help="random seed (default: 0)")
+    p.add_argument(
+        "--image-size",
+        type=int,
+        default=DEFAULT_IMAGE_SIZE,
+        metavar="PX",
+        help=f"approximate short side of each image in pixels; aspect ratios vary around it "
+        f"(default: {DEFAULT_IMAGE_SIZE})",
+    )
+    p.add_argument(
+        "--workers",
+        type=int,
+        default=0,
+        metavar="N",
+        help="worker processes for rendering; 0 = one per CPU core (default: 0). The output does "
+        "not depend on it",
+    )
+    p.add_argument(
+        "--contact-sheet",
+        type=Path,
+        metavar="PNG",
+        help="also write a contact sheet PNG (samples per domain)",
+    )
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from llavamed.data.synth import generate_world
+    from llavamed.errors import ConfigError
+
+    if args.articles < 1:
+        raise ConfigError("--articles must be >= 1")
+    if args.workers < 0:
+        raise ConfigError("--workers must be >= 0")
+    workers = args.workers or (os.cpu_count() or 1)
+    m = generate_world(
+        args.out,
+        articles=args.articles,
+        seed=args.seed,
+        image_size=args.image_size,
+        workers=workers,
+        progress=not args.quiet,
+        vqa_images=args.vqa_images,
+    )
+    c = m["counts"]
+    n_fig = sum(sum(s.values()) for s in c["pmc"]["figures"].values())
+    rad_q = sum(v.get("CLOSED", 0) + v.get("OPEN", 0) for v in c["vqa_rad"]["questions"].values())
+    slake_q = sum(v.get("CLOSED", 0) + v.get("OPEN", 0) for v in c["slake"]["questions"].values())
+    print(
+        f"MedSynth {m['generator_version']} seed {m['seed']} -> {args.out}: "
+        f"{sum(c['pmc']['articles'].values())} articles / {n_fig} figures, "
+        f"VQA-RAD {rad_q} QA, SLAKE {slake_q} QA"
+    )
+    if args.contact_sheet:
+        from llavamed.data.synth.contact_sheet import contact_sheet
+        from llavamed.utils.io import atomic_path
+
+        with atomic_path(args.contact_sheet, suffix=".png") as tmp:
+            contact_sheet(seed=args.seed, size=args.image_size).save(
+                tmp, format="PNG", optimize=True
+            )
+        print(f"contact sheet -> {args.contact_sheet}")
+    return 0
