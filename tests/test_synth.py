@@ -228,7 +228,7 @@ def test_question_only_baseline_stays_at_chance(big_vqa):
             by_q[r["question"]].most_common(1)[0][0] if r["question"] in by_q else overall
             for r in test
         ]
-        acc = np.mean([p == r["answer"] for p, r in zip(pred, test)])
+        acc = np.mean([p == r["answer"] for p, r in zip(pred, test, strict=True)])
         assert len(test) > 150
         assert 0.4 <= acc <= 0.6, (name, acc)
 

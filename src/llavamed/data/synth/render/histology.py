@@ -56,7 +56,7 @@ def render_histology(a: HistologyAttrs, rng: np.random.Generator, c: Canvas):
     gain = 1.25 if atyp else 1.0
 
     def nucleus(x: float, y: float, k: int, value: float) -> None:
-        pts = [(x + dx, y + dy) for dx, dy in zip(outline_x[k], outline_y[k])]
+        pts = [(x + dx, y + dy) for dx, dy in zip(outline_x[k], outline_y[k], strict=True)]
         dh.polygon(pts, fill=int(min(255, value * gain * 150)))
 
     k = 0
