@@ -129,6 +129,12 @@ class _Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
     server_stub: StubServer
 
+    def setup(self) -> None:
+        super().setup()
+        # Headers and body go out in separate writes; without NODELAY, Nagle + delayed ACK adds
+        # ~40 ms to every keep-alive response, which would swamp any latency being measured.
+        self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
     def log_message(self, *args: object) -> None:  # keep test output clean
         pass
 
