@@ -26,6 +26,7 @@ from concurrent.futures.process import BrokenProcessPool
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from llavamed.data.domains import classify_text
 from llavamed.data.figures import DOMAINS
 from llavamed.data.pmc.jats import Article, parse_article
 from llavamed.data.pmc.sources import (
@@ -122,8 +123,6 @@ def _process_article(
         mentions = article.mentions.get(fig.fig_id)
         record = _record(article, stem, fig, mentions, pkg.key)
         if opts.label_domains or opts.keep_domains:
-            from llavamed.data.domains import classify_text
-
             record["domain"] = classify_text(record["fig_caption"], mentions or [])
         if opts.keep_domains and not _wanted(record["domain"], opts.keep_domains):
             counts["skipped: domain not selected"] += 1
@@ -316,27 +315,39 @@ def _results(
         with ProcessPoolExecutor(max_workers=workers) as pool:
             pending: deque = deque()
             for pkg in it:
-                pending.append((pkg, pool.submit(process_package, pkg, opts)))
-                if len(pending) >= window:
+                if not _submit(pool, pending, pkg, opts) or len(pending) >= window:
                     break
             if not pending:
                 return
-            while pending:
+            broken = pending[-1][1] is None
+            while pending and not broken:
                 pkg, fut = pending[0]
                 try:
                     result = fut.result()
                 except BrokenProcessPool:
-                    # A worker died (segfault in a decoder, OOM kill). Which package did it is
-                    # unknown: redo every package in flight alone, then carry on with a new pool.
-                    carry = [p for p, _ in pending]
                     break
                 pending.popleft()
-                nxt = next(it, None)
-                if nxt is not None:
-                    pending.append((nxt, pool.submit(process_package, nxt, opts)))
                 yield pkg, result
-            else:
+                nxt = next(it, None)
+                if nxt is not None and not _submit(pool, pending, nxt, opts):
+                    break
+            if not pending:
                 return
+            # A worker died (segfault in a decoder, OOM kill). Which package did it is unknown:
+            # redo every package in flight alone, then carry on with a new pool.
+            carry = [p for p, _ in pending]
+
+
+def _submit(
+    pool: ProcessPoolExecutor, pending: deque, pkg: PackageRef, opts: IngestOptions
+) -> bool:
+    """Queue ``pkg``; False (with a placeholder queued) when the pool is already broken."""
+    try:
+        pending.append((pkg, pool.submit(process_package, pkg, opts)))
+        return True
+    except BrokenProcessPool:
+        pending.append((pkg, None))
+        return False
 
 
 def _isolated(pkg: PackageRef, opts: IngestOptions) -> PackageResult:

@@ -232,7 +232,7 @@ def _figures(
     group_members: dict[str, list[str]] = {}  # fig-group id -> ids of its figures
     seen_ids: set[str] = set()
     for index, fig in enumerate(article.iter("fig"), 1):
-        group = fig.getparent() if fig.getparent() is not None else None
+        group = fig.getparent()
         in_group = group is not None and group.tag == "fig-group"
         label_el = fig.find("label")
         label = normalize_ws(_flat(label_el)) if label_el is not None else ""

@@ -174,9 +174,8 @@ def _iter_tar(pkg: PackageRef, notes: list[str]) -> Iterator[ArticleFiles]:
     images: dict[str, bytes | Path] = {}
     try:
         tf = tarfile.open(pkg.path, mode="r|*")
-    except (tarfile.TarError, OSError, EOFError, zlib.error) as exc:
+    except (tarfile.TarError, OSError, EOFError, zlib.error):
         notes.append("corrupt tarball")
-        del exc
         return
     try:
         with tf:
