@@ -23,6 +23,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from fastapi import Request  # at module level: route annotations are resolved from here
+
 from llavamed.errors import InputError
 from llavamed.serve import protocol as P
 from llavamed.serve.engine import (
@@ -67,7 +69,7 @@ def _error(exc: P.ProtocolError):
 
 def create_app(engine: Engine, settings: ServerSettings | None = None):
     """The FastAPI app serving ``engine``."""
-    from fastapi import FastAPI, Request
+    from fastapi import FastAPI
     from fastapi.exceptions import RequestValidationError
     from fastapi.responses import JSONResponse, StreamingResponse
     from starlette.concurrency import run_in_threadpool

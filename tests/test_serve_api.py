@@ -1,0 +1,397 @@
+"""The official ``openai`` SDK against the real server on 127.0.0.1 (tiny random models)."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import logging
+import threading
+import time
+
+import pytest
+
+openai = pytest.importorskip("openai")
+httpx = pytest.importorskip("httpx")
+
+from llavamed.serve.api import serve_in_background  # noqa: E402
+from llavamed.serve.engine import Engine, EngineSettings  # noqa: E402
+
+KEY = "sk-test-0123456789abcdef"
+
+
+def png_url(size=(40, 30), color=(200, 20, 20)) -> str:
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("RGB", size, color).save(buf, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+
+
+def jpeg_url() -> str:
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("RGB", (50, 50), (10, 120, 30)).save(buf, format="JPEG")
+    return "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode()
+
+
+def dicom_url(name="CT_small.dcm") -> str:
+    from pydicom.data import get_testdata_file
+
+    data = open(get_testdata_file(name), "rb").read()
+    return "data:application/dicom;base64," + base64.b64encode(data).decode()
+
+
+def image_msg(url: str, text: str = "What does this image show?") -> dict:
+    return {
+        "role": "user",
+        "content": [
+            {"type": "image_url", "image_url": {"url": url}},
+            {"type": "text", "text": text},
+        ],
+    }
+
+
+@pytest.fixture(scope="module")
+def llava_server(tiny_llava_dir):
+    eng = Engine.from_path(tiny_llava_dir, settings=EngineSettings(max_batch_size=4))
+    srv = serve_in_background(
+        eng,
+        api_key=KEY,
+        max_images=2,
+        max_image_bytes=200_000,
+        max_image_pixels=1_000_000,
+        max_request_bytes=1_000_000,
+        max_completion_tokens=64,
+        max_prompt_tokens=300,
+    )
+    yield srv
+    srv.stop()
+    eng.close()
+
+
+@pytest.fixture(scope="module")
+def client(llava_server):
+    return openai.OpenAI(base_url=llava_server.base_url, api_key=KEY, max_retries=0, timeout=60)
+
+
+@pytest.fixture(scope="module")
+def lm_server(tiny_lm_dir):
+    srv = serve_in_background(tiny_lm_dir, engine_settings=EngineSettings(max_batch_size=8))
+    yield srv
+    srv.stop()
+
+
+def test_models_and_health(client, llava_server):
+    models = client.models.list()
+    assert [m.id for m in models.data] == ["tiny-llava"]
+    r = httpx.get(llava_server.base_url.removesuffix("/v1") + "/health")
+    assert r.status_code == 200 and r.json()["multimodal"] is True
+
+
+def test_non_streaming_with_image_and_usage(client):
+    r = client.chat.completions.create(
+        model="tiny-llava", messages=[image_msg(png_url())], max_tokens=5, temperature=0
+    )
+    assert r.object == "chat.completion" and r.model == "tiny-llava"
+    assert r.choices[0].message.role == "assistant"
+    assert r.choices[0].finish_reason in ("length", "stop")
+    assert r.usage.completion_tokens <= 5
+    # 16 image tokens + the chat template around the question
+    assert r.usage.prompt_tokens > 16
+    assert r.usage.total_tokens == r.usage.prompt_tokens + r.usage.completion_tokens
+
+
+def test_streaming_equals_non_streaming(client):
+    kw = dict(model="tiny-llava", messages=[image_msg(jpeg_url())], max_tokens=8, temperature=0)
+    full = client.chat.completions.create(**kw)
+    chunks = list(
+        client.chat.completions.create(**kw, stream=True, stream_options={"include_usage": True})
+    )
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == full.choices[0].message.content
+    finishes = [c.choices[0].finish_reason for c in chunks if c.choices]
+    assert finishes[-1] == full.choices[0].finish_reason
+    assert chunks[-1].usage.completion_tokens == full.usage.completion_tokens
+
+
+def test_multi_turn_with_image_in_earlier_turn(client):
+    messages = [
+        image_msg(png_url(), "Describe the image."),
+        {"role": "assistant", "content": "A red square."},
+        {"role": "user", "content": "Is it large?"},
+    ]
+    r = client.chat.completions.create(
+        model="tiny-llava", messages=messages, max_tokens=4, temperature=0
+    )
+    one_turn = client.chat.completions.create(
+        model="tiny-llava", messages=messages[:1], max_tokens=4, temperature=0
+    )
+    assert r.usage.prompt_tokens > one_turn.usage.prompt_tokens + 5
+
+
+def test_sampling_params_seed_and_stop(client):
+    kw = dict(
+        model="tiny-llava",
+        messages=[image_msg(png_url())],
+        max_tokens=12,
+        temperature=1.5,
+        top_p=0.95,
+        seed=7,
+    )
+    a = client.chat.completions.create(**kw).choices[0].message.content
+    b = client.chat.completions.create(**kw).choices[0].message.content
+    assert a == b
+    if len(a) > 4:
+        stop = a[2:4]
+        c = client.chat.completions.create(**kw, stop=[stop]).choices[0]
+        assert c.message.content == a[: a.find(stop)] and c.finish_reason == "stop"
+
+
+@pytest.mark.parametrize("name", ["CT_small.dcm", "MR_small.dcm"])
+def test_dicom_data_url(client, name):
+    r = client.chat.completions.create(
+        model="tiny-llava", messages=[image_msg(dicom_url(name))], max_tokens=3, temperature=0
+    )
+    assert r.usage.prompt_tokens > 16
+
+
+def _status(client, **kw):
+    kw.setdefault("model", "tiny-llava")
+    kw.setdefault("max_tokens", 2)
+    with pytest.raises(openai.APIStatusError) as err:
+        client.chat.completions.create(**kw)
+    return err.value
+
+
+@pytest.mark.parametrize(
+    "url, status, words",
+    [
+        ("data:image/png;base64,@@@notbase64@@@", 400, "malformed base64"),
+        (
+            "data:image/png;base64," + base64.b64encode(b"just some text").decode(),
+            400,
+            "not an image",
+        ),
+        ("data:text/plain;base64,aGVsbG8=", 400, "unsupported media type"),
+        ("data:image/png,rawbytes", 400, "base64"),
+        ("file:///etc/passwd", 400, "file: URLs are refused"),
+        ("/etc/hostname", 400, "paths are refused"),
+        ("http://127.0.0.1:9/x.png", 400, "remote image URLs are disabled"),
+        ("data:image/png;base64," + "A" * 300_000, 413, "larger than"),
+    ],
+)
+def test_bad_images_are_4xx(client, url, status, words):
+    err = _status(client, messages=[image_msg(url)])
+    assert err.status_code == status
+    assert words in err.message
+    assert "AAAA" not in err.message and "passwd" not in err.message.replace("file:", "")
+
+
+def test_limits(client):
+    err = _status(client, messages=[image_msg(png_url(size=(1200, 1000)))])
+    assert err.status_code == 400 and "too large" in err.message
+    three = {
+        "role": "user",
+        "content": [{"type": "image_url", "image_url": {"url": png_url()}}] * 3,
+    }
+    err = _status(client, messages=[three])
+    assert err.status_code == 400 and "too many images" in err.message
+    err = _status(client, messages=[{"role": "user", "content": "word " * 400}])
+    assert err.status_code == 400 and err.code == "context_length_exceeded"
+    err = _status(client, messages=[image_msg(png_url())], max_tokens=100_000)
+    assert err.status_code == 400 and "max_tokens" in err.message
+    err = _status(client, messages=[image_msg(png_url())], temperature=5)
+    assert err.status_code == 400 and "temperature" in err.message
+    err = _status(client, messages=[{"role": "user", "content": "x" * 1_100_000}])
+    assert err.status_code == 413
+    err = _status(client, messages=[])
+    assert err.status_code == 400
+
+
+def test_auth_and_unknown_model(llava_server, client):
+    for key in ("wrong-key", ""):
+        bad = openai.OpenAI(base_url=llava_server.base_url, api_key=key or "x", max_retries=0)
+        if not key:
+            bad = openai.OpenAI(
+                base_url=llava_server.base_url,
+                api_key="x",
+                max_retries=0,
+                default_headers={"Authorization": ""},
+            )
+        with pytest.raises(openai.AuthenticationError):
+            bad.models.list()
+        with pytest.raises(openai.AuthenticationError):
+            bad.chat.completions.create(model="tiny-llava", messages=[image_msg(png_url())])
+    with pytest.raises(openai.NotFoundError) as err:
+        client.chat.completions.create(model="gpt-4", messages=[image_msg(png_url())])
+    assert err.value.code == "model_not_found"
+
+
+def test_garbage_never_crashes_and_nothing_secret_is_logged(llava_server, caplog):
+    base = llava_server.base_url
+    secret_b64 = base64.b64encode(b"SECRETPIXELS" * 10).decode()
+    hdr = {"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"}
+    bodies = [
+        b"",
+        b"{",
+        b"[]",
+        b'"x"',
+        b"\xff\xfe",
+        json.dumps({"model": 1}).encode(),
+        json.dumps({"model": "tiny-llava", "messages": "hi"}).encode(),
+        json.dumps(
+            {"model": "tiny-llava", "messages": [{"role": "robot", "content": "x"}]}
+        ).encode(),
+        json.dumps(
+            {
+                "model": "tiny-llava",
+                "messages": [
+                    {
+                        "role": "user",
+                        "content": [
+                            {
+                                "type": "image_url",
+                                "image_url": {"url": "data:image/png;base64," + secret_b64},
+                            }
+                        ],
+                    }
+                ],
+            }
+        ).encode(),
+        json.dumps(
+            {
+                "model": "tiny-llava",
+                "messages": [{"role": "user", "content": [{"type": "video", "x": 1}]}],
+            }
+        ).encode(),
+        json.dumps(
+            {"model": "tiny-llava", "messages": [{"role": "assistant", "content": "only me"}]}
+        ).encode(),
+    ]
+    with caplog.at_level(logging.DEBUG):
+        for body in bodies:
+            r = httpx.post(base + "/chat/completions", content=body, headers=hdr, timeout=30)
+            assert 400 <= r.status_code < 500, (body[:60], r.status_code, r.text)
+            assert "error" in r.json()
+        r = httpx.post(
+            base + "/chat/completions",
+            content=bodies[-3],
+            headers={"Authorization": "Bearer nope"},
+            timeout=30,
+        )
+        assert r.status_code == 401
+    assert httpx.get(base.removesuffix("/v1") + "/health").status_code == 200
+    logged = caplog.text + "".join(str(r.args) for r in caplog.records)
+    assert secret_b64[:20] not in logged and KEY not in logged
+
+
+def test_client_disconnect_cancels_generation(tiny_lm_dir):
+    eng = Engine.from_path(tiny_lm_dir, settings=EngineSettings(max_batch_size=2))
+    eng.eos_ids = set()  # the tiny LM would otherwise be free to stop early
+    srv = serve_in_background(eng, max_completion_tokens=400)
+    try:
+        body = {
+            "model": "tiny-lm",
+            "messages": [{"role": "user", "content": "go on"}],
+            "max_tokens": 400,
+            "stream": True,
+            "temperature": 0,
+        }
+        with httpx.Client(timeout=30) as c:
+            with c.stream("POST", srv.base_url + "/chat/completions", json=body) as r:
+                assert r.status_code == 200
+                for line in r.iter_lines():
+                    if line.startswith("data:") and '"content":""' not in line:
+                        break
+        deadline = time.time() + 20
+        while eng.stats["cancelled"] < 1 and time.time() < deadline:
+            time.sleep(0.05)
+        assert eng.stats["cancelled"] == 1
+        assert eng.stats["tokens"] < 400
+    finally:
+        srv.stop()
+        eng.close()
+
+
+def test_queue_full_is_503_with_retry_after(tiny_lm_dir):
+    eng = Engine.from_path(tiny_lm_dir, settings=EngineSettings(max_batch_size=1, max_queue=1))
+    eng.eos_ids = set()
+    srv = serve_in_background(eng, max_completion_tokens=300)
+    statuses: list = []
+    lock = threading.Lock()
+
+    def one():
+        r = httpx.post(
+            srv.base_url + "/chat/completions",
+            timeout=120,
+            json={
+                "model": "tiny-lm",
+                "messages": [{"role": "user", "content": "hi"}],
+                "max_tokens": 300,
+                "temperature": 0,
+            },
+        )
+        with lock:
+            statuses.append((r.status_code, r.headers.get("retry-after")))
+
+    try:
+        ts = [threading.Thread(target=one) for _ in range(6)]
+        for t in ts:
+            t.start()
+        for t in ts:
+            t.join(120)
+        codes = [s for s, _ in statuses]
+        assert codes.count(200) >= 2 and 503 in codes
+        assert all(int(ra) >= 1 for s, ra in statuses if s == 503)
+        assert set(codes) <= {200, 503}
+    finally:
+        srv.stop()
+        eng.close()
+
+
+def test_text_only_server(lm_server):
+    c = openai.OpenAI(base_url=lm_server.base_url, api_key="unused", max_retries=0)
+    assert c.models.list().data[0].id == "tiny-lm"
+    r = c.chat.completions.create(
+        model="tiny-lm",
+        max_tokens=6,
+        temperature=0,
+        messages=[
+            {"role": "system", "content": "You are terse."},
+            {"role": "user", "content": "Say hi"},
+        ],
+    )
+    assert r.usage.completion_tokens >= 1
+    with pytest.raises(openai.BadRequestError) as err:
+        c.chat.completions.create(model="tiny-lm", messages=[image_msg(png_url())])
+    assert "text-only" in err.value.message
+
+
+def test_llavamed_llm_client_drives_text_only_server(lm_server):
+    """The path ``llavamed data instruct --base-url`` takes (the quickstart's generator)."""
+    import asyncio
+
+    from llavamed.llm.client import ClientOptions, LLMClient
+
+    async def main():
+        opts = ClientOptions(
+            base_url=lm_server.base_url, model="tiny-lm", concurrency=4, max_retries=0
+        )
+        async with LLMClient(opts) as cl:
+            return await asyncio.gather(
+                *[
+                    cl.chat(
+                        [{"role": "user", "content": f"Question {i}"}],
+                        temperature=0.7,
+                        max_tokens=8,
+                        seed=i,
+                    )
+                    for i in range(6)
+                ]
+            )
+
+    results = asyncio.run(main())
+    assert len(results) == 6 and all(r.completion_tokens >= 1 for r in results)
+    assert not any(r.usage_estimated for r in results)
