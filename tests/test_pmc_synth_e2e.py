@@ -62,3 +62,35 @@ def test_alignment_from_ingested_corpus_is_valid_llava_json(world):
         assert (out.parent / s["image"]).is_file()
         assert s["conversations"][0]["value"].count("<image>") == 1
         conversation_to_messages(s["conversations"], s["id"])  # what `llavamed train` parses
+
+
+def test_sigkill_mid_run_then_resume(tmp_path):
+    """A real kill -9 of `llavamed data ingest` with 2 workers, then the same command again."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    world = tmp_path / "world"
+    manifest = synth.generate_world(
+        world, articles=30, seed=3, image_size=64, workers=1, progress=False, vqa_images=6
+    )
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "llavamed", "data", "ingest", str(world / "packages"),
+           "--out", str(out), "--workers", "2", "--no-progress"]  # fmt: skip
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    ledger = out / ".done_packages.jsonl"
+    deadline = time.time() + 60
+    while time.time() < deadline and proc.poll() is None:
+        if ledger.exists() and ledger.stat().st_size > 0:
+            break
+        time.sleep(0.02)
+    if proc.poll() is None:
+        os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert subprocess.run(cmd, capture_output=True, timeout=120).returncode == 0
+    ids = [json.loads(line)["pair_id"] for line in (out / "figures.jsonl").read_text().splitlines()]
+    truth = {e["pair_id"] for e in manifest["images"] if e["set"] == "pmc"}
+    assert len(ids) == len(set(ids)) and set(ids) == truth
+    assert {p.stem for p in (out / "images").glob("*.jpg")} == truth

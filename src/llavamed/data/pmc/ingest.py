@@ -216,7 +216,9 @@ class IngestWriter:
         (self.out / IMAGES).mkdir(parents=True, exist_ok=True)
         self._lock = open(self.out / LOCK, "w")
         try:
-            fcntl.flock(self._lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            # lockf, not flock: a POSIX lock belongs to this process only, so worker processes
+            # forked from it (which outlive a SIGKILLed parent for a moment) do not hold it.
+            fcntl.lockf(self._lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as exc:
             self._lock.close()
             raise InputError(self.out, "another ingest is writing to this folder") from exc
@@ -312,7 +314,9 @@ def _results(
         for pkg in carry:
             yield pkg, _isolated(pkg, opts)
         carry = []
-        with ProcessPoolExecutor(max_workers=workers) as pool:
+        with ProcessPoolExecutor(
+            max_workers=workers, initializer=_die_with_parent, initargs=(os.getpid(),)
+        ) as pool:
             pending: deque = deque()
             for pkg in it:
                 if not _submit(pool, pending, pkg, opts) or len(pending) >= window:
@@ -336,6 +340,21 @@ def _results(
             # A worker died (segfault in a decoder, OOM kill). Which package did it is unknown:
             # redo every package in flight alone, then carry on with a new pool.
             carry = [p for p, _ in pending]
+
+
+def _die_with_parent(parent_pid: int) -> None:
+    """Worker initializer: a SIGKILLed parent (preemption, OOM) must not leave workers blocked on
+    its queue forever. Linux only; elsewhere the workers exit when they notice the broken pipe."""
+    try:
+        import ctypes
+        import signal
+
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        libc.prctl(1, int(signal.SIGKILL))  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        return
+    if os.getppid() != parent_pid:  # the parent died before prctl took effect
+        os._exit(1)
 
 
 def _submit(
