@@ -16,7 +16,9 @@ from llavamed.errors import LlavamedError
 # NOTE TO CONTRIBUTORS WORKING IN PARALLEL: read /tmp/common_brief.md (commit rules, budgets) first.
 COMMANDS: list[tuple[str | None, str]] = [
     (None, "llavamed.commands.synth"),
+    (None, "llavamed.commands.train"),
     ("model", "llavamed.commands.model_init"),
+    ("convert", "llavamed.commands.convert"),
     ("data", "llavamed.commands.data_ingest"),
     ("data", "llavamed.commands.data_domains"),
     ("data", "llavamed.commands.data_align"),
@@ -25,6 +27,7 @@ COMMANDS: list[tuple[str | None, str]] = [
     ("eval", "llavamed.commands.eval_answer"),
     ("eval", "llavamed.commands.eval_judge"),
     (None, "llavamed.commands.serve"),
+    (None, "llavamed.commands.chat"),
 ]
 
 GROUP_HELP = {

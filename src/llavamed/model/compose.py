@@ -108,7 +108,6 @@ class _Vision:
 
 
 def _load_vision(spec: ModelSpec) -> _Vision:
-    import torch
     from transformers import AutoConfig, CLIPVisionConfig
     from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 
@@ -134,8 +133,8 @@ def _load_vision(spec: ModelSpec) -> _Vision:
 
     model = AutoModel.from_pretrained(path)
     if full_type is not None:
-        model = model.vision_model if full_type == "clip" else model.vision_model
-        sd = {f"vision_model.{k}": v for k, v in model.state_dict().items()}
+        # A full CLIP/SigLIP folder: keep only the vision half (same keys as *VisionModel).
+        sd = model.vision_model.state_dict()
     else:
         sd = model.state_dict()
     mean, std = list(OPENAI_CLIP_MEAN), list(OPENAI_CLIP_STD)
@@ -144,10 +143,8 @@ def _load_vision(spec: ModelSpec) -> _Vision:
         pre = json.loads(pp.read_text())
         mean, std = pre.get("image_mean", mean), pre.get("image_std", std)
     has_cls = cfg.model_type != "siglip_vision_model"
-    if cfg.model_type == "vit":
-        # ViTModel's pooler is unused by llava and would be an unmapped key.
-        sd = {k: v for k, v in sd.items() if not k.startswith("pooler.")}
-    del torch
+    # A ViT tower keeps its (unused) pooler: llava instantiates ViTModel with one, and strict
+    # loading wants every key accounted for.
     return _Vision(cfg, sd, mean, std, has_cls=has_cls, pretrained=True)
 
 
@@ -293,6 +290,7 @@ def save_checkpoint(
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
         model.save_pretrained(tmp)
+        _canonicalize_vision_keys(tmp, model.config.vision_config.model_type)
         processor.save_pretrained(tmp)
         meta = {"format": "llavamed-native-llava/1", "template": None, "spec": None}
         if spec is not None:
@@ -314,6 +312,33 @@ def save_checkpoint(
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
     return out
+
+
+def _canonicalize_vision_keys(folder: Path, vision_type: str) -> None:
+    """Write CLIP/SigLIP tower weights under ``vision_tower.vision_model.*``, the llava-hf layout
+    that transformers 4.x, vLLM and SGLang expect. transformers 5 saves them without the
+    ``vision_model`` level but maps that prefix back on load, so both generations read the file."""
+    if vision_type not in ("clip_vision_model", "siglip_vision_model"):
+        return
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    def rename(key: str) -> str:
+        if key.startswith("vision_tower.") and not key.startswith("vision_tower.vision_model."):
+            return "vision_tower.vision_model." + key[len("vision_tower.") :]
+        return key
+
+    index_path = folder / "model.safetensors.index.json"
+    shards = sorted(folder.glob("*.safetensors"))
+    for shard in shards:
+        with safe_open(shard, "pt") as fh:
+            meta = fh.metadata() or {}
+            tensors = {rename(k): fh.get_tensor(k) for k in fh.keys()}
+        save_file(tensors, shard, metadata=meta | {"format": "pt"})
+    if index_path.exists():
+        index = json.loads(index_path.read_text())
+        index["weight_map"] = {rename(k): v for k, v in index["weight_map"].items()}
+        index_path.write_text(json.dumps(index, indent=2))
 
 
 def init_checkpoint(out: str | Path, spec: ModelSpec | None = None) -> Path:

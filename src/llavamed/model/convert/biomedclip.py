@@ -1,0 +1,149 @@
+"""BiomedCLIP's vision tower (open_clip, timm ``VisionTransformer`` ViT-B/16 under
+``visual.trunk.*``) to a transformers ``ViTModel`` folder usable as ``model init --vision DIR``.
+
+Needs neither open_clip nor timm (neither imports beside the CPU torch here). timm's ViT is
+pre-norm with a fused ``qkv`` projection, GELU and LayerNorm eps 1e-6; transformers' ViT computes
+the same function with separate query/key/value, so the mapping is a split plus renames.
+The CLIP head (``visual.head.*``) and the text tower are not part of the vision tower and are
+dropped by name; any other unmapped ``visual.*`` key is an error.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+from llavamed.errors import InputError
+from llavamed.model.convert.state_dict_io import load_state_dict
+
+TRUNK = "visual.trunk."
+# transformers 5 ViTModel names (it maps older ``encoder.layer.*`` checkpoints on load).
+BLOCK_MAP = {
+    "norm1": "layernorm_before",
+    "norm2": "layernorm_after",
+    "attn.proj": "attention.o_proj",
+    "mlp.fc1": "mlp.fc1",
+    "mlp.fc2": "mlp.fc2",
+}
+DROPPED_PREFIXES = ("visual.head.", "text.", "logit_scale")
+
+
+def map_biomedclip_state_dict(sd: dict, num_heads: int | None = None):
+    """Return ``(ViTConfig, vit_state_dict)`` for an open_clip BiomedCLIP state dict."""
+    from transformers import ViTConfig
+
+    if not any(k.startswith(TRUNK) for k in sd):
+        raise InputError(
+            "<state dict>", "not an open_clip timm-trunk checkpoint", "no visual.trunk.* keys"
+        )
+    out: dict = {}
+    used = set()
+    blocks = set()
+    for k, v in sd.items():
+        if not k.startswith(TRUNK):
+            if k.startswith(DROPPED_PREFIXES):
+                used.add(k)
+            continue
+        rest = k[len(TRUNK) :]
+        m = re.match(r"blocks\.(\d+)\.(.+)\.(weight|bias)$", rest)
+        if m:
+            i, name, kind = int(m.group(1)), m.group(2), m.group(3)
+            blocks.add(i)
+            prefix = f"layers.{i}."
+            if name == "attn.qkv":
+                q, kk, vv = v.chunk(3, dim=0)
+                for part, t in zip(("q_proj", "k_proj", "v_proj"), (q, kk, vv), strict=True):
+                    out[f"{prefix}attention.{part}.{kind}"] = t.clone()
+            elif name in BLOCK_MAP:
+                out[f"{prefix}{BLOCK_MAP[name]}.{kind}"] = v
+            else:
+                continue
+        elif rest == "cls_token":
+            out["embeddings.cls_token"] = v
+        elif rest == "pos_embed":
+            out["embeddings.position_embeddings"] = v
+        elif rest.startswith("patch_embed.proj."):
+            out["embeddings.patch_embeddings.projection." + rest.rsplit(".", 1)[1]] = v
+        elif rest.startswith("norm."):
+            out["layernorm." + rest.rsplit(".", 1)[1]] = v
+        else:
+            continue
+        used.add(k)
+    unused = sorted(k for k in sd if k not in used)
+    if unused:
+        raise InputError("<state dict>", "unmapped source keys", ", ".join(unused[:10]))
+    hidden = out["embeddings.cls_token"].shape[-1]
+    patch = out["embeddings.patch_embeddings.projection.weight"].shape[-1]
+    n_pos = out["embeddings.position_embeddings"].shape[1] - 1
+    grid = int(round(n_pos**0.5))
+    if grid * grid != n_pos:
+        raise InputError("<state dict>", "non-square position grid", f"{n_pos} positions")
+    config = ViTConfig(
+        hidden_size=hidden,
+        num_hidden_layers=len(blocks),
+        num_attention_heads=num_heads or max(1, hidden // 64),
+        intermediate_size=out["layers.0.mlp.fc1.weight"].shape[0],
+        hidden_act="gelu",
+        layer_norm_eps=1e-6,
+        image_size=grid * patch,
+        patch_size=patch,
+        num_channels=out["embeddings.patch_embeddings.projection.weight"].shape[1],
+        qkv_bias="layers.0.attention.q_proj.bias" in out,
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+    )
+    return config, out
+
+
+def convert_biomedclip(src: str | Path, dst: str | Path, *, num_heads: int | None = None) -> Path:
+    """``src``: a weights file (``open_clip_pytorch_model.bin``/safetensors) or its folder
+    (``open_clip_config.json`` beside it supplies the image mean/std)."""
+    import shutil
+    import tempfile
+
+    import torch
+    from transformers import ViTModel
+
+    src = Path(src)
+    sd = load_state_dict(src)
+    config, vit_sd = map_biomedclip_state_dict(sd, num_heads=num_heads)
+    model = ViTModel(config, add_pooling_layer=True)
+    # The pooler is unused by llava; keep deterministic weights so the folder is reproducible.
+    torch.nn.init.zeros_(model.pooler.dense.weight)
+    torch.nn.init.zeros_(model.pooler.dense.bias)
+    vit_sd = {
+        **vit_sd,
+        "pooler.dense.weight": model.pooler.dense.weight.detach().clone(),
+        "pooler.dense.bias": model.pooler.dense.bias.detach().clone(),
+    }
+    model.load_state_dict(vit_sd, strict=True)
+    mean, std = [0.48145466, 0.4578275, 0.40821073], [0.26862954, 0.26130258, 0.27577711]
+    oc_cfg = (src if src.is_dir() else src.parent) / "open_clip_config.json"
+    if oc_cfg.exists():
+        pre = json.loads(oc_cfg.read_text()).get("preprocess_cfg", {})
+        mean, std = pre.get("mean", mean), pre.get("std", std)
+    dst = Path(dst)
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.", dir=dst.parent))
+    try:
+        model.save_pretrained(tmp)
+        (tmp / "preprocessor_config.json").write_text(
+            json.dumps(
+                {
+                    "image_mean": mean,
+                    "image_std": std,
+                    "image_size": config.image_size,
+                    "converted_from": "open_clip BiomedCLIP visual.trunk",
+                },
+                indent=2,
+            )
+            + "\n"
+        )
+        if dst.exists():
+            shutil.rmtree(dst)
+        tmp.rename(dst)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return dst

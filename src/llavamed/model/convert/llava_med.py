@@ -1,0 +1,239 @@
+"""Original LLaVA-Med v1.5 (``LlavaMistralForCausalLM``, ``model_type: llava_mistral``) to
+transformers' native ``LlavaForConditionalGeneration``.
+
+Source layout (DESIGN.md §4): LM under ``model.layers.*``, ``model.embed_tokens``, ``model.norm``,
+``lm_head``; projector ``model.mm_projector.{0,2}``; vision tower either inside the checkpoint
+under ``model.vision_tower.vision_tower.vision_model.*`` or only named by ``mm_vision_tower``
+(a hub id, or a local CLIP folder). The original inserted image features at a sentinel id (-200)
+rather than through a vocabulary token; the native format adds an ``<image>`` token, whose new
+embedding row is never read (image positions are overwritten by projected features).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+from llavamed.errors import InputError
+from llavamed.model.convert.state_dict_io import check_all_used, load_state_dict
+
+LLAVA_KEYS = {
+    "mm_vision_tower",
+    "mm_hidden_size",
+    "mm_vision_select_layer",
+    "mm_vision_select_feature",
+    "mm_projector_type",
+    "image_aspect_ratio",
+    "mm_use_im_start_end",
+    "mm_use_im_patch_token",
+    "mm_patch_merge_type",
+    "mm_projector_lr",
+    "mm_vision_tower_lr",
+    "tune_mm_mlp_adapter",
+    "freeze_mm_mlp_adapter",
+    "image_grid_pinpoints",
+    "tokenizer_model_max_length",
+    "tokenizer_padding_side",
+    "unfreeze_mm_vision_tower",
+    "use_mm_proj",
+}
+TOWER_PREFIX = "model.vision_tower.vision_tower."
+
+
+def _vision_config_and_weights(src_cfg: dict, sd: dict, vision_tower: str | Path | None, src: Path):
+    """The CLIP vision config and (prefix-stripped) weights, from the checkpoint or a folder."""
+    from transformers import AutoConfig, CLIPVisionConfig
+
+    in_ckpt = {k[len(TOWER_PREFIX) :]: v for k, v in sd.items() if k.startswith(TOWER_PREFIX)}
+    folder = Path(vision_tower) if vision_tower else None
+    named = src_cfg.get("mm_vision_tower")
+    if folder is None and named and Path(named).exists():
+        folder = Path(named)
+    if folder is None:
+        raise InputError(
+            src,
+            "vision tower config not found",
+            f"mm_vision_tower={named!r} is not a local folder; pass --vision-tower DIR "
+            "(a CLIP folder such as clip-vit-large-patch14-336)",
+        )
+    cfg = AutoConfig.from_pretrained(folder)
+    if isinstance(cfg, CLIPVisionConfig):
+        vcfg = cfg
+    elif getattr(cfg, "vision_config", None) is not None:
+        vcfg = cfg.vision_config
+    else:
+        raise InputError(folder, "not a CLIP folder", f"model_type={cfg.model_type}")
+    if in_ckpt:
+        # transformers 5's CLIPVisionModel has no ``vision_model`` level.
+        weights = {re.sub(r"^vision_model\.", "", k): v for k, v in in_ckpt.items()}
+        used_from_ckpt = [TOWER_PREFIX + k for k in in_ckpt]
+    else:
+        tower_sd = load_state_dict(folder)
+        weights = {}
+        for k, v in tower_sd.items():
+            if k.startswith("vision_model."):
+                weights[k[len("vision_model.") :]] = v
+            elif k.startswith(
+                ("text_model.", "visual_projection", "text_projection", "logit_scale")
+            ):
+                continue  # the text half of a full CLIP folder is not part of the tower
+            elif k.startswith("position_ids") or k.endswith("position_ids"):
+                continue
+            else:
+                weights[k] = v
+        weights = {k: v for k, v in weights.items() if not k.endswith("position_ids")}
+        used_from_ckpt = []
+    mean = std = None
+    pp = folder / "preprocessor_config.json"
+    if pp.exists():
+        pre = json.loads(pp.read_text())
+        mean, std = pre.get("image_mean"), pre.get("image_std")
+    return vcfg, weights, used_from_ckpt, mean, std
+
+
+def convert_llava_med(
+    src: str | Path, dst: str | Path, *, vision_tower: str | Path | None = None
+) -> Path:
+    import torch
+    from transformers import (
+        AutoTokenizer,
+        LlavaConfig,
+        LlavaForConditionalGeneration,
+        LlavaImageProcessor,
+        LlavaProcessor,
+        MistralConfig,
+    )
+    from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
+
+    from llavamed.model.convert.native_writer import write_native_checkpoint
+    from llavamed.model.templates import IMAGE_PLACEHOLDER, get_template
+
+    src = Path(src)
+    cfg_path = src / "config.json"
+    if not cfg_path.exists():
+        raise InputError(src, "not a checkpoint folder", "config.json missing")
+    src_cfg = json.loads(cfg_path.read_text())
+    if src_cfg.get("model_type") not in ("llava_mistral", "llava_llama", "llava"):
+        raise InputError(
+            cfg_path, "not a LLaVA-Med checkpoint", f"model_type={src_cfg.get('model_type')!r}"
+        )
+    if src_cfg.get("mm_projector_type", "linear") != "mlp2x_gelu":
+        raise InputError(
+            cfg_path,
+            "unsupported projector",
+            f"{src_cfg.get('mm_projector_type')!r}; native llava has Linear-GELU-Linear only",
+        )
+    if src_cfg.get("mm_use_im_start_end"):
+        raise InputError(cfg_path, "unsupported option", "mm_use_im_start_end=true")
+    sd = load_state_dict(src)
+    vcfg, vision_weights, vision_used, mean, std = _vision_config_and_weights(
+        src_cfg, sd, vision_tower, src
+    )
+
+    text_cfg = {k: v for k, v in src_cfg.items() if k not in LLAVA_KEYS}
+    for k in ("architectures", "model_type", "_name_or_path", "transformers_version", "auto_map"):
+        text_cfg.pop(k, None)
+    text_config = MistralConfig(**text_cfg)
+
+    tok = AutoTokenizer.from_pretrained(src)
+    if IMAGE_PLACEHOLDER not in tok.get_vocab():
+        tok.add_special_tokens({"additional_special_tokens": [IMAGE_PLACEHOLDER]})
+    if tok.pad_token is None:
+        tok.pad_token = tok.unk_token or tok.eos_token
+    image_token_id = tok.convert_tokens_to_ids(IMAGE_PLACEHOLDER)
+    vocab = max(len(tok), text_config.vocab_size)
+    old_vocab = text_config.vocab_size
+    text_config.vocab_size = vocab
+
+    select = "default" if src_cfg.get("mm_vision_select_feature", "patch") == "patch" else "full"
+    image_size, patch = int(vcfg.image_size), int(vcfg.patch_size)
+    config = LlavaConfig(
+        vision_config=vcfg.to_dict() | {"model_type": "clip_vision_model"},
+        text_config=text_config.to_dict() | {"model_type": "mistral"},
+        image_token_id=image_token_id,
+        projector_hidden_act="gelu",
+        vision_feature_select_strategy=select,
+        vision_feature_layer=int(src_cfg.get("mm_vision_select_layer", -2)),
+        image_seq_length=(image_size // patch) ** 2,
+        tie_word_embeddings=bool(src_cfg.get("tie_word_embeddings", False)),
+    )
+    with torch.device("meta"):
+        model = LlavaForConditionalGeneration(config)
+    target = {}
+    used = list(vision_used)
+    for k, v in sd.items():
+        if k.startswith(TOWER_PREFIX):
+            continue
+        if k.startswith("model.mm_projector."):
+            idx, rest = k[len("model.mm_projector.") :].split(".", 1)
+            name = {"0": "linear_1", "2": "linear_2"}.get(idx)
+            if name is None:
+                continue  # reported as unmapped below
+            target[f"model.multi_modal_projector.{name}.{rest}"] = v
+        elif k.startswith("model."):
+            target["model.language_model." + k[len("model.") :]] = v
+        elif k.startswith("lm_head."):
+            target[k] = v
+        else:
+            continue
+        used.append(k)
+    check_all_used(
+        [k for k in sd if not k.endswith("rotary_emb.inv_freq")],
+        used + [k for k in sd if k.endswith("rotary_emb.inv_freq")],
+        str(src),
+    )
+    for k, v in vision_weights.items():
+        target["model.vision_tower." + k] = v
+    # Grow the embedding (and untied head) by the <image> row(s); their values are never read for
+    # image positions, so the mean embedding is a safe, deterministic fill.
+    for key in ("model.language_model.embed_tokens.weight", "lm_head.weight"):
+        if key in target and target[key].shape[0] < vocab:
+            w = target[key]
+            extra = w.mean(dim=0, keepdim=True).expand(vocab - old_vocab, -1)
+            target[key] = torch.cat([w, extra], dim=0)
+    expected = set(model.state_dict().keys())
+    if config.tie_word_embeddings:
+        expected.discard("lm_head.weight")
+    missing, unexpected = expected - set(target), set(target) - expected
+    if missing or unexpected:
+        raise InputError(
+            src,
+            "checkpoint does not fit the native layout",
+            f"missing={sorted(missing)[:8]} unexpected={sorted(unexpected)[:8]}",
+        )
+    gen = {
+        "pad_token_id": tok.pad_token_id,
+        "eos_token_id": tok.eos_token_id,
+        "bos_token_id": tok.bos_token_id,
+    }
+    pad = src_cfg.get("image_aspect_ratio", "pad") == "pad"
+    image_processor = LlavaImageProcessor(
+        do_pad=pad,
+        size={"shortest_edge": image_size},
+        crop_size={"height": image_size, "width": image_size},
+        image_mean=mean or list(OPENAI_CLIP_MEAN),
+        image_std=std or list(OPENAI_CLIP_STD),
+    )
+    template = get_template("mistral_instruct")
+    processor = LlavaProcessor(
+        image_processor=image_processor,
+        tokenizer=tok,
+        patch_size=patch,
+        vision_feature_select_strategy=select,
+        chat_template=template.jinja(eos=tok.eos_token),
+        image_token=IMAGE_PLACEHOLDER,
+        num_additional_image_tokens=1,
+    )
+    tok.chat_template = processor.chat_template
+    return write_native_checkpoint(
+        dst,
+        config,
+        target,
+        processor,
+        gen,
+        meta={
+            "template": "mistral_instruct",
+            "converted_from": {"format": "llava-med-v1.5", "path": str(src)},
+        },
+    )

@@ -1,0 +1,87 @@
+"""Write a native llava checkpoint straight from tensors, without instantiating the model.
+
+Converters use this so that a 7B conversion needs memory for the source weights only. Tensors
+come keyed by transformers' in-memory names and are written under the llava-hf on-disk names
+(``language_model.model.*``, ``language_model.lm_head.*``, ``multi_modal_projector.*``,
+``vision_tower.vision_model.*``) that transformers 4.x/5.x, vLLM and SGLang all read.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+from pathlib import Path
+
+SHARD_BYTES = 4 * 1024**3
+
+DISK_PREFIXES = (
+    ("model.language_model.", "language_model.model."),
+    ("lm_head.", "language_model.lm_head."),
+    ("model.multi_modal_projector.", "multi_modal_projector."),
+)
+
+
+def disk_name(key: str, vision_type: str) -> str:
+    for mem, disk in DISK_PREFIXES:
+        if key.startswith(mem):
+            return disk + key[len(mem) :]
+    if key.startswith("model.vision_tower."):
+        rest = key[len("model.vision_tower.") :]
+        if vision_type in ("clip_vision_model", "siglip_vision_model"):
+            return "vision_tower.vision_model." + rest
+        return "vision_tower." + rest
+    raise KeyError(key)
+
+
+def write_native_checkpoint(
+    dst, config, tensors: dict, processor, generation: dict, meta: dict
+) -> Path:
+    from safetensors.torch import save_file
+    from transformers import GenerationConfig
+
+    from llavamed.model.compose import CHECKPOINT_META
+
+    dst = Path(dst)
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.", dir=dst.parent))
+    try:
+        vtype = config.vision_config.model_type
+        named = {disk_name(k, vtype): v.contiguous() for k, v in tensors.items()}
+        shards, cur, size = [], {}, 0
+        for k in sorted(named):
+            nbytes = named[k].numel() * named[k].element_size()
+            if cur and size + nbytes > SHARD_BYTES:
+                shards.append(cur)
+                cur, size = {}, 0
+            cur[k] = named[k]
+            size += nbytes
+        shards.append(cur)
+        if len(shards) == 1:
+            save_file(shards[0], tmp / "model.safetensors", metadata={"format": "pt"})
+        else:
+            weight_map = {}
+            for i, shard in enumerate(shards, 1):
+                name = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+                save_file(shard, tmp / name, metadata={"format": "pt"})
+                weight_map.update({k: name for k in shard})
+            total = sum(v.numel() * v.element_size() for v in named.values())
+            (tmp / "model.safetensors.index.json").write_text(
+                json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2)
+            )
+        config.architectures = ["LlavaForConditionalGeneration"]
+        config.save_pretrained(tmp)
+        GenerationConfig(**{k: v for k, v in generation.items() if v is not None}).save_pretrained(
+            tmp
+        )
+        processor.save_pretrained(tmp)
+        (tmp / CHECKPOINT_META).write_text(
+            json.dumps({"format": "llavamed-native-llava/1", "spec": None, **meta}, indent=2) + "\n"
+        )
+        if dst.exists():
+            shutil.rmtree(dst)
+        tmp.rename(dst)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return dst

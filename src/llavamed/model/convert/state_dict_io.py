@@ -1,0 +1,66 @@
+"""Read a checkpoint folder's weights whatever the shard layout: ``model.safetensors``,
+``pytorch_model.bin``, their sharded ``*.index.json`` variants, or a single weights file."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from llavamed.errors import InputError
+
+WEIGHT_FILES = (
+    "model.safetensors",
+    "pytorch_model.bin",
+    "open_clip_pytorch_model.bin",
+    "open_clip_model.safetensors",
+)
+INDEX_FILES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
+
+
+def _load_file(path: Path) -> dict:
+    import torch
+
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            return load_file(path)
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise InputError(path, "unreadable weights file", str(exc)) from exc
+
+
+def load_state_dict(src: str | Path) -> dict:
+    src = Path(src)
+    if src.is_file():
+        sd = _load_file(src)
+        return sd.get("state_dict", sd) if isinstance(sd, dict) else sd
+    for name in INDEX_FILES:
+        index = src / name
+        if index.exists():
+            weight_map = json.loads(index.read_text())["weight_map"]
+            out: dict = {}
+            for shard in sorted(set(weight_map.values())):
+                if not (src / shard).exists():
+                    raise InputError(src / shard, "missing shard listed in " + name)
+                out.update(_load_file(src / shard))
+            missing = set(weight_map) - set(out)
+            if missing:
+                raise InputError(
+                    index, "index names keys absent from shards", ", ".join(sorted(missing)[:5])
+                )
+            return out
+    for name in WEIGHT_FILES:
+        if (src / name).exists():
+            return _load_file(src / name)
+    raise InputError(src, "no weights found", f"expected one of {WEIGHT_FILES + INDEX_FILES}")
+
+
+def check_all_used(source_keys, used, where: str) -> None:
+    unused = sorted(set(source_keys) - set(used))
+    if unused:
+        raise InputError(
+            where,
+            "unmapped source keys",
+            ", ".join(unused[:10]) + (" ..." if len(unused) > 10 else ""),
+        )

@@ -1,0 +1,372 @@
+"""Converters: tiny checkpoints in the original layouts; the converted native model must match an
+independent forward pass written here from the original tensors."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from safetensors.torch import load_file, save_file
+
+from llavamed.errors import InputError
+
+TOWER = "model.vision_tower.vision_tower.vision_model."
+
+
+def _tiny_mistral_cfg(vocab: int) -> dict:
+    return dict(
+        vocab_size=vocab,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=8,
+        max_position_embeddings=256,
+        rms_norm_eps=1e-5,
+        rope_theta=10000.0,
+        sliding_window=None,
+        tie_word_embeddings=False,
+        hidden_act="silu",
+        bos_token_id=1,
+        eos_token_id=2,
+    )
+
+
+@pytest.fixture(scope="module")
+def original_llava_med(tmp_path_factory):
+    """A LLaVA-Med v1.5-layout folder: Mistral LM + CLIP tower weights inside + mlp2x_gelu."""
+    from transformers import (
+        AutoTokenizer,
+        CLIPVisionConfig,
+        CLIPVisionModel,
+        MistralConfig,
+        MistralForCausalLM,
+    )
+
+    from llavamed.model.embedded import embedded_lm_dir
+
+    root = tmp_path_factory.mktemp("llava_med_orig")
+    src, tower_dir = root / "llava-med-v1.5-tiny", root / "clip-tiny"
+    tok = AutoTokenizer.from_pretrained(embedded_lm_dir())
+    torch.manual_seed(0)
+    lm = MistralForCausalLM(MistralConfig(**_tiny_mistral_cfg(len(tok))))
+    vcfg = CLIPVisionConfig(
+        image_size=28,
+        patch_size=7,
+        hidden_size=24,
+        num_hidden_layers=3,
+        num_attention_heads=2,
+        intermediate_size=48,
+        projection_dim=8,
+    )
+    tower = CLIPVisionModel(vcfg)
+    tower.save_pretrained(tower_dir)
+    sd = {}
+    for k, v in lm.state_dict().items():
+        sd[k] = v  # model.layers.*, model.embed_tokens, model.norm, lm_head (original names)
+    for k, v in tower.state_dict().items():
+        sd[TOWER + k] = v
+    sd["model.mm_projector.0.weight"] = torch.randn(32, 24) * 0.2
+    sd["model.mm_projector.0.bias"] = torch.randn(32) * 0.1
+    sd["model.mm_projector.2.weight"] = torch.randn(32, 32) * 0.2
+    sd["model.mm_projector.2.bias"] = torch.randn(32) * 0.1
+    src.mkdir()
+    # Sharded, as released 7B checkpoints are.
+    keys = sorted(sd)
+    half = len(keys) // 2
+    shards = {
+        "model-00001-of-00002.safetensors": keys[:half],
+        "model-00002-of-00002.safetensors": keys[half:],
+    }
+    for name, ks in shards.items():
+        save_file({k: sd[k].contiguous() for k in ks}, src / name)
+    (src / "model.safetensors.index.json").write_text(
+        json.dumps({"metadata": {}, "weight_map": {k: n for n, ks in shards.items() for k in ks}})
+    )
+    cfg = _tiny_mistral_cfg(len(tok)) | {
+        "architectures": ["LlavaMistralForCausalLM"],
+        "model_type": "llava_mistral",
+        "mm_vision_tower": str(tower_dir),
+        "mm_hidden_size": 24,
+        "mm_vision_select_layer": -2,
+        "mm_vision_select_feature": "patch",
+        "mm_projector_type": "mlp2x_gelu",
+        "image_aspect_ratio": "pad",
+        "mm_use_im_start_end": False,
+        "mm_use_im_patch_token": False,
+    }
+    (src / "config.json").write_text(json.dumps(cfg))
+    tok.save_pretrained(src)
+    return src, tower_dir, sd
+
+
+def _reference_logits(
+    sd: dict, input_ids: torch.Tensor, image_token_id: int, pixel_values: torch.Tensor
+):
+    """LLaVA-Med's forward, written from the original tensors: CLIP layer -2 patch features ->
+    Linear-GELU-Linear -> spliced over the image positions -> Mistral."""
+    from transformers import CLIPVisionConfig, CLIPVisionModel, MistralConfig, MistralForCausalLM
+
+    vocab = sd["model.embed_tokens.weight"].shape[0]
+    lm = MistralForCausalLM(MistralConfig(**_tiny_mistral_cfg(vocab))).eval()
+    lm.load_state_dict(
+        {
+            k: v
+            for k, v in sd.items()
+            if not k.startswith("model.mm_projector") and not k.startswith("model.vision_tower")
+        },
+        strict=True,
+    )
+    tower = CLIPVisionModel(
+        CLIPVisionConfig(
+            image_size=28,
+            patch_size=7,
+            hidden_size=24,
+            num_hidden_layers=3,
+            num_attention_heads=2,
+            intermediate_size=48,
+        )
+    ).eval()
+    tower.load_state_dict(
+        {k[len(TOWER) :]: v for k, v in sd.items() if k.startswith(TOWER)}, strict=True
+    )
+    with torch.no_grad():
+        feats = tower(pixel_values, output_hidden_states=True).hidden_states[-2][:, 1:]
+        feats = F.gelu(
+            feats @ sd["model.mm_projector.0.weight"].T + sd["model.mm_projector.0.bias"]
+        )
+        feats = feats @ sd["model.mm_projector.2.weight"].T + sd["model.mm_projector.2.bias"]
+        ids = input_ids[0]
+        pos = (ids == image_token_id).nonzero().flatten()
+        text_ids = ids.clone()
+        text_ids[pos] = 0
+        emb = lm.model.embed_tokens(text_ids)
+        emb[pos] = feats[0]
+        return lm(inputs_embeds=emb[None]).logits[..., :vocab]
+
+
+def test_llava_med_logits_parity(original_llava_med, tmp_path):
+    from transformers import AutoProcessor, LlavaForConditionalGeneration
+
+    from llavamed.model.convert.llava_med import convert_llava_med
+
+    src, _, sd = original_llava_med
+    dst = convert_llava_med(src, tmp_path / "native")
+    cfg = json.loads((dst / "config.json").read_text())
+    assert cfg["model_type"] == "llava" and cfg["architectures"] == [
+        "LlavaForConditionalGeneration"
+    ]
+    assert cfg["vision_feature_layer"] == -2
+    model = LlavaForConditionalGeneration.from_pretrained(dst).eval()
+    proc = AutoProcessor.from_pretrained(dst)
+    prompt = proc.apply_chat_template(
+        [
+            {
+                "role": "user",
+                "content": [{"type": "image"}, {"type": "text", "text": "What is shown?"}],
+            }
+        ],
+        add_generation_prompt=True,
+    )
+    assert prompt.endswith("What is shown? [/INST]") and prompt.startswith("[INST] <image>\n")
+    inputs = proc(
+        text=[prompt], images=[Image.new("RGB", (40, 20), (90, 160, 30))], return_tensors="pt"
+    )
+    assert (inputs["input_ids"] == model.config.image_token_id).sum() == 16
+    with torch.no_grad():
+        got = model(**inputs).logits
+    ref = _reference_logits(
+        sd, inputs["input_ids"], model.config.image_token_id, inputs["pixel_values"]
+    )
+    torch.testing.assert_close(got[..., : ref.shape[-1]], ref, rtol=1e-4, atol=1e-4)
+    # On-disk names are the llava-hf layout other runtimes read.
+    keys = set(load_file(dst / "model.safetensors"))
+    assert "language_model.lm_head.weight" in keys
+    assert any(k.startswith("vision_tower.vision_model.encoder.") for k in keys)
+    assert "multi_modal_projector.linear_2.bias" in keys
+
+
+def test_llava_med_tower_from_named_folder(original_llava_med, tmp_path):
+    """Checkpoints that only name the tower in mm_vision_tower get its weights from there."""
+    from llavamed.model.convert.llava_med import convert_llava_med
+
+    src, tower_dir, sd = original_llava_med
+    no_tower = tmp_path / "no-tower"
+    no_tower.mkdir()
+    save_file(
+        {k: v.contiguous() for k, v in sd.items() if not k.startswith(TOWER)},
+        no_tower / "model.safetensors",
+    )
+    for f in src.iterdir():
+        if f.suffix != ".safetensors" and not f.name.endswith(".index.json"):
+            (no_tower / f.name).write_bytes(f.read_bytes())
+    dst = convert_llava_med(no_tower, tmp_path / "native")
+    out = load_file(dst / "model.safetensors")
+    ref = load_file(tower_dir / "model.safetensors")
+    k = "embeddings.patch_embedding.weight"
+    torch.testing.assert_close(
+        out["vision_tower.vision_model." + k], ref[k] if k in ref else ref["vision_model." + k]
+    )
+
+    cfg = json.loads((no_tower / "config.json").read_text())
+    cfg["mm_vision_tower"] = "openai/clip-vit-large-patch14-336"
+    (no_tower / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(InputError, match="--vision-tower"):
+        convert_llava_med(no_tower, tmp_path / "native2")
+    dst = convert_llava_med(no_tower, tmp_path / "native3", vision_tower=tower_dir)
+    assert (dst / "model.safetensors").exists()
+
+
+def test_llava_med_unmapped_key_fails_loudly(original_llava_med, tmp_path):
+    from llavamed.model.convert.llava_med import convert_llava_med
+
+    src, _, sd = original_llava_med
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    extra = {k: v.contiguous() for k, v in sd.items()} | {
+        "model.mm_projector.4.weight": torch.zeros(2, 2)
+    }
+    save_file(extra, bad / "model.safetensors")
+    for f in src.iterdir():
+        if f.suffix != ".safetensors" and not f.name.endswith(".index.json"):
+            (bad / f.name).write_bytes(f.read_bytes())
+    with pytest.raises(InputError, match=r"unmapped source keys.*mm_projector\.4"):
+        convert_llava_med(bad, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_llava_med_cli(original_llava_med, tmp_path):
+    from llavamed.cli import main
+
+    src, _, _ = original_llava_med
+    assert main(["convert", "llava-med", str(src), str(tmp_path / "n")]) == 0
+    assert (
+        main(["convert", "llava-med", str(tmp_path), str(tmp_path / "m")]) == 1
+    )  # not a checkpoint
+
+
+# --- BiomedCLIP ---------------------------------------------------------------------------
+
+
+def _timm_vit_forward(sd: dict, x: torch.Tensor, heads: int, n_blocks: int) -> list[torch.Tensor]:
+    """timm VisionTransformer forward (pre-norm, fused qkv, GELU, eps 1e-6) from raw tensors;
+    returns the residual stream after the embeddings and after each block."""
+    t = lambda k: sd["visual.trunk." + k]  # noqa: E731
+    p = F.conv2d(
+        x,
+        t("patch_embed.proj.weight"),
+        t("patch_embed.proj.bias"),
+        stride=t("patch_embed.proj.weight").shape[-1],
+    )
+    h = p.flatten(2).transpose(1, 2)
+    h = torch.cat([t("cls_token").expand(x.shape[0], -1, -1), h], dim=1) + t("pos_embed")
+    states = [h]
+    d = h.shape[-1]
+    for i in range(n_blocks):
+        b = lambda k: t(f"blocks.{i}.{k}")  # noqa: E731,B023
+        y = F.layer_norm(h, (d,), b("norm1.weight"), b("norm1.bias"), eps=1e-6)
+        qkv = (y @ b("attn.qkv.weight").T + b("attn.qkv.bias")).reshape(
+            x.shape[0], -1, 3, heads, d // heads
+        )
+        q, k, v = qkv.permute(2, 0, 3, 1, 4)
+        att = ((q @ k.transpose(-1, -2)) * (d // heads) ** -0.5).softmax(-1)
+        y = (att @ v).transpose(1, 2).reshape(x.shape[0], -1, d)
+        h = h + y @ b("attn.proj.weight").T + b("attn.proj.bias")
+        y = F.layer_norm(h, (d,), b("norm2.weight"), b("norm2.bias"), eps=1e-6)
+        y = F.gelu(y @ b("mlp.fc1.weight").T + b("mlp.fc1.bias")) @ b("mlp.fc2.weight").T + b(
+            "mlp.fc2.bias"
+        )
+        h = h + y
+        states.append(h)
+    return states
+
+
+@pytest.fixture()
+def biomedclip_state_dict():
+    torch.manual_seed(1)
+    d, blocks, patch, grid = 32, 2, 8, 4
+    sd = {
+        "visual.trunk.cls_token": torch.randn(1, 1, d) * 0.1,
+        "visual.trunk.pos_embed": torch.randn(1, grid * grid + 1, d) * 0.1,
+        "visual.trunk.patch_embed.proj.weight": torch.randn(d, 3, patch, patch) * 0.05,
+        "visual.trunk.patch_embed.proj.bias": torch.randn(d) * 0.05,
+        "visual.trunk.norm.weight": 1 + torch.randn(d) * 0.1,
+        "visual.trunk.norm.bias": torch.randn(d) * 0.1,
+        "visual.head.proj.weight": torch.randn(16, d),
+        "text.transformer.embeddings.word_embeddings.weight": torch.randn(10, 8),
+        "logit_scale": torch.tensor(4.6),
+    }
+    for i in range(blocks):
+        p = f"visual.trunk.blocks.{i}."
+        sd |= {
+            p + "norm1.weight": 1 + torch.randn(d) * 0.1,
+            p + "norm1.bias": torch.randn(d) * 0.1,
+            p + "attn.qkv.weight": torch.randn(3 * d, d) * 0.1,
+            p + "attn.qkv.bias": torch.randn(3 * d) * 0.1,
+            p + "attn.proj.weight": torch.randn(d, d) * 0.1,
+            p + "attn.proj.bias": torch.randn(d) * 0.1,
+            p + "norm2.weight": 1 + torch.randn(d) * 0.1,
+            p + "norm2.bias": torch.randn(d) * 0.1,
+            p + "mlp.fc1.weight": torch.randn(4 * d, d) * 0.1,
+            p + "mlp.fc1.bias": torch.randn(4 * d) * 0.1,
+            p + "mlp.fc2.weight": torch.randn(d, 4 * d) * 0.1,
+            p + "mlp.fc2.bias": torch.randn(d) * 0.1,
+        }
+    return sd
+
+
+def test_biomedclip_hidden_states_parity(biomedclip_state_dict, tmp_path):
+    from transformers import ViTModel
+
+    from llavamed.model.convert.biomedclip import convert_biomedclip
+
+    torch.save(biomedclip_state_dict, tmp_path / "open_clip_pytorch_model.bin")
+    (tmp_path / "open_clip_config.json").write_text(
+        json.dumps({"preprocess_cfg": {"mean": [0.5, 0.5, 0.5], "std": [0.25, 0.25, 0.25]}})
+    )
+    dst = convert_biomedclip(tmp_path, tmp_path / "vit", num_heads=4)
+    vit = ViTModel.from_pretrained(dst).eval()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        got = vit(x, output_hidden_states=True).hidden_states
+    ref = _timm_vit_forward(biomedclip_state_dict, x, heads=4, n_blocks=2)
+    assert len(got) == len(ref)
+    for g, r in zip(got, ref, strict=True):
+        torch.testing.assert_close(g, r, rtol=1e-4, atol=1e-5)
+    pre = json.loads((dst / "preprocessor_config.json").read_text())
+    assert pre["image_mean"] == [0.5, 0.5, 0.5]
+
+
+def test_biomedclip_tower_composes_into_llava(biomedclip_state_dict, tmp_path):
+    from llavamed.model import ModelSpec, build
+    from llavamed.model.convert.biomedclip import convert_biomedclip
+
+    torch.save(biomedclip_state_dict, tmp_path / "w.bin")
+    dst = convert_biomedclip(tmp_path / "w.bin", tmp_path / "vit", num_heads=4)
+    model, proc = build(ModelSpec(lm="tiny", vision=str(dst)))
+    assert model.config.vision_config.model_type == "vit"
+    inputs = proc(
+        text=[
+            proc.apply_chat_template(
+                [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Q"}]}],
+                add_generation_prompt=True,
+            )
+        ],
+        images=[Image.new("RGB", (32, 32))],
+        return_tensors="pt",
+    )
+    assert (inputs["input_ids"] == model.config.image_token_id).sum() == 16
+    with torch.no_grad():
+        assert torch.isfinite(model(**inputs).logits).all()
+
+
+def test_biomedclip_unmapped_trunk_key(biomedclip_state_dict, tmp_path):
+    from llavamed.model.convert.biomedclip import map_biomedclip_state_dict
+
+    sd = biomedclip_state_dict | {"visual.trunk.fc_norm.weight": torch.ones(32)}
+    with pytest.raises(InputError, match="fc_norm"):
+        map_biomedclip_state_dict(sd)
