@@ -1,0 +1,116 @@
+"""Resume checkpoints: trainable weights, optimizer, scheduler, RNG and data position.
+
+Layout: ``OUT/checkpoints/step-000100/`` holding ``trainable.pt`` (trainable parameters only;
+frozen ones are rebuilt from the config), ``optimizer.pt``, ``rng-rank{R}.pt`` and
+``state.json`` (step, epoch, schedule position, tokens seen). A checkpoint is written into a
+hidden temp folder and renamed into place, so a SIGKILL at any moment leaves either the previous
+complete checkpoint or the new one, never a half-written one. The data position needs no sampler
+state: the batch schedule is a pure function of (seed, epoch), so the step number is enough.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import shutil
+from pathlib import Path
+
+STATE = "state.json"
+PREFIX = "step-"
+
+
+def checkpoint_root(out_dir: Path) -> Path:
+    return Path(out_dir) / "checkpoints"
+
+
+def step_dir(out_dir: Path, step: int) -> Path:
+    return checkpoint_root(out_dir) / f"{PREFIX}{step:07d}"
+
+
+def tmp_dir(out_dir: Path, step: int) -> Path:
+    return checkpoint_root(out_dir) / f".tmp-{PREFIX}{step:07d}"
+
+
+def latest(out_dir: Path) -> Path | None:
+    """The newest complete checkpoint (one with ``state.json``), or None."""
+    root = checkpoint_root(out_dir)
+    if not root.is_dir():
+        return None
+    done = sorted(p for p in root.iterdir() if p.name.startswith(PREFIX) and (p / STATE).is_file())
+    return done[-1] if done else None
+
+
+def rng_state() -> dict:
+    import numpy as np
+    import torch
+
+    st = {
+        "python": random.getstate(),
+        "numpy": np.random.get_state(),
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        st["cuda"] = torch.cuda.get_rng_state_all()
+    return st
+
+
+def set_rng_state(st: dict) -> None:
+    import numpy as np
+    import torch
+
+    random.setstate(st["python"])
+    np.random.set_state(st["numpy"])
+    torch.set_rng_state(st["torch"])
+    if "cuda" in st and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(st["cuda"])
+
+
+def begin(out_dir: Path, step: int) -> Path:
+    """Create (or empty) the temp folder for checkpoint ``step``."""
+    t = tmp_dir(out_dir, step)
+    if t.exists():
+        shutil.rmtree(t)
+    t.mkdir(parents=True)
+    return t
+
+
+def write_rng(tmp: Path, rank: int) -> None:
+    import torch
+
+    torch.save(rng_state(), tmp / f"rng-rank{rank}.pt")
+
+
+def commit(out_dir: Path, step: int, state: dict, keep_last: int) -> Path:
+    """Write ``state.json`` last, rename the temp folder into place, prune old checkpoints."""
+    tmp = tmp_dir(out_dir, step)
+    (tmp / STATE).write_text(json.dumps(state, indent=2) + "\n")
+    final = step_dir(out_dir, step)
+    if final.exists():
+        shutil.rmtree(final)
+    tmp.rename(final)
+    prune(out_dir, keep_last)
+    return final
+
+
+def prune(out_dir: Path, keep_last: int) -> None:
+    root = checkpoint_root(out_dir)
+    done = sorted(p for p in root.iterdir() if p.name.startswith(PREFIX) and (p / STATE).is_file())
+    for p in done[:-keep_last]:
+        shutil.rmtree(p, ignore_errors=True)
+    for p in root.iterdir():  # temp folders of killed writers
+        if p.name.startswith(".tmp-") and p.name != tmp_dir(out_dir, 0).name:
+            step = int(p.name.rsplit("-", 1)[1])
+            if done and step <= int(done[-1].name.rsplit("-", 1)[1]):
+                shutil.rmtree(p, ignore_errors=True)
+
+
+def read_state(ckpt: Path) -> dict:
+    return json.loads((ckpt / STATE).read_text())
+
+
+def load_rng(ckpt: Path, rank: int) -> None:
+    import torch
+
+    p = ckpt / f"rng-rank{rank}.pt"
+    if p.exists():
+        set_rng_state(torch.load(p, weights_only=False))

@@ -1,0 +1,332 @@
+"""Training data: samples from LLaVA conversation JSON or VQA sets, a lazily-decoding dataset,
+a padding collator and the length-grouped global-batch schedule.
+
+Text is tokenized once, up front, so every sample's exact length is known (length grouping is
+exact, and bad conversations are found before training starts). Images are decoded lazily, in
+DataLoader workers. Every skipped sample is counted under a reason in the :class:`DataReport`
+(``OUT/data_report.json``); nothing is dropped silently.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import sys
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from llavamed.config import DataConfig, DataSource
+from llavamed.errors import InputError
+from llavamed.model.processing import IGNORE_INDEX, encode_training_sample
+from llavamed.model.templates import IMAGE_PLACEHOLDER, Message, conversation_to_messages
+from llavamed.utils.io import read_json
+
+MAX_PRINTED = 5
+
+
+@dataclass
+class Sample:
+    """One encoded training sample; the image is decoded later."""
+
+    input_ids: list[int]
+    labels: list[int]
+    image: str | bytes | None
+    source: str
+
+    @property
+    def length(self) -> int:
+        return len(self.input_ids)
+
+
+@dataclass
+class DataReport:
+    """What was loaded and what was skipped, per reason."""
+
+    n_records: int = 0
+    n_loaded: int = 0
+    per_source: dict[str, int] = field(default_factory=dict)
+    skipped: Counter = field(default_factory=Counter)
+    skipped_at_load: Counter = field(default_factory=Counter)
+    examples: list[str] = field(default_factory=list)
+    quiet: bool = False
+
+    def add(self, err: InputError, at_load: bool = False) -> None:
+        (self.skipped_at_load if at_load else self.skipped)[err.reason] += 1
+        n = sum(self.skipped.values()) + sum(self.skipped_at_load.values())
+        if len(self.examples) < 50:
+            self.examples.append(str(err))
+        if n <= MAX_PRINTED and not self.quiet:
+            print(f"llavamed train: skipping {err}", file=sys.stderr)
+        elif n == MAX_PRINTED + 1 and not self.quiet:
+            print("llavamed train: more samples skipped; see data_report.json", file=sys.stderr)
+
+    def to_dict(self) -> dict:
+        return {
+            "n_records": self.n_records,
+            "n_loaded": self.n_loaded,
+            "per_source": dict(self.per_source),
+            "skipped": dict(self.skipped),
+            "skipped_while_training": dict(self.skipped_at_load),
+            "examples": list(self.examples),
+        }
+
+
+# --- reading sources ---------------------------------------------------------------------------
+
+
+def _llava_json_samples(src: DataSource, report: DataReport, encode) -> list[Sample]:
+    path = Path(src.path)
+    data = read_json(path)
+    if isinstance(data, dict) and all(isinstance(v, list) for v in data.values()):
+        data = [r for v in data.values() for r in v]  # {domain: [records]} shape
+    if not isinstance(data, list):
+        raise InputError(path, "expected a JSON list of LLaVA conversation records")
+    folder = Path(src.image_folder) if src.image_folder else path.parent
+    out = []
+    for i, rec in enumerate(data):
+        report.n_records += 1
+        where = f"{path}[{i}]"
+        try:
+            if not isinstance(rec, dict):
+                raise InputError(where, "record is not an object")
+            if "id" in rec:
+                where = f"{path}[{i}] id={rec['id']}"
+            conv = rec.get("conversations")
+            if not isinstance(conv, list) or not conv:
+                raise InputError(where, "malformed conversation", "no conversations list")
+            image = rec.get("image")
+            if isinstance(image, list):
+                if len(image) != 1:
+                    raise InputError(
+                        where, "image count mismatch", f"{len(image)} images; one supported"
+                    )
+                image = image[0]
+            if image is not None:
+                if not isinstance(image, str) or not image:
+                    raise InputError(where, "malformed image field")
+                ip = folder / image
+                if not ip.is_file():
+                    raise InputError(where, "missing image", str(ip))
+                image = str(ip)
+            try:
+                messages = conversation_to_messages(conv, where)
+            except InputError as exc:
+                raise InputError(
+                    where, "malformed conversation", f"{exc.reason} {exc.detail}".strip()
+                ) from exc
+            out.append(encode(messages, image, where))
+        except InputError as err:
+            report.add(err)
+    return out
+
+
+def vqa_messages(
+    question: str, answer: str, answer_type: str, closed_suffix: bool
+) -> list[Message]:
+    """A VQA pair as the single-turn conversation the eval runner prompts with: the image
+    placeholder first, then the question (with the paper's closed suffix when asked)."""
+    from llavamed.eval.vqa_data import VQASample
+    from llavamed.eval.vqa_runner import _question_text
+
+    # Reuse the runner's own question text so training and evaluation prompts cannot drift.
+    q = _question_text(VQASample("", "", question, answer, answer_type), closed_suffix)  # type: ignore[arg-type]
+    return [Message("user", f"{IMAGE_PLACEHOLDER}\n{q}"), Message("assistant", answer)]
+
+
+def _vqa_samples(src: DataSource, report: DataReport, encode) -> list[Sample]:
+    from llavamed.eval.vqa_data import load_vqa
+
+    vqa, rep = load_vqa(src.dataset, src.path, split=src.split, lang=src.lang)
+    report.n_records += rep.n_records
+    for reason, n in rep.bad.items():
+        report.skipped[reason] += n
+    report.examples.extend(rep.examples[: max(0, 50 - len(report.examples))])
+    if rep.bad and not report.quiet:
+        print(f"llavamed train: {rep.summary()}", file=sys.stderr)
+    out = []
+    for s in vqa:
+        where = f"{src.path} qid={s.qid}"
+        try:
+            out.append(
+                encode(
+                    vqa_messages(s.question, s.answer, s.answer_type, src.closed_suffix),
+                    s.image,
+                    where,
+                )
+            )
+        except InputError as err:
+            report.add(err)
+    return out
+
+
+def load_samples(
+    cfg: DataConfig, processor, template: str, *, seed: int = 0, quiet: bool = False
+) -> tuple[list[Sample], DataReport]:
+    """Read and tokenize every source. Bad records are counted in the report and skipped."""
+    report = DataReport(quiet=quiet)
+
+    def encode(messages, image, where) -> Sample:
+        enc = encode_training_sample(
+            messages,
+            processor,
+            template,
+            num_images=0 if image is None else 1,
+            max_length=cfg.max_length,
+            source=where,
+        )
+        return Sample(enc.input_ids, enc.labels, image, where)
+
+    samples: list[Sample] = []
+    for i, src in enumerate(cfg.sources):
+        got = (
+            _llava_json_samples(src, report, encode)
+            if src.format == "llava_json"
+            else _vqa_samples(src, report, encode)
+        )
+        if src.max_samples is not None and len(got) > src.max_samples:
+            keep = sorted(random.Random(seed + i).sample(range(len(got)), src.max_samples))
+            got = [got[k] for k in keep]
+        report.per_source[src.path] = len(got)
+        samples.extend(got * src.repeat)
+    report.n_loaded = len(samples)
+    return samples, report
+
+
+# --- dataset and collator ----------------------------------------------------------------------
+
+
+class TrainDataset:
+    """Map-style dataset: tokens are ready, the image is decoded and preprocessed on access (in a
+    DataLoader worker when ``num_workers > 0``). A corrupt image yields an error item that the
+    collator drops and the trainer counts."""
+
+    def __init__(self, samples: Sequence[Sample], image_processor):
+        self.samples = samples
+        self.image_processor = image_processor
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, i: int) -> dict:
+        import torch
+
+        s = self.samples[i]
+        item: dict[str, Any] = {
+            "idx": i,
+            "input_ids": torch.tensor(s.input_ids),
+            "labels": torch.tensor(s.labels),
+        }
+        if s.image is not None:
+            from llavamed.images import load_image
+
+            try:
+                name = s.source if isinstance(s.image, bytes) else str(s.image)
+                img = load_image(s.image, name=name)
+                item["pixel_values"] = self.image_processor(images=[img], return_tensors="pt")[
+                    "pixel_values"
+                ][0]
+            except InputError as err:
+                return {"idx": i, "error": (err.reason, f"{s.source}: {err}")}
+            except Exception as exc:  # a decoder bug must not kill a long run; it is counted
+                return {
+                    "idx": i,
+                    "error": ("corrupt image", f"{s.source}: {type(exc).__name__}: {exc}"),
+                }
+        return item
+
+
+class Collator:
+    """Right-pads a micro-batch; pixel values are stacked for the samples that have an image."""
+
+    def __init__(self, pad_token_id: int):
+        self.pad_token_id = pad_token_id
+
+    def __call__(self, items: list[dict]) -> dict:
+        import torch
+
+        good = [it for it in items if "error" not in it]
+        bad = [it["error"] for it in items if "error" in it]
+        batch: dict[str, Any] = {"bad": bad, "n": len(good)}
+        if not good:
+            return batch
+        L = max(len(it["input_ids"]) for it in good)
+        n = len(good)
+        ids = torch.full((n, L), self.pad_token_id, dtype=torch.long)
+        labels = torch.full((n, L), IGNORE_INDEX, dtype=torch.long)
+        mask = torch.zeros((n, L), dtype=torch.long)
+        for r, it in enumerate(good):
+            k = len(it["input_ids"])
+            ids[r, :k] = it["input_ids"]
+            labels[r, :k] = it["labels"]
+            mask[r, :k] = 1
+        batch.update(input_ids=ids, labels=labels, attention_mask=mask)
+        pix = [it["pixel_values"] for it in good if "pixel_values" in it]
+        if pix:
+            batch["pixel_values"] = torch.stack(pix)
+        return batch
+
+
+# --- batch schedule ----------------------------------------------------------------------------
+
+
+def steps_per_epoch(n_samples: int, global_batch_size: int) -> int:
+    return max(1, math.ceil(n_samples / global_batch_size))
+
+
+def epoch_schedule(
+    lengths: Sequence[int],
+    has_image: Sequence[bool],
+    *,
+    global_batch_size: int,
+    micro_batch_size: int,
+    seed: int,
+    epoch: int,
+    grouped: bool,
+    megabatch: int = 32,
+) -> list[list[list[int]]]:
+    """The epoch's optimizer steps: ``steps[s]`` is the list of micro-batches (index lists) of
+    step ``s``, ``global_batch_size / micro_batch_size`` of them.
+
+    A pure function of (data lengths, seed, epoch), so a resumed run replays the same order and
+    any number of processes sees the same global batches. The last global batch is filled up
+    from the start of the permutation (as DistributedSampler does) so no sample is dropped.
+    Length grouping (LLaVA's modality-aware grouping): shuffled samples are cut into megabatches,
+    sorted by (modality, length) inside each, cut into micro-batches of neighbours, and the
+    micro-batches are shuffled again before being dealt into global batches."""
+    n = len(lengths)
+    if n == 0:
+        raise InputError("data", "no training samples left", "see data_report.json")
+    rng = random.Random(seed * 1_000_003 + epoch)
+    perm = list(range(n))
+    rng.shuffle(perm)
+    total = steps_per_epoch(n, global_batch_size) * global_batch_size
+    while len(perm) < total:
+        perm.extend(perm[: total - len(perm)])
+    micro: list[list[int]] = []
+    if grouped:
+        size = max(global_batch_size, micro_batch_size * megabatch)
+        size = math.ceil(size / global_batch_size) * global_batch_size
+        for start in range(0, total, size):
+            mb = perm[start : start + size]
+            mb.sort(key=lambda i: (has_image[i], lengths[i]), reverse=True)
+            chunks = [mb[k : k + micro_batch_size] for k in range(0, len(mb), micro_batch_size)]
+            rng.shuffle(chunks)
+            micro.extend(chunks)
+    else:
+        micro = [perm[k : k + micro_batch_size] for k in range(0, total, micro_batch_size)]
+    per_step = global_batch_size // micro_batch_size
+    return [micro[k : k + per_step] for k in range(0, len(micro), per_step)]
+
+
+def padding_fraction(steps: list[list[list[int]]], lengths: Sequence[int]) -> float:
+    """Share of padded positions over the epoch (for reports and the benchmark)."""
+    real = padded = 0
+    for step in steps:
+        for mb in step:
+            L = max(lengths[i] for i in mb)
+            padded += L * len(mb)
+            real += sum(lengths[i] for i in mb)
+    return 1 - real / padded if padded else 0.0

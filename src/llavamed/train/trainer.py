@@ -1,0 +1,791 @@
+"""The one training loop. The config decides the stage: trainable parts, data and schedule.
+
+Loss: the mean cross-entropy over the supervised (assistant) tokens of the whole *global* batch.
+Each micro-batch contributes ``sum(token CE) / (supervised tokens in the global batch)``, so the
+loss and its gradient do not depend on how the global batch is cut into micro-batches, processes
+or accumulation steps, nor on padding: one process and N processes on the same global batch give
+the same numbers (a test holds each engine to that). Logits are computed only at supervised
+positions (the LM head over a 49K vocabulary is a large share of a small LM's compute).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import math
+import os
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from llavamed.config import TrainConfig, diff, dump_yaml, load_config, to_dict
+from llavamed.errors import ConfigError, InputError
+from llavamed.train import checkpointing as ck
+from llavamed.train.data import (
+    Collator,
+    TrainDataset,
+    epoch_schedule,
+    load_samples,
+    steps_per_epoch,
+)
+from llavamed.train.distributed import DistInfo
+from llavamed.utils.io import (
+    JsonlAppender,
+    atomic_write_json,
+    atomic_write_text,
+    iter_jsonl,
+    write_jsonl,
+)
+
+FINAL = "checkpoint-final"
+# Keys that may change between a run and its resumption without changing what is trained.
+RESUMABLE_CHANGES = (
+    "output.save_every",
+    "output.save_every_minutes",
+    "output.keep_last",
+    "output.log_every",
+    "output.tensorboard",
+    "data.num_workers",
+    "distributed.",
+)
+
+
+@dataclass
+class TrainResult:
+    output_dir: Path
+    final_checkpoint: Path
+    metrics: list[dict]
+    wall_time_s: float
+
+
+# --- model -------------------------------------------------------------------------------------
+
+
+def _loss_module_cls():
+    import torch
+    import torch.nn.functional as F
+
+    from llavamed.model.processing import IGNORE_INDEX
+
+    class CausalLMLoss(torch.nn.Module):
+        """Summed next-token CE over supervised positions, as one module so DDP/FSDP/DeepSpeed
+        wrap a single forward."""
+
+        def __init__(self, llava):
+            super().__init__()
+            self.llava = llava
+
+        def forward(self, input_ids, attention_mask, labels, pixel_values=None):
+            out = self.llava.model(
+                input_ids=input_ids,
+                attention_mask=attention_mask,
+                pixel_values=pixel_values,
+                use_cache=False,
+            )
+            h = out.last_hidden_state[:, :-1]
+            tgt = labels[:, 1:]
+            sel = tgt != IGNORE_INDEX
+            logits = self.llava.lm_head(h[sel])
+            return F.cross_entropy(logits.float(), tgt[sel], reduction="sum")
+
+    return CausalLMLoss
+
+
+def resolve_model_path(path: str) -> Path:
+    """A checkpoint folder, or a run folder holding ``checkpoint-final``."""
+    p = Path(path)
+    if (p / "config.json").is_file():
+        return p
+    if (p / FINAL / "config.json").is_file():
+        return p / FINAL
+    raise InputError(
+        p, "not a checkpoint folder", "no config.json (and no checkpoint-final/ inside)"
+    )
+
+
+def build_model(cfg: TrainConfig):
+    """``(llava, processor, spec, template)`` as the config describes, before freezing/LoRA."""
+    import torch
+
+    from llavamed.model import ModelSpec, build, checkpoint_template, read_meta
+
+    attn = cfg.train.attn_implementation
+    if cfg.model.init is not None:
+        spec = ModelSpec(**cfg.model.init)
+        model, processor = build(spec)
+        template = cfg.model.template or spec.template
+    else:
+        from transformers import AutoProcessor, LlavaForConditionalGeneration
+
+        path = resolve_model_path(cfg.model.from_)
+        model = LlavaForConditionalGeneration.from_pretrained(path, dtype=torch.float32)
+        processor = AutoProcessor.from_pretrained(path)
+        meta = read_meta(path)
+        spec = ModelSpec(**meta["spec"]) if meta.get("spec") else None
+        template = cfg.model.template or checkpoint_template(
+            path, default=None if spec is None else spec.template
+        )
+    if spec is not None and spec.template != template:
+        spec = dataclasses.replace(spec, template=template)
+    try:
+        model.set_attn_implementation(attn)
+    except (ValueError, ImportError) as exc:
+        raise ConfigError(f"train.attn_implementation={attn!r}: {exc}") from exc
+    model.config.use_cache = False
+    return model, processor, spec, template
+
+
+def apply_lora(model, cfg: TrainConfig):
+    lc = cfg.train.lora
+    if lc is None:
+        return model
+    if lc.quantize is not None:
+        import torch
+
+        if not torch.cuda.is_available():
+            raise ConfigError(
+                f"train.lora.quantize={lc.quantize!r}: QLoRA needs bitsandbytes and a CUDA GPU; "
+                "use plain LoRA (quantize: null) on CPU"
+            )
+        try:
+            import bitsandbytes  # noqa: F401
+        except ImportError as exc:
+            raise ConfigError("train.lora.quantize: install bitsandbytes for QLoRA") from exc
+        _quantize_lm(model, lc.quantize)
+    from peft import LoraConfig, inject_adapter_in_model
+
+    names = "|".join(lc.target_modules)
+    pc = LoraConfig(
+        r=lc.r,
+        lora_alpha=lc.alpha,
+        lora_dropout=lc.dropout,
+        # Adapters only inside the language model, never the vision tower or projector.
+        target_modules=rf".*language_model.*\.({names})$",
+    )
+    return inject_adapter_in_model(pc, model)
+
+
+def _quantize_lm(model, mode: str) -> None:
+    """QLoRA: swap the LM's linear layers for bitsandbytes 4/8-bit ones (GPU only)."""
+    import bitsandbytes as bnb
+    import torch
+
+    lm = model.model.language_model
+    for name, mod in list(lm.named_modules()):
+        for cname, child in list(mod.named_children()):
+            if isinstance(child, torch.nn.Linear):
+                if mode == "4bit":
+                    q = bnb.nn.Linear4bit(
+                        child.in_features,
+                        child.out_features,
+                        bias=child.bias is not None,
+                        compute_dtype=torch.bfloat16,
+                        quant_type="nf4",
+                    )
+                    q.weight = bnb.nn.Params4bit(
+                        child.weight.data, requires_grad=False, quant_type="nf4"
+                    )
+                else:
+                    q = bnb.nn.Linear8bitLt(
+                        child.in_features,
+                        child.out_features,
+                        bias=child.bias is not None,
+                        has_fp16_weights=False,
+                    )
+                    q.weight = bnb.nn.Int8Params(child.weight.data, requires_grad=False)
+                if child.bias is not None:
+                    q.bias = child.bias
+                setattr(mod, cname, q.cuda())
+        del name
+
+
+def merge_lora(model):
+    """Fold adapters into the base weights and remove them (export is a plain llava)."""
+    import torch
+    from peft.tuners.lora import LoraLayer
+
+    for name, mod in list(model.named_modules()):
+        if isinstance(mod, LoraLayer):
+            mod.merge()
+            parent = model.get_submodule(name.rsplit(".", 1)[0])
+            base = mod.get_base_layer()
+            setattr(parent, name.rsplit(".", 1)[1], base)
+    assert not any("lora_" in n for n, _ in model.named_parameters())
+    del torch
+    return model
+
+
+# --- schedule ----------------------------------------------------------------------------------
+
+
+def lr_lambda(step: int, total: int, warmup: int, kind: str) -> float:
+    if warmup and step < warmup:
+        return (step + 1) / warmup
+    if kind == "constant":
+        return 1.0
+    frac = (step - warmup) / max(1, total - warmup)
+    frac = min(max(frac, 0.0), 1.0)
+    if kind == "linear":
+        return 1.0 - frac
+    return 0.5 * (1.0 + math.cos(math.pi * frac))
+
+
+class _LR:
+    """Picklable schedule function (LambdaLR saves callable objects' state)."""
+
+    def __init__(self, total: int, warmup: int, kind: str):
+        self.total, self.warmup, self.kind = total, warmup, kind
+
+    def __call__(self, step: int) -> float:
+        return lr_lambda(step, self.total, self.warmup, self.kind)
+
+
+# --- engines -----------------------------------------------------------------------------------
+
+
+class Engine:
+    """Forward/backward/step and state dicts for one of: single process, DDP, FSDP2, DeepSpeed."""
+
+    def __init__(
+        self, kind: str, llava, cfg: TrainConfig, info: DistInfo, accum: int, total_steps: int
+    ):
+        import torch
+
+        self.kind, self.llava, self.info, self.cfg, self.accum = kind, llava, info, cfg, accum
+        t = cfg.train
+        wrapper = _loss_module_cls()(llava)
+        params = [p for p in wrapper.parameters() if p.requires_grad]
+        warmup = int(round(t.warmup_ratio * total_steps))
+        self.max_grad_norm = t.max_grad_norm
+        if kind == "fsdp":
+            from llavamed.train.distributed import wrap_fsdp2
+
+            wrapper = wrap_fsdp2(wrapper, llava)
+            params = [p for p in wrapper.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(
+            params, lr=t.lr, betas=tuple(t.betas), weight_decay=t.weight_decay
+        )
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, _LR(total_steps, warmup, t.lr_scheduler)
+        )
+        if kind == "ddp":
+            from llavamed.train.distributed import wrap_ddp
+
+            wrapper = wrap_ddp(wrapper, info, cfg.distributed.find_unused_parameters)
+        elif kind == "deepspeed":
+            import deepspeed
+
+            from llavamed.train.distributed import deepspeed_config
+
+            ds = deepspeed_config(
+                cfg.distributed.deepspeed_config,
+                micro_batch=t.micro_batch_size,
+                accum=accum,
+                world=info.world_size,
+                lr_holder={"max_grad_norm": t.max_grad_norm},
+            )
+            wrapper, self.optimizer, _, _ = deepspeed.initialize(
+                model=wrapper, optimizer=self.optimizer, config=ds
+            )
+            self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+                self.optimizer, _LR(total_steps, warmup, t.lr_scheduler)
+            )
+        self.module = wrapper
+        self.params = params
+
+    def sync_context(self, last: bool):
+        if self.kind == "ddp" and not last:
+            return self.module.no_sync()
+        if self.kind == "fsdp":
+            self.module.set_requires_gradient_sync(last)
+        return contextlib.nullcontext()
+
+    def forward(self, batch: dict):
+        kw = {
+            k: batch[k]
+            for k in ("input_ids", "attention_mask", "labels", "pixel_values")
+            if k in batch
+        }
+        return self.module(**kw)
+
+    def dummy_loss(self):
+        """A zero loss touching every trainable parameter, for a micro-batch whose samples were all
+        skipped (other processes still wait for this one's gradient reduction)."""
+        return sum((p * 0).sum() for p in self.module.parameters() if p.requires_grad)
+
+    def backward(self, loss_sum, total_tokens: float) -> None:
+        # DDP/FSDP/DeepSpeed average gradients over processes; DeepSpeed also divides by its
+        # accumulation steps. Undo both so the gradient is d(global mean loss).
+        scale = self.info.world_size / total_tokens
+        if self.kind == "deepspeed":
+            self.module.backward(loss_sum * scale * self.accum)
+        else:
+            (loss_sum * scale).backward()
+
+    def step(self) -> float:
+        import torch
+
+        if self.kind == "deepspeed":
+            self.module.step()  # clips, steps and zeroes at the accumulation boundary
+            gn = self.module.get_global_grad_norm()
+            self.scheduler.step()
+            return float(gn) if gn is not None else float("nan")
+        if self.max_grad_norm and self.max_grad_norm > 0:
+            gn = torch.nn.utils.clip_grad_norm_(self.params, self.max_grad_norm)
+        else:
+            gn = torch.nn.utils.get_total_norm([p.grad for p in self.params if p.grad is not None])
+        if hasattr(gn, "full_tensor"):
+            gn = gn.full_tensor()
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return float(gn)
+
+    def ds_micro_step(self) -> None:
+        """DeepSpeed counts micro-batches itself: step() after every backward, the optimizer
+        only moves at the boundary."""
+        if self.kind == "deepspeed":
+            self.module.step()
+
+    # state ---------------------------------------------------------------------------------
+    def _sd_options(self, **kw):
+        from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+        return StateDictOptions(full_state_dict=True, cpu_offload=True, **kw)
+
+    def save(self, tmp: Path) -> None:
+        """Collective: every process calls it; rank 0 writes weights and optimizer."""
+        import torch
+
+        if self.kind == "deepspeed":
+            self.module.save_checkpoint(str(tmp), tag="deepspeed")
+            return
+        from torch.distributed.checkpoint.state_dict import (
+            get_model_state_dict,
+            get_optimizer_state_dict,
+        )
+
+        msd = get_model_state_dict(self.module, options=self._sd_options(ignore_frozen_params=True))
+        osd = get_optimizer_state_dict(self.module, self.optimizer, options=self._sd_options())
+        if self.info.is_main:
+            torch.save(msd, tmp / "trainable.pt")
+            torch.save(
+                {"optimizer": osd, "scheduler": self.scheduler.state_dict()}, tmp / "optimizer.pt"
+            )
+
+    def load(self, ckpt: Path) -> None:
+        import torch
+
+        if self.kind == "deepspeed":
+            self.module.load_checkpoint(str(ckpt), tag="deepspeed", load_lr_scheduler_states=False)
+            sched = ckpt / "scheduler.pt"
+            if sched.exists():
+                self.scheduler.load_state_dict(torch.load(sched, weights_only=False))
+            return
+        from torch.distributed.checkpoint.state_dict import (
+            set_model_state_dict,
+            set_optimizer_state_dict,
+        )
+
+        msd = torch.load(ckpt / "trainable.pt", weights_only=False)
+        opt = torch.load(ckpt / "optimizer.pt", weights_only=False)
+        set_model_state_dict(self.module, msd, options=self._sd_options(strict=False))
+        set_optimizer_state_dict(
+            self.module, self.optimizer, opt["optimizer"], options=self._sd_options()
+        )
+        self.scheduler.load_state_dict(opt["scheduler"])
+
+    def full_state_dict(self) -> dict | None:
+        """Collective: the whole model's weights (on rank 0; None elsewhere), llava key names."""
+        if self.kind == "deepspeed":
+            import deepspeed
+
+            params = list(self.llava.parameters())
+            with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
+                sd = (
+                    {k: v.detach().cpu().clone() for k, v in self.llava.state_dict().items()}
+                    if self.info.is_main
+                    else None
+                )
+            return sd
+        if self.kind == "fsdp":
+            from torch.distributed.checkpoint.state_dict import get_model_state_dict
+
+            sd = get_model_state_dict(self.module, options=self._sd_options())
+            return (
+                {k.removeprefix("llava."): v for k, v in sd.items()} if self.info.is_main else None
+            )
+        return None  # self.llava itself holds the full weights
+
+
+# --- metrics -----------------------------------------------------------------------------------
+
+
+def _read_metrics(path: Path) -> list[dict]:
+    return list(iter_jsonl(path, skip_bad=True)) if path.exists() else []
+
+
+def _truncate_metrics(path: Path, step: int) -> None:
+    """After a resume from ``step``, drop records logged after it (they will be re-logged)."""
+    rows = _read_metrics(path)
+    keep = [r for r in rows if r.get("step", 0) <= step]
+    if len(keep) != len(rows) or (
+        path.exists() and not path.read_bytes().endswith(b"\n") and path.stat().st_size
+    ):
+        write_jsonl(path, keep)
+
+
+# --- the run -----------------------------------------------------------------------------------
+
+
+def _check_same_run(out: Path, resolved: dict) -> None:
+    import yaml
+
+    saved_p = out / "config.yaml"
+    if not saved_p.exists():
+        return
+    saved = yaml.safe_load(saved_p.read_text()) or {}
+    changed = [
+        k
+        for k in diff(saved, resolved)
+        if not any(k == p or k.startswith(p) for p in RESUMABLE_CHANGES)
+    ]
+    if changed:
+        raise ConfigError(
+            f"{out}: holds a run with a different config ({', '.join(changed)}); "
+            "use another output.dir or delete the folder"
+        )
+
+
+def _engine_kind(cfg: TrainConfig, info: DistInfo) -> str:
+    return cfg.distributed.engine if info.enabled else "single"
+
+
+def run_training(config: Any, overrides=(), *, progress: bool = True) -> TrainResult:
+    """Train as the config says; resume from the newest checkpoint in ``output.dir``; return at
+    once if ``checkpoint-final`` exists for the identical resolved config."""
+
+    from llavamed.train import distributed as D
+
+    t0 = time.time()
+    cfg = (
+        config
+        if isinstance(config, TrainConfig) and not overrides
+        else load_config(config, overrides)
+    )
+    out = Path(cfg.output.dir).resolve()
+    resolved = to_dict(cfg)
+    final = out / FINAL
+    metrics_path = out / "metrics.jsonl"
+    _check_same_run(out, resolved)
+    if (final / "config.json").is_file() and (out / "config.yaml").is_file():
+        return TrainResult(out, final, _read_metrics(metrics_path), 0.0)
+
+    info = D.init(cfg.distributed)
+    try:
+        return _run(cfg, out, resolved, info, progress, t0)
+    finally:
+        D.shutdown(info)
+
+
+def _run(
+    cfg: TrainConfig, out: Path, resolved: dict, info: DistInfo, progress: bool, t0: float
+) -> TrainResult:
+    import torch
+
+    from llavamed.model import save_checkpoint
+    from llavamed.train import distributed as D
+    from llavamed.train.freeze import apply_trainable
+
+    t = cfg.train
+    kind = _engine_kind(cfg, info)
+    if info.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(out / "config.yaml", dump_yaml(cfg))
+    torch.manual_seed(t.seed)
+
+    model, processor, spec, template = build_model(cfg)
+    model = apply_lora(model, cfg)
+    counts = apply_trainable(model, cfg.trainable_parts(), lora=t.lora is not None)
+    if t.gradient_checkpointing:
+        model.model.language_model.gradient_checkpointing_enable(
+            gradient_checkpointing_kwargs={"use_reentrant": False}
+        )
+    model.train()
+    model.to(info.device)
+
+    samples, report = load_samples(
+        cfg.data, processor, template, seed=t.seed, quiet=not info.is_main
+    )
+    if info.is_main:
+        atomic_write_json(out / "data_report.json", report.to_dict())
+    if not samples:
+        raise InputError(
+            cfg.data.sources[0].path, "no training samples left", "see data_report.json"
+        )
+    lengths = [s.length for s in samples]
+    has_image = [s.image is not None for s in samples]
+
+    per_step = t.global_batch_size // t.micro_batch_size
+    if per_step % info.world_size:
+        raise ConfigError(
+            f"train.global_batch_size / train.micro_batch_size = {per_step} micro-batches per step "
+            f"cannot be split over {info.world_size} processes"
+        )
+    accum = per_step // info.world_size
+    spe = steps_per_epoch(len(samples), t.global_batch_size)
+    total_steps = t.max_steps or max(1, math.ceil(t.epochs * spe))
+
+    engine = Engine(kind, model, cfg, info, accum, total_steps)
+
+    step, tokens_seen = 0, 0
+    resume = ck.latest(out)
+    if resume is not None:
+        st = ck.read_state(resume)
+        engine.load(resume)
+        ck.load_rng(resume, info.rank)
+        step, tokens_seen = st["step"], st.get("tokens_seen", 0)
+        if info.is_main:
+            _truncate_metrics(out / "metrics.jsonl", step)
+            print(
+                f"llavamed train: resuming from {resume.name} (step {step}/{total_steps})",
+                file=sys.stderr,
+            )
+    elif info.is_main and (out / "metrics.jsonl").exists():
+        _truncate_metrics(out / "metrics.jsonl", 0)
+    D.barrier(info)
+
+    metrics_log = JsonlAppender(out / "metrics.jsonl") if info.is_main else None
+    tb = _tensorboard(out, cfg) if info.is_main else None
+    collate = Collator(processor.tokenizer.pad_token_id)
+    dataset = TrainDataset(samples, processor.image_processor)
+    autocast = torch.autocast(
+        device_type="cuda" if info.device.startswith("cuda") else "cpu",
+        dtype=torch.bfloat16,
+        enabled=t.precision == "bf16",
+    )
+    bar = None
+    if info.is_main and progress:
+        from tqdm import tqdm
+
+        bar = tqdm(
+            total=total_steps,
+            initial=step,
+            desc=f"train {cfg.stage}",
+            unit="step",
+            file=sys.stderr,
+            dynamic_ncols=True,
+        )
+    if info.is_main:
+        n_train = sum(counts.values())
+        print(
+            f"llavamed train: {len(samples)} samples, {spe} steps/epoch, {total_steps} steps, "
+            f"{info.world_size} process(es) x {accum} accumulation x {t.micro_batch_size} = global batch "
+            f"{t.global_batch_size}; engine {kind}; trainable {n_train / 1e6:.2f}M "
+            f"({', '.join(f'{k} {v / 1e6:.2f}M' for k, v in counts.items() if v)})",
+            file=sys.stderr,
+        )
+
+    last_save = time.time()
+    run_start = time.time()
+    while step < total_steps:
+        epoch, in_epoch = divmod(step, spe)
+        sched = epoch_schedule(
+            lengths,
+            has_image,
+            global_batch_size=t.global_batch_size,
+            micro_batch_size=t.micro_batch_size,
+            seed=t.seed,
+            epoch=epoch,
+            grouped=cfg.data.batching == "length_grouped",
+            megabatch=cfg.data.group_megabatch,
+        )
+        n_steps_here = min(spe - in_epoch, total_steps - step)
+        mine = [
+            mb
+            for s in sched[in_epoch : in_epoch + n_steps_here]
+            for mb in s[info.rank * accum : (info.rank + 1) * accum]
+        ]
+        loader = torch.utils.data.DataLoader(
+            dataset,
+            batch_sampler=mine,
+            collate_fn=collate,
+            num_workers=cfg.data.num_workers,
+        )
+        it = iter(loader)
+        for _ in range(n_steps_here):
+            t_step = time.time()
+            micro = [next(it) for _ in range(accum)]
+            sup_local = sum(int((b["labels"][:, 1:] != -100).sum()) for b in micro if b["n"])
+            tok_local = sum(int(b["attention_mask"].sum()) for b in micro if b["n"])
+            sup_total = D.all_reduce_sum(sup_local, info)
+            loss_local = 0.0
+            for k, b in enumerate(micro):
+                for reason, msg in b["bad"]:
+                    report.add(InputError(msg, reason), at_load=True)
+                with engine.sync_context(k == accum - 1):
+                    if b["n"]:
+                        b = {
+                            kk: (v.to(info.device) if torch.is_tensor(v) else v)
+                            for kk, v in b.items()
+                        }
+                        with autocast:
+                            loss_sum = engine.forward(b)
+                    else:
+                        loss_sum = engine.dummy_loss()
+                    engine.backward(loss_sum, max(sup_total, 1.0))
+                    loss_local += float(loss_sum.detach())
+                if k < accum - 1:
+                    engine.ds_micro_step()
+            grad_norm = engine.step()
+            step += 1
+            loss = D.all_reduce_sum(loss_local, info) / max(sup_total, 1.0)
+            tokens = D.all_reduce_sum(tok_local, info)
+            tokens_seen += int(tokens)
+            dt = time.time() - t_step
+            rec = {
+                "step": step,
+                "epoch": round(step / spe, 4),
+                "loss": loss,
+                "lr": engine.scheduler.get_last_lr()[0]
+                if kind != "deepspeed"
+                else engine.optimizer.param_groups[0]["lr"],
+                "grad_norm": grad_norm,
+                "tokens": int(tokens),
+                "supervised_tokens": int(sup_total),
+                "tokens_per_s": tokens / dt if dt > 0 else 0.0,
+                "step_time_s": dt,
+                "tokens_seen": tokens_seen,
+            }
+            if not math.isfinite(loss):
+                raise ConfigError(
+                    f"loss became {loss} at step {step}; lower train.lr or use precision=fp32"
+                )
+            if metrics_log is not None and (
+                step % cfg.output.log_every == 0 or step == total_steps
+            ):
+                metrics_log.append(rec)
+                if tb is not None:
+                    for key in ("loss", "lr", "grad_norm", "tokens_per_s"):
+                        tb.add_scalar(f"train/{key}", rec[key], step)
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(
+                    loss=f"{loss:.4f}", tok_s=f"{rec['tokens_per_s']:.0f}", refresh=False
+                )
+            due = cfg.output.save_every and step % cfg.output.save_every == 0
+            due = due or (
+                cfg.output.save_every_minutes
+                and time.time() - last_save > 60 * cfg.output.save_every_minutes
+            )
+            if due and step < total_steps:
+                _save_resume(engine, out, step, tokens_seen, epoch, info, cfg, report)
+                last_save = time.time()
+    if bar is not None:
+        bar.close()
+
+    # export ----------------------------------------------------------------------------------
+    full_sd = engine.full_state_dict()
+    if info.is_main:
+        export = model
+        if (
+            full_sd is not None
+        ):  # sharded engines: rebuild a plain copy and load the gathered weights
+            export, _, _, _ = build_model(cfg)
+            export = apply_lora(export, cfg)
+            missing, unexpected = export.load_state_dict(full_sd, strict=False)
+            if [m for m in missing if "lm_head" not in m] or unexpected:
+                raise RuntimeError(f"export: missing {missing[:5]}, unexpected {unexpected[:5]}")
+            if "lm_head.weight" in missing and export.config.tie_word_embeddings:
+                export.tie_weights()
+        export = export.to("cpu")
+        if t.lora is not None:
+            export = merge_lora(export)
+        export.config.use_cache = True
+        save_checkpoint(
+            export,
+            processor,
+            out / FINAL,
+            spec,
+            extra={
+                "train": {
+                    "stage": cfg.stage,
+                    "steps": step,
+                    "tokens_seen": tokens_seen,
+                    "config": resolved,
+                }
+            },
+        )
+        atomic_write_text(out / FINAL / "train_config.yaml", dump_yaml(cfg))
+        atomic_write_json(out / "data_report.json", report.to_dict())
+        if metrics_log is not None:
+            metrics_log.close()
+        from llavamed.train.plots import plot_loss
+
+        metrics = _read_metrics(out / "metrics.jsonl")
+        plot_loss(metrics, out / "loss.png", title=f"{cfg.stage}: {out.name}")
+        if tb is not None:
+            tb.close()
+        wall = time.time() - run_start
+        toks = sum(m.get("tokens", 0) for m in metrics)
+        print(
+            f"llavamed train: done in {wall:.0f}s; wrote {out / FINAL} ({toks} tokens logged)",
+            file=sys.stderr,
+        )
+    D.barrier(info)
+    return TrainResult(out, out / FINAL, _read_metrics(out / "metrics.jsonl"), time.time() - t0)
+
+
+def _save_resume(
+    engine: Engine, out: Path, step: int, tokens_seen: int, epoch: int, info: DistInfo, cfg, report
+) -> None:
+    import shutil
+
+    import torch
+
+    from llavamed.train import distributed as D
+
+    tmp = ck.tmp_dir(out, step)
+    if info.is_main:
+        ck.begin(out, step)
+    D.barrier(info)
+    engine.save(tmp)
+    if engine.kind == "deepspeed" and info.is_main:
+        torch.save(engine.scheduler.state_dict(), tmp / "scheduler.pt")
+    ck.write_rng(tmp, info.rank)
+    D.barrier(info)
+    if info.is_main:
+        shutil.copy(out / "config.yaml", tmp / "config.yaml")
+        ck.commit(
+            out,
+            step,
+            {
+                "step": step,
+                "epoch": epoch,
+                "tokens_seen": tokens_seen,
+                "world_size": info.world_size,
+                "engine": engine.kind,
+            },
+            cfg.output.keep_last,
+        )
+        atomic_write_json(out / "data_report.json", report.to_dict())
+    D.barrier(info)
+
+
+def _tensorboard(out: Path, cfg: TrainConfig):
+    if not cfg.output.tensorboard:
+        return None
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        print(
+            "llavamed train: output.tensorboard needs the tensorboard package; skipping",
+            file=sys.stderr,
+        )
+        return None
+    return SummaryWriter(str(out / "tensorboard"))
+
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
