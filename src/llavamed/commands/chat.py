@@ -1,0 +1,58 @@
+"""``llavamed chat``: talk to a model in the terminal, with images."""
+
+from __future__ import annotations
+
+import argparse
+
+from llavamed.commands.serve import add_model_args
+
+
+def add_sampling_args(p: argparse.ArgumentParser, temperature: float = 0.2) -> None:
+    p.add_argument(
+        "--temperature", type=float, default=temperature, help=f"0 = greedy (default {temperature})"
+    )
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (default 1)")
+    p.add_argument("--max-tokens", type=int, default=512, help="longest answer (default 512)")
+    p.add_argument("--seed", type=int, default=None, help="sampling seed (default: random)")
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser(
+        "chat",
+        help="chat with a model in the terminal (images: PNG, JPEG, DICOM)",
+        description="Interactive multi-turn chat with streamed answers. Commands: /image PATH, "
+        "/reset, /help, /quit. With --prompt, answers once and exits. Runs on CPU in fp32 or "
+        "bf16 (--dtype).",
+    )
+    add_model_args(p)
+    p.add_argument("--image", metavar="PATH", help="image for the first message")
+    p.add_argument("--prompt", metavar="TEXT", help="ask once, print the answer and exit")
+    p.add_argument("--system", metavar="TEXT", help="system prompt")
+    add_sampling_args(p)
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    from llavamed.errors import ConfigError
+    from llavamed.serve.chat import ChatSession, run_chat
+    from llavamed.serve.engine import Engine, EngineSettings, SamplingParams
+
+    try:
+        params = SamplingParams(
+            max_tokens=args.max_tokens,
+            temperature=args.temperature,
+            top_p=args.top_p,
+            seed=args.seed,
+        )
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+    engine = Engine.from_path(
+        args.model, dtype=args.dtype, settings=EngineSettings(max_batch_size=1, max_queue=4)
+    )
+    try:
+        session = ChatSession(engine, params=params, system=args.system)
+        if args.image:
+            session.attach(args.image)
+        return run_chat(session, prompt=args.prompt)
+    finally:
+        engine.close()

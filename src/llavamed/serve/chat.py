@@ -1,0 +1,170 @@
+"""Terminal chat over the engine (in-process, no HTTP): multi-turn, streamed tokens, commands.
+
+``ChatSession`` keeps the conversation (HF messages + images) and is what the web UI reuses;
+``run_chat`` is the REPL.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TextIO
+
+from llavamed.errors import InputError
+from llavamed.serve.engine import Engine, SamplingParams
+
+HELP = """commands:
+  /image PATH   attach an image (PNG, JPEG, DICOM, ...) to your next message
+  /reset        forget the conversation and any image
+  /help         this text
+  /quit         leave (Ctrl-D works too; Ctrl-C stops an answer)"""
+
+
+@dataclass
+class ChatSession:
+    """One conversation with ``engine``. Images attach to the next user message."""
+
+    engine: Engine
+    params: SamplingParams = field(
+        default_factory=lambda: SamplingParams(max_tokens=512, temperature=0.2)
+    )
+    system: str | None = None
+    messages: list[dict] = field(default_factory=list)
+    images: list[Any] = field(default_factory=list)
+    pending_image: Any = None
+
+    def reset(self) -> None:
+        self.messages.clear()
+        self.images.clear()
+        self.pending_image = None
+
+    def attach(self, image) -> None:
+        """Attach a PIL image (or a path / bytes, decoded with ``load_image``) to the next turn."""
+        if not self.engine.is_multimodal:
+            raise InputError(
+                "/image", "images not supported", f"{self.engine.name} is a text-only model"
+            )
+        if not hasattr(image, "size"):
+            from llavamed.images import load_image
+
+            image = load_image(image)
+        self.pending_image = image
+
+    def ask(
+        self,
+        text: str,
+        params: SamplingParams | None = None,
+        cancelled: Callable[[], bool] | None = None,
+    ) -> Iterator[str]:
+        """Stream the answer to ``text``; the exchange joins the history once it completes.
+        ``cancelled()`` is polled between tokens; when it returns True generation stops."""
+        content: list[dict] = []
+        images = list(self.images)
+        if self.pending_image is not None:
+            content.append({"type": "image"})
+            images.append(self.pending_image)
+        content.append({"type": "text", "text": text})
+        user = {"role": "user", "content": content}
+        head = (
+            [{"role": "system", "content": [{"type": "text", "text": self.system}]}]
+            if self.system
+            else []
+        )
+        prompt = self.engine.prepare(head + self.messages + [user], images)
+        params = params or self.params
+        room = self.engine.max_context - len(prompt.input_ids)
+        if room < 1:
+            raise InputError(
+                "conversation", "too long for the model's context", "use /reset to start over"
+            )
+        if params.max_tokens > room:
+            params = SamplingParams(
+                room, params.temperature, params.top_p, params.seed, params.stop
+            )
+        handle = self.engine.submit(prompt, params)
+        parts: list[str] = []
+        try:
+            for ev in handle.events():
+                if ev.kind == "error":
+                    raise InputError("model", "generation failed", ev.error or "")
+                if ev.text:
+                    parts.append(ev.text)
+                    yield ev.text
+                if cancelled is not None and cancelled():
+                    handle.cancel()
+        finally:
+            handle.cancel()  # no-op once finished; stops work if the consumer quits early
+        self.messages.append(user)
+        self.messages.append(
+            {"role": "assistant", "content": [{"type": "text", "text": "".join(parts)}]}
+        )
+        self.images = images
+        self.pending_image = None
+
+
+def run_chat(
+    session: ChatSession,
+    *,
+    prompt: str | None = None,
+    read: Callable[[str], str] = input,
+    out: TextIO | None = None,
+) -> int:
+    """Non-interactive with ``prompt`` (one streamed answer); otherwise a REPL on ``read``."""
+    out = out or sys.stdout
+
+    def answer(text: str) -> None:
+        try:
+            for delta in session.ask(text):
+                out.write(delta)
+                out.flush()
+        except KeyboardInterrupt:
+            out.write(" [stopped]")
+        out.write("\n")
+        out.flush()
+
+    if prompt is not None:
+        answer(prompt)
+        return 0
+    kind = "images + text" if session.engine.is_multimodal else "text only"
+    out.write(f"llavamed chat with {session.engine.name} ({kind}). /help for commands.\n")
+    while True:
+        try:
+            line = read("you> ")
+        except EOFError:
+            out.write("\n")
+            return 0
+        except KeyboardInterrupt:
+            out.write("\n")
+            return 0
+        line = line.strip()
+        if not line:
+            continue
+        if line.startswith("/"):
+            cmd, _, arg = line.partition(" ")
+            cmd = cmd.lower()
+            if cmd in ("/quit", "/exit", "/q"):
+                return 0
+            if cmd == "/reset":
+                session.reset()
+                out.write("(conversation cleared)\n")
+            elif cmd == "/image":
+                if not arg.strip():
+                    out.write("usage: /image PATH\n")
+                    continue
+                try:
+                    session.attach(Path(arg.strip()).expanduser())
+                    out.write(f"(image attached: {arg.strip()}; it goes with your next message)\n")
+                except InputError as exc:
+                    out.write(f"error: {exc}\n")
+            elif cmd == "/help":
+                out.write(HELP + "\n")
+            else:
+                out.write(f"unknown command {cmd}; /help lists them\n")
+            continue
+        out.write("assistant> ")
+        try:
+            answer(line)
+        except InputError as exc:
+            out.write(f"error: {exc}\n")

@@ -1,0 +1,111 @@
+"""``llavamed chat``: the REPL, its commands, and the non-interactive path through the CLI."""
+
+from __future__ import annotations
+
+import io
+
+import pytest
+
+from llavamed.errors import InputError
+from llavamed.serve.chat import ChatSession, run_chat
+from llavamed.serve.engine import Engine, SamplingParams
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_llava_dir):
+    eng = Engine.from_path(tiny_llava_dir)
+    yield eng
+    eng.close()
+
+
+@pytest.fixture
+def png(tmp_path):
+    from PIL import Image
+
+    p = tmp_path / "x.png"
+    Image.new("RGB", (30, 30), (0, 0, 255)).save(p)
+    return p
+
+
+def test_repl_commands_and_history(engine, png):
+    session = ChatSession(engine, params=SamplingParams(max_tokens=3, temperature=0))
+    script = iter(
+        [
+            f"/image {png}",
+            "What is this?",
+            "And now?",
+            "/image /nonexistent.png",
+            "/bogus",
+            "/reset",
+            "Fresh start",
+            "/quit",
+            "never read",
+        ]
+    )
+    out = io.StringIO()
+    assert run_chat(session, read=lambda _p: next(script), out=out) == 0
+    text = out.getvalue()
+    assert "image attached" in text and "file not found" in text and "unknown command" in text
+    assert "conversation cleared" in text
+    assert text.count("assistant> ") == 3
+    # after /reset only the last exchange remains, without an image
+    assert len(session.messages) == 2 and session.images == []
+    assert next(script) == "never read"
+
+
+def test_history_grows_prompt_and_keeps_image(engine, png):
+    session = ChatSession(engine, params=SamplingParams(max_tokens=2, temperature=0))
+    session.attach(png)
+    first = "".join(session.ask("Describe it."))
+    assert len(session.images) == 1 and session.pending_image is None
+    p1 = engine.prepare(
+        session.messages + [{"role": "user", "content": [{"type": "text", "text": "More?"}]}],
+        session.images,
+    )
+    assert p1.n_images == 1
+    "".join(session.ask("More?"))
+    assert session.messages[1]["content"][0]["text"] == first
+    assert len(session.messages) == 4
+
+
+def test_text_only_refuses_images(tiny_lm_dir, png):
+    eng = Engine.from_path(tiny_lm_dir)
+    try:
+        with pytest.raises(InputError, match="text-only"):
+            ChatSession(eng).attach(png)
+    finally:
+        eng.close()
+
+
+def test_cli_non_interactive_bf16(tiny_llava_dir, png, capsys):
+    from llavamed.cli import main
+
+    rc = main(
+        [
+            "chat",
+            "--model",
+            str(tiny_llava_dir),
+            "--image",
+            str(png),
+            "--prompt",
+            "What is it?",
+            "--max-tokens",
+            "4",
+            "--temperature",
+            "0",
+            "--dtype",
+            "bf16",
+        ]
+    )
+    assert rc == 0
+    assert capsys.readouterr().out.endswith("\n")
+
+
+def test_cli_bad_image_is_one_line_error(tiny_llava_dir, tmp_path, capsys):
+    from llavamed.cli import main
+
+    bad = tmp_path / "bad.png"
+    bad.write_bytes(b"not an image at all")
+    rc = main(["chat", "--model", str(tiny_llava_dir), "--image", str(bad), "--prompt", "hi"])
+    assert rc == 1
+    assert "not an image" in capsys.readouterr().err
