@@ -38,7 +38,7 @@ from llavamed.data.pmc.sources import (
     select_shard,
 )
 from llavamed.errors import InputError
-from llavamed.utils.io import JsonlAppender, atomic_write_json
+from llavamed.utils.io import JsonlAppender, atomic_write_bytes, atomic_write_json
 
 FIGURES = "figures.jsonl"
 IMAGES = "images"
@@ -190,19 +190,6 @@ def encode_image(data: bytes | Path, name: str, opts: IngestOptions) -> tuple[by
 # --- parent side: the single writer -----------------------------------------------------------
 
 
-def _write_image(path: Path, data: bytes) -> None:
-    """Temp name + rename, like :func:`atomic_write_bytes` but without its fsync: an fsync per
-    image was a quarter of single-process ingest time. Safe against a killed process (the record
-    is appended only after the rename); after an OS crash, re-run with a fresh --out."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        tmp.write_bytes(data)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-
-
 def _h64(text: str) -> int:
     # 8-byte digests keep the seen-sets small at PMC scale (15M pairs ~ 0.6 GB instead of ~2 GB).
     return int.from_bytes(hashlib.blake2b(text.encode("utf-8"), digest_size=8).digest(), "big")
@@ -257,7 +244,9 @@ class IngestWriter:
                 if img_hash in self.images:
                     counts["skipped: duplicate image"] += 1
                     continue
-                _write_image(self.out / record["image"], jpeg)
+                # No fsync per image (it was a quarter of single-process run time): safe against
+                # a killed process, as the record is appended only after the rename.
+                atomic_write_bytes(self.out / record["image"], jpeg, fsync=False)
                 self.images.add(img_hash)
             self.figures.append(record)
             self.pairs.add(pid)
