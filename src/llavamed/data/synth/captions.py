@@ -211,7 +211,12 @@ def _mri(a: MRIAttrs, rng) -> tuple[str, list[str], list[str]]:
                     rng,
                     [
                         f"a {cm} cm {ring} lesion in the {h} cerebral hemisphere with perilesional edema",
-                        f"a {ring} mass in the {h} hemisphere ({cm} cm) with ring enhancement",
+                        f"a {cm} cm mass in the {h} hemisphere with "
+                        + (
+                            "ring enhancement"
+                            if a.weighting == "T1"
+                            else "a ring-like hypointense rim"
+                        ),
                     ],
                 )
             )

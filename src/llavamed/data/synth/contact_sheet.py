@@ -7,6 +7,7 @@ what the world looks like and that the findings are visible.
 from __future__ import annotations
 
 import argparse
+import textwrap
 
 import numpy as np
 from PIL import Image, ImageDraw
@@ -28,7 +29,7 @@ def pad_square(img: Image.Image, tile: int) -> Image.Image:
 def contact_sheet(
     per_domain: int = 4, seed: int = 0, size: int = 256, tile: int = 200
 ) -> Image.Image:
-    label_h = 30
+    label_h = 44
     sheet = Image.new("RGB", (per_domain * tile, len(DOMAINS) * (tile + label_h)), (255, 255, 255))
     d = ImageDraw.Draw(sheet)
     f = font(11)
@@ -39,7 +40,10 @@ def contact_sheet(
             img = render(domain, attrs, rng, size)
             y = row * (tile + label_h)
             sheet.paste(pad_square(img, tile), (col * tile, y))
-            text = short_label(domain, attrs)
+            text = "\n".join(
+                textwrap.fill(line, width=tile // 6)
+                for line in short_label(domain, attrs).splitlines()
+            )
             d.multiline_text(
                 (col * tile + 3, y + tile + 1), text, fill=(0, 0, 0), font=f, spacing=1
             )
