@@ -96,9 +96,9 @@ class DataConfig:
     """``length_grouped`` (LLaVA's modality-aware grouping: each micro-batch holds samples of
     similar length and the same modality, so little compute goes to padding) or ``random``
     (plain shuffled batches, the reference behaviour)."""
-    group_megabatch: int = 32
-    """Length grouping sorts this many micro-batches' worth of shuffled samples by length before
-    cutting micro-batches; larger = less padding, less randomness."""
+    group_megabatch: int = 8
+    """Length grouping sorts this many global batches' worth of shuffled samples by length before
+    cutting them into global batches; larger = less padding, less randomness."""
     num_workers: int = 0
     """DataLoader worker processes that decode images (0 = in the training process)."""
 

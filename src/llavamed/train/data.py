@@ -290,12 +290,13 @@ def epoch_schedule(
     """The epoch's optimizer steps: ``steps[s]`` is the list of micro-batches (index lists) of
     step ``s``, ``global_batch_size / micro_batch_size`` of them.
 
-    A pure function of (data lengths, seed, epoch), so a resumed run replays the same order and
-    any number of processes sees the same global batches. The last global batch is filled up
+    A pure function of (data lengths, seed, epoch, global batch size): a resumed run replays the
+    same order, and any number of processes or micro-batch size sees the same global batches. The last global batch is filled up
     from the start of the permutation (as DistributedSampler does) so no sample is dropped.
-    Length grouping (LLaVA's modality-aware grouping): shuffled samples are cut into megabatches,
-    sorted by (modality, length) inside each, cut into micro-batches of neighbours, and the
-    micro-batches are shuffled again before being dealt into global batches."""
+    Length grouping (LLaVA's modality-aware grouping): shuffled samples are cut into megabatches
+    of ``megabatch`` global batches, sorted by (modality, length) inside each and cut into global
+    batches of neighbours, whose order is shuffled again; each global batch is cut (in length
+    order) into micro-batches."""
     n = len(lengths)
     if n == 0:
         raise InputError("data", "no training samples left", "see data_report.json")
@@ -305,20 +306,23 @@ def epoch_schedule(
     total = steps_per_epoch(n, global_batch_size) * global_batch_size
     while len(perm) < total:
         perm.extend(perm[: total - len(perm)])
-    micro: list[list[int]] = []
+    step_batches = [perm[k : k + global_batch_size] for k in range(0, total, global_batch_size)]
     if grouped:
-        size = max(global_batch_size, micro_batch_size * megabatch)
-        size = math.ceil(size / global_batch_size) * global_batch_size
+        # Group at the global-batch level, so a global batch's members do not depend on how it
+        # is cut into micro-batches (or processes): the loss is the same for any cut.
+        size = global_batch_size * max(1, megabatch)
+        step_batches = []
         for start in range(0, total, size):
-            mb = perm[start : start + size]
-            mb.sort(key=lambda i: (has_image[i], lengths[i]), reverse=True)
-            chunks = [mb[k : k + micro_batch_size] for k in range(0, len(mb), micro_batch_size)]
-            rng.shuffle(chunks)
-            micro.extend(chunks)
-    else:
-        micro = [perm[k : k + micro_batch_size] for k in range(0, total, micro_batch_size)]
-    per_step = global_batch_size // micro_batch_size
-    return [micro[k : k + per_step] for k in range(0, len(micro), per_step)]
+            mb = sorted(
+                perm[start : start + size], key=lambda i: (has_image[i], lengths[i]), reverse=True
+            )
+            chunk = [mb[k : k + global_batch_size] for k in range(0, len(mb), global_batch_size)]
+            rng.shuffle(chunk)
+            step_batches.extend(chunk)
+    return [
+        [g[k : k + micro_batch_size] for k in range(0, len(g), micro_batch_size)]
+        for g in step_batches
+    ]
 
 
 def padding_fraction(steps: list[list[list[int]]], lengths: Sequence[int]) -> float:

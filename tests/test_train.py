@@ -1,0 +1,331 @@
+"""The training loop: data and labels, batch schedule, loss invariance, overfitting, image
+conditioning, LoRA export, idempotent re-runs."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from llavamed.config import load_config
+from llavamed.errors import ConfigError
+from llavamed.model.processing import IGNORE_INDEX
+from llavamed.train.data import (
+    Collator,
+    TrainDataset,
+    epoch_schedule,
+    load_samples,
+    padding_fraction,
+    vqa_messages,
+)
+from train_helpers import QUESTION, make_bright_dark, run_cli, tiny_config
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    # Shared 2-core machine: one intra-op thread is several times faster for tiny models.
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def bright_dark(tmp_path_factory):
+    return make_bright_dark(tmp_path_factory.mktemp("bd") / "data", 48)
+
+
+def _processor(path):
+    from transformers import AutoProcessor
+
+    return AutoProcessor.from_pretrained(path)
+
+
+# --- data ------------------------------------------------------------------------------------
+
+
+def test_labels_are_exactly_the_assistant_turns(tmp_path, tiny_llava_dir):
+    from PIL import Image
+
+    Image.new("RGB", (40, 30), "red").save(tmp_path / "a.png")
+    recs = [
+        {
+            "id": "multi",
+            "image": "a.png",
+            "conversations": [
+                {"from": "human", "value": "What is it?\n<image>"},
+                {"from": "gpt", "value": "A red square."},
+                {"from": "human", "value": "Any finding?"},
+                {"from": "gpt", "value": "No finding."},
+            ],
+        }
+    ]
+    (tmp_path / "d.json").write_text(json.dumps(recs))
+    proc = _processor(tiny_llava_dir)
+    cfg = load_config(
+        {"model": {"from": str(tiny_llava_dir)}, "data": {"path": str(tmp_path / "d.json")}}
+    )
+    samples, report = load_samples(cfg.data, proc, "chatml")
+    assert report.n_loaded == 1 and not report.skipped
+    s = samples[0]
+    spans, cur = [], []
+    for tid, lab in zip(s.input_ids, s.labels, strict=True):
+        if lab != IGNORE_INDEX:
+            assert lab == tid
+            cur.append(lab)
+        elif cur:
+            spans.append(cur)
+            cur = []
+    if cur:
+        spans.append(cur)
+    texts = [proc.tokenizer.decode(sp) for sp in spans]
+    assert texts == ["A red square.<|im_end|>", "No finding.<|im_end|>"]
+    image_id = proc.tokenizer.convert_tokens_to_ids("<image>")
+    assert s.input_ids.count(image_id) == 16
+
+
+def test_bad_samples_are_counted_not_dropped_silently(tmp_path, tiny_llava_dir, capsys):
+    from PIL import Image
+
+    Image.new("RGB", (8, 8), "white").save(tmp_path / "ok.png")
+    (tmp_path / "corrupt.png").write_bytes(b"not a png at all")
+    good = {"from": "human", "value": "<image>\nQ?"}
+    recs = [
+        {"id": "ok", "image": "ok.png", "conversations": [good, {"from": "gpt", "value": "A"}]},
+        {
+            "id": "missing",
+            "image": "nope.png",
+            "conversations": [good, {"from": "gpt", "value": "A"}],
+        },
+        {"id": "malformed", "image": "ok.png", "conversations": [{"from": "human"}]},
+        {
+            "id": "count",
+            "image": "ok.png",
+            "conversations": [{"from": "human", "value": "Q?"}, {"from": "gpt", "value": "A"}],
+        },
+        {
+            "id": "corrupt",
+            "image": "corrupt.png",
+            "conversations": [good, {"from": "gpt", "value": "A"}],
+        },
+        "not a record",
+    ]
+    (tmp_path / "d.json").write_text(json.dumps(recs))
+    proc = _processor(tiny_llava_dir)
+    cfg = load_config(
+        {"model": {"from": str(tiny_llava_dir)}, "data": {"path": str(tmp_path / "d.json")}}
+    )
+    samples, report = load_samples(cfg.data, proc, "chatml")
+    assert report.n_records == 6 and report.n_loaded == 2
+    assert dict(report.skipped) == {
+        "missing image": 1,
+        "malformed conversation": 1,
+        "image token count mismatch": 1,
+        "record is not an object": 1,
+    }
+    err = capsys.readouterr().err
+    assert "id=missing: missing image" in err
+    # the corrupt image is found when decoded (in a worker) and dropped from its batch, counted
+    ds = TrainDataset(samples, proc.image_processor)
+    items = [ds[i] for i in range(len(ds))]
+    batch = Collator(proc.tokenizer.pad_token_id)(items)
+    assert batch["n"] == 1 and batch["bad"][0][0] == "not an image"
+    assert "id=corrupt" in batch["bad"][0][1]
+
+
+def test_vqa_sample_prompt_matches_eval_runner(tiny_llava_dir):
+    from llavamed.eval.vqa_runner import CLOSED_SUFFIX, VQAGenerator
+    from llavamed.model.templates import get_template
+
+    proc = _processor(tiny_llava_dir)
+    msgs = vqa_messages("Is there a mass?", "yes", "closed", closed_suffix=True)
+    rendered = (
+        get_template("chatml").render(msgs[:1], eos="<|im_end|>", add_generation_prompt=True).text
+    )
+    gen = VQAGenerator.__new__(VQAGenerator)
+    gen.processor = proc
+    assert rendered == gen.prompt(f"Is there a mass? {CLOSED_SUFFIX}")
+
+
+# --- schedule --------------------------------------------------------------------------------
+
+
+def test_schedule_is_pure_complete_and_grouped():
+    import random
+
+    rng = random.Random(1)
+    lengths = [rng.randint(20, 400) for _ in range(203)]
+    has_image = [i % 7 != 0 for i in range(203)]
+    kw = dict(global_batch_size=16, micro_batch_size=4, seed=3, megabatch=8)
+    a = epoch_schedule(lengths, has_image, epoch=0, grouped=True, **kw)
+    assert a == epoch_schedule(lengths, has_image, epoch=0, grouped=True, **kw)
+    assert a != epoch_schedule(lengths, has_image, epoch=1, grouped=True, **kw)
+    assert all(len(step) == 4 and all(len(mb) == 4 for mb in step) for step in a)
+    seen = [i for step in a for mb in step for i in mb]
+    assert set(seen) == set(range(203)) and len(seen) == 13 * 16  # last batch filled, none dropped
+    r = epoch_schedule(lengths, has_image, epoch=0, grouped=False, **kw)
+    assert padding_fraction(a, lengths) < 0.25 * padding_fraction(r, lengths)
+    # modality-aware: few micro-batches mix text-only and image samples
+    mixed = sum(len({has_image[i] for i in mb}) > 1 for step in a for mb in step)
+    assert mixed <= 4
+
+
+# --- the loop --------------------------------------------------------------------------------
+
+
+def test_loss_independent_of_micro_batching(tmp_path, bright_dark):
+    from llavamed.train import run_training
+
+    runs = {}
+    for micro in (8, 2):
+        cfg = tiny_config(bright_dark, tmp_path / f"m{micro}", micro_batch_size=micro, max_steps=3)
+        runs[micro] = [m["loss"] for m in run_training(cfg, progress=False).metrics]
+    assert len(runs[8]) == 3
+    assert runs[8] == pytest.approx(runs[2], rel=1e-4, abs=1e-5)
+
+
+def test_overfits_a_handful_and_reruns_are_idempotent(tmp_path, bright_dark):
+    from transformers import LlavaForConditionalGeneration
+
+    from llavamed.train import run_training
+
+    data = json.loads(bright_dark.read_text())[:4]
+    small = bright_dark.parent / "four.json"
+    small.write_text(json.dumps(data))
+    cfg = tiny_config(
+        small, tmp_path / "out", max_steps=40, global_batch_size=4, micro_batch_size=4, lr=1e-2
+    )
+    res = run_training(cfg, progress=False)
+    losses = [m["loss"] for m in res.metrics]
+    assert losses[0] > 5 and losses[-1] < 0.05, losses[::8]
+    out = tmp_path / "out"
+    for f in (
+        "config.yaml",
+        "metrics.jsonl",
+        "loss.png",
+        "data_report.json",
+        "checkpoint-final/config.json",
+    ):
+        assert (out / f).is_file(), f
+    assert {"step", "loss", "lr", "tokens_per_s"} <= res.metrics[0].keys()
+    LlavaForConditionalGeneration.from_pretrained(out / "checkpoint-final")  # plain transformers
+    again = run_training(cfg, progress=False)
+    assert again.wall_time_s < 5 and len(again.metrics) == len(res.metrics)
+    with pytest.raises(ConfigError, match="train.lr"):
+        run_training(cfg | {"train": cfg["train"] | {"lr": 1e-3}}, progress=False)
+
+
+def _closed_accuracy(model_dir: Path, data: Path, blank: bool) -> float:
+    from PIL import Image
+
+    from llavamed.eval.metrics import strict_closed_hit
+    from llavamed.eval.vqa_runner import VQAGenerator, blank_image
+
+    gen = VQAGenerator(model_dir, max_new_tokens=3)
+    recs = json.loads(data.read_text())
+    imgs = [Image.open(data.parent / r["image"]).convert("RGB") for r in recs]
+    if blank:
+        imgs = [blank_image(i) for i in imgs]
+    preds = gen.generate(imgs, [QUESTION] * len(recs))
+    return sum(strict_closed_hit(p, r["answer"]) for p, r in zip(preds, recs, strict=True)) / len(
+        recs
+    )
+
+
+def test_image_conditioning_learned_and_blank_images_fall_to_chance(tmp_path, bright_dark):
+    from llavamed.train import run_training
+
+    test = make_bright_dark(tmp_path / "test", 32, seed=99, pad_words=0)
+    cfg = tiny_config(
+        bright_dark,
+        tmp_path / "run",
+        max_steps=50,
+        lr=1e-2,
+        global_batch_size=8,
+        micro_batch_size=8,
+    )
+    res = run_training(cfg, progress=False)
+    acc = _closed_accuracy(res.final_checkpoint, test, blank=False)
+    acc_blank = _closed_accuracy(res.final_checkpoint, test, blank=True)
+    print(f"bright/dark closed accuracy: image {acc:.2f}, blank {acc_blank:.2f} (chance 0.50)")
+    assert acc >= 0.9
+    assert acc_blank <= 0.6
+
+
+def test_lora_exports_a_plain_merged_checkpoint(tmp_path, bright_dark):
+    from transformers import LlavaForConditionalGeneration
+
+    from llavamed.train import run_training
+
+    cfg = tiny_config(
+        bright_dark, tmp_path / "lora", max_steps=4, trainable=["projector", "lm"], lr=1e-2
+    )
+    cfg["train"]["lora"] = {
+        "r": 4,
+        "alpha": 8,
+        "dropout": 0.0,
+        "target_modules": ["q_proj", "v_proj"],
+    }
+    res = run_training(cfg, progress=False)
+    from safetensors import safe_open
+
+    with safe_open(str(res.final_checkpoint / "model.safetensors"), "pt") as f:
+        keys = list(f.keys())
+    assert keys and not any("lora" in k for k in keys)
+    LlavaForConditionalGeneration.from_pretrained(res.final_checkpoint)
+    assert res.metrics[-1]["loss"] < res.metrics[0]["loss"]
+
+
+def test_merge_lora_preserves_outputs(tiny_llava_dir):
+    from llavamed.train.trainer import apply_lora, build_model, merge_lora
+
+    cfg = load_config(
+        {
+            "model": {"from": str(tiny_llava_dir)},
+            "data": {"path": "x.json"},
+            "train": {"lora": {"r": 4, "dropout": 0.0}},
+        }
+    )
+    model, *_ = build_model(cfg)
+    model = apply_lora(model, cfg).eval()
+    for n, p in model.named_parameters():
+        if "lora_B" in n:
+            torch.nn.init.normal_(p, std=0.5)  # non-zero adapters so merging matters
+    ids = torch.tensor([[1, 2, 3, 4, 5]])
+    with torch.no_grad():
+        before = model(input_ids=ids).logits
+        after = merge_lora(model)(input_ids=ids).logits
+    assert not any("lora" in n for n, _ in model.named_parameters())
+    torch.testing.assert_close(before, after, rtol=1e-4, atol=1e-4)
+
+
+def test_qlora_on_cpu_is_a_clear_error(tmp_path, bright_dark):
+    from llavamed.train import run_training
+
+    cfg = tiny_config(bright_dark, tmp_path / "q", trainable=["projector", "lm"])
+    cfg["train"]["lora"] = {"r": 4, "quantize": "4bit"}
+    with pytest.raises(ConfigError, match="QLoRA needs bitsandbytes and a CUDA GPU"):
+        run_training(cfg, progress=False)
+
+
+def test_cli_print_config_and_vision_dispatch(tmp_path, monkeypatch):
+    r = run_cli(
+        ["train", "configs/cpu/tiny_smoke.yaml", "train.lr=0.5", "--print-config"],
+        cwd=Path(__file__).parent.parent,
+    )
+    assert r.returncode == 0, r.stderr
+    assert "lr: 0.5" in r.stdout and "sources:" in r.stdout
+    r = run_cli(
+        ["train", "configs/cpu/tiny_smoke.yaml", "train.lrr=1"], cwd=Path(__file__).parent.parent
+    )
+    assert r.returncode == 1 and "train.lrr: unknown key" in r.stderr
+    # stage: vision goes to stage-0 pretraining; without that module, a clear error
+    import sys
+
+    from llavamed.cli import main
+
+    (tmp_path / "v.yaml").write_text("stage: vision\n")
+    monkeypatch.setitem(sys.modules, "llavamed.train.vision_pretrain", None)
+    assert main(["train", str(tmp_path / "v.yaml")]) == 1

@@ -1,0 +1,85 @@
+"""Shared helpers for the training tests: a synthetic task where only the image carries the
+answer, and small config builders."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parent.parent
+QUESTION = "Is the image bright?"
+
+
+def make_bright_dark(
+    out: Path, n: int, *, seed: int = 0, size: int = 32, pad_words: int = 12
+) -> Path:
+    """``n`` samples: a grey image that is bright (answer yes) or dark (no); the question is the
+    same for every sample (padded with a random number of filler words so lengths vary), so the
+    answer is only in the image."""
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "images").mkdir(exist_ok=True)
+    rng = random.Random(seed)
+    recs = []
+    for i in range(n):
+        bright = i % 2 == 0
+        v = rng.randint(180, 255) if bright else rng.randint(0, 75)
+        Image.new("RGB", (size, size), (v, v, v)).save(out / "images" / f"{i}.png")
+        q = QUESTION + " Look carefully" * rng.randint(0, pad_words)
+        recs.append(
+            {
+                "id": f"s{i}",
+                "image": f"images/{i}.png",
+                "answer": "yes" if bright else "no",
+                "conversations": [
+                    {"from": "human", "value": f"<image>\n{q}"},
+                    {"from": "gpt", "value": "yes" if bright else "no"},
+                ],
+            }
+        )
+    path = out / "train.json"
+    path.write_text(json.dumps(recs))
+    return path
+
+
+def tiny_config(data: Path, out: Path, **train) -> dict:
+    t = {
+        "trainable": ["projector", "lm", "vision"],
+        "max_steps": 6,
+        "global_batch_size": 8,
+        "micro_batch_size": 4,
+        "lr": 3e-3,
+        "warmup_ratio": 0.0,
+        "lr_scheduler": "constant",
+        "precision": "fp32",
+    }
+    t.update(train)
+    return {
+        "stage": "instruct",
+        "model": {"init": {"lm": "tiny", "vision": "tiny", "template": "chatml"}},
+        "data": {"format": "llava_json", "path": str(data), "max_length": 256},
+        "train": t,
+        "output": {"dir": str(out), "save_every": 0},
+    }
+
+
+def single_thread_env() -> dict:
+    # 2 cores shared with other jobs: one intra-op thread per process avoids OMP spin-waits.
+    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+    env["PYTHONPATH"] = str(ROOT / "src") + os.pathsep + env.get("PYTHONPATH", "")
+    return env
+
+
+def run_cli(args: list[str], **kw) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "llavamed", *args],
+        env=single_thread_env(),
+        capture_output=True,
+        text=True,
+        **kw,
+    )
