@@ -1,0 +1,99 @@
+"""SIGKILL mid-run, re-run the same command: the loss curve matches an uninterrupted run."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import yaml
+
+from train_helpers import ROOT, make_bright_dark, single_thread_env, tiny_config
+
+STEPS = 14
+
+
+def _losses(out):
+    return {r["step"]: r["loss"] for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())}
+
+
+def _write(tmp_path, name, data):
+    cfg = tiny_config(data, tmp_path / name, max_steps=STEPS, lr=5e-3, lr_scheduler="cosine", warmup_ratio=0.1)
+    cfg["output"]["save_every"] = 3
+    p = tmp_path / f"{name}.yaml"
+    p.write_text(yaml.safe_dump(cfg))
+    return p
+
+
+def _cmd(cfg):
+    return [sys.executable, "-m", "llavamed", "train", str(cfg), "--no-progress"]
+
+
+@pytest.mark.slow  # three real CLI processes: ~60 s on the shared 2-core machine
+def test_sigkill_then_resume_reproduces_the_loss_curve(tmp_path):
+    data = make_bright_dark(tmp_path / "data", 32)
+    ref_cfg, cfg = _write(tmp_path, "ref", data), _write(tmp_path, "killed", data)
+    env = single_thread_env()
+
+    proc = subprocess.Popen(_cmd(cfg), env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    target = tmp_path / "killed" / "checkpoints" / "step-0000006" / "state.json"
+    deadline = time.time() + 240
+    while not target.exists():
+        assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
+        assert time.time() < deadline, "no checkpoint written"
+        time.sleep(0.05)
+    time.sleep(0.3)  # let it get a little past the checkpoint, mid-step
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not (tmp_path / "killed" / "checkpoint-final").exists()
+    done_before = max(_losses(tmp_path / "killed"))
+    assert done_before < STEPS
+
+    again = subprocess.run(_cmd(cfg), env=env, cwd=ROOT, capture_output=True, text=True)
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert "resuming from step-00000" in again.stderr
+    ref = subprocess.run(_cmd(ref_cfg), env=env, cwd=ROOT, capture_output=True, text=True)
+    assert ref.returncode == 0, ref.stderr[-2000:]
+
+    got, want = _losses(tmp_path / "killed"), _losses(tmp_path / "ref")
+    assert sorted(got) == list(range(1, STEPS + 1))  # every step once: no gap, no duplicate
+    assert [got[s] for s in sorted(got)] == pytest.approx([want[s] for s in sorted(want)], rel=1e-4, abs=1e-5)
+    assert (tmp_path / "killed" / "checkpoint-final" / "config.json").is_file()
+    # only the newest resume checkpoint is kept (output.keep_last = 1)
+    assert len(list((tmp_path / "killed" / "checkpoints").glob("step-*"))) == 1
+
+
+def test_interrupted_in_process_run_resumes_exactly(tmp_path, monkeypatch):
+    """The fast variant: an exception after step 5 (checkpoint at 3), then a re-run."""
+    import torch
+
+    from llavamed.train import run_training
+    from llavamed.train import trainer as T
+
+    torch.set_num_threads(1)
+    data = make_bright_dark(tmp_path / "data", 24)
+    cfg = tiny_config(data, tmp_path / "a", max_steps=7, lr=5e-3, lr_scheduler="cosine", warmup_ratio=0.2)
+    cfg["output"]["save_every"] = 3
+    ref = run_training(cfg | {"output": {"dir": str(tmp_path / "ref"), "save_every": 0}}, progress=False)
+
+    real_step, calls = T.Engine.step, {"n": 0}
+
+    def flaky_step(self):
+        calls["n"] += 1
+        if calls["n"] == 6:
+            raise KeyboardInterrupt
+        return real_step(self)
+
+    monkeypatch.setattr(T.Engine, "step", flaky_step)
+    with pytest.raises(KeyboardInterrupt):
+        run_training(cfg, progress=False)
+    monkeypatch.setattr(T.Engine, "step", real_step)
+    assert max(_losses(tmp_path / "a")) == 5
+    res = run_training(cfg, progress=False)
+    got = [m["loss"] for m in res.metrics]
+    assert [m["step"] for m in res.metrics] == list(range(1, 8))
+    assert got == pytest.approx([m["loss"] for m in ref.metrics], rel=1e-4, abs=1e-5)
