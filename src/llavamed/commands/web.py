@@ -1,0 +1,61 @@
+"""``llavamed web``: a Gradio web page to chat with a model about uploaded images."""
+
+from __future__ import annotations
+
+from llavamed.commands.chat import add_sampling_args
+from llavamed.commands.serve import add_model_args
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser(
+        "web",
+        help="web UI: upload an image (PNG, JPEG, DICOM) and chat about it",
+        description="A Gradio app: upload an image, chat over several turns, try example images "
+        "(pydicom CT/MR, MedSynth), adjust sampling. Needs the 'web' extra "
+        "(pip install 'llavamed[web]').",
+    )
+    add_model_args(p)
+    p.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1)")
+    p.add_argument("--port", type=int, default=7860, help="port (default 7860)")
+    p.add_argument(
+        "--max-batch-size", type=int, default=8, help="browser sessions decoded together"
+    )
+    add_sampling_args(p)
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    from llavamed.errors import ConfigError, LlavamedError
+    from llavamed.serve.engine import Engine, EngineSettings, SamplingParams
+
+    try:
+        import gradio  # noqa: F401
+    except ImportError:
+        raise LlavamedError("llavamed web needs gradio: pip install 'llavamed[web]'") from None
+    from llavamed.serve.web import launch
+
+    try:
+        params = SamplingParams(
+            max_tokens=args.max_tokens,
+            temperature=args.temperature,
+            top_p=args.top_p,
+            seed=args.seed,
+        )
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+    engine = Engine.from_path(
+        args.model, dtype=args.dtype, settings=EngineSettings(max_batch_size=args.max_batch_size)
+    )
+    try:
+        print(f"llavamed: web UI for {engine.name!r} at http://{args.host}:{args.port}/")
+        launch(
+            engine,
+            args.host,
+            args.port,
+            block=True,
+            default_params=params,
+            concurrency=args.max_batch_size,
+        )
+    finally:
+        engine.close()
+    return 0
