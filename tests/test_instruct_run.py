@@ -177,6 +177,14 @@ def test_dry_run_calls_nothing(stub, tmp_path):
     assert report["requests_needed"] == 20
     assert report["estimated_prompt_tokens"] > 20 * 1000  # 8 few-shot examples per request
     assert report["estimated_cost_usd"] > 0 and "heuristic" in report["estimate_method"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["figures.jsonl"]  # wrote nothing
+    # After a real run, the dry run sees the finished work.
+    opts.dry_run = False
+    opts.max_samples = 10
+    run_instruct(opts)
+    opts.dry_run, opts.max_samples = True, None
+    report = run_instruct(opts)[0]
+    assert report["already_done"] == 10 and report["requests_needed"] == 10
 
 
 def test_llava_med_caption_json_input(stub, tmp_path):

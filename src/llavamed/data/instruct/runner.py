@@ -31,7 +31,7 @@ from llavamed.data.instruct.prompts import (
 from llavamed.data.instruct.select import round_robin
 from llavamed.errors import InputError, LlavamedError
 from llavamed.llm.client import ClientOptions, LLMClient, LLMError, estimate_tokens, lookup_price
-from llavamed.utils.io import JsonlAppender, atomic_write_json
+from llavamed.utils.io import JsonlAppender, atomic_write_json, iter_jsonl
 
 EXIT_INCOMPLETE = 3
 
@@ -137,7 +137,8 @@ def _dry_run(opts, prompts, pending, done_n, selected) -> dict:
     # A completion is budgeted at the few-shot conversations' mean length: what the model imitates.
     shots = [estimate_tokens(conversation_to_text(e["conversations"])) for e in prompts.few_shot]
     per_completion = min(opts.max_tokens, int(sum(shots) / max(1, len(shots))))
-    client = LLMClient(opts.client) if opts.client.cache_path else None
+    cache_file = opts.client.cache_path
+    client = LLMClient(opts.client) if cache_file and Path(cache_file).exists() else None
     try:
         for rec in pending:
             msgs = build_messages(rec, prompts, opts.inline_mentions)
@@ -316,21 +317,28 @@ def run_instruct(opts: InstructOptions) -> tuple[dict, int]:
     selected, input_errors, dups = load_selection(opts)
     fp = run_fingerprint(opts, prompts)
     partial = opts.partial_path
+
+    def done_ids() -> set[str]:
+        done = set()
+        for e in iter_jsonl(partial, skip_bad=True) if partial.exists() else []:
+            if e.get("fp") != fp:
+                raise LlavamedError(
+                    f"{partial}: written by a run with different settings (model, prompts, "
+                    "sampling or --inline-mentions); use another --out or delete that log"
+                )
+            done.add(str(e.get("pair_id")))
+        return done
+
+    if opts.dry_run:  # reads the log, writes nothing
+        done = done_ids()
+        pending = [r for r in selected if str(r["pair_id"]) not in done]
+        report = _dry_run(opts, prompts, pending, len(selected) - len(pending), selected)
+        report["input_errors"] = dict(input_errors)
+        return report, 0
     with _exclusive(partial.with_name(partial.name + ".lock")):
-        with JsonlAppender(partial) as appender:
-            done: dict[str, dict] = {}
-            for e in appender.existing():
-                if e.get("fp") != fp:
-                    raise LlavamedError(
-                        f"{partial}: written by a run with different settings (model, prompts, "
-                        "sampling or --inline-mentions); use another --out or delete that log"
-                    )
-                done.setdefault(str(e.get("pair_id")), e)
+        with JsonlAppender(partial) as appender:  # opening it repairs a torn last line
+            done = done_ids()
             pending = [r for r in selected if str(r["pair_id"]) not in done]
-            if opts.dry_run:
-                report = _dry_run(opts, prompts, pending, len(selected) - len(pending), selected)
-                report["input_errors"] = dict(input_errors)
-                return report, 0
             bar = None
             if opts.progress and pending:
                 from tqdm import tqdm
