@@ -91,14 +91,14 @@ def render_chest_xray(a: ChestXrayAttrs, rng: np.random.Generator, c: Canvas):
     if a.consolidation:
         sg = side_sign(a.consolidation_side)
         cu, cv = sg * (0.2 + 0.02 * j[3]), LOBE_V[a.consolidation_lobe] + 0.02 * j[4]
-        blob = np.exp(-(ellipse(c, cu, cv, 0.1, 0.085) ** 2) * 1.5) * (0.75 + 0.35 * tex_cons)
-        att += 0.33 * np.clip(blob, 0, 1) * lungs
+        blob = np.exp(-(ellipse(c, cu, cv, 0.12, 0.1) ** 2) * 1.2) * (0.85 + 0.2 * tex_cons)
+        att += 0.42 * np.clip(blob, 0, 1) * lungs
         c.targets.append((cu, cv))
     if a.nodule:
         sg = side_sign(a.nodule_side)
         cu, cv = sg * (0.2 + 0.03 * j[5]), LOBE_V[a.nodule_lobe] + 0.03 * j[6]
-        r = a.nodule_size_mm / 420.0
-        att += 0.3 * soft_mask(ellipse(c, cu, cv, r, r * (1 + 0.1 * j[7])), 0.18)
+        r = a.nodule_size_mm / 330.0
+        att += 0.38 * soft_mask(ellipse(c, cu, cv, r, r * (1 + 0.1 * j[7])), 0.18)
         c.targets.append((cu, cv))
     if a.effusion:
         sg = side_sign(a.effusion_side)
