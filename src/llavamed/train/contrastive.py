@@ -108,7 +108,7 @@ def phrase_patch_loss(
 
     Distributed: phrases (small) are gathered from every process with gradient; each process
     scores all phrases against its own images; the per-process sums are divided by the global
-    pair count, so their sum over processes is the single-process loss (callers multiply by the
+    image count, so their sum over processes is the single-process loss (callers multiply by the
     world size before DDP's gradient averaging -- see :func:`world_scale`).
 
     Shapes: ``patch_emb`` (B, K, D) normalised; ``phrase_emb`` (P, D) normalised;
@@ -120,8 +120,10 @@ def phrase_patch_loss(
     scores = pooled_patch_scores(patch_emb, all_phr, sharpness)  # (P_all, B)
     logits = scale.exp() * scores + bias
     labels = (all_keys[:, None, None] == image_keys[None, :, :]).any(-1).float()  # (P_all, B)
-    n_pairs = _global_count(logits.numel())
-    return F.binary_cross_entropy_with_logits(logits, labels, reduction="sum") / n_pairs
+    # SigLIP's normalisation: sum over pairs / number of images (not / number of pairs), so the
+    # loss does not shrink as the batch, and with it the share of easy negatives, grows.
+    n_images = _global_count(patch_emb.shape[0])
+    return F.binary_cross_entropy_with_logits(logits, labels, reduction="sum") / n_images
 
 
 def _global_count(n: int) -> float:

@@ -700,6 +700,7 @@ def train_vision(cfg: VisionPretrainConfig, progress: bool = True) -> VisionPret
     if not cfg.text_trainable:
         text.model.eval()
     t_seg = time.time()
+    cpu0 = time.process_time()
     trained_at_seg = trained_s
     stopped_early = False
     while step < total:
@@ -790,6 +791,7 @@ def train_vision(cfg: VisionPretrainConfig, progress: bool = True) -> VisionPret
                 "lr": opt.param_groups[0]["lr"],
                 "temp": float(1 / module.heads.logit_scale.detach().exp()),
                 "minutes": round(trained_s / 60, 3),
+                "cpu_minutes": round((time.process_time() - cpu0) / 60, 3),
             }
             log.append(rec)
             bar.set_postfix(
