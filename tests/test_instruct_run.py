@@ -137,6 +137,15 @@ def test_round_robin_cap_and_changed_settings_refused(stub, tmp_path):
         run_instruct(make_opts(stub, tmp_path, max_samples=20, temperature=0.1))
 
 
+def test_few_shot_limit_shortens_prompt(stub, tmp_path):
+    run_instruct(make_opts(stub, tmp_path, n=3, few_shot=1))
+    assert [m["role"] for m in stub.requests[0]["messages"]] == [
+        "system", "user", "assistant", "user",
+    ]  # fmt: skip
+    with pytest.raises(LlavamedError, match="different settings"):  # part of the fingerprint
+        run_instruct(make_opts(stub, tmp_path, n=3, few_shot=2))
+
+
 def test_transient_failures_exit_3_then_resume(stub, tmp_path):
     opts = make_opts(stub, tmp_path, n=10)
     opts.client.max_retries = 1

@@ -58,6 +58,13 @@ def register(subparsers) -> None:
         help="folder overriding system_prompt.txt and/or few_shot.json "
         "(defaults ship in llavamed/resources/instruct)",
     )
+    p.add_argument(
+        "--few-shot",
+        type=int,
+        metavar="N",
+        help="use only the first N few-shot examples (default all 8; the first 5 cover the five "
+        "domains). A short prompt makes small local models several times faster",
+    )
     p.add_argument("--report", type=Path, help="report path (default <OUT stem>_report.json)")
     p.add_argument(
         "--dry-run",
@@ -75,6 +82,8 @@ def run(args: argparse.Namespace) -> int:
 
     if args.max_samples is not None and args.max_samples < 1:
         raise LlavamedError("--max-samples must be >= 1")
+    if args.few_shot is not None and args.few_shot < 0:
+        raise LlavamedError("--few-shot must be >= 0")
     if args.min_turns < 1:
         raise LlavamedError("--min-turns must be >= 1")
     opts = InstructOptions(
@@ -88,6 +97,7 @@ def run(args: argparse.Namespace) -> int:
         seed=args.seed,
         min_turns=args.min_turns,
         prompts_dir=args.prompts,
+        few_shot=args.few_shot,
         dry_run=args.dry_run,
         progress=not args.no_progress,
         report_path=args.report,

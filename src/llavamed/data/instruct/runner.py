@@ -17,7 +17,7 @@ import json
 import os
 import sys
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from llavamed.data.figures import iter_figures, primary_domain
@@ -55,6 +55,9 @@ class InstructOptions:
     """Keep conversations with at least this many question/answer pairs after cleaning."""
     prompts_dir: Path | None = None
     """Folder overriding system_prompt.txt and/or few_shot.json."""
+    few_shot: int | None = None
+    """Use only the first N few-shot examples (the defaults' first five cover the five domains):
+    small local models are much faster with a short prompt. None = all."""
     dry_run: bool = False
     progress: bool = True
     report_path: Path | None = None
@@ -136,7 +139,7 @@ def _dry_run(opts, prompts, pending, done_n, selected) -> dict:
     cached = 0
     # A completion is budgeted at the few-shot conversations' mean length: what the model imitates.
     shots = [estimate_tokens(conversation_to_text(e["conversations"])) for e in prompts.few_shot]
-    per_completion = min(opts.max_tokens, int(sum(shots) / max(1, len(shots))))
+    per_completion = min(opts.max_tokens, int(sum(shots) / len(shots)) if shots else 300)
     cache_file = opts.client.cache_path
     client = LLMClient(opts.client) if cache_file and Path(cache_file).exists() else None
     try:
@@ -314,6 +317,8 @@ def run_instruct(opts: InstructOptions) -> tuple[dict, int]:
     """Run (or resume) the job. Returns (report, exit code): 0 complete, 3 when some requests
     failed transiently and a re-run is needed."""
     prompts = load_prompts(opts.prompts_dir)
+    if opts.few_shot is not None:
+        prompts = replace(prompts, few_shot=prompts.few_shot[: opts.few_shot])
     selected, input_errors, dups = load_selection(opts)
     fp = run_fingerprint(opts, prompts)
     partial = opts.partial_path
