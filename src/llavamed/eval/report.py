@@ -76,7 +76,11 @@ def render_markdown(result: dict, dataset: str, load_report: dict | None = None)
             f"**{m['n_missing']} questions have no answer** and are left out of every mean."
         )
     sizes = PAPER_SPLIT_SIZES.get(dataset)
-    if sizes and m["n_samples"] != sizes["total"]:
+    if sizes and result.get("splits", ["test"]) != ["test"]:
+        lines.append(
+            f"Note: split(s) {', '.join(result['splits'])}; the paper reports test splits."
+        )
+    elif sizes and m["n_samples"] != sizes["total"]:
         lines.append(
             f"Note: the paper's {dataset} test split has {sizes['total']} questions "
             f"({sizes['open']} open / {sizes['closed']} closed); this run has {m['n_samples']}."

@@ -459,6 +459,7 @@ def run_vqa_eval(
         "options": asdict(opts),
         "limit": limit,
         "shard": f"{shard_t[0]}/{shard_t[1]}" if shard_t else None,
+        "splits": sorted({x.split for x in chosen}),
         "generation": {},
         "ablations": {},
     }
