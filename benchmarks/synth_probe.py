@@ -67,7 +67,7 @@ net = nn.Sequential(
 )
 opt = torch.optim.Adam(net.parameters(), 2e-3)
 ntr = int(N * 0.8)
-for ep in range(15):
+for _ep in range(15):
     perm = torch.randperm(ntr)
     for b in range(0, ntr, 32):
         idx = perm[b : b + 32]
@@ -78,4 +78,8 @@ for ep in range(15):
 with torch.no_grad():
     p = (net(X[ntr:]) > 0).float()
 acc = (p == Yt[ntr:]).float().mean(0)
-print(domain, {k: round(float(a), 2) for k, a in zip(keys, acc)}, f"{time.time() - t:.0f}s")
+print(
+    domain,
+    {k: round(float(a), 2) for k, a in zip(keys, acc, strict=True)},
+    f"{time.time() - t:.0f}s",
+)
