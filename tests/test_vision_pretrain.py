@@ -242,3 +242,27 @@ def test_load_pairs_conversation_json(tmp_path):
     assert skipped == {"duplicate image": 1, "no image": 1}
     with pytest.raises(InputError, match="file not found"):
         load_pairs(tmp_path / "none.json")
+
+
+def test_streaming_loader_skips_unreadable_images(tmp_path):
+    """``preload: false`` decodes per step (DataLoader); an unreadable image is replaced, so the
+    batch keeps its size."""
+    from llavamed.train.vision_pretrain import run_from_config
+
+    data = _write_pairs(tmp_path / "data", n=12)
+    (tmp_path / "data" / "images" / "3.png").write_bytes(b"not a png")
+    cfg = {
+        "data": str(data),
+        "output_dir": str(tmp_path / "run"),
+        "vision": "tiny",
+        "batch_size": 6,
+        "max_steps": 2,
+        "probe_images_per_domain": 0,
+        "val_fraction": 0.0,
+        "preload": False,
+        "precision": "fp32",
+        "log_every": 1,
+    }
+    res = run_from_config(cfg, progress=False)
+    assert res.report["steps"] == 2 and "retrieval" not in res.report
+    assert (res.tower_dir / "config.json").exists()

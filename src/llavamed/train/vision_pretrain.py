@@ -635,6 +635,10 @@ def train_vision(cfg: VisionPretrainConfig, progress: bool = True) -> VisionPret
     module = _build_module(
         tower, text.dim, cfg.embed_dim, text.model if cfg.text_trainable else None
     )
+    device = _device()
+    module.to(device)
+    if cfg.text_trainable:
+        text.model.to(device)
     params_decay = [p for n, p in module.named_parameters() if p.requires_grad and p.dim() >= 2]
     params_nodecay = [p for n, p in module.named_parameters() if p.requires_grad and p.dim() < 2]
     opt = torch.optim.AdamW(
@@ -684,10 +688,14 @@ def train_vision(cfg: VisionPretrainConfig, progress: bool = True) -> VisionPret
                 tmp,
             )
 
-    autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.precision == "bf16")
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16")
     stream = None
     if not cfg.preload:
-        stream = _stream_loader(train_pairs, size, tower.mean, cfg, local_b, rank, world)
+        stream = iter(
+            _stream_loader(
+                train_pairs, size, tower.mean, cfg, local_b, rank, step, total, steps_per_epoch
+            )
+        )
     bar = tqdm(
         total=total,
         initial=step,
@@ -707,19 +715,15 @@ def train_vision(cfg: VisionPretrainConfig, progress: bool = True) -> VisionPret
         if cfg.time_budget_min is not None and trained_s >= cfg.time_budget_min * 60:
             stopped_early = True
             break
-        epoch, pos = divmod(step, steps_per_epoch)
-        order = _epoch_order(len(train_pairs), epoch, cfg.seed)
-        idx = order[pos * cfg.batch_size : (pos + 1) * cfg.batch_size][
-            rank * local_b : (rank + 1) * local_b
-        ]
         if stream is not None:
-            x8, idx = stream(idx)
+            x8, idx = next(stream)
         else:
+            idx = _batch_indices(step, steps_per_epoch, len(train_pairs), cfg, local_b, rank)
             x8 = train_imgs[idx]
         x = augment(
             x8.float() / 255.0, aug_gen, cfg.crop_scale, cfg.crop_ratio, cfg.intensity_jitter
         )
-        x = normalize(x, tower.mean, tower.std)
+        x = normalize(x, tower.mean, tower.std).to(device, non_blocking=True)
         for g in opt.param_groups:
             g["lr"] = _lr_at(step, total, cfg)
         with autocast:
@@ -730,7 +734,7 @@ def train_vision(cfg: VisionPretrainConfig, progress: bool = True) -> VisionPret
             if cfg.text_trainable:
                 t_cap = text.forward([captions[i] for i in ids])
             else:
-                t_cap = cap_emb[idx]
+                t_cap = cap_emb[idx].to(device)
             if cfg.global_weight > 0:
                 img = torch.nn.functional.normalize(heads.img(pooled).float(), dim=-1)
                 txt = torch.nn.functional.normalize(
@@ -739,12 +743,15 @@ def train_vision(cfg: VisionPretrainConfig, progress: bool = True) -> VisionPret
                 loss_g = clip_loss(img, txt, heads.logit_scale)
             if cfg.local_weight > 0:
                 ptxt = [p for i in ids for p, _ in phrases[i]]
-                pkeys = torch.tensor([k for i in ids for _, k in phrases[i]], dtype=torch.long)
+                pkeys = torch.tensor(
+                    [k for i in ids for _, k in phrases[i]], dtype=torch.long, device=device
+                )
                 m = max(1, max(len(phrases[i]) for i in ids))
                 ikeys = torch.full((len(ids), m), -1, dtype=torch.long)
                 for r, i in enumerate(ids):
                     for c, (_, k) in enumerate(phrases[i]):
                         ikeys[r, c] = k
+                ikeys = ikeys.to(device)
                 if cfg.text_trainable:
                     pe = text.forward(ptxt) if ptxt else torch.zeros(0, text.dim)
                 else:
@@ -752,7 +759,7 @@ def train_vision(cfg: VisionPretrainConfig, progress: bool = True) -> VisionPret
                         uniq_emb[torch.tensor([phrase_index[p] for p in ptxt], dtype=torch.long)]
                         if ptxt
                         else torch.zeros(0, text.dim)
-                    )
+                    ).to(device)
                 pemb = torch.nn.functional.normalize(
                     heads.phrase(pe.to(pooled.dtype)).float(), dim=-1
                 )
@@ -785,18 +792,16 @@ def train_vision(cfg: VisionPretrainConfig, progress: bool = True) -> VisionPret
         if log is not None and (step % cfg.log_every == 0 or step == total):
             rec = {
                 "step": step,
-                "loss": float(loss),
-                "global": float(loss_g),
-                "local": float(loss_l),
+                "loss": float(loss.detach()),
+                "global": float(loss_g.detach()),
+                "local": float(loss_l.detach()),
                 "lr": opt.param_groups[0]["lr"],
                 "temp": float(1 / module.heads.logit_scale.detach().exp()),
                 "minutes": round(trained_s / 60, 3),
                 "cpu_minutes": round((time.process_time() - cpu0) / 60, 3),
             }
             log.append(rec)
-            bar.set_postfix(
-                loss=f"{float(loss):.3f}", g=f"{float(loss_g):.2f}", l=f"{float(loss_l):.3f}"
-            )
+            bar.set_postfix(loss=f"{float(loss.detach()):.3f}")
         if step % cfg.save_every == 0:
             save_state()
     bar.close()
@@ -855,25 +860,73 @@ def _allreduce_grads(module) -> None:
             p.grad /= world
 
 
-def _stream_loader(pairs, size, mean, cfg, local_b, rank, world):
-    """Decode a batch's images on the fly (``preload: false``), skipping unreadable ones."""
-    import torch
+def _batch_indices(step: int, steps_per_epoch: int, n: int, cfg, local_b: int, rank: int):
+    """This process's share of the global batch for ``step`` (a fixed function of the step, so
+    a resumed run sees exactly the batches an uninterrupted one would)."""
+    epoch, pos = divmod(step, steps_per_epoch)
+    order = _epoch_order(n, epoch, cfg.seed)
+    return order[pos * cfg.batch_size : (pos + 1) * cfg.batch_size][
+        rank * local_b : (rank + 1) * local_b
+    ]
 
-    ds = PairImages(pairs, size, mean)
 
-    def get(idx):
+class _StepBatches:
+    """Map-style dataset over steps: item ``s`` is step s's decoded batch (``preload: false``).
+
+    An unreadable image is replaced by the next readable one in the dataset, so every process
+    keeps the same local batch size (the all-gather needs equal shapes)."""
+
+    def __init__(self, pairs, size, mean, cfg, local_b, rank, first, total, steps_per_epoch):
+        self.ds = PairImages(pairs, size, mean)
+        self.cfg, self.local_b, self.rank = cfg, local_b, rank
+        self.first, self.total, self.spe = first, total, steps_per_epoch
+
+    def __len__(self) -> int:
+        return self.total - self.first
+
+    def __getitem__(self, j: int):
+        import torch
+
+        idx = _batch_indices(
+            self.first + j, self.spe, len(self.ds), self.cfg, self.local_b, self.rank
+        )
         imgs, keep = [], []
         for i in idx.tolist():
-            try:
-                imgs.append(ds[i])
-                keep.append(i)
-            except InputError:
-                continue
-        if len(keep) < 2:
-            raise InputError(cfg.data, "a batch had fewer than 2 readable images")
+            for k in range(len(self.ds)):
+                ii = (i + k) % len(self.ds)
+                try:
+                    imgs.append(self.ds[ii])
+                    keep.append(ii)
+                    break
+                except InputError:
+                    continue
+        if not imgs:
+            raise InputError(self.cfg.data, "no readable images")
         return torch.stack(imgs), torch.tensor(keep)
 
-    return get
+
+def _stream_loader(pairs, size, mean, cfg, local_b, rank, first, total, steps_per_epoch):
+    from torch.utils.data import DataLoader
+
+    ds = _StepBatches(pairs, size, mean, cfg, local_b, rank, first, total, steps_per_epoch)
+    return DataLoader(
+        ds,
+        batch_size=None,
+        shuffle=False,
+        num_workers=cfg.num_workers,
+        prefetch_factor=4 if cfg.num_workers > 0 else None,
+        persistent_workers=False,
+    )
+
+
+def _device():
+    import torch
+
+    if torch.cuda.is_available():
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+        torch.cuda.set_device(local)
+        return torch.device("cuda", local)
+    return torch.device("cpu")
 
 
 def _retrieval(module, tower: Tower, val_pairs, val_imgs, size, text, cfg, cache_dir) -> dict:
@@ -887,10 +940,11 @@ def _retrieval(module, tower: Tower, val_pairs, val_imgs, size, text, cfg, cache
     with torch.inference_mode():
         for s in range(0, len(val_pairs), 128):
             x = normalize(val_imgs[s : s + 128].float() / 255.0, tower.mean, tower.std)
+            x = x.to(next(module.parameters()).device)
             pooled, _ = tower_features(tower, x, cfg.feature_layer)
             embs.append(torch.nn.functional.normalize(module.heads.img(pooled).float(), dim=-1))
         img = torch.cat(embs)
-        txt = torch.nn.functional.normalize(module.heads.txt(t).float(), dim=-1)
+        txt = torch.nn.functional.normalize(module.heads.txt(t.to(img.device)).float(), dim=-1)
     r = recall_at_k(img, txt)
     r["chance_r@1"] = 1 / len(val_pairs)
     return r
@@ -961,8 +1015,23 @@ def render_report_md(report: dict) -> str:
 def run_from_config(
     cfg: dict, overrides: list[str] | None = None, progress: bool = True
 ) -> VisionPretrainResult:
-    """Entry for ``llavamed train CONFIG.yaml`` (``stage: vision``) and the quickstart."""
-    return train_vision(make_config(cfg, overrides), progress=progress)
+    """Entry for ``llavamed train CONFIG.yaml`` (``stage: vision``) and the quickstart.
+
+    Under torchrun (``WORLD_SIZE`` > 1) joins the process group (nccl on GPUs, gloo on CPUs)
+    unless the caller already did, and leaves it afterwards."""
+    config = make_config(cfg, overrides)
+    import torch
+    import torch.distributed as dist
+
+    joined = False
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        joined = True
+    try:
+        return train_vision(config, progress=progress)
+    finally:
+        if joined:
+            dist.destroy_process_group()
 
 
 def load_yaml(path: str | os.PathLike) -> dict:
