@@ -19,6 +19,16 @@ from llavamed.errors import InputError
 
 
 @contextlib.contextmanager
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+# Read once: mkstemp creates 0600 files, but outputs should get the usual 0644 (umask 022).
+_FILE_MODE = 0o666 & ~_umask()
+
+
 def atomic_path(path: str | os.PathLike, suffix: str = "", fsync: bool = True) -> Iterator[Path]:
     """Yield a temp path in the destination folder; on success rename it onto ``path``.
     ``fsync=False`` skips the disk flush (still safe against a killed process, not against power
@@ -26,6 +36,7 @@ def atomic_path(path: str | os.PathLike, suffix: str = "", fsync: bool = True) -
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix + ".tmp", dir=path.parent)
+    os.fchmod(fd, _FILE_MODE)
     os.close(fd)
     tmp_path = Path(tmp)
     try:
