@@ -18,7 +18,6 @@ from typing import Any
 from llavamed.errors import InputError
 
 
-@contextlib.contextmanager
 def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
@@ -29,6 +28,7 @@ def _umask() -> int:
 _FILE_MODE = 0o666 & ~_umask()
 
 
+@contextlib.contextmanager
 def atomic_path(path: str | os.PathLike, suffix: str = "", fsync: bool = True) -> Iterator[Path]:
     """Yield a temp path in the destination folder; on success rename it onto ``path``.
     ``fsync=False`` skips the disk flush (still safe against a killed process, not against power
