@@ -395,3 +395,64 @@ def test_llavamed_llm_client_drives_text_only_server(lm_server):
     results = asyncio.run(main())
     assert len(results) == 6 and all(r.completion_tokens >= 1 for r in results)
     assert not any(r.usage_estimated for r in results)
+
+
+def test_serve_command_end_to_end(tiny_lm_dir):
+    """``llavamed serve`` as users run it: key from the environment, port 0, SIGINT to stop."""
+    import os
+    import re
+    import signal
+    import subprocess
+    import sys
+
+    env = dict(os.environ, LLAVAMED_TEST_KEY=KEY)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "llavamed",
+            "serve",
+            "--model",
+            str(tiny_lm_dir),
+            "--port",
+            "0",
+            "--api-key-env",
+            "LLAVAMED_TEST_KEY",
+            "--served-model-name",
+            "demo",
+            "--log-level",
+            "warning",
+        ],
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
+    try:
+        url = None
+        lines = []
+        deadline = time.time() + 120
+        while url is None and time.time() < deadline:
+            line = proc.stderr.readline()
+            if not line:
+                break
+            lines.append(line)
+            m = re.search(r"at (http://\S+/v1)", line)
+            url = m.group(1) if m else None
+        assert url, "".join(lines)
+        c = openai.OpenAI(base_url=url, api_key=KEY, max_retries=0)
+        assert c.models.list().data[0].id == "demo"
+        r = c.chat.completions.create(
+            model="demo", max_tokens=3, temperature=0, messages=[{"role": "user", "content": "hi"}]
+        )
+        assert r.usage.completion_tokens >= 1
+        with pytest.raises(openai.AuthenticationError):
+            openai.OpenAI(base_url=url, api_key="bad", max_retries=0).models.list()
+    finally:
+        proc.send_signal(signal.SIGINT)
+        try:
+            _, err = proc.communicate(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            _, err = proc.communicate()
+    assert KEY not in "".join(lines) + err
+    assert proc.returncode in (0, 130)
