@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import shutil
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -285,10 +283,10 @@ def save_checkpoint(
     model, processor, out: str | Path, spec: ModelSpec | None, extra: dict | None = None
 ) -> Path:
     """Write a native llava checkpoint atomically (temp folder, then rename)."""
+    from llavamed.utils.io import atomic_dir
+
     out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+    with atomic_dir(out) as tmp:
         model.save_pretrained(tmp)
         _canonicalize_vision_keys(tmp, model.config.vision_config.model_type)
         processor.save_pretrained(tmp)
@@ -299,18 +297,6 @@ def save_checkpoint(
         if extra:
             meta.update(extra)
         (tmp / CHECKPOINT_META).write_text(json.dumps(meta, indent=2) + "\n")
-        if out.exists():
-            backup = out.with_name(f".{out.name}.old")
-            if backup.exists():
-                shutil.rmtree(backup)
-            out.rename(backup)
-            tmp.rename(out)
-            shutil.rmtree(backup)
-        else:
-            tmp.rename(out)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
     return out
 
 

@@ -99,9 +99,6 @@ def map_biomedclip_state_dict(sd: dict, num_heads: int | None = None):
 def convert_biomedclip(src: str | Path, dst: str | Path, *, num_heads: int | None = None) -> Path:
     """``src``: a weights file (``open_clip_pytorch_model.bin``/safetensors) or its folder
     (``open_clip_config.json`` beside it supplies the image mean/std)."""
-    import shutil
-    import tempfile
-
     import torch
     from transformers import ViTModel
 
@@ -123,10 +120,10 @@ def convert_biomedclip(src: str | Path, dst: str | Path, *, num_heads: int | Non
     if oc_cfg.exists():
         pre = json.loads(oc_cfg.read_text()).get("preprocess_cfg", {})
         mean, std = pre.get("mean", mean), pre.get("std", std)
+    from llavamed.utils.io import atomic_dir
+
     dst = Path(dst)
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.", dir=dst.parent))
-    try:
+    with atomic_dir(dst) as tmp:
         model.save_pretrained(tmp)
         (tmp / "preprocessor_config.json").write_text(
             json.dumps(
@@ -140,10 +137,4 @@ def convert_biomedclip(src: str | Path, dst: str | Path, *, num_heads: int | Non
             )
             + "\n"
         )
-        if dst.exists():
-            shutil.rmtree(dst)
-        tmp.rename(dst)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
     return dst

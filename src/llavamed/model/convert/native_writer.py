@@ -9,8 +9,6 @@ come keyed by transformers' in-memory names and are written under the llava-hf o
 from __future__ import annotations
 
 import json
-import shutil
-import tempfile
 from pathlib import Path
 
 SHARD_BYTES = 4 * 1024**3
@@ -41,11 +39,10 @@ def write_native_checkpoint(
     from transformers import GenerationConfig
 
     from llavamed.model.compose import CHECKPOINT_META
+    from llavamed.utils.io import atomic_dir
 
     dst = Path(dst)
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.", dir=dst.parent))
-    try:
+    with atomic_dir(dst) as tmp:
         vtype = config.vision_config.model_type
         named = {disk_name(k, vtype): v.contiguous() for k, v in tensors.items()}
         shards, cur, size = [], {}, 0
@@ -78,10 +75,4 @@ def write_native_checkpoint(
         (tmp / CHECKPOINT_META).write_text(
             json.dumps({"format": "llavamed-native-llava/1", "spec": None, **meta}, indent=2) + "\n"
         )
-        if dst.exists():
-            shutil.rmtree(dst)
-        tmp.rename(dst)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
     return dst
