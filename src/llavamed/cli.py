@@ -15,6 +15,7 @@ from llavamed.errors import LlavamedError
 # ``func``. Order here is the order in ``--help``.
 # NOTE TO CONTRIBUTORS WORKING IN PARALLEL: read /tmp/common_brief.md (commit rules, budgets) first.
 COMMANDS: list[tuple[str | None, str]] = [
+    (None, "llavamed.commands.quickstart"),
     (None, "llavamed.commands.synth"),
     (None, "llavamed.commands.train"),
     ("model", "llavamed.commands.model_init"),

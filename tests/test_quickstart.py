@@ -1,0 +1,106 @@
+"""Quickstart: stage keys, skip-on-rerun, clean restart on changed settings, and (slow) the real
+end-to-end tiny run."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from llavamed.quickstart import Pipeline, QuickstartOptions
+
+
+def _stages(calls: list[str], out, settings_b: dict, fail_b: bool = False):
+    def a():
+        calls.append("a")
+        (out / "a").mkdir(exist_ok=True)
+        (out / "a" / "x.txt").write_text("a")
+        return {"n": 1}
+
+    def b():
+        calls.append("b")
+        (out / "b").mkdir(exist_ok=True)
+        (out / "b" / "partial.txt").write_text("b")
+        if fail_b:
+            raise KeyboardInterrupt  # a killed run
+        return {"n": 2}
+
+    return [("a", "a", a, {"k": 1}), ("b", "b", b, settings_b)]
+
+
+def test_pipeline_skips_finished_and_resumes_interrupted(tmp_path):
+    opts = QuickstartOptions(out=tmp_path, progress=False)
+    calls: list[str] = []
+    with pytest.raises(KeyboardInterrupt):
+        Pipeline(opts, _stages(calls, tmp_path, {"k": 1}, fail_b=True)).run()
+    assert calls == ["a", "b"]
+    state = json.loads((tmp_path / "quickstart_state.json").read_text())
+    assert list(state["stages"]) == ["a"]  # b never finished
+
+    calls.clear()
+    res = Pipeline(opts, _stages(calls, tmp_path, {"k": 1})).run()
+    assert calls == ["b"]  # a skipped, b resumed in its folder (same key: partial kept)
+    assert [r.skipped for r in res] == [True, False]
+
+    calls.clear()
+    res = Pipeline(opts, _stages(calls, tmp_path, {"k": 1})).run()
+    assert calls == [] and all(r.skipped for r in res)
+
+
+def test_pipeline_changed_settings_rerun_downstream_in_clean_folder(tmp_path):
+    opts = QuickstartOptions(out=tmp_path, progress=False)
+    calls: list[str] = []
+    Pipeline(opts, _stages(calls, tmp_path, {"k": 1})).run()
+    (tmp_path / "b" / "stale.txt").write_text("old")
+    calls.clear()
+    Pipeline(opts, _stages(calls, tmp_path, {"k": 2})).run()
+    assert calls == ["b"]
+    assert not (tmp_path / "b" / "stale.txt").exists()
+
+
+def test_unknown_size():
+    from llavamed.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="--size"):
+        QuickstartOptions(size="huge").preset()
+
+
+@pytest.mark.slow
+def test_quickstart_tiny_end_to_end_and_rerun(tmp_path):
+    out = tmp_path / "qs"
+    cmd = [
+        sys.executable,
+        "-m",
+        "llavamed",
+        "quickstart",
+        "--size",
+        "tiny",
+        "--out",
+        str(out),
+        "--no-progress",
+    ]
+    first = subprocess.run(cmd, capture_output=True, text=True, timeout=3600)
+    assert first.returncode == 0, first.stderr[-4000:]
+    report = json.loads((out / "report.json").read_text())
+    assert (out / "report.md").exists() and (out / "loss.png").exists()
+    assert (out / "finetune" / "checkpoint-final" / "config.json").exists()
+    ft = report["metrics"]["finetuned"]
+    assert "strict_closed_acc" in ft and "ablation_blank" in ft
+    assert set(report["stages"]) >= {
+        "synth",
+        "ingest",
+        "align",
+        "instruct",
+        "stage0_vision",
+        "stage1_alignment",
+        "stage2_instruct",
+        "eval_zero_shot",
+        "finetune_vqa",
+        "eval_finetuned",
+    }
+    second = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert second.returncode == 0, second.stderr[-4000:]
+    report2 = json.loads((out / "report.json").read_text())
+    assert all(s["skipped_this_run"] for s in report2["stages"].values())
