@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 
 
-def make_pairs(out: Path, n: int, seed: int = 0, size: int = 160) -> Path:
+def make_pairs(out: Path, n: int, seed: int = 0, size: int = 160, chest_frac: float = 0.2) -> Path:
     """Write ``figures.jsonl`` + ``images/`` with ``n`` single-panel MedSynth figures."""
     from tqdm import tqdm
 
@@ -34,7 +34,8 @@ def make_pairs(out: Path, n: int, seed: int = 0, size: int = 160) -> Path:
     rng = np.random.default_rng(seed)
     recs = []
     for i in tqdm(range(n), desc="render pairs", file=sys.stderr):
-        d = DOMAINS[i % len(DOMAINS)]
+        others = [d for d in DOMAINS if d != "chest_xray"]
+        d = "chest_xray" if rng.random() < chest_frac else others[int(rng.integers(len(others)))]
         a = sample_attributes(d, rng)
         img = render(d, a, rng, size=size)
         _, cap = figure_caption(d, [a], rng)
@@ -49,12 +50,16 @@ def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default="/tmp/stage0_bench")
     ap.add_argument("--pairs", type=int, default=2000)
+    ap.add_argument("--chest-frac", type=float, default=0.2, help="share of chest X-rays")
+    ap.add_argument("--only-data", action="store_true")
     ap.add_argument("overrides", nargs="*")
     args = ap.parse_args()
     from llavamed.train.vision_pretrain import run_from_config
 
     out = Path(args.out)
-    data = make_pairs(out / "data", args.pairs)
+    data = make_pairs(out / "data", args.pairs, chest_frac=args.chest_frac)
+    if args.only_data:
+        return 0
     t = time.time()
     res = run_from_config({"data": str(data), "output_dir": str(out / "run")}, args.overrides)
     print(f"wall {time.time() - t:.1f}s; train {res.report['train_minutes']:.2f} min")
