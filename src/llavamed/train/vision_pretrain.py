@@ -91,6 +91,8 @@ class VisionPretrainConfig:
     """Stop early after this many minutes of training (cumulative over resumes)."""
     lr: float = 5e-4
     weight_decay: float = 0.05
+    scalar_lr_mult: float = 20.0
+    """lr multiplier for the learnable temperatures and the local loss bias."""
     warmup_frac: float = 0.05
     min_lr_frac: float = 0.1
     grad_clip: float = 1.0
@@ -639,12 +641,19 @@ def train_vision(cfg: VisionPretrainConfig, progress: bool = True) -> VisionPret
     module.to(device)
     if cfg.text_trainable:
         text.model.to(device)
-    params_decay = [p for n, p in module.named_parameters() if p.requires_grad and p.dim() >= 2]
-    params_nodecay = [p for n, p in module.named_parameters() if p.requires_grad and p.dim() < 2]
+    # The loss temperatures and bias are single scalars that must travel several units (SigLIP's
+    # bias from -5 towards the positive rate's log-odds) in a few hundred CPU steps; at the
+    # weights' lr they barely move, so they get their own, larger one.
+    scalars = {"heads.logit_scale", "heads.local_scale", "heads.local_bias"}
+    named = [(n, p) for n, p in module.named_parameters() if p.requires_grad]
+    params_decay = [p for n, p in named if n not in scalars and p.dim() >= 2]
+    params_nodecay = [p for n, p in named if n not in scalars and p.dim() < 2]
+    params_scalar = [p for n, p in named if n in scalars]
     opt = torch.optim.AdamW(
         [
-            {"params": params_decay, "weight_decay": cfg.weight_decay},
-            {"params": params_nodecay, "weight_decay": 0.0},
+            {"params": params_decay, "weight_decay": cfg.weight_decay, "lr_mult": 1.0},
+            {"params": params_nodecay, "weight_decay": 0.0, "lr_mult": 1.0},
+            {"params": params_scalar, "weight_decay": 0.0, "lr_mult": cfg.scalar_lr_mult},
         ],
         lr=cfg.lr,
         betas=(0.9, 0.98),
@@ -725,7 +734,7 @@ def train_vision(cfg: VisionPretrainConfig, progress: bool = True) -> VisionPret
         )
         x = normalize(x, tower.mean, tower.std).to(device, non_blocking=True)
         for g in opt.param_groups:
-            g["lr"] = _lr_at(step, total, cfg)
+            g["lr"] = _lr_at(step, total, cfg) * g["lr_mult"]
         with autocast:
             pooled, patches = tower_features(tower, x, cfg.feature_layer)
             heads = module.heads
