@@ -66,8 +66,11 @@ def run(args) -> int:
     if args.print_config:
         print(dump_yaml(cfg), end="")
         return 0
+    import os
+
     from llavamed.train import run_training
 
     res = run_training(cfg, progress=not args.no_progress)
-    print(f"wrote {res.final_checkpoint}")
+    if os.environ.get("RANK", "0") == "0":
+        print(f"wrote {res.final_checkpoint}")
     return 0

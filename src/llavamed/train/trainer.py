@@ -242,6 +242,33 @@ class _LR:
         return lr_lambda(step, self.total, self.warmup, self.kind)
 
 
+class _GroupLR:
+    """LambdaLR's contract (step, get_last_lr, state_dict) for optimizers that only expose
+    ``param_groups`` (DeepSpeed's ZeRO wrappers)."""
+
+    def __init__(self, optimizer, fn, base_lr: float):
+        self.optimizer, self.fn, self.base_lr, self.last_epoch = optimizer, fn, base_lr, 0
+        self._apply()
+
+    def _apply(self) -> None:
+        for g in self.optimizer.param_groups:
+            g["lr"] = self.base_lr * self.fn(self.last_epoch)
+
+    def step(self) -> None:
+        self.last_epoch += 1
+        self._apply()
+
+    def get_last_lr(self) -> list[float]:
+        return [g["lr"] for g in self.optimizer.param_groups]
+
+    def state_dict(self) -> dict:
+        return {"last_epoch": self.last_epoch}
+
+    def load_state_dict(self, sd: dict) -> None:
+        self.last_epoch = sd["last_epoch"]
+        self._apply()
+
+
 # --- engines -----------------------------------------------------------------------------------
 
 
@@ -289,8 +316,9 @@ class Engine:
             wrapper, self.optimizer, _, _ = deepspeed.initialize(
                 model=wrapper, optimizer=self.optimizer, config=ds
             )
-            self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-                self.optimizer, _LR(total_steps, warmup, t.lr_scheduler)
+            # ZeRO's optimizer wrapper is not a torch Optimizer, so LambdaLR refuses it.
+            self.scheduler = _GroupLR(
+                self.optimizer, _LR(total_steps, warmup, t.lr_scheduler), t.lr
             )
         self.module = wrapper
         self.params = params
