@@ -1,0 +1,108 @@
+"""Two gloo CPU processes per engine (torchrun): the loss curve and the exported weights match
+one process on the same global batch. Each run takes ~40 s here (slow)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+import yaml
+
+from train_helpers import ROOT, make_bright_dark, single_thread_env, tiny_config
+
+pytestmark = pytest.mark.slow
+
+
+def _run(cmd):
+    r = subprocess.run(
+        cmd, env=single_thread_env(), cwd=ROOT, capture_output=True, text=True, timeout=900
+    )
+    assert r.returncode == 0, r.stderr[-3000:]
+    return r
+
+
+def _losses(out):
+    return [json.loads(line)["loss"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def _weights(out):
+    from safetensors.torch import load_file
+
+    return load_file(str(out / "checkpoint-final" / "model.safetensors"))
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("dist")
+    data = make_bright_dark(tmp / "data", 32)
+    cfg = tiny_config(data, tmp / "single", max_steps=4, global_batch_size=8, micro_batch_size=2)
+    cfg["output"]["save_every"] = 2  # exercise the collective checkpoint path too
+    path = tmp / "cfg.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    _run([sys.executable, "-m", "llavamed", "train", str(path), "--no-progress"])
+    return tmp, path
+
+
+@pytest.mark.parametrize(
+    "engine, extra",
+    [
+        ("ddp", []),
+        ("fsdp", []),
+        ("deepspeed", ["distributed.deepspeed_config=configs/deepspeed/zero2.json"]),
+        ("deepspeed", ["distributed.deepspeed_config=configs/deepspeed/zero3.json"]),
+    ],
+    ids=["ddp", "fsdp2", "zero2", "zero3"],
+)
+def test_two_processes_match_one(setup, engine, extra):
+    if engine == "deepspeed" and not _has_deepspeed():
+        pytest.skip("deepspeed not installed (pip install llavamed[deepspeed])")
+    tmp, path = setup
+    out = tmp / f"{engine}-{len(extra) and extra[0][-10:-5]}"
+    torchrun = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--master_port",
+        str(_free_port()),
+    ]
+    r = _run(
+        [
+            *torchrun,
+            "-m",
+            "llavamed",
+            "train",
+            str(path),
+            f"output.dir={out}",
+            f"distributed.engine={engine}",
+            *extra,
+            "--no-progress",
+        ]
+    )
+    assert "2 process(es) x 2 accumulation x 2 = global batch 8" in r.stderr
+    single = tmp / "single"
+    assert _losses(out) == pytest.approx(_losses(single), rel=1e-4, abs=1e-5)
+    a, b = _weights(out), _weights(single)
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-3, atol=1e-4, msg=k)
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _has_deepspeed() -> bool:
+    try:
+        import deepspeed  # noqa: F401
+    except ImportError:
+        return False
+    return True
