@@ -68,8 +68,11 @@ def apply_trainable(model, trainable: Iterable[str], *, lora: bool = False) -> d
                 p.requires_grad_(True)
     for p in unused_vision_parameters(model):
         p.requires_grad_(False)
+    seen: set[int] = set()  # tied embeddings appear in both the LM and the head
     for name, params in groups.items():
-        counts[name] = sum(p.numel() for p in params if p.requires_grad)
+        counts[name] = sum(
+            p.numel() for p in params if p.requires_grad and not (id(p) in seen or seen.add(id(p)))
+        )
     if not any(counts.values()):
         raise ConfigError("train.trainable: nothing left to train")
     return counts
