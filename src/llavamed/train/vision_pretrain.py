@@ -751,10 +751,15 @@ def train_vision(cfg: VisionPretrainConfig, progress: bool = True) -> VisionPret
                 )
                 loss_g = clip_loss(img, txt, heads.logit_scale)
             if cfg.local_weight > 0:
-                ptxt = [p for i in ids for p, _ in phrases[i]]
-                pkeys = torch.tensor(
-                    [k for i in ids for _, k in phrases[i]], dtype=torch.long, device=device
-                )
+                # One row per distinct phrase key in the batch: otherwise a phrase every image of
+                # a domain carries ("PA CXR") appears dozens of times and its easy, global signal
+                # outweighs the rare local findings the loss is for.
+                uniq_rows = {}
+                for i in ids:
+                    for p, k in phrases[i]:
+                        uniq_rows.setdefault(k, p)
+                ptxt = list(uniq_rows.values())
+                pkeys = torch.tensor(list(uniq_rows), dtype=torch.long, device=device)
                 m = max(1, max(len(phrases[i]) for i in ids))
                 ikeys = torch.full((len(ids), m), -1, dtype=torch.long)
                 for r, i in enumerate(ids):
