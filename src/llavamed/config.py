@@ -80,6 +80,10 @@ class DataSource:
     """Use at most this many samples of this source (a seeded random subset)."""
     repeat: int = 1
     """Repeat this source N times per epoch (to up-weight a small set in a mixture)."""
+    group_by_image: bool = False
+    """For ``format: vqa``: ask all of an image's questions in one multi-turn conversation
+    (image first, then Q1 A1 Q2 A2 ...). Denser supervision: the image tokens are computed once
+    for several answers, so a CPU epoch costs a fraction of the single-turn one."""
 
 
 @dataclass

@@ -235,7 +235,10 @@ def run_quickstart(opts: QuickstartOptions) -> dict:
         from llavamed.llm.client import ClientOptions
         from llavamed.serve.api import serve_in_background
 
-        server = serve_in_background("embedded", served_model_name="smollm2-135m-instruct")
+        # bf16 matmuls run ~4x faster than fp32 on CPUs with AVX512-BF16/AMX.
+        server = serve_in_background(
+            "embedded", dtype="bf16", served_model_name="smollm2-135m-instruct"
+        )
         try:
             report, rc = run_instruct(
                 InstructOptions(
@@ -314,7 +317,7 @@ def run_quickstart(opts: QuickstartOptions) -> dict:
             "init": {
                 "lm": "embedded",
                 "lm_layers": p.lm_layers,
-                "vision": str(out / "stage0" / "tower"),
+                "vision": str(out / "stage0" / "vision_tower"),
                 "template": "chatml",
                 "seed": seed,
             }

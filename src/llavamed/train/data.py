@@ -147,6 +147,22 @@ def _vqa_samples(src: DataSource, report: DataReport, encode) -> list[Sample]:
     if rep.bad and not report.quiet:
         print(f"llavamed train: {rep.summary()}", file=sys.stderr)
     out = []
+    if src.group_by_image:
+        for image, group in _group_by_image(vqa):
+            where = f"{src.path} image={group[0].qid}.."
+            messages = []
+            for s in group:
+                turn = vqa_messages(s.question, s.answer, s.answer_type, src.closed_suffix)
+                if messages:  # only the first question carries the image
+                    turn[0] = Message(
+                        "user", turn[0].content.replace(f"{IMAGE_PLACEHOLDER}\n", "", 1)
+                    )
+                messages.extend(turn)
+            try:
+                out.append(encode(messages, image, where))
+            except InputError as err:
+                report.add(err)
+        return out
     for s in vqa:
         where = f"{src.path} qid={s.qid}"
         try:
@@ -160,6 +176,19 @@ def _vqa_samples(src: DataSource, report: DataReport, encode) -> list[Sample]:
         except InputError as err:
             report.add(err)
     return out
+
+
+def _group_by_image(samples) -> list[tuple[object, list]]:
+    """VQA samples grouped by their image (path, or bytes for parquet sets), in first-seen
+    order; each group's questions keep the dataset's order."""
+    import hashlib
+
+    groups: dict[str, tuple[object, list]] = {}
+    for s in samples:
+        img = s.image
+        key = hashlib.sha1(img).hexdigest() if isinstance(img, (bytes, bytearray)) else str(img)
+        groups.setdefault(key, (img, []))[1].append(s)
+    return list(groups.values())
 
 
 def load_samples(
