@@ -456,3 +456,59 @@ def test_serve_command_end_to_end(tiny_lm_dir):
             _, err = proc.communicate()
     assert KEY not in "".join(lines) + err
     assert proc.returncode in (0, 130)
+
+
+def test_remote_images_only_with_the_flag(tiny_llava_dir, tmp_path):
+    """With allow_remote_images the server fetches http URLs (size-capped); file: stays refused."""
+    import functools
+    import http.server
+
+    from PIL import Image
+
+    Image.new("RGB", (32, 32), (1, 2, 3)).save(tmp_path / "ok.png")
+    (tmp_path / "big.bin").write_bytes(b"\0" * 300_000)
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(tmp_path))
+    handler.log_message = lambda *a, **k: None
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    host = f"http://127.0.0.1:{httpd.server_address[1]}"
+    srv = serve_in_background(tiny_llava_dir, allow_remote_images=True, max_image_bytes=200_000)
+    try:
+        c = openai.OpenAI(base_url=srv.base_url, api_key="x", max_retries=0)
+        r = c.chat.completions.create(
+            model="tiny-llava", max_tokens=2, temperature=0, messages=[image_msg(f"{host}/ok.png")]
+        )
+        assert r.usage.prompt_tokens > 16
+        for url, status in (
+            (f"{host}/big.bin", 413),
+            (f"{host}/missing.png", 400),
+            ("file:///etc/hostname", 400),
+        ):
+            with pytest.raises(openai.APIStatusError) as err:
+                c.chat.completions.create(model="tiny-llava", messages=[image_msg(url)])
+            assert err.value.status_code == status
+    finally:
+        srv.stop()
+        httpd.shutdown()
+
+
+def test_non_streaming_disconnect_cancels(tiny_lm_dir):
+    eng = Engine.from_path(tiny_lm_dir, settings=EngineSettings(max_batch_size=2))
+    eng.eos_ids = set()
+    srv = serve_in_background(eng, max_completion_tokens=500)
+    try:
+        body = {
+            "model": "tiny-lm",
+            "messages": [{"role": "user", "content": "go"}],
+            "max_tokens": 450,
+            "temperature": 0,
+        }
+        with pytest.raises(httpx.ReadTimeout):
+            httpx.post(srv.base_url + "/chat/completions", json=body, timeout=0.1)
+        deadline = time.time() + 20
+        while eng.stats["cancelled"] < 1 and time.time() < deadline:
+            time.sleep(0.05)
+        assert eng.stats["cancelled"] == 1 and eng.stats["tokens"] < 450
+    finally:
+        srv.stop()
+        eng.close()

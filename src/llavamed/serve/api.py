@@ -289,15 +289,22 @@ def create_app(engine: Engine, settings: ServerSettings | None = None):
         except InputError as exc:
             raise P.ProtocolError(400, str(exc), code="context_length_exceeded") from None
 
+        last_check = [time.monotonic()]
+
         async def next_event() -> Event | None:
-            """The next event, or None once the client has gone (the work is then cancelled)."""
+            """The next event, or None once the client has gone (the work is then cancelled).
+            The client is checked every 0.25 s even while tokens keep arriving."""
             while True:
-                try:
-                    return await asyncio.wait_for(events.get(), timeout=0.5)
-                except asyncio.TimeoutError:
+                now = time.monotonic()
+                if now - last_check[0] >= 0.25:
+                    last_check[0] = now
                     if await request.is_disconnected():
                         handle.cancel()
                         return None
+                try:
+                    return await asyncio.wait_for(events.get(), timeout=0.25)
+                except asyncio.TimeoutError:
+                    continue
 
         cid, created = P.completion_id(), P.now()
         if not req.stream:

@@ -279,7 +279,6 @@ class Engine:
         image_id = getattr(cfg, "image_token_id", None) or getattr(cfg, "image_token_index", None)
         if self.is_multimodal and image_id is not None:
             self.banned_ids.append(int(image_id))
-        self.vocab_limit = None
         self._prep_lock = (
             threading.Lock()
         )  # HF fast tokenizers are not safe to share across threads
