@@ -43,6 +43,9 @@ class SizePreset:
     """Keep the first N SmolLM2 layers (None = all 30)."""
     vision: str
     stage0_minutes: float
+    stage0_steps: int
+    probe_images: int
+    """MedSynth images per domain for stage 0's linear-probe table (0 = skip the probes)."""
     stage1_steps: int
     stage2_epochs: float
     finetune_epochs: float
@@ -62,6 +65,8 @@ SIZES: dict[str, SizePreset] = {
         lm_layers=2,
         vision="cpu",
         stage0_minutes=0.3,
+        stage0_steps=4,
+        probe_images=0,
         stage1_steps=4,
         stage2_epochs=1.0,
         finetune_epochs=1.0,
@@ -71,10 +76,12 @@ SIZES: dict[str, SizePreset] = {
     "small": SizePreset(
         articles=150,
         image_size=192,
-        instruct_samples=48,
+        instruct_samples=24,
         lm_layers=8,
         vision="cpu",
         stage0_minutes=3.0,
+        stage0_steps=150,
+        probe_images=0,
         stage1_steps=40,
         stage2_epochs=1.0,
         finetune_epochs=2.0,
@@ -87,6 +94,8 @@ SIZES: dict[str, SizePreset] = {
         lm_layers=16,
         vision="cpu",
         stage0_minutes=8.0,
+        stage0_steps=400,
+        probe_images=150,
         stage1_steps=120,
         stage2_epochs=2.0,
         finetune_epochs=3.0,
@@ -243,7 +252,7 @@ def run_quickstart(opts: QuickstartOptions) -> dict:
             report, rc = run_instruct(
                 InstructOptions(
                     figures=corpus / "figures.jsonl",
-                    out=corpus / "instruct.json",
+                    out=corpus / "instruct" / "instruct.json",
                     client=ClientOptions(
                         base_url=server.base_url,
                         model="smollm2-135m-instruct",
@@ -253,7 +262,7 @@ def run_quickstart(opts: QuickstartOptions) -> dict:
                     inline_mentions=True,
                     max_samples=p.instruct_samples,
                     temperature=0.7,
-                    max_tokens=320,
+                    max_tokens=256,
                     seed=seed,
                     few_shot=2,
                     progress=opts.progress,
@@ -278,12 +287,14 @@ def run_quickstart(opts: QuickstartOptions) -> dict:
             "output_dir": str(out / "stage0"),
             "vision": p.vision,
             "feature_layer": -2,
-            "epochs": 50,
+            # A fixed step count (so the schedule decays) with the time budget as a safety cap.
+            "epochs": 1,
+            "max_steps": p.stage0_steps,
             "time_budget_min": p.stage0_minutes,
             "batch_size": 64,
-            "lr": 5e-4,
+            "lr": 1e-3,
             "precision": "bf16",
-            "probe_images_per_domain": 120,
+            "probe_images_per_domain": p.probe_images,
             "seed": seed,
         }
         res = run_from_config(cfg, [])
@@ -336,7 +347,11 @@ def run_quickstart(opts: QuickstartOptions) -> dict:
         "model": {"from": str(out / "stage1" / "checkpoint-final")},
         "data": {
             "sources": [
-                {"format": "llava_json", "path": str(corpus / "instruct.json")},
+                {
+                    "format": "llava_json",
+                    "path": str(corpus / "instruct" / "instruct.json"),
+                    "image_folder": str(corpus),
+                },
                 {
                     "format": "llava_json",
                     "path": str(corpus / "alignment.json"),
@@ -363,15 +378,17 @@ def run_quickstart(opts: QuickstartOptions) -> dict:
                     "dataset": "slake",
                     "path": str(world / "slake"),
                     "split": "train",
+                    "group_by_image": True,
                 },
                 {
                     "format": "vqa",
                     "dataset": "vqa-rad",
                     "path": str(world / "vqa_rad"),
                     "split": "train",
+                    "group_by_image": True,
                 },
             ],
-            "max_length": 192,
+            "max_length": 320,
         },
         "train": {
             **common_train,
@@ -419,8 +436,13 @@ def run_quickstart(opts: QuickstartOptions) -> dict:
         ),
         ("ingest", "corpus", ingest, {}),
         ("align", None, align, {"seed": seed}),
-        ("instruct", None, instruct, {"n": p.instruct_samples, "seed": seed}),
-        ("stage0_vision", "stage0", stage0, {k: fields[k] for k in ("vision", "stage0_minutes")}),
+        ("instruct", "corpus/instruct", instruct, {"n": p.instruct_samples, "seed": seed}),
+        (
+            "stage0_vision",
+            "stage0",
+            stage0,
+            {k: fields[k] for k in ("vision", "stage0_minutes", "stage0_steps", "probe_images")},
+        ),
         ("stage1_alignment", "stage1", train_stage("stage1", stage1_cfg), stage1_cfg),
         ("stage2_instruct", "stage2", train_stage("stage2", stage2_cfg), stage2_cfg),
         (
@@ -502,7 +524,7 @@ def build_report(opts: QuickstartOptions, results: list[StageResult], wall_s: fl
     data_stats = {}
     for name, path in (
         ("ingest", out / "corpus" / "ingest_report.json"),
-        ("instruct", out / "corpus" / "instruct_report.json"),
+        ("instruct", out / "corpus" / "instruct" / "instruct_report.json"),
     ):
         if path.exists():
             data_stats[name] = read_json(path)
