@@ -483,13 +483,11 @@ HEADLINE = (
 
 
 def _headline(result: dict) -> dict:
-    out = {
-        "n_answered": result.get("n_answered"),
-        "n_closed": result.get("n_closed"),
-        "n_open": result.get("n_open"),
-    }
-    by = result.get("by_answer_type", {})
-    overall = result.get("overall", {})
+    """The report's numbers from a ``run_vqa_eval`` result (or its saved report.json)."""
+    metrics = result.get("metrics", {})
+    by = metrics.get("by_answer_type", {})
+    overall = metrics.get("overall", {})
+    out = {k: metrics.get(k) for k in ("n_answered", "n_closed", "n_open")}
     for k in HEADLINE:
         src = (
             by.get("closed", {})
@@ -503,13 +501,18 @@ def _headline(result: dict) -> dict:
             out[k] = {"mean": stat["mean"], "lo": stat["lo"], "hi": stat["hi"], "n": stat["n"]}
     for name, abl in (result.get("ablations") or {}).items():
         m = abl.get("metrics", {})
-        closed = m.get("by_answer_type", {}).get("closed", {})
+        closed = m.get("by_answer_type", {}).get("closed", {}) or m.get("overall", {})
         out[f"ablation_{name}"] = {
             k: closed[k]["mean"]
             for k in ("strict_closed_acc", "llava_med_closed_acc")
             if k in closed
         }
     return out
+
+
+def _eval_metrics(out: Path, name: str) -> dict:
+    path = out / "eval" / name / "report.json"
+    return _headline(read_json(path)) if path.exists() else {}
 
 
 def build_report(opts: QuickstartOptions, results: list[StageResult], wall_s: float) -> dict:
@@ -519,8 +522,8 @@ def build_report(opts: QuickstartOptions, results: list[StageResult], wall_s: fl
         r.name: {"wall_s": round(r.wall_s, 1), "skipped_this_run": r.skipped, **r.info}
         for r in results
     }
-    zs = stages.get("eval_zero_shot", {}).get("metrics", {})
-    ft = stages.get("eval_finetuned", {}).get("metrics", {})
+    zs = _eval_metrics(out, "zero_shot")
+    ft = _eval_metrics(out, "finetuned")
     data_stats = {}
     for name, path in (
         ("ingest", out / "corpus" / "ingest_report.json"),
