@@ -647,13 +647,22 @@ def render_markdown(report: dict) -> str:
     lines += ["", "## Data", ""]
     ing = report["data"].get("ingest", {})
     if ing:
-        lines.append(
-            f"- ingest: `{json.dumps({k: ing[k] for k in list(ing)[:8]}, default=str)[:600]}`"
+        kept = {k: ing.get(k) for k in ("articles", "figures_written", "reasons")}
+        lines.append(f"- PMC ingestion (figures kept, skipped per reason): `{json.dumps(kept)}`")
+    totals = report["data"].get("instruct", {}).get("totals", {})
+    if totals:
+        keys = (
+            "kept",
+            "dropped",
+            "kept_share",
+            "dropped_by_reason",
+            "turns_dropped_by_reason",
+            "prompt_tokens",
+            "completion_tokens",
         )
-    ins = report["data"].get("instruct", {})
-    if ins:
+        shown = {k: totals.get(k) for k in keys}
         lines.append(
-            f"- self-instruct: `{json.dumps({k: ins[k] for k in list(ins)[:10]}, default=str)[:600]}`"
+            f"- self-instruct (conversations kept, dropped per reason): `{json.dumps(shown)}`"
         )
     for name in ("align", "stage0_vision"):
         st = report["stages"].get(name, {})
