@@ -44,6 +44,7 @@ class SizePreset:
     vision: str
     stage0_minutes: float
     stage0_steps: int
+    stage0_batch: int
     probe_images: int
     """MedSynth images per domain for stage 0's linear-probe table (0 = skip the probes)."""
     stage1_steps: int
@@ -66,6 +67,7 @@ SIZES: dict[str, SizePreset] = {
         vision="cpu",
         stage0_minutes=0.3,
         stage0_steps=4,
+        stage0_batch=8,
         probe_images=0,
         stage1_steps=4,
         stage2_epochs=1.0,
@@ -81,6 +83,7 @@ SIZES: dict[str, SizePreset] = {
         vision="cpu",
         stage0_minutes=3.0,
         stage0_steps=150,
+        stage0_batch=64,
         probe_images=0,
         stage1_steps=40,
         stage2_epochs=1.0,
@@ -95,6 +98,7 @@ SIZES: dict[str, SizePreset] = {
         vision="cpu",
         stage0_minutes=8.0,
         stage0_steps=400,
+        stage0_batch=64,
         probe_images=150,
         stage1_steps=120,
         stage2_epochs=2.0,
@@ -291,7 +295,7 @@ def run_quickstart(opts: QuickstartOptions) -> dict:
             "epochs": 1,
             "max_steps": p.stage0_steps,
             "time_budget_min": p.stage0_minutes,
-            "batch_size": 64,
+            "batch_size": p.stage0_batch,
             "lr": 1e-3,
             "precision": "bf16",
             "probe_images_per_domain": p.probe_images,
@@ -441,7 +445,16 @@ def run_quickstart(opts: QuickstartOptions) -> dict:
             "stage0_vision",
             "stage0",
             stage0,
-            {k: fields[k] for k in ("vision", "stage0_minutes", "stage0_steps", "probe_images")},
+            {
+                k: fields[k]
+                for k in (
+                    "vision",
+                    "stage0_minutes",
+                    "stage0_steps",
+                    "stage0_batch",
+                    "probe_images",
+                )
+            },
         ),
         ("stage1_alignment", "stage1", train_stage("stage1", stage1_cfg), stage1_cfg),
         ("stage2_instruct", "stage2", train_stage("stage2", stage2_cfg), stage2_cfg),
