@@ -78,7 +78,7 @@ def main() -> None:
             ("bf16", lambda: torch.autocast("cpu", torch.bfloat16)),
         ):
 
-            def step(ctx=ctx):
+            def step(ctx=ctx, ids=ids, pixels=pixels, labels=labels):
                 with ctx():
                     loss = model(input_ids=ids, pixel_values=pixels, labels=labels).loss
                 loss.backward()
