@@ -18,11 +18,16 @@ STEPS = 14
 
 
 def _losses(out):
-    return {r["step"]: r["loss"] for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())}
+    return {
+        r["step"]: r["loss"]
+        for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())
+    }
 
 
 def _write(tmp_path, name, data):
-    cfg = tiny_config(data, tmp_path / name, max_steps=STEPS, lr=5e-3, lr_scheduler="cosine", warmup_ratio=0.1)
+    cfg = tiny_config(
+        data, tmp_path / name, max_steps=STEPS, lr=5e-3, lr_scheduler="cosine", warmup_ratio=0.1
+    )
     cfg["output"]["save_every"] = 3
     p = tmp_path / f"{name}.yaml"
     p.write_text(yaml.safe_dump(cfg))
@@ -39,7 +44,9 @@ def test_sigkill_then_resume_reproduces_the_loss_curve(tmp_path):
     ref_cfg, cfg = _write(tmp_path, "ref", data), _write(tmp_path, "killed", data)
     env = single_thread_env()
 
-    proc = subprocess.Popen(_cmd(cfg), env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    proc = subprocess.Popen(
+        _cmd(cfg), env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+    )
     target = tmp_path / "killed" / "checkpoints" / "step-0000006" / "state.json"
     deadline = time.time() + 240
     while not target.exists():
@@ -61,7 +68,9 @@ def test_sigkill_then_resume_reproduces_the_loss_curve(tmp_path):
 
     got, want = _losses(tmp_path / "killed"), _losses(tmp_path / "ref")
     assert sorted(got) == list(range(1, STEPS + 1))  # every step once: no gap, no duplicate
-    assert [got[s] for s in sorted(got)] == pytest.approx([want[s] for s in sorted(want)], rel=1e-4, abs=1e-5)
+    assert [got[s] for s in sorted(got)] == pytest.approx(
+        [want[s] for s in sorted(want)], rel=1e-4, abs=1e-5
+    )
     assert (tmp_path / "killed" / "checkpoint-final" / "config.json").is_file()
     # only the newest resume checkpoint is kept (output.keep_last = 1)
     assert len(list((tmp_path / "killed" / "checkpoints").glob("step-*"))) == 1
@@ -76,9 +85,13 @@ def test_interrupted_in_process_run_resumes_exactly(tmp_path, monkeypatch):
 
     torch.set_num_threads(1)
     data = make_bright_dark(tmp_path / "data", 24)
-    cfg = tiny_config(data, tmp_path / "a", max_steps=7, lr=5e-3, lr_scheduler="cosine", warmup_ratio=0.2)
+    cfg = tiny_config(
+        data, tmp_path / "a", max_steps=7, lr=5e-3, lr_scheduler="cosine", warmup_ratio=0.2
+    )
     cfg["output"]["save_every"] = 3
-    ref = run_training(cfg | {"output": {"dir": str(tmp_path / "ref"), "save_every": 0}}, progress=False)
+    ref = run_training(
+        cfg | {"output": {"dir": str(tmp_path / "ref"), "save_every": 0}}, progress=False
+    )
 
     real_step, calls = T.Engine.step, {"n": 0}
 
