@@ -16,6 +16,7 @@ them, generates only what is missing, and scores the whole set.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import math
 import sys
 import time
@@ -180,11 +181,22 @@ def _load_model(model_dir: str | Path, dtype: Any):
     return model, AutoProcessor.from_pretrained(model_dir)
 
 
+BACKENDS = ("engine", "generate")
+
+
 class VQAGenerator:
-    """Greedy, batched answers from a transformers-native LLaVA checkpoint.
+    """Greedy answers from a transformers-native LLaVA checkpoint.
 
     Prompts use the checkpoint's own chat template with one image placeholder before the
-    question; batches are left-padded so every row's new tokens start at the same column."""
+    question. Two ways to decode, both greedy:
+
+    * :meth:`generate` — one static batch through HF ``generate`` (left-padded, every row runs
+      until the longest answer ends). One question per call is the LLaVA-Med reference loop.
+    * :meth:`answer_stream` — continuous batching through the serve :class:`Engine`: up to
+      ``batch_size`` questions decode together, a finished answer frees its slot at once and the
+      next question joins the running batch, so no batch waits for its longest answer.
+
+    ``ignore_eos`` makes every answer run to ``max_new_tokens`` (benchmarks only)."""
 
     def __init__(
         self,
@@ -194,6 +206,8 @@ class VQAGenerator:
         processor: Any = None,
         dtype: Any = None,
         max_new_tokens: int = 64,
+        batch_size: int = 8,
+        ignore_eos: bool = False,
     ):
         import torch
 
@@ -204,12 +218,15 @@ class VQAGenerator:
         self.model = model.eval()
         self.processor = processor
         self.max_new_tokens = max_new_tokens
+        self.batch_size = max(1, int(batch_size))
+        self.ignore_eos = ignore_eos
         tok = processor.tokenizer
         tok.padding_side = "left"
         if tok.pad_token is None:
             tok.pad_token = tok.eos_token
         self.pad_token_id = tok.pad_token_id
         self.model_id = Path(model_dir).name if model_dir is not None else type(model).__name__
+        self._engine = None
 
     def prompt(self, question: str) -> str:
         conv = [
@@ -224,16 +241,94 @@ class VQAGenerator:
         inputs = self.processor(
             text=prompts, images=list(images), padding=True, return_tensors="pt"
         )
+        extra = {}
+        if self.ignore_eos:
+            # generate() treats eos_token_id=None as "use the config's", so the config is
+            # overridden by a copy instead.
+            cfg = self.model.generation_config.to_dict()
+            cfg["eos_token_id"] = None
+            from transformers import GenerationConfig
+
+            extra["generation_config"] = GenerationConfig(**cfg)
         with torch.inference_mode():
             out = self.model.generate(
                 **inputs,
                 do_sample=False,
                 max_new_tokens=self.max_new_tokens,
                 pad_token_id=self.pad_token_id,
+                **extra,
             )
         new = out[:, inputs["input_ids"].shape[1] :]
         texts = self.processor.tokenizer.batch_decode(new, skip_special_tokens=True)
         return [t.strip() for t in texts]
+
+    # -- continuous batching --------------------------------------------------------------
+
+    def engine(self):
+        """The serve Engine on this generator's model (started on first use)."""
+        if self._engine is None:
+            from llavamed.serve.engine import Engine, EngineSettings
+
+            # The queue holds the look-ahead that answer_stream keeps submitted, so a freed
+            # slot is refilled at the next decode step without waiting for this thread.
+            settings = EngineSettings(
+                max_batch_size=self.batch_size,
+                max_queue=2 * self.batch_size + 1,
+                batch_wait_s=0.0,
+            )
+            eng = Engine(self.model, self.processor.tokenizer, self.processor, settings=settings)
+            if self.ignore_eos:
+                eng.eos_ids = set()
+            self._engine = eng
+        return self._engine
+
+    def close(self) -> None:
+        """Stop the engine's worker thread, if one was started."""
+        if self._engine is not None:
+            self._engine.close()
+            self._engine = None
+
+    def answer_stream(self, items: Iterable[tuple[Any, Image.Image, str]]) -> Iterable[tuple]:
+        """``(key, image, question)`` items -> ``(key, answer)`` pairs in completion order.
+
+        Items are drawn lazily: at most ``2 * batch_size`` are tokenized and waiting, so images
+        are loaded only shortly before they are needed."""
+        import queue as _queue
+
+        from llavamed.serve.engine import GenerationError, Prompt, SamplingParams
+
+        eng = self.engine()
+        params = SamplingParams(max_tokens=self.max_new_tokens, temperature=0.0)
+        done: _queue.Queue = _queue.Queue()
+        parts: dict[int, list[str]] = {}
+        keys: dict[int, Any] = {}
+        it = iter(items)
+        ids = itertools.count()
+        exhausted = False
+        look_ahead = 2 * self.batch_size
+        while True:
+            while not exhausted and len(keys) < look_ahead:
+                try:
+                    key, image, question = next(it)
+                except StopIteration:
+                    exhausted = True
+                    break
+                enc = self.processor(
+                    text=[self.prompt(question)], images=[image], return_tensors="pt"
+                )
+                prompt = Prompt(enc["input_ids"][0].tolist(), enc["pixel_values"], 1)
+                slot = next(ids)
+                parts[slot], keys[slot] = [], key
+                eng.submit(prompt, params, on_event=lambda ev, s=slot: done.put((s, ev)))
+            if not keys:
+                return
+            slot, ev = done.get()
+            if ev.kind == "error":
+                raise GenerationError(ev.error or "generation failed")
+            parts[slot].append(ev.text)
+            if ev.kind == "done":
+                text = "".join(parts.pop(slot))
+                yield keys.pop(slot), text.strip()
 
 
 # --- the run ---------------------------------------------------------------------------------
@@ -249,6 +344,7 @@ class RunOptions:
     closed_suffix: bool = False
     seed: int = 0  # noise images and the shuffle derangement
     n_resamples: int = 1000  # bootstrap resamples for CIs
+    backend: str = "engine"  # "engine": continuous batching; "generate": static HF batches
 
 
 def parse_shard(spec: str | tuple[int, int] | None) -> tuple[int, int] | None:
@@ -361,47 +457,58 @@ def generate_answers(
         disable=not progress or not todo,
         unit="q",
     )
+
+    def loaded():
+        """(sample, image, question) for every sample whose image loads; bad ones counted."""
+        for s in todo:
+            try:
+                src = s.image
+                if condition == "shuffle" and shuffle is not None:
+                    src = shuffle.get(s.image_key, src)
+                img = load_image(src, name=f"{s.qid}:{s.image_key[:80]}")
+                if condition == "blank":
+                    img = blank_image(img)
+                elif condition == "noise":
+                    img = noise_image(img, _qid_seed(s.qid, opts.seed))
+            except InputError as err:
+                skipped[err.reason] += 1
+                bar.update(1)
+                continue
+            yield s, img, _question_text(s, opts.closed_suffix)
+
+    def answered():
+        """(sample, question, text): continuous batching when the generator supports it, else
+        static batches of ``batch_size``."""
+        if opts.backend == "engine" and hasattr(generator, "answer_stream"):
+            for (s, q), text in generator.answer_stream(((s, q), im, q) for s, im, q in loaded()):
+                yield s, q, text
+            return
+        src = loaded()
+        while chunk := list(itertools.islice(src, opts.batch_size)):
+            texts = generator.generate([im for _, im, _ in chunk], [q for _, _, q in chunk])
+            yield from ((s, q, t) for (s, _, q), t in zip(chunk, texts, strict=True))
+
     with JsonlAppender(path) as log:
-        for i in range(0, len(todo), opts.batch_size):
-            batch, images = [], []
-            for s in todo[i : i + opts.batch_size]:
-                try:
-                    src = s.image
-                    if condition == "shuffle" and shuffle is not None:
-                        src = shuffle.get(s.image_key, src)
-                    img = load_image(src, name=f"{s.qid}:{s.image_key[:80]}")
-                    if condition == "blank":
-                        img = blank_image(img)
-                    elif condition == "noise":
-                        img = noise_image(img, _qid_seed(s.qid, opts.seed))
-                except InputError as err:
-                    skipped[err.reason] += 1
-                    continue
-                batch.append(s)
-                images.append(img)
-            if batch:
-                questions = [_question_text(s, opts.closed_suffix) for s in batch]
-                texts = generator.generate(images, questions)
-                for s, q, text in zip(batch, questions, texts, strict=True):
-                    rec = {
-                        "question_id": s.qid,
-                        "prompt": q,
-                        "text": text,
-                        # Deterministic id: the same question/condition/model gives the same id.
-                        "answer_id": hashlib.sha1(
-                            f"{generator.model_id}|{condition}|{s.qid}".encode()
-                        ).hexdigest()[:22],
-                        "model_id": generator.model_id,
-                        "metadata": {
-                            **meta_base,
-                            "answer_type": s.answer_type,
-                            "question_type": s.question_type,
-                        },
-                    }
-                    log.append(rec)
-                    existing[s.qid] = rec
-                n_gen += len(batch)
-            bar.update(min(opts.batch_size, len(todo) - i))
+        for s, q, text in answered():
+            rec = {
+                "question_id": s.qid,
+                "prompt": q,
+                "text": text,
+                # Deterministic id: the same question/condition/model gives the same id.
+                "answer_id": hashlib.sha1(
+                    f"{generator.model_id}|{condition}|{s.qid}".encode()
+                ).hexdigest()[:22],
+                "model_id": generator.model_id,
+                "metadata": {
+                    **meta_base,
+                    "answer_type": s.answer_type,
+                    "question_type": s.question_type,
+                },
+            }
+            log.append(rec)
+            existing[s.qid] = rec
+            n_gen += 1
+            bar.update(1)
     bar.close()
     return {
         "answers": existing,
@@ -429,16 +536,17 @@ def run_vqa_eval(
     model: Any = None,
     processor: Any = None,
     progress: bool = True,
+    backend: str = "engine",
 ) -> dict:
     """Generate (resuming) and score answers for ``samples``; returns the metrics dict.
 
     ``ablate``: one of blank|noise|shuffle or a list; each re-runs with the image replaced and
     adds ``ablations[name] = {"metrics", "drop"}`` (paired drop, clean - ablated, with CIs).
     ``model``/``processor`` may be passed instead of ``model_dir`` (already loaded).
+    ``backend``: ``engine`` (continuous batching, ``batch_size`` slots) or ``generate`` (static
+    batches through HF ``generate``); both decode greedily.
     Per-question scores are written to ``out_dir/scores[.<ablation>].jsonl``.
     """
-    from llavamed.utils.io import write_jsonl
-
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     shard_t = parse_shard(shard)
@@ -446,12 +554,42 @@ def run_vqa_eval(
     for a in ablations:
         if a not in ABLATIONS:
             raise InputError(a, "unknown ablation", f"choose from {', '.join(ABLATIONS)}")
-    opts = RunOptions(batch_size, max_new_tokens, closed_suffix, seed, n_resamples)
+    if backend not in BACKENDS:
+        raise InputError(backend, "unknown backend", f"choose from {', '.join(BACKENDS)}")
+    opts = RunOptions(batch_size, max_new_tokens, closed_suffix, seed, n_resamples, backend)
     shuffle = shuffle_map(samples, seed) if "shuffle" in ablations else None
     chosen = select(samples, limit, shard_t)
     gen = VQAGenerator(
-        model_dir, model=model, processor=processor, dtype=dtype, max_new_tokens=max_new_tokens
+        model_dir,
+        model=model,
+        processor=processor,
+        dtype=dtype,
+        max_new_tokens=max_new_tokens,
+        batch_size=batch_size,
     )
+    try:
+        return _run_conditions(
+            gen,
+            chosen,
+            out_dir,
+            ablations,
+            opts,
+            shard_t,
+            shuffle,
+            progress,
+            model_dir=model_dir,
+            limit=limit,
+        )
+    finally:
+        gen.close()
+
+
+def _run_conditions(
+    gen, chosen, out_dir, ablations, opts, shard_t, shuffle, progress, *, model_dir, limit
+) -> dict:
+    from llavamed.utils.io import write_jsonl
+
+    seed, n_resamples = opts.seed, opts.n_resamples
 
     result: dict[str, Any] = {
         "model_id": gen.model_id,
