@@ -1,17 +1,28 @@
-"""Answers per second: batched generation (batch 8, left padding) against one question at a time
-(the LLaVA-Med reference loop), same model, same questions, same greedy settings, in one run.
+"""Answers per second: our batched evaluation path against one question at a time (the LLaVA-Med
+reference loop), same model, same questions, same greedy settings, same dtype, in one run.
 
-    python benchmarks/eval_throughput.py                       # embedded checkpoint, built once
-    python benchmarks/eval_throughput.py --model DIR --n 64 --max-new-tokens 16
+    python benchmarks/eval_throughput.py                       # fp32 and bf16, 3 repeats
+    python benchmarks/eval_throughput.py --model DIR --n 64 --max-new-tokens 16 --threads 1
 
-Without --model, a default checkpoint (embedded SmolLM2-135M + the CPU ViT) is composed into
---cache once. Questions are VQA-RAD-style short questions about procedurally drawn images; the
-answers of both modes are compared, since greedy decoding should not depend on batching.
+Modes, each timed on the same questions:
+
+* ``one at a time``: HF ``generate`` per question — the reference loop, the baseline;
+* ``static batch``: HF ``generate`` on left-padded batches of --batch-size (every row waits for
+  the batch's longest answer);
+* ``engine``: what ``llavamed eval vqa`` runs — the serve Engine's continuous batching with
+  --batch-size slots (a finished answer frees its slot at once; the next question joins).
+
+Ratios are against the reference loop in the same dtype. Each repeat runs the three modes back to
+back; the table gives medians over repeats (the machine may be shared). Without --model, a default
+checkpoint (embedded SmolLM2-135M + the CPU ViT) is composed into --cache once. Questions are
+VQA-RAD-style short questions about procedurally drawn images (one image per question). Greedy
+answers should not depend on batching: answers identical to the reference are counted.
 """
 
 from __future__ import annotations
 
 import argparse
+import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -48,6 +59,72 @@ def make_images(n: int, seed: int = 0) -> list[Image.Image]:
     return imgs
 
 
+def _timed(fn):
+    # Process CPU time beside wall time: other jobs on a shared machine inflate wall time
+    # unevenly between modes; CPU time shows the work each mode actually did.
+    t0, c0 = time.perf_counter(), time.process_time()
+    out = fn()
+    return out, time.perf_counter() - t0, time.process_time() - c0
+
+
+def bench_dtype(model_dir, dtype: str, args, imgs, qs) -> dict:
+    import torch
+
+    from llavamed.eval.vqa_runner import VQAGenerator
+
+    gen = VQAGenerator(
+        model_dir,
+        dtype=getattr(torch, dtype),
+        max_new_tokens=args.max_new_tokens,
+        batch_size=args.batch_size,
+        ignore_eos=args.fixed_length,
+    )
+    bs = args.batch_size
+
+    def single():
+        return [gen.generate([im], [q])[0] for im, q in zip(imgs, qs, strict=True)]
+
+    def static():
+        out = []
+        for i in range(0, len(qs), bs):
+            out += gen.generate(imgs[i : i + bs], qs[i : i + bs])
+        return out
+
+    def engine():
+        got = dict(gen.answer_stream(zip(range(len(qs)), imgs, qs, strict=True)))
+        return [got[i] for i in range(len(qs))]
+
+    modes = {"one at a time (reference loop)": single, f"static batch {bs}": static}
+    modes[f"engine, {bs} slots"] = engine
+    try:
+        # warm-up: allocator, oneDNN kernel selection, the engine's worker thread
+        gen.generate(imgs[:2], qs[:2])
+        dict(gen.answer_stream(zip(range(2), imgs[:2], qs[:2], strict=True)))
+        runs: dict[str, list] = {m: [] for m in modes}
+        answers: dict[str, list[str]] = {}
+        for r in range(args.repeats):
+            for name, fn in modes.items():
+                out, wall, cpu = _timed(fn)
+                runs[name].append((wall, cpu))
+                answers.setdefault(name, out)
+                print(f"  [{dtype} repeat {r + 1}] {name}: {wall:.2f} s wall", flush=True)
+        n_tok = [len(gen.processor.tokenizer(a)["input_ids"]) for a in answers[next(iter(modes))]]
+    finally:
+        gen.close()
+    ref = answers[next(iter(modes))]
+    rows = {}
+    for name in modes:
+        walls = [w for w, _ in runs[name]]
+        cpus = [c for _, c in runs[name]]
+        rows[name] = {
+            "wall": statistics.median(walls),
+            "cpu": statistics.median(cpus),
+            "walls": walls,
+            "same": sum(a == b for a, b in zip(ref, answers[name], strict=True)),
+        }
+    return {"rows": rows, "n_tok": n_tok}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -59,7 +136,14 @@ def main() -> None:
     ap.add_argument("--n", type=int, default=32, help="questions (default 32)")
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--max-new-tokens", type=int, default=16)
-    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    ap.add_argument(
+        "--dtype",
+        nargs="+",
+        default=["float32", "bfloat16"],
+        choices=["float32", "bfloat16"],
+        help="dtypes to measure, each against the reference loop in the same dtype",
+    )
+    ap.add_argument("--repeats", type=int, default=3, help="timed repeats; medians are shown")
     ap.add_argument(
         "--fixed-length",
         action="store_true",
@@ -80,8 +164,6 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    from llavamed.eval.vqa_runner import VQAGenerator
-
     model_dir = args.model
     if model_dir is None:
         from llavamed.model.compose import ModelSpec, init_checkpoint
@@ -89,49 +171,33 @@ def main() -> None:
         model_dir = Path(args.cache)
         if not (model_dir / "config.json").exists():
             init_checkpoint(model_dir, ModelSpec())
-    gen = VQAGenerator(
-        model_dir, dtype=getattr(torch, args.dtype), max_new_tokens=args.max_new_tokens
-    )
     imgs = make_images(args.n)
     qs = [QUESTIONS[i % len(QUESTIONS)] for i in range(args.n)]
-    if args.fixed_length:
-        gen.model.generation_config.eos_token_id = None
-    gen.generate(imgs[:2], qs[:2])  # warm-up (allocations, lazy init)
+    results = {dt: bench_dtype(model_dir, dt, args, imgs, qs) for dt in args.dtype}
 
-    # Wall time is the headline; process CPU time is printed beside it because other jobs on a
-    # shared machine inflate wall time unevenly between the two phases.
-    t0, c0 = time.perf_counter(), time.process_time()
-    single = [gen.generate([im], [q])[0] for im, q in zip(imgs, qs, strict=True)]
-    t_single, c_single = time.perf_counter() - t0, time.process_time() - c0
-
-    t0, c0 = time.perf_counter(), time.process_time()
-    batched = []
-    for i in range(0, args.n, args.batch_size):
-        batched += gen.generate(imgs[i : i + args.batch_size], qs[i : i + args.batch_size])
-    t_batch, c_batch = time.perf_counter() - t0, time.process_time() - c0
-    n_tok = [len(gen.processor.tokenizer(a)["input_ids"]) for a in single]
-
-    same = sum(a == b for a, b in zip(single, batched, strict=True))
     print(
-        f"model: {model_dir}  questions: {args.n}  max_new_tokens: {args.max_new_tokens}  "
-        f"dtype: {args.dtype}  torch threads: {torch.get_num_threads()}"
-    )
-    print(f"answer length (tokens): mean {np.mean(n_tok):.1f}, max {max(n_tok)}")
-    print(
-        "| mode | wall s | answers/s (wall) | CPU s | answers per CPU-s |\n|---|---:|---:|---:|---:|"
+        f"\nmodel: {model_dir}  questions: {args.n}  max_new_tokens: {args.max_new_tokens}  "
+        f"{'fixed length' if args.fixed_length else 'natural stopping'}  "
+        f"torch threads: {torch.get_num_threads()}  repeats: {args.repeats} (medians)"
     )
     print(
-        f"| one at a time (reference loop) | {t_single:.2f} | {args.n / t_single:.3f} | "
-        f"{c_single:.2f} | {args.n / c_single:.3f} |"
+        "| dtype | mode | wall s | answers/s | speed-up (wall) | speed-up (CPU s) "
+        "| identical to reference |\n|---|---|---:|---:|---:|---:|---:|"
     )
-    print(
-        f"| batched (batch {args.batch_size}) | {t_batch:.2f} | {args.n / t_batch:.3f} | "
-        f"{c_batch:.2f} | {args.n / c_batch:.3f} |"
-    )
-    print(
-        f"speed-up: {t_single / t_batch:.2f}x wall, {c_single / c_batch:.2f}x CPU time; "
-        f"identical answers: {same}/{args.n}"
-    )
+    for dt, res in results.items():
+        rows = res["rows"]
+        ref = next(iter(rows.values()))
+        for name, r in rows.items():
+            print(
+                f"| {dt} | {name} | {r['wall']:.2f} | {args.n / r['wall']:.3f} | "
+                f"{ref['wall'] / r['wall']:.2f}x | {ref['cpu'] / r['cpu']:.2f}x | "
+                f"{r['same']}/{args.n} |"
+            )
+    for dt, res in results.items():
+        n_tok = res["n_tok"]
+        walls = {k: " ".join(f"{w:.1f}" for w in r["walls"]) for k, r in res["rows"].items()}
+        print(f"{dt}: reference answer length (tokens) mean {np.mean(n_tok):.1f}, max {max(n_tok)}")
+        print(f"{dt}: wall s per repeat: {walls}")
 
 
 if __name__ == "__main__":

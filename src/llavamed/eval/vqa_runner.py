@@ -274,7 +274,7 @@ class VQAGenerator:
             settings = EngineSettings(
                 max_batch_size=self.batch_size,
                 max_queue=2 * self.batch_size + 1,
-                batch_wait_s=0.0,
+                batch_wait_s=0.005,
             )
             eng = Engine(self.model, self.processor.tokenizer, self.processor, settings=settings)
             if self.ignore_eos:
@@ -307,7 +307,10 @@ class VQAGenerator:
         exhausted = False
         look_ahead = 2 * self.batch_size
         while True:
-            while not exhausted and len(keys) < look_ahead:
+            # Tokenize first, then submit in one burst, so an idle worker takes the whole burst
+            # as one prefill instead of starting on the first question alone.
+            burst = []
+            while not exhausted and len(keys) + len(burst) < look_ahead:
                 try:
                     key, image, question = next(it)
                 except StopIteration:
@@ -316,7 +319,8 @@ class VQAGenerator:
                 enc = self.processor(
                     text=[self.prompt(question)], images=[image], return_tensors="pt"
                 )
-                prompt = Prompt(enc["input_ids"][0].tolist(), enc["pixel_values"], 1)
+                burst.append((key, Prompt(enc["input_ids"][0].tolist(), enc["pixel_values"], 1)))
+            for key, prompt in burst:
                 slot = next(ids)
                 parts[slot], keys[slot] = [], key
                 eng.submit(prompt, params, on_event=lambda ev, s=slot: done.put((s, ev)))
