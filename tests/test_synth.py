@@ -410,3 +410,30 @@ def test_cli_synth(tmp_path, capsys):
         )
         == 1
     )
+
+
+def _image_of(r: dict) -> str:
+    return r.get("image_name") or r["img_name"]
+
+
+def test_dense_train_questions_leave_validation_and_test_unchanged():
+    for name in ("vqa_rad", "slake"):
+        imgs_sparse, sparse = plan_vqa(5, name, 300)
+        imgs_dense, dense = plan_vqa(5, name, 300, train_closed=12)
+        assert imgs_sparse == imgs_dense  # same images, attributes and splits
+        split_of = {im["image_name"]: im["split"] for im in imgs_sparse}
+        per_split = {}
+        for label, records in (("sparse", sparse), ("dense", dense)):
+            for r in records:
+                per_split.setdefault((label, split_of[_image_of(r)]), []).append(r)
+
+        def closed(label, split, table=per_split):
+            return sum(str(r["answer_type"]).upper() == "CLOSED" for r in table[(label, split)])
+
+        assert closed("dense", "train") > 1.15 * closed("sparse", "train"), name
+        for split in set(split_of.values()) - {"train"}:
+            same = [
+                [(_image_of(r), r["question"], r["answer"]) for r in per_split[(lab, split)]]
+                for lab in ("sparse", "dense")
+            ]
+            assert same[0] and same[0] == same[1], (name, split)

@@ -53,6 +53,14 @@ def register(subparsers) -> None:
         metavar="N",
         help="total VQA images, a third VQA-RAD and the rest SLAKE (default: 10 x --articles)",
     )
+    p.add_argument(
+        "--train-closed",
+        type=int,
+        default=3,
+        metavar="N",
+        help="at most N closed (yes/no) questions per train-split image (default: 3, the real "
+        "sets' shape). A larger N gives denser supervision; validation and test are unchanged",
+    )
     p.add_argument("--seed", type=int, default=0, metavar="S", help="random seed (default: 0)")
     p.add_argument(
         "--image-size",
@@ -97,6 +105,7 @@ def run(args: argparse.Namespace) -> int:
         workers=workers,
         progress=not args.quiet,
         vqa_images=args.vqa_images,
+        train_closed=args.train_closed,
     )
     c = m["counts"]
     n_fig = sum(sum(s.values()) for s in c["pmc"]["figures"].values())

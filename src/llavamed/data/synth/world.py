@@ -83,8 +83,14 @@ def _image_path(set_name: str, index: int) -> tuple[str, str]:
     return name, f"slake/imgs/{name}"
 
 
-def plan_vqa(seed: int, set_name: str, n_images: int) -> tuple[list[dict], list[dict]]:
-    """(image entries with attributes and split, question records in the set's native shape)."""
+def plan_vqa(
+    seed: int, set_name: str, n_images: int, train_closed: int = 3
+) -> tuple[list[dict], list[dict]]:
+    """(image entries with attributes and split, question records in the set's native shape).
+
+    Every image gets up to 3 closed questions, as in the real sets; ``train_closed`` raises that
+    for train-split images only (dense supervision: each training image then teaches most of its
+    attributes, while validation and test keep the real sets' shape)."""
     stream, set_domains, fractions = SETS[set_name]
     rng = np.random.default_rng([seed, stream, 1 << 30])
     domains = [set_domains[i % len(set_domains)] for i in rng.permutation(n_images)]
@@ -98,7 +104,12 @@ def plan_vqa(seed: int, set_name: str, n_images: int) -> tuple[list[dict], list[
         lang = "zh" if set_name == "slake" and qrng.random() < ZH_SHARE else "en"
         cands = questions_for(dom, attrs, qrng, lang=lang)
         chosen = select_questions(
-            cands, qrng, balancer, splits[i], n_closed=3, n_open=2 + int(qrng.random() < 0.5)
+            cands,
+            qrng,
+            balancer,
+            splits[i],
+            n_closed=train_closed if splits[i] == "train" else 3,
+            n_open=2 + int(qrng.random() < 0.5),
         )
         name, rel = _image_path(set_name, i)
         images.append(
@@ -199,9 +210,11 @@ def generate_world(
     workers: int = 1,
     progress: bool = True,
     vqa_images: int | None = None,
+    train_closed: int = 3,
 ) -> dict:
     """Generate (or resume, or return the finished) MedSynth world in ``out_dir``; returns the
-    manifest. ``vqa_images`` defaults to 10 per article (a third VQA-RAD, the rest SLAKE)."""
+    manifest. ``vqa_images`` defaults to 10 per article (a third VQA-RAD, the rest SLAKE);
+    ``train_closed`` is the most closed questions per train-split image (see :func:`plan_vqa`)."""
     if articles < 1:
         raise ConfigError("articles must be >= 1")
     if image_size < 64:
@@ -210,8 +223,12 @@ def generate_world(
         vqa_images = VQA_IMAGES_PER_ARTICLE * articles
     if vqa_images < 6:
         raise ConfigError("vqa_images must be >= 6")
+    if train_closed < 1:
+        raise ConfigError("train_closed must be >= 1")
     out = Path(out_dir)
     args = {"articles": articles, "seed": seed, "image_size": image_size, "vqa_images": vqa_images}
+    if train_closed != 3:  # recorded only when set, so worlds made before the option still match
+        args["train_closed"] = train_closed
     stamp = {"generator_version": GENERATOR_VERSION, "args": args}
     manifest_path, stamp_path = out / "manifest.json", out / ".medsynth-args.json"
     for p in (manifest_path, stamp_path):
@@ -229,7 +246,7 @@ def generate_world(
 
     n_rad = max(3, vqa_images // 3)
     plans = {
-        name: plan_vqa(seed, name, n)
+        name: plan_vqa(seed, name, n, train_closed)
         for name, n in (("vqa_rad", n_rad), ("slake", vqa_images - n_rad))
     }
     tasks: list[tuple] = [("article", str(out), seed, i, image_size) for i in range(articles)]
