@@ -329,3 +329,37 @@ def test_cli_print_config_and_vision_dispatch(tmp_path, monkeypatch):
     (tmp_path / "v.yaml").write_text("stage: vision\n")
     monkeypatch.setitem(sys.modules, "llavamed.train.vision_pretrain", None)
     assert main(["train", str(tmp_path / "v.yaml")]) == 1
+
+
+def test_param_groups_give_each_part_its_own_rate(tiny_llava_dir):
+    from transformers import LlavaForConditionalGeneration
+
+    from llavamed.config import TrainSection
+    from llavamed.train.freeze import apply_trainable, parts
+    from llavamed.train.trainer import param_groups
+
+    model = LlavaForConditionalGeneration.from_pretrained(tiny_llava_dir)
+    apply_trainable(model, ["projector", "lm", "vision"])
+    # Parts by module attribute (freeze.parts), independent of the name matching under test.
+    want = {k: {id(p) for p in ps if p.requires_grad} for k, ps in parts(model).items()}
+    t = TrainSection(lr=1e-4, lr_projector=2e-3, lr_vision=5e-4)
+    got = param_groups(model, t)
+    assert [g["lr"] for g in got] == [1e-4, 2e-3, 5e-4]
+    assert [{id(p) for p in g["params"]} for g in got] == [
+        want["lm"],
+        want["projector"],
+        want["vision"],
+    ]
+    # Unset part rates fall back to lr; frozen parts get no group at all.
+    apply_trainable(model, ["projector"])
+    only = param_groups(model, TrainSection(lr=3e-4))
+    assert len(only) == 1 and only[0]["lr"] == 3e-4
+    assert {id(p) for p in only[0]["params"]} == want["projector"]
+
+
+@pytest.mark.parametrize("key", ["lr_projector", "lr_vision"])
+def test_part_rates_must_be_positive(tmp_path, bright_dark, key):
+    cfg = tiny_config(bright_dark, tmp_path / "run", max_steps=1)
+    cfg["train"][key] = 0.0
+    with pytest.raises(ConfigError, match=key):
+        load_config(cfg)

@@ -150,7 +150,13 @@ class TrainSection:
     micro_batch_size: int = 16
     """Samples per forward pass per process; gradient accumulation makes up the rest."""
     lr: float = 2e-5
-    """Peak learning rate."""
+    """Peak learning rate (of the LM, and of every part without its own rate below)."""
+    lr_projector: float | None = None
+    """Peak learning rate of the projector (LLaVA's ``mm_projector_lr``); null = ``lr``."""
+    lr_vision: float | None = None
+    """Peak learning rate of the vision tower when it trains; null = ``lr``. A tower trained
+    from scratch (the embedded default) learns local findings far faster at a higher rate
+    than a pretrained LM tolerates."""
     weight_decay: float = 0.0
     """AdamW weight decay (the paper: 0)."""
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
@@ -301,6 +307,10 @@ class TrainConfig:
             )
         if not 0 <= t.warmup_ratio < 1:
             raise ConfigError("train.warmup_ratio must be in [0, 1)")
+        for name in ("lr", "lr_projector", "lr_vision"):
+            v = getattr(t, name)
+            if v is not None and not v > 0:
+                raise ConfigError(f"train.{name}={v!r}: must be > 0")
         if t.epochs <= 0 and not t.max_steps:
             raise ConfigError("train.epochs must be > 0 (or set train.max_steps)")
         if t.lora is not None:

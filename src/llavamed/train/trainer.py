@@ -246,13 +246,14 @@ class _GroupLR:
     """LambdaLR's contract (step, get_last_lr, state_dict) for optimizers that only expose
     ``param_groups`` (DeepSpeed's ZeRO wrappers)."""
 
-    def __init__(self, optimizer, fn, base_lr: float):
-        self.optimizer, self.fn, self.base_lr, self.last_epoch = optimizer, fn, base_lr, 0
+    def __init__(self, optimizer, fn):
+        self.optimizer, self.fn, self.last_epoch = optimizer, fn, 0
+        self.base_lrs = [g["lr"] for g in optimizer.param_groups]
         self._apply()
 
     def _apply(self) -> None:
-        for g in self.optimizer.param_groups:
-            g["lr"] = self.base_lr * self.fn(self.last_epoch)
+        for g, base in zip(self.optimizer.param_groups, self.base_lrs, strict=True):
+            g["lr"] = base * self.fn(self.last_epoch)
 
     def step(self) -> None:
         self.last_epoch += 1
@@ -267,6 +268,27 @@ class _GroupLR:
     def load_state_dict(self, sd: dict) -> None:
         self.last_epoch = sd["last_epoch"]
         self._apply()
+
+
+def param_groups(module, t) -> list[dict]:
+    """AdamW groups of the trainable parameters, one per part with its own peak rate (LM first,
+    so the logged lr is the LM's). Parts are told apart by the native llava module names, as
+    transformers' own trainers do for ``mm_projector_lr``; names survive FSDP2/DDP wrapping,
+    parameter identities do not."""
+    rates = {"lm": t.lr, "projector": t.lr_projector or t.lr, "vision": t.lr_vision or t.lr}
+    groups: dict[str, list] = {k: [] for k in rates}
+    for name, p in module.named_parameters():
+        if not p.requires_grad:
+            continue
+        part = (
+            "projector"
+            if "multi_modal_projector." in name
+            else "vision"
+            if "vision_tower." in name
+            else "lm"
+        )
+        groups[part].append(p)
+    return [{"params": ps, "lr": rates[k]} for k, ps in groups.items() if ps]
 
 
 # --- engines -----------------------------------------------------------------------------------
@@ -292,7 +314,7 @@ class Engine:
             wrapper = wrap_fsdp2(wrapper, llava)
             params = [p for p in wrapper.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(
-            params, lr=t.lr, betas=tuple(t.betas), weight_decay=t.weight_decay
+            param_groups(wrapper, t), lr=t.lr, betas=tuple(t.betas), weight_decay=t.weight_decay
         )
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, _LR(total_steps, warmup, t.lr_scheduler)
@@ -317,9 +339,7 @@ class Engine:
                 model=wrapper, optimizer=self.optimizer, config=ds
             )
             # ZeRO's optimizer wrapper is not a torch Optimizer, so LambdaLR refuses it.
-            self.scheduler = _GroupLR(
-                self.optimizer, _LR(total_steps, warmup, t.lr_scheduler), t.lr
-            )
+            self.scheduler = _GroupLR(self.optimizer, _LR(total_steps, warmup, t.lr_scheduler))
         self.module = wrapper
         self.params = params
 
