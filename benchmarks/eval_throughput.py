@@ -101,17 +101,17 @@ def bench_dtype(model_dir, dtype: str, args, imgs, qs) -> dict:
         gen.generate(imgs[:2], qs[:2])
         dict(gen.answer_stream(zip(range(2), imgs[:2], qs[:2], strict=True)))
         runs: dict[str, list] = {m: [] for m in modes}
-        answers: dict[str, list[str]] = {}
+        answers: dict[str, list[list[str]]] = {m: [] for m in modes}
         for r in range(args.repeats):
             for name, fn in modes.items():
                 out, wall, cpu = _timed(fn)
                 runs[name].append((wall, cpu))
-                answers.setdefault(name, out)
+                answers[name].append(out)
                 print(f"  [{dtype} repeat {r + 1}] {name}: {wall:.2f} s wall", flush=True)
-        n_tok = [len(gen.processor.tokenizer(a)["input_ids"]) for a in answers[next(iter(modes))]]
+        ref = answers[next(iter(modes))][0]
+        n_tok = [len(gen.processor.tokenizer(a)["input_ids"]) for a in ref]
     finally:
         gen.close()
-    ref = answers[next(iter(modes))]
     rows = {}
     for name in modes:
         walls = [w for w, _ in runs[name]]
@@ -120,7 +120,10 @@ def bench_dtype(model_dir, dtype: str, args, imgs, qs) -> dict:
             "wall": statistics.median(walls),
             "cpu": statistics.median(cpus),
             "walls": walls,
-            "same": sum(a == b for a, b in zip(ref, answers[name], strict=True)),
+            # the worst repeat: the engine's batch composition depends on thread timing
+            "same": min(
+                sum(a == b for a, b in zip(ref, out, strict=True)) for out in answers[name]
+            ),
         }
     return {"rows": rows, "n_tok": n_tok}
 
@@ -182,7 +185,7 @@ def main() -> None:
     )
     print(
         "| dtype | mode | wall s | answers/s | speed-up (wall) | speed-up (CPU s) "
-        "| identical to reference |\n|---|---|---:|---:|---:|---:|---:|"
+        "| identical to reference (worst repeat) |\n|---|---|---:|---:|---:|---:|---:|"
     )
     for dt, res in results.items():
         rows = res["rows"]
