@@ -246,12 +246,44 @@ def test_image_conditioning_learned_and_blank_images_fall_to_chance(tmp_path, br
         global_batch_size=8,
         micro_batch_size=8,
     )
-    res = run_training(cfg, progress=False)
+    from transformers import AutoProcessor
+
+    from llavamed.eval.closed_logits import closed_accuracy, prepare_closed
+    from llavamed.eval.vqa_data import VQASample
+
+    recs = json.loads(test.read_text())
+    held_out = [
+        VQASample(r["id"], str(test.parent / r["image"]), QUESTION, r["answer"], "closed")
+        for r in recs
+    ]
+    curve = []
+
+    def on_step(step, model, proc):  # the learning-curve hook, scored by next-token logits
+        if step % 25:
+            return None
+        acc = closed_accuracy(model, proc, prepare_closed(held_out, proc))
+        curve.append((step, acc, model.training))
+        return {"held_out_acc": acc}
+
+    res = run_training(cfg, progress=False, on_step=on_step)
     acc = _closed_accuracy(res.final_checkpoint, test, blank=False)
     acc_blank = _closed_accuracy(res.final_checkpoint, test, blank=True)
     print(f"bright/dark closed accuracy: image {acc:.2f}, blank {acc_blank:.2f} (chance 0.50)")
     assert acc >= 0.9
     assert acc_blank <= 0.6
+    # The hook ran on the live model, left it training, and its numbers reached metrics.jsonl.
+    assert [c[0] for c in curve] == [25, 50] and all(c[2] for c in curve)
+    logged = {m["step"]: m.get("held_out_acc") for m in res.metrics}
+    assert logged[25] == curve[0][1] and logged[50] == curve[1][1]
+    # The logit metric agrees with generated answers on the final model (same prompt, image).
+    assert abs(curve[1][1] - acc) <= 0.07
+    proc = AutoProcessor.from_pretrained(res.final_checkpoint)
+    from transformers import LlavaForConditionalGeneration
+
+    final = LlavaForConditionalGeneration.from_pretrained(res.final_checkpoint)
+    data = prepare_closed(held_out, proc)
+    assert closed_accuracy(final, proc, data, batch_size=5) == closed_accuracy(final, proc, data)
+    assert closed_accuracy(final, proc, data, blank=True) <= 0.6
 
 
 def test_lora_exports_a_plain_merged_checkpoint(tmp_path, bright_dark):

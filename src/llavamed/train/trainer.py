@@ -16,6 +16,7 @@ import math
 import os
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -50,6 +51,10 @@ RESUMABLE_CHANGES = (
     "data.num_workers",
     "distributed.",
 )
+
+
+StepHook = Callable[[int, Any, Any], "dict | None"]
+"""``on_step(step, model, processor) -> extra metrics or None`` (see :func:`run_training`)."""
 
 
 @dataclass
@@ -511,9 +516,16 @@ def _engine_kind(cfg: TrainConfig, info: DistInfo) -> str:
     return cfg.distributed.engine if info.enabled else "single"
 
 
-def run_training(config: Any, overrides=(), *, progress: bool = True) -> TrainResult:
+def run_training(
+    config: Any, overrides=(), *, progress: bool = True, on_step: StepHook | None = None
+) -> TrainResult:
     """Train as the config says; resume from the newest checkpoint in ``output.dir``; return at
-    once if ``checkpoint-final`` exists for the identical resolved config."""
+    once if ``checkpoint-final`` exists for the identical resolved config.
+
+    ``on_step(step, model, processor)`` runs on the main process after every optimizer step (single-process
+    runs: ``model`` is the live ``LlavaForConditionalGeneration``); a dict it returns is merged
+    into that step's ``metrics.jsonl`` record. Its own time is not counted in ``step_time_s``.
+    Use it for learning curves (e.g. accuracy every N steps); put the model back in train mode."""
 
     from llavamed.train import distributed as D
 
@@ -533,13 +545,19 @@ def run_training(config: Any, overrides=(), *, progress: bool = True) -> TrainRe
 
     info = D.init(cfg.distributed)
     try:
-        return _run(cfg, out, resolved, info, progress, t0)
+        return _run(cfg, out, resolved, info, progress, t0, on_step)
     finally:
         D.shutdown(info)
 
 
 def _run(
-    cfg: TrainConfig, out: Path, resolved: dict, info: DistInfo, progress: bool, t0: float
+    cfg: TrainConfig,
+    out: Path,
+    resolved: dict,
+    info: DistInfo,
+    progress: bool,
+    t0: float,
+    on_step: StepHook | None = None,
 ) -> TrainResult:
     import torch
 
@@ -711,6 +729,8 @@ def _run(
                 raise ConfigError(
                     f"loss became {loss} at step {step}; lower train.lr or use precision=fp32"
                 )
+            if on_step is not None and info.is_main:
+                rec.update(on_step(step, model, processor) or {})
             if metrics_log is not None and (
                 step % cfg.output.log_every == 0 or step == total_steps
             ):

@@ -1,0 +1,90 @@
+"""Closed-question accuracy from next-token logits: a cheap learning-curve metric.
+
+For a yes/no question the model is prompted exactly as the VQA evaluator prompts it (the
+checkpoint's template, the image placeholder before the question) and scored by one forward pass:
+the prediction is "yes" when the logit of the first token of "yes" beats that of "no". No
+generation, no answer parsing, deterministic -- so it can run every few training steps to draw
+accuracy-versus-CPU-time curves. It is *not* the reported metric: a model that would generate
+neither word still gets a yes/no verdict here. Reports use :mod:`llavamed.eval.vqa_runner`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from llavamed.eval.vqa_data import VQASample
+from llavamed.model.processing import generation_prompt, question_messages
+
+
+@dataclass
+class ClosedSet:
+    """Closed questions with their images decoded once."""
+
+    prompts: list[str]
+    images: list  # PIL images
+    is_yes: list[bool]
+    questions: list[str]
+
+
+def prepare_closed(samples: Sequence[VQASample], processor, limit: int | None = None) -> ClosedSet:
+    """English yes/no samples only (answer "yes" or "no"); others are left out."""
+    from llavamed.images import load_image
+
+    keep = [s for s in samples if s.answer.strip().lower() in ("yes", "no")][:limit]
+    if not keep:
+        raise ValueError("no yes/no questions to score")
+    prompts = [generation_prompt(processor, question_messages(s.question)) for s in keep]
+    return ClosedSet(
+        prompts,
+        [load_image(s.image, name=s.qid) for s in keep],
+        [s.answer.strip().lower() == "yes" for s in keep],
+        [s.question for s in keep],
+    )
+
+
+def yes_no_predictions(
+    model, processor, data: ClosedSet, *, batch_size: int = 32, blank: bool = False
+) -> list[bool]:
+    """True where the model prefers "yes". Left padding, so the last position is the prompt's
+    end in every row. ``blank`` replaces every image by zeros (the mean colour after
+    normalisation), the image-reliance control."""
+    import torch
+
+    tok = processor.tokenizer
+    yes_id = tok.encode("yes", add_special_tokens=False)[0]
+    no_id = tok.encode("no", add_special_tokens=False)[0]
+    side = tok.padding_side
+    tok.padding_side = "left"
+    was_training = model.training
+    model.eval()
+    dtype = next(model.parameters()).dtype
+    out: list[bool] = []
+    try:
+        with torch.no_grad():
+            for i in range(0, len(data.prompts), batch_size):
+                # The processor expands <image> to the tower's patch count -- the same expansion
+                # training and generation use.
+                enc = processor(
+                    text=data.prompts[i : i + batch_size],
+                    images=data.images[i : i + batch_size],
+                    return_tensors="pt",
+                    padding=True,
+                )
+                pv = enc["pixel_values"]
+                pv = torch.zeros_like(pv) if blank else pv
+                logits = model(
+                    input_ids=enc["input_ids"],
+                    attention_mask=enc["attention_mask"],
+                    pixel_values=pv.to(dtype),
+                ).logits[:, -1]
+                out += (logits[:, yes_id] > logits[:, no_id]).tolist()
+    finally:
+        tok.padding_side = side
+        model.train(was_training)
+    return out
+
+
+def closed_accuracy(model, processor, data: ClosedSet, **kw) -> float:
+    pred = yes_no_predictions(model, processor, data, **kw)
+    return sum(p == y for p, y in zip(pred, data.is_yes, strict=True)) / len(pred)
