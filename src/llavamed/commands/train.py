@@ -11,7 +11,8 @@ def register(sub) -> None:
         help="train a stage (vision pretraining, alignment, instruction tuning, VQA fine-tuning) from a YAML config",
         description=(
             "Run the training stage a YAML config describes. The config's `stage:` decides what "
-            "trains: vision (stage-0 contrastive pretraining), align (projector), instruct "
+            "trains: vision (stage-0 contrastive pretraining), vision_vqa (stage-0b: the tower "
+            "learns the yes/no questions of a VQA train split directly), align (projector), instruct "
             "(projector + LM), finetune (VQA). Dotted key=value overrides change any field, e.g. "
             "train.lr=1e-4 output.dir=runs/x data.sources.0.max_samples=100. Re-running the same "
             "command resumes from the newest checkpoint in output.dir; a finished run returns at "
@@ -61,6 +62,12 @@ def run(args) -> int:
         res = mod.run_from_config(raw, list(args.overrides))
         if res is not None:
             print(f"wrote {getattr(res, 'final_checkpoint', res)}")
+        return 0
+    if stage == "vision_vqa":
+        from llavamed.train.vision_vqa import run_from_config
+
+        res = run_from_config(raw, list(args.overrides), progress=not args.no_progress)
+        print(f"wrote {res.tower_dir}")
         return 0
     cfg = load_config(args.config, args.overrides)
     if args.print_config:

@@ -1,0 +1,351 @@
+"""Stage 0b: VQA-supervised vision warm-up (``stage: vision_vqa``).
+
+Why: a LLaVA learns to read a finding out of its image tokens only through the LM's attention,
+whose gradient is diluted over every image token; measured on MedSynth with the embedded default
+(random 4-layer ViT, SmolLM2 cut to 8 layers), 120 steps of VQA fine-tuning left every local
+finding at chance. The same tower trained *directly* on the closed questions of the VQA train
+split -- one cheap vision-only step per 64 images, no LM -- reaches ~79% in four CPU minutes.
+This stage does that before the LLaVA curriculum: it teaches the tower to put each yes/no
+attribute into the mean of its patch tokens at ``feature_layer`` (the tokens LLaVA's projector
+receives), where the LM can read it with any attention pattern.
+
+Readout: the question, embedded once by the frozen text encoder (MiniLM by default), is mapped to
+a weight vector and a bias; the answer logit is their product with the layer-normed mean patch
+token (``readout: mean``), or a log-mean-exp over per-patch scores (``readout: lse``). The head is
+discarded; only the tower is saved, in the same folder format as stage 0, so ``llavamed model
+init --vision DIR`` and the stage-1 config accept it.
+
+Only closed questions with a yes/no answer train (``answer_type`` closed, English). Bad records
+are counted by the VQA loaders; unreadable images are counted and skipped here.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from llavamed.errors import ConfigError, InputError
+from llavamed.utils.io import atomic_write_json, atomic_write_text
+
+REPORT = "vision_vqa_report.json"
+
+
+@dataclass
+class VQASourceSpec:
+    dataset: str
+    """``vqa-rad``, ``slake``, ``pathvqa`` or ``llava-med`` (the evaluator's loaders)."""
+    path: str
+    split: str = "train"
+
+
+@dataclass
+class VisionVQAConfig:
+    """Stage-0b recipe; every field can be set in YAML or as ``key=value``."""
+
+    sources: list[VQASourceSpec] = field(default_factory=list)
+    """VQA sets whose closed yes/no questions train the tower."""
+    vision: str = "cpu"
+    """Starting tower: a preset (random) or a vision folder, e.g. stage 0's ``vision_tower``."""
+    output_dir: str = "runs/stage0b"
+    feature_layer: int = -2
+    """Hidden state trained; match the LLaVA's ``vision_feature_layer`` (-2 for a folder tower)."""
+    readout: str = "mean"
+    text_encoder: str = "minilm"
+    steps: int = 400
+    batch_size: int = 64
+    """Images per step (each with all of its yes/no questions)."""
+    lr: float = 1e-3
+    weight_decay: float = 0.01
+    warmup_steps: int = 20
+    time_budget_min: float | None = None
+    """Stop early after this many minutes (the schedule still assumes ``steps``)."""
+    val_fraction: float = 0.1
+    """Train-split images held out (by image) to report accuracy; 0 disables it."""
+    precision: str = "bf16"
+    seed: int = 0
+    log_every: int = 25
+    stage: str = "vision_vqa"
+
+    def validate(self) -> None:
+        if not self.sources:
+            raise ConfigError("stage vision_vqa: give at least one entry in sources")
+        if self.readout not in ("mean", "lse"):
+            raise ConfigError(f"readout={self.readout!r}: choose mean or lse")
+        if self.precision not in ("bf16", "fp32"):
+            raise ConfigError(f"precision={self.precision!r}: choose bf16 or fp32")
+        if self.steps < 1 or self.batch_size < 1:
+            raise ConfigError("steps and batch_size must be >= 1")
+        if not self.lr > 0:
+            raise ConfigError("lr must be > 0")
+        if not 0 <= self.val_fraction < 1:
+            raise ConfigError("val_fraction must be in [0, 1)")
+
+
+@dataclass
+class VisionVQAResult:
+    output_dir: Path
+    tower_dir: Path
+    report: dict
+    wall_time_s: float
+
+
+def make_config(cfg: dict | VisionVQAConfig, overrides: list[str] | None = None) -> VisionVQAConfig:
+    from llavamed.config import apply_overrides, from_dict
+
+    if isinstance(cfg, VisionVQAConfig):
+        cfg = asdict(cfg)
+    data = apply_overrides(dict(cfg), list(overrides or []))
+    conf = from_dict(VisionVQAConfig, data)
+    conf.validate()
+    return conf
+
+
+# ---- data ---------------------------------------------------------------------------------------
+
+
+@dataclass
+class YesNoTable:
+    """Images (preprocessed) and, per image, the (question index, is_yes) pairs asked of it."""
+
+    pixel_values: Any  # (N, 3, S, S)
+    labels: list[list[tuple[int, bool]]]
+    questions: list[str]
+    skipped: dict
+
+
+def load_yes_no(cfg: VisionVQAConfig, image_processor) -> tuple[YesNoTable, dict]:
+    """Every closed yes/no English question of the sources, grouped by image."""
+    import torch
+
+    from llavamed.eval.vqa_data import load_vqa
+    from llavamed.images import load_image
+
+    by_image: dict[str, tuple[Any, list[tuple[str, bool]]]] = {}
+    loader_bad: dict[str, int] = {}
+    for src in cfg.sources:
+        samples, rep = load_vqa(src.dataset, src.path, split=src.split, lang="en")
+        for reason, n in rep.bad.items():
+            loader_bad[reason] = loader_bad.get(reason, 0) + n
+        for s in samples:
+            ans = s.answer.strip().lower()
+            if s.answer_type != "closed" or ans not in ("yes", "no"):
+                continue
+            key = str(s.image) if not isinstance(s.image, bytes) else f"{src.path}#{s.qid}"
+            by_image.setdefault(key, (s.image, []))[1].append((s.question, ans == "yes"))
+    if not by_image:
+        raise ConfigError("stage vision_vqa: the sources hold no closed yes/no questions")
+    questions = sorted({q for _, qa in by_image.values() for q, _ in qa})
+    qidx = {q: i for i, q in enumerate(questions)}
+    pix, labels, skipped = [], [], dict(loader_bad)
+    for key, (image, qa) in by_image.items():
+        try:
+            img = load_image(image, name=key)
+        except InputError as err:
+            skipped[err.reason] = skipped.get(err.reason, 0) + 1
+            print(f"llavamed train: skipped {err}", file=sys.stderr)
+            continue
+        pix.append(image_processor(images=[img], return_tensors="pt")["pixel_values"][0])
+        labels.append([(qidx[q], y) for q, y in qa])
+    return YesNoTable(torch.stack(pix), labels, questions, skipped), {"images": len(labels)}
+
+
+# ---- model --------------------------------------------------------------------------------------
+
+
+def _head(hidden: int, text_dim: int):
+    from torch import nn
+
+    class QuestionReadout(nn.Module):
+        """Question embedding -> (weight vector, bias) over the pooled patch features."""
+
+        def __init__(self):
+            super().__init__()
+            self.norm = nn.LayerNorm(hidden)
+            self.weight = nn.Linear(text_dim, hidden)
+            self.bias = nn.Linear(text_dim, 1)
+
+        def forward(self, patches, q_emb, readout: str):
+            w = self.weight(q_emb)  # (Q, H)
+            b = self.bias(q_emb).squeeze(-1)  # (Q,)
+            x = self.norm(patches)  # (B, K, H)
+            if readout == "mean":
+                return x.mean(1) @ w.T + b  # (B, Q)
+            s = x @ w.T  # (B, K, Q): per-patch evidence
+            return s.logsumexp(1) - math.log(s.shape[1]) + b
+
+    return QuestionReadout()
+
+
+def _batch_targets(labels: list[list[tuple[int, bool]]], idx, n_q: int):
+    import torch
+
+    y = torch.full((len(idx), n_q), -1.0)
+    for r, i in enumerate(idx):
+        for q, yes in labels[int(i)]:
+            y[r, q] = 1.0 if yes else 0.0
+    return y
+
+
+def _accuracy(tower, head, feats_fn, pix, labels, q_emb, readout, autocast) -> dict:
+    import torch
+
+    correct = total = 0
+    per_q: dict[int, list[int]] = {}
+    with torch.no_grad(), autocast():
+        for i in range(0, len(pix), 128):
+            idx = range(i, min(i + 128, len(pix)))
+            logits = head(feats_fn(pix[i : i + 128]), q_emb, readout).float()
+            y = _batch_targets(labels, idx, q_emb.shape[0])
+            mask = y >= 0
+            hit = ((logits > 0).float() == y) & mask
+            correct += int(hit.sum())
+            total += int(mask.sum())
+            for q in range(y.shape[1]):
+                m = int(mask[:, q].sum())
+                if m:
+                    c = per_q.setdefault(q, [0, 0])
+                    c[0] += m
+                    c[1] += int(hit[:, q].sum())
+    return {"accuracy": correct / max(total, 1), "n": total, "per_question": per_q}
+
+
+# ---- training -----------------------------------------------------------------------------------
+
+
+def train_vision_vqa(cfg: VisionVQAConfig, progress: bool = True) -> VisionVQAResult:
+    import contextlib
+
+    import torch
+    import torch.nn.functional as F
+    from tqdm import tqdm
+
+    from llavamed.train.text_encoder import TextEncoder, cached_embeddings, resolve_text_encoder
+    from llavamed.train.vision_pretrain import _save_tower, load_tower, tower_features
+
+    t0 = time.time()
+    out = Path(cfg.output_dir)
+    tower_dir, report_path = out / "vision_tower", out / REPORT
+    resolved = asdict(cfg)
+    if report_path.exists() and (tower_dir / "config.json").exists():
+        old = json.loads(report_path.read_text())
+        if old.get("config") == resolved:  # finished with the identical recipe
+            return VisionVQAResult(out, tower_dir, old, 0.0)
+    out.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(cfg.seed)
+    tower = load_tower(cfg.vision, seed=cfg.seed)
+    from transformers import CLIPImageProcessor
+
+    proc = CLIPImageProcessor(
+        size={"height": tower.image_size, "width": tower.image_size},
+        do_center_crop=False,
+        image_mean=tower.mean,
+        image_std=tower.std,
+    )
+    table, counts = load_yes_no(cfg, proc)
+    encoder = TextEncoder(resolve_text_encoder(cfg.text_encoder))
+    q_emb = cached_embeddings(
+        encoder, table.questions, out / "cache" / "questions.pt", progress=False
+    ).float()
+
+    n = len(table.labels)
+    g = torch.Generator().manual_seed(cfg.seed)
+    perm = torch.randperm(n, generator=g)
+    n_val = int(round(cfg.val_fraction * n)) if n >= 20 else 0
+    val_idx, train_idx = perm[:n_val], perm[n_val:]
+
+    head = _head(tower.model.config.hidden_size, q_emb.shape[1])
+    params = [p for p in tower.model.parameters() if p.requires_grad] + list(head.parameters())
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+    def autocast():
+        if cfg.precision == "bf16":
+            return torch.autocast("cpu", dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    def feats(x):
+        return tower_features(tower, x, cfg.feature_layer)[1]
+
+    log = []
+    bar = tqdm(total=cfg.steps, desc="stage 0b (vision VQA)", disable=not progress, file=sys.stderr)
+    budget = None if cfg.time_budget_min is None else 60 * cfg.time_budget_min
+    step = 0
+    tower.model.train()
+    while step < cfg.steps and (budget is None or time.time() - t0 < budget):
+        idx = train_idx[torch.randint(len(train_idx), (cfg.batch_size,), generator=g)]
+        warm = min(1.0, (step + 1) / max(1, cfg.warmup_steps))
+        for grp in opt.param_groups:
+            grp["lr"] = cfg.lr * warm * 0.5 * (1 + math.cos(math.pi * step / cfg.steps))
+        y = _batch_targets(table.labels, idx, len(table.questions))
+        with autocast():
+            logits = head(feats(table.pixel_values[idx]), q_emb, cfg.readout).float()
+        mask = y >= 0
+        loss = F.binary_cross_entropy_with_logits(logits[mask], y[mask])
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        step += 1
+        bar.update(1)
+        if step % cfg.log_every == 0 or step == cfg.steps:
+            log.append({"step": step, "loss": loss.item(), "wall_s": round(time.time() - t0, 1)})
+            bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
+    bar.close()
+    tower.model.eval()
+    report: dict[str, Any] = {"config": resolved, "steps": step, "data": counts, "log": log}
+    report["skipped"] = table.skipped
+    report["questions"] = len(table.questions)
+    if n_val:
+        acc = _accuracy(
+            tower,
+            head,
+            feats,
+            table.pixel_values[val_idx],
+            [table.labels[int(i)] for i in val_idx],
+            q_emb,
+            cfg.readout,
+            autocast,
+        )
+        report["val_accuracy"] = acc["accuracy"]
+        report["val_n"] = acc["n"]
+        report["val_per_question"] = {
+            table.questions[q]: {"n": c[0], "accuracy": c[1] / c[0]}
+            for q, c in sorted(acc["per_question"].items())
+        }
+    _save_tower(tower.model, tower, tower.image_size, tower_dir)
+    report["wall_time_s"] = round(time.time() - t0, 1)
+    atomic_write_json(report_path, report)
+    atomic_write_text(out / "vision_vqa_report.md", report_markdown(report))
+    return VisionVQAResult(out, tower_dir, report, time.time() - t0)
+
+
+def report_markdown(report: dict) -> str:
+    lines = [
+        "# Stage 0b: VQA-supervised vision warm-up",
+        "",
+        f"- steps: {report['steps']}, images: {report['data']['images']}, "
+        f"yes/no questions: {report['questions']}, wall: {report.get('wall_time_s', 0):.0f} s",
+        f"- skipped: {report.get('skipped') or 'none'}",
+    ]
+    if "val_accuracy" in report:
+        lines += [
+            f"- held-out train-split images: yes/no accuracy {100 * report['val_accuracy']:.1f}% "
+            f"over {report['val_n']} questions (the discarded readout head; chance ~50%)",
+            "",
+            "| question | n | accuracy |",
+            "|---|---:|---:|",
+        ]
+        for q, r in report["val_per_question"].items():
+            lines.append(f"| {q} | {r['n']} | {100 * r['accuracy']:.0f}% |")
+    return "\n".join(lines) + "\n"
+
+
+def run_from_config(
+    cfg: dict, overrides: list[str] | None = None, progress: bool = True
+) -> VisionVQAResult:
+    """Entry for ``llavamed train CONFIG.yaml`` with ``stage: vision_vqa`` and the quickstart."""
+    return train_vision_vqa(make_config(cfg, overrides), progress=progress)
