@@ -82,7 +82,7 @@ def _cfg(data: Path, out: Path, **kw) -> dict:
         "vision": "tiny",
         "feature_layer": -1,
         "output_dir": str(out),
-        "steps": 150,
+        "steps": 300,
         "batch_size": 32,
         "lr": 3e-3,
         "val_fraction": 0.25,

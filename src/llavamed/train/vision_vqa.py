@@ -10,8 +10,12 @@ attribute into the mean of its patch tokens at ``feature_layer`` (the tokens LLa
 receives), where the LM can read it with any attention pattern.
 
 Readout: the question, embedded once by the frozen text encoder (MiniLM by default), is mapped to
-a weight vector and a bias; the answer logit is their product with the layer-normed mean patch
-token (``readout: mean``), or a log-mean-exp over per-patch scores (``readout: lse``). The head is
+a weight vector and a bias; the answer logit is their product with the layer-normed patch tokens:
+``token`` (default) trains *every* patch token to answer every question (the ViT's own attention
+must spread each finding to all tokens, so whichever image tokens the LM attends to carry it),
+``mean`` reads the mean token, ``lse`` a log-mean-exp over per-patch scores. Measured on MedSynth
+(4,500 VQA images, 400 steps): held-out tower accuracy token 0.78, mean 0.79, lse 0.82; after 120
+LLaVA fine-tuning steps on top, token 0.64 and mean 0.63. The head is
 discarded; only the tower is saved, in the same folder format as stage 0, so ``llavamed model
 init --vision DIR`` and the stage-1 config accept it.
 
@@ -54,7 +58,7 @@ class VisionVQAConfig:
     output_dir: str = "runs/stage0b"
     feature_layer: int = -2
     """Hidden state trained; match the LLaVA's ``vision_feature_layer`` (-2 for a folder tower)."""
-    readout: str = "mean"
+    readout: str = "token"
     text_encoder: str = "minilm"
     steps: int = 400
     batch_size: int = 64
@@ -74,8 +78,8 @@ class VisionVQAConfig:
     def validate(self) -> None:
         if not self.sources:
             raise ConfigError("stage vision_vqa: give at least one entry in sources")
-        if self.readout not in ("mean", "lse"):
-            raise ConfigError(f"readout={self.readout!r}: choose mean or lse")
+        if self.readout not in ("token", "mean", "lse"):
+            raise ConfigError(f"readout={self.readout!r}: choose token, mean or lse")
         if self.precision not in ("bf16", "fp32"):
             raise ConfigError(f"precision={self.precision!r}: choose bf16 or fp32")
         if self.steps < 1 or self.batch_size < 1:
@@ -175,8 +179,10 @@ def _head(hidden: int, text_dim: int):
             x = self.norm(patches)  # (B, K, H)
             if readout == "mean":
                 return x.mean(1) @ w.T + b  # (B, Q)
-            s = x @ w.T  # (B, K, Q): per-patch evidence
-            return s.logsumexp(1) - math.log(s.shape[1]) + b
+            s = x @ w.T + b  # (B, K, Q): per-patch evidence
+            if readout == "token":
+                return s
+            return s.logsumexp(1) - math.log(s.shape[1])
 
     return QuestionReadout()
 
@@ -200,6 +206,8 @@ def _accuracy(tower, head, feats_fn, pix, labels, q_emb, readout, autocast) -> d
         for i in range(0, len(pix), 128):
             idx = range(i, min(i + 128, len(pix)))
             logits = head(feats_fn(pix[i : i + 128]), q_emb, readout).float()
+            if logits.dim() == 3:  # token readout: the tokens' mean verdict
+                logits = logits.mean(1)
             y = _batch_targets(labels, idx, q_emb.shape[0])
             mask = y >= 0
             hit = ((logits > 0).float() == y) & mask
@@ -283,6 +291,8 @@ def train_vision_vqa(cfg: VisionVQAConfig, progress: bool = True) -> VisionVQARe
         y = _batch_targets(table.labels, idx, len(table.questions))
         with autocast():
             logits = head(feats(table.pixel_values[idx]), q_emb, cfg.readout).float()
+        if logits.dim() == 3:  # token readout: every patch token answers
+            y = y[:, None, :].expand_as(logits)
         mask = y >= 0
         loss = F.binary_cross_entropy_with_logits(logits[mask], y[mask])
         loss.backward()
