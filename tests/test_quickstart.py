@@ -94,6 +94,7 @@ def test_quickstart_tiny_end_to_end_and_rerun(tmp_path):
         "align",
         "instruct",
         "stage0_vision",
+        "stage0b_vision_vqa",
         "stage1_alignment",
         "stage2_instruct",
         "eval_zero_shot",

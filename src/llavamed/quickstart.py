@@ -35,7 +35,7 @@ class SizePreset:
     """Knobs of one quickstart size. Times are what they cost on 2 CPU cores."""
 
     articles: int
-    """MedSynth articles (about 2.7 figures and 10 VQA images each)."""
+    """MedSynth articles (about 2.7 figures each)."""
     image_size: int
     instruct_samples: int
     """Figures sent to the local LLM for self-instruct conversations."""
@@ -52,8 +52,16 @@ class SizePreset:
     finetune_epochs: float
     eval_limit: int | None
     """Questions in each VQA evaluation (None = the whole test split)."""
+    vqa_images: int | None = None
+    """MedSynth VQA images (None = 10 per article)."""
+    train_closed: int = 3
+    """Most yes/no questions per train-split VQA image (3 = the real sets' shape)."""
+    stage0b_steps: int = 0
+    """Steps of stage 0b (the tower learns the VQA train split's yes/no questions); 0 skips it."""
     batch: int = 16
     lr_finetune: float = 2e-4
+    lr_projector_finetune: float | None = None
+    lr_vision_finetune: float | None = None
     eta_minutes: dict = field(default_factory=dict)
 
 
@@ -74,6 +82,7 @@ SIZES: dict[str, SizePreset] = {
         finetune_epochs=1.0,
         eval_limit=24,
         batch=8,
+        stage0b_steps=5,
     ),
     "small": SizePreset(
         articles=150,
@@ -87,8 +96,16 @@ SIZES: dict[str, SizePreset] = {
         probe_images=0,
         stage1_steps=40,
         stage2_epochs=1.0,
-        finetune_epochs=2.0,
+        finetune_epochs=1.0,
         eval_limit=400,
+        # 4,500 VQA images with dense train questions: MedSynth makes them in ~30 s, and each
+        # training step sees more yes/no answers per image forward.
+        vqa_images=4500,
+        train_closed=12,
+        stage0b_steps=600,
+        lr_finetune=5e-4,
+        lr_projector_finetune=2e-3,
+        lr_vision_finetune=0,
     ),
     "medium": SizePreset(
         articles=400,
@@ -102,8 +119,14 @@ SIZES: dict[str, SizePreset] = {
         probe_images=150,
         stage1_steps=120,
         stage2_epochs=2.0,
-        finetune_epochs=3.0,
+        finetune_epochs=2.0,
         eval_limit=None,
+        vqa_images=8000,
+        train_closed=12,
+        stage0b_steps=1500,
+        lr_finetune=5e-4,
+        lr_projector_finetune=2e-3,
+        lr_vision_finetune=0,
     ),
 }
 
@@ -222,6 +245,8 @@ def run_quickstart(opts: QuickstartOptions) -> dict:
             image_size=p.image_size,
             workers=opts.workers,
             progress=opts.progress,
+            vqa_images=p.vqa_images,
+            train_closed=p.train_closed,
         )
         return {"counts": m.get("counts")}
 
@@ -304,6 +329,34 @@ def run_quickstart(opts: QuickstartOptions) -> dict:
         res = run_from_config(cfg, [])
         return {"tower": str(res.tower_dir), "report": _small(res.report)}
 
+    def stage0b() -> dict:
+        from llavamed.train.vision_vqa import run_from_config as run_vision_vqa
+
+        res = run_vision_vqa(
+            {
+                "sources": [
+                    {"dataset": "slake", "path": str(world / "slake"), "split": "train"},
+                    {"dataset": "vqa-rad", "path": str(world / "vqa_rad"), "split": "train"},
+                ],
+                "vision": str(out / "stage0" / "vision_tower"),
+                "output_dir": str(out / "stage0b"),
+                "feature_layer": -2,
+                "steps": p.stage0b_steps,
+                "precision": "bf16",
+                "seed": seed,
+            },
+            progress=opts.progress,
+        )
+        rep = res.report
+        return {
+            "tower": str(res.tower_dir),
+            "steps": rep.get("steps"),
+            "val_accuracy": rep.get("val_accuracy"),
+            "val_n": rep.get("val_n"),
+        }
+
+    tower = out / ("stage0b" if p.stage0b_steps else "stage0") / "vision_tower"
+
     def train_stage(name: str, cfg: dict) -> Callable[[], dict]:
         def run() -> dict:
             from llavamed.train import run_training
@@ -332,7 +385,7 @@ def run_quickstart(opts: QuickstartOptions) -> dict:
             "init": {
                 "lm": "embedded",
                 "lm_layers": p.lm_layers,
-                "vision": str(out / "stage0" / "vision_tower"),
+                "vision": str(tower),
                 "template": "chatml",
                 "seed": seed,
             }
@@ -396,9 +449,12 @@ def run_quickstart(opts: QuickstartOptions) -> dict:
         },
         "train": {
             **common_train,
-            "trainable": ["projector", "lm", "vision"],
+            # lr_vision_finetune == 0 keeps the (stage-0b) tower frozen.
+            "trainable": ["projector", "lm"] + (["vision"] if p.lr_vision_finetune != 0 else []),
             "epochs": p.finetune_epochs,
             "lr": p.lr_finetune,
+            "lr_projector": p.lr_projector_finetune,
+            "lr_vision": p.lr_vision_finetune or None,
         },
         "output": {"dir": str(out / "finetune"), "save_every": 25},
     }
@@ -436,7 +492,13 @@ def run_quickstart(opts: QuickstartOptions) -> dict:
             "synth",
             "world",
             synth,
-            {"articles": p.articles, "image_size": p.image_size, "seed": seed},
+            {
+                "articles": p.articles,
+                "image_size": p.image_size,
+                "seed": seed,
+                "vqa_images": p.vqa_images,
+                "train_closed": p.train_closed,
+            },
         ),
         ("ingest", "corpus", ingest, {}),
         ("align", None, align, {"seed": seed}),
@@ -455,6 +517,11 @@ def run_quickstart(opts: QuickstartOptions) -> dict:
                     "probe_images",
                 )
             },
+        ),
+        *(
+            [("stage0b_vision_vqa", "stage0b", stage0b, {"steps": p.stage0b_steps})]
+            if p.stage0b_steps
+            else []
         ),
         ("stage1_alignment", "stage1", train_stage("stage1", stage1_cfg), stage1_cfg),
         ("stage2_instruct", "stage2", train_stage("stage2", stage2_cfg), stage2_cfg),
