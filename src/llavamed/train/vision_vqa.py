@@ -197,7 +197,7 @@ def _batch_targets(labels: list[list[tuple[int, bool]]], idx, n_q: int):
     return y
 
 
-def _accuracy(tower, head, feats_fn, pix, labels, q_emb, readout, autocast) -> dict:
+def _accuracy(head, feats_fn, pix, labels, q_emb, readout, autocast) -> dict:
     import torch
 
     correct = total = 0
@@ -311,7 +311,6 @@ def train_vision_vqa(cfg: VisionVQAConfig, progress: bool = True) -> VisionVQARe
     report["questions"] = len(table.questions)
     if n_val:
         acc = _accuracy(
-            tower,
             head,
             feats,
             table.pixel_values[val_idx],
