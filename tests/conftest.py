@@ -13,6 +13,18 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
+@pytest.fixture
+def one_thread():
+    """One intra-op thread: on the shared 2-core machine it is several times faster for tiny
+    models (no OpenMP spin-waiting), and the thread count is restored afterwards."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(scope="session")
 def tiny_llava_dir(tmp_path_factory):
     """A native llava checkpoint: tiny random CLIP ViT (32 px, patch 8 -> 16 image tokens),

@@ -22,14 +22,8 @@ from llavamed.train.data import (
 )
 from train_helpers import QUESTION, make_bright_dark, run_cli, tiny_config
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Shared 2-core machine: one intra-op thread is several times faster for tiny models.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+# Shared 2-core machine: one intra-op thread (tests/conftest.py).
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -13,13 +13,8 @@ from PIL import Image
 
 from llavamed.errors import ConfigError
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+# Shared 2-core machine: one intra-op thread (tests/conftest.py).
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def make_vqa_rad(root: Path, n_images: int, seed: int = 0) -> Path:
