@@ -36,6 +36,29 @@ def tiny_llava_dir(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def wide_llava_dir(tiny_llava_dir, tmp_path_factory):
+    """The tiny checkpoint with wide random weights: its greedy answers differ between images and
+    questions (the default init answers everything with newlines, so a comparison of answers on
+    it could not fail)."""
+    import shutil
+
+    import torch
+
+    from llavamed.model.checkpoint import load_llava
+
+    out = tmp_path_factory.mktemp("ckpt") / "wide-llava"
+    shutil.copytree(tiny_llava_dir, out)
+    model, _ = load_llava(out)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() >= 2:
+                p.normal_(0, 0.3)
+    model.save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="session")
 def tiny_llava_mistral_dir(tmp_path_factory):
     from llavamed.model.compose import ModelSpec, init_checkpoint
 

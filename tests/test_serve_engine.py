@@ -218,3 +218,68 @@ def test_concurrent_submitters_all_finish(lm_engine):
     for t in ts:
         t.join(60)
     assert len(out) == 8 and len(set(out)) == 1
+
+
+def _noise_image(seed: int, size=(40, 30)):
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    return Image.fromarray(rng.integers(0, 255, (size[1], size[0], 3), dtype=np.uint8))
+
+
+@pytest.mark.parametrize("capacity", [32, 1])
+def test_image_prefix_cache_reuses_kv_and_matches_reference(wide_llava_dir, capacity):
+    """Several questions about each of two images, a text-only prompt and a follow-up turn:
+    with the image prefix shared (and, at capacity 1, evicted and re-encoded) every answer
+    must equal HF generate on the whole prompt alone."""
+    eng = Engine.from_path(
+        wide_llava_dir, settings=EngineSettings(max_batch_size=8, prefix_cache=capacity)
+    )
+    try:
+        eng.eos_ids = set()
+        imgs = [_noise_image(0), _noise_image(1)]
+        qs = ["What is shown?", "Any lesion here in this scan?", "Which side?"]
+        prompts = [_prompt(eng, q, imgs[i % 2]) for q in qs for i in (0, 1)]
+        prompts.append(_prompt(eng, "Hello there"))
+        follow_up = eng.prepare(
+            [
+                {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Hi"}]},
+                {"role": "assistant", "content": [{"type": "text", "text": "A scan."}]},
+                {"role": "user", "content": [{"type": "text", "text": "Anything else?"}]},
+            ],
+            [imgs[1]],
+        )
+        prompts.append(follow_up)
+        params = SamplingParams(max_tokens=6, temperature=0)
+        got = [h.result(timeout=60).text for h in [eng.submit(p, params) for p in prompts]]
+        refs = [
+            eng.tokenizer.decode(_reference(eng, p, 6), skip_special_tokens=True) for p in prompts
+        ]
+        assert got == refs
+        assert len(set(refs)) > 3  # answers depend on image and question
+        st = eng.stats
+        assert st["prefix_misses"] + st["prefix_hits"] == 7  # every image prompt looked up once
+        if capacity == 32:
+            assert st["prefix_misses"] == 2  # one encoding per distinct image
+        assert len(eng._prefixes) <= capacity
+        # later submissions about a cached image skip its encoding entirely
+        misses = st["prefix_misses"]
+        assert eng.generate(prompts[0], params).text == refs[0]
+        assert eng.stats["prefix_misses"] == misses + (capacity == 1)
+    finally:
+        eng.close()
+
+
+def test_prefix_key_depends_on_pixels_and_tokens(tiny_llava_dir):
+    eng = Engine.from_path(tiny_llava_dir)
+    try:
+        a = _prompt(eng, "Q?", _noise_image(0))
+        b = _prompt(eng, "Other question?", _noise_image(0))
+        c = _prompt(eng, "Q?", _noise_image(1))
+        (ka, na), (kb, nb), (kc, _) = (eng._image_prefix(p) for p in (a, b, c))
+        assert ka == kb and na == nb and ka != kc
+        assert a.input_ids[:na] == b.input_ids[:nb] and a.input_ids[na - 1] == eng.image_token_id
+        assert eng._image_prefix(_prompt(eng, "text only")) == (None, 0)
+    finally:
+        eng.close()
