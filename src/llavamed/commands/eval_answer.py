@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from llavamed.commands.eval_vqa import add_backend_arg
+
 
 def register(sub) -> None:
     p = sub.add_parser(
@@ -23,8 +25,9 @@ def register(sub) -> None:
         "--images", required=True, help="folder the records' 'image' names resolve against"
     )
     p.add_argument("--out", required=True, help="answers JSONL to write (appended, resumable)")
-    p.add_argument("--batch-size", type=int, default=8, help="questions per generate call")
+    p.add_argument("--batch-size", type=int, default=8, help="questions decoded together")
     p.add_argument("--max-new-tokens", type=int, default=512, help="answer length limit")
+    add_backend_arg(p)
     p.add_argument("--limit", type=int, default=None, help="only the first N questions")
     p.add_argument(
         "--dtype", default="float32", choices=["float32", "bfloat16", "float16"], help="model dtype"
@@ -48,6 +51,7 @@ def run(args) -> int:
         max_new_tokens=args.max_new_tokens,
         limit=args.limit,
         dtype=getattr(torch, args.dtype),
+        backend=args.backend,
     )
     msg = f"{r['n_generated']} answered, {r['n_resumed']} already done, of {r['n_questions']} questions"
     if r["bad"]:

@@ -17,6 +17,19 @@ examples:
 """
 
 
+def add_backend_arg(p: argparse.ArgumentParser) -> None:
+    """--backend, shared by ``eval vqa`` and ``eval answer``."""
+    p.add_argument(
+        "--backend",
+        default="engine",
+        choices=["engine", "generate"],
+        help="engine (default): continuous batching with --batch-size slots and a cache of image "
+        "prefixes, so each image is encoded once for all its questions; generate: static "
+        "batches through HF generate (the simple reference path). In float32 both give the same "
+        "greedy answers",
+    )
+
+
 def register(sub) -> None:
     p = sub.add_parser(
         "vqa",
@@ -54,11 +67,12 @@ def register(sub) -> None:
     )
     p.add_argument("--out", default=None, help="output folder (default: eval_<dataset>_<split>)")
     p.add_argument(
-        "--batch-size", type=int, default=8, help="questions per generate call (default: 8)"
+        "--batch-size", type=int, default=8, help="questions decoded together (default: 8)"
     )
     p.add_argument(
         "--max-new-tokens", type=int, default=64, help="answer length limit (default: 64)"
     )
+    add_backend_arg(p)
     p.add_argument(
         "--closed-suffix",
         action="store_true",
@@ -130,6 +144,7 @@ def run(args) -> int:
         seed=args.seed,
         n_resamples=args.bootstrap,
         dtype=getattr(torch, args.dtype),
+        backend=args.backend,
     )
     paths = write_report(res, out, args.dataset, rep.to_dict())
     ov = res["metrics"]["overall"]

@@ -64,14 +64,16 @@ def answer_questions(
     model: Any = None,
     processor: Any = None,
     progress: bool = True,
+    backend: str = "engine",
 ) -> dict:
-    """Answer every question of ``questions_path`` not yet in ``out_path``.
+    """Answer every question of ``questions_path`` not yet in ``out_path``, through ``backend``
+    ("engine": continuous batching with ``batch_size`` slots; "generate": static batches).
 
     Returns counts: ``{"n_questions", "n_generated", "n_resumed", "bad", "skipped", "seconds"}``
     (``bad``: invalid question records per reason; ``skipped``: unreadable images per reason)."""
     from tqdm import tqdm
 
-    from llavamed.eval.vqa_runner import VQAGenerator
+    from llavamed.eval.vqa_runner import VQAGenerator, answer_items
     from llavamed.images import load_image
 
     questions, bad = load_questions(questions_path)
@@ -85,6 +87,7 @@ def answer_questions(
     skipped: Counter = Counter()
     n_gen = 0
     t0 = time.perf_counter()
+    gen = None
     try:
         if todo:
             gen = VQAGenerator(
@@ -93,41 +96,45 @@ def answer_questions(
                 processor=processor,
                 dtype=dtype,
                 max_new_tokens=max_new_tokens,
+                batch_size=batch_size,
             )
             bar = tqdm(
                 total=len(todo), desc="answers", file=sys.stderr, disable=not progress, unit="q"
             )
-            for i in range(0, len(todo), batch_size):
-                batch, imgs = [], []
-                for q in todo[i : i + batch_size]:
+
+            def loaded():
+                for q in todo:
                     try:
-                        imgs.append(load_image(images_dir / q["image"]))
-                        batch.append(q)
+                        img = load_image(images_dir / q["image"])
                     except InputError as err:
                         skipped[err.reason] += 1
-                if batch:
-                    texts = gen.generate(imgs, [q["question"] for q in batch])
-                    for q, text in zip(batch, texts, strict=True):
-                        log.append(
-                            {
-                                "question_id": q["question_id"],
-                                "prompt": q["question"],
-                                "text": text,
-                                "answer_id": hashlib.sha1(
-                                    f"{gen.model_id}|{q['question_id']}".encode()
-                                ).hexdigest()[:22],
-                                "model_id": gen.model_id,
-                                "metadata": {
-                                    "decoding": "greedy",
-                                    "max_new_tokens": max_new_tokens,
-                                    "type": q.get("type"),
-                                },
-                            }
-                        )
-                    n_gen += len(batch)
-                bar.update(min(batch_size, len(todo) - i))
+                        bar.update(1)
+                        continue
+                    yield q, img, q["question"]
+
+            for q, text in answer_items(gen, loaded(), backend, batch_size):
+                log.append(
+                    {
+                        "question_id": q["question_id"],
+                        "prompt": q["question"],
+                        "text": text,
+                        "answer_id": hashlib.sha1(
+                            f"{gen.model_id}|{q['question_id']}".encode()
+                        ).hexdigest()[:22],
+                        "model_id": gen.model_id,
+                        "metadata": {
+                            "decoding": "greedy",
+                            "max_new_tokens": max_new_tokens,
+                            "type": q.get("type"),
+                        },
+                    }
+                )
+                n_gen += 1
+                bar.update(1)
             bar.close()
     finally:
+        if gen is not None:
+            gen.close()
         log.close()
     return {
         "n_questions": len(questions),

@@ -356,6 +356,23 @@ class RunOptions:
     backend: str = "engine"  # "engine": continuous batching; "generate": static HF batches
 
 
+def answer_items(
+    generator, items: Iterable[tuple[Any, Image.Image, str]], backend: str, batch_size: int
+) -> Iterable[tuple[Any, str]]:
+    """``(key, image, question)`` items -> ``(key, answer)`` pairs: "engine" streams them through
+    ``generator.answer_stream`` (completion order); "generate", or a generator that only has
+    ``generate``, answers static batches of ``batch_size`` (input order)."""
+    if backend not in BACKENDS:
+        raise InputError(backend, "unknown backend", f"choose from {', '.join(BACKENDS)}")
+    if backend == "engine" and hasattr(generator, "answer_stream"):
+        yield from generator.answer_stream(items)
+        return
+    it = iter(items)
+    while chunk := list(itertools.islice(it, batch_size)):
+        texts = generator.generate([im for _, im, _ in chunk], [q for _, _, q in chunk])
+        yield from ((k, t) for (k, _, _), t in zip(chunk, texts, strict=True))
+
+
 def parse_shard(spec: str | tuple[int, int] | None) -> tuple[int, int] | None:
     """``"K/N"`` (0-based K) -> (K, N)."""
     if spec is None:
@@ -486,16 +503,10 @@ def generate_answers(
             yield s, img, _question_text(s, opts.closed_suffix)
 
     def answered():
-        """(sample, question, text): continuous batching when the generator supports it, else
-        static batches of ``batch_size``."""
-        if opts.backend == "engine" and hasattr(generator, "answer_stream"):
-            for (s, q), text in generator.answer_stream(((s, q), im, q) for s, im, q in loaded()):
-                yield s, q, text
-            return
-        src = loaded()
-        while chunk := list(itertools.islice(src, opts.batch_size)):
-            texts = generator.generate([im for _, im, _ in chunk], [q for _, _, q in chunk])
-            yield from ((s, q, t) for (s, _, q), t in zip(chunk, texts, strict=True))
+        """(sample, question, text) in the order the backend finishes them."""
+        items = (((s, q), im, q) for s, im, q in loaded())
+        for (s, q), text in answer_items(generator, items, opts.backend, opts.batch_size):
+            yield s, q, text
 
     with JsonlAppender(path) as log:
         for s, q, text in answered():
