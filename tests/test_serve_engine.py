@@ -261,7 +261,7 @@ def test_image_prefix_cache_reuses_kv_and_matches_reference(wide_llava_dir, capa
         st = eng.stats
         assert st["prefix_misses"] + st["prefix_hits"] == 7  # every image prompt looked up once
         if capacity == 32:
-            assert st["prefix_misses"] == 2  # one encoding per distinct image
+            assert st["prefix_encoded"] == 2  # one encoding per distinct image
         assert len(eng._prefixes) <= capacity
         # later submissions about a cached image skip its encoding entirely
         misses = st["prefix_misses"]
@@ -281,5 +281,29 @@ def test_prefix_key_depends_on_pixels_and_tokens(tiny_llava_dir):
         assert ka == kb and na == nb and ka != kc
         assert a.input_ids[:na] == b.input_ids[:nb] and a.input_ids[na - 1] == eng.image_token_id
         assert eng._image_prefix(_prompt(eng, "text only")) == (None, 0)
+    finally:
+        eng.close()
+
+
+def test_queued_requests_images_are_encoded_in_one_batch(wide_llava_dir):
+    """Three slots, one held by a long text-only request, three questions about three images:
+    the prefill that takes the first two encodes the queued third's image with theirs, so the
+    third finds its prefix cached when it joins."""
+    eng = Engine.from_path(wide_llava_dir, settings=EngineSettings(max_batch_size=3))
+    try:
+        eng.eos_ids = set()
+        prompts = [_prompt(eng, "What is shown?", _noise_image(seed)) for seed in (3, 4, 5)]
+        params = SamplingParams(max_tokens=4, temperature=0)
+        busy = eng.submit(_prompt(eng, "Hello there"), SamplingParams(max_tokens=40))
+        hs = [eng.submit(p, params) for p in prompts]
+        got = [h.result(timeout=60).text for h in hs]
+        busy.result(timeout=60)
+        refs = [
+            eng.tokenizer.decode(_reference(eng, p, 4), skip_special_tokens=True) for p in prompts
+        ]
+        assert got == refs
+        st = eng.stats
+        assert st["prefix_encoded"] == 3 and st["prefix_misses"] + st["prefix_hits"] == 3
+        assert st["prefix_hits"] >= 1  # at least the last one was encoded ahead (2 on a slow box)
     finally:
         eng.close()

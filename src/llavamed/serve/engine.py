@@ -65,6 +65,8 @@ class Prompt:
     input_ids: list[int]
     pixel_values: Any = None  # torch.Tensor (n_images, 3, H, W) or None
     n_images: int = 0
+    prefix: tuple | None = field(default=None, repr=False, compare=False)
+    """(key, length) of the image prefix, filled in by the engine on first use."""
 
 
 @dataclass
@@ -313,6 +315,7 @@ class Engine:
             "max_batch": 0,
             "prefix_hits": 0,
             "prefix_misses": 0,
+            "prefix_encoded": 0,
         }
         self._step_ema = 0.05
         self._thread = threading.Thread(target=self._loop, name="llavamed-engine", daemon=True)
@@ -621,6 +624,11 @@ class Engine:
         """(key, length) of the prompt's opening up to and including its last image token;
         (None, 0) when it has no image or nothing would be left to prefill after it. Attention
         is causal, so identical opening tokens and pixels give an identical KV cache."""
+        if prompt.prefix is None:
+            prompt.prefix = self._hash_prefix(prompt)
+        return prompt.prefix
+
+    def _hash_prefix(self, prompt: Prompt) -> tuple[bytes | None, int]:
         import torch
 
         if not prompt.n_images or prompt.pixel_values is None or self.image_token_id is None:
@@ -664,6 +672,21 @@ class Engine:
                 missing[key] = (r.prompt, n)
                 self.stats["prefix_misses"] += 1
         if missing:
+            # Encode the prefixes of queued requests too while the vision tower and LM run
+            # anyway: a batch of images costs far less per image than one image at a time.
+            room = min(
+                self.settings.max_batch_size - len(missing),
+                self.settings.prefix_cache - len(entries) - len(missing),
+            )
+            if room > 0:
+                with self._queue.mutex:
+                    pending = [r.prompt for r in self._queue.queue]
+                for prompt in pending:
+                    key, n = self._image_prefix(prompt)
+                    if room > 0 and key is not None and key not in cached and key not in missing:
+                        missing[key] = (prompt, n)
+                        room -= 1
+            self.stats["prefix_encoded"] += len(missing)
             made = self._encode_prefixes(missing)
             if made is None:
                 return None
