@@ -307,3 +307,29 @@ def test_queued_requests_images_are_encoded_in_one_batch(wide_llava_dir):
         assert st["prefix_hits"] >= 1  # at least the last one was encoded ahead (2 on a slow box)
     finally:
         eng.close()
+
+
+def test_a_new_image_costs_one_forward_and_a_repeat_skips_the_tower(wide_llava_dir):
+    """The cache must not make first requests dearer (serving's first turns): a prompt with a
+    new image is prefilled in one forward that also yields its prefix; the next question about
+    that image runs one forward without the vision tower."""
+    eng = Engine.from_path(wide_llava_dir)
+    calls = {"llava": 0, "tower": 0}
+
+    def count(name):
+        def hook(*_):
+            calls[name] += 1
+
+        return hook
+
+    eng.model.register_forward_hook(count("llava"))
+    eng.model.model.vision_tower.register_forward_hook(count("tower"))
+    try:
+        img = _noise_image(7)
+        one = SamplingParams(max_tokens=1, temperature=0)  # prefill only: no decode step
+        eng.generate(_prompt(eng, "What is shown?", img), one)
+        assert calls == {"llava": 1, "tower": 1}
+        eng.generate(_prompt(eng, "Which side?", img), one)
+        assert calls == {"llava": 2, "tower": 1}
+    finally:
+        eng.close()

@@ -578,31 +578,34 @@ class Engine:
                 key is not None or not r.prompt.n_images
                 for r, (key, _) in zip(rows, spans, strict=True)
             ):
-                batch = self._prefill_from_prefixes(rows, spans)
+                batch = self._prefill_sharing_prefixes(rows, spans)
                 if batch is not None:
                     return batch
         return self._prefill_whole(rows)
 
-    def _prefill_whole(self, rows: list[_Row]) -> _Batch:
-        """Prefill full prompts, left-padded into one batch."""
+    def _run_prompts(self, seqs: list[list[int]], pixel_values: list):
+        """One left-padded forward over whole token sequences -> (output, mask)."""
         import torch
 
-        ids, mask = self._left_pad([r.prompt.input_ids for r in rows])
-        position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
+        ids, mask = self._left_pad(seqs)
         kwargs: dict[str, Any] = dict(
             input_ids=ids.to(self.device),
             attention_mask=mask.to(self.device),
-            position_ids=position_ids.to(self.device),
+            position_ids=(mask.cumsum(-1) - 1).clamp(min=0).to(self.device),
             use_cache=True,
             logits_to_keep=1,
         )
-        pix = [r.prompt.pixel_values for r in rows if r.prompt.pixel_values is not None]
-        if pix:
-            kwargs["pixel_values"] = torch.cat(pix).to(self.device, self.dtype)
-        out = self.model(**kwargs)
-        batch = _Batch(
-            list(rows), out.past_key_values, mask.to(self.device), mask.sum(-1).to(self.device)
+        if pixel_values:
+            kwargs["pixel_values"] = torch.cat(pixel_values).to(self.device, self.dtype)
+        return self.model(**kwargs), mask.to(self.device)
+
+    def _prefill_whole(self, rows: list[_Row]) -> _Batch:
+        """Prefill full prompts, left-padded into one batch."""
+        out, mask = self._run_prompts(
+            [r.prompt.input_ids for r in rows],
+            [r.prompt.pixel_values for r in rows if r.prompt.pixel_values is not None],
         )
+        batch = _Batch(list(rows), out.past_key_values, mask, mask.sum(-1))
         if self._merge_ok is None:
             self._merge_ok = _cache_is_mergeable(batch.cache)
         self._advance(batch, out.logits[:, -1, :])
@@ -648,72 +651,124 @@ class Engine:
         h.update(",".join(map(str, ids[:n])).encode())
         return h.digest(), n
 
-    def _prefill_from_prefixes(self, rows: list[_Row], spans) -> _Batch | None:
-        """Prefill with image prefixes taken from (or first added to) the prefix cache: only the
-        text after each prompt's last image token runs through the model here. Rows sit as
-        [prefix, left-padded to the longest][padding][rest of the prompt]; padding anywhere is
-        masked, and position ids continue each row's own prefix. None: the model's cache type
-        can't be spliced; the caller prefills whole prompts instead."""
+    def _prefill_sharing_prefixes(self, rows: list[_Row], spans) -> _Batch | None:
+        """Prefill rows whose image prefix is cached from that prefix (only the rest of the
+        prompt runs), and the others whole; the whole pass also yields their prefixes for the
+        cache, so a prompt seen once costs one forward, as without the cache. Queued requests'
+        new images ride along in the whole pass. None: the model's cache type can't be spliced;
+        the caller prefills every row whole."""
+        import torch
+
+        cached = self._prefixes  # one dict for the whole prefill, even if cleared meanwhile
+        entries: dict[bytes, tuple] = {}  # prefixes the cached-prefix rows will use
+        whole: list[int] = []
+        from_prefix: list[int] = []
+        fresh: set[bytes] = set()  # prefixes the whole pass encodes for a row of this prefill
+        for i, (key, _) in enumerate(spans):
+            if key is None:
+                whole.append(i)
+            elif key in cached or key in entries or key in fresh:
+                if key in cached and key not in entries:
+                    cached.move_to_end(key)
+                    entries[key] = cached[key]
+                self.stats["prefix_hits"] += 1
+                from_prefix.append(i)
+            else:
+                self.stats["prefix_misses"] += 1
+                fresh.add(key)
+                whole.append(i)
+        ahead = []
+        if fresh:  # the vision tower runs anyway: a batch of images costs less per image
+            room = min(
+                self.settings.max_batch_size - len(fresh),  # images per vision-tower call
+                self.settings.prefix_cache - len(entries) - len(fresh),
+            )
+            ahead = self._queued_prefixes(set(cached) | set(entries) | fresh, room)
+        batches = []
+        if whole or ahead:
+            seqs = [rows[i].prompt.input_ids for i in whole] + [p.input_ids[:n] for p, n in ahead]
+            pix = [rows[i].prompt.pixel_values for i in whole if rows[i].prompt.n_images]
+            out, mask = self._run_prompts(seqs, pix + [p.pixel_values for p, _ in ahead])
+            cache = out.past_key_values
+            self._prefix_ok = _cache_is_mergeable(cache)
+            if self._merge_ok is None:
+                self._merge_ok = self._prefix_ok
+            if not self._prefix_ok:
+                log.info("prefix cache off: %s can't be spliced", type(cache).__name__)
+                return None
+            width = mask.shape[1]
+            made = {}
+            for j, i in enumerate(whole):
+                key, n = spans[i]
+                if key in fresh and key not in made:
+                    start = width - len(seqs[j])  # the prefix opens the row's sequence
+                    made[key] = _slice_kv(cache, j, start, n)
+            for j, (p, n) in enumerate(ahead, start=len(whole)):
+                made[p.prefix[0]] = _slice_kv(cache, j, width - n, n)
+            self.stats["prefix_encoded"] += len(made)
+            entries.update(made)
+            cached.update(made)
+            if whole:
+                lens = torch.tensor([len(x) for x in seqs], device=self.device)
+                b = _Batch([rows[i] for i in whole], cache, mask, lens)
+                if ahead:  # drop the look-ahead sequences: they are not requests yet
+                    b.rows = b.rows + [None] * len(ahead)
+                    self._select(b, list(range(len(whole))))
+                self._advance(b, out.logits[: len(whole), -1, :])
+                batches.append(b)
+        while len(cached) > self.settings.prefix_cache:
+            cached.popitem(last=False)
+        if from_prefix:
+            batches.append(
+                self._prefill_after_prefixes(
+                    [rows[i] for i in from_prefix], [spans[i] for i in from_prefix], entries
+                )
+            )
+        batch = None
+        for b in batches:
+            if b.rows:
+                batch = b if batch is None else self._merge(batch, b)
+        return batch if batch is not None else _Batch([], None, None, None)
+
+    def _queued_prefixes(self, known: set, budget: int) -> list[tuple[Prompt, int]]:
+        """Up to ``budget`` (prompt, prefix length) of queued requests whose image prefix is
+        neither cached nor ``known``, one per distinct prefix."""
+        if budget <= 0:
+            return []
+        with self._queue.mutex:
+            pending = [r.prompt for r in self._queue.queue]
+        out = []
+        for prompt in pending:
+            key, n = self._image_prefix(prompt)
+            if key is not None and key not in known:
+                known.add(key)
+                out.append((prompt, n))
+                if len(out) >= budget:
+                    break
+        return out
+
+    def _prefill_after_prefixes(self, rows: list[_Row], spans, entries: dict) -> _Batch:
+        """Prefill the text after each row's cached image prefix. Rows sit as [prefix,
+        left-padded to the longest][padding][rest of the prompt]; padding anywhere is masked,
+        and position ids continue each row's own prefix."""
         import torch
         from transformers.cache_utils import DynamicCache
 
-        cached = self._prefixes  # one dict for the whole prefill, even if cleared meanwhile
-        entries: dict[bytes, tuple] = {}
-        missing: dict[bytes, tuple[Prompt, int]] = {}
-        for r, (key, n) in zip(rows, spans, strict=True):
-            if key is None or key in entries or key in missing:
-                self.stats["prefix_hits"] += key is not None
-                continue
-            if key in cached:
-                cached.move_to_end(key)
-                entries[key] = cached[key]
-                self.stats["prefix_hits"] += 1
-            else:
-                missing[key] = (r.prompt, n)
-                self.stats["prefix_misses"] += 1
-        if missing:
-            # Encode the prefixes of queued requests too while the vision tower and LM run
-            # anyway: a batch of images costs far less per image than one image at a time.
-            room = min(
-                self.settings.max_batch_size - len(missing),
-                self.settings.prefix_cache - len(entries) - len(missing),
-            )
-            if room > 0:
-                with self._queue.mutex:
-                    pending = [r.prompt for r in self._queue.queue]
-                for prompt in pending:
-                    key, n = self._image_prefix(prompt)
-                    if room > 0 and key is not None and key not in cached and key not in missing:
-                        missing[key] = (prompt, n)
-                        room -= 1
-            self.stats["prefix_encoded"] += len(missing)
-            made = self._encode_prefixes(missing)
-            if made is None:
-                return None
-            entries.update(made)
-            cached.update(made)
-        while len(cached) > self.settings.prefix_cache:
-            cached.popitem(last=False)
-
-        some = next(iter(entries.values()))
-        n_layers = len(some)
+        some = entries[spans[0][0]]
         _, heads, _, dim = some[0][0].shape
         width_p = max(n for _, n in spans)
-        kv_dtype = some[0][0].dtype
         b = len(rows)
         layers = []
-        for li in range(n_layers):
-            k = torch.zeros((b, heads, width_p, dim), dtype=kv_dtype, device=self.device)
+        for li in range(len(some)):
+            k = torch.zeros((b, heads, width_p, dim), dtype=some[0][0].dtype, device=self.device)
             v = torch.zeros_like(k)
             for i, (key, n) in enumerate(spans):
-                if key is not None:
-                    k[i, :, width_p - n :] = entries[key][li][0][0]
-                    v[i, :, width_p - n :] = entries[key][li][1][0]
+                k[i, :, width_p - n :] = entries[key][li][0][0]
+                v[i, :, width_p - n :] = entries[key][li][1][0]
             layers.append((k, v))
         mask_p = torch.zeros((b, width_p), dtype=torch.long)
         for i, (_, n) in enumerate(spans):
-            if n:
-                mask_p[i, width_p - n :] = 1
+            mask_p[i, width_p - n :] = 1
         rests = [r.prompt.input_ids[n:] for r, (_, n) in zip(rows, spans, strict=True)]
         ids, mask_s = self._left_pad(rests)
         width_s = ids.shape[1]
@@ -731,45 +786,8 @@ class Engine:
         )
         lens = torch.tensor([len(r.prompt.input_ids) for r in rows], device=self.device)
         batch = _Batch(list(rows), out.past_key_values, mask, lens)
-        if self._merge_ok is None:
-            self._merge_ok = _cache_is_mergeable(batch.cache)
         self._advance(batch, out.logits[:, -1, :])
         return batch
-
-    def _encode_prefixes(self, missing: dict[bytes, tuple[Prompt, int]]) -> dict | None:
-        """Run the vision tower and the LM over each missing prefix (one left-padded batch);
-        return key -> per-layer (keys, values) trimmed of padding."""
-        import torch
-
-        prompts = list(missing.values())
-        ids, mask = self._left_pad([p.input_ids[:n] for p, n in prompts])
-        out = self.model(
-            input_ids=ids.to(self.device),
-            attention_mask=mask.to(self.device),
-            position_ids=(mask.cumsum(-1) - 1).clamp(min=0).to(self.device),
-            pixel_values=torch.cat([p.pixel_values for p, _ in prompts]).to(
-                self.device, self.dtype
-            ),
-            use_cache=True,
-            logits_to_keep=1,
-        )
-        cache = out.past_key_values
-        self._prefix_ok = _cache_is_mergeable(cache)
-        if not self._prefix_ok:
-            log.info("prefix cache off: %s can't be spliced", type(cache).__name__)
-            return None
-        width = ids.shape[1]
-        made = {}
-        for j, (key, (_, n)) in enumerate(missing.items()):
-            # clone: a slice would keep the whole batch's cache alive
-            made[key] = tuple(
-                (
-                    layer.keys[j : j + 1, :, width - n :].clone(),
-                    layer.values[j : j + 1, :, width - n :].clone(),
-                )
-                for layer in cache.layers
-            )
-        return made
 
     def _step(self, batch: _Batch) -> _Batch:
         import torch
@@ -917,6 +935,18 @@ class Engine:
         a.last = torch.cat([a.last, b.last])
         a.rows = a.rows + b.rows
         return a
+
+
+def _slice_kv(cache, row: int, start: int, n: int) -> tuple:
+    """Per-layer (keys, values) of positions ``start:start+n`` of one batch row; cloned, since a
+    view would keep the whole batch's cache alive."""
+    return tuple(
+        (
+            layer.keys[row : row + 1, :, start : start + n].clone(),
+            layer.values[row : row + 1, :, start : start + n].clone(),
+        )
+        for layer in cache.layers
+    )
 
 
 def _cache_is_mergeable(cache) -> bool:
