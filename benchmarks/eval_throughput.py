@@ -10,13 +10,18 @@ Modes, each timed on the same questions:
 * ``static batch``: HF ``generate`` on left-padded batches of --batch-size (every row waits for
   the batch's longest answer);
 * ``engine``: what ``llavamed eval vqa`` runs — the serve Engine's continuous batching with
-  --batch-size slots (a finished answer frees its slot at once; the next question joins).
+  --batch-size slots (a finished answer frees its slot at once; the next question joins), and its
+  image-prefix cache (a question about an image already seen skips the vision tower and the
+  image tokens' prefill).
 
 Ratios are against the reference loop in the same dtype. Each repeat runs the three modes back to
 back; the table gives medians over repeats (the machine may be shared). Without --model, a default
 checkpoint (embedded SmolLM2-135M + the CPU ViT) is composed into --cache once. Questions are
-VQA-RAD-style short questions about procedurally drawn images (one image per question). Greedy
-answers should not depend on batching: answers identical to the reference are counted.
+VQA-RAD-style short questions about procedurally drawn images, --per-image questions per image,
+listed image by image as the evaluation files list them. The public test splits ask several
+questions about each image (SLAKE's English test split about 11, PathVQA's about 8, VQA-RAD's
+about 2); --per-image 1 is the worst case for the prefix cache. Greedy answers should not depend
+on batching: answers identical to the reference are counted.
 """
 
 from __future__ import annotations
@@ -59,6 +64,19 @@ def make_images(n: int, seed: int = 0) -> list[Image.Image]:
     return imgs
 
 
+def load_questions(dataset: str, data: str, split: str, n: int):
+    """The first ``n`` English questions of an evaluation set, in file order."""
+    from llavamed.eval.vqa_data import load_vqa
+    from llavamed.images import load_image
+
+    samples, _ = load_vqa(dataset, data, split=split, lang="en")
+    samples = samples[:n]
+    imgs = [load_image(s.image) for s in samples]
+    per_image = len(samples) / max(1, len({s.image_key for s in samples}))
+    source = f"{dataset} {split}, {per_image:.1f} questions per image"
+    return imgs, [s.question for s in samples], source
+
+
 def _timed(fn):
     # Process CPU time beside wall time: other jobs on a shared machine inflate wall time
     # unevenly between modes; CPU time shows the work each mode actually did.
@@ -91,6 +109,7 @@ def bench_dtype(model_dir, dtype: str, args, imgs, qs) -> dict:
         return out
 
     def engine():
+        gen.engine().clear_prefix_cache()  # every repeat starts cold, as a fresh evaluation
         got = dict(gen.answer_stream(zip(range(len(qs)), imgs, qs, strict=True)))
         return [got[i] for i in range(len(qs))]
 
@@ -110,6 +129,8 @@ def bench_dtype(model_dir, dtype: str, args, imgs, qs) -> dict:
                 print(f"  [{dtype} repeat {r + 1}] {name}: {wall:.2f} s wall", flush=True)
         ref = answers[next(iter(modes))][0]
         n_tok = [len(gen.processor.tokenizer(a)["input_ids"]) for a in ref]
+        st = gen.engine().stats
+        prefix = (st["prefix_hits"], st["prefix_misses"])
     finally:
         gen.close()
     rows = {}
@@ -125,7 +146,7 @@ def bench_dtype(model_dir, dtype: str, args, imgs, qs) -> dict:
                 sum(a == b for a, b in zip(ref, out, strict=True)) for out in answers[name]
             ),
         }
-    return {"rows": rows, "n_tok": n_tok}
+    return {"rows": rows, "n_tok": n_tok, "prefix": prefix}
 
 
 def main() -> None:
@@ -137,6 +158,12 @@ def main() -> None:
     )
     ap.add_argument("--cache", default=str(Path(tempfile.gettempdir()) / "llavamed-bench-ckpt"))
     ap.add_argument("--n", type=int, default=32, help="questions (default 32)")
+    ap.add_argument(
+        "--per-image",
+        type=int,
+        default=4,
+        help="questions asked about each image (default 4; 1 = no image shared)",
+    )
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--max-new-tokens", type=int, default=16)
     ap.add_argument(
@@ -160,7 +187,18 @@ def main() -> None:
         help="torch intra-op threads (default: torch's choice). On a shared machine 1 "
         "avoids OpenMP spin-waiting on descheduled threads, which distorts both modes",
     )
+    ap.add_argument(
+        "--dataset",
+        default=None,
+        choices=["vqa-rad", "slake", "pathvqa", "llava-med"],
+        help="take the first --n questions of a real evaluation set instead (with --data; "
+        "English, file order, so questions come image by image as in an evaluation)",
+    )
+    ap.add_argument("--data", default=None, help="the --dataset's path, as for 'eval vqa'")
+    ap.add_argument("--split", default="test")
     args = ap.parse_args()
+    if (args.dataset is None) != (args.data is None):
+        ap.error("--dataset and --data go together")
 
     import torch
 
@@ -174,12 +212,20 @@ def main() -> None:
         model_dir = Path(args.cache)
         if not (model_dir / "config.json").exists():
             init_checkpoint(model_dir, ModelSpec())
-    imgs = make_images(args.n)
-    qs = [QUESTIONS[i % len(QUESTIONS)] for i in range(args.n)]
+    if args.dataset:
+        imgs, qs, source = load_questions(args.dataset, args.data, args.split, args.n)
+        args.n = len(qs)
+    else:
+        k = max(1, args.per_image)
+        distinct = make_images(-(-args.n // k))
+        imgs = [distinct[i // k] for i in range(args.n)]
+        qs = [QUESTIONS[i % len(QUESTIONS)] for i in range(args.n)]
+        source = f"drawn images, {k} questions per image"
     results = {dt: bench_dtype(model_dir, dt, args, imgs, qs) for dt in args.dtype}
 
     print(
-        f"\nmodel: {model_dir}  questions: {args.n}  max_new_tokens: {args.max_new_tokens}  "
+        f"\nmodel: {model_dir}  questions: {args.n} ({source})  "
+        f"max_new_tokens: {args.max_new_tokens}  "
         f"{'fixed length' if args.fixed_length else 'natural stopping'}  "
         f"torch threads: {torch.get_num_threads()}  repeats: {args.repeats} (medians)"
     )
@@ -201,6 +247,8 @@ def main() -> None:
         walls = {k: " ".join(f"{w:.1f}" for w in r["walls"]) for k, r in res["rows"].items()}
         print(f"{dt}: reference answer length (tokens) mean {np.mean(n_tok):.1f}, max {max(n_tok)}")
         print(f"{dt}: wall s per repeat: {walls}")
+        hits, misses = res["prefix"]
+        print(f"{dt}: engine image-prefix cache: {hits} hits, {misses} misses (all repeats)")
 
 
 if __name__ == "__main__":
