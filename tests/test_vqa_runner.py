@@ -145,6 +145,28 @@ def test_closed_suffix_and_bad_images(tmp_path):
     assert (tmp_path / "answers.blank.jsonl").exists()
 
 
+def test_consecutive_questions_about_one_image_decode_it_once(tmp_path, monkeypatch):
+    import llavamed.images as images
+
+    calls = []
+    real = images.load_image
+
+    def counting(src, **kw):
+        calls.append(src)
+        return real(src, **kw)
+
+    monkeypatch.setattr(images, "load_image", counting)
+    a, b = _img((200, 0, 0)), _img((40, 0, 0))
+    srcs = [a, a, a, b, b, a, b"broken", b"broken"]
+    s = [VQASample(f"q{i}", x, f"Q{i}?", "yes", "closed") for i, x in enumerate(srcs)]
+    r = R.generate_answers(FakeGen(), s, tmp_path, progress=False)
+    assert len(calls) == 5  # a, b, a again, and each broken question retried (and counted)
+    assert sum(r["skipped"].values()) == 2
+    assert [r["answers"][f"q{i}"]["text"].split()[0] for i in range(6)] == (
+        ["red200"] * 3 + ["red40"] * 2 + ["red200"]
+    )
+
+
 @pytest.fixture
 def tiny_llava(request):
     try:

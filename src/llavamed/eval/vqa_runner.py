@@ -486,12 +486,16 @@ def generate_answers(
 
     def loaded():
         """(sample, image, question) for every sample whose image loads; bad ones counted."""
+        last: tuple = (None, None)  # evaluation files list questions image by image
         for s in todo:
             try:
                 src = s.image
                 if condition == "shuffle" and shuffle is not None:
                     src = shuffle.get(s.image_key, src)
-                img = load_image(src, name=f"{s.qid}:{s.image_key[:80]}")
+                memo = src if isinstance(src, str | bytes) else str(src)
+                if memo != last[0]:
+                    last = (memo, load_image(src, name=f"{s.qid}:{s.image_key[:80]}"))
+                img = last[1]
                 if condition == "blank":
                     img = blank_image(img)
                 elif condition == "noise":
