@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from llavamed.quickstart import Pipeline, QuickstartOptions
+from llavamed.quickstart import Pipeline, QuickstartOptions, render_markdown
 
 
 def _stages(calls: list[str], out, settings_b: dict, fail_b: bool = False):
@@ -105,3 +105,31 @@ def test_quickstart_tiny_end_to_end_and_rerun(tmp_path):
     assert second.returncode == 0, second.stderr[-4000:]
     report2 = json.loads((out / "report.json").read_text())
     assert all(s["skipped_this_run"] for s in report2["stages"].values())
+
+
+def test_report_flags_a_model_that_answers_closed_questions_without_yes_or_no():
+    stat = lambda m: {"mean": m, "lo": m, "hi": m, "n": 10}  # noqa: E731
+    report = {
+        "size": "small",
+        "seed": 0,
+        "metrics": {
+            "zero_shot": {"strict_closed_acc": stat(0.0), "closed_unparsed": stat(0.9)},
+            "finetuned": {
+                "strict_closed_acc": stat(0.7),
+                "closed_unparsed": stat(0.0),
+                "ablation_blank": {"strict_closed_acc": 0.5, "closed_unparsed": 0.1},
+            },
+        },
+        "stages": {},
+        "wall_time_s_all_stages": 0,
+        "data": {},
+        "try_it": {},
+    }
+    md = render_markdown(report)
+    assert (
+        "| closed answers with no yes/no (counted wrong by the strict parse) | 90.0 [90.0, 90.0] | 0.0 [0.0, 0.0] | 10.0 |"
+        in md
+    )
+    assert "The zero-shot model answered 90% of closed questions without a yes or no" in md
+    assert "The fine-tuned model answered" not in md
+    assert "Blank-image drop in strict closed accuracy: **20.0 points**" in md

@@ -559,6 +559,7 @@ HEADLINE = (
     "llava_med_open_recall",
     "open_exact_match",
     "token_f1",
+    "closed_unparsed",
 )
 
 
@@ -584,7 +585,7 @@ def _headline(result: dict) -> dict:
         closed = m.get("by_answer_type", {}).get("closed", {}) or m.get("overall", {})
         out[f"ablation_{name}"] = {
             k: closed[k]["mean"]
-            for k in ("strict_closed_acc", "llava_med_closed_acc")
+            for k in ("strict_closed_acc", "llava_med_closed_acc", "closed_unparsed")
             if k in closed
         }
     return out
@@ -710,8 +711,25 @@ def render_markdown(report: dict) -> str:
         ("llava_med_open_recall", "open recall, LLaVA-Med metric"),
         ("open_exact_match", "open exact match (strict)"),
         ("token_f1", "token F1 (strict)"),
+        ("closed_unparsed", "closed answers with no yes/no (counted wrong by the strict parse)"),
     ):
         lines.append(f"| {label} | {_fmt(zs.get(k))} | {_fmt(ft.get(k))} | {_fmt(blank.get(k))} |")
+    preset = SIZES.get(report["size"])
+    cut = (
+        f" (the `{report['size']}` size keeps only the LM's first {preset.lm_layers} layers, "
+        "which VQA fine-tuning has to turn into a working answerer)"
+        if preset is not None and preset.lm_layers
+        else ""
+    )
+    for name, col in (("zero-shot", zs), ("fine-tuned", ft)):
+        unparsed = (col.get("closed_unparsed") or {}).get("mean")
+        if unparsed is not None and unparsed >= 0.5:
+            lines += [
+                "",
+                f"The {name} model answered {100 * unparsed:.0f}% of closed questions without a "
+                "yes or no, so its closed accuracy says little about what it sees; its answers "
+                f"are in `eval/`{cut}.",
+            ]
     if "strict_closed_acc" in ft and "strict_closed_acc" in blank:
         drop = 100 * (ft["strict_closed_acc"]["mean"] - blank["strict_closed_acc"])
         lines += [
