@@ -397,6 +397,13 @@ def test_llavamed_llm_client_drives_text_only_server(lm_server):
     assert not any(r.usage_estimated for r in results)
 
 
+def test_serve_command_refuses_a_negative_prefix_cache(tiny_lm_dir, capsys):
+    from llavamed.cli import main
+
+    assert main(["serve", "--model", str(tiny_lm_dir), "--prefix-cache", "-1"]) != 0
+    assert "--prefix-cache must be >= 0" in capsys.readouterr().err
+
+
 def test_serve_command_end_to_end(tiny_lm_dir):
     """``llavamed serve`` as users run it: key from the environment, port 0, SIGINT to stop."""
     import os
@@ -420,6 +427,8 @@ def test_serve_command_end_to_end(tiny_lm_dir):
             "LLAVAMED_TEST_KEY",
             "--served-model-name",
             "demo",
+            "--prefix-cache",
+            "4",
             "--log-level",
             "warning",
         ],

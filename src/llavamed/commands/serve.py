@@ -53,6 +53,14 @@ def register(subparsers) -> None:
     )
     p.add_argument("--max-batch-size", type=int, default=8, help="requests decoded together")
     p.add_argument(
+        "--prefix-cache",
+        type=int,
+        default=32,
+        help="images whose prompt prefix (KV cache) is kept for follow-up turns and repeated "
+        "questions, least recently used dropped first (default 32, ~4 MB each for the embedded "
+        "model in fp32; 0 = off)",
+    )
+    p.add_argument(
         "--max-queue",
         type=int,
         default=64,
@@ -107,13 +115,19 @@ def run(args) -> int:
     for flag in ("max_batch_size", "max_queue", "max_completion_tokens", "max_images"):
         if getattr(args, flag) < 1:
             raise ConfigError(f"--{flag.replace('_', '-')} must be >= 1")
+    if args.prefix_cache < 0:
+        raise ConfigError("--prefix-cache must be >= 0")
     api_key = resolve_api_key(args)
     logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
     engine = Engine.from_path(
         args.model,
         dtype=args.dtype,
         name=args.served_model_name,
-        settings=EngineSettings(max_batch_size=args.max_batch_size, max_queue=args.max_queue),
+        settings=EngineSettings(
+            max_batch_size=args.max_batch_size,
+            max_queue=args.max_queue,
+            prefix_cache=args.prefix_cache,
+        ),
     )
     settings = ServerSettings(
         served_model_name=args.served_model_name,
