@@ -47,7 +47,10 @@ def run(args) -> int:
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
     engine = Engine.from_path(
-        args.model, dtype=args.dtype, settings=EngineSettings(max_batch_size=1, max_queue=4)
+        args.model,
+        dtype=args.dtype,
+        pack_weights=args.pack_weights,
+        settings=EngineSettings(max_batch_size=1, max_queue=4),
     )
     try:
         session = ChatSession(engine, params=params, system=args.system)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 
+from llavamed.commands import add_pack_weights_arg
 from llavamed.commands.eval_vqa import add_backend_arg
 
 
@@ -28,6 +29,7 @@ def register(sub) -> None:
     p.add_argument("--batch-size", type=int, default=8, help="questions decoded together")
     p.add_argument("--max-new-tokens", type=int, default=512, help="answer length limit")
     add_backend_arg(p)
+    add_pack_weights_arg(p)
     p.add_argument("--limit", type=int, default=None, help="only the first N questions")
     p.add_argument(
         "--dtype", default="float32", choices=["float32", "bfloat16", "float16"], help="model dtype"
@@ -52,6 +54,7 @@ def run(args) -> int:
         limit=args.limit,
         dtype=getattr(torch, args.dtype),
         backend=args.backend,
+        pack_weights=args.pack_weights,
     )
     msg = f"{r['n_generated']} answered, {r['n_resumed']} already done, of {r['n_questions']} questions"
     if r["bad"]:

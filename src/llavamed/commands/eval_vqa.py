@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import argparse
 
+from llavamed.commands import add_pack_weights_arg
+
 EPILOG = """\
 outputs in --out: answers.jsonl (LLaVA-Med answers shape; resumable), answers.<ablation>.jsonl,
 scores*.jsonl (per-question scores), report.md, report.json, report.png.
@@ -73,6 +75,7 @@ def register(sub) -> None:
         "--max-new-tokens", type=int, default=64, help="answer length limit (default: 64)"
     )
     add_backend_arg(p)
+    add_pack_weights_arg(p)
     p.add_argument(
         "--closed-suffix",
         action="store_true",
@@ -145,6 +148,7 @@ def run(args) -> int:
         n_resamples=args.bootstrap,
         dtype=getattr(torch, args.dtype),
         backend=args.backend,
+        pack_weights=args.pack_weights,
     )
     paths = write_report(res, out, args.dataset, rep.to_dict())
     ov = res["metrics"]["overall"]

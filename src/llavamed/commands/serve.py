@@ -6,6 +6,7 @@ import argparse
 import os
 import sys
 
+from llavamed.commands import add_pack_weights_arg
 from llavamed.errors import ConfigError
 
 
@@ -24,6 +25,7 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
         default="fp32",
         help="weights dtype on CPU (default fp32; bf16 is faster on recent CPUs)",
     )
+    add_pack_weights_arg(p)
 
 
 def register(subparsers) -> None:
@@ -122,6 +124,7 @@ def run(args) -> int:
     engine = Engine.from_path(
         args.model,
         dtype=args.dtype,
+        pack_weights=args.pack_weights,
         name=args.served_model_name,
         settings=EngineSettings(
             max_batch_size=args.max_batch_size,

@@ -44,7 +44,10 @@ def run(args) -> int:
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
     engine = Engine.from_path(
-        args.model, dtype=args.dtype, settings=EngineSettings(max_batch_size=args.max_batch_size)
+        args.model,
+        dtype=args.dtype,
+        pack_weights=args.pack_weights,
+        settings=EngineSettings(max_batch_size=args.max_batch_size),
     )
     try:
         print(f"llavamed: web UI for {engine.name!r} at http://{args.host}:{args.port}/")

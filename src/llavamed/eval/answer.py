@@ -65,6 +65,7 @@ def answer_questions(
     processor: Any = None,
     progress: bool = True,
     backend: str = "engine",
+    pack_weights: bool = True,
 ) -> dict:
     """Answer every question of ``questions_path`` not yet in ``out_path``, through ``backend``
     ("engine": continuous batching with ``batch_size`` slots; "generate": static batches).
@@ -97,6 +98,7 @@ def answer_questions(
                 dtype=dtype,
                 max_new_tokens=max_new_tokens,
                 batch_size=batch_size,
+                pack_weights=pack_weights,
             )
             bar = tqdm(
                 total=len(todo), desc="answers", file=sys.stderr, disable=not progress, unit="q"

@@ -196,7 +196,9 @@ class VQAGenerator:
       ``batch_size`` questions decode together, a finished answer frees its slot at once and the
       next question joins the running batch, so no batch waits for its longest answer.
 
-    ``ignore_eos`` makes every answer run to ``max_new_tokens`` (benchmarks only)."""
+    ``ignore_eos`` makes every answer run to ``max_new_tokens`` (benchmarks only).
+    ``pack_weights`` prepacks the linear weights of a model loaded from ``model_dir`` for CPU
+    inference (:mod:`llavamed.model.cpu_packing`); a model passed in is used as it is."""
 
     def __init__(
         self,
@@ -208,13 +210,20 @@ class VQAGenerator:
         max_new_tokens: int = 64,
         batch_size: int = 8,
         ignore_eos: bool = False,
+        pack_weights: bool = True,
     ):
         import torch
 
+        self.packed_linears = 0
         if model is None or processor is None:
             if model_dir is None:
                 raise ValueError("give model_dir or both model and processor")
             model, processor = _load_model(model_dir, dtype or torch.float32)
+            if pack_weights:
+                # Only a model loaded here: packing someone else's model would change it under them.
+                from llavamed.model.cpu_packing import pack_linears
+
+                self.packed_linears = pack_linears(model, batch_hint=batch_size)
         self.model = model.eval()
         self.processor = processor
         self.max_new_tokens = max_new_tokens
@@ -561,6 +570,7 @@ def run_vqa_eval(
     processor: Any = None,
     progress: bool = True,
     backend: str = "engine",
+    pack_weights: bool = True,
 ) -> dict:
     """Generate (resuming) and score answers for ``samples``; returns the metrics dict.
 
@@ -590,6 +600,7 @@ def run_vqa_eval(
         dtype=dtype,
         max_new_tokens=max_new_tokens,
         batch_size=batch_size,
+        pack_weights=pack_weights,
     )
     try:
         return _run_conditions(

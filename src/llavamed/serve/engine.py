@@ -332,9 +332,11 @@ class Engine:
         device: str = "cpu",
         settings: EngineSettings | None = None,
         name: str | None = None,
+        pack_weights: bool = True,
     ) -> Engine:
         """Load a llava checkpoint or a plain causal LM (detected from config.json);
-        ``"embedded"`` is the embedded SmolLM2-135M-Instruct."""
+        ``"embedded"`` is the embedded SmolLM2-135M-Instruct. ``pack_weights`` prepacks the
+        linear weights for CPU inference (:mod:`llavamed.model.cpu_packing`)."""
         path = resolve_model_dir(model)
         torch_dtype = parse_dtype(dtype)
         if is_llava_dir(path):
@@ -354,6 +356,11 @@ class Engine:
                 )
             mdl = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype).to(device)
             processor = None
+        if pack_weights:
+            from llavamed.model.cpu_packing import pack_linears
+
+            batch = (settings or EngineSettings()).max_batch_size
+            pack_linears(mdl, batch_hint=batch)
         return cls(mdl, tok, processor, settings=settings, name=name or path.name)
 
     def _eos_ids(self) -> set[int]:
