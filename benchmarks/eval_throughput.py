@@ -9,13 +9,15 @@ Modes, each timed on the same questions:
 * ``one at a time``: HF ``generate`` per question — the reference loop, the baseline;
 * ``static batch``: HF ``generate`` on left-padded batches of --batch-size (every row waits for
   the batch's longest answer);
-* ``engine``: what ``llavamed eval vqa`` runs — the serve Engine's continuous batching with
-  --batch-size slots (a finished answer frees its slot at once; the next question joins), and its
-  image-prefix cache (a question about an image already seen skips the vision tower and the
-  image tokens' prefill).
+* ``engine``: the serve Engine's continuous batching with --batch-size slots (a finished answer
+  frees its slot at once; the next question joins), and its image-prefix cache (a question about
+  an image already seen skips the vision tower and the image tokens' prefill);
+* ``packed weights``: the same on a second copy of the model whose linear weights are prepacked
+  for oneDNN (``llavamed.model.cpu_packing``). The packed engine is what ``llavamed eval vqa``
+  runs by default; the packed one-at-a-time row separates the packing's share from batching's.
 
-Ratios are against the reference loop in the same dtype. Each repeat runs the three modes back to
-back; the table gives medians over repeats (the machine may be shared). Without --model, a default
+Ratios are against the reference loop (the model as transformers loads it) in the same dtype.
+Each repeat runs the modes back to back; the table gives medians over repeats (the machine may be shared). Without --model, a default
 checkpoint (embedded SmolLM2-135M + the CPU ViT) is composed into --cache once. Questions are
 VQA-RAD-style short questions about procedurally drawn images, --per-image questions per image,
 listed image by image as the evaluation files list them. The public test splits ask several
@@ -90,35 +92,59 @@ def bench_dtype(model_dir, dtype: str, args, imgs, qs) -> dict:
 
     from llavamed.eval.vqa_runner import VQAGenerator
 
-    gen = VQAGenerator(
-        model_dir,
-        dtype=getattr(torch, dtype),
-        max_new_tokens=args.max_new_tokens,
-        batch_size=args.batch_size,
-        ignore_eos=args.fixed_length,
-    )
+    def generator(pack: bool) -> VQAGenerator:
+        return VQAGenerator(
+            model_dir,
+            dtype=getattr(torch, dtype),
+            max_new_tokens=args.max_new_tokens,
+            batch_size=args.batch_size,
+            ignore_eos=args.fixed_length,
+            pack_weights=pack,
+        )
+
+    # The reference loop runs on the model exactly as transformers loads it; our path is what
+    # `llavamed eval vqa` runs by default, on a second copy with prepacked linear weights.
+    plain = generator(False)
+    packed = generator(True) if args.pack else None
+    if packed is not None and not packed.packed_linears:
+        print(f"  [{dtype}] linear weights could not be packed here; packed rows dropped")
+        packed.close()
+        packed = None
     bs = args.batch_size
 
-    def single():
-        return [gen.generate([im], [q])[0] for im, q in zip(imgs, qs, strict=True)]
+    def single(gen):
+        return lambda: [gen.generate([im], [q])[0] for im, q in zip(imgs, qs, strict=True)]
 
-    def static():
-        out = []
-        for i in range(0, len(qs), bs):
-            out += gen.generate(imgs[i : i + bs], qs[i : i + bs])
-        return out
+    def static(gen):
+        def run():
+            out = []
+            for i in range(0, len(qs), bs):
+                out += gen.generate(imgs[i : i + bs], qs[i : i + bs])
+            return out
 
-    def engine():
-        gen.engine().clear_prefix_cache()  # every repeat starts cold, as a fresh evaluation
-        got = dict(gen.answer_stream(zip(range(len(qs)), imgs, qs, strict=True)))
-        return [got[i] for i in range(len(qs))]
+        return run
 
-    modes = {"one at a time (reference loop)": single, f"static batch {bs}": static}
-    modes[f"engine, {bs} slots"] = engine
+    def engine(gen):
+        def run():
+            gen.engine().clear_prefix_cache()  # every repeat starts cold, as a fresh evaluation
+            got = dict(gen.answer_stream(zip(range(len(qs)), imgs, qs, strict=True)))
+            return [got[i] for i in range(len(qs))]
+
+        return run
+
+    modes = {
+        "one at a time (reference loop)": single(plain),
+        f"static batch {bs}": static(plain),
+        f"engine, {bs} slots": engine(plain),
+    }
+    if packed is not None:
+        modes["one at a time, packed weights"] = single(packed)
+        modes[f"engine, {bs} slots, packed weights (eval vqa default)"] = engine(packed)
+    gens = [g for g in (plain, packed) if g is not None]
     try:
-        # warm-up: allocator, oneDNN kernel selection, the engine's worker thread
-        gen.generate(imgs[:2], qs[:2])
-        dict(gen.answer_stream(zip(range(2), imgs[:2], qs[:2], strict=True)))
+        for gen in gens:  # warm-up: allocator, oneDNN kernel selection, the worker thread
+            gen.generate(imgs[:2], qs[:2])
+            dict(gen.answer_stream(zip(range(2), imgs[:2], qs[:2], strict=True)))
         runs: dict[str, list] = {m: [] for m in modes}
         answers: dict[str, list[list[str]]] = {m: [] for m in modes}
         for r in range(args.repeats):
@@ -128,11 +154,12 @@ def bench_dtype(model_dir, dtype: str, args, imgs, qs) -> dict:
                 answers[name].append(out)
                 print(f"  [{dtype} repeat {r + 1}] {name}: {wall:.2f} s wall", flush=True)
         ref = answers[next(iter(modes))][0]
-        n_tok = [len(gen.processor.tokenizer(a)["input_ids"]) for a in ref]
-        st = gen.engine().stats
+        n_tok = [len(plain.processor.tokenizer(a)["input_ids"]) for a in ref]
+        st = gens[-1].engine().stats
         prefix = (st["prefix_hits"], st["prefix_misses"])
     finally:
-        gen.close()
+        for gen in gens:
+            gen.close()
     rows = {}
     for name in modes:
         walls = [w for w, _ in runs[name]]
@@ -196,6 +223,12 @@ def main() -> None:
     )
     ap.add_argument("--data", default=None, help="the --dataset's path, as for 'eval vqa'")
     ap.add_argument("--split", default="test")
+    ap.add_argument(
+        "--no-pack",
+        dest="pack",
+        action="store_false",
+        help="skip the packed-weight rows (oneDNN-prepacked linears, eval vqa's default)",
+    )
     args = ap.parse_args()
     if (args.dataset is None) != (args.data is None):
         ap.error("--dataset and --data go together")
@@ -248,7 +281,7 @@ def main() -> None:
         print(f"{dt}: reference answer length (tokens) mean {np.mean(n_tok):.1f}, max {max(n_tok)}")
         print(f"{dt}: wall s per repeat: {walls}")
         hits, misses = res["prefix"]
-        print(f"{dt}: engine image-prefix cache: {hits} hits, {misses} misses (all repeats)")
+        print(f"{dt}: last engine's image-prefix cache: {hits} hits, {misses} misses (all repeats)")
 
 
 if __name__ == "__main__":
