@@ -11,6 +11,17 @@ split's English yes/no questions by next-token logits (``llavamed.eval.closed_lo
 records the process CPU time spent training so far (evaluation excluded). A random preset tower
 trains with the rest (it has nothing to keep); a folder tower is frozen, as the quickstart does.
 Writes curves.json and curves.png, prints the table.
+
+With ``--curriculum QS_DIR`` each tower instead goes through a finished quickstart's own stages,
+in order and with their resolved configs (``QS_DIR/{stage1,stage2,finetune}/config.yaml``): stage-1
+alignment, stage-2 instruction tuning, then VQA fine-tuning, each phase starting from the previous
+phase's checkpoint. Only the tower differs (``model.init.vision`` of stage 1); it stays frozen
+throughout, as in the quickstart. The curve is scored in every phase and CPU minutes accumulate
+across phases, so the stage-1/2 part of the curve is there too.
+
+    .venv/bin/python benchmarks/stage0_curves.py --world OUT/world --curriculum OUT \
+        --tower random=cpu --tower stage0=OUT/stage0/vision_tower \
+        --tower stage0b=OUT/stage0b/vision_tower --eval-every 30 --out /tmp/curves-curriculum
 """
 
 from __future__ import annotations
@@ -94,6 +105,65 @@ def run_tower(name: str, vision: str, args) -> list[dict]:
     return points
 
 
+CURRICULUM = ("stage1", "stage2", "finetune")
+
+
+def run_curriculum(name: str, vision: str, args) -> list[dict]:
+    """The quickstart's stages 1, 2 and fine-tuning on ``vision``, scored along the way."""
+    import yaml
+
+    from llavamed.eval.closed_logits import closed_accuracy, prepare_closed
+    from llavamed.eval.vqa_data import load_vqa
+    from llavamed.train import run_training
+
+    qs = Path(args.curriculum)
+    test, _ = load_vqa("slake", Path(args.world) / "slake", split="test", lang="en")
+    points: list[dict] = []
+    state = {"eval_cpu": 0.0, "data": None, "last": None, "scored": -1}
+    cpu0 = time.process_time()
+
+    def score(phase, step, model, processor):
+        t = time.process_time()
+        train_cpu_min = (t - cpu0 - state["eval_cpu"]) / 60
+        if state["data"] is None:
+            state["data"] = prepare_closed(test, processor, limit=args.limit)
+        acc = closed_accuracy(model, processor, state["data"])
+        state["eval_cpu"] += time.process_time() - t
+        state["scored"] = step
+        points.append(
+            {"phase": phase, "step": step, "cpu_min": round(train_cpu_min, 2), "closed_acc": acc}
+        )
+        print(
+            f"[{name}] {phase} step {step}: {train_cpu_min:.1f} CPU-min, acc {acc:.3f}", flush=True
+        )
+        return acc
+
+    previous = None
+    for phase in CURRICULUM:
+        cfg = yaml.safe_load((qs / phase / "config.yaml").read_text())
+        if previous is None:
+            cfg["model"]["init"]["vision"] = vision
+        else:
+            cfg["model"]["from"] = str(previous)
+        cfg["output"]["dir"] = str(Path(args.out) / name / phase)
+        cfg["output"]["save_every"] = 0
+        state["scored"] = -1
+
+        def on_step(step, model, processor, phase=phase):
+            state["last"] = (step, model, processor)
+            if step % args.eval_every == 0:
+                return {"curve_closed_acc": score(phase, step, model, processor)}
+            return None
+
+        run_training(cfg, progress=not args.quiet, on_step=on_step)
+        step, model, processor = state["last"]
+        if state["scored"] != step:  # every phase's last step is on the curve
+            score(phase, step, model, processor)
+        state["last"] = None
+        previous = Path(cfg["output"]["dir"]) / "checkpoint-final"
+    return points
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -114,6 +184,13 @@ def main() -> None:
     ap.add_argument("--lr", type=float, default=5e-4)
     ap.add_argument("--lr-projector", type=float, default=2e-3)
     ap.add_argument("--batching", default="random", choices=["random", "length_grouped"])
+    ap.add_argument(
+        "--curriculum",
+        metavar="QS_DIR",
+        default=None,
+        help="a finished quickstart's output folder: run its stage 1, stage 2 and fine-tuning "
+        "configs on each tower instead of the single VQA stage",
+    )
     ap.add_argument("--quiet", action="store_true")
     args = ap.parse_args()
     out = Path(args.out)
@@ -123,7 +200,8 @@ def main() -> None:
         name, _, vision = spec.partition("=")
         if not vision:
             sys.exit(f"--tower {spec!r}: expected NAME=VISION")
-        curves[name] = run_tower(name, vision, args)
+        run = run_curriculum if args.curriculum else run_tower
+        curves[name] = run(name, vision, args)
     (out / "curves.json").write_text(json.dumps(curves, indent=2) + "\n")
 
     import matplotlib
@@ -141,15 +219,22 @@ def main() -> None:
     fig.tight_layout()
     fig.savefig(out / "curves.png", dpi=120)
 
-    steps = sorted({p["step"] for pts in curves.values() for p in pts})
-    print("| step | " + " | ".join(f"{n} CPU-min | {n} acc" for n in curves) + " |")
-    print("|---|" + "---|---|" * len(curves))
-    for s in steps:
+    phases = list(dict.fromkeys(p.get("phase", "") for pts in curves.values() for p in pts))
+    keys = [
+        (ph, st)
+        for ph in phases
+        for st in sorted(
+            {p["step"] for pts in curves.values() for p in pts if p.get("phase", "") == ph}
+        )
+    ]
+    print("| phase | step | " + " | ".join(f"{n} CPU-min | {n} acc" for n in curves) + " |")
+    print("|---|---|" + "---|---|" * len(curves))
+    for ph, st in keys:
         cells = []
         for pts in curves.values():
-            p = next((q for q in pts if q["step"] == s), None)
+            p = next((q for q in pts if q.get("phase", "") == ph and q["step"] == st), None)
             cells += [f"{p['cpu_min']:.1f}", f"{p['closed_acc']:.3f}"] if p else ["", ""]
-        print(f"| {s} | " + " | ".join(cells) + " |")
+        print(f"| {ph or '-'} | {st} | " + " | ".join(cells) + " |")
     print(f"wrote {out / 'curves.json'} and {out / 'curves.png'}")
 
 
