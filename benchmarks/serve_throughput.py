@@ -112,6 +112,12 @@ def main(argv=None) -> int:
     ap.add_argument("--concurrency", type=int, default=8)
     ap.add_argument("--max-tokens", type=int, default=32)
     ap.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"])
+    ap.add_argument(
+        "--no-pack-weights",
+        dest="pack_weights",
+        action="store_false",
+        help="serve the model as transformers loads it (default: prepacked linears, as serve)",
+    )
     ap.add_argument("--json", type=Path, help="also write the results here")
     args = ap.parse_args(argv)
 
@@ -129,6 +135,7 @@ def main(argv=None) -> int:
     srv = serve_in_background(
         model,
         dtype=args.dtype,
+        pack_weights=args.pack_weights,
         max_completion_tokens=max(args.max_tokens, 1),
         engine_settings=EngineSettings(
             max_batch_size=args.concurrency, max_queue=max(64, args.requests)
@@ -146,7 +153,7 @@ def main(argv=None) -> int:
     speedup = conc["completions_per_s"] / seq["completions_per_s"]
     print(
         f"model={name} requests={args.requests} max_tokens={args.max_tokens} "
-        f"dtype={args.dtype} (greedy; HTTP on 127.0.0.1)"
+        f"dtype={args.dtype} packed={args.pack_weights} (greedy; HTTP on 127.0.0.1)"
     )
     print(f"{'mode':<14}{'compl/s':>9}{'tok/s':>9}{'p50 s':>8}{'p95 s':>8}{'errors':>8}")
     for label, r in (("sequential", seq), (f"concurrency {args.concurrency}", conc)):

@@ -140,3 +140,14 @@ def test_cli_flag_turns_packing_off():
         ["eval", "vqa", "--model", "m", "--dataset", "slake", "--data", "d", "--no-pack-weights"]
     )
     assert args.pack_weights is False
+
+
+def test_serve_in_background_passes_the_packing_choice(tiny_llava_dir):
+    from llavamed.serve.api import serve_in_background
+
+    for pack in (True, False):
+        srv = serve_in_background(tiny_llava_dir, pack_weights=pack)
+        try:
+            assert is_packed(srv.engine.model) is pack
+        finally:
+            srv.stop()

@@ -474,6 +474,7 @@ def serve_in_background(
     *,
     dtype: str | None = None,
     engine_settings: EngineSettings | None = None,
+    pack_weights: bool = True,
     log_level: str = "warning",
     startup_timeout: float = 120.0,
     **settings: Any,
@@ -484,7 +485,11 @@ def serve_in_background(
     import uvicorn
 
     own = not isinstance(model, Engine)
-    engine = Engine.from_path(model, dtype=dtype, settings=engine_settings) if own else model
+    engine = (
+        Engine.from_path(model, dtype=dtype, settings=engine_settings, pack_weights=pack_weights)
+        if own
+        else model
+    )
     app = create_app(engine, ServerSettings(**settings))
     sock = bind_socket(host, port)
     real_port = sock.getsockname()[1]
