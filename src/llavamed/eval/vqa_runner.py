@@ -169,16 +169,9 @@ def _qid_seed(qid: str, seed: int) -> int:
 
 
 def _load_model(model_dir: str | Path, dtype: Any):
-    try:
-        from llavamed.model import load_llava  # the project's loader when present
-    except ImportError:
-        load_llava = None
-    if load_llava is not None:
-        return load_llava(model_dir, dtype=dtype)
-    from transformers import AutoProcessor, LlavaForConditionalGeneration
+    from llavamed.model import load_llava
 
-    model = LlavaForConditionalGeneration.from_pretrained(model_dir, dtype=dtype)
-    return model, AutoProcessor.from_pretrained(model_dir)
+    return load_llava(model_dir, dtype=dtype)
 
 
 BACKENDS = ("engine", "generate")
