@@ -23,7 +23,7 @@ def register(sub) -> None:
         "--size",
         default="small",
         choices=["tiny", "small", "medium"],
-        help="small: ~15 min on 2 CPU cores; medium: a bigger model on more data, an "
+        help="small: ~19 min on 2 CPU cores; medium: a bigger model on more data, an "
         "estimated 1.5 h or more (not yet measured end to end); tiny: a "
         "few-minute smoke run of every stage that learns little",
     )
