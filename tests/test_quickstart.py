@@ -105,6 +105,18 @@ def test_quickstart_tiny_end_to_end_and_rerun(tmp_path):
     assert second.returncode == 0, second.stderr[-4000:]
     report2 = json.loads((out / "report.json").read_text())
     assert all(s["skipped_this_run"] for s in report2["stages"].values())
+    # A given tower replaces stage 0; stage 0b and the rest start from it.
+    tower = out / "stage0" / "vision_tower"
+    out3 = tmp_path / "qs_given"
+    cmd3 = cmd[:-2] + ["--out", str(out3), "--no-progress", "--vision", str(tower)]
+    third = subprocess.run(cmd3, capture_output=True, text=True, timeout=3600)
+    assert third.returncode == 0, third.stderr[-4000:]
+    report3 = json.loads((out3 / "report.json").read_text())
+    assert "stage0_vision" not in report3["stages"] and not (out3 / "stage0").exists()
+    assert report3["vision"] == str(tower) and "stage0b_vision_vqa" in report3["stages"]
+    s0b = json.loads((out3 / "stage0b" / "vision_vqa_report.json").read_text())
+    assert s0b["config"]["vision"] == str(tower)
+    assert "stage 0 was skipped" in (out3 / "report.md").read_text()
 
 
 def test_report_flags_a_model_that_answers_closed_questions_without_yes_or_no():
@@ -133,3 +145,26 @@ def test_report_flags_a_model_that_answers_closed_questions_without_yes_or_no():
     assert "The zero-shot model answered 90% of closed questions without a yes or no" in md
     assert "The fine-tuned model answered" not in md
     assert "Blank-image drop in strict closed accuracy: **20.0 points**" in md
+
+
+def test_vision_option_rejects_a_folder_without_a_tower(tmp_path):
+    from llavamed.errors import ConfigError
+
+    (tmp_path / "notatower").mkdir()
+    with pytest.raises(ConfigError, match="notatower.*no config.json"):
+        QuickstartOptions(vision=tmp_path / "notatower").check_vision()
+    assert QuickstartOptions().check_vision() is None
+
+
+def test_tower_fingerprint_follows_the_weights_not_the_path(tmp_path):
+    from llavamed.quickstart import tower_fingerprint
+
+    a, b = tmp_path / "a", tmp_path / "b"
+    for d in (a, b):
+        d.mkdir()
+        (d / "config.json").write_text('{"model_type": "clip_vision_model"}')
+        (d / "model.safetensors").write_bytes(b"weights-1")
+    (a / "notes.txt").write_text("ignored")
+    assert tower_fingerprint(a) == tower_fingerprint(b)
+    (b / "model.safetensors").write_bytes(b"weights-2")
+    assert tower_fingerprint(a) != tower_fingerprint(b)

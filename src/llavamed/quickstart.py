@@ -141,11 +141,36 @@ class QuickstartOptions:
     seed: int = 0
     workers: int = 2
     progress: bool = True
+    vision: Path | None = None
+    """A pretrained vision tower folder (stage 0's ``vision_tower/``, a converted BiomedCLIP ...):
+    stage 0 is skipped and stage 0b, stage 1 and the rest start from this tower."""
 
     def preset(self) -> SizePreset:
         if self.size not in SIZES:
             raise ConfigError(f"--size {self.size!r}: choose from {', '.join(SIZES)}")
         return SIZES[self.size]
+
+    def check_vision(self) -> Path | None:
+        if self.vision is None:
+            return None
+        tower = Path(self.vision).resolve()
+        if not (tower / "config.json").is_file():
+            raise ConfigError(
+                f"--vision {self.vision}: not a vision tower folder (no config.json); give the "
+                "vision_tower/ folder that stage 0 or `llavamed convert biomedclip` wrote"
+            )
+        return tower
+
+
+def tower_fingerprint(tower: Path) -> str:
+    """Content hash of a tower folder's config and weights, so a resumed quickstart notices a
+    different tower behind the same path."""
+    h = hashlib.sha256()
+    for f in sorted(tower.iterdir()):
+        if f.is_file() and f.suffix in (".json", ".safetensors", ".bin"):
+            h.update(f.name.encode())
+            h.update(f.read_bytes())
+    return h.hexdigest()[:16]
 
 
 @dataclass
@@ -231,6 +256,8 @@ class Pipeline:
 
 def run_quickstart(opts: QuickstartOptions) -> dict:
     p = opts.preset()
+    given_tower = opts.check_vision()
+    given_fp = tower_fingerprint(given_tower) if given_tower else None
     out = Path(opts.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
     opts.out = out
@@ -341,7 +368,7 @@ def run_quickstart(opts: QuickstartOptions) -> dict:
                     {"dataset": "slake", "path": str(world / "slake"), "split": "train"},
                     {"dataset": "vqa-rad", "path": str(world / "vqa_rad"), "split": "train"},
                 ],
-                "vision": str(out / "stage0" / "vision_tower"),
+                "vision": str(stage0_tower),
                 "output_dir": str(out / "stage0b"),
                 "feature_layer": -2,
                 "steps": p.stage0b_steps,
@@ -358,7 +385,8 @@ def run_quickstart(opts: QuickstartOptions) -> dict:
             "val_n": rep.get("val_n"),
         }
 
-    tower = out / ("stage0b" if p.stage0b_steps else "stage0") / "vision_tower"
+    stage0_tower = given_tower or out / "stage0" / "vision_tower"
+    tower = out / "stage0b" / "vision_tower" if p.stage0b_steps else stage0_tower
 
     def train_stage(name: str, cfg: dict) -> Callable[[], dict]:
         def run() -> dict:
@@ -506,27 +534,48 @@ def run_quickstart(opts: QuickstartOptions) -> dict:
         ("ingest", "corpus", ingest, {}),
         ("align", None, align, {"seed": seed}),
         ("instruct", "corpus/instruct", instruct, {"n": p.instruct_samples, "seed": seed}),
-        (
-            "stage0_vision",
-            "stage0",
-            stage0,
-            {
-                k: fields[k]
-                for k in (
-                    "vision",
-                    "stage0_minutes",
-                    "stage0_steps",
-                    "stage0_batch",
-                    "probe_images",
+        *(
+            [
+                (
+                    "stage0_vision",
+                    "stage0",
+                    stage0,
+                    {
+                        k: fields[k]
+                        for k in (
+                            "vision",
+                            "stage0_minutes",
+                            "stage0_steps",
+                            "stage0_batch",
+                            "probe_images",
+                        )
+                    },
                 )
-            },
+            ]
+            if given_tower is None
+            else []
         ),
         *(
-            [("stage0b_vision_vqa", "stage0b", stage0b, {"steps": p.stage0b_steps})]
+            [
+                (
+                    "stage0b_vision_vqa",
+                    "stage0b",
+                    stage0b,
+                    {"steps": p.stage0b_steps}
+                    | (
+                        {"vision": str(given_tower), "fingerprint": given_fp} if given_tower else {}
+                    ),
+                )
+            ]
             if p.stage0b_steps
             else []
         ),
-        ("stage1_alignment", "stage1", train_stage("stage1", stage1_cfg), stage1_cfg),
+        (
+            "stage1_alignment",
+            "stage1",
+            train_stage("stage1", stage1_cfg),
+            stage1_cfg | ({"tower_fingerprint": given_fp} if given_fp else {}),
+        ),
         ("stage2_instruct", "stage2", train_stage("stage2", stage2_cfg), stage2_cfg),
         (
             "eval_zero_shot",
@@ -620,6 +669,7 @@ def build_report(opts: QuickstartOptions, results: list[StageResult], wall_s: fl
     report = {
         "size": opts.size,
         "seed": opts.seed,
+        "vision": str(opts.vision) if opts.vision else None,
         "output": str(out),
         "wall_time_s_all_stages": round(total_stage_s, 1),
         "wall_time_s_this_run": round(wall_s, 1),
@@ -703,6 +753,11 @@ def render_markdown(report: dict) -> str:
         "Everything below was measured by this run on MedSynth (procedurally generated; see "
         "docs/medsynth.md). Evaluation: the SLAKE-shaped English test split, greedy decoding.",
         "",
+        *(
+            [f"Vision tower given with `--vision {report['vision']}`: stage 0 was skipped.", ""]
+            if report.get("vision")
+            else []
+        ),
         "## VQA metrics (%; 95% bootstrap CI)",
         "",
         "| metric | zero-shot (after stage 2) | fine-tuned | fine-tuned, blank image |",

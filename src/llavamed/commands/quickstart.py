@@ -29,6 +29,14 @@ def register(sub) -> None:
     )
     p.add_argument("--seed", type=int, default=0, help="seed for data and training")
     p.add_argument("--workers", type=int, default=2, help="processes for data generation/ingestion")
+    p.add_argument(
+        "--vision",
+        metavar="DIR",
+        default=None,
+        help="a pretrained vision tower folder (a stage-0 run's vision_tower/, a converted "
+        "BiomedCLIP tower): skips stage 0; stage 0b and stage 1 start from it (default: train "
+        "stage 0 from a random tower)",
+    )
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=run)
 
@@ -45,6 +53,7 @@ def run(args) -> int:
             seed=args.seed,
             workers=args.workers,
             progress=not args.no_progress,
+            vision=Path(args.vision) if args.vision else None,
         )
     )
     print(f"\nreport: {Path(report['output']) / 'report.md'}")
