@@ -108,7 +108,7 @@ def test_quickstart_tiny_end_to_end_and_rerun(tmp_path):
     # A given tower replaces stage 0; stage 0b and the rest start from it.
     tower = out / "stage0" / "vision_tower"
     out3 = tmp_path / "qs_given"
-    cmd3 = cmd[:-2] + ["--out", str(out3), "--no-progress", "--vision", str(tower)]
+    cmd3 = cmd[:-3] + ["--out", str(out3), "--no-progress", "--vision", str(tower)]
     third = subprocess.run(cmd3, capture_output=True, text=True, timeout=3600)
     assert third.returncode == 0, third.stderr[-4000:]
     report3 = json.loads((out3 / "report.json").read_text())
