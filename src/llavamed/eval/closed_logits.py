@@ -10,7 +10,7 @@ neither word still gets a yes/no verdict here. Reports use :mod:`llavamed.eval.v
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 from llavamed.eval.vqa_data import VQASample
@@ -43,34 +43,49 @@ def prepare_closed(samples: Sequence[VQASample], processor, limit: int | None = 
     )
 
 
+def yes_no_ids(tokenizer) -> tuple[int, int]:
+    """Token ids of the first token of "yes" and of "no"."""
+    return (
+        tokenizer.encode("yes", add_special_tokens=False)[0],
+        tokenizer.encode("no", add_special_tokens=False)[0],
+    )
+
+
+def prompt_batches(processor, data: ClosedSet, batch_size: int) -> Iterator[dict]:
+    """The processor's tensors for consecutive batches of ``data``, left-padded so that the last
+    position is the prompt's end in every row. The processor expands <image> to the tower's patch
+    count -- the same expansion training and generation use. The tokenizer's padding side is
+    restored when the iteration ends."""
+    tok = processor.tokenizer
+    side = tok.padding_side
+    tok.padding_side = "left"
+    try:
+        for i in range(0, len(data.prompts), batch_size):
+            yield processor(
+                text=data.prompts[i : i + batch_size],
+                images=data.images[i : i + batch_size],
+                return_tensors="pt",
+                padding=True,
+            )
+    finally:
+        tok.padding_side = side
+
+
 def yes_no_predictions(
     model, processor, data: ClosedSet, *, batch_size: int = 32, blank: bool = False
 ) -> list[bool]:
-    """True where the model prefers "yes". Left padding, so the last position is the prompt's
-    end in every row. ``blank`` replaces every image by zeros (the mean colour after
-    normalisation), the image-reliance control."""
+    """True where the model prefers "yes". ``blank`` replaces every image by zeros (the mean
+    colour after normalisation), the image-reliance control."""
     import torch
 
-    tok = processor.tokenizer
-    yes_id = tok.encode("yes", add_special_tokens=False)[0]
-    no_id = tok.encode("no", add_special_tokens=False)[0]
-    side = tok.padding_side
-    tok.padding_side = "left"
+    yes_id, no_id = yes_no_ids(processor.tokenizer)
     was_training = model.training
     model.eval()
     dtype = next(model.parameters()).dtype
     out: list[bool] = []
     try:
         with torch.no_grad():
-            for i in range(0, len(data.prompts), batch_size):
-                # The processor expands <image> to the tower's patch count -- the same expansion
-                # training and generation use.
-                enc = processor(
-                    text=data.prompts[i : i + batch_size],
-                    images=data.images[i : i + batch_size],
-                    return_tensors="pt",
-                    padding=True,
-                )
+            for enc in prompt_batches(processor, data, batch_size):
                 pv = enc["pixel_values"]
                 pv = torch.zeros_like(pv) if blank else pv
                 logits = model(
@@ -80,7 +95,6 @@ def yes_no_predictions(
                 ).logits[:, -1]
                 out += (logits[:, yes_id] > logits[:, no_id]).tolist()
     finally:
-        tok.padding_side = side
         model.train(was_training)
     return out
 

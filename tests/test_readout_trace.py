@@ -1,0 +1,57 @@
+"""The readout trace on a tiny model: the probes see what the images carry, and the model's own
+verdict matches the closed-logit scorer, an independent code path."""
+
+from __future__ import annotations
+
+import pytest
+
+from train_helpers import QUESTION, make_bright_dark
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def _samples(folder, n, seed):
+    import json
+
+    from llavamed.eval.vqa_data import VQASample
+
+    data = make_bright_dark(folder, n, seed=seed)
+    return [
+        VQASample(r["id"], str(folder / r["image"]), QUESTION, r["answer"], "closed")
+        for r in json.loads(data.read_text())
+    ]
+
+
+def test_trace_probes_every_hand_off(tmp_path, wide_llava_dir):
+    from llavamed.eval.closed_logits import closed_accuracy, prepare_closed
+    from llavamed.eval.readout_trace import trace_question, trace_table_md
+    from llavamed.model.checkpoint import load_llava
+
+    model, processor = load_llava(wide_llava_dir)
+    train = _samples(tmp_path / "train", 24, seed=0)
+    test = _samples(tmp_path / "test", 12, seed=1)
+    t = trace_question(model, processor, train, test, batch_size=8)
+
+    assert (t.question, t.n_train, t.n_test) == (QUESTION, 24, 12)
+    # Bright against dark grey is in every patch token: a linear probe cannot miss it.
+    assert t.tower == 1.0 and t.projector == 1.0
+    assert len(t.lm_layers) == model.config.text_config.num_hidden_layers + 1
+    assert all(0.0 <= v <= 1.0 for v in t.lm_layers)
+    assert t.model_test == pytest.approx(
+        closed_accuracy(model, processor, prepare_closed(test, processor))
+    )
+    assert t.model_train == pytest.approx(
+        closed_accuracy(model, processor, prepare_closed(train, processor))
+    )
+    table = trace_table_md([t])
+    assert QUESTION in table and "24/12" in table
+
+
+def test_trace_needs_both_answers(tmp_path, wide_llava_dir):
+    from llavamed.eval.readout_trace import trace_question
+    from llavamed.model.checkpoint import load_llava
+
+    model, processor = load_llava(wide_llava_dir)
+    only_yes = [s for s in _samples(tmp_path / "train", 8, seed=0) if s.answer == "yes"]
+    with pytest.raises(ValueError, match="single answer"):
+        trace_question(model, processor, only_yes, only_yes)
