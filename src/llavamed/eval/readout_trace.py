@@ -13,7 +13,7 @@ For one yes/no question, a fine-tuned LLaVA is traced on questions whose answers
 Probes train on ``train`` questions and score ``test`` questions. A finding the tower carries
 but the projector loses, or one the last hidden state carries but the logit ignores (even on the
 training questions), tells you which part to fix: measured on the ``small`` quickstart, local
-devices reach the LM's last hidden state at 84-93% while its own answer is near chance
+devices reach the LM's last hidden state at 81-97% while its own answer is near chance
 (docs/stage0.md).
 """
 
