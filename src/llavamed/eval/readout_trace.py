@@ -52,27 +52,31 @@ def _features(model, processor, data: ClosedSet, batch_size: int) -> _Features:
     import torch
 
     yes_id, no_id = yes_no_ids(processor.tokenizer)
-    cfg = model.config
     parts: dict[str, list] = {"tower": [], "projector": [], "last": [], "yes": []}
     dtype = next(model.parameters()).dtype
-    with torch.no_grad():
-        for enc in prompt_batches(processor, data, batch_size):
-            pv = enc["pixel_values"].to(dtype)
-            hs = model.model.vision_tower(pv, output_hidden_states=True).hidden_states
-            feats = hs[cfg.vision_feature_layer]
-            if cfg.vision_feature_select_strategy == "default":
-                feats = feats[:, 1:]  # llava drops CLS under this strategy
-            parts["tower"].append(feats.float())
-            parts["projector"].append(model.model.multi_modal_projector(feats).float())
-            out = model(
-                input_ids=enc["input_ids"],
-                attention_mask=enc["attention_mask"],
-                pixel_values=pv,
-                output_hidden_states=True,
-            )
-            parts["last"].append(torch.stack([h[:, -1] for h in out.hidden_states], 1).float())
-            logits = out.logits[:, -1]
-            parts["yes"].append(logits[:, yes_id] > logits[:, no_id])
+
+    def capture(_module, args, output):
+        # The projector's input is exactly the tower features llava selected (layer, CLS
+        # dropped or not), so one forward pass yields all three hand-offs.
+        parts["tower"].append(args[0].float())
+        parts["projector"].append(output.float())
+
+    hook = model.model.multi_modal_projector.register_forward_hook(capture)
+    try:
+        with torch.no_grad():
+            for enc in prompt_batches(processor, data, batch_size):
+                out = model(
+                    input_ids=enc["input_ids"],
+                    attention_mask=enc["attention_mask"],
+                    pixel_values=enc["pixel_values"].to(dtype),
+                    output_hidden_states=True,
+                )
+                last = torch.stack([h[:, -1] for h in out.hidden_states], 1)
+                parts["last"].append(last.float())
+                logits = out.logits[:, -1]
+                parts["yes"].append(logits[:, yes_id] > logits[:, no_id])
+    finally:
+        hook.remove()
     return _Features(
         torch.cat(parts["tower"]),
         torch.cat(parts["projector"]),
