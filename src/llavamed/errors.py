@@ -26,3 +26,7 @@ class InputError(LlavamedError):
 
 class ConfigError(LlavamedError):
     """An invalid configuration value; the message names the key."""
+
+
+class StorageError(LlavamedError):
+    """Writing an output failed because its disk is full; the message names the folder."""

@@ -814,15 +814,23 @@ def _save_resume(
     import torch
 
     from llavamed.train import distributed as D
+    from llavamed.utils.io import disk_full_error
 
     tmp = ck.tmp_dir(out, step)
     if info.is_main:
         ck.begin(out, step)
     D.barrier(info)
-    engine.save(tmp)
-    if engine.kind == "deepspeed" and info.is_main:
-        torch.save(engine.scheduler.state_dict(), tmp / "scheduler.pt")
-    ck.write_rng(tmp, info.rank)
+    try:
+        engine.save(tmp)
+        if engine.kind == "deepspeed" and info.is_main:
+            torch.save(engine.scheduler.state_dict(), tmp / "scheduler.pt")
+        ck.write_rng(tmp, info.rank)
+    except (OSError, RuntimeError) as exc:
+        if (full := disk_full_error(exc, out)) is None:
+            raise
+        # The half-written folder would hold on to the space the user has to free.
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise full from exc
     D.barrier(info)
     if info.is_main:
         shutil.copy(out / "config.yaml", tmp / "config.yaml")

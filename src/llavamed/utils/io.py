@@ -8,14 +8,20 @@ when the log is reopened, so re-running resumes without corrupt or duplicated re
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
+import shutil
 import tempfile
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
-from llavamed.errors import InputError
+from llavamed.errors import InputError, StorageError
+
+# Below this much free space a failed write is taken to be a full disk: torch.save reports one as
+# "RuntimeError: ... unexpected pos", not as ENOSPC.
+_NEARLY_FULL = 64 * 2**20
 
 
 def _umask() -> int:
@@ -26,6 +32,24 @@ def _umask() -> int:
 
 # Read once: mkstemp creates 0600 files, but outputs should get the usual 0644 (umask 022).
 _FILE_MODE = 0o666 & ~_umask()
+
+
+def disk_full_error(exc: BaseException, folder: str | os.PathLike) -> StorageError | None:
+    """The :class:`StorageError` to raise instead of ``exc`` when ``exc`` came from a full disk
+    under ``folder``, else None (the caller re-raises ``exc``)."""
+    if not isinstance(exc, OSError | RuntimeError):
+        return None
+    probe = Path(folder).absolute()
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    free = shutil.disk_usage(probe).free
+    if not (isinstance(exc, OSError) and exc.errno == errno.ENOSPC) and free >= _NEARLY_FULL:
+        return None
+    return StorageError(
+        f"{folder}: out of disk space while writing ({free / 2**20:.0f} MiB free). Free some "
+        "space and rerun the same command: finished outputs are kept, training resumes from its "
+        "last checkpoint and a quickstart from its last finished stage."
+    )
 
 
 @contextlib.contextmanager
@@ -45,6 +69,10 @@ def atomic_path(path: str | os.PathLike, suffix: str = "", fsync: bool = True) -
             with open(tmp_path, "rb+") as fh:
                 os.fsync(fh.fileno())
         os.replace(tmp_path, path)
+    except (OSError, RuntimeError) as exc:
+        if (full := disk_full_error(exc, path.parent)) is not None:
+            raise full from exc
+        raise
     finally:
         if tmp_path.exists():
             tmp_path.unlink()
@@ -153,8 +181,6 @@ class JsonlAppender:
 def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
     """Yield an empty temp folder beside ``path``; on success it replaces ``path`` (an existing
     folder is moved aside first and removed after), so readers never see a half-written one."""
-    import shutil
-
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
@@ -169,6 +195,10 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
             shutil.rmtree(old)
         else:
             tmp.rename(path)
+    except (OSError, RuntimeError) as exc:
+        if (full := disk_full_error(exc, path.parent)) is not None:
+            raise full from exc
+        raise
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
