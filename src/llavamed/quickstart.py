@@ -123,22 +123,27 @@ SIZES: dict[str, SizePreset] = {
         lr_vision_finetune=0,
     ),
     "medium": SizePreset(
+        # The small recipe with twice the VQA images and three times the stage-0b steps: the
+        # final model tracks the stage-0b tower, and the tower gains from both together (held
+        # out: 0.784 after 900 steps on 9,000 VQA images, 0.848 after 2,700; small's is 0.818).
+        # The LM keeps small's 8 layers: the tower, not the LM, caps closed accuracy here
+        # (docs/stage0.md, "The tower is the ceiling").
         articles=400,
         image_size=256,
-        instruct_samples=200,
-        lm_layers=16,
+        instruct_samples=96,
+        lm_layers=8,
         vision="cpu",
-        stage0_minutes=8.0,
+        stage0_minutes=5.0,
         stage0_steps=400,
         stage0_batch=64,
         probe_images=150,
-        stage1_steps=120,
+        stage1_steps=80,
         stage2_epochs=2.0,
         finetune_epochs=2.0,
         eval_limit=None,
-        vqa_images=8000,
+        vqa_images=9000,
         train_closed=12,
-        stage0b_steps=1500,
+        stage0b_steps=2700,
         lr_stage1=2e-4,
         lr_finetune=5e-4,
         # Below the LM's rate: at 2e-3 fine-tuning washed the devices out of the projector
