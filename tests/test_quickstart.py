@@ -11,6 +11,20 @@ import pytest
 
 from llavamed.quickstart import Pipeline, QuickstartOptions, render_markdown
 
+ALL_STAGES = {
+    "synth",
+    "ingest",
+    "align",
+    "instruct",
+    "stage0_vision",
+    "stage0b_vision_vqa",
+    "stage1_alignment",
+    "stage2_instruct",
+    "eval_zero_shot",
+    "finetune_vqa",
+    "eval_finetuned",
+}
+
 
 def _stages(calls: list[str], out, settings_b: dict, fail_b: bool = False):
     def a():
@@ -60,6 +74,43 @@ def test_pipeline_changed_settings_rerun_downstream_in_clean_folder(tmp_path):
     assert not (tmp_path / "b" / "stale.txt").exists()
 
 
+def test_remaining_seconds_scales_reference_times_by_the_finished_stages():
+    from llavamed.quickstart import remaining_seconds
+
+    ref = {"synth": 20, "ingest": 1, "stage0": 60, "finetune": 900}
+    # Nothing finished yet: the reference times as they are.
+    assert remaining_seconds(ref, [], ["synth", "ingest", "stage0", "finetune"]) == 981
+    # synth took 40 s against 20: this machine runs at half speed. ingest (1 s) is too short to
+    # measure by and does not move the estimate.
+    assert remaining_seconds(ref, [("synth", 40), ("ingest", 9)], ["stage0", "finetune"]) == 1920
+    # Twice as fast over synth + stage0 together: (10 + 30) / (20 + 60) = 0.5.
+    assert remaining_seconds(ref, [("synth", 10), ("stage0", 30)], ["finetune"]) == 450
+    # The speed factor is clamped (a stage finishing instantly is not a 1000x machine).
+    assert remaining_seconds(ref, [("synth", 0.001)], ["finetune"]) == 0.2 * 900
+    # A stage without a reference time: no honest estimate.
+    assert remaining_seconds(ref, [], ["finetune", "unknown"]) is None
+
+
+def test_pipeline_prints_the_total_eta_before_each_stage(tmp_path, capsys):
+    opts = QuickstartOptions(out=tmp_path, progress=True)
+    calls: list[str] = []
+    Pipeline(opts, _stages(calls, tmp_path, {"k": 1}), expected_s={"a": 10, "b": 300}).run()
+    out = capsys.readouterr().out
+    assert "[quickstart] a (1/2): about 5 min left in total" in out
+    # a finished at once: the speed factor is clamped at 0.2, so b's 300 s become ~60 s.
+    assert "[quickstart] b (2/2): about 60 s left in total" in out
+    # A rerun skips both stages and prints no estimate.
+    Pipeline(opts, _stages(calls, tmp_path, {"k": 1}), expected_s={"a": 10, "b": 300}).run()
+    assert "left in total" not in capsys.readouterr().out
+
+
+def test_every_preset_has_a_reference_time_for_each_stage():
+    from llavamed.quickstart import SIZES
+
+    for name, preset in SIZES.items():
+        assert set(preset.stage_seconds) == ALL_STAGES, name
+
+
 def test_unknown_size():
     from llavamed.errors import ConfigError
 
@@ -88,19 +139,7 @@ def test_quickstart_tiny_end_to_end_and_rerun(tmp_path):
     assert (out / "finetune" / "checkpoint-final" / "config.json").exists()
     ft = report["metrics"]["finetuned"]
     assert "strict_closed_acc" in ft and "ablation_blank" in ft
-    assert set(report["stages"]) >= {
-        "synth",
-        "ingest",
-        "align",
-        "instruct",
-        "stage0_vision",
-        "stage0b_vision_vqa",
-        "stage1_alignment",
-        "stage2_instruct",
-        "eval_zero_shot",
-        "finetune_vqa",
-        "eval_finetuned",
-    }
+    assert set(report["stages"]) == ALL_STAGES
     second = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert second.returncode == 0, second.stderr[-4000:]
     report2 = json.loads((out / "report.json").read_text())
