@@ -1,5 +1,6 @@
-"""group_by_image: all of an image's VQA questions become one multi-turn sample whose supervised
-tokens are exactly that image's answers, with the image placeholder only in the first turn."""
+"""group_by_image: an image's VQA questions share one image prefix in one sample. Its supervised
+tokens are exactly that image's answers, the image tokens appear once, and each question's loss
+equals the loss of its own single-turn sample (it cannot see the other questions)."""
 
 from __future__ import annotations
 
@@ -53,3 +54,112 @@ def test_group_by_image_packs_questions_per_image(tmp_path, tiny_llava_dir):
         assert runs == [f"{s.answer}<|im_end|>" for s in qs]
     # Fewer tokens for the same supervision: the image is encoded once per image.
     assert sum(s.length for s in grouped) < sum(s.length for s in single)
+
+
+def _world_samples(tmp_path, proc, **source):
+    from llavamed.data.synth import generate_world
+
+    world = tmp_path / "w"
+    if not world.exists():
+        generate_world(world, articles=1, seed=3, image_size=64, progress=False, vqa_images=12)
+    src = dict(format="vqa", dataset="slake", path=str(world / "slake"), split="train")
+    max_length = source.pop("_max", 2048)
+    samples, rep = load_samples(
+        DataConfig(sources=[DataSource(**src, **source)], max_length=max_length),
+        proc,
+        "chatml",
+        quiet=True,
+    )
+    return samples, rep
+
+
+def test_packed_questions_score_as_their_single_turn_samples(tmp_path, wide_llava_dir):
+    """Logit parity: the packed sample's summed loss is the sum of its questions' single-turn
+    losses (same answers, same prompts), and the 4-D mask is what makes it so -- the same tokens
+    under a plain causal mask (later questions see earlier answers) score differently."""
+    import torch
+    from transformers import LlavaForConditionalGeneration
+
+    from llavamed.train.data import Collator, TrainDataset
+    from llavamed.train.trainer import _loss_module_cls
+
+    proc = AutoProcessor.from_pretrained(wide_llava_dir)
+    model = LlavaForConditionalGeneration.from_pretrained(wide_llava_dir).eval()
+    loss_fn = _loss_module_cls()(model)
+    single, _ = _world_samples(tmp_path, proc)
+    grouped, _ = _world_samples(tmp_path, proc, group_by_image=True)
+    sample = max(grouped, key=lambda s: max(s.segment_ids))
+    n_q = max(sample.segment_ids)
+    assert n_q >= 3
+    mine = [s for s in single if s.image == sample.image]
+    assert len(mine) == n_q
+    collate = Collator(proc.tokenizer.pad_token_id)
+
+    def loss(samples, plain=False):
+        ds = TrainDataset(samples, proc.image_processor)
+        b = collate([ds[i] for i in range(len(samples))])
+        if plain:
+            b.pop("segment_ids", None)
+            b.pop("position_ids", None)
+        kw = {k: v for k, v in b.items() if torch.is_tensor(v)}
+        with torch.no_grad():
+            return float(loss_fn(**kw))
+
+    separate = sum(loss([s]) for s in mine)
+    packed = loss([sample])
+    assert abs(packed - separate) < 1e-4 * max(1.0, abs(separate))
+    # Batched with padding (a shorter packed sample beside it) the result is the same.
+    other = min(grouped, key=lambda s: s.length)
+    assert abs(loss([sample, other]) - (packed + loss([other]))) < 1e-3 * max(1.0, packed)
+    assert abs(loss([sample], plain=True) - separate) > 1e-3 * max(1.0, abs(separate))
+
+
+def test_packing_splits_at_max_length_and_keeps_every_answer(tmp_path, tiny_llava_dir):
+    proc = AutoProcessor.from_pretrained(tiny_llava_dir)
+    whole, _ = _world_samples(tmp_path, proc, group_by_image=True)
+    big = max(whole, key=lambda s: s.length)
+    prefix = sum(1 for g in big.segment_ids if g == 0)
+    limit = prefix + (big.length - prefix) // 2  # forces at least one split
+    split, rep = _world_samples(tmp_path, proc, group_by_image=True, _max=limit)
+    assert not rep.skipped
+    assert max(s.length for s in split) <= limit
+    assert len(split) > len(whole)
+
+    def answers(samples):
+        return sorted((str(s.image), t) for s in samples for t in s.labels if t != IGNORE_INDEX)
+
+    assert answers(split) == answers(whole)
+
+
+def test_shared_prefix_positions_and_mask_by_hand():
+    import torch
+
+    from llavamed.train.shared_prefix import attention_mask_4d, pack_shared_prefix, position_ids
+
+    # Two questions: shared [1, 2, 3], tails [7, 8*] and [9, 5, 6*] (* supervised).
+    a = ([1, 2, 3, 7, 8], [-100, -100, -100, -100, 8])
+    b = ([1, 2, 3, 9, 5, 6], [-100, -100, -100, -100, -100, 6])
+    [(ids, labels, segs)] = pack_shared_prefix([a, b], max_length=64, source="x", min_prefix=3)
+    assert ids == [1, 2, 3, 7, 8, 9, 5, 6]
+    assert labels == [-100, -100, -100, -100, 8, -100, -100, 6]
+    assert segs == [0, 0, 0, 1, 1, 2, 2, 2]
+    assert position_ids(segs) == [0, 1, 2, 3, 4, 3, 4, 5]
+    m = attention_mask_4d(torch.tensor([segs + [-1]]))[0, 0].int().tolist()
+    assert m[4] == [1, 1, 1, 1, 1, 0, 0, 0, 0]  # question 1 sees the prefix and itself
+    assert m[7] == [1, 1, 1, 0, 0, 1, 1, 1, 0]  # question 2 never sees question 1
+    assert m[8] == [1, 1, 1, 0, 0, 0, 0, 0, 1]  # padding: never an empty row; unread anyway
+
+
+def test_questions_that_do_not_share_the_image_are_rejected():
+    import pytest
+
+    from llavamed.errors import InputError
+    from llavamed.train.shared_prefix import pack_shared_prefix
+
+    with pytest.raises(InputError, match="do not share the image prefix"):
+        pack_shared_prefix(
+            [([1, 2, 3, 4], [-100, -100, -100, 4]), ([1, 5, 3, 4], [-100, -100, -100, 4])],
+            max_length=64,
+            source="img7",
+            min_prefix=3,
+        )

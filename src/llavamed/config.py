@@ -81,9 +81,10 @@ class DataSource:
     repeat: int = 1
     """Repeat this source N times per epoch (to up-weight a small set in a mixture)."""
     group_by_image: bool = False
-    """For ``format: vqa``: ask all of an image's questions in one multi-turn conversation
-    (image first, then Q1 A1 Q2 A2 ...). Denser supervision: the image tokens are computed once
-    for several answers, so a CPU epoch costs a fraction of the single-turn one."""
+    """For ``format: vqa``: pack an image's questions into one sample that computes the image
+    tokens once. Each question attends only to the image prefix and to itself, at the positions
+    of its own single-turn prompt, so it cannot read its answer off another question's
+    (``llavamed.train.shared_prefix``). Several times cheaper per epoch than single-turn."""
 
 
 @dataclass

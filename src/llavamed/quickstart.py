@@ -684,7 +684,13 @@ def run_quickstart(opts: QuickstartOptions) -> dict:
             evaluate("zero_shot", out / "stage2" / "checkpoint-final", None),
             {"limit": p.eval_limit},
         ),
-        ("finetune_vqa", "finetune", train_stage("finetune", finetune_cfg), finetune_cfg),
+        (
+            "finetune_vqa",
+            "finetune",
+            train_stage("finetune", finetune_cfg),
+            # group_by_image changed meaning (multi-turn -> shared image prefix): rerun old runs.
+            finetune_cfg | {"group_by_image": "shared_prefix"},
+        ),
         (
             "eval_finetuned",
             "eval/finetuned",

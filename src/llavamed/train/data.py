@@ -22,6 +22,7 @@ from llavamed.config import DataConfig, DataSource
 from llavamed.errors import InputError
 from llavamed.model.processing import IGNORE_INDEX, encode_training_sample
 from llavamed.model.templates import IMAGE_PLACEHOLDER, Message, conversation_to_messages
+from llavamed.train.shared_prefix import PAD, pack_shared_prefix, position_ids
 from llavamed.utils.io import read_json
 
 MAX_PRINTED = 5
@@ -35,6 +36,8 @@ class Sample:
     labels: list[int]
     image: str | bytes | None
     source: str
+    segment_ids: list[int] | None = None
+    """Set for several questions sharing one image prefix (``llavamed.train.shared_prefix``)."""
 
     @property
     def length(self) -> int:
@@ -136,7 +139,7 @@ def vqa_messages(
     return [Message("user", f"{IMAGE_PLACEHOLDER}\n{q}"), Message("assistant", answer)]
 
 
-def _vqa_samples(src: DataSource, report: DataReport, encode) -> list[Sample]:
+def _vqa_samples(src: DataSource, report: DataReport, encode, pack) -> list[Sample]:
     from llavamed.eval.vqa_data import load_vqa
 
     vqa, rep = load_vqa(src.dataset, src.path, split=src.split, lang=src.lang)
@@ -150,16 +153,16 @@ def _vqa_samples(src: DataSource, report: DataReport, encode) -> list[Sample]:
     if src.group_by_image:
         for image, group in _group_by_image(vqa):
             where = f"{src.path} image={group[0].qid}.."
-            messages = []
-            for s in group:
-                turn = vqa_messages(s.question, s.answer, s.answer_type, src.closed_suffix)
-                if messages:  # only the first question carries the image
-                    turn[0] = Message(
-                        "user", turn[0].content.replace(f"{IMAGE_PLACEHOLDER}\n", "", 1)
-                    )
-                messages.extend(turn)
             try:
-                out.append(encode(messages, image, where))
+                encoded = [
+                    encode(
+                        vqa_messages(s.question, s.answer, s.answer_type, src.closed_suffix),
+                        image,
+                        f"{src.path} qid={s.qid}",
+                    )
+                    for s in group
+                ]
+                out.extend(pack(encoded, image, where))
             except InputError as err:
                 report.add(err)
         return out
@@ -208,12 +211,25 @@ def load_samples(
         )
         return Sample(enc.input_ids, enc.labels, image, where)
 
+    image_token = processor.tokenizer.convert_tokens_to_ids(IMAGE_PLACEHOLDER)
+
+    def pack(encoded: list[Sample], image, where) -> list[Sample]:
+        first = encoded[0].input_ids
+        after_image = max(i for i, t in enumerate(first) if t == image_token) + 1
+        packed = pack_shared_prefix(
+            [(s.input_ids, s.labels) for s in encoded],
+            max_length=cfg.max_length,
+            source=where,
+            min_prefix=after_image,
+        )
+        return [Sample(ids, labels, image, where, segs) for ids, labels, segs in packed]
+
     samples: list[Sample] = []
     for i, src in enumerate(cfg.sources):
         got = (
             _llava_json_samples(src, report, encode)
             if src.format == "llava_json"
-            else _vqa_samples(src, report, encode)
+            else _vqa_samples(src, report, encode, pack)
         )
         if src.max_samples is not None and len(got) > src.max_samples:
             keep = sorted(random.Random(seed + i).sample(range(len(got)), src.max_samples))
@@ -248,6 +264,8 @@ class TrainDataset:
             "input_ids": torch.tensor(s.input_ids),
             "labels": torch.tensor(s.labels),
         }
+        if s.segment_ids is not None:
+            item["segment_ids"] = torch.tensor(s.segment_ids)
         if s.image is not None:
             from llavamed.images import load_image
 
@@ -292,6 +310,18 @@ class Collator:
             labels[r, :k] = it["labels"]
             mask[r, :k] = 1
         batch.update(input_ids=ids, labels=labels, attention_mask=mask)
+        if any("segment_ids" in it for it in good):
+            # Shared-prefix samples: explicit positions and segments (the model wrapper turns
+            # them into a 4-D mask); a plain sample is all prefix, i.e. ordinary causal.
+            segs = torch.full((n, L), PAD, dtype=torch.long)
+            pos = torch.zeros((n, L), dtype=torch.long)
+            for r, it in enumerate(good):
+                k = len(it["input_ids"])
+                seg = it.get("segment_ids")
+                seg = torch.zeros(k, dtype=torch.long) if seg is None else seg
+                segs[r, :k] = seg
+                pos[r, :k] = torch.tensor(position_ids(seg.tolist()))
+            batch.update(segment_ids=segs, position_ids=pos)
         pix = [it["pixel_values"] for it in good if "pixel_values" in it]
         if pix:
             batch["pixel_values"] = torch.stack(pix)

@@ -73,6 +73,7 @@ def _loss_module_cls():
     import torch.nn.functional as F
 
     from llavamed.model.processing import IGNORE_INDEX
+    from llavamed.train.shared_prefix import attention_mask_4d
 
     class CausalLMLoss(torch.nn.Module):
         """Summed next-token CE over supervised positions, as one module so DDP/FSDP/DeepSpeed
@@ -82,10 +83,33 @@ def _loss_module_cls():
             super().__init__()
             self.llava = llava
 
-        def forward(self, input_ids, attention_mask, labels, pixel_values=None):
+        def forward(
+            self,
+            input_ids,
+            attention_mask,
+            labels,
+            pixel_values=None,
+            segment_ids=None,
+            position_ids=None,
+        ):
+            if segment_ids is not None:
+                # Several questions share one image prefix: a custom 4-D mask (transformers
+                # passes a 4-D mask through unchanged) with positions restarting per question.
+                impl = self.llava.config.text_config._attn_implementation
+                if impl == "flash_attention_2":
+                    raise ConfigError(
+                        "data.sources[].group_by_image needs a 4-D attention mask: use "
+                        "train.attn_implementation=sdpa or eager"
+                    )
+                attention_mask = attention_mask_4d(segment_ids)
+                if impl == "eager":
+                    attention_mask = torch.zeros(attention_mask.shape).masked_fill(
+                        ~attention_mask, torch.finfo(torch.float32).min
+                    )
             out = self.llava.model(
                 input_ids=input_ids,
                 attention_mask=attention_mask,
+                position_ids=position_ids,
                 pixel_values=pixel_values,
                 use_cache=False,
             )
@@ -358,7 +382,14 @@ class Engine:
     def forward(self, batch: dict):
         kw = {
             k: batch[k]
-            for k in ("input_ids", "attention_mask", "labels", "pixel_values")
+            for k in (
+                "input_ids",
+                "attention_mask",
+                "labels",
+                "pixel_values",
+                "segment_ids",
+                "position_ids",
+            )
             if k in batch
         }
         return self.module(**kw)
