@@ -139,19 +139,19 @@ SIZES: dict[str, SizePreset] = {
         # (probes 0.69-0.81); 2e-4 lifted the blank-image gap from 21.6 to 26.9 (docs/stage0.md).
         lr_projector_finetune=2e-4,
         lr_vision_finetune=0,
-        # Fresh clone of 69fd8a3, idle machine (README, "What it measured").
+        # Fresh clone of 9747129, idle machine: 18 min 48 s in all (README, "What it measured").
         stage_seconds={
-            "synth": 24,
-            "ingest": 1,
+            "synth": 20,
+            "ingest": 0,
             "align": 0,
-            "instruct": 106,
-            "stage0_vision": 58,
-            "stage0b_vision_vqa": 240,
-            "stage1_alignment": 64,
-            "stage2_instruct": 28,
-            "eval_zero_shot": 15,
-            "finetune_vqa": 905,
-            "eval_finetuned": 18,
+            "instruct": 47,
+            "stage0_vision": 52,
+            "stage0b_vision_vqa": 230,
+            "stage1_alignment": 40,
+            "stage2_instruct": 14,
+            "eval_zero_shot": 13,
+            "finetune_vqa": 694,
+            "eval_finetuned": 15,
         },
     ),
     "medium": SizePreset(

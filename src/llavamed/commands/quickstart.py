@@ -23,7 +23,7 @@ def register(sub) -> None:
         "--size",
         default="small",
         choices=["tiny", "small", "medium"],
-        help="small: ~24 min on 2 CPU cores, 67%% strict closed accuracy; medium: the same "
+        help="small: ~19 min on 2 CPU cores, 74-78%% strict closed accuracy; medium: the same "
         "recipe on twice the VQA images for longer, ~72 min, 76%%; tiny: a few-minute smoke run "
         "of every stage that learns little",
     )
