@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from collections import defaultdict
 
+import pytest
 from transformers import AutoProcessor
 
 from llavamed.config import DataConfig, DataSource
@@ -73,7 +74,8 @@ def _world_samples(tmp_path, proc, **source):
     return samples, rep
 
 
-def test_packed_questions_score_as_their_single_turn_samples(tmp_path, wide_llava_dir):
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_packed_questions_score_as_their_single_turn_samples(tmp_path, wide_llava_dir, attn):
     """Logit parity: the packed sample's summed loss is the sum of its questions' single-turn
     losses (same answers, same prompts), and the 4-D mask is what makes it so -- the same tokens
     under a plain causal mask (later questions see earlier answers) score differently."""
@@ -85,6 +87,7 @@ def test_packed_questions_score_as_their_single_turn_samples(tmp_path, wide_llav
 
     proc = AutoProcessor.from_pretrained(wide_llava_dir)
     model = LlavaForConditionalGeneration.from_pretrained(wide_llava_dir).eval()
+    model.set_attn_implementation(attn)  # eager gets an additive float mask, sdpa a boolean one
     loss_fn = _loss_module_cls()(model)
     single, _ = _world_samples(tmp_path, proc)
     grouped, _ = _world_samples(tmp_path, proc, group_by_image=True)
@@ -151,8 +154,6 @@ def test_shared_prefix_positions_and_mask_by_hand():
 
 
 def test_questions_that_do_not_share_the_image_are_rejected():
-    import pytest
-
     from llavamed.errors import InputError
     from llavamed.train.shared_prefix import pack_shared_prefix
 

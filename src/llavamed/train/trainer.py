@@ -103,9 +103,9 @@ def _loss_module_cls():
                     )
                 attention_mask = attention_mask_4d(segment_ids)
                 if impl == "eager":
-                    attention_mask = torch.zeros(attention_mask.shape).masked_fill(
-                        ~attention_mask, torch.finfo(torch.float32).min
-                    )
+                    attention_mask = torch.zeros(
+                        attention_mask.shape, device=attention_mask.device
+                    ).masked_fill(~attention_mask, torch.finfo(torch.float32).min)
             out = self.llava.model(
                 input_ids=input_ids,
                 attention_mask=attention_mask,
