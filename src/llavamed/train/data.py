@@ -153,15 +153,21 @@ def _vqa_samples(src: DataSource, report: DataReport, encode, pack) -> list[Samp
     if src.group_by_image:
         for image, group in _group_by_image(vqa):
             where = f"{src.path} image={group[0].qid}.."
-            try:
-                encoded = [
-                    encode(
-                        vqa_messages(s.question, s.answer, s.answer_type, src.closed_suffix),
-                        image,
-                        f"{src.path} qid={s.qid}",
+            encoded = []
+            for s in group:  # a bad question is counted and skipped, not its whole image
+                try:
+                    encoded.append(
+                        encode(
+                            vqa_messages(s.question, s.answer, s.answer_type, src.closed_suffix),
+                            image,
+                            f"{src.path} qid={s.qid}",
+                        )
                     )
-                    for s in group
-                ]
+                except InputError as err:
+                    report.add(err)
+            if not encoded:
+                continue
+            try:
                 out.extend(pack(encoded, image, where))
             except InputError as err:
                 report.add(err)
