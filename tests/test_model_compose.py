@@ -119,6 +119,28 @@ def test_image_changes_logits(tiny_llava_dir):
     assert not torch.allclose(outs[0], outs[1])
 
 
+@pytest.mark.parametrize("preset, tokens", [("cpu", 64), ("cpu-p32", 16)])
+def test_cpu_vision_presets_image_tokens(tmp_path, preset, tokens):
+    """The quickstart's tower (32 px patches) gives 16 image tokens at 128 px; the processor
+    expands <image> to exactly the tower's patch count, so the forward pass accepts it."""
+    from PIL import Image
+
+    from llavamed.model.processing import num_image_tokens
+
+    model, processor = build(ModelSpec(lm="tiny", vision=preset))
+    assert num_image_tokens(processor) == tokens
+    prompt = processor.apply_chat_template(
+        [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Q"}]}],
+        add_generation_prompt=True,
+    )
+    inputs = processor(
+        text=[prompt], images=[Image.new("RGB", (200, 90), (9, 99, 199))], return_tensors="pt"
+    )
+    assert int((inputs["input_ids"] == model.config.image_token_id).sum()) == tokens
+    with torch.no_grad():
+        assert torch.isfinite(model(**inputs).logits).all()
+
+
 def test_pad_mode_pads_with_mean_colour(tiny_llava_dir):
     _, processor = load_llava(tiny_llava_dir)
     from PIL import Image

@@ -34,7 +34,8 @@ def register(sub) -> None:
     p.add_argument(
         "--vision",
         default="cpu",
-        help="vision preset (tiny, cpu, small: random CLIP-style ViTs) or a folder "
+        help="vision preset (tiny, cpu, cpu-p32, small: random CLIP-style ViTs; cpu-p32 is cpu "
+        "with 32 px patches, 16 image tokens, what the quickstart trains) or a folder "
         "with a CLIP/SigLIP/ViT vision model (e.g. from 'llavamed convert biomedclip' "
         "or stage-0 pretraining)",
     )
