@@ -181,7 +181,7 @@ def test_report_flags_a_model_that_answers_closed_questions_without_yes_or_no():
         "| closed answers with no yes/no (counted wrong by the strict parse) | 90.0 [90.0, 90.0] | 0.0 [0.0, 0.0] | 10.0 |"
         in md
     )
-    assert "The zero-shot model answered 90% of closed questions without a yes or no" in md
+    assert "The zero-shot model answered 90.0% of closed questions without a yes or no" in md
     assert "The fine-tuned model answered" not in md
     assert "Blank-image drop in strict closed accuracy: **20.0 points**" in md
 

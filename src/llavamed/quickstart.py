@@ -464,7 +464,7 @@ def run_quickstart(opts: QuickstartOptions) -> dict:
             "probe_images_per_domain": p.probe_images,
             "seed": seed,
         }
-        res = run_from_config(cfg, [])
+        res = run_from_config(cfg, [], progress=opts.progress)
         return {"tower": str(res.tower_dir), "report": _small(res.report)}
 
     def stage0b() -> dict:
@@ -901,7 +901,7 @@ def render_markdown(report: dict) -> str:
         if unparsed is not None and unparsed >= 0.5:
             lines += [
                 "",
-                f"The {name} model answered {100 * unparsed:.0f}% of closed questions without a "
+                f"The {name} model answered {100 * unparsed:.1f}% of closed questions without a "
                 "yes or no, so its closed accuracy says little about what it sees; its answers "
                 f"are in `eval/`{cut}.",
             ]
