@@ -141,20 +141,19 @@ SIZES: dict[str, SizePreset] = {
         # (probes 0.69-0.81); 2e-4 lifted the blank-image gap from 21.6 to 26.9 (docs/stage0.md).
         lr_projector_finetune=2e-4,
         lr_vision_finetune=0,
-        # Same world and stage keys as a run of this recipe on 2026-11-22 (stages after
-        # self-instruct re-run): 16 min in all.
+        # Fresh clone of bdafa0c, idle machine: 15 min 38 s in all (README, "What it measured").
         stage_seconds={
             "synth": 20,
             "ingest": 0,
             "align": 0,
-            "instruct": 47,
-            "stage0_vision": 28,
-            "stage0b_vision_vqa": 80,
-            "stage1_alignment": 29,
-            "stage2_instruct": 8,
-            "eval_zero_shot": 11,
-            "finetune_vqa": 727,
-            "eval_finetuned": 11,
+            "instruct": 51,
+            "stage0_vision": 21,
+            "stage0b_vision_vqa": 74,
+            "stage1_alignment": 28,
+            "stage2_instruct": 12,
+            "eval_zero_shot": 10,
+            "finetune_vqa": 708,
+            "eval_finetuned": 12,
         },
     ),
     "medium": SizePreset(
@@ -162,9 +161,9 @@ SIZES: dict[str, SizePreset] = {
         # final model tracks the stage-0b tower, and the tower gains from both together (held
         # out: 0.784 after 900 steps on 9,000 VQA images, 0.848 after 2,700; small's is 0.818).
         # The LM keeps small's 8 layers: the tower, not the LM, caps closed accuracy here
-        # (docs/stage0.md, "The tower is the ceiling"). Measured end to end: tower 0.873 held
-        # out; 78.9% strict closed on all 1,802 closed test questions, 49.9% with a blank image
-        # (76.4% before fine-tuning packed questions behind a shared image prefix).
+        # (docs/stage0.md, "The tower is the ceiling"). Measured with the cpu-p32 tower: held
+        # out 0.934; 82.0% strict closed on all 1,802 closed test questions, 50.6% with a blank
+        # image (78.9% with the cpu tower, 76.4% before shared-prefix packing).
         articles=400,
         image_size=256,
         instruct_samples=96,
@@ -187,20 +186,20 @@ SIZES: dict[str, SizePreset] = {
         # (probes 0.69-0.81); 2e-4 lifted the blank-image gap from 21.6 to 26.9 (docs/stage0.md).
         lr_projector_finetune=2e-4,
         lr_vision_finetune=0,
-        # Fresh clone of 7a163a5, idle machine: 72 min in all (README, "What it measured").
+        # cpu-p32 tower (2026-11-22, night; stages 0 on, on 7a163a5's world): 29 min of
+        # stages; synth and self-instruct from 7a163a5's fresh-clone run. About 39 min in all.
         stage_seconds={
             "synth": 81,
             "ingest": 2,
             "align": 0,
             "instruct": 490,
-            "stage0_vision": 215,
-            "stage0b_vision_vqa": 860,
-            "stage1_alignment": 143,
-            "stage2_instruct": 212,
-            "eval_zero_shot": 162,
-            # Shared-prefix packing (rerun on 7a163a5's world and towers): 1,446 s and 114 s.
-            "finetune_vqa": 1446,
-            "eval_finetuned": 114,
+            "stage0_vision": 73,
+            "stage0b_vision_vqa": 259,
+            "stage1_alignment": 78,
+            "stage2_instruct": 128,
+            "eval_zero_shot": 107,
+            "finetune_vqa": 997,
+            "eval_finetuned": 105,
         },
     ),
 }
