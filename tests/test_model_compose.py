@@ -120,7 +120,7 @@ def test_image_changes_logits(tiny_llava_dir):
 
 
 @pytest.mark.parametrize("preset, tokens", [("cpu", 64), ("cpu-p32", 16)])
-def test_cpu_vision_presets_image_tokens(tmp_path, preset, tokens):
+def test_cpu_vision_presets_image_tokens(preset, tokens):
     """The quickstart's tower (32 px patches) gives 16 image tokens at 128 px; the processor
     expands <image> to exactly the tower's patch count, so the forward pass accepts it."""
     from PIL import Image

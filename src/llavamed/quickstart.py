@@ -157,13 +157,13 @@ SIZES: dict[str, SizePreset] = {
         },
     ),
     "medium": SizePreset(
-        # The small recipe with twice the VQA images and three times the stage-0b steps: the
-        # final model tracks the stage-0b tower, and the tower gains from both together (held
-        # out: 0.784 after 900 steps on 9,000 VQA images, 0.848 after 2,700; small's is 0.818).
-        # The LM keeps small's 8 layers: the tower, not the LM, caps closed accuracy here
-        # (docs/stage0.md, "The tower is the ceiling"). Measured with the cpu-p32 tower: held
-        # out 0.934; 82.0% strict closed on all 1,802 closed test questions, 50.6% with a blank
-        # image (78.9% with the cpu tower, 76.4% before shared-prefix packing).
+        # The small recipe with twice the VQA images and three times the stage-0b steps, which
+        # together lift the stage-0b tower (cpu tower: 0.784 after 900 steps on 9,000 VQA
+        # images, 0.848 after 2,700, against small's 0.818; docs/stage0.md). The LM keeps
+        # small's 8 layers. Measured with the cpu-p32 tower: held out 0.934; 82.0% strict closed
+        # on all 1,802 closed test questions, 50.6% with a blank image (78.9% with the cpu
+        # tower, 76.4% before shared-prefix packing). The model now trails its tower by 11
+        # points: the LM's reading of the tower, not the tower, is the larger loss here.
         articles=400,
         image_size=256,
         instruct_samples=96,
