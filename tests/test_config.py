@@ -130,5 +130,5 @@ def test_shipped_configs(path):
         elif cfg.train.lora is None:
             assert t.lr == 2e-5 and t.epochs == 3 and "vision" not in cfg.trainable_parts()
     else:
-        assert cfg.train.precision == "bf16" or "tiny" in path.name
+        assert cfg.train.precision == "auto" or "tiny" in path.name
         assert cfg.data.num_workers <= 1 and cfg.data.batching == "length_grouped"

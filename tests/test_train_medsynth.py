@@ -50,7 +50,7 @@ def test_medsynth_closed_accuracy_needs_the_image(tmp_path):
             "micro_batch_size": 16,
             "lr": 5e-4,
             "warmup_ratio": 0.05,
-            "precision": "bf16",
+            "precision": "auto",
         },
         "output": {"dir": str(tmp_path / "run"), "save_every": 0},
     }

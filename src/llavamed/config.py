@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from llavamed.errors import ConfigError, InputError
+from llavamed.utils.precision import check_precision
 
 STAGES = ("align", "instruct", "finetune")
 TRAINABLE_PARTS = ("projector", "lm", "vision")
@@ -168,9 +169,10 @@ class TrainSection:
     """``cosine`` (to 0), ``linear`` (to 0) or ``constant`` (after warmup)."""
     max_grad_norm: float = 1.0
     """Clip the global gradient norm (0 disables)."""
-    precision: str = "bf16"
-    """``bf16`` (autocast, fp32 master weights; ~2.3x faster than fp32 on modern CPUs too) or
-    ``fp32``."""
+    precision: str = "auto"
+    """``bf16`` (autocast, fp32 master weights; ~2.3x faster than fp32 on CPUs with AVX512-BF16
+    or AMX, ~60x slower on AVX2-only ones), ``fp32``, or ``auto``: bf16 where the hardware
+    computes it (``llavamed.utils.precision``). The saved config holds the resolved value."""
     gradient_checkpointing: bool = False
     """Recompute LM activations in backward (less memory, ~30% more compute)."""
     attn_implementation: str = "sdpa"
@@ -300,8 +302,7 @@ class TrainConfig:
             raise ConfigError(
                 f"train.lr_scheduler={t.lr_scheduler!r}: choose cosine, linear or constant"
             )
-        if t.precision not in ("bf16", "fp32"):
-            raise ConfigError(f"train.precision={t.precision!r}: choose bf16 or fp32")
+        check_precision(t.precision, "train.precision")
         if t.attn_implementation not in ("sdpa", "eager", "flash_attention_2"):
             raise ConfigError(
                 f"train.attn_implementation={t.attn_implementation!r}: choose sdpa, eager or flash_attention_2"

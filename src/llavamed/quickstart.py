@@ -410,9 +410,10 @@ def run_quickstart(opts: QuickstartOptions) -> dict:
         from llavamed.llm.client import ClientOptions
         from llavamed.serve.api import serve_in_background
 
-        # bf16 matmuls run ~4x faster than fp32 on CPUs with AVX512-BF16/AMX.
+        # bf16 where the CPU computes it (~4x faster than fp32 with AVX512-BF16/AMX), else fp32:
+        # AVX2-only CPUs emulate bf16 and run it ~60x slower (utils/precision.py).
         server = serve_in_background(
-            "embedded", dtype="bf16", served_model_name="smollm2-135m-instruct"
+            "embedded", dtype="auto", served_model_name="smollm2-135m-instruct"
         )
         try:
             report, rc = run_instruct(
@@ -459,7 +460,7 @@ def run_quickstart(opts: QuickstartOptions) -> dict:
             "time_budget_min": p.stage0_minutes,
             "batch_size": p.stage0_batch,
             "lr": 1e-3,
-            "precision": "bf16",
+            "precision": "auto",
             "probe_images_per_domain": p.probe_images,
             "seed": seed,
         }
@@ -479,7 +480,7 @@ def run_quickstart(opts: QuickstartOptions) -> dict:
                 "output_dir": str(out / "stage0b"),
                 "feature_layer": -2,
                 "steps": p.stage0b_steps,
-                "precision": "bf16",
+                "precision": "auto",
                 "seed": seed,
             },
             progress=opts.progress,
@@ -511,7 +512,7 @@ def run_quickstart(opts: QuickstartOptions) -> dict:
         return run
 
     common_train = {
-        "precision": "bf16",
+        "precision": "auto",
         "global_batch_size": p.batch,
         "micro_batch_size": p.batch,
         "warmup_ratio": 0.03,

@@ -21,9 +21,10 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--dtype",
-        choices=["fp32", "bf16"],
+        choices=["fp32", "bf16", "auto"],
         default="fp32",
-        help="weights dtype on CPU (default fp32; bf16 is faster on recent CPUs)",
+        help="weights dtype on CPU (default fp32; bf16 is faster only on CPUs with AVX512-BF16 "
+        "or AMX and much slower elsewhere; auto picks bf16 where the CPU has it)",
     )
     add_pack_weights_arg(p)
 

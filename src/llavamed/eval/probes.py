@@ -94,11 +94,13 @@ def extract(tower, images, feature_layer: int, batch: int = 64):
     import torch
 
     from llavamed.train.vision_pretrain import normalize, tower_features
+    from llavamed.utils.precision import resolve_precision
 
     out = []
     tower.model.eval()
     device = next(tower.model.parameters()).device
-    with torch.inference_mode(), torch.autocast(device.type, dtype=torch.bfloat16):
+    bf16 = resolve_precision("auto", device) == "bf16"
+    with torch.inference_mode(), torch.autocast(device.type, torch.bfloat16, enabled=bf16):
         for s in range(0, images.shape[0], batch):
             x = normalize(images[s : s + batch].float() / 255.0, tower.mean, tower.std)
             _, patches = tower_features(tower, x.to(device), feature_layer)

@@ -216,6 +216,10 @@ def is_llava_dir(path: str | Path) -> bool:
 def parse_dtype(name: str | None):
     import torch
 
+    from llavamed.utils.precision import resolve_precision, torch_dtype
+
+    if name == "auto":  # bf16 only where the CPU computes it natively (utils/precision.py)
+        return torch_dtype(resolve_precision("auto"))
     table = {
         None: torch.float32,
         "fp32": torch.float32,
@@ -226,7 +230,7 @@ def parse_dtype(name: str | None):
         "float16": torch.float16,
     }
     if name not in table:
-        raise InputError("--dtype", "unknown dtype", f"{name!r}; use fp32 or bf16")
+        raise InputError("--dtype", "unknown dtype", f"{name!r}; use fp32, bf16 or auto")
     return table[name]
 
 

@@ -39,6 +39,7 @@ from llavamed.utils.io import (
     iter_jsonl,
     write_jsonl,
 )
+from llavamed.utils.precision import resolve_precision
 
 FINAL = "checkpoint-final"
 # Keys that may change between a run and its resumption without changing what is trained.
@@ -543,6 +544,12 @@ def _check_same_run(out: Path, resolved: dict) -> None:
         )
 
 
+def _cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
 def _engine_kind(cfg: TrainConfig, info: DistInfo) -> str:
     return cfg.distributed.engine if info.enabled else "single"
 
@@ -567,6 +574,11 @@ def run_training(
         else load_config(config, overrides)
     )
     out = Path(cfg.output.dir).resolve()
+    # Resolved before the run's identity is taken: a run resumed on a machine that resolves
+    # ``auto`` differently would silently change its arithmetic, so that is a different run.
+    cfg.train.precision = resolve_precision(
+        cfg.train.precision, "cuda" if _cuda_available() else "cpu"
+    )
     resolved = to_dict(cfg)
     final = out / FINAL
     metrics_path = out / "metrics.jsonl"

@@ -35,6 +35,7 @@ from typing import Any
 
 from llavamed.errors import ConfigError, InputError
 from llavamed.utils.io import atomic_write_json, atomic_write_text
+from llavamed.utils.precision import check_precision, resolve_precision
 
 REPORT = "vision_vqa_report.json"
 
@@ -70,7 +71,8 @@ class VisionVQAConfig:
     """Stop early after this many minutes (the schedule still assumes ``steps``)."""
     val_fraction: float = 0.1
     """Train-split images held out (by image) to report accuracy; 0 disables it."""
-    precision: str = "bf16"
+    precision: str = "auto"
+    """``bf16``, ``fp32`` or ``auto`` (bf16 where the hardware computes it; resolved at start)."""
     seed: int = 0
     log_every: int = 25
     stage: str = "vision_vqa"
@@ -80,8 +82,7 @@ class VisionVQAConfig:
             raise ConfigError("stage vision_vqa: give at least one entry in sources")
         if self.readout not in ("token", "mean", "lse"):
             raise ConfigError(f"readout={self.readout!r}: choose token, mean or lse")
-        if self.precision not in ("bf16", "fp32"):
-            raise ConfigError(f"precision={self.precision!r}: choose bf16 or fp32")
+        check_precision(self.precision)
         if self.steps < 1 or self.batch_size < 1:
             raise ConfigError("steps and batch_size must be >= 1")
         if not self.lr > 0:
@@ -236,6 +237,7 @@ def train_vision_vqa(cfg: VisionVQAConfig, progress: bool = True) -> VisionVQARe
     from llavamed.train.vision_pretrain import _save_tower, load_tower, tower_features
 
     t0 = time.time()
+    cfg.precision = resolve_precision(cfg.precision, "cpu")  # this stage runs on the CPU
     out = Path(cfg.output_dir)
     tower_dir, report_path = out / "vision_tower", out / REPORT
     resolved = asdict(cfg)

@@ -1,0 +1,69 @@
+"""Pick bf16 or fp32 for the machine at hand (``precision: auto``).
+
+Why: bf16 autocast is the fast path only where the hardware has bf16 arithmetic. On CPUs with
+AVX512-BF16 or AMX it runs matmuls ~2-4x faster than fp32, but on an AVX2-only CPU PyTorch
+emulates it and the same matmul is ~60x *slower* (a 1024x1024 matmul: 2.7 s against 0.044 s,
+measured on an AVX2 AMD EPYC; ``benchmarks/precision.py``). A recipe that hard-codes bf16
+therefore runs an hour-long quickstart on one laptop and a twenty-minute one on another, so
+every stage that defaults to bf16 defaults to ``auto`` instead and resolves it here, once, and
+saves the resolved value with its outputs.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import TYPE_CHECKING
+
+from llavamed.errors import ConfigError
+
+if TYPE_CHECKING:
+    import torch
+
+CHOICES = ("auto", "bf16", "fp32")
+
+
+@functools.cache
+def cpu_has_fast_bf16() -> bool:
+    """True when this CPU computes bf16 in hardware (AVX512-BF16 or AMX on x86; on Arm, the
+    BF16 extension PyTorch reports through its SVE/NEON capability)."""
+    import torch
+
+    cpu = getattr(torch, "cpu", None)
+    for probe in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"):
+        fn = getattr(cpu, probe, None)
+        if fn is not None and fn():
+            return True
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            flags = f.read()
+    except OSError:
+        return False
+    # Arm exposes "bf16" in its Features line; x86 names it avx512_bf16 / amx_bf16 (probed above).
+    return any(line.startswith("Features") and " bf16" in line for line in flags.splitlines())
+
+
+def check_precision(name: str, key: str = "precision") -> None:
+    """Raise ``ConfigError`` (naming ``key``) unless ``name`` is one of ``CHOICES``."""
+    if name not in CHOICES:
+        raise ConfigError(f"{key}={name!r}: choose one of {', '.join(CHOICES)}")
+
+
+def resolve_precision(name: str, device: str | torch.device = "cpu") -> str:
+    """``auto`` -> ``bf16`` where the device computes bf16 natively, else ``fp32``; ``bf16`` and
+    ``fp32`` pass through. Raises ``ConfigError`` on anything else."""
+    check_precision(name)
+    if name != "auto":
+        return name
+    import torch
+
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
+    return "bf16" if cpu_has_fast_bf16() else "fp32"
+
+
+def torch_dtype(precision: str) -> torch.dtype:
+    """The compute dtype of a resolved precision."""
+    import torch
+
+    return {"bf16": torch.bfloat16, "fp32": torch.float32}[precision]
