@@ -134,6 +134,8 @@ def test_quickstart_tiny_end_to_end_and_rerun(tmp_path):
     ]
     first = subprocess.run(cmd, capture_output=True, text=True, timeout=3600)
     assert first.returncode == 0, first.stderr[-4000:]
+    # --no-progress silences the libraries' bars too (weight loading, GGUF conversion).
+    assert "it/s]" not in first.stderr + first.stdout, first.stderr[-2000:]
     report = json.loads((out / "report.json").read_text())
     assert (out / "report.md").exists() and (out / "loss.png").exists()
     assert (out / "finetune" / "checkpoint-final" / "config.json").exists()
