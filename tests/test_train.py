@@ -4,6 +4,7 @@ conditioning, LoRA export, idempotent re-runs."""
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -354,7 +355,12 @@ def test_cli_print_config_and_vision_dispatch(tmp_path, monkeypatch):
 
     (tmp_path / "v.yaml").write_text("stage: vision\n")
     monkeypatch.setitem(sys.modules, "llavamed.train.vision_pretrain", None)
+    monkeypatch.delenv("TQDM_DISABLE", raising=False)  # restored after the test
     assert main(["train", str(tmp_path / "v.yaml")]) == 1
+    assert "TQDM_DISABLE" not in os.environ
+    # --no-progress also silences the libraries' own tqdm bars (transformers' weight loading).
+    assert main(["train", "--no-progress", str(tmp_path / "v.yaml")]) == 1
+    assert os.environ["TQDM_DISABLE"] == "1"
 
 
 def test_param_groups_give_each_part_its_own_rate(tiny_llava_dir):

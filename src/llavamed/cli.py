@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 
 from llavamed import __version__
@@ -68,6 +69,10 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
+    if getattr(args, "no_progress", False) or getattr(args, "quiet", False):
+        # Our own bars follow ``progress``; transformers' weight loading and GGUF conversion
+        # draw plain tqdm bars, which tqdm itself turns off through this variable.
+        os.environ["TQDM_DISABLE"] = "1"
     try:
         rc = args.func(args)
     except LlavamedError as exc:

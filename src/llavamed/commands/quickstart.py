@@ -43,15 +43,9 @@ def register(sub) -> None:
 
 
 def run(args) -> int:
-    import os
     from pathlib import Path
 
     from llavamed.quickstart import QuickstartOptions, run_quickstart
-
-    if args.no_progress:
-        # Our stages take ``progress``; transformers' weight loading and GGUF conversion draw
-        # plain tqdm bars, which tqdm itself turns off through this variable.
-        os.environ["TQDM_DISABLE"] = "1"
 
     report = run_quickstart(
         QuickstartOptions(
