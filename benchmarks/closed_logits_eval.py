@@ -8,12 +8,18 @@ The quickstart's report scores 208 closed questions (±6.5 points), too few to t
 apart. This scores all of them by next-token logits (``llavamed.eval.closed_logits``: "yes" vs
 "no", one forward pass, no generation), ±1.1 points on ~1,700 questions, and the same questions
 with a blank image. Prints a markdown table: accuracy and blank accuracy (%) per checkpoint and set.
+
+``--per-question FILE`` keeps the counts per question text, to see which findings a model misses;
+``--split train --limit 800`` scores a random 800 of the training questions, to tell a model that
+underfits its training set from one that memorises it.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import time
+from pathlib import Path
 
 
 def main() -> int:
@@ -25,6 +31,18 @@ def main() -> int:
     ap.add_argument("--split", default="test")
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument(
+        "--limit",
+        type=int,
+        default=None,
+        help="score N yes/no questions per set, drawn at random (seed 0); for the train split",
+    )
+    ap.add_argument(
+        "--per-question",
+        metavar="JSON",
+        default=None,
+        help="also write {model: {set: {question: [n, correct, correct_blank]}}} here",
+    )
     args = ap.parse_args()
     sets = []
     for spec in args.test:
@@ -32,6 +50,8 @@ def main() -> int:
         if not sep or not name or not path:
             ap.error(f"--test: want DATASET=PATH, got {spec!r}")
         sets.append((name, path))
+
+    import random
 
     import torch
 
@@ -43,24 +63,36 @@ def main() -> int:
         torch.set_num_threads(args.threads)
     header = " | ".join(f"{n} (n) | {n} blank" for n, _ in sets)
     rows = [f"| model | {header} | seconds |", "|---" * (2 * len(sets) + 2) + "|"]
+    per_question: dict = {}
     for ckpt in args.models:
         t0 = time.time()
         model, processor = load_llava(ckpt)
         cells = []
         for name, path in sets:
             samples, _ = load_vqa(name, path, split=args.split, lang="en")
-            data = prepare_closed(samples, processor)
+            if args.limit is not None:
+                # A random draw, not the first N: the splits are ordered by image.
+                random.Random(0).shuffle(samples)
+            data = prepare_closed(samples, processor, limit=args.limit)
             hits = {}
+            table = per_question.setdefault(ckpt, {}).setdefault(name, {})
             for blank in (False, True):
                 pred = yes_no_predictions(
                     model, processor, data, batch_size=args.batch_size, blank=blank
                 )
-                hits[blank] = sum(p == y for p, y in zip(pred, data.is_yes, strict=True))
+                right = [p == y for p, y in zip(pred, data.is_yes, strict=True)]
+                hits[blank] = sum(right)
+                for q, ok in zip(data.questions, right, strict=True):
+                    row = table.setdefault(q, [0, 0, 0])
+                    row[0] += not blank
+                    row[2 if blank else 1] += ok
             n = len(data.is_yes)
             cells += [f"{100 * hits[False] / n:.1f} ({n})", f"{100 * hits[True] / n:.1f}"]
         rows.append(f"| {ckpt} | {' | '.join(cells)} | {time.time() - t0:.0f} |")
         print(rows[-1], flush=True)
     print("\n".join(rows))
+    if args.per_question:
+        Path(args.per_question).write_text(json.dumps(per_question, indent=1))
     return 0
 
 
