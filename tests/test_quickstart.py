@@ -16,6 +16,7 @@ ALL_STAGES = {
     "ingest",
     "align",
     "instruct",
+    "stage0_pairs",
     "stage0_vision",
     "stage0b_vision_vqa",
     "stage1_alignment",
@@ -154,6 +155,7 @@ def test_quickstart_tiny_end_to_end_and_rerun(tmp_path):
     assert third.returncode == 0, third.stderr[-4000:]
     report3 = json.loads((out3 / "report.json").read_text())
     assert "stage0_vision" not in report3["stages"] and not (out3 / "stage0").exists()
+    assert "stage0_pairs" not in report3["stages"] and not (out3 / "stage0_pairs").exists()
     assert report3["vision"] == str(tower) and "stage0b_vision_vqa" in report3["stages"]
     s0b = json.loads((out3 / "stage0b" / "vision_vqa_report.json").read_text())
     assert s0b["config"]["vision"] == str(tower)

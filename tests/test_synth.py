@@ -437,3 +437,42 @@ def test_dense_train_questions_leave_validation_and_test_unchanged():
                 for lab in ("sparse", "dense")
             ]
             assert same[0] and same[0] == same[1], (name, split)
+
+
+def test_caption_pairs_are_deterministic_resumable_and_readable_by_stage0(tmp_path):
+    from llavamed.data.synth.pairs import write_caption_pairs
+    from llavamed.train.vision_pretrain import load_pairs
+
+    kw = dict(seed=5, image_size=96, chest_frac=0.5, progress=False)
+    one = write_caption_pairs(tmp_path / "a", 24, workers=1, **kw)
+    two = write_caption_pairs(tmp_path / "b", 24, workers=2, **kw)
+    assert _tree_hashes(one.parent) == _tree_hashes(two.parent)
+    recs = [json.loads(line) for line in one.read_text().splitlines()]
+    assert len(recs) == 24 and len({r["fig_caption"] for r in recs}) > 12
+    # Single-panel figures: the caption has no (A)/(B) panel labels, and each record carries
+    # the ground truth it was drawn from.
+    assert not any("(A)" in r["fig_caption"] for r in recs)
+    for r in recs[:6]:
+        attrs_from_dict(r["domain"], r["attributes"])
+        with Image.open(one.parent / r["image"]) as im:
+            assert im.format == "JPEG" and min(im.size) >= 80
+    pairs, skipped = load_pairs(one)
+    assert len(pairs) == 24 and not skipped
+    # A run killed before writing the index, with an image missing, resumes to the same bytes.
+    before = _tree_hashes(one.parent)
+    one.unlink()
+    (one.parent / recs[3]["image"]).unlink()
+    write_caption_pairs(tmp_path / "a", 24, workers=1, **kw)
+    assert _tree_hashes(one.parent) == before
+    with pytest.raises(ConfigError, match="already holds caption pairs"):
+        write_caption_pairs(tmp_path / "a", 25, workers=1, **kw)
+
+
+def test_caption_pairs_chest_share_follows_chest_frac():
+    from llavamed.data.synth.pairs import _plan
+
+    for frac in (0.0, 0.4, 1.0):
+        domains = Counter(_plan(0, i, frac)["domain"] for i in range(400))
+        share = domains["chest_xray"] / 400
+        assert abs(share - frac) < 0.08, (frac, domains)
+        assert frac == 1.0 or len(domains) == len(DOMAINS) - (frac == 0.0)

@@ -12,7 +12,8 @@ def register(sub) -> None:
         description=(
             "MedSynth world -> PMC ingestion + domain labels -> alignment set -> self-instruct "
             "conversations from the embedded SmolLM2 behind a local OpenAI-compatible server -> "
-            "stage 0 (vision pretraining) -> stage 1 -> stage 2 -> zero-shot VQA -> VQA "
+            "stage 0 (vision pretraining on rendered single-panel figure-caption pairs) -> stage 0b "
+            "(the tower learns the VQA train split) -> stage 1 -> stage 2 -> zero-shot VQA -> VQA "
             "fine-tuning -> VQA + blank-image ablation -> report.md/report.json/loss.png. "
             "Re-running skips finished stages; a killed run resumes where it stopped."
         ),
