@@ -388,11 +388,15 @@ def test_cli_synth(tmp_path, capsys):
             "64",
             "--workers",
             "1",
+            "--caption-pairs",
+            "6",
             "--quiet",
         ]
     )
     assert rc == 0 and (out / "manifest.json").is_file()
-    assert "2 articles" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "2 articles" in printed and "6 caption pairs" in printed
+    assert len((out / "caption_pairs" / "figures.jsonl").read_text().splitlines()) == 6
     assert (
         main(
             [

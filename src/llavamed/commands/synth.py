@@ -23,6 +23,9 @@ Generate MedSynth, a procedurally generated biomedical figure world with ground 
                                      a SLAKE-shaped set (all five domains, ~18% Chinese questions)
   DIR/manifest.json                  seed, generator version, counts per domain and split, and
                                      the attribute ground truth of every image
+  DIR/caption_pairs/figures.jsonl    with --caption-pairs N: N single-panel figure-caption pairs
+                                     (+ images/) for stage-0 vision pretraining, in the ingested
+                                     corpus's figures.jsonl shape
 
 Images in five domains (chest X-ray, CT, brain MRI, H&E histology, gross pathology) are drawn
 from explicit attributes; captions and every VQA answer derive from those attributes. The same
@@ -79,6 +82,15 @@ def register(subparsers) -> None:
         "not depend on it",
     )
     p.add_argument(
+        "--caption-pairs",
+        type=int,
+        default=0,
+        metavar="N",
+        help="also render N single-panel figure-caption pairs into DIR/caption_pairs/ for stage 0 "
+        "(`llavamed train configs/cpu/stage0_vision.yaml data=DIR/caption_pairs/figures.jsonl`); "
+        "the quickstart uses 12000 (default: 0, none)",
+    )
+    p.add_argument(
         "--contact-sheet",
         type=Path,
         metavar="PNG",
@@ -96,6 +108,8 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError("--articles must be >= 1")
     if args.workers < 0:
         raise ConfigError("--workers must be >= 0")
+    if args.caption_pairs < 0:
+        raise ConfigError("--caption-pairs must be >= 0")
     workers = args.workers or (os.cpu_count() or 1)
     m = generate_world(
         args.out,
@@ -116,6 +130,17 @@ def run(args: argparse.Namespace) -> int:
         f"{sum(c['pmc']['articles'].values())} articles / {n_fig} figures, "
         f"VQA-RAD {rad_q} QA, SLAKE {slake_q} QA"
     )
+    if args.caption_pairs:
+        from llavamed.data.synth.pairs import write_caption_pairs
+
+        pairs = write_caption_pairs(
+            args.out / "caption_pairs",
+            args.caption_pairs,
+            seed=args.seed,
+            workers=workers,
+            progress=not args.quiet,
+        )
+        print(f"{args.caption_pairs} caption pairs -> {pairs}")
     if args.contact_sheet:
         from llavamed.data.synth.contact_sheet import contact_sheet
         from llavamed.utils.io import atomic_path
