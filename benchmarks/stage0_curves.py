@@ -194,11 +194,26 @@ def main() -> None:
         help="a finished quickstart's output folder: run its stage 1, stage 2 and fine-tuning "
         "configs on each tower instead of the single VQA stage",
     )
+    ap.add_argument(
+        "--include",
+        action="append",
+        default=[],
+        metavar="LABEL=CURVES_JSON:NAME",
+        help="also plot and tabulate curve NAME of an earlier run's curves.json as LABEL, without "
+        "training it again (only meaningful for a run with the same world and settings); repeat",
+    )
     ap.add_argument("--quiet", action="store_true")
     args = ap.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     curves = {}
+    for spec in args.include:
+        label, _, ref = spec.partition("=")
+        path, _, name = ref.rpartition(":")
+        earlier = json.loads(Path(path).read_text()) if path else {}
+        if name not in earlier:
+            sys.exit(f"--include {spec!r}: no curve {name!r} in {path or '(no file)'}")
+        curves[label] = earlier[name]
     for spec in args.tower:
         name, _, vision = spec.partition("=")
         if not vision:
