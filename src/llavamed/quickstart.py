@@ -126,10 +126,10 @@ SIZES: dict[str, SizePreset] = {
         vision="cpu-p32",
         # Stage 0 on 12,000 rendered single-panel pairs for 900 steps (run F in docs/stage0.md):
         # local findings +6.7 / +18.2 points over a random tower (patch / pooled probes), and
-        # stage 0b from this tower reaches 0.884 held out against 0.848 from 150 steps on the
-        # corpus's ~400 figures. The final model: 84.3% against 80.6% by yes/no logits on all
-        # 1,669 closed test questions. It costs about 9 minutes on an AVX2 CPU (render 1.5,
-        # caption embeddings 2, training 4.2) against 21 s.
+        # stage 0b from this tower reaches 0.899 held out against 0.848 from 150 steps on the
+        # corpus's 390 figures. The final model: 84.4% against 80.6% by yes/no logits on all
+        # 1,669 closed test questions, 85.6% against 77.9% strict (AVX2 CPU, fp32). It costs
+        # 7.4 minutes there (rendering 1, stage 0 6.5) against 1.
         stage0_minutes=12.0,
         stage0_steps=900,
         stage0_batch=64,
@@ -156,20 +156,22 @@ SIZES: dict[str, SizePreset] = {
         # (probes 0.69-0.81); 2e-4 lifted the blank-image gap from 21.6 to 26.9 (docs/stage0.md).
         lr_projector_finetune=2e-4,
         lr_vision_finetune=0,
-        # Fresh clone of bdafa0c, idle machine: 15 min 38 s in all (README, "What it measured").
+        # Fresh clone of 289cd7b on an idle 2-core AVX2-only CPU (fp32): 51 min 17 s in all,
+        # 85.6% strict closed (README, "What it measured"). With AMX (bf16) the recipe before
+        # the 12,000-pair stage 0 took 15 min 38 s, fine-tuning 708 s of it.
         stage_seconds={
-            "synth": 20,
-            "ingest": 0,
+            "synth": 40,
+            "ingest": 1,
             "align": 0,
-            "instruct": 51,
-            "stage0_pairs": 100,
-            "stage0_vision": 420,
-            "stage0b_vision_vqa": 74,
-            "stage1_alignment": 28,
-            "stage2_instruct": 12,
-            "eval_zero_shot": 10,
-            "finetune_vqa": 708,
-            "eval_finetuned": 12,
+            "instruct": 140,
+            "stage0_pairs": 56,
+            "stage0_vision": 388,
+            "stage0b_vision_vqa": 211,
+            "stage1_alignment": 83,
+            "stage2_instruct": 29,
+            "eval_zero_shot": 30,
+            "finetune_vqa": 2070,
+            "eval_finetuned": 27,
         },
     ),
     "medium": SizePreset(
@@ -178,7 +180,8 @@ SIZES: dict[str, SizePreset] = {
         # images, 0.848 after 2,700, against small's 0.818; docs/stage0.md). The LM keeps
         # small's 8 layers. Measured with the cpu-p32 tower: held out 0.934; 82.0% strict closed
         # on all 1,802 closed test questions, 50.6% with a blank image (78.9% with the cpu
-        # tower, 76.4% before shared-prefix packing). The model now trails its tower by 11
+        # tower, 76.4% before shared-prefix packing; all before the 12,000-pair stage 0, which
+        # medium now shares and has not been re-measured with). The model trailed its tower by 11
         # points: the LM's reading of the tower, not the tower, is the larger loss here.
         articles=400,
         image_size=256,
@@ -205,14 +208,15 @@ SIZES: dict[str, SizePreset] = {
         lr_projector_finetune=2e-4,
         lr_vision_finetune=0,
         # cpu-p32 tower (2026-11-22, night; stages 0 on, on 7a163a5's world): 29 min of
-        # stages; synth and self-instruct from 7a163a5's fresh-clone run. About 39 min in all.
+        # stages; synth and self-instruct from 7a163a5's fresh-clone run. About 39 min in all
+        # with AMX. The two stage-0 entries are small's (AVX2, fp32): not re-measured for medium.
         stage_seconds={
             "synth": 81,
             "ingest": 2,
             "align": 0,
             "instruct": 490,
-            "stage0_pairs": 100,
-            "stage0_vision": 420,
+            "stage0_pairs": 56,
+            "stage0_vision": 388,
             "stage0b_vision_vqa": 259,
             "stage1_alignment": 78,
             "stage2_instruct": 128,

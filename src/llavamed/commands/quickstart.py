@@ -24,10 +24,10 @@ def register(sub) -> None:
         "--size",
         default="small",
         choices=["tiny", "small", "medium"],
-        help="small: ~16 min on 2 CPU cores with bf16 arithmetic (AMX), ~47 min on 2 AVX2-only "
-        "cores (fp32), 78-82%% strict closed accuracy; medium: the same recipe on twice the VQA "
-        "images for longer, ~39 min with AMX, 82%%; tiny: a few-minute smoke run of every stage "
-        "that learns little",
+        help="small: ~51 min on 2 AVX2-only cores (fp32; measured), ~21 min on 2 cores with "
+        "bf16 arithmetic (AMX; estimated), 85.6%% strict closed accuracy; medium: the same "
+        "recipe on twice the VQA images for longer, ~39 min with AMX and 82%% before its stage 0 "
+        "grew (not re-measured); tiny: a few-minute smoke run of every stage that learns little",
     )
     p.add_argument("--seed", type=int, default=0, help="seed for data and training")
     p.add_argument("--workers", type=int, default=2, help="processes for data generation/ingestion")
