@@ -150,6 +150,10 @@ def run_curriculum(name: str, vision: str, args) -> list[dict]:
             cfg["model"]["from"] = str(previous)
         cfg["output"]["dir"] = str(Path(args.out) / name / phase)
         cfg["output"]["save_every"] = 0
+        if phase == "finetune" and args.finetune_steps:
+            # The schedule then decays over these steps, not over the quickstart's epochs.
+            cfg["train"].pop("epochs", None)
+            cfg["train"]["max_steps"] = args.finetune_steps
         state["scored"] = -1
 
         def on_step(step, model, processor, phase=phase):
@@ -193,6 +197,14 @@ def main() -> None:
         default=None,
         help="a finished quickstart's output folder: run its stage 1, stage 2 and fine-tuning "
         "configs on each tower instead of the single VQA stage",
+    )
+    ap.add_argument(
+        "--finetune-steps",
+        type=int,
+        default=None,
+        metavar="N",
+        help="with --curriculum: stop fine-tuning after N steps, its schedule decaying over them "
+        "(default: the quickstart's epochs)",
     )
     ap.add_argument(
         "--include",

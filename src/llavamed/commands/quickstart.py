@@ -24,7 +24,7 @@ def register(sub) -> None:
         "--size",
         default="small",
         choices=["tiny", "small", "medium"],
-        help="small: ~51 min on 2 AVX2-only cores (fp32; measured), ~21 min on 2 cores with "
+        help="small: ~51 min on 2 AVX2-only cores (fp32; measured), ~18 min on 2 cores with "
         "bf16 arithmetic (AMX; estimated), 85.6%% strict closed accuracy; medium: the same "
         "recipe on twice the VQA images for longer, ~39 min with AMX and 82%% before its stage 0 "
         "grew (not re-measured); tiny: a few-minute smoke run of every stage that learns little",
