@@ -86,8 +86,13 @@ def _worker(rank: int, world: int, port: int, out: str):
             gr /= world  # DDP's gradient averaging
         if rank == 0:
             torch.save({"loss": loss, "grads": grads}, out)
+        dist.barrier()  # both ranks leave their collectives together
     finally:
         dist.destroy_process_group()
+    # A spawned rank sometimes aborted at interpreter exit, after its work was done ("terminate
+    # called without an active exception" from a gloo thread; about 1 run in 5 to 10), which
+    # failed the test with nothing wrong in the result. Leave without the exit-time teardown.
+    os._exit(0)
 
 
 def _free_port() -> int:
