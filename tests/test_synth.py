@@ -480,3 +480,12 @@ def test_caption_pairs_chest_share_follows_chest_frac():
         share = domains["chest_xray"] / 400
         assert abs(share - frac) < 0.08, (frac, domains)
         assert frac == 1.0 or len(domains) == len(DOMAINS) - (frac == 0.0)
+
+
+def test_caption_pairs_draw_from_their_own_random_stream():
+    # Sharing a stream with the articles or the VQA sets would render test images as pairs.
+    from llavamed.data.synth.articles import ARTICLE_STREAM
+    from llavamed.data.synth.pairs import PAIRS_STREAM
+    from llavamed.data.synth.world import SETS
+
+    assert PAIRS_STREAM not in {ARTICLE_STREAM, *(stream for stream, _, _ in SETS.values())}

@@ -32,7 +32,7 @@ from llavamed.data.synth.render import render
 from llavamed.errors import ConfigError
 from llavamed.utils.io import atomic_write_bytes, atomic_write_json, read_json, write_jsonl
 
-PAIRS_STREAM = 4  # articles use stream 1, the VQA sets streams 2 and 3
+PAIRS_STREAM = 4  # distinct from the articles and VQA sets (a test checks it)
 PAIRS_VERSION = "medsynth-pairs-1"
 STAMP = ".caption-pairs-args.json"
 
