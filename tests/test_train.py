@@ -389,6 +389,20 @@ def test_param_groups_give_each_part_its_own_rate(tiny_llava_dir):
     assert {id(p) for p in only[0]["params"]} == want["projector"]
 
 
+def test_fused_adamw_only_where_its_kernel_applies():
+    import torch
+
+    from llavamed.train.trainer import _fused_adamw
+
+    w = [torch.nn.Parameter(torch.zeros(3)), torch.nn.Parameter(torch.zeros(2, 2))]
+    assert _fused_adamw("single", w) is True
+    assert _fused_adamw("ddp", w) is True
+    # FSDP2 shards (DTensors) and DeepSpeed's own optimizer wrapper keep torch's default.
+    assert _fused_adamw("fsdp", w) is None
+    assert _fused_adamw("deepspeed", w) is None
+    assert _fused_adamw("single", w + [torch.zeros(2, dtype=torch.int64)]) is None
+
+
 @pytest.mark.parametrize("key", ["lr_projector", "lr_vision"])
 def test_part_rates_must_be_positive(tmp_path, bright_dark, key):
     cfg = tiny_config(bright_dark, tmp_path / "run", max_steps=1)
