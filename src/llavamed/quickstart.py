@@ -138,7 +138,9 @@ SIZES: dict[str, SizePreset] = {
         stage1_steps=30,
         stage2_epochs=1.0,
         # Three epochs: yes/no logits on all 1,669 closed test questions, 77.1 / 81.9 (SLAKE- /
-        # VQA-RAD-shaped) against 75.9 / 79.5 after 1.9 epochs (same stage-2 checkpoint).
+        # VQA-RAD-shaped) against 75.9 / 79.5 after 1.9 epochs (same stage-2 checkpoint). With
+        # the current towers, 83.8 / 85.2 against 81.0 / 82.9 for 2 epochs at LM lr 1e-3, and
+        # 82.6 / 85.2 for 3 epochs at 1e-3 (README, "Levers tried since").
         finetune_epochs=3.0,
         eval_limit=400,
         # 4,500 VQA images with dense train questions: MedSynth makes them in ~30 s, and each
