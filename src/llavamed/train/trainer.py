@@ -326,7 +326,7 @@ def _fused_adamw(kind: str, params) -> bool | None:
 
     Why: on a CPU torch's default AdamW walks every parameter several times (one op per update
     term), and fine-tuning updates SmolLM2's 28M-entry tied embedding every step; the fused
-    kernel makes one pass: 240 -> 40 ms a step for the quickstart's 57M trainable parameters on
+    kernel makes one pass: 240 -> 44 ms a step for the quickstart's 57M trainable parameters on
     the 2-core machine (``benchmarks/optimizer_step.py``), the same update up to float rounding.
     Plain tensors only: FSDP2 shards are DTensors and DeepSpeed wraps the optimizer itself."""
     if kind not in ("single", "ddp"):
