@@ -79,6 +79,16 @@ def test_lora_needs_lm():
     assert cfg.train.lora.r == 4 and cfg.train.lora.alpha == 8
 
 
+def test_frozen_lm_layers_needs_a_trainable_lm():
+    assert load_config(BASE, ["train.frozen_lm_layers=1"]).train.frozen_lm_layers == 1
+    with pytest.raises(ConfigError, match="frozen_lm_layers: the LM is not in train.trainable"):
+        load_config(BASE, ["train.frozen_lm_layers=1", "train.trainable=[projector]"])
+    with pytest.raises(ConfigError, match="frozen_lm_layers must be >= 0"):
+        load_config(BASE, ["train.frozen_lm_layers=-1"])
+    with pytest.raises(ConfigError, match="choose one"):
+        load_config(BASE, ["train.frozen_lm_layers=1", "train.lora={r: 4}"])
+
+
 def test_override_syntax():
     raw = apply_overrides({"a": {"b": [1, 2]}}, ["a.b.1=5", "a.c.d=[x, y]", "e=null"])
     assert raw == {"a": {"b": [1, 5], "c": {"d": ["x", "y"]}}, "e": None}

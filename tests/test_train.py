@@ -389,6 +389,39 @@ def test_param_groups_give_each_part_its_own_rate(tiny_llava_dir):
     assert {id(p) for p in only[0]["params"]} == want["projector"]
 
 
+def test_frozen_lm_layers_stop_backward_at_the_first_trained_layer(tiny_llava_dir):
+    import torch
+    from transformers import LlavaForConditionalGeneration
+
+    from llavamed.errors import ConfigError
+    from llavamed.train.freeze import apply_trainable
+
+    model = LlavaForConditionalGeneration.from_pretrained(tiny_llava_dir)
+    lm = model.model.language_model
+    counts = apply_trainable(model, ["lm"], frozen_lm_layers=1)
+    top = sum(p.numel() for p in (*lm.layers[1].parameters(), *lm.norm.parameters()))
+    assert counts == {"vision": 0, "projector": 0, "lm": top}
+    seen = []  # inputs of each decoder layer, to see where the graph starts
+    hooks = [
+        layer.register_forward_pre_hook(
+            lambda m, a, kw: seen.append(kw.get("hidden_states", a and a[0])), with_kwargs=True
+        )
+        for layer in lm.layers
+    ]
+    ids = torch.tensor([[1, 2, 3, 4]])
+    out = model(input_ids=ids, labels=ids)
+    for h in hooks:
+        h.remove()
+    # Nothing below layer 1 is recorded by autograd: backward stops where training starts.
+    assert [h.requires_grad for h in seen] == [False, False]
+    out.loss.backward()
+    assert lm.layers[0].self_attn.q_proj.weight.grad is None
+    assert lm.embed_tokens.weight.grad is None
+    assert lm.layers[1].self_attn.q_proj.weight.grad is not None
+    with pytest.raises(ConfigError, match="has only 2 layers"):
+        apply_trainable(model, ["lm"], frozen_lm_layers=2)
+
+
 def test_fused_adamw_only_where_its_kernel_applies():
     import torch
 

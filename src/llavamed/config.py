@@ -173,6 +173,16 @@ class TrainSection:
     """``bf16`` (autocast, fp32 master weights; ~2.3x faster than fp32 on CPUs with AVX512-BF16
     or AMX, ~60x slower on AVX2-only ones), ``fp32``, or ``auto``: bf16 where the hardware
     computes it (``llavamed.utils.precision``). The saved config holds the resolved value."""
+    frozen_lm_layers: int = 0
+    """Keep the LM's embeddings (tied to its output head) and its first N decoder layers frozen
+    while the rest of the LM trains. With the projector and tower frozen too, nothing below
+    layer N needs a gradient, so backward stops there: the bottom costs a forward pass only."""
+    cache_frozen_layers: bool = False
+    """With ``frozen_lm_layers`` and nothing below the LM training (no ``projector`` or
+    ``vision`` in ``trainable``): keep each sample's hidden state entering the first trained
+    layer in memory the first time it is seen, and start there on every later visit, so later
+    epochs skip the tower, projector and frozen layers (``llavamed.train.frozen_layers``). One
+    process only; costs ``tokens x hidden size`` floats of RAM."""
     gradient_checkpointing: bool = False
     """Recompute LM activations in backward (less memory, ~30% more compute)."""
     attn_implementation: str = "sdpa"
@@ -313,6 +323,26 @@ class TrainConfig:
             v = getattr(t, name)
             if v is not None and not v > 0:
                 raise ConfigError(f"train.{name}={v!r}: must be > 0")
+        if t.frozen_lm_layers < 0:
+            raise ConfigError("train.frozen_lm_layers must be >= 0")
+        if t.frozen_lm_layers and "lm" not in self.trainable_parts():
+            raise ConfigError(
+                "train.frozen_lm_layers: the LM is not in train.trainable, so it is frozen whole"
+            )
+        if t.frozen_lm_layers and t.lora is not None:
+            raise ConfigError("train.frozen_lm_layers and train.lora: choose one")
+        if t.cache_frozen_layers:
+            below = [p for p in ("projector", "vision") if p in self.trainable_parts()]
+            if not t.frozen_lm_layers or below:
+                raise ConfigError(
+                    "train.cache_frozen_layers needs train.frozen_lm_layers > 0 and nothing "
+                    "below the LM training"
+                    + (f" (train.trainable has {', '.join(below)})" if below else "")
+                )
+            if t.gradient_checkpointing:
+                raise ConfigError(
+                    "train.cache_frozen_layers and train.gradient_checkpointing: choose one"
+                )
         if t.epochs <= 0 and not t.max_steps:
             raise ConfigError("train.epochs must be > 0 (or set train.max_steps)")
         if t.lora is not None:

@@ -50,9 +50,13 @@ def unused_vision_parameters(model) -> list:
     return unused
 
 
-def apply_trainable(model, trainable: Iterable[str], *, lora: bool = False) -> dict[str, int]:
+def apply_trainable(
+    model, trainable: Iterable[str], *, lora: bool = False, frozen_lm_layers: int = 0
+) -> dict[str, int]:
     """Set ``requires_grad`` for the listed parts; returns trainable counts per part. With
-    ``lora`` the LM's own weights stay frozen and only its adapter weights (``lora_``) train."""
+    ``lora`` the LM's own weights stay frozen and only its adapter weights (``lora_``) train.
+    ``frozen_lm_layers`` keeps the LM's input embeddings (and so a tied output head) and its
+    first N decoder layers frozen."""
     trainable = set(trainable)
     groups = parts(model)
     for p in model.parameters():
@@ -68,6 +72,16 @@ def apply_trainable(model, trainable: Iterable[str], *, lora: bool = False) -> d
                 p.requires_grad_(True)
     for p in unused_vision_parameters(model):
         p.requires_grad_(False)
+    if frozen_lm_layers:
+        lm = model.model.language_model
+        if frozen_lm_layers >= len(lm.layers):
+            raise ConfigError(
+                f"train.frozen_lm_layers={frozen_lm_layers}: the LM has only {len(lm.layers)} "
+                "layers; leave at least one to train (or drop 'lm' from train.trainable)"
+            )
+        for module in (lm.embed_tokens, *lm.layers[:frozen_lm_layers]):
+            for p in module.parameters():
+                p.requires_grad_(False)
     seen: set[int] = set()  # tied embeddings appear in both the LM and the head
     for name, params in groups.items():
         counts[name] = sum(
