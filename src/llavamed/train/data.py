@@ -315,7 +315,9 @@ class Collator:
             ids[r, :k] = it["input_ids"]
             labels[r, :k] = it["labels"]
             mask[r, :k] = 1
-        batch.update(input_ids=ids, labels=labels, attention_mask=mask)
+        batch.update(
+            input_ids=ids, labels=labels, attention_mask=mask, idx=[it["idx"] for it in good]
+        )
         if any("segment_ids" in it for it in good):
             # Shared-prefix samples: explicit positions and segments (the model wrapper turns
             # them into a 4-D mask); a plain sample is all prefix, i.e. ordinary causal.

@@ -74,15 +74,18 @@ def _loss_module_cls():
     import torch.nn.functional as F
 
     from llavamed.model.processing import IGNORE_INDEX
-    from llavamed.train.shared_prefix import attention_mask_4d
+    from llavamed.train.frozen_layers import forward_from_layer
+    from llavamed.train.shared_prefix import PAD, attention_mask_4d
 
     class CausalLMLoss(torch.nn.Module):
         """Summed next-token CE over supervised positions, as one module so DDP/FSDP/DeepSpeed
-        wrap a single forward."""
+        wrap a single forward. ``layer_cache`` (a ``frozen_layers.LayerInputCache``, single
+        process only) lets a sample seen before start at the first trained LM layer."""
 
         def __init__(self, llava):
             super().__init__()
             self.llava = llava
+            self.layer_cache = None
 
         def forward(
             self,
@@ -92,7 +95,16 @@ def _loss_module_cls():
             pixel_values=None,
             segment_ids=None,
             position_ids=None,
+            idx=None,
         ):
+            cache = self.layer_cache if idx is not None else None
+            if cache is not None and segment_ids is None:
+                # The cached path runs the decoder layers with a 4-D mask; plain samples get one
+                # too (one segment each), so first and later visits compute alike.
+                segment_ids = attention_mask.long() - 1  # 1 -> 0 (the prefix), 0 -> PAD
+                position_ids = torch.arange(input_ids.shape[1], device=input_ids.device).expand_as(
+                    input_ids
+                )
             if segment_ids is not None:
                 # Several questions share one image prefix: a custom 4-D mask (transformers
                 # passes a 4-D mask through unchanged) with positions restarting per question.
@@ -107,14 +119,27 @@ def _loss_module_cls():
                     attention_mask = torch.zeros(
                         attention_mask.shape, device=attention_mask.device
                     ).masked_fill(~attention_mask, torch.finfo(torch.float32).min)
-            out = self.llava.model(
-                input_ids=input_ids,
-                attention_mask=attention_mask,
-                position_ids=position_ids,
-                pixel_values=pixel_values,
-                use_cache=False,
-            )
-            h = out.last_hidden_state[:, :-1]
+            if cache is not None and cache.has_all(idx):
+                hidden = cache.batch(idx, input_ids.shape[1])
+                h = forward_from_layer(
+                    self.llava.model.language_model,
+                    hidden,
+                    cache.n_layers,
+                    attention_mask,
+                    position_ids,
+                )
+            else:
+                with cache.capture() if cache is not None else contextlib.nullcontext():
+                    h = self.llava.model(
+                        input_ids=input_ids,
+                        attention_mask=attention_mask,
+                        position_ids=position_ids,
+                        pixel_values=pixel_values,
+                        use_cache=False,
+                    ).last_hidden_state
+                if cache is not None:
+                    cache.store(idx, (segment_ids != PAD).sum(1).tolist())
+            h = h[:, :-1]
             tgt = labels[:, 1:]
             sel = tgt != IGNORE_INDEX
             logits = self.llava.lm_head(h[sel])
@@ -407,6 +432,7 @@ class Engine:
                 "pixel_values",
                 "segment_ids",
                 "position_ids",
+                "idx",
             )
             if k in batch
         }
@@ -634,7 +660,12 @@ def _run(
 
     model, processor, spec, template = build_model(cfg)
     model = apply_lora(model, cfg)
-    counts = apply_trainable(model, cfg.trainable_parts(), lora=t.lora is not None)
+    counts = apply_trainable(
+        model,
+        cfg.trainable_parts(),
+        lora=t.lora is not None,
+        frozen_lm_layers=t.frozen_lm_layers,
+    )
     if t.gradient_checkpointing:
         model.model.language_model.gradient_checkpointing_enable(
             gradient_checkpointing_kwargs={"use_reentrant": False}
@@ -665,6 +696,16 @@ def _run(
     total_steps = t.max_steps or max(1, math.ceil(t.epochs * spe))
 
     engine = Engine(kind, model, cfg, info, accum, total_steps)
+    layer_cache = None
+    if t.cache_frozen_layers:
+        from llavamed.train.frozen_layers import LayerInputCache
+
+        if kind != "single":
+            raise ConfigError(
+                "train.cache_frozen_layers works in one process; set it to false for "
+                f"{info.world_size}-process runs"
+            )
+        layer_cache = engine.module.layer_cache = LayerInputCache(model, t.frozen_lm_layers)
 
     step, tokens_seen = 0, 0
     resume = ck.latest(out)
@@ -813,6 +854,12 @@ def _run(
                 last_save = time.time()
     if bar is not None:
         bar.close()
+    if layer_cache is not None and info.is_main:
+        print(
+            f"llavamed train: kept the layer-{layer_cache.n_layers} inputs of "
+            f"{len(layer_cache)} samples ({layer_cache.nbytes() / 2**30:.2f} GiB)",
+            file=sys.stderr,
+        )
 
     # export ----------------------------------------------------------------------------------
     full_sd = engine.full_state_dict()
