@@ -61,6 +61,11 @@ class SizePreset:
     0 trains on the ingested corpus's figures instead."""
     stage0b_steps: int = 0
     """Steps of stage 0b (the tower learns the VQA train split's yes/no questions); 0 skips it."""
+    finetune_frozen_layers: int = 0
+    """VQA fine-tuning trains only the LM layers above this many: the tower, projector,
+    embeddings and the bottom layers stay frozen, so backward stops early, and after the first
+    epoch each sample starts at the first trained layer from its kept hidden state
+    (``train.frozen_lm_layers`` + ``train.cache_frozen_layers``). 0 trains projector + LM."""
     batch: int = 16
     lr_finetune: float = 2e-4
     lr_projector_finetune: float | None = None
@@ -94,6 +99,8 @@ SIZES: dict[str, SizePreset] = {
         eval_limit=24,
         batch=8,
         stage0b_steps=5,
+        finetune_frozen_layers=1,
+        lr_vision_finetune=0,
         # Measured on the idle 2-core machine (about 50 s in all).
         stage_seconds={
             "synth": 1,
@@ -130,7 +137,10 @@ SIZES: dict[str, SizePreset] = {
         # corpus's 390 figures. The final model: 84.4% against 80.6% by yes/no logits on all
         # 1,669 closed test questions, 85.6% against 77.9% strict (AVX2 CPU, fp32). It costs
         # 7.4 minutes there (rendering 1, stage 0 6.5) against 1.
-        stage0_minutes=12.0,
+        # A safety cap, not the budget: 900 steps take 6.5 minutes on a 2-core Zen 2/3 EPYC and
+        # about 13 on a 2-core Zen 1 one, and a cap that cut them short would make the tower
+        # (and every score after it) depend on the machine.
+        stage0_minutes=30.0,
         stage0_steps=900,
         stage0_batch=64,
         stage0_pairs=12000,
@@ -158,6 +168,7 @@ SIZES: dict[str, SizePreset] = {
         # (probes 0.69-0.81); 2e-4 lifted the blank-image gap from 21.6 to 26.9 (docs/stage0.md).
         lr_projector_finetune=2e-4,
         lr_vision_finetune=0,
+        finetune_frozen_layers=6,
         # Fresh clone of 289cd7b on an idle 2-core AVX2-only CPU (fp32): 51 min 17 s in all,
         # 85.6% strict closed (README, "What it measured"). With AMX (bf16) the recipe before
         # the 12,000-pair stage 0 took 15 min 38 s, fine-tuning 708 s of it.
@@ -189,7 +200,7 @@ SIZES: dict[str, SizePreset] = {
         lm_layers=8,
         vision="cpu-p32",  # as small (its comment)
         # small's stage 0 (its comment).
-        stage0_minutes=12.0,
+        stage0_minutes=30.0,
         stage0_steps=900,
         stage0_batch=64,
         stage0_pairs=12000,
@@ -623,7 +634,10 @@ def run_quickstart(opts: QuickstartOptions) -> dict:
         "train": {
             **common_train,
             # lr_vision_finetune == 0 keeps the (stage-0b) tower frozen.
-            "trainable": ["projector", "lm"] + (["vision"] if p.lr_vision_finetune != 0 else []),
+            "trainable": (["lm"] if p.finetune_frozen_layers else ["projector", "lm"])
+            + (["vision"] if p.lr_vision_finetune != 0 else []),
+            "frozen_lm_layers": p.finetune_frozen_layers,
+            "cache_frozen_layers": bool(p.finetune_frozen_layers),
             "epochs": p.finetune_epochs,
             "lr": p.lr_finetune,
             "lr_projector": p.lr_projector_finetune,
