@@ -4,12 +4,12 @@ trained LM layer, from its kept hidden state, and trains exactly as the full for
 from __future__ import annotations
 
 import pytest
-from train_helpers import make_bright_dark, tiny_config
 from transformers import AutoProcessor
 
 from llavamed.config import DataConfig, DataSource
 from llavamed.errors import ConfigError
 from llavamed.train.data import Collator, TrainDataset, load_samples
+from train_helpers import make_bright_dark, tiny_config
 
 
 def _packed_and_plain_batches(tmp_path, proc):
