@@ -61,11 +61,6 @@ class SizePreset:
     0 trains on the ingested corpus's figures instead."""
     stage0b_steps: int = 0
     """Steps of stage 0b (the tower learns the VQA train split's yes/no questions); 0 skips it."""
-    finetune_frozen_layers: int = 0
-    """VQA fine-tuning trains only the LM layers above this many: the tower, projector,
-    embeddings and the bottom layers stay frozen, so backward stops early, and after the first
-    epoch each sample starts at the first trained layer from its kept hidden state
-    (``train.frozen_lm_layers`` + ``train.cache_frozen_layers``). 0 trains projector + LM."""
     batch: int = 16
     lr_finetune: float = 2e-4
     lr_projector_finetune: float | None = None
@@ -99,8 +94,6 @@ SIZES: dict[str, SizePreset] = {
         eval_limit=24,
         batch=8,
         stage0b_steps=5,
-        finetune_frozen_layers=1,
-        lr_vision_finetune=0,
         # Measured on the idle 2-core machine (about 50 s in all).
         stage_seconds={
             "synth": 1,
@@ -168,7 +161,10 @@ SIZES: dict[str, SizePreset] = {
         # (probes 0.69-0.81); 2e-4 lifted the blank-image gap from 21.6 to 26.9 (docs/stage0.md).
         lr_projector_finetune=2e-4,
         lr_vision_finetune=0,
-        finetune_frozen_layers=6,
+        # Not the top 2 LM layers alone (train.frozen_lm_layers=6 with the projector frozen and
+        # train.cache_frozen_layers): 2.8x fewer fine-tuning seconds by
+        # benchmarks/frozen_layers.py (1,587 s on a 2-core Zen 1 EPYC), but strict closed
+        # accuracy fell from 85.6% to 70.2% on the same towers (README, "Levers tried since").
         # Fresh clone of 289cd7b on an idle 2-core AVX2-only CPU (fp32): 51 min 17 s in all,
         # 85.6% strict closed (README, "What it measured"). With AMX (bf16) the recipe before
         # the 12,000-pair stage 0 took 15 min 38 s, fine-tuning 708 s of it.
@@ -634,10 +630,7 @@ def run_quickstart(opts: QuickstartOptions) -> dict:
         "train": {
             **common_train,
             # lr_vision_finetune == 0 keeps the (stage-0b) tower frozen.
-            "trainable": (["lm"] if p.finetune_frozen_layers else ["projector", "lm"])
-            + (["vision"] if p.lr_vision_finetune != 0 else []),
-            "frozen_lm_layers": p.finetune_frozen_layers,
-            "cache_frozen_layers": bool(p.finetune_frozen_layers),
+            "trainable": ["projector", "lm"] + (["vision"] if p.lr_vision_finetune != 0 else []),
             "epochs": p.finetune_epochs,
             "lr": p.lr_finetune,
             "lr_projector": p.lr_projector_finetune,
