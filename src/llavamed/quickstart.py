@@ -130,9 +130,9 @@ SIZES: dict[str, SizePreset] = {
         # corpus's 390 figures. The final model: 84.4% against 80.6% by yes/no logits on all
         # 1,669 closed test questions, 85.6% against 77.9% strict (AVX2 CPU, fp32). It costs
         # 7.4 minutes there (rendering 1, stage 0 6.5) against 1.
-        # A safety cap, not the budget: 900 steps take 6.5 minutes on a 2-core Zen 2/3 EPYC and
-        # about 13 on a 2-core Zen 1 one, and a cap that cut them short would make the tower
-        # (and every score after it) depend on the machine.
+        # A safety cap, not the budget: the 900 steps train for 10.5 minutes on an idle 2-core
+        # Zen 1 EPYC, and a cap that cut them short under load would make the tower (and every
+        # score after it) depend on the machine.
         stage0_minutes=30.0,
         stage0_steps=900,
         stage0_batch=64,
