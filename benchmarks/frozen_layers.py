@@ -25,13 +25,12 @@ import random
 import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _common import print_table  # noqa: E402
-from packed_attention import packed_batch  # noqa: E402
+from packed_attention import packed_batch, train_step  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -107,21 +106,7 @@ def main(argv: list[str] | None = None) -> int:
                     use_cache=False,
                 )
             mod.layer_cache.store(idx, (segs >= 0).sum(1).tolist())
-        t = time.perf_counter()
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
-            loss = mod(
-                input_ids=input_ids,
-                attention_mask=(segs >= 0).long(),
-                labels=labels,
-                pixel_values=pixels,
-                segment_ids=segs,
-                position_ids=pos,
-                idx=idx,
-            )
-        loss.backward()
-        optims[name].step()
-        optims[name].zero_grad(set_to_none=True)
-        return time.perf_counter() - t
+        return train_step(mod, optims[name], batch, pixels, bf16=precision == "bf16", idx=idx)[0]
 
     times: dict[str, list[float]] = {name: [] for name in variants}
     for name in variants:

@@ -56,6 +56,29 @@ def packed_batch(n_image_tokens: int, image_token_id: int, vocab: int, args, rng
     return input_ids, labels, segment_ids, pos
 
 
+def train_step(module, optimizer, batch, pixels, *, bf16: bool, **extra) -> tuple[float, float]:
+    """One timed forward + backward + optimizer step of the trainer's loss module on a
+    :func:`packed_batch`: ``(seconds, mean loss per supervised token)``."""
+    import torch
+
+    input_ids, labels, segs, pos = batch
+    t = time.perf_counter()
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        loss = module(
+            input_ids=input_ids,
+            attention_mask=(segs >= 0).long(),
+            labels=labels,
+            pixel_values=pixels,
+            segment_ids=segs,
+            position_ids=pos,
+            **extra,
+        )
+    loss.backward()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return time.perf_counter() - t, loss.item() / int((labels[:, 1:] != -100).sum())
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--lm-layers", type=int, default=8)
@@ -99,21 +122,7 @@ def main(argv: list[str] | None = None) -> int:
     pixels = torch.randn(args.batch, 3, size, size)
 
     def step(impl: str, batch) -> tuple[float, float]:
-        input_ids, labels, segs, pos = batch
-        t = time.perf_counter()
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            loss = models[impl](
-                input_ids=input_ids,
-                attention_mask=segs >= 0,
-                labels=labels,
-                pixel_values=pixels,
-                segment_ids=segs,
-                position_ids=pos,
-            )
-        loss.backward()
-        optims[impl].step()
-        optims[impl].zero_grad(set_to_none=True)
-        return time.perf_counter() - t, loss.item() / int((labels[:, 1:] != -100).sum())
+        return train_step(models[impl], optims[impl], batch, pixels, bf16=True)
 
     times: dict[str, list[float]] = {"sdpa": [], "eager": []}
     for impl in times:  # first batch: warm-up, and the loss both must agree on
