@@ -21,7 +21,6 @@ makes of them (the first epoch runs uncached, the others cached).
 from __future__ import annotations
 
 import argparse
-import random
 import statistics
 import sys
 import tempfile
@@ -30,7 +29,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _common import print_table  # noqa: E402
-from packed_attention import packed_batch, train_step  # noqa: E402
+from packed_attention import packed_batches, train_step  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -81,14 +80,7 @@ def main(argv: list[str] | None = None) -> int:
             [p for p in model.parameters() if p.requires_grad], lr=1e-5, fused=True
         )
     n_img = num_image_tokens(processor)
-    cfg = model.config
-    size = cfg.vision_config.image_size
-    rng = random.Random(0)
-    batches = [
-        packed_batch(n_img, cfg.image_token_id, cfg.text_config.vocab_size, args, rng)
-        for _ in range(args.steps + 1)
-    ]
-    pixels = torch.randn(args.batch, 3, size, size)
+    batches, pixels = packed_batches(model.config, n_img, args)
     idx = list(range(args.batch))
 
     def step(name: str, batch, k: int) -> float:

@@ -56,6 +56,20 @@ def packed_batch(n_image_tokens: int, image_token_id: int, vocab: int, args, rng
     return input_ids, labels, segment_ids, pos
 
 
+def packed_batches(cfg, n_image_tokens: int, args):
+    """``args.steps + 1`` packed batches (the first for warm-up) for a llava config, seeded, and
+    one batch of random pixels."""
+    import torch
+
+    rng = random.Random(0)
+    batches = [
+        packed_batch(n_image_tokens, cfg.image_token_id, cfg.text_config.vocab_size, args, rng)
+        for _ in range(args.steps + 1)
+    ]
+    size = cfg.vision_config.image_size
+    return batches, torch.randn(args.batch, 3, size, size)
+
+
 def train_step(module, optimizer, batch, pixels, *, bf16: bool, **extra) -> tuple[float, float]:
     """One timed forward + backward + optimizer step of the trainer's loss module on a
     :func:`packed_batch`: ``(seconds, mean loss per supervised token)``."""
@@ -112,14 +126,7 @@ def main(argv: list[str] | None = None) -> int:
         optims[impl] = torch.optim.AdamW(
             [p for p in model.parameters() if p.requires_grad], lr=1e-5
         )
-    cfg = models["sdpa"].llava.config
-    size = cfg.vision_config.image_size
-    rng = random.Random(0)
-    batches = [
-        packed_batch(n_img, cfg.image_token_id, cfg.text_config.vocab_size, args, rng)
-        for _ in range(args.steps + 1)
-    ]
-    pixels = torch.randn(args.batch, 3, size, size)
+    batches, pixels = packed_batches(models["sdpa"].llava.config, n_img, args)
 
     def step(impl: str, batch) -> tuple[float, float]:
         return train_step(models[impl], optims[impl], batch, pixels, bf16=True)
