@@ -164,7 +164,8 @@ SIZES: dict[str, SizePreset] = {
         # Not the top 2 LM layers alone (train.frozen_lm_layers=6 with the projector frozen and
         # train.cache_frozen_layers): 2.8x fewer fine-tuning seconds by
         # benchmarks/frozen_layers.py (1,587 s on a 2-core Zen 1 EPYC), but strict closed
-        # accuracy fell from 85.6% to 70.2% on the same towers (README, "Levers tried since").
+        # accuracy fell from 85.6% to 70.2% on the same towers, and to 73.6% with the top 4
+        # layers trained (README, "Training only the top of the LM").
         # Fresh clone of 289cd7b on an idle 2-core AVX2-only CPU (fp32): 51 min 17 s in all,
         # 85.6% strict closed (README, "What it measured"). With AMX (bf16) the recipe before
         # the 12,000-pair stage 0 took 15 min 38 s, fine-tuning 708 s of it.
