@@ -106,3 +106,68 @@ def test_cache_needs_nothing_below_the_lm_training(tmp_path, overrides, needle):
 
     with pytest.raises(ConfigError, match=needle):
         load_config(tiny_config(tmp_path / "d.json", tmp_path / "o", **overrides))
+
+
+def test_freeze_from_epoch_trains_everything_first_then_only_the_top(tmp_path, capsys):
+    """Epoch 0 trains projector + LM; from epoch 1 the projector and layer 0 stay as epoch 0 left
+    them, the top keeps training, and the kept inputs give the uncached run's losses."""
+    import torch
+    from transformers import LlavaForConditionalGeneration
+
+    from llavamed.train import run_training
+
+    data = make_bright_dark(tmp_path / "data", 24)
+
+    def run(name, **kw):
+        cfg = tiny_config(
+            data,
+            tmp_path / name,
+            trainable=["projector", "lm"],
+            max_steps=None,
+            **kw,
+        )
+        res = run_training(cfg, progress=False)
+        model = LlavaForConditionalGeneration.from_pretrained(res.final_checkpoint)
+        return [m["loss"] for m in res.metrics], model.state_dict()
+
+    _, one_epoch = run("full1", epochs=1)
+    freeze = {"epochs": 3, "frozen_lm_layers": 1, "freeze_from_epoch": 1}
+    losses, sd = run("cached", cache_frozen_layers=True, **freeze)
+    err = capsys.readouterr().err
+    assert "epoch 1: from here on only LM layers >= 1 train" in err
+    assert "kept the layer-1 inputs of 24 samples" in err
+    plain_losses, _ = run("plain", **freeze)
+    assert len(losses) == 9
+    assert losses == pytest.approx(plain_losses, rel=1e-4, abs=1e-6)
+
+    below = [k for k in sd if "multi_modal_projector" in k or "layers.0." in k or "embed" in k]
+    top = [k for k in sd if "language_model.layers.1." in k]
+    assert below and top
+    for k in below:  # trained in epoch 0 only: exactly where the 1-epoch run ended
+        torch.testing.assert_close(sd[k], one_epoch[k], rtol=0, atol=0, msg=k)
+    assert any(not torch.equal(sd[k], one_epoch[k]) for k in top)
+
+
+def test_freeze_from_epoch_needs_frozen_layers_and_a_later_epoch(tmp_path):
+    from llavamed.config import load_config
+
+    for kw, needle in (
+        ({"freeze_from_epoch": 1, "epochs": 2}, "needs train.frozen_lm_layers > 0"),
+        ({"freeze_from_epoch": 2, "frozen_lm_layers": 1, "epochs": 2}, "nothing would ever"),
+        ({"freeze_from_epoch": -1}, "must be >= 0"),
+    ):
+        with pytest.raises(ConfigError, match=needle):
+            load_config(tiny_config(tmp_path / "d.json", tmp_path / "o", max_steps=None, **kw))
+    cfg = load_config(
+        tiny_config(
+            tmp_path / "d.json",
+            tmp_path / "o",
+            trainable=["projector", "lm"],
+            frozen_lm_layers=1,
+            cache_frozen_layers=True,
+            freeze_from_epoch=1,
+            max_steps=None,
+            epochs=2,
+        )
+    )
+    assert cfg.train.freeze_from_epoch == 1

@@ -183,6 +183,12 @@ class TrainSection:
     layer in memory the first time it is seen, and start there on every later visit, so later
     epochs skip the tower, projector and frozen layers (``llavamed.train.frozen_layers``). One
     process only; costs ``tokens x hidden size`` floats of RAM."""
+    freeze_from_epoch: int = 0
+    """With ``frozen_lm_layers``: train every part in ``trainable`` for the first E epochs, then
+    only the LM layers from ``frozen_lm_layers`` up (the embeddings, the bottom layers, the
+    projector and the tower freeze at the start of epoch E). The early epochs let the bottom of
+    the LM and the projector adapt to the image tokens; the later ones, with
+    ``cache_frozen_layers``, skip them. 0 = frozen from the start. One process only."""
     gradient_checkpointing: bool = False
     """Recompute LM activations in backward (less memory, ~30% more compute)."""
     attn_implementation: str = "sdpa"
@@ -331,8 +337,24 @@ class TrainConfig:
             )
         if t.frozen_lm_layers and t.lora is not None:
             raise ConfigError("train.frozen_lm_layers and train.lora: choose one")
+        if t.freeze_from_epoch < 0:
+            raise ConfigError("train.freeze_from_epoch must be >= 0")
+        if t.freeze_from_epoch and not t.frozen_lm_layers:
+            raise ConfigError(
+                "train.freeze_from_epoch needs train.frozen_lm_layers > 0 (the layers to freeze)"
+            )
+        if t.freeze_from_epoch and not t.max_steps and t.freeze_from_epoch >= t.epochs:
+            raise ConfigError(
+                f"train.freeze_from_epoch={t.freeze_from_epoch}: the run has only "
+                f"{t.epochs:g} epochs, so nothing would ever freeze"
+            )
         if t.cache_frozen_layers:
-            below = [p for p in ("projector", "vision") if p in self.trainable_parts()]
+            # With freeze_from_epoch, everything below the LM freezes when the cache starts.
+            below = [
+                p
+                for p in ("projector", "vision")
+                if p in self.trainable_parts() and not t.freeze_from_epoch
+            ]
             if not t.frozen_lm_layers or below:
                 raise ConfigError(
                     "train.cache_frozen_layers needs train.frozen_lm_layers > 0 and nothing "

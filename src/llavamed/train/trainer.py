@@ -664,7 +664,8 @@ def _run(
         model,
         cfg.trainable_parts(),
         lora=t.lora is not None,
-        frozen_lm_layers=t.frozen_lm_layers,
+        # With freeze_from_epoch the bottom trains at first and freezes later (below).
+        frozen_lm_layers=0 if t.freeze_from_epoch else t.frozen_lm_layers,
     )
     if t.gradient_checkpointing:
         model.model.language_model.gradient_checkpointing_enable(
@@ -696,16 +697,29 @@ def _run(
     total_steps = t.max_steps or max(1, math.ceil(t.epochs * spe))
 
     engine = Engine(kind, model, cfg, info, accum, total_steps)
-    layer_cache = None
-    if t.cache_frozen_layers:
-        from llavamed.train.frozen_layers import LayerInputCache
-
-        if kind != "single":
+    for opt in ("cache_frozen_layers", "freeze_from_epoch"):
+        if getattr(t, opt) and kind != "single":
             raise ConfigError(
-                "train.cache_frozen_layers works in one process; set it to false for "
-                f"{info.world_size}-process runs"
+                f"train.{opt} works in one process; unset it for {info.world_size}-process runs"
             )
-        layer_cache = engine.module.layer_cache = LayerInputCache(model, t.frozen_lm_layers)
+    layer_cache = None
+    narrowed = False  # only the LM's top trains (from the start, or from freeze_from_epoch on)
+
+    def narrow_to_top() -> None:
+        """Start training only the LM's top layers; keep their inputs if so configured. Frozen
+        parameters get no gradient, so AdamW (fused or not) skips them from here on."""
+        nonlocal layer_cache, narrowed
+        if t.freeze_from_epoch:
+            apply_trainable(model, ["lm"], frozen_lm_layers=t.frozen_lm_layers)
+            engine.optimizer.zero_grad(set_to_none=True)
+        if t.cache_frozen_layers:
+            from llavamed.train.frozen_layers import LayerInputCache
+
+            layer_cache = engine.module.layer_cache = LayerInputCache(model, t.frozen_lm_layers)
+        narrowed = True
+
+    if not t.freeze_from_epoch:
+        narrow_to_top()
 
     step, tokens_seen = 0, 0
     resume = ck.latest(out)
@@ -759,6 +773,14 @@ def _run(
     run_start = time.time()
     while step < total_steps:
         epoch, in_epoch = divmod(step, spe)
+        if not narrowed and epoch >= t.freeze_from_epoch:
+            narrow_to_top()
+            if info.is_main:
+                print(
+                    f"llavamed train: epoch {epoch}: from here on only LM layers "
+                    f">= {t.frozen_lm_layers} train",
+                    file=sys.stderr,
+                )
         sched = epoch_schedule(
             lengths,
             has_image,
