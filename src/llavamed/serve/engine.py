@@ -274,6 +274,7 @@ class Engine:
     ):
 
         self.model = model.eval()
+        self._kv_arg = kv_cache_argument(model)
         self.tokenizer = tokenizer
         self.processor = processor
         self.settings = settings or EngineSettings()
@@ -616,11 +617,15 @@ class Engine:
             [r.prompt.input_ids for r in rows],
             [r.prompt.pixel_values for r in rows if r.prompt.pixel_values is not None],
         )
-        batch = _Batch(list(rows), out.past_key_values, mask, mask.sum(-1))
+        batch = _Batch(list(rows), self._kv_of(out), mask, mask.sum(-1))
         if self._merge_ok is None:
             self._merge_ok = _cache_is_mergeable(batch.cache)
         self._advance(batch, out.logits[:, -1, :])
         return batch
+
+    def _kv_of(self, out):
+        """The KV cache a forward returned, under the name this transformers uses."""
+        return out[self._kv_arg]
 
     def _left_pad(self, seqs: list[list[int]]):
         import torch
@@ -700,7 +705,7 @@ class Engine:
             seqs = [rows[i].prompt.input_ids for i in whole] + [p.input_ids[:n] for p, n in ahead]
             pix = [rows[i].prompt.pixel_values for i in whole if rows[i].prompt.n_images]
             out, mask = self._run_prompts(seqs, pix + [p.pixel_values for p, _ in ahead])
-            cache = out.past_key_values
+            cache = self._kv_of(out)
             self._prefix_ok = _cache_is_mergeable(cache)
             if self._merge_ok is None:
                 self._merge_ok = self._prefix_ok
@@ -791,12 +796,12 @@ class Engine:
             input_ids=ids.to(self.device),
             attention_mask=mask,
             position_ids=position_ids.to(self.device),
-            past_key_values=DynamicCache(layers),
+            **{self._kv_arg: DynamicCache(layers)},
             use_cache=True,
             logits_to_keep=1,
         )
         lens = torch.tensor([len(r.prompt.input_ids) for r in rows], device=self.device)
-        batch = _Batch(list(rows), out.past_key_values, mask, lens)
+        batch = _Batch(list(rows), self._kv_of(out), mask, lens)
         self._advance(batch, out.logits[:, -1, :])
         return batch
 
@@ -820,10 +825,10 @@ class Engine:
             input_ids=batch.last[:, None],
             attention_mask=batch.mask,
             position_ids=batch.pos[:, None],
-            past_key_values=batch.cache,
+            **{self._kv_arg: batch.cache},
             use_cache=True,
         )
-        batch.cache = out.past_key_values
+        batch.cache = self._kv_of(out)
         batch.pos = batch.pos + 1
         self.stats["steps"] += 1
         self.stats["max_batch"] = max(self.stats["max_batch"], len(batch.rows))
@@ -946,6 +951,16 @@ class Engine:
         a.last = torch.cat([a.last, b.last])
         a.rows = a.rows + b.rows
         return a
+
+
+def kv_cache_argument(model) -> str:
+    """The forward's KV-cache argument. transformers 5.x renamed ``past_key_values`` to ``cache``;
+    the old name still works but logs a deprecation warning on every forward (a hundred lines in a
+    quickstart) and goes away in 5.40. Read from the signature, so both sides of the rename work."""
+    import inspect
+
+    params = inspect.signature(model.forward).parameters
+    return "cache" if "cache" in params else "past_key_values"
 
 
 def _slice_kv(cache, row: int, start: int, n: int) -> tuple:
