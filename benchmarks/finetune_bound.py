@@ -1,0 +1,137 @@
+"""How close a finished training run came to this machine's matmul peak, and the fewest seconds
+its steps could take here.
+
+    .venv/bin/python benchmarks/finetune_bound.py quickstart_out/finetune
+
+Reads the run's ``config.yaml`` and ``metrics.jsonl`` (real tokens, supervised tokens and seconds
+of every step) and counts the matmul FLOPs those steps needed: forward, activation gradients and
+weight gradients of the LM's decoder layers for every real token, and the output head for every
+supervised token. Attention scores, norms, the frozen vision tower and the optimizer are left
+out, so the count is a floor. Against it: this machine's dense fp32/bf16 matmul peak, measured in
+the same process (``_common.matmul_peak_flops``). Printed: the logged seconds, the achieved
+FLOP/s and its share of the peak, and the floor (the counted FLOPs at the peak). Run it on the
+machine that trained, while it is idle.
+
+Why: a wall-time target is a FLOP budget. If a recipe's steps already run near the peak, only a
+recipe with fewer FLOPs (fewer tokens, layers or epochs) can be faster on this CPU, and the floor
+says by how much it would have to shrink.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _common import matmul_peak_flops, print_table  # noqa: E402
+
+
+def layer_matmul_params(text_config) -> tuple[int, int]:
+    """(matmul parameters of one decoder layer, hidden x vocab of the output head), counted on a
+    model built on the meta device: 2-D weights only (norms and biases are not matmuls)."""
+    import torch
+    from transformers import AutoModel
+
+    with torch.device("meta"):
+        lm = AutoModel.from_config(text_config)
+    layer = sum(p.numel() for p in lm.layers[0].parameters() if p.dim() == 2)
+    return layer, text_config.hidden_size * text_config.vocab_size
+
+
+def step_flops(
+    parts: set[str],
+    frozen_lm_layers: int,
+    layer: int,
+    head: int,
+    n_layers: int,
+    tokens: int,
+    supervised: int,
+) -> float:
+    """Matmul FLOPs of one optimizer step of plain forward + backward (2 per multiply-add) when
+    ``parts`` train, the LM's embeddings and first ``frozen_lm_layers`` layers excepted."""
+    lm_trains = "lm" in parts
+    frozen = frozen_lm_layers if lm_trains else n_layers
+    # Activation gradients flow down to the lowest trained parameter.
+    lowest = 0 if parts & {"projector", "vision"} else frozen
+    per_token = 2 * layer * (n_layers + (n_layers - lowest) + (n_layers - frozen))
+    # The head (tied to the embeddings) gets a weight gradient unless the embeddings are frozen.
+    per_supervised = 2 * head * (2 + (lm_trains and not frozen_lm_layers))
+    return per_token * tokens + per_supervised * supervised
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("run", type=Path, help="a `llavamed train` output folder")
+    args = ap.parse_args(argv)
+
+    import torch
+    from transformers import AutoConfig
+
+    from llavamed.config import load_config
+    from llavamed.errors import ConfigError
+
+    cfg = load_config(args.run / "config.yaml")
+    t = cfg.train
+    if t.cache_frozen_layers and not t.freeze_from_epoch:
+        raise ConfigError(
+            f"{args.run}: steps from kept states skip layers; this counts plain forward + backward"
+        )
+    ckpt = args.run / "checkpoint-final"
+    text_config = AutoConfig.from_pretrained(ckpt).text_config
+    layer, head = layer_matmul_params(text_config)
+    n_layers = text_config.num_hidden_layers
+    steps = [json.loads(line) for line in (args.run / "metrics.jsonl").open()]
+    if not steps or len(steps) < steps[-1]["step"]:
+        raise ConfigError(f"{args.run}/metrics.jsonl: log_every must be 1 to count every step")
+    frozen = t.frozen_lm_layers
+    if t.freeze_from_epoch:
+        # Only the epochs before the freeze are plain steps of every configured part.
+        steps = [s for s in steps if s["epoch"] <= t.freeze_from_epoch]
+        frozen = 0
+        print(f"counting the {len(steps)} steps before train.freeze_from_epoch")
+    parts = set(cfg.trainable_parts())
+    flops = sum(
+        step_flops(parts, frozen, layer, head, n_layers, s["tokens"], s["supervised_tokens"])
+        for s in steps
+    )
+    seconds = sum(s["step_time_s"] for s in steps)
+    tokens = sum(s["tokens"] for s in steps)
+    dtype = torch.bfloat16 if cfg.train.precision == "bf16" else torch.float32
+    peak = matmul_peak_flops(dtype)
+    print(
+        f"{args.run}: {len(steps)} steps, {tokens:,} real tokens, {n_layers} decoder layers of "
+        f"{layer / 1e6:.2f}M matmul parameters, {cfg.train.precision}, "
+        f"{torch.get_num_threads()} threads; {flops / 1e12:.1f} TFLOP counted"
+    )
+    print_table(
+        ["", "seconds", "tokens/s", "GFLOP/s", "of the matmul peak"],
+        [
+            [
+                "logged steps",
+                f"{seconds:.0f}",
+                f"{tokens / seconds:.0f}",
+                f"{flops / seconds / 1e9:.1f}",
+                f"{flops / seconds / peak:.2f}",
+            ],
+            [
+                "floor: counted FLOPs at the peak",
+                f"{flops / peak:.0f}",
+                f"{tokens * peak / flops:.0f}",
+                f"{peak / 1e9:.1f}",
+                "1.00",
+            ],
+        ],
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    from llavamed.errors import LlavamedError
+
+    try:
+        raise SystemExit(main())
+    except LlavamedError as e:
+        raise SystemExit(f"finetune_bound: {e}") from None
