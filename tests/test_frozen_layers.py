@@ -171,3 +171,41 @@ def test_freeze_from_epoch_needs_frozen_layers_and_a_later_epoch(tmp_path):
         )
     )
     assert cfg.train.freeze_from_epoch == 1
+
+
+def test_a_run_resumed_after_the_freeze_trains_like_an_uninterrupted_one(tmp_path, monkeypatch):
+    """Interrupted in epoch 1 (after the freeze) and resumed from step 4: the resumed run freezes
+    again before its first step and refills the kept states, so its losses match."""
+    from llavamed.train import run_training
+    from llavamed.train import trainer as T
+
+    data = make_bright_dark(tmp_path / "data", 24)
+    cfg = tiny_config(
+        data,
+        tmp_path / "a",
+        trainable=["projector", "lm"],
+        max_steps=None,
+        epochs=3,
+        frozen_lm_layers=1,
+        cache_frozen_layers=True,
+        freeze_from_epoch=1,
+    )
+    ref = run_training(cfg | {"output": {"dir": str(tmp_path / "ref"), "save_every": 0}})
+    cfg["output"]["save_every"] = 4
+    real_step, calls = T.Engine.step, {"n": 0}
+
+    def interrupted_step(self):
+        calls["n"] += 1
+        if calls["n"] == 6:
+            raise KeyboardInterrupt
+        return real_step(self)
+
+    monkeypatch.setattr(T.Engine, "step", interrupted_step)
+    with pytest.raises(KeyboardInterrupt):
+        run_training(cfg, progress=False)
+    monkeypatch.setattr(T.Engine, "step", real_step)
+    res = run_training(cfg, progress=False)
+    assert [m["step"] for m in res.metrics] == list(range(1, 10))
+    assert [m["loss"] for m in res.metrics] == pytest.approx(
+        [m["loss"] for m in ref.metrics], rel=1e-4, abs=1e-6
+    )

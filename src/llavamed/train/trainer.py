@@ -495,7 +495,19 @@ class Engine:
             get_optimizer_state_dict,
         )
 
-        msd = get_model_state_dict(self.module, options=self._sd_options(ignore_frozen_params=True))
+        # Parameters this run has trained: the ones trainable now, and those that trained before
+        # train.freeze_from_epoch froze them (their weights are no longer the initial ones).
+        refrozen = {id(p) for p in self.params if not p.requires_grad}
+        msd = get_model_state_dict(
+            self.module, options=self._sd_options(ignore_frozen_params=not refrozen)
+        )
+        if refrozen:
+            keep = {
+                n
+                for n, p in self.module.named_parameters(remove_duplicate=False)
+                if p.requires_grad or id(p) in refrozen
+            }
+            msd = {k: v for k, v in msd.items() if k in keep}
         osd = get_optimizer_state_dict(self.module, self.optimizer, options=self._sd_options())
         if self.info.is_main:
             torch.save(msd, tmp / "trainable.pt")
