@@ -9,7 +9,7 @@ from transformers import AutoProcessor
 from llavamed.config import DataConfig, DataSource
 from llavamed.errors import ConfigError
 from llavamed.train.data import Collator, TrainDataset, load_samples
-from train_helpers import make_bright_dark, tiny_config
+from train_helpers import make_bright_dark, run_interrupted, tiny_config
 
 
 def _packed_and_plain_batches(tmp_path, proc):
@@ -177,7 +177,6 @@ def test_a_run_resumed_after_the_freeze_trains_like_an_uninterrupted_one(tmp_pat
     """Interrupted in epoch 1 (after the freeze) and resumed from step 4: the resumed run freezes
     again before its first step and refills the kept states, so its losses match."""
     from llavamed.train import run_training
-    from llavamed.train import trainer as T
 
     data = make_bright_dark(tmp_path / "data", 24)
     cfg = tiny_config(
@@ -192,18 +191,7 @@ def test_a_run_resumed_after_the_freeze_trains_like_an_uninterrupted_one(tmp_pat
     )
     ref = run_training(cfg | {"output": {"dir": str(tmp_path / "ref"), "save_every": 0}})
     cfg["output"]["save_every"] = 4
-    real_step, calls = T.Engine.step, {"n": 0}
-
-    def interrupted_step(self):
-        calls["n"] += 1
-        if calls["n"] == 6:
-            raise KeyboardInterrupt
-        return real_step(self)
-
-    monkeypatch.setattr(T.Engine, "step", interrupted_step)
-    with pytest.raises(KeyboardInterrupt):
-        run_training(cfg, progress=False)
-    monkeypatch.setattr(T.Engine, "step", real_step)
+    run_interrupted(cfg, monkeypatch, at_step=6)
     res = run_training(cfg, progress=False)
     assert [m["step"] for m in res.metrics] == list(range(1, 10))
     assert [m["loss"] for m in res.metrics] == pytest.approx(

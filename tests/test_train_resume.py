@@ -12,7 +12,7 @@ import time
 import pytest
 import yaml
 
-from train_helpers import ROOT, make_bright_dark, single_thread_env, tiny_config
+from train_helpers import ROOT, make_bright_dark, run_interrupted, single_thread_env, tiny_config
 
 STEPS = 14
 
@@ -81,7 +81,6 @@ def test_interrupted_in_process_run_resumes_exactly(tmp_path, monkeypatch):
     import torch
 
     from llavamed.train import run_training
-    from llavamed.train import trainer as T
 
     torch.set_num_threads(1)
     data = make_bright_dark(tmp_path / "data", 24)
@@ -93,18 +92,7 @@ def test_interrupted_in_process_run_resumes_exactly(tmp_path, monkeypatch):
         cfg | {"output": {"dir": str(tmp_path / "ref"), "save_every": 0}}, progress=False
     )
 
-    real_step, calls = T.Engine.step, {"n": 0}
-
-    def flaky_step(self):
-        calls["n"] += 1
-        if calls["n"] == 6:
-            raise KeyboardInterrupt
-        return real_step(self)
-
-    monkeypatch.setattr(T.Engine, "step", flaky_step)
-    with pytest.raises(KeyboardInterrupt):
-        run_training(cfg, progress=False)
-    monkeypatch.setattr(T.Engine, "step", real_step)
+    run_interrupted(cfg, monkeypatch, at_step=6)
     assert max(_losses(tmp_path / "a")) == 5
     res = run_training(cfg, progress=False)
     got = [m["loss"] for m in res.metrics]

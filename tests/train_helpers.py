@@ -83,3 +83,25 @@ def run_cli(args: list[str], **kw) -> subprocess.CompletedProcess:
         text=True,
         **kw,
     )
+
+
+def run_interrupted(cfg: dict, monkeypatch, at_step: int) -> None:
+    """Run training until the optimizer step ``at_step`` raises KeyboardInterrupt (a Ctrl-C
+    mid-run: resume checkpoints written before it stay, the step itself is lost)."""
+    import pytest
+
+    from llavamed.train import run_training
+    from llavamed.train import trainer as T
+
+    real_step, calls = T.Engine.step, {"n": 0}
+
+    def interrupted_step(self):
+        calls["n"] += 1
+        if calls["n"] == at_step:
+            raise KeyboardInterrupt
+        return real_step(self)
+
+    monkeypatch.setattr(T.Engine, "step", interrupted_step)
+    with pytest.raises(KeyboardInterrupt):
+        run_training(cfg, progress=False)
+    monkeypatch.setattr(T.Engine, "step", real_step)
