@@ -134,7 +134,7 @@ def test_freeze_from_epoch_trains_everything_first_then_only_the_top(tmp_path, c
     freeze = {"epochs": 3, "frozen_lm_layers": 1, "freeze_from_epoch": 1}
     losses, sd = run("cached", cache_frozen_layers=True, **freeze)
     err = capsys.readouterr().err
-    assert "epoch 1: from here on only LM layers >= 1 train" in err
+    assert "from epoch 2 on, only LM layers >= 1 train" in err
     assert "kept the layer-1 inputs of 24 samples" in err
     plain_losses, _ = run("plain", **freeze)
     assert len(losses) == 9

@@ -789,8 +789,8 @@ def _run(
             narrow_to_top()
             if info.is_main:
                 print(
-                    f"llavamed train: epoch {epoch}: from here on only LM layers "
-                    f">= {t.frozen_lm_layers} train",
+                    f"llavamed train: from epoch {epoch + 1} on, only LM layers "
+                    f">= {t.frozen_lm_layers} train (train.freeze_from_epoch)",
                     file=sys.stderr,
                 )
         sched = epoch_schedule(
