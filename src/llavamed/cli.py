@@ -14,7 +14,6 @@ from llavamed.errors import LlavamedError
 # (group, module) pairs. A group is a two-word command such as ``data ingest``; None means a
 # top-level command. Each module defines ``register(subparsers)`` which adds its parser and sets
 # ``func``. Order here is the order in ``--help``.
-# NOTE TO CONTRIBUTORS WORKING IN PARALLEL: read /tmp/common_brief.md (commit rules, budgets) first.
 COMMANDS: list[tuple[str | None, str]] = [
     (None, "llavamed.commands.quickstart"),
     (None, "llavamed.commands.synth"),
