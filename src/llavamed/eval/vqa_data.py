@@ -19,7 +19,9 @@ from __future__ import annotations
 
 import os
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any, Literal
 
@@ -77,6 +79,30 @@ class LoadReport:
         self.bad[err.reason] += 1
         if len(self.examples) < 20:
             self.examples.append(str(err))
+
+    def read(
+        self, records: list, where: str | Path, parse: Callable[[dict, str], VQASample | None]
+    ) -> list[VQASample]:
+        """Parse every record with ``parse(record, src)``, which returns a sample, or None for a
+        valid record of another split or language. A record it rejects with InputError is
+        counted by reason and skipped, so one bad record never stops a load."""
+        samples = []
+        for i, rec in enumerate(records):
+            self.n_records += 1
+            src = f"{where}[{i}]"
+            try:
+                if not isinstance(rec, dict):
+                    raise InputError(src, "record is not an object")
+                sample = parse(rec, src)
+            except InputError as err:
+                self.add_bad(err)
+                continue
+            if sample is None:
+                self.n_other_split += 1
+            else:
+                samples.append(sample)
+        self.n_loaded += len(samples)
+        return samples
 
     def to_dict(self) -> dict:
         return {
@@ -175,41 +201,31 @@ def load_vqa_rad(
     if _parquet_files(path, split):
         return load_parquet(path, split=split, dataset="vqa-rad")
     js, images = _find_vqa_rad(path)
+
+    def parse(rec: dict, src: str) -> VQASample | None:
+        phrase = rec.get("phrase_type")
+        rec_split = "test" if isinstance(phrase, str) and phrase.startswith("test") else "train"
+        if split != "all" and rec_split != split:
+            return None
+        qid = _text_field(rec, "qid", src)
+        question = _text_field(rec, "question", src)
+        answer = _text_field(rec, "answer", src)
+        atype = _answer_type(rec, answer, src)
+        image = _image_path(images, _text_field(rec, "image_name", src), src)
+        qtype = rec.get("question_type")
+        return VQASample(
+            qid=qid,
+            image=image,
+            question=question,
+            answer=answer,
+            answer_type=atype,
+            question_type=str(qtype).strip() if qtype is not None else "",
+            split=rec_split,
+            extra={k: rec[k] for k in ("phrase_type", "image_organ") if k in rec},
+        )
+
     report = LoadReport(str(js))
-    samples = []
-    for i, rec in enumerate(_load_list(js)):
-        report.n_records += 1
-        src = f"{js}[{i}]"
-        try:
-            if not isinstance(rec, dict):
-                raise InputError(src, "record is not an object")
-            phrase = rec.get("phrase_type")
-            rec_split = "test" if isinstance(phrase, str) and phrase.startswith("test") else "train"
-            if split != "all" and rec_split != split:
-                report.n_other_split += 1
-                continue
-            qid = _text_field(rec, "qid", src)
-            question = _text_field(rec, "question", src)
-            answer = _text_field(rec, "answer", src)
-            atype = _answer_type(rec, answer, src)
-            image = _image_path(images, _text_field(rec, "image_name", src), src)
-            qtype = rec.get("question_type")
-            samples.append(
-                VQASample(
-                    qid=qid,
-                    image=image,
-                    question=question,
-                    answer=answer,
-                    answer_type=atype,
-                    question_type=str(qtype).strip() if qtype is not None else "",
-                    split=rec_split,
-                    extra={k: rec[k] for k in ("phrase_type", "image_organ") if k in rec},
-                )
-            )
-        except InputError as err:
-            report.add_bad(err)
-    report.n_loaded = len(samples)
-    return samples, report
+    return report.read(_load_list(js), js, parse), report
 
 
 # --- SLAKE ---------------------------------------------------------------------------------
@@ -234,44 +250,30 @@ def load_slake(
     if not images.is_dir():
         images = js.parent
     split_name = SLAKE_SPLITS.get(js.stem, js.stem)
+
+    def parse(rec: dict, src: str) -> VQASample | None:
+        q_lang = _text_field(rec, "q_lang", src, required=False) or "en"
+        if lang != "all" and q_lang != lang:
+            return None
+        qid = _text_field(rec, "qid", src)
+        question = _text_field(rec, "question", src)
+        answer = _text_field(rec, "answer", src)
+        atype = _answer_type(rec, answer, src)
+        image = _image_path(images, _text_field(rec, "img_name", src), src)
+        return VQASample(
+            qid=qid,
+            image=image,
+            question=question,
+            answer=answer,
+            answer_type=atype,
+            question_type=str(rec.get("content_type") or "").strip(),
+            lang=q_lang,
+            split=split_name,
+            extra={k: rec[k] for k in ("img_id", "modality", "location", "base_type") if k in rec},
+        )
+
     report = LoadReport(str(js))
-    samples = []
-    for i, rec in enumerate(_load_list(js)):
-        report.n_records += 1
-        src = f"{js}[{i}]"
-        try:
-            if not isinstance(rec, dict):
-                raise InputError(src, "record is not an object")
-            q_lang = _text_field(rec, "q_lang", src, required=False) or "en"
-            if lang != "all" and q_lang != lang:
-                report.n_other_split += 1
-                continue
-            qid = _text_field(rec, "qid", src)
-            question = _text_field(rec, "question", src)
-            answer = _text_field(rec, "answer", src)
-            atype = _answer_type(rec, answer, src)
-            image = _image_path(images, _text_field(rec, "img_name", src), src)
-            samples.append(
-                VQASample(
-                    qid=qid,
-                    image=image,
-                    question=question,
-                    answer=answer,
-                    answer_type=atype,
-                    question_type=str(rec.get("content_type") or "").strip(),
-                    lang=q_lang,
-                    split=split_name,
-                    extra={
-                        k: rec[k]
-                        for k in ("img_id", "modality", "location", "base_type")
-                        if k in rec
-                    },
-                )
-            )
-        except InputError as err:
-            report.add_bad(err)
-    report.n_loaded = len(samples)
-    return samples, report
+    return report.read(_load_list(js), js, parse), report
 
 
 # --- parquet (PathVQA, VQA-RAD exports) ----------------------------------------------------
@@ -326,32 +328,29 @@ def load_parquet(
         if missing:
             raise InputError(f, "missing columns", ", ".join(sorted(missing)))
         file_split = split if split != "all" else f.name.split("-")[0]
-        for i, rec in enumerate(table.to_pylist()):
-            report.n_records += 1
-            src = f"{f}[{i}]"
-            try:
-                question = _text_field(rec, "question", src)
-                answer = _text_field(rec, "answer", src)
-                atype = _answer_type(rec, answer, src)
-                image = _image_bytes(rec.get("image"), src)
-                qid = rec.get("qid", rec.get("id"))
-                qid = str(qid) if qid is not None else f"{f.stem}:{i}"
-                samples.append(
-                    VQASample(
-                        qid=qid,
-                        image=image,
-                        question=question,
-                        answer=answer,
-                        answer_type=atype,
-                        question_type=str(rec.get("question_type") or "").strip(),
-                        split=file_split,
-                        extra={"dataset": dataset},
-                    )
-                )
-            except InputError as err:
-                report.add_bad(err)
-    report.n_loaded = len(samples)
+        rows = table.to_pylist()
+        for i, row in enumerate(rows):
+            if row.get("qid", row.get("id")) is None:
+                row["qid"] = f"{f.stem}:{i}"  # no id column: the shard and the row name it
+        samples += report.read(rows, f, partial(_parquet_sample, file_split, dataset))
     return samples, report
+
+
+def _parquet_sample(split: str, dataset: str, rec: dict, src: str) -> VQASample:
+    question = _text_field(rec, "question", src)
+    answer = _text_field(rec, "answer", src)
+    atype = _answer_type(rec, answer, src)
+    image = _image_bytes(rec.get("image"), src)
+    return VQASample(
+        qid=str(rec.get("qid", rec.get("id"))),
+        image=image,
+        question=question,
+        answer=answer,
+        answer_type=atype,
+        question_type=str(rec.get("question_type") or "").strip(),
+        split=split,
+        extra={"dataset": dataset},
+    )
 
 
 # --- LLaVA-Med's converted test.json -------------------------------------------------------
@@ -367,46 +366,37 @@ def load_llava_med(
     if images is None:
         images = js.parent / "images" if (js.parent / "images").is_dir() else js.parent
     images = Path(images)
+
+    def parse(rec: dict, src: str) -> VQASample:
+        qid = _text_field(rec, "id", src)
+        # LLaVA-Med's own evaluator also accepts this misspelling found in its files.
+        conv = rec.get("conversations", rec.get("conversatons"))
+        if conv is None:
+            raise InputError(src, "missing field conversations")
+        if (
+            not isinstance(conv, list)
+            or len(conv) < 2
+            or not all(isinstance(t, dict) for t in conv[:2])
+        ):
+            raise InputError(src, "wrong type for conversations", "need a human and a gpt turn")
+        question = _text_field(conv[0], "value", src).replace("<image>", "").strip()
+        answer = _text_field(conv[1], "value", src)
+        if not question:
+            raise InputError(src, "empty field question")
+        atype = _answer_type(rec, answer, src)
+        image = _image_path(images, _text_field(rec, "image", src), src)
+        return VQASample(
+            qid=qid,
+            image=image,
+            question=question,
+            answer=answer,
+            answer_type=atype,
+            question_type=str(rec.get("question_type") or "").strip(),
+            split=split,
+        )
+
     report = LoadReport(str(js))
-    samples = []
-    for i, rec in enumerate(_load_list(js)):
-        report.n_records += 1
-        src = f"{js}[{i}]"
-        try:
-            if not isinstance(rec, dict):
-                raise InputError(src, "record is not an object")
-            qid = _text_field(rec, "id", src)
-            # LLaVA-Med's own evaluator also accepts this misspelling found in its files.
-            conv = rec.get("conversations", rec.get("conversatons"))
-            if conv is None:
-                raise InputError(src, "missing field conversations")
-            if (
-                not isinstance(conv, list)
-                or len(conv) < 2
-                or not all(isinstance(t, dict) for t in conv[:2])
-            ):
-                raise InputError(src, "wrong type for conversations", "need a human and a gpt turn")
-            question = _text_field(conv[0], "value", src).replace("<image>", "").strip()
-            answer = _text_field(conv[1], "value", src)
-            if not question:
-                raise InputError(src, "empty field question")
-            atype = _answer_type(rec, answer, src)
-            image = _image_path(images, _text_field(rec, "image", src), src)
-            samples.append(
-                VQASample(
-                    qid=qid,
-                    image=image,
-                    question=question,
-                    answer=answer,
-                    answer_type=atype,
-                    question_type=str(rec.get("question_type") or "").strip(),
-                    split=split,
-                )
-            )
-        except InputError as err:
-            report.add_bad(err)
-    report.n_loaded = len(samples)
-    return samples, report
+    return report.read(_load_list(js), js, parse), report
 
 
 def load_vqa(
