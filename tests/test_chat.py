@@ -109,3 +109,13 @@ def test_cli_bad_image_is_one_line_error(tiny_llava_dir, tmp_path, capsys):
     rc = main(["chat", "--model", str(tiny_llava_dir), "--image", str(bad), "--prompt", "hi"])
     assert rc == 1
     assert "not an image" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("command", ["chat", "web"])
+def test_cli_bad_sampling_value_is_a_config_error(command, tmp_path, capsys):
+    """chat and web check their sampling options before loading any model."""
+    from llavamed.cli import main
+
+    rc = main([command, "--model", str(tmp_path / "absent"), "--top-p", "1.5"])
+    assert rc == 1
+    assert "top_p must be in (0, 1]" in capsys.readouterr().err

@@ -16,6 +16,22 @@ def add_sampling_args(p: argparse.ArgumentParser, temperature: float = 0.2) -> N
     p.add_argument("--seed", type=int, default=None, help="sampling seed (default: random)")
 
 
+def sampling_params(args):
+    """The options add_sampling_args added, checked; a bad value is a ConfigError that names it."""
+    from llavamed.errors import ConfigError
+    from llavamed.serve.engine import SamplingParams
+
+    try:
+        return SamplingParams(
+            max_tokens=args.max_tokens,
+            temperature=args.temperature,
+            top_p=args.top_p,
+            seed=args.seed,
+        )
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+
+
 def register(subparsers) -> None:
     p = subparsers.add_parser(
         "chat",
@@ -33,19 +49,10 @@ def register(subparsers) -> None:
 
 
 def run(args) -> int:
-    from llavamed.errors import ConfigError
     from llavamed.serve.chat import ChatSession, run_chat
-    from llavamed.serve.engine import Engine, EngineSettings, SamplingParams
+    from llavamed.serve.engine import Engine, EngineSettings
 
-    try:
-        params = SamplingParams(
-            max_tokens=args.max_tokens,
-            temperature=args.temperature,
-            top_p=args.top_p,
-            seed=args.seed,
-        )
-    except ValueError as exc:
-        raise ConfigError(str(exc)) from None
+    params = sampling_params(args)
     engine = Engine.from_path(
         args.model,
         dtype=args.dtype,

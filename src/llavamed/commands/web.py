@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from llavamed.commands.chat import add_sampling_args
+from llavamed.commands.chat import add_sampling_args, sampling_params
 from llavamed.commands.serve import add_model_args
 
 
@@ -25,24 +25,16 @@ def register(subparsers) -> None:
 
 
 def run(args) -> int:
-    from llavamed.errors import ConfigError, LlavamedError
-    from llavamed.serve.engine import Engine, EngineSettings, SamplingParams
+    from llavamed.errors import LlavamedError
+    from llavamed.serve.engine import Engine, EngineSettings
 
+    params = sampling_params(args)
     try:
         import gradio  # noqa: F401
     except ImportError:
         raise LlavamedError("llavamed web needs gradio: pip install 'llavamed[web]'") from None
     from llavamed.serve.web import launch
 
-    try:
-        params = SamplingParams(
-            max_tokens=args.max_tokens,
-            temperature=args.temperature,
-            top_p=args.top_p,
-            seed=args.seed,
-        )
-    except ValueError as exc:
-        raise ConfigError(str(exc)) from None
     engine = Engine.from_path(
         args.model,
         dtype=args.dtype,
