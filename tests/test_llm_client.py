@@ -16,6 +16,7 @@ from llavamed.llm.client import (
     TokenBucket,
     backoff_delay,
     estimate_tokens,
+    for_each_concurrently,
     lookup_price,
     parse_retry_after,
 )
@@ -209,3 +210,37 @@ def test_bad_options():
 
     with pytest.raises(LlavamedError):
         ClientOptions(base_url="http://x", model="m", concurrency=0)
+
+
+def test_for_each_concurrently_bounds_workers_and_counts_progress():
+    running, peak, done, ticks = 0, 0, [], []
+
+    async def handle(item):
+        nonlocal running, peak
+        running += 1
+        peak = max(peak, running)
+        await asyncio.sleep(0.01)
+        running -= 1
+        done.append(item)
+
+    run(
+        for_each_concurrently(list(range(20)), handle, concurrency=3, after=lambda: ticks.append(1))
+    )
+    assert sorted(done) == list(range(20)) and len(ticks) == 20
+    assert peak == 6  # two workers per request slot
+
+
+def test_for_each_concurrently_cancels_the_rest_when_one_fails():
+    started, finished = [], []
+
+    async def handle(item):
+        started.append(item)
+        if item == 0:
+            raise ValueError("record 0 is bad")
+        await asyncio.sleep(10)
+        finished.append(item)
+
+    t0 = time.perf_counter()
+    with pytest.raises(ValueError, match="record 0"):
+        run(for_each_concurrently(list(range(8)), handle, concurrency=2))
+    assert time.perf_counter() - t0 < 5 and finished == [] and len(started) == 4

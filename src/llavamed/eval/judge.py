@@ -27,7 +27,7 @@ from pathlib import Path
 
 from llavamed.data.figures import DOMAINS, primary_domain
 from llavamed.errors import InputError, LlavamedError
-from llavamed.llm.client import ClientOptions, LLMClient, LLMError
+from llavamed.llm.client import ClientOptions, LLMClient, LLMError, for_each_concurrently
 from llavamed.utils.io import JsonlAppender, atomic_write_json, iter_jsonl
 
 NORMAL, SWAPPED = "normal", "swapped"
@@ -280,29 +280,12 @@ async def _judge_all(opts, prompts, jobs, appender, fp, bar) -> dict:
                 }
             )
 
-        queue: asyncio.Queue = asyncio.Queue()
-        for job in jobs:
-            queue.put_nowait(job)
-
-        async def worker() -> None:
-            while True:
-                try:
-                    job = queue.get_nowait()
-                except asyncio.QueueEmpty:
-                    return
-                await one(*job)
-                if bar is not None:
-                    bar.update(1)
-
-        n = max(1, min(len(jobs), 2 * opts.client.concurrency))
-        tasks = [asyncio.create_task(worker()) for _ in range(n)]
-        try:
-            await asyncio.gather(*tasks)
-        except BaseException:
-            for t in tasks:
-                t.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
-            raise
+        await for_each_concurrently(
+            jobs,
+            lambda job: one(*job),
+            opts.client.concurrency,
+            after=None if bar is None else lambda: bar.update(1),
+        )
         return client.stats.as_dict()
 
 

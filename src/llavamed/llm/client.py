@@ -22,6 +22,7 @@ import math
 import random
 import time
 from collections import Counter
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -543,3 +544,36 @@ class LLMClient:
         cost = self.cost(pt, ct)
         self.stats.cost_usd += cost
         return ChatResult(text, finish, pt, ct, False, attempts, estimated, cost)
+
+
+async def for_each_concurrently(
+    items: list, handle: Callable[[Any], Awaitable[None]], concurrency: int, after=None
+) -> None:
+    """Await ``handle(item)`` for every item, ``after()`` when each is done (a progress bar).
+
+    Twice the client's concurrency in workers keeps every request slot busy while some workers
+    wait out a backoff; the client's semaphore still caps the requests in flight. If one item
+    raises, the other workers are cancelled before the error propagates, so nothing keeps
+    writing after the caller has given up."""
+    queue: asyncio.Queue = asyncio.Queue()
+    for item in items:
+        queue.put_nowait(item)
+
+    async def worker() -> None:
+        while True:
+            try:
+                item = queue.get_nowait()
+            except asyncio.QueueEmpty:
+                return
+            await handle(item)
+            if after is not None:
+                after()
+
+    tasks = [asyncio.create_task(worker()) for _ in range(max(1, min(len(items), 2 * concurrency)))]
+    try:
+        await asyncio.gather(*tasks)
+    except BaseException:
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        raise

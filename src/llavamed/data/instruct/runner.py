@@ -30,7 +30,14 @@ from llavamed.data.instruct.prompts import (
 )
 from llavamed.data.instruct.select import round_robin
 from llavamed.errors import InputError, LlavamedError
-from llavamed.llm.client import ClientOptions, LLMClient, LLMError, estimate_tokens, lookup_price
+from llavamed.llm.client import (
+    ClientOptions,
+    LLMClient,
+    LLMError,
+    estimate_tokens,
+    for_each_concurrently,
+    lookup_price,
+)
 from llavamed.utils.io import JsonlAppender, atomic_write_json, iter_jsonl
 
 EXIT_INCOMPLETE = 3
@@ -196,9 +203,6 @@ async def _generate(opts, prompts, pending, appender, fp, bar) -> tuple[Counter,
     """Ask for every pending record; append each outcome to the log as it completes."""
     failed: Counter = Counter()
     length_cut = 0
-    queue: asyncio.Queue = asyncio.Queue()
-    for rec in pending:
-        queue.put_nowait(rec)
     async with LLMClient(opts.client, seed=opts.seed) as client:
 
         async def one(rec: dict) -> None:
@@ -243,35 +247,20 @@ async def _generate(opts, prompts, pending, appender, fp, bar) -> tuple[Counter,
                 entry.update(status="kept", sample=to_llava_sample(rec, cleaned.turns, opts.seed))
             appender.append(entry)
 
-        async def worker() -> None:
-            while True:
-                try:
-                    rec = queue.get_nowait()
-                except asyncio.QueueEmpty:
-                    return
-                await one(rec)
-                if bar is not None:
-                    bar.update(1)
-                    s = client.stats
-                    bar.set_postfix(
-                        cache=s.cache_hits,
-                        retries=s.retries,
-                        failed=sum(failed.values()),
-                        refresh=False,
-                    )
+        def progress() -> None:
+            if bar is not None:
+                bar.update(1)
+                s = client.stats
+                bar.set_postfix(
+                    cache=s.cache_hits,
+                    retries=s.retries,
+                    failed=sum(failed.values()),
+                    refresh=False,
+                )
 
-        # Twice the concurrency in workers keeps every slot busy while some wait out a backoff;
-        # the client's semaphore still caps requests in flight.
-        n_workers = max(1, min(len(pending), 2 * opts.client.concurrency))
-        tasks = [asyncio.create_task(worker()) for _ in range(n_workers)]
         syncer = asyncio.create_task(_group_fsync(appender.path))
         try:
-            await asyncio.gather(*tasks)
-        except BaseException:
-            for t in tasks:
-                t.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
-            raise
+            await for_each_concurrently(pending, one, opts.client.concurrency, after=progress)
         finally:
             syncer.cancel()
             await asyncio.gather(syncer, return_exceptions=True)
