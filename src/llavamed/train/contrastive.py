@@ -113,8 +113,8 @@ def phrase_patch_loss(
 
     Shapes: ``patch_emb`` (B, K, D) normalised; ``phrase_emb`` (P, D) normalised;
     ``phrase_keys`` (P,) int64; ``image_keys`` (B, M) int64 padded with -1."""
-    all_phr = gather_phrases_with_grad(phrase_emb)
-    all_keys = _gather_ragged(phrase_keys)
+    all_phr = gather_ragged(phrase_emb, grad=True)
+    all_keys = gather_ragged(phrase_keys, grad=False)
     if all_phr.shape[0] == 0:
         return patch_emb.sum() * 0.0
     scores = pooled_patch_scores(patch_emb, all_phr, sharpness)  # (P_all, B)
@@ -137,25 +137,10 @@ def _global_count(n: int) -> float:
     return float(t.item())
 
 
-def _gather_ragged(x: torch.Tensor) -> torch.Tensor:
-    """all_gather for tensors whose first dim differs between processes (no gradient)."""
-    rank, world = dist_info()
-    if world == 1:
-        return x
-    import torch.distributed as dist
-
-    n = torch.tensor([x.shape[0]])
-    sizes = [torch.zeros_like(n) for _ in range(world)]
-    dist.all_gather(sizes, n)
-    m = int(max(s.item() for s in sizes))
-    padded = torch.cat([x, x.new_zeros((m - x.shape[0], *x.shape[1:]))])
-    parts = [torch.empty_like(padded) for _ in range(world)]
-    dist.all_gather(parts, padded.contiguous())
-    return torch.cat([p[: int(s.item())] for p, s in zip(parts, sizes, strict=True)])
-
-
-def gather_phrases_with_grad(x: torch.Tensor) -> torch.Tensor:
-    """Ragged all-gather with gradient (phrase counts differ between processes)."""
+def gather_ragged(x: torch.Tensor, *, grad: bool) -> torch.Tensor:
+    """all_gather for tensors whose first dim differs between processes (phrase counts do):
+    each pads to the longest, gathers, and drops the padding. With ``grad`` the gradient flows
+    back to every process's own rows (torch.distributed.nn's differentiable all_gather)."""
     rank, world = dist_info()
     if world == 1:
         return x
@@ -166,8 +151,12 @@ def gather_phrases_with_grad(x: torch.Tensor) -> torch.Tensor:
     sizes = [torch.zeros_like(n) for _ in range(world)]
     dist.all_gather(sizes, n)
     m = int(max(s.item() for s in sizes))
-    padded = torch.cat([x, x.new_zeros((m - x.shape[0], *x.shape[1:]))])
-    parts = all_gather(padded.contiguous())
+    padded = torch.cat([x, x.new_zeros((m - x.shape[0], *x.shape[1:]))]).contiguous()
+    if grad:
+        parts = all_gather(padded)
+    else:
+        parts = [torch.empty_like(padded) for _ in range(world)]
+        dist.all_gather(parts, padded)
     return torch.cat([p[: int(s.item())] for p, s in zip(parts, sizes, strict=True)])
 
 
