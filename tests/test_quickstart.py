@@ -137,6 +137,8 @@ def test_quickstart_tiny_end_to_end_and_rerun(tmp_path):
     assert first.returncode == 0, first.stderr[-4000:]
     # --no-progress silences the libraries' bars too (weight loading, GGUF conversion).
     assert "it/s]" not in first.stderr + first.stdout, first.stderr[-2000:]
+    # The closing lines name the report and the commands to try the model.
+    assert "report: " in first.stdout and "try one question: llavamed chat" in first.stdout
     report = json.loads((out / "report.json").read_text())
     assert (out / "report.md").exists() and (out / "loss.png").exists()
     assert (out / "finetune" / "checkpoint-final" / "config.json").exists()
@@ -211,3 +213,80 @@ def test_tower_fingerprint_follows_the_weights_not_the_path(tmp_path):
     assert tower_fingerprint(a) == tower_fingerprint(b)
     (b / "model.safetensors").write_bytes(b"weights-2")
     assert tower_fingerprint(a) != tower_fingerprint(b)
+
+
+def test_try_it_picks_the_test_image_the_final_eval_asked_most_about(tmp_path):
+    """The report's "Try the model" starts from a held-out image and its evaluated questions,
+    shows this run's answers beside the references, and quotes paths and questions so the
+    commands paste into a shell."""
+    import shlex
+
+    from PIL import Image
+
+    from llavamed.quickstart import _try_it
+
+    out = tmp_path / "quick start"  # a space the commands must quote
+    slake = out / "world" / "slake"
+    for name in ("a", "b"):
+        (slake / "imgs" / name).mkdir(parents=True)
+        Image.new("RGB", (8, 8)).save(slake / "imgs" / name / "source.jpg")
+    rows = [  # (qid, image, question, answer)
+        ("1", "a", "Is there a lesion?", "yes"),
+        ("2", "b", "Is this an MRI?", "no"),
+        ("3", "b", 'Is the "ring" enhancing?', "no"),
+        ("4", "b", "How large is the lesion?", "3 cm"),  # not asked by the eval (its --limit)
+        ("5", "b", "病变在哪里？", "左"),  # another language
+    ]
+    (slake / "test.json").write_text(
+        json.dumps(
+            [
+                {
+                    "qid": q,
+                    "img_name": f"{img}/source.jpg",
+                    "question": text,
+                    "answer": ans,
+                    "q_lang": "zh" if q == "5" else "en",
+                    "answer_type": "CLOSED" if ans in ("yes", "no") else "OPEN",
+                }
+                for q, img, text, ans in rows
+            ]
+        )
+    )
+    scores = out / "eval" / "finetuned" / "scores.jsonl"
+    scores.parent.mkdir(parents=True)
+    preds = {"1": "yes", "2": "no", "3": "yes", "5": "左"}
+    scores.write_text(
+        "".join(json.dumps({"qid": q, "prediction": p}) + "\n" for q, p in preds.items())
+        + "{truncated\n"
+    )
+
+    got = _try_it(out)
+    image = str(slake / "imgs" / "b" / "source.jpg")
+    assert got["image"] == image
+    assert got["questions"] == [
+        {"question": "Is this an MRI?", "answer": "no", "model_answer": "no"},
+        {"question": 'Is the "ring" enhancing?', "answer": "no", "model_answer": "yes"},
+    ]
+    one = shlex.split(got["commands"]["one question"])
+    assert one[one.index("--image") + 1] == image
+    assert one[one.index("--prompt") + 1] == "Is this an MRI?"
+    assert one[-2:] == ["--temperature", "0"]
+    assert shlex.split(got["commands"]["serve"])[3] == str(out / "finetune" / "checkpoint-final")
+
+    report = {
+        "size": "small",
+        "seed": 0,
+        "metrics": {},
+        "stages": {},
+        "wall_time_s_all_stages": 0,
+        "data": {},
+        "try_it": got,
+    }
+    md = render_markdown(report)
+    assert '| Is the "ring" enhancing? | no | yes |' in md
+    assert "first 8 layers of SmolLM2" in md
+
+    # Before any evaluation (or with no world), the commands still come, without an image.
+    bare = _try_it(tmp_path / "empty")
+    assert bare["image"] is None and bare["questions"] == []
+    assert "--image" not in bare["commands"]["chat"] and "one question" not in bare["commands"]

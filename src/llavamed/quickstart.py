@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import shlex
 import shutil
 import time
 from collections.abc import Callable
@@ -842,21 +843,52 @@ def build_report(opts: QuickstartOptions, results: list[StageResult], wall_s: fl
         "data": data_stats,
         "metrics": {"zero_shot": zs, "finetuned": ft},
         "loss_curves": str(loss_png) if loss_png else None,
-        "try_it": _try_commands(out),
+        "try_it": _try_it(out),
     }
     atomic_write_json(out / "report.json", report)
     atomic_write_text(out / "report.md", render_markdown(report))
     return report
 
 
-def _try_commands(out: Path) -> dict:
+def _try_it(out: Path) -> dict:
+    """Commands to try the fine-tuned model, on a held-out test image whose questions the final
+    evaluation asked, with the reference answers and this run's own answers to them: a user's
+    first chat then starts from a question the model is known to handle (it was fine-tuned for
+    short answers, not free-text descriptions)."""
+    from llavamed.errors import InputError
+    from llavamed.eval.vqa_data import load_vqa
+    from llavamed.utils.io import iter_jsonl
+
     ckpt = out / "finetune" / "checkpoint-final"
-    img = next(iter(sorted((out / "world" / "slake" / "imgs").glob("*/source.jpg"))), None)
-    return {
-        "chat": f"llavamed chat --model {ckpt}" + (f" --image {img}" if img else ""),
-        "serve": f"llavamed serve --model {ckpt} --port 8000",
-        "web": f"llavamed web --model {ckpt}",
+    try:
+        samples, _ = load_vqa(EVAL_DATASET, out / "world" / "slake", split="test", lang="en")
+    except InputError:
+        samples = []
+    scores = out / "eval" / "finetuned" / "scores.jsonl"
+    scored = {
+        str(r["qid"]): r
+        for r in (iter_jsonl(scores, skip_bad=True) if scores.exists() else [])
+        if "qid" in r
     }
+    by_image: dict[str, list] = {}
+    for s in samples:
+        if s.qid in scored and isinstance(s.image, str):
+            by_image.setdefault(s.image, []).append(s)
+    image, asked = max(by_image.items(), key=lambda kv: len(kv[1]), default=(None, []))
+    chat = ["llavamed", "chat", "--model", str(ckpt)] + (["--image", image] if image else [])
+    # shlex: paths and questions may hold spaces or quotes, and the lines are meant to be pasted.
+    commands = {"chat": shlex.join(chat)}
+    if asked:
+        commands["one question"] = shlex.join(
+            [*chat, "--prompt", asked[0].question, "--temperature", "0"]
+        )
+    commands["serve"] = shlex.join(["llavamed", "serve", "--model", str(ckpt), "--port", "8000"])
+    commands["web"] = shlex.join(["llavamed", "web", "--model", str(ckpt)])
+    questions = [
+        {"question": s.question, "answer": s.answer, "model_answer": scored[s.qid]["prediction"]}
+        for s in asked[:6]
+    ]
+    return {"commands": commands, "image": image, "questions": questions}
 
 
 def _plot_losses(out: Path) -> Path | None:
@@ -994,6 +1026,26 @@ def render_markdown(report: dict) -> str:
     if report.get("loss_curves"):
         lines += ["", "## Loss curves", "", "![loss curves](loss.png)"]
     lines += ["", "## Try the model", ""]
-    for k, cmd in report["try_it"].items():
+    try_it = report["try_it"]
+    if preset is not None and preset.lm_layers:
+        lines += [
+            f"This model answers short questions about MedSynth images (its LM is the first "
+            f"{preset.lm_layers} layers of SmolLM2, fine-tuned on VQA): findings, modality, "
+            "organ, position, size, counts. It was not trained to describe an image at length.",
+            "",
+        ]
+    for k, cmd in try_it.get("commands", {}).items():
         lines.append(f"- {k}: `{cmd}`")
+    if try_it.get("questions"):
+        lines += [
+            "",
+            "The final evaluation asked these held-out test questions about that image "
+            "(greedy decoding, as `--temperature 0`):",
+            "",
+            "| question | reference | this model |",
+            "|---|---|---|",
+        ]
+        for q in try_it["questions"]:
+            cells = (q["question"], q["answer"], q["model_answer"])
+            lines.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
     return "\n".join(lines) + "\n"

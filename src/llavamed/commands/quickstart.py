@@ -63,6 +63,6 @@ def run(args) -> int:
     ft = report["metrics"].get("finetuned", {})
     if "strict_closed_acc" in ft:
         print(f"fine-tuned strict closed accuracy: {100 * ft['strict_closed_acc']['mean']:.1f}%")
-    for k, cmd in report["try_it"].items():
+    for k, cmd in report["try_it"]["commands"].items():
         print(f"try {k}: {cmd}")
     return 0
