@@ -8,11 +8,11 @@ import pytest
 import torch
 
 from llavamed.errors import ConfigError
-from llavamed.serve.engine import parse_dtype
 from llavamed.train import vision_vqa
 from llavamed.utils.precision import (
     check_precision,
     cpu_has_fast_bf16,
+    model_dtype,
     resolve_precision,
     torch_dtype,
 )
@@ -53,9 +53,33 @@ def test_auto_agrees_with_what_this_cpu_measures():
         assert picked == "bf16" and cpu_has_fast_bf16(), ratio
 
 
-def test_serve_dtype_auto_follows_the_same_rule():
-    assert parse_dtype("auto") is torch_dtype(resolve_precision("auto"))
-    assert parse_dtype(None) is torch.float32
+def test_inference_dtype_auto_follows_the_same_rule():
+    assert model_dtype("auto") is torch_dtype(resolve_precision("auto"))
+    assert model_dtype(None) is torch.float32
+    # The long torch names are spellings of the short ones.
+    assert model_dtype("bfloat16") is model_dtype("bf16") is torch.bfloat16
+    assert model_dtype("float16") is torch.float16
+    with pytest.raises(ConfigError, match="--dtype 'fp8'"):
+        model_dtype("fp8")
+
+
+@pytest.mark.parametrize(
+    "command", [["serve"], ["chat"], ["web"], ["eval", "vqa"], ["eval", "answer"]]
+)
+def test_every_inference_command_reads_one_dtype_vocabulary(command):
+    from llavamed.cli import build_parser
+
+    parser = build_parser()
+    required = {
+        "serve": ["--model", "m"],
+        "chat": ["--model", "m"],
+        "web": ["--model", "m"],
+        "vqa": ["--model", "m", "--dataset", "slake", "--data", "d"],
+        "answer": ["--model", "m", "--questions", "q", "--images", "i", "--out", "o"],
+    }[command[-1]]
+    for given, want in (("bf16", "bf16"), ("bfloat16", "bf16"), ("auto", "auto"), (None, "fp32")):
+        extra = ["--dtype", given] if given else []
+        assert parser.parse_args([*command, *required, *extra]).dtype == want
 
 
 def test_a_run_saves_the_resolved_precision_and_reruns_as_the_same_run(tmp_path):

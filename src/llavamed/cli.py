@@ -32,6 +32,17 @@ COMMANDS: list[tuple[str | None, str]] = [
     (None, "llavamed.commands.web"),
 ]
 
+
+class DefaultsHelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows an option's default in ``--help``, except where there is none to show (None, or the
+    False of a flag), so the help does not end lines in "(default: None)"."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        if action.default is None or action.default is False:
+            return action.help
+        return super()._get_help_string(action)
+
+
 GROUP_HELP = {
     "data": "build datasets: PMC ingestion, domain labels, alignment and instruction data",
     "model": "compose LLaVA checkpoints",

@@ -16,3 +16,17 @@ def add_pack_weights_arg(p: argparse.ArgumentParser) -> None:
         "about 1.9x faster decoding, same answers up to float rounding). Off: run the model "
         "exactly as transformers loads it",
     )
+
+
+def add_dtype_arg(p: argparse.ArgumentParser) -> None:
+    """--dtype, in the one vocabulary of every command that loads a model for inference."""
+    from llavamed.utils.precision import DTYPE_ALIASES, MODEL_DTYPES
+
+    p.add_argument(
+        "--dtype",
+        type=lambda s: DTYPE_ALIASES.get(s, s),  # float32 etc. still work, as fp32 etc.
+        choices=MODEL_DTYPES,
+        default="fp32",
+        help="weights dtype (default fp32; on CPU bf16 is faster only with AVX512-BF16 or AMX "
+        "and much slower elsewhere; auto picks bf16 where the CPU has it; fp16 is for GPUs)",
+    )

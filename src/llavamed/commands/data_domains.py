@@ -24,7 +24,14 @@ def register(subparsers) -> None:
         description=DESCRIPTION,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("--in", dest="inp", required=True, type=Path, metavar="FIGURES")
+    p.add_argument(
+        "--in",
+        dest="inp",
+        required=True,
+        type=Path,
+        metavar="FIGURES",
+        help="figures.jsonl to label (from `data ingest`)",
+    )
     p.add_argument("--out", type=Path, metavar="FIGURES", help="output figures.jsonl")
     p.add_argument(
         "--eval",

@@ -45,7 +45,9 @@ def register(subparsers) -> None:
     p.add_argument(
         "--max-samples", type=int, metavar="N", help="ask about at most N figures (round-robin)"
     )
-    p.add_argument("--temperature", type=float, default=0.7)
+    p.add_argument(
+        "--temperature", type=float, default=0.7, help="sampling temperature (default 0.7)"
+    )
     p.add_argument("--max-tokens", type=int, default=1024, help="completion limit per request")
     p.add_argument("--seed", type=int, default=0, help="API seed, cache key, <image> placement")
     p.add_argument(

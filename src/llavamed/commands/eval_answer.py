@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-import argparse
-
-from llavamed.commands import add_pack_weights_arg
+from llavamed.cli import DefaultsHelpFormatter
+from llavamed.commands import add_dtype_arg, add_pack_weights_arg
 from llavamed.commands.eval_vqa import add_backend_arg
 
 
@@ -18,7 +17,7 @@ def register(sub) -> None:
             "answers JSONL ({question_id, prompt, text, answer_id, model_id, metadata}). "
             "Re-running resumes; bad records and unreadable images are counted and skipped."
         ),
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=DefaultsHelpFormatter,
     )
     p.add_argument("--model", required=True, help="transformers-native LLaVA checkpoint folder")
     p.add_argument("--questions", required=True, help="qa50-shaped questions JSONL")
@@ -31,18 +30,15 @@ def register(sub) -> None:
     add_backend_arg(p)
     add_pack_weights_arg(p)
     p.add_argument("--limit", type=int, default=None, help="only the first N questions")
-    p.add_argument(
-        "--dtype", default="float32", choices=["float32", "bfloat16", "float16"], help="model dtype"
-    )
+    add_dtype_arg(p)
     p.set_defaults(func=run)
 
 
 def run(args) -> int:
     import sys
 
-    import torch
-
     from llavamed.eval.answer import answer_questions
+    from llavamed.utils.precision import model_dtype
 
     r = answer_questions(
         args.model,
@@ -52,7 +48,7 @@ def run(args) -> int:
         batch_size=args.batch_size,
         max_new_tokens=args.max_new_tokens,
         limit=args.limit,
-        dtype=getattr(torch, args.dtype),
+        dtype=model_dtype(args.dtype),
         backend=args.backend,
         pack_weights=args.pack_weights,
     )

@@ -36,13 +36,20 @@ def register(subparsers) -> None:
     )
     p.add_argument("--report", type=Path, help="report JSON (default: <out stem>_report.json)")
     p.add_argument("--swap", action="store_true", help="also judge in swapped order")
-    p.add_argument("--temperature", type=float, default=0.0)
-    p.add_argument("--max-tokens", type=int, default=1024)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--temperature",
+        type=float,
+        default=0.0,
+        help="judge sampling temperature (default 0: the most repeatable scores)",
+    )
+    p.add_argument(
+        "--max-tokens", type=int, default=1024, help="judge completion limit per request"
+    )
+    p.add_argument("--seed", type=int, default=0, help="API seed, also part of the cache key")
     p.add_argument(
         "--prompts", type=Path, metavar="DIR", help="folder overriding the judge prompt files"
     )
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
     add_client_arguments(p)
     p.set_defaults(func=run)
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import argparse
 
-from llavamed.commands import add_pack_weights_arg
+from llavamed.commands import add_dtype_arg, add_pack_weights_arg
 
 EPILOG = """\
 outputs in --out: answers.jsonl (LLaVA-Med answers shape; resumable), answers.<ablation>.jsonl,
@@ -47,7 +47,12 @@ def register(sub) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--model", required=True, help="transformers-native LLaVA checkpoint folder")
-    p.add_argument("--dataset", required=True, choices=["vqa-rad", "slake", "pathvqa", "llava-med"])
+    p.add_argument(
+        "--dataset",
+        required=True,
+        choices=["vqa-rad", "slake", "pathvqa", "llava-med"],
+        help="the format of --data (llava-med: LLaVA-Med's test.json)",
+    )
     p.add_argument(
         "--data",
         required=True,
@@ -96,12 +101,7 @@ def register(sub) -> None:
         default=None,
         help="K/N: answer every N-th question from K (0-based), for parallel runs",
     )
-    p.add_argument(
-        "--dtype",
-        default="float32",
-        choices=["float32", "bfloat16", "float16"],
-        help="model dtype (default: float32)",
-    )
+    add_dtype_arg(p)
     p.add_argument(
         "--bootstrap", type=int, default=1000, help="bootstrap resamples for CIs (default: 1000)"
     )
@@ -115,11 +115,10 @@ def run(args) -> int:
     import sys
     from pathlib import Path
 
-    import torch
-
     from llavamed.eval.report import write_report
     from llavamed.eval.vqa_data import load_vqa
     from llavamed.eval.vqa_runner import fmt_pct, run_vqa_eval
+    from llavamed.utils.precision import model_dtype
 
     if args.batch_size < 1:
         from llavamed.errors import InputError
@@ -146,7 +145,7 @@ def run(args) -> int:
         shard=args.shard,
         seed=args.seed,
         n_resamples=args.bootstrap,
-        dtype=getattr(torch, args.dtype),
+        dtype=model_dtype(args.dtype),
         backend=args.backend,
         pack_weights=args.pack_weights,
     )

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import argparse
+from llavamed.cli import DefaultsHelpFormatter
 
 
 def register(sub) -> None:
@@ -15,7 +15,7 @@ def register(sub) -> None:
             "chat template. The folder loads with AutoProcessor / AutoModelForImageTextToText "
             "and needs no llavamed import."
         ),
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=DefaultsHelpFormatter,
     )
     p.add_argument("--out", required=True, help="output checkpoint folder")
     p.add_argument(

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import argparse
+from llavamed.cli import DefaultsHelpFormatter
 
 
 def register(sub) -> None:
@@ -17,17 +17,18 @@ def register(sub) -> None:
             "fine-tuning -> VQA + blank-image ablation -> report.md/report.json/loss.png. "
             "Re-running skips finished stages; a killed run resumes where it stopped."
         ),
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=DefaultsHelpFormatter,
     )
     p.add_argument("--out", default="quickstart_out", help="output folder")
     p.add_argument(
         "--size",
         default="small",
         choices=["tiny", "small", "medium"],
-        help="small: ~51 min on 2 AVX2-only cores (fp32; measured), ~18 min on 2 cores with "
-        "bf16 arithmetic (AMX; estimated), 85.6%% strict closed accuracy; medium: the same "
-        "recipe on twice the VQA images for longer, ~1 h 50 min on 2 AVX2-only cores "
-        "(measured), 87.1%% strict closed on the whole test split; tiny: a few-minute smoke run "
+        help="small: 51 min on 2 Zen 2/3 AVX2 cores and 1 h 44 min on 2 Zen 1 cores (fp32; "
+        "both measured from a fresh clone), ~18 min on 2 cores with bf16 arithmetic (AMX; "
+        "estimated), 85.6-86.1%% strict closed accuracy; medium: the same recipe on twice the "
+        "VQA images for longer, ~1 h 50 min on 2 AVX2 cores (measured), 87.1%% strict closed on "
+        "the whole test split; tiny: a few-minute smoke run "
         "of every stage that learns little",
     )
     p.add_argument("--seed", type=int, default=0, help="seed for data and training")
@@ -37,8 +38,8 @@ def register(sub) -> None:
         metavar="DIR",
         default=None,
         help="a pretrained vision tower folder (a stage-0 run's vision_tower/, a converted "
-        "BiomedCLIP tower): skips stage 0; stage 0b and stage 1 start from it (default: train "
-        "stage 0 from a random tower)",
+        "BiomedCLIP tower): skips stage 0; stage 0b and stage 1 start from it (without it, "
+        "stage 0 trains one from random weights)",
     )
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=run)

@@ -6,7 +6,7 @@ import argparse
 import os
 import sys
 
-from llavamed.commands import add_pack_weights_arg
+from llavamed.commands import add_dtype_arg, add_pack_weights_arg
 from llavamed.errors import ConfigError
 
 
@@ -19,13 +19,7 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
         help="a llava checkpoint folder, a plain causal LM folder (text-only mode; "
         "detected from config.json), or 'embedded' for the bundled SmolLM2-135M-Instruct",
     )
-    p.add_argument(
-        "--dtype",
-        choices=["fp32", "bf16", "auto"],
-        default="fp32",
-        help="weights dtype on CPU (default fp32; bf16 is faster only on CPUs with AVX512-BF16 "
-        "or AMX and much slower elsewhere; auto picks bf16 where the CPU has it)",
-    )
+    add_dtype_arg(p)
     add_pack_weights_arg(p)
 
 
@@ -92,7 +86,12 @@ def register(subparsers) -> None:
         help="also fetch http(s) image URLs (off by default; file: URLs and paths "
         "are always refused)",
     )
-    p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    p.add_argument(
+        "--log-level",
+        default="info",
+        choices=["debug", "info", "warning", "error"],
+        help="uvicorn log level (default info)",
+    )
     p.set_defaults(func=run)
 
 

@@ -26,11 +26,23 @@ def add_client_arguments(parser: argparse.ArgumentParser, default_concurrency: i
         "for local servers)",
     )
     g.add_argument("--api-version", help="Azure OpenAI api-version (switches to api-key header)")
-    g.add_argument("--concurrency", type=int, default=default_concurrency, metavar="N")
+    g.add_argument(
+        "--concurrency",
+        type=int,
+        default=default_concurrency,
+        metavar="N",
+        help=f"requests in flight at once (default {default_concurrency})",
+    )
     g.add_argument("--rpm", type=float, help="client-side requests/minute limit")
     g.add_argument("--tpm", type=float, help="client-side tokens/minute limit")
     g.add_argument("--timeout", type=float, default=120.0, help="seconds per request attempt")
-    g.add_argument("--max-retries", type=int, default=6)
+    g.add_argument(
+        "--max-retries",
+        type=int,
+        default=6,
+        help="retries per request on 429, 5xx, timeouts and malformed replies, with "
+        "exponential backoff honouring Retry-After (default 6)",
+    )
     g.add_argument(
         "--cache",
         metavar="PATH",

@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from llavamed.errors import InputError, LlavamedError
+from llavamed.utils.precision import model_dtype
 
 log = logging.getLogger(__name__)
 
@@ -213,27 +214,6 @@ def is_llava_dir(path: str | Path) -> bool:
     return cfg.get("model_type") == "llava" or "vision_config" in cfg
 
 
-def parse_dtype(name: str | None):
-    import torch
-
-    from llavamed.utils.precision import resolve_precision, torch_dtype
-
-    if name == "auto":  # bf16 only where the CPU computes it natively (utils/precision.py)
-        return torch_dtype(resolve_precision("auto"))
-    table = {
-        None: torch.float32,
-        "fp32": torch.float32,
-        "float32": torch.float32,
-        "bf16": torch.bfloat16,
-        "bfloat16": torch.bfloat16,
-        "fp16": torch.float16,
-        "float16": torch.float16,
-    }
-    if name not in table:
-        raise InputError("--dtype", "unknown dtype", f"{name!r}; use fp32, bf16 or auto")
-    return table[name]
-
-
 # --- the engine ------------------------------------------------------------------------------
 
 
@@ -343,7 +323,7 @@ class Engine:
         ``"embedded"`` is the embedded SmolLM2-135M-Instruct. ``pack_weights`` prepacks the
         linear weights for CPU inference (:mod:`llavamed.model.cpu_packing`)."""
         path = resolve_model_dir(model)
-        torch_dtype = parse_dtype(dtype)
+        torch_dtype = model_dtype(dtype)
         if is_llava_dir(path):
             from llavamed.model import load_llava
 

@@ -21,6 +21,11 @@ if TYPE_CHECKING:
 
 CHOICES = ("auto", "bf16", "fp32")
 
+# Inference (chat, serve, web, eval) also takes fp16, for GPUs; the long torch names are
+# accepted as spellings of the short ones, so every command reads the same vocabulary.
+MODEL_DTYPES = ("fp32", "bf16", "fp16", "auto")
+DTYPE_ALIASES = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
+
 
 @functools.cache
 def cpu_has_fast_bf16() -> bool:
@@ -67,3 +72,17 @@ def torch_dtype(precision: str) -> torch.dtype:
     import torch
 
     return {"bf16": torch.bfloat16, "fp32": torch.float32}[precision]
+
+
+def model_dtype(name: str | None) -> torch.dtype:
+    """The weights dtype for inference: one of :data:`MODEL_DTYPES` (or a long torch name);
+    ``None`` is fp32 and ``auto`` resolves as :func:`resolve_precision` does."""
+    import torch
+
+    short = DTYPE_ALIASES.get(name, name) if name is not None else "fp32"
+    if short == "auto":
+        return torch_dtype(resolve_precision("auto"))
+    table = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+    if short not in table:
+        raise ConfigError(f"--dtype {name!r}: choose one of {', '.join(MODEL_DTYPES)}")
+    return table[short]
