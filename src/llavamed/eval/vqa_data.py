@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from llavamed.errors import InputError
-from llavamed.utils.io import read_json
+from llavamed.utils.io import parse_records, read_json
 
 DATASETS = ("vqa-rad", "slake", "pathvqa", "llava-med")
 VQA_RAD_JSON = "VQA_RAD Dataset Public.json"
@@ -86,21 +86,10 @@ class LoadReport:
         """Parse every record with ``parse(record, src)``, which returns a sample, or None for a
         valid record of another split or language. A record it rejects with InputError is
         counted by reason and skipped, so one bad record never stops a load."""
-        samples = []
-        for i, rec in enumerate(records):
-            self.n_records += 1
-            src = f"{where}[{i}]"
-            try:
-                if not isinstance(rec, dict):
-                    raise InputError(src, "record is not an object")
-                sample = parse(rec, src)
-            except InputError as err:
-                self.add_bad(err)
-                continue
-            if sample is None:
-                self.n_other_split += 1
-            else:
-                samples.append(sample)
+        parsed = parse_records(records, where, parse, self.add_bad)
+        samples = [s for s in parsed if s is not None]
+        self.n_records += len(records)
+        self.n_other_split += len(parsed) - len(samples)
         self.n_loaded += len(samples)
         return samples
 

@@ -23,7 +23,7 @@ from llavamed.errors import InputError
 from llavamed.model.processing import IGNORE_INDEX, encode_training_sample
 from llavamed.model.templates import IMAGE_PLACEHOLDER, Message, conversation_to_messages
 from llavamed.train.shared_prefix import PAD, pack_shared_prefix, position_ids
-from llavamed.utils.io import read_json
+from llavamed.utils.io import parse_records, read_json
 
 MAX_PRINTED = 5
 
@@ -88,42 +88,37 @@ def _llava_json_samples(src: DataSource, report: DataReport, encode) -> list[Sam
     if not isinstance(data, list):
         raise InputError(path, "expected a JSON list of LLaVA conversation records")
     folder = Path(src.image_folder) if src.image_folder else path.parent
-    out = []
-    for i, rec in enumerate(data):
-        report.n_records += 1
-        where = f"{path}[{i}]"
-        try:
-            if not isinstance(rec, dict):
-                raise InputError(where, "record is not an object")
-            if "id" in rec:
-                where = f"{path}[{i}] id={rec['id']}"
-            conv = rec.get("conversations")
-            if not isinstance(conv, list) or not conv:
-                raise InputError(where, "malformed conversation", "no conversations list")
-            image = rec.get("image")
-            if isinstance(image, list):
-                if len(image) != 1:
-                    raise InputError(
-                        where, "image count mismatch", f"{len(image)} images; one supported"
-                    )
-                image = image[0]
-            if image is not None:
-                if not isinstance(image, str) or not image:
-                    raise InputError(where, "malformed image field")
-                ip = folder / image
-                if not ip.is_file():
-                    raise InputError(where, "missing image", str(ip))
-                image = str(ip)
-            try:
-                messages = conversation_to_messages(conv, where)
-            except InputError as exc:
+
+    def parse(rec: dict, where: str) -> Sample:
+        if "id" in rec:
+            where = f"{where} id={rec['id']}"
+        conv = rec.get("conversations")
+        if not isinstance(conv, list) or not conv:
+            raise InputError(where, "malformed conversation", "no conversations list")
+        image = rec.get("image")
+        if isinstance(image, list):
+            if len(image) != 1:
                 raise InputError(
-                    where, "malformed conversation", f"{exc.reason} {exc.detail}".strip()
-                ) from exc
-            out.append(encode(messages, image, where))
-        except InputError as err:
-            report.add(err)
-    return out
+                    where, "image count mismatch", f"{len(image)} images; one supported"
+                )
+            image = image[0]
+        if image is not None:
+            if not isinstance(image, str) or not image:
+                raise InputError(where, "malformed image field")
+            ip = folder / image
+            if not ip.is_file():
+                raise InputError(where, "missing image", str(ip))
+            image = str(ip)
+        try:
+            messages = conversation_to_messages(conv, where)
+        except InputError as exc:
+            raise InputError(
+                where, "malformed conversation", f"{exc.reason} {exc.detail}".strip()
+            ) from exc
+        return encode(messages, image, where)
+
+    report.n_records += len(data)
+    return parse_records(data, path, parse, report.add)
 
 
 def vqa_messages(

@@ -13,11 +13,13 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from llavamed.errors import InputError, StorageError
+
+T = TypeVar("T")
 
 # Below this much free space a failed write is taken to be a full disk: torch.save reports one as
 # "RuntimeError: ... unexpected pos", not as ENOSPC.
@@ -99,6 +101,28 @@ def read_json(path: str | os.PathLike) -> Any:
         raise InputError(path, "file not found") from exc
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise InputError(path, "invalid JSON", str(exc)) from exc
+
+
+def parse_records(
+    records: Sequence[Any],
+    where: str | os.PathLike,
+    parse: Callable[[dict, str], T],
+    on_error: Callable[[InputError], None],
+) -> list[T]:
+    """``parse(record, src)`` for every record of a JSON list, where ``src`` (``where[i]``) names
+    the record in errors. A record that is not an object, or that ``parse`` rejects with
+    :class:`InputError`, goes to ``on_error`` (which counts it) and is skipped: one bad record
+    never stops a load, and none is dropped silently."""
+    out = []
+    for i, rec in enumerate(records):
+        src = f"{where}[{i}]"
+        try:
+            if not isinstance(rec, dict):
+                raise InputError(src, "record is not an object")
+            out.append(parse(rec, src))
+        except InputError as err:
+            on_error(err)
+    return out
 
 
 def iter_jsonl(path: str | os.PathLike, skip_bad: bool = False) -> Iterator[dict]:
