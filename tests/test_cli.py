@@ -6,8 +6,12 @@ from __future__ import annotations
 import argparse
 import subprocess
 import sys
+from pathlib import Path
 
-from llavamed.cli import build_parser
+import pytest
+import yaml
+
+from llavamed.cli import build_parser, main
 
 
 def _all_parsers(parser: argparse.ArgumentParser, name: str = "llavamed"):
@@ -40,3 +44,34 @@ def test_help_does_not_import_the_heavy_libraries():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "cpu"
+
+
+@pytest.mark.parametrize(
+    ("config", "own_key", "foreign_key"),
+    [
+        ("stage0_vision.yaml", "text_trainable", "train.lr"),
+        ("stage0b_vision_vqa.yaml", "readout", "train.lr"),
+        ("stage2_instruct.yaml", "train.lr", "text_trainable"),
+    ],
+)
+def test_train_lists_the_keys_of_the_configs_own_stage(config, own_key, foreign_key, capsys):
+    assert main(["train", str(CONFIGS / config), "--list-keys"]) == 0
+    keys = {line.split()[0].rstrip(":") for line in capsys.readouterr().out.splitlines()}
+    assert own_key in keys and foreign_key not in keys
+
+
+@pytest.mark.parametrize("config", ["stage0_vision.yaml", "stage0b_vision_vqa.yaml"])
+def test_train_print_config_resolves_a_tower_stage_without_training(config, tmp_path, capsys):
+    out = tmp_path / "run"
+    rc = main(["train", str(CONFIGS / config), f"output_dir={out}", "seed=7", "--print-config"])
+    assert rc == 0
+    resolved = yaml.safe_load(capsys.readouterr().out)
+    assert resolved["output_dir"] == str(out) and resolved["seed"] == 7
+    assert not out.exists()  # nothing trained, nothing written
+    # A key of another stage is a one-line config error, before anything runs.
+    assert main(["train", str(CONFIGS / config), "train.lr=1", "--print-config"]) == 1
+    err = capsys.readouterr().err
+    assert "unknown" in err and "train" in err and len(err.strip().splitlines()) == 1

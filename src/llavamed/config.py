@@ -243,7 +243,8 @@ class TrainConfig:
 
     stage: str = "instruct"
     """``align`` (stage 1), ``instruct`` (stage 2) or ``finetune`` (VQA). Decides the default
-    trainable parts; everything else is explicit."""
+    trainable parts; everything else is explicit. (``vision`` and ``vision_vqa`` configs are
+    stage 0 and 0b, with keys of their own: ``llavamed train THAT.yaml --list-keys``.)"""
     model: ModelConfig = field(default_factory=ModelConfig)
     """Initial weights."""
     data: DataConfig = field(default_factory=DataConfig)

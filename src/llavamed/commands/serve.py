@@ -48,7 +48,12 @@ def register(subparsers) -> None:
         metavar="NAME",
         help="model id clients must send (default: the model folder's name)",
     )
-    p.add_argument("--max-batch-size", type=int, default=8, help="requests decoded together")
+    p.add_argument(
+        "--max-batch-size",
+        type=int,
+        default=8,
+        help="requests decoded together (default %(default)s)",
+    )
     p.add_argument(
         "--prefix-cache",
         type=int,
@@ -61,7 +66,7 @@ def register(subparsers) -> None:
         "--max-queue",
         type=int,
         default=64,
-        help="requests allowed to wait; beyond that 503 + Retry-After",
+        help="requests allowed to wait; beyond that 503 + Retry-After (default %(default)s)",
     )
     p.add_argument(
         "--max-tokens",
@@ -76,10 +81,27 @@ def register(subparsers) -> None:
         default=None,
         help="longest prompt in tokens (default: the model's context window)",
     )
-    p.add_argument("--max-images", type=int, default=4, help="images per request")
-    p.add_argument("--max-image-mb", type=float, default=16.0, help="bytes per image, in MiB")
-    p.add_argument("--max-image-pixels", type=int, default=40_000_000, help="pixels per image")
-    p.add_argument("--max-request-mb", type=float, default=32.0, help="request body, in MiB")
+    p.add_argument(
+        "--max-images", type=int, default=4, help="images per request (default %(default)s)"
+    )
+    p.add_argument(
+        "--max-image-mb",
+        type=float,
+        default=16.0,
+        help="bytes per image, in MiB (default %(default)s)",
+    )
+    p.add_argument(
+        "--max-image-pixels",
+        type=int,
+        default=40_000_000,
+        help="pixels per image (default %(default)s)",
+    )
+    p.add_argument(
+        "--max-request-mb",
+        type=float,
+        default=32.0,
+        help="request body, in MiB (default %(default)s)",
+    )
     p.add_argument(
         "--allow-remote-images",
         action="store_true",

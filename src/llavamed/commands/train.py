@@ -38,34 +38,40 @@ def register(sub) -> None:
     p.set_defaults(func=run)
 
 
+def _tower_stage(stage: str | None):
+    """(config class, make_config, to-plain-dict, run_from_config) for the stages that train the
+    vision tower alone, whose configs are flat and have keys of their own; None for the LLaVA
+    stages (align, instruct, finetune)."""
+    from dataclasses import asdict
+
+    if stage == "vision":
+        from llavamed.train import vision_pretrain as m
+
+        return m.VisionPretrainConfig, m.make_config, m.config_dict, m.run_from_config
+    if stage == "vision_vqa":
+        from llavamed.train import vision_vqa as m
+
+        return m.VisionVQAConfig, m.make_config, asdict, m.run_from_config
+    return None
+
+
 def run(args) -> int:
-    import importlib
+    import yaml
 
     from llavamed.config import apply_overrides, describe, dump_yaml, load_config, load_raw
-    from llavamed.errors import ConfigError
 
+    raw = load_raw(args.config)
+    tower = _tower_stage(apply_overrides(raw, args.overrides).get("stage"))
     if args.list_keys:
-        for key, default, doc in describe():
+        for key, default, doc in describe(tower[0]) if tower else describe():
             print(f"{key:34s} {default:>12s}  {doc}" if default else f"{key}:")
         return 0
-    raw = load_raw(args.config)
-    stage = apply_overrides(raw, args.overrides).get("stage")
-    if stage == "vision":
-        try:
-            mod = importlib.import_module("llavamed.train.vision_pretrain")
-        except ModuleNotFoundError as exc:
-            if exc.name and exc.name.startswith("llavamed.train.vision_pretrain"):
-                raise ConfigError(
-                    "stage: vision needs llavamed.train.vision_pretrain (not installed in this build)"
-                ) from exc
-            raise
-        res = mod.run_from_config(raw, list(args.overrides))
-        if res is not None:
-            print(f"wrote {getattr(res, 'final_checkpoint', res)}")
-        return 0
-    if stage == "vision_vqa":
-        from llavamed.train.vision_vqa import run_from_config
-
+    if tower:
+        _, make_config, plain, run_from_config = tower
+        conf = make_config(raw, list(args.overrides))  # validates before anything is written
+        if args.print_config:
+            print(yaml.safe_dump(plain(conf), sort_keys=False), end="")
+            return 0
         res = run_from_config(raw, list(args.overrides), progress=not args.no_progress)
         print(f"wrote {res.tower_dir}")
         return 0

@@ -15,7 +15,7 @@ def add_client_arguments(parser: argparse.ArgumentParser, default_concurrency: i
         "--base-url",
         required=True,
         help="API root incl. /v1, e.g. https://api.openai.com/v1, http://127.0.0.1:8000/v1 "
-        "(llavamed serve --text-only, vLLM), or an Azure deployment URL with --api-version",
+        "(llavamed serve --model embedded or another text-only model folder; vLLM), or an Azure deployment URL with --api-version",
     )
     g.add_argument("--model", required=True, help="model (or Azure deployment) name")
     g.add_argument(

@@ -66,9 +66,11 @@ class VisionPretrainConfig:
     text_trainable: bool = False
     """Fine-tune the text tower too (GPU recipe). Disables the embedding cache."""
     text_max_length: int = 128
+    """Caption tokens kept for the text tower."""
     embed_dim: int = 256
     """Width of the joint image-text space (projection heads; not saved with the tower)."""
     global_weight: float = 1.0
+    """Weight of the image-caption (CLIP) loss; 0 trains the phrase-to-patch loss alone."""
     local_weight: float = 1.0
     """Weight of the phrase-to-patch loss; 0 gives plain CLIP/LiT."""
     local_sharpness: float = 10.0
@@ -81,43 +83,56 @@ class VisionPretrainConfig:
     """Random resized crop, as a fraction of the (padded, square) image area. Kept mild: an
     aggressive crop cuts the finding the caption names out of the picture."""
     crop_ratio: tuple[float, float] = (0.85, 1.18)
+    """Aspect-ratio range of the random resized crop."""
     intensity_jitter: float = 0.1
     """Brightness and contrast jitter (fraction). No horizontal flip: laterality is an answer."""
     batch_size: int = 64
     """Global batch (split evenly across processes)."""
     epochs: float = 6.0
+    """Passes over the training pairs (fractions allowed)."""
     max_steps: int | None = None
     """Overrides ``epochs`` when set."""
     time_budget_min: float | None = None
     """Stop early after this many minutes of training (cumulative over resumes)."""
     lr: float = 5e-4
+    """Peak learning rate (AdamW; linear warm-up, then cosine decay)."""
     weight_decay: float = 0.05
+    """AdamW weight decay of the matrices (biases, norms and the scalars get none)."""
     scalar_lr_mult: float = 20.0
     """lr multiplier for the learnable temperatures and the local loss bias."""
     warmup_frac: float = 0.05
+    """Share of the steps spent warming the learning rate up."""
     min_lr_frac: float = 0.1
+    """Floor of the cosine decay, as a fraction of ``lr``."""
     grad_clip: float = 1.0
+    """Gradient-norm clip."""
     precision: str = "auto"
     """``bf16`` (autocast; ~2.3x faster on CPUs with AVX512-BF16/AMX, far slower on AVX2-only
     ones), ``fp32``, or ``auto`` (bf16 where the hardware computes it; resolved at start)."""
     val_fraction: float = 0.05
+    """Share of the pairs held out for recall@k (below 0.5)."""
     val_max: int = 1000
     """Held-out pairs for recall@k (chosen by a hash of the pair id, so stable across runs)."""
     preload: bool = True
     """Decode all images into memory once (CPU default). ``false`` streams with DataLoader workers."""
     num_workers: int = 0
+    """DataLoader worker processes when ``preload`` is off."""
     save_every: int = 100
     """Write resume state every N steps (and at the end)."""
     log_every: int = 10
+    """Write a log line (``stage0_log.jsonl``) every N steps."""
     probe_images_per_domain: int = 300
     """MedSynth images per domain for the linear-probe table (0 disables the probes)."""
     probe_domains: list[str] = field(
         default_factory=lambda: ["chest_xray", "ct_scan", "mri", "histology", "gross"]
     )
+    """MedSynth domains the probes render."""
     probe_baseline: bool = True
     """Also probe the starting tower, so the report shows the gain."""
     seed: int = 0
+    """Seed for the split, crops, shuffling and initialisation."""
     stage: str = "vision"
+    """``vision``: this config is stage 0."""
 
     def validate(self) -> None:
         if self.stage != "vision":

@@ -57,16 +57,25 @@ class VisionVQAConfig:
     vision: str = "cpu"
     """Starting tower: a preset (random) or a vision folder, e.g. stage 0's ``vision_tower``."""
     output_dir: str = "runs/stage0b"
+    """Where the trained tower (``vision_tower/``), report and caches go."""
     feature_layer: int = -2
     """Hidden state trained; match the LLaVA's ``vision_feature_layer`` (-2 for a folder tower)."""
     readout: str = "token"
+    """How the discarded question head reads the patches: ``token`` (every patch token answers),
+    ``mean`` (pooled) or ``lse`` (a smooth max over patches)."""
     text_encoder: str = "minilm"
+    """Encoder of the question texts: ``minilm`` (the bundled all-MiniLM-L6-v2) or a local HF
+    encoder folder."""
     steps: int = 400
+    """Optimizer steps (the cosine schedule spans them)."""
     batch_size: int = 64
     """Images per step (each with all of its yes/no questions)."""
     lr: float = 1e-3
+    """Peak learning rate (AdamW; linear warm-up, then cosine decay to 0)."""
     weight_decay: float = 0.01
+    """AdamW weight decay."""
     warmup_steps: int = 20
+    """Steps of linear learning-rate warm-up."""
     time_budget_min: float | None = None
     """Stop early after this many minutes (the schedule still assumes ``steps``)."""
     val_fraction: float = 0.1
@@ -74,8 +83,11 @@ class VisionVQAConfig:
     precision: str = "auto"
     """``bf16``, ``fp32`` or ``auto`` (bf16 where the hardware computes it; resolved at start)."""
     seed: int = 0
+    """Seed for the held-out split, batches and initialisation."""
     log_every: int = 25
+    """Log the loss every N steps."""
     stage: str = "vision_vqa"
+    """``vision_vqa``: this config is stage 0b."""
 
     def validate(self) -> None:
         if not self.sources:
