@@ -52,10 +52,22 @@ def test_samples_shape_seeding_and_placement():
 def test_cli_paths_relative_to_output(tmp_path, capsys):
     figs = tmp_path / "corpus" / "figures.jsonl"
     figs.parent.mkdir()
-    figs.write_text("".join(json.dumps(r) + "\n" for r in _records(3)))
+    recs = _records(4)
+    for r in recs[:3]:  # the fourth figure's image is missing
+        (figs.parent / r["image"]).parent.mkdir(exist_ok=True)
+        (figs.parent / r["image"]).write_bytes(b"jpeg")
+    # Malformed fields are counted and skipped, never written into the training set.
+    recs += [
+        {"pair_id": "bad1", "fig_caption": "A caption.", "image": ["images/PMC0_F1.jpg"]},
+        {"pair_id": "bad2", "fig_caption": 12345, "image": "images/PMC0_F1.jpg"},
+    ]
+    figs.write_text("".join(json.dumps(r) + "\n" for r in recs))
     out = tmp_path / "train" / "alignment.json"
     assert main(["data", "align", "--figures", str(figs), "--out", str(out), "--max", "2"]) == 0
     data = json.loads(out.read_text())
     assert len(data) == 2
     assert all(s["image"].startswith("../corpus/images/") for s in data)
-    assert "2 alignment samples" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "2 alignment samples" in printed
+    for reason in ("image file not found", "malformed image field", "malformed caption"):
+        assert f'"{reason}": 1' in printed

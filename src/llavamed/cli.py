@@ -91,6 +91,11 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("llavamed: interrupted; re-run the same command to resume", file=sys.stderr)
         return 130
+    except (FileExistsError, IsADirectoryError, NotADirectoryError, PermissionError) as exc:
+        # A path of the wrong kind (an --out that is a file, a folder given for a file): the
+        # user's to fix, so one line naming the path, not a traceback.
+        print(f"llavamed: error: {exc.filename}: {exc.strerror}", file=sys.stderr)
+        return 1
     except BrokenPipeError:
         # The reader went away (`llavamed ... | head`): stop quietly, as other CLI tools do.
         sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - Python flushes stdout at exit

@@ -495,6 +495,10 @@ def load_raw(path: str | os.PathLike) -> dict:
         text = p.read_text(encoding="utf-8")
     except FileNotFoundError as exc:
         raise InputError(p, "file not found") from exc
+    except IsADirectoryError as exc:
+        raise InputError(p, "is a folder, not a YAML file") from exc
+    except UnicodeDecodeError as exc:
+        raise InputError(p, "not UTF-8 text", str(exc)) from exc
     try:
         data = yaml.safe_load(text) or {}
     except yaml.YAMLError as exc:

@@ -30,3 +30,15 @@ def add_dtype_arg(p: argparse.ArgumentParser) -> None:
         help="weights dtype (default fp32; on CPU bf16 is faster only with AVX512-BF16 or AMX "
         "and much slower elsewhere; auto picks bf16 where the CPU has it; fp16 is for GPUs)",
     )
+
+
+def positive_int(text: str) -> int:
+    """argparse type for counts such as --limit: a negative or zero count is a typo (Python's
+    slicing would quietly take "all but the last N")."""
+    try:
+        n = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"{n} must be >= 1")
+    return n

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from llavamed.cli import DefaultsHelpFormatter
-from llavamed.commands import add_dtype_arg, add_pack_weights_arg
+from llavamed.commands import add_dtype_arg, add_pack_weights_arg, positive_int
 from llavamed.commands.eval_vqa import add_backend_arg
 
 
@@ -29,7 +29,7 @@ def register(sub) -> None:
     p.add_argument("--max-new-tokens", type=int, default=512, help="answer length limit")
     add_backend_arg(p)
     add_pack_weights_arg(p)
-    p.add_argument("--limit", type=int, default=None, help="only the first N questions")
+    p.add_argument("--limit", type=positive_int, default=None, help="only the first N questions")
     add_dtype_arg(p)
     p.set_defaults(func=run)
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import argparse
 
-from llavamed.commands import add_dtype_arg, add_pack_weights_arg
+from llavamed.commands import add_dtype_arg, add_pack_weights_arg, positive_int
 
 EPILOG = """\
 outputs in --out: answers.jsonl (LLaVA-Med answers shape; resumable), answers.<ablation>.jsonl,
@@ -94,7 +94,7 @@ def register(sub) -> None:
         help="also answer with the image replaced (black, noise, another question's image) and report the drop; repeatable",
     )
     p.add_argument(
-        "--limit", type=int, default=None, help="only the first N questions (quick runs)"
+        "--limit", type=positive_int, default=None, help="only the first N questions (quick runs)"
     )
     p.add_argument(
         "--shard",
@@ -115,22 +115,19 @@ def run(args) -> int:
     import sys
     from pathlib import Path
 
+    from llavamed.errors import InputError
     from llavamed.eval.report import write_report
     from llavamed.eval.vqa_data import load_vqa
     from llavamed.eval.vqa_runner import fmt_pct, run_vqa_eval
     from llavamed.utils.precision import model_dtype
 
     if args.batch_size < 1:
-        from llavamed.errors import InputError
-
         raise InputError("--batch-size", "must be >= 1")
     samples, rep = load_vqa(
         args.dataset, args.data, split=args.split, lang=args.lang, images=args.images
     )
     print(rep.summary(), file=sys.stderr)
     if not samples:
-        from llavamed.errors import InputError
-
         raise InputError(args.data, "no usable samples", f"split={args.split}")
     out = Path(args.out or f"eval_{args.dataset}_{args.split}")
     res = run_vqa_eval(
@@ -167,4 +164,10 @@ def run(args) -> int:
                 f"  ablation {cond}: drop {fmt_pct(d['mean'])} [{fmt_pct(d['lo'])}, {fmt_pct(d['hi'])}]"
             )
     print(f"report: {paths['md']}")
+    skipped = res["generation"]["image"]["skipped"]
+    if skipped:
+        reasons = ", ".join(f"{n} {r}" for r, n in sorted(skipped.items()))
+        print(f"llavamed eval vqa: skipped questions: {reasons} (see the report)", file=sys.stderr)
+    if not res["metrics"].get("n_answered"):
+        raise InputError(args.data, "no question could be answered", "see the skipped counts above")
     return 0

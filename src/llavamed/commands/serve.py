@@ -131,10 +131,7 @@ def resolve_api_key(args) -> str | None:
 def run(args) -> int:
     import logging
 
-    import uvicorn
-
-    from llavamed.serve.api import ServerSettings, bind_socket, create_app
-    from llavamed.serve.engine import Engine, EngineSettings
+    from llavamed.serve.api import bind_socket
 
     for flag in ("max_batch_size", "max_queue", "max_completion_tokens", "max_images"):
         if getattr(args, flag) < 1:
@@ -143,6 +140,28 @@ def run(args) -> int:
         raise ConfigError("--prefix-cache must be >= 0")
     api_key = resolve_api_key(args)
     logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
+    # Bound before the model loads: a busy port or a bad address fails in a second, not after
+    # the load, and the port stays ours while the weights load.
+    try:
+        sock = bind_socket(args.host, args.port)
+    except (OSError, OverflowError) as exc:
+        reason = getattr(exc, "strerror", None) or str(exc)
+        raise ConfigError(
+            f"--host {args.host} --port {args.port}: cannot listen ({reason})"
+        ) from exc
+    try:
+        return _serve(args, sock, api_key)
+    finally:
+        sock.close()
+
+
+def _serve(args, sock, api_key: str | None) -> int:
+    """Load the model and serve on the bound socket until stopped."""
+    import uvicorn
+
+    from llavamed.serve.api import ServerSettings, create_app
+    from llavamed.serve.engine import Engine, EngineSettings
+
     engine = Engine.from_path(
         args.model,
         dtype=args.dtype,
@@ -166,7 +185,6 @@ def run(args) -> int:
         allow_remote_images=args.allow_remote_images,
     )
     app = create_app(engine, settings)
-    sock = bind_socket(args.host, args.port)
     host, port = sock.getsockname()[:2]
     kind = "llava (images + text)" if engine.is_multimodal else "text-only"
     print(

@@ -43,6 +43,13 @@ def alignment_sample(record: dict, rng: random.Random, image: str) -> dict:
     return sample
 
 
+def _under(image_root: str | os.PathLike | None, image: str) -> str:
+    """A record's image path as the file system sees it (relative paths are under the root)."""
+    if image_root is not None and not os.path.isabs(image):
+        return os.path.join(image_root, image)
+    return image
+
+
 def build_alignment(
     records: Iterable[dict],
     *,
@@ -63,14 +70,17 @@ def build_alignment(
     seen: set[str] = set()
     for rec in records:
         reason = None
-        if not rec.get("image"):
-            reason = "no image"
-        elif not str(rec.get("fig_caption") or "").strip():
-            reason = "empty caption"
-        elif not rec.get("pair_id"):
-            reason = "no pair_id"
-        elif rec["pair_id"] in seen:
+        image, caption, pair_id = rec.get("image"), rec.get("fig_caption"), rec.get("pair_id")
+        if not isinstance(image, str) or not image.strip():
+            reason = "no image" if not image else "malformed image field"
+        elif not isinstance(caption, str) or not caption.strip():
+            reason = "empty caption" if not caption else "malformed caption"
+        elif not isinstance(pair_id, str | int) or isinstance(pair_id, bool) or pair_id == "":
+            reason = "no pair_id" if not pair_id else "malformed pair_id"
+        elif pair_id in seen:
             reason = "duplicate pair_id"
+        elif image_root is not None and not os.path.isfile(_under(image_root, image)):
+            reason = "image file not found"  # checked where the files are known to live
         if reason:
             skipped[reason] = skipped.get(reason, 0) + 1
             continue
@@ -81,9 +91,7 @@ def build_alignment(
         kept = [kept[i] for i in picked]
     samples = []
     for rec in kept:
-        image = str(rec["image"])
-        if image_root is not None and not os.path.isabs(image):
-            image = os.path.join(image_root, image)
+        image = _under(image_root, rec["image"])
         if out_dir is not None:
             image = os.path.relpath(image, out_dir)
         rng = random.Random(f"{seed}:{rec['pair_id']}")

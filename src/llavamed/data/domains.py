@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
-from llavamed.data.figures import DOMAINS, empty_domain
+from llavamed.data.figures import DOMAINS, empty_domain, mention_sentences
 
 VOCABULARY_PATH = (
     Path(__file__).resolve().parent.parent / "resources" / "domains" / "vocabulary.json"
@@ -144,19 +144,8 @@ def classify_text(caption: str, mentions: Iterable[str] | None = None) -> dict[s
     return labels
 
 
-def _mention_texts(record: dict) -> list[str]:
-    mentions = record.get("in_text_mention") or []
-    out = []
-    for m in mentions:
-        if isinstance(m, dict):
-            out.append(str(m.get("tokens", "")))
-        elif isinstance(m, str):
-            out.append(m)
-    return out
-
-
 def classify_record(record: dict) -> dict[str, bool]:
-    return classify_text(str(record.get("fig_caption") or ""), _mention_texts(record))
+    return classify_text(str(record.get("fig_caption") or ""), mention_sentences(record))
 
 
 def label_record(record: dict) -> dict:

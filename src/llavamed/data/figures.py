@@ -29,11 +29,24 @@ def empty_domain() -> dict[str, bool]:
 
 
 def primary_domain(domain: dict | None) -> str:
-    """First true flag in the judge's order, or ``"other"``."""
+    """First true flag in the judge's order, or ``"other"`` (also for a malformed field)."""
     for d in DOMAINS:
-        if domain and domain.get(d):
+        if isinstance(domain, dict) and domain.get(d):
             return d
     return "other"
+
+
+def mention_sentences(record: dict) -> list[str]:
+    """A record's inline mentions as plain sentences (LLaVA-Med stores ``{"tokens": ...}``
+    objects; plain strings are taken too). A malformed field gives no mentions rather than an
+    error: mentions are optional context."""
+    mentions = record.get("in_text_mention")
+    out = []
+    for m in mentions if isinstance(mentions, list) else []:
+        s = m.get("tokens") if isinstance(m, dict) else m
+        if isinstance(s, str) and s.strip():
+            out.append(" ".join(s.split()))
+    return out
 
 
 def iter_figures(path: str | os.PathLike) -> Iterator[dict]:

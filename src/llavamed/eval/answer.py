@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from llavamed.errors import InputError
-from llavamed.utils.io import JsonlAppender, iter_jsonl
+from llavamed.utils.io import JsonlAppender, iter_jsonl_numbered
 
 
 def _check_question(rec: dict, src: str) -> dict:
@@ -38,13 +38,17 @@ def load_questions(path: str | os.PathLike) -> tuple[list[dict], Counter]:
     """Valid question records (each gains ``question``: the text without ``<image>``) and
     bad-record counts per reason. A repeated question id keeps its first record."""
     good, bad, seen = [], Counter(), set()
-    for i, rec in enumerate(iter_jsonl(path), 1):
+
+    def count(err: InputError) -> None:
+        bad[err.reason] += 1
+
+    for i, rec in iter_jsonl_numbered(path, on_bad=count):
         try:
             q = _check_question(rec, f"{path}:{i}")
             if str(q["question_id"]) in seen:
                 raise InputError(f"{path}:{i}", "duplicate question_id", str(q["question_id"]))
         except InputError as err:
-            bad[err.reason] += 1
+            count(err)
             continue
         seen.add(str(q["question_id"]))
         good.append(q)
@@ -81,6 +85,8 @@ def answer_questions(
     if limit is not None:
         questions = questions[:limit]
     images_dir = Path(images_dir)
+    if not images_dir.is_dir():
+        raise InputError(images_dir, "image folder not found")
     out_path = Path(out_path)
     log = JsonlAppender(out_path)
     done = {str(r.get("question_id")) for r in log.existing()}

@@ -28,7 +28,7 @@ from pathlib import Path
 from llavamed.data.figures import DOMAINS, primary_domain
 from llavamed.errors import InputError, LlavamedError
 from llavamed.llm.client import ClientOptions, LLMClient, LLMError, for_each_concurrently
-from llavamed.utils.io import JsonlAppender, atomic_write_json, iter_jsonl
+from llavamed.utils.io import JsonlAppender, atomic_write_json, iter_jsonl_numbered
 
 NORMAL, SWAPPED = "normal", "swapped"
 TYPES = ("conversation", "detailed_description")
@@ -207,17 +207,24 @@ def load_pairs(opts: JudgeOptions) -> tuple[list[tuple[dict, str]], Counter]:
     """(question, model answer) pairs matched by question_id, and counts of what didn't match."""
     issues: Counter = Counter()
     answers: dict[str, str] = {}
-    for i, a in enumerate(iter_jsonl(opts.answers)):
+    # A bad record is counted (under the report's issues) and skipped: the rest still get judged.
+    for _, a in iter_jsonl_numbered(
+        opts.answers, on_bad=lambda _e: issues.update(["bad_answer_record"])
+    ):
         if "question_id" not in a or not isinstance(a.get("text"), str):
-            raise InputError(f"{opts.answers}:{i + 1}", "answer needs question_id and text")
+            issues["bad_answer_record"] += 1
+            continue
         qid = str(a["question_id"])
         if qid in answers:
             issues["duplicate_answers"] += 1
         answers.setdefault(qid, a["text"])
     pairs, seen = [], set()
-    for i, q in enumerate(iter_jsonl(opts.questions)):
+    for _, q in iter_jsonl_numbered(
+        opts.questions, on_bad=lambda _e: issues.update(["bad_question_record"])
+    ):
         if "question_id" not in q or not isinstance(q.get("gpt4_answer"), str):
-            raise InputError(f"{opts.questions}:{i + 1}", "question needs question_id, gpt4_answer")
+            issues["bad_question_record"] += 1
+            continue
         qid = str(q["question_id"])
         if qid in seen:
             issues["duplicate_questions"] += 1

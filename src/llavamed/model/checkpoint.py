@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+from collections.abc import Iterator
 from pathlib import Path
 
 from llavamed.errors import InputError
@@ -26,6 +28,23 @@ def checkpoint_template(path: str | Path, default: str | None = None) -> str:
     return name
 
 
+@contextlib.contextmanager
+def model_files(path: str | Path) -> Iterator[None]:
+    """Turn what transformers, tokenizers and safetensors raise on a damaged or incomplete model
+    folder (a truncated ``model.safetensors``, a cut ``tokenizer.json``, a missing weights file)
+    into one :class:`InputError` naming the folder and the library's first line of reason."""
+    from safetensors import SafetensorError
+
+    try:
+        yield
+    except InputError:
+        raise
+    except (OSError, ValueError, SafetensorError) as exc:
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
+        what = "corrupt weights file" if isinstance(exc, SafetensorError) else "unreadable model"
+        raise InputError(path, what, first) from exc
+
+
 def load_llava(path: str | Path, *, dtype=None, device: str = "cpu"):
     """``(LlavaForConditionalGeneration, processor)`` from a native checkpoint folder."""
     import torch
@@ -34,7 +53,8 @@ def load_llava(path: str | Path, *, dtype=None, device: str = "cpu"):
     path = Path(path)
     if not (path / "config.json").exists():
         raise InputError(path, "not a checkpoint folder", "config.json missing")
-    model = LlavaForConditionalGeneration.from_pretrained(path, dtype=dtype or torch.float32)
+    with model_files(path):
+        model = LlavaForConditionalGeneration.from_pretrained(path, dtype=dtype or torch.float32)
+        processor = AutoProcessor.from_pretrained(path)
     model.to(device).eval()
-    processor = AutoProcessor.from_pretrained(path)
     return model, processor

@@ -125,7 +125,10 @@ def _load_vision(spec: ModelSpec) -> _Vision:
             "not a vision preset or a folder with config.json",
             f"presets: {sorted(VISION_PRESETS)}",
         )
-    cfg = AutoConfig.from_pretrained(path)
+    from llavamed.model.checkpoint import model_files  # here: checkpoint imports this module
+
+    with model_files(path):
+        cfg = AutoConfig.from_pretrained(path)
     if getattr(cfg, "vision_config", None) is not None and cfg.model_type in ("clip", "siglip"):
         full_type = cfg.model_type
         cfg = cfg.vision_config
@@ -135,7 +138,8 @@ def _load_vision(spec: ModelSpec) -> _Vision:
         raise InputError(path, "unsupported vision tower", f"model_type={cfg.model_type}")
     from transformers import AutoModel
 
-    model = AutoModel.from_pretrained(path)
+    with model_files(path):
+        model = AutoModel.from_pretrained(path)
     if full_type is not None:
         # A full CLIP/SigLIP folder: keep only the vision half (same keys as *VisionModel).
         sd = model.vision_model.state_dict()
@@ -155,6 +159,7 @@ def _load_vision(spec: ModelSpec) -> _Vision:
 def _load_lm(spec: ModelSpec):
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
+    from llavamed.model.checkpoint import model_files  # here: checkpoint imports this module
     from llavamed.model.embedded import embedded_lm_dir
 
     if spec.lm in ("embedded", "tiny"):
@@ -172,20 +177,24 @@ def _load_lm(spec: ModelSpec):
         p = Path(spec.lm)
         if not p.exists():
             raise InputError(spec.lm, "file not found")
-        tok = AutoTokenizer.from_pretrained(p.parent, gguf_file=p.name)
-        gguf_model = AutoModelForCausalLM.from_pretrained(p.parent, gguf_file=p.name)
+        with model_files(p):
+            tok = AutoTokenizer.from_pretrained(p.parent, gguf_file=p.name)
+            gguf_model = AutoModelForCausalLM.from_pretrained(p.parent, gguf_file=p.name)
         cfg = gguf_model.config
         del cfg.quantization_config
         lm = AutoModelForCausalLM.from_config(cfg)
         lm.load_state_dict(gguf_model.state_dict(), strict=True)
     else:
         local = Path(spec.lm).exists()
+        if not local and spec.lm.startswith((".", "/", "~")):
+            raise InputError(spec.lm, "folder not found")  # a path, not a hub id
         try:
             tok = AutoTokenizer.from_pretrained(spec.lm, local_files_only=True)
             lm = AutoModelForCausalLM.from_pretrained(spec.lm, local_files_only=True)
-        except OSError as exc:
+        except (OSError, ValueError) as exc:
             where = "folder" if local else "hub id (not in the local HF cache; no downloads here)"
-            raise InputError(spec.lm, f"cannot load LM from {where}", str(exc)) from exc
+            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
+            raise InputError(spec.lm, f"cannot load LM from {where}", first) from exc
     if spec.lm_layers is not None:
         n = lm.config.num_hidden_layers
         if spec.lm_layers > n:

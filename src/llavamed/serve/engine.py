@@ -332,14 +332,18 @@ class Engine:
         else:
             from transformers import AutoModelForCausalLM, AutoTokenizer
 
-            tok = AutoTokenizer.from_pretrained(path)
+            from llavamed.model.checkpoint import model_files
+
+            with model_files(path):
+                tok = AutoTokenizer.from_pretrained(path)
             if not getattr(tok, "chat_template", None):
                 raise InputError(
                     path,
                     "tokenizer has no chat template",
                     "serve needs an instruction-tuned model with a chat template",
                 )
-            mdl = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype).to(device)
+            with model_files(path):
+                mdl = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype).to(device)
             processor = None
         if pack_weights:
             from llavamed.model.cpu_packing import pack_linears

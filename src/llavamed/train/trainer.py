@@ -165,6 +165,7 @@ def build_model(cfg: TrainConfig):
     import torch
 
     from llavamed.model import ModelSpec, build, checkpoint_template, read_meta
+    from llavamed.model.checkpoint import model_files
 
     attn = cfg.train.attn_implementation
     if cfg.model.init is not None:
@@ -175,8 +176,9 @@ def build_model(cfg: TrainConfig):
         from transformers import AutoProcessor, LlavaForConditionalGeneration
 
         path = resolve_model_path(cfg.model.from_)
-        model = LlavaForConditionalGeneration.from_pretrained(path, dtype=torch.float32)
-        processor = AutoProcessor.from_pretrained(path)
+        with model_files(path):
+            model = LlavaForConditionalGeneration.from_pretrained(path, dtype=torch.float32)
+            processor = AutoProcessor.from_pretrained(path)
         meta = read_meta(path)
         spec = ModelSpec(**meta["spec"]) if meta.get("spec") else None
         template = cfg.model.template or checkpoint_template(

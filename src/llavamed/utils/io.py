@@ -60,6 +60,8 @@ def atomic_path(path: str | os.PathLike, suffix: str = "", fsync: bool = True) -
     ``fsync=False`` skips the disk flush (still safe against a killed process, not against power
     loss) for bulk writers of many small regenerable files, where the flush dominates."""
     path = Path(path)
+    if path.is_dir():
+        raise InputError(path, "is a folder", "give a file path")
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix + ".tmp", dir=path.parent)
     os.fchmod(fd, _FILE_MODE)
@@ -128,25 +130,45 @@ def parse_records(
 def iter_jsonl(path: str | os.PathLike, skip_bad: bool = False) -> Iterator[dict]:
     """Yield one dict per line. A bad line raises :class:`InputError` naming file and line,
     unless ``skip_bad``, in which case a torn final line (a crash mid-write) is ignored."""
+    for _, rec in iter_jsonl_numbered(path, on_bad=(lambda _err: None) if skip_bad else None):
+        yield rec
+
+
+def iter_jsonl_numbered(
+    path: str | os.PathLike, on_bad: Callable[[InputError], None] | None = None
+) -> Iterator[tuple[int, dict]]:
+    """``(line number, record)`` for every JSON-object line (blank lines skipped, but counted, so
+    the numbers are the file's). A line that is not a JSON object raises :class:`InputError`
+    naming file and line, or, with ``on_bad``, goes to it and is skipped."""
     try:
         fh = open(path, encoding="utf-8")
     except FileNotFoundError as exc:
         raise InputError(path, "file not found") from exc
+    except IsADirectoryError as exc:
+        raise InputError(path, "is a folder, not a JSONL file") from exc
     with fh:
-        for lineno, line in enumerate(fh, 1):
+        lines = enumerate(fh, 1)
+        while True:
+            try:
+                lineno, line = next(lines)
+            except StopIteration:
+                return
+            except UnicodeDecodeError as exc:
+                raise InputError(path, "not UTF-8 text", str(exc)) from exc
             if not line.strip():
                 continue
             try:
                 rec = json.loads(line)
             except json.JSONDecodeError as exc:
-                if skip_bad:
+                err = InputError(f"{path}:{lineno}", "invalid JSON line", str(exc))
+            else:
+                if isinstance(rec, dict):
+                    yield lineno, rec
                     continue
-                raise InputError(f"{path}:{lineno}", "invalid JSON line", str(exc)) from exc
-            if not isinstance(rec, dict):
-                if skip_bad:
-                    continue
-                raise InputError(f"{path}:{lineno}", "JSON line is not an object")
-            yield rec
+                err = InputError(f"{path}:{lineno}", "JSON line is not an object")
+            if on_bad is None:
+                raise err
+            on_bad(err)
 
 
 def write_jsonl(path: str | os.PathLike, records: Iterable[dict]) -> int:
@@ -172,7 +194,9 @@ class JsonlAppender:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._fsync = fsync
         self._repair()
-        self._fh = open(self.path, "a", encoding="utf-8")
+        # Opened at the first append: a run that fails before producing anything (a bad model,
+        # a missing folder) leaves no empty file that would look like a finished one.
+        self._fh: Any = None
 
     def _repair(self) -> None:
         if not self.path.exists():
@@ -186,13 +210,17 @@ class JsonlAppender:
         return list(iter_jsonl(self.path, skip_bad=True)) if self.path.exists() else []
 
     def append(self, record: dict) -> None:
+        if self._fh is None:
+            self._fh = open(self.path, "a", encoding="utf-8")
         self._fh.write(json.dumps(record, ensure_ascii=False) + "\n")
         self._fh.flush()
         if self._fsync:
             os.fsync(self._fh.fileno())
 
     def close(self) -> None:
-        self._fh.close()
+        if self._fh is not None:
+            self._fh.close()
+            self._fh = None
 
     def __enter__(self) -> JsonlAppender:
         return self
@@ -206,6 +234,11 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
     """Yield an empty temp folder beside ``path``; on success it replaces ``path`` (an existing
     folder is moved aside first and removed after), so readers never see a half-written one."""
     path = Path(path)
+    if path.exists() and not path.is_dir():
+        # Checked first: replacing a user's file by a folder would lose it.
+        raise InputError(path, "exists and is not a folder", "give a folder path")
+    if path.parent.exists() and not path.parent.is_dir():
+        raise InputError(path.parent, "is not a folder")
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
     try:

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
+from llavamed.data.figures import mention_sentences
 from llavamed.errors import InputError
 from llavamed.utils.io import read_json
 
@@ -62,16 +63,6 @@ def load_prompts(directory: str | os.PathLike | None = None) -> InstructPrompts:
                 f"{fs_path}[{i}]", "few-shot conversation must start with a human turn"
             )
     return InstructPrompts(system=system, few_shot=tuple(few), source=f"{sys_path}, {fs_path}")
-
-
-def mention_sentences(record: dict) -> list[str]:
-    """Inline mentions as plain sentences (LLaVA-Med stores ``{"tokens": ...}`` objects)."""
-    out = []
-    for m in record.get("in_text_mention") or []:
-        s = m.get("tokens") if isinstance(m, dict) else m
-        if isinstance(s, str) and s.strip():
-            out.append(" ".join(s.split()))
-    return out
 
 
 def build_context(record: dict, inline_mentions: bool) -> str:

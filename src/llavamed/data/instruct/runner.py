@@ -183,6 +183,8 @@ def _dry_run(opts, prompts, pending, done_n, selected) -> dict:
 
 
 def _fsync_path(path: Path) -> None:
+    if not path.exists():  # nothing appended yet (the log opens at its first record)
+        return
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)  # syncs the inode, whichever descriptor wrote the data

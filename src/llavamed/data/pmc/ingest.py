@@ -278,6 +278,8 @@ class IngestWriter:
         }
         if extra:
             report["last_run"] = extra
+        # The run finished: its figures file exists even when no package gave a figure.
+        (self.out / FIGURES).touch()
         atomic_write_json(self.out / REPORT, report)
         return report
 

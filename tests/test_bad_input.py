@@ -1,0 +1,168 @@
+"""Bad input, found by an audit of every command: each case gets one line naming the file and
+the reason (no traceback), a non-zero exit where nothing could be done, counting and skipping
+where a batch can go on, and no user file lost or empty output left behind."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import socket
+
+import pytest
+
+from llavamed.cli import main
+from llavamed.errors import InputError
+
+
+def _one_line_error(capsys, *needles: str) -> str:
+    err = capsys.readouterr().err.strip()
+    assert "Traceback" not in err
+    last = err.splitlines()[-1]
+    assert last.startswith("llavamed: error: "), err
+    for n in needles:
+        assert n in last, last
+    return last
+
+
+def test_an_existing_file_is_never_replaced_by_a_checkpoint_folder(tmp_path, capsys):
+    victim = tmp_path / "notes.jsonl"
+    victim.write_text('{"keep": "me"}\n')
+    assert main(["model", "init", "--out", str(victim), "--lm", "tiny", "--vision", "tiny"]) == 1
+    _one_line_error(capsys, str(victim), "exists and is not a folder")
+    assert victim.read_text() == '{"keep": "me"}\n'
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.jsonl"]  # no .old, no temp
+
+
+@pytest.mark.parametrize(
+    ("damage", "reason"),
+    [
+        ("truncate_weights", "corrupt weights file"),
+        ("empty_weights", "corrupt weights file"),
+        ("remove_weights", "unreadable model"),
+        ("truncate_tokenizer", "unreadable model"),
+    ],
+)
+def test_a_damaged_checkpoint_is_a_one_line_error(tiny_llava_dir, tmp_path, capsys, damage, reason):
+    ck = tmp_path / "ck"
+    shutil.copytree(tiny_llava_dir, ck)
+    weights, tok = ck / "model.safetensors", ck / "tokenizer.json"
+    if damage == "truncate_weights":
+        weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    elif damage == "empty_weights":
+        weights.write_bytes(b"")
+    elif damage == "remove_weights":
+        weights.unlink()
+    else:
+        tok.write_text(tok.read_text()[:2000])
+    assert main(["chat", "--model", str(ck), "--prompt", "hi"]) == 1
+    _one_line_error(capsys, str(ck), reason)
+
+
+def test_serve_reports_a_busy_port_before_loading_any_model(capsys):
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        # The model path does not exist: the port is checked first, so the port is what fails.
+        assert main(["serve", "--model", "/no/such/model", "--port", str(port)]) == 1
+    _one_line_error(capsys, f"--port {port}", "cannot listen")
+    assert main(["serve", "--model", "/no/such/model", "--port", "99999"]) == 1
+    _one_line_error(capsys, "--port 99999", "cannot listen")
+
+
+def test_non_utf8_inputs_name_the_file(tmp_path, capsys):
+    bad = tmp_path / "figures.jsonl"
+    bad.write_bytes(b'\xff\xfe{"a": 1}\n')
+    assert main(["data", "align", "--figures", str(bad), "--out", str(tmp_path / "a.json")]) == 1
+    _one_line_error(capsys, str(bad), "not UTF-8 text")
+    yml = tmp_path / "c.yaml"
+    yml.write_bytes(b"\xff: 1\n")
+    assert main(["train", str(yml)]) == 1
+    _one_line_error(capsys, str(yml), "not UTF-8 text")
+
+
+def test_a_path_of_the_wrong_kind_is_a_one_line_error(tmp_path, capsys):
+    figs = tmp_path / "figures.jsonl"
+    figs.write_text("")
+    assert main(["data", "align", "--figures", str(tmp_path), "--out", str(tmp_path / "a.json")])
+    _one_line_error(capsys, str(tmp_path))
+    assert main(["data", "domains", "--in", str(figs), "--out", str(tmp_path)]) == 1
+    _one_line_error(capsys, str(tmp_path))
+
+
+def test_a_wrongly_typed_optional_field_does_not_stop_a_batch(tmp_path):
+    from llavamed.data.domains import label_record
+    from llavamed.data.figures import mention_sentences, primary_domain
+
+    rec = {"pair_id": "p", "fig_caption": "Chest x-ray with a pleural effusion.", "image": "x"}
+    assert mention_sentences({**rec, "in_text_mention": 5}) == []
+    assert mention_sentences({**rec, "in_text_mention": [{"tokens": " a\n b "}, 3]}) == ["a b"]
+    assert label_record({**rec, "in_text_mention": 5})["domain"]["chest_xray"] is True
+    assert primary_domain("x") == "other"  # type: ignore[arg-type]
+
+
+def test_eval_answer_counts_and_skips_bad_lines_with_their_file_line_numbers(tmp_path):
+    from llavamed.eval.answer import load_questions
+    from llavamed.utils.io import iter_jsonl_numbered
+
+    q = tmp_path / "q.jsonl"
+    q.write_text(
+        '{"question_id": 1, "image": "a.png", "text": "What is shown?\\n<image>"}\n'
+        "\n"
+        "{truncated\n"
+        "[1, 2]\n"
+        '{"question_id": 2, "image": "a.png", "text": 123}\n'
+        '{"question_id": 3, "image": "a.png", "text": "Any lesion?"}\n'
+    )
+    good, bad = load_questions(q)
+    assert [g["question_id"] for g in good] == [1, 3]
+    assert bad == {"invalid JSON line": 1, "JSON line is not an object": 1, "missing field text": 1}
+    seen: list[InputError] = []
+    numbered = list(iter_jsonl_numbered(q, on_bad=seen.append))
+    assert [n for n, _ in numbered] == [1, 5, 6]  # the file's own line numbers
+    assert [e.source for e in seen] == [f"{q}:3", f"{q}:4"]
+    with pytest.raises(InputError, match=r"q\.jsonl:3: invalid JSON line"):
+        list(iter_jsonl_numbered(q))
+
+
+def test_the_judge_counts_and_skips_bad_records(tmp_path):
+    from llavamed.eval.judge import JudgeOptions, load_pairs
+    from llavamed.llm.client import ClientOptions
+
+    qs, ans = tmp_path / "q.jsonl", tmp_path / "a.jsonl"
+    qs.write_text(
+        '{"question_id": 1, "gpt4_answer": "A"}\n{"question_id": 2}\nnot json\n'
+        '{"question_id": 3, "gpt4_answer": "C"}\n'
+    )
+    ans.write_text('{"question_id": 1, "text": "a"}\n{"question_id": 3}\n')
+    opts = JudgeOptions(qs, ans, tmp_path / "o.jsonl", ClientOptions("http://127.0.0.1:9/v1", "m"))
+    pairs, issues = load_pairs(opts)
+    assert [q["question_id"] for q, _ in pairs] == [1]
+    assert issues == {"bad_question_record": 2, "bad_answer_record": 1, "missing_answer": 1}
+
+
+def test_eval_rejects_a_negative_limit_and_a_missing_image_folder(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        main(["eval", "vqa", "--model", "m", "--dataset", "slake", "--data", "d", "--limit", "-1"])
+    assert "--limit: -1 must be >= 1" in capsys.readouterr().err
+    q = tmp_path / "q.jsonl"
+    q.write_text('{"question_id": 1, "image": "a.png", "text": "Q?"}\n')
+    out = tmp_path / "answers.jsonl"
+    args = ["eval", "answer", "--model", "m", "--questions", str(q), "--out", str(out)]
+    assert main([*args, "--images", str(tmp_path / "nope")]) == 1
+    _one_line_error(capsys, "nope", "image folder not found")
+    assert not out.exists()  # no empty answers file that would look finished
+
+
+def test_eval_vqa_fails_when_no_question_could_be_answered(tiny_llava_dir, tmp_path, capsys):
+    data = tmp_path / "slake"
+    (data / "imgs" / "a").mkdir(parents=True)
+    (data / "imgs" / "a" / "source.jpg").write_bytes(b"not a jpeg")
+    rec = {"qid": 1, "img_name": "a/source.jpg", "question": "Is it?", "answer": "yes"}
+    (data / "test.json").write_text(json.dumps([{**rec, "answer_type": "CLOSED"}]))
+    args = ["eval", "vqa", "--model", str(tiny_llava_dir), "--dataset", "slake"]
+    assert main([*args, "--data", str(data), "--out", str(tmp_path / "ev")]) == 1
+    err = capsys.readouterr().err
+    assert "skipped questions: 1 not an image" in err
+    assert err.strip().splitlines()[-1].startswith("llavamed: error: ")
+    assert "no question could be answered" in err
