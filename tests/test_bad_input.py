@@ -166,3 +166,12 @@ def test_eval_vqa_fails_when_no_question_could_be_answered(tiny_llava_dir, tmp_p
     assert "skipped questions: 1 not an image" in err
     assert err.strip().splitlines()[-1].startswith("llavamed: error: ")
     assert "no question could be answered" in err
+
+
+def test_convert_names_a_malformed_source_config(tmp_path, capsys):
+    src = tmp_path / "llava-med"
+    src.mkdir()
+    (src / "config.json").write_text("{cut")
+    assert main(["convert", "llava-med", str(src), str(tmp_path / "out")]) == 1
+    _one_line_error(capsys, str(src / "config.json"), "invalid JSON")
+    assert not (tmp_path / "out").exists()

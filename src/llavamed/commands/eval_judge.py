@@ -55,6 +55,8 @@ def register(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    import sys
+
     from llavamed.eval.judge import JudgeOptions, format_table, run_judge
 
     out = args.out or args.answers.with_name(args.answers.stem + ".judge.jsonl")
@@ -82,5 +84,10 @@ def run(args: argparse.Namespace) -> int:
     )
     print(f"wrote {out} and {opts.resolved_report_path}")
     if rc:
-        print(f"llavamed: {report['pending_after_failures']} judgements failed; re-run to retry")
+        reasons = ", ".join(f"{n} {r}" for r, n in sorted(s.get("failure_reasons", {}).items()))
+        print(
+            f"llavamed: {report['pending_after_failures']} judgements failed against "
+            f"{args.base_url} ({reasons or 'see the report'}); re-run to retry",
+            file=sys.stderr,
+        )
     return rc

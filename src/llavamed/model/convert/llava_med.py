@@ -11,12 +11,12 @@ embedding row is never read (image positions are overwritten by projected featur
 
 from __future__ import annotations
 
-import json
 import re
 from pathlib import Path
 
 from llavamed.errors import InputError
 from llavamed.model.convert.state_dict_io import check_all_used, load_state_dict
+from llavamed.utils.io import read_json
 
 LLAVA_KEYS = {
     "mm_vision_tower",
@@ -57,7 +57,10 @@ def _vision_config_and_weights(src_cfg: dict, sd: dict, vision_tower: str | Path
             f"mm_vision_tower={named!r} is not a local folder; pass --vision-tower DIR "
             "(a CLIP folder such as clip-vit-large-patch14-336)",
         )
-    cfg = AutoConfig.from_pretrained(folder)
+    from llavamed.model.checkpoint import model_files
+
+    with model_files(folder):
+        cfg = AutoConfig.from_pretrained(folder)
     if isinstance(cfg, CLIPVisionConfig):
         vcfg = cfg
     elif getattr(cfg, "vision_config", None) is not None:
@@ -87,7 +90,7 @@ def _vision_config_and_weights(src_cfg: dict, sd: dict, vision_tower: str | Path
     mean = std = None
     pp = folder / "preprocessor_config.json"
     if pp.exists():
-        pre = json.loads(pp.read_text())
+        pre = read_json(pp)
         mean, std = pre.get("image_mean"), pre.get("image_std")
     return vcfg, weights, used_from_ckpt, mean, std
 
@@ -113,7 +116,9 @@ def convert_llava_med(
     cfg_path = src / "config.json"
     if not cfg_path.exists():
         raise InputError(src, "not a checkpoint folder", "config.json missing")
-    src_cfg = json.loads(cfg_path.read_text())
+    src_cfg = read_json(cfg_path)
+    if not isinstance(src_cfg, dict):
+        raise InputError(cfg_path, "config.json is not a JSON object")
     if src_cfg.get("model_type") not in ("llava_mistral", "llava_llama", "llava"):
         raise InputError(
             cfg_path, "not a LLaVA-Med checkpoint", f"model_type={src_cfg.get('model_type')!r}"
