@@ -175,3 +175,14 @@ def test_convert_names_a_malformed_source_config(tmp_path, capsys):
     assert main(["convert", "llava-med", str(src), str(tmp_path / "out")]) == 1
     _one_line_error(capsys, str(src / "config.json"), "invalid JSON")
     assert not (tmp_path / "out").exists()
+
+
+def test_convert_biomedclip_names_the_source_it_rejects(tiny_llava_dir, tmp_path, capsys):
+    weights = tiny_llava_dir / "model.safetensors"  # real weights, but not an open_clip model
+    assert main(["convert", "biomedclip", str(weights), str(tmp_path / "out")]) == 1
+    _one_line_error(capsys, str(weights), "not an open_clip timm-trunk checkpoint")
+    notes = tmp_path / "notes.bin"
+    notes.write_bytes(b"plain text, not a pickle")
+    assert main(["convert", "biomedclip", str(notes), str(tmp_path / "out")]) == 1
+    last = _one_line_error(capsys, str(notes), "unreadable weights file")
+    assert "weights_only" not in last

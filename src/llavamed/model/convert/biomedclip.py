@@ -29,14 +29,13 @@ BLOCK_MAP = {
 DROPPED_PREFIXES = ("visual.head.", "text.", "logit_scale")
 
 
-def map_biomedclip_state_dict(sd: dict, num_heads: int | None = None):
-    """Return ``(ViTConfig, vit_state_dict)`` for an open_clip BiomedCLIP state dict."""
+def map_biomedclip_state_dict(sd: dict, num_heads: int | None = None, source: str = "<state dict>"):
+    """Return ``(ViTConfig, vit_state_dict)`` for an open_clip BiomedCLIP state dict; ``source``
+    (the file or folder it came from) names it in errors."""
     from transformers import ViTConfig
 
     if not any(k.startswith(TRUNK) for k in sd):
-        raise InputError(
-            "<state dict>", "not an open_clip timm-trunk checkpoint", "no visual.trunk.* keys"
-        )
+        raise InputError(source, "not an open_clip timm-trunk checkpoint", "no visual.trunk.* keys")
     out: dict = {}
     used = set()
     blocks = set()
@@ -72,13 +71,13 @@ def map_biomedclip_state_dict(sd: dict, num_heads: int | None = None):
         used.add(k)
     unused = sorted(k for k in sd if k not in used)
     if unused:
-        raise InputError("<state dict>", "unmapped source keys", ", ".join(unused[:10]))
+        raise InputError(source, "unmapped source keys", ", ".join(unused[:10]))
     hidden = out["embeddings.cls_token"].shape[-1]
     patch = out["embeddings.patch_embeddings.projection.weight"].shape[-1]
     n_pos = out["embeddings.position_embeddings"].shape[1] - 1
     grid = int(round(n_pos**0.5))
     if grid * grid != n_pos:
-        raise InputError("<state dict>", "non-square position grid", f"{n_pos} positions")
+        raise InputError(source, "non-square position grid", f"{n_pos} positions")
     config = ViTConfig(
         hidden_size=hidden,
         num_hidden_layers=len(blocks),
@@ -104,7 +103,7 @@ def convert_biomedclip(src: str | Path, dst: str | Path, *, num_heads: int | Non
 
     src = Path(src)
     sd = load_state_dict(src)
-    config, vit_sd = map_biomedclip_state_dict(sd, num_heads=num_heads)
+    config, vit_sd = map_biomedclip_state_dict(sd, num_heads=num_heads, source=str(src))
     model = ViTModel(config, add_pooling_layer=True)
     # The pooler is unused by llava; keep deterministic weights so the folder is reproducible.
     torch.nn.init.zeros_(model.pooler.dense.weight)

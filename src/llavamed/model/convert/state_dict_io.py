@@ -27,7 +27,10 @@ def _load_file(path: Path) -> dict:
             return load_file(path)
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
-        raise InputError(path, "unreadable weights file", str(exc)) from exc
+        # torch.load's message advises weights_only=False, which runs arbitrary code from an
+        # untrusted file; keep only the first sentence, which says what failed.
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0].split(". ")[0][:300]
+        raise InputError(path, "unreadable weights file", first) from exc
 
 
 def load_state_dict(src: str | Path) -> dict:
