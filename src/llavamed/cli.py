@@ -94,7 +94,8 @@ def main(argv: list[str] | None = None) -> int:
     except (FileExistsError, IsADirectoryError, NotADirectoryError, PermissionError) as exc:
         # A path of the wrong kind (an --out that is a file, a folder given for a file): the
         # user's to fix, so one line naming the path, not a traceback.
-        print(f"llavamed: error: {exc.filename}: {exc.strerror}", file=sys.stderr)
+        where = f"{exc.filename}: " if exc.filename else ""
+        print(f"llavamed: error: {where}{exc.strerror or exc}", file=sys.stderr)
         return 1
     except BrokenPipeError:
         # The reader went away (`llavamed ... | head`): stop quietly, as other CLI tools do.

@@ -30,3 +30,9 @@ class ConfigError(LlavamedError):
 
 class StorageError(LlavamedError):
     """Writing an output failed because its disk is full; the message names the folder."""
+
+
+def first_line(exc: BaseException, limit: int = 300) -> str:
+    """The first line of a library's exception message (or its type's name when empty), cut to
+    ``limit`` characters: enough to say what failed in a one-line error."""
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0][:limit]

@@ -7,7 +7,7 @@ import json
 from collections.abc import Iterator
 from pathlib import Path
 
-from llavamed.errors import InputError
+from llavamed.errors import InputError, first_line
 from llavamed.model.compose import CHECKPOINT_META
 
 
@@ -40,7 +40,7 @@ def model_files(path: str | Path) -> Iterator[None]:
     except InputError:
         raise
     except (OSError, ValueError, SafetensorError) as exc:
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
+        first = first_line(exc)
         what = "corrupt weights file" if isinstance(exc, SafetensorError) else "unreadable model"
         raise InputError(path, what, first) from exc
 

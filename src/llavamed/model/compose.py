@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from llavamed.errors import ConfigError, InputError
+from llavamed.errors import ConfigError, InputError, first_line
 from llavamed.model.templates import IMAGE_PLACEHOLDER, get_template
 
 CHECKPOINT_META = "llavamed.json"
@@ -193,7 +193,7 @@ def _load_lm(spec: ModelSpec):
             lm = AutoModelForCausalLM.from_pretrained(spec.lm, local_files_only=True)
         except (OSError, ValueError) as exc:
             where = "folder" if local else "hub id (not in the local HF cache; no downloads here)"
-            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
+            first = first_line(exc)
             raise InputError(spec.lm, f"cannot load LM from {where}", first) from exc
     if spec.lm_layers is not None:
         n = lm.config.num_hidden_layers

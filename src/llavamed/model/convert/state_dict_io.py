@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from llavamed.errors import InputError
+from llavamed.errors import InputError, first_line
 
 WEIGHT_FILES = (
     "model.safetensors",
@@ -29,7 +29,7 @@ def _load_file(path: Path) -> dict:
     except Exception as exc:
         # torch.load's message advises weights_only=False, which runs arbitrary code from an
         # untrusted file; keep only the first sentence, which says what failed.
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0].split(". ")[0][:300]
+        first = first_line(exc).split(". ")[0]
         raise InputError(path, "unreadable weights file", first) from exc
 
 
