@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from llavamed.errors import ConfigError
+from llavamed.errors import ConfigError, InputError
 from llavamed.utils.io import atomic_write_json, atomic_write_text, read_json
 
 STATE_FILE = "quickstart_state.json"
@@ -855,7 +855,6 @@ def _try_it(out: Path) -> dict:
     evaluation asked, with the reference answers and this run's own answers to them: a user's
     first chat then starts from a question the model is known to handle (it was fine-tuned for
     short answers, not free-text descriptions)."""
-    from llavamed.errors import InputError
     from llavamed.eval.vqa_data import load_vqa
     from llavamed.utils.io import iter_jsonl
 
