@@ -36,3 +36,9 @@ def first_line(exc: BaseException, limit: int = 300) -> str:
     """The first line of a library's exception message (or its type's name when empty), cut to
     ``limit`` characters: enough to say what failed in a one-line error."""
     return (str(exc).strip().splitlines() or [type(exc).__name__])[0][:limit]
+
+
+def format_counts(counts: dict[str, int]) -> str:
+    """Per-reason counts as one line, e.g. ``2 missing image, 1 not an image`` (reasons sorted),
+    for the summaries that tell a user what was skipped or failed."""
+    return ", ".join(f"{n} {reason}" for reason, n in sorted(counts.items()))

@@ -57,6 +57,7 @@ def register(subparsers) -> None:
 def run(args: argparse.Namespace) -> int:
     import sys
 
+    from llavamed.errors import format_counts
     from llavamed.eval.judge import JudgeOptions, format_table, run_judge
 
     out = args.out or args.answers.with_name(args.answers.stem + ".judge.jsonl")
@@ -84,7 +85,7 @@ def run(args: argparse.Namespace) -> int:
     )
     print(f"wrote {out} and {opts.resolved_report_path}")
     if rc:
-        reasons = ", ".join(f"{n} {r}" for r, n in sorted(s.get("failure_reasons", {}).items()))
+        reasons = format_counts(s.get("failure_reasons", {}))
         print(
             f"llavamed: {report['pending_after_failures']} judgements failed against "
             f"{args.base_url} ({reasons or 'see the report'}); re-run to retry",

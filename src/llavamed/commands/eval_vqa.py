@@ -115,7 +115,7 @@ def run(args) -> int:
     import sys
     from pathlib import Path
 
-    from llavamed.errors import InputError
+    from llavamed.errors import InputError, format_counts
     from llavamed.eval.report import write_report
     from llavamed.eval.vqa_data import load_vqa
     from llavamed.eval.vqa_runner import fmt_pct, run_vqa_eval
@@ -166,7 +166,7 @@ def run(args) -> int:
     print(f"report: {paths['md']}")
     skipped = res["generation"]["image"]["skipped"]
     if skipped:
-        reasons = ", ".join(f"{n} {r}" for r, n in sorted(skipped.items()))
+        reasons = format_counts(skipped)
         print(f"llavamed eval vqa: skipped questions: {reasons} (see the report)", file=sys.stderr)
     if not res["metrics"].get("n_answered"):
         raise InputError(args.data, "no question could be answered", "see the skipped counts above")

@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
+from llavamed.errors import format_counts
 from llavamed.eval import metrics as M
 from llavamed.eval.paper_numbers import CITATION, PAPER_SPLIT_SIZES, reference_rows
 from llavamed.utils.io import atomic_path, atomic_write_json, atomic_write_text
@@ -89,11 +90,7 @@ def render_markdown(result: dict, dataset: str, load_report: dict | None = None)
         lines.append(
             f"Data: {load_report['n_loaded']} samples loaded from `{load_report['source']}` "
             f"({load_report['n_records']} records"
-            + (
-                "; skipped " + ", ".join(f"{n} {r}" for r, n in sorted(load_report["bad"].items()))
-                if load_report.get("bad")
-                else ""
-            )
+            + ("; skipped " + format_counts(load_report["bad"]) if load_report.get("bad") else "")
             + ")."
         )
     lines += ["", "## Results (95% bootstrap CI)", ""]

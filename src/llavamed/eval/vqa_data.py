@@ -25,7 +25,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any, Literal
 
-from llavamed.errors import InputError
+from llavamed.errors import InputError, format_counts
 from llavamed.utils.io import parse_records, read_json
 
 DATASETS = ("vqa-rad", "slake", "pathvqa", "llava-med")
@@ -108,7 +108,7 @@ class LoadReport:
         if self.n_other_split:
             s += f", {self.n_other_split} in other splits/languages"
         if self.bad:
-            s += "; skipped " + ", ".join(f"{n} {r}" for r, n in sorted(self.bad.items()))
+            s += "; skipped " + format_counts(self.bad)
         return s
 
 
