@@ -186,3 +186,33 @@ def test_convert_biomedclip_names_the_source_it_rejects(tiny_llava_dir, tmp_path
     assert main(["convert", "biomedclip", str(notes), str(tmp_path / "out")]) == 1
     last = _one_line_error(capsys, str(notes), "unreadable weights file")
     assert "weights_only" not in last
+
+
+def test_ingest_of_a_folder_without_packages_fails(tmp_path, capsys):
+    (tmp_path / "downloads" / "notes").mkdir(parents=True)
+    (tmp_path / "downloads" / "notes" / "readme.txt").write_text("not an article")
+    out = tmp_path / "corpus"
+    assert main(["data", "ingest", str(tmp_path / "downloads"), "--out", str(out)]) == 1
+    _one_line_error(capsys, str(tmp_path / "downloads"), "no PMC packages found")
+    assert not out.exists()
+
+
+def test_instruct_writes_no_output_when_every_request_failed(tmp_path, capsys):
+    from openai_stub_server import StubServer
+
+    figs, out = tmp_path / "figures.jsonl", tmp_path / "instruct.json"
+    figs.write_text(
+        json.dumps({"pair_id": "PMC1_F1", "fig_caption": "Chest x-ray.", "image": "a.jpg"}) + "\n"
+    )
+    argv = ["data", "instruct", "--figures", str(figs), "--out", str(out), "--model", "m"]
+    with StubServer(default="503") as srv:
+        argv += ["--base-url", srv.base_url, "--max-retries", "0", "--no-progress"]
+        assert main(argv) == 3
+        captured = capsys.readouterr()
+        assert "nothing finished, so no" in captured.out and "http_503" in captured.err
+        assert not out.exists()
+        report = json.loads((tmp_path / "instruct_report.json").read_text())
+        assert report["out"] is None and report["pending_after_failures"] == 1
+        srv.default = "ok"  # the server recovers: the same command now writes OUT
+        assert main(argv) == 0
+        assert len(json.loads(out.read_text())) == 1

@@ -18,13 +18,14 @@ import hashlib
 import json
 import shlex
 import shutil
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from llavamed.errors import ConfigError, InputError
+from llavamed.errors import ConfigError, InputError, LlavamedError
 from llavamed.utils.io import atomic_write_json, atomic_write_text, read_json
 
 STATE_FILE = "quickstart_state.json"
@@ -467,12 +468,23 @@ def run_quickstart(opts: QuickstartOptions) -> dict:
             )
         finally:
             server.stop()
+        if report["out"] is None:  # every request failed: stage 2 would have nothing to train on
+            raise LlavamedError(
+                f"self-instruct: all {report['pending_after_failures']} requests to the local "
+                f"server failed ({report['failed_this_run']}); re-run the quickstart to retry"
+            )
+        if rc:
+            print(
+                f"quickstart: self-instruct went on without {report['pending_after_failures']} "
+                f"figures whose requests failed ({report['failed_this_run']})",
+                file=sys.stderr,
+            )
         return {
-            "report": {
-                k: report.get(k)
-                for k in ("kept", "dropped", "requests", "cache_hits")
-                if k in report
-            }
+            "kept": report["totals"]["kept"],
+            "dropped": report["totals"]["dropped"],
+            "failed": report["pending_after_failures"],
+            "requests": report["this_run"]["http_requests"],
+            "cache_hits": report["this_run"]["cache_hits"],
         }
 
     def stage0_pairs() -> dict:

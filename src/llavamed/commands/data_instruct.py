@@ -20,7 +20,8 @@ JSON. Paper variants: 10K (--max-samples 10000), 60K (--max-samples 60000) and 6
 Safe to interrupt: finished figures go to OUT.partial.jsonl at once, responses to a SQLite cache;
 re-running the same command resumes and costs nothing for work already done. A report with kept
 and dropped counts per reason, retries, tokens and cost is written to <OUT stem>_report.json.
-Exit code 3 means some requests failed after all retries: re-run to fill them in."""
+Exit code 3 means some requests failed after all retries: re-run to fill them in. OUT then
+holds the figures finished so far; when none finished, OUT is not written."""
 
 
 def register(subparsers) -> None:
@@ -116,7 +117,10 @@ def run(args: argparse.Namespace) -> int:
         f"requests, {report['this_run']['cache_hits']} cache hits, "
         f"{report['this_run']['retries']} retries, ${report['this_run']['cost_usd']:.4f}"
     )
-    print(f"wrote {args.out} and {opts.resolved_report_path}")
+    if report["out"] is None:
+        print(f"wrote {opts.resolved_report_path}; nothing finished, so no {args.out}")
+    else:
+        print(f"wrote {args.out} and {opts.resolved_report_path}")
     if rc:
         print(
             f"llavamed: {report['pending_after_failures']} figures failed after retries "

@@ -364,11 +364,15 @@ def run_instruct(opts: InstructOptions) -> tuple[dict, int]:
             entries.setdefault(str(e["pair_id"]), e)
         ordered = [entries[str(r["pair_id"])] for r in selected if str(r["pair_id"]) in entries]
         samples = [e["sample"] for e in ordered if e.get("status") == "kept"]
-        atomic_write_json(opts.out, samples, indent=1)
         pending_n = len(selected) - len(ordered)
+        # With nothing finished (every request failed) an empty OUT would only let a pipeline
+        # go on to train on nothing; the report says why, and a re-run writes OUT.
+        wrote_out = bool(ordered) or pending_n == 0
+        if wrote_out:
+            atomic_write_json(opts.out, samples, indent=1)
         report = {
             "figures": str(opts.figures),
-            "out": str(opts.out),
+            "out": str(opts.out) if wrote_out else None,
             "model": opts.client.model,
             "base_url": opts.client.base_url,
             "inline_mentions": opts.inline_mentions,

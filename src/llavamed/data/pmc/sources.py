@@ -107,6 +107,7 @@ def discover(sources: list[str | os.PathLike]) -> list[PackageRef]:
             else:
                 raise InputError(root, "not a PMC package", "expected .tar.gz, .nxml or a folder")
             continue
+        hits = 0  # packages under this folder, counting those another source already named
         for dirpath, dirnames, filenames in os.walk(root):
             dirnames.sort()
             here = Path(dirpath)
@@ -114,6 +115,7 @@ def discover(sources: list[str | os.PathLike]) -> list[PackageRef]:
             has_xml = False
             for fn in sorted(filenames):
                 if _is_tar(fn):
+                    hits += 1
                     add(
                         here / fn,
                         (root.name if rel == "." else f"{root.name}/{rel}") + f"/{fn}",
@@ -122,7 +124,14 @@ def discover(sources: list[str | os.PathLike]) -> list[PackageRef]:
                 elif _suffix(fn) in XML_SUFFIXES:
                     has_xml = True
             if has_xml:
+                hits += 1
                 add(here, root.name if rel == "." else f"{root.name}/{rel}", "dir")
+        if hits == 0:
+            # A folder with nothing to ingest is almost always a wrong path; exiting 0 with
+            # "0 figures" would let a pipeline go on to train on nothing.
+            raise InputError(
+                root, "no PMC packages found", "expected .tar.gz files or .nxml articles under it"
+            )
     return [found[k] for k in sorted(found)]
 
 
