@@ -34,6 +34,11 @@ from openai_stub_server import StubServer
         ("**Assistant 1:** 9/10, **Assistant 2:** 4/10", (9, 4)),
         ("Assistant 1 score: 6\nAssistant 2 score: 7", (6, 7)),
         ("Both assistants did well.", None),
+        # The first line decides; labelled numbers in the explanation are not scores.
+        ("9 6\nAssistant 1: 3 key points were given; Assistant 2: 1 was missing.", (9, 6)),
+        ("8 7\nAssistant 1 - 2 sentences ... Assistant 2 - 4 are vague", (8, 7)),
+        ("8 7 (out of 10)\nfine", (8, 7)),
+        ("1. 8\n2. 7", None),  # a numbered list is not "1 8"
         ("8\nAssistant 2 gets 7", None),
         ("11 7", None),
         ("0 5", None),

@@ -53,6 +53,21 @@ def test_parse_yes_no():
     assert m.parse_yes_no("normal heart") is None  # substring never counts
     assert m.parse_yes_no("maybe yes or no") is None  # ambiguous
     assert m.parse_yes_no("") is None
+    # Hedges and negated answers are not answers (a model saying "Yes or no" to everything
+    # must not get every yes question).
+    for hedge in (
+        "yes and no",
+        "Yes or no.",
+        "yes/no",
+        "No-yes",
+        "not yes",
+        "Not no",
+        "not yes, no",
+    ):
+        assert m.parse_yes_no(hedge) is None, hedge
+    assert m.parse_yes_no("Yes, there is no effusion") == "yes"
+    assert m.parse_yes_no("No, and there is no mass") == "no"
+    assert m.parse_yes_no("it is not present, so no") == "no"
 
 
 def test_strict_closed():
@@ -79,8 +94,12 @@ def test_bleu_hand_computed():
     )
     # short hyp: bp = exp(1 - 3/1); p1 = 1
     assert m.sentence_bleu("lung", "right lung base", 1) == pytest.approx(math.exp(-2))
-    # no match at all: smoothed p1 = 0.1/1
-    assert m.sentence_bleu("heart", "lung", 1) == pytest.approx(0.1)
+    # no matching word: 0 at every order (NLTK's method 1), not a smoothed floor that grows with n
+    for n in (1, 2, 3, 4):
+        assert m.sentence_bleu("heart", "lung", n) == 0.0
+        assert m.sentence_bleu("x y z w", "a b c d", n) == 0.0
+    # both words match but no bigram: p1 = 2/2, p2 smoothed to 0.1/1; BLEU-2 = sqrt(1 * 0.1)
+    assert m.sentence_bleu("left heart", "heart left", 2) == pytest.approx(math.sqrt(0.1))
     assert m.sentence_bleu("", "lung", 1) == 0.0
 
 

@@ -107,6 +107,7 @@ def test_vqa_rad_folder_split_and_bad_records(tmp_path):
     assert [s.answer_type for s in samples] == ["closed", "open", "closed"]
     assert samples[0].question_type == "PRES" and samples[0].split == "test"
     assert rep.n_records == 9 and rep.n_loaded == 3 and rep.n_other_split == 1
+    assert rep.n_answer_type_inferred == 1  # qid 4
     assert rep.bad == {
         "missing image": 1,
         "missing field question": 1,
@@ -208,6 +209,7 @@ def test_parquet_pathvqa_and_vqa_rad(tmp_path):
     assert isinstance(samples[0].image, bytes) and samples[0].image == img
     assert samples[0].qid == "test-00000-of-00001:0"
     assert rep.bad == {"missing image": 1, "missing field question": 1}
+    assert rep.to_dict()["n_answer_type_inferred"] == 2  # no answer_type column
     # VQA-RAD parquet export through the vqa-rad dataset name
     rad, _ = load_vqa("vqa-rad", folder / "test-00000-of-00001.parquet")
     assert len(rad) == 2
@@ -268,3 +270,20 @@ def test_unknown_dataset_and_missing_path(tmp_path):
     (tmp_path / "bad.json").write_text("{not json")
     with pytest.raises(InputError, match="invalid JSON"):
         load_vqa("vqa-rad", tmp_path / "bad.json")
+
+
+def test_a_duplicate_question_id_is_counted_and_skipped(tmp_path):
+    # Answers are keyed by question id: a second question with the same id would be scored
+    # against the first one's answer (or the reverse after a resume), so it never loads.
+    root = _vqa_rad(tmp_path)
+    path = root / "VQA_RAD Dataset Public.json"
+    recs = json.loads(path.read_text())
+    twin = {**recs[0], "question": "How many lesions?", "answer": "2", "answer_type": "OPEN"}
+    path.write_text(json.dumps([*recs, twin]))
+    samples, rep = load_vqa("vqa-rad", root)
+    assert [s.qid for s in samples] == ["1", "2", "4"]
+    assert samples[0].answer == "No"  # the first record with the id wins
+    assert rep.bad["duplicate question id"] == 1
+    assert "duplicate question id" in rep.summary() and rep.examples[-1].endswith(
+        "Public.json[9]: duplicate question id (id 1 is already used by an earlier record)"
+    )

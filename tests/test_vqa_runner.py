@@ -54,6 +54,9 @@ def test_evaluate_answers_hand_computed():
     # answers records work as well as a dict
     recs = [{"question_id": k, "text": v} for k, v in preds.items()]
     assert R.evaluate_answers(s, recs, n_resamples=100)["overall"] == ov
+    # a record without text is a missing answer, not an empty (wrong) one
+    ev2 = R.evaluate_answers(s, [*recs, {"question_id": "q3"}], n_resamples=100)
+    assert ev2["n_missing"] == 1 and ev2["overall"] == ov
 
 
 def test_ablation_drop_is_paired():
@@ -305,3 +308,31 @@ def test_engine_and_generate_backends_write_the_same_answers(wide_llava_dir, tmp
     assert runs["engine"] == runs["generate"] and len(set(runs["engine"].values())) == 5
     with pytest.raises(InputError, match="unknown backend"):
         R.run_vqa_eval(wide_llava_dir, s, tmp_path / "x", backend="vllm", progress=False)
+
+
+def test_report_notes_another_closed_open_split_than_the_papers():
+    # VQA-RAD's test split is 451 questions, 179 open / 272 closed. A parquet export without
+    # answer_type has the same 451, but only yes/no answers count as closed there.
+    from llavamed.eval.report import render_markdown
+
+    samples = [
+        VQASample(
+            qid=str(i),
+            image=b"",
+            question="q?",
+            answer="yes" if i < 250 else "liver",
+            answer_type="closed" if i < 250 else "open",
+        )
+        for i in range(451)
+    ]
+    ev = R.evaluate_answers(samples, {s.qid: s.answer for s in samples}, n_resamples=10)
+    res = {"model_id": "m", "options": {"max_new_tokens": 8, "closed_suffix": False}}
+    load = {"source": "x", "n_records": 451, "n_loaded": 451, "n_answer_type_inferred": 451}
+    md = render_markdown({**res, "metrics": ev}, "vqa-rad", load)
+    assert "this run has 451 (201 open / 250 closed)" in md
+    assert "451 questions carry no answer_type" in md
+    same = [VQASample(**{**vars(s), "answer_type": "closed" if i < 272 else "open"})
+            for i, s in enumerate(samples)]  # fmt: skip
+    ev = R.evaluate_answers(same, {s.qid: s.answer for s in same}, n_resamples=10)
+    md = render_markdown({**res, "metrics": ev}, "vqa-rad", {**load, "n_answer_type_inferred": 0})
+    assert "Note: the paper's" not in md and "answer_type" not in md

@@ -99,23 +99,29 @@ _LABELLED = [re.compile(rf"assistant\s*{i}\s*\**\s*[:=\-]?\s*\**\s*(?:score\s*[:
 
 
 def parse_scores(text: str) -> tuple[float, float] | None:
-    """The two scores from a judgement, or None. Accepts "8 7", "8, 7", "8/10 7/10", "**8 7**",
-    "Scores: 8 and 7", and "Assistant 1: 8 ... Assistant 2: 7". Scores must lie in 1..10."""
+    """The two scores from a judgement, or None. The protocol puts them on the first line, and
+    the explanation after it often labels other numbers ("Assistant 1: 3 key points"), so the
+    first line decides: "8 7", "8, 7", "8/10 7/10", "**8 7**", "Scores: 8 and 7", "8 7 (out of
+    10)", or "Assistant 1: 8, Assistant 2: 7". Only when it holds no pair are "Assistant 1: 8 ...
+    Assistant 2: 7" labels looked for across lines. Scores must lie in 1..10."""
     if not text:
         return None
-    found = [p.search(text) for p in _LABELLED]
-    if all(found):
-        pair = (float(found[0].group(1)), float(found[1].group(1)))
-    else:
-        first = next((ln for ln in text.splitlines() if ln.strip()), "")
-        first = re.sub(rf"{_NUM}\s*/\s*10\b", r"\1", first)
-        nums = re.findall(_NUM, first)
-        if len(nums) != 2:
-            return None
-        pair = (float(nums[0]), float(nums[1]))
-    if not all(1.0 <= s <= 10.0 for s in pair):
+    first = next((ln for ln in text.splitlines() if ln.strip()), "")
+    pair = _labelled_pair(first)
+    if pair is None:
+        line = re.sub(rf"{_NUM}\s*/\s*10\b|\(?\bout of 10\b\)?", r"\1", first, flags=re.I)
+        line = re.sub(r"^\W*\d+[.)]\s", " ", line)  # a list marker ("1. 8") is not a score
+        line = re.sub(r"assistant\s*\d", " ", line, flags=re.I)  # nor is a label's number
+        nums = re.findall(_NUM, line)
+        pair = (float(nums[0]), float(nums[1])) if len(nums) == 2 else _labelled_pair(text)
+    if pair is None or not all(1.0 <= s <= 10.0 for s in pair):
         return None
     return pair
+
+
+def _labelled_pair(text: str) -> tuple[float, float] | None:
+    found = [p.search(text) for p in _LABELLED]
+    return (float(found[0].group(1)), float(found[1].group(1))) if all(found) else None
 
 
 def relative_score(pairs: Iterable[tuple[float, float] | None]) -> dict:

@@ -178,16 +178,27 @@ def normalize_strict(text: str) -> str:
 def parse_yes_no(prediction: str) -> str | None:
     """Explicit yes/no reading of a prediction: ``"yes"``, ``"no"`` or ``None``.
 
-    The first word decides when it is yes or no ("No, there is no effusion" -> no). Otherwise the
-    prediction must contain exactly one of the two words; both or neither is ambiguous (None).
-    Substrings never count: "normal" is not "no"."""
+    The first word decides when it is yes or no ("No, there is no effusion" -> no), unless it
+    opens a hedge: "yes or no", "yes and no", "yes/no" are None, or a model answering
+    "Yes or no" to everything would be right on every yes question. Otherwise the prediction
+    must contain exactly one of the two words; both or neither is ambiguous (None). A yes/no
+    right after "not" ("not yes") is no answer either. Substrings never count: "normal" is not
+    "no"."""
     toks = normalize_strict(prediction).split()
     if not toks:
         return None
-    if toks[0] in ("yes", "no"):
-        return toks[0]
-    found = {t for t in toks if t in ("yes", "no")}
-    return found.pop() if len(found) == 1 else None
+    first = toks[0]
+    if first in _YES_NO:
+        other = _YES_NO[first]
+        if toks[1:2] == [other] or (toks[1:2] in (["and"], ["or"]) and toks[2:3] == [other]):
+            return None
+        return first
+    found = {t for i, t in enumerate(toks) if t in _YES_NO and toks[i - 1] != "not"}
+    negated = any(t in _YES_NO and toks[i - 1] == "not" for i, t in enumerate(toks) if i)
+    return found.pop() if len(found) == 1 and not negated else None
+
+
+_YES_NO = {"yes": "no", "no": "yes"}
 
 
 def is_yes_no(answer: str) -> bool:
@@ -229,7 +240,9 @@ def sentence_bleu(prediction: str, answer: str, n: int) -> float:
     VQA answers are often one or two words, where plain BLEU-4 is undefined or zero. Two documented
     choices make it meaningful: the effective order is ``min(n, len(hyp), len(ref))`` (a one-word
     exact answer scores 1 at every n), and an order with no matching n-gram gets
-    ``BLEU_SMOOTH_EPS / count`` instead of 0 (Chen & Cherry 2014, method 1). Empty -> 0.
+    ``BLEU_SMOOTH_EPS / count`` instead of 0 (Chen & Cherry 2014, method 1). As in NLTK's
+    method 1, no matching word at all scores 0: smoothing must not give a wrong answer credit
+    that grows with n. Empty -> 0.
     """
     if n < 1:
         raise ValueError("BLEU order must be >= 1")
@@ -244,6 +257,8 @@ def sentence_bleu(prediction: str, answer: str, n: int) -> float:
         r = Counter(tuple(ref[i : i + k]) for i in range(len(ref) - k + 1))
         total = sum(h.values())
         match = sum((h & r).values())
+        if k == 1 and not match:
+            return 0.0
         p = match / total if match else BLEU_SMOOTH_EPS / total
         log_sum += math.log(p)
     bp = 1.0 if len(hyp) > len(ref) else math.exp(1 - len(ref) / len(hyp))

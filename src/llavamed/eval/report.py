@@ -81,10 +81,22 @@ def render_markdown(result: dict, dataset: str, load_report: dict | None = None)
         lines.append(
             f"Note: split(s) {', '.join(result['splits'])}; the paper reports test splits."
         )
-    elif sizes and m["n_samples"] != sizes["total"]:
+    elif sizes and (
+        m["n_samples"] != sizes["total"]
+        or (not m["n_missing"] and (m["n_open"], m["n_closed"]) != (sizes["open"], sizes["closed"]))
+    ):
+        # Same total, other closed/open split: closed accuracy is over another set of questions.
         lines.append(
             f"Note: the paper's {dataset} test split has {sizes['total']} questions "
-            f"({sizes['open']} open / {sizes['closed']} closed); this run has {m['n_samples']}."
+            f"({sizes['open']} open / {sizes['closed']} closed); this run has {m['n_samples']}"
+            + ("." if m["n_missing"] else f" ({m['n_open']} open / {m['n_closed']} closed).")
+        )
+    if load_report and load_report.get("n_answer_type_inferred"):
+        lines.append(
+            f"{load_report['n_answer_type_inferred']} questions carry no answer_type: yes/no "
+            "answers were counted closed and the rest open. The paper used the datasets' own "
+            'OPEN/CLOSED labels, under which closed questions also have answers like "CT" or '
+            '"left", so closed accuracy here is over another set of questions.'
         )
     if load_report:
         lines.append(

@@ -72,8 +72,12 @@ class LoadReport:
     n_records: int = 0
     n_loaded: int = 0
     n_other_split: int = 0  # valid records of another split or language, not an error
+    n_answer_type_inferred: int = 0  # loaded samples without answer_type: yes/no -> closed
     bad: Counter = field(default_factory=Counter)
     examples: list[str] = field(default_factory=list)
+    # Answers files and scores are keyed by question id, so a second question with an id already
+    # loaded would be scored against the first one's answer: it is skipped and counted instead.
+    _qids: set[str] = field(default_factory=set, repr=False)
 
     def add_bad(self, err: InputError) -> None:
         self.bad[err.reason] += 1
@@ -86,7 +90,22 @@ class LoadReport:
         """Parse every record with ``parse(record, src)``, which returns a sample, or None for a
         valid record of another split or language. A record it rejects with InputError is
         counted by reason and skipped, so one bad record never stops a load."""
-        parsed = parse_records(records, where, parse, self.add_bad)
+
+        def parse_unique(rec: dict, src: str) -> VQASample | None:
+            sample = parse(rec, src)
+            if sample is not None:
+                if sample.qid in self._qids:
+                    raise InputError(
+                        src,
+                        "duplicate question id",
+                        f"id {sample.qid} is already used by an earlier record",
+                    )
+                self._qids.add(sample.qid)
+                if not str(rec.get("answer_type") or "").strip():  # _answer_type inferred it
+                    self.n_answer_type_inferred += 1
+            return sample
+
+        parsed = parse_records(records, where, parse_unique, self.add_bad)
         samples = [s for s in parsed if s is not None]
         self.n_records += len(records)
         self.n_other_split += len(parsed) - len(samples)
@@ -99,6 +118,7 @@ class LoadReport:
             "n_records": self.n_records,
             "n_loaded": self.n_loaded,
             "n_other_split": self.n_other_split,
+            "n_answer_type_inferred": self.n_answer_type_inferred,
             "bad": dict(self.bad),
             "examples": list(self.examples),
         }

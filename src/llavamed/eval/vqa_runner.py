@@ -48,7 +48,8 @@ def _answers_map(answers: Mapping[str, str] | Iterable[dict]) -> dict[str, str]:
         return {str(k): str(v) for k, v in answers.items()}
     out = {}
     for rec in answers:
-        out[str(rec["question_id"])] = str(rec.get("text", ""))
+        if rec.get("text") is not None:  # no text is a missing answer, not an empty one
+            out[str(rec["question_id"])] = str(rec["text"])
     return out
 
 
