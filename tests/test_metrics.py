@@ -21,6 +21,8 @@ from llavamed.eval import metrics as m
         ("none", "0"),
         ("an MRI of the brain", "mri of brain"),
         ("dont know", "don't know"),
+        ("theyll hows youll oclock", "they'll how's you'll o'clock"),  # VQA-v2's full table
+        ("somebody'd", "somebodyd"),  # the reference table's slip, kept for parity
     ],
 )
 def test_normalize_answer_matches_llava_med(raw, expected):
