@@ -145,6 +145,8 @@ def test_quickstart_tiny_end_to_end_and_rerun(tmp_path):
     ft = report["metrics"]["finetuned"]
     assert "strict_closed_acc" in ft and "ablation_blank" in ft
     assert set(report["stages"]) == ALL_STAGES
+    instruct = report["stages"]["instruct"]
+    assert instruct["kept"] >= 1 and instruct["failed"] == 0 and instruct["requests"] >= 1
     second = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert second.returncode == 0, second.stderr[-4000:]
     report2 = json.loads((out / "report.json").read_text())
