@@ -16,6 +16,7 @@ from llavamed.serve.engine import (  # noqa: E402
     QueueFull,
     SamplingParams,
     is_llava_dir,
+    stream_delta,
 )
 
 QUESTIONS = [
@@ -163,6 +164,46 @@ def test_stop_strings_cut_text_and_streaming_holds_back_prefixes(lm_engine):
     text = "".join(deltas)
     assert text == full[: full.find(stop)]
     assert stop not in text
+
+
+def _byte_fallback_tokenizer():
+    """Llama/Mistral-style decoding: a character outside the vocabulary is spelled as one token
+    per UTF-8 byte, which decodes to U+FFFD until the last byte arrives."""
+    from tokenizers import Tokenizer, decoders, models
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<unk>": 0, "</s>": 1, "\u2581The": 2, "\u2581dose": 3, "\u2581is": 4, "\u25815": 5}
+    vocab.update({f"<0x{b:02X}>": 6 + b for b in range(256)})
+    vocab["\u2581ok"] = len(vocab)
+    tk = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tk.decoder = decoders.Sequence(
+        [decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse(),
+         decoders.Strip(" ", 1, 0)]
+    )  # fmt: skip
+    tok = PreTrainedTokenizerFast(tokenizer_object=tk, unk_token="<unk>", eos_token="</s>")
+    ids = [2, 3, 4, 5, *(6 + b for b in "\u2265".encode()), *(6 + b for b in "\U0001f9e0".encode())]
+    return tok, [*ids, vocab["\u2581ok"]]
+
+
+@pytest.mark.parametrize("stops", [(), ("k!",), ("\u2265 o",)])
+def test_streamed_text_survives_characters_split_into_byte_tokens(stops):
+    tok, ids = _byte_fallback_tokenizer()
+    full = tok.decode(ids, skip_special_tokens=True)
+    assert full == "The dose is 5\u2265\U0001f9e0 ok"
+    partial = tok.decode(ids[:5], skip_special_tokens=True)
+    assert partial.endswith("\ufffd")  # the trap: "5" plus one undecodable byte
+    emitted, stopped = "", False
+    for k in range(1, len(ids) + 1):
+        final = k == len(ids)
+        delta, stopped = stream_delta(
+            tok.decode(ids[:k], skip_special_tokens=True), emitted, stops, final=final
+        )
+        assert "\ufffd" not in delta, k  # never a replacement character on the wire
+        emitted += delta
+        if stopped:
+            break
+    cut = min((full.find(s) for s in stops if s in full), default=len(full))
+    assert emitted == full[:cut] and stopped == (cut < len(full))
 
 
 def test_queue_full_and_cancellation(tiny_lm_dir):

@@ -129,6 +129,30 @@ class GenerationError(LlavamedError):
     pass
 
 
+def stream_delta(text: str, emitted: str, stops: Sequence[str], *, final: bool) -> tuple[str, bool]:
+    """The text to send after ``emitted``, given the decode of every token so far, and whether a
+    stop string ended the answer there.
+
+    Until the answer is final, a tail that may still change is held back: every trailing U+FFFD
+    (a byte-fallback tokenizer, as Llama's and Mistral's, spells a 3-4 byte character as single
+    byte tokens, which decode to U+FFFD until the last one arrives) and any prefix of a stop
+    string. Text once sent is never taken back; should a longer decode rewrite it anyway, only
+    what lies beyond it is sent, so the rest of the answer still arrives."""
+    stopped = False
+    cut = min((j for j in (text.find(s) for s in stops if s) if j >= 0), default=-1)
+    if cut >= 0:
+        text, stopped = text[:cut], True
+    elif not final:
+        hold = len(text) - len(text.rstrip("\ufffd"))
+        for s in stops:
+            for k in range(min(len(s) - 1, len(text)), hold, -1):
+                if text.endswith(s[:k]):
+                    hold = max(hold, k)
+                    break
+        text = text[: len(text) - hold]
+    return text[len(emitted) :], stopped
+
+
 class Handle:
     """A submitted request: cancel it, or read its events / final result."""
 
@@ -854,24 +878,9 @@ class Engine:
             if len(row.ids) >= row.max_new:
                 finish = "length"
         text = self.tokenizer.decode(row.ids, skip_special_tokens=True)
-        stops = row.params.stop
-        if stops:
-            cut = min((j for j in (text.find(s) for s in stops if s) if j >= 0), default=-1)
-            if cut >= 0:
-                text, finish = text[:cut], "stop"
-        if finish is None:
-            hold = 0
-            if text.endswith("\ufffd"):  # an incomplete UTF-8 sequence; wait for the rest
-                hold = 1
-            for s in stops:
-                for k in range(min(len(s) - 1, len(text)), hold, -1):
-                    if text.endswith(s[:k]):
-                        hold = max(hold, k)
-                        break
-            text = text[: len(text) - hold]
-        # Decoding a longer id list can rewrite the tail (rare, with some tokenizers); we never
-        # take back streamed text, so only characters beyond what was sent are new.
-        delta = text[len(row.emitted) :] if text.startswith(row.emitted) else ""
+        delta, stopped = stream_delta(text, row.emitted, row.params.stop, final=finish is not None)
+        if stopped:
+            finish = "stop"
         row.emitted += delta
         if finish is None:
             if delta:
