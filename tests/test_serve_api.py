@@ -114,6 +114,10 @@ def test_streaming_equals_non_streaming(client):
     finishes = [c.choices[0].finish_reason for c in chunks if c.choices]
     assert finishes[-1] == full.choices[0].finish_reason
     assert chunks[-1].usage.completion_tokens == full.usage.completion_tokens
+    # On the wire, a delta carries only what it sets, as OpenAI's do: no "role": null.
+    raw = [c.choices[0].delta.to_dict() for c in chunks if c.choices]  # only fields sent
+    assert raw[0] == {"role": "assistant", "content": ""}
+    assert all("role" not in d for d in raw[1:]) and raw[-1] == {}
 
 
 def test_multi_turn_with_image_in_earlier_turn(client):
@@ -187,6 +191,55 @@ def test_bad_images_are_4xx(client, url, status, words):
     assert err.status_code == status
     assert words in err.message
     assert "AAAA" not in err.message and "passwd" not in err.message.replace("file:", "")
+
+
+@pytest.mark.parametrize(
+    "extra, param, words",
+    [
+        ({"stream": "no"}, "stream", "valid boolean"),  # used to stream
+        ({"max_tokens": "2"}, "max_tokens", "valid integer"),
+        ({"temperature": "0.5"}, "temperature", "valid number"),
+        ({"seed": 2**64}, "seed", "less than or equal"),  # used to be a 500
+        ({"stop": 5}, "stop", "a valid string or a valid list"),
+        ({"stream_options": {"include_usage": True}}, "stream_options", "when stream is true"),
+        (
+            {"messages": [{"role": "user", "content": [{"type": "text"}]}]},
+            "messages[0].content[0].text",
+            "Field required",
+        ),
+        (
+            {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": "x"}]}]},
+            "messages[0].content[0].image_url",
+            "valid dictionary",
+        ),
+    ],
+)
+def test_wrongly_typed_fields_are_400s_naming_the_field_as_openai_does(
+    llava_server, extra, param, words
+):
+    body = {"model": "tiny-llava", "messages": [{"role": "user", "content": "hi"}], **extra}
+    r = httpx.post(
+        llava_server.base_url + "/chat/completions",
+        json=body,
+        headers={"Authorization": f"Bearer {KEY}"},
+        timeout=60,
+    )
+    assert r.status_code == 400, r.text
+    err = r.json()["error"]
+    assert (
+        err["param"] == param and words in err["message"] and err["type"] == "invalid_request_error"
+    )
+
+
+def test_data_urls_as_clients_write_them(client):
+    # Upper-case scheme and media type, base64 without its "=" padding: both decode.
+    raw = png_url().split(",", 1)[1]
+    assert raw.endswith("=")  # so stripping it tests something
+    for url in ("DATA:IMAGE/PNG;BASE64," + raw, "data:image/png;base64," + raw.rstrip("=")):
+        r = client.chat.completions.create(
+            model="tiny-llava", max_tokens=1, temperature=0, messages=[image_msg(url)]
+        )
+        assert r.usage.prompt_tokens > 16
 
 
 def test_limits(client):
@@ -476,12 +529,34 @@ def test_remote_images_only_with_the_flag(tiny_llava_dir, tmp_path):
 
     Image.new("RGB", (32, 32), (1, 2, 3)).save(tmp_path / "ok.png")
     (tmp_path / "big.bin").write_bytes(b"\0" * 300_000)
-    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(tmp_path))
-    handler.log_message = lambda *a, **k: None
+
+    class Handler(http.server.SimpleHTTPRequestHandler):
+        def log_message(self, *a, **k):
+            pass
+
+        def do_GET(self):
+            if self.path != "/drip":
+                return super().do_GET()
+            # A byte every 0.2 s: each read is quick, the whole download never ends.
+            self.send_response(200)
+            self.send_header("Content-Length", "100000")
+            self.end_headers()
+            try:
+                for _ in range(200):
+                    self.wfile.write(b"\0")
+                    self.wfile.flush()
+                    time.sleep(0.2)
+            except OSError:
+                pass
+
+    handler = functools.partial(Handler, directory=str(tmp_path))
     httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    httpd.daemon_threads = True
     threading.Thread(target=httpd.serve_forever, daemon=True).start()
     host = f"http://127.0.0.1:{httpd.server_address[1]}"
-    srv = serve_in_background(tiny_llava_dir, allow_remote_images=True, max_image_bytes=200_000)
+    srv = serve_in_background(
+        tiny_llava_dir, allow_remote_images=True, max_image_bytes=200_000, remote_timeout_s=2.0
+    )
     try:
         c = openai.OpenAI(base_url=srv.base_url, api_key="x", max_retries=0)
         r = c.chat.completions.create(
@@ -496,6 +571,10 @@ def test_remote_images_only_with_the_flag(tiny_llava_dir, tmp_path):
             with pytest.raises(openai.APIStatusError) as err:
                 c.chat.completions.create(model="tiny-llava", messages=[image_msg(url)])
             assert err.value.status_code == status
+        t0 = time.monotonic()
+        with pytest.raises(openai.BadRequestError) as err:
+            c.chat.completions.create(model="tiny-llava", messages=[image_msg(f"{host}/drip")])
+        assert "took longer than 2 s" in err.value.message and time.monotonic() - t0 < 10
     finally:
         srv.stop()
         httpd.shutdown()
@@ -521,3 +600,36 @@ def test_non_streaming_disconnect_cancels(tiny_lm_dir):
     finally:
         srv.stop()
         eng.close()
+
+
+@pytest.mark.parametrize("template", ["mistral_instruct", "vicuna_v1", "chatml"])
+def test_every_system_and_developer_message_becomes_the_leading_system_prompt(template):
+    # The templates read only messages[0] as the system prompt; a later system turn used to be
+    # rendered as an assistant reply, and a developer turn after a system turn likewise.
+    import jinja2
+
+    from llavamed.model.templates import get_template
+    from llavamed.serve import protocol as P
+
+    req = P.parse_request(
+        {
+            "model": "m",
+            "messages": [
+                {"role": "system", "content": "SYS-A"},
+                {"role": "developer", "content": [{"type": "text", "text": "DEV-B"}]},
+                {"role": "user", "content": "hi"},
+                {"role": "assistant", "content": "hello"},
+                {"role": "system", "content": "SYS-C"},
+                {"role": "user", "content": "again"},
+            ],
+        }
+    )
+    hf, _ = P.to_hf_messages(req.messages, allow_remote=False, max_image_bytes=1 << 20)
+    assert [m["role"] for m in hf] == ["system", "user", "assistant", "user"]
+    assert hf[0]["content"] == [{"type": "text", "text": "SYS-A\n\nDEV-B\n\nSYS-C"}]
+    env = jinja2.Environment()
+    text = env.from_string(get_template(template).jinja(eos="</s>")).render(
+        messages=hf, add_generation_prompt=True, bos_token="<s>", eos_token="</s>"
+    )
+    assert text.count("SYS-A\n\nDEV-B\n\nSYS-C") == 1
+    assert text.index("SYS-C") < text.index("hi") < text.index("hello") < text.index("again")

@@ -109,6 +109,14 @@ def register(subparsers) -> None:
         "are always refused)",
     )
     p.add_argument(
+        "--remote-timeout",
+        type=float,
+        default=10.0,
+        metavar="SECONDS",
+        help="with --allow-remote-images: the most one image download may take, in all "
+        "(default %(default)s)",
+    )
+    p.add_argument(
         "--log-level",
         default="info",
         choices=["debug", "info", "warning", "error"],
@@ -138,6 +146,9 @@ def run(args) -> int:
             raise ConfigError(f"--{flag.replace('_', '-')} must be >= 1")
     if args.prefix_cache < 0:
         raise ConfigError("--prefix-cache must be >= 0")
+    for flag in ("max_request_mb", "max_image_mb", "remote_timeout"):
+        if not getattr(args, flag) > 0:
+            raise ConfigError(f"--{flag.replace('_', '-')} must be > 0")
     api_key = resolve_api_key(args)
     logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
     # Bound before the model loads: a busy port or a bad address fails in a second, not after
@@ -183,6 +194,7 @@ def _serve(args, sock, api_key: str | None) -> int:
         max_prompt_tokens=args.max_prompt_tokens,
         max_completion_tokens=args.max_completion_tokens,
         allow_remote_images=args.allow_remote_images,
+        remote_timeout_s=args.remote_timeout,
     )
     app = create_app(engine, settings)
     host, port = sock.getsockname()[:2]

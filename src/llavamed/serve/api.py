@@ -393,14 +393,17 @@ def create_app(engine: Engine, settings: ServerSettings | None = None):
 
 
 async def _fetch(ref: P.ImageRef, settings: ServerSettings) -> bytes:
-    """Download a remote image (only when allowed), capped in size and time."""
+    """Download a remote image (only when allowed), capped in size and in total time: httpx's
+    timeout bounds each read, so a host sending a byte every few seconds would hold the request
+    open for ever."""
     import httpx
 
     limit = settings.max_image_bytes
     try:
-        async with httpx.AsyncClient(
-            timeout=settings.remote_timeout_s, follow_redirects=True
-        ) as client:
+        async with (
+            asyncio.timeout(settings.remote_timeout_s),
+            httpx.AsyncClient(timeout=settings.remote_timeout_s, follow_redirects=True) as client,
+        ):
             async with client.stream("GET", ref.url) as resp:
                 if resp.status_code != 200:
                     raise P.ProtocolError(
@@ -421,6 +424,13 @@ async def _fetch(ref: P.ImageRef, settings: ServerSettings) -> bytes:
                         )
                     chunks.append(part)
                 return b"".join(chunks)
+    except TimeoutError:
+        raise P.ProtocolError(
+            400,
+            f"{ref.where}: image URL took longer than {settings.remote_timeout_s:g} s",
+            param=ref.where,
+            code="invalid_image_url",
+        ) from None
     except httpx.HTTPError as exc:
         raise P.ProtocolError(
             400,

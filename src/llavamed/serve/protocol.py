@@ -15,7 +15,14 @@ import uuid
 from dataclasses import dataclass
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_serializer,
+)
 
 # --- errors ----------------------------------------------------------------------------------
 
@@ -56,7 +63,10 @@ class ProtocolError(Exception):
 
 
 class _Model(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    # strict: a string where a number or boolean belongs is an error, as it is for OpenAI
+    # ("stream": "no" would otherwise stream). Unknown fields are ignored, as OpenAI's are not,
+    # so clients sending newer parameters keep working.
+    model_config = ConfigDict(extra="ignore", strict=True)
 
 
 class ImageURL(_Model):
@@ -95,7 +105,7 @@ class ChatCompletionRequest(_Model):
     max_tokens: int | None = Field(None, ge=1)
     max_completion_tokens: int | None = Field(None, ge=1)
     stop: str | list[str] | None = None
-    seed: int | None = None
+    seed: int | None = Field(None, ge=-(2**63), le=2**64 - 1)  # what torch.Generator takes
     stream: bool = False
     stream_options: StreamOptions | None = None
     n: int = Field(1, ge=1)
@@ -106,6 +116,13 @@ class ChatCompletionRequest(_Model):
     def _stop(cls, v):
         if isinstance(v, list) and len(v) > 4:
             raise ValueError("at most 4 stop sequences")
+        return v
+
+    @field_validator("stream_options")
+    @classmethod
+    def _stream_options_need_stream(cls, v, info):
+        if v is not None and not info.data.get("stream"):
+            raise ValueError("only allowed when stream is true")
         return v
 
     def stop_list(self) -> tuple[str, ...]:
@@ -126,12 +143,39 @@ def parse_request(data: Any) -> ChatCompletionRequest:
         return ChatCompletionRequest.model_validate(data)
     except ValidationError as exc:
         errs = exc.errors(include_input=False, include_url=False)
-        first = errs[0]
-        where = ".".join(str(x) for x in first["loc"])
-        more = f" (and {len(errs) - 1} more)" if len(errs) > 1 else ""
+        # A union field reports one error per branch; the branch that got deepest into the
+        # value is the one the client meant (a content list with a bad part, not "not a string").
+        depth = max(len(e["loc"]) for e in errs)
+        deepest = [e for e in errs if len(e["loc"]) == depth]
+        where = _openai_path(deepest[0]["loc"])
+        msg = " or ".join(
+            dict.fromkeys(e["msg"] for e in deepest if _openai_path(e["loc"]) == where)
+        )
+        msg = msg[:1] + msg[1:].replace("Input should be ", "")  # "Input should be a or b"
+        msg = msg.removeprefix("Value error, ")
         raise ProtocolError(
-            400, f"invalid request: {where}: {first['msg']}{more}", param=where or None
+            400, f"invalid request: {where or 'body'}: {msg}", param=where or None
         ) from None
+
+
+def _openai_path(loc: tuple) -> str:
+    """pydantic's ``("messages", 0, "content", "list[...]", 0, "text", "text")`` as OpenAI
+    writes it, ``messages[0].content[0].text``: union branch names and tagged-union tags are
+    pydantic's, not the client's."""
+    out: list[str] = []
+    prev = None
+    for part in loc:
+        if isinstance(part, int):
+            out.append(f"[{part}]")
+        elif part in _BRANCHES or "[" in part or part == prev:
+            pass
+        else:
+            out.append(("." if out else "") + part)
+        prev = part
+    return "".join(out)
+
+
+_BRANCHES = {"str", "int", "float", "bool", "list", "dict", "none", "function-after"}
 
 
 # --- response schema -------------------------------------------------------------------------
@@ -168,6 +212,11 @@ class ChatCompletion(BaseModel):
 class Delta(BaseModel):
     role: Literal["assistant"] | None = None
     content: str | None = None
+
+    @model_serializer(mode="wrap")
+    def _omit_unset(self, handler):
+        # OpenAI's deltas carry only what they set: {"content": "x"}, and {} in the last chunk.
+        return {k: v for k, v in handler(self).items() if v is not None}
 
 
 class ChunkChoice(BaseModel):
@@ -227,7 +276,7 @@ class ImageRef:
     url: str | None = None
 
 
-_DATA_URL = re.compile(r"^data:(?P<mime>[\w.+-]+/[\w.+-]+)?(?P<params>(;[^,;]*)*),", re.S)
+_DATA_URL = re.compile(r"^data:(?P<mime>[\w.+-]+/[\w.+-]+)?(?P<params>(;[^,;]*)*),", re.S | re.I)
 ACCEPTED_MIME = {"application/dicom", "application/octet-stream"}
 
 
@@ -261,8 +310,10 @@ def parse_image_url(url: str, where: str, *, allow_remote: bool, max_bytes: int)
                 param=where,
                 code="image_too_large",
             )
+        payload = "".join(payload.split())
+        payload += "=" * (-len(payload) % 4 if len(payload) % 4 != 1 else 0)  # padding is optional
         try:
-            data = base64.b64decode("".join(payload.split()), validate=True)
+            data = base64.b64decode(payload, validate=True)
         except (binascii.Error, ValueError):
             raise ProtocolError(
                 400, f"{where}: malformed base64 in data URL", param=where, code="invalid_image"
@@ -306,8 +357,11 @@ def to_hf_messages(
     messages: list[ChatMessage], *, allow_remote: bool, max_image_bytes: int
 ) -> tuple[list[dict], list[ImageRef]]:
     """OpenAI messages -> (HF messages with ``{"type": "image"}`` placeholders, image refs in
-    prompt order). System/developer turns become one leading system turn."""
+    prompt order). System/developer turns, wherever they are, become one leading system turn
+    (their texts in order, a blank line apart): the chat templates read only ``messages[0]`` as
+    the system prompt and would render any later one as an assistant reply."""
     hf: list[dict] = []
+    system: list[str] = []
     images: list[ImageRef] = []
     for i, msg in enumerate(messages):
         role = "system" if msg.role == "developer" else msg.role
@@ -338,8 +392,14 @@ def to_hf_messages(
                     parts.append({"type": "image"})
         if role in ("system", "assistant"):
             text = "\n".join(p["text"] for p in parts if p["type"] == "text")
+            if role == "system":
+                system.append(text)
+                continue
             parts = [{"type": "text", "text": text}]
         hf.append({"role": role, "content": parts})
+    if system:
+        text = "\n\n".join(t for t in system if t)
+        hf.insert(0, {"role": "system", "content": [{"type": "text", "text": text}]})
     if hf[-1]["role"] == "assistant":
         raise ProtocolError(
             400, "the last message must not be from the assistant", param="messages"
