@@ -153,6 +153,21 @@ def test_shared_prefix_positions_and_mask_by_hand():
     assert m[8] == [1, 1, 1, 0, 0, 0, 0, 0, 1]  # padding: never an empty row; unread anyway
 
 
+def test_a_repeated_question_is_answered_from_itself_not_from_the_previous_answer():
+    from llavamed.train.shared_prefix import pack_shared_prefix
+
+    # The same question twice (real sets repeat some): shared [1, 2, 3, 7], answers 8* and 9*.
+    # The first token of a tail is predicted from the token before it in the packed sample, so a
+    # tail starting with an answer would learn 9 as the continuation of answer 8.
+    a = ([1, 2, 3, 7, 8], [-100, -100, -100, -100, 8])
+    b = ([1, 2, 3, 7, 9], [-100, -100, -100, -100, 9])
+    [(ids, labels, segs)] = pack_shared_prefix([a, b], max_length=64, source="x", min_prefix=3)
+    assert ids == [1, 2, 3, 7, 8, 7, 9] and segs == [0, 0, 0, 1, 1, 2, 2]
+    starts = [i for i, g in enumerate(segs) if g and (i == 0 or segs[i - 1] != g)]
+    assert all(labels[i] == -100 for i in starts)
+    assert [t for t in labels if t != -100] == [8, 9]
+
+
 def test_questions_that_do_not_share_the_image_are_rejected():
     from llavamed.errors import InputError
     from llavamed.train.shared_prefix import pack_shared_prefix

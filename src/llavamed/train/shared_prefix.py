@@ -48,20 +48,24 @@ def pack_shared_prefix(
     most ``max_length`` tokens as possible: ``(input_ids, labels, segment_ids)`` each.
 
     ``min_prefix`` is how many leading tokens must be shared (the image tokens): a group whose
-    encodings diverge earlier cannot share its image and raises ``InputError``. The prefix ends
-    before the first supervised token, so every question keeps all of its supervision."""
+    encodings diverge earlier cannot share its image and raises ``InputError``. Every tail
+    starts with an unsupervised token (its question's last token at least), so each answer is
+    predicted from its own question, as in its single-turn sample."""
     if not encodings:
         return []
     if len(encodings) == 1:  # nothing to share: a plain causal sample
         ids, labels = encodings[0]
         return [(list(ids), list(labels), [PREFIX] * len(ids))]
-    # The prefix ends at the first supervised token of any question at the latest, so every
-    # tail keeps all of its question's supervision (identical questions included).
+    # The prefix ends one token before the first supervised token of any question at the
+    # latest. A tail's first token is predicted from the token before it in the packed sample,
+    # the previous tail's last one, so it must never be supervised: two identical questions
+    # would otherwise share the whole question, and the second answer would be learnt as a
+    # continuation of the first.
     first_supervised = min(
         next((i for i, lab in enumerate(labels) if lab != IGNORE_INDEX), len(labels))
         for _, labels in encodings
     )
-    p = min(common_prefix_length([ids for ids, _ in encodings]), first_supervised)
+    p = min(common_prefix_length([ids for ids, _ in encodings]), first_supervised - 1)
     if p < min_prefix:
         raise InputError(
             source, "questions do not share the image prefix", f"{p} < {min_prefix} tokens"
