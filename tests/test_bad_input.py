@@ -5,6 +5,7 @@ where a batch can go on, and no user file lost or empty output left behind."""
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import socket
 
@@ -31,6 +32,39 @@ def test_an_existing_file_is_never_replaced_by_a_checkpoint_folder(tmp_path, cap
     _one_line_error(capsys, str(victim), "exists and is not a folder")
     assert victim.read_text() == '{"keep": "me"}\n'
     assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.jsonl"]  # no .old, no temp
+
+
+def test_a_folder_of_the_users_is_never_replaced_by_a_checkpoint(tmp_path, capsys):
+    mine = tmp_path / "mydocs"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("important")
+    assert main(["model", "init", "--out", str(mine), "--lm", "tiny", "--vision", "tiny"]) == 1
+    _one_line_error(capsys, str(mine), "exists and holds something else")
+    assert [p.name for p in mine.iterdir()] == ["notes.txt"]
+    # An earlier checkpoint is ours to replace.
+    ck = tmp_path / "ck"
+    for _ in range(2):
+        assert main(["model", "init", "--out", str(ck), "--lm", "tiny", "--vision", "tiny"]) == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ck", "mydocs"]
+
+
+def test_a_killed_writers_temp_folder_is_removed_by_the_next_write(tmp_path):
+    import subprocess
+    import sys
+
+    from llavamed.utils.io import atomic_dir
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True, check=True).stdout.strip()  # fmt: skip
+    orphan, live = tmp_path / ".ck.orphan1", tmp_path / ".ck.live1"
+    for d, pid in ((orphan, dead), (live, str(os.getpid()))):
+        d.mkdir()
+        (d / "model.safetensors").write_bytes(b"\0" * 1000)
+        (d / ".llavamed-writer-pid").write_text(pid)
+    with atomic_dir(tmp_path / "ck") as tmp:
+        (tmp / "x").write_text("1")
+    assert not orphan.exists() and live.exists()  # a running writer's folder is left alone
+    assert sorted(p.name for p in (tmp_path / "ck").iterdir()) == ["x"]
 
 
 @pytest.mark.parametrize(

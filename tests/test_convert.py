@@ -27,7 +27,7 @@ def _tiny_mistral_cfg(vocab: int) -> dict:
         head_dim=8,
         max_position_embeddings=256,
         rms_norm_eps=1e-5,
-        rope_theta=10000.0,
+        rope_theta=1e6,  # Mistral-7B-v0.2's: a reader falling back to 10,000 gets other logits
         sliding_window=None,
         tie_word_embeddings=False,
         hidden_act="silu",
@@ -161,6 +161,9 @@ def test_llava_med_logits_parity(original_llava_med, tmp_path):
         "LlavaForConditionalGeneration"
     ]
     assert cfg["vision_feature_layer"] == -2
+    # transformers 4.x readers (vLLM, SGLang) find rope_theta only as a flat key.
+    assert cfg["text_config"]["rope_theta"] == 1e6
+    assert cfg["text_config"]["rope_parameters"]["rope_theta"] == 1e6
     model = LlavaForConditionalGeneration.from_pretrained(dst).eval()
     proc = AutoProcessor.from_pretrained(dst)
     prompt = proc.apply_chat_template(
@@ -243,10 +246,21 @@ def test_llava_med_cli(original_llava_med, tmp_path):
     from llavamed.cli import main
 
     src, _, _ = original_llava_med
+    before = sorted(p.name for p in src.iterdir())
     assert main(["convert", "llava-med", str(src), str(tmp_path / "n")]) == 0
     assert (
         main(["convert", "llava-med", str(tmp_path), str(tmp_path / "m")]) == 1
     )  # not a checkpoint
+    # An earlier conversion may be replaced; the source, or a folder of the user's, never is.
+    assert main(["convert", "llava-med", str(src), str(tmp_path / "n")]) == 0
+    assert main(["convert", "llava-med", str(src), str(src)]) == 1
+    assert main(["convert", "llava-med", str(src), str(src.parent)]) == 1
+    assert sorted(p.name for p in src.iterdir()) == before
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("keep")
+    assert main(["convert", "llava-med", str(src), str(mine)]) == 1
+    assert [p.name for p in mine.iterdir()] == ["notes.txt"]
 
 
 # --- BiomedCLIP ---------------------------------------------------------------------------
@@ -339,6 +353,14 @@ def test_biomedclip_hidden_states_parity(biomedclip_state_dict, tmp_path):
         torch.testing.assert_close(g, r, rtol=1e-4, atol=1e-5)
     pre = json.loads((dst / "preprocessor_config.json").read_text())
     assert pre["image_mean"] == [0.5, 0.5, 0.5]
+    # A second conversion replaces the first; a folder of the user's is refused before loading.
+    assert convert_biomedclip(tmp_path, tmp_path / "vit", num_heads=4) == dst
+    (tmp_path / "docs").mkdir()
+    (tmp_path / "docs" / "a.txt").write_text("keep")
+    with pytest.raises(InputError, match="exists and holds something else"):
+        convert_biomedclip(tmp_path, tmp_path / "docs", num_heads=4)
+    with pytest.raises(InputError, match="would replace the source"):
+        convert_biomedclip(tmp_path / "open_clip_pytorch_model.bin", tmp_path, num_heads=4)
 
 
 def test_biomedclip_tower_composes_into_llava(biomedclip_state_dict, tmp_path):

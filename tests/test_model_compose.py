@@ -80,6 +80,7 @@ def test_embedded_default_via_cli_loads_without_llavamed(tmp_path):
     assert cfg["model_type"] == "llava"
     assert cfg["text_config"]["num_hidden_layers"] == 4
     assert "quantization_config" not in cfg["text_config"]
+    assert cfg["text_config"]["rope_theta"] == 1e5  # SmolLM2's, flat for transformers 4.x readers
     res = _plain_load(out)
     assert res["n_tokens"] == 64 + 15  # 128 px / patch 16
     assert res["logits_finite"]

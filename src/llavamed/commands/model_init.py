@@ -64,8 +64,11 @@ def register(sub) -> None:
 
 
 def run(args) -> int:
-    from llavamed.model.compose import ModelSpec, init_checkpoint
+    from llavamed.model.compose import ModelSpec, init_checkpoint, is_checkpoint_dir
+    from llavamed.utils.io import check_output_dir
 
+    # Before the LM loads: --out naming a folder of the user's would otherwise be replaced.
+    check_output_dir(args.out, ours=is_checkpoint_dir)
     spec = ModelSpec(
         lm=args.lm,
         lm_layers=args.lm_layers,

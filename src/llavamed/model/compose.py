@@ -294,6 +294,11 @@ def _set_bos_policy(tok, add_bos: bool) -> None:
             pass
 
 
+def is_checkpoint_dir(path: Path) -> bool:
+    """A folder llavamed wrote as a checkpoint (so a new one may replace it)."""
+    return (Path(path) / CHECKPOINT_META).is_file()
+
+
 def save_checkpoint(
     model, processor, out: str | Path, spec: ModelSpec | None, extra: dict | None = None
 ) -> Path:
@@ -301,8 +306,9 @@ def save_checkpoint(
     from llavamed.utils.io import atomic_dir
 
     out = Path(out)
-    with atomic_dir(out) as tmp:
+    with atomic_dir(out, ours=is_checkpoint_dir) as tmp:
         model.save_pretrained(tmp)
+        add_legacy_rope_theta(tmp)
         _canonicalize_vision_keys(tmp, model.config.vision_config.model_type)
         processor.save_pretrained(tmp)
         meta = {"format": "llavamed-native-llava/1", "template": None, "spec": None}
@@ -340,6 +346,20 @@ def _canonicalize_vision_keys(folder: Path, vision_type: str) -> None:
         index = json.loads(index_path.read_text())
         index["weight_map"] = {rename(k): v for k, v in index["weight_map"].items()}
         index_path.write_text(json.dumps(index, indent=2))
+
+
+def add_legacy_rope_theta(folder: Path) -> None:
+    """Also write ``text_config.rope_theta`` beside transformers 5's ``rope_parameters``.
+    Readers built on transformers 4.x (vLLM, SGLang, older scripts) look only for the flat key
+    and, not finding it, silently use 10,000 instead of SmolLM2's 1e5 or Mistral's 1e6:
+    every logit shifts. transformers 5 reads the flat key as the same value."""
+    path = Path(folder) / "config.json"
+    cfg = json.loads(path.read_text())
+    text = cfg.get("text_config") or {}
+    theta = (text.get("rope_parameters") or {}).get("rope_theta")
+    if theta is not None and "rope_theta" not in text:
+        text["rope_theta"] = theta
+        path.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
 
 
 def init_checkpoint(out: str | Path, spec: ModelSpec | None = None) -> Path:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import glob
 import json
 import os
 import shutil
@@ -229,20 +230,56 @@ class JsonlAppender:
         self.close()
 
 
-@contextlib.contextmanager
-def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
-    """Yield an empty temp folder beside ``path``; on success it replaces ``path`` (an existing
-    folder is moved aside first and removed after), so readers never see a half-written one."""
+def check_output_dir(
+    path: str | os.PathLike,
+    *,
+    ours: Callable[[Path], bool] | None = None,
+    keep: Sequence[str | os.PathLike] = (),
+) -> None:
+    """Refuse an output folder whose replacement would lose something: a file, a folder holding
+    one of ``keep`` (the sources being converted), or a non-empty folder that ``ours`` does not
+    recognise as an earlier output (a user's folder given as ``--out`` by mistake). Called before
+    long work starts, and again by :func:`atomic_dir` before it replaces anything."""
     path = Path(path)
     if path.exists() and not path.is_dir():
         # Checked first: replacing a user's file by a folder would lose it.
         raise InputError(path, "exists and is not a folder", "give a folder path")
     if path.parent.exists() and not path.parent.is_dir():
         raise InputError(path.parent, "is not a folder")
+    target = path.resolve()
+    for k in keep:
+        k = Path(k).resolve()
+        if k == target or target in k.parents:
+            raise InputError(path, "would replace the source", f"{k} is in it; write elsewhere")
+    if path.is_dir() and any(path.iterdir()) and not (ours is not None and ours(path)):
+        raise InputError(
+            path,
+            "exists and holds something else",
+            "an earlier output of this command would be replaced, this is not one; "
+            "remove it or choose another folder",
+        )
+
+
+@contextlib.contextmanager
+def atomic_dir(
+    path: str | os.PathLike,
+    *,
+    ours: Callable[[Path], bool] | None = None,
+    keep: Sequence[str | os.PathLike] = (),
+) -> Iterator[Path]:
+    """Yield an empty temp folder beside ``path``; on success it replaces ``path`` (an existing
+    folder is moved aside first and removed after), so readers never see a half-written one.
+    What may be replaced: see :func:`check_output_dir`. Temp folders left by a killed run
+    (their owner process gone) are removed first: a checkpoint's can be many GB."""
+    path = Path(path)
+    check_output_dir(path, ours=ours, keep=keep)
+    _remove_orphan_temp_dirs(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
     try:
+        (tmp / _OWNER).write_text(str(os.getpid()))
         yield tmp
+        (tmp / _OWNER).unlink()
         if path.exists():
             old = path.with_name(f".{path.name}.old")
             if old.exists():
@@ -259,3 +296,21 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+_OWNER = ".llavamed-writer-pid"
+
+
+def _remove_orphan_temp_dirs(path: Path) -> None:
+    if not path.parent.is_dir():
+        return
+    for d in path.parent.glob(f".{glob.escape(path.name)}.*"):
+        owner = d / _OWNER
+        if not (d.is_dir() and owner.is_file()):
+            continue
+        try:
+            os.kill(int(owner.read_text()), 0)
+        except ProcessLookupError:
+            shutil.rmtree(d, ignore_errors=True)
+        except (ValueError, OSError):
+            continue  # unreadable or not ours to judge: leave it

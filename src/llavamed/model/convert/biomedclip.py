@@ -95,13 +95,28 @@ def map_biomedclip_state_dict(sd: dict, num_heads: int | None = None, source: st
     return config, out
 
 
+CONVERTED_FROM = "open_clip BiomedCLIP visual.trunk"
+
+
+def is_converted_tower(path: Path) -> bool:
+    """A folder an earlier ``convert biomedclip`` wrote (so a new conversion may replace it)."""
+    try:
+        pre = json.loads((Path(path) / "preprocessor_config.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(pre, dict) and pre.get("converted_from") == CONVERTED_FROM
+
+
 def convert_biomedclip(src: str | Path, dst: str | Path, *, num_heads: int | None = None) -> Path:
     """``src``: a weights file (``open_clip_pytorch_model.bin``/safetensors) or its folder
     (``open_clip_config.json`` beside it supplies the image mean/std)."""
     import torch
     from transformers import ViTModel
 
+    from llavamed.utils.io import check_output_dir
+
     src = Path(src)
+    check_output_dir(dst, ours=is_converted_tower, keep=(src,))
     sd = load_state_dict(src)
     config, vit_sd = map_biomedclip_state_dict(sd, num_heads=num_heads, source=str(src))
     model = ViTModel(config, add_pooling_layer=True)
@@ -122,7 +137,7 @@ def convert_biomedclip(src: str | Path, dst: str | Path, *, num_heads: int | Non
     from llavamed.utils.io import atomic_dir
 
     dst = Path(dst)
-    with atomic_dir(dst) as tmp:
+    with atomic_dir(dst, ours=is_converted_tower, keep=(src,)) as tmp:
         model.save_pretrained(tmp)
         (tmp / "preprocessor_config.json").write_text(
             json.dumps(
@@ -130,7 +145,7 @@ def convert_biomedclip(src: str | Path, dst: str | Path, *, num_heads: int | Non
                     "image_mean": mean,
                     "image_std": std,
                     "image_size": config.image_size,
-                    "converted_from": "open_clip BiomedCLIP visual.trunk",
+                    "converted_from": CONVERTED_FROM,
                 },
                 indent=2,
             )

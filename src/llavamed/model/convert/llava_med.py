@@ -109,13 +109,16 @@ def convert_llava_med(
     )
     from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 
+    from llavamed.model.compose import is_checkpoint_dir
     from llavamed.model.convert.native_writer import write_native_checkpoint
     from llavamed.model.templates import IMAGE_PLACEHOLDER, get_template
+    from llavamed.utils.io import check_output_dir
 
     src = Path(src)
     cfg_path = src / "config.json"
     if not cfg_path.exists():
         raise InputError(src, "not a checkpoint folder", "config.json missing")
+    check_output_dir(dst, ours=is_checkpoint_dir, keep=(src,))  # before minutes of loading
     src_cfg = read_json(cfg_path)
     if not isinstance(src_cfg, dict):
         raise InputError(cfg_path, "config.json is not a JSON object")
@@ -241,4 +244,5 @@ def convert_llava_med(
             "template": "mistral_instruct",
             "converted_from": {"format": "llava-med-v1.5", "path": str(src)},
         },
+        src=src,
     )

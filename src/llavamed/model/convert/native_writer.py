@@ -33,16 +33,16 @@ def disk_name(key: str, vision_type: str) -> str:
 
 
 def write_native_checkpoint(
-    dst, config, tensors: dict, processor, generation: dict, meta: dict
+    dst, config, tensors: dict, processor, generation: dict, meta: dict, *, src
 ) -> Path:
     from safetensors.torch import save_file
     from transformers import GenerationConfig
 
-    from llavamed.model.compose import CHECKPOINT_META
+    from llavamed.model.compose import CHECKPOINT_META, add_legacy_rope_theta, is_checkpoint_dir
     from llavamed.utils.io import atomic_dir
 
     dst = Path(dst)
-    with atomic_dir(dst) as tmp:
+    with atomic_dir(dst, ours=is_checkpoint_dir, keep=(src,)) as tmp:
         vtype = config.vision_config.model_type
         named = {disk_name(k, vtype): v.contiguous() for k, v in tensors.items()}
         shards, cur, size = [], {}, 0
@@ -68,6 +68,7 @@ def write_native_checkpoint(
             )
         config.architectures = ["LlavaForConditionalGeneration"]
         config.save_pretrained(tmp)
+        add_legacy_rope_theta(tmp)
         GenerationConfig(**{k: v for k, v in generation.items() if v is not None}).save_pretrained(
             tmp
         )
