@@ -816,6 +816,10 @@ def _run(
             batch_sampler=mine,
             collate_fn=collate,
             num_workers=cfg.data.num_workers,
+            # Its own generator: starting an iterator draws a seed, which from the global RNG
+            # would shift every dropout mask after a mid-epoch resume (the RNG is restored from
+            # the checkpoint, then the iterator draws once more than the uninterrupted run did).
+            generator=torch.Generator().manual_seed(t.seed * 1_000_003 + epoch),
         )
         it = iter(loader)
         for _ in range(n_steps_here):
