@@ -16,7 +16,7 @@ from llavamed.config import (
     load_config,
     to_dict,
 )
-from llavamed.errors import ConfigError
+from llavamed.errors import ConfigError, InputError
 
 ROOT = Path(__file__).resolve().parent.parent
 BASE = {
@@ -65,6 +65,17 @@ def test_stage_default_trainable():
         ("train.lora.r=0", "train.lora.r"),
         ("distributed.engine=horovod", "distributed.engine"),
         ("data.sources.0.path=x", "data.sources: expected a list"),
+        # Out of range: each used to fail after the model loaded, or not at all.
+        ("train.max_steps=-1", "train.max_steps must be >= 1"),  # exited 0, untrained
+        ("output.log_every=0", "output.log_every >= 1"),
+        ("output.save_every_minutes=-5", "save_every_minutes must be >= 0"),
+        ("train.weight_decay=-1", "train.weight_decay"),
+        ("train.betas=[0.9]", "train.betas"),
+        ("data.max_samples=-3", "max_samples must be >= 1"),
+        ("data.max_samples=0", "max_samples must be >= 1"),
+        ("data.num_workers=-1", "data.num_workers"),
+        ("train.lora={r: 4, dropout: 1.5}", "train.lora.dropout"),
+        ("model.template=foo", "model.template='foo'"),
     ],
 )
 def test_errors_name_the_key(override, needle):
@@ -142,3 +153,24 @@ def test_shipped_configs(path):
     else:
         assert cfg.train.precision == "auto" or "tiny" in path.name
         assert cfg.data.num_workers <= 1 and cfg.data.batching == "length_grouped"
+
+
+def test_a_mistyped_path_fails_before_loading_and_does_not_lock_the_output(tmp_path):
+    """A typo in data.path used to surface after the model loaded, and the corrected command was
+    then refused: the output folder held the mistyped run's config.yaml."""
+    from llavamed.train import run_training
+
+    (tmp_path / "train.json").write_text("[]")
+    cfg = BASE | {"output": {"dir": str(tmp_path / "out")}}
+    bad = cfg | {"data": {"format": "llava_json", "path": str(tmp_path / "trian.json")}}
+    with pytest.raises(ConfigError, match=r"data.sources\[0\].path: .*trian.json: file not found"):
+        run_training(bad, progress=False)
+    assert not (tmp_path / "out").exists()
+    with pytest.raises(ConfigError, match="model.from: .*nowhere: file not found"):
+        run_training(cfg | {"model": {"from": str(tmp_path / "nowhere")}}, progress=False)
+    # A run that stopped before its first step leaves nothing to protect.
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "config.yaml").write_text("stage: align\n")
+    good = cfg | {"data": {"format": "llava_json", "path": str(tmp_path / "train.json")}}
+    with pytest.raises(InputError, match="no training samples"):  # the next thing it finds
+        run_training(good, progress=False)

@@ -181,6 +181,19 @@ def test_loss_independent_of_micro_batching(tmp_path, bright_dark):
     assert runs[8] == pytest.approx(runs[2], rel=1e-4, abs=1e-5)
 
 
+def test_logged_lr_is_the_rate_each_step_used(tmp_path, bright_dark):
+    from llavamed.train import run_training
+
+    # 4 steps, 2 of warmup, then cosine: the rates used are 1/2, 1, 1 and 1/2 of the peak. The
+    # log used to show the next step's rate (1, 1, 1/2, 0: a last step that seemingly did not
+    # move the weights).
+    cfg = tiny_config(
+        bright_dark, tmp_path / "o", max_steps=4, lr=1e-2, lr_scheduler="cosine", warmup_ratio=0.5
+    )
+    lrs = [m["lr"] for m in run_training(cfg, progress=False).metrics]
+    assert lrs == pytest.approx([5e-3, 1e-2, 1e-2, 5e-3])
+
+
 def test_overfits_a_handful_and_reruns_are_idempotent(tmp_path, bright_dark):
     from transformers import LlavaForConditionalGeneration
 
@@ -337,7 +350,7 @@ def test_qlora_on_cpu_is_a_clear_error(tmp_path, bright_dark):
         run_training(cfg, progress=False)
 
 
-def test_cli_print_config_and_vision_dispatch(tmp_path, monkeypatch):
+def test_cli_print_config_and_vision_dispatch(tmp_path, monkeypatch, capsys):
     r = run_cli(
         ["train", "configs/cpu/tiny_smoke.yaml", "train.lr=0.5", "--print-config"],
         cwd=Path(__file__).parent.parent,
@@ -348,15 +361,15 @@ def test_cli_print_config_and_vision_dispatch(tmp_path, monkeypatch):
         ["train", "configs/cpu/tiny_smoke.yaml", "train.lrr=1"], cwd=Path(__file__).parent.parent
     )
     assert r.returncode == 1 and "train.lrr: unknown key" in r.stderr
-    # stage: vision goes to stage-0 pretraining; without that module, a clear error
-    import sys
-
+    # stage: vision goes to stage-0 pretraining, whose own validation names its data key.
+    # (This test used to hide the stage-0 module through sys.modules, which only worked when an
+    # earlier test had imported it: alone, the import error escaped as a traceback.)
     from llavamed.cli import main
 
     (tmp_path / "v.yaml").write_text("stage: vision\n")
-    monkeypatch.setitem(sys.modules, "llavamed.train.vision_pretrain", None)
     monkeypatch.delenv("TQDM_DISABLE", raising=False)  # restored after the test
     assert main(["train", str(tmp_path / "v.yaml")]) == 1
+    assert "figures.jsonl" in capsys.readouterr().err
     assert "TQDM_DISABLE" not in os.environ
     # --no-progress also silences the libraries' own tqdm bars (transformers' weight loading).
     assert main(["train", "--no-progress", str(tmp_path / "v.yaml")]) == 1

@@ -121,3 +121,25 @@ def test_mid_epoch_resume_is_exact_with_dropout(tmp_path, monkeypatch):
     assert [m["loss"] for m in res.metrics] == pytest.approx(
         [m["loss"] for m in ref.metrics], rel=1e-6, abs=1e-7
     )
+
+
+def test_a_resume_checkpoint_that_does_not_match_the_model_is_refused(tmp_path, monkeypatch):
+    """Strict loading: a trained parameter missing from the checkpoint would silently restart
+    from its initial weights, and an unknown key would be dropped."""
+    import torch
+
+    from llavamed.errors import InputError
+    from llavamed.train import run_training
+
+    torch.set_num_threads(1)
+    data = make_bright_dark(tmp_path / "data", 16)
+    cfg = tiny_config(data, tmp_path / "a", max_steps=4)
+    cfg["output"]["save_every"] = 2
+    run_interrupted(cfg, monkeypatch, at_step=3)
+    [ck] = (tmp_path / "a" / "checkpoints").glob("step-*")
+    sd = torch.load(ck / "trainable.pt", weights_only=False)
+    renamed = {k.replace("layers.1.", "layers.9."): v for k, v in sd.items()}
+    assert renamed != sd
+    torch.save(renamed, ck / "trainable.pt")
+    with pytest.raises(InputError, match=r"does not match the model being trained.*layers\.1\."):
+        run_training(cfg, progress=False)

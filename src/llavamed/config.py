@@ -256,6 +256,18 @@ class TrainConfig:
     distributed: DistributedConfig = field(default_factory=DistributedConfig)
     """Multi-process engine."""
 
+    def check_inputs_exist(self) -> None:
+        """The files this run reads exist. The trainer checks before anything loads or is
+        written: a typo would otherwise surface minutes later, after the model loaded. (Not part
+        of :meth:`validate`, so a config can be printed or checked before its data exists.)"""
+        named = [("model.from", self.model.from_)]
+        for i, s in enumerate(self.data.sources):
+            named += [(f"data.sources[{i}].path", s.path)]
+            named += [(f"data.sources[{i}].image_folder", s.image_folder)]
+        for key, value in named:
+            if value and not Path(value).exists():
+                raise ConfigError(f"{key}: {value}: file not found")
+
     # --- derived -----------------------------------------------------------------------------
     def trainable_parts(self) -> list[str]:
         return list(self.train.trainable or STAGE_TRAINABLE[self.stage])
@@ -297,11 +309,19 @@ class TrainConfig:
                     )
             if s.repeat < 1:
                 raise ConfigError(f"{where}.repeat must be >= 1")
+            if s.max_samples is not None and s.max_samples < 1:
+                raise ConfigError(f"{where}.max_samples must be >= 1 (or null for all)")
         d = self.data
         if d.batching not in ("length_grouped", "random"):
             raise ConfigError(f"data.batching={d.batching!r}: choose length_grouped or random")
         if d.max_length < 8:
             raise ConfigError("data.max_length must be >= 8")
+        if d.num_workers < 0 or d.group_megabatch < 1:
+            raise ConfigError("data.num_workers must be >= 0 and data.group_megabatch >= 1")
+        from llavamed.model.templates import TEMPLATES
+
+        if m.template is not None and m.template not in TEMPLATES:
+            raise ConfigError(f"model.template={m.template!r}: choose from {', '.join(TEMPLATES)}")
         t = self.train
         for p in self.trainable_parts():
             if p not in TRAINABLE_PARTS:
@@ -326,6 +346,12 @@ class TrainConfig:
             )
         if not 0 <= t.warmup_ratio < 1:
             raise ConfigError("train.warmup_ratio must be in [0, 1)")
+        if t.max_steps is not None and t.max_steps < 1:
+            raise ConfigError("train.max_steps must be >= 1 (or null to use train.epochs)")
+        if not t.weight_decay >= 0 or not t.max_grad_norm >= 0:
+            raise ConfigError("train.weight_decay and train.max_grad_norm must be >= 0")
+        if len(t.betas) != 2 or not all(0 <= b < 1 for b in t.betas):
+            raise ConfigError(f"train.betas={t.betas!r}: two numbers in [0, 1)")
         for name in ("lr", "lr_projector", "lr_vision"):
             v = getattr(t, name)
             if v is not None and not v > 0:
@@ -379,12 +405,18 @@ class TrainConfig:
                 )
             if t.lora.r < 1:
                 raise ConfigError("train.lora.r must be >= 1")
+            if not 0 <= t.lora.dropout < 1:
+                raise ConfigError("train.lora.dropout must be in [0, 1)")
         if self.distributed.engine not in ("ddp", "fsdp", "deepspeed"):
             raise ConfigError(
                 f"distributed.engine={self.distributed.engine!r}: choose ddp, fsdp or deepspeed"
             )
-        if self.output.save_every < 0 or self.output.keep_last < 1:
-            raise ConfigError("output.save_every must be >= 0 and output.keep_last >= 1")
+        o = self.output
+        if o.save_every < 0 or o.save_every_minutes < 0 or o.keep_last < 1 or o.log_every < 1:
+            raise ConfigError(
+                "output.save_every and output.save_every_minutes must be >= 0, "
+                "output.keep_last and output.log_every >= 1"
+            )
 
 
 # --- generic dataclass <-> dict ------------------------------------------------------------------

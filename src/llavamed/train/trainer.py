@@ -533,7 +533,24 @@ class Engine:
 
         msd = torch.load(ckpt / "trainable.pt", weights_only=False)
         opt = torch.load(ckpt / "optimizer.pt", weights_only=False)
-        set_model_state_dict(self.module, msd, options=self._sd_options(strict=False))
+        # Not strict in torch's sense, as the file holds only what this run trains; strict in
+        # ours: every parameter being trained must come from it, and it may hold nothing else.
+        saved = set(msd)  # before loading, which may add to msd
+        got = set_model_state_dict(self.module, msd, options=self._sd_options(strict=False))
+        trainable = {
+            n.removeprefix("module.")  # DDP's wrapper; the file has canonical names
+            for n, p in self.module.named_parameters()
+            if p.requires_grad
+        }
+        missing = sorted(trainable - saved)
+        if missing or got.unexpected_keys:
+            raise InputError(
+                ckpt / "trainable.pt",
+                "does not match the model being trained",
+                f"missing {missing[:5]} ({len(missing)}), unexpected "
+                f"{sorted(got.unexpected_keys)[:5]} ({len(got.unexpected_keys)}); resume from "
+                "another checkpoint or delete this one",
+            )
         set_optimizer_state_dict(
             self.module, self.optimizer, opt["optimizer"], options=self._sd_options()
         )
@@ -588,6 +605,14 @@ def _check_same_run(out: Path, resolved: dict) -> None:
     saved_p = out / "config.yaml"
     if not saved_p.exists():
         return
+    metrics = out / "metrics.jsonl"
+    started = (
+        (out / FINAL).exists()
+        or (metrics.exists() and metrics.stat().st_size > 0)
+        or any(ck.checkpoint_root(out).glob("step-*"))
+    )
+    if not started:  # a run that stopped before its first step (a bad path): nothing to keep
+        return
     saved = yaml.safe_load(saved_p.read_text()) or {}
     changed = [
         k
@@ -639,6 +664,7 @@ def run_training(
     resolved = to_dict(cfg)
     final = out / FINAL
     metrics_path = out / "metrics.jsonl"
+    cfg.check_inputs_exist()
     _check_same_run(out, resolved)
     if (final / "config.json").is_file() and (out / "config.yaml").is_file():
         return TrainResult(out, final, _read_metrics(metrics_path), 0.0)
@@ -846,6 +872,7 @@ def _run(
                     loss_local += float(loss_sum.detach())
                 if k < accum - 1:
                     engine.ds_micro_step()
+            lr_used = engine.optimizer.param_groups[0]["lr"]  # step() moves it to the next one
             grad_norm = engine.step()
             step += 1
             loss = D.all_reduce_sum(loss_local, info) / max(sup_total, 1.0)
@@ -856,9 +883,7 @@ def _run(
                 "step": step,
                 "epoch": round(step / spe, 4),
                 "loss": loss,
-                "lr": engine.scheduler.get_last_lr()[0]
-                if kind != "deepspeed"
-                else engine.optimizer.param_groups[0]["lr"],
+                "lr": lr_used,
                 "grad_norm": grad_norm,
                 "tokens": int(tokens),
                 "supervised_tokens": int(sup_total),
