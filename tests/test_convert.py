@@ -224,22 +224,55 @@ def test_llava_med_tower_from_named_folder(original_llava_med, tmp_path):
     assert (dst / "model.safetensors").exists()
 
 
-def test_llava_med_unmapped_key_fails_loudly(original_llava_med, tmp_path):
+def _variant(src, sd, dst, change):
+    """A copy of the original checkpoint with its tensors changed by ``change(sd) -> sd``."""
+    dst.mkdir()
+    save_file({k: v.contiguous() for k, v in change(dict(sd)).items()}, dst / "model.safetensors")
+    for f in src.iterdir():
+        if f.suffix != ".safetensors" and not f.name.endswith(".index.json"):
+            (dst / f.name).write_bytes(f.read_bytes())
+    return dst
+
+
+@pytest.mark.parametrize(
+    ("change", "error"),
+    [
+        (lambda sd: sd | {"model.mm_projector.4.weight": torch.zeros(2, 2)},
+         r"unmapped source keys.*mm_projector\.4"),
+        # a tensor of the wrong shape, named by its key in the source file
+        (lambda sd: sd | {"model.mm_projector.2.weight": sd["model.mm_projector.2.weight"][:, 1:]},
+         r"tensor shapes do not fit the config \(model\.mm_projector\.2\.weight \(32, 31\)"),
+        (lambda sd: {k: v for k, v in sd.items() if "layers.1.mlp.up_proj" not in k},
+         r"missing=\['model\.language_model\.layers\.1\.mlp\.up_proj\.weight'\]"),
+    ],
+)  # fmt: skip
+def test_llava_med_a_key_or_shape_that_does_not_fit_fails_loudly(
+    original_llava_med, tmp_path, change, error
+):
     from llavamed.model.convert.llava_med import convert_llava_med
 
     src, _, sd = original_llava_med
-    bad = tmp_path / "bad"
-    bad.mkdir()
-    extra = {k: v.contiguous() for k, v in sd.items()} | {
-        "model.mm_projector.4.weight": torch.zeros(2, 2)
-    }
-    save_file(extra, bad / "model.safetensors")
-    for f in src.iterdir():
-        if f.suffix != ".safetensors" and not f.name.endswith(".index.json"):
-            (bad / f.name).write_bytes(f.read_bytes())
-    with pytest.raises(InputError, match=r"unmapped source keys.*mm_projector\.4"):
+    bad = _variant(src, sd, tmp_path / "bad", change)
+    with pytest.raises(InputError, match=error):
         convert_llava_med(bad, tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+def test_llava_med_buffers_older_checkpoints_stored_are_not_errors(original_llava_med, tmp_path):
+    from llavamed.model.convert.llava_med import TOWER_PREFIX, convert_llava_med
+
+    src, _, sd = original_llava_med
+    assert any(k.startswith(TOWER_PREFIX) for k in sd)
+
+    def legacy(sd):
+        return sd | {
+            "model.layers.0.self_attn.rotary_emb.inv_freq": torch.ones(4),
+            TOWER_PREFIX + "vision_model.embeddings.position_ids": torch.arange(5)[None],
+        }
+
+    old = _variant(src, sd, tmp_path / "old", legacy)
+    dst = convert_llava_med(old, tmp_path / "out")
+    assert (dst / "model.safetensors").exists()
 
 
 def test_llava_med_cli(original_llava_med, tmp_path):

@@ -69,7 +69,13 @@ def _vision_config_and_weights(src_cfg: dict, sd: dict, vision_tower: str | Path
         raise InputError(folder, "not a CLIP folder", f"model_type={cfg.model_type}")
     if in_ckpt:
         # transformers 5's CLIPVisionModel has no ``vision_model`` level.
-        weights = {re.sub(r"^vision_model\.", "", k): v for k, v in in_ckpt.items()}
+        # transformers 5's CLIPVisionModel has no ``vision_model`` level; ``position_ids`` is a
+        # buffer older checkpoints stored and transformers now rebuilds.
+        weights = {
+            re.sub(r"^vision_model\.", "", k): v
+            for k, v in in_ckpt.items()
+            if not k.endswith("position_ids")
+        }
         used_from_ckpt = [TOWER_PREFIX + k for k in in_ckpt]
     else:
         tower_sd = load_state_dict(folder)
@@ -163,36 +169,42 @@ def convert_llava_med(
         projector_hidden_act="gelu",
         vision_feature_select_strategy=select,
         vision_feature_layer=int(src_cfg.get("mm_vision_select_layer", -2)),
-        image_seq_length=(image_size // patch) ** 2,
+        # "full" (LLaVA's cls_patch) keeps the CLS token as one more image token.
+        image_seq_length=(image_size // patch) ** 2 + (select == "full"),
         tie_word_embeddings=bool(src_cfg.get("tie_word_embeddings", False)),
     )
     with torch.device("meta"):
         model = LlavaForConditionalGeneration(config)
     target = {}
+    source_of: dict[str, str] = {}  # target key -> source key, so errors name the file's keys
     used = list(vision_used)
     for k, v in sd.items():
         if k.startswith(TOWER_PREFIX):
+            continue
+        if k.endswith("rotary_emb.inv_freq"):  # a buffer older checkpoints stored; rebuilt
+            used.append(k)
             continue
         if k.startswith("model.mm_projector."):
             idx, rest = k[len("model.mm_projector.") :].split(".", 1)
             name = {"0": "linear_1", "2": "linear_2"}.get(idx)
             if name is None:
                 continue  # reported as unmapped below
-            target[f"model.multi_modal_projector.{name}.{rest}"] = v
+            native = f"model.multi_modal_projector.{name}.{rest}"
         elif k.startswith("model."):
-            target["model.language_model." + k[len("model.") :]] = v
+            native = "model.language_model." + k[len("model.") :]
         elif k.startswith("lm_head."):
-            target[k] = v
+            native = k
         else:
             continue
+        target[native], source_of[native] = v, k
         used.append(k)
-    check_all_used(
-        [k for k in sd if not k.endswith("rotary_emb.inv_freq")],
-        used + [k for k in sd if k.endswith("rotary_emb.inv_freq")],
-        str(src),
+    check_all_used(list(sd), used, str(src))
+    tower_source = (
+        TOWER_PREFIX if vision_used else f"{vision_tower or src_cfg.get('mm_vision_tower')}: "
     )
     for k, v in vision_weights.items():
         target["model.vision_tower." + k] = v
+        source_of["model.vision_tower." + k] = tower_source + k
     # Grow the embedding (and untied head) by the <image> row(s); their values are never read for
     # image positions, so the mean embedding is a safe, deterministic fill.
     for key in ("model.language_model.embed_tokens.weight", "lm_head.weight"):
@@ -200,16 +212,26 @@ def convert_llava_med(
             w = target[key]
             extra = w.mean(dim=0, keepdim=True).expand(vocab - old_vocab, -1)
             target[key] = torch.cat([w, extra], dim=0)
-    expected = set(model.state_dict().keys())
+    shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     if config.tie_word_embeddings:
-        expected.discard("lm_head.weight")
-    missing, unexpected = expected - set(target), set(target) - expected
+        shapes.pop("lm_head.weight", None)
+    missing, unexpected = set(shapes) - set(target), set(target) - set(shapes)
     if missing or unexpected:
         raise InputError(
             src,
             "checkpoint does not fit the native layout",
-            f"missing={sorted(missing)[:8]} unexpected={sorted(unexpected)[:8]}",
+            f"missing={sorted(missing)[:8]} "
+            f"unexpected={sorted(source_of.get(k, k) for k in unexpected)[:8]}",
         )
+    # Names alone are not enough: a tensor of the wrong shape (or a --vision-tower folder for
+    # another resolution) would convert "successfully" into a folder no loader can read.
+    wrong = sorted(
+        f"{source_of.get(k, k)} {tuple(v.shape)} != {shapes[k]}"
+        for k, v in target.items()
+        if tuple(v.shape) != shapes[k]
+    )
+    if wrong:
+        raise InputError(src, "tensor shapes do not fit the config", "; ".join(wrong[:5]))
     gen = {
         "pad_token_id": tok.pad_token_id,
         "eos_token_id": tok.eos_token_id,
