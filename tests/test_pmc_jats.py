@@ -88,3 +88,33 @@ def test_wrong_declared_encoding_and_missing_ids():
     assert a.notes == ["XML encoding or entities repaired", "figure without id"]
     assert a.pmcid == "PMC77"
     assert a.figures[0].fig_id == "fig1" and a.figures[0].graphic_ref == "a.png"
+
+
+def test_formulas_inline_markup_and_several_images_in_captions():
+    # What real PMC OA files carry: formulas as <alternatives> of a whole LaTeX document and
+    # MathML, TeX-only formulas, inline markup straight in <caption>, and panels as separate files.
+    xml = b"""<article xmlns:xlink="http://www.w3.org/1999/xlink"
+      xmlns:mml="http://www.w3.org/1998/Math/MathML"><front><article-meta>
+      <article-id pub-id-type="pmc">123</article-id></article-meta></front><body>
+      <fig id="F1"><label>Figure 1</label><caption><p>Lesion (H&amp;E, <inline-formula>
+        <alternatives><tex-math id="M1">\\documentclass[12pt]{minimal}\\usepackage{amsmath}
+        \\begin{document}$\\times 400$\\end{document}</tex-math><mml:math><mml:mo>&#x00d7;</mml:mo>
+        <mml:mn>400</mml:mn></mml:math><inline-graphic xlink:href="m1.gif"/></alternatives>
+        </inline-formula>).</p></caption><graphic xlink:href="g1"/></fig>
+      <fig id="F2"><label>Figure 2</label><caption><p>Scale bar <inline-formula><tex-math>
+        \\documentclass{minimal}\\begin{document}$50\\,\\mu$m\\end{document}</tex-math>
+        </inline-formula>.</p></caption><graphic xlink:href="g2"/></fig>
+      <fig id="F3"><label>Figure 3</label><caption>CD4<sup>+</sup> T cells in H<sub>2</sub>O
+        (<italic>n</italic>=5)</caption>
+        <graphic xlink:href="g3a"/><graphic xlink:href="g3b"/></fig>
+      <fig id="F4"><label>Figure 4</label><caption><title>One image</title></caption>
+        <alternatives><graphic xlink:href="g4.tif"/><graphic xlink:href="g4.jpg"/></alternatives>
+      </fig>
+    </body></article>"""
+    a = parse_article(xml, "x.nxml")
+    figs = {f.fig_id: f for f in a.figures}
+    assert figs["F1"].caption == "Lesion (H&E, \u00d7 400)."  # MathML text, no LaTeX
+    assert "documentclass" not in figs["F2"].caption and "\u00b5" in figs["F2"].caption
+    assert figs["F3"].caption == "CD4+ T cells in H2O (n=5)"
+    assert figs["F3"].graphic_ref == "g3a" and figs["F4"].graphic_ref == "g4.tif"
+    assert a.notes.count("figure with several images: the first is taken") == 1  # F3, not F4

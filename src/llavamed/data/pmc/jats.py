@@ -164,7 +164,40 @@ def _href(el: etree._Element) -> str | None:
 
 
 def _flat(el: etree._Element) -> str:
-    return etree.tostring(el, method="text", encoding="unicode", with_tail=False)
+    """The element's text, with formulas as readable text: PMC gives most formulas as
+    ``<alternatives>`` of TeX and MathML, and the TeX is a whole LaTeX document
+    (``\\documentclass...\\begin{document}$\\times 400$\\end{document}``) that would otherwise land in
+    captions and training answers. MathML's text is kept; TeX only when nothing else is there,
+    reduced to its formula."""
+
+    def inner(e: etree._Element) -> str:
+        if e.tag == "tex-math":
+            alt = e.getparent()
+            if alt is None or alt.tag != "alternatives" or alt.find("math") is None:
+                return _tex_text("".join(e.itertext()))
+            return ""
+        if not isinstance(e.tag, str):
+            return ""
+        text = (e.text or "") + "".join(inner(c) + (c.tail or "") for c in e)
+        # A formula's markup is laid out over lines; inside the sentence it is one token.
+        return normalize_ws(text) if e.tag in ("inline-formula", "disp-formula") else text
+
+    return inner(el)
+
+
+_TEX_DOC = re.compile(r"\\begin\{document\}(.*?)\\end\{document\}", re.S)
+_TEX_SYMBOLS = {
+    "times": "\u00d7", "pm": "\u00b1", "mu": "\u00b5", "alpha": "\u03b1", "beta": "\u03b2",
+    "gamma": "\u03b3", "le": "\u2264", "leq": "\u2264", "ge": "\u2265", "geq": "\u2265",
+    "sim": "~", "approx": "\u2248", "circ": "\u00b0", "%": "%",
+}  # fmt: skip
+
+
+def _tex_text(tex: str) -> str:
+    m = _TEX_DOC.search(tex)
+    body = (m.group(1) if m else tex).strip().strip("$").strip()
+    body = re.sub(r"\\([A-Za-z]+|%)", lambda t: _TEX_SYMBOLS.get(t.group(1), t.group(0)), body)
+    return re.sub(r"\\(?:mathrm|text|rm|mathit)\{([^{}]*)\}", r"\1", body)
 
 
 def _ids(article: etree._Element) -> tuple[str | None, str | None]:
@@ -185,22 +218,30 @@ def _ids(article: etree._Element) -> tuple[str | None, str | None]:
     return pmid, pmcid
 
 
+_CAPTION_BLOCKS = frozenset({"title", "p", "list", "def-list", "disp-quote", "disp-formula"})
+
+
 def _caption(fig: etree._Element) -> str:
     caption = fig.find("caption")
     if caption is None:
         return ""
+    # Blocks (title, paragraphs) are separate sentences; inline markup directly in the caption
+    # ("CD4<sup>+</sup> T cells") joins its neighbours without a space, as in a paragraph.
     parts: list[str] = []
-    if caption.text and caption.text.strip():
-        parts.append(caption.text)
+    run = [caption.text or ""]
     for child in caption:
-        text = normalize_ws(_flat(child))
-        if child.tag == "title" and text and text[-1] not in ".!?:;":
-            text += "."  # "Chest radiograph" + "Bilateral..." reads as two sentences
-        if text:
+        if child.tag in _CAPTION_BLOCKS:
+            parts.append("".join(run))
+            run = []
+            text = normalize_ws(_flat(child))
+            if child.tag == "title" and text and text[-1] not in ".!?:;":
+                text += "."  # "Chest radiograph" + "Bilateral..." reads as two sentences
             parts.append(text)
-        if child.tail and child.tail.strip():
-            parts.append(child.tail)
-    return normalize_ws(" ".join(parts))
+        else:
+            run.append(_flat(child))
+        run.append(child.tail or "")
+    parts.append("".join(run))
+    return normalize_ws(" ".join(p for p in parts if p.strip()))
 
 
 def _skip_reason(fig: etree._Element, label: str | None) -> str | None:
@@ -215,14 +256,25 @@ def _skip_reason(fig: etree._Element, label: str | None) -> str | None:
     return None
 
 
-def _graphic(fig: etree._Element) -> str | None:
+def _graphic(fig: etree._Element) -> tuple[str | None, int]:
+    """The figure's image and how many images it has: several (panels as separate files)
+    pair the whole caption with the first panel only, which the ingest report counts. Each
+    ``<alternatives>`` counts once: it holds versions of one image."""
+    refs: list[str] = []
+    seen_alternatives: list[etree._Element] = []  # kept alive, so `is` compares nodes
     for g in fig.iter("graphic"):
         if any(a.tag == "caption" for a in g.iterancestors()):
             continue
         ref = _href(g)
-        if ref:
-            return ref
-    return None
+        if not ref:
+            continue
+        alt = g.getparent()
+        if alt is not None and alt.tag == "alternatives":
+            if any(alt is a for a in seen_alternatives):
+                continue
+            seen_alternatives.append(alt)
+        refs.append(ref)
+    return (refs[0] if refs else None), len(refs)
 
 
 def _figures(
@@ -257,13 +309,16 @@ def _figures(
         seen_ids.add(fig_id)
         if in_group and group.get("id"):
             group_members.setdefault(group.get("id"), []).append(fig_id)
+        graphic_ref, n_graphics = _graphic(fig)
         f = Figure(
             fig_id=fig_id,
             label=label or None,
             caption=caption,
-            graphic_ref=_graphic(fig),
+            graphic_ref=graphic_ref,
             number=label_number(label),
         )
+        if n_graphics > 1:
+            notes.append("figure with several images: the first is taken")
         f.skip_reason = _skip_reason(fig, f.label)
         if f.skip_reason is None:
             if not f.graphic_ref:
