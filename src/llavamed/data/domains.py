@@ -18,6 +18,9 @@ stains and magnifications ("H&E", "PAS", "×400"), views and anatomy. Rules, in 
    pair does not count when other anatomy is named, so a knee radiograph is "other".
 5. Mentions are used only when the caption names no modality at all: a body sentence often cites
    several figures of different kinds.
+6. A caption whose first sentence names a chart, plot or diagram (``chart_figure``: "ROC curves",
+   "Kaplan-Meier", "flowchart", "architecture of") labels no domain: it is a figure of data.
+   "had undergone CT" and the like name the patient's history, not the figure (``not_image``).
 """
 
 from __future__ import annotations
@@ -47,6 +50,7 @@ class _DomainRules:
 @dataclass(frozen=True)
 class _Rules:
     not_image: tuple[re.Pattern, ...]
+    chart: tuple[re.Pattern, ...]
     neg_before: re.Pattern
     neg_after: re.Pattern
     domains: dict[str, _DomainRules]
@@ -73,6 +77,7 @@ def _rules() -> _Rules:
         )
     return _Rules(
         not_image=ci(raw["not_image"]),
+        chart=ci(raw["chart_figure"]),
         neg_before=re.compile(raw["negation"]["before"], re.I),
         neg_after=re.compile(raw["negation"]["after"], re.I),
         domains=domains,
@@ -126,9 +131,19 @@ def domain_scores(text: str) -> dict[str, tuple[int, int, bool]]:
     return out
 
 
+def is_chart(caption: str) -> bool:
+    """A figure of data (a ROC curve, a Kaplan-Meier plot, a flowchart, a network diagram),
+    named in the caption's first sentence. Most PMC figures are such plots, and their captions
+    name modalities as the data's source ("ROC curves of CT-based radiomics"): no domain."""
+    first = re.split(r"(?<=[.!?])\s", caption.strip(), maxsplit=1)[0]
+    return any(p.search(first) for p in _rules().chart)
+
+
 def classify_text(caption: str, mentions: Iterable[str] | None = None) -> dict[str, bool]:
     """The five domain flags for a figure; all False means "other"."""
     labels = empty_domain()
+    if is_chart(caption or ""):
+        return labels
     scores = domain_scores(caption or "")
     any_strong = any(s for s, _, _ in scores.values())
     for name, (strong, weak, anti) in scores.items():
