@@ -13,7 +13,9 @@ Behaviours (one per request, taken from the plan FIFO, else ``default``):
 ``400``, ``401``, ``hang`` (sleep ``hang_s`` before answering, to trip client timeouts),
 ``malformed`` (200 with a non-JSON body), ``nochoices`` (200 JSON without choices),
 ``truncated`` (body shorter than Content-Length / stream without ``[DONE]``), ``reset`` (close the
-socket without a response), ``nousage`` (success without a usage block).
+socket without a response), ``nousage`` (success without a usage block), ``length`` (the text
+cut at its last 10 characters, ``finish_reason: length``), ``refusal`` (200 with
+``content: null``, a ``refusal`` message and ``finish_reason: content_filter``).
 
 Run standalone (used by benchmarks, which want the server out of the client's process):
 ``python tests/openai_stub_server.py --latency 0.2`` prints ``PORT <n>`` and serves until killed.
@@ -209,6 +211,9 @@ class _Handler(BaseHTTPRequestHandler):
         if behaviour == "hang":
             time.sleep(stub.hang_s)
         text = stub.responder(body)
+        finish = "stop"
+        if behaviour == "length":
+            text, finish = text[:-10], "length"
         prompt_chars = sum(len(str(m.get("content", ""))) for m in body.get("messages", []))
         usage = {
             "prompt_tokens": prompt_chars // 4 + 1,
@@ -227,10 +232,17 @@ class _Handler(BaseHTTPRequestHandler):
                 {
                     "index": 0,
                     "message": {"role": "assistant", "content": text},
-                    "finish_reason": "stop",
+                    "finish_reason": finish,
                 }
             ],
         }
+        if behaviour == "refusal":
+            resp["choices"][0]["message"] = {
+                "role": "assistant",
+                "content": None,
+                "refusal": "I can't help with that.",
+            }
+            resp["choices"][0]["finish_reason"] = "content_filter"
         if behaviour != "nousage":
             resp["usage"] = usage
         data = json.dumps(resp).encode()

@@ -71,3 +71,14 @@ def test_cli_paths_relative_to_output(tmp_path, capsys):
     assert "2 alignment samples" in printed
     for reason in ("image file not found", "malformed image field", "malformed caption"):
         assert f'"{reason}": 1' in printed
+
+
+def test_captions_go_in_on_one_line_without_image_tokens():
+    recs = [
+        {"pair_id": "a", "image": "a.jpg", "fig_caption": "Axial CT.\n  Arrow: <image> lesion. "},
+        {"pair_id": "b", "image": "b.jpg", "fig_caption": " <image> "},  # nothing left: skipped
+    ]
+    samples, skipped = build_alignment(recs, seed=0)
+    assert [s["conversations"][1]["value"] for s in samples] == ["Axial CT. Arrow: lesion."]
+    assert skipped == {"empty caption": 1}
+    assert all(s["conversations"][0]["value"].count("<image>") == 1 for s in samples)

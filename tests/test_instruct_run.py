@@ -271,3 +271,33 @@ def test_sigkill_resume_exactly_once(tmp_path):
     assert len({s["id"] for s in samples}) == len(samples)
     assert samples == ref_samples
     assert {s["id"] for s in samples} == expected_kept(ids)
+
+
+def test_a_cut_answer_and_a_refusal_never_become_training_data(tmp_path):
+    two_turns = (
+        "User: What is shown?\nAssistant: A chest radiograph.\n\n"
+        "User: Where is the opacity?\nAssistant: In the right lower lobe, near the border."
+    )
+    with StubServer(responder=lambda body: two_turns) as srv:
+        opts = make_opts(srv, tmp_path, n=3, min_turns=1)
+        opts.client.concurrency = 1
+        srv.plan(["length", "refusal", "ok"])
+        report, rc = run_instruct(opts)
+        assert rc == 0 and srv.count == 3  # the refusal is not asked again
+        out = json.loads(opts.out.read_text())
+        # The cut reply keeps its first, complete pair only ("...near the bor" is gone).
+        assert sorted(len(s["conversations"]) // 2 for s in out) == [1, 2]
+        assert not any("near the bor" in t["value"] and not t["value"].endswith("border.")
+                       for s in out for t in s["conversations"])  # fmt: skip
+        t = report["totals"]
+        assert t["dropped_by_reason"] == {"model_refusal": 1}
+        assert t["turns_dropped_by_reason"]["cut_by_max_tokens"] == 1
+        run_instruct(opts)
+        assert srv.count == 3  # the refusal was recorded: a re-run does not pay for it again
+
+
+def test_image_paths_are_relative_to_the_output_folder(stub, tmp_path):
+    opts = make_opts(stub, tmp_path, n=10, out=tmp_path / "sub" / "instruct.json")
+    run_instruct(opts)
+    out = json.loads(opts.out.read_text())
+    assert out and all(s["image"].startswith("../images/") for s in out)

@@ -601,7 +601,6 @@ def run_quickstart(opts: QuickstartOptions) -> dict:
                 {
                     "format": "llava_json",
                     "path": str(corpus / "instruct" / "instruct.json"),
-                    "image_folder": str(corpus),
                 },
                 {
                     "format": "llava_json",

@@ -1,6 +1,6 @@
 """Stage-1 concept-alignment set: every figure with an image becomes a one-turn LLaVA
 conversation. The human turn is one of the 27 description prompts (LLaVA-Med Tables 7 and 8)
-with ``<image>`` before or after it; the gpt turn is the caption as is."""
+with ``<image>`` before or after it; the gpt turn is the caption, on one line."""
 
 from __future__ import annotations
 
@@ -10,6 +10,8 @@ import random
 from collections.abc import Iterable
 from functools import lru_cache
 from pathlib import Path
+
+from llavamed.data.figures import rebase_image
 
 IMAGE_TOKEN = "<image>"
 PROMPTS_PATH = Path(__file__).resolve().parent.parent / "resources" / "align_prompts.json"
@@ -35,12 +37,17 @@ def alignment_sample(record: dict, rng: random.Random, image: str) -> dict:
         "image": image,
         "conversations": [
             {"from": "human", "value": human},
-            {"from": "gpt", "value": record["fig_caption"]},
+            {"from": "gpt", "value": clean_caption(record["fig_caption"])},
         ],
     }
     if isinstance(record.get("domain"), dict):
         sample["domain"] = record["domain"]
     return sample
+
+
+def clean_caption(caption: str) -> str:
+    """One line, and no literal ``<image>``: the trainer counts image tokens per sample."""
+    return " ".join(caption.replace(IMAGE_TOKEN, " ").split())
 
 
 def _under(image_root: str | os.PathLike | None, image: str) -> str:
@@ -73,8 +80,10 @@ def build_alignment(
         image, caption, pair_id = rec.get("image"), rec.get("fig_caption"), rec.get("pair_id")
         if not isinstance(image, str) or not image.strip():
             reason = "no image" if not image else "malformed image field"
-        elif not isinstance(caption, str) or not caption.strip():
-            reason = "empty caption" if not caption else "malformed caption"
+        elif not isinstance(caption, str) or not clean_caption(caption):
+            reason = (
+                "empty caption" if isinstance(caption, str) or not caption else "malformed caption"
+            )
         elif not isinstance(pair_id, str | int) or isinstance(pair_id, bool) or pair_id == "":
             reason = "no pair_id" if not pair_id else "malformed pair_id"
         elif pair_id in seen:
@@ -91,9 +100,6 @@ def build_alignment(
         kept = [kept[i] for i in picked]
     samples = []
     for rec in kept:
-        image = _under(image_root, rec["image"])
-        if out_dir is not None:
-            image = os.path.relpath(image, out_dir)
         rng = random.Random(f"{seed}:{rec['pair_id']}")
-        samples.append(alignment_sample(rec, rng, Path(image).as_posix()))
+        samples.append(alignment_sample(rec, rng, rebase_image(rec["image"], image_root, out_dir)))
     return samples, skipped

@@ -49,6 +49,18 @@ def mention_sentences(record: dict) -> list[str]:
     return out
 
 
+def rebase_image(
+    image: str, image_root: str | os.PathLike | None, out_dir: str | os.PathLike | None
+) -> str:
+    """A record's image path (relative to ``image_root``, the figures file's folder) made
+    relative to ``out_dir``, the folder of the training file being written: the trainer's default
+    image folder. Absolute paths stay absolute."""
+    if os.path.isabs(image) or image_root is None:
+        return Path(image).as_posix()
+    path = os.path.join(image_root, image)
+    return Path(os.path.relpath(path, out_dir) if out_dir is not None else path).as_posix()
+
+
 def iter_figures(path: str | os.PathLike) -> Iterator[dict]:
     """Yield figure records from ``figures.jsonl`` or LLaVA-Med's ``{domain: [records]}`` JSON.
 

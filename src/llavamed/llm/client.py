@@ -54,6 +54,7 @@ TOKENS_PER_MESSAGE = 4  # role and separators in chat templates
 
 RETRYABLE_STATUS = {408, 409, 425, 429, 500, 502, 503, 504, 520, 522, 524, 529}
 FATAL_STATUS = {401, 403, 404}  # wrong key, endpoint or model: every request would fail
+MODEL_REFUSAL = "model_refusal"  # a reply without text: content filter or an explicit refusal
 
 
 class LLMError(LlavamedError):
@@ -278,6 +279,11 @@ def _extract_choice(data: Any) -> tuple[str, str | None, dict | None]:
     content = msg.get("content") if isinstance(msg, dict) else None
     if content is None:
         content = choices[0].get("text")  # legacy completions shape some servers return
+    finish = choices[0].get("finish_reason")
+    refusal = msg.get("refusal") if isinstance(msg, dict) else None
+    if content is None and (finish == "content_filter" or refusal):
+        # An answer, not a glitch: asking again gets the same, and a re-run would pay for it again.
+        raise LLMError(MODEL_REFUSAL, str(refusal or finish)[:200])
     if not isinstance(content, str):
         raise _Retryable("malformed_response", "choice has no text content")
     usage = data.get("usage") if isinstance(data.get("usage"), dict) else None

@@ -76,15 +76,28 @@ REFUSAL_PHRASES = (
     "not specified in the caption",
     "not specified in the image caption",
     "as an ai language model",
+    "as an ai,",
+    "as an ai model",
+    "ability to view",
+    "ability to see",
+    "cannot visualize",
+    "can't visualize",
+    "unable to visualize",
+    "can't actually see",
+    "cannot actually see",
+    "can't view",
+    "cannot view",
+    "can't see images",
+    "cannot see images",
     "i'm sorry",
     "i am sorry",
     "sorry,",
 )
 
-_SRC = (
-    r"(?:(?:figure|image|provided|given|additional)\s+)?"
-    r"(?:caption|description|context(?:\s+provided)?|information(?:\s+provided)?|text)"
-    r"(?:\s+provided)?"
+_SRC = (  # "legend" only as "figure/image legend": "the legend shows" may be a chart's own
+    r"(?:(?:figure|image)\s+legend|(?:(?:figure|image|provided|given|additional)\s+)?"
+    r"(?:caption|description|context|information|text))"
+    r"(?:\s+(?:provided|given))?"
 )
 # "Based on the caption, X" / "Yes, according to the provided context, X" / "While I cannot see
 # the image, based on the description, X" -> "X" (keeping a leading yes/no).
@@ -92,7 +105,8 @@ _LEAD_CLAUSE = re.compile(
     r"^(?P<yn>(?:yes|no)\s*,\s*)?"
     r"(?:(?:while|although)\s+i\s+(?:cannot|can't|am unable to)\s+see\s+the\s+(?:actual\s+)?image\s*,\s*(?:but\s+)?)?"
     r"(?:i\s+cannot\s+see\s+the\s+image\s*,\s*but\s+)?"
-    r"(?:according\s+(?:to|on)|based\s+on|judging\s+(?:by|from)|in|from|given|considering)\s+"
+    r"(?:according\s+(?:to|on)|based\s+on|judging\s+(?:by|from)|in|from|given|considering"
+    r"|as\s+(?:mentioned|described|indicated|stated|noted|shown)\s+(?:in|by))\s+"
     r"the\s+(?:image\s+and\s+(?:the\s+)?)?" + _SRC + r"\s*,\s*",
     re.IGNORECASE,
 )
@@ -191,6 +205,17 @@ def parse_turns(raw: str) -> CleanResult:
     return CleanResult(turns, dropped)
 
 
+def drop_cut_answer(parsed: CleanResult, raw: str) -> None:
+    """For a reply cut off by max_tokens: drop the last pair when its answer is where the text
+    was cut ("...in the right lower lo"), not a complete turn followed by a cut question."""
+    if not parsed.turns:
+        return
+    tail = parsed.turns[-1][1][-24:]
+    if _tidy(raw).endswith(tail):
+        parsed.turns.pop()
+        parsed.dropped["cut_by_max_tokens"] += 1
+
+
 def _capitalise(s: str) -> str:
     return s[:1].upper() + s[1:] if s else s
 
@@ -234,9 +259,12 @@ def clean_turns(turns: list[tuple[str, str]]) -> CleanResult:
     return CleanResult(kept, dropped)
 
 
-def to_llava_sample(record: dict, turns: list[tuple[str, str]], seed: int = 0) -> dict:
+def to_llava_sample(
+    record: dict, turns: list[tuple[str, str]], seed: int = 0, image: str | None = None
+) -> dict:
     """LLaVA conversation JSON. ``<image>`` goes before or after the first question, decided by a
-    per-record seeded coin so a resumed run places it exactly as an uninterrupted one would."""
+    per-record seeded coin so a resumed run places it exactly as an uninterrupted one would.
+    ``image``: the record's image path as the output file should name it (default: as is)."""
     pair_id = str(record["pair_id"])
     before = random.Random(f"{seed}:{pair_id}").random() < 0.5
     conversations = []
@@ -247,7 +275,7 @@ def to_llava_sample(record: dict, turns: list[tuple[str, str]], seed: int = 0) -
         conversations.append({"from": "gpt", "value": a})
     sample = {
         "id": pair_id,
-        "image": record.get("image") or f"{pair_id}.jpg",
+        "image": image or record.get("image") or f"{pair_id}.jpg",
         "conversations": conversations,
     }
     if record.get("domain") is not None:

@@ -20,8 +20,13 @@ from collections import Counter
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from llavamed.data.figures import iter_figures, primary_domain
-from llavamed.data.instruct.clean import clean_turns, parse_turns, to_llava_sample
+from llavamed.data.figures import iter_figures, primary_domain, rebase_image
+from llavamed.data.instruct.clean import (
+    clean_turns,
+    drop_cut_answer,
+    parse_turns,
+    to_llava_sample,
+)
 from llavamed.data.instruct.prompts import (
     InstructPrompts,
     build_messages,
@@ -31,6 +36,7 @@ from llavamed.data.instruct.prompts import (
 from llavamed.data.instruct.select import round_robin
 from llavamed.errors import InputError, LlavamedError
 from llavamed.llm.client import (
+    MODEL_REFUSAL,
     ClientOptions,
     LLMClient,
     LLMError,
@@ -222,15 +228,17 @@ async def _generate(opts, prompts, pending, appender, fp, bar) -> tuple[Counter,
             except LLMError as exc:
                 if exc.fatal:
                     raise
-                if exc.kind.startswith("http_4"):
-                    entry.update(status="dropped", reason="request_rejected", detail=exc.kind)
+                if exc.kind.startswith("http_4") or exc.kind == MODEL_REFUSAL:
+                    reason = "model_refusal" if exc.kind == MODEL_REFUSAL else "request_rejected"
+                    entry.update(status="dropped", reason=reason, detail=exc.kind)
                     appender.append(entry)
                 else:
                     failed[exc.kind] += 1
                 return
+            parsed = parse_turns(r.text)
             if r.finish_reason == "length":
                 length_cut += 1
-            parsed = parse_turns(r.text)
+                drop_cut_answer(parsed, r.text)
             cleaned = clean_turns(parsed.turns)
             drops = parsed.dropped + cleaned.dropped
             entry.update(
@@ -246,7 +254,13 @@ async def _generate(opts, prompts, pending, appender, fp, bar) -> tuple[Counter,
             elif len(cleaned.turns) < opts.min_turns:
                 entry.update(status="dropped", reason="too_few_turns")
             else:
-                entry.update(status="kept", sample=to_llava_sample(rec, cleaned.turns, opts.seed))
+                image = rec.get("image")
+                if isinstance(image, str) and image:
+                    # Relative to figures.jsonl's folder in the record, to OUT's in the sample:
+                    # the trainer's default image folder is the data file's.
+                    image = rebase_image(image, Path(opts.figures).parent, Path(opts.out).parent)
+                sample = to_llava_sample(rec, cleaned.turns, opts.seed, image=image)
+                entry.update(status="kept", sample=sample)
             appender.append(entry)
 
         def progress() -> None:
