@@ -118,3 +118,22 @@ def test_formulas_inline_markup_and_several_images_in_captions():
     assert figs["F3"].caption == "CD4+ T cells in H2O (n=5)"
     assert figs["F3"].graphic_ref == "g3a" and figs["F4"].graphic_ref == "g4.tif"
     assert a.notes.count("figure with several images: the first is taken") == 1  # F3, not F4
+
+
+def test_notices_and_peer_review_figures_are_not_article_figures():
+    notice = b"""<article article-type="retraction"><front><article-meta>
+      <article-id pub-id-type="pmc">9</article-id></article-meta></front><body><fig id="F1">
+      <label>Figure 1</label><caption><p>Axial CT.</p></caption><graphic href="g1"/></fig>
+      </body></article>"""
+    with pytest.raises(InputError, match="notice article"):
+        parse_article(notice, "n.nxml")
+    reviewed = b"""<article article-type="research-article"><body>
+      <p>See <xref ref-type="fig" rid="F1">Fig. 1</xref>.</p>
+      <fig id="F1"><label>Figure 1</label><caption><p>Axial CT.</p></caption>
+      <graphic href="g1"/></fig></body><sub-article article-type="reply"><body>
+      <fig id="sa2fig1"><label>Author response image 1.</label><caption><p>Re-analysis.</p>
+      </caption><graphic href="sa2fig1"/></fig></body></sub-article></article>"""
+    a = parse_article(reviewed, "r.nxml")
+    figs = {f.fig_id: f for f in a.figures}
+    assert figs["F1"].skip_reason is None and a.mentions["F1"] == ["See Fig. 1."]
+    assert figs["sa2fig1"].skip_reason == "sub-article figure"

@@ -82,6 +82,11 @@ def normalize_ws(text: str) -> str:
     return _WS.sub(" ", text).strip()
 
 
+NOTICE_TYPES = frozenset(
+    {"retraction", "correction", "expression-of-concern", "removal", "retraction-forum"}
+)
+
+
 def parse_article(data: bytes, name: str = "<nxml>", fallback_pmcid: str | None = None) -> Article:
     """Parse one JATS document. Raises :class:`InputError` ("malformed XML", "not a JATS
     article") when nothing usable can be read."""
@@ -91,6 +96,10 @@ def parse_article(data: bytes, name: str = "<nxml>", fallback_pmcid: str | None 
     article = root if root.tag == "article" else root.find(".//article")
     if article is None:
         raise InputError(name, "not a JATS article", f"root element <{root.tag}>")
+    kind = (article.get("article-type") or "").strip().lower()
+    if kind in NOTICE_TYPES:
+        # A retraction or correction notice re-publishes figures of another article (or none).
+        raise InputError(name, "notice article", f"article-type={kind}")
     pmid, pmcid = _ids(article)
     if not pmcid and fallback_pmcid:
         pmcid = fallback_pmcid
@@ -249,6 +258,10 @@ def _skip_reason(fig: etree._Element, label: str | None) -> str | None:
     ancestors = {a.tag for a in fig.iterancestors()}
     if "supplementary-material" in ancestors or fig_type.startswith("suppl"):
         return "supplementary figure"
+    if "sub-article" in ancestors or "response" in ancestors:
+        # Peer-review material ("Author response image 1"), numbered apart from the article's
+        # own figures: its "1" would take the citations of the article's Figure 1.
+        return "sub-article figure"
     if label and _SUPPL_LABEL.match(label):
         return "supplementary figure"
     if "table-wrap" in ancestors or fig_type == "table" or (label and _TABLE_LABEL.match(label)):
