@@ -15,7 +15,8 @@ Behaviours (one per request, taken from the plan FIFO, else ``default``):
 ``truncated`` (body shorter than Content-Length / stream without ``[DONE]``), ``reset`` (close the
 socket without a response), ``nousage`` (success without a usage block), ``length`` (the text
 cut at its last 10 characters, ``finish_reason: length``), ``refusal`` (200 with
-``content: null``, a ``refusal`` message and ``finish_reason: content_filter``).
+``content: null``, a ``refusal`` message and ``finish_reason: content_filter``),
+``streamerror`` (a streamed reply with an error chunk halfway, then carrying on).
 
 Run standalone (used by benchmarks, which want the server out of the client's process):
 ``python tests/openai_stub_server.py --latency 0.2`` prints ``PORT <n>`` and serves until killed.
@@ -221,7 +222,7 @@ class _Handler(BaseHTTPRequestHandler):
         }
         usage["total_tokens"] = usage["prompt_tokens"] + usage["completion_tokens"]
         if body.get("stream"):
-            self._stream(text, usage, truncated=behaviour == "truncated")
+            self._stream(text, usage, behaviour)
             return
         resp = {
             "id": "chatcmpl-stub",
@@ -258,7 +259,8 @@ class _Handler(BaseHTTPRequestHandler):
             return
         self._send(200, data)
 
-    def _stream(self, text: str, usage: dict, truncated: bool) -> None:
+    def _stream(self, text: str, usage: dict, behaviour: str) -> None:
+        truncated = behaviour == "truncated"
         self.send_response(200)
         self.send_header("Content-Type", "text/event-stream")
         self.send_header("Connection", "close")
@@ -268,8 +270,10 @@ class _Handler(BaseHTTPRequestHandler):
         pieces = [w + (" " if i < len(words) - 1 else "") for i, w in enumerate(words)]
         if truncated:
             pieces = pieces[: max(1, len(pieces) // 2)]
-        for p in pieces:
+        for i, p in enumerate(pieces):
             chunk = {"choices": [{"index": 0, "delta": {"content": p}, "finish_reason": None}]}
+            if behaviour == "streamerror" and i == len(pieces) // 2:
+                chunk = {"error": {"message": "upstream overloaded", "type": "server_error"}}
             self.wfile.write(f"data: {json.dumps(chunk)}\n\n".encode())
         if not truncated:
             final = {"choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]}

@@ -133,6 +133,15 @@ def test_parse_multiline_answers_and_debris():
     assert r.dropped == Counter({"unanswered_question": 1})
 
 
+def test_panel_letters_inside_an_answer_are_content_not_speakers():
+    r = parse_turns("User: The panels?\nAssistant: Two panels:\nA: axial CT\nB: coronal view")
+    assert r.turns == [("The panels?", "Two panels:\nA: axial CT\nB: coronal view")]
+    assert parse_turns("Q: What is it?\nA: A CT.\nQ: Where?\nA: Liver.").turns == [
+        ("What is it?", "A CT."),
+        ("Where?", "Liver."),
+    ]
+
+
 def test_parse_stops_at_hallucinated_next_example():
     raw = CANON + "\n\nFigure Caption:\nFigure 2: x\n\nUser: new?\nAssistant: new."
     r = parse_turns(raw)

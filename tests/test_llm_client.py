@@ -75,6 +75,14 @@ def test_truncated_stream_is_retried_and_stream_text_assembled(stub):
     assert r.prompt_tokens > 0 and not r.usage_estimated
 
 
+def test_an_error_chunk_mid_stream_is_retried_not_kept(stub):
+    # The reply around the error chunk is incomplete: it must not be returned (or cached).
+    stub.plan(["streamerror"])
+    stats, [r] = run(_chat(opts(stub, stream=True)))
+    assert stats.retry_reasons["error_body"] == 1 and r.attempts == 2
+    assert r.text == stub.responder(stub.requests[-1])
+
+
 def test_timeout_is_retried(stub):
     stub.hang_s = 1.0
     stub.plan(["hang"])

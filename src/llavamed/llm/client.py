@@ -505,6 +505,10 @@ class LLMClient:
                     chunk = json.loads(data)
                 except json.JSONDecodeError as exc:
                     raise _Retryable("malformed_response", "bad SSE chunk") from exc
+                if not isinstance(chunk, dict):
+                    raise _Retryable("malformed_response", "SSE chunk is not an object")
+                if chunk.get("error"):  # servers report a mid-stream failure as a chunk
+                    raise _Retryable("error_body", str(chunk["error"])[:200])
                 if isinstance(chunk.get("usage"), dict):
                     usage = chunk["usage"]
                 for ch in chunk.get("choices") or []:

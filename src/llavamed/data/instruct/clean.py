@@ -175,10 +175,13 @@ def parse_turns(raw: str) -> CleanResult:
             continue
         m = _LINE_MARKER.match(line)
         if m:
-            role = _ROLE_WORDS[m.group("role").lower()]
+            word = m.group("role").lower()
+            role = _ROLE_WORDS[word]
             rest = line[m.end() :]
             if segments and segments[-1][0] == role:
-                segments[-1][1].append(rest)  # "User: ... User: ..." -> one question
+                # "User: ... User: ..." -> one question; but a one-letter marker inside the same
+                # speaker's text is content ("Two panels:\nA: axial CT\nB: coronal").
+                segments[-1][1].append(line if word in ("a", "q") else rest)
             else:
                 segments.append([role, [rest]])
         elif segments:
