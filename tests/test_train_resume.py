@@ -143,3 +143,35 @@ def test_a_resume_checkpoint_that_does_not_match_the_model_is_refused(tmp_path, 
     torch.save(renamed, ck / "trainable.pt")
     with pytest.raises(InputError, match=r"does not match the model being trained.*layers\.1\."):
         run_training(cfg, progress=False)
+
+
+def test_a_global_batch_that_failed_to_load_leaves_the_weights_alone(tmp_path, monkeypatch):
+    """Every image of step 3's batch fails to decode: nothing is supervised, so the weights must
+    not move (AdamW would still step on the momentum of steps 1-2)."""
+    import torch
+
+    import llavamed.images
+    from llavamed.errors import InputError
+    from llavamed.train import run_training
+
+    torch.set_num_threads(1)
+    data = make_bright_dark(tmp_path / "data", 32)
+    cfg = tiny_config(data, tmp_path / "a", max_steps=3, lr=5e-3)  # global batch 8
+    real, calls = llavamed.images.load_image, {"n": 0}
+
+    def failing_from_step_3(src, *a, **kw):
+        calls["n"] += 1
+        if calls["n"] > 16:
+            raise InputError(kw.get("name", "x"), "corrupt image")
+        return real(src, *a, **kw)
+
+    monkeypatch.setattr(llavamed.images, "load_image", failing_from_step_3)
+    weights = {}
+
+    def snapshot(step, model, processor):
+        weights[step] = [p.detach().clone() for p in model.parameters() if p.requires_grad]
+
+    res = run_training(cfg, progress=False, on_step=snapshot)
+    assert [m["supervised_tokens"] for m in res.metrics][2] == 0
+    assert any(not torch.equal(a, b) for a, b in zip(weights[1], weights[2], strict=True))
+    assert all(torch.equal(a, b) for a, b in zip(weights[2], weights[3], strict=True))

@@ -454,9 +454,16 @@ class Engine:
         else:
             (loss_sum * scale).backward()
 
-    def step(self) -> float:
+    def step(self, skip: bool = False) -> float:
+        """Clip, step and zero. ``skip``: nothing in the global batch was supervised (every
+        sample failed to load), so the weights stay put: AdamW would still move them on its
+        momentum. The schedule advances, as the step is counted."""
         import torch
 
+        if skip and self.kind != "deepspeed":
+            self.optimizer.zero_grad(set_to_none=True)
+            self.scheduler.step()
+            return 0.0
         if self.kind == "deepspeed":
             self.module.step()  # clips, steps and zeroes at the accumulation boundary
             gn = self.module.get_global_grad_norm()
@@ -873,7 +880,7 @@ def _run(
                 if k < accum - 1:
                     engine.ds_micro_step()
             lr_used = engine.optimizer.param_groups[0]["lr"]  # step() moves it to the next one
-            grad_norm = engine.step()
+            grad_norm = engine.step(skip=sup_total == 0)
             step += 1
             loss = D.all_reduce_sum(loss_local, info) / max(sup_total, 1.0)
             tokens = D.all_reduce_sum(tok_local, info)
