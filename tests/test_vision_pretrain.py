@@ -70,6 +70,31 @@ def test_phrase_patch_loss_positives_by_key_and_smooth_max():
     assert good < 0.01 < swapped
 
 
+def test_a_phrase_gathered_from_two_processes_counts_once():
+    # Each process drops its own repeated phrases; gathered, the same finding from two
+    # processes arrives twice (one process's view of that is a repeated key here).
+    torch.manual_seed(0)
+    patches = F.normalize(torch.randn(3, 4, 8), dim=-1)
+    phrases = F.normalize(torch.randn(2, 8), dim=-1)
+    image_keys = torch.tensor([[5, -1], [9, 5], [-1, -1]])
+    args = (image_keys, torch.tensor(math.log(10.0)), torch.tensor(-5.0), 10.0)
+    once = phrase_patch_loss(patches, phrases, torch.tensor([5, 9]), *args)
+    twice = phrase_patch_loss(
+        patches, torch.cat([phrases, phrases[:1]]), torch.tensor([5, 9, 5]), *args
+    )
+    torch.testing.assert_close(twice, once)
+
+
+def test_recall_at_k_is_not_fooled_by_ties_or_nan():
+    from llavamed.train.vision_pretrain import recall_at_k
+
+    eye = torch.eye(4)
+    assert recall_at_k(eye, eye)["i2t_r@1"] == 1.0
+    collapsed = torch.ones(4, 3)  # every image and caption embeds the same: no retrieval
+    assert recall_at_k(collapsed, collapsed)["i2t_r@1"] == 0.0
+    assert recall_at_k(torch.full((4, 3), float("nan")), eye[:, :3])["t2i_r@5"] == 0.0
+
+
 def test_caption_phrases_drop_negations_and_lead_in():
     cap = (
         "PA CXR demonstrating right upper lobe consolidation, a 12 mm nodule in the left lower lobe "
@@ -101,6 +126,18 @@ def test_config_validation_and_overrides():
         make_config({"data": "x"}, ["crop_scale=[0.9, 0.5]"])
     with pytest.raises(ConfigError, match="data"):
         make_config({})
+    # Typed like the LLaVA stages: each was a traceback after the data had loaded, or nothing.
+    for bad, needle in (
+        ("epochs=abc", "epochs: expected a number"),
+        ("batch_size=2.5", "batch_size: expected an integer"),
+        ("crop_ratio=[1]", "crop_ratio"),
+        ("save_every=0", "save_every"),
+        ("warmup_frac=2", "warmup_frac"),
+        ("local_sharpness=0", "local_sharpness"),
+    ):
+        with pytest.raises(ConfigError, match=needle):
+            make_config({"data": "x"}, [bad])
+    assert make_config({"data": "x"}, ["lr=1e-3"]).lr == 1e-3  # YAML alone reads a string
 
 
 def test_augment_keeps_laterality():

@@ -139,3 +139,36 @@ def test_untrained_baseline_is_chance_and_bad_configs_are_refused(tmp_path):
             _cfg(data, tmp_path / "o2", sources=[{"dataset": "vqa-rad", "path": str(empty)}]),
             progress=False,
         )
+
+
+def test_an_image_stored_as_bytes_is_one_image_whatever_its_questions(tmp_path):
+    # Parquet exports (PathVQA, VQA-RAD) carry each question with its own copy of the image
+    # bytes. Keyed per question, an image's copies landed on both sides of the held-out split.
+    import io
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from llavamed.model.compose import ModelSpec, build
+    from llavamed.train.vision_vqa import load_yes_no, make_config
+
+    rows = {"image": [], "question": [], "answer": []}
+    for i in range(6):
+        buf = io.BytesIO()
+        Image.new("RGB", (32, 32), (40 * i, 10, 10)).save(buf, format="PNG")
+        for q in ("Is it bright?", "Is it red?"):
+            rows["image"].append({"bytes": buf.getvalue(), "path": None})
+            rows["question"].append(q)
+            rows["answer"].append("yes" if i % 2 else "no")
+    (tmp_path / "pvqa").mkdir()
+    pq.write_table(pa.table(rows), tmp_path / "pvqa" / "train-00000-of-00001.parquet")
+    cfg = make_config(
+        _cfg(
+            tmp_path,
+            tmp_path / "o",
+            sources=[{"dataset": "pathvqa", "path": str(tmp_path / "pvqa")}],
+        )
+    )
+    _, processor = build(ModelSpec(lm="tiny", vision="tiny"))
+    table, info = load_yes_no(cfg, processor.image_processor)
+    assert info["images"] == 6 and all(len(qa) == 2 for qa in table.labels)

@@ -117,22 +117,39 @@ def phrase_patch_loss(
     all_keys = gather_ragged(phrase_keys, grad=False)
     if all_phr.shape[0] == 0:
         return patch_emb.sum() * 0.0
+    # Each process removed its own repeated phrases; the same finding on two processes comes
+    # back twice and would count twice. Rows with one key embed the same phrase, so keeping the
+    # first of each is what one process would have computed.
+    keep = _first_of_each(all_keys)
+    if keep.numel() != all_keys.numel():
+        all_phr, all_keys = all_phr[keep], all_keys[keep]
     scores = pooled_patch_scores(patch_emb, all_phr, sharpness)  # (P_all, B)
     logits = scale.exp() * scores + bias
     labels = (all_keys[:, None, None] == image_keys[None, :, :]).any(-1).float()  # (P_all, B)
     # SigLIP's normalisation: sum over pairs / number of images (not / number of pairs), so the
     # loss does not shrink as the batch, and with it the share of easy negatives, grows.
-    n_images = _global_count(patch_emb.shape[0])
+    n_images = _global_count(patch_emb.shape[0], patch_emb.device)
     return F.binary_cross_entropy_with_logits(logits, labels, reduction="sum") / n_images
 
 
-def _global_count(n: int) -> float:
+def _first_of_each(keys: torch.Tensor) -> torch.Tensor:
+    """Indices of the first occurrence of each distinct value of ``keys``, in order."""
+    _, inverse = torch.unique(keys, return_inverse=True)
+    order = torch.arange(keys.numel(), device=keys.device)
+    first = torch.full((int(inverse.max()) + 1,), keys.numel(), device=keys.device)
+    first = first.scatter_reduce(0, inverse, order, reduce="amin")
+    return first.sort().values
+
+
+def _global_count(n: int, device: torch.device | str = "cpu") -> float:
+    """``n`` summed over processes. ``device``: where the collective runs (NCCL takes CUDA
+    tensors only; gloo CPU ones)."""
     rank, world = dist_info()
     if world == 1:
         return float(n)
     import torch.distributed as dist
 
-    t = torch.tensor([float(n)])
+    t = torch.tensor([float(n)], device=device)
     dist.all_reduce(t)
     return float(t.item())
 
@@ -147,7 +164,7 @@ def gather_ragged(x: torch.Tensor, *, grad: bool) -> torch.Tensor:
     import torch.distributed as dist
     from torch.distributed.nn.functional import all_gather
 
-    n = torch.tensor([x.shape[0]])
+    n = torch.tensor([x.shape[0]], device=x.device)  # NCCL takes CUDA tensors only
     sizes = [torch.zeros_like(n) for _ in range(world)]
     dist.all_gather(sizes, n)
     m = int(max(s.item() for s in sizes))

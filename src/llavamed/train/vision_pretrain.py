@@ -163,6 +163,12 @@ class VisionPretrainConfig:
             raise ConfigError("lr must be > 0")
         if self.feature_layer == 0:
             raise ConfigError("feature_layer=0 is the patch embedding; use -1, -2, ...")
+        if self.save_every < 1 or self.log_every < 1 or self.embed_dim < 1:
+            raise ConfigError("save_every, log_every and embed_dim must be >= 1")
+        if not 0 <= self.warmup_frac < 1 or not 0 <= self.min_lr_frac <= 1:
+            raise ConfigError("warmup_frac must be in [0, 1) and min_lr_frac in [0, 1]")
+        if self.weight_decay < 0 or self.local_sharpness <= 0 or self.num_workers < 0:
+            raise ConfigError("weight_decay and num_workers must be >= 0, local_sharpness > 0")
 
 
 @dataclass
@@ -176,45 +182,26 @@ class VisionPretrainResult:
 # ---- config ------------------------------------------------------------------------------------
 
 
-def _coerce(value: Any, current: Any, key: str) -> Any:
-    """YAML-parse a ``key=value`` override and check it against the field's current type."""
-    import yaml
-
-    v = yaml.safe_load(value) if isinstance(value, str) else value
-    if isinstance(current, bool) and not isinstance(v, bool):
-        raise ConfigError(f"{key}: expected true/false, got {value!r}")
-    if isinstance(current, (tuple, list)) and isinstance(v, (list, tuple)):
-        return type(current)(v)
-    if isinstance(current, float) and isinstance(v, int) and not isinstance(v, bool):
-        return float(v)
-    return v
-
-
 def make_config(
-    cfg: dict | None = None, overrides: list[str] | None = None
+    cfg: dict | VisionPretrainConfig | None = None, overrides: list[str] | None = None
 ) -> VisionPretrainConfig:
-    """Build and validate a config from a YAML dict plus ``key=value`` overrides.
+    """Build and validate a config from a YAML dict plus ``key=value`` overrides, typed by the
+    same loader as the LLaVA stages (``epochs=abc`` or ``batch_size=2.5`` is a one-line error
+    naming the key, and ``lr=1e-3`` is a number, which YAML alone reads as a string)."""
+    from llavamed.config import apply_overrides, from_dict
 
-    Kept inside this module (yaml.safe_load + flat keys) because the stage-0 recipe is flat; the
-    general trainer has its own loader and passes us its parsed dict."""
-    cfg = dict(cfg or {})
-    names = {f.name for f in dataclasses.fields(VisionPretrainConfig)}
-    unknown = sorted(set(cfg) - names)
+    if isinstance(cfg, VisionPretrainConfig):
+        cfg = config_dict(cfg)
+    data = apply_overrides(dict(cfg or {}), list(overrides or []))
+    unknown = sorted(set(data) - {f.name for f in dataclasses.fields(VisionPretrainConfig)})
     if unknown:
         raise ConfigError(f"unknown stage-0 config key(s): {', '.join(unknown)}")
-    out = VisionPretrainConfig()
-    for k, v in cfg.items():
-        setattr(out, k, _coerce(v, getattr(out, k), k))
-    for item in overrides or []:
-        if "=" not in item:
-            raise ConfigError(f"override {item!r}: expected key=value")
-        k, v = item.split("=", 1)
-        k = k.strip()
-        if k not in names:
-            raise ConfigError(f"unknown stage-0 config key {k!r}")
-        setattr(out, k, _coerce(v, getattr(out, k), k))
+    out = from_dict(VisionPretrainConfig, data)
     for k in ("crop_scale", "crop_ratio"):
-        setattr(out, k, tuple(float(x) for x in getattr(out, k)))
+        v = getattr(out, k)
+        if len(v) != 2:
+            raise ConfigError(f"{k}={list(v)}: give [min, max]")
+        setattr(out, k, tuple(float(x) for x in v))
     out.validate()
     return out
 
@@ -538,7 +525,11 @@ def recall_at_k(image_emb, text_emb, ks=(1, 5)) -> dict[str, float]:
     target = torch.arange(n)
     out: dict[str, float] = {}
     for name, s in (("i2t", sims), ("t2i", sims.T)):
-        rank = (s > s[target, target].unsqueeze(1)).sum(1)  # how many beat the true pair
+        true = s[target, target].unsqueeze(1)
+        # How many beat the true pair, a tie counting half (random tie-breaking): with a strict
+        # ">" collapsed embeddings, all equal, scored a perfect recall. NaN is never a hit.
+        rank = (s > true).sum(1) + 0.5 * ((s == true).sum(1) - 1)
+        rank[~torch.isfinite(true.squeeze(1))] = float("inf")
         for k in ks:
             out[f"{name}_r@{k}"] = float((rank < k).float().mean())
     out["n"] = n
@@ -808,6 +799,13 @@ def train_vision(cfg: VisionPretrainConfig, progress: bool = True) -> VisionPret
                     * world_scale()
                 )
             loss = cfg.global_weight * loss_g + cfg.local_weight * loss_l
+        if not torch.isfinite(loss.detach()):
+            # Stop before a NaN reaches the weights: a NaN tower would be saved and go on to
+            # every later stage.
+            raise ConfigError(
+                f"stage 0: loss became {float(loss.detach())} at step {step + 1}; lower lr, "
+                "raise local_sharpness or turn off local_weight"
+            )
         opt.zero_grad(set_to_none=True)
         loss.backward()
         if world > 1:

@@ -101,6 +101,10 @@ class VisionVQAConfig:
             raise ConfigError("lr must be > 0")
         if not 0 <= self.val_fraction < 1:
             raise ConfigError("val_fraction must be in [0, 1)")
+        if self.log_every < 1 or self.warmup_steps < 0 or self.weight_decay < 0:
+            raise ConfigError("log_every must be >= 1, warmup_steps and weight_decay >= 0")
+        if self.feature_layer == 0:
+            raise ConfigError("feature_layer=0 is the patch embedding; use -1, -2, ...")
 
 
 @dataclass
@@ -152,7 +156,9 @@ def load_yes_no(cfg: VisionVQAConfig, image_processor) -> tuple[YesNoTable, dict
             ans = s.answer.strip().lower()
             if s.answer_type != "closed" or ans not in ("yes", "no"):
                 continue
-            key = str(s.image) if not isinstance(s.image, bytes) else f"{src.path}#{s.qid}"
+            # An image given as bytes (parquet) is keyed by its content: keyed per question, its
+            # other questions' copies would land on both sides of the held-out split.
+            key = s.image_key if isinstance(s.image, bytes) else str(s.image)
             by_image.setdefault(key, (s.image, []))[1].append((s.question, ans == "yes"))
     if not by_image:
         raise ConfigError("stage vision_vqa: the sources hold no closed yes/no questions")
