@@ -37,6 +37,8 @@ from llavamed.errors import ConfigError, InputError
 from llavamed.utils.precision import check_precision, resolve_precision
 
 STATE_FILE = "stage0_state.pt"
+RESUMABLE_CHANGES = frozenset({"time_budget_min", "save_every", "log_every", "num_workers"})
+"""Settings a resumed run may change: none of them changes what is computed."""
 LOG_FILE = "stage0_log.jsonl"
 TOWER_DIR = "vision_tower"
 REPORT_JSON = "stage0_report.json"
@@ -674,13 +676,33 @@ def train_vision(cfg: VisionPretrainConfig, progress: bool = True) -> VisionPret
 
     step, trained_s = 0, 0.0
     state_path = out / STATE_FILE
+    aug_path = out / f"stage0_aug_rank{rank}.pt"
+    aug_gen = torch.Generator()
     if state_path.exists():
         state = torch.load(state_path, weights_only=False)
-        if state.get("config") == config_dict(cfg):
+        changed = sorted(
+            k
+            for k in set(state.get("config", {})) | set(config_dict(cfg))
+            if k not in RESUMABLE_CHANGES
+            and state.get("config", {}).get(k) != config_dict(cfg).get(k)
+        )
+        if not changed:
             module.load_state_dict(state["module"])
             opt.load_state_dict(state["optimizer"])
             step, trained_s = state["step"], state["trained_s"]
-    aug_gen = torch.Generator().manual_seed(cfg.seed * 7919 + step * 31 + rank)
+        elif is_main:
+            print(
+                f"stage 0: {out} holds a run with other settings ({', '.join(changed)}); "
+                "starting from step 0",
+                file=sys.stderr,
+            )
+    # The augmentation stream continues where it stopped, so a resumed run sees the crops an
+    # uninterrupted one would (a generator re-seeded from the step would not).
+    saved_aug = torch.load(aug_path, weights_only=False) if step and aug_path.exists() else {}
+    if f"step_{step}" in saved_aug:
+        aug_gen.set_state(saved_aug[f"step_{step}"])
+    else:
+        aug_gen.manual_seed(cfg.seed * 7919 + step * 31 + rank)
     log = JsonlAppender(out / LOG_FILE) if is_main else None
     if log is not None:
         # Drop log lines past the resume point (the run died after logging, before saving).
@@ -691,6 +713,8 @@ def train_vision(cfg: VisionPretrainConfig, progress: bool = True) -> VisionPret
         log = JsonlAppender(out / LOG_FILE)
 
     def save_state() -> None:
+        with atomic_path(aug_path) as tmp:  # every process: each has its own crops
+            torch.save({"step_" + str(step): aug_gen.get_state()}, tmp)
         if not is_main:
             return
         with atomic_path(state_path) as tmp:
