@@ -65,6 +65,10 @@ def test_a_killed_writers_temp_folder_is_removed_by_the_next_write(tmp_path):
         (tmp / "x").write_text("1")
     assert not orphan.exists() and live.exists()  # a running writer's folder is left alone
     assert sorted(p.name for p in (tmp_path / "ck").iterdir()) == ["x"]
+    # mkdtemp makes 0700 folders; an output folder gets what mkdir would give (shared clusters).
+    umask = os.umask(0)
+    os.umask(umask)
+    assert (tmp_path / "ck").stat().st_mode & 0o777 == 0o777 & ~umask
 
 
 @pytest.mark.parametrize(

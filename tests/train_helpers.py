@@ -95,11 +95,11 @@ def run_interrupted(cfg: dict, monkeypatch, at_step: int) -> None:
 
     real_step, calls = T.Engine.step, {"n": 0}
 
-    def interrupted_step(self):
+    def interrupted_step(self, *args, **kwargs):
         calls["n"] += 1
         if calls["n"] == at_step:
             raise KeyboardInterrupt
-        return real_step(self)
+        return real_step(self, *args, **kwargs)
 
     monkeypatch.setattr(T.Engine, "step", interrupted_step)
     with pytest.raises(KeyboardInterrupt):

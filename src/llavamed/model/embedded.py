@@ -43,13 +43,13 @@ def embedded_lm_dir() -> Path:
     if (target / "model.safetensors").exists() and (target / "tokenizer.json").exists():
         return target
     import shutil
-    import tempfile
 
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from llavamed.utils.io import make_temp_dir
+
     src = gguf_path()
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{EMBEDDED_LM_NAME}.", dir=target.parent))
+    tmp = make_temp_dir(target)
     try:
         tok = AutoTokenizer.from_pretrained(src.parent, gguf_file=src.name)
         gguf_model = AutoModelForCausalLM.from_pretrained(src.parent, gguf_file=src.name)

@@ -1005,12 +1005,10 @@ def _retrieval(module, tower: Tower, val_pairs, val_imgs, size, text, cfg, cache
 
 def _save_tower(model, tower: Tower, size: int, tower_dir: Path) -> None:
     """``save_pretrained`` + a preprocessor config, written to a temp folder then renamed."""
-    import shutil
-    import tempfile
+    from llavamed.utils.io import atomic_dir
 
-    tower_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{tower_dir.name}.", dir=tower_dir.parent))
-    try:
+    # The folder is this stage's own output: an earlier tower in it is replaced.
+    with atomic_dir(tower_dir, ours=lambda _: True) as tmp:
         model.save_pretrained(tmp)
         pre = {
             "image_processor_type": "CLIPImageProcessor",
@@ -1025,12 +1023,6 @@ def _save_tower(model, tower: Tower, size: int, tower_dir: Path) -> None:
             "image_size": size,
         }
         (tmp / "preprocessor_config.json").write_text(json.dumps(pre, indent=2) + "\n")
-        if tower_dir.exists():
-            shutil.rmtree(tower_dir)
-        tmp.rename(tower_dir)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
 
 
 def render_report_md(report: dict) -> str:

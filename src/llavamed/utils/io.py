@@ -33,8 +33,19 @@ def _umask() -> int:
     return mask
 
 
-# Read once: mkstemp creates 0600 files, but outputs should get the usual 0644 (umask 022).
+# Read once: mkstemp creates 0600 files and mkdtemp 0700 folders, but outputs should get the
+# usual 0644 / 0755 (umask 022): a checkpoint on a shared filesystem must be readable by others.
 _FILE_MODE = 0o666 & ~_umask()
+_DIR_MODE = 0o777 & ~_umask()
+
+
+def make_temp_dir(beside: str | os.PathLike) -> Path:
+    """An empty hidden folder next to ``beside``, with the mode a plain mkdir would give."""
+    beside = Path(beside)
+    beside.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{beside.name}.", dir=beside.parent))
+    os.chmod(tmp, _DIR_MODE)
+    return tmp
 
 
 def disk_full_error(exc: BaseException, folder: str | os.PathLike) -> StorageError | None:
@@ -274,8 +285,7 @@ def atomic_dir(
     path = Path(path)
     check_output_dir(path, ours=ours, keep=keep)
     _remove_orphan_temp_dirs(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    tmp = make_temp_dir(path)
     try:
         (tmp / _OWNER).write_text(str(os.getpid()))
         yield tmp
