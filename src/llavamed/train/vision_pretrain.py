@@ -578,6 +578,7 @@ def train_vision(cfg: VisionPretrainConfig, progress: bool = True) -> VisionPret
     import yaml
     from tqdm import tqdm
 
+    from llavamed.config import diff
     from llavamed.train.contrastive import clip_loss, dist_info, phrase_patch_loss, world_scale
     from llavamed.train.text_encoder import TextEncoder, cached_embeddings
     from llavamed.utils.io import JsonlAppender, atomic_path, atomic_write_json, atomic_write_text
@@ -680,12 +681,9 @@ def train_vision(cfg: VisionPretrainConfig, progress: bool = True) -> VisionPret
     aug_gen = torch.Generator()
     if state_path.exists():
         state = torch.load(state_path, weights_only=False)
-        changed = sorted(
-            k
-            for k in set(state.get("config", {})) | set(config_dict(cfg))
-            if k not in RESUMABLE_CHANGES
-            and state.get("config", {}).get(k) != config_dict(cfg).get(k)
-        )
+        changed = [
+            k for k in diff(state.get("config", {}), config_dict(cfg)) if k not in RESUMABLE_CHANGES
+        ]
         if not changed:
             module.load_state_dict(state["module"])
             opt.load_state_dict(state["optimizer"])
