@@ -57,13 +57,19 @@ def test_a_killed_writers_temp_folder_is_removed_by_the_next_write(tmp_path):
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
                           capture_output=True, text=True, check=True).stdout.strip()  # fmt: skip
     orphan, live = tmp_path / ".ck.orphan1", tmp_path / ".ck.live1"
-    for d, pid in ((orphan, dead), (live, str(os.getpid()))):
+    host = socket.gethostname()
+    elsewhere = tmp_path / ".ck.elsewhere1"  # a writer on another machine of a shared filesystem
+    for d, owner in (
+        (orphan, f"{host} {dead}"),
+        (live, f"{host} {os.getpid()}"),
+        (elsewhere, f"other-node-{host} {dead}"),
+    ):
         d.mkdir()
         (d / "model.safetensors").write_bytes(b"\0" * 1000)
-        (d / ".llavamed-writer-pid").write_text(pid)
+        (d / ".llavamed-writer-pid").write_text(owner)
     with atomic_dir(tmp_path / "ck") as tmp:
         (tmp / "x").write_text("1")
-    assert not orphan.exists() and live.exists()  # a running writer's folder is left alone
+    assert not orphan.exists() and live.exists() and elsewhere.exists()
     assert sorted(p.name for p in (tmp_path / "ck").iterdir()) == ["x"]
     # mkdtemp makes 0700 folders; an output folder gets what mkdir would give (shared clusters).
     umask = os.umask(0)

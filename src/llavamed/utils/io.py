@@ -13,6 +13,7 @@ import glob
 import json
 import os
 import shutil
+import socket
 import tempfile
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
@@ -287,7 +288,7 @@ def atomic_dir(
     _remove_orphan_temp_dirs(path)
     tmp = make_temp_dir(path)
     try:
-        (tmp / _OWNER).write_text(str(os.getpid()))
+        (tmp / _OWNER).write_text(f"{socket.gethostname()} {os.getpid()}")
         yield tmp
         (tmp / _OWNER).unlink()
         if path.exists():
@@ -319,8 +320,11 @@ def _remove_orphan_temp_dirs(path: Path) -> None:
         if not (d.is_dir() and owner.is_file()):
             continue
         try:
-            os.kill(int(owner.read_text()), 0)
+            host, pid = owner.read_text().split()
+            if host != socket.gethostname():
+                continue  # a writer on another machine sharing this folder: not ours to judge
+            os.kill(int(pid), 0)
         except ProcessLookupError:
             shutil.rmtree(d, ignore_errors=True)
         except (ValueError, OSError):
-            continue  # unreadable or not ours to judge: leave it
+            continue  # unreadable, or a process we may not signal: leave it
