@@ -64,8 +64,8 @@ class ProtocolError(Exception):
 
 class _Model(BaseModel):
     # strict: a string where a number or boolean belongs is an error, as it is for OpenAI
-    # ("stream": "no" would otherwise stream). Unknown fields are ignored, as OpenAI's are not,
-    # so clients sending newer parameters keep working.
+    # ("stream": "no" would otherwise stream). Unknown fields are ignored (OpenAI rejects them),
+    # so clients sending newer or vendor-specific parameters keep working.
     model_config = ConfigDict(extra="ignore", strict=True)
 
 
