@@ -75,3 +75,14 @@ def test_train_print_config_resolves_a_tower_stage_without_training(config, tmp_
     assert main(["train", str(CONFIGS / config), "train.lr=1", "--print-config"]) == 1
     err = capsys.readouterr().err
     assert "unknown" in err and "train" in err and len(err.strip().splitlines()) == 1
+
+
+def test_train_overrides_may_follow_the_flags(capsys):
+    # argparse ends a positional list at the first option; `CFG --print-config key=value` used
+    # to fail with "unrecognized arguments".
+    assert main(["train", str(CONFIGS / "tiny_smoke.yaml"), "--print-config", "train.lr=0.5"]) == 0
+    assert yaml.safe_load(capsys.readouterr().out)["train"]["lr"] == 0.5
+    with pytest.raises(SystemExit):  # anything else left over is still an error
+        main(["train", str(CONFIGS / "tiny_smoke.yaml"), "--print-config", "--bogus"])
+    with pytest.raises(SystemExit):
+        main(["chat", "--model", "x", "train.lr=0.5"])  # no overrides there

@@ -75,7 +75,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        # argparse ends a positional list at the first option, so `train CFG --print-config
+        # key=value` leaves key=value over; commands that take overrides take them anywhere.
+        if hasattr(args, "overrides") and not any(e.startswith("-") or "=" not in e for e in extra):
+            args.overrides = [*args.overrides, *extra]
+        else:
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
