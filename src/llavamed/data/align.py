@@ -11,7 +11,7 @@ from collections.abc import Iterable
 from functools import lru_cache
 from pathlib import Path
 
-from llavamed.data.figures import rebase_image
+from llavamed.data.figures import image_on_disk, rebase_image
 
 IMAGE_TOKEN = "<image>"
 PROMPTS_PATH = Path(__file__).resolve().parent.parent / "resources" / "align_prompts.json"
@@ -50,13 +50,6 @@ def clean_caption(caption: str) -> str:
     return " ".join(caption.replace(IMAGE_TOKEN, " ").split())
 
 
-def _under(image_root: str | os.PathLike | None, image: str) -> str:
-    """A record's image path as the file system sees it (relative paths are under the root)."""
-    if image_root is not None and not os.path.isabs(image):
-        return os.path.join(image_root, image)
-    return image
-
-
 def build_alignment(
     records: Iterable[dict],
     *,
@@ -88,7 +81,7 @@ def build_alignment(
             reason = "no pair_id" if not pair_id else "malformed pair_id"
         elif pair_id in seen:
             reason = "duplicate pair_id"
-        elif image_root is not None and not os.path.isfile(_under(image_root, image)):
+        elif image_root is not None and not os.path.isfile(image_on_disk(image, image_root)):
             reason = "image file not found"  # checked where the files are known to live
         if reason:
             skipped[reason] = skipped.get(reason, 0) + 1

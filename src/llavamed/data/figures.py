@@ -57,8 +57,15 @@ def rebase_image(
     image folder. Absolute paths stay absolute."""
     if os.path.isabs(image) or image_root is None:
         return Path(image).as_posix()
-    path = os.path.join(image_root, image)
+    path = image_on_disk(image, image_root)
     return Path(os.path.relpath(path, out_dir) if out_dir is not None else path).as_posix()
+
+
+def image_on_disk(image: str, image_root: str | os.PathLike | None) -> str:
+    """A record's image path as the file system sees it (relative paths are under the root)."""
+    if image_root is not None and not os.path.isabs(image):
+        return os.path.join(image_root, image)
+    return image
 
 
 def iter_figures(path: str | os.PathLike) -> Iterator[dict]:
