@@ -131,6 +131,74 @@ def test_dicom_multiframe_takes_middle_frame(tmp_path):
     assert 100 < mid[4, 4] < 160  # 500 on a 0..1000 scale
 
 
+def _dicom(tmp_path, pixels: np.ndarray, photometric: str, **tags):
+    """A native (uncompressed) single-frame DICOM file of 8-bit ``pixels``."""
+    import pydicom
+    from pydicom.dataset import FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
+    ds = pydicom.Dataset()
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.file_meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.7"
+    ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+    ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID
+    ds.Rows, ds.Columns = pixels.shape[:2]
+    ds.SamplesPerPixel = 3 if pixels.ndim == 3 else 1
+    ds.PhotometricInterpretation = photometric
+    if pixels.ndim == 3:
+        ds.PlanarConfiguration = 0
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 8, 8, 7, 0
+    for k, v in tags.items():
+        setattr(ds, k, v)
+    ds.PixelData = np.ascontiguousarray(pixels, dtype=np.uint8).tobytes()
+    path = tmp_path / f"{photometric.replace(' ', '_')}.dcm"
+    ds.save_as(path, enforce_file_format=True)
+    return path
+
+
+def test_dicom_colour_comes_out_in_its_own_colours(tmp_path):
+    # pydicom returns YBR (ultrasound, endoscopy) already as RGB; converting it again shifted
+    # every colour (a red 200,30,90 came out 147,255,28).
+    from pydicom.pixels import apply_color_lut, convert_color_space
+
+    rgb = np.zeros((8, 8, 3), np.uint8)
+    rgb[..., 0], rgb[..., 1], rgb[..., 2] = 200, 30, 90
+    rgb[4:, :] = (20, 160, 240)
+    ybr = _dicom(tmp_path, convert_color_space(rgb, "RGB", "YBR_FULL"), "YBR_FULL")
+    got = np.asarray(load_image(ybr)).astype(int)
+    assert np.abs(got - rgb).max() <= 2  # YCbCr rounding
+    assert np.array_equal(np.asarray(load_image(_dicom(tmp_path, rgb, "RGB"))), rgb)
+
+    # PALETTE COLOR: indices through the file's colour tables, not windowed as grey.
+    lut = np.arange(256, dtype=np.uint16)
+    tables = {"Red": lut * 257, "Green": (255 - lut) * 257, "Blue": np.zeros(256, np.uint16)}
+    tags = {}
+    for c, t in tables.items():
+        tags[f"{c}PaletteColorLookupTableDescriptor"] = [256, 0, 16]
+        tags[f"{c}PaletteColorLookupTableData"] = t.tobytes()
+    idx = np.full((8, 8), 200, np.uint8)
+    pal = _dicom(tmp_path, idx, "PALETTE COLOR", **tags)
+    assert np.asarray(load_image(pal))[0, 0].tolist() == [200, 55, 0]
+    import pydicom
+
+    ds = pydicom.dcmread(pal)
+    assert apply_color_lut(ds.pixel_array, ds)[0, 0].tolist() == [200 * 257, 55 * 257, 0]
+
+
+def test_dicom_with_blank_window_tags_is_read_without_a_window(tmp_path):
+    # Anonymisers blank Window Center/Width: present but empty, they crashed with a TypeError
+    # that no caller counts (the chat REPL died, serve answered 500, eval aborted).
+    grad = np.tile(np.arange(0, 256, 32, dtype=np.uint8), (8, 1))
+    path = _dicom(tmp_path, grad, "MONOCHROME2", WindowCenter=None, WindowWidth=None)
+    img = np.asarray(load_image(path))[..., 0]
+    assert img[0, 0] < 10 and img[0, -1] > 245  # the full range, stretched
+    # Malformed tags are the file's fault: a counted InputError, never another exception.
+    bad = _dicom(tmp_path, grad, "PALETTE COLOR")  # a palette image without its tables
+    with pytest.raises(InputError, match="undecodable DICOM"):
+        load_image(bad)
+
+
 def test_dicom_without_pixels(tmp_path):
     from pydicom.data import get_testdata_file
 

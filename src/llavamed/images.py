@@ -152,41 +152,59 @@ def _load_dicom(data: bytes, label: str, max_pixels: int) -> Image.Image:
 
 
 def _dicom_to_image(ds, label: str, max_pixels: int) -> Image.Image:
-    from pydicom.pixels import apply_modality_lut, apply_voi_lut
+    from pydicom.pixels import pixel_array
 
     rows, cols = int(ds.get("Rows", 0)), int(ds.get("Columns", 0))
     if rows * cols > max_pixels:
         raise InputError(label, "image too large", f"{cols}x{rows} > {max_pixels} pixels")
+    frames = int(ds.get("NumberOfFrames", 1) or 1)
     try:
-        arr = ds.pixel_array
+        # The middle slice, the most representative frame of a series, decoded alone (a
+        # 1,000-slice CT is not decoded whole). pydicom already returns YBR colour as RGB.
+        arr = pixel_array(ds, index=frames // 2 if frames > 1 else None)
     except Exception as exc:  # missing codec, truncated pixel data, ...
         raise InputError(label, "undecodable DICOM pixels", str(exc)) from exc
-    frames = int(ds.get("NumberOfFrames", 1) or 1)
-    photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2"))
-    if frames > 1:
-        arr = arr[frames // 2]  # middle slice: the most representative frame of a series
-    if photometric in ("RGB", "YBR_FULL", "YBR_FULL_422") and arr.ndim == 3:
-        if photometric != "RGB":
-            from pydicom.pixels import convert_color_space
+    try:
+        return _dicom_pixels_to_image(ds, arr)
+    except InputError:
+        raise
+    except Exception as exc:  # malformed LUT or window tags, ...
+        raise InputError(label, "undecodable DICOM pixels", str(exc)) from exc
 
-            arr = convert_color_space(arr, photometric, "RGB")
-        return Image.fromarray(np.ascontiguousarray(arr).astype(np.uint8), mode="RGB")
+
+def _dicom_pixels_to_image(ds, arr: np.ndarray) -> Image.Image:
+    from pydicom.pixels import apply_color_lut, apply_modality_lut, apply_voi_lut
+
+    photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2"))
+    if int(ds.get("SamplesPerPixel", 1) or 1) == 3 and arr.ndim == 3:
+        return Image.fromarray(_to_uint8(arr, int(ds.get("BitsStored", 8) or 8)), mode="RGB")
+    if photometric == "PALETTE COLOR":
+        rgb = apply_color_lut(arr, ds)
+        return Image.fromarray(_to_uint8(rgb, 8 * rgb.dtype.itemsize), mode="RGB")
     values = apply_modality_lut(arr, ds)
-    has_window = "WindowCenter" in ds and "WindowWidth" in ds
+    center, width = _first(ds.get("WindowCenter")), _first(ds.get("WindowWidth"))
+    # Anonymisers often blank the window tags: present but empty is no window.
+    has_window = center is not None and width is not None and float(width) > 0
     has_voi_lut = "VOILUTSequence" in ds
-    if has_window or has_voi_lut:
-        windowed = apply_voi_lut(values, ds, index=0)
-        if has_voi_lut and not has_window:
-            img = _array_to_rgb(windowed)
-        else:
-            center = float(_first(ds.WindowCenter))
-            width = float(_first(ds.WindowWidth))
-            img = _array_to_rgb(values, center - width / 2.0, center + width / 2.0)
+    if has_window:
+        c, w = float(center), float(width)
+        img = _array_to_rgb(values, c - w / 2.0, c + w / 2.0)
+    elif has_voi_lut:
+        img = _array_to_rgb(apply_voi_lut(values, ds, index=0))
     else:
         img = _array_to_rgb(values)
     if photometric == "MONOCHROME1":
         img = ImageOps.invert(img)
     return img
+
+
+def _to_uint8(arr: np.ndarray, bits: int) -> np.ndarray:
+    """Colour samples of ``bits`` bits -> uint8 (8-bit data unchanged)."""
+    arr = np.ascontiguousarray(arr)
+    if arr.dtype == np.uint8:
+        return arr
+    scale = 255.0 / float(2**bits - 1)
+    return np.clip(arr.astype(np.float64) * scale + 0.5, 0, 255).astype(np.uint8)
 
 
 def _first(value):
