@@ -9,6 +9,7 @@ import pytest
 from PIL import Image
 
 from llavamed.cli import main
+from llavamed.errors import InputError
 from llavamed.eval.answer import answer_questions, load_questions
 from llavamed.utils.io import iter_jsonl
 
@@ -65,6 +66,15 @@ def test_answer_questions_resumes(tiny_llava_dir, tmp_path):
     r2 = answer_questions(tiny_llava_dir, q, img, out, max_new_tokens=4, progress=False)
     assert r2["n_generated"] == 0 and r2["n_resumed"] == 2
     assert len(list(iter_jsonl(out))) == 2
+    # Another length limit (or another model) must not count the old answers as its own.
+    with pytest.raises(InputError, match="answers written with different settings"):
+        answer_questions(tiny_llava_dir, q, img, out, max_new_tokens=8, progress=False)
+    # A wrong image folder answers nothing: an error, not an empty file and exit code 0.
+    (tmp_path / "elsewhere").mkdir()
+    with pytest.raises(InputError, match="no question could be answered.*file not found"):
+        answer_questions(
+            tiny_llava_dir, q, tmp_path / "elsewhere", tmp_path / "b.jsonl", progress=False
+        )
 
 
 def test_answer_backends_agree_and_cli_flag(wide_llava_dir, tmp_path, capsys):

@@ -25,8 +25,8 @@ def register(sub) -> None:
         "--images", required=True, help="folder the records' 'image' names resolve against"
     )
     p.add_argument("--out", required=True, help="answers JSONL to write (appended, resumable)")
-    p.add_argument("--batch-size", type=int, default=8, help="questions decoded together")
-    p.add_argument("--max-new-tokens", type=int, default=512, help="answer length limit")
+    p.add_argument("--batch-size", type=positive_int, default=8, help="questions decoded together")
+    p.add_argument("--max-new-tokens", type=positive_int, default=512, help="answer length limit")
     add_backend_arg(p)
     add_pack_weights_arg(p)
     p.add_argument("--limit", type=positive_int, default=None, help="only the first N questions")

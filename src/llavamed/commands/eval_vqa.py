@@ -74,10 +74,10 @@ def register(sub) -> None:
     )
     p.add_argument("--out", default=None, help="output folder (default: eval_<dataset>_<split>)")
     p.add_argument(
-        "--batch-size", type=int, default=8, help="questions decoded together (default: 8)"
+        "--batch-size", type=positive_int, default=8, help="questions decoded together (default: 8)"
     )
     p.add_argument(
-        "--max-new-tokens", type=int, default=64, help="answer length limit (default: 64)"
+        "--max-new-tokens", type=positive_int, default=64, help="answer length limit (default: 64)"
     )
     add_backend_arg(p)
     add_pack_weights_arg(p)
@@ -103,7 +103,10 @@ def register(sub) -> None:
     )
     add_dtype_arg(p)
     p.add_argument(
-        "--bootstrap", type=int, default=1000, help="bootstrap resamples for CIs (default: 1000)"
+        "--bootstrap",
+        type=positive_int,
+        default=1000,
+        help="bootstrap resamples for CIs (default: 1000)",
     )
     p.add_argument(
         "--seed", type=int, default=0, help="seed for CIs, noise and shuffle (default: 0)"
@@ -121,8 +124,6 @@ def run(args) -> int:
     from llavamed.eval.vqa_runner import fmt_pct, run_vqa_eval
     from llavamed.utils.precision import model_dtype
 
-    if args.batch_size < 1:
-        raise InputError("--batch-size", "must be >= 1")
     samples, rep = load_vqa(
         args.dataset, args.data, split=args.split, lang=args.lang, images=args.images
     )

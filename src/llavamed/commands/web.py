@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from llavamed.commands import positive_int
 from llavamed.commands.chat import add_sampling_args, sampling_params
 from llavamed.commands.serve import add_model_args
 
@@ -18,7 +19,7 @@ def register(subparsers) -> None:
     p.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1)")
     p.add_argument("--port", type=int, default=7860, help="port (default 7860)")
     p.add_argument(
-        "--max-batch-size", type=int, default=8, help="browser sessions decoded together"
+        "--max-batch-size", type=positive_int, default=8, help="browser sessions decoded together"
     )
     add_sampling_args(p)
     p.set_defaults(func=run)

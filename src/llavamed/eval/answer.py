@@ -16,7 +16,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from llavamed.errors import InputError
+from llavamed.errors import InputError, format_counts
 from llavamed.utils.io import JsonlAppender, iter_jsonl_numbered
 
 
@@ -55,6 +55,21 @@ def load_questions(path: str | os.PathLike) -> tuple[list[dict], Counter]:
     return good, bad
 
 
+def _check_same_run(existing: list[dict], model_id: str, max_new_tokens: int, out, log) -> None:
+    """Resuming appends to another model's (or another length limit's) answers only by mistake:
+    `eval judge` would then score a mix under one name."""
+    for rec in existing[:1]:  # every record of a file is written with the same settings
+        old = (rec.get("model_id"), (rec.get("metadata") or {}).get("max_new_tokens"))
+        if old != (model_id, max_new_tokens):
+            log.close()
+            raise InputError(
+                out,
+                "answers written with different settings",
+                f"model_id, max_new_tokens = {old[0]!r}, {old[1]!r} there, {model_id!r}, "
+                f"{max_new_tokens!r} now; use another --out",
+            )
+
+
 def answer_questions(
     model_dir: str | Path | None,
     questions_path: str | os.PathLike,
@@ -78,7 +93,7 @@ def answer_questions(
     (``bad``: invalid question records per reason; ``skipped``: unreadable images per reason)."""
     from tqdm import tqdm
 
-    from llavamed.eval.vqa_runner import VQAGenerator, answer_items
+    from llavamed.eval.vqa_runner import VQAGenerator, answer_items, model_id_for
     from llavamed.images import load_image
 
     questions, bad = load_questions(questions_path)
@@ -89,7 +104,9 @@ def answer_questions(
         raise InputError(images_dir, "image folder not found")
     out_path = Path(out_path)
     log = JsonlAppender(out_path)
-    done = {str(r.get("question_id")) for r in log.existing()}
+    existing = list(log.existing())
+    _check_same_run(existing, model_id_for(model_dir, model), max_new_tokens, out_path, log)
+    done = {str(r.get("question_id")) for r in existing}
     todo = [q for q in questions if str(q["question_id"]) not in done]
     skipped: Counter = Counter()
     n_gen = 0
@@ -144,6 +161,10 @@ def answer_questions(
         if gen is not None:
             gen.close()
         log.close()
+    if questions and not done and not n_gen:
+        raise InputError(
+            images_dir, "no question could be answered", format_counts(skipped) or "no answers"
+        )
     return {
         "n_questions": len(questions),
         "n_generated": n_gen,

@@ -232,7 +232,7 @@ class VQAGenerator:
         if tok.pad_token is None:
             tok.pad_token = tok.eos_token
         self.pad_token_id = tok.pad_token_id
-        self.model_id = Path(model_dir).name if model_dir is not None else type(model).__name__
+        self.model_id = model_id_for(model_dir, model)
         self._engine = None
 
     def prompt(self, question: str) -> str:
@@ -421,6 +421,11 @@ def read_answers(out_dir: Path, condition: str) -> dict[str, dict]:
             if "question_id" in rec and "text" in rec:
                 got.setdefault(str(rec["question_id"]), rec)
     return got
+
+
+def model_id_for(model_dir: str | Path | None, model: Any = None) -> str:
+    """The ``model_id`` answers records carry: the checkpoint folder's name."""
+    return Path(model_dir).name if model_dir is not None else type(model).__name__
 
 
 def _check_settings(existing: dict[str, dict], meta: dict, where: Path) -> None:
