@@ -111,3 +111,54 @@ def test_web_ui_in_headless_chromium(tiny_llava_dir):
     finally:
         demo.close()
         engine.close()
+
+
+def test_an_upload_during_a_streamed_answer_stays_pending():
+    from llavamed.serve.web import settle_pending
+
+    a, b = {"id": "a", "image": None}, {"id": "b", "image": None}
+    assert settle_pending(a, "a") == (None, None)  # the turn attached it: now in the chat
+    assert settle_pending(b, "a") == (b, None)  # uploaded while "a"'s answer streamed
+    assert settle_pending(b, None) == (b, None)  # a text-only or stopped turn
+
+
+def test_web_events_one_turn_at_a_time_and_stop_and_reset_cancel_it(tiny_llava_dir):
+    """The wiring the browser runs: the answer never writes the pending upload back (an upload
+    made mid-answer was lost), Enter and Send are one event (two parallel turns lost one from
+    the model's context), and Stop / New conversation cancel a running answer (a reset mid-answer
+    came back with the old conversation)."""
+    pytest.importorskip("gradio")
+    from llavamed.serve.engine import Engine, SamplingParams
+    from llavamed.serve.web import build_app
+
+    engine = Engine.from_path(tiny_llava_dir)
+    try:
+        demo = build_app(
+            engine, default_params=SamplingParams(max_tokens=8, temperature=3.0, top_p=0.01, seed=7)
+        )
+        cfg = demo.config
+    finally:
+        engine.close()
+    comp = {c["id"]: c for c in cfg["components"]}
+    by_elem = {c["props"].get("elem_id"): i for i, c in comp.items() if c["props"].get("elem_id")}
+    deps = {d["api_name"]: d for d in cfg["dependencies"]}
+    respond, upload = deps["respond"], deps["on_upload"]
+    pending = upload["outputs"][1]
+    assert comp[pending]["type"] == "state"
+    assert sorted(respond["targets"]) == sorted(
+        [(by_elem["send"], "click"), (by_elem["question"], "submit")]
+    )
+    assert respond["trigger_mode"] == "once" and pending in respond["inputs"]
+    assert pending not in respond["outputs"]
+    settle = deps["settle_pending"]
+    assert settle["trigger_after"] == respond["id"] and pending in settle["outputs"]
+    for button in ("stop", "reset"):
+        cancelling = [d for d in cfg["dependencies"] if (by_elem[button], "click") in d["targets"]]
+        assert any(respond["id"] in d["cancels"] for d in cancelling), button
+    # The command line's sampling values fit the controls (a slider refuses values outside it).
+    values = {c["props"].get("label"): c["props"] for c in comp.values()}
+    t = values["Temperature (0 = greedy)"]
+    assert t["minimum"] <= 3.0 <= t["maximum"] and t["value"] == 3.0
+    p = values["Top-p"]
+    assert p["minimum"] <= 0.01 <= p["maximum"]
+    assert values["Seed (-1 = random)"]["value"] == 7

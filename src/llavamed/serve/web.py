@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -55,6 +56,14 @@ def example_images(out_dir: str | Path | None = None) -> list[Path]:
     return out
 
 
+def settle_pending(pending: dict | None, used: str | None) -> tuple[dict | None, None]:
+    """After a turn: the upload it attached is now in the conversation, so it is no longer
+    pending; an upload made while the answer streamed stays pending for the next question."""
+    if pending and used and pending.get("id") == used:
+        return None, None
+    return pending, None
+
+
 def build_app(
     engine: Engine,
     *,
@@ -78,15 +87,19 @@ def build_app(
             img = load_image(path, name=Path(path).name)
         except InputError as exc:
             raise gr.Error(f"cannot use this file: {exc.reason}") from None
-        return img, img
+        # An id, so the turn that attaches it clears exactly this upload (see settle_pending).
+        return img, {"id": uuid.uuid4().hex, "image": img}
 
     def respond(text, history, conv, pending, temperature, top_p, max_tokens, seed):
+        """Streams (question, chatbot, conv, used). ``pending`` is read, never written: an image
+        uploaded while this answer streams must survive it. ``used`` names the upload attached."""
         history = list(history or [])
         text = (text or "").strip()
         if not text:
-            yield "", history, conv, pending
+            yield "", history, conv, None
             return
         conv = conv or {"messages": [], "images": []}
+        attach = pending if multimodal and pending else None
         try:
             params = SamplingParams(
                 max_tokens=int(max_tokens),
@@ -101,7 +114,7 @@ def build_app(
             params=params,
             messages=list(conv["messages"]),
             images=list(conv["images"]),
-            pending_image=pending if multimodal else None,
+            pending_image=attach["image"] if attach else None,
         )
         history = history + [
             {"role": "user", "content": text},
@@ -112,13 +125,13 @@ def build_app(
             for delta in session.ask(text):
                 answer += delta
                 history[-1] = {"role": "assistant", "content": answer}
-                yield "", history, conv, pending
+                yield "", history, conv, None
         except InputError as exc:
             raise gr.Error(str(exc)) from None
         if not answer:
             history[-1] = {"role": "assistant", "content": "(empty answer)"}
         conv = {"messages": session.messages, "images": session.images}
-        yield "", history, conv, None
+        yield "", history, conv, attach["id"] if attach else None
 
     def clear():
         return [], None, None, None, None
@@ -157,18 +170,31 @@ def build_app(
                         label="Example images (pydicom CT/MR, MedSynth)",
                     )
                 with gr.Accordion("Sampling", open=False):
+                    # The ranges hold the command line's values (a slider refuses a value
+                    # outside its range on every Send).
                     temperature = gr.Slider(
-                        0.0, 2.0, value=dp.temperature, step=0.05, label="Temperature (0 = greedy)"
+                        0.0,
+                        max(2.0, dp.temperature),
+                        value=dp.temperature,
+                        step=0.05,
+                        label="Temperature (0 = greedy)",
                     )
-                    top_p = gr.Slider(0.05, 1.0, value=dp.top_p, step=0.05, label="Top-p")
+                    top_p = gr.Slider(
+                        min(0.05, dp.top_p), 1.0, value=dp.top_p, step=0.01, label="Top-p"
+                    )
+                    longest = engine.max_context - 1
                     max_tokens = gr.Slider(
                         1,
-                        min(2048, engine.max_context - 1),
-                        value=min(dp.max_tokens, engine.max_context - 1),
+                        max(min(2048, longest), min(dp.max_tokens, longest)),
+                        value=min(dp.max_tokens, longest),
                         step=1,
                         label="Max new tokens",
                     )
-                    seed = gr.Number(value=-1, precision=0, label="Seed (-1 = random)")
+                    seed = gr.Number(
+                        value=-1 if dp.seed is None else dp.seed,
+                        precision=0,
+                        label="Seed (-1 = random)",
+                    )
             with gr.Column(scale=2):
                 chatbot = gr.Chatbot(label="Conversation", height=460, elem_id="chatbot")
                 question = gr.Textbox(
@@ -179,13 +205,26 @@ def build_app(
                 )
                 with gr.Row():
                     send = gr.Button("Send", variant="primary", elem_id="send")
+                    stop = gr.Button("Stop", elem_id="stop")
                     reset = gr.Button("New conversation", elem_id="reset")
+        used = gr.State(None)
         upload.change(on_upload, [upload], [preview, pending])
         inputs = [question, chatbot, conv, pending, temperature, top_p, max_tokens, seed]
-        outputs = [question, chatbot, conv, pending]
-        send.click(respond, inputs, outputs, concurrency_limit=concurrency)
-        question.submit(respond, inputs, outputs, concurrency_limit=concurrency)
-        reset.click(clear, [], [chatbot, conv, pending, preview, upload])
+        # One event for Enter and Send: a second trigger while an answer runs is ignored rather
+        # than starting a parallel turn from the same conversation (one of them would be lost).
+        answer = gr.on(
+            [send.click, question.submit],
+            respond,
+            inputs,
+            [question, chatbot, conv, used],
+            concurrency_limit=concurrency,
+            trigger_mode="once",
+        )
+        answer.then(settle_pending, [pending, used], [pending, used])
+        # Cancelling stops the engine's generation too (ChatSession.ask's finally). A stopped
+        # turn never reaches conv, so its image stays pending for the next question.
+        stop.click(None, None, None, cancels=[answer])
+        reset.click(clear, [], [chatbot, conv, pending, preview, upload], cancels=[answer])
     demo.queue(default_concurrency_limit=concurrency)
     return demo
 
