@@ -86,3 +86,10 @@ def test_train_overrides_may_follow_the_flags(capsys):
         main(["train", str(CONFIGS / "tiny_smoke.yaml"), "--print-config", "--bogus"])
     with pytest.raises(SystemExit):
         main(["chat", "--model", "x", "train.lr=0.5"])  # no overrides there
+
+
+def test_serve_refuses_an_empty_api_key_before_loading_anything(tmp_path, capsys):
+    # `--api-key "$KEY"` with KEY unset must not quietly serve without authentication.
+    rc = main(["serve", "--model", str(tmp_path / "nowhere"), "--api-key", ""])
+    err = capsys.readouterr().err
+    assert rc == 1 and "--api-key: the key is empty" in err

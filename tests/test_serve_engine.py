@@ -66,6 +66,26 @@ def test_detects_model_kind(tiny_lm_dir, tiny_llava_dir):
     assert not is_llava_dir(tiny_lm_dir)
 
 
+def test_a_training_run_folder_serves_its_final_checkpoint_under_the_runs_name(
+    tiny_llava_dir, tmp_path
+):
+    # `llavamed train` writes runs/stage2/checkpoint-final; the docs serve `--model runs/stage2`
+    # and a client asks for model "stage2".
+    import shutil
+
+    from llavamed.errors import InputError
+
+    run = tmp_path / "runs" / "stage2"
+    shutil.copytree(tiny_llava_dir, run / "checkpoint-final")
+    engine = Engine.from_path(run, pack_weights=False)
+    try:
+        assert engine.name == "stage2" and engine.is_multimodal
+    finally:
+        engine.close()
+    with pytest.raises(InputError, match="not a checkpoint folder"):
+        Engine.from_path(tmp_path / "runs")
+
+
 def test_batched_greedy_matches_one_at_a_time_generate(lm_engine):
     """Different prompt lengths, a batch of 4 plus one request that joins the running batch:
     every row must produce exactly what HF generate produces for it alone."""

@@ -133,7 +133,9 @@ def resolve_api_key(args) -> str | None:
                 f"--api-key-env: environment variable {args.api_key_env} is unset or empty"
             )
         return value
-    return args.api_key or None
+    if args.api_key == "":  # e.g. --api-key "$KEY" with KEY unset: not a request for no auth
+        raise ConfigError("--api-key: the key is empty; omit the flag to serve without a key")
+    return args.api_key
 
 
 def run(args) -> int:

@@ -10,6 +10,28 @@ from pathlib import Path
 from llavamed.errors import InputError, first_line
 from llavamed.model.compose import CHECKPOINT_META
 
+FINAL = "checkpoint-final"
+"""The folder a training run saves its finished model in."""
+
+
+def resolve_checkpoint(path: str | Path) -> Path:
+    """A checkpoint folder, or a run folder holding ``checkpoint-final``."""
+    p = Path(path)
+    if (p / "config.json").is_file():
+        return p
+    if (p / FINAL / "config.json").is_file():
+        return p / FINAL
+    raise InputError(
+        p, "not a checkpoint folder", "no config.json (and no checkpoint-final/ inside)"
+    )
+
+
+def checkpoint_name(path: str | Path) -> str:
+    """The name a model goes by: its run folder's for a ``checkpoint-final`` (``runs/stage2``
+    is served as ``stage2``, not as ``checkpoint-final``)."""
+    p = Path(path)
+    return p.resolve().parent.name if p.name == FINAL else p.name
+
 
 def read_meta(path: str | Path) -> dict:
     p = Path(path) / CHECKPOINT_META

@@ -218,15 +218,15 @@ class Handle:
 
 
 def resolve_model_dir(model: str | Path) -> Path:
-    """``"embedded"`` -> the cached SmolLM2-135M-Instruct folder; otherwise the folder itself."""
+    """``"embedded"`` -> the cached SmolLM2-135M-Instruct folder; a training run's folder -> its
+    ``checkpoint-final``; otherwise the folder itself."""
     if str(model) == EMBEDDED:
         from llavamed.model.embedded import embedded_lm_dir
 
         return embedded_lm_dir()
-    path = Path(model)
-    if not (path / "config.json").is_file():
-        raise InputError(path, "not a model folder", "config.json missing")
-    return path
+    from llavamed.model.checkpoint import resolve_checkpoint
+
+    return resolve_checkpoint(model)
 
 
 def is_llava_dir(path: str | Path) -> bool:
@@ -374,7 +374,9 @@ class Engine:
 
             batch = (settings or EngineSettings()).max_batch_size
             pack_linears(mdl, batch_hint=batch)
-        return cls(mdl, tok, processor, settings=settings, name=name or path.name)
+        from llavamed.model.checkpoint import checkpoint_name
+
+        return cls(mdl, tok, processor, settings=settings, name=name or checkpoint_name(path))
 
     def _eos_ids(self) -> set[int]:
         ids: set[int] = set()

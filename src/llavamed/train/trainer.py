@@ -23,6 +23,7 @@ from typing import Any
 
 from llavamed.config import TrainConfig, diff, dump_yaml, load_config, to_dict
 from llavamed.errors import ConfigError, InputError
+from llavamed.model.checkpoint import FINAL, resolve_checkpoint
 from llavamed.train import checkpointing as ck
 from llavamed.train.data import (
     Collator,
@@ -41,7 +42,6 @@ from llavamed.utils.io import (
 )
 from llavamed.utils.precision import resolve_precision
 
-FINAL = "checkpoint-final"
 # Keys that may change between a run and its resumption without changing what is trained.
 RESUMABLE_CHANGES = (
     "output.save_every",
@@ -148,18 +148,6 @@ def _loss_module_cls():
     return CausalLMLoss
 
 
-def resolve_model_path(path: str) -> Path:
-    """A checkpoint folder, or a run folder holding ``checkpoint-final``."""
-    p = Path(path)
-    if (p / "config.json").is_file():
-        return p
-    if (p / FINAL / "config.json").is_file():
-        return p / FINAL
-    raise InputError(
-        p, "not a checkpoint folder", "no config.json (and no checkpoint-final/ inside)"
-    )
-
-
 def build_model(cfg: TrainConfig):
     """``(llava, processor, spec, template)`` as the config describes, before freezing/LoRA."""
     import torch
@@ -175,7 +163,7 @@ def build_model(cfg: TrainConfig):
     else:
         from transformers import AutoProcessor, LlavaForConditionalGeneration
 
-        path = resolve_model_path(cfg.model.from_)
+        path = resolve_checkpoint(cfg.model.from_)
         with model_files(path):
             model = LlavaForConditionalGeneration.from_pretrained(path, dtype=torch.float32)
             processor = AutoProcessor.from_pretrained(path)
