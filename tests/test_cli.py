@@ -93,3 +93,16 @@ def test_serve_refuses_an_empty_api_key_before_loading_anything(tmp_path, capsys
     rc = main(["serve", "--model", str(tmp_path / "nowhere"), "--api-key", ""])
     err = capsys.readouterr().err
     assert rc == 1 and "--api-key: the key is empty" in err
+
+
+def test_web_on_a_busy_port_fails_in_one_line_before_loading_the_model(tmp_path, capsys):
+    import socket
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        # The model path does not exist: reaching the load would give another error.
+        rc = main(["web", "--model", str(tmp_path / "nowhere"), "--port", str(port)])
+    err = capsys.readouterr().err
+    assert rc == 1 and f"--port {port}: cannot listen" in err

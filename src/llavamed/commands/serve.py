@@ -138,10 +138,20 @@ def resolve_api_key(args) -> str | None:
     return args.api_key
 
 
+def listen(host: str, port: int):
+    """A socket bound to ``host:port``, or a one-line error naming them (a busy port, a bad
+    address): checked before a model loads, not after."""
+    from llavamed.serve.api import bind_socket
+
+    try:
+        return bind_socket(host, port)
+    except (OSError, OverflowError) as exc:
+        reason = getattr(exc, "strerror", None) or str(exc)
+        raise ConfigError(f"--host {host} --port {port}: cannot listen ({reason})") from exc
+
+
 def run(args) -> int:
     import logging
-
-    from llavamed.serve.api import bind_socket
 
     for flag in ("max_batch_size", "max_queue", "max_completion_tokens", "max_images"):
         if getattr(args, flag) < 1:
@@ -155,13 +165,7 @@ def run(args) -> int:
     logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
     # Bound before the model loads: a busy port or a bad address fails in a second, not after
     # the load, and the port stays ours while the weights load.
-    try:
-        sock = bind_socket(args.host, args.port)
-    except (OSError, OverflowError) as exc:
-        reason = getattr(exc, "strerror", None) or str(exc)
-        raise ConfigError(
-            f"--host {args.host} --port {args.port}: cannot listen ({reason})"
-        ) from exc
+    sock = listen(args.host, args.port)
     try:
         return _serve(args, sock, api_key)
     finally:

@@ -34,8 +34,10 @@ def run(args) -> int:
         import gradio  # noqa: F401
     except ImportError:
         raise LlavamedError("llavamed web needs gradio: pip install 'llavamed[web]'") from None
+    from llavamed.commands.serve import listen
     from llavamed.serve.web import launch
 
+    listen(args.host, args.port).close()  # a busy port fails now, not after the model loads
     engine = Engine.from_path(
         args.model,
         dtype=args.dtype,
