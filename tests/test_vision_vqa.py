@@ -172,3 +172,29 @@ def test_an_image_stored_as_bytes_is_one_image_whatever_its_questions(tmp_path):
     _, processor = build(ModelSpec(lm="tiny", vision="tiny"))
     table, info = load_yes_no(cfg, processor.image_processor)
     assert info["images"] == 6 and all(len(qa) == 2 for qa in table.labels)
+
+
+@pytest.mark.parametrize("aspect", ["pad", "crop"])
+def test_the_tower_sees_the_composed_llavas_geometry(tmp_path, aspect):
+    # Stage 0b once squashed every image to a square while stage 0 and the composed LLaVA pad:
+    # the tower trained on one geometry and was shown another. A wide image tells them apart.
+    import numpy as np
+
+    from llavamed.model.compose import ModelSpec, build
+    from llavamed.train.vision_pretrain import load_tower, square_tensor
+    from llavamed.train.vision_vqa import image_processor, make_config
+
+    rng = np.random.default_rng(0)
+    img = Image.fromarray(rng.integers(0, 256, (24, 61, 3), dtype=np.uint8))
+    cfg = make_config(_cfg(tmp_path, tmp_path / "o", aspect=aspect))
+    tower = load_tower(cfg.vision)
+    ours = image_processor(cfg, tower)(images=[img], return_tensors="pt")["pixel_values"][0]
+    _, processor = build(ModelSpec(lm="tiny", vision="tiny", aspect=aspect))
+    llava = processor.image_processor(images=[img], return_tensors="pt")["pixel_values"][0]
+    assert torch.equal(ours, llava)
+    if aspect == "pad":  # stage 0's own pad-then-resize, up to its uint8 rounding
+        s0 = square_tensor(img, tower.image_size, tower.mean).float() / 255
+        mean, std = (torch.tensor(v).view(3, 1, 1) for v in (tower.mean, tower.std))
+        assert torch.allclose(ours, (s0 - mean) / std, atol=2 / 255 / min(tower.std))
+    with pytest.raises(ConfigError, match="aspect"):
+        make_config(_cfg(tmp_path, tmp_path / "o", aspect="squash"))

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from llavamed.errors import ConfigError, InputError, first_line
+from llavamed.model.processing import llava_image_processor, template_eos
 from llavamed.model.templates import IMAGE_PLACEHOLDER, get_template
 
 CHECKPOINT_META = "llavamed.json"
@@ -212,7 +213,6 @@ def build(spec: ModelSpec):
     from transformers import (
         LlavaConfig,
         LlavaForConditionalGeneration,
-        LlavaImageProcessor,
         LlavaProcessor,
     )
 
@@ -263,14 +263,10 @@ def build(spec: ModelSpec):
     model.generation_config.eos_token_id = tok.eos_token_id
     model.generation_config.bos_token_id = tok.bos_token_id
 
-    image_processor = LlavaImageProcessor(
-        do_pad=spec.aspect == "pad",
-        size={"shortest_edge": image_size},
-        crop_size={"height": image_size, "width": image_size},
-        image_mean=vision.image_mean,
-        image_std=vision.image_std,
+    image_processor = llava_image_processor(
+        image_size, vision.image_mean, vision.image_std, pad=spec.aspect == "pad"
     )
-    eos = "<|im_end|>" if template.name == "chatml" else tok.eos_token
+    eos = template_eos(template, tok)
     processor = LlavaProcessor(
         image_processor=image_processor,
         tokenizer=tok,

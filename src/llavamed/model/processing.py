@@ -34,6 +34,23 @@ def template_eos(template: ChatTemplate, tokenizer) -> str:
     return "<|im_end|>" if template.name == "chatml" else tokenizer.eos_token
 
 
+def llava_image_processor(image_size: int, mean, std, *, pad: bool):
+    """The image geometry of every stage that feeds the tower: ``pad`` (LLaVA's default: pad to
+    square with the mean colour, then resize) or crop (resize the short side, centre-crop).
+
+    Stage 0b, composition and conversion all build their processor here, so a tower is never
+    trained on one geometry and served on another."""
+    from transformers import LlavaImageProcessor
+
+    return LlavaImageProcessor(
+        do_pad=pad,
+        size={"shortest_edge": image_size},
+        crop_size={"height": image_size, "width": image_size},
+        image_mean=list(mean),
+        image_std=list(std),
+    )
+
+
 def num_image_tokens(processor) -> int:
     """How many ``<image>`` tokens one image expands to (patches, minus CLS under "default")."""
     size = processor.image_processor.crop_size

@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from llavamed.errors import ConfigError, InputError
+from llavamed.model.processing import llava_image_processor
 from llavamed.utils.io import atomic_write_json, atomic_write_text
 from llavamed.utils.precision import check_precision, resolve_precision
 
@@ -60,6 +61,9 @@ class VisionVQAConfig:
     """Where the trained tower (``vision_tower/``), report and caches go."""
     feature_layer: int = -2
     """Hidden state trained; match the LLaVA's ``vision_feature_layer`` (-2 for a folder tower)."""
+    aspect: str = "pad"
+    """Image geometry; match the LLaVA's ``aspect``: ``pad`` (to square with the mean colour, then
+    resize) or ``crop`` (resize the short side, centre-crop)."""
     readout: str = "token"
     """How the discarded question head reads the patches: ``token`` (every patch token answers),
     ``mean`` (pooled) or ``lse`` (a smooth max over patches)."""
@@ -103,6 +107,8 @@ class VisionVQAConfig:
             raise ConfigError("val_fraction must be in [0, 1)")
         if self.log_every < 1 or self.warmup_steps < 0 or self.weight_decay < 0:
             raise ConfigError("log_every must be >= 1, warmup_steps and weight_decay >= 0")
+        if self.aspect not in ("pad", "crop"):
+            raise ConfigError(f"aspect={self.aspect!r}: choose pad or crop")
         if self.feature_layer == 0:
             raise ConfigError("feature_layer=0 is the patch embedding; use -1, -2, ...")
 
@@ -175,6 +181,12 @@ def load_yes_no(cfg: VisionVQAConfig, image_processor) -> tuple[YesNoTable, dict
         pix.append(image_processor(images=[img], return_tensors="pt")["pixel_values"][0])
         labels.append([(qidx[q], y) for q, y in qa])
     return YesNoTable(torch.stack(pix), labels, questions, skipped), {"images": len(labels)}
+
+
+def image_processor(cfg: VisionVQAConfig, tower):
+    """The composed LLaVA's geometry for this tower (stage 0 pads the same way), so the tower is
+    not trained on squashed images and then shown padded ones."""
+    return llava_image_processor(tower.image_size, tower.mean, tower.std, pad=cfg.aspect == "pad")
 
 
 # ---- model --------------------------------------------------------------------------------------
@@ -266,14 +278,7 @@ def train_vision_vqa(cfg: VisionVQAConfig, progress: bool = True) -> VisionVQARe
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(cfg.seed)
     tower = load_tower(cfg.vision, seed=cfg.seed)
-    from transformers import CLIPImageProcessor
-
-    proc = CLIPImageProcessor(
-        size={"height": tower.image_size, "width": tower.image_size},
-        do_center_crop=False,
-        image_mean=tower.mean,
-        image_std=tower.std,
-    )
+    proc = image_processor(cfg, tower)
     table, counts = load_yes_no(cfg, proc)
     encoder = TextEncoder(resolve_text_encoder(cfg.text_encoder))
     q_emb = cached_embeddings(

@@ -109,7 +109,6 @@ def convert_llava_med(
         AutoTokenizer,
         LlavaConfig,
         LlavaForConditionalGeneration,
-        LlavaImageProcessor,
         LlavaProcessor,
         MistralConfig,
     )
@@ -117,6 +116,7 @@ def convert_llava_med(
 
     from llavamed.model.compose import is_checkpoint_dir
     from llavamed.model.convert.native_writer import write_native_checkpoint
+    from llavamed.model.processing import llava_image_processor
     from llavamed.model.templates import IMAGE_PLACEHOLDER, get_template
     from llavamed.utils.io import check_output_dir
 
@@ -238,12 +238,8 @@ def convert_llava_med(
         "bos_token_id": tok.bos_token_id,
     }
     pad = src_cfg.get("image_aspect_ratio", "pad") == "pad"
-    image_processor = LlavaImageProcessor(
-        do_pad=pad,
-        size={"shortest_edge": image_size},
-        crop_size={"height": image_size, "width": image_size},
-        image_mean=mean or list(OPENAI_CLIP_MEAN),
-        image_std=std or list(OPENAI_CLIP_STD),
+    image_processor = llava_image_processor(
+        image_size, mean or OPENAI_CLIP_MEAN, std or OPENAI_CLIP_STD, pad=pad
     )
     template = get_template("mistral_instruct")
     processor = LlavaProcessor(
