@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -39,6 +40,7 @@ def _stages(calls: list[str], out, settings_b: dict, fail_b: bool = False):
         (out / "b").mkdir(exist_ok=True)
         (out / "b" / "partial.txt").write_text("b")
         if fail_b:
+            time.sleep(0.3)  # work the resumed run's wall time must still count
             raise KeyboardInterrupt  # a killed run
         return {"n": 2}
 
@@ -58,6 +60,10 @@ def test_pipeline_skips_finished_and_resumes_interrupted(tmp_path):
     res = Pipeline(opts, _stages(calls, tmp_path, {"k": 1})).run()
     assert calls == ["b"]  # a skipped, b resumed in its folder (same key: partial kept)
     assert [r.skipped for r in res] == [True, False]
+    # b's wall time counts the interrupted attempt too, and says so.
+    assert 0.3 <= res[1].resumed_after_s <= res[1].wall_s
+    again = Pipeline(opts, _stages(calls, tmp_path, {"k": 1})).run()
+    assert again[1].skipped and again[1].resumed_after_s == res[1].resumed_after_s
 
     calls.clear()
     res = Pipeline(opts, _stages(calls, tmp_path, {"k": 1})).run()
@@ -119,6 +125,68 @@ def test_unknown_size():
         QuickstartOptions(size="huge").preset()
 
 
+def test_a_stage_restarted_with_other_settings_is_not_vouched_for_by_its_old_record(tmp_path):
+    # Run with A; start B (wipes the stage's folder) and kill it; back to A: the old "finished
+    # with A" record must not skip a stage whose folder B's attempt wiped or half-rewrote.
+    opts = QuickstartOptions(out=tmp_path, progress=False)
+    calls: list[str] = []
+    Pipeline(opts, _stages(calls, tmp_path, {"k": "A"})).run()
+    with pytest.raises(KeyboardInterrupt):
+        Pipeline(opts, _stages(calls, tmp_path, {"k": "B"}, fail_b=True)).run()
+    calls.clear()
+    Pipeline(opts, _stages(calls, tmp_path, {"k": "A"})).run()
+    assert calls == ["b"]
+
+
+def test_a_deleted_stage_folder_reruns_the_stage_and_every_later_one(tmp_path):
+    import shutil
+
+    opts = QuickstartOptions(out=tmp_path, progress=False)
+    calls: list[str] = []
+    Pipeline(opts, _stages(calls, tmp_path, {"k": 1})).run()
+    (tmp_path / "b" / "stale.txt").write_text("from the run that read a's old output")
+    shutil.rmtree(tmp_path / "a")  # the user forces a redo
+    calls.clear()
+    res = Pipeline(opts, _stages(calls, tmp_path, {"k": 1})).run()
+    # b read a's output: it starts over in a clean folder, although its own key is unchanged.
+    assert calls == ["a", "b"] and [r.skipped for r in res] == [False, False]
+    assert not (tmp_path / "b" / "stale.txt").exists()
+
+
+def test_an_incomplete_stage_runs_again_and_a_stage_error_names_the_stage(tmp_path):
+    from llavamed.errors import InputError
+    from llavamed.quickstart import StageError
+
+    opts = QuickstartOptions(out=tmp_path, progress=False)
+    calls: list[str] = []
+    outcome = {"incomplete": True}
+
+    def a():
+        calls.append("a")
+        (tmp_path / "a").mkdir(exist_ok=True)
+        return dict(outcome)
+
+    def b():
+        calls.append("b")
+        raise InputError(tmp_path / "x.json", "file not found")
+
+    stages = [("a", "a", a, {}), ("b", "b", b, {})]
+    with pytest.raises(StageError) as err:
+        Pipeline(opts, stages).run()
+    msg = str(err.value)
+    assert msg.startswith("quickstart stage b: ") and "x.json: file not found" in msg
+    assert f"delete {tmp_path / 'b'}" in msg
+    outcome.clear()  # e.g. self-instruct's failed requests succeed this time
+    calls.clear()
+    with pytest.raises(StageError):
+        Pipeline(opts, stages).run()
+    assert calls == ["a", "b"]  # a ran again: its last run was incomplete
+    calls.clear()
+    with pytest.raises(StageError):
+        Pipeline(opts, stages).run()
+    assert calls == ["b"]
+
+
 @pytest.mark.slow
 def test_quickstart_tiny_end_to_end_and_rerun(tmp_path):
     out = tmp_path / "qs"
@@ -176,7 +244,11 @@ def test_report_flags_a_model_that_answers_closed_questions_without_yes_or_no():
             "finetuned": {
                 "strict_closed_acc": stat(0.7),
                 "closed_unparsed": stat(0.0),
-                "ablation_blank": {"strict_closed_acc": 0.5, "closed_unparsed": 0.1},
+                "ablation_blank": {"strict_closed_acc": stat(0.5), "closed_unparsed": stat(0.1)},
+                "ablation_blank_drop": {
+                    "strict_closed_acc": {"mean": 0.2, "lo": 0.1, "hi": 0.3, "n": 10}
+                },
+                "limit": 400,
             },
         },
         "stages": {},
@@ -186,12 +258,14 @@ def test_report_flags_a_model_that_answers_closed_questions_without_yes_or_no():
     }
     md = render_markdown(report)
     assert (
-        "| closed answers with no yes/no (counted wrong by the strict parse) | 90.0 [90.0, 90.0] | 0.0 [0.0, 0.0] | 10.0 |"
+        "| closed answers with no yes/no (counted wrong by the strict parse) | 90.0 [90.0, 90.0] | 0.0 [0.0, 0.0] | 10.0 [10.0, 10.0] |"
         in md
     )
     assert "The zero-shot model answered 90.0% of closed questions without a yes or no" in md
     assert "The fine-tuned model answered" not in md
-    assert "Blank-image drop in strict closed accuracy: **20.0 points**" in md
+    # The paired drop with its own interval, and the evaluated subset named as one.
+    assert "paired per question: **20.0 [10.0, 30.0] points**" in md
+    assert "the first 400 English questions of the SLAKE-shaped test split" in md
 
 
 def test_vision_option_rejects_a_folder_without_a_tower(tmp_path):
@@ -201,6 +275,15 @@ def test_vision_option_rejects_a_folder_without_a_tower(tmp_path):
     with pytest.raises(ConfigError, match="notatower.*no config.json"):
         QuickstartOptions(vision=tmp_path / "notatower").check_vision()
     assert QuickstartOptions().check_vision() is None
+    # A tower inside --out would be deleted with its stage folder when that stage starts over.
+    from llavamed.quickstart import run_quickstart
+
+    tower = tmp_path / "out" / "stage0b" / "vision_tower"
+    tower.mkdir(parents=True)
+    (tower / "config.json").write_text("{}")
+    with pytest.raises(ConfigError, match="inside --out"):
+        run_quickstart(QuickstartOptions(out=tmp_path / "out", vision=tower, progress=False))
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["stage0b"]
 
 
 def test_tower_fingerprint_follows_the_weights_not_the_path(tmp_path):
@@ -292,3 +375,31 @@ def test_try_it_picks_the_test_image_the_final_eval_asked_most_about(tmp_path):
     bare = _try_it(tmp_path / "empty")
     assert bare["image"] is None and bare["questions"] == []
     assert "--image" not in bare["commands"]["chat"] and "one question" not in bare["commands"]
+
+
+def test_a_second_quickstart_on_the_same_output_is_refused(tmp_path):
+    from llavamed.errors import LlavamedError
+    from llavamed.quickstart import run_quickstart
+
+    out = tmp_path / "out"
+    out.mkdir()
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import sys, time\n"
+            "from llavamed.utils.io import exclusive_lock\n"
+            f"with exclusive_lock({str(out / '.quickstart.lock')!r}, 'x'):\n"
+            "    print('held', flush=True); time.sleep(60)",
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(LlavamedError, match="another `llavamed quickstart` run"):
+            run_quickstart(QuickstartOptions(out=out, size="tiny", progress=False))
+        assert not (out / "quickstart_state.json").exists()  # nothing ran
+    finally:
+        holder.kill()
+        holder.wait()

@@ -5,10 +5,12 @@ MedSynth world -> PMC ingestion + domains -> stage-1 alignment set -> self-instr
 GPT-4 or vLLM) -> stage 0 (vision pretraining) -> stage 1 -> stage 2 -> zero-shot VQA -> VQA
 fine-tuning -> VQA again with the blank-image ablation -> report.
 
-Every stage is keyed by a hash of its settings and of the keys of the stages it reads, recorded
-in ``OUT/quickstart_state.json`` once it finishes. A re-run skips finished stages whose key is
-unchanged; a killed run resumes inside the interrupted stage (each stage's own tool resumes), and
-a stage whose settings changed starts over in a clean folder.
+Every stage is keyed by a hash of its settings and of the key of the stage before it (so of every
+earlier stage's settings), recorded in ``OUT/quickstart_state.json`` once it finishes. A re-run
+skips finished stages whose key is unchanged and whose folder is still there; a killed run resumes
+inside the interrupted stage (each stage's own tool resumes; stage 0b, a few minutes long, starts
+over). A stage whose settings changed starts over in a clean folder, and so does every stage after
+one that ran again.
 """
 
 from __future__ import annotations
@@ -26,9 +28,12 @@ from pathlib import Path
 from typing import Any
 
 from llavamed.errors import ConfigError, InputError, LlavamedError
-from llavamed.utils.io import atomic_write_json, atomic_write_text, read_json
+from llavamed.utils.io import atomic_write_json, atomic_write_text, exclusive_lock, read_json
 
 STATE_FILE = "quickstart_state.json"
+# Stage 0b trains the tower on the geometry the composed LLaVA feeds it (ModelSpec's default aspect);
+# part of the stage's key, so a folder from a version that squashed images re-runs it.
+STAGE0B_ASPECT = "pad"
 EVAL_DATASET = "slake"  # MedSynth's SLAKE-shaped set: the largest, with en and zh questions
 
 
@@ -275,6 +280,20 @@ def tower_fingerprint(tower: Path) -> str:
     return h.hexdigest()[:16]
 
 
+class StageError(LlavamedError):
+    """A stage's error, named with the stage and how to redo it (the quickstart's user never
+    chose the stage's inner paths and options that the tool's own message refers to)."""
+
+    def __init__(self, stage: str, folder: Path | None, cause: LlavamedError):
+        self.stage, self.cause = stage, cause
+        redo = (
+            f"; to redo the stage from scratch, delete {folder} and run the same command again"
+            if folder is not None
+            else ""
+        )
+        super().__init__(f"quickstart stage {stage}: {cause}{redo}")
+
+
 @dataclass
 class StageResult:
     name: str
@@ -282,6 +301,8 @@ class StageResult:
     wall_s: float
     skipped: bool
     info: dict
+    resumed_after_s: float = 0.0
+    """Part of ``wall_s`` spent by earlier, interrupted runs of the stage."""
 
 
 def _key(*parts: Any) -> str:
@@ -342,15 +363,31 @@ class Pipeline:
             bar_format="{desc}{n}/{total} stages |{bar}| {elapsed} elapsed{postfix}",
         )
         names = [s[0] for s in self.stages]
+        # Once a stage runs, every later stage read its old output (or none): they start clean.
+        upstream_ran = False
         try:
             for i, (name, folder, fn, settings) in enumerate(self.stages):
                 key = _key(name, settings, upstream_key)
                 upstream_key = key
                 done = self.state["stages"].get(name)
+                stage_dir = self.out / folder if folder else None
                 bar.set_description(f"quickstart [{name}]")
-                if done and done.get("key") == key:
+                if (
+                    not upstream_ran
+                    and done
+                    and done.get("key") == key
+                    and not done.get("incomplete")
+                    and (stage_dir is None or stage_dir.exists())
+                ):
                     self.results.append(
-                        StageResult(name, key, done["wall_s"], True, done.get("info", {}))
+                        StageResult(
+                            name,
+                            key,
+                            done["wall_s"],
+                            True,
+                            done.get("info", {}),
+                            done.get("resumed_after_s", 0.0),
+                        )
                     )
                     bar.update(1)
                     continue
@@ -362,24 +399,43 @@ class Pipeline:
                             f"[quickstart] {name} ({i + 1}/{len(names)}): about "
                             f"{_minutes(left)} left in total"
                         )
-                stage_dir = self.out / folder if folder else None
                 started = self.state.setdefault("started", {})
-                if (
-                    stage_dir is not None
-                    and started.get(name) not in (None, key)
-                    and stage_dir.exists()
-                ):
-                    # Settings changed since this stage last ran: its partial output is stale.
+                # Seconds that interrupted attempts spent on the output this attempt resumes.
+                spent = self.state.setdefault("interrupted_s", {})
+                stale = upstream_ran or started.get(name) not in (None, key)
+                if stale:
+                    spent.pop(name, None)
+                if stage_dir is not None and stale and stage_dir.exists():
+                    # Settings or inputs changed since this stage last ran: its output is stale.
                     shutil.rmtree(stage_dir)
+                # Not finished until this run says so: a kill from here on must not leave the
+                # old record behind to vouch for a folder that was just wiped or half-rewritten.
+                self.state["stages"].pop(name, None)
                 started[name] = key
                 self._save()
+                upstream_ran = True
                 t0 = time.time()
-                info = fn() or {}
+                try:
+                    info = fn() or {}
+                except LlavamedError as err:
+                    raise StageError(name, stage_dir, err) from err
+                except BaseException:  # Ctrl-C included: the next run resumes this work
+                    spent[name] = round(spent.get(name, 0.0) + time.time() - t0, 1)
+                    self._save()
+                    raise
                 wall = time.time() - t0
-                self.finished.append((name, wall))
-                self.state["stages"][name] = {"key": key, "wall_s": round(wall, 1), "info": info}
+                earlier = spent.pop(name, 0.0)
+                if not earlier:  # a resumed stage's time says nothing of this machine's speed
+                    self.finished.append((name, wall))
+                wall += earlier
+                record = {"key": key, "wall_s": round(wall, 1), "info": info}
+                if earlier:
+                    record["resumed_after_s"] = earlier
+                if info.get("incomplete"):  # e.g. self-instruct's failed requests: retry them
+                    record["incomplete"] = True
+                self.state["stages"][name] = record
                 self._save()
-                self.results.append(StageResult(name, key, wall, False, info))
+                self.results.append(StageResult(name, key, wall, False, info, earlier))
                 bar.update(1)
                 if self.opts.progress:
                     tqdm.write(f"[quickstart] {name}: done in {wall:.0f} s")
@@ -397,6 +453,12 @@ def run_quickstart(opts: QuickstartOptions) -> dict:
     given_tower = opts.check_vision()
     given_fp = tower_fingerprint(given_tower) if given_tower else None
     out = Path(opts.out).resolve()
+    if given_tower is not None and given_tower.resolve().is_relative_to(out):
+        # A stage that starts over empties its folder, which would take the given tower with it.
+        raise ConfigError(
+            f"--vision {opts.vision}: the tower lies inside --out {out}, whose stage folders a "
+            "re-run may empty; copy it elsewhere (or use another --out) and give that path"
+        )
     out.mkdir(parents=True, exist_ok=True)
     opts.out = out
     world, corpus = out / "world", out / "corpus"
@@ -476,10 +538,12 @@ def run_quickstart(opts: QuickstartOptions) -> dict:
         if rc:
             print(
                 f"quickstart: self-instruct went on without {report['pending_after_failures']} "
-                f"figures whose requests failed ({report['failed_this_run']})",
+                f"figures whose requests failed ({report['failed_this_run']}); the next run of the "
+                "same command retries them",
                 file=sys.stderr,
             )
         return {
+            "incomplete": bool(rc),  # the next run retries the failed figures
             "kept": report["totals"]["kept"],
             "dropped": report["totals"]["dropped"],
             "failed": report["pending_after_failures"],
@@ -534,6 +598,7 @@ def run_quickstart(opts: QuickstartOptions) -> dict:
                 "vision": str(stage0_tower),
                 "output_dir": str(out / "stage0b"),
                 "feature_layer": -2,
+                "aspect": STAGE0B_ASPECT,
                 "steps": p.stage0b_steps,
                 "precision": "auto",
                 "seed": seed,
@@ -732,7 +797,7 @@ def run_quickstart(opts: QuickstartOptions) -> dict:
                     "stage0b_vision_vqa",
                     "stage0b",
                     stage0b,
-                    {"steps": p.stage0b_steps}
+                    {"steps": p.stage0b_steps, "aspect": STAGE0B_ASPECT}
                     | (
                         {"vision": str(given_tower), "fingerprint": given_fp} if given_tower else {}
                     ),
@@ -769,8 +834,11 @@ def run_quickstart(opts: QuickstartOptions) -> dict:
         ),
     ]
     t0 = time.time()
-    results = Pipeline(opts, stages, expected_s=p.stage_seconds).run()
-    report = build_report(opts, results, time.time() - t0)
+    # Two runs on one --out would run the same stage into the same folder (and one's restart
+    # would empty the other's live folder).
+    with exclusive_lock(out / ".quickstart.lock", "another `llavamed quickstart` run"):
+        results = Pipeline(opts, stages, expected_s=p.stage_seconds).run()
+        report = build_report(opts, results, time.time() - t0)
     return report
 
 
@@ -808,16 +876,21 @@ def _headline(result: dict) -> dict:
         )
         stat = src.get(k) or overall.get(k)
         if stat:
-            out[k] = {"mean": stat["mean"], "lo": stat["lo"], "hi": stat["hi"], "n": stat["n"]}
+            out[k] = _stat(stat)
+    out["limit"] = result.get("limit")
     for name, abl in (result.get("ablations") or {}).items():
         m = abl.get("metrics", {})
         closed = m.get("by_answer_type", {}).get("closed", {}) or m.get("overall", {})
-        out[f"ablation_{name}"] = {
-            k: closed[k]["mean"]
-            for k in ("strict_closed_acc", "llava_med_closed_acc", "closed_unparsed")
-            if k in closed
-        }
+        keys = ("strict_closed_acc", "llava_med_closed_acc", "closed_unparsed")
+        out[f"ablation_{name}"] = {k: _stat(closed[k]) for k in keys if k in closed}
+        # The paired per-question drop with its own CI (not a difference of two means).
+        drop = abl.get("drop", {})
+        out[f"ablation_{name}_drop"] = {k: _stat(drop[k]) for k in keys if k in drop}
     return out
+
+
+def _stat(stat: dict) -> dict:
+    return {k: stat[k] for k in ("mean", "lo", "hi", "n")}
 
 
 def _eval_metrics(out: Path, name: str) -> dict:
@@ -829,7 +902,12 @@ def build_report(opts: QuickstartOptions, results: list[StageResult], wall_s: fl
     """Write ``report.md``, ``report.json`` and ``loss.png`` into the output folder."""
     out = Path(opts.out)
     stages = {
-        r.name: {"wall_s": round(r.wall_s, 1), "skipped_this_run": r.skipped, **r.info}
+        r.name: {
+            "wall_s": round(r.wall_s, 1),
+            "resumed_after_s": r.resumed_after_s,
+            "skipped_this_run": r.skipped,
+            **r.info,
+        }
         for r in results
     }
     zs = _eval_metrics(out, "zero_shot")
@@ -841,7 +919,8 @@ def build_report(opts: QuickstartOptions, results: list[StageResult], wall_s: fl
     ):
         if path.exists():
             data_stats[name] = read_json(path)
-    loss_png = _plot_losses(out)
+    # With --vision, an earlier run's stage-0 curve in the same folder is not this model's.
+    loss_png = _plot_losses(out, stage0=opts.vision is None)
     total_stage_s = sum(r.wall_s for r in results)
     report = {
         "size": opts.size,
@@ -901,7 +980,7 @@ def _try_it(out: Path) -> dict:
     return {"commands": commands, "image": image, "questions": questions}
 
 
-def _plot_losses(out: Path) -> Path | None:
+def _plot_losses(out: Path, stage0: bool = True) -> Path | None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -919,7 +998,7 @@ def _plot_losses(out: Path) -> Path | None:
             if rows:
                 curves.append((name, [r["step"] for r in rows], [r["loss"] for r in rows]))
     s0 = out / "stage0" / STAGE0_LOG
-    if s0.exists():
+    if stage0 and s0.exists():
         rows = [r for r in iter_jsonl(s0, skip_bad=True) if "loss" in r and "step" in r]
         if rows:
             curves.insert(
@@ -951,6 +1030,13 @@ def _fmt(stat: Any) -> str:
     return "–"
 
 
+def _eval_scope(metrics: dict) -> str:
+    limit = metrics.get("limit")
+    if limit:  # a subset: say so, as the evaluation's own report does
+        return f"the first {limit} English questions of the SLAKE-shaped test split"
+    return "the SLAKE-shaped English test split"
+
+
 def render_markdown(report: dict) -> str:
     m = report["metrics"]
     zs, ft = m.get("zero_shot", {}), m.get("finetuned", {})
@@ -959,7 +1045,7 @@ def render_markdown(report: dict) -> str:
         f"# llavamed quickstart report (size: {report['size']}, seed {report['seed']})",
         "",
         "Everything below was measured by this run on MedSynth (procedurally generated; see "
-        "docs/medsynth.md). Evaluation: the SLAKE-shaped English test split, greedy decoding.",
+        f"docs/medsynth.md). Evaluation: {_eval_scope(ft or zs)}, greedy decoding.",
         "",
         *(
             [f"Vision tower given with `--vision {report['vision']}`: stage 0 was skipped.", ""]
@@ -996,16 +1082,19 @@ def render_markdown(report: dict) -> str:
                 "yes or no, so its closed accuracy says little about what it sees; its answers "
                 f"are in `eval/`{cut}.",
             ]
-    if "strict_closed_acc" in ft and "strict_closed_acc" in blank:
-        drop = 100 * (ft["strict_closed_acc"]["mean"] - blank["strict_closed_acc"])
+    drop = ft.get("ablation_blank_drop", {}).get("strict_closed_acc")
+    if drop:
         lines += [
             "",
-            f"Blank-image drop in strict closed accuracy: **{drop:.1f} points** "
-            "(a model that doesn't drop isn't looking at the image).",
+            f"Blank-image drop in strict closed accuracy, paired per question: **{_fmt(drop)} "
+            "points** (a model that doesn't drop isn't looking at the image).",
         ]
     lines += ["", "## Wall time per stage", "", "| stage | seconds | note |", "|---|---|---|"]
     for name, st in report["stages"].items():
-        note = "skipped (finished earlier)" if st.get("skipped_this_run") else ""
+        notes = ["skipped (finished earlier)"] if st.get("skipped_this_run") else []
+        if st.get("resumed_after_s"):
+            notes.append(f"resumed; {st['resumed_after_s']:.0f} s of it before an interruption")
+        note = "; ".join(notes)
         lines.append(f"| {name} | {st['wall_s']:.0f} | {note} |")
     lines.append(f"| **total** | **{report['wall_time_s_all_stages']:.0f}** | |")
     lines += ["", "## Data", ""]

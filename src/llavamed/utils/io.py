@@ -19,7 +19,7 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
-from llavamed.errors import InputError, StorageError
+from llavamed.errors import InputError, LlavamedError, StorageError
 
 T = TypeVar("T")
 
@@ -328,3 +328,29 @@ def _remove_orphan_temp_dirs(path: Path) -> None:
             shutil.rmtree(d, ignore_errors=True)
         except (ValueError, OSError):
             continue  # unreadable, or a process we may not signal: leave it
+
+
+@contextlib.contextmanager
+def exclusive_lock(lock_path: str | os.PathLike, what: str) -> Iterator[None]:
+    """Hold ``lock_path`` for one writer; a second raises naming ``what`` is already at work.
+
+    lockf, not flock: a POSIX lock belongs to this process only, so worker processes forked
+    from it (which may outlive a killed parent for a moment) do not keep it held."""
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - non-POSIX
+        yield
+        return
+    lock_path = Path(lock_path)
+    lock_path.parent.mkdir(parents=True, exist_ok=True)
+    fh = open(lock_path, "w")  # noqa: SIM115 - held for the whole block
+    try:
+        fcntl.lockf(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as exc:
+        fh.close()
+        raise LlavamedError(f"{lock_path}: {what} is already writing here") from exc
+    try:
+        yield
+    finally:
+        fcntl.lockf(fh, fcntl.LOCK_UN)
+        fh.close()

@@ -11,7 +11,6 @@ server rejects outright (HTTP 4xx) is logged as dropped so it is not paid for ag
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import hashlib
 import json
 import os
@@ -44,7 +43,7 @@ from llavamed.llm.client import (
     for_each_concurrently,
     lookup_price,
 )
-from llavamed.utils.io import JsonlAppender, atomic_write_json, iter_jsonl
+from llavamed.utils.io import JsonlAppender, atomic_write_json, exclusive_lock, iter_jsonl
 
 EXIT_INCOMPLETE = 3
 
@@ -121,30 +120,6 @@ def load_selection(opts: InstructOptions) -> tuple[list[dict], Counter, int]:
         valid.append(rec)
     selected, dups = round_robin(valid, opts.max_samples)
     return selected, errors, dups
-
-
-@contextlib.contextmanager
-def _exclusive(lock_path: Path):
-    """One writer per output: two concurrent runs would both append the same pair_ids."""
-    try:
-        import fcntl
-    except ImportError:  # pragma: no cover - non-POSIX
-        yield
-        return
-    lock_path.parent.mkdir(parents=True, exist_ok=True)
-    fh = open(lock_path, "w")
-    try:
-        fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError as exc:
-        fh.close()
-        raise LlavamedError(
-            f"{lock_path}: another `data instruct` run is writing this output"
-        ) from exc
-    try:
-        yield
-    finally:
-        fcntl.flock(fh, fcntl.LOCK_UN)
-        fh.close()
 
 
 def _dry_run(opts, prompts, pending, done_n, selected) -> dict:
@@ -345,7 +320,7 @@ def run_instruct(opts: InstructOptions) -> tuple[dict, int]:
         report = _dry_run(opts, prompts, pending, len(selected) - len(pending), selected)
         report["input_errors"] = dict(input_errors)
         return report, 0
-    with _exclusive(partial.with_name(partial.name + ".lock")):
+    with exclusive_lock(partial.with_name(partial.name + ".lock"), "another `data instruct` run"):
         with JsonlAppender(partial) as appender:  # opening it repairs a torn last line
             done = done_ids()
             pending = [r for r in selected if str(r["pair_id"]) not in done]
