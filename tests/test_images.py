@@ -82,6 +82,17 @@ def test_decompression_bomb():
         load_image(data, name="bomb.png", max_pixels=1_000_000)
 
 
+def test_max_pixels_is_the_cap_not_pils_warning_threshold(monkeypatch):
+    # PIL warns from MAX_IMAGE_PIXELS (89 MP) and errors from twice that; turning the warning
+    # into an error made 89 MP the cap whatever max_pixels said. Scaled down here.
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)
+    buf = io.BytesIO()
+    Image.new("RGB", (40, 40), (9, 9, 9)).save(buf, format="PNG")  # 1,600 px: PIL only warns
+    assert load_image(buf.getvalue()).size == (40, 40)
+    with pytest.raises(InputError, match="image too large"):
+        load_image(buf.getvalue(), max_pixels=1500)
+
+
 def test_real_dicom_ct_and_mr():
     from pydicom.data import get_testdata_file
 

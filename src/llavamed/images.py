@@ -20,8 +20,8 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from llavamed.errors import InputError
 
-# ~180 MP (PIL's own bomb threshold is 89 MP with a warning, 179 MP with an error). A PMC figure
-# larger than this is almost certainly corrupt or hostile.
+# ~180 MP, PIL's own hard limit (it only warns from 89 MP). A PMC figure larger than this is
+# almost certainly corrupt or hostile.
 DEFAULT_MAX_PIXELS = 178_956_970
 DICOM_MAGIC_OFFSET = 128
 
@@ -63,7 +63,9 @@ def load_image(
 def _load_raster(data: bytes, label: str, max_pixels: int) -> Image.Image:
     try:
         with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            # Our own max_pixels decides below; PIL's warning fires at half its error limit
+            # (89 MP), which made that the real cap whatever max_pixels said.
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             img = Image.open(io.BytesIO(data))
             w, h = img.size
             if w * h > max_pixels:
@@ -72,7 +74,7 @@ def _load_raster(data: bytes, label: str, max_pixels: int) -> Image.Image:
             img.load()
     except InputError:
         raise
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+    except Image.DecompressionBombError as exc:  # above PIL's own hard limit (179 MP)
         raise InputError(label, "image too large", str(exc)) from exc
     except UnidentifiedImageError as exc:
         # pydicom files without the 128-byte preamble still parse as DICOM.
