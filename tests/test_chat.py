@@ -119,3 +119,20 @@ def test_cli_bad_sampling_value_is_a_config_error(command, tmp_path, capsys):
     rc = main([command, "--model", str(tmp_path / "absent"), "--top-p", "1.5"])
     assert rc == 1
     assert "top_p must be in (0, 1]" in capsys.readouterr().err
+
+
+def test_ctrl_c_stops_an_answer_says_it_is_not_kept_and_exits_130(engine):
+    class Interrupting(io.StringIO):
+        """Ctrl-C arrives while the first token is written."""
+
+        def write(self, s):
+            if s and not s.startswith(" [stopped") and not getattr(self, "fired", False):
+                self.fired = True
+                raise KeyboardInterrupt
+            return super().write(s)
+
+    session = ChatSession(engine, params=SamplingParams(max_tokens=4, temperature=0))
+    out = Interrupting()
+    assert run_chat(session, prompt="Hello?", out=out) == 130
+    assert "not kept in the conversation" in out.getvalue()
+    assert session.messages == []  # as the message says

@@ -114,19 +114,22 @@ def run_chat(
     """Non-interactive with ``prompt`` (one streamed answer); otherwise a REPL on ``read``."""
     out = out or sys.stdout
 
-    def answer(text: str) -> None:
+    def answer(text: str) -> bool:
+        """True when the answer completed; Ctrl-C stops it, and the exchange is not kept."""
         try:
             for delta in session.ask(text):
                 out.write(delta)
                 out.flush()
         except KeyboardInterrupt:
-            out.write(" [stopped]")
+            out.write(" [stopped; this exchange is not kept in the conversation]\n")
+            out.flush()
+            return False
         out.write("\n")
         out.flush()
+        return True
 
     if prompt is not None:
-        answer(prompt)
-        return 0
+        return 0 if answer(prompt) else 130
     kind = "images + text" if session.engine.is_multimodal else "text only"
     out.write(f"llavamed chat with {session.engine.name} ({kind}). /help for commands.\n")
     while True:
