@@ -763,7 +763,13 @@ def run_quickstart(opts: QuickstartOptions) -> dict:
         ),
         ("ingest", "corpus", ingest, {}),
         ("align", None, align, {"seed": seed}),
-        ("instruct", "corpus/instruct", instruct, {"n": p.instruct_samples, "seed": seed}),
+        (
+            "instruct",
+            "corpus/instruct",
+            instruct,
+            # image paths relative to instruct.json since 4086f98: older outputs are redone
+            {"n": p.instruct_samples, "seed": seed, "image_paths": "relative"},
+        ),
         *(
             [("stage0_pairs", "stage0_pairs", stage0_pairs, {"n": p.stage0_pairs, "seed": seed})]
             if given_tower is None and p.stage0_pairs

@@ -15,7 +15,9 @@ def register(sub) -> None:
             "stage 0 (vision pretraining on rendered single-panel figure-caption pairs) -> stage 0b "
             "(the tower learns the VQA train split) -> stage 1 -> stage 2 -> zero-shot VQA -> VQA "
             "fine-tuning -> VQA + blank-image ablation -> report.md/report.json/loss.png. "
-            "Re-running skips finished stages; a killed run resumes where it stopped."
+            "Re-running skips finished stages; a killed run resumes inside the stage it "
+            "stopped in (stage 0b starts over), and deleting a stage's folder reruns it and "
+            "every stage after it."
         ),
         formatter_class=DefaultsHelpFormatter,
     )
