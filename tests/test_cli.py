@@ -32,6 +32,8 @@ def test_every_option_has_help_and_no_empty_default_notes():
         for action in parser._actions:
             if action.option_strings and action.help != argparse.SUPPRESS:
                 assert action.help, f"{name} {action.option_strings[0]} has no help"
+        # A help text that states its default is not followed by "(default: ...)" again.
+        assert "(default: fp32)" not in text and "(default: engine)" not in text, name
     # Real defaults still show where the formatter adds them.
     assert "(default: quickstart_out)" in parsers["llavamed quickstart"].format_help()
 

@@ -35,10 +35,13 @@ COMMANDS: list[tuple[str | None, str]] = [
 
 class DefaultsHelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
     """Shows an option's default in ``--help``, except where there is none to show (None, or the
-    False of a flag), so the help does not end lines in "(default: None)"."""
+    False of a flag), so the help does not end lines in "(default: None)", or where the help text
+    already states it (no "(default fp32 ...) (default: fp32)")."""
 
     def _get_help_string(self, action: argparse.Action) -> str | None:
         if action.default is None or action.default is False:
+            return action.help
+        if "default" in (action.help or "").lower():
             return action.help
         return super()._get_help_string(action)
 

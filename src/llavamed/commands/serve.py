@@ -73,7 +73,7 @@ def register(subparsers) -> None:
         type=int,
         default=1024,
         dest="max_completion_tokens",
-        help="largest max_tokens a request may ask for (and the default)",
+        help="largest max_tokens a request may ask for, and what a request without one gets (default %(default)s)",
     )
     p.add_argument(
         "--max-prompt-tokens",
