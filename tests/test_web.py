@@ -122,7 +122,7 @@ def test_an_upload_during_a_streamed_answer_stays_pending():
     assert settle_pending(b, None) == (b, None)  # a text-only or stopped turn
 
 
-def test_web_events_one_turn_at_a_time_and_stop_and_reset_cancel_it(tiny_llava_dir):
+def test_web_events_one_turn_at_a_time_and_stop_and_reset_cancel_it(tiny_llava_dir, tmp_path):
     """The wiring the browser runs: the answer never writes the pending upload back (an upload
     made mid-answer was lost), Enter and Send are one event (two parallel turns lost one from
     the model's context), and Stop / New conversation cancel a running answer (a reset mid-answer
@@ -137,8 +137,14 @@ def test_web_events_one_turn_at_a_time_and_stop_and_reset_cancel_it(tiny_llava_d
             engine, default_params=SamplingParams(max_tokens=8, temperature=3.0, top_p=0.01, seed=7)
         )
         cfg = demo.config
+        on_upload = next(f.fn for f in demo.fns.values() if f.name == "on_upload")
     finally:
         engine.close()
+    # A rejected file clears what was pending (the file box shows the rejected file).
+    bad = tmp_path / "broken.png"
+    bad.write_bytes(b"\x89PNG\r\n\x1a\nnot really")
+    with pytest.warns(UserWarning, match="cannot use this file: corrupt image"):
+        assert on_upload(str(bad)) == (None, None)
     comp = {c["id"]: c for c in cfg["components"]}
     by_elem = {c["props"].get("elem_id"): i for i, c in comp.items() if c["props"].get("elem_id")}
     deps = {d["api_name"]: d for d in cfg["dependencies"]}

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sys
+
 from llavamed.commands import positive_int
 from llavamed.commands.chat import add_sampling_args, sampling_params
 from llavamed.commands.serve import add_model_args
@@ -38,6 +40,12 @@ def run(args) -> int:
     from llavamed.serve.web import launch
 
     listen(args.host, args.port).close()  # a busy port fails now, not after the model loads
+    if args.host not in ("127.0.0.1", "localhost", "::1"):
+        print(
+            "llavamed: warning: the web UI has no authentication; anyone who reaches "
+            f"{args.host}:{args.port} can use the model",
+            file=sys.stderr,
+        )
     engine = Engine.from_path(
         args.model,
         dtype=args.dtype,

@@ -77,7 +77,9 @@ class ChatSession:
         room = self.engine.max_context - len(prompt.input_ids)
         if room < 1:
             raise InputError(
-                "conversation", "too long for the model's context", "use /reset to start over"
+                "conversation",
+                "too long for the model's context",
+                "start a new conversation (/reset in chat, 'New conversation' on the web)",
             )
         if params.max_tokens > room:
             params = SamplingParams(

@@ -86,7 +86,10 @@ def build_app(
         try:
             img = load_image(path, name=Path(path).name)
         except InputError as exc:
-            raise gr.Error(f"cannot use this file: {exc.reason}") from None
+            # Cleared, not kept: the file box shows the rejected file, so an older image still
+            # pending would go with the next question unseen.
+            gr.Warning(f"cannot use this file: {exc.reason}")
+            return None, None
         # An id, so the turn that attaches it clears exactly this upload (see settle_pending).
         return img, {"id": uuid.uuid4().hex, "image": img}
 
