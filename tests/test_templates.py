@@ -8,10 +8,16 @@ import pytest
 
 from llavamed.errors import InputError
 from llavamed.model.templates import (
-    VICUNA_SYSTEM,
     Message,
     conversation_to_messages,
     get_template,
+)
+
+# The literal system prompt of LLaVA's conv_vicuna_v1 (DESIGN.md §4), not imported from the code
+# under test, so a typo there cannot change both sides of the golden.
+VICUNA_SYSTEM = (
+    "A chat between a curious user and an artificial intelligence assistant. "
+    "The assistant gives helpful, detailed, and polite answers to the user's questions."
 )
 
 TWO_TURNS = [

@@ -171,7 +171,7 @@ class TrainSection:
     """Clip the global gradient norm (0 disables)."""
     precision: str = "auto"
     """``bf16`` (autocast, fp32 master weights; ~2.3x faster than fp32 on CPUs with AVX512-BF16
-    or AMX, ~60x slower on AVX2-only ones), ``fp32``, or ``auto``: bf16 where the hardware
+    or AMX, ~19x slower per LM step on AVX2-only ones), ``fp32``, or ``auto``: bf16 where the hardware
     computes it (``llavamed.utils.precision``). The saved config holds the resolved value."""
     frozen_lm_layers: int = 0
     """Keep the LM's embeddings (tied to its output head) and its first N decoder layers frozen
@@ -227,8 +227,10 @@ class DistributedConfig:
     """``ddp``, ``fsdp`` (FSDP2 ``fully_shard``, full shard per decoder/vision layer) or
     ``deepspeed``."""
     deepspeed_config: str | None = None
-    """DeepSpeed JSON (e.g. ``configs/deepspeed/zero3.json``); batch sizes, precision and the
-    optimizer are filled in from this config."""
+    """DeepSpeed JSON (e.g. ``configs/deepspeed/zero3.json``) for its ZeRO settings. Batch sizes
+    and gradient clipping are written into it from this config; its ``bf16``/``fp16``,
+    ``optimizer`` and ``scheduler`` blocks are dropped (the trainer's autocast, AdamW and schedule
+    apply to every engine)."""
     backend: str | None = None
     """torch.distributed backend; default nccl with CUDA, gloo otherwise."""
     find_unused_parameters: bool = False

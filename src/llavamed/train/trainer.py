@@ -687,6 +687,15 @@ def _run(
     from llavamed.train.freeze import apply_trainable
 
     t = cfg.train
+    # Checked before the model loads and the data tokenizes (minutes to hours for a 7B run).
+    per_step = t.global_batch_size // t.micro_batch_size
+    if per_step % info.world_size:
+        raise ConfigError(
+            f"train.global_batch_size / train.micro_batch_size = {per_step} micro-batches per step "
+            f"cannot be split over {info.world_size} processes; set train.micro_batch_size so "
+            f"that global / (micro x {info.world_size}) is a whole number"
+        )
+    accum = per_step // info.world_size
     kind = _engine_kind(cfg, info)
     if info.is_main:
         out.mkdir(parents=True, exist_ok=True)
@@ -721,13 +730,6 @@ def _run(
     lengths = [s.length for s in samples]
     has_image = [s.image is not None for s in samples]
 
-    per_step = t.global_batch_size // t.micro_batch_size
-    if per_step % info.world_size:
-        raise ConfigError(
-            f"train.global_batch_size / train.micro_batch_size = {per_step} micro-batches per step "
-            f"cannot be split over {info.world_size} processes"
-        )
-    accum = per_step // info.world_size
     spe = steps_per_epoch(len(samples), t.global_batch_size)
     total_steps = t.max_steps or max(1, math.ceil(t.epochs * spe))
 
