@@ -145,6 +145,8 @@ def test_shipped_configs(path):
         t = cfg.train
         assert t.precision == "bf16" and t.lr_scheduler == "cosine" and t.warmup_ratio == 0.03
         assert t.weight_decay == 0.0
+        for world in (1, 8, 16):  # one node of 8 GPUs, the two-node accelerate config
+            assert (t.global_batch_size // t.micro_batch_size) % world == 0, world
         if cfg.stage == "align":
             assert t.lr == 2e-3 and t.epochs == 1 and t.global_batch_size == 128
             assert cfg.trainable_parts() == ["projector"] and cfg.data.max_length == 2048
@@ -174,3 +176,34 @@ def test_a_mistyped_path_fails_before_loading_and_does_not_lock_the_output(tmp_p
     good = cfg | {"data": {"format": "llava_json", "path": str(tmp_path / "train.json")}}
     with pytest.raises(InputError, match="no training samples"):  # the next thing it finds
         run_training(good, progress=False)
+
+
+def test_cpu_configs_are_the_quickstarts_small_recipe():
+    """configs/cpu/* reproduce the measured quickstart stage by stage (its folder layout under
+    runs/cpu); they had drifted to an older, unmeasured recipe (vision trained, one dataset, stage
+    1 reading the stage-0 tower rather than stage 0b's)."""
+    import dataclasses
+
+    from llavamed.config import to_dict
+    from llavamed.quickstart import SIZES, training_configs
+    from llavamed.train import vision_pretrain, vision_vqa
+
+    def resolved(cfg: dict) -> dict:
+        if cfg.get("stage") == "vision":
+            return dataclasses.asdict(vision_pretrain.make_config(cfg))
+        if cfg.get("stage") == "vision_vqa":
+            return dataclasses.asdict(vision_vqa.make_config(cfg))
+        return to_dict(load_config(cfg))
+
+    ours = training_configs(SIZES["small"], Path("runs/cpu"), seed=0)
+    files = {
+        "stage0": "stage0_vision",
+        "stage0b": "stage0b_vision_vqa",
+        "stage1": "stage1_alignment",
+        "stage2": "stage2_instruct",
+        "finetune": "finetune_vqa",
+    }
+    assert set(files) == set(ours)
+    for stage, name in files.items():
+        shipped = yaml.safe_load((ROOT / "configs" / "cpu" / f"{name}.yaml").read_text())
+        assert resolved(shipped) == resolved(ours[stage]), name
