@@ -287,3 +287,33 @@ def test_a_duplicate_question_id_is_counted_and_skipped(tmp_path):
     assert "duplicate question id" in rep.summary() and rep.examples[-1].endswith(
         "Public.json[9]: duplicate question id (id 1 is already used by an earlier record)"
     )
+
+
+def test_a_split_file_given_directly_must_be_the_requested_split(tmp_path):
+    # A train shard passed as --data with the default --split test was scored and reported as
+    # the test split; a split file's own name now decides, and a mismatch is an error.
+    img = _png()
+    table = pa.table(
+        {"image": [{"bytes": img, "path": None}], "question": ["Is it?"], "answer": ["yes"]}
+    )
+    folder = tmp_path / "pvqa"
+    folder.mkdir()
+    for name in ("train-00000-of-00001", "validation-00000-of-00001", "test"):
+        pq.write_table(table, folder / f"{name}.parquet")
+    with pytest.raises(InputError, match="file holds another split.*'train'.*'test'"):
+        load_vqa("pathvqa", folder / "train-00000-of-00001.parquet")
+    tr, _ = load_vqa("pathvqa", folder / "train-00000-of-00001.parquet", split="train")
+    assert [s.split for s in tr] == ["train"]
+    # PathVQA's dev shards are "validation-*": SLAKE's split aliases apply.
+    val, _ = load_vqa("pathvqa", folder, split="val")
+    assert [s.split for s in val] == ["validate"]
+    every, _ = load_vqa("pathvqa", folder, split="all")
+    assert sorted(s.split for s in every) == ["test", "train", "validate"]  # not "test.parquet"
+    # SLAKE and LLaVA-Med files: the same rule.
+    root = _slake(tmp_path)
+    with pytest.raises(InputError, match="file holds another split"):
+        load_vqa("slake", root / "train.json", split="test")
+    assert all(s.split == "train" for s in load_vqa("slake", root / "train.json", split="train")[0])
+    (tmp_path / "train.json").write_text("[]")
+    with pytest.raises(InputError, match="file holds another split"):
+        load_vqa("llava-med", tmp_path / "train.json")

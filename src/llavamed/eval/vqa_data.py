@@ -40,6 +40,22 @@ SLAKE_SPLITS = {
 }
 
 
+def file_split(path: Path) -> str | None:
+    """The split a file's name says it holds (``test.json``, ``validation-00000-of-00002.parquet``
+    -> "validate"), or None when the name is not a split's."""
+    return SLAKE_SPLITS.get(path.stem.split("-")[0])
+
+
+def _check_file_split(path: Path, split: str) -> None:
+    """A split file given directly must be the requested split: scoring a train file as the test
+    split gives numbers that look right and mean nothing."""
+    named = file_split(path)
+    if split != "all" and named is not None and named != SLAKE_SPLITS.get(split, split):
+        raise InputError(
+            path, "file holds another split", f"its name says {named!r}, --split asks {split!r}"
+        )
+
+
 @dataclass
 class VQASample:
     """One question about one image, whatever file it came from."""
@@ -255,6 +271,7 @@ def load_slake(
             raise InputError(js, "file not found")
     else:
         js = path
+        _check_file_split(js, split)
     images = js.parent / "imgs"
     if not images.is_dir():
         images = js.parent
@@ -290,14 +307,18 @@ def load_slake(
 
 def _parquet_files(path: Path, split: str) -> list[Path]:
     if path.is_file():
-        return [path] if path.suffix == ".parquet" else []
+        if path.suffix != ".parquet":
+            return []
+        _check_file_split(path, split)
+        return [path]
     if not path.is_dir():
         return []
     files = sorted(path.rglob("*.parquet"))
     if split != "all":
-        # Hugging Face exports name shards "<split>-00000-of-00001-<hash>.parquet".
-        chosen = [f for f in files if f.name.split("-")[0] == split or f.stem == split]
-        files = chosen
+        # Hugging Face exports name shards "<split>-00000-of-00001-<hash>.parquet" (PathVQA's
+        # dev shards "validation-...": the aliases of SLAKE_SPLITS apply).
+        want = SLAKE_SPLITS.get(split, split)
+        files = [f for f in files if (file_split(f) or f.stem.split("-")[0]) == want]
     return files
 
 
@@ -336,12 +357,13 @@ def load_parquet(
         missing = {"image", "question", "answer"} - set(table.column_names)
         if missing:
             raise InputError(f, "missing columns", ", ".join(sorted(missing)))
-        file_split = split if split != "all" else f.name.split("-")[0]
+        # A file's own name says its split when it names one ("all" mixes several).
+        shard_split = file_split(f) or (split if split != "all" else f.stem.split("-")[0])
         rows = table.to_pylist()
         for i, row in enumerate(rows):
             if row.get("qid", row.get("id")) is None:
                 row["qid"] = f"{f.stem}:{i}"  # no id column: the shard and the row name it
-        samples += report.read(rows, f, partial(_parquet_sample, file_split, dataset))
+        samples += report.read(rows, f, partial(_parquet_sample, shard_split, dataset))
     return samples, report
 
 
@@ -372,6 +394,9 @@ def load_llava_med(
     or its ``images/`` subfolder when that exists)."""
     path = Path(path)
     js = path / f"{split}.json" if path.is_dir() else path
+    if not path.is_dir():
+        _check_file_split(js, split)
+        split = file_split(js) or split
     if images is None:
         images = js.parent / "images" if (js.parent / "images").is_dir() else js.parent
     images = Path(images)
