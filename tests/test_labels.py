@@ -107,3 +107,83 @@ def test_nothing_supervised_raises(ckpt):
     msgs = conversation_to_messages(CONV)
     with pytest.raises(InputError, match="no supervised tokens"):
         encode_training_sample(msgs, processor, template, num_images=1, max_length=26)
+
+
+def _sentencepiece_style_llama(folder):
+    """A tiny Llama LM with a Mistral/Llama-style tokenizer: byte-fallback BPE over "▁"-marked
+    words, <s>/</s> specials and BOS added by the tokenizer (SmolLM2's GPT-2 style tokenizer has
+    none of these, so the mistral template's BOS and "</s>" handling is checked here)."""
+    import string
+
+    from tokenizers import Tokenizer, decoders, models, normalizers
+    from transformers import LlamaConfig, LlamaForCausalLM, LlamaTokenizerFast
+
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2}
+    vocab.update({f"<0x{b:02X}>": 3 + b for b in range(256)})
+    for ch in "▁" + string.ascii_letters + string.digits + ".,?!:;'\"()[]/-+<>":
+        vocab.setdefault(ch, len(vocab))
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>", byte_fallback=True))
+    tok.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
+    tok.decoder = decoders.Sequence(
+        [
+            decoders.Replace("▁", " "),
+            decoders.ByteFallback(),
+            decoders.Fuse(),
+            decoders.Strip(" ", 1, 0),
+        ]
+    )
+    fast = LlamaTokenizerFast(
+        tokenizer_object=tok,
+        bos_token="<s>",
+        eos_token="</s>",
+        unk_token="<unk>",
+        add_bos_token=True,
+    )
+    cfg = LlamaConfig(
+        vocab_size=len(vocab),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        bos_token_id=1,
+        eos_token_id=2,
+        tie_word_embeddings=False,
+    )
+    LlamaForCausalLM(cfg).save_pretrained(folder)
+    fast.save_pretrained(folder)
+    return folder
+
+
+def test_mistral_template_with_a_sentencepiece_tokenizer_bos_once_and_eos_supervised(tmp_path):
+    from llavamed.model.compose import ModelSpec, init_checkpoint
+
+    lm = _sentencepiece_style_llama(tmp_path / "lm")
+    ckpt = init_checkpoint(
+        tmp_path / "ckpt", ModelSpec(lm=str(lm), vision="tiny", template="mistral_instruct")
+    )
+    processor = AutoProcessor.from_pretrained(ckpt)
+    tok = processor.tokenizer
+    bos, eos = tok.bos_token_id, tok.eos_token_id
+    conv = [
+        {"from": "human", "value": "<image>\nIs it bright?"},
+        {"from": "gpt", "value": "Yes."},
+        {"from": "human", "value": "Why?"},
+        {"from": "gpt", "value": "High signal."},
+    ]
+    enc = encode_training_sample(
+        conversation_to_messages(conv), processor, "mistral_instruct", num_images=1
+    )
+    # One BOS, first; the rendered "</s>" is the EOS token (not the characters "<", "/", ...),
+    # and it is supervised: the model learns to stop.
+    assert enc.input_ids[0] == bos and enc.input_ids.count(bos) == 1
+    assert enc.input_ids.count(eos) == 2
+    runs = _supervised_runs(enc, tok)
+    assert runs == ["Yes. </s>", "High signal. </s>"]
+    # The generation prompt the processor builds: also exactly one BOS.
+    msgs = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Is it?"}]}]
+    prompt = processor.apply_chat_template(msgs, add_generation_prompt=True)
+    assert prompt == "[INST] <image>\nIs it? [/INST]"  # DESIGN.md §4
+    ids = processor(text=prompt, images=[Image.new("RGB", (32, 32))], return_tensors="pt")
+    ids = ids["input_ids"][0].tolist()
+    assert ids[0] == bos and ids.count(bos) == 1
