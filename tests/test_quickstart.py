@@ -403,3 +403,27 @@ def test_a_second_quickstart_on_the_same_output_is_refused(tmp_path):
     finally:
         holder.kill()
         holder.wait()
+
+
+def test_a_moved_output_folder_keeps_its_finished_stages(tmp_path):
+    # Stage settings hold paths inside --out; keyed verbatim, `mv quickstart_out elsewhere`
+    # retrained everything from stage 1 (over an hour) although nothing had changed.
+    def stages(out, calls):
+        def a():
+            calls.append("a")
+            (out / "a").mkdir(exist_ok=True)
+            return {}
+
+        return [("a", "a", a, {"data": str(out / "corpus" / "alignment.json")})]
+
+    calls: list[str] = []
+    first = tmp_path / "first"
+    first.mkdir()
+    Pipeline(QuickstartOptions(out=first, progress=False), stages(first, calls)).run()
+    moved = tmp_path / "moved"
+    first.rename(moved)
+    res = Pipeline(QuickstartOptions(out=moved, progress=False), stages(moved, calls)).run()
+    assert calls == ["a"] and res[0].skipped
+    # A path outside --out is still part of the key.
+    other = [("a", "a", lambda: {}, {"data": str(tmp_path / "elsewhere.json")})]
+    assert not Pipeline(QuickstartOptions(out=moved, progress=False), other).run()[0].skipped

@@ -310,6 +310,13 @@ def _key(*parts: Any) -> str:
     return hashlib.sha256(blob).hexdigest()[:16]
 
 
+def _portable(settings: Any, out: Path) -> Any:
+    """``settings`` with the output folder's path replaced by a placeholder, so a moved (or
+    renamed) output folder keeps its stage keys and its finished stages."""
+    blob = json.dumps(settings, sort_keys=True, default=str)
+    return json.loads(blob.replace(json.dumps(str(out))[1:-1], "<out>"))
+
+
 def remaining_seconds(
     expected: dict[str, float], finished: list[tuple[str, float]], pending: list[str]
 ) -> float | None:
@@ -367,7 +374,7 @@ class Pipeline:
         upstream_ran = False
         try:
             for i, (name, folder, fn, settings) in enumerate(self.stages):
-                key = _key(name, settings, upstream_key)
+                key = _key(name, _portable(settings, self.out), upstream_key)
                 upstream_key = key
                 done = self.state["stages"].get(name)
                 stage_dir = self.out / folder if folder else None
@@ -820,9 +827,7 @@ def run_quickstart(opts: QuickstartOptions) -> dict:
                     "stage0b",
                     stage0b,
                     {"steps": p.stage0b_steps, "aspect": STAGE0B_ASPECT}
-                    | (
-                        {"vision": str(given_tower), "fingerprint": given_fp} if given_tower else {}
-                    ),
+                    | ({"vision_fingerprint": given_fp} if given_tower else {}),
                 )
             ]
             if p.stage0b_steps
