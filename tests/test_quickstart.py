@@ -99,16 +99,18 @@ def test_remaining_seconds_scales_reference_times_by_the_finished_stages():
 
 
 def test_pipeline_prints_the_total_eta_before_each_stage(tmp_path, capsys):
-    opts = QuickstartOptions(out=tmp_path, progress=True)
+    # --no-progress too: the stage lines are the run's log (on stderr, beside the bars).
+    opts = QuickstartOptions(out=tmp_path, progress=False)
     calls: list[str] = []
     Pipeline(opts, _stages(calls, tmp_path, {"k": 1}), expected_s={"a": 10, "b": 300}).run()
-    out = capsys.readouterr().out
-    assert "[quickstart] a (1/2): about 5 min left in total" in out
+    err = capsys.readouterr().err
+    assert "[quickstart] a (1/2): about 5 min left in total" in err
     # a finished at once: the speed factor is clamped at 0.2, so b's 300 s become ~60 s.
-    assert "[quickstart] b (2/2): about 60 s left in total" in out
+    assert "[quickstart] b (2/2): about 60 s left in total" in err
+    assert "[quickstart] b: done in" in err
     # A rerun skips both stages and prints no estimate.
     Pipeline(opts, _stages(calls, tmp_path, {"k": 1}), expected_s={"a": 10, "b": 300}).run()
-    assert "left in total" not in capsys.readouterr().out
+    assert "left in total" not in capsys.readouterr().err
 
 
 def test_every_preset_has_a_reference_time_for_each_stage():

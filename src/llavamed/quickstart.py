@@ -401,11 +401,12 @@ class Pipeline:
                 left = remaining_seconds(self.expected_s, self.finished, names[i:])
                 if left is not None:
                     bar.set_postfix_str(f"~{_minutes(left)} left", refresh=True)
-                    if self.opts.progress:
-                        tqdm.write(
-                            f"[quickstart] {name} ({i + 1}/{len(names)}): about "
-                            f"{_minutes(left)} left in total"
-                        )
+                # Stage lines print with --no-progress too: they are the run's log.
+                tqdm.write(
+                    f"[quickstart] {name} ({i + 1}/{len(names)})"
+                    + (f": about {_minutes(left)} left in total" if left is not None else ""),
+                    file=sys.stderr,
+                )
                 started = self.state.setdefault("started", {})
                 # Seconds that interrupted attempts spent on the output this attempt resumes.
                 spent = self.state.setdefault("interrupted_s", {})
@@ -444,8 +445,7 @@ class Pipeline:
                 self._save()
                 self.results.append(StageResult(name, key, wall, False, info, earlier))
                 bar.update(1)
-                if self.opts.progress:
-                    tqdm.write(f"[quickstart] {name}: done in {wall:.0f} s")
+                tqdm.write(f"[quickstart] {name}: done in {wall:.0f} s", file=sys.stderr)
             bar.set_postfix_str("done", refresh=True)
         finally:
             bar.close()
