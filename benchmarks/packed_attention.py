@@ -9,9 +9,11 @@ trainer hands the LM a 4-D attention mask (``llavamed.train.shared_prefix``). On
 slow at these lengths (a few hundred tokens); transformers' ``eager`` attention is two batched
 matmuls and a softmax. Both run here on identical packed batches shaped like MedSynth's (image
 tokens + chat header as the prefix, several short question/answer tails), through the trainer's
-own loss module, forward + backward + AdamW step in bf16 autocast, interleaved so that machine
-noise hits both alike. Printed: median seconds per step for each, the ratio, and the loss of
-both on the first batch (they must agree to bf16 precision).
+own loss module, forward + backward + fused AdamW step (as the trainer's), in the precision the
+trainer's ``precision: auto`` resolves to on this machine (fp32 on AVX2-only CPUs; ``--precision``
+to force one), interleaved so that machine noise hits both alike. Defaults are the quickstart's
+shapes (the cpu-p32 tower's 16 image tokens, a 4-token chat header). Printed: median seconds per
+step for each, the ratio, and the loss of both on the first batch, which must agree (checked).
 """
 
 from __future__ import annotations
@@ -96,10 +98,16 @@ def train_step(module, optimizer, batch, pixels, *, bf16: bool, **extra) -> tupl
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--lm-layers", type=int, default=8)
-    ap.add_argument("--vision", default="cpu")
+    ap.add_argument("--vision", default="cpu-p32", help="tower preset (the quickstart's)")
     ap.add_argument("--batch", type=int, default=16, help="packed samples per step")
     ap.add_argument("--questions", type=int, default=8, help="most questions per image")
-    ap.add_argument("--header", type=int, default=12, help="chat-header tokens before the image")
+    ap.add_argument("--header", type=int, default=4, help="chat-header tokens before the image")
+    ap.add_argument(
+        "--precision",
+        choices=["auto", "fp32", "bf16"],
+        default="auto",
+        help="auto: what the trainer's precision: auto resolves to here",
+    )
     ap.add_argument("--steps", type=int, default=8, help="timed steps per implementation")
     ap.add_argument("--cache", default=str(Path(tempfile.gettempdir()) / "llavamed-attn-bench"))
     args = ap.parse_args(argv)
@@ -109,7 +117,9 @@ def main(argv: list[str] | None = None) -> int:
     from llavamed.model import ModelSpec, init_checkpoint, load_llava
     from llavamed.model.processing import num_image_tokens
     from llavamed.train.trainer import _loss_module_cls
+    from llavamed.utils.precision import resolve_precision
 
+    precision = resolve_precision(args.precision)
     torch.manual_seed(0)
     model_dir = Path(args.cache) / f"model-{args.lm_layers}-{args.vision}"
     if not (model_dir / "config.json").exists():
@@ -124,16 +134,20 @@ def main(argv: list[str] | None = None) -> int:
         model.train()
         models[impl] = _loss_module_cls()(model)
         optims[impl] = torch.optim.AdamW(
-            [p for p in model.parameters() if p.requires_grad], lr=1e-5
+            [p for p in model.parameters() if p.requires_grad], lr=1e-5, fused=True
         )
     batches, pixels = packed_batches(models["sdpa"].llava.config, n_img, args)
 
     def step(impl: str, batch) -> tuple[float, float]:
-        return train_step(models[impl], optims[impl], batch, pixels, bf16=True)
+        return train_step(models[impl], optims[impl], batch, pixels, bf16=precision == "bf16")
 
     times: dict[str, list[float]] = {"sdpa": [], "eager": []}
     for impl in times:  # first batch: warm-up, and the loss both must agree on
         losses[impl] = step(impl, batches[0])[1]
+    # The same model on the same batch: a speed-up must not come from computing something else.
+    tol = 2e-2 if precision == "bf16" else 1e-4
+    if abs(losses["sdpa"] - losses["eager"]) > tol * abs(losses["sdpa"]):
+        raise SystemExit(f"first-batch losses differ: {losses}")
     for k, batch in enumerate(batches[1:]):
         order = ("sdpa", "eager") if k % 2 == 0 else ("eager", "sdpa")
         for impl in order:
@@ -144,7 +158,7 @@ def main(argv: list[str] | None = None) -> int:
     med = {impl: statistics.median(ts) for impl, ts in times.items()}
     print(
         f"\nmodel: SmolLM2 cut to {args.lm_layers} layers + {args.vision} tower "
-        f"({n_img} image tokens); batch {args.batch} packed samples, "
+        f"({n_img} image tokens), {precision}; batch {args.batch} packed samples, "
         f"{tokens:.0f} real tokens per step; {args.steps} steps each (medians)\n"
     )
     print_table(

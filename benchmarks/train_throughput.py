@@ -1,33 +1,44 @@
-"""Training throughput: llavamed's trainer against the reference approach, same model, same data.
+"""Training throughput: llavamed's trainer against the reference approach, same model, same data,
+same precision.
 
     python benchmarks/train_throughput.py                      # embedded SmolLM2-135M + CPU ViT
     python benchmarks/train_throughput.py --n 96 --lm-layers 8 --batch 8
 
 Both train projector + LM (vision frozen, as stage 2) for one pass over the same samples, whose
 lengths spread like real instruction data (short questions, answers from a few words to a
-paragraph; 64 image tokens each):
+paragraph; 64 image tokens each), in the precision ``precision: auto`` resolves to here (fp32 on
+AVX2-only CPUs, bf16 autocast with AMX/AVX512-BF16; ``--precision`` forces one), both with fused
+AdamW, both timed from the batch's collation to the optimizer step's end:
 
-* **ours** -- ``llavamed.train.run_training``: bf16 autocast, length-grouped batches, logits only
-  at supervised positions, loss = mean over the global batch's supervised tokens;
+* **ours** -- ``llavamed.train.run_training``: length-grouped batches, logits only at supervised
+  positions, loss = mean over the global batch's supervised tokens;
 * **baseline** -- transformers' ``LlavaForConditionalGeneration(..., labels=...)`` on
-  random-order padded batches in fp32 (the LLaVA reference recipe on a CPU).
+  random-order padded batches (the LLaVA reference recipe).
 
-Reported: real (non-padding) tokens/s for each, the ratio, the padding share, our achieved
-FLOP/s as a fraction of this machine's measured bf16 matmul peak, and the loss of both on one
-identical batch (bf16 + selected logits vs fp32 full logits) to show the loss is unchanged.
-FLOPs use the usual 6 x params x tokens for the trained LM (+2 x params x patches for the frozen
-vision tower), i.e. model FLOPs, not the fewer FLOPs our loss actually runs.
+Reported: real (non-padding) tokens/s for each (medians of per-step rates), the ratio, the
+padding share, our achieved FLOP/s as a fraction of this machine's measured matmul peak in the
+same precision, and the loss of both on one identical batch (selected logits vs full logits, same
+precision) to show the loss is unchanged. FLOPs use the usual 6 x params x tokens for the trained
+LM (+2 x params x patches for the frozen vision tower), i.e. model FLOPs, not the fewer FLOPs our
+loss actually runs (it skips the head at unsupervised positions), so the fraction overstates the
+hardware's utilisation by up to the head's share.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import random
+import statistics
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _common import matmul_peak_flops  # noqa: E402
 
 WORDS = (
     "the chest radiograph shows a right lower lobe opacity with small pleural effusion no "
@@ -59,20 +70,6 @@ def make_data(out: Path, n: int, seed: int = 0, size: int = 128) -> Path:
     return p
 
 
-def bf16_peak(n: int = 2048, reps: int = 6) -> float:
-    import torch
-
-    a = torch.randn(n, n, dtype=torch.bfloat16)
-    b = torch.randn(n, n, dtype=torch.bfloat16)
-    a @ b
-    best = float("inf")
-    for _ in range(reps):
-        t = time.perf_counter()
-        a @ b
-        best = min(best, time.perf_counter() - t)
-    return 2 * n**3 / best
-
-
 def model_flops_per_token(model, image_tokens_per_sample: float, tokens_per_sample: float) -> float:
     lm = model.model.language_model
     n_lm = sum(p.numel() for p in lm.parameters()) - lm.embed_tokens.weight.numel()
@@ -92,7 +89,7 @@ def run_ours(cfg: dict) -> dict:
     toks = sum(r["tokens"] for r in m)
     secs = sum(r["step_time_s"] for r in m)
     return {
-        "tokens_per_s": toks / secs,
+        "tokens_per_s": statistics.median(r["tokens"] / r["step_time_s"] for r in m),
         "tokens": toks,
         "seconds": secs,
         "mean_loss": sum(r["loss"] for r in res.metrics) / len(res.metrics),
@@ -100,7 +97,17 @@ def run_ours(cfg: dict) -> dict:
     }
 
 
-def run_baseline(model_dir: Path, data: Path, batch: int, seed: int, max_steps: int | None) -> dict:
+def _autocast(precision: str):
+    import torch
+
+    if precision == "bf16":
+        return torch.autocast("cpu", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def run_baseline(
+    model_dir: Path, data: Path, batch: int, seed: int, max_steps: int | None, precision: str
+) -> dict:
     import torch
     from transformers import AutoProcessor, LlavaForConditionalGeneration
 
@@ -123,22 +130,23 @@ def run_baseline(model_dir: Path, data: Path, batch: int, seed: int, max_steps: 
     batches = [order[k : k + batch] for k in range(0, len(order), batch)]
     if max_steps:
         batches = batches[:max_steps]
-    opt = torch.optim.AdamW(
-        [p for p in model.parameters() if p.requires_grad], lr=2e-5, weight_decay=0.0
+    opt = torch.optim.AdamW(  # fused, as the trainer's on CPU
+        [p for p in model.parameters() if p.requires_grad], lr=2e-5, weight_decay=0.0, fused=True
     )
     collate = Collator(processor.tokenizer.pad_token_id)
     toks = secs = 0.0
-    losses = []
+    rates, losses = [], []
     padded = 0
     for k, b in enumerate(batches):
+        t = time.perf_counter()  # from loading and collating, as the trainer's step time
         bt = collate([ds[i] for i in b])
-        t = time.perf_counter()
-        out = model(
-            input_ids=bt["input_ids"],
-            attention_mask=bt["attention_mask"],
-            pixel_values=bt["pixel_values"],
-            labels=bt["labels"],
-        )
+        with _autocast(precision):
+            out = model(
+                input_ids=bt["input_ids"],
+                attention_mask=bt["attention_mask"],
+                pixel_values=bt["pixel_values"],
+                labels=bt["labels"],
+            )
         out.loss.backward()
         torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], 1.0)
         opt.step()
@@ -146,11 +154,13 @@ def run_baseline(model_dir: Path, data: Path, batch: int, seed: int, max_steps: 
         dt = time.perf_counter() - t
         losses.append(out.loss.item())
         if k:  # skip warm-up, as for ours
-            toks += float(bt["attention_mask"].sum())
+            real = float(bt["attention_mask"].sum())
+            toks += real
             secs += dt
+            rates.append(real / dt)
             padded += bt["attention_mask"].numel()
     return {
-        "tokens_per_s": toks / secs,
+        "tokens_per_s": statistics.median(rates),
         "tokens": toks,
         "seconds": secs,
         "mean_loss": sum(losses) / len(losses),
@@ -158,8 +168,10 @@ def run_baseline(model_dir: Path, data: Path, batch: int, seed: int, max_steps: 
     }
 
 
-def same_batch_losses(model_dir: Path, data: Path, n: int = 8) -> tuple[float, float]:
-    """HF fp32 full-logit loss vs our bf16 selected-logit loss on one identical batch."""
+def same_batch_losses(
+    model_dir: Path, data: Path, precision: str, n: int = 8
+) -> tuple[float, float]:
+    """HF's full-logit loss vs our selected-logit loss on one identical batch, same precision."""
     import torch
     from transformers import AutoProcessor, LlavaForConditionalGeneration
 
@@ -176,10 +188,9 @@ def same_batch_losses(model_dir: Path, data: Path, n: int = 8) -> tuple[float, f
     ds = TrainDataset(samples[:n], processor.image_processor)
     bt = Collator(processor.tokenizer.pad_token_id)([ds[i] for i in range(len(ds))])
     kw = {k: bt[k] for k in ("input_ids", "attention_mask", "pixel_values", "labels")}
-    with torch.no_grad():
+    with torch.no_grad(), _autocast(precision):
         ref = float(model(**kw).loss)
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            s = _loss_module_cls()(model)(**kw)
+        s = _loss_module_cls()(model)(**kw)
         ours = float(s) / int((bt["labels"][:, 1:] != -100).sum())
     return ref, ours
 
@@ -194,7 +205,19 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--max-steps", type=int, default=None, help="cap both runs at this many steps")
     ap.add_argument("--cache", default=str(Path(tempfile.gettempdir()) / "llavamed-train-bench"))
     ap.add_argument("--json", help="also write the results here")
+    ap.add_argument(
+        "--precision",
+        choices=["auto", "fp32", "bf16"],
+        default="auto",
+        help="both sides; auto: what the trainer's precision: auto resolves to here",
+    )
     args = ap.parse_args(argv)
+
+    import torch
+
+    from llavamed.utils.precision import resolve_precision
+
+    precision = resolve_precision(args.precision)
 
     from llavamed.model import ModelSpec, init_checkpoint
 
@@ -225,18 +248,18 @@ def main(argv: list[str] | None = None) -> int:
             "global_batch_size": args.batch,
             "micro_batch_size": args.batch,
             "lr": 2e-5,
-            "precision": "bf16",
+            "precision": precision,
             "warmup_ratio": 0.0,
         },
         "output": {"dir": str(run_dir), "save_every": 0},
     }
-    print("measuring bf16 matmul peak ...", file=sys.stderr)
-    peak = bf16_peak()
+    print(f"measuring the {precision} matmul peak ...", file=sys.stderr)
+    peak = matmul_peak_flops(torch.bfloat16 if precision == "bf16" else torch.float32)
     print("training: ours ...", file=sys.stderr)
     ours = run_ours(cfg)
-    print("training: baseline (HF, random order, fp32) ...", file=sys.stderr)
-    base = run_baseline(model_dir, data, args.batch, seed=0, max_steps=args.max_steps)
-    ref_loss, our_loss = same_batch_losses(model_dir, data)
+    print(f"training: baseline (HF, random order, {precision}) ...", file=sys.stderr)
+    base = run_baseline(model_dir, data, args.batch, 0, args.max_steps, precision)
+    ref_loss, our_loss = same_batch_losses(model_dir, data, precision)
 
     from transformers import LlavaForConditionalGeneration
 
@@ -260,10 +283,11 @@ def main(argv: list[str] | None = None) -> int:
         "speedup": ours["tokens_per_s"] / base["tokens_per_s"],
         "baseline_padding": base["padding"],
         "ours_flops_per_s": achieved,
-        "bf16_peak_flops_per_s": peak,
+        "precision": precision,
+        "matmul_peak_flops_per_s": peak,
         "mfu": achieved / peak,
-        "same_batch_loss_hf_fp32": ref_loss,
-        "same_batch_loss_ours_bf16": our_loss,
+        "same_batch_loss_hf": ref_loss,
+        "same_batch_loss_ours": our_loss,
         "mean_train_loss_ours": ours["mean_loss"],
         "mean_train_loss_baseline": base["mean_loss"],
     }
@@ -275,9 +299,13 @@ def main(argv: list[str] | None = None) -> int:
         f"{'mean train loss (1 pass)':28s}{res['mean_train_loss_ours']:12.4f}{res['mean_train_loss_baseline']:12.4f}"
     )
     print(f"{'loss on one identical batch':28s}{our_loss:12.4f}{ref_loss:12.4f}")
-    print(f"speedup {res['speedup']:.2f}x; baseline padding {100 * base['padding']:.0f}%")
     print(
-        f"ours: {achieved / 1e9:.1f} GFLOP/s = {100 * res['mfu']:.1f}% of measured bf16 matmul peak "
+        f"speedup {res['speedup']:.2f}x (medians of per-step tokens/s, {precision} both); "
+        f"baseline padding {100 * base['padding']:.0f}%"
+    )
+    print(
+        f"ours: {achieved / 1e9:.1f} model GFLOP/s = {100 * res['mfu']:.1f}% of the measured "
+        f"{precision} matmul peak "
         f"({peak / 1e9:.0f} GFLOP/s)"
     )
     if args.json:
