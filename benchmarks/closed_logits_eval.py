@@ -4,10 +4,11 @@
         --test slake=OUT/world/slake --test vqa-rad=OUT/world/vqa_rad \\
         OUT_A/finetune/checkpoint-final OUT_B/finetune/checkpoint-final
 
-The quickstart's report scores 208 closed questions (±6.5 points), too few to tell two recipes
-apart. This scores all of them by next-token logits (``llavamed.eval.closed_logits``: "yes" vs
-"no", one forward pass, no generation), ±1.1 points on ~1,700 questions, and the same questions
-with a blank image. Prints a markdown table: accuracy and blank accuracy (%) per checkpoint and set.
+The quickstart's report scores 208 closed questions (95% interval ±5-7 points), too few to tell
+two recipes apart. This scores all of them by next-token logits (``llavamed.eval.closed_logits``:
+"yes" vs "no", one forward pass, no generation), ±1.7-2.4 points (95%) on ~1,700 questions, and
+the same questions with a blank image. Prints a markdown table: accuracy with its Wilson 95%
+interval, and blank accuracy (%), per checkpoint and set.
 
 ``--per-question FILE`` keeps the counts per question text, to see which findings a model misses;
 ``--split train --limit 800`` scores a random 800 of the training questions, to tell a model that
@@ -18,8 +19,17 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import time
 from pathlib import Path
+
+
+def wilson(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
+    """Wilson score interval (95% by default) of a proportion ``k / n``."""
+    p = k / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return centre - half, centre + half
 
 
 def main() -> int:
@@ -87,7 +97,11 @@ def main() -> int:
                     row[0] += not blank
                     row[2 if blank else 1] += ok
             n = len(data.is_yes)
-            cells += [f"{100 * hits[False] / n:.1f} ({n})", f"{100 * hits[True] / n:.1f}"]
+            lo, hi = wilson(hits[False], n)
+            cells += [
+                f"{100 * hits[False] / n:.1f} [{100 * lo:.1f}, {100 * hi:.1f}] ({n})",
+                f"{100 * hits[True] / n:.1f}",
+            ]
         rows.append(f"| {ckpt} | {' | '.join(cells)} | {time.time() - t0:.0f} |")
         print(rows[-1], flush=True)
     print("\n".join(rows))
