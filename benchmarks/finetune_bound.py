@@ -75,6 +75,12 @@ def main(argv: list[str] | None = None) -> int:
 
     cfg = load_config(args.run / "config.yaml")
     t = cfg.train
+    if t.lora is not None:
+        raise ConfigError(
+            f"{args.run}: a LoRA run has no LM weight gradients; this counts full fine-tuning"
+        )
+    if t.gradient_checkpointing:  # a floor still, but the share of the peak is understated
+        print("note: gradient checkpointing recomputes each forward; it is not counted")
     if t.cache_frozen_layers and not t.freeze_from_epoch:
         raise ConfigError(
             f"{args.run}: steps from kept states skip layers; this counts plain forward + backward"
