@@ -17,7 +17,7 @@ Modes, each timed on the same questions:
   runs by default; the packed one-at-a-time row separates the packing's share from batching's.
 
 Ratios are against the reference loop (the model as transformers loads it) in the same dtype.
-Each repeat runs the modes back to back; the table gives medians over repeats (the machine may be shared). Without --model, a default
+Each repeat runs the modes back to back, in an order rotated per repeat; the table gives medians over repeats (the machine may be shared). Without --model, a default
 checkpoint (embedded SmolLM2-135M + the CPU ViT) is composed into --cache once. Questions are
 VQA-RAD-style short questions about procedurally drawn images, --per-image questions per image,
 listed image by image as the evaluation files list them. The public test splits ask several
