@@ -1,7 +1,7 @@
 """Packed fine-tuning step: ``sdpa`` against ``eager`` attention, same model, same batches.
 
-    python benchmarks/packed_attention.py                   # embedded SmolLM2 cut to 8 layers
-    python benchmarks/packed_attention.py --vision cpu-p32  # the quickstart's tower (16 tokens)
+    python benchmarks/packed_attention.py                   # the quickstart's shapes
+    python benchmarks/packed_attention.py --vision cpu      # the 64-token tower
 
 Fine-tuning with ``group_by_image`` packs an image's questions behind one shared prefix, so the
 trainer hands the LM a 4-D attention mask (``llavamed.train.shared_prefix``). On CPUs PyTorch's

@@ -171,7 +171,7 @@ class TrainSection:
     """Clip the global gradient norm (0 disables)."""
     precision: str = "auto"
     """``bf16`` (autocast, fp32 master weights; ~2.3x faster than fp32 on CPUs with AVX512-BF16
-    or AMX, ~19x slower per LM step on AVX2-only ones), ``fp32``, or ``auto``: bf16 where the hardware
+    or AMX, ~19x slower per step of an 8-layer transformer on AVX2-only ones), ``fp32``, or ``auto``: bf16 where the hardware
     computes it (``llavamed.utils.precision``). The saved config holds the resolved value."""
     frozen_lm_layers: int = 0
     """Keep the LM's embeddings (tied to its output head) and its first N decoder layers frozen

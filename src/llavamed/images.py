@@ -4,7 +4,9 @@ One function, :func:`load_image`, serves ingestion, training, evaluation and ser
 that decodes in one place decodes the same everywhere. Handles PNG, JPEG, TIFF, GIF (first frame),
 RGBA/LA (composited on white, as figures are shown on a page), palette, CMYK, 16-bit and float
 grayscale (min-max stretched), and DICOM (modality LUT, then the VOI LUT / window from the file,
-MONOCHROME1 inverted, middle frame of multi-frame series). Anything else raises one
+MONOCHROME1 inverted, colour as pydicom decodes it (YBR comes back RGB), PALETTE COLOR through its
+colour tables, only the middle frame of a multi-frame series decoded). ``max_pixels`` refuses
+larger images; for rasters it cannot go above PIL's own 179 MP hard limit. Anything else raises one
 :class:`~llavamed.errors.InputError` naming the file and a countable reason.
 """
 

@@ -2,8 +2,9 @@
 
 MedSynth world -> PMC ingestion + domains -> stage-1 alignment set -> self-instruct conversations
 (the embedded SmolLM2 behind a local OpenAI-compatible server, the same path a user points at
-GPT-4 or vLLM) -> stage 0 (vision pretraining) -> stage 1 -> stage 2 -> zero-shot VQA -> VQA
-fine-tuning -> VQA again with the blank-image ablation -> report.
+GPT-4 or vLLM) -> stage-0 caption pairs -> stage 0 (vision pretraining) -> stage 0b (the tower
+learns the VQA train split) -> stage 1 -> stage 2 -> zero-shot VQA -> VQA fine-tuning -> VQA
+again with the blank-image ablation -> report.
 
 Every stage is keyed by a hash of its settings and of the key of the stage before it (so of every
 earlier stage's settings), recorded in ``OUT/quickstart_state.json`` once it finishes. A re-run
@@ -578,7 +579,7 @@ def training_configs(
             "lr_projector": p.lr_projector_finetune,
             "lr_vision": p.lr_vision_finetune or None,
             # Packed questions need a 4-D mask, which CPU sdpa runs through its flash kernel;
-            # eager attention is 1.12x faster per step here (benchmarks/packed_attention.py).
+            # eager attention was 1.12x faster per step in bf16 (benchmarks/packed_attention.py).
             "attn_implementation": "eager",
         },
         "output": {"dir": str(out / "finetune"), "save_every": 25},

@@ -61,7 +61,10 @@ def register(sub) -> None:
         "folder of <split>-*.parquet; llava-med: test.json",
     )
     p.add_argument(
-        "--split", default="test", help="split to evaluate (default: test; 'all' for every split)"
+        "--split",
+        default="test",
+        help="split to evaluate (default: test; 'all' for every split; 'val'/'validation' = "
+        "validate; a split file given as --data must hold this split)",
     )
     p.add_argument(
         "--lang",

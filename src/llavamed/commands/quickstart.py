@@ -16,12 +16,16 @@ def register(sub) -> None:
             "(the tower learns the VQA train split) -> stage 1 -> stage 2 -> zero-shot VQA -> VQA "
             "fine-tuning -> VQA + blank-image ablation -> report.md/report.json/loss.png. "
             "Re-running skips finished stages; a killed run resumes inside the stage it "
-            "stopped in (stage 0b starts over), and deleting a stage's folder reruns it and "
-            "every stage after it."
+            "stopped in (stage 0b starts over); a stage that runs again (changed settings, a "
+            "deleted folder, self-instruct requests to retry) reruns every stage after it."
         ),
         formatter_class=DefaultsHelpFormatter,
     )
-    p.add_argument("--out", default="quickstart_out", help="output folder")
+    p.add_argument(
+        "--out",
+        default="quickstart_out",
+        help="output folder (one quickstart at a time per folder)",
+    )
     p.add_argument(
         "--size",
         default="small",
@@ -41,7 +45,8 @@ def register(sub) -> None:
         default=None,
         help="a pretrained vision tower folder (a stage-0 run's vision_tower/, a converted "
         "BiomedCLIP tower): skips stage 0; stage 0b and stage 1 start from it (without it, "
-        "stage 0 trains one from random weights)",
+        "stage 0 trains one from random weights); it must lie outside --out, whose stage "
+        "folders a rerun may empty",
     )
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=run)

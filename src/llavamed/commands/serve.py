@@ -16,8 +16,9 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
         "--model",
         required=True,
         metavar="DIR",
-        help="a llava checkpoint folder, a plain causal LM folder (text-only mode; "
-        "detected from config.json), or 'embedded' for the bundled SmolLM2-135M-Instruct",
+        help="a llava checkpoint folder or a training run's folder (its checkpoint-final), a "
+        "plain causal LM folder (text-only mode; detected from config.json), or 'embedded' for "
+        "the bundled SmolLM2-135M-Instruct",
     )
     add_dtype_arg(p)
     add_pack_weights_arg(p)
@@ -40,13 +41,14 @@ def register(subparsers) -> None:
         "--api-key",
         metavar="KEY",
         help="require 'Authorization: Bearer KEY' (prefer --api-key-env: command "
-        "lines are visible to other users)",
+        "lines are visible to other users; an empty KEY is an error)",
     )
     key.add_argument("--api-key-env", metavar="VAR", help="read the API key from env var VAR")
     p.add_argument(
         "--served-model-name",
         metavar="NAME",
-        help="model id clients must send (default: the model folder's name)",
+        help="model id clients must send (default: the model folder's name; for a training "
+        "run's folder or its checkpoint-final, the run folder's name)",
     )
     p.add_argument(
         "--max-batch-size",

@@ -343,8 +343,9 @@ class Engine:
         name: str | None = None,
         pack_weights: bool = True,
     ) -> Engine:
-        """Load a llava checkpoint or a plain causal LM (detected from config.json);
-        ``"embedded"`` is the embedded SmolLM2-135M-Instruct. ``pack_weights`` prepacks the
+        """Load a llava checkpoint (or a training run folder's ``checkpoint-final``, named after
+        the run) or a plain causal LM (detected from config.json); ``"embedded"`` is the embedded
+        SmolLM2-135M-Instruct. ``pack_weights`` prepacks the
         linear weights for CPU inference (:mod:`llavamed.model.cpu_packing`)."""
         path = resolve_model_dir(model)
         torch_dtype = model_dtype(dtype)

@@ -5,9 +5,10 @@ whose gradient is diluted over every image token; measured on MedSynth with the 
 (random 4-layer ViT, SmolLM2 cut to 8 layers), 120 steps of VQA fine-tuning left every local
 finding at chance. The same tower trained *directly* on the closed questions of the VQA train
 split -- one cheap vision-only step per 64 images, no LM -- reaches ~79% in four CPU minutes.
-This stage does that before the LLaVA curriculum: it teaches the tower to put each yes/no
-attribute into the mean of its patch tokens at ``feature_layer`` (the tokens LLaVA's projector
-receives), where the LM can read it with any attention pattern.
+This stage does that before the LLaVA curriculum: it teaches the tower's patch tokens at
+``feature_layer`` (the tokens LLaVA's projector receives) to carry each yes/no attribute (by
+default in every token, ``readout: token``), where the LM can read it with any attention pattern.
+Images go through the composed LLaVA's own processor (``aspect``: pad or crop).
 
 Readout: the question, embedded once by the frozen text encoder (MiniLM by default), is mapped to
 a weight vector and a bias; the answer logit is their product with the layer-normed patch tokens:

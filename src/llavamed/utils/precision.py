@@ -3,7 +3,7 @@
 Why: bf16 autocast is the fast path only where the hardware has bf16 arithmetic. On CPUs with
 AVX512-BF16 or AMX it runs matmuls ~2-4x faster than fp32, but on an AVX2-only CPU PyTorch
 emulates it and the same matmul is ~130x *slower* (a 1024x1024 matmul: 2.27 s against 0.017 s,
-an 8-layer LM step ~19x; measured on an AVX2 AMD EPYC with ``benchmarks/precision.py``). A recipe that hard-codes bf16
+a training step of an 8-layer transformer ~19x; measured on an AVX2 AMD EPYC with ``benchmarks/precision.py``). A recipe that hard-codes bf16
 therefore runs an hour-long quickstart on one laptop and a twenty-minute one on another, so
 every stage that defaults to bf16 defaults to ``auto`` instead and resolves it here, once, and
 saves the resolved value with its outputs.
