@@ -118,32 +118,9 @@ def test_dicom_windowing_uses_window_tags(tmp_path):
     assert narrow.std() > wide.std()  # a narrow window stretches contrast
 
 
-def test_dicom_multiframe_takes_middle_frame(tmp_path):
-    import pydicom
-    from pydicom.dataset import FileMetaDataset
-    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
-
-    frames = np.stack([np.full((8, 8), v, dtype=np.uint16) for v in (0, 500, 1000)])
-    frames[:, 0, 0] = 0
-    frames[:, 0, 1] = 1000
-    ds = pydicom.Dataset()
-    ds.file_meta = FileMetaDataset()
-    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds.file_meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.4"
-    ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
-    ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID
-    ds.Rows, ds.Columns, ds.NumberOfFrames = 8, 8, 3
-    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
-    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 0
-    ds.PixelData = frames.tobytes()
-    p = tmp_path / "multi.dcm"
-    ds.save_as(p, enforce_file_format=True)
-    mid = np.asarray(load_image(p))[..., 0]
-    assert 100 < mid[4, 4] < 160  # 500 on a 0..1000 scale
-
-
-def _dicom(tmp_path, pixels: np.ndarray, photometric: str, **tags):
-    """A native (uncompressed) single-frame DICOM file of 8-bit ``pixels``."""
+def _dicom(tmp_path, pixels: np.ndarray, photometric: str, frames: int = 1, **tags):
+    """A native (uncompressed) DICOM file of ``pixels`` (8- or 16-bit unsigned; with ``frames``
+    > 1, a stack of that many frames along the first axis)."""
     import pydicom
     from pydicom.dataset import FileMetaDataset
     from pydicom.uid import ExplicitVRLittleEndian, generate_uid
@@ -154,18 +131,30 @@ def _dicom(tmp_path, pixels: np.ndarray, photometric: str, **tags):
     ds.file_meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.7"
     ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
     ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID
-    ds.Rows, ds.Columns = pixels.shape[:2]
-    ds.SamplesPerPixel = 3 if pixels.ndim == 3 else 1
+    frame_shape = pixels.shape[1:] if frames > 1 else pixels.shape
+    ds.Rows, ds.Columns = frame_shape[:2]
+    if frames > 1:
+        ds.NumberOfFrames = frames
+    ds.SamplesPerPixel = 3 if len(frame_shape) == 3 else 1
     ds.PhotometricInterpretation = photometric
-    if pixels.ndim == 3:
+    if ds.SamplesPerPixel == 3:
         ds.PlanarConfiguration = 0
-    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 8, 8, 7, 0
+    bits = 8 * pixels.dtype.itemsize
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = bits, bits, bits - 1, 0
     for k, v in tags.items():
         setattr(ds, k, v)
-    ds.PixelData = np.ascontiguousarray(pixels, dtype=np.uint8).tobytes()
+    ds.PixelData = np.ascontiguousarray(pixels).tobytes()
     path = tmp_path / f"{photometric.replace(' ', '_')}.dcm"
     ds.save_as(path, enforce_file_format=True)
     return path
+
+
+def test_dicom_multiframe_takes_middle_frame(tmp_path):
+    frames = np.stack([np.full((8, 8), v, dtype=np.uint16) for v in (0, 500, 1000)])
+    frames[:, 0, 0] = 0
+    frames[:, 0, 1] = 1000
+    mid = np.asarray(load_image(_dicom(tmp_path, frames, "MONOCHROME2", frames=3)))[..., 0]
+    assert 100 < mid[4, 4] < 160  # 500 on a 0..1000 scale
 
 
 def test_dicom_colour_comes_out_in_its_own_colours(tmp_path):
