@@ -253,7 +253,9 @@ def test_report_flags_a_model_that_answers_closed_questions_without_yes_or_no():
                 "limit": 400,
             },
         },
-        "stages": {},
+        "stages": {
+            "align": {"wall_s": 0, "resumed_after_s": 0.0, "skipped_this_run": False, "samples": 9}
+        },
         "wall_time_s_all_stages": 0,
         "data": {},
         "try_it": {},
@@ -268,6 +270,7 @@ def test_report_flags_a_model_that_answers_closed_questions_without_yes_or_no():
     # The paired drop with its own interval, and the evaluated subset named as one.
     assert "paired per question: **20.0 [10.0, 30.0] points**" in md
     assert "the first 400 English questions of the SLAKE-shaped test split" in md
+    assert '- align: `{"samples": 9}`' in md  # bookkeeping fields are not data
 
 
 def test_vision_option_rejects_a_folder_without_a_tower(tmp_path):

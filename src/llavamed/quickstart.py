@@ -1147,7 +1147,11 @@ def render_markdown(report: dict) -> str:
         )
     for name in ("align", "stage0_pairs", "stage0_vision"):
         st = report["stages"].get(name, {})
-        extra = {k: v for k, v in st.items() if k not in ("wall_s", "skipped_this_run")}
+        extra = {
+            k: v
+            for k, v in st.items()
+            if k not in ("wall_s", "resumed_after_s", "skipped_this_run")
+        }
         if extra:
             lines.append(f"- {name}: `{json.dumps(extra, default=str)[:600]}`")
     if report.get("loss_curves"):
