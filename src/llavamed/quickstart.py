@@ -579,7 +579,8 @@ def training_configs(
             "lr_projector": p.lr_projector_finetune,
             "lr_vision": p.lr_vision_finetune or None,
             # Packed questions need a 4-D mask, which CPU sdpa runs through its flash kernel;
-            # eager attention was 1.12x faster per step in bf16 (benchmarks/packed_attention.py).
+            # eager attention was 1.12x faster per step in bf16 on AMX, 0.97x of sdpa in fp32 on a
+            # Zen 1 CPU (benchmarks/packed_attention.py); kept, as the measured recipe used it.
             "attn_implementation": "eager",
         },
         "output": {"dir": str(out / "finetune"), "save_every": 25},
