@@ -24,6 +24,7 @@ from llavamed.data.synth import (
     render,
     sample_attributes,
 )
+from llavamed.data.synth.captions import panel_caption
 from llavamed.data.synth.vqa import TEMPLATES
 from llavamed.data.synth.world import plan_vqa
 from llavamed.errors import ConfigError
@@ -169,6 +170,73 @@ def test_findings_stay_visible_at_128px(domain, base, change):
     d = np.abs(pad128(on) - pad128(off)).max(axis=-1)
     # A blob of clearly changed pixels (>= 12 px at > 35 grey levels) in the 128x128 input.
     assert (d > 35).sum() >= 12, (domain, change, int((d > 35).sum()))
+
+
+_HARD_HISTO = dict(tissue="colon", cellularity="high", nuclear_atypia=True, gland_formation=False, inflammation=False, magnification=200)  # fmt: skip
+_CT_CONTRAST = dict(contrast=True, lesion=False, organ=None, side=None, density=None, size_cm=None)  # fmt: skip
+_KIDNEY_HYPO = {"lesion": True, "organ": "kidney", "side": "left", "density": "hypodense", "size_cm": 2}  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "domain,base,change,least",
+    [
+        # Atypical nuclei in a highly cellular field covered the gland lumens and lymphocytes.
+        ("histology", _HARD_HISTO, ({}, {"gland_formation": True}), 600),
+        ("histology", _HARD_HISTO, ({}, {"inflammation": True}), 250),
+        # A hypodense kidney lesion after contrast was brighter than the medulla it sits on.
+        ("ct_scan", {**_CT_CONTRAST, "window": "soft tissue"}, ({}, _KIDNEY_HYPO), 15),
+        ("ct_scan", {**_CT_CONTRAST, "window": "liver"}, ({}, _KIDNEY_HYPO), 15),
+        # A same-side effusion replaced a lower-lobe nodule.
+        ("chest_xray", {**_cxr_base(), "effusion": True, "effusion_side": "right"},
+         ({}, {"nodule": True, "nodule_side": "right", "nodule_lobe": "lower", "nodule_size_mm": 14}), 40),
+        # A spleen lesion straddled the crescent's cut-out and showed a sliver.
+        ("gross", dict(organ="spleen", lesion_color="white", size_cm=2.4, scale="ruler", background="green"),
+         ({}, {"lesion_color": "red"}), 120),
+    ],
+)  # fmt: skip
+def test_findings_stay_visible_in_the_hard_combinations(domain, base, change, least):
+    """The combinations the renderer audit found a finding hard or impossible to see in, over
+    several scenes: the count of clearly changed pixels at 128 px, in the worst scene."""
+    worst = min(
+        int((np.abs(pad128(on) - pad128(off)).max(axis=-1) > 35).sum())
+        for off, on in (
+            _counterfactual(domain, attrs_from_dict(domain, base), change, seed=seed)
+            for seed in range(4)
+        )
+    )
+    assert worst >= least, (domain, change, worst)
+
+
+def test_the_ct_caption_quotes_the_rendered_attenuation():
+    from llavamed.data.synth.render.ct import lesion_hu
+
+    a = attrs_from_dict("ct_scan", {**_CT_CONTRAST, "window": "soft tissue", **_KIDNEY_HYPO})
+    assert lesion_hu("kidney", True, "hypodense") == 15.0  # below the enhanced medulla's 90 HU
+    for seed in range(40):
+        text = panel_caption("ct_scan", a, np.random.default_rng(seed))
+        if "HU" in text:
+            assert "~20 HU" in text, text  # 15 rounded to tens, as the caption rounds
+            break
+    else:
+        raise AssertionError("no caption quoted an HU value in 40 draws")
+
+
+def test_the_mri_arrow_marks_the_lesion_not_the_csf():
+    a = attrs_from_dict("mri", dict(weighting="T2", lesion=True, hemisphere="left", ring_enhancement=False, size_cm=2))  # fmt: skip
+    seen = 0
+    for seed in range(60):
+        text = panel_caption("mri", a, np.random.default_rng(seed), arrow=True)
+        if "CSF" in text:
+            seen += 1
+            assert "CSF in the ventricles (" not in text, text
+            assert "arrow" in text.split("CSF")[0], text
+    assert seen  # the CSF phrase does appear in some captions
+
+
+def test_gross_size_answers_round_half_up():
+    a = attrs_from_dict("gross", dict(organ="liver", lesion_color="red", size_cm=4.5, scale="ruler", background="blue"))  # fmt: skip
+    qs = {q["template"]: q for q in questions_for("gross", a, np.random.default_rng(0))}
+    assert qs["gro_size"]["answer"] == "5 cm"  # round() would give "4 cm" (half to even)
 
 
 # ---- VQA ------------------------------------------------------------------------------------

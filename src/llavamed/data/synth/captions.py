@@ -9,6 +9,7 @@ from __future__ import annotations
 import numpy as np
 
 from llavamed.data.synth.attributes import CTAttrs, MRIAttrs
+from llavamed.data.synth.render.ct import lesion_hu
 
 
 def _p(rng: np.random.Generator, options):
@@ -139,7 +140,7 @@ def _ct(a: CTAttrs, rng) -> tuple[str, list[str], list[str]]:
             rng,
             [
                 "Axial contrast-enhanced CT (CECT) of the abdomen",
-                "Contrast-enhanced axial CT image, portal venous phase",
+                "Contrast-enhanced axial CT image, corticomedullary phase",
                 "Axial CT of the abdomen with IV contrast",
             ],
         )
@@ -158,9 +159,7 @@ def _ct(a: CTAttrs, rng) -> tuple[str, list[str], list[str]]:
         modality += " (W400/L40)"
     pos, neg = [], []
     if a.lesion:
-        organ_hu = (58 + 50 * a.contrast) if a.organ == "liver" else (32 + 150 * a.contrast)
-        delta = -75 if a.density == "hypodense" else 75
-        hu = int(round((organ_hu + delta) / 10.0) * 10)
+        hu = int(round(lesion_hu(a.organ, a.contrast, a.density) / 10.0) * 10)
         where = f"the {a.side} lobe of the liver" if a.organ == "liver" else f"the {a.side} kidney"
         adj = "hepatic" if a.organ == "liver" else "renal"
         pos.append(
@@ -198,9 +197,11 @@ def _mri(a: MRIAttrs, rng) -> tuple[str, list[str], list[str]]:
             ],
         )
     pos, neg = [], []
+    # The CSF phrase goes after the lesion's: an "(arrow)" is attached to the first finding,
+    # and the drawn arrow points at the lesion.
+    csf = []
     if rng.random() < 0.35:
-        csf = "dark" if a.weighting == "T1" else "bright"
-        pos.append(f"{csf} CSF in the ventricles")
+        csf = [f"{'dark' if a.weighting == 'T1' else 'bright'} CSF in the ventricles"]
     if a.lesion:
         h, cm = a.hemisphere, a.size_cm
         sig = "hypointense" if a.weighting == "T1" else "hyperintense"
@@ -232,7 +233,7 @@ def _mri(a: MRIAttrs, rng) -> tuple[str, list[str], list[str]]:
             )
     else:
         neg.append(_p(rng, ["no focal parenchymal lesion", "no intracranial mass lesion"]))
-    return modality, pos, neg
+    return modality, pos + csf, neg
 
 
 def _histo(a, rng) -> tuple[str, list[str], list[str]]:

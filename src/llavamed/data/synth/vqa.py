@@ -9,6 +9,7 @@ split, so a question-only model cannot beat chance on closed questions.
 
 from __future__ import annotations
 
+import math
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -527,7 +528,7 @@ GROSS = [
         "Size",
         "How large is the lesion?",
         None,
-        _const(lambda a: f"{round(a.size_cm)} cm"),
+        _const(lambda a: f"{math.floor(a.size_cm + 0.5)} cm"),  # half up: 4.5 cm is "5 cm"
     ),
 ]
 

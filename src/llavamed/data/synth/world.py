@@ -31,7 +31,7 @@ from llavamed.data.synth.vqa import Balancer, questions_for, select_questions
 from llavamed.errors import ConfigError
 from llavamed.utils.io import atomic_write_bytes, atomic_write_json, read_json
 
-GENERATOR_VERSION = "medsynth-1.0"
+GENERATOR_VERSION = "medsynth-1.1"
 DEFAULT_ARTICLES = 150
 DEFAULT_IMAGE_SIZE = 256
 VQA_IMAGES_PER_ARTICLE = 10

@@ -26,6 +26,18 @@ LESION_SITES = {
 CM = 0.9 / 34.0  # short-side units per cm: the body (~34 cm wide) spans ~0.9
 
 
+def lesion_hu(organ: str, contrast: bool, density: str) -> float:
+    """The lesion's attenuation, which the caption quotes too. A kidney lesion sits over the
+    medulla; after contrast the medulla (90 HU) is darker than the cortex (182 HU), so a
+    hypodense lesion is set against the medulla, or it would be brighter than what it covers."""
+    enh = 1.0 if contrast else 0.0
+    if organ == "liver":
+        return 58 + 50 * enh + (-75.0 if density == "hypodense" else 75.0)
+    if density == "hypodense":
+        return (90.0 if contrast else 32.0) - 75.0
+    return 32 + 150 * enh + (110.0 if contrast else 75.0)
+
+
 def render_ct(a: CTAttrs, rng: np.random.Generator, c: Canvas):
     j = rng.uniform(-1, 1, size=12)
     tex = smooth_noise(rng, c, 0.02)
@@ -87,12 +99,8 @@ def render_ct(a: CTAttrs, rng: np.random.Generator, c: Canvas):
         cu += 0.015 * j[3]
         cv += 0.015 * j[4]
         r = a.size_cm * CM / 2 * 1.15
-        organ_hu = (58 + 50 * enh) if a.organ == "liver" else (32 + 150 * enh)
-        delta = -75.0 if a.density == "hypodense" else 75.0
-        if a.organ == "kidney" and a.contrast and a.density == "hyperdense":
-            delta = 110.0
         les = soft_mask(ellipse(c, cu, cv, r * (1 + 0.1 * j[5]), r * (1 - 0.1 * j[5]), j[6]), 0.12)
-        put(les, organ_hu + delta + 4 * tex)
+        put(les, lesion_hu(a.organ, a.contrast, a.density) + 4 * tex)
         c.targets.append((cu, cv))
 
     hu = blur(hu, 0.6 * c.s / 256) + grain * (9 + 2 * j[7])

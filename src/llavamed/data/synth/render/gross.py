@@ -79,6 +79,8 @@ def render_gross(a: GrossAttrs, rng: np.random.Generator, c: Canvas):
     rgb = rgb * (1 - organ[..., None]) + surface * organ[..., None]
 
     cu, cv = 0.1 * j[1] - (0.06 if a.organ == "liver" else 0.0), -0.06 + 0.04 * j[2]
+    if a.organ == "spleen":  # centred in the crescent's band, not on the edge of its cut-out
+        cv = 0.025 + 0.02 * j[2]
     r = a.size_cm * CM / 2
     lr = np.sqrt(((c.u - cu) / r) ** 2 + ((c.v - cv) / (r * (1 + 0.1 * j[3]))) ** 2) / (
         1 + 0.12 * les_edge

@@ -76,8 +76,10 @@ def render_histology(a: HistologyAttrs, rng: np.random.Generator, c: Canvas):
     for x, y in gland_nuclei:
         nucleus(x, y, k % MAX_NUCLEI, 0.95)
         k += 1
-    # Stromal / tumour cell nuclei: the count is the cellularity cue.
-    density = 170 if a.cellularity == "low" else 620
+    # Stromal / tumour cell nuclei: the count is the cellularity cue. Atypical nuclei are about
+    # five times larger, so the same count would cover ~80% of a highly cellular field and hide
+    # the glands and lymphocytes; the count is scaled down to keep the field about half covered.
+    density = (170 if a.cellularity == "low" else 620) * (0.45 if atyp else 1.0)
     n_cells = min(MAX_NUCLEI - 1, int(density * area / (m * m)))
     for i in range(n_cells):
         nucleus(float(pos[i, 0] * c.w), float(pos[i, 1] * c.h), i, 0.85 + 0.1 * float(shape[i, 3]))
@@ -94,6 +96,7 @@ def render_histology(a: HistologyAttrs, rng: np.random.Generator, c: Canvas):
     emap = np.asarray(eos_img, dtype=np.float32) / 255.0
     lumen = blur(np.asarray(lumen_img, dtype=np.float32) / 255.0, sigma)
     eos = np.maximum(eos, emap * (0.75 + 0.1 * fiber2)) * (1 - 0.95 * lumen)
+    hmap = hmap * (1 - lumen)  # a gland lumen is empty space: no stromal nucleus shows through it
     hem_strength = 1.5 + 0.2 * stain_jitter[0]
     eos_strength = 0.95 + 0.2 * stain_jitter[1]
     od = hmap[..., None] * H_VEC * hem_strength + eos[..., None] * E_VEC * eos_strength

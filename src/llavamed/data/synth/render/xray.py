@@ -106,7 +106,11 @@ def render_chest_xray(a: ChestXrayAttrs, rng: np.random.Generator, c: Canvas):
         meniscus = level - 0.9 * np.clip(np.abs(u) - 0.2, 0, None) * (u * sg > 0)
         fluid = np.clip((v - meniscus) / 0.03, 0, 1) * (u * sg > 0.02)
         fluid *= soft_mask(ellipse(c, sg * 0.2, 0.08, 0.2, 0.3), 0.05)
-        att = att * (1 - fluid) + (0.5 + 0.02 * tex_lung) * fluid
+        # Fluid takes the place of aerated lung, and attenuation adds up along the ray: a nodule,
+        # a consolidation or the heart border behind the fluid adds to it instead of vanishing
+        # (it replaced them, hiding ~10% of same-side lower-lobe nodules). Outside the lung the
+        # fluid matches soft tissue, so the hemidiaphragm's outline is lost as on a real film.
+        att = att + (0.34 + 0.02 * tex_lung) * fluid * lungs
         c.targets.append((sg * 0.26, level + 0.12))
 
     # Devices: radio-opaque, drawn a few pixels wide so they survive a 128 px resize.
