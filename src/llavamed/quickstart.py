@@ -610,6 +610,8 @@ def run_quickstart(opts: QuickstartOptions) -> dict:
     world, corpus = out / "world", out / "corpus"
     seed = opts.seed
     fields = dataclasses.asdict(p)
+    from llavamed.data.synth.world import GENERATOR_VERSION
+
     cfgs = training_configs(p, out, seed, given_tower)
 
     def synth() -> dict:
@@ -784,6 +786,9 @@ def run_quickstart(opts: QuickstartOptions) -> dict:
                 "seed": seed,
                 "vqa_images": p.vqa_images,
                 "train_closed": p.train_closed,
+                # A new renderer changes every image: an upgraded llavamed redoes the world
+                # (and so every stage) rather than report the old one's numbers as its own.
+                "generator": GENERATOR_VERSION,
             },
         ),
         ("ingest", "corpus", ingest, {}),
