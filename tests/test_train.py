@@ -144,6 +144,31 @@ def test_vqa_sample_prompt_matches_eval_runner(tiny_llava_dir):
     assert rendered == gen.prompt(f"Is there a mass? {CLOSED_SUFFIX}")
 
 
+@pytest.mark.parametrize("source", ["from", "init"])
+def test_a_template_override_is_what_the_checkpoint_prompts_with(tmp_path, tiny_llava_dir, source):
+    """model.template changes what training renders; the saved processor must prompt the same
+    way, or eval/serve/chat ask in chatml a model trained on vicuna."""
+    from llavamed.model.checkpoint import checkpoint_template, load_llava
+    from llavamed.model.processing import generation_prompt, question_messages
+    from llavamed.model.templates import Message, get_template
+    from llavamed.train.trainer import run_training
+
+    data = make_bright_dark(tmp_path / "data", 4)
+    cfg = tiny_config(data, tmp_path / "out", max_steps=1, global_batch_size=4)
+    if source == "from":
+        cfg["model"] = {"from": str(tiny_llava_dir), "template": "vicuna_v1"}  # a chatml model
+    else:
+        cfg["model"]["template"] = "vicuna_v1"  # over the init spec's chatml
+    final = run_training(cfg, progress=False).final_checkpoint
+    _, proc = load_llava(final)
+    assert checkpoint_template(final) == "vicuna_v1"
+    q = "Is the image bright?"
+    trained = get_template("vicuna_v1").render(
+        [Message("user", f"<image>\n{q}")], eos=proc.tokenizer.eos_token, add_generation_prompt=True
+    )
+    assert generation_prompt(proc, question_messages(q)) == trained.text
+
+
 # --- schedule --------------------------------------------------------------------------------
 
 

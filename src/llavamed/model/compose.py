@@ -276,9 +276,19 @@ def build(spec: ModelSpec):
         image_token=IMAGE_PLACEHOLDER,
         num_additional_image_tokens=1 if vision.has_cls else 0,
     )
+    set_chat_template(processor, template)
+    return model, processor
+
+
+def set_chat_template(processor, template) -> None:
+    """Make ``processor`` prompt with ``template``: the chat template that eval, serve and chat
+    render (saved with the checkpoint) and whether its tokenizer adds BOS. Training renders with
+    the template too, so the two must change together or a model is served in another format
+    than it was trained in."""
+    tok = processor.tokenizer
+    processor.chat_template = template.jinja(eos=template_eos(template, tok))
     tok.chat_template = processor.chat_template
     _set_bos_policy(tok, template.add_bos)
-    return model, processor
 
 
 def _set_bos_policy(tok, add_bos: bool) -> None:

@@ -154,6 +154,8 @@ def build_model(cfg: TrainConfig):
 
     from llavamed.model import ModelSpec, build, checkpoint_template, read_meta
     from llavamed.model.checkpoint import model_files
+    from llavamed.model.compose import set_chat_template
+    from llavamed.model.templates import get_template
 
     attn = cfg.train.attn_implementation
     if cfg.model.init is not None:
@@ -174,6 +176,8 @@ def build_model(cfg: TrainConfig):
         )
     if spec is not None and spec.template != template:
         spec = dataclasses.replace(spec, template=template)
+    if cfg.model.template is not None:  # the saved processor must prompt as training does
+        set_chat_template(processor, get_template(template))
     try:
         model.set_attn_implementation(attn)
     except (ValueError, ImportError) as exc:
