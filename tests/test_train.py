@@ -427,6 +427,41 @@ def test_param_groups_give_each_part_its_own_rate(tiny_llava_dir):
     assert {id(p) for p in only[0]["params"]} == want["projector"]
 
 
+@pytest.mark.parametrize("tower", ["clip", "vit"])
+def test_every_trainable_vision_parameter_gets_a_gradient(tmp_path, tower):
+    """Parameters after the feature layer must be frozen: DDP stops on a trainable parameter
+    with no gradient, and AdamW would keep state for it. ViT (what `convert biomedclip` writes)
+    keeps its blocks and final norm in other places than CLIP."""
+    from PIL import Image
+    from transformers import ViTConfig, ViTModel
+
+    from llavamed.model.compose import ModelSpec, build
+    from llavamed.train.freeze import apply_trainable
+
+    vision = "tiny"
+    if tower == "vit":
+        vision = tmp_path / "vit"
+        cfg = ViTConfig(
+            image_size=32,
+            patch_size=8,
+            hidden_size=32,
+            num_hidden_layers=3,
+            num_attention_heads=2,
+            intermediate_size=64,
+        )
+        ViTModel(cfg, add_pooling_layer=True).save_pretrained(vision)
+    model, proc = build(ModelSpec(lm="tiny", vision=str(vision), template="chatml"))
+    apply_trainable(model, ["projector", "vision"])
+    msgs = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "hi"}]}]
+    text = proc.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False) + "yes"
+    enc = proc(text=text, images=[Image.new("RGB", (32, 32), (200, 10, 10))], return_tensors="pt")
+    model(**enc, labels=enc["input_ids"]).loss.backward()
+    vision_params = dict(model.model.vision_tower.named_parameters())
+    trained = {n for n, p in vision_params.items() if p.requires_grad}
+    assert trained and any(p.grad is not None for p in vision_params.values())
+    assert [n for n in trained if vision_params[n].grad is None] == []
+
+
 def test_frozen_lm_layers_stop_backward_at_the_first_trained_layer(tiny_llava_dir):
     import torch
     from transformers import LlavaForConditionalGeneration

@@ -31,16 +31,17 @@ def unused_vision_parameters(model) -> list:
     layers = list(layer) if isinstance(layer, list | tuple) else [layer]
     tower = model.model.vision_tower
     enc = getattr(tower, "vision_model", tower)
-    blocks = getattr(getattr(enc, "encoder", None), "layers", None) or getattr(
-        getattr(enc, "encoder", None), "layer", None
-    )
+    # CLIP/SigLIP keep their blocks in encoder.layers; transformers 5's ViTModel (what
+    # `convert biomedclip` writes) holds them directly as .layers.
+    holder = getattr(enc, "encoder", enc)
+    blocks = getattr(holder, "layers", None) or getattr(holder, "layer", None)
     unused = []
-    post = getattr(enc, "post_layernorm", None)
-    if post is not None:
-        unused += list(post.parameters())
-    head = getattr(enc, "head", None)  # SigLIP's attention-pooling head
-    if head is not None:
-        unused += list(head.parameters())
+    # After the last block, never part of hidden_states: CLIP/SigLIP's post_layernorm, ViT's
+    # final layernorm and pooler, SigLIP's attention-pooling head.
+    for name in ("post_layernorm", "layernorm", "pooler", "head"):
+        part = getattr(enc, name, None)
+        if part is not None:
+            unused += list(part.parameters())
     if blocks is not None:
         n = len(blocks)
         # hidden_states has n+1 entries (embeddings first); index k (or n+1+k) follows block k-1.
