@@ -160,6 +160,34 @@ def test_llava_batch_with_images_matches_reference(tiny_llava_dir):
         eng.close()
 
 
+def test_a_long_thin_image_is_shrunk_before_it_is_padded_to_square(tiny_llava_dir):
+    """A 16000x125 image passes the pixel-count cap (2 MP) but the processor pads it to a
+    16000x16000 square: ~2 GB for a PNG of a few KB. Its longer side is bounded first."""
+    import tracemalloc
+
+    from PIL import Image
+
+    from llavamed.serve.engine import MAX_IMAGE_SIDE
+
+    eng = Engine.from_path(tiny_llava_dir)
+    try:
+        small = Image.new("RGB", (40, 30), (200, 10, 10))
+        before = _prompt(eng, "What is shown?", small).pixel_values
+        assert before is not None  # ordinary images reach the processor as they are
+        thin = Image.new("RGB", (16000, 125), (200, 10, 10))
+        tracemalloc.start()
+        try:
+            prompt = _prompt(eng, "What is shown?", thin)
+            peak = tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+        assert prompt.n_images == 1 and prompt.pixel_values.shape == before.shape
+        assert peak < 200 * 2**20, peak  # MAX_IMAGE_SIDE**2 padding, not 16000**2
+        assert MAX_IMAGE_SIDE <= 4096
+    finally:
+        eng.close()
+
+
 def test_seeded_sampling_is_reproducible_and_batch_independent(lm_engine):
     p = _prompt(lm_engine, QUESTIONS[1])
     params = SamplingParams(max_tokens=10, temperature=1.0, top_p=0.9, seed=123)

@@ -62,6 +62,19 @@ def load_image(
     return _load_raster(data, label, max_pixels)
 
 
+def bound_long_side(img: Image.Image, max_side: int) -> Image.Image:
+    """``img`` shrunk (aspect kept) so its longer side is at most ``max_side``; the same image
+    when it already is. A pad-to-square processor pads at full resolution before it resizes, so
+    its memory grows with the square of the longer side: a 16000x125 PNG of a few KB passes a
+    pixel-count cap yet takes ~2 GB to pad. Vision towers see a few hundred pixels anyway."""
+    w, h = img.size
+    if max(w, h) <= max_side:
+        return img
+    scale = max_side / max(w, h)
+    size = (max(1, round(w * scale)), max(1, round(h * scale)))
+    return img.resize(size, Image.BICUBIC, reducing_gap=3.0)
+
+
 def _load_raster(data: bytes, label: str, max_pixels: int) -> Image.Image:
     try:
         with warnings.catch_warnings():

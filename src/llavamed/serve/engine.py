@@ -34,6 +34,9 @@ from llavamed.utils.precision import model_dtype
 log = logging.getLogger(__name__)
 
 EMBEDDED = "embedded"
+# Longer image sides are shrunk before the processor pads to square (images.bound_long_side):
+# far above any tower's input (224-448 px), so ordinary images reach the processor untouched.
+MAX_IMAGE_SIDE = 2048
 
 
 # --- public data types -----------------------------------------------------------------------
@@ -403,7 +406,10 @@ class Engine:
         """HF-style messages (structured content with ``{"type": "image"}`` parts for llava) and
         PIL images -> a Prompt, through the checkpoint's own chat template and processor.
         Raises InputError for conversations the template or processor reject."""
-        images = list(images)
+        from llavamed.images import bound_long_side
+
+        # Requests come from anyone who can reach the server: bound what padding can allocate.
+        images = [bound_long_side(img, MAX_IMAGE_SIDE) for img in images]
         with self._prep_lock:
             try:
                 if self.is_multimodal:
