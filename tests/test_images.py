@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -197,6 +198,31 @@ def test_dicom_with_blank_window_tags_is_read_without_a_window(tmp_path):
     bad = _dicom(tmp_path, grad, "PALETTE COLOR")  # a palette image without its tables
     with pytest.raises(InputError, match="undecodable DICOM"):
         load_image(bad)
+
+
+def test_damaged_dicom_files_are_input_errors_never_other_exceptions():
+    """Truncated and byte-flipped copies of a real CT: each one loads or is a counted InputError
+    (pydicom raised BytesLengthException and NotImplementedError through, a 500 in serve)."""
+    import random
+
+    from pydicom.data import get_testdata_file
+
+    data = Path(get_testdata_file("CT_small.dcm")).read_bytes()
+    rng = random.Random(0)
+    trials = [data[:cut] for cut in range(132, len(data), 97)]
+    for _ in range(300):
+        b = bytearray(data)
+        for _ in range(3):
+            b[rng.randrange(132, 1200)] = rng.randrange(256)
+        trials.append(bytes(b))
+    errors = 0
+    for t in trials:
+        try:
+            load_image(t, name="ct.dcm")
+        except InputError as exc:
+            assert "ct.dcm" in str(exc)
+            errors += 1
+    assert errors > 100  # most damaged copies are refused, by name
 
 
 def test_dicom_without_pixels(tmp_path):

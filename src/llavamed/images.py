@@ -157,13 +157,14 @@ def _try_dicom_without_preamble(data: bytes, label: str, max_pixels: int) -> Ima
 
 def _load_dicom(data: bytes, label: str, max_pixels: int) -> Image.Image:
     import pydicom
-    from pydicom.errors import InvalidDicomError
 
     try:
         ds = pydicom.dcmread(io.BytesIO(data))
-    except (InvalidDicomError, EOFError, OSError, ValueError) as exc:
-        raise InputError(label, "corrupt DICOM", str(exc)) from exc
-    if "PixelData" not in ds:
+        has_pixels = "PixelData" in ds
+    except Exception as exc:  # pydicom raises more than InvalidDicomError on damaged files
+        # (BytesLengthException, NotImplementedError, ...): all of them are the file's fault.
+        raise InputError(label, "corrupt DICOM", str(exc) or type(exc).__name__) from exc
+    if not has_pixels:
         raise InputError(label, "DICOM without pixel data")
     return _dicom_to_image(ds, label, max_pixels)
 
@@ -171,10 +172,13 @@ def _load_dicom(data: bytes, label: str, max_pixels: int) -> Image.Image:
 def _dicom_to_image(ds, label: str, max_pixels: int) -> Image.Image:
     from pydicom.pixels import pixel_array
 
-    rows, cols = int(ds.get("Rows", 0)), int(ds.get("Columns", 0))
+    try:  # elements are parsed when read, so a damaged tag fails here, not in dcmread
+        rows, cols = int(ds.get("Rows", 0)), int(ds.get("Columns", 0))
+        frames = int(ds.get("NumberOfFrames", 1) or 1)
+    except Exception as exc:
+        raise InputError(label, "corrupt DICOM", str(exc) or type(exc).__name__) from exc
     if rows * cols > max_pixels:
         raise InputError(label, "image too large", f"{cols}x{rows} > {max_pixels} pixels")
-    frames = int(ds.get("NumberOfFrames", 1) or 1)
     try:
         # The middle slice, the most representative frame of a series, decoded alone (a
         # 1,000-slice CT is not decoded whole). pydicom already returns YBR colour as RGB.
