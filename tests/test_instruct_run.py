@@ -162,6 +162,20 @@ def test_transient_failures_exit_3_then_resume(stub, tmp_path):
     assert rc == 0 and report["totals"]["kept"] + report["totals"]["dropped"] == 10
 
 
+def test_rate_limits_past_the_last_retry_are_postponed_not_dropped(stub, tmp_path):
+    """A 429 is a 4xx, but 'not now' rather than 'never': the record is asked again next run."""
+    opts = make_opts(stub, tmp_path, n=5)
+    opts.client.max_retries = 0
+    stub.default = "429"
+    report, rc = run_instruct(opts)
+    assert rc == 3 and report["failed_this_run"] == {"http_429": 5}
+    assert not report.get("totals", {}).get("dropped_by_reason")
+    stub.default = "ok"
+    report, rc = run_instruct(opts)
+    assert rc == 0 and report["totals"]["kept"] + report["totals"]["dropped"] == 5
+    assert "request_rejected" not in report["totals"]["dropped_by_reason"]
+
+
 def test_fatal_auth_error_stops_run(stub, tmp_path):
     stub.default = "401"
     with pytest.raises(LlavamedError, match="http_401"):

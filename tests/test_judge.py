@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 
@@ -42,6 +43,9 @@ from openai_stub_server import StubServer
         ("8\nAssistant 2 gets 7", None),
         ("11 7", None),
         ("0 5", None),
+        ("-3 7", None),  # a negative score, not (3, 7)
+        ("8 -2", None),
+        ("8-9\nclose call", (8, 9)),  # a dash between numbers is no sign
         ("", None),
         ("8 7 6", None),
     ],
@@ -225,6 +229,38 @@ def test_judge_run_hand_computed(stub, tmp_path):
     # Re-run: resumes from the log, no request.
     report2, _ = run_judge(opts)
     assert stub.count == 9 and report2["relative_score"] == rs
+
+
+def _one_at_a_time(opts):
+    """One request at a time and no retry: a planned fault is the first question's last word."""
+    opts.client = dataclasses.replace(opts.client, concurrency=1, max_retries=0)
+    return opts
+
+
+def test_a_rate_limited_judgement_is_asked_again_not_recorded_invalid(stub, tmp_path):
+    opts = _one_at_a_time(make_opts(stub, tmp_path))
+    stub.plan(["429"])  # the first question's request, with no retry left
+    report, rc = run_judge(opts)
+    assert rc == 3 and not report["complete"]  # postponed, not judged
+    logged = [json.loads(line) for line in opts.out.read_text().splitlines()]
+    assert len(logged) == 4 and all("rejected" not in e["judgement"] for e in logged)
+    report2, rc2 = run_judge(opts)
+    assert rc2 == 0 and report2["complete"]
+    assert report2["relative_score"]["overall"]["valid"] == 4  # as with no 429 at all
+
+
+def test_a_refused_judgement_is_recorded_invalid_once(stub, tmp_path):
+    opts = _one_at_a_time(make_opts(stub, tmp_path))
+    stub.plan(["refusal"])  # a content filter on the first question
+    report, rc = run_judge(opts)
+    assert rc == 0 and report["complete"]
+    logged = [json.loads(line) for line in opts.out.read_text().splitlines()]
+    refused = [e for e in logged if e["judgement"].startswith("<refused")]
+    assert len(refused) == 1 and refused[0]["scores"] is None
+    assert report["relative_score"]["overall"]["invalid"] == 2  # the refusal and Q5
+    sent = stub.count
+    run_judge(opts)
+    assert stub.count == sent  # a re-run does not pay for the refusal again
 
 
 def test_judge_swap_measures_position_bias(stub, tmp_path):

@@ -27,7 +27,13 @@ from pathlib import Path
 
 from llavamed.data.figures import DOMAINS, primary_domain
 from llavamed.errors import InputError, LlavamedError
-from llavamed.llm.client import ClientOptions, LLMClient, LLMError, for_each_concurrently
+from llavamed.llm.client import (
+    MODEL_REFUSAL,
+    ClientOptions,
+    LLMClient,
+    LLMError,
+    for_each_concurrently,
+)
 from llavamed.utils.io import JsonlAppender, atomic_write_json, iter_jsonl_numbered
 
 NORMAL, SWAPPED = "normal", "swapped"
@@ -112,7 +118,9 @@ def parse_scores(text: str) -> tuple[float, float] | None:
         line = re.sub(rf"{_NUM}\s*/\s*10\b|\(?\bout of 10\b\)?", r"\1", first, flags=re.I)
         line = re.sub(r"^\W*\d+[.)]\s", " ", line)  # a list marker ("1. 8") is not a score
         line = re.sub(r"assistant\s*\d", " ", line, flags=re.I)  # nor is a label's number
-        nums = re.findall(_NUM, line)
+        # A minus that is not between two numbers ("8-9") is a sign: "-3 7" is out of range,
+        # not the pair (3, 7).
+        nums = re.findall(r"((?<![\d.])-?\d+(?:\.\d+)?)", line)
         pair = (float(nums[0]), float(nums[1])) if len(nums) == 2 else _labelled_pair(text)
     if pair is None or not all(1.0 <= s <= 10.0 for s in pair):
         return None
@@ -277,9 +285,12 @@ async def _judge_all(opts, prompts, jobs, appender, fp, bar) -> dict:
             except LLMError as exc:
                 if exc.fatal:
                     raise
-                if not exc.kind.startswith("http_4"):
-                    return  # transient: not logged, the next run retries it
-                raws.append(f"<request rejected: {exc.kind}>")
+                if not exc.rejected:
+                    return  # transient (429s, 5xx, timeouts): not logged, a re-run asks again
+                # Refused for good (a 4xx, a content filter): an invalid judgement, recorded
+                # so the report counts it and a re-run does not pay for it again.
+                what = "refused" if exc.kind == MODEL_REFUSAL else "request rejected"
+                raws.append(f"<{what}: {exc.kind}>")
             appender.append(
                 {
                     "question_id": q["question_id"],

@@ -58,15 +58,33 @@ MODEL_REFUSAL = "model_refusal"  # a reply without text: content filter or an ex
 
 
 class LLMError(LlavamedError):
-    """A request that failed for good. ``kind`` is countable (``http_400``, ``timeout``...);
-    ``fatal`` means the whole job should stop (bad key, URL or model name)."""
+    """A request that failed. ``kind`` is countable (``http_400``, ``timeout``...); ``fatal``
+    means the whole job should stop (bad key, URL or model name); ``retryable`` means the client
+    gave up on a failure that may pass later (429, 5xx, timeouts), so a re-run should ask again."""
 
-    def __init__(self, kind: str, detail: str = "", fatal: bool = False, attempts: int = 0):
+    def __init__(
+        self,
+        kind: str,
+        detail: str = "",
+        fatal: bool = False,
+        attempts: int = 0,
+        retryable: bool = False,
+    ):
         self.kind = kind
         self.detail = detail
         self.fatal = fatal
         self.attempts = attempts
+        self.retryable = retryable
         super().__init__(f"LLM request failed: {kind}" + (f" ({detail})" if detail else ""))
+
+    @property
+    def rejected(self) -> bool:
+        """The server refused this very request for good (a non-retryable 4xx, or the model
+        declined): asking again gets the same answer, so a batch job records it and moves on.
+        A 429 after the last retry is not rejected, only postponed."""
+        if self.fatal or self.retryable:
+            return False
+        return self.kind.startswith("http_4") or self.kind == MODEL_REFUSAL
 
 
 def estimate_tokens(obj: str | list[dict]) -> int:
@@ -459,7 +477,7 @@ class LLMClient:
             if attempt >= self.opts.max_retries:
                 self.stats.failures += 1
                 self.stats.failure_reasons[kind] += 1
-                raise LLMError(kind, detail, attempts=attempt + 1)
+                raise LLMError(kind, detail, attempts=attempt + 1, retryable=True)
             if retry_after is not None:
                 delay = min(retry_after, self.opts.max_retry_after)
                 delay += self._rng.uniform(0, 0.1 * delay + 0.01)

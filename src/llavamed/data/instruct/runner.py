@@ -203,7 +203,7 @@ async def _generate(opts, prompts, pending, appender, fp, bar) -> tuple[Counter,
             except LLMError as exc:
                 if exc.fatal:
                     raise
-                if exc.kind.startswith("http_4") or exc.kind == MODEL_REFUSAL:
+                if exc.rejected:  # for good; a 429 after the last retry is only postponed
                     reason = "model_refusal" if exc.kind == MODEL_REFUSAL else "request_rejected"
                     entry.update(status="dropped", reason=reason, detail=exc.kind)
                     appender.append(entry)
