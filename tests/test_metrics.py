@@ -70,6 +70,27 @@ def test_parse_yes_no():
     assert m.parse_yes_no("Yes, there is no effusion") == "yes"
     assert m.parse_yes_no("No, and there is no mass") == "no"
     assert m.parse_yes_no("it is not present, so no") == "no"
+    # A comma closes the answer's clause: the "no" after it belongs to the finding.
+    assert m.parse_yes_no("Yes, no effusion is seen") == "yes"
+    assert m.parse_yes_no("No; yes-no questions aside, there is none") == "no"
+
+
+def test_chinese_answers_are_scored_by_character():
+    """SLAKE --lang zh: Chinese has no spaces, so whitespace tokens made recall all-or-nothing."""
+    # Gold 肝脏 (2 characters), both found in a 9-character sentence: recall 1, precision 2/9.
+    assert m.llava_med_open_recall("图像中显示的是肝脏", "肝脏") == 1.0
+    assert m.token_f1("图像中显示的是肝脏", "肝脏") == pytest.approx(2 * (2 / 9) / (2 / 9 + 1))
+    assert m.llava_med_open_recall("肝脏。", "肝脏") == 1.0  # full-width punctuation dropped
+    assert m.exact_match("肝脏。", "肝脏") == 1.0
+    assert m.llava_med_open_recall("左肺", "右肺") == pytest.approx(0.5)
+    # Strict yes/no reads 是/否 and their usual openings; "不是" is no, not a "是".
+    assert m.strict_closed_hit("是的", "是") == 1.0
+    assert m.strict_closed_hit("不是", "是") == 0.0
+    assert m.strict_closed_hit("没有，未见积液。", "否") == 1.0
+    assert m.parse_yes_no("是否有积液") is None
+    assert m.score_sample("不是", "是", "closed")["closed_unparsed"] == 0.0
+    # English is untouched: whitespace tokens, as LLaVA-Med's metric.
+    assert m.llava_med_open_recall("left left", "left lung") == pytest.approx(2 / 3)
 
 
 def test_strict_closed():

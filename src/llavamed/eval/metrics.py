@@ -48,6 +48,15 @@ _PUNCT += (",", "?", "!")
 _PERIOD = re.compile(r"\.(?!\d)")
 _PERIOD_MAX = 32
 _DIGIT_COMMA_DIGIT = re.compile(r"(\d)(,)(\d)")
+# SLAKE's Chinese questions (--lang zh): Chinese has no spaces between words, so whitespace
+# tokens would make recall and F1 all-or-nothing; each Han character is a token instead (the
+# usual character-level scoring for Chinese). Text without Han characters is untouched, so the
+# English metrics keep exact parity with LLaVA-Med's.
+_HAN = "\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff"
+_HAN_TOKEN = re.compile(rf"[{_HAN}]|[^\s{_HAN}]+")
+_FULLWIDTH_PUNCT = re.compile(
+    r"[\u3000-\u303f\uff01-\uff0f\uff1a-\uff20\uff3b-\uff40\uff5b-\uff65]"
+)
 # VQA-v2's contraction table, which LLaVA-Med's glossary.py applies word by word after
 # lowercasing ("dont" -> "don't"), complete for parity: its capitalised keys can never match,
 # and "somebody'd" -> "somebodyd" is the original's slip, kept because the paper's numbers have it.
@@ -184,7 +193,7 @@ def normalize_answer(text: str) -> str:
     contractions are restored; remaining commas are removed.
     """
     text = str(text).lower()
-    out = text
+    out = _FULLWIDTH_PUNCT.sub(" ", text)  # Chinese punctuation (none in English text)
     has_digit_comma = _DIGIT_COMMA_DIGIT.search(text) is not None
     for p in _PUNCT:
         # The decision looks at the *original* text, the replacement at the running result:
@@ -204,7 +213,8 @@ def normalize_answer(text: str) -> str:
 
 
 def _tokens(normalized: str) -> list[str]:
-    return normalized.split()
+    """Whitespace tokens, with each Han character a token of its own."""
+    return _HAN_TOKEN.findall(normalized)
 
 
 # --- LLaVA-Med metric -------------------------------------------------------------------------
@@ -270,7 +280,12 @@ def parse_yes_no(prediction: str) -> str | None:
     must contain exactly one of the two words; both or neither is ambiguous (None). A yes/no
     right after "not" ("not yes") is no answer either. Substrings never count: "normal" is not
     "no"."""
-    toks = normalize_strict(prediction).split()
+    if re.search(f"[{_HAN}]", prediction):
+        return _parse_zh_yes_no(normalize_strict(prediction).replace(" ", ""))
+    lead = re.match(r"\W*(yes|no)\s*[,;:.!]", prediction, re.I)
+    if lead:  # the answer closes its own clause: "Yes, no effusion is seen" is a yes
+        return lead.group(1).lower()
+    toks = _tokens(normalize_strict(prediction))
     if not toks:
         return None
     first = toks[0]
@@ -285,17 +300,40 @@ def parse_yes_no(prediction: str) -> str | None:
 
 
 _YES_NO = {"yes": "no", "no": "yes"}
+# SLAKE's Chinese closed answers are 是 (yes) and 否 (no); replies open with the answer word.
+_ZH_ANSWER = {"是": "yes", "否": "no"}
+_ZH_NO_OPENINGS = ("不是", "否", "没有", "无", "不")
+_ZH_YES_OPENINGS = ("是", "有", "对")
+
+
+def _parse_zh_yes_no(text: str) -> str | None:
+    if text.startswith("是否"):  # "whether": a restated question, no answer
+        return None
+    if text.startswith(_ZH_NO_OPENINGS):
+        return "no"
+    if text.startswith(_ZH_YES_OPENINGS):
+        return "yes"
+    return None
 
 
 def is_yes_no(answer: str) -> bool:
+    """An English yes/no answer (decides the closed suffix and the answer type)."""
     return normalize_strict(answer) in ("yes", "no")
+
+
+def _yes_no_value(answer: str) -> str | None:
+    norm = normalize_strict(answer)
+    if norm in ("yes", "no"):
+        return norm
+    return _ZH_ANSWER.get(norm.replace(" ", ""))
 
 
 def strict_closed_hit(prediction: str, answer: str) -> float:
     """Closed accuracy without leniency: yes/no answers need the parsed yes/no to match; other
     closed answers (SLAKE's "left or right?") need an exact normalised match."""
-    if is_yes_no(answer):
-        return 1.0 if parse_yes_no(prediction) == normalize_strict(answer) else 0.0
+    truth = _yes_no_value(answer)
+    if truth is not None:
+        return 1.0 if parse_yes_no(prediction) == truth else 0.0
     return exact_match(prediction, answer)
 
 
@@ -305,8 +343,8 @@ def exact_match(prediction: str, answer: str) -> float:
 
 def token_f1(prediction: str, answer: str) -> float:
     """SQuAD-style F1 over :func:`normalize_strict` tokens (multiset overlap)."""
-    pred = normalize_strict(prediction).split()
-    ref = normalize_strict(answer).split()
+    pred = _tokens(normalize_strict(prediction))
+    ref = _tokens(normalize_strict(answer))
     if not pred or not ref:
         return 1.0 if pred == ref else 0.0
     overlap = sum((Counter(pred) & Counter(ref)).values())
@@ -332,8 +370,8 @@ def sentence_bleu(prediction: str, answer: str, n: int) -> float:
     """
     if n < 1:
         raise ValueError("BLEU order must be >= 1")
-    hyp = normalize_strict(prediction).split()
-    ref = normalize_strict(answer).split()
+    hyp = _tokens(normalize_strict(prediction))
+    ref = _tokens(normalize_strict(answer))
     if not hyp or not ref:
         return 0.0
     order = min(n, len(hyp), len(ref))
@@ -391,7 +429,7 @@ def score_sample(prediction: str, answer: str, answer_type: str) -> dict[str, fl
     if answer_type == "closed":
         s["llava_med_closed_acc"] = llava_med_closed_hit(prediction, answer)
         s["strict_closed_acc"] = strict_closed_hit(prediction, answer)
-        if is_yes_no(answer):
+        if _yes_no_value(answer) is not None:
             s["closed_unparsed"] = 1.0 if parse_yes_no(prediction) is None else 0.0
     else:
         s["llava_med_open_recall"] = llava_med_open_recall(prediction, answer)
