@@ -145,6 +145,31 @@ def test_a_resume_checkpoint_that_does_not_match_the_model_is_refused(tmp_path, 
         run_training(cfg, progress=False)
 
 
+def test_a_checkpoint_from_another_engine_family_is_refused_by_name(tmp_path, monkeypatch):
+    """distributed.* may change on resume, but DeepSpeed's checkpoint layout is its own: a
+    DeepSpeed checkpoint resumed by a torch engine failed on a missing trainable.pt."""
+    import torch
+
+    from llavamed.errors import ConfigError
+    from llavamed.train import run_training
+    from llavamed.train.checkpointing import STATE
+
+    torch.set_num_threads(1)
+    data = make_bright_dark(tmp_path / "data", 16)
+    cfg = tiny_config(data, tmp_path / "a", max_steps=4)
+    cfg["output"]["save_every"] = 2
+    run_interrupted(cfg, monkeypatch, at_step=3)
+    [ck] = (tmp_path / "a" / "checkpoints").glob("step-*")
+    state = json.loads((ck / STATE).read_text())
+    assert state["engine"] == "single"
+    # What a DeepSpeed run leaves: its own folder, no trainable.pt.
+    (ck / "trainable.pt").unlink()
+    (ck / "deepspeed").mkdir()
+    (ck / STATE).write_text(json.dumps({**state, "engine": "deepspeed"}))
+    with pytest.raises(ConfigError, match="saved by the deepspeed engine and this run uses single"):
+        run_training(cfg, progress=False)
+
+
 def test_a_global_batch_that_failed_to_load_leaves_the_weights_alone(tmp_path, monkeypatch):
     """Every image of step 3's batch fails to decode: nothing is supervised, so the weights must
     not move (AdamW would still step on the momentum of steps 1-2)."""

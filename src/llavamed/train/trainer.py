@@ -766,6 +766,15 @@ def _run(
     resume = ck.latest(out)
     if resume is not None:
         st = ck.read_state(resume)
+        # DeepSpeed writes its own checkpoint layout; single/ddp/fsdp share one (torch's
+        # distributed state dicts), so only a switch across that line cannot resume.
+        saved = st.get("engine")
+        if saved is not None and (saved == "deepspeed") != (engine.kind == "deepspeed"):
+            raise ConfigError(
+                f"{resume} was saved by the {saved} engine and this run uses {engine.kind}: "
+                "their checkpoints differ; resume with the same distributed.engine, or start "
+                "over in another output.dir"
+            )
         engine.load(resume)
         ck.load_rng(resume, info.rank)
         step, tokens_seen = st["step"], st.get("tokens_seen", 0)
