@@ -170,6 +170,29 @@ def test_a_checkpoint_from_another_engine_family_is_refused_by_name(tmp_path, mo
         run_training(cfg, progress=False)
 
 
+def test_skips_before_a_resume_stay_in_the_data_report(tmp_path, monkeypatch):
+    """A corrupt image is met once per epoch; a run resumed mid-way reports the same skips as an
+    uninterrupted one (the batches before the checkpoint are not read again)."""
+    import torch
+
+    from llavamed.train import run_training
+
+    torch.set_num_threads(1)
+    data = make_bright_dark(tmp_path / "data", 16)
+    (data.parent / "images" / "1.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")
+    counts = {}
+    for name, interrupt in (("whole", False), ("resumed", True)):
+        cfg = tiny_config(data, tmp_path / name, max_steps=4)  # 2 epochs of 2 steps
+        cfg["output"]["save_every"] = 2
+        if interrupt:
+            run_interrupted(cfg, monkeypatch, at_step=3)
+        run_training(cfg, progress=False)
+        report = json.loads((tmp_path / name / "data_report.json").read_text())
+        counts[name] = report["skipped_while_training"]
+    assert counts["whole"] == {"corrupt image": 2}
+    assert counts["resumed"] == counts["whole"]
+
+
 def test_a_global_batch_that_failed_to_load_leaves_the_weights_alone(tmp_path, monkeypatch):
     """Every image of step 3's batch fails to decode: nothing is supervised, so the weights must
     not move (AdamW would still step on the momentum of steps 1-2)."""

@@ -778,6 +778,7 @@ def _run(
         engine.load(resume)
         ck.load_rng(resume, info.rank)
         step, tokens_seen = st["step"], st.get("tokens_seen", 0)
+        report.skipped_at_load.update(st.get("skipped_while_training", {}))
         if info.is_main:
             _truncate_metrics(out / "metrics.jsonl", step)
             print(
@@ -1025,6 +1026,8 @@ def _save_resume(
                 "tokens_seen": tokens_seen,
                 "world_size": info.world_size,
                 "engine": engine.kind,
+                # The batches before this point are not read again on resume: keep their skips.
+                "skipped_while_training": dict(report.skipped_at_load),
             },
             cfg.output.keep_last,
         )
