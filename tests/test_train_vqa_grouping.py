@@ -74,6 +74,25 @@ def _world_samples(tmp_path, proc, **source):
     return samples, rep
 
 
+def test_max_samples_counts_questions_with_or_without_grouping(tmp_path, tiny_llava_dir):
+    proc = AutoProcessor.from_pretrained(tiny_llava_dir)
+
+    def supervised_answers(samples):
+        # Each answer ends in one supervised <|im_end|>.
+        end = proc.tokenizer.convert_tokens_to_ids("<|im_end|>")
+        return sum(
+            1
+            for s in samples
+            for tid, lab in zip(s.input_ids, s.labels, strict=True)
+            if lab != IGNORE_INDEX and tid == end
+        )
+
+    single, _ = _world_samples(tmp_path, proc, max_samples=5)
+    grouped, _ = _world_samples(tmp_path, proc, max_samples=5, group_by_image=True)
+    assert len(single) == 5
+    assert supervised_answers(single) == supervised_answers(grouped) == 5
+
+
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
 def test_packed_questions_score_as_their_single_turn_samples(tmp_path, wide_llava_dir, attn):
     """Logit parity: the packed sample's summed loss is the sum of its questions' single-turn

@@ -134,10 +134,20 @@ def vqa_messages(
     return [Message("user", f"{IMAGE_PLACEHOLDER}\n{q}"), Message("assistant", answer)]
 
 
-def _vqa_samples(src: DataSource, report: DataReport, encode, pack) -> list[Sample]:
+def _seeded_subset(items: list, n: int | None, seed: int) -> list:
+    """``n`` of ``items`` chosen with ``seed``, in their original order (all when n is None)."""
+    if n is None or len(items) <= n:
+        return items
+    return [items[k] for k in sorted(random.Random(seed).sample(range(len(items)), n))]
+
+
+def _vqa_samples(src: DataSource, report: DataReport, encode, pack, seed: int) -> list[Sample]:
     from llavamed.eval.vqa_data import load_vqa
 
     vqa, rep = load_vqa(src.dataset, src.path, split=src.split, lang=src.lang)
+    # max_samples counts questions, grouped or not: group_by_image packs several questions into
+    # one sample, so a subset of packed samples would mean more questions with grouping on.
+    vqa = _seeded_subset(vqa, src.max_samples, seed)
     report.n_records += rep.n_records
     for reason, n in rep.bad.items():
         report.skipped[reason] += n
@@ -227,14 +237,12 @@ def load_samples(
 
     samples: list[Sample] = []
     for i, src in enumerate(cfg.sources):
-        got = (
-            _llava_json_samples(src, report, encode)
-            if src.format == "llava_json"
-            else _vqa_samples(src, report, encode, pack)
-        )
-        if src.max_samples is not None and len(got) > src.max_samples:
-            keep = sorted(random.Random(seed + i).sample(range(len(got)), src.max_samples))
-            got = [got[k] for k in keep]
+        if src.format == "llava_json":
+            got = _seeded_subset(
+                _llava_json_samples(src, report, encode), src.max_samples, seed + i
+            )
+        else:
+            got = _vqa_samples(src, report, encode, pack, seed + i)
         report.per_source[src.path] = len(got)
         samples.extend(got * src.repeat)
     report.n_loaded = len(samples)
