@@ -137,3 +137,59 @@ def test_notices_and_peer_review_figures_are_not_article_figures():
     figs = {f.fig_id: f for f in a.figures}
     assert figs["F1"].skip_reason is None and a.mentions["F1"] == ["See Fig. 1."]
     assert figs["sa2fig1"].skip_reason == "sub-article figure"
+
+
+def _with_figures(body: str, extra: str = "", figures: str | None = None) -> dict:
+    figs = figures or "".join(
+        f'<fig id="F{i}"><label>Figure {i}</label><caption><p>Cap {i}.</p></caption>'
+        f'<graphic xlink:href="g{i}"/></fig>'
+        for i in (1, 2, 3)
+    )
+    xml = (
+        '<article xmlns:xlink="http://www.w3.org/1999/xlink" '
+        'xmlns:mml="http://www.w3.org/1998/Math/MathML"><front><article-meta>'
+        '<article-id pub-id-type="pmc">123</article-id></article-meta></front>'
+        f"<body><sec>{body}{figs}</sec></body>{extra}</article>"
+    )
+    return parse_article(xml.encode(), "a.nxml").mentions
+
+
+def test_citations_of_supplements_are_not_main_figure_mentions():
+    # eLife: "Figure 4—figure supplement 1" linked to the supplement; its "1" is not Figure 1.
+    elife = "".join(
+        f'<fig-group><fig id="fig{i}"><label>Figure {i}.</label><caption><p>Main {i}.</p>'
+        f'</caption><graphic xlink:href="f{i}"/></fig><fig id="fig{i}s1" specific-use="child-fig">'
+        f"<label>Figure {i}\u2014figure supplement 1.</label><caption><p>Supp.</p></caption>"
+        f'<graphic xlink:href="f{i}s1"/></fig></fig-group>'
+        for i in (1, 2, 3, 4)
+    )
+    m = _with_figures(
+        '<p>Neurons fired (<xref ref-type="fig" rid="fig4s1">Figure 4\u2014figure supplement 1'
+        '</xref>). Mice lost weight (<xref ref-type="fig" rid="fig3s1">Figure 3\u2014figure '
+        "supplements 1\u20132</xref>).</p>",
+        figures=elife,
+    )
+    assert not any(k in m for k in ("fig1", "fig2"))
+    assert m["fig4s1"] == ["Neurons fired (Figure 4\u2014figure supplement 1)."]
+    # An xref to supplementary material, typed "fig": its numbers are the supplement's.
+    m = _with_figures(
+        '<p>Other cohorts agreed (<xref ref-type="fig" rid="MOESM1">Supplementary Figs. '
+        "1\u20133</xref>).</p>"
+    )
+    assert m == {}
+
+
+def test_peer_review_text_and_formulas_in_mentions():
+    review = (
+        '<sub-article article-type="referee-report"><body><p>The authors should improve '
+        '<xref ref-type="fig" rid="F1">Figure 1</xref>, it is unreadable.</p></body></sub-article>'
+    )
+    m = _with_figures('<p>See <xref ref-type="fig" rid="F1">Fig. 1</xref>.</p>', extra=review)
+    assert m["F1"] == ["See Fig. 1."]  # the decision letter is not the article's prose
+    m = _with_figures(
+        "<p>Imaged at <inline-formula><alternatives><tex-math>\\documentclass{minimal}"
+        "\\begin{document}$\\times 400$\\end{document}</tex-math><mml:math><mml:mo>\u00d7"
+        "</mml:mo><mml:mn>400</mml:mn></mml:math></alternatives></inline-formula> "
+        '(<xref ref-type="fig" rid="F1">Fig. 1</xref>).</p>'
+    )
+    assert m["F1"] == ["Imaged at \u00d7400 (Fig. 1)."]  # neither lost nor raw TeX

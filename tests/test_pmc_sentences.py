@@ -31,6 +31,27 @@ def test_split_needs_capital_or_digit_after():
     assert sentences("Done (Fig. 1). 2 patients died.") == ["Done (Fig. 1).", "2 patients died."]
 
 
+def test_sentences_around_citations_split_where_they_end():
+    # A gene or molecule name, or a Greek letter, starts a sentence in lower case.
+    assert sentences("Expression rose (Fig. 1). mRNA levels fell. p53 was lost. α-SMA rose.") == [
+        "Expression rose (Fig. 1).",
+        "mRNA levels fell.",
+        "p53 was lost.",
+        "α-SMA rose.",
+    ]
+    # A panel letter after a figure number is not an initial; "J. Smith" still is.
+    assert sentences("Consolidation is seen in Figure 1B. The kidneys were normal.") == [
+        "Consolidation is seen in Figure 1B.",
+        "The kidneys were normal.",
+    ]
+    assert len(sentences("As J. Smith showed in 2019.")) == 1
+    # "min." and "sec." end sentences in methods text.
+    assert sentences("Cells were fixed for 10 min. Staining is shown in Fig. 2.") == [
+        "Cells were fixed for 10 min.",
+        "Staining is shown in Fig. 2.",
+    ]
+
+
 def test_citation_ranges_and_lists():
     assert numbers_in_citation("Figs. 2–4") == [2, 3, 4]
     assert numbers_in_citation("Figures 2 to 4") == [2, 3, 4]
@@ -38,6 +59,10 @@ def test_citation_ranges_and_lists():
     assert numbers_in_citation("Figure 2A–C") == [2]  # panels, not figures
     assert numbers_in_citation("Figures 2A-4C") == [2, 3, 4]
     assert numbers_in_citation("Fig. S2") == []  # supplementary
+    # eLife: a figure's supplements, source data and videos are numbered on their own.
+    assert numbers_in_citation("Figure 4\u2014figure supplement 1") == [4]
+    assert numbers_in_citation("Figure 3\u2014figure supplements 1\u20132") == [3]
+    assert numbers_in_citation("Figure 2\u2014source data 1") == [2]
     assert trailing_numbers(", 4, 5 and 6. Next") == [4, 5, 6]
     assert trailing_numbers("–4) shows") == [4] and trailing_is_range("–4) shows")
     assert trailing_numbers(" and Table 2") == []

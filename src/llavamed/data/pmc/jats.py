@@ -50,6 +50,10 @@ _NOT_PROSE = frozenset(
         "alternatives",
     }
 )
+# A paragraph inside one of these is not the article's running text about its figures: prose
+# elements above, a nested paragraph (the outer one is walked), and peer review (<sub-article>
+# decision letters and <response> author replies: "Figure 1 is unreadable").
+_NOT_MENTION_CONTEXT = _NOT_PROSE | {"p", "sub-article", "response"}
 _SUPPL_LABEL = re.compile(
     r"^\s*(?:supplementa|suppl\.|additional\s+file|online\s+resource|appendix|"
     r"(?:fig(?:ure)?s?\.?\s*)?S\d|(?:extended\s+data|video|movie)\b)",
@@ -376,7 +380,9 @@ def _paragraph(p: etree._Element) -> tuple[str, list[_Ref]]:
         add(el.text)
         for child in el:
             tag = child.tag
-            if not isinstance(tag, str) or tag in _NOT_PROSE:
+            if tag == "inline-formula":  # "P<0.05", "×400": readable text, not raw TeX or nothing
+                add(normalize_ws(_flat(child)))
+            elif not isinstance(tag, str) or tag in _NOT_PROSE:
                 pass
             elif tag == "xref" and (child.get("ref-type") or "").lower() == "fig":
                 text = _flat(child)
@@ -412,7 +418,7 @@ def _mentions(
 
     for body in article.iter("body"):
         for p in body.iter("p"):
-            if any(a.tag == "p" or a.tag in _NOT_PROSE for a in p.iterancestors()):
+            if any(a.tag in _NOT_MENTION_CONTEXT for a in p.iterancestors()):
                 continue
             if not any(
                 (x.get("ref-type") or "").lower() == "fig" for x in p.iter("xref")
@@ -431,6 +437,11 @@ def _mentions(
                     for rid in ref.rids:
                         ids.extend(group_members.get(rid, [rid]))
                     ids = [x for x in ids if x in known]
+                    if ref.rids and not ids:
+                        # It links to something else: a figure supplement ("Figure 4-figure
+                        # supplement 1"), "Supplementary Figs. 1-3", a table. Its numbers are
+                        # not main figures' numbers.
+                        continue
                     own_numbers = numbers_in_citation(ref.text)
                     if len(own_numbers) > 1:  # "Figs. 2–4" inside one xref
                         ids.extend(cited_numbers(own_numbers))

@@ -18,13 +18,17 @@ ABBREVIATIONS = frozenset(
     al e.g i.e eg ie vs v cf ca approx etc resp viz incl excl esp
     dr mr mrs ms prof st jr sr inc ltd co corp dept univ
     jan feb mar apr jun jul aug sep sept oct nov dec
-    sp spp var ssp subsp gen nov sq min max mol wt conc
+    sp spp var ssp subsp gen nov sq mol wt conc
     """.split()
 )
 
 # A sentence ends at . ! or ? (optionally followed by closing quotes/brackets) when whitespace and
-# then something that can start a sentence follow.
-_BOUNDARY = re.compile(r"[.!?][\"'\u201d\u2019)\]]*(?=\s+[\"'\u201c\u2018(\[]?[A-Z0-9])")
+# then something that can start a sentence follow: a capital or digit, a Greek letter (α-SMA), or
+# a gene/molecule name that starts lower-case but has a capital or digit in it (mRNA, p53, miR-21).
+_BOUNDARY = re.compile(
+    r"[.!?][\"'\u201d\u2019)\]]*"
+    r"(?=\s+[\"'\u201c\u2018(\[]?(?:[A-Z0-9\u0391-\u03c9]|[a-z]+[A-Z0-9]))"
+)
 _WORD_BEFORE = re.compile(r"([A-Za-z][A-Za-z.]*)$")
 
 
@@ -58,8 +62,10 @@ def _is_abbreviation(text: str, dot: int) -> bool:
     if not m:
         return False
     word = m.group(1)
-    if len(word) == 1 and word.isupper():  # an initial: "J. Smith", "(A. fumigatus)"
-        return True
+    if len(word) == 1 and word.isupper():
+        # An initial ("J. Smith", "(A. fumigatus)"), unless it is a panel letter after a
+        # figure number: "... in Figure 1B. The kidneys ..." ends there.
+        return not (m.start() > 0 and text[m.start() - 1].isdigit())
     if "." in word:  # "e.g", "i.e", "U.S" (the word runs up to the final period)
         return word.lower() in ABBREVIATIONS or all(len(p) <= 1 for p in word.split("."))
     return word.lower() in ABBREVIATIONS
@@ -83,9 +89,18 @@ _TRAILING = re.compile(
 _BETWEEN_RANGE = re.compile(rf"^\s*{_DASH}\s*$")
 
 
+# After these words a citation's numbers count something else: "Figure 4—figure supplement 1",
+# "Figure 2—source data 1", "Figure 3—video 2".
+_NOT_FIGURE_NUMBERS = re.compile(r"supplement|source\s+data|video|movie", re.I)
+
+
 def numbers_in_citation(text: str) -> list[int]:
     """Figure numbers a citation's own text names, ranges expanded: "Figs. 2–4" -> [2, 3, 4];
-    "Fig. 3, 4, 5" -> [3, 4, 5]; "Figure 2A–C" -> [2] (panel letters are not figures)."""
+    "Fig. 3, 4, 5" -> [3, 4, 5]; "Figure 2A–C" -> [2] (panel letters are not figures);
+    "Figure 4—figure supplement 1" -> [4]."""
+    cut = _NOT_FIGURE_NUMBERS.search(text)
+    if cut:
+        text = text[: cut.start()]
     out: list[int] = []
     pos = 0
     for m in _RANGE_IN.finditer(text):
