@@ -54,6 +54,45 @@ def test_tricky_captions(caption, expected):
     assert _on(classify_text(caption)) == expected
 
 
+@pytest.mark.parametrize(
+    ("caption", "expected"),
+    [
+        # "hpf" = hours post fertilization (zebrafish), not a high-power field
+        ("Lateral view of zebrafish embryos at 48 hpf showing vascular development.", set()),
+        ("Whole-mount in situ hybridization of 24 hpf embryos.", set()),
+        # micrographs from electron, confocal or fluorescence microscopes are not histology
+        ("TEM micrographs of the nanoparticles.", set()),
+        ("SEM micrograph of the scaffold.", set()),
+        ("Representative SEM micrographs of the titanium surface after 7 days.", set()),
+        ("Cryo-EM micrographs of purified virions.", set()),
+        ("Representative confocal micrographs of organoids stained with phalloidin.", set()),
+        ("Fluorescence micrographs of Caco-2 cells.", set()),
+        # "confocal" stays visible to the anti cues, so weak histology cues do not add up
+        ("Confocal micrographs of kidney sections stained with anti-nephrin; scale bar.", set()),
+        # a negated X-ray word does not make the chest X-ray pair
+        ("Axial CT of the chest; no chest radiograph was obtained.", {"ct_scan"}),
+        (
+            "Axial CT of the thorax showing a spiculated nodule; chest radiograph was not performed.",
+            {"ct_scan"},
+        ),
+        (
+            "Chest radiograph was not performed; CT angiography showed pulmonary embolism.",
+            {"ct_scan"},
+        ),
+        # positive controls
+        ("H&E photomicrograph, x400.", {"histology"}),
+        ("Photomicrograph of H&E-stained section.", {"histology"}),
+        ("Photomicrograph of the tumour, x400.", {"histology"}),
+        ("10 cells per HPF.", {"histology"}),
+        ("Eosinophils up to 40 per hpf.", {"histology"}),
+        ("PA chest radiograph shows right lower lobe consolidation.", {"chest_xray"}),
+        ("Plain radiograph of the thorax; no pleural effusion.", {"chest_xray"}),
+    ],
+)
+def test_hpf_microscope_micrographs_and_negated_chest_radiograph(caption, expected):
+    assert _on(classify_text(caption)) == expected
+
+
 def test_mentions_only_when_caption_names_no_modality():
     mention = ["Axial CT showed a mass (Fig. 2)."]
     assert _on(classify_text("Case 2 at presentation.", mention)) == {"ct_scan"}

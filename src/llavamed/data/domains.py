@@ -7,15 +7,18 @@ stains and magnifications ("H&E", "PAS", "×400"), views and anatomy. Rules, in 
 
 1. Phrases that name a modality without the figure being one are blanked out first:
    "CT-guided biopsy", "histologically confirmed", "gross total resection", "X-ray crystal
-   structure", "CT-based model".
+   structure", "CT-based model", and "micrograph" when it is an electron, TEM/SEM, cryo-EM,
+   confocal or fluorescence one ("H&E photomicrograph" stays histology).
 2. A *strong* cue labels its domain unless a negation governs it directly ("No CT was performed",
    "MRI was not available"). Negations of findings ("no evidence of pneumothorax on the chest
-   radiograph") leave the modality standing.
+   radiograph") leave the modality standing. "HPF" (high-power field) is a strong histology cue
+   in capitals or after "per"/"cells/"; a lower-case "48 hpf" (hours post fertilization) is not.
 3. *Weak* cues ("axial", "magnification", "stained", "resected specimen") label a domain only
    when two or more agree, no other domain has a strong cue, and none of the domain's *anti* cues
    ("immunofluorescence", "cell line") is present.
 4. Chest X-ray needs an X-ray word *and* a chest word (or a direct "CXR"/"chest radiograph"); the
-   pair does not count when other anatomy is named, so a knee radiograph is "other".
+   pair does not count when other anatomy is named, so a knee radiograph is "other", nor when
+   the X-ray word is negated ("Axial CT of the chest; no chest radiograph was obtained").
 5. Mentions are used only when the caption names no modality at all: a body sentence often cites
    several figures of different kinds.
 6. A caption whose first sentence names a chart, plot or diagram (``chart_figure``: "ROC curves",
@@ -88,9 +91,19 @@ def _rules() -> _Rules:
 _CLAUSE = re.compile(r"[.;:!?()\[\]]")
 
 
+def _blank(m: re.Match) -> str:
+    """Spaces over the match, or only over its ``cue`` group when the pattern names one (so a
+    qualifier such as "confocal" in "confocal micrograph" stays visible to the anti cues)."""
+    whole = m.group(0)
+    if "cue" not in m.re.groupindex or m.start("cue") < 0:
+        return " " * len(whole)
+    start, end = m.start("cue") - m.start(), m.end("cue") - m.start()
+    return whole[:start] + " " * (end - start) + whole[end:]
+
+
 def _blank_not_image(text: str, rules: _Rules) -> str:
     for pat in rules.not_image:
-        text = pat.sub(lambda m: " " * len(m.group(0)), text)
+        text = pat.sub(_blank, text)
     return text
 
 
@@ -104,18 +117,40 @@ def _negated(text: str, start: int, end: int, rules: _Rules) -> bool:
 
 def _strong_hits(text: str, dom: _DomainRules, rules: _Rules) -> int:
     hits = 0
+    negated_spans: list[tuple[int, int]] = []
     for pat in dom.strong:
+        counted = False
         for m in pat.finditer(text):
-            if not _negated(text, m.start(), m.end(), rules):
+            if _negated(text, m.start(), m.end(), rules):
+                negated_spans.append(m.span())
+            elif not counted:
                 hits += 1
-                break
-    if (
-        dom.combo
-        and all(any(p.search(text) for p in group) for group in dom.combo)
-        and not any(p.search(text) for p in dom.anti)
-    ):
+                counted = True
+    if dom.combo and _combo_holds(text, dom, rules, negated_spans):
         hits += 1
     return hits
+
+
+def _combo_holds(
+    text: str, dom: _DomainRules, rules: _Rules, negated_spans: list[tuple[int, int]]
+) -> bool:
+    """Every combo group matches and no anti cue is present. The first group names the modality
+    ("radiograph", "X-ray"): a match of it counts only when no negation governs it, directly
+    ("chest radiograph was not performed") or through a negated strong cue that contains it
+    ("no chest radiograph was obtained"). Negated findings in the other groups ("no pleural
+    effusion") still count, as they do for strong cues."""
+    if any(p.search(text) for p in dom.anti):
+        return False
+    modality, *others = dom.combo
+
+    def free(m: re.Match) -> bool:
+        if _negated(text, m.start(), m.end(), rules):
+            return False
+        return not any(s <= m.start() and m.end() <= e for s, e in negated_spans)
+
+    if not any(free(m) for p in modality for m in p.finditer(text)):
+        return False
+    return all(any(p.search(text) for p in group) for group in others)
 
 
 def domain_scores(text: str) -> dict[str, tuple[int, int, bool]]:
