@@ -11,6 +11,7 @@ from llavamed.data.figures import DOMAINS
 from llavamed.data.instruct.clean import (
     clean_turns,
     parse_turns,
+    sample_image,
     strip_source_phrases,
     to_llava_sample,
 )
@@ -74,6 +75,31 @@ def test_prompt_override_dir(tmp_path):
         load_prompts(tmp_path / "missing")
 
 
+GOOD_TURNS = [{"from": "human", "value": "What?"}, {"from": "gpt", "value": "A CT."}]
+
+
+@pytest.mark.parametrize(
+    "conversations, where",
+    [
+        ("hello", "[1]"),  # a string, not a list of turns
+        (["What?", "A CT."], "[1].conversations[0]"),
+        ([{"from": "human", "value": "What?"}, {"value": "A CT."}], "[1].conversations[1]"),
+        ([{"from": "gpt", "value": "A CT."}, {"from": "human", "value": "What?"}], "[1].conv"),
+        ([{"from": "human", "value": "What?"}, {"from": "gpt", "value": None}], "[1].conv"),
+        (GOOD_TURNS + [{"from": "human", "value": "Unanswered?"}], "[1]"),
+    ],
+)
+def test_malformed_few_shot_file_is_an_input_error_naming_the_entry(tmp_path, conversations, where):
+    fs = tmp_path / "few_shot.json"
+    good = {"fig_caption": "Axial CT.", "conversations": GOOD_TURNS}
+    fs.write_text(json.dumps([good, {"fig_caption": "x", "conversations": conversations}]))
+    with pytest.raises(InputError) as exc:
+        load_prompts(tmp_path)
+    assert f"{fs}{where}" in str(exc.value)
+    fs.write_text(json.dumps([good]))
+    assert load_prompts(tmp_path).few_shot == (good,)
+
+
 # -- selection ---------------------------------------------------------------------------------
 
 
@@ -133,6 +159,19 @@ def test_parse_multiline_answers_and_debris():
     assert r.dropped == Counter({"unanswered_question": 1})
 
 
+def test_quotes_inside_an_answer_are_kept():
+    raw = (
+        'User: What is seen?\nAssistant: "Ground-glass" opacities are seen in the "left lung"\n'
+        'User: Where?\nAssistant: "In the left upper lobe."\n'
+        "User: And?\nAssistant: 'The patient's left lung'"
+    )
+    assert parse_turns(raw).turns == [
+        ("What is seen?", '"Ground-glass" opacities are seen in the "left lung"'),
+        ("Where?", "In the left upper lobe."),  # a whole answer in quotes loses them
+        ("And?", "'The patient's left lung'"),
+    ]
+
+
 def test_panel_letters_inside_an_answer_are_content_not_speakers():
     r = parse_turns("User: The panels?\nAssistant: Two panels:\nA: axial CT\nB: coronal view")
     assert r.turns == [("The panels?", "Two panels:\nA: axial CT\nB: coronal view")]
@@ -181,6 +220,42 @@ def test_strip_source_phrases(answer, expected):
     assert strip_source_phrases(answer) == expected
 
 
+@pytest.mark.parametrize(
+    "answer, expected",
+    [
+        # Content, not an aside: nothing is cut out of the middle of the sentence.
+        (
+            "The lesion, given the context of HIV infection, is most likely lymphoma.",
+            "The lesion, given the context of HIV infection, is most likely lymphoma.",
+        ),
+        (
+            "Given the context of HIV infection, the lesion is most likely lymphoma.",
+            "Given the context of HIV infection, the lesion is most likely lymphoma.",
+        ),
+        (
+            "This finding is important considering the context of the patient's age.",
+            "This finding is important considering the context of the patient's age.",
+        ),
+        (
+            "The mass is large, based on the information available in the scan, and well defined.",
+            "The mass is large, based on the information available in the scan, and well defined.",
+        ),
+        # Asides go, with their commas.
+        (
+            "The opacity, as described in the text, is in the right lower lobe.",
+            "The opacity is in the right lower lobe.",
+        ),
+        ("The lesion is benign, given the context", "The lesion is benign"),
+        (
+            "It is lymphoma, considering the information provided; no abscess.",
+            "It is lymphoma; no abscess.",
+        ),
+    ],
+)
+def test_infix_source_phrase_is_stripped_only_as_an_aside(answer, expected):
+    assert strip_source_phrases(answer) == expected
+
+
 def test_clean_turns_reasons():
     turns = [
         ("What is it?", "Based on the caption, a CT scan."),
@@ -212,3 +287,18 @@ def test_to_llava_sample_image_token_seeded():
     assert places["before"] > 5 and places["after"] > 5
     no_image = {k: v for k, v in rec("x").items() if k != "image"}
     assert to_llava_sample(no_image, turns)["image"] == "x.jpg"  # LLaVA-Med naming
+
+
+def test_figures_record_without_image_never_names_a_made_up_file():
+    # `data ingest --keep-missing-images` writes "image": null; PMC1_F1.jpg does not exist.
+    turns = [("Q1?", "A1."), ("Q2?", "A2.")]
+    missing = {**rec("PMC1_F1"), "image": None}
+    with pytest.raises(InputError) as exc:
+        to_llava_sample(missing, turns)
+    assert exc.value.reason == "missing_image" and "PMC1_F1" in str(exc.value)
+    with pytest.raises(InputError):
+        sample_image({**rec("PMC1_F1"), "image": ""})
+    assert sample_image(rec("PMC1_F1")) == "images/PMC1_F1.jpg"
+    llava_med = {k: v for k, v in rec("PMC1_F1").items() if k != "image"}
+    assert sample_image(llava_med) == "PMC1_F1.jpg"
+    assert to_llava_sample(missing, turns, image="../x.jpg")["image"] == "../x.jpg"

@@ -176,6 +176,20 @@ def test_rate_limits_past_the_last_retry_are_postponed_not_dropped(stub, tmp_pat
     assert "request_rejected" not in report["totals"]["dropped_by_reason"]
 
 
+def test_a_record_without_an_image_is_counted_before_any_call(stub, tmp_path):
+    """``data ingest --keep-missing-images`` writes ``image: null``: no sample can name it."""
+    opts = make_opts(stub, tmp_path, n=5)
+    recs = [json.loads(line) for line in opts.figures.read_text().splitlines()]
+    recs[2]["image"] = None
+    opts.figures.write_text("".join(json.dumps(r) + "\n" for r in recs))
+    report, rc = run_instruct(opts)
+    assert rc == 0 and report["input_errors"]["missing_image"] == 1
+    sent = " ".join(r["messages"][-1]["content"] for r in stub.requests)
+    assert f"[{recs[2]['pair_id']}]" not in sent  # its caption was never sent
+    out = json.loads(opts.out.read_text())
+    assert recs[2]["pair_id"] not in {s["id"] for s in out}
+
+
 def test_fatal_auth_error_stops_run(stub, tmp_path):
     stub.default = "401"
     with pytest.raises(LlavamedError, match="http_401"):

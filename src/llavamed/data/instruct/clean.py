@@ -20,6 +20,8 @@ import re
 from collections import Counter
 from dataclasses import dataclass, field
 
+from llavamed.errors import InputError
+
 USER, ASSISTANT = "user", "assistant"
 
 _ROLE_WORDS = {
@@ -116,12 +118,22 @@ _LEAD_VERB = re.compile(
     r"(?:mentions|describes|suggests|indicates|states|notes|shows|reveals)(?:\s+that)?\s+",
     re.IGNORECASE,
 )
-# ", as mentioned in the caption" / " based on the context provided" inside a sentence.
+# ", as mentioned in the caption" / " based on the context provided" inside a sentence - only
+# as a standalone aside, i.e. followed by punctuation or the end: "given the context of HIV
+# infection" is content, and cutting its head off left "The lesion of HIV infection".
+# An aside between two commas takes its closing comma along ("X, as described in the text, Y").
 _INFIX = re.compile(
-    r",?\s*(?:(?:as|which\s+is)\s+)?(?:(?:mentioned|described|indicated|stated|noted|suggested)\s+"
-    r"(?:in|by)|according\s+to|based\s+on|given|considering)\s+the\s+" + _SRC + r"\b",
+    r"(?P<open>,)?\s*(?:(?:as|which\s+is)\s+)?(?:(?:mentioned|described|indicated|stated|noted"
+    r"|suggested)\s+(?:in|by)|according\s+to|based\s+on|given|considering)\s+the\s+" + _SRC + r"\b"
+    r"(?:(?P<close>\s*,)|(?=\s*(?:[.;:!?]|$)))",
     re.IGNORECASE,
 )
+
+
+def _drop_aside(m: re.Match) -> str:
+    return "," if m.group("close") and not m.group("open") else ""
+
+
 _SOURCE_WORDS = re.compile(r"\b(?:captions?|descriptions?)\b", re.IGNORECASE)
 _QUESTION_SOURCE = re.compile(
     r"\b(?:captions?|figure\s+context|provided\s+context|context\s+provided|mentioned\s+in\s+the)\b",
@@ -144,7 +156,8 @@ def _tidy(text: str) -> str:
     # Emphasis left dangling by a marker such as "**User:** text**"
     text = re.sub(r"^(?:\*\*|__)\s*", "", text)
     text = re.sub(r"\s*(?:\*\*|__)$", "", text)
-    if len(text) >= 2 and text[0] == text[-1] and text[0] in "\"'":
+    # A whole answer in quotes loses them; '"Ground-glass" opacities ... "left lung"' keeps its own.
+    if len(text) >= 2 and text[0] == text[-1] and text[0] in "\"'" and text[0] not in text[1:-1]:
         text = text[1:-1].strip()
     return text
 
@@ -233,7 +246,7 @@ def strip_source_phrases(answer: str) -> str:
             yn = m.group("yn")
             out = (_capitalise(yn.strip().rstrip(",")) + ", " + rest) if yn else _capitalise(rest)
             break
-    out = _INFIX.sub("", out)
+    out = _INFIX.sub(_drop_aside, out)
     out = re.sub(r"\s+([,.;:!?])", r"\1", out)
     out = re.sub(r"[ \t]{2,}", " ", out)
     return out.strip()
@@ -262,12 +275,27 @@ def clean_turns(turns: list[tuple[str, str]]) -> CleanResult:
     return CleanResult(kept, dropped)
 
 
+def sample_image(record: dict) -> str:
+    """The image a sample of ``record`` names. LLaVA-Med's caption JSON records carry no
+    ``image`` field and their images are ``{pair_id}.jpg`` by convention; a figures.jsonl record
+    always has one, and ``image: null`` (``data ingest --keep-missing-images``) means there is
+    no image file: raises :class:`InputError` with reason ``missing_image`` rather than naming a
+    file that does not exist."""
+    image = record.get("image")
+    if isinstance(image, str) and image.strip():
+        return image
+    if "image" not in record:
+        return f"{record['pair_id']}.jpg"
+    raise InputError(f"record {record.get('pair_id')}", "missing_image")
+
+
 def to_llava_sample(
     record: dict, turns: list[tuple[str, str]], seed: int = 0, image: str | None = None
 ) -> dict:
     """LLaVA conversation JSON. ``<image>`` goes before or after the first question, decided by a
     per-record seeded coin so a resumed run places it exactly as an uninterrupted one would.
-    ``image``: the record's image path as the output file should name it (default: as is)."""
+    ``image``: the record's image path as the output file should name it (default:
+    :func:`sample_image`, which raises :class:`InputError` for a record without an image)."""
     pair_id = str(record["pair_id"])
     before = random.Random(f"{seed}:{pair_id}").random() < 0.5
     conversations = []
@@ -278,7 +306,7 @@ def to_llava_sample(
         conversations.append({"from": "gpt", "value": a})
     sample = {
         "id": pair_id,
-        "image": image or record.get("image") or f"{pair_id}.jpg",
+        "image": image or sample_image(record),
         "conversations": conversations,
     }
     if record.get("domain") is not None:

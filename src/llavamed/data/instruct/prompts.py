@@ -53,16 +53,40 @@ def load_prompts(directory: str | os.PathLike | None = None) -> InstructPrompts:
     if not isinstance(few, list):
         raise InputError(fs_path, "few-shot file must hold a JSON list")
     for i, ex in enumerate(few):
-        if not isinstance(ex, dict) or not ex.get("fig_caption") or not ex.get("conversations"):
-            raise InputError(
-                f"{fs_path}[{i}]", "few-shot example needs fig_caption and conversations"
-            )
-        convs = ex["conversations"]
-        if len(convs) < 2 or convs[0].get("from") != "human":
-            raise InputError(
-                f"{fs_path}[{i}]", "few-shot conversation must start with a human turn"
-            )
+        _check_example(ex, f"{fs_path}[{i}]")
     return InstructPrompts(system=system, few_shot=tuple(few), source=f"{sys_path}, {fs_path}")
+
+
+def _check_example(ex: object, where: str) -> None:
+    """A few-shot example: ``fig_caption`` text and ``conversations``, a list of
+    ``{"from": "human"|"gpt", "value": text}`` turns alternating from a human one, answered."""
+    if not isinstance(ex, dict) or not ex.get("fig_caption") or not ex.get("conversations"):
+        raise InputError(where, "few-shot example needs fig_caption and conversations")
+    if not isinstance(ex["fig_caption"], str):
+        raise InputError(where, "few-shot fig_caption must be a string")
+    convs = ex["conversations"]
+    if not isinstance(convs, list):
+        raise InputError(
+            where, "few-shot conversations must be a list of turns", type(convs).__name__
+        )
+    if len(convs) < 2 or len(convs) % 2:
+        raise InputError(
+            where, "few-shot conversation needs human/gpt turn pairs", f"{len(convs)} turns"
+        )
+    for j, turn in enumerate(convs):
+        want = "gpt" if j % 2 else "human"
+        at = f"{where}.conversations[{j}]"
+        if not isinstance(turn, dict):
+            raise InputError(at, "few-shot turn must be an object", type(turn).__name__)
+        if turn.get("from") != want:
+            raise InputError(
+                at,
+                "few-shot turns must alternate human/gpt, starting with human",
+                f"from={turn.get('from')!r}, expected {want!r}",
+            )
+        value = turn.get("value")
+        if not isinstance(value, str) or not value.strip():
+            raise InputError(at, "few-shot turn needs a non-empty string value")
 
 
 def build_context(record: dict, inline_mentions: bool) -> str:

@@ -24,6 +24,7 @@ from llavamed.data.instruct.clean import (
     clean_turns,
     drop_cut_answer,
     parse_turns,
+    sample_image,
     to_llava_sample,
 )
 from llavamed.data.instruct.prompts import (
@@ -114,6 +115,7 @@ def load_selection(opts: InstructOptions) -> tuple[list[dict], Counter, int]:
                 raise InputError(f"{opts.figures} record {i}", "missing_pair_id")
             if not str(rec.get("fig_caption") or "").strip():
                 raise InputError(f"{opts.figures} {rec['pair_id']}", "missing_caption")
+            sample_image(rec)  # no image, no training sample: skip before paying for a call
         except InputError as exc:
             errors[exc.reason] += 1
             continue
