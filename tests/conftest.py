@@ -96,3 +96,41 @@ def tiny_lm_dir(tmp_path_factory):
     LlamaForCausalLM(cfg).save_pretrained(out)
     tok.save_pretrained(out)
     return out
+
+
+@pytest.fixture()
+def biomedclip_state_dict():
+    """A tiny open_clip BiomedCLIP checkpoint: ViT trunk (2 blocks, width 32, 8 px patches on a
+    32 px image), projection head, one text key and the logit scale."""
+    import torch
+
+    torch.manual_seed(1)
+    d, blocks, patch, grid = 32, 2, 8, 4
+    sd = {
+        "visual.trunk.cls_token": torch.randn(1, 1, d) * 0.1,
+        "visual.trunk.pos_embed": torch.randn(1, grid * grid + 1, d) * 0.1,
+        "visual.trunk.patch_embed.proj.weight": torch.randn(d, 3, patch, patch) * 0.05,
+        "visual.trunk.patch_embed.proj.bias": torch.randn(d) * 0.05,
+        "visual.trunk.norm.weight": 1 + torch.randn(d) * 0.1,
+        "visual.trunk.norm.bias": torch.randn(d) * 0.1,
+        "visual.head.proj.weight": torch.randn(16, d),
+        "text.transformer.embeddings.word_embeddings.weight": torch.randn(10, 8),
+        "logit_scale": torch.tensor(4.6),
+    }
+    for i in range(blocks):
+        p = f"visual.trunk.blocks.{i}."
+        sd |= {
+            p + "norm1.weight": 1 + torch.randn(d) * 0.1,
+            p + "norm1.bias": torch.randn(d) * 0.1,
+            p + "attn.qkv.weight": torch.randn(3 * d, d) * 0.1,
+            p + "attn.qkv.bias": torch.randn(3 * d) * 0.1,
+            p + "attn.proj.weight": torch.randn(d, d) * 0.1,
+            p + "attn.proj.bias": torch.randn(d) * 0.1,
+            p + "norm2.weight": 1 + torch.randn(d) * 0.1,
+            p + "norm2.bias": torch.randn(d) * 0.1,
+            p + "mlp.fc1.weight": torch.randn(4 * d, d) * 0.1,
+            p + "mlp.fc1.bias": torch.randn(4 * d) * 0.1,
+            p + "mlp.fc2.weight": torch.randn(d, 4 * d) * 0.1,
+            p + "mlp.fc2.bias": torch.randn(d) * 0.1,
+        }
+    return sd

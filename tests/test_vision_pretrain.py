@@ -323,3 +323,51 @@ def test_streaming_loader_skips_unreadable_images(tmp_path):
     res = run_from_config(cfg, progress=False)
     assert res.report["steps"] == 2 and "retrieval" not in res.report
     assert (res.tower_dir / "config.json").exists()
+
+
+def test_streaming_loader_still_scores_the_held_out_pairs(tmp_path):
+    """``preload: false`` with held-out pairs: retrieval decodes them after training (it sliced
+    None and crashed before the tower was saved, on every re-run)."""
+    from llavamed.train.vision_pretrain import run_from_config
+
+    data = _write_pairs(tmp_path / "data", n=16)
+    cfg = {
+        "data": str(data),
+        "output_dir": str(tmp_path / "run"),
+        "vision": "tiny",
+        "batch_size": 6,
+        "max_steps": 2,
+        "probe_images_per_domain": 0,
+        "val_fraction": 0.3,
+        "preload": False,
+        "precision": "fp32",
+    }
+    res = run_from_config(cfg, progress=False)
+    assert res.report["retrieval"]["chance_r@1"] > 0
+    assert (res.tower_dir / "config.json").exists()
+
+
+def test_a_converted_biomedclip_tower_trains_and_composes(tmp_path, biomedclip_state_dict):
+    """Stage 0 from `convert biomedclip`'s ViT (the paper's encoder, as the GPU recipe uses it):
+    its pooler weights made strict loading fail before the first step."""
+    from llavamed.model.compose import ModelSpec, build
+    from llavamed.model.convert.biomedclip import convert_biomedclip
+    from llavamed.train.vision_pretrain import run_from_config
+
+    torch.save(biomedclip_state_dict, tmp_path / "open_clip_pytorch_model.bin")
+    vit = convert_biomedclip(tmp_path, tmp_path / "vit", num_heads=4)
+    cfg = {
+        "data": str(_write_pairs(tmp_path / "data", n=16)),
+        "output_dir": str(tmp_path / "run"),
+        "vision": str(vit),
+        "batch_size": 8,
+        "max_steps": 1,
+        "probe_images_per_domain": 0,
+        "val_fraction": 0.0,
+        "precision": "fp32",
+    }
+    res = run_from_config(cfg, progress=False)
+    model, _ = build(ModelSpec(lm="tiny", vision=str(res.tower_dir), template="chatml"))
+    assert model.model.vision_tower.config.model_type == "vit"
+    with pytest.raises(ConfigError, match="image_size=64 but the tower was built for 32"):
+        run_from_config({**cfg, "output_dir": str(tmp_path / "r2"), "image_size": 64})

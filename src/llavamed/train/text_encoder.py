@@ -93,6 +93,8 @@ class TextEncoder:
             max_length=self.max_length,
             return_tensors="pt",
         )
+        device = next(self.model.parameters()).device  # a trainable text tower may be on a GPU
+        batch = {k: v.to(device) for k, v in batch.items()}
         out = self.model(**batch).last_hidden_state
         mask = batch["attention_mask"].unsqueeze(-1).to(out.dtype)
         return (out * mask).sum(1) / torch.clamp(mask.sum(1), min=1e-9)
@@ -112,7 +114,7 @@ class TextEncoder:
         with torch.inference_mode():
             for s in it:
                 idx = order[s : s + batch_size]
-                out[idx] = self.forward([texts[i] for i in idx]).float()
+                out[idx] = self.forward([texts[i] for i in idx]).float().cpu()
         self.model.train(was_training)
         return out
 

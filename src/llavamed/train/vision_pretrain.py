@@ -457,7 +457,10 @@ def load_tower(vision: str, seed: int = 0) -> Tower:
     elif kind == "siglip_vision_model":
         model = SiglipVisionModel(v.config)
     else:
-        model = ViTModel(v.config, add_pooling_layer=False)
+        # `convert biomedclip` (and AutoModel) write ViT's pooler: build it when the weights
+        # have one, so loading stays strict.
+        pooled = v.state_dict is not None and any(k.startswith("pooler.") for k in v.state_dict)
+        model = ViTModel(v.config, add_pooling_layer=pooled)
     if v.state_dict is not None:
         model.load_state_dict(v.state_dict, strict=True)
     return Tower(
@@ -598,7 +601,7 @@ def train_vision(cfg: VisionPretrainConfig, progress: bool = True) -> VisionPret
 
     tower = load_tower(cfg.vision, cfg.seed)
     size = cfg.image_size or tower.image_size
-    if size != tower.image_size and tower.kind != "vit":
+    if size != tower.image_size:  # position embeddings are fixed to the tower's own grid
         raise ConfigError(f"image_size={size} but the tower was built for {tower.image_size}")
     pairs, skipped = load_pairs(cfg.data, cfg.image_folder)
     train_pairs, val_pairs = split_pairs(pairs, cfg.val_fraction, cfg.val_max)
@@ -797,7 +800,7 @@ def train_vision(cfg: VisionPretrainConfig, progress: bool = True) -> VisionPret
                         ikeys[r, c] = k
                 ikeys = ikeys.to(device)
                 if cfg.text_trainable:
-                    pe = text.forward(ptxt) if ptxt else torch.zeros(0, text.dim)
+                    pe = text.forward(ptxt) if ptxt else torch.zeros(0, text.dim, device=device)
                 else:
                     pe = (
                         uniq_emb[torch.tensor([phrase_index[p] for p in ptxt], dtype=torch.long)]
@@ -872,11 +875,19 @@ def train_vision(cfg: VisionPretrainConfig, progress: bool = True) -> VisionPret
     }
     if is_main:
         module.eval()
-        if val_pairs:
-            report["retrieval"] = _retrieval(
-                module, tower, val_pairs, val_imgs, size, text, cfg, cache_dir
-            )
+        # The tower first: an evaluation that fails must not cost the trained weights (a re-run
+        # would find the final state and go straight back to it).
         _save_tower(module.tower, tower, size, tower_dir)
+        if val_pairs:
+            if val_imgs is None:  # preload: false decodes per step; decode the held-out set now
+                val_imgs, vkept, _ = preload_images(
+                    val_pairs, size, tower.mean, cache_dir / f"val_{size}.pt", False
+                )
+                val_pairs = [val_pairs[i] for i in vkept]
+            if val_pairs:
+                report["retrieval"] = _retrieval(
+                    module, tower, val_pairs, val_imgs, size, text, cfg, cache_dir
+                )
         atomic_write_text(out / CONFIG_YAML, yaml.safe_dump(config_dict(cfg), sort_keys=False))
         if cfg.probe_images_per_domain > 0:
             from llavamed.eval.probes import probe_report
