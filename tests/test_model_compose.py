@@ -102,6 +102,39 @@ def test_embedded_lm_weights_survive_composition():
     torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4)
 
 
+def test_generation_config_stops_at_the_templates_end_of_turn(tmp_path):
+    """A chatml LM whose tokenizer eos is <|endoftext|> (Qwen2.5 base style) ends turns with
+    <|im_end|>: plain transformers and vLLM stop only on generation_config.json's ids."""
+    import json
+
+    from transformers import AutoTokenizer, GenerationConfig, LlamaConfig, LlamaForCausalLM
+
+    from llavamed.model import ModelSpec, init_checkpoint
+    from llavamed.model.embedded import embedded_lm_dir
+
+    tok = AutoTokenizer.from_pretrained(embedded_lm_dir())
+    tok.eos_token = "<|endoftext|>"
+    im_end = tok.convert_tokens_to_ids("<|im_end|>")
+    cfg = LlamaConfig(
+        vocab_size=len(tok),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        eos_token_id=tok.eos_token_id,
+    )
+    lm = LlamaForCausalLM(cfg)
+    lm.generation_config = GenerationConfig(eos_token_id=tok.eos_token_id)
+    lm.save_pretrained(tmp_path / "lm")
+    tok.save_pretrained(tmp_path / "lm")
+    out = init_checkpoint(
+        tmp_path / "llava", ModelSpec(lm=str(tmp_path / "lm"), vision="tiny", template="chatml")
+    )
+    eos = json.loads((out / "generation_config.json").read_text())["eos_token_id"]
+    assert eos == [tok.eos_token_id, im_end]
+
+
 def test_image_changes_logits(tiny_llava_dir):
     model, processor = load_llava(tiny_llava_dir)
     from PIL import Image

@@ -260,7 +260,14 @@ def build(spec: ModelSpec):
     if vision.state_dict is not None:
         model.model.vision_tower.load_state_dict(vision.state_dict, strict=True)
     model.generation_config.pad_token_id = tok.pad_token_id
-    model.generation_config.eos_token_id = tok.eos_token_id
+    # Every id that ends a reply: the LM's own list, the tokenizer's eos, and the template's
+    # end-of-turn marker (a chatml model whose eos is <|endoftext|> ends turns with <|im_end|>;
+    # transformers' generate and vLLM stop only on what generation_config.json lists).
+    model.generation_config.eos_token_id = _stop_ids(
+        lm.generation_config.eos_token_id,
+        tok.eos_token_id,
+        tok.convert_tokens_to_ids(template_eos(template, tok)),
+    )
     model.generation_config.bos_token_id = tok.bos_token_id
 
     image_processor = llava_image_processor(
@@ -278,6 +285,17 @@ def build(spec: ModelSpec):
     )
     set_chat_template(processor, template)
     return model, processor
+
+
+def _stop_ids(*groups) -> int | list[int] | None:
+    ids: list[int] = []
+    for g in groups:
+        for i in g if isinstance(g, list | tuple) else [g]:
+            if isinstance(i, int) and i >= 0 and i not in ids:
+                ids.append(i)
+    if not ids:
+        return None
+    return ids[0] if len(ids) == 1 else ids
 
 
 def set_chat_template(processor, template) -> None:
