@@ -258,6 +258,42 @@ def test_llava_med_a_key_or_shape_that_does_not_fit_fails_loudly(
     assert not (tmp_path / "out").exists()
 
 
+def _with_config(src, sd, dst, **changes):
+    """A copy of the original checkpoint with config.json keys changed (None deletes one)."""
+    import json
+
+    out = _variant(src, sd, dst, lambda d: d)
+    cfg = json.loads((out / "config.json").read_text())
+    for k, v in changes.items():
+        if v is None:
+            cfg.pop(k, None)
+        else:
+            cfg[k] = v
+    (out / "config.json").write_text(json.dumps(cfg))
+    return out
+
+
+def test_a_llama_llava_is_refused_not_turned_into_mistral(original_llava_med, tmp_path):
+    from llavamed.model.convert.llava_med import convert_llava_med
+
+    src, _, sd = original_llava_med
+    for kind in ("llava_llama", "llava"):
+        bad = _with_config(src, sd, tmp_path / kind, model_type=kind)
+        with pytest.raises(InputError, match="not LLaVA-Med v1.5.*Llama/Vicuna"):
+            convert_llava_med(bad, tmp_path / f"out-{kind}")
+
+
+def test_no_image_aspect_ratio_means_resize_and_crop_as_llava(original_llava_med, tmp_path):
+    from transformers import AutoProcessor
+
+    from llavamed.model.convert.llava_med import convert_llava_med
+
+    src, _, sd = original_llava_med
+    plain = _with_config(src, sd, tmp_path / "plain", image_aspect_ratio=None)
+    dst = convert_llava_med(plain, tmp_path / "out")
+    assert AutoProcessor.from_pretrained(dst).image_processor.do_pad is False
+
+
 def test_llava_med_buffers_older_checkpoints_stored_are_not_errors(original_llava_med, tmp_path):
     from llavamed.model.convert.llava_med import TOWER_PREFIX, convert_llava_med
 

@@ -128,7 +128,16 @@ def convert_llava_med(
     src_cfg = read_json(cfg_path)
     if not isinstance(src_cfg, dict):
         raise InputError(cfg_path, "config.json is not a JSON object")
-    if src_cfg.get("model_type") not in ("llava_mistral", "llava_llama", "llava"):
+    if src_cfg.get("model_type") in ("llava_llama", "llava"):
+        # A Llama/Vicuna LLaVA (LLaVA-Med v1.0, LLaVA-1.5) would pass every other check and come
+        # out as a Mistral model prompted with [INST]: the wrong architecture and template.
+        raise InputError(
+            cfg_path,
+            "not LLaVA-Med v1.5",
+            f"model_type={src_cfg.get('model_type')!r} is a Llama/Vicuna LLaVA; this converter "
+            "writes LLaVA-Med v1.5 (llava_mistral, Mistral-7B, mistral_instruct prompts) only",
+        )
+    if src_cfg.get("model_type") != "llava_mistral":
         raise InputError(
             cfg_path, "not a LLaVA-Med checkpoint", f"model_type={src_cfg.get('model_type')!r}"
         )
@@ -237,7 +246,8 @@ def convert_llava_med(
         "eos_token_id": tok.eos_token_id,
         "bos_token_id": tok.bos_token_id,
     }
-    pad = src_cfg.get("image_aspect_ratio", "pad") == "pad"
+    # LLaVA's process_images pads only for image_aspect_ratio == "pad"; absent means resize+crop.
+    pad = src_cfg.get("image_aspect_ratio") == "pad"
     image_processor = llava_image_processor(
         image_size, mean or OPENAI_CLIP_MEAN, std or OPENAI_CLIP_STD, pad=pad
     )
