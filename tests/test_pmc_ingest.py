@@ -230,6 +230,24 @@ def test_changed_package_is_redone(tmp_path):
     assert "skipped: duplicate pair_id" not in report["reasons"]
 
 
+def test_a_folder_package_whose_images_arrive_later_is_redone(tmp_path):
+    """A folder's own size does not change when files land in it: it was skipped as done."""
+    from pmc_fixtures import write_dir
+
+    src = tmp_path / "src"
+    files = article_files("PMC1000001")
+    late = files.pop("pmc-1000001-g002.jpg")
+    write_dir(src / "PMC1000001", files)
+    first = ingest([src], tmp_path / "out")
+    assert first["figures_written"] == 4
+    (src / "PMC1000001" / "pmc-1000001-g002.jpg").write_bytes(late)  # the download completes
+    report = ingest([src], tmp_path / "out")
+    assert report["figures_written"] == 5
+    assert "skipped: duplicate pair_id" not in report["reasons"]
+    again = ingest([src], tmp_path / "out")  # unchanged now: skipped as done
+    assert again["last_run"]["packages_skipped_as_done"] == 1
+
+
 def _crash_on_1000002(pkg, opts):
     import os
 

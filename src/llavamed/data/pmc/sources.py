@@ -78,6 +78,22 @@ def _suffix(name: str) -> str:
     return os.path.splitext(name)[1].lower()
 
 
+def _folder_fingerprint(folder: Path) -> int:
+    """What a folder package's resume record compares: its files' names and sizes. A folder's own
+    size does not change when files arrive in it, so an article ingested while its images were
+    still downloading was skipped as done for good."""
+    import hashlib
+
+    h = hashlib.blake2b(digest_size=8)
+    try:
+        for entry in sorted(os.scandir(folder), key=lambda e: e.name):
+            if entry.is_file():
+                h.update(f"{entry.name}\0{entry.stat().st_size}\0".encode("utf-8", "replace"))
+    except OSError:
+        pass  # unreadable: _iter_dir notes it
+    return int.from_bytes(h.digest(), "big") >> 1  # a positive int, as sizes are
+
+
 def discover(sources: list[str | os.PathLike]) -> list[PackageRef]:
     """Every package under ``sources``, sorted by key, each once. Keys are paths relative to the
     source they were found under (a tarball given directly is keyed by its file name), so the same
@@ -93,7 +109,8 @@ def discover(sources: list[str | os.PathLike]) -> list[PackageRef]:
         st = path.stat()
         while key in found:  # two sources with the same relative layout
             key = f"{key}~"
-        found[key] = PackageRef(key, str(path), kind, st.st_size, st.st_mtime)
+        size = _folder_fingerprint(path) if kind == "dir" else st.st_size
+        found[key] = PackageRef(key, str(path), kind, size, st.st_mtime)
 
     for src in sources:
         root = Path(src)
