@@ -248,6 +248,18 @@ def test_a_folder_package_whose_images_arrive_later_is_redone(tmp_path):
     assert again["last_run"]["packages_skipped_as_done"] == 1
 
 
+def test_a_subfolder_inside_an_article_folder_keeps_the_article_together(tmp_path):
+    """Hand-made tarballs nest ("PMC1/thumbs/"): a member there did not end the article."""
+    files = article_files("PMC1000001")
+    flat = ingest([write_tar(tmp_path / "a" / "p.tar.gz", "PMC1000001", files)], tmp_path / "o1")
+    nxml = next(k for k in files if k.endswith(".nxml"))
+    nested = {nxml: files[nxml], "thumbs/preview.gif": files["pmc-1000001-g001.gif"]}
+    nested |= {k: v for k, v in files.items() if k != nxml}
+    got = ingest([write_tar(tmp_path / "b" / "p.tar.gz", "PMC1000001", nested)], tmp_path / "o2")
+    assert got["figures_written"] == flat["figures_written"] > 0
+    assert got["reasons"] == flat["reasons"]
+
+
 def _crash_on_1000002(pkg, opts):
     import os
 

@@ -213,7 +213,10 @@ def _iter_tar(pkg: PackageRef, notes: list[str]) -> Iterator[ArticleFiles]:
                 ext = _suffix(name)
                 if ext not in XML_SUFFIXES and ext not in IMAGE_SUFFIXES:
                     continue  # PDFs, videos, supplementary archives: skipped unread
-                if parent != group_dir:
+                # A subfolder of the article's folder ("PMC1/thumbs/") stays in its group; a
+                # sibling folder starts the next article.
+                inside = group_dir is not None and parent.startswith(f"{group_dir}/")
+                if parent != group_dir and not inside:
                     yield from _group_articles(xmls, images)
                     xmls, images, group_dir = {}, {}, parent
                 fh = tf.extractfile(member)
