@@ -73,6 +73,7 @@ def test_parse_yes_no():
     # A comma closes the answer's clause: the "no" after it belongs to the finding.
     assert m.parse_yes_no("Yes, no effusion is seen") == "yes"
     assert m.parse_yes_no("No; yes-no questions aside, there is none") == "no"
+    assert m.parse_yes_no("Yes, or no.") is None  # still a hedge
 
 
 def test_chinese_answers_are_scored_by_character():

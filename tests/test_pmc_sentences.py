@@ -50,6 +50,7 @@ def test_sentences_around_citations_split_where_they_end():
         "Cells were fixed for 10 min.",
         "Staining is shown in Fig. 2.",
     ]
+    assert len(sentences("Washed for 30 sec. Staining followed.")) == 2
 
 
 def test_citation_ranges_and_lists():

@@ -275,24 +275,27 @@ def parse_yes_no(prediction: str) -> str | None:
     """Explicit yes/no reading of a prediction: ``"yes"``, ``"no"`` or ``None``.
 
     The first word decides when it is yes or no ("No, there is no effusion" -> no), unless it
-    opens a hedge: "yes or no", "yes and no", "yes/no" are None, or a model answering
-    "Yes or no" to everything would be right on every yes question. Otherwise the prediction
-    must contain exactly one of the two words; both or neither is ambiguous (None). A yes/no
-    right after "not" ("not yes") is no answer either. Substrings never count: "normal" is not
-    "no"."""
+    opens a hedge: "yes or no", "yes and no", "yes/no" (also "Yes, or no") are None, or a model
+    answering "Yes or no" to everything would be right on every yes question. An answer word that
+    punctuation closes decides on its own: "Yes, no effusion is seen" is a yes. Otherwise the
+    prediction must contain exactly one of the two words; both or neither is ambiguous (None). A
+    yes/no right after "not" ("not yes") is no answer either. Substrings never count: "normal"
+    is not "no". Chinese (Han) text is read by its opening: 是/有/对 yes; 不是/否/没有/无/不 no;
+    是否... (a restated question) None."""
     if re.search(f"[{_HAN}]", prediction):
         return _parse_zh_yes_no(normalize_strict(prediction).replace(" ", ""))
-    lead = re.match(r"\W*(yes|no)\s*[,;:.!]", prediction, re.I)
-    if lead:  # the answer closes its own clause: "Yes, no effusion is seen" is a yes
-        return lead.group(1).lower()
     toks = _tokens(normalize_strict(prediction))
     if not toks:
         return None
     first = toks[0]
     if first in _YES_NO:
         other = _YES_NO[first]
-        if toks[1:2] == [other] or (toks[1:2] in (["and"], ["or"]) and toks[2:3] == [other]):
-            return None
+        if toks[1:2] in (["and"], ["or"]) and toks[2:3] == [other]:
+            return None  # "yes or no", "Yes, or no"
+        if re.match(r"\W*(?:yes|no)\s*[,;:.!]", prediction, re.I):
+            return first  # closed by punctuation: "Yes, no effusion is seen"
+        if toks[1:2] == [other]:
+            return None  # "yes/no", "No-yes"
         return first
     found = {t for i, t in enumerate(toks) if t in _YES_NO and toks[i - 1] != "not"}
     negated = any(t in _YES_NO and toks[i - 1] == "not" for i, t in enumerate(toks) if i)

@@ -14,7 +14,7 @@ import re
 # right before the period, so "Fig" covers "Fig." and "Figs" covers "Figs.".
 ABBREVIATIONS = frozenset(
     """
-    fig figs figure suppl supp tab tabs eq eqs eqn ref refs no nos vol vols pp p ch chap sect sec
+    fig figs figure suppl supp tab tabs eq eqs eqn ref refs no nos vol vols pp p ch chap sect
     al e.g i.e eg ie vs v cf ca approx etc resp viz incl excl esp
     dr mr mrs ms prof st jr sr inc ltd co corp dept univ
     jan feb mar apr jun jul aug sep sept oct nov dec
