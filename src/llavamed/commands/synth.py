@@ -29,8 +29,9 @@ Generate MedSynth, a procedurally generated biomedical figure world with ground 
 
 Images in five domains (chest X-ray, CT, brain MRI, H&E histology, gross pathology) are drawn
 from explicit attributes; captions and every VQA answer derive from those attributes. The same
-seed and arguments give byte-identical output for any --workers. Re-running into a finished DIR
-is a no-op; re-running after an interruption resumes."""
+seed and arguments give byte-identical output for any --workers. Re-running into a DIR finished
+by this generator version with the same arguments is a no-op; one made with other arguments or
+another version (e.g. medsynth-1.0) is refused; re-running after an interruption resumes."""
 
 
 def register(subparsers) -> None:
