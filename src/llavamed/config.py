@@ -78,7 +78,8 @@ class DataSource:
     """For ``format: vqa``: append the paper's "Please choose from the following two options:
     [yes, no]" to closed yes/no questions (must match ``eval vqa --closed-suffix``)."""
     max_samples: int | None = None
-    """Use at most this many samples of this source (a seeded random subset)."""
+    """Use at most this many records (``llava_json``) or questions (``vqa``, chosen before
+    ``group_by_image`` packs them) of this source: a seeded random subset."""
     repeat: int = 1
     """Repeat this source N times per epoch (to up-weight a small set in a mixture)."""
     group_by_image: bool = False

@@ -11,7 +11,8 @@ earlier stage's settings), recorded in ``OUT/quickstart_state.json`` once it fin
 skips finished stages whose key is unchanged and whose folder is still there; a killed run resumes
 inside the interrupted stage (each stage's own tool resumes; stage 0b, a few minutes long, starts
 over). A stage whose settings changed starts over in a clean folder, and so does every stage after
-one that ran again.
+one that ran again. The MedSynth stage's settings include the generator version, so a new
+renderer redoes everything.
 """
 
 from __future__ import annotations

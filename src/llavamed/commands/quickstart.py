@@ -17,7 +17,8 @@ def register(sub) -> None:
             "fine-tuning -> VQA + blank-image ablation -> report.md/report.json/loss.png. "
             "Re-running skips finished stages; a killed run resumes inside the stage it "
             "stopped in (stage 0b starts over); a stage that runs again (changed settings, a "
-            "deleted folder, self-instruct requests to retry) reruns every stage after it."
+            "deleted folder, self-instruct requests to retry, a new MedSynth generator version) "
+            "reruns every stage after it."
         ),
         formatter_class=DefaultsHelpFormatter,
     )

@@ -2,7 +2,8 @@
 
 Layout: ``OUT/checkpoints/step-000100/`` holding ``trainable.pt`` (trainable parameters only;
 frozen ones are rebuilt from the config), ``optimizer.pt``, ``rng-rank{R}.pt`` and
-``state.json`` (step, epoch, schedule position, tokens seen). A checkpoint is written into a
+``state.json`` (step, epoch, schedule position, tokens seen, world size, engine, and the images
+skipped while training so far). A checkpoint is written into a
 hidden temp folder and renamed into place, so a SIGKILL at any moment leaves either the previous
 complete checkpoint or the new one, never a half-written one. The data position needs no sampler
 state: the batch schedule is a pure function of (seed, epoch), so the step number is enough.

@@ -42,7 +42,8 @@ from llavamed.utils.io import (
 )
 from llavamed.utils.precision import resolve_precision
 
-# Keys that may change between a run and its resumption without changing what is trained.
+# Keys that may change between a run and its resumption without changing what is trained
+# (distributed.engine only within single/ddp/fsdp: DeepSpeed checkpoints have their own layout).
 RESUMABLE_CHANGES = (
     "output.save_every",
     "output.save_every_minutes",

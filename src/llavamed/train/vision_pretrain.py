@@ -80,7 +80,8 @@ class VisionPretrainConfig:
     max_phrases: int = 8
     """At most this many finding phrases per caption."""
     image_size: int | None = None
-    """Input resolution. Default: the tower's ``image_size``."""
+    """Input resolution: the tower's own ``image_size`` (the default); its position embeddings
+    are fixed, so another value is refused before training."""
     crop_scale: tuple[float, float] = (0.7, 1.0)
     """Random resized crop, as a fraction of the (padded, square) image area. Kept mild: an
     aggressive crop cuts the finding the caption names out of the picture."""

@@ -381,7 +381,8 @@ def ingest(
 ) -> dict:
     """Ingest PMC packages into ``out_dir``; returns the report (also in ``ingest_report.json``).
 
-    Re-running resumes: packages in the ledger (same key and size) are skipped."""
+    Re-running resumes: packages in the ledger (same key and size; for a folder, its files'
+    names and sizes) are skipped."""
     opts = opts or IngestOptions()
     packages = discover(list(sources))
     if isinstance(shard, str):
