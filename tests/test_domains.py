@@ -67,6 +67,11 @@ def test_tricky_captions(caption, expected):
         ("Cryo-EM micrographs of purified virions.", set()),
         ("Representative confocal micrographs of organoids stained with phalloidin.", set()),
         ("Fluorescence micrographs of Caco-2 cells.", set()),
+        # ... and when the microscope is named after the word
+        ("Micrograph of the cell surface by scanning electron microscopy.", set()),
+        ("Micrographs of biofilm on the implant obtained using SEM.", set()),
+        ("Photomicrographs of stained spheroids under a confocal microscope.", set()),
+        ("Photomicrograph of the tumour stained with H&E, x400.", {"histology"}),
         # "confocal" stays visible to the anti cues, so weak histology cues do not add up
         ("Confocal micrographs of kidney sections stained with anti-nephrin; scale bar.", set()),
         # a negated X-ray word does not make the chest X-ray pair
