@@ -193,3 +193,16 @@ def test_peer_review_text_and_formulas_in_mentions():
         '(<xref ref-type="fig" rid="F1">Fig. 1</xref>).</p>'
     )
     assert m["F1"] == ["Imaged at \u00d7400 (Fig. 1)."]  # neither lost nor raw TeX
+
+
+def test_a_count_after_a_citation_is_not_a_figure_number():
+    m = _with_figures(
+        '<p>Lesions were hypodense in <xref ref-type="fig" rid="F1">Fig. 1</xref>, 3 of the 10 '
+        'patients.</p><p>Both views (<xref ref-type="fig" rid="F1">Fig. 1</xref>, 2) agree.</p>'
+    )
+    assert "F3" not in m
+    assert m["F1"] == [
+        "Lesions were hypodense in Fig. 1, 3 of the 10 patients.",
+        "Both views (Fig. 1, 2) agree.",
+    ]
+    assert m["F2"] == ["Both views (Fig. 1, 2) agree."]

@@ -67,6 +67,12 @@ def test_citation_ranges_and_lists():
     assert trailing_numbers(", 4, 5 and 6. Next") == [4, 5, 6]
     assert trailing_numbers("–4) shows") == [4] and trailing_is_range("–4) shows")
     assert trailing_numbers(" and Table 2") == []
+    # a number that counts something after the citation is not a figure
+    assert trailing_numbers(", 3 of the 10 patients had") == []
+    assert trailing_numbers(", 3 out of 10") == []
+    assert trailing_numbers("; 12% of cases") == []
+    assert trailing_numbers(", 24 patients") == []
+    assert trailing_numbers(", 3 and 4 show") == [3, 4]
     assert is_range_gap("\u2013") and is_range_gap(" to ") and not is_range_gap(", ")
 
 
