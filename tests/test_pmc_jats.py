@@ -206,3 +206,30 @@ def test_a_count_after_a_citation_is_not_a_figure_number():
         "Both views (Fig. 1, 2) agree.",
     ]
     assert m["F2"] == ["Both views (Fig. 1, 2) agree."]
+
+
+def test_fig_group_members_labelled_by_panel_take_the_group_number():
+    figures = (
+        '<fig id="F1"><label>Figure 1</label><caption><p>Cap 1.</p></caption>'
+        '<graphic xlink:href="g1"/></fig>'
+        '<fig-group id="G2"><label>Figure 2.</label><caption><p>CT follow-up.</p></caption>'
+        + "".join(
+            f'<fig id="F2{p}"><label>{p}</label><caption><p>Panel {p}.</p></caption>'
+            f'<graphic xlink:href="g2{p}"/></fig>'
+            for p in "AB"
+        )
+        + '</fig-group><fig id="F3"><label>Figure 3</label><caption><p>Cap 3.</p></caption>'
+        '<graphic xlink:href="g3"/></fig>'
+    )
+    xml = (
+        '<article xmlns:xlink="http://www.w3.org/1999/xlink"><body><sec><p>Nodules '
+        '(<xref ref-type="fig" rid="F1">Fig. 1</xref>, 3) and follow-up '
+        f'(<xref ref-type="fig" rid="G2">Fig. 2</xref>).</p>{figures}</sec></body></article>'
+    )
+    a = parse_article(xml.encode(), "g.nxml")
+    figs = {f.fig_id: f for f in a.figures}
+    assert (figs["F2A"].label, figs["F2B"].label) == ("Figure 2A", "Figure 2B")
+    assert figs["F2A"].number == figs["F2B"].number == 2
+    # "Fig. 1, 3" names Figure 3, not panel B (the third figure in reading order)
+    assert "F2B" in a.mentions and a.mentions["F3"] == a.mentions["F1"]
+    assert a.mentions["F2B"] == ["Nodules (Fig. 1, 3) and follow-up (Fig. 2)."]

@@ -294,6 +294,25 @@ def _graphic(fig: etree._Element) -> tuple[str | None, int]:
     return (refs[0] if refs else None), len(refs)
 
 
+_PANEL_LABEL = re.compile(r"^\(?([A-Za-z]{1,2})[.):]?$")
+
+
+def _member_label(label: str, group_label: str) -> str:
+    """A fig-group member's label in full: members are often labelled by panel only ("A" in the
+    group "Figure 2"), which names no figure number; without it the member takes its position
+    in reading order as its number, which can be another figure's ("Fig. 3" citations landing on
+    panel B of Figure 2)."""
+    if not label:
+        return group_label
+    if label_number(label) is not None or label_number(group_label) is None:
+        return label
+    if _SUPPL_LABEL.match(label) or _TABLE_LABEL.match(label):
+        return label
+    panel = _PANEL_LABEL.match(label)
+    stem = group_label.rstrip(" .:")
+    return f"{stem}{panel.group(1)}" if panel else f"{stem} {label}"
+
+
 def _figures(
     article: etree._Element, notes: list[str]
 ) -> tuple[list[Figure], dict[str, list[str]]]:
@@ -314,8 +333,7 @@ def _figures(
                 caption = group_caption
             elif group_caption:
                 caption = f"{group_caption} {caption}"
-            if not label:
-                label = group_label
+            label = _member_label(label, group_label)
         fig_id = (fig.get("id") or "").strip()
         if not fig_id:
             fig_id = f"fig{index}"
