@@ -198,3 +198,53 @@ def test_the_tower_sees_the_composed_llavas_geometry(tmp_path, aspect):
         assert torch.allclose(ours, (s0 - mean) / std, atol=2 / 255 / min(tower.std))
     with pytest.raises(ConfigError, match="aspect"):
         make_config(_cfg(tmp_path, tmp_path / "o", aspect="squash"))
+
+
+def test_a_killed_run_resumes_from_its_last_state_to_the_same_tower(tmp_path, monkeypatch, capsys):
+    from transformers import CLIPVisionModel
+
+    from llavamed.train.vision_vqa import STATE_FILE, run_from_config
+
+    data = make_vqa_rad(tmp_path / "rad", 48)
+    kw = dict(steps=12, batch_size=8, save_every=5, log_every=2)
+    whole = run_from_config(_cfg(data, tmp_path / "whole", **kw), progress=False)
+
+    # Killed during step 8: the state of step 5 is on disk, nothing after it.
+    real_clip, calls = torch.nn.utils.clip_grad_norm_, [0]
+
+    def dies_at_step_8(*args, **kwargs):
+        calls[0] += 1
+        if calls[0] == 8:
+            raise KeyboardInterrupt
+        return real_clip(*args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", dies_at_step_8)
+    out = tmp_path / "killed"
+    with pytest.raises(KeyboardInterrupt):
+        run_from_config(_cfg(data, out, **kw), progress=False)
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", real_clip)
+    assert torch.load(out / STATE_FILE, weights_only=False)["step"] == 5
+    assert not (out / "vision_tower").exists()
+
+    # A resume that may change only the logging and the budget goes on from step 5.
+    resumed = run_from_config(_cfg(data, out, **kw, time_budget_min=60), progress=False)
+    assert f"stage 0b: resuming {out} at step 5/12" in capsys.readouterr().err
+    assert resumed.report["steps"] == 12
+    assert [r["step"] for r in resumed.report["log"]] == [r["step"] for r in whole.report["log"]]
+    assert [r["loss"] for r in resumed.report["log"]] == [r["loss"] for r in whole.report["log"]]
+    a = CLIPVisionModel.from_pretrained(whole.tower_dir).state_dict()
+    b = CLIPVisionModel.from_pretrained(resumed.tower_dir).state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert not (out / STATE_FILE).exists()  # finished: the report stands for the run
+
+    # Killed again, then restarted with another recipe: the old state is not used.
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", dies_at_step_8)
+    calls[0] = 0
+    other = tmp_path / "other"
+    with pytest.raises(KeyboardInterrupt):
+        run_from_config(_cfg(data, other, **kw), progress=False)
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", real_clip)
+    capsys.readouterr()
+    fresh = run_from_config(_cfg(data, other, **kw | {"lr": 1e-3}), progress=False)
+    assert "other settings (lr)" in capsys.readouterr().err
+    assert fresh.report["steps"] == 12

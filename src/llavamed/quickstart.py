@@ -9,9 +9,9 @@ again with the blank-image ablation -> report.
 Every stage is keyed by a hash of its settings and of the key of the stage before it (so of every
 earlier stage's settings), recorded in ``OUT/quickstart_state.json`` once it finishes. A re-run
 skips finished stages whose key is unchanged and whose folder is still there; a killed run resumes
-inside the interrupted stage (each stage's own tool resumes; stage 0b, a few minutes long, starts
-over). A stage whose settings changed starts over in a clean folder, and so does every stage after
-one that ran again. The MedSynth stage's settings include the generator version, so a new
+inside the interrupted stage (each stage's own tool resumes from its last saved state). A stage
+whose settings changed starts over in a clean folder, and so does every stage after one that ran
+again. The MedSynth stage's settings include the generator version, so a new
 renderer redoes everything.
 """
 

@@ -16,7 +16,7 @@ def register(sub) -> None:
             "(the tower learns the VQA train split) -> stage 1 -> stage 2 -> zero-shot VQA -> VQA "
             "fine-tuning -> VQA + blank-image ablation -> report.md/report.json/loss.png. "
             "Re-running skips finished stages; a killed run resumes inside the stage it "
-            "stopped in (stage 0b starts over); a stage that runs again (changed settings, a "
+            "stopped in; a stage that runs again (changed settings, a "
             "deleted folder, self-instruct requests to retry, a new MedSynth generator version) "
             "reruns every stage after it."
         ),

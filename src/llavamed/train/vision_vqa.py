@@ -36,10 +36,13 @@ from typing import Any
 
 from llavamed.errors import ConfigError, InputError
 from llavamed.model.processing import llava_image_processor
-from llavamed.utils.io import atomic_write_json, atomic_write_text
+from llavamed.utils.io import atomic_path, atomic_write_json, atomic_write_text
 from llavamed.utils.precision import check_precision, resolve_precision
 
 REPORT = "vision_vqa_report.json"
+STATE_FILE = "stage0b_state.pt"
+RESUMABLE_CHANGES = frozenset({"time_budget_min", "log_every", "save_every"})
+"""Settings a resumed run may change: none of them changes what is computed."""
 
 
 @dataclass
@@ -82,7 +85,8 @@ class VisionVQAConfig:
     warmup_steps: int = 20
     """Steps of linear learning-rate warm-up."""
     time_budget_min: float | None = None
-    """Stop early after this many minutes (the schedule still assumes ``steps``)."""
+    """Stop early after this many minutes of training, counted over every attempt of a resumed
+    run (the schedule still assumes ``steps``)."""
     val_fraction: float = 0.1
     """Train-split images held out (by image) to report accuracy; 0 disables it."""
     precision: str = "auto"
@@ -91,6 +95,9 @@ class VisionVQAConfig:
     """Seed for the held-out split, batches and initialisation."""
     log_every: int = 25
     """Log the loss every N steps."""
+    save_every: int = 100
+    """Write resume state (tower, head, optimizer, batch stream) every N steps, so a killed run
+    goes on from the last one instead of from step 0."""
     stage: str = "vision_vqa"
     """``vision_vqa``: this config is stage 0b."""
 
@@ -106,8 +113,10 @@ class VisionVQAConfig:
             raise ConfigError("lr must be > 0")
         if not 0 <= self.val_fraction < 1:
             raise ConfigError("val_fraction must be in [0, 1)")
-        if self.log_every < 1 or self.warmup_steps < 0 or self.weight_decay < 0:
-            raise ConfigError("log_every must be >= 1, warmup_steps and weight_decay >= 0")
+        if self.log_every < 1 or self.save_every < 1:
+            raise ConfigError("log_every and save_every must be >= 1")
+        if self.warmup_steps < 0 or self.weight_decay < 0:
+            raise ConfigError("warmup_steps and weight_decay must be >= 0")
         if self.aspect not in ("pad", "crop"):
             raise ConfigError(f"aspect={self.aspect!r}: choose pad or crop")
         if self.feature_layer == 0:
@@ -264,6 +273,8 @@ def train_vision_vqa(cfg: VisionVQAConfig, progress: bool = True) -> VisionVQARe
     import torch.nn.functional as F
     from tqdm import tqdm
 
+    from llavamed.config import diff
+    from llavamed.train.checkpointing import rng_state, set_rng_state
     from llavamed.train.text_encoder import TextEncoder, cached_embeddings, resolve_text_encoder
     from llavamed.train.vision_pretrain import _save_tower, load_tower, tower_features
 
@@ -304,12 +315,57 @@ def train_vision_vqa(cfg: VisionVQAConfig, progress: bool = True) -> VisionVQARe
     def feats(x):
         return tower_features(tower, x, cfg.feature_layer)[1]
 
-    log = []
-    bar = tqdm(total=cfg.steps, desc="stage 0b (vision VQA)", disable=not progress, file=sys.stderr)
+    log: list[dict] = []
+    step, trained_s = 0, 0.0
+    state_path = out / STATE_FILE
+    if state_path.exists():
+        state = torch.load(state_path, weights_only=False)
+        changed = [k for k in diff(state["config"], resolved) if k not in RESUMABLE_CHANGES]
+        if not changed:
+            # Strict loads: the state was written by this recipe, so every key must match.
+            tower.model.load_state_dict(state["tower"])
+            head.load_state_dict(state["head"])
+            opt.load_state_dict(state["optimizer"])
+            g.set_state(state["batches"])  # the batch stream goes on where it stopped
+            set_rng_state(state["rng"])
+            step, trained_s, log = state["step"], state["trained_s"], state["log"]
+            print(f"stage 0b: resuming {out} at step {step}/{cfg.steps}", file=sys.stderr)
+        else:
+            print(
+                f"stage 0b: {out} holds a run with other settings ({', '.join(changed)}); "
+                "starting from step 0",
+                file=sys.stderr,
+            )
+
+    def save_state() -> None:
+        with atomic_path(state_path) as tmp:
+            torch.save(
+                {
+                    "config": resolved,
+                    "tower": tower.model.state_dict(),
+                    "head": head.state_dict(),
+                    "optimizer": opt.state_dict(),
+                    "batches": g.get_state(),
+                    "rng": rng_state(),
+                    "step": step,
+                    "trained_s": trained_s,
+                    "log": log,
+                },
+                tmp,
+            )
+
+    bar = tqdm(
+        total=cfg.steps,
+        initial=step,
+        desc="stage 0b (vision VQA)",
+        disable=not progress,
+        file=sys.stderr,
+    )
+    # The time budget counts training time over every attempt, as stage 0's does.
     budget = None if cfg.time_budget_min is None else 60 * cfg.time_budget_min
-    step = 0
+    t_seg, trained_at_seg = time.time(), trained_s
     tower.model.train()
-    while step < cfg.steps and (budget is None or time.time() - t0 < budget):
+    while step < cfg.steps and (budget is None or trained_s < budget):
         idx = train_idx[torch.randint(len(train_idx), (cfg.batch_size,), generator=g)]
         warm = min(1.0, (step + 1) / max(1, cfg.warmup_steps))
         for grp in opt.param_groups:
@@ -326,10 +382,13 @@ def train_vision_vqa(cfg: VisionVQAConfig, progress: bool = True) -> VisionVQARe
         opt.step()
         opt.zero_grad(set_to_none=True)
         step += 1
+        trained_s = trained_at_seg + (time.time() - t_seg)
         bar.update(1)
         if step % cfg.log_every == 0 or step == cfg.steps:
-            log.append({"step": step, "loss": loss.item(), "wall_s": round(time.time() - t0, 1)})
+            log.append({"step": step, "loss": loss.item(), "wall_s": round(trained_s, 1)})
             bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
+        if step % cfg.save_every == 0 and step < cfg.steps:
+            save_state()
     bar.close()
     tower.model.eval()
     report: dict[str, Any] = {"config": resolved, "steps": step, "data": counts, "log": log}
@@ -355,6 +414,7 @@ def train_vision_vqa(cfg: VisionVQAConfig, progress: bool = True) -> VisionVQARe
     report["wall_time_s"] = round(time.time() - t0, 1)
     atomic_write_json(report_path, report)
     atomic_write_text(out / "vision_vqa_report.md", report_markdown(report))
+    state_path.unlink(missing_ok=True)  # the report and tower now stand for the finished run
     return VisionVQAResult(out, tower_dir, report, time.time() - t0)
 
 
