@@ -1,3 +1,4 @@
+import io
 import json
 import shutil
 import tarfile
@@ -258,6 +259,56 @@ def test_a_subfolder_inside_an_article_folder_keeps_the_article_together(tmp_pat
     got = ingest([write_tar(tmp_path / "b" / "p.tar.gz", "PMC1000001", nested)], tmp_path / "o2")
     assert got["figures_written"] == flat["figures_written"] > 0
     assert got["reasons"] == flat["reasons"]
+
+
+def _tiny_article(pmcid: str) -> bytes:
+    return (
+        '<article xmlns:xlink="http://www.w3.org/1999/xlink"><front><article-meta>'
+        f'<article-id pub-id-type="pmc">{pmcid}</article-id></article-meta></front><body><sec>'
+        '<fig id="F1"><label>Figure 1</label><caption><p>Axial CT of the abdomen.</p></caption>'
+        '<graphic xlink:href="fig1"/></fig></sec></body></article>'
+    ).encode()
+
+
+def _png(colour, size=(64, 48)) -> bytes:
+    import io
+
+    buf = io.BytesIO()
+    Image.new("RGB", size, colour).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def test_article_folders_under_a_parent_folder_keep_their_own_images(tmp_path):
+    """bundle/index.xml, then bundle/PMC1/ and bundle/PMC2/, both with a fig1.png: each article
+    gets its own fig1, whichever order the tarball lists them in; a thumbs/ preview named like the
+    figure never replaces it."""
+    red, blue = (200, 0, 0), (0, 0, 200)
+    members = {
+        "bundle/index.xml": b"<index><entry>PMC1</entry></index>",
+        "bundle/PMC1/fig1.png": _png(red),  # read before its article's XML
+        "bundle/PMC1/thumbs/fig1.png": _png((0, 200, 0), (8, 6)),
+        "bundle/PMC1/a.nxml": _tiny_article("PMC1"),
+        "bundle/PMC2/b.nxml": _tiny_article("PMC2"),
+        "bundle/PMC2/thumbs/fig1.png": _png((0, 200, 0), (8, 6)),
+        "bundle/PMC2/fig1.png": _png(blue),
+    }
+    tar = tmp_path / "src" / "bundle.tar.gz"
+    tar.parent.mkdir()
+    with tarfile.open(tar, "w:gz") as tf:
+        for name, data in members.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tf.addfile(info, io.BytesIO(data))
+    report = ingest([tar], tmp_path / "out")
+    recs = {r["pmcid"]: r for r in _records(tmp_path / "out")}
+    assert set(recs) == {"PMC1", "PMC2"} and report["figures_written"] == 2
+    for pmcid, colour in (("PMC1", red), ("PMC2", blue)):
+        with Image.open(tmp_path / "out" / recs[pmcid]["image"]) as im:
+            pixel = im.convert("RGB").getpixel((5, 5))  # written as JPEG: near, not equal
+            assert (
+                im.size == (64, 48)
+                and max(abs(a - b) for a, b in zip(pixel, colour, strict=True)) < 8
+            )
 
 
 def _crash_on_1000002(pkg, opts):

@@ -194,10 +194,47 @@ def _group_articles(
         yield ArticleFiles(name=name, xml=xmls[name], images=images)
 
 
+class _TarGroup:
+    """The article folder being read from a streamed tarball: its XML files and images, with
+    images from its subfolders ("PMC1/thumbs/") kept too. A subfolder that turns out to hold an
+    XML file of its own is another article ("bundle/index.xml" then "bundle/PMC1/a.nxml"): it
+    leaves the group with the images read from it so far, so no article gets another's images."""
+
+    def __init__(self, folder: str | None) -> None:
+        self.folder = folder
+        self.xmls: dict[str, bytes] = {}
+        self.images: dict[str, bytes | Path] = {}
+        self.image_folder: dict[str, str] = {}  # image key -> the folder it came from
+
+    def holds(self, parent: str) -> bool:
+        return self.folder is not None and (
+            parent == self.folder or parent.startswith(f"{self.folder}/")
+        )
+
+    def add_image(self, parent: str, name: str, data: bytes) -> None:
+        key = name.rsplit("/", 1)[-1].lower()
+        # A subfolder's file never replaces one of the same name nearer the article's own
+        # folder (a thumbs/ preview named like the full-size figure).
+        if key in self.images and parent.count("/") > self.image_folder[key].count("/"):
+            return
+        self.images[key] = data
+        self.image_folder[key] = parent
+
+    def split_off(self, folder: str) -> _TarGroup:
+        """The part of this group read from ``folder`` and below, as a group of its own."""
+        sub = _TarGroup(folder)
+        for key, parent in list(self.image_folder.items()):
+            if sub.holds(parent):
+                sub.images[key] = self.images.pop(key)
+                sub.image_folder[key] = self.image_folder.pop(key)
+        return sub
+
+    def articles(self) -> Iterator[ArticleFiles]:
+        return _group_articles(self.xmls, self.images)
+
+
 def _iter_tar(pkg: PackageRef, notes: list[str]) -> Iterator[ArticleFiles]:
-    group_dir: str | None = None
-    xmls: dict[str, bytes] = {}
-    images: dict[str, bytes | Path] = {}
+    group = _TarGroup(None)
     try:
         tf = tarfile.open(pkg.path, mode="r|*")
     except (tarfile.TarError, OSError, EOFError, zlib.error):
@@ -211,26 +248,28 @@ def _iter_tar(pkg: PackageRef, notes: list[str]) -> Iterator[ArticleFiles]:
                 name = member.name
                 parent = name.rsplit("/", 1)[0] if "/" in name else ""
                 ext = _suffix(name)
-                if ext not in XML_SUFFIXES and ext not in IMAGE_SUFFIXES:
+                is_xml = ext in XML_SUFFIXES
+                if not is_xml and ext not in IMAGE_SUFFIXES:
                     continue  # PDFs, videos, supplementary archives: skipped unread
-                # A subfolder of the article's folder ("PMC1/thumbs/") stays in its group; a
-                # sibling folder starts the next article.
-                inside = group_dir is not None and parent.startswith(f"{group_dir}/")
-                if parent != group_dir and not inside:
-                    yield from _group_articles(xmls, images)
-                    xmls, images, group_dir = {}, {}, parent
+                if not group.holds(parent):  # a sibling folder: the next article
+                    yield from group.articles()
+                    group = _TarGroup(parent)
+                elif is_xml and parent != group.folder:  # a subfolder that is an article
+                    sub = group.split_off(parent)
+                    yield from group.articles()
+                    group = sub
                 fh = tf.extractfile(member)
                 data = fh.read() if fh is not None else b""
-                if ext in XML_SUFFIXES:
-                    xmls[name] = data
-                    if len(xmls) >= _FLUSH_XML_WITHOUT_IMAGES and not images:
-                        yield from _group_articles(xmls, images)
-                        xmls = {}
+                if is_xml:
+                    group.xmls[name] = data
+                    if len(group.xmls) >= _FLUSH_XML_WITHOUT_IMAGES and not group.images:
+                        yield from group.articles()
+                        group.xmls = {}
                 else:
-                    images[name.rsplit("/", 1)[-1].lower()] = data
+                    group.add_image(parent, name, data)
     except (tarfile.TarError, OSError, EOFError, zlib.error):
         notes.append("corrupt or truncated tarball")
-    yield from _group_articles(xmls, images)
+    yield from group.articles()
 
 
 def _iter_dir(folder: Path, notes: list[str], only: str | None = None) -> Iterator[ArticleFiles]:
