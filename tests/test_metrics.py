@@ -74,6 +74,8 @@ def test_parse_yes_no():
     assert m.parse_yes_no("Yes, no effusion is seen") == "yes"
     assert m.parse_yes_no("No; yes-no questions aside, there is none") == "no"
     assert m.parse_yes_no("Yes, or no.") is None  # still a hedge
+    assert m.parse_yes_no("**Yes**, no effusion is seen") == "yes"  # markdown around it
+    assert m.parse_yes_no("**Yes** or **no**") is None
 
 
 def test_chinese_answers_are_scored_by_character():
@@ -89,6 +91,20 @@ def test_chinese_answers_are_scored_by_character():
     assert m.strict_closed_hit("不是", "是") == 0.0
     assert m.strict_closed_hit("没有，未见积液。", "否") == 1.0
     assert m.parse_yes_no("是否有积液") is None
+    # Hedges and apologies open like answer words (不, 无, 有, 对) and are no answer.
+    for hedge in (
+        "不确定",
+        "不清楚。",
+        "无法判断",
+        "对不起，我无法回答",
+        "有可能",
+        "是不是积液",
+        "不能确定",
+    ):
+        assert m.parse_yes_no(hedge) is None, hedge
+        assert m.strict_closed_hit(hedge, "否") == 0.0 and m.strict_closed_hit(hedge, "是") == 0.0
+    assert m.parse_yes_no("不对") == "no" and m.parse_yes_no("对，可见积液") == "yes"
+    assert m.parse_yes_no("无，未见异常") == "no" and m.parse_yes_no("有，右肺") == "yes"
     assert m.score_sample("不是", "是", "closed")["closed_unparsed"] == 0.0
     # English is untouched: whitespace tokens, as LLaVA-Med's metric.
     assert m.llava_med_open_recall("left left", "left lung") == pytest.approx(2 / 3)

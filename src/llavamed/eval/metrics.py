@@ -281,7 +281,8 @@ def parse_yes_no(prediction: str) -> str | None:
     prediction must contain exactly one of the two words; both or neither is ambiguous (None). A
     yes/no right after "not" ("not yes") is no answer either. Substrings never count: "normal"
     is not "no". Chinese (Han) text is read by its opening: 是/有/对 yes; 不是/否/没有/无/不 no;
-    是否... (a restated question) None."""
+    a restated question (是否, 是不是, 有没有), a hedge (不确定, 无法, 有可能, ...) or an apology
+    (对不起) is None."""
     if re.search(f"[{_HAN}]", prediction):
         return _parse_zh_yes_no(normalize_strict(prediction).replace(" ", ""))
     toks = _tokens(normalize_strict(prediction))
@@ -292,7 +293,7 @@ def parse_yes_no(prediction: str) -> str | None:
         other = _YES_NO[first]
         if toks[1:2] in (["and"], ["or"]) and toks[2:3] == [other]:
             return None  # "yes or no", "Yes, or no"
-        if re.match(r"\W*(?:yes|no)\s*[,;:.!]", prediction, re.I):
+        if re.match(r"\W*(?:yes|no)\W*?[,;:.!]", prediction, re.I):
             return first  # closed by punctuation: "Yes, no effusion is seen"
         if toks[1:2] == [other]:
             return None  # "yes/no", "No-yes"
@@ -307,10 +308,17 @@ _YES_NO = {"yes": "no", "no": "yes"}
 _ZH_ANSWER = {"是": "yes", "否": "no"}
 _ZH_NO_OPENINGS = ("不是", "否", "没有", "无", "不")
 _ZH_YES_OPENINGS = ("是", "有", "对")
+# Openings that begin like an answer word but are no answer: a restated question ("whether",
+# "is it or not", "is there or not"), a hedge ("not sure", "unclear", "don't know", "cannot",
+# "unable to", "not necessarily", "possibly") or an apology ("sorry, I cannot answer").
+_ZH_NO_ANSWER = (
+    "是否", "是不是", "有没有", "有无", "不确定", "不清楚", "不知道", "不能", "不好说", "不一定",
+    "无法", "有可能", "对不起",
+)  # fmt: skip
 
 
 def _parse_zh_yes_no(text: str) -> str | None:
-    if text.startswith("是否"):  # "whether": a restated question, no answer
+    if text.startswith(_ZH_NO_ANSWER):
         return None
     if text.startswith(_ZH_NO_OPENINGS):
         return "no"
