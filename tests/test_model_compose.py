@@ -134,6 +134,24 @@ def test_generation_config_stops_at_the_templates_end_of_turn(tmp_path):
     eos = json.loads((out / "generation_config.json").read_text())["eos_token_id"]
     assert eos == [tok.eos_token_id, im_end]
 
+    # Composed for vicuna (turns end with the eos), then retrained with model.template=chatml:
+    # the template override must bring <|im_end|> into the stop ids as composition does.
+    from llavamed.model.compose import set_chat_template
+    from llavamed.model.templates import get_template
+
+    vicuna = init_checkpoint(
+        tmp_path / "v", ModelSpec(lm=str(tmp_path / "lm"), vision="tiny", template="vicuna_v1")
+    )
+    model, proc = load_llava(vicuna)
+    assert model.generation_config.eos_token_id == tok.eos_token_id
+    set_chat_template(proc, get_template("chatml"), model.generation_config)
+    assert model.generation_config.eos_token_id == [tok.eos_token_id, im_end]
+    # an end-of-turn token the vocabulary lacks never becomes the unk id
+    from llavamed.model.processing import known_token_id
+
+    assert known_token_id(proc.tokenizer, "<|no_such_token|>") is None
+    assert known_token_id(proc.tokenizer, "<|im_end|>") == im_end
+
 
 def test_image_changes_logits(tiny_llava_dir):
     model, processor = load_llava(tiny_llava_dir)

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from llavamed.errors import ConfigError, InputError, first_line
-from llavamed.model.processing import llava_image_processor, template_eos
+from llavamed.model.processing import known_token_id, llava_image_processor, template_eos
 from llavamed.model.templates import IMAGE_PLACEHOLDER, get_template
 
 CHECKPOINT_META = "llavamed.json"
@@ -260,13 +260,9 @@ def build(spec: ModelSpec):
     if vision.state_dict is not None:
         model.model.vision_tower.load_state_dict(vision.state_dict, strict=True)
     model.generation_config.pad_token_id = tok.pad_token_id
-    # Every id that ends a reply: the LM's own list, the tokenizer's eos, and the template's
-    # end-of-turn marker (a chatml model whose eos is <|endoftext|> ends turns with <|im_end|>;
-    # transformers' generate and vLLM stop only on what generation_config.json lists).
+    # The LM's own stop ids and the tokenizer's eos; set_chat_template adds the template's.
     model.generation_config.eos_token_id = _stop_ids(
-        lm.generation_config.eos_token_id,
-        tok.eos_token_id,
-        tok.convert_tokens_to_ids(template_eos(template, tok)),
+        lm.generation_config.eos_token_id, tok.eos_token_id
     )
     model.generation_config.bos_token_id = tok.bos_token_id
 
@@ -283,7 +279,7 @@ def build(spec: ModelSpec):
         image_token=IMAGE_PLACEHOLDER,
         num_additional_image_tokens=1 if vision.has_cls else 0,
     )
-    set_chat_template(processor, template)
+    set_chat_template(processor, template, model.generation_config)
     return model, processor
 
 
@@ -298,15 +294,24 @@ def _stop_ids(*groups) -> int | list[int] | None:
     return ids[0] if len(ids) == 1 else ids
 
 
-def set_chat_template(processor, template) -> None:
+def set_chat_template(processor, template, generation_config=None) -> None:
     """Make ``processor`` prompt with ``template``: the chat template that eval, serve and chat
     render (saved with the checkpoint) and whether its tokenizer adds BOS. Training renders with
     the template too, so the two must change together or a model is served in another format
-    than it was trained in."""
+    than it was trained in.
+
+    With the model's ``generation_config``, the template's end-of-turn token joins its stop ids
+    too: a chatml model whose eos is <|endoftext|> ends turns with <|im_end|>, and transformers'
+    generate and vLLM stop only on what generation_config.json lists."""
     tok = processor.tokenizer
-    processor.chat_template = template.jinja(eos=template_eos(template, tok))
+    eos = template_eos(template, tok)
+    processor.chat_template = template.jinja(eos=eos)
     tok.chat_template = processor.chat_template
     _set_bos_policy(tok, template.add_bos)
+    if generation_config is not None:
+        generation_config.eos_token_id = _stop_ids(
+            generation_config.eos_token_id, known_token_id(tok, eos)
+        )
 
 
 def _set_bos_policy(tok, add_bos: bool) -> None:

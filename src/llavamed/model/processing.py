@@ -34,6 +34,19 @@ def template_eos(template: ChatTemplate, tokenizer) -> str:
     return "<|im_end|>" if template.name == "chatml" else tokenizer.eos_token
 
 
+def known_token_id(tokenizer, token: str | None) -> int | None:
+    """``token``'s id when the vocabulary has it; None otherwise (``convert_tokens_to_ids``
+    answers an unknown token with the unk id, which must never become a stop id)."""
+    if not token:
+        return None
+    tid = tokenizer.convert_tokens_to_ids(token)
+    if not isinstance(tid, int) or tid < 0:
+        return None
+    if tid == tokenizer.unk_token_id and token != tokenizer.unk_token:
+        return None
+    return tid
+
+
 def llava_image_processor(image_size: int, mean, std, *, pad: bool):
     """The image geometry of every stage that feeds the tower: ``pad`` (LLaVA's default: pad to
     square with the mean colour, then resize) or crop (resize the short side, centre-crop).

@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from llavamed.errors import InputError, LlavamedError
+from llavamed.model.processing import known_token_id
 from llavamed.utils.precision import model_dtype
 
 log = logging.getLogger(__name__)
@@ -395,8 +396,8 @@ class Engine:
             ids.update(int(e) for e in eos)
         # chatml turns end with <|im_end|> even where the tokenizer's eos is something else.
         for t in ("<|im_end|>", "<|eot_id|>", "<end_of_turn>"):
-            tid = tok.convert_tokens_to_ids(t)
-            if isinstance(tid, int) and tid != tok.unk_token_id and tid >= 0:
+            tid = known_token_id(tok, t)
+            if tid is not None:
                 ids.add(tid)
         return ids
 

@@ -178,7 +178,7 @@ def build_model(cfg: TrainConfig):
     if spec is not None and spec.template != template:
         spec = dataclasses.replace(spec, template=template)
     if cfg.model.template is not None:  # the saved processor must prompt as training does
-        set_chat_template(processor, get_template(template))
+        set_chat_template(processor, get_template(template), model.generation_config)
     try:
         model.set_attn_implementation(attn)
     except (ValueError, ImportError) as exc:
