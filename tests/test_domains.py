@@ -60,6 +60,9 @@ def test_tricky_captions(caption, expected):
         # "hpf" = hours post fertilization (zebrafish), not a high-power field
         ("Lateral view of zebrafish embryos at 48 hpf showing vascular development.", set()),
         ("Whole-mount in situ hybridization of 24 hpf embryos.", set()),
+        ("Embryos at 3 dpf/72 hpf.", set()),
+        ("Mitoses 12/10 hpf, eosinophils/hpf counted; H&E.", {"histology"}),
+        ("Up to 40 eosinophils/hpf.", {"histology"}),
         # micrographs from electron, confocal or fluorescence microscopes are not histology
         ("TEM micrographs of the nanoparticles.", set()),
         ("SEM micrograph of the scaffold.", set()),
@@ -72,6 +75,9 @@ def test_tricky_captions(caption, expected):
         ("Micrographs of biofilm on the implant obtained using SEM.", set()),
         ("Photomicrographs of stained spheroids under a confocal microscope.", set()),
         ("Photomicrograph of the tumour stained with H&E, x400.", {"histology"}),
+        # the microscope acronyms are capitals: "stem" is a word, not STEM
+        ("Brain stem photomicrograph showing gliosis.", {"histology"}),
+        ("Photomicrograph of the scaffold seeded with stem cells.", {"histology"}),
         # "confocal" stays visible to the anti cues, so weak histology cues do not add up
         ("Confocal micrographs of kidney sections stained with anti-nephrin; scale bar.", set()),
         # a negated X-ray word does not make the chest X-ray pair

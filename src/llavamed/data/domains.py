@@ -13,7 +13,8 @@ stains and magnifications ("H&E", "PAS", "×400"), views and anatomy. Rules, in 
 2. A *strong* cue labels its domain unless a negation governs it directly ("No CT was performed",
    "MRI was not available"). Negations of findings ("no evidence of pneumothorax on the chest
    radiograph") leave the modality standing. "HPF" (high-power field) is a strong histology cue
-   in capitals or after "per"/"cells/"; a lower-case "48 hpf" (hours post fertilization) is not.
+   in capitals or after "per"/"cells/"; a lower-case "48 hpf" or "3 dpf/72 hpf" (hours post
+   fertilization) is not.
 3. *Weak* cues ("axial", "magnification", "stained", "resected specimen") label a domain only
    when two or more agree, no other domain has a strong cue, and none of the domain's *anti* cues
    ("immunofluorescence", "cell line") is present.
