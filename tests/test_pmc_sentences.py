@@ -72,6 +72,8 @@ def test_citation_ranges_and_lists():
     assert trailing_numbers(", 3 out of 10") == []
     assert trailing_numbers("; 12% of cases") == []
     assert trailing_numbers(", 24 patients") == []
+    assert trailing_numbers(", 5mg/kg") == [] and trailing_numbers(", 10min later") == []
+    assert trailing_numbers(", 3B and 4") == [3, 4]
     assert trailing_numbers(", 3 and 4 show") == [3, 4]
     assert is_range_gap("\u2013") and is_range_gap(" to ") and not is_range_gap(", ")
 

@@ -82,8 +82,10 @@ _NUM = r"(?<![A-Za-z])(\d{1,3})[A-Za-z]?(?:\s*\([A-Za-z](?:[,\u2013-][A-Za-z])*\
 _NUMBER = re.compile(_NUM)
 # A range written inside one citation's text: "2–4", "Figures 2 to 4", "2A–4C".
 _RANGE_IN = re.compile(rf"{_NUM}\s*{_DASH}\s*(?:Fig(?:ure)?s?\.?\s*)?{_NUM}")
-# A number that counts something is not a figure: "(Fig. 1), 3 of the 10 patients", ", 12%".
+# A number that counts or measures something is not a figure: "Fig. 1, 3 of the 10 patients",
+# ", 12%", ", 5mg/kg" (a unit glued on: letters after the panel letter).
 _COUNTED = (
+    r"(?![A-Za-z])"
     r"(?!\d|\s*(?:%|(?:of|out|patients?|cases?|subjects?|participants?|samples?|mice|rats?|"
     r"animals?|cells?|lesions?|times|fold|days?|weeks?|months?|years?|hours?|h|min|mg|ml|mm|"
     r"cm)\b))"
