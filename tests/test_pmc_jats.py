@@ -224,12 +224,30 @@ def test_fig_group_members_labelled_by_panel_take_the_group_number():
     xml = (
         '<article xmlns:xlink="http://www.w3.org/1999/xlink"><body><sec><p>Nodules '
         '(<xref ref-type="fig" rid="F1">Fig. 1</xref>, 3) and follow-up '
-        f'(<xref ref-type="fig" rid="G2">Fig. 2</xref>).</p>{figures}</sec></body></article>'
+        f'(<xref ref-type="fig" rid="G2">Fig. 2</xref>). Both series agree '
+        f'(<xref ref-type="fig" rid="F1">Figs. 1\u20132</xref>).</p>{figures}</sec></body></article>'
     )
     a = parse_article(xml.encode(), "g.nxml")
     figs = {f.fig_id: f for f in a.figures}
     assert (figs["F2A"].label, figs["F2B"].label) == ("Figure 2A", "Figure 2B")
     assert figs["F2A"].number == figs["F2B"].number == 2
     # "Fig. 1, 3" names Figure 3, not panel B (the third figure in reading order)
-    assert "F2B" in a.mentions and a.mentions["F3"] == a.mentions["F1"]
-    assert a.mentions["F2B"] == ["Nodules (Fig. 1, 3) and follow-up (Fig. 2)."]
+    assert "F2B" in a.mentions
+    both = "Both series agree (Figs. 1\u20132)."
+    assert a.mentions["F2B"] == ["Nodules (Fig. 1, 3) and follow-up (Fig. 2).", both]
+    assert a.mentions["F2A"] == a.mentions["F2B"]  # a number names every panel that has it
+    assert a.mentions["F3"] == ["Nodules (Fig. 1, 3) and follow-up (Fig. 2)."]
+
+
+def test_a_citation_linked_to_a_main_figure_without_image_still_names_the_others():
+    figures = "".join(
+        f'<fig id="F{i}"><label>Figure {i}</label><caption><p>Cap {i}.</p></caption>'
+        + ("" if i == 2 else f'<graphic xlink:href="g{i}"/>')
+        + "</fig>"
+        for i in (1, 2, 3, 4)
+    )
+    m = _with_figures(
+        '<p>Serial scans (<xref ref-type="fig" rid="F2">Figs. 2\u20134</xref>).</p>',
+        figures=figures,
+    )
+    assert m == {"F3": ["Serial scans (Figs. 2\u20134)."], "F4": ["Serial scans (Figs. 2\u20134)."]}

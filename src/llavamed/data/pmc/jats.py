@@ -60,6 +60,7 @@ _SUPPL_LABEL = re.compile(
     re.I,
 )
 _TABLE_LABEL = re.compile(r"^\s*table\b", re.I)
+_UNPAIRED_MAIN = frozenset({"no graphic", "no caption"})
 _WS = re.compile(r"\s+")
 
 
@@ -422,17 +423,19 @@ def _mentions(
     if not main:
         return {}
     known = {f.fig_id for f in main}
-    by_number: dict[int, str] = {}
+    # Main figures left out for want of an image or caption are still numbered in the text.
+    main_like = known | {f.fig_id for f in figures if f.skip_reason in _UNPAIRED_MAIN}
+    by_number: dict[int, list[str]] = {}  # several for a fig-group's panels ("Figure 2A", "2B")
     number_of: dict[str, int] = {}
     for f in main:
         if f.number is not None:
-            by_number.setdefault(f.number, f.fig_id)
+            by_number.setdefault(f.number, []).append(f.fig_id)
             number_of[f.fig_id] = f.number
     out: dict[str, list[str]] = {}
     seen: dict[str, set[str]] = {}
 
     def cited_numbers(numbers: list[int]) -> list[str]:
-        return [by_number[n] for n in numbers if n in by_number]
+        return [x for n in numbers for x in by_number.get(n, [])]
 
     for body in article.iter("body"):
         for p in body.iter("p"):
@@ -454,12 +457,12 @@ def _mentions(
                     ids: list[str] = []
                     for rid in ref.rids:
                         ids.extend(group_members.get(rid, [rid]))
-                    ids = [x for x in ids if x in known]
-                    if ref.rids and not ids:
+                    if ref.rids and not any(x in main_like for x in ids):
                         # It links to something else: a figure supplement ("Figure 4-figure
                         # supplement 1"), "Supplementary Figs. 1-3", a table. Its numbers are
                         # not main figures' numbers.
                         continue
+                    ids = [x for x in ids if x in known]
                     own_numbers = numbers_in_citation(ref.text)
                     if len(own_numbers) > 1:  # "Figs. 2–4" inside one xref
                         ids.extend(cited_numbers(own_numbers))
