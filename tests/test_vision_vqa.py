@@ -236,6 +236,9 @@ def test_a_killed_run_resumes_from_its_last_state_to_the_same_tower(tmp_path, mo
     b = CLIPVisionModel.from_pretrained(resumed.tower_dir).state_dict()
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert not (out / STATE_FILE).exists()  # finished: the report stands for the run
+    # Finished: a setting that changes nothing computed (logging) does not retrain it.
+    again = run_from_config(_cfg(data, out, **kw | {"log_every": 3}), progress=False)
+    assert again.wall_time_s == 0.0
 
     # Killed again, then restarted with another recipe: the old state is not used.
     monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", dies_at_step_8)
@@ -248,3 +251,16 @@ def test_a_killed_run_resumes_from_its_last_state_to_the_same_tower(tmp_path, mo
     fresh = run_from_config(_cfg(data, other, **kw | {"lr": 1e-3}), progress=False)
     assert "other settings (lr)" in capsys.readouterr().err
     assert fresh.report["steps"] == 12
+
+    # Killed, then the VQA file changes under the same path: the state belongs to other data.
+    data2 = make_vqa_rad(tmp_path / "rad2", 48)
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", dies_at_step_8)
+    calls[0] = 0
+    with pytest.raises(KeyboardInterrupt):
+        run_from_config(_cfg(data2, tmp_path / "o3", **kw), progress=False)
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", real_clip)
+    questions = data2 / "VQA_RAD Dataset Public.json"
+    questions.write_text(json.dumps(json.loads(questions.read_text())[:-12]))
+    capsys.readouterr()
+    run_from_config(_cfg(data2, tmp_path / "o3", **kw), progress=False)
+    assert "other settings (the VQA data)" in capsys.readouterr().err

@@ -26,6 +26,7 @@ are counted by the VQA loaders; unreadable images are counted and skipped here.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import sys
@@ -283,9 +284,13 @@ def train_vision_vqa(cfg: VisionVQAConfig, progress: bool = True) -> VisionVQARe
     out = Path(cfg.output_dir)
     tower_dir, report_path = out / "vision_tower", out / REPORT
     resolved = asdict(cfg)
+
+    def recipe_changes(old_config: dict) -> list[str]:
+        return [k for k in diff(old_config, resolved) if k not in RESUMABLE_CHANGES]
+
     if report_path.exists() and (tower_dir / "config.json").exists():
         old = json.loads(report_path.read_text())
-        if old.get("config") == resolved:  # finished with the identical recipe
+        if not recipe_changes(old.get("config", {})):  # finished with the same recipe
             return VisionVQAResult(out, tower_dir, old, 0.0)
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(cfg.seed)
@@ -318,9 +323,13 @@ def train_vision_vqa(cfg: VisionVQAConfig, progress: bool = True) -> VisionVQARe
     log: list[dict] = []
     step, trained_s = 0, 0.0
     state_path = out / STATE_FILE
+    # The same recipe on other questions or images (the VQA files changed) is another run.
+    data_key = hashlib.sha1(json.dumps([table.questions, table.labels]).encode()).hexdigest()
     if state_path.exists():
         state = torch.load(state_path, weights_only=False)
-        changed = [k for k in diff(state["config"], resolved) if k not in RESUMABLE_CHANGES]
+        changed = recipe_changes(state["config"])
+        if state.get("data") != data_key:
+            changed.append("the VQA data")
         if not changed:
             # Strict loads: the state was written by this recipe, so every key must match.
             tower.model.load_state_dict(state["tower"])
@@ -342,6 +351,7 @@ def train_vision_vqa(cfg: VisionVQAConfig, progress: bool = True) -> VisionVQARe
             torch.save(
                 {
                     "config": resolved,
+                    "data": data_key,
                     "tower": tower.model.state_dict(),
                     "head": head.state_dict(),
                     "optimizer": opt.state_dict(),
