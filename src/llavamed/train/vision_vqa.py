@@ -285,12 +285,13 @@ def train_vision_vqa(cfg: VisionVQAConfig, progress: bool = True) -> VisionVQARe
     tower_dir, report_path = out / "vision_tower", out / REPORT
     resolved = asdict(cfg)
 
-    def recipe_changes(old_config: dict) -> list[str]:
-        return [k for k in diff(old_config, resolved) if k not in RESUMABLE_CHANGES]
+    def recipe_changes(old_config: dict, may_change=RESUMABLE_CHANGES) -> list[str]:
+        return [k for k in diff(old_config, resolved) if k not in may_change]
 
     if report_path.exists() and (tower_dir / "config.json").exists():
         old = json.loads(report_path.read_text())
-        if not recipe_changes(old.get("config", {})):  # finished with the same recipe
+        # Finished with the same recipe (another time budget may mean more steps: run again).
+        if not recipe_changes(old.get("config", {}), {"log_every", "save_every"}):
             return VisionVQAResult(out, tower_dir, old, 0.0)
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(cfg.seed)
