@@ -237,7 +237,9 @@ def test_a_killed_run_resumes_from_its_last_state_to_the_same_tower(tmp_path, mo
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert not (out / STATE_FILE).exists()  # finished: the report stands for the run
     # Finished: a setting that changes nothing computed (logging) does not retrain it.
-    again = run_from_config(_cfg(data, out, **kw | {"log_every": 3}), progress=False)
+    again = run_from_config(
+        _cfg(data, out, **kw | {"log_every": 3, "time_budget_min": 60}), progress=False
+    )
     assert again.wall_time_s == 0.0
 
     # Killed again, then restarted with another recipe: the old state is not used.
