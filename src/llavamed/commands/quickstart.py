@@ -33,10 +33,10 @@ def register(sub) -> None:
         choices=["tiny", "small", "medium"],
         help="small: 42 min on 2 Zen 3 AVX2 cores (medsynth-1.1) and 1 h 44-50 min on 2 Zen 1 "
         "cores (medsynth-1.0; fp32, both measured from a fresh clone with set-up), ~18 min on 2 "
-        "cores with bf16 arithmetic (AMX; estimated), 85.6-89.9%% strict closed accuracy; medium: the same recipe on twice the "
-        "VQA images for longer, ~1 h 50 min on 2 AVX2 cores (measured), 87.1%% strict closed on "
-        "the whole test split; tiny: a few-minute smoke run "
-        "of every stage that learns little",
+        "cores with bf16 arithmetic (AMX; estimated), 85.6-89.9%% strict closed accuracy; "
+        "medium: the same recipe on twice the VQA images for longer, ~1 h 50 min on 2 AVX2 "
+        "cores (measured), 87.1%% strict closed on the whole test split; tiny: a few-minute "
+        "smoke run of every stage that learns little",
     )
     p.add_argument("--seed", type=int, default=0, help="seed for data and training")
     p.add_argument("--workers", type=int, default=2, help="processes for data generation/ingestion")
