@@ -98,6 +98,7 @@ class FakeGen:
 
     max_new_tokens = 8
     model_id = "fake"
+    model_fingerprint = "0123"
 
     def __init__(self):
         self.calls = 0
@@ -132,6 +133,45 @@ def test_generate_answers_resume_shards_and_settings(tmp_path):
     # closed suffix changes prompts -> refuse to mix with old answers
     with pytest.raises(InputError, match="different settings"):
         R.generate_answers(g, s, tmp_path, options=R.RunOptions(closed_suffix=True), progress=False)
+
+
+def test_answers_of_another_model_or_seed_are_never_resumed(tmp_path):
+    s = _samples(4)
+    g = FakeGen()
+    R.generate_answers(g, s, tmp_path, progress=False)
+    other = FakeGen()
+    other.model_fingerprint = "4567"  # another checkpoint-final, same name
+    with pytest.raises(InputError, match="model='0123' there, '4567' now"):
+        R.generate_answers(other, s + _samples(6)[4:], tmp_path, progress=False)
+    # Shard files are separate runs: a later record's settings are checked too.
+    shard = tmp_path / "answers.shard1-of-2.jsonl"
+    rec = next(iter_jsonl(tmp_path / "answers.jsonl"))
+    rec = rec | {"question_id": "q9", "metadata": rec["metadata"] | {"closed_suffix": True}}
+    shard.write_text(json.dumps(rec) + "\n")
+    with pytest.raises(InputError, match="closed_suffix=True there"):
+        R.generate_answers(g, s, tmp_path, progress=False)
+    shard.unlink()
+    # Noise images depend on the seed.
+    R.generate_answers(g, s, tmp_path, "noise", options=R.RunOptions(seed=1), progress=False)
+    with pytest.raises(InputError, match="seed=1 there, 2 now"):
+        R.generate_answers(
+            g, _samples(6), tmp_path, "noise", options=R.RunOptions(seed=2), progress=False
+        )
+
+
+def test_checkpoint_fingerprint_follows_the_weights_not_the_name(tmp_path, tiny_llava_dir):
+    import shutil
+
+    from llavamed.model.checkpoint import checkpoint_fingerprint
+    from llavamed.model.compose import ModelSpec, init_checkpoint
+
+    copy = shutil.copytree(tiny_llava_dir, tmp_path / "a" / "checkpoint-final")
+    assert checkpoint_fingerprint(copy) == checkpoint_fingerprint(tiny_llava_dir)
+    other = init_checkpoint(
+        tmp_path / "b" / "checkpoint-final",
+        ModelSpec(lm="tiny", vision="tiny", template="chatml", seed=1),
+    )
+    assert checkpoint_fingerprint(other) != checkpoint_fingerprint(copy)
 
 
 def test_closed_suffix_and_bad_images(tmp_path):

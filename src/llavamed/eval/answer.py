@@ -55,19 +55,6 @@ def load_questions(path: str | os.PathLike) -> tuple[list[dict], Counter]:
     return good, bad
 
 
-def _check_same_run(existing: list[dict], model_id: str, max_new_tokens: int, out, log) -> None:
-    """Resuming appends to another model's (or another length limit's) answers only by mistake:
-    `eval judge` would then score a mix under one name."""
-    for rec in existing[:1]:  # every record of a file is written with the same settings
-        old = (rec.get("model_id"), (rec.get("metadata") or {}).get("max_new_tokens"))
-        if old != (model_id, max_new_tokens):
-            log.close()
-            raise InputError(
-                out,
-                "answers written with different settings",
-                f"model_id, max_new_tokens = {old[0]!r}, {old[1]!r} there, {model_id!r}, "
-                f"{max_new_tokens!r} now; use another --out",
-            )
 
 
 def answer_questions(
@@ -93,7 +80,13 @@ def answer_questions(
     (``bad``: invalid question records per reason; ``skipped``: unreadable images per reason)."""
     from tqdm import tqdm
 
-    from llavamed.eval.vqa_runner import VQAGenerator, answer_items, model_id_for
+    from llavamed.eval.vqa_runner import (
+        VQAGenerator,
+        answer_items,
+        check_same_settings,
+        model_fingerprint_for,
+        model_id_for,
+    )
     from llavamed.images import load_image
 
     questions, bad = load_questions(questions_path)
@@ -105,7 +98,20 @@ def answer_questions(
     out_path = Path(out_path)
     log = JsonlAppender(out_path)
     existing = list(log.existing())
-    _check_same_run(existing, model_id_for(model_dir, model), max_new_tokens, out_path, log)
+    # Resuming appends to another model's (or another length limit's) answers only by mistake:
+    # `eval judge` would then score a mix under one name.
+    settings = {
+        "model_id": model_id_for(model_dir, model),
+        "model": model_fingerprint_for(model_dir),
+        "max_new_tokens": max_new_tokens,
+    }
+    for rec in existing:  # the model id sits beside the metadata in these records
+        rec = {"metadata": {**(rec.get("metadata") or {}), "model_id": rec.get("model_id")}}
+        try:
+            check_same_settings([rec], settings, out_path)
+        except InputError:
+            log.close()
+            raise
     done = {str(r.get("question_id")) for r in existing}
     todo = [q for q in questions if str(q["question_id"]) not in done]
     skipped: Counter = Counter()
@@ -150,6 +156,7 @@ def answer_questions(
                         "metadata": {
                             "decoding": "greedy",
                             "max_new_tokens": max_new_tokens,
+                            "model": settings["model"],
                             "type": q.get("type"),
                         },
                     }

@@ -233,6 +233,7 @@ class VQAGenerator:
             tok.pad_token = tok.eos_token
         self.pad_token_id = tok.pad_token_id
         self.model_id = model_id_for(model_dir, model)
+        self.model_fingerprint = model_fingerprint_for(model_dir)
         self._engine = None
 
     def prompt(self, question: str) -> str:
@@ -428,17 +429,32 @@ def model_id_for(model_dir: str | Path | None, model: Any = None) -> str:
     return Path(model_dir).name if model_dir is not None else type(model).__name__
 
 
-def _check_settings(existing: dict[str, dict], meta: dict, where: Path) -> None:
-    for rec in existing.values():
+def model_fingerprint_for(model_dir: str | Path | None) -> str | None:
+    """The checkpoint's content id (None for a model given in memory): every run's model is a
+    ``checkpoint-final``, so the name alone cannot tell two models' answers apart."""
+    from llavamed.model.checkpoint import checkpoint_fingerprint
+
+    return checkpoint_fingerprint(model_dir) if model_dir is not None else None
+
+
+RESUME_KEYS = ("closed_suffix", "max_new_tokens", "condition", "model_id", "model", "seed")
+"""Answer settings a resumed run must share with the answers already written."""
+
+
+def check_same_settings(records, meta: dict, where: Path) -> None:
+    """Refuse to add answers to ones written with other settings (another model, suffix, length
+    limit, noise seed): the report would score the mix under one name. Every record is checked:
+    shard files are written by separate runs. Keys a record lacks (older files) are not
+    compared, nor keys ``meta`` leaves unset."""
+    for rec in records:
         old = rec.get("metadata") or {}
-        for key in ("closed_suffix", "max_new_tokens", "condition", "model_id"):
-            if key in old and old[key] != meta[key]:
+        for key in RESUME_KEYS:
+            if key in old and meta.get(key) is not None and old[key] != meta[key]:
                 raise InputError(
                     where,
                     "answers written with different settings",
                     f"{key}={old[key]!r} there, {meta[key]!r} now; use another --out",
                 )
-        return  # one record suffices: every record of a file is written with the same settings
 
 
 def _question_text(s: VQASample, closed_suffix: bool) -> str:
@@ -474,10 +490,13 @@ def generate_answers(
         "closed_suffix": opts.closed_suffix,
         "max_new_tokens": generator.max_new_tokens,
         "model_id": generator.model_id,
+        "model": generator.model_fingerprint,
         "decoding": "greedy",
     }
+    if condition in ("noise", "shuffle"):  # their images depend on the seed
+        meta_base["seed"] = opts.seed
     existing = read_answers(out_dir, condition)
-    _check_settings(existing, meta_base, out_dir)
+    check_same_settings(existing.values(), meta_base, out_dir)
     todo = [s for s in samples if s.qid not in existing]
     n_resumed = len(samples) - len(todo)
     skipped: Counter = Counter()

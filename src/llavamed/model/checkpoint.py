@@ -33,6 +33,29 @@ def checkpoint_name(path: str | Path) -> str:
     return p.resolve().parent.name if p.name == FINAL else p.name
 
 
+_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt")
+
+
+def checkpoint_fingerprint(path: str | Path) -> str:
+    """A short id of a checkpoint's content: its config and, per weights file, the name, size and
+    the first and last MiB. Two checkpoints both named ``checkpoint-final`` (or one retrained in
+    place) differ here, so answers written by one are never resumed as the other's; a copy of a
+    checkpoint keeps it. Reads at most 2 MiB per weights file."""
+    import hashlib
+
+    p = resolve_checkpoint(path)
+    h = hashlib.sha1((p / "config.json").read_bytes())
+    for f in sorted(x for x in p.iterdir() if x.suffix in _WEIGHT_SUFFIXES and x.is_file()):
+        size = f.stat().st_size
+        h.update(f"{f.name}:{size}".encode())
+        with f.open("rb") as fh:
+            h.update(fh.read(1 << 20))
+            if size > 2 << 20:
+                fh.seek(-(1 << 20), 2)
+                h.update(fh.read(1 << 20))
+    return h.hexdigest()[:16]
+
+
 def read_meta(path: str | Path) -> dict:
     p = Path(path) / CHECKPOINT_META
     return json.loads(p.read_text()) if p.exists() else {}
