@@ -229,6 +229,17 @@ def test_judge_run_hand_computed(stub, tmp_path):
     # Re-run: resumes from the log, no request.
     report2, _ = run_judge(opts)
     assert stub.count == 9 and report2["relative_score"] == rs
+    # One answer regenerated (another model wrote answers.jsonl again): its judgement is stale
+    # and asked again; the others are reused.
+    lines = opts.answers.read_text().splitlines()
+    first = json.loads(lines[0])
+    lines[0] = json.dumps(first | {"text": first["text"] + " and more"})
+    opts.answers.write_text("\n".join(lines) + "\n")
+    report3, _ = run_judge(opts)
+    assert stub.count == 10
+    log = [json.loads(line) for line in opts.out.read_text().splitlines()]
+    assert [e["question_id"] for e in log].count(first["question_id"]) == 2
+    assert report3["relative_score"]["overall"]["n"] == 5
 
 
 def _one_at_a_time(opts):

@@ -260,6 +260,13 @@ def _fingerprint(opts: JudgeOptions, prompts: JudgePrompts) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
+def _pair_key(q: dict, answer: str, prompts: JudgePrompts) -> str:
+    """What one judgement judged: the judge's messages (question, context, both answers). A
+    judgement is reused only for the same pair; one for an answer since regenerated is not."""
+    msgs = build_judge_messages(q, q["gpt4_answer"], answer, prompts)
+    return hashlib.sha256(json.dumps(msgs, sort_keys=True).encode()).hexdigest()[:16]
+
+
 async def _judge_all(opts, prompts, jobs, appender, fp, bar) -> dict:
     async with LLMClient(opts.client, seed=opts.seed) as client:
 
@@ -296,6 +303,7 @@ async def _judge_all(opts, prompts, jobs, appender, fp, bar) -> dict:
                     "question_id": q["question_id"],
                     "order": order,
                     "fp": fp,
+                    "pair": _pair_key(q, answer, prompts),
                     "type": q.get("type") or "unknown",
                     "domain": primary_domain(q.get("domain")),
                     "scores": list(scores) if scores else None,
@@ -322,15 +330,27 @@ def run_judge(opts: JudgeOptions) -> tuple[dict, int]:
         raise InputError(opts.answers, "no answers match the questions by question_id")
     fp = _fingerprint(opts, prompts)
     orders = (NORMAL, SWAPPED) if opts.swap else (NORMAL,)
+    current = {str(q["question_id"]): _pair_key(q, a, prompts) for q, a in pairs}
+
+    def judged(entries) -> dict[tuple[str, str], dict]:
+        """Judgements of the current pairs (one for an answer regenerated since is stale; the
+        newest of several counts). Records from before pair keys existed count as current."""
+        out: dict[tuple[str, str], dict] = {}
+        for e in entries:
+            qid = str(e["question_id"])
+            if e.get("pair", current.get(qid)) == current.get(qid):
+                out[(qid, e["order"])] = e
+        return out
+
     with JsonlAppender(opts.out, fsync=True) as appender:
-        done: dict[tuple[str, str], dict] = {}
-        for e in appender.existing():
+        existing = list(appender.existing())
+        for e in existing:
             if e.get("fp") != fp:
                 raise LlavamedError(
                     f"{opts.out}: written by a judge run with other settings (model, prompts, "
                     "temperature or seed); use another --out or delete it"
                 )
-            done.setdefault((str(e["question_id"]), e["order"]), e)
+        done = judged(existing)
         jobs = [
             (q, a, o) for q, a in pairs for o in orders if (str(q["question_id"]), o) not in done
         ]
@@ -348,8 +368,7 @@ def run_judge(opts: JudgeOptions) -> tuple[dict, int]:
         finally:
             if bar is not None:
                 bar.close()
-        for e in appender.existing():
-            done.setdefault((str(e["question_id"]), e["order"]), e)
+        done = judged(appender.existing())
 
     per_order: dict[str, dict[str, tuple | None]] = {o: {} for o in orders}
     rows: dict[str, list[dict]] = {o: [] for o in orders}
