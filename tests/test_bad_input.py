@@ -189,6 +189,11 @@ def test_eval_rejects_a_negative_limit_and_a_missing_image_folder(tmp_path, caps
     with pytest.raises(SystemExit):
         main(["eval", "vqa", "--model", "m", "--dataset", "slake", "--data", "d", "--limit", "-1"])
     assert "--limit: -1 must be >= 1" in capsys.readouterr().err
+    # numpy's generators take no negative seed: refused before any work, not after it
+    for cmd in (["eval", "vqa", "--model", "m", "--dataset", "slake", "--data", "d"], ["synth"]):
+        with pytest.raises(SystemExit):
+            main([*cmd, "--out", str(tmp_path / "o"), "--seed", "-1"])
+        assert "--seed: -1 must be in 0 .. 2**32-1" in capsys.readouterr().err
     q = tmp_path / "q.jsonl"
     q.write_text('{"question_id": 1, "image": "a.png", "text": "Q?"}\n')
     out = tmp_path / "answers.jsonl"

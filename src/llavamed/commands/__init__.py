@@ -42,3 +42,15 @@ def positive_int(text: str) -> int:
     if n < 1:
         raise argparse.ArgumentTypeError(f"{n} must be >= 1")
     return n
+
+
+def seed_int(text: str) -> int:
+    """argparse type for --seed: numpy's generators (synthesis, noise ablations, bootstrap CIs)
+    take 0 .. 2**32-1 only, so a negative seed would fail after the work it seeds, not before."""
+    try:
+        n = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if not 0 <= n < 2**32:
+        raise argparse.ArgumentTypeError(f"{n} must be in 0 .. 2**32-1")
+    return n

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 
+from llavamed.commands import seed_int
 from llavamed.commands.serve import add_model_args
 
 
@@ -13,7 +14,7 @@ def add_sampling_args(p: argparse.ArgumentParser, temperature: float = 0.2) -> N
     )
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (default 1)")
     p.add_argument("--max-tokens", type=int, default=512, help="longest answer (default 512)")
-    p.add_argument("--seed", type=int, default=None, help="sampling seed (default: random)")
+    p.add_argument("--seed", type=seed_int, default=None, help="sampling seed (default: random)")
 
 
 def sampling_params(args):

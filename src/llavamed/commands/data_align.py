@@ -6,6 +6,8 @@ import argparse
 import json
 from pathlib import Path
 
+from llavamed.commands import seed_int
+
 DESCRIPTION = """\
 Build the stage-1 (biomedical concept alignment) training set in LLaVA conversation JSON, the
 shape of LLaVA-Med's llava_med_alignment_500k.json. Each figure with an image becomes one sample:
@@ -32,7 +34,7 @@ def register(subparsers) -> None:
     )
     p.add_argument("--out", required=True, type=Path, help="output JSON (a list of samples)")
     p.add_argument("--max", dest="max_samples", type=int, metavar="N", help="keep N samples")
-    p.add_argument("--seed", type=int, default=0, help="seed for prompts and subsetting")
+    p.add_argument("--seed", type=seed_int, default=0, help="seed for prompts and subsetting")
     p.set_defaults(func=run)
 
 

@@ -7,6 +7,7 @@ import json
 import sys
 from pathlib import Path
 
+from llavamed.commands import seed_int
 from llavamed.llm.args import add_client_arguments, client_options_from_args
 
 DESCRIPTION = """\
@@ -50,7 +51,9 @@ def register(subparsers) -> None:
         "--temperature", type=float, default=0.7, help="sampling temperature (default 0.7)"
     )
     p.add_argument("--max-tokens", type=int, default=1024, help="completion limit per request")
-    p.add_argument("--seed", type=int, default=0, help="API seed, cache key, <image> placement")
+    p.add_argument(
+        "--seed", type=seed_int, default=0, help="API seed, cache key, <image> placement"
+    )
     p.add_argument(
         "--min-turns", type=int, default=2, help="keep conversations with >= this many Q/A pairs"
     )

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from llavamed.commands import seed_int
 from llavamed.llm.args import add_client_arguments, client_options_from_args
 
 DESCRIPTION = """\
@@ -45,7 +46,7 @@ def register(subparsers) -> None:
     p.add_argument(
         "--max-tokens", type=int, default=1024, help="judge completion limit per request"
     )
-    p.add_argument("--seed", type=int, default=0, help="API seed, also part of the cache key")
+    p.add_argument("--seed", type=seed_int, default=0, help="API seed, also part of the cache key")
     p.add_argument(
         "--prompts", type=Path, metavar="DIR", help="folder overriding the judge prompt files"
     )

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import argparse
 
-from llavamed.commands import add_dtype_arg, add_pack_weights_arg, positive_int
+from llavamed.commands import add_dtype_arg, add_pack_weights_arg, positive_int, seed_int
 
 EPILOG = """\
 outputs in --out: answers.jsonl (LLaVA-Med answers shape; resumable), answers.<ablation>.jsonl,
@@ -112,7 +112,7 @@ def register(sub) -> None:
         help="bootstrap resamples for CIs (default: 1000)",
     )
     p.add_argument(
-        "--seed", type=int, default=0, help="seed for CIs, noise and shuffle (default: 0)"
+        "--seed", type=seed_int, default=0, help="seed for CIs, noise and shuffle (default: 0)"
     )
     p.set_defaults(func=run)
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from llavamed.cli import DefaultsHelpFormatter
+from llavamed.commands import seed_int
 
 
 def register(sub) -> None:
@@ -59,7 +60,7 @@ def register(sub) -> None:
         choices=["pad", "crop"],
         help="image aspect mode: pad to square with the mean colour (LLaVA-1.5) or crop",
     )
-    p.add_argument("--seed", type=int, default=0, help="seed for randomly initialised parts")
+    p.add_argument("--seed", type=seed_int, default=0, help="seed for randomly initialised parts")
     p.set_defaults(func=run)
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from llavamed.cli import DefaultsHelpFormatter
+from llavamed.commands import seed_int
 
 
 def register(sub) -> None:
@@ -38,7 +39,7 @@ def register(sub) -> None:
         "cores (measured), 87.1%% strict closed on the whole test split; tiny: a few-minute "
         "smoke run of every stage that learns little",
     )
-    p.add_argument("--seed", type=int, default=0, help="seed for data and training")
+    p.add_argument("--seed", type=seed_int, default=0, help="seed for data and training")
     p.add_argument("--workers", type=int, default=2, help="processes for data generation/ingestion")
     p.add_argument(
         "--vision",

@@ -6,6 +6,8 @@ import argparse
 import os
 from pathlib import Path
 
+from llavamed.commands import seed_int
+
 # Kept in sync with llavamed.data.synth.world (a test checks it); not imported here so that
 # `llavamed --help` stays fast.
 DEFAULT_ARTICLES = 150
@@ -65,7 +67,7 @@ def register(subparsers) -> None:
         help="at most N closed (yes/no) questions per train-split image (default: 3, the real "
         "sets' shape). A larger N gives denser supervision; validation and test are unchanged",
     )
-    p.add_argument("--seed", type=int, default=0, metavar="S", help="random seed (default: 0)")
+    p.add_argument("--seed", type=seed_int, default=0, metavar="S", help="random seed (default: 0)")
     p.add_argument(
         "--image-size",
         type=int,

@@ -55,8 +55,6 @@ def load_questions(path: str | os.PathLike) -> tuple[list[dict], Counter]:
     return good, bad
 
 
-
-
 def answer_questions(
     model_dir: str | Path | None,
     questions_path: str | os.PathLike,
