@@ -223,3 +223,25 @@ def test_a_global_batch_that_failed_to_load_leaves_the_weights_alone(tmp_path, m
     assert [m["supervised_tokens"] for m in res.metrics][2] == 0
     assert any(not torch.equal(a, b) for a, b in zip(weights[1], weights[2], strict=True))
     assert all(torch.equal(a, b) for a, b in zip(weights[2], weights[3], strict=True))
+
+
+def test_a_checkpoint_is_not_resumed_on_other_data(tmp_path, monkeypatch):
+    """The data file changed under a stopped run: its schedule (total steps, warm-up, batch
+    order) was made for the old samples, so the resume is refused by name, not run on."""
+    import torch
+
+    from llavamed.errors import ConfigError
+    from llavamed.train import run_training
+
+    torch.set_num_threads(1)
+    data = make_bright_dark(tmp_path / "data", 24)
+    cfg = tiny_config(data, tmp_path / "a", max_steps=7)
+    cfg["output"]["save_every"] = 3
+    run_interrupted(cfg, monkeypatch, at_step=5)
+    records = json.loads(data.read_text())
+    data.write_text(json.dumps(records[:-4]))
+    with pytest.raises(ConfigError, match="trained on other data"):
+        run_training(cfg, progress=False)
+    data.write_text(json.dumps(records))  # restored: resumes
+    res = run_training(cfg, progress=False)
+    assert [m["step"] for m in res.metrics] == list(range(1, 8))

@@ -342,6 +342,26 @@ class Collator:
 # --- batch schedule ----------------------------------------------------------------------------
 
 
+def data_fingerprint(samples: Sequence[Sample]) -> str:
+    """A short id of the training data as tokenized: every sample's tokens and image reference.
+    A checkpoint resumed on other data (the file edited, images that appeared or vanished since)
+    would keep its learning-rate schedule and batch order for a sample count that no longer
+    holds, so the trainer refuses it."""
+    import hashlib
+    from array import array
+
+    h = hashlib.sha1(len(samples).to_bytes(8, "little"))
+    for s in samples:
+        h.update(array("q", s.input_ids).tobytes())
+        img = s.image
+        if isinstance(img, bytes):  # parquet images: their size and first bytes
+            h.update(len(img).to_bytes(8, "little") + img[:64])
+        elif img is not None:
+            h.update(str(img).encode())
+        h.update(b"\x00")
+    return h.hexdigest()[:16]
+
+
 def steps_per_epoch(n_samples: int, global_batch_size: int) -> int:
     return max(1, math.ceil(n_samples / global_batch_size))
 

@@ -28,6 +28,7 @@ from llavamed.train import checkpointing as ck
 from llavamed.train.data import (
     Collator,
     TrainDataset,
+    data_fingerprint,
     epoch_schedule,
     load_samples,
     steps_per_epoch,
@@ -734,6 +735,7 @@ def _run(
         )
     lengths = [s.length for s in samples]
     has_image = [s.image is not None for s in samples]
+    data_key = data_fingerprint(samples)
 
     spe = steps_per_epoch(len(samples), t.global_batch_size)
     total_steps = t.max_steps or max(1, math.ceil(t.epochs * spe))
@@ -775,6 +777,12 @@ def _run(
                 f"{resume} was saved by the {saved} engine and this run uses {engine.kind}: "
                 "their checkpoints differ; resume with the same distributed.engine, or start "
                 "over in another output.dir"
+            )
+        if st.get("data", data_key) != data_key:
+            raise ConfigError(
+                f"{resume} was trained on other data: the training samples changed since (a data "
+                f"file edited, images added or gone; {len(samples)} samples now). Restore the "
+                "data to resume, or start over in another output.dir"
             )
         engine.load(resume)
         ck.load_rng(resume, info.rank)
@@ -927,7 +935,9 @@ def _run(
                 and time.time() - last_save > 60 * cfg.output.save_every_minutes
             )
             if due and step < total_steps:
-                _save_resume(engine, out, step, tokens_seen, epoch, info, cfg, report)
+                _save_resume(
+                    engine, out, step, tokens_seen, epoch, info, cfg, report, data_key=data_key
+                )
                 last_save = time.time()
     if bar is not None:
         bar.close()
@@ -991,7 +1001,16 @@ def _run(
 
 
 def _save_resume(
-    engine: Engine, out: Path, step: int, tokens_seen: int, epoch: int, info: DistInfo, cfg, report
+    engine: Engine,
+    out: Path,
+    step: int,
+    tokens_seen: int,
+    epoch: int,
+    info: DistInfo,
+    cfg,
+    report,
+    *,
+    data_key: str,
 ) -> None:
     import shutil
 
@@ -1027,6 +1046,7 @@ def _save_resume(
                 "tokens_seen": tokens_seen,
                 "world_size": info.world_size,
                 "engine": engine.kind,
+                "data": data_key,
                 # The batches before this point are not read again on resume: keep their skips.
                 "skipped_while_training": dict(report.skipped_at_load),
             },
