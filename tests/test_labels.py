@@ -109,6 +109,18 @@ def test_nothing_supervised_raises(ckpt):
         encode_training_sample(msgs, processor, template, num_images=1, max_length=26)
 
 
+def test_an_empty_answer_is_refused_not_trained_as_a_bare_end_of_turn(ckpt):
+    processor, template = ckpt
+    conv = [
+        {"from": "human", "value": "<image>\nWhat is shown?"},
+        {"from": "gpt", "value": "  \n"},
+    ]
+    with pytest.raises(InputError, match="empty answer"):
+        encode_training_sample(
+            conversation_to_messages(conv), processor, template, num_images=1, source="rec7"
+        )
+
+
 def _sentencepiece_style_llama(folder):
     """A tiny Llama LM with a Mistral/Llama-style tokenizer: byte-fallback BPE over "▁"-marked
     words, <s>/</s> specials and BOS added by the tokenizer (SmolLM2's GPT-2 style tokenizer has

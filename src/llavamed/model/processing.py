@@ -86,8 +86,12 @@ def encode_training_sample(
 ) -> Encoded:
     """Input ids and labels for one conversation. Only assistant content and its end-of-turn
     marker are supervised. Raises ``InputError`` (never silently masks) when the ``<image>``
-    count disagrees with ``num_images``, when truncation would cut image tokens, or when nothing
-    supervised is left."""
+    count disagrees with ``num_images``, when truncation would cut image tokens, when an answer
+    is empty (only its end-of-turn marker would be supervised: the model would learn to stop at
+    once), or when nothing supervised is left."""
+    for i, m in enumerate(messages):
+        if m.role == "assistant" and not m.content.strip():
+            raise InputError(source, "empty answer", f"turn {i}")
     if isinstance(template, str):
         template = get_template(template)
     tok = processor.tokenizer
