@@ -279,6 +279,33 @@ def test_queue_full_and_cancellation(tiny_lm_dir):
         eng.close()
 
 
+def test_a_failed_merge_fails_the_joining_request_instead_of_leaving_it_waiting(tiny_lm_dir):
+    from llavamed.serve.engine import GenerationError
+
+    eng = Engine.from_path(tiny_lm_dir, settings=EngineSettings(max_batch_size=2, max_queue=4))
+    try:
+        eng.eos_ids = set()
+        p = _prompt(eng, "long answer please")
+        running = eng.submit(p, SamplingParams(max_tokens=400, temperature=0))
+        for _ in range(200):  # the first request is prefilled and decoding
+            if eng.stats["prefills"]:
+                break
+            time.sleep(0.01)
+
+        def merge_fails(a, b):
+            raise RuntimeError("out of memory")
+
+        eng._merge = merge_fails
+        joiner = eng.submit(p, SamplingParams(max_tokens=3, temperature=0))
+        for handle in (joiner, running):
+            with pytest.raises(GenerationError, match="generation failed: RuntimeError"):
+                handle.result(timeout=30)
+        del eng._merge  # the engine serves on
+        assert eng.submit(p, SamplingParams(max_tokens=2)).result(timeout=30).completion_tokens
+    finally:
+        eng.close()
+
+
 def test_prompt_longer_than_context_is_refused(lm_engine):
     p = _prompt(lm_engine, "x " * 600)
     with pytest.raises(InputError, match="prompt too long"):

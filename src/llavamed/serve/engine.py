@@ -557,7 +557,13 @@ class Engine:
                 if new:
                     fresh = self._run_guarded(new, self._prefill)
                     if fresh is not None and fresh.rows:
-                        batch = fresh if batch is None else self._merge(batch, fresh)
+                        if batch is None:
+                            batch = fresh
+                        else:  # a failed merge fails the joiners too, or they wait for ever
+                            batch = self._run_guarded(
+                                batch.rows + fresh.rows,
+                                lambda _rows, a=batch, b=fresh: self._merge(a, b),
+                            )
                 if batch is not None:
                     batch = self._run_guarded(batch.rows, lambda _rows, b=batch: self._step(b))
                     if batch is not None and not batch.rows:
