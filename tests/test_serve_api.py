@@ -15,7 +15,7 @@ openai = pytest.importorskip("openai")
 httpx = pytest.importorskip("httpx")
 
 from llavamed.serve.api import serve_in_background  # noqa: E402
-from llavamed.serve.engine import Engine, EngineSettings  # noqa: E402
+from llavamed.serve.engine import Engine, EngineSettings, SamplingParams  # noqa: E402
 
 KEY = "sk-test-0123456789abcdef"
 
@@ -633,3 +633,38 @@ def test_every_system_and_developer_message_becomes_the_leading_system_prompt(te
     )
     assert text.count("SYS-A\n\nDEV-B\n\nSYS-C") == 1
     assert text.index("SYS-C") < text.index("hi") < text.index("hello") < text.index("again")
+
+
+def test_a_full_queue_refuses_before_decoding_the_images(tiny_llava_dir, monkeypatch):
+    """Up to 4 images of 40 MP each per request: a server that decodes them only to answer 503
+    spends gigabytes on requests it will refuse."""
+    import llavamed.images
+
+    eng = Engine.from_path(tiny_llava_dir, settings=EngineSettings(max_batch_size=1, max_queue=1))
+    eng.eos_ids = set()
+    srv = serve_in_background(eng, max_completion_tokens=300)
+    try:
+        p = eng.prepare([{"role": "user", "content": [{"type": "text", "text": "go on"}]}])
+        running = eng.submit(p, SamplingParams(max_tokens=300, temperature=0))
+        for _ in range(200):  # taken by the worker: the queue is empty again
+            if eng.queue_depth == 0 and eng.stats["prefills"]:
+                break
+            time.sleep(0.01)
+        queued = eng.submit(p, SamplingParams(max_tokens=300, temperature=0))
+        decoded = []
+        real = llavamed.images.load_image
+        monkeypatch.setattr(
+            llavamed.images, "load_image", lambda *a, **k: decoded.append(1) or real(*a, **k)
+        )
+        r = httpx.post(
+            srv.base_url + "/chat/completions",
+            timeout=60,
+            json={"model": "tiny-llava", "messages": [image_msg(png_url())], "max_tokens": 2},
+        )
+        assert r.status_code == 503 and r.json()["error"]["code"] == "queue_full"
+        assert int(r.headers["retry-after"]) >= 1 and decoded == []
+        queued.cancel()
+        running.cancel()
+    finally:
+        srv.stop()
+        eng.close()

@@ -67,6 +67,16 @@ def _error(exc: P.ProtocolError):
     return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers)
 
 
+def _busy(exc: QueueFull) -> P.ProtocolError:
+    return P.ProtocolError(
+        503,
+        "server busy: request queue full",
+        type="server_error",
+        code="queue_full",
+        headers={"Retry-After": str(exc.retry_after)},
+    )
+
+
 def create_app(engine: Engine, settings: ServerSettings | None = None):
     """The FastAPI app serving ``engine``."""
     from fastapi import FastAPI
@@ -226,6 +236,10 @@ def create_app(engine: Engine, settings: ServerSettings | None = None):
                 param="messages",
                 code="too_many_images",
             )
+        try:
+            engine.check_capacity()
+        except QueueFull as exc:
+            raise _busy(exc) from None
         images = await load_images(refs)
         try:
             prompt = await run_in_threadpool(engine.prepare, hf_messages, images)
@@ -275,13 +289,7 @@ def create_app(engine: Engine, settings: ServerSettings | None = None):
         try:
             handle = engine.submit(prompt, params, on_event=on_event)
         except QueueFull as exc:
-            raise P.ProtocolError(
-                503,
-                "server busy: request queue full",
-                type="server_error",
-                code="queue_full",
-                headers={"Retry-After": str(exc.retry_after)},
-            ) from None
+            raise _busy(exc) from None
         except EngineClosed:
             raise P.ProtocolError(
                 503, "server shutting down", type="server_error", headers={"Retry-After": "5"}

@@ -477,6 +477,13 @@ class Engine:
         self.stats["submitted"] += 1
         return handle
 
+    def check_capacity(self) -> None:
+        """Raise QueueFull now if a request would be refused at submit: callers check before
+        decoding a request's images (up to 40 MP each), which a full queue would throw away."""
+        if self._queue.full():
+            self.stats["rejected"] += 1
+            raise QueueFull(self.retry_after())
+
     def generate(self, prompt: Prompt, params: SamplingParams | None = None) -> Completion:
         return self.submit(prompt, params).result()
 
