@@ -207,3 +207,25 @@ def test_cpu_configs_are_the_quickstarts_small_recipe():
     for stage, name in files.items():
         shipped = yaml.safe_load((ROOT / "configs" / "cpu" / f"{name}.yaml").read_text())
         assert resolved(shipped) == resolved(ours[stage]), name
+
+
+def test_4d_mask_options_and_grouping_are_checked_before_anything_loads():
+    vqa = BASE | {
+        "data": {"format": "vqa", "dataset": "slake", "path": "s", "group_by_image": True}
+    }
+    with pytest.raises(ConfigError, match="group_by_image need a 4-D attention mask"):
+        load_config(vqa, ["train.attn_implementation=flash_attention_2"])
+    assert load_config(vqa, ["train.attn_implementation=eager"]).data.sources[0].group_by_image
+    with pytest.raises(ConfigError, match="cache_frozen_layers need a 4-D attention mask"):
+        load_config(
+            BASE,
+            [
+                "train.trainable=[lm]",
+                "train.frozen_lm_layers=1",
+                "train.cache_frozen_layers=true",
+                "train.attn_implementation=flash_attention_2",
+            ],
+        )
+    # on a conversation source it packed nothing, silently
+    with pytest.raises(ConfigError, match="a llava_json source has nothing to pack"):
+        load_config(BASE, ["data.group_by_image=true"])

@@ -314,6 +314,11 @@ class TrainConfig:
                 raise ConfigError(f"{where}.repeat must be >= 1")
             if s.max_samples is not None and s.max_samples < 1:
                 raise ConfigError(f"{where}.max_samples must be >= 1 (or null for all)")
+            if s.group_by_image and s.format != "vqa":
+                raise ConfigError(
+                    f"{where}.group_by_image packs a VQA set's questions per image; a "
+                    f"{s.format} source has nothing to pack (set it on a format: vqa source)"
+                )
         d = self.data
         if d.batching not in ("length_grouped", "random"):
             raise ConfigError(f"data.batching={d.batching!r}: choose length_grouped or random")
@@ -395,6 +400,21 @@ class TrainConfig:
                 raise ConfigError(
                     "train.cache_frozen_layers and train.gradient_checkpointing: choose one"
                 )
+        # Both run the decoder with a custom 4-D mask, which flash attention does not take; said
+        # here, not at the first step after the model has loaded and the data tokenized.
+        four_d = [
+            name
+            for name, on in (
+                ("train.cache_frozen_layers", t.cache_frozen_layers),
+                ("data.sources[].group_by_image", any(s.group_by_image for s in d.sources)),
+            )
+            if on
+        ]
+        if four_d and t.attn_implementation == "flash_attention_2":
+            raise ConfigError(
+                f"{' and '.join(four_d)} need a 4-D attention mask: use "
+                "train.attn_implementation=sdpa or eager"
+            )
         if t.epochs <= 0 and not t.max_steps:
             raise ConfigError("train.epochs must be > 0 (or set train.max_steps)")
         if t.lora is not None:
