@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 from llavamed.config import load_config
 from llavamed.errors import ConfigError
@@ -162,6 +163,10 @@ def test_a_template_override_is_what_the_checkpoint_prompts_with(tmp_path, tiny_
     final = run_training(cfg, progress=False).final_checkpoint
     _, proc = load_llava(final)
     assert checkpoint_template(final) == "vicuna_v1"
+    # the resolved config went in with the checkpoint (same atomic save)
+    assert yaml.safe_load((final / "train_config.yaml").read_text())["model"]["template"] == (
+        "vicuna_v1"
+    )
     q = "Is the image bright?"
     trained = get_template("vicuna_v1").render(
         [Message("user", f"<image>\n{q}")], eos=proc.tokenizer.eos_token, add_generation_prompt=True

@@ -329,9 +329,15 @@ def is_checkpoint_dir(path: Path) -> bool:
 
 
 def save_checkpoint(
-    model, processor, out: str | Path, spec: ModelSpec | None, extra: dict | None = None
+    model,
+    processor,
+    out: str | Path,
+    spec: ModelSpec | None,
+    extra: dict | None = None,
+    files: dict[str, str] | None = None,
 ) -> Path:
-    """Write a native llava checkpoint atomically (temp folder, then rename)."""
+    """Write a native llava checkpoint atomically (temp folder, then rename); ``files`` are more
+    text files (name -> content) that go in with it."""
     from llavamed.utils.io import atomic_dir
 
     out = Path(out)
@@ -347,6 +353,8 @@ def save_checkpoint(
         if extra:
             meta.update(extra)
         (tmp / CHECKPOINT_META).write_text(json.dumps(meta, indent=2) + "\n")
+        for name, text in (files or {}).items():
+            (tmp / name).write_text(text)
     return out
 
 

@@ -957,10 +957,13 @@ def _run(
         ):  # sharded engines: rebuild a plain copy and load the gathered weights
             export, _, _, _ = build_model(cfg)
             export = apply_lora(export, cfg)
+            # strict=False only so that a tied lm_head (shared with the embeddings, so absent
+            # from the gathered weights) can be tied back; anything else missing is an error.
             missing, unexpected = export.load_state_dict(full_sd, strict=False)
-            if [m for m in missing if "lm_head" not in m] or unexpected:
+            tied = export.config.tie_word_embeddings
+            if [m for m in missing if not (tied and "lm_head" in m)] or unexpected:
                 raise RuntimeError(f"export: missing {missing[:5]}, unexpected {unexpected[:5]}")
-            if "lm_head.weight" in missing and export.config.tie_word_embeddings:
+            if "lm_head.weight" in missing:
                 export.tie_weights()
         export = export.to("cpu")
         if t.lora is not None:
@@ -979,8 +982,10 @@ def _run(
                     "config": resolved,
                 }
             },
+            # Inside the atomic save: a kill between the two would leave a final checkpoint that
+            # the finished-run check accepts, without its config.
+            files={"train_config.yaml": dump_yaml(cfg)},
         )
-        atomic_write_text(out / FINAL / "train_config.yaml", dump_yaml(cfg))
         atomic_write_json(out / "data_report.json", report.to_dict())
         if metrics_log is not None:
             metrics_log.close()
