@@ -162,6 +162,28 @@ def test_bootstrap_ci_is_seeded_and_sane():
     assert all(math.isnan(v) for v in m.bootstrap_ci([]))
 
 
+def test_bootstrap_resamples_whole_images():
+    """10 images x 10 questions, every question about an image right or wrong together: the
+    evidence is 10 images, not 100 questions, and the interval must say so."""
+    vals = [float(i % 2) for i in range(10) for _ in range(10)]
+    images = [f"img{i}" for i in range(10) for _ in range(10)]
+    lo_q, hi_q = m.bootstrap_ci(vals, seed=0)
+    lo_i, hi_i = m.bootstrap_ci(vals, seed=0, clusters=images)
+    assert hi_i - lo_i > 2 * (hi_q - lo_q)
+    # By hand: resampling 10 balanced images, the mean is Binomial(10, 0.5) / 10, whose central
+    # 95% runs from 0.2 to 0.8.
+    assert (lo_i, hi_i) == pytest.approx((0.2, 0.8), abs=0.051)
+    # every question its own image: the plain bootstrap, draw for draw
+    assert m.bootstrap_ci(vals, seed=0, clusters=list(range(100))) == (lo_q, hi_q)
+    # unequal clusters: the mean is over questions, not over images
+    rows = [{"strict_closed_acc": 1.0, "image": "a"}] * 3 + [
+        {"strict_closed_acc": 0.0, "image": "b"}
+    ]
+    assert m.aggregate(rows, n_resamples=50)["strict_closed_acc"]["mean"] == 0.75
+    with pytest.raises(ValueError, match="one cluster label per value"):
+        m.bootstrap_ci([1.0, 0.0], clusters=["a"])
+
+
 def test_aggregate_and_paired_diff():
     scores = [m.score_sample("yes", "yes", "closed"), m.score_sample("no", "yes", "closed")]
     agg = m.aggregate(scores, n_resamples=200)

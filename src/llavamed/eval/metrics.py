@@ -453,22 +453,41 @@ def score_sample(prediction: str, answer: str, answer_type: str) -> dict[str, fl
 
 
 def bootstrap_ci(
-    values: Sequence[float], n_resamples: int = 1000, alpha: float = 0.05, seed: int = 0
+    values: Sequence[float],
+    n_resamples: int = 1000,
+    alpha: float = 0.05,
+    seed: int = 0,
+    clusters: Sequence | None = None,
 ) -> tuple[float, float]:
     """Percentile bootstrap confidence interval of the mean (seeded, so reports reproduce).
+
+    With ``clusters`` (one label per value, e.g. the image a question is about), whole clusters
+    are resampled: VQA-RAD and SLAKE ask several questions about each image, and those answers
+    rise and fall together, so resampling questions one by one gives intervals that are too
+    narrow. Every value its own cluster is the plain bootstrap, draw for draw.
 
     Returns (nan, nan) for no values; a single value gives a zero-width interval."""
     x = np.asarray(values, dtype=np.float64)
     if x.size == 0:
         return (math.nan, math.nan)
+    if clusters is None:
+        sums, counts = x, np.ones_like(x)
+    else:
+        if len(clusters) != x.size:
+            raise ValueError("one cluster label per value")
+        codes: dict = {}
+        inv = np.fromiter((codes.setdefault(c, len(codes)) for c in clusters), np.int64, x.size)
+        sums = np.bincount(inv, weights=x)
+        counts = np.bincount(inv).astype(np.float64)
+    k = sums.size
     rng = np.random.default_rng(seed)
     means = np.empty(n_resamples)
     # Chunked so PathVQA-sized sets (6761 x 1000) stay within a few MB.
-    chunk = max(1, 2_000_000 // x.size)
+    chunk = max(1, 2_000_000 // k)
     for start in range(0, n_resamples, chunk):
         stop = min(n_resamples, start + chunk)
-        idx = rng.integers(0, x.size, size=(stop - start, x.size))
-        means[start:stop] = x[idx].mean(axis=1)
+        idx = rng.integers(0, k, size=(stop - start, k))
+        means[start:stop] = sums[idx].sum(axis=1) / counts[idx].sum(axis=1)
     lo, hi = np.quantile(means, [alpha / 2, 1 - alpha / 2])
     return (float(lo), float(hi))
 
@@ -479,28 +498,34 @@ def paired_bootstrap_diff(
     n_resamples: int = 1000,
     alpha: float = 0.05,
     seed: int = 0,
+    clusters: Sequence | None = None,
 ) -> dict[str, float]:
-    """Mean of ``a - b`` over paired items (same questions), with a percentile bootstrap CI."""
+    """Mean of ``a - b`` over paired items (same questions), with a percentile bootstrap CI
+    (resampling ``clusters`` whole when given, see :func:`bootstrap_ci`)."""
     if len(a) != len(b):
         raise ValueError("paired samples must have equal length")
     d = np.asarray(a, dtype=np.float64) - np.asarray(b, dtype=np.float64)
-    lo, hi = bootstrap_ci(d, n_resamples, alpha, seed)
+    lo, hi = bootstrap_ci(d, n_resamples, alpha, seed, clusters)
     return {"mean": float(d.mean()) if d.size else math.nan, "lo": lo, "hi": hi, "n": int(d.size)}
 
 
 def aggregate(
-    scores: Iterable[dict[str, float]],
+    scores: Iterable[dict],
     n_resamples: int = 1000,
     seed: int = 0,
     keys: Iterable[str] | None = None,
+    cluster: str = "image",
 ) -> dict[str, dict[str, float]]:
-    """Mean, 95% bootstrap CI and count for each metric over the scores that carry it."""
+    """Mean, 95% bootstrap CI and count for each metric over the scores that carry it. Rows
+    with a ``cluster`` field (the question's image) are resampled image by image."""
     scores = list(scores)
     out: dict[str, dict[str, float]] = {}
     for key in keys if keys is not None else METRICS:
-        vals = [s[key] for s in scores if key in s]
-        if not vals:
+        rows = [(i, s) for i, s in enumerate(scores) if key in s]
+        if not rows:
             continue
-        lo, hi = bootstrap_ci(vals, n_resamples=n_resamples, seed=seed)
+        vals = [s[key] for _, s in rows]
+        groups = [s.get(cluster, ("row", i)) for i, s in rows]
+        lo, hi = bootstrap_ci(vals, n_resamples=n_resamples, seed=seed, clusters=groups)
         out[key] = {"mean": float(np.mean(vals)), "lo": lo, "hi": hi, "n": len(vals)}
     return out

@@ -80,6 +80,7 @@ def evaluate_answers(
         scores.append(
             {
                 "qid": s.qid,
+                "image": s.image_key,  # the bootstrap resamples images, not questions
                 "answer_type": s.answer_type,
                 "question_type": s.question_type or "unspecified",
                 "answer": s.answer,
@@ -121,10 +122,14 @@ def ablation_drop(
     common = [q for q in a if q in b]
     out = {}
     for key in M.METRICS:
-        xs = [(a[q][key], b[q][key]) for q in common if key in a[q] and key in b[q]]
-        if xs:
+        qs = [q for q in common if key in a[q] and key in b[q]]
+        if qs:
             out[key] = M.paired_bootstrap_diff(
-                [x for x, _ in xs], [y for _, y in xs], n_resamples=n_resamples, seed=seed
+                [a[q][key] for q in qs],
+                [b[q][key] for q in qs],
+                n_resamples=n_resamples,
+                seed=seed,
+                clusters=[a[q].get("image", q) for q in qs],
             )
     return out
 
