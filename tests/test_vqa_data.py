@@ -184,6 +184,14 @@ def test_slake_lang_and_splits(tmp_path):
     assert len(tr) == 1 and tr[0].split == "train"
     with pytest.raises(InputError, match="file not found"):
         load_vqa("slake", root, split="validate")
+    # 'all' reads every split file of the folder, each sample keeping its split
+    # (this fixture's train.json repeats test's qid 10: answers are keyed by qid, so the second
+    # is counted as a duplicate, not scored against the first one's answer)
+    every, rep_all = load_vqa("slake", root, split="all")
+    assert [(s.qid, s.split) for s in every] == [("10", "train"), ("12", "test")]
+    assert rep_all.bad["duplicate question id"] == 1 and rep_all.n_loaded == 2
+    with pytest.raises(InputError, match="no 'all' split"):
+        load_vqa("llava-med", tmp_path, split="all")
 
 
 def test_parquet_pathvqa_and_vqa_rad(tmp_path):

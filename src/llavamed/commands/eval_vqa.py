@@ -63,8 +63,9 @@ def register(sub) -> None:
     p.add_argument(
         "--split",
         default="test",
-        help="split to evaluate (default: test; 'all' for every split; 'val'/'validation' = "
-        "validate; a split file given as --data must hold this split)",
+        help="split to evaluate (default: test; 'all' for every split of VQA-RAD, SLAKE or "
+        "PathVQA; 'val'/'validation' = validate; a split file given as --data must hold this "
+        "split)",
     )
     p.add_argument(
         "--lang",

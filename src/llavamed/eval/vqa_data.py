@@ -261,8 +261,17 @@ def load_slake(
 ) -> tuple[list[VQASample], LoadReport]:
     """SLAKE's folder (``<split>.json`` + ``imgs/``) or one of its split files.
 
-    ``lang``: "en" (the paper's comparison), "zh" or "all"."""
+    ``lang``: "en" (the paper's comparison), "zh" or "all". ``split="all"`` on the folder reads
+    train, validate and test, each sample keeping its own split."""
     path = Path(path)
+    if path.is_dir() and split == "all":
+        names = [n for n in ("train", "validate", "test") if (path / f"{n}.json").is_file()]
+        if not names:
+            raise InputError(path, "file not found", "no train/validate/test.json")
+        samples, report = [], LoadReport(str(path))
+        for n in names:
+            samples += _read_slake(path / f"{n}.json", lang, report)
+        return samples, report
     if path.is_dir():
         if split not in SLAKE_SPLITS:
             raise InputError(path, "unknown SLAKE split", f"{split!r}; use train, validate or test")
@@ -272,6 +281,11 @@ def load_slake(
     else:
         js = path
         _check_file_split(js, split)
+    report = LoadReport(str(js))
+    return _read_slake(js, lang, report), report
+
+
+def _read_slake(js: Path, lang: str, report: LoadReport) -> list[VQASample]:
     images = js.parent / "imgs"
     if not images.is_dir():
         images = js.parent
@@ -298,8 +312,7 @@ def load_slake(
             extra={k: rec[k] for k in ("img_id", "modality", "location", "base_type") if k in rec},
         )
 
-    report = LoadReport(str(js))
-    return report.read(_load_list(js), js, parse), report
+    return report.read(_load_list(js), js, parse)
 
 
 # --- parquet (PathVQA, VQA-RAD exports) ----------------------------------------------------
@@ -393,6 +406,8 @@ def load_llava_med(
     """LLaVA-Med's ``test.json``; images resolve against ``images`` (default: the JSON's folder,
     or its ``images/`` subfolder when that exists)."""
     path = Path(path)
+    if path.is_dir() and split == "all":
+        raise InputError(path, "no 'all' split", "LLaVA-Med ships one file per split: --split test")
     js = path / f"{split}.json" if path.is_dir() else path
     if not path.is_dir():
         _check_file_split(js, split)
