@@ -235,7 +235,9 @@ class DistributedConfig:
     backend: str | None = None
     """torch.distributed backend; default nccl with CUDA, gloo otherwise."""
     find_unused_parameters: bool = False
-    """DDP only; unused parameters are frozen automatically, so this is rarely needed."""
+    """DDP only; unused parameters are frozen automatically, and the trainer turns the search on
+    by itself when text-only samples meet a trainable projector or tower, so this is rarely
+    needed."""
     timeout_minutes: float = 30.0
     """Collective timeout."""
 

@@ -16,7 +16,7 @@ import math
 import os
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -362,7 +362,14 @@ class Engine:
     """Forward/backward/step and state dicts for one of: single process, DDP, FSDP2, DeepSpeed."""
 
     def __init__(
-        self, kind: str, llava, cfg: TrainConfig, info: DistInfo, accum: int, total_steps: int
+        self,
+        kind: str,
+        llava,
+        cfg: TrainConfig,
+        info: DistInfo,
+        accum: int,
+        total_steps: int,
+        find_unused: bool = False,
     ):
         import torch
 
@@ -390,7 +397,7 @@ class Engine:
         if kind == "ddp":
             from llavamed.train.distributed import wrap_ddp
 
-            wrapper = wrap_ddp(wrapper, info, cfg.distributed.find_unused_parameters)
+            wrapper = wrap_ddp(wrapper, info, find_unused)
         elif kind == "deepspeed":
             import deepspeed
 
@@ -600,6 +607,18 @@ def _truncate_metrics(path: Path, step: int) -> None:
 # --- the run -----------------------------------------------------------------------------------
 
 
+def ddp_find_unused(cfg: TrainConfig, has_image: Sequence[bool]) -> bool:
+    """Whether DDP must look for parameters a forward left unused. A text-only micro-batch (a
+    conversation mix with text-only records) never runs the tower or the projector, so when
+    those train, their gradients are missing on that step and DDP without the search stops with
+    "Expected to have finished reduction". The search costs a graph walk per step, so it is on
+    only then (or when the config asks)."""
+    if cfg.distributed.find_unused_parameters:
+        return True
+    below_lm = {"projector", "vision"} & set(cfg.trainable_parts())
+    return bool(below_lm) and not all(has_image)
+
+
 def _check_same_run(out: Path, resolved: dict) -> None:
     import yaml
 
@@ -740,7 +759,9 @@ def _run(
     spe = steps_per_epoch(len(samples), t.global_batch_size)
     total_steps = t.max_steps or max(1, math.ceil(t.epochs * spe))
 
-    engine = Engine(kind, model, cfg, info, accum, total_steps)
+    engine = Engine(
+        kind, model, cfg, info, accum, total_steps, find_unused=ddp_find_unused(cfg, has_image)
+    )
     for opt in ("cache_frozen_layers", "freeze_from_epoch"):
         if getattr(t, opt) and kind != "single":
             raise ConfigError(
