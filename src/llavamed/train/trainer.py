@@ -607,6 +607,25 @@ def _truncate_metrics(path: Path, step: int) -> None:
 # --- the run -----------------------------------------------------------------------------------
 
 
+def _to_device(batch: dict, device) -> dict:
+    import torch
+
+    return {k: (v.to(device) if torch.is_tensor(v) else v) for k, v in batch.items()}
+
+
+def _placeholder_batch(dataset, collate) -> dict:
+    """A one-sample micro-batch with every label masked: the first sample whose image loads."""
+    from llavamed.model.processing import IGNORE_INDEX
+
+    for i in range(len(dataset)):
+        b = collate([dataset[i]])
+        if b["n"]:
+            b["labels"] = b["labels"].new_full(b["labels"].shape, IGNORE_INDEX)
+            b.pop("idx", None)  # not a cached sample
+            return b
+    raise InputError("data", "no sample loads", "every image failed to decode")
+
+
 def ddp_find_unused(cfg: TrainConfig, has_image: Sequence[bool]) -> bool:
     """Whether DDP must look for parameters a forward left unused. A text-only micro-batch (a
     conversation mix with text-only records) never runs the tower or the projector, so when
@@ -823,6 +842,7 @@ def _run(
     tb = _tensorboard(out, cfg) if info.is_main else None
     collate = Collator(processor.tokenizer.pad_token_id)
     dataset = TrainDataset(samples, processor.image_processor)
+    placeholder = None  # built on the first micro-batch that loads nothing (multi-process)
     autocast = torch.autocast(
         device_type="cuda" if info.device.startswith("cuda") else "cpu",
         dtype=torch.bfloat16,
@@ -901,12 +921,19 @@ def _run(
                     report.add(InputError(msg, reason), at_load=True)
                 with engine.sync_context(k == accum - 1):
                     if b["n"]:
-                        b = {
-                            kk: (v.to(info.device) if torch.is_tensor(v) else v)
-                            for kk, v in b.items()
-                        }
                         with autocast:
-                            loss_sum = engine.forward(b)
+                            loss_sum = engine.forward(_to_device(b, info.device))
+                    elif engine.kind != "single":
+                        # Every sample failed to load. The other processes wait in this step's
+                        # collectives (DDP's gradient all-reduce is armed by the forward, FSDP
+                        # gathers weights in it), so this one runs a forward too: a sample
+                        # that loads, with nothing supervised, its loss weighted 0.
+                        if placeholder is None:
+                            placeholder = _to_device(
+                                _placeholder_batch(dataset, collate), info.device
+                            )
+                        with autocast:
+                            loss_sum = engine.forward(placeholder) * 0
                     else:
                         loss_sum = engine.dummy_loss()
                     engine.backward(loss_sum, max(sup_total, 1.0))
