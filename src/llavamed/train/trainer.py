@@ -443,7 +443,8 @@ class Engine:
 
     def dummy_loss(self):
         """A zero loss touching every trainable parameter, for a micro-batch whose samples were all
-        skipped (other processes still wait for this one's gradient reduction)."""
+        skipped in a one-process run (multi-process runs take a placeholder forward instead:
+        collectives are armed in the forward)."""
         return sum((p * 0).sum() for p in self.module.parameters() if p.requires_grad)
 
     def backward(self, loss_sum, total_tokens: float) -> None:
