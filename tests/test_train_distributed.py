@@ -111,11 +111,12 @@ def _has_deepspeed() -> bool:
 
 @pytest.mark.parametrize("engine", ["ddp", "fsdp"])
 def test_a_micro_batch_whose_images_all_fail_does_not_stall_the_others(tmp_path, engine):
-    """One image per micro-batch and one corrupt image: on that step one process has nothing to
+    """One image per micro-batch and corrupt images: on some steps a process has nothing to
     train on. It must still take part in the step's collectives, or the other waits until the
     timeout (the run then failed, and failed again on every resume: the schedule is fixed)."""
     data = make_bright_dark(tmp_path / "data", 8)
-    (data.parent / "images" / "3.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")
+    for i in range(6):  # 6 of the 8: each process meets several
+        (data.parent / "images" / f"{i}.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")
     cfg = tiny_config(data, tmp_path / "out", max_steps=4, global_batch_size=2, micro_batch_size=1)
     cfg["distributed"] = {"engine": engine, "timeout_minutes": 1.0}
     path = tmp_path / "cfg.yaml"
@@ -124,3 +125,6 @@ def test_a_micro_batch_whose_images_all_fail_does_not_stall_the_others(tmp_path,
     _run([*torchrun, "--master_port", str(_free_port()), "-m", "llavamed", "train", str(path)])
     losses = _losses(tmp_path / "out")
     assert len(losses) == 4 and all(math.isfinite(x) for x in losses)
+    # every process's skips are in the report, not rank 0's alone
+    report = json.loads((tmp_path / "out" / "data_report.json").read_text())
+    assert report["skipped_while_training"] == {"corrupt image": 6}

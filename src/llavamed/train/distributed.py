@@ -70,6 +70,17 @@ def all_reduce_sum(value: float, info: DistInfo) -> float:
     return float(t.item())
 
 
+def gather_objects(obj, info: DistInfo) -> list:
+    """Every process's ``obj`` (picklable), in rank order, on every process."""
+    if not info.enabled:
+        return [obj]
+    import torch.distributed as dist
+
+    out: list = [None] * info.world_size
+    dist.all_gather_object(out, obj)
+    return out
+
+
 def barrier(info: DistInfo) -> None:
     if info.enabled:
         import torch.distributed as dist

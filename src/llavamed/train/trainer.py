@@ -608,6 +608,22 @@ def _truncate_metrics(path: Path, step: int) -> None:
 # --- the run -----------------------------------------------------------------------------------
 
 
+def _merge_skips(report, info: DistInfo) -> None:
+    """Move every process's count of images skipped while training into rank 0's report (which
+    alone is written); each process decodes only its own share of the batches. A collective:
+    every process calls it."""
+    from llavamed.train import distributed as D
+
+    counts = D.gather_objects(dict(report.skipped_at_load), info)
+    if info.world_size == 1:
+        return
+    if info.is_main:
+        for other in counts[1:]:
+            report.skipped_at_load.update(other)
+    else:
+        report.skipped_at_load.clear()
+
+
 def _to_device(batch: dict, device) -> dict:
     import torch
 
@@ -828,7 +844,8 @@ def _run(
         engine.load(resume)
         ck.load_rng(resume, info.rank)
         step, tokens_seen = st["step"], st.get("tokens_seen", 0)
-        report.skipped_at_load.update(st.get("skipped_while_training", {}))
+        if info.is_main:  # the totals of every process; the others count from here on
+            report.skipped_at_load.update(st.get("skipped_while_training", {}))
         if info.is_main:
             _truncate_metrics(out / "metrics.jsonl", step)
             print(
@@ -998,6 +1015,7 @@ def _run(
         )
 
     # export ----------------------------------------------------------------------------------
+    _merge_skips(report, info)
     full_sd = engine.full_state_dict()
     if info.is_main:
         export = model
@@ -1089,6 +1107,7 @@ def _save_resume(
         shutil.rmtree(tmp, ignore_errors=True)
         raise full from exc
     D.barrier(info)
+    _merge_skips(report, info)
     if info.is_main:
         shutil.copy(out / "config.yaml", tmp / "config.yaml")
         ck.commit(
