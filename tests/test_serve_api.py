@@ -16,6 +16,7 @@ httpx = pytest.importorskip("httpx")
 
 from llavamed.serve.api import serve_in_background  # noqa: E402
 from llavamed.serve.engine import Engine, EngineSettings, SamplingParams  # noqa: E402
+from serve_helpers import wait_until_running  # noqa: E402
 
 KEY = "sk-test-0123456789abcdef"
 
@@ -646,10 +647,7 @@ def test_a_full_queue_refuses_before_decoding_the_images(tiny_llava_dir, monkeyp
     try:
         p = eng.prepare([{"role": "user", "content": [{"type": "text", "text": "go on"}]}])
         running = eng.submit(p, SamplingParams(max_tokens=300, temperature=0))
-        for _ in range(200):  # taken by the worker: the queue is empty again
-            if eng.queue_depth == 0 and eng.stats["prefills"]:
-                break
-            time.sleep(0.01)
+        wait_until_running(eng)  # taken by the worker: the queue is empty again
         queued = eng.submit(p, SamplingParams(max_tokens=300, temperature=0))
         decoded = []
         real = llavamed.images.load_image

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import threading
-import time
 
 import pytest
 
@@ -18,6 +17,7 @@ from llavamed.serve.engine import (  # noqa: E402
     is_llava_dir,
     stream_delta,
 )
+from serve_helpers import wait_until_running  # noqa: E402
 
 QUESTIONS = [
     "Hi",
@@ -260,11 +260,7 @@ def test_queue_full_and_cancellation(tiny_lm_dir):
         eng.eos_ids = set()
         p = _prompt(eng, "long answer please")
         first = eng.submit(p, SamplingParams(max_tokens=400, temperature=0))
-        # wait until the worker has taken it, then fill the queue
-        for _ in range(200):
-            if eng.queue_depth == 0 and eng.stats["prefills"]:
-                break
-            time.sleep(0.01)
+        wait_until_running(eng)  # then fill the queue
         queued = [eng.submit(p, SamplingParams(max_tokens=3, temperature=0)) for _ in range(2)]
         with pytest.raises(QueueFull) as err:
             eng.submit(p, SamplingParams(max_tokens=3))
@@ -287,10 +283,7 @@ def test_a_failed_merge_fails_the_joining_request_instead_of_leaving_it_waiting(
         eng.eos_ids = set()
         p = _prompt(eng, "long answer please")
         running = eng.submit(p, SamplingParams(max_tokens=400, temperature=0))
-        for _ in range(200):  # the first request is prefilled and decoding
-            if eng.stats["prefills"]:
-                break
-            time.sleep(0.01)
+        wait_until_running(eng)  # the first request is prefilled and decoding
 
         def merge_fails(a, b):
             raise RuntimeError("out of memory")
