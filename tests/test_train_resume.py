@@ -123,6 +123,19 @@ def test_mid_epoch_resume_is_exact_with_dropout(tmp_path, monkeypatch):
     )
 
 
+def _stopped_at_step_3(tmp_path, monkeypatch):
+    """A 4-step run stopped after step 3: its config and its one checkpoint (step 2)."""
+    import torch
+
+    torch.set_num_threads(1)
+    data = make_bright_dark(tmp_path / "data", 16)
+    cfg = tiny_config(data, tmp_path / "a", max_steps=4)
+    cfg["output"]["save_every"] = 2
+    run_interrupted(cfg, monkeypatch, at_step=3)
+    [ck] = (tmp_path / "a" / "checkpoints").glob("step-*")
+    return cfg, ck
+
+
 def test_a_resume_checkpoint_that_does_not_match_the_model_is_refused(tmp_path, monkeypatch):
     """Strict loading: a trained parameter missing from the checkpoint would silently restart
     from its initial weights, and an unknown key would be dropped."""
@@ -131,12 +144,7 @@ def test_a_resume_checkpoint_that_does_not_match_the_model_is_refused(tmp_path, 
     from llavamed.errors import InputError
     from llavamed.train import run_training
 
-    torch.set_num_threads(1)
-    data = make_bright_dark(tmp_path / "data", 16)
-    cfg = tiny_config(data, tmp_path / "a", max_steps=4)
-    cfg["output"]["save_every"] = 2
-    run_interrupted(cfg, monkeypatch, at_step=3)
-    [ck] = (tmp_path / "a" / "checkpoints").glob("step-*")
+    cfg, ck = _stopped_at_step_3(tmp_path, monkeypatch)
     sd = torch.load(ck / "trainable.pt", weights_only=False)
     renamed = {k.replace("layers.1.", "layers.9."): v for k, v in sd.items()}
     assert renamed != sd
@@ -148,18 +156,12 @@ def test_a_resume_checkpoint_that_does_not_match_the_model_is_refused(tmp_path, 
 def test_a_checkpoint_from_another_engine_family_is_refused_by_name(tmp_path, monkeypatch):
     """distributed.* may change on resume, but DeepSpeed's checkpoint layout is its own: a
     DeepSpeed checkpoint resumed by a torch engine failed on a missing trainable.pt."""
-    import torch
 
     from llavamed.errors import ConfigError
     from llavamed.train import run_training
     from llavamed.train.checkpointing import STATE
 
-    torch.set_num_threads(1)
-    data = make_bright_dark(tmp_path / "data", 16)
-    cfg = tiny_config(data, tmp_path / "a", max_steps=4)
-    cfg["output"]["save_every"] = 2
-    run_interrupted(cfg, monkeypatch, at_step=3)
-    [ck] = (tmp_path / "a" / "checkpoints").glob("step-*")
+    cfg, ck = _stopped_at_step_3(tmp_path, monkeypatch)
     state = json.loads((ck / STATE).read_text())
     assert state["engine"] == "single"
     # What a DeepSpeed run leaves: its own folder, no trainable.pt.

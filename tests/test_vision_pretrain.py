@@ -301,6 +301,20 @@ def test_load_pairs_conversation_json(tmp_path):
         load_pairs(tmp_path / "none.json")
 
 
+def _streaming_cfg(data, out, **kw) -> dict:
+    """A two-step stage-0 run that decodes images per step (``preload: false``)."""
+    return {
+        "data": str(data),
+        "output_dir": str(out),
+        "vision": "tiny",
+        "batch_size": 6,
+        "max_steps": 2,
+        "probe_images_per_domain": 0,
+        "preload": False,
+        "precision": "fp32",
+    } | kw
+
+
 def test_streaming_loader_skips_unreadable_images(tmp_path):
     """``preload: false`` decodes per step (DataLoader); an unreadable image is replaced, so the
     batch keeps its size."""
@@ -308,18 +322,7 @@ def test_streaming_loader_skips_unreadable_images(tmp_path):
 
     data = _write_pairs(tmp_path / "data", n=12)
     (tmp_path / "data" / "images" / "3.png").write_bytes(b"not a png")
-    cfg = {
-        "data": str(data),
-        "output_dir": str(tmp_path / "run"),
-        "vision": "tiny",
-        "batch_size": 6,
-        "max_steps": 2,
-        "probe_images_per_domain": 0,
-        "val_fraction": 0.0,
-        "preload": False,
-        "precision": "fp32",
-        "log_every": 1,
-    }
+    cfg = _streaming_cfg(data, tmp_path / "run", val_fraction=0.0, log_every=1)
     res = run_from_config(cfg, progress=False)
     assert res.report["steps"] == 2 and "retrieval" not in res.report
     assert (res.tower_dir / "config.json").exists()
@@ -331,18 +334,7 @@ def test_streaming_loader_still_scores_the_held_out_pairs(tmp_path):
     from llavamed.train.vision_pretrain import run_from_config
 
     data = _write_pairs(tmp_path / "data", n=16)
-    cfg = {
-        "data": str(data),
-        "output_dir": str(tmp_path / "run"),
-        "vision": "tiny",
-        "batch_size": 6,
-        "max_steps": 2,
-        "probe_images_per_domain": 0,
-        "val_fraction": 0.3,
-        "preload": False,
-        "precision": "fp32",
-    }
-    res = run_from_config(cfg, progress=False)
+    res = run_from_config(_streaming_cfg(data, tmp_path / "run", val_fraction=0.3), progress=False)
     assert res.report["retrieval"]["chance_r@1"] > 0
     assert (res.tower_dir / "config.json").exists()
 
