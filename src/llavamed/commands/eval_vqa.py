@@ -16,6 +16,7 @@ examples:
   llavamed eval vqa --model ckpt --dataset slake --data Slake1.0 --ablate blank --ablate shuffle
   llavamed eval vqa --model ckpt --dataset pathvqa --data pvqa/data --shard 0/4   # x4 processes,
   llavamed eval vqa --model ckpt --dataset pathvqa --data pvqa/data               # then merge
+  llavamed eval vqa --model ckpt --dataset pathvqa --data pvqa --split val   # original release
 """
 
 
@@ -57,8 +58,11 @@ def register(sub) -> None:
         "--data",
         required=True,
         help="vqa-rad: folder with 'VQA_RAD Dataset Public.json' + 'VQA_RAD Image Folder', the "
-        "JSON, or parquet; slake: folder with <split>.json + imgs/; pathvqa: parquet file or "
-        "folder of <split>-*.parquet; llava-med: test.json",
+        "JSON, or parquet; slake: folder with <split>.json + imgs/; pathvqa: the original "
+        "release's folder (qas/<split>/<split>_qa.pkl + images/<split>/, splits train/val/test), "
+        "its qas/ folder or one <split>_qa.pkl (read as data only: a pickle naming any class or "
+        "function is refused), or a parquet file or folder of <split>-*.parquet; llava-med: "
+        "test.json",
     )
     p.add_argument(
         "--split",
@@ -74,7 +78,10 @@ def register(sub) -> None:
         help="SLAKE question language (default: en, as the paper)",
     )
     p.add_argument(
-        "--images", default=None, help="llava-med: image folder (default: next to test.json)"
+        "--images",
+        default=None,
+        help="llava-med: image folder (default: next to test.json); pathvqa pickles: the "
+        "release's images/ folder (default: images/ beside qas/)",
     )
     p.add_argument("--out", default=None, help="output folder (default: eval_<dataset>_<split>)")
     p.add_argument(

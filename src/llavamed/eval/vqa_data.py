@@ -7,6 +7,10 @@ load; an unreadable *file* raises :class:`InputError`.
 * VQA-RAD public JSON + image folder (``VQA_RAD Dataset Public.json``, ``VQA_RAD Image Folder/``);
   the split lives in ``phrase_type``: values starting with "test" are test, the rest train.
 * SLAKE (Slake1.0): ``train.json`` / ``validate.json`` / ``test.json`` + ``imgs/``; ``q_lang``.
+* PathVQA's original release: ``pvqa/qas/<split>/<split>_qa.pkl`` (a pickled list of
+  ``{"image": "val_0261", "question", "answer"}``) + ``pvqa/images/<split>/<image>.jpg``, the
+  splits on disk being train, val and test. The pickles are read as data only: one that names any
+  class or function is refused, never run.
 * Parquet exports of PathVQA and VQA-RAD (columns ``image`` (bytes or {bytes, path}),
   ``question``, ``answer``), a single file or a folder of ``<split>-*.parquet`` files.
 * LLaVA-Med's converted ``test.json`` (``id``, ``image``, ``answer_type``, ``conversations``).
@@ -17,7 +21,9 @@ closed and everything else as open.
 
 from __future__ import annotations
 
+import io
 import os
+import pickle
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -25,7 +31,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any, Literal
 
-from llavamed.errors import InputError, format_counts
+from llavamed.errors import InputError, first_line, format_counts
 from llavamed.utils.io import parse_records, read_json
 
 DATASETS = ("vqa-rad", "slake", "pathvqa", "llava-med")
@@ -42,8 +48,9 @@ SLAKE_SPLITS = {
 
 def file_split(path: Path) -> str | None:
     """The split a file's name says it holds (``test.json``, ``validation-00000-of-00002.parquet``
-    -> "validate"), or None when the name is not a split's."""
-    return SLAKE_SPLITS.get(path.stem.split("-")[0])
+    -> "validate", PathVQA's ``val_qa.pkl`` -> "validate"), or None when the name is not a
+    split's."""
+    return SLAKE_SPLITS.get(path.stem.split("-")[0].removesuffix("_qa"))
 
 
 def _check_file_split(path: Path, split: str) -> None:
@@ -199,6 +206,38 @@ def _load_list(path: Path) -> list:
     return data
 
 
+def _default_qids(rows: list, prefix: str) -> list:
+    """Records without ``qid``/``id`` get ``<prefix>:<index in the file>``, an id that is the same
+    on every run (answers files are keyed by it, so a resume finds them again)."""
+    return [
+        {**r, "qid": f"{prefix}:{i}"}
+        if isinstance(r, dict) and r.get("qid", r.get("id")) is None
+        else r
+        for i, r in enumerate(rows)
+    ]
+
+
+def _plain_sample(
+    image_of: Callable[[dict, str], str | bytes], split: str, dataset: str, rec: dict, src: str
+) -> VQASample:
+    """A record with ``question``, ``answer`` and an image (``image_of(rec, src)``), optional
+    ``answer_type``/``question_type``, and a ``qid``/``id`` (see :func:`_default_qids`)."""
+    question = _text_field(rec, "question", src)
+    answer = _text_field(rec, "answer", src)
+    atype = _answer_type(rec, answer, src)
+    image = image_of(rec, src)
+    return VQASample(
+        qid=str(rec.get("qid", rec.get("id"))),
+        image=image,
+        question=question,
+        answer=answer,
+        answer_type=atype,
+        question_type=str(rec.get("question_type") or "").strip(),
+        split=split,
+        extra={"dataset": dataset},
+    )
+
+
 # --- VQA-RAD public JSON ---------------------------------------------------------------------
 
 
@@ -335,7 +374,8 @@ def _parquet_files(path: Path, split: str) -> list[Path]:
     return files
 
 
-def _image_bytes(v: Any, src: str) -> bytes:
+def _image_bytes(rec: dict, src: str) -> bytes:
+    v = rec.get("image")
     if isinstance(v, dict):  # datasets' Image feature: {"bytes": ..., "path": ...}
         v = v.get("bytes")
     if isinstance(v, bytearray | memoryview):
@@ -372,29 +412,147 @@ def load_parquet(
             raise InputError(f, "missing columns", ", ".join(sorted(missing)))
         # A file's own name says its split when it names one ("all" mixes several).
         shard_split = file_split(f) or (split if split != "all" else f.stem.split("-")[0])
-        rows = table.to_pylist()
-        for i, row in enumerate(rows):
-            if row.get("qid", row.get("id")) is None:
-                row["qid"] = f"{f.stem}:{i}"  # no id column: the shard and the row name it
-        samples += report.read(rows, f, partial(_parquet_sample, shard_split, dataset))
+        rows = _default_qids(table.to_pylist(), f.stem)  # no id column: shard and row name it
+        samples += report.read(rows, f, partial(_plain_sample, _image_bytes, shard_split, dataset))
     return samples, report
 
 
-def _parquet_sample(split: str, dataset: str, rec: dict, src: str) -> VQASample:
-    question = _text_field(rec, "question", src)
-    answer = _text_field(rec, "answer", src)
-    atype = _answer_type(rec, answer, src)
-    image = _image_bytes(rec.get("image"), src)
-    return VQASample(
-        qid=str(rec.get("qid", rec.get("id"))),
-        image=image,
-        question=question,
-        answer=answer,
-        answer_type=atype,
-        question_type=str(rec.get("question_type") or "").strip(),
-        split=split,
-        extra={"dataset": dataset},
-    )
+# --- PathVQA's original release (pickles + JPEG folders) -------------------------------------
+
+PATHVQA_DIRS = {"train": "train", "validate": "val", "test": "test"}  # split -> folder on disk
+
+
+class _DataUnpickler(pickle.Unpickler):
+    """Unpickles plain data only (lists, dicts, strings, numbers...). A pickle is a program: any
+    global it names (a class, a function such as ``os.system``) is refused before it is looked
+    up, so nothing in the file runs."""
+
+    def __init__(self, file: io.BytesIO, path: Path, encoding: str):
+        super().__init__(file, encoding=encoding)
+        self._path = path
+
+    def find_class(self, module: str, name: str):
+        raise InputError(
+            self._path,
+            "pickle holds code",
+            f"refusing to load {module}.{name} from a pickle; only plain data is read",
+        )
+
+
+def read_data_pickle(path: Path) -> Any:
+    """A pickle file's plain data through :class:`_DataUnpickler`; a missing, truncated or
+    corrupt file, or one naming any global, is an :class:`InputError` naming it."""
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError as exc:
+        raise InputError(path, "file not found") from exc
+    except OSError as exc:
+        raise InputError(path, "unreadable file", first_line(exc)) from exc
+
+    def load(encoding: str) -> Any:
+        buf = io.BytesIO(data)
+        obj = _DataUnpickler(buf, path, encoding).load()
+        if buf.read(1):
+            raise pickle.UnpicklingError("data after the end of the pickle")
+        return obj
+
+    try:
+        # ``encoding`` only applies to Python 2 ``str`` objects (PathVQA's release is of that
+        # age); Python 3 pickles store text as UTF-8 whatever it says. UTF-8 first: it is right
+        # for ASCII and UTF-8 text and fails rather than garbling anything else. A Python 2
+        # string that is not UTF-8 was written in a one-byte code page, most likely Latin-1,
+        # which decodes any byte, so it is the fallback (not "bytes": the fields must be text).
+        try:
+            return load("utf-8")
+        except UnicodeDecodeError:
+            return load("latin1")
+    except InputError:
+        raise
+    except Exception as exc:  # truncated or corrupt: EOFError, UnpicklingError, ValueError...
+        raise InputError(path, "unreadable pickle", first_line(exc)) from exc
+
+
+def _load_pickled_records(path: Path) -> list:
+    data = read_data_pickle(path)
+    if not isinstance(data, list):
+        raise InputError(path, "expected a pickled list of records", f"got {type(data).__name__}")
+    if data and not any(isinstance(r, dict) for r in data):
+        raise InputError(
+            path, "expected a pickled list of records", f"got a list of {type(data[0]).__name__}"
+        )
+    return data
+
+
+def _pathvqa_qas(path: Path) -> Path | None:
+    """The ``qas`` folder of PathVQA's release when ``path`` is the release folder (``pvqa/``) or
+    that ``qas`` folder itself, else None."""
+    if not path.is_dir():
+        return None
+    if (path / "qas").is_dir():
+        return path / "qas"
+    if any((path / d / f"{d}_qa.pkl").is_file() for d in PATHVQA_DIRS.values()):
+        return path
+    return None
+
+
+def _pathvqa_images(pkl: Path, images: str | os.PathLike | None) -> Path:
+    """The image folder of ``pvqa/qas/<d>/<d>_qa.pkl``: ``pvqa/images/<d>/``. ``images``, when
+    given, is the release's ``images/`` folder (its ``<d>/`` subfolder is used when present) or
+    the split's image folder itself."""
+    if len(pkl.parents) < 3:
+        pkl = pkl.absolute()
+    sub = pkl.parent.name
+    if images is None:
+        folder = pkl.parents[2] / "images" / sub
+    else:
+        folder = Path(images) / sub if (Path(images) / sub).is_dir() else Path(images)
+    if not folder.is_dir():
+        raise InputError(
+            pkl, "no image folder", f"expected {folder}; --images names the release's images/"
+        )
+    return folder
+
+
+def load_pathvqa(
+    path: str | os.PathLike, split: str = "test", images: str | os.PathLike | None = None
+) -> tuple[list[VQASample], LoadReport]:
+    """PathVQA's original release: the ``pvqa/`` folder (or its ``qas/`` folder), or one
+    ``qas/<d>/<d>_qa.pkl`` file, whose name must then say ``split``. ``split``: train,
+    val/validate/validation, test, or all (every split present). The records have no
+    answer_type, so yes/no answers count as closed; they have no id either, so a question's id
+    is ``<split>:<index in its pickle>``."""
+    path = Path(path)
+    if path.is_file():
+        _check_file_split(path, split)
+        named = file_split(path) or (SLAKE_SPLITS.get(split, split) if split != "all" else None)
+        files = [(named or path.stem, path)]
+    else:
+        qas = _pathvqa_qas(path)
+        if qas is None:
+            raise InputError(path, "no PathVQA qas folder", "expected qas/<split>/<split>_qa.pkl")
+        pkls = {s: qas / d / f"{d}_qa.pkl" for s, d in PATHVQA_DIRS.items()}
+        if split == "all":
+            files = [(s, p) for s, p in pkls.items() if p.is_file()]
+            if not files:
+                raise InputError(qas, "file not found", "no train/val/test _qa.pkl")
+        elif split not in SLAKE_SPLITS:
+            raise InputError(path, "unknown PathVQA split", f"{split!r}; use train, val or test")
+        else:
+            files = [(SLAKE_SPLITS[split], pkls[SLAKE_SPLITS[split]])]
+            if not files[0][1].is_file():
+                raise InputError(files[0][1], "file not found")
+    report = LoadReport(str(path))
+    samples = []
+    for name, pkl in files:
+        folder = _pathvqa_images(pkl, images)
+
+        def image_of(rec: dict, src: str, folder: Path = folder) -> str:
+            image = _text_field(rec, "image", src)  # "val_0261": the file is val_0261.jpg
+            return _image_path(folder, image if Path(image).suffix else f"{image}.jpg", src)
+
+        records = _default_qids(_load_pickled_records(pkl), name)
+        samples += report.read(records, pkl, partial(_plain_sample, image_of, name, "pathvqa"))
+    return samples, report
 
 
 # --- LLaVA-Med's converted test.json -------------------------------------------------------
@@ -455,7 +613,9 @@ def load_vqa(
     lang: str = "en",
     images: str | os.PathLike | None = None,
 ) -> tuple[list[VQASample], LoadReport]:
-    """Dispatch on ``dataset`` (one of :data:`DATASETS`)."""
+    """Dispatch on ``dataset`` (one of :data:`DATASETS`). PathVQA: its original release (a
+    ``.pkl`` file, or a folder holding ``qas/``) or a parquet export; ``images`` serves
+    LLaVA-Med's test.json and PathVQA's pickles."""
     path = Path(path)
     if not path.exists():
         raise InputError(path, "file not found")
@@ -464,6 +624,8 @@ def load_vqa(
     if dataset == "slake":
         return load_slake(path, split=split, lang=lang)
     if dataset == "pathvqa":
+        if (path.is_file() and path.suffix == ".pkl") or _pathvqa_qas(path) is not None:
+            return load_pathvqa(path, split=split, images=images)
         return load_parquet(path, split=split, dataset="pathvqa")
     if dataset == "llava-med":
         return load_llava_med(path, images=images, split=split)
