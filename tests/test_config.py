@@ -229,15 +229,3 @@ def test_4d_mask_options_and_grouping_are_checked_before_anything_loads():
     # on a conversation source it packed nothing, silently
     with pytest.raises(ConfigError, match="a llava_json source has nothing to pack"):
         load_config(BASE, ["data.group_by_image=true"])
-
-
-def test_ddp_looks_for_unused_parameters_only_when_text_only_samples_skip_trained_parts():
-    from llavamed.train.trainer import ddp_find_unused
-
-    stage2 = load_config(BASE)  # projector + LM train
-    assert ddp_find_unused(stage2, [True, False])  # a text-only micro-batch skips the projector
-    assert not ddp_find_unused(stage2, [True, True])
-    lm_only = load_config(BASE, ["train.trainable=[lm]"])
-    assert not ddp_find_unused(lm_only, [True, False])  # nothing trained below the LM
-    asked = load_config(BASE, ["distributed.find_unused_parameters=true"])
-    assert ddp_find_unused(asked, [True, True])

@@ -128,3 +128,43 @@ def test_a_micro_batch_whose_images_all_fail_does_not_stall_the_others(tmp_path,
     # every process's skips are in the report, not rank 0's alone
     report = json.loads((tmp_path / "out" / "data_report.json").read_text())
     assert report["skipped_while_training"] == {"corrupt image": 6}
+
+
+@pytest.mark.parametrize("engine", ["ddp", "fsdp"])
+def test_a_text_only_micro_batch_beside_an_image_one_does_not_stall(tmp_path, engine):
+    """A conversation mix with text-only records: on a step where one process holds only text,
+    it must still run the vision tower, or (FSDP2) the other process waits for the tower's weight
+    gathers until the timeout. The trained tower's gradients must be those of one process."""
+    data = make_bright_dark(tmp_path / "data", 5)
+    recs = json.loads(data.read_text())
+    recs += [  # 3 text-only + 5 image records: one global batch of 2 holds one of each
+        {
+            "id": f"t{i}",
+            "conversations": [
+                {"from": "human", "value": "Say yes." + " Please" * i},
+                {"from": "gpt", "value": "yes"},
+            ],
+        }
+        for i in range(3)
+    ]
+    data.write_text(json.dumps(recs))
+    runs = {}
+    for name, extra in (("single", {}), (engine, {"engine": engine, "timeout_minutes": 1.0})):
+        cfg = tiny_config(
+            data, tmp_path / name, max_steps=4, global_batch_size=2, micro_batch_size=1
+        )
+        if extra:
+            cfg["distributed"] = extra
+        path = tmp_path / f"{name}.yaml"
+        path.write_text(yaml.safe_dump(cfg))
+        if name == "single":
+            _run([sys.executable, "-m", "llavamed", "train", str(path), "--no-progress"])
+        else:
+            torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2"]
+            port = ["--master_port", str(_free_port())]
+            _run([*torchrun, *port, "-m", "llavamed", "train", str(path), "--no-progress"])
+        runs[name] = tmp_path / name
+    assert _losses(runs[engine]) == pytest.approx(_losses(runs["single"]), rel=1e-4, abs=1e-5)
+    a, b = _weights(runs[engine]), _weights(runs["single"])
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-3, atol=1e-4, msg=k)

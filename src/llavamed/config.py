@@ -235,9 +235,9 @@ class DistributedConfig:
     backend: str | None = None
     """torch.distributed backend; default nccl with CUDA, gloo otherwise."""
     find_unused_parameters: bool = False
-    """DDP only; unused parameters are frozen automatically, and the trainer turns the search on
-    by itself when text-only samples meet a trainable projector or tower, so this is rarely
-    needed."""
+    """DDP only, and rarely needed: unused tower layers are frozen automatically, and in a
+    multi-process run a micro-batch without images still runs the tower on a blank image (times
+    zero), so every trained parameter gets a gradient on every process."""
     timeout_minutes: float = 30.0
     """Collective timeout."""
 

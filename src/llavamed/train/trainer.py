@@ -16,7 +16,7 @@ import math
 import os
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -82,12 +82,27 @@ def _loss_module_cls():
     class CausalLMLoss(torch.nn.Module):
         """Summed next-token CE over supervised positions, as one module so DDP/FSDP/DeepSpeed
         wrap a single forward. ``layer_cache`` (a ``frozen_layers.LayerInputCache``, single
-        process only) lets a sample seen before start at the first trained LM layer."""
+        process only) lets a sample seen before start at the first trained LM layer.
 
-        def __init__(self, llava):
+        ``tower_every_step``: a micro-batch without images still runs the vision tower and
+        projector, on a blank image, and adds their output times zero to the loss (LLaVA's own fix).
+        In a multi-process run the processes must meet the same collectives in the same order:
+        FSDP2 and ZeRO-3 gather the tower's weights layer by layer in its forward, and DDP
+        reduces the gradients of every trained parameter. A process holding only text would skip
+        them and stall or crash the others. Run first, as the tower runs before the LM on a
+        process with images, so the gathers come in the same order."""
+
+        def __init__(self, llava, tower_every_step: bool = False):
             super().__init__()
             self.llava = llava
             self.layer_cache = None
+            self.tower_every_step = tower_every_step
+
+        def _blank_image_term(self, like):
+            size = self.llava.config.vision_config.image_size
+            blank = torch.zeros(1, 3, size, size, dtype=like.dtype, device=like.device)
+            feats = self.llava.model.get_image_features(pixel_values=blank).pooler_output
+            return sum(f.sum() for f in feats) * 0.0
 
         def forward(
             self,
@@ -99,6 +114,9 @@ def _loss_module_cls():
             position_ids=None,
             idx=None,
         ):
+            blank_term = None
+            if pixel_values is None and self.tower_every_step:
+                blank_term = self._blank_image_term(self.llava.lm_head.weight)
             cache = self.layer_cache if idx is not None else None
             if cache is not None and segment_ids is None:
                 # The cached path runs the decoder layers with a 4-D mask; plain samples get one
@@ -145,7 +163,8 @@ def _loss_module_cls():
             tgt = labels[:, 1:]
             sel = tgt != IGNORE_INDEX
             logits = self.llava.lm_head(h[sel])
-            return F.cross_entropy(logits.float(), tgt[sel], reduction="sum")
+            loss = F.cross_entropy(logits.float(), tgt[sel], reduction="sum")
+            return loss if blank_term is None else loss + blank_term
 
     return CausalLMLoss
 
@@ -375,7 +394,7 @@ class Engine:
 
         self.kind, self.llava, self.info, self.cfg, self.accum = kind, llava, info, cfg, accum
         t = cfg.train
-        wrapper = _loss_module_cls()(llava)
+        wrapper = _loss_module_cls()(llava, tower_every_step=info.world_size > 1)
         params = [p for p in wrapper.parameters() if p.requires_grad]
         warmup = int(round(t.warmup_ratio * total_steps))
         self.max_grad_norm = t.max_grad_norm
@@ -417,6 +436,15 @@ class Engine:
             self.scheduler = _GroupLR(self.optimizer, _LR(total_steps, warmup, t.lr_scheduler))
         self.module = wrapper
         self.params = params
+        # The parts only an image reaches. In a multi-process run they get a zero gradient from
+        # the blank-image term on a step without images, where one process alone gets none.
+        inner = llava.model
+        self.image_params = [
+            p
+            for part in (inner.vision_tower, inner.multi_modal_projector)
+            for p in part.parameters()
+            if p.requires_grad
+        ]
 
     def sync_context(self, last: bool):
         if self.kind == "ddp" and not last:
@@ -456,12 +484,17 @@ class Engine:
         else:
             (loss_sum * scale).backward()
 
-    def step(self, skip: bool = False) -> float:
+    def step(self, skip: bool = False, no_images: bool = False) -> float:
         """Clip, step and zero. ``skip``: nothing in the global batch was supervised (every
         sample failed to load), so the weights stay put: AdamW would still move them on its
-        momentum. The schedule advances, as the step is counted."""
+        momentum. The schedule advances, as the step is counted. ``no_images``: no process had
+        an image this step, so the tower and projector stay put, as in one process, where they
+        get no gradient at all (DeepSpeed owns its gradients: there AdamW still moves them)."""
         import torch
 
+        if no_images and self.kind in ("ddp", "fsdp"):
+            for p in self.image_params:
+                p.grad = None
         if skip and self.kind != "deepspeed":
             self.optimizer.zero_grad(set_to_none=True)
             self.scheduler.step()
@@ -643,18 +676,6 @@ def _placeholder_batch(dataset, collate) -> dict:
     raise InputError("data", "no sample loads", "every image failed to decode")
 
 
-def ddp_find_unused(cfg: TrainConfig, has_image: Sequence[bool]) -> bool:
-    """Whether DDP must look for parameters a forward left unused. A text-only micro-batch (a
-    conversation mix with text-only records) never runs the tower or the projector, so when
-    those train, their gradients are missing on that step and DDP without the search stops with
-    "Expected to have finished reduction". The search costs a graph walk per step, so it is on
-    only then (or when the config asks)."""
-    if cfg.distributed.find_unused_parameters:
-        return True
-    below_lm = {"projector", "vision"} & set(cfg.trainable_parts())
-    return bool(below_lm) and not all(has_image)
-
-
 def _check_same_run(out: Path, resolved: dict) -> None:
     import yaml
 
@@ -796,7 +817,13 @@ def _run(
     total_steps = t.max_steps or max(1, math.ceil(t.epochs * spe))
 
     engine = Engine(
-        kind, model, cfg, info, accum, total_steps, find_unused=ddp_find_unused(cfg, has_image)
+        kind,
+        model,
+        cfg,
+        info,
+        accum,
+        total_steps,
+        find_unused=cfg.distributed.find_unused_parameters,
     )
     for opt in ("cache_frozen_layers", "freeze_from_epoch"):
         if getattr(t, opt) and kind != "single":
@@ -933,6 +960,7 @@ def _run(
             sup_local = sum(int((b["labels"][:, 1:] != -100).sum()) for b in micro if b["n"])
             tok_local = sum(int(b["attention_mask"].sum()) for b in micro if b["n"])
             sup_total = D.all_reduce_sum(sup_local, info)
+            images = D.all_reduce_sum(sum("pixel_values" in b for b in micro if b["n"]), info)
             loss_local = 0.0
             for k, b in enumerate(micro):
                 for reason, msg in b["bad"]:
@@ -959,7 +987,7 @@ def _run(
                 if k < accum - 1:
                     engine.ds_micro_step()
             lr_used = engine.optimizer.param_groups[0]["lr"]  # step() moves it to the next one
-            grad_norm = engine.step(skip=sup_total == 0)
+            grad_norm = engine.step(skip=sup_total == 0, no_images=images == 0)
             step += 1
             loss = D.all_reduce_sum(loss_local, info) / max(sup_total, 1.0)
             tokens = D.all_reduce_sum(tok_local, info)
