@@ -75,6 +75,12 @@ def test_tricky_captions(caption, expected):
         ("Micrographs of biofilm on the implant obtained using SEM.", set()),
         ("Photomicrographs of stained spheroids under a confocal microscope.", set()),
         ("Photomicrograph of the tumour stained with H&E, x400.", {"histology"}),
+        # "ultrastructure" is an electron microscope's view, however the caption names it
+        ("Ultrastructural micrograph of a mitochondrion with disrupted cristae.", set()),
+        ("Micrograph of renal tubules, ultrastructure showing lysosomes.", set()),
+        ("Ultrastructure of the glomerular basement membrane. Micrograph of podocytes.", set()),
+        ("Micrograph of the biopsy (H&E). Ultrastructure of the same biopsy.", {"histology"}),
+        ("Micrograph of the liver, x200. Ultrastructure of a hepatocyte.", {"histology"}),
         # the microscope acronyms are capitals: "stem" is a word, not STEM
         ("Brain stem photomicrograph showing gliosis.", {"histology"}),
         ("Photomicrograph of the scaffold seeded with stem cells.", {"histology"}),

@@ -9,7 +9,9 @@ stains and magnifications ("H&E", "PAS", "×400"), views and anatomy. Rules, in 
    "CT-guided biopsy", "histologically confirmed", "gross total resection", "X-ray crystal
    structure", "CT-based model", and "micrograph" when it is an electron, TEM/SEM, cryo-EM,
    confocal or fluorescence one, whether the microscope comes first or after it ("micrograph
-   ... by scanning electron microscopy"); "H&E photomicrograph" stays histology.
+   ... by scanning electron microscopy") or the caption calls it ultrastructure (in the same
+   sentence, or in a title sentence "Ultrastructure of ..."); "H&E photomicrograph" stays
+   histology.
 2. A *strong* cue labels its domain unless a negation governs it directly ("No CT was performed",
    "MRI was not available"). Negations of findings ("no evidence of pneumothorax on the chest
    radiograph") leave the modality standing. "HPF" (high-power field) is a strong histology cue
