@@ -82,3 +82,29 @@ def test_captions_go_in_on_one_line_without_image_tokens():
     assert [s["conversations"][1]["value"] for s in samples] == ["Axial CT. Arrow: lesion."]
     assert skipped == {"empty caption": 1}
     assert all(s["conversations"][0]["value"].count("<image>") == 1 for s in samples)
+
+
+def test_llava_med_caption_json_records_name_pair_id_jpg(tmp_path, capsys):
+    """LLaVA-Med's {domain: [records]} caption JSON has no image field; its images are
+    {pair_id}.jpg, as self-instruct reads them. They were all skipped as "no image", exit 0."""
+    figs = tmp_path / "llava_med_captions.json"
+    recs = [{"pair_id": f"{i}_PMC{i}_F1", "fig_caption": f"Axial CT {i}."} for i in range(3)]
+    recs.append({"pair_id": "gone", "fig_caption": "No image.", "image": None})
+    figs.write_text(json.dumps({"ct_scan": recs}))
+    for r in recs[:2]:  # the third's file is missing
+        (tmp_path / f"{r['pair_id']}.jpg").write_bytes(b"jpeg")
+    out = tmp_path / "alignment.json"
+    assert main(["data", "align", "--figures", str(figs), "--out", str(out)]) == 0
+    data = json.loads(out.read_text())
+    assert [s["image"] for s in data] == ["0_PMC0_F1.jpg", "1_PMC1_F1.jpg"]
+    printed = capsys.readouterr().out
+    assert '"image file not found": 1' in printed and '"no image": 1' in printed
+
+
+def test_no_sample_at_all_is_an_error_not_an_empty_set(tmp_path, capsys):
+    figs = tmp_path / "figures.jsonl"
+    figs.write_text(json.dumps({"pair_id": "a", "fig_caption": "x", "image": None}) + "\n")
+    out = tmp_path / "alignment.json"
+    assert main(["data", "align", "--figures", str(figs), "--out", str(out)]) == 1
+    assert not out.exists()
+    assert "no figure became an alignment sample" in capsys.readouterr().err

@@ -16,7 +16,8 @@ detailed ones from Table 8) with <image> before or after it, the gpt turn is the
 Prompt choice and <image> placement are seeded per figure (--seed).
 
 Image paths are written relative to the folder of --out, so that folder is the image folder for
-`llavamed train`. Figures without an image are skipped and counted."""
+`llavamed train`. Figures without an image are skipped and counted; records of LLaVA-Med's
+caption JSON, which carry no image field, name {pair_id}.jpg. No sample at all is an error."""
 
 
 def register(subparsers) -> None:
@@ -56,6 +57,9 @@ def run(args: argparse.Namespace) -> int:
         max_samples=args.max_samples,
         seed=args.seed,
     )
+    if not samples:  # an empty set would train stage 1 on nothing, and look like success
+        why = f"skipped {json.dumps(skipped)}" if skipped else "it holds no records"
+        raise LlavamedError(f"{args.figures}: no figure became an alignment sample ({why})")
     atomic_write_json(args.out, samples, indent=None)
     msg = f"{len(samples)} alignment samples -> {args.out}"
     if skipped:

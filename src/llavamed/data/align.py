@@ -11,7 +11,7 @@ from collections.abc import Iterable
 from functools import lru_cache
 from pathlib import Path
 
-from llavamed.data.figures import image_on_disk, rebase_image
+from llavamed.data.figures import image_on_disk, rebase_image, record_image
 
 IMAGE_TOKEN = "<image>"
 PROMPTS_PATH = Path(__file__).resolve().parent.parent / "resources" / "align_prompts.json"
@@ -70,9 +70,9 @@ def build_alignment(
     seen: set[str] = set()
     for rec in records:
         reason = None
-        image, caption, pair_id = rec.get("image"), rec.get("fig_caption"), rec.get("pair_id")
-        if not isinstance(image, str) or not image.strip():
-            reason = "no image" if not image else "malformed image field"
+        image, caption, pair_id = record_image(rec), rec.get("fig_caption"), rec.get("pair_id")
+        if image is None:
+            reason = "no image" if not rec.get("image") else "malformed image field"
         elif not isinstance(caption, str) or not clean_caption(caption):
             reason = (
                 "empty caption" if isinstance(caption, str) or not caption else "malformed caption"
@@ -87,7 +87,7 @@ def build_alignment(
             skipped[reason] = skipped.get(reason, 0) + 1
             continue
         seen.add(rec["pair_id"])
-        kept.append(rec)
+        kept.append({**rec, "image": image})
     if max_samples is not None and len(kept) > max_samples:
         picked = sorted(random.Random(seed).sample(range(len(kept)), max_samples))
         kept = [kept[i] for i in picked]

@@ -61,6 +61,20 @@ def rebase_image(
     return Path(os.path.relpath(path, out_dir) if out_dir is not None else path).as_posix()
 
 
+def record_image(record: dict) -> str | None:
+    """The image a figure record names, or None when it has none. LLaVA-Med's caption JSON
+    records carry no ``image`` field: their images are ``{pair_id}.jpg`` by convention. A
+    figures.jsonl record always has one; ``image: null`` (``data ingest --keep-missing-images``)
+    means there is no image file."""
+    image = record.get("image")
+    if isinstance(image, str) and image.strip():
+        return image
+    pair_id = record.get("pair_id")
+    if "image" not in record and isinstance(pair_id, str | int) and not isinstance(pair_id, bool):
+        return f"{pair_id}.jpg" if str(pair_id).strip() else None
+    return None
+
+
 def image_on_disk(image: str, image_root: str | os.PathLike | None) -> str:
     """A record's image path as the file system sees it (relative paths are under the root)."""
     if image_root is not None and not os.path.isabs(image):

@@ -20,6 +20,7 @@ import re
 from collections import Counter
 from dataclasses import dataclass, field
 
+from llavamed.data.figures import record_image
 from llavamed.errors import InputError
 
 USER, ASSISTANT = "user", "assistant"
@@ -276,17 +277,13 @@ def clean_turns(turns: list[tuple[str, str]]) -> CleanResult:
 
 
 def sample_image(record: dict) -> str:
-    """The image a sample of ``record`` names. LLaVA-Med's caption JSON records carry no
-    ``image`` field and their images are ``{pair_id}.jpg`` by convention; a figures.jsonl record
-    always has one, and ``image: null`` (``data ingest --keep-missing-images``) means there is
-    no image file: raises :class:`InputError` with reason ``missing_image`` rather than naming a
-    file that does not exist."""
-    image = record.get("image")
-    if isinstance(image, str) and image.strip():
-        return image
-    if "image" not in record:
-        return f"{record['pair_id']}.jpg"
-    raise InputError(f"record {record.get('pair_id')}", "missing_image")
+    """The image a sample of ``record`` names (:func:`llavamed.data.figures.record_image`); a
+    record without one raises :class:`InputError` with reason ``missing_image`` rather than
+    naming a file that does not exist."""
+    image = record_image(record)
+    if image is None:
+        raise InputError(f"record {record.get('pair_id')}", "missing_image")
+    return image
 
 
 def to_llava_sample(
