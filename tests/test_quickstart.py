@@ -189,6 +189,49 @@ def test_an_incomplete_stage_runs_again_and_a_stage_error_names_the_stage(tmp_pa
     assert calls == ["b"]
 
 
+def test_a_rerun_stage_redoes_only_the_stages_that_read_it(tmp_path):
+    """Stages declare what they read. An incomplete self-instruct stage that runs again must not
+    redo the vision stages listed after it, which read none of its output (they used to, on
+    every invocation: the keys formed one chain in list order)."""
+    opts = QuickstartOptions(out=tmp_path, progress=False)
+    calls: list[str] = []
+    outcome = {"incomplete": True}
+
+    def stage(name, result=None):
+        def run():
+            calls.append(name)
+            (tmp_path / name).mkdir(exist_ok=True)
+            (tmp_path / name / "out.txt").write_text(name)
+            return dict(result or {})
+
+        return run
+
+    stages = [
+        ("world", "world", stage("world"), {}),
+        ("instruct", "instruct", stage("instruct", outcome), {}, ("world",)),
+        ("tower", "tower", stage("tower"), {}, ("world",)),
+        ("lm", "lm", stage("lm"), {}, ("instruct", "tower")),
+    ]
+    Pipeline(opts, stages).run()
+    assert calls == ["world", "instruct", "tower", "lm"]
+    calls.clear()
+    Pipeline(opts, stages).run()  # instruct was incomplete: it and its reader run again
+    assert calls == ["instruct", "lm"]
+    outcome.clear()
+    calls.clear()
+    Pipeline(opts, stages).run()
+    assert calls == ["instruct", "lm"]  # complete this time
+    calls.clear()
+    Pipeline(opts, stages).run()
+    assert calls == []
+    # a changed tower setting redoes the tower and what reads it, not self-instruct
+    stages[2] = ("tower", "tower", stage("tower"), {"steps": 2}, ("world",))
+    Pipeline(opts, stages).run()
+    assert calls == ["tower", "lm"]
+    with pytest.raises(ValueError, match="needs \\['later'\\]"):
+        Pipeline(opts, [("a", "a", stage("a"), {}, ("later",)), ("later", "l", stage("l"), {})])
+
+
 @pytest.mark.slow
 def test_quickstart_tiny_end_to_end_and_rerun(tmp_path):
     out = tmp_path / "qs"

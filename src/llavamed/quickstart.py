@@ -340,17 +340,31 @@ def _minutes(seconds: float) -> str:
 
 class Pipeline:
     """Runs named stages in order with keyed skip/resume and a total progress bar whose ETA comes
-    from reference stage times (``expected_s``), rescaled as stages finish."""
+    from reference stage times (``expected_s``), rescaled as stages finish.
+
+    A stage is ``(name, folder, fn, settings)`` or ``(name, folder, fn, settings, needs)``:
+    ``needs`` names the earlier stages whose output it reads (default: the stage before it). Its
+    key hashes its settings and those stages' keys, and it starts over, in a clean folder, when
+    one of them ran in this invocation. A stage that reads nothing of another is not redone
+    when that one is."""
 
     def __init__(
         self,
         opts: QuickstartOptions,
-        stages: list[tuple[str, str, Callable[[], dict], dict]],
+        stages: list[tuple],
         expected_s: dict[str, float] | None = None,
     ):
         self.opts = opts
         self.out = Path(opts.out)
-        self.stages = stages
+        names = [s[0] for s in stages]
+        self.needs: dict[str, tuple[str, ...]] = {}
+        for i, stage in enumerate(stages):
+            needs = stage[4] if len(stage) > 4 else tuple(names[i - 1 : i])
+            unknown = [n for n in needs if n not in names[:i]]
+            if unknown:
+                raise ValueError(f"stage {stage[0]} needs {unknown}, which do not run before it")
+            self.needs[stage[0]] = tuple(needs)
+        self.stages = [s[:4] for s in stages]
         self.expected_s = dict(expected_s or {})
         self.finished: list[tuple[str, float]] = []
         self.state_path = self.out / STATE_FILE
@@ -360,7 +374,7 @@ class Pipeline:
     def run(self) -> list[StageResult]:
         from tqdm import tqdm
 
-        upstream_key = ""
+        keys: dict[str, str] = {}
         total = len(self.stages)
         bar = tqdm(
             total=total,
@@ -372,12 +386,15 @@ class Pipeline:
             bar_format="{desc}{n}/{total} stages |{bar}| {elapsed} elapsed{postfix}",
         )
         names = [s[0] for s in self.stages]
-        # Once a stage runs, every later stage read its old output (or none): they start clean.
-        upstream_ran = False
+        # Once a stage runs, the stages that read its output read the old one (or none): they
+        # start clean.
+        ran: set[str] = set()
         try:
             for i, (name, folder, fn, settings) in enumerate(self.stages):
-                key = _key(name, _portable(settings, self.out), upstream_key)
-                upstream_key = key
+                needs = self.needs[name]
+                key = _key(name, _portable(settings, self.out), "|".join(keys[n] for n in needs))
+                keys[name] = key
+                upstream_ran = any(n in ran for n in needs)
                 done = self.state["stages"].get(name)
                 stage_dir = self.out / folder if folder else None
                 bar.set_description(f"quickstart [{name}]")
@@ -423,7 +440,7 @@ class Pipeline:
                 self.state["stages"].pop(name, None)
                 started[name] = key
                 self._save()
-                upstream_ran = True
+                ran.add(name)
                 t0 = time.time()
                 try:
                     info = fn() or {}
@@ -776,6 +793,14 @@ def run_quickstart(opts: QuickstartOptions) -> dict:
 
         return run
 
+    # The stage that last trained the tower stage 1 starts from (none: a given tower as is).
+    tower_stage = (
+        ("stage0b_vision_vqa",)
+        if p.stage0b_steps
+        else ("stage0_vision",)
+        if given_tower is None
+        else ()
+    )
     stages = [
         (
             "synth",
@@ -800,9 +825,18 @@ def run_quickstart(opts: QuickstartOptions) -> dict:
             instruct,
             # image paths relative to instruct.json since 4086f98: older outputs are redone
             {"n": p.instruct_samples, "seed": seed, "image_paths": "relative"},
+            ("ingest",),  # the vision stages read none of it: a redo leaves them alone
         ),
         *(
-            [("stage0_pairs", "stage0_pairs", stage0_pairs, {"n": p.stage0_pairs, "seed": seed})]
+            [
+                (
+                    "stage0_pairs",
+                    "stage0_pairs",
+                    stage0_pairs,
+                    {"n": p.stage0_pairs, "seed": seed},
+                    ("synth",),  # its own renders: the synth key carries the generator version
+                )
+            ]
             if given_tower is None and p.stage0_pairs
             else []
         ),
@@ -823,6 +857,7 @@ def run_quickstart(opts: QuickstartOptions) -> dict:
                             "probe_images",
                         )
                     },
+                    ("stage0_pairs",) if p.stage0_pairs else ("ingest",),
                 )
             ]
             if given_tower is None
@@ -836,6 +871,7 @@ def run_quickstart(opts: QuickstartOptions) -> dict:
                     stage0b,
                     {"steps": p.stage0b_steps, "aspect": STAGE0B_ASPECT}
                     | ({"vision_fingerprint": given_fp} if given_tower else {}),
+                    ("synth",) + (() if given_tower else ("stage0_vision",)),
                 )
             ]
             if p.stage0b_steps
@@ -846,8 +882,15 @@ def run_quickstart(opts: QuickstartOptions) -> dict:
             "stage1",
             train_stage("stage1", stage1_cfg),
             stage1_cfg | ({"tower_fingerprint": given_fp} if given_fp else {}),
+            ("align", *tower_stage),
         ),
-        ("stage2_instruct", "stage2", train_stage("stage2", stage2_cfg), stage2_cfg),
+        (
+            "stage2_instruct",
+            "stage2",
+            train_stage("stage2", stage2_cfg),
+            stage2_cfg,
+            ("stage1_alignment", "instruct"),
+        ),
         (
             "eval_zero_shot",
             "eval/zero_shot",
@@ -860,6 +903,7 @@ def run_quickstart(opts: QuickstartOptions) -> dict:
             train_stage("finetune", finetune_cfg),
             # group_by_image changed meaning (multi-turn -> shared image prefix): rerun old runs.
             finetune_cfg | {"group_by_image": "shared_prefix"},
+            ("synth", "stage2_instruct"),  # not the zero-shot evaluation before it
         ),
         (
             "eval_finetuned",

@@ -19,7 +19,8 @@ def register(sub) -> None:
             "Re-running skips finished stages; a killed run resumes inside the stage it "
             "stopped in; a stage that runs again (changed settings, a "
             "deleted folder, self-instruct requests to retry, a new MedSynth generator version) "
-            "reruns every stage after it."
+            "reruns every later stage that reads its output (self-instruct's output is read "
+            "by stage 2 only, so a retry of it does not redo the vision stages)."
         ),
         formatter_class=DefaultsHelpFormatter,
     )
