@@ -265,3 +265,32 @@ def test_instruct_writes_no_output_when_every_request_failed(tmp_path, capsys):
         srv.default = "ok"  # the server recovers: the same command now writes OUT
         assert main(argv) == 0
         assert len(json.loads(out.read_text())) == 1
+
+
+def _instruct_argv(tmp_path, n: int):
+    figs, out = tmp_path / "figures.jsonl", tmp_path / "instruct.json"
+    recs = [
+        {"pair_id": f"PMC{i}_F1", "fig_caption": "Chest x-ray.", "image": "a.jpg"} for i in range(n)
+    ]
+    figs.write_text("".join(json.dumps(r) + "\n" for r in recs))
+    argv = ["data", "instruct", "--figures", str(figs), "--out", str(out), "--model", "m"]
+    return argv + ["--max-retries", "0", "--no-progress", "--cache", "none"], out
+
+
+def test_instruct_fails_when_the_server_rejected_every_request(tmp_path, capsys):
+    """A 4xx on every request (a proxy's 400, a 422 for a parameter the server does not take)
+    is the server's or the command's fault, not the figures': no empty OUT and no exit 0, and
+    once the server is fixed the same command asks every figure again."""
+    from openai_stub_server import StubServer
+
+    argv, out = _instruct_argv(tmp_path, 3)
+    with StubServer(default="422") as srv:
+        argv += ["--base-url", srv.base_url]
+        assert main(argv) == 1
+        _one_line_error(capsys, "all 3 requests", "http_422", "stub 422")
+        assert not out.exists() and srv.count == 3
+        report = json.loads((tmp_path / "instruct_report.json").read_text())
+        assert report["out"] is None and report["rejected_this_run"] == {"http_422": 3}
+        srv.default = "ok"
+        assert main(argv) == 0 and srv.count == 6
+        assert len(json.loads(out.read_text())) == 3

@@ -196,14 +196,23 @@ def test_fatal_auth_error_stops_run(stub, tmp_path):
         run_instruct(make_opts(stub, tmp_path, n=5))
 
 
-def test_rejected_request_logged_not_reasked(stub, tmp_path):
+def test_a_rejected_request_is_logged_then_asked_again_by_the_next_run(stub, tmp_path):
+    """A 4xx may be the server's fault (a proxy's 400, a 422 for an unsupported parameter): the
+    figure is counted as dropped this run but not done for good, unlike a model's refusal."""
     opts = make_opts(stub, tmp_path, n=5)
     opts.client.concurrency = 1
     stub.plan(["400"])
     report, rc = run_instruct(opts)
     assert rc == 0 and report["totals"]["dropped_by_reason"]["request_rejected"] == 1
+    assert report["rejected_this_run"] == {"http_400": 1}
+    rejected = stub.requests[0]["messages"][-1]["content"]
+    report, rc = run_instruct(opts)
+    assert rc == 0 and stub.count == 6  # only the rejected figure is asked again
+    assert stub.requests[5]["messages"][-1]["content"] == rejected
+    assert "request_rejected" not in report["totals"]["dropped_by_reason"]
+    assert report["totals"]["kept"] + report["totals"]["dropped"] == 5
     run_instruct(opts)
-    assert stub.count == 5
+    assert stub.count == 6  # now it is done
 
 
 def test_dry_run_calls_nothing(stub, tmp_path):

@@ -119,6 +119,16 @@ def test_client_errors_not_retried(stub):
     assert ei.value.fatal
 
 
+@pytest.mark.parametrize("status", ["401", "402", "403", "404"])
+def test_statuses_every_request_would_get_stop_the_job(stub, status):
+    """A wrong key, an account out of credits (402), a wrong endpoint or model: fatal at once."""
+    stub.plan([status])
+    with pytest.raises(LLMError) as ei:
+        run(_chat(opts(stub)))
+    assert ei.value.kind == f"http_{status}" and ei.value.fatal and not ei.value.rejected
+    assert stub.count == 1
+
+
 def test_missing_usage_is_estimated(stub):
     stub.plan(["nousage"])
     stats, [r] = run(_chat(opts(stub)))

@@ -53,7 +53,8 @@ CHARS_PER_TOKEN = 4.0
 TOKENS_PER_MESSAGE = 4  # role and separators in chat templates
 
 RETRYABLE_STATUS = {408, 409, 425, 429, 500, 502, 503, 504, 520, 522, 524, 529}
-FATAL_STATUS = {401, 403, 404}  # wrong key, endpoint or model: every request would fail
+# Wrong key, no credits left (402), wrong endpoint or model: every request would fail.
+FATAL_STATUS = {401, 402, 403, 404}
 MODEL_REFUSAL = "model_refusal"  # a reply without text: content filter or an explicit refusal
 
 
@@ -79,8 +80,8 @@ class LLMError(LlavamedError):
 
     @property
     def rejected(self) -> bool:
-        """The server refused this very request for good (a non-retryable 4xx, or the model
-        declined): asking again gets the same answer, so a batch job records it and moves on.
+        """The server refused this very request (a non-retryable, non-fatal 4xx, or the model
+        declined): retrying now gets the same answer, so a batch job records it and moves on.
         A 429 after the last retry is not rejected, only postponed."""
         if self.fatal or self.retryable:
             return False

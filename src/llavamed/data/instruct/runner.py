@@ -4,8 +4,11 @@ Crash safety: every finished figure (kept or dropped, with its reason) is append
 ``<out>.partial.jsonl`` the moment its response is cleaned (fsynced in batches every second). A restart skips pair_ids already in
 the log, so SIGKILL at any instant loses at most the requests in flight (and those are usually in
 the response cache). Only at the end is ``<out>`` written, atomically, as a JSON list in selection
-order. Transient request failures are *not* logged, so the next run retries them; a request the
-server rejects outright (HTTP 4xx) is logged as dropped so it is not paid for again.
+order. Transient request failures are *not* logged, so the next run retries them. A request the
+server rejects outright (HTTP 4xx) is logged as dropped (``request_rejected``) and the run moves
+on, but the next run asks it again: the fault may be the server's or the command's, and a
+rejected request costs nothing. A model's refusal (``model_refusal``) is an answer and is final.
+A run in which the server rejected every request fails instead of writing an empty output.
 """
 
 from __future__ import annotations
@@ -47,6 +50,12 @@ from llavamed.llm.client import (
 from llavamed.utils.io import JsonlAppender, atomic_write_json, exclusive_lock, iter_jsonl
 
 EXIT_INCOMPLETE = 3
+REQUEST_REJECTED = "request_rejected"
+
+
+def _asked_again(entry: dict) -> bool:
+    """A logged figure that a later run asks again rather than counting as done."""
+    return entry.get("reason") == REQUEST_REJECTED
 
 
 @dataclass
@@ -184,14 +193,26 @@ async def _group_fsync(path: Path, every_s: float = 1.0) -> None:
         await asyncio.to_thread(_fsync_path, path)
 
 
-async def _generate(opts, prompts, pending, appender, fp, bar) -> tuple[Counter, dict, int]:
+@dataclass
+class _RunOutcome:
+    """What one run's requests came to, beyond what the log records."""
+
+    stats: dict = field(default_factory=dict)
+    failed: Counter = field(default_factory=Counter)
+    """Transient failures per error kind: not logged, the next run asks again."""
+    rejected: Counter = field(default_factory=Counter)
+    """Requests the server rejected (a non-fatal 4xx) per status: logged, asked again next run."""
+    first_rejection: str = ""
+    length_cut: int = 0
+
+
+async def _generate(opts, prompts, pending, appender, fp, bar) -> _RunOutcome:
     """Ask for every pending record; append each outcome to the log as it completes."""
-    failed: Counter = Counter()
-    length_cut = 0
+    outcome = _RunOutcome()
+    failed = outcome.failed
     async with LLMClient(opts.client, seed=opts.seed) as client:
 
         async def one(rec: dict) -> None:
-            nonlocal length_cut
             pid = str(rec["pair_id"])
             messages = build_messages(rec, prompts, opts.inline_mentions)
             entry: dict = {"pair_id": pid, "fp": fp}
@@ -205,8 +226,13 @@ async def _generate(opts, prompts, pending, appender, fp, bar) -> tuple[Counter,
             except LLMError as exc:
                 if exc.fatal:
                     raise
-                if exc.rejected:  # for good; a 429 after the last retry is only postponed
-                    reason = "model_refusal" if exc.kind == MODEL_REFUSAL else "request_rejected"
+                if exc.rejected:  # not this run; a 429 after the last retry is only postponed
+                    reason = MODEL_REFUSAL if exc.kind == MODEL_REFUSAL else REQUEST_REJECTED
+                    if reason == REQUEST_REJECTED:
+                        outcome.rejected[exc.kind] += 1
+                        outcome.first_rejection = (
+                            outcome.first_rejection or f"{exc.kind}: {exc.detail}"
+                        )
                     entry.update(status="dropped", reason=reason, detail=exc.kind)
                     appender.append(entry)
                 else:
@@ -214,7 +240,7 @@ async def _generate(opts, prompts, pending, appender, fp, bar) -> tuple[Counter,
                 return
             parsed = parse_turns(r.text)
             if r.finish_reason == "length":
-                length_cut += 1
+                outcome.length_cut += 1
                 drop_cut_answer(parsed, r.text)
             cleaned = clean_turns(parsed.turns)
             drops = parsed.dropped + cleaned.dropped
@@ -258,7 +284,8 @@ async def _generate(opts, prompts, pending, appender, fp, bar) -> tuple[Counter,
             syncer.cancel()
             await asyncio.gather(syncer, return_exceptions=True)
             _fsync_path(appender.path)
-        return failed, client.stats.as_dict(), length_cut
+        outcome.stats = client.stats.as_dict()
+        return outcome
 
 
 def summarise(entries: list[dict], selected: list[dict]) -> dict:
@@ -313,7 +340,8 @@ def run_instruct(opts: InstructOptions) -> tuple[dict, int]:
                     f"{partial}: written by a run with different settings (model, prompts, "
                     "sampling or --inline-mentions); use another --out or delete that log"
                 )
-            done.add(str(e.get("pair_id")))
+            if not _asked_again(e):
+                done.add(str(e.get("pair_id")))
         return done
 
     if opts.dry_run:  # reads the log, writes nothing
@@ -339,9 +367,7 @@ def run_instruct(opts: InstructOptions) -> tuple[dict, int]:
                     dynamic_ncols=True,
                 )
             try:
-                failed, stats, length_cut = asyncio.run(
-                    _generate(opts, prompts, pending, appender, fp, bar)
-                )
+                outcome = asyncio.run(_generate(opts, prompts, pending, appender, fp, bar))
             except LLMError as exc:
                 raise LlavamedError(
                     f"{opts.client.base_url}: {exc} - stopping; finished records are kept, "
@@ -352,13 +378,15 @@ def run_instruct(opts: InstructOptions) -> tuple[dict, int]:
                     bar.close()
         entries: dict[str, dict] = {}
         for e in JsonlAppender(partial).existing():
-            entries.setdefault(str(e["pair_id"]), e)
+            pid = str(e["pair_id"])
+            if pid not in entries or _asked_again(entries[pid]):  # a later run's answer wins
+                entries[pid] = e
         ordered = [entries[str(r["pair_id"])] for r in selected if str(r["pair_id"]) in entries]
         samples = [e["sample"] for e in ordered if e.get("status") == "kept"]
         pending_n = len(selected) - len(ordered)
-        # With nothing finished (every request failed) an empty OUT would only let a pipeline
-        # go on to train on nothing; the report says why, and a re-run writes OUT.
-        wrote_out = bool(ordered) or pending_n == 0
+        # With nothing finished (every request failed or was rejected) an empty OUT would only
+        # let a pipeline go on to train on nothing; the report says why, and a re-run writes OUT.
+        wrote_out = any(not _asked_again(e) for e in ordered) or not selected
         if wrote_out:
             atomic_write_json(opts.out, samples, indent=1)
         report = {
@@ -372,10 +400,11 @@ def run_instruct(opts: InstructOptions) -> tuple[dict, int]:
             "duplicate_pair_ids": dups,
             "complete": pending_n == 0,
             "pending_after_failures": pending_n,
-            "failed_this_run": dict(failed),
-            "truncated_by_max_tokens_this_run": length_cut,
+            "failed_this_run": dict(outcome.failed),
+            "rejected_this_run": dict(outcome.rejected),
+            "truncated_by_max_tokens_this_run": outcome.length_cut,
             "totals": summarise(ordered, selected),
-            "this_run": stats,
+            "this_run": outcome.stats,
             "price_per_mtok": lookup_price(opts.client.model)
             if opts.client.price_in is None
             else [opts.client.price_in, opts.client.price_out],
@@ -383,6 +412,15 @@ def run_instruct(opts: InstructOptions) -> tuple[dict, int]:
             "prompts": prompts.source,
         }
         atomic_write_json(opts.resolved_report_path, report)
+    rejected = sum(outcome.rejected.values())
+    if pending and rejected == len(pending):
+        # Not one figure's fault but the server's or the command's (a proxy's 400, a 422 for a
+        # parameter the server does not take): exit 0 would pass for a finished job.
+        raise LlavamedError(
+            f"{opts.client.base_url}: the server rejected all {rejected} requests of this run "
+            f"(first: {outcome.first_rejection}); nothing new was kept. Fix the server or the "
+            f"options and re-run: rejected figures are asked again ({opts.resolved_report_path})"
+        )
     return report, (0 if pending_n == 0 else EXIT_INCOMPLETE)
 
 
