@@ -666,3 +666,28 @@ def test_a_full_queue_refuses_before_decoding_the_images(tiny_llava_dir, monkeyp
     finally:
         srv.stop()
         eng.close()
+
+
+def test_a_server_that_cannot_start_says_why_and_frees_the_engine(tiny_llava_dir, monkeypatch):
+    """The thread's own error used to vanish behind a bare RuntimeError("server failed to
+    start"), which the CLI printed as a traceback naming no cause."""
+    import uvicorn
+
+    from llavamed.errors import LlavamedError
+    from llavamed.serve.engine import Engine
+
+    closed = []
+    real_close = Engine.close
+    monkeypatch.setattr(Engine, "close", lambda self: closed.append(1) or real_close(self))
+
+    def refuses(self, sockets=None):
+        raise OSError(98, "Address already in use")
+
+    monkeypatch.setattr(uvicorn.Server, "run", refuses)
+    with pytest.raises(LlavamedError, match=r"failed to start \(OSError: .*Address already in use"):
+        serve_in_background(tiny_llava_dir)
+    assert closed == [1]
+
+    monkeypatch.setattr(uvicorn.Server, "run", lambda self, sockets=None: time.sleep(1))
+    with pytest.raises(LlavamedError, match="not accepting connections after 0.2 s"):
+        serve_in_background(tiny_llava_dir, startup_timeout=0.2)

@@ -25,7 +25,7 @@ from typing import Any
 
 from fastapi import Request  # at module level: route annotations are resolved from here
 
-from llavamed.errors import InputError
+from llavamed.errors import InputError, LlavamedError
 from llavamed.serve import protocol as P
 from llavamed.serve.engine import (
     Engine,
@@ -513,16 +513,32 @@ def serve_in_background(
     real_port = sock.getsockname()[1]
     config = uvicorn.Config(app, log_level=log_level, access_log=False, lifespan="off")
     server = uvicorn.Server(config)
-    thread = threading.Thread(
-        target=server.run, kwargs={"sockets": [sock]}, name="llavamed-http", daemon=True
-    )
+    failure: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            server.run(sockets=[sock])
+        except BaseException as exc:  # noqa: BLE001 - handed to the starting thread below
+            failure.append(exc)
+
+    thread = threading.Thread(target=run, name="llavamed-http", daemon=True)
     thread.start()
     deadline = time.monotonic() + startup_timeout
     while not server.started:
-        if not thread.is_alive() or time.monotonic() > deadline:
+        dead, late = not thread.is_alive(), time.monotonic() > deadline
+        if dead or late:
+            server.should_exit = True
+            sock.close()
             if own:
                 engine.close()
-            raise RuntimeError("server failed to start")
+            why = (
+                f"{type(failure[0]).__name__}: {failure[0]}"
+                if failure
+                else "the server thread stopped"
+                if dead
+                else f"not accepting connections after {startup_timeout:g} s"
+            )
+            raise LlavamedError(f"server on {host}:{real_port} failed to start ({why})")
         time.sleep(0.02)
     shown = f"[{host}]" if ":" in host else host
     return ServerHandle(
