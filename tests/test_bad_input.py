@@ -294,3 +294,16 @@ def test_instruct_fails_when_the_server_rejected_every_request(tmp_path, capsys)
         srv.default = "ok"
         assert main(argv) == 0 and srv.count == 6
         assert len(json.loads(out.read_text())) == 3
+
+
+def test_instruct_stops_at_once_on_a_base_url_without_http(tmp_path, capsys):
+    """httpx cannot send to "127.0.0.1:8000/v1": that used to be a connection error, retried
+    for every figure."""
+    from openai_stub_server import StubServer
+
+    argv, out = _instruct_argv(tmp_path, 3)
+    with StubServer() as srv:
+        url = f"127.0.0.1:{srv.port}/v1"
+        assert main([*argv, "--base-url", url]) == 1
+        _one_line_error(capsys, f"{url}/chat/completions", "missing an 'http://'")
+        assert srv.count == 0 and not out.exists()

@@ -215,6 +215,32 @@ def test_a_rejected_request_is_logged_then_asked_again_by_the_next_run(stub, tmp
     assert stub.count == 6  # now it is done
 
 
+def test_a_server_that_dies_mid_run_stops_the_job_and_keeps_what_finished(tmp_path):
+    """Connection refused on every retry of every figure used to cost the whole selection
+    times (retries + 1) attempts before exit 3; ten in a row now stop the job."""
+    served: list[str] = []  # the pair_ids the server answered
+
+    def dies_after_three(body: dict) -> str:
+        served.append(body["messages"][-1]["content"].split("[")[1].split("]")[0])
+        if len(served) == 3:
+            srv.stop()  # this answer still goes out; every later connection is refused
+        return messy_responder(body)
+
+    with StubServer(responder=dies_after_three) as srv:
+        opts = make_opts(srv, tmp_path, n=30)
+        opts.client.concurrency = 1
+        opts.client.stream = True  # a streamed reply closes its connection: none is reused
+        with pytest.raises(LlavamedError, match="unreachable at .* after 10 consecutive"):
+            run_instruct(opts)
+    logged = [json.loads(line)["pair_id"] for line in opts.partial_path.read_text().splitlines()]
+    assert sorted(logged) == sorted(served) and len(served) == 3
+    with srv:  # back up, on a new port: the next run asks only the other 27
+        opts.client.base_url = srv.base_url
+        report, rc = run_instruct(opts)
+    t = report["totals"]
+    assert rc == 0 and len(served) == 30 and t["kept"] + t["dropped"] == 30
+
+
 def test_dry_run_calls_nothing(stub, tmp_path):
     opts = make_opts(stub, tmp_path, n=20, dry_run=True)
     opts.client.model = "gpt-4o"

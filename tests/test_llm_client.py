@@ -129,6 +129,54 @@ def test_statuses_every_request_would_get_stop_the_job(stub, status):
     assert stub.count == 1
 
 
+@pytest.mark.parametrize(
+    "url, key",
+    [
+        ("127.0.0.1:{port}/v1", None),  # no http:// (httpx.UnsupportedProtocol)
+        ("ftp://127.0.0.1:{port}/v1", None),
+        ("http://127.0.0.1:{port}:{port}/v1", None),  # httpx.InvalidURL
+        ("http://127.0.0.1:{port}/v1", "sk-secret\n"),  # a key file's newline: LocalProtocolError
+    ],
+)
+def test_a_request_that_can_never_be_sent_is_fatal_at_once(stub, url, key):
+    url = url.format(port=stub.port)
+
+    async def go():
+        async with LLMClient(opts(stub, base_url=url, api_key=key, max_retries=50)) as c:
+            with pytest.raises(LLMError) as ei:
+                await asyncio.gather(*[c.chat(MSGS) for _ in range(3)])
+            return ei.value, c.stats
+
+    exc, stats = run(go())
+    assert exc.fatal and exc.attempts == 1 and stats.retries == 0 and stub.count == 0
+    assert url.rstrip("/") + "/chat/completions" in str(exc)
+    assert "sk-secret" not in str(exc)  # the header value is the API key: never in a message
+
+
+def _dead_url() -> str:
+    with StubServer() as srv:
+        url = srv.base_url
+    return url  # nothing listens there any more: every connection is refused
+
+
+def test_consecutive_connection_failures_across_requests_stop_the_job():
+    url = _dead_url()
+
+    async def go():
+        o = ClientOptions(base_url=url, model="m", backoff_base=0.01, backoff_max=0.02)
+        o.max_retries = 1000  # without the breaker, each request retries a thousand times
+        async with LLMClient(o, seed=0) as c:
+            with pytest.raises(LLMError) as ei:
+                await asyncio.gather(*[c.chat(MSGS) for _ in range(4)])
+            return ei.value, c.stats
+
+    t0 = time.monotonic()
+    exc, stats = run(go())
+    assert exc.fatal and exc.kind == "server_unreachable"
+    assert f"server unreachable at {url}/chat/completions after 10 consecutive" in str(exc)
+    assert 10 <= stats.requests <= 13 and time.monotonic() - t0 < 5
+
+
 def test_missing_usage_is_estimated(stub):
     stub.plan(["nousage"])
     stats, [r] = run(_chat(opts(stub)))

@@ -7,6 +7,10 @@ request, because a 60K-caption job must survive a flaky API without losing money
 * bounded concurrency (a semaphore held only while a request is in flight);
 * retries with exponential backoff and jitter on 429, 408, 5xx, timeouts, connection resets,
   truncated or malformed bodies, honouring ``Retry-After`` / ``retry-after-ms``;
+* no retries where none can help: a URL without ``http://``, an invalid URL or a request httpx
+  cannot send (a header such as the API key holding a newline) is fatal at once, and so is a
+  server that refused ``max_connection_failures`` connections in a row (a dead server or a wrong
+  port would otherwise be retried figure after figure);
 * client-side RPM and TPM token buckets;
 * a per-request wall-clock timeout (covers slow-drip streams, not only idle sockets);
 * a SQLite response cache keyed by (model, messages, sampling params incl. seed);
@@ -136,6 +140,9 @@ class ClientOptions:
     backoff_max: float = 60.0
     max_retry_after: float = 300.0
     """Cap on a server's Retry-After, so a bogus header can't park the job for a day."""
+    max_connection_failures: int = 10
+    """Connection errors in a row, over all requests in flight, with no answer from the server
+    in between, after which the server counts as unreachable and the job stops (fatal)."""
     cache_path: str | None = None
     """SQLite response cache file; None disables caching."""
     price_in: float | None = None
@@ -156,6 +163,8 @@ class ClientOptions:
                 raise LlavamedError(f"--{name} must be > 0")
         if self.timeout <= 0:
             raise LlavamedError("--timeout must be > 0")
+        if self.max_connection_failures < 1:
+            raise LlavamedError("max_connection_failures must be >= 1")
 
     def prices(self) -> tuple[float, float] | None:
         if self.price_in is not None or self.price_out is not None:
@@ -309,6 +318,18 @@ def _extract_choice(data: Any) -> tuple[str, str | None, dict | None]:
     return content, choices[0].get("finish_reason"), usage
 
 
+def _unsendable(url: str, exc: Exception) -> LLMError:
+    """A request httpx cannot send at all: every retry, every figure would fail the same way."""
+    if isinstance(exc, httpx.LocalProtocolError):
+        # h11 quotes the offending header value, which may be the API key: never repeat it.
+        detail = (
+            f"{url}: the request cannot be sent (an illegal header value, e.g. an API key "
+            "ending in a newline)"
+        )
+        return LLMError("invalid_request", detail, fatal=True)
+    return LLMError("invalid_url", f"{url}: {exc}", fatal=True)
+
+
 class LLMClient:
     """Use as ``async with LLMClient(opts) as client: r = await client.chat(messages)``."""
 
@@ -323,6 +344,7 @@ class LLMClient:
         self._tpm = TokenBucket(options.tpm, options.rate_burst_s) if options.tpm else None
         self._cache = ResponseCache(options.cache_path) if options.cache_path else None
         self._rng = random.Random(seed)
+        self._connection_failures = 0  # in a row, over all requests: the circuit breaker
         url = options.base_url.rstrip("/") + "/chat/completions"
         self._url = url
         self._params = {"api-version": options.api_version} if options.api_version else None
@@ -458,27 +480,31 @@ class LLMClient:
                     text, finish, usage = await asyncio.wait_for(
                         self._one_request(payload), timeout=self.opts.timeout
                     )
-            except _Retryable as exc:
+            except _Retryable as exc:  # the server answered, if not usefully
+                self._connection_failures = 0
                 kind, detail, retry_after = exc.kind, exc.detail, exc.retry_after
             except (asyncio.TimeoutError, httpx.TimeoutException):
                 kind, detail, retry_after = "timeout", f">{self.opts.timeout:g}s", None
+            except (httpx.UnsupportedProtocol, httpx.InvalidURL, httpx.LocalProtocolError) as exc:
+                raise self._give_up(_unsendable(self._url, exc), attempt) from None
             except httpx.RemoteProtocolError as exc:
                 kind, detail, retry_after = "truncated_response", str(exc)[:200], None
             except httpx.TransportError as exc:
                 kind, detail, retry_after = "connection_error", type(exc).__name__, None
-            except LLMError as exc:
-                exc.attempts = attempt + 1
-                self.stats.failures += 1
-                self.stats.failure_reasons[exc.kind] += 1
+                self._connection_failures += 1
+                if self._connection_failures >= self.opts.max_connection_failures:
+                    raise self._give_up(self._unreachable(detail), attempt) from exc
+            except LLMError as exc:  # an answer from the server, final
+                self._connection_failures = 0
+                self._give_up(exc, attempt)
                 raise
             else:
+                self._connection_failures = 0
                 return self._account(text, finish, usage, est_prompt, charge, attempt + 1)
             if self._tpm is not None:
                 self._tpm.adjust(-charge)  # nothing was generated; give the budget back
             if attempt >= self.opts.max_retries:
-                self.stats.failures += 1
-                self.stats.failure_reasons[kind] += 1
-                raise LLMError(kind, detail, attempts=attempt + 1, retryable=True)
+                raise self._give_up(LLMError(kind, detail, retryable=True), attempt)
             if retry_after is not None:
                 delay = min(retry_after, self.opts.max_retry_after)
                 delay += self._rng.uniform(0, 0.1 * delay + 0.01)
@@ -490,6 +516,22 @@ class LLMClient:
             self.stats.retry_reasons[kind] += 1
             attempt += 1
             await asyncio.sleep(delay)
+
+    def _unreachable(self, last_error: str) -> LLMError:
+        n = self._connection_failures
+        return LLMError(
+            "server_unreachable",
+            f"server unreachable at {self._url} after {n} consecutive connection failures "
+            f"({last_error})",
+            fatal=True,
+        )
+
+    def _give_up(self, exc: LLMError, attempt: int) -> LLMError:
+        """Count a request's final failure (on its ``attempt``-th retry) and return the error."""
+        exc.attempts = attempt + 1
+        self.stats.failures += 1
+        self.stats.failure_reasons[exc.kind] += 1
+        return exc
 
     async def _one_request(self, payload: dict) -> tuple[str, str | None, dict | None]:
         if self.opts.stream:
