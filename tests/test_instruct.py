@@ -271,6 +271,39 @@ def test_clean_turns_reasons():
     )
 
 
+@pytest.mark.parametrize(
+    "answer, kept",
+    [
+        # The prompt labels the mentions "Figure Context": answers that cite it, or any text,
+        # as their source are dropped like those still naming the caption.
+        ("The provided context does not specify the patient's age.", None),
+        ("The text does not mention the size of the lesion.", None),
+        ("The findings mentioned in the context indicate pneumonia.", None),
+        ("There is no information about the stain in the provided text.", None),
+        ("The context doesn't say which side is affected.", None),
+        ("No stain is named in the text.", None),
+        ("The article reports a similar case in a child.", None),
+        # A leading source clause is stripped, as "Based on the caption, X" is.
+        ("According to the article, the lesion is a lipoma.", "The lesion is a lipoma."),
+        ("Yes, based on the paper, the margins are clear.", "Yes, the margins are clear."),
+        # Content, not a source.
+        ("These opacities are typical in the context of pneumonia.", True),
+        ("The context of the lesion, beside the bile duct, suggests a cholangiocarcinoma.", True),
+        ("The nodule has a text-book appearance of a hamartoma.", True),
+        ("Depending on the context, ground-glass opacity may be infection or haemorrhage.", True),
+        ("The text in the upper corner marks the patient's right side.", True),
+        ("The cyst has a paper-thin wall and no solid component.", True),
+        ("The heart is enlarged and both costophrenic angles are blunted.", True),
+    ],
+)
+def test_answers_naming_a_text_source_are_dropped(answer, kept):
+    r = clean_turns([("What is seen?", answer)])
+    if kept is None:
+        assert r.turns == [] and r.dropped == Counter({"answer_mentions_source": 1})
+    else:
+        assert r.turns == [("What is seen?", answer if kept is True else kept)]
+
+
 def test_to_llava_sample_image_token_seeded():
     turns = [("Q1?", "A1."), ("Q2?", "A2.")]
     places = Counter()

@@ -8,7 +8,8 @@ Two steps, both pure functions:
    hallucinated next "Figure Caption:" block. Unpaired questions or answers are dropped and counted.
 2. :func:`clean_turns` applies the paper's cleaning (DESIGN.md §4): drop refusal turns ("I cannot
    see the image"), strip source phrases ("Based on the caption, ..."), drop turns that still talk
-   about the caption or a description, and report why each turn went.
+   about the caption, a description, the article, or the context or text as a source ("the
+   provided context does not specify"), and report why each turn went.
 
 Unlike the reference, a "Yes, according to the description, X" answer keeps its "Yes, ".
 """
@@ -99,7 +100,7 @@ REFUSAL_PHRASES = (
 
 _SRC = (  # "legend" only as "figure/image legend": "the legend shows" may be a chart's own
     r"(?:(?:figure|image)\s+legend|(?:(?:figure|image|provided|given|additional)\s+)?"
-    r"(?:caption|description|context|information|text))"
+    r"(?:caption|description|context|information|text|article|paper))"
     r"(?:\s+(?:provided|given))?"
 )
 # "Based on the caption, X" / "Yes, according to the provided context, X" / "While I cannot see
@@ -135,7 +136,24 @@ def _drop_aside(m: re.Match) -> str:
     return "," if m.group("close") and not m.group("open") else ""
 
 
-_SOURCE_WORDS = re.compile(r"\b(?:captions?|descriptions?)\b", re.IGNORECASE)
+# What an answer must not say once the phrases above are stripped: the caption, a description,
+# the article, or the context/text (the prompt labels the mentions "Figure Context") as the one
+# who says or where a fact was read. "In the context of pneumonia", "the context of the lesion",
+# "depending on the context", "a text-book appearance" and "the text in the corner" are content.
+_TEXT = r"(?:context|text)"
+_SOURCE_WORDS = re.compile(
+    r"\b(?:captions?|descriptions?|articles?)\b|\bthe\s+(?:paper\b(?!-)|authors?\b)"
+    # "the provided context", "the text given", "the figure context"
+    rf"|\b(?:provided|given|accompanying|figure)\s+{_TEXT}\b(?!-)|\b{_TEXT}\s+(?:provided|given)\b"
+    # the text as the one who says: "the text does not mention", "the context indicates"
+    rf"|\bthe\s+{_TEXT}\s+(?:do|did|only|also|clearly|explicitly|mention|state|specif|note"
+    r"|indicate|describe|suggest|report|provide|say|said|refer|lack)"
+    # the text as where a fact was read: "mentioned in the context", "... in the provided text."
+    rf"|\b(?:in|from|within|by)\s+the\s+{_TEXT}(?=\s*(?:[.,;:!?)]|$))"
+    r"|\b(?:mentioned|described|noted|stated|reported|specified|given|provided|discussed|listed"
+    rf"|cited)\s+(?:in|by)\s+the\s+{_TEXT}\b(?!-|\s+of\b)",
+    re.IGNORECASE,
+)
 _QUESTION_SOURCE = re.compile(
     r"\b(?:captions?|figure\s+context|provided\s+context|context\s+provided|mentioned\s+in\s+the)\b",
     re.IGNORECASE,
