@@ -191,6 +191,11 @@ def test_llava_med_logits_parity(original_llava_med, tmp_path):
     assert "language_model.lm_head.weight" in keys
     assert any(k.startswith("vision_tower.vision_model.encoder.") for k in keys)
     assert "multi_modal_projector.linear_2.bias" in keys
+    # transformers 4.x reads the tokenizer: no list extra_special_tokens, no TokenizersBackend.
+    tok_cfg = json.loads((dst / "tokenizer_config.json").read_text())
+    assert tok_cfg["tokenizer_class"] == "PreTrainedTokenizerFast"
+    assert "extra_special_tokens" not in tok_cfg
+    assert tok_cfg["additional_special_tokens"] == ["<image>"]
 
 
 def test_llava_med_tower_from_named_folder(original_llava_med, tmp_path):

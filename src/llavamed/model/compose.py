@@ -346,6 +346,7 @@ def save_checkpoint(
         add_legacy_rope_theta(tmp)
         _canonicalize_vision_keys(tmp, model.config.vision_config.model_type)
         processor.save_pretrained(tmp)
+        legacy_tokenizer_config(tmp)
         meta = {"format": "llavamed-native-llava/1", "template": None, "spec": None}
         if spec is not None:
             meta["spec"] = dataclasses.asdict(spec)
@@ -397,6 +398,32 @@ def add_legacy_rope_theta(folder: Path) -> None:
     if theta is not None and "rope_theta" not in text:
         text["rope_theta"] = theta
         path.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
+
+
+def legacy_tokenizer_config(folder: Path) -> None:
+    """Rewrite ``tokenizer_config.json`` so that transformers 4.x (vLLM, SGLang, older scripts)
+    loads the tokenizer too. transformers 5 writes added special tokens as a list
+    ``extra_special_tokens``, which 4.x reads as a dict (AttributeError on ``.keys()``), and names
+    the class ``TokenizersBackend``, which 4.x does not know (ValueError). The list goes into
+    ``additional_special_tokens`` (merged, no duplicates) and the class becomes 4.x's name for
+    it, ``PreTrainedTokenizerFast``; transformers 5 reads both back as the same tokenizer."""
+    path = Path(folder) / "tokenizer_config.json"
+    if not path.is_file():
+        return
+    cfg = json.loads(path.read_text())
+    extra = cfg.get("extra_special_tokens")
+    changed = False
+    if isinstance(extra, list):
+        merged = list(cfg.get("additional_special_tokens") or [])
+        merged += [t for t in extra if t not in merged]
+        cfg["additional_special_tokens"] = merged
+        del cfg["extra_special_tokens"]
+        changed = True
+    if cfg.get("tokenizer_class") == "TokenizersBackend":
+        cfg["tokenizer_class"] = "PreTrainedTokenizerFast"
+        changed = True
+    if changed:
+        path.write_text(json.dumps(cfg, indent=2, ensure_ascii=False) + "\n")
 
 
 def init_checkpoint(out: str | Path, spec: ModelSpec | None = None) -> Path:

@@ -46,6 +46,7 @@ def embedded_lm_dir() -> Path:
 
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from llavamed.model.compose import legacy_tokenizer_config
     from llavamed.utils.io import make_temp_dir
 
     src = gguf_path()
@@ -65,6 +66,7 @@ def embedded_lm_dir() -> Path:
         model.generation_config = gguf_model.generation_config
         model.save_pretrained(tmp)
         tok.save_pretrained(tmp)
+        legacy_tokenizer_config(tmp)
         try:
             os.replace(tmp, target)
         except OSError:

@@ -38,7 +38,12 @@ def write_native_checkpoint(
     from safetensors.torch import save_file
     from transformers import GenerationConfig
 
-    from llavamed.model.compose import CHECKPOINT_META, add_legacy_rope_theta, is_checkpoint_dir
+    from llavamed.model.compose import (
+        CHECKPOINT_META,
+        add_legacy_rope_theta,
+        is_checkpoint_dir,
+        legacy_tokenizer_config,
+    )
     from llavamed.utils.io import atomic_dir
 
     dst = Path(dst)
@@ -73,6 +78,7 @@ def write_native_checkpoint(
             tmp
         )
         processor.save_pretrained(tmp)
+        legacy_tokenizer_config(tmp)
         (tmp / CHECKPOINT_META).write_text(
             json.dumps({"format": "llavamed-native-llava/1", "spec": None, **meta}, indent=2) + "\n"
         )

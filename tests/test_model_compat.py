@@ -1,0 +1,80 @@
+"""What other readers need from the checkpoints we write: transformers 4.x's tokenizer loader,
+vLLM's choice of towers, a ``vision_feature_layer`` the tower has; and an embedded-LM cache that
+repairs itself when it is found incomplete."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from PIL import Image
+
+from llavamed.model import ModelSpec, build
+
+
+def _tokenizer_config(folder) -> dict:
+    return json.loads((Path(folder) / "tokenizer_config.json").read_text())
+
+
+# --- transformers 4.x reads the tokenizer ---------------------------------------------------
+
+
+def test_model_init_writes_a_tokenizer_config_transformers_4_reads(tiny_llava_dir):
+    """transformers 4.x wants ``extra_special_tokens`` as a dict (a list: AttributeError on
+    ``.keys()``) and does not know the class ``TokenizersBackend`` (ValueError)."""
+    cfg = _tokenizer_config(tiny_llava_dir)
+    assert cfg["tokenizer_class"] == "PreTrainedTokenizerFast"
+    assert "extra_special_tokens" not in cfg
+    assert cfg["additional_special_tokens"] == ["<image>"]
+
+
+def test_transformers_5_reads_the_rewritten_tokenizer_as_before(tiny_llava_dir):
+    """The rewritten files give transformers 5 the same tokenizer: <image> one special token with
+    the id the model config names, and the processor expands it as the unsaved processor does."""
+    from transformers import AutoProcessor
+
+    _, fresh = build(ModelSpec(lm="tiny", vision="tiny", template="chatml"))
+    proc = AutoProcessor.from_pretrained(tiny_llava_dir)
+    tok = proc.tokenizer
+    image_id = json.loads((tiny_llava_dir / "config.json").read_text())["image_token_index"]
+    assert tok.convert_tokens_to_ids("<image>") == image_id
+    assert fresh.tokenizer.convert_tokens_to_ids("<image>") == image_id
+    assert "<image>" in tok.all_special_tokens
+    assert tok("a<image>b", add_special_tokens=False)["input_ids"].count(image_id) == 1
+    assert tok.decode([image_id], skip_special_tokens=True) == ""
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Q?"}]}]
+    prompt = proc.apply_chat_template(messages, add_generation_prompt=True)
+    assert prompt == fresh.apply_chat_template(messages, add_generation_prompt=True)
+    image = Image.new("RGB", (40, 24), (10, 200, 30))
+    got = proc(text=[prompt], images=[image], return_tensors="pt")
+    want = fresh(text=[prompt], images=[image], return_tensors="pt")
+    assert torch.equal(got["input_ids"], want["input_ids"])
+    assert (got["input_ids"] == image_id).sum() == 16
+    torch.testing.assert_close(got["pixel_values"], want["pixel_values"])
+
+
+def test_legacy_tokenizer_config_merges_without_duplicates(tmp_path):
+    from llavamed.model.compose import legacy_tokenizer_config
+
+    base = {"bos_token": "<s>", "model_max_length": 4096}
+    (tmp_path / "tokenizer_config.json").write_text(
+        json.dumps(
+            base
+            | {
+                "tokenizer_class": "TokenizersBackend",
+                "additional_special_tokens": ["<a>", "<image>"],
+                "extra_special_tokens": ["<image>", "<b>"],
+            }
+        )
+    )
+    legacy_tokenizer_config(tmp_path)
+    assert _tokenizer_config(tmp_path) == base | {
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "additional_special_tokens": ["<a>", "<image>", "<b>"],
+    }
+    # Already what 4.x reads (a named dict, a slow tokenizer's class): left as it is.
+    kept = base | {"tokenizer_class": "LlamaTokenizer", "extra_special_tokens": {"x": "<x>"}}
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(kept))
+    legacy_tokenizer_config(tmp_path)
+    assert _tokenizer_config(tmp_path) == kept
