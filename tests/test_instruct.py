@@ -271,6 +271,15 @@ def test_clean_turns_reasons():
     )
 
 
+def _assert_cleaned(answer: str, kept: str | None, reason: str) -> None:
+    """One answer through clean_turns: kept as ``kept``, or (None) dropped for ``reason``."""
+    r = clean_turns([("What is seen?", answer)])
+    if kept is None:
+        assert r.turns == [] and r.dropped == Counter({reason: 1})
+    else:
+        assert r.turns == [("What is seen?", kept)] and not r.dropped
+
+
 @pytest.mark.parametrize(
     "answer, kept",
     [
@@ -297,11 +306,29 @@ def test_clean_turns_reasons():
     ],
 )
 def test_answers_naming_a_text_source_are_dropped(answer, kept):
-    r = clean_turns([("What is seen?", answer)])
-    if kept is None:
-        assert r.turns == [] and r.dropped == Counter({"answer_mentions_source": 1})
-    else:
-        assert r.turns == [("What is seen?", answer if kept is True else kept)]
+    _assert_cleaned(answer, answer if kept is True else kept, "answer_mentions_source")
+
+
+@pytest.mark.parametrize(
+    "answer, refusal",
+    [
+        ("I don't have access to the image, but such lesions are usually benign.", True),
+        ("Without access to the figure, I can only say that this is a CT scan.", True),
+        ("I do not have direct access to the actual images.", True),
+        ("As I don’t have access to visual content, I cannot judge the margins.", True),
+        ("Sorry, I cannot see which side is affected.", True),
+        ("Sorry, but I am unable to judge its size.", True),
+        ("I'm sorry, but the stain cannot be determined.", True),
+        # Good answers that merely contain the words.
+        ("Early treatment is reassuring for patients who have access to care.", False),
+        ("Patients without access to dialysis develop these changes sooner.", False),
+        ("Having access to prior films helps; this nodule was not seen before.", False),
+        ("The wound is in a sorry, neglected state, with slough covering its base.", False),
+        ("The vascular access site in the groin shows a small haematoma.", False),
+    ],
+)
+def test_refusals_are_about_the_image_not_any_access_or_sorry(answer, refusal):
+    _assert_cleaned(answer, None if refusal else answer, "refusal")
 
 
 def test_to_llava_sample_image_token_seeded():

@@ -57,12 +57,9 @@ _STOP_LINE = re.compile(r"^\s*(?:#+\s*)?(?:\*\*)?figure (?:caption|context)\s*(?
 _DEBRIS = re.compile(r"<\|[^|>]{1,40}\|>|</s>|<s>|\[/?INST\]|<image>|<end_of_turn>|<eos>")
 
 # Answers containing any of these are the model admitting it has no image: never training data.
+# "Access" and "sorry" only count when tied to the image (_REFUSAL): "patients who have access
+# to care" and "a sorry, neglected wound" are answers.
 REFUSAL_PHRASES = (
-    "having access",
-    "without access",
-    "have access",
-    "access to the image",
-    "access to the actual image",
     "without the actual image",
     "without seeing the",
     "cannot see the",
@@ -95,7 +92,13 @@ REFUSAL_PHRASES = (
     "cannot see images",
     "i'm sorry",
     "i am sorry",
-    "sorry,",
+)
+_REFUSAL = re.compile(
+    r"\baccess\s+to\s+(?:(?:the|this|that|these|an?|any)\s+)?(?:(?:actual|original|real)\s+)?"
+    r"(?:images?|figures?|pictures?|photos?|photographs?|visuals|visual\s+(?:content|data|input))\b"
+    r"|\bsorry[,.!]?\s+(?:but\s+)?(?:i|we)\s+(?:cannot|can['’]t|can\s+not|am\s+unable|am\s+not\s+able"
+    r"|do\s+not|don['’]t|have\s+no)\b",
+    re.IGNORECASE,
 )
 
 _SRC = (  # "legend" only as "figure/image legend": "the legend shows" may be a chart's own
@@ -277,7 +280,7 @@ def clean_turns(turns: list[tuple[str, str]]) -> CleanResult:
     dropped: Counter = Counter()
     for q, a in turns:
         low = a.lower()
-        if any(p in low for p in REFUSAL_PHRASES):
+        if any(p in low for p in REFUSAL_PHRASES) or _REFUSAL.search(a):
             dropped["refusal"] += 1
             continue
         a2 = strip_source_phrases(a)
