@@ -7,9 +7,12 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
 import torch
 from PIL import Image
 
+from llavamed.cli import main
+from llavamed.errors import ConfigError
 from llavamed.model import ModelSpec, build
 
 
@@ -78,3 +81,33 @@ def test_legacy_tokenizer_config_merges_without_duplicates(tmp_path):
     (tmp_path / "tokenizer_config.json").write_text(json.dumps(kept))
     legacy_tokenizer_config(tmp_path)
     assert _tokenizer_config(tmp_path) == kept
+
+
+# --- vision_feature_layer within the tower ---------------------------------------------------
+
+
+@pytest.mark.parametrize("layer", [3, 7, -4])
+def test_vision_feature_layer_outside_the_tower_is_refused(layer):
+    # The tiny tower has 2 layers: hidden_states holds 3 entries, indices -3..2.
+    with pytest.raises(ConfigError, match=r"--vision-feature-layer.*-3\.\.2"):
+        build(ModelSpec(lm="tiny", vision="tiny", vision_feature_layer=layer))
+
+
+def test_vision_feature_layer_at_either_end_runs(one_thread):
+    image = Image.new("RGB", (32, 32), (90, 90, 90))
+    for layer in (-3, 2):
+        model, proc = build(ModelSpec(lm="tiny", vision="tiny", vision_feature_layer=layer))
+        messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Q"}]}]
+        prompt = proc.apply_chat_template(messages, add_generation_prompt=True)
+        inputs = proc(text=[prompt], images=[image], return_tensors="pt")
+        with torch.no_grad():
+            assert torch.isfinite(model(**inputs).logits).all()
+
+
+def test_model_init_refuses_a_feature_layer_the_tower_lacks(tmp_path, capsys):
+    out = tmp_path / "ck"
+    args = ["model", "init", "--out", str(out), "--lm", "tiny", "--vision", "tiny"]
+    assert main([*args, "--vision-feature-layer", "7"]) == 1
+    err = capsys.readouterr().err
+    assert "--vision-feature-layer" in err and "-3..2" in err
+    assert not out.exists()

@@ -44,8 +44,8 @@ def register(sub) -> None:
         "--vision-feature-layer",
         type=int,
         default=None,
-        help="vision hidden state fed to the projector (default -2 for pretrained "
-        "towers, -1 for random presets)",
+        help="vision hidden state fed to the projector, -(L+1)..L for a tower of L layers "
+        "(0 is the embeddings; default -2 for pretrained towers, -1 for random presets)",
     )
     p.add_argument("--projector", default="mlp2x_gelu", help="projector type")
     p.add_argument(

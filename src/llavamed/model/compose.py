@@ -80,8 +80,9 @@ class ModelSpec:
     """A preset (``tiny``, ``cpu``, ``small``) for a randomly initialised CLIP-style ViT, or a local
     folder holding a CLIP, SigLIP or ViT vision model (config.json + weights)."""
     vision_feature_layer: int | None = None
-    """Which vision hidden state feeds the projector. Default: -2 for pretrained towers (LLaVA),
-    -1 for random presets (so every layer gets gradients)."""
+    """Which vision hidden state feeds the projector, -(L+1)..L for a tower of L layers (0 is the
+    embeddings). Default: -2 for pretrained towers (LLaVA), -1 for random presets (so every
+    layer gets gradients)."""
     projector: str = "mlp2x_gelu"
     template: str = "chatml"
     """Conversation template: ``chatml``, ``mistral_instruct`` or ``vicuna_v1``."""
@@ -219,6 +220,10 @@ def build(spec: ModelSpec):
     spec.validate()
     torch.manual_seed(spec.seed)
     vision = _load_vision(spec)
+    feature_layer = spec.vision_feature_layer
+    if feature_layer is None:
+        feature_layer = -2 if vision.pretrained else -1
+    _check_feature_layer(feature_layer, int(vision.config.num_hidden_layers))
     lm, tok = _load_lm(spec)
     template = get_template(spec.template)
 
@@ -236,9 +241,6 @@ def build(spec: ModelSpec):
     image_size, patch = int(vcfg.image_size), int(vcfg.patch_size)
     n_patches = (image_size // patch) ** 2
     select = "default" if vision.has_cls else "full"
-    feature_layer = spec.vision_feature_layer
-    if feature_layer is None:
-        feature_layer = -2 if vision.pretrained else -1
 
     config = LlavaConfig(
         vision_config=vcfg.to_dict() | {"model_type": vcfg.model_type},
@@ -281,6 +283,19 @@ def build(spec: ModelSpec):
     )
     set_chat_template(processor, template, model.generation_config)
     return model, processor
+
+
+def _check_feature_layer(layer, n_layers: int) -> None:
+    """The tower returns ``n_layers + 1`` hidden states (the embeddings, then one per layer), so
+    a layer outside ``-(n_layers + 1)..n_layers`` would first fail in a forward pass, as an
+    IndexError deep inside transformers."""
+    lo, hi = -(n_layers + 1), n_layers
+    for i in layer if isinstance(layer, list | tuple) else [layer]:
+        if isinstance(i, bool) or not isinstance(i, int) or not lo <= i <= hi:
+            raise ConfigError(
+                f"vision_feature_layer={layer!r} (--vision-feature-layer): the vision tower has "
+                f"{n_layers} layers, so its hidden states are indexed {lo}..{hi}"
+            )
 
 
 def _stop_ids(*groups) -> int | list[int] | None:
