@@ -14,6 +14,7 @@ from PIL import Image
 from llavamed.cli import main
 from llavamed.errors import ConfigError
 from llavamed.model import ModelSpec, build
+from llavamed.model.compose import VISION_PRESETS
 
 
 def _tokenizer_config(folder) -> dict:
@@ -81,6 +82,23 @@ def test_legacy_tokenizer_config_merges_without_duplicates(tmp_path):
     (tmp_path / "tokenizer_config.json").write_text(json.dumps(kept))
     legacy_tokenizer_config(tmp_path)
     assert _tokenizer_config(tmp_path) == kept
+
+
+# --- vLLM's llava builds CLIP and SigLIP towers only ----------------------------------------
+
+
+def test_model_init_warns_that_vllm_cannot_serve_a_vit_tower(tmp_path, capsys):
+    from transformers import ViTConfig, ViTModel
+
+    tiny = VISION_PRESETS["tiny"]
+    ViTModel(ViTConfig(**tiny)).save_pretrained(tmp_path / "vit")
+    args = ["model", "init", "--lm", "tiny"]
+    assert main([*args, "--out", str(tmp_path / "a"), "--vision", str(tmp_path / "vit")]) == 0
+    err = capsys.readouterr().err
+    assert "warning" in err and "model_type=vit" in err
+    assert "loads in transformers; vLLM's llava supports CLIP and SigLIP towers only" in err
+    assert main([*args, "--out", str(tmp_path / "b"), "--vision", "tiny"]) == 0
+    assert "vLLM" not in capsys.readouterr().err
 
 
 # --- vision_feature_layer within the tower ---------------------------------------------------

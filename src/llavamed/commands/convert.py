@@ -30,7 +30,8 @@ def register(sub) -> None:
         description=(
             "Convert BiomedCLIP's open_clip state dict (timm ViT-B/16 under visual.trunk.*, "
             "fused qkv) into a transformers ViTModel folder for 'llavamed model init --vision'. "
-            "Needs neither open_clip nor timm."
+            "Needs neither open_clip nor timm. A LLaVA on this tower loads in transformers; "
+            "vLLM's llava supports CLIP and SigLIP towers only."
         ),
     )
     b.add_argument("src", help="open_clip_pytorch_model.bin / .safetensors, or its folder")

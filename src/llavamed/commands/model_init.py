@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sys
+
 from llavamed.cli import DefaultsHelpFormatter
 from llavamed.commands import seed_int
 
@@ -65,7 +67,12 @@ def register(sub) -> None:
 
 
 def run(args) -> int:
-    from llavamed.model.compose import ModelSpec, init_checkpoint, is_checkpoint_dir
+    from llavamed.model.compose import (
+        ModelSpec,
+        init_checkpoint,
+        is_checkpoint_dir,
+        vllm_tower_warning,
+    )
     from llavamed.utils.io import check_output_dir
 
     # Before the LM loads: --out naming a folder of the user's would otherwise be replaced.
@@ -82,4 +89,6 @@ def run(args) -> int:
     )
     out = init_checkpoint(args.out, spec)
     print(f"wrote {out}")
+    if (warning := vllm_tower_warning(out)) is not None:
+        print(f"llavamed: warning: {warning}", file=sys.stderr)
     return 0

@@ -19,6 +19,9 @@ from llavamed.model.processing import known_token_id, llava_image_processor, tem
 from llavamed.model.templates import IMAGE_PLACEHOLDER, get_template
 
 CHECKPOINT_META = "llavamed.json"
+LLAVA_HF_TOWERS = ("clip_vision_model", "siglip_vision_model")
+"""Vision towers of the llava-hf layout: the ones vLLM's and SGLang's llava build (besides
+Pixtral); a ViT tower loads in transformers only."""
 
 # Small ViTs sized for CPUs. "tiny" is for tests; "cpu" is the embedded default, measured in the
 # design notes to train at a useful speed on 2 cores while keeping patch tokens local (patch 16).
@@ -378,7 +381,7 @@ def _canonicalize_vision_keys(folder: Path, vision_type: str) -> None:
     """Write CLIP/SigLIP tower weights under ``vision_tower.vision_model.*``, the llava-hf layout
     that transformers 4.x, vLLM and SGLang expect. transformers 5 saves them without the
     ``vision_model`` level but maps that prefix back on load, so both generations read the file."""
-    if vision_type not in ("clip_vision_model", "siglip_vision_model"):
+    if vision_type not in LLAVA_HF_TOWERS:
         return
     from safetensors import safe_open
     from safetensors.torch import save_file
@@ -399,6 +402,19 @@ def _canonicalize_vision_keys(folder: Path, vision_type: str) -> None:
         index = json.loads(index_path.read_text())
         index["weight_map"] = {rename(k): v for k, v in index["weight_map"].items()}
         index_path.write_text(json.dumps(index, indent=2))
+
+
+def vllm_tower_warning(folder: Path) -> str | None:
+    """Why vLLM cannot serve the checkpoint in ``folder``, or None: its llava builds CLIP, SigLIP
+    and Pixtral towers and stops on any other with "Unsupported vision config"."""
+    vision = json.loads((Path(folder) / "config.json").read_text()).get("vision_config") or {}
+    kind = vision.get("model_type")
+    if kind in LLAVA_HF_TOWERS:
+        return None
+    return (
+        f"{folder}: the vision tower (model_type={kind}) loads in transformers; vLLM's llava "
+        "supports CLIP and SigLIP towers only"
+    )
 
 
 def add_legacy_rope_theta(folder: Path) -> None:
