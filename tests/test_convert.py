@@ -4,6 +4,7 @@ independent forward pass written here from the original tensors."""
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 import torch
@@ -276,6 +277,42 @@ def _with_config(src, sd, dst, **changes):
             cfg[k] = v
     (out / "config.json").write_text(json.dumps(cfg))
     return out
+
+
+def _without_tokenizer(src, sd, dst, *keep):
+    """A copy of the original checkpoint without its tokenizer files, but for ``keep``."""
+    out = _variant(src, sd, dst, lambda d: d)
+    for f in out.iterdir():
+        if (
+            f.name.startswith(("tokenizer", "special_tokens", "chat_template"))
+            and f.name not in keep
+        ):
+            f.unlink()
+    return out
+
+
+def test_llava_med_without_a_tokenizer_says_what_to_do(original_llava_med, tmp_path):
+    from llavamed.model.convert.llava_med import _missing_sentencepiece, convert_llava_med
+
+    src, _, sd = original_llava_med
+    bare = _without_tokenizer(src, sd, tmp_path / "bare")
+    with pytest.raises(
+        InputError, match=rf"^{re.escape(str(bare))}: no tokenizer .*tokenizer\.json"
+    ):
+        convert_llava_med(bare, tmp_path / "out")
+    # Only a SentencePiece model, as Mistral/Llama checkpoints ship it: reading it needs packages
+    # this install may lack; a junk file stands in for it.
+    sp = _without_tokenizer(src, sd, tmp_path / "sp", "tokenizer_config.json")
+    (sp / "tokenizer.model").write_bytes(b"\x0a\x03abc" * 40)
+    if _missing_sentencepiece():
+        error = (
+            rf"^{re.escape(str(sp))}: .*\(pip install sentencepiece protobuf, or .*tokenizer\.json"
+        )
+    else:
+        error = rf"^{re.escape(str(sp / 'tokenizer.model'))}: unreadable tokenizer"
+    with pytest.raises(InputError, match=error):
+        convert_llava_med(sp, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
 
 
 def test_a_llama_llava_is_refused_not_turned_into_mistral(original_llava_med, tmp_path):

@@ -11,7 +11,9 @@ def register(sub) -> None:
             "Convert an original LLaVA-Med v1.5 checkpoint folder (model_type llava_mistral; "
             "safetensors or .bin, sharded or not) into transformers' native "
             "LlavaForConditionalGeneration format that transformers, vLLM and SGLang load. "
-            "Every source key must map, or the conversion fails naming the keys."
+            "Every source key must map, or the conversion fails naming the keys. The tokenizer "
+            "is read from SRC: tokenizer.json, or a SentencePiece tokenizer.model (needs "
+            "'pip install sentencepiece protobuf')."
         ),
     )
     p.add_argument("src", help="original checkpoint folder")

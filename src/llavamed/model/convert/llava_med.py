@@ -14,7 +14,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from llavamed.errors import InputError
+from llavamed.errors import InputError, first_line
 from llavamed.model.convert.state_dict_io import check_all_used, load_state_dict
 from llavamed.utils.io import read_json
 
@@ -101,12 +101,52 @@ def _vision_config_and_weights(src_cfg: dict, sd: dict, vision_tower: str | Path
     return vcfg, weights, used_from_ckpt, mean, std
 
 
+def _load_tokenizer(src: Path):
+    """The source's tokenizer, or an InputError saying what the folder lacks. Released LLaVA-Med
+    folders may hold only a SentencePiece ``tokenizer.model``, which transformers reads (and
+    converts to a fast tokenizer) only with the ``sentencepiece`` and ``protobuf`` packages."""
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(src)
+    except (ImportError, ValueError, OSError, RuntimeError) as exc:
+        if (src / "tokenizer.json").exists():
+            raise InputError(src, "unreadable tokenizer", first_line(exc)) from exc
+        if (src / "tokenizer.model").exists():
+            if _missing_sentencepiece():
+                raise InputError(
+                    src,
+                    "cannot read the SentencePiece tokenizer.model",
+                    "pip install sentencepiece protobuf, or put the LM's tokenizer.json in the "
+                    "folder",
+                ) from exc
+            raise InputError(
+                src / "tokenizer.model", "unreadable tokenizer", first_line(exc)
+            ) from exc
+        raise InputError(
+            src,
+            "no tokenizer",
+            "neither tokenizer.json nor tokenizer.model; copy the source LM's tokenizer files "
+            "(tokenizer.json, tokenizer_config.json) into the folder",
+        ) from exc
+
+
+def _missing_sentencepiece() -> bool:
+    import importlib.util
+
+    try:
+        return any(
+            importlib.util.find_spec(m) is None for m in ("sentencepiece", "google.protobuf")
+        )
+    except ModuleNotFoundError:  # no ``google`` package at all
+        return True
+
+
 def convert_llava_med(
     src: str | Path, dst: str | Path, *, vision_tower: str | Path | None = None
 ) -> Path:
     import torch
     from transformers import (
-        AutoTokenizer,
         LlavaConfig,
         LlavaForConditionalGeneration,
         LlavaProcessor,
@@ -149,6 +189,7 @@ def convert_llava_med(
         )
     if src_cfg.get("mm_use_im_start_end"):
         raise InputError(cfg_path, "unsupported option", "mm_use_im_start_end=true")
+    tok = _load_tokenizer(src)  # before the weights: minutes for a 7B checkpoint
     sd = load_state_dict(src)
     vcfg, vision_weights, vision_used, mean, std = _vision_config_and_weights(
         src_cfg, sd, vision_tower, src
@@ -159,7 +200,6 @@ def convert_llava_med(
         text_cfg.pop(k, None)
     text_config = MistralConfig(**text_cfg)
 
-    tok = AutoTokenizer.from_pretrained(src)
     if IMAGE_PLACEHOLDER not in tok.get_vocab():
         tok.add_special_tokens({"additional_special_tokens": [IMAGE_PLACEHOLDER]})
     if tok.pad_token is None:
