@@ -124,6 +124,30 @@ def test_run_messy_outputs_report_and_rerun_is_free(stub, tmp_path):
     assert opts.out.read_bytes() == before
 
 
+def test_a_figure_whose_caption_or_labels_changed_is_asked_again(stub, tmp_path):
+    """Resuming matched the log by pair_id only: after captions or domain labels changed in
+    place (``data domains --out`` over its input), OUT kept the old conversation and domain."""
+    opts = make_opts(stub, tmp_path, n=6)
+    run_instruct(opts)
+    assert stub.count == 6
+    recs = [json.loads(line) for line in opts.figures.read_text().splitlines()]
+    recs[0]["fig_caption"] += " Arrowheads mark the lesion."  # a re-ingest with a fuller caption
+    recs[1]["domain"] = {d: d == "histology" for d in DOMAINS}  # relabelled
+    opts.figures.write_text("".join(json.dumps(r) + "\n" for r in recs))
+    report, rc = run_instruct(opts)
+    # Those two only: the new caption is a new request; the relabelled figure's prompt is
+    # unchanged, so the response cache answers it and its sample takes the new domain.
+    assert rc == 0 and stub.count == 7 and report["this_run"]["cache_hits"] == 1
+    asked = [r["messages"][-1]["content"] for r in stub.requests[6:]]
+    assert any("Arrowheads mark the lesion." in q for q in asked)
+    by_id = {s["id"]: s for s in json.loads(opts.out.read_text())}
+    if recs[1]["pair_id"] in by_id:  # kept by the messy responder's format for it
+        assert by_id[recs[1]["pair_id"]]["domain"]["histology"]
+    assert report["totals"]["kept"] + report["totals"]["dropped"] == 6
+    report, _ = run_instruct(opts)
+    assert stub.count == 7 and report["this_run"]["cache_hits"] == 0  # now they are done
+
+
 def test_round_robin_cap_and_changed_settings_refused(stub, tmp_path):
     opts = make_opts(stub, tmp_path, max_samples=10)
     report, _ = run_instruct(opts)

@@ -2,7 +2,8 @@
 
 Crash safety: every finished figure (kept or dropped, with its reason) is appended and flushed to
 ``<out>.partial.jsonl`` the moment its response is cleaned (fsynced in batches every second). A restart skips pair_ids already in
-the log, so SIGKILL at any instant loses at most the requests in flight (and those are usually in
+the log (unless the record's caption, mentions, domain or image changed since: see
+:func:`record_source`), so SIGKILL at any instant loses at most the requests in flight (and those are usually in
 the response cache). Only at the end is ``<out>`` written, atomically, as a JSON list in selection
 order. Transient request failures are *not* logged, so the next run retries them. A request the
 server rejects outright (HTTP 4xx) is logged as dropped (``request_rejected``) and the run moves
@@ -56,6 +57,20 @@ REQUEST_REJECTED = "request_rejected"
 def _asked_again(entry: dict) -> bool:
     """A logged figure that a later run asks again rather than counting as done."""
     return entry.get("reason") == REQUEST_REJECTED
+
+
+def record_source(rec: dict, prompts: InstructPrompts, inline_mentions: bool) -> str:
+    """A hash of what a figure's log entry was made from: the prompt it sends (caption and
+    mentions) and what its sample copies from the record (domain, image). A figure whose
+    caption or labels changed in place since it was logged (``data domains --out`` over its
+    input, a re-ingest into the same folder) is asked again rather than resumed with the old
+    text."""
+    blob = json.dumps(
+        [build_messages(rec, prompts, inline_mentions), rec.get("domain"), rec.get("image")],
+        sort_keys=True,
+        default=str,
+    )
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
 @dataclass
@@ -206,7 +221,7 @@ class _RunOutcome:
     length_cut: int = 0
 
 
-async def _generate(opts, prompts, pending, appender, fp, bar) -> _RunOutcome:
+async def _generate(opts, prompts, pending, appender, fp, sources, bar) -> _RunOutcome:
     """Ask for every pending record; append each outcome to the log as it completes."""
     outcome = _RunOutcome()
     failed = outcome.failed
@@ -215,7 +230,7 @@ async def _generate(opts, prompts, pending, appender, fp, bar) -> _RunOutcome:
         async def one(rec: dict) -> None:
             pid = str(rec["pair_id"])
             messages = build_messages(rec, prompts, opts.inline_mentions)
-            entry: dict = {"pair_id": pid, "fp": fp}
+            entry: dict = {"pair_id": pid, "fp": fp, "src": sources[pid]}
             try:
                 r = await client.chat(
                     messages,
@@ -331,6 +346,11 @@ def run_instruct(opts: InstructOptions) -> tuple[dict, int]:
     selected, input_errors, dups = load_selection(opts)
     fp = run_fingerprint(opts, prompts)
     partial = opts.partial_path
+    sources = {str(r["pair_id"]): record_source(r, prompts, opts.inline_mentions) for r in selected}
+
+    def current(e: dict) -> bool:
+        """Logged from the record as it is now (logs from before ``src`` existed are trusted)."""
+        return e.get("src") in (None, sources.get(str(e.get("pair_id"))))
 
     def done_ids() -> set[str]:
         done = set()
@@ -340,7 +360,7 @@ def run_instruct(opts: InstructOptions) -> tuple[dict, int]:
                     f"{partial}: written by a run with different settings (model, prompts, "
                     "sampling or --inline-mentions); use another --out or delete that log"
                 )
-            if not _asked_again(e):
+            if current(e) and not _asked_again(e):
                 done.add(str(e.get("pair_id")))
         return done
 
@@ -367,7 +387,7 @@ def run_instruct(opts: InstructOptions) -> tuple[dict, int]:
                     dynamic_ncols=True,
                 )
             try:
-                outcome = asyncio.run(_generate(opts, prompts, pending, appender, fp, bar))
+                outcome = asyncio.run(_generate(opts, prompts, pending, appender, fp, sources, bar))
             except LLMError as exc:
                 raise LlavamedError(
                     f"{opts.client.base_url}: {exc} - stopping; finished records are kept, "
@@ -379,6 +399,8 @@ def run_instruct(opts: InstructOptions) -> tuple[dict, int]:
         entries: dict[str, dict] = {}
         for e in JsonlAppender(partial).existing():
             pid = str(e["pair_id"])
+            if not current(e):  # made from an older caption or labels: asked again above
+                continue
             if pid not in entries or _asked_again(entries[pid]):  # a later run's answer wins
                 entries[pid] = e
         ordered = [entries[str(r["pair_id"])] for r in selected if str(r["pair_id"]) in entries]
