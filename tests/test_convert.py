@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 
 import pytest
 import torch
@@ -313,6 +314,20 @@ def test_llava_med_without_a_tokenizer_says_what_to_do(original_llava_med, tmp_p
     with pytest.raises(InputError, match=error):
         convert_llava_med(sp, tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+def test_a_malformed_shard_index_names_the_index(original_llava_med, tmp_path):
+    from llavamed.model.convert.state_dict_io import load_state_dict
+
+    src, _, _ = original_llava_med
+    copy = tmp_path / "ck"
+    shutil.copytree(src, copy)
+    index = copy / "model.safetensors.index.json"
+    text = index.read_text()
+    for bad in (text[: len(text) // 2], "[]", '{"metadata": {}}', '{"weight_map": {"a": 3}}'):
+        index.write_text(bad)
+        with pytest.raises(InputError, match=rf"^{re.escape(str(index))}: malformed index \(.+\)"):
+            load_state_dict(copy)
 
 
 def test_a_llama_llava_is_refused_not_turned_into_mistral(original_llava_med, tmp_path):

@@ -33,6 +33,21 @@ def _load_file(path: Path) -> dict:
         raise InputError(path, "unreadable weights file", first) from exc
 
 
+def _read_index(index: Path) -> dict[str, str]:
+    """The ``weight_map`` (key -> shard file) of a sharded checkpoint's index."""
+    try:
+        data = json.loads(index.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise InputError(index, "malformed index", first_line(exc)) from exc
+    weight_map = data.get("weight_map") if isinstance(data, dict) else None
+    if not isinstance(weight_map, dict):
+        raise InputError(index, "malformed index", "no weight_map object")
+    bad = [k for k, v in weight_map.items() if not isinstance(v, str)]
+    if bad:
+        raise InputError(index, "malformed index", f"no shard file named for {bad[0]}")
+    return weight_map
+
+
 def load_state_dict(src: str | Path) -> dict:
     src = Path(src)
     if src.is_file():
@@ -41,7 +56,7 @@ def load_state_dict(src: str | Path) -> dict:
     for name in INDEX_FILES:
         index = src / name
         if index.exists():
-            weight_map = json.loads(index.read_text())["weight_map"]
+            weight_map = _read_index(index)
             out: dict = {}
             for shard in sorted(set(weight_map.values())):
                 if not (src / shard).exists():
