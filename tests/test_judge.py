@@ -274,6 +274,23 @@ def test_a_refused_judgement_is_recorded_invalid_once(stub, tmp_path):
     assert stub.count == sent  # a re-run does not pay for the refusal again
 
 
+def test_a_rejected_judgement_is_recorded_invalid_and_asked_again(stub, tmp_path):
+    """A 4xx (a context window too short, a bad parameter) was final: fixing the server
+    changed nothing, every later run reused the invalid judgement."""
+    opts = _one_at_a_time(make_opts(stub, tmp_path))
+    stub.plan(["400"])  # the first question's request
+    report, rc = run_judge(opts)
+    assert rc == 0 and report["relative_score"]["overall"]["invalid"] == 2  # it and Q5
+    logged = [json.loads(line) for line in opts.out.read_text().splitlines()]
+    assert [e["judgement"].startswith("<request rejected") for e in logged].count(True) == 1
+    sent = stub.count
+    report2, _ = run_judge(opts)  # the server answers now
+    assert stub.count == sent + 1
+    assert report2["relative_score"]["overall"]["invalid"] == 1  # only Q5, as with no 400
+    run_judge(opts)
+    assert stub.count == sent + 1
+
+
 def test_judge_swap_measures_position_bias(stub, tmp_path):
     BIAS["first"] = 1  # this judge adds a point to whichever answer comes first
     report, rc = run_judge(make_opts(stub, tmp_path, swap=True))

@@ -276,6 +276,7 @@ async def _judge_all(opts, prompts, jobs, appender, fp, bar) -> dict:
             msgs = build_judge_messages(q, a1, a2, prompts)
             raws = []
             scores = None
+            rejected = False
             try:
                 for variant in (0, 1):  # one re-ask, with its own cache key, on a bad judgement
                     r = await client.chat(
@@ -294,10 +295,12 @@ async def _judge_all(opts, prompts, jobs, appender, fp, bar) -> dict:
                     raise
                 if not exc.rejected:
                     return  # transient (429s, 5xx, timeouts): not logged, a re-run asks again
-                # Refused for good (a 4xx, a content filter): an invalid judgement, recorded
-                # so the report counts it and a re-run does not pay for it again.
-                what = "refused" if exc.kind == MODEL_REFUSAL else "request rejected"
-                raws.append(f"<{what}: {exc.kind}>")
+                # Refused (a content filter) or rejected (a 4xx): an invalid judgement, recorded
+                # so the report counts it. A refusal is the judge's answer and is final; a
+                # rejection may be the server's fault or the command's, costs nothing, and is
+                # asked again by the next run.
+                rejected = exc.kind != MODEL_REFUSAL
+                raws.append(f"<{'request rejected' if rejected else 'refused'}: {exc.kind}>")
             appender.append(
                 {
                     "question_id": q["question_id"],
@@ -310,6 +313,7 @@ async def _judge_all(opts, prompts, jobs, appender, fp, bar) -> dict:
                     "attempts": len(raws),
                     "judgement": raws[-1] if raws else "",
                 }
+                | ({"rejected": True} if rejected else {})
             )
 
         await for_each_concurrently(
@@ -350,7 +354,7 @@ def run_judge(opts: JudgeOptions) -> tuple[dict, int]:
                     f"{opts.out}: written by a judge run with other settings (model, prompts, "
                     "temperature or seed); use another --out or delete it"
                 )
-        done = judged(existing)
+        done = {k: e for k, e in judged(existing).items() if not e.get("rejected")}
         jobs = [
             (q, a, o) for q, a in pairs for o in orders if (str(q["question_id"]), o) not in done
         ]
