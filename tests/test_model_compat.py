@@ -5,6 +5,7 @@ repairs itself when it is found incomplete."""
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -129,3 +130,28 @@ def test_model_init_refuses_a_feature_layer_the_tower_lacks(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "--vision-feature-layer" in err and "-3..2" in err
     assert not out.exists()
+
+
+# --- the embedded LM cache ------------------------------------------------------------------
+
+
+def test_an_incomplete_embedded_cache_is_rebuilt(tmp_path, monkeypatch):
+    """A cache folder holding only part of the LM (a copy cut short, a clean-up gone wrong) was
+    returned as it was, every time: the rebuilt copy could not replace a non-empty folder and was
+    thrown away as if another process had won the race. ~30 s: the GGUF is dequantized again."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from llavamed.model import embedded
+
+    target = tmp_path / embedded.EMBEDDED_LM_NAME
+    target.mkdir()
+    shutil.copy(embedded.embedded_lm_dir() / "tokenizer.json", target)
+    monkeypatch.setenv("LLAVAMED_CACHE", str(tmp_path))
+    got = embedded.embedded_lm_dir()
+    assert got == target
+    for name in ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"):
+        assert (got / name).is_file(), name
+    assert embedded.is_complete(got)
+    assert AutoModelForCausalLM.from_pretrained(got).num_parameters() > 100_000_000
+    assert AutoTokenizer.from_pretrained(got)("hi")["input_ids"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [embedded.EMBEDDED_LM_NAME]

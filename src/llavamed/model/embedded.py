@@ -33,14 +33,41 @@ def gguf_path() -> Path:
     return path
 
 
+CACHE_FILES = ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json")
+"""What a finished cache folder holds (written by ``save_pretrained``, then renamed whole)."""
+
+
+def is_complete(folder: Path) -> bool:
+    """Whether ``folder`` holds the whole cached LM (every file a load reads)."""
+    return all((folder / name).is_file() for name in CACHE_FILES)
+
+
+def _discard(path: Path) -> None:
+    """Move ``path`` aside under a unique name, then delete it: readers never see it half gone,
+    and two processes discarding it at once do not trip over each other."""
+    import shutil
+    import uuid
+
+    aside = path.with_name(f".{path.name}.stale-{uuid.uuid4().hex[:8]}")
+    try:
+        os.replace(path, aside)
+    except FileNotFoundError:
+        return  # another process moved it first
+    if aside.is_dir():
+        shutil.rmtree(aside, ignore_errors=True)
+    else:
+        aside.unlink(missing_ok=True)
+
+
 def embedded_lm_dir() -> Path:
     """Return a folder with the dequantized LM (config, safetensors, tokenizer), building it once.
 
     The cache is written to a temp folder and renamed, so a killed first run leaves nothing half
-    written and concurrent first runs don't corrupt each other.
+    written and concurrent first runs don't corrupt each other. A folder found incomplete (a copy
+    cut short, a clean-up gone wrong) is replaced by a fresh build, never returned.
     """
     target = cache_root() / EMBEDDED_LM_NAME
-    if (target / "model.safetensors").exists() and (target / "tokenizer.json").exists():
+    if is_complete(target):
         return target
     import shutil
 
@@ -67,12 +94,20 @@ def embedded_lm_dir() -> Path:
         model.save_pretrained(tmp)
         tok.save_pretrained(tmp)
         legacy_tokenizer_config(tmp)
-        try:
-            os.replace(tmp, target)
-        except OSError:
-            # Another process won the race; its copy is equivalent.
-            shutil.rmtree(tmp, ignore_errors=True)
+        for _ in range(3):
+            try:
+                os.replace(tmp, target)  # fails if target is a non-empty folder (or a file)
+                break
+            except OSError:
+                if is_complete(target):
+                    break  # another process won the race; its copy is equivalent
+                _discard(target)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+    if not is_complete(target):
+        raise LlavamedError(
+            f"{target}: the embedded LM cache is incomplete and could not be replaced; "
+            "remove the folder and rerun"
+        )
     return target
