@@ -217,22 +217,46 @@ def _default_qids(rows: list, prefix: str) -> list:
     ]
 
 
+def _field_sample(
+    rec: dict,
+    src: str,
+    *,
+    qid: str,
+    image_of: Callable[[], str | bytes],
+    split: str,
+    type_field: str = "question_type",
+    **more: Any,
+) -> VQASample:
+    """A sample of a record whose question and answer are its ``question`` and ``answer`` fields
+    (VQA-RAD, SLAKE, parquet, PathVQA's pickles), checked in that order, then the image
+    (``image_of()``); ``type_field`` names its question-type field; ``more``: ``lang``,
+    ``extra``."""
+    question = _text_field(rec, "question", src)
+    answer = _text_field(rec, "answer", src)
+    atype = _answer_type(rec, answer, src)
+    qtype = rec.get(type_field)
+    return VQASample(
+        qid=qid,
+        image=image_of(),
+        question=question,
+        answer=answer,
+        answer_type=atype,
+        question_type=str(qtype).strip() if qtype is not None else "",
+        split=split,
+        **more,
+    )
+
+
 def _plain_sample(
     image_of: Callable[[dict, str], str | bytes], split: str, dataset: str, rec: dict, src: str
 ) -> VQASample:
     """A record with ``question``, ``answer`` and an image (``image_of(rec, src)``), optional
     ``answer_type``/``question_type``, and a ``qid``/``id`` (see :func:`_default_qids`)."""
-    question = _text_field(rec, "question", src)
-    answer = _text_field(rec, "answer", src)
-    atype = _answer_type(rec, answer, src)
-    image = image_of(rec, src)
-    return VQASample(
+    return _field_sample(
+        rec,
+        src,
         qid=str(rec.get("qid", rec.get("id"))),
-        image=image,
-        question=question,
-        answer=answer,
-        answer_type=atype,
-        question_type=str(rec.get("question_type") or "").strip(),
+        image_of=lambda: image_of(rec, src),
         split=split,
         extra={"dataset": dataset},
     )
@@ -271,19 +295,11 @@ def load_vqa_rad(
         rec_split = "test" if isinstance(phrase, str) and phrase.startswith("test") else "train"
         if split != "all" and rec_split != split:
             return None
-        qid = _text_field(rec, "qid", src)
-        question = _text_field(rec, "question", src)
-        answer = _text_field(rec, "answer", src)
-        atype = _answer_type(rec, answer, src)
-        image = _image_path(images, _text_field(rec, "image_name", src), src)
-        qtype = rec.get("question_type")
-        return VQASample(
-            qid=qid,
-            image=image,
-            question=question,
-            answer=answer,
-            answer_type=atype,
-            question_type=str(qtype).strip() if qtype is not None else "",
+        return _field_sample(
+            rec,
+            src,
+            qid=_text_field(rec, "qid", src),
+            image_of=lambda: _image_path(images, _text_field(rec, "image_name", src), src),
             split=rec_split,
             extra={k: rec[k] for k in ("phrase_type", "image_organ") if k in rec},
         )
@@ -334,20 +350,14 @@ def _read_slake(js: Path, lang: str, report: LoadReport) -> list[VQASample]:
         q_lang = _text_field(rec, "q_lang", src, required=False) or "en"
         if lang != "all" and q_lang != lang:
             return None
-        qid = _text_field(rec, "qid", src)
-        question = _text_field(rec, "question", src)
-        answer = _text_field(rec, "answer", src)
-        atype = _answer_type(rec, answer, src)
-        image = _image_path(images, _text_field(rec, "img_name", src), src)
-        return VQASample(
-            qid=qid,
-            image=image,
-            question=question,
-            answer=answer,
-            answer_type=atype,
-            question_type=str(rec.get("content_type") or "").strip(),
-            lang=q_lang,
+        return _field_sample(
+            rec,
+            src,
+            qid=_text_field(rec, "qid", src),
+            image_of=lambda: _image_path(images, _text_field(rec, "img_name", src), src),
             split=split_name,
+            type_field="content_type",
+            lang=q_lang,
             extra={k: rec[k] for k in ("img_id", "modality", "location", "base_type") if k in rec},
         )
 
