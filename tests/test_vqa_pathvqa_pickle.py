@@ -244,3 +244,28 @@ def test_eval_vqa_help_describes_the_release_layout():
     )
     text = " ".join(out.stdout.split())
     assert "<split>_qa.pkl" in text and "pathvqa" in text and "--images" in text
+
+
+def test_training_reads_the_pickles_with_images_kept_elsewhere(tmp_path, tiny_llava_dir):
+    """``format: vqa`` sources pass ``image_folder`` to the loader, as ``eval vqa --images``
+    does: it was ignored, so a release whose images live apart could not be trained on."""
+    from transformers import AutoProcessor
+
+    from llavamed.config import DataConfig, DataSource
+    from llavamed.train.data import load_samples
+
+    root = _pvqa(tmp_path)
+    moved = tmp_path / "disk2" / "pvqa_images"
+    moved.parent.mkdir()
+    (root / "images").rename(moved)
+    proc = AutoProcessor.from_pretrained(tiny_llava_dir)
+    src = dict(format="vqa", dataset="pathvqa", path=str(root), split="train")
+    with pytest.raises(InputError, match="no image folder"):
+        load_samples(DataConfig(sources=[DataSource(**src)]), proc, "chatml", quiet=True)
+    samples, report = load_samples(
+        DataConfig(sources=[DataSource(**src, image_folder=str(moved))]),
+        proc,
+        "chatml",
+        quiet=True,
+    )
+    assert len(samples) == 2 and not report.skipped

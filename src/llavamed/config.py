@@ -67,7 +67,9 @@ class DataSource:
     """The JSON file (llava_json) or the dataset file/folder (vqa). Relative paths (here and
     everywhere in the config) resolve against the current directory."""
     image_folder: str | None = None
-    """Folder that ``image`` fields are relative to (llava_json). Default: the JSON's folder."""
+    """Folder that ``image`` fields are relative to (llava_json; default: the JSON's folder), or,
+    for ``format: vqa``, the image folder of LLaVA-Med's test.json or of PathVQA's pickles
+    (default: next to them, as ``eval vqa --images``)."""
     dataset: str | None = None
     """For ``format: vqa``: ``vqa-rad``, ``slake``, ``pathvqa`` or ``llava-med``."""
     split: str = "train"

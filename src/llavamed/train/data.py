@@ -144,7 +144,9 @@ def _seeded_subset(items: list, n: int | None, seed: int) -> list:
 def _vqa_samples(src: DataSource, report: DataReport, encode, pack, seed: int) -> list[Sample]:
     from llavamed.eval.vqa_data import load_vqa
 
-    vqa, rep = load_vqa(src.dataset, src.path, split=src.split, lang=src.lang)
+    vqa, rep = load_vqa(
+        src.dataset, src.path, split=src.split, lang=src.lang, images=src.image_folder
+    )
     # max_samples counts questions, grouped or not: group_by_image packs several questions into
     # one sample, so a subset of packed samples would mean more questions with grouping on.
     vqa = _seeded_subset(vqa, src.max_samples, seed)
