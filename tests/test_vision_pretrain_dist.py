@@ -113,3 +113,31 @@ def test_two_processes_match_one(tmp_path):
     for a, b in zip(got["grads"], ref_grads, strict=True):
         assert torch.allclose(a, b, atol=1e-5, rtol=1e-4), (a, b)
     assert any(g.abs().sum() > 0 for g in ref_grads)
+
+
+def _stop_worker(rank: int, world: int, port: int, out: str):
+    import torch.distributed as dist
+
+    from llavamed.train.vision_pretrain import any_process
+
+    os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = "127.0.0.1", str(port)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        # rank 0's clock is past the time budget, rank 1's a few milliseconds short of it
+        got = [any_process(rank == 0, world), any_process(False, world)]
+        torch.save(got, f"{out}.{rank}")
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+    os._exit(0)
+
+
+@pytest.mark.slow
+def test_the_time_budget_stops_every_process_at_the_same_step(tmp_path):
+    """Each process used its own clock: at the budget's edge rank 0 stopped and saved while rank
+    1 started one more step and waited in its all-gather until the timeout killed the job."""
+    import torch.multiprocessing as mp
+
+    out = str(tmp_path / "stop")
+    mp.spawn(_stop_worker, args=(2, _free_port(), out), nprocs=2, join=True)
+    assert torch.load(f"{out}.0") == torch.load(f"{out}.1") == [True, False]

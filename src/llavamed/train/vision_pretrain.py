@@ -755,7 +755,9 @@ def train_vision(cfg: VisionPretrainConfig, progress: bool = True) -> VisionPret
     trained_at_seg = trained_s
     stopped_early = False
     while step < total:
-        if cfg.time_budget_min is not None and trained_s >= cfg.time_budget_min * 60:
+        if cfg.time_budget_min is not None and any_process(
+            trained_s >= cfg.time_budget_min * 60, world
+        ):
             stopped_early = True
             break
         if stream is not None:
@@ -908,6 +910,20 @@ def train_vision(cfg: VisionPretrainConfig, progress: bool = True) -> VisionPret
         atomic_write_text(out / REPORT_MD, render_report_md(report))
         atomic_write_json(out / REPORT_JSON, report)
     return VisionPretrainResult(out, tower_dir, report, time.time() - t_start)
+
+
+def any_process(flag: bool, world: int) -> bool:
+    """``flag`` on any process, on every process. Each process reads its own clock, so at the
+    time budget's edge one would stop and save while another started a step and waited in its
+    all-gather until the timeout killed the job: the processes decide together."""
+    if world <= 1:
+        return flag
+    import torch
+    import torch.distributed as dist
+
+    t = torch.tensor([int(flag)])
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())
 
 
 def _allreduce_grads(module) -> None:
