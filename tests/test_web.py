@@ -8,6 +8,7 @@ import socket
 from pathlib import Path
 
 import pytest
+from PIL import Image
 
 from llavamed.images import load_image
 
@@ -145,6 +146,16 @@ def test_web_events_one_turn_at_a_time_and_stop_and_reset_cancel_it(tiny_llava_d
     bad.write_bytes(b"\x89PNG\r\n\x1a\nnot really")
     with pytest.warns(UserWarning, match="cannot use this file: corrupt image"):
         assert on_upload(str(bad)) == (None, None)
+    # Uploads are held for the whole session: bounded as the API bounds requests. A 17000x100
+    # strip was kept at full size, and anything up to PIL's 179 MP limit was decoded.
+    strip = tmp_path / "strip.png"
+    Image.new("RGB", (17000, 100), (90, 90, 90)).save(strip)
+    img, pending_upload = on_upload(str(strip))
+    assert max(img.size) == 2048 and pending_upload["image"] is img
+    huge = tmp_path / "huge.png"
+    Image.new("L", (7000, 6000)).save(huge)  # 42 MP > 40 MP
+    with pytest.warns(UserWarning, match="cannot use this file: image too large"):
+        assert on_upload(str(huge)) == (None, None)
     comp = {c["id"]: c for c in cfg["components"]}
     by_elem = {c["props"].get("elem_id"): i for i, c in comp.items() if c["props"].get("elem_id")}
     deps = {d["api_name"]: d for d in cfg["dependencies"]}

@@ -28,12 +28,14 @@ from fastapi import Request  # at module level: route annotations are resolved f
 from llavamed.errors import InputError, LlavamedError
 from llavamed.serve import protocol as P
 from llavamed.serve.engine import (
+    MAX_IMAGE_PIXELS,
     Engine,
     EngineClosed,
     EngineSettings,
     Event,
     QueueFull,
     SamplingParams,
+    load_user_image,
 )
 
 log = logging.getLogger("llavamed.serve")
@@ -49,7 +51,7 @@ class ServerSettings:
     """When set, /v1/* requires ``Authorization: Bearer <key>``."""
     max_request_bytes: int = 32 * 1024 * 1024
     max_image_bytes: int = 16 * 1024 * 1024
-    max_image_pixels: int = 40_000_000
+    max_image_pixels: int = MAX_IMAGE_PIXELS
     max_images: int = 4
     max_prompt_tokens: int | None = None
     """Default: the model's context window minus one."""
@@ -185,15 +187,13 @@ def create_app(engine: Engine, settings: ServerSettings | None = None):
         return b"".join(chunks)
 
     async def load_images(refs: list[P.ImageRef]) -> list:
-        from llavamed.images import load_image
-
         out = []
         for ref in refs:
             data = ref.data if ref.data is not None else await _fetch(ref, settings)
             try:
                 out.append(
                     await run_in_threadpool(
-                        load_image, data, name=ref.where, max_pixels=settings.max_image_pixels
+                        load_user_image, data, name=ref.where, max_pixels=settings.max_image_pixels
                     )
                 )
             except InputError as exc:

@@ -47,9 +47,9 @@ class ChatSession:
                 "/image", "images not supported", f"{self.engine.name} is a text-only model"
             )
         if not hasattr(image, "size"):
-            from llavamed.images import load_image
+            from llavamed.serve.engine import load_user_image
 
-            image = load_image(image)
+            image = load_user_image(image)
         self.pending_image = image
 
     def ask(

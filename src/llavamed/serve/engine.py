@@ -38,6 +38,18 @@ EMBEDDED = "embedded"
 # Longer image sides are shrunk before the processor pads to square (images.bound_long_side):
 # far above any tower's input (224-448 px), so ordinary images reach the processor untouched.
 MAX_IMAGE_SIDE = 2048
+# The most pixels an image a user sends may decode to (the API's ServerSettings default too).
+MAX_IMAGE_PIXELS = 40_000_000
+
+
+def load_user_image(source, name: str | None = None, max_pixels: int = MAX_IMAGE_PIXELS):
+    """An image a user handed over (a web upload, a chat ``/image``, an API request): decoded
+    with a pixel cap, then its long side bounded as :meth:`Engine.prepare` bounds it, so a
+    session that keeps its images keeps only what the model can use."""
+    from llavamed.images import bound_long_side, load_image
+
+    img = load_image(source, name=name, max_pixels=max_pixels)
+    return bound_long_side(img, MAX_IMAGE_SIDE)
 
 
 # --- public data types -----------------------------------------------------------------------

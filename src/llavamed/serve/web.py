@@ -15,7 +15,7 @@ from typing import Any
 
 from llavamed.errors import InputError
 from llavamed.serve.chat import ChatSession
-from llavamed.serve.engine import Engine, SamplingParams
+from llavamed.serve.engine import Engine, SamplingParams, load_user_image
 
 FILE_TYPES = [".png", ".jpg", ".jpeg", ".dcm", ".dicom", ".tif", ".tiff", ".gif", ".bmp", ".webp"]
 MEDSYNTH_EXAMPLES = ("chest_xray", "histology", "gross")
@@ -75,7 +75,6 @@ def build_app(
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
     import gradio as gr
 
-    from llavamed.images import load_image
 
     dp = default_params or SamplingParams(max_tokens=256, temperature=0.2)
     multimodal = engine.is_multimodal
@@ -84,7 +83,7 @@ def build_app(
         if not path:
             return None, None
         try:
-            img = load_image(path, name=Path(path).name)
+            img = load_user_image(path, name=Path(path).name)
         except InputError as exc:
             # Cleared, not kept: the file box shows the rejected file, so an older image still
             # pending would go with the next question unseen.
