@@ -200,6 +200,28 @@ def test_the_tower_sees_the_composed_llavas_geometry(tmp_path, aspect):
         make_config(_cfg(tmp_path, tmp_path / "o", aspect="squash"))
 
 
+def test_a_run_the_time_budget_stopped_goes_on_with_a_larger_budget(tmp_path, capsys):
+    """The budget's stop deleted the resume state, so a larger budget started again from step
+    0, against the documented "the budget counts training time over every attempt"."""
+    from transformers import CLIPVisionModel
+
+    from llavamed.train.vision_vqa import STATE_FILE, run_from_config
+
+    data = make_vqa_rad(tmp_path / "rad", 48)
+    kw = dict(steps=6, batch_size=8, save_every=100, log_every=1)
+    whole = run_from_config(_cfg(data, tmp_path / "whole", **kw), progress=False)
+    out = tmp_path / "budget"
+    cut = run_from_config(_cfg(data, out, **kw, time_budget_min=1e-9), progress=False)
+    assert cut.report["steps"] == 1 and (out / STATE_FILE).exists()
+    more = run_from_config(_cfg(data, out, **kw, time_budget_min=60), progress=False)
+    assert f"stage 0b: resuming {out} at step 1/6" in capsys.readouterr().err
+    assert [r["loss"] for r in more.report["log"]] == [r["loss"] for r in whole.report["log"]]
+    a = CLIPVisionModel.from_pretrained(whole.tower_dir).state_dict()
+    b = CLIPVisionModel.from_pretrained(more.tower_dir).state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert not (out / STATE_FILE).exists()
+
+
 def test_a_killed_run_resumes_from_its_last_state_to_the_same_tower(tmp_path, monkeypatch, capsys):
     from transformers import CLIPVisionModel
 

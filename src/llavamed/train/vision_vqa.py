@@ -401,6 +401,9 @@ def train_vision_vqa(cfg: VisionVQAConfig, progress: bool = True) -> VisionVQARe
         if step % cfg.save_every == 0 and step < cfg.steps:
             save_state()
     bar.close()
+    finished = step >= cfg.steps
+    if not finished:  # the time budget stopped it: a larger budget goes on from here
+        save_state()
     tower.model.eval()
     report: dict[str, Any] = {"config": resolved, "steps": step, "data": counts, "log": log}
     report["skipped"] = table.skipped
@@ -425,7 +428,8 @@ def train_vision_vqa(cfg: VisionVQAConfig, progress: bool = True) -> VisionVQARe
     report["wall_time_s"] = round(time.time() - t0, 1)
     atomic_write_json(report_path, report)
     atomic_write_text(out / "vision_vqa_report.md", report_markdown(report))
-    state_path.unlink(missing_ok=True)  # the report and tower now stand for the finished run
+    if finished:
+        state_path.unlink(missing_ok=True)  # the report and tower now stand for the whole run
     return VisionVQAResult(out, tower_dir, report, time.time() - t0)
 
 
