@@ -246,7 +246,18 @@ def test_end_to_end_tiny_resume_and_model_init(tmp_path, monkeypatch):
     assert res.report["skipped"] == {"no caption": 1, "file not found": 1}
     r = res.report["retrieval"]
     assert 0 <= r["i2t_r@1"] <= r["i2t_r@5"] <= 1 and r["n"] >= 1
-    assert (res.tower_dir / "preprocessor_config.json").exists()
+    # The saved image processor pads to square with the mean colour, as training did: a wide
+    # red strip keeps its width and gets mean-colour rows (0 after normalising) above it. It
+    # said resize + centre-crop, which would fill the square with red.
+    from PIL import Image
+    from transformers import AutoImageProcessor
+
+    proc = AutoImageProcessor.from_pretrained(res.tower_dir)
+    pix = proc(images=[Image.new("RGB", (64, 8), (255, 0, 0))], return_tensors="pt")
+    pix = pix["pixel_values"][0]
+    size = pix.shape[-1]
+    assert pix.shape == (3, size, size)
+    assert pix[:, 0].abs().max() < 0.05 and pix[0, size // 2].min() > 1.0
     assert (tmp_path / "run" / "stage0_config.yaml").exists()
     assert "Held-out retrieval" in (tmp_path / "run" / "stage0_report.md").read_text()
     # The tower loads into a LLaVA model with its trained weights.

@@ -1030,25 +1030,16 @@ def _retrieval(module, tower: Tower, val_pairs, val_imgs, size, text, cfg, cache
 
 
 def _save_tower(model, tower: Tower, size: int, tower_dir: Path) -> None:
-    """``save_pretrained`` + a preprocessor config, written to a temp folder then renamed."""
+    """``save_pretrained`` + the image processor it was trained with (pad to square with the
+    mean colour, as :func:`square_tensor`), written to a temp folder then renamed. It said
+    resize and centre-crop, so ``AutoImageProcessor`` cut the sides off wide figures."""
+    from llavamed.model.processing import llava_image_processor
     from llavamed.utils.io import atomic_dir
 
     # The folder is this stage's own output: an earlier tower in it is replaced.
     with atomic_dir(tower_dir, ours=lambda _: True) as tmp:
         model.save_pretrained(tmp)
-        pre = {
-            "image_processor_type": "CLIPImageProcessor",
-            "do_resize": True,
-            "size": {"shortest_edge": size},
-            "do_center_crop": True,
-            "crop_size": {"height": size, "width": size},
-            "do_normalize": True,
-            "image_mean": tower.mean,
-            "image_std": tower.std,
-            "do_convert_rgb": True,
-            "image_size": size,
-        }
-        (tmp / "preprocessor_config.json").write_text(json.dumps(pre, indent=2) + "\n")
+        llava_image_processor(size, tower.mean, tower.std, pad=True).save_pretrained(tmp)
 
 
 def render_report_md(report: dict) -> str:
