@@ -271,6 +271,7 @@ def test_end_to_end_tiny_resume_and_model_init(tmp_path, monkeypatch):
     # A finished run is not redone.
     again = run_from_config(cfg, ["time_budget_min=60"], progress=False)
     assert again.wall_time_s < res.wall_time_s and again.report["steps"] == 6
+    assert again.report["data"] == res.report["data"]
 
 
 def test_load_pairs_conversation_json(tmp_path):
@@ -374,3 +375,49 @@ def test_a_converted_biomedclip_tower_trains_and_composes(tmp_path, biomedclip_s
     assert model.model.vision_tower.config.model_type == "vit"
     with pytest.raises(ConfigError, match="image_size=64 but the tower was built for 32"):
         run_from_config({**cfg, "output_dir": str(tmp_path / "r2"), "image_size": 64})
+
+
+def test_other_pairs_under_the_same_config_are_another_run(tmp_path, monkeypatch, capsys):
+    """A finished run, and a resume state, were matched by config alone: after the figures
+    file was completed in place (an ingest that had been interrupted), stage 0 returned the
+    tower trained on the partial file, or resumed it with the full file's batch order."""
+    import llavamed.train.contrastive as contrastive
+    from llavamed.train.vision_pretrain import run_from_config
+
+    data = _write_pairs(tmp_path / "data")
+    full = data.read_text()
+    cfg = {
+        "data": str(data),
+        "output_dir": str(tmp_path / "run"),
+        "vision": "tiny",
+        "batch_size": 8,
+        "max_steps": 4,
+        "save_every": 2,
+        "probe_images_per_domain": 0,
+        "val_fraction": 0.2,
+        "precision": "fp32",
+    }
+    data.write_text("".join(full.splitlines(keepends=True)[4:]))  # an ingest cut short
+    first = run_from_config(cfg, progress=False)
+    data.write_text(full)  # ... then completed in place
+    second = run_from_config(cfg, progress=False)
+    assert second.report["data"] != first.report["data"]
+    assert second.report["pairs"] != first.report["pairs"]
+    # Killed after its step-2 state; the file changes again; the state is not resumed.
+    real, calls = contrastive.clip_loss, {"n": 0}
+
+    def dies_at_step_3(*a, **kw):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt
+        return real(*a, **kw)
+
+    cut = {**cfg, "output_dir": str(tmp_path / "killed")}
+    monkeypatch.setattr(contrastive, "clip_loss", dies_at_step_3)
+    with pytest.raises(KeyboardInterrupt):
+        run_from_config(cut, progress=False)
+    monkeypatch.setattr(contrastive, "clip_loss", real)
+    data.write_text("".join(full.splitlines(keepends=True)[4:]))
+    capsys.readouterr()
+    run_from_config(cut, progress=False)
+    assert "other settings (the figure-caption pairs)" in capsys.readouterr().err

@@ -226,6 +226,13 @@ class Pair:
     caption: str
 
 
+def pairs_fingerprint(pairs: list[Pair]) -> str:
+    """A hash of the pairs a run trains and scores on: ids, image file names and captions (not
+    their folders: a moved data folder holds the same pairs)."""
+    blob = json.dumps([[p.id, p.image.name, p.caption] for p in pairs])
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
 def load_pairs(
     path: str | os.PathLike, image_folder: str | os.PathLike | None = None
 ) -> tuple[list[Pair], dict[str, int]]:
@@ -595,16 +602,19 @@ def train_vision(cfg: VisionPretrainConfig, progress: bool = True) -> VisionPret
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     tower_dir = out / TOWER_DIR
+    pairs, skipped = load_pairs(cfg.data, cfg.image_folder)
+    # The same config over other pairs (the figures file was completed or rewritten in place)
+    # is another run. Reports and states from before the key existed are trusted.
+    data_key = pairs_fingerprint(pairs)
     if (out / REPORT_JSON).exists() and (tower_dir / "config.json").exists():
         report = json.loads((out / REPORT_JSON).read_text())
-        if report.get("config") == config_dict(cfg):
+        if report.get("config") == config_dict(cfg) and report.get("data", data_key) == data_key:
             return VisionPretrainResult(out, tower_dir, report, time.time() - t_start)
 
     tower = load_tower(cfg.vision, cfg.seed)
     size = cfg.image_size or tower.image_size
     if size != tower.image_size:  # position embeddings are fixed to the tower's own grid
         raise ConfigError(f"image_size={size} but the tower was built for {tower.image_size}")
-    pairs, skipped = load_pairs(cfg.data, cfg.image_folder)
     train_pairs, val_pairs = split_pairs(pairs, cfg.val_fraction, cfg.val_max)
 
     text = TextEncoder(cfg.text_encoder, cfg.text_max_length, trainable=cfg.text_trainable)
@@ -688,6 +698,8 @@ def train_vision(cfg: VisionPretrainConfig, progress: bool = True) -> VisionPret
         changed = [
             k for k in diff(state.get("config", {}), config_dict(cfg)) if k not in RESUMABLE_CHANGES
         ]
+        if state.get("data", data_key) != data_key:
+            changed.append("the figure-caption pairs")
         if not changed:
             module.load_state_dict(state["module"])
             opt.load_state_dict(state["optimizer"])
@@ -723,6 +735,7 @@ def train_vision(cfg: VisionPretrainConfig, progress: bool = True) -> VisionPret
             torch.save(
                 {
                     "config": config_dict(cfg),
+                    "data": data_key,
                     "module": module.state_dict(),
                     "optimizer": opt.state_dict(),
                     "step": step,
@@ -868,6 +881,7 @@ def train_vision(cfg: VisionPretrainConfig, progress: bool = True) -> VisionPret
 
     report: dict = {
         "config": config_dict(cfg),
+        "data": data_key,
         "steps": step,
         "total_steps": total,
         "stopped_early": stopped_early,
