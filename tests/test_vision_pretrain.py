@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -421,3 +422,23 @@ def test_other_pairs_under_the_same_config_are_another_run(tmp_path, monkeypatch
     capsys.readouterr()
     run_from_config(cut, progress=False)
     assert "other settings (the figure-caption pairs)" in capsys.readouterr().err
+
+
+def test_held_out_pairs_are_whole_articles():
+    """The split hashed each figure's id, so sibling figures of one paper (often with
+    near-identical captions) fell on both sides and inflated held-out retrieval."""
+    from llavamed.train.vision_pretrain import Pair, split_pairs
+
+    pairs = [
+        Pair(f"PMC{a}_F{f}", Path(f"{a}_{f}.jpg"), f"caption {a}.{f}", f"PMC{a}")
+        for a in range(200)
+        for f in range(4)
+    ]
+    train, val = split_pairs(pairs, 0.2, val_max=50)
+    assert 0 < len(val) <= 50 and len(val) % 4 == 0  # whole articles only, capped
+    assert {p.article for p in val}.isdisjoint({p.article for p in train})
+    assert len(train) + len(val) == len(pairs)
+    # without an article, each pair is its own unit, as before
+    loose = [Pair(f"p{i}", Path(f"{i}.jpg"), "c") for i in range(100)]
+    train, val = split_pairs(loose, 0.2, val_max=1000)
+    assert 5 < len(val) < 40 and len(train) + len(val) == 100

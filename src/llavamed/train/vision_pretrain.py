@@ -224,6 +224,8 @@ class Pair:
     id: str
     image: Path
     caption: str
+    article: str = ""
+    """The article the figure comes from (pmcid or pmid), when the record names one."""
 
 
 def pairs_fingerprint(pairs: list[Pair]) -> str:
@@ -260,6 +262,7 @@ def load_pairs(
         else:
             caption = rec.get("fig_caption")
             rid = str(rec.get("pair_id", n))
+        article = str(rec.get("pmcid") or rec.get("pmid") or "")
         image = rec.get("image")
         if not image or not isinstance(image, str):
             skip("no image")
@@ -271,7 +274,7 @@ def load_pairs(
             skip("duplicate image")
             continue
         seen.add(image)
-        pairs.append(Pair(rid, root / image, " ".join(caption.split())))
+        pairs.append(Pair(rid, root / image, " ".join(caption.split()), article))
     if not pairs:
         raise InputError(path, "no usable (image, caption) pairs", json.dumps(skipped))
     return pairs, skipped
@@ -290,14 +293,28 @@ def _conversation_caption(rec: dict) -> str | None:
 def split_pairs(
     pairs: list[Pair], val_fraction: float, val_max: int
 ) -> tuple[list[Pair], list[Pair]]:
-    """Deterministic held-out split by a hash of the pair id (stable when data is appended)."""
+    """Deterministic held-out split by a hash of the pair's article (its id when the record
+    names none), stable when data is appended. Whole articles go to one side: sibling figures
+    of one paper often have near-identical captions, and one on each side inflates held-out
+    retrieval."""
     if val_fraction <= 0:
         return pairs, []
 
-    def h(p: Pair) -> float:
-        return int(hashlib.sha1(p.id.encode()).hexdigest()[:8], 16) / 16**8
+    def key(p: Pair) -> str:
+        return p.article or p.id
 
-    val = [p for p in pairs if h(p) < val_fraction][:val_max]
+    def h(p: Pair) -> float:
+        return int(hashlib.sha1(key(p).encode()).hexdigest()[:8], 16) / 16**8
+
+    groups: dict[str, list[Pair]] = {}
+    for p in pairs:
+        if h(p) < val_fraction:
+            groups.setdefault(key(p), []).append(p)
+    val: list[Pair] = []
+    for group in groups.values():  # whole articles, up to val_max pairs
+        if len(val) + len(group) > val_max:
+            break
+        val += group
     val_ids = {p.id for p in val}
     train = [p for p in pairs if p.id not in val_ids]
     if len(train) < 2:
