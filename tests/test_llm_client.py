@@ -162,9 +162,10 @@ def _dead_url() -> str:
 def test_consecutive_connection_failures_across_requests_stop_the_job():
     url = _dead_url()
 
-    async def go():
+    async def go(wait=0.0):
         o = ClientOptions(base_url=url, model="m", backoff_base=0.01, backoff_max=0.02)
         o.max_retries = 1000  # without the breaker, each request retries a thousand times
+        o.unreachable_after_s = wait
         async with LLMClient(o, seed=0) as c:
             with pytest.raises(LLMError) as ei:
                 await asyncio.gather(*[c.chat(MSGS) for _ in range(4)])
@@ -175,6 +176,12 @@ def test_consecutive_connection_failures_across_requests_stop_the_job():
     assert exc.fatal and exc.kind == "server_unreachable"
     assert f"server unreachable at {url}/chat/completions after 10 consecutive" in str(exc)
     assert 10 <= stats.requests <= 13 and time.monotonic() - t0 < 5
+    # ... but only once no answer has come for unreachable_after_s either: a server that
+    # restarts is waited for (the default is 120 s)
+    t0 = time.monotonic()
+    exc, stats = run(go(wait=0.8))
+    assert exc.kind == "server_unreachable" and time.monotonic() - t0 >= 0.8
+    assert stats.requests > 13
 
 
 def test_missing_usage_is_estimated(stub):

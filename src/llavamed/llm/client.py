@@ -142,7 +142,10 @@ class ClientOptions:
     """Cap on a server's Retry-After, so a bogus header can't park the job for a day."""
     max_connection_failures: int = 10
     """Connection errors in a row, over all requests in flight, with no answer from the server
-    in between, after which the server counts as unreachable and the job stops (fatal)."""
+    in between, after which the server counts as unreachable and the job stops (fatal)..."""
+    unreachable_after_s: float = 120.0
+    """... once no answer has come for this long either, so a server that restarts (vLLM
+    reloading, a proxy blip) is waited for while one that is not there stops the job."""
     cache_path: str | None = None
     """SQLite response cache file; None disables caching."""
     price_in: float | None = None
@@ -165,6 +168,8 @@ class ClientOptions:
             raise LlavamedError("--timeout must be > 0")
         if self.max_connection_failures < 1:
             raise LlavamedError("max_connection_failures must be >= 1")
+        if self.unreachable_after_s < 0:
+            raise LlavamedError("unreachable_after_s must be >= 0")
 
     def prices(self) -> tuple[float, float] | None:
         if self.price_in is not None or self.price_out is not None:
@@ -345,6 +350,7 @@ class LLMClient:
         self._cache = ResponseCache(options.cache_path) if options.cache_path else None
         self._rng = random.Random(seed)
         self._connection_failures = 0  # in a row, over all requests: the circuit breaker
+        self._last_answer = time.monotonic()  # the client's start counts as one
         url = options.base_url.rstrip("/") + "/chat/completions"
         self._url = url
         self._params = {"api-version": options.api_version} if options.api_version else None
@@ -481,7 +487,7 @@ class LLMClient:
                         self._one_request(payload), timeout=self.opts.timeout
                     )
             except _Retryable as exc:  # the server answered, if not usefully
-                self._connection_failures = 0
+                self._answered()
                 kind, detail, retry_after = exc.kind, exc.detail, exc.retry_after
             except (asyncio.TimeoutError, httpx.TimeoutException):
                 kind, detail, retry_after = "timeout", f">{self.opts.timeout:g}s", None
@@ -492,14 +498,17 @@ class LLMClient:
             except httpx.TransportError as exc:
                 kind, detail, retry_after = "connection_error", type(exc).__name__, None
                 self._connection_failures += 1
-                if self._connection_failures >= self.opts.max_connection_failures:
+                if (
+                    self._connection_failures >= self.opts.max_connection_failures
+                    and time.monotonic() - self._last_answer >= self.opts.unreachable_after_s
+                ):
                     raise self._give_up(self._unreachable(detail), attempt) from exc
             except LLMError as exc:  # an answer from the server, final
-                self._connection_failures = 0
+                self._answered()
                 self._give_up(exc, attempt)
                 raise
             else:
-                self._connection_failures = 0
+                self._answered()
                 return self._account(text, finish, usage, est_prompt, charge, attempt + 1)
             if self._tpm is not None:
                 self._tpm.adjust(-charge)  # nothing was generated; give the budget back
@@ -517,12 +526,16 @@ class LLMClient:
             attempt += 1
             await asyncio.sleep(delay)
 
+    def _answered(self) -> None:
+        self._connection_failures = 0
+        self._last_answer = time.monotonic()
+
     def _unreachable(self, last_error: str) -> LLMError:
         n = self._connection_failures
         return LLMError(
             "server_unreachable",
             f"server unreachable at {self._url} after {n} consecutive connection failures "
-            f"({last_error})",
+            f"and {time.monotonic() - self._last_answer:.0f} s without an answer ({last_error})",
             fatal=True,
         )
 
