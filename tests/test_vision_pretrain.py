@@ -195,41 +195,51 @@ def _write_pairs(root, n=24):
     return root / "figures.jsonl"
 
 
+def _tiny_run(data, out, **kw) -> dict:
+    """A seconds-long stage-0 config: the tiny tower, 8 pairs a step, a 20% held-out split."""
+    return {
+        "data": str(data),
+        "output_dir": str(out),
+        "vision": "tiny",
+        "batch_size": 8,
+        "probe_images_per_domain": 0,
+        "val_fraction": 0.2,
+        "precision": "fp32",
+        **kw,
+    }
+
+
+def _killed_at_step(n: int, cfg: dict, monkeypatch) -> None:
+    """Run stage 0 until step ``n``'s loss raises KeyboardInterrupt (a Ctrl-C mid-run)."""
+    import llavamed.train.contrastive as contrastive
+    from llavamed.train.vision_pretrain import run_from_config
+
+    real, calls = contrastive.clip_loss, {"n": 0}
+
+    def dies(*a, **kw):
+        calls["n"] += 1
+        if calls["n"] == n:
+            raise KeyboardInterrupt
+        return real(*a, **kw)
+
+    monkeypatch.setattr(contrastive, "clip_loss", dies)
+    with pytest.raises(KeyboardInterrupt):
+        run_from_config(cfg, progress=False)
+    monkeypatch.setattr(contrastive, "clip_loss", real)
+
+
 def test_end_to_end_tiny_resume_and_model_init(tmp_path, monkeypatch):
     from llavamed.model.compose import ModelSpec, build
     from llavamed.train.vision_pretrain import STATE_FILE, run_from_config
 
     data = _write_pairs(tmp_path / "data")
-    cfg = {
-        "data": str(data),
-        "output_dir": str(tmp_path / "run"),
-        "vision": "tiny",
-        "batch_size": 8,
-        "max_steps": 6,
-        "save_every": 3,
-        "log_every": 1,
-        "probe_images_per_domain": 0,
-        "val_fraction": 0.2,
-        "precision": "fp32",
-    }
-    import llavamed.train.contrastive as contrastive
+    cfg = _tiny_run(data, tmp_path / "run", max_steps=6, save_every=3, log_every=1)
 
     ref = run_from_config({**cfg, "output_dir": str(tmp_path / "ref")}, progress=False)
     # Interrupted at step 5 (a resume state was written at 3), then re-run with a setting a
     # resume may change: it continues from step 3 and ends where the uninterrupted run did,
     # augmentation included.
-    real, calls = contrastive.clip_loss, {"n": 0}
-
-    def dies_at_step_5(*a, **kw):
-        calls["n"] += 1
-        if calls["n"] == 5:
-            raise KeyboardInterrupt
-        return real(*a, **kw)
-
-    monkeypatch.setattr(contrastive, "clip_loss", dies_at_step_5)
-    with pytest.raises(KeyboardInterrupt):
-        run_from_config(cfg, progress=False)
-    monkeypatch.setattr(contrastive, "clip_loss", real)
+    _killed_at_step(5, cfg, monkeypatch)
     state = torch.load(tmp_path / "run" / STATE_FILE, weights_only=False)
     assert state["step"] == 3
     res = run_from_config(cfg, ["time_budget_min=60"], progress=False)
@@ -382,22 +392,11 @@ def test_other_pairs_under_the_same_config_are_another_run(tmp_path, monkeypatch
     """A finished run, and a resume state, were matched by config alone: after the figures
     file was completed in place (an ingest that had been interrupted), stage 0 returned the
     tower trained on the partial file, or resumed it with the full file's batch order."""
-    import llavamed.train.contrastive as contrastive
     from llavamed.train.vision_pretrain import run_from_config
 
     data = _write_pairs(tmp_path / "data")
     full = data.read_text()
-    cfg = {
-        "data": str(data),
-        "output_dir": str(tmp_path / "run"),
-        "vision": "tiny",
-        "batch_size": 8,
-        "max_steps": 4,
-        "save_every": 2,
-        "probe_images_per_domain": 0,
-        "val_fraction": 0.2,
-        "precision": "fp32",
-    }
+    cfg = _tiny_run(data, tmp_path / "run", max_steps=4, save_every=2)
     data.write_text("".join(full.splitlines(keepends=True)[4:]))  # an ingest cut short
     first = run_from_config(cfg, progress=False)
     data.write_text(full)  # ... then completed in place
@@ -405,19 +404,8 @@ def test_other_pairs_under_the_same_config_are_another_run(tmp_path, monkeypatch
     assert second.report["data"] != first.report["data"]
     assert second.report["pairs"] != first.report["pairs"]
     # Killed after its step-2 state; the file changes again; the state is not resumed.
-    real, calls = contrastive.clip_loss, {"n": 0}
-
-    def dies_at_step_3(*a, **kw):
-        calls["n"] += 1
-        if calls["n"] == 3:
-            raise KeyboardInterrupt
-        return real(*a, **kw)
-
     cut = {**cfg, "output_dir": str(tmp_path / "killed")}
-    monkeypatch.setattr(contrastive, "clip_loss", dies_at_step_3)
-    with pytest.raises(KeyboardInterrupt):
-        run_from_config(cut, progress=False)
-    monkeypatch.setattr(contrastive, "clip_loss", real)
+    _killed_at_step(3, cut, monkeypatch)
     data.write_text("".join(full.splitlines(keepends=True)[4:]))
     capsys.readouterr()
     run_from_config(cut, progress=False)
