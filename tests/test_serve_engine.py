@@ -254,13 +254,20 @@ def test_streamed_text_survives_characters_split_into_byte_tokens(stops):
     assert emitted == full[:cut] and stopped == (cut < len(full))
 
 
+def _decoding_a_long_answer(eng):
+    """``(prompt, handle)`` of a 400-token request (no eos can end it) that the worker has
+    prefilled and is decoding."""
+    eng.eos_ids = set()
+    p = _prompt(eng, "long answer please")
+    handle = eng.submit(p, SamplingParams(max_tokens=400, temperature=0))
+    wait_until_running(eng)
+    return p, handle
+
+
 def test_queue_full_and_cancellation(tiny_lm_dir):
     eng = Engine.from_path(tiny_lm_dir, settings=EngineSettings(max_batch_size=1, max_queue=2))
     try:
-        eng.eos_ids = set()
-        p = _prompt(eng, "long answer please")
-        first = eng.submit(p, SamplingParams(max_tokens=400, temperature=0))
-        wait_until_running(eng)  # then fill the queue
+        p, first = _decoding_a_long_answer(eng)  # then fill the queue
         queued = [eng.submit(p, SamplingParams(max_tokens=3, temperature=0)) for _ in range(2)]
         with pytest.raises(QueueFull) as err:
             eng.submit(p, SamplingParams(max_tokens=3))
@@ -280,10 +287,7 @@ def test_a_failed_merge_fails_the_joining_request_instead_of_leaving_it_waiting(
 
     eng = Engine.from_path(tiny_lm_dir, settings=EngineSettings(max_batch_size=2, max_queue=4))
     try:
-        eng.eos_ids = set()
-        p = _prompt(eng, "long answer please")
-        running = eng.submit(p, SamplingParams(max_tokens=400, temperature=0))
-        wait_until_running(eng)  # the first request is prefilled and decoding
+        p, running = _decoding_a_long_answer(eng)
 
         def merge_fails(a, b):
             raise RuntimeError("out of memory")
