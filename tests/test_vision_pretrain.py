@@ -430,3 +430,52 @@ def test_held_out_pairs_are_whole_articles():
     loose = [Pair(f"p{i}", Path(f"{i}.jpg"), "c") for i in range(100)]
     train, val = split_pairs(loose, 0.2, val_max=1000)
     assert 5 < len(val) < 40 and len(train) + len(val) == 100
+
+
+def _same_tower(a, b) -> bool:
+    from safetensors.torch import load_file
+
+    want, got = (
+        load_file(a.tower_dir / "model.safetensors"),
+        load_file(b.tower_dir / "model.safetensors"),
+    )
+    return all(torch.equal(got[k], want[k]) for k in want)
+
+
+def test_killed_between_the_rng_file_and_the_state_resumes_exactly(tmp_path, monkeypatch):
+    """The per-process RNG file is written before the main state. It held only the newest step,
+    so a run killed between the two writes resumed from the older main state with re-seeded
+    crops, and ended on another tower than an uninterrupted run."""
+    from llavamed.train.vision_pretrain import STATE_FILE, run_from_config
+
+    data = _write_pairs(tmp_path / "data")
+    cfg = _tiny_run(data, tmp_path / "run", max_steps=8, save_every=3)
+    ref = run_from_config({**cfg, "output_dir": str(tmp_path / "ref")}, progress=False)
+    real_save = torch.save
+
+    def dies_on_the_step_6_state(obj, f, *a, **kw):
+        if isinstance(obj, dict) and obj.get("step") == 6 and "module" in obj:
+            raise KeyboardInterrupt
+        return real_save(obj, f, *a, **kw)
+
+    monkeypatch.setattr(torch, "save", dies_on_the_step_6_state)
+    with pytest.raises(KeyboardInterrupt):
+        run_from_config(cfg, progress=False)
+    monkeypatch.setattr(torch, "save", real_save)
+    assert torch.load(tmp_path / "run" / STATE_FILE, weights_only=False)["step"] == 3
+    assert _same_tower(run_from_config(cfg, progress=False), ref)
+
+
+def test_a_trainable_text_tower_resumes_with_its_dropout_masks(tmp_path, monkeypatch):
+    """The text tower's dropout draws from torch's global RNG, which a resume did not restore:
+    the resumed steps drew other masks than the uninterrupted run."""
+    from llavamed.train.vision_pretrain import run_from_config
+
+    data = _write_pairs(tmp_path / "data", n=16)
+    cfg = _tiny_run(
+        data, tmp_path / "run", max_steps=4, save_every=2, text_trainable=True, text_max_length=16
+    )
+    ref = run_from_config({**cfg, "output_dir": str(tmp_path / "ref")}, progress=False)
+    _killed_at_step(4, cfg, monkeypatch)
+    torch.manual_seed(12345)  # whatever the process did in between
+    assert _same_tower(run_from_config(cfg, progress=False), ref)

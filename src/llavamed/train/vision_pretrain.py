@@ -727,11 +727,17 @@ def train_vision(cfg: VisionPretrainConfig, progress: bool = True) -> VisionPret
                 "starting from step 0",
                 file=sys.stderr,
             )
-    # The augmentation stream continues where it stopped, so a resumed run sees the crops an
+    # The augmentation stream (and the global RNG, which a trainable text tower's dropout draws
+    # from) continue where they stopped, so a resumed run sees the crops and dropout masks an
     # uninterrupted one would (a generator re-seeded from the step would not).
-    saved_aug = torch.load(aug_path, weights_only=False) if step and aug_path.exists() else {}
-    if f"step_{step}" in saved_aug:
-        aug_gen.set_state(saved_aug[f"step_{step}"])
+    saved_rng = torch.load(aug_path, weights_only=False) if step and aug_path.exists() else {}
+    resumed_rng = saved_rng.get(f"step_{step}")
+    if isinstance(resumed_rng, torch.Tensor):  # files written before the global RNG was kept
+        resumed_rng = {"aug": resumed_rng}
+    if resumed_rng is not None:
+        aug_gen.set_state(resumed_rng["aug"])
+        if "torch" in resumed_rng:
+            torch.set_rng_state(resumed_rng["torch"])
     else:
         aug_gen.manual_seed(cfg.seed * 7919 + step * 31 + rank)
     log = JsonlAppender(out / LOG_FILE) if is_main else None
@@ -743,9 +749,18 @@ def train_vision(cfg: VisionPretrainConfig, progress: bool = True) -> VisionPret
             tmp.write_text("".join(json.dumps(r) + "\n" for r in prior))
         log = JsonlAppender(out / LOG_FILE)
 
+    rng_kept: dict = {k: v for k, v in saved_rng.items() if k == f"step_{step}"}
+
     def save_state() -> None:
-        with atomic_path(aug_path) as tmp:  # every process: each has its own crops
-            torch.save({"step_" + str(step): aug_gen.get_state()}, tmp)
+        # Every process keeps its own RNG file (each has its own crops), written before the main
+        # state. The file keeps the previous save's entry too: a run killed between the two writes
+        # resumes from the previous main state and still finds that step's RNG.
+        key = f"step_{step}"
+        rng_kept[key] = {"aug": aug_gen.get_state(), "torch": torch.get_rng_state()}
+        for old_key in list(rng_kept)[:-2]:
+            del rng_kept[old_key]
+        with atomic_path(aug_path) as tmp:
+            torch.save(rng_kept, tmp)
         if not is_main:
             return
         with atomic_path(state_path) as tmp:
