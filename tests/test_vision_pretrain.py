@@ -45,6 +45,31 @@ def test_clip_loss_matches_reference():
     )
 
 
+def test_clip_loss_counts_a_repeated_caption_as_a_positive():
+    g = torch.Generator().manual_seed(1)
+    img = F.normalize(torch.randn(5, 8, generator=g), dim=-1)
+    txt = F.normalize(torch.randn(5, 8, generator=g), dim=-1)
+    ls = torch.tensor(math.log(10.0))
+    # Distinct keys are the one-hot loss.
+    assert torch.allclose(clip_loss(img, txt, ls, torch.arange(5)), clip_loss(img, txt, ls))
+    # Rows 1 and 3 share a caption: each of their images has two right texts, each text two
+    # right images, with half the target on each (hand-written soft cross-entropy).
+    keys = torch.tensor([0, 1, 2, 1, 3])
+    target = torch.eye(5)
+    target[1, 3] = target[3, 1] = 1.0
+    target = target / target.sum(1, keepdim=True)
+    logits = 10.0 * img @ txt.T
+    want = (
+        -(target * torch.log_softmax(logits, 1)).sum(1).mean()
+        - (target * torch.log_softmax(logits.T, 1)).sum(1).mean()
+    ) / 2
+    assert torch.allclose(clip_loss(img, txt, ls, keys), want, atol=1e-6)
+    # Which of the two same-caption texts sits in which row no longer matters.
+    swapped = txt[[0, 3, 2, 1, 4]]
+    assert torch.allclose(clip_loss(img, swapped, ls, keys), clip_loss(img, txt, ls, keys))
+    assert not torch.allclose(clip_loss(img, swapped, ls), clip_loss(img, txt, ls))
+
+
 def test_phrase_patch_loss_positives_by_key_and_smooth_max():
     # Image 0 has the finding in exactly one of four patches; image 1 has it nowhere.
     d = 4

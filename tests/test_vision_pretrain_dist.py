@@ -1,6 +1,6 @@
 """The stage-0 losses under torch.distributed: 2 gloo CPU processes, each holding half of a global
 batch, must reproduce the single-process loss and gradients (all-gather with gradient + gradient
-averaging, as the training loop does)."""
+averaging, as the training loop does), with a repeated caption split across the processes."""
 
 from __future__ import annotations
 
@@ -62,8 +62,10 @@ def _loss(rows: slice):
     txt = F.normalize(m["txt"](t_cap[rows]), dim=-1)
     patch = F.normalize(m["patch"](x_patch[rows]), dim=-1)
     phr = F.normalize(m["phr"](t_phr[sel]), dim=-1)
+    # Rows 1 and 6 (one on each process when split) and rows 2 and 3 share a caption.
+    caption_keys = torch.tensor([0, 1, 2, 2, 3, 4, 1, 5])
     loss = (
-        clip_loss(img, txt, ls)
+        clip_loss(img, txt, ls, caption_keys[rows])
         + phrase_patch_loss(patch, phr, keys[sel], image_keys[rows], lsc, lb, 10.0) * world_scale()
     )
     loss.backward()

@@ -52,23 +52,35 @@ def gather_no_grad(x: torch.Tensor) -> torch.Tensor:
 
 
 def clip_loss(
-    image_emb: torch.Tensor, text_emb: torch.Tensor, logit_scale: torch.Tensor
+    image_emb: torch.Tensor,
+    text_emb: torch.Tensor,
+    logit_scale: torch.Tensor,
+    caption_keys: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """CLIP's symmetric InfoNCE for this process's rows against the global batch.
 
     ``image_emb``/``text_emb``: (B_local, D), L2-normalised. ``logit_scale``: log of the inverse
-    temperature (learnable; clamp it in the caller's update). Returns the mean over this process's
-    rows of (image->text + text->image) / 2."""
+    temperature (learnable; clamp it in the caller's update). ``caption_keys`` (B_local,) int64,
+    optional: rows with equal keys carry the same caption text. Figure captions repeat ("Axial
+    T2WI: no focal parenchymal lesion." dozens of times in a corpus of normal studies), and
+    one-hot targets would push an image away from its own caption text because another row has
+    it too; with keys, every row of the same caption is a positive and the target spreads evenly
+    over them (without repeats this is exactly the one-hot loss). Returns the mean over this
+    process's rows of (image->text + text->image) / 2."""
     rank, _ = dist_info()
     all_img = gather_with_grad(image_emb)
     all_txt = gather_with_grad(text_emb)
     scale = logit_scale.exp()
     b = image_emb.shape[0]
-    labels = torch.arange(b, device=image_emb.device) + rank * b
     logits_i2t = scale * image_emb @ all_txt.T
     logits_t2i = scale * text_emb @ all_img.T
+    if caption_keys is None:
+        target: torch.Tensor = torch.arange(b, device=image_emb.device) + rank * b
+    else:
+        same = caption_keys.view(-1, 1) == gather_no_grad(caption_keys).view(1, -1)
+        target = same.float() / same.sum(dim=1, keepdim=True)
     return (
-        F.cross_entropy(logits_i2t.float(), labels) + F.cross_entropy(logits_t2i.float(), labels)
+        F.cross_entropy(logits_i2t.float(), target) + F.cross_entropy(logits_t2i.float(), target)
     ) / 2
 
 

@@ -661,6 +661,15 @@ def train_vision(cfg: VisionPretrainConfig, progress: bool = True) -> VisionPret
             f"{len(train_pairs)} < {cfg.batch_size}",
         )
     captions = [p.caption for p in train_pairs]
+    # Pairs whose captions read the same are each other's positives in the global loss.
+    caption_ids: dict[str, int] = {}
+    caption_keys = torch.tensor(
+        [
+            caption_ids.setdefault(" ".join(c.casefold().split()), len(caption_ids))
+            for c in captions
+        ],
+        dtype=torch.long,
+    )
     phrases = _phrase_tables(captions, cfg.max_phrases)
     if not cfg.text_trainable:
         cap_emb = cached_embeddings(
@@ -830,7 +839,7 @@ def train_vision(cfg: VisionPretrainConfig, progress: bool = True) -> VisionPret
                 txt = torch.nn.functional.normalize(
                     heads.txt(t_cap.to(pooled.dtype)).float(), dim=-1
                 )
-                loss_g = clip_loss(img, txt, heads.logit_scale)
+                loss_g = clip_loss(img, txt, heads.logit_scale, caption_keys[idx].to(device))
             if cfg.local_weight > 0:
                 # One row per distinct phrase key in the batch: otherwise a phrase every image of
                 # a domain carries ("PA CXR") appears dozens of times and its easy, global signal
