@@ -174,7 +174,7 @@ def test_consecutive_connection_failures_across_requests_stop_the_job():
     t0 = time.monotonic()
     exc, stats = run(go())
     assert exc.fatal and exc.kind == "server_unreachable"
-    assert f"server unreachable at {url}/chat/completions after 10 consecutive" in str(exc)
+    assert f"server unreachable at {url}/chat/completions: 10 requests in a row failed" in str(exc)
     assert 10 <= stats.requests <= 13 and time.monotonic() - t0 < 5
     # ... but only once no answer has come for unreachable_after_s either: a server that
     # restarts is waited for (the default is 120 s)
@@ -182,6 +182,38 @@ def test_consecutive_connection_failures_across_requests_stop_the_job():
     exc, stats = run(go(wait=0.8))
     assert exc.kind == "server_unreachable" and time.monotonic() - t0 >= 0.8
     assert stats.requests > 13
+
+
+def test_a_server_that_never_answers_stops_the_job_like_a_dead_one(stub):
+    """Timeouts did not count towards the breaker: a server that takes connections and never
+    answers had every record retried to the end (7 attempts of --timeout each), record after
+    record, for the whole job."""
+    stub.hang_s = 3.0
+    stub.default = "hang"
+
+    async def go(**kw):
+        o = opts(stub, timeout=0.1, max_retries=1000, unreachable_after_s=0.0, **kw)
+        async with LLMClient(o, seed=0) as c:
+            with pytest.raises(LLMError) as ei:
+                await asyncio.gather(*[c.chat(MSGS) for _ in range(4)])
+            return ei.value, c.stats
+
+    exc, stats = run(go())
+    assert exc.fatal and exc.kind == "server_unreachable"
+    assert "10 requests in a row timed out (>0.1s)" in str(exc) and "raise --timeout" in str(exc)
+    assert 10 <= stats.requests <= 13 and stats.retry_reasons["timeout"] >= 9
+    # A slow server that still answers now and then keeps the job going: each answer resets
+    # the count, so 9 timeouts over three requests, 3 between answers, never make 4 in a row.
+    stub.default = "ok"
+    stub.plan((["hang"] * 3 + ["ok"]) * 3)
+
+    async def one_by_one():
+        o = opts(stub, timeout=0.1, max_retries=20, unreachable_after_s=0.0, max_silent_attempts=4)
+        async with LLMClient(o, seed=0) as c:
+            return c.stats, [await c.chat(MSGS) for _ in range(3)]
+
+    stats, results = run(one_by_one())
+    assert [r.attempts for r in results] == [4, 4, 4] and stats.retry_reasons["timeout"] == 9
 
 
 def test_missing_usage_is_estimated(stub):

@@ -9,8 +9,9 @@ request, because a 60K-caption job must survive a flaky API without losing money
   truncated or malformed bodies, honouring ``Retry-After`` / ``retry-after-ms``;
 * no retries where none can help: a URL without ``http://``, an invalid URL or a request httpx
   cannot send (a header such as the API key holding a newline) is fatal at once, and so is a
-  server that refused ``max_connection_failures`` connections in a row (a dead server or a wrong
-  port would otherwise be retried figure after figure);
+  server that refused, dropped or left unanswered ``max_silent_attempts`` attempts in a row
+  with nothing answered for ``unreachable_after_s`` (a dead server, a wrong port or a hung
+  backend would otherwise be retried figure after figure);
 * client-side RPM and TPM token buckets;
 * a per-request wall-clock timeout (covers slow-drip streams, not only idle sockets);
 * a SQLite response cache keyed by (model, messages, sampling params incl. seed);
@@ -140,9 +141,10 @@ class ClientOptions:
     backoff_max: float = 60.0
     max_retry_after: float = 300.0
     """Cap on a server's Retry-After, so a bogus header can't park the job for a day."""
-    max_connection_failures: int = 10
-    """Connection errors in a row, over all requests in flight, with no answer from the server
-    in between, after which the server counts as unreachable and the job stops (fatal)..."""
+    max_silent_attempts: int = 10
+    """Attempts in a row that got no answer (connection errors or timeouts), over all requests in
+    flight, with no answer from the server in between, after which the server counts as
+    unreachable and the job stops (fatal)..."""
     unreachable_after_s: float = 120.0
     """... once no answer has come for this long either, so a server that restarts (vLLM
     reloading, a proxy blip) is waited for while one that is not there stops the job."""
@@ -166,8 +168,8 @@ class ClientOptions:
                 raise LlavamedError(f"--{name} must be > 0")
         if self.timeout <= 0:
             raise LlavamedError("--timeout must be > 0")
-        if self.max_connection_failures < 1:
-            raise LlavamedError("max_connection_failures must be >= 1")
+        if self.max_silent_attempts < 1:
+            raise LlavamedError("max_silent_attempts must be >= 1")
         if self.unreachable_after_s < 0:
             raise LlavamedError("unreachable_after_s must be >= 0")
 
@@ -349,7 +351,7 @@ class LLMClient:
         self._tpm = TokenBucket(options.tpm, options.rate_burst_s) if options.tpm else None
         self._cache = ResponseCache(options.cache_path) if options.cache_path else None
         self._rng = random.Random(seed)
-        self._connection_failures = 0  # in a row, over all requests: the circuit breaker
+        self._silent_attempts = 0  # in a row, over all requests: the circuit breaker
         self._last_answer = time.monotonic()  # the client's start counts as one
         url = options.base_url.rstrip("/") + "/chat/completions"
         self._url = url
@@ -491,18 +493,16 @@ class LLMClient:
                 kind, detail, retry_after = exc.kind, exc.detail, exc.retry_after
             except (asyncio.TimeoutError, httpx.TimeoutException):
                 kind, detail, retry_after = "timeout", f">{self.opts.timeout:g}s", None
+                # A server that takes connections and never answers (hung, or a dead backend
+                # behind a proxy) is as gone as one that refuses them.
+                self._check_reachable("timed out", detail, attempt)
             except (httpx.UnsupportedProtocol, httpx.InvalidURL, httpx.LocalProtocolError) as exc:
                 raise self._give_up(_unsendable(self._url, exc), attempt) from None
             except httpx.RemoteProtocolError as exc:
                 kind, detail, retry_after = "truncated_response", str(exc)[:200], None
             except httpx.TransportError as exc:
                 kind, detail, retry_after = "connection_error", type(exc).__name__, None
-                self._connection_failures += 1
-                if (
-                    self._connection_failures >= self.opts.max_connection_failures
-                    and time.monotonic() - self._last_answer >= self.opts.unreachable_after_s
-                ):
-                    raise self._give_up(self._unreachable(detail), attempt) from exc
+                self._check_reachable("failed to connect", detail, attempt)
             except LLMError as exc:  # an answer from the server, final
                 self._answered()
                 self._give_up(exc, attempt)
@@ -527,16 +527,30 @@ class LLMClient:
             await asyncio.sleep(delay)
 
     def _answered(self) -> None:
-        self._connection_failures = 0
+        self._silent_attempts = 0
         self._last_answer = time.monotonic()
 
-    def _unreachable(self, last_error: str) -> LLMError:
-        n = self._connection_failures
-        return LLMError(
-            "server_unreachable",
-            f"server unreachable at {self._url} after {n} consecutive connection failures "
-            f"and {time.monotonic() - self._last_answer:.0f} s without an answer ({last_error})",
-            fatal=True,
+    def _check_reachable(self, what: str, detail: str, attempt: int) -> None:
+        """The circuit breaker: count an attempt that got no answer at all (connection refused
+        or reset, or no reply within the timeout), and stop the job once
+        ``max_silent_attempts`` of them came in a row and nothing has answered for
+        ``unreachable_after_s`` either."""
+        self._silent_attempts += 1
+        silent_s = time.monotonic() - self._last_answer
+        if (
+            self._silent_attempts < self.opts.max_silent_attempts
+            or silent_s < self.opts.unreachable_after_s
+        ):
+            return
+        hint = "; if the server is only slow, raise --timeout" if what == "timed out" else ""
+        raise self._give_up(
+            LLMError(
+                "server_unreachable",
+                f"server unreachable at {self._url}: {self._silent_attempts} requests in a "
+                f"row {what} ({detail}) and {silent_s:.0f} s without an answer{hint}",
+                fatal=True,
+            ),
+            attempt,
         )
 
     def _give_up(self, exc: LLMError, attempt: int) -> LLMError:
