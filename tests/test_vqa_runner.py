@@ -159,6 +159,27 @@ def test_answers_of_another_model_or_seed_are_never_resumed(tmp_path):
         )
 
 
+def test_answers_to_other_questions_under_the_same_ids_are_refused(tmp_path):
+    """Datasets number questions from 0 or 1: a second dataset in the same --out was scored with
+    the first one's answers, matched by question_id alone."""
+    g = FakeGen()
+    rad = [VQASample("1", _img("red"), "Is there a fracture?", "yes", "closed")]
+    slake = [VQASample("1", _img("red"), "What organ is shown?", "liver", "open")]
+    R.generate_answers(g, rad, tmp_path, progress=False)
+    with pytest.raises(InputError, match=r"other questions \(question_id 1\).*use another --out"):
+        R.generate_answers(g, slake, tmp_path, progress=False)
+
+
+def test_a_null_answer_is_missing_not_the_word_none(tmp_path):
+    s = [VQASample("1", _img("red"), "How many nodules?", "0", "open")]
+    for answers in ({"1": None}, [{"question_id": "1", "text": None}]):
+        ev = R.evaluate_answers(s, answers, n_resamples=10)
+        assert ev["n_answered"] == 0, answers
+    # ... and a null text in an answers file is answered again on resume.
+    (tmp_path / "answers.jsonl").write_text(json.dumps({"question_id": "1", "text": None}) + "\n")
+    assert R.generate_answers(FakeGen(), s, tmp_path, progress=False)["n_generated"] == 1
+
+
 def test_checkpoint_fingerprint_follows_the_weights_not_the_name(tmp_path, tiny_llava_dir):
     import shutil
 

@@ -44,8 +44,8 @@ CLOSED_SUFFIX = "Please choose from the following two options: [yes, no]"
 
 
 def _answers_map(answers: Mapping[str, str] | Iterable[dict]) -> dict[str, str]:
-    if isinstance(answers, Mapping):
-        return {str(k): str(v) for k, v in answers.items()}
+    if isinstance(answers, Mapping):  # None is a missing answer here too, not the word "None"
+        return {str(k): str(v) for k, v in answers.items() if v is not None}
     out = {}
     for rec in answers:
         if rec.get("text") is not None:  # no text is a missing answer, not an empty one
@@ -424,7 +424,7 @@ def read_answers(out_dir: Path, condition: str) -> dict[str, dict]:
     got: dict[str, dict] = {}
     for f in files:
         for rec in iter_jsonl(f, skip_bad=True):
-            if "question_id" in rec and "text" in rec:
+            if "question_id" in rec and isinstance(rec.get("text"), str):
                 got.setdefault(str(rec["question_id"]), rec)
     return got
 
@@ -460,6 +460,24 @@ def check_same_settings(records, meta: dict, where: Path) -> None:
                     "answers written with different settings",
                     f"{key}={old[key]!r} there, {meta[key]!r} now; use another --out",
                 )
+
+
+def _check_same_questions(
+    samples: Sequence[VQASample], existing: Mapping[str, dict], closed_suffix: bool, where: Path
+) -> None:
+    """Refuse answers whose question id matches but whose prompt does not: datasets number
+    their questions from 0 or 1, so another dataset (or test.json against test_w_options.json)
+    in the same --out would otherwise be scored with the first one's answers."""
+    for s in samples:
+        rec = existing.get(s.qid)
+        if rec is None or "prompt" not in rec:
+            continue
+        if rec["prompt"] != _question_text(s, closed_suffix):
+            raise InputError(
+                where,
+                f"answers written for other questions (question_id {s.qid})",
+                f"{rec['prompt'][:80]!r} there, {s.question[:80]!r} now; use another --out",
+            )
 
 
 def _question_text(s: VQASample, closed_suffix: bool) -> str:
@@ -502,6 +520,7 @@ def generate_answers(
         meta_base["seed"] = opts.seed
     existing = read_answers(out_dir, condition)
     check_same_settings(existing.values(), meta_base, out_dir)
+    _check_same_questions(samples, existing, opts.closed_suffix, out_dir)
     todo = [s for s in samples if s.qid not in existing]
     n_resumed = len(samples) - len(todo)
     skipped: Counter = Counter()
