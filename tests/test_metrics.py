@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
+
 import pytest
 
 from llavamed.eval import metrics as m
@@ -76,6 +78,12 @@ def test_parse_yes_no():
     assert m.parse_yes_no("Yes, or no.") is None  # still a hedge
     assert m.parse_yes_no("**Yes**, no effusion is seen") == "yes"  # markdown around it
     assert m.parse_yes_no("**Yes** or **no**") is None
+    # A yes that goes on with "and no <finding>" is a yes, not the hedge "yes and no".
+    assert m.parse_yes_no("Yes, and no other abnormality is seen.") == "yes"
+    assert m.parse_yes_no("yes or no, it is hard to say") is None
+    # "No idea" is no answer at all, wherever it stands.
+    assert m.parse_yes_no("No idea.") is None
+    assert m.parse_yes_no("I have no idea") is None
 
 
 def test_chinese_answers_are_scored_by_character():
@@ -159,6 +167,11 @@ def test_bootstrap_ci_is_seeded_and_sane():
     assert a == m.bootstrap_ci(vals, seed=3)
     assert a[0] < 0.5 < a[1] and 0.35 < a[0] and a[1] < 0.65
     assert m.bootstrap_ci([1.0]) == (1.0, 1.0)
+    # The interval holds the estimate even when resampled ratios round the other way: 2/3 on
+    # every question, 5 questions an image, gave lo = 0.6666666666666666 > mean.
+    vals, images = [2 / 3] * 10, [f"img{i % 5}" for i in range(10)]
+    lo, hi = m.bootstrap_ci(vals, clusters=images)
+    assert lo <= float(np.mean(vals)) <= hi
     assert all(math.isnan(v) for v in m.bootstrap_ci([]))
 
 

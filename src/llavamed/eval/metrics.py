@@ -288,11 +288,15 @@ def parse_yes_no(prediction: str) -> str | None:
     toks = _tokens(normalize_strict(prediction))
     if not toks:
         return None
+    # "No idea" / "I have no idea" is a non-answer, not a no.
+    toks = [
+        t if not (t == "no" and toks[i + 1 : i + 2] == ["idea"]) else "" for i, t in enumerate(toks)
+    ]
     first = toks[0]
     if first in _YES_NO:
         other = _YES_NO[first]
-        if toks[1:2] in (["and"], ["or"]) and toks[2:3] == [other]:
-            return None  # "yes or no", "Yes, or no"
+        if _HEDGE.match(prediction):
+            return None  # "yes or no", "Yes, or no", "yes and no." (not "Yes, and no mass")
         if re.match(r"\W*(?:yes|no)\W*?[,;:.!]", prediction, re.I):
             return first  # closed by punctuation: "Yes, no effusion is seen"
         if toks[1:2] == [other]:
@@ -304,6 +308,8 @@ def parse_yes_no(prediction: str) -> str | None:
 
 
 _YES_NO = {"yes": "no", "no": "yes"}
+# Both answer words joined as a pair and then nothing, or a clause break: the options restated.
+_HEDGE = re.compile(r"\W*(yes|no)\W*(and|or)\W+(yes|no)(?!\w)[\s*_`]*(?:$|[,;:.!?])", re.I)
 # SLAKE's Chinese closed answers are 是 (yes) and 否 (no); replies open with the answer word.
 _ZH_ANSWER = {"是": "yes", "否": "no"}
 _ZH_NO_OPENINGS = ("不是", "否", "没有", "无", "不")
@@ -489,7 +495,11 @@ def bootstrap_ci(
         idx = rng.integers(0, k, size=(stop - start, k))
         means[start:stop] = sums[idx].sum(axis=1) / counts[idx].sum(axis=1)
     lo, hi = np.quantile(means, [alpha / 2, 1 - alpha / 2])
-    return (float(lo), float(hi))
+    # Resampled ratios of sums and the plain mean can differ in the last bit when every value is
+    # the same non-dyadic number (2/3): keep the interval around the estimate, or an error bar
+    # of mean - lo comes out at -1e-16 and matplotlib refuses it.
+    mean = float(x.mean())
+    return (min(float(lo), mean), max(float(hi), mean))
 
 
 def paired_bootstrap_diff(
