@@ -55,3 +55,23 @@ def test_trace_needs_both_answers(tmp_path, wide_llava_dir):
     only_yes = [s for s in _samples(tmp_path / "train", 8, seed=0) if s.answer == "yes"]
     with pytest.raises(ValueError, match="single answer"):
         trace_question(model, processor, only_yes, only_yes)
+
+
+def test_the_closed_logit_verdict_counts_every_casing_of_yes_and_no(tiny_llava_dir):
+    """Only the lowercase tokens were compared, while training keeps the dataset's casing: a
+    model fine-tuned on real SLAKE ("Yes"/"No") was scored on tokens it never learned to emit."""
+    import torch
+    from transformers import AutoTokenizer
+
+    from llavamed.eval.closed_logits import prefers_yes, yes_no_ids
+
+    tok = AutoTokenizer.from_pretrained(tiny_llava_dir)
+    yes, no = yes_no_ids(tok)
+    first = {w: tok.encode(w, add_special_tokens=False)[0] for w in ("yes", "Yes", "no", "No")}
+    assert {first["yes"], first["Yes"]} <= set(yes) and {first["no"], first["No"]} <= set(no)
+    logits = torch.zeros(2, len(tok))
+    # row 0: "Yes" far ahead of "no", lowercase "yes" behind it -> yes
+    logits[0, first["Yes"]], logits[0, first["no"]], logits[0, first["yes"]] = 9.0, 5.0, 1.0
+    # row 1: "No" far ahead, lowercase "yes" slightly ahead of lowercase "no" -> no
+    logits[1, first["No"]], logits[1, first["yes"]], logits[1, first["no"]] = 9.0, 3.0, 2.0
+    assert prefers_yes(logits, (yes, no)).tolist() == [True, False]

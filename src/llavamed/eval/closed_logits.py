@@ -2,7 +2,7 @@
 
 For a yes/no question the model is prompted exactly as the VQA evaluator prompts it (the
 checkpoint's template, the image placeholder before the question) and scored by one forward pass:
-the prediction is "yes" when the logit of the first token of "yes" beats that of "no". No
+the prediction is "yes" when the first tokens of "yes" (any casing) outweigh those of "no". No
 generation, no answer parsing, deterministic -- so it can run every few training steps to draw
 accuracy-versus-CPU-time curves. It is *not* the reported metric: a model that would generate
 neither word still gets a yes/no verdict here. Reports use :mod:`llavamed.eval.vqa_runner`.
@@ -43,12 +43,29 @@ def prepare_closed(samples: Sequence[VQASample], processor, limit: int | None = 
     )
 
 
-def yes_no_ids(tokenizer) -> tuple[int, int]:
-    """Token ids of the first token of "yes" and of "no"."""
-    return (
-        tokenizer.encode("yes", add_special_tokens=False)[0],
-        tokenizer.encode("no", add_special_tokens=False)[0],
-    )
+ANSWER_SPELLINGS = {"yes": ("yes", "Yes", "YES"), "no": ("no", "No", "NO")}
+"""How a fine-tuned model may begin its answer: training keeps the dataset's casing (real SLAKE
+answers are "Yes"/"No", MedSynth's "yes"/"no"), and "Yes" is another token than "yes"."""
+
+
+def yes_no_ids(tokenizer) -> tuple[list[int], list[int]]:
+    """Distinct first-token ids of each spelling of "yes" and of "no"."""
+
+    def first_ids(words) -> list[int]:
+        ids = [tokenizer.encode(w, add_special_tokens=False)[0] for w in words]
+        return list(dict.fromkeys(ids))
+
+    yes, no = first_ids(ANSWER_SPELLINGS["yes"]), first_ids(ANSWER_SPELLINGS["no"])
+    if set(yes) & set(no):
+        raise ValueError("the tokenizer starts a spelling of yes and one of no with the same token")
+    return yes, no
+
+
+def prefers_yes(logits, ids: tuple[list[int], list[int]]):
+    """(N,) bool from last-position logits (N, vocab): the yes spellings' total probability
+    beats the no spellings' (log-sum-exp of their logits)."""
+    yes, no = ids
+    return logits[:, yes].logsumexp(-1) > logits[:, no].logsumexp(-1)
 
 
 def prompt_batches(processor, data: ClosedSet, batch_size: int) -> Iterator[dict]:
@@ -78,7 +95,7 @@ def yes_no_predictions(
     colour after normalisation), the image-reliance control."""
     import torch
 
-    yes_id, no_id = yes_no_ids(processor.tokenizer)
+    ids = yes_no_ids(processor.tokenizer)
     was_training = model.training
     model.eval()
     dtype = next(model.parameters()).dtype
@@ -93,7 +110,7 @@ def yes_no_predictions(
                     attention_mask=enc["attention_mask"],
                     pixel_values=pv.to(dtype),
                 ).logits[:, -1]
-                out += (logits[:, yes_id] > logits[:, no_id]).tolist()
+                out += prefers_yes(logits, ids).tolist()
     finally:
         model.train(was_training)
     return out

@@ -22,7 +22,13 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from llavamed.eval.closed_logits import ClosedSet, prepare_closed, prompt_batches, yes_no_ids
+from llavamed.eval.closed_logits import (
+    ClosedSet,
+    prefers_yes,
+    prepare_closed,
+    prompt_batches,
+    yes_no_ids,
+)
 from llavamed.eval.vqa_data import VQASample
 
 
@@ -51,7 +57,7 @@ def _features(model, processor, data: ClosedSet, batch_size: int) -> _Features:
     import numpy as np
     import torch
 
-    yes_id, no_id = yes_no_ids(processor.tokenizer)
+    ids = yes_no_ids(processor.tokenizer)
     parts: dict[str, list] = {"tower": [], "projector": [], "last": [], "yes": []}
     dtype = next(model.parameters()).dtype
 
@@ -74,7 +80,7 @@ def _features(model, processor, data: ClosedSet, batch_size: int) -> _Features:
                 last = torch.stack([h[:, -1] for h in out.hidden_states], 1)
                 parts["last"].append(last.float())
                 logits = out.logits[:, -1]
-                parts["yes"].append(logits[:, yes_id] > logits[:, no_id])
+                parts["yes"].append(prefers_yes(logits, ids))
     finally:
         hook.remove()
     return _Features(
