@@ -99,6 +99,9 @@ def _load_raster(data: bytes, label: str, max_pixels: int) -> Image.Image:
         raise InputError(label, "not an image") from exc
     except (OSError, SyntaxError, ValueError, EOFError) as exc:
         raise InputError(label, "corrupt image", str(exc)) from exc
+    except Exception as exc:  # noqa: BLE001 - Pillow's decoders raise what they like on bad
+        # bytes (the QOI plugin an IndexError); untrusted input must not become a crash or a 500
+        raise InputError(label, "corrupt image", f"{type(exc).__name__}: {exc}") from exc
     try:
         img = ImageOps.exif_transpose(img)
     except Exception:  # a broken EXIF block should not cost us the pixels
