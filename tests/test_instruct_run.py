@@ -255,7 +255,9 @@ def test_a_server_that_dies_mid_run_stops_the_job_and_keeps_what_finished(tmp_pa
         opts.client.concurrency = 1
         opts.client.stream = True  # a streamed reply closes its connection: none is reused
         opts.client.unreachable_after_s = 0.0  # no waiting for the server to come back
-        with pytest.raises(LlavamedError, match="unreachable at .*: 10 requests in a row failed to connect"):
+        with pytest.raises(
+            LlavamedError, match="unreachable at .*: 10 requests in a row failed to connect"
+        ):
             run_instruct(opts)
     logged = [json.loads(line)["pair_id"] for line in opts.partial_path.read_text().splitlines()]
     assert sorted(logged) == sorted(served) and len(served) == 3

@@ -75,7 +75,6 @@ def build_app(
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
     import gradio as gr
 
-
     dp = default_params or SamplingParams(max_tokens=256, temperature=0.2)
     multimodal = engine.is_multimodal
 
