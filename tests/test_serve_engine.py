@@ -282,6 +282,41 @@ def test_queue_full_and_cancellation(tiny_lm_dir):
         eng.close()
 
 
+def test_a_queued_request_whose_client_left_frees_its_slot(tiny_lm_dir):
+    """A cancel only set a flag that the worker saw when it took the row, so a full queue of
+    requests whose clients had left refused new clients with queue_full."""
+    eng = Engine.from_path(tiny_lm_dir, settings=EngineSettings(max_batch_size=1, max_queue=1))
+    try:
+        p, first = _decoding_a_long_answer(eng)
+        gone = eng.submit(p, SamplingParams(max_tokens=3, temperature=0))
+        gone.cancel()  # its client disconnected while it waited
+        eng.check_capacity()  # the slot is free again: no QueueFull
+        assert gone.result(timeout=5).finish_reason == "cancelled" and eng.queue_depth == 0
+        waiting = eng.submit(p, SamplingParams(max_tokens=3, temperature=0))
+        with pytest.raises(QueueFull):  # a live queued request still holds its slot
+            eng.check_capacity()
+        waiting.cancel()
+        assert eng.submit(p, SamplingParams(max_tokens=2, temperature=0)) is not None
+        first.cancel()
+    finally:
+        eng.close()
+
+
+def test_usage_counts_the_end_of_turn_token(tiny_lm_dir):
+    """The end-of-turn token was left out of completion_tokens; vLLM counts (and bills) it."""
+    eng = Engine.from_path(tiny_lm_dir, settings=EngineSettings(max_batch_size=1))
+    try:
+        p = _prompt(eng, "Is there a fracture?")
+        first, second = _reference(eng, p, 2)
+        assert first != second
+        eng.eos_ids = {second}  # greedy decoding's 2nd token ends the turn
+        r = eng.generate(p, SamplingParams(max_tokens=4, temperature=0))
+        assert r.finish_reason == "stop" and r.completion_tokens == 2
+        assert r.text == eng.tokenizer.decode([first], skip_special_tokens=True)
+    finally:
+        eng.close()
+
+
 def test_a_failed_merge_fails_the_joining_request_instead_of_leaving_it_waiting(tiny_lm_dir):
     from llavamed.serve.engine import GenerationError
 

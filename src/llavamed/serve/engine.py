@@ -484,17 +484,33 @@ class Engine:
         try:
             self._queue.put_nowait(row)
         except queue.Full:
-            self.stats["rejected"] += 1
-            raise QueueFull(self.retry_after()) from None
+            if not self._purge_cancelled():
+                self.stats["rejected"] += 1
+                raise QueueFull(self.retry_after()) from None
+            return self.submit(prompt, params, on_event)
         self.stats["submitted"] += 1
         return handle
 
     def check_capacity(self) -> None:
         """Raise QueueFull now if a request would be refused at submit: callers check before
         decoding a request's images (up to 40 MP each), which a full queue would throw away."""
-        if self._queue.full():
+        if self._queue.full() and not self._purge_cancelled():
             self.stats["rejected"] += 1
             raise QueueFull(self.retry_after())
+
+    def _purge_cancelled(self) -> int:
+        """Take the queued requests whose client has left out of the queue, and say how many.
+        A cancel only sets a flag that the worker sees when it takes the row; until then the row
+        held its queue slot, so new clients got queue_full with nobody waiting."""
+        with self._queue.mutex:
+            dead = [r for r in self._queue.queue if r.handle.cancelled]
+            for r in dead:
+                self._queue.queue.remove(r)
+            if dead:
+                self._queue.not_full.notify(len(dead))
+        for r in dead:
+            self._drop_if_cancelled(r)
+        return len(dead)
 
     def generate(self, prompt: Prompt, params: SamplingParams | None = None) -> Completion:
         return self.submit(prompt, params).result()
@@ -794,8 +810,8 @@ class Engine:
         neither cached nor ``known``, one per distinct prefix."""
         if budget <= 0:
             return []
-        with self._queue.mutex:
-            pending = [r.prompt for r in self._queue.queue]
+        with self._queue.mutex:  # no image encoded ahead for a client that has left
+            pending = [r.prompt for r in self._queue.queue if not r.handle.cancelled]
         out = []
         for prompt in pending:
             key, n = self._image_prefix(prompt)
@@ -928,7 +944,8 @@ class Engine:
                 text=delta,
                 finish_reason=finish,
                 prompt_tokens=row.handle.prompt_tokens,
-                completion_tokens=len(row.ids),
+                # The end-of-turn token was generated too (vLLM counts it, and bills it).
+                completion_tokens=len(row.ids) + (tok in self.eos_ids),
             )
         )
         return True
