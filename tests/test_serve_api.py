@@ -232,6 +232,24 @@ def test_wrongly_typed_fields_are_400s_naming_the_field_as_openai_does(
     )
 
 
+def test_null_stream_and_n_mean_their_defaults(llava_server):
+    """OpenAI's schema and vLLM take null for both; they were 400s."""
+    for field in ("stream", "n"):
+        body = {
+            "model": "tiny-llava",
+            "messages": [{"role": "user", "content": "hi"}],
+            "max_tokens": 2,
+            field: None,
+        }
+        r = httpx.post(
+            llava_server.base_url + "/chat/completions",
+            json=body,
+            headers={"Authorization": f"Bearer {KEY}"},
+            timeout=60,
+        )
+        assert r.status_code == 200 and r.json()["object"] == "chat.completion", r.text
+
+
 def test_data_urls_as_clients_write_them(client):
     # Upper-case scheme and media type, base64 without its "=" padding: both decode.
     raw = png_url().split(",", 1)[1]
@@ -323,6 +341,8 @@ def test_garbage_never_crashes_and_nothing_secret_is_logged(llava_server, caplog
         json.dumps(
             {"model": "tiny-llava", "messages": [{"role": "assistant", "content": "only me"}]}
         ).encode(),
+        # 4 KB of nesting exhausts json's recursion limit: was a 500
+        b'{"model":"tiny-llava","messages":' + b"[" * 2000 + b"]" * 2000 + b"}",
     ]
     with caplog.at_level(logging.DEBUG):
         for body in bodies:
@@ -331,7 +351,7 @@ def test_garbage_never_crashes_and_nothing_secret_is_logged(llava_server, caplog
             assert "error" in r.json()
         r = httpx.post(
             base + "/chat/completions",
-            content=bodies[-3],
+            content=bodies[-4],
             headers={"Authorization": "Bearer nope"},
             timeout=30,
         )
@@ -339,6 +359,37 @@ def test_garbage_never_crashes_and_nothing_secret_is_logged(llava_server, caplog
     assert httpx.get(base.removesuffix("/v1") + "/health").status_code == 200
     logged = caplog.text + "".join(str(r.args) for r in caplog.records)
     assert secret_b64[:20] not in logged and KEY not in logged
+
+
+def test_a_stream_that_fails_mid_way_still_ends_with_done(tiny_lm_dir):
+    """After a generation error the stream ended with the error object alone; vLLM sends
+    "data: [DONE]" after it, and clients read until they see it."""
+    eng = Engine.from_path(tiny_lm_dir, settings=EngineSettings(max_batch_size=1))
+    eng.eos_ids = set()
+    forward, calls = eng.model.forward, [0]
+
+    def fails_on_the_4th_forward(*a, **k):
+        calls[0] += 1
+        if calls[0] == 4:
+            raise RuntimeError("out of memory")
+        return forward(*a, **k)
+
+    eng.model.forward = fails_on_the_4th_forward
+    srv = serve_in_background(eng)
+    try:
+        body = {
+            "model": "tiny-lm",
+            "messages": [{"role": "user", "content": "go on"}],
+            "max_tokens": 10,
+            "stream": True,
+            "temperature": 0,
+        }
+        with httpx.stream("POST", srv.base_url + "/chat/completions", json=body, timeout=60) as r:
+            lines = [line for line in r.iter_lines() if line]
+        assert r.status_code == 200
+        assert '"generation failed: RuntimeError"' in lines[-2] and lines[-1] == "data: [DONE]"
+    finally:
+        srv.stop()
 
 
 def test_client_disconnect_cancels_generation(tiny_lm_dir):
@@ -568,6 +619,9 @@ def test_remote_images_only_with_the_flag(tiny_llava_dir, tmp_path):
             (f"{host}/big.bin", 413),
             (f"{host}/missing.png", 400),
             ("file:///etc/hostname", 400),
+            # URLs httpx cannot fetch at all: were 500s (InvalidURL, an OverflowError)
+            ("http://127.0.0.1:99999/a.png", 400),
+            ("http://[::1/a.png", 400),
         ):
             with pytest.raises(openai.APIStatusError) as err:
                 c.chat.completions.create(model="tiny-llava", messages=[image_msg(url)])

@@ -211,7 +211,8 @@ def create_app(engine: Engine, settings: ServerSettings | None = None):
         body = await read_body(request)
         try:
             data = json.loads(body)
-        except (json.JSONDecodeError, UnicodeDecodeError):
+        except (json.JSONDecodeError, UnicodeDecodeError, RecursionError):
+            # RecursionError: a few KB of nested brackets exhaust the parser's stack.
             raise P.ProtocolError(400, "request body is not valid JSON") from None
         req = P.parse_request(data)
         check_model(req.model)
@@ -371,6 +372,7 @@ def create_app(engine: Engine, settings: ServerSettings | None = None):
                             500, ev.error or "generation failed", type="server_error"
                         )
                         yield sse(err.body())
+                        yield "data: [DONE]\n\n"  # as vLLM does: clients wait for it
                         return
                     if ev.text:
                         yield sse(chunk(P.Delta(content=ev.text)))
@@ -439,7 +441,9 @@ async def _fetch(ref: P.ImageRef, settings: ServerSettings) -> bytes:
             param=ref.where,
             code="invalid_image_url",
         ) from None
-    except httpx.HTTPError as exc:
+    except (httpx.HTTPError, httpx.InvalidURL, OSError) as exc:
+        # URLs were checked when parsed (protocol._check_fetchable); what is left here is the
+        # network: HTTP errors and socket failures httpx did not wrap.
         raise P.ProtocolError(
             400,
             f"{ref.where}: could not fetch image URL ({type(exc).__name__})",

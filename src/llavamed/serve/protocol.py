@@ -111,6 +111,12 @@ class ChatCompletionRequest(_Model):
     n: int = Field(1, ge=1)
     user: str | None = None
 
+    @field_validator("stream", "n", mode="before")
+    @classmethod
+    def _null_is_the_default(cls, v, info):
+        # OpenAI's schema (and vLLM) take null for these: the default.
+        return {"stream": False, "n": 1}[info.field_name] if v is None else v
+
     @field_validator("stop")
     @classmethod
     def _stop(cls, v):
@@ -280,6 +286,23 @@ _DATA_URL = re.compile(r"^data:(?P<mime>[\w.+-]+/[\w.+-]+)?(?P<params>(;[^,;]*)*
 ACCEPTED_MIME = {"application/dicom", "application/octet-stream"}
 
 
+def _check_fetchable(url: str, where: str) -> None:
+    """A 400 for an http(s) URL httpx cannot fetch, before any fetch: httpx raises InvalidURL
+    (no HTTPError) for some, and a port beyond 65535 fails deep in the socket layer."""
+    import httpx
+
+    try:
+        port = httpx.URL(url).port
+    except (httpx.InvalidURL, ValueError) as exc:
+        raise ProtocolError(
+            400, f"{where}: invalid image URL ({exc})", param=where, code="invalid_image_url"
+        ) from None
+    if port is not None and not 0 < port < 65536:
+        raise ProtocolError(
+            400, f"{where}: invalid image URL (port {port})", param=where, code="invalid_image_url"
+        )
+
+
 def parse_image_url(url: str, where: str, *, allow_remote: bool, max_bytes: int) -> ImageRef:
     """Classify and (for data URLs) decode an ``image_url``. Raises ProtocolError: 400 for
     refused schemes, malformed data URLs and base64; 413 for images over ``max_bytes``."""
@@ -337,6 +360,7 @@ def parse_image_url(url: str, where: str, *, allow_remote: bool, max_bytes: int)
                 param=where,
                 code="remote_images_disabled",
             )
+        _check_fetchable(url, where)
         return ImageRef(where, url=url)
     if low.startswith("file:"):
         raise ProtocolError(
