@@ -251,3 +251,25 @@ def test_a_citation_linked_to_a_main_figure_without_image_still_names_the_others
         figures=figures,
     )
     assert m == {"F3": ["Serial scans (Figs. 2\u20134)."], "F4": ["Serial scans (Figs. 2\u20134)."]}
+
+
+def test_named_entities_survive_a_doctype():
+    # PMC files declare the JATS DTD, which is never loaded: &nbsp; &times; &alpha; parse as
+    # entity nodes that carry no text, and were deleted ("Tumour400, -SMA.", "See Fig.1").
+    xml = (
+        '<?xml version="1.0"?><!DOCTYPE article PUBLIC "-//NLM//DTD JATS (Z39.96) Journal '
+        'Archiving and Interchange DTD v1.2//EN" "JATS-archivearticle1.dtd" '
+        '[<!ENTITY micro "&#181;m">]>'
+        '<article xmlns:xlink="http://www.w3.org/1999/xlink"><front><article-meta>'
+        '<article-id pub-id-type="pmc">5</article-id></article-meta></front><body>'
+        '<p>See <xref ref-type="fig" rid="F1">Fig.&nbsp;1</xref> at 37&deg;C.</p>'
+        '<fig id="F1"><label>Figure&nbsp;1</label><caption><p>Tumour&nbsp;&times;400, '
+        "&alpha;-SMA<italic>+</italic>&ndash;cells, bar 5&micro;&#8203;&zzunknown;.</p>"
+        '</caption><graphic xlink:href="g1"/></fig></body></article>'
+    )
+    a = parse_article(xml.encode(), "e.nxml")
+    f = a.figures[0]
+    assert f.caption == "Tumour \u00d7400, \u03b1-SMA+\u2013cells, bar 5\u00b5m\u200b&zzunknown;."
+    assert f.label == "Figure 1" and f.number == 1
+    assert a.mentions["F1"] == ["See Fig. 1 at 37\u00b0C."]
+    assert a.notes == ["unknown entity kept as text"]

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
-from html.entities import name2codepoint
+from html.entities import html5
 
 from lxml import etree
 
@@ -97,6 +97,7 @@ def parse_article(data: bytes, name: str = "<nxml>", fallback_pmcid: str | None 
     article") when nothing usable can be read."""
     notes: list[str] = []
     root = _parse(data, name, notes)
+    _expand_entities(root, notes)
     _strip_namespaces(root)
     article = root if root.tag == "article" else root.find(".//article")
     if article is None:
@@ -146,9 +147,42 @@ _XML_ENTITIES = frozenset({"amp", "lt", "gt", "quot", "apos"})
 
 def _entity_ref(m: re.Match) -> str:
     name = m.group(1)
-    if name in _XML_ENTITIES or name not in name2codepoint:
+    chars = html5.get(f"{name};")
+    if name in _XML_ENTITIES or chars is None:
         return m.group(0)
-    return f"&#{name2codepoint[name]};"
+    return "".join(f"&#{ord(c)};" for c in chars)
+
+
+def _expand_entities(root: etree._Element, notes: list[str]) -> None:
+    """Replace entity reference nodes with their characters. A document with a DOCTYPE parses
+    with ``&nbsp;``, ``&times;``, ``&alpha;`` left as entity nodes (the DTD that defines them is
+    never loaded), and those nodes carry no text: "Tumour&nbsp;&times;400" read "Tumour400".
+    Entities declared in the internal subset take their declared text; the others are looked up
+    in the HTML5 table (a superset of the ISO sets JATS uses); an unknown one is kept as written."""
+    entities = list(root.iter(etree.Entity))
+    if not entities:
+        return
+    declared: dict[str, str] = {}
+    dtd = root.getroottree().docinfo.internalDTD
+    if dtd is not None:
+        declared = {e.name: e.content or "" for e in dtd.iterentities()}
+    for ent in entities:  # document order: an earlier one is gone when a later one is merged
+        name = ent.name
+        text = declared.get(name, html5.get(f"{name};"))
+        if text is None:
+            text = f"&{name};"
+            notes.append("unknown entity kept as text")
+        text += ent.tail or ""
+        parent = ent.getparent()
+        if parent is None:
+            continue
+        prev = ent.getprevious()
+        if prev is not None:
+            prev.tail = (prev.tail or "") + text
+        else:
+            parent.text = (parent.text or "") + text
+        ent.tail = None
+        parent.remove(ent)
 
 
 def _decode(data: bytes) -> str:
