@@ -187,6 +187,40 @@ def test_parse_stops_at_hallucinated_next_example():
     assert len(r.turns) == 2 and r.dropped["trailing_new_example"] == 1
 
 
+@pytest.mark.parametrize(
+    "raw",
+    [
+        CANON + "\n\n---\n\nNote: generated from the figure caption.",
+        "User: What is shown?\nAssistant: A chest X-ray.\n\n---\n\nUser: Any effusion?\n"
+        "Assistant: No.\n\n***",
+        "**User:** What is shown?\n\n**Assistant:** A chest X-ray.\n\n**User:** Any effusion?\n\n"
+        "**Assistant:** No.\n\nI hope this helps!",
+        CANON + "\n\n(End of conversation)",
+        CANON + "\n\nNote: this conversation is based on the figure caption.",
+        CANON + "\n\nLet me know if you need more examples.",
+        CANON + "\n\nFeel free to ask more questions.",
+        CANON + "\n___\nThe conversation above was generated without the image.",
+    ],
+)
+def test_text_after_the_last_turn_is_not_part_of_the_answer(raw):
+    """A rule line ends a turn, and a closing note or remark after a blank line is not answer
+    text: glued to the last answer it became training data ("No.\n\nI hope this helps!") or got
+    the whole turn dropped for naming the caption."""
+    r = parse_turns(raw)
+    assert r.turns == [("What is shown?", "A chest X-ray."), ("Any effusion?", "No.")]
+    assert clean_turns(r.turns).turns == r.turns
+
+
+def test_multi_paragraph_answers_are_kept_whole():
+    answer = (
+        "There is a well-defined hypodense lesion in segment VII of the liver.\n\n"
+        "Note that its wall is thin and it does not enhance, so it is most likely a simple cyst."
+        "\n\nThe spleen and both kidneys look normal."
+    )
+    r = parse_turns(f"User: What do you see?\nAssistant: {answer}\nUser: Ascites?\nAssistant: No.")
+    assert r.turns == [("What do you see?", answer), ("Ascites?", "No.")] and not r.dropped
+
+
 def test_parse_garbage():
     for raw in ["", "I like turtles.", "Assistant: hello", "User: only a question"]:
         assert parse_turns(raw).turns == []

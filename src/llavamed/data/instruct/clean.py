@@ -5,7 +5,9 @@ Two steps, both pure functions:
 1. :func:`parse_turns` finds ``User:`` / ``Assistant:`` turns however the model wrote them: any
    case, markdown bold or headings, list numbering (``1. **User:**``), ``Q:``/``A:``, ``Human:``,
    several turns on one line, a chatty preamble, chat-template debris (``<|im_end|>``), or a
-   hallucinated next "Figure Caption:" block. Unpaired questions or answers are dropped and counted.
+   hallucinated next "Figure Caption:" block. A turn ends at a horizontal rule line or before a
+   closing note or remark ("Note: ...", "I hope this helps!"). Unpaired questions or answers are
+   dropped and counted.
 2. :func:`clean_turns` applies the paper's cleaning (DESIGN.md §4): drop refusal turns ("I cannot
    see the image"), strip source phrases ("Based on the caption, ..."), drop turns that still talk
    about the caption, a description, the article, or the context or text as a source ("the
@@ -54,6 +56,23 @@ _INLINE_MARKER = re.compile(
 )
 _PREFIX_ONLY = re.compile(r"^\s*(?:(?:[-*•>]|#+|\d+[.)]|\(\d+\))\s*)*$")
 _STOP_LINE = re.compile(r"^\s*(?:#+\s*)?(?:\*\*)?figure (?:caption|context)\s*(?:\*\*)?\s*:", re.I)
+# A horizontal rule ("---", "***", "___", spaced or longer) ends the turn it follows: what comes
+# after it up to the next speaker is a separator's aftermath ("Note: generated from the caption").
+_RULE_LINE = re.compile(r"^\s*(?:(?:-[ \t]*){3,}|(?:\*[ \t]*){3,}|(?:_[ \t]*){3,})$")
+# A paragraph (after a blank line) that is a note or a closing remark, not part of the answer:
+# "Note: ...", "(End of conversation)", "I hope this helps!", "Let me know if ...". "Note that
+# the arrow ..." is content, "Note: ..." is not.
+_CLOSING_BLOCK = re.compile(
+    r"^\s*(?:[*_(\[]\s*)*(?:"
+    r"(?:please\s+)?note\s*[:：]|please\s+note\b|disclaimer\s*[:：]"
+    r"|end\s+of\s+(?:the\s+)?(?:conversation|dialogue|chat|example|transcript|output)\b"
+    r"|(?<=[(\[])\s*end\b"
+    r"|(?:i\s+)?hope\s+(?:this|that|it)\s+helps|let\s+me\s+know\s+if|feel\s+free\s+to"
+    r"|if\s+you\s+have\s+any\s+(?:other|more|further|additional)\s+questions"
+    r"|(?:this|the\s+above)\s+(?:conversation|dialogue)\b"
+    r")",
+    re.IGNORECASE,
+)
 _DEBRIS = re.compile(r"<\|[^|>]{1,40}\|>|</s>|<s>|\[/?INST\]|<image>|<end_of_turn>|<eos>")
 
 # Answers containing any of these are the model admitting it has no image: never training data.
@@ -196,12 +215,28 @@ def _split_inline(line: str) -> str:
     return "\n".join(out)
 
 
+def _cut_closing_blocks(lines: list[str]) -> tuple[list[str], bool]:
+    """Drop a turn's paragraphs from the first one (never the first paragraph) that is a note or
+    a closing remark (:data:`_CLOSING_BLOCK`); returns the kept lines and whether any went."""
+    for i in range(1, len(lines)):
+        if not lines[i - 1].strip() and _CLOSING_BLOCK.match(lines[i]):
+            if any(x.strip() for x in lines[:i]):
+                return lines[:i], True
+    return lines, False
+
+
 def parse_turns(raw: str) -> CleanResult:
-    """Split raw generator output into (question, answer) pairs."""
+    """Split raw generator output into (question, answer) pairs.
+
+    A turn ends at the next speaker, at a horizontal rule line, or before a paragraph that is a
+    note or closing remark ("Note: ...", "I hope this helps!"); text cut that way is counted as
+    ``trailing_text``."""
     dropped: Counter = Counter()
     text = "\n".join(_split_inline(line) for line in raw.replace("\r\n", "\n").split("\n"))
     segments: list[list] = []  # [role, [lines]]
     preamble = False
+    # A rule line ended the last segment: text until the next speaker is dropped.
+    closed = counted = False
     for line in text.split("\n"):
         if _STOP_LINE.match(line):
             if segments:
@@ -210,6 +245,7 @@ def parse_turns(raw: str) -> CleanResult:
             continue
         m = _LINE_MARKER.match(line)
         if m:
+            closed = False
             word = m.group("role").lower()
             role = _ROLE_WORDS[word]
             rest = line[m.end() :]
@@ -219,6 +255,12 @@ def parse_turns(raw: str) -> CleanResult:
                 segments[-1][1].append(line if word in ("a", "q") else rest)
             else:
                 segments.append([role, [rest]])
+        elif _RULE_LINE.match(line):
+            closed, counted = bool(segments), False
+        elif closed:
+            if line.strip() and not counted:
+                dropped["trailing_text"] += 1  # once per cut
+                counted = True
         elif segments:
             segments[-1][1].append(line)
         elif line.strip():
@@ -227,6 +269,10 @@ def parse_turns(raw: str) -> CleanResult:
         dropped["preamble"] += 1
     turns: list[tuple[str, str]] = []
     i = 0
+    for seg in segments:
+        seg[1], cut = _cut_closing_blocks(seg[1])
+        if cut:
+            dropped["trailing_text"] += 1
     while i < len(segments):
         role, lines = segments[i]
         body = _tidy("\n".join(lines))
