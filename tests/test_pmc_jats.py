@@ -273,3 +273,22 @@ def test_named_entities_survive_a_doctype():
     assert f.label == "Figure 1" and f.number == 1
     assert a.mentions["F1"] == ["See Fig. 1 at 37\u00b0C."]
     assert a.notes == ["unknown entity kept as text"]
+
+
+def _one_caption_article(caption: bytes) -> bytes:
+    return (
+        b'<?xml version="1.0" encoding="UTF-8"?><article><front><article-meta>'
+        b'<article-id pub-id-type="pmc">6</article-id></article-meta></front><body>'
+        b'<fig id="F1"><label>Figure 1</label><caption><p>' + caption + b"</p></caption>"
+        b'<graphic href="g1"/></fig></body></article>'
+    )
+
+
+def test_a_stray_byte_does_not_turn_a_utf8_file_into_cp1252():
+    # One Latin-1 byte (0xB1, "±") in a UTF-8 file: only that byte is read as cp1252.
+    a = parse_article(_one_caption_article("Größe 5 µm, ".encode() + b"\xb1 2."), "u.nxml")
+    assert a.figures[0].caption == "Größe 5 µm, ± 2."
+    assert a.notes == ["XML encoding or entities repaired"]
+    # A file that is cp1252 throughout (declared UTF-8) is still read as cp1252.
+    a = parse_article(_one_caption_article("Größe 5 µm – ± 2.".encode("cp1252")), "c.nxml")
+    assert a.figures[0].caption == "Größe 5 µm – ± 2."

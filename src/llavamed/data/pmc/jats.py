@@ -185,13 +185,29 @@ def _expand_entities(root: etree._Element, notes: list[str]) -> None:
         parent.remove(ent)
 
 
+_STRAY_BYTE = re.compile("[\udc80-\udcff]")
+
+
 def _decode(data: bytes) -> str:
-    for enc in ("utf-8-sig", "utf-16") if data[:2] in (b"\xff\xfe", b"\xfe\xff") else ("utf-8",):
+    """Decode a file whose declared encoding did not hold. UTF-8 with a few stray bytes (a
+    Latin-1 "\xb1" pasted into a UTF-8 file) keeps its UTF-8 and reads only the stray bytes as
+    cp1252: decoding the whole file as cp1252 for one bad byte turned every "ö" into "Ã¶". A file
+    with more invalid bytes than valid multi-byte characters is not UTF-8: it is read as cp1252."""
+    if data[:2] in (b"\xff\xfe", b"\xfe\xff"):
         try:
-            return data.decode(enc)
+            return data.decode("utf-16")
         except UnicodeDecodeError:
-            continue
-    return data.decode("cp1252", errors="replace")
+            pass
+    text = data.decode("utf-8-sig", errors="surrogateescape")
+    stray = len(_STRAY_BYTE.findall(text))
+    if not stray:
+        return text
+    multibyte = sum(1 for c in text if c > "\x7f") - stray
+    if stray > multibyte:
+        return data.decode("cp1252", errors="replace")
+    return _STRAY_BYTE.sub(
+        lambda m: bytes([ord(m.group(0)) - 0xDC00]).decode("cp1252", errors="replace"), text
+    )
 
 
 def _strip_namespaces(root: etree._Element) -> None:
