@@ -292,3 +292,55 @@ def test_a_stray_byte_does_not_turn_a_utf8_file_into_cp1252():
     # A file that is cp1252 throughout (declared UTF-8) is still read as cp1252.
     a = parse_article(_one_caption_article("Größe 5 µm – ± 2.".encode("cp1252")), "c.nxml")
     assert a.figures[0].caption == "Größe 5 µm – ± 2."
+
+
+def test_other_label_series_take_no_main_figure_numbers():
+    # "Scheme 1" and eLife's "Figure 2—figure supplement 1." are numbered on their own: a range
+    # "Figures 1–3" tagged as two xrefs names Figures 1 to 3, not the scheme or the supplement.
+    figures = "".join(
+        f'<fig id="F{i}"><label>Figure {i}</label><caption><p>Cap {i}.</p></caption>'
+        f'<graphic xlink:href="g{i}"/></fig>'
+        for i in (1, 2, 3)
+    ) + (
+        '<fig id="sch1"><label>Scheme 1</label><caption><p>Synthesis.</p></caption>'
+        '<graphic xlink:href="s1"/></fig><fig-group><fig id="fig2s1"><label>Figure 2\u2014'
+        "figure supplement 1.</label><caption><p>More.</p></caption>"
+        '<graphic xlink:href="f2s1"/></fig></fig-group>'
+        '<fig id="U"><caption><p>Unlabelled fifth figure.</p></caption>'
+        '<graphic xlink:href="u"/></fig>'
+    )
+    xml = (
+        '<article xmlns:xlink="http://www.w3.org/1999/xlink"><body><sec><p>All rose '
+        '(<xref ref-type="fig" rid="F1">Figures 1</xref>\u2013<xref ref-type="fig" rid="F3">3'
+        '</xref>). Yields fell (<xref ref-type="fig" rid="F3">Figs. 3</xref>, 4).</p>'
+        f"{figures}</sec></body></article>"
+    )
+    a = parse_article(xml.encode(), "s.nxml")
+    figs = {f.fig_id: f for f in a.figures}
+    assert figs["sch1"].number is None and figs["fig2s1"].number is None
+    assert figs["fig2s1"].label == "Figure 2\u2014figure supplement 1."
+    assert figs["U"].number == 4  # the scheme and the supplement hold no place among figures
+    assert sorted(a.mentions) == ["F1", "F2", "F3", "U"]
+    assert a.mentions["U"] == ["Yields fell (Figs. 3, 4)."]
+
+
+def test_an_unlabelled_figure_after_a_panel_group_takes_the_next_number():
+    # Two unlabelled panels in a fig-group are one figure of the text (Figure 2): the figure
+    # after them is the third, not the fourth.
+    figures = (
+        '<fig id="F1"><label>Figure 1</label><caption><p>Cap 1.</p></caption>'
+        '<graphic xlink:href="g1"/></fig><fig-group id="G2"><caption><p>Two panels.</p>'
+        "</caption>"
+        + "".join(f'<fig id="F2{p}"><graphic xlink:href="g2{p}"/></fig>' for p in "ab")
+        + '</fig-group><fig id="X"><caption><p>Third.</p></caption><graphic xlink:href="x"/>'
+        "</fig>"
+    )
+    xml = (
+        '<article xmlns:xlink="http://www.w3.org/1999/xlink"><body><sec><p>Follow-up '
+        '(<xref ref-type="fig" rid="X">Figure 3</xref>).</p><p>Series (<xref ref-type="fig" '
+        f'rid="F1">Figs. 1</xref>\u20133).</p>{figures}</sec></body></article>'
+    )
+    a = parse_article(xml.encode(), "o.nxml")
+    figs = {f.fig_id: f for f in a.figures}
+    assert (figs["F2a"].number, figs["F2b"].number, figs["X"].number) == (2, 2, 3)
+    assert a.mentions["X"] == ["Follow-up (Figure 3).", "Series (Figs. 1\u20133)."]

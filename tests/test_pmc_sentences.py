@@ -83,3 +83,8 @@ def test_label_numbers():
     assert label_number("FIG. 12.") == 12
     assert label_number("Figure S2") is None
     assert label_number(None) is None
+    assert label_number("FIG 3A") == 3 and label_number("Figure1") == 1
+    # Other series number on their own: their numbers are not the main figures'.
+    assert label_number("Scheme 1") is None and label_number("Box 2") is None
+    assert label_number("Figure 2\u2014figure supplement 1.") is None
+    assert label_number("Figure 3\u2014source data 1") is None

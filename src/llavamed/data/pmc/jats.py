@@ -346,6 +346,7 @@ def _graphic(fig: etree._Element) -> tuple[str | None, int]:
 
 
 _PANEL_LABEL = re.compile(r"^\(?([A-Za-z]{1,2})[.):]?$")
+_DIGIT = re.compile(r"\d")
 
 
 def _member_label(label: str, group_label: str) -> str:
@@ -356,6 +357,8 @@ def _member_label(label: str, group_label: str) -> str:
     if not label:
         return group_label
     if label_number(label) is not None or label_number(group_label) is None:
+        return label
+    if _DIGIT.search(label):  # its own number in another series: "Figure 2—figure supplement 1."
         return label
     if _SUPPL_LABEL.match(label) or _TABLE_LABEL.match(label):
         return label
@@ -370,9 +373,15 @@ def _figures(
     figures: list[Figure] = []
     group_members: dict[str, list[str]] = {}  # fig-group id -> ids of its figures
     seen_ids: set[str] = set()
+    slots: list[tuple] = []  # per figure: the place it takes in the figures' reading order
+    last_group: etree._Element | None = None  # kept alive, so `is` compares nodes
+    n_groups = 0
     for index, fig in enumerate(article.iter("fig"), 1):
         group = fig.getparent()
         in_group = group is not None and group.tag == "fig-group"
+        if in_group and group is not last_group:
+            last_group = group
+            n_groups += 1
         label_el = fig.find("label")
         label = normalize_ws(_flat(label_el)) if label_el is not None else ""
         caption = _caption(fig)
@@ -412,14 +421,33 @@ def _figures(
             elif not f.caption:
                 f.skip_reason = "no caption"
         figures.append(f)
-    # A figure without a numbered label is still "Fig. 5" in the text when it is the fifth.
-    main = [f for f in figures if f.skip_reason is None]
-    taken = {f.number for f in main if f.number is not None}
-    for ordinal, f in enumerate(main, 1):
+        # A group's panels that share a number (or have none) are one figure of the text; its
+        # members with numbers of their own ("Figure 3", "Figure 4") are one each.
+        slots.append(("group", n_groups, f.number) if in_group else ("fig", index))
+    _number_by_position(figures, slots)
+    return figures, group_members
+
+
+def _number_by_position(figures: list[Figure], slots: list[tuple]) -> None:
+    """A figure without a numbered label is still "Fig. 5" in the text when it is the fifth.
+    Positions count the main figure series only (a "Scheme 1", "Box 2" or figure supplement has
+    numbers of its own), main figures left out for want of an image or caption included (they
+    are numbered in the text all the same), and a fig-group's panels once."""
+    counted = [
+        (f, slot)
+        for f, slot in zip(figures, slots, strict=True)
+        if (f.skip_reason is None or f.skip_reason in _UNPAIRED_MAIN)
+        and (f.number is not None or not (f.label and _DIGIT.search(f.label)))
+    ]
+    taken = {f.number for f, _ in counted if f.number is not None}
+    ordinal = 0
+    last_slot = None
+    for f, slot in counted:
+        if slot != last_slot:
+            ordinal += 1
+            last_slot = slot
         if f.number is None and ordinal not in taken:
             f.number = ordinal
-            taken.add(ordinal)
-    return figures, group_members
 
 
 # --- inline mentions -------------------------------------------------------------------------

@@ -148,12 +148,18 @@ def _unique(items: list[int]) -> list[int]:
     return [x for x in items if not (x in seen or seen.add(x))]
 
 
+# A label of the main figure series: "Figure 3", "Fig. 3.", "FIG 3A", "Figs. 2", "Figura 1", "3."
+_MAIN_LABEL = re.compile(r"^\W*(?:fig(?:ure|ura)?s?(?![A-Za-z])\.?)?\s*(\d{1,3})(?![\d.,]\d)", re.I)
+
+
 def label_number(label: str | None) -> int | None:
-    """The figure number in a label such as "Figure 3", "Fig. 3.", "FIG 3A"; None for "Figure S2"
-    (supplementary) or a label without a number."""
+    """The figure number in a label of the main figure series, such as "Figure 3", "Fig. 3.",
+    "FIG 3A". None for another series, whose numbers are not the main figures' ("Figure S2",
+    "Scheme 1", "Box 2", eLife's "Figure 2—figure supplement 1." and "Figure 3—source data 1"),
+    and for a label without a number."""
     if not label:
         return None
-    m = re.search(r"(?<![A-Za-z\d])(S)?(\d{1,3})", label)
-    if not m or m.group(1):
+    m = _MAIN_LABEL.match(label)
+    if not m or _NOT_FIGURE_NUMBERS.search(label, m.end()):
         return None
-    return int(m.group(2))
+    return int(m.group(1))
