@@ -365,6 +365,51 @@ def test_refusals_are_about_the_image_not_any_access_or_sorry(answer, refusal):
     _assert_cleaned(answer, None if refusal else answer, "refusal")
 
 
+@pytest.mark.parametrize(
+    "answer",
+    [
+        "I am not able to see the image, but a hypodense lesion usually suggests a cyst.",
+        "I'm not able to view images directly; however, this typically represents edema.",
+        "Since I don't have the image in front of me, I can only say it is likely a CT.",
+        "As a language model, I cannot interpret images, but this is probably a CT scan.",
+        "As a text-based AI, I don't have the capability to view images, but it may be benign.",
+        "I do not have visual access, but it probably shows the liver.",
+        "The image isn't available to me, but typically such lesions are benign.",
+        "Without being able to see the image, it's hard to say; it may be a cyst.",
+        "I can't look at the picture, but it likely shows a mass.",
+        "I haven’t seen the actual image, so I can only describe typical findings.",
+        "We cannot directly view the image you provided.",
+        "The actual image itself is not provided, but the findings suggest oedema.",
+    ],
+)
+def test_refusals_are_found_by_pattern_not_a_fixed_phrase_list(answer):
+    """Paraphrased refusals (the model admitting it has no image) were kept as training answers:
+    the old fixed phrase list caught one of these."""
+    _assert_cleaned(answer, None, "refusal")
+
+
+@pytest.mark.parametrize(
+    "answer",
+    [
+        # Inability to see a structure, not the image: findings, kept.
+        "We cannot see the left kidney on this slice because it was resected.",
+        "The left kidney cannot be visualized, consistent with a prior nephrectomy.",
+        "We cannot visualize the pancreatic duct in this image.",
+        "No, we cannot see a fracture line in these images.",
+        "I can't see any evidence of pneumothorax in this image.",
+        "We cannot view the posterior segment from this angle.",
+        "We do not have prior images for comparison, so growth cannot be assessed.",
+        "The image is not shown at full resolution, yet the nodule is clear.",
+        "The image is not of diagnostic quality because of motion artefact.",
+        "The optic nerve is not visible in this image.",
+        "The figure shows an AI-based segmentation of the tumour.",
+        "Without contrast, we cannot see the vessels well.",
+    ],
+)
+def test_answers_about_what_cannot_be_seen_in_the_image_are_not_refusals(answer):
+    _assert_cleaned(answer, answer, "refusal")
+
+
 def test_to_llava_sample_image_token_seeded():
     turns = [("Q1?", "A1."), ("Q2?", "A2.")]
     places = Counter()

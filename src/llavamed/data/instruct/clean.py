@@ -75,50 +75,91 @@ _CLOSING_BLOCK = re.compile(
 )
 _DEBRIS = re.compile(r"<\|[^|>]{1,40}\|>|</s>|<s>|\[/?INST\]|<image>|<end_of_turn>|<eos>")
 
-# Answers containing any of these are the model admitting it has no image: never training data.
-# "Access" and "sorry" only count when tied to the image (_REFUSAL): "patients who have access
-# to care" and "a sorry, neglected wound" are answers.
+# Answers where the model admits it has no image are never training data. Detection is by
+# pattern, not a fixed phrase list: "I am not able to see the image", "I'm not able to view images
+# directly", "Since I don't have the image in front of me", "The image isn't available to me", "As a
+# language model, ...". A refusal is about the assistant's own access to *the image*: "We cannot
+# see the left kidney on this slice", "the duct cannot be visualised in this image", "we do not
+# have prior images for comparison" and "the image is not shown at full resolution" are answers.
+# Likewise "access" and "sorry" only count when tied to the image: "patients who have access to
+# care" and "a sorry, neglected wound" are answers.
 REFUSAL_PHRASES = (
-    "without the actual image",
-    "without seeing the",
-    "cannot see the",
-    "can't see the",
-    "unable to view",
-    "unable to see",
     "unable to provide specific details",
-    "cannot directly view",
-    "cannot view the image",
-    "image itself is not available",
-    "image is not available",
     "not provided in the figure caption",
     "not mentioned in the caption",
     "not mentioned in the figure caption",
     "not specified in the caption",
     "not specified in the image caption",
-    "as an ai language model",
-    "as an ai,",
-    "as an ai model",
-    "ability to view",
-    "ability to see",
-    "cannot visualize",
-    "can't visualize",
-    "unable to visualize",
     "can't actually see",
     "cannot actually see",
-    "can't view",
-    "cannot view",
-    "can't see images",
-    "cannot see images",
     "i'm sorry",
     "i am sorry",
 )
+_Q = "['’]"
+# The image as the thing seen or held: "the image", "images", "the actual picture", "visual
+# content". Only these adjectives may stand between, so "prior images" or "this slice" never match.
+_IMG_OBJ = (
+    r"(?:(?:the|this|that|these|those|an?|any|your|its|such)\s+)?"
+    r"(?:(?:actual|original|real|provided|attached|uploaded|given|specific|full|medical"
+    r"|referenced|accompanying|corresponding|associated|relevant|underlying)\s+){0,2}"
+    r"(?:images?|pictures?|photos?|photographs?|figures?|visuals?"
+    r"|visual\s+(?:content|data|input|information|material))\b"
+)
+_SUBJ = (
+    rf"\b(?:i|we)(?:\s+|(?={_Q}))(?:(?:really|actually|currently|unfortunately|simply|just)\s+)?"
+)
+_CANT = (
+    rf"(?:can(?:not|{_Q}t|\s+not)|could(?:\s+not|n{_Q}t)"
+    rf"|(?:am|{_Q}m|are|{_Q}re)\s+(?:not\s+able|unable|incapable)\s+to"
+    rf"|(?:am|{_Q}m|are|{_Q}re)\s+not\s+capable\s+of"
+    rf"|(?:do|did)(?:\s+not|n{_Q}t)\s+have\s+(?:the\s+)?(?:ability|capability|capacity|means)\s+to"
+    r"|lack\s+the\s+(?:ability|capability|capacity)\s+to|have\s+no\s+way\s+(?:to|of)"
+    rf"|(?:won{_Q}t|will\s+not)\s+be\s+able\s+to)"
+)
+_LOOK = (
+    r"(?:see(?:ing)?|view(?:ing)?|look(?:ing)?\s+at|access(?:ing)?|interpret(?:ing)?"
+    r"|analy[sz](?:e|ing)|examin(?:e|ing)|inspect(?:ing)?|process(?:ing)?|perceiv(?:e|ing)"
+    r"|visuali[sz](?:e|ing)|open(?:ing)?)"
+)
 _REFUSAL = re.compile(
-    r"\baccess\s+to\s+(?:(?:the|this|that|these|an?|any)\s+)?(?:(?:actual|original|real)\s+)?"
+    # "I am not able to see the image", "I can't look at the picture", "we cannot directly view
+    # images", "I don't have the capability to view images"
+    rf"{_SUBJ}{_CANT}\s+(?:\w+\s+){{0,2}}?{_LOOK}\s+{_IMG_OBJ}"
+    # "I don't have the image in front of me", "I do not have visual access", "I haven't seen
+    # the image"
+    rf"|{_SUBJ}(?:(?:do|did)(?:\s+not|n{_Q}t)\s+have|have\s+no|lack"
+    rf"|(?:have|{_Q}ve)(?:\s+not|n{_Q}t)\s+(?:actually\s+)?(?:seen|viewed|looked\s+at|received"
+    r"|been\s+(?:shown|given|provided)(?:\s+with)?))\s+"
+    rf"(?:{_IMG_OBJ}|(?:any\s+)?(?:visual\s+(?:access|capabilit\w*|abilit\w*)|eyes|vision|sight)\b)"
+    # "Without being able to see the image", "without seeing the actual picture"
+    rf"|\bwithout\s+(?:(?:being\s+able|the\s+ability|a\s+way)\s+to\s+)?{_LOOK}\s+{_IMG_OBJ}"
+    rf"|\bwithout\s+(?:the|an?)\s+(?:actual|original)\s+{_IMG_OBJ}"
+    # "As a language model, ...", "As a text-based AI, ...", "I am an AI"
+    r"|\bas\s+an?\s+(?:(?:text|language)[-\s]based\s+|large\s+)?(?:ai\b(?:\s+(?:language\s+)?"
+    r"(?:model|assistant|system))?\s*,|artificial\s+intelligence\b|(?:ai\s+)?language\s+model\b"
+    r"|chatbot\b)"
+    rf"|\bi\s*(?:am|{_Q}m)\s+(?:just\s+|only\s+|merely\s+)?an?\s+(?:(?:text|language)[-\s]based\s+)?"
+    r"(?:ai\b|artificial\s+intelligence|(?:ai\s+)?language\s+model|chatbot)"
+    # "The image isn't available to me", "the actual image itself is not provided, but ..."
+    rf"|\b(?:the|this|that|these|your)\s+{_IMG_OBJ}\s+(?:itself\s+)?(?:is|are|was|were|has|have)"
+    rf"(?:\s+not|n{_Q}t)\s+(?:been\s+)?(?:\w+\s+)?(?:available|provided|shown|included|attached"
+    r"|accessible|given|shared|uploaded)\b(?=\s+(?:to\s+(?:me|us)|here)\b|\s*(?:[,.;:!?]|$))"
+    rf"|\b(?:is|are|was|were)(?:\s+not|n{_Q}t)\s+(?:\w+\s+)?(?:available|accessible|visible|shown"
+    r"|provided)\s+to\s+(?:me|us)\b"
+    # "access to the image" (not "access to care"), "Sorry, I cannot ..." (not "a sorry state")
+    r"|\baccess\s+to\s+(?:(?:the|this|that|these|an?|any)\s+)?(?:(?:actual|original|real)\s+)?"
     r"(?:images?|figures?|pictures?|photos?|photographs?|visuals|visual\s+(?:content|data|input))\b"
-    r"|\bsorry[,.!]?\s+(?:but\s+)?(?:i|we)\s+(?:cannot|can['’]t|can\s+not|am\s+unable|am\s+not\s+able"
-    r"|do\s+not|don['’]t|have\s+no)\b",
+    rf"|\bsorry[,.!]?\s+(?:but\s+)?(?:i|we)\s+(?:cannot|can{_Q}t|can\s+not|am\s+unable|am\s+not\s+able"
+    rf"|do\s+not|don{_Q}t|have\s+no)\b",
     re.IGNORECASE,
 )
+
+
+def is_refusal(answer: str) -> bool:
+    """True when ``answer`` is the model saying it cannot see or has no image (or no source)."""
+    low = answer.lower().replace("’", "'")
+    return any(p in low for p in REFUSAL_PHRASES) or bool(_REFUSAL.search(answer))
+
 
 _SRC = (  # "legend" only as "figure/image legend": "the legend shows" may be a chart's own
     r"(?:(?:figure|image)\s+legend|(?:(?:figure|image|provided|given|additional)\s+)?"
@@ -325,8 +366,7 @@ def clean_turns(turns: list[tuple[str, str]]) -> CleanResult:
     kept: list[tuple[str, str]] = []
     dropped: Counter = Counter()
     for q, a in turns:
-        low = a.lower()
-        if any(p in low for p in REFUSAL_PHRASES) or _REFUSAL.search(a):
+        if is_refusal(a):
             dropped["refusal"] += 1
             continue
         a2 = strip_source_phrases(a)
