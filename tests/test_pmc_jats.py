@@ -344,3 +344,14 @@ def test_an_unlabelled_figure_after_a_panel_group_takes_the_next_number():
     figs = {f.fig_id: f for f in a.figures}
     assert (figs["F2a"].number, figs["F2b"].number, figs["X"].number) == (2, 2, 3)
     assert a.mentions["X"] == ["Follow-up (Figure 3).", "Series (Figs. 1\u20133)."]
+
+
+def test_a_panel_range_ends_the_citing_sentence():
+    m = _with_figures(
+        '<p>Lesions are shown in <xref ref-type="fig" rid="F1">Figure 1A\u2013C</xref>. '
+        'Treatment reduced them (<xref ref-type="fig" rid="F2">Figure 2</xref>).</p>'
+    )
+    assert m == {
+        "F1": ["Lesions are shown in Figure 1A\u2013C."],
+        "F2": ["Treatment reduced them (Figure 2)."],
+    }

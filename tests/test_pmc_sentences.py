@@ -88,3 +88,14 @@ def test_label_numbers():
     assert label_number("Scheme 1") is None and label_number("Box 2") is None
     assert label_number("Figure 2\u2014figure supplement 1.") is None
     assert label_number("Figure 3\u2014source data 1") is None
+
+
+def test_a_sentence_ends_after_a_panel_range_or_list():
+    # The last panel letter of "1A–C." or "1A,B." is not a person's initial.
+    for cite in ("1A\u2013C", "1A-C", "1A,B", "1A, B, C", "2A and C", "1A/B", "1 B"):
+        assert sentences(f"Lesions are shown in Figure {cite}. Treatment reduced them.") == [
+            f"Lesions are shown in Figure {cite}.",
+            "Treatment reduced them.",
+        ]
+    assert len(sentences("As shown by Smith and J. Jones in 2019.")) == 1
+    assert len(sentences("In 2019 J. Smith showed it.")) == 1

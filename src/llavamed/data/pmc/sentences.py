@@ -30,6 +30,14 @@ _BOUNDARY = re.compile(
     r"(?=\s+[\"'\u201c\u2018(\[]?(?:[A-Z0-9\u0391-\u03c9]|[a-z]+[A-Z0-9]))"
 )
 _WORD_BEFORE = re.compile(r"([A-Za-z][A-Za-z.]*)$")
+# Panel letters after a figure number, ending at the letter before a period: "1B", "1A–C",
+# "1A, B", "1A,B", "2A and C", "1A/B"; with a space only after a figure word ("Figure 1 B").
+_PANEL_SEP = r"\s*(?:[-\u2010-\u2015\u2212,&/]|and)\s*"
+_PANELS_BEFORE = re.compile(
+    rf"(?:\d[A-Za-z]?(?:{_PANEL_SEP}[A-Za-z])*"
+    rf"|(?<![A-Za-z])[Ff][Ii][Gg](?:[Uu][Rr][Ee])?[Ss]?\.?\s*\d{{1,3}}[A-Za-z]?"
+    rf"(?:(?:{_PANEL_SEP}|\s+)[A-Za-z])+)$"
+)
 
 
 def split_sentences(text: str) -> list[tuple[int, int]]:
@@ -64,8 +72,9 @@ def _is_abbreviation(text: str, dot: int) -> bool:
     word = m.group(1)
     if len(word) == 1 and word.isupper():
         # An initial ("J. Smith", "(A. fumigatus)"), unless it is a panel letter after a
-        # figure number: "... in Figure 1B. The kidneys ..." ends there.
-        return not (m.start() > 0 and text[m.start() - 1].isdigit())
+        # figure number: "... in Figure 1B. The kidneys ..." and "... in Figure 1A–C. The
+        # kidneys ..." end there.
+        return not _PANELS_BEFORE.search(text, max(0, dot - 40), dot)
     if "." in word:  # "e.g", "i.e", "U.S" (the word runs up to the final period)
         return word.lower() in ABBREVIATIONS or all(len(p) <= 1 for p in word.split("."))
     return word.lower() in ABBREVIATIONS
