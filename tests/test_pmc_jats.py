@@ -355,3 +355,26 @@ def test_a_panel_range_ends_the_citing_sentence():
         "F1": ["Lesions are shown in Figure 1A\u2013C."],
         "F2": ["Treatment reduced them (Figure 2)."],
     }
+
+
+def test_lists_and_line_breaks_do_not_fuse_words():
+    figures = (
+        '<fig id="F1"><label>Figure 1</label><caption><p>Panels:<list><list-item><p>(A) axial '
+        "CT</p></list-item><list-item><label>(B)</label><p>coronal CT</p></list-item></list>"
+        '</p></caption><graphic xlink:href="g1"/></fig>'
+        '<fig id="F2"><label>Figure 2</label><caption><title>Axial CT<break/>of the liver'
+        '</title><p>Mass.</p>Arrow<break/>head</caption><graphic xlink:href="g2"/></fig>'
+    )
+    xml = (
+        '<article xmlns:xlink="http://www.w3.org/1999/xlink"><body><sec><p>Two findings:<list '
+        'list-type="bullet"><list-item><p>a mass in the liver (<xref ref-type="fig" rid="F1">'
+        "Figure 1</xref>);</p></list-item><list-item><p>Ascites was seen.</p></list-item></list>"
+        '</p><p>Other text<break/>as in <xref ref-type="fig" rid="F2">Figure 2</xref>.</p>'
+        f"{figures}</sec></body></article>"
+    )
+    a = parse_article(xml.encode(), "l.nxml")
+    figs = {f.fig_id: f for f in a.figures}
+    assert figs["F1"].caption == "Panels: (A) axial CT (B) coronal CT"
+    assert figs["F2"].caption == "Axial CT of the liver. Mass. Arrow head"
+    assert a.mentions["F1"] == ["Two findings: a mass in the liver (Figure 1); Ascites was seen."]
+    assert a.mentions["F2"] == ["Other text as in Figure 2."]

@@ -227,6 +227,29 @@ def _href(el: etree._Element) -> str | None:
     return None
 
 
+# Blocks and line breaks inside a paragraph, caption or title: their text is separated from its
+# neighbours ("Panels:<list><list-item><p>(A) axial CT</p></list-item>...", "Axial CT<break/>of").
+_BLOCKS = frozenset(
+    {
+        "p",
+        "list",
+        "list-item",
+        "def-list",
+        "def-item",
+        "term",
+        "def",
+        "label",
+        "title",
+        "disp-quote",
+        "boxed-text",
+        "statement",
+        "verse-group",
+        "verse-line",
+        "break",
+    }
+)
+
+
 def _flat(el: etree._Element) -> str:
     """The element's text, with formulas as readable text: PMC gives most formulas as
     ``<alternatives>`` of TeX and MathML, and the TeX is a whole LaTeX document
@@ -242,7 +265,9 @@ def _flat(el: etree._Element) -> str:
             return ""
         if not isinstance(e.tag, str):
             return ""
-        text = (e.text or "") + "".join(inner(c) + (c.tail or "") for c in e)
+        text = (e.text or "") + "".join(
+            (f" {inner(c)} " if c.tag in _BLOCKS else inner(c)) + (c.tail or "") for c in e
+        )
         # A formula's markup is laid out over lines; inside the sentence it is one token.
         return normalize_ws(text) if e.tag in ("inline-formula", "disp-formula") else text
 
@@ -301,8 +326,8 @@ def _caption(fig: etree._Element) -> str:
             if child.tag == "title" and text and text[-1] not in ".!?:;":
                 text += "."  # "Chest radiograph" + "Bilateral..." reads as two sentences
             parts.append(text)
-        else:
-            run.append(_flat(child))
+        else:  # inline markup, or a line break straight in the caption
+            run.append(f" {_flat(child)} " if child.tag in _BLOCKS else _flat(child))
         run.append(child.tail or "")
     parts.append("".join(run))
     return normalize_ws(" ".join(p for p in parts if p.strip()))
@@ -486,6 +511,10 @@ def _paragraph(p: etree._Element) -> tuple[str, list[_Ref]]:
                 start = pos
                 add(text)
                 refs.append(_Ref(start, pos, (child.get("rid") or "").split(), text))
+            elif tag in _BLOCKS:  # a list in the paragraph: "Findings:<list-item>a mass..."
+                add(" ")
+                walk(child)
+                add(" ")
             else:
                 walk(child)
             add(child.tail)
