@@ -134,3 +134,19 @@ def test_cli_relabels_both_input_shapes(tmp_path, capsys):
     assert main(["data", "domains", "--in", str(DATA / "domain_captions.jsonl"), "--eval"]) == 0
     printed = json.loads(capsys.readouterr().out)
     assert printed["domains"]["mri"]["support"] == 13
+
+
+def test_figures_jsonl_starting_with_a_blank_line_is_read_as_jsonl(tmp_path):
+    """A leading blank line made the shape sniffer take figures.jsonl for one JSON document
+    ("invalid JSON (Extra data...)"), though iter_jsonl skips blank lines."""
+    from llavamed.data.figures import iter_figures
+
+    recs = [{"pair_id": f"P_{i}", "fig_caption": "Axial CT.", "image": "a.jpg"} for i in range(2)]
+    lines = "".join(json.dumps(r) + "\n" for r in recs)
+    for text in ("\n" + lines, "  \n\n" + lines, "\n" + json.dumps(recs[0]) + "\n\n"):
+        path = tmp_path / "figures.jsonl"
+        path.write_text(text)
+        assert list(iter_figures(path)) == recs[: text.count("pair_id")]
+    # A pretty-printed {domain: [records]} file after a blank line is still that shape.
+    path.write_text("\n" + json.dumps({"ct_scan": recs}, indent=1))
+    assert [r["pair_id"] for r in iter_figures(path)] == ["P_0", "P_1"]

@@ -118,10 +118,13 @@ def iter_figures(path: str | os.PathLike) -> Iterator[dict]:
 
 
 def _is_single_json_document(path: Path) -> bool:
-    """True for a pretty-printed or one-line JSON object, False for JSONL with several objects."""
+    """True for a pretty-printed or one-line JSON object, False for JSONL with several objects.
+    Blank lines are skipped, as :func:`llavamed.utils.io.iter_jsonl` skips them: a figures.jsonl
+    that starts with an empty line is still JSONL."""
     with open(path, encoding="utf-8", errors="replace") as fh:
-        first = fh.readline()
-        second = fh.readline()
+        lines = (line for line in fh if line.strip())
+        first = next(lines, "")
+        second = next(lines, "")
     if not second.strip():
         try:
             obj = json.loads(first)
