@@ -150,3 +150,35 @@ def test_figures_jsonl_starting_with_a_blank_line_is_read_as_jsonl(tmp_path):
     # A pretty-printed {domain: [records]} file after a blank line is still that shape.
     path.write_text("\n" + json.dumps({"ct_scan": recs}, indent=1))
     assert [r["pair_id"] for r in iter_figures(path)] == ["P_0", "P_1"]
+
+
+def test_cli_writes_and_counts_a_figure_filed_under_several_domains_once(tmp_path, capsys):
+    """LLaVA-Med's caption JSON files one figure under several domains: each copy was written,
+    giving duplicate pair_ids and double counts."""
+    fig = {"pair_id": "PMC1_F1", "fig_caption": "Chest CT and chest radiograph."}
+    other = {"pair_id": "PMC2_F1", "fig_caption": "Photomicrograph (H&E, x400)."}
+    src = tmp_path / "caps.json"
+    src.write_text(json.dumps({"chest_xray": [fig], "histology": [other], "ct_scan": [fig]}))
+    out = tmp_path / "figures.jsonl"
+    assert main(["data", "domains", "--in", str(src), "--out", str(out)]) == 0
+    recs = list(iter_jsonl(out))
+    assert [r["pair_id"] for r in recs] == ["PMC1_F1", "PMC2_F1"]  # first-seen order
+    assert _on(recs[0]["domain"]) == {"chest_xray", "ct_scan"}
+    printed = capsys.readouterr().out
+    assert printed.startswith("2 records labelled") and '"ct_scan": 1' in printed
+    # --eval: one figure, its reference domains ORed over the copies, so an exact match.
+    assert main(["data", "domains", "--in", str(src), "--eval"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["n"] == 2 and result["exact_match"] == 1.0
+    assert result["domains"]["chest_xray"]["support"] == 1
+
+
+def test_merge_duplicate_figures_ors_domain_flags():
+    from llavamed.data.domains import merge_duplicate_figures
+
+    a = {"pair_id": "x", "fig_caption": "first", "domain": {"mri": True}}
+    b = {"pair_id": "x", "fig_caption": "second", "domain": ["gross"]}
+    c = {"pair_id": "y", "fig_caption": "c"}
+    out, merged = merge_duplicate_figures([a, c, b, {"fig_caption": "no id"}, {"fig_caption": "n"}])
+    assert merged == 1 and [r["fig_caption"] for r in out] == ["first", "c", "no id", "n"]
+    assert _on(out[0]["domain"]) == {"mri", "gross"} and "domain" not in out[1]

@@ -13,8 +13,10 @@ classifier that knows modality names and abbreviations (CXR, HRCT, T2WI, FLAIR),
 magnifications (H&E, PAS, IHC, x400), anatomy, and negations ("MRI was not performed").
 
 --in accepts our figures.jsonl or LLaVA-Med's {domain: [records]} caption JSON; --out is written
-as figures.jsonl (atomically; --out may equal --in). With --eval, records' existing domain labels
-are taken as the reference and per-domain precision/recall is printed instead of relabelling."""
+as figures.jsonl (atomically; --out may equal --in) with one record per pair_id: a figure the
+caption JSON files under several domains is written and counted once. With --eval, records'
+existing domain labels (ORed over such copies) are taken as the reference and per-domain
+precision/recall is printed instead of relabelling."""
 
 
 def register(subparsers) -> None:
@@ -42,23 +44,29 @@ def register(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from llavamed.data.domains import evaluate_domains, label_record
+    from llavamed.data.domains import evaluate_domains, label_record, merge_duplicate_figures
     from llavamed.data.figures import DOMAINS, iter_figures
     from llavamed.errors import LlavamedError
     from llavamed.utils.io import write_jsonl
 
     if not args.inp.exists():
         raise LlavamedError(f"{args.inp}: file not found")
+    if args.out is None and not args.eval:
+        raise LlavamedError("--out is required unless --eval is given")
+    # Read everything first: --out may be the same file as --in. A figure LLaVA-Med's caption JSON
+    # files under several domains is one record (its reference domains ORed), written and counted
+    # once.
+    figures, merged = merge_duplicate_figures(iter_figures(args.inp))
     if args.eval:
-        result = evaluate_domains(iter_figures(args.inp))
+        result = evaluate_domains(figures)
+        if merged:
+            result["duplicate_copies_merged"] = merged
         print(json.dumps(result, indent=2))
         return 0
-    if args.out is None:
-        raise LlavamedError("--out is required unless --eval is given")
-    # Read everything first: --out may be the same file as --in.
-    records = [label_record(r) for r in iter_figures(args.inp)]
+    records = [label_record(r) for r in figures]
     n = write_jsonl(args.out, records)
     per = {d: sum(1 for r in records if r["domain"][d]) for d in DOMAINS}
     other = sum(1 for r in records if not any(r["domain"].values()))
-    print(f"{n} records labelled -> {args.out}: {json.dumps({**per, 'other': other})}")
+    dups = f" ({merged} duplicate copies of a pair_id merged)" if merged else ""
+    print(f"{n} records labelled -> {args.out}{dups}: {json.dumps({**per, 'other': other})}")
     return 0

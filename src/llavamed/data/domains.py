@@ -219,6 +219,31 @@ def gold_labels(record: dict) -> dict[str, bool]:
     return empty_domain()
 
 
+def merge_duplicate_figures(records: Iterable[dict]) -> tuple[list[dict], int]:
+    """One record per ``pair_id``, in first-seen order, with the ``domain`` flags of all its
+    copies ORed; returns (records, number of copies merged). LLaVA-Med's ``{domain: [records]}``
+    caption JSON files one figure under several domains: each copy is the same figure, so it is
+    written, labelled and counted once. The first copy's other fields win; records without a
+    ``pair_id`` are never merged."""
+    out: list[dict] = []
+    index: dict[str, int] = {}
+    merged = 0
+    for rec in records:
+        pid = rec.get("pair_id")
+        key = str(pid) if pid is not None and str(pid).strip() else None
+        if key is None or key not in index:
+            if key is not None:
+                index[key] = len(out)
+            out.append(rec)
+            continue
+        merged += 1
+        first = out[index[key]]
+        if "domain" in first or "domain" in rec:
+            a, b = gold_labels(first), gold_labels(rec)
+            out[index[key]] = {**first, "domain": {d: a[d] or b[d] for d in DOMAINS}}
+    return out, merged
+
+
 def evaluate_domains(records: Iterable[dict]) -> dict:
     """Per-domain precision, recall, F1 and support of the classifier against each record's gold
     ``domain`` (flags dict, list of names, or one name; none/"other" = no domain).
