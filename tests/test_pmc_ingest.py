@@ -331,3 +331,35 @@ def test_a_worker_crash_costs_one_package(tmp_path, monkeypatch):
     report = ingest([src], tmp_path / "out", workers=2)
     assert report["packages_done"] == 7
     assert report["reasons"] == {"package crashed a worker": 1}
+
+
+def test_a_record_kept_without_image_gets_its_image_when_the_download_completes(tmp_path):
+    from pmc_fixtures import write_dir
+
+    src, out = tmp_path / "src", tmp_path / "out"
+    opts = IngestOptions(keep_missing_images=True)
+    files = article_files("PMC1000001")
+    late = files.pop("pmc-1000001-g002.jpg")
+    write_dir(src / "PMC1000001", files)
+    first = ingest([src], out, opts)
+    assert {r["pair_id"]: r["image"] for r in _records(out)}["PMC1000001_F2"] is None
+    assert first["figures_written"] == 6  # F1-F6, F2 and F6 without image
+    (src / "PMC1000001" / "pmc-1000001-g002.jpg").write_bytes(late)  # the download completes
+    report = ingest([src], out, opts)
+    recs = _records(out)
+    pids = [r["pair_id"] for r in recs]
+    assert len(pids) == len(set(pids)) == 6  # superseded, not duplicated
+    f2 = next(r for r in recs if r["pair_id"] == "PMC1000001_F2")
+    assert f2["image"] == "images/PMC1000001_F2.jpg" and (out / f2["image"]).is_file()
+    assert f2["image_sha1"] and f2["width"] == 64
+    assert report["figures_written"] == 6
+    assert report["reasons"]["kept without image"] == 1  # F6 only, now
+    assert "skipped: duplicate pair_id" not in report["reasons"]
+    # A kill after the new record was appended, before the rewrite: both lines are there. The
+    # next writer keeps the one with the image.
+    lines = (out / "figures.jsonl").read_text().splitlines(keepends=True)
+    stale = json.dumps({**f2, "image": None, "image_sha1": None}) + "\n"
+    (out / "figures.jsonl").write_text(stale + "".join(lines))
+    again = ingest([src], out, opts)
+    assert again["last_run"]["packages_processed"] == 0
+    assert (out / "figures.jsonl").read_text() == "".join(lines)

@@ -7,6 +7,11 @@ any point leaves at worst a package whose records are partly written and which i
 ledger: the next run processes it again and skips the pair_ids it already holds, so the output
 never holds a duplicate pair_id or a torn line.
 
+A record kept without its image (``--keep-missing-images``) is superseded when a later run finds
+the image (a package whose download completed): the image is written, the new record appended,
+and at the end of the run ``figures.jsonl`` is rewritten (temp + rename) without the image-less
+one. A kill before that rewrite leaves both lines; the next run's writer drops the old one first.
+
 Reasons for skipping or failing are counted per package, stored in the ledger, and summed over
 all runs into ``ingest_report.json``.
 """
@@ -16,8 +21,10 @@ from __future__ import annotations
 import fcntl
 import hashlib
 import io
+import json
 import os
 import re
+import sys
 import time
 from collections import Counter, deque
 from collections.abc import Iterable, Iterator
@@ -38,7 +45,7 @@ from llavamed.data.pmc.sources import (
     select_shard,
 )
 from llavamed.errors import InputError
-from llavamed.utils.io import JsonlAppender, atomic_write_bytes, atomic_write_json
+from llavamed.utils.io import JsonlAppender, atomic_path, atomic_write_bytes, atomic_write_json
 
 FIGURES = "figures.jsonl"
 IMAGES = "images"
@@ -214,15 +221,28 @@ class IngestWriter:
         self.figures = JsonlAppender(self.out / FIGURES)
         self.pairs: set[int] = set()
         self.images: set[int] = set()
+        # pair_ids written with "image": null -> the package that wrote them: a later run that
+        # finds the image supersedes the record.
+        self.without_image: dict[int, str] = {}
+        self._superseded: set[int] = set()  # pair_ids whose image-less line is to be dropped
         partial_sources: set[str] = set()
         for rec in self.figures.existing():
-            self.pairs.add(_h64(str(rec.get("pair_id"))))
+            pid = _h64(str(rec.get("pair_id")))
+            if pid in self.pairs:
+                # A superseding record appended by a run killed before it rewrote the file.
+                if rec.get("image") is not None and self.without_image.pop(pid, None) is not None:
+                    self._superseded.add(pid)
+            else:
+                self.pairs.add(pid)
+                if rec.get("image") is None:
+                    self.without_image[pid] = sys.intern(str(rec.get("source")))
             if rec.get("image_sha1"):
                 self.images.add(int(rec["image_sha1"][:16], 16))
             if rec.get("source") not in self.done:
                 partial_sources.add(rec.get("source"))
         # Packages cut off by a crash: their records already written are not duplicates.
         self.partial = partial_sources
+        self._drop_superseded()
 
     def is_done(self, pkg: PackageRef) -> bool:
         entry = self.done.get(pkg.key)
@@ -233,7 +253,8 @@ class IngestWriter:
         written = 0
         for record, jpeg in result.records:
             pid = _h64(record["pair_id"])
-            if pid in self.pairs:
+            superseding = pid in self.pairs and jpeg is not None and pid in self.without_image
+            if pid in self.pairs and not superseding:
                 if pkg.key in self.partial:
                     written += 1  # written before the crash; keep it, don't count twice
                 else:
@@ -250,6 +271,14 @@ class IngestWriter:
                 self.images.add(img_hash)
             self.figures.append(record)
             self.pairs.add(pid)
+            if superseding:
+                self._superseded.add(pid)
+                if self.without_image.pop(pid) != pkg.key:
+                    # Another package wrote the image-less record and counted it as written.
+                    counts["image added to a record kept without one"] += 1
+                    continue
+            elif jpeg is None:
+                self.without_image[pid] = pkg.key
             written += 1
         counts["figures written"] += written
         entry = {
@@ -263,6 +292,29 @@ class IngestWriter:
         self.done[pkg.key] = entry
         return written
 
+    def _drop_superseded(self) -> None:
+        """Rewrite ``figures.jsonl`` (temp + rename) without the image-less records that a record
+        of the same pair_id with its image superseded, so the file holds each pair_id once."""
+        if not self._superseded:
+            return
+        self.figures.close()
+        path = self.out / FIGURES
+        with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8") as dst:
+            with open(path, encoding="utf-8") as src:
+                for line in src:
+                    try:
+                        rec = json.loads(line)
+                    except json.JSONDecodeError:
+                        rec = None
+                    if (
+                        isinstance(rec, dict)
+                        and rec.get("image") is None
+                        and _h64(str(rec.get("pair_id"))) in self._superseded
+                    ):
+                        continue
+                    dst.write(line)
+        self._superseded.clear()
+
     def report(self, extra: dict | None = None) -> dict:
         total: Counter = Counter()
         articles = 0
@@ -270,6 +322,7 @@ class IngestWriter:
             total.update(entry.get("counts", {}))
             articles += entry.get("articles", 0)
         figures = total.pop("figures written", 0)
+        self._drop_superseded()
         report = {
             "packages_done": len(self.done),
             "articles": articles,
@@ -284,6 +337,7 @@ class IngestWriter:
         return report
 
     def close(self) -> None:
+        self._drop_superseded()
         self.figures.close()
         self.ledger.close()
         self._lock.close()
