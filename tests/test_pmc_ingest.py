@@ -363,3 +363,23 @@ def test_a_record_kept_without_image_gets_its_image_when_the_download_completes(
     again = ingest([src], out, opts)
     assert again["last_run"]["packages_processed"] == 0
     assert (out / "figures.jsonl").read_text() == "".join(lines)
+
+
+def test_a_folder_package_reads_each_article_when_it_is_reached(tmp_path, monkeypatch):
+    # A bulk folder holds thousands of articles: they must not all be read up front.
+    from pathlib import Path
+
+    from pmc_fixtures import DATA, write_dir
+
+    nxml = (DATA / "PMC1000003.nxml").read_bytes()
+    write_dir(tmp_path / "bulk", {f"PMC{2000000 + i}.xml": nxml for i in range(20)})
+    reads = []
+    real = Path.read_bytes
+    monkeypatch.setattr(Path, "read_bytes", lambda self: reads.append(self.name) or real(self))
+    [pkg] = discover([tmp_path / "bulk"])
+    notes = []
+    articles = sources.iter_articles(pkg, notes)
+    first = next(articles)
+    assert first.name == "PMC2000000.xml" and first.xml == nxml
+    assert reads == ["PMC2000000.xml"]
+    assert len(list(articles)) == 19 and len(reads) == 20 and notes == []

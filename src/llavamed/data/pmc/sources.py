@@ -13,7 +13,7 @@ import os
 import re
 import tarfile
 import zlib
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
@@ -184,13 +184,19 @@ def iter_articles(pkg: PackageRef, notes: list[str]) -> Iterator[ArticleFiles]:
         yield from _iter_dir(path.parent, notes, only=path.name)
 
 
+def _article_names(names: Iterable[str]) -> list[str]:
+    """The XML files that are articles, sorted. A folder with an .nxml keeps its other .xml files
+    out (MathML, metadata); bulk dumps use .xml."""
+    names = list(names)
+    if any(name.lower().endswith(".nxml") for name in names):
+        names = [n for n in names if n.lower().endswith(".nxml")]
+    return sorted(names)
+
+
 def _group_articles(
     xmls: dict[str, bytes], images: dict[str, bytes | Path]
 ) -> Iterator[ArticleFiles]:
-    # A folder with an .nxml keeps its other .xml files out (MathML, metadata); bulk dumps use .xml.
-    if any(name.lower().endswith(".nxml") for name in xmls):
-        xmls = {k: v for k, v in xmls.items() if k.lower().endswith(".nxml")}
-    for name in sorted(xmls):
+    for name in _article_names(xmls):
         yield ArticleFiles(name=name, xml=xmls[name], images=images)
 
 
@@ -281,11 +287,13 @@ def _iter_dir(folder: Path, notes: list[str], only: str | None = None) -> Iterat
     images: dict[str, bytes | Path] = {
         n.lower(): folder / n for n in names if _suffix(n) in IMAGE_SUFFIXES
     }
-    xmls: dict[str, bytes] = {}
-    for n in names:
-        if _suffix(n) in XML_SUFFIXES and (only is None or n == only):
-            try:
-                xmls[n] = (folder / n).read_bytes()
-            except OSError:
-                notes.append("unreadable XML file")
-    yield from _group_articles(xmls, images)
+    xml_names = [n for n in names if _suffix(n) in XML_SUFFIXES and (only is None or n == only)]
+    # Each file is read when its article is asked for: a bulk folder of thousands of articles is
+    # never held in memory at once (images are paths, read by the worker when encoded).
+    for n in _article_names(xml_names):
+        try:
+            data = (folder / n).read_bytes()
+        except OSError:
+            notes.append("unreadable XML file")
+            continue
+        yield ArticleFiles(name=n, xml=data, images=images)
