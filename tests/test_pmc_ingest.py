@@ -383,3 +383,17 @@ def test_a_folder_package_reads_each_article_when_it_is_reached(tmp_path, monkey
     assert first.name == "PMC2000000.xml" and first.xml == nxml
     assert reads == ["PMC2000000.xml"]
     assert len(list(articles)) == 19 and len(reads) == 20 and notes == []
+
+
+def test_cli_fails_when_no_package_gives_a_figure(tmp_path, capsys):
+    src = tmp_path / "src"
+    src.mkdir()
+    good = (make_tarballs(tmp_path / "good") / "PMC1000001.tar.gz").read_bytes()
+    (src / "PMC2000001.tar.gz").write_bytes(good[:200])  # truncated before the first article
+    (src / "PMC2000002.tar.gz").write_bytes(b"this is not gzip at all")
+    argv = ["data", "ingest", str(src), "--out", str(tmp_path / "out"), "--workers", "1",
+            "--no-progress"]  # fmt: skip
+    assert main(argv) == 1
+    err = capsys.readouterr().err
+    assert "no figures written" in err and "2 package(s)" in err
+    assert main(argv) == 0  # nothing new to do: not a failure

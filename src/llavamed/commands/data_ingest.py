@@ -19,6 +19,9 @@ sentences that cite the figure through <xref ref-type="fig">, ranges and lists i
 Supplementary and table figures, figures without caption or graphic, missing, undecodable, tiny
 and duplicate images are skipped and counted per reason in DIR/ingest_report.json.
 
+Exits non-zero when it processed packages and none gave a figure (all corrupt, say); a re-run
+with nothing new to do exits 0.
+
 Safe to interrupt (even kill -9): re-running the same command skips finished packages and never
 duplicates a pair_id. --shard K/N takes a deterministic share of the packages (K = 0..N-1, e.g.
 --shard $SLURM_ARRAY_TASK_ID/$SLURM_ARRAY_TASK_COUNT); give each shard its own --out."""
@@ -116,4 +119,12 @@ def run(args: argparse.Namespace) -> int:
     reasons = report.get("reasons", {})
     if reasons:
         print("skipped / noted: " + json.dumps(reasons))
+    processed = run_info.get("packages_processed", 0)
+    if processed and not run_info.get("figures_written", 0):
+        # Every package corrupt, XML only, or filtered out: a pipeline must not go on to train
+        # on nothing. A re-run with nothing new to do (all packages done) is not this.
+        raise LlavamedError(
+            f"no figures written: none of the {processed} package(s) processed this run gave a "
+            f"figure-image pair (reasons above and in {args.out / 'ingest_report.json'})"
+        )
     return 0
