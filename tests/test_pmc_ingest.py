@@ -397,3 +397,23 @@ def test_cli_fails_when_no_package_gives_a_figure(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "no figures written" in err and "2 package(s)" in err
     assert main(argv) == 0  # nothing new to do: not a failure
+
+
+def test_an_article_at_the_top_of_a_tarball_keeps_the_images_of_its_subfolders(tmp_path):
+    files = article_files("PMC1000003")
+    got = {}
+    for layout, prefix in (("top", ""), ("folder", "P/")):
+        tar = tmp_path / layout / "p.tar.gz"
+        tar.parent.mkdir()
+        with tarfile.open(tar, "w:gz") as tf:
+            for name, data in (
+                ("PMC1000003.nxml", files["PMC1000003.nxml"]),
+                ("figs/kidney.jpg", files["kidney.jpg"]),
+            ):
+                info = tarfile.TarInfo(prefix + name)
+                info.size = len(data)
+                tf.addfile(info, io.BytesIO(data))
+        got[layout] = ingest([tar], tmp_path / f"out_{layout}")
+        assert [r["pair_id"] for r in _records(tmp_path / f"out_{layout}")] == ["PMC1000003_f1"]
+    assert got["top"]["reasons"] == got["folder"]["reasons"]
+    assert "skipped: image missing" not in got["top"]["reasons"]

@@ -213,8 +213,10 @@ class _TarGroup:
         self.image_folder: dict[str, str] = {}  # image key -> the folder it came from
 
     def holds(self, parent: str) -> bool:
+        # The tarball's top level ("") holds every folder: an article whose files sit at the top
+        # keeps the images of its subfolders ("figs/"), as one in a folder of its own does.
         return self.folder is not None and (
-            parent == self.folder or parent.startswith(f"{self.folder}/")
+            parent == self.folder or self.folder == "" or parent.startswith(f"{self.folder}/")
         )
 
     def add_image(self, parent: str, name: str, data: bytes) -> None:
