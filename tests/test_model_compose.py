@@ -235,3 +235,35 @@ def test_init_is_atomic_and_overwrites(tmp_path):
     init_checkpoint(out, ModelSpec(lm="tiny", vision="tiny", seed=2))
     assert (out / "model.safetensors").read_bytes() != first
     assert not any(p.name.startswith(".") for p in tmp_path.iterdir())
+
+
+@pytest.mark.parametrize(
+    "edit, words",
+    [
+        (lambda sd: sd.pop("multi_modal_projector.linear_1.weight"), "missing keys"),
+        (lambda sd: sd.update(extra=torch.zeros(2)), "unexpected keys: extra"),
+        (
+            lambda sd: sd.update(
+                {"multi_modal_projector.linear_1.bias": torch.zeros(3)}  # wrong shape
+            ),
+            "linear_1.bias",
+        ),
+    ],
+    ids=["missing", "unexpected", "mismatched"],
+)
+def test_a_checkpoint_whose_weights_do_not_fit_is_refused(tmp_path, tiny_llava_dir, edit, words):
+    """transformers fills a missing weight with random values and only prints a load report: a
+    checkpoint without its projector was served, evaluated and fine-tuned with a random one."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from llavamed.errors import InputError
+
+    ckpt = shutil.copytree(tiny_llava_dir, tmp_path / "ckpt")
+    weights = ckpt / "model.safetensors"
+    sd = load_file(weights)
+    edit(sd)
+    save_file(sd, weights, metadata={"format": "pt"})
+    with pytest.raises(InputError, match=f"checkpoint does not fit the model.*{words}"):
+        load_llava(ckpt)

@@ -90,6 +90,27 @@ def model_files(path: str | Path) -> Iterator[None]:
         raise InputError(path, what, first) from exc
 
 
+def strict_from_pretrained(cls, path: str | Path, **kwargs):
+    """``cls.from_pretrained(path, **kwargs)`` that refuses a checkpoint whose weights do not fit
+    the model. transformers fills a missing weight with random values and only prints a load
+    report, so a checkpoint without its projector would be served, evaluated or fine-tuned with
+    a random one."""
+    # ignore_mismatched_sizes: a wrong shape is then listed with the other keys (and refused
+    # below) instead of ending in transformers' RuntimeError after its printed report.
+    model, info = cls.from_pretrained(
+        path, output_loading_info=True, ignore_mismatched_sizes=True, **kwargs
+    )
+    problems = []
+    for kind in ("missing_keys", "unexpected_keys", "mismatched_keys"):
+        keys = sorted(str(k) for k in info.get(kind) or ())
+        if keys:
+            more = f" (+{len(keys) - 3} more)" if len(keys) > 3 else ""
+            problems.append(f"{kind.replace('_', ' ')}: {', '.join(keys[:3])}{more}")
+    if problems:
+        raise InputError(path, "checkpoint does not fit the model", "; ".join(problems))
+    return model
+
+
 def load_llava(path: str | Path, *, dtype=None, device: str = "cpu"):
     """``(LlavaForConditionalGeneration, processor)`` from a native checkpoint folder."""
     import torch
@@ -99,7 +120,9 @@ def load_llava(path: str | Path, *, dtype=None, device: str = "cpu"):
     if not (path / "config.json").exists():
         raise InputError(path, "not a checkpoint folder", "config.json missing")
     with model_files(path):
-        model = LlavaForConditionalGeneration.from_pretrained(path, dtype=dtype or torch.float32)
+        model = strict_from_pretrained(
+            LlavaForConditionalGeneration, path, dtype=dtype or torch.float32
+        )
         processor = AutoProcessor.from_pretrained(path)
     model.to(device).eval()
     return model, processor

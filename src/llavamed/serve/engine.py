@@ -373,7 +373,7 @@ class Engine:
         else:
             from transformers import AutoModelForCausalLM, AutoTokenizer
 
-            from llavamed.model.checkpoint import model_files
+            from llavamed.model.checkpoint import model_files, strict_from_pretrained
 
             with model_files(path):
                 tok = AutoTokenizer.from_pretrained(path)
@@ -384,7 +384,8 @@ class Engine:
                     "serve needs an instruction-tuned model with a chat template",
                 )
             with model_files(path):
-                mdl = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype).to(device)
+                mdl = strict_from_pretrained(AutoModelForCausalLM, path, dtype=torch_dtype)
+                mdl = mdl.to(device)
             processor = None
         if pack_weights:
             from llavamed.model.cpu_packing import pack_linears

@@ -174,7 +174,7 @@ def build_model(cfg: TrainConfig):
     import torch
 
     from llavamed.model import ModelSpec, build, checkpoint_template, read_meta
-    from llavamed.model.checkpoint import model_files
+    from llavamed.model.checkpoint import model_files, strict_from_pretrained
     from llavamed.model.compose import set_chat_template
     from llavamed.model.templates import get_template
 
@@ -188,7 +188,7 @@ def build_model(cfg: TrainConfig):
 
         path = resolve_checkpoint(cfg.model.from_)
         with model_files(path):
-            model = LlavaForConditionalGeneration.from_pretrained(path, dtype=torch.float32)
+            model = strict_from_pretrained(LlavaForConditionalGeneration, path, dtype=torch.float32)
             processor = AutoProcessor.from_pretrained(path)
         meta = read_meta(path)
         spec = ModelSpec(**meta["spec"]) if meta.get("spec") else None
