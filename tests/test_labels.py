@@ -121,6 +121,52 @@ def test_an_empty_answer_is_refused_not_trained_as_a_bare_end_of_turn(ckpt):
         )
 
 
+def test_the_image_moves_to_the_front_of_its_turn_as_llava_does(ckpt):
+    """Alignment prompts put <image> after the instruction for half the samples (and LLaVA-Med's
+    released files do too); kept there, those trained in a prompt shape that evaluation and
+    serving never use. LLaVA's preprocess_multimodal moves it to the front."""
+    processor, template = ckpt
+    after = conversation_to_messages(
+        [
+            {"from": "human", "value": "Describe the image concisely.\n<image>"},
+            {"from": "gpt", "value": "CT of the chest."},
+        ]
+    )
+    before = conversation_to_messages(
+        [
+            {"from": "human", "value": "<image>\nDescribe the image concisely."},
+            {"from": "gpt", "value": "CT of the chest."},
+        ]
+    )
+    assert after == before and after[0].content == "<image>\nDescribe the image concisely."
+    a = encode_training_sample(after, processor, template, num_images=1)
+    b = encode_training_sample(before, processor, template, num_images=1)
+    assert a.input_ids == b.input_ids
+
+
+def test_an_image_outside_the_first_question_is_refused(ckpt):
+    """Only the total count was checked: an answer holding <image> trained with 16 image
+    features spliced into its text."""
+    processor, template = ckpt
+    for conv, turn in (
+        (
+            [
+                {"from": "human", "value": "What is shown?"},
+                {"from": "gpt", "value": "<image>\nA CT."},
+            ],
+            1,
+        ),
+        (CONV[:2] + [{"from": "human", "value": "<image>\nAnd now?"}, CONV[3]], 2),
+    ):
+        with pytest.raises(
+            InputError, match=f"rec-3: image placeholder outside the first user turn \\(turn {turn}"
+        ):
+            n = sum(t["value"].count("<image>") for t in conv)
+            encode_training_sample(
+                conversation_to_messages(conv), processor, template, num_images=n, source="rec-3"
+            )
+
+
 def _sentencepiece_style_llama(folder):
     """A tiny Llama LM with a Mistral/Llama-style tokenizer: byte-fallback BPE over "▁"-marked
     words, <s>/</s> specials and BOS added by the tokenizer (SmolLM2's GPT-2 style tokenizer has

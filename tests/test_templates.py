@@ -105,7 +105,8 @@ def test_llava_turns_to_messages():
     msgs = conversation_to_messages(
         [{"from": "human", "value": "Q\n<image>"}, {"from": "gpt", "value": "A"}]
     )
-    assert msgs == [Message("user", "Q\n<image>"), Message("assistant", "A")]
+    # <image> moves to the front of its turn, as LLaVA's preprocess_multimodal does
+    assert msgs == [Message("user", "<image>\nQ"), Message("assistant", "A")]
     with pytest.raises(InputError, match="unknown speaker"):
         conversation_to_messages([{"from": "robot", "value": "x"}], source="s1")
     with pytest.raises(InputError, match="malformed"):

@@ -89,9 +89,14 @@ def encode_training_sample(
     count disagrees with ``num_images``, when truncation would cut image tokens, when an answer
     is empty (only its end-of-turn marker would be supervised: the model would learn to stop at
     once), or when nothing supervised is left."""
+    first_user = next((i for i, m in enumerate(messages) if m.role == "user"), None)
     for i, m in enumerate(messages):
         if m.role == "assistant" and not m.content.strip():
             raise InputError(source, "empty answer", f"turn {i}")
+        if i != first_user and IMAGE_PLACEHOLDER in m.content:
+            # The image belongs to the first question (DESIGN §3); anywhere else, an answer
+            # would train with image features spliced into its text.
+            raise InputError(source, "image placeholder outside the first user turn", f"turn {i}")
     if isinstance(template, str):
         template = get_template(template)
     tok = processor.tokenizer

@@ -259,5 +259,11 @@ def conversation_to_messages(
             raise InputError(source, "unknown speaker", f"turn {i}: {turn['from']!r}")
         if not isinstance(turn["value"], str):
             raise InputError(source, "turn value is not a string", f"turn {i}")
-        out.append(Message(role, turn["value"]))
+        value = turn["value"]
+        if role == "user" and IMAGE_PLACEHOLDER in value:
+            # LLaVA's preprocess_multimodal moves the image to the front of its turn, so a
+            # caption prompt written "Describe ...\n<image>" trains in the shape every prompt
+            # at evaluation and serving has: "<image>\nDescribe ...".
+            value = IMAGE_PLACEHOLDER + "\n" + value.replace(IMAGE_PLACEHOLDER, "").strip()
+        out.append(Message(role, value))
     return out
