@@ -351,6 +351,48 @@ def test_no_image_aspect_ratio_means_resize_and_crop_as_llava(original_llava_med
     assert AutoProcessor.from_pretrained(dst).image_processor.do_pad is False
 
 
+@pytest.mark.parametrize(
+    "option, words",
+    [
+        ({"mm_vision_select_feature": "cls"}, "mm_vision_select_feature='cls'"),
+        ({"image_aspect_ratio": "anyres"}, "image_aspect_ratio='anyres'"),
+        ({"mm_patch_merge_type": "spatial_unpad"}, "mm_patch_merge_type='spatial_unpad'"),
+    ],
+)
+def test_source_options_native_llava_cannot_reproduce_are_refused(
+    original_llava_med, tmp_path, option, words
+):
+    """These converted "successfully" into a model that preprocesses or selects image
+    features otherwise than its source ('cls' became LLaVA's cls_patch, anyres a single
+    resized square)."""
+    from llavamed.model.convert.llava_med import convert_llava_med
+
+    src, _, sd = original_llava_med
+    bad = _with_config(src, sd, tmp_path / "src", **option)
+    with pytest.raises(InputError, match=f"unsupported option.*{re.escape(words)}"):
+        convert_llava_med(bad, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_tied_source_that_stores_its_head_too_converts(original_llava_med, tmp_path):
+    """torch.save of a tied model keeps the shared tensor under both names; the copy was
+    reported as an unexpected key. A head that differs from the embedding is still refused."""
+    from llavamed.model.convert.llava_med import convert_llava_med
+
+    src, _, sd = original_llava_med
+    embed = sd["model.embed_tokens.weight"]
+    tied = _with_config(
+        src, sd | {"lm_head.weight": embed.clone()}, tmp_path / "tied", tie_word_embeddings=True
+    )
+    dst = convert_llava_med(tied, tmp_path / "out")
+    assert (dst / "model.safetensors").exists()
+    differs = _with_config(
+        src, sd | {"lm_head.weight": embed + 1}, tmp_path / "differs", tie_word_embeddings=True
+    )
+    with pytest.raises(InputError, match="lm_head.weight differs from embed_tokens.weight"):
+        convert_llava_med(differs, tmp_path / "out2")
+
+
 def test_llava_med_buffers_older_checkpoints_stored_are_not_errors(original_llava_med, tmp_path):
     from llavamed.model.convert.llava_med import TOWER_PREFIX, convert_llava_med
 

@@ -189,6 +189,25 @@ def convert_llava_med(
         )
     if src_cfg.get("mm_use_im_start_end"):
         raise InputError(cfg_path, "unsupported option", "mm_use_im_start_end=true")
+    # Options LLaVA reads that native llava cannot reproduce: converting anyway would give a
+    # model that sees other image tokens than it was trained on.
+    select = src_cfg.get("mm_vision_select_feature") or "patch"
+    if select not in ("patch", "cls_patch"):
+        raise InputError(
+            cfg_path,
+            "unsupported option",
+            f"mm_vision_select_feature={select!r} (LLaVA: patch, cls_patch)",
+        )
+    aspect = src_cfg.get("image_aspect_ratio")
+    if isinstance(aspect, str) and aspect.startswith("anyres"):
+        raise InputError(
+            cfg_path,
+            "unsupported option",
+            f"image_aspect_ratio={aspect!r} (LLaVA-NeXT tiling; native llava takes one square image)",
+        )
+    merge = src_cfg.get("mm_patch_merge_type") or "flat"
+    if merge != "flat":
+        raise InputError(cfg_path, "unsupported option", f"mm_patch_merge_type={merge!r}")
     tok = _load_tokenizer(src)  # before the weights: minutes for a 7B checkpoint
     sd = load_state_dict(src)
     vcfg, vision_weights, vision_used, mean, std = _vision_config_and_weights(
@@ -209,7 +228,7 @@ def convert_llava_med(
     old_vocab = text_config.vocab_size
     text_config.vocab_size = vocab
 
-    select = "default" if src_cfg.get("mm_vision_select_feature", "patch") == "patch" else "full"
+    select = "default" if select == "patch" else "full"
     image_size, patch = int(vcfg.image_size), int(vcfg.patch_size)
     config = LlavaConfig(
         vision_config=vcfg.to_dict() | {"model_type": "clip_vision_model"},
@@ -264,6 +283,15 @@ def convert_llava_med(
     shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     if config.tie_word_embeddings:
         shapes.pop("lm_head.weight", None)
+        # torch.save of a tied model stores the shared tensor under both names: drop the copy,
+        # but only when it is one (an lm_head that differs would be lost by tying).
+        head = target.pop("lm_head.weight", None)
+        embed = target.get("model.language_model.embed_tokens.weight")
+        if head is not None and not (embed is not None and torch.equal(head, embed)):
+            raise InputError(
+                src,
+                "tie_word_embeddings is set but lm_head.weight differs from embed_tokens.weight",
+            )
     missing, unexpected = set(shapes) - set(target), set(target) - set(shapes)
     if missing or unexpected:
         raise InputError(
