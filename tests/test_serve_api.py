@@ -361,6 +361,17 @@ def test_garbage_never_crashes_and_nothing_secret_is_logged(llava_server, caplog
     assert secret_b64[:20] not in logged and KEY not in logged
 
 
+def _streamed_go_on(max_tokens: int) -> dict:
+    """A greedy streamed request to the text-only tiny LM."""
+    return {
+        "model": "tiny-lm",
+        "messages": [{"role": "user", "content": "go on"}],
+        "max_tokens": max_tokens,
+        "stream": True,
+        "temperature": 0,
+    }
+
+
 def test_a_stream_that_fails_mid_way_still_ends_with_done(tiny_lm_dir):
     """After a generation error the stream ended with the error object alone; vLLM sends
     "data: [DONE]" after it, and clients read until they see it."""
@@ -377,13 +388,7 @@ def test_a_stream_that_fails_mid_way_still_ends_with_done(tiny_lm_dir):
     eng.model.forward = fails_on_the_4th_forward
     srv = serve_in_background(eng)
     try:
-        body = {
-            "model": "tiny-lm",
-            "messages": [{"role": "user", "content": "go on"}],
-            "max_tokens": 10,
-            "stream": True,
-            "temperature": 0,
-        }
+        body = _streamed_go_on(10)
         with httpx.stream("POST", srv.base_url + "/chat/completions", json=body, timeout=60) as r:
             lines = [line for line in r.iter_lines() if line]
         assert r.status_code == 200
@@ -397,13 +402,7 @@ def test_client_disconnect_cancels_generation(tiny_lm_dir):
     eng.eos_ids = set()  # the tiny LM would otherwise be free to stop early
     srv = serve_in_background(eng, max_completion_tokens=400)
     try:
-        body = {
-            "model": "tiny-lm",
-            "messages": [{"role": "user", "content": "go on"}],
-            "max_tokens": 400,
-            "stream": True,
-            "temperature": 0,
-        }
+        body = _streamed_go_on(400)
         with httpx.Client(timeout=30) as c:
             with c.stream("POST", srv.base_url + "/chat/completions", json=body) as r:
                 assert r.status_code == 200
