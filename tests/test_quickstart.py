@@ -453,6 +453,30 @@ def test_a_second_quickstart_on_the_same_output_is_refused(tmp_path):
         holder.wait()
 
 
+def test_a_folder_of_other_files_is_refused_as_out_and_nothing_is_deleted(tmp_path):
+    """A fresh run always runs synth, which made every later stage "stale" and emptied its
+    folder: a user's own corpus/ in --out was deleted."""
+    from llavamed.errors import ConfigError
+    from llavamed.quickstart import run_quickstart
+
+    out = tmp_path / "mine"
+    (out / "corpus").mkdir(parents=True)
+    (out / "corpus" / "thesis.txt").write_text("precious")
+    with pytest.raises(ConfigError, match=r"not empty \(corpus\).*no quickstart output"):
+        run_quickstart(QuickstartOptions(out=out, size="tiny", progress=False))
+    assert (out / "corpus" / "thesis.txt").read_text() == "precious"
+    assert sorted(p.name for p in out.iterdir()) == ["corpus"]
+
+
+def test_a_state_file_of_the_wrong_shape_is_a_clear_error(tmp_path):
+    from llavamed.errors import ConfigError
+
+    for bad in ("[]", '{"stages": []}', "{}"):
+        (tmp_path / "quickstart_state.json").write_text(bad)
+        with pytest.raises(ConfigError, match="not a quickstart state file"):
+            Pipeline(QuickstartOptions(out=tmp_path, progress=False), [])
+
+
 def test_a_moved_output_folder_keeps_its_finished_stages(tmp_path):
     # Stage settings hold paths inside --out; keyed verbatim, `mv quickstart_out elsewhere`
     # retrained everything from stage 1 (over an hour) although nothing had changed.

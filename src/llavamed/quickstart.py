@@ -369,6 +369,11 @@ class Pipeline:
         self.finished: list[tuple[str, float]] = []
         self.state_path = self.out / STATE_FILE
         self.state = read_json(self.state_path) if self.state_path.exists() else {"stages": {}}
+        if not (isinstance(self.state, dict) and isinstance(self.state.get("stages"), dict)):
+            raise ConfigError(
+                f"{self.state_path}: not a quickstart state file (expected an object with a "
+                "'stages' object); delete it to start over"
+            )
         self.results: list[StageResult] = []
 
     def run(self) -> list[StageResult]:
@@ -612,6 +617,24 @@ def training_configs(
     }
 
 
+LOCK_FILE = ".quickstart.lock"
+
+
+def _check_out_is_ours(out: Path) -> None:
+    """Refuse an --out that holds files and is no quickstart output: a stage that starts over
+    empties its folder (corpus/, stage0/, finetune/ ...), which would delete a user's own
+    folder of that name."""
+    if not out.is_dir() or (out / STATE_FILE).exists():
+        return
+    other = sorted(p.name for p in out.iterdir() if p.name != LOCK_FILE)
+    if other:
+        shown = ", ".join(other[:3]) + (" ..." if len(other) > 3 else "")
+        raise ConfigError(
+            f"--out {out}: the folder is not empty ({shown}) and holds no {STATE_FILE}, so it "
+            "is no quickstart output; give a new or empty folder (re-runs empty stage folders)"
+        )
+
+
 def run_quickstart(opts: QuickstartOptions) -> dict:
     p = opts.preset()
     given_tower = opts.check_vision()
@@ -623,6 +646,7 @@ def run_quickstart(opts: QuickstartOptions) -> dict:
             f"--vision {opts.vision}: the tower lies inside --out {out}, whose stage folders a "
             "re-run may empty; copy it elsewhere (or use another --out) and give that path"
         )
+    _check_out_is_ours(out)
     out.mkdir(parents=True, exist_ok=True)
     opts.out = out
     world, corpus = out / "world", out / "corpus"
@@ -915,7 +939,7 @@ def run_quickstart(opts: QuickstartOptions) -> dict:
     t0 = time.time()
     # Two runs on one --out would run the same stage into the same folder (and one's restart
     # would empty the other's live folder).
-    with exclusive_lock(out / ".quickstart.lock", "another `llavamed quickstart` run"):
+    with exclusive_lock(out / LOCK_FILE, "another `llavamed quickstart` run"):
         results = Pipeline(opts, stages, expected_s=p.stage_seconds).run()
         report = build_report(opts, results, time.time() - t0)
     return report
