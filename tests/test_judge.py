@@ -9,6 +9,7 @@ import re
 import pytest
 
 from llavamed.data.figures import DOMAINS
+from llavamed.errors import InputError
 from llavamed.eval.judge import (
     JudgeOptions,
     build_judge_messages,
@@ -316,3 +317,24 @@ def test_judge_cli(stub, tmp_path, capsys):
     assert rc == 0 and "overall" in out and "domain: chest_xray" in out
     assert (tmp_path / "answers.judge.jsonl").exists()
     assert (tmp_path / "answers.judge_report.json").exists()
+
+
+def test_a_questions_file_with_no_usable_record_is_named_not_the_answers(stub, tmp_path):
+    """Every question lacked gpt4_answer (or was not JSON), and the error blamed the answers
+    file: "no answers match the questions by question_id"."""
+    opts = make_opts(stub, tmp_path)
+    lines = opts.questions.read_text().splitlines()
+    stripped = [
+        json.dumps({k: v for k, v in json.loads(x).items() if k != "gpt4_answer"}) for x in lines
+    ]
+    opts.questions.write_text("\n".join(stripped + ["notjson"]) + "\n")
+    with pytest.raises(InputError, match=r"no usable question records.*bad_question_record=") as e:
+        run_judge(opts)
+    assert str(e.value).startswith(str(opts.questions))
+    # Questions fine, answers under other ids: the answers file is named, with the counts.
+    write_inputs(tmp_path)
+    opts.answers.write_text(json.dumps({"question_id": "zz", "text": "a"}) + "\n")
+    with pytest.raises(
+        InputError, match=r"no answers match the questions by question_id.*missing_answer="
+    ):
+        run_judge(opts)

@@ -331,7 +331,15 @@ def run_judge(opts: JudgeOptions) -> tuple[dict, int]:
     prompts = load_judge_prompts(opts.prompts_dir)
     pairs, issues = load_pairs(opts)
     if not pairs:
-        raise InputError(opts.answers, "no answers match the questions by question_id")
+        counts = ", ".join(f"{k}={v}" for k, v in sorted(issues.items()))
+        if issues.get("bad_question_record") and not issues.get("missing_answer"):
+            # Every usable question was rejected: the questions file is at fault, not the answers.
+            raise InputError(
+                opts.questions,
+                "no usable question records (each needs question_id and gpt4_answer)",
+                counts,
+            )
+        raise InputError(opts.answers, "no answers match the questions by question_id", counts)
     fp = _fingerprint(opts, prompts)
     orders = (NORMAL, SWAPPED) if opts.swap else (NORMAL,)
     current = {str(q["question_id"]): _pair_key(q, a, prompts) for q, a in pairs}
