@@ -168,3 +168,48 @@ def test_a_text_only_micro_batch_beside_an_image_one_does_not_stall(tmp_path, en
     a, b = _weights(runs[engine]), _weights(runs["single"])
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=1e-3, atol=1e-4, msg=k)
+
+
+_SKEWED_CLOCK_CHILD = """
+import os, sys, time, yaml
+from llavamed.train import trainer
+if os.environ["RANK"] == "0":  # this process's clock runs 90 s ahead at every read
+    class Clock:
+        reads = 0
+        def time(self):
+            Clock.reads += 1
+            return time.time() + 90 * Clock.reads
+    trainer.time = Clock()
+from llavamed.train import run_training
+run_training(yaml.safe_load(open(sys.argv[1]).read()), progress=False)
+"""
+
+
+def test_timed_saves_are_decided_once_for_every_process(tmp_path):
+    """Each process decided from its own clock whether save_every_minutes had passed: one
+    entered the save's barrier while the other waited in the next step's all-reduce, and the
+    run hung until the collective timeout."""
+    data = make_bright_dark(tmp_path / "data", 16)
+    cfg = tiny_config(data, tmp_path / "out", max_steps=4, global_batch_size=8, micro_batch_size=2)
+    cfg["output"].update(save_every=0, save_every_minutes=1.0)
+    cfg["distributed"] = {"timeout_minutes": 0.5}
+    path = tmp_path / "cfg.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    child = tmp_path / "child.py"
+    child.write_text(_SKEWED_CLOCK_CHILD)
+    _run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node",
+            "2",
+            "--master_port",
+            str(_free_port()),
+            str(child),
+            str(path),
+        ]
+    )
+    # The main process's clock said a save was due after every step: the run saved, and ended.
+    assert (tmp_path / "out" / "checkpoint-final" / "model.safetensors").exists()
+    assert any((tmp_path / "out" / "checkpoints").glob("step-*"))

@@ -1023,11 +1023,15 @@ def _run(
                 bar.set_postfix(
                     loss=f"{loss:.4f}", tok_s=f"{rec['tokens_per_s']:.0f}", refresh=False
                 )
-            due = cfg.output.save_every and step % cfg.output.save_every == 0
-            due = due or (
-                cfg.output.save_every_minutes
-                and time.time() - last_save > 60 * cfg.output.save_every_minutes
-            )
+            due = bool(cfg.output.save_every and step % cfg.output.save_every == 0)
+            if cfg.output.save_every_minutes:
+                timed = time.time() - last_save > 60 * cfg.output.save_every_minutes
+                if info.enabled:
+                    # Each process reads its own clock: the main one decides for all, or one
+                    # process enters the save's barrier while another waits in the next step's
+                    # all-reduce, until the collective timeout.
+                    timed = D.all_reduce_sum(float(timed and info.is_main), info) > 0
+                due = due or timed
             if due and step < total_steps:
                 _save_resume(
                     engine, out, step, tokens_seen, epoch, info, cfg, report, data_key=data_key
