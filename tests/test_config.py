@@ -76,6 +76,12 @@ def test_stage_default_trainable():
         ("data.num_workers=-1", "data.num_workers"),
         ("train.lora={r: 4, dropout: 1.5}", "train.lora.dropout"),
         ("model.template=foo", "model.template='foo'"),
+        # Non-finite numbers passed every range check and crashed after the model had loaded.
+        ("train.epochs=.nan", "train.epochs: expected a finite number"),
+        ("train.epochs=.inf", "train.epochs: expected a finite number"),
+        ("output.save_every_minutes=.nan", "output.save_every_minutes: expected a finite"),
+        ("distributed.timeout_minutes=-5", "distributed.timeout_minutes must be > 0"),
+        ("train.lora={r: 4, alpha: -3}", "train.lora.alpha must be > 0"),
     ],
 )
 def test_errors_name_the_key(override, needle):

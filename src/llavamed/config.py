@@ -17,6 +17,7 @@ import ast
 import copy
 import dataclasses
 import inspect
+import math
 import os
 import textwrap
 import types
@@ -432,6 +433,8 @@ class TrainConfig:
                 )
             if t.lora.r < 1:
                 raise ConfigError("train.lora.r must be >= 1")
+            if t.lora.alpha <= 0:
+                raise ConfigError("train.lora.alpha must be > 0")
             if not 0 <= t.lora.dropout < 1:
                 raise ConfigError("train.lora.dropout must be in [0, 1)")
         if self.distributed.engine not in ("ddp", "fsdp", "deepspeed"):
@@ -439,6 +442,8 @@ class TrainConfig:
                 f"distributed.engine={self.distributed.engine!r}: choose ddp, fsdp or deepspeed"
             )
         o = self.output
+        if self.distributed.timeout_minutes <= 0:
+            raise ConfigError("distributed.timeout_minutes must be > 0")
         if o.save_every < 0 or o.save_every_minutes < 0 or o.keep_last < 1 or o.log_every < 1:
             raise ConfigError(
                 "output.save_every and output.save_every_minutes must be >= 0, "
@@ -498,14 +503,20 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             return int(value)
         raise ConfigError(f"{key}: expected an integer, got {value!r}")
     if tp is float:
+        number = None
         if isinstance(value, int | float) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):
+            number = float(value)
+        elif isinstance(value, str):
             try:
-                return float(value)  # YAML 1.1 reads "2e-5" as a string
+                number = float(value)  # YAML 1.1 reads "2e-5" as a string
             except ValueError:
                 pass
-        raise ConfigError(f"{key}: expected a number, got {value!r}")
+        if number is not None and math.isfinite(number):
+            return number
+        # .nan or .inf would pass every "> 0" check (or fail none) and crash a run later, after
+        # the model had loaded: no setting takes them.
+        what = "a finite number" if number is not None else "a number"
+        raise ConfigError(f"{key}: expected {what}, got {value!r}")
     if tp is str:
         if isinstance(value, str | int | float) and not isinstance(value, bool):
             return str(value)
