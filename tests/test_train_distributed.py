@@ -62,18 +62,9 @@ def test_two_processes_match_one(setup, engine, extra):
         pytest.skip("deepspeed not installed (pip install llavamed[deepspeed])")
     tmp, path = setup
     out = tmp / f"{engine}-{len(extra) and extra[0][-10:-5]}"
-    torchrun = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc_per_node",
-        "2",
-        "--master_port",
-        str(_free_port()),
-    ]
     r = _run(
         [
-            *torchrun,
+            *_torchrun_2(),
             "-m",
             "llavamed",
             "train",
@@ -91,6 +82,19 @@ def test_two_processes_match_one(setup, engine, extra):
     assert a.keys() == b.keys()
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=1e-3, atol=1e-4, msg=k)
+
+
+def _torchrun_2() -> list[str]:
+    """torchrun with 2 local processes on a free rendezvous port; the program follows."""
+    return [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--master_port",
+        str(_free_port()),
+    ]
 
 
 def _free_port() -> int:
@@ -121,8 +125,7 @@ def test_a_micro_batch_whose_images_all_fail_does_not_stall_the_others(tmp_path,
     cfg["distributed"] = {"engine": engine, "timeout_minutes": 1.0}
     path = tmp_path / "cfg.yaml"
     path.write_text(yaml.safe_dump(cfg))
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2"]
-    _run([*torchrun, "--master_port", str(_free_port()), "-m", "llavamed", "train", str(path)])
+    _run([*_torchrun_2(), "-m", "llavamed", "train", str(path)])
     losses = _losses(tmp_path / "out")
     assert len(losses) == 4 and all(math.isfinite(x) for x in losses)
     # every process's skips are in the report, not rank 0's alone
@@ -160,9 +163,7 @@ def test_a_text_only_micro_batch_beside_an_image_one_does_not_stall(tmp_path, en
         if name == "single":
             _run([sys.executable, "-m", "llavamed", "train", str(path), "--no-progress"])
         else:
-            torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2"]
-            port = ["--master_port", str(_free_port())]
-            _run([*torchrun, *port, "-m", "llavamed", "train", str(path), "--no-progress"])
+            _run([*_torchrun_2(), "-m", "llavamed", "train", str(path), "--no-progress"])
         runs[name] = tmp_path / name
     assert _losses(runs[engine]) == pytest.approx(_losses(runs["single"]), rel=1e-4, abs=1e-5)
     a, b = _weights(runs[engine]), _weights(runs["single"])
@@ -197,19 +198,7 @@ def test_timed_saves_are_decided_once_for_every_process(tmp_path):
     path.write_text(yaml.safe_dump(cfg))
     child = tmp_path / "child.py"
     child.write_text(_SKEWED_CLOCK_CHILD)
-    _run(
-        [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--nproc_per_node",
-            "2",
-            "--master_port",
-            str(_free_port()),
-            str(child),
-            str(path),
-        ]
-    )
+    _run([*_torchrun_2(), str(child), str(path)])
     # The main process's clock said a save was due after every step: the run saved, and ended.
     assert (tmp_path / "out" / "checkpoint-final" / "model.safetensors").exists()
     assert any((tmp_path / "out" / "checkpoints").glob("step-*"))
