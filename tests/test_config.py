@@ -113,6 +113,32 @@ def test_override_syntax():
         apply_overrides({}, ["noequals"])
 
 
+def test_overrides_typed_as_numbers_keep_their_spelling_for_string_settings(tmp_path, monkeypatch):
+    # YAML reads 1.10 as 1.1 and 007 as 7; a folder named by them must not change name, while
+    # number settings still read the number, and a free-form mapping still dumps as YAML.
+    monkeypatch.chdir(tmp_path)
+    cfg = load_config(
+        BASE,
+        [
+            "output.dir=1.10",
+            "data.image_folder=007",
+            "train.lr=2.50e-4",
+            "train.epochs=1.50",
+            "train.micro_batch_size=004",
+            "model.init.lm_layers=02",
+        ],
+    )
+    assert Path(cfg.output.dir).name == "1.10"
+    assert Path(cfg.data.sources[0].image_folder).name == "007"
+    assert cfg.train.lr == 2.5e-4 and type(cfg.train.lr) is float
+    assert cfg.train.epochs == 1.5
+    assert cfg.train.micro_batch_size == 4 and type(cfg.train.micro_batch_size) is int
+    assert cfg.model.init["lm_layers"] == 2 and type(cfg.model.init["lm_layers"]) is int
+    assert "lm_layers: 2" in dump_yaml(cfg)
+    # the raw values compare as the numbers YAML reads
+    assert apply_overrides({}, ["a=1.10", "b=007"]) == {"a": 1.1, "b": 7}
+
+
 def test_every_field_documented():
     rows = describe()
     assert len(rows) > 40

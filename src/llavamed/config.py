@@ -491,14 +491,14 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     if origin is dict or tp is dict:
         if not isinstance(value, dict):
             raise ConfigError(f"{key}: expected a mapping, got {type(value).__name__}")
-        return dict(value)
+        return _plain(dict(value))
     if tp is bool:
         if isinstance(value, bool):
             return value
         raise ConfigError(f"{key}: expected true/false, got {value!r}")
     if tp is int:
         if isinstance(value, int) and not isinstance(value, bool):
-            return value
+            return int(value)
         if isinstance(value, float) and value.is_integer():
             return int(value)
         raise ConfigError(f"{key}: expected an integer, got {value!r}")
@@ -519,9 +519,9 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         raise ConfigError(f"{key}: expected {what}, got {value!r}")
     if tp is str:
         if isinstance(value, str | int | float) and not isinstance(value, bool):
-            return str(value)
+            return getattr(value, "spelling", None) or str(value)
         raise ConfigError(f"{key}: expected a string, got {value!r}")
-    return value
+    return _plain(value)
 
 
 def from_dict(cls, data: dict, prefix: str = ""):
@@ -578,14 +578,50 @@ def load_raw(path: str | os.PathLike) -> dict:
     return data
 
 
+class _SpelledInt(int):
+    """An override's integer that remembers how it was typed (``007`` reads as 7)."""
+
+    spelling: str
+
+
+class _SpelledFloat(float):
+    """An override's float that remembers how it was typed (``1.10`` reads as 1.1)."""
+
+    spelling: str
+
+
 def parse_value(text: str) -> Any:
-    """An override's value, read as YAML (``3`` -> int, ``[a, b]`` -> list, ``null``)."""
+    """An override's value, read as YAML (``3`` -> int, ``[a, b]`` -> list, ``null``).
+
+    A number whose canonical form differs from what was typed keeps the typed text, so a string
+    setting such as ``output.dir=1.10`` or ``model.from=007`` means that folder, not ``1.1`` or
+    ``7``; number settings read it as the number."""
     import yaml
 
     try:
-        return yaml.safe_load(text)
+        value = yaml.safe_load(text)
     except yaml.YAMLError:
         return text
+    typed = text.strip()
+    if isinstance(value, int | float) and not isinstance(value, bool) and str(value) != typed:
+        spelled = _SpelledInt(value) if isinstance(value, int) else _SpelledFloat(value)
+        spelled.spelling = typed
+        return spelled
+    return value
+
+
+def _plain(value: Any) -> Any:
+    """``value`` with every spelled number turned back into a plain int or float (so that a
+    free-form mapping such as ``model.init`` dumps as YAML)."""
+    if isinstance(value, _SpelledInt):
+        return int(value)
+    if isinstance(value, _SpelledFloat):
+        return float(value)
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_plain(v) for v in value]
+    return value
 
 
 def apply_overrides(raw: dict, overrides: typing.Iterable[str]) -> dict:
