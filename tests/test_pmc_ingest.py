@@ -292,6 +292,12 @@ def test_article_folders_under_a_parent_folder_keep_their_own_images(tmp_path):
         "bundle/PMC2/thumbs/fig1.png": _png((0, 200, 0), (8, 6)),
         "bundle/PMC2/fig1.png": _png(blue),
     }
+    _assert_own_images(tmp_path, members, {"PMC1": red, "PMC2": blue})
+
+
+def _assert_own_images(tmp_path, members: dict[str, bytes], colours: dict[str, tuple]) -> None:
+    """Ingest a tarball of ``members`` (in that order); each article's one figure must be the
+    64x48 image of its colour."""
     tar = tmp_path / "src" / "bundle.tar.gz"
     tar.parent.mkdir()
     with tarfile.open(tar, "w:gz") as tf:
@@ -301,14 +307,29 @@ def test_article_folders_under_a_parent_folder_keep_their_own_images(tmp_path):
             tf.addfile(info, io.BytesIO(data))
     report = ingest([tar], tmp_path / "out")
     recs = {r["pmcid"]: r for r in _records(tmp_path / "out")}
-    assert set(recs) == {"PMC1", "PMC2"} and report["figures_written"] == 2
-    for pmcid, colour in (("PMC1", red), ("PMC2", blue)):
+    assert set(recs) == set(colours) and report["figures_written"] == len(colours), report
+    for pmcid, colour in colours.items():
         with Image.open(tmp_path / "out" / recs[pmcid]["image"]) as im:
             pixel = im.convert("RGB").getpixel((5, 5))  # written as JPEG: near, not equal
             assert (
                 im.size == (64, 48)
                 and max(abs(a - b) for a, b in zip(pixel, colour, strict=True)) < 8
             )
+
+
+def test_subfolder_images_listed_before_their_articles_xml_are_kept(tmp_path):
+    """A streamed tarball may list "PMC1/figs/fig1.png" before "PMC1/a.nxml": reaching the
+    article's folder from its subfolder did not mean a new article. Sibling subfolders (figs/,
+    thumbs/) before the XML, and a second article laid out the same way, keep their own."""
+    red, blue = (200, 0, 0), (0, 0, 200)
+    members = {
+        "PMC1/figs/fig1.png": _png(red),
+        "PMC1/thumbs/preview.png": _png((0, 200, 0), (8, 6)),
+        "PMC1/a.nxml": _tiny_article("PMC1"),
+        "PMC2/figs/fig1.png": _png(blue),
+        "PMC2/b.nxml": _tiny_article("PMC2"),
+    }
+    _assert_own_images(tmp_path, members, {"PMC1": red, "PMC2": blue})
 
 
 def _crash_on_1000002(pkg, opts):

@@ -228,6 +228,22 @@ class _TarGroup:
         self.images[key] = data
         self.image_folder[key] = parent
 
+    def widen_to(self, parent: str) -> bool:
+        """Before its first XML, take ``parent``'s folder in too, as the folder both share.
+        Tarballs may list an article's subfolder images ("PMC1/figs/a.jpg") before the article's
+        own XML ("PMC1/a.nxml"); ending the group there lost those images. An image-only folder
+        is no article of its own, so nothing is lost by widening: an article in a subfolder still
+        splits off with its own images when its XML arrives."""
+        if self.folder is None or self.xmls:
+            return False
+        shared = []
+        for a, b in zip(self.folder.split("/"), parent.split("/"), strict=False):
+            if a != b:
+                break
+            shared.append(a)
+        self.folder = "/".join(shared)
+        return True
+
     def split_off(self, folder: str) -> _TarGroup:
         """The part of this group read from ``folder`` and below, as a group of its own."""
         sub = _TarGroup(folder)
@@ -259,10 +275,10 @@ def _iter_tar(pkg: PackageRef, notes: list[str]) -> Iterator[ArticleFiles]:
                 is_xml = ext in XML_SUFFIXES
                 if not is_xml and ext not in IMAGE_SUFFIXES:
                     continue  # PDFs, videos, supplementary archives: skipped unread
-                if not group.holds(parent):  # a sibling folder: the next article
-                    yield from group.articles()
+                if not group.holds(parent) and not group.widen_to(parent):
+                    yield from group.articles()  # a sibling folder: the next article
                     group = _TarGroup(parent)
-                elif is_xml and parent != group.folder:  # a subfolder that is an article
+                if is_xml and parent != group.folder:  # a subfolder that is an article
                     sub = group.split_off(parent)
                     yield from group.articles()
                     group = sub
