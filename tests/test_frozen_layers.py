@@ -18,7 +18,7 @@ def _packed_and_plain_batches(tmp_path, proc):
     from llavamed.data.synth import generate_world
 
     world = tmp_path / "w"
-    generate_world(world, articles=1, seed=3, image_size=64, progress=False, vqa_images=12)
+    generate_world(world, articles=1, seed=3, image_size=64, progress=False, vqa_images=22)
     collate = Collator(proc.tokenizer.pad_token_id)
     out = []
     for grouped in (True, False):

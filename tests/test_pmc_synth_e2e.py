@@ -15,7 +15,7 @@ def world(tmp_path_factory):
     root = tmp_path_factory.mktemp("medsynth")
     manifest = synth.generate_world(
         root / "world", articles=12, seed=7, image_size=64, workers=1, progress=False,
-        vqa_images=6,
+        vqa_images=22,
     )  # fmt: skip
     return root, manifest
 
@@ -74,7 +74,7 @@ def test_sigkill_mid_run_then_resume(tmp_path):
 
     world = tmp_path / "world"
     manifest = synth.generate_world(
-        world, articles=30, seed=3, image_size=64, workers=1, progress=False, vqa_images=6
+        world, articles=30, seed=3, image_size=64, workers=1, progress=False, vqa_images=22
     )
     out = tmp_path / "out"
     cmd = [sys.executable, "-m", "llavamed", "data", "ingest", str(world / "packages"),

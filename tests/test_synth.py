@@ -434,13 +434,48 @@ def test_rerun_is_noop_resumes_and_refuses_other_args(world, tmp_path):
     assert _tree_hashes(copy) == before
 
 
+@pytest.mark.parametrize("vqa_images", [22, 23, 25, 28, 30, 33, 37, 40])
+def test_small_worlds_give_every_split_every_domain(vqa_images):
+    """Rounding each domain's split fractions alone left small worlds with no SLAKE test image
+    (30 VQA images) or no VQA-RAD test image (fewer than 21)."""
+    from llavamed.data.synth.world import SETS, _rad_images
+
+    n_rad = _rad_images(vqa_images)
+    for name, n in (("vqa_rad", n_rad), ("slake", vqa_images - n_rad)):
+        images, _ = plan_vqa(0, name, n)
+        _, domains, fractions = SETS[name]
+        seen = {(im["domain"], im["split"]) for im in images}
+        assert seen == {(d, s) for d in domains for s in fractions}, (name, n)
+
+
+def test_too_few_vqa_images_is_refused_with_the_minimum(tmp_path):
+    from llavamed.data.synth.world import min_vqa_images
+
+    assert min_vqa_images() == 22  # 7 VQA-RAD images (2 per domain), 15 SLAKE (3 per domain)
+    with pytest.raises(ConfigError, match="vqa_images must be >= 22"):
+        generate_world(tmp_path / "w", articles=1, vqa_images=21, progress=False)
+    assert not (tmp_path / "w").exists()
+
+
+@pytest.mark.parametrize("text", ["[1, 2]", '{"name": "my dataset"}'])
+def test_a_folder_with_another_manifest_is_refused(tmp_path, text):
+    out = tmp_path / "other"
+    out.mkdir()
+    (out / "manifest.json").write_text(text)
+    with pytest.raises(ConfigError, match="is not a MedSynth manifest"):
+        generate_world(out, articles=1, image_size=64, progress=False)
+    assert sorted(p.name for p in out.iterdir()) == ["manifest.json"]
+
+
 def test_cli_synth(tmp_path, capsys):
     from llavamed.commands import synth as cmd
+    from llavamed.data.synth import pairs
     from llavamed.data.synth import world as w
 
-    assert (cmd.DEFAULT_ARTICLES, cmd.DEFAULT_IMAGE_SIZE) == (
+    assert (cmd.DEFAULT_ARTICLES, cmd.DEFAULT_IMAGE_SIZE, cmd.PAIRS_IMAGE_SIZE) == (
         w.DEFAULT_ARTICLES,
         w.DEFAULT_IMAGE_SIZE,
+        pairs.PAIRS_IMAGE_SIZE,
     )
     out = tmp_path / "cli"
     rc = main(
@@ -451,20 +486,28 @@ def test_cli_synth(tmp_path, capsys):
             "--articles",
             "2",
             "--vqa-images",
-            "12",
+            "22",
             "--image-size",
             "64",
             "--workers",
             "1",
             "--caption-pairs",
             "6",
+            "--pairs-image-size",
+            "72",
             "--quiet",
         ]
     )
     assert rc == 0 and (out / "manifest.json").is_file()
     printed = capsys.readouterr().out
     assert "2 articles" in printed and "6 caption pairs" in printed
-    assert len((out / "caption_pairs" / "figures.jsonl").read_text().splitlines()) == 6
+    recs = [
+        json.loads(x) for x in (out / "caption_pairs" / "figures.jsonl").read_text().splitlines()
+    ]
+    assert len(recs) == 6
+    # the pairs' own size, not the 160 px default (--image-size is the world's)
+    sides = [min(Image.open(out / "caption_pairs" / r["image"]).size) for r in recs]
+    assert all(50 <= side <= 100 for side in sides), sides
     assert (
         main(
             [
@@ -474,7 +517,7 @@ def test_cli_synth(tmp_path, capsys):
                 "--articles",
                 "3",
                 "--vqa-images",
-                "12",
+                "22",
                 "--image-size",
                 "64",
                 "--quiet",

@@ -19,7 +19,7 @@ def test_group_by_image_packs_questions_per_image(tmp_path, tiny_llava_dir):
     from llavamed.data.synth import generate_world
 
     world = tmp_path / "w"
-    generate_world(world, articles=1, seed=3, image_size=64, progress=False, vqa_images=12)
+    generate_world(world, articles=1, seed=3, image_size=64, progress=False, vqa_images=22)
     vqa, _ = load_vqa("slake", world / "slake", split="train")
     by_image = defaultdict(list)
     for s in vqa:
@@ -62,7 +62,7 @@ def _world_samples(tmp_path, proc, **source):
 
     world = tmp_path / "w"
     if not world.exists():
-        generate_world(world, articles=1, seed=3, image_size=64, progress=False, vqa_images=12)
+        generate_world(world, articles=1, seed=3, image_size=64, progress=False, vqa_images=22)
     src = dict(format="vqa", dataset="slake", path=str(world / "slake"), split="train")
     max_length = source.pop("_max", 2048)
     samples, rep = load_samples(

@@ -12,6 +12,7 @@ from llavamed.commands import seed_int
 # `llavamed --help` stays fast.
 DEFAULT_ARTICLES = 150
 DEFAULT_IMAGE_SIZE = 256
+PAIRS_IMAGE_SIZE = 160  # llavamed.data.synth.pairs.PAIRS_IMAGE_SIZE
 
 DESCRIPTION = """\
 Generate MedSynth, a procedurally generated biomedical figure world with ground truth, in DIR:
@@ -94,6 +95,14 @@ def register(subparsers) -> None:
         "the quickstart uses 12000 (default: 0, none)",
     )
     p.add_argument(
+        "--pairs-image-size",
+        type=int,
+        default=PAIRS_IMAGE_SIZE,
+        metavar="PX",
+        help="approximate short side of each caption-pair image; --image-size is the world's "
+        f"(default: {PAIRS_IMAGE_SIZE}, the quickstart's stage-0 pairs)",
+    )
+    p.add_argument(
         "--contact-sheet",
         type=Path,
         metavar="PNG",
@@ -140,6 +149,7 @@ def run(args: argparse.Namespace) -> int:
             args.out / "caption_pairs",
             args.caption_pairs,
             seed=args.seed,
+            image_size=args.pairs_image_size,
             workers=workers,
             progress=not args.quiet,
         )

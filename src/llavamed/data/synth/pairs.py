@@ -34,6 +34,7 @@ from llavamed.utils.io import atomic_write_bytes, atomic_write_json, read_json, 
 
 PAIRS_STREAM = 4  # distinct from the articles and VQA sets (a test checks it)
 PAIRS_VERSION = "medsynth-pairs-1"
+PAIRS_IMAGE_SIZE = 160
 STAMP = ".caption-pairs-args.json"
 
 
@@ -79,7 +80,7 @@ def write_caption_pairs(
     n: int,
     *,
     seed: int = 0,
-    image_size: int = 160,
+    image_size: int = PAIRS_IMAGE_SIZE,
     chest_frac: float = 0.4,
     workers: int = 1,
     progress: bool = True,

@@ -56,6 +56,20 @@ SLAKE_MODALITY = {
 SLAKE_LOCATION = {"chest_xray": "Chest_lungs", "ct_scan": "Abdomen", "mri": "Brain"}
 
 
+def _split_sizes(n: int, fractions: dict[str, float]) -> list[int]:
+    """Images per split for a domain of ``n`` images: rounded fractions, the last split taking
+    the rest. A domain with at least one image per split gives every split one: rounding alone
+    left a 4-image SLAKE domain with no test image (0.7 * 4 and 0.15 * 4 round to 3 and 1)."""
+    sizes = [int(round(f * n)) for f in list(fractions.values())[:-1]]
+    sizes.append(n - sum(sizes))
+    if n >= len(sizes):
+        for k, size in enumerate(sizes):
+            if size < 1:
+                sizes[sizes.index(max(sizes))] -= 1 - size
+                sizes[k] = 1
+    return sizes
+
+
 def _split_assignment(n: int, domains: list[str], fractions: dict[str, float], rng) -> list[str]:
     """Exact split sizes within each domain, so every split sees every domain."""
     out = [""] * n
@@ -63,15 +77,27 @@ def _split_assignment(n: int, domains: list[str], fractions: dict[str, float], r
         idx = [i for i in range(n) if domains[i] == d]
         idx = [idx[i] for i in rng.permutation(len(idx))]
         start = 0
-        names = list(fractions)
-        for k, name in enumerate(names):
-            stop = (
-                len(idx) if k == len(names) - 1 else start + int(round(fractions[name] * len(idx)))
-            )
-            for i in idx[start:stop]:
+        for name, size in zip(fractions, _split_sizes(len(idx), fractions), strict=True):
+            for i in idx[start : start + size]:
                 out[i] = name
-            start = stop
+            start += size
     return out
+
+
+def _rad_images(vqa_images: int) -> int:
+    """How many of the VQA images go to VQA-RAD (a third); SLAKE gets the rest."""
+    return max(3, vqa_images // 3)
+
+
+def min_vqa_images() -> int:
+    """The fewest VQA images that give every split of both sets an image of every domain."""
+    (_, rad_domains, rad_splits), (_, slake_domains, slake_splits) = SETS["vqa_rad"], SETS["slake"]
+    n = 1
+    while _rad_images(n) < len(rad_domains) * len(rad_splits) or n - _rad_images(n) < len(
+        slake_domains
+    ) * len(slake_splits):
+        n += 1
+    return n
 
 
 def _image_path(set_name: str, index: int) -> tuple[str, str]:
@@ -220,9 +246,12 @@ def generate_world(
     if image_size < 64:
         raise ConfigError("image_size must be >= 64 px")
     if vqa_images is None:
-        vqa_images = VQA_IMAGES_PER_ARTICLE * articles
-    if vqa_images < 6:
-        raise ConfigError("vqa_images must be >= 6")
+        vqa_images = max(VQA_IMAGES_PER_ARTICLE * articles, min_vqa_images())
+    if vqa_images < min_vqa_images():
+        raise ConfigError(
+            f"vqa_images must be >= {min_vqa_images()}: with fewer, some split of VQA-RAD or "
+            "SLAKE (train, validate, test) misses a domain or is empty"
+        )
     if train_closed < 1:
         raise ConfigError("train_closed must be >= 1")
     out = Path(out_dir)
@@ -234,6 +263,12 @@ def generate_world(
     for p in (manifest_path, stamp_path):
         if p.exists():
             old = read_json(p)
+            if not isinstance(old, dict) or not isinstance(old.get("generator_version"), str):
+                # Some other dataset's manifest.json: writing a world beside it would mix them.
+                raise ConfigError(
+                    f"{p} is not a MedSynth manifest; {out} holds something else: "
+                    "choose another --out"
+                )
             if {k: old.get(k) for k in stamp} != stamp:
                 raise ConfigError(
                     f"{out} already holds a MedSynth world made with {old.get('args')} "
@@ -244,7 +279,7 @@ def generate_world(
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_json(stamp_path, stamp)
 
-    n_rad = max(3, vqa_images // 3)
+    n_rad = _rad_images(vqa_images)
     plans = {
         name: plan_vqa(seed, name, n, train_closed)
         for name, n in (("vqa_rad", n_rad), ("slake", vqa_images - n_rad))
