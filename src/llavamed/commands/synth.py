@@ -58,7 +58,8 @@ def register(subparsers) -> None:
         type=int,
         default=None,
         metavar="N",
-        help="total VQA images, a third VQA-RAD and the rest SLAKE (default: 10 x --articles)",
+        help="total VQA images, a third VQA-RAD and the rest SLAKE; at least 22, so that every "
+        "split of both sets holds every domain (default: 10 x --articles, at least 22)",
     )
     p.add_argument(
         "--train-closed",
