@@ -83,6 +83,40 @@ def test_parse_yes_no():
     # "No idea" is no answer at all, wherever it stands.
     assert m.parse_yes_no("No idea.") is None
     assert m.parse_yes_no("I have no idea") is None
+    # "not" negates only within its own clause: a restated "or not" question, then the answer.
+    assert m.parse_yes_no("Is the liver normal or not? No.") == "no"
+    assert m.parse_yes_no("It is not. Yes.") == "yes"
+    assert m.parse_yes_no("Not no.") is None
+    assert m.parse_yes_no("I have no idea. Yes.") == "yes"
+
+
+@pytest.mark.parametrize(
+    "raw, expected",
+    [
+        ("X-ray", "x ray"),
+        # one bullet or one "2,5" used to turn every hyphen in the text into nothing
+        ("- X-ray", "x ray"),
+        ("- T2-weighted MRI", "t2 weighted mri"),
+        ("ring-enhancing lesion, 2,5 cm", "ring enhancing lesion 25 cm"),
+        ("1,000 ml", "1000 ml"),
+        ("3.5 cm.", "3.5 cm"),
+        ("Don't know", "dont know"),
+        ("_Yes_", "yes"),
+        ("The two lobes.", "2 lobes"),
+        ("肝脏。", "肝脏"),
+    ],
+)
+def test_normalize_strict_treats_each_mark_alike_wherever_it_stands(raw, expected):
+    assert m.normalize_strict(raw) == expected
+
+
+def test_strict_scores_do_not_depend_on_unrelated_punctuation():
+    assert m.exact_match("- X-ray", "x-ray") == 1.0
+    assert m.exact_match("- T2-weighted MRI", "t2-weighted mri") == 1.0
+    # pred {ring, enhancing, lesion, 25, cm}, ref {ring, enhancing, lesion}: p=3/5, r=1, F1=0.75
+    assert m.token_f1("ring-enhancing lesion, 2,5 cm", "ring-enhancing lesion") == pytest.approx(
+        0.75
+    )
 
 
 def test_chinese_answers_are_scored_by_character():

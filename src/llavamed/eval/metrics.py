@@ -260,15 +260,26 @@ def llava_med_open_recall(prediction: str, answer: str) -> float:
 
 # --- strict metrics ---------------------------------------------------------------------------
 
-_STRICT_STRIP = re.compile(r"[^\w\s.]|(?<!\d)\.|\.(?!\d)", re.UNICODE)
+# Joined, not split: apostrophes ("don't" -> "dont", so a contraction stays one token) and a
+# comma between digits ("1,000" -> "1000").
+_STRICT_JOIN = re.compile(r"['\u2019]|(?<=\d),(?=\d)")
+# Everything else that is not a word character is a word break; a decimal point between digits
+# stays. "_" too (\w holds it): markdown's _yes_.
+_STRICT_SPLIT = re.compile(r"[^\w\s.]|_|(?<!\d)\.|\.(?!\d)", re.UNICODE)
 
 
 def normalize_strict(text: str) -> str:
-    """:func:`normalize_answer`, then every remaining punctuation mark removed (a decimal point
-    between digits stays). Used by exact match, token F1 and BLEU."""
-    # Apostrophes join ("don't" -> "dont") rather than split, so contractions stay one token.
-    text = normalize_answer(text).replace("'", "").replace("\u2019", "")
-    return " ".join(_STRICT_STRIP.sub(" ", text).split())
+    """Lowercase; every punctuation mark a word break (a decimal point between digits stays;
+    apostrophes and digit-grouping commas join); number words zero..ten (and "none") become
+    digits; articles dropped. Used by exact match, token F1, BLEU and the yes/no parse.
+
+    Each mark is treated the same wherever it is. :func:`normalize_answer` (LLaVA-Med's) decides
+    per mark from the whole string, so there one bullet ("- X-ray") or one "2,5" turned every
+    hyphen in the text from a break into nothing ("xray", "t2weighted")."""
+    text = _FULLWIDTH_PUNCT.sub(" ", str(text).lower())
+    text = _STRICT_SPLIT.sub(" ", _STRICT_JOIN.sub("", text))
+    words = (_NUMBER_WORDS.get(w, w) for w in text.split())
+    return " ".join(w for w in words if w not in _ARTICLES)
 
 
 def parse_yes_no(prediction: str) -> str | None:
@@ -302,9 +313,21 @@ def parse_yes_no(prediction: str) -> str | None:
         if toks[1:2] == [other]:
             return None  # "yes/no", "No-yes"
         return first
-    found = {t for i, t in enumerate(toks) if t in _YES_NO and toks[i - 1] != "not"}
-    negated = any(t in _YES_NO and toks[i - 1] == "not" for i, t in enumerate(toks) if i)
+    # "not" negates a yes/no in its own clause only: "Is it normal or not? No." answers no.
+    found, negated = set(), False
+    for clause in _CLAUSE_BREAK.split(prediction):
+        ct = _tokens(normalize_strict(clause))
+        for i, t in enumerate(ct):
+            if t not in _YES_NO or (t == "no" and ct[i + 1 : i + 2] == ["idea"]):
+                continue
+            if i and ct[i - 1] == "not":
+                negated = True
+            else:
+                found.add(t)
     return found.pop() if len(found) == 1 and not negated else None
+
+
+_CLAUSE_BREAK = re.compile(r"[,;:!?\uff0c\uff1b\uff1a\uff01\uff1f\u3002]|\.(?!\d)")
 
 
 _YES_NO = {"yes": "no", "no": "yes"}
