@@ -397,3 +397,29 @@ def test_report_notes_another_closed_open_split_than_the_papers():
     ev = R.evaluate_answers(same, {s.qid: s.answer for s in same}, n_resamples=10)
     md = render_markdown({**res, "metrics": ev}, "vqa-rad", {**load, "n_answer_type_inferred": 0})
     assert "Note: the paper's" not in md and "answer_type" not in md
+
+
+def test_a_chinese_slake_run_names_its_language_and_drops_the_papers_rows(tmp_path):
+    # The paper's SLAKE rows are English-only; Chinese is scored per Han character, which the
+    # paper's whitespace split never did, so no row of a zh/all run compares with it.
+    samples = [
+        VQASample(
+            qid=str(i), image=b"", question="q?", answer="是", answer_type="closed", lang="zh"
+        )
+        for i in range(3)
+    ]
+    ev = R.evaluate_answers(samples, {s.qid: "是" for s in samples}, n_resamples=10)
+    res = {
+        "model_id": "m",
+        "options": {"max_new_tokens": 8, "closed_suffix": False},
+        "generation": {},
+        "ablations": {},
+    }
+    for languages, comparable in ((["zh"], False), (["en", "zh"], False), (["en"], True)):
+        run = {**res, "metrics": ev, "languages": languages}
+        paths = write_report(run, tmp_path / "-".join(languages), "slake")
+        md = paths["md"].read_text()
+        assert ("87.11" in md) is comparable  # the paper's SLAKE row
+        assert ("Question languages" in md) is not comparable
+        assert ("only ones comparable to the paper" in md) is comparable
+        assert bool(json.loads(paths["json"].read_text())["reference_rows"]) is comparable

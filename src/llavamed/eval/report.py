@@ -58,6 +58,12 @@ def _cell(stat: dict | None) -> tuple[str, str, str]:
     return _pct(stat["mean"]), f"[{_pct(stat['lo'])}, {_pct(stat['hi'])}]", str(stat["n"])
 
 
+def comparable_reference_rows(result: dict, dataset: str) -> list[dict]:
+    """The paper's rows for ``dataset``, or none when this run asked other questions than the
+    paper's English ones (SLAKE ``--lang zh``/``all``)."""
+    return reference_rows(dataset) if result.get("languages", ["en"]) == ["en"] else []
+
+
 def render_markdown(result: dict, dataset: str, load_report: dict | None = None) -> str:
     m = result["metrics"]
     lines = [f"# VQA evaluation: {dataset}", ""]
@@ -76,7 +82,16 @@ def render_markdown(result: dict, dataset: str, load_report: dict | None = None)
         lines.append(
             f"**{m['n_missing']} questions have no answer** and are left out of every mean."
         )
-    sizes = PAPER_SPLIT_SIZES.get(dataset)
+    english = result.get("languages", ["en"]) == ["en"]
+    if not english:
+        # SLAKE --lang zh/all: the paper's rows are English-only, and Chinese is scored per Han
+        # character, which LLaVA-Med's whitespace split never did.
+        lines.append(
+            f"Question languages: {', '.join(result['languages'])}. The paper evaluated English "
+            "questions only, and Chinese text is scored with each Han character as a token, so "
+            "no row here is comparable to the paper."
+        )
+    sizes = PAPER_SPLIT_SIZES.get(dataset) if english else None
     if sizes and result.get("splits", ["test"]) != ["test"]:
         lines.append(
             f"Note: split(s) {', '.join(result['splits'])}; the paper reports test splits."
@@ -114,12 +129,13 @@ def render_markdown(result: dict, dataset: str, load_report: dict | None = None)
     lines += [
         "",
         "The *LLaVA-Med metric* rows reproduce the paper's evaluation (normalised substring for "
-        'closed questions, so "no" matches "normal"; token recall for open ones) and are the '
-        "only ones comparable to the paper. *Strict* rows parse an explicit yes/no (none or both "
-        "counts as wrong) and require exact matches.",
+        'closed questions, so "no" matches "normal"; token recall for open ones)'
+        + (" and are the only ones comparable to the paper." if english else ".")
+        + " *Strict* rows parse an explicit yes/no (none or both counts as wrong) and require "
+        "exact matches.",
     ]
 
-    refs = reference_rows(dataset)
+    refs = comparable_reference_rows(result, dataset)
     if refs:
         lines += ["", f"## Reference rows ({CITATION}; not measured here)", ""]
         lines += ["| model | open recall | closed acc | source |", "|---|---:|---:|---|"]
@@ -209,7 +225,7 @@ def plot_bars(result: dict, dataset: str, path: str | Path) -> None:
     series = [("with image", result["metrics"]["overall"])]
     for cond, ab in result.get("ablations", {}).items():
         series.append((f"image: {cond}", ab["metrics"]["overall"]))
-    refs = reference_rows(dataset)
+    refs = comparable_reference_rows(result, dataset)
     paper = refs[0] if refs else None
     x = np.arange(len(keys))
     width = 0.8 / (len(series) + (1 if paper else 0))
@@ -261,7 +277,7 @@ def write_report(
         "dataset": dataset,
         **result,
         "load_report": load_report,
-        "reference_rows": reference_rows(dataset),
+        "reference_rows": comparable_reference_rows(result, dataset),
         "metric_labels": {k: v[0] for k, v in M.METRICS.items()},
         "units": "fractions in [0, 1]; reference rows in percent",
     }

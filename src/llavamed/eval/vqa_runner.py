@@ -675,6 +675,7 @@ def _run_conditions(
         "limit": limit,
         "shard": f"{shard_t[0]}/{shard_t[1]}" if shard_t else None,
         "splits": sorted({x.split for x in chosen}),
+        "languages": sorted({x.lang for x in chosen}),
         "generation": {},
         "ablations": {},
     }
