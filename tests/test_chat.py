@@ -121,6 +121,18 @@ def test_cli_bad_sampling_value_is_a_config_error(command, tmp_path, capsys):
     assert "top_p must be in (0, 1]" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("value", ["nan", "inf"])
+def test_cli_temperature_that_is_not_a_number_fails_before_the_model_loads(value, tmp_path, capsys):
+    """float() takes 'nan' and 'inf'; the model loaded, then torch raised a traceback."""
+    from llavamed.cli import main
+
+    rc = main(["chat", "--model", str(tmp_path / "absent"), "--temperature", value])
+    assert rc == 1
+    err = capsys.readouterr().err
+    assert "temperature must be a finite number >= 0" in err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1
+
+
 def test_ctrl_c_stops_an_answer_says_it_is_not_kept_and_exits_130(engine):
     class Interrupting(io.StringIO):
         """Ctrl-C arrives while the first token is written."""

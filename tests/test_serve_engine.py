@@ -86,6 +86,22 @@ def test_a_training_run_folder_serves_its_final_checkpoint_under_the_runs_name(
         Engine.from_path(tmp_path / "runs")
 
 
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"temperature": float("nan")},
+        {"temperature": float("inf")},
+        {"temperature": -0.1},
+        {"top_p": float("nan")},
+        {"top_p": float("inf")},
+    ],
+)
+def test_sampling_params_refuse_values_that_are_not_finite(kwargs):
+    """A NaN temperature passed the old ``< 0`` check and crashed the worker's softmax."""
+    with pytest.raises(ValueError, match="temperature|top_p"):
+        SamplingParams(**kwargs)
+
+
 def test_batched_greedy_matches_one_at_a_time_generate(lm_engine):
     """Different prompt lengths, a batch of 4 plus one request that joins the running batch:
     every row must produce exactly what HF generate produces for it alone."""
