@@ -68,6 +68,21 @@ def test_history_grows_prompt_and_keeps_image(engine, png):
     assert len(session.messages) == 4
 
 
+@pytest.mark.parametrize("with_image", [False, True])
+def test_a_question_quoting_the_image_tag_is_answered(engine, png, with_image):
+    """The processor took a literal ``<image>`` in the question for the image placeholder:
+    "Found 1 <image> tokens in the text but no images were passed"."""
+    session = ChatSession(
+        engine, params=SamplingParams(max_tokens=2, temperature=0), system="No <image> here."
+    )
+    if with_image:
+        session.attach(png)
+    out = io.StringIO()
+    assert run_chat(session, prompt="What does the <image> tag do in HTML?", out=out) == 0
+    assert len(session.messages) == 2 and len(session.images) == int(with_image)
+    assert session.messages[0]["content"][-1]["text"] == "What does the <image> tag do in HTML?"
+
+
 def test_text_only_refuses_images(tiny_lm_dir, png):
     eng = Engine.from_path(tiny_lm_dir)
     try:

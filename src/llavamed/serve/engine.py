@@ -20,6 +20,7 @@ import json
 import logging
 import math
 import queue
+import re
 import secrets
 import threading
 import time
@@ -41,6 +42,9 @@ EMBEDDED = "embedded"
 MAX_IMAGE_SIDE = 2048
 # The most pixels an image a user sends may decode to (the API's ServerSettings default too).
 MAX_IMAGE_PIXELS = 40_000_000
+# Put after the first character of a special token's text inside a message (see
+# Engine.neutralise): the text still reads the same, but no longer tokenizes to the token.
+ZERO_WIDTH_SPACE = "\u200b"
 
 
 def load_user_image(source, name: str | None = None, max_pixels: int = MAX_IMAGE_PIXELS):
@@ -319,6 +323,7 @@ class Engine:
         self.image_token_id = int(image_id) if self.is_multimodal and image_id is not None else None
         if self.image_token_id is not None:
             self.banned_ids.append(self.image_token_id)
+        self._special_re = _special_token_pattern(tokenizer, processor)
         self._prep_lock = (
             threading.Lock()
         )  # HF fast tokenizers are not safe to share across threads
@@ -417,12 +422,44 @@ class Engine:
 
     # -- prompts ------------------------------------------------------------------------------
 
+    def neutralise(self, text: str) -> str:
+        """``text`` with every special or added token's spelling (``<image>``, ``<|im_end|>``,
+        ``</s>``, ...) broken by a zero-width space after its first character, so a message
+        that quotes one is read as text: a literal ``<image>`` was taken for an image
+        placeholder (the processor refused the request, or paired it with the wrong image),
+        and ``<|im_end|>`` let a user close their own turn and write the assistant's."""
+        if self._special_re is None or not text:
+            return text
+        return self._special_re.sub(lambda m: m[0][0] + ZERO_WIDTH_SPACE + m[0][1:], text)
+
+    def _neutralise_message(self, message: dict) -> dict:
+        content = message.get("content")
+        if isinstance(content, str):
+            content = self.neutralise(content)
+        elif isinstance(content, list):
+            content = [
+                {**part, "text": self.neutralise(part["text"])}
+                if isinstance(part, dict)
+                and part.get("type") == "text"
+                and isinstance(part.get("text"), str)
+                else part
+                for part in content
+            ]
+        else:
+            return message
+        return {**message, "content": content}
+
     def prepare(self, messages: Sequence[dict], images: Sequence[Any] = ()) -> Prompt:
         """HF-style messages (structured content with ``{"type": "image"}`` parts for llava) and
         PIL images -> a Prompt, through the checkpoint's own chat template and processor.
-        Raises InputError for conversations the template or processor reject."""
+        Special tokens spelled out in the messages' text are neutralised first
+        (:meth:`neutralise`): only ``{"type": "image"}`` parts become image placeholders, and
+        only the template opens and closes turns. The chat, the web UI and the HTTP API all
+        come through here. Raises InputError for conversations the template or processor
+        reject."""
         from llavamed.images import bound_long_side
 
+        messages = [self._neutralise_message(m) if isinstance(m, dict) else m for m in messages]
         # Requests come from anyone who can reach the server: bound what padding can allocate.
         images = [bound_long_side(img, MAX_IMAGE_SIDE) for img in images]
         with self._prep_lock:
@@ -1044,6 +1081,28 @@ def _sample(logits, p: SamplingParams, gen) -> int:
         sorted_p[drop] = 0
         probs = torch.zeros_like(probs).scatter(0, order, sorted_p)
     return int(torch.multinomial(probs, 1, generator=gen))
+
+
+def _special_token_pattern(tokenizer, processor=None) -> re.Pattern | None:
+    """A regex matching the text of every special token and every markup-like added token
+    (``<image>``, ``<|im_end|>``, ``<repo_name>``, ...), longest first. Added tokens that are
+    whitespace runs or plain words are left out: they stand for the same text, not for
+    structure, and breaking them would alter ordinary text."""
+    found = set(getattr(tokenizer, "all_special_tokens", None) or ())
+    try:
+        added = tokenizer.get_added_vocab()
+    except Exception:  # a tokenizer without added-token bookkeeping
+        added = {}
+    for t in added:
+        if isinstance(t, str) and not any(c.isspace() for c in t) and not t.isalnum():
+            found.add(t)
+    image_token = getattr(processor, "image_token", None)
+    if isinstance(image_token, str):
+        found.add(image_token)
+    found = {t for t in found if isinstance(t, str) and len(t) >= 2}
+    if not found:
+        return None
+    return re.compile("|".join(re.escape(t) for t in sorted(found, key=len, reverse=True)))
 
 
 def _flatten(content) -> str:
