@@ -6,6 +6,7 @@ from __future__ import annotations
 import shutil
 import socket
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 from PIL import Image
@@ -45,6 +46,79 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def web(tiny_llava_dir):
+    """The app launched on 127.0.0.1 over the tiny llava; ``prompts`` records every prompt the
+    engine prepared. Each test talks to it through its own gradio_client (its own session)."""
+    pytest.importorskip("gradio")
+    pytest.importorskip("gradio_client")
+    from llavamed.serve.engine import Engine, SamplingParams
+    from llavamed.serve.web import launch
+
+    engine = Engine.from_path(tiny_llava_dir)
+    prompts = []
+    prepare = engine.prepare
+
+    def recording_prepare(messages, images=()):
+        prompt = prepare(messages, images)
+        prompts.append(prompt)
+        return prompt
+
+    engine.prepare = recording_prepare
+    port = _free_port()
+    demo = launch(
+        engine,
+        "127.0.0.1",
+        port,
+        block=False,
+        default_params=SamplingParams(max_tokens=3, temperature=0),
+    )
+    try:
+        yield SimpleNamespace(
+            engine=engine, demo=demo, url=f"http://127.0.0.1:{port}/", prompts=prompts
+        )
+    finally:
+        demo.close()
+        engine.close()
+
+
+def test_uploads_are_judged_by_their_contents_not_their_names(web, tmp_path):
+    """Gradio refused an extension-less DICOM (IM000001), a Siemens .IMA or a .jfif before
+    load_image saw it, though ``llavamed chat --image`` takes them."""
+    from gradio_client import Client, handle_file
+    from pydicom.data import get_testdata_file
+
+    ct = Path(get_testdata_file("CT_small.dcm"))
+    files = [tmp_path / "IM000001", tmp_path / "scan.IMA", tmp_path / "1.3.12.2.1107.5.1.4.54023"]
+    for f in files:
+        shutil.copy(ct, f)
+    Image.new("RGB", (48, 40), (10, 200, 30)).save(tmp_path / "photo.jfif", format="JPEG")
+    files.append(tmp_path / "photo.jfif")
+    client = Client(web.url, verbose=False)
+    for f in files:
+        preview = client.predict(handle_file(str(f)), api_name="/on_upload")
+        assert preview and Image.open(preview).size[0] > 0, f.name
+
+
+def test_a_rejected_upload_says_why(web, tmp_path):
+    """The warning showed only the reason ("image too large"), not the limit it broke."""
+    on_upload = next(f.fn for f in web.demo.fns.values() if f.name == "on_upload")
+    huge = tmp_path / "huge.png"
+    Image.new("L", (7000, 6000)).save(huge)
+    with pytest.warns(UserWarning) as caught:
+        assert on_upload(str(huge)) == (None, None)
+    assert "image too large (7000x6000 > 40000000 pixels)" in str(caught[0].message)
+
+
+def test_a_long_rejection_detail_is_shortened_to_one_line():
+    from llavamed.errors import InputError
+    from llavamed.serve.web import upload_warning
+
+    msg = upload_warning(InputError("x.dcm", "undecodable DICOM pixels", "codec\nmissing " * 80))
+    assert msg.startswith("cannot use this file: undecodable DICOM pixels (codec missing")
+    assert "\n" not in msg and len(msg) < 260
 
 
 @pytest.mark.slow

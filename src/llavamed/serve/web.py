@@ -17,7 +17,6 @@ from llavamed.errors import InputError
 from llavamed.serve.chat import ChatSession
 from llavamed.serve.engine import Engine, SamplingParams, load_user_image
 
-FILE_TYPES = [".png", ".jpg", ".jpeg", ".dcm", ".dicom", ".tif", ".tiff", ".gif", ".bmp", ".webp"]
 MEDSYNTH_EXAMPLES = ("chest_xray", "histology", "gross")
 
 
@@ -56,6 +55,16 @@ def example_images(out_dir: str | Path | None = None) -> list[Path]:
     return out
 
 
+def upload_warning(exc: InputError, limit: int = 200) -> str:
+    """The warning for a rejected upload: the reason and, on one line and shortened, the detail
+    that says what to do about it (the pixel limit, a missing DICOM codec)."""
+    msg = f"cannot use this file: {exc.reason}"
+    detail = " ".join(str(exc.detail or "").split())
+    if len(detail) > limit:
+        detail = detail[: limit - 1].rstrip() + "\u2026"
+    return f"{msg} ({detail})" if detail else msg
+
+
 def settle_pending(pending: dict | None, used: str | None) -> tuple[dict | None, None]:
     """After a turn: the upload it attached is now in the conversation, so it is no longer
     pending; an upload made while the answer streamed stays pending for the next question."""
@@ -86,7 +95,7 @@ def build_app(
         except InputError as exc:
             # Cleared, not kept: the file box shows the rejected file, so an older image still
             # pending would go with the next question unseen.
-            gr.Warning(f"cannot use this file: {exc.reason}")
+            gr.Warning(upload_warning(exc))
             return None, None
         # An id, so the turn that attaches it clears exactly this upload (see settle_pending).
         return img, {"id": uuid.uuid4().hex, "image": img}
@@ -148,9 +157,11 @@ def build_app(
         pending = gr.State(None)
         with gr.Row():
             with gr.Column(scale=1):
+                # Any file name: load_image tells formats apart by their contents, and DICOM
+                # files often have no extension (IM000001) or a scanner's own (.IMA). A file
+                # it can't read gets a warning naming why.
                 upload = gr.File(
-                    label="Image (PNG, JPEG, DICOM)",
-                    file_types=FILE_TYPES,
+                    label="Image (PNG, JPEG, DICOM, TIFF, ...)",
                     type="filepath",
                     visible=multimodal,
                     elem_id="image-upload",
