@@ -61,12 +61,12 @@ def test_the_closed_logit_verdict_counts_every_casing_of_yes_and_no(tiny_llava_d
     """Only the lowercase tokens were compared, while training keeps the dataset's casing: a
     model fine-tuned on real SLAKE ("Yes"/"No") was scored on tokens it never learned to emit."""
     import torch
-    from transformers import AutoTokenizer
+    from transformers import AutoProcessor
 
     from llavamed.eval.closed_logits import prefers_yes, yes_no_ids
 
-    tok = AutoTokenizer.from_pretrained(tiny_llava_dir)
-    yes, no = yes_no_ids(tok)
+    tok = AutoProcessor.from_pretrained(tiny_llava_dir).tokenizer
+    yes, no = yes_no_ids(AutoProcessor.from_pretrained(tiny_llava_dir))
     first = {w: tok.encode(w, add_special_tokens=False)[0] for w in ("yes", "Yes", "no", "No")}
     assert {first["yes"], first["Yes"]} <= set(yes) and {first["no"], first["No"]} <= set(no)
     logits = torch.zeros(2, len(tok))
@@ -75,3 +75,33 @@ def test_the_closed_logit_verdict_counts_every_casing_of_yes_and_no(tiny_llava_d
     # row 1: "No" far ahead, lowercase "yes" slightly ahead of lowercase "no" -> no
     logits[1, first["No"]], logits[1, first["yes"]], logits[1, first["no"]] = 9.0, 3.0, 2.0
     assert prefers_yes(logits, (yes, no)).tolist() == [True, False]
+
+
+@pytest.mark.parametrize("template", ["chatml", "vicuna_v1", "mistral_instruct"])
+def test_the_yes_no_ids_are_the_tokens_training_supervises_first(tmp_path, template):
+    """vicuna_v1 and mistral_instruct put a space before the answer ("ASSISTANT: Yes"), and a
+    BPE tokenizer gives " Yes" another token than "Yes": the bare words' tokens were compared
+    while training taught the spaced ones. The ids must be what training's own encoding
+    (templates.py, not the checkpoint's Jinja template) supervises first."""
+    from transformers import AutoProcessor
+
+    from llavamed.eval.closed_logits import ANSWER_SPELLINGS, yes_no_ids
+    from llavamed.model.compose import ModelSpec, init_checkpoint
+    from llavamed.model.processing import IGNORE_INDEX, encode_training_sample
+    from llavamed.model.templates import IMAGE_PLACEHOLDER, Message
+
+    ckpt = init_checkpoint(
+        tmp_path / template, ModelSpec(lm="tiny", vision="tiny", template=template)
+    )
+    processor = AutoProcessor.from_pretrained(ckpt)
+    yes, no = yes_no_ids(processor)
+    for word_ids, words in ((yes, ANSWER_SPELLINGS["yes"]), (no, ANSWER_SPELLINGS["no"])):
+        supervised_first = []
+        for w in words:
+            messages = [
+                Message("user", f"{IMAGE_PLACEHOLDER}\nIs there an abnormality?"),
+                Message("assistant", w),
+            ]
+            enc = encode_training_sample(messages, processor, template, num_images=1)
+            supervised_first.append(next(t for t in enc.labels if t != IGNORE_INDEX))
+        assert word_ids == list(dict.fromkeys(supervised_first)), template

@@ -48,11 +48,29 @@ ANSWER_SPELLINGS = {"yes": ("yes", "Yes", "YES"), "no": ("no", "No", "NO")}
 answers are "Yes"/"No", MedSynth's "yes"/"no"), and "Yes" is another token than "yes"."""
 
 
-def yes_no_ids(tokenizer) -> tuple[list[int], list[int]]:
-    """Distinct first-token ids of each spelling of "yes" and of "no"."""
+def yes_no_ids(processor) -> tuple[list[int], list[int]]:
+    """Distinct ids of the token each spelling of "yes" and of "no" starts with *as an answer in
+    the checkpoint's template*: the first token after the generation prompt when the assistant
+    turn holds that word. Templates differ in what comes before the answer ("ASSISTANT:" then
+    " Yes" in vicuna_v1, a newline in chatml), and a BPE tokenizer gives " Yes" another token
+    than "Yes"; encoding the bare words scored tokens the model never learned to emit."""
+    tok = processor.tokenizer
+    question = question_messages("Is there an abnormality?")
+    prompt = generation_prompt(processor, question)
+    prompt_ids = tok(prompt, add_special_tokens=False)["input_ids"]
 
     def first_ids(words) -> list[int]:
-        ids = [tokenizer.encode(w, add_special_tokens=False)[0] for w in words]
+        ids = []
+        for w in words:
+            turn = {"role": "assistant", "content": [{"type": "text", "text": w}]}
+            full = processor.apply_chat_template([*question, turn], tokenize=False)
+            full_ids = tok(full, add_special_tokens=False)["input_ids"]
+            if not full.startswith(prompt) or full_ids[: len(prompt_ids)] != prompt_ids:
+                raise ValueError(
+                    f"the chat template's answer {w!r} does not continue its generation prompt "
+                    "token for token, so no next-token logit stands for it"
+                )
+            ids.append(full_ids[len(prompt_ids)])
         return list(dict.fromkeys(ids))
 
     yes, no = first_ids(ANSWER_SPELLINGS["yes"]), first_ids(ANSWER_SPELLINGS["no"])
@@ -95,7 +113,7 @@ def yes_no_predictions(
     colour after normalisation), the image-reliance control."""
     import torch
 
-    ids = yes_no_ids(processor.tokenizer)
+    ids = yes_no_ids(processor)
     was_training = model.training
     model.eval()
     dtype = next(model.parameters()).dtype

@@ -57,7 +57,7 @@ def _features(model, processor, data: ClosedSet, batch_size: int) -> _Features:
     import numpy as np
     import torch
 
-    ids = yes_no_ids(processor.tokenizer)
+    ids = yes_no_ids(processor)
     parts: dict[str, list] = {"tower": [], "projector": [], "last": [], "yes": []}
     dtype = next(model.parameters()).dtype
 
