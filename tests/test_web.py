@@ -121,6 +121,30 @@ def test_a_long_rejection_detail_is_shortened_to_one_line():
     assert "\n" not in msg and len(msg) < 260
 
 
+def test_the_seed_is_bounded_as_the_command_line_bounds_it(web):
+    """A seed past 2**64 reached torch.manual_seed: a bare "Error" in the browser and a
+    traceback on the server. The box and the handler take -1 (random) .. 2**32-1."""
+    from gradio_client import Client
+    from gradio_client.exceptions import AppError
+
+    MAX_SEED = 2**32 - 1
+    client = Client(web.url, verbose=False)
+    answers = [client.predict("hi", [], 0.7, 1.0, 3, s, api_name="/respond")[1] for s in (5, 5)]
+    assert answers[0] == answers[1] and answers[0][-1]["role"] == "assistant"
+    client.predict("hi", [], 0.7, 1.0, 3, -1, api_name="/respond")
+    client.predict("hi", [], 0.7, 1.0, 3, MAX_SEED, api_name="/respond")
+    for bad in (10**20, MAX_SEED + 1, -2):
+        with pytest.raises(AppError, match=r"(less|greater) than (minimum|maximum) value"):
+            client.predict("hi", [], 0.7, 1.0, 3, bad, api_name="/respond")
+    # the handler checks too: the box's bounds are the browser's, a caller may bypass them
+    from llavamed.serve.web import seed_value
+
+    assert seed_value(None) is None and seed_value(-1) is None and seed_value(7.0) == 7
+    for bad in (10**20, MAX_SEED + 1, -2, 1.5, float("nan"), float("inf"), "x"):
+        with pytest.raises(ValueError, match="Seed must be a whole number from 0 to 4294967295"):
+            seed_value(bad)
+
+
 @pytest.mark.slow
 def test_web_ui_in_headless_chromium(tiny_llava_dir):
     pytest.importorskip("gradio")

@@ -18,6 +18,8 @@ from llavamed.serve.chat import ChatSession
 from llavamed.serve.engine import Engine, SamplingParams, load_user_image
 
 MEDSYNTH_EXAMPLES = ("chest_xray", "histology", "gross")
+# The command line's --seed range (commands.seed_int); -1 draws a random seed.
+MAX_SEED = 2**32 - 1
 
 
 def example_images(out_dir: str | Path | None = None) -> list[Path]:
@@ -63,6 +65,23 @@ def upload_warning(exc: InputError, limit: int = 200) -> str:
     if len(detail) > limit:
         detail = detail[: limit - 1].rstrip() + "\u2026"
     return f"{msg} ({detail})" if detail else msg
+
+
+def seed_value(seed) -> int | None:
+    """The Seed box's value as a sampling seed: None (random) for -1 or an empty box. Anything
+    outside -1 .. 2**32-1 raises ValueError. Checked here as well as by the box's bounds, which
+    only hold where gradio preprocesses the value: a seed past 2**64 reached torch.manual_seed,
+    whose error showed as a bare "Error" and a server traceback."""
+    if seed is None:
+        return None
+    try:
+        n = int(seed)
+        whole = n == seed
+    except (TypeError, ValueError, OverflowError):
+        whole = False
+    if not whole or not -1 <= n <= MAX_SEED:
+        raise ValueError(f"Seed must be a whole number from 0 to {MAX_SEED}, or -1 for random")
+    return None if n == -1 else n
 
 
 def settle_pending(pending: dict | None, used: str | None) -> tuple[dict | None, None]:
@@ -115,7 +134,7 @@ def build_app(
                 max_tokens=int(max_tokens),
                 temperature=float(temperature),
                 top_p=float(top_p),
-                seed=None if seed is None or int(seed) < 0 else int(seed),
+                seed=seed_value(seed),
             )
         except ValueError as exc:
             raise gr.Error(str(exc)) from None
@@ -205,6 +224,8 @@ def build_app(
                     seed = gr.Number(
                         value=-1 if dp.seed is None else dp.seed,
                         precision=0,
+                        minimum=-1,
+                        maximum=MAX_SEED,
                         label="Seed (-1 = random)",
                     )
             with gr.Column(scale=2):
