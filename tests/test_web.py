@@ -145,6 +145,29 @@ def test_the_seed_is_bounded_as_the_command_line_bounds_it(web):
             seed_value(bad)
 
 
+def test_an_api_client_calling_respond_attaches_an_upload_once(web):
+    """The browser clears the pending upload in a second step after /respond; a client calling
+    /respond alone sent the image again every turn (one more image in the prompt per turn)."""
+    from gradio_client import Client, handle_file
+    from pydicom.data import get_testdata_file
+
+    client = Client(web.url, verbose=False)
+    client.predict(handle_file(get_testdata_file("CT_small.dcm")), api_name="/on_upload")
+    start = len(web.prompts)
+    history = []
+    for q in ("What is it?", "Which organ?", "Any contrast?"):
+        _, history = client.predict(q, history, 0.0, 1.0, 3, 1, api_name="/respond")
+    prompts = web.prompts[start:]
+    assert len(prompts) == 3 and len(history) == 6
+    token = web.engine.image_token_id
+    for p in prompts:  # the one image stays in the conversation, attached once
+        assert p.n_images == 1
+        assert (
+            sum(1 for i, t in enumerate(p.input_ids) if t == token and p.input_ids[i - 1] != token)
+            == 1
+        )
+
+
 @pytest.mark.slow
 def test_web_ui_in_headless_chromium(tiny_llava_dir):
     pytest.importorskip("gradio")

@@ -121,14 +121,19 @@ def build_app(
 
     def respond(text, history, conv, pending, temperature, top_p, max_tokens, seed):
         """Streams (question, chatbot, conv, used). ``pending`` is read, never written: an image
-        uploaded while this answer streams must survive it. ``used`` names the upload attached."""
+        uploaded while this answer streams must survive it. ``used`` names the upload attached.
+        An upload goes with one question only: ``conv`` remembers the ids of the uploads it
+        holds, so a turn whose ``pending`` is one of them (an API client calling /respond
+        alone, without the settle_pending step that follows in the browser) does not attach
+        it again."""
         history = list(history or [])
         text = (text or "").strip()
         if not text:
             yield "", history, conv, None
             return
-        conv = conv or {"messages": [], "images": []}
-        attach = pending if multimodal and pending else None
+        conv = conv or {"messages": [], "images": [], "uploads": []}
+        attached = list(conv.get("uploads", ()))
+        attach = pending if multimodal and pending and pending["id"] not in attached else None
         try:
             params = SamplingParams(
                 max_tokens=int(max_tokens),
@@ -159,7 +164,11 @@ def build_app(
             raise gr.Error(str(exc)) from None
         if not answer:
             history[-1] = {"role": "assistant", "content": "(empty answer)"}
-        conv = {"messages": session.messages, "images": session.images}
+        conv = {
+            "messages": session.messages,
+            "images": session.images,
+            "uploads": attached + [attach["id"]] if attach else attached,
+        }
         yield "", history, conv, attach["id"] if attach else None
 
     def clear():
