@@ -53,6 +53,37 @@ def test_repl_commands_and_history(engine, png):
     assert next(script) == "never read"
 
 
+def test_image_paths_with_spaces_may_be_quoted_or_escaped(tiny_llava_dir, tmp_path):
+    """``/image '/scans/my scan.png'`` and ``/image /scans/my\\ scan.png`` were taken
+    literally, quotes and backslash included: file not found. Through the real command and
+    its terminal loop, reading stdin."""
+    import os
+    import subprocess
+    import sys
+
+    from PIL import Image
+
+    folder = tmp_path / "my scans"
+    folder.mkdir()
+    scan = folder / "my scan.png"
+    Image.new("RGB", (30, 30), (0, 0, 255)).save(scan)
+    escaped = str(scan).replace(" ", "\\ ")
+    lines = [f"/image '{scan}'", "What is it?", f"/image {escaped}", "And this?", f"/image {scan}"]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    run = subprocess.run(
+        [sys.executable, "-m", "llavamed", "chat", "--model", str(tiny_llava_dir)]
+        + ["--max-tokens", "2", "--temperature", "0"],
+        input="\n".join(lines) + "\n/quit\n",
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.count(f"(image attached: {scan};") == 3, run.stdout
+    assert "error" not in run.stdout and run.stdout.count("assistant> ") == 2
+
+
 def test_history_grows_prompt_and_keeps_image(engine, png):
     session = ChatSession(engine, params=SamplingParams(max_tokens=2, temperature=0))
     session.attach(png)

@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import shlex
 import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -16,7 +17,8 @@ from llavamed.errors import InputError
 from llavamed.serve.engine import Engine, SamplingParams
 
 HELP = """commands:
-  /image PATH   attach an image (PNG, JPEG, DICOM, ...) to your next message
+  /image PATH   attach an image (PNG, JPEG, DICOM, ...) to your next message;
+                a path with spaces may be quoted or escaped, as in a shell
   /reset        forget the conversation and any image
   /help         this text
   /quit         leave (Ctrl-D works too; Ctrl-C stops an answer)"""
@@ -106,6 +108,20 @@ class ChatSession:
         self.pending_image = None
 
 
+def image_path(arg: str) -> Path:
+    """The file a ``/image`` argument names: the text as typed when such a file exists, else
+    the one word a shell would make of it, so a path with spaces may be quoted
+    (``'/scans/my scan.png'``) or escaped (``/scans/my\\ scan.png``) as in a terminal."""
+    literal = Path(arg).expanduser()
+    if literal.exists():
+        return literal
+    try:
+        words = shlex.split(arg)
+    except ValueError:  # an unclosed quote: the text as typed, which then is not found
+        return literal
+    return Path(words[0]).expanduser() if len(words) == 1 else literal
+
+
 def run_chat(
     session: ChatSession,
     *,
@@ -158,9 +174,10 @@ def run_chat(
                 if not arg.strip():
                     out.write("usage: /image PATH\n")
                     continue
+                path = image_path(arg.strip())
                 try:
-                    session.attach(Path(arg.strip()).expanduser())
-                    out.write(f"(image attached: {arg.strip()}; it goes with your next message)\n")
+                    session.attach(path)
+                    out.write(f"(image attached: {path}; it goes with your next message)\n")
                 except InputError as exc:
                     out.write(f"error: {exc}\n")
             elif cmd == "/help":
