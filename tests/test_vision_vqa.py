@@ -288,3 +288,69 @@ def test_a_killed_run_resumes_from_its_last_state_to_the_same_tower(tmp_path, mo
     capsys.readouterr()
     run_from_config(_cfg(data2, tmp_path / "o3", **kw), progress=False)
     assert "other settings (the VQA data)" in capsys.readouterr().err
+
+
+def test_a_finished_run_stays_done_under_another_budget_but_not_under_other_inputs(
+    tmp_path, capsys
+):
+    """A finished run (resume state deleted) given only another time budget was trained again
+    from step 0 and its tower overwritten; changed VQA files or new weights behind the starting
+    tower's path returned the old tower without a word."""
+    import shutil
+
+    from transformers import CLIPVisionModel
+
+    from llavamed.train.vision_vqa import run_from_config
+
+    data = make_vqa_rad(tmp_path / "rad", 48)
+    kw = dict(steps=6, batch_size=8, log_every=1)
+    out = tmp_path / "out"
+    done = run_from_config(_cfg(data, out, **kw), progress=False)
+    start = tmp_path / "start"  # a starting tower for the last check
+    shutil.copytree(done.tower_dir, start)
+    budget = run_from_config(_cfg(data, out, **kw, time_budget_min=1e-9), progress=False)
+    assert budget.wall_time_s == 0.0 and budget.report["steps"] == 6
+    assert json.loads((out / "vision_vqa_report.json").read_text())["steps"] == 6
+
+    # The VQA file is rewritten in place: another run.
+    recs = json.loads((data / "VQA_RAD Dataset Public.json").read_text())
+    for r in recs:
+        r["answer"] = {"yes": "no", "no": "yes"}.get(r["answer"], r["answer"])
+    (data / "VQA_RAD Dataset Public.json").write_text(json.dumps(recs))
+    flipped = run_from_config(_cfg(data, out, **kw), progress=False)
+    assert flipped.wall_time_s > 0 and flipped.report["data_key"] != done.report["data_key"]
+
+    # New weights behind the same starting-tower path: another run.
+    first = run_from_config(_cfg(data, tmp_path / "from", **kw, vision=str(start)), progress=False)
+    CLIPVisionModel.from_pretrained(flipped.tower_dir).save_pretrained(start)
+    second = run_from_config(_cfg(data, tmp_path / "from", **kw, vision=str(start)), progress=False)
+    assert second.wall_time_s > 0
+    assert second.report["start_tower"] != first.report["start_tower"]
+
+
+def test_bad_stage0b_inputs_are_clear_errors_before_training(tmp_path):
+    from llavamed.errors import InputError
+    from llavamed.train.vision_vqa import run_from_config
+
+    # Every yes/no question's image is unreadable: was torch's "stack expects a non-empty
+    # TensorList".
+    root = tmp_path / "broken"
+    (root / "VQA_RAD Image Folder").mkdir(parents=True)
+    (root / "VQA_RAD Image Folder" / "a.png").write_bytes(b"\x89PNG\r\n\x1a\nnot really")
+    rec = {"qid": 0, "image_name": "a.png", "question": "Is it bright?", "answer": "yes",
+           "answer_type": "CLOSED", "phrase_type": "freeform"}  # fmt: skip
+    (root / "VQA_RAD Dataset Public.json").write_text(json.dumps([rec]))
+    with pytest.raises(InputError, match="no usable image.*1 corrupt image"):
+        run_from_config(_cfg(root, tmp_path / "o1", steps=2), progress=False)
+
+    data = make_vqa_rad(tmp_path / "rad", 24)
+    # A hold-out fraction that rounds to every image leaves one to train on (was torch's
+    # "random_ expects 'from' to be less than 'to'").
+    res = run_from_config(
+        _cfg(data, tmp_path / "o2", steps=2, batch_size=4, val_fraction=0.99), progress=False
+    )
+    assert res.report["steps"] == 2 and res.report["data"]["images"] == 19
+    # A feature layer the tower does not have: a ConfigError naming the range (was an
+    # IndexError deep in the forward pass, after every image had loaded).
+    with pytest.raises(ConfigError, match="indexed"):
+        run_from_config(_cfg(data, tmp_path / "o3", steps=2, feature_layer=-9), progress=False)

@@ -271,17 +271,6 @@ class QuickstartOptions:
         return tower
 
 
-def tower_fingerprint(tower: Path) -> str:
-    """Content hash of a tower folder's config and weights, so a resumed quickstart notices a
-    different tower behind the same path."""
-    h = hashlib.sha256()
-    for f in sorted(tower.iterdir()):
-        if f.is_file() and f.suffix in (".json", ".safetensors", ".bin"):
-            h.update(f.name.encode())
-            h.update(f.read_bytes())
-    return h.hexdigest()[:16]
-
-
 class StageError(LlavamedError):
     """A stage's error, named with the stage and how to redo it (the quickstart's user never
     chose the stage's inner paths and options that the tool's own message refers to)."""
@@ -636,6 +625,8 @@ def _check_out_is_ours(out: Path) -> None:
 
 
 def run_quickstart(opts: QuickstartOptions) -> dict:
+    from llavamed.train.vision_pretrain import tower_fingerprint
+
     p = opts.preset()
     given_tower = opts.check_vision()
     given_fp = tower_fingerprint(given_tower) if given_tower else None

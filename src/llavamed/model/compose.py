@@ -226,7 +226,7 @@ def build(spec: ModelSpec):
     feature_layer = spec.vision_feature_layer
     if feature_layer is None:
         feature_layer = -2 if vision.pretrained else -1
-    _check_feature_layer(feature_layer, int(vision.config.num_hidden_layers))
+    check_feature_layer(feature_layer, int(vision.config.num_hidden_layers))
     lm, tok = _load_lm(spec)
     template = get_template(spec.template)
 
@@ -288,7 +288,7 @@ def build(spec: ModelSpec):
     return model, processor
 
 
-def _check_feature_layer(layer, n_layers: int) -> None:
+def check_feature_layer(layer, n_layers: int) -> None:
     """The tower returns ``n_layers + 1`` hidden states (the embeddings, then one per layer), so
     a layer outside ``-(n_layers + 1)..n_layers`` would first fail in a forward pass, as an
     IndexError deep inside transformers."""

@@ -493,6 +493,17 @@ def load_tower(vision: str, seed: int = 0) -> Tower:
     )
 
 
+def tower_fingerprint(tower: Path) -> str:
+    """Content hash of a tower folder's config and weights, so a resumed run notices a
+    different tower behind the same path."""
+    h = hashlib.sha256()
+    for f in sorted(tower.iterdir()):
+        if f.is_file() and f.suffix in (".json", ".safetensors", ".bin"):
+            h.update(f.name.encode())
+            h.update(f.read_bytes())
+    return h.hexdigest()[:16]
+
+
 def tower_features(tower: Tower, pixel_values, feature_layer: int):
     """(pooled (B, H), patch tokens (B, K, H) at ``feature_layer``) -- patch tokens exactly as
     LLaVA's projector receives them (CLS dropped, no final layer norm)."""

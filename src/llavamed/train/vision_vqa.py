@@ -156,12 +156,10 @@ class YesNoTable:
     skipped: dict
 
 
-def load_yes_no(cfg: VisionVQAConfig, image_processor) -> tuple[YesNoTable, dict]:
-    """Every closed yes/no English question of the sources, grouped by image."""
-    import torch
-
+def collect_yes_no(cfg: VisionVQAConfig) -> tuple[dict[str, tuple[Any, list]], dict[str, int]]:
+    """Every closed yes/no English question of the sources, grouped by image key (images not
+    decoded yet): ``{key: (image, [(question, is_yes), ...])}`` and the loaders' skip counts."""
     from llavamed.eval.vqa_data import load_vqa
-    from llavamed.images import load_image
 
     by_image: dict[str, tuple[Any, list[tuple[str, bool]]]] = {}
     loader_bad: dict[str, int] = {}
@@ -179,9 +177,30 @@ def load_yes_no(cfg: VisionVQAConfig, image_processor) -> tuple[YesNoTable, dict
             by_image.setdefault(key, (s.image, []))[1].append((s.question, ans == "yes"))
     if not by_image:
         raise ConfigError("stage vision_vqa: the sources hold no closed yes/no questions")
+    return by_image, loader_bad
+
+
+def yes_no_data_key(by_image: dict[str, tuple[Any, list]]) -> str:
+    """What a run trained on: every image key with its questions and answers. A finished run or
+    a resume state with another key was made from other VQA files."""
+    blob = json.dumps(sorted((k, qa) for k, (_, qa) in by_image.items()))
+    return hashlib.sha1(blob.encode()).hexdigest()
+
+
+def load_yes_no(
+    cfg: VisionVQAConfig, image_processor, by_image=None, loader_bad=None
+) -> tuple[YesNoTable, dict]:
+    """Every closed yes/no English question of the sources, grouped by image, images decoded
+    and preprocessed (``by_image``/``loader_bad``: :func:`collect_yes_no`'s result, if read)."""
+    import torch
+
+    from llavamed.images import load_image
+
+    if by_image is None:
+        by_image, loader_bad = collect_yes_no(cfg)
     questions = sorted({q for _, qa in by_image.values() for q, _ in qa})
     qidx = {q: i for i, q in enumerate(questions)}
-    pix, labels, skipped = [], [], dict(loader_bad)
+    pix, labels, skipped = [], [], dict(loader_bad or {})
     for key, (image, qa) in by_image.items():
         try:
             img = load_image(image, name=key)
@@ -191,6 +210,12 @@ def load_yes_no(cfg: VisionVQAConfig, image_processor) -> tuple[YesNoTable, dict
             continue
         pix.append(image_processor(images=[img], return_tensors="pt")["pixel_values"][0])
         labels.append([(qidx[q], y) for q, y in qa])
+    if not pix:
+        raise InputError(
+            ", ".join(str(src.path) for src in cfg.sources),
+            "no usable image for any yes/no question",
+            "skipped: " + ", ".join(f"{n} {reason}" for reason, n in sorted(skipped.items())),
+        )
     return YesNoTable(torch.stack(pix), labels, questions, skipped), {"images": len(labels)}
 
 
@@ -275,9 +300,15 @@ def train_vision_vqa(cfg: VisionVQAConfig, progress: bool = True) -> VisionVQARe
     from tqdm import tqdm
 
     from llavamed.config import diff
+    from llavamed.model.compose import check_feature_layer
     from llavamed.train.checkpointing import rng_state, set_rng_state
     from llavamed.train.text_encoder import TextEncoder, cached_embeddings, resolve_text_encoder
-    from llavamed.train.vision_pretrain import _save_tower, load_tower, tower_features
+    from llavamed.train.vision_pretrain import (
+        _save_tower,
+        load_tower,
+        tower_features,
+        tower_fingerprint,
+    )
 
     t0 = time.time()
     cfg.precision = resolve_precision(cfg.precision, "cpu")  # this stage runs on the CPU
@@ -288,16 +319,32 @@ def train_vision_vqa(cfg: VisionVQAConfig, progress: bool = True) -> VisionVQARe
     def recipe_changes(old_config: dict, may_change=RESUMABLE_CHANGES) -> list[str]:
         return [k for k in diff(old_config, resolved) if k not in may_change]
 
+    by_image, loader_bad = collect_yes_no(cfg)
+    # The same recipe on other questions or images (the VQA files changed), or from other
+    # weights behind the same tower path, is another run.
+    data_key = yes_no_data_key(by_image)
+    start = Path(cfg.vision)
+    start_key = tower_fingerprint(start) if start.is_dir() else cfg.vision
     if report_path.exists() and (tower_dir / "config.json").exists():
         old = json.loads(report_path.read_text())
-        # Finished with the same recipe (another time budget may mean more steps: run again).
-        if not recipe_changes(old.get("config", {}), {"log_every", "save_every"}):
-            return VisionVQAResult(out, tower_dir, old, 0.0)
+        old_config = old.get("config", {})
+        # Reports from before the keys existed are trusted, as stage 0's are.
+        same_inputs = (old.get("data_key", data_key), old.get("start_tower", start_key)) == (
+            data_key,
+            start_key,
+        )
+        if same_inputs and not recipe_changes(old_config, RESUMABLE_CHANGES):
+            # A finished run is done whatever the budget now; one its budget stopped goes on
+            # only when the budget changed (its resume state is still there).
+            done = old.get("steps", 0) >= cfg.steps
+            if done or old_config.get("time_budget_min") == cfg.time_budget_min:
+                return VisionVQAResult(out, tower_dir, old, 0.0)
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(cfg.seed)
     tower = load_tower(cfg.vision, seed=cfg.seed)
+    check_feature_layer(cfg.feature_layer, int(tower.model.config.num_hidden_layers))
     proc = image_processor(cfg, tower)
-    table, counts = load_yes_no(cfg, proc)
+    table, counts = load_yes_no(cfg, proc, by_image, loader_bad)
     encoder = TextEncoder(resolve_text_encoder(cfg.text_encoder))
     q_emb = cached_embeddings(
         encoder, table.questions, out / "cache" / "questions.pt", progress=False
@@ -306,7 +353,8 @@ def train_vision_vqa(cfg: VisionVQAConfig, progress: bool = True) -> VisionVQARe
     n = len(table.labels)
     g = torch.Generator().manual_seed(cfg.seed)
     perm = torch.randperm(n, generator=g)
-    n_val = int(round(cfg.val_fraction * n)) if n >= 20 else 0
+    # At least one image is left to train on, whatever the fraction.
+    n_val = min(int(round(cfg.val_fraction * n)), n - 1) if n >= 20 else 0
     val_idx, train_idx = perm[:n_val], perm[n_val:]
 
     head = _head(tower.model.config.hidden_size, q_emb.shape[1])
@@ -324,13 +372,13 @@ def train_vision_vqa(cfg: VisionVQAConfig, progress: bool = True) -> VisionVQARe
     log: list[dict] = []
     step, trained_s = 0, 0.0
     state_path = out / STATE_FILE
-    # The same recipe on other questions or images (the VQA files changed) is another run.
-    data_key = hashlib.sha1(json.dumps([table.questions, table.labels]).encode()).hexdigest()
     if state_path.exists():
         state = torch.load(state_path, weights_only=False)
         changed = recipe_changes(state["config"])
         if state.get("data") != data_key:
             changed.append("the VQA data")
+        if state.get("start_tower", start_key) != start_key:
+            changed.append("the starting tower's weights")
         if not changed:
             # Strict loads: the state was written by this recipe, so every key must match.
             tower.model.load_state_dict(state["tower"])
@@ -353,6 +401,7 @@ def train_vision_vqa(cfg: VisionVQAConfig, progress: bool = True) -> VisionVQARe
                 {
                     "config": resolved,
                     "data": data_key,
+                    "start_tower": start_key,
                     "tower": tower.model.state_dict(),
                     "head": head.state_dict(),
                     "optimizer": opt.state_dict(),
@@ -406,6 +455,7 @@ def train_vision_vqa(cfg: VisionVQAConfig, progress: bool = True) -> VisionVQARe
         save_state()
     tower.model.eval()
     report: dict[str, Any] = {"config": resolved, "steps": step, "data": counts, "log": log}
+    report["data_key"], report["start_tower"] = data_key, start_key
     report["skipped"] = table.skipped
     report["questions"] = len(table.questions)
     if n_val:
