@@ -57,6 +57,10 @@ CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "cpu"
         ("stage0_vision.yaml", "text_trainable", "train.lr"),
         ("stage0b_vision_vqa.yaml", "readout", "train.lr"),
         ("stage2_instruct.yaml", "train.lr", "text_trainable"),
+        # inside a list of sources and an optional section: listed too
+        ("stage0b_vision_vqa.yaml", "sources.N.path", "train.lr"),
+        ("finetune_vqa.yaml", "data.sources.N.group_by_image", "text_trainable"),
+        ("finetune_vqa.yaml", "train.lora.r", "readout"),
     ],
 )
 def test_train_lists_the_keys_of_the_configs_own_stage(config, own_key, foreign_key, capsys):

@@ -144,6 +144,9 @@ def test_every_field_documented():
     assert len(rows) > 40
     missing = [k for k, _, doc in rows if not doc]
     assert not missing, missing
+    # The keys inside the list of sources and the optional LoRA section are listed too.
+    keys = {k for k, _, _ in rows}
+    assert {"data.sources.N.group_by_image", "data.sources.N.path", "train.lora.r"} <= keys
     assert "projector" in field_docs(TrainConfig.__mro__[0])["stage"] or True
 
 

@@ -793,15 +793,28 @@ def describe(cls=TrainConfig, prefix: str = "") -> list[tuple[str, str, str]]:
     rows = []
     hints = _hints(cls)
     docs = field_docs(cls)
-    inst = cls()
     for f in dataclasses.fields(cls):
         key = prefix + _REV_ALIASES.get(f.name, f.name)
         tp, _ = _unwrap_optional(hints[f.name])
-        if dataclasses.is_dataclass(tp) and getattr(inst, f.name) is not None:
+        (item,) = typing.get_args(tp) if typing.get_origin(tp) is list else (None,)
+        if f.default is not dataclasses.MISSING:
+            value = f.default
+        elif f.default_factory is not dataclasses.MISSING:
+            value = f.default_factory()
+        else:
+            rows.append((key, "(required)", docs.get(f.name, "")))
+            continue
+        if dataclasses.is_dataclass(tp) and value is not None:
             rows.append((key, "", docs.get(f.name, "")))
             rows.extend(describe(tp, key + "."))
         else:
-            rows.append((key, repr(to_dict(getattr(inst, f.name))), docs.get(f.name, "")))
+            rows.append((key, repr(to_dict(value)), docs.get(f.name, "")))
+            # An optional section (train.lora) or a list of them (data.sources): their keys
+            # too, or `--list-keys` hides every setting inside them.
+            if dataclasses.is_dataclass(tp):
+                rows.extend(describe(tp, key + "."))
+            elif item is not None and dataclasses.is_dataclass(item):
+                rows.extend(describe(item, key + ".N."))
     return rows
 
 

@@ -51,7 +51,9 @@ class VQASourceSpec:
     dataset: str
     """``vqa-rad``, ``slake``, ``pathvqa`` or ``llava-med`` (the evaluator's loaders)."""
     path: str
+    """The dataset's file or folder, as ``llavamed eval vqa`` takes it."""
     split: str = "train"
+    """Which split's questions train the tower (never the split you evaluate on)."""
 
 
 @dataclass
