@@ -168,6 +168,99 @@ def test_an_api_client_calling_respond_attaches_an_upload_once(web):
         )
 
 
+def _uploaded(folder: Path, name: str) -> list[Path]:
+    return [p for p in folder.rglob(name) if p.is_file()]
+
+
+def test_uploads_go_to_a_private_folder_that_close_removes(web, tmp_path, monkeypatch):
+    """Uploads and previews went to a shared /tmp/gradio, world-readable and never deleted."""
+    import os
+    import stat
+
+    from gradio_client import Client, handle_file
+    from pydicom.data import get_testdata_file
+
+    from llavamed.serve.engine import SamplingParams
+    from llavamed.serve.web import DELETE_CACHE, launch
+
+    folder = Path(os.environ["GRADIO_TEMP_DIR"])
+    assert folder.name.startswith("llavamed-web-")
+    assert stat.S_IMODE(folder.stat().st_mode) == 0o700
+    assert web.demo.delete_cache == DELETE_CACHE == (600, 3600)
+    scan = tmp_path / "patient_scan_1.dcm"
+    shutil.copy(get_testdata_file("CT_small.dcm"), scan)
+    Client(web.url, verbose=False).predict(handle_file(str(scan)), api_name="/on_upload")
+    assert _uploaded(folder, scan.name)
+    # A folder the user names is theirs: used, and left in place.
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    monkeypatch.setenv("GRADIO_TEMP_DIR", str(mine))
+    demo = launch(
+        web.engine, "127.0.0.1", _free_port(), block=False, default_params=SamplingParams()
+    )
+    demo.close()
+    assert mine.is_dir() and os.environ["GRADIO_TEMP_DIR"] == str(mine)
+    # Without one, an app launched and closed in-process leaves nothing behind.
+    monkeypatch.delenv("GRADIO_TEMP_DIR")
+    demo = launch(
+        web.engine, "127.0.0.1", _free_port(), block=False, default_params=SamplingParams()
+    )
+    own = Path(os.environ["GRADIO_TEMP_DIR"])
+    assert own != folder and stat.S_IMODE(own.stat().st_mode) == 0o700
+    demo.close()
+    assert not own.exists() and "GRADIO_TEMP_DIR" not in os.environ
+
+
+def test_the_web_command_removes_its_upload_folder_on_sigterm(tiny_llava_dir, tmp_path):
+    """The real ``llavamed web``: an upload lands in its private folder, which is gone once a
+    service manager's SIGTERM has stopped it."""
+    import os
+    import signal
+    import stat
+    import subprocess
+    import sys
+    import time
+
+    pytest.importorskip("gradio")
+    from gradio_client import Client, handle_file
+    from pydicom.data import get_testdata_file
+
+    port = _free_port()
+    env = {k: v for k, v in os.environ.items() if k != "GRADIO_TEMP_DIR"}
+    env.update(PYTHONPATH=os.pathsep.join(sys.path), TMPDIR=str(tmp_path))
+    log = tmp_path / "web.log"
+    with log.open("w") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "llavamed", "web", "--model", str(tiny_llava_dir)]
+            + ["--port", str(port), "--max-tokens", "2"],
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
+    try:
+        deadline = time.time() + 120
+        while True:
+            try:
+                client = Client(f"http://127.0.0.1:{port}/", verbose=False)
+                break
+            except Exception:
+                assert proc.poll() is None and time.time() < deadline, log.read_text()
+                time.sleep(0.5)
+        (folder,) = set(tmp_path.glob("llavamed-web-*")) - {tmp_path / "llavamed-web-examples"}
+        assert stat.S_IMODE(folder.stat().st_mode) == 0o700
+        scan = tmp_path / "patient_scan_2.dcm"
+        shutil.copy(get_testdata_file("CT_small.dcm"), scan)
+        client.predict(handle_file(str(scan)), api_name="/on_upload")
+        assert _uploaded(folder, scan.name)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=60) == 0, log.read_text()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert not folder.exists()
+
+
 @pytest.mark.slow
 def test_web_ui_in_headless_chromium(tiny_llava_dir):
     pytest.importorskip("gradio")

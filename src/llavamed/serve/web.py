@@ -3,12 +3,20 @@ images (pydicom's real CT/MR slices and MedSynth figures), tune sampling.
 
 The UI talks to the engine in-process, so several browser sessions share its batching. Each
 session's conversation lives in Gradio state as plain messages and PIL images.
+
+Uploads and previews are patient images: :func:`launch` keeps Gradio's files in a private
+folder of its own (mode 0700) unless ``GRADIO_TEMP_DIR`` is set, deletes files older than an
+hour while it runs, and removes the folder when the app closes.
 """
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
+import signal
 import tempfile
+import threading
 import uuid
 from pathlib import Path
 from typing import Any
@@ -18,6 +26,8 @@ from llavamed.serve.chat import ChatSession
 from llavamed.serve.engine import Engine, SamplingParams, load_user_image
 
 MEDSYNTH_EXAMPLES = ("chest_xray", "histology", "gross")
+# Gradio's cache: every 10 minutes, delete its files that are more than an hour old.
+DELETE_CACHE = (600, 3600)
 # The command line's --seed range (commands.seed_int); -1 draws a random seed.
 MAX_SEED = 2**32 - 1
 
@@ -174,7 +184,7 @@ def build_app(
     def clear():
         return [], None, None, None, None
 
-    with gr.Blocks(title="llavamed") as demo:
+    with gr.Blocks(title="llavamed", delete_cache=DELETE_CACHE) as demo:
         kind = "image + text" if multimodal else "text only"
         gr.Markdown(
             f"## llavamed: biomedical visual chat\nModel **{engine.name}** ({kind}). "
@@ -271,17 +281,75 @@ def build_app(
     return demo
 
 
+class PrivateTempDir:
+    """Gradio's file folder (uploads, previews, example copies) as a fresh folder only this user
+    can read, made with ``tempfile.mkdtemp`` and named in ``GRADIO_TEMP_DIR``, which Gradio
+    reads when it builds components and the app. Gradio's default is a shared
+    ``/tmp/gradio`` with world-readable files that are never deleted. A ``GRADIO_TEMP_DIR`` the
+    user set is left as it is (``path`` is None)."""
+
+    def __init__(self):
+        self.path: str | None = None
+        if os.environ.get("GRADIO_TEMP_DIR"):
+            return
+        self.path = tempfile.mkdtemp(prefix="llavamed-web-")  # mode 0700
+        os.environ["GRADIO_TEMP_DIR"] = self.path
+        atexit.register(self.remove)
+
+    def remove(self) -> None:
+        """Delete the folder and unset ``GRADIO_TEMP_DIR`` again; idempotent."""
+        path, self.path = self.path, None
+        if path is None:
+            return
+        atexit.unregister(self.remove)
+        if os.environ.get("GRADIO_TEMP_DIR") == path:
+            del os.environ["GRADIO_TEMP_DIR"]
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
 def launch(
     engine: Engine, host: str = "127.0.0.1", port: int = 7860, *, block: bool = True, **kwargs: Any
 ):
-    """Build and launch the app; returns the Blocks (``demo.close()`` stops it)."""
-    demo = build_app(engine, **kwargs)
-    demo.launch(
-        server_name=host,
-        server_port=port,
-        share=False,
-        prevent_thread_lock=not block,
-        inbrowser=False,
-        quiet=not block,
-    )
+    """Build and launch the app; returns the Blocks (``demo.close()`` stops it). Gradio's files
+    go to a :class:`PrivateTempDir`, removed when the app closes: when a blocking launch
+    returns (Ctrl-C, or SIGTERM, which is taken as Ctrl-C while it blocks), or on
+    ``demo.close()``."""
+    tmp = PrivateTempDir()
+    on_term: Any = False  # SIGTERM's handler before launch; False: not replaced
+    try:
+        demo = build_app(engine, **kwargs)
+        if block and threading.current_thread() is threading.main_thread():
+            # Gradio stops its server cleanly on KeyboardInterrupt only; a service manager's
+            # SIGTERM would end the process without removing the uploads.
+            on_term = signal.signal(signal.SIGTERM, _interrupt)
+        demo.launch(
+            server_name=host,
+            server_port=port,
+            share=False,
+            prevent_thread_lock=not block,
+            inbrowser=False,
+            quiet=not block,
+        )
+    except BaseException:
+        tmp.remove()
+        raise
+    finally:
+        if on_term is not False:
+            signal.signal(signal.SIGTERM, on_term)
+    if block:  # the server has stopped
+        tmp.remove()
+        return demo
+    close = demo.close
+
+    def close_and_remove(*args, **kw):
+        try:
+            return close(*args, **kw)
+        finally:
+            tmp.remove()
+
+    demo.close = close_and_remove
     return demo
