@@ -74,6 +74,19 @@ def test_position_bias_by_hand():
     assert pb["preference_flip_rate"] == 1.0
 
 
+def test_the_terminal_table_words_the_position_bias_sign_and_its_absence():
+    from llavamed.eval.judge import format_table, relative_score
+
+    rs = relative_score([(8, 6)])
+    report = {"relative_score": {"overall": rs, "by_type": {}, "by_domain": {}}}
+    later = position_bias({"a": (6, 8)}, {"a": (8, 6)})  # the second slot scores 2 higher
+    assert "first slot -2.0 points" in format_table(report | {"position_bias": later})
+    none = position_bias({"a": (8, 6)}, {"a": None})  # printed "+None points" before
+    assert "no question was judged validly in both orders" in format_table(
+        report | {"position_bias": none}
+    )
+
+
 def test_judge_prompt_layout():
     q = {
         "question_id": 1,

@@ -440,8 +440,11 @@ def format_table(report: dict) -> str:
         row(f"domain: {k}", v)
     if "position_bias" in report:
         pb = report["position_bias"]
-        lines.append(
-            f"position bias: first slot +{pb['first_position_advantage']} points, "
-            f"preference flips {pb['preference_flip_rate']} over {pb['questions']} questions"
-        )
+        if not pb["questions"]:  # no question has valid judgements in both orders
+            lines.append("position bias: no question was judged validly in both orders")
+        else:
+            lines.append(
+                f"position bias: first slot {pb['first_position_advantage']:+} points, "
+                f"preference flips {pb['preference_flip_rate']} over {pb['questions']} questions"
+            )
     return "\n".join(lines)
