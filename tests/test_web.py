@@ -48,14 +48,23 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _launch_local(engine, **params):
+    """The app on a free 127.0.0.1 port, not blocking: (demo, url)."""
+    from llavamed.serve.engine import SamplingParams
+    from llavamed.serve.web import launch
+
+    port = _free_port()
+    demo = launch(engine, "127.0.0.1", port, block=False, default_params=SamplingParams(**params))
+    return demo, f"http://127.0.0.1:{port}/"
+
+
 @pytest.fixture(scope="module")
 def web(tiny_llava_dir):
     """The app launched on 127.0.0.1 over the tiny llava; ``prompts`` records every prompt the
     engine prepared. Each test talks to it through its own gradio_client (its own session)."""
     pytest.importorskip("gradio")
     pytest.importorskip("gradio_client")
-    from llavamed.serve.engine import Engine, SamplingParams
-    from llavamed.serve.web import launch
+    from llavamed.serve.engine import Engine
 
     engine = Engine.from_path(tiny_llava_dir)
     prompts = []
@@ -67,18 +76,9 @@ def web(tiny_llava_dir):
         return prompt
 
     engine.prepare = recording_prepare
-    port = _free_port()
-    demo = launch(
-        engine,
-        "127.0.0.1",
-        port,
-        block=False,
-        default_params=SamplingParams(max_tokens=3, temperature=0),
-    )
+    demo, url = _launch_local(engine, max_tokens=3, temperature=0)
     try:
-        yield SimpleNamespace(
-            engine=engine, demo=demo, url=f"http://127.0.0.1:{port}/", prompts=prompts
-        )
+        yield SimpleNamespace(engine=engine, demo=demo, url=url, prompts=prompts)
     finally:
         demo.close()
         engine.close()
@@ -180,8 +180,7 @@ def test_uploads_go_to_a_private_folder_that_close_removes(web, tmp_path, monkey
     from gradio_client import Client, handle_file
     from pydicom.data import get_testdata_file
 
-    from llavamed.serve.engine import SamplingParams
-    from llavamed.serve.web import DELETE_CACHE, launch
+    from llavamed.serve.web import DELETE_CACHE
 
     folder = Path(os.environ["GRADIO_TEMP_DIR"])
     assert folder.name.startswith("llavamed-web-")
@@ -195,16 +194,12 @@ def test_uploads_go_to_a_private_folder_that_close_removes(web, tmp_path, monkey
     mine = tmp_path / "mine"
     mine.mkdir()
     monkeypatch.setenv("GRADIO_TEMP_DIR", str(mine))
-    demo = launch(
-        web.engine, "127.0.0.1", _free_port(), block=False, default_params=SamplingParams()
-    )
+    demo, _ = _launch_local(web.engine)
     demo.close()
     assert mine.is_dir() and os.environ["GRADIO_TEMP_DIR"] == str(mine)
     # Without one, an app launched and closed in-process leaves nothing behind.
     monkeypatch.delenv("GRADIO_TEMP_DIR")
-    demo = launch(
-        web.engine, "127.0.0.1", _free_port(), block=False, default_params=SamplingParams()
-    )
+    demo, _ = _launch_local(web.engine)
     own = Path(os.environ["GRADIO_TEMP_DIR"])
     assert own != folder and stat.S_IMODE(own.stat().st_mode) == 0o700
     demo.close()
@@ -269,23 +264,15 @@ def test_web_ui_in_headless_chromium(tiny_llava_dir):
         pytest.skip("Debian's chromium package is not installed (apt-get install chromium)")
     from pydicom.data import get_testdata_file
 
-    from llavamed.serve.engine import Engine, SamplingParams
-    from llavamed.serve.web import launch
+    from llavamed.serve.engine import Engine
 
     engine = Engine.from_path(tiny_llava_dir)
-    port = _free_port()
-    demo = launch(
-        engine,
-        "127.0.0.1",
-        port,
-        block=False,
-        default_params=SamplingParams(max_tokens=24, temperature=0.7),
-    )
+    demo, url = _launch_local(engine, max_tokens=24, temperature=0.7)
     try:
         with sync_api.sync_playwright() as pw:
             browser = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
             page = browser.new_page(viewport={"width": 1280, "height": 900})
-            page.goto(f"http://127.0.0.1:{port}/", wait_until="load")
+            page.goto(url, wait_until="load")
             page.wait_for_selector("#image-upload", timeout=60_000)
             page.locator("#image-upload input[type=file]").set_input_files(
                 get_testdata_file("CT_small.dcm")
