@@ -72,6 +72,32 @@ def test_training_ids_equal_inference_processor_ids(ckpt):
     assert enc.input_ids.count(image_id) == n == 16
 
 
+@pytest.mark.parametrize("answer", ["  A CT.", "\n\nA CT.", "\n A CT."])
+def test_an_answers_leading_whitespace_does_not_merge_into_the_prompt(ckpt, answer):
+    """chatml ends its prompt with "\n"; an answer opening with more whitespace tokenized with
+    it as one BPE token, so training's prompt ids were not the ones evaluation feeds and the
+    first supervised token held prompt text."""
+    processor, template = ckpt
+    msgs = conversation_to_messages(
+        [{"from": "human", "value": "What is shown?\n<image>"}, {"from": "gpt", "value": answer}]
+    )
+    enc = encode_training_sample(msgs, processor, template, num_images=1)
+    prompt = processor.apply_chat_template(
+        [
+            {
+                "role": "user",
+                "content": [{"type": "image"}, {"type": "text", "text": "What is shown?"}],
+            }
+        ],
+        add_generation_prompt=True,
+        tokenize=False,
+    )
+    ids = processor(text=prompt, images=[Image.new("RGB", (32, 32))])["input_ids"][0]
+    n = len(ids)
+    assert enc.input_ids[:n] == list(ids)
+    assert enc.labels[:n] == [IGNORE_INDEX] * n and enc.labels[n] != IGNORE_INDEX
+
+
 def test_image_count_mismatch_raises(ckpt):
     processor, template = ckpt
     msgs = conversation_to_messages(CONV)

@@ -265,5 +265,10 @@ def conversation_to_messages(
             # caption prompt written "Describe ...\n<image>" trains in the shape every prompt
             # at evaluation and serving has: "<image>\nDescribe ...".
             value = IMAGE_PLACEHOLDER + "\n" + value.replace(IMAGE_PLACEHOLDER, "").strip()
+        elif role == "assistant":
+            # An answer's leading whitespace would join the prompt's last "\n" in one BPE token
+            # ("\n\n" -> "ĊĊ"): training would supervise a token holding prompt text, and the
+            # prompt ids would differ from the ones evaluation and serving feed.
+            value = value.lstrip()
         out.append(Message(role, value))
     return out
