@@ -14,6 +14,7 @@ test: setup
 	$(BIN)/python -m pytest -q
 
 test-slow: setup
+	bash scripts/webtest_deps.sh
 	$(BIN)/python -m pytest -q -m slow
 
 lint: setup
