@@ -438,3 +438,29 @@ def test_an_article_at_the_top_of_a_tarball_keeps_the_images_of_its_subfolders(t
         assert [r["pair_id"] for r in _records(tmp_path / f"out_{layout}")] == ["PMC1000003_f1"]
     assert got["top"]["reasons"] == got["folder"]["reasons"]
     assert "skipped: image missing" not in got["top"]["reasons"]
+
+
+def test_a_figure_id_too_long_for_a_file_name_is_cut_and_hashed(tmp_path):
+    """images/<pair_id>.jpg: a 300-character fig id made a file name over 255 bytes, and the
+    OSError (File name too long) killed the whole run, again on every re-run."""
+    long_a, long_b = "F" * 299 + "a", "F" * 299 + "b"
+    xml = _tiny_article("PMC9").replace(b'id="F1"', f'id="{long_a}"'.encode())
+    xml = xml.replace(
+        b"</sec>",
+        f'<fig id="{long_b}"><label>Figure 2</label><caption><p>Axial CT.</p></caption>'
+        '<graphic xlink:href="fig2"/></fig></sec>'.encode(),
+    )
+    src = tmp_path / "src" / "PMC9"
+    src.mkdir(parents=True)
+    (src / "PMC9.nxml").write_bytes(xml)
+    (src / "fig1.png").write_bytes(_png((200, 0, 0)))
+    (src / "fig2.png").write_bytes(_png((0, 0, 200)))
+    report = ingest([tmp_path / "src"], tmp_path / "out")
+    recs = _records(tmp_path / "out")
+    assert report["figures_written"] == 2 and len({r["pair_id"] for r in recs}) == 2
+    for rec in recs:
+        assert len(rec["pair_id"]) <= 200 and rec["pair_id"].startswith("PMC9_FFFF")
+        assert rec["fig_id"] in (long_a, long_b)
+        assert (tmp_path / "out" / rec["image"]).is_file()
+    assert ingest([tmp_path / "src"], tmp_path / "out2")["figures_written"] == 2
+    assert _records(tmp_path / "out2") == recs  # the same ids on every run

@@ -82,8 +82,17 @@ class PackageResult:
     seconds: float = 0.0
 
 
+# A pair_id names its image file (images/<pair_id>.jpg, written through a temp name about 20
+# characters longer): file names stop at 255 bytes, so a longer id is cut and made unique by a hash.
+MAX_PAIR_ID = 200
+
+
 def pair_id_for(pmcid: str | None, pmid: str | None, fallback: str, fig_id: str) -> str:
-    return _SAFE.sub("_", f"{pmcid or pmid or fallback}_{fig_id}")
+    pair_id = _SAFE.sub("_", f"{pmcid or pmid or fallback}_{fig_id}")
+    if len(pair_id) > MAX_PAIR_ID:
+        digest = hashlib.sha1(pair_id.encode("utf-8")).hexdigest()[:12]
+        pair_id = f"{pair_id[: MAX_PAIR_ID - 13]}_{digest}"
+    return pair_id
 
 
 # --- worker side -----------------------------------------------------------------------------
