@@ -464,3 +464,39 @@ def test_a_figure_id_too_long_for_a_file_name_is_cut_and_hashed(tmp_path):
         assert (tmp_path / "out" / rec["image"]).is_file()
     assert ingest([tmp_path / "src"], tmp_path / "out2")["figures_written"] == 2
     assert _records(tmp_path / "out2") == recs  # the same ids on every run
+
+
+def test_a_bad_size_option_is_refused_before_any_package_is_marked_done(tmp_path, capsys):
+    """--max-side -5 failed every image in the workers ("package error: ValueError"), and the
+    ledger then held every package as done: the corrected re-run wrote nothing."""
+    src = make_tarballs(tmp_path / "src")
+    out = tmp_path / "out"
+    base = ["data", "ingest", str(src), "--out", str(out), "--workers", "1", "--no-progress"]
+    for bad in (["--max-side", "-5"], ["--min-size", "-1"], ["--max-side", "16"]):
+        assert main([*base, *bad]) == 1
+        assert bad[0] in capsys.readouterr().err
+    assert not (out / ".done_packages.jsonl").exists()
+    assert main(base) == 0
+    assert _report(out)["figures_written"] == len(EXPECTED)
+
+
+def test_a_rerun_with_other_options_is_refused(tmp_path, capsys):
+    """Packages done are skipped whatever the options: a re-run asking for other domains into the
+    same folder wrote nothing and exited 0, as if there were no such figures."""
+    src = make_tarballs(tmp_path / "src")
+    out = tmp_path / "out"
+    base = ["data", "ingest", str(src), "--out", str(out), "--no-progress"]
+    assert main([*base, "--domains", "chest_xray", "--workers", "1"]) == 0
+    capsys.readouterr()
+    assert main([*base, "--domains", "mri"]) == 1
+    err = capsys.readouterr().err
+    assert "was built with other options" in err and "--domains" in err and "mri" in err
+    assert main([*base, "--keep-missing-images", "--domains", "chest_xray"]) == 1
+    assert "--keep-missing-images" in capsys.readouterr().err
+    # The same options resume, whatever the worker count; their order does not matter.
+    ingest([src], out, IngestOptions(keep_domains=("chest_xray",)), workers=2)
+    assert {r["pair_id"] for r in _records(out)} == {"PMC1000001_F1"}
+    # The lock is released after a refusal: the folder is usable again.
+    with pytest.raises(InputError, match="other options"):
+        ingest([src], out)
+    assert main([*base, "--domains", "chest_xray"]) == 0

@@ -23,7 +23,11 @@ Exits non-zero when it processed packages and none gave a figure (all corrupt, s
 with nothing new to do exits 0.
 
 Safe to interrupt (even kill -9): re-running the same command skips finished packages and never
-duplicates a pair_id. --shard K/N takes a deterministic share of the packages (K = 0..N-1, e.g.
+duplicates a pair_id. A re-run into the same DIR needs the options of its first run (--domains,
+--no-domains, --min-size, --max-side, --keep-missing-images; --workers may change): other ones
+are refused, as finished packages would not be redone with them.
+
+--shard K/N takes a deterministic share of the packages (K = 0..N-1, e.g.
 --shard $SLURM_ARRAY_TASK_ID/$SLURM_ARRAY_TASK_COUNT); give each shard its own --out."""
 
 

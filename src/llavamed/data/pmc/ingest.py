@@ -12,6 +12,9 @@ the image (a package whose download completed): the image is written, the new re
 and at the end of the run ``figures.jsonl`` is rewritten (temp + rename) without the image-less
 one. A kill before that rewrite leaves both lines; the next run's writer drops the old one first.
 
+The options that shape records are kept in ``.ingest_options.json``; a run with other ones into
+the same folder is refused, as the packages already done would not be redone with them.
+
 Reasons for skipping or failing are counted per package, stored in the ledger, and summed over
 all runs into ``ingest_report.json``.
 """
@@ -44,14 +47,21 @@ from llavamed.data.pmc.sources import (
     parse_shard,
     select_shard,
 )
-from llavamed.errors import InputError
-from llavamed.utils.io import JsonlAppender, atomic_path, atomic_write_bytes, atomic_write_json
+from llavamed.errors import ConfigError, InputError
+from llavamed.utils.io import (
+    JsonlAppender,
+    atomic_path,
+    atomic_write_bytes,
+    atomic_write_json,
+    read_json,
+)
 
 FIGURES = "figures.jsonl"
 IMAGES = "images"
 REPORT = "ingest_report.json"
 LEDGER = ".done_packages.jsonl"
 LOCK = ".ingest.lock"
+OPTIONS = ".ingest_options.json"
 
 _SAFE = re.compile(r"[^A-Za-z0-9._-]+")
 
@@ -71,6 +81,50 @@ class IngestOptions:
     jpeg_quality: int = 95
     max_pixels: int | None = None
     """Reject images with more pixels than this (None: :mod:`llavamed.images`' default)."""
+
+    def __post_init__(self) -> None:
+        # A bad value made every image fail in the workers ("package error: ValueError" for
+        # --max-side -5), and the ledger then held every package as done.
+        def bad(field: str, why: str) -> ConfigError:
+            flag = _OPTION_FLAGS.get(field)
+            return ConfigError(f"{flag or field}: {why}")
+
+        if self.min_image_size < 0:
+            raise bad("min_image_size", f"must be >= 0, got {self.min_image_size}")
+        if self.max_image_side is not None:
+            if self.max_image_side < 1:
+                raise bad("max_image_side", f"must be >= 1, got {self.max_image_side}")
+            if self.max_image_side < self.min_image_size:
+                raise bad(
+                    "max_image_side",
+                    f"{self.max_image_side} is below --min-size {self.min_image_size}: images "
+                    "would be downscaled under the minimum size",
+                )
+        if not 1 <= self.jpeg_quality <= 100:
+            raise bad("jpeg_quality", f"must be in 1..100, got {self.jpeg_quality}")
+        if self.max_pixels is not None and self.max_pixels < 1:
+            raise bad("max_pixels", f"must be >= 1, got {self.max_pixels}")
+        if self.keep_domains is not None:
+            bad_names = [d for d in self.keep_domains if d not in DOMAINS and d != "other"]
+            if bad_names or not self.keep_domains:
+                raise bad("keep_domains", f"unknown domain(s) {bad_names}")
+
+    def recorded(self) -> dict:
+        """The options as ``OPTIONS`` stores them: every one shapes the records written."""
+        out = asdict(self)
+        if out["keep_domains"] is not None:
+            out["keep_domains"] = sorted(out["keep_domains"])
+        return out
+
+
+# How the command line spells each option, for messages.
+_OPTION_FLAGS = {
+    "keep_missing_images": "--keep-missing-images",
+    "min_image_size": "--min-size",
+    "max_image_side": "--max-side",
+    "label_domains": "--no-domains",
+    "keep_domains": "--domains",
+}
 
 
 @dataclass
@@ -252,6 +306,36 @@ class IngestWriter:
         # Packages cut off by a crash: their records already written are not duplicates.
         self.partial = partial_sources
         self._drop_superseded()
+
+    def use_options(self, opts: IngestOptions) -> None:
+        """Record the options of the first run in ``OPTIONS``; refuse other ones later. Packages
+        are skipped as done whatever the options, so a re-run with ``--domains mri`` into a folder
+        built with ``--domains ct_scan`` wrote nothing and exited 0. A folder from before this
+        record existed takes the options it is given."""
+        path = self.out / OPTIONS
+        now = opts.recorded()
+        if not path.exists():
+            atomic_write_json(path, now)
+            return
+        try:
+            then = read_json(path)
+        except InputError:
+            then = None
+        if not isinstance(then, dict):  # written atomically, so only a hand edit breaks it
+            atomic_write_json(path, now)
+            return
+        defaults = IngestOptions().recorded()
+        changed = [k for k in now if then.get(k, defaults[k]) != now[k]]
+        if changed:
+            what = "; ".join(
+                f"{_OPTION_FLAGS.get(k, k)}: {then.get(k, defaults[k])!r} then, {now[k]!r} now"
+                for k in changed
+            )
+            raise InputError(
+                self.out,
+                "was built with other options",
+                f"{what}. Packages done are not redone: give another --out, or the same options",
+            )
 
     def is_done(self, pkg: PackageRef) -> bool:
         entry = self.done.get(pkg.key)
@@ -453,6 +537,11 @@ def ingest(
     if shard:
         packages = select_shard(packages, *shard)
     writer = IngestWriter(out_dir)
+    try:
+        writer.use_options(opts)
+    except BaseException:
+        writer.close()
+        raise
     t0 = time.perf_counter()
     figures = 0
     done_now = 0
