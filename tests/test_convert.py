@@ -526,3 +526,23 @@ def test_biomedclip_unmapped_trunk_key(biomedclip_state_dict, tmp_path):
     sd = biomedclip_state_dict | {"visual.trunk.fc_norm.weight": torch.ones(32)}
     with pytest.raises(InputError, match="fc_norm"):
         map_biomedclip_state_dict(sd)
+
+
+def test_a_key_in_two_shards_is_refused_not_taken_from_the_last(original_llava_med, tmp_path):
+    """A stale shard holding a key the index assigns to another shard gave that key the stale
+    shard's values (whichever sorted last), silently."""
+    from llavamed.model.convert.state_dict_io import load_state_dict
+
+    src, _, sd = original_llava_med
+    copy = tmp_path / "ck"
+    shutil.copytree(src, copy)
+    weight_map = json.loads((copy / "model.safetensors.index.json").read_text())["weight_map"]
+    key = "model.mm_projector.0.weight"
+    first, second = sorted(set(weight_map.values()))
+    assert weight_map[key] == first
+    stale = load_file(copy / second) | {key: torch.zeros_like(sd[key])}
+    save_file(stale, copy / second)
+    with pytest.raises(
+        InputError, match=rf"a key is in more than one shard \({re.escape(key)} in {first} and"
+    ):
+        load_state_dict(copy)

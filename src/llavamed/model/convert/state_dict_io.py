@@ -58,10 +58,23 @@ def load_state_dict(src: str | Path) -> dict:
         if index.exists():
             weight_map = _read_index(index)
             out: dict = {}
+            found_in: dict[str, str] = {}  # key -> the shard it was read from
             for shard in sorted(set(weight_map.values())):
                 if not (src / shard).exists():
                     raise InputError(src / shard, "missing shard listed in " + name)
-                out.update(_load_file(src / shard))
+                tensors = _load_file(src / shard)
+                # A key held by two shards (a stale shard from another save) has two values;
+                # taking whichever shard sorts last would ignore the index silently.
+                twice = sorted(k for k in tensors if k in found_in)
+                if twice:
+                    raise InputError(
+                        index,
+                        "a key is in more than one shard",
+                        f"{twice[0]} in {found_in[twice[0]]} and {shard}"
+                        + (f" (+{len(twice) - 1} more)" if len(twice) > 1 else ""),
+                    )
+                found_in.update(dict.fromkeys(tensors, shard))
+                out.update(tensors)
             missing = set(weight_map) - set(out)
             if missing:
                 raise InputError(
