@@ -500,3 +500,31 @@ def test_a_rerun_with_other_options_is_refused(tmp_path, capsys):
     with pytest.raises(InputError, match="other options"):
         ingest([src], out)
     assert main([*base, "--domains", "chest_xray"]) == 0
+
+
+def test_temp_files_of_a_killed_run_are_removed_by_the_next(tmp_path):
+    """A SIGKILL in the middle of an atomic write leaves its temp file (images/.<pair_id>.jpg.
+    XXXX.tmp, .figures.jsonl.XXXX.tmp); nothing removed them, run after run."""
+    import subprocess
+    import sys
+
+    src = make_tarballs(tmp_path / "src")
+    out = tmp_path / "out"
+    ingest([src], out)
+    kill_mid_write = (
+        "import os, signal, sys\n"
+        "from llavamed.utils.io import atomic_path\n"
+        "with atomic_path(sys.argv[1]) as tmp:\n"
+        "    tmp.write_bytes(b'half')\n"
+        "    os.kill(os.getpid(), signal.SIGKILL)\n"
+    )
+    for target in (out / "images" / "PMC1000002_F1.jpg", out / "figures.jsonl"):
+        res = subprocess.run([sys.executable, "-c", kill_mid_write, str(target)])
+        assert res.returncode == -9
+    (out / "images" / "notes.tmp").write_text("the user's")  # not ours: kept
+    assert len(list(out.rglob(".*.tmp"))) == 2
+    report = ingest([src], out)
+    assert list(out.rglob(".*.tmp")) == []
+    assert (out / "images" / "notes.tmp").exists()
+    assert report["figures_written"] == len(EXPECTED) == len(_records(out))
+    assert len(list((out / "images").glob("*.jpg"))) == len(EXPECTED)

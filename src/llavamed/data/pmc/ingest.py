@@ -279,6 +279,7 @@ class IngestWriter:
         except OSError as exc:
             self._lock.close()
             raise InputError(self.out, "another ingest is writing to this folder") from exc
+        self._remove_temp_files()
         self.ledger = JsonlAppender(self.out / LEDGER)
         self.done: dict[str, dict] = {e["package"]: e for e in self.ledger.existing()}
         self.figures = JsonlAppender(self.out / FIGURES)
@@ -306,6 +307,26 @@ class IngestWriter:
         # Packages cut off by a crash: their records already written are not duplicates.
         self.partial = partial_sources
         self._drop_superseded()
+
+    def _remove_temp_files(self) -> None:
+        """Remove the temp files a killed run left (``images/.<pair_id>.jpg.XXXX.tmp``,
+        ``.figures.jsonl.XXXX.tmp``): each atomic write removes its own unless the process is
+        SIGKILLed mid-write, and then nothing did. Safe here: this writer holds the folder's lock,
+        so no other run is writing them. One pass over the folder, cheaper than the read of
+        figures.jsonl that follows."""
+        ours = (FIGURES, REPORT, OPTIONS)
+        for folder, is_ours in (
+            (self.out / IMAGES, lambda n: ".jpg." in n),
+            (self.out, lambda n: any(n.startswith(f"{f}.") for f in ours)),
+        ):
+            with os.scandir(folder) as entries:
+                for entry in entries:
+                    name = entry.name
+                    if name[0] == "." and name.endswith(".tmp") and is_ours(name[1:]):
+                        try:
+                            os.unlink(entry.path)
+                        except OSError:
+                            pass
 
     def use_options(self, opts: IngestOptions) -> None:
         """Record the options of the first run in ``OPTIONS``; refuse other ones later. Packages
