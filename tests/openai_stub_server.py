@@ -17,6 +17,13 @@ socket without a response), ``nousage`` (success without a usage block), ``lengt
 cut at its last 10 characters, ``finish_reason: length``), ``refusal`` (200 with
 ``content: null``, a ``refusal`` message and ``finish_reason: content_filter``),
 ``streamerror`` (a streamed reply with an error chunk halfway, then carrying on).
+Shapes a real server may send: ``emptychoices`` (``choices: []``), ``nullcontent`` (content
+null, ``finish_reason: stop``), ``nulllength`` (content null, ``finish_reason: length``: a
+reasoning model that spent max_tokens thinking), ``toolcall`` (content null, a ``tool_calls``
+list, ``finish_reason: tool_calls``), ``parts`` (content as a list of ``{"type": "text"}``
+parts), ``retrydate`` (429 with an HTTP-date ``Retry-After`` ``retry_after`` s ahead),
+``redirect`` (307 to ``/v2/chat/completions``), ``badjson`` (200 whose Content-Length matches a
+body that is cut JSON).
 
 Run standalone (used by benchmarks, which want the server out of the client's process):
 ``python tests/openai_stub_server.py --latency 0.2`` prints ``PORT <n>`` and serves until killed.
@@ -25,6 +32,7 @@ Run standalone (used by benchmarks, which want the server out of the client's pr
 from __future__ import annotations
 
 import argparse
+import email.utils
 import json
 import socket
 import sys
@@ -64,12 +72,15 @@ class StubServer:
         retry_after: float = 0.05,
         hang_s: float = 2.0,
         responder: Responder | None = None,
+        strict_paths: bool = False,
     ):
         self.latency = latency
         self.default = default
         self.retry_after = retry_after
         self.hang_s = hang_s
         self.responder: Responder = responder or default_responder
+        # Like vLLM or OpenAI: only /v1/chat/completions (else any path ending in it).
+        self.strict_paths = strict_paths
         self._plan: deque[str] = deque()
         self._lock = threading.Lock()
         self.requests: list[dict] = []
@@ -163,7 +174,12 @@ class _Handler(BaseHTTPRequestHandler):
         stub = self.server_stub
         length = int(self.headers.get("Content-Length") or 0)
         raw = self.rfile.read(length)
-        if not self.path.split("?")[0].rstrip("/").endswith("/chat/completions"):
+        path = self.path.split("?")[0].rstrip("/")
+        if stub.strict_paths:
+            served = path == "/v1/chat/completions"
+        else:
+            served = path.endswith("/chat/completions")
+        if not served:
             self._send(404, b'{"error": {"message": "not found"}}')
             return
         try:
@@ -196,6 +212,13 @@ class _Handler(BaseHTTPRequestHandler):
             ms = str(int(stub.retry_after * 1000))
             self._send(429, json.dumps(err).encode(), {"retry-after-ms": ms})
             return
+        if behaviour == "retrydate":
+            when = email.utils.formatdate(time.time() + stub.retry_after, usegmt=True)
+            self._send(429, json.dumps(err).encode(), {"Retry-After": when})
+            return
+        if behaviour == "redirect":
+            self._send(307, b"", {"Location": "/v2/chat/completions"})
+            return
         if behaviour.isdigit():
             self._send(int(behaviour), json.dumps(err).encode())
             return
@@ -208,6 +231,12 @@ class _Handler(BaseHTTPRequestHandler):
             return
         if behaviour == "nochoices":
             self._send(200, b'{"id": "x", "object": "chat.completion"}')
+            return
+        if behaviour == "emptychoices":
+            self._send(200, b'{"id": "x", "object": "chat.completion", "choices": []}')
+            return
+        if behaviour == "badjson":
+            self._send(200, b'{"id": "x", "choices": [{"message": {"content": "cut')
             return
         if behaviour == "hang":
             time.sleep(stub.hang_s)
@@ -244,6 +273,21 @@ class _Handler(BaseHTTPRequestHandler):
                 "refusal": "I can't help with that.",
             }
             resp["choices"][0]["finish_reason"] = "content_filter"
+        msg = resp["choices"][0]
+        if behaviour in ("nullcontent", "nulllength", "toolcall"):
+            msg["message"]["content"] = None
+            msg["finish_reason"] = {"nulllength": "length", "toolcall": "tool_calls"}.get(
+                behaviour, "stop"
+            )
+        if behaviour == "toolcall":
+            call = {"name": "describe", "arguments": json.dumps({"text": text[:40]})}
+            msg["message"]["tool_calls"] = [{"id": "call_1", "type": "function", "function": call}]
+        if behaviour == "parts":
+            half = len(text) // 2
+            msg["message"]["content"] = [
+                {"type": "text", "text": text[:half]},
+                {"type": "text", "text": text[half:]},
+            ]
         if behaviour != "nousage":
             resp["usage"] = usage
         data = json.dumps(resp).encode()

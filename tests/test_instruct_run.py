@@ -386,6 +386,26 @@ def test_a_cut_answer_and_a_refusal_never_become_training_data(tmp_path):
         assert srv.count == 3  # the refusal was recorded: a re-run does not pay for it again
 
 
+def test_a_reply_without_text_is_dropped_by_name_once_not_retried(tmp_path):
+    """content null with finish_reason length (a reasoning model that spent max_tokens thinking)
+    or tool_calls was retried as malformed, paid for each time, and asked again every run."""
+    two_turns = "User: What is shown?\nAssistant: A chest radiograph."
+    with StubServer(responder=lambda body: two_turns) as srv:
+        opts = make_opts(srv, tmp_path, n=3, min_turns=1)
+        opts.client.concurrency = 1
+        srv.plan(["nulllength", "toolcall", "ok"])
+        report, rc = run_instruct(opts)
+        assert rc == 0 and srv.count == 3
+        t = report["totals"]
+        assert t["dropped_by_reason"] == {"cut_by_max_tokens": 1, "empty_reply": 1}
+        log = [json.loads(x) for x in opts.partial_path.read_text().splitlines()]
+        assert {e.get("finish_reason") for e in log if e.get("reason") == "empty_reply"} == {
+            "tool_calls"
+        }
+        run_instruct(opts)
+        assert srv.count == 3
+
+
 def test_image_paths_are_relative_to_the_output_folder(stub, tmp_path):
     opts = make_opts(stub, tmp_path, n=10, out=tmp_path / "sub" / "instruct.json")
     run_instruct(opts)

@@ -351,3 +351,17 @@ def test_a_questions_file_with_no_usable_record_is_named_not_the_answers(stub, t
         InputError, match=r"no answers match the questions by question_id.*missing_answer="
     ):
         run_judge(opts)
+
+
+def test_a_judgement_without_text_is_counted_invalid_not_retried_forever(stub, tmp_path):
+    """A judge that ends without text (content null: a reasoning model out of max_tokens) was
+    a 'malformed' reply: retried, then left pending, so every re-run paid for it again."""
+    opts = _one_at_a_time(make_opts(stub, tmp_path))
+    stub.default = "nulllength"
+    report, rc = run_judge(opts)
+    assert rc == 0 and report["complete"]
+    assert report["relative_score"]["overall"]["invalid"] == 5
+    sent = stub.count
+    assert sent == 10  # each question asked, and re-asked once
+    run_judge(opts)
+    assert stub.count == sent

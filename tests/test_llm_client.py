@@ -349,3 +349,36 @@ def test_for_each_concurrently_cancels_the_rest_when_one_fails():
     with pytest.raises(ValueError, match="record 0"):
         run(for_each_concurrently(list(range(8)), handle, concurrency=2))
     assert time.perf_counter() - t0 < 5 and finished == [] and len(started) == 4
+
+
+@pytest.mark.parametrize(
+    "shape, finish", [("nullcontent", "stop"), ("nulllength", "length"), ("toolcall", "tool_calls")]
+)
+def test_a_reply_that_finished_without_text_is_an_empty_answer_not_retried(stub, tmp_path, shape, finish):  # fmt: skip
+    """content null with a finish_reason (a reasoning model that spent max_tokens thinking, a
+    tool call nobody offered) is the model's answer: it was retried max_retries times, each paid
+    for, and failed 'retryable' so that every re-run paid for it again."""
+    stub.default = shape
+    o = opts(stub, max_retries=3, cache_path=str(tmp_path / "c.sqlite"))
+    stats, (r,) = run(_chat(o, max_tokens=50))
+    assert (r.text, r.finish_reason) == ("", finish) and stub.count == 1 and stats.retries == 0
+    stats, (r,) = run(_chat(o, max_tokens=50))
+    assert r.cached and r.finish_reason == finish and stub.count == 1  # a re-run pays nothing
+
+
+def test_content_parts_are_joined_and_a_glitch_shape_is_still_retried(stub):
+    stub.plan(["parts"])
+    stats, (r,) = run(_chat(opts(stub)))
+    assert r.text.startswith("User: What does the image show?") and stats.retries == 0
+    assert r.text.endswith("abnormal appearance in the image.")
+    stub.plan(["emptychoices", "nochoices", "badjson", "ok"])
+    stats, (r,) = run(_chat(opts(stub)))
+    assert r.text and stats.retry_reasons["malformed_response"] == 3
+
+
+def test_retry_after_as_an_http_date_is_honoured(stub):
+    stub.retry_after = 2.0  # HTTP-dates have whole seconds: the wait is 1 to 2 s
+    stub.plan(["retrydate", "ok"])
+    t0 = time.monotonic()
+    stats, _ = run(_chat(opts(stub)))
+    assert stats.retry_reasons["http_429"] == 1 and 0.9 <= time.monotonic() - t0 < 5

@@ -61,6 +61,8 @@ RETRYABLE_STATUS = {408, 409, 425, 429, 500, 502, 503, 504, 520, 522, 524, 529}
 # Wrong key, no credits left (402), wrong endpoint or model: every request would fail.
 FATAL_STATUS = {401, 402, 403, 404}
 MODEL_REFUSAL = "model_refusal"  # a reply without text: content filter or an explicit refusal
+# finish_reason values with which a reply whose content is null is a complete (empty) answer
+FINISHED_WITHOUT_TEXT = {"stop", "length", "tool_calls", "function_call"}
 
 
 class LLMError(LlavamedError):
@@ -314,11 +316,20 @@ def _extract_choice(data: Any) -> tuple[str, str | None, dict | None]:
     content = msg.get("content") if isinstance(msg, dict) else None
     if content is None:
         content = choices[0].get("text")  # legacy completions shape some servers return
+    if isinstance(content, list):  # content parts: [{"type": "text", "text": ...}, ...]
+        texts = [p.get("text") for p in content if isinstance(p, dict) and p.get("type") == "text"]
+        if texts and all(isinstance(t, str) for t in texts):
+            content = "".join(texts)
     finish = choices[0].get("finish_reason")
     refusal = msg.get("refusal") if isinstance(msg, dict) else None
     if content is None and (finish == "content_filter" or refusal):
         # An answer, not a glitch: asking again gets the same, and a re-run would pay for it again.
         raise LLMError(MODEL_REFUSAL, str(refusal or finish)[:200])
+    if content is None and finish in FINISHED_WITHOUT_TEXT:
+        # The model finished and wrote no text: a reasoning model that spent max_tokens thinking
+        # ("length"), a tool call nobody offered, an immediate end. That is its answer (an empty
+        # one); asking again would pay for the same again, max_retries times, on every re-run.
+        content = ""
     if not isinstance(content, str):
         raise _Retryable("malformed_response", "choice has no text content")
     usage = data.get("usage") if isinstance(data.get("usage"), dict) else None

@@ -268,7 +268,17 @@ async def _generate(opts, prompts, pending, appender, fp, sources, bar) -> _RunO
                 turn_drops=dict(drops),
             )
             if not parsed.turns:
-                entry.update(status="dropped", reason="unparseable", raw=r.text[:2000])
+                # Nothing usable: a reply cut before its first answer ended (raise --max-tokens),
+                # a reply with no text at all (finish_reason names why), or text in no format.
+                if r.finish_reason == "length":
+                    reason = "cut_by_max_tokens"
+                elif not r.text.strip():
+                    reason = "empty_reply"
+                else:
+                    reason = "unparseable"
+                entry.update(status="dropped", reason=reason, raw=r.text[:2000])
+                if reason == "empty_reply":
+                    entry["finish_reason"] = r.finish_reason
             elif len(cleaned.turns) < opts.min_turns:
                 entry.update(status="dropped", reason="too_few_turns")
             else:
