@@ -528,3 +528,33 @@ def test_temp_files_of_a_killed_run_are_removed_by_the_next(tmp_path):
     assert (out / "images" / "notes.tmp").exists()
     assert report["figures_written"] == len(EXPECTED) == len(_records(out))
     assert len(list((out / "images").glob("*.jpg"))) == len(EXPECTED)
+
+
+def test_an_unpacked_tarball_keeps_the_images_of_its_subfolders(tmp_path):
+    """PMC1/PMC1.nxml with its images in PMC1/figs/: read as a tarball, the article kept them;
+    unpacked with tar xzf, the same article lost them ("image missing"). A subfolder with an
+    article of its own keeps its images, and an image arriving in figs/ redoes the package."""
+    from pmc_fixtures import write_dir
+
+    files = article_files("PMC1000003")
+    nested = {"PMC1000003.nxml": files["PMC1000003.nxml"], "figs/kidney.jpg": files["kidney.jpg"]}
+    tar = write_tar(tmp_path / "tars" / "p.tar.gz", "PMC1000003", nested)
+    from_tar = ingest([tar], tmp_path / "out_tar")
+    folder = tmp_path / "dirs" / "PMC1000003"
+    (folder / "figs").mkdir(parents=True)
+    write_dir(folder, nested)
+    other = _tiny_article("PMC5").replace(b"fig1", b"kidney")  # its own kidney image, in a
+    write_dir(folder / "figs" / "PMC5", {"a.nxml": other})  # subfolder of figs/: none here
+    from_dir = ingest([tmp_path / "dirs"], tmp_path / "out_dir")
+    assert [r["pair_id"] for r in _records(tmp_path / "out_tar")] == ["PMC1000003_f1"]
+    assert [r["pair_id"] for r in _records(tmp_path / "out_dir")] == ["PMC1000003_f1"]
+    # PMC5's image is missing, not PMC1000003's (whose XML is malformed on purpose)
+    assert from_dir["reasons"] == {**from_tar["reasons"], "skipped: image missing": 1}
+    assert "skipped: image missing" not in from_tar["reasons"]
+    [rec_dir], [rec_tar] = _records(tmp_path / "out_dir"), _records(tmp_path / "out_tar")
+    assert rec_dir["image_sha1"] == rec_tar["image_sha1"]
+    (folder / "figs" / "PMC5" / "kidney.png").write_bytes(_png((0, 0, 200)))
+    again = ingest([tmp_path / "dirs"], tmp_path / "out_dir")
+    assert again["last_run"]["packages_processed"] == 1  # PMC5's folder only
+    (folder / "figs" / "extra.png").write_bytes(_png((0, 200, 0)))  # arrives in figs/
+    assert ingest([tmp_path / "dirs"], tmp_path / "out_dir")["last_run"]["packages_processed"] == 1

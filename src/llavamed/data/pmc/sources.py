@@ -79,19 +79,47 @@ def _suffix(name: str) -> str:
 
 
 def _folder_fingerprint(folder: Path) -> int:
-    """What a folder package's resume record compares: its files' names and sizes. A folder's own
-    size does not change when files arrive in it, so an article ingested while its images were
-    still downloading was skipped as done for good."""
-    import hashlib
-
+    """What a folder package's resume record compares: its files' names and sizes, and those of
+    the image subfolders it reads (:func:`_folder_files`). A folder's own size does not change
+    when files arrive in it, so an article ingested while its images were still downloading was
+    skipped as done for good."""
     h = hashlib.blake2b(digest_size=8)
-    try:
-        for entry in sorted(os.scandir(folder), key=lambda e: e.name):
-            if entry.is_file():
-                h.update(f"{entry.name}\0{entry.stat().st_size}\0".encode("utf-8", "replace"))
-    except OSError:
-        pass  # unreadable: _iter_dir notes it
+    for rel, path in _folder_files(folder):
+        try:
+            size = path.stat().st_size
+        except OSError:
+            size = -1
+        h.update(f"{rel}\0{size}\0".encode("utf-8", "replace"))
     return int.from_bytes(h.digest(), "big") >> 1  # a positive int, as sizes are
+
+
+def _folder_files(folder: Path) -> Iterator[tuple[str, Path]]:
+    """``(path relative to folder, path)`` of a folder package's files: its own, then the images
+    of its subfolders that hold no XML (``figs/``, ``thumbs/``), nearer folders first. A tarball
+    keeps those images with the article; unpacking it with ``tar xzf`` lost them ("image
+    missing"). A subfolder with XML of its own is another package, and keeps its files."""
+    queue = [(folder, "")]
+    while queue:  # breadth first, so a nearer image of a name is met first
+        here, rel = queue.pop(0)
+        try:
+            entries = sorted(os.scandir(here), key=lambda e: e.name)
+        except OSError:
+            continue  # unreadable: _iter_dir notes it for the package's own folder
+        subdirs = []
+        for entry in entries:
+            if entry.is_dir(follow_symlinks=False):
+                subdirs.append(entry)
+            elif entry.is_file() and (not rel or _suffix(entry.name) in IMAGE_SUFFIXES):
+                yield f"{rel}{entry.name}", Path(entry.path)
+        for entry in subdirs:
+            try:
+                holds_xml = any(
+                    _suffix(e.name) in XML_SUFFIXES and e.is_file() for e in os.scandir(entry.path)
+                )
+            except OSError:
+                continue
+            if not holds_xml:
+                queue.append((Path(entry.path), f"{rel}{entry.name}/"))
 
 
 def discover(sources: list[str | os.PathLike]) -> list[PackageRef]:
@@ -305,6 +333,10 @@ def _iter_dir(folder: Path, notes: list[str], only: str | None = None) -> Iterat
     images: dict[str, bytes | Path] = {
         n.lower(): folder / n for n in names if _suffix(n) in IMAGE_SUFFIXES
     }
+    if only is None:  # a folder package: the images of its subfolders too (a lone file: its own)
+        for rel, path in _folder_files(folder):
+            if "/" in rel:
+                images.setdefault(path.name.lower(), path)
     xml_names = [n for n in names if _suffix(n) in XML_SUFFIXES and (only is None or n == only)]
     # Each file is read when its article is asked for: a bulk folder of thousands of articles is
     # never held in memory at once (images are paths, read by the worker when encoded).
