@@ -251,6 +251,10 @@ def _variant(src, sd, dst, change):
          r"tensor shapes do not fit the config \(model\.mm_projector\.2\.weight \(32, 31\)"),
         (lambda sd: {k: v for k, v in sd.items() if "layers.1.mlp.up_proj" not in k},
          r"missing=\['model\.language_model\.layers\.1\.mlp\.up_proj\.weight'\]"),
+        # a linear projector's weights under an mlp2x_gelu config: a raw ValueError before
+        (lambda sd: {k: v for k, v in sd.items() if "mm_projector" not in k}
+         | {"model.mm_projector.weight": torch.zeros(32, 24)},
+         r"unmapped source keys \(model\.mm_projector\.weight\)"),
     ],
 )  # fmt: skip
 def test_llava_med_a_key_or_shape_that_does_not_fit_fails_loudly(

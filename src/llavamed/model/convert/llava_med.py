@@ -253,9 +253,10 @@ def convert_llava_med(
             used.append(k)
             continue
         if k.startswith("model.mm_projector."):
-            idx, rest = k[len("model.mm_projector.") :].split(".", 1)
+            # A linear projector's ``model.mm_projector.weight`` has no index: unmapped below.
+            idx, _, rest = k[len("model.mm_projector.") :].partition(".")
             name = {"0": "linear_1", "2": "linear_2"}.get(idx)
-            if name is None:
+            if name is None or not rest:
                 continue  # reported as unmapped below
             native = f"model.multi_modal_projector.{name}.{rest}"
         elif k.startswith("model."):
