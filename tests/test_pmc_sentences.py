@@ -99,3 +99,22 @@ def test_a_sentence_ends_after_a_panel_range_or_list():
         ]
     assert len(sentences("As shown by Smith and J. Jones in 2019.")) == 1
     assert len(sentences("In 2019 J. Smith showed it.")) == 1
+
+
+def test_a_capital_letter_named_by_the_word_before_it_ends_a_sentence():
+    """Neither "stained with H&E." nor "hepatitis B." ends with an initial: the sentence was
+    joined to the next one, which cites a figure, and landed in the figure's inline mentions."""
+    text = (
+        "Sections were stained with H&E. Tumour cells infiltrate the dermis (Fig. 3). "
+        "The patient had hepatitis B. Liver biopsy is shown in Fig. 2. See panels A and B. "
+        "Cultures grew S. Typhimurium and E. coli. Dr. J. Smith agreed."
+    )
+    assert sentences(text) == [
+        "Sections were stained with H&E.",
+        "Tumour cells infiltrate the dermis (Fig. 3).",
+        "The patient had hepatitis B.",
+        "Liver biopsy is shown in Fig. 2.",
+        "See panels A and B.",
+        "Cultures grew S. Typhimurium and E. coli.",
+        "Dr. J. Smith agreed.",
+    ]

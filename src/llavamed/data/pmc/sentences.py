@@ -40,6 +40,17 @@ _PANELS_BEFORE = re.compile(
 )
 
 
+# A capital letter that ends a sentence, not an initial: after "&" ("stained with H&E."), or
+# named by the word before it ("hepatitis B.", "vitamin D.", "grade A.", "panels A and B.").
+_LETTER_NAMED_BY = re.compile(
+    r"(?:&|\b(?:panels?|types?|subtypes?|groups?|hepatitis|vitamins?|grades?|stages?|class|"
+    r"zones?|lanes?|phases?|serotypes?|serogroups?|genotypes?|proteins?|factors?|cohorts?|"
+    r"arms?|categor(?:y|ies)|segments?|regions?|sites?|levels?)\s+"
+    r"(?:[A-Z]\s*(?:,|and|or|&|[-\u2010-\u2015])\s*)*)$",
+    re.I,
+)
+
+
 def split_sentences(text: str) -> list[tuple[int, int]]:
     """Return ``(start, end)`` character spans of the sentences in ``text`` (spans exclude the
     whitespace between sentences)."""
@@ -73,7 +84,9 @@ def _is_abbreviation(text: str, dot: int) -> bool:
     if len(word) == 1 and word.isupper():
         # An initial ("J. Smith", "(A. fumigatus)"), unless it is a panel letter after a
         # figure number: "... in Figure 1B. The kidneys ..." and "... in Figure 1A–C. The
-        # kidneys ..." end there.
+        # kidneys ..." end there; so do "H&E." and "hepatitis B.".
+        if _LETTER_NAMED_BY.search(text, max(0, m.start(1) - 40), m.start(1)):
+            return False
         return not _PANELS_BEFORE.search(text, max(0, dot - 40), dot)
     if "." in word:  # "e.g", "i.e", "U.S" (the word runs up to the final period)
         return word.lower() in ABBREVIATIONS or all(len(p) <= 1 for p in word.split("."))
