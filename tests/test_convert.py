@@ -550,3 +550,24 @@ def test_a_key_in_two_shards_is_refused_not_taken_from_the_last(original_llava_m
         InputError, match=rf"a key is in more than one shard \({re.escape(key)} in {first} and"
     ):
         load_state_dict(copy)
+
+
+@pytest.mark.parametrize(
+    ("option", "error"),
+    [
+        # The 3-layer tower has hidden states -4..3: this converted, then every forward pass
+        # failed with an IndexError inside transformers.
+        ({"mm_vision_select_layer": -30},
+         r"config\.json: unsupported option \(mm_vision_select_layer=-30: .* indexed -4\.\.3\)"),
+    ],
+)  # fmt: skip
+def test_llava_med_config_that_does_not_fit_the_weights_fails_loudly(
+    original_llava_med, tmp_path, option, error
+):
+    from llavamed.model.convert.llava_med import convert_llava_med
+
+    src, _, sd = original_llava_med
+    bad = _with_config(src, sd, tmp_path / "src", **option)
+    with pytest.raises(InputError, match=error):
+        convert_llava_med(bad, tmp_path / "out")
+    assert not (tmp_path / "out").exists()

@@ -142,6 +142,26 @@ def _missing_sentencepiece() -> bool:
         return True
 
 
+def _feature_layer(src_cfg: dict, cfg_path: Path, n_layers: int) -> int:
+    """``mm_vision_select_layer`` as native llava's ``vision_feature_layer``, refused when the
+    tower has no such hidden state: the folder would convert and then fail in every forward
+    pass with an IndexError deep inside transformers."""
+    from llavamed.errors import ConfigError
+    from llavamed.model.compose import check_feature_layer
+
+    layer = src_cfg.get("mm_vision_select_layer", -2)
+    try:
+        check_feature_layer(layer, n_layers)
+    except ConfigError:
+        raise InputError(
+            cfg_path,
+            "unsupported option",
+            f"mm_vision_select_layer={layer!r}: the vision tower has {n_layers} layers, so its "
+            f"hidden states are indexed {-(n_layers + 1)}..{n_layers}",
+        ) from None
+    return layer
+
+
 def convert_llava_med(
     src: str | Path, dst: str | Path, *, vision_tower: str | Path | None = None
 ) -> Path:
@@ -213,6 +233,7 @@ def convert_llava_med(
     vcfg, vision_weights, vision_used, mean, std = _vision_config_and_weights(
         src_cfg, sd, vision_tower, src
     )
+    feature_layer = _feature_layer(src_cfg, cfg_path, int(vcfg.num_hidden_layers))
 
     text_cfg = {k: v for k, v in src_cfg.items() if k not in LLAVA_KEYS}
     for k in ("architectures", "model_type", "_name_or_path", "transformers_version", "auto_map"):
@@ -236,7 +257,7 @@ def convert_llava_med(
         image_token_id=image_token_id,
         projector_hidden_act="gelu",
         vision_feature_select_strategy=select,
-        vision_feature_layer=int(src_cfg.get("mm_vision_select_layer", -2)),
+        vision_feature_layer=feature_layer,
         # "full" (LLaVA's cls_patch) keeps the CLS token as one more image token.
         image_seq_length=(image_size // patch) ** 2 + (select == "full"),
         tie_word_embeddings=bool(src_cfg.get("tie_word_embeddings", False)),
