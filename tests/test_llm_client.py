@@ -382,3 +382,39 @@ def test_retry_after_as_an_http_date_is_honoured(stub):
     t0 = time.monotonic()
     stats, _ = run(_chat(opts(stub)))
     assert stats.retry_reasons["http_429"] == 1 and 0.9 <= time.monotonic() - t0 < 5
+
+
+def test_a_redirect_stops_the_job_naming_where_it_points(stub):
+    """A 3xx was neither fatal nor retried: every figure failed on its own and the job ended
+    with exit 3, to fail the same way on every re-run."""
+    stub.default = "redirect"
+
+    async def go():
+        async with LLMClient(opts(stub)) as c:
+            with pytest.raises(LLMError) as ei:
+                await asyncio.gather(*[c.chat(MSGS) for _ in range(3)])
+            return ei.value
+
+    exc = run(go())
+    assert exc.kind == "http_307" and exc.fatal and "/v2/chat/completions" in str(exc)
+
+
+def test_base_url_without_v1_or_with_the_endpoint():
+    with StubServer(strict_paths=True) as srv:  # like vLLM/OpenAI: only /v1/chat/completions
+        root = srv.base_url[: -len("/v1")]
+        with pytest.raises(LLMError) as ei:
+            run(_chat(opts(srv, base_url=root)))
+        assert ei.value.fatal and "usually ending in /v1" in str(ei.value)
+        for url in (srv.base_url + "/chat/completions", srv.base_url + "/chat/completions/"):
+            _, (r,) = run(_chat(opts(srv, base_url=url)))  # the endpoint given as the root
+            assert r.text
+
+
+def test_a_401_without_a_key_says_none_was_sent(stub):
+    stub.default = "401"
+    with pytest.raises(LLMError) as ei:
+        run(_chat(opts(stub)))
+    assert ei.value.fatal and "no API key was sent" in str(ei.value)
+    with pytest.raises(LLMError) as ei:
+        run(_chat(opts(stub, api_key="sk-wrong")))
+    assert "no API key was sent" not in str(ei.value)

@@ -364,7 +364,9 @@ class LLMClient:
         self._rng = random.Random(seed)
         self._silent_attempts = 0  # in a row, over all requests: the circuit breaker
         self._last_answer = time.monotonic()  # the client's start counts as one
-        url = options.base_url.rstrip("/") + "/chat/completions"
+        url = options.base_url.rstrip("/")
+        if not url.endswith("/chat/completions"):  # the endpoint given for the API root
+            url += "/chat/completions"
         self._url = url
         self._params = {"api-version": options.api_version} if options.api_version else None
         headers = {"Content-Type": "application/json"}
@@ -626,6 +628,21 @@ class LLMClient:
         detail = text[:300].replace("\n", " ")
         if status in RETRYABLE_STATUS or status >= 500:
             raise _Retryable(f"http_{status}", detail, parse_retry_after(headers))
+        if 300 <= status < 400:
+            # Not followed (a POST redirected may come back a GET), and every request would get
+            # the same: the job stops at once instead of failing figure after figure.
+            where = headers.get("location") or "an unnamed location"
+            detail = f"{self._url} redirects to {where}; give the final API root as --base-url"
+            raise LLMError(f"http_{status}", detail, fatal=True)
+        if status in (401, 403) and not self.opts.api_key:
+            detail += (
+                " (no API key was sent: the variable --api-key-env names, OPENAI_API_KEY by "
+                "default, is unset or empty)"
+            )
+        if status == 404 and not self.opts.api_version:
+            root = self.opts.base_url.rstrip("/")
+            if not root.endswith("/v1"):
+                detail += f" (POST {self._url}: --base-url is the API root, usually ending in /v1)"
         raise LLMError(f"http_{status}", detail, fatal=status in FATAL_STATUS)
 
     def _account(
