@@ -559,6 +559,11 @@ def test_a_key_in_two_shards_is_refused_not_taken_from_the_last(original_llava_m
         # failed with an IndexError inside transformers.
         ({"mm_vision_select_layer": -30},
          r"config\.json: unsupported option \(mm_vision_select_layer=-30: .* indexed -4\.\.3\)"),
+        # The weights have one row per tokenizer entry; the tensors were grown by the <image>
+        # rows for a 32000-row vocabulary and reported with 66305 rows they do not have.
+        ({"vocab_size": 32000},
+         r"config\.json: vocab_size does not fit the weights \(vocab_size=32000 but "
+         r"model\.embed_tokens\.weight has 49152 rows\)"),
     ],
 )  # fmt: skip
 def test_llava_med_config_that_does_not_fit_the_weights_fails_loudly(

@@ -298,6 +298,13 @@ def convert_llava_med(
     # Grow the embedding (and untied head) by the <image> row(s); their values are never read for
     # image positions, so the mean embedding is a safe, deterministic fill.
     for key in ("model.language_model.embed_tokens.weight", "lm_head.weight"):
+        if key in target and target[key].shape[0] != old_vocab:
+            # Grown anyway, the tensor would be reported with rows it does not have.
+            raise InputError(
+                cfg_path,
+                "vocab_size does not fit the weights",
+                f"vocab_size={old_vocab} but {source_of[key]} has {target[key].shape[0]} rows",
+            )
         if key in target and target[key].shape[0] < vocab:
             w = target[key]
             extra = w.mean(dim=0, keepdim=True).expand(vocab - old_vocab, -1)
