@@ -558,3 +558,20 @@ def test_an_unpacked_tarball_keeps_the_images_of_its_subfolders(tmp_path):
     assert again["last_run"]["packages_processed"] == 1  # PMC5's folder only
     (folder / "figs" / "extra.png").write_bytes(_png((0, 200, 0)))  # arrives in figs/
     assert ingest([tmp_path / "dirs"], tmp_path / "out_dir")["last_run"]["packages_processed"] == 1
+
+
+def test_a_dangling_symlink_among_the_packages_is_counted_not_fatal(tmp_path):
+    """A package that is listed but cannot be stat'ed (a dangling symlink, a file a downloader
+    renamed meanwhile) stopped discovery, and the whole run, with a FileNotFoundError."""
+    src = make_tarballs(tmp_path / "src")
+    (src / "PMC1000003.tar.gz").rename(tmp_path / "PMC1000003.tar.gz")
+    (src / "PMC1000003.tar.gz").symlink_to(tmp_path / "elsewhere" / "PMC1000003.tar.gz")
+    report = ingest([src], tmp_path / "out")
+    assert report["reasons"]["unreadable package file"] == 1
+    assert report["packages_done"] == 3
+    assert "PMC1000003_f1" not in {r["pair_id"] for r in _records(tmp_path / "out")}
+    (tmp_path / "elsewhere").mkdir()  # the link's target arrives: the package is done again
+    (tmp_path / "PMC1000003.tar.gz").rename(tmp_path / "elsewhere" / "PMC1000003.tar.gz")
+    report = ingest([src], tmp_path / "out")
+    assert report["last_run"]["packages_processed"] == 1
+    assert {r["pair_id"] for r in _records(tmp_path / "out")} == set(EXPECTED)

@@ -134,9 +134,16 @@ def discover(sources: list[str | os.PathLike]) -> list[PackageRef]:
         if real in real_seen:
             return
         real_seen.add(real)
-        st = path.stat()
         while key in found:  # two sources with the same relative layout
             key = f"{key}~"
+        try:
+            st = path.stat()
+        except OSError:
+            # A dangling symlink, or a file a downloader renamed since it was listed: one such
+            # entry stopped the whole run with a traceback. It is a package that cannot be read
+            # (counted as such); once it can be, its size differs and it is done again.
+            found[key] = PackageRef(key, str(path), kind, -1, 0.0)
+            return
         size = _folder_fingerprint(path) if kind == "dir" else st.st_size
         found[key] = PackageRef(key, str(path), kind, size, st.st_mtime)
 
@@ -289,6 +296,9 @@ def _iter_tar(pkg: PackageRef, notes: list[str]) -> Iterator[ArticleFiles]:
     group = _TarGroup(None)
     try:
         tf = tarfile.open(pkg.path, mode="r|*")
+    except (FileNotFoundError, PermissionError, IsADirectoryError):
+        notes.append("unreadable package file")
+        return
     except (tarfile.TarError, OSError, EOFError, zlib.error):
         notes.append("corrupt tarball")
         return
