@@ -286,6 +286,27 @@ def test_dry_run_calls_nothing(stub, tmp_path):
     assert report["already_done"] == 10 and report["requests_needed"] == 10
 
 
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--max-tokens", "-500"], "--max-tokens must be >= 1"),  # dry run estimated < 0 tokens
+        (["--max-tokens", "0"], "--max-tokens must be >= 1"),
+        (["--temperature", "-1"], "--temperature must be >= 0"),
+        (["--max-retries", "-1"], "--max-retries must be >= 0"),
+    ],
+)
+def test_bad_sampling_flags_are_refused_before_anything_is_written(tmp_path, capsys, flags, message):  # fmt: skip
+    from llavamed.cli import main
+
+    write_figures(tmp_path / "figures.jsonl", 3)
+    base = ["--figures", str(tmp_path / "figures.jsonl"), "--out", str(tmp_path / "o.json"),
+            "--base-url", "http://127.0.0.1:9/v1", "--model", "gpt-4o", "--no-progress"]  # fmt: skip
+    for cmd in (["data", "instruct", *base, "--dry-run"], ["data", "instruct", *base]):
+        assert main([*cmd, *flags]) != 0
+        assert message in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["figures.jsonl"]
+
+
 def test_llava_med_caption_json_input(stub, tmp_path):
     data = {
         d: [

@@ -365,3 +365,13 @@ def test_a_judgement_without_text_is_counted_invalid_not_retried_forever(stub, t
     assert sent == 10  # each question asked, and re-asked once
     run_judge(opts)
     assert stub.count == sent
+
+
+def test_judge_refuses_a_max_tokens_no_server_takes(stub, tmp_path, capsys):
+    from llavamed.cli import main
+
+    qs, ans = write_inputs(tmp_path)
+    argv = ["eval", "judge", "--questions", str(qs), "--answers", str(ans), "--base-url",
+            stub.base_url, "--model", "judge", "--no-progress", "--max-tokens", "0"]  # fmt: skip
+    assert main(argv) != 0 and "--max-tokens must be >= 1" in capsys.readouterr().err
+    assert stub.count == 0

@@ -418,3 +418,15 @@ def test_a_401_without_a_key_says_none_was_sent(stub):
     with pytest.raises(LLMError) as ei:
         run(_chat(opts(stub, api_key="sk-wrong")))
     assert "no API key was sent" not in str(ei.value)
+
+
+def test_bad_retry_and_sampling_values_are_refused():
+    from llavamed.errors import LlavamedError
+    from llavamed.llm.client import check_sampling
+
+    with pytest.raises(LlavamedError, match="--max-retries"):
+        ClientOptions(base_url="http://x", model="m", max_retries=-1)
+    for max_tokens, temperature in ((0, 0.7), (-5, 0.7), (10, -1.0), (10, float("nan"))):
+        with pytest.raises(LlavamedError):
+            check_sampling(max_tokens, temperature)
+    check_sampling(1, 0.0)

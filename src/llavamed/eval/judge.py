@@ -32,6 +32,7 @@ from llavamed.llm.client import (
     ClientOptions,
     LLMClient,
     LLMError,
+    check_sampling,
     for_each_concurrently,
 )
 from llavamed.utils.io import JsonlAppender, atomic_write_json, iter_jsonl_numbered
@@ -211,6 +212,9 @@ class JudgeOptions:
     progress: bool = True
     report_path: Path | None = None
     extra: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        check_sampling(self.max_tokens, self.temperature)
 
     @property
     def resolved_report_path(self) -> Path:

@@ -102,6 +102,16 @@ def estimate_tokens(obj: str | list[dict]) -> int:
     return sum(estimate_tokens(str(m.get("content", ""))) + TOKENS_PER_MESSAGE for m in obj) + 2
 
 
+def check_sampling(max_tokens: int, temperature: float) -> None:
+    """Sampling options a job sends with every request: a value no server takes would otherwise
+    be rejected figure after figure (and a negative --max-tokens made --dry-run's estimate
+    negative)."""
+    if max_tokens < 1:
+        raise LlavamedError(f"--max-tokens must be >= 1 (got {max_tokens})")
+    if not temperature >= 0:  # also NaN
+        raise LlavamedError(f"--temperature must be >= 0 (got {temperature})")
+
+
 def lookup_price(model: str) -> tuple[float, float] | None:
     name = model.lower().rsplit("/", 1)[-1]
     best = None
@@ -170,6 +180,8 @@ class ClientOptions:
                 raise LlavamedError(f"--{name} must be > 0")
         if self.timeout <= 0:
             raise LlavamedError("--timeout must be > 0")
+        if self.max_retries < 0:
+            raise LlavamedError("--max-retries must be >= 0")
         if self.max_silent_attempts < 1:
             raise LlavamedError("max_silent_attempts must be >= 1")
         if self.unreachable_after_s < 0:

@@ -44,6 +44,7 @@ from llavamed.llm.client import (
     ClientOptions,
     LLMClient,
     LLMError,
+    check_sampling,
     estimate_tokens,
     for_each_concurrently,
     lookup_price,
@@ -100,6 +101,9 @@ class InstructOptions:
     report_path: Path | None = None
     """Default: ``<out stem>_report.json`` beside the output."""
     extra: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        check_sampling(self.max_tokens, self.temperature)
 
     @property
     def partial_path(self) -> Path:
