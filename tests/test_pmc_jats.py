@@ -378,3 +378,27 @@ def test_lists_and_line_breaks_do_not_fuse_words():
     assert figs["F2"].caption == "Axial CT of the liver. Mass. Arrow head"
     assert a.mentions["F1"] == ["Two findings: a mass in the liver (Figure 1); Ascites was seen."]
     assert a.mentions["F2"] == ["Other text as in Figure 2."]
+
+
+@pytest.mark.parametrize(
+    ("encoding", "caption"),
+    [
+        ("ISO-8859-2", "Zdjęcie płuc, RTG"),
+        ("windows-1251", "Рентгенограмма грудной клетки"),
+        ("Shift_JIS", "胸部X線写真"),
+        ("ISO-8859-1", "Radiographie “thoracique” é"),  # cp1252 quotes in a Latin-1 file
+    ],
+)
+def test_a_declared_encoding_holds_when_an_entity_forces_the_repair_parse(encoding, caption):
+    """A file in the encoding its prolog declares parses as is, until one &nbsp; (no DTD) sends it
+    to the repair parse, which read every non-UTF-8 file as cp1252: "płuc" became "p³uc"."""
+    xml = (
+        f'<?xml version="1.0" encoding="{encoding}"?><article><front><article-meta>'
+        '<article-id pub-id-type="pmc">6</article-id></article-meta></front><body>'
+        f'<fig id="F1"><label>Figure 1</label><caption><p>{caption}&nbsp;(a).</p></caption>'
+        '<graphic href="g1"/></fig></body></article>'
+    )
+    data = xml.encode("cp1252" if encoding == "ISO-8859-1" else encoding)
+    a = parse_article(data, "e.nxml")
+    assert a.figures[0].caption == f"{caption} (a)."  # the no-break space, normalised
+    assert a.notes == ["XML encoding or entities repaired"]

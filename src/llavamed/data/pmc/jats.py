@@ -9,6 +9,7 @@ so the caller can count it instead of losing the article.
 
 from __future__ import annotations
 
+import codecs
 import re
 from dataclasses import dataclass, field
 from html.entities import html5
@@ -192,7 +193,8 @@ def _decode(data: bytes) -> str:
     """Decode a file whose declared encoding did not hold. UTF-8 with a few stray bytes (a
     Latin-1 "\xb1" pasted into a UTF-8 file) keeps its UTF-8 and reads only the stray bytes as
     cp1252: decoding the whole file as cp1252 for one bad byte turned every "ö" into "Ã¶". A file
-    with more invalid bytes than valid multi-byte characters is not UTF-8: it is read as cp1252."""
+    with more invalid bytes than valid multi-byte characters is not UTF-8: it is read in the
+    encoding its prolog declares, else as cp1252."""
     if data[:2] in (b"\xff\xfe", b"\xfe\xff"):
         try:
             return data.decode("utf-16")
@@ -204,10 +206,37 @@ def _decode(data: bytes) -> str:
         return text
     multibyte = sum(1 for c in text if c > "\x7f") - stray
     if stray > multibyte:
+        # Not UTF-8: the encoding the prolog names when the bytes decode in it ("ISO-8859-2",
+        # "windows-1251", "Shift_JIS"), else cp1252. Read as cp1252, a Polish or Russian
+        # caption with one &nbsp; in it became mojibake ("płuc" -> "p³uc").
+        declared = _declared_encoding(data)
+        if declared is not None:
+            try:
+                return data.decode(declared)
+            except UnicodeDecodeError:
+                pass
         return data.decode("cp1252", errors="replace")
     return _STRAY_BYTE.sub(
         lambda m: bytes([ord(m.group(0)) - 0xDC00]).decode("cp1252", errors="replace"), text
     )
+
+
+_ENCODING_DECL = re.compile(rb"""^\s*<\?xml[^>]*?\bencoding\s*=\s*["']([A-Za-z][\w.:-]*)["']""")
+
+
+def _declared_encoding(data: bytes) -> str | None:
+    """The codec the XML declaration names, when Python knows it and it is not a UTF. Latin-1
+    and ASCII are read as cp1252, as browsers do: files labelled so often hold cp1252's quotes."""
+    m = _ENCODING_DECL.match(data[:512])
+    if not m:
+        return None
+    try:
+        name = codecs.lookup(m.group(1).decode("ascii")).name
+    except LookupError:
+        return None
+    if name.startswith("utf"):
+        return None
+    return "cp1252" if name in ("iso8859-1", "ascii") else name
 
 
 def _strip_namespaces(root: etree._Element) -> None:
