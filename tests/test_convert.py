@@ -229,6 +229,10 @@ def test_llava_med_tower_from_named_folder(original_llava_med, tmp_path):
         convert_llava_med(no_tower, tmp_path / "native2")
     dst = convert_llava_med(no_tower, tmp_path / "native3", vision_tower=tower_dir)
     assert (dst / "model.safetensors").exists()
+    # A mistyped --vision-tower was read as a hub id ("Repo id must be in the form ...").
+    missing = tmp_path / "clip-typo"
+    with pytest.raises(InputError, match=rf"^{re.escape(str(missing))}: vision tower folder not"):
+        convert_llava_med(no_tower, tmp_path / "native4", vision_tower=missing)
 
 
 def _variant(src, sd, dst, change):

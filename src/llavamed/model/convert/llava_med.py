@@ -47,6 +47,9 @@ def _vision_config_and_weights(src_cfg: dict, sd: dict, vision_tower: str | Path
 
     in_ckpt = {k[len(TOWER_PREFIX) :]: v for k, v in sd.items() if k.startswith(TOWER_PREFIX)}
     folder = Path(vision_tower) if vision_tower else None
+    if folder is not None and not folder.is_dir():
+        # transformers would read the path as a hub id: "Repo id must be in the form ...".
+        raise InputError(folder, "vision tower folder not found", "--vision-tower names no folder")
     named = src_cfg.get("mm_vision_tower")
     if folder is None and named and Path(named).exists():
         folder = Path(named)
