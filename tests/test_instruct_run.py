@@ -307,6 +307,30 @@ def test_bad_sampling_flags_are_refused_before_anything_is_written(tmp_path, cap
     assert sorted(p.name for p in tmp_path.iterdir()) == ["figures.jsonl"]
 
 
+def test_skipped_and_dropped_figures_are_counted_and_named(stub, tmp_path, capsys):
+    """The terminal said "kept 20 / 28" and nothing of the records never asked about; neither
+    it nor the report named a skipped or dropped figure."""
+    from llavamed.cli import main
+
+    ids = write_figures(tmp_path / "figures.jsonl", 12)
+    with open(tmp_path / "figures.jsonl", "a") as fh:
+        fh.write(json.dumps({"fig_caption": "no id", "image": "images/x.jpg"}) + "\n")
+    argv = ["data", "instruct", "--figures", str(tmp_path / "figures.jsonl"), "--out",
+            str(tmp_path / "o.json"), "--base-url", stub.base_url, "--model", "m", "--no-progress"]  # fmt: skip
+    assert main(argv) == 0
+    cap = capsys.readouterr()
+    assert "skipped records of" in cap.err
+    assert "1 missing_caption (bad1)" in cap.err and "1 missing_pair_id (record 13)" in cap.err
+    report = json.loads((tmp_path / "o_report.json").read_text())
+    assert report["input_error_examples"] == {
+        "missing_caption": ["bad1"],
+        "missing_pair_id": ["record 13"],
+    }
+    unparseable = report["totals"]["dropped_examples"]["unparseable"]
+    assert unparseable and set(unparseable) <= set(ids)
+    assert f"unparseable ({unparseable[0]}" in cap.out
+
+
 def test_llava_med_caption_json_input(stub, tmp_path):
     data = {
         d: [

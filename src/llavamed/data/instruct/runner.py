@@ -133,9 +133,14 @@ def run_fingerprint(opts: InstructOptions, prompts: InstructPrompts) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
-def load_selection(opts: InstructOptions) -> tuple[list[dict], Counter, int]:
-    """Valid records in round-robin order, input errors per reason, duplicate count."""
+EXAMPLES_PER_REASON = 3
+
+
+def load_selection(opts: InstructOptions) -> tuple[list[dict], Counter, int, dict[str, list[str]]]:
+    """Valid records in round-robin order, input errors per reason, duplicate count, and the
+    first few skipped records per reason (pair_id, or ``record N`` counting from 0)."""
     errors: Counter = Counter()
+    examples: dict[str, list[str]] = {}
     valid = []
     for i, rec in enumerate(iter_figures(opts.figures)):
         try:
@@ -146,10 +151,13 @@ def load_selection(opts: InstructOptions) -> tuple[list[dict], Counter, int]:
             sample_image(rec)  # no image, no training sample: skip before paying for a call
         except InputError as exc:
             errors[exc.reason] += 1
+            named = examples.setdefault(exc.reason, [])
+            if len(named) < EXAMPLES_PER_REASON:
+                named.append(str(rec.get("pair_id") or f"record {i}"))
             continue
         valid.append(rec)
     selected, dups = round_robin(valid, opts.max_samples)
-    return selected, errors, dups
+    return selected, errors, dups, examples
 
 
 def _dry_run(opts, prompts, pending, done_n, selected) -> dict:
@@ -320,6 +328,7 @@ async def _generate(opts, prompts, pending, appender, fp, sources, bar) -> _RunO
 def summarise(entries: list[dict], selected: list[dict]) -> dict:
     """Kept/dropped counts, turn-level drop reasons, tokens and cost over the log (all runs)."""
     dropped: Counter = Counter()
+    dropped_examples: dict[str, list[str]] = {}
     turn_drops: Counter = Counter()
     by_domain: dict[str, Counter] = {}
     domain_of = {str(r["pair_id"]): primary_domain(r.get("domain")) for r in selected}
@@ -331,8 +340,12 @@ def summarise(entries: list[dict], selected: list[dict]) -> dict:
             kept += 1
             d["kept"] += 1
         else:
-            dropped[e.get("reason", "unknown")] += 1
+            reason = e.get("reason", "unknown")
+            dropped[reason] += 1
             d["dropped"] += 1
+            named = dropped_examples.setdefault(reason, [])
+            if len(named) < EXAMPLES_PER_REASON:
+                named.append(e["pair_id"])
         turn_drops.update(e.get("turn_drops") or {})
         pt += int(e.get("prompt_tokens") or 0)
         ct += int(e.get("completion_tokens") or 0)
@@ -342,6 +355,7 @@ def summarise(entries: list[dict], selected: list[dict]) -> dict:
         "kept": kept,
         "dropped": sum(dropped.values()),
         "dropped_by_reason": dict(dropped),
+        "dropped_examples": dropped_examples,
         "kept_share": round(kept / done, 4) if done else None,
         "turns_dropped_by_reason": dict(turn_drops),
         "by_domain": {k: dict(v) for k, v in by_domain.items()},
@@ -357,7 +371,7 @@ def run_instruct(opts: InstructOptions) -> tuple[dict, int]:
     prompts = load_prompts(opts.prompts_dir)
     if opts.few_shot is not None:
         prompts = replace(prompts, few_shot=prompts.few_shot[: opts.few_shot])
-    selected, input_errors, dups = load_selection(opts)
+    selected, input_errors, dups, input_examples = load_selection(opts)
     fp = run_fingerprint(opts, prompts)
     partial = opts.partial_path
     sources = {str(r["pair_id"]): record_source(r, prompts, opts.inline_mentions) for r in selected}
@@ -383,6 +397,7 @@ def run_instruct(opts: InstructOptions) -> tuple[dict, int]:
         pending = [r for r in selected if str(r["pair_id"]) not in done]
         report = _dry_run(opts, prompts, pending, len(selected) - len(pending), selected)
         report["input_errors"] = dict(input_errors)
+        report["input_error_examples"] = input_examples
         return report, 0
     with exclusive_lock(partial.with_name(partial.name + ".lock"), "another `data instruct` run"):
         with JsonlAppender(partial) as appender:  # opening it repairs a torn last line
@@ -433,6 +448,7 @@ def run_instruct(opts: InstructOptions) -> tuple[dict, int]:
             "inline_mentions": opts.inline_mentions,
             "selected": len(selected),
             "input_errors": dict(input_errors),
+            "input_error_examples": input_examples,
             "duplicate_pair_ids": dups,
             "complete": pending_n == 0,
             "pending_after_failures": pending_n,
