@@ -182,3 +182,24 @@ def test_merge_duplicate_figures_ors_domain_flags():
     out, merged = merge_duplicate_figures([a, c, b, {"fig_caption": "no id"}, {"fig_caption": "n"}])
     assert merged == 1 and [r["fig_caption"] for r in out] == ["first", "c", "no id", "n"]
     assert _on(out[0]["domain"]) == {"mri", "gross"} and "domain" not in out[1]
+
+
+@pytest.mark.parametrize(
+    ("caption", "expected"),
+    [
+        ("MRI and CT were not performed; ultrasound of the liver.", set()),
+        ("CT, MRI or PET was unavailable; plain radiograph of the knee.", set()),
+        ("Axial CT and coronal MRI were not obtained; H&E stain, x200.", {"histology"}),
+        # the negation reaches no cue that a verb separates from it
+        ("Axial CT shows a mass and MRI was not performed.", {"ct_scan"}),
+    ],
+)
+def test_a_negation_covers_every_modality_it_coordinates(caption, expected):
+    """Where "MRI was not performed" was negated, "MRI and CT were not performed" labelled mri:
+    only a negation straight after the cue counted, so the first of several named together stood."""
+    assert _on(classify_text(caption)) == expected
+
+
+def test_a_negated_pair_in_a_mention_labels_nothing():
+    mention = ["MRI and CT were not performed before surgery (Fig. 2)."]
+    assert _on(classify_text("Ultrasound of the liver.", mention)) == set()

@@ -13,7 +13,7 @@ stains and magnifications ("H&E", "PAS", "×400"), views and anatomy. Rules, in 
    sentence, or in a title sentence "Ultrastructure of ..."); "H&E photomicrograph" stays
    histology.
 2. A *strong* cue labels its domain unless a negation governs it directly ("No CT was performed",
-   "MRI was not available"). Negations of findings ("no evidence of pneumothorax on the chest
+   "MRI was not available", "MRI and CT were not performed"). Negations of findings ("no evidence of pneumothorax on the chest
    radiograph") leave the modality standing. "HPF" (high-power field) is a strong histology cue
    in capitals or after "per"/"cells/"; a lower-case "48 hpf" or "3 dpf/72 hpf" (hours post
    fertilization) is not.
@@ -60,6 +60,7 @@ class _Rules:
     chart: tuple[re.Pattern, ...]
     neg_before: re.Pattern
     neg_after: re.Pattern
+    neg_after_coordinated: re.Pattern
     domains: dict[str, _DomainRules]
 
 
@@ -87,6 +88,13 @@ def _rules() -> _Rules:
         chart=ci(raw["chart_figure"]),
         neg_before=re.compile(raw["negation"]["before"], re.I),
         neg_after=re.compile(raw["negation"]["after"], re.I),
+        # The cue is one of several negated together: "MRI and CT were not performed",
+        # "CT, MRI or PET was unavailable" (up to three more names of up to three words).
+        neg_after_coordinated=re.compile(
+            r"(?:\s*(?:,|/|\band\b|\bor\b|\bnor\b)\s*(?:[\w-]+\s+){0,2}?[\w/-]+){1,3}?"
+            + raw["negation"]["after"],
+            re.I,
+        ),
         domains=domains,
     )
 
@@ -116,7 +124,10 @@ def _negated(text: str, start: int, end: int, rules: _Rules) -> bool:
     before = text[max(clause_start, start - 60) : start]
     if rules.neg_before.search(before):
         return True
-    return bool(rules.neg_after.match(text, end, min(len(text), end + 80)))
+    stop = min(len(text), end + 120)
+    return bool(
+        rules.neg_after.match(text, end, stop) or rules.neg_after_coordinated.match(text, end, stop)
+    )
 
 
 def _strong_hits(text: str, dom: _DomainRules, rules: _Rules) -> int:
