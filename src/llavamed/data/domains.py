@@ -13,8 +13,8 @@ stains and magnifications ("H&E", "PAS", "×400"), views and anatomy. Rules, in 
    sentence, or in a title sentence "Ultrastructure of ..."); "H&E photomicrograph" stays
    histology.
 2. A *strong* cue labels its domain unless a negation governs it directly ("No CT was performed",
-   "MRI was not available", "MRI and CT were not performed"). Negations of findings ("no evidence of pneumothorax on the chest
-   radiograph") leave the modality standing. "HPF" (high-power field) is a strong histology cue
+   "MRI was not available", "MRI and CT were not performed"). Negations of findings ("no
+   evidence of pneumothorax on the chest radiograph") leave the modality standing. "HPF" (high-power field) is a strong histology cue
    in capitals or after "per"/"cells/"; a lower-case "48 hpf" or "3 dpf/72 hpf" (hours post
    fertilization) is not.
 3. *Weak* cues ("axial", "magnification", "stained", "resected specimen") label a domain only
