@@ -57,8 +57,18 @@ def checkpoint_fingerprint(path: str | Path) -> str:
 
 
 def read_meta(path: str | Path) -> dict:
+    """The llavamed metadata saved with a checkpoint (``{}`` for anyone else's checkpoint); a
+    damaged file is an :class:`InputError` naming it, not a raw JSONDecodeError."""
     p = Path(path) / CHECKPOINT_META
-    return json.loads(p.read_text()) if p.exists() else {}
+    if not p.exists():
+        return {}
+    try:
+        meta = json.loads(p.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise InputError(p, "damaged checkpoint metadata", first_line(exc)) from exc
+    if not isinstance(meta, dict):
+        raise InputError(p, "damaged checkpoint metadata", "not a JSON object")
+    return meta
 
 
 def checkpoint_template(path: str | Path, default: str | None = None) -> str:
