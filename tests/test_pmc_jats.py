@@ -402,3 +402,19 @@ def test_a_declared_encoding_holds_when_an_entity_forces_the_repair_parse(encodi
     a = parse_article(data, "e.nxml")
     assert a.figures[0].caption == f"{caption} (a)."  # the no-break space, normalised
     assert a.notes == ["XML encoding or entities repaired"]
+
+
+def test_a_file_of_several_articles_says_only_the_first_is_read():
+    """An E-utilities <pmc-articleset> of three articles gave the first one's figures and no
+    word about the two others."""
+    one = (
+        '<article><front><article-meta><article-id pub-id-type="pmc">{i}</article-id>'
+        '</article-meta></front><body><fig id="F1"><label>Figure 1</label><caption><p>CT.</p>'
+        '</caption><graphic href="g{i}"/></fig></body></article>'
+    )
+    xml = "<pmc-articleset>" + "".join(one.format(i=i) for i in (1, 2, 3)) + "</pmc-articleset>"
+    a = parse_article(xml.encode(), "set.xml")
+    assert a.pmcid == "PMC1" and len(a.figures) == 1
+    assert a.notes == ["several articles in one file: only the first read"]
+    single = parse_article(("<pmc-articleset>" + one.format(i=4) + "</pmc-articleset>").encode())
+    assert single.pmcid == "PMC4" and single.notes == []

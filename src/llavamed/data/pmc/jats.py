@@ -103,6 +103,9 @@ def parse_article(data: bytes, name: str = "<nxml>", fallback_pmcid: str | None 
     article = root if root.tag == "article" else root.find(".//article")
     if article is None:
         raise InputError(name, "not a JATS article", f"root element <{root.tag}>")
+    if article is not root and len(root.findall(".//article")) > 1:
+        # An E-utilities <pmc-articleset> holds several: the others were dropped uncounted.
+        notes.append("several articles in one file: only the first read")
     kind = (article.get("article-type") or "").strip().lower()
     if kind in NOTICE_TYPES:
         # A retraction or correction notice re-publishes figures of another article (or none).
