@@ -49,6 +49,13 @@ from openai_stub_server import StubServer
         ("8-9\nclose call", (8, 9)),  # a dash between numbers is no sign
         ("", None),
         ("8 7 6", None),
+        # Assistant 2 named first: the numbers follow the labels, not the slots (read (7, 8)).
+        ("Assistant 2 scores 7 and Assistant 1 scores 8", (8, 7)),
+        ("Assistant 2 receives a 7/10, while Assistant 1 receives 9/10.", (9, 7)),
+        ("7 for Assistant 2 and 9 for Assistant 1", (9, 7)),
+        ("Assistant 2 and Assistant 1 scored 6 and 9 respectively", (9, 6)),
+        ("Assistant 1 and Assistant 2 scored 9 and 6 respectively", (9, 6)),
+        ("Assistant 2: 7, Assistant 1: 8", (8, 7)),
     ],
 )
 def test_parse_scores(text, expected):

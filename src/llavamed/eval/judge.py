@@ -110,7 +110,8 @@ def parse_scores(text: str) -> tuple[float, float] | None:
     the explanation after it often labels other numbers ("Assistant 1: 3 key points"), so the
     first line decides: "8 7", "8, 7", "8/10 7/10", "**8 7**", "Scores: 8 and 7", "8 7 (out of
     10)", or "Assistant 1: 8, Assistant 2: 7". Only when it holds no pair are "Assistant 1: 8 ...
-    Assistant 2: 7" labels looked for across lines. Scores must lie in 1..10."""
+    Assistant 2: 7" labels looked for across lines. A first line naming Assistant 2 before
+    Assistant 1 gives its numbers in that order. Scores must lie in 1..10."""
     if not text:
         return None
     first = next((ln for ln in text.splitlines() if ln.strip()), "")
@@ -123,6 +124,10 @@ def parse_scores(text: str) -> tuple[float, float] | None:
         # not the pair (3, 7).
         nums = re.findall(r"((?<![\d.])-?\d+(?:\.\d+)?)", line)
         pair = (float(nums[0]), float(nums[1])) if len(nums) == 2 else _labelled_pair(text)
+        if len(nums) == 2 and re.findall(r"assistant\s*([12])\b", first, re.I) == ["2", "1"]:
+            # Both named, Assistant 2 first: "Assistant 2 scores 7 and Assistant 1 scores 8",
+            # "7 for Assistant 2, 8 for Assistant 1": the numbers come in the labels' order.
+            pair = (pair[1], pair[0])
     if pair is None or not all(1.0 <= s <= 10.0 for s in pair):
         return None
     return pair
