@@ -99,6 +99,7 @@ def test_tricky_captions(caption, expected):
         # positive controls
         ("H&E photomicrograph, x400.", {"histology"}),
         ("Photomicrograph of H&E-stained section.", {"histology"}),
+        ("H and E stained section.", {"histology"}),  # spelled out, case-sensitive
         ("Photomicrograph of the tumour, x400.", {"histology"}),
         ("10 cells per HPF.", {"histology"}),
         ("Eosinophils up to 40 per hpf.", {"histology"}),
