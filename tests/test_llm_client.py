@@ -426,6 +426,8 @@ def test_bad_retry_and_sampling_values_are_refused():
 
     with pytest.raises(LlavamedError, match="--max-retries"):
         ClientOptions(base_url="http://x", model="m", max_retries=-1)
+    with pytest.raises(LlavamedError, match="--price-out"):
+        ClientOptions(base_url="http://x", model="m", price_out=-1.0)  # a negative cost
     for max_tokens, temperature in ((0, 0.7), (-5, 0.7), (10, -1.0), (10, float("nan"))):
         with pytest.raises(LlavamedError):
             check_sampling(max_tokens, temperature)

@@ -52,12 +52,25 @@ def register(subparsers) -> None:
     p.add_argument(
         "--temperature", type=float, default=0.7, help="sampling temperature (default 0.7)"
     )
-    p.add_argument("--max-tokens", type=int, default=1024, help="completion limit per request")
     p.add_argument(
-        "--seed", type=seed_int, default=0, help="API seed, cache key, <image> placement"
+        "--max-tokens",
+        type=int,
+        default=1024,
+        metavar="N",
+        help="completion limit per request (default 1024); a reply cut by it loses its cut turn",
     )
     p.add_argument(
-        "--min-turns", type=int, default=2, help="keep conversations with >= this many Q/A pairs"
+        "--seed",
+        type=seed_int,
+        default=0,
+        help="API seed, part of the cache key, and the <image> placement coin (default 0)",
+    )
+    p.add_argument(
+        "--min-turns",
+        type=int,
+        default=2,
+        metavar="N",
+        help="keep conversations with >= N Q/A pairs after cleaning (default 2)",
     )
     p.add_argument(
         "--prompts",

@@ -44,9 +44,15 @@ def register(subparsers) -> None:
         help="judge sampling temperature (default 0: the most repeatable scores)",
     )
     p.add_argument(
-        "--max-tokens", type=int, default=1024, help="judge completion limit per request"
+        "--max-tokens",
+        type=int,
+        default=1024,
+        metavar="N",
+        help="judge completion limit per request (default 1024)",
     )
-    p.add_argument("--seed", type=seed_int, default=0, help="API seed, also part of the cache key")
+    p.add_argument(
+        "--seed", type=seed_int, default=0, help="API seed, also part of the cache key (default 0)"
+    )
     p.add_argument(
         "--prompts", type=Path, metavar="DIR", help="folder overriding the judge prompt files"
     )

@@ -33,13 +33,20 @@ def add_client_arguments(parser: argparse.ArgumentParser, default_concurrency: i
         metavar="N",
         help=f"requests in flight at once (default {default_concurrency})",
     )
-    g.add_argument("--rpm", type=float, help="client-side requests/minute limit")
-    g.add_argument("--tpm", type=float, help="client-side tokens/minute limit")
-    g.add_argument("--timeout", type=float, default=120.0, help="seconds per request attempt")
+    g.add_argument("--rpm", type=float, metavar="N", help="client-side requests/minute limit")
+    g.add_argument("--tpm", type=float, metavar="N", help="client-side tokens/minute limit")
+    g.add_argument(
+        "--timeout",
+        type=float,
+        default=120.0,
+        metavar="S",
+        help="wall-clock seconds per request attempt (default 120)",
+    )
     g.add_argument(
         "--max-retries",
         type=int,
         default=6,
+        metavar="N",
         help="retries per request on 429, 5xx, timeouts and malformed replies, with "
         "exponential backoff honouring Retry-After (default 6)",
     )
@@ -49,8 +56,10 @@ def add_client_arguments(parser: argparse.ArgumentParser, default_concurrency: i
         help="SQLite response cache (default: next to the output file); 'none' disables it",
     )
     g.add_argument("--stream", action="store_true", help="use streaming responses")
-    g.add_argument("--price-in", type=float, help="USD per 1M prompt tokens (overrides table)")
-    g.add_argument("--price-out", type=float, help="USD per 1M completion tokens")
+    g.add_argument(
+        "--price-in", type=float, metavar="USD", help="USD per 1M prompt tokens (overrides table)"
+    )
+    g.add_argument("--price-out", type=float, metavar="USD", help="USD per 1M completion tokens")
 
 
 def client_options_from_args(args: argparse.Namespace, default_cache: str | None):

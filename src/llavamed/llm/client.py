@@ -182,6 +182,10 @@ class ClientOptions:
             raise LlavamedError("--timeout must be > 0")
         if self.max_retries < 0:
             raise LlavamedError("--max-retries must be >= 0")
+        for name in ("price_in", "price_out"):
+            v = getattr(self, name)
+            if v is not None and not v >= 0:
+                raise LlavamedError(f"--{name.replace('_', '-')} must be >= 0")
         if self.max_silent_attempts < 1:
             raise LlavamedError("max_silent_attempts must be >= 1")
         if self.unreachable_after_s < 0:
