@@ -101,6 +101,28 @@ def test_llava_med_caption_json_records_name_pair_id_jpg(tmp_path, capsys):
     assert '"image file not found": 1' in printed and '"no image": 1' in printed
 
 
+def test_image_folder_apart_from_the_caption_json(tmp_path, capsys):
+    """LLaVA-Med's caption JSON and its downloaded images usually live in different folders:
+    --image-folder says where; paths in the output stay relative to the output's folder."""
+    figs = tmp_path / "meta" / "llava_med_captions.json"
+    figs.parent.mkdir()
+    figs.write_text(json.dumps({"mri": [{"pair_id": "7_PMC7_F2", "fig_caption": "Axial MRI."}]}))
+    images = tmp_path / "pmc_images"
+    images.mkdir()
+    (images / "7_PMC7_F2.jpg").write_bytes(b"jpeg")
+    out = tmp_path / "train" / "alignment.json"
+    out.parent.mkdir()
+    argv = ["data", "align", "--figures", str(figs), "--out", str(out)]
+    assert main(argv) == 1  # next to the JSON there is no image
+    assert '"image file not found": 1' in capsys.readouterr().err
+    assert main([*argv, "--image-folder", str(images)]) == 0
+    (sample,) = json.loads(out.read_text())
+    assert sample["image"] == "../pmc_images/7_PMC7_F2.jpg"
+    assert (out.parent / sample["image"]).is_file()
+    assert main([*argv, "--image-folder", str(tmp_path / "nope")]) == 1
+    assert "not a folder" in capsys.readouterr().err
+
+
 def test_no_sample_at_all_is_an_error_not_an_empty_set(tmp_path, capsys):
     figs = tmp_path / "figures.jsonl"
     figs.write_text(json.dumps({"pair_id": "a", "fig_caption": "x", "image": None}) + "\n")

@@ -17,7 +17,9 @@ Prompt choice and <image> placement are seeded per figure (--seed).
 
 Image paths are written relative to the folder of --out, so that folder is the image folder for
 `llavamed train`. Figures without an image are skipped and counted; records of LLaVA-Med's
-caption JSON, which carry no image field, name {pair_id}.jpg. No sample at all is an error."""
+caption JSON, which carry no image field, name {pair_id}.jpg. Record image paths are read
+relative to --image-folder (default: the folder of --figures), as LLaVA-Med's caption JSON and
+its downloaded images usually live apart. No sample at all is an error."""
 
 
 def register(subparsers) -> None:
@@ -34,6 +36,12 @@ def register(subparsers) -> None:
         help="figures.jsonl, or LLaVA-Med's {domain: [records]} caption JSON",
     )
     p.add_argument("--out", required=True, type=Path, help="output JSON (a list of samples)")
+    p.add_argument(
+        "--image-folder",
+        type=Path,
+        metavar="DIR",
+        help="folder the records' image paths are relative to (default: the folder of --figures)",
+    )
     p.add_argument("--max", dest="max_samples", type=int, metavar="N", help="keep N samples")
     p.add_argument("--seed", type=seed_int, default=0, help="seed for prompts and subsetting")
     p.set_defaults(func=run)
@@ -49,10 +57,15 @@ def run(args: argparse.Namespace) -> int:
         raise LlavamedError(f"{args.figures}: file not found")
     if args.max_samples is not None and args.max_samples < 1:
         raise LlavamedError("--max must be >= 1")
+    image_root = args.figures.resolve().parent
+    if args.image_folder is not None:
+        if not args.image_folder.is_dir():
+            raise LlavamedError(f"--image-folder {args.image_folder}: not a folder")
+        image_root = args.image_folder.resolve()
     out_dir = args.out.resolve().parent
     samples, skipped = build_alignment(
         iter_figures(args.figures),
-        image_root=args.figures.resolve().parent,
+        image_root=image_root,
         out_dir=out_dir,
         max_samples=args.max_samples,
         seed=args.seed,
