@@ -153,6 +153,23 @@ def test_figures_jsonl_starting_with_a_blank_line_is_read_as_jsonl(tmp_path):
     assert [r["pair_id"] for r in iter_figures(path)] == ["P_0", "P_1"]
 
 
+def test_a_record_that_is_not_an_object_is_named_by_its_index(tmp_path):
+    import pytest
+
+    from llavamed.data.figures import iter_figures
+    from llavamed.errors import InputError
+
+    rec = {"pair_id": "P_0", "fig_caption": "Axial CT.", "image": "a.jpg"}
+    for doc, where in (
+        ([rec, rec, 7], "list entry 2"),
+        ({"mri": [rec, "x"]}, "record 1 under 'mri'"),
+    ):
+        path = tmp_path / "figures.json"
+        path.write_text(json.dumps(doc))
+        with pytest.raises(InputError, match=where):
+            list(iter_figures(path))
+
+
 def test_cli_writes_and_counts_a_figure_filed_under_several_domains_once(tmp_path, capsys):
     """LLaVA-Med's caption JSON files one figure under several domains: each copy was written,
     giving duplicate pair_ids and double counts."""

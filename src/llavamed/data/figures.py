@@ -98,9 +98,9 @@ def iter_figures(path: str | os.PathLike) -> Iterator[dict]:
         for key, records in data.items():
             if not isinstance(records, list):
                 raise InputError(path, f"domain {key!r} does not hold a list of records")
-            for rec in records:
+            for i, rec in enumerate(records):
                 if not isinstance(rec, dict):
-                    raise InputError(path, f"record under {key!r} is not an object")
+                    raise InputError(path, f"record {i} under {key!r} is not an object")
                 if "domain" not in rec:
                     dom = empty_domain()
                     if key in dom:
@@ -109,9 +109,9 @@ def iter_figures(path: str | os.PathLike) -> Iterator[dict]:
                 yield rec
     elif head.startswith(b"["):
         data = read_json(path)
-        for rec in data:
+        for i, rec in enumerate(data):
             if not isinstance(rec, dict):
-                raise InputError(path, "list entry is not an object")
+                raise InputError(path, f"list entry {i} is not an object")
             yield rec
     else:
         yield from iter_jsonl(path)
