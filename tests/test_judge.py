@@ -339,6 +339,24 @@ def test_judge_cli(stub, tmp_path, capsys):
     assert (tmp_path / "answers.judge_report.json").exists()
 
 
+def test_skipped_questions_and_answers_are_named(stub, tmp_path, capsys):
+    """The judge counted skipped records ("input issues {'missing_answer': 1}") and named none."""
+    from llavamed.cli import main
+
+    qs, ans = write_inputs(tmp_path)
+    with open(ans, "a") as fh:
+        fh.write('{"question_id": 99, "text": "x"}\n{"text": "no id"}\nnot json\n')
+    argv = ["eval", "judge", "--questions", str(qs), "--answers", str(ans), "--base-url",
+            stub.base_url, "--model", "judge", "--no-progress"]  # fmt: skip
+    assert main(argv) == 0
+    err = capsys.readouterr().err
+    assert "1 missing_answer (question_id 6)" in err
+    assert f"2 bad_answer_record ({ans}:7, {ans}:8)" in err
+    assert "1 unmatched_answers (question_id 99)" in err
+    report = json.loads((tmp_path / "answers.judge_report.json").read_text())
+    assert report["input_issue_examples"]["missing_answer"] == ["question_id 6"]
+
+
 def test_a_questions_file_with_no_usable_record_is_named_not_the_answers(stub, tmp_path):
     """Every question lacked gpt4_answer (or was not JSON), and the error blamed the answers
     file: "no answers match the questions by question_id"."""

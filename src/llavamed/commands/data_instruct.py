@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 from llavamed.commands import seed_int
-from llavamed.llm.args import add_client_arguments, client_options_from_args
+from llavamed.llm.args import add_client_arguments, client_options_from_args, named_counts
 
 DESCRIPTION = """\
 Generate multi-turn biomedical visual conversations from figure captions with any OpenAI-compatible
@@ -134,7 +134,7 @@ def run(args: argparse.Namespace) -> int:
     share = "n/a" if t["kept_share"] is None else f"{100 * t['kept_share']:.1f}%"
     print(
         f"kept {t['kept']} / {t['kept'] + t['dropped']} conversations ({share}); "
-        f"dropped {_named(t['dropped_by_reason'], t['dropped_examples']) or 'none'}; "
+        f"dropped {named_counts(t['dropped_by_reason'], t['dropped_examples']) or 'none'}; "
         f"this run: {report['this_run']['http_requests']} "
         f"requests, {report['this_run']['cache_hits']} cache hits, "
         f"{report['this_run']['retries']} retries, ${report['this_run']['cost_usd']:.4f}"
@@ -152,21 +152,11 @@ def run(args: argparse.Namespace) -> int:
     return rc
 
 
-def _named(counts: dict[str, int], examples: dict[str, list[str]]) -> str:
-    """``2 missing_caption (PMC1_F1, PMC2_F3), 1 ...``: counts per reason, naming the first."""
-    parts = []
-    for reason, n in sorted(counts.items()):
-        first = examples.get(reason) or []
-        more = ", ..." if n > len(first) else ""
-        parts.append(f"{n} {reason}" + (f" ({', '.join(first)}{more})" if first else ""))
-    return ", ".join(parts)
-
-
 def _skipped_line(figures: Path, report: dict) -> str:
     """What of --figures was never asked about, and why, naming the first records."""
     parts = []
     if report.get("input_errors"):
-        parts.append(_named(report["input_errors"], report.get("input_error_examples") or {}))
+        parts.append(named_counts(report["input_errors"], report.get("input_error_examples") or {}))
     if report.get("duplicate_pair_ids"):
         parts.append(f"{report['duplicate_pair_ids']} duplicate pair_id")
     if not parts:

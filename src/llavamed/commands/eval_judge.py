@@ -6,7 +6,7 @@ import argparse
 from pathlib import Path
 
 from llavamed.commands import seed_int
-from llavamed.llm.args import add_client_arguments, client_options_from_args
+from llavamed.llm.args import add_client_arguments, client_options_from_args, named_counts
 
 DESCRIPTION = """\
 Score a model's answers to LLaVA-Med's visual conversation questions with an LLM judge, as the
@@ -85,9 +85,12 @@ def run(args: argparse.Namespace) -> int:
     report, rc = run_judge(opts)
     print(format_table(report))
     s = report["this_run"]
+    issues = named_counts(report["input_issues"], report.get("input_issue_examples") or {})
+    if issues:
+        print(f"llavamed: skipped input records: {issues}", file=sys.stderr)
     print(
         f"{report['matched_pairs']} questions judged by {report['judge_model']}; input issues "
-        f"{report['input_issues'] or 'none'}; this run {s['http_requests']} requests, "
+        f"{issues or 'none'}; this run {s['http_requests']} requests, "
         f"{s['cache_hits']} cache hits, {s['retries']} retries, ${s['cost_usd']:.4f}"
     )
     print(f"wrote {out} and {opts.resolved_report_path}")

@@ -38,6 +38,7 @@ from llavamed.llm.client import (
 from llavamed.utils.io import JsonlAppender, atomic_write_json, iter_jsonl_numbered
 
 NORMAL, SWAPPED = "normal", "swapped"
+EXAMPLES_PER_REASON = 3
 TYPES = ("conversation", "detailed_description")
 
 
@@ -226,38 +227,54 @@ class JudgeOptions:
         return self.report_path or self.out.with_name(self.out.stem + "_report.json")
 
 
-def load_pairs(opts: JudgeOptions) -> tuple[list[tuple[dict, str]], Counter]:
-    """(question, model answer) pairs matched by question_id, and counts of what didn't match."""
+def load_pairs(
+    opts: JudgeOptions, examples: dict[str, list[str]] | None = None
+) -> tuple[list[tuple[dict, str]], Counter]:
+    """(question, model answer) pairs matched by question_id, and counts of what didn't match.
+    ``examples``, if given, gets the first few records skipped per reason ("FILE:LINE" or
+    "question_id X")."""
     issues: Counter = Counter()
+    examples = {} if examples is None else examples
+
+    def skip(reason: str, where: str) -> None:
+        issues[reason] += 1
+        named = examples.setdefault(reason, [])
+        if len(named) < EXAMPLES_PER_REASON:
+            named.append(where)
+
+    def bad(reason: str):
+        return lambda e: skip(reason, e.source)
+
     answers: dict[str, str] = {}
     # A bad record is counted (under the report's issues) and skipped: the rest still get judged.
-    for _, a in iter_jsonl_numbered(
-        opts.answers, on_bad=lambda _e: issues.update(["bad_answer_record"])
-    ):
+    for line, a in iter_jsonl_numbered(opts.answers, on_bad=bad("bad_answer_record")):
         if "question_id" not in a or not isinstance(a.get("text"), str):
-            issues["bad_answer_record"] += 1
+            skip("bad_answer_record", f"{opts.answers}:{line}")
             continue
         qid = str(a["question_id"])
         if qid in answers:
-            issues["duplicate_answers"] += 1
+            skip("duplicate_answers", f"{opts.answers}:{line}")
         answers.setdefault(qid, a["text"])
     pairs, seen = [], set()
-    for _, q in iter_jsonl_numbered(
-        opts.questions, on_bad=lambda _e: issues.update(["bad_question_record"])
-    ):
+    for line, q in iter_jsonl_numbered(opts.questions, on_bad=bad("bad_question_record")):
         if "question_id" not in q or not isinstance(q.get("gpt4_answer"), str):
-            issues["bad_question_record"] += 1
+            skip("bad_question_record", f"{opts.questions}:{line}")
             continue
         qid = str(q["question_id"])
         if qid in seen:
-            issues["duplicate_questions"] += 1
+            skip("duplicate_questions", f"{opts.questions}:{line}")
             continue
         seen.add(qid)
         if qid not in answers:
-            issues["missing_answer"] += 1
+            skip("missing_answer", f"question_id {qid}")
             continue
         pairs.append((q, answers[qid]))
-    issues["unmatched_answers"] = len(set(answers) - seen)
+    unmatched = [qid for qid in answers if qid not in seen]
+    issues["unmatched_answers"] = len(unmatched)
+    if unmatched:
+        examples["unmatched_answers"] = [
+            f"question_id {q}" for q in unmatched[:EXAMPLES_PER_REASON]
+        ]
     return pairs, +issues
 
 
@@ -338,7 +355,8 @@ def run_judge(opts: JudgeOptions) -> tuple[dict, int]:
     """Judge every (question, answer) pair (twice with ``swap``); returns (report, exit code:
     0 complete, 3 when some requests failed transiently and a re-run is needed)."""
     prompts = load_judge_prompts(opts.prompts_dir)
-    pairs, issues = load_pairs(opts)
+    issue_examples: dict[str, list[str]] = {}
+    pairs, issues = load_pairs(opts, issue_examples)
     if not pairs:
         counts = ", ".join(f"{k}={v}" for k, v in sorted(issues.items()))
         if issues.get("bad_question_record") and not issues.get("missing_answer"):
@@ -411,6 +429,7 @@ def run_judge(opts: JudgeOptions) -> tuple[dict, int]:
         "judge_model": opts.client.model,
         "matched_pairs": len(pairs),
         "input_issues": dict(issues),
+        "input_issue_examples": issue_examples,
         "complete": pending == 0,
         "pending_after_failures": pending,
         "relative_score": breakdown(rows[NORMAL]),

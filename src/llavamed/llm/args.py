@@ -83,3 +83,14 @@ def client_options_from_args(args: argparse.Namespace, default_cache: str | None
         price_out=args.price_out,
         stream=args.stream,
     )
+
+
+def named_counts(counts: dict[str, int], examples: dict[str, list[str]]) -> str:
+    """``2 missing_caption (PMC1_F1, PMC2_F3), 1 ...``: counts per reason, naming the first
+    records of each, for the lines that tell a user what a job skipped or dropped."""
+    parts = []
+    for reason, n in sorted(counts.items()):
+        first = examples.get(reason) or []
+        more = ", ..." if n > len(first) else ""
+        parts.append(f"{n} {reason}" + (f" ({', '.join(first)}{more})" if first else ""))
+    return ", ".join(parts)
