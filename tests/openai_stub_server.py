@@ -23,7 +23,7 @@ reasoning model that spent max_tokens thinking), ``toolcall`` (content null, a `
 list, ``finish_reason: tool_calls``), ``parts`` (content as a list of ``{"type": "text"}``
 parts), ``retrydate`` (429 with an HTTP-date ``Retry-After`` ``retry_after`` s ahead),
 ``redirect`` (307 to ``/v2/chat/completions``), ``badjson`` (200 whose Content-Length matches a
-body that is cut JSON).
+body that is cut JSON), ``nostream`` (a plain JSON completion whatever ``stream`` asked).
 
 Run standalone (used by benchmarks, which want the server out of the client's process):
 ``python tests/openai_stub_server.py --latency 0.2`` prints ``PORT <n>`` and serves until killed.
@@ -250,7 +250,7 @@ class _Handler(BaseHTTPRequestHandler):
             "completion_tokens": len(text) // 4 + 1,
         }
         usage["total_tokens"] = usage["prompt_tokens"] + usage["completion_tokens"]
-        if body.get("stream"):
+        if body.get("stream") and behaviour != "nostream":
             self._stream(text, usage, behaviour)
             return
         resp = {
@@ -312,6 +312,14 @@ class _Handler(BaseHTTPRequestHandler):
         self.close_connection = True
         words = text.split(" ")
         pieces = [w + (" " if i < len(words) - 1 else "") for i, w in enumerate(words)]
+        if behaviour == "refusal":  # a refusal streams as delta.refusal, not content
+            refusal = {"role": "assistant", "content": None, "refusal": "I can't help with that."}
+            chunk = {"choices": [{"index": 0, "delta": refusal, "finish_reason": None}]}
+            self.wfile.write(f"data: {json.dumps(chunk)}\n\n".encode())
+            final = {"choices": [{"index": 0, "delta": {}, "finish_reason": "content_filter"}]}
+            self.wfile.write(f"data: {json.dumps(final)}\n\ndata: [DONE]\n\n".encode())
+            self.wfile.flush()
+            return
         if truncated:
             pieces = pieces[: max(1, len(pieces) // 2)]
         for i, p in enumerate(pieces):

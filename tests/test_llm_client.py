@@ -432,3 +432,21 @@ def test_bad_retry_and_sampling_values_are_refused():
         with pytest.raises(LlavamedError):
             check_sampling(max_tokens, temperature)
     check_sampling(1, 0.0)
+
+
+def test_a_streamed_refusal_is_a_refusal_not_a_cached_empty_answer(stub, tmp_path):
+    """Streamed, a refusal came back as text '' and was cached as a success; whole, it is a
+    model_refusal that a batch job records once."""
+    stub.default = "refusal"
+    o = opts(stub, stream=True, cache_path=str(tmp_path / "c.sqlite"))
+    with pytest.raises(LLMError) as ei:
+        run(_chat(o))
+    assert ei.value.kind == "model_refusal" and ei.value.rejected and stub.count == 1
+    assert len(ResponseCache(tmp_path / "c.sqlite")) == 0
+
+
+def test_a_server_that_does_not_stream_is_read_whole(stub):
+    """A whole JSON completion in answer to stream=true was retried as a truncated stream."""
+    stub.default = "nostream"
+    stats, (r,) = run(_chat(opts(stub, stream=True)))
+    assert r.text.startswith("User: What does the image show?") and stats.retries == 0

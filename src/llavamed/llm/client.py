@@ -603,6 +603,7 @@ class LLMClient:
     async def _one_streamed(self, payload: dict) -> tuple[str, str | None, dict | None]:
         body = {**payload, "stream": True}
         parts: list[str] = []
+        refusal: list[str] = []
         finish = None
         usage = None
         done = False
@@ -610,6 +611,14 @@ class LLMClient:
             if resp.status_code != 200:
                 await resp.aread()
                 self._check_status(resp.status_code, resp.headers, resp.text)
+            if resp.headers.get("content-type", "").startswith("application/json"):
+                # A server (or proxy) that does not stream answers with a whole completion.
+                await resp.aread()
+                try:
+                    data = json.loads(resp.text)
+                except json.JSONDecodeError as exc:
+                    raise _Retryable("malformed_response", f"invalid JSON: {exc}") from exc
+                return _extract_choice(data)
             async for line in resp.aiter_lines():
                 line = line.strip()
                 if not line.startswith("data:"):
@@ -632,10 +641,15 @@ class LLMClient:
                     delta = ch.get("delta") or {}
                     if isinstance(delta.get("content"), str):
                         parts.append(delta["content"])
+                    if isinstance(delta.get("refusal"), str):
+                        refusal.append(delta["refusal"])
                     if ch.get("finish_reason"):
                         finish = ch["finish_reason"]
         if not done:
             raise _Retryable("truncated_response", "stream ended without [DONE]")
+        if not parts and (refusal or finish == "content_filter"):
+            # As in a whole reply: the model's answer, final, and not cached as an empty text.
+            raise LLMError(MODEL_REFUSAL, ("".join(refusal) or finish)[:200])
         return "".join(parts), finish, usage
 
     def _check_status(self, status: int, headers: httpx.Headers, text: str) -> None:
