@@ -450,3 +450,20 @@ def test_a_server_that_does_not_stream_is_read_whole(stub):
     stub.default = "nostream"
     stats, (r,) = run(_chat(opts(stub, stream=True)))
     assert r.text.startswith("User: What does the image show?") and stats.retries == 0
+
+
+def test_an_unusable_cache_path_is_a_one_line_input_error(tmp_path):
+    """A folder, another file (the figures given as --cache) or an impossible folder gave a
+    sqlite3 traceback."""
+    from llavamed.errors import InputError
+
+    data = tmp_path / "figures.jsonl"
+    data.write_text('{"pair_id": "p1"}\n')
+    blocker = tmp_path / "afile"
+    blocker.write_text("x")
+    for path in (tmp_path, data, blocker / "sub" / "c.sqlite"):
+        with pytest.raises(InputError, match="--cache") as ei:
+            ResponseCache(path)
+        assert str(ei.value).startswith(str(path))
+    assert data.read_text() == '{"pair_id": "p1"}\n'
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["afile", "figures.jsonl"]

@@ -17,6 +17,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from llavamed.errors import InputError, first_line
+
 SCHEMA_VERSION = 1
 
 
@@ -31,16 +33,30 @@ class ResponseCache:
 
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
         self._lock = threading.Lock()
-        self._db = sqlite3.connect(str(self.path), timeout=30.0, check_same_thread=False)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=NORMAL")
-        self._db.execute(
-            "CREATE TABLE IF NOT EXISTS responses ("
-            " key TEXT PRIMARY KEY, model TEXT, value TEXT NOT NULL, created REAL NOT NULL)"
-        )
-        self._db.commit()
+        if self.path.is_dir():
+            raise InputError(self.path, "response cache is a folder", "give a file path to --cache")
+        db = None
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            db = sqlite3.connect(str(self.path), timeout=30.0, check_same_thread=False)
+            db.execute("PRAGMA journal_mode=WAL")
+            db.execute("PRAGMA synchronous=NORMAL")
+            db.execute(
+                "CREATE TABLE IF NOT EXISTS responses ("
+                " key TEXT PRIMARY KEY, model TEXT, value TEXT NOT NULL, created REAL NOT NULL)"
+            )
+            db.commit()
+        except (sqlite3.Error, OSError) as exc:
+            # Another file given as --cache, a damaged cache, a folder that cannot be made.
+            if db is not None:
+                db.close()
+            raise InputError(
+                self.path,
+                "cannot use as the response cache",
+                f"{first_line(exc)}; give another --cache path, or --cache none",
+            ) from None
+        self._db = db
 
     def get(self, key: str) -> dict | None:
         with self._lock:
