@@ -390,6 +390,13 @@ def test_a_judgement_without_text_is_counted_invalid_not_retried_forever(stub, t
     assert sent == 10  # each question asked, and re-asked once
     run_judge(opts)
     assert stub.count == sent
+    # With a higher --max-tokens the invalid judgements are asked again, the valid ones not.
+    stub.default = "ok"
+    report, rc = run_judge(dataclasses.replace(opts, max_tokens=4096))
+    assert rc == 0 and report["relative_score"]["overall"]["invalid"] == 1  # Q5 never parses
+    assert stub.count == sent + 7  # five questions, and the re-asks of Q4 and Q5
+    run_judge(dataclasses.replace(opts, max_tokens=4096))
+    assert stub.count == sent + 7
 
 
 def test_judge_refuses_a_max_tokens_no_server_takes(stub, tmp_path, capsys):

@@ -337,6 +337,7 @@ async def _judge_all(opts, prompts, jobs, appender, fp, bar) -> dict:
                     "domain": primary_domain(q.get("domain")),
                     "scores": list(scores) if scores else None,
                     "attempts": len(raws),
+                    "max_tokens": opts.max_tokens,
                     "judgement": raws[-1] if raws else "",
                 }
                 | ({"rejected": True} if rejected else {})
@@ -349,6 +350,16 @@ async def _judge_all(opts, prompts, jobs, appender, fp, bar) -> dict:
             after=None if bar is None else lambda: bar.update(1),
         )
         return client.stats.as_dict()
+
+
+def _ask_again(entry: dict, opts: JudgeOptions) -> bool:
+    """A logged judgement the next run asks again: a rejected request, or an invalid judgement
+    made under another --max-tokens (a judge that ran out of tokens, a reasoning model with
+    nothing left for its answer, gets another chance once the limit is raised)."""
+    if entry.get("rejected"):
+        return True
+    made_with = entry.get("max_tokens", opts.max_tokens)
+    return entry.get("scores") is None and made_with != opts.max_tokens
 
 
 def run_judge(opts: JudgeOptions) -> tuple[dict, int]:
@@ -389,7 +400,7 @@ def run_judge(opts: JudgeOptions) -> tuple[dict, int]:
                     f"{opts.out}: written by a judge run with other settings (model, prompts, "
                     "temperature or seed); use another --out or delete it"
                 )
-        done = {k: e for k, e in judged(existing).items() if not e.get("rejected")}
+        done = {k: e for k, e in judged(existing).items() if not _ask_again(e, opts)}
         jobs = [
             (q, a, o) for q, a in pairs for o in orders if (str(q["question_id"]), o) not in done
         ]
