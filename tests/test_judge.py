@@ -407,3 +407,33 @@ def test_judge_refuses_a_max_tokens_no_server_takes(stub, tmp_path, capsys):
             stub.base_url, "--model", "judge", "--no-progress", "--max-tokens", "0"]  # fmt: skip
     assert main(argv) != 0 and "--max-tokens must be >= 1" in capsys.readouterr().err
     assert stub.count == 0
+
+
+def test_a_second_judge_run_on_the_same_log_is_refused(stub, tmp_path):
+    """Two runs on one --out both asked (and paid for) every pending judgement and logged it
+    twice."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from llavamed.errors import LlavamedError
+
+    opts = make_opts(stub, tmp_path)
+    lock = opts.out.with_name(opts.out.name + ".lock")
+    holder = subprocess.Popen(  # another run, mid-way
+        [sys.executable, "-c", "import sys, time; from llavamed.utils.io import exclusive_lock\n"
+         f"with exclusive_lock({str(lock)!r}, 'x'):\n    print('held', flush=True); time.sleep(30)"],
+        stdout=subprocess.PIPE, text=True,
+        env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1] / "src")},
+    )  # fmt: skip
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(LlavamedError, match="another `eval judge` run"):
+            run_judge(opts)
+        assert stub.count == 0
+    finally:
+        holder.kill()
+        holder.wait()
+    report, rc = run_judge(opts)
+    assert rc == 0 and stub.count > 0

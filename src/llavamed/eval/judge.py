@@ -35,7 +35,12 @@ from llavamed.llm.client import (
     check_sampling,
     for_each_concurrently,
 )
-from llavamed.utils.io import JsonlAppender, atomic_write_json, iter_jsonl_numbered
+from llavamed.utils.io import (
+    JsonlAppender,
+    atomic_write_json,
+    exclusive_lock,
+    iter_jsonl_numbered,
+)
 
 NORMAL, SWAPPED = "normal", "swapped"
 EXAMPLES_PER_REASON = 3
@@ -392,7 +397,12 @@ def run_judge(opts: JudgeOptions) -> tuple[dict, int]:
                 out[(qid, e["order"])] = e
         return out
 
-    with JsonlAppender(opts.out, fsync=True) as appender:
+    # One run per log: two at once would both ask (and pay for) every pending judgement.
+    lock = opts.out.with_name(opts.out.name + ".lock")
+    with (
+        exclusive_lock(lock, "another `eval judge` run"),
+        JsonlAppender(opts.out, fsync=True) as appender,
+    ):
         existing = list(appender.existing())
         for e in existing:
             if e.get("fp") != fp:
