@@ -24,3 +24,33 @@ def test_damaged_checkpoint_metadata_names_the_file(tiny_llava_dir, tmp_path, te
         checkpoint_template(ck)
     (ck / "llavamed.json").unlink()
     assert read_meta(ck) == {}  # anyone else's checkpoint
+
+
+def test_an_unconverted_llava_med_folder_is_refused_before_loading(tiny_llava_dir, tmp_path):
+    """An original LLaVA-Med folder (model_type llava_mistral, flat LM fields) given where a
+    native checkpoint belongs (eval, chat, train's model.from) made transformers build its
+    default Llama-7B-sized llava: 24 GB before the weights were found not to fit (OOM-killed
+    on this machine). It is refused from config.json, with what to do."""
+    import json
+
+    from llavamed.model.checkpoint import load_llava
+
+    ck = tmp_path / "llava-med-v1.5"
+    shutil.copytree(tiny_llava_dir, ck)
+    native = json.loads((ck / "config.json").read_text())
+    flat = native["text_config"] | {
+        "model_type": "llava_mistral",
+        "architectures": ["LlavaMistralForCausalLM"],
+        "mm_vision_tower": "openai/clip-vit-large-patch14-336",
+        "mm_projector_type": "mlp2x_gelu",
+    }
+    (ck / "config.json").write_text(json.dumps(flat))
+    with pytest.raises(
+        InputError,
+        match=rf"^{re.escape(str(ck))}: not a llava checkpoint \(model_type='llava_mistral' .*"
+        r"convert it first with 'llavamed convert llava-med SRC DST'",
+    ):
+        load_llava(ck)
+    (ck / "config.json").write_text("[]")
+    with pytest.raises(InputError, match=r"config\.json: unreadable model config \(not a JSON"):
+        load_llava(ck)

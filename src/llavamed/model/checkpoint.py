@@ -100,11 +100,41 @@ def model_files(path: str | Path) -> Iterator[None]:
         raise InputError(path, what, first) from exc
 
 
+def _check_model_type(cls, path: str | Path) -> None:
+    """Refuse a folder whose config.json names another model type than ``cls`` builds.
+    transformers would build ``cls``'s default config instead: for an original LLaVA-Med folder
+    (``llava_mistral``, flat LM fields) a Llama-7B-sized LlavaForConditionalGeneration, which
+    took 24 GB before its weights were found not to fit (the machine killed it first)."""
+    want = getattr(getattr(cls, "config_class", None), "model_type", None)
+    if not want:
+        return  # an Auto class: transformers picks the model from the config
+    cfg_path = Path(path) / "config.json"
+    try:
+        cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return  # transformers names what is missing
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise InputError(cfg_path, "unreadable model config", first_line(exc)) from exc
+    if not isinstance(cfg, dict):
+        raise InputError(cfg_path, "unreadable model config", "not a JSON object")
+    got = cfg.get("model_type")
+    if got == want:
+        return
+    hint = ""
+    if isinstance(got, str) and got.startswith("llava_"):
+        hint = (
+            "; this is the original LLaVA format: convert it first with "
+            "'llavamed convert llava-med SRC DST' (LLaVA-Med v1.5, llava_mistral)"
+        )
+    raise InputError(path, f"not a {want} checkpoint", f"model_type={got!r} in config.json{hint}")
+
+
 def strict_from_pretrained(cls, path: str | Path, **kwargs):
     """``cls.from_pretrained(path, **kwargs)`` that refuses a checkpoint whose weights do not fit
     the model. transformers fills a missing weight with random values and only prints a load
     report, so a checkpoint without its projector would be served, evaluated or fine-tuned with
     a random one."""
+    _check_model_type(cls, path)
     # ignore_mismatched_sizes: a wrong shape is then listed with the other keys (and refused
     # below) instead of ending in transformers' RuntimeError after its printed report.
     model, info = cls.from_pretrained(
