@@ -3,6 +3,7 @@ a real SIGKILL, dry-run, and LLaVA-Med's caption JSON as input."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import signal
@@ -456,3 +457,19 @@ def test_image_paths_are_relative_to_the_output_folder(stub, tmp_path):
     run_instruct(opts)
     out = json.loads(opts.out.read_text())
     assert out and all(s["image"].startswith("../images/") for s in out)
+
+
+def test_an_output_that_would_replace_the_figures_is_refused(stub, tmp_path):
+    """--out figures.jsonl replaced the figures with the conversations made from them (and
+    --report figures.jsonl with the report)."""
+    opts = make_opts(stub, tmp_path, n=3)
+    before = opts.figures.read_text()
+    for kw in ({"out": opts.figures}, {"report_path": opts.figures}):
+        bad = dataclasses.replace(opts, **kw)
+        with pytest.raises(LlavamedError, match="would overwrite --figures"):
+            run_instruct(bad)
+    bad = dataclasses.replace(opts, client=dataclasses.replace(opts.client, cache_path=str(opts.figures)))  # fmt: skip
+    with pytest.raises(LlavamedError, match="--cache would overwrite --figures"):
+        run_instruct(bad)
+    assert opts.figures.read_text() == before and stub.count == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["figures.jsonl"]

@@ -437,3 +437,18 @@ def test_a_second_judge_run_on_the_same_log_is_refused(stub, tmp_path):
         holder.wait()
     report, rc = run_judge(opts)
     assert rc == 0 and stub.count > 0
+
+
+def test_an_output_that_would_replace_an_input_is_refused(stub, tmp_path):
+    """--out answers.jsonl cut the answers' last record (a log's torn line is repaired on open)
+    and then advised deleting the file."""
+    from llavamed.errors import LlavamedError
+
+    opts = make_opts(stub, tmp_path)
+    opts.answers.write_text(opts.answers.read_text().rstrip("\n"))  # no final newline
+    before = opts.answers.read_text(), opts.questions.read_text()
+    for kw in ({"out": opts.answers}, {"out": opts.questions}, {"report_path": opts.answers}):
+        with pytest.raises(LlavamedError, match="would overwrite --(answers|questions)"):
+            run_judge(dataclasses.replace(opts, **kw))
+    assert (opts.answers.read_text(), opts.questions.read_text()) == before
+    assert stub.count == 0

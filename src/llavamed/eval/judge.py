@@ -27,6 +27,7 @@ from pathlib import Path
 
 from llavamed.data.figures import DOMAINS, primary_domain
 from llavamed.errors import InputError, LlavamedError
+from llavamed.llm.args import refuse_overwriting_inputs
 from llavamed.llm.client import (
     MODEL_REFUSAL,
     ClientOptions,
@@ -370,6 +371,14 @@ def _ask_again(entry: dict, opts: JudgeOptions) -> bool:
 def run_judge(opts: JudgeOptions) -> tuple[dict, int]:
     """Judge every (question, answer) pair (twice with ``swap``); returns (report, exit code:
     0 complete, 3 when some requests failed transiently and a re-run is needed)."""
+    refuse_overwriting_inputs(
+        {"--questions": opts.questions, "--answers": opts.answers},
+        {
+            "--out": opts.out,
+            "--report": opts.resolved_report_path,
+            "--cache": opts.client.cache_path,
+        },
+    )
     prompts = load_judge_prompts(opts.prompts_dir)
     issue_examples: dict[str, list[str]] = {}
     pairs, issues = load_pairs(opts, issue_examples)

@@ -94,3 +94,23 @@ def named_counts(counts: dict[str, int], examples: dict[str, list[str]]) -> str:
         more = ", ..." if n > len(first) else ""
         parts.append(f"{n} {reason}" + (f" ({', '.join(first)}{more})" if first else ""))
     return ", ".join(parts)
+
+
+def refuse_overwriting_inputs(
+    inputs: dict[str, str | os.PathLike], outputs: dict[str, str | os.PathLike | None]
+) -> None:
+    """Stop before a job's output (its result, log, report or cache) would replace one of its
+    inputs: ``--out figures.jsonl`` replaced the figures with the conversations made from them,
+    and a judge log given the answers file cut its last record. Keys are the flags' names."""
+    from llavamed.errors import LlavamedError
+
+    def same(a: str | os.PathLike, b: str | os.PathLike) -> bool:
+        try:
+            return os.path.samefile(a, b)
+        except OSError:  # one does not exist yet
+            return os.path.abspath(a) == os.path.abspath(b)
+
+    for oname, out in outputs.items():
+        for iname, src in inputs.items():
+            if out is not None and same(out, src):
+                raise LlavamedError(f"{out}: {oname} would overwrite {iname}; give another path")

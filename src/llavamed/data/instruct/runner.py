@@ -39,6 +39,7 @@ from llavamed.data.instruct.prompts import (
 )
 from llavamed.data.instruct.select import round_robin
 from llavamed.errors import InputError, LlavamedError
+from llavamed.llm.args import refuse_overwriting_inputs
 from llavamed.llm.client import (
     MODEL_REFUSAL,
     ClientOptions,
@@ -368,6 +369,15 @@ def summarise(entries: list[dict], selected: list[dict]) -> dict:
 def run_instruct(opts: InstructOptions) -> tuple[dict, int]:
     """Run (or resume) the job. Returns (report, exit code): 0 complete, 3 when some requests
     failed transiently and a re-run is needed."""
+    refuse_overwriting_inputs(
+        {"--figures": opts.figures},
+        {
+            "--out": opts.out,
+            "its log": opts.partial_path,
+            "--report": opts.resolved_report_path,
+            "--cache": opts.client.cache_path,
+        },
+    )
     prompts = load_prompts(opts.prompts_dir)
     if opts.few_shot is not None:
         prompts = replace(prompts, few_shot=prompts.few_shot[: opts.few_shot])
