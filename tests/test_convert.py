@@ -580,3 +580,18 @@ def test_llava_med_config_that_does_not_fit_the_weights_fails_loudly(
     with pytest.raises(InputError, match=error):
         convert_llava_med(bad, tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+def test_llava_med_output_is_readable_as_the_umask_says(original_llava_med, tmp_path):
+    """safetensors writes 0600 files: the converted weights were unreadable to other users of a
+    shared filesystem while every other file of the folder followed the umask."""
+    import os
+
+    from llavamed.model.convert.llava_med import convert_llava_med
+
+    src, _, _ = original_llava_med
+    dst = convert_llava_med(src, tmp_path / "native")
+    umask = os.umask(0)
+    os.umask(umask)
+    modes = {f.name: f.stat().st_mode & 0o777 for f in dst.iterdir()}
+    assert modes == dict.fromkeys(modes, 0o666 & ~umask)

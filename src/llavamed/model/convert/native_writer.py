@@ -44,7 +44,7 @@ def write_native_checkpoint(
         is_checkpoint_dir,
         legacy_tokenizer_config,
     )
-    from llavamed.utils.io import atomic_dir
+    from llavamed.utils.io import _FILE_MODE, atomic_dir
 
     dst = Path(dst)
     with atomic_dir(dst, ours=is_checkpoint_dir, keep=(src,)) as tmp:
@@ -82,4 +82,9 @@ def write_native_checkpoint(
         (tmp / CHECKPOINT_META).write_text(
             json.dumps({"format": "llavamed-native-llava/1", "spec": None, **meta}, indent=2) + "\n"
         )
+        # safetensors writes its files 0600 whatever the umask: the weights of a checkpoint on a
+        # shared filesystem were unreadable to everyone else (a serving account, a colleague).
+        for f in tmp.iterdir():
+            if f.is_file() and not f.name.startswith("."):
+                f.chmod(_FILE_MODE)
     return dst
