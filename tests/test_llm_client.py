@@ -467,3 +467,11 @@ def test_an_unusable_cache_path_is_a_one_line_input_error(tmp_path):
         assert str(ei.value).startswith(str(path))
     assert data.read_text() == '{"pair_id": "p1"}\n'
     assert sorted(p.name for p in tmp_path.iterdir()) == ["afile", "figures.jsonl"]
+
+
+def test_a_non_ascii_api_key_is_a_fatal_error_that_never_shows_the_key(stub):
+    """A curly quote pasted with the key raised UnicodeEncodeError from inside httpx."""
+    with pytest.raises(LLMError) as ei:
+        LLMClient(opts(stub, api_key="sk-\u2019secretvalue"))
+    assert ei.value.fatal and "character 4" in str(ei.value)
+    assert "secretvalue" not in str(ei.value) and stub.count == 0

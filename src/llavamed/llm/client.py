@@ -391,6 +391,18 @@ class LLMClient:
                 headers["api-key"] = options.api_key
             else:
                 headers["Authorization"] = f"Bearer {options.api_key}"
+        key = options.api_key or ""
+        bad = next((i for i, ch in enumerate(key) if ord(ch) > 126), None)
+        if bad is not None:
+            # httpx raised UnicodeEncodeError here. Never repeat the value: it is the key. (A
+            # newline or other control character fails at the first request, naming the URL.)
+            raise LLMError(
+                "invalid_request",
+                f"the API key holds a character no HTTP header can carry (character {bad + 1}: "
+                "a pasted curly quote or non-breaking space?); check the variable --api-key-env "
+                "names",
+                fatal=True,
+            )
         self._http = httpx.AsyncClient(
             headers=headers,
             timeout=httpx.Timeout(options.timeout),
