@@ -452,3 +452,25 @@ def test_an_output_that_would_replace_an_input_is_refused(stub, tmp_path):
             run_judge(dataclasses.replace(opts, **kw))
     assert (opts.answers.read_text(), opts.questions.read_text()) == before
     assert stub.count == 0
+
+
+def test_a_run_whose_every_request_was_rejected_fails(stub, tmp_path, capsys):
+    """Every judge request rejected (a 400 for a parameter the server does not take) exited 0
+    with "5 questions judged" and every judgement invalid."""
+    from llavamed.cli import main
+    from llavamed.errors import LlavamedError
+
+    opts = make_opts(stub, tmp_path)
+    stub.default = "400"
+    with pytest.raises(LlavamedError, match=r"rejected all 5 judge requests.*http_400"):
+        run_judge(opts)
+    report = json.loads(opts.resolved_report_path.read_text())
+    assert report["rejected_this_run"] == {"http_400": 5}
+    # Some rejected: the run goes on, and says so.
+    stub.default = "ok"
+    stub.plan(["400"])
+    argv = ["eval", "judge", "--questions", str(opts.questions), "--answers", str(opts.answers),
+            "--base-url", stub.base_url, "--model", "judge", "--no-progress", "--concurrency", "1",
+            "--out", str(tmp_path / "j2.jsonl")]  # fmt: skip
+    assert main(argv) == 0
+    assert "the server rejected 1 judge requests (1 http_400)" in capsys.readouterr().err

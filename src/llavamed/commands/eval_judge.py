@@ -94,6 +94,13 @@ def run(args: argparse.Namespace) -> int:
         f"{s['cache_hits']} cache hits, {s['retries']} retries, ${s['cost_usd']:.4f}"
     )
     print(f"wrote {out} and {opts.resolved_report_path}")
+    rejected = report.get("rejected_this_run") or {}
+    if rejected:
+        print(
+            f"llavamed: the server rejected {sum(rejected.values())} judge requests "
+            f"({format_counts(rejected)}); counted invalid now, asked again by the next run",
+            file=sys.stderr,
+        )
     if rc:
         reasons = format_counts(s.get("failure_reasons", {}))
         print(

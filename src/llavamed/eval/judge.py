@@ -299,7 +299,9 @@ def _pair_key(q: dict, answer: str, prompts: JudgePrompts) -> str:
     return hashlib.sha256(json.dumps(msgs, sort_keys=True).encode()).hexdigest()[:16]
 
 
-async def _judge_all(opts, prompts, jobs, appender, fp, bar) -> dict:
+async def _judge_all(opts, prompts, jobs, appender, fp, bar, rejections: list[str]) -> dict:
+    """Judge every job, appending each judgement to the log; returns the client's stats and
+    adds each request the server rejected (``kind: detail``) to ``rejections``."""
     async with LLMClient(opts.client, seed=opts.seed) as client:
 
         async def one(q: dict, answer: str, order: str) -> None:
@@ -333,6 +335,8 @@ async def _judge_all(opts, prompts, jobs, appender, fp, bar) -> dict:
                 # asked again by the next run.
                 rejected = exc.kind != MODEL_REFUSAL
                 raws.append(f"<{'request rejected' if rejected else 'refused'}: {exc.kind}>")
+                if rejected:
+                    rejections.append(f"{exc.kind}: {exc.detail}")
             appender.append(
                 {
                     "question_id": q["question_id"],
@@ -424,12 +428,13 @@ def run_judge(opts: JudgeOptions) -> tuple[dict, int]:
             (q, a, o) for q, a in pairs for o in orders if (str(q["question_id"]), o) not in done
         ]
         bar = None
+        rejections: list[str] = []
         if opts.progress and jobs:
             from tqdm import tqdm
 
             bar = tqdm(total=len(jobs), desc="judge", unit="q", file=sys.stderr)
         try:
-            stats = asyncio.run(_judge_all(opts, prompts, jobs, appender, fp, bar))
+            stats = asyncio.run(_judge_all(opts, prompts, jobs, appender, fp, bar, rejections))
         except LLMError as exc:
             raise LlavamedError(
                 f"{opts.client.base_url}: {exc} - stopping; re-run to resume"
@@ -477,7 +482,16 @@ def run_judge(opts: JudgeOptions) -> tuple[dict, int]:
                 avg_rows.append({"type": t, "domain": d, "pair": pair})
         report["relative_score_order_averaged"] = breakdown(avg_rows)
         report["position_bias"] = position_bias(per_order[NORMAL], per_order[SWAPPED])
+    report["rejected_this_run"] = dict(Counter(r.split(":", 1)[0] for r in rejections))
     atomic_write_json(opts.resolved_report_path, report)
+    if jobs and len(rejections) == len(jobs):
+        # Not one question's fault but the server's or the command's (a 400 for a parameter or
+        # a context too short): exit 0 with every judgement invalid would pass for a result.
+        raise LlavamedError(
+            f"{opts.client.base_url}: the server rejected all {len(jobs)} judge requests of this "
+            f"run (first: {rejections[0]}); no score was made. Fix the server or the options and "
+            f"re-run: rejected judgements are asked again ({opts.resolved_report_path})"
+        )
     return report, (0 if pending == 0 else 3)
 
 
