@@ -5,6 +5,7 @@ repairs itself when it is found incomplete."""
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -152,6 +153,10 @@ def test_an_incomplete_embedded_cache_is_rebuilt(tmp_path, monkeypatch):
     for name in ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"):
         assert (got / name).is_file(), name
     assert embedded.is_complete(got)
+    # Readable as the umask says (safetensors alone writes 0600): a cache may be shared.
+    umask = os.umask(0)
+    os.umask(umask)
+    assert {f.stat().st_mode & 0o777 for f in got.iterdir()} == {0o666 & ~umask}
     assert AutoModelForCausalLM.from_pretrained(got).num_parameters() > 100_000_000
     assert AutoTokenizer.from_pretrained(got)("hi")["input_ids"]
     assert sorted(p.name for p in tmp_path.iterdir()) == [embedded.EMBEDDED_LM_NAME]
