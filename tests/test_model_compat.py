@@ -136,17 +136,28 @@ def test_model_init_refuses_a_feature_layer_the_tower_lacks(tmp_path, capsys):
 # --- the embedded LM cache ------------------------------------------------------------------
 
 
-def test_an_incomplete_embedded_cache_is_rebuilt(tmp_path, monkeypatch):
+@pytest.mark.parametrize("damage", ["files missing", "weights cut"])
+def test_an_incomplete_embedded_cache_is_rebuilt(tmp_path, monkeypatch, damage):
     """A cache folder holding only part of the LM (a copy cut short, a clean-up gone wrong) was
     returned as it was, every time: the rebuilt copy could not replace a non-empty folder and was
-    thrown away as if another process had won the race. ~30 s: the GGUF is dequantized again."""
+    thrown away as if another process had won the race. With every file there but the weights
+    cut short, each later load failed with a raw SafetensorError. ~30 s each: the GGUF is
+    dequantized again."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from llavamed.model import embedded
 
     target = tmp_path / embedded.EMBEDDED_LM_NAME
     target.mkdir()
-    shutil.copy(embedded.embedded_lm_dir() / "tokenizer.json", target)
+    cached = embedded.embedded_lm_dir()
+    if damage == "files missing":
+        shutil.copy(cached / "tokenizer.json", target)
+    else:
+        for name in embedded.CACHE_FILES:
+            shutil.copy(cached / name, target)
+        with (target / "model.safetensors").open("r+b") as fh:
+            fh.truncate(2**20)  # the header (~20 KB) stays whole
+        assert not embedded.is_complete(target)
     monkeypatch.setenv("LLAVAMED_CACHE", str(tmp_path))
     got = embedded.embedded_lm_dir()
     assert got == target

@@ -38,8 +38,32 @@ CACHE_FILES = ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_
 
 
 def is_complete(folder: Path) -> bool:
-    """Whether ``folder`` holds the whole cached LM (every file a load reads)."""
-    return all((folder / name).is_file() for name in CACHE_FILES)
+    """Whether ``folder`` holds the whole cached LM (every file a load reads, the weights not
+    cut short)."""
+    return all((folder / name).is_file() for name in CACHE_FILES) and _whole_safetensors(
+        folder / "model.safetensors"
+    )
+
+
+def _whole_safetensors(path: Path) -> bool:
+    """Whether a safetensors file is as long as its header says (reads the header only). A cut
+    file (a full disk, a crash before the data reached the disk) failed every later load with
+    a raw SafetensorError instead of being rebuilt."""
+    import json
+
+    try:
+        with path.open("rb") as fh:
+            n = int.from_bytes(fh.read(8), "little")
+            if not 0 < n <= 100 * 2**20:
+                return False
+            header = json.loads(fh.read(n))
+        end = max(
+            (int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"),
+            default=0,
+        )
+        return path.stat().st_size == 8 + n + end
+    except (OSError, ValueError, KeyError, TypeError, IndexError, AttributeError):
+        return False
 
 
 def _discard(path: Path) -> None:
