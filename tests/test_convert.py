@@ -595,3 +595,32 @@ def test_llava_med_output_is_readable_as_the_umask_says(original_llava_med, tmp_
     os.umask(umask)
     modes = {f.name: f.stat().st_mode & 0o777 for f in dst.iterdir()}
     assert modes == dict.fromkeys(modes, 0o666 & ~umask)
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A real 4 MiB filesystem (tmpfs; needs root), smaller than a converted tiny checkpoint."""
+    import os
+    import subprocess
+
+    mnt = tmp_path / "disk"
+    mnt.mkdir()
+    mount = ["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(mnt)]
+    if os.geteuid() != 0 or subprocess.run(mount, capture_output=True).returncode != 0:
+        pytest.skip("needs permission to mount a tmpfs")
+    try:
+        yield mnt
+    finally:
+        subprocess.run(["umount", str(mnt)], check=True)
+
+
+def test_llava_med_on_a_full_disk_is_one_line_and_leaves_nothing(original_llava_med, small_disk):
+    """safetensors reports ENOSPC as its own SafetensorError, which reached the user as a
+    traceback instead of the out-of-disk-space message other writers give."""
+    from llavamed.errors import StorageError
+    from llavamed.model.convert.llava_med import convert_llava_med
+
+    src, _, _ = original_llava_med
+    with pytest.raises(StorageError, match=rf"^{re.escape(str(small_disk))}: out of disk space"):
+        convert_llava_med(src, small_disk / "native")
+    assert list(small_disk.iterdir()) == []

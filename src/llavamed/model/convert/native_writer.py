@@ -9,6 +9,7 @@ come keyed by transformers' in-memory names and are written under the llava-hf o
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 SHARD_BYTES = 4 * 1024**3
@@ -32,10 +33,26 @@ def disk_name(key: str, vision_type: str) -> str:
     raise KeyError(key)
 
 
+def _save_file(tensors: dict, path: Path) -> None:
+    """safetensors' ``save_file``, with a full disk raised as the OSError (ENOSPC) that
+    :func:`~llavamed.utils.io.atomic_dir` reports as one line; safetensors raises its own
+    SafetensorError, which reached the user as a traceback."""
+    import errno
+
+    from safetensors import SafetensorError
+    from safetensors.torch import save_file
+
+    try:
+        save_file(tensors, path, metadata={"format": "pt"})
+    except SafetensorError as exc:
+        if f"os error {errno.ENOSPC})" in str(exc):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path)) from exc
+        raise
+
+
 def write_native_checkpoint(
     dst, config, tensors: dict, processor, generation: dict, meta: dict, *, src
 ) -> Path:
-    from safetensors.torch import save_file
     from transformers import GenerationConfig
 
     from llavamed.model.compose import (
@@ -60,12 +77,12 @@ def write_native_checkpoint(
             size += nbytes
         shards.append(cur)
         if len(shards) == 1:
-            save_file(shards[0], tmp / "model.safetensors", metadata={"format": "pt"})
+            _save_file(shards[0], tmp / "model.safetensors")
         else:
             weight_map = {}
             for i, shard in enumerate(shards, 1):
                 name = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
-                save_file(shard, tmp / name, metadata={"format": "pt"})
+                _save_file(shard, tmp / name)
                 weight_map.update({k: name for k in shard})
             total = sum(v.numel() * v.element_size() for v in named.values())
             (tmp / "model.safetensors.index.json").write_text(
