@@ -54,3 +54,18 @@ def test_an_unconverted_llava_med_folder_is_refused_before_loading(tiny_llava_di
     (ck / "config.json").write_text("[]")
     with pytest.raises(InputError, match=r"config\.json: unreadable model config \(not a JSON"):
         load_llava(ck)
+
+
+def test_a_run_whose_final_checkpoint_lacks_its_config_names_that_folder(tmp_path):
+    from llavamed.model.checkpoint import resolve_checkpoint
+
+    run = tmp_path / "run"
+    (run / "checkpoint-final").mkdir(parents=True)
+    (run / "checkpoint-final" / "model.safetensors").write_bytes(b"")
+    final = re.escape(str(run / "checkpoint-final"))
+    with pytest.raises(InputError, match=rf"^{final}: not a checkpoint folder \(config\.json miss"):
+        resolve_checkpoint(run)
+    (run / "checkpoint-final" / "config.json").write_text("{}")
+    assert resolve_checkpoint(run) == run / "checkpoint-final"
+    with pytest.raises(InputError, match="no checkpoint-final/ inside"):
+        resolve_checkpoint(tmp_path)

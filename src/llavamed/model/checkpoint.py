@@ -21,6 +21,9 @@ def resolve_checkpoint(path: str | Path) -> Path:
         return p
     if (p / FINAL / "config.json").is_file():
         return p / FINAL
+    if (p / FINAL).is_dir():
+        # Said "no checkpoint-final/ inside" of a run folder that has one, damaged.
+        raise InputError(p / FINAL, "not a checkpoint folder", "config.json missing")
     raise InputError(
         p, "not a checkpoint folder", "no config.json (and no checkpoint-final/ inside)"
     )
