@@ -954,12 +954,12 @@ HEADLINE = (
 )
 
 
-def _headline(result: dict) -> dict:
-    """The report's numbers from a ``run_vqa_eval`` result (or its saved report.json)."""
-    metrics = result.get("metrics", {})
+def _pick(metrics: dict) -> dict:
+    """The HEADLINE statistics of one evaluation's ``metrics``: closed ones over the closed
+    questions, open ones over the open questions, the rest over all of them."""
     by = metrics.get("by_answer_type", {})
     overall = metrics.get("overall", {})
-    out = {k: metrics.get(k) for k in ("n_answered", "n_closed", "n_open")}
+    out = {}
     for k in HEADLINE:
         src = (
             by.get("closed", {})
@@ -971,14 +971,21 @@ def _headline(result: dict) -> dict:
         stat = src.get(k) or overall.get(k)
         if stat:
             out[k] = _stat(stat)
+    return out
+
+
+def _headline(result: dict) -> dict:
+    """The report's numbers from a ``run_vqa_eval`` result (or its saved report.json)."""
+    metrics = result.get("metrics", {})
+    out = {k: metrics.get(k) for k in ("n_answered", "n_closed", "n_open")}
+    out |= _pick(metrics)
     out["limit"] = result.get("limit")
     for name, abl in (result.get("ablations") or {}).items():
-        m = abl.get("metrics", {})
-        closed = m.get("by_answer_type", {}).get("closed", {}) or m.get("overall", {})
-        keys = ("strict_closed_acc", "llava_med_closed_acc", "closed_unparsed")
-        out[f"ablation_{name}"] = {k: _stat(closed[k]) for k in keys if k in closed}
+        # Every metric the ablated run measured (open questions too), as in the other columns.
+        out[f"ablation_{name}"] = _pick(abl.get("metrics", {}))
         # The paired per-question drop with its own CI (not a difference of two means).
         drop = abl.get("drop", {})
+        keys = ("strict_closed_acc", "llava_med_closed_acc", "closed_unparsed")
         out[f"ablation_{name}_drop"] = {k: _stat(drop[k]) for k in keys if k in drop}
     return out
 
