@@ -69,3 +69,23 @@ def test_a_run_whose_final_checkpoint_lacks_its_config_names_that_folder(tmp_pat
     assert resolve_checkpoint(run) == run / "checkpoint-final"
     with pytest.raises(InputError, match="no checkpoint-final/ inside"):
         resolve_checkpoint(tmp_path)
+
+
+def test_same_weights_under_another_template_have_another_fingerprint(tmp_path, tiny_llava_dir):
+    """Eval resumes answers only for the same checkpoint fingerprint, which hashed config.json
+    and the weights alone: a checkpoint rebuilt with another chat template (same seed, same
+    weights) had the same fingerprint, so the answers written under the old prompts were
+    resumed and reported as the new checkpoint's."""
+    from llavamed.model.checkpoint import checkpoint_fingerprint
+    from llavamed.model.compose import ModelSpec, init_checkpoint
+
+    vicuna = init_checkpoint(
+        tmp_path / "vicuna", ModelSpec(lm="tiny", vision="tiny", template="vicuna_v1")
+    )
+    same_weights = (vicuna / "model.safetensors").read_bytes() == (
+        tiny_llava_dir / "model.safetensors"
+    ).read_bytes()
+    assert same_weights  # chatml and vicuna_v1, seed 0: only the prompts differ
+    assert checkpoint_fingerprint(vicuna) != checkpoint_fingerprint(tiny_llava_dir)
+    shutil.copytree(vicuna, tmp_path / "run" / "checkpoint-final")
+    assert checkpoint_fingerprint(tmp_path / "run") == checkpoint_fingerprint(vicuna)

@@ -37,17 +37,35 @@ def checkpoint_name(path: str | Path) -> str:
 
 
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt")
+_PROMPT_FILES = (
+    "generation_config.json",
+    "chat_template.jinja",
+    "chat_template.json",
+    "processor_config.json",
+    "preprocessor_config.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "tokenizer.model",
+)
+"""Files that decide how a checkpoint is prompted and decoded, hashed whole: the same weights
+under another chat template or stop ids give other answers."""
 
 
 def checkpoint_fingerprint(path: str | Path) -> str:
-    """A short id of a checkpoint's content: its config and, per weights file, the name, size and
-    the first and last MiB. Two checkpoints both named ``checkpoint-final`` (or one retrained in
-    place) differ here, so answers written by one are never resumed as the other's; a copy of a
-    checkpoint keeps it. Reads at most 2 MiB per weights file."""
+    """A short id of a checkpoint's content: its config, the files that shape its prompts and
+    decoding (chat template, tokenizer, processor, generation config) and, per weights file, the
+    name, size and the first and last MiB. Two checkpoints both named ``checkpoint-final`` (or
+    one retrained in place, or rebuilt with another template) differ here, so answers written by
+    one are never resumed as the other's; a copy of a checkpoint keeps it. Reads at most 2 MiB
+    per weights file."""
     import hashlib
 
     p = resolve_checkpoint(path)
     h = hashlib.sha1((p / "config.json").read_bytes())
+    for name in _PROMPT_FILES:
+        if (p / name).is_file():
+            h.update(f"{name}:".encode() + hashlib.sha1((p / name).read_bytes()).digest())
     for f in sorted(x for x in p.iterdir() if x.suffix in _WEIGHT_SUFFIXES and x.is_file()):
         size = f.stat().st_size
         h.update(f"{f.name}:{size}".encode())
