@@ -166,7 +166,10 @@ def test_llava_med_logits_parity(original_llava_med, tmp_path):
     # transformers 4.x readers (vLLM, SGLang) find rope_theta only as a flat key.
     assert cfg["text_config"]["rope_theta"] == 1e6
     assert cfg["text_config"]["rope_parameters"]["rope_theta"] == 1e6
-    model = LlavaForConditionalGeneration.from_pretrained(dst).eval()
+    model, info = LlavaForConditionalGeneration.from_pretrained(dst, output_loading_info=True)
+    model.eval()
+    # Plain transformers finds every weight it needs and no other (it only prints a report).
+    assert {k: v for k, v in info.items() if v} == {}
     proc = AutoProcessor.from_pretrained(dst)
     prompt = proc.apply_chat_template(
         [
