@@ -6,13 +6,15 @@ GPT-4 or vLLM) -> stage-0 caption pairs -> stage 0 (vision pretraining) -> stage
 learns the VQA train split) -> stage 1 -> stage 2 -> zero-shot VQA -> VQA fine-tuning -> VQA
 again with the blank-image ablation -> report.
 
-Every stage is keyed by a hash of its settings and of the key of the stage before it (so of every
-earlier stage's settings), recorded in ``OUT/quickstart_state.json`` once it finishes. A re-run
-skips finished stages whose key is unchanged and whose folder is still there; a killed run resumes
-inside the interrupted stage (each stage's own tool resumes from its last saved state). A stage
-whose settings changed starts over in a clean folder, and so does every stage after one that ran
-again. The MedSynth stage's settings include the generator version, so a new
-renderer redoes everything.
+Every stage is keyed by a hash of its settings and of the keys of the stages it reads (so of every
+earlier stage's settings), recorded in ``OUT/quickstart_state.json`` once it finishes, with a
+fingerprint of its output files (content hashes; ``OUT/.quickstart_outputs.json`` lists them). A
+re-run skips finished stages whose key is unchanged and whose output is still there unchanged; a
+killed run resumes inside the interrupted stage (each stage's own tool resumes from its last saved
+state), and its seconds before the kill count in the stage's wall time. A stage whose settings
+changed, or whose output files were deleted or edited, starts over in a clean folder, and so does
+every stage that reads one that ran again. The MedSynth stage's settings include the generator
+version, so a new renderer redoes everything.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import os
 import shlex
 import shutil
 import sys
@@ -309,33 +312,150 @@ def _portable(settings: Any, out: Path) -> Any:
 
 
 def remaining_seconds(
-    expected: dict[str, float], finished: list[tuple[str, float]], pending: list[str]
+    expected: dict[str, float],
+    finished: list[tuple[str, float]],
+    pending: list[str],
+    spent: dict[str, float] | None = None,
 ) -> float | None:
     """Estimated seconds left: the pending stages' reference times, scaled by how this machine
     ran the finished ones against theirs (``finished`` holds (stage, seconds taken) for stages
     that actually ran, not skipped ones). Stages under 5 reference seconds are too short to
-    measure the machine by. None when a pending stage has no reference time."""
+    measure the machine by. ``spent``: seconds interrupted runs already spent on a pending
+    stage that resumes, taken off its estimate (down to a tenth of it). None when a pending
+    stage has no reference time."""
     if any(name not in expected for name in pending):
         return None
     ref = sum(expected.get(n, 0.0) for n, _ in finished if expected.get(n, 0.0) >= 5)
     took = sum(t for n, t in finished if expected.get(n, 0.0) >= 5)
     speed = min(max(took / ref, 0.2), 5.0) if ref > 0 else 1.0
-    return speed * sum(expected[n] for n in pending)
+    spent = spent or {}
+    return sum(
+        max(speed * expected[n] - spent.get(n, 0.0), 0.1 * speed * expected[n]) for n in pending
+    )
 
 
 def _minutes(seconds: float) -> str:
     return f"{seconds / 60:.0f} min" if seconds >= 90 else f"{seconds:.0f} s"
 
 
+OUTPUTS_FILE = ".quickstart_outputs.json"
+# ``started`` value of a stage whose output must be redone from scratch: an earlier stage it
+# reads ran again (or its own output changed) in a run that was stopped before it got to it.
+REDO = "redo"
+HEARTBEAT_FILE = ".quickstart_heartbeat"
+HEARTBEAT_S = 2.0
+# Written from the stages' results: a run that redoes a stage removes them first, so a killed
+# rerun leaves no report of a model whose folders it already emptied.
+REPORT_FILES = ("report.md", "report.json", "loss.png")
+
+
+def _file_hash(path: Path) -> str:
+    h = hashlib.blake2b(digest_size=16)
+    with open(path, "rb") as fh:
+        while chunk := fh.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _digest(hashes: dict[str, str]) -> str:
+    return _key(sorted(hashes.items()))
+
+
+class StageOutputs:
+    """Fingerprints of finished stages' output files, so a rerun notices a file deleted or
+    changed since (a deleted ``checkpoint-final``, an edited ``world/`` file).
+
+    ``quickstart_state.json`` keeps each stage's digest (paths relative to the output folder,
+    with content hashes); ``OUTPUTS_FILE`` lists its files with size, mtime and hash, so a check
+    stats them and hashes only a file whose mtime moved (``cp -r``). Files added to a folder
+    after its stage finished are not its output; lock files come and go with the tools."""
+
+    def __init__(self, out: Path):
+        self.out = out
+        self.path = out / OUTPUTS_FILE
+        try:
+            data = read_json(self.path) if self.path.exists() else {}
+        except InputError:
+            data = {}
+        self.files: dict[str, dict] = data if isinstance(data, dict) else {}
+        self.dirty = False
+
+    def _walk(self, root: Path, skip: set[Path]) -> list[Path]:
+        if root.is_file():
+            return [root]
+        found = []
+        for dirpath, dirnames, filenames in os.walk(root):
+            here = Path(dirpath)
+            dirnames[:] = sorted(d for d in dirnames if here / d not in skip)
+            found += [
+                here / f for f in filenames if not f.endswith(".lock") and here / f not in skip
+            ]
+        return sorted(found)
+
+    def record(self, name: str, root: Path, skip: set[Path]) -> dict:
+        """Fingerprint ``root`` (a stage's folder or file, less ``skip``: other stages' paths
+        inside it) as stage ``name``'s output."""
+        listing = {}
+        for path in self._walk(root, skip):
+            st = path.stat()
+            listing[path.relative_to(self.out).as_posix()] = [
+                st.st_size,
+                st.st_mtime_ns,
+                _file_hash(path),
+            ]
+        self.files[name] = listing
+        self.dirty = True
+        return {"files": len(listing), "digest": _digest({k: v[2] for k, v in listing.items()})}
+
+    def changed(self, name: str, root: Path, skip: set[Path], recorded: dict) -> str | None:
+        """What changed in stage ``name``'s output since ``recorded`` (None: nothing)."""
+        listing = self.files.get(name)
+        valid = isinstance(listing, dict) and all(
+            isinstance(v, list) and len(v) == 3 for v in listing.values()
+        )
+        if not valid or _digest({k: v[2] for k, v in listing.items()}) != recorded.get("digest"):
+            # No file list to go by (lost, or another run's): hash what is there now.
+            now = self.record(name, root, skip)
+            return None if now["digest"] == recorded.get("digest") else "its files changed"
+        for rel, entry in listing.items():
+            try:
+                st = (self.out / rel).stat()
+            except OSError:
+                return f"{rel} is missing"
+            if st.st_size != entry[0]:
+                return f"{rel} changed"
+            if st.st_mtime_ns != entry[1]:
+                try:
+                    same = (self.out / rel).is_file() and _file_hash(self.out / rel) == entry[2]
+                except OSError:
+                    same = False
+                if not same:
+                    return f"{rel} changed"
+                entry[1] = st.st_mtime_ns
+                self.dirty = True
+        return None
+
+    def forget(self, name: str) -> None:
+        if self.files.pop(name, None) is not None:
+            self.dirty = True
+
+    def save(self) -> None:
+        if self.dirty:
+            atomic_write_json(self.path, self.files, indent=None)
+            self.dirty = False
+
+
 class Pipeline:
     """Runs named stages in order with keyed skip/resume and a total progress bar whose ETA comes
     from reference stage times (``expected_s``), rescaled as stages finish.
 
-    A stage is ``(name, folder, fn, settings)`` or ``(name, folder, fn, settings, needs)``:
+    A stage is ``(name, path, fn, settings)`` or ``(name, path, fn, settings, needs)``:
+    ``path`` is the folder (or the one file) it writes under the output folder, or None.
     ``needs`` names the earlier stages whose output it reads (default: the stage before it). Its
     key hashes its settings and those stages' keys, and it starts over, in a clean folder, when
-    one of them ran in this invocation. A stage that reads nothing of another is not redone
-    when that one is."""
+    one of them runs in this invocation. A stage that reads nothing of another is not redone
+    when that one is. A finished stage whose output files were deleted or changed since it
+    finished starts over too, with every stage that reads it."""
 
     def __init__(
         self,
@@ -363,12 +483,91 @@ class Pipeline:
                 f"{self.state_path}: not a quickstart state file (expected an object with a "
                 "'stages' object); delete it to start over"
             )
+        self.outputs = StageOutputs(self.out)
         self.results: list[StageResult] = []
 
+    def _paths(self) -> dict[str, Path]:
+        return {name: self.out / folder for name, folder, _, _ in self.stages if folder}
+
+    def _skip(self, name: str, paths: dict[str, Path]) -> set[Path]:
+        """Other stages' paths inside stage ``name``'s (corpus/ holds corpus/instruct/)."""
+        root = paths[name]
+        return {p for n, p in paths.items() if n != name and p != root and p.is_relative_to(root)}
+
+    def _count_killed_attempt(self) -> None:
+        """A run killed without a chance to record its time (SIGKILL, the default SIGTERM)
+        left its stage in ``running``: add the seconds up to its last heartbeat."""
+        running = self.state.pop("running", None)
+        if not isinstance(running, dict):
+            return
+        name, since = running.get("name"), running.get("since")
+        if not isinstance(since, (int, float)):
+            return
+        if self.state.get("started", {}).get(name) != running.get("key"):
+            return
+        try:
+            beat = (self.out / HEARTBEAT_FILE).stat().st_mtime
+        except OSError:
+            return
+        lost = min(beat, time.time()) - since
+        if lost > 0:
+            spent = self.state.setdefault("interrupted_s", {})
+            spent[name] = round(spent.get(name, 0.0) + lost, 1)
+
+    def _plan(self) -> tuple[dict[str, str], dict[str, str | None], dict[str, bool]]:
+        """Each stage's key, why it runs (None: skipped) and whether its folder must be emptied
+        first; decided up front, so the total ETA counts only the stages that will run."""
+        keys: dict[str, str] = {}
+        why: dict[str, str | None] = {}
+        stale: dict[str, bool] = {}
+        paths = self._paths()
+        started = self.state.get("started", {})
+        for name, folder, _fn, settings in self.stages:
+            needs = self.needs[name]
+            key = _key(name, _portable(settings, self.out), "|".join(keys[n] for n in needs))
+            keys[name] = key
+            upstream = [n for n in needs if why[n] is not None]
+            done = self.state["stages"].get(name)
+            path = paths.get(name)
+            changed = None
+            if not done and name not in started:
+                reason = "not run yet"
+            elif upstream:
+                reason = f"it reads the output of {upstream[0]}, which runs again"
+            elif started.get(name) == REDO:
+                reason = "an earlier run redid a stage it reads, or changed its output"
+            elif not done or done.get("key") != key:
+                reason = (
+                    "resuming the interrupted run"
+                    if started.get(name) == key
+                    else "its settings changed"
+                )
+            elif done.get("incomplete"):
+                reason = "its last run was incomplete"
+            elif path is not None and not path.exists():
+                reason = f"{folder} was deleted"
+            elif path is not None and isinstance(done.get("output"), dict):
+                changed = self.outputs.changed(name, path, self._skip(name, paths), done["output"])
+                reason = f"its output changed since it finished ({changed})" if changed else None
+            else:
+                reason = None
+            why[name] = reason
+            stale[name] = (
+                bool(upstream or changed)
+                or started.get(name) not in (None, key)
+                or bool(done and done.get("key") != key)
+            )
+        self.outputs.save()
+        return keys, why, stale
+
     def run(self) -> list[StageResult]:
+        import threading
+
         from tqdm import tqdm
 
-        keys: dict[str, str] = {}
+        self._count_killed_attempt()
+        keys, why, stale_map = self._plan()
+        paths = self._paths()
         total = len(self.stages)
         bar = tqdm(
             total=total,
@@ -380,25 +579,47 @@ class Pipeline:
             bar_format="{desc}{n}/{total} stages |{bar}| {elapsed} elapsed{postfix}",
         )
         names = [s[0] for s in self.stages]
-        # Once a stage runs, the stages that read its output read the old one (or none): they
-        # start clean.
-        ran: set[str] = set()
+        if any(why.values()):
+            for name in REPORT_FILES:
+                (self.out / name).unlink(missing_ok=True)
+            # Invalidate now what this run will redo from scratch: killed after a stage ran
+            # again but before one that reads it did, the next run must not skip the reader
+            # on its record of the old input.
+            started = self.state.setdefault("started", {})
+            for name in names:
+                known = name in started or name in self.state["stages"]
+                if why[name] is not None and stale_map[name] and known:
+                    self.state["stages"].pop(name, None)
+                    self.outputs.forget(name)
+                    started[name] = REDO
+            self._save()
+            self.outputs.save()
+        heartbeat = self.out / HEARTBEAT_FILE
+        stop = threading.Event()
+
+        def beat() -> None:
+            while not stop.wait(HEARTBEAT_S):
+                try:
+                    heartbeat.touch()
+                except OSError:
+                    pass
+
+        beater = threading.Thread(target=beat, name="quickstart-heartbeat", daemon=True)
+        beater.start()
         try:
-            for i, (name, folder, fn, settings) in enumerate(self.stages):
-                needs = self.needs[name]
-                key = _key(name, _portable(settings, self.out), "|".join(keys[n] for n in needs))
-                keys[name] = key
-                upstream_ran = any(n in ran for n in needs)
-                done = self.state["stages"].get(name)
+            for i, (name, folder, fn, _settings) in enumerate(self.stages):
+                key = keys[name]
                 stage_dir = self.out / folder if folder else None
                 bar.set_description(f"quickstart [{name}]")
-                if (
-                    not upstream_ran
-                    and done
-                    and done.get("key") == key
-                    and not done.get("incomplete")
-                    and (stage_dir is None or stage_dir.exists())
-                ):
+                if why[name] is None:
+                    done = self.state["stages"][name]
+                    if stage_dir is not None and not isinstance(done.get("output"), dict):
+                        # Finished before outputs were fingerprinted: take them as they are.
+                        done["output"] = self.outputs.record(
+                            name, stage_dir, self._skip(name, paths)
+                        )
+                        self.outputs.save()
+                        self._save()
                     self.results.append(
                         StageResult(
                             name,
@@ -411,38 +632,50 @@ class Pipeline:
                     )
                     bar.update(1)
                     continue
-                left = remaining_seconds(self.expected_s, self.finished, names[i:])
+                left = remaining_seconds(
+                    self.expected_s,
+                    self.finished,
+                    [n for n in names[i:] if why[n] is not None],
+                    self.state.get("interrupted_s", {}),
+                )
                 if left is not None:
                     bar.set_postfix_str(f"~{_minutes(left)} left", refresh=True)
                 # Stage lines print with --no-progress too: they are the run's log.
                 tqdm.write(
                     f"[quickstart] {name} ({i + 1}/{len(names)})"
-                    + (f": about {_minutes(left)} left in total" if left is not None else ""),
+                    + (f": about {_minutes(left)} left in total" if left is not None else "")
+                    + (f" [{why[name]}]" if why[name] != "not run yet" else ""),
                     file=sys.stderr,
                 )
                 started = self.state.setdefault("started", {})
                 # Seconds that interrupted attempts spent on the output this attempt resumes.
                 spent = self.state.setdefault("interrupted_s", {})
-                stale = upstream_ran or started.get(name) not in (None, key)
+                stale = stale_map[name]
                 if stale:
                     spent.pop(name, None)
                 if stage_dir is not None and stale and stage_dir.exists():
                     # Settings or inputs changed since this stage last ran: its output is stale.
-                    shutil.rmtree(stage_dir)
+                    if stage_dir.is_dir():
+                        shutil.rmtree(stage_dir)
+                    else:
+                        stage_dir.unlink()
                 # Not finished until this run says so: a kill from here on must not leave the
                 # old record behind to vouch for a folder that was just wiped or half-rewritten.
                 self.state["stages"].pop(name, None)
+                self.outputs.forget(name)
                 started[name] = key
-                self._save()
-                ran.add(name)
                 t0 = time.time()
+                self.state["running"] = {"name": name, "key": key, "since": t0}
+                heartbeat.touch()
+                self._save()
+                self.outputs.save()
                 try:
                     info = fn() or {}
                 except LlavamedError as err:
+                    self._interrupted(name, t0)
                     raise StageError(name, stage_dir, err) from err
                 except BaseException:  # Ctrl-C included: the next run resumes this work
-                    spent[name] = round(spent.get(name, 0.0) + time.time() - t0, 1)
-                    self._save()
+                    self._interrupted(name, t0)
                     raise
                 wall = time.time() - t0
                 earlier = spent.pop(name, 0.0)
@@ -454,6 +687,10 @@ class Pipeline:
                     record["resumed_after_s"] = earlier
                 if info.get("incomplete"):  # e.g. self-instruct's failed requests: retry them
                     record["incomplete"] = True
+                if stage_dir is not None and stage_dir.exists():
+                    record["output"] = self.outputs.record(name, stage_dir, self._skip(name, paths))
+                    self.outputs.save()
+                self.state.pop("running", None)
                 self.state["stages"][name] = record
                 self._save()
                 self.results.append(StageResult(name, key, wall, False, info, earlier))
@@ -461,8 +698,15 @@ class Pipeline:
                 tqdm.write(f"[quickstart] {name}: done in {wall:.0f} s", file=sys.stderr)
             bar.set_postfix_str("done", refresh=True)
         finally:
+            stop.set()
             bar.close()
         return self.results
+
+    def _interrupted(self, name: str, t0: float) -> None:
+        spent = self.state.setdefault("interrupted_s", {})
+        spent[name] = round(spent.get(name, 0.0) + time.time() - t0, 1)
+        self.state.pop("running", None)
+        self._save()
 
     def _save(self) -> None:
         atomic_write_json(self.state_path, self.state)
@@ -833,7 +1077,7 @@ def run_quickstart(opts: QuickstartOptions) -> dict:
             },
         ),
         ("ingest", "corpus", ingest, {}),
-        ("align", None, align, {"seed": seed}),
+        ("align", "corpus/alignment.json", align, {"seed": seed}),
         (
             "instruct",
             "corpus/instruct",

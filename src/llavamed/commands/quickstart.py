@@ -17,8 +17,9 @@ def register(sub) -> None:
             "(the tower learns the VQA train split) -> stage 1 -> stage 2 -> zero-shot VQA -> VQA "
             "fine-tuning -> VQA + blank-image ablation -> report.md/report.json/loss.png. "
             "Re-running skips finished stages; a killed run resumes inside the stage it "
-            "stopped in; a stage that runs again (changed settings, a "
-            "deleted folder, self-instruct requests to retry, a new MedSynth generator version) "
+            "stopped in; a stage that runs again (changed settings, output files deleted or "
+            "edited since it finished, self-instruct requests to retry, a new MedSynth generator "
+            "version) "
             "reruns every later stage that reads its output (self-instruct's output is read "
             "by stage 2 only, so a retry of it does not redo the vision stages)."
         ),
