@@ -329,3 +329,20 @@ def test_the_eta_of_a_resumed_stage_counts_the_seconds_already_spent_on_it():
     assert remaining_seconds(ref, [], ["finetune", "eval"], {"finetune": 1800}) == 230
     # A slower machine than the reference: never below a tenth of the stage, never negative.
     assert remaining_seconds(ref, [], ["finetune"], {"finetune": 5000}) == 200
+
+
+@pytest.mark.parametrize("kind", ["file", "name too long", "under a file"])
+def test_an_out_that_cannot_be_a_folder_is_a_clear_error(tmp_path, kind):
+    """A name over the file system's limit ended in an OSError traceback."""
+    from llavamed.errors import ConfigError
+    from llavamed.quickstart import run_quickstart
+
+    (tmp_path / "a-file").write_text("mine")
+    out = {
+        "file": tmp_path / "a-file",
+        "name too long": tmp_path / ("a" * 300),
+        "under a file": tmp_path / "a-file" / "out",
+    }[kind]
+    with pytest.raises(ConfigError, match="--out .*cannot use it as the output folder"):
+        run_quickstart(QuickstartOptions(out=out, size="tiny", progress=False))
+    assert (tmp_path / "a-file").read_text() == "mine"

@@ -881,8 +881,14 @@ def run_quickstart(opts: QuickstartOptions) -> dict:
             f"--vision {opts.vision}: the tower lies inside --out {out}, whose stage folders a "
             "re-run may empty; copy it elsewhere (or use another --out) and give that path"
         )
-    _check_out_is_ours(out)
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        _check_out_is_ours(out)
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:  # a file, a name too long, a read-only or odd file system
+        raise ConfigError(
+            f"--out {opts.out}: cannot use it as the output folder "
+            f"({exc.strerror or type(exc).__name__}); give a folder path you can write to"
+        ) from exc
     opts.out = out
     world, corpus = out / "world", out / "corpus"
     seed = opts.seed
