@@ -346,3 +346,26 @@ def test_an_out_that_cannot_be_a_folder_is_a_clear_error(tmp_path, kind):
     with pytest.raises(ConfigError, match="--out .*cannot use it as the output folder"):
         run_quickstart(QuickstartOptions(out=out, size="tiny", progress=False))
     assert (tmp_path / "a-file").read_text() == "mine"
+
+
+def test_the_eta_credits_seconds_spent_on_a_resumed_stage_but_not_on_a_stale_one(tmp_path, capsys):
+    calls: list[str] = []
+    opts = QuickstartOptions(out=tmp_path, progress=False)
+    expected = {"a": 10, "b": 60, "c": 1}
+    Pipeline(opts, _chain(calls, tmp_path), expected_s=expected).run()
+    state_path = tmp_path / "quickstart_state.json"
+
+    def interrupt_b():  # as a run killed 50 s into b leaves the state
+        state = json.loads(state_path.read_text())
+        state["stages"].pop("b")
+        state["interrupted_s"] = {"b": 50}
+        state_path.write_text(json.dumps(state))
+
+    interrupt_b()
+    capsys.readouterr()
+    Pipeline(opts, _chain(calls, tmp_path), expected_s=expected).run()
+    assert "[quickstart] b (2/3): about 10 s left in total" in capsys.readouterr().err
+    interrupt_b()
+    # a's settings changed: b starts over, and its 50 s are no head start.
+    Pipeline(opts, _chain(calls, tmp_path, {"k": 2}), expected_s=expected).run()
+    assert "[quickstart] a (1/3): about 70 s left in total" in capsys.readouterr().err

@@ -636,7 +636,12 @@ class Pipeline:
                     self.expected_s,
                     self.finished,
                     [n for n in names[i:] if why[n] is not None],
-                    self.state.get("interrupted_s", {}),
+                    # Seconds toward output this run keeps (a stale stage's are thrown away).
+                    {
+                        n: t
+                        for n, t in self.state.get("interrupted_s", {}).items()
+                        if not stale_map.get(n)
+                    },
                 )
                 if left is not None:
                     bar.set_postfix_str(f"~{_minutes(left)} left", refresh=True)
