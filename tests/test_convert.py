@@ -600,23 +600,6 @@ def test_llava_med_output_is_readable_as_the_umask_says(original_llava_med, tmp_
     assert modes == dict.fromkeys(modes, 0o666 & ~umask)
 
 
-@pytest.fixture
-def small_disk(tmp_path):
-    """A real 4 MiB filesystem (tmpfs; needs root), smaller than a converted tiny checkpoint."""
-    import os
-    import subprocess
-
-    mnt = tmp_path / "disk"
-    mnt.mkdir()
-    mount = ["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(mnt)]
-    if os.geteuid() != 0 or subprocess.run(mount, capture_output=True).returncode != 0:
-        pytest.skip("needs permission to mount a tmpfs")
-    try:
-        yield mnt
-    finally:
-        subprocess.run(["umount", str(mnt)], check=True)
-
-
 def test_llava_med_on_a_full_disk_is_one_line_and_leaves_nothing(original_llava_med, small_disk):
     """safetensors reports ENOSPC as its own SafetensorError, which reached the user as a
     traceback instead of the out-of-disk-space message other writers give."""

@@ -79,3 +79,23 @@ def test_training_checkpoint_on_a_full_disk_stops_cleanly(tmp_path, monkeypatch)
     ckpts = tmp_path / "run" / "checkpoints"
     assert list(ckpts.iterdir()) == []
     assert not (tmp_path / "run" / "checkpoint-final").exists()
+
+
+def test_a_checkpoint_on_a_full_disk_is_one_line_and_leaves_nothing(small_disk):
+    """safetensors reports ENOSPC as its own SafetensorError ("... (os error 28)"): `model init`
+    and every checkpoint save ended in that traceback instead of the out-of-disk-space message."""
+    from llavamed.model.compose import ModelSpec, init_checkpoint
+
+    with pytest.raises(StorageError, match="out of disk space"):
+        init_checkpoint(small_disk / "tiny", ModelSpec(lm="tiny", vision="tiny"))
+    assert list(small_disk.iterdir()) == []
+
+
+def test_checkpoint_files_follow_the_umask(tiny_llava_dir):
+    """safetensors creates its files 0600: a checkpoint on a shared filesystem was unreadable to
+    other users (a serving account) while its other files followed the umask."""
+    umask = os.umask(0)
+    os.umask(umask)
+    modes = {f.name: f.stat().st_mode & 0o777 for f in Path(tiny_llava_dir).iterdir()}
+    assert "model.safetensors" in modes and ".llavamed-writer-pid" not in modes
+    assert modes == dict.fromkeys(modes, 0o666 & ~umask)

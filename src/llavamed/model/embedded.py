@@ -98,7 +98,7 @@ def embedded_lm_dir() -> Path:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from llavamed.model.compose import legacy_tokenizer_config
-    from llavamed.utils.io import _FILE_MODE, make_temp_dir
+    from llavamed.utils.io import make_temp_dir, publish_modes
 
     src = gguf_path()
     tmp = make_temp_dir(target)
@@ -120,9 +120,7 @@ def embedded_lm_dir() -> Path:
         legacy_tokenizer_config(tmp)
         # safetensors writes 0600 whatever the umask: a cache shared through $LLAVAMED_CACHE
         # would be complete for is_complete() and unreadable to every other user.
-        for f in tmp.iterdir():
-            if f.is_file():
-                f.chmod(_FILE_MODE)
+        publish_modes(tmp)
         for _ in range(3):
             try:
                 os.replace(tmp, target)  # fails if target is a non-empty folder (or a file)

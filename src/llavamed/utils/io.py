@@ -49,16 +49,38 @@ def make_temp_dir(beside: str | os.PathLike) -> Path:
     return tmp
 
 
+def publish_modes(folder: str | os.PathLike) -> None:
+    """Give every file under ``folder`` the mode a plain ``open`` would (0644 under umask 022,
+    executables keep their x bits). safetensors and mkstemp create files 0600 whatever the
+    umask, so a checkpoint or tower on a shared filesystem was unreadable to every other user (a
+    serving account, a colleague)."""
+    for root, _dirs, files in os.walk(folder):
+        for name in files:
+            f = os.path.join(root, name)
+            if os.path.islink(f):
+                continue
+            executable = os.stat(f).st_mode & 0o111
+            os.chmod(f, _DIR_MODE if executable else _FILE_MODE)
+
+
+def _is_enospc(exc: BaseException) -> bool:
+    if isinstance(exc, OSError):
+        return exc.errno == errno.ENOSPC
+    # safetensors reports a full disk as its own SafetensorError ("... (os error 28)").
+    return type(exc).__name__ == "SafetensorError" and f"os error {errno.ENOSPC})" in str(exc)
+
+
 def disk_full_error(exc: BaseException, folder: str | os.PathLike) -> StorageError | None:
     """The :class:`StorageError` to raise instead of ``exc`` when ``exc`` came from a full disk
     under ``folder``, else None (the caller re-raises ``exc``)."""
-    if not isinstance(exc, OSError | RuntimeError):
+    enospc = _is_enospc(exc)
+    if not (enospc or isinstance(exc, OSError | RuntimeError)):
         return None
     probe = Path(folder).absolute()
     while not probe.exists() and probe != probe.parent:
         probe = probe.parent
     free = shutil.disk_usage(probe).free
-    if not (isinstance(exc, OSError) and exc.errno == errno.ENOSPC) and free >= _NEARLY_FULL:
+    if not enospc and free >= _NEARLY_FULL:
         return None
     return StorageError(
         f"{folder}: out of disk space while writing ({free / 2**20:.0f} MiB free). Free some "
@@ -282,7 +304,8 @@ def atomic_dir(
     """Yield an empty temp folder beside ``path``; on success it replaces ``path`` (an existing
     folder is moved aside first and removed after), so readers never see a half-written one.
     What may be replaced: see :func:`check_output_dir`. Temp folders left by a killed run
-    (their owner process gone) are removed first: a checkpoint's can be many GB."""
+    (their owner process gone) are removed first: a checkpoint's can be many GB. Files get the
+    umask's modes (:func:`publish_modes`); a full disk is a one-line :class:`StorageError`."""
     path = Path(path)
     check_output_dir(path, ours=ours, keep=keep)
     _remove_orphan_temp_dirs(path)
@@ -290,7 +313,7 @@ def atomic_dir(
     try:
         (tmp / _OWNER).write_text(f"{socket.gethostname()} {os.getpid()}")
         yield tmp
-        (tmp / _OWNER).unlink()
+        publish_modes(tmp)
         if path.exists():
             old = path.with_name(f".{path.name}.old")
             if old.exists():
@@ -300,7 +323,10 @@ def atomic_dir(
             shutil.rmtree(old)
         else:
             tmp.rename(path)
-    except (OSError, RuntimeError) as exc:
+        # Only now: a run killed before the rename leaves a temp folder that still names its
+        # (dead) owner, so the next run removes it.
+        (path / _OWNER).unlink()
+    except Exception as exc:  # noqa: BLE001 - only to translate a full disk; re-raised otherwise
         if (full := disk_full_error(exc, path.parent)) is not None:
             raise full from exc
         raise

@@ -9,7 +9,6 @@ come keyed by transformers' in-memory names and are written under the llava-hf o
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 SHARD_BYTES = 4 * 1024**3
@@ -33,26 +32,10 @@ def disk_name(key: str, vision_type: str) -> str:
     raise KeyError(key)
 
 
-def _save_file(tensors: dict, path: Path) -> None:
-    """safetensors' ``save_file``, with a full disk raised as the OSError (ENOSPC) that
-    :func:`~llavamed.utils.io.atomic_dir` reports as one line; safetensors raises its own
-    SafetensorError, which reached the user as a traceback."""
-    import errno
-
-    from safetensors import SafetensorError
-    from safetensors.torch import save_file
-
-    try:
-        save_file(tensors, path, metadata={"format": "pt"})
-    except SafetensorError as exc:
-        if f"os error {errno.ENOSPC})" in str(exc):
-            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path)) from exc
-        raise
-
-
 def write_native_checkpoint(
     dst, config, tensors: dict, processor, generation: dict, meta: dict, *, src
 ) -> Path:
+    from safetensors.torch import save_file
     from transformers import GenerationConfig
 
     from llavamed.model.compose import (
@@ -61,7 +44,7 @@ def write_native_checkpoint(
         is_checkpoint_dir,
         legacy_tokenizer_config,
     )
-    from llavamed.utils.io import _FILE_MODE, atomic_dir
+    from llavamed.utils.io import atomic_dir
 
     dst = Path(dst)
     with atomic_dir(dst, ours=is_checkpoint_dir, keep=(src,)) as tmp:
@@ -77,12 +60,12 @@ def write_native_checkpoint(
             size += nbytes
         shards.append(cur)
         if len(shards) == 1:
-            _save_file(shards[0], tmp / "model.safetensors")
+            save_file(shards[0], tmp / "model.safetensors", metadata={"format": "pt"})
         else:
             weight_map = {}
             for i, shard in enumerate(shards, 1):
                 name = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
-                _save_file(shard, tmp / name)
+                save_file(shard, tmp / name, metadata={"format": "pt"})
                 weight_map.update({k: name for k in shard})
             total = sum(v.numel() * v.element_size() for v in named.values())
             (tmp / "model.safetensors.index.json").write_text(
@@ -99,9 +82,4 @@ def write_native_checkpoint(
         (tmp / CHECKPOINT_META).write_text(
             json.dumps({"format": "llavamed-native-llava/1", "spec": None, **meta}, indent=2) + "\n"
         )
-        # safetensors writes its files 0600 whatever the umask: the weights of a checkpoint on a
-        # shared filesystem were unreadable to everyone else (a serving account, a colleague).
-        for f in tmp.iterdir():
-            if f.is_file() and not f.name.startswith("."):
-                f.chmod(_FILE_MODE)
     return dst
