@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import threading
 
 import pytest
@@ -548,3 +549,18 @@ def test_a_new_image_costs_one_forward_and_a_repeat_skips_the_tower(wide_llava_d
         assert calls == {"llava": 2, "tower": 1}
     finally:
         eng.close()
+
+
+def test_an_original_llava_med_folder_is_refused_with_the_convert_command(tmp_path):
+    """LLaVA-Med's own folders (model_type llava_mistral) are neither native llava nor a causal
+    LM: serve/chat/web took them for a text LM and failed on its tokenizer or weights, without
+    saying they need `llavamed convert llava-med` first."""
+    from llavamed.serve.engine import Engine
+
+    folder = tmp_path / "llava-med-v1.5-mistral-7b"
+    folder.mkdir()
+    (folder / "config.json").write_text(
+        json.dumps({"model_type": "llava_mistral", "architectures": ["LlavaMistralForCausalLM"]})
+    )
+    with pytest.raises(InputError, match="convert it first with 'llavamed convert llava-med"):
+        Engine.from_path(folder)

@@ -121,6 +121,18 @@ def model_files(path: str | Path) -> Iterator[None]:
         raise InputError(path, what, first) from exc
 
 
+CONVERT_ORIGINAL_HINT = (
+    "this is the original LLaVA format: convert it first with "
+    "'llavamed convert llava-med SRC DST' (LLaVA-Med v1.5, llava_mistral)"
+)
+
+
+def is_original_llava_type(model_type) -> bool:
+    """``llava_mistral``, ``llava_llama``, ...: the LLaVA repo's own classes, which transformers
+    cannot load (their LM fields are flat, the projector is ``mm_projector``)."""
+    return isinstance(model_type, str) and model_type.startswith("llava_")
+
+
 def _check_model_type(cls, path: str | Path) -> None:
     """Refuse a folder whose config.json names another model type than ``cls`` builds.
     transformers would build ``cls``'s default config instead: for an original LLaVA-Med folder
@@ -141,12 +153,7 @@ def _check_model_type(cls, path: str | Path) -> None:
     got = cfg.get("model_type")
     if got == want:
         return
-    hint = ""
-    if isinstance(got, str) and got.startswith("llava_"):
-        hint = (
-            "; this is the original LLaVA format: convert it first with "
-            "'llavamed convert llava-med SRC DST' (LLaVA-Med v1.5, llava_mistral)"
-        )
+    hint = f"; {CONVERT_ORIGINAL_HINT}" if is_original_llava_type(got) else ""
     raise InputError(path, f"not a {want} checkpoint", f"model_type={got!r} in config.json{hint}")
 
 

@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from llavamed.errors import InputError, LlavamedError
+from llavamed.model.checkpoint import CONVERT_ORIGINAL_HINT, is_original_llava_type
 from llavamed.model.processing import known_token_id
 from llavamed.utils.precision import model_dtype
 
@@ -256,6 +257,11 @@ def is_llava_dir(path: str | Path) -> bool:
         cfg = json.loads((Path(path) / "config.json").read_text())
     except (OSError, json.JSONDecodeError) as exc:
         raise InputError(Path(path) / "config.json", "unreadable model config", str(exc)) from exc
+    if not isinstance(cfg, dict):
+        raise InputError(Path(path) / "config.json", "unreadable model config", "not a JSON object")
+    if is_original_llava_type(cfg.get("model_type")):
+        # Not a causal LM either: the text-only path would fail on it with a vaguer reason.
+        raise InputError(path, "not a llava checkpoint", CONVERT_ORIGINAL_HINT)
     return cfg.get("model_type") == "llava" or "vision_config" in cfg
 
 
