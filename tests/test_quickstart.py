@@ -264,6 +264,21 @@ def test_quickstart_tiny_end_to_end_and_rerun(tmp_path):
     assert second.returncode == 0, second.stderr[-4000:]
     report2 = json.loads((out / "report.json").read_text())
     assert all(s["skipped_this_run"] for s in report2["stages"].values())
+    # A deleted output file reruns its stage and every stage that reads it, nothing else (align
+    # writes one file into ingest's corpus/: it was not checked at all, and stage 1 skipped).
+    (out / "corpus" / "alignment.json").unlink()
+    fourth = subprocess.run(cmd, capture_output=True, text=True, timeout=1800)
+    assert fourth.returncode == 0, fourth.stderr[-4000:]
+    assert "[corpus/alignment.json was deleted]" in fourth.stderr
+    report4 = json.loads((out / "report.json").read_text())
+    assert {n for n, s in report4["stages"].items() if not s["skipped_this_run"]} == {
+        "align",
+        "stage1_alignment",
+        "stage2_instruct",
+        "eval_zero_shot",
+        "finetune_vqa",
+        "eval_finetuned",
+    }
     # A given tower replaces stage 0; stage 0b and the rest start from it.
     tower = out / "stage0" / "vision_tower"
     out3 = tmp_path / "qs_given"
