@@ -100,7 +100,13 @@ def encode_training_sample(
     if isinstance(template, str):
         template = get_template(template)
     tok = processor.tokenizer
-    rendered = template.render(messages, eos=template_eos(template, tok))
+    try:
+        rendered = template.render(messages, eos=template_eos(template, tok))
+    except InputError as exc:
+        # The renderer names no record ("<conversation>") and puts the turn in its reason:
+        # a gpt turn first or two human turns in a row must name the record and count under
+        # one reason, as every other skipped sample does.
+        raise InputError(source, "turns out of order", exc.reason) from exc
     n_placeholders = rendered.text.count(IMAGE_PLACEHOLDER)
     if n_placeholders != num_images:
         raise InputError(
