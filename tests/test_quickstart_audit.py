@@ -369,3 +369,23 @@ def test_the_eta_credits_seconds_spent_on_a_resumed_stage_but_not_on_a_stale_one
     # a's settings changed: b starts over, and its 50 s are no head start.
     Pipeline(opts, _chain(calls, tmp_path, {"k": 2}), expected_s=expected).run()
     assert "[quickstart] a (1/3): about 70 s left in total" in capsys.readouterr().err
+
+
+def test_the_evaluated_scope_is_not_a_subset_when_the_limit_exceeds_the_split():
+    """The tiny world's test split has 19 English questions; its limit of 24 made the report
+    claim "the first 24 English questions" of it."""
+    from llavamed.quickstart import _eval_scope, _headline
+
+    def scope(limit, n_loaded):
+        return _eval_scope(_headline({"limit": limit, "load_report": {"n_loaded": n_loaded}}))
+
+    assert scope(24, 19) == "the SLAKE-shaped English test split (19 questions)"
+    assert (
+        scope(400, 1061)
+        == "the first 400 English questions (of 1061) of the SLAKE-shaped test split"
+    )
+    assert scope(None, 1061) == "the SLAKE-shaped English test split (1061 questions)"
+    assert (
+        _eval_scope({"limit": 400})
+        == "the first 400 English questions of the SLAKE-shaped test split"
+    )

@@ -1235,6 +1235,8 @@ def _headline(result: dict) -> dict:
     out = {k: metrics.get(k) for k in ("n_answered", "n_closed", "n_open")}
     out |= _pick(metrics)
     out["limit"] = result.get("limit")
+    # English test questions there were to ask: a limit over it evaluated the whole split.
+    out["n_in_split"] = (result.get("load_report") or {}).get("n_loaded")
     for name, abl in (result.get("ablations") or {}).items():
         # Every metric the ablated run measured (open questions too), as in the other columns.
         out[f"ablation_{name}"] = _pick(abl.get("metrics", {}))
@@ -1387,10 +1389,11 @@ def _fmt(stat: Any) -> str:
 
 
 def _eval_scope(metrics: dict) -> str:
-    limit = metrics.get("limit")
-    if limit:  # a subset: say so, as the evaluation's own report does
-        return f"the first {limit} English questions of the SLAKE-shaped test split"
-    return "the SLAKE-shaped English test split"
+    limit, n = metrics.get("limit"), metrics.get("n_in_split")
+    if limit and (n is None or limit < n):  # a subset: say so, as the evaluation's report does
+        of = f" (of {n})" if n else ""
+        return f"the first {limit} English questions{of} of the SLAKE-shaped test split"
+    return "the SLAKE-shaped English test split" + (f" ({n} questions)" if n else "")
 
 
 def render_markdown(report: dict) -> str:
