@@ -389,3 +389,41 @@ def test_the_evaluated_scope_is_not_a_subset_when_the_limit_exceeds_the_split():
         _eval_scope({"limit": 400})
         == "the first 400 English questions of the SLAKE-shaped test split"
     )
+
+
+def test_a_run_killed_before_it_reached_a_stage_leaves_that_stage_finished(tmp_path):
+    """Only a stage that ran invalidates its readers: a run with other settings for c, killed
+    in b before c started, must not cost c and d a redo when the old settings come back."""
+    calls: list[str] = []
+
+    def stage(name, kill=False):
+        def run():
+            calls.append(name)
+            (tmp_path / name).mkdir(exist_ok=True)
+            (tmp_path / name / "out.txt").write_text(name)
+            if kill:
+                raise KeyboardInterrupt
+            return {}
+
+        return run
+
+    def stages(c_settings, kill_b=False):
+        return [
+            ("a", "a", stage("a"), {}),
+            ("b", "b", stage("b", kill_b), {}, ("a",)),
+            ("c", "c", stage("c"), c_settings, ()),
+            ("d", "d", stage("d"), {}, ("c",)),
+        ]
+
+    opts = QuickstartOptions(out=tmp_path, progress=False)
+    Pipeline(opts, stages({"k": 1})).run()
+    import shutil
+
+    shutil.rmtree(tmp_path / "b")
+    calls.clear()
+    with pytest.raises(KeyboardInterrupt):
+        Pipeline(opts, stages({"k": 2}, kill_b=True)).run()
+    assert calls == ["b"]
+    calls.clear()
+    Pipeline(opts, stages({"k": 1})).run()
+    assert calls == ["b"]

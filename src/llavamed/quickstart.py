@@ -494,6 +494,14 @@ class Pipeline:
         root = paths[name]
         return {p for n, p in paths.items() if n != name and p != root and p.is_relative_to(root)}
 
+    def _readers(self, name: str) -> list[str]:
+        """The stages that read ``name``'s output, directly or through other stages."""
+        found: list[str] = []
+        for other, needs in self.needs.items():  # in stage order: a reader follows its needs
+            if name in needs or any(n in found for n in needs):
+                found.append(other)
+        return found
+
     def _count_killed_attempt(self) -> None:
         """A run killed without a chance to record its time (SIGKILL, the default SIGTERM)
         left its stage in ``running``: add the seconds up to its last heartbeat."""
@@ -582,18 +590,6 @@ class Pipeline:
         if any(why.values()):
             for name in REPORT_FILES:
                 (self.out / name).unlink(missing_ok=True)
-            # Invalidate now what this run will redo from scratch: killed after a stage ran
-            # again but before one that reads it did, the next run must not skip the reader
-            # on its record of the old input.
-            started = self.state.setdefault("started", {})
-            for name in names:
-                known = name in started or name in self.state["stages"]
-                if why[name] is not None and stale_map[name] and known:
-                    self.state["stages"].pop(name, None)
-                    self.outputs.forget(name)
-                    started[name] = REDO
-            self._save()
-            self.outputs.save()
         heartbeat = self.out / HEARTBEAT_FILE
         stop = threading.Event()
 
@@ -669,6 +665,13 @@ class Pipeline:
                 self.state["stages"].pop(name, None)
                 self.outputs.forget(name)
                 started[name] = key
+                # Nor the records of the stages that read this output, directly or not: killed
+                # before this run gets to one, the next would skip it on its old input.
+                for reader in self._readers(name):
+                    if reader in started or reader in self.state["stages"]:
+                        self.state["stages"].pop(reader, None)
+                        self.outputs.forget(reader)
+                        started[reader] = REDO
                 t0 = time.time()
                 self.state["running"] = {"name": name, "key": key, "since": t0}
                 heartbeat.touch()
