@@ -64,3 +64,100 @@ def test_out_of_order_turns_name_their_record_and_count_under_one_reason(
     ]
     err = capsys.readouterr().err
     assert "<conversation>" not in err and "id=gpt-first: turns out of order" in err
+
+
+def test_samples_cut_at_max_length_are_counted_and_named(tmp_path, tiny_llava_dir, capsys):
+    """A sample cut at data.max_length was kept with no trace: a max_length that cut most
+    answers before their end-of-turn token trained a model that never learns to stop, and
+    data_report.json said nothing. Now each kept cut is counted by where it fell and named; a
+    cut that leaves no answer says it was the truncation."""
+    proc = AutoProcessor.from_pretrained(tiny_llava_dir)
+    many = " ".join(["word"] * 80)
+    recs = [
+        {
+            "id": "fits",
+            "image": "a.png",
+            "conversations": _turns(("human", "<image>\nQ"), ("gpt", "A")),
+        },
+        {
+            "id": "long-answer",
+            "image": "a.png",
+            "conversations": _turns(("human", "<image>\nQ"), ("gpt", many)),
+        },
+        {
+            "id": "long-second-question",
+            "image": "a.png",
+            "conversations": _turns(
+                ("human", "<image>\nQ"), ("gpt", "Yes."), ("human", many), ("gpt", "No.")
+            ),
+        },
+        {
+            "id": "long-question",
+            "image": "a.png",
+            "conversations": _turns(("human", f"<image>\n{many}"), ("gpt", "A")),
+        },
+    ]
+    samples, rep = _load(tmp_path, recs, proc, max_length=60, quiet=False)
+    assert [s.source.split()[-1] for s in samples] == [
+        "id=fits",
+        "id=long-answer",
+        "id=long-second-question",
+    ]
+    assert all(s.length <= 60 for s in samples)
+    assert dict(rep.truncated) == {
+        "truncated inside an answer": 1,
+        "truncated between answers": 1,
+    }
+    assert dict(rep.skipped) == {"no supervised tokens after truncation": 1}
+    train = str(tmp_path / "train.json")
+    d = rep.to_dict()
+    assert d["truncated_examples"][0].startswith(
+        f"{train}[1] id=long-answer: truncated inside an answer ("
+    )
+    assert d["truncated_examples"][1].startswith(
+        f"{train}[2] id=long-second-question: truncated between answers ("
+    )
+    assert "> max_length 60" in d["truncated_examples"][0]
+    assert d["examples"][0].startswith(
+        f"{train}[3] id=long-question: no supervised tokens after truncation ("
+    )
+    end = proc.tokenizer.convert_tokens_to_ids("<|im_end|>")
+    # the answer cut inside lost its end-of-turn; the one before the cut kept it
+    long_answer, second = samples[1], samples[2]
+
+    def supervised(s):
+        return [t for t, lab in zip(s.input_ids, s.labels, strict=True) if lab >= 0]
+
+    assert end not in supervised(long_answer) and supervised(second)[-1] == end
+    err = capsys.readouterr().err
+    assert "kept 2 sample(s) cut at data.max_length=60" in err
+
+
+def test_truncation_reasons_at_each_boundary(tiny_llava_dir):
+    """The cut classified against the full encoding, token by token around the first answer."""
+    import pytest
+
+    from llavamed.errors import InputError
+    from llavamed.model.processing import IGNORE_INDEX, encode_training_sample
+    from llavamed.model.templates import conversation_to_messages
+
+    proc = AutoProcessor.from_pretrained(tiny_llava_dir)
+    msgs = conversation_to_messages(
+        _turns(("human", "<image>\nQ"), ("gpt", "A CT."), ("human", "More?"), ("gpt", "No."))
+    )
+    full = encode_training_sample(msgs, proc, "chatml", num_images=1)
+    assert full.truncated is None and full.full_length == len(full.input_ids)
+    sup = [i for i, lab in enumerate(full.labels) if lab != IGNORE_INDEX]
+    first = sup[0]
+    end = next(i for i in sup if full.input_ids[i] == proc.tokenizer.eos_token_id)
+    with pytest.raises(InputError, match="no supervised tokens after truncation"):
+        encode_training_sample(msgs, proc, "chatml", num_images=1, max_length=first)
+    for m in range(first + 1, end + 1):  # the first answer without its end-of-turn
+        enc = encode_training_sample(msgs, proc, "chatml", num_images=1, max_length=m)
+        assert enc.truncated == "truncated inside an answer", m
+        assert enc.input_ids == full.input_ids[:m] and enc.labels == full.labels[:m]
+    for m in (end + 1, end + 2):  # the first answer whole, the second turn cut
+        enc = encode_training_sample(msgs, proc, "chatml", num_images=1, max_length=m)
+        assert enc.truncated == "truncated between answers", m
+    enc = encode_training_sample(msgs, proc, "chatml", num_images=1, max_length=len(full.labels))
+    assert enc.truncated is None

@@ -21,6 +21,10 @@ from llavamed.model.templates import (
 )
 
 IGNORE_INDEX = -100
+TRUNCATED_INSIDE_ANSWER = "truncated inside an answer"
+"""Kept, but an answer lost its end: the model learns it without its end-of-turn token."""
+TRUNCATED_BETWEEN_ANSWERS = "truncated between answers"
+"""Kept with every kept answer whole; later turns were dropped."""
 
 
 @dataclass
@@ -28,6 +32,11 @@ class Encoded:
     input_ids: list[int]
     labels: list[int]
     num_images: int
+    truncated: str | None = None
+    """Why the sample was cut at ``max_length`` and kept (:data:`TRUNCATED_INSIDE_ANSWER` or
+    :data:`TRUNCATED_BETWEEN_ANSWERS`); None when it was not cut."""
+    full_length: int = 0
+    """Its length before the cut."""
 
 
 def template_eos(template: ChatTemplate, tokenizer) -> str:
@@ -88,7 +97,8 @@ def encode_training_sample(
     marker are supervised. Raises ``InputError`` (never silently masks) when the ``<image>``
     count disagrees with ``num_images``, when truncation would cut image tokens, when an answer
     is empty (only its end-of-turn marker would be supervised: the model would learn to stop at
-    once), or when nothing supervised is left."""
+    once), or when nothing supervised is left. A sample cut at ``max_length`` and kept says why
+    in ``truncated``, for the data report."""
     first_user = next((i for i, m in enumerate(messages) if m.role == "user"), None)
     for i, m in enumerate(messages):
         if m.role == "assistant" and not m.content.strip():
@@ -140,18 +150,21 @@ def encode_training_sample(
             "image token count mismatch",
             f"tokenizer produced {len(image_starts)} image tokens for {num_images} image(s)",
         )
-    if max_length is not None and len(out_ids) > max_length:
+    full_length, truncated = len(out_ids), None
+    if max_length is not None and full_length > max_length:
+        cut = f"{full_length} tokens > max_length {max_length}"
         for s in image_starts:
             if s + n_img > max_length:
-                raise InputError(
-                    source,
-                    "truncation inside image tokens",
-                    f"{len(out_ids)} tokens > max_length {max_length}",
-                )
+                raise InputError(source, "truncation inside image tokens", cut)
+        # The cut splits a supervised run: the answer keeps its start and loses its end.
+        inside = IGNORE_INDEX not in (out_labels[max_length - 1], out_labels[max_length])
+        truncated = TRUNCATED_INSIDE_ANSWER if inside else TRUNCATED_BETWEEN_ANSWERS
         out_ids, out_labels = out_ids[:max_length], out_labels[:max_length]
+        if all(lab == IGNORE_INDEX for lab in out_labels):
+            raise InputError(source, "no supervised tokens after truncation", cut)
     if all(lab == IGNORE_INDEX for lab in out_labels):
-        raise InputError(source, "no supervised tokens", "empty answer or truncated away")
-    return Encoded(out_ids, out_labels, num_images)
+        raise InputError(source, "no supervised tokens", "no assistant turn with an answer")
+    return Encoded(out_ids, out_labels, num_images, truncated, full_length)
 
 
 def generation_prompt(processor, messages: Sequence[dict]) -> str:

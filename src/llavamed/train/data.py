@@ -38,6 +38,8 @@ class Sample:
     source: str
     segment_ids: list[int] | None = None
     """Set for several questions sharing one image prefix (``llavamed.train.shared_prefix``)."""
+    truncated: tuple[str, str] | None = None
+    """``(reason, detail)`` when it was cut at ``data.max_length`` and kept; for the report."""
 
     @property
     def length(self) -> int:
@@ -54,6 +56,9 @@ class DataReport:
     skipped: Counter = field(default_factory=Counter)
     skipped_at_load: Counter = field(default_factory=Counter)
     examples: list[str] = field(default_factory=list)
+    truncated: Counter = field(default_factory=Counter)
+    """Samples cut at ``data.max_length`` and kept, per reason (``llavamed.model.processing``)."""
+    truncated_examples: list[str] = field(default_factory=list)
     quiet: bool = False
 
     def add(self, err: InputError, at_load: bool = False) -> None:
@@ -66,6 +71,12 @@ class DataReport:
         elif n == MAX_PRINTED + 1 and not self.quiet:
             print("llavamed train: more samples skipped; see data_report.json", file=sys.stderr)
 
+    def add_truncated(self, where: str, reason: str, detail: str) -> None:
+        """A sample kept after a cut at ``data.max_length``: counted, and named."""
+        self.truncated[reason] += 1
+        if len(self.truncated_examples) < 50:
+            self.truncated_examples.append(f"{where}: {reason} ({detail})")
+
     def to_dict(self) -> dict:
         return {
             "n_records": self.n_records,
@@ -74,6 +85,8 @@ class DataReport:
             "skipped": dict(self.skipped),
             "skipped_while_training": dict(self.skipped_at_load),
             "examples": list(self.examples),
+            "truncated": dict(self.truncated),
+            "truncated_examples": list(self.truncated_examples),
         }
 
 
@@ -222,7 +235,15 @@ def load_samples(
             max_length=cfg.max_length,
             source=where,
         )
-        return Sample(enc.input_ids, enc.labels, image, where)
+        cut = None
+        if enc.truncated:
+            cut = (enc.truncated, f"{enc.full_length} tokens > max_length {cfg.max_length}")
+        return Sample(enc.input_ids, enc.labels, image, where, truncated=cut)
+
+    def count_truncated(samples: list[Sample]) -> None:
+        for s in samples:
+            if s.truncated:
+                report.add_truncated(s.source, *s.truncated)
 
     image_token = processor.tokenizer.convert_tokens_to_ids(IMAGE_PLACEHOLDER)
 
@@ -235,6 +256,7 @@ def load_samples(
             source=where,
             min_prefix=after_image,
         )
+        count_truncated(encoded)  # each question once: packing merges them
         return [Sample(ids, labels, image, where, segs) for ids, labels, segs in packed]
 
     samples: list[Sample] = []
@@ -245,9 +267,20 @@ def load_samples(
             )
         else:
             got = _vqa_samples(src, report, encode, pack, seed + i)
+        if src.format == "llava_json" or not src.group_by_image:  # (packed ones: in pack)
+            count_truncated(got)  # the samples used (after max_samples), once each
         report.per_source[src.path] = len(got)
         samples.extend(got * src.repeat)
     report.n_loaded = len(samples)
+    if report.truncated and not quiet:
+        from llavamed.errors import format_counts
+
+        print(
+            f"llavamed train: kept {sum(report.truncated.values())} sample(s) cut at "
+            f"data.max_length={cfg.max_length} ({format_counts(report.truncated)}); "
+            "see data_report.json",
+            file=sys.stderr,
+        )
     return samples, report
 
 
