@@ -587,9 +587,6 @@ class Pipeline:
             bar_format="{desc}{n}/{total} stages |{bar}| {elapsed} elapsed{postfix}",
         )
         names = [s[0] for s in self.stages]
-        if any(why.values()):
-            for name in REPORT_FILES:
-                (self.out / name).unlink(missing_ok=True)
         heartbeat = self.out / HEARTBEAT_FILE
         stop = threading.Event()
 
@@ -648,6 +645,8 @@ class Pipeline:
                     + (f" [{why[name]}]" if why[name] != "not run yet" else ""),
                     file=sys.stderr,
                 )
+                for report_file in REPORT_FILES:  # about to describe another model
+                    (self.out / report_file).unlink(missing_ok=True)
                 started = self.state.setdefault("started", {})
                 # Seconds that interrupted attempts spent on the output this attempt resumes.
                 spent = self.state.setdefault("interrupted_s", {})
