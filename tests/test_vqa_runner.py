@@ -266,6 +266,19 @@ def test_run_vqa_eval_real_model_with_ablation_and_report(tiny_llava, tmp_path):
     )
     assert res2["generation"]["image"]["n_generated"] == 0
     assert res2["metrics"]["overall"] == res["metrics"]["overall"]
+    assert "Partial run" not in md
+    # A --limit that covers the whole split left nothing out: not a partial run (the quickstart's
+    # tiny report said "Partial run: limit=24" of a 19-question split); a smaller one is.
+    res3 = R.run_vqa_eval(
+        tiny_llava, s, tmp_path, limit=24, max_new_tokens=4, n_resamples=50, progress=False
+    )
+    assert res3["n_available"] == 6
+    assert "Partial run" not in write_report(res3, tmp_path, "vqa-rad")["md"].read_text()
+    res4 = R.run_vqa_eval(
+        tiny_llava, s, tmp_path, limit=3, max_new_tokens=4, n_resamples=50, progress=False
+    )
+    md4 = write_report(res4, tmp_path, "vqa-rad")["md"].read_text()
+    assert "Partial run: limit=3, shard=None (6 questions in all)" in md4
 
 
 def test_batched_equals_single_greedy(tiny_llava, tmp_path):

@@ -46,6 +46,16 @@ SHORT = {
 }
 
 
+def is_partial(result: dict) -> bool:
+    """True when ``--limit`` or ``--shard`` left questions out. A limit at or above the number
+    of questions selected nothing away (results from before ``n_available`` was recorded count
+    any limit)."""
+    if result.get("shard"):
+        return True
+    limit, n = result.get("limit"), result.get("n_available")
+    return limit is not None and (n is None or limit < n)
+
+
 def _pct(v) -> str:
     if v is None or (isinstance(v, float) and math.isnan(v)):
         return "–"
@@ -73,10 +83,11 @@ def render_markdown(result: dict, dataset: str, load_report: dict | None = None)
         f"max_new_tokens={result['options']['max_new_tokens']}, "
         f"closed-question suffix {'on' if result['options']['closed_suffix'] else 'off'}."
     )
-    if result.get("limit") is not None or result.get("shard"):
+    if is_partial(result):
         lines.append(
-            f"Partial run: limit={result.get('limit')}, shard={result.get('shard')}. "
-            "Not comparable to full-split numbers."
+            f"Partial run: limit={result.get('limit')}, shard={result.get('shard')}"
+            + (f" ({result['n_available']} questions in all)" if "n_available" in result else "")
+            + ". Not comparable to full-split numbers."
         )
     if m["n_missing"]:
         lines.append(

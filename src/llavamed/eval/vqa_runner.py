@@ -656,13 +656,25 @@ def run_vqa_eval(
             progress,
             model_dir=model_dir,
             limit=limit,
+            n_available=len(samples),
         )
     finally:
         gen.close()
 
 
 def _run_conditions(
-    gen, chosen, out_dir, ablations, opts, shard_t, shuffle, progress, *, model_dir, limit
+    gen,
+    chosen,
+    out_dir,
+    ablations,
+    opts,
+    shard_t,
+    shuffle,
+    progress,
+    *,
+    model_dir,
+    limit,
+    n_available: int,
 ) -> dict:
     from llavamed.utils.io import write_jsonl
 
@@ -673,6 +685,7 @@ def _run_conditions(
         "model_dir": str(model_dir) if model_dir is not None else None,
         "options": asdict(opts),
         "limit": limit,
+        "n_available": n_available,  # questions before --limit/--shard: is the run partial?
         "shard": f"{shard_t[0]}/{shard_t[1]}" if shard_t else None,
         "splits": sorted({x.split for x in chosen}),
         "languages": sorted({x.lang for x in chosen}),
