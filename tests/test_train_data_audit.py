@@ -161,3 +161,55 @@ def test_truncation_reasons_at_each_boundary(tiny_llava_dir):
         assert enc.truncated == "truncated between answers", m
     enc = encode_training_sample(msgs, proc, "chatml", num_images=1, max_length=len(full.labels))
     assert enc.truncated is None
+
+
+def test_each_source_has_its_own_count_in_the_report(tmp_path, tiny_llava_dir):
+    """SLAKE's train and validate splits live in one folder: a mixture of both reported a single
+    per-source count (the last split's) under the folder's name, for more samples than it said."""
+    proc = AutoProcessor.from_pretrained(tiny_llava_dir)
+    slake = tmp_path / "slake"
+    (slake / "imgs" / "xmlab1").mkdir(parents=True)
+    Image.new("RGB", (24, 24), (200, 10, 10)).save(slake / "imgs" / "xmlab1" / "source.jpg")
+
+    def rec(qid, q, a):
+        return {
+            "img_id": 1,
+            "img_name": "xmlab1/source.jpg",
+            "question": q,
+            "answer": a,
+            "q_lang": "en",
+            "answer_type": "CLOSED",
+            "content_type": "Abnormality",
+            "modality": "CT",
+            "location": "Lung",
+            "qid": qid,
+        }
+
+    (slake / "train.json").write_text(
+        json.dumps([rec(1, "Is it a CT?", "Yes"), rec(2, "Is it an MRI?", "No")])
+    )
+    (slake / "validate.json").write_text(json.dumps([rec(3, "Is it abnormal?", "Yes")]))
+    recs = [
+        {
+            "id": "1",
+            "image": "a.png",
+            "conversations": _turns(("human", "<image>\nQ"), ("gpt", "A")),
+        }
+    ]
+    Image.new("RGB", (20, 16)).save(tmp_path / "a.png")
+    (tmp_path / "train.json").write_text(json.dumps(recs))
+    vqa = dict(format="vqa", dataset="slake", path=str(slake))
+    sources = [
+        DataSource(**vqa, split="train"),
+        DataSource(**vqa, split="validate"),
+        DataSource(path=str(tmp_path / "train.json")),
+        DataSource(path=str(tmp_path / "train.json"), image_folder=str(tmp_path)),
+    ]
+    samples, rep = load_samples(DataConfig(sources=sources), proc, "chatml", quiet=True)
+    assert len(samples) == rep.n_loaded == 5
+    assert rep.per_source == {
+        f"{slake} (split train)": 2,
+        f"{slake} (split validate)": 1,
+        str(tmp_path / "train.json"): 1,
+        f"{tmp_path / 'train.json'} (source 4)": 1,
+    }

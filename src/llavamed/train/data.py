@@ -220,6 +220,13 @@ def _group_by_image(samples) -> list[tuple[object, list]]:
     return list(groups.values())
 
 
+def _source_key(src: DataSource, i: int, taken: dict) -> str:
+    """The report's name of source ``i``: its path, with the split for a VQA set (SLAKE's train
+    and validate splits share one folder), and its position when that is still taken."""
+    key = src.path if src.format == "llava_json" else f"{src.path} (split {src.split})"
+    return f"{key} (source {i + 1})" if key in taken else key
+
+
 def load_samples(
     cfg: DataConfig, processor, template: str, *, seed: int = 0, quiet: bool = False
 ) -> tuple[list[Sample], DataReport]:
@@ -269,7 +276,7 @@ def load_samples(
             got = _vqa_samples(src, report, encode, pack, seed + i)
         if src.format == "llava_json" or not src.group_by_image:  # (packed ones: in pack)
             count_truncated(got)  # the samples used (after max_samples), once each
-        report.per_source[src.path] = len(got)
+        report.per_source[_source_key(src, i, report.per_source)] = len(got)
         samples.extend(got * src.repeat)
     report.n_loaded = len(samples)
     if report.truncated and not quiet:
