@@ -271,3 +271,35 @@ def test_mistral_template_with_a_sentencepiece_tokenizer_bos_once_and_eos_superv
     ids = processor(text=prompt, images=[Image.new("RGB", (32, 32))], return_tensors="pt")
     ids = ids["input_ids"][0].tolist()
     assert ids[0] == bos and ids.count(bos) == 1
+
+
+@pytest.mark.parametrize("template", ["mistral_instruct", "vicuna_v1", "chatml"])
+def test_golden_labels_for_every_template_multi_turn_unicode_whitespace(tmp_path, template):
+    """Every template, on a sentencepiece-style tokenizer (byte fallback for é, ü, 中, 🫁): the
+    ids decode back to the rendered conversation, and the supervised tokens decode to exactly
+    each answer (leading whitespace dropped, as the prompt's shape requires) and its end marker,
+    nothing of the prompt."""
+    from llavamed.model.compose import ModelSpec, init_checkpoint
+
+    lm = _sentencepiece_style_llama(tmp_path / "lm")
+    ckpt = init_checkpoint(
+        tmp_path / "ckpt", ModelSpec(lm=str(lm), vision="tiny", template=template)
+    )
+    processor = AutoProcessor.from_pretrained(ckpt)
+    tok = processor.tokenizer
+    conv = [
+        {"from": "human", "value": "What is this? 中文\n<image>"},
+        {"from": "gpt", "value": "\n  A CT, über-clear. é"},
+        {"from": "human", "value": "  Next?  "},
+        {"from": "gpt", "value": "(1) left; [2] right 🫁.\n"},
+        {"from": "human", "value": "Why?"},
+        {"from": "gpt", "value": "...because"},
+    ]
+    enc = encode_training_sample(conversation_to_messages(conv), processor, template, num_images=1)
+    image_id = tok.convert_tokens_to_ids("<image>")
+    assert enc.input_ids.count(image_id) == num_image_tokens(processor)
+    end = {"mistral_instruct": " </s>", "vicuna_v1": "</s>", "chatml": "<|im_end|>"}[template]
+    answers = ["A CT, über-clear. é", "(1) left; [2] right 🫁.\n", "...because"]
+    assert _supervised_runs(enc, tok) == [a + end for a in answers]
+    text = tok.decode([t for t in enc.input_ids if t != image_id], skip_special_tokens=False)
+    assert "What is this? 中文" in text and "über-clear. é" in text and "🫁" in text
