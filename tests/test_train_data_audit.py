@@ -213,3 +213,30 @@ def test_each_source_has_its_own_count_in_the_report(tmp_path, tiny_llava_dir):
         str(tmp_path / "train.json"): 1,
         f"{tmp_path / 'train.json'} (source 4)": 1,
     }
+
+
+def test_images_that_fail_while_training_are_counted_and_named_once(tmp_path, one_thread):
+    """Corrupt and vanished images found while training: the run goes on, and data_report.json
+    counts them by reason and names record and file, with the reason once (it read
+    "x.png: empty file: empty file")."""
+    from llavamed.train import run_training
+    from train_helpers import make_bright_dark, tiny_config
+
+    data = make_bright_dark(tmp_path / "d", 8)
+    images = tmp_path / "d" / "images"
+    (images / "0.png").write_bytes(b"")
+    whole = (images / "1.png").read_bytes()
+    (images / "1.png").write_bytes(whole[: len(whole) // 2])
+    cfg = tiny_config(data, tmp_path / "run", max_steps=1, global_batch_size=8, micro_batch_size=8)
+    run_training(cfg, progress=False)
+    report = json.loads((tmp_path / "run" / "data_report.json").read_text())
+    assert report["skipped_while_training"] == {"empty file": 1, "corrupt image": 1}
+    assert (tmp_path / "run" / "checkpoint-final" / "config.json").is_file()
+    by_record = {e.split(": ")[0]: e for e in report["examples"]}
+    empty = by_record[f"{data}[0] id=s0"]
+    assert empty == f"{data}[0] id=s0: {images / '0.png'}: empty file"
+    cut = by_record[f"{data}[1] id=s1"]
+    assert cut.startswith(f"{data}[1] id=s1: {images / '1.png'} (") and cut.endswith(
+        "): corrupt image"
+    )
+    assert cut.count("corrupt image") == 1 and empty.count("empty file") == 1

@@ -327,7 +327,12 @@ class TrainDataset:
                     "pixel_values"
                 ][0]
             except InputError as err:
-                return {"idx": i, "error": (err.reason, f"{s.source}: {err}")}
+                # The record, the file and the detail; the trainer adds the reason after them
+                # (the whole error here printed it twice: "x.png: empty file: empty file").
+                where = s.source if err.source == s.source else f"{s.source}: {err.source}"
+                if err.detail:
+                    where += f" ({err.detail})"
+                return {"idx": i, "error": (err.reason, where)}
             except Exception as exc:  # a decoder bug must not kill a long run; it is counted
                 return {
                     "idx": i,
