@@ -106,20 +106,21 @@ SIZES: dict[str, SizePreset] = {
         eval_limit=24,
         batch=8,
         stage0b_steps=5,
-        # Measured on the idle 2-core machine (about 50 s in all).
+        # Measured on the idle 2-core Zen 3 machine (about 100 s in all, 2026-12-06; `quickstart
+        # --size tiny --out DIR` from an empty DIR, embedded-LM cache warm).
         stage_seconds={
             "synth": 1,
             "ingest": 0,
             "align": 0,
-            "instruct": 30,
+            "instruct": 67,
             "stage0_pairs": 1,
-            "stage0_vision": 1,
-            "stage0b_vision_vqa": 2,
-            "stage1_alignment": 4,
-            "stage2_instruct": 4,
+            "stage0_vision": 3,
+            "stage0b_vision_vqa": 4,
+            "stage1_alignment": 7,
+            "stage2_instruct": 8,
             "eval_zero_shot": 1,
-            "finetune_vqa": 4,
-            "eval_finetuned": 1,
+            "finetune_vqa": 8,
+            "eval_finetuned": 2,
         },
     ),
     "small": SizePreset(
