@@ -179,22 +179,23 @@ SIZES: dict[str, SizePreset] = {
         # benchmarks/frozen_layers.py (1,587 s on a 2-core Zen 1 EPYC), but strict closed
         # accuracy fell from 85.6% to 70.2% on the same towers, and to 73.6% with the top 4
         # layers trained (README, "Training only the top of the LM").
-        # Fresh clone of 289cd7b on an idle 2-core AVX2-only CPU (fp32): 51 min 17 s in all,
-        # 85.6% strict closed (README, "What it measured"). With AMX (bf16) the recipe before
-        # the 12,000-pair stage 0 took 15 min 38 s, fine-tuning 708 s of it.
+        # Fresh clone of 25ccdfd on an idle 2-core Zen 3 EPYC (AVX2, fp32): 41 min 8 s in all,
+        # 2,383 s of stages, 89.4% strict closed (README, "What it measured"; the same report
+        # again at fc954c9 and 884c9a9). With AMX (bf16) the recipe before the 12,000-pair
+        # stage 0 took 15 min 38 s, fine-tuning 708 s of it.
         stage_seconds={
-            "synth": 40,
+            "synth": 39,
             "ingest": 1,
             "align": 0,
-            "instruct": 140,
-            "stage0_pairs": 56,
-            "stage0_vision": 388,
-            "stage0b_vision_vqa": 211,
-            "stage1_alignment": 83,
-            "stage2_instruct": 29,
-            "eval_zero_shot": 30,
-            "finetune_vqa": 2070,
-            "eval_finetuned": 27,
+            "instruct": 102,
+            "stage0_pairs": 42,
+            "stage0_vision": 315,
+            "stage0b_vision_vqa": 177,
+            "stage1_alignment": 70,
+            "stage2_instruct": 19,
+            "eval_zero_shot": 20,
+            "finetune_vqa": 1582,
+            "eval_finetuned": 16,
         },
     ),
     "medium": SizePreset(
