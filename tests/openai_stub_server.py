@@ -23,7 +23,9 @@ reasoning model that spent max_tokens thinking), ``toolcall`` (content null, a `
 list, ``finish_reason: tool_calls``), ``parts`` (content as a list of ``{"type": "text"}``
 parts), ``retrydate`` (429 with an HTTP-date ``Retry-After`` ``retry_after`` s ahead),
 ``redirect`` (307 to ``/v2/chat/completions``), ``badjson`` (200 whose Content-Length matches a
-body that is cut JSON), ``nostream`` (a plain JSON completion whatever ``stream`` asked).
+body that is cut JSON), ``nostream`` (a plain JSON completion whatever ``stream`` asked),
+``failed`` (half the text with ``finish_reason: error``, as OpenRouter reports a generation
+that broke off; ``abort`` is vLLM's word for the same).
 
 Run standalone (used by benchmarks, which want the server out of the client's process):
 ``python tests/openai_stub_server.py --latency 0.2`` prints ``PORT <n>`` and serves until killed.
@@ -244,6 +246,8 @@ class _Handler(BaseHTTPRequestHandler):
         finish = "stop"
         if behaviour == "length":
             text, finish = text[:-10], "length"
+        if behaviour == "failed":
+            text, finish = text[: len(text) // 2], "error"
         prompt_chars = sum(len(str(m.get("content", ""))) for m in body.get("messages", []))
         usage = {
             "prompt_tokens": prompt_chars // 4 + 1,
@@ -251,7 +255,7 @@ class _Handler(BaseHTTPRequestHandler):
         }
         usage["total_tokens"] = usage["prompt_tokens"] + usage["completion_tokens"]
         if body.get("stream") and behaviour != "nostream":
-            self._stream(text, usage, behaviour)
+            self._stream(text, usage, behaviour, finish)
             return
         resp = {
             "id": "chatcmpl-stub",
@@ -303,7 +307,7 @@ class _Handler(BaseHTTPRequestHandler):
             return
         self._send(200, data)
 
-    def _stream(self, text: str, usage: dict, behaviour: str) -> None:
+    def _stream(self, text: str, usage: dict, behaviour: str, finish: str = "stop") -> None:
         truncated = behaviour == "truncated"
         self.send_response(200)
         self.send_header("Content-Type", "text/event-stream")
@@ -328,7 +332,7 @@ class _Handler(BaseHTTPRequestHandler):
                 chunk = {"error": {"message": "upstream overloaded", "type": "server_error"}}
             self.wfile.write(f"data: {json.dumps(chunk)}\n\n".encode())
         if not truncated:
-            final = {"choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]}
+            final = {"choices": [{"index": 0, "delta": {}, "finish_reason": finish}]}
             self.wfile.write(f"data: {json.dumps(final)}\n\n".encode())
             self.wfile.write(f"data: {json.dumps({'choices': [], 'usage': usage})}\n\n".encode())
             self.wfile.write(b"data: [DONE]\n\n")

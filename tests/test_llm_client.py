@@ -475,3 +475,39 @@ def test_a_non_ascii_api_key_is_a_fatal_error_that_never_shows_the_key(stub):
         LLMClient(opts(stub, api_key="sk-\u2019secretvalue"))
     assert ei.value.fatal and "character 4" in str(ei.value)
     assert "secretvalue" not in str(ei.value) and stub.count == 0
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_generation_that_failed_midway_is_retried_and_never_cached(stub, tmp_path, stream):
+    """finish_reason "error" (OpenRouter) or "abort" (vLLM) with part of the text: a failure of
+    the server's, not the model's answer, so it is asked again and the half text never cached."""
+    stub.plan(["failed", "ok"])
+    cache = str(tmp_path / "c.sqlite")
+    stats, [r] = run(_chat(opts(stub, cache_path=cache, stream=stream)))
+    assert r.finish_reason == "stop" and stats.retries == 1 and stub.count == 2
+    assert r.text == stub.responder({"messages": MSGS})
+    stub.plan(["failed"] * 3)
+    with pytest.raises(LLMError) as err:
+        run(_chat(opts(stub, max_retries=2, stream=stream), messages=[MSGS[0] | {"content": "x"}]))
+    assert err.value.kind == "generation_failed" and err.value.retryable
+    assert "finish_reason 'error'" in str(err.value)
+    # Nothing of the failed attempts was kept: the cache holds the one good reply.
+    assert len(ResponseCache(cache)) == 1
+
+
+def test_two_servers_with_one_model_name_do_not_share_cached_answers(tmp_path):
+    """A local vLLM and a provider may both serve "llava"; their answers differ, so the cache
+    keys on the endpoint too (the same server reached again still hits)."""
+    cache = str(tmp_path / "c.sqlite")
+    with StubServer() as a, StubServer() as b:
+        a.responder = lambda body: "answer from A"
+        b.responder = lambda body: "answer from B"
+        _, [ra] = run(_chat(opts(a, cache_path=cache)))
+        _, [rb] = run(_chat(opts(b, cache_path=cache)))
+        _, [ra2] = run(_chat(opts(a, cache_path=cache, base_url=a.base_url + "/")))
+    assert (ra.text, rb.text) == ("answer from A", "answer from B")
+    assert not rb.cached and b.count == 1
+    assert ra2.cached and ra2.text == "answer from A" and a.count == 1
+    assert cache_key("m", MSGS, {}, endpoint="http://a/v1/chat/completions") != cache_key(
+        "m", MSGS, {}, endpoint="http://b/v1/chat/completions"
+    )

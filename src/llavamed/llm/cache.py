@@ -1,7 +1,8 @@
 """On-disk response cache (SQLite) so that re-running a generation or judging job costs nothing.
 
-The key is a SHA-256 of the canonical JSON of (model, messages, sampling parameters incl. seed):
-any change in prompt or sampling gives a new key, and an identical request is never paid twice.
+The key is a SHA-256 of the canonical JSON of (endpoint URL, model, messages, sampling parameters
+incl. seed): any change in server, prompt or sampling gives a new key, and an identical request is
+never paid twice.
 SQLite in WAL mode with a busy timeout tolerates several processes sharing one cache file, and a
 committed row survives SIGKILL.
 """
@@ -19,11 +20,18 @@ from typing import Any
 
 from llavamed.errors import InputError, first_line
 
-SCHEMA_VERSION = 1
+# 2: the endpoint joined the key. Rows of version 1 are never hit again (a re-run asks anew).
+SCHEMA_VERSION = 2
 
 
-def cache_key(model: str, messages: list[dict], params: dict[str, Any]) -> str:
-    payload = {"v": SCHEMA_VERSION, "model": model, "messages": messages, "params": params}
+def cache_key(model: str, messages: list[dict], params: dict[str, Any], endpoint: str = "") -> str:
+    payload = {
+        "v": SCHEMA_VERSION,
+        "endpoint": endpoint,
+        "model": model,
+        "messages": messages,
+        "params": params,
+    }
     blob = json.dumps(payload, sort_keys=True, ensure_ascii=False, separators=(",", ":"))
     return hashlib.sha256(blob.encode("utf-8")).hexdigest()
 

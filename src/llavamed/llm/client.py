@@ -63,6 +63,9 @@ FATAL_STATUS = {401, 402, 403, 404}
 MODEL_REFUSAL = "model_refusal"  # a reply without text: content filter or an explicit refusal
 # finish_reason values with which a reply whose content is null is a complete (empty) answer
 FINISHED_WITHOUT_TEXT = {"stop", "length", "tool_calls", "function_call"}
+# finish_reason values with which a reply is a failed generation whatever text came with it
+# (OpenRouter's "error", vLLM's "abort"): retried like a 5xx, never cached as the model's answer.
+FINISHED_BY_FAILURE = {"error", "abort"}
 
 
 class LLMError(LlavamedError):
@@ -337,6 +340,8 @@ def _extract_choice(data: Any) -> tuple[str, str | None, dict | None]:
         if texts and all(isinstance(t, str) for t in texts):
             content = "".join(texts)
     finish = choices[0].get("finish_reason")
+    if finish in FINISHED_BY_FAILURE:
+        raise _Retryable("generation_failed", f"finish_reason {finish!r}")
     refusal = msg.get("refusal") if isinstance(msg, dict) else None
     if content is None and (finish == "content_filter" or refusal):
         # An answer, not a glitch: asking again gets the same, and a re-run would pay for it again.
@@ -385,6 +390,11 @@ class LLMClient:
             url += "/chat/completions"
         self._url = url
         self._params = {"api-version": options.api_version} if options.api_version else None
+        # Two servers may serve different weights under one model name (a local vLLM and a
+        # provider's "gpt-4o", two fine-tunes both called "llava"): the cache must not mix them.
+        self._endpoint = url + (
+            f"?api-version={options.api_version}" if options.api_version else ""
+        )
         headers = {"Content-Type": "application/json"}
         if options.api_key:
             if options.api_version:
@@ -450,7 +460,7 @@ class LLMClient:
         keyed = dict(params)
         if variant:
             keyed["_variant"] = variant  # a deliberate re-ask must not hit the cached answer
-        return cache_key(self.opts.model, messages, keyed)
+        return cache_key(self.opts.model, messages, keyed, endpoint=self._endpoint)
 
     def is_cached(self, messages: list[dict], params: dict[str, Any], variant: int = 0) -> bool:
         return self._cache is not None and self.key_for(messages, params, variant) in self._cache
@@ -659,6 +669,8 @@ class LLMClient:
                         finish = ch["finish_reason"]
         if not done:
             raise _Retryable("truncated_response", "stream ended without [DONE]")
+        if finish in FINISHED_BY_FAILURE:
+            raise _Retryable("generation_failed", f"finish_reason {finish!r}")
         if not parts and (refusal or finish == "content_filter"):
             # As in a whole reply: the model's answer, final, and not cached as an empty text.
             raise LLMError(MODEL_REFUSAL, ("".join(refusal) or finish)[:200])
