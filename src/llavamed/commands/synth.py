@@ -34,7 +34,8 @@ Images in five domains (chest X-ray, CT, brain MRI, H&E histology, gross patholo
 from explicit attributes; captions and every VQA answer derive from those attributes. The same
 seed and arguments give byte-identical output for any --workers. Re-running into a DIR finished
 by this generator version with the same arguments is a no-op; one made with other arguments or
-another version (e.g. medsynth-1.0) is refused; re-running after an interruption resumes."""
+another version (e.g. medsynth-1.0), or a non-empty folder that is no MedSynth world, is refused;
+re-running after an interruption resumes."""
 
 
 def register(subparsers) -> None:
@@ -123,6 +124,11 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError("--workers must be >= 0")
     if args.caption_pairs < 0:
         raise ConfigError("--caption-pairs must be >= 0")
+    # Checked before the world is generated (minutes at the quickstart's sizes), not after it.
+    if args.caption_pairs and args.pairs_image_size < 64:
+        raise ConfigError("--pairs-image-size must be >= 64")
+    if args.contact_sheet is not None and args.contact_sheet.is_dir():
+        raise ConfigError(f"--contact-sheet {args.contact_sheet} is a folder: give a PNG file path")
     workers = args.workers or (os.cpu_count() or 1)
     m = generate_world(
         args.out,

@@ -276,6 +276,13 @@ def generate_world(
                 )
     if manifest_path.exists():
         return read_json(manifest_path)
+    if not stamp_path.exists() and out.is_dir() and any(out.iterdir()):
+        # Neither a finished nor an interrupted world (the stamp is written before any file):
+        # a user's folder. Writing into it would overwrite e.g. a real slake/train.json.
+        raise ConfigError(
+            f"{out} exists and holds something else (no MedSynth manifest): "
+            "choose another --out or an empty folder"
+        )
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_json(stamp_path, stamp)
 
