@@ -4,6 +4,7 @@ build (rendered figures, JATS, the ``.tar.gz`` package)."""
 from __future__ import annotations
 
 import io
+import tempfile
 from dataclasses import dataclass
 
 import numpy as np
@@ -314,7 +315,13 @@ def encode(img: Image.Image, fmt: str) -> bytes:
     elif fmt == "png":
         img.save(buf, "PNG", compress_level=6)
     else:
-        img.save(buf, "TIFF", compression="tiff_lzw")
+        # libtiff pads the last strip to an even offset. Saving into a BytesIO, Pillow grows its
+        # own buffer and leaves that pad byte uninitialised (same image, different bytes from one
+        # save to the next); in a real file the OS fills the gap with a zero.
+        with tempfile.TemporaryFile() as fh:
+            img.save(fh, "TIFF", compression="tiff_lzw")
+            fh.seek(0)
+            return fh.read()
     return buf.getvalue()
 
 
