@@ -575,3 +575,80 @@ def test_a_dangling_symlink_among_the_packages_is_counted_not_fatal(tmp_path):
     report = ingest([src], tmp_path / "out")
     assert report["last_run"]["packages_processed"] == 1
     assert {r["pair_id"] for r in _records(tmp_path / "out")} == set(EXPECTED)
+
+
+def test_every_article_of_an_articleset_file_is_ingested(tmp_path):
+    """The articles after the first of a <pmc-articleset> were counted but never read."""
+    from pmc_fixtures import _bytes, _noise, write_dir
+
+    one = (
+        '<article article-type="{kind}"><front><article-meta>'
+        '<article-id pub-id-type="pmc">{i}</article-id></article-meta></front><body>'
+        '<fig id="F1"><label>Figure 1</label><caption><p>Axial CT of the chest, case {i}.</p>'
+        '</caption><graphic href="g{i}"/></fig></body></article>'
+    )
+    kinds = {1: "research-article", 2: "retraction", 3: "case-report"}
+    xml = "<pmc-articleset>" + "".join(one.format(i=i, kind=k) for i, k in kinds.items())
+    files = {"set.xml": (xml + "</pmc-articleset>").encode()}
+    files.update({f"g{i}.jpg": _bytes(_noise(40 + i), "JPEG") for i in kinds})
+    write_dir(tmp_path / "src" / "set", files)
+    report = ingest([tmp_path / "src"], tmp_path / "out")
+    assert [(r["pair_id"], r["image"]) for r in _records(tmp_path / "out")] == [
+        ("PMC1_F1", "images/PMC1_F1.jpg"),
+        ("PMC3_F1", "images/PMC3_F1.jpg"),
+    ]
+    assert report["articles"] == 3 and report["figures_written"] == 2
+    assert report["reasons"]["article: notice article"] == 1
+
+
+def test_a_package_filled_in_at_the_same_size_is_redone_and_a_copied_one_is_not(tmp_path):
+    """Downloaders that preallocate (aria2) leave a file of its full size before its bytes: the
+    ledger compared sizes only, so the completed download was skipped as done for good."""
+    import os
+
+    real = write_tar(tmp_path / "full.tar.gz", "PMC1000002", article_files("PMC1000002"))
+    data = real.read_bytes()
+    pkg = tmp_path / "src" / "PMC1000002.tar.gz"
+    pkg.parent.mkdir()
+    pkg.write_bytes(b"\0" * len(data))
+    first = ingest([tmp_path / "src"], tmp_path / "out")
+    assert first["figures_written"] == 0
+    pkg.write_bytes(data)
+    os.utime(pkg, (pkg.stat().st_atime, pkg.stat().st_mtime + 5))
+    second = ingest([tmp_path / "src"], tmp_path / "out")
+    assert second["last_run"]["packages_processed"] == 1 and second["figures_written"] == 2
+    # Copied elsewhere (a new mtime, the same bytes): done, and no longer hashed on later runs.
+    os.utime(pkg, (pkg.stat().st_atime, pkg.stat().st_mtime + 60))
+    third = ingest([tmp_path / "src"], tmp_path / "out")
+    assert third["last_run"]["packages_skipped_as_done"] == 1
+    assert third["figures_written"] == 2
+    ledger = [
+        json.loads(x) for x in (tmp_path / "out" / ".done_packages.jsonl").read_text().splitlines()
+    ]
+    assert (
+        ledger[-1]["mtime"] == pkg.stat().st_mtime and ledger[-1]["digest"] == ledger[-2]["digest"]
+    )
+
+
+def test_a_redone_package_replaces_its_old_records(tmp_path):
+    """A new version of an article (caption corrected, a figure withdrawn) kept the old captions:
+    the new records were skipped as duplicate pair_ids, and the withdrawn figure stayed."""
+    files = article_files("PMC1000002")
+    write_tar(tmp_path / "src" / "PMC1000002.tar.gz", "PMC1000002", files)
+    out = tmp_path / "out"
+    ingest([tmp_path / "src"], out)
+    before = {r["pair_id"]: r["fig_caption"] for r in _records(out)}
+    assert len(before) == 2 and (out / "images" / "PMC1000002_F2.jpg").exists()
+    nxml = files["PMC1000002.nxml"]
+    nxml = nxml.replace(b"FLAIR image, sagittal plane.", b"FLAIR image, coronal plane (corrected).")
+    files["PMC1000002.nxml"] = nxml
+    (first_fig,) = [k for k in before if k != "PMC1000002_F2"]
+    del files["brain-g1.png"]  # the first figure's image withdrawn: its record must go too
+    write_tar(tmp_path / "src" / "PMC1000002.tar.gz", "PMC1000002", files)
+    report = ingest([tmp_path / "src"], out)
+    after = {r["pair_id"]: r["fig_caption"] for r in _records(out)}
+    assert after == {"PMC1000002_F2": "FLAIR image, coronal plane (corrected)."}
+    assert not (out / "images" / f"{first_fig}.jpg").exists()
+    assert report["figures_written"] == 1
+    assert "skipped: duplicate pair_id" not in report["reasons"]
+    assert "skipped: duplicate image" not in report["reasons"]

@@ -1,6 +1,6 @@
 import pytest
 
-from llavamed.data.pmc.jats import parse_article
+from llavamed.data.pmc.jats import parse_article, parse_articles
 from llavamed.errors import InputError
 from pmc_fixtures import DATA
 
@@ -404,17 +404,32 @@ def test_a_declared_encoding_holds_when_an_entity_forces_the_repair_parse(encodi
     assert a.notes == ["XML encoding or entities repaired"]
 
 
-def test_a_file_of_several_articles_says_only_the_first_is_read():
-    """An E-utilities <pmc-articleset> of three articles gave the first one's figures and no
-    word about the two others."""
+def test_every_article_of_an_articleset_is_read_and_a_notice_among_them_refused():
+    """An E-utilities <pmc-articleset> of three articles gave the first one's figures only."""
     one = (
-        '<article><front><article-meta><article-id pub-id-type="pmc">{i}</article-id>'
-        '</article-meta></front><body><fig id="F1"><label>Figure 1</label><caption><p>CT.</p>'
-        '</caption><graphic href="g{i}"/></fig></body></article>'
+        '<article article-type="{kind}"><front><article-meta>'
+        '<article-id pub-id-type="pmc">{i}</article-id></article-meta></front><body>'
+        '<fig id="F1"><label>Figure 1</label><caption><p>CT {i}.</p></caption>'
+        '<graphic href="g{i}"/></fig></body></article>'
     )
-    xml = "<pmc-articleset>" + "".join(one.format(i=i) for i in (1, 2, 3)) + "</pmc-articleset>"
-    a = parse_article(xml.encode(), "set.xml")
-    assert a.pmcid == "PMC1" and len(a.figures) == 1
-    assert a.notes == ["several articles in one file: only the first read"]
-    single = parse_article(("<pmc-articleset>" + one.format(i=4) + "</pmc-articleset>").encode())
+    kinds = {1: "research-article", 2: "retraction", 3: "case-report"}
+    xml = "".join(one.format(i=i, kind=k) for i, k in kinds.items())
+    articles, rejected = parse_articles(f"<pmc-articleset>{xml}</pmc-articleset>".encode(), "s.xml")
+    assert [(a.pmcid, a.figures[0].caption) for a in articles] == [
+        ("PMC1", "CT 1."),
+        ("PMC3", "CT 3."),
+    ]
+    assert [(e.source, e.reason) for e in rejected] == [
+        ("s.xml (article 2 of 3)", "notice article")
+    ]
+    # parse_article keeps its meaning, the (first) article of a file; a file name's PMCID names
+    # a lone article, not each one of a set.
+    single = parse_article(
+        ("<pmc-articleset>" + one.format(i=4, kind="x") + "</pmc-articleset>").encode()
+    )
     assert single.pmcid == "PMC4" and single.notes == []
+    bare = one.replace('<article-id pub-id-type="pmc">{i}</article-id>', "")
+    two = "<pmc-articleset>" + bare.format(i=5, kind="x") * 2 + "</pmc-articleset>"
+    arts, _ = parse_articles(two.encode(), "PMC9.xml", fallback_pmcid="PMC9")
+    assert [a.pmcid for a in arts] == [None, None]
+    assert parse_article(bare.format(i=6, kind="x").encode(), fallback_pmcid="PMC9").pmcid == "PMC9"

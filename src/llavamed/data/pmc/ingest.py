@@ -38,10 +38,11 @@ from pathlib import Path
 
 from llavamed.data.domains import classify_text
 from llavamed.data.figures import DOMAINS
-from llavamed.data.pmc.jats import Article, parse_article
+from llavamed.data.pmc.jats import Article, parse_articles
 from llavamed.data.pmc.sources import (
     ArticleFiles,
     PackageRef,
+    content_digest,
     discover,
     iter_articles,
     parse_shard,
@@ -134,6 +135,7 @@ class PackageResult:
     counts: Counter = field(default_factory=Counter)
     articles: int = 0
     seconds: float = 0.0
+    digest: str | None = None  # of the bytes read (sources.content_digest), for the ledger
 
 
 # A pair_id names its image file (images/<pair_id>.jpg, written through a temp name about 20
@@ -156,7 +158,7 @@ def process_package(pkg: PackageRef, opts: IngestOptions) -> PackageResult:
     """Parse, label and decode one package. Never raises for bad input: every problem becomes a
     counted reason in the result."""
     t0 = time.perf_counter()
-    result = PackageResult(key=pkg.key)
+    result = PackageResult(key=pkg.key, digest=content_digest(pkg))
     notes: list[str] = []
     try:
         for files in iter_articles(pkg, notes):
@@ -177,10 +179,28 @@ def _process_article(
 ) -> None:
     counts = result.counts
     try:
-        article = parse_article(files.xml, name=files.name, fallback_pmcid=files.pmcid_hint())
+        articles, rejected = parse_articles(
+            files.xml, name=files.name, fallback_pmcid=files.pmcid_hint()
+        )
     except InputError as exc:
         counts[f"article: {exc.reason}"] += 1
         return
+    # The caller counted the file as one article; an E-utilities <pmc-articleset> holds several.
+    result.articles += len(articles) + len(rejected) - 1
+    for exc in rejected:
+        counts[f"article: {exc.reason}"] += 1
+    for article in articles:
+        _process_figures(pkg, files, article, opts, result)
+
+
+def _process_figures(
+    pkg: PackageRef,
+    files: ArticleFiles,
+    article: Article,
+    opts: IngestOptions,
+    result: PackageResult,
+) -> None:
+    counts = result.counts
     for note in article.notes:
         counts[note] += 1
     if not (article.pmcid or article.pmid):
@@ -283,6 +303,11 @@ class IngestWriter:
         self.ledger = JsonlAppender(self.out / LEDGER)
         self.done: dict[str, dict] = {e["package"]: e for e in self.ledger.existing()}
         self.figures = JsonlAppender(self.out / FIGURES)
+        self._scan()
+
+    def _scan(self) -> None:
+        """Index what ``figures.jsonl`` holds: pair_ids, image hashes, records kept without their
+        image, and the packages a killed run left partly written."""
         self.pairs: set[int] = set()
         self.images: set[int] = set()
         # pair_ids written with "image": null -> the package that wrote them: a later run that
@@ -359,8 +384,55 @@ class IngestWriter:
             )
 
     def is_done(self, pkg: PackageRef) -> bool:
+        """Done when the ledger holds the package at its size and mtime; when only the mtime
+        moved, when its bytes hash the same (a copied source tree is not redone; a download
+        preallocated at its full size and filled in later is)."""
         entry = self.done.get(pkg.key)
-        return bool(entry) and entry.get("size") == pkg.size
+        if not entry or entry.get("size") != pkg.size:
+            return False
+        if entry.get("mtime", pkg.mtime) == pkg.mtime:  # a ledger line of before mtimes counted
+            return True
+        if entry.get("digest") is None or entry["digest"] != content_digest(pkg):
+            return False
+        entry = {**entry, "mtime": pkg.mtime}  # so the next run need not hash it again
+        self.ledger.append(entry)
+        self.done[pkg.key] = entry
+        return True
+
+    def forget(self, keys: set[str]) -> None:
+        """Drop what the packages ``keys`` wrote (records and their images) before they are
+        redone: a package that changed since (a new version of an article, a download that
+        completed) would otherwise keep its old captions, its new records skipped as duplicate
+        pair_ids. ``figures.jsonl`` is rewritten first (temp + rename); a kill after that leaves
+        at worst an orphan image, overwritten when the package is redone."""
+        keys = {k for k in keys if k in self.done}
+        if not keys:
+            return
+        self.figures.close()
+        path = self.out / FIGURES
+        images: list[str] = []
+        if path.exists():
+            with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8") as dst:
+                with open(path, encoding="utf-8") as src:
+                    for line in src:
+                        try:
+                            rec = json.loads(line)
+                        except json.JSONDecodeError:
+                            rec = None
+                        if isinstance(rec, dict) and rec.get("source") in keys:
+                            if isinstance(rec.get("image"), str):
+                                images.append(rec["image"])
+                            continue
+                        dst.write(line)
+        for image in images:
+            try:
+                (self.out / image).unlink()
+            except OSError:
+                pass
+        for key in keys:  # the report must not count them until they are done again
+            del self.done[key]
+        self.figures = JsonlAppender(path)
+        self._scan()
 
     def write(self, pkg: PackageRef, result: PackageResult) -> int:
         counts = Counter(result.counts)
@@ -398,6 +470,8 @@ class IngestWriter:
         entry = {
             "package": pkg.key,
             "size": pkg.size,
+            "mtime": pkg.mtime,
+            "digest": result.digest,
             "articles": result.articles,
             "counts": dict(counts),
             "seconds": round(result.seconds, 4),
@@ -549,8 +623,9 @@ def ingest(
 ) -> dict:
     """Ingest PMC packages into ``out_dir``; returns the report (also in ``ingest_report.json``).
 
-    Re-running resumes: packages in the ledger (same key and size; for a folder, its files'
-    names and sizes) are skipped."""
+    Re-running resumes: packages in the ledger (same key, size and mtime or bytes; for a folder,
+    its files' names and sizes, and their mtimes or bytes) are skipped; a changed one is redone,
+    its old records replaced."""
     opts = opts or IngestOptions()
     packages = discover(list(sources))
     if isinstance(shard, str):
@@ -567,9 +642,9 @@ def ingest(
     figures = 0
     done_now = 0
     todo = [p for p in packages if not writer.is_done(p)]
-    # A package whose file changed since it was done (a download completed) is done again; what
-    # it wrote before is kept, not counted as duplicates.
-    writer.partial.update(p.key for p in todo if p.key in writer.done)
+    # A package that changed since it was done (a download completed, a new article version) is
+    # done again from scratch.
+    writer.forget({p.key for p in todo})
     try:
         from tqdm import tqdm
 

@@ -94,28 +94,59 @@ NOTICE_TYPES = frozenset(
 
 
 def parse_article(data: bytes, name: str = "<nxml>", fallback_pmcid: str | None = None) -> Article:
-    """Parse one JATS document. Raises :class:`InputError` ("malformed XML", "not a JATS
-    article") when nothing usable can be read."""
+    """Parse one JATS document; of a file holding several articles, the first. Raises
+    :class:`InputError` ("malformed XML", "not a JATS article", "notice article") when nothing
+    usable can be read."""
+    articles, rejected = parse_articles(data, name, fallback_pmcid)
+    if not articles:
+        raise rejected[0]
+    return articles[0]
+
+
+def parse_articles(
+    data: bytes, name: str = "<nxml>", fallback_pmcid: str | None = None
+) -> tuple[list[Article], list[InputError]]:
+    """Parse every article of a JATS file: one ``<article>``, or the several of an E-utilities
+    ``<pmc-articleset>``. Returns the articles read and, one per article refused (a retraction
+    notice among them), the reason. Raises :class:`InputError` when the file itself cannot be
+    read or holds no article. Notes about the file (a repaired encoding) go on its first article
+    read, so they are counted once per file."""
     notes: list[str] = []
     root = _parse(data, name, notes)
     _expand_entities(root, notes)
     _strip_namespaces(root)
-    article = root if root.tag == "article" else root.find(".//article")
-    if article is None:
+    if root.tag == "article":
+        elements = [root]
+    else:  # top-level articles only: a JATS <article> never nests another one
+        elements = [a for a in root.iter("article") if _outermost(a)]
+    if not elements:
         raise InputError(name, "not a JATS article", f"root element <{root.tag}>")
-    if article is not root and len(root.findall(".//article")) > 1:
-        # An E-utilities <pmc-articleset> holds several: the others were dropped uncounted.
-        notes.append("several articles in one file: only the first read")
-    kind = (article.get("article-type") or "").strip().lower()
-    if kind in NOTICE_TYPES:
-        # A retraction or correction notice re-publishes figures of another article (or none).
-        raise InputError(name, "notice article", f"article-type={kind}")
-    pmid, pmcid = _ids(article)
-    if not pmcid and fallback_pmcid:
-        pmcid = fallback_pmcid
-    figures, group_members = _figures(article, notes)
-    mentions = _mentions(article, figures, group_members)
-    return Article(pmid=pmid, pmcid=pmcid, figures=figures, mentions=mentions, notes=notes)
+    articles: list[Article] = []
+    rejected: list[InputError] = []
+    for i, element in enumerate(elements):
+        where = name if len(elements) == 1 else f"{name} (article {i + 1} of {len(elements)})"
+        kind = (element.get("article-type") or "").strip().lower()
+        if kind in NOTICE_TYPES:
+            # A retraction or correction notice re-publishes figures of another article (or none).
+            rejected.append(InputError(where, "notice article", f"article-type={kind}"))
+            continue
+        own_notes = [] if articles else notes
+        pmid, pmcid = _ids(element)
+        if not pmcid and fallback_pmcid and len(elements) == 1:
+            pmcid = fallback_pmcid  # a file name names one article, not each of a set
+        figures, group_members = _figures(element, own_notes)
+        mentions = _mentions(element, figures, group_members)
+        articles.append(Article(pmid, pmcid, figures, mentions, own_notes))
+    return articles, rejected
+
+
+def _outermost(element: etree._Element) -> bool:
+    parent = element.getparent()
+    while parent is not None:
+        if parent.tag == "article":
+            return False
+        parent = parent.getparent()
+    return True
 
 
 def _parse(data: bytes, name: str, notes: list[str]) -> etree._Element:

@@ -36,7 +36,9 @@ class PackageRef:
     path: str
     kind: str  # "tar" | "dir" | "xml"
     size: int
-    mtime: float
+    mtime: (
+        float  # a folder's: the newest of its files' (its own changes only when files come or go)
+    )
 
 
 @dataclass
@@ -78,19 +80,43 @@ def _suffix(name: str) -> str:
     return os.path.splitext(name)[1].lower()
 
 
-def _folder_fingerprint(folder: Path) -> int:
+def _folder_fingerprint(folder: Path) -> tuple[int, float]:
     """What a folder package's resume record compares: its files' names and sizes, and those of
-    the image subfolders it reads (:func:`_folder_files`). A folder's own size does not change
-    when files arrive in it, so an article ingested while its images were still downloading was
-    skipped as done for good."""
+    the image subfolders it reads (:func:`_folder_files`); and the newest of their mtimes. A
+    folder's own size does not change when files arrive in it, so an article ingested while its
+    images were still downloading was skipped as done for good."""
     h = hashlib.blake2b(digest_size=8)
+    newest = 0.0
     for rel, path in _folder_files(folder):
         try:
-            size = path.stat().st_size
+            st = path.stat()
+            size, newest = st.st_size, max(newest, st.st_mtime)
         except OSError:
             size = -1
         h.update(f"{rel}\0{size}\0".encode("utf-8", "replace"))
-    return int.from_bytes(h.digest(), "big") >> 1  # a positive int, as sizes are
+    return int.from_bytes(h.digest(), "big") >> 1, newest  # a positive int, as sizes are
+
+
+def content_digest(pkg: PackageRef) -> str | None:
+    """A hash of the package's bytes (a folder's: its files' names and bytes), or None when it
+    cannot be read. The resume ledger keeps it: a package whose size is unchanged but whose mtime
+    moved (a download that preallocated the file at its full size, then filled it in) is redone
+    only when these differ, so a source tree copied to another machine is not redone."""
+    h = hashlib.blake2b(digest_size=16)
+    if pkg.kind == "dir":
+        files = list(_folder_files(Path(pkg.path)))
+    else:
+        files = [("", Path(pkg.path))]
+    try:
+        for rel, path in files:
+            h.update(f"{rel}\0".encode("utf-8", "replace"))
+            with open(path, "rb") as f:
+                while chunk := f.read(1 << 20):
+                    h.update(chunk)
+            h.update(b"\0")
+    except OSError:
+        return None
+    return h.hexdigest()
 
 
 def _folder_files(folder: Path) -> Iterator[tuple[str, Path]]:
@@ -144,8 +170,8 @@ def discover(sources: list[str | os.PathLike]) -> list[PackageRef]:
             # (counted as such); once it can be, its size differs and it is done again.
             found[key] = PackageRef(key, str(path), kind, -1, 0.0)
             return
-        size = _folder_fingerprint(path) if kind == "dir" else st.st_size
-        found[key] = PackageRef(key, str(path), kind, size, st.st_mtime)
+        size, mtime = _folder_fingerprint(path) if kind == "dir" else (st.st_size, st.st_mtime)
+        found[key] = PackageRef(key, str(path), kind, size, mtime)
 
     for src in sources:
         root = Path(src)
