@@ -194,7 +194,15 @@ def _answer_type(rec: dict, answer: str, src: str) -> Literal["closed", "open"]:
 
 def _image_path(folder: Path, name: str, src: str) -> str:
     p = folder / name
-    if not p.is_file():
+    try:
+        found = p.is_file()
+    except OSError as exc:
+        # is_file() raises rather than answering False for a name over the file system's limit
+        # (ENAMETOOLONG: a base64 image pasted where its file name belongs) or a folder it may not
+        # search (EACCES): one bad record, counted like any other missing image.
+        shown = str(p) if len(str(p)) <= 200 else str(p)[:200] + "..."
+        raise InputError(src, "missing image", f"{shown}: {exc.strerror or exc}") from exc
+    if not found:
         raise InputError(src, "missing image", str(p))
     return str(p)
 

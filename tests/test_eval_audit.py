@@ -1,0 +1,60 @@
+"""Evaluation audit: bad input in the real dataset formats, resume edge cases and report
+rendering, each found by feeding the real code and pinned here (real files, tiny models)."""
+
+from __future__ import annotations
+
+import json
+import pickle
+
+import pytest
+from PIL import Image
+
+from llavamed.eval.vqa_data import load_vqa
+
+
+def _png(path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.new("RGB", (8, 8), (200, 10, 10)).save(path, format="PNG")
+
+
+# A base64 image pasted where its file name belongs: longer than a file name may be, so
+# Path.is_file() raises ENAMETOOLONG instead of answering False.
+_LONG_NAME = "iVBORw0KGgo" + "A" * 300 + ".jpg"
+
+
+@pytest.mark.parametrize("dataset", ["vqa-rad", "slake", "llava-med", "pathvqa"])
+def test_an_image_name_over_the_file_system_limit_is_one_bad_record(tmp_path, dataset):
+    """It crashed the whole load with 'OSError: [Errno 36] File name too long'."""
+    if dataset == "vqa-rad":
+        _png(tmp_path / "VQA_RAD Image Folder" / "a.jpg")
+        rec = {"qid": 1, "image_name": "a.jpg", "question": "Is it?", "answer": "yes",
+               "answer_type": "CLOSED", "phrase_type": "test_freeform"}  # fmt: skip
+        recs = [rec, {**rec, "qid": 2, "image_name": _LONG_NAME}]
+        (tmp_path / "VQA_RAD Dataset Public.json").write_text(json.dumps(recs))
+        data = tmp_path
+    elif dataset == "slake":
+        _png(tmp_path / "imgs" / "xmlab1" / "source.jpg")
+        rec = {"qid": 1, "img_name": "xmlab1/source.jpg", "question": "Is it?", "answer": "Yes",
+               "q_lang": "en", "answer_type": "CLOSED"}  # fmt: skip
+        recs = [rec, {**rec, "qid": 2, "img_name": _LONG_NAME}]
+        (tmp_path / "test.json").write_text(json.dumps(recs))
+        data = tmp_path
+    elif dataset == "llava-med":
+        _png(tmp_path / "images" / "a.jpg")
+        conv = [{"from": "human", "value": "Is it?\n<image>"}, {"from": "gpt", "value": "yes"}]
+        rec = {"id": 1, "image": "a.jpg", "answer_type": "CLOSED", "conversations": conv}
+        recs = [rec, {**rec, "id": 2, "image": _LONG_NAME}]
+        (tmp_path / "test.json").write_text(json.dumps(recs))
+        data = tmp_path / "test.json"
+    else:
+        _png(tmp_path / "pvqa" / "images" / "test" / "test_0001.jpg")
+        rec = {"image": "test_0001", "question": "Is it?", "answer": "yes"}
+        pkl = tmp_path / "pvqa" / "qas" / "test" / "test_qa.pkl"
+        pkl.parent.mkdir(parents=True)
+        pkl.write_bytes(pickle.dumps([rec, {**rec, "image": _LONG_NAME}], protocol=2))
+        data = tmp_path / "pvqa"
+    samples, report = load_vqa(dataset, data)
+    assert len(samples) == 1
+    assert report.bad == {"missing image": 1}
+    assert report.examples[0].split(": ")[0].endswith("[1]")  # names the file and the record
+    assert "File name too long" in report.examples[0]
