@@ -69,3 +69,65 @@ def test_tiff_figures_are_byte_identical_from_one_save_to_the_next():
         assert len(seen) == 1, (k, len(seen))
         data = seen.pop()
         assert np.array_equal(np.asarray(Image.open(io.BytesIO(data))), np.asarray(img))
+
+
+def _tree(root):
+    import hashlib
+
+    return {
+        str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(root.rglob("*"))
+        if p.is_file()
+    }
+
+
+def test_resume_removes_the_temp_files_a_killed_run_left(tmp_path):
+    """A kill between a temp file's write and its rename left `.PMC….tar.gz.<rand>.tmp` in
+    packages/ (and `.<n>.jpg.<rand>.tmp` among the caption pairs) for good."""
+    from llavamed.data.synth.pairs import write_caption_pairs
+
+    kw = dict(articles=2, image_size=64, progress=False, vqa_images=22, seed=5)
+    clean, resumed = tmp_path / "clean", tmp_path / "resumed"
+    generate_world(clean, **kw)
+    write_caption_pairs(clean / "caption_pairs", 4, seed=5, image_size=64, progress=False)
+    generate_world(resumed, **kw)
+    write_caption_pairs(resumed / "caption_pairs", 4, seed=5, image_size=64, progress=False)
+    # What a kill -9 mid-run leaves: no manifest or index, a half-written temp file beside them.
+    (resumed / "manifest.json").unlink()
+    (resumed / "caption_pairs" / "figures.jsonl").unlink()
+    pkg = next((resumed / "packages").glob("*.tar.gz"))
+    (pkg.parent / f".{pkg.name}.k3x9q1.tmp").write_bytes(pkg.read_bytes()[:100])
+    pkg.unlink()
+    img = next((resumed / "caption_pairs" / "images").rglob("*.jpg"))
+    (img.parent / f".{img.name}.zz81a.tmp").write_bytes(b"\xff\xd8")
+    img.unlink()
+    generate_world(resumed, **kw)
+    write_caption_pairs(resumed / "caption_pairs", 4, seed=5, image_size=64, progress=False)
+    assert not list(resumed.rglob("*.tmp"))
+    assert _tree(resumed) == _tree(clean)
+
+
+def test_sigkill_mid_synth_then_resume_gives_the_clean_world(tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    args = ["--articles", "24", "--vqa-images", "40", "--image-size", "96", "--seed", "2",
+            "--workers", "2", "--quiet"]  # fmt: skip
+    killed, clean = tmp_path / "killed", tmp_path / "clean"
+    cmd = [sys.executable, "-m", "llavamed", "synth", *args]
+    proc = subprocess.Popen([*cmd, "--out", str(killed)], start_new_session=True)
+    deadline = time.time() + 60
+    while time.time() < deadline and proc.poll() is None:
+        if len(list((killed / "packages").glob("*.tar.gz"))) >= 3:
+            break
+        time.sleep(0.01)
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGKILL)  # the CLI and its pool workers, all at once
+    proc.wait()
+    assert not (killed / "manifest.json").exists(), "finished before the kill: enlarge the world"
+    assert subprocess.run([*cmd, "--out", str(killed)], timeout=300).returncode == 0
+    assert subprocess.run([*cmd, "--out", str(clean)], timeout=300).returncode == 0
+    assert _tree(killed) == _tree(clean)

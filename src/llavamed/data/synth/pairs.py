@@ -29,6 +29,7 @@ from llavamed.data.synth.attributes import (
 )
 from llavamed.data.synth.captions import figure_caption
 from llavamed.data.synth.render import render
+from llavamed.data.synth.world import remove_stale_temps
 from llavamed.errors import ConfigError
 from llavamed.utils.io import atomic_write_bytes, atomic_write_json, read_json, write_jsonl
 
@@ -109,6 +110,7 @@ def write_caption_pairs(
     if index_path.exists() and stamp_path.exists():
         return index_path
     out.mkdir(parents=True, exist_ok=True)
+    remove_stale_temps(out)
     atomic_write_json(stamp_path, stamp)
     records = [_plan(seed, i, chest_frac) for i in range(n)]
     tasks = [(str(out), seed, i, image_size, rec) for i, rec in enumerate(records)]

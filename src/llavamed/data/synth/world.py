@@ -56,6 +56,18 @@ SLAKE_MODALITY = {
 SLAKE_LOCATION = {"chest_xray": "Chest_lungs", "ct_scan": "Abdomen", "mri": "Brain"}
 
 
+def remove_stale_temps(root: Path) -> int:
+    """Delete the temp files (``.<name>.<random>.tmp``, see ``atomic_path``) that a killed run
+    left in a generator's own output folder, before a resume: the rename never came, so nothing
+    else would remove them. Returns how many were removed."""
+    n = 0
+    for p in root.rglob(".*.tmp"):
+        if p.is_file():
+            p.unlink(missing_ok=True)
+            n += 1
+    return n
+
+
 def _split_sizes(n: int, fractions: dict[str, float]) -> list[int]:
     """Images per split for a domain of ``n`` images: rounded fractions, the last split taking
     the rest. A domain with at least one image per split gives every split one: rounding alone
@@ -284,6 +296,7 @@ def generate_world(
             "choose another --out or an empty folder"
         )
     out.mkdir(parents=True, exist_ok=True)
+    remove_stale_temps(out)
     atomic_write_json(stamp_path, stamp)
 
     n_rad = _rad_images(vqa_images)
