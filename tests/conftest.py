@@ -151,3 +151,21 @@ def small_disk(tmp_path):
         yield mnt
     finally:
         subprocess.run(["umount", str(mnt)], check=True)
+
+
+@pytest.fixture
+def readonly_disk(tmp_path):
+    """A real read-only filesystem (tmpfs mounted ro; needs root). chmod cannot stand in for it:
+    these tests run as root, which ignores file modes."""
+    import os
+    import subprocess
+
+    mnt = tmp_path / "ro"
+    mnt.mkdir()
+    mount = ["mount", "-t", "tmpfs", "-o", "ro,size=1m", "tmpfs", str(mnt)]
+    if os.geteuid() != 0 or subprocess.run(mount, capture_output=True).returncode != 0:
+        pytest.skip("needs permission to mount a tmpfs")
+    try:
+        yield mnt
+    finally:
+        subprocess.run(["umount", str(mnt)], check=True)

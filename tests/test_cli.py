@@ -112,3 +112,30 @@ def test_web_on_a_busy_port_fails_in_one_line_before_loading_the_model(tmp_path,
         rc = main(["web", "--model", str(tmp_path / "nowhere"), "--port", str(port)])
     err = capsys.readouterr().err
     assert rc == 1 and f"--port {port}: cannot listen" in err
+
+
+def test_an_output_on_a_read_only_filesystem_is_a_one_line_error_naming_it(
+    readonly_disk, tmp_path, capsys
+):
+    """EROFS is an OSError but not a PermissionError: every command died with a traceback, and
+    `model init` named its random temp folder instead of --out."""
+    from pmc_fixtures import make_tarballs
+    from train_helpers import make_bright_dark, tiny_config
+
+    packages = make_tarballs(tmp_path / "src")
+    data = make_bright_dark(tmp_path / "d", 8)
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(yaml.safe_dump(tiny_config(data, readonly_disk / "run", max_steps=1)))
+    commands = {
+        "synth": ["synth", "--out", str(readonly_disk / "w"), "--vqa-images", "22", "--quiet"],
+        "ingest": ["data", "ingest", str(packages), "--out", str(readonly_disk / "c")],
+        "model init": ["model", "init", "--out", str(readonly_disk / "m"), "--lm", "tiny"],
+        "train": ["train", str(cfg)],
+    }
+    for name, argv in commands.items():
+        capsys.readouterr()
+        assert main(argv) == 1, name
+        err = capsys.readouterr().err.strip().splitlines()
+        target = argv[argv.index("--out") + 1] if "--out" in argv else str(readonly_disk / "run")
+        assert err[-1] == f"llavamed: error: {target}: Read-only file system", (name, err)
+        assert not any("Traceback" in line for line in err), name

@@ -4,6 +4,7 @@ wires them into argparse so that ``--help`` is fast (heavy imports happen inside
 from __future__ import annotations
 
 import argparse
+import errno
 import importlib
 import os
 import sys
@@ -76,6 +77,18 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# OS errors about a path that say what the user must change (not bugs of ours): one line each.
+_USER_FIXABLE_ERRNOS = frozenset(
+    {errno.EROFS, errno.ENOSPC, errno.EDQUOT, errno.ENAMETOOLONG, errno.ELOOP, errno.EACCES}
+)
+
+
+def _path_error(exc: OSError) -> int:
+    where = f"{exc.filename}: " if exc.filename else ""
+    print(f"llavamed: error: {where}{exc.strerror or exc}", file=sys.stderr)
+    return 1
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
@@ -104,9 +117,12 @@ def main(argv: list[str] | None = None) -> int:
     except (FileExistsError, IsADirectoryError, NotADirectoryError, PermissionError) as exc:
         # A path of the wrong kind (an --out that is a file, a folder given for a file): the
         # user's to fix, so one line naming the path, not a traceback.
-        where = f"{exc.filename}: " if exc.filename else ""
-        print(f"llavamed: error: {where}{exc.strerror or exc}", file=sys.stderr)
-        return 1
+        return _path_error(exc)
+    except OSError as exc:
+        if exc.errno not in _USER_FIXABLE_ERRNOS:
+            raise
+        # A read-only mount, a full disk or quota, a name too long: also the user's to fix.
+        return _path_error(exc)
     except BrokenPipeError:
         # The reader went away (`llavamed ... | head`): stop quietly, as other CLI tools do.
         sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - Python flushes stdout at exit

@@ -44,7 +44,12 @@ def make_temp_dir(beside: str | os.PathLike) -> Path:
     """An empty hidden folder next to ``beside``, with the mode a plain mkdir would give."""
     beside = Path(beside)
     beside.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{beside.name}.", dir=beside.parent))
+    try:
+        tmp = Path(tempfile.mkdtemp(prefix=f".{beside.name}.", dir=beside.parent))
+    except OSError as exc:
+        # The error named the random temp name (".m.2aaye15b: Read-only file system"); the user
+        # asked for ``beside``.
+        raise OSError(exc.errno, exc.strerror, str(beside)) from None
     os.chmod(tmp, _DIR_MODE)
     return tmp
 
