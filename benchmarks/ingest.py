@@ -32,12 +32,13 @@ def main() -> None:
 
     from llavamed.data.pmc.ingest import ingest
     from llavamed.data.synth import generate_world
+    from llavamed.data.synth.world import min_vqa_images
 
     world = args.cache / f"medsynth-{args.articles}-{args.image_size}"
     t0 = time.perf_counter()
     generate_world(
         world, articles=args.articles, seed=0, image_size=args.image_size, workers=2,
-        progress=False, vqa_images=6,
+        progress=False, vqa_images=min_vqa_images(),  # the fewest: only the packages are read
     )  # fmt: skip
     packages = world / "packages"
     mb = sum(p.stat().st_size for p in packages.glob("*.tar.gz")) / 1e6
