@@ -136,36 +136,30 @@ def biomedclip_state_dict():
     return sd
 
 
-@pytest.fixture
-def small_disk(tmp_path):
-    """A real 4 MiB filesystem (tmpfs; needs root), smaller than a tiny checkpoint."""
+def _tmpfs(tmp_path, name: str, options: str):
+    """Mount a real tmpfs (needs root) at ``tmp_path/name`` for the test, or skip."""
     import os
     import subprocess
 
-    mnt = tmp_path / "disk"
+    mnt = tmp_path / name
     mnt.mkdir()
-    mount = ["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(mnt)]
+    mount = ["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(mnt)]
     if os.geteuid() != 0 or subprocess.run(mount, capture_output=True).returncode != 0:
         pytest.skip("needs permission to mount a tmpfs")
     try:
         yield mnt
     finally:
         subprocess.run(["umount", str(mnt)], check=True)
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A real 4 MiB filesystem (tmpfs; needs root), smaller than a tiny checkpoint."""
+    yield from _tmpfs(tmp_path, "disk", "size=4m")
 
 
 @pytest.fixture
 def readonly_disk(tmp_path):
     """A real read-only filesystem (tmpfs mounted ro; needs root). chmod cannot stand in for it:
     these tests run as root, which ignores file modes."""
-    import os
-    import subprocess
-
-    mnt = tmp_path / "ro"
-    mnt.mkdir()
-    mount = ["mount", "-t", "tmpfs", "-o", "ro,size=1m", "tmpfs", str(mnt)]
-    if os.geteuid() != 0 or subprocess.run(mount, capture_output=True).returncode != 0:
-        pytest.skip("needs permission to mount a tmpfs")
-    try:
-        yield mnt
-    finally:
-        subprocess.run(["umount", str(mnt)], check=True)
+    yield from _tmpfs(tmp_path, "ro", "ro,size=1m")

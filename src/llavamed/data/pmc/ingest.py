@@ -408,22 +408,16 @@ class IngestWriter:
         keys = {k for k in keys if k in self.done}
         if not keys:
             return
-        self.figures.close()
-        path = self.out / FIGURES
         images: list[str] = []
-        if path.exists():
-            with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8") as dst:
-                with open(path, encoding="utf-8") as src:
-                    for line in src:
-                        try:
-                            rec = json.loads(line)
-                        except json.JSONDecodeError:
-                            rec = None
-                        if isinstance(rec, dict) and rec.get("source") in keys:
-                            if isinstance(rec.get("image"), str):
-                                images.append(rec["image"])
-                            continue
-                        dst.write(line)
+
+        def drop(rec: dict) -> bool:
+            if rec.get("source") not in keys:
+                return False
+            if isinstance(rec.get("image"), str):
+                images.append(rec["image"])
+            return True
+
+        self._rewrite_figures(drop)
         for image in images:
             try:
                 (self.out / image).unlink()
@@ -431,7 +425,7 @@ class IngestWriter:
                 pass
         for key in keys:  # the report must not count them until they are done again
             del self.done[key]
-        self.figures = JsonlAppender(path)
+        self.figures = JsonlAppender(self.out / FIGURES)
         self._scan()
 
     def write(self, pkg: PackageRef, result: PackageResult) -> int:
@@ -485,8 +479,19 @@ class IngestWriter:
         of the same pair_id with its image superseded, so the file holds each pair_id once."""
         if not self._superseded:
             return
+        self._rewrite_figures(
+            lambda rec: (
+                rec.get("image") is None and _h64(str(rec.get("pair_id"))) in self._superseded
+            )
+        )
+        self._superseded.clear()
+
+    def _rewrite_figures(self, drop) -> None:
+        """Rewrite ``figures.jsonl`` (temp + rename) without the records ``drop`` says to."""
         self.figures.close()
         path = self.out / FIGURES
+        if not path.exists():
+            return
         with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8") as dst:
             with open(path, encoding="utf-8") as src:
                 for line in src:
@@ -494,14 +499,9 @@ class IngestWriter:
                         rec = json.loads(line)
                     except json.JSONDecodeError:
                         rec = None
-                    if (
-                        isinstance(rec, dict)
-                        and rec.get("image") is None
-                        and _h64(str(rec.get("pair_id"))) in self._superseded
-                    ):
+                    if isinstance(rec, dict) and drop(rec):
                         continue
                     dst.write(line)
-        self._superseded.clear()
 
     def report(self, extra: dict | None = None) -> dict:
         total: Counter = Counter()
