@@ -35,3 +35,20 @@ def test_ingest_benchmark_runs(tmp_path):
         "--cache", str(tmp_path),
     )  # fmt: skip
     assert "speed-up 2 vs 1 workers" in out
+
+
+def test_instruct_throughput_runs_and_its_median_is_the_median():
+    """With an even --repeats the 'median' column was the upper middle run: with 2, the best."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from instruct_throughput import best_and_median
+
+    assert best_and_median([30.0, 40.0]) == (40.0, 35.0)
+    assert best_and_median([4.0, 1.0, 3.0, 2.0]) == (4.0, 2.5)
+    assert best_and_median([1.0, 3.0, 2.0]) == (3.0, 2.0)
+    out = _run(
+        "instruct_throughput.py", "--latency", "0.01", "--seconds", "0.2", "--concurrency", "1",
+        "--repeats", "2",
+    )  # fmt: skip
+    rows = [line.split() for line in out.splitlines() if line.startswith(("client ", "instruct "))]
+    assert {r[0] for r in rows} == {"client", "instruct"}
+    assert all(float(r[4]) <= float(r[3]) for r in rows)
