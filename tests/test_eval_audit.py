@@ -58,3 +58,46 @@ def test_an_image_name_over_the_file_system_limit_is_one_bad_record(tmp_path, da
     assert report.bad == {"missing image": 1}
     assert report.examples[0].split(": ")[0].endswith("[1]")  # names the file and the record
     assert "File name too long" in report.examples[0]
+
+
+def _rad_folder(tmp_path, n=4):
+    """A VQA-RAD folder in the public release's shape: n test questions about 2 images."""
+    from llavamed.utils.io import atomic_write_json
+
+    root = tmp_path / "vqa_rad"
+    for i in range(2):
+        _png(root / "VQA_RAD Image Folder" / f"i{i}.jpg")
+    recs = [
+        {"qid": i, "image_name": f"i{i % 2}.jpg", "question": f"Question {i}?",
+         "answer": "yes" if i % 2 == 0 else "liver", "answer_type": "CLOSED" if i % 2 == 0
+         else "OPEN", "question_type": "PRES", "phrase_type": "test_freeform"}
+        for i in range(n)
+    ]  # fmt: skip
+    atomic_write_json(root / "VQA_RAD Dataset Public.json", recs)
+    return root
+
+
+def test_a_resumed_run_never_scores_an_answer_its_file_loses(wide_llava_dir, tmp_path):
+    """A run killed between a record's closing brace and its newline leaves a last line that
+    parses. It was read as answered, then cut off the file when the resumed run appended: the
+    report scored 4 answers while answers.jsonl held 3 (and the next run answered it again)."""
+    from llavamed.eval.vqa_runner import run_vqa_eval
+    from llavamed.utils.io import iter_jsonl
+
+    samples, _ = load_vqa("vqa-rad", _rad_folder(tmp_path))
+    kw = dict(max_new_tokens=3, n_resamples=10, progress=False)
+    whole = run_vqa_eval(wide_llava_dir, samples, tmp_path / "whole", **kw)
+    run_vqa_eval(wide_llava_dir, samples, tmp_path / "run", limit=3, **kw)
+    answers = tmp_path / "run" / "answers.jsonl"
+    answers.write_bytes(answers.read_bytes()[:-1])  # killed just before the last newline
+    res = run_vqa_eval(wide_llava_dir, samples, tmp_path / "run", **kw)
+    on_disk = {r["question_id"]: r["text"] for r in iter_jsonl(answers)}
+    assert len(on_disk) == res["metrics"]["n_answered"] == 4
+    assert res["generation"]["image"]["n_generated"] == 2  # the cut answer was answered again
+    assert res["metrics"]["overall"] == whole["metrics"]["overall"]
+    assert len(set(on_disk.values())) > 1  # answers differ: the comparison can fail
+    assert (tmp_path / "run" / "scores.jsonl").read_bytes() == (
+        tmp_path / "whole" / "scores.jsonl"
+    ).read_bytes()
+    again = run_vqa_eval(wide_llava_dir, samples, tmp_path / "run", **kw)
+    assert again["generation"]["image"]["n_generated"] == 0

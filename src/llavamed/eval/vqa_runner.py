@@ -518,6 +518,11 @@ def generate_answers(
     }
     if condition in ("noise", "shuffle"):  # their images depend on the seed
         meta_base["seed"] = opts.seed
+    path = answers_path(out_dir, condition, shard)
+    # Opened (which cuts a torn last line off) before reading: a record killed between its
+    # closing brace and its newline parses, so it would be counted as answered here and then
+    # cut off the file by the first append, leaving a report that scores an answer no file holds.
+    log = JsonlAppender(path)
     existing = read_answers(out_dir, condition)
     check_same_settings(existing.values(), meta_base, out_dir)
     _check_same_questions(samples, existing, opts.closed_suffix, out_dir)
@@ -526,7 +531,6 @@ def generate_answers(
     skipped: Counter = Counter()
     t0 = time.perf_counter()
     n_gen = 0
-    path = answers_path(out_dir, condition, shard)
     bar = tqdm(
         total=len(todo),
         desc=f"answers[{condition}]",
@@ -563,7 +567,7 @@ def generate_answers(
         for (s, q), text in answer_items(generator, items, opts.backend, opts.batch_size):
             yield s, q, text
 
-    with JsonlAppender(path) as log:
+    with log:
         for s, q, text in answered():
             rec = {
                 "question_id": s.qid,
