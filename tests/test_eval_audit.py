@@ -101,3 +101,42 @@ def test_a_resumed_run_never_scores_an_answer_its_file_loses(wide_llava_dir, tmp
     ).read_bytes()
     again = run_vqa_eval(wide_llava_dir, samples, tmp_path / "run", **kw)
     assert again["generation"]["image"]["n_generated"] == 0
+
+
+def test_answers_in_another_dtype_are_not_resumed(tiny_llava_dir, tmp_path):
+    """bf16's greedy answers are not fp32's: a bf16 run resumed without --dtype mixed the two in
+    one answers file and scored the mix under one name (the dtype was not even recorded)."""
+    import torch
+
+    from llavamed.errors import InputError
+    from llavamed.eval.answer import answer_questions
+    from llavamed.eval.vqa_runner import run_vqa_eval
+    from llavamed.utils.io import iter_jsonl
+
+    samples, _ = load_vqa("vqa-rad", _rad_folder(tmp_path))
+    kw = dict(max_new_tokens=2, n_resamples=10, progress=False)
+    run_vqa_eval(tiny_llava_dir, samples, tmp_path / "run", limit=2, dtype=torch.bfloat16, **kw)
+    assert {r["metadata"]["dtype"] for r in iter_jsonl(tmp_path / "run" / "answers.jsonl")} == {
+        "bfloat16"
+    }
+    with pytest.raises(InputError, match="dtype='bfloat16' there, 'float32' now"):
+        run_vqa_eval(tiny_llava_dir, samples, tmp_path / "run", dtype=torch.float32, **kw)
+    # the same dtype resumes
+    res = run_vqa_eval(tiny_llava_dir, samples, tmp_path / "run", dtype=torch.bfloat16, **kw)
+    assert res["generation"]["image"]["n_resumed"] == 2
+
+    # eval answer: the same rule for a qa50-shaped file
+    q = tmp_path / "qa50.jsonl"
+    q.write_text(
+        "".join(
+            json.dumps({"question_id": i, "image": "i0.jpg", "text": f"Q{i}?\n<image>"}) + "\n"
+            for i in range(2)
+        )
+    )
+    images = tmp_path / "vqa_rad" / "VQA_RAD Image Folder"
+    out = tmp_path / "a.jsonl"
+    answer_questions(tiny_llava_dir, q, images, out, max_new_tokens=2, limit=1,
+                     dtype=torch.bfloat16, progress=False)  # fmt: skip
+    assert next(iter_jsonl(out))["metadata"]["dtype"] == "bfloat16"
+    with pytest.raises(InputError, match="dtype='bfloat16' there, 'float32' now"):
+        answer_questions(tiny_llava_dir, q, images, out, max_new_tokens=2, progress=False)

@@ -76,12 +76,14 @@ def answer_questions(
 
     Returns counts: ``{"n_questions", "n_generated", "n_resumed", "bad", "skipped", "seconds"}``
     (``bad``: invalid question records per reason; ``skipped``: unreadable images per reason)."""
+    import torch
     from tqdm import tqdm
 
     from llavamed.eval.vqa_runner import (
         VQAGenerator,
         answer_items,
         check_same_settings,
+        dtype_name,
         model_fingerprint_for,
         model_id_for,
     )
@@ -102,6 +104,11 @@ def answer_questions(
         "model_id": model_id_for(model_dir, model),
         "model": model_fingerprint_for(model_dir),
         "max_new_tokens": max_new_tokens,
+        # The weights dtype the generator will run in (a model passed in keeps its own): greedy
+        # answers in bf16 differ from fp32 ones, so the two must not be mixed in one file.
+        "dtype": dtype_name(
+            model.dtype if model is not None and processor is not None else dtype or torch.float32
+        ),
     }
     for rec in existing:  # the model id sits beside the metadata in these records
         rec = {"metadata": {**(rec.get("metadata") or {}), "model_id": rec.get("model_id")}}
@@ -155,6 +162,7 @@ def answer_questions(
                             "decoding": "greedy",
                             "max_new_tokens": max_new_tokens,
                             "model": settings["model"],
+                            "dtype": gen.dtype,
                             "type": q.get("type"),
                         },
                     }

@@ -239,6 +239,7 @@ class VQAGenerator:
         self.pad_token_id = tok.pad_token_id
         self.model_id = model_id_for(model_dir, model)
         self.model_fingerprint = model_fingerprint_for(model_dir)
+        self.dtype = dtype_name(getattr(model, "dtype", None))
         self._engine = None
 
     def prompt(self, question: str) -> str:
@@ -434,6 +435,12 @@ def model_id_for(model_dir: str | Path | None, model: Any = None) -> str:
     return Path(model_dir).name if model_dir is not None else type(model).__name__
 
 
+def dtype_name(dtype: Any) -> str | None:
+    """``torch.bfloat16`` -> ``"bfloat16"`` (None stays None): the weights dtype answers records
+    carry, since greedy answers in bf16 differ from fp32 ones."""
+    return None if dtype is None else str(dtype).removeprefix("torch.")
+
+
 def model_fingerprint_for(model_dir: str | Path | None) -> str | None:
     """The checkpoint's content id (None for a model given in memory): every run's model is a
     ``checkpoint-final``, so the name alone cannot tell two models' answers apart."""
@@ -442,7 +449,7 @@ def model_fingerprint_for(model_dir: str | Path | None) -> str | None:
     return checkpoint_fingerprint(model_dir) if model_dir is not None else None
 
 
-RESUME_KEYS = ("closed_suffix", "max_new_tokens", "condition", "model_id", "model", "seed")
+RESUME_KEYS = ("closed_suffix", "max_new_tokens", "condition", "model_id", "model", "seed", "dtype")
 """Answer settings a resumed run must share with the answers already written."""
 
 
@@ -518,6 +525,8 @@ def generate_answers(
     }
     if condition in ("noise", "shuffle"):  # their images depend on the seed
         meta_base["seed"] = opts.seed
+    if getattr(generator, "dtype", None) is not None:  # bf16's greedy answers are not fp32's
+        meta_base["dtype"] = generator.dtype
     path = answers_path(out_dir, condition, shard)
     # Opened (which cuts a torn last line off) before reading: a record killed between its
     # closing brace and its newline parses, so it would be counted as answered here and then
