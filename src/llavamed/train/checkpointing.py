@@ -16,6 +16,8 @@ import random
 import shutil
 from pathlib import Path
 
+from llavamed.errors import InputError, first_line
+
 STATE = "state.json"
 PREFIX = "step-"
 
@@ -105,13 +107,61 @@ def prune(out_dir: Path, keep_last: int) -> None:
                 shutil.rmtree(p, ignore_errors=True)
 
 
+def damaged(path: Path, detail: str) -> InputError:
+    """The error for a resume checkpoint that cannot be read (a file deleted or cut short, e.g.
+    by a crash of the machine before the file system wrote it out): names the file and the way
+    on, instead of a library's traceback."""
+    ckpt = path.parent
+    return InputError(
+        path,
+        "damaged resume checkpoint",
+        f"{detail}. Delete {ckpt} to resume from the checkpoint before it, or from step 0 if it "
+        "was the only one",
+    )
+
+
 def read_state(ckpt: Path) -> dict:
-    return json.loads((ckpt / STATE).read_text())
+    p = ckpt / STATE
+    try:
+        state = json.loads(p.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise damaged(p, f"unreadable: {first_line(exc, 120)}") from exc
+    if not isinstance(state, dict) or not isinstance(state.get("step"), int):
+        raise damaged(p, "no step number in it")
+    return state
 
 
-def load_rng(ckpt: Path, rank: int) -> None:
+def check_files(ckpt: Path, names: list[str]) -> None:
+    """Each of ``names`` is in ``ckpt`` and not empty (the files a resume will read)."""
+    for name in names:
+        p = ckpt / name
+        if not p.is_file():
+            raise damaged(p, "file missing")
+        if p.stat().st_size == 0:
+            raise damaged(p, "empty file")
+
+
+def load_file(path: Path):
+    """``torch.load`` of a resume checkpoint's file; a cut-short file is a :func:`damaged` one."""
+    import pickle
+
     import torch
 
+    try:
+        return torch.load(path, weights_only=False)
+    except FileNotFoundError as exc:
+        raise damaged(path, "file missing") from exc
+    except (RuntimeError, EOFError, pickle.UnpicklingError, OSError) as exc:
+        raise damaged(path, f"unreadable: {first_line(exc, 120)}") from exc
+
+
+def load_rng(ckpt: Path, rank: int, saved_world_size: int | None = None) -> None:
+    """Restore this rank's RNG. A rank the saved run did not have (the run now has more
+    processes) has no file and keeps its seed; a rank it had must find its file, or the resumed
+    run would silently draw other dropout masks than the uninterrupted one."""
     p = ckpt / f"rng-rank{rank}.pt"
-    if p.exists():
-        set_rng_state(torch.load(p, weights_only=False))
+    if not p.exists():
+        if saved_world_size is not None and rank < saved_world_size:
+            raise damaged(p, "file missing")
+        return
+    set_rng_state(load_file(p))

@@ -560,21 +560,20 @@ class Engine:
             )
 
     def load(self, ckpt: Path) -> None:
-        import torch
-
         if self.kind == "deepspeed":
             self.module.load_checkpoint(str(ckpt), tag="deepspeed", load_lr_scheduler_states=False)
             sched = ckpt / "scheduler.pt"
             if sched.exists():
-                self.scheduler.load_state_dict(torch.load(sched, weights_only=False))
+                self.scheduler.load_state_dict(ck.load_file(sched))
             return
         from torch.distributed.checkpoint.state_dict import (
             set_model_state_dict,
             set_optimizer_state_dict,
         )
 
-        msd = torch.load(ckpt / "trainable.pt", weights_only=False)
-        opt = torch.load(ckpt / "optimizer.pt", weights_only=False)
+        ck.check_files(ckpt, ["trainable.pt", "optimizer.pt"])
+        msd = ck.load_file(ckpt / "trainable.pt")
+        opt = ck.load_file(ckpt / "optimizer.pt")
         # Not strict in torch's sense, as the file holds only what this run trains; strict in
         # ours: every parameter being trained must come from it, and it may hold nothing else.
         saved = set(msd)  # before loading, which may add to msd
@@ -869,7 +868,7 @@ def _run(
                 "data to resume, or start over in another output.dir"
             )
         engine.load(resume)
-        ck.load_rng(resume, info.rank)
+        ck.load_rng(resume, info.rank, st.get("world_size"))
         step, tokens_seen = st["step"], st.get("tokens_seen", 0)
         if info.is_main:  # the totals of every process; the others count from here on
             report.skipped_at_load.update(st.get("skipped_while_training", {}))

@@ -1,0 +1,58 @@
+"""Audit regressions of the training loop: damaged resume checkpoints, config validation edges."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+
+from llavamed.errors import InputError
+from train_helpers import make_bright_dark, run_interrupted, tiny_config
+
+# Shared 2-core machine: one intra-op thread (tests/conftest.py).
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def _damage(ck, how: str, name: str) -> None:
+    p = ck / name
+    if how == "missing":
+        p.unlink()
+    elif how == "cut short":
+        p.write_bytes(p.read_bytes()[:100])
+    else:  # empty
+        p.write_bytes(b"")
+
+
+def test_a_damaged_resume_checkpoint_is_a_one_line_error_naming_the_file(tmp_path, monkeypatch):
+    """A checkpoint folder with a file deleted or cut short (a machine crash before the file
+    system wrote it out) failed with a raw FileNotFoundError, torch's zip error or a
+    JSONDecodeError; a missing RNG file resumed silently with other dropout masks. Each is now
+    an InputError naming the file, and deleting the folder lets the run start over."""
+    from llavamed.train import run_training
+
+    data = make_bright_dark(tmp_path / "data", 16)
+    base = tiny_config(data, tmp_path / "base", max_steps=4)
+    base["output"]["save_every"] = 2
+    run_interrupted(base, monkeypatch, at_step=3)
+    for how, name in (
+        ("missing", "trainable.pt"),
+        ("cut short", "optimizer.pt"),
+        ("missing", "rng-rank0.pt"),
+        ("empty", "state.json"),
+    ):
+        out = tmp_path / f"{how}-{name}".replace(" ", "_")
+        shutil.copytree(tmp_path / "base", out)
+        saved = out / "config.yaml"
+        saved.write_text(saved.read_text().replace(str(tmp_path / "base"), str(out)))
+        cfg = json.loads(json.dumps(base))
+        cfg["output"]["dir"] = str(out)
+        [ck] = (out / "checkpoints").glob("step-*")
+        _damage(ck, how, name)
+        with pytest.raises(InputError, match="damaged resume checkpoint") as err:
+            run_training(cfg, progress=False)
+        assert str(ck / name) in str(err.value) and f"Delete {ck}" in str(err.value)
+    # The way out the message gives: without the folder the run starts over, whole.
+    shutil.rmtree(ck)
+    res = run_training(cfg, progress=False)
+    assert [m["step"] for m in res.metrics] == [1, 2, 3, 4]
