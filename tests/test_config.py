@@ -82,6 +82,11 @@ def test_stage_default_trainable():
         ("output.save_every_minutes=.nan", "output.save_every_minutes: expected a finite"),
         ("distributed.timeout_minutes=-5", "distributed.timeout_minutes must be > 0"),
         ("train.lora={r: 4, alpha: -3}", "train.lora.alpha must be > 0"),
+        # An empty list silently trained the stage's default parts.
+        ("train.trainable=[]", "train.trainable: empty"),
+        # A seed past ~1.8e13 overflowed the data loader's seed after the model had loaded.
+        ("train.seed=100000000000000", "train.seed=100000000000000: must be in 0"),
+        ("train.seed=-1", "train.seed=-1: must be in"),
     ],
 )
 def test_errors_name_the_key(override, needle):

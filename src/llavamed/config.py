@@ -336,6 +336,12 @@ class TrainConfig:
         if m.template is not None and m.template not in TEMPLATES:
             raise ConfigError(f"model.template={m.template!r}: choose from {', '.join(TEMPLATES)}")
         t = self.train
+        if t.trainable is not None and not t.trainable:
+            # An empty list is falsy: it used to fall back to the stage's default parts silently.
+            raise ConfigError(
+                "train.trainable: empty; list the parts to train (projector, lm, vision), or "
+                "null for the stage's default"
+            )
         for p in self.trainable_parts():
             if p not in TRAINABLE_PARTS:
                 raise ConfigError(
@@ -369,6 +375,10 @@ class TrainConfig:
             v = getattr(t, name)
             if v is not None and not v > 0:
                 raise ConfigError(f"train.{name}={v!r}: must be > 0")
+        if not 0 <= t.seed < 2**32:
+            # As every llavamed --seed: a larger one passed here and failed after the model had
+            # loaded and the data tokenized (the data loader's seed overflowed torch's).
+            raise ConfigError(f"train.seed={t.seed}: must be in 0 .. 2**32-1")
         if t.frozen_lm_layers < 0:
             raise ConfigError("train.frozen_lm_layers must be >= 0")
         if t.frozen_lm_layers and "lm" not in self.trainable_parts():
