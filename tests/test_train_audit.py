@@ -7,7 +7,7 @@ import shutil
 
 import pytest
 
-from llavamed.errors import InputError
+from llavamed.errors import ConfigError, InputError
 from train_helpers import make_bright_dark, run_interrupted, tiny_config
 
 # Shared 2-core machine: one intra-op thread (tests/conftest.py).
@@ -56,3 +56,15 @@ def test_a_damaged_resume_checkpoint_is_a_one_line_error_naming_the_file(tmp_pat
     shutil.rmtree(ck)
     res = run_training(cfg, progress=False)
     assert [m["step"] for m in res.metrics] == [1, 2, 3, 4]
+
+
+@pytest.mark.parametrize("budget", [0, -5])
+def test_stage0b_refuses_a_time_budget_that_allows_no_step(budget):
+    """time_budget_min <= 0 trained no step and wrote the untrained starting tower (and a
+    report of 0 steps) as the stage's result, exit code 0."""
+    from llavamed.train.vision_vqa import make_config
+
+    cfg = {"stage": "vision_vqa", "sources": [{"dataset": "vqa-rad", "path": "x"}]}
+    with pytest.raises(ConfigError, match="time_budget_min=.*must be > 0"):
+        make_config(cfg, [f"time_budget_min={budget}"])
+    assert make_config(cfg, ["time_budget_min=0.5"]).time_budget_min == 0.5

@@ -118,6 +118,11 @@ class VisionVQAConfig:
             raise ConfigError("val_fraction must be in [0, 1)")
         if self.log_every < 1 or self.save_every < 1:
             raise ConfigError("log_every and save_every must be >= 1")
+        if self.time_budget_min is not None and not self.time_budget_min > 0:
+            # 0 or less ran no step and still wrote the starting tower as the stage's result.
+            raise ConfigError(
+                f"time_budget_min={self.time_budget_min:g}: must be > 0 (or null for no budget)"
+            )
         if self.warmup_steps < 0 or self.weight_decay < 0:
             raise ConfigError("warmup_steps and weight_decay must be >= 0")
         if self.aspect not in ("pad", "crop"):
