@@ -68,3 +68,20 @@ def test_stage0b_refuses_a_time_budget_that_allows_no_step(budget):
     with pytest.raises(ConfigError, match="time_budget_min=.*must be > 0"):
         make_config(cfg, [f"time_budget_min={budget}"])
     assert make_config(cfg, ["time_budget_min=0.5"]).time_budget_min == 0.5
+
+
+def test_a_refused_resume_names_the_changed_setting_of_one_source(tmp_path, monkeypatch):
+    """With several data sources, a resume on changed settings named only 'data.sources' (the
+    whole list); it names the source and key, as an override would spell them."""
+    from llavamed.train import run_training
+
+    data = make_bright_dark(tmp_path / "data", 16)
+    cfg = tiny_config(data, tmp_path / "a", max_steps=4)
+    cfg["data"] = {"sources": [{"path": str(data)}, {"path": str(data)}], "max_length": 256}
+    cfg["output"]["save_every"] = 2
+    run_interrupted(cfg, monkeypatch, at_step=3)
+    with pytest.raises(
+        ConfigError, match=r"different config \(data\.sources\.1\.repeat, train\.lr\)"
+    ):
+        run_training(cfg, ["data.sources.1.repeat=2", "train.lr=1e-4"], progress=False)
+    assert [m["step"] for m in run_training(cfg, progress=False).metrics] == [1, 2, 3, 4]

@@ -829,13 +829,25 @@ def describe(cls=TrainConfig, prefix: str = "") -> list[tuple[str, str, str]]:
 
 
 def diff(a: dict, b: dict, prefix: str = "") -> list[str]:
-    """Dotted keys whose values differ between two plain config dicts."""
+    """Dotted keys whose values differ between two plain config dicts. Lists of mappings of the
+    same length (``data.sources``) are compared item by item and named as overrides name them
+    (``data.sources.1.repeat``), so a refused resume says which source's setting changed."""
     out = []
     for k in sorted(set(a) | set(b), key=str):
         key = f"{prefix}{k}"
         va, vb = a.get(k), b.get(k)
         if isinstance(va, dict) and isinstance(vb, dict):
             out.extend(diff(va, vb, key + "."))
+        elif (
+            isinstance(va, list)
+            and isinstance(vb, list)
+            and len(va) == len(vb)
+            and all(
+                isinstance(x, dict) and isinstance(y, dict) for x, y in zip(va, vb, strict=True)
+            )
+        ):
+            for i, (x, y) in enumerate(zip(va, vb, strict=True)):
+                out.extend(diff(x, y, f"{key}.{i}."))
         elif va != vb:
             out.append(key)
     return out
