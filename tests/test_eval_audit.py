@@ -140,3 +140,42 @@ def test_answers_in_another_dtype_are_not_resumed(tiny_llava_dir, tmp_path):
     assert next(iter_jsonl(out))["metadata"]["dtype"] == "bfloat16"
     with pytest.raises(InputError, match="dtype='bfloat16' there, 'float32' now"):
         answer_questions(tiny_llava_dir, q, images, out, max_new_tokens=2, progress=False)
+
+
+def _slake_zh_folder(tmp_path, n=4):
+    """A SLAKE folder whose test split holds n Chinese questions about 2 images."""
+    from llavamed.utils.io import atomic_write_json
+
+    root = tmp_path / "slake"
+    for i in range(2):
+        _png(root / "imgs" / f"xmlab{i}" / "source.jpg")
+    recs = [
+        {"qid": i, "img_name": f"xmlab{i % 2}/source.jpg", "question": f"这是什么器官 {i}?",
+         "answer": "肝脏", "q_lang": "zh", "answer_type": "OPEN", "content_type": "Organ"}
+        for i in range(n)
+    ]  # fmt: skip
+    atomic_write_json(root / "test.json", recs)
+    return root
+
+
+@pytest.mark.parametrize("shard", [None, "0/2"])
+def test_a_kill_inside_a_multibyte_character_still_resumes(wide_llava_dir, tmp_path, shard):
+    """A SIGKILL mid-line can stop inside a UTF-8 character (a Chinese prompt, a µm in an answer).
+    Resuming then failed for good with 'answers.jsonl: not UTF-8 text', and a merge run could not
+    read the killed shard's file either (it never repairs files it does not write)."""
+    from llavamed.eval.vqa_runner import answers_path, parse_shard, read_answers, run_vqa_eval
+
+    samples, _ = load_vqa("slake", _slake_zh_folder(tmp_path), lang="zh")
+    kw = dict(max_new_tokens=3, n_resamples=10, progress=False)
+    run_vqa_eval(wide_llava_dir, samples, tmp_path / "whole", **kw)
+    run_vqa_eval(wide_llava_dir, samples, tmp_path / "run", shard=shard, **kw)
+    torn = answers_path(tmp_path / "run", "image", parse_shard(shard))
+    data = torn.read_bytes()
+    torn.write_bytes(data[: data.rfind("器".encode()) + 1])  # 1 of the character's 3 bytes
+    res = run_vqa_eval(wide_llava_dir, samples, tmp_path / "run", **kw)  # resume, or merge
+    assert res["metrics"]["n_answered"] == 4
+    assert res["generation"]["image"]["n_generated"] == (1 if shard is None else 3)
+    assert (tmp_path / "run" / "scores.jsonl").read_bytes() == (
+        tmp_path / "whole" / "scores.jsonl"
+    ).read_bytes()
+    assert set(read_answers(tmp_path / "run", "image")) == {"0", "1", "2", "3"}

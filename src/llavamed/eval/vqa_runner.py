@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import itertools
+import json
 import math
 import sys
 import time
@@ -33,7 +34,7 @@ from PIL import Image
 from llavamed.errors import InputError
 from llavamed.eval import metrics as M
 from llavamed.eval.vqa_data import VQASample
-from llavamed.utils.io import JsonlAppender, iter_jsonl
+from llavamed.utils.io import JsonlAppender
 
 ABLATIONS = ("blank", "noise", "shuffle")
 # The paper's suffix for closed yes/no questions (LLaVA-Med's "test_w_options" files).
@@ -424,10 +425,25 @@ def read_answers(out_dir: Path, condition: str) -> dict[str, dict]:
     files += sorted(out_dir.glob(f"{main.stem}.shard*-of-*.jsonl"))
     got: dict[str, dict] = {}
     for f in files:
-        for rec in iter_jsonl(f, skip_bad=True):
+        for rec in _complete_records(f):
             if "question_id" in rec and isinstance(rec.get("text"), str):
                 got.setdefault(str(rec["question_id"]), rec)
     return got
+
+
+def _complete_records(path: Path) -> Iterable[dict]:
+    """The records of an answers file's complete lines. A last line without its newline is a
+    write that a kill cut short (its writer's next run cuts it off): it is not read, even when
+    it parses or stops inside a multi-byte character. Read as text, such a file failed as a
+    whole ('not UTF-8 text'), so a merge could not read a killed shard's file."""
+    data = path.read_bytes()
+    for line in data[: data.rfind(b"\n") + 1].split(b"\n"):
+        try:
+            rec = json.loads(line)
+        except ValueError:  # a blank or damaged line (UnicodeDecodeError is a ValueError too)
+            continue
+        if isinstance(rec, dict):
+            yield rec
 
 
 def model_id_for(model_dir: str | Path | None, model: Any = None) -> str:
