@@ -85,3 +85,23 @@ def test_a_refused_resume_names_the_changed_setting_of_one_source(tmp_path, monk
     ):
         run_training(cfg, ["data.sources.1.repeat=2", "train.lr=1e-4"], progress=False)
     assert [m["step"] for m in run_training(cfg, progress=False).metrics] == [1, 2, 3, 4]
+
+
+def test_freeze_from_epoch_past_the_end_of_a_max_steps_run_is_refused(tmp_path):
+    """The config refuses freeze_from_epoch >= train.epochs; with train.max_steps the run
+    trained every part to its end without a word (the freeze never came)."""
+    from llavamed.train import run_training
+
+    data = make_bright_dark(tmp_path / "data", 24)  # 3 steps per epoch
+    cfg = tiny_config(
+        data,
+        tmp_path / "a",
+        max_steps=6,
+        trainable=["projector", "lm"],
+        frozen_lm_layers=1,
+        freeze_from_epoch=2,
+    )
+    with pytest.raises(ConfigError, match=r"freeze_from_epoch=2: the run ends after step 6"):
+        run_training(cfg, progress=False)
+    cfg["train"]["max_steps"] = 7  # the freeze comes after step 6: step 7 trains the top only
+    assert len(run_training(cfg, progress=False).metrics) == 7

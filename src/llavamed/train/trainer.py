@@ -814,6 +814,14 @@ def _run(
 
     spe = steps_per_epoch(len(samples), t.global_batch_size)
     total_steps = t.max_steps or max(1, math.ceil(t.epochs * spe))
+    if t.freeze_from_epoch and t.freeze_from_epoch * spe >= total_steps:
+        # The config checks this against train.epochs; with train.max_steps the epoch length is
+        # known only now. Unchecked, the run trained every part to the end, silently.
+        raise ConfigError(
+            f"train.freeze_from_epoch={t.freeze_from_epoch}: the run ends after step {total_steps}, "
+            f"the freeze would come after step {t.freeze_from_epoch * spe} ({spe} steps per "
+            "epoch), so nothing would ever freeze; lower it or raise train.max_steps"
+        )
 
     engine = Engine(
         kind,
