@@ -105,3 +105,33 @@ def test_freeze_from_epoch_past_the_end_of_a_max_steps_run_is_refused(tmp_path):
         run_training(cfg, progress=False)
     cfg["train"]["max_steps"] = 7  # the freeze comes after step 6: step 7 trains the top only
     assert len(run_training(cfg, progress=False).metrics) == 7
+
+
+def test_stage0b_damaged_resume_state_is_a_one_line_error(tmp_path, monkeypatch):
+    """A stage0b_state.pt cut short (a machine crash before the file system wrote it out)
+    failed with torch's zip-archive traceback."""
+    import torch
+
+    from llavamed.train.vision_vqa import STATE_FILE, run_from_config
+    from test_vision_vqa import _cfg, make_vqa_rad
+
+    data = make_vqa_rad(tmp_path / "vqa", 24)
+    cfg = _cfg(data, tmp_path / "o", steps=8, save_every=3, batch_size=8)
+    real, calls = torch.optim.AdamW.step, {"n": 0}
+
+    def interrupted(self, *a, **kw):
+        calls["n"] += 1
+        if calls["n"] == 5:
+            raise KeyboardInterrupt
+        return real(self, *a, **kw)
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        run_from_config(cfg, progress=False)
+    monkeypatch.setattr(torch.optim.AdamW, "step", real)
+    state = tmp_path / "o" / STATE_FILE
+    state.write_bytes(state.read_bytes()[:200])
+    with pytest.raises(InputError, match="stage0b_state.pt: damaged resume checkpoint.*Delete it"):
+        run_from_config(cfg, progress=False)
+    state.unlink()
+    assert run_from_config(cfg, progress=False).report["steps"] == 8

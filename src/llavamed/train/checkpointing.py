@@ -107,17 +107,20 @@ def prune(out_dir: Path, keep_last: int) -> None:
                 shutil.rmtree(p, ignore_errors=True)
 
 
-def damaged(path: Path, detail: str) -> InputError:
+def _first_sentence(exc: BaseException) -> str:
+    return first_line(exc).split(". ")[0][:160]
+
+
+def damaged(path: Path, detail: str, way_on: str | None = None) -> InputError:
     """The error for a resume checkpoint that cannot be read (a file deleted or cut short, e.g.
     by a crash of the machine before the file system wrote it out): names the file and the way
-    on, instead of a library's traceback."""
-    ckpt = path.parent
-    return InputError(
-        path,
-        "damaged resume checkpoint",
-        f"{detail}. Delete {ckpt} to resume from the checkpoint before it, or from step 0 if it "
-        "was the only one",
-    )
+    on (by default: delete its ``step-N`` folder), instead of a library's traceback."""
+    if way_on is None:
+        way_on = (
+            f"Delete {path.parent} to resume from the checkpoint before it, or from step 0 if it "
+            "was the only one"
+        )
+    return InputError(path, "damaged resume checkpoint", f"{detail}. {way_on}")
 
 
 def read_state(ckpt: Path) -> dict:
@@ -125,7 +128,7 @@ def read_state(ckpt: Path) -> dict:
     try:
         state = json.loads(p.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise damaged(p, f"unreadable: {first_line(exc, 120)}") from exc
+        raise damaged(p, f"unreadable: {_first_sentence(exc)}") from exc
     if not isinstance(state, dict) or not isinstance(state.get("step"), int):
         raise damaged(p, "no step number in it")
     return state
@@ -141,7 +144,7 @@ def check_files(ckpt: Path, names: list[str]) -> None:
             raise damaged(p, "empty file")
 
 
-def load_file(path: Path):
+def load_file(path: Path, way_on: str | None = None):
     """``torch.load`` of a resume checkpoint's file; a cut-short file is a :func:`damaged` one."""
     import pickle
 
@@ -150,9 +153,9 @@ def load_file(path: Path):
     try:
         return torch.load(path, weights_only=False)
     except FileNotFoundError as exc:
-        raise damaged(path, "file missing") from exc
+        raise damaged(path, "file missing", way_on) from exc
     except (RuntimeError, EOFError, pickle.UnpicklingError, OSError) as exc:
-        raise damaged(path, f"unreadable: {first_line(exc, 120)}") from exc
+        raise damaged(path, f"unreadable: {_first_sentence(exc)}", way_on) from exc
 
 
 def load_rng(ckpt: Path, rank: int, saved_world_size: int | None = None) -> None:

@@ -308,7 +308,7 @@ def train_vision_vqa(cfg: VisionVQAConfig, progress: bool = True) -> VisionVQARe
 
     from llavamed.config import diff
     from llavamed.model.compose import check_feature_layer
-    from llavamed.train.checkpointing import rng_state, set_rng_state
+    from llavamed.train.checkpointing import load_file, rng_state, set_rng_state
     from llavamed.train.text_encoder import TextEncoder, cached_embeddings, resolve_text_encoder
     from llavamed.train.vision_pretrain import (
         _save_tower,
@@ -380,7 +380,7 @@ def train_vision_vqa(cfg: VisionVQAConfig, progress: bool = True) -> VisionVQARe
     step, trained_s = 0, 0.0
     state_path = out / STATE_FILE
     if state_path.exists():
-        state = torch.load(state_path, weights_only=False)
+        state = load_file(state_path, f"Delete it to start over from step 0 in {out}")
         changed = recipe_changes(state["config"])
         if state.get("data") != data_key:
             changed.append("the VQA data")
