@@ -307,3 +307,21 @@ def test_instruct_stops_at_once_on_a_base_url_without_http(tmp_path, capsys):
         assert main([*argv, "--base-url", url]) == 1
         _one_line_error(capsys, f"{url}/chat/completions", "missing an 'http://'")
         assert srv.count == 0 and not out.exists()
+
+
+def test_a_jsonl_line_torn_inside_a_multibyte_character_is_one_bad_line(tmp_path):
+    """A writer killed inside a Chinese character left a last line that is not UTF-8: every
+    reader of the file then failed with 'not UTF-8 text' for the whole file, on every re-run."""
+    from llavamed.utils.io import JsonlAppender, iter_jsonl, iter_jsonl_numbered
+
+    path = tmp_path / "log.jsonl"
+    whole = '{"q": "肺部有异常吗？"}\n'.encode()
+    path.write_bytes(whole + whole[:8])  # cut after the first byte of 肺
+    assert list(iter_jsonl(path, skip_bad=True)) == [{"q": "肺部有异常吗？"}]
+    bad = []
+    assert [n for n, _ in iter_jsonl_numbered(path, on_bad=bad.append)] == [1]
+    assert [(e.source, e.reason) for e in bad] == [(f"{path}:2", "not UTF-8 text")]
+    with pytest.raises(InputError, match=r"log\.jsonl:2: not UTF-8 text"):
+        list(iter_jsonl(path))
+    JsonlAppender(path).append({"q": "ok"})  # the appender's repair cuts the torn line
+    assert [r["q"] for r in iter_jsonl(path)] == ["肺部有异常吗？", "ok"]

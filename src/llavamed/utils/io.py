@@ -181,31 +181,32 @@ def iter_jsonl_numbered(
     the numbers are the file's). A line that is not a JSON object raises :class:`InputError`
     naming file and line, or, with ``on_bad``, goes to it and is skipped."""
     try:
-        fh = open(path, encoding="utf-8")
+        fh = open(path, "rb")
     except FileNotFoundError as exc:
         raise InputError(path, "file not found") from exc
     except IsADirectoryError as exc:
         raise InputError(path, "is a folder, not a JSONL file") from exc
     with fh:
-        lines = enumerate(fh, 1)
-        while True:
+        # Bytes, decoded line by line: a writer killed inside a multi-byte character leaves a
+        # last line that is not UTF-8, and that torn line must be one bad line like any other,
+        # not "not UTF-8 text" for the whole file on every later run.
+        for lineno, raw in enumerate(fh, 1):
             try:
-                lineno, line = next(lines)
-            except StopIteration:
-                return
+                line = raw.decode("utf-8")
             except UnicodeDecodeError as exc:
-                raise InputError(path, "not UTF-8 text", str(exc)) from exc
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as exc:
-                err = InputError(f"{path}:{lineno}", "invalid JSON line", str(exc))
+                err = InputError(f"{path}:{lineno}", "not UTF-8 text", str(exc))
             else:
-                if isinstance(rec, dict):
-                    yield lineno, rec
+                if not line.strip():
                     continue
-                err = InputError(f"{path}:{lineno}", "JSON line is not an object")
+                try:
+                    rec = json.loads(line)
+                except json.JSONDecodeError as exc:
+                    err = InputError(f"{path}:{lineno}", "invalid JSON line", str(exc))
+                else:
+                    if isinstance(rec, dict):
+                        yield lineno, rec
+                        continue
+                    err = InputError(f"{path}:{lineno}", "JSON line is not an object")
             if on_bad is None:
                 raise err
             on_bad(err)
