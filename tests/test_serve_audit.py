@@ -1,0 +1,72 @@
+"""Serving audit: bad and unusual input from a demanding user, against the real server on
+127.0.0.1 (tiny random llava), the real chat command and the real web app."""
+
+from __future__ import annotations
+
+import base64
+import io
+
+import pytest
+
+httpx = pytest.importorskip("httpx")
+
+from llavamed.serve.api import serve_in_background  # noqa: E402
+from llavamed.serve.engine import Engine  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_llava_dir):
+    eng = Engine.from_path(tiny_llava_dir)
+    yield eng
+    eng.close()
+
+
+def noise_png(size=(160, 160), seed=0) -> bytes:
+    """An incompressible PNG: its size in bytes is close to 3 * width * height."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    buf = io.BytesIO()
+    Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)).save(buf, "PNG")
+    return buf.getvalue()
+
+
+def post(srv, body: dict) -> httpx.Response:
+    return httpx.post(srv.base_url + "/chat/completions", json=body, timeout=60)
+
+
+def image_body(url: str, text: str = "What is this?") -> dict:
+    return {
+        "model": "tiny-llava",
+        "max_tokens": 2,
+        "temperature": 0,
+        "messages": [
+            {
+                "role": "user",
+                "content": [
+                    {"type": "image_url", "image_url": {"url": url}},
+                    {"type": "text", "text": text},
+                ],
+            }
+        ],
+    }
+
+
+def test_a_line_wrapped_base64_image_under_the_limit_is_accepted(engine):
+    """`base64 scan.png` and Python's encodebytes wrap at 76 columns; the size check counted the
+    newlines, so an image up to 1.3% under --max-image-mb was refused as a 413 'larger than'."""
+    png = noise_png()
+    limit = len(png) + len(png) // 200  # the image is 0.5% under the limit
+    wrapped = base64.encodebytes(png).decode()
+    assert "\n" in wrapped
+    srv = serve_in_background(engine, max_image_bytes=limit)
+    try:
+        r = post(srv, image_body("data:image/png;base64," + wrapped))
+        assert r.status_code == 200, r.text
+        # The limit itself still holds, wrapped or not.
+        over = base64.encodebytes(noise_png(size=(170, 170))).decode()
+        r = post(srv, image_body("data:image/png;base64," + over))
+        assert r.status_code == 413 and r.json()["error"]["code"] == "image_too_large"
+    finally:
+        srv.stop()
