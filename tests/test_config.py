@@ -87,6 +87,10 @@ def test_stage_default_trainable():
         # A seed past ~1.8e13 overflowed the data loader's seed after the model had loaded.
         ("train.seed=100000000000000", "train.seed=100000000000000: must be in 0"),
         ("train.seed=-1", "train.seed=-1: must be in"),
+        # model.init is typed as ModelSpec: a bare TypeError, or accepted until the tower was built.
+        ("model.init.lm_layers=x", "model.init.lm_layers: expected an integer"),
+        ("model.init.vision_feature_layer=abc", "model.init.vision_feature_layer: expected an"),
+        ("model.init.lm_layers=0", "model.init: lm_layers must be >= 1"),
     ],
 )
 def test_errors_name_the_key(override, needle):

@@ -295,10 +295,13 @@ class TrainConfig:
                     raise ConfigError(
                         f"model.init.{k}: unknown key (known: {', '.join(sorted(known))})"
                     )
-            spec = ModelSpec(**m.init)
+            # Typed as ModelSpec's fields: `lm_layers: x` raised a bare TypeError, and
+            # `vision_feature_layer: abc` passed, to fail once the tower was built.
+            spec = from_dict(ModelSpec, m.init, prefix="model.init")
+            m.init = {k: getattr(spec, k) for k in m.init}
             try:
                 spec.validate()
-            except InputError as exc:
+            except (InputError, ConfigError) as exc:
                 raise ConfigError(f"model.init: {exc}") from exc
         if not self.data.sources:
             raise ConfigError("data: no sources (set data.path or data.sources)")
