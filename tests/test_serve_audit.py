@@ -70,3 +70,63 @@ def test_a_line_wrapped_base64_image_under_the_limit_is_accepted(engine):
         assert r.status_code == 413 and r.json()["error"]["code"] == "image_too_large"
     finally:
         srv.stop()
+
+
+def test_text_that_is_not_valid_unicode_is_a_400_naming_the_field(engine):
+    """JSON may escape a lone surrogate (\\ud800); the tokenizer refused it with 'prompt rejected
+    (TextEncodeInput must be Union[TextInputSequence, ...])', which names no reason."""
+    srv = serve_in_background(engine)
+    try:
+        url = srv.base_url + "/chat/completions"
+        for content, param in [
+            ('"hi \\ud800 there"', "messages[0].content"),
+            ('[{"type": "text", "text": "ok"}, {"type": "text", "text": "\\udcff"}]', None),
+        ]:
+            raw = (
+                '{"model": "tiny-llava", "max_tokens": 2, "messages": '
+                f'[{{"role": "user", "content": {content}}}]}}'
+            )
+            r = httpx.post(
+                url, content=raw, headers={"Content-Type": "application/json"}, timeout=60
+            )
+            assert r.status_code == 400, r.text
+            err = r.json()["error"]
+            assert "not valid Unicode" in err["message"], err
+            assert err["param"] == (param or "messages[0].content[1].text")
+        # and the server goes on answering
+        ok = post(
+            srv,
+            {
+                "model": "tiny-llava",
+                "max_tokens": 2,
+                "messages": [{"role": "user", "content": "hi"}],
+            },
+        )
+        assert ok.status_code == 200
+    finally:
+        srv.stop()
+
+
+def test_chat_survives_input_that_is_not_utf8(tiny_llava_dir):
+    """Pasted Latin-1 bytes in `llavamed chat` ended the chat with a UnicodeDecodeError traceback
+    (strict stdin) or were refused with the tokenizer's 'TextEncodeInput must be Union[...]'
+    (surrogateescape stdin); now the line is refused naming the byte and the chat goes on."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    for encoding in ("utf-8", "utf-8:surrogateescape"):
+        run = subprocess.run(
+            [sys.executable, "-m", "llavamed", "chat", "--model", str(tiny_llava_dir)]
+            + ["--max-tokens", "2", "--temperature", "0"],
+            input=b"caf\xe9 au lait?\nhello\n/quit\n",
+            capture_output=True,
+            env={**env, "PYTHONIOENCODING": encoding},
+            timeout=300,
+        )
+        out = run.stdout.decode()
+        assert run.returncode == 0, run.stderr.decode()[-2000:]
+        assert "Traceback" not in run.stderr.decode()
+        assert "byte 0xE9 at character 3 is not UTF-8" in out, out
+        assert out.count("assistant> ") == 2  # the next line was still answered

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 
 from llavamed.commands import seed_int
 from llavamed.commands.serve import add_model_args
@@ -54,6 +55,10 @@ def run(args) -> int:
     from llavamed.serve.engine import Engine, EngineSettings
 
     params = sampling_params(args)
+    if hasattr(sys.stdin, "reconfigure"):
+        # Bytes that are not UTF-8 (pasted Latin-1 text) reach the engine, which names them,
+        # instead of a UnicodeDecodeError that ended the chat and lost the rest of the input.
+        sys.stdin.reconfigure(errors="surrogateescape")
     engine = Engine.from_path(
         args.model,
         dtype=args.dtype,

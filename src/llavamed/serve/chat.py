@@ -159,6 +159,15 @@ def run_chat(
         except KeyboardInterrupt:
             out.write("\n")
             return 0
+        except UnicodeDecodeError as exc:
+            # A terminal (or pipe) whose bytes are not UTF-8, e.g. pasted Latin-1 text; it
+            # ended the chat with a traceback, and the conversation with it.
+            bad = exc.object[exc.start : exc.start + 1].hex().upper()
+            out.write(
+                f"error: your input is not {exc.encoding} text (byte 0x{bad}); "
+                "check the terminal's encoding\n"
+            )
+            continue
         line = line.strip()
         if not line:
             continue

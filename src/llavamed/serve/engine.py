@@ -465,6 +465,11 @@ class Engine:
         reject."""
         from llavamed.images import bound_long_side
 
+        for i, m in enumerate(messages):
+            for text in _texts(m.get("content")) if isinstance(m, dict) else ():
+                if (why := invalid_unicode(text)) is not None:
+                    # The tokenizer's own error names its argument types, not the text.
+                    raise InputError(f"messages[{i}]", "text is not valid Unicode", why)
         messages = [self._neutralise_message(m) if isinstance(m, dict) else m for m in messages]
         # Requests come from anyone who can reach the server: bound what padding can allocate.
         images = [bound_long_side(img, MAX_IMAGE_SIDE) for img in images]
@@ -1109,6 +1114,34 @@ def _special_token_pattern(tokenizer, processor=None) -> re.Pattern | None:
     if not found:
         return None
     return re.compile("|".join(re.escape(t) for t in sorted(found, key=len, reverse=True)))
+
+
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def invalid_unicode(text: str) -> str | None:
+    """Why ``text`` cannot be encoded as UTF-8 (and so cannot be tokenized), or None. A lone
+    surrogate comes from JSON's ``\\ud800`` escapes or from a terminal whose bytes are not UTF-8
+    (Python keeps each such byte as U+DC80..U+DCFF)."""
+    m = _SURROGATE.search(text)
+    if m is None:
+        return None
+    code = ord(m[0])
+    if 0xDC80 <= code <= 0xDCFF:
+        return f"byte 0x{code - 0xDC00:02X} at character {m.start()} is not UTF-8"
+    return f"lone surrogate U+{code:04X} at character {m.start()}"
+
+
+def _texts(content) -> list[str]:
+    if isinstance(content, str):
+        return [content]
+    if isinstance(content, list):
+        return [
+            p["text"]
+            for p in content
+            if isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str)
+        ]
+    return []
 
 
 def _flatten(content) -> str:

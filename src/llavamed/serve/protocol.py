@@ -379,6 +379,16 @@ def parse_image_url(url: str, where: str, *, allow_remote: bool, max_bytes: int)
     )
 
 
+def _check_unicode(text: str, where: str) -> None:
+    """A 400 naming the field for text that is not valid Unicode (JSON's lone ``\\ud800``
+    escapes): the tokenizer refused it with a message about its argument types."""
+    from llavamed.serve.engine import invalid_unicode
+
+    why = invalid_unicode(text)
+    if why is not None:
+        raise ProtocolError(400, f"{where}: text is not valid Unicode ({why})", param=where)
+
+
 def to_hf_messages(
     messages: list[ChatMessage], *, allow_remote: bool, max_image_bytes: int
 ) -> tuple[list[dict], list[ImageRef]]:
@@ -396,11 +406,13 @@ def to_hf_messages(
         if content is None:
             content = ""
         if isinstance(content, str):
+            _check_unicode(content, f"messages[{i}].content")
             parts.append({"type": "text", "text": content})
         else:
             for j, part in enumerate(content):
                 where = f"messages[{i}].content[{j}]"
                 if isinstance(part, TextPart):
+                    _check_unicode(part.text, f"{where}.text")
                     parts.append({"type": "text", "text": part.text})
                 else:
                     if role != "user":
