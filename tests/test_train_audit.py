@@ -135,3 +135,24 @@ def test_stage0b_damaged_resume_state_is_a_one_line_error(tmp_path, monkeypatch)
         run_from_config(cfg, progress=False)
     state.unlink()
     assert run_from_config(cfg, progress=False).report["steps"] == 8
+
+
+def test_a_run_moved_to_another_folder_resumes_there(tmp_path, monkeypatch):
+    """output.dir is saved absolute, so a stopped run moved (or copied) to another folder was
+    refused as 'a different config (output.dir); use another output.dir': the folder is where
+    the run lives, not what it trains."""
+    import yaml
+
+    from llavamed.train import run_training
+
+    data = make_bright_dark(tmp_path / "data", 16)
+    cfg = tiny_config(data, tmp_path / "a", max_steps=4)
+    cfg["output"]["save_every"] = 2
+    ref = run_training(cfg, ["output.save_every=0", f"output.dir={tmp_path / 'ref'}"])
+    run_interrupted(cfg, monkeypatch, at_step=3)
+    moved = tmp_path / "moved"
+    shutil.move(tmp_path / "a", moved)
+    res = run_training(cfg, [f"output.dir={moved}"], progress=False)
+    assert [m["step"] for m in res.metrics] == [1, 2, 3, 4]
+    assert [m["loss"] for m in res.metrics] == pytest.approx([m["loss"] for m in ref.metrics])
+    assert yaml.safe_load((moved / "config.yaml").read_text())["output"]["dir"] == str(moved)

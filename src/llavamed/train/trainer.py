@@ -46,6 +46,7 @@ from llavamed.utils.precision import resolve_precision
 # Keys that may change between a run and its resumption without changing what is trained
 # (distributed.engine only within single/ddp/fsdp: DeepSpeed checkpoints have their own layout).
 RESUMABLE_CHANGES = (
+    "output.dir",  # the run's folder itself: a run moved or copied elsewhere resumes there
     "output.save_every",
     "output.save_every_minutes",
     "output.keep_last",
