@@ -130,3 +130,23 @@ def test_chat_survives_input_that_is_not_utf8(tiny_llava_dir):
         assert "Traceback" not in run.stderr.decode()
         assert "byte 0xE9 at character 3 is not UTF-8" in out, out
         assert out.count("assistant> ") == 2  # the next line was still answered
+
+
+@pytest.mark.parametrize(
+    "flag, value, words",
+    [
+        ("--max-request-mb", "inf", "--max-request-mb must be a finite size"),  # a traceback
+        ("--max-image-mb", "1e-9", "--max-image-mb must be a finite size"),  # 0 bytes
+        ("--max-image-pixels", "0", "--max-image-pixels must be >= 1"),
+        ("--max-prompt-tokens", "-5", "--max-prompt-tokens must be >= 1"),
+        ("--max-prompt-tokens", "0", "--max-prompt-tokens must be >= 1"),  # taken as unset
+    ],
+)
+def test_serve_refuses_limits_no_request_could_meet(tmp_path, capsys, flag, value, words):
+    """These started a server that refused every image or prompt (--max-prompt-tokens -5: 'the
+    limit is -5'), or failed with an OverflowError traceback after the model loaded (inf). A
+    missing model folder shows the check comes before any loading."""
+    from llavamed.cli import main
+
+    assert main(["serve", "--model", str(tmp_path / "absent"), "--port", "0", flag, value]) == 1
+    assert words in capsys.readouterr().err

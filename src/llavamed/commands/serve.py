@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 
@@ -160,9 +161,20 @@ def run(args) -> int:
             raise ConfigError(f"--{flag.replace('_', '-')} must be >= 1")
     if args.prefix_cache < 0:
         raise ConfigError("--prefix-cache must be >= 0")
-    for flag in ("max_request_mb", "max_image_mb", "remote_timeout"):
-        if not getattr(args, flag) > 0:
-            raise ConfigError(f"--{flag.replace('_', '-')} must be > 0")
+    # A limit no request can meet started a server that refused every image or prompt, and an
+    # infinite size failed with an OverflowError traceback once the model had loaded.
+    if args.max_image_pixels < 1:
+        raise ConfigError("--max-image-pixels must be >= 1")
+    if args.max_prompt_tokens is not None and args.max_prompt_tokens < 1:
+        raise ConfigError("--max-prompt-tokens must be >= 1 (omit it for the model's context)")
+    for flag in ("max_request_mb", "max_image_mb"):
+        value = getattr(args, flag)
+        if not (math.isfinite(value) and int(value * 2**20) >= 1):
+            raise ConfigError(
+                f"--{flag.replace('_', '-')} must be a finite size of at least 1 byte"
+            )
+    if not args.remote_timeout > 0:
+        raise ConfigError("--remote-timeout must be > 0")
     api_key = resolve_api_key(args)
     logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
     # Bound before the model loads: a busy port or a bad address fails in a second, not after
