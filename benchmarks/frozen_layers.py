@@ -45,6 +45,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--attn", default="eager", help="the quickstart's fine-tuning uses eager")
     ap.add_argument("--cache", default=str(Path(tempfile.gettempdir()) / "llavamed-attn-bench"))
     args = ap.parse_args(argv)
+    bad = [n for n in args.frozen if not 0 < n < args.lm_layers]
+    if bad:  # before minutes of model set-up, not a traceback from the trainer's check
+        ap.error(
+            f"--frozen {bad}: each must be between 1 and --lm-layers - 1 ({args.lm_layers - 1})"
+        )
+    if args.steps < 1:
+        ap.error("--steps must be >= 1")
 
     import torch
 

@@ -52,3 +52,17 @@ def test_instruct_throughput_runs_and_its_median_is_the_median():
     rows = [line.split() for line in out.splitlines() if line.startswith(("client ", "instruct "))]
     assert {r[0] for r in rows} == {"client", "instruct"}
     assert all(float(r[4]) <= float(r[3]) for r in rows)
+
+
+def test_frozen_layers_refuses_an_impossible_frozen_count_up_front(tmp_path):
+    """--frozen 0 (or >= --lm-layers) set up every model, then died in a ConfigError traceback."""
+    env = os.environ | {"PYTHONPATH": str(ROOT / "src")}
+    for bad in ("0", "8"):
+        proc = subprocess.run(
+            [sys.executable, str(ROOT / "benchmarks" / "frozen_layers.py"), "--frozen", bad,
+             "--lm-layers", "8", "--cache", str(tmp_path)],
+            capture_output=True, text=True, timeout=600, env=env, cwd=ROOT,
+        )  # fmt: skip
+        assert proc.returncode == 2, proc.stderr[-2000:]
+        assert "error: --frozen" in proc.stderr and "Traceback" not in proc.stderr
+        assert not any(tmp_path.iterdir())  # nothing built
