@@ -226,7 +226,9 @@ def build(spec: ModelSpec):
     feature_layer = spec.vision_feature_layer
     if feature_layer is None:
         feature_layer = -2 if vision.pretrained else -1
-    check_feature_layer(feature_layer, int(vision.config.num_hidden_layers))
+    n_vision_layers = int(vision.config.num_hidden_layers)
+    check_feature_layer(feature_layer, n_vision_layers)
+    feature_layer = native_feature_layer(feature_layer, n_vision_layers)
     lm, tok = _load_lm(spec)
     template = get_template(spec.template)
 
@@ -299,6 +301,17 @@ def check_feature_layer(layer, n_layers: int) -> None:
                 f"vision_feature_layer={layer!r} (--vision-feature-layer): the vision tower has "
                 f"{n_layers} layers, so its hidden states are indexed {lo}..{hi}"
             )
+
+
+def native_feature_layer(layer, n_layers: int):
+    """``layer`` as the config value native llava can run: the embeddings as ``-(n_layers + 1)``
+    rather than ``0``. transformers' llava asks the tower for hidden states with
+    ``output_hidden_states=vision_feature_layer``, which is falsy for 0: the tower returned none
+    and every forward pass failed with "'NoneType' object is not subscriptable". The same hidden
+    state under its negative index works. A list of layers is truthy and kept as it is."""
+    if isinstance(layer, int) and not isinstance(layer, bool) and layer == 0:
+        return -(n_layers + 1)
+    return layer
 
 
 def _stop_ids(*groups) -> int | list[int] | None:

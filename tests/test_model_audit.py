@@ -1,0 +1,42 @@
+"""Model composition audit: option edge cases of ``llavamed model init`` that composed a
+checkpoint which then failed in every forward pass, and template/processor corner cases."""
+
+from __future__ import annotations
+
+import torch
+from PIL import Image
+
+from llavamed.cli import main
+from llavamed.model import ModelSpec, build
+
+
+def _image_prompt(processor) -> dict:
+    msgs = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Q"}]}]
+    prompt = processor.apply_chat_template(msgs, add_generation_prompt=True)
+    image = Image.new("RGB", (40, 24), (200, 30, 90))
+    return processor(text=[prompt], images=[image], return_tensors="pt")
+
+
+def test_feature_layer_0_feeds_the_embeddings_and_runs(one_thread, tmp_path):
+    """The help says 0 is the embeddings, and it was accepted; but transformers' llava asks the
+    tower for ``output_hidden_states=vision_feature_layer``, which is falsy for 0, so every
+    forward pass of the checkpoint failed ("'NoneType' object is not subscriptable")."""
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    model, processor = build(ModelSpec(lm="tiny", vision="tiny", vision_feature_layer=0))
+    inputs = _image_prompt(processor)
+    with torch.no_grad():
+        assert torch.isfinite(model(**inputs).logits).all()
+        tower_out = model.model.vision_tower(inputs["pixel_values"], output_hidden_states=True)
+        want = model.model.multi_modal_projector(tower_out.hidden_states[0][:, 1:])
+        got = model.model.get_image_features(pixel_values=inputs["pixel_values"]).pooler_output
+    torch.testing.assert_close(torch.cat(list(got)), want.reshape(-1, want.shape[-1]))
+
+    out = tmp_path / "ck"
+    args = ["model", "init", "--out", str(out), "--lm", "tiny", "--vision", "tiny"]
+    assert main([*args, "--vision-feature-layer", "0"]) == 0
+    plain = AutoModelForImageTextToText.from_pretrained(out)
+    with torch.no_grad():
+        assert torch.isfinite(
+            plain(**_image_prompt(AutoProcessor.from_pretrained(out))).logits
+        ).all()
