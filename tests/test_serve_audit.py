@@ -150,3 +150,56 @@ def test_serve_refuses_limits_no_request_could_meet(tmp_path, capsys, flag, valu
 
     assert main(["serve", "--model", str(tmp_path / "absent"), "--port", "0", flag, value]) == 1
     assert words in capsys.readouterr().err
+
+
+def test_web_refuses_an_upload_over_the_limit_naming_it(engine, tmp_path):
+    """Gradio has no upload limit: a file of any size was stored, then read whole into memory
+    (a 600 MB upload held the page for minutes). Now Gradio refuses it while it arrives (413
+    naming the limit), and the upload handler refuses a larger file before reading it."""
+    import socket
+
+    pytest.importorskip("gradio")
+    from llavamed.serve.engine import SamplingParams
+    from llavamed.serve.web import launch
+
+    big = tmp_path / "big.png"
+    big.write_bytes(noise_png(size=(700, 700)))  # a valid image of ~1.5 MB
+    limit = 2**20
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    demo = launch(
+        engine,
+        "127.0.0.1",
+        port,
+        block=False,
+        default_params=SamplingParams(max_tokens=2),
+        max_upload_bytes=limit,
+    )
+    try:
+        with big.open("rb") as f:
+            r = httpx.post(
+                f"http://127.0.0.1:{port}/gradio_api/upload",
+                files={"files": ("big.png", f)},
+                timeout=60,
+            )
+        assert r.status_code == 413 and f"maximum allowed size of {limit} bytes" in r.text
+        on_upload = next(f.fn for f in demo.fns.values() if f.name == "on_upload")
+        with pytest.warns(UserWarning) as caught:
+            assert on_upload(str(big)) == (None, None)
+        assert "file too large (1.4" in str(caught[0].message)
+        assert "--max-upload-mb" in str(caught[0].message)
+        small = tmp_path / "small.png"
+        small.write_bytes(noise_png(size=(100, 100)))
+        assert on_upload(str(small))[0] is not None
+    finally:
+        demo.close()
+
+
+@pytest.mark.parametrize("value", ["0", "inf", "nan", "-3"])
+def test_web_refuses_an_upload_limit_no_file_could_meet(tmp_path, capsys, value):
+    pytest.importorskip("gradio")
+    from llavamed.cli import main
+
+    assert main(["web", "--model", str(tmp_path / "absent"), "--max-upload-mb", value]) == 1
+    assert "--max-upload-mb must be a finite size" in capsys.readouterr().err

@@ -23,15 +23,27 @@ def register(subparsers) -> None:
     p.add_argument(
         "--max-batch-size", type=positive_int, default=8, help="browser sessions decoded together"
     )
+    p.add_argument(
+        "--max-upload-mb",
+        type=float,
+        default=256.0,
+        help="largest file a page may upload, in MiB; a larger one is refused with a message "
+        "naming this limit (default %(default)s)",
+    )
     add_sampling_args(p)
     p.set_defaults(func=run)
 
 
 def run(args) -> int:
-    from llavamed.errors import LlavamedError
+    import math
+
+    from llavamed.errors import ConfigError, LlavamedError
     from llavamed.serve.engine import Engine, EngineSettings
 
     params = sampling_params(args)
+    max_upload = args.max_upload_mb * 2**20 if math.isfinite(args.max_upload_mb) else 0
+    if int(max_upload) < 1:
+        raise ConfigError("--max-upload-mb must be a finite size of at least 1 byte")
     try:
         import gradio  # noqa: F401
     except ImportError:
@@ -61,6 +73,7 @@ def run(args) -> int:
             block=True,
             default_params=params,
             concurrency=args.max_batch_size,
+            max_upload_bytes=int(max_upload),
         )
     finally:
         engine.close()

@@ -30,6 +30,10 @@ MEDSYNTH_EXAMPLES = ("chest_xray", "histology", "gross")
 DELETE_CACHE = (600, 3600)
 # The command line's --seed range (commands.seed_int); -1 draws a random seed.
 MAX_SEED = 2**32 - 1
+# Largest upload (llavamed web --max-upload-mb). Gradio has no limit of its own: a file of
+# several GB was written to disk, then read whole into memory to be decoded. Generous, because
+# a multi-frame DICOM series is one file (only its middle frame is decoded).
+MAX_UPLOAD_BYTES = 256 * 2**20
 
 
 def example_images(out_dir: str | Path | None = None) -> list[Path]:
@@ -77,6 +81,24 @@ def upload_warning(exc: InputError, limit: int = 200) -> str:
     return f"{msg} ({detail})" if detail else msg
 
 
+def _mb(n: int) -> str:
+    return f"{n / 2**20:.4g} MB"
+
+
+def upload_too_large(path: str | os.PathLike, limit: int) -> str | None:
+    """The warning for a file over ``limit`` bytes, or None: checked before the file is read."""
+    try:
+        size = os.path.getsize(path)
+    except OSError:
+        return None  # load_user_image names what is wrong with it
+    if size <= limit:
+        return None
+    return (
+        f"cannot use this file: file too large ({_mb(size)} > {_mb(limit)}; "
+        "llavamed web --max-upload-mb)"
+    )
+
+
 def seed_value(seed) -> int | None:
     """The Seed box's value as a sampling seed: None (random) for -1 or an empty box. Anything
     outside -1 .. 2**32-1 raises ValueError. Checked here as well as by the box's bounds, which
@@ -108,8 +130,11 @@ def build_app(
     examples_dir: str | Path | None = None,
     default_params: SamplingParams | None = None,
     concurrency: int = 8,
+    max_upload_bytes: int = MAX_UPLOAD_BYTES,
 ):
-    """The ``gr.Blocks`` app for ``engine`` (not launched)."""
+    """The ``gr.Blocks`` app for ``engine`` (not launched). Uploads over ``max_upload_bytes``
+    are refused with a warning (and, once launched through :func:`launch`, by Gradio itself
+    before they are stored)."""
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
     import gradio as gr
 
@@ -118,6 +143,10 @@ def build_app(
 
     def on_upload(path):
         if not path:
+            return None, None
+        too_large = upload_too_large(path, max_upload_bytes)
+        if too_large:
+            gr.Warning(too_large)
             return None, None
         try:
             img = load_user_image(path, name=Path(path).name)
@@ -312,16 +341,23 @@ def _interrupt(signum, frame):
 
 
 def launch(
-    engine: Engine, host: str = "127.0.0.1", port: int = 7860, *, block: bool = True, **kwargs: Any
+    engine: Engine,
+    host: str = "127.0.0.1",
+    port: int = 7860,
+    *,
+    block: bool = True,
+    max_upload_bytes: int = MAX_UPLOAD_BYTES,
+    **kwargs: Any,
 ):
-    """Build and launch the app; returns the Blocks (``demo.close()`` stops it). Gradio's files
+    """Build and launch the app; returns the Blocks (``demo.close()`` stops it). Uploads over
+    ``max_upload_bytes`` are refused by Gradio while they arrive, naming the limit. Gradio's files
     go to a :class:`PrivateTempDir`, removed when the app closes: when a blocking launch
     returns (Ctrl-C, or SIGTERM, which is taken as Ctrl-C while it blocks), or on
     ``demo.close()``."""
     tmp = PrivateTempDir()
     on_term: Any = False  # SIGTERM's handler before launch; False: not replaced
     try:
-        demo = build_app(engine, **kwargs)
+        demo = build_app(engine, max_upload_bytes=max_upload_bytes, **kwargs)
         if block and threading.current_thread() is threading.main_thread():
             # Gradio stops its server cleanly on KeyboardInterrupt only; a service manager's
             # SIGTERM would end the process without removing the uploads.
@@ -333,6 +369,7 @@ def launch(
             prevent_thread_lock=not block,
             inbrowser=False,
             quiet=not block,
+            max_file_size=max_upload_bytes,
         )
     except BaseException:
         tmp.remove()
