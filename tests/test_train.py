@@ -127,8 +127,9 @@ def test_bad_samples_are_counted_not_dropped_silently(tmp_path, tiny_llava_dir, 
     ds = TrainDataset(samples, proc.image_processor)
     items = [ds[i] for i in range(len(ds))]
     batch = Collator(proc.tokenizer.pad_token_id)(items)
-    assert batch["n"] == 1 and batch["bad"][0][0] == "not an image"
-    assert "id=corrupt" in batch["bad"][0][1]
+    ((idx, reason, where),) = batch["bad"]
+    assert batch["n"] == 1 and reason == "not an image" and "id=corrupt" in where
+    assert "id=corrupt" in str(samples[idx].source)
 
 
 def test_vqa_sample_prompt_matches_eval_runner(tiny_llava_dir):

@@ -121,16 +121,18 @@ def test_a_micro_batch_whose_images_all_fail_does_not_stall_the_others(tmp_path,
     data = make_bright_dark(tmp_path / "data", 8)
     for i in range(6):  # 6 of the 8: each process meets several
         (data.parent / "images" / f"{i}.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")
-    cfg = tiny_config(data, tmp_path / "out", max_steps=4, global_batch_size=2, micro_batch_size=1)
+    # Two epochs: an image one process met in epoch 1 the other may meet in epoch 2.
+    cfg = tiny_config(data, tmp_path / "out", max_steps=8, global_batch_size=2, micro_batch_size=1)
     cfg["distributed"] = {"engine": engine, "timeout_minutes": 1.0}
     path = tmp_path / "cfg.yaml"
     path.write_text(yaml.safe_dump(cfg))
     _run([*_torchrun_2(), "-m", "llavamed", "train", str(path)])
     losses = _losses(tmp_path / "out")
-    assert len(losses) == 4 and all(math.isfinite(x) for x in losses)
-    # every process's skips are in the report, not rank 0's alone
+    assert len(losses) == 8 and all(math.isfinite(x) for x in losses)
+    # every process's skips are in the report, not rank 0's alone, each image once
     report = json.loads((tmp_path / "out" / "data_report.json").read_text())
     assert report["skipped_while_training"] == {"corrupt image": 6}
+    assert report["skipped_while_training_visits"] == 12
 
 
 @pytest.mark.parametrize("engine", ["ddp", "fsdp"])

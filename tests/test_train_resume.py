@@ -174,7 +174,8 @@ def test_a_checkpoint_from_another_engine_family_is_refused_by_name(tmp_path, mo
 
 def test_skips_before_a_resume_stay_in_the_data_report(tmp_path, monkeypatch):
     """A corrupt image is met once per epoch; a run resumed mid-way reports the same skips as an
-    uninterrupted one (the batches before the checkpoint are not read again)."""
+    uninterrupted one (the batches before the checkpoint are not read again), and the image is
+    one skipped sample, not one per epoch."""
     import torch
 
     from llavamed.train import run_training
@@ -190,8 +191,9 @@ def test_skips_before_a_resume_stay_in_the_data_report(tmp_path, monkeypatch):
             run_interrupted(cfg, monkeypatch, at_step=3)
         run_training(cfg, progress=False)
         report = json.loads((tmp_path / name / "data_report.json").read_text())
-        counts[name] = report["skipped_while_training"]
-    assert counts["whole"] == {"corrupt image": 2}
+        counts[name] = (report["skipped_while_training"], report["skipped_while_training_visits"])
+    # One corrupt image, met once in each of the two epochs: one sample skipped, two visits.
+    assert counts["whole"] == ({"corrupt image": 1}, 2)
     assert counts["resumed"] == counts["whole"]
 
 

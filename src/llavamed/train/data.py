@@ -55,6 +55,10 @@ class DataReport:
     per_source: dict[str, int] = field(default_factory=dict)
     skipped: Counter = field(default_factory=Counter)
     skipped_at_load: Counter = field(default_factory=Counter)
+    """Samples whose image failed while training, per reason: each sample once, however many
+    epochs met it (``failed_at_load``: sample index -> reason; ``load_failures``: every visit)."""
+    failed_at_load: dict[int, str] = field(default_factory=dict)
+    load_failures: int = 0
     examples: list[str] = field(default_factory=list)
     truncated: Counter = field(default_factory=Counter)
     """Samples cut at ``data.max_length`` and kept, per reason (``llavamed.model.processing``)."""
@@ -71,6 +75,23 @@ class DataReport:
         elif n == MAX_PRINTED + 1 and not self.quiet:
             print("llavamed train: more samples skipped; see data_report.json", file=sys.stderr)
 
+    def add_load_failure(self, idx: int, reason: str, where: str) -> None:
+        """A sample whose image failed to load while training: counted and named once, however
+        many epochs meet it (3 epochs counted one corrupt image as 3)."""
+        self.load_failures += 1
+        if idx in self.failed_at_load:
+            return
+        self.failed_at_load[idx] = reason
+        self.add(InputError(where, reason), at_load=True)
+
+    def merge_load_failures(self, failed: dict[int, str], visits: int) -> None:
+        """Fold another process's (or a checkpoint's) failures in, each sample once."""
+        self.load_failures += visits
+        for idx, reason in failed.items():
+            if int(idx) not in self.failed_at_load:
+                self.failed_at_load[int(idx)] = reason
+                self.skipped_at_load[reason] += 1
+
     def add_truncated(self, where: str, reason: str, detail: str) -> None:
         """A sample kept after a cut at ``data.max_length``: counted, and named."""
         self.truncated[reason] += 1
@@ -84,6 +105,7 @@ class DataReport:
             "per_source": dict(self.per_source),
             "skipped": dict(self.skipped),
             "skipped_while_training": dict(self.skipped_at_load),
+            "skipped_while_training_visits": self.load_failures,
             "examples": list(self.examples),
             "truncated": dict(self.truncated),
             "truncated_examples": list(self.truncated_examples),
@@ -351,7 +373,7 @@ class Collator:
         import torch
 
         good = [it for it in items if "error" not in it]
-        bad = [it["error"] for it in items if "error" in it]
+        bad = [(it["idx"], *it["error"]) for it in items if "error" in it]
         batch: dict[str, Any] = {"bad": bad, "n": len(good)}
         if not good:
             return batch

@@ -647,14 +647,17 @@ def _merge_skips(report, info: DistInfo) -> None:
     every process calls it."""
     from llavamed.train import distributed as D
 
-    counts = D.gather_objects(dict(report.skipped_at_load), info)
+    mine = (dict(report.failed_at_load), report.load_failures)
+    gathered = D.gather_objects(mine, info)
     if info.world_size == 1:
         return
     if info.is_main:
-        for other in counts[1:]:
-            report.skipped_at_load.update(other)
+        for failed, visits in gathered[1:]:
+            report.merge_load_failures(failed, visits)
     else:
         report.skipped_at_load.clear()
+        report.failed_at_load.clear()
+        report.load_failures = 0
 
 
 def _to_device(batch: dict, device) -> dict:
@@ -880,7 +883,12 @@ def _run(
         ck.load_rng(resume, info.rank, st.get("world_size"))
         step, tokens_seen = st["step"], st.get("tokens_seen", 0)
         if info.is_main:  # the totals of every process; the others count from here on
-            report.skipped_at_load.update(st.get("skipped_while_training", {}))
+            if "skipped_while_training_samples" in st:
+                report.merge_load_failures(
+                    st["skipped_while_training_samples"], st.get("skipped_while_training_visits", 0)
+                )
+            else:  # a checkpoint from before samples were kept: counts only
+                report.skipped_at_load.update(st.get("skipped_while_training", {}))
         if info.is_main:
             _truncate_metrics(out / "metrics.jsonl", step)
             print(
@@ -971,8 +979,8 @@ def _run(
             images = D.all_reduce_sum(sum("pixel_values" in b for b in micro if b["n"]), info)
             loss_local = 0.0
             for k, b in enumerate(micro):
-                for reason, msg in b["bad"]:
-                    report.add(InputError(msg, reason), at_load=True)
+                for idx, reason, where in b["bad"]:
+                    report.add_load_failure(idx, reason, where)
                 with engine.sync_context(k == accum - 1):
                     if b["n"]:
                         with autocast:
@@ -1162,6 +1170,10 @@ def _save_resume(
                 "data": data_key,
                 # The batches before this point are not read again on resume: keep their skips.
                 "skipped_while_training": dict(report.skipped_at_load),
+                "skipped_while_training_samples": {
+                    str(i): r for i, r in sorted(report.failed_at_load.items())
+                },
+                "skipped_while_training_visits": report.load_failures,
             },
             cfg.output.keep_last,
         )
