@@ -66,3 +66,49 @@ def test_held_out_recall_matches_a_hand_count():
     assert recall_at_k(collapsed, collapsed, keys=list("abcd"))["i2t_r@1"] == 0.0
     nan = torch.full((4, 3), float("nan"))
     assert recall_at_k(nan, collapsed, keys=list("aabb"))["t2i_r@5"] == 0.0
+
+
+@pytest.mark.parametrize(
+    "override, words",
+    [
+        ("text_max_length=0", "text_max_length=0"),
+        ("text_max_length=-3", "text_max_length=-3"),
+        ("max_phrases=-1", "max_phrases=-1"),
+        ("intensity_jitter=1.5", "intensity_jitter=1.5"),
+        ("intensity_jitter=-0.1", "intensity_jitter=-0.1"),
+        ("scalar_lr_mult=-1", "scalar_lr_mult=-1"),
+        ("grad_clip=-1", "grad_clip=-1"),
+        ("time_budget_min=0", "time_budget_min=0"),
+        ("val_max=-1", "val_max"),
+        ("probe_images_per_domain=-5", "probe_images_per_domain"),
+        ("probe_domains=[chest_xray,lungs]", r"probe_domains=\['chest_xray', 'lungs'\]"),
+        ("crop_ratio=[0.8,inf]", "crop_ratio"),
+    ],
+)
+def test_nonsense_stage0_settings_are_named_before_training(override, words):
+    """Each was accepted: a negative text_max_length ended in the tokenizer's OverflowError, an
+    unknown probe domain in a KeyError after training (on every re-run), time_budget_min=0
+    saved the untrained tower as the result, intensity_jitter >= 1 flipped images' contrast,
+    and the rest trained something else than asked without a word."""
+    from llavamed.errors import ConfigError
+    from llavamed.train.vision_pretrain import make_config
+
+    with pytest.raises(ConfigError, match=words):
+        make_config({"data": "figures.jsonl"}, [override])
+
+
+def test_a_feature_layer_or_caption_length_the_models_lack_is_named_up_front(tmp_path):
+    """feature_layer=-9 on a 2-layer tower was an IndexError at the first step, after images
+    were decoded and captions embedded; a text_max_length past the text encoder's 512
+    positions died inside the embedding of the first long caption."""
+    from llavamed.errors import ConfigError
+    from llavamed.train.vision_pretrain import run_from_config
+    from test_vision_pretrain import _tiny_run, _write_pairs
+
+    data = _write_pairs(tmp_path / "data", n=10)
+    cfg = _tiny_run(data, tmp_path / "run", max_steps=1)
+    with pytest.raises(ConfigError, match=r"feature_layer=-9: the tower has 2 layers"):
+        run_from_config(cfg, ["feature_layer=-9"], progress=False)
+    with pytest.raises(ConfigError, match=r"text_max_length=600: .* at most 512 tokens"):
+        run_from_config(cfg, ["text_max_length=600"], progress=False)
+    assert not (tmp_path / "run" / "vision_tower").exists()

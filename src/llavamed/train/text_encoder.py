@@ -66,6 +66,14 @@ class TextEncoder:
         self.max_length = max_length
         self.tokenizer = AutoTokenizer.from_pretrained(self.path)
         self.model = AutoModel.from_pretrained(self.path)
+        limit = _max_positions(self.model.config)
+        if limit is not None and max_length > limit:
+            # Captions longer than the position table failed mid-embedding with "The size of
+            # tensor a (1000) must match the size of tensor b (512)".
+            raise ConfigError(
+                f"text_max_length={max_length}: the text encoder {name} reads at most "
+                f"{limit} tokens"
+            )
         self.trainable = trainable
         self.model.train(trainable)
         self.model.requires_grad_(trainable)
@@ -117,6 +125,25 @@ class TextEncoder:
                 out[idx] = self.forward([texts[i] for i in idx]).float().cpu()
         self.model.train(was_training)
         return out
+
+
+def _max_positions(config) -> int | None:
+    """Tokens the encoder's learned position table holds (RoBERTa-style models offset theirs
+    by the padding index + 1); None when it has no such limit."""
+    n = getattr(config, "max_position_embeddings", None)
+    if (
+        not isinstance(n, int)
+        or n <= 0
+        or getattr(config, "position_embedding_type", None)
+        in (
+            "relative_key",
+            "relative_key_query",
+        )
+    ):
+        return None
+    if config.model_type in ("roberta", "xlm-roberta", "camembert", "longformer"):
+        n -= int(getattr(config, "pad_token_id", 1) or 0) + 1
+    return n
 
 
 def cached_embeddings(

@@ -108,7 +108,7 @@ class VisionPretrainConfig:
     min_lr_frac: float = 0.1
     """Floor of the cosine decay, as a fraction of ``lr``."""
     grad_clip: float = 1.0
-    """Gradient-norm clip."""
+    """Gradient-norm clip (0 turns clipping off)."""
     precision: str = "auto"
     """``bf16`` (autocast; ~2.3x faster on CPUs with AVX512-BF16/AMX, far slower on AVX2-only
     ones), ``fp32``, or ``auto`` (bf16 where the hardware computes it; resolved at start)."""
@@ -172,6 +172,37 @@ class VisionPretrainConfig:
             raise ConfigError("warmup_frac must be in [0, 1) and min_lr_frac in [0, 1]")
         if self.weight_decay < 0 or self.local_sharpness <= 0 or self.num_workers < 0:
             raise ConfigError("weight_decay and num_workers must be >= 0, local_sharpness > 0")
+        if not math.isfinite(self.crop_ratio[1]):
+            raise ConfigError(f"crop_ratio={list(self.crop_ratio)}: need finite bounds")
+        if self.text_max_length < 1:
+            # 0 kept no caption token (every caption embedded alike); < 0 was an
+            # OverflowError from the tokenizer.
+            raise ConfigError(f"text_max_length={self.text_max_length}: must be >= 1")
+        if self.max_phrases < 1:
+            # 0 left the local loss nothing to learn from; -1 silently dropped each last phrase.
+            raise ConfigError(f"max_phrases={self.max_phrases}: must be >= 1")
+        if not 0 <= self.intensity_jitter < 1:
+            # At 1 or more brightness and contrast can reach 0 or flip sign.
+            raise ConfigError(f"intensity_jitter={self.intensity_jitter}: must be in [0, 1)")
+        if self.scalar_lr_mult <= 0:
+            raise ConfigError(f"scalar_lr_mult={self.scalar_lr_mult}: must be > 0")
+        if self.grad_clip < 0:
+            raise ConfigError(f"grad_clip={self.grad_clip}: must be >= 0 (0 turns clipping off)")
+        if self.time_budget_min is not None and self.time_budget_min <= 0:
+            # It stopped before the first step and saved the untrained tower as the result.
+            raise ConfigError(f"time_budget_min={self.time_budget_min}: must be > 0 (or unset)")
+        if self.val_max < 0 or self.probe_images_per_domain < 0:
+            raise ConfigError("val_max and probe_images_per_domain must be >= 0")
+        if self.probe_images_per_domain > 0:
+            from llavamed.eval.probes import LABELS
+
+            unknown = [d for d in self.probe_domains if d not in LABELS]
+            if unknown or not self.probe_domains:
+                # An unknown one was a KeyError after training, on every re-run.
+                raise ConfigError(
+                    f"probe_domains={list(self.probe_domains)}: choose from {sorted(LABELS)} "
+                    "(or probe_images_per_domain=0 for no probes)"
+                )
 
 
 @dataclass
@@ -662,6 +693,16 @@ def train_vision(cfg: VisionPretrainConfig, progress: bool = True) -> VisionPret
             return VisionPretrainResult(out, tower_dir, report, time.time() - t_start)
 
     tower = load_tower(cfg.vision, cfg.seed)
+    from llavamed.model.compose import check_feature_layer
+
+    n_layers = int(tower.model.config.num_hidden_layers)
+    try:  # here, not as an IndexError at the first step, after the captions were embedded
+        check_feature_layer(cfg.feature_layer, n_layers)
+    except ConfigError:
+        raise ConfigError(
+            f"feature_layer={cfg.feature_layer}: the tower has {n_layers} layers, so use "
+            f"-{n_layers + 1}..-1 or 1..{n_layers}"
+        ) from None
     size = cfg.image_size or tower.image_size
     if size != tower.image_size:  # position embeddings are fixed to the tower's own grid
         raise ConfigError(f"image_size={size} but the tower was built for {tower.image_size}")
