@@ -112,3 +112,29 @@ def test_a_feature_layer_or_caption_length_the_models_lack_is_named_up_front(tmp
     with pytest.raises(ConfigError, match=r"text_max_length=600: .* at most 512 tokens"):
         run_from_config(cfg, ["text_max_length=600"], progress=False)
     assert not (tmp_path / "run" / "vision_tower").exists()
+
+
+@pytest.mark.parametrize("preload", [True, False])
+def test_unreadable_images_are_counted_and_named(tmp_path, capsys, preload):
+    """With ``preload: false`` an unreadable image was replaced in its batch and never counted:
+    the report said nothing of a missing file or a file that is no image. In neither mode was
+    the file named, so a user could not find which of thousands of images to fix."""
+    from llavamed.train.vision_pretrain import REPORT_MD, run_from_config
+    from test_vision_pretrain import _streaming_cfg, _write_pairs
+
+    data = _write_pairs(tmp_path / "data", n=12)  # + images/missing.png, + a record without caption
+    junk = tmp_path / "data" / "images" / "3.png"
+    junk.write_bytes(b"not a png")
+    # Two steps of 6 from 12 listed images with a readable one moved in for each bad one:
+    # every image is met once in streaming mode.
+    cfg = _streaming_cfg(data, tmp_path / "run", val_fraction=0.0, preload=preload)
+    res = run_from_config(cfg, progress=False)
+    assert res.report["skipped"] == {"no caption": 1, "not an image": 1, "file not found": 1}
+    missing = tmp_path / "data" / "images" / "missing.png"
+    assert res.report["skipped_images"] == {
+        str(junk): "not an image",
+        str(missing): "file not found",
+    }
+    err = capsys.readouterr().err
+    assert "skipped 2 unreadable image(s)" in err and str(junk) in err and str(missing) in err
+    assert f"unreadable image {junk}: not an image" in (res.output_dir / REPORT_MD).read_text()

@@ -399,7 +399,8 @@ def preload_images(
     cache: Path | None = None,
     progress: bool = True,
 ):
-    """Decode every image once: (uint8 tensor N x 3 x S x S, kept indices, skip counts).
+    """Decode every image once: (uint8 tensor N x 3 x S x S, kept indices, skip counts, the
+    skipped files as ``{path: reason}``).
 
     Cached at ``cache`` (keyed by the pair list and size) so a resumed run skips decoding."""
     import torch
@@ -418,6 +419,7 @@ def preload_images(
                     data["images"],
                     data["kept"].tolist(),
                     dict(data.get("skipped_json") and json.loads(data["skipped_json"]) or {}),
+                    dict(data.get("bad_json") and json.loads(data["bad_json"]) or {}),
                 )
         except Exception:  # noqa: BLE001 - a torn cache is rebuilt
             pass
@@ -425,6 +427,7 @@ def preload_images(
     out = torch.empty(len(pairs), 3, size, size, dtype=torch.uint8)
     kept: list[int] = []
     skipped: dict[str, int] = {}
+    bad: dict[str, str] = {}
     for i in tqdm(
         range(len(pairs)), desc="decode images", unit="img", disable=not progress, file=sys.stderr
     ):
@@ -433,6 +436,7 @@ def preload_images(
             kept.append(i)
         except InputError as exc:
             skipped[exc.reason] = skipped.get(exc.reason, 0) + 1
+            bad[str(pairs[i].image)] = exc.reason
     images = out[: len(kept)].clone()
     if cache is not None:
         with atomic_path(cache) as tmp:
@@ -442,10 +446,18 @@ def preload_images(
                     "images": images,
                     "kept": torch.tensor(kept),
                     "skipped_json": json.dumps(skipped),
+                    "bad_json": json.dumps(bad),
                 },
                 tmp,
             )
-    return images, kept, skipped
+    return images, kept, skipped, bad
+
+
+def skipped_images_note(bad: dict[str, str], limit: int = 5) -> str:
+    """One line naming the unreadable images (the first ``limit``) and why."""
+    names = [f"{path} ({reason})" for path, reason in sorted(bad.items())[:limit]]
+    more = f", and {len(bad) - limit} more (stage0_report.json)" if len(bad) > limit else ""
+    return f"stage 0: skipped {len(bad)} unreadable image(s): {', '.join(names)}{more}"
 
 
 def augment(x, generator, crop_scale, crop_ratio, jitter: float):
@@ -710,24 +722,32 @@ def train_vision(cfg: VisionPretrainConfig, progress: bool = True) -> VisionPret
 
     text = TextEncoder(cfg.text_encoder, cfg.text_max_length, trainable=cfg.text_trainable)
     cache_dir = out / "cache"
+    # Unreadable images, path -> reason: named in the report (and on stderr), not only counted.
+    bad_images: dict[str, str] = {}
+    # preload: false meets them in the batches: train-pair index -> reason, kept in the state.
+    stream_bad: dict[int, str] = {}
     if cfg.preload:
-        train_imgs, kept, bad = preload_images(
+        train_imgs, kept, bad, bad_files = preload_images(
             train_pairs, size, tower.mean, cache_dir / f"train_{size}.pt", progress and is_main
         )
         train_pairs = [train_pairs[i] for i in kept]
-        val_imgs, vkept, vbad = (
+        val_imgs, vkept, vbad, vbad_files = (
             preload_images(
                 val_pairs, size, tower.mean, cache_dir / f"val_{size}.pt", progress and is_main
             )
             if val_pairs
-            else (None, [], {})
+            else (None, [], {}, {})
         )
+        bad_images.update(bad_files)
+        bad_images.update(vbad_files)
         val_pairs = [val_pairs[i] for i in vkept]
         for d in (bad, vbad):
             for k, v in d.items():
                 skipped[k] = skipped.get(k, 0) + v
     else:
         train_imgs = val_imgs = None
+    if bad_images and is_main:
+        print(skipped_images_note(bad_images), file=sys.stderr)
     if len(train_pairs) < cfg.batch_size:
         raise InputError(
             cfg.data,
@@ -801,6 +821,7 @@ def train_vision(cfg: VisionPretrainConfig, progress: bool = True) -> VisionPret
             module.load_state_dict(state["module"])
             opt.load_state_dict(state["optimizer"])
             step, trained_s = state["step"], state["trained_s"]
+            stream_bad.update(state.get("stream_bad", {}))
         elif is_main:
             print(
                 f"stage 0: {out} holds a run with other settings ({', '.join(changed)}); "
@@ -852,6 +873,7 @@ def train_vision(cfg: VisionPretrainConfig, progress: bool = True) -> VisionPret
                     "optimizer": opt.state_dict(),
                     "step": step,
                     "trained_s": trained_s,
+                    "stream_bad": dict(stream_bad),
                 },
                 tmp,
             )
@@ -886,7 +908,9 @@ def train_vision(cfg: VisionPretrainConfig, progress: bool = True) -> VisionPret
             stopped_early = True
             break
         if stream is not None:
-            x8, idx = next(stream)
+            x8, idx, met_bad = next(stream)
+            for i, reason in met_bad:
+                stream_bad.setdefault(int(i), reason)
         else:
             idx = _batch_indices(step, steps_per_epoch, len(train_pairs), cfg, local_b, rank)
             x8 = train_imgs[idx]
@@ -990,6 +1014,19 @@ def train_vision(cfg: VisionPretrainConfig, progress: bool = True) -> VisionPret
     save_state()
     if log is not None:
         log.close()
+    if not cfg.preload:
+        met = {str(train_pairs[i].image): r for i, r in stream_bad.items()}
+        if world > 1:  # each process decoded other batches
+            import torch.distributed as dist
+
+            parts: list = [None] * world
+            dist.all_gather_object(parts, met)
+            met = {k: v for part in parts for k, v in part.items()}
+        for reason in met.values():
+            skipped[reason] = skipped.get(reason, 0) + 1
+        bad_images.update(met)
+        if met and is_main:
+            print(skipped_images_note(met), file=sys.stderr)
 
     report: dict = {
         "config": config_dict(cfg),
@@ -1000,6 +1037,7 @@ def train_vision(cfg: VisionPretrainConfig, progress: bool = True) -> VisionPret
         "train_minutes": round(trained_s / 60, 3),
         "pairs": {"train": len(train_pairs), "val": len(val_pairs)},
         "skipped": skipped,
+        "skipped_images": dict(sorted(bad_images.items())),
         "world_size": world,
     }
     if is_main:
@@ -1009,10 +1047,13 @@ def train_vision(cfg: VisionPretrainConfig, progress: bool = True) -> VisionPret
         _save_tower(module.tower, tower, size, tower_dir)
         if val_pairs:
             if val_imgs is None:  # preload: false decodes per step; decode the held-out set now
-                val_imgs, vkept, _ = preload_images(
+                val_imgs, vkept, vbad, vbad_files = preload_images(
                     val_pairs, size, tower.mean, cache_dir / f"val_{size}.pt", False
                 )
                 val_pairs = [val_pairs[i] for i in vkept]
+                for k, v in vbad.items():
+                    skipped[k] = skipped.get(k, 0) + v
+                bad_images.update(vbad_files)
             if val_pairs:
                 report["retrieval"] = _retrieval(
                     module, tower, val_pairs, val_imgs, size, text, cfg, cache_dir
@@ -1079,7 +1120,8 @@ class _StepBatches:
     """Map-style dataset over steps: item ``s`` is step s's decoded batch (``preload: false``).
 
     An unreadable image is replaced by the next readable one in the dataset, so every process
-    keeps the same local batch size (the all-gather needs equal shapes)."""
+    keeps the same local batch size (the all-gather needs equal shapes); the batch says which
+    it replaced, and why, for the report."""
 
     def __init__(self, pairs, size, mean, cfg, local_b, rank, first, total, steps_per_epoch):
         self.ds = PairImages(pairs, size, mean)
@@ -1095,7 +1137,7 @@ class _StepBatches:
         idx = _batch_indices(
             self.first + j, self.spe, len(self.ds), self.cfg, self.local_b, self.rank
         )
-        imgs, keep = [], []
+        imgs, keep, bad = [], [], []
         for i in idx.tolist():
             for k in range(len(self.ds)):
                 ii = (i + k) % len(self.ds)
@@ -1103,11 +1145,12 @@ class _StepBatches:
                     imgs.append(self.ds[ii])
                     keep.append(ii)
                     break
-                except InputError:
+                except InputError as exc:
+                    bad.append((ii, exc.reason))
                     continue
         if not imgs:
             raise InputError(self.cfg.data, "no readable images")
-        return torch.stack(imgs), torch.tensor(keep)
+        return torch.stack(imgs), torch.tensor(keep), bad
 
 
 def _stream_loader(pairs, size, mean, cfg, local_b, rank, first, total, steps_per_epoch):
@@ -1179,6 +1222,10 @@ def render_report_md(report: dict) -> str:
     )
     if report.get("skipped"):
         lines.append(f"skipped: {report['skipped']}")
+    for path, reason in list((report.get("skipped_images") or {}).items())[:20]:
+        lines.append(f"- unreadable image {path}: {reason}")
+    if len(report.get("skipped_images") or {}) > 20:
+        lines.append("- ... (all of them in stage0_report.json)")
     r = report.get("retrieval")
     if r:
         lines += [
