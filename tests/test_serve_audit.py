@@ -203,3 +203,45 @@ def test_web_refuses_an_upload_limit_no_file_could_meet(tmp_path, capsys, value)
 
     assert main(["web", "--model", str(tmp_path / "absent"), "--max-upload-mb", value]) == 1
     assert "--max-upload-mb must be a finite size" in capsys.readouterr().err
+
+
+def test_a_prompt_far_over_the_context_is_refused_without_tokenizing(engine):
+    """Tokenizing is serialised (one tokenizer, one lock): a 30 MB prompt, under the 32 MB body
+    limit, took 45 s to be refused, and every other request waited for it. The number of
+    characters already proves it too long (no token stands for more than max_token_chars)."""
+    from llavamed.errors import InputError
+    from llavamed.serve.chat import ChatSession
+
+    prepared = []
+    prepare = engine.prepare
+
+    def recording_prepare(messages, images=()):
+        prepared.append(len(messages))
+        return prepare(messages, images)
+
+    engine.prepare = recording_prepare
+    srv = serve_in_background(engine, max_prompt_tokens=300)
+    try:
+        longest = max(len(t) for t in engine.tokenizer.get_vocab())  # 81 characters
+        text = "word " * (longest * 300)  # over 300 tokens on characters alone
+        r = post(srv, {"model": "tiny-llava", "messages": [{"role": "user", "content": text}]})
+        assert r.status_code == 400, r.text
+        err = r.json()["error"]
+        assert err["code"] == "context_length_exceeded"
+        assert "prompt is at least" in err["message"] and "the limit is 300" in err["message"]
+        assert prepared == []
+        # Just over the limit, but not provably so from its length: tokenized, exact count.
+        r = post(
+            srv, {"model": "tiny-llava", "messages": [{"role": "user", "content": "word " * 400}]}
+        )
+        assert r.status_code == 400 and "prompt is 41" in r.json()["error"]["message"]
+        assert prepared == [1]
+        # The chat and the web page (ChatSession) refuse a pasted book the same way.
+        session = ChatSession(engine)
+        huge = "word " * (longest * engine.max_context)
+        with pytest.raises(InputError, match="too long for the model's context"):
+            list(session.ask(huge))
+        assert prepared == [1] and session.messages == []
+    finally:
+        engine.prepare = prepare
+        srv.stop()

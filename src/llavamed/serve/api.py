@@ -230,6 +230,16 @@ def create_app(engine: Engine, settings: ServerSettings | None = None):
                 param="messages",
                 code="images_not_supported",
             )
+        at_least = engine.min_prompt_tokens(hf_messages)
+        if at_least > max_prompt:
+            # Without tokenizing it: that is serialised, so a 30 MB prompt held every other
+            # request for 45 s before this same answer.
+            raise P.ProtocolError(
+                400,
+                f"prompt is at least {at_least} tokens; the limit is {max_prompt}",
+                param="messages",
+                code="context_length_exceeded",
+            )
         if len(refs) > settings.max_images:
             raise P.ProtocolError(
                 400,

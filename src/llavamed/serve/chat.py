@@ -74,15 +74,19 @@ class ChatSession:
             if self.system
             else []
         )
-        prompt = self.engine.prepare(head + self.messages + [user], images)
+        too_long = InputError(
+            "conversation",
+            "too long for the model's context",
+            "start a new conversation (/reset in chat, 'New conversation' on the web)",
+        )
+        conversation = head + self.messages + [user]
+        if self.engine.min_prompt_tokens(conversation) >= self.engine.max_context:
+            raise too_long  # known without tokenizing, which other web sessions would wait for
+        prompt = self.engine.prepare(conversation, images)
         params = params or self.params
         room = self.engine.max_context - len(prompt.input_ids)
         if room < 1:
-            raise InputError(
-                "conversation",
-                "too long for the model's context",
-                "start a new conversation (/reset in chat, 'New conversation' on the web)",
-            )
+            raise too_long
         if params.max_tokens > room:
             params = SamplingParams(
                 room, params.temperature, params.top_p, params.seed, params.stop

@@ -330,6 +330,7 @@ class Engine:
         if self.image_token_id is not None:
             self.banned_ids.append(self.image_token_id)
         self._special_re = _special_token_pattern(tokenizer, processor)
+        self.max_token_chars = _max_token_chars(tokenizer)
         self._prep_lock = (
             threading.Lock()
         )  # HF fast tokenizers are not safe to share across threads
@@ -497,6 +498,18 @@ class Engine:
                 raise
             except Exception as exc:  # jinja TemplateError, processor ValueError, ...
                 raise InputError("messages", "prompt rejected", str(exc)[:300]) from exc
+
+    def min_prompt_tokens(self, messages: Sequence[dict]) -> int:
+        """A lower bound on the tokens of ``messages``' prompt, without tokenizing: no token
+        stands for more than ``max_token_chars`` characters. Tokenizing is serialised (one
+        tokenizer, one lock), and a 30 MB prompt took 45 s, during which no other request could
+        be prepared; callers refuse such a prompt on this bound at once."""
+        if not self.max_token_chars:
+            return 0
+        chars = sum(
+            len(t) for m in messages if isinstance(m, dict) for t in _texts(m.get("content"))
+        )
+        return chars // self.max_token_chars
 
     def count_tokens(self, text: str) -> int:
         with self._prep_lock:
@@ -1130,6 +1143,18 @@ def invalid_unicode(text: str) -> str | None:
     if 0xDC80 <= code <= 0xDCFF:
         return f"byte 0x{code - 0xDC00:02X} at character {m.start()} is not UTF-8"
     return f"lone surrogate U+{code:04X} at character {m.start()}"
+
+
+def _max_token_chars(tokenizer) -> int:
+    """The longest vocabulary entry, in characters: byte-level vocabularies spell one byte per
+    character and sentencepiece ones one character per character, so no token decodes to more
+    characters than this (as long as the normalizer deletes none, as chat LMs' do not). 0 when
+    the vocabulary cannot be read (no bound)."""
+    try:
+        vocab = tokenizer.get_vocab()
+        return max((len(t) for t in vocab), default=0)
+    except Exception:  # noqa: BLE001 - a tokenizer without get_vocab: no bound, no failure
+        return 0
 
 
 def _texts(content) -> list[str]:
