@@ -138,3 +138,43 @@ def test_unreadable_images_are_counted_and_named(tmp_path, capsys, preload):
     err = capsys.readouterr().err
     assert "skipped 2 unreadable image(s)" in err and str(junk) in err and str(missing) in err
     assert f"unreadable image {junk}: not an image" in (res.output_dir / REPORT_MD).read_text()
+
+
+def test_the_caption_cache_follows_the_encoders_files(tmp_path):
+    """The cache key hashed the weights' sizes and whole-second times only. A folder whose
+    tokenizer changed (here: no lower-casing), or whose weights were replaced by others of the
+    same shape with their timestamps kept (tar, rsync -a, cp -p), served the old vectors."""
+    import json
+    import os
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from llavamed.train.text_encoder import (
+        TextEncoder,
+        cached_embeddings,
+        embedded_text_encoder_dir,
+    )
+
+    enc_dir = shutil.copytree(embedded_text_encoder_dir(), tmp_path / "enc")
+    cache = tmp_path / "cache.pt"
+    texts = ["Left PLEURAL Effusion", "a nodule"]
+    old = cached_embeddings(TextEncoder(str(enc_dir)), texts, cache, progress=False)
+
+    tok = json.loads((enc_dir / "tokenizer_config.json").read_text())
+    tok["do_lower_case"] = False
+    (enc_dir / "tokenizer_config.json").write_text(json.dumps(tok))
+    cased = TextEncoder(str(enc_dir))
+    got = cached_embeddings(cased, texts, cache, progress=False)
+    assert torch.equal(got, cased.encode(texts)) and not torch.equal(got[0], old[0])
+
+    weights = enc_dir / "model.safetensors"
+    st = weights.stat()
+    sd = load_file(weights)
+    sd = {k: v * 1.5 if v.is_floating_point() else v for k, v in sd.items()}
+    save_file(sd, weights, metadata={"format": "pt"})
+    assert weights.stat().st_size == st.st_size
+    os.utime(weights, ns=(st.st_atime_ns, st.st_mtime_ns))  # the copy kept its timestamps
+    other = TextEncoder(str(enc_dir))
+    got = cached_embeddings(other, texts, cache, progress=False)
+    assert torch.equal(got, other.encode(texts)) and not torch.equal(got[1], old[1])

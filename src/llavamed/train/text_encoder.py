@@ -78,17 +78,26 @@ class TextEncoder:
         self.model.train(trainable)
         self.model.requires_grad_(trainable)
         self.dim = int(self.model.config.hidden_size)
+        self._fingerprint: str | None = None
 
     @property
     def fingerprint(self) -> str:
-        """Changes whenever the weights or the tokenisation could change the embeddings."""
-        h = hashlib.sha256()
-        h.update(str(self.path.resolve()).encode())
-        for f in sorted(self.path.glob("*.safetensors")) + sorted(self.path.glob("*.bin")):
-            st = f.stat()
-            h.update(f"{f.name}:{st.st_size}:{int(st.st_mtime)}".encode())
-        h.update(f"max_length={self.max_length}".encode())
-        return h.hexdigest()[:16]
+        """A hash of every file of the encoder's folder (weights, config, tokenizer), so the
+        cache follows what computes the embeddings, and of ``max_length``. It hashed the
+        weights' sizes and whole-second times only: a new tokenizer, a changed config, or other
+        weights of the same shape copied in with their timestamps (tar, rsync -a, cp -p) kept
+        serving the old encoder's vectors. Computed once per instance."""
+        if self._fingerprint is None:
+            h = hashlib.sha256()
+            for f in sorted(self.path.iterdir()):
+                if f.is_file() and not f.name.startswith(".") and f.suffix != ".md":
+                    h.update(f"{f.name}:{f.stat().st_size}:".encode())
+                    with open(f, "rb") as fh:
+                        for block in iter(lambda: fh.read(1 << 20), b""):
+                            h.update(block)
+            h.update(f"max_length={self.max_length}".encode())
+            self._fingerprint = h.hexdigest()[:16]
+        return self._fingerprint
 
     def forward(self, texts: Sequence[str]):
         """Embeddings with autograd (for a trainable text tower)."""
