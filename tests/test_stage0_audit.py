@@ -178,3 +178,30 @@ def test_the_caption_cache_follows_the_encoders_files(tmp_path):
     other = TextEncoder(str(enc_dir))
     got = cached_embeddings(other, texts, cache, progress=False)
     assert torch.equal(got, other.encode(texts)) and not torch.equal(got[1], old[1])
+
+
+def test_a_trainable_text_tower_scores_held_out_captions_with_its_own_vectors(tmp_path):
+    """``text_trainable: true`` "disables the cache", but held-out retrieval still read
+    ``cache/text_val.pt``, keyed by the encoder's files: vectors that a frozen-text run in the
+    same folder left there (here made unmistakable: NaN) scored the tuned tower."""
+    from llavamed.train.text_encoder import TextEncoder
+    from llavamed.train.vision_pretrain import load_pairs, run_from_config, split_pairs
+    from test_vision_pretrain import _tiny_run, _write_pairs
+
+    data = _write_pairs(tmp_path / "data")
+    out = tmp_path / "run"
+    cfg = _tiny_run(data, out, max_steps=2, text_trainable=True)
+    _, val = split_pairs(load_pairs(data)[0], 0.2, 1000)
+    caps = [p.caption for p in val if p.image.exists()]
+    enc = TextEncoder()
+    (out / "cache").mkdir(parents=True)
+    torch.save(
+        {
+            "fingerprint": enc.fingerprint,
+            "texts": caps,
+            "vectors": torch.full((len(caps), enc.dim), float("nan")),
+        },
+        out / "cache" / "text_val.pt",
+    )
+    r = run_from_config(cfg, progress=False).report["retrieval"]
+    assert r["n"] == len(caps) and r["i2t_r@5"] > 0 and r["t2i_r@5"] > 0

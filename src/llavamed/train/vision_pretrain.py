@@ -1183,7 +1183,12 @@ def _retrieval(module, tower: Tower, val_pairs, val_imgs, size, text, cfg, cache
     from llavamed.train.text_encoder import cached_embeddings
 
     caps = [p.caption for p in val_pairs]
-    t = cached_embeddings(text, caps, cache_dir / "text_val.pt", progress=False)
+    if cfg.text_trainable:
+        # The tuned text tower: its vectors are not the files' (the cache's key), and a cache
+        # left by an earlier run with a frozen tower scored the held-out set with those.
+        t = text.encode(caps)
+    else:
+        t = cached_embeddings(text, caps, cache_dir / "text_val.pt", progress=False)
     embs = []
     with torch.inference_mode():
         for s in range(0, len(val_pairs), 128):
