@@ -238,3 +238,31 @@ def test_dicom_without_pixels(tmp_path):
 
     with pytest.raises(InputError, match="DICOM without pixel data"):
         load_image(get_testdata_file("rtplan.dcm"))
+
+
+def test_dicom_without_its_preamble_is_read_and_zero_bytes_are_refused_at_once(monkeypatch):
+    """Files without the 128-byte preamble are DICOM still; but trying every unidentified file
+    as one (pydicom force=True) walked 12 MB of zeros as empty elements for 5 s of CPU."""
+    import pydicom
+    from pydicom.data import get_testdata_file
+
+    ds = pydicom.dcmread(get_testdata_file("CT_small.dcm"))
+    ds.preamble = None
+    buf = io.BytesIO()
+    ds.save_as(buf, enforce_file_format=False)
+    assert buf.getvalue()[128:132] != b"DICM"
+    assert load_image(buf.getvalue(), name="bare.dcm").size == (128, 128)
+    reads = []
+    real = pydicom.dcmread
+    monkeypatch.setattr(pydicom, "dcmread", lambda *a, **k: reads.append(1) or real(*a, **k))
+    with pytest.raises(InputError, match=r"zeros\.bin: not an image"):
+        load_image(b"\0" * (1 << 20), name="zeros.bin")
+    assert reads == []  # never handed to the DICOM parser
+    assert load_image(buf.getvalue(), name="bare.dcm").size == (128, 128) and reads == [1]
+
+
+def test_an_image_over_pils_own_limit_names_the_limit_that_applies():
+    """PIL refuses > 179 MP at open, and the message named its limit, not max_pixels."""
+    data = _encode(Image.new("1", (15000, 15000)), "PNG")  # 225 MP, a few KB
+    with pytest.raises(InputError, match=r"image too large \(> 40000 pixels"):
+        load_image(data, name="huge.png", max_pixels=40_000)

@@ -90,7 +90,8 @@ def _load_raster(data: bytes, label: str, max_pixels: int) -> Image.Image:
     except InputError:
         raise
     except Image.DecompressionBombError as exc:  # above PIL's own hard limit (179 MP)
-        raise InputError(label, "image too large", str(exc)) from exc
+        # PIL refuses it at open, naming its own limit; the one that applies here is ours.
+        raise InputError(label, "image too large", f"> {max_pixels} pixels ({exc})") from exc
     except UnidentifiedImageError as exc:
         # pydicom files without the 128-byte preamble still parse as DICOM.
         dicom = _try_dicom_without_preamble(data, label, max_pixels)
@@ -146,7 +147,16 @@ def _array_to_rgb(arr: np.ndarray, lo: float | None = None, hi: float | None = N
     return Image.fromarray(grey, mode="L").convert("RGB")
 
 
+# The first data element of a DICOM stream without its preamble: group 0x0002 (file meta) or
+# 0x0008 (identification; also old ACR-NEMA files), little or big endian.
+_DICOM_FIRST_GROUPS = (b"\x02\x00", b"\x08\x00", b"\x00\x02", b"\x00\x08")
+
+
 def _try_dicom_without_preamble(data: bytes, label: str, max_pixels: int) -> Image.Image | None:
+    if data[:2] not in _DICOM_FIRST_GROUPS:
+        # pydicom's force=True reads anything: 12 MB of zeros took 5 s of CPU as empty elements
+        # before it was refused, a stall for a server or web page handed a zero-filled upload.
+        return None
     try:
         import pydicom
 
