@@ -569,6 +569,8 @@ def test_serve_command_end_to_end(tiny_lm_dir):
             _, err = proc.communicate()
     assert KEY not in "".join(lines) + err
     assert proc.returncode in (0, 130)
+    # Ctrl-C is how a server is stopped: there is nothing to resume.
+    assert "resume" not in err and (proc.returncode == 0 or "llavamed: stopped" in err), err
 
 
 def test_remote_images_only_with_the_flag(tiny_llava_dir, tmp_path):

@@ -112,7 +112,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"llavamed: error: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
-        print("llavamed: interrupted; re-run the same command to resume", file=sys.stderr)
+        how = getattr(args, "on_interrupt", "interrupted; re-run the same command to resume")
+        print(f"llavamed: {how}", file=sys.stderr)
         return 130
     except (FileExistsError, IsADirectoryError, NotADirectoryError, PermissionError) as exc:
         # A path of the wrong kind (an --out that is a file, a folder given for a file): the

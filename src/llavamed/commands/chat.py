@@ -47,7 +47,8 @@ def register(subparsers) -> None:
     p.add_argument("--prompt", metavar="TEXT", help="ask once, print the answer and exit")
     p.add_argument("--system", metavar="TEXT", help="system prompt")
     add_sampling_args(p)
-    p.set_defaults(func=run)
+    # Ctrl-C is how one stops it: nothing to resume.
+    p.set_defaults(func=run, on_interrupt="stopped")
 
 
 def run(args) -> int:

@@ -125,7 +125,8 @@ def register(subparsers) -> None:
         choices=["debug", "info", "warning", "error"],
         help="uvicorn log level (default info)",
     )
-    p.set_defaults(func=run)
+    # Ctrl-C is how one stops it: nothing to resume.
+    p.set_defaults(func=run, on_interrupt="stopped")
 
 
 def resolve_api_key(args) -> str | None:

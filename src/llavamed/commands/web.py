@@ -31,7 +31,8 @@ def register(subparsers) -> None:
         "naming this limit (default %(default)s)",
     )
     add_sampling_args(p)
-    p.set_defaults(func=run)
+    # Ctrl-C is how one stops it: nothing to resume.
+    p.set_defaults(func=run, on_interrupt="stopped")
 
 
 def run(args) -> int:
