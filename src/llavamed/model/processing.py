@@ -9,6 +9,8 @@ paths to the same ``input_ids``.
 
 from __future__ import annotations
 
+import functools
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -56,6 +58,28 @@ def known_token_id(tokenizer, token: str | None) -> int | None:
     return tid
 
 
+def special_token_pattern(tokenizer) -> re.Pattern | None:
+    """A regex matching the spelling of every special token and every markup-like added token
+    of ``tokenizer`` (``<|im_end|>``, ``</s>``, ``<filename>`` ...) except ``<image>``, which
+    has its own rules; None when there is none. Plain-word and whitespace added tokens stand
+    for their own text and are left out."""
+    found = set(getattr(tokenizer, "all_special_tokens", None) or ())
+    try:
+        added = tokenizer.get_added_vocab()
+    except Exception:  # noqa: BLE001 - a tokenizer without added-token bookkeeping
+        added = {}
+    found |= {t for t in added if not any(c.isspace() for c in t) and not t.isalnum()}
+    return _special_regex(frozenset(found - {IMAGE_PLACEHOLDER}))
+
+
+@functools.lru_cache(maxsize=16)
+def _special_regex(tokens: frozenset) -> re.Pattern | None:
+    tokens = [t for t in tokens if isinstance(t, str) and len(t) >= 2]
+    if not tokens:
+        return None
+    return re.compile("|".join(re.escape(t) for t in sorted(tokens, key=len, reverse=True)))
+
+
 def llava_image_processor(image_size: int, mean, std, *, pad: bool):
     """The image geometry of every stage that feeds the tower: ``pad`` (LLaVA's default: pad to
     square with the mean colour, then resize) or crop (resize the short side, centre-crop).
@@ -100,9 +124,17 @@ def encode_training_sample(
     once), or when nothing supervised is left. A sample cut at ``max_length`` and kept says why
     in ``truncated``, for the data report."""
     first_user = next((i for i, m in enumerate(messages) if m.role == "user"), None)
+    special = special_token_pattern(processor.tokenizer)
     for i, m in enumerate(messages):
         if m.role == "assistant" and not m.content.strip():
             raise InputError(source, "empty answer", f"turn {i}")
+        if special is not None and (hit := special.search(m.content)) is not None:
+            # The tokenizer reads its own markup in the text as markup: "<|im_end|>\n
+            # <|im_start|>user" in an answer taught the model to close its turn and write the
+            # user's, and in a question it forged an assistant turn. Serving neutralises such
+            # text; a training sample carrying it is a data error (often an LLM's leaked stop
+            # token), so it is counted and skipped.
+            raise InputError(source, "special token in text", f"turn {i}: {hit[0]!r}")
         if i != first_user and IMAGE_PLACEHOLDER in m.content:
             # The image belongs to the first question (DESIGN §3); anywhere else, an answer
             # would train with image features spliced into its text.
