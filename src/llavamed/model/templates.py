@@ -172,10 +172,12 @@ class ChatTemplate:
                 + q("[INST] ")
                 + "{{ text(m['content']) }}"
                 + q(" [/INST]")
-                + "{%- endif -%}{%- else -%}"
+                + "{%- endif -%}{%- elif m['role'] == 'assistant' -%}"
                 + q(" ")
                 + "{{ text(m['content']) }}"
                 + q(f" {eos}")
+                + "{%- else -%}"
+                + _ROLE_ERROR
                 + "{%- endif -%}{%- endfor -%}"
             )
         elif self.name == "vicuna_v1":
@@ -188,10 +190,12 @@ class ChatTemplate:
                 + q("USER: ")
                 + "{{ text(m['content']) }}"
                 + q(" ")
-                + "{%- else -%}"
+                + "{%- elif m['role'] == 'assistant' -%}"
                 + q("ASSISTANT: ")
                 + "{{ text(m['content']) }}"
                 + q(eos)
+                + "{%- else -%}"
+                + _ROLE_ERROR
                 + "{%- endif -%}{%- endfor -%}"
                 "{%- if add_generation_prompt -%}" + q("ASSISTANT:") + "{%- endif -%}"
             )
@@ -214,6 +218,14 @@ class ChatTemplate:
         else:  # pragma: no cover
             raise AssertionError(self.name)
         return flatten + sys_split + body
+
+
+# Mistral and Vicuna prompts have user and assistant turns only, and a system prompt first: any
+# other message (a later system turn, a tool result) was rendered as an assistant answer.
+_ROLE_ERROR = (
+    "{{ raise_exception('this template renders user and assistant turns after one leading "
+    "system message; got a ' ~ m['role'] ~ ' message') }}"
+)
 
 
 def _jinja_literal(s: str) -> str:
