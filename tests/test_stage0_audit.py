@@ -205,3 +205,25 @@ def test_a_trainable_text_tower_scores_held_out_captions_with_its_own_vectors(tm
     )
     r = run_from_config(cfg, progress=False).report["retrieval"]
     assert r["n"] == len(caps) and r["i2t_r@5"] > 0 and r["t2i_r@5"] > 0
+
+
+def test_a_streamed_run_with_a_trainable_text_tower_resumes_exactly(tmp_path, monkeypatch):
+    """With ``preload: false`` the DataLoader drew its base seed from torch's global RNG when
+    the loop started, which a resume does only after restoring that RNG: the text tower's
+    dropout masks after the resume were one draw off, and so was the tower."""
+    from llavamed.train.vision_pretrain import run_from_config
+    from test_vision_pretrain import _killed_at_step, _same_tower, _tiny_run, _write_pairs
+
+    data = _write_pairs(tmp_path / "data", n=16)
+    cfg = _tiny_run(
+        data,
+        tmp_path / "run",
+        max_steps=4,
+        save_every=2,
+        text_trainable=True,
+        text_max_length=16,
+        preload=False,
+    )
+    ref = run_from_config({**cfg, "output_dir": str(tmp_path / "ref")}, progress=False)
+    _killed_at_step(4, cfg, monkeypatch)
+    assert _same_tower(run_from_config(cfg, progress=False), ref)

@@ -1154,6 +1154,7 @@ class _StepBatches:
 
 
 def _stream_loader(pairs, size, mean, cfg, local_b, rank, first, total, steps_per_epoch):
+    import torch
     from torch.utils.data import DataLoader
 
     ds = _StepBatches(pairs, size, mean, cfg, local_b, rank, first, total, steps_per_epoch)
@@ -1164,6 +1165,11 @@ def _stream_loader(pairs, size, mean, cfg, local_b, rank, first, total, steps_pe
         num_workers=cfg.num_workers,
         prefetch_factor=4 if cfg.num_workers > 0 else None,
         persistent_workers=False,
+        # Its own generator: without one the loader draws its workers' base seed from torch's
+        # global RNG, after a resume had restored it, so a trainable text tower's dropout masks
+        # after a resume were one draw off the uninterrupted run's (batches are a fixed
+        # function of the step and need no randomness here).
+        generator=torch.Generator().manual_seed(cfg.seed),
     )
 
 
