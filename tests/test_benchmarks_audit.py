@@ -66,3 +66,31 @@ def test_frozen_layers_refuses_an_impossible_frozen_count_up_front(tmp_path):
         assert proc.returncode == 2, proc.stderr[-2000:]
         assert "error: --frozen" in proc.stderr and "Traceback" not in proc.stderr
         assert not any(tmp_path.iterdir())  # nothing built
+
+
+def _table(out: str, header: str) -> list[list[str]]:
+    """The rows (cells split on 2+ spaces) of the print_table table whose header holds ``header``."""
+    import re
+
+    lines = out.splitlines()
+    start = next(i for i, line in enumerate(lines) if header in line)
+    rows = []
+    for line in lines[start + 2 :]:
+        if not line.strip():
+            break
+        rows.append(re.split(r"\s{2,}", line.strip()))
+    return rows
+
+
+def test_synth_speed_compares_workers_with_one_process_in_the_same_run():
+    """It printed one timing per worker count, no baseline and no ratio, from a single run."""
+    out = _run(
+        "synth_speed.py", "--articles", "3", "--size", "64", "--workers", "2", "--repeats", "2",
+        "--render-images", "2",
+    )  # fmt: skip
+    assert "medians of 2 repeat(s)" in out
+    rows = _table(out, "speed-up vs 1 worker (wall)")
+    assert [r[0] for r in rows] == ["1", "2"]
+    assert rows[0][-1] == "1.00x (baseline)"
+    wall1, wall2 = float(rows[0][2]), float(rows[1][2])
+    assert abs(float(rows[1][-1].rstrip("x")) / (wall1 / wall2) - 1) < 0.1  # walls are rounded
