@@ -227,3 +227,27 @@ def test_a_streamed_run_with_a_trainable_text_tower_resumes_exactly(tmp_path, mo
     ref = run_from_config({**cfg, "output_dir": str(tmp_path / "ref")}, progress=False)
     _killed_at_step(4, cfg, monkeypatch)
     assert _same_tower(run_from_config(cfg, progress=False), ref)
+
+
+def test_an_image_fixed_after_a_run_is_read_again(tmp_path):
+    """The decoded-image cache was keyed by pair ids and paths only: after the report named an
+    unreadable image and the user replaced it, the next run in the folder (here: more steps)
+    still took it from the cache as unreadable (and a replaced image kept its old pixels)."""
+    import shutil
+
+    from llavamed.train.vision_pretrain import run_from_config
+    from test_vision_pretrain import _tiny_run, _write_pairs
+
+    data = _write_pairs(tmp_path / "data", n=16)
+    images = tmp_path / "data" / "images"
+    good = images / "3.png"
+    shutil.copy(good, tmp_path / "3.png")
+    good.write_bytes(b"not a png")
+    cfg = _tiny_run(data, tmp_path / "run", max_steps=1)
+    first = run_from_config(cfg, progress=False).report
+    assert first["skipped_images"].get(str(good)) == "not an image"
+    shutil.copy(tmp_path / "3.png", good)
+    again = run_from_config(cfg, ["max_steps=2"], progress=False).report
+    assert str(good) not in again["skipped_images"]
+    assert "not an image" not in again["skipped"]
+    assert sum(again["pairs"].values()) == sum(first["pairs"].values()) + 1

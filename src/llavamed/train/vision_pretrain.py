@@ -392,6 +392,14 @@ class PairImages:
         return square_tensor(load_image(self.pairs[i].image), self.size, self.mean)
 
 
+def _file_stamp(path: Path) -> str:
+    try:
+        st = path.stat()
+    except OSError:
+        return "-"
+    return f"{st.st_size}:{st.st_mtime_ns}"
+
+
 def preload_images(
     pairs: list[Pair],
     size: int,
@@ -408,8 +416,14 @@ def preload_images(
 
     from llavamed.utils.io import atomic_path
 
+    # Each file's size and modification time are in the key: a fixed (or replaced) image
+    # behind the same name was served from the cache as before, still skipped or still the old
+    # pixels, even though the run said which file to fix.
     key = hashlib.sha1(
-        ("\n".join(f"{p.id}\t{p.image}" for p in pairs) + f"|{size}|{mean}").encode()
+        (
+            "\n".join(f"{p.id}\t{p.image}\t{_file_stamp(p.image)}" for p in pairs)
+            + f"|{size}|{mean}"
+        ).encode()
     ).hexdigest()[:16]
     if cache is not None and cache.exists():
         try:
