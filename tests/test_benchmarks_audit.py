@@ -3,10 +3,13 @@ print both paths and their ratio."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -74,11 +77,13 @@ def _table(out: str, header: str) -> list[list[str]]:
 
     lines = out.splitlines()
     start = next(i for i, line in enumerate(lines) if header in line)
+    width = len(re.split(r"\s{2,}", lines[start].strip()))
     rows = []
     for line in lines[start + 2 :]:
-        if not line.strip():
+        cells = re.split(r"\s{2,}", line.strip())
+        if len(cells) != width:
             break
-        rows.append(re.split(r"\s{2,}", line.strip()))
+        rows.append(cells)
     return rows
 
 
@@ -94,3 +99,47 @@ def test_synth_speed_compares_workers_with_one_process_in_the_same_run():
     assert rows[0][-1] == "1.00x (baseline)"
     wall1, wall2 = float(rows[0][2]), float(rows[1][2])
     assert abs(float(rows[1][-1].rstrip("x")) / (wall1 / wall2) - 1) < 0.1  # walls are rounded
+
+
+def test_serve_throughput_table_and_headline_are_the_same_medians(tmp_path):
+    """With an even --repeats the table printed the upper-middle round (the better one of 2) while
+    the headline gave the true median; and the sequential baseline's 10 ms batching wait per
+    request was not visible in the table. Now every cell is a median over the rounds, the
+    speed-up column is the headline, and a no-wait sequential row stands beside it."""
+    import statistics
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from serve_throughput import summarise
+
+    runs = [
+        {"concurrency": 1, "requests": 4, "errors": 0, "seconds": s, "completions_per_s": c,
+         "tokens_per_s": 10 * c, "completion_tokens": 16, "p50_s": 0.1, "p95_s": 0.2}
+        for s, c in ((2.0, 2.0), (1.0, 4.0))
+    ]  # fmt: skip
+    assert summarise(runs)["completions_per_s"] == 3.0
+
+    js = tmp_path / "serve.json"
+    out = _run(
+        "serve_throughput.py", "--requests", "4", "--concurrency", "2", "--max-tokens", "4",
+        "--repeats", "2", "--json", str(js),
+    )  # fmt: skip
+    res = json.loads(js.read_text())
+    by_round = res["completions_per_s_by_round"]
+    rows = {r[0]: r for r in _table(out, "speed-up vs sequential")}
+    assert set(rows) == {
+        "sequential (pays 10 ms batching wait)",
+        "sequential, no batching wait",
+        "concurrency 2",
+    }
+    for label, key in (
+        ("sequential (pays 10 ms batching wait)", "sequential"),
+        ("sequential, no batching wait", "sequential_no_wait"),
+        ("concurrency 2", "concurrent"),
+    ):
+        assert float(rows[label][1]) == pytest.approx(statistics.median(by_round[key]), abs=0.006)
+    speedup = statistics.median(res["speedups"])
+    assert res["speedup"] == pytest.approx(speedup, abs=0.006)
+    assert rows["concurrency 2"][6] == f"{speedup:.2f}x"
+    assert rows["concurrency 2"][7] == f"{res['speedup_vs_no_wait']:.2f}x"
+    assert f"speedup: {speedup:.2f}x, median of 2 rounds" in out
+    assert "without it" in out
