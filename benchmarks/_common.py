@@ -36,6 +36,13 @@ def matmul_peak_flops(dtype, n: int = 2048, repeats: int = 7) -> float:
     return 2 * n**3 / best
 
 
+def of_peak(flops_per_s: float, peak: float | None) -> str:
+    """``flops_per_s`` as a share of ``peak``; never a share of a zero or unknown peak."""
+    if peak is None or not peak > 0:
+        return "n/a"
+    return f"{flops_per_s / peak:.0%}"
+
+
 def print_table(headers: list[str], rows: list[list[object]]) -> None:
     cells = [[str(h) for h in headers]] + [[str(c) for c in r] for r in rows]
     widths = [max(len(row[i]) for row in cells) for i in range(len(headers))]

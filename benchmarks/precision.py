@@ -9,8 +9,9 @@ flags; this script measures both paths side by side in one process so the choice
 on any machine. Rows: a dense matmul, and forward + backward of an 8-layer transformer of about
 the width of the quickstart's LM (a proxy: ``nn.TransformerEncoderLayer`` with width 576, a ReLU
 MLP of 1536 and 9 heads; SmolLM2 has a SwiGLU MLP, grouped K/V and a 49,152-word head) on
-2 x 256 tokens. Printed: median seconds of each, the bf16/fp32 ratio (above 1: bf16 is slower) and the
-choice.
+2 x 256 tokens. Printed: median seconds of each, bf16 time / fp32 time (a time ratio: above 1,
+bf16 is slower; ``model_step.py`` prints the inverse, fp32 time / bf16 time, as "bf16 speed-up")
+and the choice.
 """
 
 from __future__ import annotations
@@ -29,6 +30,8 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--tokens", type=int, default=256)
     args = ap.parse_args()
+    if args.repeats < 1 or args.tokens < 1:
+        ap.error("--repeats and --tokens must be >= 1")
 
     import torch
 
@@ -61,8 +64,9 @@ def main() -> None:
     ):
         t32 = median_time(fp32, args.repeats)
         t16 = median_time(bf16, args.repeats)
-        rows.append([name, f"{t32:.4f}", f"{t16:.4f}", f"{t16 / t32:.2f}"])
-    print_table(["workload", "fp32 s", "bf16 s", "bf16/fp32"], rows)
+        rows.append([name, f"{t32:.4f}", f"{t16:.4f}", f"{t16 / t32:.2f}x"])
+    print_table(["workload", "fp32 s", "bf16 s", "bf16 time / fp32 time (>1: bf16 slower)"], rows)
+    print(f"medians of {args.repeats} repeat(s)")
     print(
         f"\nCPU computes bf16 natively: {cpu_has_fast_bf16()}; "
         f"precision: auto -> {resolve_precision('auto', 'cpu')}"

@@ -143,3 +143,37 @@ def test_serve_throughput_table_and_headline_are_the_same_medians(tmp_path):
     assert rows["concurrency 2"][7] == f"{res['speedup_vs_no_wait']:.2f}x"
     assert f"speedup: {speedup:.2f}x, median of 2 rounds" in out
     assert "without it" in out
+
+
+def test_model_step_leaves_out_an_emulated_bf16_peak_and_names_its_ratio():
+    """On a CPU without native bf16 it spent minutes on the emulated bf16 matmul peak, printed
+    "bf16 0 GFLOP/s" and then "782% of peak"; and its "bf16/fp32" column was a speed-up where
+    precision.py's is a time ratio."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from _common import of_peak
+    from llavamed.utils.precision import cpu_has_fast_bf16
+
+    assert of_peak(5e9, None) == of_peak(5e9, 0.0) == "n/a"
+    assert of_peak(5e9, 1e10) == "50%"
+    out = _run(
+        "model_step.py", "--lm-layers", "1", "--batch", "1", "--repeats", "1", "--warmup", "0",
+        "--text-lengths", "4",
+    )  # fmt: skip
+    (row,) = _table(out, "bf16 speed-up (fp32 time / bf16 time)")
+    fp32_tok, bf16_tok, speedup = float(row[1]), float(row[2]), float(row[3].rstrip("x"))
+    assert speedup == pytest.approx(bf16_tok / fp32_tok, rel=0.1, abs=0.02)
+    assert row[4].endswith("%)")
+    if cpu_has_fast_bf16():
+        assert row[5].endswith("%)") and "not measured" not in out
+    else:
+        assert row[5].endswith("(n/a)")
+        assert "bf16 not measured" in out and "GFLOP/s, emulated" in out
+
+
+def test_precision_names_its_ratio_a_time_ratio():
+    """Its "bf16/fp32" column was bf16 time / fp32 time, model_step.py's the inverse."""
+    out = _run("precision.py", "--repeats", "1", "--tokens", "4")
+    rows = _table(out, "bf16 time / fp32 time (>1: bf16 slower)")
+    assert len(rows) == 2
+    for _, t32, t16, ratio in rows:
+        assert float(ratio.rstrip("x")) == pytest.approx(float(t16) / float(t32), rel=0.05)
