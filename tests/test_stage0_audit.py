@@ -251,3 +251,41 @@ def test_an_image_fixed_after_a_run_is_read_again(tmp_path):
     assert str(good) not in again["skipped_images"]
     assert "not an image" not in again["skipped"]
     assert sum(again["pairs"].values()) == sum(first["pairs"].values()) + 1
+
+
+def test_other_weights_behind_the_starting_towers_path_are_another_run(tmp_path, capsys):
+    """Stage 0 from a tower folder, then other weights written into that folder (a tower
+    converted or trained again there): the re-run returned the old result at once, trained from
+    the old weights. Stage 0b already keyed its runs by the starting tower's contents."""
+    from transformers import CLIPVisionConfig, CLIPVisionModel
+
+    from llavamed.model.compose import VISION_PRESETS
+    from llavamed.train.vision_pretrain import STATE_FILE, run_from_config
+    from test_vision_pretrain import _tiny_run, _write_pairs
+
+    start = tmp_path / "start"
+    torch.manual_seed(0)
+    CLIPVisionModel(CLIPVisionConfig(**VISION_PRESETS["tiny"])).save_pretrained(start)
+    data = _write_pairs(tmp_path / "data", n=16)
+    cfg = _tiny_run(data, tmp_path / "run", max_steps=2, vision=str(start), save_every=1)
+    first = run_from_config(cfg, progress=False)
+    from safetensors.torch import load_file
+
+    a = load_file(first.tower_dir / "model.safetensors")
+    same = run_from_config(cfg, progress=False)
+    assert same.wall_time_s < first.wall_time_s  # unchanged: returned at once
+
+    torch.manual_seed(1)
+    CLIPVisionModel(CLIPVisionConfig(**VISION_PRESETS["tiny"])).save_pretrained(start)
+    again = run_from_config(cfg, progress=False)
+    assert again.report["start_tower"] != first.report["start_tower"]
+    b = load_file(again.tower_dir / "model.safetensors")
+    assert any(not torch.equal(a[k], b[k]) for k in a)
+    # A resume state from the old weights is not resumed either.
+    (tmp_path / "run" / "stage0_report.json").unlink()
+    torch.save(
+        {**torch.load(tmp_path / "run" / STATE_FILE, weights_only=False), "start_tower": "x"},
+        tmp_path / "run" / STATE_FILE,
+    )
+    run_from_config(cfg, progress=False)
+    assert f"the weights in {start}" in capsys.readouterr().err

@@ -713,9 +713,21 @@ def train_vision(cfg: VisionPretrainConfig, progress: bool = True) -> VisionPret
     # The same config over other pairs (the figures file was completed or rewritten in place)
     # is another run. Reports and states from before the key existed are trusted.
     data_key = pairs_fingerprint(pairs)
+    # So is the same config from other weights behind the starting tower's path (a tower
+    # converted or trained again into the same folder): the old tower was returned, or its
+    # state resumed, without a word.
+    start = Path(cfg.vision)
+    from llavamed.model.compose import VISION_PRESETS
+
+    preset = cfg.vision in VISION_PRESETS
+    start_key = cfg.vision if preset or not start.is_dir() else tower_fingerprint(start)
     if (out / REPORT_JSON).exists() and (tower_dir / "config.json").exists():
         report = json.loads((out / REPORT_JSON).read_text())
-        if report.get("config") == config_dict(cfg) and report.get("data", data_key) == data_key:
+        if (
+            report.get("config") == config_dict(cfg)
+            and report.get("data", data_key) == data_key
+            and report.get("start_tower", start_key) == start_key
+        ):
             return VisionPretrainResult(out, tower_dir, report, time.time() - t_start)
 
     tower = load_tower(cfg.vision, cfg.seed)
@@ -831,6 +843,8 @@ def train_vision(cfg: VisionPretrainConfig, progress: bool = True) -> VisionPret
         ]
         if state.get("data", data_key) != data_key:
             changed.append("the figure-caption pairs")
+        if state.get("start_tower", start_key) != start_key:
+            changed.append(f"the weights in {cfg.vision}")
         if not changed:
             module.load_state_dict(state["module"])
             opt.load_state_dict(state["optimizer"])
@@ -883,6 +897,7 @@ def train_vision(cfg: VisionPretrainConfig, progress: bool = True) -> VisionPret
                 {
                     "config": config_dict(cfg),
                     "data": data_key,
+                    "start_tower": start_key,
                     "module": module.state_dict(),
                     "optimizer": opt.state_dict(),
                     "step": step,
@@ -1045,6 +1060,7 @@ def train_vision(cfg: VisionPretrainConfig, progress: bool = True) -> VisionPret
     report: dict = {
         "config": config_dict(cfg),
         "data": data_key,
+        "start_tower": start_key,
         "steps": step,
         "total_steps": total,
         "stopped_early": stopped_early,
