@@ -15,6 +15,12 @@ AdamW, both timed from the batch's collation to the optimizer step's end:
 * **baseline** -- transformers' ``LlavaForConditionalGeneration(..., labels=...)`` on
   random-order padded batches (the LLaVA reference recipe).
 
+Both see the same samples: the baseline takes exactly the samples of our run's steps (the
+trainer's own ``epoch_schedule``, so with ``--max-steps K`` the samples of our first K
+length-grouped steps, and the trainer's fill-up of a short last batch) and shuffles them into
+random batches of the same size, as many as our steps. The table prints the step and real-token
+counts of both and whether they match.
+
 Reported: real (non-padding) tokens/s for each (medians of per-step rates), the ratio, the
 padding share, our achieved FLOP/s as a fraction of this machine's measured matmul peak in the
 same precision, and the loss of both on one identical batch (selected logits vs full logits, same
@@ -85,10 +91,18 @@ def run_ours(cfg: dict) -> dict:
     from llavamed.train import run_training
 
     res = run_training(cfg, progress=False)
+    if len(res.metrics) < 2:
+        raise SystemExit(
+            "train_throughput: our run took 1 step; the first is warm-up and not timed, so "
+            "raise --n or --max-steps (or lower --batch) for at least 2"
+        )
     m = res.metrics[1:]  # first step includes one-off warm-up (allocations, oneDNN kernels)
     toks = sum(r["tokens"] for r in m)
     secs = sum(r["step_time_s"] for r in m)
     return {
+        "steps": len(res.metrics),
+        "step_tokens": [r["tokens"] for r in res.metrics],
+        "all_tokens": sum(r["tokens"] for r in res.metrics),
         "tokens_per_s": statistics.median(r["tokens"] / r["step_time_s"] for r in m),
         "tokens": toks,
         "seconds": secs,
@@ -105,9 +119,38 @@ def _autocast(precision: str):
     return contextlib.nullcontext()
 
 
-def run_baseline(
-    model_dir: Path, data: Path, batch: int, seed: int, max_steps: int | None, precision: str
-) -> dict:
+def ours_sample_steps(samples, cfg) -> list[list[int]]:
+    """The sample indices of each optimizer step our run takes: the trainer's ``epoch_schedule``
+    for every epoch it starts, cut at its step count (``max_steps`` or ``epochs`` epochs)."""
+    import math
+
+    from llavamed.train.data import epoch_schedule, steps_per_epoch
+
+    t = cfg.train
+    lengths = [s.length for s in samples]
+    has_image = [s.image is not None for s in samples]
+    total = t.max_steps or max(
+        1, math.ceil(t.epochs * steps_per_epoch(len(samples), t.global_batch_size))
+    )
+    steps: list[list[int]] = []
+    epoch = 0
+    while len(steps) < total:
+        for step in epoch_schedule(
+            lengths,
+            has_image,
+            global_batch_size=t.global_batch_size,
+            micro_batch_size=t.micro_batch_size,
+            seed=t.seed,
+            epoch=epoch,
+            grouped=cfg.data.batching == "length_grouped",
+            megabatch=cfg.data.group_megabatch,
+        ):
+            steps.append([i for mb in step for i in mb])
+        epoch += 1
+    return steps[:total]
+
+
+def run_baseline(model_dir: Path, ours_cfg: dict, seed: int, precision: str) -> dict:
     import torch
     from transformers import AutoProcessor, LlavaForConditionalGeneration
 
@@ -120,16 +163,16 @@ def run_baseline(
     processor = AutoProcessor.from_pretrained(model_dir)
     apply_trainable(model, ["projector", "lm"])
     model.train()
-    cfg = load_config(
-        {"model": {"from": str(model_dir)}, "data": {"path": str(data), "max_length": 2048}}
-    )
-    samples, _ = load_samples(cfg.data, processor, "chatml", quiet=True)
+    cfg = load_config(ours_cfg)
+    samples, _ = load_samples(cfg.data, processor, "chatml", seed=cfg.train.seed, quiet=True)
     ds = TrainDataset(samples, processor.image_processor)
-    order = list(range(len(samples)))
+    # The samples our run trains on (all of them, or its first --max-steps steps' worth), in
+    # random order: the same work, only the batching differs.
+    ours_steps = ours_sample_steps(samples, cfg)
+    order = [i for step in ours_steps for i in step]
     random.Random(seed).shuffle(order)
+    batch = cfg.train.global_batch_size
     batches = [order[k : k + batch] for k in range(0, len(order), batch)]
-    if max_steps:
-        batches = batches[:max_steps]
     opt = torch.optim.AdamW(  # fused, as the trainer's on CPU
         [p for p in model.parameters() if p.requires_grad], lr=2e-5, weight_decay=0.0, fused=True
     )
@@ -165,6 +208,9 @@ def run_baseline(
         "seconds": secs,
         "mean_loss": sum(losses) / len(losses),
         "padding": 1 - toks / padded,
+        "steps": len(batches),
+        "all_tokens": sum(samples[i].length for i in order),
+        "ours_step_tokens": [sum(samples[i].length for i in step) for step in ours_steps],
     }
 
 
@@ -253,12 +299,19 @@ def main(argv: list[str] | None = None) -> int:
         },
         "output": {"dir": str(run_dir), "save_every": 0},
     }
-    print(f"measuring the {precision} matmul peak ...", file=sys.stderr)
-    peak = matmul_peak_flops(torch.bfloat16 if precision == "bf16" else torch.float32)
+    from llavamed.utils.precision import cpu_has_fast_bf16
+
+    peak = None
+    if precision == "fp32" or cpu_has_fast_bf16():
+        print(f"measuring the {precision} matmul peak ...", file=sys.stderr)
+        peak = matmul_peak_flops(torch.bfloat16 if precision == "bf16" else torch.float32)
+    # else: PyTorch emulates bf16 here; its 2048^3 "peak" takes minutes and is no ceiling.
     print("training: ours ...", file=sys.stderr)
     ours = run_ours(cfg)
     print(f"training: baseline (HF, random order, {precision}) ...", file=sys.stderr)
-    base = run_baseline(model_dir, data, args.batch, 0, args.max_steps, precision)
+    base = run_baseline(model_dir, cfg, 0, precision)
+    # Our run's per-step real tokens, as logged, against the schedule the baseline reproduced.
+    same_samples = ours["step_tokens"] == base["ours_step_tokens"]
     ref_loss, our_loss = same_batch_losses(model_dir, data, precision)
 
     from transformers import LlavaForConditionalGeneration
@@ -285,13 +338,20 @@ def main(argv: list[str] | None = None) -> int:
         "ours_flops_per_s": achieved,
         "precision": precision,
         "matmul_peak_flops_per_s": peak,
-        "mfu": achieved / peak,
+        "mfu": achieved / peak if peak else None,
+        "steps_ours": ours["steps"],
+        "steps_baseline": base["steps"],
+        "real_tokens_ours": ours["all_tokens"],
+        "real_tokens_baseline": base["all_tokens"],
+        "same_samples": same_samples,
         "same_batch_loss_hf": ref_loss,
         "same_batch_loss_ours": our_loss,
         "mean_train_loss_ours": ours["mean_loss"],
         "mean_train_loss_baseline": base["mean_loss"],
     }
     print(f"\n{'':28s}{'ours':>12s}{'baseline':>12s}")
+    print(f"{'steps':28s}{ours['steps']:12d}{base['steps']:12d}")
+    print(f"{'real tokens (all steps)':28s}{ours['all_tokens']:12d}{base['all_tokens']:12d}")
     print(
         f"{'real tokens/s':28s}{res['ours_tokens_per_s']:12.0f}{res['baseline_tokens_per_s']:12.0f}"
     )
@@ -304,13 +364,28 @@ def main(argv: list[str] | None = None) -> int:
         f"baseline padding {100 * base['padding']:.0f}%"
     )
     print(
-        f"ours: {achieved / 1e9:.1f} model GFLOP/s = {100 * res['mfu']:.1f}% of the measured "
-        f"{precision} matmul peak "
-        f"({peak / 1e9:.0f} GFLOP/s)"
+        "same samples: "
+        + (
+            "yes (the baseline trains our steps' samples, in random batches)"
+            if same_samples
+            else "NO: our logged steps do not match the schedule the baseline reproduced; "
+            "the two runs trained on different samples"
+        )
     )
+    if peak is None:
+        print(
+            f"ours: {achieved / 1e9:.1f} model GFLOP/s; no share of peak: this CPU emulates "
+            "bf16, so its bf16 matmul 'peak' is no ceiling and was not measured"
+        )
+    else:
+        print(
+            f"ours: {achieved / 1e9:.1f} model GFLOP/s = {100 * res['mfu']:.1f}% of the measured "
+            f"{precision} matmul peak "
+            f"({peak / 1e9:.0f} GFLOP/s)"
+        )
     if args.json:
         Path(args.json).write_text(json.dumps(res, indent=2) + "\n")
-    return 0
+    return 0 if same_samples else 1
 
 
 if __name__ == "__main__":

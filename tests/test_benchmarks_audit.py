@@ -177,3 +177,18 @@ def test_precision_names_its_ratio_a_time_ratio():
     assert len(rows) == 2
     for _, t32, t16, ratio in rows:
         assert float(ratio.rstrip("x")) == pytest.approx(float(t16) / float(t32), rel=0.05)
+
+
+def test_train_throughput_caps_both_paths_to_the_same_samples(tmp_path):
+    """With --max-steps K ours trained its first K length-grouped batches and the baseline the
+    first K random ones: different samples (7 of 24 shared with 64 samples, batch 8, K 3)."""
+    js = tmp_path / "train.json"
+    out = _run(
+        "train_throughput.py", "--n", "16", "--batch", "4", "--lm-layers", "1", "--vision",
+        "tiny", "--max-steps", "2", "--cache", str(tmp_path / "cache"), "--json", str(js),
+    )  # fmt: skip
+    res = json.loads(js.read_text())
+    assert res["same_samples"] is True
+    assert res["steps_ours"] == res["steps_baseline"] == 2
+    assert res["real_tokens_ours"] == res["real_tokens_baseline"] > 0
+    assert "same samples: yes" in out
