@@ -289,3 +289,24 @@ def test_other_weights_behind_the_starting_towers_path_are_another_run(tmp_path,
     )
     run_from_config(cfg, progress=False)
     assert f"the weights in {start}" in capsys.readouterr().err
+
+
+def test_other_files_behind_the_text_encoders_name_are_another_run(tmp_path):
+    """The same config over a text encoder folder whose files changed (a new package version,
+    a tokenizer or weights written again) returned the old tower at once."""
+    import json
+    import shutil
+
+    from llavamed.train.text_encoder import embedded_text_encoder_dir
+    from llavamed.train.vision_pretrain import run_from_config
+    from test_vision_pretrain import _tiny_run, _write_pairs
+
+    enc = shutil.copytree(embedded_text_encoder_dir(), tmp_path / "enc")
+    data = _write_pairs(tmp_path / "data", n=16)
+    cfg = _tiny_run(data, tmp_path / "run", max_steps=1, text_encoder=str(enc))
+    first = run_from_config(cfg, progress=False).report
+    assert run_from_config(cfg, progress=False).report == first  # unchanged: done
+    tok = json.loads((enc / "tokenizer_config.json").read_text())
+    (enc / "tokenizer_config.json").write_text(json.dumps({**tok, "do_lower_case": False}))
+    again = run_from_config(cfg, progress=False).report
+    assert again["text_encoder"] != first["text_encoder"]  # trained again, a new report

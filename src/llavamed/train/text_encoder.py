@@ -88,15 +88,7 @@ class TextEncoder:
         weights of the same shape copied in with their timestamps (tar, rsync -a, cp -p) kept
         serving the old encoder's vectors. Computed once per instance."""
         if self._fingerprint is None:
-            h = hashlib.sha256()
-            for f in sorted(self.path.iterdir()):
-                if f.is_file() and not f.name.startswith(".") and f.suffix != ".md":
-                    h.update(f"{f.name}:{f.stat().st_size}:".encode())
-                    with open(f, "rb") as fh:
-                        for block in iter(lambda: fh.read(1 << 20), b""):
-                            h.update(block)
-            h.update(f"max_length={self.max_length}".encode())
-            self._fingerprint = h.hexdigest()[:16]
+            self._fingerprint = encoder_fingerprint(self.path, self.max_length)
         return self._fingerprint
 
     def forward(self, texts: Sequence[str]):
@@ -134,6 +126,20 @@ class TextEncoder:
                 out[idx] = self.forward([texts[i] for i in idx]).float().cpu()
         self.model.train(was_training)
         return out
+
+
+def encoder_fingerprint(path: Path, max_length: int) -> str:
+    """A hash of every file of the encoder folder ``path`` (hidden files and READMEs aside)
+    and of ``max_length``: what :attr:`TextEncoder.fingerprint` keys the caches by."""
+    h = hashlib.sha256()
+    for f in sorted(Path(path).iterdir()):
+        if f.is_file() and not f.name.startswith(".") and f.suffix != ".md":
+            h.update(f"{f.name}:{f.stat().st_size}:".encode())
+            with open(f, "rb") as fh:
+                for block in iter(lambda: fh.read(1 << 20), b""):
+                    h.update(block)
+    h.update(f"max_length={max_length}".encode())
+    return h.hexdigest()[:16]
 
 
 def _max_positions(config) -> int | None:

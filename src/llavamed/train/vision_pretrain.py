@@ -721,12 +721,18 @@ def train_vision(cfg: VisionPretrainConfig, progress: bool = True) -> VisionPret
 
     preset = cfg.vision in VISION_PRESETS
     start_key = cfg.vision if preset or not start.is_dir() else tower_fingerprint(start)
+    # And so is the same text_encoder name over other files (a new package version, a folder
+    # trained again): the global loss learns the encoder's space.
+    from llavamed.train.text_encoder import encoder_fingerprint, resolve_text_encoder
+
+    text_key = encoder_fingerprint(resolve_text_encoder(cfg.text_encoder), cfg.text_max_length)
     if (out / REPORT_JSON).exists() and (tower_dir / "config.json").exists():
         report = json.loads((out / REPORT_JSON).read_text())
         if (
             report.get("config") == config_dict(cfg)
             and report.get("data", data_key) == data_key
             and report.get("start_tower", start_key) == start_key
+            and report.get("text_encoder", text_key) == text_key
         ):
             return VisionPretrainResult(out, tower_dir, report, time.time() - t_start)
 
@@ -845,6 +851,8 @@ def train_vision(cfg: VisionPretrainConfig, progress: bool = True) -> VisionPret
             changed.append("the figure-caption pairs")
         if state.get("start_tower", start_key) != start_key:
             changed.append(f"the weights in {cfg.vision}")
+        if state.get("text_encoder", text_key) != text_key:
+            changed.append(f"the text encoder {cfg.text_encoder}")
         if not changed:
             module.load_state_dict(state["module"])
             opt.load_state_dict(state["optimizer"])
@@ -898,6 +906,7 @@ def train_vision(cfg: VisionPretrainConfig, progress: bool = True) -> VisionPret
                     "config": config_dict(cfg),
                     "data": data_key,
                     "start_tower": start_key,
+                    "text_encoder": text_key,
                     "module": module.state_dict(),
                     "optimizer": opt.state_dict(),
                     "step": step,
@@ -1061,6 +1070,7 @@ def train_vision(cfg: VisionPretrainConfig, progress: bool = True) -> VisionPret
         "config": config_dict(cfg),
         "data": data_key,
         "start_tower": start_key,
+        "text_encoder": text_key,
         "steps": step,
         "total_steps": total,
         "stopped_early": stopped_early,
