@@ -610,3 +610,29 @@ def test_llava_med_on_a_full_disk_is_one_line_and_leaves_nothing(original_llava_
     with pytest.raises(StorageError, match=rf"^{re.escape(str(small_disk))}: out of disk space"):
         convert_llava_med(src, small_disk / "native")
     assert list(small_disk.iterdir()) == []
+
+
+def test_select_layer_0_converts_to_a_checkpoint_that_runs(original_llava_med, tmp_path):
+    """mm_vision_select_layer 0 (the tower's embeddings) converted as vision_feature_layer 0,
+    which transformers' llava passes as output_hidden_states=0: the tower returned no hidden
+    states and every forward pass failed. It is the same hidden state as -(layers + 1)."""
+    from transformers import AutoProcessor, LlavaForConditionalGeneration
+
+    from llavamed.model.convert.llava_med import convert_llava_med
+
+    src, _, sd = original_llava_med
+    logits = []
+    for layer in (0, -4):  # the test tower has 3 layers: hidden states -4..3
+        variant = _with_config(src, sd, tmp_path / f"src{layer}", mm_vision_select_layer=layer)
+        dst = convert_llava_med(variant, tmp_path / f"native{layer}")
+        assert json.loads((dst / "config.json").read_text())["vision_feature_layer"] == -4
+        model = LlavaForConditionalGeneration.from_pretrained(dst).eval()
+        proc = AutoProcessor.from_pretrained(dst)
+        inputs = proc(
+            text=["[INST] <image>\nWhat is shown? [/INST]"],
+            images=[Image.new("RGB", (28, 28), (90, 160, 30))],
+            return_tensors="pt",
+        )
+        with torch.no_grad():
+            logits.append(model(**inputs).logits)
+    torch.testing.assert_close(logits[0], logits[1])

@@ -150,7 +150,7 @@ def _feature_layer(src_cfg: dict, cfg_path: Path, n_layers: int) -> int:
     tower has no such hidden state: the folder would convert and then fail in every forward
     pass with an IndexError deep inside transformers."""
     from llavamed.errors import ConfigError
-    from llavamed.model.compose import check_feature_layer
+    from llavamed.model.compose import check_feature_layer, native_feature_layer
 
     layer = src_cfg.get("mm_vision_select_layer", -2)
     try:
@@ -162,7 +162,7 @@ def _feature_layer(src_cfg: dict, cfg_path: Path, n_layers: int) -> int:
             f"mm_vision_select_layer={layer!r}: the vision tower has {n_layers} layers, so its "
             f"hidden states are indexed {-(n_layers + 1)}..{n_layers}",
         ) from None
-    return layer
+    return native_feature_layer(layer, n_layers)
 
 
 def convert_llava_med(
