@@ -192,3 +192,29 @@ def test_train_throughput_caps_both_paths_to_the_same_samples(tmp_path):
     assert res["steps_ours"] == res["steps_baseline"] == 2
     assert res["real_tokens_ours"] == res["real_tokens_baseline"] > 0
     assert "same samples: yes" in out
+
+
+def test_eval_throughput_counts_generated_token_ids_not_retokenized_text(tmp_path):
+    """'tokens generated' re-tokenized the decoded answers: a model that emits only special
+    tokens (skipped when decoding) showed 0 for every mode."""
+    from safetensors.torch import load_file, save_file
+
+    from llavamed.model.compose import ModelSpec, init_checkpoint
+
+    ckpt = init_checkpoint(
+        tmp_path / "tiny", ModelSpec(lm="tiny", vision="tiny", template="chatml")
+    )
+    weights = Path(ckpt) / "model.safetensors"
+    sd = load_file(weights)
+    (norm,) = [k for k in sd if k.endswith("language_model.model.norm.weight")]
+    sd[norm].zero_()  # every logit 0: greedy picks id 0, <|endoftext|>: special, not the eos
+    save_file(sd, weights, metadata={"format": "pt"})
+    out = _run(
+        "eval_throughput.py", "--model", str(ckpt), "--n", "4", "--per-image", "2",
+        "--batch-size", "2", "--max-new-tokens", "5", "--dtype", "float32", "--repeats", "1",
+    )  # fmt: skip
+    rows = [line.split(" | ") for line in out.splitlines() if line.startswith("| float32 |")]
+    assert len(rows) == 5  # reference, static, engine, and the two packed rows
+    for r in rows:
+        assert r[-1].rstrip(" |") == "20", r  # 4 answers x 5 ids, none of them text
+    assert "mean 5.0, max 5" in out
