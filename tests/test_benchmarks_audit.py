@@ -184,7 +184,7 @@ def test_train_throughput_caps_both_paths_to_the_same_samples(tmp_path):
     first K random ones: different samples (7 of 24 shared with 64 samples, batch 8, K 3)."""
     js = tmp_path / "train.json"
     out = _run(
-        "train_throughput.py", "--n", "16", "--batch", "4", "--lm-layers", "1", "--vision",
+        "train_throughput.py", "--n", "16", "--batch", "4", "--lm", "tiny", "--vision",
         "tiny", "--max-steps", "2", "--cache", str(tmp_path / "cache"), "--json", str(js),
     )  # fmt: skip
     res = json.loads(js.read_text())
