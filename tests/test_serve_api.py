@@ -746,3 +746,26 @@ def test_a_server_that_cannot_start_says_why_and_frees_the_engine(tiny_llava_dir
     monkeypatch.setattr(uvicorn.Server, "run", lambda self, sockets=None: time.sleep(1))
     with pytest.raises(LlavamedError, match="not accepting connections after 0.2 s"):
         serve_in_background(tiny_llava_dir, startup_timeout=0.2)
+
+
+def test_an_image_sent_after_its_question_is_prompted_first_as_in_training(tiny_llava_dir):
+    """Training puts every image at the front of its turn (LLaVA's preprocess_multimodal); a
+    request with the text part first rendered "Q\\n<image>", a prompt shape never trained."""
+    from PIL import Image
+
+    from llavamed.serve import protocol as P
+
+    eng = Engine.from_path(tiny_llava_dir)
+    prompts = []
+    for first, second in ((0, 1), (1, 0)):
+        parts = [
+            {"type": "image_url", "image_url": {"url": png_url()}},
+            {"type": "text", "text": "What organ is shown?"},
+        ]
+        req = P.parse_request(
+            {"model": "m", "messages": [{"role": "user", "content": [parts[first], parts[second]]}]}
+        )
+        hf, refs = P.to_hf_messages(req.messages, allow_remote=False, max_image_bytes=1 << 20)
+        assert [p["type"] for p in hf[0]["content"]] == ["image", "text"]
+        prompts.append(eng.prepare(hf, [Image.new("RGB", (32, 32))] * len(refs)).input_ids)
+    assert prompts[0] == prompts[1]

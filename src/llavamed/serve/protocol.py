@@ -428,6 +428,13 @@ def to_hf_messages(
                         )
                     )
                     parts.append({"type": "image"})
+        if role == "user":
+            # LLaVA trains every image at the front of its turn (preprocess_multimodal, and our
+            # trainer); a client that sends its text first ("Q\n<image>") would prompt the model
+            # in a shape it never saw. Images keep their order among themselves.
+            parts = [p for p in parts if p["type"] == "image"] + [
+                p for p in parts if p["type"] != "image"
+            ]
         if role in ("system", "assistant"):
             text = "\n".join(p["text"] for p in parts if p["type"] == "text")
             if role == "system":
