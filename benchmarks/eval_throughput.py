@@ -291,6 +291,8 @@ def main() -> None:
     args = ap.parse_args()
     if (args.dataset is None) != (args.data is None):
         ap.error("--dataset and --data go together")
+    if min(args.n, args.repeats, args.batch_size, args.max_new_tokens) < 1:
+        ap.error("--n, --repeats, --batch-size and --max-new-tokens must be >= 1")
 
     import torch
 

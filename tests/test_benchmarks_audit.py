@@ -218,3 +218,16 @@ def test_eval_throughput_counts_generated_token_ids_not_retokenized_text(tmp_pat
     for r in rows:
         assert r[-1].rstrip(" |") == "20", r  # 4 answers x 5 ids, none of them text
     assert "mean 5.0, max 5" in out
+
+
+def test_eval_throughput_refuses_zero_repeats_up_front(tmp_path):
+    """--repeats 0 loaded the model twice, timed nothing and died in an IndexError."""
+    env = os.environ | {"PYTHONPATH": str(ROOT / "src")}
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "eval_throughput.py"), "--repeats", "0",
+         "--cache", str(tmp_path / "ckpt")],
+        capture_output=True, text=True, timeout=600, env=env, cwd=ROOT,
+    )  # fmt: skip
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "must be >= 1" in proc.stderr and "Traceback" not in proc.stderr
+    assert not (tmp_path / "ckpt").exists()  # nothing built
