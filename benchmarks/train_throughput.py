@@ -16,7 +16,7 @@ AdamW, both timed from the batch's collation to the optimizer step's end:
   random-order padded batches (the LLaVA reference recipe).
 
 Both see the same samples: the baseline takes exactly the samples of our run's steps (the
-trainer's own ``epoch_schedule``, so with ``--max-steps K`` the samples of our first K
+trainer's own schedule (``run_epoch_schedule``), so with ``--max-steps K`` the samples of our first K
 length-grouped steps, and the trainer's fill-up of a short last batch) and shuffles them into
 random batches of the same size, as many as our steps. The table prints the step and real-token
 counts of both and whether they match.
@@ -120,31 +120,21 @@ def _autocast(precision: str):
 
 
 def ours_sample_steps(samples, cfg) -> list[list[int]]:
-    """The sample indices of each optimizer step our run takes: the trainer's ``epoch_schedule``
-    for every epoch it starts, cut at its step count (``max_steps`` or ``epochs`` epochs)."""
+    """The sample indices of each optimizer step our run takes: the trainer's schedule
+    (``run_epoch_schedule``) for every epoch it starts, cut at its step count (``max_steps`` or
+    ``epochs`` epochs)."""
     import math
 
-    from llavamed.train.data import epoch_schedule, steps_per_epoch
+    from llavamed.train.data import run_epoch_schedule, steps_per_epoch
 
     t = cfg.train
-    lengths = [s.length for s in samples]
-    has_image = [s.image is not None for s in samples]
     total = t.max_steps or max(
         1, math.ceil(t.epochs * steps_per_epoch(len(samples), t.global_batch_size))
     )
     steps: list[list[int]] = []
     epoch = 0
     while len(steps) < total:
-        for step in epoch_schedule(
-            lengths,
-            has_image,
-            global_batch_size=t.global_batch_size,
-            micro_batch_size=t.micro_batch_size,
-            seed=t.seed,
-            epoch=epoch,
-            grouped=cfg.data.batching == "length_grouped",
-            megabatch=cfg.data.group_megabatch,
-        ):
+        for step in run_epoch_schedule(cfg, samples, epoch):
             steps.append([i for mb in step for i in mb])
         epoch += 1
     return steps[:total]

@@ -435,6 +435,22 @@ def steps_per_epoch(n_samples: int, global_batch_size: int) -> int:
     return max(1, math.ceil(n_samples / global_batch_size))
 
 
+def run_epoch_schedule(cfg, samples: Sequence[Sample], epoch: int) -> list[list[list[int]]]:
+    """:func:`epoch_schedule` with a training config's batch settings: the steps a run with
+    ``cfg`` takes in ``epoch`` over ``samples``."""
+    t = cfg.train
+    return epoch_schedule(
+        [s.length for s in samples],
+        [s.image is not None for s in samples],
+        global_batch_size=t.global_batch_size,
+        micro_batch_size=t.micro_batch_size,
+        seed=t.seed,
+        epoch=epoch,
+        grouped=cfg.data.batching == "length_grouped",
+        megabatch=cfg.data.group_megabatch,
+    )
+
+
 def epoch_schedule(
     lengths: Sequence[int],
     has_image: Sequence[bool],

@@ -29,8 +29,8 @@ from llavamed.train.data import (
     Collator,
     TrainDataset,
     data_fingerprint,
-    epoch_schedule,
     load_samples,
+    run_epoch_schedule,
     steps_per_epoch,
 )
 from llavamed.train.distributed import DistInfo
@@ -812,8 +812,6 @@ def _run(
         raise InputError(
             cfg.data.sources[0].path, "no training samples left", "see data_report.json"
         )
-    lengths = [s.length for s in samples]
-    has_image = [s.image is not None for s in samples]
     data_key = data_fingerprint(samples)
 
     spe = steps_per_epoch(len(samples), t.global_batch_size)
@@ -943,16 +941,7 @@ def _run(
                     f">= {t.frozen_lm_layers} train (train.freeze_from_epoch)",
                     file=sys.stderr,
                 )
-        sched = epoch_schedule(
-            lengths,
-            has_image,
-            global_batch_size=t.global_batch_size,
-            micro_batch_size=t.micro_batch_size,
-            seed=t.seed,
-            epoch=epoch,
-            grouped=cfg.data.batching == "length_grouped",
-            megabatch=cfg.data.group_megabatch,
-        )
+        sched = run_epoch_schedule(cfg, samples, epoch)
         n_steps_here = min(spe - in_epoch, total_steps - step)
         mine = [
             mb
