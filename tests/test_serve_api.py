@@ -208,6 +208,11 @@ def test_bad_images_are_4xx(client, url, status, words):
             "messages[0].content[0].text",
             "Field required",
         ),
+        (  # 200k tiny messages held the prompt lock for 14 s; OpenAI caps the list at 2048
+            {"messages": [{"role": "user", "content": "hi"}] * 2049},
+            "messages",
+            "at most 2048 items",
+        ),
         (
             {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": "x"}]}]},
             "messages[0].content[0].image_url",

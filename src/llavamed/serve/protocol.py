@@ -97,9 +97,14 @@ class StreamOptions(_Model):
     include_usage: bool = False
 
 
+MAX_MESSAGES = 2048
+
+
 class ChatCompletionRequest(_Model):
     model: str
-    messages: list[ChatMessage] = Field(min_length=1)
+    # OpenAI's own cap. Preparing a prompt is serialised (one tokenizer), and 200k tiny messages
+    # (a 7 MB body) held every other request for 14 s; no chat needs more turns than this.
+    messages: list[ChatMessage] = Field(min_length=1, max_length=MAX_MESSAGES)
     temperature: float | None = Field(None, ge=0, le=2)
     top_p: float | None = Field(None, gt=0, le=1)
     max_tokens: int | None = Field(None, ge=1)
