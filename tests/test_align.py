@@ -1,5 +1,7 @@
 import json
 
+import pytest
+
 from llavamed.cli import main
 from llavamed.data.align import IMAGE_TOKEN, alignment_prompts, all_prompts, build_alignment
 
@@ -23,7 +25,7 @@ def test_prompt_lists_are_the_papers():
 
 def test_samples_shape_seeding_and_placement():
     recs = _records(200) + [{"pair_id": "x", "fig_caption": "No image.", "image": None}]
-    samples, skipped = build_alignment(recs, seed=3)
+    samples, skipped = build_alignment(recs, seed=3, prompts="uniform")
     assert skipped == {"no image": 1} and len(samples) == 200
     before = after = 0
     used = set()
@@ -39,11 +41,11 @@ def test_samples_shape_seeding_and_placement():
         after += human["value"].endswith("\n" + IMAGE_TOKEN)
     assert before + after == 200 and 60 < before < 140
     assert len(used) > 20
-    again, _ = build_alignment(recs, seed=3)
+    again, _ = build_alignment(recs, seed=3, prompts="uniform")
     assert again == samples
-    other, _ = build_alignment(recs, seed=4)
+    other, _ = build_alignment(recs, seed=4, prompts="uniform")
     assert other != samples
-    subset, _ = build_alignment(recs, seed=3, max_samples=10)
+    subset, _ = build_alignment(recs, seed=3, max_samples=10, prompts="uniform")
     assert len(subset) == 10
     by_id = {s["id"]: s for s in samples}
     assert all(by_id[s["id"]] == s for s in subset)  # same sample whatever the subset
@@ -71,6 +73,70 @@ def test_cli_paths_relative_to_output(tmp_path, capsys):
     assert "2 alignment samples" in printed
     for reason in ("image file not found", "malformed image field", "malformed caption"):
         assert f'"{reason}": 1' in printed
+
+
+def _words(n: int) -> str:
+    return " ".join(f"w{i}" for i in range(n))
+
+
+def test_prompt_list_follows_caption_length_as_in_the_paper():
+    """LLaVA-Med: captions under 30 words are asked for briefly (Table 7), longer ones in
+    detail (Table 8). Counted in words of the caption as it goes into the sample."""
+    brief, detailed = alignment_prompts()
+    recs = [
+        {"pair_id": f"p{n}_{k}", "image": "x.jpg", "fig_caption": _words(n)}
+        for n in (1, 29, 30, 31, 90)
+        for k in range(40)
+    ]
+    recs.append(
+        {"pair_id": "spaced", "image": "x.jpg", "fig_caption": " \n ".join(_words(29).split())}
+    )
+    samples, _ = build_alignment(recs, seed=0)
+
+    def prompt(s):
+        return s["conversations"][0]["value"].replace(IMAGE_TOKEN, "").strip()
+
+    by_len: dict[int, set] = {}
+    for s in samples:
+        by_len.setdefault(len(s["conversations"][1]["value"].split()), set()).add(prompt(s))
+    assert by_len[1] <= set(brief) and by_len[29] <= set(brief)
+    assert by_len[30] <= set(detailed) and by_len[31] <= set(detailed)
+    assert by_len[90] <= set(detailed)
+    assert len(by_len[1]) > 6 and len(by_len[90]) > 8  # still drawn from the whole list
+    # Another cutoff moves the boundary; uniform draws short captions from both lists.
+    moved, _ = build_alignment(recs, seed=0, cutoff_words=31)
+    assert {prompt(s) for s in moved if s["id"].startswith("p30_")} <= set(brief)
+    uniform, _ = build_alignment(recs, seed=0, prompts="uniform")
+    short = {prompt(s) for s in uniform if s["id"].startswith("p1_")}
+    assert short & set(brief) and short & set(detailed)
+    with pytest.raises(ValueError, match="prompt policy 'longest'"):
+        build_alignment(recs, prompts="longest")
+    with pytest.raises(ValueError, match="cutoff_words"):
+        build_alignment(recs, cutoff_words=0)
+
+
+def test_cli_prompt_policy_and_cutoff(tmp_path, capsys):
+    figs = tmp_path / "figures.jsonl"
+    recs = [{"pair_id": f"a{i}", "fig_caption": _words(40), "image": "a.jpg"} for i in range(30)]
+    figs.write_text("".join(json.dumps(r) + "\n" for r in recs))
+    (tmp_path / "a.jpg").write_bytes(b"jpeg")
+    out = tmp_path / "alignment.json"
+    argv = ["data", "align", "--figures", str(figs), "--out", str(out)]
+    brief, detailed = alignment_prompts()
+
+    def prompts_used():
+        return {
+            s["conversations"][0]["value"].replace(IMAGE_TOKEN, "").strip()
+            for s in json.loads(out.read_text())
+        }
+
+    assert main(argv) == 0 and prompts_used() <= set(detailed)
+    assert main([*argv, "--cutoff-words", "41"]) == 0 and prompts_used() <= set(brief)
+    assert main([*argv, "--prompts", "uniform"]) == 0
+    assert prompts_used() & set(brief) and prompts_used() & set(detailed)
+    capsys.readouterr()
+    assert main([*argv, "--cutoff-words", "0"]) == 1
+    assert "--cutoff-words must be >= 1" in capsys.readouterr().err
 
 
 def test_captions_go_in_on_one_line_without_image_tokens():

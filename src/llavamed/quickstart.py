@@ -1092,7 +1092,8 @@ def run_quickstart(opts: QuickstartOptions) -> dict:
             },
         ),
         ("ingest", "corpus", ingest, {}),
-        ("align", "corpus/alignment.json", align, {"seed": seed}),
+        # brief/detailed prompts by caption length since this key: older sets are redone
+        ("align", "corpus/alignment.json", align, {"seed": seed, "prompts": "by-length"}),
         (
             "instruct",
             "corpus/instruct",

@@ -7,13 +7,16 @@ import json
 from pathlib import Path
 
 from llavamed.commands import seed_int
+from llavamed.data.align import CUTOFF_WORDS, PROMPT_POLICIES
 
 DESCRIPTION = """\
 Build the stage-1 (biomedical concept alignment) training set in LLaVA conversation JSON, the
 shape of LLaVA-Med's llava_med_alignment_500k.json. Each figure with an image becomes one sample:
 the human turn is one of the 27 description prompts (11 brief ones from the paper's Table 7, 16
 detailed ones from Table 8) with <image> before or after it, the gpt turn is the caption.
-Prompt choice and <image> placement are seeded per figure (--seed).
+As in the paper, a caption of fewer than 30 words (--cutoff-words) gets a brief prompt and a
+longer one a detailed prompt; --prompts uniform draws from all 27 instead. Prompt choice and
+<image> placement are seeded per figure (--seed).
 
 Image paths are written relative to the folder of --out, so that folder is the image folder for
 `llavamed train`. Figures without an image are skipped and counted; records of LLaVA-Med's
@@ -44,6 +47,21 @@ def register(subparsers) -> None:
     )
     p.add_argument("--max", dest="max_samples", type=int, metavar="N", help="keep N samples")
     p.add_argument("--seed", type=seed_int, default=0, help="seed for prompts and subsetting")
+    p.add_argument(
+        "--prompts",
+        choices=PROMPT_POLICIES,
+        default="by-length",
+        help="by-length: brief prompts for short captions, detailed ones for long (the paper's "
+        "rule, default); uniform: any of the 27",
+    )
+    p.add_argument(
+        "--cutoff-words",
+        type=int,
+        default=CUTOFF_WORDS,
+        metavar="N",
+        help=f"by-length: captions of fewer than N words get a brief prompt (default "
+        f"{CUTOFF_WORDS}, the paper's)",
+    )
     p.set_defaults(func=run)
 
 
@@ -57,6 +75,8 @@ def run(args: argparse.Namespace) -> int:
         raise LlavamedError(f"{args.figures}: file not found")
     if args.max_samples is not None and args.max_samples < 1:
         raise LlavamedError("--max must be >= 1")
+    if args.cutoff_words < 1:
+        raise LlavamedError("--cutoff-words must be >= 1")
     image_root = args.figures.resolve().parent
     if args.image_folder is not None:
         if not args.image_folder.is_dir():
@@ -69,6 +89,8 @@ def run(args: argparse.Namespace) -> int:
         out_dir=out_dir,
         max_samples=args.max_samples,
         seed=args.seed,
+        prompts=args.prompts,
+        cutoff_words=args.cutoff_words,
     )
     if not samples:  # an empty set would train stage 1 on nothing, and look like success
         why = f"skipped {json.dumps(skipped)}" if skipped else "it holds no records"

@@ -1,6 +1,11 @@
 """Stage-1 concept-alignment set: every figure with an image becomes a one-turn LLaVA
 conversation. The human turn is one of the 27 description prompts (LLaVA-Med Tables 7 and 8)
-with ``<image>`` before or after it; the gpt turn is the caption, on one line."""
+with ``<image>`` before or after it; the gpt turn is the caption, on one line.
+
+As the paper does, a caption shorter than 30 words is asked for with a brief prompt (Table 7)
+and a longer one with a detailed prompt (Table 8): a model asked to "describe the image in
+detail" should not learn to answer in eight words. (LLaVA-Med, section 3: a quarter of PMC-15M's
+captions are under 30 words, and 30 words is its cutoff.)"""
 
 from __future__ import annotations
 
@@ -14,6 +19,9 @@ from pathlib import Path
 from llavamed.data.figures import image_on_disk, rebase_image, record_image
 
 IMAGE_TOKEN = "<image>"
+PROMPT_POLICIES = ("by-length", "uniform")
+CUTOFF_WORDS = 30
+"""The paper's cutoff: captions of fewer words get a brief prompt, the rest a detailed one."""
 PROMPTS_PATH = Path(__file__).resolve().parent.parent / "resources" / "align_prompts.json"
 
 
@@ -29,15 +37,34 @@ def all_prompts() -> tuple[str, ...]:
     return brief + detailed
 
 
-def alignment_sample(record: dict, rng: random.Random, image: str) -> dict:
-    prompt = rng.choice(all_prompts())
+def prompts_for(caption: str, policy: str = "by-length", cutoff_words: int = CUTOFF_WORDS):
+    """The prompts a caption's sample draws from: brief or detailed by its length in words
+    (``by-length``, the paper's rule), or all 27 (``uniform``)."""
+    if policy == "uniform":
+        return all_prompts()
+    if policy != "by-length":
+        raise ValueError(f"prompt policy {policy!r}: expected one of {', '.join(PROMPT_POLICIES)}")
+    brief, detailed = alignment_prompts()
+    return brief if len(caption.split()) < cutoff_words else detailed
+
+
+def alignment_sample(
+    record: dict,
+    rng: random.Random,
+    image: str,
+    *,
+    policy: str = "by-length",
+    cutoff_words: int = CUTOFF_WORDS,
+) -> dict:
+    caption = clean_caption(record["fig_caption"])
+    prompt = rng.choice(prompts_for(caption, policy, cutoff_words))
     human = f"{IMAGE_TOKEN}\n{prompt}" if rng.random() < 0.5 else f"{prompt}\n{IMAGE_TOKEN}"
     sample = {
         "id": record["pair_id"],
         "image": image,
         "conversations": [
             {"from": "human", "value": human},
-            {"from": "gpt", "value": clean_caption(record["fig_caption"])},
+            {"from": "gpt", "value": caption},
         ],
     }
     if isinstance(record.get("domain"), dict):
@@ -57,6 +84,8 @@ def build_alignment(
     out_dir: str | os.PathLike | None = None,
     max_samples: int | None = None,
     seed: int = 0,
+    prompts: str = "by-length",
+    cutoff_words: int = CUTOFF_WORDS,
 ) -> tuple[list[dict], dict[str, int]]:
     """Turn figure records into alignment samples; returns ``(samples, skipped_per_reason)``.
 
@@ -64,7 +93,10 @@ def build_alignment(
     samples they are made relative to ``out_dir`` (the folder of alignment.json), so the output
     trains with its own folder as the image folder. ``max_samples`` takes a seeded random subset;
     the prompt and ``<image>`` placement are seeded per record, so a record's sample is the same
-    whatever the subset."""
+    whatever the subset. ``prompts`` picks the prompt list per caption (:func:`prompts_for`)."""
+    prompts_for("", prompts, cutoff_words)  # a bad policy fails before any work
+    if cutoff_words < 1:
+        raise ValueError(f"cutoff_words must be >= 1, got {cutoff_words}")
     skipped: dict[str, int] = {}
     kept: list[dict] = []
     seen: set[str] = set()
@@ -94,5 +126,6 @@ def build_alignment(
     samples = []
     for rec in kept:
         rng = random.Random(f"{seed}:{rec['pair_id']}")
-        samples.append(alignment_sample(rec, rng, rebase_image(rec["image"], image_root, out_dir)))
+        image = rebase_image(rec["image"], image_root, out_dir)
+        samples.append(alignment_sample(rec, rng, image, policy=prompts, cutoff_words=cutoff_words))
     return samples, skipped
