@@ -72,6 +72,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from llavamed.config import load_config
     from llavamed.errors import ConfigError
+    from llavamed.utils.precision import cpu_has_fast_bf16
 
     cfg = load_config(args.run / "config.yaml")
     t = cfg.train
@@ -106,31 +107,39 @@ def main(argv: list[str] | None = None) -> int:
     seconds = sum(s["step_time_s"] for s in steps)
     tokens = sum(s["tokens"] for s in steps)
     dtype = torch.bfloat16 if cfg.train.precision == "bf16" else torch.float32
-    peak = matmul_peak_flops(dtype)
+    # The peak is measured here. An emulated bf16 peak (~100x under fp32 on AVX2) would put any
+    # run "near the peak", so a bf16 run gets no share or floor on a CPU that emulates bf16.
+    peak = None if dtype == torch.bfloat16 and not cpu_has_fast_bf16() else matmul_peak_flops(dtype)
     print(
         f"{args.run}: {len(steps)} steps, {tokens:,} real tokens, {n_layers} decoder layers of "
         f"{layer / 1e6:.2f}M matmul parameters, {cfg.train.precision}, "
         f"{torch.get_num_threads()} threads; {flops / 1e12:.1f} TFLOP counted"
     )
-    print_table(
-        ["", "seconds", "tokens/s", "GFLOP/s", "of the matmul peak"],
+    rows = [
         [
-            [
-                "logged steps",
-                f"{seconds:.0f}",
-                f"{tokens / seconds:.0f}",
-                f"{flops / seconds / 1e9:.1f}",
-                f"{flops / seconds / peak:.2f}",
-            ],
+            "logged steps",
+            f"{seconds:.0f}",
+            f"{tokens / seconds:.0f}",
+            f"{flops / seconds / 1e9:.1f}",
+            "n/a" if peak is None else f"{flops / seconds / peak:.2f}",
+        ]
+    ]
+    if peak is not None:
+        rows.append(
             [
                 "floor: counted FLOPs at the peak",
                 f"{flops / peak:.0f}",
                 f"{tokens * peak / flops:.0f}",
                 f"{peak / 1e9:.1f}",
                 "1.00",
-            ],
-        ],
-    )
+            ]
+        )
+    print_table(["", "seconds", "tokens/s", "GFLOP/s", "of the matmul peak"], rows)
+    if peak is None:
+        print(
+            "bf16 peak not measured: this CPU has no AVX512-BF16 or AMX, so its bf16 matmuls are "
+            "emulated; run this on the machine that trained the run for the share and the floor"
+        )
     return 0
 
 

@@ -231,3 +231,43 @@ def test_eval_throughput_refuses_zero_repeats_up_front(tmp_path):
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert "must be >= 1" in proc.stderr and "Traceback" not in proc.stderr
     assert not (tmp_path / "ckpt").exists()  # nothing built
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_finetune_bound_sets_a_run_against_a_peak_it_computes_natively(
+    tmp_path, tiny_llava_dir, precision
+):
+    """A bf16 run was set against this CPU's bf16 peak even where bf16 is emulated (~100x under
+    fp32): any run looked near the peak, and its floor was hours long. Without native bf16 the
+    share and the floor are "not measured" now; fp32 runs get both."""
+    import shutil
+
+    import yaml
+
+    from llavamed.utils.precision import cpu_has_fast_bf16
+
+    run = tmp_path / "run"
+    shutil.copytree(tiny_llava_dir, run / "checkpoint-final")
+    raw = yaml.safe_load((ROOT / "configs/cpu/finetune_vqa.yaml").read_text())
+    raw["model"]["from"] = str(run / "checkpoint-final")
+    raw["train"]["precision"] = precision
+    raw["output"]["dir"] = str(run)
+    (run / "config.yaml").write_text(yaml.safe_dump(raw))
+    steps = [
+        {"step": i + 1, "epoch": 0, "tokens": 1000, "supervised_tokens": 100, "step_time_s": 0.5}
+        for i in range(4)
+    ]
+    (run / "metrics.jsonl").write_text("".join(json.dumps(s) + "\n" for s in steps))
+    out = _run("finetune_bound.py", str(run))
+    import re
+
+    rows = [re.split(r"\s{2,}", line.strip()) for line in out.splitlines()]
+    (logged,) = [r for r in rows if r[0] == "logged steps"]
+    floor = [r for r in rows if r[0].startswith("floor:")]
+    assert float(logged[2]) == 2000  # 4,000 tokens in 2 s
+    if precision == "bf16" and not cpu_has_fast_bf16():
+        assert logged[-1] == "n/a" and floor == []
+        assert "bf16 peak not measured" in out
+    else:
+        assert 0 < float(logged[-1]) and floor[0][-1] == "1.00"
+        assert "not measured" not in out
