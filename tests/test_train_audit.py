@@ -87,6 +87,26 @@ def test_a_refused_resume_names_the_changed_setting_of_one_source(tmp_path, monk
     assert [m["step"] for m in run_training(cfg, progress=False).metrics] == [1, 2, 3, 4]
 
 
+def test_a_run_resumes_with_another_micro_batch_size_and_trains_the_same(tmp_path, monkeypatch):
+    """A changed train.micro_batch_size was refused on resume, so a run that ran out of memory
+    could not go on with smaller micro-batches; the global batches and their loss do not
+    depend on the cut."""
+    from llavamed.train import run_training
+
+    data = make_bright_dark(tmp_path / "data", 16)
+    whole = tiny_config(data, tmp_path / "whole", max_steps=4)
+    expected = [m["loss"] for m in run_training(whole, progress=False).metrics]
+    cfg = tiny_config(data, tmp_path / "cut", max_steps=4)
+    cfg["output"]["save_every"] = 2
+    run_interrupted(cfg, monkeypatch, at_step=3)
+    resumed = run_training(cfg, ["train.micro_batch_size=2"], progress=False).metrics
+    assert [m["step"] for m in resumed] == [1, 2, 3, 4]
+    assert [m["loss"] for m in resumed] == pytest.approx(expected, rel=1e-4, abs=1e-5)
+    # A change to what a step trains on is still refused.
+    with pytest.raises(ConfigError, match=r"different config \(train\.global_batch_size\)"):
+        run_training(cfg, ["train.global_batch_size=4", "train.micro_batch_size=2"], progress=False)
+
+
 def test_freeze_from_epoch_past_the_end_of_a_max_steps_run_is_refused(tmp_path):
     """The config refuses freeze_from_epoch >= train.epochs; with train.max_steps the run
     trained every part to its end without a word (the freeze never came)."""

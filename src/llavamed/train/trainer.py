@@ -54,6 +54,9 @@ RESUMABLE_CHANGES = (
     "output.tensorboard",
     "data.num_workers",
     "distributed.",
+    # How a global batch is cut: the steps' batches and their loss do not depend on it
+    # (epoch_schedule), and lowering it is the way on after an out-of-memory on resume.
+    "train.micro_batch_size",
 )
 
 
