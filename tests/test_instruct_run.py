@@ -473,3 +473,32 @@ def test_an_output_that_would_replace_the_figures_is_refused(stub, tmp_path):
         run_instruct(bad)
     assert opts.figures.read_text() == before and stub.count == 0
     assert sorted(p.name for p in tmp_path.iterdir()) == ["figures.jsonl"]
+
+
+def test_a_cache_damaged_past_its_first_page_is_a_one_line_error(stub, tmp_path, capsys):
+    """A cache whose header opens but whose data pages are damaged (a copy cut short, a disk
+    error) raised a sqlite3.DatabaseError traceback from the middle of the job."""
+    import sqlite3
+
+    from llavamed.cli import main
+
+    opts = make_opts(stub, tmp_path, n=60)
+    run_instruct(opts)
+    cache = Path(opts.client.cache_path)
+    db = sqlite3.connect(cache)
+    db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    page = db.execute("PRAGMA page_size").fetchone()[0]
+    assert db.execute("PRAGMA page_count").fetchone()[0] > 4
+    db.close()
+    blob = bytearray(cache.read_bytes())
+    blob[3 * page + 50 : 4 * page - 50] = b"Z" * (page - 100)  # a data page, not the header
+    cache.write_bytes(bytes(blob))
+    opts.partial_path.unlink()
+    cmd = ["data", "instruct", "--figures", str(opts.figures), "--out", str(opts.out)]
+    cmd += ["--base-url", stub.base_url, "--model", "smollm2-135m", "--no-progress"]
+    cmd += ["--cache", str(cache)]
+    capsys.readouterr()
+    assert main(cmd) == 1
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1
+    assert f"{cache}: response cache failed" in err and "--cache none" in err

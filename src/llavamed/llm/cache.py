@@ -66,9 +66,25 @@ class ResponseCache:
             ) from None
         self._db = db
 
+    def _failed(self, exc: sqlite3.Error) -> InputError:
+        """A cache that opened but fails in use: pages damaged past the first (a copy cut short,
+        a disk error), a lock held by another program past the busy timeout, a full disk. A
+        one-line error naming the file, not a traceback from the middle of a job."""
+        return InputError(
+            self.path,
+            "response cache failed",
+            f"{first_line(exc)}; finished records are kept: delete the cache or give another "
+            "--cache path (or --cache none) and re-run",
+        )
+
     def get(self, key: str) -> dict | None:
-        with self._lock:
-            row = self._db.execute("SELECT value FROM responses WHERE key = ?", (key,)).fetchone()
+        try:
+            with self._lock:
+                row = self._db.execute(
+                    "SELECT value FROM responses WHERE key = ?", (key,)
+                ).fetchone()
+        except sqlite3.Error as exc:
+            raise self._failed(exc) from None
         if row is None:
             return None
         try:
@@ -78,21 +94,31 @@ class ResponseCache:
 
     def put(self, key: str, value: dict, model: str = "") -> None:
         blob = json.dumps(value, ensure_ascii=False)
-        with self._lock:
-            self._db.execute(
-                "INSERT OR REPLACE INTO responses (key, model, value, created) VALUES (?, ?, ?, ?)",
-                (key, model, blob, time.time()),
-            )
-            self._db.commit()
+        try:
+            with self._lock:
+                self._db.execute(
+                    "INSERT OR REPLACE INTO responses (key, model, value, created) "
+                    "VALUES (?, ?, ?, ?)",
+                    (key, model, blob, time.time()),
+                )
+                self._db.commit()
+        except sqlite3.Error as exc:
+            raise self._failed(exc) from None
 
     def __contains__(self, key: str) -> bool:
-        with self._lock:
-            row = self._db.execute("SELECT 1 FROM responses WHERE key = ?", (key,)).fetchone()
+        try:
+            with self._lock:
+                row = self._db.execute("SELECT 1 FROM responses WHERE key = ?", (key,)).fetchone()
+        except sqlite3.Error as exc:
+            raise self._failed(exc) from None
         return row is not None
 
     def __len__(self) -> int:
-        with self._lock:
-            return self._db.execute("SELECT COUNT(*) FROM responses").fetchone()[0]
+        try:
+            with self._lock:
+                return self._db.execute("SELECT COUNT(*) FROM responses").fetchone()[0]
+        except sqlite3.Error as exc:
+            raise self._failed(exc) from None
 
     def close(self) -> None:
         with self._lock:
