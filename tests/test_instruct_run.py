@@ -240,6 +240,30 @@ def test_a_rejected_request_is_logged_then_asked_again_by_the_next_run(stub, tmp
     assert stub.count == 6  # now it is done
 
 
+def test_a_rejected_figure_that_then_fails_transiently_is_pending_not_done(stub, tmp_path):
+    """The next run asks a rejected figure again; when that ask failed (5xx past the last
+    retry), the old rejection still counted the figure as finished: exit 0, "complete"."""
+    opts = make_opts(stub, tmp_path, n=5)
+    opts.client.concurrency = 1
+    opts.client.max_retries = 1
+    stub.plan(["400"])
+    report, rc = run_instruct(opts)
+    assert rc == 0 and report["rejected_this_run"] == {"http_400": 1}
+    stub.plan(["500", "500"])  # the one figure asked again, and its retry
+    report, rc = run_instruct(opts)
+    assert rc == 3 and not report["complete"] and report["pending_after_failures"] == 1
+    assert report["failed_this_run"] == {"http_500": 1}
+    t = report["totals"]
+    assert "request_rejected" not in t["dropped_by_reason"] and t["kept"] + t["dropped"] == 4
+    assert len(json.loads(opts.out.read_text())) == t["kept"]
+    report, rc = run_instruct(opts)  # the server answers now
+    assert (
+        rc == 0
+        and report["complete"]
+        and report["totals"]["kept"] + report["totals"]["dropped"] == 5
+    )
+
+
 def test_a_server_that_dies_mid_run_stops_the_job_and_keeps_what_finished(tmp_path):
     """Connection refused on every retry of every figure used to cost the whole selection
     times (retries + 1) attempts before exit 3; ten in a row now stop the job."""

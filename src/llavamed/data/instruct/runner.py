@@ -228,6 +228,8 @@ class _RunOutcome:
     stats: dict = field(default_factory=dict)
     failed: Counter = field(default_factory=Counter)
     """Transient failures per error kind: not logged, the next run asks again."""
+    failed_ids: set = field(default_factory=set)
+    """The pair_ids of those failures: pending, whatever an earlier run logged for them."""
     rejected: Counter = field(default_factory=Counter)
     """Requests the server rejected (a non-fatal 4xx) per status: logged, asked again next run."""
     first_rejection: str = ""
@@ -265,6 +267,7 @@ async def _generate(opts, prompts, pending, appender, fp, sources, bar) -> _RunO
                     appender.append(entry)
                 else:
                     failed[exc.kind] += 1
+                    outcome.failed_ids.add(pid)
                 return
             parsed = parse_turns(r.text)
             if r.finish_reason == "length":
@@ -439,6 +442,10 @@ def run_instruct(opts: InstructOptions) -> tuple[dict, int]:
         for e in JsonlAppender(partial).existing():
             pid = str(e["pair_id"])
             if not current(e):  # made from an older caption or labels: asked again above
+                continue
+            if pid in outcome.failed_ids:
+                # An earlier run's rejection, asked again and failed transiently this time: the
+                # figure is pending (exit 3), not "dropped" by a request that was since retried.
                 continue
             if pid not in entries or _asked_again(entries[pid]):  # a later run's answer wins
                 entries[pid] = e
