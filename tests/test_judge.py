@@ -312,6 +312,21 @@ def test_a_rejected_judgement_is_recorded_invalid_and_asked_again(stub, tmp_path
     assert stub.count == sent + 1
 
 
+def test_a_rejected_judgement_that_then_fails_transiently_is_pending(stub, tmp_path):
+    """Asked again after a rejection, a judgement whose request then failed (a 500 with no
+    retry left) still counted as its old invalid one: exit 0, "complete", the failure unsaid."""
+    opts = _one_at_a_time(make_opts(stub, tmp_path))
+    stub.plan(["400"])
+    report, rc = run_judge(opts)
+    assert rc == 0 and report["complete"]
+    stub.plan(["500"])  # the rejected judgement, asked again
+    report, rc = run_judge(opts)
+    assert rc == 3 and not report["complete"] and report["pending_after_failures"] == 1
+    assert report["relative_score"]["overall"]["n"] == 4  # Q1 not counted invalid, but pending
+    report, rc = run_judge(opts)
+    assert rc == 0 and report["relative_score"]["overall"]["invalid"] == 1  # only Q5
+
+
 def test_judge_swap_measures_position_bias(stub, tmp_path):
     BIAS["first"] = 1  # this judge adds a point to whichever answer comes first
     report, rc = run_judge(make_opts(stub, tmp_path, swap=True))

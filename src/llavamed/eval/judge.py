@@ -299,9 +299,12 @@ def _pair_key(q: dict, answer: str, prompts: JudgePrompts) -> str:
     return hashlib.sha256(json.dumps(msgs, sort_keys=True).encode()).hexdigest()[:16]
 
 
-async def _judge_all(opts, prompts, jobs, appender, fp, bar, rejections: list[str]) -> dict:
-    """Judge every job, appending each judgement to the log; returns the client's stats and
-    adds each request the server rejected (``kind: detail``) to ``rejections``."""
+async def _judge_all(
+    opts, prompts, jobs, appender, fp, bar, rejections: list[str], failed: set
+) -> dict:
+    """Judge every job, appending each judgement to the log; returns the client's stats, adds
+    each request the server rejected (``kind: detail``) to ``rejections`` and each (question_id,
+    order) that failed transiently to ``failed``."""
     async with LLMClient(opts.client, seed=opts.seed) as client:
 
         async def one(q: dict, answer: str, order: str) -> None:
@@ -328,7 +331,9 @@ async def _judge_all(opts, prompts, jobs, appender, fp, bar, rejections: list[st
                 if exc.fatal:
                     raise
                 if not exc.rejected:
-                    return  # transient (429s, 5xx, timeouts): not logged, a re-run asks again
+                    # Transient (429s, 5xx, timeouts): not logged, a re-run asks again.
+                    failed.add((str(q["question_id"]), order))
+                    return
                 # Refused (a content filter) or rejected (a 4xx): an invalid judgement, recorded
                 # so the report counts it. A refusal is the judge's answer and is final; a
                 # rejection may be the server's fault or the command's, costs nothing, and is
@@ -429,12 +434,15 @@ def run_judge(opts: JudgeOptions) -> tuple[dict, int]:
         ]
         bar = None
         rejections: list[str] = []
+        failed: set[tuple[str, str]] = set()
         if opts.progress and jobs:
             from tqdm import tqdm
 
             bar = tqdm(total=len(jobs), desc="judge", unit="q", file=sys.stderr)
         try:
-            stats = asyncio.run(_judge_all(opts, prompts, jobs, appender, fp, bar, rejections))
+            stats = asyncio.run(
+                _judge_all(opts, prompts, jobs, appender, fp, bar, rejections, failed)
+            )
         except LLMError as exc:
             raise LlavamedError(
                 f"{opts.client.base_url}: {exc} - stopping; re-run to resume"
@@ -442,7 +450,9 @@ def run_judge(opts: JudgeOptions) -> tuple[dict, int]:
         finally:
             if bar is not None:
                 bar.close()
-        done = judged(appender.existing())
+        # A judgement asked again (an earlier run's rejection) that failed transiently this time
+        # is pending (exit 3), not the old invalid one.
+        done = {k: e for k, e in judged(appender.existing()).items() if k not in failed}
 
     per_order: dict[str, dict[str, tuple | None]] = {o: {} for o in orders}
     rows: dict[str, list[dict]] = {o: [] for o in orders}
