@@ -21,7 +21,8 @@ Shapes a real server may send: ``emptychoices`` (``choices: []``), ``nullcontent
 null, ``finish_reason: stop``), ``nulllength`` (content null, ``finish_reason: length``: a
 reasoning model that spent max_tokens thinking), ``toolcall`` (content null, a ``tool_calls``
 list, ``finish_reason: tool_calls``), ``parts`` (content as a list of ``{"type": "text"}``
-parts), ``retrydate`` (429 with an HTTP-date ``Retry-After`` ``retry_after`` s ahead),
+parts), ``retrydate`` (429 with an HTTP-date ``Retry-After`` ``retry_after`` s ahead), ``quota``
+(OpenAI's 429 ``insufficient_quota``: no credits left),
 ``redirect`` (307 to ``/v2/chat/completions``), ``badjson`` (200 whose Content-Length matches a
 body that is cut JSON), ``nostream`` (a plain JSON completion whatever ``stream`` asked),
 ``failed`` (half the text with ``finish_reason: error``, as OpenRouter reports a generation
@@ -213,6 +214,18 @@ class _Handler(BaseHTTPRequestHandler):
         if behaviour == "429ms":
             ms = str(int(stub.retry_after * 1000))
             self._send(429, json.dumps(err).encode(), {"retry-after-ms": ms})
+            return
+        if behaviour == "quota":  # OpenAI's "no credits left": a 429 no wait will cure
+            quota = {
+                "error": {
+                    "message": "You exceeded your current quota, please check your plan and "
+                    "billing details.",
+                    "type": "insufficient_quota",
+                    "param": None,
+                    "code": "insufficient_quota",
+                }
+            }
+            self._send(429, json.dumps(quota).encode())
             return
         if behaviour == "retrydate":
             when = email.utils.formatdate(time.time() + stub.retry_after, usegmt=True)

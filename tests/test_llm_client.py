@@ -129,6 +129,21 @@ def test_statuses_every_request_would_get_stop_the_job(stub, status):
     assert stub.count == 1
 
 
+@pytest.mark.parametrize("stream", [False, True])
+def test_openai_out_of_credits_429_stops_the_job_at_once(stub, stream):
+    """OpenAI says "no credits left" with a 429 (insufficient_quota), not a 402: it was retried
+    with backoff like a rate limit, max_retries times for every figure of the job."""
+    stub.default = "quota"
+    with pytest.raises(LLMError) as ei:
+        run(_chat(opts(stub, stream=stream, max_retries=3)))
+    assert ei.value.kind == "insufficient_quota" and ei.value.fatal
+    assert "no credits left" in str(ei.value) and stub.count == 1
+    stub.default = "ok"
+    stub.plan(["429"])  # a rate limit is still waited out
+    _, [r] = run(_chat(opts(stub, stream=stream)))
+    assert r.attempts == 2
+
+
 @pytest.mark.parametrize(
     "url, key",
     [

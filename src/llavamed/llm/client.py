@@ -7,7 +7,8 @@ request, because a 60K-caption job must survive a flaky API without losing money
 * bounded concurrency (a semaphore held only while a request is in flight);
 * retries with exponential backoff and jitter on 429, 408, 5xx, timeouts, connection resets,
   truncated or malformed bodies, honouring ``Retry-After`` / ``retry-after-ms``;
-* no retries where none can help: a URL without ``http://``, an invalid URL or a request httpx
+* no retries where none can help: OpenAI's 429 ``insufficient_quota`` (no credits left) stops
+  the job like a 402; a URL without ``http://``, an invalid URL or a request httpx
   cannot send (a header such as the API key holding a newline) is fatal at once, and so is a
   server that refused, dropped or left unanswered ``max_silent_attempts`` attempts in a row
   with nothing answered for ``unreachable_after_s`` (a dead server, a wrong port or a hung
@@ -357,6 +358,18 @@ def _extract_choice(data: Any) -> tuple[str, str | None, dict | None]:
     return content, choices[0].get("finish_reason"), usage
 
 
+def _error_code(text: str) -> str | None:
+    """``error.code`` (else ``error.type``) of an OpenAI-style error body, or None."""
+    try:
+        err = json.loads(text).get("error")
+    except (json.JSONDecodeError, AttributeError):
+        return None
+    if not isinstance(err, dict):
+        return None
+    code = err.get("code") or err.get("type")
+    return code if isinstance(code, str) else None
+
+
 def _unsendable(url: str, exc: Exception) -> LLMError:
     """A request httpx cannot send at all: every retry, every figure would fail the same way."""
     if isinstance(exc, httpx.LocalProtocolError):
@@ -680,6 +693,15 @@ class LLMClient:
         if status == 200:
             return
         detail = text[:300].replace("\n", " ")
+        if status == 429 and _error_code(text) == "insufficient_quota":
+            # OpenAI's "no credits left" comes as a 429, not a 402: no wait cures it, and
+            # retrying it would spend the backoff on every figure of the job, for hours.
+            raise LLMError(
+                "insufficient_quota",
+                f"{detail} (the account behind the API key has no credits left: add credits "
+                "or use another key, then re-run)",
+                fatal=True,
+            )
         if status in RETRYABLE_STATUS or status >= 500:
             raise _Retryable(f"http_{status}", detail, parse_retry_after(headers))
         if 300 <= status < 400:
