@@ -652,3 +652,21 @@ def test_a_redone_package_replaces_its_old_records(tmp_path):
     assert report["figures_written"] == 1
     assert "skipped: duplicate pair_id" not in report["reasons"]
     assert "skipped: duplicate image" not in report["reasons"]
+
+
+def test_a_folder_given_as_dot_is_keyed_by_its_name(tmp_path, monkeypatch, capsys):
+    """`llavamed data ingest . --out ...` from inside the download folder keyed its packages
+    "/PMC1000001.tar.gz", the same command with the folder's path "src/PMC1000001.tar.gz": a
+    re-run redid every package, found every figure a duplicate and exited 1; shards differed."""
+    src = make_tarballs(tmp_path / "src")
+    out = tmp_path / "out"
+    monkeypatch.chdir(src)
+    assert main(["data", "ingest", ".", "--out", str(out), "--no-progress", "--workers", "1"]) == 0
+    assert [p.key for p in discover(["."])] == [p.key for p in discover([src])]
+    monkeypatch.chdir(tmp_path)
+    assert main(["data", "ingest", str(src), "--out", str(out), "--no-progress"]) == 0
+    report = _report(out)
+    assert report["last_run"]["packages_skipped_as_done"] == 3
+    assert report["packages_done"] == 3 and "skipped: duplicate pair_id" not in report["reasons"]
+    monkeypatch.chdir(src)
+    assert [p.key for p in discover([".."])][0].startswith(f"{tmp_path.name}/src/")

@@ -185,6 +185,10 @@ def discover(sources: list[str | os.PathLike]) -> list[PackageRef]:
             else:
                 raise InputError(root, "not a PMC package", "expected .tar.gz, .nxml or a folder")
             continue
+        # The folder's own name, also when it is given as "." or "..": keyed "/p.tar.gz" from
+        # inside the folder and "pmc/p.tar.gz" from outside it, one corpus was done twice (every
+        # figure a duplicate) and fell into other shards.
+        name = Path(os.path.abspath(root)).name
         hits = 0  # packages under this folder, counting those another source already named
         for dirpath, dirnames, filenames in os.walk(root):
             dirnames.sort()
@@ -196,14 +200,14 @@ def discover(sources: list[str | os.PathLike]) -> list[PackageRef]:
                     hits += 1
                     add(
                         here / fn,
-                        (root.name if rel == "." else f"{root.name}/{rel}") + f"/{fn}",
+                        (name if rel == "." else f"{name}/{rel}") + f"/{fn}",
                         "tar",
                     )
                 elif _suffix(fn) in XML_SUFFIXES:
                     has_xml = True
             if has_xml:
                 hits += 1
-                add(here, root.name if rel == "." else f"{root.name}/{rel}", "dir")
+                add(here, name if rel == "." else f"{name}/{rel}", "dir")
         if hits == 0:
             # A folder with nothing to ingest is almost always a wrong path; exiting 0 with
             # "0 figures" would let a pipeline go on to train on nothing.
