@@ -12,7 +12,14 @@ from llavamed.data.pmc import sources
 from llavamed.data.pmc.ingest import IngestOptions, ingest
 from llavamed.data.pmc.sources import discover, parse_shard, select_shard
 from llavamed.errors import InputError
-from pmc_fixtures import EXPECTED, article_files, make_tarballs, make_unpacked, write_tar
+from pmc_fixtures import (
+    EXPECTED,
+    article_files,
+    make_tarballs,
+    make_unpacked,
+    write_dir,
+    write_tar,
+)
 
 RECORD_KEYS = {
     "pair_id", "pmid", "pmcid", "fig_id", "fig_label", "fig_caption", "graphic_ref", "image",
@@ -670,3 +677,49 @@ def test_a_folder_given_as_dot_is_keyed_by_its_name(tmp_path, monkeypatch, capsy
     assert report["packages_done"] == 3 and "skipped: duplicate pair_id" not in report["reasons"]
     monkeypatch.chdir(src)
     assert [p.key for p in discover([".."])][0].startswith(f"{tmp_path.name}/src/")
+
+
+def _sparse_tar(path, members, big_name, big_size):
+    """An uncompressed tarball with ``members`` and one member of ``big_size`` zero bytes, written
+    sparse (a hole), so the test costs no disk."""
+    with open(path, "wb") as f:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            f.write(info.tobuf(format=tarfile.PAX_FORMAT))
+            f.write(data + b"\0" * (-len(data) % tarfile.BLOCKSIZE))
+        info = tarfile.TarInfo(big_name)
+        info.size = big_size
+        f.write(info.tobuf(format=tarfile.PAX_FORMAT))
+        f.seek(big_size + (-big_size % tarfile.BLOCKSIZE), io.SEEK_CUR)
+        f.write(b"\0" * tarfile.BLOCKSIZE * 2)
+
+
+def test_an_image_file_too_large_to_be_a_figure_is_not_read(tmp_path):
+    """Members were read whole into memory: a 4 MB tar.gz holding 800 MB of zeros named g1.tif
+    took 1.6 GB of RAM per worker before the decoder refused it. A file over the limit is now
+    counted "image too large" unread, in a tarball and in a folder."""
+    import resource
+
+    from llavamed.data.pmc.sources import MAX_FILE_BYTES
+
+    files = article_files("PMC1000003")  # one figure: kidney.jpg
+    big = MAX_FILE_BYTES + 1
+    (tmp_path / "src").mkdir()
+    _sparse_tar(
+        tmp_path / "src" / "PMC1000003.tar",
+        [("PMC1000003/PMC1000003.nxml", files["PMC1000003.nxml"])],
+        "PMC1000003/kidney.jpg",
+        big,
+    )
+    folder = write_dir(tmp_path / "dirs" / "PMC1000003", {"a.nxml": files["PMC1000003.nxml"]})
+    with open(folder / "kidney.jpg", "wb") as f:
+        f.truncate(big)
+    rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    for src, out in ((tmp_path / "src", "out_tar"), (tmp_path / "dirs", "out_dir")):
+        report = ingest([src], tmp_path / out, workers=1)
+        reasons = {k: v for k, v in report["reasons"].items() if k != "malformed XML recovered"}
+        assert reasons == {"skipped: image too large": 1}, src
+        assert report["figures_written"] == 0
+    grown_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss_before
+    assert grown_kb < 200_000, grown_kb

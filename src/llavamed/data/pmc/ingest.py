@@ -40,7 +40,9 @@ from llavamed.data.domains import classify_text
 from llavamed.data.figures import DOMAINS
 from llavamed.data.pmc.jats import Article, parse_articles
 from llavamed.data.pmc.sources import (
+    MAX_FILE_BYTES,
     ArticleFiles,
+    Oversized,
     PackageRef,
     content_digest,
     discover,
@@ -259,10 +261,22 @@ def _wanted(domain: dict, keep: tuple[str, ...]) -> bool:
     return any(domain.get(d) for d in keep)
 
 
-def encode_image(data: bytes | Path, name: str, opts: IngestOptions) -> tuple[bytes, int, int]:
+def encode_image(
+    data: bytes | Path | Oversized, name: str, opts: IngestOptions
+) -> tuple[bytes, int, int]:
     """Decode any supported image and re-encode it as RGB JPEG. Raises ``InputError`` with a
     countable reason ("corrupt image", "not an image", "tiny image", ...)."""
     from llavamed.images import load_image
+
+    # A file is read whole before it is decoded: one over the limit is refused unread.
+    size = data.size if isinstance(data, Oversized) else None
+    if isinstance(data, Path):
+        try:
+            size = data.stat().st_size
+        except OSError:
+            size = None  # load_image names the problem
+    if size is not None and size > MAX_FILE_BYTES:
+        raise InputError(name, "image too large", f"{size} bytes > {MAX_FILE_BYTES}")
 
     kwargs = {"name": name}
     if opts.max_pixels:

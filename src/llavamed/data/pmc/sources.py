@@ -28,6 +28,18 @@ _EXT_PREFERENCE = (".tif", ".tiff", ".png", ".jpg", ".jpeg", ".bmp", ".webp", ".
 # Bulk XML-only tarballs hold thousands of articles in one folder: don't buffer them all.
 _FLUSH_XML_WITHOUT_IMAGES = 64
 _PMCID = re.compile(r"PMC\d+", re.I)
+# A package file larger than this is not read: members are read whole into memory, and a gzip
+# stream of zeros inflates 1000-fold (a 4 MB tarball held an 800 MB "image" and took 1.6 GB).
+# An uncompressed 8-bit RGB TIFF at llavamed.images' pixel cap is 537 MB; PMC figures are MBs.
+MAX_FILE_BYTES = 512 << 20
+
+
+@dataclass(frozen=True)
+class Oversized:
+    """An image file over :data:`MAX_FILE_BYTES`, not read: its figure is counted "image too
+    large" instead of "image missing"."""
+
+    size: int
 
 
 @dataclass(frozen=True)
@@ -47,9 +59,10 @@ class ArticleFiles:
 
     name: str  # member or file name, for messages
     xml: bytes
-    images: dict[str, bytes | Path] = field(default_factory=dict)  # lower-cased basename -> data
+    # lower-cased basename -> data
+    images: dict[str, bytes | Path | Oversized] = field(default_factory=dict)
 
-    def find_image(self, href: str | None) -> tuple[str, bytes | Path] | None:
+    def find_image(self, href: str | None) -> tuple[str, bytes | Path | Oversized] | None:
         """Resolve a ``<graphic>`` href to an image file: exact basename first, then the href
         plus a known extension (hrefs usually omit it), full-resolution formats first."""
         if not href:
@@ -259,7 +272,7 @@ def _article_names(names: Iterable[str]) -> list[str]:
 
 
 def _group_articles(
-    xmls: dict[str, bytes], images: dict[str, bytes | Path]
+    xmls: dict[str, bytes], images: dict[str, bytes | Path | Oversized]
 ) -> Iterator[ArticleFiles]:
     for name in _article_names(xmls):
         yield ArticleFiles(name=name, xml=xmls[name], images=images)
@@ -274,7 +287,7 @@ class _TarGroup:
     def __init__(self, folder: str | None) -> None:
         self.folder = folder
         self.xmls: dict[str, bytes] = {}
-        self.images: dict[str, bytes | Path] = {}
+        self.images: dict[str, bytes | Path | Oversized] = {}
         self.image_folder: dict[str, str] = {}  # image key -> the folder it came from
 
     def holds(self, parent: str) -> bool:
@@ -284,7 +297,7 @@ class _TarGroup:
             parent == self.folder or self.folder == "" or parent.startswith(f"{self.folder}/")
         )
 
-    def add_image(self, parent: str, name: str, data: bytes) -> None:
+    def add_image(self, parent: str, name: str, data: bytes | Oversized) -> None:
         key = name.rsplit("/", 1)[-1].lower()
         # A subfolder's file never replaces one of the same name nearer the article's own
         # folder (a thumbs/ preview named like the full-size figure).
@@ -350,6 +363,12 @@ def _iter_tar(pkg: PackageRef, notes: list[str]) -> Iterator[ArticleFiles]:
                     sub = group.split_off(parent)
                     yield from group.articles()
                     group = sub
+                if member.size > MAX_FILE_BYTES:
+                    if is_xml:
+                        notes.append("article: XML file too large")
+                    else:
+                        group.add_image(parent, name, Oversized(member.size))
+                    continue
                 fh = tf.extractfile(member)
                 data = fh.read() if fh is not None else b""
                 if is_xml:
@@ -370,7 +389,7 @@ def _iter_dir(folder: Path, notes: list[str], only: str | None = None) -> Iterat
     except OSError:
         notes.append("unreadable folder")
         return
-    images: dict[str, bytes | Path] = {
+    images: dict[str, bytes | Path | Oversized] = {
         n.lower(): folder / n for n in names if _suffix(n) in IMAGE_SUFFIXES
     }
     if only is None:  # a folder package: the images of its subfolders too (a lone file: its own)
@@ -382,6 +401,9 @@ def _iter_dir(folder: Path, notes: list[str], only: str | None = None) -> Iterat
     # never held in memory at once (images are paths, read by the worker when encoded).
     for n in _article_names(xml_names):
         try:
+            if (folder / n).stat().st_size > MAX_FILE_BYTES:
+                notes.append("article: XML file too large")
+                continue
             data = (folder / n).read_bytes()
         except OSError:
             notes.append("unreadable XML file")
