@@ -433,3 +433,21 @@ def test_every_article_of_an_articleset_is_read_and_a_notice_among_them_refused(
     arts, _ = parse_articles(two.encode(), "PMC9.xml", fallback_pmcid="PMC9")
     assert [a.pmcid for a in arts] == [None, None]
     assert parse_article(bare.format(i=6, kind="x").encode(), fallback_pmcid="PMC9").pmcid == "PMC9"
+
+
+@pytest.mark.parametrize("encoding", ["ISO-8859-1", "windows-1252", "ISO-8859-2", "us-ascii"])
+def test_a_utf8_file_declared_in_a_single_byte_encoding_is_read_as_utf8(encoding):
+    """Every byte sequence is valid Latin-1, so a UTF-8 file whose prolog says ISO-8859-1 parsed
+    without complaint into mojibake: "Röntgen ×400" read "RÃ¶ntgen Ã\\x97400"."""
+    caption = "Röntgen: α-SMA, 5 µm, ×400 – “Größe”."
+    xml = _one_caption_article(caption.encode()).replace(b"UTF-8", encoding.encode(), 1)
+    a = parse_article(xml, "u.nxml")
+    assert a.figures[0].caption == caption
+    assert a.notes == ["XML encoding or entities repaired"]
+    # A file really in that encoding is still read in it.
+    if encoding != "us-ascii":
+        text = "Zdjęcie płuc" if encoding == "ISO-8859-2" else "Radiographie é"
+        a = parse_article(
+            _one_caption_article(text.encode(encoding)).replace(b"UTF-8", encoding.encode(), 1)
+        )
+        assert (a.figures[0].caption, a.notes) == (text, [])

@@ -152,6 +152,10 @@ def _outermost(element: etree._Element) -> bool:
 def _parse(data: bytes, name: str, notes: list[str]) -> etree._Element:
     if not data or not data.strip():
         raise InputError(name, "empty XML file")
+    relabelled = _utf8_declared_single_byte(data)
+    if relabelled is not None:
+        data = relabelled
+        notes.append("XML encoding or entities repaired")
     try:
         return etree.fromstring(data, etree.XMLParser(**_STRICT))
     except (etree.XMLSyntaxError, ValueError) as exc:  # ValueError: unknown declared encoding
@@ -256,6 +260,30 @@ def _decode(data: bytes) -> str:
 
 
 _ENCODING_DECL = re.compile(rb"""^\s*<\?xml[^>]*?\bencoding\s*=\s*["']([A-Za-z][\w.:-]*)["']""")
+
+
+def _utf8_declared_single_byte(data: bytes) -> bytes | None:
+    """``data`` declared UTF-8 instead, when its prolog names a single-byte encoding (ISO-8859-1,
+    windows-1252, ...) but its bytes are UTF-8 with non-ASCII characters in them. Every byte
+    sequence is valid Latin-1, so the strict parser read such a file without complaint and
+    every "ö" became "Ã¶", "×400" "Ã\x97400"; legacy text that happens to be valid UTF-8 is
+    mojibake already ("Ã¶" written in Latin-1)."""
+    m = _ENCODING_DECL.match(data[:512])
+    if not m:
+        return None
+    try:
+        codec = codecs.lookup(m.group(1).decode("ascii")).name
+    except LookupError:
+        return None
+    if codec.startswith("utf") or len(bytes(range(256)).decode(codec, errors="replace")) != 256:
+        return None  # a UTF, or a multi-byte encoding (Shift_JIS, GBK)
+    if data.isascii():
+        return None
+    try:
+        data.decode("utf-8")
+    except UnicodeDecodeError:
+        return None
+    return data[: m.start(1)] + b"UTF-8" + data[m.end(1) :]
 
 
 def _declared_encoding(data: bytes) -> str | None:
