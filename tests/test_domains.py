@@ -221,3 +221,20 @@ def test_a_negation_covers_every_modality_it_coordinates(caption, expected):
 def test_a_negated_pair_in_a_mention_labels_nothing():
     mention = ["MRI and CT were not performed before surgery (Fig. 2)."]
     assert _on(classify_text("Ultrasound of the liver.", mention)) == set()
+
+
+@pytest.mark.parametrize(
+    ("caption", "expected"),
+    [
+        ("18F-FDG PET-CT showing intense uptake in a mediastinal node.", {"ct_scan"}),
+        ("SPECT-CT fused image of the parathyroid adenoma.", {"ct_scan"}),
+        ("Whole-body PET - CT, maximum intensity projection.", {"ct_scan"}),
+        ("PET/CT fused image.", {"ct_scan"}),  # as before
+        ("PET-MRI of the brain.", {"mri"}),  # as before
+        ("Expression of PET-CTLA4 in transfected cells.", set()),
+    ],
+)
+def test_a_hybrid_scan_spelled_with_a_hyphen_is_ct(caption, expected):
+    """ "PET/CT" and "PET–CT" were CT, "PET-CT" (the commonest spelling) and "SPECT-CT" nothing:
+    the CT cue is not taken after a hyphen."""
+    assert _on(classify_text(caption)) == expected
