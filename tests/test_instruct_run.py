@@ -240,6 +240,42 @@ def test_a_rejected_request_is_logged_then_asked_again_by_the_next_run(stub, tmp
     assert stub.count == 6  # now it is done
 
 
+def test_rerunning_a_finished_job_whose_leftovers_are_rejected_again_keeps_exit_0(tmp_path):
+    """A prompt past a small server's context window is rejected every time. The run that met
+    it exited 0; re-running the same finished command then failed with exit 1, "the server
+    rejected all 1 requests of this run". A server that rejects everything still fails."""
+    with StubServer(responder=messy_responder) as srv:
+        opts = make_opts(srv, tmp_path, n=5)
+        opts.client.concurrency = 1
+        srv.plan(["400"])
+        report, rc = run_instruct(opts)
+        assert rc == 0 and report["rejected_this_run"] == {"http_400": 1}
+        for _ in range(2):  # the same figure, rejected again: the same outcome, the same exit
+            srv.plan(["400"])
+            report, rc = run_instruct(opts)
+            assert rc == 0 and report["rejected_this_run"] == {"http_400": 1}
+            assert report["totals"]["dropped_by_reason"]["request_rejected"] == 1
+        # New figures, every one of them rejected (another server, options it does not take):
+        # still a failure, even though earlier runs finished figures.
+        with open(opts.figures, "a") as fh:
+            for i in range(2):
+                pid = f"PMC9999{i}_F1"
+                rec = {"pair_id": pid, "fig_caption": f"[{pid}] A CT.", "image": f"i/{pid}.jpg"}
+                fh.write(json.dumps(rec) + "\n")
+        srv.default = "400"
+        with pytest.raises(LlavamedError, match="rejected all 3 requests of this run"):
+            run_instruct(opts)
+    # A fresh job whose every request is rejected fails, and writes no OUT.
+    (tmp_path / "fresh").mkdir()
+    with StubServer(default="400") as srv:
+        fresh = make_opts(srv, tmp_path / "fresh", n=3)
+        with pytest.raises(LlavamedError, match="rejected all 3 requests of this run"):
+            run_instruct(fresh)
+        with pytest.raises(LlavamedError, match="rejected all 3 requests of this run"):
+            run_instruct(fresh)  # and again: nothing was ever finished
+        assert not fresh.out.exists()
+
+
 def test_a_rejected_figure_that_then_fails_transiently_is_pending_not_done(stub, tmp_path):
     """The next run asks a rejected figure again; when that ask failed (5xx past the last
     retry), the old rejection still counted the figure as finished: exit 0, "complete"."""

@@ -232,6 +232,7 @@ class _RunOutcome:
     """The pair_ids of those failures: pending, whatever an earlier run logged for them."""
     rejected: Counter = field(default_factory=Counter)
     """Requests the server rejected (a non-fatal 4xx) per status: logged, asked again next run."""
+    rejected_ids: set = field(default_factory=set)
     first_rejection: str = ""
     length_cut: int = 0
 
@@ -260,6 +261,7 @@ async def _generate(opts, prompts, pending, appender, fp, sources, bar) -> _RunO
                     reason = MODEL_REFUSAL if exc.kind == MODEL_REFUSAL else REQUEST_REJECTED
                     if reason == REQUEST_REJECTED:
                         outcome.rejected[exc.kind] += 1
+                        outcome.rejected_ids.add(pid)
                         outcome.first_rejection = (
                             outcome.first_rejection or f"{exc.kind}: {exc.detail}"
                         )
@@ -393,8 +395,11 @@ def run_instruct(opts: InstructOptions) -> tuple[dict, int]:
         """Logged from the record as it is now (logs from before ``src`` existed are trusted)."""
         return e.get("src") in (None, sources.get(str(e.get("pair_id"))))
 
+    rejected_before: set[str] = set()  # figures an earlier run logged as rejected
+
     def done_ids() -> set[str]:
         done = set()
+        rejected_before.clear()
         for e in iter_jsonl(partial, skip_bad=True) if partial.exists() else []:
             if e.get("fp") != fp:
                 raise LlavamedError(
@@ -403,6 +408,8 @@ def run_instruct(opts: InstructOptions) -> tuple[dict, int]:
                 )
             if current(e) and not _asked_again(e):
                 done.add(str(e.get("pair_id")))
+            elif current(e):
+                rejected_before.add(str(e.get("pair_id")))
         return done
 
     if opts.dry_run:  # reads the log, writes nothing
@@ -454,7 +461,8 @@ def run_instruct(opts: InstructOptions) -> tuple[dict, int]:
         pending_n = len(selected) - len(ordered)
         # With nothing finished (every request failed or was rejected) an empty OUT would only
         # let a pipeline go on to train on nothing; the report says why, and a re-run writes OUT.
-        wrote_out = any(not _asked_again(e) for e in ordered) or not selected
+        finished_any = any(not _asked_again(e) for e in ordered)
+        wrote_out = finished_any or not selected
         if wrote_out:
             atomic_write_json(opts.out, samples, indent=1)
         report = {
@@ -482,7 +490,11 @@ def run_instruct(opts: InstructOptions) -> tuple[dict, int]:
         }
         atomic_write_json(opts.resolved_report_path, report)
     rejected = sum(outcome.rejected.values())
-    if pending and rejected == len(pending):
+    # Only figures an earlier run also had rejected, in a job with finished figures: the same
+    # outcome as that run's (a few prompts past the context window, say), not a server or
+    # options that reject everything; a re-run of a finished job must not turn exit 0 into 1.
+    same_as_before = finished_any and outcome.rejected_ids <= rejected_before
+    if pending and rejected == len(pending) and not same_as_before:
         # Not one figure's fault but the server's or the command's (a proxy's 400, a 422 for a
         # parameter the server does not take): exit 0 would pass for a finished job.
         raise LlavamedError(
