@@ -489,3 +489,23 @@ def test_a_run_whose_every_request_was_rejected_fails(stub, tmp_path, capsys):
             "--out", str(tmp_path / "j2.jsonl")]  # fmt: skip
     assert main(argv) == 0
     assert "the server rejected 1 judge requests (1 http_400)" in capsys.readouterr().err
+
+
+def test_rerunning_a_finished_judge_whose_leftovers_are_rejected_again_keeps_exit_0(stub, tmp_path):
+    """A judge prompt past a small server's context window is rejected every time. The run that
+    met it exited 0; re-running the finished command failed: "rejected all 1 judge requests"."""
+    from llavamed.errors import LlavamedError
+
+    opts = _one_at_a_time(make_opts(stub, tmp_path))
+    stub.plan(["400"])
+    report, rc = run_judge(opts)
+    assert rc == 0 and report["rejected_this_run"] == {"http_400": 1}
+    for _ in range(2):
+        stub.plan(["400"])
+        report, rc = run_judge(opts)
+        assert rc == 0 and report["rejected_this_run"] == {"http_400": 1}
+    # New judgements (--swap), every one rejected: still a failure.
+    opts = dataclasses.replace(opts, swap=True)
+    stub.default = "400"
+    with pytest.raises(LlavamedError, match=r"rejected all 6 judge requests"):
+        run_judge(opts)

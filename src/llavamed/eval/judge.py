@@ -300,11 +300,12 @@ def _pair_key(q: dict, answer: str, prompts: JudgePrompts) -> str:
 
 
 async def _judge_all(
-    opts, prompts, jobs, appender, fp, bar, rejections: list[str], failed: set
+    opts, prompts, jobs, appender, fp, bar, rejections: list[str], failed: set, rejected: set
 ) -> dict:
     """Judge every job, appending each judgement to the log; returns the client's stats, adds
-    each request the server rejected (``kind: detail``) to ``rejections`` and each (question_id,
-    order) that failed transiently to ``failed``."""
+    each request the server rejected (``kind: detail``) to ``rejections`` and its (question_id,
+    order) to ``rejected``, and each (question_id, order) that failed transiently to
+    ``failed``."""
     async with LLMClient(opts.client, seed=opts.seed) as client:
 
         async def one(q: dict, answer: str, order: str) -> None:
@@ -313,7 +314,7 @@ async def _judge_all(
             msgs = build_judge_messages(q, a1, a2, prompts)
             raws = []
             scores = None
-            rejected = False
+            was_rejected = False
             try:
                 for variant in (0, 1):  # one re-ask, with its own cache key, on a bad judgement
                     r = await client.chat(
@@ -338,10 +339,11 @@ async def _judge_all(
                 # so the report counts it. A refusal is the judge's answer and is final; a
                 # rejection may be the server's fault or the command's, costs nothing, and is
                 # asked again by the next run.
-                rejected = exc.kind != MODEL_REFUSAL
-                raws.append(f"<{'request rejected' if rejected else 'refused'}: {exc.kind}>")
-                if rejected:
+                was_rejected = exc.kind != MODEL_REFUSAL
+                raws.append(f"<{'request rejected' if was_rejected else 'refused'}: {exc.kind}>")
+                if was_rejected:
                     rejections.append(f"{exc.kind}: {exc.detail}")
+                    rejected.add((str(q["question_id"]), order))
             appender.append(
                 {
                     "question_id": q["question_id"],
@@ -355,7 +357,7 @@ async def _judge_all(
                     "max_tokens": opts.max_tokens,
                     "judgement": raws[-1] if raws else "",
                 }
-                | ({"rejected": True} if rejected else {})
+                | ({"rejected": True} if was_rejected else {})
             )
 
         await for_each_concurrently(
@@ -435,13 +437,17 @@ def run_judge(opts: JudgeOptions) -> tuple[dict, int]:
         bar = None
         rejections: list[str] = []
         failed: set[tuple[str, str]] = set()
+        rejected_keys: set[tuple[str, str]] = set()
+        rejected_before = {k for k, e in judged(existing).items() if e.get("rejected")}
         if opts.progress and jobs:
             from tqdm import tqdm
 
             bar = tqdm(total=len(jobs), desc="judge", unit="q", file=sys.stderr)
         try:
             stats = asyncio.run(
-                _judge_all(opts, prompts, jobs, appender, fp, bar, rejections, failed)
+                _judge_all(
+                    opts, prompts, jobs, appender, fp, bar, rejections, failed, rejected_keys
+                )
             )
         except LLMError as exc:
             raise LlavamedError(
@@ -494,7 +500,12 @@ def run_judge(opts: JudgeOptions) -> tuple[dict, int]:
         report["position_bias"] = position_bias(per_order[NORMAL], per_order[SWAPPED])
     report["rejected_this_run"] = dict(Counter(r.split(":", 1)[0] for r in rejections))
     atomic_write_json(opts.resolved_report_path, report)
-    if jobs and len(rejections) == len(jobs):
+    # Only judgements an earlier run also had rejected, beside finished ones: that run's outcome
+    # again (a few prompts past a small judge's context window), and a re-run of a finished job
+    # must not turn its exit 0 into 1. New judgements all rejected still fail.
+    finished_any = any(not e.get("rejected") for e in done.values())
+    same_as_before = finished_any and rejected_keys <= rejected_before
+    if jobs and len(rejections) == len(jobs) and not same_as_before:
         # Not one question's fault but the server's or the command's (a 400 for a parameter or
         # a context too short): exit 0 with every judgement invalid would pass for a result.
         raise LlavamedError(
