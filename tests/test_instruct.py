@@ -141,6 +141,11 @@ CANON = "User: What is shown?\nAssistant: A chest X-ray.\n\nUser: Any effusion?\
         "### User: Any effusion?\n### Assistant: No.</s>",
         "- **Question:** What is shown?\n- **Answer:** A chest X-ray.\n"
         "- **Question:** Any effusion?\n- **Answer:** No.",
+        # In a code fence: the closing ``` ended the last training answer.
+        f"```\n{CANON}\n```",
+        f"```text\n{CANON}\n```\n",
+        "~~~\nUser: What is shown?\nAssistant: A chest X-ray.\n~~~\n\n"
+        "```markdown\nUser: Any effusion?\nAssistant: No.\n```",
     ],
 )
 def test_parse_odd_formats(raw):

@@ -4,10 +4,10 @@ Two steps, both pure functions:
 
 1. :func:`parse_turns` finds ``User:`` / ``Assistant:`` turns however the model wrote them: any
    case, markdown bold or headings, list numbering (``1. **User:**``), ``Q:``/``A:``, ``Human:``,
-   several turns on one line, a chatty preamble, chat-template debris (``<|im_end|>``), or a
-   hallucinated next "Figure Caption:" block. A turn ends at a horizontal rule line or before a
-   closing note or remark ("Note: ...", "I hope this helps!"). Unpaired questions or answers are
-   dropped and counted.
+   several turns on one line, a chatty preamble, chat-template debris (``<|im_end|>``), code
+   fence lines (```` ``` ````), or a hallucinated next "Figure Caption:" block. A turn ends at a
+   horizontal rule line or before a closing note or remark ("Note: ...", "I hope this helps!").
+   Unpaired questions or answers are dropped and counted.
 2. :func:`clean_turns` applies the paper's cleaning (DESIGN.md §4): drop refusal turns ("I cannot
    see the image"), strip source phrases ("Based on the caption, ..."), drop turns that still talk
    about the caption, a description, the article, or the context or text as a source ("the
@@ -59,6 +59,9 @@ _STOP_LINE = re.compile(r"^\s*(?:#+\s*)?(?:\*\*)?figure (?:caption|context)\s*(?
 # A horizontal rule ("---", "***", "___", spaced or longer) ends the turn it follows: what comes
 # after it up to the next speaker is a separator's aftermath ("Note: generated from the caption").
 _RULE_LINE = re.compile(r"^\s*(?:(?:-[ \t]*){3,}|(?:\*[ \t]*){3,}|(?:_[ \t]*){3,})$")
+# A code fence ("```", "```text", "~~~") around the conversation or a turn is markup, not words:
+# it ended up as the last line of a training answer.
+_FENCE_LINE = re.compile(r"^\s*(?:`{3,}|~{3,})\s*[\w.+-]*\s*$")
 # A paragraph (after a blank line) that is a note or a closing remark, not part of the answer:
 # "Note: ...", "(End of conversation)", "I hope this helps!", "Let me know if ...". "Note that
 # the arrow ..." is content, "Note: ..." is not.
@@ -279,6 +282,8 @@ def parse_turns(raw: str) -> CleanResult:
     # A rule line ended the last segment: text until the next speaker is dropped.
     closed = counted = False
     for line in text.split("\n"):
+        if _FENCE_LINE.match(line):
+            continue
         if _STOP_LINE.match(line):
             if segments:
                 dropped["trailing_new_example"] += 1
