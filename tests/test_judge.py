@@ -509,3 +509,17 @@ def test_rerunning_a_finished_judge_whose_leftovers_are_rejected_again_keeps_exi
     stub.default = "400"
     with pytest.raises(LlavamedError, match=r"rejected all 6 judge requests"):
         run_judge(opts)
+
+
+def test_a_thinking_judge_is_scored_on_its_answer_not_its_reasoning(stub, tmp_path):
+    """A reasoning model (no reasoning parser on the server) starts its content with
+    ``<think>``: every judgement was invalid, or scored from numbers in the reasoning."""
+    (tmp_path / "plain").mkdir()
+    (tmp_path / "thinking").mkdir()
+    plain, _ = run_judge(make_opts(stub, tmp_path / "plain"))
+    stub.responder = lambda req: (
+        "<think>\nAssistant 1: 3 findings. Assistant 2: 2 findings. Scores 1 2?\n</think>\n\n"
+        + judge_responder(req)
+    )
+    thinking, rc = run_judge(make_opts(stub, tmp_path / "thinking"))
+    assert rc == 0 and thinking["relative_score"] == plain["relative_score"]

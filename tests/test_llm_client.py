@@ -526,3 +526,25 @@ def test_two_servers_with_one_model_name_do_not_share_cached_answers(tmp_path):
     assert cache_key("m", MSGS, {}, endpoint="http://a/v1/chat/completions") != cache_key(
         "m", MSGS, {}, endpoint="http://b/v1/chat/completions"
     )
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_thinking_models_reasoning_is_not_part_of_its_answer(stub, tmp_path, stream):
+    """Qwen3 / DeepSeek-R1 behind a server without a reasoning parser put ``<think>...</think>``
+    in ``content``: the judge read "<think>" as its score line, self-instruct parsed the drafts
+    in the reasoning as turns. Also when the template opened the block (only ``</think>``), and
+    a block cut by max_tokens leaves no answer."""
+    replies = iter(
+        [
+            "<think>\nUser: a draft? Assistant: a draft.\n</think>\n\n8 6\nWhy.",
+            "The judge should compare. Assistant 1: 3 points.\n</think>\n8 6",
+            "<think>\nStill thinking when max_tokens came",
+        ]
+    )
+    stub.responder = lambda body: next(replies)
+    o = opts(stub, stream=stream, cache_path=str(tmp_path / "c.sqlite"))
+    for i, want in enumerate(["8 6\nWhy.", "8 6", ""]):
+        _, [r] = run(_chat(o, messages=[{"role": "user", "content": f"q{i}"}]))
+        assert r.text == want and not r.cached
+        _, [again] = run(_chat(o, messages=[{"role": "user", "content": f"q{i}"}]))
+        assert again.cached and again.text == want

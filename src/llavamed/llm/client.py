@@ -26,6 +26,7 @@ import email.utils
 import json
 import math
 import random
+import re
 import time
 from collections import Counter
 from collections.abc import Awaitable, Callable
@@ -104,6 +105,26 @@ def estimate_tokens(obj: str | list[dict]) -> int:
     if isinstance(obj, str):
         return max(1, math.ceil(len(obj) / CHARS_PER_TOKEN))
     return sum(estimate_tokens(str(m.get("content", ""))) + TOKENS_PER_MESSAGE for m in obj) + 2
+
+
+_THINK_OPEN = re.compile(r"^\s*<think>", re.IGNORECASE)
+_THINK_CLOSE = re.compile(r"</think>", re.IGNORECASE)
+
+
+def strip_reasoning(text: str) -> str:
+    """The answer without the reasoning a thinking model (Qwen3, DeepSeek-R1, QwQ) writes into
+    ``content`` when the server has no reasoning parser: ``<think>...</think>answer``, or
+    ``...</think>answer`` when the chat template opened the block. The judge read ``<think>`` as
+    the line holding the scores, and self-instruct parsed "User:" drafts in the reasoning as
+    turns. A block never closed (cut by max_tokens) leaves no answer at all."""
+    close = _THINK_CLOSE.search(text)
+    if close is not None and "<think>" not in text[close.end() :].lower():
+        before = text[: close.start()]
+        if _THINK_OPEN.match(before) or "<think>" not in before.lower():
+            return text[close.end() :].lstrip()
+    if close is None and _THINK_OPEN.match(text):
+        return ""
+    return text
 
 
 def check_sampling(max_tokens: int, temperature: float) -> None:
@@ -509,7 +530,7 @@ class LLMClient:
                 self.stats.cached_completion_tokens += ct
                 self.stats.cost_saved_usd += self.cost(pt, ct)
                 return ChatResult(
-                    text=hit["text"],
+                    text=strip_reasoning(hit["text"]),
                     finish_reason=hit.get("finish_reason"),
                     prompt_tokens=pt,
                     completion_tokens=ct,
@@ -745,7 +766,7 @@ class LLMClient:
         self.stats.completion_tokens += ct
         cost = self.cost(pt, ct)
         self.stats.cost_usd += cost
-        return ChatResult(text, finish, pt, ct, False, attempts, estimated, cost)
+        return ChatResult(strip_reasoning(text), finish, pt, ct, False, attempts, estimated, cost)
 
 
 async def for_each_concurrently(
