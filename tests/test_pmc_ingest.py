@@ -2,6 +2,7 @@ import io
 import json
 import shutil
 import tarfile
+from pathlib import Path
 
 import pytest
 from PIL import Image
@@ -723,3 +724,28 @@ def test_an_image_file_too_large_to_be_a_figure_is_not_read(tmp_path):
         assert report["figures_written"] == 0
     grown_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss_before
     assert grown_kb < 200_000, grown_kb
+
+
+def test_a_dicom_graphic_is_ingested(tmp_path):
+    """llavamed.images reads DICOM, but ingest only looked at raster suffixes: a figure whose
+    graphic is "ct1.dcm" (or "ct2" with ct2.dcm beside it) was counted "image missing"."""
+    from pydicom.data import get_testdata_file
+
+    dcm = Path(get_testdata_file("CT_small.dcm")).read_bytes()
+    xml = (
+        b'<article xmlns:xlink="http://www.w3.org/1999/xlink"><front><article-meta>'
+        b'<article-id pub-id-type="pmc">8000001</article-id></article-meta></front><body>'
+        b'<fig id="F1"><label>Figure 1</label><caption><p>Axial CT of the abdomen.</p>'
+        b'</caption><graphic xlink:href="ct1.dcm"/></fig>'
+        b'<fig id="F2"><label>Figure 2</label><caption><p>Axial CT, lung window.</p>'
+        b'</caption><graphic xlink:href="ct2"/></fig></body></article>'
+    )
+    write_tar(tmp_path / "src" / "PMC8000001.tar.gz", "PMC8000001", {"a.nxml": xml, "ct1.dcm": dcm})
+    write_dir(tmp_path / "dirs" / "PMC8000001", {"a.nxml": xml, "ct2.dcm": dcm})
+    for src, out, fig_id in (("src", "o1", "F1"), ("dirs", "o2", "F2")):
+        report = ingest([tmp_path / src], tmp_path / out, workers=1)
+        assert report["figures_written"] == 1, report["reasons"]
+        (rec,) = _records(tmp_path / out)
+        assert rec["fig_id"] == fig_id and rec["domain"]["ct_scan"]
+        with Image.open(tmp_path / out / rec["image"]) as im:
+            assert im.mode == "RGB" and im.size == (128, 128)

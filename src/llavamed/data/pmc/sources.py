@@ -21,10 +21,17 @@ from llavamed.errors import InputError
 
 TAR_SUFFIXES = (".tar.gz", ".tgz", ".tar", ".tar.bz2", ".tar.xz")
 XML_SUFFIXES = (".nxml", ".xml")
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".tif", ".tiff", ".gif", ".bmp", ".webp")
+# DICOM too: llavamed.images reads it, and a folder of case images may hold it; without it here
+# a figure whose graphic is "ct1.dcm" was counted "image missing" beside its file.
+IMAGE_SUFFIXES = (
+    ".jpg", ".jpeg", ".png", ".tif", ".tiff", ".gif", ".bmp", ".webp", ".dcm", ".dicom",
+)  # fmt: skip
 # When a graphic's href has no extension (common in PMC), prefer the full-resolution formats:
-# PMC packages often carry a small .gif preview beside the .jpg/.tif.
-_EXT_PREFERENCE = (".tif", ".tiff", ".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif")
+# PMC packages often carry a small .gif preview beside the .jpg/.tif. A DICOM file comes last:
+# a rendered image beside it is what the authors showed.
+_EXT_PREFERENCE = (
+    ".tif", ".tiff", ".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif", ".dcm", ".dicom",
+)  # fmt: skip
 # Bulk XML-only tarballs hold thousands of articles in one folder: don't buffer them all.
 _FLUSH_XML_WITHOUT_IMAGES = 64
 _PMCID = re.compile(r"PMC\d+", re.I)
