@@ -144,7 +144,10 @@ def _load_vision(spec: ModelSpec) -> _Vision:
     from transformers import AutoModel
 
     with model_files(path):
-        model = AutoModel.from_pretrained(path)
+        model, info = AutoModel.from_pretrained(
+            path, output_loading_info=True, ignore_mismatched_sizes=True
+        )
+    _check_vision_loading(path, cfg.model_type, info)
     if full_type is not None:
         # A full CLIP/SigLIP folder: keep only the vision half (same keys as *VisionModel).
         sd = model.vision_model.state_dict()
@@ -159,6 +162,43 @@ def _load_vision(spec: ModelSpec) -> _Vision:
     # A ViT tower keeps its (unused) pooler: llava instantiates ViTModel with one, and strict
     # loading wants every key accounted for.
     return _Vision(cfg, sd, mean, std, has_cls=has_cls, pretrained=True)
+
+
+# Keys a vision folder may hold beside its tower: the heads of a classifier or of a full CLIP
+# (which the tower does not use), never a part of the tower itself.
+_VISION_HEAD_KEYS = ("classifier.", "visual_projection.", "text_projection.", "logit_scale")
+
+
+def _check_vision_loading(path: Path, model_type: str, info: dict) -> None:
+    """Refuse a ``--vision`` folder whose weights do not fill its tower. transformers fills a
+    missing weight with random values and only prints a report, so a folder with a layer's
+    weights missing composed a checkpoint with that layer random, with no error. Tolerated:
+    a ViT's pooler (llava never reads it; a ViT classifier folder has none) and the unused
+    heads of a classifier or of a full CLIP folder."""
+    missing = sorted(
+        str(k)
+        for k in info.get("missing_keys") or ()
+        if not (model_type == "vit" and str(k).startswith("pooler."))
+    )
+    unexpected = sorted(
+        str(k)
+        for k in info.get("unexpected_keys") or ()
+        if not str(k).startswith(_VISION_HEAD_KEYS)
+    )
+    mismatched = sorted(
+        str(k[0] if isinstance(k, tuple) else k) for k in info.get("mismatched_keys") or ()
+    )
+    problems = []
+    for kind, keys in (
+        ("missing", missing),
+        ("unexpected", unexpected),
+        ("mismatched", mismatched),
+    ):
+        if keys:
+            more = f" (+{len(keys) - 3} more)" if len(keys) > 3 else ""
+            problems.append(f"{kind} keys: {', '.join(keys[:3])}{more}")
+    if problems:
+        raise InputError(path, "vision weights do not fit the tower", "; ".join(problems))
 
 
 def _load_lm(spec: ModelSpec):
@@ -182,9 +222,16 @@ def _load_lm(spec: ModelSpec):
         p = Path(spec.lm)
         if not p.exists():
             raise InputError(spec.lm, "file not found")
-        with model_files(p):
-            tok = AutoTokenizer.from_pretrained(p.parent, gguf_file=p.name)
-            gguf_model = AutoModelForCausalLM.from_pretrained(p.parent, gguf_file=p.name)
+        import struct
+
+        try:
+            with model_files(p):
+                tok = AutoTokenizer.from_pretrained(p.parent, gguf_file=p.name)
+                gguf_model = AutoModelForCausalLM.from_pretrained(p.parent, gguf_file=p.name)
+        except (struct.error, KeyError, IndexError) as exc:
+            # The gguf reader's own errors on a cut or damaged file (a download stopped in
+            # its header raised struct.error "unpack_from requires a buffer ..." as a traceback).
+            raise InputError(p, "unreadable GGUF file", first_line(exc)) from exc
         cfg = gguf_model.config
         del cfg.quantization_config
         lm = AutoModelForCausalLM.from_config(cfg)
@@ -193,9 +240,13 @@ def _load_lm(spec: ModelSpec):
         local = Path(spec.lm).exists()
         if not local and spec.lm.startswith((".", "/", "~")):
             raise InputError(spec.lm, "folder not found")  # a path, not a hub id
+        from llavamed.model.checkpoint import strict_from_pretrained
+
         try:
             tok = AutoTokenizer.from_pretrained(spec.lm, local_files_only=True)
-            lm = AutoModelForCausalLM.from_pretrained(spec.lm, local_files_only=True)
+            # Strict: transformers fills a missing weight (an lm_head, a layer) with random
+            # values and composes on; the checkpoint would carry a random part unannounced.
+            lm = strict_from_pretrained(AutoModelForCausalLM, spec.lm, local_files_only=True)
         except (OSError, ValueError) as exc:
             where = "folder" if local else "hub id (not in the local HF cache; no downloads here)"
             first = first_line(exc)

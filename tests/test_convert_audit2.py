@@ -1,0 +1,129 @@
+"""Audit regressions for composition and conversion: weights that do not fill the model are
+refused naming the keys (never filled with random values), and damaged inputs are one-line
+errors, not tracebacks."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from llavamed.errors import InputError
+
+_VIT = dict(image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=2, num_attention_heads=2)
+
+
+def _save_tower(kind: str, out):
+    from transformers import (
+        CLIPConfig,
+        CLIPModel,
+        CLIPVisionConfig,
+        CLIPVisionModel,
+        CLIPVisionModelWithProjection,
+        ViTConfig,
+        ViTForImageClassification,
+    )
+
+    torch.manual_seed(0)
+    if kind == "clip":
+        model = CLIPVisionModel(CLIPVisionConfig(**_VIT, intermediate_size=64))
+    elif kind == "clip_with_projection":
+        model = CLIPVisionModelWithProjection(
+            CLIPVisionConfig(**_VIT, intermediate_size=64, projection_dim=8)
+        )
+    elif kind == "clip_full":
+        text = dict(
+            hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2
+        )
+        model = CLIPModel(
+            CLIPConfig(
+                vision_config=dict(_VIT, intermediate_size=64), text_config=text, projection_dim=8
+            )
+        )
+    elif kind == "vit_classifier":
+        model = ViTForImageClassification(ViTConfig(**_VIT, intermediate_size=64, num_labels=3))
+    else:
+        raise AssertionError(kind)
+    model.save_pretrained(out)
+    return out
+
+
+def test_model_init_refuses_a_vision_folder_missing_weights(tmp_path):
+    """A tower folder without one layer's weights composed a checkpoint whose layer was random
+    (transformers only printed a load report)."""
+    from llavamed.model.compose import ModelSpec, init_checkpoint
+
+    tower = _save_tower("clip", tmp_path / "tower")
+    sd = load_file(tower / "model.safetensors")
+    sd = {k: v for k, v in sd.items() if "encoder.layers.1." not in k}
+    save_file(sd, tower / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(InputError, match=r"vision weights do not fit.*encoder\.layers\.1\."):
+        init_checkpoint(tmp_path / "out", ModelSpec(lm="tiny", vision=str(tower)))
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("kind", ["clip_with_projection", "clip_full", "vit_classifier"])
+def test_model_init_takes_a_tower_beside_its_unused_heads(tmp_path, kind):
+    """Strictness refuses missing tower weights, not the heads a CLIP or ViT classifier folder
+    holds beside its tower (nor a classifier's absent pooler, which llava never reads)."""
+    from transformers import AutoModel
+
+    from llavamed.model.checkpoint import load_llava
+    from llavamed.model.compose import ModelSpec, init_checkpoint
+
+    tower = _save_tower(kind, tmp_path / "tower")
+    out = init_checkpoint(tmp_path / "out", ModelSpec(lm="tiny", vision=str(tower)))
+    model, _ = load_llava(out)
+    ref = AutoModel.from_pretrained(tower)
+    ref = ref.vision_model if kind == "clip_full" else ref
+    ref_sd = ref.state_dict()
+    got = model.model.vision_tower.state_dict()
+    for k, v in ref_sd.items():
+        if not k.startswith("pooler."):
+            torch.testing.assert_close(got[k], v, rtol=0, atol=0)
+
+
+def test_model_init_refuses_an_lm_folder_missing_its_head(tmp_path):
+    """An untied LM folder without lm_head.weight composed with a random head."""
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    from llavamed.model.compose import ModelSpec, init_checkpoint
+    from llavamed.model.embedded import embedded_lm_dir
+
+    tok = AutoTokenizer.from_pretrained(embedded_lm_dir())
+    cfg = LlamaConfig(
+        vocab_size=len(tok),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        tie_word_embeddings=False,
+    )
+    lm_dir = tmp_path / "lm"
+    LlamaForCausalLM(cfg).save_pretrained(lm_dir)
+    tok.save_pretrained(lm_dir)
+    sd = load_file(lm_dir / "model.safetensors")
+    del sd["lm_head.weight"]
+    save_file(sd, lm_dir / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(InputError, match=r"does not fit the model.*lm_head\.weight"):
+        init_checkpoint(tmp_path / "out", ModelSpec(lm=str(lm_dir), vision="tiny"))
+    assert not (tmp_path / "out").exists()
+
+
+def test_model_init_with_a_cut_gguf_is_one_line(tmp_path, capsys):
+    """A GGUF download stopped inside its header raised the gguf reader's struct.error as a
+    traceback."""
+    from llavamed.cli import main
+    from llavamed.model.embedded import gguf_path
+
+    cut = tmp_path / "cut.gguf"
+    with gguf_path().open("rb") as fh:
+        cut.write_bytes(fh.read(200_000))
+    rc = main(
+        ["model", "init", "--out", str(tmp_path / "out"), "--lm", str(cut), "--vision", "tiny"]
+    )
+    err = capsys.readouterr().err
+    assert rc == 1
+    assert f"{cut}: unreadable GGUF file" in err and "Traceback" not in err
+    assert not (tmp_path / "out").exists()
