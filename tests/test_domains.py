@@ -231,10 +231,14 @@ def test_a_negated_pair_in_a_mention_labels_nothing():
         ("Whole-body PET - CT, maximum intensity projection.", {"ct_scan"}),
         ("PET/CT fused image.", {"ct_scan"}),  # as before
         ("PET-MRI of the brain.", {"mri"}),  # as before
+        ("3D-CT reconstruction of the skull showing the fracture.", {"ct_scan"}),
+        ("4D-CT of the parathyroid glands.", {"ct_scan"}),
+        ("HR-CT of the lungs: ground-glass opacities.", {"ct_scan"}),
         ("Expression of PET-CTLA4 in transfected cells.", set()),
+        ("Staining with an anti-CT antibody in cultured cells.", set()),
     ],
 )
-def test_a_hybrid_scan_spelled_with_a_hyphen_is_ct(caption, expected):
-    """ "PET/CT" and "PET–CT" were CT, "PET-CT" (the commonest spelling) and "SPECT-CT" nothing:
-    the CT cue is not taken after a hyphen."""
+def test_ct_spelled_with_a_prefix_and_a_hyphen_is_ct(caption, expected):
+    """PET/CT and PET–CT were CT, PET-CT (the commonest spelling), SPECT-CT, 3D-CT and HR-CT
+    nothing: the CT cue is not taken after a hyphen."""
     assert _on(classify_text(caption)) == expected

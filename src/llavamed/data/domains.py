@@ -168,18 +168,20 @@ def _combo_holds(
     return all(any(p.search(text) for p in group) for group in others)
 
 
-# A hybrid scan spelled with a hyphen ("PET-CT", "SPECT-CT") is the "PET/CT" the vocabulary
-# knows; "CT" right after a hyphen is otherwise no cue (gene and marker names), so the commonest
-# spelling of PET/CT got no label while "PET/CT" and "PET–CT" were CT.
-_HYBRID_SCAN = re.compile(
-    r"(?<![A-Za-z0-9])(PET|SPECT)\s*[-\u2010\u2011]\s*(?=CTs?(?![A-Za-z0-9]))"
+# "CT" right after a hyphen is no cue (gene and marker names), so CT spelled with a prefix and a
+# hyphen got no label: "PET-CT" and "SPECT-CT" (the commonest spellings of "PET/CT"), "3D-CT",
+# "4D-CT", "MS-CT" (multislice), "MD-CT", "HR-CT", "DE-CT" (dual-energy), "CE-CT" (contrast-
+# enhanced), "NC-CT"/"NE-CT" (non-contrast). Those prefixes are read with a space instead.
+_HYPHENATED_CT = re.compile(
+    r"(?<![A-Za-z0-9])(PET|SPECT|[34]-?D|MS|MD|HR|DE|CE|NC|NE)\s*[-\u2010\u2011]\s*"
+    r"(?=CTs?(?![A-Za-z0-9]))"
 )
 
 
 def domain_scores(text: str) -> dict[str, tuple[int, int, bool]]:
     """Per domain: (strong cues, weak cues, anti cue present) found in ``text``."""
     rules = _rules()
-    text = _HYBRID_SCAN.sub(r"\1/", text)
+    text = _HYPHENATED_CT.sub(r"\1 ", text)
     text = _blank_not_image(text, rules)
     out = {}
     for name, dom in rules.domains.items():
