@@ -127,3 +127,90 @@ def test_model_init_with_a_cut_gguf_is_one_line(tmp_path, capsys):
     assert rc == 1
     assert f"{cut}: unreadable GGUF file" in err and "Traceback" not in err
     assert not (tmp_path / "out").exists()
+
+
+def _drop(*keys):
+    return lambda sd: {k: v for k, v in sd.items() if k not in keys}
+
+
+def _renumber(sd):
+    return {k.replace("blocks.1.", "blocks.2."): v for k, v in sd.items()}
+
+
+def _odd_qkv(sd):
+    return sd | {"visual.trunk.blocks.0.attn.qkv.weight": torch.randn(95, 32)}
+
+
+@pytest.mark.parametrize(
+    ("damage", "message"),
+    [
+        (_drop("visual.trunk.cls_token"), r"missing source keys \(visual\.trunk\.cls_token\)"),
+        (_drop("visual.trunk.pos_embed"), r"missing source keys \(visual\.trunk\.pos_embed\)"),
+        (
+            _drop("visual.trunk.blocks.1.norm2.weight"),
+            r"missing source keys \(visual\.trunk\.blocks\.1\.norm2\.weight\)",
+        ),
+        (
+            _drop("visual.trunk.norm.weight", "visual.trunk.norm.bias"),
+            r"missing source keys \(visual\.trunk\.norm\.bias, visual\.trunk\.norm\.weight\)",
+        ),
+        (_renumber, r"blocks are not numbered 0\.\.N-1"),
+        (_odd_qkv, r"shapes do not fit a ViT \(visual\.trunk\.blocks\.0\.attn\.qkv\.weight"),
+    ],
+    ids=["cls", "pos", "norm2", "final-norm", "block-gap", "qkv-width"],
+)
+def test_biomedclip_an_incomplete_trunk_is_refused_naming_the_key(
+    biomedclip_state_dict, tmp_path, capsys, damage, message
+):
+    """Each of these ended in a KeyError or torch's RuntimeError traceback."""
+    import re
+
+    from llavamed.cli import main
+
+    src = tmp_path / "open_clip_pytorch_model.bin"
+    torch.save(damage(biomedclip_state_dict), src)
+    rc = main(["convert", "biomedclip", str(src), str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert rc == 1 and "Traceback" not in err
+    assert re.search(message, err), err
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize(
+    ("heads", "message"),
+    [
+        (5, r"--num-heads: 5 heads do not divide the width \(hidden size 32\)"),
+        (0, r"--num-heads: must be a positive number \(got 0\)"),
+        (-2, r"--num-heads: must be a positive number \(got -2\)"),
+    ],
+)
+def test_biomedclip_num_heads_that_cannot_work_are_refused(
+    biomedclip_state_dict, tmp_path, capsys, heads, message
+):
+    """5 heads on width 32 ended in a RuntimeError traceback; 0 silently meant the default and
+    a negative count wrote a folder."""
+    import re
+
+    from llavamed.cli import main
+
+    src = tmp_path / "open_clip_pytorch_model.bin"
+    torch.save(biomedclip_state_dict, src)
+    rc = main(["convert", "biomedclip", str(src), str(tmp_path / "out"), f"--num-heads={heads}"])
+    err = capsys.readouterr().err
+    assert rc == 1 and "Traceback" not in err
+    assert re.search(message, err), err
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_pickle_that_is_not_a_state_dict_is_named(tmp_path):
+    """A .bin holding a list failed with "'int' object has no attribute 'startswith'"."""
+    from llavamed.model.convert.biomedclip import convert_biomedclip
+    from llavamed.model.convert.state_dict_io import load_state_dict
+
+    src = tmp_path / "open_clip_pytorch_model.bin"
+    torch.save([1, 2], src)
+    with pytest.raises(InputError, match=r"not a state dict \(holds a list\)"):
+        convert_biomedclip(src, tmp_path / "out")
+    torch.save({"visual.trunk.cls_token": 3}, src)
+    with pytest.raises(InputError, match=r"'visual\.trunk\.cls_token' is not a named tensor"):
+        load_state_dict(tmp_path)

@@ -36,6 +36,9 @@ def map_biomedclip_state_dict(sd: dict, num_heads: int | None = None, source: st
 
     if not any(k.startswith(TRUNK) for k in sd):
         raise InputError(source, "not an open_clip timm-trunk checkpoint", "no visual.trunk.* keys")
+    if num_heads is not None and (isinstance(num_heads, bool) or num_heads < 1):
+        # 0 fell back to the default unannounced; a negative count built a broken model.
+        raise InputError("--num-heads", "must be a positive number", f"got {num_heads!r}")
     out: dict = {}
     used = set()
     blocks = set()
@@ -72,7 +75,21 @@ def map_biomedclip_state_dict(sd: dict, num_heads: int | None = None, source: st
     unused = sorted(k for k in sd if k not in used)
     if unused:
         raise InputError(source, "unmapped source keys", ", ".join(unused[:10]))
+    # Without these the shapes below cannot be read (a KeyError traceback named a native key).
+    needed = ("embeddings.cls_token", "embeddings.position_embeddings")
+    needed += ("embeddings.patch_embeddings.projection.weight", "layers.0.mlp.fc1.weight")
+    absent = [_source_key(k) for k in needed if k not in out]
+    if absent:
+        raise InputError(source, "missing source keys", ", ".join(absent))
+    if sorted(blocks) != list(range(len(blocks))):
+        raise InputError(
+            source, "blocks are not numbered 0..N-1", f"visual.trunk.blocks.{sorted(blocks)}"
+        )
     hidden = out["embeddings.cls_token"].shape[-1]
+    if num_heads is not None and hidden % num_heads:
+        raise InputError(
+            "--num-heads", f"{num_heads} heads do not divide the width", f"hidden size {hidden}"
+        )
     patch = out["embeddings.patch_embeddings.projection.weight"].shape[-1]
     n_pos = out["embeddings.position_embeddings"].shape[1] - 1
     grid = int(round(n_pos**0.5))
@@ -92,7 +109,60 @@ def map_biomedclip_state_dict(sd: dict, num_heads: int | None = None, source: st
         hidden_dropout_prob=0.0,
         attention_probs_dropout_prob=0.0,
     )
+    _check_fits(config, out, source)
     return config, out
+
+
+def _source_key(native: str) -> str:
+    """The open_clip key a ViT key is read from, for errors that name what the file lacks."""
+    fixed = {
+        "embeddings.cls_token": "cls_token",
+        "embeddings.position_embeddings": "pos_embed",
+        "embeddings.patch_embeddings.projection.weight": "patch_embed.proj.weight",
+        "embeddings.patch_embeddings.projection.bias": "patch_embed.proj.bias",
+        "layernorm.weight": "norm.weight",
+        "layernorm.bias": "norm.bias",
+    }
+    if native in fixed:
+        return TRUNK + fixed[native]
+    m = re.match(r"layers\.(\d+)\.(.+)\.(weight|bias)$", native)
+    if m:
+        i, name, kind = m.groups()
+        if name.startswith("attention.") and name.endswith(("q_proj", "k_proj", "v_proj")):
+            return f"{TRUNK}blocks.{i}.attn.qkv.{kind}"
+        timm = {v: k for k, v in BLOCK_MAP.items()}.get(name)
+        if timm is not None:
+            return f"{TRUNK}blocks.{i}.{timm}.{kind}"
+    return native
+
+
+def _check_fits(config, vit_sd: dict, source: str) -> None:
+    """Every ViT weight present with its shape, or an InputError naming the open_clip keys: a
+    checkpoint missing a norm or a bias (or with a qkv of another width) ended in torch's
+    multi-line RuntimeError from load_state_dict."""
+    import torch
+    from transformers import ViTModel
+
+    with torch.device("meta"):
+        shapes = {
+            k: tuple(v.shape)
+            for k, v in ViTModel(config, add_pooling_layer=False).state_dict().items()
+        }
+    missing = sorted({_source_key(k) for k in shapes if k not in vit_sd})
+    if missing:
+        raise InputError(source, "missing source keys", ", ".join(missing[:10]))
+    extra = sorted({_source_key(k) for k in vit_sd if k not in shapes})
+    if extra:
+        raise InputError(source, "source keys do not fit a ViT", ", ".join(extra[:10]))
+    wrong = sorted(
+        {
+            f"{_source_key(k)} {tuple(v.shape)}"
+            for k, v in vit_sd.items()
+            if tuple(v.shape) != shapes[k]
+        }
+    )
+    if wrong:
+        raise InputError(source, "tensor shapes do not fit a ViT", "; ".join(wrong[:5]))
 
 
 CONVERTED_FROM = "open_clip BiomedCLIP visual.trunk"

@@ -25,12 +25,26 @@ def _load_file(path: Path) -> dict:
             from safetensors.torch import load_file
 
             return load_file(path)
-        return torch.load(path, map_location="cpu", weights_only=True)
+        sd = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
         # torch.load's message advises weights_only=False, which runs arbitrary code from an
         # untrusted file; keep only the first sentence, which says what failed.
         first = first_line(exc).split(". ")[0]
         raise InputError(path, "unreadable weights file", first) from exc
+    # A training checkpoint (open_clip's) keeps its weights under "state_dict".
+    if isinstance(sd, dict) and isinstance(sd.get("state_dict"), dict):
+        sd = sd["state_dict"]
+    # A pickle holding a list, a number or other objects failed later with an AttributeError
+    # ("'int' object has no attribute 'startswith'") deep in a converter.
+    if not isinstance(sd, dict):
+        raise InputError(path, "not a state dict", f"holds a {type(sd).__name__}")
+    bad = next(
+        (k for k, v in sd.items() if not isinstance(k, str) or not isinstance(v, torch.Tensor)),
+        None,
+    )
+    if bad is not None:
+        raise InputError(path, "not a state dict", f"{bad!r} is not a named tensor")
+    return sd
 
 
 def _read_index(index: Path) -> dict[str, str]:
@@ -51,8 +65,7 @@ def _read_index(index: Path) -> dict[str, str]:
 def load_state_dict(src: str | Path) -> dict:
     src = Path(src)
     if src.is_file():
-        sd = _load_file(src)
-        return sd.get("state_dict", sd) if isinstance(sd, dict) else sd
+        return _load_file(src)
     for name in INDEX_FILES:
         index = src / name
         if index.exists():
