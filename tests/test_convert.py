@@ -262,6 +262,12 @@ def _variant(src, sd, dst, change):
         (lambda sd: {k: v for k, v in sd.items() if "mm_projector" not in k}
          | {"model.mm_projector.weight": torch.zeros(32, 24)},
          r"unmapped source keys \(model\.mm_projector\.weight\)"),
+        # tower keys are named as the file spells them, with their vision_model level
+        (lambda sd: sd | {TOWER + "post_layernorm.weight": sd[TOWER + "post_layernorm.weight"][1:]},
+         r"shapes do not fit the config \(model\.vision_tower\.vision_tower\.vision_model\."
+         r"post_layernorm\.weight \(23,\)"),
+        (lambda sd: sd | {TOWER + "extra.weight": torch.zeros(2)},
+         r"unexpected=\['model\.vision_tower\.vision_tower\.vision_model\.extra\.weight'\]"),
     ],
 )  # fmt: skip
 def test_llava_med_a_key_or_shape_that_does_not_fit_fails_loudly(

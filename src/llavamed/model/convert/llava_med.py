@@ -70,15 +70,16 @@ def _vision_config_and_weights(src_cfg: dict, sd: dict, vision_tower: str | Path
         vcfg = cfg.vision_config
     else:
         raise InputError(folder, "not a CLIP folder", f"model_type={cfg.model_type}")
+    # Each weight's key in its file, so that errors name a key the user can find there.
+    names: dict[str, str] = {}
     if in_ckpt:
-        # transformers 5's CLIPVisionModel has no ``vision_model`` level.
         # transformers 5's CLIPVisionModel has no ``vision_model`` level; ``position_ids`` is a
         # buffer older checkpoints stored and transformers now rebuilds.
-        weights = {
-            re.sub(r"^vision_model\.", "", k): v
-            for k, v in in_ckpt.items()
-            if not k.endswith("position_ids")
-        }
+        weights = {}
+        for k, v in in_ckpt.items():
+            if not k.endswith("position_ids"):
+                native = re.sub(r"^vision_model\.", "", k)
+                weights[native], names[native] = v, TOWER_PREFIX + k
         used_from_ckpt = [TOWER_PREFIX + k for k in in_ckpt]
     else:
         tower_sd = load_state_dict(folder)
@@ -86,6 +87,7 @@ def _vision_config_and_weights(src_cfg: dict, sd: dict, vision_tower: str | Path
         for k, v in tower_sd.items():
             if k.startswith("vision_model."):
                 weights[k[len("vision_model.") :]] = v
+                names[k[len("vision_model.") :]] = f"{folder}: {k}"
             elif k.startswith(
                 ("text_model.", "visual_projection", "text_projection", "logit_scale")
             ):
@@ -93,7 +95,7 @@ def _vision_config_and_weights(src_cfg: dict, sd: dict, vision_tower: str | Path
             elif k.startswith("position_ids") or k.endswith("position_ids"):
                 continue
             else:
-                weights[k] = v
+                weights[k], names[k] = v, f"{folder}: {k}"
         weights = {k: v for k, v in weights.items() if not k.endswith("position_ids")}
         used_from_ckpt = []
     mean = std = None
@@ -101,7 +103,7 @@ def _vision_config_and_weights(src_cfg: dict, sd: dict, vision_tower: str | Path
     if pp.exists():
         pre = read_json(pp)
         mean, std = pre.get("image_mean"), pre.get("image_std")
-    return vcfg, weights, used_from_ckpt, mean, std
+    return vcfg, weights, names, used_from_ckpt, mean, std
 
 
 def _load_tokenizer(src: Path):
@@ -233,7 +235,7 @@ def convert_llava_med(
         raise InputError(cfg_path, "unsupported option", f"mm_patch_merge_type={merge!r}")
     tok = _load_tokenizer(src)  # before the weights: minutes for a 7B checkpoint
     sd = load_state_dict(src)
-    vcfg, vision_weights, vision_used, mean, std = _vision_config_and_weights(
+    vcfg, vision_weights, vision_names, vision_used, mean, std = _vision_config_and_weights(
         src_cfg, sd, vision_tower, src
     )
     feature_layer = _feature_layer(src_cfg, cfg_path, int(vcfg.num_hidden_layers))
@@ -292,12 +294,9 @@ def convert_llava_med(
         target[native], source_of[native] = v, k
         used.append(k)
     check_all_used(list(sd), used, str(src))
-    tower_source = (
-        TOWER_PREFIX if vision_used else f"{vision_tower or src_cfg.get('mm_vision_tower')}: "
-    )
     for k, v in vision_weights.items():
         target["model.vision_tower." + k] = v
-        source_of["model.vision_tower." + k] = tower_source + k
+        source_of["model.vision_tower." + k] = vision_names[k]
     # Grow the embedding (and untied head) by the <image> row(s); their values are never read for
     # image positions, so the mean embedding is a safe, deterministic fill.
     for key in ("model.language_model.embed_tokens.weight", "lm_head.weight"):
