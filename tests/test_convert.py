@@ -642,3 +642,19 @@ def test_select_layer_0_converts_to_a_checkpoint_that_runs(original_llava_med, t
         with torch.no_grad():
             logits.append(model(**inputs).logits)
     torch.testing.assert_close(logits[0], logits[1])
+
+
+def test_llava_meds_training_use_cache_false_is_not_carried_over(original_llava_med, tmp_path):
+    """Released LLaVA-Med configs say use_cache=false (LLaVA's train.py sets it); the converted
+    model then returned no KV cache from a forward pass unless asked for one."""
+    from llavamed.model.checkpoint import load_llava
+    from llavamed.model.convert.llava_med import convert_llava_med
+
+    src, _, sd = original_llava_med
+    variant = _with_config(src, sd, tmp_path / "src", use_cache=False)
+    dst = convert_llava_med(variant, tmp_path / "native")
+    assert json.loads((dst / "config.json").read_text())["text_config"].get("use_cache", True)
+    model, proc = load_llava(dst)
+    with torch.no_grad():
+        out = model(**proc(text=["[INST] Hi [/INST]"], return_tensors="pt"))
+    assert out.past_key_values is not None

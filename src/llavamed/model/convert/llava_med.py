@@ -243,6 +243,10 @@ def convert_llava_med(
     text_cfg = {k: v for k, v in src_cfg.items() if k not in LLAVA_KEYS}
     for k in ("architectures", "model_type", "_name_or_path", "transformers_version", "auto_map"):
         text_cfg.pop(k, None)
+    # LLaVA's train.py saves use_cache=false (a training setting, as gradient checkpointing
+    # needs): kept, every forward pass of the converted model returned no KV cache unless the
+    # caller asked for one, so a plain decoding loop recomputed the whole prompt each token.
+    text_cfg.pop("use_cache", None)
     text_config = MistralConfig(**text_cfg)
 
     if IMAGE_PLACEHOLDER not in tok.get_vocab():
