@@ -451,3 +451,22 @@ def test_a_utf8_file_declared_in_a_single_byte_encoding_is_read_as_utf8(encoding
             _one_caption_article(text.encode(encoding)).replace(b"UTF-8", encoding.encode(), 1)
         )
         assert (a.figures[0].caption, a.notes) == (text, [])
+
+
+@pytest.mark.parametrize(
+    "caption",
+    ["<p>.</p>", "<title>Figure 1.</title>", "<p><bold>Fig. 1</bold></p>", "<title/><p>–</p>"],
+)
+def test_a_caption_that_says_nothing_is_no_caption(caption):
+    """A caption of punctuation or of the label alone was kept as the figure's caption ("." or
+    "Figure 1."): an alignment answer saying nothing about the image."""
+    xml = (
+        '<article><front><article-meta><article-id pub-id-type="pmc">7</article-id>'
+        '</article-meta></front><body><p>See <xref ref-type="fig" rid="F2">Fig. 2</xref>.</p>'
+        f'<fig id="F1"><label>Figure 1</label><caption>{caption}</caption><graphic href="g1"/>'
+        '</fig><fig id="F2"><caption><p>Axial CT.</p></caption><graphic href="g2"/></fig>'
+        "</body></article>"
+    )
+    f1, f2 = parse_article(xml.encode()).figures
+    assert f1.skip_reason == "no caption"
+    assert (f2.skip_reason, f2.caption, f2.number) == (None, "Axial CT.", 2)  # still counted

@@ -483,6 +483,22 @@ def _member_label(label: str, group_label: str) -> str:
     return f"{stem}{panel.group(1)}" if panel else f"{stem} {label}"
 
 
+_ALNUM = re.compile(r"[^\W_]")
+_LABEL_ONLY = re.compile(r"(?:fig(?:ure)?s?\.?\s*)?\d{1,3}[A-Za-z]?", re.I)
+
+
+def _says_nothing(caption: str, label: str | None) -> bool:
+    """An empty caption, or one that is only punctuation or the figure's label again
+    (``<caption><p>.</p></caption>``, ``<caption><title>Figure 1</title></caption>``): such a
+    figure was kept with "." or "Figure 1." as its caption, a training answer saying nothing."""
+    if not _ALNUM.search(caption):
+        return True
+    text = caption.strip().rstrip(".:;,").strip()
+    if label and text.lower() == label.strip().rstrip(".:;,").strip().lower():
+        return True
+    return bool(_LABEL_ONLY.fullmatch(text))
+
+
 def _figures(
     article: etree._Element, notes: list[str]
 ) -> tuple[list[Figure], dict[str, list[str]]]:
@@ -534,7 +550,7 @@ def _figures(
         if f.skip_reason is None:
             if not f.graphic_ref:
                 f.skip_reason = "no graphic"
-            elif not f.caption:
+            elif _says_nothing(f.caption, f.label):
                 f.skip_reason = "no caption"
         figures.append(f)
         # A group's panels that share a number (or have none) are one figure of the text; its
