@@ -6,7 +6,9 @@ RGBA/LA (composited on white, as figures are shown on a page), palette, CMYK, 16
 grayscale (min-max stretched), and DICOM (modality LUT, then the VOI LUT / window from the file,
 MONOCHROME1 inverted, colour as pydicom decodes it (YBR comes back RGB), PALETTE COLOR through its
 colour tables, only the middle frame of a multi-frame series decoded). ``max_pixels`` refuses
-larger images; for rasters it cannot go above PIL's own 179 MP hard limit. Anything else raises one
+larger images; for rasters it cannot go above PIL's own 179 MP hard limit. Rasters are read only in
+:data:`RASTER_FORMATS` (also BMP, WebP, JPEG 2000, PPM, AVIF): PostScript and Pillow's rarer
+decoders are never run on untrusted bytes. Anything else raises one
 :class:`~llavamed.errors.InputError` naming the file and a countable reason.
 """
 
@@ -26,6 +28,13 @@ from llavamed.errors import InputError
 # almost certainly corrupt or hostile.
 DEFAULT_MAX_PIXELS = 178_956_970
 DICOM_MAGIC_OFFSET = 128
+# The raster formats figures, scans and uploads come in. Pillow otherwise identifies ~40 formats by
+# their contents, whatever the file is called: a "fig1.jpg" that holds PostScript went to
+# Ghostscript (run as a subprocess on untrusted input; its -dSAFER mode has had escapes), and
+# rarely used decoders (FITS, SPIDER, QOI, ...) widened what untrusted bytes could reach.
+RASTER_FORMATS = (
+    "JPEG", "MPO", "PNG", "TIFF", "GIF", "BMP", "DIB", "WEBP", "JPEG2000", "PPM", "AVIF",
+)  # fmt: skip
 
 
 def _is_dicom(head: bytes) -> bool:
@@ -81,7 +90,7 @@ def _load_raster(data: bytes, label: str, max_pixels: int) -> Image.Image:
             # Our own max_pixels decides below; PIL's warning fires at half its error limit
             # (89 MP), which made that the real cap whatever max_pixels said.
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            img = Image.open(io.BytesIO(data))
+            img = Image.open(io.BytesIO(data), formats=_formats())
             w, h = img.size
             if w * h > max_pixels:
                 raise InputError(label, "image too large", f"{w}x{h} > {max_pixels} pixels")
@@ -108,6 +117,12 @@ def _load_raster(data: bytes, label: str, max_pixels: int) -> Image.Image:
     except Exception:  # a broken EXIF block should not cost us the pixels
         pass
     return _to_rgb(img)
+
+
+def _formats() -> list[str]:
+    """:data:`RASTER_FORMATS` this Pillow build can open (AVIF needs its library)."""
+    Image.init()
+    return [f for f in RASTER_FORMATS if f in Image.OPEN]
 
 
 def _to_rgb(img: Image.Image) -> Image.Image:
