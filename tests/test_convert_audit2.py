@@ -214,3 +214,21 @@ def test_a_pickle_that_is_not_a_state_dict_is_named(tmp_path):
     torch.save({"visual.trunk.cls_token": 3}, src)
     with pytest.raises(InputError, match=r"'visual\.trunk\.cls_token' is not a named tensor"):
         load_state_dict(tmp_path)
+
+
+def test_model_init_refuses_chatml_on_a_tokenizer_without_its_markers(tmp_path):
+    """chatml (the default template) on a Llama/Mistral-style tokenizer composed a checkpoint
+    whose <|im_end|> was eleven plain tokens and no stop id: generation never ended a turn."""
+    from llavamed.errors import ConfigError
+    from llavamed.model.compose import ModelSpec, init_checkpoint
+    from test_labels import _sentencepiece_style_llama
+
+    lm = _sentencepiece_style_llama(tmp_path / "lm")
+    with pytest.raises(ConfigError, match=r"template='chatml'.*no token '<\|im_start\|>'"):
+        init_checkpoint(tmp_path / "out", ModelSpec(lm=str(lm), vision="tiny", template="chatml"))
+    assert not (tmp_path / "out").exists()
+    # The LM's own format composes.
+    out = init_checkpoint(
+        tmp_path / "out", ModelSpec(lm=str(lm), vision="tiny", template="mistral_instruct")
+    )
+    assert (out / "model.safetensors").is_file()

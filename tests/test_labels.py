@@ -193,10 +193,12 @@ def test_an_image_outside_the_first_question_is_refused(ckpt):
             )
 
 
-def _sentencepiece_style_llama(folder):
+def _sentencepiece_style_llama(folder, chatml: bool = False):
     """A tiny Llama LM with a Mistral/Llama-style tokenizer: byte-fallback BPE over "▁"-marked
     words, <s>/</s> specials and BOS added by the tokenizer (SmolLM2's GPT-2 style tokenizer has
-    none of these, so the mistral template's BOS and "</s>" handling is checked here)."""
+    none of these, so the mistral template's BOS and "</s>" handling is checked here). With
+    ``chatml``, the tokenizer also has <|im_start|>/<|im_end|> tokens (model init refuses the
+    chatml template on a tokenizer without them)."""
     import string
 
     from tokenizers import Tokenizer, decoders, models, normalizers
@@ -223,8 +225,10 @@ def _sentencepiece_style_llama(folder):
         unk_token="<unk>",
         add_bos_token=True,
     )
+    if chatml:
+        fast.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]})
     cfg = LlamaConfig(
-        vocab_size=len(vocab),
+        vocab_size=len(fast),
         hidden_size=32,
         intermediate_size=64,
         num_hidden_layers=2,
@@ -281,7 +285,7 @@ def test_golden_labels_for_every_template_multi_turn_unicode_whitespace(tmp_path
     nothing of the prompt."""
     from llavamed.model.compose import ModelSpec, init_checkpoint
 
-    lm = _sentencepiece_style_llama(tmp_path / "lm")
+    lm = _sentencepiece_style_llama(tmp_path / "lm", chatml=template == "chatml")
     ckpt = init_checkpoint(
         tmp_path / "ckpt", ModelSpec(lm=str(lm), vision="tiny", template=template)
     )

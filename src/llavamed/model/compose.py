@@ -16,7 +16,7 @@ from typing import Any
 
 from llavamed.errors import ConfigError, InputError, first_line
 from llavamed.model.processing import known_token_id, llava_image_processor, template_eos
-from llavamed.model.templates import IMAGE_PLACEHOLDER, get_template
+from llavamed.model.templates import IMAGE_PLACEHOLDER, TEMPLATES, get_template
 
 CHECKPOINT_META = "llavamed.json"
 LLAVA_HF_TOWERS = ("clip_vision_model", "siglip_vision_model")
@@ -282,6 +282,7 @@ def build(spec: ModelSpec):
     feature_layer = native_feature_layer(feature_layer, n_vision_layers)
     lm, tok = _load_lm(spec)
     template = get_template(spec.template)
+    _check_template_tokens(spec, template, tok)
 
     if IMAGE_PLACEHOLDER not in tok.get_vocab():
         tok.add_special_tokens({"additional_special_tokens": [IMAGE_PLACEHOLDER]})
@@ -339,6 +340,25 @@ def build(spec: ModelSpec):
     )
     set_chat_template(processor, template, model.generation_config)
     return model, processor
+
+
+def _check_template_tokens(spec: ModelSpec, template, tok) -> None:
+    """Refuse a template whose turn markers the LM's tokenizer cannot spell as single tokens.
+    chatml (the default) on a Llama/Mistral tokenizer wrote ``<|im_end|>`` as eleven ordinary
+    tokens and no stop id for it: the model was trained to type the characters and generation
+    never stopped at the end of a turn."""
+    markers = ["<|im_start|>", "<|im_end|>"] if template.name == "chatml" else []
+    markers.append(template_eos(template, tok))
+    for marker in markers:
+        tid = known_token_id(tok, marker)
+        if tid is None or tok.encode(marker, add_special_tokens=False) != [tid]:
+            others = sorted(set(TEMPLATES) - {template.name})
+            raise ConfigError(
+                f"template={template.name!r} (--template): the tokenizer of --lm {spec.lm} has "
+                f"no token {marker!r}, so its turns would be plain text that generation does "
+                f"not stop at; choose another template ({', '.join(others)}) or an LM made for "
+                "this one"
+            )
 
 
 def check_feature_layer(layer, n_layers: int) -> None:
