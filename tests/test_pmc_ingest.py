@@ -749,3 +749,23 @@ def test_a_dicom_graphic_is_ingested(tmp_path):
         assert rec["fig_id"] == fig_id and rec["domain"]["ct_scan"]
         with Image.open(tmp_path / out / rec["image"]) as im:
             assert im.mode == "RGB" and im.size == (128, 128)
+
+
+def test_the_report_counts_the_records_the_file_holds(tmp_path):
+    """A record kept without its image (package a) and completed by another package (b) stayed
+    counted by a; when a's download completed and a was redone, its count went and the report
+    said 0 figures for a file holding 1."""
+    files = article_files("PMC1000003")
+    no_image = {"PMC1000003.nxml": files["PMC1000003.nxml"]}
+    src = tmp_path / "src"
+    write_tar(src / "a.tar.gz", "A", no_image)
+    write_tar(src / "b.tar.gz", "B", files)
+    opts = IngestOptions(keep_missing_images=True)
+    out = tmp_path / "out"
+    assert ingest([src], out, opts)["figures_written"] == len(_records(out)) == 1
+    write_tar(src / "a.tar.gz", "A", files)  # a's download completed
+    report = ingest([src], out, opts)
+    assert report["last_run"]["packages_processed"] == 1
+    (rec,) = _records(out)
+    assert rec["source"] == "src/b.tar.gz" and rec["image"] is not None
+    assert report["figures_written"] == 1

@@ -523,8 +523,12 @@ class IngestWriter:
         for entry in self.done.values():
             total.update(entry.get("counts", {}))
             articles += entry.get("articles", 0)
-        figures = total.pop("figures written", 0)
+        # The records the file holds, not the packages' own counts summed: a record kept without
+        # its image and completed by another package stays counted by the first, and when that
+        # one was redone the sum fell below the file (0 reported, 1 record).
+        total.pop("figures written", None)
         self._drop_superseded()
+        figures = len(self.pairs)
         report = {
             "packages_done": len(self.done),
             "articles": articles,
