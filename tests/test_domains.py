@@ -255,3 +255,25 @@ def test_a_huge_caption_is_labelled_in_linear_time():
     labels = classify_text(caption)
     assert time.perf_counter() - t0 < 15
     assert _on(labels) == {"ct_scan"}
+
+
+@pytest.mark.parametrize(
+    ("caption", "expected"),
+    [
+        ("(A) Axial CT image showing the tumour; (B) box plot of tumour volumes.", {"ct_scan"}),
+        (
+            "Representative H&E-stained sections (A, B) and a bar graph of the scores (C).",
+            {"histology"},
+        ),
+        ("T2-weighted MRI of the brain (left) and histogram of ADC values (right).", {"mri"}),
+        ("Chest radiograph (a) and the Kaplan-Meier curve of the cohort (b).", {"chest_xray"}),
+        ("Box plot of ADC values by tumour grade; axial T2-weighted MRI (inset).", set()),
+        ("ROC curves of the radiomics model from contrast-enhanced CT images.", set()),
+    ],
+)
+def test_a_compound_figure_with_an_image_panel_before_its_chart_keeps_its_modality(
+    caption, expected
+):
+    """Any chart word in the first sentence made a caption a figure of data, so compound figures
+    (an image panel, then a plot) got no domain; a chart named first still does."""
+    assert _on(classify_text(caption)) == expected

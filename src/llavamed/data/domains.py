@@ -26,7 +26,9 @@ stains and magnifications ("H&E", "PAS", "×400"), views and anatomy. Rules, in 
 5. Mentions are used only when the caption names no modality at all: a body sentence often cites
    several figures of different kinds.
 6. A caption whose first sentence names a chart, plot or diagram (``chart_figure``: "ROC curves",
-   "Kaplan-Meier", "flowchart", "architecture of") labels no domain: it is a figure of data.
+   "Kaplan-Meier", "flowchart", "architecture of") before any modality labels no domain: it is a
+   figure of data. A modality named first is an image panel of a compound figure ("(A) Axial CT;
+   (B) box plot of volumes") and labels as usual.
    "had undergone CT" and the like name the patient's history, not the figure (``not_image``).
 """
 
@@ -201,7 +203,13 @@ def is_chart(caption: str) -> bool:
     named in the caption's first sentence. Most PMC figures are such plots, and their captions
     name modalities as the data's source ("ROC curves of CT-based radiomics"): no domain."""
     first = re.split(r"(?<=[.!?])\s", caption.strip(), maxsplit=1)[0]
-    return any(p.search(first) for p in _rules().chart)
+    starts = [m.start() for p in _rules().chart if (m := p.search(first))]
+    if not starts:
+        return False
+    # A modality named before the chart is a panel of the figure: "(A) Axial CT image of the
+    # tumour; (B) box plot of tumour volumes", "H&E-stained sections (A, B) and a bar graph of
+    # the scores (C)" are compound figures with an image in them, and got no domain.
+    return not any(strong for strong, _, _ in domain_scores(first[: min(starts)]).values())
 
 
 def classify_text(caption: str, mentions: Iterable[str] | None = None) -> dict[str, bool]:
