@@ -224,7 +224,10 @@ def test_model_init_refuses_chatml_on_a_tokenizer_without_its_markers(tmp_path):
     from test_labels import _sentencepiece_style_llama
 
     lm = _sentencepiece_style_llama(tmp_path / "lm")
-    with pytest.raises(ConfigError, match=r"template='chatml'.*no token '<\|im_start\|>'"):
+    with pytest.raises(
+        ConfigError,
+        match=r"template='chatml': the tokenizer of --lm .* has no token '<\|im_start\|>'",
+    ):
         init_checkpoint(tmp_path / "out", ModelSpec(lm=str(lm), vision="tiny", template="chatml"))
     assert not (tmp_path / "out").exists()
     # The LM's own format composes.
@@ -232,3 +235,27 @@ def test_model_init_refuses_chatml_on_a_tokenizer_without_its_markers(tmp_path):
         tmp_path / "out", ModelSpec(lm=str(lm), vision="tiny", template="mistral_instruct")
     )
     assert (out / "model.safetensors").is_file()
+
+
+def test_switching_a_checkpoint_to_a_template_its_tokenizer_lacks_is_refused(tmp_path):
+    """``model.template`` in a training config re-templates a loaded checkpoint through
+    set_chat_template: chatml on a converted LLaVA-Med (Mistral tokenizer) would train and
+    serve <|im_end|> as plain text."""
+    from transformers import AutoProcessor, GenerationConfig
+
+    from llavamed.errors import ConfigError
+    from llavamed.model.compose import ModelSpec, init_checkpoint, set_chat_template
+    from llavamed.model.templates import get_template
+    from test_labels import _sentencepiece_style_llama
+
+    lm = _sentencepiece_style_llama(tmp_path / "lm")
+    ckpt = init_checkpoint(
+        tmp_path / "ckpt", ModelSpec(lm=str(lm), vision="tiny", template="mistral_instruct")
+    )
+    processor = AutoProcessor.from_pretrained(ckpt)
+    gen = GenerationConfig(eos_token_id=2)
+    with pytest.raises(ConfigError, match=r"template='chatml': the tokenizer has no token"):
+        set_chat_template(processor, get_template("chatml"), gen)
+    assert gen.eos_token_id == 2
+    set_chat_template(processor, get_template("vicuna_v1"), gen)
+    assert processor.chat_template.startswith("{%- macro")

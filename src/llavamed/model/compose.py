@@ -282,7 +282,7 @@ def build(spec: ModelSpec):
     feature_layer = native_feature_layer(feature_layer, n_vision_layers)
     lm, tok = _load_lm(spec)
     template = get_template(spec.template)
-    _check_template_tokens(spec, template, tok)
+    check_template_tokens(template, tok, f"the tokenizer of --lm {spec.lm}")
 
     if IMAGE_PLACEHOLDER not in tok.get_vocab():
         tok.add_special_tokens({"additional_special_tokens": [IMAGE_PLACEHOLDER]})
@@ -342,11 +342,11 @@ def build(spec: ModelSpec):
     return model, processor
 
 
-def _check_template_tokens(spec: ModelSpec, template, tok) -> None:
-    """Refuse a template whose turn markers the LM's tokenizer cannot spell as single tokens.
-    chatml (the default) on a Llama/Mistral tokenizer wrote ``<|im_end|>`` as eleven ordinary
-    tokens and no stop id for it: the model was trained to type the characters and generation
-    never stopped at the end of a turn."""
+def check_template_tokens(template, tok, whose: str = "the tokenizer") -> None:
+    """Refuse a template whose turn markers ``tok`` cannot spell as single tokens. chatml (the
+    default) on a Llama/Mistral tokenizer wrote ``<|im_end|>`` as eleven ordinary tokens and no
+    stop id for it: the model was trained to type the characters and generation never stopped
+    at the end of a turn."""
     markers = ["<|im_start|>", "<|im_end|>"] if template.name == "chatml" else []
     markers.append(template_eos(template, tok))
     for marker in markers:
@@ -354,10 +354,9 @@ def _check_template_tokens(spec: ModelSpec, template, tok) -> None:
         if tid is None or tok.encode(marker, add_special_tokens=False) != [tid]:
             others = sorted(set(TEMPLATES) - {template.name})
             raise ConfigError(
-                f"template={template.name!r} (--template): the tokenizer of --lm {spec.lm} has "
-                f"no token {marker!r}, so its turns would be plain text that generation does "
-                f"not stop at; choose another template ({', '.join(others)}) or an LM made for "
-                "this one"
+                f"template={template.name!r}: {whose} has no token {marker!r}, so its turns "
+                "would be plain text that generation does not stop at; choose another template "
+                f"({', '.join(others)}) or an LM made for this one"
             )
 
 
@@ -406,6 +405,7 @@ def set_chat_template(processor, template, generation_config=None) -> None:
     too: a chatml model whose eos is <|endoftext|> ends turns with <|im_end|>, and transformers'
     generate and vLLM stop only on what generation_config.json lists."""
     tok = processor.tokenizer
+    check_template_tokens(template, tok)
     eos = template_eos(template, tok)
     processor.chat_template = template.jinja(eos=eos)
     tok.chat_template = processor.chat_template
