@@ -10,6 +10,9 @@ from safetensors.torch import load_file, save_file
 
 from llavamed.errors import InputError
 
+# The tiny original LLaVA-Med v1.5 folder (sharded safetensors, tower inside).
+from test_convert import original_llava_med  # noqa: F401
+
 _VIT = dict(image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=2, num_attention_heads=2)
 
 
@@ -259,3 +262,41 @@ def test_switching_a_checkpoint_to_a_template_its_tokenizer_lacks_is_refused(tmp
     assert gen.eos_token_id == 2
     set_chat_template(processor, get_template("vicuna_v1"), gen)
     assert processor.chat_template.startswith("{%- macro")
+
+
+def test_a_trained_checkpoint_is_not_replaced_by_model_init_or_convert(
+    tiny_llava_mistral_dir,
+    original_llava_med,  # noqa: F811
+    tmp_path,
+    capsys,
+):
+    """``model init --out`` or ``convert llava-med SRC DST`` naming a run's checkpoint-final
+    replaced the trained model without a word (any llavamed checkpoint counted as theirs)."""
+    import json
+
+    from llavamed.cli import main
+    from llavamed.model.checkpoint import load_llava
+    from llavamed.model.compose import save_checkpoint
+
+    model, processor = load_llava(tiny_llava_mistral_dir)
+    final = tmp_path / "run" / "checkpoint-final"
+    save_checkpoint(model, processor, final, None, extra={"train": {"stage": 2, "steps": 900}})
+    before = (final / "model.safetensors").read_bytes()
+    src = original_llava_med[0]
+    for args in (
+        ["model", "init", "--out", str(final), "--lm", "tiny", "--vision", "tiny"],
+        ["convert", "llava-med", str(src), str(final)],
+    ):
+        assert main(args) == 1
+        assert f"{final}: exists and holds something else" in capsys.readouterr().err
+        assert (final / "model.safetensors").read_bytes() == before
+        assert "train" in json.loads((final / "llavamed.json").read_text())
+    # An untrained checkpoint (an earlier model init) is still replaced.
+    assert (
+        main(["model", "init", "--out", str(tmp_path / "m"), "--lm", "tiny", "--vision", "tiny"])
+        == 0
+    )
+    assert (
+        main(["model", "init", "--out", str(tmp_path / "m"), "--lm", "tiny", "--vision", "tiny"])
+        == 0
+    )

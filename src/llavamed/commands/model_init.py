@@ -70,13 +70,14 @@ def run(args) -> int:
     from llavamed.model.compose import (
         ModelSpec,
         init_checkpoint,
-        is_checkpoint_dir,
+        is_untrained_checkpoint,
         vllm_tower_warning,
     )
     from llavamed.utils.io import check_output_dir
 
-    # Before the LM loads: --out naming a folder of the user's would otherwise be replaced.
-    check_output_dir(args.out, ours=is_checkpoint_dir)
+    # Before the LM loads: --out naming a folder of the user's (or a trained checkpoint) would
+    # otherwise be replaced.
+    check_output_dir(args.out, ours=is_untrained_checkpoint)
     spec = ModelSpec(
         lm=args.lm,
         lm_layers=args.lm_layers,

@@ -430,6 +430,19 @@ def is_checkpoint_dir(path: Path) -> bool:
     return (Path(path) / CHECKPOINT_META).is_file()
 
 
+def is_untrained_checkpoint(path: Path) -> bool:
+    """A checkpoint ``model init`` or ``convert`` may replace: one llavamed wrote that records
+    no training. ``model init --out`` or ``convert ... DST`` naming a run's checkpoint-final
+    replaced hours of training without a word; the trainer itself replaces its own."""
+    if not is_checkpoint_dir(path):
+        return False
+    try:
+        meta = json.loads((Path(path) / CHECKPOINT_META).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(meta, dict) and "train" not in meta
+
+
 def save_checkpoint(
     model,
     processor,
@@ -542,6 +555,10 @@ def legacy_tokenizer_config(folder: Path) -> None:
 
 
 def init_checkpoint(out: str | Path, spec: ModelSpec | None = None) -> Path:
+    from llavamed.utils.io import check_output_dir
+
+    # Before the LM loads; a trained checkpoint is never replaced by an untrained one.
+    check_output_dir(out, ours=is_untrained_checkpoint)
     spec = spec or ModelSpec()
     model, processor = build(spec)
     return save_checkpoint(model, processor, out, spec)

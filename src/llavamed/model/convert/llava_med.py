@@ -179,7 +179,7 @@ def convert_llava_med(
     )
     from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 
-    from llavamed.model.compose import is_checkpoint_dir
+    from llavamed.model.compose import is_untrained_checkpoint
     from llavamed.model.convert.native_writer import write_native_checkpoint
     from llavamed.model.processing import llava_image_processor
     from llavamed.model.templates import IMAGE_PLACEHOLDER, get_template
@@ -189,7 +189,7 @@ def convert_llava_med(
     cfg_path = src / "config.json"
     if not cfg_path.exists():
         raise InputError(src, "not a checkpoint folder", "config.json missing")
-    check_output_dir(dst, ours=is_checkpoint_dir, keep=(src,))  # before minutes of loading
+    check_output_dir(dst, ours=is_untrained_checkpoint, keep=(src,))  # before minutes of loading
     src_cfg = read_json(cfg_path)
     if not isinstance(src_cfg, dict):
         raise InputError(cfg_path, "config.json is not a JSON object")

@@ -41,13 +41,13 @@ def write_native_checkpoint(
     from llavamed.model.compose import (
         CHECKPOINT_META,
         add_legacy_rope_theta,
-        is_checkpoint_dir,
+        is_untrained_checkpoint,
         legacy_tokenizer_config,
     )
     from llavamed.utils.io import atomic_dir
 
     dst = Path(dst)
-    with atomic_dir(dst, ours=is_checkpoint_dir, keep=(src,)) as tmp:
+    with atomic_dir(dst, ours=is_untrained_checkpoint, keep=(src,)) as tmp:
         vtype = config.vision_config.model_type
         named = {disk_name(k, vtype): v.contiguous() for k, v in tensors.items()}
         shards, cur, size = [], {}, 0
