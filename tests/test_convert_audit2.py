@@ -300,3 +300,57 @@ def test_a_trained_checkpoint_is_not_replaced_by_model_init_or_convert(
         main(["model", "init", "--out", str(tmp_path / "m"), "--lm", "tiny", "--vision", "tiny"])
         == 0
     )
+
+
+def _retype(folder, path: tuple, value) -> None:
+    """Set config.json's field at ``path`` to ``value`` (a hand edit gone wrong)."""
+    import json
+
+    cfg_path = folder / "config.json"
+    cfg = json.loads(cfg_path.read_text())
+    node = cfg
+    for key in path[:-1]:
+        node = node[key]
+    node[path[-1]] = value
+    cfg_path.write_text(json.dumps(cfg))
+
+
+def test_a_config_field_of_the_wrong_type_is_one_line_everywhere(
+    tiny_llava_dir,
+    tiny_lm_dir,
+    original_llava_med,  # noqa: F811
+    tmp_path,
+    capsys,
+):
+    """ "hidden_size": "32" in a config.json raised transformers' validation error as a
+    traceback: loading a checkpoint (serve, eval, chat), composing from a --vision or --lm
+    folder, and converting a LLaVA-Med folder."""
+    import shutil
+
+    from llavamed.cli import main
+    from llavamed.model.checkpoint import load_llava
+    from llavamed.model.convert.llava_med import convert_llava_med
+
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(tiny_llava_dir, ckpt)
+    _retype(ckpt, ("text_config", "hidden_size"), "32")
+    with pytest.raises(InputError, match=r"invalid model config .*'hidden_size' expected int"):
+        load_llava(ckpt)
+
+    tower = _save_tower("clip", tmp_path / "tower")
+    _retype(tower, ("num_hidden_layers",), "2")
+    lm = tmp_path / "lm"
+    shutil.copytree(tiny_lm_dir, lm)
+    _retype(lm, ("num_hidden_layers",), "2")
+    for flag, folder in (("--vision", tower), ("--lm", lm)):
+        other = ["--lm", "tiny"] if flag == "--vision" else ["--vision", "tiny"]
+        rc = main(["model", "init", "--out", str(tmp_path / "out"), flag, str(folder), *other])
+        err = capsys.readouterr().err
+        assert rc == 1 and "Traceback" not in err
+        assert f"{folder}: invalid model config" in err and "'num_hidden_layers'" in err
+
+    src = tmp_path / "llava-med"
+    shutil.copytree(original_llava_med[0], src)
+    _retype(src, ("hidden_size",), "32")
+    with pytest.raises(InputError, match=r"config\.json: invalid LM config .*'hidden_size'"):
+        convert_llava_med(src, tmp_path / "native")

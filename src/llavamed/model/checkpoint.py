@@ -109,16 +109,27 @@ def model_files(path: str | Path) -> Iterator[None]:
     """Turn what transformers, tokenizers and safetensors raise on a damaged or incomplete model
     folder (a truncated ``model.safetensors``, a cut ``tokenizer.json``, a missing weights file)
     into one :class:`InputError` naming the folder and the library's first line of reason."""
+    from huggingface_hub.errors import StrictDataclassError
     from safetensors import SafetensorError
 
     try:
         yield
     except InputError:
         raise
+    except StrictDataclassError as exc:
+        # A config.json field of the wrong type ("hidden_size": "32") was a traceback; the
+        # message's first line names the field, the second what was wrong with it.
+        raise InputError(path, "invalid model config", config_error_reason(exc)) from exc
     except (OSError, ValueError, SafetensorError) as exc:
         first = first_line(exc)
         what = "corrupt weights file" if isinstance(exc, SafetensorError) else "unreadable model"
         raise InputError(path, what, first) from exc
+
+
+def config_error_reason(exc: BaseException) -> str:
+    """A transformers config validation error in one line (it spreads over two)."""
+    lines = [ln.strip() for ln in str(exc).strip().splitlines() if ln.strip()]
+    return " ".join(lines[:2])[:300] or type(exc).__name__
 
 
 CONVERT_ORIGINAL_HINT = (

@@ -240,13 +240,17 @@ def _load_lm(spec: ModelSpec):
         local = Path(spec.lm).exists()
         if not local and spec.lm.startswith((".", "/", "~")):
             raise InputError(spec.lm, "folder not found")  # a path, not a hub id
-        from llavamed.model.checkpoint import strict_from_pretrained
+        from huggingface_hub.errors import StrictDataclassError
+
+        from llavamed.model.checkpoint import config_error_reason, strict_from_pretrained
 
         try:
             tok = AutoTokenizer.from_pretrained(spec.lm, local_files_only=True)
             # Strict: transformers fills a missing weight (an lm_head, a layer) with random
             # values and composes on; the checkpoint would carry a random part unannounced.
             lm = strict_from_pretrained(AutoModelForCausalLM, spec.lm, local_files_only=True)
+        except StrictDataclassError as exc:  # a config.json field of the wrong type
+            raise InputError(spec.lm, "invalid model config", config_error_reason(exc)) from exc
         except (OSError, ValueError) as exc:
             where = "folder" if local else "hub id (not in the local HF cache; no downloads here)"
             first = first_line(exc)

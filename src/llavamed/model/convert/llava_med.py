@@ -247,7 +247,13 @@ def convert_llava_med(
     # needs): kept, every forward pass of the converted model returned no KV cache unless the
     # caller asked for one, so a plain decoding loop recomputed the whole prompt each token.
     text_cfg.pop("use_cache", None)
-    text_config = MistralConfig(**text_cfg)
+    try:
+        text_config = MistralConfig(**text_cfg)
+    except Exception as exc:  # noqa: BLE001 - any invalid field; transformers raises several kinds
+        # ("hidden_size": "32" raised a validation error, 0 attention heads a ZeroDivisionError)
+        from llavamed.model.checkpoint import config_error_reason
+
+        raise InputError(cfg_path, "invalid LM config", config_error_reason(exc)) from exc
 
     if IMAGE_PLACEHOLDER not in tok.get_vocab():
         tok.add_special_tokens({"additional_special_tokens": [IMAGE_PLACEHOLDER]})
