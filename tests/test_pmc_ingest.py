@@ -769,3 +769,18 @@ def test_the_report_counts_the_records_the_file_holds(tmp_path):
     (rec,) = _records(out)
     assert rec["source"] == "src/b.tar.gz" and rec["image"] is not None
     assert report["figures_written"] == 1
+
+
+def test_cli_rerun_of_a_moved_source_folder_is_not_a_failure(tmp_path, capsys):
+    """Packages found under a new path have new keys and are done again; every figure is already
+    in the corpus, and the run said "no figures written" and exited 1 as if all were corrupt."""
+    make_tarballs(tmp_path / "src")
+    out = tmp_path / "out"
+    argv = ["data", "ingest", "--out", str(out), "--workers", "1", "--no-progress"]
+    assert main([*argv, str(tmp_path / "src")]) == 0
+    (tmp_path / "src").rename(tmp_path / "downloads")
+    capsys.readouterr()
+    assert main([*argv, str(tmp_path / "downloads")]) == 0
+    captured = capsys.readouterr()
+    assert "already in" in captured.out and "no figures written" not in captured.err
+    assert len(_records(out)) == len(EXPECTED)

@@ -20,7 +20,8 @@ Supplementary and table figures, figures without caption or graphic, missing, un
 and duplicate images are skipped and counted per reason in DIR/ingest_report.json.
 
 Exits non-zero when it processed packages and none gave a figure (all corrupt, say); a re-run
-with nothing new to do exits 0.
+with nothing new to do exits 0, as does one whose packages gave only figures DIR already holds
+(a moved source folder).
 
 Safe to interrupt (even kill -9): re-running the same command skips finished packages and never
 duplicates a pair_id. A re-run into the same DIR needs the options of its first run (--domains,
@@ -124,7 +125,15 @@ def run(args: argparse.Namespace) -> int:
     if reasons:
         print("skipped / noted: " + json.dumps(reasons))
     processed = run_info.get("packages_processed", 0)
-    if processed and not run_info.get("figures_written", 0):
+    present = run_info.get("figures_already_present", 0)
+    if processed and not run_info.get("figures_written", 0) and present:
+        # Packages done before under other keys (a moved or renamed source folder): their
+        # figures are all there. Nothing failed, and the corpus is not empty.
+        print(
+            f"note: the {processed} package(s) processed gave {present} figure(s) already in "
+            f"{args.out / 'figures.jsonl'} (packages done before under another path?)"
+        )
+    elif processed and not run_info.get("figures_written", 0):
         # Every package corrupt, XML only, or filtered out: a pipeline must not go on to train
         # on nothing. A re-run with nothing new to do (all packages done) is not this.
         raise LlavamedError(

@@ -658,6 +658,7 @@ def ingest(
         raise
     t0 = time.perf_counter()
     figures = 0
+    present = 0  # figures this run found already written (as another package's, or in its image)
     done_now = 0
     todo = [p for p in packages if not writer.is_done(p)]
     # A package that changed since it was done (a download completed, a new article version) is
@@ -672,6 +673,10 @@ def ingest(
         with bar:
             for pkg, result in _results(todo, opts, workers):
                 figures += writer.write(pkg, result)
+                counts = writer.done[pkg.key]["counts"]
+                present += sum(
+                    counts.get(f"skipped: duplicate {w}", 0) for w in ("pair_id", "image")
+                )
                 done_now += 1
                 bar.update(1)
                 bar.set_postfix(figures=figures, refresh=False)
@@ -682,6 +687,7 @@ def ingest(
             "packages_skipped_as_done": len(packages) - len(todo),
             "packages_processed": done_now,
             "figures_written": figures,
+            "figures_already_present": present,
             "seconds": round(elapsed, 3),
             "figures_per_second": round(figures / elapsed, 2) if elapsed > 0 else None,
             "workers": workers,
