@@ -784,3 +784,21 @@ def test_cli_rerun_of_a_moved_source_folder_is_not_a_failure(tmp_path, capsys):
     captured = capsys.readouterr()
     assert "already in" in captured.out and "no figures written" not in captured.err
     assert len(_records(out)) == len(EXPECTED)
+
+
+def test_macos_appledouble_files_are_not_packages_or_articles(tmp_path):
+    """macOS writes "._name" files (a download's quarantine flag and other extended attributes)
+    beside files copied to other disks and into the tarballs it makes; they were counted as a
+    corrupt tarball and as malformed XML articles."""
+    import struct
+
+    apple = struct.pack(">II", 0x00051607, 0x00020000) + b"Mac OS X        " + b"\0" * 64
+    files = article_files("PMC1000003")
+    src = tmp_path / "src"
+    write_tar(src / "PMC1000003.tar.gz", "PMC1000003", {"._PMC1000003.nxml": apple, **files})
+    (src / "._PMC1000003.tar.gz").write_bytes(apple)
+    folder = write_dir(src / "unpacked" / "PMC1000003", {"a.nxml": files["PMC1000003.nxml"]})
+    (folder / "._a.nxml").write_bytes(apple)
+    report = ingest([src], tmp_path / "out", workers=1)
+    assert report["packages_done"] == 2 and report["articles"] == 2
+    assert report["reasons"] == {"malformed XML recovered": 2, "skipped: image missing": 1}

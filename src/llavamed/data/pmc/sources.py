@@ -93,7 +93,14 @@ class ArticleFiles:
 
 
 def _is_tar(name: str) -> bool:
-    return name.lower().endswith(TAR_SUFFIXES)
+    return name.lower().endswith(TAR_SUFFIXES) and not _apple_double(name)
+
+
+def _apple_double(name: str) -> bool:
+    """macOS's "._name" companion files (extended attributes such as a download's quarantine
+    flag), which it writes beside files copied to other disks and into tarballs it makes: they
+    were counted as corrupt tarballs and malformed XML articles."""
+    return name.rsplit("/", 1)[-1].startswith("._")
 
 
 def _suffix(name: str) -> str:
@@ -155,12 +162,15 @@ def _folder_files(folder: Path) -> Iterator[tuple[str, Path]]:
         for entry in entries:
             if entry.is_dir(follow_symlinks=False):
                 subdirs.append(entry)
+            elif _apple_double(entry.name):
+                continue
             elif entry.is_file() and (not rel or _suffix(entry.name) in IMAGE_SUFFIXES):
                 yield f"{rel}{entry.name}", Path(entry.path)
         for entry in subdirs:
             try:
                 holds_xml = any(
-                    _suffix(e.name) in XML_SUFFIXES and e.is_file() for e in os.scandir(entry.path)
+                    _suffix(e.name) in XML_SUFFIXES and e.is_file() and not _apple_double(e.name)
+                    for e in os.scandir(entry.path)
                 )
             except OSError:
                 continue
@@ -223,7 +233,7 @@ def discover(sources: list[str | os.PathLike]) -> list[PackageRef]:
                         (name if rel == "." else f"{name}/{rel}") + f"/{fn}",
                         "tar",
                     )
-                elif _suffix(fn) in XML_SUFFIXES:
+                elif _suffix(fn) in XML_SUFFIXES and not _apple_double(fn):
                     has_xml = True
             if has_xml:
                 hits += 1
@@ -355,7 +365,7 @@ def _iter_tar(pkg: PackageRef, notes: list[str]) -> Iterator[ArticleFiles]:
     try:
         with tf:
             for member in tf:
-                if not member.isfile():
+                if not member.isfile() or _apple_double(member.name):
                     continue
                 name = member.name
                 parent = name.rsplit("/", 1)[0] if "/" in name else ""
@@ -392,7 +402,7 @@ def _iter_tar(pkg: PackageRef, notes: list[str]) -> Iterator[ArticleFiles]:
 
 def _iter_dir(folder: Path, notes: list[str], only: str | None = None) -> Iterator[ArticleFiles]:
     try:
-        names = sorted(os.listdir(folder))
+        names = sorted(n for n in os.listdir(folder) if not _apple_double(n))
     except OSError:
         notes.append("unreadable folder")
         return
