@@ -354,3 +354,63 @@ def test_a_config_field_of_the_wrong_type_is_one_line_everywhere(
     _retype(src, ("hidden_size",), "32")
     with pytest.raises(InputError, match=r"config\.json: invalid LM config .*'hidden_size'"):
         convert_llava_med(src, tmp_path / "native")
+
+
+_BAD_STATS = [
+    ("{", r"invalid JSON"),
+    ("[1]", r"image statistics unreadable \(the file is not a JSON object\)"),
+    ('{"image_mean": "abc"}', r"invalid image_mean \('abc'; need 3 numbers\)"),
+    (
+        '{"image_std": [0.5, 0.5]}',
+        r"invalid image_std \(\[0\.5, 0\.5\]; need 3 numbers, each > 0\)",
+    ),
+]
+
+
+@pytest.mark.parametrize(("text", "message"), _BAD_STATS, ids=["cut", "list", "str", "short"])
+def test_a_damaged_preprocessor_config_beside_a_tower_is_named(tmp_path, capsys, text, message):
+    """A cut preprocessor_config.json was a JSONDecodeError traceback, a list an AttributeError,
+    and "image_mean": "abc" composed a checkpoint whose processor failed on its first image."""
+    import re
+
+    from llavamed.cli import main
+
+    tower = _save_tower("clip", tmp_path / "tower")
+    (tower / "preprocessor_config.json").write_text(text)
+    out = tmp_path / "out"
+    rc = main(["model", "init", "--out", str(out), "--lm", "tiny", "--vision", str(tower)])
+    err = capsys.readouterr().err
+    assert rc == 1 and "Traceback" not in err
+    assert f"{tower / 'preprocessor_config.json'}: " in err and re.search(message, err), err
+    assert not out.exists()
+
+
+def test_damaged_image_statistics_are_named_by_both_converters(
+    biomedclip_state_dict,
+    original_llava_med,  # noqa: F811
+    tmp_path,
+):
+    import shutil
+
+    from llavamed.model.convert.biomedclip import convert_biomedclip
+    from llavamed.model.convert.llava_med import convert_llava_med
+
+    folder = tmp_path / "biomedclip"
+    folder.mkdir()
+    torch.save(biomedclip_state_dict, folder / "open_clip_pytorch_model.bin")
+    (folder / "open_clip_config.json").write_text('{"preprocess_cfg": {"mean": [0.5]}}')
+    with pytest.raises(InputError, match=r"open_clip_config\.json: invalid mean \(\[0\.5\]"):
+        convert_biomedclip(folder, tmp_path / "vit")
+    (folder / "open_clip_config.json").write_text('{"preprocess_cfg": {"mean": 0.5}}')
+    vit = convert_biomedclip(folder, tmp_path / "vit")  # one value for every channel
+    assert (
+        '"image_mean": [\n    0.5,\n    0.5,\n    0.5\n  ]'
+        in (vit / "preprocessor_config.json").read_text()
+    )
+
+    src, tower, _ = original_llava_med
+    own = tmp_path / "clip"
+    shutil.copytree(tower, own)
+    (own / "preprocessor_config.json").write_text('{"image_mean": [1, 2, "x"]}')
+    with pytest.raises(InputError, match=r"clip/preprocessor_config\.json: invalid image_mean"):
+        convert_llava_med(src, tmp_path / "native", vision_tower=own)

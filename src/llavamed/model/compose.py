@@ -15,7 +15,12 @@ from pathlib import Path
 from typing import Any
 
 from llavamed.errors import ConfigError, InputError, first_line
-from llavamed.model.processing import known_token_id, llava_image_processor, template_eos
+from llavamed.model.processing import (
+    image_stats,
+    known_token_id,
+    llava_image_processor,
+    template_eos,
+)
 from llavamed.model.templates import IMAGE_PLACEHOLDER, TEMPLATES, get_template
 
 CHECKPOINT_META = "llavamed.json"
@@ -156,8 +161,8 @@ def _load_vision(spec: ModelSpec) -> _Vision:
     mean, std = list(OPENAI_CLIP_MEAN), list(OPENAI_CLIP_STD)
     pp = path / "preprocessor_config.json"
     if pp.exists():
-        pre = json.loads(pp.read_text())
-        mean, std = pre.get("image_mean", mean), pre.get("image_std", std)
+        channels = int(getattr(cfg, "num_channels", 3) or 3)
+        mean, std = image_stats(pp, None, mean, std, channels)
     has_cls = cfg.model_type != "siglip_vision_model"
     # A ViT tower keeps its (unused) pooler: llava instantiates ViTModel with one, and strict
     # loading wants every key accounted for.

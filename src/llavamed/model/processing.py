@@ -80,6 +80,42 @@ def _special_regex(tokens: frozenset) -> re.Pattern | None:
     return re.compile("|".join(re.escape(t) for t in sorted(tokens, key=len, reverse=True)))
 
 
+def image_stats(path, section: str | None, mean, std, channels: int = 3):
+    """The ``image_mean``/``image_std`` (open_clip: ``mean``/``std`` under ``preprocess_cfg``)
+    that a tower folder's JSON file at ``path`` gives, or ``mean``/``std`` when it names none;
+    an InputError naming the file when it is damaged or its values cannot normalise an image.
+    A cut preprocessor_config.json was a JSONDecodeError traceback, and "image_mean": "abc"
+    composed a checkpoint whose processor failed on its first image."""
+    from llavamed.utils.io import read_json
+
+    data = read_json(path)
+    if section is not None and isinstance(data, dict):
+        data = data.get(section, {})
+    if not isinstance(data, dict):
+        where = f"{section} is" if section else "the file is"
+        raise InputError(path, "image statistics unreadable", f"{where} not a JSON object")
+    keys = ("mean", "std") if section else ("image_mean", "image_std")
+    out = []
+    for key, default in zip(keys, (mean, std), strict=True):
+        value = data.get(key)
+        if value is None:
+            out.append(list(default))
+            continue
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            value = [value] * channels  # one value for every channel, as transformers allows
+        ok = (
+            isinstance(value, list)
+            and len(value) == channels
+            and all(isinstance(v, int | float) and not isinstance(v, bool) for v in value)
+            and (key.endswith("mean") or all(v > 0 for v in value))
+        )
+        if not ok:
+            need = f"{channels} numbers" + (", each > 0" if key.endswith("std") else "")
+            raise InputError(path, f"invalid {key}", f"{value!r}; need {need}")
+        out.append([float(v) for v in value])
+    return out[0], out[1]
+
+
 def llava_image_processor(image_size: int, mean, std, *, pad: bool):
     """The image geometry of every stage that feeds the tower: ``pad`` (LLaVA's default: pad to
     square with the mean colour, then resize) or crop (resize the short side, centre-crop).

@@ -202,8 +202,9 @@ def convert_biomedclip(src: str | Path, dst: str | Path, *, num_heads: int | Non
     mean, std = [0.48145466, 0.4578275, 0.40821073], [0.26862954, 0.26130258, 0.27577711]
     oc_cfg = (src if src.is_dir() else src.parent) / "open_clip_config.json"
     if oc_cfg.exists():
-        pre = json.loads(oc_cfg.read_text()).get("preprocess_cfg", {})
-        mean, std = pre.get("mean", mean), pre.get("std", std)
+        from llavamed.model.processing import image_stats
+
+        mean, std = image_stats(oc_cfg, "preprocess_cfg", mean, std, config.num_channels)
     from llavamed.utils.io import atomic_dir
 
     dst = Path(dst)

@@ -101,8 +101,12 @@ def _vision_config_and_weights(src_cfg: dict, sd: dict, vision_tower: str | Path
     mean = std = None
     pp = folder / "preprocessor_config.json"
     if pp.exists():
-        pre = read_json(pp)
-        mean, std = pre.get("image_mean"), pre.get("image_std")
+        from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
+
+        from llavamed.model.processing import image_stats
+
+        channels = int(getattr(vcfg, "num_channels", 3) or 3)
+        mean, std = image_stats(pp, None, OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, channels)
     return vcfg, weights, names, used_from_ckpt, mean, std
 
 
