@@ -802,3 +802,18 @@ def test_macos_appledouble_files_are_not_packages_or_articles(tmp_path):
     report = ingest([src], tmp_path / "out", workers=1)
     assert report["packages_done"] == 2 and report["articles"] == 2
     assert report["reasons"] == {"malformed XML recovered": 2, "skipped: image missing": 1}
+
+
+def test_an_image_wider_than_jpeg_allows_is_downscaled_not_a_package_error(tmp_path):
+    """JPEG stops at 65,500 pixels a side: a 70,000 x 40 strip raised OSError at save, counted
+    "package error: OSError", and the package's other figures were lost."""
+    buf = io.BytesIO()
+    Image.new("L", (70000, 40), 128).save(buf, format="PNG")
+    files = article_files("PMC1000002")  # figures brain-g1.png, brain-g2.tif (and a table)
+    files["brain-g1.png"] = buf.getvalue()
+    write_tar(tmp_path / "src" / "PMC1000002.tar.gz", "PMC1000002", files)
+    report = ingest([tmp_path / "src"], tmp_path / "out", workers=1)
+    assert report["figures_written"] == 2
+    assert not [r for r in report["reasons"] if "error" in r or "image" in r], report["reasons"]
+    wide = next(r for r in _records(tmp_path / "out") if r["graphic_ref"].startswith("brain-g1"))
+    assert (wide["width"], wide["height"]) == (65500, 37)

@@ -261,6 +261,9 @@ def _wanted(domain: dict, keep: tuple[str, ...]) -> bool:
     return any(domain.get(d) for d in keep)
 
 
+JPEG_MAX_SIDE = 65_500
+
+
 def encode_image(
     data: bytes | Path | Oversized, name: str, opts: IngestOptions
 ) -> tuple[bytes, int, int]:
@@ -284,10 +287,16 @@ def encode_image(
     img = load_image(data, **kwargs)
     if min(img.size) < opts.min_image_size:
         raise InputError(name, "tiny image", f"{img.size[0]}x{img.size[1]}")
-    if opts.max_image_side and max(img.size) > opts.max_image_side:
-        img.thumbnail((opts.max_image_side, opts.max_image_side))
+    # JPEG stops at 65,500 pixels a side: a wider strip (a gel, a sequence track) raised OSError
+    # at save, which lost the rest of its package ("package error: OSError").
+    side = min(opts.max_image_side or JPEG_MAX_SIDE, JPEG_MAX_SIDE)
+    if max(img.size) > side:
+        img.thumbnail((side, side))
     buf = io.BytesIO()
-    img.save(buf, format="JPEG", quality=opts.jpeg_quality)
+    try:
+        img.save(buf, format="JPEG", quality=opts.jpeg_quality)
+    except (OSError, ValueError) as exc:
+        raise InputError(name, "unencodable image", str(exc)) from exc
     return buf.getvalue(), img.size[0], img.size[1]
 
 
