@@ -414,3 +414,18 @@ def test_damaged_image_statistics_are_named_by_both_converters(
     (own / "preprocessor_config.json").write_text('{"image_mean": [1, 2, "x"]}')
     with pytest.raises(InputError, match=r"clip/preprocessor_config\.json: invalid image_mean"):
         convert_llava_med(src, tmp_path / "native", vision_tower=own)
+
+
+def test_convert_shows_progress_over_the_shards_it_reads(
+    original_llava_med,  # noqa: F811
+    tmp_path,
+    capsys,
+):
+    """A 7B conversion reads and writes ~15 GB in minutes; it printed nothing until the end
+    (DESIGN: every command shows a progress bar on long work)."""
+    from llavamed.cli import main
+
+    src = original_llava_med[0]
+    assert main(["convert", "llava-med", str(src), str(tmp_path / "native")]) == 0
+    err = capsys.readouterr().err
+    assert f"reading {src.name}: " in err and "/2 [" in err

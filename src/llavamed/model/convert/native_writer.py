@@ -62,8 +62,11 @@ def write_native_checkpoint(
         if len(shards) == 1:
             save_file(shards[0], tmp / "model.safetensors", metadata={"format": "pt"})
         else:
+            from tqdm import tqdm
+
             weight_map = {}
-            for i, shard in enumerate(shards, 1):
+            bar = tqdm(shards, desc=f"writing {dst.name}", unit="shard", leave=False)
+            for i, shard in enumerate(bar, 1):
                 name = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
                 save_file(shard, tmp / name, metadata={"format": "pt"})
                 weight_map.update({k: name for k in shard})

@@ -69,10 +69,15 @@ def load_state_dict(src: str | Path) -> dict:
     for name in INDEX_FILES:
         index = src / name
         if index.exists():
+            from tqdm import tqdm
+
             weight_map = _read_index(index)
             out: dict = {}
             found_in: dict[str, str] = {}  # key -> the shard it was read from
-            for shard in sorted(set(weight_map.values())):
+            shards = sorted(set(weight_map.values()))
+            # A 7B checkpoint's shards take minutes to read: say so (tqdm honours TQDM_DISABLE,
+            # which --no-progress/--quiet set).
+            for shard in tqdm(shards, desc=f"reading {src.name}", unit="shard", leave=False):
                 if not (src / shard).exists():
                     raise InputError(src / shard, "missing shard listed in " + name)
                 tensors = _load_file(src / shard)
