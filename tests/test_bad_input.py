@@ -325,3 +325,29 @@ def test_a_jsonl_line_torn_inside_a_multibyte_character_is_one_bad_line(tmp_path
         list(iter_jsonl(path))
     JsonlAppender(path).append({"q": "ok"})  # the appender's repair cuts the torn line
     assert [r["q"] for r in iter_jsonl(path)] == ["肺部有异常吗？", "ok"]
+
+
+def test_a_byte_order_mark_at_the_start_of_a_json_or_jsonl_file_is_read_past(tmp_path, capsys):
+    """Windows tools (Notepad, PowerShell's Out-File, Excel exports) start UTF-8 files with a BOM:
+    a VQA-RAD JSON or a figures.jsonl saved by one was refused as 'Unexpected UTF-8 BOM'. A BOM
+    anywhere but the file's start is still a bad line."""
+    from llavamed.utils.io import iter_jsonl, iter_jsonl_numbered, read_json
+
+    bom = b"\xef\xbb\xbf"
+    js = tmp_path / "vqa_rad.json"
+    js.write_bytes(bom + json.dumps([{"qid": 1, "question": "Is it normal?"}]).encode())
+    assert read_json(js) == [{"qid": 1, "question": "Is it normal?"}]
+    jl = tmp_path / "figures.jsonl"
+    jl.write_bytes(bom + b'{"pair_id": "a"}\n' + bom + b'{"pair_id": "b"}\n{"pair_id": "c"}\n')
+    bad = []
+    assert [r["pair_id"] for _, r in iter_jsonl_numbered(jl, on_bad=bad.append)] == ["a", "c"]
+    assert [(e.source, e.reason) for e in bad] == [(f"{jl}:2", "invalid JSON line")]
+    # Through a command: align reads a BOM-started figures.jsonl.
+    figs = tmp_path / "f.jsonl"
+    (tmp_path / "a.jpg").write_bytes(b"jpeg")
+    rec = {"pair_id": "a", "fig_caption": "Axial CT.", "image": "a.jpg"}
+    figs.write_bytes(bom + json.dumps(rec).encode() + b"\n")
+    assert list(iter_jsonl(figs)) == [rec]
+    out = tmp_path / "alignment.json"
+    assert main(["data", "align", "--figures", str(figs), "--out", str(out)]) == 0
+    assert len(read_json(out)) == 1

@@ -136,8 +136,10 @@ def atomic_write_json(path: str | os.PathLike, obj: Any, indent: int | None = 2)
 
 
 def read_json(path: str | os.PathLike) -> Any:
+    # utf-8-sig: a byte-order mark (Windows editors, PowerShell's Out-File, Excel exports)
+    # starts an otherwise valid file; json.load refuses it as "Unexpected UTF-8 BOM".
     try:
-        with open(path, encoding="utf-8") as fh:
+        with open(path, encoding="utf-8-sig") as fh:
             return json.load(fh)
     except FileNotFoundError as exc:
         raise InputError(path, "file not found") from exc
@@ -192,7 +194,8 @@ def iter_jsonl_numbered(
         # not "not UTF-8 text" for the whole file on every later run.
         for lineno, raw in enumerate(fh, 1):
             try:
-                line = raw.decode("utf-8")
+                # A byte-order mark may start the file (see read_json); only there.
+                line = raw.decode("utf-8-sig" if lineno == 1 else "utf-8")
             except UnicodeDecodeError as exc:
                 err = InputError(f"{path}:{lineno}", "not UTF-8 text", str(exc))
             else:
