@@ -658,3 +658,25 @@ def test_llava_meds_training_use_cache_false_is_not_carried_over(original_llava_
     with torch.no_grad():
         out = model(**proc(text=["[INST] Hi [/INST]"], return_tensors="pt"))
     assert out.past_key_values is not None
+
+
+def test_a_tokenizer_larger_than_the_embeddings_is_refused(original_llava_med, tmp_path):
+    """Another LM's tokenizer in the folder (here 49152 tokens beside 1000 embedding rows)
+    converted into a 49153-row model whose extra rows were all the mean embedding."""
+    from llavamed.model.convert.llava_med import convert_llava_med
+
+    src, _, sd = original_llava_med
+    small = {
+        k: (v[:1000] if k in ("model.embed_tokens.weight", "lm_head.weight") else v)
+        for k, v in sd.items()
+    }
+    bad = _variant(src, small, tmp_path / "src", lambda d: d)
+    cfg = json.loads((bad / "config.json").read_text())
+    (bad / "config.json").write_text(json.dumps(cfg | {"vocab_size": 1000}))
+    with pytest.raises(
+        InputError,
+        match=r"tokenizer does not fit the model \(the embeddings have 1000 rows but the "
+        r"tokenizer has 48152 token\(s\) beyond them",
+    ):
+        convert_llava_med(bad, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
