@@ -277,3 +277,27 @@ def test_a_compound_figure_with_an_image_panel_before_its_chart_keeps_its_modali
     """Any chart word in the first sentence made a caption a figure of data, so compound figures
     (an image panel, then a plot) got no domain; a chart named first still does."""
     assert _on(classify_text(caption)) == expected
+
+
+@pytest.mark.parametrize(
+    ("caption", "expected"),
+    [
+        ("Cardiac magnetic resonance of the left ventricle: late enhancement.", {"mri"}),
+        ("CMR cine image, four-chamber view.", {"mri"}),
+        ("PET-CT after two cycles showed CMR.", {"ct_scan"}),  # complete metabolic response
+        ("T2W/T1w images of the knee.", {"mri"}),
+        ("Brain MR shows a lesion in the left frontal lobe.", {"mri"}),
+        ("Severe MR on echocardiography.", set()),  # mitral regurgitation
+        ("Post-contrast T1 of the pituitary.", {"mri"}),
+        ("MSCT of the abdomen shows a renal mass.", {"ct_scan"}),
+        ("The CT-1 cell line was treated with the drug.", set()),  # cardiotrophin-1
+        ("CT26 and CT-26 tumours in mice.", set()),  # a colon carcinoma line
+        ("CT- and MRI-based segmentation of the liver.", set()),  # a method, like CT-based
+        ("No PET/CT was performed; clinical photograph of the rash.", set()),
+    ],
+)
+def test_modality_spellings_an_audit_found_missed_or_mistaken(caption, expected):
+    """Missed: cardiac magnetic resonance / CMR, T1w/T2W, organ + MR, post-contrast T1, MSCT.
+    Mistaken for CT: cell lines and cytokines named CT-<number>, a suspended 'CT- and
+    MRI-based', and a negated PET/CT (the negation did not reach through 'PET/')."""
+    assert _on(classify_text(caption)) == expected
