@@ -535,6 +535,21 @@ def test_an_output_that_would_replace_the_figures_is_refused(stub, tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["figures.jsonl"]
 
 
+def test_two_outputs_on_one_path_are_refused(stub, tmp_path):
+    """--report naming the --out file replaced the conversations with the report that counted
+    them; the cache on the output, the output's own log."""
+    opts = make_opts(stub, tmp_path, n=3)
+    cache_on_out = dataclasses.replace(opts.client, cache_path=str(opts.out))
+    for bad, names in (
+        (dataclasses.replace(opts, report_path=opts.out), "--out and --report"),
+        (dataclasses.replace(opts, client=cache_on_out), "--out and --cache"),
+        (dataclasses.replace(opts, report_path=opts.partial_path), "its log and --report"),
+    ):
+        with pytest.raises(LlavamedError, match=f"{names} are the same file"):
+            run_instruct(bad)
+    assert stub.count == 0 and sorted(p.name for p in tmp_path.iterdir()) == ["figures.jsonl"]
+
+
 def test_a_cache_damaged_past_its_first_page_is_a_one_line_error(stub, tmp_path, capsys):
     """A cache whose header opens but whose data pages are damaged (a copy cut short, a disk
     error) raised a sqlite3.DatabaseError traceback from the middle of the job."""

@@ -467,6 +467,10 @@ def test_an_output_that_would_replace_an_input_is_refused(stub, tmp_path):
             run_judge(dataclasses.replace(opts, **kw))
     assert (opts.answers.read_text(), opts.questions.read_text()) == before
     assert stub.count == 0
+    # Nor may two outputs share a path: the report replaced the judgement log it summed up.
+    with pytest.raises(LlavamedError, match="--out and --report are the same file"):
+        run_judge(dataclasses.replace(opts, report_path=opts.out))
+    assert stub.count == 0 and not opts.out.exists()
 
 
 def test_a_run_whose_every_request_was_rejected_fails(stub, tmp_path, capsys):

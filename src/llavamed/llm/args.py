@@ -100,8 +100,9 @@ def refuse_overwriting_inputs(
     inputs: dict[str, str | os.PathLike], outputs: dict[str, str | os.PathLike | None]
 ) -> None:
     """Stop before a job's output (its result, log, report or cache) would replace one of its
-    inputs: ``--out figures.jsonl`` replaced the figures with the conversations made from them,
-    and a judge log given the answers file cut its last record. Keys are the flags' names."""
+    inputs or another output: ``--out figures.jsonl`` replaced the figures with the
+    conversations made from them, and a judge log given the answers file cut its last record.
+    Keys are the flags' names."""
     from llavamed.errors import LlavamedError
 
     def same(a: str | os.PathLike, b: str | os.PathLike) -> bool:
@@ -114,3 +115,12 @@ def refuse_overwriting_inputs(
         for iname, src in inputs.items():
             if out is not None and same(out, src):
                 raise LlavamedError(f"{out}: {oname} would overwrite {iname}; give another path")
+    # Two outputs on one path: the report written last replaced the conversations (instruct) or
+    # the judgement log (judge) it summed up.
+    named = [(n, o) for n, o in outputs.items() if o is not None]
+    for i, (aname, a) in enumerate(named):
+        for bname, b in named[i + 1 :]:
+            if same(a, b):
+                raise LlavamedError(
+                    f"{a}: {aname} and {bname} are the same file; give another path"
+                )
