@@ -354,6 +354,8 @@ def test_dry_run_calls_nothing(stub, tmp_path):
         (["--max-tokens", "0"], "--max-tokens must be >= 1"),
         (["--temperature", "-1"], "--temperature must be >= 0"),
         (["--max-retries", "-1"], "--max-retries must be >= 0"),
+        # --cache "$UNSET" turned the cache off without a word
+        (["--cache", ""], "--cache: empty path; give a file, or 'none'"),
     ],
 )
 def test_bad_sampling_flags_are_refused_before_anything_is_written(tmp_path, capsys, flags, message):  # fmt: skip

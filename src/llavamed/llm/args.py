@@ -66,6 +66,12 @@ def client_options_from_args(args: argparse.Namespace, default_cache: str | None
     from llavamed.llm.client import ClientOptions
 
     cache = args.cache if args.cache is not None else default_cache
+    if cache is not None and not cache.strip():
+        # An empty path (an unset shell variable: --cache "$CACHE") turned the cache off
+        # without a word, and a re-run paid for every request again.
+        from llavamed.errors import LlavamedError
+
+        raise LlavamedError("--cache: empty path; give a file, or 'none' to run without a cache")
     if cache is not None and cache.lower() == "none":
         cache = None
     return ClientOptions(
