@@ -429,3 +429,27 @@ def test_convert_shows_progress_over_the_shards_it_reads(
     assert main(["convert", "llava-med", str(src), str(tmp_path / "native")]) == 0
     err = capsys.readouterr().err
     assert f"reading {src.name}: " in err and "/2 [" in err
+
+
+def test_model_init_refuses_an_lm_whose_tokenizer_is_larger_than_its_embeddings(tmp_path):
+    """A 1000-row LM beside a 49152-token tokenizer composed into a 49153-row model whose extra
+    rows were all the mean embedding."""
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    from llavamed.model.compose import ModelSpec, init_checkpoint
+    from llavamed.model.embedded import embedded_lm_dir
+
+    lm = tmp_path / "lm"
+    cfg = LlamaConfig(
+        vocab_size=1000,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+    )
+    LlamaForCausalLM(cfg).save_pretrained(lm)
+    AutoTokenizer.from_pretrained(embedded_lm_dir()).save_pretrained(lm)
+    with pytest.raises(InputError, match=r"lm: tokenizer does not fit the model \(the embeddings"):
+        init_checkpoint(tmp_path / "out", ModelSpec(lm=str(lm), vision="tiny"))
+    assert not (tmp_path / "out").exists()

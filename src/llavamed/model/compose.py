@@ -293,12 +293,13 @@ def build(spec: ModelSpec):
     template = get_template(spec.template)
     check_template_tokens(template, tok, f"the tokenizer of --lm {spec.lm}")
 
+    old_vocab = lm.get_input_embeddings().weight.shape[0]
+    check_tokenizer_fits(tok, old_vocab, spec.lm)
     if IMAGE_PLACEHOLDER not in tok.get_vocab():
         tok.add_special_tokens({"additional_special_tokens": [IMAGE_PLACEHOLDER]})
     image_token_id = tok.convert_tokens_to_ids(IMAGE_PLACEHOLDER)
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
-    old_vocab = lm.get_input_embeddings().weight.shape[0]
     if len(tok) > old_vocab:
         # Mean-initialised rows keep the new token's logits in the LM's usual range.
         lm.resize_token_embeddings(len(tok), mean_resizing=True)
@@ -349,6 +350,24 @@ def build(spec: ModelSpec):
     )
     set_chat_template(processor, template, model.generation_config)
     return model, processor
+
+
+def check_tokenizer_fits(tok, rows: int, source) -> None:
+    """Refuse a tokenizer with ids beyond the LM's ``rows`` embedding rows (another LM's
+    tokenizer beside the weights: Mistral v0.3's 32768 tokens with v0.2's 32000 rows). The
+    embeddings were grown to the tokenizer's size with mean rows, so the model read every such
+    id as the same average token; the LM itself could not run on them at all."""
+    beyond = sorted(
+        (i, t) for t, i in tok.get_vocab().items() if t != IMAGE_PLACEHOLDER and i >= rows
+    )
+    if beyond:
+        i, t = beyond[-1]
+        raise InputError(
+            source,
+            "tokenizer does not fit the model",
+            f"the embeddings have {rows} rows but the tokenizer has {len(beyond)} token(s) "
+            f"beyond them (up to {t!r} = {i}); use the tokenizer this LM was trained with",
+        )
 
 
 def check_template_tokens(template, tok, whose: str = "the tokenizer") -> None:

@@ -140,26 +140,6 @@ def _load_tokenizer(src: Path):
         ) from exc
 
 
-def _check_tokenizer_fits(tok, rows: int, src: Path) -> None:
-    """Refuse a tokenizer with ids beyond the model's embedding rows (another LM's tokenizer
-    copied into the folder: Mistral v0.3's 32768 tokens beside v0.2's 32000 rows). Conversion
-    grew the embeddings to the tokenizer's size with mean rows and wrote a model that reads
-    every such id as the same average token; the original could not run on them at all."""
-    from llavamed.model.templates import IMAGE_PLACEHOLDER
-
-    beyond = sorted(
-        (i, t) for t, i in tok.get_vocab().items() if t != IMAGE_PLACEHOLDER and i >= rows
-    )
-    if beyond:
-        i, t = beyond[-1]
-        raise InputError(
-            src,
-            "tokenizer does not fit the model",
-            f"the embeddings have {rows} rows but the tokenizer has {len(beyond)} token(s) "
-            f"beyond them (up to {t!r} = {i}); use the tokenizer this checkpoint was trained with",
-        )
-
-
 def _missing_sentencepiece() -> bool:
     import importlib.util
 
@@ -203,7 +183,7 @@ def convert_llava_med(
     )
     from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 
-    from llavamed.model.compose import is_untrained_checkpoint
+    from llavamed.model.compose import check_tokenizer_fits, is_untrained_checkpoint
     from llavamed.model.convert.native_writer import write_native_checkpoint
     from llavamed.model.processing import llava_image_processor
     from llavamed.model.templates import IMAGE_PLACEHOLDER, get_template
@@ -345,7 +325,7 @@ def convert_llava_med(
             w = target[key]
             extra = w.mean(dim=0, keepdim=True).expand(vocab - old_vocab, -1)
             target[key] = torch.cat([w, extra], dim=0)
-    _check_tokenizer_fits(tok, old_vocab, src)  # the rows are the weights' now
+    check_tokenizer_fits(tok, old_vocab, src)  # the rows are the weights' now
     shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     if config.tie_word_embeddings:
         shapes.pop("lm_head.weight", None)
