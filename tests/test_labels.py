@@ -307,3 +307,42 @@ def test_golden_labels_for_every_template_multi_turn_unicode_whitespace(tmp_path
     assert _supervised_runs(enc, tok) == [a + end for a in answers]
     text = tok.decode([t for t in enc.input_ids if t != image_id], skip_special_tokens=False)
     assert "What is this? 中文" in text and "über-clear. é" in text and "🫁" in text
+
+
+@pytest.mark.parametrize("template", ["mistral_instruct", "vicuna_v1", "chatml"])
+def test_labels_for_odd_conversations(tiny_llava_dir, template):
+    """A leading system message is prompt, never supervised; a trailing question without an
+    answer is prompt too; two turns of the same speaker in a row and a later system message
+    are refused by name (LLaVA's preprocess masked such samples silently)."""
+    from llavamed.model.compose import set_chat_template
+
+    processor = AutoProcessor.from_pretrained(tiny_llava_dir)
+    set_chat_template(processor, get_template(template))
+    tok = processor.tokenizer
+    end = {"mistral_instruct": " <|im_end|>", "vicuna_v1": "<|im_end|>", "chatml": "<|im_end|>"}
+    conv = [
+        {"from": "system", "value": "Answer briefly."},
+        {"from": "human", "value": "<image>\nWhat is it?"},
+        {"from": "gpt", "value": "A CT."},
+        {"from": "human", "value": "And the phase?"},
+    ]
+    enc = encode_training_sample(
+        conversation_to_messages(conv), processor, template, num_images=1, source="rec-9"
+    )
+    assert _supervised_runs(enc, tok) == [
+        ("A CT." if template == "chatml" else " A CT.") + end[template]
+    ]
+    text = tok.decode(enc.input_ids)
+    assert "Answer briefly." in text and text.rstrip().endswith(
+        {"mistral_instruct": "And the phase? [/INST]", "vicuna_v1": "And the phase? ",
+         "chatml": "And the phase?<|im_end|>\n"}[template].rstrip()
+    )  # fmt: skip
+    for bad, turn in (
+        (conv[:3] + [{"from": "gpt", "value": "More."}], "turn 2 is 'assistant'"),
+        (conv[:2] + [conv[1] | {"value": "Again?"}, conv[2]], "turn 1 is 'user'"),
+        (conv[:3] + [{"from": "system", "value": "Now verbose."}, conv[3], conv[2]], "turn 2"),
+    ):
+        with pytest.raises(InputError, match=rf"^rec-9: turns out of order \({turn}"):
+            encode_training_sample(
+                conversation_to_messages(bad), processor, template, num_images=1, source="rec-9"
+            )
