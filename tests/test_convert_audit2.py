@@ -453,3 +453,20 @@ def test_model_init_refuses_an_lm_whose_tokenizer_is_larger_than_its_embeddings(
     with pytest.raises(InputError, match=r"lm: tokenizer does not fit the model \(the embeddings"):
         init_checkpoint(tmp_path / "out", ModelSpec(lm=str(lm), vision="tiny"))
     assert not (tmp_path / "out").exists()
+
+
+def test_a_full_clip_folder_is_judged_by_its_vision_half(tmp_path):
+    """Only vision_model.* of a full CLIP folder is composed: its text half may be absent, but
+    a missing vision weight is refused."""
+    from llavamed.model.compose import ModelSpec, init_checkpoint
+
+    tower = _save_tower("clip_full", tmp_path / "clip")
+    sd = load_file(tower / "model.safetensors")
+    vision_only = {k: v for k, v in sd.items() if k.startswith("vision_model.")}
+    save_file(vision_only, tower / "model.safetensors", metadata={"format": "pt"})
+    out = init_checkpoint(tmp_path / "out", ModelSpec(lm="tiny", vision=str(tower)))
+    assert (out / "model.safetensors").is_file()
+    damaged = {k: v for k, v in vision_only.items() if "post_layernorm" not in k}
+    save_file(damaged, tower / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(InputError, match=r"missing keys: vision_model\.post_layernorm\.bias"):
+        init_checkpoint(tmp_path / "out2", ModelSpec(lm="tiny", vision=str(tower)))

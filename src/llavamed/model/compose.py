@@ -152,7 +152,7 @@ def _load_vision(spec: ModelSpec) -> _Vision:
         model, info = AutoModel.from_pretrained(
             path, output_loading_info=True, ignore_mismatched_sizes=True
         )
-    _check_vision_loading(path, cfg.model_type, info)
+    _check_vision_loading(path, cfg.model_type, info, full=full_type is not None)
     if full_type is not None:
         # A full CLIP/SigLIP folder: keep only the vision half (same keys as *VisionModel).
         sd = model.vision_model.state_dict()
@@ -174,24 +174,33 @@ def _load_vision(spec: ModelSpec) -> _Vision:
 _VISION_HEAD_KEYS = ("classifier.", "visual_projection.", "text_projection.", "logit_scale")
 
 
-def _check_vision_loading(path: Path, model_type: str, info: dict) -> None:
+def _check_vision_loading(path: Path, model_type: str, info: dict, *, full: bool) -> None:
     """Refuse a ``--vision`` folder whose weights do not fill its tower. transformers fills a
     missing weight with random values and only prints a report, so a folder with a layer's
     weights missing composed a checkpoint with that layer random, with no error. Tolerated:
-    a ViT's pooler (llava never reads it; a ViT classifier folder has none) and the unused
-    heads of a classifier or of a full CLIP folder."""
+    a ViT's pooler (llava never reads it; a ViT classifier folder has none), the unused heads
+    of a classifier or of a full CLIP folder, and anything outside the vision half of a full
+    CLIP/SigLIP folder (``full``): only ``vision_model.*`` is composed."""
+
+    def in_tower(key: str) -> bool:
+        return key.startswith("vision_model.") if full else True
+
     missing = sorted(
         str(k)
         for k in info.get("missing_keys") or ()
-        if not (model_type == "vit" and str(k).startswith("pooler."))
+        if in_tower(str(k)) and not (model_type == "vit" and str(k).startswith("pooler."))
     )
     unexpected = sorted(
         str(k)
         for k in info.get("unexpected_keys") or ()
-        if not str(k).startswith(_VISION_HEAD_KEYS)
+        if in_tower(str(k)) and not str(k).startswith(_VISION_HEAD_KEYS)
     )
     mismatched = sorted(
-        str(k[0] if isinstance(k, tuple) else k) for k in info.get("mismatched_keys") or ()
+        name
+        for name in (
+            str(k[0] if isinstance(k, tuple) else k) for k in info.get("mismatched_keys") or ()
+        )
+        if in_tower(name)
     )
     problems = []
     for kind, keys in (
