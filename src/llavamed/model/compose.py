@@ -379,6 +379,13 @@ def check_tokenizer_fits(tok, rows: int, source) -> None:
         )
 
 
+def _spelled_as(tok, marker: str, tid: int) -> bool:
+    """Whether ``tok`` reads the text ``marker`` as the one token ``tid`` (a sentencepiece
+    tokenizer may put a lone "▁" before it; nothing else may come with it)."""
+    ids = tok.encode(marker, add_special_tokens=False)
+    return tid in ids and all(not tok.decode([i]).strip() for i in ids if i != tid)
+
+
 def check_template_tokens(template, tok, whose: str = "the tokenizer") -> None:
     """Refuse a template whose turn markers ``tok`` cannot spell as single tokens. chatml (the
     default) on a Llama/Mistral tokenizer wrote ``<|im_end|>`` as eleven ordinary tokens and no
@@ -388,7 +395,7 @@ def check_template_tokens(template, tok, whose: str = "the tokenizer") -> None:
     markers.append(template_eos(template, tok))
     for marker in markers:
         tid = known_token_id(tok, marker)
-        if tid is None or tok.encode(marker, add_special_tokens=False) != [tid]:
+        if tid is None or not _spelled_as(tok, marker, tid):
             others = sorted(set(TEMPLATES) - {template.name})
             raise ConfigError(
                 f"template={template.name!r}: {whose} has no token {marker!r}, so its turns "
