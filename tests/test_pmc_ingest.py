@@ -817,3 +817,35 @@ def test_an_image_wider_than_jpeg_allows_is_downscaled_not_a_package_error(tmp_p
     assert not [r for r in report["reasons"] if "error" in r or "image" in r], report["reasons"]
     wide = next(r for r in _records(tmp_path / "out") if r["graphic_ref"].startswith("brain-g1"))
     assert (wide["width"], wide["height"]) == (65500, 37)
+
+
+def test_a_package_with_a_file_it_could_not_read_is_read_again_by_the_next_run(
+    tmp_path, monkeypatch
+):
+    """A package counted 'unreadable XML file' (permissions, an I/O error) was recorded as
+    done: its size and mtime do not change when its permissions are fixed, so every re-run
+    skipped it and its figures stayed missing for good. (Root reads any file, so the refusal
+    is the OS call's, for that one file.)"""
+    import pathlib
+
+    src = make_unpacked(tmp_path / "src")
+    xml = src / "PMC1000002" / "PMC1000002.nxml"
+    real_read = pathlib.Path.read_bytes
+
+    def denied(self):
+        if self == xml:
+            raise PermissionError(13, "Permission denied", str(self))
+        return real_read(self)
+
+    out = tmp_path / "out"
+    monkeypatch.setattr(pathlib.Path, "read_bytes", denied)
+    first = ingest([src], out, workers=1)
+    monkeypatch.setattr(pathlib.Path, "read_bytes", real_read)
+    assert first["reasons"].get("unreadable XML file") == 1
+    assert not any(r["pair_id"].startswith("PMC1000002") for r in _records(out))
+    again = ingest([src], out, workers=1)
+    assert again["last_run"]["packages_processed"] == 1
+    assert "unreadable XML file" not in again["reasons"]
+    pids = [r["pair_id"] for r in _records(out)]
+    assert len(pids) == len(set(pids)) == 8
+    assert ingest([src], out, workers=1)["last_run"]["packages_processed"] == 0  # done now

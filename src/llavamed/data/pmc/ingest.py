@@ -156,6 +156,12 @@ def pair_id_for(pmcid: str | None, pmid: str | None, fallback: str, fig_id: str)
 # --- worker side -----------------------------------------------------------------------------
 
 
+# Reasons that say a file could not be read, not that its content is bad: a package counted
+# under one is read again by the next run (once its permissions are fixed, or its disk is back)
+# instead of standing in the ledger as done with figures missing.
+READ_FAILURES = ("unreadable package file", "unreadable folder", "unreadable XML file")
+
+
 def process_package(pkg: PackageRef, opts: IngestOptions) -> PackageResult:
     """Parse, label and decode one package. Never raises for bad input: every problem becomes a
     counted reason in the result."""
@@ -413,6 +419,8 @@ class IngestWriter:
         entry = self.done.get(pkg.key)
         if not entry or entry.get("size") != pkg.size:
             return False
+        if any(reason in entry.get("counts", {}) for reason in READ_FAILURES):
+            return False  # a file it could not read then (permissions, a disk not mounted)
         if entry.get("mtime", pkg.mtime) == pkg.mtime:  # a ledger line of before mtimes counted
             return True
         if entry.get("digest") is None or entry["digest"] != content_digest(pkg):
