@@ -84,13 +84,18 @@ def test_a_killed_writers_temp_folder_is_removed_by_the_next_write(tmp_path):
         ("empty_weights", "corrupt weights file"),
         ("remove_weights", "unreadable model"),
         ("truncate_tokenizer", "unreadable model"),
+        # transformers fell back to defaults without a word: the stop ids were lost
+        ("truncate_generation_config", "unreadable generation config"),
     ],
 )
 def test_a_damaged_checkpoint_is_a_one_line_error(tiny_llava_dir, tmp_path, capsys, damage, reason):
     ck = tmp_path / "ck"
     shutil.copytree(tiny_llava_dir, ck)
     weights, tok = ck / "model.safetensors", ck / "tokenizer.json"
-    if damage == "truncate_weights":
+    if damage == "truncate_generation_config":
+        gen = ck / "generation_config.json"
+        gen.write_text(gen.read_text()[:20])
+    elif damage == "truncate_weights":
         weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
     elif damage == "empty_weights":
         weights.write_bytes(b"")

@@ -168,12 +168,28 @@ def _check_model_type(cls, path: str | Path) -> None:
     raise InputError(path, f"not a {want} checkpoint", f"model_type={got!r} in config.json{hint}")
 
 
+def _check_generation_config(path: str | Path) -> None:
+    """transformers falls back to defaults built from config.json, without a word, when
+    generation_config.json cannot be parsed: the checkpoint's stop ids and sampling settings
+    would be lost and the model served, evaluated or trained on as if it had none."""
+    gen_path = Path(path) / "generation_config.json"
+    try:
+        gen = json.loads(gen_path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return  # optional: a checkpoint without one generates with transformers' defaults
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise InputError(gen_path, "unreadable generation config", first_line(exc)) from exc
+    if not isinstance(gen, dict):
+        raise InputError(gen_path, "unreadable generation config", "not a JSON object")
+
+
 def strict_from_pretrained(cls, path: str | Path, **kwargs):
     """``cls.from_pretrained(path, **kwargs)`` that refuses a checkpoint whose weights do not fit
     the model. transformers fills a missing weight with random values and only prints a load
     report, so a checkpoint without its projector would be served, evaluated or fine-tuned with
     a random one."""
     _check_model_type(cls, path)
+    _check_generation_config(path)
     # ignore_mismatched_sizes: a wrong shape is then listed with the other keys (and refused
     # below) instead of ending in transformers' RuntimeError after its printed report.
     model, info = cls.from_pretrained(
