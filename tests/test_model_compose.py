@@ -214,6 +214,22 @@ def test_spec_validation():
         build(ModelSpec(lm="tiny", vision="/nonexistent/tower"))
 
 
+@pytest.mark.parametrize(
+    "fields, words",
+    [
+        (dict(lm_layers="8"), "model.lm_layers: expected an integer, got '8'"),
+        (dict(lm_layers=True), "model.lm_layers: expected an integer"),
+        (dict(seed=1.5), "model.seed: expected an integer"),
+        (dict(template=None), "model.template: may not be null"),
+    ],
+)
+def test_spec_built_in_python_is_type_checked(fields, words):
+    # The config loader types a YAML spec; one built in Python (or read back from a
+    # checkpoint's llavamed.json) reached the model code untyped and failed as a TypeError.
+    with pytest.raises(ConfigError, match=words):
+        build(ModelSpec(lm="tiny", vision="tiny", **fields))
+
+
 def test_vision_folder_round_trip(tmp_path):
     """A saved CLIP vision tower folder is accepted as --vision and its weights are kept."""
     from transformers import CLIPVisionConfig, CLIPVisionModel

@@ -99,6 +99,11 @@ class ModelSpec:
     seed: int = 0
 
     def validate(self) -> None:
+        # A spec built in Python or read back from a checkpoint's llavamed.json skips the
+        # config loader's typing: `lm_layers="8"` failed later as a bare TypeError.
+        from llavamed.config import from_dict  # here: config imports this module
+
+        from_dict(ModelSpec, dataclasses.asdict(self), prefix="model")
         get_template(self.template)
         if self.projector != "mlp2x_gelu":
             raise ConfigError(
