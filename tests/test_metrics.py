@@ -237,3 +237,23 @@ def test_aggregate_and_paired_diff():
     assert "llava_med_open_recall" not in agg
     d = m.paired_bootstrap_diff([1, 1, 1, 1], [0, 1, 0, 1], n_resamples=200)
     assert d["mean"] == 0.5 and d["n"] == 4 and d["lo"] <= 0.5 <= d["hi"]
+
+
+def test_an_answer_word_closed_by_a_line_break_dash_or_bracket_decides():
+    """'Yes' on its own line, or set off by a dash or a bracket, ends the answer as a comma does:
+    the 'no' that follows belongs to the finding (these parsed as no answer, scored wrong)."""
+    for pred in (
+        "Yes\n\nNo other findings are seen.",
+        "**Yes**\nNo abnormality",
+        "Yes - no mass is seen",
+        "Yes \u2014 no effusion.",
+        "Yes\u2013no acute findings",
+        "Yes (no mass seen)",
+        "Yes [no mass]",
+    ):
+        assert m.parse_yes_no(pred) == "yes", pred
+        assert m.strict_closed_hit(pred, "yes") == 1.0, pred
+    assert m.parse_yes_no("No\n\nYes, the lung is clear on the other side") == "no"
+    # The bare options restated are still no answer, on one line or two.
+    for hedge in ("Yes\nno", "Yes - no", "yes-no question", "Yes or no\nIt depends on the view"):
+        assert m.parse_yes_no(hedge) is None, hedge

@@ -288,7 +288,8 @@ def parse_yes_no(prediction: str) -> str | None:
     The first word decides when it is yes or no ("No, there is no effusion" -> no), unless it
     opens a hedge: "yes or no", "yes and no", "yes/no" (also "Yes, or no") are None, or a model
     answering "Yes or no" to everything would be right on every yes question. An answer word that
-    punctuation closes decides on its own: "Yes, no effusion is seen" is a yes. Otherwise the
+    punctuation, a line break, a dash standing apart or a bracket closes decides on its own: "Yes,
+    no effusion is seen", "Yes\n\nNo other findings" and "Yes - no mass" are yes. Otherwise the
     prediction must contain exactly one of the two words; both or neither is ambiguous (None). A
     yes/no right after "not" ("not yes") is no answer either. Substrings never count: "normal"
     is not "no". Chinese (Han) text is read by its opening: 是/有/对 yes; 不是/否/没有/无/不 no;
@@ -310,6 +311,8 @@ def parse_yes_no(prediction: str) -> str | None:
             return None  # "yes or no", "Yes, or no", "yes and no." (not "Yes, and no mass")
         if re.match(r"\W*(?:yes|no)\W*?[,;:.!]", prediction, re.I):
             return first  # closed by punctuation: "Yes, no effusion is seen"
+        if len(toks) > 2 and _SOFT_CLOSE.match(prediction):
+            return first  # "Yes\nNo other findings", "Yes - no mass", "Yes (no effusion)"
         if toks[1:2] == [other]:
             return None  # "yes/no", "No-yes"
         return first
@@ -331,8 +334,15 @@ _CLAUSE_BREAK = re.compile(r"[,;:!?\uff0c\uff1b\uff1a\uff01\uff1f\u3002]|\.(?!\d
 
 
 _YES_NO = {"yes": "no", "no": "yes"}
-# Both answer words joined as a pair and then nothing, or a clause break: the options restated.
-_HEDGE = re.compile(r"\W*(yes|no)\W*(and|or)\W+(yes|no)(?!\w)[\s*_`]*(?:$|[,;:.!?])", re.I)
+# An answer word that a line break, a dash standing apart (" - ", an en or em dash) or an opening
+# bracket separates from what follows: the answer ends there, as at a comma. Only when more words
+# follow the other answer word: a bare "Yes\nno" or "Yes - no" still restates the options.
+_SOFT_CLOSE = re.compile(
+    r"\W*(?:yes|no)[*_`]*(?:[^\S\n]*\n|\s+-\s|\s*[\u2013\u2014]|\s*[(\[])", re.I
+)
+# Both answer words joined as a pair and then nothing, a clause break or a line break: the options
+# restated.
+_HEDGE = re.compile(r"\W*(yes|no)\W*(and|or)\W+(yes|no)(?!\w)[\s*_`]*(?:$|[,;:.!?\n])", re.I)
 # SLAKE's Chinese closed answers are 是 (yes) and 否 (no); replies open with the answer word.
 _ZH_ANSWER = {"是": "yes", "否": "no"}
 _ZH_NO_OPENINGS = ("不是", "否", "没有", "无", "不")
