@@ -257,3 +257,18 @@ def test_an_answer_word_closed_by_a_line_break_dash_or_bracket_decides():
     # The bare options restated are still no answer, on one line or two.
     for hedge in ("Yes\nno", "Yes - no", "yes-no question", "Yes or no\nIt depends on the view"):
         assert m.parse_yes_no(hedge) is None, hedge
+
+
+def test_strict_metrics_fold_full_width_letters_and_combining_accents():
+    """Chinese input methods type full-width Latin letters and digits; a model trained on them
+    answers 'ＣＴ' or 'ｙｅｓ'. They were other words than 'CT' and 'yes' (exact match 0, no
+    yes/no at all), and a combining accent was a word break ('cafe\\u0301' was 'cafe')."""
+    assert m.exact_match("ＣＴ", "CT") == 1.0
+    assert m.exact_match("２个", "2个") == 1.0
+    assert m.parse_yes_no("ｙｅｓ") == "yes"
+    assert m.parse_yes_no("Ｎｏ，ｎｏ ｍａｓｓ") == "no"
+    assert m.strict_closed_hit("ＹＥＳ", "yes") == 1.0
+    assert m.exact_match("Me\u0301ne\u0301trier disease", "Ménétrier disease") == 1.0
+    assert m.token_f1("ＣＴ ｓｃａｎ", "CT") == pytest.approx(2 / 3)
+    # The LLaVA-Med metric is the reference's, untouched.
+    assert m.normalize_answer("ＣＴ") == "ｃｔ"

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import math
 import re
+import unicodedata
 from collections import Counter
 from collections.abc import Iterable, Sequence
 
@@ -268,6 +269,10 @@ _STRICT_JOIN = re.compile(r"['\u2019]|(?<=\d),(?=\d)")
 _STRICT_SPLIT = re.compile(r"[^\w\s.]|_|(?<!\d)\.|\.(?!\d)", re.UNICODE)
 
 
+def _nfkc(text: object) -> str:
+    return unicodedata.normalize("NFKC", str(text))
+
+
 def normalize_strict(text: str) -> str:
     """Lowercase; every punctuation mark a word break (a decimal point between digits stays;
     apostrophes and digit-grouping commas join); number words zero..ten (and "none") become
@@ -275,8 +280,12 @@ def normalize_strict(text: str) -> str:
 
     Each mark is treated the same wherever it is. :func:`normalize_answer` (LLaVA-Med's) decides
     per mark from the whole string, so there one bullet ("- X-ray") or one "2,5" turned every
-    hyphen in the text from a break into nothing ("xray", "t2weighted")."""
-    text = _FULLWIDTH_PUNCT.sub(" ", str(text).lower())
+    hyphen in the text from a break into nothing ("xray", "t2weighted").
+
+    Compatibility forms are folded first (NFKC): full-width letters and digits, which Chinese
+    input methods type, are the ASCII ones ("ＣＴ" is "ct", "ｙｅｓ" is a yes), and an accent
+    typed as a combining mark is the accented letter (it was a word break)."""
+    text = _FULLWIDTH_PUNCT.sub(" ", _nfkc(text).lower())
     text = _STRICT_SPLIT.sub(" ", _STRICT_JOIN.sub("", text))
     words = (_NUMBER_WORDS.get(w, w) for w in text.split())
     return " ".join(w for w in words if w not in _ARTICLES)
@@ -295,6 +304,7 @@ def parse_yes_no(prediction: str) -> str | None:
     is not "no". Chinese (Han) text is read by its opening: 是/有/对 yes; 不是/否/没有/无/不 no;
     a restated question (是否, 是不是, 有没有), a hedge (不确定, 无法, 有可能, ...) or an apology
     (对不起) is None."""
+    prediction = _nfkc(prediction)  # the regexes below read it too: "ｙｅｓ，ｎｏ ｍａｓｓ"
     if re.search(f"[{_HAN}]", prediction):
         return _parse_zh_yes_no(normalize_strict(prediction).replace(" ", ""))
     toks = _tokens(normalize_strict(prediction))
