@@ -269,3 +269,24 @@ def test_training_reads_the_pickles_with_images_kept_elsewhere(tmp_path, tiny_ll
         quiet=True,
     )
     assert len(samples) == 2 and not report.skipped
+
+
+def test_the_report_calls_pathvqas_yes_no_split_the_papers(tmp_path):
+    """PathVQA never carries an answer_type: its closed questions are its yes/no ones, the
+    paper's division too. The report said closed accuracy was 'over another set of questions'
+    than the paper's, which is true only of a VQA-RAD export without the dataset's labels."""
+    from llavamed.eval.report import render_markdown
+    from llavamed.eval.vqa_runner import evaluate_answers
+
+    samples, rep = load_vqa("pathvqa", _pvqa(tmp_path))
+    assert rep.n_answer_type_inferred == 3
+    metrics = evaluate_answers(samples, {s.qid: "yes" for s in samples}, n_resamples=20)
+    result = {
+        "model_id": "m",
+        "options": {"max_new_tokens": 8, "closed_suffix": False},
+        "metrics": {k: v for k, v in metrics.items() if k != "scores"},
+    }
+    md = render_markdown(result, "pathvqa", rep.to_dict())
+    assert "PathVQA's closed questions are its yes/no ones, as in the paper" in md
+    assert "over another set of questions" not in md
+    assert "over another set of questions" in render_markdown(result, "vqa-rad", rep.to_dict())

@@ -118,12 +118,22 @@ def render_markdown(result: dict, dataset: str, load_report: dict | None = None)
             + ("." if m["n_missing"] else f" ({m['n_open']} open / {m['n_closed']} closed).")
         )
     if load_report and load_report.get("n_answer_type_inferred"):
-        lines.append(
+        inferred = (
             f"{load_report['n_answer_type_inferred']} questions carry no answer_type: yes/no "
-            "answers were counted closed and the rest open. The paper used the datasets' own "
-            'OPEN/CLOSED labels, under which closed questions also have answers like "CT" or '
-            '"left", so closed accuracy here is over another set of questions.'
+            "answers were counted closed and the rest open."
         )
+        if dataset == "pathvqa":
+            # PathVQA has no answer_type anywhere: its closed questions are its yes/no ones
+            # (3391 of the 6761 test questions), which is the paper's division as well.
+            lines.append(
+                f"{inferred} PathVQA's closed questions are its yes/no ones, as in the paper."
+            )
+        else:
+            lines.append(
+                f"{inferred} The paper used the datasets' own OPEN/CLOSED labels, under which "
+                'closed questions also have answers like "CT" or "left", so closed accuracy here '
+                "is over another set of questions."
+            )
     if load_report:
         lines.append(
             f"Data: {load_report['n_loaded']} samples loaded from `{load_report['source']}` "
