@@ -370,6 +370,21 @@ def test_bad_sampling_flags_are_refused_before_anything_is_written(tmp_path, cap
     assert sorted(p.name for p in tmp_path.iterdir()) == ["figures.jsonl"]
 
 
+def test_a_missing_figures_file_is_a_one_line_error(tmp_path, capsys):
+    """docs/instruct.md: a bad input is a one-line error naming the file; a typo in --figures
+    ended in a FileNotFoundError traceback (data align and data domains said "file not found")."""
+    from llavamed.cli import main
+
+    missing = tmp_path / "no_such_figures.jsonl"
+    base = ["data", "instruct", "--figures", str(missing), "--out", str(tmp_path / "o.json"),
+            "--base-url", "http://127.0.0.1:9/v1", "--model", "m", "--no-progress"]  # fmt: skip
+    for argv in (base, [*base, "--dry-run"]):
+        assert main(argv) == 1
+        err = capsys.readouterr().err
+        assert err == f"llavamed: error: {missing}: file not found\n"
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_skipped_and_dropped_figures_are_counted_and_named(stub, tmp_path, capsys):
     """The terminal said "kept 20 / 28" and nothing of the records never asked about; neither
     it nor the report named a skipped or dropped figure."""

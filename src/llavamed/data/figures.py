@@ -89,8 +89,13 @@ def iter_figures(path: str | os.PathLike) -> Iterator[dict]:
     when they don't carry one.
     """
     path = Path(path)
-    with open(path, "rb") as fh:
-        head = fh.read(4096).lstrip()
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(4096).lstrip()
+    except FileNotFoundError:
+        # A one-line error naming the file (`data instruct --figures` with a typo in the path
+        # ended in a traceback), as the other commands that read figures say it.
+        raise InputError(path, "file not found") from None
     if head.startswith(b"{") and _is_single_json_document(path):
         data = read_json(path)
         if not isinstance(data, dict):
