@@ -436,3 +436,29 @@ def test_a_chinese_slake_run_names_its_language_and_drops_the_papers_rows(tmp_pa
         assert ("Question languages" in md) is not comparable
         assert ("only ones comparable to the paper" in md) is comparable
         assert bool(json.loads(paths["json"].read_text())["reference_rows"]) is comparable
+
+
+def test_ablation_rows_compare_the_questions_answered_in_both_conditions(tmp_path):
+    """A replacement image that fails to load leaves its question unanswered in that condition
+    only. The drop is paired over the questions answered in both, and the row's two means must
+    be over those too: it showed 'with image 75.00 | replaced 0.00 | drop 50.00'."""
+    s = [VQASample(f"q{i}", _img((30 * i, 0, 0)), "Is it?", "yes", "closed") for i in range(4)]
+    clean = R.evaluate_answers(s, {"q0": "yes", "q1": "yes", "q2": "yes", "q3": "no"})
+    shuffled = R.evaluate_answers(s, {"q0": "no", "q3": "no"})  # q1, q2 not answered
+    drop = R.ablation_drop(clean, shuffled, n_resamples=50)
+    d = drop["strict_closed_acc"]
+    assert (d["mean_a"], d["mean_b"], d["mean"], d["n"]) == (0.5, 0.0, 0.5, 2)
+    res = {
+        "model_id": "m",
+        "options": {"max_new_tokens": 8, "closed_suffix": False},
+        "metrics": {k: v for k, v in clean.items() if k != "scores"},
+        "ablations": {
+            "shuffle": {
+                "metrics": {k: v for k, v in shuffled.items() if k != "scores"},
+                "drop": drop,
+            }
+        },
+    }
+    md = write_report(res, tmp_path, "vqa-rad")["md"].read_text()
+    row = "| shuffle | strict: closed accuracy (yes/no parse) | 50.00 | 0.00 | 50.00 |"
+    assert row in md and "| 2 |" in md.split(row)[1].splitlines()[0]

@@ -554,12 +554,30 @@ def paired_bootstrap_diff(
     clusters: Sequence | None = None,
 ) -> dict[str, float]:
     """Mean of ``a - b`` over paired items (same questions), with a percentile bootstrap CI
-    (resampling ``clusters`` whole when given, see :func:`bootstrap_ci`)."""
+    (resampling ``clusters`` whole when given, see :func:`bootstrap_ci`), and the means of ``a``
+    and ``b`` over those same items (``mean_a``, ``mean_b``: their difference is ``mean``)."""
     if len(a) != len(b):
         raise ValueError("paired samples must have equal length")
-    d = np.asarray(a, dtype=np.float64) - np.asarray(b, dtype=np.float64)
+    x, y = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    d = x - y
     lo, hi = bootstrap_ci(d, n_resamples, alpha, seed, clusters)
-    return {"mean": float(d.mean()) if d.size else math.nan, "lo": lo, "hi": hi, "n": int(d.size)}
+    if not d.size:
+        return {
+            "mean": math.nan,
+            "lo": lo,
+            "hi": hi,
+            "n": 0,
+            "mean_a": math.nan,
+            "mean_b": math.nan,
+        }
+    return {
+        "mean": float(d.mean()),
+        "lo": lo,
+        "hi": hi,
+        "n": int(d.size),
+        "mean_a": float(x.mean()),
+        "mean_b": float(y.mean()),
+    }
 
 
 def aggregate(

@@ -173,24 +173,28 @@ def render_markdown(result: dict, dataset: str, load_report: dict | None = None)
     if result.get("ablations"):
         lines += ["", "## Image reliance (accuracy drop when the image is replaced)", ""]
         lines += [
-            "| condition | metric | with image | replaced | drop | 95% CI of drop |",
-            "|---|---|---:|---:|---:|---:|",
+            "| condition | metric | with image | replaced | drop | 95% CI of drop | n |",
+            "|---|---|---:|---:|---:|---:|---:|",
         ]
         for cond, ab in result["ablations"].items():
             for key in CHART_METRICS:
                 d = ab["drop"].get(key)
                 if not d:
                     continue
+                # Both means over the questions answered in both conditions, the drop's own
+                # questions (results from before mean_a/mean_b: each condition's overall mean).
+                with_image = d.get("mean_a", m["overall"][key]["mean"])
+                replaced = d.get("mean_b", ab["metrics"]["overall"][key]["mean"])
                 lines.append(
-                    f"| {cond} | {M.METRICS[key][0]} | {_pct(m['overall'][key]['mean'])} | "
-                    f"{_pct(ab['metrics']['overall'][key]['mean'])} | {_pct(d['mean'])} | "
-                    f"[{_pct(d['lo'])}, {_pct(d['hi'])}] |"
+                    f"| {cond} | {M.METRICS[key][0]} | {_pct(with_image)} | {_pct(replaced)} | "
+                    f"{_pct(d['mean'])} | [{_pct(d['lo'])}, {_pct(d['hi'])}] | {d['n']} |"
                 )
         lines += [
             "",
             "A drop whose CI includes 0 means the answers do not depend on the image: the model "
             "is not looking. blank = black image; noise = uniform RGB noise; shuffle = another "
-            "question's image (a seeded derangement over distinct images).",
+            "question's image (a seeded derangement over distinct images). Each row compares "
+            "the n questions answered in both conditions.",
         ]
 
     for title, groups in (
