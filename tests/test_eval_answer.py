@@ -194,3 +194,30 @@ def test_eval_vqa_cli_bad_data(tmp_path, argv_tail, capsys):
         == 1
     )
     assert "file not found" in capsys.readouterr().err
+
+
+def test_answers_to_another_questions_file_are_not_resumed(tiny_llava_dir, tmp_path):
+    """A second qa50-shaped file numbers its questions alike: answering it into the same --out
+    resumed every id with the first file's answers ('0 answered, 2 already done'), and
+    ``eval judge`` then judged them as answers to the new questions."""
+    q, img = _qa50(tmp_path)
+    out = tmp_path / "answers.jsonl"
+    answer_questions(tiny_llava_dir, q, img, out, max_new_tokens=4, progress=False)
+    other = tmp_path / "other.jsonl"
+    other.write_text(
+        json.dumps({"question_id": 1, "image": "a.jpg", "text": "Where is the lesion?"}) + "\n"
+    )
+    with pytest.raises(InputError, match=r"other questions \(question_id 1\).*question"):
+        answer_questions(tiny_llava_dir, other, img, out, max_new_tokens=4, progress=False)
+    # Same question text about another image (qa50's generic 'Describe it.') is refused too.
+    Image.new("RGB", (20, 20), (10, 90, 30)).save(img / "b.jpg")
+    moved = tmp_path / "moved.jsonl"
+    moved.write_text(
+        json.dumps({"question_id": 2, "image": "b.jpg", "text": "Describe it."}) + "\n"
+    )
+    with pytest.raises(InputError, match=r"other questions \(question_id 2\).*image 'a.jpg'"):
+        answer_questions(tiny_llava_dir, moved, img, out, max_new_tokens=4, progress=False)
+    # The same file resumes as before, and the file is untouched by the refusals.
+    before = out.read_bytes()
+    r = answer_questions(tiny_llava_dir, q, img, out, max_new_tokens=4, progress=False)
+    assert r["n_generated"] == 0 and r["n_resumed"] == 2 and out.read_bytes() == before

@@ -34,6 +34,25 @@ def _check_question(rec: dict, src: str) -> dict:
     return {**rec, "question": text.replace("<image>", "").strip()}
 
 
+def _check_same_question(rec: dict, meta: dict, by_qid: dict[str, dict], where: Path) -> None:
+    """Refuse an answer whose question id is in this questions file but whose question (or
+    image) is not: another question file answered into the same --out numbers its questions
+    alike, and ``eval judge`` would then judge its answers as answers to these questions."""
+    q = by_qid.get(str(rec.get("question_id")))
+    if q is None:
+        return
+    for name, old, new in (
+        ("question", rec.get("prompt"), q["question"]),
+        ("image", meta.get("image"), q["image"]),
+    ):
+        if old is not None and old != new:
+            raise InputError(
+                where,
+                f"answers written for other questions (question_id {q['question_id']})",
+                f"{name} {str(old)[:80]!r} there, {new[:80]!r} now; use another --out",
+            )
+
+
 def load_questions(path: str | os.PathLike) -> tuple[list[dict], Counter]:
     """Valid question records (each gains ``question``: the text without ``<image>``) and
     bad-record counts per reason. A repeated question id keeps its first record."""
@@ -110,10 +129,13 @@ def answer_questions(
             model.dtype if model is not None and processor is not None else dtype or torch.float32
         ),
     }
-    for rec in existing:  # the model id sits beside the metadata in these records
-        rec = {"metadata": {**(rec.get("metadata") or {}), "model_id": rec.get("model_id")}}
+    by_qid = {str(q["question_id"]): q for q in questions}
+    for rec in existing:
         try:
-            check_same_settings([rec], settings, out_path)
+            # The model id sits beside the metadata in these records.
+            meta = {**(rec.get("metadata") or {}), "model_id": rec.get("model_id")}
+            check_same_settings([{"metadata": meta}], settings, out_path)
+            _check_same_question(rec, meta, by_qid, out_path)
         except InputError:
             log.close()
             raise
@@ -164,6 +186,7 @@ def answer_questions(
                             "model": settings["model"],
                             "dtype": gen.dtype,
                             "type": q.get("type"),
+                            "image": q["image"],
                         },
                     }
                 )
