@@ -354,3 +354,32 @@ def test_bad_stage0b_inputs_are_clear_errors_before_training(tmp_path):
     # IndexError deep in the forward pass, after every image had loaded).
     with pytest.raises(ConfigError, match="indexed"):
         run_from_config(_cfg(data, tmp_path / "o3", steps=2, feature_layer=-9), progress=False)
+
+
+def test_the_same_run_spelled_with_other_paths_or_moved_is_not_trained_again(tmp_path, monkeypatch):
+    """The quickstart runs stage 0b with absolute paths, configs/cpu/stage0b_vision_vqa.yaml
+    spells them relative: the finished run was matched by its config's strings, so running the
+    shipped config over the quickstart's folder trained stage 0b again from step 0 and overwrote
+    the tower stage 1 was built on. So did a run folder moved elsewhere, and `output_dir=~/x`
+    wrote into a folder named '~'."""
+    import shutil
+
+    from llavamed.train.vision_vqa import make_config, run_from_config
+
+    monkeypatch.chdir(tmp_path)
+    data = make_vqa_rad(tmp_path / "rad", 24)
+    kw = dict(steps=3, batch_size=4, log_every=1)
+    done = run_from_config(_cfg(data, tmp_path / "out", **kw), progress=False)
+    assert done.wall_time_s > 0
+    relative = run_from_config(_cfg(Path("rad"), Path("out"), **kw), progress=False)
+    assert relative.wall_time_s == 0.0  # returned the finished run
+    assert relative.report["data_key"] == done.report["data_key"]
+
+    shutil.move(tmp_path / "out", tmp_path / "moved")
+    moved = run_from_config(_cfg(data, tmp_path / "moved", **kw), progress=False)
+    assert moved.wall_time_s == 0.0 and moved.tower_dir == tmp_path / "moved" / "vision_tower"
+
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    conf = make_config(_cfg(data, Path("x"), **kw), ["output_dir=~/runs/b", "vision=tiny"])
+    assert conf.output_dir == str(tmp_path / "home" / "runs" / "b")
+    assert conf.vision == "tiny" and conf.sources[0].path == str(data)

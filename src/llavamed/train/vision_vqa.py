@@ -42,8 +42,9 @@ from llavamed.utils.precision import check_precision, resolve_precision
 
 REPORT = "vision_vqa_report.json"
 STATE_FILE = "stage0b_state.pt"
-RESUMABLE_CHANGES = frozenset({"time_budget_min", "log_every", "save_every"})
-"""Settings a resumed run may change: none of them changes what is computed."""
+RESUMABLE_CHANGES = frozenset({"time_budget_min", "log_every", "save_every", "output_dir"})
+"""Settings a resumed run may change: none of them changes what is computed (``output_dir``: a
+run moved or copied to another folder goes on there)."""
 
 
 @dataclass
@@ -146,8 +147,30 @@ def make_config(cfg: dict | VisionVQAConfig, overrides: list[str] | None = None)
         cfg = asdict(cfg)
     data = apply_overrides(dict(cfg), list(overrides or []))
     conf = from_dict(VisionVQAConfig, data)
+    _resolve_paths(conf)
     conf.validate()
     return conf
+
+
+def _resolve_paths(cfg: VisionVQAConfig) -> None:
+    """Make the paths absolute (``~`` expanded) against the current directory, as the LLaVA
+    stages' configs are. A finished run and a resume state are matched by their config, and the
+    shipped config spells the paths relative where the quickstart spells them absolute: the same
+    run written the other way (or from ``output_dir=~/x``, which made a folder named ``~``) was
+    trained again from step 0 over the finished tower."""
+    from llavamed.model.compose import VISION_PRESETS
+    from llavamed.train.text_encoder import EMBEDDED_TEXT_ENCODER
+
+    def res(p: str) -> str:
+        return str(Path(p).expanduser().resolve()) if p else p
+
+    cfg.output_dir = res(cfg.output_dir)
+    if cfg.vision not in VISION_PRESETS:
+        cfg.vision = res(cfg.vision)
+    if cfg.text_encoder != EMBEDDED_TEXT_ENCODER:
+        cfg.text_encoder = res(cfg.text_encoder)
+    for src in cfg.sources:
+        src.path = res(src.path)
 
 
 # ---- data ---------------------------------------------------------------------------------------
@@ -319,6 +342,7 @@ def train_vision_vqa(cfg: VisionVQAConfig, progress: bool = True) -> VisionVQARe
 
     t0 = time.time()
     cfg.precision = resolve_precision(cfg.precision, "cpu")  # this stage runs on the CPU
+    _resolve_paths(cfg)
     out = Path(cfg.output_dir)
     tower_dir, report_path = out / "vision_tower", out / REPORT
     resolved = asdict(cfg)
