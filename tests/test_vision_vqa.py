@@ -383,3 +383,26 @@ def test_the_same_run_spelled_with_other_paths_or_moved_is_not_trained_again(tmp
     conf = make_config(_cfg(data, Path("x"), **kw), ["output_dir=~/runs/b", "vision=tiny"])
     assert conf.output_dir == str(tmp_path / "home" / "runs" / "b")
     assert conf.vision == "tiny" and conf.sources[0].path == str(data)
+
+
+def test_a_text_encoder_with_other_files_is_another_run(tmp_path):
+    """The finished run (and the resume state) were matched by the text encoder's name only: a
+    local encoder folder with other files behind the same path returned the tower whose readout
+    had learnt the old encoder's question embeddings (stage 0 keys its runs by the files)."""
+    import shutil
+
+    from llavamed.train.text_encoder import embedded_text_encoder_dir
+    from llavamed.train.vision_vqa import run_from_config
+
+    enc = tmp_path / "encoder"
+    shutil.copytree(embedded_text_encoder_dir(), enc)
+    data = make_vqa_rad(tmp_path / "rad", 24)
+    kw = dict(steps=3, batch_size=4, log_every=1, text_encoder=str(enc))
+    first = run_from_config(_cfg(data, tmp_path / "out", **kw), progress=False)
+    assert run_from_config(_cfg(data, tmp_path / "out", **kw), progress=False).wall_time_s == 0
+    conf = json.loads((enc / "config.json").read_text())
+    conf["hidden_dropout_prob"] = 0.25  # the same name, another encoder
+    (enc / "config.json").write_text(json.dumps(conf))
+    second = run_from_config(_cfg(data, tmp_path / "out", **kw), progress=False)
+    assert second.wall_time_s > 0
+    assert second.report["text_encoder"] != first.report["text_encoder"]

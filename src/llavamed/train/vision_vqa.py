@@ -41,6 +41,8 @@ from llavamed.utils.io import atomic_path, atomic_write_json, atomic_write_text
 from llavamed.utils.precision import check_precision, resolve_precision
 
 REPORT = "vision_vqa_report.json"
+TEXT_MAX_LENGTH = 128
+"""Tokens of a question the text encoder reads (part of its fingerprint)."""
 STATE_FILE = "stage0b_state.pt"
 RESUMABLE_CHANGES = frozenset({"time_budget_min", "log_every", "save_every", "output_dir"})
 """Settings a resumed run may change: none of them changes what is computed (``output_dir``: a
@@ -332,7 +334,12 @@ def train_vision_vqa(cfg: VisionVQAConfig, progress: bool = True) -> VisionVQARe
     from llavamed.config import diff
     from llavamed.model.compose import check_feature_layer
     from llavamed.train.checkpointing import load_file, rng_state, set_rng_state
-    from llavamed.train.text_encoder import TextEncoder, cached_embeddings, resolve_text_encoder
+    from llavamed.train.text_encoder import (
+        TextEncoder,
+        cached_embeddings,
+        encoder_fingerprint,
+        resolve_text_encoder,
+    )
     from llavamed.train.vision_pretrain import (
         _save_tower,
         load_tower,
@@ -356,14 +363,19 @@ def train_vision_vqa(cfg: VisionVQAConfig, progress: bool = True) -> VisionVQARe
     data_key = yes_no_data_key(by_image)
     start = Path(cfg.vision)
     start_key = tower_fingerprint(start) if start.is_dir() else cfg.vision
+    # And so is the same text_encoder name over other files (a folder trained again, another
+    # package version): the readout head learnt that encoder's question embeddings.
+    text_path = resolve_text_encoder(cfg.text_encoder)
+    text_key = encoder_fingerprint(text_path, TEXT_MAX_LENGTH)
     if report_path.exists() and (tower_dir / "config.json").exists():
         old = json.loads(report_path.read_text())
         old_config = old.get("config", {})
         # Reports from before the keys existed are trusted, as stage 0's are.
-        same_inputs = (old.get("data_key", data_key), old.get("start_tower", start_key)) == (
-            data_key,
-            start_key,
-        )
+        same_inputs = (
+            old.get("data_key", data_key),
+            old.get("start_tower", start_key),
+            old.get("text_encoder", text_key),
+        ) == (data_key, start_key, text_key)
         if same_inputs and not recipe_changes(old_config, RESUMABLE_CHANGES):
             # A finished run is done whatever the budget now; one its budget stopped goes on
             # only when the budget changed (its resume state is still there).
@@ -376,7 +388,7 @@ def train_vision_vqa(cfg: VisionVQAConfig, progress: bool = True) -> VisionVQARe
     check_feature_layer(cfg.feature_layer, int(tower.model.config.num_hidden_layers))
     proc = image_processor(cfg, tower)
     table, counts = load_yes_no(cfg, proc, by_image, loader_bad)
-    encoder = TextEncoder(resolve_text_encoder(cfg.text_encoder))
+    encoder = TextEncoder(text_path, max_length=TEXT_MAX_LENGTH)
     q_emb = cached_embeddings(
         encoder, table.questions, out / "cache" / "questions.pt", progress=False
     ).float()
@@ -410,6 +422,8 @@ def train_vision_vqa(cfg: VisionVQAConfig, progress: bool = True) -> VisionVQARe
             changed.append("the VQA data")
         if state.get("start_tower", start_key) != start_key:
             changed.append("the starting tower's weights")
+        if state.get("text_encoder", text_key) != text_key:
+            changed.append("the text encoder's files")
         if not changed:
             # Strict loads: the state was written by this recipe, so every key must match.
             tower.model.load_state_dict(state["tower"])
@@ -433,6 +447,7 @@ def train_vision_vqa(cfg: VisionVQAConfig, progress: bool = True) -> VisionVQARe
                     "config": resolved,
                     "data": data_key,
                     "start_tower": start_key,
+                    "text_encoder": text_key,
                     "tower": tower.model.state_dict(),
                     "head": head.state_dict(),
                     "optimizer": opt.state_dict(),
@@ -487,6 +502,7 @@ def train_vision_vqa(cfg: VisionVQAConfig, progress: bool = True) -> VisionVQARe
     tower.model.eval()
     report: dict[str, Any] = {"config": resolved, "steps": step, "data": counts, "log": log}
     report["data_key"], report["start_tower"] = data_key, start_key
+    report["text_encoder"] = text_key
     report["skipped"] = table.skipped
     report["questions"] = len(table.questions)
     if n_val:
