@@ -406,3 +406,19 @@ def test_a_text_encoder_with_other_files_is_another_run(tmp_path):
     second = run_from_config(_cfg(data, tmp_path / "out", **kw), progress=False)
     assert second.wall_time_s > 0
     assert second.report["text_encoder"] != first.report["text_encoder"]
+
+
+def test_an_unreadable_report_is_not_a_finished_run(tmp_path, capsys):
+    """vision_vqa_report.json empty or cut short (a machine crash before the file system wrote
+    it out) was a JSONDecodeError traceback on every re-run; the run is trained again."""
+    from llavamed.train.vision_vqa import REPORT, run_from_config
+
+    data = make_vqa_rad(tmp_path / "rad", 24)
+    kw = dict(steps=2, batch_size=4, log_every=1)
+    out = tmp_path / "out"
+    done = run_from_config(_cfg(data, out, **kw), progress=False)
+    (out / REPORT).write_text(json.dumps(done.report)[:40])
+    again = run_from_config(_cfg(data, out, **kw), progress=False)
+    assert again.wall_time_s > 0 and again.report["steps"] == 2
+    assert "unreadable" in capsys.readouterr().err
+    assert json.loads((out / REPORT).read_text())["steps"] == 2
