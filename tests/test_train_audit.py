@@ -176,3 +176,32 @@ def test_a_run_moved_to_another_folder_resumes_there(tmp_path, monkeypatch):
     assert [m["step"] for m in res.metrics] == [1, 2, 3, 4]
     assert [m["loss"] for m in res.metrics] == pytest.approx([m["loss"] for m in ref.metrics])
     assert yaml.safe_load((moved / "config.yaml").read_text())["output"]["dir"] == str(moved)
+
+
+def test_a_kill_after_the_final_checkpoint_leaves_no_finished_run_without_its_reports(
+    tmp_path, monkeypatch
+):
+    """checkpoint-final was written before loss.png and the final data_report.json, and a run
+    with checkpoint-final returns at once: killed in between (KeyboardInterrupt here, as
+    run_interrupted does), every later run of the command returned without ever drawing
+    loss.png. The reports now come first, so such a kill leaves an unfinished run."""
+    import llavamed.train.plots as plots
+    from llavamed.train import run_training
+
+    data = make_bright_dark(tmp_path / "data", 16)
+    cfg = tiny_config(data, tmp_path / "out", max_steps=2)
+    real, calls = plots.plot_loss, []
+
+    def killed(*args, **kwargs):
+        calls.append(1)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(plots, "plot_loss", killed)
+    with pytest.raises(KeyboardInterrupt):
+        run_training(cfg, progress=False)
+    monkeypatch.setattr(plots, "plot_loss", real)
+    res = run_training(cfg, progress=False)
+    assert calls == [1]
+    assert (tmp_path / "out" / "loss.png").is_file()
+    assert (res.final_checkpoint / "config.json").is_file()
+    assert [m["step"] for m in res.metrics] == [1, 2]

@@ -1058,6 +1058,18 @@ def _run(
     _merge_skips(report, info)
     full_sd = engine.full_state_dict()
     if info.is_main:
+        # The run's reports before its final checkpoint: that checkpoint makes a re-run return
+        # at once, so a kill between the two left a finished run without loss.png and with the
+        # data report of its last resume checkpoint.
+        atomic_write_json(out / "data_report.json", report.to_dict())
+        if metrics_log is not None:
+            metrics_log.close()
+        from llavamed.train.plots import plot_loss
+
+        metrics = _read_metrics(out / "metrics.jsonl")
+        plot_loss(metrics, out / "loss.png", title=f"{cfg.stage}: {out.name}")
+        if tb is not None:
+            tb.close()
         export = model
         if (
             full_sd is not None
@@ -1093,15 +1105,6 @@ def _run(
             # the finished-run check accepts, without its config.
             files={"train_config.yaml": dump_yaml(cfg)},
         )
-        atomic_write_json(out / "data_report.json", report.to_dict())
-        if metrics_log is not None:
-            metrics_log.close()
-        from llavamed.train.plots import plot_loss
-
-        metrics = _read_metrics(out / "metrics.jsonl")
-        plot_loss(metrics, out / "loss.png", title=f"{cfg.stage}: {out.name}")
-        if tb is not None:
-            tb.close()
         wall = time.time() - run_start
         toks = sum(m.get("tokens", 0) for m in metrics)
         print(
