@@ -205,3 +205,19 @@ def test_a_kill_after_the_final_checkpoint_leaves_no_finished_run_without_its_re
     assert (tmp_path / "out" / "loss.png").is_file()
     assert (res.final_checkpoint / "config.json").is_file()
     assert [m["step"] for m in res.metrics] == [1, 2]
+
+
+def test_a_path_with_a_tilde_is_the_home_folder(tmp_path, monkeypatch):
+    """The shell does not expand `~` in `output.dir=~/runs/x` (not an assignment): the run
+    wrote into a folder named '~' under the current directory."""
+    from llavamed.config import load_config
+
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.chdir(tmp_path)
+    cfg = load_config(
+        {"model": {"init": {"lm": "tiny", "vision": "tiny"}}, "data": {"path": "~/d.json"}},
+        ["output.dir=~/runs/x", "model.init.vision=~/tower"],
+    )
+    assert cfg.output.dir == str(tmp_path / "home" / "runs" / "x")
+    assert cfg.data.sources[0].path == str(tmp_path / "home" / "d.json")
+    assert cfg.model.init["vision"] == str(tmp_path / "home" / "tower")

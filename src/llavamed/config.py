@@ -725,9 +725,12 @@ def _resolve_paths(cfg: TrainConfig) -> None:
     ``config.yaml``, so a resumed or chained stage finds them from anywhere)."""
 
     def res(p: str | None) -> str | None:
-        if p is None or p == "" or os.path.isabs(p):
+        if p is None or p == "":
             return p
-        return str(Path(p).resolve())
+        # ``~`` too: the shell leaves it alone in ``output.dir=~/runs/x`` (not an assignment),
+        # and a folder named ``~`` appeared in the current directory.
+        p = os.path.expanduser(p)
+        return p if os.path.isabs(p) else str(Path(p).resolve())
 
     if cfg.model.from_ is not None:
         cfg.model.from_ = res(cfg.model.from_)
@@ -738,7 +741,11 @@ def _resolve_paths(cfg: TrainConfig) -> None:
         if isinstance(v, str) and v not in VISION_PRESETS:
             cfg.model.init["vision"] = res(v)
         lm = cfg.model.init.get("lm")
-        if isinstance(lm, str) and lm not in ("embedded", "tiny") and Path(lm).exists():
+        if (
+            isinstance(lm, str)
+            and lm not in ("embedded", "tiny")
+            and Path(lm).expanduser().exists()
+        ):
             cfg.model.init["lm"] = res(lm)
     for s in cfg.data.sources:
         s.path = res(s.path) or ""
