@@ -221,3 +221,16 @@ def test_a_path_with_a_tilde_is_the_home_folder(tmp_path, monkeypatch):
     assert cfg.output.dir == str(tmp_path / "home" / "runs" / "x")
     assert cfg.data.sources[0].path == str(tmp_path / "home" / "d.json")
     assert cfg.model.init["vision"] == str(tmp_path / "home" / "tower")
+
+
+def test_a_required_key_left_out_is_named(tmp_path):
+    """A stage-0b source without its path (or dataset) was a TypeError traceback from the
+    dataclass constructor; --list-keys marks those keys '(required)'."""
+    from llavamed.train.vision_vqa import make_config
+
+    with pytest.raises(ConfigError, match=r"^sources\[0\]\.path: required$"):
+        make_config({"stage": "vision_vqa", "sources": [{"dataset": "slake"}]})
+    with pytest.raises(ConfigError, match=r"^sources\[1\]\.dataset: required$"):
+        make_config(
+            {"stage": "vision_vqa", "sources": [{"dataset": "slake", "path": "s"}, {"path": "r"}]}
+        )

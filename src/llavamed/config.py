@@ -549,6 +549,17 @@ def from_dict(cls, data: dict, prefix: str = ""):
             known = ", ".join(_REV_ALIASES.get(n, n) for n in names)
             raise ConfigError(f"{full}: unknown key (known here: {known})")
         kwargs[name] = _coerce(value, hints[name], full)
+    required = [
+        f.name
+        for f in names.values()
+        if f.name not in kwargs
+        and f.default is dataclasses.MISSING
+        and f.default_factory is dataclasses.MISSING
+    ]
+    if required:
+        # A stage-0b source without its path was a TypeError traceback from the constructor.
+        key = _REV_ALIASES.get(required[0], required[0])
+        raise ConfigError(f"{prefix}.{key}: required" if prefix else f"{key}: required")
     return cls(**kwargs)
 
 
