@@ -234,3 +234,15 @@ def test_a_required_key_left_out_is_named(tmp_path):
         make_config(
             {"stage": "vision_vqa", "sources": [{"dataset": "slake", "path": "s"}, {"path": "r"}]}
         )
+
+
+def test_a_misspelt_stage_is_named_before_the_keys():
+    """`stage: vision-vqa` (or `Instruct`) was read as a LLaVA config, which said that the
+    stage-0b keys were unknown ('sources: unknown key'), not that the stage was misspelt."""
+    from llavamed.config import load_config
+
+    raw = {"stage": "vision-vqa", "sources": [{"dataset": "slake", "path": "s"}]}
+    with pytest.raises(ConfigError, match=r"stage='vision-vqa': choose from .*vision_vqa"):
+        load_config(raw)
+    with pytest.raises(ConfigError, match="stage: vision_vqa is stage 0b"):
+        load_config(raw | {"stage": "vision_vqa"})

@@ -32,6 +32,9 @@ from llavamed.utils.precision import check_precision
 
 STAGES = ("align", "instruct", "finetune")
 TRAINABLE_PARTS = ("projector", "lm", "vision")
+# The stages that train the vision tower alone (stage 0 and 0b), with flat configs of their own.
+TOWER_STAGES = {"vision": "stage-0 pretraining", "vision_vqa": "stage 0b (VQA vision warm-up)"}
+_STAGE_CHOICES = f"choose from {', '.join((*STAGES, *TOWER_STAGES))}"
 # Stage defaults for ``train.trainable`` (DESIGN.md §4: stage 1 = projector; stage 2 and VQA
 # fine-tuning = projector + LM with the vision tower frozen).
 STAGE_TRAINABLE = {
@@ -282,7 +285,7 @@ class TrainConfig:
 
     def validate(self) -> None:
         if self.stage not in STAGES:
-            raise ConfigError(f"stage={self.stage!r}: choose from {', '.join(STAGES)} (or vision)")
+            raise ConfigError(f"stage={self.stage!r}: {_STAGE_CHOICES}")
         m = self.model
         if (m.init is None) == (m.from_ is None):
             raise ConfigError("model: set exactly one of model.init and model.from")
@@ -770,8 +773,16 @@ def config_from_dict(raw: dict) -> TrainConfig:
     """Validate a raw dict (overrides already applied). Relative paths resolve against the
     current directory, like every other llavamed command."""
     raw = _normalise(raw)
-    if raw.get("stage") == "vision":
-        raise ConfigError("stage: vision is stage-0 pretraining; run it with `llavamed train`")
+    stage = raw.get("stage")
+    if stage in TOWER_STAGES:
+        raise ConfigError(
+            f"stage: {stage} is {TOWER_STAGES[stage]}, with a config of its own; run it with "
+            "`llavamed train`"
+        )
+    if stage is not None and stage not in STAGES:
+        # Before the keys: a stage-0b config with `stage: vision-vqa` was told its `sources`
+        # were an unknown key of a LLaVA config, not that the stage was misspelt.
+        raise ConfigError(f"stage={stage!r}: {_STAGE_CHOICES}")
     cfg = from_dict(TrainConfig, raw)
     _resolve_paths(cfg)
     cfg.validate()
