@@ -246,3 +246,26 @@ def test_a_misspelt_stage_is_named_before_the_keys():
         load_config(raw)
     with pytest.raises(ConfigError, match="stage: vision_vqa is stage 0b"):
         load_config(raw | {"stage": "vision_vqa"})
+
+
+def test_a_run_resumes_with_gradient_checkpointing_switched_and_trains_the_same(
+    tmp_path, monkeypatch
+):
+    """Turning train.gradient_checkpointing on to get past an out-of-memory was refused on
+    resume as 'a different config'; backward recomputes the same activations, so the run goes
+    on to the same losses."""
+    from llavamed.train import run_training
+
+    data = make_bright_dark(tmp_path / "data", 16)
+    lora = {"r": 4, "alpha": 8, "dropout": 0.1, "target_modules": ["q_proj", "v_proj"]}
+    kw = dict(max_steps=4, trainable=["projector", "lm"], lora=lora)  # LoRA dropout: RNG too
+    expected = [
+        m["loss"]
+        for m in run_training(tiny_config(data, tmp_path / "w", **kw), progress=False).metrics
+    ]
+    cfg = tiny_config(data, tmp_path / "cut", **kw)
+    cfg["output"]["save_every"] = 2
+    run_interrupted(cfg, monkeypatch, at_step=3)
+    resumed = run_training(cfg, ["train.gradient_checkpointing=true"], progress=False).metrics
+    assert [m["step"] for m in resumed] == [1, 2, 3, 4]
+    assert [m["loss"] for m in resumed] == pytest.approx(expected, rel=1e-4, abs=1e-5)

@@ -57,6 +57,9 @@ RESUMABLE_CHANGES = (
     # How a global batch is cut: the steps' batches and their loss do not depend on it
     # (epoch_schedule), and lowering it is the way on after an out-of-memory on resume.
     "train.micro_batch_size",
+    # The other way on after an out-of-memory: backward recomputes the same activations (torch
+    # restores the RNG for the recomputation, so dropout masks match too).
+    "train.gradient_checkpointing",
 )
 
 
