@@ -27,8 +27,9 @@ Generate MedSynth, a procedurally generated biomedical figure world with ground 
   DIR/manifest.json                  seed, generator version, counts per domain and split, and
                                      the attribute ground truth of every image
   DIR/caption_pairs/figures.jsonl    with --caption-pairs N: N single-panel figure-caption pairs
-                                     (+ images/) for stage-0 vision pretraining, in the ingested
-                                     corpus's figures.jsonl shape
+                                     (+ images/) for stage-0 vision pretraining: pair_id, image
+                                     and fig_caption as in an ingested figures.jsonl, domain as a
+                                     name ("mri"), and the attributes
 
 Images in five domains (chest X-ray, CT, brain MRI, H&E histology, gross pathology) are drawn
 from explicit attributes; captions and every VQA answer derive from those attributes. The same
