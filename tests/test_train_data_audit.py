@@ -240,3 +240,47 @@ def test_images_that_fail_while_training_are_counted_and_named_once(tmp_path, on
         "): corrupt image"
     )
     assert cut.count("corrupt image") == 1 and empty.count("empty file") == 1
+
+
+def test_a_jsonl_file_trains_one_record_per_line_and_counts_bad_lines(tmp_path, tiny_llava_dir):
+    """A .jsonl conversation file (one record per line, as LLaVA-NeXT's loaders take) failed
+    with 'invalid JSON (Extra data: line 2 column 1)' after the model had loaded; a JSON file
+    holding such lines now says what it looks like."""
+    import pytest
+
+    from llavamed.config import load_config
+    from llavamed.errors import InputError
+
+    Image.new("RGB", (8, 8), "white").save(tmp_path / "a.png")
+    good = {
+        "id": "ok",
+        "image": "a.png",
+        "conversations": [
+            {"from": "human", "value": "<image>\nQ?"},
+            {"from": "gpt", "value": "A."},
+        ],
+    }
+    lines = [json.dumps(good), "", "{not json", json.dumps([1]), json.dumps(good | {"id": "b"})]
+    lines.append(json.dumps(good | {"id": "gone", "image": "nope.png"}))
+    (tmp_path / "d.jsonl").write_text("\n".join(lines) + "\n")
+    proc = AutoProcessor.from_pretrained(tiny_llava_dir)
+    cfg = load_config(
+        {"model": {"from": str(tiny_llava_dir)}, "data": {"path": str(tmp_path / "d.jsonl")}}
+    )
+    samples, report = load_samples(cfg.data, proc, "chatml", quiet=True)
+    assert [s.source for s in samples] == [
+        f"{tmp_path / 'd.jsonl'}:1 id=ok",
+        f"{tmp_path / 'd.jsonl'}:5 id=b",
+    ]
+    assert report.n_records == 5 and report.n_loaded == 2
+    assert report.skipped == {
+        "invalid JSON line": 1,
+        "JSON line is not an object": 1,
+        "missing image": 1,
+    }
+    (tmp_path / "d.json").write_text("\n".join([json.dumps(good)] * 2) + "\n")
+    cfg = load_config(
+        {"model": {"from": str(tiny_llava_dir)}, "data": {"path": str(tmp_path / "d.json")}}
+    )
+    with pytest.raises(InputError, match="name the file .jsonl"):
+        load_samples(cfg.data, proc, "chatml", quiet=True)

@@ -64,7 +64,8 @@ class DataSource:
     """One training set."""
 
     format: str = "llava_json"
-    """``llava_json`` (a LLaVA conversation list, LLaVA-Med's released files as-is) or ``vqa``
+    """``llava_json`` (a LLaVA conversation list, LLaVA-Med's released files as-is, or a
+    ``.jsonl`` file with one such record per line) or ``vqa``
     (a VQA set through :func:`llavamed.eval.vqa_data.load_vqa`, one single-turn sample per
     question)."""
     path: str = ""

@@ -117,11 +117,22 @@ class DataReport:
 
 def _llava_json_samples(src: DataSource, report: DataReport, encode) -> list[Sample]:
     path = Path(src.path)
-    data = read_json(path)
-    if isinstance(data, dict) and all(isinstance(v, list) for v in data.values()):
-        data = [r for v in data.values() for r in v]  # {domain: [records]} shape
-    if not isinstance(data, list):
-        raise InputError(path, "expected a JSON list of LLaVA conversation records")
+    data = None  # a .jsonl file (one record per line, LLaVA-NeXT's form) is read line by line
+    if path.suffix.lower() != ".jsonl":
+        try:
+            data = read_json(path)
+        except InputError as err:
+            if err.detail.startswith("Extra data"):  # e.g. one JSON object per line
+                raise InputError(
+                    path, err.reason, f"{err.detail}; one record per line? name the file .jsonl"
+                ) from err
+            raise
+        if isinstance(data, dict) and all(isinstance(v, list) for v in data.values()):
+            data = [r for v in data.values() for r in v]  # {domain: [records]} shape
+        if not isinstance(data, list):
+            raise InputError(
+                path, "expected a JSON list of LLaVA conversation records (or a .jsonl file)"
+            )
     folder = Path(src.image_folder) if src.image_folder else path.parent
 
     def parse(rec: dict, where: str) -> Sample:
@@ -152,8 +163,29 @@ def _llava_json_samples(src: DataSource, report: DataReport, encode) -> list[Sam
             ) from exc
         return encode(messages, image, where)
 
+    if data is None:
+        from llavamed.utils.io import iter_jsonl_numbered
+
+        out: list[Sample] = []
+        for line, rec in iter_jsonl_numbered(path, on_bad=_counted(report)):
+            report.n_records += 1
+            try:
+                out.append(parse(rec, f"{path}:{line}"))
+            except InputError as err:
+                report.add(err)
+        return out
     report.n_records += len(data)
     return parse_records(data, path, parse, report.add)
+
+
+def _counted(report: DataReport):
+    """``on_bad`` for a JSONL reader: a bad line is a record, counted and skipped."""
+
+    def on_bad(err: InputError) -> None:
+        report.n_records += 1
+        report.add(err)
+
+    return on_bad
 
 
 def vqa_messages(
