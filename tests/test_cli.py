@@ -4,6 +4,7 @@ the heavy libraries (so --help is instant)."""
 from __future__ import annotations
 
 import argparse
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -139,3 +140,24 @@ def test_an_output_on_a_read_only_filesystem_is_a_one_line_error_naming_it(
         target = argv[argv.index("--out") + 1] if "--out" in argv else str(readonly_disk / "run")
         assert err[-1] == f"llavamed: error: {target}: Read-only file system", (name, err)
         assert not any("Traceback" in line for line in err), name
+
+
+def test_a_reader_that_goes_away_ends_the_command_quietly():
+    # `llavamed ... | head`: a broken pipe is an OSError (EPIPE), so the OSError clause caught
+    # it first and re-raised it as a traceback; the quiet exit 141 was never reached.
+    read_end, write_end = os.pipe()
+    os.close(read_end)  # the reader is gone before the command writes a byte
+    cmd = "from llavamed.cli import main; raise SystemExit(main())"
+    args = ["train", str(CONFIGS / "stage1_alignment.yaml"), "--print-config"]
+    try:
+        proc = subprocess.run(
+            [sys.executable, "-c", cmd, *args],
+            stdout=write_end,
+            stderr=subprocess.PIPE,
+            text=True,
+            timeout=120,
+        )
+    finally:
+        os.close(write_end)
+    assert proc.returncode == 141, proc.stderr
+    assert proc.stderr == ""

@@ -115,6 +115,14 @@ def main(argv: list[str] | None = None) -> int:
         how = getattr(args, "on_interrupt", "interrupted; re-run the same command to resume")
         print(f"llavamed: {how}", file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        # The reader went away (`llavamed ... | head`): stop quietly, as other CLI tools do.
+        # Before the OSError clause, since a broken pipe is an OSError (EPIPE) and was re-raised
+        # there as a traceback. stdout's descriptor now points at /dev/null, so the flush at
+        # exit of what is still buffered cannot fail again (the Python docs' recipe).
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 141
     except (FileExistsError, IsADirectoryError, NotADirectoryError, PermissionError) as exc:
         # A path of the wrong kind (an --out that is a file, a folder given for a file): the
         # user's to fix, so one line naming the path, not a traceback.
@@ -124,10 +132,6 @@ def main(argv: list[str] | None = None) -> int:
             raise
         # A read-only mount, a full disk or quota, a name too long: also the user's to fix.
         return _path_error(exc)
-    except BrokenPipeError:
-        # The reader went away (`llavamed ... | head`): stop quietly, as other CLI tools do.
-        sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - Python flushes stdout at exit
-        return 141
     return int(rc or 0)
 
 
