@@ -156,7 +156,7 @@ SIZES: dict[str, SizePreset] = {
         # Three epochs: yes/no logits on all 1,669 closed test questions, 77.1 / 81.9 (SLAKE- /
         # VQA-RAD-shaped) against 75.9 / 79.5 after 1.9 epochs (same stage-2 checkpoint). With
         # the current towers, 83.8 / 85.2 against 81.0 / 82.9 for 2 epochs at LM lr 1e-3, and
-        # 82.6 / 85.2 for 3 epochs at 1e-3 (README, "Levers tried since").
+        # 82.6 / 85.2 for 3 epochs at 1e-3 (docs/measurements.md, "Levers tried since").
         finetune_epochs=3.0,
         eval_limit=400,
         # 4,500 VQA images with dense train questions: MedSynth makes them in ~30 s, and each
@@ -178,9 +178,9 @@ SIZES: dict[str, SizePreset] = {
         # train.cache_frozen_layers): 2.8x fewer fine-tuning seconds by
         # benchmarks/frozen_layers.py (1,587 s on a 2-core Zen 1 EPYC), but strict closed
         # accuracy fell from 85.6% to 70.2% on the same towers, and to 73.6% with the top 4
-        # layers trained (README, "Training only the top of the LM").
+        # layers trained (docs/measurements.md, "Training only the top of the LM").
         # Fresh clone of 25ccdfd on an idle 2-core Zen 3 EPYC (AVX2, fp32): 41 min 8 s in all,
-        # 2,383 s of stages, 89.4% strict closed (README, "What it measured"; the same report
+        # 2,383 s of stages, 89.4% strict closed (docs/measurements.md; the same report
         # again at fc954c9 and 884c9a9). With AMX (bf16) the recipe before the 12,000-pair
         # stage 0 took 15 min 38 s, fine-tuning 708 s of it.
         stage_seconds={
@@ -229,7 +229,7 @@ SIZES: dict[str, SizePreset] = {
         # (probes 0.69-0.81); 2e-4 lifted the blank-image gap from 21.6 to 26.9 (docs/stage0.md).
         lr_projector_finetune=2e-4,
         lr_vision_finetune=0,
-        # The fresh-clone run above (AVX2, fp32; README, "What it measured").
+        # The fresh-clone run above (AVX2, fp32; docs/measurements.md, the older `--size medium`).
         stage_seconds={
             "synth": 125,
             "ingest": 3,
