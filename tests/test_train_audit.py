@@ -269,3 +269,32 @@ def test_a_run_resumes_with_gradient_checkpointing_switched_and_trains_the_same(
     resumed = run_training(cfg, ["train.gradient_checkpointing=true"], progress=False).metrics
     assert [m["step"] for m in resumed] == [1, 2, 3, 4]
     assert [m["loss"] for m in resumed] == pytest.approx(expected, rel=1e-4, abs=1e-5)
+
+
+def test_a_damaged_or_deleted_config_yaml_falls_back_to_the_checkpoints_copy(tmp_path, monkeypatch):
+    """OUT/config.yaml cut short by a machine crash was a YAML traceback, or (empty) 'a
+    different config (data, distributed, model, ...)', which sent the user to delete the run;
+    deleted, any config resumed the checkpoints. Each resume checkpoint keeps a copy."""
+    from llavamed.train import run_training
+    from llavamed.train.checkpointing import latest
+
+    data = make_bright_dark(tmp_path / "data", 16)
+    cfg = tiny_config(data, tmp_path / "out", max_steps=4)
+    cfg["output"]["save_every"] = 2
+    run_interrupted(cfg, monkeypatch, at_step=3)
+    saved = tmp_path / "out" / "config.yaml"
+    saved.write_text("")
+    with pytest.raises(ConfigError, match=r"different config \(train\.lr\)"):
+        run_training(cfg, ["train.lr=1e-3"], progress=False)
+    saved.unlink()
+    with pytest.raises(ConfigError, match=r"different config \(train\.lr\)"):
+        run_training(cfg, ["train.lr=1e-3"], progress=False)
+    copy = latest(tmp_path / "out") / "config.yaml"
+    good = copy.read_text()
+    saved.write_text("model: [")
+    copy.write_text("model: [")
+    with pytest.raises(ConfigError, match="saved config is unreadable"):
+        run_training(cfg, progress=False)
+    copy.write_text(good)
+    res = run_training(cfg, progress=False)
+    assert [m["step"] for m in res.metrics] == [1, 2, 3, 4]

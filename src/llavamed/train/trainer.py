@@ -685,12 +685,34 @@ def _placeholder_batch(dataset, collate) -> dict:
     raise InputError("data", "no sample loads", "every image failed to decode")
 
 
-def _check_same_run(out: Path, resolved: dict) -> None:
+def _saved_config(out: Path) -> tuple[dict | None, list[str]]:
+    """The config the run in ``out`` was trained with: ``OUT/config.yaml``, else the copy in its
+    newest resume checkpoint or in ``checkpoint-final`` (a file cut short by a machine crash, or
+    deleted). Returns ``(config or None, why each unreadable one was passed over)``."""
     import yaml
 
-    saved_p = out / "config.yaml"
-    if not saved_p.exists():
-        return
+    from llavamed.errors import first_line
+
+    places = [out / "config.yaml"]
+    if (latest := ck.latest(out)) is not None:
+        places.append(latest / "config.yaml")
+    places.append(out / FINAL / "train_config.yaml")
+    bad = []
+    for p in places:
+        if not p.is_file():
+            continue
+        try:
+            saved = yaml.safe_load(p.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
+            bad.append(f"{p}: {first_line(exc)}")
+            continue
+        if isinstance(saved, dict) and saved:
+            return saved, bad
+        bad.append(f"{p}: not a config mapping")
+    return None, bad
+
+
+def _check_same_run(out: Path, resolved: dict) -> None:
     metrics = out / "metrics.jsonl"
     started = (
         (out / FINAL).exists()
@@ -699,7 +721,17 @@ def _check_same_run(out: Path, resolved: dict) -> None:
     )
     if not started:  # a run that stopped before its first step (a bad path): nothing to keep
         return
-    saved = yaml.safe_load(saved_p.read_text()) or {}
+    # An empty or damaged config.yaml was a YAML traceback, or "a different config (data,
+    # distributed, model, ...)" that sent the user to delete the run; a deleted one let any
+    # config resume the checkpoints.
+    saved, bad = _saved_config(out)
+    if saved is None:
+        if bad:
+            raise ConfigError(
+                f"{out}: the run's saved config is unreadable ({'; '.join(bad)}); put back "
+                "config.yaml, or use another output.dir"
+            )
+        return
     changed = [
         k
         for k in diff(saved, resolved)
