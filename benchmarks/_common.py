@@ -50,3 +50,23 @@ def print_table(headers: list[str], rows: list[list[object]]) -> None:
         print("  ".join(c.rjust(w) for c, w in zip(row, widths, strict=True)))
         if i == 0:
             print("  ".join("-" * w for w in widths))
+
+
+def run_script(main: Callable[[], object], name: str) -> None:
+    """Run a benchmark's ``main`` and exit with its code. A bad argument that llavamed reports
+    (a missing or wrong folder, a non-checkpoint, a bad key=value) or a path of the wrong kind is
+    one line naming the script, as ``llavamed``'s own commands print it, not a traceback."""
+    import sys
+
+    from llavamed.errors import LlavamedError
+
+    try:
+        code = main()
+    except LlavamedError as exc:
+        print(f"{name}: error: {exc}", file=sys.stderr)
+        raise SystemExit(1) from None
+    except (FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError) as exc:
+        where = f"{exc.filename}: " if exc.filename else ""
+        print(f"{name}: error: {where}{exc.strerror or exc}", file=sys.stderr)
+        raise SystemExit(1) from None
+    raise SystemExit(int(code or 0))

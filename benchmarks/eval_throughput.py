@@ -299,15 +299,12 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    model_dir = args.model
-    if model_dir is None:
-        from llavamed.model.compose import ModelSpec, init_checkpoint
-
-        model_dir = Path(args.cache)
-        if not (model_dir / "config.json").exists():
-            init_checkpoint(model_dir, ModelSpec())
+    # The questions and a given --model are checked before a default model is composed, so a
+    # wrong path is one line at once; a run folder stands for its checkpoint-final, as in serve.
     if args.dataset:
         imgs, qs, source = load_questions(args.dataset, args.data, args.split, args.n)
+        if not qs:
+            ap.error(f"--dataset {args.dataset}: no English questions in its {args.split} split")
         args.n = len(qs)
     else:
         k = max(1, args.per_image)
@@ -315,6 +312,16 @@ def main() -> None:
         imgs = [distinct[i // k] for i in range(args.n)]
         qs = [QUESTIONS[i % len(QUESTIONS)] for i in range(args.n)]
         source = f"drawn images, {k} questions per image"
+    if args.model is not None:
+        from llavamed.model.checkpoint import resolve_checkpoint
+
+        model_dir = resolve_checkpoint(args.model)
+    else:
+        from llavamed.model.compose import ModelSpec, init_checkpoint
+
+        model_dir = Path(args.cache)
+        if not (model_dir / "config.json").exists():
+            init_checkpoint(model_dir, ModelSpec())
     results = {dt: bench_dtype(model_dir, dt, args, imgs, qs) for dt in args.dtype}
 
     print(
@@ -350,4 +357,6 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from _common import run_script
+
+    run_script(main, "eval_throughput")

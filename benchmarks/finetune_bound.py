@@ -71,9 +71,17 @@ def main(argv: list[str] | None = None) -> int:
     from transformers import AutoConfig
 
     from llavamed.config import load_config
-    from llavamed.errors import ConfigError
+    from llavamed.errors import ConfigError, InputError, first_line
     from llavamed.utils.precision import cpu_has_fast_bf16
 
+    # A folder that is not a finished run (a typo, a run still training, a checkpoint folder)
+    # is one line naming what is missing, before the matmul peak's seconds are spent.
+    needed = ("config.yaml", "metrics.jsonl", "checkpoint-final/config.json")
+    missing = [n for n in needed if not (args.run / n).is_file()]
+    if missing:
+        raise InputError(
+            args.run, "not a finished `llavamed train` output folder", f"no {', '.join(missing)}"
+        )
     cfg = load_config(args.run / "config.yaml")
     t = cfg.train
     if t.lora is not None:
@@ -87,7 +95,10 @@ def main(argv: list[str] | None = None) -> int:
             f"{args.run}: steps from kept states skip layers; this counts plain forward + backward"
         )
     ckpt = args.run / "checkpoint-final"
-    text_config = AutoConfig.from_pretrained(ckpt).text_config
+    try:
+        text_config = AutoConfig.from_pretrained(ckpt).text_config
+    except (OSError, ValueError, AttributeError) as exc:
+        raise InputError(ckpt, "not a llava checkpoint", first_line(exc)) from None
     layer, head = layer_matmul_params(text_config)
     n_layers = text_config.num_hidden_layers
     steps = [json.loads(line) for line in (args.run / "metrics.jsonl").open()]
@@ -144,9 +155,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    from llavamed.errors import LlavamedError
+    from _common import run_script
 
-    try:
-        raise SystemExit(main())
-    except LlavamedError as e:
-        raise SystemExit(f"finetune_bound: {e}") from None
+    run_script(main, "finetune_bound")

@@ -82,4 +82,6 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    from _common import run_script
+
+    run_script(main, "readout_trace")

@@ -303,4 +303,6 @@ def summarise(runs: list[dict]) -> dict:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from _common import run_script
+
+    run_script(main, "serve_throughput")

@@ -42,4 +42,6 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    from _common import run_script
+
+    run_script(main, "stage0_probes")

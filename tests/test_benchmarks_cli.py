@@ -29,3 +29,66 @@ def test_benchmark_help(script):
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stdout.startswith("usage:"), proc.stdout[:500]
+
+
+def _bad_args(tmp: Path) -> dict[str, list[str]]:
+    missing = str(tmp / "missing")
+    not_a_run = tmp / "not-a-run"  # a config but no metrics or checkpoint: not a finished run
+    not_a_run.mkdir()
+    (not_a_run / "config.yaml").write_text("stage: finetune\n")
+    return {
+        "finetune_bound missing folder": ["finetune_bound.py", missing],
+        "finetune_bound unfinished run": ["finetune_bound.py", str(not_a_run)],
+        "finetune_bound a file": ["finetune_bound.py", str(not_a_run / "config.yaml")],
+        "eval_throughput --model": [
+            "eval_throughput.py", "--model", missing, "--n", "1", "--repeats", "1",
+            "--dtype", "float32", "--cache", str(tmp / "ckpt"),
+        ],
+        "eval_throughput --data": [
+            "eval_throughput.py", "--dataset", "slake", "--data", missing, "--n", "1",
+            "--cache", str(tmp / "ckpt"),
+        ],
+        "serve_throughput --model": ["serve_throughput.py", "--model", missing],
+        "readout_trace --train": [
+            "readout_trace.py", "--model", missing, "--train", f"slake={missing}",
+            "--test", f"slake={missing}",
+        ],
+        "probe_towers --tower": ["probe_towers.py", "--tower", f"a={missing}", "--images", "3"],
+        "stage0_curves --world": [
+            "stage0_curves.py", "--world", missing, "--tower", "r=cpu", "--out", str(tmp / "o"),
+        ],
+    }  # fmt: skip
+
+
+BAD_ARG_CASES = [
+    "finetune_bound missing folder",
+    "finetune_bound unfinished run",
+    "finetune_bound a file",
+    "eval_throughput --model",
+    "eval_throughput --data",
+    "serve_throughput --model",
+    "readout_trace --train",
+    "probe_towers --tower",
+    "stage0_curves --world",
+]
+
+
+@pytest.mark.parametrize("case", BAD_ARG_CASES)
+def test_benchmark_bad_path_is_one_line(tmp_path, case):
+    """A missing folder or a non-checkpoint ended every script but finetune_bound.py in a
+    traceback (llavamed's InputError raised through main), and finetune_bound.py itself in one
+    for a run without checkpoint-final/ (transformers' OSError) or metrics.jsonl. Now: exit 1
+    and one line, '<script>: error: <path>: <what is wrong>'; eval_throughput checks its
+    questions and --model before composing a default checkpoint."""
+    script, *args = _bad_args(tmp_path)[case]
+    env = os.environ | {"PYTHONPATH": str(ROOT / "src"), "TQDM_DISABLE": "1"}
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / script), *args],
+        capture_output=True, text=True, timeout=300, env=env, cwd=ROOT,
+    )  # fmt: skip
+    assert proc.returncode == 1, proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    errors = [line for line in proc.stderr.splitlines() if ": error: " in line]
+    assert len(errors) == 1 and errors[0].startswith(f"{script[:-3]}: error: "), proc.stderr
+    assert str(tmp_path) in errors[0]
+    assert not (tmp_path / "ckpt").exists()  # nothing composed before the check
