@@ -309,8 +309,17 @@ def _key(*parts: Any) -> str:
 def _portable(settings: Any, out: Path) -> Any:
     """``settings`` with the output folder's path replaced by a placeholder, so a moved (or
     renamed) output folder keeps its stage keys and its finished stages."""
-    blob = json.dumps(settings, sort_keys=True, default=str)
+    blob = json.dumps(settings, default=str)  # (_key sorts the keys)
     return json.loads(blob.replace(json.dumps(str(out))[1:-1], "<out>"))
+
+
+def _local(info: Any, out: Path) -> Any:
+    """``_portable``'s inverse: a stage's recorded info with its paths under ``out``, where the
+    output folder is now (a moved folder's report named the old folder's checkpoints)."""
+    blob = json.dumps(info, default=str)
+    if "<out>" not in blob:
+        return info
+    return json.loads(blob.replace("<out>", json.dumps(str(out))[1:-1]))
 
 
 def remaining_seconds(
@@ -621,7 +630,7 @@ class Pipeline:
                             key,
                             done["wall_s"],
                             True,
-                            done.get("info", {}),
+                            _local(done.get("info", {}), self.out),
                             done.get("resumed_after_s", 0.0),
                         )
                     )
@@ -691,7 +700,8 @@ class Pipeline:
                 if not earlier:  # a resumed stage's time says nothing of this machine's speed
                     self.finished.append((name, wall))
                 wall += earlier
-                record = {"key": key, "wall_s": round(wall, 1), "info": info}
+                # Paths inside --out as "<out>/...": a moved folder's report names its own.
+                record = {"key": key, "wall_s": round(wall, 1), "info": _portable(info, self.out)}
                 if earlier:
                     record["resumed_after_s"] = earlier
                 if info.get("incomplete"):  # e.g. self-instruct's failed requests: retry them
