@@ -33,7 +33,9 @@ from packed_attention import packed_batches, train_step  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--lm-layers", type=int, default=8)
     ap.add_argument("--vision", default="cpu-p32")
     ap.add_argument("--frozen", type=int, nargs="+", default=[4, 6], help="frozen LM layers")

@@ -22,7 +22,9 @@ from pathlib import Path
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--articles", type=int, default=80)
     ap.add_argument("--image-size", type=int, default=512)
     ap.add_argument("--workers", type=int, nargs="+", default=[1, 2])

@@ -96,7 +96,9 @@ def best_and_median(rates: list[float]) -> tuple[float, float]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--latency", type=float, default=0.2, help="server latency, seconds")
     ap.add_argument("--seconds", type=float, default=2.0, help="ideal duration per measurement")
     ap.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])

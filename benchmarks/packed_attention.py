@@ -96,7 +96,9 @@ def train_step(module, optimizer, batch, pixels, *, bf16: bool, **extra) -> tupl
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--lm-layers", type=int, default=8)
     ap.add_argument("--vision", default="cpu-p32", help="tower preset (the quickstart's)")
     ap.add_argument("--batch", type=int, default=16, help="packed samples per step")

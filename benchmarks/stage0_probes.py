@@ -16,13 +16,23 @@ from pathlib import Path
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--out", default="/tmp/stage0_bench")
-    ap.add_argument("--pairs", type=int, default=2000)
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    ap.add_argument(
+        "--out", default="/tmp/stage0_bench", help="pairs go to OUT/data, the run to OUT/run"
+    )
+    ap.add_argument("--pairs", type=int, default=2000, help="caption pairs to render")
     ap.add_argument("--chest-frac", type=float, default=0.2, help="share of chest X-rays")
     ap.add_argument("--workers", type=int, default=2, help="rendering processes")
-    ap.add_argument("--only-data", action="store_true")
-    ap.add_argument("overrides", nargs="*")
+    ap.add_argument("--only-data", action="store_true", help="render the pairs, train nothing")
+    ap.add_argument(
+        "overrides",
+        nargs="*",
+        metavar="key=value",
+        help="stage-0 config overrides, as for `llavamed train` of a stage-0 config "
+        "(e.g. time_budget_min=4)",
+    )
     args = ap.parse_args()
     from llavamed.data.synth.pairs import write_caption_pairs
     from llavamed.train.vision_pretrain import run_from_config

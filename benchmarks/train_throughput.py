@@ -232,7 +232,9 @@ def same_batch_losses(
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--n", type=int, default=64, help="training samples")
     ap.add_argument("--batch", type=int, default=8, help="batch size (both)")
     ap.add_argument("--lm", default="embedded")

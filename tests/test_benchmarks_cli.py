@@ -31,6 +31,32 @@ def test_benchmark_help(script):
     assert proc.stdout.startswith("usage:"), proc.stdout[:500]
 
 
+def _docstring_opening(script: Path) -> str:
+    """The first paragraph of the script's docstring: what it measures, against what."""
+    import ast
+
+    doc = ast.get_docstring(ast.parse(script.read_text())) or ""
+    return doc.strip().split("\n\n")[0]
+
+
+@pytest.mark.parametrize("script", SCRIPTS, ids=lambda p: p.name)
+def test_benchmark_help_says_what_it_measures(script):
+    """stage0_probes.py's --help was a bare option list, and seven others showed only the
+    docstring's first line, cut mid-sentence ("... against one-at-a-time requests,"; no word of
+    the baseline or the ratio). Every --help now gives the docstring, its first paragraph whole."""
+    first = _docstring_opening(script)
+    assert first, f"{script.name} has no module docstring"
+    env = os.environ | {
+        "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), str(ROOT / "benchmarks")])
+    }
+    proc = subprocess.run(
+        [sys.executable, str(script), "--help"],
+        capture_output=True, text=True, timeout=300, env=env, cwd=ROOT,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert " ".join(first.split()) in " ".join(proc.stdout.split()), proc.stdout[:800]
+
+
 def _bad_args(tmp: Path) -> dict[str, list[str]]:
     missing = str(tmp / "missing")
     not_a_run = tmp / "not-a-run"  # a config but no metrics or checkpoint: not a finished run
