@@ -437,6 +437,47 @@ def test_other_pairs_under_the_same_config_are_another_run(tmp_path, monkeypatch
     assert "other settings (the figure-caption pairs)" in capsys.readouterr().err
 
 
+def test_the_same_run_spelled_with_other_paths_or_moved_is_not_trained_again(
+    tmp_path, monkeypatch, capsys
+):
+    """The quickstart runs stage 0 with absolute paths, configs/cpu/stage0_vision.yaml spells
+    them relative: the finished run was matched by its config's strings, so the shipped config
+    over the quickstart's folder trained stage 0 again from step 0 over the finished tower. So
+    did a run folder moved elsewhere (finished, or killed and resumed), and `output_dir=~/x`
+    wrote into a folder named '~'."""
+    import shutil
+
+    from llavamed.train.vision_pretrain import make_config, run_from_config
+
+    monkeypatch.chdir(tmp_path)
+    data = _write_pairs(tmp_path / "data")
+    kw = dict(max_steps=4, save_every=2)
+    done = run_from_config(_tiny_run(data, tmp_path / "run", **kw), progress=False)
+    weights = done.tower_dir / "model.safetensors"
+    stamp = weights.stat().st_mtime_ns
+
+    relative = run_from_config(_tiny_run(Path("data/figures.jsonl"), Path("run"), **kw), False)
+    assert relative.report == done.report and weights.stat().st_mtime_ns == stamp
+
+    shutil.move(tmp_path / "run", tmp_path / "moved")
+    moved = run_from_config(_tiny_run(data, tmp_path / "moved", **kw), progress=False)
+    assert moved.tower_dir == tmp_path / "moved" / "vision_tower"
+    assert (moved.tower_dir / "model.safetensors").stat().st_mtime_ns == stamp
+
+    # Killed after its step-2 state, moved, and resumed from that state.
+    _killed_at_step(3, _tiny_run(data, tmp_path / "killed", **kw), monkeypatch)
+    shutil.move(tmp_path / "killed", tmp_path / "killed_moved")
+    capsys.readouterr()
+    resumed = run_from_config(_tiny_run(data, tmp_path / "killed_moved", **kw), progress=False)
+    assert "other settings" not in capsys.readouterr().err
+    assert resumed.report["steps"] == 4
+
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    conf = make_config(_tiny_run(data, Path("x")), ["output_dir=~/runs/b"])
+    assert conf.output_dir == str(tmp_path / "home" / "runs" / "b")
+    assert conf.data == str(data) and conf.vision == "tiny" and conf.text_encoder == "minilm"
+
+
 def test_held_out_pairs_are_whole_articles():
     """The split hashed each figure's id, so sibling figures of one paper (often with
     near-identical captions) fell on both sides and inflated held-out retrieval."""

@@ -37,8 +37,11 @@ from llavamed.errors import ConfigError, InputError
 from llavamed.utils.precision import check_precision, resolve_precision
 
 STATE_FILE = "stage0_state.pt"
-RESUMABLE_CHANGES = frozenset({"time_budget_min", "save_every", "log_every", "num_workers"})
-"""Settings a resumed run may change: none of them changes what is computed."""
+RESUMABLE_CHANGES = frozenset(
+    {"time_budget_min", "save_every", "log_every", "num_workers", "output_dir"}
+)
+"""Settings a resumed run may change: none of them changes what is computed (``output_dir``:
+the run's folder was moved)."""
 LOG_FILE = "stage0_log.jsonl"
 TOWER_DIR = "vision_tower"
 REPORT_JSON = "stage0_report.json"
@@ -236,8 +239,30 @@ def make_config(
         if len(v) != 2:
             raise ConfigError(f"{k}={list(v)}: give [min, max]")
         setattr(out, k, tuple(float(x) for x in v))
+    _resolve_paths(out)
     out.validate()
     return out
+
+
+def _resolve_paths(cfg: VisionPretrainConfig) -> None:
+    """Make the paths absolute (``~`` expanded) against the current directory, as stage 0b's
+    and the LLaVA stages' are. A finished run and a resume state are matched by their config,
+    and the shipped config spells the paths relative where the quickstart spells them absolute:
+    the same run written the other way (or from ``output_dir=~/x``, which made a folder named
+    ``~``) was trained again from step 0 over the finished tower."""
+    from llavamed.model.compose import VISION_PRESETS
+    from llavamed.train.text_encoder import EMBEDDED_TEXT_ENCODER
+
+    def res(p: str | None) -> str | None:
+        return str(Path(p).expanduser().resolve()) if p else p
+
+    cfg.data = res(cfg.data) or ""
+    cfg.image_folder = res(cfg.image_folder)
+    cfg.output_dir = res(cfg.output_dir) or ""
+    if cfg.vision not in VISION_PRESETS:
+        cfg.vision = res(cfg.vision) or ""
+    if cfg.text_encoder != EMBEDDED_TEXT_ENCODER:
+        cfg.text_encoder = res(cfg.text_encoder) or ""
 
 
 def config_dict(cfg: VisionPretrainConfig) -> dict:
@@ -701,6 +726,7 @@ def train_vision(cfg: VisionPretrainConfig, progress: bool = True) -> VisionPret
     from llavamed.train.text_encoder import TextEncoder, cached_embeddings
     from llavamed.utils.io import JsonlAppender, atomic_path, atomic_write_json, atomic_write_text
 
+    _resolve_paths(cfg)
     cfg.validate()
     cfg.precision = resolve_precision(cfg.precision, "cuda" if torch.cuda.is_available() else "cpu")
     t_start = time.time()
@@ -728,8 +754,9 @@ def train_vision(cfg: VisionPretrainConfig, progress: bool = True) -> VisionPret
     text_key = encoder_fingerprint(resolve_text_encoder(cfg.text_encoder), cfg.text_max_length)
     if (out / REPORT_JSON).exists() and (tower_dir / "config.json").exists():
         report = json.loads((out / REPORT_JSON).read_text())
+        # A moved run folder is the same run; any other change is another.
         if (
-            report.get("config") == config_dict(cfg)
+            not [k for k in diff(report.get("config") or {}, config_dict(cfg)) if k != "output_dir"]
             and report.get("data", data_key) == data_key
             and report.get("start_tower", start_key) == start_key
             and report.get("text_encoder", text_key) == text_key
