@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from llavamed.quickstart import Pipeline, QuickstartOptions, build_report
 
 
@@ -36,3 +38,44 @@ def test_a_moved_output_folder_reports_its_own_paths_not_the_old_folders(tmp_pat
     assert report["stages"]["stage0_vision"]["tower"] == str(moved / "a" / "tower.bin")
     md = (moved / "report.md").read_text()
     assert str(moved / "a" / "tower.bin") in md and "first run" not in md
+
+
+@pytest.mark.parametrize("damage", ["wrong shape", "cut short", "deleted"])
+def test_a_lost_or_damaged_state_file_gives_advice_that_works(tmp_path, damage):
+    """A damaged state said 'delete it to start over'; with it deleted, the next run refused the
+    folder as 'no quickstart output, give a new or empty folder'. Every message now says to
+    delete the folder, and doing so starts over."""
+    import shutil
+
+    from llavamed.errors import ConfigError
+    from llavamed.quickstart import STATE_FILE, run_quickstart
+
+    out = tmp_path / "out"
+    out.mkdir()
+
+    def a():
+        (out / "a").mkdir(exist_ok=True)
+        return {}
+
+    Pipeline(QuickstartOptions(out=out, progress=False), [("a", "a", a, {})]).run()
+    state = out / STATE_FILE
+    if damage == "wrong shape":
+        state.write_text("[]")
+    elif damage == "cut short":
+        state.write_text('{"stages": {')
+    else:
+        state.unlink()
+    opts = QuickstartOptions(out=out, size="tiny", progress=False)
+    with pytest.raises(ConfigError) as err:
+        run_quickstart(opts)
+    assert f"delete the output folder {out}" in str(err.value) or (
+        "delete the folder to start over" in str(err.value)
+    ), err.value
+    assert (out / "a").is_dir()  # nothing was deleted
+    state.unlink(missing_ok=True)  # what the old message said to do: refused, and now says so
+    with pytest.raises(ConfigError, match="delete the folder to start over"):
+        run_quickstart(opts)
+    shutil.rmtree(out)  # what the messages say: a fresh start
+    out.mkdir()
+    Pipeline(QuickstartOptions(out=out, progress=False), [("a", "a", a, {})]).run()
+    assert (out / STATE_FILE).exists()

@@ -488,11 +488,17 @@ class Pipeline:
         self.expected_s = dict(expected_s or {})
         self.finished: list[tuple[str, float]] = []
         self.state_path = self.out / STATE_FILE
-        self.state = read_json(self.state_path) if self.state_path.exists() else {"stages": {}}
+        # Without its state the folder's stage outputs cannot be vouched for, and a run refuses
+        # a folder that holds them (_check_out_is_ours): deleting the state alone is no restart.
+        restart = f"delete the output folder {self.out} (or give another --out) to start over"
+        try:
+            self.state = read_json(self.state_path) if self.state_path.exists() else {"stages": {}}
+        except InputError as exc:
+            raise ConfigError(f"{exc}; {restart}") from exc
         if not (isinstance(self.state, dict) and isinstance(self.state.get("stages"), dict)):
             raise ConfigError(
                 f"{self.state_path}: not a quickstart state file (expected an object with a "
-                "'stages' object); delete it to start over"
+                f"'stages' object); {restart}"
             )
         self.outputs = StageOutputs(self.out)
         self.results: list[StageResult] = []
@@ -879,6 +885,11 @@ def _check_out_is_ours(out: Path) -> None:
     if not out.is_dir() or (out / STATE_FILE).exists():
         return
     other = sorted(p.name for p in out.iterdir() if p.name != LOCK_FILE)
+    if {OUTPUTS_FILE, HEARTBEAT_FILE} & set(other):
+        raise ConfigError(
+            f"--out {out}: a quickstart output whose {STATE_FILE} is gone, so none of its stages "
+            "can be trusted as finished; delete the folder to start over, or give another --out"
+        )
     if other:
         shown = ", ".join(other[:3]) + (" ..." if len(other) > 3 else "")
         raise ConfigError(
