@@ -79,3 +79,54 @@ def test_a_lost_or_damaged_state_file_gives_advice_that_works(tmp_path, damage):
     out.mkdir()
     Pipeline(QuickstartOptions(out=out, progress=False), [("a", "a", a, {})]).run()
     assert (out / STATE_FILE).exists()
+
+
+def test_a_stage_interrupted_before_the_folder_moved_starts_over_instead_of_failing(
+    tmp_path, capsys
+):
+    """`llavamed train` keeps its config (absolute paths under --out) beside its checkpoints and
+    refuses to resume under another: killed in fine-tuning, then `mv quickstart_out elsewhere`,
+    the next run failed with 'finetune: holds a run with a different config (data.sources.0.path,
+    ..., model.from)'. The interrupted stage now starts over; finished stages stay finished."""
+    from llavamed.errors import InputError
+
+    calls: list[str] = []
+
+    def stages(out, kill=False):
+        def a():
+            calls.append("a")
+            (out / "a").mkdir(exist_ok=True)
+            (out / "a" / "x").write_text("x")
+            return {}
+
+        def train():  # as the trainer: resumes only under the config it started with
+            calls.append("train")
+            cfg = {"data": str(out / "a" / "x"), "output_dir": str(out / "t")}
+            saved = out / "t" / "config.json"
+            if saved.exists() and json.loads(saved.read_text()) != cfg:
+                raise InputError(out / "t", "holds a run with a different config")
+            (out / "t").mkdir(exist_ok=True)
+            saved.write_text(json.dumps(cfg))
+            if kill:
+                raise KeyboardInterrupt
+            (out / "t" / "checkpoint-final").write_text("w")
+            return {}
+
+        return [("a", "a", a, {}), ("train", "t", train, {"data": str(out / "a" / "x")})]
+
+    first = tmp_path / "first"
+    first.mkdir()
+    with pytest.raises(KeyboardInterrupt):
+        Pipeline(QuickstartOptions(out=first, progress=False), stages(first, kill=True)).run()
+    assert calls == ["a", "train"]
+    moved = tmp_path / "moved"
+    first.rename(moved)
+    calls.clear()
+    capsys.readouterr()
+    res = Pipeline(QuickstartOptions(out=moved, progress=False), stages(moved)).run()
+    assert calls == ["train"] and res[0].skipped and not res[1].skipped
+    assert "the output folder moved since the stage was interrupted" in capsys.readouterr().err
+    assert (moved / "t" / "checkpoint-final").exists()
+    calls.clear()
+    assert all(r.skipped for r in Pipeline(QuickstartOptions(out=moved), stages(moved)).run())
+    assert calls == []

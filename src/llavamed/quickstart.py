@@ -353,6 +353,9 @@ OUTPUTS_FILE = ".quickstart_outputs.json"
 # ``started`` value of a stage whose output must be redone from scratch: an earlier stage it
 # reads ran again (or its own output changed) in a run that was stopped before it got to it.
 REDO = "redo"
+# ``started`` value of a stage interrupted in a folder that has since moved: its tool's saved
+# settings name the old folder's paths, and the trainers refuse to resume under new ones.
+MOVED = "moved"
 HEARTBEAT_FILE = ".quickstart_heartbeat"
 HEARTBEAT_S = 2.0
 # Written from the stages' results: a run that redoes a stage removes them first, so a killed
@@ -502,6 +505,14 @@ class Pipeline:
             )
         self.outputs = StageOutputs(self.out)
         self.results: list[StageResult] = []
+        moved_from = self.state.get("out")
+        if isinstance(moved_from, str) and moved_from != str(self.out):
+            # Finished stages keep (their keys hold no --out path); interrupted ones start over.
+            started = self.state.get("started", {})
+            for name, key in list(started.items()) if isinstance(started, dict) else []:
+                if key != REDO and name not in self.state["stages"]:
+                    started[name] = MOVED
+        self.state["out"] = str(self.out)
 
     def _paths(self) -> dict[str, Path]:
         return {name: self.out / folder for name, folder, _, _ in self.stages if folder}
@@ -561,6 +572,8 @@ class Pipeline:
                 reason = f"it reads the output of {upstream[0]}, which runs again"
             elif started.get(name) == REDO:
                 reason = "an earlier run redid a stage it reads, or changed its output"
+            elif started.get(name) == MOVED:
+                reason = "the output folder moved since the stage was interrupted: starting over"
             elif not done or done.get("key") != key:
                 reason = (
                     "resuming the interrupted run"
