@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -130,3 +131,31 @@ def test_a_stage_interrupted_before_the_folder_moved_starts_over_instead_of_fail
     calls.clear()
     assert all(r.skipped for r in Pipeline(QuickstartOptions(out=moved), stages(moved)).run())
     assert calls == []
+
+
+def test_a_tilde_in_out_and_vision_is_the_home_folder(tmp_path, monkeypatch):
+    """No shell expands the ~ of `--out=~/qs` or `--vision=~/tower`: --vision was refused as
+    'not a vision tower folder' and --out made a folder named ~ in the current one."""
+    import shutil
+
+    from llavamed.errors import ConfigError
+    from llavamed.quickstart import run_quickstart
+
+    home, cwd = tmp_path / "home", tmp_path / "cwd"
+    (home / "tower").mkdir(parents=True)
+    (home / "tower" / "config.json").write_text("{}")
+    cwd.mkdir()
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.chdir(cwd)
+    opts = QuickstartOptions(out=Path("~/qs"), size="tiny", vision=Path("~/tower"))
+    assert opts.check_vision() == home / "tower"
+    # The home folder's qs/ is the one used: its (deliberately damaged) state is what is read.
+    (home / "qs").mkdir()
+    (home / "qs" / "quickstart_state.json").write_text("[]")
+    # A folder literally named ~ here, damaged too, so that a wrong pick fails fast.
+    (cwd / "~" / "qs").mkdir(parents=True)
+    (cwd / "~" / "qs" / "quickstart_state.json").write_text("[]")
+    shutil.rmtree(home / "tower")
+    with pytest.raises(ConfigError, match="not a quickstart state file") as err:
+        run_quickstart(QuickstartOptions(out=Path("~/qs"), size="tiny", progress=False))
+    assert str(home / "qs" / "quickstart_state.json") in str(err.value), err.value

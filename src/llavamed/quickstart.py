@@ -267,7 +267,8 @@ class QuickstartOptions:
     def check_vision(self) -> Path | None:
         if self.vision is None:
             return None
-        tower = Path(self.vision).resolve()
+        # `--vision=~/x` (no shell expands a ~ after =) is the home folder's, as in configs.
+        tower = Path(self.vision).expanduser().resolve()
         if not (tower / "config.json").is_file():
             raise ConfigError(
                 f"--vision {self.vision}: not a vision tower folder (no config.json); give the "
@@ -917,7 +918,7 @@ def run_quickstart(opts: QuickstartOptions) -> dict:
     p = opts.preset()
     given_tower = opts.check_vision()
     given_fp = tower_fingerprint(given_tower) if given_tower else None
-    out = Path(opts.out).resolve()
+    out = Path(opts.out).expanduser().resolve()  # `--out=~/x` made a folder named ~
     if given_tower is not None and given_tower.resolve().is_relative_to(out):
         # A stage that starts over empties its folder, which would take the given tower with it.
         raise ConfigError(
