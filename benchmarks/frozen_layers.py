@@ -29,7 +29,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _common import print_table  # noqa: E402
-from packed_attention import packed_batches, train_step  # noqa: E402
+from packed_attention import check_batch_args, packed_batches, train_step  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -52,8 +52,9 @@ def main(argv: list[str] | None = None) -> int:
         ap.error(
             f"--frozen {bad}: each must be between 1 and --lm-layers - 1 ({args.lm_layers - 1})"
         )
-    if args.steps < 1:
-        ap.error("--steps must be >= 1")
+    check_batch_args(ap, args)
+    if args.epochs < 1:
+        ap.error("--epochs must be >= 1 (the first runs uncached, the rest cached)")
 
     import torch
 

@@ -31,6 +31,8 @@ def main() -> None:
     ap.add_argument("--vision", default="cpu-p32")
     ap.add_argument("--steps", type=int, default=12)
     args = ap.parse_args()
+    if args.steps < 1:  # before building the model; an empty median was a traceback after it
+        ap.error("--steps must be >= 1")
 
     import statistics
 

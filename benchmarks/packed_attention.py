@@ -43,7 +43,8 @@ def packed_batch(n_image_tokens: int, image_token_id: int, vocab: int, args, rng
         ids = header + [image_token_id] * n_image_tokens
         labels = [-100] * len(ids)
         segs = [0] * len(ids)
-        for q in range(1, rng.randint(args.questions // 2, args.questions) + 1):
+        # At least one question: a sample without one supervises nothing.
+        for q in range(1, rng.randint(max(1, args.questions // 2), args.questions) + 1):
             n_q, n_a = rng.randint(8, 16), rng.randint(2, 6)
             ids += [rng.randrange(vocab) for _ in range(n_q + n_a)]
             labels += [-100] * n_q + ids[-n_a:]
@@ -56,6 +57,13 @@ def packed_batch(n_image_tokens: int, image_token_id: int, vocab: int, args, rng
     segment_ids = torch.tensor([pad(r[2], -1) for r in rows])
     pos = torch.tensor([pad(position_ids(r[2]), 0) for r in rows])
     return input_ids, labels, segment_ids, pos
+
+
+def check_batch_args(ap, args) -> None:
+    """Refuse shapes :func:`packed_batches` cannot build, before minutes of model set-up (they
+    ended in a traceback after it: no steps to take a median of, an empty batch, no question)."""
+    if min(args.steps, args.batch, args.questions) < 1 or args.header < 0:
+        ap.error("--steps, --batch and --questions must be >= 1, --header >= 0")
 
 
 def packed_batches(cfg, n_image_tokens: int, args):
@@ -113,6 +121,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--steps", type=int, default=8, help="timed steps per implementation")
     ap.add_argument("--cache", default=str(Path(tempfile.gettempdir()) / "llavamed-attn-bench"))
     args = ap.parse_args(argv)
+    check_batch_args(ap, args)
 
     import torch
 

@@ -271,3 +271,44 @@ def test_finetune_bound_sets_a_run_against_a_peak_it_computes_natively(
     else:
         assert 0 < float(logged[-1]) and floor[0][-1] == "1.00"
         assert "not measured" not in out
+
+
+@pytest.mark.parametrize(
+    "script,args",
+    [
+        ("packed_attention.py", ["--steps", "0"]),
+        ("packed_attention.py", ["--questions", "0"]),
+        ("frozen_layers.py", ["--batch", "0"]),
+        ("frozen_layers.py", ["--epochs", "0"]),
+        ("optimizer_step.py", ["--steps", "0"]),
+    ],
+    ids=lambda x: x if isinstance(x, str) else " ".join(x),
+)
+def test_step_benchmarks_refuse_empty_shapes_up_front(tmp_path, script, args):
+    """--steps 0 built the models and died in a StatisticsError (no median of nothing),
+    --batch 0 in a ValueError, --questions 0 in a ZeroDivisionError (no supervised token),
+    frozen_layers' --epochs 0 in one too: tracebacks after the set-up, not usage errors."""
+    env = os.environ | {"PYTHONPATH": str(ROOT / "src")}
+    cache = [] if script == "optimizer_step.py" else ["--cache", str(tmp_path / "cache")]
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / script), *args, *cache],
+        capture_output=True, text=True, timeout=600, env=env, cwd=ROOT,
+    )  # fmt: skip
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "error: --" in proc.stderr and "Traceback" not in proc.stderr
+    assert not (tmp_path / "cache").exists()  # nothing built
+
+
+def test_packed_batches_give_every_sample_a_question():
+    """With --questions 1 a sample drew randint(0, 1) questions: some supervised nothing, and a
+    batch of such samples divided its loss by zero supervised tokens."""
+    import argparse
+    import random
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from packed_attention import packed_batch
+
+    args = argparse.Namespace(batch=64, header=4, questions=1)
+    _, labels, segs, _ = packed_batch(16, 5, 1000, args, random.Random(0))
+    assert bool(((labels != -100).sum(1) > 0).all())
+    assert int(segs.max()) == 1
