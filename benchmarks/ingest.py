@@ -7,7 +7,11 @@ worker processes, on the same MedSynth packages.
 The packages are generated once into --cache (MedSynth is deterministic) and every run ingests
 into a fresh folder, so each number covers the full path: gzip stream -> JATS parse -> mentions
 -> domain labels -> image decode -> JPEG q95 encode -> hash/dedupe -> atomic writes. Setup
-(world generation) is not timed.
+(world generation) is not timed. Each repeat runs every worker count once, in an order rotated
+per repeat, so a shared machine's drift hits them alike. Printed per worker count: the median
+and the best run's seconds and figures/s, the best run's CPU seconds, and the speed-up of the
+last count against the first from the medians and from the best runs. Every run must write the
+same figures (checked: the speed-up is for the same work).
 """
 
 from __future__ import annotations
@@ -16,9 +20,15 @@ import argparse
 import os
 import resource
 import shutil
+import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _common import print_table  # noqa: E402
 
 
 def main() -> None:
@@ -28,9 +38,13 @@ def main() -> None:
     ap.add_argument("--articles", type=int, default=80)
     ap.add_argument("--image-size", type=int, default=512)
     ap.add_argument("--workers", type=int, nargs="+", default=[1, 2])
-    ap.add_argument("--repeats", type=int, default=2, help="best of N runs per setting")
+    ap.add_argument(
+        "--repeats", type=int, default=2, help="runs per worker count; median and best shown"
+    )
     ap.add_argument("--cache", type=Path, default=Path(tempfile.gettempdir()) / "llavamed-bench")
     args = ap.parse_args()
+    if args.repeats < 1 or args.articles < 1 or min(args.workers) < 1:
+        ap.error("--repeats, --articles and every --workers value must be >= 1")
 
     from llavamed.data.pmc.ingest import ingest
     from llavamed.data.synth import generate_world
@@ -48,10 +62,11 @@ def main() -> None:
         f"setup: {args.articles} packages, {mb:.1f} MB of tar.gz ({time.perf_counter() - t0:.1f} s)"
     )
 
-    rows = []
-    for workers in args.workers:
-        best = None
-        for _ in range(args.repeats):
+    counts = list(dict.fromkeys(args.workers))
+    runs: dict[int, list[tuple[int, float, float, float]]] = {w: [] for w in counts}
+    for r in range(args.repeats):
+        # Rotated each repeat, so a drifting shared machine hits every worker count alike.
+        for workers in counts[r % len(counts) :] + counts[: r % len(counts)]:
             out = Path(tempfile.mkdtemp(prefix="ingest-bench-"))
             self0 = resource.getrusage(resource.RUSAGE_SELF)
             kids0 = resource.getrusage(resource.RUSAGE_CHILDREN)
@@ -65,23 +80,47 @@ def main() -> None:
             kids1 = resource.getrusage(resource.RUSAGE_CHILDREN)
             cpu_self = (self1.ru_utime + self1.ru_stime) - (self0.ru_utime + self0.ru_stime)
             cpu_kids = (kids1.ru_utime + kids1.ru_stime) - (kids0.ru_utime + kids0.ru_stime)
-            n = report["figures_written"]
-            if best is None or dt < best[1]:
-                best = (n, dt, cpu_self, cpu_kids)
-        n, dt, cpu_self, cpu_kids = best
-        rows.append((workers, n, dt, n / dt, args.articles / dt, cpu_self, cpu_kids))
+            runs[workers].append((report["figures_written"], dt, cpu_self, cpu_kids))
+    written = {n for rs in runs.values() for n, *_ in rs}
+    if len(written) != 1:
+        raise SystemExit(f"ingest: runs wrote different figure counts {sorted(written)}")
+    (n,) = written
+    rows = []
+    for workers in counts:
+        _, best, cpu_self, cpu_kids = min(runs[workers], key=lambda run: run[1])
+        med = statistics.median(dt for _, dt, _, _ in runs[workers])
+        rows.append((workers, med, best, cpu_self, cpu_kids))
     # The parent is the only writer: its CPU time bounds the speed-up more workers can give.
     print(
         f"\nload average (1 min) after the runs: {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs"
     )
     print(
-        f"{'workers':>7} {'figures':>8} {'seconds':>8} {'figures/s':>10} {'packages/s':>11}"
-        f" {'parent CPU s':>13} {'worker CPU s':>13}"
+        f"{n} figures per run; median and best of {args.repeats} run(s) per worker count; "
+        "CPU seconds of the best run"
     )
-    for workers, n, dt, fps, pps, cs, ck in rows:
-        print(f"{workers:>7} {n:>8} {dt:>8.2f} {fps:>10.1f} {pps:>11.1f} {cs:>13.2f} {ck:>13.2f}")
+    print_table(
+        [
+            "workers",
+            "median s",
+            "best s",
+            "figures/s (median)",
+            "figures/s (best)",
+            "packages/s (best)",
+            "parent CPU s",
+            "worker CPU s",
+        ],
+        [
+            [w, f"{med:.2f}", f"{best:.2f}", f"{n / med:.1f}", f"{n / best:.1f}",
+             f"{args.articles / best:.1f}", f"{cs:.2f}", f"{ck:.2f}"]
+            for w, med, best, cs, ck in rows
+        ],
+    )  # fmt: skip
     if len(rows) > 1:
-        print(f"\nspeed-up {rows[-1][0]} vs {rows[0][0]} workers: {rows[-1][3] / rows[0][3]:.2f}x")
+        (w0, med0, best0, *_), (w1, med1, best1, *_) = rows[0], rows[-1]
+        print(
+            f"\nspeed-up {w1} vs {w0} workers (time with {w0} / time with {w1}): "
+            f"{med0 / med1:.2f}x from the medians, {best0 / best1:.2f}x from the best runs"
+        )
 
 
 if __name__ == "__main__":

@@ -40,6 +40,23 @@ def test_ingest_benchmark_runs(tmp_path):
     assert "speed-up 2 vs 1 workers" in out
 
 
+def test_ingest_benchmark_prints_medians_of_interleaved_runs(tmp_path):
+    """It printed only the best of --repeats runs (the README lists it among the scripts that
+    print medians and also the best run), and ran all of one worker count's repeats before the
+    other's. Now the worker counts alternate per repeat, the table has the median and the best,
+    and the speed-up is given from both."""
+    out = _run(
+        "ingest.py", "--articles", "2", "--image-size", "64", "--repeats", "3",
+        "--cache", str(tmp_path),
+    )  # fmt: skip
+    rows = _table(out, "figures/s (median)")
+    assert [r[0] for r in rows] == ["1", "2"]
+    for _, med, best, fps_med, fps_best, *_ in rows:
+        assert float(best) <= float(med) and float(fps_best) >= float(fps_med)
+    assert "median and best of 3 run(s)" in out
+    assert "from the medians" in out and "from the best runs" in out
+
+
 def test_instruct_throughput_runs_and_its_median_is_the_median():
     """With an even --repeats the 'median' column was the upper middle run: with 2, the best."""
     sys.path.insert(0, str(ROOT / "benchmarks"))
