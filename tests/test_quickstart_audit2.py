@@ -159,3 +159,19 @@ def test_a_tilde_in_out_and_vision_is_the_home_folder(tmp_path, monkeypatch):
     with pytest.raises(ConfigError, match="not a quickstart state file") as err:
         run_quickstart(QuickstartOptions(out=Path("~/qs"), size="tiny", progress=False))
     assert str(home / "qs" / "quickstart_state.json") in str(err.value), err.value
+
+
+def test_a_vision_folder_that_is_no_tower_is_refused_before_any_stage_runs(tmp_path):
+    """A LLaVA checkpoint (config.json, model_type llava) passed the --vision check and failed at
+    stage 0b, after synth, ingestion and self-instruct, saying to delete stage0b/."""
+    from llavamed.errors import ConfigError
+    from llavamed.quickstart import run_quickstart
+
+    ckpt = tmp_path / "checkpoint-final"
+    ckpt.mkdir()
+    (ckpt / "config.json").write_text(json.dumps({"model_type": "bert", "hidden_size": 8}))
+    out = tmp_path / "out"
+    opts = QuickstartOptions(out=out, size="tiny", progress=False, vision=ckpt)
+    with pytest.raises(ConfigError, match=r"--vision .*unsupported vision tower"):
+        run_quickstart(opts)
+    assert not out.exists()

@@ -917,6 +917,16 @@ def run_quickstart(opts: QuickstartOptions) -> dict:
 
     p = opts.preset()
     given_tower = opts.check_vision()
+    if given_tower is not None:
+        # Loaded now, not at stage 0b: a folder that is no tower (a LLaVA checkpoint has a
+        # config.json too) failed there, after self-instruct (18 minutes of medium), with advice
+        # to delete stage0b/.
+        from llavamed.train.vision_pretrain import load_tower
+
+        try:
+            load_tower(str(given_tower))
+        except InputError as exc:
+            raise ConfigError(f"--vision {opts.vision}: {exc}") from exc
     given_fp = tower_fingerprint(given_tower) if given_tower else None
     out = Path(opts.out).expanduser().resolve()  # `--out=~/x` made a folder named ~
     if given_tower is not None and given_tower.resolve().is_relative_to(out):
