@@ -44,7 +44,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--header", type=int, default=4, help="chat-header tokens before the image")
     ap.add_argument("--steps", type=int, default=6, help="timed steps per variant")
     ap.add_argument("--epochs", type=float, default=3.0, help="for the per-run estimate")
-    ap.add_argument("--attn", default="eager", help="the quickstart's fine-tuning uses eager")
+    ap.add_argument(
+        "--attn",
+        default="eager",
+        choices=["eager", "sdpa"],
+        help="the quickstart's fine-tuning uses eager",
+    )
     ap.add_argument("--cache", default=str(Path(tempfile.gettempdir()) / "llavamed-attn-bench"))
     args = ap.parse_args(argv)
     bad = [n for n in args.frozen if not 0 < n < args.lm_layers]

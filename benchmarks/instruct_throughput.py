@@ -106,6 +106,10 @@ def main(argv: list[str] | None = None) -> int:
         "--repeats", type=int, default=3, help="runs per cell; the table shows best and median"
     )
     args = ap.parse_args(argv)
+    if args.latency <= 0 or args.seconds <= 0:  # the ideal rate is concurrency / latency
+        ap.error("--latency and --seconds must be > 0")
+    if args.repeats < 1 or min(args.concurrency) < 1:
+        ap.error("--repeats and every --concurrency value must be >= 1")
     proc, base_url = start_server(args.latency)
     rows = []
     try:

@@ -142,8 +142,9 @@ def main(argv=None) -> int:
     )
     ap.add_argument("--json", type=Path, help="also write the results here")
     args = ap.parse_args(argv)
-    if args.repeats < 1 or args.requests < 1 or args.concurrency < 1:
-        ap.error("--repeats, --requests and --concurrency must be >= 1")
+    if min(args.repeats, args.requests, args.concurrency, args.max_tokens) < 1:
+        # --max-tokens 0: every request refused, a table of zeros and "nanx" speed-ups
+        ap.error("--repeats, --requests, --concurrency and --max-tokens must be >= 1")
 
     from llavamed.serve.api import serve_in_background
     from llavamed.serve.engine import EngineSettings

@@ -216,6 +216,11 @@ def main() -> None:
     )
     ap.add_argument("--quiet", action="store_true")
     args = ap.parse_args()
+    if min(args.steps, args.eval_every, args.lm_layers) < 1 or args.limit < 1:
+        # --eval-every 0 died in a ZeroDivisionError at the first step, after the model's set-up
+        ap.error("--steps, --eval-every, --limit and --lm-layers must be >= 1")
+    if args.finetune_steps is not None and args.finetune_steps < 1:
+        ap.error("--finetune-steps must be >= 1")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     curves = {}

@@ -329,3 +329,34 @@ def test_packed_batches_give_every_sample_a_question():
     _, labels, segs, _ = packed_batch(16, 5, 1000, args, random.Random(0))
     assert bool(((labels != -100).sum(1) > 0).all())
     assert int(segs.max()) == 1
+
+
+@pytest.mark.parametrize(
+    "script,args",
+    [
+        ("instruct_throughput.py", ["--repeats", "0"]),
+        ("instruct_throughput.py", ["--latency", "0"]),
+        ("serve_throughput.py", ["--max-tokens", "0"]),
+        ("frozen_layers.py", ["--attn", "bogus"]),
+        ("stage0_curves.py", ["--world", "W", "--tower", "r=tiny", "--eval-every", "0"]),
+    ],
+    ids=lambda x: x if isinstance(x, str) else " ".join(x),
+)
+def test_benchmarks_refuse_impossible_settings_as_usage_errors(tmp_path, script, args):
+    """instruct_throughput: --repeats 0 died in max() of nothing, --latency 0 in a division by
+    zero; serve_throughput --max-tokens 0 had every request refused and printed "nanx"
+    speed-ups; frozen_layers --attn bogus set up the models, then a transformers ValueError;
+    stage0_curves --eval-every 0 built the model, then a ZeroDivisionError at step 1."""
+    env = os.environ | {"PYTHONPATH": str(ROOT / "src")}
+    args = [str(tmp_path / "missing") if a == "W" else a for a in args]
+    if script in ("frozen_layers.py",):
+        args += ["--cache", str(tmp_path / "cache")]
+    if script == "stage0_curves.py":
+        args += ["--out", str(tmp_path / "out")]
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / script), *args],
+        capture_output=True, text=True, timeout=600, env=env, cwd=ROOT,
+    )  # fmt: skip
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "error: " in proc.stderr and "Traceback" not in proc.stderr
+    assert not (tmp_path / "cache").exists() and not (tmp_path / "out").exists()
