@@ -917,6 +917,13 @@ def run_quickstart(opts: QuickstartOptions) -> dict:
 
     p = opts.preset()
     given_tower = opts.check_vision()
+    out = Path(opts.out).expanduser().resolve()  # `--out=~/x` made a folder named ~
+    if given_tower is not None and given_tower.resolve().is_relative_to(out):
+        # A stage that starts over empties its folder, which would take the given tower with it.
+        raise ConfigError(
+            f"--vision {opts.vision}: the tower lies inside --out {out}, whose stage folders a "
+            "re-run may empty; copy it elsewhere (or use another --out) and give that path"
+        )
     if given_tower is not None:
         # Loaded now, not at stage 0b: a folder that is no tower (a LLaVA checkpoint has a
         # config.json too) failed there, after self-instruct (18 minutes of medium), with advice
@@ -928,13 +935,6 @@ def run_quickstart(opts: QuickstartOptions) -> dict:
         except InputError as exc:
             raise ConfigError(f"--vision {opts.vision}: {exc}") from exc
     given_fp = tower_fingerprint(given_tower) if given_tower else None
-    out = Path(opts.out).expanduser().resolve()  # `--out=~/x` made a folder named ~
-    if given_tower is not None and given_tower.resolve().is_relative_to(out):
-        # A stage that starts over empties its folder, which would take the given tower with it.
-        raise ConfigError(
-            f"--vision {opts.vision}: the tower lies inside --out {out}, whose stage folders a "
-            "re-run may empty; copy it elsewhere (or use another --out) and give that path"
-        )
     try:
         _check_out_is_ours(out)
         out.mkdir(parents=True, exist_ok=True)
