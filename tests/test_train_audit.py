@@ -298,3 +298,19 @@ def test_a_damaged_or_deleted_config_yaml_falls_back_to_the_checkpoints_copy(tmp
     copy.write_text(good)
     res = run_training(cfg, progress=False)
     assert [m["step"] for m in res.metrics] == [1, 2, 3, 4]
+
+
+def test_a_finished_run_says_it_returned_without_training(tmp_path, capsys):
+    """A run with checkpoint-final returned at once without a word, also after its data file
+    was edited (the data are not tokenized again to check them): the user took the old model
+    for one trained on the new data. It now says what it returned and how to train again."""
+    from llavamed.train import run_training
+
+    data = make_bright_dark(tmp_path / "data", 16)
+    cfg = tiny_config(data, tmp_path / "out", max_steps=1)
+    first = run_training(cfg, progress=False)
+    capsys.readouterr()
+    again = run_training(cfg, progress=False)
+    err = capsys.readouterr().err
+    assert again.final_checkpoint == first.final_checkpoint
+    assert "already holds checkpoint-final" in err and "use another output.dir" in err

@@ -785,6 +785,15 @@ def run_training(
     cfg.check_inputs_exist()
     _check_same_run(out, resolved)
     if (final / "config.json").is_file() and (out / "config.yaml").is_file():
+        # Said, not silent: the data are not tokenized again to check them (minutes for a large
+        # set), so a user who edited the data file would otherwise take the old model for new.
+        if os.environ.get("RANK", "0") == "0":  # one line under torchrun, not one a process
+            print(
+                f"llavamed train: {out} already holds {FINAL} for this config; returned it "
+                "without training (its data were not read again: to train on changed data, "
+                "use another output.dir)",
+                file=sys.stderr,
+            )
         return TrainResult(out, final, _read_metrics(metrics_path), 0.0)
 
     info = D.init(cfg.distributed)
