@@ -175,3 +175,20 @@ def test_a_vision_folder_that_is_no_tower_is_refused_before_any_stage_runs(tmp_p
     with pytest.raises(ConfigError, match=r"--vision .*unsupported vision tower"):
         run_quickstart(opts)
     assert not out.exists()
+
+
+def test_a_model_answer_with_a_line_break_stays_in_its_table_row():
+    from llavamed.quickstart import render_markdown
+
+    q = {"question": "Is there a mass?", "answer": "yes", "model_answer": "yes\nIt is | big"}
+    report = {
+        "size": "tiny",
+        "seed": 0,
+        "metrics": {},
+        "stages": {},
+        "wall_time_s_all_stages": 0,
+        "data": {},
+        "try_it": {"commands": {}, "questions": [q]},
+    }
+    md = render_markdown(report)
+    assert "| Is there a mass? | yes | yes It is \\| big |\n" in md

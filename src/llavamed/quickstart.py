@@ -1446,6 +1446,11 @@ def _eval_scope(metrics: dict) -> str:
     return "the SLAKE-shaped English test split" + (f" ({n} questions)" if n else "")
 
 
+def _cell(text: str) -> str:
+    """``text`` as one markdown table cell."""
+    return " ".join(str(text).split()).replace("|", "\\|")
+
+
 def render_markdown(report: dict) -> str:
     m = report["metrics"]
     zs, ft = m.get("zero_shot", {}), m.get("finetuned", {})
@@ -1559,5 +1564,6 @@ def render_markdown(report: dict) -> str:
         ]
         for q in try_it["questions"]:
             cells = (q["question"], q["answer"], q["model_answer"])
-            lines.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
+            # One line per row: a model's answer with a line break split the table.
+            lines.append("| " + " | ".join(_cell(c) for c in cells) + " |")
     return "\n".join(lines) + "\n"
