@@ -56,6 +56,14 @@ from openai_stub_server import StubServer
         ("Assistant 2 and Assistant 1 scored 6 and 9 respectively", (9, 6)),
         ("Assistant 1 and Assistant 2 scored 9 and 6 respectively", (9, 6)),
         ("Assistant 2: 7, Assistant 1: 8", (8, 7)),
+        # A bare label on a line of its own, the pair under it (small local judges).
+        ("Scores:\n8 7\nAssistant 1 was better.", (8, 7)),
+        ("**Scores**\n9/10 6/10", (9, 6)),
+        ("## Evaluation\n\n7 8", (7, 8)),
+        ("Final scores:\nAssistant 1: 8, Assistant 2: 6", (8, 6)),
+        # ... but a sentence is no label: its next line is explanation, not the scores.
+        ("Both did well:\n8 7", None),
+        ("Scores\n", None),
     ],
 )
 def test_parse_scores(text, expected):

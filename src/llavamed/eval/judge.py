@@ -109,6 +109,11 @@ def build_judge_messages(question: dict, ans1: str, ans2: str, prompts: JudgePro
 # -- parsing and scoring (pure) ------------------------------------------------------------------
 
 _NUM = r"(\d+(?:\.\d+)?)"
+_HEADING = re.compile(
+    r"(?:#+\s*)?\**\s*(?:final\s+)?(?:scores?|ratings?|evaluation|judge?ment|output|result)s?"
+    r"\s*\**\s*:?\s*\**",
+    re.I,
+)
 _LABELLED = [re.compile(rf"assistant\s*{i}\s*\**\s*[:=\-]?\s*\**\s*(?:score\s*[:=]?\s*)?{_NUM}", re.I) for i in (1, 2)]  # fmt: skip
 
 
@@ -118,10 +123,16 @@ def parse_scores(text: str) -> tuple[float, float] | None:
     first line decides: "8 7", "8, 7", "8/10 7/10", "**8 7**", "Scores: 8 and 7", "8 7 (out of
     10)", or "Assistant 1: 8, Assistant 2: 7". Only when it holds no pair are "Assistant 1: 8 ...
     Assistant 2: 7" labels looked for across lines. A first line naming Assistant 2 before
-    Assistant 1 gives its numbers in that order. Scores must lie in 1..10."""
+    Assistant 1 gives its numbers in that order. A bare label line ("Scores:", "## Evaluation")
+    before the first line is skipped. Scores must lie in 1..10."""
     if not text:
         return None
-    first = next((ln for ln in text.splitlines() if ln.strip()), "")
+    lines = [ln for ln in text.splitlines() if ln.strip()]
+    first = lines[0] if lines else ""
+    if len(lines) > 1 and _HEADING.fullmatch(first.strip()):
+        # "Scores:" or "## Evaluation" on a line of its own, the pair under it: small local
+        # judges write this. Only such bare labels are skipped, never a sentence.
+        first = lines[1]
     pair = _labelled_pair(first)
     if pair is None:
         line = re.sub(rf"{_NUM}\s*/\s*10\b|\(?\bout of 10\b\)?", r"\1", first, flags=re.I)
