@@ -360,3 +360,16 @@ def test_benchmarks_refuse_impossible_settings_as_usage_errors(tmp_path, script,
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert "error: " in proc.stderr and "Traceback" not in proc.stderr
     assert not (tmp_path / "cache").exists() and not (tmp_path / "out").exists()
+
+
+def test_optimizer_step_names_its_ratio_and_compares_the_same_update():
+    """Its ratio column was headed "vs default" beside model_step's and precision.py's ratios,
+    which are explicit about their direction; and the fused optimizer always stepped first."""
+    out = _run("optimizer_step.py", "--lm-layers", "1", "--steps", "3")
+    rows = {r[0]: r for r in _table(out, "speed-up vs default (default time / this time)")}
+    assert set(rows) == {"ours (fused)", "torch default"}
+    ours, default = float(rows["ours (fused)"][1]), float(rows["torch default"][1])
+    assert float(rows["ours (fused)"][2].rstrip("x")) == pytest.approx(default / ours, rel=0.05)
+    assert rows["torch default"][2] == "1.00x"
+    diff = float(out.split("largest weight difference after 5 steps: ")[1].split()[0])
+    assert diff < 1e-5  # the same update, up to float rounding
