@@ -289,6 +289,8 @@ def main() -> None:
         help="skip the packed-weight rows (oneDNN-prepacked linears, eval vqa's default)",
     )
     args = ap.parse_args()
+    if args.threads is not None and args.threads < 1:
+        ap.error("--threads must be >= 1")  # torch.set_num_threads raised a RuntimeError
     if (args.dataset is None) != (args.data is None):
         ap.error("--dataset and --data go together")
     if min(args.n, args.repeats, args.batch_size, args.max_new_tokens) < 1:

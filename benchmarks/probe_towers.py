@@ -39,6 +39,8 @@ def main() -> int:
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--out", default=None, help="write the report JSON here")
     args = ap.parse_args()
+    if args.threads is not None and args.threads < 1:
+        ap.error("--threads must be >= 1")  # torch.set_num_threads raised a RuntimeError
     import torch
 
     if args.threads:

@@ -373,3 +373,26 @@ def test_optimizer_step_names_its_ratio_and_compares_the_same_update():
     assert rows["torch default"][2] == "1.00x"
     diff = float(out.split("largest weight difference after 5 steps: ")[1].split()[0])
     assert diff < 1e-5  # the same update, up to float rounding
+
+
+@pytest.mark.parametrize(
+    "script,args",
+    [
+        ("eval_throughput.py", ["--threads", "-1"]),
+        ("probe_towers.py", ["--tower", "a=tiny", "--threads", "-1"]),
+        ("readout_trace.py", ["--model", "M", "--train", "a=b", "--test", "a=b", "--threads", "0"]),
+    ],
+    ids=lambda x: x if isinstance(x, str) else " ".join(x),
+)
+def test_benchmarks_refuse_a_thread_count_below_one(tmp_path, script, args):
+    """--threads -1 ended in torch's RuntimeError traceback ("set_num_threads expects a positive
+    integer") after the towers were built; --threads 0 was silently torch's default."""
+    env = os.environ | {"PYTHONPATH": str(ROOT / "src")}
+    cache = ["--cache", str(tmp_path / "cache")] if script == "eval_throughput.py" else []
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / script), *args, *cache],
+        capture_output=True, text=True, timeout=600, env=env, cwd=ROOT,
+    )  # fmt: skip
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "error: --threads must be >= 1" in proc.stderr and "Traceback" not in proc.stderr
+    assert not (tmp_path / "cache").exists()
