@@ -192,3 +192,36 @@ def test_a_model_answer_with_a_line_break_stays_in_its_table_row():
     }
     md = render_markdown(report)
     assert "| Is there a mass? | yes | yes It is \\| big |\n" in md
+
+
+def test_a_resumed_runs_eta_is_scaled_by_the_stages_earlier_runs_timed(tmp_path, capsys):
+    """Only stages this run ran measured the machine: killed in fine-tuning on a machine twice
+    as slow as the reference, the resumed run estimated fine-tuning at the reference time,
+    though its state held every earlier stage's time on this machine."""
+    import shutil
+
+    calls: list[str] = []
+
+    def stages():
+        def stage(name):
+            def run():
+                calls.append(name)
+                (tmp_path / name).mkdir(exist_ok=True)
+                return {}
+
+            return run
+
+        return [(n, n, stage(n), {}) for n in ("a", "b", "c")]
+
+    opts = QuickstartOptions(out=tmp_path, progress=False)
+    expected = {"a": 100, "b": 200, "c": 1000}
+    Pipeline(opts, stages(), expected_s=expected).run()
+    state_path = tmp_path / "quickstart_state.json"
+    state = json.loads(state_path.read_text())
+    state["stages"]["a"]["wall_s"] = 200.0  # this machine: twice the reference time
+    state["stages"]["b"]["wall_s"] = 400.0
+    state_path.write_text(json.dumps(state))
+    shutil.rmtree(tmp_path / "c")
+    capsys.readouterr()
+    Pipeline(opts, stages(), expected_s=expected).run()
+    assert "[quickstart] c (3/3): about 33 min left in total" in capsys.readouterr().err

@@ -331,7 +331,7 @@ def remaining_seconds(
 ) -> float | None:
     """Estimated seconds left: the pending stages' reference times, scaled by how this machine
     ran the finished ones against theirs (``finished`` holds (stage, seconds taken) for stages
-    that actually ran, not skipped ones). Stages under 5 reference seconds are too short to
+    this run or an earlier one ran in one go). Stages under 5 reference seconds are too short to
     measure the machine by. ``spent``: seconds interrupted runs already spent on a pending
     stage that resumes, taken off its estimate (down to a tenth of it). None when a pending
     stage has no reference time."""
@@ -644,6 +644,10 @@ class Pipeline:
                         )
                         self.outputs.save()
                         self._save()
+                    if not done.get("resumed_after_s"):
+                        # Timed here by an earlier run: a resumed run's ETA is scaled by the
+                        # machine's speed too (it used the reference times as they are).
+                        self.finished.append((name, done["wall_s"]))
                     self.results.append(
                         StageResult(
                             name,
