@@ -218,8 +218,10 @@ def test_eval_throughput_counts_generated_token_ids_not_retokenized_text(tmp_pat
 
     from llavamed.model.compose import ModelSpec, init_checkpoint
 
+    # A run folder stands for its checkpoint-final (it was "not a checkpoint folder").
     ckpt = init_checkpoint(
-        tmp_path / "tiny", ModelSpec(lm="tiny", vision="tiny", template="chatml")
+        tmp_path / "run" / "checkpoint-final",
+        ModelSpec(lm="tiny", vision="tiny", template="chatml"),
     )
     weights = Path(ckpt) / "model.safetensors"
     sd = load_file(weights)
@@ -227,7 +229,7 @@ def test_eval_throughput_counts_generated_token_ids_not_retokenized_text(tmp_pat
     sd[norm].zero_()  # every logit 0: greedy picks id 0, <|endoftext|>: special, not the eos
     save_file(sd, weights, metadata={"format": "pt"})
     out = _run(
-        "eval_throughput.py", "--model", str(ckpt), "--n", "4", "--per-image", "2",
+        "eval_throughput.py", "--model", str(tmp_path / "run"), "--n", "4", "--per-image", "2",
         "--batch-size", "2", "--max-new-tokens", "5", "--dtype", "float32", "--repeats", "1",
     )  # fmt: skip
     rows = [line.split(" | ") for line in out.splitlines() if line.startswith("| float32 |")]
