@@ -60,6 +60,12 @@ def main() -> int:
         if not sep or not name or not path:
             ap.error(f"--test: want DATASET=PATH, got {spec!r}")
         sets.append((name, path))
+    from llavamed.errors import InputError
+
+    # Before any checkpoint loads: a wrong test path failed only after the first model had.
+    for path in [p for _, p in sets] + args.models:
+        if not Path(path).exists():
+            raise InputError(path, "no such file or folder")
 
     import random
 
@@ -111,4 +117,9 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from _common import run_script
+
+    run_script(main, "closed_logits_eval")

@@ -83,6 +83,12 @@ def _bad_args(tmp: Path) -> dict[str, list[str]]:
         "stage0_curves --world": [
             "stage0_curves.py", "--world", missing, "--tower", "r=cpu", "--out", str(tmp / "o"),
         ],
+        "closed_logits_eval model": [
+            "closed_logits_eval.py", "--test", f"slake={tmp}", missing,
+        ],
+        "closed_logits_eval --test": [
+            "closed_logits_eval.py", "--test", f"slake={missing}", missing,
+        ],
     }  # fmt: skip
 
 
@@ -96,6 +102,8 @@ BAD_ARG_CASES = [
     "readout_trace --train",
     "probe_towers --tower",
     "stage0_curves --world",
+    "closed_logits_eval model",
+    "closed_logits_eval --test",
 ]
 
 
