@@ -35,9 +35,14 @@ def main() -> int:
     )
     args = ap.parse_args()
     from llavamed.data.synth.pairs import write_caption_pairs
-    from llavamed.train.vision_pretrain import run_from_config
+    from llavamed.train.vision_pretrain import make_config, run_from_config
 
     out = Path(args.out)
+    # The overrides are checked before the pairs render (minutes for the default 2,000).
+    make_config(
+        {"data": str(out / "data" / "figures.jsonl"), "output_dir": str(out / "run")},
+        args.overrides,
+    )
     data = write_caption_pairs(
         out / "data", args.pairs, chest_frac=args.chest_frac, workers=args.workers
     )

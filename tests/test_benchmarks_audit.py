@@ -398,3 +398,18 @@ def test_benchmarks_refuse_a_thread_count_below_one(tmp_path, script, args):
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert "error: --threads must be >= 1" in proc.stderr and "Traceback" not in proc.stderr
     assert not (tmp_path / "cache").exists()
+
+
+def test_stage0_probes_checks_its_overrides_before_rendering_pairs(tmp_path):
+    """A misspelt override failed only after the pairs had rendered (minutes by default)."""
+    env = os.environ | {"PYTHONPATH": str(ROOT / "src")}
+    out = tmp_path / "out"
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "stage0_probes.py"), "--out", str(out),
+         "--pairs", "4", "--workers", "1", "bogus_key=1"],
+        capture_output=True, text=True, timeout=300, env=env, cwd=ROOT,
+    )  # fmt: skip
+    assert proc.returncode == 1, proc.stderr[-2000:]
+    assert "stage0_probes: error: " in proc.stderr and "bogus_key" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert not (out / "data").exists()
