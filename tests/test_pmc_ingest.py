@@ -849,3 +849,63 @@ def test_a_package_with_a_file_it_could_not_read_is_read_again_by_the_next_run(
     pids = [r["pair_id"] for r in _records(out)]
     assert len(pids) == len(set(pids)) == 8
     assert ingest([src], out, workers=1)["last_run"]["packages_processed"] == 0  # done now
+
+
+def _jats(pmcid: str, body: str) -> bytes:
+    return (
+        '<?xml version="1.0"?><article xmlns:xlink="http://www.w3.org/1999/xlink"><front>'
+        f'<article-meta><article-id pub-id-type="pmc">{pmcid}</article-id></article-meta>'
+        f"</front><body>{body}</body></article>"
+    ).encode()
+
+
+def test_a_fig_group_whose_image_sits_on_the_group_is_one_figure(tmp_path):
+    """JATS lets a <fig-group> carry the <graphic> itself, its member <fig>s only panel captions
+    (or no members at all): the figure was skipped as "no graphic" per member, and a group
+    without members vanished uncounted. A group whose members have images stays per member."""
+    from pmc_fixtures import _bytes, _noise
+
+    body = (
+        '<p>The CT (<xref ref-type="fig" rid="G1">Figure 1</xref>) shows a mass. The axial '
+        'view (<xref ref-type="fig" rid="F1a">Figure 1A</xref>) shows its margin.</p>'
+        '<fig-group id="G1"><label>Figure 1</label><caption><p>Chest CT of the mass.</p>'
+        '</caption><fig id="F1a"><label>A</label><caption><p>Axial view.</p></caption></fig>'
+        '<fig id="F1b"><label>B</label><caption><p>Coronal view.</p></caption></fig>'
+        '<graphic xlink:href="g1"/></fig-group>'
+        '<fig-group id="G2"><label>Figure 2</label><caption><p>Brain MRI, T2.</p></caption>'
+        '<graphic xlink:href="g2"/></fig-group>'
+        '<fig-group id="G3"><label>Figure 3</label><caption><p>Histology.</p></caption>'
+        '<fig id="F3a"><label>A</label><caption><p>Low power.</p></caption>'
+        '<graphic xlink:href="g3a"/></fig><graphic xlink:href="g3"/></fig-group>'
+    )
+    files = {"PMC7/PMC7.nxml": _jats("PMC7", body)}
+    for i, name in enumerate(("g1", "g2", "g3", "g3a")):
+        files[f"PMC7/{name}.jpg"] = _bytes(_noise(60 + i), "JPEG")
+    src = tmp_path / "src"
+    src.mkdir()
+    with tarfile.open(src / "PMC7.tar.gz", "w:gz") as tf:
+        for name, data in files.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tf.addfile(info, io.BytesIO(data))
+    report = ingest([src], tmp_path / "out")
+    got = {r["pair_id"]: r for r in _records(tmp_path / "out")}
+    assert list(got) == ["PMC7_G1", "PMC7_G2", "PMC7_F3a"]
+    g1 = got["PMC7_G1"]
+    assert (g1["fig_label"], g1["graphic_ref"], g1["image"]) == (
+        "Figure 1", "g1", "images/PMC7_G1.jpg"
+    )  # fmt: skip
+    assert g1["fig_caption"] == "Chest CT of the mass. (A) Axial view. (B) Coronal view."
+    assert [m["tokens"] for m in g1["in_text_mention"]] == [
+        "The CT (Figure 1) shows a mass.",
+        "The axial view (Figure 1A) shows its margin.",
+    ]
+    assert (got["PMC7_G2"]["fig_caption"], got["PMC7_G2"]["graphic_ref"]) == (
+        "Brain MRI, T2.",
+        "g2",
+    )
+    # Members with images of their own: unchanged, the group's caption leading each member's.
+    assert (got["PMC7_F3a"]["fig_caption"], got["PMC7_F3a"]["graphic_ref"]) == (
+        "Histology. Low power.", "g3a"
+    )  # fmt: skip
+    assert "skipped: no graphic" not in report["reasons"]

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import codecs
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from html.entities import html5
 
@@ -454,14 +455,17 @@ def _skip_reason(fig: etree._Element, label: str | None) -> str | None:
     return None
 
 
-def _graphic(fig: etree._Element) -> tuple[str | None, int]:
+def _graphic(fig: etree._Element, outside: frozenset[str] = frozenset()) -> tuple[str | None, int]:
     """The figure's image and how many images it has: several (panels as separate files)
     pair the whole caption with the first panel only, which the ingest report counts. Each
-    ``<alternatives>`` counts once: it holds versions of one image."""
+    ``<alternatives>`` counts once: it holds versions of one image. Graphics inside a
+    ``<caption>``, or inside an element named in ``outside`` below ``fig``, are not its own."""
     refs: list[str] = []
     seen_alternatives: list[etree._Element] = []  # kept alive, so `is` compares nodes
     for g in fig.iter("graphic"):
         if any(a.tag == "caption" for a in g.iterancestors()):
+            continue
+        if outside and any(a.tag in outside for a in _ancestors_below(g, fig)):
             continue
         ref = _href(g)
         if not ref:
@@ -473,6 +477,14 @@ def _graphic(fig: etree._Element) -> tuple[str | None, int]:
             seen_alternatives.append(alt)
         refs.append(ref)
     return (refs[0] if refs else None), len(refs)
+
+
+def _ancestors_below(el: etree._Element, top: etree._Element) -> Iterator[etree._Element]:
+    """``el``'s ancestors up to, not including, ``top``."""
+    for a in el.iterancestors():
+        if a is top:
+            return
+        yield a
 
 
 _PANEL_LABEL = re.compile(r"^\(?([A-Za-z]{1,2})[.):]?$")
@@ -513,18 +525,102 @@ def _says_nothing(caption: str, label: str | None) -> bool:
     return bool(_LABEL_ONLY.fullmatch(text))
 
 
+def _group_image(group: etree._Element) -> tuple[str, int] | None:
+    """The image of a ``<fig-group>`` that is one figure: a ``<graphic>`` on the group itself
+    (JATS allows graphics beside or instead of the member figures), when none of its member
+    figures has an image of its own. Such members carry only panel captions ("A", "Axial
+    view"), or there are none; a group whose members have images is read member by member."""
+    members = [c for c in group if c.tag == "fig"]
+    if any(_graphic(m)[0] for m in members):
+        return None
+    ref, n = _graphic(group, outside=frozenset({"fig", "fig-group"}))
+    return (ref, n) if ref else None
+
+
+def _label_of(el: etree._Element) -> str:
+    label_el = el.find("label")
+    return normalize_ws(_flat(label_el)) if label_el is not None else ""
+
+
+def _whole_group(
+    group: etree._Element,
+    image: tuple[str, int],
+    n_group: int,
+    seen_ids: set[str],
+    group_members: dict[str, list[str]],
+    notes: list[str],
+) -> Figure:
+    """The one figure of a group whose image sits on the group: its label, its caption followed
+    by the members' ("(A) Axial view. (B) Coronal view."), citations of a member its own."""
+    members = [c for c in group if c.tag == "fig"]
+    parts = [_caption(group)]
+    for member in members:
+        caption = _caption(member)
+        label = _label_of(member)
+        if caption and label:
+            panel = _PANEL_LABEL.match(label)
+            lead = f"({panel.group(1)})" if panel else label
+            if not panel and lead[-1] not in ".!?:;)":
+                lead += "."
+            caption = f"{lead} {caption}"
+        parts.append(caption)
+    caption = normalize_ws(" ".join(p for p in parts if p))
+    label = _label_of(group)
+    member_ids = [(m.get("id") or "").strip() for m in members]
+    fig_id = (group.get("id") or "").strip() or next((i for i in member_ids if i), "")
+    if not fig_id:
+        fig_id = f"fig-group{n_group}"
+        notes.append("figure without id")
+    if fig_id in seen_ids:
+        notes.append("duplicate figure id")
+        fig_id = f"{fig_id}_group{n_group}"
+    seen_ids.add(fig_id)
+    for member_id in member_ids:
+        if member_id and member_id != fig_id:
+            group_members[member_id] = [fig_id]
+    graphic_ref, n_graphics = image
+    if n_graphics > 1:
+        notes.append("figure with several images: the first is taken")
+    f = Figure(
+        fig_id=fig_id,
+        label=label or None,
+        caption=caption,
+        graphic_ref=graphic_ref,
+        number=label_number(label),
+    )
+    f.skip_reason = _skip_reason(group, f.label)
+    if f.skip_reason is None and _says_nothing(f.caption, f.label):
+        f.skip_reason = "no caption"
+    return f
+
+
 def _figures(
     article: etree._Element, notes: list[str]
 ) -> tuple[list[Figure], dict[str, list[str]]]:
     figures: list[Figure] = []
-    group_members: dict[str, list[str]] = {}  # fig-group id -> ids of its figures
+    # fig-group id -> ids of its figures; a member of a group that is one image -> the group's
+    group_members: dict[str, list[str]] = {}
     seen_ids: set[str] = set()
     slots: list[tuple] = []  # per figure: the place it takes in the figures' reading order
     last_group: etree._Element | None = None  # kept alive, so `is` compares nodes
+    whole_groups: list[etree._Element] = []  # groups that are one figure; kept alive, as above
     n_groups = 0
-    for index, fig in enumerate(article.iter("fig"), 1):
+    index = 0  # of the <fig> elements, as their fallback ids count them
+    for fig in article.iter("fig", "fig-group"):
+        if fig.tag == "fig-group":
+            image = _group_image(fig)
+            if image is not None:
+                whole_groups.append(fig)
+                n_groups += 1
+                f = _whole_group(fig, image, n_groups, seen_ids, group_members, notes)
+                figures.append(f)
+                slots.append(("group", n_groups, f.number))
+            continue
+        index += 1
         group = fig.getparent()
         in_group = group is not None and group.tag == "fig-group"
+        if in_group and any(group is g for g in whole_groups):
+            continue  # its caption is part of its group's
         if in_group and group is not last_group:
             last_group = group
             n_groups += 1
