@@ -909,3 +909,46 @@ def test_a_fig_group_whose_image_sits_on_the_group_is_one_figure(tmp_path):
         "Histology. Low power.", "g3a"
     )  # fmt: skip
     assert "skipped: no graphic" not in report["reasons"]
+
+
+def _tar_of(path: Path, files: dict[str, bytes]) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tarfile.open(path, "w:gz") as tf:
+        for name, data in files.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tf.addfile(info, io.BytesIO(data))
+    return path
+
+
+def test_a_citation_of_an_id_two_figures_share_goes_to_the_one_it_names(tmp_path):
+    """Two <fig id="F1"> in one article (invalid, but it occurs): every citation of F1 went to
+    the first figure, so "the histology (Figure 2)" became a mention of the chest X-ray and the
+    histology figure had none. The citation's number picks the figure; a citation naming no
+    number goes to each figure with the id, counted."""
+    from pmc_fixtures import _bytes, _noise
+
+    body = (
+        '<p>The X-ray is clear (<xref ref-type="fig" rid="F1">Figure 1</xref>).</p>'
+        '<p>The histology shows tumour (<xref ref-type="fig" rid="F1">Figure 2</xref>).</p>'
+        '<p>See the images (<xref ref-type="fig" rid="F1">here</xref>).</p>'
+        '<fig id="F1"><label>Figure 1</label><caption><p>Chest X-ray.</p></caption>'
+        '<graphic xlink:href="a"/></fig>'
+        '<fig id="F1"><label>Figure 2</label><caption><p>Histology, H&amp;E.</p></caption>'
+        '<graphic xlink:href="b"/></fig>'
+    )
+    files = {"PMC8/PMC8.nxml": _jats("PMC8", body)}
+    files.update(
+        {"PMC8/a.jpg": _bytes(_noise(70), "JPEG"), "PMC8/b.jpg": _bytes(_noise(71), "JPEG")}
+    )
+    report = ingest([_tar_of(tmp_path / "src" / "PMC8.tar.gz", files)], tmp_path / "out")
+    got = {
+        r["pair_id"]: [m["tokens"] for m in r["in_text_mention"]]
+        for r in _records(tmp_path / "out")
+    }
+    assert got == {
+        "PMC8_F1": ["The X-ray is clear (Figure 1).", "See the images (here)."],
+        "PMC8_F1_2": ["The histology shows tumour (Figure 2).", "See the images (here)."],
+    }
+    assert report["reasons"]["duplicate figure id"] == 1
+    assert report["reasons"]["ambiguous citation of a duplicate figure id"] == 1

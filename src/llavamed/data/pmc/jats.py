@@ -74,6 +74,7 @@ class Figure:
     graphic_ref: str | None
     number: int | None = None
     skip_reason: str | None = None  # set for figures that are not figure-caption pairs
+    xml_id: str | None = None  # the id as written, when another figure has it too
 
 
 @dataclass
@@ -136,7 +137,7 @@ def parse_articles(
         if not pmcid and fallback_pmcid and len(elements) == 1:
             pmcid = fallback_pmcid  # a file name names one article, not each of a set
         figures, group_members = _figures(element, own_notes)
-        mentions = _mentions(element, figures, group_members)
+        mentions = _mentions(element, figures, group_members, own_notes)
         articles.append(Article(pmid, pmcid, figures, mentions, own_notes))
     return articles, rejected
 
@@ -636,7 +637,7 @@ def _figures(
             elif group_caption:
                 caption = f"{group_caption} {caption}"
             label = _member_label(label, group_label)
-        fig_id = (fig.get("id") or "").strip()
+        fig_id = xml_id = (fig.get("id") or "").strip()
         if not fig_id:
             fig_id = f"fig{index}"
             notes.append("figure without id")
@@ -653,6 +654,7 @@ def _figures(
             caption=caption,
             graphic_ref=graphic_ref,
             number=label_number(label),
+            xml_id=xml_id or None,
         )
         if n_graphics > 1:
             notes.append("figure with several images: the first is taken")
@@ -741,11 +743,34 @@ def _paragraph(p: etree._Element) -> tuple[str, list[_Ref]]:
 
 
 def _mentions(
-    article: etree._Element, figures: list[Figure], group_members: dict[str, list[str]]
+    article: etree._Element,
+    figures: list[Figure],
+    group_members: dict[str, list[str]],
+    notes: list[str],
 ) -> dict[str, list[str]]:
     main = [f for f in figures if f.skip_reason is None]
     if not main:
         return {}
+    # An id several figures share (invalid JATS, but it occurs): a citation of it went to the
+    # first of them only, whichever figure its text named.
+    sharing: dict[str, list[Figure]] = {}
+    for f in figures:
+        if f.xml_id:
+            sharing.setdefault(f.xml_id, []).append(f)
+    shared = {k: v for k, v in sharing.items() if len(v) > 1}
+
+    def rid_ids(rid: str, text: str) -> list[str]:
+        if rid not in shared:
+            return group_members.get(rid, [rid])
+        candidates = [f for f in shared[rid] if f.skip_reason is None] or shared[rid]
+        named = set(numbers_in_citation(text))
+        picked = [f.fig_id for f in candidates if f.number is not None and f.number in named]
+        if picked:
+            return picked  # the one whose number the citation names ("Figure 2")
+        if len(candidates) > 1:  # no number tells them apart: each may be the one meant
+            notes.append("ambiguous citation of a duplicate figure id")
+        return [f.fig_id for f in candidates]
+
     known = {f.fig_id for f in main}
     # Main figures left out for want of an image or caption are still numbered in the text.
     main_like = known | {f.fig_id for f in figures if f.skip_reason in _UNPAIRED_MAIN}
@@ -780,7 +805,7 @@ def _mentions(
                 for i, ref in enumerate(in_sentence):
                     ids: list[str] = []
                     for rid in ref.rids:
-                        ids.extend(group_members.get(rid, [rid]))
+                        ids.extend(rid_ids(rid, ref.text))
                     if ref.rids and not any(x in main_like for x in ids):
                         # It links to something else: a figure supplement ("Figure 4-figure
                         # supplement 1"), "Supplementary Figs. 1-3", a table. Its numbers are
