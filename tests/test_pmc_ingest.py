@@ -952,3 +952,60 @@ def test_a_citation_of_an_id_two_figures_share_goes_to_the_one_it_names(tmp_path
     }
     assert report["reasons"]["duplicate figure id"] == 1
     assert report["reasons"]["ambiguous citation of a duplicate figure id"] == 1
+
+
+def test_links_inside_a_tarball_are_read_and_links_out_of_it_refused(tmp_path):
+    """Hard and symbolic link members were skipped, so a figure whose file was a link to
+    another member of the archive was counted "image missing". A hard link, or a relative
+    symlink that stays inside the archive (its target read before or after it, in the same
+    article folder or an earlier one), reads as its target; a link that is absolute or climbs
+    out of the archive is refused, counted, and never followed."""
+    from pmc_fixtures import _bytes, _noise
+
+    figs = "".join(
+        f'<fig id="F{i}"><label>Figure {i}</label><caption><p>Chest X-ray, case {i}.</p>'
+        f'</caption><graphic xlink:href="g{i}"/></fig>'
+        for i in range(1, 8)
+    )
+    one = '<fig id="F1"><label>Figure 1</label><caption><p>CT.</p></caption><graphic xlink:href="c1"/></fig>'
+    image = {i: _bytes(_noise(80 + i), "JPEG") for i in range(5)}
+    links = {
+        "PMC9/g1.jpg": (tarfile.LNKTYPE, "PMC9/orig/h1.jpg"),  # hard link, target read before
+        "PMC9/g2.jpg": (tarfile.SYMTYPE, "later/s2.jpg"),  # symlink, target read after it
+        "PMC9/g3.jpg": (tarfile.LNKTYPE, "PMC5/c1.jpg"),  # hard link into an earlier article
+        "PMC9/g4.jpg": (tarfile.SYMTYPE, "../../etc/passwd"),
+        "PMC9/g5.jpg": (tarfile.SYMTYPE, "/etc/hostname"),
+        "PMC9/g6.jpg": (tarfile.LNKTYPE, "../PMC9/orig/h1.jpg"),
+        "PMC9/g7.jpg": (tarfile.SYMTYPE, "orig/nowhere.jpg"),
+    }
+    path = tmp_path / "src" / "bundle.tar.gz"
+    path.parent.mkdir()
+    with tarfile.open(path, "w:gz") as tf:
+
+        def add(name, data=None, link=None):
+            info = tarfile.TarInfo(name)
+            if link:
+                info.type, info.linkname = link
+            else:
+                info.size = len(data)
+            tf.addfile(info, io.BytesIO(data) if data else None)
+
+        add("PMC5/PMC5.nxml", _jats("PMC5", one))
+        add("PMC5/c1.jpg", image[0])
+        add("PMC9/PMC9.nxml", _jats("PMC9", figs))
+        add("PMC9/orig/h1.jpg", image[1])
+        for name, link in links.items():
+            add(name, link=link)
+        add("PMC9/later/s2.jpg", image[2])
+    report = ingest([path], tmp_path / "out")
+    got = {r["pair_id"]: r for r in _records(tmp_path / "out")}
+    # PMC9_F3 is read through its link too: the same image as PMC5_F1, so not written twice.
+    assert list(got) == ["PMC5_F1", "PMC9_F1", "PMC9_F2"]
+    out = tmp_path / "out"
+    for pair_id, source in (("PMC9_F1", "PMC9/orig/h1.jpg"), ("PMC9_F2", "PMC9/later/s2.jpg")):
+        with Image.open(out / got[pair_id]["image"]) as img:
+            assert img.size == (64, 48), source
+    assert report["reasons"]["skipped: duplicate image"] == 1
+    assert report["reasons"]["link outside the package"] == 3
+    assert report["reasons"]["link target not in the package"] == 1
+    assert report["reasons"]["skipped: image missing"] == 4

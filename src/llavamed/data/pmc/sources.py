@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import posixpath
 import re
 import tarfile
 import zlib
@@ -306,6 +307,8 @@ class _TarGroup:
         self.xmls: dict[str, bytes] = {}
         self.images: dict[str, bytes | Path | Oversized] = {}
         self.image_folder: dict[str, str] = {}  # image key -> the folder it came from
+        # Link members whose target the stream had not reached: (folder, name, target path).
+        self.links: list[tuple[str, str, str]] = []
 
     def holds(self, parent: str) -> bool:
         # The tarball's top level ("") holds every folder: an article whose files sit at the top
@@ -342,18 +345,122 @@ class _TarGroup:
     def split_off(self, folder: str) -> _TarGroup:
         """The part of this group read from ``folder`` and below, as a group of its own."""
         sub = _TarGroup(folder)
+        sub.links = [link for link in self.links if sub.holds(link[0])]
+        self.links = [link for link in self.links if not sub.holds(link[0])]
         for key, parent in list(self.image_folder.items()):
             if sub.holds(parent):
                 sub.images[key] = self.images.pop(key)
                 sub.image_folder[key] = self.image_folder.pop(key)
         return sub
 
+    def add(self, parent: str, name: str, data: bytes | Oversized) -> None:
+        if _suffix(name) in XML_SUFFIXES:
+            if not isinstance(data, Oversized):
+                self.xmls[name] = data
+        else:
+            self.add_image(parent, name, data)
+
+    def resolve_links(
+        self,
+        members: dict[str, bytes | Oversized],
+        earlier: set[str],
+        path: str,
+        notes: list[str],
+    ) -> None:
+        """Give the links that wait for their target its data: read by now in this group, or in
+        an earlier group of the package (``earlier``, data dropped), read again in one pass."""
+        wanted = {t for _, _, t in self.links if t not in members and t in earlier}
+        if wanted:
+            members = {**members, **_read_members(path, wanted)}
+        while self.links:
+            waiting = []
+            for parent, name, target in self.links:
+                if target in members:
+                    members[posixpath.normpath(name)] = members[target]
+                    self.add(parent, name, members[target])
+                else:
+                    waiting.append((parent, name, target))
+            if len(waiting) == len(self.links):  # no progress: the rest are not in the package
+                notes.extend("link target not in the package" for _ in waiting)
+                self.links = []
+            else:
+                self.links = waiting
+
     def articles(self) -> Iterator[ArticleFiles]:
         return _group_articles(self.xmls, self.images)
 
 
+def _read_members(path: str, wanted: set[str]) -> dict[str, bytes | Oversized]:
+    """The data of the archive members at ``wanted`` paths (and of the members those of them
+    that are links point to, when they come later), in one more pass over the archive."""
+    wanted = set(wanted)
+    found: dict[str, bytes | Oversized] = {}
+    aliases: dict[str, list[str]] = {}  # a link's target -> the wanted links that stand for it
+    try:
+        with tarfile.open(path, mode="r|*") as tf:
+            for member in tf:
+                name = posixpath.normpath(member.name)
+                if name not in wanted:
+                    continue
+                if member.islnk() or member.issym():
+                    target = _link_target(member)
+                    if target is not None:
+                        wanted.add(target)
+                        aliases.setdefault(target, []).append(name)
+                        if target in found:
+                            found[name] = found[target]
+                    continue
+                if not member.isfile():
+                    continue
+                if member.size > MAX_FILE_BYTES:
+                    data: bytes | Oversized = Oversized(member.size)
+                else:
+                    fh = tf.extractfile(member)
+                    data = fh.read() if fh is not None else b""
+                found[name] = data
+                for alias in aliases.get(name, []):
+                    found[alias] = data
+                if all(w in found for w in wanted):
+                    break
+    except (tarfile.TarError, OSError, EOFError, zlib.error):
+        pass  # the first pass counted the damage; the links not found are counted as such
+    return found
+
+
+def _link_target(member: tarfile.TarInfo) -> str | None:
+    """The archive path a hard or symbolic link member stands for, or None when it points out
+    of the archive (absolute, or climbing above its top with ".."): such a member is never
+    followed, as extracting the archive would write or read outside its folder."""
+    link = member.linkname.replace("\\", "/")
+    if not link or link.startswith("/") or re.match(r"[A-Za-z]:", link):
+        return None
+    if member.issym():  # relative to the link's own folder; a hard link names an archive path
+        link = posixpath.join(posixpath.dirname(member.name), link)
+    target = posixpath.normpath(link)
+    if target == ".." or target.startswith("../") or target.startswith("/"):
+        return None
+    return target
+
+
 def _iter_tar(pkg: PackageRef, notes: list[str]) -> Iterator[ArticleFiles]:
+    """A hard link, or a symbolic link that stays inside the archive, reads as its target (an
+    article's "g1.jpg" linked to "figs/g1.jpg", read earlier or later in the stream); one that
+    points outside the archive is refused, counted "link outside the package"."""
     group = _TarGroup(None)
+    # The data of the current group's members, by archive path, for links to them; dropped with
+    # the group, so a multi-article tarball is not held in memory.
+    members: dict[str, bytes | Oversized] = {}
+    earlier: set[str] = set()  # paths of the members of earlier groups (their data dropped)
+
+    def flush(g: _TarGroup) -> Iterator[ArticleFiles]:
+        g.resolve_links(members, earlier, pkg.path, notes)
+        yield from g.articles()
+
+    def drop_members() -> None:
+        nonlocal members
+        earlier.update(members)
+        members = {}
+
     try:
         tf = tarfile.open(pkg.path, mode="r|*")
     except (FileNotFoundError, PermissionError, IsADirectoryError):
@@ -365,7 +472,8 @@ def _iter_tar(pkg: PackageRef, notes: list[str]) -> Iterator[ArticleFiles]:
     try:
         with tf:
             for member in tf:
-                if not member.isfile() or _apple_double(member.name):
+                is_link = member.islnk() or member.issym()
+                if not (member.isfile() or is_link) or _apple_double(member.name):
                     continue
                 name = member.name
                 parent = name.rsplit("/", 1)[0] if "/" in name else ""
@@ -374,30 +482,44 @@ def _iter_tar(pkg: PackageRef, notes: list[str]) -> Iterator[ArticleFiles]:
                 if not is_xml and ext not in IMAGE_SUFFIXES:
                     continue  # PDFs, videos, supplementary archives: skipped unread
                 if not group.holds(parent) and not group.widen_to(parent):
-                    yield from group.articles()  # a sibling folder: the next article
+                    yield from flush(group)  # a sibling folder: the next article
                     group = _TarGroup(parent)
+                    drop_members()
                 if is_xml and parent != group.folder:  # a subfolder that is an article
                     sub = group.split_off(parent)
-                    yield from group.articles()
+                    yield from flush(group)
                     group = sub
+                if is_link:
+                    target = _link_target(member)
+                    if target is None:
+                        notes.append("link outside the package")
+                    elif target in members:
+                        members[posixpath.normpath(name)] = members[target]
+                        group.add(parent, name, members[target])
+                    else:  # its target may come later in the stream
+                        group.links.append((parent, name, target))
+                    continue
                 if member.size > MAX_FILE_BYTES:
                     if is_xml:
                         notes.append("article: XML file too large")
                     else:
                         group.add_image(parent, name, Oversized(member.size))
+                        members[posixpath.normpath(name)] = Oversized(member.size)
                     continue
                 fh = tf.extractfile(member)
                 data = fh.read() if fh is not None else b""
+                members[posixpath.normpath(name)] = data
                 if is_xml:
                     group.xmls[name] = data
                     if len(group.xmls) >= _FLUSH_XML_WITHOUT_IMAGES and not group.images:
-                        yield from group.articles()
+                        yield from flush(group)
                         group.xmls = {}
+                        drop_members()
                 else:
                     group.add_image(parent, name, data)
     except (tarfile.TarError, OSError, EOFError, zlib.error):
         notes.append("corrupt or truncated tarball")
-    yield from group.articles()
+    yield from flush(group)
 
 
 def _iter_dir(folder: Path, notes: list[str], only: str | None = None) -> Iterator[ArticleFiles]:
