@@ -1009,3 +1009,24 @@ def test_links_inside_a_tarball_are_read_and_links_out_of_it_refused(tmp_path):
     assert report["reasons"]["link outside the package"] == 3
     assert report["reasons"]["link target not in the package"] == 1
     assert report["reasons"]["skipped: image missing"] == 4
+
+
+def test_figure_files_saved_with_a_byte_order_mark_are_read(tmp_path):
+    """LLaVA-Med's {domain: [records]} JSON, or a JSON list, saved by a Windows editor starts
+    with a UTF-8 byte-order mark: the shape sniffing saw no "{" and read it as JSONL, which
+    refused it ("invalid JSON line")."""
+    from llavamed.data.figures import iter_figures
+
+    bom = b"\xef\xbb\xbf"
+    as_dict = tmp_path / "captions.json"
+    as_dict.write_bytes(
+        bom + b'{\n  "mri": [\n    {"pair_id": "1_F1", "fig_caption": "T2."}\n  ]\n}\n'
+    )
+    as_list = tmp_path / "list.json"
+    as_list.write_bytes(bom + b'[{"pair_id": "1_F2", "fig_caption": "CT."}]')
+    one_line = tmp_path / "one.jsonl"
+    one_line.write_bytes(bom + b'{"pair_id": "1_F3", "fig_caption": "X-ray."}\n')
+    [rec] = iter_figures(as_dict)
+    assert (rec["pair_id"], rec["domain"]["mri"]) == ("1_F1", True)
+    assert [r["pair_id"] for r in iter_figures(as_list)] == ["1_F2"]
+    assert [r["pair_id"] for r in iter_figures(one_line)] == ["1_F3"]

@@ -91,7 +91,9 @@ def iter_figures(path: str | os.PathLike) -> Iterator[dict]:
     path = Path(path)
     try:
         with open(path, "rb") as fh:
-            head = fh.read(4096).lstrip()
+            # A byte-order mark (a file saved by a Windows editor) before the first bracket:
+            # LLaVA-Med's {domain: [records]} JSON was read as JSONL and refused.
+            head = fh.read(4096).removeprefix(b"\xef\xbb\xbf").lstrip()
     except FileNotFoundError:
         # A one-line error naming the file (`data instruct --figures` with a typo in the path
         # ended in a traceback), as the other commands that read figures say it.
@@ -126,7 +128,7 @@ def _is_single_json_document(path: Path) -> bool:
     """True for a pretty-printed or one-line JSON object, False for JSONL with several objects.
     Blank lines are skipped, as :func:`llavamed.utils.io.iter_jsonl` skips them: a figures.jsonl
     that starts with an empty line is still JSONL."""
-    with open(path, encoding="utf-8", errors="replace") as fh:
+    with open(path, encoding="utf-8-sig", errors="replace") as fh:
         lines = (line for line in fh if line.strip())
         first = next(lines, "")
         second = next(lines, "")
