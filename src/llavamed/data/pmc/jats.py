@@ -543,6 +543,21 @@ def _label_of(el: etree._Element) -> str:
     return normalize_ws(_flat(label_el)) if label_el is not None else ""
 
 
+def _unique_id(
+    xml_id: str, fallback: str, suffix: str, seen_ids: set[str], notes: list[str]
+) -> str:
+    """A figure's id, unique in its article: its XML id, else ``fallback``; an id seen before
+    gets ``_<suffix>``, so both figures keep a record of their own (each case noted)."""
+    fig_id = xml_id or fallback
+    if not xml_id:
+        notes.append("figure without id")
+    if fig_id in seen_ids:
+        notes.append("duplicate figure id")
+        fig_id = f"{fig_id}_{suffix}"
+    seen_ids.add(fig_id)
+    return fig_id
+
+
 def _whole_group(
     group: etree._Element,
     image: tuple[str, int],
@@ -568,14 +583,8 @@ def _whole_group(
     caption = normalize_ws(" ".join(p for p in parts if p))
     label = _label_of(group)
     member_ids = [(m.get("id") or "").strip() for m in members]
-    fig_id = (group.get("id") or "").strip() or next((i for i in member_ids if i), "")
-    if not fig_id:
-        fig_id = f"fig-group{n_group}"
-        notes.append("figure without id")
-    if fig_id in seen_ids:
-        notes.append("duplicate figure id")
-        fig_id = f"{fig_id}_group{n_group}"
-    seen_ids.add(fig_id)
+    xml_id = (group.get("id") or "").strip() or next((i for i in member_ids if i), "")
+    fig_id = _unique_id(xml_id, f"fig-group{n_group}", f"group{n_group}", seen_ids, notes)
     for member_id in member_ids:
         if member_id and member_id != fig_id:
             group_members[member_id] = [fig_id]
@@ -625,26 +634,18 @@ def _figures(
         if in_group and group is not last_group:
             last_group = group
             n_groups += 1
-        label_el = fig.find("label")
-        label = normalize_ws(_flat(label_el)) if label_el is not None else ""
+        label = _label_of(fig)
         caption = _caption(fig)
         if in_group:
-            group_label_el = group.find("label")
-            group_label = normalize_ws(_flat(group_label_el)) if group_label_el is not None else ""
+            group_label = _label_of(group)
             group_caption = _caption(group)
             if not caption:
                 caption = group_caption
             elif group_caption:
                 caption = f"{group_caption} {caption}"
             label = _member_label(label, group_label)
-        fig_id = xml_id = (fig.get("id") or "").strip()
-        if not fig_id:
-            fig_id = f"fig{index}"
-            notes.append("figure without id")
-        if fig_id in seen_ids:
-            notes.append("duplicate figure id")
-            fig_id = f"{fig_id}_{index}"
-        seen_ids.add(fig_id)
+        xml_id = (fig.get("id") or "").strip()
+        fig_id = _unique_id(xml_id, f"fig{index}", str(index), seen_ids, notes)
         if in_group and group.get("id"):
             group_members.setdefault(group.get("id"), []).append(fig_id)
         graphic_ref, n_graphics = _graphic(fig)
