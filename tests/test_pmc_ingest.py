@@ -303,16 +303,20 @@ def test_article_folders_under_a_parent_folder_keep_their_own_images(tmp_path):
     _assert_own_images(tmp_path, members, {"PMC1": red, "PMC2": blue})
 
 
-def _assert_own_images(tmp_path, members: dict[str, bytes], colours: dict[str, tuple]) -> None:
-    """Ingest a tarball of ``members`` (in that order); each article's one figure must be the
-    64x48 image of its colour."""
-    tar = tmp_path / "src" / "bundle.tar.gz"
-    tar.parent.mkdir()
-    with tarfile.open(tar, "w:gz") as tf:
-        for name, data in members.items():
+def _tar_of(path: Path, files: dict[str, bytes]) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tarfile.open(path, "w:gz") as tf:
+        for name, data in files.items():
             info = tarfile.TarInfo(name)
             info.size = len(data)
             tf.addfile(info, io.BytesIO(data))
+    return path
+
+
+def _assert_own_images(tmp_path, members: dict[str, bytes], colours: dict[str, tuple]) -> None:
+    """Ingest a tarball of ``members`` (in that order); each article's one figure must be the
+    64x48 image of its colour."""
+    tar = _tar_of(tmp_path / "src" / "bundle.tar.gz", members)
     report = ingest([tar], tmp_path / "out")
     recs = {r["pmcid"]: r for r in _records(tmp_path / "out")}
     assert set(recs) == set(colours) and report["figures_written"] == len(colours), report
@@ -881,13 +885,7 @@ def test_a_fig_group_whose_image_sits_on_the_group_is_one_figure(tmp_path):
     files = {"PMC7/PMC7.nxml": _jats("PMC7", body)}
     for i, name in enumerate(("g1", "g2", "g3", "g3a")):
         files[f"PMC7/{name}.jpg"] = _bytes(_noise(60 + i), "JPEG")
-    src = tmp_path / "src"
-    src.mkdir()
-    with tarfile.open(src / "PMC7.tar.gz", "w:gz") as tf:
-        for name, data in files.items():
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            tf.addfile(info, io.BytesIO(data))
+    src = _tar_of(tmp_path / "src" / "PMC7.tar.gz", files).parent
     report = ingest([src], tmp_path / "out")
     got = {r["pair_id"]: r for r in _records(tmp_path / "out")}
     assert list(got) == ["PMC7_G1", "PMC7_G2", "PMC7_F3a"]
@@ -909,16 +907,6 @@ def test_a_fig_group_whose_image_sits_on_the_group_is_one_figure(tmp_path):
         "Histology. Low power.", "g3a"
     )  # fmt: skip
     assert "skipped: no graphic" not in report["reasons"]
-
-
-def _tar_of(path: Path, files: dict[str, bytes]) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with tarfile.open(path, "w:gz") as tf:
-        for name, data in files.items():
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            tf.addfile(info, io.BytesIO(data))
-    return path
 
 
 def test_a_citation_of_an_id_two_figures_share_goes_to_the_one_it_names(tmp_path):
