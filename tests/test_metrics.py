@@ -141,11 +141,16 @@ def test_chinese_answers_are_scored_by_character():
         "有可能",
         "是不是积液",
         "不能确定",
+        "未知",
+        "没办法判断",
     ):
         assert m.parse_yes_no(hedge) is None, hedge
         assert m.strict_closed_hit(hedge, "否") == 0.0 and m.strict_closed_hit(hedge, "是") == 0.0
     assert m.parse_yes_no("不对") == "no" and m.parse_yes_no("对，可见积液") == "yes"
     assert m.parse_yes_no("无，未见异常") == "no" and m.parse_yes_no("有，右肺") == "yes"
+    # Report-style negatives open with 未 or a bare 没; 未必 / 没法 hedge.
+    assert m.parse_yes_no("未见异常") == "no" and m.parse_yes_no("没见到积液") == "no"
+    assert m.parse_yes_no("未必") is None and m.parse_yes_no("没法判断") is None
     assert m.score_sample("不是", "是", "closed")["closed_unparsed"] == 0.0
     # English is untouched: whitespace tokens, as LLaVA-Med's metric.
     assert m.llava_med_open_recall("left left", "left lung") == pytest.approx(2 / 3)

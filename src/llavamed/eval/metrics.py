@@ -301,8 +301,8 @@ def parse_yes_no(prediction: str) -> str | None:
     no effusion is seen", "Yes\n\nNo other findings" and "Yes - no mass" are yes. Otherwise the
     prediction must contain exactly one of the two words; both or neither is ambiguous (None). A
     yes/no right after "not" ("not yes") is no answer either. Substrings never count: "normal"
-    is not "no". Chinese (Han) text is read by its opening: 是/有/对 yes; 不是/否/没有/无/不 no;
-    a restated question (是否, 是不是, 有没有), a hedge (不确定, 无法, 有可能, ...) or an apology
+    is not "no". Chinese (Han) text is read by its opening: 是/有/对 yes; 不是/否/没/未/无/不 no;
+    a restated question (是否, 是不是, 有没有), a hedge (不确定, 无法, 未必, ...) or an apology
     (对不起) is None."""
     prediction = _nfkc(prediction)  # the regexes below read it too: "ｙｅｓ，ｎｏ ｍａｓｓ"
     if re.search(f"[{_HAN}]", prediction):
@@ -355,14 +355,15 @@ _SOFT_CLOSE = re.compile(
 _HEDGE = re.compile(r"\W*(yes|no)\W*(and|or)\W+(yes|no)(?!\w)[\s*_`]*(?:$|[,;:.!?\n])", re.I)
 # SLAKE's Chinese closed answers are 是 (yes) and 否 (no); replies open with the answer word.
 _ZH_ANSWER = {"是": "yes", "否": "no"}
-_ZH_NO_OPENINGS = ("不是", "否", "没有", "无", "不")
+# 没/未 open the radiology report's negatives: 没见到 ("not seen"), 未见异常 ("no abnormality seen").
+_ZH_NO_OPENINGS = ("不是", "否", "没", "未", "无", "不")
 _ZH_YES_OPENINGS = ("是", "有", "对")
 # Openings that begin like an answer word but are no answer: a restated question ("whether",
 # "is it or not", "is there or not"), a hedge ("not sure", "unclear", "don't know", "cannot",
 # "unable to", "not necessarily", "possibly") or an apology ("sorry, I cannot answer").
 _ZH_NO_ANSWER = (
     "是否", "是不是", "有没有", "有无", "不确定", "不清楚", "不知道", "不能", "不好说", "不一定",
-    "无法", "有可能", "对不起",
+    "无法", "有可能", "对不起", "未必", "没法", "没办法", "未知",
 )  # fmt: skip
 
 
