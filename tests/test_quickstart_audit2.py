@@ -225,3 +225,25 @@ def test_a_resumed_runs_eta_is_scaled_by_the_stages_earlier_runs_timed(tmp_path,
     capsys.readouterr()
     Pipeline(opts, stages(), expected_s=expected).run()
     assert "[quickstart] c (3/3): about 33 min left in total" in capsys.readouterr().err
+
+
+def test_a_moved_output_folder_reports_its_own_self_instruct_files(tmp_path):
+    """report.json's data.instruct is self-instruct's own report, which names the instruct.json
+    it wrote: after `mv`, the report still named the old folder's file."""
+    first = tmp_path / "first run"
+    (first / "corpus" / "instruct").mkdir(parents=True)
+    tool_report = {
+        "out": str(first / "corpus" / "instruct" / "instruct.json"),
+        "input": str(first / "corpus" / "figures.jsonl"),
+        "prompts": "/elsewhere/system_prompt.txt",
+        "totals": {"kept": 3},
+    }
+    (first / "corpus" / "instruct" / "instruct_report.json").write_text(json.dumps(tool_report))
+    moved = tmp_path / "moved"
+    first.rename(moved)
+    build_report(QuickstartOptions(out=moved, size="tiny", progress=False), [], 1.0)
+    data = json.loads((moved / "report.json").read_text())["data"]["instruct"]
+    assert data == tool_report | {
+        "out": str(moved / "corpus" / "instruct" / "instruct.json"),
+        "input": str(moved / "corpus" / "figures.jsonl"),
+    }

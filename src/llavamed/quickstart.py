@@ -1330,7 +1330,7 @@ def build_report(opts: QuickstartOptions, results: list[StageResult], wall_s: fl
         ("instruct", out / "corpus" / "instruct" / "instruct_report.json"),
     ):
         if path.exists():
-            data_stats[name] = read_json(path)
+            data_stats[name] = _relocated(read_json(path), path, out)
     # With --vision, an earlier run's stage-0 curve in the same folder is not this model's.
     loss_png = _plot_losses(out, stage0=opts.vision is None)
     total_stage_s = sum(r.wall_s for r in results)
@@ -1350,6 +1350,23 @@ def build_report(opts: QuickstartOptions, results: list[StageResult], wall_s: fl
     atomic_write_json(out / "report.json", report)
     atomic_write_text(out / "report.md", render_markdown(report))
     return report
+
+
+def _relocated(tool_report: Any, path: Path, out: Path) -> Any:
+    """A tool's report at ``path`` with the paths it wrote under the output folder it ran in put
+    under ``out``, where that folder is now: self-instruct's report names its own
+    ``instruct.json`` ("out"), so a moved folder's report.json named the old folder's files."""
+    written = tool_report.get("out") if isinstance(tool_report, dict) else None
+    if not isinstance(written, str):
+        return tool_report
+    rel = path.parent.relative_to(out)  # corpus/instruct
+    was = Path(written).parent
+    if was.parts[-len(rel.parts) :] != rel.parts:
+        return tool_report
+    old_out = Path(*was.parts[: -len(rel.parts)])
+    if old_out == out:
+        return tool_report
+    return _local(_portable(tool_report, old_out), out)
 
 
 def _try_it(out: Path) -> dict:
