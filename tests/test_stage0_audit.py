@@ -11,18 +11,24 @@ from llavamed.train.vision_pretrain import recall_at_k
 
 
 def _reference_recall(img, txt, keys, k):
-    """Loops over queries: a hit when fewer than k wrong candidates score above the best right
-    one (a tie with a wrong one counting half), as a user would count it by hand."""
+    """Loops over queries and, where candidates tie, over every order of the tied ones (random
+    tie-breaking): a query's hit is the share of those orders that put a right candidate among
+    the first k, as a user would count it by hand."""
+    from itertools import permutations
+
     sims = img @ txt.T
     n = len(keys)
     hits = {"i2t": 0.0, "t2i": 0.0}
     for name, s in (("i2t", sims), ("t2i", sims.T)):
         for q in range(n):
-            right = [j for j in range(n) if keys[j] == keys[q]]
+            right = {j for j in range(n) if keys[j] == keys[q]}
             best = max(float(s[q, j]) for j in right)
-            wrong = [float(s[q, j]) for j in range(n) if keys[j] != keys[q]]
-            rank = sum(w > best for w in wrong) + 0.5 * sum(w == best for w in wrong)
-            hits[name] += rank < k
+            above = sum(float(s[q, j]) > best for j in range(n) if j not in right)
+            tied = [j for j in range(n) if float(s[q, j]) == best]
+            orders = list(permutations(tied))
+            hits[name] += sum(
+                any(j in right for j in order[: max(0, k - above)]) for order in orders
+            ) / len(orders)
     return {name: v / n for name, v in hits.items()}
 
 
@@ -40,8 +46,31 @@ def test_held_out_recall_counts_a_repeated_caption_as_a_right_answer():
     r = recall_at_k(img, txt, keys=keys)
     assert r["i2t_r@1"] == 1.0 and r["t2i_r@1"] == 1.0
     assert r == recall_at_k(img, txt, keys=keys)  # deterministic
-    # Without keys every row is its own caption (the old metric, kept for callers without).
-    assert recall_at_k(img, txt)["i2t_r@1"] == 0.25
+    # Without keys every row is its own caption (the old metric, kept for callers without):
+    # images 0-2 tie their caption with its two copies (a hit 1 time in 3), image 3 is a hit.
+    assert recall_at_k(img, txt)["i2t_r@1"] == pytest.approx(0.5)
+
+
+def test_collapsed_embeddings_score_chance_not_a_perfect_recall():
+    """A tower whose images all embed alike retrieves nothing. With two held-out pairs it
+    scored R@1 = 1.0 both ways, and R@5 = 1.0 with up to ten: each query's rank was half its
+    ties, (n - 1) / 2, under k. Random tie-breaking gives chance, as the report's chance_r@1."""
+    same = torch.ones(2, 3)
+    r = recall_at_k(same, torch.eye(2, 3), keys=["a", "b"])
+    assert r["i2t_r@1"] == pytest.approx(0.5) and r["t2i_r@1"] == pytest.approx(0.5)
+    g = torch.Generator().manual_seed(0)
+    txt = F.normalize(torch.randn(10, 3, generator=g), dim=1)
+    r = recall_at_k(torch.ones(10, 3), txt, keys=list("abcdefghij"))
+    assert r["t2i_r@5"] == pytest.approx(0.5) and r["t2i_r@1"] == pytest.approx(0.1)
+    # Two right captions tied with one wrong one at the top: a right one comes first in 2 of 3
+    # orders; with the repeated caption the chance R@1 is (2 + 2 + 1) / 9.
+    one = torch.tensor([[1.0, 0.0]] * 3)
+    r = recall_at_k(one, one, ks=(1, 2), keys=["a", "a", "b"])
+    assert r["i2t_r@1"] == pytest.approx((2 / 3 + 2 / 3 + 1 / 3) / 3) == 5 / 9
+    for k in (1, 2):
+        assert r[f"i2t_r@{k}"] == pytest.approx(
+            _reference_recall(one, one, ["a", "a", "b"], k)["i2t"]
+        )
 
 
 def test_held_out_recall_matches_a_hand_count():
@@ -60,10 +89,13 @@ def test_held_out_recall_matches_a_hand_count():
     img = torch.tensor([[0.5, 1.0, 0.0], [0.0, 1.0, 0.0], [0.0, 0.0, 1.0]])
     r = recall_at_k(img, eye, ks=(1, 2), keys=["x", "y", "z"])
     assert r["i2t_r@1"] == pytest.approx(2 / 3) and r["i2t_r@2"] == 1.0
-    # text 1 sees images 0 and 1 tie at 1.0: half a miss, still under rank 1
-    assert r["t2i_r@1"] == 1.0
-    collapsed = torch.ones(4, 3)
-    assert recall_at_k(collapsed, collapsed, keys=list("abcd"))["i2t_r@1"] == 0.0
+    # text 1 sees images 0 and 1 tie at 1.0: half a hit at k=1 (it was counted a whole one)
+    assert r["t2i_r@1"] == pytest.approx(2.5 / 3) and r["t2i_r@2"] == 1.0
+    for k in (1, 2):
+        want = _reference_recall(img, eye, ["x", "y", "z"], k)
+        assert r[f"t2i_r@{k}"] == pytest.approx(want["t2i"])
+    collapsed = torch.ones(4, 3)  # every image and caption embeds the same: chance, 1 in 4
+    assert recall_at_k(collapsed, collapsed, keys=list("abcd"))["i2t_r@1"] == pytest.approx(0.25)
     nan = torch.full((4, 3), float("nan"))
     assert recall_at_k(nan, collapsed, keys=list("aabb"))["t2i_r@5"] == 0.0
 

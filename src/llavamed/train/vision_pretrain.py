@@ -651,8 +651,15 @@ def recall_at_k(image_emb, text_emb, ks=(1, 5), keys=None) -> dict[str, float]:
     ``keys`` (optional, one per row): rows with equal keys carry the same caption text, and any
     of them is a right answer, as in training (figure corpora repeat normal-study captions; the
     quickstart's held-out set has several). Without them an image whose caption appears three
-    times tied with its two copies and could never score at rank 1. A query is a hit at k when
-    fewer than k wrong candidates score above its best right one, a tie counting half."""
+    times tied with its two copies and could never score at rank 1.
+
+    Ties are broken at random and each query scores its expected hit: with ``g`` wrong
+    candidates above its best right one and ``t`` wrong ones tied with the ``p`` right ones at
+    that score, it is a hit at k with probability ``1 - C(t, m) / C(t + p, m)``, ``m = k - g``
+    (0 when ``m <= 0``; 1 when ``m > t``). One wrong candidate tied with the right one is half
+    a hit at k=1, and embeddings that collapsed to one vector score chance, not a perfect
+    recall (they scored 1.0 at R@1 with two held-out pairs and at R@5 with up to ten, as a
+    rank of half the ties fell under k). NaN is never a hit."""
     import torch
 
     sims = image_emb @ text_emb.T
@@ -668,15 +675,19 @@ def recall_at_k(image_emb, text_emb, ks=(1, 5), keys=None) -> dict[str, float]:
         best = torch.where(pos, s, torch.tensor(float("-inf"), dtype=s.dtype)).amax(1)
         best[torch.isnan(s).logical_and(pos).any(1)] = float("nan")
         true = best.unsqueeze(1)
-        # How many wrong candidates beat the right one, a tie counting half (random
-        # tie-breaking): with a strict ">" collapsed embeddings, all equal, scored a perfect
-        # recall. NaN is never a hit.
         wrong = ~pos
-        rank = ((s > true) & wrong).sum(1) + 0.5 * ((s == true) & wrong).sum(1)
-        rank = rank.float()
-        rank[~torch.isfinite(best)] = float("inf")
+        above = ((s > true) & wrong).sum(1).tolist()
+        tied = ((s == true) & wrong).sum(1).tolist()
+        right = ((s == true) & pos).sum(1).tolist()
+        finite = torch.isfinite(best).tolist()
         for kk in ks:
-            out[f"{name}_r@{kk}"] = float((rank < kk).float().mean())
+            hits = 0.0
+            for g, t, p, ok in zip(above, tied, right, finite, strict=True):
+                m = kk - g
+                if not ok or m <= 0:
+                    continue
+                hits += 1.0 if m > t else 1.0 - math.comb(t, m) / math.comb(t + p, m)
+            out[f"{name}_r@{kk}"] = hits / n if n else float("nan")
     out["n"] = n
     return out
 
