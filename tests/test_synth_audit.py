@@ -131,3 +131,25 @@ def test_sigkill_mid_synth_then_resume_gives_the_clean_world(tmp_path):
     assert subprocess.run([*cmd, "--out", str(killed)], timeout=300).returncode == 0
     assert subprocess.run([*cmd, "--out", str(clean)], timeout=300).returncode == 0
     assert _tree(killed) == _tree(clean)
+
+
+@pytest.mark.parametrize(
+    "flag,value",
+    [("--vqa-images", "5"), ("--image-size", "10"), ("--train-closed", "0")],
+)
+def test_a_bad_value_is_refused_naming_the_flag_the_user_typed(tmp_path, capsys, flag, value):
+    """The refusal named generate_world's parameter ("vqa_images must be >= 22")."""
+    out = tmp_path / "w"
+    args = ["synth", "--out", str(out), "--articles", "1", "--quiet", "--workers", "1"]
+    assert main([*args, flag, value]) != 0
+    assert f"{flag} must be >= " in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_out_naming_a_file_is_refused_as_a_file(tmp_path, capsys):
+    """`--out notes.txt` failed with a bare "notes.txt: File exists" from mkdir."""
+    out = tmp_path / "notes.txt"
+    out.write_text("mine")
+    assert main(["synth", "--out", str(out), *TINY]) != 0
+    assert "is a file, not a folder" in capsys.readouterr().err
+    assert out.read_text() == "mine"

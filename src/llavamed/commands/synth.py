@@ -117,10 +117,22 @@ def register(subparsers) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from llavamed.data.synth import generate_world
+    from llavamed.data.synth.world import min_vqa_images
     from llavamed.errors import ConfigError
 
+    # Checked here with the flags' names: generate_world's own checks name its parameters
+    # ("vqa_images must be >= 22"), which a CLI user never typed.
     if args.articles < 1:
         raise ConfigError("--articles must be >= 1")
+    if args.image_size < 64:
+        raise ConfigError("--image-size must be >= 64")
+    if args.vqa_images is not None and args.vqa_images < min_vqa_images():
+        raise ConfigError(
+            f"--vqa-images must be >= {min_vqa_images()}: with fewer, some split of VQA-RAD or "
+            "SLAKE (train, validate, test) misses a domain or is empty"
+        )
+    if args.train_closed < 1:
+        raise ConfigError("--train-closed must be >= 1")
     if args.workers < 0:
         raise ConfigError("--workers must be >= 0")
     if args.caption_pairs < 0:

@@ -271,6 +271,8 @@ def generate_world(
     if train_closed != 3:  # recorded only when set, so worlds made before the option still match
         args["train_closed"] = train_closed
     stamp = {"generator_version": GENERATOR_VERSION, "args": args}
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"{out} is a file, not a folder: choose another --out")
     manifest_path, stamp_path = out / "manifest.json", out / ".medsynth-args.json"
     for p in (manifest_path, stamp_path):
         if p.exists():
