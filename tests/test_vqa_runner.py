@@ -170,6 +170,34 @@ def test_answers_to_other_questions_under_the_same_ids_are_refused(tmp_path):
         R.generate_answers(g, slake, tmp_path, progress=False)
 
 
+def test_answers_about_another_image_under_the_same_id_and_question_are_refused(tmp_path):
+    """The same question under the same id in two datasets ("Is there a fracture?" is question
+    1 of more than one): the second was scored with answers about the first one's images."""
+    g = FakeGen()
+    for name, color in (("rad_0001.png", "red"), ("slake_0001.png", "blue")):
+        (tmp_path / name).write_bytes(_img(color))
+    q = "Is there a fracture?"
+    rad = [VQASample("1", str(tmp_path / "rad_0001.png"), q, "yes", "closed")]
+    slake = [VQASample("1", str(tmp_path / "slake_0001.png"), q, "no", "closed")]
+    out = tmp_path / "eval"
+    R.generate_answers(g, rad, out, progress=False)
+    with pytest.raises(InputError, match=r"another image \(question_id 1\).*'rad_0001.png' there"):
+        R.generate_answers(g, slake, out, progress=False)
+    # The same dataset, moved: its answers are kept (the file's name is what is recorded).
+    moved = tmp_path / "moved"
+    moved.mkdir()
+    (tmp_path / "rad_0001.png").rename(moved / "rad_0001.png")
+    rad_moved = [VQASample("1", str(moved / "rad_0001.png"), q, "yes", "closed")]
+    assert R.generate_answers(g, rad_moved, out, progress=False)["n_resumed"] == 1
+    # Embedded images are recorded by the hash of their bytes.
+    emb = tmp_path / "emb"
+    R.generate_answers(g, [VQASample("1", _img("red"), q, "yes", "closed")], emb, progress=False)
+    with pytest.raises(InputError, match="another image"):
+        R.generate_answers(
+            g, [VQASample("1", _img("blue"), q, "no", "closed")], emb, progress=False
+        )
+
+
 def test_a_null_answer_is_missing_not_the_word_none(tmp_path):
     s = [VQASample("1", _img("red"), "How many nodules?", "0", "open")]
     for answers in ({"1": None}, [{"question_id": "1", "text": None}]):

@@ -488,19 +488,33 @@ def check_same_settings(records, meta: dict, where: Path) -> None:
 def _check_same_questions(
     samples: Sequence[VQASample], existing: Mapping[str, dict], closed_suffix: bool, where: Path
 ) -> None:
-    """Refuse answers whose question id matches but whose prompt does not: datasets number
-    their questions from 0 or 1, so another dataset (or test.json against test_w_options.json)
-    in the same --out would otherwise be scored with the first one's answers."""
+    """Refuse answers whose question id matches but whose prompt or image does not: datasets
+    number their questions from 0 or 1, so another dataset (or test.json against
+    test_w_options.json) in the same --out would otherwise be scored with the first one's
+    answers, and "Is there a fracture?" is question 1 of more than one dataset."""
     for s in samples:
         rec = existing.get(s.qid)
-        if rec is None or "prompt" not in rec:
+        if rec is None:
             continue
-        if rec["prompt"] != _question_text(s, closed_suffix):
+        if "prompt" in rec and rec["prompt"] != _question_text(s, closed_suffix):
             raise InputError(
                 where,
                 f"answers written for other questions (question_id {s.qid})",
                 f"{rec['prompt'][:80]!r} there, {s.question[:80]!r} now; use another --out",
             )
+        image = (rec.get("metadata") or {}).get("image")  # (answers written before it: none)
+        if image is not None and image != _image_name(s):
+            raise InputError(
+                where,
+                f"answers written for another image (question_id {s.qid})",
+                f"{str(image)[:80]!r} there, {_image_name(s)[:80]!r} now; use another --out",
+            )
+
+
+def _image_name(s: VQASample) -> str:
+    """The image an answer was for, as the answers file records it: the file's name (a moved
+    dataset keeps its answers), or the hash of an embedded image's bytes."""
+    return s.image_key if isinstance(s.image, bytes) else Path(s.image).name
 
 
 def _question_text(s: VQASample, closed_suffix: bool) -> str:
@@ -607,6 +621,7 @@ def generate_answers(
                     **meta_base,
                     "answer_type": s.answer_type,
                     "question_type": s.question_type,
+                    "image": _image_name(s),
                 },
             }
             log.append(rec)
