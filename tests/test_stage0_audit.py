@@ -342,3 +342,30 @@ def test_other_files_behind_the_text_encoders_name_are_another_run(tmp_path):
     (enc / "tokenizer_config.json").write_text(json.dumps({**tok, "do_lower_case": False}))
     again = run_from_config(cfg, progress=False).report
     assert again["text_encoder"] != first["text_encoder"]  # trained again, a new report
+
+
+def test_a_finished_run_is_not_redone_for_a_setting_that_changes_nothing(tmp_path):
+    """A finished run re-run with another log_every, save_every, num_workers or time budget
+    resumed at its last step, evaluated and probed again and rewrote its tower (minutes with
+    the default probes), although `llavamed train --help` says a finished run returns at once.
+    A run the time budget stopped still goes on under another budget."""
+    from llavamed.train.vision_pretrain import REPORT_JSON, run_from_config
+    from test_vision_pretrain import _tiny_run, _write_pairs
+
+    data = _write_pairs(tmp_path / "data", n=20)
+    cfg = _tiny_run(data, tmp_path / "run", max_steps=3)
+    first = run_from_config(cfg, progress=False)
+    weights = first.tower_dir / "model.safetensors"
+    stamp, report = weights.stat().st_mtime_ns, (tmp_path / "run" / REPORT_JSON).read_text()
+    for change in (["log_every=2", "save_every=1", "num_workers=1"], ["time_budget_min=60"]):
+        again = run_from_config(cfg, change, progress=False)
+        assert again.report["steps"] == 3
+        assert weights.stat().st_mtime_ns == stamp
+        assert (tmp_path / "run" / REPORT_JSON).read_text() == report
+
+    budget = _tiny_run(data, tmp_path / "cut", max_steps=3, time_budget_min=1e-9)
+    stopped = run_from_config(budget, progress=False)
+    assert stopped.report["stopped_early"] and stopped.report["steps"] == 1
+    assert run_from_config(budget, progress=False).report["steps"] == 1  # same budget: done
+    more = run_from_config(budget, ["time_budget_min=60"], progress=False)
+    assert more.report["steps"] == 3 and not more.report["stopped_early"]

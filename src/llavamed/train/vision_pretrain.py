@@ -765,9 +765,15 @@ def train_vision(cfg: VisionPretrainConfig, progress: bool = True) -> VisionPret
     text_key = encoder_fingerprint(resolve_text_encoder(cfg.text_encoder), cfg.text_max_length)
     if (out / REPORT_JSON).exists() and (tower_dir / "config.json").exists():
         report = json.loads((out / REPORT_JSON).read_text())
-        # A moved run folder is the same run; any other change is another.
+        # A moved run folder is the same run, and so is one re-run with settings that change
+        # nothing computed (they resumed at the last step and evaluated, probed and wrote the
+        # tower again: minutes). A run the time budget stopped goes on under another budget.
+        changed = set(diff(report.get("config") or {}, config_dict(cfg)))
+        may_change = RESUMABLE_CHANGES - (
+            {"time_budget_min"} if report.get("stopped_early") else set()
+        )
         if (
-            not [k for k in diff(report.get("config") or {}, config_dict(cfg)) if k != "output_dir"]
+            changed <= may_change
             and report.get("data", data_key) == data_key
             and report.get("start_tower", start_key) == start_key
             and report.get("text_encoder", text_key) == text_key
