@@ -153,3 +153,35 @@ def test_out_naming_a_file_is_refused_as_a_file(tmp_path, capsys):
     assert main(["synth", "--out", str(out), *TINY]) != 0
     assert "is a file, not a folder" in capsys.readouterr().err
     assert out.read_text() == "mine"
+
+
+@pytest.mark.parametrize(
+    "extra,message",
+    [
+        (["--seed", "-1"], "--seed: -1 must be in 0 .. 2**32-1"),
+        (["--per-domain", "0"], "--per-domain: 0 must be >= 1"),
+        (["--size", "10"], "--size: 10 must be >= 64"),
+    ],
+)
+def test_contact_sheet_script_refuses_bad_values_in_one_line(tmp_path, capsys, extra, message):
+    """`python -m llavamed.data.synth.contact_sheet` died with a traceback (numpy's
+    "expected non-negative integer", PIL's "cannot write empty image")."""
+    from llavamed.data.synth.contact_sheet import main as sheet_main
+
+    with pytest.raises(SystemExit) as exc:
+        sheet_main([str(tmp_path / "s.png"), *extra])
+    assert exc.value.code == 2
+    assert message in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_contact_sheet_script_writes_a_png_atomically_into_a_new_folder(tmp_path):
+    from PIL import Image
+
+    from llavamed.data.synth.contact_sheet import main as sheet_main
+
+    out = tmp_path / "new" / "sheet.png"
+    assert sheet_main([str(out), "--per-domain", "1", "--size", "64", "--tile", "32"]) == 0
+    with Image.open(out) as im:
+        assert im.format == "PNG" and im.size == (32, 5 * (32 + 44))
+    assert [p.name for p in out.parent.iterdir()] == ["sheet.png"]

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import textwrap
+from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw
@@ -50,15 +51,39 @@ def contact_sheet(
     return sheet
 
 
+def _at_least(low: int):
+    def parse(text: str) -> int:
+        try:
+            n = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+        if n < low:
+            raise argparse.ArgumentTypeError(f"{n} must be >= {low}")
+        return n
+
+    return parse
+
+
 def main(argv: list[str] | None = None) -> int:
+    from llavamed.commands import seed_int
+    from llavamed.utils.io import atomic_path
+
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("out", help="PNG file to write")
-    ap.add_argument("--per-domain", type=int, default=4, help="samples per domain (columns)")
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--size", type=int, default=256, help="render size (short side, px)")
-    ap.add_argument("--tile", type=int, default=200, help="tile size in the sheet (px)")
+    ap.add_argument(
+        "--per-domain", type=_at_least(1), default=4, help="samples per domain (columns)"
+    )
+    ap.add_argument("--seed", type=seed_int, default=0)
+    ap.add_argument("--size", type=_at_least(64), default=256, help="render size (short side, px)")
+    ap.add_argument("--tile", type=_at_least(16), default=200, help="tile size in the sheet (px)")
     args = ap.parse_args(argv)
-    contact_sheet(args.per_domain, args.seed, args.size, args.tile).save(args.out, optimize=True)
+    if Path(args.out).is_dir():
+        ap.error(f"{args.out} is a folder: give a PNG file path")
+    # Written to a temp name and renamed: an interrupted save left a truncated PNG in place.
+    with atomic_path(args.out, suffix=".png") as tmp:
+        contact_sheet(args.per_domain, args.seed, args.size, args.tile).save(
+            tmp, format="PNG", optimize=True
+        )
     print(args.out)
     return 0
 
