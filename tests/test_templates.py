@@ -194,3 +194,15 @@ def test_a_later_system_or_tool_message_is_refused_not_rendered_as_an_answer(nam
         if extra == "system":
             with pytest.raises(InputError, match="turn 2 is 'system'"):
                 get_template(name).render(typed, eos="</s>")
+
+
+def test_each_saved_chat_template_is_recognised_by_name():
+    """A checkpoint's saved chat template names its template (for checkpoints whose
+    llavamed.json records none); another model's template names none."""
+    from llavamed.model.templates import TEMPLATES, template_of_jinja
+
+    for name, t in TEMPLATES.items():
+        for eos in ("</s>", "<|im_end|>", "<|endoftext|>"):
+            assert template_of_jinja(t.jinja(eos=eos)) == name
+    assert template_of_jinja("{{ messages[0]['content'] }}") is None
+    assert template_of_jinja(None) is None

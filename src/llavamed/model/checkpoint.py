@@ -93,8 +93,10 @@ def read_meta(path: str | Path) -> dict:
 
 
 def checkpoint_template(path: str | Path, default: str | None = None) -> str:
-    """The conversation template a checkpoint was built with (from ``llavamed.json``)."""
-    name = read_meta(path).get("template") or default
+    """The conversation template a checkpoint was built with (from ``llavamed.json``, else
+    recognised in its saved chat template: checkpoints trained from a converted one recorded
+    none)."""
+    name = read_meta(path).get("template") or _saved_template(path) or default
     if name is None:
         raise InputError(
             path,
@@ -102,6 +104,23 @@ def checkpoint_template(path: str | Path, default: str | None = None) -> str:
             "not a llavamed checkpoint; pass the template name explicitly",
         )
     return name
+
+
+def _saved_template(path: str | Path) -> str | None:
+    """The llavamed template whose Jinja the checkpoint in ``path`` saved, or None."""
+    from llavamed.model.templates import template_of_jinja
+
+    p = Path(path)
+    text = None
+    try:
+        if (p / "chat_template.jinja").is_file():
+            text = (p / "chat_template.jinja").read_text(encoding="utf-8")
+        elif (p / "chat_template.json").is_file():
+            text = json.loads((p / "chat_template.json").read_text(encoding="utf-8"))
+            text = text.get("chat_template") if isinstance(text, dict) else None
+    except (OSError, ValueError):
+        return None
+    return template_of_jinja(text)
 
 
 @contextlib.contextmanager

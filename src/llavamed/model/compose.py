@@ -21,7 +21,12 @@ from llavamed.model.processing import (
     llava_image_processor,
     template_eos,
 )
-from llavamed.model.templates import IMAGE_PLACEHOLDER, TEMPLATES, get_template
+from llavamed.model.templates import (
+    IMAGE_PLACEHOLDER,
+    TEMPLATES,
+    get_template,
+    template_of_jinja,
+)
 
 CHECKPOINT_META = "llavamed.json"
 LLAVA_HF_TOWERS = ("clip_vision_model", "siglip_vision_model")
@@ -511,7 +516,14 @@ def save_checkpoint(
         _canonicalize_vision_keys(tmp, model.config.vision_config.model_type)
         processor.save_pretrained(tmp)
         legacy_tokenizer_config(tmp)
-        meta = {"format": "llavamed-native-llava/1", "template": None, "spec": None}
+        # Without a spec (a checkpoint converted from LLaVA-Med, then trained), the template is
+        # the one the processor prompts with: recorded as null, the next stage trained from this
+        # checkpoint stopped with "unknown conversation template (not a llavamed checkpoint)".
+        meta = {
+            "format": "llavamed-native-llava/1",
+            "template": template_of_jinja(getattr(processor, "chat_template", None)),
+            "spec": None,
+        }
         if spec is not None:
             meta["spec"] = dataclasses.asdict(spec)
             meta["template"] = spec.template

@@ -242,6 +242,26 @@ TEMPLATES: dict[str, ChatTemplate] = {
 }
 
 
+_EOS_SLOT = "@@llavamed-eos@@"
+
+
+def template_of_jinja(chat_template: str | None) -> str | None:
+    """The name of the template whose Jinja twin (for any end-of-sequence string) is
+    ``chat_template``, or None: how a checkpoint saved without its template's name (one trained
+    from a converted LLaVA-Med checkpoint, whose llavamed.json records no spec) is prompted."""
+    import re
+
+    if not isinstance(chat_template, str):
+        return None
+    for name, template in TEMPLATES.items():
+        parts = template.jinja(eos=_EOS_SLOT).split(_EOS_SLOT)
+        pattern = "(.+?)".join(re.escape(p) for p in parts)
+        m = re.fullmatch(pattern, chat_template, flags=re.DOTALL)
+        if m is not None and len(set(m.groups())) <= 1:
+            return name
+    return None
+
+
 def get_template(name: str) -> ChatTemplate:
     try:
         return TEMPLATES[name]

@@ -1,0 +1,49 @@
+"""Audit regressions for converted checkpoints after conversion: what training, resaving and
+the next stage read back from them."""
+
+from __future__ import annotations
+
+import json
+
+import yaml
+
+from llavamed.model.checkpoint import checkpoint_template
+
+# The tiny original LLaVA-Med v1.5 folder (sharded safetensors, tower inside).
+from test_convert import original_llava_med  # noqa: F401
+from train_helpers import make_bright_dark, run_cli, tiny_config
+
+
+def test_a_checkpoint_trained_from_a_converted_one_keeps_its_template(
+    original_llava_med,  # noqa: F811
+    tmp_path,
+):
+    """A converted checkpoint has no spec; the trainer saved its result with the template
+    recorded as null, so the next stage trained from it stopped with "unknown conversation
+    template (not a llavamed checkpoint; ...)"."""
+    from llavamed.cli import main
+
+    conv = tmp_path / "conv"
+    assert main(["convert", "llava-med", str(original_llava_med[0]), str(conv)]) == 0
+    data = make_bright_dark(tmp_path / "data", 4, size=28)
+    start = conv
+    for stage in ("stage1", "stage2"):
+        cfg = tiny_config(
+            data,
+            tmp_path / stage,
+            max_steps=1,
+            global_batch_size=4,
+            micro_batch_size=4,
+            trainable=["projector"],
+        )
+        cfg["model"] = {"from": str(start)}
+        (tmp_path / f"{stage}.yaml").write_text(yaml.safe_dump(cfg))
+        r = run_cli(["train", str(tmp_path / f"{stage}.yaml")])
+        assert r.returncode == 0, r.stderr[-600:]
+        start = tmp_path / stage / "checkpoint-final"
+        meta = json.loads((start / "llavamed.json").read_text())
+        assert meta["template"] == "mistral_instruct"
+    # One saved before the fix (template null) is read by its saved chat template.
+    meta["template"] = None
+    (start / "llavamed.json").write_text(json.dumps(meta))
+    assert checkpoint_template(start) == "mistral_instruct"
