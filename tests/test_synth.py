@@ -457,7 +457,16 @@ def test_too_few_vqa_images_is_refused_with_the_minimum(tmp_path):
     assert not (tmp_path / "w").exists()
 
 
-@pytest.mark.parametrize("text", ["[1, 2]", '{"name": "my dataset"}'])
+@pytest.mark.parametrize(
+    "text",
+    [
+        "[1, 2]",
+        '{"name": "my dataset"}',
+        # Another tool's manifest with a version of its own was called "a MedSynth world made
+        # with None (2.14.0)" and the user told to delete it.
+        '{"generator": "datasets-cli", "generator_version": "2.14.0"}',
+    ],
+)
 def test_a_folder_with_another_manifest_is_refused(tmp_path, text):
     out = tmp_path / "other"
     out.mkdir()
@@ -465,6 +474,16 @@ def test_a_folder_with_another_manifest_is_refused(tmp_path, text):
     with pytest.raises(ConfigError, match="is not a MedSynth manifest"):
         generate_world(out, articles=1, image_size=64, progress=False)
     assert sorted(p.name for p in out.iterdir()) == ["manifest.json"]
+
+
+def test_a_world_of_an_older_medsynth_is_refused_as_one(tmp_path):
+    out = tmp_path / "old"
+    out.mkdir()
+    (out / "manifest.json").write_text(
+        '{"generator": "MedSynth", "generator_version": "medsynth-1.0", "args": {"articles": 1}}'
+    )
+    with pytest.raises(ConfigError, match=r"already holds a MedSynth world .*\(medsynth-1\.0\)"):
+        generate_world(out, articles=1, image_size=64, progress=False)
 
 
 def test_cli_synth(tmp_path, capsys):

@@ -277,8 +277,11 @@ def generate_world(
     for p in (manifest_path, stamp_path):
         if p.exists():
             old = read_json(p)
-            if not isinstance(old, dict) or not isinstance(old.get("generator_version"), str):
-                # Some other dataset's manifest.json: writing a world beside it would mix them.
+            version = old.get("generator_version") if isinstance(old, dict) else None
+            if not isinstance(version, str) or not version.startswith("medsynth-"):
+                # Some other dataset's manifest.json (another tool's may well carry a
+                # generator_version too): writing a world beside it would mix them, and calling
+                # it a MedSynth world would invite deleting the user's data.
                 raise ConfigError(
                     f"{p} is not a MedSynth manifest; {out} holds something else: "
                     "choose another --out"
