@@ -369,3 +369,27 @@ def test_a_finished_run_is_not_redone_for_a_setting_that_changes_nothing(tmp_pat
     assert run_from_config(budget, progress=False).report["steps"] == 1  # same budget: done
     more = run_from_config(budget, ["time_budget_min=60"], progress=False)
     assert more.report["steps"] == 3 and not more.report["stopped_early"]
+
+
+def test_a_damaged_report_or_resume_state_is_named_not_a_traceback(tmp_path, capsys):
+    """A report or resume state cut short (a machine crash before the disk wrote it out) was a
+    JSONDecodeError or torch traceback on every re-run. The report is then not a finished run
+    (the state at the last step finishes it again); a damaged state is a one-line error naming
+    it and the way on."""
+    from llavamed.errors import InputError
+    from llavamed.train.vision_pretrain import REPORT_JSON, STATE_FILE, run_from_config
+    from test_vision_pretrain import _tiny_run, _write_pairs
+
+    data = _write_pairs(tmp_path / "data", n=20)
+    cfg = _tiny_run(data, tmp_path / "run", max_steps=2)
+    first = run_from_config(cfg, progress=False)
+    report = tmp_path / "run" / REPORT_JSON
+    report.write_text(report.read_text()[:40])
+    again = run_from_config(cfg, progress=False)
+    assert "is unreadable" in capsys.readouterr().err
+    assert again.report["steps"] == 2 and again.report["data"] == first.report["data"]
+    report.write_text(report.read_text()[:40])
+    state = tmp_path / "run" / STATE_FILE
+    state.write_bytes(state.read_bytes()[:100])
+    with pytest.raises(InputError, match=r"stage0_state.pt: damaged resume checkpoint .*Delete it"):
+        run_from_config(cfg, progress=False)

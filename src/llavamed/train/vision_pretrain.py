@@ -733,6 +733,7 @@ def train_vision(cfg: VisionPretrainConfig, progress: bool = True) -> VisionPret
     from tqdm import tqdm
 
     from llavamed.config import diff
+    from llavamed.train.checkpointing import load_file
     from llavamed.train.contrastive import clip_loss, dist_info, phrase_patch_loss, world_scale
     from llavamed.train.text_encoder import TextEncoder, cached_embeddings
     from llavamed.utils.io import JsonlAppender, atomic_path, atomic_write_json, atomic_write_text
@@ -763,8 +764,8 @@ def train_vision(cfg: VisionPretrainConfig, progress: bool = True) -> VisionPret
     from llavamed.train.text_encoder import encoder_fingerprint, resolve_text_encoder
 
     text_key = encoder_fingerprint(resolve_text_encoder(cfg.text_encoder), cfg.text_max_length)
-    if (out / REPORT_JSON).exists() and (tower_dir / "config.json").exists():
-        report = json.loads((out / REPORT_JSON).read_text())
+    report = _read_report(out / REPORT_JSON) if (tower_dir / "config.json").exists() else None
+    if report is not None:
         # A moved run folder is the same run, and so is one re-run with settings that change
         # nothing computed (they resumed at the last step and evaluated, probed and wrote the
         # tower again: minutes). A run the time budget stopped goes on under another budget.
@@ -887,7 +888,9 @@ def train_vision(cfg: VisionPretrainConfig, progress: bool = True) -> VisionPret
     aug_path = out / f"stage0_aug_rank{rank}.pt"
     aug_gen = torch.Generator()
     if state_path.exists():
-        state = torch.load(state_path, weights_only=False)
+        # A file cut short (a machine crash before the disk wrote it out) was a torch
+        # traceback on every re-run.
+        state = load_file(state_path, f"Delete it to start over from step 0 in {out}")
         changed = [
             k for k in diff(state.get("config", {}), config_dict(cfg)) if k not in RESUMABLE_CHANGES
         ]
@@ -911,7 +914,14 @@ def train_vision(cfg: VisionPretrainConfig, progress: bool = True) -> VisionPret
     # The augmentation stream (and the global RNG, which a trainable text tower's dropout draws
     # from) continue where they stopped, so a resumed run sees the crops and dropout masks an
     # uninterrupted one would (a generator re-seeded from the step would not).
-    saved_rng = torch.load(aug_path, weights_only=False) if step and aug_path.exists() else {}
+    saved_rng = (
+        load_file(
+            aug_path,
+            "Delete it to resume with a freshly seeded augmentation stream (not bit-exact)",
+        )
+        if step and aug_path.exists()
+        else {}
+    )
     resumed_rng = saved_rng.get(f"step_{step}")
     if isinstance(resumed_rng, torch.Tensor):  # files written before the global RNG was kept
         resumed_rng = {"aug": resumed_rng}
@@ -1161,6 +1171,25 @@ def train_vision(cfg: VisionPretrainConfig, progress: bool = True) -> VisionPret
         atomic_write_text(out / REPORT_MD, render_report_md(report))
         atomic_write_json(out / REPORT_JSON, report)
     return VisionPretrainResult(out, tower_dir, report, time.time() - t_start)
+
+
+def _read_report(path: Path) -> dict | None:
+    """A finished run's report, or None when there is none or it cannot be read (cut short by a
+    crash: it was a JSONDecodeError traceback on every re-run); the run then goes on from its
+    resume state, as stage 0b's does."""
+    from llavamed.errors import first_line
+
+    if not path.exists():
+        return None
+    try:
+        report = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        print(
+            f"stage 0: {path} is unreadable ({first_line(exc)}); not a finished run",
+            file=sys.stderr,
+        )
+        return None
+    return report if isinstance(report, dict) else None
 
 
 def any_process(flag: bool, world: int) -> bool:
