@@ -39,11 +39,17 @@ def test_empty_folder_and_interrupted_world_are_still_accepted(tmp_path):
 
 @pytest.mark.parametrize(
     "extra",
-    [["--caption-pairs", "5", "--pairs-image-size", "10"], ["--contact-sheet", "{tmp}"]],
-    ids=["pairs-image-size", "contact-sheet-folder"],
+    [
+        ["--caption-pairs", "5", "--pairs-image-size", "10"],
+        ["--contact-sheet", "{tmp}"],
+        # Its folder is a file: failed after the world with "notes.txt: File exists".
+        ["--contact-sheet", "{tmp}/notes.txt/sub/sheet.png"],
+    ],
+    ids=["pairs-image-size", "contact-sheet-folder", "contact-sheet-under-a-file"],
 )
 def test_bad_late_arguments_fail_before_the_world_is_generated(tmp_path, extra, capsys):
     out = tmp_path / "w"
+    (tmp_path / "notes.txt").write_text("mine")
     extra = [a.replace("{tmp}", str(tmp_path)) for a in extra]
     assert main(["synth", "--out", str(out), *TINY, *extra]) != 0
     assert not out.exists()

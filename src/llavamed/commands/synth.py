@@ -140,8 +140,17 @@ def run(args: argparse.Namespace) -> int:
     # Checked before the world is generated (minutes at the quickstart's sizes), not after it.
     if args.caption_pairs and args.pairs_image_size < 64:
         raise ConfigError("--pairs-image-size must be >= 64")
-    if args.contact_sheet is not None and args.contact_sheet.is_dir():
-        raise ConfigError(f"--contact-sheet {args.contact_sheet} is a folder: give a PNG file path")
+    if args.contact_sheet is not None:
+        if args.contact_sheet.is_dir():
+            raise ConfigError(
+                f"--contact-sheet {args.contact_sheet} is a folder: give a PNG file path"
+            )
+        # A file where its folder should be failed only after the world ("x: File exists").
+        above = next(p for p in args.contact_sheet.absolute().parents if p.exists())
+        if not above.is_dir():
+            raise ConfigError(
+                f"--contact-sheet {args.contact_sheet}: {above} is a file, not a folder"
+            )
     workers = args.workers or (os.cpu_count() or 1)
     m = generate_world(
         args.out,
