@@ -179,3 +179,38 @@ def test_a_kill_inside_a_multibyte_character_still_resumes(wide_llava_dir, tmp_p
         tmp_path / "whole" / "scores.jsonl"
     ).read_bytes()
     assert set(read_answers(tmp_path / "run", "image")) == {"0", "1", "2", "3"}
+
+
+def test_closed_logits_eval_intervals_resample_images_whole(tiny_llava_dir, tmp_path):
+    """benchmarks/closed_logits_eval.py gave a Wilson interval, as if every question were an
+    independent draw; questions about one image are not. Its interval is now the report's image
+    bootstrap: with every question about one image, resampling images can only draw that image,
+    so the interval is the accuracy itself (Wilson's was about ±30 points wide here)."""
+    import os
+    import re
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from llavamed.utils.io import atomic_write_json
+
+    root = tmp_path / "slake"
+    _png(root / "imgs" / "xmlab0" / "source.jpg")
+    recs = [
+        {"qid": i, "img_name": "xmlab0/source.jpg", "question": f"Is there a lesion {i}?",
+         "answer": "yes" if i % 2 else "no", "q_lang": "en", "answer_type": "CLOSED"}
+        for i in range(8)
+    ]  # fmt: skip
+    atomic_write_json(root / "test.json", recs)
+    repo = Path(__file__).resolve().parent.parent
+    proc = subprocess.run(
+        [sys.executable, str(repo / "benchmarks" / "closed_logits_eval.py"),
+         "--test", f"slake={root}", str(tiny_llava_dir)],
+        capture_output=True, text=True, timeout=300, cwd=repo,
+        env={**os.environ, "PYTHONPATH": str(repo / "src")},
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    acc, lo, hi, n = re.search(
+        r"\| ([\d.]+) \[([\d.]+), ([\d.]+)\] \((\d+)\) \|", proc.stdout
+    ).groups()
+    assert n == "8" and acc == lo == hi, proc.stdout

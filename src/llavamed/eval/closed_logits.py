@@ -25,6 +25,9 @@ class ClosedSet:
     images: list  # PIL images
     is_yes: list[bool]
     questions: list[str]
+    image_keys: list[str]
+    """Which image each question is about: questions on one image rise and fall together, so a
+    confidence interval resamples images whole (``metrics.bootstrap_ci(clusters=...)``)."""
 
 
 def prepare_closed(samples: Sequence[VQASample], processor, limit: int | None = None) -> ClosedSet:
@@ -40,6 +43,7 @@ def prepare_closed(samples: Sequence[VQASample], processor, limit: int | None = 
         [load_image(s.image, name=s.qid) for s in keep],
         [s.answer.strip().lower() == "yes" for s in keep],
         [s.question for s in keep],
+        [s.image_key for s in keep],
     )
 
 
