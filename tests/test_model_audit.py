@@ -80,3 +80,30 @@ def test_a_training_sample_spelling_template_markup_is_refused(tiny_llava_dir):
     assert processor.tokenizer.decode(sup) == "A1<|im_end|>"
     im_start = processor.tokenizer.convert_tokens_to_ids("<|im_start|>")
     assert enc.input_ids.count(im_start) == 2
+
+
+def test_a_checkpoint_named_by_a_relative_path_is_served_under_its_folders_name(
+    tiny_llava_dir, tmp_path, monkeypatch
+):
+    """``llavamed serve --model .`` inside a checkpoint served it under the empty name ''
+    (clients had to ask for model ''), and ``..`` as '..'."""
+    import shutil
+
+    from llavamed.model.checkpoint import checkpoint_name
+    from llavamed.serve.engine import Engine
+
+    final = tmp_path / "stage2" / "checkpoint-final"
+    shutil.copytree(tiny_llava_dir, final)
+    (final / "sub").mkdir()
+    monkeypatch.chdir(tiny_llava_dir)
+    engine = Engine.from_path(".", pack_weights=False)
+    try:
+        assert engine.name == "tiny-llava"
+    finally:
+        engine.close()
+    monkeypatch.chdir(final)
+    assert checkpoint_name(".") == checkpoint_name("./") == "stage2"
+    monkeypatch.chdir(final / "sub")
+    assert checkpoint_name("..") == "stage2"
+    monkeypatch.chdir(final.parent)
+    assert checkpoint_name("checkpoint-final") == checkpoint_name(".") == "stage2"

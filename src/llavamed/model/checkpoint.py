@@ -31,9 +31,13 @@ def resolve_checkpoint(path: str | Path) -> Path:
 
 def checkpoint_name(path: str | Path) -> str:
     """The name a model goes by: its run folder's for a ``checkpoint-final`` (``runs/stage2``
-    is served as ``stage2``, not as ``checkpoint-final``)."""
-    p = Path(path)
-    return p.resolve().parent.name if p.name == FINAL else p.name
+    is served as ``stage2``, not as ``checkpoint-final``). Relative paths count from the
+    current folder: ``--model .`` inside a checkpoint was served under the empty name ``''``
+    (and ``..`` as ``'..'``); symlinks keep their own name."""
+    import os
+
+    p = Path(os.path.abspath(path))
+    return p.parent.name if p.name == FINAL else p.name
 
 
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt")
