@@ -393,3 +393,23 @@ def test_a_damaged_report_or_resume_state_is_named_not_a_traceback(tmp_path, cap
     state.write_bytes(state.read_bytes()[:100])
     with pytest.raises(InputError, match=r"stage0_state.pt: damaged resume checkpoint .*Delete it"):
         run_from_config(cfg, progress=False)
+
+
+def test_too_few_pairs_names_the_file_and_comes_before_the_decoding(tmp_path):
+    """One pair was 'data: too few pairs left for training after the held-out split' (the
+    config key, not the file, and a split that had held nothing out); a batch larger than the
+    pairs was refused only after every image was decoded and cached."""
+    from llavamed.errors import InputError
+    from llavamed.train.vision_pretrain import run_from_config
+    from test_vision_pretrain import _tiny_run, _write_pairs
+
+    data = _write_pairs(tmp_path / "data", n=12)
+    one = tmp_path / "data" / "one.jsonl"
+    one.write_text(data.read_text().splitlines()[0] + "\n")
+    cfg = _tiny_run(one, tmp_path / "run", max_steps=1)
+    with pytest.raises(InputError, match=r"one.jsonl: too few pairs to train on .*1 usable pair"):
+        run_from_config(cfg, progress=False)
+    cfg = _tiny_run(data, tmp_path / "big", max_steps=1, batch_size=64)
+    with pytest.raises(InputError, match=r"figures.jsonl: fewer training pairs than batch_size"):
+        run_from_config(cfg, progress=False)
+    assert not (tmp_path / "big" / "cache").exists()

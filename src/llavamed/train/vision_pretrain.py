@@ -347,7 +347,7 @@ def _conversation_caption(rec: dict) -> str | None:
 
 
 def split_pairs(
-    pairs: list[Pair], val_fraction: float, val_max: int
+    pairs: list[Pair], val_fraction: float, val_max: int, source: str | os.PathLike = "data"
 ) -> tuple[list[Pair], list[Pair]]:
     """Deterministic held-out split by a hash of the pair's article (its id when the record
     names none), stable when data is appended. Whole articles go to one side: sibling figures
@@ -374,8 +374,24 @@ def split_pairs(
     val_ids = {p.id for p in val}
     train = [p for p in pairs if p.id not in val_ids]
     if len(train) < 2:
-        raise InputError("data", "too few pairs left for training after the held-out split")
+        # It named the config key ``data`` rather than the file, and spoke of a held-out
+        # split when nothing had been held out.
+        raise InputError(
+            source,
+            "too few pairs to train on (contrast needs at least 2)",
+            f"{len(pairs)} usable pair(s), {len(val)} held out by val_fraction={val_fraction}",
+        )
     return train, val
+
+
+def _check_batch(train: list[Pair], val: list[Pair], cfg: VisionPretrainConfig) -> None:
+    if len(train) < cfg.batch_size:
+        raise InputError(
+            cfg.data,
+            "fewer training pairs than batch_size",
+            f"{len(train)} < {cfg.batch_size}; {len(val)} held out by val_fraction="
+            f"{cfg.val_fraction}; lower batch_size or val_fraction",
+        )
 
 
 # ---- images ----------------------------------------------------------------------------------------
@@ -795,7 +811,10 @@ def train_vision(cfg: VisionPretrainConfig, progress: bool = True) -> VisionPret
     size = cfg.image_size or tower.image_size
     if size != tower.image_size:  # position embeddings are fixed to the tower's own grid
         raise ConfigError(f"image_size={size} but the tower was built for {tower.image_size}")
-    train_pairs, val_pairs = split_pairs(pairs, cfg.val_fraction, cfg.val_max)
+    train_pairs, val_pairs = split_pairs(pairs, cfg.val_fraction, cfg.val_max, cfg.data)
+    # Before the images are decoded and the captions embedded (minutes on a large corpus):
+    # unreadable images can only make it worse.
+    _check_batch(train_pairs, val_pairs, cfg)
 
     text = TextEncoder(cfg.text_encoder, cfg.text_max_length, trainable=cfg.text_trainable)
     cache_dir = out / "cache"
@@ -825,12 +844,7 @@ def train_vision(cfg: VisionPretrainConfig, progress: bool = True) -> VisionPret
         train_imgs = val_imgs = None
     if bad_images and is_main:
         print(skipped_images_note(bad_images), file=sys.stderr)
-    if len(train_pairs) < cfg.batch_size:
-        raise InputError(
-            cfg.data,
-            "fewer training pairs than batch_size",
-            f"{len(train_pairs)} < {cfg.batch_size}",
-        )
+    _check_batch(train_pairs, val_pairs, cfg)
     captions = [p.caption for p in train_pairs]
     # Pairs whose captions read the same are each other's positives in the global loss.
     caption_ids: dict[str, int] = {}
