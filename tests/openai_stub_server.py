@@ -26,7 +26,9 @@ parts), ``retrydate`` (429 with an HTTP-date ``Retry-After`` ``retry_after`` s a
 ``redirect`` (307 to ``/v2/chat/completions``), ``badjson`` (200 whose Content-Length matches a
 body that is cut JSON), ``nostream`` (a plain JSON completion whatever ``stream`` asked),
 ``failed`` (half the text with ``finish_reason: error``, as OpenRouter reports a generation
-that broke off; ``abort`` is vLLM's word for the same).
+that broke off; ``abort`` is vLLM's word for the same), ``garbled`` (valid JSON in the wrong
+shapes: a message that is a string; streamed, ``choices`` a string) and ``badfinish``
+(``finish_reason`` a list).
 
 Run standalone (used by benchmarks, which want the server out of the client's process):
 ``python tests/openai_stub_server.py --latency 0.2`` prints ``PORT <n>`` and serves until killed.
@@ -252,6 +254,19 @@ class _Handler(BaseHTTPRequestHandler):
             return
         if behaviour == "badjson":
             self._send(200, b'{"id": "x", "choices": [{"message": {"content": "cut')
+            return
+        if behaviour in ("garbled", "badfinish"):  # valid JSON in shapes no server should send
+            if body.get("stream"):
+                chunk = {"choices": "garbled"}
+                if behaviour == "badfinish":
+                    chunk = {"choices": [{"delta": {"content": "x"}, "finish_reason": ["stop"]}]}
+                sse = f"data: {json.dumps(chunk)}\n\ndata: [DONE]\n\n"
+                self._send(200, sse.encode(), ctype="text/event-stream")
+            else:
+                choice = {"message": "garbled", "finish_reason": "stop"}
+                if behaviour == "badfinish":
+                    choice = {"message": {"content": "x"}, "finish_reason": ["stop"]}
+                self._send(200, json.dumps({"id": "x", "choices": [choice]}).encode())
             return
         if behaviour == "hang":
             time.sleep(stub.hang_s)

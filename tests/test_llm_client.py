@@ -548,3 +548,22 @@ def test_a_thinking_models_reasoning_is_not_part_of_its_answer(stub, tmp_path, s
         assert r.text == want and not r.cached
         _, [again] = run(_chat(o, messages=[{"role": "user", "content": f"q{i}"}]))
         assert again.cached and again.text == want
+
+
+@pytest.mark.parametrize("stream", [False, True])
+@pytest.mark.parametrize("fault", ["garbled", "badfinish"])
+def test_valid_json_in_the_wrong_shapes_is_retried_not_a_crash_or_an_empty_answer(
+    stub, tmp_path, stream, fault
+):
+    # A message that was a string came back as an empty answer, cached for good; a finish_reason
+    # that was a list, or a streamed chunk whose choices were a string, raised TypeError or
+    # AttributeError out of the client and stopped the whole job with a traceback.
+    stub.plan([fault])
+    cache = str(tmp_path / "c.sqlite")
+    stats, [r] = run(_chat(opts(stub, stream=stream, cache_path=cache)))
+    assert r.text == stub.responder({"messages": MSGS}) and r.attempts == 2
+    assert stats.retry_reasons == {"malformed_response": 1}
+    stub.plan([fault, fault])
+    with pytest.raises(LLMError) as e:
+        run(_chat(opts(stub, stream=stream, max_retries=1), [{"role": "user", "content": "b"}]))
+    assert e.value.kind == "malformed_response" and e.value.retryable

@@ -353,10 +353,18 @@ def _extract_choice(data: Any) -> tuple[str, str | None, dict | None]:
     choices = data.get("choices")
     if not isinstance(choices, list) or not choices or not isinstance(choices[0], dict):
         raise _Retryable("malformed_response", "no choices")
-    msg = choices[0].get("message") or {}
-    content = msg.get("content") if isinstance(msg, dict) else None
+    choice = choices[0]
+    msg = choice.get("message")
+    if not isinstance(msg, dict) and (msg is not None or "text" not in choice):
+        # A message that is not an object, or a choice with neither message nor text: garbage,
+        # not the model's empty answer (which would be cached and kept for good).
+        raise _Retryable("malformed_response", "choice has no message object")
+    msg = msg or {}
+    if not isinstance(choice.get("finish_reason"), str | None):
+        raise _Retryable("malformed_response", "finish_reason is not a string")
+    content = msg.get("content")
     if content is None:
-        content = choices[0].get("text")  # legacy completions shape some servers return
+        content = choice.get("text")  # legacy completions shape some servers return
     if isinstance(content, list):  # content parts: [{"type": "text", "text": ...}, ...]
         texts = [p.get("text") for p in content if isinstance(p, dict) and p.get("type") == "text"]
         if texts and all(isinstance(t, str) for t in texts):
@@ -364,7 +372,7 @@ def _extract_choice(data: Any) -> tuple[str, str | None, dict | None]:
     finish = choices[0].get("finish_reason")
     if finish in FINISHED_BY_FAILURE:
         raise _Retryable("generation_failed", f"finish_reason {finish!r}")
-    refusal = msg.get("refusal") if isinstance(msg, dict) else None
+    refusal = msg.get("refusal")
     if content is None and (finish == "content_filter" or refusal):
         # An answer, not a glitch: asking again gets the same, and a re-run would pay for it again.
         raise LLMError(MODEL_REFUSAL, str(refusal or finish)[:200])
@@ -693,7 +701,17 @@ class LLMClient:
                     raise _Retryable("error_body", str(chunk["error"])[:200])
                 if isinstance(chunk.get("usage"), dict):
                     usage = chunk["usage"]
-                for ch in chunk.get("choices") or []:
+                chunk_choices = chunk.get("choices") or []
+                if not isinstance(chunk_choices, list) or not all(
+                    isinstance(ch, dict)
+                    and isinstance(ch.get("delta") or {}, dict)
+                    and isinstance(ch.get("finish_reason"), str | None)
+                    for ch in chunk_choices
+                ):
+                    # A garbled chunk raised AttributeError or TypeError out of the client: one
+                    # bad reply stopped the whole job with a traceback instead of being retried.
+                    raise _Retryable("malformed_response", "SSE chunk has malformed choices")
+                for ch in chunk_choices:
                     delta = ch.get("delta") or {}
                     if isinstance(delta.get("content"), str):
                         parts.append(delta["content"])
