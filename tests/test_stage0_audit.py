@@ -3,6 +3,8 @@ config values that mean nothing, and the text-encoder cache's key."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -413,3 +415,22 @@ def test_too_few_pairs_names_the_file_and_comes_before_the_decoding(tmp_path):
     with pytest.raises(InputError, match=r"figures.jsonl: fewer training pairs than batch_size"):
         run_from_config(cfg, progress=False)
     assert not (tmp_path / "big" / "cache").exists()
+
+
+def test_pairs_of_other_articles_that_share_an_id_stay_in_training(tmp_path):
+    """Figure records whose pair_id is the bare figure id ("fig1" in 40 articles): the held-out
+    articles' ids were removed from training, and with them every other article's "fig1", so
+    no pair was left to train on."""
+    from llavamed.train.vision_pretrain import load_pairs, split_pairs
+
+    (tmp_path / "images").mkdir()
+    recs = [
+        {"pair_id": "fig1", "pmcid": f"PMC{i}", "fig_caption": f"Case {i}.", "image": f"{i}.png"}
+        for i in range(40)
+    ]
+    data = tmp_path / "figures.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in recs))
+    pairs, _ = load_pairs(data)
+    train, val = split_pairs(pairs, 0.2, 1000, data)
+    assert val and len(train) + len(val) == 40
+    assert not {p.article for p in train} & {p.article for p in val}

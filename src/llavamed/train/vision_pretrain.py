@@ -371,8 +371,11 @@ def split_pairs(
         if len(val) + len(group) > val_max:
             break
         val += group
-    val_ids = {p.id for p in val}
-    train = [p for p in pairs if p.id not in val_ids]
+    # By the pairs themselves, not their ids: records of other articles that share an id (a
+    # bare figure id such as "fig1", a conversation set's repeated ids) left training with the
+    # held-out one and were on neither side.
+    held = {id(p) for p in val}
+    train = [p for p in pairs if id(p) not in held]
     if len(train) < 2:
         # It named the config key ``data`` rather than the file, and spoke of a held-out
         # split when nothing had been held out.
