@@ -196,3 +196,19 @@ def test_no_sample_at_all_is_an_error_not_an_empty_set(tmp_path, capsys):
     assert main(["data", "align", "--figures", str(figs), "--out", str(out)]) == 1
     assert not out.exists()
     assert "no figure became an alignment sample" in capsys.readouterr().err
+
+
+def test_out_naming_the_figures_file_is_refused_before_it_is_replaced(tmp_path, capsys):
+    """``--out figures.jsonl`` replaced the figures with the samples made from them, exit 0."""
+    figs = tmp_path / "figures.jsonl"
+    rec = _records(1)[0]
+    (tmp_path / rec["image"]).parent.mkdir()
+    (tmp_path / rec["image"]).write_bytes(b"jpeg")
+    figs.write_text(json.dumps(rec) + "\n")
+    before = figs.read_bytes()
+    link = tmp_path / "same.jsonl"
+    link.symlink_to(figs)
+    for out in (figs, link, tmp_path / "." / "figures.jsonl"):
+        assert main(["data", "align", "--figures", str(figs), "--out", str(out)]) == 1
+        assert "--out would overwrite --figures" in capsys.readouterr().err
+        assert figs.read_bytes() == before

@@ -69,10 +69,13 @@ def run(args: argparse.Namespace) -> int:
     from llavamed.data.align import build_alignment
     from llavamed.data.figures import iter_figures
     from llavamed.errors import LlavamedError
+    from llavamed.llm.args import refuse_overwriting_inputs
     from llavamed.utils.io import atomic_write_json
 
     if not args.figures.exists():
         raise LlavamedError(f"{args.figures}: file not found")
+    # --out naming --figures replaced the figures with the samples made from them.
+    refuse_overwriting_inputs({"--figures": args.figures}, {"--out": args.out})
     if args.max_samples is not None and args.max_samples < 1:
         raise LlavamedError("--max must be >= 1")
     if args.cutoff_words < 1:
