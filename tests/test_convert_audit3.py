@@ -47,3 +47,32 @@ def test_a_checkpoint_trained_from_a_converted_one_keeps_its_template(
     meta["template"] = None
     (start / "llavamed.json").write_text(json.dumps(meta))
     assert checkpoint_template(start) == "mistral_instruct"
+
+
+def test_biomedclip_from_a_distributed_open_clip_training_checkpoint(
+    biomedclip_state_dict, tmp_path
+):
+    """open_clip's trainer saves ``{"epoch", "name", "state_dict", "optimizer"}`` with the DDP
+    wrapper's ``module.`` before every key when the run was distributed (its loader strips it);
+    converting such an ``epoch_N.pt`` said "not an open_clip timm-trunk checkpoint"."""
+    import torch
+    from safetensors.torch import load_file
+
+    from llavamed.model.convert.biomedclip import convert_biomedclip
+
+    plain = tmp_path / "plain.pt"
+    torch.save(biomedclip_state_dict, plain)
+    trained = tmp_path / "epoch_3.pt"
+    torch.save(
+        {
+            "epoch": 3,
+            "name": "biomedclip-ft",
+            "state_dict": {"module." + k: v for k, v in biomedclip_state_dict.items()},
+            "optimizer": {"state": {}, "param_groups": [{"lr": 1e-5, "params": [0, 1]}]},
+        },
+        trained,
+    )
+    want = load_file(convert_biomedclip(plain, tmp_path / "a") / "model.safetensors")
+    got = load_file(convert_biomedclip(trained, tmp_path / "b") / "model.safetensors")
+    assert sorted(got) == sorted(want)
+    assert all(torch.equal(got[k], want[k]) for k in want)

@@ -34,6 +34,10 @@ def map_biomedclip_state_dict(sd: dict, num_heads: int | None = None, source: st
     (the file or folder it came from) names it in errors."""
     from transformers import ViTConfig
 
+    if sd and all(k.startswith("module.") for k in sd):
+        # open_clip's trainer saves a distributed run's model with DDP's "module." prefix
+        # (its own loader strips it); such an epoch_N.pt was "not an open_clip checkpoint".
+        sd = {k[len("module.") :]: v for k, v in sd.items()}
     if not any(k.startswith(TRUNK) for k in sd):
         raise InputError(source, "not an open_clip timm-trunk checkpoint", "no visual.trunk.* keys")
     if num_heads is not None and (isinstance(num_heads, bool) or num_heads < 1):
