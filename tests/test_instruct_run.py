@@ -594,3 +594,15 @@ def test_a_cache_damaged_past_its_first_page_is_a_one_line_error(stub, tmp_path,
     err = capsys.readouterr().err
     assert "Traceback" not in err and len(err.strip().splitlines()) == 1
     assert f"{cache}: response cache failed" in err and "--cache none" in err
+
+
+def test_an_output_that_is_a_folder_is_refused_before_any_request(stub, tmp_path):
+    """--out or --report naming a folder: every request was made and paid for, then writing the
+    output or the report there failed (the output written, the report not), exit 1."""
+    opts = make_opts(stub, tmp_path, n=3)
+    (tmp_path / "dir").mkdir()
+    for kw, flag in (({"out": tmp_path / "dir"}, "--out"), ({"report_path": tmp_path / "dir"}, "--report")):  # fmt: skip
+        with pytest.raises(LlavamedError, match=f"{flag} is a folder"):
+            run_instruct(dataclasses.replace(opts, **kw))
+    assert stub.count == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["dir", "figures.jsonl"]

@@ -108,8 +108,13 @@ def refuse_overwriting_inputs(
     """Stop before a job's output (its result, log, report or cache) would replace one of its
     inputs or another output: ``--out figures.jsonl`` replaced the figures with the
     conversations made from them, and a judge log given the answers file cut its last record.
-    Keys are the flags' names."""
+    Keys are the flags' names. An output that is a folder is refused here too: the job paid for
+    every request and only then failed to write its output or report there."""
     from llavamed.errors import LlavamedError
+
+    for oname, out in outputs.items():
+        if out is not None and os.path.isdir(out):
+            raise LlavamedError(f"{out}: {oname} is a folder; give a file path")
 
     def same(a: str | os.PathLike, b: str | os.PathLike) -> bool:
         try:
