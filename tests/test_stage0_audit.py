@@ -174,6 +174,28 @@ def test_unreadable_images_are_counted_and_named(tmp_path, capsys, preload):
     assert f"unreadable image {junk}: not an image" in (res.output_dir / REPORT_MD).read_text()
 
 
+def test_records_without_image_or_caption_are_named(tmp_path, capsys):
+    """They were only counted ('no caption': 1), so a user could not tell which of thousands
+    of records to fix; a record without an id is named by its number in the file."""
+    from llavamed.train.vision_pretrain import REPORT_MD, load_pairs, run_from_config
+    from test_vision_pretrain import _tiny_run, _write_pairs
+
+    data = _write_pairs(tmp_path / "data", n=16)  # + a record "nocap" with an empty caption
+    with data.open("a") as fh:
+        fh.write(json.dumps({"fig_caption": "A nodule.", "image": ""}) + "\n")
+        fh.write(
+            json.dumps({"pair_id": "p99", "fig_caption": "  ", "image": "images/1.png"}) + "\n"
+        )
+    named: dict = {}
+    _, skipped = load_pairs(data, named=named)
+    assert skipped == {"no caption": 2, "no image": 1}
+    assert named == {"nocap": "no caption", "#19": "no image", "p99": "no caption"}
+    res = run_from_config(_tiny_run(data, tmp_path / "run", max_steps=1), progress=False)
+    assert res.report["skipped_records"] == named
+    assert "skipped 3 record(s) of" in capsys.readouterr().err
+    assert "- skipped record #19: no image" in (res.output_dir / REPORT_MD).read_text()
+
+
 def test_the_caption_cache_follows_the_encoders_files(tmp_path):
     """The cache key hashed the weights' sizes and whole-second times only. A folder whose
     tokenizer changed (here: no lower-casing), or whose weights were replaced by others of the

@@ -292,12 +292,16 @@ def pairs_fingerprint(pairs: list[Pair]) -> str:
 
 
 def load_pairs(
-    path: str | os.PathLike, image_folder: str | os.PathLike | None = None
+    path: str | os.PathLike,
+    image_folder: str | os.PathLike | None = None,
+    named: dict[str, str] | None = None,
 ) -> tuple[list[Pair], dict[str, int]]:
     """(image, caption) pairs from figures.jsonl / LLaVA-Med caption JSON / LLaVA conversation JSON.
 
-    Records without an image or caption are skipped and counted per reason; the same image path
-    listed twice keeps its first caption (conversation sets repeat images)."""
+    Records without an image or caption are skipped and counted per reason, and named in
+    ``named`` (``{record: reason}``: the record's id, or ``#N``, its number from 1, when it
+    has none); the same image path listed twice keeps its first caption (conversation sets repeat
+    images)."""
     from llavamed.data.figures import iter_figures
 
     path = Path(path)
@@ -315,16 +319,23 @@ def load_pairs(
         if "conversations" in rec:
             caption = _conversation_caption(rec)
             rid = str(rec.get("id", n))
+            given = rec.get("id")
         else:
             caption = rec.get("fig_caption")
             rid = str(rec.get("pair_id", n))
+            given = rec.get("pair_id")
         article = str(rec.get("pmcid") or rec.get("pmid") or "")
         image = rec.get("image")
+        reason = None
         if not image or not isinstance(image, str):
-            skip("no image")
-            continue
-        if not caption or not isinstance(caption, str) or not caption.strip():
-            skip("no caption")
+            reason = "no image"
+        elif not caption or not isinstance(caption, str) or not caption.strip():
+            reason = "no caption"
+        if reason is not None:
+            skip(reason)
+            if named is not None:
+                name = str(given) if given not in (None, "") else f"#{n + 1}"
+                named.setdefault(name, reason)
             continue
         if image in seen:
             skip("duplicate image")
@@ -509,6 +520,13 @@ def preload_images(
                 tmp,
             )
     return images, kept, skipped, bad
+
+
+def skipped_records_note(path, bad: dict[str, str], limit: int = 5) -> str:
+    """One line naming the records skipped for no image or no caption (the first ``limit``)."""
+    names = [f"{rec} ({reason})" for rec, reason in list(bad.items())[:limit]]
+    more = f", and {len(bad) - limit} more (stage0_report.json)" if len(bad) > limit else ""
+    return f"stage 0: skipped {len(bad)} record(s) of {path}: {', '.join(names)}{more}"
 
 
 def skipped_images_note(bad: dict[str, str], limit: int = 5) -> str:
@@ -766,7 +784,8 @@ def train_vision(cfg: VisionPretrainConfig, progress: bool = True) -> VisionPret
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     tower_dir = out / TOWER_DIR
-    pairs, skipped = load_pairs(cfg.data, cfg.image_folder)
+    bad_records: dict[str, str] = {}
+    pairs, skipped = load_pairs(cfg.data, cfg.image_folder, bad_records)
     # The same config over other pairs (the figures file was completed or rewritten in place)
     # is another run. Reports and states from before the key existed are trusted.
     data_key = pairs_fingerprint(pairs)
@@ -845,6 +864,8 @@ def train_vision(cfg: VisionPretrainConfig, progress: bool = True) -> VisionPret
                 skipped[k] = skipped.get(k, 0) + v
     else:
         train_imgs = val_imgs = None
+    if bad_records and is_main:
+        print(skipped_records_note(cfg.data, bad_records), file=sys.stderr)
     if bad_images and is_main:
         print(skipped_images_note(bad_images), file=sys.stderr)
     _check_batch(train_pairs, val_pairs, cfg)
@@ -1149,6 +1170,8 @@ def train_vision(cfg: VisionPretrainConfig, progress: bool = True) -> VisionPret
         "pairs": {"train": len(train_pairs), "val": len(val_pairs)},
         "skipped": skipped,
         "skipped_images": dict(sorted(bad_images.items())),
+        # Records without an image or caption, by id (the first 1,000).
+        "skipped_records": dict(list(bad_records.items())[:1000]),
         "world_size": world,
     }
     if is_main:
@@ -1363,6 +1386,10 @@ def render_report_md(report: dict) -> str:
     )
     if report.get("skipped"):
         lines.append(f"skipped: {report['skipped']}")
+    for rec, reason in list((report.get("skipped_records") or {}).items())[:20]:
+        lines.append(f"- skipped record {rec}: {reason}")
+    if len(report.get("skipped_records") or {}) > 20:
+        lines.append("- ... (more in stage0_report.json)")
     for path, reason in list((report.get("skipped_images") or {}).items())[:20]:
         lines.append(f"- unreadable image {path}: {reason}")
     if len(report.get("skipped_images") or {}) > 20:
