@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import sqlite3
 import time
 
 import httpx
@@ -567,3 +568,46 @@ def test_valid_json_in_the_wrong_shapes_is_retried_not_a_crash_or_an_empty_answe
     with pytest.raises(LLMError) as e:
         run(_chat(opts(stub, stream=stream, max_retries=1), [{"role": "user", "content": "b"}]))
     assert e.value.kind == "malformed_response" and e.value.retryable
+
+
+def test_a_cached_answer_is_the_answer_that_was_paid_for(stub, tmp_path):
+    # The reasoning was stripped before the row was stored and again on every hit: an answer
+    # that itself names the </think> tag came back from the cache cut at it.
+    stub.responder = lambda body: "<think>plan</think>Answer: it ends at </think> in the text."
+    o = opts(stub, cache_path=str(tmp_path / "c.sqlite"))
+    _, [a] = run(_chat(o))
+    _, [b] = run(_chat(o))
+    assert a.text == "Answer: it ends at </think> in the text."
+    assert b.cached and b.text == a.text and stub.count == 1
+    # A row from before the flag may hold the raw reply: its reasoning is still dropped.
+    cache = ResponseCache(tmp_path / "old.sqlite")
+    key = cache_key("stub", MSGS, {}, endpoint=stub.base_url + "/chat/completions")
+    cache.put(key, {"text": "<think>plan</think>Old answer.", "prompt_tokens": 1})
+    cache.close()
+    _, [c] = run(_chat(opts(stub, cache_path=str(tmp_path / "old.sqlite"))))
+    assert c.cached and c.text == "Old answer."
+
+
+@pytest.mark.parametrize(
+    "row",
+    [
+        "[1]",
+        '"text"',
+        '{"text": "a", "prompt_tokens": null}',
+        '{"text": "a", "finish_reason": [1]}',
+    ],  # fmt: skip
+)
+def test_a_damaged_cache_row_is_a_miss_not_a_crash(stub, tmp_path, row):
+    # Valid JSON that is not what the client stores raised AttributeError or TypeError out of
+    # chat() and stopped the job; now it is asked again and the row overwritten.
+    path = tmp_path / "c.sqlite"
+    o = opts(stub, cache_path=str(path))
+    _, [a] = run(_chat(o))
+    db = sqlite3.connect(path)
+    db.execute("UPDATE responses SET value = ?", (row,))
+    db.commit()
+    db.close()
+    stats, [b] = run(_chat(o))
+    assert not b.cached and b.text == a.text and stats.cache_hits == 0 and stub.count == 2
+    _, [c] = run(_chat(o))
+    assert c.cached and c.text == a.text and stub.count == 2

@@ -387,6 +387,34 @@ def _extract_choice(data: Any) -> tuple[str, str | None, dict | None]:
     return content, choices[0].get("finish_reason"), usage
 
 
+def _cached_result(hit: Any) -> ChatResult | None:
+    """A cache row as a result, or None (a miss, asked again and overwritten) for a row that is
+    not what :meth:`LLMClient.chat` writes: a damaged row raised AttributeError or TypeError out
+    of the client and stopped the job. A row's text had its reasoning stripped before it was
+    stored; stripping again cut an answer that itself holds ``</think>`` at that tag, so a
+    re-run from the cache differed from the run that paid. Only rows from before the flag (which
+    may hold the raw reply) are stripped here."""
+    if not isinstance(hit, dict) or not isinstance(hit.get("text"), str):
+        return None
+    try:
+        pt, ct = int(hit.get("prompt_tokens", 0)), int(hit.get("completion_tokens", 0))
+    except (TypeError, ValueError, OverflowError):
+        return None
+    finish = hit.get("finish_reason")
+    if not isinstance(finish, str | None):
+        return None
+    text = hit["text"] if hit.get("reasoning_stripped") else strip_reasoning(hit["text"])
+    return ChatResult(
+        text=text,
+        finish_reason=finish,
+        prompt_tokens=pt,
+        completion_tokens=ct,
+        cached=True,
+        attempts=0,
+        usage_estimated=bool(hit.get("usage_estimated")),
+    )
+
+
 def _error_code(text: str) -> str | None:
     """``error.code`` (else ``error.type``) of an OpenAI-style error body, or None."""
     try:
@@ -530,22 +558,13 @@ class LLMClient:
         params = self.sampling_params(temperature, max_tokens, top_p, seed, variant)
         key = self.key_for(messages, params, variant)
         if use_cache and self._cache is not None:
-            hit = self._cache.get(key)
-            if hit is not None and isinstance(hit.get("text"), str):
+            hit = _cached_result(self._cache.get(key))
+            if hit is not None:
                 self.stats.cache_hits += 1
-                pt, ct = int(hit.get("prompt_tokens", 0)), int(hit.get("completion_tokens", 0))
-                self.stats.cached_prompt_tokens += pt
-                self.stats.cached_completion_tokens += ct
-                self.stats.cost_saved_usd += self.cost(pt, ct)
-                return ChatResult(
-                    text=strip_reasoning(hit["text"]),
-                    finish_reason=hit.get("finish_reason"),
-                    prompt_tokens=pt,
-                    completion_tokens=ct,
-                    cached=True,
-                    attempts=0,
-                    usage_estimated=bool(hit.get("usage_estimated")),
-                )
+                self.stats.cached_prompt_tokens += hit.prompt_tokens
+                self.stats.cached_completion_tokens += hit.completion_tokens
+                self.stats.cost_saved_usd += self.cost(hit.prompt_tokens, hit.completion_tokens)
+                return hit
         payload = {"model": self.opts.model, "messages": messages, **params}
         est_prompt = estimate_tokens(messages)
         result = await self._request_with_retries(payload, est_prompt, max_tokens)
@@ -558,6 +577,7 @@ class LLMClient:
                     "prompt_tokens": result.prompt_tokens,
                     "completion_tokens": result.completion_tokens,
                     "usage_estimated": result.usage_estimated,
+                    "reasoning_stripped": True,
                 },
                 model=self.opts.model,
             )
