@@ -331,6 +331,12 @@ def test_bad_options():
 
     with pytest.raises(LlavamedError):
         ClientOptions(base_url="http://x", model="m", concurrency=0)
+    # NaN passed "<= 0": --timeout nan was a traceback at the first request, --rpm/--tpm nan
+    # turned the limit off without a word.
+    for name in ("timeout", "rpm", "tpm"):
+        for bad in (0.0, -1.0, float("nan")):
+            with pytest.raises(LlavamedError, match=f"--{name} must be > 0"):
+                ClientOptions(base_url="http://x", model="m", **{name: bad})
 
 
 def test_for_each_concurrently_bounds_workers_and_counts_progress():

@@ -201,10 +201,10 @@ class ClientOptions:
             raise LlavamedError("--concurrency must be >= 1")
         for name in ("rpm", "tpm"):
             v = getattr(self, name)
-            if v is not None and v <= 0:
-                raise LlavamedError(f"--{name} must be > 0")
-        if self.timeout <= 0:
-            raise LlavamedError("--timeout must be > 0")
+            if v is not None and not v > 0:  # also NaN, which made the limit silently off
+                raise LlavamedError(f"--{name} must be > 0 (got {v})")
+        if not self.timeout > 0:  # also NaN: a traceback ("deadline must not be NaN") at once
+            raise LlavamedError(f"--timeout must be > 0 (got {self.timeout})")
         if self.max_retries < 0:
             raise LlavamedError("--max-retries must be >= 0")
         for name in ("price_in", "price_out"):
