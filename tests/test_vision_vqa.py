@@ -350,9 +350,10 @@ def test_bad_stage0b_inputs_are_clear_errors_before_training(tmp_path):
         _cfg(data, tmp_path / "o2", steps=2, batch_size=4, val_fraction=0.99), progress=False
     )
     assert res.report["steps"] == 2 and res.report["data"]["images"] == 19
-    # A feature layer the tower does not have: a ConfigError naming the range (was an
-    # IndexError deep in the forward pass, after every image had loaded).
-    with pytest.raises(ConfigError, match="indexed"):
+    # A feature layer the tower does not have: a ConfigError naming this stage's key and the
+    # range (was an IndexError deep in the forward pass, after every image had loaded; then
+    # an error naming vision_feature_layer and a --vision-feature-layer flag stage 0b lacks).
+    with pytest.raises(ConfigError, match=r"^feature_layer=-9: the tower has 2 layers"):
         run_from_config(_cfg(data, tmp_path / "o3", steps=2, feature_layer=-9), progress=False)
 
 

@@ -612,6 +612,21 @@ def load_tower(vision: str, seed: int = 0) -> Tower:
     )
 
 
+def check_tower_layer(feature_layer: int, tower: Tower) -> None:
+    """Refuse a ``feature_layer`` the tower does not have, naming this key (the LLaVA check
+    names ``vision_feature_layer`` and a ``model init`` flag)."""
+    from llavamed.model.compose import check_feature_layer
+
+    n_layers = int(tower.model.config.num_hidden_layers)
+    try:
+        check_feature_layer(feature_layer, n_layers)
+    except ConfigError:
+        raise ConfigError(
+            f"feature_layer={feature_layer}: the tower has {n_layers} layers, so use "
+            f"-{n_layers + 1}..-1 or 1..{n_layers}"
+        ) from None
+
+
 def tower_fingerprint(tower: Path) -> str:
     """Content hash of a tower folder's config and weights, so a resumed run notices a
     different tower behind the same path."""
@@ -820,16 +835,8 @@ def train_vision(cfg: VisionPretrainConfig, progress: bool = True) -> VisionPret
             return VisionPretrainResult(out, tower_dir, report, time.time() - t_start)
 
     tower = load_tower(cfg.vision, cfg.seed)
-    from llavamed.model.compose import check_feature_layer
-
-    n_layers = int(tower.model.config.num_hidden_layers)
-    try:  # here, not as an IndexError at the first step, after the captions were embedded
-        check_feature_layer(cfg.feature_layer, n_layers)
-    except ConfigError:
-        raise ConfigError(
-            f"feature_layer={cfg.feature_layer}: the tower has {n_layers} layers, so use "
-            f"-{n_layers + 1}..-1 or 1..{n_layers}"
-        ) from None
+    # Here, not as an IndexError at the first step, after the captions were embedded.
+    check_tower_layer(cfg.feature_layer, tower)
     size = cfg.image_size or tower.image_size
     if size != tower.image_size:  # position embeddings are fixed to the tower's own grid
         raise ConfigError(f"image_size={size} but the tower was built for {tower.image_size}")

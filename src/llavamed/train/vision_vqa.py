@@ -332,7 +332,6 @@ def train_vision_vqa(cfg: VisionVQAConfig, progress: bool = True) -> VisionVQARe
     from tqdm import tqdm
 
     from llavamed.config import diff
-    from llavamed.model.compose import check_feature_layer
     from llavamed.train.checkpointing import load_file, rng_state, set_rng_state
     from llavamed.train.text_encoder import (
         TextEncoder,
@@ -342,6 +341,7 @@ def train_vision_vqa(cfg: VisionVQAConfig, progress: bool = True) -> VisionVQARe
     )
     from llavamed.train.vision_pretrain import (
         _save_tower,
+        check_tower_layer,
         load_tower,
         tower_features,
         tower_fingerprint,
@@ -385,7 +385,9 @@ def train_vision_vqa(cfg: VisionVQAConfig, progress: bool = True) -> VisionVQARe
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(cfg.seed)
     tower = load_tower(cfg.vision, seed=cfg.seed)
-    check_feature_layer(cfg.feature_layer, int(tower.model.config.num_hidden_layers))
+    # Named by this stage's key: the LLaVA check spoke of vision_feature_layer and a
+    # --vision-feature-layer flag that stage 0b does not have.
+    check_tower_layer(cfg.feature_layer, tower)
     proc = image_processor(cfg, tower)
     table, counts = load_yes_no(cfg, proc, by_image, loader_bad)
     encoder = TextEncoder(text_path, max_length=TEXT_MAX_LENGTH)
