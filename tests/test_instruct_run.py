@@ -160,6 +160,11 @@ def test_round_robin_cap_and_changed_settings_refused(stub, tmp_path):
     assert stub.count == 20
     with pytest.raises(LlavamedError, match="different settings"):
         run_instruct(make_opts(stub, tmp_path, max_samples=20, temperature=0.1))
+    # The message named "model, prompts, sampling or --inline-mentions": a changed --min-turns
+    # or --few-shot, also part of the fingerprint, was not among them.
+    for kw, flag in (({"min_turns": 3}, "--min-turns"), ({"few_shot": 2}, "--few-shot")):
+        with pytest.raises(LlavamedError, match=f"different settings .*{flag}"):
+            run_instruct(make_opts(stub, tmp_path, max_samples=20, **kw))
 
 
 def test_few_shot_limit_shortens_prompt(stub, tmp_path):

@@ -403,8 +403,10 @@ def run_instruct(opts: InstructOptions) -> tuple[dict, int]:
         for e in iter_jsonl(partial, skip_bad=True) if partial.exists() else []:
             if e.get("fp") != fp:
                 raise LlavamedError(
-                    f"{partial}: written by a run with different settings (model, prompts, "
-                    "sampling or --inline-mentions); use another --out or delete that log"
+                    f"{partial}: written by a run with different settings (one of --model, "
+                    "--temperature, --max-tokens, --seed, --min-turns, --inline-mentions, "
+                    "--few-shot, --prompts); re-run with that run's options to resume, or use "
+                    "another --out or delete that log"
                 )
             if current(e) and not _asked_again(e):
                 done.add(str(e.get("pair_id")))
