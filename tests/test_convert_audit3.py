@@ -76,3 +76,15 @@ def test_biomedclip_from_a_distributed_open_clip_training_checkpoint(
     got = load_file(convert_biomedclip(trained, tmp_path / "b") / "model.safetensors")
     assert sorted(got) == sorted(want)
     assert all(torch.equal(got[k], want[k]) for k in want)
+
+
+def test_converting_llava_med_does_not_warn_that_its_model_type_is_unsupported(
+    original_llava_med,  # noqa: F811
+    tmp_path,
+):
+    """Reading the tokenizer, transformers loaded config.json (model_type llava_mistral) and
+    printed "You are using a model of type `llava_mistral` to instantiate a model of type ``
+    ... not supported and can yield errors" on every conversion, which was fine."""
+    r = run_cli(["convert", "llava-med", str(original_llava_med[0]), str(tmp_path / "n")])
+    assert r.returncode == 0, r.stderr[-600:]
+    assert "llava_mistral" not in r.stderr and "not supported" not in r.stderr

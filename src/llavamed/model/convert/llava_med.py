@@ -114,10 +114,13 @@ def _load_tokenizer(src: Path):
     """The source's tokenizer, or an InputError saying what the folder lacks. Released LLaVA-Med
     folders may hold only a SentencePiece ``tokenizer.model``, which transformers reads (and
     converts to a fast tokenizer) only with the ``sentencepiece`` and ``protobuf`` packages."""
-    from transformers import AutoTokenizer
+    from transformers import AutoTokenizer, MistralConfig
 
     try:
-        return AutoTokenizer.from_pretrained(src)
+        # The LM's config, not the folder's: AutoTokenizer read config.json's llava_mistral and
+        # warned on every conversion that the model type "is not supported and can yield
+        # errors"; Mistral's also names the tokenizer class if tokenizer_config.json does not.
+        return AutoTokenizer.from_pretrained(src, config=MistralConfig())
     except (ImportError, ValueError, OSError, RuntimeError) as exc:
         if (src / "tokenizer.json").exists():
             raise InputError(src, "unreadable tokenizer", first_line(exc)) from exc
