@@ -48,7 +48,6 @@ from llavamed.llm.client import (
     check_sampling,
     estimate_tokens,
     for_each_concurrently,
-    lookup_price,
 )
 from llavamed.utils.io import JsonlAppender, atomic_write_json, exclusive_lock, iter_jsonl
 
@@ -484,9 +483,9 @@ def run_instruct(opts: InstructOptions) -> tuple[dict, int]:
             "truncated_by_max_tokens_this_run": outcome.length_cut,
             "totals": summarise(ordered, selected),
             "this_run": outcome.stats,
-            "price_per_mtok": lookup_price(opts.client.model)
-            if opts.client.price_in is None
-            else [opts.client.price_in, opts.client.price_out],
+            # The prices the costs were computed with: with only --price-out given, the report
+            # named the table's prices for the model (or a null output price with --price-in).
+            "price_per_mtok": opts.client.prices(),
             "fingerprint": fp,
             "prompts": prompts.source,
         }
