@@ -75,6 +75,21 @@ def test_prompt_override_dir(tmp_path):
         load_prompts(tmp_path / "missing")
 
 
+def test_a_system_prompt_in_another_encoding_or_with_a_bom(tmp_path):
+    """A Latin-1 system prompt was a UnicodeDecodeError traceback, a folder by that name an
+    IsADirectoryError one; a UTF-8 byte-order mark went to the model as the first character."""
+    sp = tmp_path / "system_prompt.txt"
+    sp.write_bytes("\ufeffBe brief.\n".encode())
+    assert load_prompts(tmp_path).system == "Be brief."
+    sp.write_bytes("Sois bref et m\u00e9dical.".encode("latin-1"))
+    with pytest.raises(InputError, match="system prompt is not UTF-8 text"):
+        load_prompts(tmp_path)
+    sp.unlink()
+    sp.mkdir()
+    with pytest.raises(InputError, match="cannot read the system prompt"):
+        load_prompts(tmp_path)
+
+
 GOOD_TURNS = [{"from": "human", "value": "What?"}, {"from": "gpt", "value": "A CT."}]
 
 

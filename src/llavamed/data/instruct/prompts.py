@@ -46,7 +46,14 @@ def load_prompts(directory: str | os.PathLike | None = None) -> InstructPrompts:
         return default / name
 
     sys_path, fs_path = pick(SYSTEM_FILE), pick(FEW_SHOT_FILE)
-    system = sys_path.read_text(encoding="utf-8").strip()
+    try:
+        # utf-8-sig: a byte-order mark (a Windows editor's) went to the model as the prompt's
+        # first character; text in another encoding, or a folder by that name, was a traceback.
+        system = sys_path.read_text(encoding="utf-8-sig").strip()
+    except UnicodeDecodeError as exc:
+        raise InputError(sys_path, "system prompt is not UTF-8 text", str(exc)) from None
+    except OSError as exc:
+        raise InputError(sys_path, "cannot read the system prompt", exc.strerror) from None
     if not system:
         raise InputError(sys_path, "empty system prompt")
     few = read_json(fs_path)
