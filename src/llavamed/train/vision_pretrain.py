@@ -398,14 +398,28 @@ def split_pairs(
     return train, val
 
 
-def _check_batch(train: list[Pair], val: list[Pair], cfg: VisionPretrainConfig) -> None:
-    if len(train) < cfg.batch_size:
+def _check_batch(
+    train: list[Pair], val: list[Pair], cfg: VisionPretrainConfig, unreadable: dict | None = None
+) -> None:
+    if len(train) >= cfg.batch_size:
+        return
+    if unreadable:
+        # Every image missing (a wrong image_folder) said only "0 < 64 ... lower batch_size",
+        # and pointed to a report that a failed run never writes.
+        path, reason = next(iter(sorted(unreadable.items())))
         raise InputError(
             cfg.data,
-            "fewer training pairs than batch_size",
-            f"{len(train)} < {cfg.batch_size}; {len(val)} held out by val_fraction="
-            f"{cfg.val_fraction}; lower batch_size or val_fraction",
+            "too few readable images for batch_size",
+            f"{len(train)} readable training pair(s) < {cfg.batch_size}; {len(unreadable)} "
+            f"image(s) unreadable, e.g. {path}: {reason}; image paths are read under "
+            f"{cfg.image_folder or Path(cfg.data).parent}",
         )
+    raise InputError(
+        cfg.data,
+        "fewer training pairs than batch_size",
+        f"{len(train)} < {cfg.batch_size}; {len(val)} held out by val_fraction="
+        f"{cfg.val_fraction}; lower batch_size or val_fraction",
+    )
 
 
 # ---- images ----------------------------------------------------------------------------------------
@@ -873,9 +887,9 @@ def train_vision(cfg: VisionPretrainConfig, progress: bool = True) -> VisionPret
         train_imgs = val_imgs = None
     if bad_records and is_main:
         print(skipped_records_note(cfg.data, bad_records), file=sys.stderr)
+    _check_batch(train_pairs, val_pairs, cfg, bad_images)
     if bad_images and is_main:
         print(skipped_images_note(bad_images), file=sys.stderr)
-    _check_batch(train_pairs, val_pairs, cfg)
     captions = [p.caption for p in train_pairs]
     # Pairs whose captions read the same are each other's positives in the global loss.
     caption_ids: dict[str, int] = {}
