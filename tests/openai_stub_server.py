@@ -28,7 +28,8 @@ body that is cut JSON), ``nostream`` (a plain JSON completion whatever ``stream`
 ``failed`` (half the text with ``finish_reason: error``, as OpenRouter reports a generation
 that broke off; ``abort`` is vLLM's word for the same), ``garbled`` (valid JSON in the wrong
 shapes: a message that is a string; streamed, ``choices`` a string) and ``badfinish``
-(``finish_reason`` a list).
+(``finish_reason`` a list), ``filtered`` (the text cut at its last 10 characters,
+``finish_reason: content_filter``, as Azure OpenAI's output filter sends it).
 
 Run standalone (used by benchmarks, which want the server out of the client's process):
 ``python tests/openai_stub_server.py --latency 0.2`` prints ``PORT <n>`` and serves until killed.
@@ -276,6 +277,8 @@ class _Handler(BaseHTTPRequestHandler):
             text, finish = text[:-10], "length"
         if behaviour == "failed":
             text, finish = text[: len(text) // 2], "error"
+        if behaviour == "filtered":  # Azure's output filter: the text cut where it tripped
+            text, finish = text[:-10], "content_filter"
         prompt_chars = sum(len(str(m.get("content", ""))) for m in body.get("messages", []))
         usage = {
             "prompt_tokens": prompt_chars // 4 + 1,

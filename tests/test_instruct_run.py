@@ -625,3 +625,31 @@ def test_the_report_names_the_prices_its_costs_were_computed_with(stub, tmp_path
     t = report["totals"]
     want = (t["prompt_tokens"] * pin + t["completion_tokens"] * pout) / 1e6
     assert t["cost_usd"] == pytest.approx(want, rel=1e-4) and want > 0
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_reply_cut_by_a_content_filter_loses_its_cut_answer(tmp_path, stream):
+    """Azure OpenAI's output filter cuts a reply where it trips (finish_reason content_filter,
+    text kept): the cut answer ("... near the bor") was kept as training data."""
+    two_turns = (
+        "User: What is shown?\nAssistant: A chest radiograph.\n\n"
+        "User: Where is the opacity?\nAssistant: In the right lower lobe, near the border."
+    )
+    replies = {"PMC00000_F0": two_turns, "PMC00001_F1": two_turns.split("\n\n")[0]}
+
+    def responder(body: dict) -> str:
+        return replies[body["messages"][-1]["content"].split("[")[1].split("]")[0]]
+
+    with StubServer(responder=responder) as srv:
+        opts = make_opts(srv, tmp_path, n=2, min_turns=1)
+        opts.client.stream = stream
+        srv.default = "filtered"
+        report, rc = run_instruct(opts)
+        assert rc == 0 and srv.count == 2
+        (sample,) = json.loads(opts.out.read_text())
+        assert [t["value"] for t in sample["conversations"]][1] == "A chest radiograph."
+        assert len(sample["conversations"]) == 2
+        t = report["totals"]
+        assert t["turns_dropped_by_reason"]["cut_by_content_filter"] == 2
+        assert t["dropped_by_reason"] == {"cut_by_content_filter": 1}
+        assert t["dropped_examples"] == {"cut_by_content_filter": ["PMC00001_F1"]}
