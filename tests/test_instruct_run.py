@@ -616,11 +616,12 @@ def test_an_output_that_is_a_folder_is_refused_before_any_request(stub, tmp_path
 @pytest.mark.parametrize("given", [{"price_out": 1000.0}, {"price_in": 1000.0}])
 def test_the_report_names_the_prices_its_costs_were_computed_with(stub, tmp_path, given):
     """With only --price-out, the report named gpt-4o's table prices ([2.5, 10.0]) beside a cost
-    computed at (0, 1000); with only --price-in, an output price of null."""
+    computed at (0, 1000); with only --price-in, an output price of null. A price not given is
+    the table's (it was 0: --price-in alone made every output token free)."""
     opts = make_opts(stub, tmp_path, n=2)
     client = dataclasses.replace(opts.client, model="gpt-4o", **given)
     report, _ = run_instruct(dataclasses.replace(opts, client=client))
-    pin, pout = given.get("price_in", 0.0), given.get("price_out", 0.0)
+    pin, pout = given.get("price_in", 2.5), given.get("price_out", 10.0)
     assert list(report["price_per_mtok"]) == [pin, pout]
     t = report["totals"]
     want = (t["prompt_tokens"] * pin + t["completion_tokens"] * pout) / 1e6

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import sqlite3
 import time
 
@@ -324,6 +325,15 @@ def test_azure_style_request(stub):
     o = opts(stub, api_key="k", api_version="2024-06-01")
     run(_chat(o))
     assert stub.count == 1  # the query string and api-key header are accepted
+
+
+def test_a_price_given_alone_overrides_only_its_own():
+    # --price-in alone made the output tokens free (and --price-out alone the prompt tokens).
+    o = ClientOptions(base_url="http://x", model="gpt-4o", price_in=1.0)
+    assert o.prices() == (1.0, 10.0)
+    assert dataclasses.replace(o, price_in=None, price_out=3.0).prices() == (2.5, 3.0)
+    assert ClientOptions(base_url="http://x", model="local", price_out=3.0).prices() == (0.0, 3.0)
+    assert ClientOptions(base_url="http://x", model="local").prices() is None
 
 
 def test_bad_options():

@@ -59,7 +59,12 @@ def add_client_arguments(parser: argparse.ArgumentParser, default_concurrency: i
     g.add_argument(
         "--price-in", type=float, metavar="USD", help="USD per 1M prompt tokens (overrides table)"
     )
-    g.add_argument("--price-out", type=float, metavar="USD", help="USD per 1M completion tokens")
+    g.add_argument(
+        "--price-out",
+        type=float,
+        metavar="USD",
+        help="USD per 1M completion tokens (overrides table)",
+    )
 
 
 def client_options_from_args(args: argparse.Namespace, default_cache: str | None):

@@ -217,9 +217,14 @@ class ClientOptions:
             raise LlavamedError("unreachable_after_s must be >= 0")
 
     def prices(self) -> tuple[float, float] | None:
-        if self.price_in is not None or self.price_out is not None:
-            return (self.price_in or 0.0, self.price_out or 0.0)
-        return lookup_price(self.model)
+        """(input, output) USD per 1M tokens: each given price overrides the table's price for
+        the model, and only that one (--price-in alone made the output tokens free)."""
+        table = lookup_price(self.model)
+        if self.price_in is None and self.price_out is None:
+            return table
+        pin = self.price_in if self.price_in is not None else (table[0] if table else 0.0)
+        pout = self.price_out if self.price_out is not None else (table[1] if table else 0.0)
+        return (pin, pout)
 
 
 @dataclass
