@@ -116,9 +116,10 @@ class VisionPretrainConfig:
     """``bf16`` (autocast; ~2.3x faster on CPUs with AVX512-BF16/AMX, far slower on AVX2-only
     ones), ``fp32``, or ``auto`` (bf16 where the hardware computes it; resolved at start)."""
     val_fraction: float = 0.05
-    """Share of the pairs held out for recall@k (below 0.5)."""
+    """Share of the pairs held out for recall@k (below 0.5), whole articles at a time."""
     val_max: int = 1000
-    """Held-out pairs for recall@k (chosen by a hash of the pair id, so stable across runs)."""
+    """At most this many held-out pairs for recall@k (chosen by a hash of the pair's article,
+    or of its id when the record names none, so stable across runs and appends)."""
     preload: bool = True
     """Decode all images into memory once (CPU default). ``false`` streams with DataLoader workers."""
     num_workers: int = 0
