@@ -423,3 +423,15 @@ def test_an_unreadable_report_is_not_a_finished_run(tmp_path, capsys):
     assert again.wall_time_s > 0 and again.report["steps"] == 2
     assert "unreadable" in capsys.readouterr().err
     assert json.loads((out / REPORT).read_text())["steps"] == 2
+
+
+def test_unreadable_images_are_named_in_the_report(tmp_path):
+    """They were counted in the report and named on stderr only, gone with the terminal."""
+    from llavamed.train.vision_vqa import run_from_config
+
+    data = make_vqa_rad(tmp_path / "rad", 10)  # + broken.png
+    res = run_from_config(_cfg(data, tmp_path / "out", steps=1, batch_size=4), progress=False)
+    broken = str(data / "VQA_RAD Image Folder" / "broken.png")
+    assert res.report["skipped_images"] == {broken: "corrupt image"}
+    md = (res.output_dir / "vision_vqa_report.md").read_text()
+    assert f"unreadable image {broken}: corrupt image" in md

@@ -186,6 +186,8 @@ class YesNoTable:
     labels: list[list[tuple[int, bool]]]
     questions: list[str]
     skipped: dict
+    skipped_images: dict = field(default_factory=dict)
+    """The images that failed to decode, ``{image: reason}``."""
 
 
 def collect_yes_no(cfg: VisionVQAConfig) -> tuple[dict[str, tuple[Any, list]], dict[str, int]]:
@@ -233,11 +235,13 @@ def load_yes_no(
     questions = sorted({q for _, qa in by_image.values() for q, _ in qa})
     qidx = {q: i for i, q in enumerate(questions)}
     pix, labels, skipped = [], [], dict(loader_bad or {})
+    bad: dict[str, str] = {}
     for key, (image, qa) in by_image.items():
         try:
             img = load_image(image, name=key)
         except InputError as err:
             skipped[err.reason] = skipped.get(err.reason, 0) + 1
+            bad[key] = err.reason
             print(f"llavamed train: skipped {err}", file=sys.stderr)
             continue
         pix.append(image_processor(images=[img], return_tensors="pt")["pixel_values"][0])
@@ -248,7 +252,8 @@ def load_yes_no(
             "no usable image for any yes/no question",
             "skipped: " + ", ".join(f"{n} {reason}" for reason, n in sorted(skipped.items())),
         )
-    return YesNoTable(torch.stack(pix), labels, questions, skipped), {"images": len(labels)}
+    table = YesNoTable(torch.stack(pix), labels, questions, skipped, bad)
+    return table, {"images": len(labels)}
 
 
 def image_processor(cfg: VisionVQAConfig, tower):
@@ -506,6 +511,8 @@ def train_vision_vqa(cfg: VisionVQAConfig, progress: bool = True) -> VisionVQARe
     report["data_key"], report["start_tower"] = data_key, start_key
     report["text_encoder"] = text_key
     report["skipped"] = table.skipped
+    # Named, not only counted (they were on stderr only, gone with the terminal).
+    report["skipped_images"] = dict(sorted(table.skipped_images.items()))
     report["questions"] = len(table.questions)
     if n_val:
         acc = _accuracy(
@@ -559,6 +566,10 @@ def report_markdown(report: dict) -> str:
         f"yes/no questions: {report['questions']}, wall: {report.get('wall_time_s', 0):.0f} s",
         f"- skipped: {report.get('skipped') or 'none'}",
     ]
+    bad = report.get("skipped_images") or {}
+    lines += [f"  - unreadable image {key}: {reason}" for key, reason in list(bad.items())[:20]]
+    if len(bad) > 20:
+        lines.append("  - ... (all of them in vision_vqa_report.json)")
     if "val_accuracy" in report:
         lines += [
             f"- held-out train-split images: yes/no accuracy {100 * report['val_accuracy']:.1f}% "
