@@ -171,3 +171,62 @@ def test_an_incomplete_embedded_cache_is_rebuilt(tmp_path, monkeypatch, damage):
     assert AutoModelForCausalLM.from_pretrained(got).num_parameters() > 100_000_000
     assert AutoTokenizer.from_pretrained(got)("hi")["input_ids"]
     assert sorted(p.name for p in tmp_path.iterdir()) == [embedded.EMBEDDED_LM_NAME]
+
+
+# --- transformers 4.x readers find a scaled RoPE ---------------------------------------------
+
+
+def test_a_scaled_rope_is_also_written_where_transformers_4_readers_look(tmp_path, one_thread):
+    """A Llama-3-style LM (``rope_type: llama3``): transformers 5 writes the scaling only in
+    ``rope_parameters`` and no ``rope_scaling``, so vLLM/SGLang on transformers 4.x, which
+    read the flat keys, ran the LM with unscaled rotary frequencies: other logits everywhere."""
+    from transformers import (
+        AutoTokenizer,
+        LlamaConfig,
+        LlamaForCausalLM,
+        LlavaForConditionalGeneration,
+    )
+
+    from llavamed.model.embedded import embedded_lm_dir
+
+    tok = AutoTokenizer.from_pretrained(embedded_lm_dir())
+    rope = {
+        "rope_type": "llama3",
+        "factor": 8.0,
+        "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 64,
+    }
+    cfg = LlamaConfig(
+        vocab_size=len(tok),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        max_position_embeddings=512,
+        rope_parameters=dict(rope, rope_theta=5e5),
+        tie_word_embeddings=True,
+    )
+    torch.manual_seed(0)
+    LlamaForCausalLM(cfg).save_pretrained(tmp_path / "lm")
+    tok.save_pretrained(tmp_path / "lm")
+    out = tmp_path / "ckpt"
+    assert (
+        main(["model", "init", "--out", str(out), "--lm", str(tmp_path / "lm"), "--vision", "tiny"])
+        == 0
+    )
+    text = json.loads((out / "config.json").read_text())["text_config"]
+    assert text.get("rope_scaling") == rope and text["rope_theta"] == 5e5
+    # A reader of the flat keys alone builds the same model.
+    flat = tmp_path / "flat"
+    shutil.copytree(out, flat)
+    full = json.loads((flat / "config.json").read_text())
+    del full["text_config"]["rope_parameters"]
+    (flat / "config.json").write_text(json.dumps(full))
+    ids = torch.tensor([[1, 5, 9, 200, 7, 3000, 42, 11]])
+    logits = [
+        LlavaForConditionalGeneration.from_pretrained(d).eval()(input_ids=ids).logits
+        for d in (out, flat)
+    ]
+    assert torch.allclose(logits[0], logits[1])

@@ -579,13 +579,24 @@ def add_legacy_rope_theta(folder: Path) -> None:
     """Also write ``text_config.rope_theta`` beside transformers 5's ``rope_parameters``.
     Readers built on transformers 4.x (vLLM, SGLang, older scripts) look only for the flat key
     and, not finding it, silently use 10,000 instead of SmolLM2's 1e5 or Mistral's 1e6:
-    every logit shifts. transformers 5 reads the flat key as the same value."""
+    every logit shifts. transformers 5 reads the flat key as the same value.
+
+    Likewise ``rope_scaling`` for a scaled RoPE (Llama 3's ``llama3``, ``yarn``, ``linear``
+    ...): transformers 5 writes no ``rope_scaling`` beside the scaling it keeps in
+    ``rope_parameters``, so those readers ran a Llama-3.x LM with unscaled rotary frequencies."""
     path = Path(folder) / "config.json"
     cfg = json.loads(path.read_text())
     text = cfg.get("text_config") or {}
-    theta = (text.get("rope_parameters") or {}).get("rope_theta")
+    params = text.get("rope_parameters") or {}
+    changed = False
+    theta = params.get("rope_theta")
     if theta is not None and "rope_theta" not in text:
         text["rope_theta"] = theta
+        changed = True
+    if params.get("rope_type") not in (None, "default") and not text.get("rope_scaling"):
+        text["rope_scaling"] = {k: v for k, v in params.items() if k != "rope_theta"}
+        changed = True
+    if changed:
         path.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
 
 
