@@ -654,3 +654,17 @@ def test_a_reply_cut_by_a_content_filter_loses_its_cut_answer(tmp_path, stream):
         assert t["turns_dropped_by_reason"]["cut_by_content_filter"] == 2
         assert t["dropped_by_reason"] == {"cut_by_content_filter": 1}
         assert t["dropped_examples"] == {"cut_by_content_filter": ["PMC00001_F1"]}
+
+
+def test_a_figures_file_with_no_usable_record_is_an_error_not_an_empty_output(stub, tmp_path):
+    """Every record skipped (no image, no caption) or none at all: OUT was written as [] with
+    exit 0, so a pipeline went on to train on nothing (data align fails on the same file)."""
+    opts = make_opts(stub, tmp_path, n=0)
+    with pytest.raises(LlavamedError, match="no figure to ask about .*missing_caption \\(bad1\\)"):
+        run_instruct(opts)
+    opts.figures.write_text("")
+    with pytest.raises(LlavamedError, match="no figure to ask about \\(it holds no records\\)"):
+        run_instruct(opts)
+    assert stub.count == 0 and sorted(p.name for p in tmp_path.iterdir()) == ["figures.jsonl"]
+    report, rc = run_instruct(dataclasses.replace(opts, dry_run=True))  # reports, writes nothing
+    assert rc == 0 and report["selected"] == 0

@@ -24,7 +24,8 @@ and dropped counts per reason, retries, tokens and cost is written to <OUT stem>
 Exit code 3 means some requests failed after all retries: re-run to fill them in. OUT then
 holds the figures finished so far; when none finished, OUT is not written. A request the server
 rejects (a 4xx other than 401/402/403/404, which stop the run) is asked again by the next run;
-when the server rejected every request of a run, the command fails with exit code 1."""
+when the server rejected every request of a run, the command fails with exit code 1, as it
+does when --figures holds no record it can ask about."""
 
 
 def register(subparsers) -> None:

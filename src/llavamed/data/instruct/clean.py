@@ -335,15 +335,16 @@ def parse_turns(raw: str) -> CleanResult:
     return CleanResult(turns, dropped)
 
 
-def drop_cut_answer(parsed: CleanResult, raw: str) -> None:
-    """For a reply cut off by max_tokens: drop the last pair when its answer is where the text
-    was cut ("...in the right lower lo"), not a complete turn followed by a cut question."""
+def drop_cut_answer(parsed: CleanResult, raw: str, reason: str = "cut_by_max_tokens") -> None:
+    """For a reply cut off (by max_tokens, or by a content filter): drop the last pair when its
+    answer is where the text was cut ("...in the right lower lo"), not a complete turn followed
+    by a cut question. The drop is counted under ``reason``."""
     if not parsed.turns:
         return
     tail = parsed.turns[-1][1][-24:]
     if _tidy(raw).endswith(tail):
         parsed.turns.pop()
-        parsed.dropped["cut_by_max_tokens"] += 1
+        parsed.dropped[reason] += 1
 
 
 def _capitalise(s: str) -> str:

@@ -39,7 +39,7 @@ from llavamed.data.instruct.prompts import (
 )
 from llavamed.data.instruct.select import round_robin
 from llavamed.errors import InputError, LlavamedError
-from llavamed.llm.args import refuse_overwriting_inputs
+from llavamed.llm.args import named_counts, refuse_overwriting_inputs
 from llavamed.llm.client import (
     MODEL_REFUSAL,
     ClientOptions,
@@ -52,6 +52,8 @@ from llavamed.llm.client import (
 from llavamed.utils.io import JsonlAppender, atomic_write_json, exclusive_lock, iter_jsonl
 
 EXIT_INCOMPLETE = 3
+# finish_reason values that cut a reply short, and the reason a pair or figure lost to it counts as
+CUT_REASONS = {"length": "cut_by_max_tokens", "content_filter": "cut_by_content_filter"}
 REQUEST_REJECTED = "request_rejected"
 
 
@@ -271,9 +273,13 @@ async def _generate(opts, prompts, pending, appender, fp, sources, bar) -> _RunO
                     outcome.failed_ids.add(pid)
                 return
             parsed = parse_turns(r.text)
+            # Azure OpenAI's output filter cuts a reply where it trips and says content_filter:
+            # the cut answer ("a large mass in the right lo") was kept as training data.
+            cut = CUT_REASONS.get(r.finish_reason or "")
             if r.finish_reason == "length":
                 outcome.length_cut += 1
-                drop_cut_answer(parsed, r.text)
+            if cut is not None:
+                drop_cut_answer(parsed, r.text, cut)
             cleaned = clean_turns(parsed.turns)
             drops = parsed.dropped + cleaned.dropped
             entry.update(
@@ -287,8 +293,8 @@ async def _generate(opts, prompts, pending, appender, fp, sources, bar) -> _RunO
             if not parsed.turns:
                 # Nothing usable: a reply cut before its first answer ended (raise --max-tokens),
                 # a reply with no text at all (finish_reason names why), or text in no format.
-                if r.finish_reason == "length":
-                    reason = "cut_by_max_tokens"
+                if cut is not None:
+                    reason = cut
                 elif not r.text.strip():
                     reason = "empty_reply"
                 else:
@@ -420,6 +426,13 @@ def run_instruct(opts: InstructOptions) -> tuple[dict, int]:
         report["input_errors"] = dict(input_errors)
         report["input_error_examples"] = input_examples
         return report, 0
+    if not selected:
+        # An empty OUT with exit 0 let a pipeline go on to train on nothing (data align, given
+        # the same file, fails): a file with no usable record is an input error.
+        why = "it holds no records"
+        if input_errors:
+            why = f"skipped {named_counts(dict(input_errors), input_examples)}"
+        raise LlavamedError(f"{opts.figures}: no figure to ask about ({why})")
     with exclusive_lock(partial.with_name(partial.name + ".lock"), "another `data instruct` run"):
         with JsonlAppender(partial) as appender:  # opening it repairs a torn last line
             done = done_ids()
@@ -463,7 +476,7 @@ def run_instruct(opts: InstructOptions) -> tuple[dict, int]:
         # With nothing finished (every request failed or was rejected) an empty OUT would only
         # let a pipeline go on to train on nothing; the report says why, and a re-run writes OUT.
         finished_any = any(not _asked_again(e) for e in ordered)
-        wrote_out = finished_any or not selected
+        wrote_out = finished_any
         if wrote_out:
             atomic_write_json(opts.out, samples, indent=1)
         report = {
