@@ -71,8 +71,11 @@ def test_prompt_override_dir(tmp_path):
     (tmp_path / "few_shot.json").write_text(json.dumps([{"fig_caption": "x"}]))
     with pytest.raises(InputError):
         load_prompts(tmp_path)
-    with pytest.raises(InputError):
+    with pytest.raises(InputError, match="prompt folder not found"):
         load_prompts(tmp_path / "missing")
+    # A file given for the folder was "prompt directory not found", though it is there.
+    with pytest.raises(InputError, match="is a file, not a folder.*system_prompt.txt"):
+        load_prompts(tmp_path / "system_prompt.txt")
 
 
 def test_a_system_prompt_in_another_encoding_or_with_a_bom(tmp_path):

@@ -38,7 +38,11 @@ def load_prompts(directory: str | os.PathLike | None = None) -> InstructPrompts:
     default = _default_dir()
     user = Path(directory) if directory else None
     if user is not None and not user.is_dir():
-        raise InputError(user, "prompt directory not found")
+        # A file given as --prompts was reported "not found": it is there, and not a folder.
+        what = "is a file, not a folder" if user.exists() else "prompt folder not found"
+        raise InputError(
+            user, what, "--prompts takes the folder holding system_prompt.txt and/or few_shot.json"
+        )
 
     def pick(name: str) -> Path:
         if user is not None and (user / name).exists():
