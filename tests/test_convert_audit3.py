@@ -88,3 +88,23 @@ def test_converting_llava_med_does_not_warn_that_its_model_type_is_unsupported(
     r = run_cli(["convert", "llava-med", str(original_llava_med[0]), str(tmp_path / "n")])
     assert r.returncode == 0, r.stderr[-600:]
     assert "llava_mistral" not in r.stderr and "not supported" not in r.stderr
+
+
+def test_a_native_llava_checkpoint_is_named_as_already_converted(
+    original_llava_med,  # noqa: F811
+    tiny_llava_dir,
+    tmp_path,
+):
+    """Converting an already converted (or composed) checkpoint said "model_type='llava' is a
+    Llama/Vicuna LLaVA; this converter writes LLaVA-Med v1.5 only", of a Mistral LLaVA-Med."""
+    import pytest
+
+    from llavamed.errors import InputError
+    from llavamed.model.convert.llava_med import convert_llava_med
+
+    done = convert_llava_med(original_llava_med[0], tmp_path / "native")
+    for src in (done, tiny_llava_dir):
+        with pytest.raises(InputError, match="already a native llava checkpoint") as info:
+            convert_llava_med(src, tmp_path / "again")
+        assert "Llama/Vicuna" not in str(info.value)
+    assert not (tmp_path / "again").exists()

@@ -200,6 +200,16 @@ def convert_llava_med(
     src_cfg = read_json(cfg_path)
     if not isinstance(src_cfg, dict):
         raise InputError(cfg_path, "config.json is not a JSON object")
+    if src_cfg.get("model_type") == "llava" and (
+        "text_config" in src_cfg or "vision_config" in src_cfg
+    ):
+        # transformers' own llava (a converted or composed checkpoint) was called "a
+        # Llama/Vicuna LLaVA", whatever its LM; the flat-config "llava" below is LLaVA v0/v1's.
+        raise InputError(
+            cfg_path,
+            "already a native llava checkpoint",
+            "nothing to convert: transformers, vLLM and llavamed load it as it is",
+        )
     if src_cfg.get("model_type") in ("llava_llama", "llava"):
         # A Llama/Vicuna LLaVA (LLaVA-Med v1.0, LLaVA-1.5) would pass every other check and come
         # out as a Mistral model prompted with [INST]: the wrong architecture and template.
