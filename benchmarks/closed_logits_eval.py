@@ -9,8 +9,9 @@ two recipes apart. This scores all of them by next-token logits (``llavamed.eval
 "yes" vs "no", one forward pass, no generation), ±1.7-2.4 points (95%) on ~1,700 questions, and
 the same questions with a blank image. Prints a markdown table: accuracy with its 95% interval,
 and blank accuracy (%), per checkpoint and set. The interval is the report's: a bootstrap that
-resamples images whole (several questions about one image are not independent draws; a Wilson
-interval over questions was about 1.5 times too narrow).
+resamples images whole, since several questions about one image are not independent draws (on
+the quickstart's sets it is as wide as a Wilson interval over questions; on sets with more
+closed questions per image it is wider).
 
 ``--per-question FILE`` keeps the counts per question text, to see which findings a model misses;
 ``--split train --limit 800`` scores a random 800 of the training questions, to tell a model that
