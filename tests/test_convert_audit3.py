@@ -108,3 +108,30 @@ def test_a_native_llava_checkpoint_is_named_as_already_converted(
             convert_llava_med(src, tmp_path / "again")
         assert "Llama/Vicuna" not in str(info.value)
     assert not (tmp_path / "again").exists()
+
+
+def test_model_init_on_an_unconverted_biomedclip_says_to_convert_it(
+    biomedclip_state_dict, tmp_path, capsys
+):
+    """BiomedCLIP as downloaded (open_clip_config.json + open_clip_pytorch_model.bin) given to
+    --vision was "not a vision preset or a folder with config.json (presets: ...)"."""
+    import json
+
+    import torch
+
+    from llavamed.cli import main
+
+    src = tmp_path / "BiomedCLIP"
+    src.mkdir()
+    torch.save(biomedclip_state_dict, src / "open_clip_pytorch_model.bin")
+    (src / "open_clip_config.json").write_text(json.dumps({"model_cfg": {}}))
+    for given in (src, src / "open_clip_pytorch_model.bin"):
+        capsys.readouterr()
+        assert main(["model", "init", "--out", str(tmp_path / "o"), "--vision", str(given)]) == 1
+        err = capsys.readouterr().err
+        assert "an open_clip model" in err and "llavamed convert biomedclip" in err
+    # Its conversion is what --vision reads.
+    tower = tmp_path / "tower"
+    assert main(["convert", "biomedclip", str(src), str(tower)]) == 0
+    out = tmp_path / "o"
+    assert main(["model", "init", "--out", str(out), "--lm", "tiny", "--vision", str(tower)]) == 0

@@ -140,6 +140,17 @@ def _load_vision(spec: ModelSpec) -> _Vision:
         return _Vision(cfg, None, list(OPENAI_CLIP_MEAN), list(OPENAI_CLIP_STD), has_cls=True)
     path = Path(spec.vision)
     if not (path / "config.json").exists():
+        from llavamed.model.convert.state_dict_io import WEIGHT_FILES
+
+        open_clip = [n for n in ("open_clip_config.json", *WEIGHT_FILES) if "open_clip" in n]
+        if path.name in open_clip or any((path / n).exists() for n in open_clip):
+            # BiomedCLIP as downloaded (open_clip files): say how to get the folder we read.
+            raise InputError(
+                spec.vision,
+                "an open_clip model, not a transformers vision folder",
+                f"convert it first: llavamed convert biomedclip {spec.vision} TOWER_DIR, "
+                "then --vision TOWER_DIR",
+            )
         raise InputError(
             spec.vision,
             "not a vision preset or a folder with config.json",
