@@ -627,3 +627,24 @@ def test_a_damaged_cache_row_is_a_miss_not_a_crash(stub, tmp_path, row):
     assert not b.cached and b.text == a.text and stats.cache_hits == 0 and stub.count == 2
     _, [c] = run(_chat(o))
     assert c.cached and c.text == a.text and stub.count == 2
+
+
+def test_a_lone_surrogate_in_a_message_is_sent_as_a_replacement_character(stub, tmp_path):
+    # A figures file's "\ud83d" escape (text cut inside a UTF-16 pair) decodes to a lone
+    # surrogate: UnicodeEncodeError out of the cache key, and out of httpx without a cache.
+    msgs = [{"role": "user", "content": "CT of the chest \ud83d with a nodule; é"}]
+    for cache in (None, str(tmp_path / "c.sqlite")):
+        _, [r] = run(_chat(opts(stub, cache_path=cache), messages=msgs))
+        assert not r.cached
+        assert (
+            stub.requests[-1]["messages"][0]["content"] == "CT of the chest \ufffd with a nodule; é"
+        )
+    _, [again] = run(_chat(opts(stub, cache_path=str(tmp_path / "c.sqlite")), messages=msgs))
+    assert again.cached and again.text == r.text and stub.count == 2
+    # Text UTF-8 can carry keeps the key it had: existing caches still hit.
+    c = LLMClient(opts(stub))
+    ok = [{"role": "user", "content": "é ü 中文"}]
+    assert c.key_for(ok, {}) == cache_key(
+        "stub", ok, {}, endpoint=stub.base_url + "/chat/completions"
+    )
+    run(c.aclose())

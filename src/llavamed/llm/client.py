@@ -392,6 +392,31 @@ def _extract_choice(data: Any) -> tuple[str, str | None, dict | None]:
     return content, choices[0].get("finish_reason"), usage
 
 
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def _scrub(obj: Any) -> Any:
+    if isinstance(obj, str):
+        return _SURROGATE.sub("\ufffd", obj)
+    if isinstance(obj, list):
+        return [_scrub(x) for x in obj]
+    if isinstance(obj, dict):
+        return {k: _scrub(v) for k, v in obj.items()}
+    return obj
+
+
+def _sendable(messages: list[dict]) -> list[dict]:
+    """``messages`` as UTF-8 can carry them. A lone surrogate (text cut inside a UTF-16 pair, as
+    a ``\\ud83d`` escape in a figures file decodes) raised UnicodeEncodeError out of the cache key
+    and out of httpx, a traceback that stopped the job; it becomes U+FFFD. Text without one is
+    returned as it is, so its cache key is unchanged."""
+    try:
+        json.dumps(messages, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:
+        return _scrub(messages)
+    return messages
+
+
 def _cached_result(hit: Any) -> ChatResult | None:
     """A cache row as a result, or None (a miss, asked again and overwritten) for a row that is
     not what :meth:`LLMClient.chat` writes: a damaged row raised AttributeError or TypeError out
@@ -538,7 +563,9 @@ class LLMClient:
         return cache_key(self.opts.model, messages, keyed, endpoint=self._endpoint)
 
     def is_cached(self, messages: list[dict], params: dict[str, Any], variant: int = 0) -> bool:
-        return self._cache is not None and self.key_for(messages, params, variant) in self._cache
+        if self._cache is None:
+            return False
+        return self.key_for(_sendable(messages), params, variant) in self._cache
 
     def cost(self, prompt_tokens: int, completion_tokens: int) -> float:
         if self._prices is None:
@@ -560,6 +587,7 @@ class LLMClient:
         """One chat completion. Raises :class:`LLMError` once retries are exhausted or on a
         non-retryable status. ``variant`` > 0 asks again with a distinct cache key (and seed)."""
         self.stats.calls += 1
+        messages = _sendable(messages)
         params = self.sampling_params(temperature, max_tokens, top_p, seed, variant)
         key = self.key_for(messages, params, variant)
         if use_cache and self._cache is not None:
