@@ -212,3 +212,18 @@ def test_out_naming_the_figures_file_is_refused_before_it_is_replaced(tmp_path, 
         assert main(["data", "align", "--figures", str(figs), "--out", str(out)]) == 1
         assert "--out would overwrite --figures" in capsys.readouterr().err
         assert figs.read_bytes() == before
+
+
+def test_a_lone_surrogate_in_a_caption_is_written_as_a_replacement_character(tmp_path, capsys):
+    """A caption's "\\ud83d" escape (text cut inside a UTF-16 pair) decodes to a lone surrogate:
+    writing alignment.json raised UnicodeEncodeError, a traceback after all the work."""
+    figs = tmp_path / "figures.jsonl"
+    rec = _records(1)[0]
+    (tmp_path / rec["image"]).parent.mkdir()
+    (tmp_path / rec["image"]).write_bytes(b"jpeg")
+    line = json.dumps(rec).replace("Caption 0.", "Chest CT \\ud83d with a nodule.")
+    figs.write_text(line + "\n")
+    out = tmp_path / "alignment.json"
+    assert main(["data", "align", "--figures", str(figs), "--out", str(out)]) == 0
+    (sample,) = json.loads(out.read_text(encoding="utf-8"))
+    assert sample["conversations"][1]["value"] == "Chest CT \ufffd with a nodule."

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import re
 from collections.abc import Iterable
 from functools import lru_cache
 from pathlib import Path
@@ -73,7 +74,10 @@ def alignment_sample(
 
 
 def clean_caption(caption: str) -> str:
-    """One line, and no literal ``<image>``: the trainer counts image tokens per sample."""
+    """One line, and no literal ``<image>``: the trainer counts image tokens per sample. A lone
+    surrogate (text cut inside a UTF-16 pair: a ``\\ud83d`` escape in the figures file) becomes
+    U+FFFD; writing the output raised UnicodeEncodeError, a traceback after all the work."""
+    caption = re.sub("[\ud800-\udfff]", "\ufffd", caption)
     return " ".join(caption.replace(IMAGE_TOKEN, " ").split())
 
 
