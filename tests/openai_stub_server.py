@@ -29,7 +29,8 @@ body that is cut JSON), ``nostream`` (a plain JSON completion whatever ``stream`
 that broke off; ``abort`` is vLLM's word for the same), ``garbled`` (valid JSON in the wrong
 shapes: a message that is a string; streamed, ``choices`` a string) and ``badfinish``
 (``finish_reason`` a list), ``filtered`` (the text cut at its last 10 characters,
-``finish_reason: content_filter``, as Azure OpenAI's output filter sends it).
+``finish_reason: content_filter``, as Azure OpenAI's output filter sends it), ``badgzip`` (a
+200 whose ``Content-Encoding: gzip`` body is not gzip, as a broken proxy sends it).
 
 Run standalone (used by benchmarks, which want the server out of the client's process):
 ``python tests/openai_stub_server.py --latency 0.2`` prints ``PORT <n>`` and serves until killed.
@@ -252,6 +253,9 @@ class _Handler(BaseHTTPRequestHandler):
             return
         if behaviour == "emptychoices":
             self._send(200, b'{"id": "x", "object": "chat.completion", "choices": []}')
+            return
+        if behaviour == "badgzip":  # a body its Content-Encoding does not decode
+            self._send(200, b"this is not gzip", {"Content-Encoding": "gzip"})
             return
         if behaviour == "badjson":
             self._send(200, b'{"id": "x", "choices": [{"message": {"content": "cut')

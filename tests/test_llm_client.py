@@ -59,7 +59,8 @@ def test_plain_success_counts_usage_and_cost(stub):
 
 
 @pytest.mark.parametrize(
-    "fault", ["429", "429ms", "500", "503", "malformed", "nochoices", "truncated", "reset"]
+    "fault",
+    ["429", "429ms", "500", "503", "malformed", "nochoices", "truncated", "reset", "badgzip"],
 )
 def test_retryable_faults_are_retried(stub, fault):
     stub.plan([fault, fault])
@@ -648,3 +649,10 @@ def test_a_lone_surrogate_in_a_message_is_sent_as_a_replacement_character(stub, 
         "stub", ok, {}, endpoint=stub.base_url + "/chat/completions"
     )
     run(c.aclose())
+
+
+def test_a_body_its_content_encoding_does_not_decode_is_retried_when_streaming_too(stub):
+    # httpx.DecodingError is no TransportError: a proxy's broken gzip escaped as a traceback.
+    stub.plan(["badgzip"])
+    stats, [r] = run(_chat(opts(stub, stream=True)))
+    assert r.attempts == 2 and stats.retry_reasons == {"malformed_response": 1}

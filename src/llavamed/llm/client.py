@@ -646,6 +646,11 @@ class LLMClient:
                 raise self._give_up(_unsendable(self._url, exc), attempt) from None
             except httpx.RemoteProtocolError as exc:
                 kind, detail, retry_after = "truncated_response", str(exc)[:200], None
+            except httpx.DecodingError as exc:
+                # A body its Content-Encoding does not decode (a proxy's broken gzip): not a
+                # TransportError, so it escaped as a traceback that stopped the job.
+                self._answered()
+                kind, detail, retry_after = "malformed_response", str(exc)[:200], None
             except httpx.TransportError as exc:
                 kind, detail, retry_after = "connection_error", type(exc).__name__, None
                 self._check_reachable("failed to connect", detail, attempt)
