@@ -458,16 +458,19 @@ def test_pairs_of_other_articles_that_share_an_id_stay_in_training(tmp_path):
     assert not {p.article for p in train} & {p.article for p in val}
 
 
-def test_a_wrong_image_folder_is_named_not_blamed_on_batch_size(tmp_path, capsys):
+@pytest.mark.parametrize("preload", [True, False])
+def test_a_wrong_image_folder_is_named_not_blamed_on_batch_size(tmp_path, capsys, preload):
     """Every image missing (image_folder pointing elsewhere) was 'fewer training pairs than
     batch_size (0 < 8)', with a stderr line sending the user to a report the failed run never
-    wrote."""
+    wrote; streamed (preload: false), a bare 'no readable images'."""
     from llavamed.errors import InputError
     from llavamed.train.vision_pretrain import run_from_config
     from test_vision_pretrain import _tiny_run, _write_pairs
 
     data = _write_pairs(tmp_path / "data", n=12)
-    cfg = _tiny_run(data, tmp_path / "run", max_steps=1, image_folder=str(tmp_path / "elsewhere"))
-    with pytest.raises(InputError, match=r"too few readable images .* under .*elsewhere"):
+    elsewhere = tmp_path / "elsewhere"
+    cfg = _tiny_run(data, tmp_path / "run", max_steps=1, image_folder=str(elsewhere))
+    cfg["preload"] = preload
+    with pytest.raises(InputError, match=r"readable images .*file not found.* under .*elsewhere"):
         run_from_config(cfg, progress=False)
     assert "stage0_report.json" not in capsys.readouterr().err

@@ -1324,7 +1324,13 @@ class _StepBatches:
                     bad.append((ii, exc.reason))
                     continue
         if not imgs:
-            raise InputError(self.cfg.data, "no readable images")
+            i, reason = bad[0]
+            raise InputError(
+                self.cfg.data,
+                "no readable images",
+                f"e.g. {self.ds.pairs[i].image}: {reason}; image paths are read under "
+                f"{self.cfg.image_folder or Path(self.cfg.data).parent}",
+            )
         return torch.stack(imgs), torch.tensor(keep), bad
 
 
