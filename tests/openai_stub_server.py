@@ -30,7 +30,9 @@ that broke off; ``abort`` is vLLM's word for the same), ``garbled`` (valid JSON 
 shapes: a message that is a string; streamed, ``choices`` a string) and ``badfinish``
 (``finish_reason`` a list), ``filtered`` (the text cut at its last 10 characters,
 ``finish_reason: content_filter``, as Azure OpenAI's output filter sends it), ``badgzip`` (a
-200 whose ``Content-Encoding: gzip`` body is not gzip, as a broken proxy sends it).
+200 whose ``Content-Encoding: gzip`` body is not gzip, as a broken proxy sends it),
+``deepjson`` (JSON nested past Python's recursion limit) and ``badusage`` (a usage block with
+``1e400`` and ``-5`` for counts).
 
 Run standalone (used by benchmarks, which want the server out of the client's process):
 ``python tests/openai_stub_server.py --latency 0.2`` prints ``PORT <n>`` and serves until killed.
@@ -257,6 +259,9 @@ class _Handler(BaseHTTPRequestHandler):
         if behaviour == "badgzip":  # a body its Content-Encoding does not decode
             self._send(200, b"this is not gzip", {"Content-Encoding": "gzip"})
             return
+        if behaviour == "deepjson":  # valid JSON nested past Python's recursion limit
+            self._send(200, b"[" * 100_000 + b"]" * 100_000)
+            return
         if behaviour == "badjson":
             self._send(200, b'{"id": "x", "choices": [{"message": {"content": "cut')
             return
@@ -330,6 +335,9 @@ class _Handler(BaseHTTPRequestHandler):
         if behaviour != "nousage":
             resp["usage"] = usage
         data = json.dumps(resp).encode()
+        if behaviour == "badusage":  # counts no int can hold, or below zero
+            usage_json = json.dumps(usage).encode()
+            data = data.replace(usage_json, b'{"prompt_tokens": 1e400, "completion_tokens": -5}')
         if behaviour == "truncated":
             self.send_response(200)
             self.send_header("Content-Type", "application/json")

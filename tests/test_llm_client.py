@@ -60,7 +60,18 @@ def test_plain_success_counts_usage_and_cost(stub):
 
 @pytest.mark.parametrize(
     "fault",
-    ["429", "429ms", "500", "503", "malformed", "nochoices", "truncated", "reset", "badgzip"],
+    [
+        "429",
+        "429ms",
+        "500",
+        "503",
+        "malformed",
+        "nochoices",
+        "truncated",
+        "reset",
+        "badgzip",
+        "deepjson",
+    ],  # fmt: skip
 )
 def test_retryable_faults_are_retried(stub, fault):
     stub.plan([fault, fault])
@@ -656,3 +667,12 @@ def test_a_body_its_content_encoding_does_not_decode_is_retried_when_streaming_t
     stub.plan(["badgzip"])
     stats, [r] = run(_chat(opts(stub, stream=True)))
     assert r.attempts == 2 and stats.retry_reasons == {"malformed_response": 1}
+
+
+def test_usage_counts_no_int_holds_or_below_zero_are_estimated(stub):
+    # "prompt_tokens": 1e400 parsed as inf and int(inf) raised OverflowError out of the client;
+    # a negative count went into the totals and the cost.
+    stub.plan(["badusage"])
+    stats, [r] = run(_chat(opts(stub, price_in=1.0, price_out=1.0)))
+    assert r.usage_estimated and r.prompt_tokens > 0 and r.completion_tokens > 0
+    assert stats.usage_estimated_responses == 1 and stats.cost_usd > 0

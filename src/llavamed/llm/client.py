@@ -449,7 +449,7 @@ def _error_code(text: str) -> str | None:
     """``error.code`` (else ``error.type``) of an OpenAI-style error body, or None."""
     try:
         err = json.loads(text).get("error")
-    except (json.JSONDecodeError, AttributeError):
+    except (json.JSONDecodeError, AttributeError, RecursionError):
         return None
     if not isinstance(err, dict):
         return None
@@ -718,7 +718,7 @@ class LLMClient:
         self._check_status(resp.status_code, resp.headers, resp.text)
         try:
             data = resp.json()
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:
             raise _Retryable("malformed_response", f"invalid JSON: {exc}") from exc
         return _extract_choice(data)
 
@@ -738,7 +738,7 @@ class LLMClient:
                 await resp.aread()
                 try:
                     data = json.loads(resp.text)
-                except json.JSONDecodeError as exc:
+                except (json.JSONDecodeError, RecursionError) as exc:
                     raise _Retryable("malformed_response", f"invalid JSON: {exc}") from exc
                 return _extract_choice(data)
             async for line in resp.aiter_lines():
@@ -751,7 +751,7 @@ class LLMClient:
                     break
                 try:
                     chunk = json.loads(data)
-                except json.JSONDecodeError as exc:
+                except (json.JSONDecodeError, RecursionError) as exc:
                     raise _Retryable("malformed_response", "bad SSE chunk") from exc
                 if not isinstance(chunk, dict):
                     raise _Retryable("malformed_response", "SSE chunk is not an object")
@@ -831,9 +831,9 @@ class LLMClient:
         try:
             pt = int(usage["prompt_tokens"]) if usage else None
             ct = int(usage["completion_tokens"]) if usage else None
-        except (KeyError, TypeError, ValueError):
+        except (KeyError, TypeError, ValueError, OverflowError):  # 1e400 is inf: OverflowError
             pt = ct = None
-        if pt is None or ct is None:
+        if pt is None or ct is None or pt < 0 or ct < 0:
             pt, ct, estimated = est_prompt, estimate_tokens(text), True
             self.stats.usage_estimated_responses += 1
         if self._tpm is not None:
