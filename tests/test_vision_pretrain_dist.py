@@ -143,3 +143,44 @@ def test_the_time_budget_stops_every_process_at_the_same_step(tmp_path):
     out = str(tmp_path / "stop")
     mp.spawn(_stop_worker, args=(2, _free_port(), out), nprocs=2, join=True)
     assert torch.load(f"{out}.0") == torch.load(f"{out}.1") == [True, False]
+
+
+def _odd_batch_worker(rank: int, world: int, port: int, data: str, out: str):
+    import torch.distributed as dist
+
+    from llavamed.errors import ConfigError
+    from llavamed.train.vision_pretrain import run_from_config
+
+    os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = "127.0.0.1", str(port)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        cfg = {"data": data, "output_dir": out, "vision": "tiny", "batch_size": 7,
+               "probe_images_per_domain": 0, "precision": "fp32", "max_steps": 1}  # fmt: skip
+        try:
+            run_from_config(cfg, progress=False)
+            msg = "no error"
+        except ConfigError as exc:
+            msg = str(exc)
+        torch.save(msg, f"{out}.{rank}")
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+    os._exit(0)
+
+
+@pytest.mark.slow
+def test_a_batch_the_processes_cannot_share_is_refused_before_decoding(tmp_path):
+    """batch_size=7 on 2 processes was refused only after every image was decoded and cached
+    and every caption embedded."""
+    from pathlib import Path
+
+    import torch.multiprocessing as mp
+
+    from test_vision_pretrain import _write_pairs
+
+    data = _write_pairs(tmp_path / "data", n=16)
+    out = str(tmp_path / "run")
+    mp.spawn(_odd_batch_worker, args=(2, _free_port(), str(data), out), nprocs=2, join=True)
+    for rank in (0, 1):
+        assert "batch_size=7 is not divisible by 2 processes" in torch.load(f"{out}.{rank}")
+    assert not (Path(out) / "cache").exists()

@@ -849,6 +849,9 @@ def train_vision(cfg: VisionPretrainConfig, progress: bool = True) -> VisionPret
         ):
             return VisionPretrainResult(out, tower_dir, report, time.time() - t_start)
 
+    local_b = cfg.batch_size // world
+    if local_b * world != cfg.batch_size:  # before the images are decoded, not after
+        raise ConfigError(f"batch_size={cfg.batch_size} is not divisible by {world} processes")
     tower = load_tower(cfg.vision, cfg.seed)
     # Here, not as an IndexError at the first step, after the captions were embedded.
     check_tower_layer(cfg.feature_layer, tower)
@@ -939,9 +942,6 @@ def train_vision(cfg: VisionPretrainConfig, progress: bool = True) -> VisionPret
     )
     steps_per_epoch = len(train_pairs) // cfg.batch_size
     total = cfg.max_steps or max(1, int(round(cfg.epochs * steps_per_epoch)))
-    local_b = cfg.batch_size // world
-    if local_b * world != cfg.batch_size:
-        raise ConfigError(f"batch_size={cfg.batch_size} is not divisible by {world} processes")
 
     step, trained_s = 0, 0.0
     state_path = out / STATE_FILE
