@@ -135,3 +135,23 @@ def test_model_init_on_an_unconverted_biomedclip_says_to_convert_it(
     assert main(["convert", "biomedclip", str(src), str(tower)]) == 0
     out = tmp_path / "o"
     assert main(["model", "init", "--out", str(out), "--lm", "tiny", "--vision", str(tower)]) == 0
+
+
+def test_biomedclip_fine_tuned_with_the_siglip_loss_converts(biomedclip_state_dict, tmp_path):
+    """open_clip's --siglip fine-tuning adds a ``logit_bias`` beside ``logit_scale``; neither is
+    part of the vision tower, but the bias was refused as an unmapped source key."""
+    import pytest
+    import torch
+
+    from llavamed.errors import InputError
+    from llavamed.model.convert.biomedclip import convert_biomedclip
+
+    sd = dict(biomedclip_state_dict, logit_bias=torch.tensor(-10.0))
+    torch.save(sd, tmp_path / "siglip.pt")
+    assert (convert_biomedclip(tmp_path / "siglip.pt", tmp_path / "t") / "config.json").is_file()
+    # Still strict about what is neither the tower nor CLIP's own.
+    torch.save(dict(sd, **{"visual.trunk.fc_norm.weight": torch.ones(32)}), tmp_path / "x.pt")
+    with pytest.raises(
+        InputError, match=r"unmapped source keys \(visual\.trunk\.fc_norm\.weight\)"
+    ):
+        convert_biomedclip(tmp_path / "x.pt", tmp_path / "u")

@@ -26,7 +26,20 @@ BLOCK_MAP = {
     "mlp.fc1": "mlp.fc1",
     "mlp.fc2": "mlp.fc2",
 }
-DROPPED_PREFIXES = ("visual.head.", "text.", "logit_scale")
+DROPPED_PREFIXES = (
+    "visual.head.",
+    # The text tower: BiomedCLIP's (an HF BERT under text.*) or open_clip's built-in one.
+    "text.",
+    "transformer.",
+    "token_embedding.",
+    "positional_embedding",
+    "ln_final.",
+    "text_projection",
+    "attn_mask",
+    # CLIP's temperature, and the bias a SigLIP-loss fine-tune (open_clip --siglip) adds.
+    "logit_scale",
+    "logit_bias",
+)
 
 
 def map_biomedclip_state_dict(sd: dict, num_heads: int | None = None, source: str = "<state dict>"):
