@@ -117,6 +117,11 @@ def test_held_out_recall_matches_a_hand_count():
         ("probe_images_per_domain=-5", "probe_images_per_domain"),
         ("probe_domains=[chest_xray,lungs]", r"probe_domains=\['chest_xray', 'lungs'\]"),
         ("crop_ratio=[0.8,inf]", "crop_ratio"),
+        # A bare number or a word was a TypeError or ValueError traceback.
+        ("crop_scale=0.5", r"crop_scale=0.5: give \[min, max\]"),
+        ("crop_scale=[a,b]", r"crop_scale=\['a', 'b'\]: give \[min, max\] as two numbers"),
+        ("crop_ratio=[null,1]", "crop_ratio=.*two numbers"),
+        ("crop_ratio=[true,1]", "crop_ratio=.*two numbers"),
     ],
 )
 def test_nonsense_stage0_settings_are_named_before_training(override, words):

@@ -237,9 +237,16 @@ def make_config(
     out = from_dict(VisionPretrainConfig, data)
     for k in ("crop_scale", "crop_ratio"):
         v = getattr(out, k)
-        if len(v) != 2:
-            raise ConfigError(f"{k}={list(v)}: give [min, max]")
-        setattr(out, k, tuple(float(x) for x in v))
+        # A bare number (crop_scale=0.5) or a word in the list was a TypeError or ValueError
+        # traceback.
+        if not isinstance(v, list | tuple) or len(v) != 2:
+            raise ConfigError(f"{k}={v!r}: give [min, max]")
+        try:
+            if any(isinstance(x, bool) for x in v):
+                raise TypeError
+            setattr(out, k, tuple(float(x) for x in v))
+        except (TypeError, ValueError):
+            raise ConfigError(f"{k}={list(v)}: give [min, max] as two numbers") from None
     _resolve_paths(out)
     out.validate()
     return out
