@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 from collections import Counter
 
 import pytest
@@ -232,6 +233,21 @@ def test_text_after_the_last_turn_is_not_part_of_the_answer(raw):
     r = parse_turns(raw)
     assert r.turns == [("What is shown?", "A chest X-ray."), ("Any effusion?", "No.")]
     assert clean_turns(r.turns).turns == r.turns
+
+
+def test_a_run_of_hashes_parses_in_linear_time():
+    """A small model's degenerate line of "#" (or "# # #") took 2**n steps to fail the speaker
+    pattern: 24 of them 15 s, 30 several minutes, all of it blocking the job's event loop."""
+    for junk in ("#" * 24, "#" * 24 + "x", "# " * 24 + "x", "#" * 5000):
+        t = time.monotonic()
+        r = parse_turns(f"User: What is shown?\nAssistant: A chest X-ray.\n{junk}")
+        assert time.monotonic() - t < 1.0
+        assert r.turns[0][0] == "What is shown?"
+    # Headings and numbering before a speaker still mark it.
+    r = parse_turns(
+        "### User: What?\n## Assistant: A CT.\n#1. User: Where?\n# # Assistant: Abdomen."
+    )
+    assert r.turns == [("What?", "A CT."), ("Where?", "Abdomen.")]
 
 
 def test_multi_paragraph_answers_are_kept_whole():

@@ -43,7 +43,7 @@ _EMPH = r"(?:\*\*|__|\*|_)"
 # A speaker marker at the start of a line: optional bullets/numbering/headings/quote marks,
 # optional emphasis, the role word, an optional number ("Q1", "User 2"), a colon, emphasis again.
 _LINE_MARKER = re.compile(
-    r"^\s*(?:(?:[-*•>]|#+|\d+[.)]|\(\d+\))\s*)*"
+    r"^\s*(?:(?:[-*•>#]|\d+[.)]|\(\d+\))\s*)*"
     rf"{_EMPH}?\s*\[?(?P<role>user|human|assistant|gpt|ai|question|answer|q|a)\]?"
     rf"(?:\s*\d+)?\s*{_EMPH}?\s*[:：]\s*{_EMPH}?\s*",
     re.IGNORECASE,
@@ -54,7 +54,9 @@ _INLINE_MARKER = re.compile(
     rf"(?<=\S)[ \t]+(?={_EMPH}?(?:User|Assistant|Human)\s*{_EMPH}?:)"
     rf"|(?<=[.?!\"')\]])[ \t]+(?={_EMPH}?(?i:user|assistant|human)\s*{_EMPH}?:)"
 )
-_PREFIX_ONLY = re.compile(r"^\s*(?:(?:[-*•>]|#+|\d+[.)]|\(\d+\))\s*)*$")
+# One "#" per repetition: "#+" inside the starred group matched a run of n "#" in 2**n ways, and a
+# line of 30 "#" (a small model's degenerate output) took minutes to fail, blocking the event loop.
+_PREFIX_ONLY = re.compile(r"^\s*(?:(?:[-*•>#]|\d+[.)]|\(\d+\))\s*)*$")
 _STOP_LINE = re.compile(r"^\s*(?:#+\s*)?(?:\*\*)?figure (?:caption|context)\s*(?:\*\*)?\s*:", re.I)
 # A horizontal rule ("---", "***", "___", spaced or longer) ends the turn it follows: what comes
 # after it up to the next speaker is a separator's aftermath ("Note: generated from the caption").
