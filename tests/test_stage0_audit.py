@@ -479,3 +479,19 @@ def test_a_wrong_image_folder_is_named_not_blamed_on_batch_size(tmp_path, capsys
     with pytest.raises(InputError, match=r"readable images .*file not found.* under .*elsewhere"):
         run_from_config(cfg, progress=False)
     assert "stage0_report.json" not in capsys.readouterr().err
+
+
+def test_a_folder_that_is_no_text_encoder_is_named(tmp_path):
+    """text_encoder= a vision tower's folder (config.json, no tokenizer) was a multi-line
+    ValueError traceback from transformers."""
+    from transformers import CLIPVisionConfig, CLIPVisionModel
+
+    from llavamed.errors import InputError
+    from llavamed.train.text_encoder import TextEncoder
+
+    conf = CLIPVisionConfig(
+        hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2
+    )
+    CLIPVisionModel(conf).save_pretrained(tmp_path / "tower")
+    with pytest.raises(InputError, match=r"tower: not a text encoder folder"):
+        TextEncoder(str(tmp_path / "tower"))

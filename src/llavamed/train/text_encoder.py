@@ -64,8 +64,17 @@ class TextEncoder:
         self.name = name
         self.path = resolve_text_encoder(name)
         self.max_length = max_length
-        self.tokenizer = AutoTokenizer.from_pretrained(self.path)
-        self.model = AutoModel.from_pretrained(self.path)
+        try:
+            self.tokenizer = AutoTokenizer.from_pretrained(self.path)
+            self.model = AutoModel.from_pretrained(self.path)
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            # A folder without a tokenizer (a vision tower's, say) was a multi-line ValueError
+            # traceback from transformers.
+            from llavamed.errors import first_line
+
+            raise InputError(
+                self.path, "not a text encoder folder (a tokenizer and a model)", first_line(exc)
+            ) from None
         limit = _max_positions(self.model.config)
         if limit is not None and max_length > limit:
             # Captions longer than the position table failed mid-embedding with "The size of
