@@ -235,7 +235,7 @@ def test_text_after_the_last_turn_is_not_part_of_the_answer(raw):
     assert clean_turns(r.turns).turns == r.turns
 
 
-def test_a_run_of_hashes_parses_in_linear_time():
+def test_a_run_of_hashes_or_blanks_parses_in_linear_time():
     """A small model's degenerate line of "#" (or "# # #") took 2**n steps to fail the speaker
     pattern: 24 of them 15 s, 30 several minutes, all of it blocking the job's event loop."""
     for junk in ("#" * 24, "#" * 24 + "x", "# " * 24 + "x", "#" * 5000):
@@ -243,6 +243,16 @@ def test_a_run_of_hashes_parses_in_linear_time():
         r = parse_turns(f"User: What is shown?\nAssistant: A chest X-ray.\n{junk}")
         assert time.monotonic() - t < 1.0
         assert r.turns[0][0] == "What is shown?"
+    # A run of blanks made the patterns starting with whitespace quadratic: 8,000 spaces 15 s.
+    for blanks in (" " * 20_000, "\t" * 20_000, "\u00a0" * 20_000):
+        t = time.monotonic()
+        r = parse_turns(
+            f"User: What?\nAssistant: A CT{blanks}scan.\n{blanks}\nUser: Q2?\nAssistant: No."
+        )
+        assert time.monotonic() - t < 1.0 and clean_turns(r.turns).turns[0] == (
+            "What?",
+            "A CT scan.",
+        )
     # Headings and numbering before a speaker still mark it.
     r = parse_turns(
         "### User: What?\n## Assistant: A CT.\n#1. User: Where?\n# # Assistant: Abdomen."

@@ -249,6 +249,17 @@ def _tidy(text: str) -> str:
     return text
 
 
+# A run of blanks (spaces, tabs, NBSP...: a small model's degenerate reply holds thousands) made
+# the patterns that start with whitespace (speaker markers, source asides) quadratic: 8,000 spaces
+# took 15 s, blocking the job's event loop. One blank does for any run; the cleaned answers
+# squeezed such runs anyway.
+_BLANK_RUN = re.compile(r"[^\S\n]{2,}")
+
+
+def _squeeze(raw: str) -> str:
+    return _BLANK_RUN.sub(" ", raw.replace("\r\n", "\n"))
+
+
 def _split_inline(line: str) -> str:
     """Break "Q? Assistant: A. User: Q2?" into lines, but not "1. User:" or "### User:"."""
     out, last = [], 0
@@ -278,7 +289,7 @@ def parse_turns(raw: str) -> CleanResult:
     note or closing remark ("Note: ...", "I hope this helps!"); text cut that way is counted as
     ``trailing_text``."""
     dropped: Counter = Counter()
-    text = "\n".join(_split_inline(line) for line in raw.replace("\r\n", "\n").split("\n"))
+    text = "\n".join(_split_inline(line) for line in _squeeze(raw).split("\n"))
     segments: list[list] = []  # [role, [lines]]
     preamble = False
     # A rule line ended the last segment: text until the next speaker is dropped.
@@ -344,7 +355,7 @@ def drop_cut_answer(parsed: CleanResult, raw: str, reason: str = "cut_by_max_tok
     if not parsed.turns:
         return
     tail = parsed.turns[-1][1][-24:]
-    if _tidy(raw).endswith(tail):
+    if _tidy(_squeeze(raw)).endswith(tail):
         parsed.turns.pop()
         parsed.dropped[reason] += 1
 
