@@ -635,6 +635,9 @@ def test_a_damaged_cache_row_is_a_miss_not_a_crash(stub, tmp_path, row):
     db.execute("UPDATE responses SET value = ?", (row,))
     db.commit()
     db.close()
+    c = LLMClient(o)  # --dry-run's count: a damaged row is a request to pay for
+    assert not c.is_cached(MSGS, c.sampling_params())
+    run(c.aclose())
     stats, [b] = run(_chat(o))
     assert not b.cached and b.text == a.text and stats.cache_hits == 0 and stub.count == 2
     _, [c] = run(_chat(o))

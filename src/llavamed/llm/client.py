@@ -565,7 +565,9 @@ class LLMClient:
     def is_cached(self, messages: list[dict], params: dict[str, Any], variant: int = 0) -> bool:
         if self._cache is None:
             return False
-        return self.key_for(_sendable(messages), params, variant) in self._cache
+        # As chat() reads it: a damaged row is asked again, so --dry-run counts it to be paid.
+        key = self.key_for(_sendable(messages), params, variant)
+        return _cached_result(self._cache.get(key)) is not None
 
     def cost(self, prompt_tokens: int, completion_tokens: int) -> float:
         if self._prices is None:
