@@ -35,7 +35,10 @@ shapes: a message that is a string; streamed, ``choices`` a string) and ``badfin
 ``1e400`` and ``-5`` for counts).
 
 Run standalone (used by benchmarks, which want the server out of the client's process):
-``python tests/openai_stub_server.py --latency 0.2`` prints ``PORT <n>`` and serves until killed.
+``python tests/openai_stub_server.py --latency 0.2`` prints ``PORT <n>`` and serves until its
+standard input closes (or it is killed), so it dies with the process that started it. Started in
+the background from a script, whose stdin is ``/dev/null``, it exits at once: keep its stdin open
+(``... < <(sleep infinity) &``).
 """
 
 from __future__ import annotations
