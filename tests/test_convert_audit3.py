@@ -155,3 +155,30 @@ def test_biomedclip_fine_tuned_with_the_siglip_loss_converts(biomedclip_state_di
         InputError, match=r"unmapped source keys \(visual\.trunk\.fc_norm\.weight\)"
     ):
         convert_biomedclip(tmp_path / "x.pt", tmp_path / "u")
+
+
+def test_a_checkpoint_naming_an_unknown_template_is_refused_naming_its_metadata(
+    tiny_llava_dir, tmp_path
+):
+    """llavamed.json with "template": "mistral" (a hand edit, a typo): training from it skipped
+    every sample as "--template: unknown template 'mistral'" and stopped with "no training
+    samples left", blaming the data and a flag nobody gave."""
+    import shutil
+
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(tiny_llava_dir, ckpt)
+    meta = json.loads((ckpt / "llavamed.json").read_text())
+    (ckpt / "llavamed.json").write_text(json.dumps(meta | {"template": "mistral"}))
+    data = make_bright_dark(tmp_path / "data", 4)
+    cfg = tiny_config(data, tmp_path / "run", max_steps=1, global_batch_size=4)
+    cfg["model"] = {"from": str(ckpt)}
+    (tmp_path / "run.yaml").write_text(yaml.safe_dump(cfg))
+    r = run_cli(["train", str(tmp_path / "run.yaml")])
+    assert r.returncode != 0
+    assert f"{ckpt / 'llavamed.json'}: unknown conversation template" in r.stderr
+    assert "skipping" not in r.stderr and "--template" not in r.stderr
+    # model.template overrides it, as the message says.
+    cfg["model"]["template"] = "chatml"
+    (tmp_path / "run.yaml").write_text(yaml.safe_dump(cfg))
+    r = run_cli(["train", str(tmp_path / "run.yaml")])
+    assert r.returncode == 0, r.stderr[-600:]

@@ -100,7 +100,18 @@ def checkpoint_template(path: str | Path, default: str | None = None) -> str:
     """The conversation template a checkpoint was built with (from ``llavamed.json``, else
     recognised in its saved chat template: checkpoints trained from a converted one recorded
     none)."""
-    name = read_meta(path).get("template") or _saved_template(path) or default
+    from llavamed.model.templates import TEMPLATES
+
+    saved = read_meta(path).get("template")
+    if saved is not None and saved not in TEMPLATES:
+        # Passed on, every training sample was skipped as "--template: unknown template",
+        # blamed on the data (and on a flag nobody gave) until none was left.
+        raise InputError(
+            Path(path) / CHECKPOINT_META,
+            "unknown conversation template",
+            f"template={saved!r}; choose from {', '.join(TEMPLATES)} (or set model.template)",
+        )
+    name = saved or _saved_template(path) or default
     if name is None:
         raise InputError(
             path,
