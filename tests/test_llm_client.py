@@ -679,3 +679,24 @@ def test_usage_counts_no_int_holds_or_below_zero_are_estimated(stub):
     stats, [r] = run(_chat(opts(stub, price_in=1.0, price_out=1.0)))
     assert r.usage_estimated and r.prompt_tokens > 0 and r.completion_tokens > 0
     assert stats.usage_estimated_responses == 1 and stats.cost_usd > 0
+
+
+def test_an_api_key_pasted_with_surrounding_whitespace_is_sent_without_it(stub, monkeypatch):
+    # "sk-abc " or "sk-abc\n" in the variable could not go into a header: the job stopped with
+    # "the request cannot be sent"; a key of blanks only is no key.
+    import argparse
+
+    from llavamed.llm.args import add_client_arguments, client_options_from_args
+
+    p = argparse.ArgumentParser()
+    add_client_arguments(p)
+    args = p.parse_args(["--base-url", stub.base_url, "--model", "stub", "--api-key-env", "K"])
+    for value, sent in ((" sk-abc \n", "sk-abc"), ("  ", None)):
+        monkeypatch.setenv("K", value)
+        o = client_options_from_args(args, None)
+        assert o.api_key == sent
+    monkeypatch.setenv("K", "sk-abc \n")
+    _, [r] = run(
+        _chat(dataclasses.replace(client_options_from_args(args, None), backoff_base=0.01))
+    )
+    assert r.text.startswith("User:")

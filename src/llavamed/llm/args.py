@@ -82,7 +82,9 @@ def client_options_from_args(args: argparse.Namespace, default_cache: str | None
     return ClientOptions(
         base_url=args.base_url,
         model=args.model,
-        api_key=os.environ.get(args.api_key_env) or None,
+        # A key pasted with a trailing space or newline (an .env file, `echo` into a variable)
+        # could not be sent in a header and stopped the job; no API key holds whitespace.
+        api_key=(os.environ.get(args.api_key_env) or "").strip() or None,
         api_version=args.api_version,
         concurrency=args.concurrency,
         rpm=args.rpm,
