@@ -161,3 +161,31 @@ def test_a_reader_that_goes_away_ends_the_command_quietly():
         os.close(write_end)
     assert proc.returncode == 141, proc.stderr
     assert proc.stderr == ""
+
+
+def test_eval_commands_take_a_run_folder_as_serve_does(tiny_llava_dir, tmp_path, capsys):
+    """`--model runs/x` means runs/x/checkpoint-final for serve, chat, web and train's model.from;
+    eval vqa and eval answer said "config.json missing". A run folder's answers are the
+    checkpoint's own: resuming through the direct path generates nothing new."""
+    import shutil
+
+    from test_eval_answer import _qa50, _vqa_rad
+
+    run = tmp_path / "run"
+    shutil.copytree(tiny_llava_dir, run / "checkpoint-final")
+    data = _vqa_rad(tmp_path)
+    vqa = ["eval", "vqa", "--dataset", "vqa-rad", "--data", str(data), "--out"]
+    vqa += [str(tmp_path / "ev"), "--limit", "2", "--max-new-tokens", "2", "--bootstrap", "10"]
+    assert main([*vqa, "--model", str(run)]) == 0, capsys.readouterr().err
+    q, img = _qa50(tmp_path)
+    answer = ["eval", "answer", "--questions", str(q), "--images", str(img)]
+    answer += ["--out", str(tmp_path / "a.jsonl"), "--max-new-tokens", "2"]
+    assert main([*answer, "--model", str(run)]) == 0, capsys.readouterr().err
+    capsys.readouterr()
+    assert main([*vqa, "--model", str(run / "checkpoint-final")]) == 0
+    assert main([*answer, "--model", str(run / "checkpoint-final")]) == 0
+    assert "0 answered, 2 already done" in capsys.readouterr().err
+    assert len((tmp_path / "ev" / "answers.jsonl").read_text().splitlines()) == 2
+    # A folder that is neither says what it looked for.
+    assert main([*answer, "--model", str(tmp_path / "nowhere")]) == 1
+    assert "no config.json (and no checkpoint-final/ inside)" in capsys.readouterr().err

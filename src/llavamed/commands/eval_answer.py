@@ -19,7 +19,12 @@ def register(sub) -> None:
         ),
         formatter_class=DefaultsHelpFormatter,
     )
-    p.add_argument("--model", required=True, help="transformers-native LLaVA checkpoint folder")
+    p.add_argument(
+        "--model",
+        required=True,
+        help="transformers-native LLaVA checkpoint folder, or a training run's folder (its "
+        "checkpoint-final)",
+    )
     p.add_argument("--questions", required=True, help="qa50-shaped questions JSONL")
     p.add_argument(
         "--images", required=True, help="folder the records' 'image' names resolve against"
@@ -38,10 +43,12 @@ def run(args) -> int:
     import sys
 
     from llavamed.eval.answer import answer_questions
+    from llavamed.model.checkpoint import resolve_checkpoint
     from llavamed.utils.precision import model_dtype
 
+    # A run folder means its checkpoint-final, as for serve, chat, web and train's model.from.
     r = answer_questions(
-        args.model,
+        resolve_checkpoint(args.model),
         args.questions,
         args.images,
         args.out,

@@ -47,7 +47,12 @@ def register(sub) -> None:
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("--model", required=True, help="transformers-native LLaVA checkpoint folder")
+    p.add_argument(
+        "--model",
+        required=True,
+        help="transformers-native LLaVA checkpoint folder, or a training run's folder (its "
+        "checkpoint-final)",
+    )
     p.add_argument(
         "--dataset",
         required=True,
@@ -133,6 +138,7 @@ def run(args) -> int:
     from llavamed.eval.report import write_report
     from llavamed.eval.vqa_data import load_vqa
     from llavamed.eval.vqa_runner import fmt_pct, run_vqa_eval
+    from llavamed.model.checkpoint import resolve_checkpoint
     from llavamed.utils.precision import model_dtype
 
     samples, rep = load_vqa(
@@ -142,8 +148,11 @@ def run(args) -> int:
     if not samples:
         raise InputError(args.data, "no usable samples", f"split={args.split}")
     out = Path(args.out or f"eval_{args.dataset}_{args.split}")
+    # A run folder means its checkpoint-final, as for train's model.from, serve, chat and web
+    # (`--model runs/stage2` said "config.json missing"); answers name it as the direct path does.
+    model = resolve_checkpoint(args.model)
     res = run_vqa_eval(
-        args.model,
+        model,
         samples,
         out,
         batch_size=args.batch_size,
