@@ -609,6 +609,12 @@ def test_an_output_that_is_a_folder_is_refused_before_any_request(stub, tmp_path
     for kw, flag in (({"out": tmp_path / "dir"}, "--out"), ({"report_path": tmp_path / "dir"}, "--report")):  # fmt: skip
         with pytest.raises(LlavamedError, match=f"{flag} is a folder"):
             run_instruct(dataclasses.replace(opts, **kw))
+    # A file where a folder of the path should be: "figures.jsonl: File exists" at the end.
+    under_file = opts.figures / "sub" / "report.json"
+    with pytest.raises(
+        LlavamedError, match=f"--report cannot be written: {opts.figures} is a file"
+    ):
+        run_instruct(dataclasses.replace(opts, report_path=under_file))
     assert stub.count == 0
     assert sorted(p.name for p in tmp_path.iterdir()) == ["dir", "figures.jsonl"]
 

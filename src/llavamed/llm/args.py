@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import os
+from pathlib import Path
 
 # -- CLI glue shared by the commands that call an LLM -----------------------------------------
 
@@ -120,8 +121,17 @@ def refuse_overwriting_inputs(
     from llavamed.errors import LlavamedError
 
     for oname, out in outputs.items():
-        if out is not None and os.path.isdir(out):
+        if out is None:
+            continue
+        if os.path.isdir(out):
             raise LlavamedError(f"{out}: {oname} is a folder; give a file path")
+        # A file where a folder of the path should be ("figures.jsonl/report.json"): the job ran
+        # and paid, then failed at its end with "figures.jsonl: File exists".
+        for parent in Path(os.path.abspath(out)).parents:
+            if parent.exists():
+                if not parent.is_dir():
+                    raise LlavamedError(f"{out}: {oname} cannot be written: {parent} is a file")
+                break
 
     def same(a: str | os.PathLike, b: str | os.PathLike) -> bool:
         try:
