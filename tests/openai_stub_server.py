@@ -31,7 +31,8 @@ shapes: a message that is a string; streamed, ``choices`` a string) and ``badfin
 (``finish_reason`` a list), ``filtered`` (the text cut at its last 10 characters,
 ``finish_reason: content_filter``, as Azure OpenAI's output filter sends it), ``badgzip`` (a
 200 whose ``Content-Encoding: gzip`` body is not gzip, as a broken proxy sends it),
-``deepjson`` (JSON nested past Python's recursion limit) and ``badusage`` (a usage block with
+``deepjson`` (JSON nested past Python's recursion limit), ``surrogate`` (the text ending in a
+lone ``\\ud83d`` escape, half an emoji) and ``badusage`` (a usage block with
 ``1e400`` and ``-5`` for counts).
 
 Run standalone (used by benchmarks, which want the server out of the client's process):
@@ -289,6 +290,8 @@ class _Handler(BaseHTTPRequestHandler):
             text, finish = text[:-10], "length"
         if behaviour == "failed":
             text, finish = text[: len(text) // 2], "error"
+        if behaviour == "surrogate":  # half an emoji: JSON's "\ud83d" escape, a lone surrogate
+            text += " \ud83d"
         if behaviour == "filtered":  # Azure's output filter: the text cut where it tripped
             text, finish = text[:-10], "content_filter"
         prompt_chars = sum(len(str(m.get("content", ""))) for m in body.get("messages", []))

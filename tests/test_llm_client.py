@@ -700,3 +700,17 @@ def test_an_api_key_pasted_with_surrounding_whitespace_is_sent_without_it(stub, 
         _chat(dataclasses.replace(client_options_from_args(args, None), backoff_base=0.01))
     )
     assert r.text.startswith("User:")
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_reply_holding_a_lone_surrogate_is_cached_with_a_replacement_character(
+    stub, tmp_path, stream
+):
+    # A "\ud83d" escape in the reply (half an emoji) could not be encoded for the cache or the
+    # job's log: UnicodeEncodeError stopped the job.
+    stub.plan(["surrogate"])
+    o = opts(stub, stream=stream, cache_path=str(tmp_path / "c.sqlite"))
+    _, [r] = run(_chat(o))
+    assert r.text.endswith(" \ufffd") and r.text.startswith("User:")
+    _, [again] = run(_chat(o))
+    assert again.cached and again.text == r.text

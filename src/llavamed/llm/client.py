@@ -829,6 +829,9 @@ class LLMClient:
         charge: int,
         attempts: int,
     ) -> ChatResult:
+        # A reply holding a lone surrogate (a "\\ud83d" escape: half an emoji cut at max_tokens)
+        # could be neither cached nor logged: UnicodeEncodeError stopped the job.
+        text = _SURROGATE.sub("\ufffd", text)
         estimated = False
         try:
             pt = int(usage["prompt_tokens"]) if usage else None
