@@ -435,3 +435,24 @@ def test_unreadable_images_are_named_in_the_report(tmp_path):
     assert res.report["skipped_images"] == {broken: "corrupt image"}
     md = (res.output_dir / "vision_vqa_report.md").read_text()
     assert f"unreadable image {broken}: corrupt image" in md
+
+
+def test_a_run_killed_before_its_markdown_report_writes_it_on_the_re_run(tmp_path, monkeypatch):
+    """The JSON report (the mark of a finished run) was written before report.md: a run killed
+    between the two was found finished on the re-run and never wrote report.md."""
+    import llavamed.train.vision_vqa as vv
+
+    data = make_vqa_rad(tmp_path / "rad", 10)
+    cfg = _cfg(data, tmp_path / "out", steps=2, batch_size=4)
+    real = vv.atomic_write_text
+
+    def killed(path, *a, **kw):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(vv, "atomic_write_text", killed)
+    with pytest.raises(KeyboardInterrupt):
+        vv.run_from_config(cfg, progress=False)
+    monkeypatch.setattr(vv, "atomic_write_text", real)
+    res = vv.run_from_config(cfg, progress=False)
+    assert res.report["steps"] == 2
+    assert (tmp_path / "out" / "vision_vqa_report.md").exists()

@@ -532,8 +532,10 @@ def train_vision_vqa(cfg: VisionVQAConfig, progress: bool = True) -> VisionVQARe
         }
     _save_tower(tower.model, tower, tower.image_size, tower_dir)
     report["wall_time_s"] = round(time.time() - t0, 1)
-    atomic_write_json(report_path, report)
+    # The JSON report marks the run finished, so it is written last: a run killed between the
+    # two was found finished and never wrote its report.md.
     atomic_write_text(out / "vision_vqa_report.md", report_markdown(report))
+    atomic_write_json(report_path, report)
     if finished:
         state_path.unlink(missing_ok=True)  # the report and tower now stand for the whole run
     return VisionVQAResult(out, tower_dir, report, time.time() - t0)
