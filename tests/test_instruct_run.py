@@ -357,7 +357,10 @@ def test_dry_run_calls_nothing(stub, tmp_path):
     [
         (["--max-tokens", "-500"], "--max-tokens must be >= 1"),  # dry run estimated < 0 tokens
         (["--max-tokens", "0"], "--max-tokens must be >= 1"),
-        (["--temperature", "-1"], "--temperature must be >= 0"),
+        (["--temperature", "-1"], "--temperature must be a finite number >= 0"),
+        # inf passed ">= 0" and httpx refused to encode it: a ValueError traceback
+        (["--temperature", "inf"], "--temperature must be a finite number >= 0"),
+        (["--price-in", "inf"], "--price-in must be a finite number >= 0"),  # "Infinity" in JSON
         (["--max-retries", "-1"], "--max-retries must be >= 0"),
         # --cache "$UNSET" turned the cache off without a word
         (["--cache", ""], "--cache: empty path; give a file, or 'none'"),

@@ -133,8 +133,9 @@ def check_sampling(max_tokens: int, temperature: float) -> None:
     negative)."""
     if max_tokens < 1:
         raise LlavamedError(f"--max-tokens must be >= 1 (got {max_tokens})")
-    if not temperature >= 0:  # also NaN
-        raise LlavamedError(f"--temperature must be >= 0 (got {temperature})")
+    # NaN fails ">= 0"; inf passed it, and httpx refused to encode it: a ValueError traceback.
+    if not (temperature >= 0 and math.isfinite(temperature)):
+        raise LlavamedError(f"--temperature must be a finite number >= 0 (got {temperature})")
 
 
 def lookup_price(model: str) -> tuple[float, float] | None:
@@ -209,8 +210,8 @@ class ClientOptions:
             raise LlavamedError("--max-retries must be >= 0")
         for name in ("price_in", "price_out"):
             v = getattr(self, name)
-            if v is not None and not v >= 0:
-                raise LlavamedError(f"--{name.replace('_', '-')} must be >= 0")
+            if v is not None and not (v >= 0 and math.isfinite(v)):  # inf: "Infinity" in JSON
+                raise LlavamedError(f"--{name.replace('_', '-')} must be a finite number >= 0")
         if self.max_silent_attempts < 1:
             raise LlavamedError("max_silent_attempts must be >= 1")
         if self.unreachable_after_s < 0:
