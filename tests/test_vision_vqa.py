@@ -317,8 +317,11 @@ def test_a_finished_run_stays_done_under_another_budget_but_not_under_other_inpu
     for r in recs:
         r["answer"] = {"yes": "no", "no": "yes"}.get(r["answer"], r["answer"])
     (data / "VQA_RAD Dataset Public.json").write_text(json.dumps(recs))
+    capsys.readouterr()
     flipped = run_from_config(_cfg(data, out, **kw), progress=False)
     assert flipped.wall_time_s > 0 and flipped.report["data_key"] != done.report["data_key"]
+    # ... and says why it trains again (it did so without a word).
+    assert "finished run with other settings (the VQA data)" in capsys.readouterr().err
 
     # New weights behind the same starting-tower path: another run.
     first = run_from_config(_cfg(data, tmp_path / "from", **kw, vision=str(start)), progress=False)

@@ -387,6 +387,22 @@ def train_vision_vqa(cfg: VisionVQAConfig, progress: bool = True) -> VisionVQARe
             done = old.get("steps", 0) >= cfg.steps
             if done or old_config.get("time_budget_min") == cfg.time_budget_min:
                 return VisionVQAResult(out, tower_dir, old, 0.0)
+        elif not (out / STATE_FILE).exists():
+            # Its tower was trained over again from step 0 without a word (a resume state, when
+            # there is one, says what changed below).
+            why = recipe_changes(old_config)
+            for name, k_old, k_new in (
+                ("the VQA data", old.get("data_key", data_key), data_key),
+                ("the starting tower's weights", old.get("start_tower", start_key), start_key),
+                ("the text encoder's files", old.get("text_encoder", text_key), text_key),
+            ):
+                if k_old != k_new:
+                    why.append(name)
+            print(
+                f"stage 0b: {out} holds a finished run with other settings ({', '.join(why)}); "
+                "training again from step 0",
+                file=sys.stderr,
+            )
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(cfg.seed)
     tower = load_tower(cfg.vision, seed=cfg.seed)
