@@ -182,3 +182,18 @@ def test_a_checkpoint_naming_an_unknown_template_is_refused_naming_its_metadata(
     (tmp_path / "run.yaml").write_text(yaml.safe_dump(cfg))
     r = run_cli(["train", str(tmp_path / "run.yaml")])
     assert r.returncode == 0, r.stderr[-600:]
+
+
+def test_a_template_of_the_wrong_type_in_llavamed_json_is_one_line(tiny_llava_dir, tmp_path):
+    import shutil
+
+    import pytest
+
+    from llavamed.errors import InputError
+
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(tiny_llava_dir, ckpt)
+    meta = json.loads((ckpt / "llavamed.json").read_text())
+    (ckpt / "llavamed.json").write_text(json.dumps(meta | {"template": ["chatml"]}))
+    with pytest.raises(InputError, match=r"llavamed.json: unknown conversation template"):
+        checkpoint_template(ckpt)  # was a TypeError: unhashable type: 'list'

@@ -103,7 +103,7 @@ def checkpoint_template(path: str | Path, default: str | None = None) -> str:
     from llavamed.model.templates import TEMPLATES
 
     saved = read_meta(path).get("template")
-    if saved is not None and saved not in TEMPLATES:
+    if saved is not None and (not isinstance(saved, str) or saved not in TEMPLATES):
         # Passed on, every training sample was skipped as "--template: unknown template",
         # blamed on the data (and on a flag nobody gave) until none was left.
         raise InputError(
