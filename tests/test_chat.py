@@ -164,7 +164,7 @@ def test_cli_bad_sampling_value_is_a_config_error(command, tmp_path, capsys):
 
     rc = main([command, "--model", str(tmp_path / "absent"), "--top-p", "1.5"])
     assert rc == 1
-    assert "top_p must be in (0, 1]" in capsys.readouterr().err
+    assert "top_p must be in [0, 1]" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("value", ["nan", "inf"])

@@ -245,3 +245,211 @@ def test_a_prompt_far_over_the_context_is_refused_without_tokenizing(engine):
     finally:
         engine.prepare = prepare
         srv.stop()
+
+
+# --- what OpenAI does with the same request ----------------------------------------------------
+
+
+def text_body(**extra) -> dict:
+    return {
+        "model": "tiny-llava",
+        "max_tokens": 4,
+        "messages": [{"role": "user", "content": "hi"}],
+        **extra,
+    }
+
+
+def test_top_p_zero_is_accepted_as_the_most_probable_token(engine):
+    """OpenAI's top_p runs from 0 to 1; a client sending top_p=0 for determinism got a 400, and
+    the sampler itself dropped every token at 0 (multinomial on all zeros)."""
+    srv = serve_in_background(engine, max_completion_tokens=8)
+    try:
+        greedy = post(srv, text_body(temperature=0)).json()["choices"][0]["message"]["content"]
+        for seed in (1, 2, 3):
+            r = post(srv, text_body(temperature=1.0, top_p=0, seed=seed))
+            assert r.status_code == 200, r.text
+            assert r.json()["choices"][0]["message"]["content"] == greedy
+        # Unrestricted sampling at the same temperature differs, so the test can fail.
+        free = {
+            post(srv, text_body(temperature=1.0, seed=s)).json()["choices"][0]["message"]["content"]
+            for s in (1, 2, 3)
+        }
+        assert free != {greedy}
+        r = post(srv, text_body(top_p=1.01))
+        assert r.status_code == 400 and r.json()["error"]["param"] == "top_p"
+    finally:
+        srv.stop()
+
+
+@pytest.mark.parametrize(
+    "messages, param, words",
+    [
+        ([{"role": "user", "content": None}], "messages[0].content", "required in a user message"),
+        ([{"role": "user"}], "messages[0].content", "required in a user message"),
+        ([{"role": "user", "content": []}], "messages[0].content", "empty array"),
+        (
+            [{"role": "system", "content": None}, {"role": "user", "content": "hi"}],
+            "messages[0].content",
+            "required in a system message",
+        ),
+        (
+            [
+                {"role": "user", "content": "hi"},
+                {"role": "assistant", "content": []},
+                {"role": "user", "content": "and?"},
+            ],
+            "messages[1].content",
+            "empty array",
+        ),
+    ],
+)
+def test_a_message_without_content_is_a_400_as_in_openai(engine, messages, param, words):
+    """An empty user turn prompted the model with nothing and was answered (200)."""
+    srv = serve_in_background(engine)
+    try:
+        r = post(srv, text_body(messages=messages))
+        assert r.status_code == 400, r.text
+        err = r.json()["error"]
+        assert err["param"] == param and words in err["message"], err
+        # An assistant turn may go without content (it called tools), as in OpenAI.
+        ok = [
+            {"role": "user", "content": "hi"},
+            {"role": "assistant", "content": None},
+            {"role": "user", "content": "and?"},
+        ]
+        assert post(srv, text_body(messages=ok)).status_code == 200
+    finally:
+        srv.stop()
+
+
+@pytest.mark.parametrize("constant", ["NaN", "Infinity", "-Infinity"])
+def test_nan_and_infinity_are_not_json(engine, constant):
+    """Python's json module takes them; a NaN temperature was refused as 'less than or equal to
+    2', which sends the client looking for a value over 2."""
+    srv = serve_in_background(engine)
+    try:
+        raw = (
+            '{"model": "tiny-llava", "max_tokens": 2, "temperature": ' + constant + ", "
+            '"messages": [{"role": "user", "content": "hi"}]}'
+        )
+        r = httpx.post(
+            srv.base_url + "/chat/completions",
+            content=raw,
+            headers={"Content-Type": "application/json"},
+            timeout=60,
+        )
+        assert r.status_code == 400, r.text
+        msg = r.json()["error"]["message"]
+        assert msg == f"request body is not valid JSON ({constant} is not a JSON number)"
+    finally:
+        srv.stop()
+
+
+def test_logprobs_are_refused_instead_of_answered_with_null(engine):
+    """A client asking for logprobs read choices[0].logprobs.content from a 200 whose logprobs
+    was null."""
+    srv = serve_in_background(engine)
+    try:
+        for extra, param in [
+            ({"logprobs": True}, "logprobs"),
+            ({"logprobs": True, "top_logprobs": 2}, "logprobs"),
+            ({"top_logprobs": 3}, "top_logprobs"),
+        ]:
+            r = post(srv, text_body(**extra))
+            assert r.status_code == 400, r.text
+            err = r.json()["error"]
+            assert err["param"] == param and "not supported" in err["message"]
+        for extra in ({"logprobs": False}, {"logprobs": None}, {"top_logprobs": 0}):
+            assert post(srv, text_body(**extra)).status_code == 200
+        r = post(srv, text_body(logprobs="yes"))
+        assert r.status_code == 400 and r.json()["error"]["param"] == "logprobs"
+    finally:
+        srv.stop()
+
+
+def test_a_max_completion_tokens_error_names_that_field(engine):
+    srv = serve_in_background(engine, max_completion_tokens=8)
+    try:
+        body = text_body()
+        del body["max_tokens"]
+        r = post(srv, {**body, "max_completion_tokens": 9})
+        err = r.json()["error"]
+        assert r.status_code == 400 and err["param"] == "max_completion_tokens"
+        assert err["message"] == "max_completion_tokens 9 exceeds the server limit 8"
+        r = post(srv, {**body, "max_tokens": 9})
+        assert r.status_code == 400 and r.json()["error"]["param"] == "max_tokens"
+    finally:
+        srv.stop()
+
+
+# --- llavamed chat -------------------------------------------------------------------------------
+
+
+def reader(script):
+    """A ``read`` for run_chat that returns the script's lines and raises its exceptions."""
+    it = iter(script)
+
+    def read(_prompt):
+        item = next(it)
+        if isinstance(item, BaseException):
+            raise item
+        return item
+
+    return read
+
+
+def test_ctrl_c_at_the_prompt_asks_for_a_second_one_before_leaving(engine):
+    """A Ctrl-C meant for an answer that had just ended landed on the prompt and ended the chat,
+    losing the conversation; as in Node's REPL, it now takes two in a row."""
+    from llavamed.serve.chat import ChatSession, run_chat
+    from llavamed.serve.engine import SamplingParams
+
+    session = ChatSession(engine, params=SamplingParams(max_tokens=2, temperature=0))
+    out = io.StringIO()
+    script = ["hello", KeyboardInterrupt(), "again", KeyboardInterrupt(), EOFError()]
+    assert run_chat(session, read=reader(script), out=out) == 0
+    assert out.getvalue().count("Ctrl-C again, Ctrl-D or /quit to leave") == 2
+    assert len(session.messages) == 4  # both questions were answered: the chat went on
+
+    session.reset()
+    out = io.StringIO()
+    script = ["hello", KeyboardInterrupt(), KeyboardInterrupt(), "never read"]
+    assert run_chat(session, read=reader(script), out=out) == 0
+    assert len(session.messages) == 2
+
+
+def test_chat_says_when_an_answer_was_cut_by_the_token_limit(engine):
+    from llavamed.serve.chat import ChatSession, run_chat
+    from llavamed.serve.engine import SamplingParams
+
+    session = ChatSession(engine, params=SamplingParams(max_tokens=3, temperature=0))
+    session.engine.eos_ids, eos = set(), session.engine.eos_ids  # no early end of turn
+    try:
+        out = io.StringIO()
+        run_chat(session, read=reader(["hello", EOFError()]), out=out)
+        assert "[cut at 3 tokens: --max-tokens]" in out.getvalue()
+        assert session.finish_reason == "length"
+        # --prompt prints the answer alone: scripts read stdout.
+        session.reset()
+        out = io.StringIO()
+        assert run_chat(session, prompt="hello", out=out) == 0
+        assert "[cut" not in out.getvalue()
+    finally:
+        session.engine.eos_ids = eos
+
+
+def test_chat_image_refuses_a_fifo_or_device_instead_of_hanging(engine, tmp_path):
+    """/image /dev/stdin waited for the input the REPL reads; a FIFO blocked until written to;
+    /dev/zero was read until memory ran out."""
+    import os
+
+    from llavamed.errors import InputError
+    from llavamed.serve.chat import ChatSession
+
+    fifo = tmp_path / "scan.png"
+    os.mkfifo(fifo)
+    session = ChatSession(engine)
+    for path in (fifo, "/dev/zero"):
+        with pytest.raises(InputError, match="not a regular file"):
+            session.attach(path)
+    assert session.pending_image is None

@@ -210,14 +210,20 @@ def create_app(engine: Engine, settings: ServerSettings | None = None):
         check_auth(request)
         body = await read_body(request)
         try:
-            data = json.loads(body)
-        except (json.JSONDecodeError, UnicodeDecodeError, RecursionError):
+            data = json.loads(body, parse_constant=_not_json)
+        except (ValueError, RecursionError) as exc:  # JSONDecodeError and UnicodeDecodeError too
             # RecursionError: a few KB of nested brackets exhaust the parser's stack.
-            raise P.ProtocolError(400, "request body is not valid JSON") from None
+            why = f" ({exc})" if isinstance(exc, _NotJSON) else ""
+            raise P.ProtocolError(400, f"request body is not valid JSON{why}") from None
         req = P.parse_request(data)
         check_model(req.model)
         if req.n != 1:
             raise P.ProtocolError(400, "only n=1 is supported", param="n")
+        if req.logprobs or req.top_logprobs:
+            # Refused rather than ignored: the answer would carry "logprobs": null, and a
+            # client that asked for them reads choices[0].logprobs.content and fails there.
+            field = "logprobs" if req.logprobs else "top_logprobs"
+            raise P.ProtocolError(400, "logprobs are not supported by this server", param=field)
         hf_messages, refs = P.to_hf_messages(
             req.messages,
             allow_remote=settings.allow_remote_images,
@@ -268,20 +274,20 @@ def create_app(engine: Engine, settings: ServerSettings | None = None):
                 param="messages",
                 code="context_length_exceeded",
             )
-        asked = req.requested_max_tokens()
+        asked, field = req.requested_max_tokens(), req.max_tokens_param()
         cap = min(settings.max_completion_tokens, engine.max_context - n_prompt)
         if asked is not None and asked > settings.max_completion_tokens:
             raise P.ProtocolError(
                 400,
-                f"max_tokens {asked} exceeds the server limit {settings.max_completion_tokens}",
-                param="max_tokens",
+                f"{field} {asked} exceeds the server limit {settings.max_completion_tokens}",
+                param=field,
             )
         if asked is not None and asked > cap:
             raise P.ProtocolError(
                 400,
-                f"prompt ({n_prompt}) + max_tokens ({asked}) exceeds the "
+                f"prompt ({n_prompt}) + {field} ({asked}) exceeds the "
                 f"context window ({engine.max_context})",
-                param="max_tokens",
+                param=field,
                 code="context_length_exceeded",
             )
         params = SamplingParams(
@@ -410,6 +416,17 @@ def create_app(engine: Engine, settings: ServerSettings | None = None):
         )
 
     return app
+
+
+class _NotJSON(ValueError):
+    pass
+
+
+def _not_json(name: str):
+    """``json.loads``' hook for ``NaN``, ``Infinity`` and ``-Infinity``: Python's parser takes
+    them, JSON (and OpenAI) does not, and a NaN temperature was then refused as "less than or
+    equal to 2"."""
+    raise _NotJSON(f"{name} is not a JSON number")
 
 
 async def _fetch(ref: P.ImageRef, settings: ServerSettings) -> bytes:

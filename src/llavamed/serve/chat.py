@@ -21,7 +21,8 @@ HELP = """commands:
                 a path with spaces may be quoted or escaped, as in a shell
   /reset        forget the conversation and any image
   /help         this text
-  /quit         leave (Ctrl-D works too; Ctrl-C stops an answer)"""
+  /quit         leave (Ctrl-D works too, and Ctrl-C twice at the prompt;
+                Ctrl-C during an answer stops it)"""
 
 
 @dataclass
@@ -36,6 +37,10 @@ class ChatSession:
     messages: list[dict] = field(default_factory=list)
     images: list[Any] = field(default_factory=list)
     pending_image: Any = None
+    finish_reason: str | None = None
+    """How the last answer ended: "stop", "length" (its max_tokens), "cancelled"."""
+    cut_by_context: bool = False
+    """True when the last answer's max_tokens was lowered to the room left in the context."""
 
     def reset(self) -> None:
         self.messages.clear()
@@ -51,6 +56,12 @@ class ChatSession:
         if not hasattr(image, "size"):
             from llavamed.serve.engine import load_user_image
 
+            if isinstance(image, (str, Path)):
+                path = Path(image)
+                if path.exists() and not path.is_dir() and not path.is_file():
+                    # /dev/stdin waited for input the REPL itself was reading, /dev/zero read
+                    # until memory ran out, and a FIFO blocked until someone wrote to it.
+                    raise InputError(path, "not a regular file")
             image = load_user_image(image)
         self.pending_image = image
 
@@ -87,6 +98,7 @@ class ChatSession:
         room = self.engine.max_context - len(prompt.input_ids)
         if room < 1:
             raise too_long
+        self.finish_reason, self.cut_by_context = None, params.max_tokens > room
         if params.max_tokens > room:
             params = SamplingParams(
                 room, params.temperature, params.top_p, params.seed, params.stop
@@ -97,6 +109,8 @@ class ChatSession:
             for ev in handle.events():
                 if ev.kind == "error":
                     raise InputError("model", "generation failed", ev.error or "")
+                if ev.kind == "done":
+                    self.finish_reason = ev.finish_reason
                 if ev.text:
                     parts.append(ev.text)
                     yield ev.text
@@ -136,7 +150,7 @@ def run_chat(
     """Non-interactive with ``prompt`` (one streamed answer); otherwise a REPL on ``read``."""
     out = out or sys.stdout
 
-    def answer(text: str) -> bool:
+    def answer(text: str, *, say_why_cut: bool = True) -> bool:
         """True when the answer completed; Ctrl-C stops it, and the exchange is not kept."""
         try:
             for delta in session.ask(text):
@@ -146,14 +160,22 @@ def run_chat(
             out.write(" [stopped; this exchange is not kept in the conversation]\n")
             out.flush()
             return False
+        if say_why_cut and session.finish_reason == "length":
+            # An answer that ends mid-sentence looked like the model's own ending.
+            out.write(
+                " [cut: the conversation fills the model's context; /reset starts a new one]"
+                if session.cut_by_context
+                else f" [cut at {session.params.max_tokens} tokens: --max-tokens]"
+            )
         out.write("\n")
         out.flush()
         return True
 
-    if prompt is not None:
-        return 0 if answer(prompt) else 130
+    if prompt is not None:  # stdout is the answer alone: scripts read it
+        return 0 if answer(prompt, say_why_cut=False) else 130
     kind = "images + text" if session.engine.is_multimodal else "text only"
     out.write(f"llavamed chat with {session.engine.name} ({kind}). /help for commands.\n")
+    interrupted = False  # the last read ended in Ctrl-C
     while True:
         try:
             line = read("you> ")
@@ -161,8 +183,14 @@ def run_chat(
             out.write("\n")
             return 0
         except KeyboardInterrupt:
-            out.write("\n")
-            return 0
+            # A Ctrl-C meant for an answer that had just ended reached the prompt and ended the
+            # chat, conversation and all; as in Node's REPL, leaving takes a second one.
+            if interrupted:
+                out.write("\n")
+                return 0
+            interrupted = True
+            out.write("\n(Ctrl-C again, Ctrl-D or /quit to leave)\n")
+            continue
         except UnicodeDecodeError as exc:
             # A terminal (or pipe) whose bytes are not UTF-8, e.g. pasted Latin-1 text; it
             # ended the chat with a traceback, and the conversation with it.
@@ -172,6 +200,7 @@ def run_chat(
                 "check the terminal's encoding\n"
             )
             continue
+        interrupted = False
         line = line.strip()
         if not line:
             continue

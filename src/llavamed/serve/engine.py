@@ -76,8 +76,9 @@ class SamplingParams:
             raise ValueError("max_tokens must be >= 1")
         if not (math.isfinite(self.temperature) and self.temperature >= 0):
             raise ValueError("temperature must be a finite number >= 0")
-        if not (math.isfinite(self.top_p) and 0 < self.top_p <= 1):
-            raise ValueError("top_p must be in (0, 1]")
+        # 0 is OpenAI's lower bound too: the nucleus is then the most probable token alone.
+        if not (math.isfinite(self.top_p) and 0 <= self.top_p <= 1):
+            raise ValueError("top_p must be in [0, 1]")
 
 
 @dataclass
@@ -1100,8 +1101,10 @@ def _sample(logits, p: SamplingParams, gen) -> int:
     probs = torch.softmax(logits / p.temperature, dim=-1)
     if p.top_p < 1.0:
         sorted_p, order = probs.sort(descending=True)
-        # keep the smallest prefix whose mass reaches top_p (always at least one token)
+        # keep the smallest prefix whose mass reaches top_p, and always the most probable token
+        # (top_p == 0 would otherwise drop every token, and multinomial fail on all zeros)
         drop = sorted_p.cumsum(-1) - sorted_p >= p.top_p
+        drop[0] = False
         sorted_p[drop] = 0
         probs = torch.zeros_like(probs).scatter(0, order, sorted_p)
     return int(torch.multinomial(probs, 1, generator=gen))

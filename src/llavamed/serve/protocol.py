@@ -106,7 +106,8 @@ class ChatCompletionRequest(_Model):
     # (a 7 MB body) held every other request for 14 s; no chat needs more turns than this.
     messages: list[ChatMessage] = Field(min_length=1, max_length=MAX_MESSAGES)
     temperature: float | None = Field(None, ge=0, le=2)
-    top_p: float | None = Field(None, gt=0, le=1)
+    # OpenAI's range includes 0 (vLLM's does not): the most probable token alone.
+    top_p: float | None = Field(None, ge=0, le=1)
     max_tokens: int | None = Field(None, ge=1)
     max_completion_tokens: int | None = Field(None, ge=1)
     stop: str | list[str] | None = None
@@ -114,6 +115,8 @@ class ChatCompletionRequest(_Model):
     stream: bool = False
     stream_options: StreamOptions | None = None
     n: int = Field(1, ge=1)
+    logprobs: bool | None = None
+    top_logprobs: int | None = Field(None, ge=0, le=20)
     user: str | None = None
 
     @field_validator("stream", "n", mode="before")
@@ -135,6 +138,10 @@ class ChatCompletionRequest(_Model):
         if v is not None and not info.data.get("stream"):
             raise ValueError("only allowed when stream is true")
         return v
+
+    def max_tokens_param(self) -> str:
+        """The field that set :meth:`requested_max_tokens`, for error messages."""
+        return "max_completion_tokens" if self.max_completion_tokens else "max_tokens"
 
     def stop_list(self) -> tuple[str, ...]:
         if self.stop is None:
@@ -408,6 +415,21 @@ def to_hf_messages(
         role = "system" if msg.role == "developer" else msg.role
         parts: list[dict] = []
         content = msg.content
+        # OpenAI refuses both: only an assistant turn (one that called tools) may go without
+        # content, and a content list has at least one part. An empty user turn prompted the
+        # model with nothing and answered anyway.
+        if content is None and msg.role != "assistant":
+            raise ProtocolError(
+                400,
+                f"messages[{i}].content: required in a {msg.role} message",
+                param=f"messages[{i}].content",
+            )
+        if isinstance(content, list) and not content:
+            raise ProtocolError(
+                400,
+                f"messages[{i}].content: empty array; expected at least one content part",
+                param=f"messages[{i}].content",
+            )
         if content is None:
             content = ""
         if isinstance(content, str):
