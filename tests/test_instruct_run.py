@@ -401,6 +401,13 @@ def test_skipped_and_dropped_figures_are_counted_and_named(stub, tmp_path, capsy
     ids = write_figures(tmp_path / "figures.jsonl", 12)
     with open(tmp_path / "figures.jsonl", "a") as fh:
         fh.write(json.dumps({"fig_caption": "no id", "image": "images/x.jpg"}) + "\n")
+        # A list where text belongs was sent as its repr ("['Panel A.', 'Panel B.']") or
+        # became the sample's id, as data align refuses it.
+        fh.write(json.dumps({"pair_id": "L1", "fig_caption": ["Panel A.", "Panel B."],
+                             "image": "images/x.jpg"}) + "\n")  # fmt: skip
+        fh.write(
+            json.dumps({"pair_id": ["L2"], "fig_caption": "x", "image": "images/x.jpg"}) + "\n"
+        )
     argv = ["data", "instruct", "--figures", str(tmp_path / "figures.jsonl"), "--out",
             str(tmp_path / "o.json"), "--base-url", stub.base_url, "--model", "m", "--no-progress"]  # fmt: skip
     assert main(argv) == 0
@@ -411,7 +418,11 @@ def test_skipped_and_dropped_figures_are_counted_and_named(stub, tmp_path, capsy
     assert report["input_error_examples"] == {
         "missing_caption": ["bad1"],
         "missing_pair_id": ["record 13"],
+        "malformed_caption": ["L1"],
+        "malformed_pair_id": ["record 15"],
     }
+    sent = " ".join(r["messages"][-1]["content"] for r in stub.requests)
+    assert "Panel A." not in sent and report["selected"] == 12
     unparseable = report["totals"]["dropped_examples"]["unparseable"]
     assert unparseable and set(unparseable) <= set(ids)
     assert f"unparseable ({unparseable[0]}" in cap.out

@@ -145,17 +145,26 @@ def load_selection(opts: InstructOptions) -> tuple[list[dict], Counter, int, dic
     examples: dict[str, list[str]] = {}
     valid = []
     for i, rec in enumerate(iter_figures(opts.figures)):
+        pid, caption = rec.get("pair_id"), rec.get("fig_caption")
+        # As data align reads them: a pair_id or caption that is a list or an object is
+        # malformed. Its Python repr ("['Panel A ...']") was sent as the caption, or became the
+        # sample's id.
+        good_pid = isinstance(pid, str | int) and not isinstance(pid, bool) and pid != ""
         try:
-            if not rec.get("pair_id"):
+            if pid is None or pid == "":
                 raise InputError(f"{opts.figures} record {i}", "missing_pair_id")
-            if not str(rec.get("fig_caption") or "").strip():
-                raise InputError(f"{opts.figures} {rec['pair_id']}", "missing_caption")
+            if not good_pid:
+                raise InputError(f"{opts.figures} record {i}", "malformed_pair_id")
+            if caption is not None and not isinstance(caption, str):
+                raise InputError(f"{opts.figures} {pid}", "malformed_caption")
+            if not (caption or "").strip():
+                raise InputError(f"{opts.figures} {pid}", "missing_caption")
             sample_image(rec)  # no image, no training sample: skip before paying for a call
         except InputError as exc:
             errors[exc.reason] += 1
             named = examples.setdefault(exc.reason, [])
             if len(named) < EXAMPLES_PER_REASON:
-                named.append(str(rec.get("pair_id") or f"record {i}"))
+                named.append(str(pid) if good_pid else f"record {i}")
             continue
         valid.append(rec)
     selected, dups = round_robin(valid, opts.max_samples)
