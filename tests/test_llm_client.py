@@ -623,7 +623,9 @@ def test_a_cached_answer_is_the_answer_that_was_paid_for(stub, tmp_path):
         '"text"',
         '{"text": "a", "prompt_tokens": null}',
         '{"text": "a", "finish_reason": [1]}',
-    ],  # fmt: skip
+        b"\xff",  # stored as bytes that are not UTF-8: UnicodeDecodeError out of the cache
+        5,
+    ],
 )
 def test_a_damaged_cache_row_is_a_miss_not_a_crash(stub, tmp_path, row):
     # Valid JSON that is not what the client stores raised AttributeError or TypeError out of

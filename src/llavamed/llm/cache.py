@@ -88,9 +88,10 @@ class ResponseCache:
         if row is None:
             return None
         try:
-            return json.loads(row[0])
-        except json.JSONDecodeError:
+            value = json.loads(row[0])
+        except (ValueError, TypeError):  # also a damaged row stored as bytes that are not UTF-8
             return None  # a damaged row is a miss; the next put overwrites it
+        return value if isinstance(value, dict) else None
 
     def put(self, key: str, value: dict, model: str = "") -> None:
         blob = json.dumps(value, ensure_ascii=False)
