@@ -314,3 +314,23 @@ def test_a_finished_run_says_it_returned_without_training(tmp_path, capsys):
     err = capsys.readouterr().err
     assert again.final_checkpoint == first.final_checkpoint
     assert "already holds checkpoint-final" in err and "use another output.dir" in err
+
+
+@pytest.mark.parametrize(
+    "spec", [{"lm": "tiny", "bogus": 1}, "tiny", {"lm": "tiny", "lm_layers": "eight"}]
+)
+def test_a_damaged_model_spec_in_llavamed_json_is_one_line_naming_the_file(
+    tiny_llava_dir, tmp_path, spec
+):
+    """Training from a checkpoint read its llavamed.json spec with ModelSpec(**spec): an unknown
+    key (an edit, another version) or a spec that is not an object was a TypeError traceback."""
+    from llavamed.train import run_training
+
+    ck = tmp_path / "ck"
+    shutil.copytree(tiny_llava_dir, ck)
+    meta = json.loads((ck / "llavamed.json").read_text())
+    (ck / "llavamed.json").write_text(json.dumps(meta | {"spec": spec}))
+    cfg = tiny_config(make_bright_dark(tmp_path / "data", 8), tmp_path / "out", max_steps=1)
+    cfg["model"] = {"from": str(ck)}
+    with pytest.raises(InputError, match=r"llavamed\.json.*damaged checkpoint metadata.*spec"):
+        run_training(cfg, progress=False)

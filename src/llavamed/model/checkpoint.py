@@ -7,8 +7,8 @@ import json
 from collections.abc import Iterator
 from pathlib import Path
 
-from llavamed.errors import InputError, first_line
-from llavamed.model.compose import CHECKPOINT_META
+from llavamed.errors import ConfigError, InputError, first_line
+from llavamed.model.compose import CHECKPOINT_META, ModelSpec
 
 FINAL = "checkpoint-final"
 """The folder a training run saves its finished model in."""
@@ -94,6 +94,24 @@ def read_meta(path: str | Path) -> dict:
     if not isinstance(meta, dict):
         raise InputError(p, "damaged checkpoint metadata", "not a JSON object")
     return meta
+
+
+def checkpoint_spec(path: str | Path) -> ModelSpec | None:
+    """The :class:`ModelSpec` a llavamed checkpoint was built from (``None`` for others), typed
+    as a config is: an unknown key, a wrong type or a spec that is not an object is an
+    :class:`InputError` naming ``llavamed.json``, not a TypeError from the constructor."""
+    from llavamed.config import from_dict  # here: config imports the model package
+
+    raw = read_meta(path).get("spec")
+    if not raw:
+        return None
+    where = Path(path) / CHECKPOINT_META
+    if not isinstance(raw, dict):
+        raise InputError(where, "damaged checkpoint metadata", "spec is not a JSON object")
+    try:
+        return from_dict(ModelSpec, raw, prefix="spec")
+    except ConfigError as exc:
+        raise InputError(where, "damaged checkpoint metadata", str(exc)) from exc
 
 
 def checkpoint_template(path: str | Path, default: str | None = None) -> str:

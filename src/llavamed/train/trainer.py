@@ -180,8 +180,8 @@ def build_model(cfg: TrainConfig):
     """``(llava, processor, spec, template)`` as the config describes, before freezing/LoRA."""
     import torch
 
-    from llavamed.model import ModelSpec, build, checkpoint_template, read_meta
-    from llavamed.model.checkpoint import model_files, strict_from_pretrained
+    from llavamed.model import ModelSpec, build, checkpoint_template
+    from llavamed.model.checkpoint import checkpoint_spec, model_files, strict_from_pretrained
     from llavamed.model.compose import set_chat_template
     from llavamed.model.templates import get_template
 
@@ -197,8 +197,7 @@ def build_model(cfg: TrainConfig):
         with model_files(path):
             model = strict_from_pretrained(LlavaForConditionalGeneration, path, dtype=torch.float32)
             processor = AutoProcessor.from_pretrained(path)
-        meta = read_meta(path)
-        spec = ModelSpec(**meta["spec"]) if meta.get("spec") else None
+        spec = checkpoint_spec(path)
         template = cfg.model.template or checkpoint_template(
             path, default=None if spec is None else spec.template
         )
