@@ -189,3 +189,31 @@ def test_eval_commands_take_a_run_folder_as_serve_does(tiny_llava_dir, tmp_path,
     # A folder that is neither says what it looked for.
     assert main([*answer, "--model", str(tmp_path / "nowhere")]) == 1
     assert "no config.json (and no checkpoint-final/ inside)" in capsys.readouterr().err
+
+
+def test_data_domains_refuses_a_file_without_captions_instead_of_erasing_its_labels(
+    tmp_path, capsys
+):
+    """`data domains --in alignment.json --out alignment.json` (a LLaVA conversation list: no
+    fig_caption) wrote every figure as "other" over its own labels, as JSONL over the JSON list."""
+    import json
+
+    mri = {"chest_xray": False, "mri": True, "histology": False, "gross": False, "ct_scan": False}
+    turns = [{"from": "human", "value": "<image>\nDescribe."}, {"from": "gpt", "value": "x"}]
+    align = tmp_path / "alignment.json"
+    align.write_text(json.dumps([{"id": "P_F1", "image": "a.jpg", "conversations": turns,
+                                  "domain": mri}]))  # fmt: skip
+    before = align.read_text()
+    for tail in (["--out", str(align)], ["--eval"]):
+        assert main(["data", "domains", "--in", str(align), *tail]) == 1
+        assert "no record has a fig_caption" in capsys.readouterr().err
+    assert align.read_text() == before
+    # A figures file with one caption-less record still labels the others, and says so.
+    figs = tmp_path / "figures.jsonl"
+    recs = [{"pair_id": "P_F1", "fig_caption": "Axial T2-weighted MRI of the brain."},
+            {"pair_id": "P_F2", "fig_caption": ""}]  # fmt: skip
+    figs.write_text("".join(json.dumps(r) + "\n" for r in recs))
+    assert main(["data", "domains", "--in", str(figs), "--out", str(figs)]) == 0
+    assert "1 record(s) without a fig_caption" in capsys.readouterr().err
+    labelled = [json.loads(line) for line in figs.read_text().splitlines()]
+    assert labelled[0]["domain"]["mri"] and not any(labelled[1]["domain"].values())

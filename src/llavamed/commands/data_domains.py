@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
 DESCRIPTION = """\
@@ -46,7 +47,7 @@ def register(subparsers) -> None:
 def run(args: argparse.Namespace) -> int:
     from llavamed.data.domains import evaluate_domains, label_record, merge_duplicate_figures
     from llavamed.data.figures import DOMAINS, iter_figures
-    from llavamed.errors import LlavamedError
+    from llavamed.errors import InputError, LlavamedError
     from llavamed.utils.io import write_jsonl
 
     if not args.inp.exists():
@@ -57,6 +58,17 @@ def run(args: argparse.Namespace) -> int:
     # files under several domains is one record (its reference domains ORed), written and counted
     # once.
     figures, merged = merge_duplicate_figures(iter_figures(args.inp))
+    # The labels come from fig_caption (and mentions). A file of records without one (a LLaVA
+    # conversation JSON such as `data align`'s output) was "labelled": every figure written as
+    # "other" over its own labels, and as JSONL over the JSON list when --out was --in.
+    uncaptioned = sum(1 for r in figures if not _caption(r))
+    if figures and uncaptioned == len(figures):
+        raise InputError(
+            args.inp,
+            "no record has a fig_caption",
+            "expected figures.jsonl from `data ingest` or LLaVA-Med's {domain: [records]} caption "
+            "JSON; domains are labelled from captions",
+        )
     if args.eval:
         result = evaluate_domains(figures)
         if merged:
@@ -69,4 +81,15 @@ def run(args: argparse.Namespace) -> int:
     other = sum(1 for r in records if not any(r["domain"].values()))
     dups = f" ({merged} duplicate copies of a pair_id merged)" if merged else ""
     print(f"{n} records labelled -> {args.out}{dups}: {json.dumps({**per, 'other': other})}")
+    if uncaptioned:
+        print(
+            f"llavamed data domains: {uncaptioned} record(s) without a fig_caption, labelled from "
+            "their mentions only",
+            file=sys.stderr,
+        )
     return 0
+
+
+def _caption(record: dict) -> bool:
+    caption = record.get("fig_caption")
+    return isinstance(caption, str) and bool(caption.strip())
