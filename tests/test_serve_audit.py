@@ -345,24 +345,47 @@ def test_nan_and_infinity_are_not_json(engine, constant):
         srv.stop()
 
 
-def test_logprobs_are_refused_instead_of_answered_with_null(engine):
+def test_what_the_server_cannot_give_is_refused_instead_of_ignored(engine):
     """A client asking for logprobs read choices[0].logprobs.content from a 200 whose logprobs
-    was null."""
+    was null; one asking for JSON (response_format) or a forced tool call got prose that passed
+    for the answer."""
     srv = serve_in_background(engine)
+    schema = {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "object"}}}
+    forced = {"type": "function", "function": {"name": "lookup"}}
+    tools = [{"type": "function", "function": {"name": "lookup", "parameters": {}}}]
     try:
         for extra, param in [
             ({"logprobs": True}, "logprobs"),
             ({"logprobs": True, "top_logprobs": 2}, "logprobs"),
             ({"top_logprobs": 3}, "top_logprobs"),
+            ({"response_format": {"type": "json_object"}}, "response_format"),
+            ({"response_format": schema}, "response_format"),
+            ({"tools": tools, "tool_choice": "required"}, "tool_choice"),
+            ({"tools": tools, "tool_choice": forced}, "tool_choice"),
         ]:
             r = post(srv, text_body(**extra))
-            assert r.status_code == 400, r.text
+            assert r.status_code == 400, (extra, r.text)
             err = r.json()["error"]
-            assert err["param"] == param and "not supported" in err["message"]
-        for extra in ({"logprobs": False}, {"logprobs": None}, {"top_logprobs": 0}):
-            assert post(srv, text_body(**extra)).status_code == 200
-        r = post(srv, text_body(logprobs="yes"))
-        assert r.status_code == 400 and r.json()["error"]["param"] == "logprobs"
+            assert err["param"] == param and "not supported" in err["message"], err
+        for extra in (
+            {"logprobs": False},
+            {"logprobs": None},
+            {"top_logprobs": 0},
+            {"response_format": {"type": "text"}},
+            {"response_format": None},
+            {"tools": tools},  # the model may always answer without a call
+            {"tools": tools, "tool_choice": "auto"},
+            {"tool_choice": "none"},
+        ):
+            assert post(srv, text_body(**extra)).status_code == 200, extra
+        for extra, param in [
+            ({"logprobs": "yes"}, "logprobs"),
+            ({"response_format": "json"}, None),
+        ]:
+            r = post(srv, text_body(**extra))
+            assert r.status_code == 400 and r.json()["error"]["param"] == (
+                param or "response_format"
+            )
     finally:
         srv.stop()
 

@@ -219,11 +219,11 @@ def create_app(engine: Engine, settings: ServerSettings | None = None):
         check_model(req.model)
         if req.n != 1:
             raise P.ProtocolError(400, "only n=1 is supported", param="n")
-        if req.logprobs or req.top_logprobs:
-            # Refused rather than ignored: the answer would carry "logprobs": null, and a
-            # client that asked for them reads choices[0].logprobs.content and fails there.
-            field = "logprobs" if req.logprobs else "top_logprobs"
-            raise P.ProtocolError(400, "logprobs are not supported by this server", param=field)
+        if (refused := req.unsupported()) is not None:
+            # Refused rather than ignored: a client that asked for logprobs read
+            # choices[0].logprobs.content from "logprobs": null, and one that asked for JSON
+            # or a tool call got prose that looked like an answer.
+            raise P.ProtocolError(400, refused[1], param=refused[0])
         hf_messages, refs = P.to_hf_messages(
             req.messages,
             allow_remote=settings.allow_remote_images,

@@ -117,6 +117,8 @@ class ChatCompletionRequest(_Model):
     n: int = Field(1, ge=1)
     logprobs: bool | None = None
     top_logprobs: int | None = Field(None, ge=0, le=20)
+    response_format: dict | None = None
+    tool_choice: str | dict | None = None
     user: str | None = None
 
     @field_validator("stream", "n", mode="before")
@@ -138,6 +140,21 @@ class ChatCompletionRequest(_Model):
         if v is not None and not info.data.get("stream"):
             raise ValueError("only allowed when stream is true")
         return v
+
+    def unsupported(self) -> tuple[str, str] | None:
+        """(param, message) for a field asking for what this server cannot give; an answer
+        without it would pass for one, so it is a 400 instead of being ignored. ``tools`` alone
+        is fine (the model may always answer without calling one); a ``tool_choice`` that
+        forces a call is not, nor is JSON output (``response_format``) or logprobs."""
+        if self.logprobs or self.top_logprobs:
+            field = "logprobs" if self.logprobs else "top_logprobs"
+            return field, "logprobs are not supported by this server"
+        fmt = (self.response_format or {}).get("type", "text")
+        if fmt != "text":
+            return "response_format", f"response_format {str(fmt)[:40]!r} is not supported"
+        if self.tool_choice not in (None, "none", "auto"):
+            return "tool_choice", "tool calls are not supported by this server"
+        return None
 
     def max_tokens_param(self) -> str:
         """The field that set :meth:`requested_max_tokens`, for error messages."""
