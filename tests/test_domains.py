@@ -301,3 +301,41 @@ def test_modality_spellings_an_audit_found_missed_or_mistaken(caption, expected)
     Mistaken for CT: cell lines and cytokines named CT-<number>, a suspended 'CT- and
     MRI-based', and a negated PET/CT (the negation did not reach through 'PET/')."""
     assert _on(classify_text(caption)) == expected
+
+
+def test_a_lone_surrogate_in_a_figures_file_becomes_u_fffd_for_every_reader(tmp_path, capsys):
+    """A caption cut inside an emoji's UTF-16 pair is stored as a "\\ud83d" escape, which JSON
+    decodes to a lone surrogate that UTF-8 cannot encode: `data domains` labelled every record and
+    then died in a UnicodeEncodeError writing its output; stage 0 read it as a caption, and the
+    tokenizer raised a TypeError. iter_figures, which every reader uses, makes it U+FFFD."""
+    from PIL import Image
+
+    from llavamed.data.figures import iter_figures
+    from llavamed.train.vision_pretrain import load_pairs
+
+    Image.new("RGB", (64, 64), (90, 90, 90)).save(tmp_path / "a.jpg")
+    rec = {
+        "pair_id": "PMC1_F1",
+        "fig_caption": "Axial CT of the chest \ud83d",
+        "image": "a.jpg",
+        "in_text_mention": [{"tokens": "CT showed a mass \udca9 (Fig. 1)."}],
+    }
+    jsonl = tmp_path / "figures.jsonl"
+    jsonl.write_text(json.dumps(rec) + "\n")  # ensure_ascii: the file holds "\ud83d" escapes
+    caption_json = tmp_path / "caps.json"
+    caption_json.write_text(json.dumps({"ct_scan": [rec]}))
+    for src in (jsonl, caption_json):
+        (got,) = iter_figures(src)
+        assert got["fig_caption"] == "Axial CT of the chest \ufffd"
+        assert got["in_text_mention"] == [{"tokens": "CT showed a mass \ufffd (Fig. 1)."}]
+        out = tmp_path / "out.jsonl"
+        assert main(["data", "domains", "--in", str(src), "--out", str(out)]) == 0
+        (written,) = iter_jsonl(out)
+        assert written["fig_caption"] == "Axial CT of the chest \ufffd"
+        assert _on(written["domain"]) == {"ct_scan"}
+    pairs, skipped = load_pairs(jsonl)
+    assert [p.caption for p in pairs] == ["Axial CT of the chest \ufffd"] and not skipped
+    # A file without one is read as it was.
+    plain = {"pair_id": "PMC1_F2", "fig_caption": "Axial CT.", "in_text_mention": None}
+    jsonl.write_text(json.dumps(plain) + "\n")
+    assert list(iter_figures(jsonl)) == [plain]

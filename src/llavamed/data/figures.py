@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -82,12 +83,41 @@ def image_on_disk(image: str, image_root: str | os.PathLike | None) -> str:
     return image
 
 
+# A lone UTF-16 surrogate: what a JSON "\\ud83d" escape decodes to when a caption was cut
+# inside an emoji's pair. UTF-8 cannot carry it.
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def _scrub(obj):
+    """``obj`` with every lone surrogate in its strings (keys included) made U+FFFD; ``obj``
+    itself when it holds none."""
+    if isinstance(obj, str):
+        return _SURROGATE.sub("\ufffd", obj) if _SURROGATE.search(obj) else obj
+    if isinstance(obj, dict):
+        pairs = [(_scrub(k), _scrub(v)) for k, v in obj.items()]
+        if all(k is k0 and v is v0 for (k, v), (k0, v0) in zip(pairs, obj.items(), strict=True)):
+            return obj
+        return dict(pairs)
+    if isinstance(obj, list):
+        items = [_scrub(x) for x in obj]
+        return obj if all(a is b for a, b in zip(items, obj, strict=True)) else items
+    return obj
+
+
 def iter_figures(path: str | os.PathLike) -> Iterator[dict]:
     """Yield figure records from ``figures.jsonl`` or LLaVA-Med's ``{domain: [records]}`` JSON.
 
     Records from the dict shape get a ``domain`` dict derived from the key they were filed under
-    when they don't carry one.
+    when they don't carry one. A lone surrogate in a record's text (a caption cut inside an
+    emoji's UTF-16 pair, stored as a ``"\\ud83d"`` escape) becomes U+FFFD here, once for every
+    reader: UTF-8 cannot encode it, and ``data domains`` ended in a UnicodeEncodeError when it
+    wrote its output, after the work; stage-0 training in a TypeError from the tokenizer.
     """
+    for rec in _iter_records(path):
+        yield _scrub(rec)
+
+
+def _iter_records(path: str | os.PathLike) -> Iterator[dict]:
     path = Path(path)
     try:
         with open(path, "rb") as fh:
