@@ -1018,3 +1018,20 @@ def test_figure_files_saved_with_a_byte_order_mark_are_read(tmp_path):
     assert (rec["pair_id"], rec["domain"]["mri"]) == ("1_F1", True)
     assert [r["pair_id"] for r in iter_figures(as_list)] == ["1_F2"]
     assert [r["pair_id"] for r in iter_figures(one_line)] == ["1_F3"]
+
+
+def test_a_rerun_reads_a_figures_file_holding_a_lone_surrogate(tmp_path):
+    """A record merged into figures.jsonl by hand whose pair_id holds a "\\ud83d" escape (an id
+    cut inside an emoji's UTF-16 pair) stopped every later run into the folder: hashing the
+    pair_ids it holds raised UnicodeEncodeError before a package was read."""
+    src = make_tarballs(tmp_path / "src")
+    out = tmp_path / "out"
+    ingest([src], out)
+    figures = out / "figures.jsonl"
+    merged = {"pair_id": "PMC7_F1 \ud83d", "fig_caption": "Axial CT \ud83d", "image": None}
+    with open(figures, "a") as fh:
+        fh.write(json.dumps(merged) + "\n")  # ensure_ascii: "\ud83d" escapes
+    report = ingest([src], out)
+    assert report["figures_written"] == len(EXPECTED) + 1
+    assert report["last_run"]["packages_skipped_as_done"] == 3
+    assert json.loads(figures.read_text().splitlines()[-1]) == merged

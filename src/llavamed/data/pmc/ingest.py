@@ -311,7 +311,10 @@ def encode_image(
 
 def _h64(text: str) -> int:
     # 8-byte digests keep the seen-sets small at PMC scale (15M pairs ~ 0.6 GB instead of ~2 GB).
-    return int.from_bytes(hashlib.blake2b(text.encode("utf-8"), digest_size=8).digest(), "big")
+    # surrogatepass: a pair_id in figures.jsonl holding a "\ud83d" escape (a hand-merged record)
+    # stopped every re-run in a UnicodeEncodeError; other text hashes as it did.
+    data = text.encode("utf-8", "surrogatepass")
+    return int.from_bytes(hashlib.blake2b(data, digest_size=8).digest(), "big")
 
 
 class IngestWriter:
