@@ -588,6 +588,20 @@ def _whole_group(
     for member_id in member_ids:
         if member_id and member_id != fig_id:
             group_members[member_id] = [fig_id]
+    return _figure(group, fig_id, label, caption, image, notes)
+
+
+def _figure(
+    el: etree._Element,
+    fig_id: str,
+    label: str,
+    caption: str,
+    image: tuple[str | None, int],
+    notes: list[str],
+    xml_id: str | None = None,
+) -> Figure:
+    """The figure read from ``el`` (a ``<fig>``, or a ``<fig-group>`` that is one figure), with
+    the reason it is not a figure-caption pair when it is not one."""
     graphic_ref, n_graphics = image
     if n_graphics > 1:
         notes.append("figure with several images: the first is taken")
@@ -597,10 +611,14 @@ def _whole_group(
         caption=caption,
         graphic_ref=graphic_ref,
         number=label_number(label),
+        xml_id=xml_id or None,
     )
-    f.skip_reason = _skip_reason(group, f.label)
-    if f.skip_reason is None and _says_nothing(f.caption, f.label):
-        f.skip_reason = "no caption"
+    f.skip_reason = _skip_reason(el, f.label)
+    if f.skip_reason is None:
+        if not f.graphic_ref:
+            f.skip_reason = "no graphic"
+        elif _says_nothing(f.caption, f.label):
+            f.skip_reason = "no caption"
     return f
 
 
@@ -648,23 +666,7 @@ def _figures(
         fig_id = _unique_id(xml_id, f"fig{index}", str(index), seen_ids, notes)
         if in_group and group.get("id"):
             group_members.setdefault(group.get("id"), []).append(fig_id)
-        graphic_ref, n_graphics = _graphic(fig)
-        f = Figure(
-            fig_id=fig_id,
-            label=label or None,
-            caption=caption,
-            graphic_ref=graphic_ref,
-            number=label_number(label),
-            xml_id=xml_id or None,
-        )
-        if n_graphics > 1:
-            notes.append("figure with several images: the first is taken")
-        f.skip_reason = _skip_reason(fig, f.label)
-        if f.skip_reason is None:
-            if not f.graphic_ref:
-                f.skip_reason = "no graphic"
-            elif _says_nothing(f.caption, f.label):
-                f.skip_reason = "no caption"
+        f = _figure(fig, fig_id, label, caption, _graphic(fig), notes, xml_id)
         figures.append(f)
         # A group's panels that share a number (or have none) are one figure of the text; its
         # members with numbers of their own ("Figure 3", "Figure 4") are one each.
