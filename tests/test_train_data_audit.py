@@ -284,3 +284,51 @@ def test_a_jsonl_file_trains_one_record_per_line_and_counts_bad_lines(tmp_path, 
     )
     with pytest.raises(InputError, match="name the file .jsonl"):
         load_samples(cfg.data, proc, "chatml", quiet=True)
+
+
+def test_max_length_too_short_for_an_image_is_a_config_error(tmp_path, tiny_llava_dir):
+    """data.max_length below the prompt through the image tokens is a setting, not bad data:
+    every sample with an image was skipped as "truncation inside image tokens" and the run
+    stopped with "no training samples left", sending the user to the data. A text-only sample
+    shorter than it still trains, and one token more than that floor is accepted."""
+    import pytest
+
+    from llavamed.errors import ConfigError
+    from llavamed.train.data import min_image_length
+
+    proc = AutoProcessor.from_pretrained(tiny_llava_dir)
+    floor = min_image_length(proc, "chatml")
+    assert floor == 3 + 16  # "<|im_start|>user\n" then the 16 image tokens
+    recs = [
+        {"id": "text", "conversations": _turns(("human", "Hi"), ("gpt", "Yes."))},
+        {
+            "id": "img",
+            "image": "a.png",
+            "conversations": _turns(("human", "<image>\nQ"), ("gpt", "A")),
+        },
+    ]
+    with pytest.raises(
+        ConfigError, match=f"data.max_length={floor} cannot hold an image.*{floor} tokens"
+    ):
+        _load(tmp_path, recs, proc, max_length=floor)
+    samples, rep = _load(tmp_path, recs, proc, max_length=floor + 1)
+    assert [s.source.split("id=")[1] for s in samples] == ["text"]
+    assert dict(rep.skipped) == {"no supervised tokens after truncation": 1}
+
+
+def test_no_samples_left_says_why(tmp_path, one_thread):
+    """The run's last word when every sample was skipped names the reasons, not only the file."""
+    import pytest
+
+    from llavamed.errors import InputError
+    from llavamed.train import run_training
+    from train_helpers import make_bright_dark, tiny_config
+
+    cfg = tiny_config(make_bright_dark(tmp_path / "d", 4), tmp_path / "out")
+    cfg["data"]["max_length"] = 20  # one past the image: no room for any answer
+    with pytest.raises(
+        InputError,
+        match=r"no training samples left \(4 record\(s\), all skipped: 4 no supervised tokens "
+        r"after truncation; see data_report.json\)",
+    ):
+        run_training(cfg, progress=False)

@@ -19,8 +19,8 @@ from pathlib import Path
 from typing import Any
 
 from llavamed.config import DataConfig, DataSource
-from llavamed.errors import InputError
-from llavamed.model.processing import IGNORE_INDEX, encode_training_sample
+from llavamed.errors import ConfigError, InputError
+from llavamed.model.processing import IGNORE_INDEX, encode_training_sample, num_image_tokens
 from llavamed.model.templates import IMAGE_PLACEHOLDER, Message, conversation_to_messages
 from llavamed.train.shared_prefix import PAD, pack_shared_prefix, position_ids
 from llavamed.utils.io import parse_records, read_json
@@ -281,13 +281,39 @@ def _source_key(src: DataSource, i: int, taken: dict) -> str:
     return f"{key} (source {i + 1})" if key in taken else key
 
 
+def min_image_length(processor, template: str) -> int:
+    """The fewest tokens any sample with an image spends up to the end of its image tokens:
+    the template's shortest prompt (an empty system message; vicuna's default one is longer)
+    with the image first in the first user turn, where a sample's image always is."""
+    messages = [
+        Message("system", ""),
+        Message("user", IMAGE_PLACEHOLDER),
+        Message("assistant", "yes"),
+    ]
+    enc = encode_training_sample(messages, processor, template, num_images=1)
+    image_token = processor.tokenizer.convert_tokens_to_ids(IMAGE_PLACEHOLDER)
+    return max(i for i, t in enumerate(enc.input_ids) if t == image_token) + 1
+
+
 def load_samples(
     cfg: DataConfig, processor, template: str, *, seed: int = 0, quiet: bool = False
 ) -> tuple[list[Sample], DataReport]:
     """Read and tokenize every source. Bad records are counted in the report and skipped."""
     report = DataReport(quiet=quiet)
+    image_floor: list[int] = []  # set by the first sample with an image
 
     def encode(messages, image, where) -> Sample:
+        if image is not None and not image_floor:
+            image_floor.append(min_image_length(processor, template))
+            if cfg.max_length <= image_floor[0]:
+                # A setting, not the data: every sample with an image would be skipped as
+                # "truncation inside image tokens", then "no training samples left".
+                raise ConfigError(
+                    f"data.max_length={cfg.max_length} cannot hold an image: the {template} "
+                    f"prompt up to the end of its {num_image_tokens(processor)} image tokens is "
+                    f"already {image_floor[0]} tokens; raise data.max_length (the question and "
+                    "answer come after them)"
+                )
         enc = encode_training_sample(
             messages,
             processor,

@@ -855,8 +855,17 @@ def _run(
     if info.is_main:
         atomic_write_json(out / "data_report.json", report.to_dict())
     if not samples:
+        from llavamed.errors import format_counts
+
+        # Why, here: "see data_report.json" alone sent the user to a file to learn that, say,
+        # every sample was cut at data.max_length.
+        why = (
+            f"{report.n_records} record(s), all skipped: {format_counts(report.skipped)}"
+            if report.skipped
+            else f"{report.n_records} record(s) read"
+        )
         raise InputError(
-            cfg.data.sources[0].path, "no training samples left", "see data_report.json"
+            cfg.data.sources[0].path, "no training samples left", f"{why}; see data_report.json"
         )
     data_key = data_fingerprint(samples)
 
