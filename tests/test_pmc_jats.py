@@ -489,3 +489,48 @@ def test_many_entities_in_one_element_expand_in_linear_time():
     a = parse_article(xml.encode())
     assert time.perf_counter() - t0 < 5
     assert a.figures[0].caption == "Axial CT."
+
+
+def test_a_range_ending_at_a_shared_id_or_a_group_id_names_the_figures_between():
+    """ "Figs. <xref>2</xref>–<xref>4</xref>" took the range's end from the second xref's rid as
+    written: an id two figures share ended it at the first of them (Figure 2: no range, Figure 3
+    missed), and a fig-group's id, or a member's of a group that is one figure, at nothing."""
+
+    def fig(xml_id, n, graphic=True):
+        img = f'<graphic xlink:href="g{n}"/>' if graphic else ""
+        return (
+            f'<fig id="{xml_id}"><label>Figure {n}</label><caption><p>Cap {n}.</p></caption>'
+            f"{img}</fig>"
+        )
+
+    def cite(a, a_text, b, b_text):
+        return (
+            f'<p>Serial scans (Figs. <xref ref-type="fig" rid="{a}">{a_text}</xref>\u2013'
+            f'<xref ref-type="fig" rid="{b}">{b_text}</xref>).</p>'
+        )
+
+    sentence = ["Serial scans (Figs. 2\u20134)."]
+    # "F2" is both Figure 2 and Figure 4 (invalid JATS, but it occurs): its "4" is Figure 4.
+    shared = fig("F1", 1) + fig("F2", 2) + fig("F3", 3) + fig("F2", 4)
+    m = _with_figures(cite("F2", "2", "F2", "4"), figures=shared)
+    assert m == {"F2": sentence, "F3": sentence, "F2_4": sentence}
+    # Figure 4 is a fig-group whose panels have images: the group's id names both panels.
+    panels = "".join(
+        f'<fig id="F4{p}"><label>{p}</label><caption><p>Panel {p}.</p></caption>'
+        f'<graphic xlink:href="g4{p}"/></fig>'
+        for p in "AB"
+    )
+    group = (
+        f'<fig-group id="G4"><label>Figure 4</label><caption><p>Follow-up.</p></caption>{panels}'
+    )
+    figures = fig("F1", 1) + fig("F2", 2) + fig("F3", 3) + group + "</fig-group>"
+    m = _with_figures(cite("F2", "2", "G4", "4"), figures=figures)
+    assert m == {f: sentence for f in ("F2", "F3", "F4A", "F4B")}
+    # Figure 4 is a fig-group that is one figure (its image on the group): a member's id names it.
+    members = "".join(
+        f'<fig id="F4{p}"><label>{p}</label><caption><p>{p}.</p></caption></fig>' for p in "AB"
+    )
+    whole = group.replace(panels, '<graphic xlink:href="g4"/>' + members) + "</fig-group>"
+    m = _with_figures(cite("F2", "2", "F4B", "4B"), figures=fig("F2", 2) + fig("F3", 3) + whole)
+    sentence = ["Serial scans (Figs. 2\u20134B)."]
+    assert m == {"F2": sentence, "F3": sentence, "G4": sentence}

@@ -804,11 +804,12 @@ def _mentions(
                 in_sentence = [r for r in refs if a <= r.start < b]
                 if not in_sentence:
                     continue
+                # Each citation's figures, its rids resolved (a fig-group's id, a shared id):
+                # also the end of a range the citation before it opens.
+                linked = [[x for rid in r.rids for x in rid_ids(rid, r.text)] for r in in_sentence]
                 cited: list[str] = []
                 for i, ref in enumerate(in_sentence):
-                    ids: list[str] = []
-                    for rid in ref.rids:
-                        ids.extend(rid_ids(rid, ref.text))
+                    ids = list(linked[i])
                     if ref.rids and not any(x in main_like for x in ids):
                         # It links to something else: a figure supplement ("Figure 4-figure
                         # supplement 1"), "Supplementary Figs. 1-3", a table. Its numbers are
@@ -826,7 +827,9 @@ def _mentions(
                         ids.extend(cited_numbers(list(range(last, trailing[0] + 1))))
                     ids.extend(cited_numbers(trailing))
                     if i + 1 < len(in_sentence) and is_range_gap(after) and last is not None:
-                        nxt_ids = [x for x in in_sentence[i + 1].rids if x in number_of]
+                        # Resolved, not as written: a range ending at a fig-group's id, or at
+                        # an id two figures share, ended at nothing or at the wrong figure.
+                        nxt_ids = [x for x in linked[i + 1] if x in number_of]
                         if nxt_ids:
                             hi = number_of[nxt_ids[0]]
                             if 0 < hi - last <= 50:
