@@ -1035,3 +1035,40 @@ def test_a_rerun_reads_a_figures_file_holding_a_lone_surrogate(tmp_path):
     assert report["figures_written"] == len(EXPECTED) + 1
     assert report["last_run"]["packages_skipped_as_done"] == 3
     assert json.loads(figures.read_text().splitlines()[-1]) == merged
+
+
+def test_every_image_format_the_decoder_reads_is_found_beside_its_article(tmp_path):
+    """A package's JPEG 2000 (".jp2"), PPM/PGM and ".jpe" JPEG files were never looked at: their
+    figures were counted "image missing", though llavamed.images reads those formats."""
+    import numpy as np
+
+    rng = np.random.default_rng(5)
+    files: dict[str, bytes] = {}
+    formats = {"g1.jp2": "JPEG2000", "g2.ppm": "PPM", "g3.PGM": "PPM", "g4.JPE": "JPEG"}
+    for name, fmt in formats.items():
+        img = Image.fromarray(rng.integers(0, 255, (48, 64, 3), dtype=np.uint8))
+        if name.endswith("PGM"):
+            img = img.convert("L")
+        buf = io.BytesIO()
+        img.save(buf, format=fmt)
+        files[name] = buf.getvalue()
+    figs = "".join(
+        f'<fig id="F{i}"><label>Figure {i}</label><caption><p>Axial CT, case {i}.</p></caption>'
+        f'<graphic xlink:href="g{i}"/></fig>'
+        for i in range(1, 5)
+    )
+    files["PMC5.nxml"] = (
+        '<article xmlns:xlink="http://www.w3.org/1999/xlink"><front><article-meta>'
+        '<article-id pub-id-type="pmc">5</article-id></article-meta></front>'
+        f"<body><sec><p>Cases.</p>{figs}</sec></body></article>"
+    ).encode()
+    for src in (
+        write_dir(tmp_path / "dir" / "PMC5", files),
+        write_tar(tmp_path / "PMC5.tar.gz", "PMC5", files),
+    ):
+        out = tmp_path / f"out_{src.name}"
+        report = ingest([src], out)
+        assert report["figures_written"] == 4, report["reasons"]
+        for rec in _records(out):
+            with Image.open(out / rec["image"]) as im:
+                assert im.size == (64, 48)

@@ -22,16 +22,20 @@ from llavamed.errors import InputError
 
 TAR_SUFFIXES = (".tar.gz", ".tgz", ".tar", ".tar.bz2", ".tar.xz")
 XML_SUFFIXES = (".nxml", ".xml")
-# DICOM too: llavamed.images reads it, and a folder of case images may hold it; without it here
-# a figure whose graphic is "ct1.dcm" was counted "image missing" beside its file.
+# Every format llavamed.images reads, under the names its files go by. DICOM too: a folder of
+# case images may hold it; without it here a figure whose graphic is "ct1.dcm" was counted
+# "image missing" beside its file, and so were JPEG 2000 (".jp2"), PPM/PGM and AVIF files and
+# JPEGs named ".jpe"/".jfif".
 IMAGE_SUFFIXES = (
-    ".jpg", ".jpeg", ".png", ".tif", ".tiff", ".gif", ".bmp", ".webp", ".dcm", ".dicom",
+    ".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".tif", ".tiff", ".gif", ".bmp", ".dib", ".webp",
+    ".jp2", ".j2k", ".jpf", ".jpx", ".ppm", ".pgm", ".pbm", ".pnm", ".avif", ".dcm", ".dicom",
 )  # fmt: skip
 # When a graphic's href has no extension (common in PMC), prefer the full-resolution formats:
 # PMC packages often carry a small .gif preview beside the .jpg/.tif. A DICOM file comes last:
 # a rendered image beside it is what the authors showed.
 _EXT_PREFERENCE = (
-    ".tif", ".tiff", ".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif", ".dcm", ".dicom",
+    ".tif", ".tiff", ".png", ".jpg", ".jpeg", ".bmp", ".webp", ".jpe", ".jfif", ".jp2", ".j2k",
+    ".jpf", ".jpx", ".avif", ".ppm", ".pgm", ".pbm", ".pnm", ".dib", ".gif", ".dcm", ".dicom",
 )  # fmt: skip
 # Bulk XML-only tarballs hold thousands of articles in one folder: don't buffer them all.
 _FLUSH_XML_WITHOUT_IMAGES = 64
