@@ -249,3 +249,33 @@ def test_a_checkpoint_is_not_resumed_on_other_data(tmp_path, monkeypatch):
     data.write_text(json.dumps(records))  # restored: resumes
     res = run_training(cfg, progress=False)
     assert [m["step"] for m in res.metrics] == list(range(1, 8))
+
+
+def test_a_run_whose_data_moved_says_how_to_resume(tmp_path, monkeypatch):
+    """The data folder moved and the config followed it: the refusal said "a different config
+    (data.sources.0.path); use another output.dir or delete the folder", throwing the run away.
+    It names the move and the way on; the symlink it suggests does resume the run."""
+    import copy
+
+    import torch
+
+    from llavamed.errors import ConfigError
+    from llavamed.train import run_training
+
+    torch.set_num_threads(1)
+    data = make_bright_dark(tmp_path / "data", 16)
+    cfg = tiny_config(data, tmp_path / "a", max_steps=5)
+    cfg["output"]["save_every"] = 2
+    run_interrupted(cfg, monkeypatch, at_step=4)
+    (tmp_path / "data").rename(tmp_path / "moved")
+    moved = copy.deepcopy(cfg)
+    moved["data"]["path"] = str(tmp_path / "moved" / "train.json")
+    with pytest.raises(ConfigError) as err:
+        run_training(moved, progress=False)
+    msg = str(err.value)
+    assert f"data.sources.0.path: {data} -> {tmp_path / 'moved' / 'train.json'}" in msg
+    assert "put the data back at the old path (a symlink to the new place will do)" in msg
+    assert "delete the folder" not in msg
+    (tmp_path / "data").symlink_to(tmp_path / "moved")
+    res = run_training(cfg, progress=False)
+    assert [m["step"] for m in res.metrics] == list(range(1, 6))

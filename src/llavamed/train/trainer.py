@@ -14,6 +14,7 @@ import contextlib
 import dataclasses
 import math
 import os
+import re
 import sys
 import time
 from collections.abc import Callable
@@ -736,11 +737,28 @@ def _check_same_run(out: Path, resolved: dict) -> None:
         for k in diff(saved, resolved)
         if not any(k == p or k.startswith(p) for p in RESUMABLE_CHANGES)
     ]
+    moved = [k for k in changed if re.fullmatch(r"data\.sources\.\d+\.(path|image_folder)", k)]
+    if changed and moved == changed:
+        # The same data at a new place: "delete the folder" threw away a run that only needs its
+        # data back where they were (the image paths are part of the checkpoints' data check).
+        where = "; ".join(f"{k}: {_dotted(saved, k)} -> {_dotted(resolved, k)}" for k in moved)
+        raise ConfigError(
+            f"{out}: holds a run trained on data at another path ({where}); to resume it, put "
+            "the data back at the old path (a symlink to the new place will do) and keep the old "
+            "path in the config, or start over in another output.dir"
+        )
     if changed:
         raise ConfigError(
             f"{out}: holds a run with a different config ({', '.join(changed)}); "
             "use another output.dir or delete the folder"
         )
+
+
+def _dotted(d: dict, key: str):
+    """The value at a dotted key of a plain config dict (``data.sources.0.path``)."""
+    for part in key.split("."):
+        d = d[int(part)] if isinstance(d, list) else d.get(part)
+    return d
 
 
 def _cuda_available() -> bool:
