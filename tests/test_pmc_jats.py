@@ -534,3 +534,22 @@ def test_a_range_ending_at_a_shared_id_or_a_group_id_names_the_figures_between()
     m = _with_figures(cite("F2", "2", "F4B", "4B"), figures=fig("F2", 2) + fig("F3", 3) + whole)
     sentence = ["Serial scans (Figs. 2\u20134B)."]
     assert m == {"F2": sentence, "F3": sentence, "G4": sentence}
+
+
+def test_a_supplementary_citation_of_an_id_a_main_figure_shares_is_not_a_main_mention():
+    """Figure 1 and Figure S1 with one id (invalid JATS, but it occurs): "Figure S1" and
+    "Supplementary Fig. 1" linked to it were mentions of Figure 1, by the main-first rule or by
+    their "1"."""
+    figures = (
+        '<fig id="F1"><label>Figure 1</label><caption><p>Axial CT.</p></caption>'
+        '<graphic xlink:href="g1"/></fig>'
+        '<supplementary-material><fig id="F1"><label>Figure S1</label><caption><p>More.</p>'
+        '</caption><graphic xlink:href="s1"/></fig></supplementary-material>'
+    )
+    m = _with_figures(
+        '<p>The mass grew (<xref ref-type="fig" rid="F1">Figure S1</xref>). Its wall was thin '
+        '(<xref ref-type="fig" rid="F1">Supplementary Fig. 1</xref>). It was solid '
+        '(<xref ref-type="fig" rid="F1">Figure 1</xref>).</p>',
+        figures=figures,
+    )
+    assert m == {"F1": ["It was solid (Figure 1)."]}

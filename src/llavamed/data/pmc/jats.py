@@ -765,6 +765,12 @@ def _mentions(
     def rid_ids(rid: str, text: str) -> list[str]:
         if rid not in shared:
             return group_members.get(rid, [rid])
+        if _SUPPL_LABEL.match(text):
+            # "Figure S1", "Supplementary Figure 1" linked to an id that Figure 1 has too: the
+            # supplementary figure, not Figure 1 (which its "1" or the main-first rule picked).
+            suppl = [f.fig_id for f in shared[rid] if f.skip_reason == "supplementary figure"]
+            if suppl:
+                return suppl
         candidates = [f for f in shared[rid] if f.skip_reason is None] or shared[rid]
         named = set(numbers_in_citation(text))
         picked = [f.fig_id for f in candidates if f.number is not None and f.number in named]
