@@ -1072,3 +1072,18 @@ def test_every_image_format_the_decoder_reads_is_found_beside_its_article(tmp_pa
         for rec in _records(out):
             with Image.open(out / rec["image"]) as im:
                 assert im.size == (64, 48)
+
+
+def test_an_output_folder_inside_the_article_folder_is_not_part_of_the_package(tmp_path):
+    """`data ingest . --out corpus` from inside a folder of unpacked articles: the output's
+    images/ counted among the package's subfolder images, so the package's fingerprint changed
+    with every run and each re-run redid it (its records dropped and written again)."""
+    src = write_dir(tmp_path / "PMC1000001", article_files("PMC1000001"))
+    out = src / "corpus"
+    first = ingest([src], out)
+    before = (out / "figures.jsonl").read_bytes()
+    again = ingest([src], out)
+    assert again["last_run"]["packages_skipped_as_done"] == 1
+    assert again["last_run"]["packages_processed"] == 0
+    assert again["figures_written"] == first["figures_written"] == 5
+    assert (out / "figures.jsonl").read_bytes() == before

@@ -40,6 +40,7 @@ from llavamed.data.domains import classify_text
 from llavamed.data.figures import DOMAINS
 from llavamed.data.pmc.jats import Article, parse_articles
 from llavamed.data.pmc.sources import (
+    INGEST_OUTPUT_MARKERS,
     MAX_FILE_BYTES,
     ArticleFiles,
     Oversized,
@@ -65,6 +66,7 @@ REPORT = "ingest_report.json"
 LEDGER = ".done_packages.jsonl"
 LOCK = ".ingest.lock"
 OPTIONS = ".ingest_options.json"
+assert {OPTIONS, LEDGER} == set(INGEST_OUTPUT_MARKERS)  # sources skips folders that hold them
 
 _SAFE = re.compile(r"[^A-Za-z0-9._-]+")
 

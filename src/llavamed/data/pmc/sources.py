@@ -151,11 +151,17 @@ def content_digest(pkg: PackageRef) -> str | None:
     return h.hexdigest()
 
 
+# Files that mark an ingest output folder (llavamed.data.pmc.ingest's OPTIONS and LEDGER).
+INGEST_OUTPUT_MARKERS = (".ingest_options.json", ".done_packages.jsonl")
+
+
 def _folder_files(folder: Path) -> Iterator[tuple[str, Path]]:
     """``(path relative to folder, path)`` of a folder package's files: its own, then the images
     of its subfolders that hold no XML (``figs/``, ``thumbs/``), nearer folders first. A tarball
     keeps those images with the article; unpacking it with ``tar xzf`` lost them ("image
-    missing"). A subfolder with XML of its own is another package, and keeps its files."""
+    missing"). A subfolder with XML of its own is another package, and keeps its files. An
+    ingest's output folder (``--out`` inside the article folder ingested) is not the article's:
+    its images/ changed the package's fingerprint, and every re-run redid the package."""
     queue = [(folder, "")]
     while queue:  # breadth first, so a nearer image of a name is met first
         here, rel = queue.pop(0)
@@ -173,13 +179,14 @@ def _folder_files(folder: Path) -> Iterator[tuple[str, Path]]:
                 yield f"{rel}{entry.name}", Path(entry.path)
         for entry in subdirs:
             try:
-                holds_xml = any(
-                    _suffix(e.name) in XML_SUFFIXES and e.is_file() and not _apple_double(e.name)
-                    for e in os.scandir(entry.path)
-                )
+                names = [(e.name, e.is_file()) for e in os.scandir(entry.path)]
             except OSError:
                 continue
-            if not holds_xml:
+            holds_xml = any(
+                _suffix(n) in XML_SUFFIXES and is_file and not _apple_double(n)
+                for n, is_file in names
+            )
+            if not holds_xml and not any(n in INGEST_OUTPUT_MARKERS for n, _ in names):
                 queue.append((Path(entry.path), f"{rel}{entry.name}/"))
 
 
