@@ -314,6 +314,8 @@ def test_a_finished_run_says_it_returned_without_training(tmp_path, capsys):
     err = capsys.readouterr().err
     assert again.final_checkpoint == first.final_checkpoint
     assert "already holds checkpoint-final" in err and "use another output.dir" in err
+    # Nor is model.from read again (a stage 1 trained anew under the same path).
+    assert "nor its model.from checkpoint were read again" in err
 
 
 @pytest.mark.parametrize(

@@ -279,3 +279,33 @@ def test_a_run_whose_data_moved_says_how_to_resume(tmp_path, monkeypatch):
     (tmp_path / "data").symlink_to(tmp_path / "moved")
     res = run_training(cfg, progress=False)
     assert [m["step"] for m in res.metrics] == list(range(1, 6))
+
+
+def test_a_checkpoint_is_not_resumed_on_a_replaced_model_from(tmp_path, monkeypatch):
+    """model.from names the same folder, but the checkpoint in it was replaced (stage 1 trained
+    again) while stage 2 was stopped: the resume loaded the old run's trained parts over the
+    new checkpoint's frozen ones, a model neither run trained. Refused by name; the old
+    checkpoint put back resumes."""
+    import shutil
+
+    import torch
+
+    from llavamed.errors import ConfigError
+    from llavamed.model.compose import ModelSpec, init_checkpoint
+    from llavamed.train import run_training
+
+    torch.set_num_threads(1)
+    base = init_checkpoint(tmp_path / "base", ModelSpec(lm="tiny", vision="tiny", seed=0))
+    data = make_bright_dark(tmp_path / "data", 16)
+    cfg = tiny_config(data, tmp_path / "a", max_steps=5, trainable=["projector"])
+    cfg["model"] = {"from": str(base)}
+    cfg["output"]["save_every"] = 2
+    run_interrupted(cfg, monkeypatch, at_step=4)
+    shutil.move(base, tmp_path / "old-base")
+    init_checkpoint(base, ModelSpec(lm="tiny", vision="tiny", seed=1))
+    with pytest.raises(ConfigError, match=r"step-0000002 was trained from another model\.from"):
+        run_training(cfg, progress=False)
+    shutil.rmtree(base)
+    shutil.move(tmp_path / "old-base", base)
+    res = run_training(cfg, progress=False)
+    assert [m["step"] for m in res.metrics] == list(range(1, 6))

@@ -807,8 +807,9 @@ def run_training(
         if os.environ.get("RANK", "0") == "0":  # one line under torchrun, not one a process
             print(
                 f"llavamed train: {out} already holds {FINAL} for this config; returned it "
-                "without training (its data were not read again: to train on changed data, "
-                "use another output.dir)",
+                "without training (neither its data nor its model.from checkpoint were read "
+                "again: to train on changed data or a retrained model.from, use another "
+                "output.dir)",
                 file=sys.stderr,
             )
         return TrainResult(out, final, _read_metrics(metrics_path), 0.0)
@@ -852,6 +853,8 @@ def _run(
     torch.manual_seed(t.seed)
 
     model, processor, spec, template = build_model(cfg)
+    # model.init rebuilds the same weights from the config; model.from reads whatever is there.
+    base_key = ck.weights_fingerprint(model) if cfg.model.from_ is not None else None
     model = apply_lora(model, cfg)
     counts = apply_trainable(
         model,
@@ -949,6 +952,13 @@ def _run(
                 f"{resume} was trained on other data: the training samples changed since (a data "
                 f"file edited, images added or gone; {len(samples)} samples now). Restore the "
                 "data to resume, or start over in another output.dir"
+            )
+        if st.get("base", base_key) != base_key:
+            raise ConfigError(
+                f"{resume} was trained from another model.from: the checkpoint at "
+                f"{cfg.model.from_} changed since (trained again or replaced), and this run's "
+                "trained parts belong on the old one. Put the old checkpoint back to resume, or "
+                "start over in another output.dir"
             )
         engine.load(resume)
         ck.load_rng(resume, info.rank, st.get("world_size"))
@@ -1112,7 +1122,16 @@ def _run(
                 due = due or timed
             if due and step < total_steps:
                 _save_resume(
-                    engine, out, step, tokens_seen, epoch, info, cfg, report, data_key=data_key
+                    engine,
+                    out,
+                    step,
+                    tokens_seen,
+                    epoch,
+                    info,
+                    cfg,
+                    report,
+                    data_key=data_key,
+                    base_key=base_key,
                 )
                 last_save = time.time()
     if bar is not None:
@@ -1196,6 +1215,7 @@ def _save_resume(
     report,
     *,
     data_key: str,
+    base_key: str | None = None,
 ) -> None:
     import shutil
 
@@ -1233,6 +1253,7 @@ def _save_resume(
                 "world_size": info.world_size,
                 "engine": engine.kind,
                 "data": data_key,
+                **({"base": base_key} if base_key is not None else {}),
                 # The batches before this point are not read again on resume: keep their skips.
                 "skipped_while_training": dict(report.skipped_at_load),
                 "skipped_while_training_samples": {
