@@ -1087,3 +1087,35 @@ def test_an_output_folder_inside_the_article_folder_is_not_part_of_the_package(t
     assert again["last_run"]["packages_processed"] == 0
     assert again["figures_written"] == first["figures_written"] == 5
     assert (out / "figures.jsonl").read_bytes() == before
+
+
+@pytest.mark.parametrize(
+    "layout",
+    [
+        # An article at the top of the tarball, a figs/ preview after its figure.
+        {"a.nxml": "xml", "fig1.png": "full", "figs/fig1.png": "preview"},
+        # Two image subfolders as near as each other: the first in name order, as unpacked.
+        {"PMC1/a.nxml": "xml", "PMC1/figs/fig1.png": "full", "PMC1/thumbs/fig1.png": "preview"},
+    ],
+)
+def test_a_preview_never_replaces_the_figure_the_unpacked_folder_takes(tmp_path, layout):
+    """A tarball's top level counted as near as its folders, so a figs/ preview listed after the
+    figure of an article at the top replaced it (and of figs/ and thumbs/, the later did): the
+    tarball's record had the 40x40 preview, the unpacked folder's the figure."""
+    data = {
+        "xml": _tiny_article("PMC1"),
+        "full": _png((200, 0, 0)),
+        "preview": _png((0, 200, 0), (40, 40)),
+    }
+    members = {name: data[kind] for name, kind in layout.items()}
+    tar = _tar_of(tmp_path / "src" / "p.tar.gz", members)
+    folder = tmp_path / "unpacked" / "p"
+    for name, blob in members.items():
+        (folder / name).parent.mkdir(parents=True, exist_ok=True)
+        (folder / name).write_bytes(blob)
+    for src in (tar, folder):
+        out = tmp_path / f"out_{src.name}"
+        ingest([src], out)
+        (rec,) = _records(out)
+        with Image.open(out / rec["image"]) as im:
+            assert im.size == (64, 48), src

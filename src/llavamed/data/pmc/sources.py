@@ -307,6 +307,13 @@ def _group_articles(
         yield ArticleFiles(name=name, xml=xmls[name], images=images)
 
 
+def _place(folder: str) -> tuple[int, list[str]]:
+    """How far an archive folder is from the top, then its path: the order in which
+    :func:`_folder_files` meets the folders of an unpacked package."""
+    parts = folder.split("/") if folder else []
+    return len(parts), parts
+
+
 class _TarGroup:
     """The article folder being read from a streamed tarball: its XML files and images, with
     images from its subfolders ("PMC1/thumbs/") kept too. A subfolder that turns out to hold an
@@ -331,8 +338,11 @@ class _TarGroup:
     def add_image(self, parent: str, name: str, data: bytes | Oversized) -> None:
         key = name.rsplit("/", 1)[-1].lower()
         # A subfolder's file never replaces one of the same name nearer the article's own
-        # folder (a thumbs/ preview named like the full-size figure).
-        if key in self.images and parent.count("/") > self.image_folder[key].count("/"):
+        # folder (a thumbs/ preview named like the full-size figure); of two folders as near,
+        # the first in name order keeps it, as in the unpacked folder (:func:`_folder_files`).
+        # The tarball's top level is "" and its folders "figs": counting their slashes made
+        # them as near, and a figs/ preview replaced the figure of an article at the top.
+        if key in self.images and _place(parent) > _place(self.image_folder[key]):
             return
         self.images[key] = data
         self.image_folder[key] = parent
