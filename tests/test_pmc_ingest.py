@@ -1119,3 +1119,19 @@ def test_a_preview_never_replaces_the_figure_the_unpacked_folder_takes(tmp_path,
         (rec,) = _records(out)
         with Image.open(out / rec["image"]) as im:
             assert im.size == (64, 48), src
+
+
+def test_linked_folders_under_a_source_are_searched_once(tmp_path):
+    """A corpus spread over disks ("pmc/more -> /mnt/disk2/pmc") was "no PMC packages found":
+    os.walk did not enter linked folders. A link to a folder above it must not loop."""
+    disk2 = make_tarballs(tmp_path / "disk2")
+    src = tmp_path / "pmc"
+    src.mkdir()
+    (src / "more").symlink_to(disk2, target_is_directory=True)
+    (src / "again").symlink_to(disk2, target_is_directory=True)  # the same folder twice
+    (disk2 / "up").symlink_to(src, target_is_directory=True)  # a loop
+    assert [p.key for p in discover([src])] == [
+        f"pmc/again/{pmcid}.tar.gz" for pmcid in ("PMC1000001", "PMC1000002", "PMC1000003")
+    ]
+    report = ingest([src], tmp_path / "out")
+    assert report["figures_written"] == len(EXPECTED)

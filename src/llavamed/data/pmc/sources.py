@@ -232,7 +232,15 @@ def discover(sources: list[str | os.PathLike]) -> list[PackageRef]:
         # figure a duplicate) and fell into other shards.
         name = Path(os.path.abspath(root)).name
         hits = 0  # packages under this folder, counting those another source already named
-        for dirpath, dirnames, filenames in os.walk(root):
+        # Linked folders are searched too ("pmc/oa_comm -> /mnt/disk2/oa_comm": a corpus spread
+        # over disks was "no PMC packages found"), each once: a link to a folder above it loops.
+        walked: set[str] = set()
+        for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
+            real_dir = os.path.realpath(dirpath)
+            if real_dir in walked:
+                dirnames[:] = []
+                continue
+            walked.add(real_dir)
             dirnames.sort()
             here = Path(dirpath)
             rel = here.relative_to(root).as_posix()
