@@ -318,6 +318,24 @@ def test_a_finished_run_says_it_returned_without_training(tmp_path, capsys):
     assert "nor its model.from checkpoint were read again" in err
 
 
+def test_a_finished_run_without_its_config_yaml_is_not_trained_again(tmp_path, capsys):
+    """OUT/config.yaml deleted: the config was checked against the copy in checkpoint-final,
+    and then the run trained again from scratch and replaced its final checkpoint (hours, for a
+    real stage) instead of returning it."""
+    from llavamed.train import run_training
+
+    data = make_bright_dark(tmp_path / "data", 8)
+    cfg = tiny_config(data, tmp_path / "out", max_steps=1)
+    run_training(cfg, progress=False)
+    weights = tmp_path / "out" / "checkpoint-final" / "model.safetensors"
+    before = weights.stat().st_mtime_ns
+    (tmp_path / "out" / "config.yaml").unlink()
+    capsys.readouterr()
+    again = run_training(cfg, progress=False)
+    assert again.wall_time_s == 0.0 and weights.stat().st_mtime_ns == before
+    assert "already holds checkpoint-final" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize(
     "spec", [{"lm": "tiny", "bogus": 1}, "tiny", {"lm": "tiny", "lm_layers": "eight"}]
 )

@@ -712,7 +712,9 @@ def _saved_config(out: Path) -> tuple[dict | None, list[str]]:
     return None, bad
 
 
-def _check_same_run(out: Path, resolved: dict) -> None:
+def _check_same_run(out: Path, resolved: dict) -> bool:
+    """Refuse a different config on a started run; True when a saved config was found and
+    matched (so a ``checkpoint-final`` there is this config's)."""
     metrics = out / "metrics.jsonl"
     started = (
         (out / FINAL).exists()
@@ -720,7 +722,7 @@ def _check_same_run(out: Path, resolved: dict) -> None:
         or any(ck.checkpoint_root(out).glob("step-*"))
     )
     if not started:  # a run that stopped before its first step (a bad path): nothing to keep
-        return
+        return False
     # An empty or damaged config.yaml was a YAML traceback, or "a different config (data,
     # distributed, model, ...)" that sent the user to delete the run; a deleted one let any
     # config resume the checkpoints.
@@ -731,7 +733,7 @@ def _check_same_run(out: Path, resolved: dict) -> None:
                 f"{out}: the run's saved config is unreadable ({'; '.join(bad)}); put back "
                 "config.yaml, or use another output.dir"
             )
-        return
+        return False
     changed = [
         k
         for k in diff(saved, resolved)
@@ -752,6 +754,7 @@ def _check_same_run(out: Path, resolved: dict) -> None:
             f"{out}: holds a run with a different config ({', '.join(changed)}); "
             "use another output.dir or delete the folder"
         )
+    return True
 
 
 def _dotted(d: dict, key: str):
@@ -800,8 +803,10 @@ def run_training(
     final = out / FINAL
     metrics_path = out / "metrics.jsonl"
     cfg.check_inputs_exist()
-    _check_same_run(out, resolved)
-    if (final / "config.json").is_file() and (out / "config.yaml").is_file():
+    same = _check_same_run(out, resolved)
+    # Checked against OUT/config.yaml or, that one deleted, the copy inside checkpoint-final:
+    # requiring OUT/config.yaml retrained a finished run from scratch and replaced its final.
+    if (final / "config.json").is_file() and same:
         # Said, not silent: the data are not tokenized again to check them (minutes for a large
         # set), so a user who edited the data file would otherwise take the old model for new.
         if os.environ.get("RANK", "0") == "0":  # one line under torchrun, not one a process
