@@ -1135,3 +1135,21 @@ def test_linked_folders_under_a_source_are_searched_once(tmp_path):
     ]
     report = ingest([src], tmp_path / "out")
     assert report["figures_written"] == len(EXPECTED)
+
+
+def test_a_line_that_is_not_utf8_survives_the_rewrite_of_a_changed_package(tmp_path):
+    """A hand-merged Latin-1 record in figures.jsonl (skipped as a bad line by the scan) stopped
+    the next run whose package had changed in a UnicodeDecodeError: the rewrite that drops the
+    package's old records read the file as UTF-8 text."""
+    src = make_tarballs(tmp_path / "src")
+    out = tmp_path / "out"
+    ingest([src], out)
+    latin1 = '{"pair_id": "X_1", "fig_caption": "caf\u00e9", "image": null}\n'.encode("latin-1")
+    with open(out / "figures.jsonl", "ab") as fh:
+        fh.write(latin1)
+    changed = src / "PMC1000003.tar.gz"
+    changed.write_bytes(changed.read_bytes() + b"\0" * 1024)  # a new size: redone
+    report = ingest([src], out)
+    assert report["last_run"]["packages_processed"] == 1
+    assert report["figures_written"] == len(EXPECTED)
+    assert latin1 in (out / "figures.jsonl").read_bytes()  # kept as it was, not lost

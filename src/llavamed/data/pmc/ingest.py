@@ -528,12 +528,14 @@ class IngestWriter:
         path = self.out / FIGURES
         if not path.exists():
             return
-        with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8") as dst:
-            with open(path, encoding="utf-8") as src:
+        # Bytes, copied as read: a line that is not UTF-8 (a hand-merged Latin-1 record, which
+        # the scan skips as bad) stopped the run in a UnicodeDecodeError here.
+        with atomic_path(path) as tmp, open(tmp, "wb") as dst:
+            with open(path, "rb") as src:
                 for line in src:
                     try:
                         rec = json.loads(line)
-                    except json.JSONDecodeError:
+                    except ValueError:  # JSONDecodeError, UnicodeDecodeError
                         rec = None
                     if isinstance(rec, dict) and drop(rec):
                         continue
