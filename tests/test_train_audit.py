@@ -354,3 +354,18 @@ def test_a_damaged_model_spec_in_llavamed_json_is_one_line_naming_the_file(
     cfg["model"] = {"from": str(ck)}
     with pytest.raises(InputError, match=r"llavamed\.json.*damaged checkpoint metadata.*spec"):
         run_training(cfg, progress=False)
+
+
+@pytest.mark.parametrize(
+    "content, match",
+    [("[1, 2]", "holds a JSON list, not a DeepSpeed config object"), (b"\xff\xfe{", "cannot read")],
+)
+def test_a_deepspeed_config_that_is_not_an_object_is_a_config_error(tmp_path, content, match):
+    """A DeepSpeed JSON holding a list was a TypeError traceback in every process (and bytes that
+    are not UTF-8 a UnicodeDecodeError), after the model had loaded and the data tokenized."""
+    from llavamed.train.distributed import deepspeed_config
+
+    path = tmp_path / "ds.json"
+    path.write_bytes(content.encode() if isinstance(content, str) else content)
+    with pytest.raises(ConfigError, match=f"distributed.deepspeed_config: .*{match}"):
+        deepspeed_config(str(path), micro_batch=1, accum=1, world=2, lr_holder={})

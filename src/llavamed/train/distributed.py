@@ -123,8 +123,13 @@ def deepspeed_config(
         )
     try:
         ds = json.loads(open(path, encoding="utf-8").read())
-    except (OSError, json.JSONDecodeError) as exc:
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise ConfigError(f"distributed.deepspeed_config: cannot read {path}: {exc}") from exc
+    if not isinstance(ds, dict):  # a list or a number was a TypeError traceback per process
+        raise ConfigError(
+            f"distributed.deepspeed_config: {path} holds a JSON {type(ds).__name__}, not a "
+            "DeepSpeed config object (see configs/deepspeed/)"
+        )
     ds["train_micro_batch_size_per_gpu"] = micro_batch
     ds["gradient_accumulation_steps"] = accum
     ds["train_batch_size"] = micro_batch * accum * world
