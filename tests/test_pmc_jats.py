@@ -553,3 +553,36 @@ def test_a_supplementary_citation_of_an_id_a_main_figure_shares_is_not_a_main_me
         figures=figures,
     )
     assert m == {"F1": ["It was solid (Figure 1)."]}
+
+
+def test_an_id_a_figure_shares_with_a_group_or_a_group_member_is_told_apart_by_number():
+    """A fig-group that is one figure (its image on the group) with the id of another figure,
+    or with a member whose id another figure has: every citation of the id went to the group,
+    "Figure 3" included, and Figure 3 had no mention."""
+
+    def cite(rid, text):
+        return f'<xref ref-type="fig" rid="{rid}">{text}</xref>'
+
+    def group(group_id, member_id):
+        return (
+            f'<fig-group id="{group_id}"><label>Figure 2</label><caption><p>MRI.</p></caption>'
+            f'<graphic xlink:href="g2"/><fig id="{member_id}"><label>A</label><caption>'
+            "<p>Axial.</p></caption></fig></fig-group>"
+        )
+
+    def fig3(xml_id):
+        return (
+            f'<fig id="{xml_id}"><label>Figure 3</label><caption><p>Gross.</p></caption>'
+            '<graphic xlink:href="g3"/></fig>'
+        )
+
+    m = _with_figures(
+        f"<p>The specimen ({cite('F2', 'Figure 3')}). The MRI ({cite('F2', 'Figure 2')}).</p>",
+        figures=group("F2", "F2a") + fig3("F2"),
+    )
+    assert m == {"F2_2": ["The specimen (Figure 3)."], "F2": ["The MRI (Figure 2)."]}
+    m = _with_figures(
+        f"<p>The specimen ({cite('F3', 'Figure 3')}). The MRI ({cite('F3', 'Figure 2A')}).</p>",
+        figures=group("G2", "F3") + fig3("F3"),
+    )
+    assert m == {"F3": ["The specimen (Figure 3)."], "G2": ["The MRI (Figure 2A)."]}

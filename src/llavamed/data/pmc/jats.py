@@ -588,7 +588,7 @@ def _whole_group(
     for member_id in member_ids:
         if member_id and member_id != fig_id:
             group_members[member_id] = [fig_id]
-    return _figure(group, fig_id, label, caption, image, notes)
+    return _figure(group, fig_id, label, caption, image, notes, xml_id)
 
 
 def _figure(
@@ -761,6 +761,13 @@ def _mentions(
         if f.xml_id:
             sharing.setdefault(f.xml_id, []).append(f)
     shared = {k: v for k, v in sharing.items() if len(v) > 1}
+    # So is a fig-group's id, or the id of a member of a group that is one figure, that another
+    # figure has too: its citations all went to the group, "Figure 3" included.
+    by_id = {f.fig_id: f for f in figures}
+    for rid, ids in group_members.items():
+        if rid in sharing:
+            group = [by_id[i] for i in ids if i in by_id]
+            shared[rid] = list({id(f): f for f in sharing[rid] + group}.values())
 
     def rid_ids(rid: str, text: str) -> list[str]:
         if rid not in shared:
