@@ -369,3 +369,22 @@ def test_a_deepspeed_config_that_is_not_an_object_is_a_config_error(tmp_path, co
     path.write_bytes(content.encode() if isinstance(content, str) else content)
     with pytest.raises(ConfigError, match=f"distributed.deepspeed_config: .*{match}"):
         deepspeed_config(str(path), micro_batch=1, accum=1, world=2, lr_holder={})
+
+
+def test_a_run_where_no_image_ever_loads_stops_instead_of_exporting_an_untrained_model(tmp_path):
+    """Every image failed in the DataLoader workers (here: not image files): each step skipped,
+    and the run "finished" with 0 tokens trained, wrote checkpoint-final (the untrained model,
+    handed on to the next stage) and exited 0. It stops after the first epoch, naming why."""
+    from llavamed.train import run_training
+
+    data = make_bright_dark(tmp_path / "data", 8)
+    for png in (tmp_path / "data" / "images").glob("*.png"):
+        png.write_bytes(b"not a png")
+    cfg = tiny_config(data, tmp_path / "out", max_steps=6)
+    with pytest.raises(
+        InputError, match=r"no sample loads \(every sample's image failed .*8 not an image"
+    ):
+        run_training(cfg, progress=False)
+    assert not (tmp_path / "out" / "checkpoint-final").exists()
+    report = json.loads((tmp_path / "out" / "data_report.json").read_text())
+    assert report["skipped_while_training"] == {"not an image": 8}

@@ -1085,6 +1085,10 @@ def _run(
             loss = D.all_reduce_sum(loss_local, info) / max(sup_total, 1.0)
             tokens = D.all_reduce_sum(tok_local, info)
             tokens_seen += int(tokens)
+            if tokens_seen == 0 and (step >= spe or step == total_steps):
+                # A whole epoch (or the whole run) and not one sample loaded: every image failed
+                # in the workers. The run went on to write an untrained checkpoint-final, exit 0.
+                _stop_nothing_loads(cfg, out, report, info)
             dt = time.time() - t_step
             rec = {
                 "step": step,
@@ -1207,6 +1211,21 @@ def _run(
         )
     D.barrier(info)
     return TrainResult(out, out / FINAL, _read_metrics(out / "metrics.jsonl"), time.time() - t0)
+
+
+def _stop_nothing_loads(cfg: TrainConfig, out: Path, report, info: DistInfo) -> None:
+    """Raise when no sample has loaded (a collective: every process calls it at the same step)."""
+    from llavamed.errors import format_counts
+
+    _merge_skips(report, info)
+    if info.is_main:
+        atomic_write_json(out / "data_report.json", report.to_dict())
+    raise InputError(
+        cfg.data.sources[0].path,
+        "no sample loads",
+        f"every sample's image failed while training ({format_counts(report.skipped_at_load)}"
+        "); nothing was trained; see data_report.json",
+    )
 
 
 def _save_resume(
