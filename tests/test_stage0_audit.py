@@ -495,3 +495,21 @@ def test_a_folder_that_is_no_text_encoder_is_named(tmp_path):
     CLIPVisionModel(conf).save_pretrained(tmp_path / "tower")
     with pytest.raises(InputError, match=r"tower: not a text encoder folder"):
         TextEncoder(str(tmp_path / "tower"))
+
+
+def test_a_refused_run_leaves_no_output_folder(tmp_path):
+    """`llavamed train configs/cpu/stage0_vision.yaml` before the pairs exist failed rightly but
+    left an empty runs/cpu/stage0/, and `llavamed quickstart --out runs/cpu` then refused the
+    folder as not its own."""
+    from llavamed.errors import InputError
+    from llavamed.train.vision_pretrain import run_from_config
+    from test_vision_pretrain import _tiny_run, _write_pairs
+
+    cfg = _tiny_run(tmp_path / "missing.jsonl", tmp_path / "runs" / "stage0", max_steps=1)
+    with pytest.raises(InputError, match="missing.jsonl"):
+        run_from_config(cfg, progress=False)
+    data = _write_pairs(tmp_path / "data", n=12)
+    cfg = _tiny_run(data, tmp_path / "runs" / "big", max_steps=1, batch_size=64)
+    with pytest.raises(InputError, match="fewer training pairs than batch_size"):
+        run_from_config(cfg, progress=False)
+    assert not (tmp_path / "runs").exists()

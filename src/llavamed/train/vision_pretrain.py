@@ -819,7 +819,6 @@ def train_vision(cfg: VisionPretrainConfig, progress: bool = True) -> VisionPret
     rank, world = dist_info()
     is_main = rank == 0
     out = Path(cfg.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
     tower_dir = out / TOWER_DIR
     bad_records: dict[str, str] = {}
     pairs, skipped = load_pairs(cfg.data, cfg.image_folder, bad_records)
@@ -869,6 +868,9 @@ def train_vision(cfg: VisionPretrainConfig, progress: bool = True) -> VisionPret
     # Before the images are decoded and the captions embedded (minutes on a large corpus):
     # unreadable images can only make it worse.
     _check_batch(train_pairs, val_pairs, cfg)
+    # Only now: a run refused above (a pairs file not made yet) left an empty output folder,
+    # which a quickstart into the same folder then refused as not its own.
+    out.mkdir(parents=True, exist_ok=True)
 
     text = TextEncoder(cfg.text_encoder, cfg.text_max_length, trainable=cfg.text_trainable)
     cache_dir = out / "cache"
