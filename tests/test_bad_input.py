@@ -190,7 +190,7 @@ def test_the_judge_counts_and_skips_bad_records(tmp_path):
     assert issues == {"bad_question_record": 2, "bad_answer_record": 1, "missing_answer": 1}
 
 
-def test_eval_rejects_a_negative_limit_and_a_missing_image_folder(tmp_path, capsys):
+def test_eval_rejects_a_negative_limit_and_a_missing_image_folder(tmp_path, capsys, tiny_llava_dir):
     with pytest.raises(SystemExit):
         main(["eval", "vqa", "--model", "m", "--dataset", "slake", "--data", "d", "--limit", "-1"])
     assert "--limit: -1 must be >= 1" in capsys.readouterr().err
@@ -202,8 +202,11 @@ def test_eval_rejects_a_negative_limit_and_a_missing_image_folder(tmp_path, caps
     q = tmp_path / "q.jsonl"
     q.write_text('{"question_id": 1, "image": "a.png", "text": "Q?"}\n')
     out = tmp_path / "answers.jsonl"
-    args = ["eval", "answer", "--model", "m", "--questions", str(q), "--out", str(out)]
-    assert main([*args, "--images", str(tmp_path / "nope")]) == 1
+    args = ["eval", "answer", "--questions", str(q), "--out", str(out)]
+    # A model folder that is no checkpoint is named first (before the questions are read).
+    assert main([*args, "--model", "m", "--images", str(tmp_path)]) == 1
+    _one_line_error(capsys, "m", "not a checkpoint folder")
+    assert main([*args, "--model", str(tiny_llava_dir), "--images", str(tmp_path / "nope")]) == 1
     _one_line_error(capsys, "nope", "image folder not found")
     assert not out.exists()  # no empty answers file that would look finished
 
