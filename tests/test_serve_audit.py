@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import base64
 import io
+import time
+from types import SimpleNamespace
 
 import pytest
 
@@ -476,3 +478,72 @@ def test_chat_image_refuses_a_fifo_or_device_instead_of_hanging(engine, tmp_path
         with pytest.raises(InputError, match="not a regular file"):
             session.attach(path)
     assert session.pending_image is None
+
+
+# --- llavamed web --------------------------------------------------------------------------------
+
+
+def test_web_marks_a_stopped_answer_as_not_part_of_the_conversation(engine, tmp_path):
+    """Stop leaves the partial answer on the page but out of the model's conversation (as the
+    terminal chat says when it stops one); the page showed it like any other answer, so the
+    next answers seemed to ignore it."""
+    pytest.importorskip("gradio")
+    from llavamed.serve.web import UNKEPT, build_app
+
+    demo = build_app(engine, examples_dir=tmp_path)
+    respond = next(f.fn for f in demo.fns.values() if f.name == "respond")
+    engine.eos_ids, eos = set(), engine.eos_ids  # answers run to max_tokens
+    try:
+        args = (None, 0.0, 1.0, 6, 1)  # pending, temperature, top_p, max_tokens, seed
+        *_, (_, history, conv, _) = respond("first", [], None, *args)
+        assert conv["shown"] == 2 and len(conv["messages"]) == 2
+        turn = respond("second", history, conv, *args)
+        _, partial, conv_seen, _ = next(turn)  # the first tokens of the answer arrive
+        turn.close()  # Stop: gradio drops the generator, conv keeps what it was
+        assert conv_seen is conv and partial[-1]["role"] == "assistant"
+        shown = [
+            {"role": m["role"], "content": [{"type": "text", "text": m["content"]}]}
+            for m in partial  # as the Chatbot hands messages back
+        ]
+        *_, (_, history, conv, _) = respond("third", shown, conv, *args)
+        texts = [
+            m["content"] if isinstance(m["content"], str) else m["content"][0]["text"]
+            for m in history
+        ]
+        assert [t.endswith(UNKEPT) for t in texts] == [False] * 3 + [True] + [False] * 2
+        assert texts[3] == partial[-1]["content"] + UNKEPT
+        assert len(conv["messages"]) == 4 and conv["shown"] == 6  # first and third turns
+        # The Stop button marks the answer it stops at once, and only that one.
+        on_stop = next(f.fn for f in demo.fns.values() if f.name == "on_stop")
+        running = history + [
+            {"role": "user", "content": "fifth"},
+            {"role": "assistant", "content": "partial"},
+        ]
+        marked = on_stop(running, conv)
+        assert marked[:-1] == running[:-1] and marked[-1]["content"] == "partial" + UNKEPT
+        assert on_stop(history, conv) == history  # nothing running: nothing to mark
+        assert on_stop(running[-2:], None)[-1]["content"] == "partial" + UNKEPT  # first turn
+        # Stop tells the running answer too: its next update is the marked page, and its last,
+        # so a late update of the cancelled stream cannot wipe the mark on_stop put there.
+        request = SimpleNamespace(session_hash="s1")
+        before = engine.stats["cancelled"]
+        turn = respond("sixth", history, conv, *args, request)
+        _, running, _, _ = next(turn)
+        on_stop(running, conv, request)
+        _, final, conv_after, _ = next(turn)
+        with pytest.raises(StopIteration):
+            next(turn)
+        assert final[-1]["content"].endswith(UNKEPT) and conv_after is conv
+        deadline = time.time() + 10  # the worker drops the row at its next step
+        while engine.stats["cancelled"] == before and time.time() < deadline:
+            time.sleep(0.02)
+        assert engine.stats["cancelled"] == before + 1  # the engine stopped generating
+        # Marked once, however many turns follow.
+        *_, (_, history, _, _) = respond("fourth", history, conv, *args)
+        assert (
+            sum(UNKEPT in (m["content"] if isinstance(m["content"], str) else "") for m in history)
+            == 1
+        )
+    finally:
+        engine.eos_ids = eos
+        demo.close()

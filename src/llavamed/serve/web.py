@@ -116,6 +116,42 @@ def seed_value(seed) -> int | None:
     return None if n == -1 else n
 
 
+UNKEPT = " [stopped: not part of the conversation]"
+
+
+def _message_text(content) -> str:
+    """A Chatbot message's text: gradio hands messages back with content as a list of parts."""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        return "".join(p.get("text", "") for p in content if isinstance(p, dict))
+    return ""
+
+
+def mark_unkept(history: list, kept: int) -> list:
+    """``history`` with every answer after its first ``kept`` (settled) messages marked as not
+    part of the conversation: a turn stopped (Stop, or an error mid-answer) stays on the page
+    but never reaches the model's conversation, and the page showed it like any other, so the
+    model's next answers seemed to ignore it. The terminal chat says so when it stops one."""
+    out = list(history)
+    for i in range(max(kept, 0), len(out)):
+        m = out[i]
+        if isinstance(m, dict) and m.get("role") == "assistant":
+            text = _message_text(m.get("content"))
+            if not text.endswith(UNKEPT):
+                out[i] = {"role": "assistant", "content": text + UNKEPT}
+    return out
+
+
+def kept_messages(conv: dict | None, history: list) -> int:
+    """How many of the page's first messages are settled: the page as it stood when ``conv``
+    last completed a turn (earlier stopped answers already marked). Those after it belong to
+    turns that did not complete. None: a new conversation, nothing settled."""
+    if conv is None:
+        return 0
+    return conv.get("shown", len(history))
+
+
 def settle_pending(pending: dict | None, used: str | None) -> tuple[dict | None, None]:
     """After a turn: the upload it attached is now in the conversation, so it is no longer
     pending; an upload made while the answer streamed stays pending for the next question."""
@@ -158,7 +194,12 @@ def build_app(
         # An id, so the turn that attaches it clears exactly this upload (see settle_pending).
         return img, {"id": uuid.uuid4().hex, "image": img}
 
-    def respond(text, history, conv, pending, temperature, top_p, max_tokens, seed):
+    # Each browser session's running answer -> its stop flag, set by the Stop button. Gradio
+    # cancels the answer's event on its own schedule: the answer went on streaming for up to a
+    # second after Stop, and its last update could wipe the mark on_stop had put on the page.
+    answering: dict[str, threading.Event] = {}
+
+    def respond(text, history, conv, pending, temperature, top_p, max_tokens, seed, request=None):
         """Streams (question, chatbot, conv, used). ``pending`` is read, never written: an image
         uploaded while this answer streams must survive it. ``used`` names the upload attached.
         An upload goes with one question only: ``conv`` remembers the ids of the uploads it
@@ -166,11 +207,14 @@ def build_app(
         alone, without the settle_pending step that follows in the browser) does not attach
         it again."""
         history = list(history or [])
+        # Messages past conv["shown"] belong to turns that never completed (see mark_unkept).
+        settled = kept_messages(conv, history)
+        history = mark_unkept(history, settled)
         text = (text or "").strip()
         if not text:
             yield "", history, conv, None
             return
-        conv = conv or {"messages": [], "images": [], "uploads": []}
+        conv = conv or {"messages": [], "images": [], "uploads": [], "shown": 0}
         attached = list(conv.get("uploads", ()))
         attach = pending if multimodal and pending and pending["id"] not in attached else None
         try:
@@ -194,24 +238,53 @@ def build_app(
             {"role": "assistant", "content": ""},
         ]
         answer = ""
+        stop, key = threading.Event(), getattr(request, "session_hash", None)
+        if key is not None:
+            answering[key] = stop
+        stream = session.ask(text)
         try:
-            for delta in session.ask(text):
+            for delta in stream:
+                if stop.is_set():
+                    break
                 answer += delta
                 history[-1] = {"role": "assistant", "content": answer}
                 yield "", history, conv, None
         except InputError as exc:
             raise gr.Error(str(exc)) from None
+        finally:
+            stream.close()  # stops the engine's generation (ChatSession.ask's finally)
+            if key is not None and answering.get(key) is stop:
+                del answering[key]
+        if stop.is_set():  # Stop: the page keeps the answer, marked; conv does not
+            yield "", mark_unkept(history, settled), conv, None
+            return
         if not answer:
             history[-1] = {"role": "assistant", "content": "(empty answer)"}
         conv = {
             "messages": session.messages,
             "images": session.images,
             "uploads": attached + [attach["id"]] if attach else attached,
+            "shown": len(history),
         }
         yield "", history, conv, attach["id"] if attach else None
 
     def clear():
         return [], None, None, None, None
+
+    def on_stop(history, conv, request=None):
+        """The stopped answer stays on the page, marked: it is not part of the conversation.
+        The answer's own loop is told too, so no later update of it wipes the mark."""
+        stop = answering.get(getattr(request, "session_hash", None))
+        if stop is not None:
+            stop.set()
+        history = list(history or [])
+        return mark_unkept(history, kept_messages(conv, history))
+
+    # gradio hands a function its gr.Request by annotation; set as objects, since this module's
+    # string annotations name gr, which only this function imports (unresolved, gradio would
+    # silently pass nothing).
+    respond.__annotations__ = {"request": gr.Request}
+    on_stop.__annotations__ = {"request": gr.Request}
 
     with gr.Blocks(title="llavamed", delete_cache=DELETE_CACHE) as demo:
         kind = "image + text" if multimodal else "text only"
@@ -303,8 +376,9 @@ def build_app(
         )
         answer.then(settle_pending, [pending, used], [pending, used])
         # Cancelling stops the engine's generation too (ChatSession.ask's finally). A stopped
-        # turn never reaches conv, so its image stays pending for the next question.
-        stop.click(None, None, None, cancels=[answer])
+        # turn never reaches conv, so its image stays pending for the next question, and its
+        # answer is marked on the page as not part of the conversation (mark_unkept).
+        stop.click(on_stop, [chatbot, conv], [chatbot], cancels=[answer])
         reset.click(clear, [], [chatbot, conv, pending, preview, upload], cancels=[answer])
     demo.queue(default_concurrency_limit=concurrency)
     return demo
