@@ -388,3 +388,29 @@ def test_a_run_where_no_image_ever_loads_stops_instead_of_exporting_an_untrained
     assert not (tmp_path / "out" / "checkpoint-final").exists()
     report = json.loads((tmp_path / "out" / "data_report.json").read_text())
     assert report["skipped_while_training"] == {"not an image": 8}
+
+
+def test_lora_target_modules_that_match_nothing_are_a_config_error(tiny_llava_dir, capsys):
+    """No LM layer with a listed name (a typo, or another LM family's names) was peft's
+    NoMatchingPeftModuleError traceback naming a regex; one unknown name among known ones put
+    fewer adapters on, unsaid."""
+    from llavamed.config import load_config
+    from llavamed.train.trainer import apply_lora, build_model
+
+    def lora(targets):
+        cfg = load_config(
+            {
+                "model": {"from": str(tiny_llava_dir)},
+                "data": {"path": "x.json"},
+                "train": {"lora": {"r": 4, "target_modules": targets}},
+            }
+        )
+        model, *_ = build_model(cfg)
+        return apply_lora(model, cfg)
+
+    for targets, match in (([], "empty"), (["c_attn"], "no linear layer of the LM has these")):
+        with pytest.raises(ConfigError, match=rf"train.lora.target_modules=.*{match}.*q_proj"):
+            lora(targets)
+    model = lora(["q_proj", "v_porj"])
+    assert "no linear layer named v_porj" in capsys.readouterr().err
+    assert any("q_proj.lora_A" in n for n, _ in model.named_parameters())

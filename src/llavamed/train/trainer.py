@@ -231,8 +231,32 @@ def apply_lora(model, cfg: TrainConfig):
         except ImportError as exc:
             raise ConfigError("train.lora.quantize: install bitsandbytes for QLoRA") from exc
         _quantize_lm(model, lc.quantize)
+    import torch
     from peft import LoraConfig, inject_adapter_in_model
 
+    # Which names can take an adapter: the LM's linear layers, by their last name part.
+    linear = sorted(
+        {
+            n.rsplit(".", 1)[-1]
+            for n, m in model.model.language_model.named_modules()
+            if isinstance(m, torch.nn.Linear)
+        }
+    )
+    unknown = [t for t in lc.target_modules if t not in linear]
+    if len(unknown) == len(lc.target_modules):
+        # peft's NoMatchingPeftModuleError (a traceback) named a regex, not the setting.
+        raise ConfigError(
+            f"train.lora.target_modules={lc.target_modules!r}: "
+            + ("empty" if not unknown else "no linear layer of the LM has these names")
+            + f"; this LM's linear layers: {', '.join(linear)}"
+        )
+    if unknown and os.environ.get("RANK", "0") == "0":  # a typo trained fewer adapters, unsaid
+        print(
+            f"llavamed train: train.lora.target_modules: no linear layer named "
+            f"{', '.join(unknown)} in the LM (it has {', '.join(linear)}); adapters go on "
+            f"{', '.join(t for t in lc.target_modules if t not in unknown)} only",
+            file=sys.stderr,
+        )
     names = "|".join(lc.target_modules)
     pc = LoraConfig(
         r=lc.r,
