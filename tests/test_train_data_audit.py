@@ -332,3 +332,30 @@ def test_no_samples_left_says_why(tmp_path, one_thread):
         r"after truncation; see data_report.json\)",
     ):
         run_training(cfg, progress=False)
+
+
+def test_a_source_that_gives_no_samples_stops_the_run(tmp_path, one_thread):
+    """VQA-RAD has no validation split: a source asking for split val read every record, kept
+    none and said nothing, and the run trained on the other sources alone."""
+    import pytest
+
+    from llavamed.data.synth import generate_world
+    from llavamed.errors import InputError
+    from llavamed.train import run_training
+    from train_helpers import tiny_config
+
+    world = tmp_path / "w"
+    generate_world(world, articles=1, seed=3, image_size=64, progress=False, vqa_images=22)
+    cfg = tiny_config(world / "slake", tmp_path / "out", max_steps=1)
+    cfg["data"] = {
+        "sources": [
+            {"format": "vqa", "dataset": "slake", "path": str(world / "slake")},
+            {"format": "vqa", "dataset": "vqa-rad", "path": str(world / "vqa_rad"), "split": "val"},
+        ],
+        "max_length": 256,
+    }
+    with pytest.raises(InputError, match=r"vqa_rad \(split val\): no training samples from this"):
+        run_training(cfg, progress=False)
+    report = json.loads((tmp_path / "out" / "data_report.json").read_text())
+    assert report["per_source"][f"{world / 'vqa_rad'} (split val)"] == 0
+    assert not (tmp_path / "out" / "checkpoint-final").exists()

@@ -917,6 +917,16 @@ def _run(
         raise InputError(
             cfg.data.sources[0].path, "no training samples left", f"{why}; see data_report.json"
         )
+    empty = [k for k, n in report.per_source.items() if n == 0]
+    if empty:
+        # One source of several that gives nothing (a VQA split the set does not have: VQA-RAD
+        # has no "val") trained on the others alone, with nothing said.
+        raise InputError(
+            empty[0],
+            "no training samples from this source",
+            f"{len(samples)} from the others; a split it does not have, or every record "
+            "skipped; see data_report.json. Fix the source or remove it from data.sources",
+        )
     data_key = data_fingerprint(samples)
 
     spe = steps_per_epoch(len(samples), t.global_batch_size)
