@@ -292,3 +292,15 @@ def test_an_image_over_pils_own_limit_names_the_limit_that_applies():
     data = _encode(Image.new("1", (15000, 15000)), "PNG")  # 225 MP, a few KB
     with pytest.raises(InputError, match=r"image too large \(> 40000 pixels"):
         load_image(data, name="huge.png", max_pixels=40_000)
+
+
+def test_a_fifo_or_a_device_is_refused_not_read(tmp_path):
+    """Every reader of image paths (chat's /image, eval, training data, ingest): a FIFO blocked
+    until someone wrote to it and /dev/zero was read until memory ran out."""
+    import os
+
+    fifo = tmp_path / "scan.png"
+    os.mkfifo(fifo)
+    for path in (fifo, "/dev/zero"):
+        with pytest.raises(InputError, match="not a regular file"):
+            load_image(path)

@@ -56,8 +56,13 @@ def load_image(
         label = name or "<bytes>"
     else:
         label = name or str(source)
+        path = Path(source)
+        if path.exists() and not path.is_dir() and not path.is_file():
+            # /dev/stdin waited for input a REPL itself was reading, /dev/zero read until memory
+            # ran out, and a FIFO blocked until someone wrote to it.
+            raise InputError(label, "not a regular file")
         try:
-            data = Path(source).read_bytes()
+            data = path.read_bytes()
         except FileNotFoundError as exc:
             raise InputError(label, "file not found") from exc
         except IsADirectoryError as exc:

@@ -56,13 +56,7 @@ class ChatSession:
         if not hasattr(image, "size"):
             from llavamed.serve.engine import load_user_image
 
-            if isinstance(image, (str, Path)):
-                path = Path(image)
-                if path.exists() and not path.is_dir() and not path.is_file():
-                    # /dev/stdin waited for input the REPL itself was reading, /dev/zero read
-                    # until memory ran out, and a FIFO blocked until someone wrote to it.
-                    raise InputError(path, "not a regular file")
-            image = load_user_image(image)
+            image = load_user_image(image)  # (refuses a FIFO or a device: it would block)
         self.pending_image = image
 
     def ask(
