@@ -9,6 +9,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from llavamed.errors import InputError
+from model_helpers import tiny_llama
 
 # The tiny original LLaVA-Med v1.5 folder (sharded safetensors, tower inside).
 from test_convert import original_llava_med  # noqa: F401
@@ -88,23 +89,14 @@ def test_model_init_takes_a_tower_beside_its_unused_heads(tmp_path, kind):
 
 def test_model_init_refuses_an_lm_folder_missing_its_head(tmp_path):
     """An untied LM folder without lm_head.weight composed with a random head."""
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+    from transformers import AutoTokenizer
 
     from llavamed.model.compose import ModelSpec, init_checkpoint
     from llavamed.model.embedded import embedded_lm_dir
 
     tok = AutoTokenizer.from_pretrained(embedded_lm_dir())
-    cfg = LlamaConfig(
-        vocab_size=len(tok),
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        tie_word_embeddings=False,
-    )
     lm_dir = tmp_path / "lm"
-    LlamaForCausalLM(cfg).save_pretrained(lm_dir)
+    tiny_llama(len(tok), tie_word_embeddings=False).save_pretrained(lm_dir)
     tok.save_pretrained(lm_dir)
     sd = load_file(lm_dir / "model.safetensors")
     del sd["lm_head.weight"]
@@ -434,21 +426,13 @@ def test_convert_shows_progress_over_the_shards_it_reads(
 def test_model_init_refuses_an_lm_whose_tokenizer_is_larger_than_its_embeddings(tmp_path):
     """A 1000-row LM beside a 49152-token tokenizer composed into a 49153-row model whose extra
     rows were all the mean embedding."""
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+    from transformers import AutoTokenizer
 
     from llavamed.model.compose import ModelSpec, init_checkpoint
     from llavamed.model.embedded import embedded_lm_dir
 
     lm = tmp_path / "lm"
-    cfg = LlamaConfig(
-        vocab_size=1000,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-    )
-    LlamaForCausalLM(cfg).save_pretrained(lm)
+    tiny_llama(1000).save_pretrained(lm)
     AutoTokenizer.from_pretrained(embedded_lm_dir()).save_pretrained(lm)
     with pytest.raises(InputError, match=r"lm: tokenizer does not fit the model \(the embeddings"):
         init_checkpoint(tmp_path / "out", ModelSpec(lm=str(lm), vision="tiny"))

@@ -17,6 +17,7 @@ from llavamed.cli import main
 from llavamed.errors import ConfigError
 from llavamed.model import ModelSpec, build
 from llavamed.model.compose import VISION_PRESETS
+from model_helpers import tiny_llama
 
 
 def _tokenizer_config(folder) -> dict:
@@ -182,8 +183,6 @@ def test_a_scaled_rope_is_also_written_where_transformers_4_readers_look(tmp_pat
     read the flat keys, ran the LM with unscaled rotary frequencies: other logits everywhere."""
     from transformers import (
         AutoTokenizer,
-        LlamaConfig,
-        LlamaForCausalLM,
         LlavaForConditionalGeneration,
     )
 
@@ -197,19 +196,13 @@ def test_a_scaled_rope_is_also_written_where_transformers_4_readers_look(tmp_pat
         "high_freq_factor": 4.0,
         "original_max_position_embeddings": 64,
     }
-    cfg = LlamaConfig(
-        vocab_size=len(tok),
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        num_key_value_heads=1,
+    torch.manual_seed(0)
+    tiny_llama(
+        len(tok),
         max_position_embeddings=512,
         rope_parameters=dict(rope, rope_theta=5e5),
         tie_word_embeddings=True,
-    )
-    torch.manual_seed(0)
-    LlamaForCausalLM(cfg).save_pretrained(tmp_path / "lm")
+    ).save_pretrained(tmp_path / "lm")
     tok.save_pretrained(tmp_path / "lm")
     out = tmp_path / "ckpt"
     assert (

@@ -13,6 +13,7 @@ import torch
 
 from llavamed.errors import ConfigError, InputError
 from llavamed.model import ModelSpec, build, init_checkpoint, load_llava, read_meta
+from model_helpers import tiny_llama
 
 PLAIN_TRANSFORMERS = textwrap.dedent(
     """
@@ -107,7 +108,7 @@ def test_generation_config_stops_at_the_templates_end_of_turn(tmp_path):
     <|im_end|>: plain transformers and vLLM stop only on generation_config.json's ids."""
     import json
 
-    from transformers import AutoTokenizer, GenerationConfig, LlamaConfig, LlamaForCausalLM
+    from transformers import AutoTokenizer, GenerationConfig
 
     from llavamed.model import ModelSpec, init_checkpoint
     from llavamed.model.embedded import embedded_lm_dir
@@ -115,16 +116,7 @@ def test_generation_config_stops_at_the_templates_end_of_turn(tmp_path):
     tok = AutoTokenizer.from_pretrained(embedded_lm_dir())
     tok.eos_token = "<|endoftext|>"
     im_end = tok.convert_tokens_to_ids("<|im_end|>")
-    cfg = LlamaConfig(
-        vocab_size=len(tok),
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        eos_token_id=tok.eos_token_id,
-    )
-    lm = LlamaForCausalLM(cfg)
+    lm = tiny_llama(len(tok), eos_token_id=tok.eos_token_id)
     lm.generation_config = GenerationConfig(eos_token_id=tok.eos_token_id)
     lm.save_pretrained(tmp_path / "lm")
     tok.save_pretrained(tmp_path / "lm")
