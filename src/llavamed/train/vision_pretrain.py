@@ -838,7 +838,8 @@ def train_vision(cfg: VisionPretrainConfig, progress: bool = True) -> VisionPret
     from llavamed.train.text_encoder import encoder_fingerprint, resolve_text_encoder
 
     text_key = encoder_fingerprint(resolve_text_encoder(cfg.text_encoder), cfg.text_max_length)
-    report = _read_report(out / REPORT_JSON) if (tower_dir / "config.json").exists() else None
+    finished = (tower_dir / "config.json").exists()
+    report = read_finished_report(out / REPORT_JSON, "stage 0") if finished else None
     if report is not None:
         # A moved run folder is the same run, and so is one re-run with settings that change
         # nothing computed (they resumed at the last step and evaluated, probed and wrote the
@@ -1244,10 +1245,10 @@ def train_vision(cfg: VisionPretrainConfig, progress: bool = True) -> VisionPret
     return VisionPretrainResult(out, tower_dir, report, time.time() - t_start)
 
 
-def _read_report(path: Path) -> dict | None:
-    """A finished run's report, or None when there is none or it cannot be read (cut short by a
-    crash: it was a JSONDecodeError traceback on every re-run); the run then goes on from its
-    resume state, as stage 0b's does."""
+def read_finished_report(path: Path, stage: str) -> dict | None:
+    """A finished stage-0 or stage-0b run's report, or None when there is none or it cannot be
+    read (cut short by a crash: it was a JSONDecodeError traceback on every re-run); the run then
+    goes on, from its resume state if it has one."""
     from llavamed.errors import first_line
 
     if not path.exists():
@@ -1256,7 +1257,7 @@ def _read_report(path: Path) -> dict | None:
         report = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         print(
-            f"stage 0: {path} is unreadable ({first_line(exc)}); not a finished run",
+            f"{stage}: {path} is unreadable ({first_line(exc)}); not a finished run",
             file=sys.stderr,
         )
         return None

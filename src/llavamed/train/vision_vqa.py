@@ -348,6 +348,7 @@ def train_vision_vqa(cfg: VisionVQAConfig, progress: bool = True) -> VisionVQARe
         _save_tower,
         check_tower_layer,
         load_tower,
+        read_finished_report,
         tower_features,
         tower_fingerprint,
     )
@@ -372,7 +373,8 @@ def train_vision_vqa(cfg: VisionVQAConfig, progress: bool = True) -> VisionVQARe
     # package version): the readout head learnt that encoder's question embeddings.
     text_path = resolve_text_encoder(cfg.text_encoder)
     text_key = encoder_fingerprint(text_path, TEXT_MAX_LENGTH)
-    old = _read_report(report_path) if (tower_dir / "config.json").exists() else None
+    finished = (tower_dir / "config.json").exists()
+    old = read_finished_report(report_path, "stage 0b") if finished else None
     if old is not None:
         old_config = old.get("config", {})
         # Reports from before the keys existed are trusted, as stage 0's are.
@@ -555,25 +557,6 @@ def train_vision_vqa(cfg: VisionVQAConfig, progress: bool = True) -> VisionVQARe
     if finished:
         state_path.unlink(missing_ok=True)  # the report and tower now stand for the whole run
     return VisionVQAResult(out, tower_dir, report, time.time() - t0)
-
-
-def _read_report(path: Path) -> dict | None:
-    """A finished run's report, or None when there is none or it cannot be read (a machine
-    crash before the file system wrote it out: it was a JSONDecodeError traceback on every
-    re-run); the run is then trained again, from its resume state if it has one."""
-    from llavamed.errors import first_line
-
-    if not path.exists():
-        return None
-    try:
-        report = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        print(
-            f"stage 0b: {path} is unreadable ({first_line(exc)}); not a finished run",
-            file=sys.stderr,
-        )
-        return None
-    return report if isinstance(report, dict) else None
 
 
 def report_markdown(report: dict) -> str:
