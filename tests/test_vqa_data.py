@@ -120,6 +120,11 @@ def test_vqa_rad_folder_split_and_bad_records(tmp_path):
     # the JSON file itself works too
     again, _ = load_vqa("vqa-rad", root / "VQA_RAD Dataset Public.json")
     assert len(again) == 3
+    # VQA-RAD has no validation split: "val" loaded nothing without a word (a training source
+    # that added nothing, an evaluation of no questions).
+    for split in ("val", "validate", "Test"):
+        with pytest.raises(InputError, match=f"unknown VQA-RAD split.*'{split}'"):
+            load_vqa("vqa-rad", root, split=split)
 
 
 def _slake(tmp_path):

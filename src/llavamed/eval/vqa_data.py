@@ -294,6 +294,12 @@ def load_vqa_rad(
 ) -> tuple[list[VQASample], LoadReport]:
     """VQA-RAD's public JSON (or its parquet export). ``split``: test, train or all."""
     path = Path(path)
+    if split not in ("test", "train", "all"):
+        # "val" kept none of the records, silently: an evaluation of nothing, a training source
+        # that added nothing.
+        raise InputError(
+            path, "unknown VQA-RAD split", f"{split!r}; use train or test (it has no validation)"
+        )
     if _parquet_files(path, split):
         return load_parquet(path, split=split, dataset="vqa-rad")
     js, images = _find_vqa_rad(path)
