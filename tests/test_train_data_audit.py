@@ -335,8 +335,11 @@ def test_no_samples_left_says_why(tmp_path, one_thread):
 
 
 def test_a_source_that_gives_no_samples_stops_the_run(tmp_path, one_thread):
-    """VQA-RAD has no validation split: a source asking for split val read every record, kept
-    none and said nothing, and the run trained on the other sources alone."""
+    """A source that kept none of its records (here: every image missing) was said nothing of,
+    and the run trained on the other sources alone. (The first case found, VQA-RAD's split
+    val that it does not have, is now refused by the loader itself.)"""
+    import shutil
+
     import pytest
 
     from llavamed.data.synth import generate_world
@@ -346,16 +349,24 @@ def test_a_source_that_gives_no_samples_stops_the_run(tmp_path, one_thread):
 
     world = tmp_path / "w"
     generate_world(world, articles=1, seed=3, image_size=64, progress=False, vqa_images=22)
+    rad = tmp_path / "rad"
+    shutil.copytree(world / "vqa_rad", rad)
+    for image in (rad / "VQA_RAD Image Folder").iterdir():
+        image.unlink()
     cfg = tiny_config(world / "slake", tmp_path / "out", max_steps=1)
+    slake = {"format": "vqa", "dataset": "slake", "path": str(world / "slake")}
     cfg["data"] = {
         "sources": [
-            {"format": "vqa", "dataset": "slake", "path": str(world / "slake")},
-            {"format": "vqa", "dataset": "vqa-rad", "path": str(world / "vqa_rad"), "split": "val"},
+            slake,
+            {"format": "vqa", "dataset": "vqa-rad", "path": str(rad), "split": "val"},
         ],
         "max_length": 256,
     }
-    with pytest.raises(InputError, match=r"vqa_rad \(split val\): no training samples from this"):
+    with pytest.raises(InputError, match="unknown VQA-RAD split"):
+        run_training(cfg, progress=False)
+    cfg["data"]["sources"][1]["split"] = "train"
+    with pytest.raises(InputError, match=r"rad \(split train\): no training samples from this"):
         run_training(cfg, progress=False)
     report = json.loads((tmp_path / "out" / "data_report.json").read_text())
-    assert report["per_source"][f"{world / 'vqa_rad'} (split val)"] == 0
+    assert report["per_source"][f"{rad} (split train)"] == 0
     assert not (tmp_path / "out" / "checkpoint-final").exists()
