@@ -17,8 +17,12 @@ def register(sub) -> None:
             "train.lr=1e-4 output.dir=runs/x data.sources.0.max_samples=100. Re-running the same "
             "command resumes from the newest checkpoint in output.dir; a finished run returns at "
             "once. Multi-process: `torchrun --nproc_per_node N -m llavamed train CONFIG ...` "
-            "(see docs/training.md). Outputs: OUT/checkpoint-final/ (native llava), "
-            "OUT/config.yaml, OUT/metrics.jsonl, OUT/loss.png, OUT/data_report.json."
+            "(see docs/training.md). Outputs of align/instruct/finetune: OUT/checkpoint-final/ "
+            "(native llava), OUT/config.yaml, OUT/metrics.jsonl, OUT/loss.png, "
+            "OUT/data_report.json; of vision: OUT/vision_tower/, OUT/stage0_report.json/.md, "
+            "OUT/stage0_log.jsonl, OUT/stage0_config.yaml; of vision_vqa: OUT/vision_tower/, "
+            "OUT/vision_vqa_report.json/.md. OUT is output.dir (output_dir for the vision "
+            "stages, whose keys are flat: lr=..., output_dir=...)."
         ),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
