@@ -1,6 +1,6 @@
 """Resume checkpoints: trainable weights, optimizer, scheduler, RNG and data position.
 
-Layout: ``OUT/checkpoints/step-000100/`` holding ``trainable.pt`` (trainable parameters only;
+Layout: ``OUT/checkpoints/step-0000100/`` holding ``trainable.pt`` (trainable parameters only;
 frozen ones are rebuilt from the config), ``optimizer.pt``, ``rng-rank{R}.pt`` and
 ``state.json`` (step, epoch, schedule position, tokens seen, world size, engine, and the images
 skipped while training so far). A checkpoint is written into a
