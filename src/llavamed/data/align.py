@@ -12,12 +12,12 @@ from __future__ import annotations
 import json
 import os
 import random
-import re
 from collections.abc import Iterable
 from functools import lru_cache
 from pathlib import Path
 
 from llavamed.data.figures import image_on_disk, rebase_image, record_image
+from llavamed.utils.io import without_lone_surrogates
 
 IMAGE_TOKEN = "<image>"
 PROMPT_POLICIES = ("by-length", "uniform")
@@ -77,7 +77,7 @@ def clean_caption(caption: str) -> str:
     """One line, and no literal ``<image>``: the trainer counts image tokens per sample. A lone
     surrogate (text cut inside a UTF-16 pair: a ``\\ud83d`` escape in the figures file) becomes
     U+FFFD; writing the output raised UnicodeEncodeError, a traceback after all the work."""
-    caption = re.sub("[\ud800-\udfff]", "\ufffd", caption)
+    caption = without_lone_surrogates(caption)
     return " ".join(caption.replace(IMAGE_TOKEN, " ").split())
 
 

@@ -5,12 +5,11 @@ from __future__ import annotations
 
 import json
 import os
-import re
 from collections.abc import Iterator
 from pathlib import Path
 
 from llavamed.errors import InputError
-from llavamed.utils.io import iter_jsonl, read_json
+from llavamed.utils.io import iter_jsonl, read_json, without_lone_surrogates
 
 # LLaVA-Med's five domains, in the order the paper's judge uses to pick one per question.
 DOMAINS: tuple[str, ...] = ("chest_xray", "mri", "histology", "gross", "ct_scan")
@@ -83,27 +82,6 @@ def image_on_disk(image: str, image_root: str | os.PathLike | None) -> str:
     return image
 
 
-# A lone UTF-16 surrogate: what a JSON "\\ud83d" escape decodes to when a caption was cut
-# inside an emoji's pair. UTF-8 cannot carry it.
-_SURROGATE = re.compile("[\ud800-\udfff]")
-
-
-def _scrub(obj):
-    """``obj`` with every lone surrogate in its strings (keys included) made U+FFFD; ``obj``
-    itself when it holds none."""
-    if isinstance(obj, str):
-        return _SURROGATE.sub("\ufffd", obj) if _SURROGATE.search(obj) else obj
-    if isinstance(obj, dict):
-        pairs = [(_scrub(k), _scrub(v)) for k, v in obj.items()]
-        if all(k is k0 and v is v0 for (k, v), (k0, v0) in zip(pairs, obj.items(), strict=True)):
-            return obj
-        return dict(pairs)
-    if isinstance(obj, list):
-        items = [_scrub(x) for x in obj]
-        return obj if all(a is b for a, b in zip(items, obj, strict=True)) else items
-    return obj
-
-
 def iter_figures(path: str | os.PathLike) -> Iterator[dict]:
     """Yield figure records from ``figures.jsonl`` or LLaVA-Med's ``{domain: [records]}`` JSON.
 
@@ -114,7 +92,7 @@ def iter_figures(path: str | os.PathLike) -> Iterator[dict]:
     wrote its output, after the work; stage-0 training in a TypeError from the tokenizer.
     """
     for rec in _iter_records(path):
-        yield _scrub(rec)
+        yield without_lone_surrogates(rec)
 
 
 def _iter_records(path: str | os.PathLike) -> Iterator[dict]:

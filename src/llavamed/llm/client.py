@@ -37,6 +37,7 @@ import httpx
 
 from llavamed.errors import LlavamedError
 from llavamed.llm.cache import ResponseCache, cache_key
+from llavamed.utils.io import without_lone_surrogates
 
 # USD per 1M tokens (input, output): public list prices, early 2025. Matched by the longest
 # model-name prefix. Unknown models (local servers) cost 0 and the report says the price is unknown.
@@ -393,29 +394,12 @@ def _extract_choice(data: Any) -> tuple[str, str | None, dict | None]:
     return content, choices[0].get("finish_reason"), usage
 
 
-_SURROGATE = re.compile("[\ud800-\udfff]")
-
-
-def _scrub(obj: Any) -> Any:
-    if isinstance(obj, str):
-        return _SURROGATE.sub("\ufffd", obj)
-    if isinstance(obj, list):
-        return [_scrub(x) for x in obj]
-    if isinstance(obj, dict):
-        return {k: _scrub(v) for k, v in obj.items()}
-    return obj
-
-
 def _sendable(messages: list[dict]) -> list[dict]:
     """``messages`` as UTF-8 can carry them. A lone surrogate (text cut inside a UTF-16 pair, as
     a ``\\ud83d`` escape in a figures file decodes) raised UnicodeEncodeError out of the cache key
     and out of httpx, a traceback that stopped the job; it becomes U+FFFD. Text without one is
     returned as it is, so its cache key is unchanged."""
-    try:
-        json.dumps(messages, ensure_ascii=False).encode("utf-8")
-    except UnicodeEncodeError:
-        return _scrub(messages)
-    return messages
+    return without_lone_surrogates(messages)
 
 
 def _cached_result(hit: Any) -> ChatResult | None:
@@ -832,7 +816,7 @@ class LLMClient:
     ) -> ChatResult:
         # A reply holding a lone surrogate (a "\\ud83d" escape: half an emoji cut at max_tokens)
         # could be neither cached nor logged: UnicodeEncodeError stopped the job.
-        text = _SURROGATE.sub("\ufffd", text)
+        text = without_lone_surrogates(text)
         estimated = False
         try:
             pt = int(usage["prompt_tokens"]) if usage else None

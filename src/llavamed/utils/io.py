@@ -12,6 +12,7 @@ import errno
 import glob
 import json
 import os
+import re
 import shutil
 import socket
 import tempfile
@@ -145,6 +146,29 @@ def read_json(path: str | os.PathLike) -> Any:
         raise InputError(path, "file not found") from exc
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise InputError(path, "invalid JSON", str(exc)) from exc
+
+
+# A lone UTF-16 surrogate: what a JSON "\\ud83d" escape decodes to when text was cut inside an
+# emoji's pair (a caption, a reply cut at max_tokens). UTF-8 cannot carry it, so writing or
+# sending such text raised UnicodeEncodeError after the work.
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def without_lone_surrogates(obj: Any) -> Any:
+    """``obj`` (a string, or JSON-like lists and dicts of them, keys included) with every lone
+    surrogate made U+FFFD; ``obj`` itself when it holds none, so hashes and cache keys of clean
+    text do not change."""
+    if isinstance(obj, str):
+        return _SURROGATE.sub("\ufffd", obj) if _SURROGATE.search(obj) else obj
+    if isinstance(obj, dict):
+        pairs = [(without_lone_surrogates(k), without_lone_surrogates(v)) for k, v in obj.items()]
+        if all(k is k0 and v is v0 for (k, v), (k0, v0) in zip(pairs, obj.items(), strict=True)):
+            return obj
+        return dict(pairs)
+    if isinstance(obj, list):
+        items = [without_lone_surrogates(x) for x in obj]
+        return obj if all(a is b for a, b in zip(items, obj, strict=True)) else items
+    return obj
 
 
 def parse_records(
