@@ -61,7 +61,13 @@ def test_stage_default_trainable():
         ("stage=pretrain", "stage='pretrain'"),
         ("data.batching=packed2", "data.batching"),
         ("model.init.lmm=tiny", "model.init.lmm: unknown key"),
-        ("model.from=/x", "exactly one of model.init and model.from"),
+        # The config sets model.init: the error says how to replace it from the command line.
+        (
+            "model.from=/x",
+            "both set; use one. An override replaces the config file's choice "
+            "only with the other set to null: `model.from=DIR model.init=null`",
+        ),
+        ("model.init=null", "model: set model.init"),
         ("train.lora.r=0", "train.lora.r"),
         ("distributed.engine=horovod", "distributed.engine"),
         ("data.sources.0.path=x", "data.sources: expected a list"),
@@ -96,6 +102,15 @@ def test_stage_default_trainable():
 def test_errors_name_the_key(override, needle):
     with pytest.raises(ConfigError, match=needle.replace("[", r"\[").replace("(", r"\(")):
         load_config(BASE, [override])
+
+
+def test_a_checkpoint_replaces_the_configs_init_from_the_command_line():
+    """The manual pipeline's stage 1 on `model init`'s folder: configs/cpu/stage1_alignment.yaml
+    composes with model.init; `model.from=DIR model.init=null` starts from DIR instead."""
+    cfg = load_config(
+        ROOT / "configs/cpu/stage1_alignment.yaml", ["model.from=/x/init", "model.init=null"]
+    )
+    assert cfg.model.from_ == "/x/init" and cfg.model.init is None
 
 
 def test_lora_needs_lm():

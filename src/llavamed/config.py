@@ -288,8 +288,18 @@ class TrainConfig:
         if self.stage not in STAGES:
             raise ConfigError(f"stage={self.stage!r}: {_STAGE_CHOICES}")
         m = self.model
-        if (m.init is None) == (m.from_ is None):
-            raise ConfigError("model: set exactly one of model.init and model.from")
+        if m.init is not None and m.from_ is not None:
+            # Said "set exactly one" to `train stage1.yaml model.from=DIR`, which sets one: the
+            # other came from the YAML, and nothing said how to drop it.
+            raise ConfigError(
+                "model: model.init and model.from are both set; use one. An override replaces "
+                "the config file's choice only with the other set to null: "
+                "`model.from=DIR model.init=null` (or `model.init.lm=... model.from=null`)"
+            )
+        if m.init is None and m.from_ is None:
+            raise ConfigError(
+                "model: set model.init (compose a new model) or model.from (a checkpoint folder)"
+            )
         if m.init is not None:
             from llavamed.model.compose import ModelSpec
 
