@@ -237,6 +237,44 @@ def test_a_mistyped_path_fails_before_loading_and_does_not_lock_the_output(tmp_p
         run_training(good, progress=False)
 
 
+def test_model_from_a_previous_stage_that_is_not_a_model_is_named_before_anything_is_written(
+    tmp_path,
+):
+    """Chaining stages by hand, model.from named stage 1's run folder before it had finished, or
+    one of its resume checkpoints: both said "not a checkpoint folder (no config.json (and no
+    checkpoint-final/ inside))", after the output folder and its config.yaml had been written."""
+    from llavamed.train import run_training
+
+    (tmp_path / "train.json").write_text("[]")
+    stage1 = tmp_path / "stage1"  # as a run that stopped after its step-1 checkpoint leaves it
+    step = stage1 / "checkpoints" / "step-0000001"
+    step.mkdir(parents=True)
+    for name in ("state.json", "trainable.pt", "optimizer.pt"):
+        (step / name).write_text("{}")
+    (stage1 / "config.yaml").write_text("stage: align\n")
+    (stage1 / "metrics.jsonl").write_text("")
+    (tmp_path / "corpus").mkdir()
+    cfg = BASE | {
+        "data": {"format": "llava_json", "path": str(tmp_path / "train.json")},
+        "output": {"dir": str(tmp_path / "out")},
+    }
+    cases = [
+        (stage1, "a training run that has not finished .no .*stage1/checkpoint-final yet.; re-run"),
+        (step, "the resume state of a training run that has not finished"),
+        (stage1 / "checkpoints", "the resume state of a training run that has not finished"),
+        (tmp_path / "corpus", "model.from: .*corpus: not a checkpoint folder"),
+    ]
+    for path, needle in cases:
+        with pytest.raises(ConfigError, match=needle):
+            run_training(cfg | {"model": {"from": str(path)}}, progress=False)
+        assert not (tmp_path / "out").exists()
+    # Finished: its resume state is not a model either, and the error names the one it has.
+    (stage1 / "checkpoint-final").mkdir()
+    (stage1 / "checkpoint-final" / "config.json").write_text("{}")
+    with pytest.raises(ConfigError, match="not a model; its model is .*stage1/checkpoint-final"):
+        run_training(cfg | {"model": {"from": str(step)}}, progress=False)
+
+
 def test_cpu_configs_are_the_quickstarts_small_recipe():
     """configs/cpu/* reproduce the measured quickstart stage by stage (its folder layout under
     runs/cpu); they had drifted to an older, unmeasured recipe (vision trained, one dataset, stage
