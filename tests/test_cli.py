@@ -217,3 +217,40 @@ def test_data_domains_refuses_a_file_without_captions_instead_of_erasing_its_lab
     assert "1 record(s) without a fig_caption" in capsys.readouterr().err
     labelled = [json.loads(line) for line in figs.read_text().splitlines()]
     assert labelled[0]["domain"]["mri"] and not any(labelled[1]["domain"].values())
+
+
+def _llavamed(*args: str, **kw) -> subprocess.CompletedProcess:
+    src = str(Path(__file__).resolve().parents[1] / "src")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([src, os.environ.get("PYTHONPATH", "")])}
+    return subprocess.run(
+        [sys.executable, "-m", "llavamed", *args], capture_output=True, text=True, env=env, **kw
+    )
+
+
+@pytest.mark.parametrize(
+    ("argv", "prog"),
+    [
+        (["data", "ingest", "pkgs", "--out", "x", "--bogus"], "llavamed data ingest"),
+        (["quickstart", "--bogus"], "llavamed quickstart"),
+        (["train", "cfg.yaml", "--bogus"], "llavamed train"),
+        (["data", "--bogus"], "llavamed data"),
+        (["--bogus"], "llavamed"),
+    ],
+)
+def test_an_unknown_flag_shows_the_usage_of_the_command_it_was_given_to(argv, prog):
+    """An unknown flag was reported by the top parser ("usage: llavamed [-h] [--version]
+    COMMAND ...", "llavamed: error:"), not with the usage of the command that was mistyped."""
+    out = _llavamed(*argv)
+    assert out.returncode == 2 and out.stdout == ""
+    lines = out.stderr.splitlines()
+    assert lines[0].startswith(f"usage: {prog} [-h]")
+    assert lines[-1] == f"{prog}: error: unrecognized arguments: --bogus"
+
+
+@pytest.mark.parametrize("argv", [[], ["data"], ["eval"], ["model"], ["convert"]])
+def test_a_missing_command_is_a_usage_error_on_stderr(argv):
+    """`llavamed data` (no subcommand) exits 2, a usage error: its help goes to stderr, so
+    `llavamed data > out` leaves no help text in `out`."""
+    out = _llavamed(*argv)
+    assert out.returncode == 2 and out.stdout == ""
+    assert out.stderr.startswith(f"usage: {' '.join(['llavamed', *argv])} [-h]")

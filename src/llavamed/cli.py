@@ -71,7 +71,7 @@ def build_parser() -> argparse.ArgumentParser:
             if group not in groups:
                 gp = top.add_parser(group, help=GROUP_HELP.get(group, ""))
                 groups[group] = gp.add_subparsers(dest=f"{group}_command", metavar="SUBCOMMAND")
-                gp.set_defaults(func=lambda _a, gp=gp: (gp.print_help(), 2)[1])
+                gp.set_defaults(func=lambda _a, gp=gp: (gp.print_help(sys.stderr), 2)[1])
             target = groups[group]
         importlib.import_module(module_name).register(target)
     return parser
@@ -89,6 +89,20 @@ def _path_error(exc: OSError) -> int:
     return 1
 
 
+def _chosen_parser(parser: argparse.ArgumentParser, args: argparse.Namespace):
+    """The parser of the (sub)command ``args`` was parsed for (``llavamed data ingest``'s for
+    ``data ingest ...``), so a usage error shows that command's usage line, not the top one's."""
+    while True:
+        for action in parser._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                chosen = action.choices.get(getattr(args, action.dest, None) or "")
+                if chosen is not None:
+                    parser = chosen
+                    break
+        else:
+            return parser
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
@@ -98,9 +112,11 @@ def main(argv: list[str] | None = None) -> int:
         if hasattr(args, "overrides") and not any(e.startswith("-") or "=" not in e for e in extra):
             args.overrides = [*args.overrides, *extra]
         else:
-            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+            _chosen_parser(parser, args).error(f"unrecognized arguments: {' '.join(extra)}")
     if not getattr(args, "func", None):
-        parser.print_help()
+        # No command given: a usage error (exit 2), so the help goes to stderr with it and
+        # `llavamed > file` does not leave the help in the file.
+        parser.print_help(sys.stderr)
         return 2
     if getattr(args, "no_progress", False) or getattr(args, "quiet", False):
         # Our own bars follow ``progress``; transformers' weight loading and GGUF conversion
