@@ -254,3 +254,13 @@ def test_a_missing_command_is_a_usage_error_on_stderr(argv):
     out = _llavamed(*argv)
     assert out.returncode == 2 and out.stdout == ""
     assert out.stderr.startswith(f"usage: {' '.join(['llavamed', *argv])} [-h]")
+
+
+def test_library_log_lines_stay_off_stdout(tmp_path):
+    """DeepSpeed, when installed, logs "[WARNING] ... Setting accelerator to CPU" through its own
+    handler on stdout as transformers loads a model: `llavamed model init > out` had it in `out`."""
+    out = _llavamed(
+        "model", "init", "--out", str(tmp_path / "m"), "--lm", "tiny", "--vision", "tiny"
+    )
+    assert out.returncode == 0, out.stderr
+    assert out.stdout == f"wrote {tmp_path / 'm'}\n"

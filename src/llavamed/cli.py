@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import errno
 import importlib
+import logging
 import os
 import sys
 
@@ -89,6 +90,30 @@ def _path_error(exc: OSError) -> int:
     return 1
 
 
+class _StdoutFreeLogger(logging.Logger):
+    """A logger whose stdout handlers write to stderr instead."""
+
+    def addHandler(self, hdlr: logging.Handler) -> None:  # noqa: N802 (logging's name)
+        if isinstance(hdlr, logging.StreamHandler) and hdlr.stream is sys.stdout:
+            hdlr.setStream(sys.stderr)
+        super().addHandler(hdlr)
+
+
+def _keep_library_logs_off_stdout() -> None:
+    """DeepSpeed (imported by transformers' model loading whenever it is installed) logs through
+    its own handler on stdout, e.g. "[WARNING] ... Setting accelerator to CPU", which landed in
+    the output of `llavamed model init > out`. Its logger is made here first, so its handler
+    writes to stderr with every other log line."""
+    if "DeepSpeed" in logging.Logger.manager.loggerDict:
+        return
+    default = logging.getLoggerClass()
+    logging.setLoggerClass(_StdoutFreeLogger)
+    try:
+        logging.getLogger("DeepSpeed")
+    finally:
+        logging.setLoggerClass(default)
+
+
 def _chosen_parser(parser: argparse.ArgumentParser, args: argparse.Namespace):
     """The parser of the (sub)command ``args`` was parsed for (``llavamed data ingest``'s for
     ``data ingest ...``), so a usage error shows that command's usage line, not the top one's."""
@@ -122,6 +147,7 @@ def main(argv: list[str] | None = None) -> int:
         # Our own bars follow ``progress``; transformers' weight loading and GGUF conversion
         # draw plain tqdm bars, which tqdm itself turns off through this variable.
         os.environ["TQDM_DISABLE"] = "1"
+    _keep_library_logs_off_stdout()
     try:
         rc = args.func(args)
     except LlavamedError as exc:
