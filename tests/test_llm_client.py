@@ -233,15 +233,20 @@ def test_a_server_that_never_answers_stops_the_job_like_a_dead_one(stub):
     assert 10 <= stats.requests <= 13 and stats.retry_reasons["timeout"] >= 9
     # A slow server that still answers now and then keeps the job going: each answer resets
     # the count, so 9 timeouts over three requests, 3 between answers, never make 4 in a row.
-    stub.default = "ok"
-    stub.plan((["hang"] * 3 + ["ok"]) * 3)
+    # (Another server: on a loaded machine the first part's last requests, sent before the
+    # client gave up, reached the first one late and took entries of this plan.)
+    with StubServer() as slow:
+        slow.hang_s = 3.0
+        slow.plan((["hang"] * 3 + ["ok"]) * 3)
 
-    async def one_by_one():
-        o = opts(stub, timeout=0.1, max_retries=20, unreachable_after_s=0.0, max_silent_attempts=4)
-        async with LLMClient(o, seed=0) as c:
-            return c.stats, [await c.chat(MSGS) for _ in range(3)]
+        async def one_by_one():
+            o = opts(
+                slow, timeout=0.1, max_retries=20, unreachable_after_s=0.0, max_silent_attempts=4
+            )
+            async with LLMClient(o, seed=0) as c:
+                return c.stats, [await c.chat(MSGS) for _ in range(3)]
 
-    stats, results = run(one_by_one())
+        stats, results = run(one_by_one())
     assert [r.attempts for r in results] == [4, 4, 4] and stats.retry_reasons["timeout"] == 9
 
 
