@@ -254,12 +254,17 @@ def test_model_from_a_previous_stage_that_is_not_a_model_is_named_before_anythin
     (stage1 / "config.yaml").write_text("stage: align\n")
     (stage1 / "metrics.jsonl").write_text("")
     (tmp_path / "corpus").mkdir()
+    early = tmp_path / "early"  # stopped before its first step (while tokenizing, say)
+    early.mkdir()
+    (early / "config.yaml").write_text("stage: align\n")
+    (early / "data_report.json").write_text("{}")
     cfg = BASE | {
         "data": {"format": "llava_json", "path": str(tmp_path / "train.json")},
         "output": {"dir": str(tmp_path / "out")},
     }
     cases = [
         (stage1, "a training run that has not finished .no .*stage1/checkpoint-final yet.; re-run"),
+        (early, "a training run that has not finished"),
         (step, "the resume state of a training run that has not finished"),
         (stage1 / "checkpoints", "the resume state of a training run that has not finished"),
         (tmp_path / "corpus", "model.from: .*corpus: not a checkpoint folder"),

@@ -620,10 +620,9 @@ def _check_model_from(path: Path) -> None:
 
 
 def _is_run(path: Path) -> bool:
-    """A training run's output folder (``config.yaml`` and ``checkpoints/`` or
-    ``metrics.jsonl``)."""
-    return (path / "config.yaml").is_file() and (
-        (path / "checkpoints").is_dir() or (path / "metrics.jsonl").is_file()
+    """A training run's output folder: ``config.yaml`` and what a run writes beside it."""
+    return (path / "config.yaml").is_file() and any(
+        (path / name).exists() for name in ("checkpoints", "metrics.jsonl", "data_report.json")
     )
 
 
