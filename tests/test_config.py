@@ -113,6 +113,21 @@ def test_a_checkpoint_replaces_the_configs_init_from_the_command_line():
     assert cfg.model.from_ == "/x/init" and cfg.model.init is None
 
 
+def test_a_mistyped_config_path_names_the_config_it_is_close_to(tmp_path):
+    """`llavamed train configs/cpu/stage2_instruct.yml` said only "file not found"."""
+    (tmp_path / "stage2_instruct.yaml").write_text("stage: instruct\n")
+    (tmp_path / "stage1_alignment.yaml").write_text("stage: align\n")
+    for typo in ("stage2_instruct.yml", "stage2_instuct.yaml"):
+        with pytest.raises(
+            InputError, match=r"file not found \(did you mean .*/stage2_instruct\.yaml\?\)$"
+        ):
+            load_config(tmp_path / typo)
+    with pytest.raises(InputError, match=r"nothing_like_it\.yaml: file not found$"):
+        load_config(tmp_path / "nothing_like_it.yaml")
+    with pytest.raises(InputError, match=r"file not found$"):  # no folder to look in
+        load_config(tmp_path / "nowhere" / "stage2_instruct.yaml")
+
+
 def test_lora_needs_lm():
     with pytest.raises(ConfigError, match="train.lora needs 'lm'"):
         load_config(BASE, ["train.lora={r: 4}", "train.trainable=[projector]"])

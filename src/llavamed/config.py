@@ -637,7 +637,7 @@ def load_raw(path: str | os.PathLike) -> dict:
     try:
         text = p.read_text(encoding="utf-8")
     except FileNotFoundError as exc:
-        raise InputError(p, "file not found") from exc
+        raise InputError(p, "file not found", _near_configs(p)) from exc
     except IsADirectoryError as exc:
         raise InputError(p, "is a folder, not a YAML file") from exc
     except UnicodeDecodeError as exc:
@@ -649,6 +649,19 @@ def load_raw(path: str | os.PathLike) -> dict:
     if not isinstance(data, dict):
         raise InputError(p, "config must be a YAML mapping")
     return data
+
+
+def _near_configs(path: Path) -> str:
+    """The YAML files beside a mistyped config path that are close to its name
+    (``stage2_instruct.yml``, ``stage2_instuct.yaml``), as a hint; "" when none."""
+    import difflib
+
+    try:
+        names = sorted(c.name for c in path.parent.iterdir() if c.suffix in (".yaml", ".yml"))
+    except OSError:
+        return ""
+    near = difflib.get_close_matches(path.name, names, n=1, cutoff=0.8)
+    return f"did you mean {path.parent / near[0]}?" if near else ""
 
 
 class _SpelledInt(int):
