@@ -264,3 +264,37 @@ def test_library_log_lines_stay_off_stdout(tmp_path):
     )
     assert out.returncode == 0, out.stderr
     assert out.stdout == f"wrote {tmp_path / 'm'}\n"
+
+
+def test_ctrl_c_ends_the_progress_bar_before_its_one_line_message(tiny_llava_dir, tmp_path):
+    """Ctrl-C in `eval vqa`, whose answer bar is closed only when garbage-collected, glued
+    "llavamed: interrupted; ..." to the bar's last frame and then drew the bar again after it."""
+    import re
+    import signal
+
+    world = tmp_path / "world"
+    made = _llavamed("synth", "--out", str(world), "--articles", "1", "--vqa-images", "400",
+                     "--image-size", "64", "--quiet")  # fmt: skip
+    assert made.returncode == 0, made.stderr
+    src = str(Path(__file__).resolve().parents[1] / "src")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([src, os.environ.get("PYTHONPATH", "")])}
+    cmd = [sys.executable, "-m", "llavamed", "eval", "vqa", "--model", str(tiny_llava_dir),
+           "--dataset", "vqa-rad", "--data", str(world / "vqa_rad"), "--out", str(tmp_path / "ev")]  # fmt: skip
+    # SIG_DFL in the child, so Python raises KeyboardInterrupt even where SIGINT is ignored
+    # (a background job of a non-interactive shell).
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # fmt: skip
+    err = b""
+    # The bar has moved (answering is under way; not the instant tqdm draws it, in its __init__).
+    while not re.search(rb"answers\[image\]: +\d+%\|[^|]*\| [1-9]", err):
+        chunk = os.read(proc.stderr.fileno(), 4096)
+        assert chunk, err.decode(errors="replace")[-2000:]
+        err += chunk
+    proc.send_signal(signal.SIGINT)
+    out, rest = proc.communicate(timeout=120)
+    text = (err + rest).decode()
+    assert proc.returncode == 130, text[-2000:]
+    assert out == b"" and "Traceback" not in text
+    assert text.endswith("\nllavamed: interrupted; re-run the same command to resume\n"), text[
+        -300:
+    ]

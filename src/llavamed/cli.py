@@ -114,6 +114,15 @@ def _keep_library_logs_off_stdout() -> None:
         logging.setLoggerClass(default)
 
 
+def _close_progress_bars() -> None:
+    """Ends the progress bars a Ctrl-C left open (a bar not in a ``with`` block is closed only
+    when it is garbage-collected, after the message below), so the message is a line of its own
+    and no bar is redrawn after it."""
+    tqdm_module = sys.modules.get("tqdm")
+    for bar in list(getattr(getattr(tqdm_module, "tqdm", None), "_instances", ())):
+        bar.close()
+
+
 def _chosen_parser(parser: argparse.ArgumentParser, args: argparse.Namespace):
     """The parser of the (sub)command ``args`` was parsed for (``llavamed data ingest``'s for
     ``data ingest ...``), so a usage error shows that command's usage line, not the top one's."""
@@ -154,6 +163,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"llavamed: error: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
+        _close_progress_bars()
         how = getattr(args, "on_interrupt", "interrupted; re-run the same command to resume")
         print(f"llavamed: {how}", file=sys.stderr)
         return 130
