@@ -414,3 +414,28 @@ def test_lora_target_modules_that_match_nothing_are_a_config_error(tiny_llava_di
     model = lora(["q_proj", "v_porj"])
     assert "no linear layer named v_porj" in capsys.readouterr().err
     assert any("q_proj.lora_A" in n for n, _ in model.named_parameters())
+
+
+def test_model_from_spelled_as_the_run_or_its_checkpoint_final_is_one_run(
+    tiny_llava_dir, tmp_path, capsys
+):
+    """The docs take `model.from=runs/stage1` or `model.from=runs/stage1/checkpoint-final`: a
+    finished run re-run with the other spelling was 'a run with a different config
+    (model.from)', to be deleted."""
+    from llavamed.train import run_training
+
+    stage1 = tmp_path / "stage1"
+    shutil.copytree(tiny_llava_dir, stage1 / "checkpoint-final")
+    cfg = tiny_config(make_bright_dark(tmp_path / "data", 8), tmp_path / "out", max_steps=1)
+    cfg["model"] = {"from": str(stage1)}
+    first = run_training(cfg, progress=False)
+    cfg["model"] = {"from": str(stage1 / "checkpoint-final")}
+    again = run_training(cfg, progress=False)
+    assert again.final_checkpoint == first.final_checkpoint
+    assert "already holds checkpoint-final" in capsys.readouterr().err
+    # Another checkpoint is another run, as before.
+    other = tmp_path / "other"
+    shutil.copytree(tiny_llava_dir, other)
+    cfg["model"] = {"from": str(other)}
+    with pytest.raises(ConfigError, match=r"different config \(model\.from\)"):
+        run_training(cfg, progress=False)

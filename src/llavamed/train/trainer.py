@@ -763,6 +763,12 @@ def _check_same_run(out: Path, resolved: dict) -> bool:
         for k in diff(saved, resolved)
         if not any(k == p or k.startswith(p) for p in RESUMABLE_CHANGES)
     ]
+    if "model.from" in changed and _same_checkpoint(
+        _dotted(saved, "model.from"), _dotted(resolved, "model.from")
+    ):
+        # A run folder and its checkpoint-final are one model (the docs offer both spellings);
+        # the resume checkpoints' fingerprint of the weights still guards what is behind them.
+        changed.remove("model.from")
     moved = [k for k in changed if re.fullmatch(r"data\.sources\.\d+\.(path|image_folder)", k)]
     if changed and moved == changed:
         # The same data at a new place: "delete the folder" threw away a run that only needs its
@@ -779,6 +785,17 @@ def _check_same_run(out: Path, resolved: dict) -> bool:
             "use another output.dir or delete the folder"
         )
     return True
+
+
+def _same_checkpoint(a, b) -> bool:
+    """Whether two ``model.from`` values name one checkpoint (``runs/s1`` and
+    ``runs/s1/checkpoint-final``)."""
+    if not (isinstance(a, str) and isinstance(b, str)):
+        return False
+    try:
+        return resolve_checkpoint(a).resolve() == resolve_checkpoint(b).resolve()
+    except InputError:
+        return False
 
 
 def _dotted(d: dict, key: str):
