@@ -189,6 +189,15 @@ def test_eval_commands_take_a_run_folder_as_serve_does(tiny_llava_dir, tmp_path,
     # A folder that is neither says what it looked for.
     assert main([*answer, "--model", str(tmp_path / "nowhere")]) == 1
     assert "no config.json (and no checkpoint-final/ inside)" in capsys.readouterr().err
+    # A run that has not finished, or its resume state, is named as such (as train's model.from
+    # does): it was the same "not a checkpoint folder".
+    unfinished = tmp_path / "stage2"
+    (unfinished / "checkpoints" / "step-0000003").mkdir(parents=True)
+    (unfinished / "config.yaml").write_text("stage: instruct\n")
+    for model in (unfinished, unfinished / "checkpoints" / "step-0000003"):
+        assert main([*vqa, "--model", str(model)]) == 1
+        err = capsys.readouterr().err
+        assert "training run that has not finished" in err and "re-run its `llavamed train`" in err
 
 
 def test_data_domains_refuses_a_file_without_captions_instead_of_erasing_its_labels(

@@ -278,7 +278,7 @@ def test_model_from_a_previous_stage_that_is_not_a_model_is_named_before_anythin
         "output": {"dir": str(tmp_path / "out")},
     }
     cases = [
-        (stage1, "a training run that has not finished .no .*stage1/checkpoint-final yet.; re-run"),
+        (stage1, "a training run that has not finished .no .*stage1/checkpoint-final yet; re-run"),
         (early, "a training run that has not finished"),
         (step, "the resume state of a training run that has not finished"),
         (stage1 / "checkpoints", "the resume state of a training run that has not finished"),
@@ -291,7 +291,7 @@ def test_model_from_a_previous_stage_that_is_not_a_model_is_named_before_anythin
     # Finished: its resume state is not a model either, and the error names the one it has.
     (stage1 / "checkpoint-final").mkdir()
     (stage1 / "checkpoint-final" / "config.json").write_text("{}")
-    with pytest.raises(ConfigError, match="not a model; its model is .*stage1/checkpoint-final"):
+    with pytest.raises(ConfigError, match="not a model .its model is .*stage1/checkpoint-final"):
         run_training(cfg | {"model": {"from": str(step)}}, progress=False)
 
 

@@ -594,36 +594,14 @@ def to_dict(obj) -> Any:
 
 
 def _check_model_from(path: Path) -> None:
-    """``model.from`` holds a model, checked before the output folder is made. A previous stage's
-    run folder that has no ``checkpoint-final`` yet (still running, or stopped) and its resume
-    checkpoints (trainable weights and optimizer state, no model) are the likely mistakes when
-    chaining stages by hand: each is named as what it is."""
-    from llavamed.model.checkpoint import FINAL, resolve_checkpoint
+    """``model.from`` holds a model, checked before the output folder is made (a previous
+    stage's unfinished run folder or its resume checkpoints are named as what they are)."""
+    from llavamed.model.checkpoint import resolve_checkpoint
 
-    if path.is_dir() and not (path / "config.json").exists() and not (path / FINAL).exists():
-        run = next((p for p in (path, path.parent, path.parent.parent) if _is_run(p)), None)
-        if run is not None:
-            if (run / FINAL / "config.json").is_file():
-                raise ConfigError(
-                    f"model.from: {path}: the resume state of a training run, not a model; its "
-                    f"model is {run / FINAL}"
-                )
-            what = "a training run" if run == path else "the resume state of a training run"
-            raise ConfigError(
-                f"model.from: {path}: {what} that has not finished (no {run / FINAL} yet); "
-                "re-run its `llavamed train` command to finish it"
-            )
     try:
         resolve_checkpoint(path)
     except InputError as exc:
         raise ConfigError(f"model.from: {exc}") from exc
-
-
-def _is_run(path: Path) -> bool:
-    """A training run's output folder: ``config.yaml`` and what a run writes beside it."""
-    return (path / "config.yaml").is_file() and any(
-        (path / name).exists() for name in ("checkpoints", "metrics.jsonl", "data_report.json")
-    )
 
 
 # --- YAML and overrides ------------------------------------------------------------------------

@@ -15,7 +15,11 @@ FINAL = "checkpoint-final"
 
 
 def resolve_checkpoint(path: str | Path) -> Path:
-    """A checkpoint folder, or a run folder holding ``checkpoint-final``."""
+    """A checkpoint folder, or a run folder holding ``checkpoint-final``.
+
+    A training run's folder that has no ``checkpoint-final`` yet (still running, or stopped)
+    and its resume checkpoints (trainable weights and optimizer state, no model) are the likely
+    mistakes when chaining stages by hand or evaluating a run: each is named as what it is."""
     p = Path(path)
     if (p / "config.json").is_file():
         return p
@@ -24,8 +28,28 @@ def resolve_checkpoint(path: str | Path) -> Path:
     if (p / FINAL).is_dir():
         # Said "no checkpoint-final/ inside" of a run folder that has one, damaged.
         raise InputError(p / FINAL, "not a checkpoint folder", "config.json missing")
+    if p.is_dir():
+        run = next((r for r in (p, p.parent, p.parent.parent) if _is_run(r)), None)
+        if run is not None and (run / FINAL / "config.json").is_file():
+            raise InputError(
+                p, "the resume state of a training run, not a model", f"its model is {run / FINAL}"
+            )
+        if run is not None:
+            what = "a training run" if run == p else "the resume state of a training run"
+            raise InputError(
+                p,
+                f"{what} that has not finished",
+                f"no {run / FINAL} yet; re-run its `llavamed train` command to finish it",
+            )
     raise InputError(
         p, "not a checkpoint folder", "no config.json (and no checkpoint-final/ inside)"
+    )
+
+
+def _is_run(path: Path) -> bool:
+    """A training run's output folder: ``config.yaml`` and what a run writes beside it."""
+    return (path / "config.yaml").is_file() and any(
+        (path / name).exists() for name in ("checkpoints", "metrics.jsonl", "data_report.json")
     )
 
 
