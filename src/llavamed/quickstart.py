@@ -1054,10 +1054,18 @@ def run_quickstart(opts: QuickstartOptions) -> dict:
         return {"pairs": p.stage0_pairs, "figures": str(path)}
 
     def stage0() -> dict:
+        from tqdm import tqdm
+
         from llavamed.train.vision_pretrain import run_from_config
 
         res = run_from_config(cfgs["stage0"], [], progress=opts.progress)
-        return {"tower": str(res.tower_dir), "report": _small(res.report)}
+        info = {"tower": str(res.tower_dir), "report": _small(res.report)}
+        if (res.report or {}).get("stopped_early"):
+            # The cap is a safety net: cut short, the tower (and every score after it) depends
+            # on how busy the machine was, and the run no longer reproduces the documented one.
+            info["stopped_early"] = stage0_cap_note(res.report.get("steps"), cfgs["stage0"])
+            tqdm.write(f"[quickstart] stage0_vision: {info['stopped_early']}", file=sys.stderr)
+        return info
 
     def stage0b() -> dict:
         from llavamed.train.vision_vqa import run_from_config as run_vision_vqa
@@ -1243,6 +1251,16 @@ def run_quickstart(opts: QuickstartOptions) -> dict:
         results = Pipeline(opts, stages, expected_s=p.stage_seconds).run()
         report = build_report(opts, results, time.time() - t0)
     return report
+
+
+def stage0_cap_note(steps: int | None, cfg: dict) -> str:
+    """What to tell a user whose stage 0 stopped at its time cap before its step count."""
+    return (
+        f"stopped at its {cfg['time_budget_min']:g}-minute safety cap after {steps} of "
+        f"{cfg['max_steps']} steps (the machine ran slower than expected: busy?); the tower and "
+        "every score after it differ from an uncut run. For the documented numbers, run again "
+        "with another --out on an idle machine"
+    )
 
 
 def _small(report: dict | None) -> dict:
@@ -1529,6 +1547,8 @@ def render_markdown(report: dict) -> str:
         notes = ["skipped (finished earlier)"] if st.get("skipped_this_run") else []
         if st.get("resumed_after_s"):
             notes.append(f"resumed; {st['resumed_after_s']:.0f} s of it before an interruption")
+        if st.get("stopped_early"):
+            notes.append(st["stopped_early"])
         note = "; ".join(notes)
         lines.append(f"| {name} | {st['wall_s']:.0f} | {note} |")
     lines.append(f"| **total** | **{report['wall_time_s_all_stages']:.0f}** | |")
