@@ -339,3 +339,21 @@ def test_a_lone_surrogate_in_a_figures_file_becomes_u_fffd_for_every_reader(tmp_
     plain = {"pair_id": "PMC1_F2", "fig_caption": "Axial CT.", "in_text_mention": None}
     jsonl.write_text(json.dumps(plain) + "\n")
     assert list(iter_figures(jsonl)) == [plain]
+
+
+def test_a_folder_given_for_the_figures_file_points_at_the_one_inside(tmp_path, capsys):
+    """`data align --figures corpus` (the ingest output folder, not its figures.jsonl) said
+    only "corpus: Is a directory"."""
+    from llavamed.cli import main
+    from llavamed.data.figures import iter_figures
+    from llavamed.errors import InputError
+
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    with pytest.raises(InputError, match="a folder, not a figures file .give a figures.jsonl"):
+        list(iter_figures(corpus))
+    (corpus / "figures.jsonl").write_text("")
+    out = tmp_path / "align.json"
+    assert main(["data", "align", "--figures", str(corpus), "--out", str(out)]) == 1
+    err = capsys.readouterr().err
+    assert f"did you mean {corpus / 'figures.jsonl'}?" in err and not out.exists()

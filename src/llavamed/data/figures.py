@@ -106,6 +106,11 @@ def _iter_records(path: str | os.PathLike) -> Iterator[dict]:
         # A one-line error naming the file (`data instruct --figures` with a typo in the path
         # ended in a traceback), as the other commands that read figures say it.
         raise InputError(path, "file not found") from None
+    except IsADirectoryError:
+        # `--figures corpus` (the ingest output folder) was a bare "Is a directory".
+        inside = path / "figures.jsonl"
+        hint = f"did you mean {inside}?" if inside.is_file() else "give a figures.jsonl file"
+        raise InputError(path, "a folder, not a figures file", hint) from None
     if head.startswith(b"{") and _is_single_json_document(path):
         data = read_json(path)
         if not isinstance(data, dict):
