@@ -334,6 +334,25 @@ def test_no_samples_left_says_why(tmp_path, one_thread):
         run_training(cfg, progress=False)
 
 
+def test_a_figures_file_given_as_training_data_is_named_as_figures(tmp_path, one_thread):
+    """data.path=corpus/figures.jsonl (figure records, not conversations) ended in "all
+    skipped: N malformed conversation", with nothing said of what to do."""
+    import pytest
+
+    from llavamed.errors import InputError
+    from llavamed.train import run_training
+    from train_helpers import tiny_config
+
+    figures = tmp_path / "figures.jsonl"
+    rec = {"pair_id": "PMC1_F1", "fig_caption": "Chest X-ray.", "image": "images/a.png"}
+    figures.write_text("\n".join(json.dumps(rec | {"pair_id": f"P{i}"}) for i in range(3)))
+    cfg = tiny_config(figures, tmp_path / "out")
+    with pytest.raises(InputError, match=r"3 a figure record, not a conversation"):
+        run_training(cfg, progress=False)
+    report = json.loads((tmp_path / "out" / "data_report.json").read_text())
+    assert "llavamed data align" in json.dumps(report)
+
+
 def test_a_source_that_gives_no_samples_stops_the_run(tmp_path, one_thread):
     """A source that kept none of its records (here: every image missing) was said nothing of,
     and the run trained on the other sources alone. (The first case found, VQA-RAD's split

@@ -139,6 +139,13 @@ def _llava_json_samples(src: DataSource, report: DataReport, encode) -> list[Sam
         if "id" in rec:
             where = f"{where} id={rec['id']}"
         conv = rec.get("conversations")
+        if conv is None and "fig_caption" in rec:
+            # data.path=corpus/figures.jsonl: every record was a "malformed conversation".
+            raise InputError(
+                where,
+                "a figure record, not a conversation",
+                "make training samples from figures with `llavamed data align` or `data instruct`",
+            )
         if not isinstance(conv, list) or not conv:
             raise InputError(where, "malformed conversation", "no conversations list")
         image = rec.get("image")
