@@ -359,3 +359,14 @@ def test_a_byte_order_mark_at_the_start_of_a_json_or_jsonl_file_is_read_past(tmp
     out = tmp_path / "alignment.json"
     assert main(["data", "align", "--figures", str(figs), "--out", str(out)]) == 0
     assert len(read_json(out)) == 1
+
+
+def test_quickstart_refuses_a_worker_count_below_one(tmp_path, capsys):
+    """`llavamed quickstart --workers -1` started a real run (MedSynth then failed or ran in
+    an unexpected mode) instead of a usage error."""
+    for bad in ("-1", "0"):
+        with pytest.raises(SystemExit) as exc:
+            main(["quickstart", "--out", str(tmp_path / "q"), "--workers", bad])
+        assert exc.value.code == 2
+        assert f"--workers: {bad} must be >= 1" in capsys.readouterr().err
+    assert not (tmp_path / "q").exists()

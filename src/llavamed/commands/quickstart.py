@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from llavamed.cli import DefaultsHelpFormatter
-from llavamed.commands import seed_int
+from llavamed.commands import positive_int, seed_int
 
 
 def register(sub) -> None:
@@ -42,7 +42,9 @@ def register(sub) -> None:
         "smoke run of every stage that learns little",
     )
     p.add_argument("--seed", type=seed_int, default=0, help="seed for data and training")
-    p.add_argument("--workers", type=int, default=2, help="processes for data generation/ingestion")
+    p.add_argument(
+        "--workers", type=positive_int, default=2, help="processes for data generation/ingestion"
+    )
     p.add_argument(
         "--vision",
         metavar="DIR",
