@@ -307,3 +307,23 @@ def test_ctrl_c_ends_the_progress_bar_before_its_one_line_message(tiny_llava_dir
     assert text.endswith("\nllavamed: interrupted; re-run the same command to resume\n"), text[
         -300:
     ]
+
+
+def test_eval_commands_take_no_progress_as_the_others_do(tiny_llava_dir, tmp_path, capsys):
+    """quickstart, train, data ingest/instruct and eval judge take --no-progress; eval vqa and
+    eval answer drew their bars with no way off (--no-progress was an unknown argument)."""
+    from test_eval_answer import _qa50, _vqa_rad
+
+    data = _vqa_rad(tmp_path)
+    vqa = ["eval", "vqa", "--dataset", "vqa-rad", "--data", str(data), "--model"]
+    vqa += [str(tiny_llava_dir), "--out", str(tmp_path / "ev"), "--limit", "2"]
+    vqa += ["--max-new-tokens", "2", "--bootstrap", "10", "--no-progress"]
+    q, img = _qa50(tmp_path)
+    answer = ["eval", "answer", "--model", str(tiny_llava_dir), "--questions", str(q)]
+    answer += ["--images", str(img), "--out", str(tmp_path / "a.jsonl"), "--max-new-tokens", "2"]
+    for cmd in (vqa, [*answer, "--no-progress"]):
+        assert main(cmd) == 0
+        err = capsys.readouterr().err
+        # Our own bars (unit "q"); the libraries' bars follow TQDM_DISABLE, which cli.main sets
+        # for a new process (here tqdm was imported before it).
+        assert "q/s]" not in err and "answers" not in err.replace("answered", ""), err

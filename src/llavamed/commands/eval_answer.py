@@ -36,6 +36,7 @@ def register(sub) -> None:
     add_pack_weights_arg(p)
     p.add_argument("--limit", type=positive_int, default=None, help="only the first N questions")
     add_dtype_arg(p)
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=run)
 
 
@@ -58,6 +59,7 @@ def run(args) -> int:
         dtype=model_dtype(args.dtype),
         backend=args.backend,
         pack_weights=args.pack_weights,
+        progress=not args.no_progress,
     )
     msg = f"{r['n_generated']} answered, {r['n_resumed']} already done, of {r['n_questions']} questions"
     if r["bad"]:

@@ -127,6 +127,7 @@ def register(sub) -> None:
     p.add_argument(
         "--seed", type=seed_int, default=0, help="seed for CIs, noise and shuffle (default: 0)"
     )
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=run)
 
 
@@ -166,6 +167,7 @@ def run(args) -> int:
         dtype=model_dtype(args.dtype),
         backend=args.backend,
         pack_weights=args.pack_weights,
+        progress=not args.no_progress,
     )
     paths = write_report(res, out, args.dataset, rep.to_dict())
     ov = res["metrics"]["overall"]
