@@ -107,3 +107,15 @@ def test_a_checkpoint_named_by_a_relative_path_is_served_under_its_folders_name(
     assert checkpoint_name("..") == "stage2"
     monkeypatch.chdir(final.parent)
     assert checkpoint_name("checkpoint-final") == checkpoint_name(".") == "stage2"
+
+
+def test_a_mistyped_local_path_is_named_not_explained_by_hub_rules(tmp_path, capsys):
+    """`model init --lm nolm_dir/` was refused with the hub's repo-id naming rules, and
+    `convert biomedclip missing.bin` with 'no weights found (expected one of ...)'."""
+    for lm in ("nolm_dir/", "runs/x/lm"):
+        args = ["model", "init", "--lm", lm, "--vision", "tiny", "--out", str(tmp_path / "m")]
+        assert main(args) == 1
+        assert capsys.readouterr().err.strip() == f"llavamed: error: {lm}: folder not found"
+    missing = tmp_path / "missing.bin"
+    assert main(["convert", "biomedclip", str(missing), str(tmp_path / "bc")]) == 1
+    assert capsys.readouterr().err.strip() == f"llavamed: error: {missing}: not found"

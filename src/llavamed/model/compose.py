@@ -273,8 +273,11 @@ def _load_lm(spec: ModelSpec):
         lm.load_state_dict(gguf_model.state_dict(), strict=True)
     else:
         local = Path(spec.lm).exists()
-        if not local and spec.lm.startswith((".", "/", "~")):
-            raise InputError(spec.lm, "folder not found")  # a path, not a hub id
+        # A path, not a hub id (org/name): "nolm_dir/" was explained by the hub's naming rules.
+        if not local and (
+            spec.lm.startswith((".", "/", "~")) or spec.lm.endswith("/") or spec.lm.count("/") > 1
+        ):
+            raise InputError(spec.lm, "folder not found")
         from huggingface_hub.errors import StrictDataclassError
 
         from llavamed.model.checkpoint import config_error_reason, strict_from_pretrained

@@ -66,6 +66,8 @@ def load_state_dict(src: str | Path) -> dict:
     src = Path(src)
     if src.is_file():
         return _load_file(src)
+    if not src.exists():  # said "no weights found (expected one of ...)" of a mistyped path
+        raise InputError(src, "not found")
     for name in INDEX_FILES:
         index = src / name
         if index.exists():
