@@ -371,7 +371,7 @@ def test_try_it_picks_the_test_image_the_final_eval_asked_most_about(tmp_path):
 
     from PIL import Image
 
-    from llavamed.quickstart import _try_it
+    from llavamed.quickstart.report import _try_it
 
     out = tmp_path / "quick start"  # a space the commands must quote
     slake = out / "world" / "slake"

@@ -247,7 +247,7 @@ def test_a_rerun_that_redoes_stages_removes_the_old_report_first(tmp_path):
 
 
 def test_the_blank_image_column_shows_the_open_metrics_the_ablation_measured():
-    from llavamed.quickstart import _headline, render_markdown
+    from llavamed.quickstart.report import _headline, render_markdown
 
     def stat(m):
         return {"mean": m, "lo": m, "hi": m, "n": 4}
@@ -375,7 +375,7 @@ def test_the_eta_credits_seconds_spent_on_a_resumed_stage_but_not_on_a_stale_one
 def test_the_evaluated_scope_is_not_a_subset_when_the_limit_exceeds_the_split():
     """The tiny world's test split has 19 English questions; its limit of 24 made the report
     claim "the first 24 English questions" of it."""
-    from llavamed.quickstart import _eval_scope, _headline
+    from llavamed.quickstart.report import _eval_scope, _headline
 
     def scope(limit, n_loaded):
         return _eval_scope(_headline({"limit": limit, "load_report": {"n_loaded": n_loaded}}))

@@ -1,0 +1,393 @@
+"""The quickstart's stages, wired in order: what each runs, its settings and what it reads."""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from llavamed.errors import ConfigError, InputError, LlavamedError
+from llavamed.quickstart.configs import training_configs
+from llavamed.quickstart.pipeline import HEARTBEAT_FILE, OUTPUTS_FILE, STATE_FILE, Pipeline
+from llavamed.quickstart.presets import EVAL_DATASET, STAGE0B_ASPECT, QuickstartOptions
+from llavamed.quickstart.report import _headline, build_report
+from llavamed.utils.io import atomic_write_json, exclusive_lock
+
+LOCK_FILE = ".quickstart.lock"
+
+
+def _check_out_is_ours(out: Path) -> None:
+    """Refuse an --out that holds files and is no quickstart output: a stage that starts over
+    empties its folder (corpus/, stage0/, finetune/ ...), which would delete a user's own
+    folder of that name."""
+    if not out.is_dir() or (out / STATE_FILE).exists():
+        return
+    other = sorted(p.name for p in out.iterdir() if p.name != LOCK_FILE)
+    if {OUTPUTS_FILE, HEARTBEAT_FILE} & set(other):
+        raise ConfigError(
+            f"--out {out}: a quickstart output whose {STATE_FILE} is gone, so none of its stages "
+            "can be trusted as finished; delete the folder to start over, or give another --out"
+        )
+    if other:
+        shown = ", ".join(other[:3]) + (" ..." if len(other) > 3 else "")
+        raise ConfigError(
+            f"--out {out}: the folder is not empty ({shown}) and holds no {STATE_FILE}, so it "
+            "is no quickstart output; give a new or empty folder (re-runs empty stage folders)"
+        )
+
+
+def run_quickstart(opts: QuickstartOptions) -> dict:
+    from llavamed.train.vision_pretrain import tower_fingerprint
+
+    p = opts.preset()
+    given_tower = opts.check_vision()
+    out = Path(opts.out).expanduser().resolve()  # `--out=~/x` made a folder named ~
+    if given_tower is not None and given_tower.resolve().is_relative_to(out):
+        # A stage that starts over empties its folder, which would take the given tower with it.
+        raise ConfigError(
+            f"--vision {opts.vision}: the tower lies inside --out {out}, whose stage folders a "
+            "re-run may empty; copy it elsewhere (or use another --out) and give that path"
+        )
+    if given_tower is not None:
+        # Loaded now, not at stage 0b: a folder that is no tower (a LLaVA checkpoint has a
+        # config.json too) failed there, after self-instruct (18 minutes of medium), with advice
+        # to delete stage0b/.
+        from llavamed.train.vision_pretrain import load_tower
+
+        try:
+            load_tower(str(given_tower))
+        except InputError as exc:
+            raise ConfigError(f"--vision {opts.vision}: {exc}") from exc
+    given_fp = tower_fingerprint(given_tower) if given_tower else None
+    try:
+        _check_out_is_ours(out)
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:  # a file, a name too long, a read-only or odd file system
+        raise ConfigError(
+            f"--out {opts.out}: cannot use it as the output folder "
+            f"({exc.strerror or type(exc).__name__}); give a folder path you can write to"
+        ) from exc
+    opts.out = out
+    world, corpus = out / "world", out / "corpus"
+    seed = opts.seed
+    fields = dataclasses.asdict(p)
+    from llavamed.data.synth.world import GENERATOR_VERSION
+
+    cfgs = training_configs(p, out, seed, given_tower)
+
+    def synth() -> dict:
+        from llavamed.data.synth import generate_world
+
+        m = generate_world(
+            world,
+            articles=p.articles,
+            seed=seed,
+            image_size=p.image_size,
+            workers=opts.workers,
+            progress=opts.progress,
+            vqa_images=p.vqa_images,
+            train_closed=p.train_closed,
+        )
+        return {"counts": m.get("counts")}
+
+    def ingest() -> dict:
+        from llavamed.data.pmc.ingest import ingest as run_ingest
+
+        rep = run_ingest([world / "packages"], corpus, workers=opts.workers, progress=opts.progress)
+        return {
+            k: rep.get(k) for k in ("figures_written", "skipped", "packages") if k in rep
+        } or rep
+
+    def align() -> dict:
+        from llavamed.data.align import build_alignment
+        from llavamed.data.figures import iter_figures
+
+        samples, skipped = build_alignment(
+            iter_figures(corpus / "figures.jsonl"), image_root=corpus, out_dir=corpus, seed=seed
+        )
+        atomic_write_json(corpus / "alignment.json", samples)
+        return {"samples": len(samples), "skipped": skipped}
+
+    def instruct() -> dict:
+        from llavamed.data.instruct.runner import InstructOptions, run_instruct
+        from llavamed.llm.client import ClientOptions
+        from llavamed.serve.api import serve_in_background
+
+        # bf16 where the CPU computes it (~4x faster than fp32 with AVX512-BF16/AMX), else fp32:
+        # AVX2-only CPUs emulate bf16 and run it ~60x slower (utils/precision.py).
+        server = serve_in_background(
+            "embedded", dtype="auto", served_model_name="smollm2-135m-instruct"
+        )
+        try:
+            report, rc = run_instruct(
+                InstructOptions(
+                    figures=corpus / "figures.jsonl",
+                    out=corpus / "instruct" / "instruct.json",
+                    client=ClientOptions(
+                        base_url=server.base_url,
+                        model="smollm2-135m-instruct",
+                        concurrency=8,
+                        timeout=600.0,
+                    ),
+                    inline_mentions=True,
+                    max_samples=p.instruct_samples,
+                    temperature=0.7,
+                    max_tokens=256,
+                    seed=seed,
+                    few_shot=2,
+                    progress=opts.progress,
+                )
+            )
+        finally:
+            server.stop()
+        if report["out"] is None:  # every request failed: stage 2 would have nothing to train on
+            raise LlavamedError(
+                f"self-instruct: all {report['pending_after_failures']} requests to the local "
+                f"server failed ({report['failed_this_run']}); re-run the quickstart to retry"
+            )
+        if rc:
+            print(
+                f"quickstart: self-instruct went on without {report['pending_after_failures']} "
+                f"figures whose requests failed ({report['failed_this_run']}); the next run of the "
+                "same command retries them",
+                file=sys.stderr,
+            )
+        return {
+            "incomplete": bool(rc),  # the next run retries the failed figures
+            "kept": report["totals"]["kept"],
+            "dropped": report["totals"]["dropped"],
+            "failed": report["pending_after_failures"],
+            "requests": report["this_run"]["http_requests"],
+            "cache_hits": report["this_run"]["cache_hits"],
+        }
+
+    def stage0_pairs() -> dict:
+        from llavamed.data.synth.pairs import write_caption_pairs
+
+        path = write_caption_pairs(
+            out / "stage0_pairs",
+            p.stage0_pairs,
+            seed=seed,
+            workers=opts.workers,
+            progress=opts.progress,
+        )
+        return {"pairs": p.stage0_pairs, "figures": str(path)}
+
+    def stage0() -> dict:
+        from tqdm import tqdm
+
+        from llavamed.train.vision_pretrain import run_from_config
+
+        res = run_from_config(cfgs["stage0"], [], progress=opts.progress)
+        info = {"tower": str(res.tower_dir), "report": _small(res.report)}
+        if (res.report or {}).get("stopped_early"):
+            # The cap is a safety net: cut short, the tower (and every score after it) depends
+            # on how busy the machine was, and the run no longer reproduces the documented one.
+            info["stopped_early"] = stage0_cap_note(res.report.get("steps"), cfgs["stage0"])
+            tqdm.write(f"[quickstart] stage0_vision: {info['stopped_early']}", file=sys.stderr)
+        return info
+
+    def stage0b() -> dict:
+        from llavamed.train.vision_vqa import run_from_config as run_vision_vqa
+
+        res = run_vision_vqa(cfgs["stage0b"], progress=opts.progress)
+        rep = res.report
+        return {
+            "tower": str(res.tower_dir),
+            "steps": rep.get("steps"),
+            "val_accuracy": rep.get("val_accuracy"),
+            "val_n": rep.get("val_n"),
+        }
+
+    def train_stage(name: str, cfg: dict) -> Callable[[], dict]:
+        def run() -> dict:
+            from llavamed.train import run_training
+
+            res = run_training(cfg, progress=opts.progress)
+            last = res.metrics[-1] if res.metrics else {}
+            return {
+                "checkpoint": str(res.final_checkpoint),
+                "steps": last.get("step"),
+                "final_loss": last.get("loss"),
+                "train_wall_s": round(res.wall_time_s, 1),
+            }
+
+        return run
+
+    stage1_cfg, stage2_cfg, finetune_cfg = cfgs["stage1"], cfgs["stage2"], cfgs["finetune"]
+
+    def evaluate(name: str, ckpt: Path, ablate: list[str] | None) -> Callable[[], dict]:
+        def run() -> dict:
+            from llavamed.eval.report import write_report
+            from llavamed.eval.vqa_data import load_vqa
+            from llavamed.eval.vqa_runner import run_vqa_eval
+
+            samples, load_report = load_vqa(EVAL_DATASET, world / "slake", split="test", lang="en")
+            result = run_vqa_eval(
+                ckpt,
+                samples,
+                out / "eval" / name,
+                batch_size=16,
+                ablate=ablate,
+                limit=p.eval_limit,
+                max_new_tokens=16,
+                seed=seed,
+                progress=opts.progress,
+            )
+            write_report(
+                result,
+                out / "eval" / name,
+                EVAL_DATASET,
+                load_report.to_dict() if hasattr(load_report, "to_dict") else None,
+            )
+            return {"metrics": _headline(result)}
+
+        return run
+
+    # The stage that last trained the tower stage 1 starts from (none: a given tower as is).
+    tower_stage = (
+        ("stage0b_vision_vqa",)
+        if p.stage0b_steps
+        else ("stage0_vision",)
+        if given_tower is None
+        else ()
+    )
+    stages = [
+        (
+            "synth",
+            "world",
+            synth,
+            {
+                "articles": p.articles,
+                "image_size": p.image_size,
+                "seed": seed,
+                "vqa_images": p.vqa_images,
+                "train_closed": p.train_closed,
+                # A new renderer changes every image: an upgraded llavamed redoes the world
+                # (and so every stage) rather than report the old one's numbers as its own.
+                "generator": GENERATOR_VERSION,
+            },
+        ),
+        ("ingest", "corpus", ingest, {}),
+        # brief/detailed prompts by caption length since this key: older sets are redone
+        ("align", "corpus/alignment.json", align, {"seed": seed, "prompts": "by-length"}),
+        (
+            "instruct",
+            "corpus/instruct",
+            instruct,
+            # image paths relative to instruct.json since 4086f98: older outputs are redone
+            {"n": p.instruct_samples, "seed": seed, "image_paths": "relative"},
+            ("ingest",),  # the vision stages read none of it: a redo leaves them alone
+        ),
+        *(
+            [
+                (
+                    "stage0_pairs",
+                    "stage0_pairs",
+                    stage0_pairs,
+                    {"n": p.stage0_pairs, "seed": seed},
+                    ("synth",),  # its own renders: the synth key carries the generator version
+                )
+            ]
+            if given_tower is None and p.stage0_pairs
+            else []
+        ),
+        *(
+            [
+                (
+                    "stage0_vision",
+                    "stage0",
+                    stage0,
+                    {
+                        k: fields[k]
+                        for k in (
+                            "vision",
+                            "stage0_minutes",
+                            "stage0_steps",
+                            "stage0_batch",
+                            "stage0_pairs",
+                            "probe_images",
+                        )
+                    },
+                    ("stage0_pairs",) if p.stage0_pairs else ("ingest",),
+                )
+            ]
+            if given_tower is None
+            else []
+        ),
+        *(
+            [
+                (
+                    "stage0b_vision_vqa",
+                    "stage0b",
+                    stage0b,
+                    {"steps": p.stage0b_steps, "aspect": STAGE0B_ASPECT}
+                    | ({"vision_fingerprint": given_fp} if given_tower else {}),
+                    ("synth",) + (() if given_tower else ("stage0_vision",)),
+                )
+            ]
+            if p.stage0b_steps
+            else []
+        ),
+        (
+            "stage1_alignment",
+            "stage1",
+            train_stage("stage1", stage1_cfg),
+            stage1_cfg | ({"tower_fingerprint": given_fp} if given_fp else {}),
+            ("align", *tower_stage),
+        ),
+        (
+            "stage2_instruct",
+            "stage2",
+            train_stage("stage2", stage2_cfg),
+            stage2_cfg,
+            ("stage1_alignment", "instruct"),
+        ),
+        (
+            "eval_zero_shot",
+            "eval/zero_shot",
+            evaluate("zero_shot", out / "stage2" / "checkpoint-final", None),
+            {"limit": p.eval_limit},
+        ),
+        (
+            "finetune_vqa",
+            "finetune",
+            train_stage("finetune", finetune_cfg),
+            # group_by_image changed meaning (multi-turn -> shared image prefix): rerun old runs.
+            finetune_cfg | {"group_by_image": "shared_prefix"},
+            ("synth", "stage2_instruct"),  # not the zero-shot evaluation before it
+        ),
+        (
+            "eval_finetuned",
+            "eval/finetuned",
+            evaluate("finetuned", out / "finetune" / "checkpoint-final", ["blank"]),
+            {"limit": p.eval_limit},
+        ),
+    ]
+    t0 = time.time()
+    # Two runs on one --out would run the same stage into the same folder (and one's restart
+    # would empty the other's live folder).
+    with exclusive_lock(out / LOCK_FILE, "another `llavamed quickstart` run"):
+        results = Pipeline(opts, stages, expected_s=p.stage_seconds).run()
+        report = build_report(opts, results, time.time() - t0)
+    return report
+
+
+def stage0_cap_note(steps: int | None, cfg: dict) -> str:
+    """What to tell a user whose stage 0 stopped at its time cap before its step count."""
+    return (
+        f"stopped at its {cfg['time_budget_min']:g}-minute safety cap after {steps} of "
+        f"{cfg['max_steps']} steps (the machine ran slower than expected: busy?); the tower and "
+        "every score after it differ from an uncut run. For the documented numbers, run again "
+        "with another --out on an idle machine"
+    )
+
+
+def _small(report: dict | None) -> dict:
+    if not report:
+        return {}
+    return {
+        k: v for k, v in report.items() if k in ("retrieval", "probe_summary", "minutes", "steps")
+    }
