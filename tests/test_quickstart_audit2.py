@@ -271,3 +271,71 @@ def test_a_stage0_cut_by_its_safety_cap_is_said_in_the_report(tmp_path):
     md = (tmp_path / "q" / "report.md").read_text()
     row = next(line for line in md.splitlines() if line.startswith("| stage0_vision |"))
     assert "safety cap after 859 of 900 steps" in row and "idle machine" in row
+
+
+def test_a_retry_that_changes_nothing_its_readers_read_keeps_them_finished(tmp_path):
+    """A self-instruct whose local server keeps failing the same figures is incomplete on every
+    run, so every run retries it; when the conversations file comes out unchanged, stage 2 and
+    everything after it (35 minutes of `small`) used to run again all the same."""
+    opts = QuickstartOptions(out=tmp_path, progress=False)
+    calls: list[str] = []
+    instruct_run = {"incomplete": True, "conversations": "c1", "kill": False}
+
+    def stage(name):
+        def run():
+            calls.append(name)
+            (tmp_path / name).mkdir(exist_ok=True)
+            (tmp_path / name / "out.txt").write_text(name)
+            return {}
+
+        return run
+
+    def instruct():
+        calls.append("instruct")
+        folder = tmp_path / "instruct"
+        folder.mkdir(exist_ok=True)
+        # its report changes on every run, as self-instruct's (this run's failures, timings)
+        (folder / "report.json").write_text(json.dumps({"run": len(calls)}))
+        if instruct_run["kill"]:
+            raise KeyboardInterrupt
+        (folder / "instruct.json").write_text(instruct_run["conversations"])
+        return {"incomplete": instruct_run["incomplete"]}
+
+    stages = [
+        ("world", "world", stage("world"), {}),
+        ("instruct", "instruct", instruct, {}, ("world",)),
+        ("tower", "tower", stage("tower"), {}, ("world",)),
+        ("lm", "lm", stage("lm"), {}, ("instruct", "tower")),
+        ("ev", "ev", stage("ev"), {}, ("lm",)),
+    ]
+
+    def run():
+        calls.clear()
+        return Pipeline(opts, stages, products={"instruct": "instruct/instruct.json"}).run()
+
+    run()
+    assert calls == ["world", "instruct", "tower", "lm", "ev"]
+    results = run()  # retried, failed again: the conversations are what lm trained on
+    assert calls == ["instruct"]
+    assert [r.name for r in results if not r.skipped] == ["instruct"]
+    state = json.loads((tmp_path / "quickstart_state.json").read_text())
+    assert {"lm", "ev"} <= set(state["stages"])
+    run()  # and the kept records vouch for the next run too
+    assert calls == ["instruct"]
+
+    (tmp_path / "lm" / "out.txt").write_text("edited")  # a kept reader is still checked
+    run()
+    assert calls == ["instruct", "lm", "ev"]
+
+    instruct_run["kill"] = True  # killed mid-retry: its readers cannot be vouched for
+    with pytest.raises(KeyboardInterrupt):
+        run()
+    instruct_run["kill"] = False
+    run()
+    assert calls == ["instruct", "lm", "ev"]
+
+    instruct_run.update(incomplete=False, conversations="c2")  # a retried figure got through
+    run()
+    assert calls == ["instruct", "lm", "ev"]
+    run()
+    assert calls == []

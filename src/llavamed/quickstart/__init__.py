@@ -13,7 +13,8 @@ re-run skips finished stages whose key is unchanged and whose output is still th
 killed run resumes inside the interrupted stage (each stage's own tool resumes from its last saved
 state), and its seconds before the kill count in the stage's wall time. A stage whose settings
 changed, or whose output files were deleted or edited, starts over in a clean folder, and so does
-every stage that reads one that ran again. The MedSynth stage's settings include the generator
+every stage that reads one that ran again (unless that one only retried an incomplete run and left
+the file its readers read unchanged: ``Pipeline(products=...)``). The MedSynth stage's settings include the generator
 version, so a new renderer redoes everything.
 """
 

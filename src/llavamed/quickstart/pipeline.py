@@ -114,6 +114,10 @@ def _file_hash(path: Path) -> str:
     return h.hexdigest()
 
 
+def _hash_or_none(path: Path | None) -> str | None:
+    return _file_hash(path) if path is not None and path.is_file() else None
+
+
 def _digest(hashes: dict[str, str]) -> str:
     return _key(sorted(hashes.items()))
 
@@ -219,8 +223,14 @@ class Pipeline:
         opts: QuickstartOptions,
         stages: list[tuple],
         expected_s: dict[str, float] | None = None,
+        products: dict[str, str] | None = None,
     ):
         self.opts = opts
+        # Stage -> the one file (relative to --out) its readers read. A stage that runs again
+        # only to retry an incomplete run (self-instruct's failed requests) and leaves that file
+        # as it was does not redo its readers: a local server that keeps failing the same
+        # figures would otherwise redo stage 2 onwards on every run.
+        self.products = dict(products or {})
         self.out = Path(opts.out)
         names = [s[0] for s in stages]
         self.needs: dict[str, tuple[str, ...]] = {}
@@ -295,10 +305,14 @@ class Pipeline:
 
     def _plan(self) -> tuple[dict[str, str], dict[str, str | None], dict[str, bool]]:
         """Each stage's key, why it runs (None: skipped) and whether its folder must be emptied
-        first; decided up front, so the total ETA counts only the stages that will run."""
+        first; decided up front, so the total ETA counts only the stages that will run.
+        ``self.retry_only`` gets the stages that would be skipped but for a retried stage
+        upstream (see ``products``): run() skips them after all if its product is unchanged."""
         keys: dict[str, str] = {}
         why: dict[str, str | None] = {}
         stale: dict[str, bool] = {}
+        retrying: set[str] = set()  # reruns only to retry an incomplete run, product declared
+        self.retry_only: set[str] = set()
         paths = self._paths()
         started = self.state.get("started", {})
         for name, folder, _fn, settings in self.stages:
@@ -310,28 +324,33 @@ class Pipeline:
             path = paths.get(name)
             changed = None
             if not done and name not in started:
-                reason = "not run yet"
-            elif upstream:
-                reason = f"it reads the output of {upstream[0]}, which runs again"
+                own = "not run yet"
             elif started.get(name) == REDO:
-                reason = "an earlier run redid a stage it reads, or changed its output"
+                own = "an earlier run redid a stage it reads, or changed its output"
             elif started.get(name) == MOVED:
-                reason = "the output folder moved since the stage was interrupted: starting over"
+                own = "the output folder moved since the stage was interrupted: starting over"
             elif not done or done.get("key") != key:
-                reason = (
+                own = (
                     "resuming the interrupted run"
                     if started.get(name) == key
                     else "its settings changed"
                 )
             elif done.get("incomplete"):
-                reason = "its last run was incomplete"
+                own = "its last run was incomplete"
+                if name in self.products:
+                    retrying.add(name)
             elif path is not None and not path.exists():
-                reason = f"{folder} was deleted"
+                own = f"{folder} was deleted"
             elif path is not None and isinstance(done.get("output"), dict):
                 changed = self.outputs.changed(name, path, self._skip(name, paths), done["output"])
-                reason = f"its output changed since it finished ({changed})" if changed else None
+                own = f"its output changed since it finished ({changed})" if changed else None
             else:
-                reason = None
+                own = None
+            reason = own
+            if upstream and own != "not run yet":
+                reason = f"it reads the output of {upstream[0]}, which runs again"
+                if own is None and all(n in retrying or n in self.retry_only for n in upstream):
+                    self.retry_only.add(name)
             why[name] = reason
             stale[name] = (
                 bool(upstream or changed)
@@ -441,6 +460,14 @@ class Pipeline:
                 self.state["stages"].pop(name, None)
                 self.outputs.forget(name)
                 started[name] = key
+                # What a reader kept only for want of a changed product gets back (below).
+                product = self.out / self.products[name] if name in self.products else None
+                product_before = _hash_or_none(product)
+                held = {
+                    r: (self.state["stages"][r], started.get(r), self.outputs.files.get(r))
+                    for r in self._readers(name)
+                    if r in self.retry_only and r in self.state["stages"]
+                }
                 # Nor the records of the stages that read this output, directly or not: killed
                 # before this run gets to one, the next would skip it on its old input.
                 for reader in self._readers(name):
@@ -448,6 +475,8 @@ class Pipeline:
                         self.state["stages"].pop(reader, None)
                         self.outputs.forget(reader)
                         started[reader] = REDO
+                    if why[reader] is None:  # kept after an earlier stage's retry: no longer
+                        why[reader] = f"it reads the output of {name}, which ran again"
                 t0 = time.time()
                 self.state["running"] = {"name": name, "key": key, "since": t0}
                 heartbeat.touch()
@@ -477,6 +506,23 @@ class Pipeline:
                     self.outputs.save()
                 self.state.pop("running", None)
                 self.state["stages"][name] = record
+                if held and product_before is not None and _hash_or_none(product) == product_before:
+                    for reader, (kept, started_as, files) in held.items():
+                        self.state["stages"][reader] = kept
+                        if started_as is None:
+                            started.pop(reader, None)
+                        else:
+                            started[reader] = started_as
+                        if files is not None:
+                            self.outputs.files[reader] = files
+                            self.outputs.dirty = True
+                        why[reader] = None
+                    self.outputs.save()
+                    tqdm.write(
+                        f"[quickstart] {name}: {self.products[name]} came out unchanged, so "
+                        f"{', '.join(held)} stay finished",
+                        file=sys.stderr,
+                    )
                 self._save()
                 self.results.append(StageResult(name, key, wall, False, info, earlier))
                 bar.update(1)

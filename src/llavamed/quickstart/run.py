@@ -370,7 +370,14 @@ def run_quickstart(opts: QuickstartOptions) -> dict:
     # Two runs on one --out would run the same stage into the same folder (and one's restart
     # would empty the other's live folder).
     with exclusive_lock(out / LOCK_FILE, "another `llavamed quickstart` run"):
-        results = Pipeline(opts, stages, expected_s=p.stage_seconds).run()
+        results = Pipeline(
+            opts,
+            stages,
+            expected_s=p.stage_seconds,
+            # What stage 2 reads of self-instruct's folder (its report and cache change on
+            # every retry, the conversations only if a retried figure gets through).
+            products={"instruct": "corpus/instruct/instruct.json"},
+        ).run()
         report = build_report(opts, results, time.time() - t0)
     return report
 
