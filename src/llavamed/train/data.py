@@ -288,15 +288,15 @@ def _source_key(src: DataSource, i: int, taken: dict) -> str:
     return f"{key} (source {i + 1})" if key in taken else key
 
 
-def min_image_length(processor, template: str) -> int:
-    """The fewest tokens any sample with an image spends up to the end of its image tokens:
-    the template's shortest prompt (an empty system message; vicuna's default one is longer)
-    with the image first in the first user turn, where a sample's image always is."""
-    messages = [
-        Message("system", ""),
-        Message("user", IMAGE_PLACEHOLDER),
-        Message("assistant", "yes"),
-    ]
+def min_image_length(processor, template: str, system: str | None = None) -> int:
+    """The tokens a sample with an image spends up to the end of its image tokens, which sits in
+    the first user turn with the image first (where a sample's image always is). It depends only
+    on the template and the system message: ``system=None`` is a conversation without a system
+    turn (every VQA sample and LLaVA JSON record without one), which the template opens with its
+    own default (vicuna's is about 40 tokens; chatml and mistral have none)."""
+    messages = [Message("user", IMAGE_PLACEHOLDER), Message("assistant", "yes")]
+    if system is not None:
+        messages.insert(0, Message("system", system))
     enc = encode_training_sample(messages, processor, template, num_images=1)
     image_token = processor.tokenizer.convert_tokens_to_ids(IMAGE_PLACEHOLDER)
     return max(i for i, t in enumerate(enc.input_ids) if t == image_token) + 1
@@ -307,19 +307,25 @@ def load_samples(
 ) -> tuple[list[Sample], DataReport]:
     """Read and tokenize every source. Bad records are counted in the report and skipped."""
     report = DataReport(quiet=quiet)
-    image_floor: list[int] = []  # set by the first sample with an image
+    floors: dict[str | None, int] = {}  # measured at the first sample with an image of each kind
 
     def encode(messages, image, where) -> Sample:
-        if image is not None and not image_floor:
-            image_floor.append(min_image_length(processor, template))
-            if cfg.max_length <= image_floor[0]:
+        # Measured with the system message the template really puts in front (None: its own
+        # default, as every sample without a system turn gets): measured with an empty one,
+        # vicuna's floor was ~40 tokens short, so a max_length between the two passed here and
+        # then skipped every sample as "truncation inside image tokens". For records with a
+        # system turn of their own, the empty one is the floor none of them can go below.
+        kind = "" if messages and messages[0].role == "system" else None
+        if image is not None and kind not in floors:
+            floors[kind] = min_image_length(processor, template, kind)
+            if cfg.max_length <= floors[kind]:
                 # A setting, not the data: every sample with an image would be skipped as
                 # "truncation inside image tokens", then "no training samples left".
                 raise ConfigError(
                     f"data.max_length={cfg.max_length} cannot hold an image: the {template} "
-                    f"prompt up to the end of its {num_image_tokens(processor)} image tokens is "
-                    f"already {image_floor[0]} tokens; raise data.max_length (the question and "
-                    "answer come after them)"
+                    f"prompt up to the end of its {num_image_tokens(processor)} image tokens "
+                    f"(system message included) is already {floors[kind]} tokens; raise "
+                    "data.max_length (the question and answer come after them)"
                 )
         enc = encode_training_sample(
             messages,
