@@ -370,6 +370,63 @@ def test_a_queued_request_whose_client_left_frees_its_slot(tiny_lm_dir):
         eng.close()
 
 
+def test_submit_many_queues_all_or_none(tiny_lm_dir):
+    """OpenAI's n: a request's n generations enter the queue together or not at all, so a busy
+    server never runs part of a request whose other choices it then refuses."""
+    eng = Engine.from_path(tiny_lm_dir, settings=EngineSettings(max_batch_size=1, max_queue=3))
+    try:
+        p, first = _decoding_a_long_answer(eng)
+        params = [
+            SamplingParams(max_tokens=2, temperature=1.0, seed=5).for_choice(i) for i in (0, 1)
+        ]
+        two = eng.submit_many(p, params)
+        assert eng.queue_depth == 2
+        with pytest.raises(QueueFull):  # 1 slot left, 2 asked: neither is queued
+            eng.submit_many(p, params)
+        assert eng.queue_depth == 2 and eng.stats["rejected"] == 2
+        with pytest.raises(QueueFull):
+            eng.check_capacity(2)
+        eng.check_capacity(1)
+        with pytest.raises(ValueError, match="exceed the queue"):  # busy or not: never fits
+            eng.submit_many(p, [SamplingParams()] * 4)
+        two[0].cancel()  # a client that left gives its slot back when room is short
+        assert len(eng.submit_many(p, params)) == 2
+        first.cancel()
+        assert [h.result(timeout=60).completion_tokens for h in two[1:]] == [2]
+    finally:
+        eng.close()
+
+
+def test_submit_many_decodes_the_choices_side_by_side_each_with_its_own_seed(tiny_lm_dir):
+    eng = Engine.from_path(tiny_lm_dir, settings=EngineSettings(max_batch_size=4))
+    try:
+        eng.eos_ids = set()
+        p = _prompt(eng, "Name one bone.")
+        base = SamplingParams(max_tokens=6, temperature=1.5, seed=99)
+        handles = eng.submit_many(p, [base.for_choice(i) for i in range(3)])
+        together = [h.result(timeout=60).text for h in handles]
+        assert eng.stats["max_batch"] == 3 and eng.stats["steps"] == 5
+        alone = [eng.generate(p, base.for_choice(i)).text for i in range(3)]
+        assert together == alone and len(set(together)) == 3
+    finally:
+        eng.close()
+
+
+def test_the_seed_of_choice_i_is_seed_plus_i():
+    p = SamplingParams(temperature=1.0, seed=7)
+    assert p.for_choice(0) is p and p.for_choice(2).seed == 9
+    assert p.for_choice(2).temperature == 1.0
+    assert SamplingParams(seed=None).for_choice(3).seed is None  # each draws its own
+    top = SamplingParams(seed=2**64 - 1)
+    assert top.for_choice(1).seed == 0 and top.for_choice(2).seed == 1  # wraps, as torch would
+    assert SamplingParams(seed=-(2**63)).for_choice(1).seed == -(2**63) + 1
+    gen = torch.Generator()
+    gen.manual_seed(top.for_choice(1).seed)  # every choice's seed is one torch takes
+    assert SamplingParams(temperature=0).deterministic
+    assert SamplingParams(temperature=0.7, top_p=0).deterministic
+    assert not SamplingParams(temperature=0.7, top_p=0.01).deterministic
+
+
 def test_usage_counts_the_end_of_turn_token(tiny_lm_dir):
     """The end-of-turn token was left out of completion_tokens; vLLM counts (and bills) it."""
     eng = Engine.from_path(tiny_lm_dir, settings=EngineSettings(max_batch_size=1))

@@ -217,8 +217,16 @@ def create_app(engine: Engine, settings: ServerSettings | None = None):
             raise P.ProtocolError(400, f"request body is not valid JSON{why}") from None
         req = P.parse_request(data)
         check_model(req.model)
-        if req.n != 1:
-            raise P.ProtocolError(400, "only n=1 is supported", param="n")
+        most = max_choices(engine)
+        if req.n > most:
+            by_queue = most < engine.settings.max_batch_size
+            raise P.ProtocolError(
+                400,
+                f"n {req.n} exceeds the server limit {most} (a request's choices are queued and "
+                "decoded together, one batch row each: llavamed serve "
+                f"{'--max-queue' if by_queue else '--max-batch-size'})",
+                param="n",
+            )
         if (refused := req.unsupported()) is not None:
             # Refused rather than ignored: a client that asked for logprobs read
             # choices[0].logprobs.content from "logprobs": null, and one that asked for JSON
@@ -253,8 +261,14 @@ def create_app(engine: Engine, settings: ServerSettings | None = None):
                 param="messages",
                 code="too_many_images",
             )
+        temperature = 1.0 if req.temperature is None else req.temperature
+        top_p = 1.0 if req.top_p is None else req.top_p
+        # Greedy (or top_p 0) choices are all the same answer: decoded once and given n times,
+        # so they are identical (n rows of one batch may round differently) and cost one row.
+        once = SamplingParams(temperature=temperature, top_p=top_p).deterministic
+        generations = 1 if once else req.n
         try:
-            engine.check_capacity()
+            engine.check_capacity(generations)
         except QueueFull as exc:
             raise _busy(exc) from None
         images = await load_images(refs)
@@ -292,19 +306,28 @@ def create_app(engine: Engine, settings: ServerSettings | None = None):
             )
         params = SamplingParams(
             max_tokens=asked or cap,
-            temperature=1.0 if req.temperature is None else req.temperature,
-            top_p=1.0 if req.top_p is None else req.top_p,
+            temperature=temperature,
+            top_p=top_p,
             seed=req.seed,
             stop=req.stop_list(),
         )
+        n = req.n
+        # Generation g answers choices[g]: every choice when decoded once, else choice g alone.
+        choices = [list(range(n))] if once else [[i] for i in range(n)]
         loop = asyncio.get_running_loop()
-        events: asyncio.Queue[Event] = asyncio.Queue()
+        events: asyncio.Queue[tuple[int, Event]] = asyncio.Queue()
 
-        def on_event(ev: Event) -> None:
-            loop.call_soon_threadsafe(events.put_nowait, ev)
+        def on_event(g: int):
+            return lambda ev: loop.call_soon_threadsafe(events.put_nowait, (g, ev))
 
         try:
-            handle = engine.submit(prompt, params, on_event=on_event)
+            # Submitted together: the engine queues them at once (all or none) and its batcher
+            # decodes them side by side. Choice i's seed is seed + i (SamplingParams.for_choice).
+            handles = engine.submit_many(
+                prompt,
+                [params.for_choice(g) for g in range(len(choices))],
+                [on_event(g) for g in range(len(choices))],
+            )
         except QueueFull as exc:
             raise _busy(exc) from None
         except EngineClosed:
@@ -314,17 +337,21 @@ def create_app(engine: Engine, settings: ServerSettings | None = None):
         except InputError as exc:
             raise P.ProtocolError(400, str(exc), code="context_length_exceeded") from None
 
+        def cancel_all() -> None:
+            for h in handles:
+                h.cancel()  # no-op when finished
+
         last_check = [time.monotonic()]
 
-        async def next_event() -> Event | None:
-            """The next event, or None once the client has gone (the work is then cancelled).
-            The client is checked every 0.25 s even while tokens keep arriving."""
+        async def next_event() -> tuple[int, Event] | None:
+            """The next (generation, event), or None once the client has gone (the work is then
+            cancelled). The client is checked every 0.25 s even while tokens keep arriving."""
             while True:
                 now = time.monotonic()
                 if now - last_check[0] >= 0.25:
                     last_check[0] = now
                     if await request.is_disconnected():
-                        handle.cancel()
+                        cancel_all()
                         return None
                 try:
                     return await asyncio.wait_for(events.get(), timeout=0.25)
@@ -333,32 +360,41 @@ def create_app(engine: Engine, settings: ServerSettings | None = None):
 
         cid, created = P.completion_id(), P.now()
         if not req.stream:
-            parts: list[str] = []
+            parts: list[list[str]] = [[] for _ in choices]
+            done: dict[int, Event] = {}
             try:
-                while True:
-                    ev = await next_event()
-                    if ev is None:
+                while len(done) < len(choices):
+                    got = await next_event()
+                    if got is None:
                         return JSONResponse({}, status_code=499)
+                    g, ev = got
                     if ev.kind == "error":
                         raise P.ProtocolError(
                             500, ev.error or "generation failed", type="server_error"
                         )
-                    parts.append(ev.text)
+                    parts[g].append(ev.text)
                     if ev.kind == "done":
-                        break
+                        done[g] = ev
             finally:
-                handle.cancel()  # no-op when finished; stops work if we are being torn down
+                cancel_all()  # stops the others after an error, or work if we are torn down
+            answers: dict[int, P.Choice] = {}
+            for g, ev in done.items():
+                for i in choices[g]:
+                    answers[i] = P.Choice(
+                        index=i,
+                        message=P.AssistantMessage(content="".join(parts[g])),
+                        finish_reason=ev.finish_reason or "stop",
+                    )
             return P.ChatCompletion(
                 id=cid,
                 created=created,
                 model=name,
-                choices=[
-                    P.Choice(
-                        message=P.AssistantMessage(content="".join(parts)),
-                        finish_reason=ev.finish_reason or "stop",
-                    )
-                ],
-                usage=P.usage(ev.prompt_tokens, ev.completion_tokens),
+                choices=[answers[i] for i in range(n)],
+                # The prompt once (OpenAI bills it once), every choice's completion.
+                usage=P.usage(
+                    handles[0].prompt_tokens,
+                    sum(ev.completion_tokens * len(choices[g]) for g, ev in done.items()),
+                ),
             ).model_dump()
 
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
@@ -368,21 +404,27 @@ def create_app(engine: Engine, settings: ServerSettings | None = None):
                 return f"data: {json.dumps(chunk)}\n\n"
             return f"data: {chunk.model_dump_json(exclude_none=False)}\n\n"
 
-        def chunk(delta: P.Delta, finish: str | None = None) -> P.ChatCompletionChunk:
+        def chunk(index: int, delta: P.Delta, finish: str | None = None) -> P.ChatCompletionChunk:
             return P.ChatCompletionChunk(
                 id=cid,
                 created=created,
                 model=name,
-                choices=[P.ChunkChoice(delta=delta, finish_reason=finish)],
+                choices=[P.ChunkChoice(index=index, delta=delta, finish_reason=finish)],
             )
 
         async def stream() -> AsyncIterator[str]:
+            """One choice per chunk, as OpenAI and vLLM send them for n > 1: each choice opens
+            with its role, its deltas follow as they are decoded (the choices interleave), and
+            each ends with its own finish_reason; then the usage (if asked for) and [DONE]."""
             try:
-                yield sse(chunk(P.Delta(role="assistant", content="")))
-                while True:
-                    ev = await next_event()
-                    if ev is None:
+                for i in range(n):
+                    yield sse(chunk(i, P.Delta(role="assistant", content="")))
+                finished, completion = 0, 0
+                while finished < len(choices):
+                    got = await next_event()
+                    if got is None:
                         return
+                    g, ev = got
                     if ev.kind == "error":
                         err = P.ProtocolError(
                             500, ev.error or "generation failed", type="server_error"
@@ -390,24 +432,27 @@ def create_app(engine: Engine, settings: ServerSettings | None = None):
                         yield sse(err.body())
                         yield "data: [DONE]\n\n"  # as vLLM does: clients wait for it
                         return
-                    if ev.text:
-                        yield sse(chunk(P.Delta(content=ev.text)))
+                    for i in choices[g]:
+                        if ev.text:
+                            yield sse(chunk(i, P.Delta(content=ev.text)))
+                        if ev.kind == "done":
+                            yield sse(chunk(i, P.Delta(), ev.finish_reason or "stop"))
                     if ev.kind == "done":
-                        yield sse(chunk(P.Delta(), ev.finish_reason or "stop"))
-                        if include_usage:
-                            yield sse(
-                                P.ChatCompletionChunk(
-                                    id=cid,
-                                    created=created,
-                                    model=name,
-                                    choices=[],
-                                    usage=P.usage(ev.prompt_tokens, ev.completion_tokens),
-                                )
-                            )
-                        yield "data: [DONE]\n\n"
-                        return
+                        finished += 1
+                        completion += ev.completion_tokens * len(choices[g])
+                if include_usage:
+                    yield sse(
+                        P.ChatCompletionChunk(
+                            id=cid,
+                            created=created,
+                            model=name,
+                            choices=[],
+                            usage=P.usage(handles[0].prompt_tokens, completion),
+                        )
+                    )
+                yield "data: [DONE]\n\n"
             finally:
-                handle.cancel()
+                cancel_all()
 
         return StreamingResponse(
             stream(),
@@ -416,6 +461,20 @@ def create_app(engine: Engine, settings: ServerSettings | None = None):
         )
 
     return app
+
+
+def max_choices(engine: Engine) -> int:
+    """The largest ``n`` a request may ask for: the engine's batch size, and its queue. The n
+    choices of a request decode side by side, one batch row each (a KV cache as long as the
+    prompt and the answer), so more than a batch would hold could not decode together, and
+    one request would take every row (and that memory) from the other clients for its whole
+    answer. The n generations are queued at once, so more than the queue holds could never be
+    queued (that request would be refused as busy for ever). 8 by default (--max-batch-size);
+    OpenAI allows up to 128."""
+    most = engine.settings.max_batch_size
+    if engine.settings.max_queue > 0:
+        most = min(most, engine.settings.max_queue)
+    return max(1, most)
 
 
 class _NotJSON(ValueError):

@@ -26,7 +26,7 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +43,10 @@ EMBEDDED = "embedded"
 MAX_IMAGE_SIDE = 2048
 # The most pixels an image a user sends may decode to (the API's ServerSettings default too).
 MAX_IMAGE_PIXELS = 40_000_000
+# Temperatures at or below this decode greedily (argmax): dividing logits by ~0 overflows.
+GREEDY_TEMPERATURE = 1e-5
+# torch.Generator.manual_seed takes -2**63 .. 2**64 - 1.
+MAX_SEED = 2**64 - 1
 # Put after the first character of a special token's text inside a message (see
 # Engine.neutralise): the text still reads the same, but no longer tokenizes to the token.
 ZERO_WIDTH_SPACE = "\u200b"
@@ -79,6 +83,29 @@ class SamplingParams:
         # 0 is OpenAI's lower bound too: the nucleus is then the most probable token alone.
         if not (math.isfinite(self.top_p) and 0 <= self.top_p <= 1):
             raise ValueError("top_p must be in [0, 1]")
+
+    @property
+    def deterministic(self) -> bool:
+        """True when decoding takes no random draw: greedy (temperature 0, as :meth:`Engine`
+        reads it), or top_p 0, whose nucleus is the most probable token alone. Every answer to
+        one prompt is then the same, so n of them need decoding only once."""
+        return self.temperature <= GREEDY_TEMPERATURE or self.top_p == 0
+
+    def for_choice(self, index: int) -> SamplingParams:
+        """The parameters of choice ``index`` of a request for several (OpenAI's ``n``).
+        Without a seed every choice draws its own random seed. With one, choice ``i`` is seeded
+        with ``seed + i`` (wrapping past 2**64 - 1, the largest seed ``torch.Generator``
+        takes), as vLLM seeds the children of an ``n > 1`` request: choice 0 is the answer an
+        ``n == 1`` request with that seed gets, the choices differ from one another, and the
+        same request gives the same choices again."""
+        if index < 0:
+            raise ValueError("choice index must be >= 0")
+        if self.seed is None or index == 0:
+            return self
+        seed = self.seed + index
+        if seed > MAX_SEED:
+            seed -= 2**64
+        return replace(self, seed=seed)
 
 
 @dataclass
@@ -526,11 +553,31 @@ class Engine:
     ) -> Handle:
         """Queue a request; raises QueueFull when the queue is at capacity, InputError when the
         prompt leaves no room in the context window."""
+        return self.submit_many(prompt, [params or SamplingParams()], [on_event])[0]
+
+    def submit_many(
+        self,
+        prompt: Prompt,
+        params: Sequence[SamplingParams],
+        on_event: Sequence[Callable[[Event], None] | None] | None = None,
+    ) -> list[Handle]:
+        """Queue one generation of ``prompt`` per entry of ``params``, each with its own handle
+        and event stream (``on_event[i]``, or the handle's queue), all or none: QueueFull when
+        the queue has no room for every one of them. They enter the queue at once, so the
+        worker takes them into the same batch (as many as it has room for; the rest join at
+        the next steps) and decodes them side by side, and an image prompt runs the vision
+        tower once for all of them (its prefix is shared). This is OpenAI's ``n``: pass
+        ``[params.for_choice(i) for i in range(n)]``."""
         import torch
 
         if self._closing.is_set():
             raise EngineClosed("engine is shut down")
-        params = params or SamplingParams()
+        params = list(params)
+        callbacks = list(on_event) if on_event is not None else [None] * len(params)
+        if not params or len(callbacks) != len(params):
+            raise ValueError("submit_many needs one or more params, and one on_event for each")
+        if 0 < self._queue.maxsize < len(params):  # could never be queued: not a busy queue
+            raise ValueError(f"{len(params)} generations exceed the queue's {self._queue.maxsize}")
         n_prompt = len(prompt.input_ids)
         if n_prompt == 0:
             raise InputError("messages", "empty prompt")
@@ -539,28 +586,48 @@ class Engine:
             raise InputError(
                 "messages", "prompt too long", f"{n_prompt} tokens >= context {self.max_context}"
             )
-        gen = torch.Generator(device="cpu")
-        gen.manual_seed(params.seed if params.seed is not None else secrets.randbits(63))
-        handle = Handle(next(self._ids), n_prompt, on_event)
-        row = _Row(
-            handle, prompt, params, gen, min(params.max_tokens, room), t_submit=time.perf_counter()
-        )
-        try:
-            self._queue.put_nowait(row)
-        except queue.Full:
+        now = time.perf_counter()
+        rows = []
+        for p, callback in zip(params, callbacks, strict=True):
+            gen = torch.Generator(device="cpu")
+            gen.manual_seed(p.seed if p.seed is not None else secrets.randbits(63))
+            handle = Handle(next(self._ids), n_prompt, callback)
+            rows.append(_Row(handle, prompt, p, gen, min(p.max_tokens, room), t_submit=now))
+        while not self._put_all(rows):
+            if not self._purge_cancelled():
+                self.stats["rejected"] += len(rows)
+                raise QueueFull(self.retry_after())
+        self.stats["submitted"] += len(rows)
+        return [r.handle for r in rows]
+
+    def _put_all(self, rows: list[_Row]) -> bool:
+        """Put every row in the queue, or none when there is no room for all of them."""
+        q = self._queue
+        with q.mutex:
+            if self._room_locked() < len(rows):
+                return False
+            q.queue.extend(rows)
+            q.unfinished_tasks += len(rows)
+            q.not_empty.notify(len(rows))
+        return True
+
+    def _room_locked(self) -> int:
+        """Free queue slots; the caller holds the queue's mutex."""
+        q = self._queue
+        return q.maxsize - len(q.queue) if q.maxsize > 0 else 2**31
+
+    def check_capacity(self, n: int = 1) -> None:
+        """Raise QueueFull now if ``n`` requests would be refused at submit: callers check
+        before decoding a request's images (up to 40 MP each), which a full queue would throw
+        away."""
+        while True:
+            with self._queue.mutex:
+                room = self._room_locked()
+            if room >= n:
+                return
             if not self._purge_cancelled():
                 self.stats["rejected"] += 1
-                raise QueueFull(self.retry_after()) from None
-            return self.submit(prompt, params, on_event)
-        self.stats["submitted"] += 1
-        return handle
-
-    def check_capacity(self) -> None:
-        """Raise QueueFull now if a request would be refused at submit: callers check before
-        decoding a request's images (up to 40 MP each), which a full queue would throw away."""
-        if self._queue.full() and not self._purge_cancelled():
-            self.stats["rejected"] += 1
-            raise QueueFull(self.retry_after())
+                raise QueueFull(self.retry_after())
 
     def _purge_cancelled(self) -> int:
         """Take the queued requests whose client has left out of the queue, and say how many.
@@ -971,7 +1038,11 @@ class Engine:
         keep = []
         for i, row in enumerate(batch.rows):
             p = row.params
-            tok = int(greedy[i]) if p.temperature <= 1e-5 else _sample(logits[i], p, row.gen)
+            tok = (
+                int(greedy[i])
+                if p.temperature <= GREEDY_TEMPERATURE
+                else _sample(logits[i], p, row.gen)
+            )
             toks.append(tok)
             if not self._accept(row, tok):
                 keep.append(i)

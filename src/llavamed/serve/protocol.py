@@ -114,6 +114,8 @@ class ChatCompletionRequest(_Model):
     seed: int | None = Field(None, ge=-(2**63), le=2**64 - 1)  # what torch.Generator takes
     stream: bool = False
     stream_options: StreamOptions | None = None
+    # How many choices; a whole number >= 1 (2.0, "2" and true are 400s). The server's upper
+    # bound depends on its engine (api.max_choices), so it is checked there.
     n: int = Field(1, ge=1)
     logprobs: bool | None = None
     top_logprobs: int | None = Field(None, ge=0, le=20)
