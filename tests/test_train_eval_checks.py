@@ -4,15 +4,124 @@ model loading, the data tokenizing) instead of after it."""
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
+import yaml
 from PIL import Image
 from transformers import AutoProcessor
 
+from llavamed.cli import main
 from llavamed.errors import ConfigError
+from train_helpers import make_bright_dark, tiny_config
 
 # Shared 2-core machine: one intra-op thread (tests/conftest.py).
 pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+# --- a finished run and the model.from it started from -------------------------------------
+
+
+def _retrain_projector_in_place(ckpt) -> None:
+    """What training stage 1 again into the same folder does to its checkpoint: the projector's
+    weights change, every other tensor (the frozen LM and tower) stays as it was."""
+    from safetensors.torch import load_file, save_file
+
+    f = ckpt / "model.safetensors"
+    sd = load_file(f)
+    for k in sd:
+        if "multi_modal_projector" in k:
+            sd[k] = sd[k] + 0.05
+    save_file(sd, f, metadata={"format": "pt"})
+
+
+def test_a_finished_run_refuses_when_its_model_from_weights_changed(
+    tiny_llava_dir, tmp_path, capsys
+):
+    """A finished run returned at once even after the checkpoint at its model.from had been
+    trained again in place (same config, same path): the user got the old stage's model back as
+    if trained on the new one. The run records its model.from's weights id, and a re-run on
+    changed weights is refused naming the way on; unchanged weights still return at once."""
+    from llavamed.model.checkpoint import read_meta
+    from llavamed.train import run_training
+
+    stage1 = tmp_path / "stage1"
+    shutil.copytree(tiny_llava_dir, stage1 / "checkpoint-final")
+    cfg = tiny_config(make_bright_dark(tmp_path / "data", 8), tmp_path / "out", max_steps=1)
+    cfg["model"] = {"from": str(stage1)}
+    first = run_training(cfg, progress=False)
+    assert isinstance(read_meta(first.final_checkpoint)["train"]["from_weights"], str)
+    weights = first.final_checkpoint / "model.safetensors"
+    before = weights.stat().st_mtime_ns
+    capsys.readouterr()
+
+    again = run_training(cfg, progress=False)
+    assert again.wall_time_s == 0.0 and weights.stat().st_mtime_ns == before
+    assert "its model.from weights are unchanged" in capsys.readouterr().err
+
+    _retrain_projector_in_place(stage1 / "checkpoint-final")
+    with pytest.raises(
+        ConfigError,
+        match=r"starting weights changed since this run finished.*another output\.dir.*delete",
+    ):
+        run_training(cfg, progress=False)
+    assert weights.stat().st_mtime_ns == before  # refused, not retrained over
+    # The command: one line, exit 1, as for a changed config.
+    conf = tmp_path / "run.yaml"
+    conf.write_text(yaml.safe_dump(cfg))
+    assert main(["train", str(conf), "--no-progress"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "the starting weights changed since this run finished" in err[0]
+    # Spelled as the checkpoint itself, model.from is the same checkpoint: refused too.
+    cfg["model"] = {"from": str(stage1 / "checkpoint-final")}
+    with pytest.raises(ConfigError, match="starting weights changed"):
+        run_training(cfg, progress=False)
+
+
+def test_a_finished_run_from_before_the_record_is_still_finished(tiny_llava_dir, tmp_path, capsys):
+    """Runs finished before their model.from's id was kept have none to compare: they are
+    returned as finished, as before, with the note that model.from was not read again."""
+    from llavamed.train import run_training
+
+    stage1 = tmp_path / "stage1"
+    shutil.copytree(tiny_llava_dir, stage1)
+    cfg = tiny_config(make_bright_dark(tmp_path / "data", 8), tmp_path / "out", max_steps=1)
+    cfg["model"] = {"from": str(stage1)}
+    first = run_training(cfg, progress=False)
+    meta_path = first.final_checkpoint / "llavamed.json"
+    meta = json.loads(meta_path.read_text())
+    del meta["train"]["from_weights"]
+    meta_path.write_text(json.dumps(meta))
+    _retrain_projector_in_place(stage1)
+    capsys.readouterr()
+    again = run_training(cfg, progress=False)
+    assert again.wall_time_s == 0.0
+    assert "nor its model.from checkpoint were read again" in capsys.readouterr().err
+
+
+def test_files_fingerprint_follows_the_weights_not_the_files(tiny_llava_dir, tmp_path):
+    """The id a finished run keeps of its model.from: a copy keeps it, the same weights saved
+    again (another file, byte for byte) keep it, a changed tensor changes it, and a weights file
+    cut short is a one-line error naming it."""
+    from safetensors.torch import load_file, save_file
+
+    from llavamed.errors import InputError
+    from llavamed.train.checkpointing import files_fingerprint
+
+    a, b = tmp_path / "a", tmp_path / "b"
+    shutil.copytree(tiny_llava_dir, a)
+    shutil.copytree(tiny_llava_dir, b)
+    key = files_fingerprint(a)
+    assert files_fingerprint(b) == key
+    sd = load_file(b / "model.safetensors")
+    save_file(sd, b / "model.safetensors", metadata={"format": "pt", "saved": "again"})
+    assert files_fingerprint(b) == key
+    _retrain_projector_in_place(b)
+    assert files_fingerprint(b) != key
+    f = b / "model.safetensors"
+    f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
+    with pytest.raises(InputError, match=r"model\.safetensors: unreadable weights file"):
+        files_fingerprint(b)
 
 
 # --- data.max_length and the image ------------------------------------------------------------

@@ -16,7 +16,7 @@ def register(sub) -> None:
             "(projector + LM), finetune (VQA). Dotted key=value overrides change any field, e.g. "
             "train.lr=1e-4 output.dir=runs/x data.sources.0.max_samples=100. Re-running the same "
             "command resumes from the newest checkpoint in output.dir; a finished run returns at "
-            "once. Multi-process: `torchrun --nproc_per_node N -m llavamed train CONFIG ...` "
+            "once (refused if the model.from weights it started from changed since). Multi-process: `torchrun --nproc_per_node N -m llavamed train CONFIG ...` "
             "(see docs/training.md). Outputs of align/instruct/finetune: OUT/checkpoint-final/ "
             "(native llava), OUT/config.yaml, OUT/metrics.jsonl, OUT/loss.png, "
             "OUT/data_report.json; of vision: OUT/vision_tower/, OUT/stage0_report.json/.md, "

@@ -12,6 +12,7 @@ state: the batch schedule is a pure function of (seed, epoch), so the step numbe
 from __future__ import annotations
 
 import json
+import math
 import random
 import shutil
 from pathlib import Path
@@ -62,6 +63,81 @@ def weights_fingerprint(model, samples: int = 64) -> str:
                 picked = flat[:: max(1, flat.numel() // samples)][:samples]
                 h.update(picked.to(torch.float64).cpu().numpy().tobytes())
     return h.hexdigest()[:16]
+
+
+_WEIGHT_FILES = (".safetensors", ".bin", ".pt")
+
+
+def files_fingerprint(folder: Path, samples: int = 64) -> str:
+    """A short id of a checkpoint folder's weights as its files hold them, taken as
+    :func:`weights_fingerprint` takes one of a loaded model (each tensor's name, shape, dtype and
+    ``samples`` of its values spread over it) but read through a memory map without building the
+    model: a few pages per tensor, milliseconds for a 7B. A finished run keeps this id of its
+    ``model.from``, so a re-run tells whether the weights it started from have changed since
+    without loading them. (Not equal to :func:`weights_fingerprint` of the same weights: the
+    names on disk are not the model's.)"""
+    import hashlib
+
+    h = hashlib.sha1()
+    files = sorted(p for p in Path(folder).iterdir() if p.suffix in _WEIGHT_FILES and p.is_file())
+    for f in files:
+        h.update(f"{f.name}|".encode())
+        try:
+            if f.suffix == ".safetensors":
+                _hash_safetensors(f, h, samples)
+            else:
+                _hash_torch_file(f, h, samples)
+        except (OSError, ValueError, RuntimeError, KeyError, TypeError) as exc:
+            raise InputError(f, "unreadable weights file", _first_sentence(exc)) from exc
+    return h.hexdigest()[:16]
+
+
+def _picked(n: int, samples: int) -> range:
+    return range(0, n, max(1, n // samples))[:samples]
+
+
+def _hash_safetensors(f: Path, h, samples: int) -> None:
+    """Sampled values of every tensor of a safetensors file, read at their byte offsets."""
+    import numpy as np
+
+    with f.open("rb") as fh:
+        n = int.from_bytes(fh.read(8), "little")
+        header = json.loads(fh.read(n))
+    data = np.memmap(f, dtype=np.uint8, mode="r") if f.stat().st_size > 8 + n else None
+    for name in sorted(k for k in header if k != "__metadata__"):
+        info = header[name]
+        shape, (start, end) = tuple(info["shape"]), info["data_offsets"]
+        h.update(f"{name}{shape}{info['dtype']};".encode())
+        numel = math.prod(shape)
+        if not numel or data is None:
+            continue
+        raw = data[8 + n + start : 8 + n + end]
+        size = (end - start) // numel
+        if size:  # whole elements; a sub-byte dtype is sampled byte by byte
+            raw = raw.reshape(numel, size)
+        else:
+            numel = end - start
+        h.update(raw[list(_picked(numel, samples))].tobytes())
+
+
+def _hash_torch_file(f: Path, h, samples: int) -> None:
+    """The same for a torch-pickled state dict (``pytorch_model.bin``), memory-mapped."""
+    import torch
+
+    try:
+        sd = torch.load(f, map_location="cpu", weights_only=True, mmap=True)
+    except RuntimeError:  # the legacy (non-zip) format cannot be memory-mapped
+        sd = torch.load(f, map_location="cpu", weights_only=True)
+    if not isinstance(sd, dict):
+        raise TypeError(f"not a state dict ({type(sd).__name__})")
+    for name, t in sorted(sd.items()):
+        if not isinstance(t, torch.Tensor):
+            continue
+        h.update(f"{name}{tuple(t.shape)}{t.dtype};".encode())
+        flat = t.reshape(-1)
+        if flat.numel():
+            idx = torch.tensor(list(_picked(flat.numel(), samples)))
+            h.update(flat[idx].contiguous().view(torch.uint8).numpy().tobytes())
 
 
 def rng_state() -> dict:

@@ -787,6 +787,41 @@ def _check_same_run(out: Path, resolved: dict) -> bool:
     return True
 
 
+def _from_weights(cfg: TrainConfig) -> str | None:
+    """The id of the weights at ``model.from`` (None for ``model.init``), as a finished run
+    records it in its checkpoint's ``llavamed.json`` (``train.from_weights``)."""
+    if cfg.model.from_ is None:
+        return None
+    return ck.files_fingerprint(resolve_checkpoint(cfg.model.from_))
+
+
+def _check_same_start(cfg: TrainConfig, out: Path, final: Path) -> str | None:
+    """Refuse to return a finished run whose ``model.from`` weights changed since it trained on
+    them (that stage trained again in place, or its checkpoint replaced): returned as finished,
+    its checkpoint was silently a model of the old ones. Returns what was checked, for the
+    finished-run note: "" for ``model.init`` (nothing to check), None for a run finished before
+    the id was recorded (accepted as before)."""
+    from llavamed.model.checkpoint import read_meta
+
+    if cfg.model.from_ is None:
+        return ""
+    try:
+        train = read_meta(final).get("train")
+    except InputError:  # a damaged llavamed.json: left to what reads the checkpoint
+        return None
+    recorded = train.get("from_weights") if isinstance(train, dict) else None
+    if not isinstance(recorded, str):
+        return None
+    if _from_weights(cfg) != recorded:
+        raise ConfigError(
+            f"{out}: the starting weights changed since this run finished: the checkpoint at "
+            f"model.from={cfg.model.from_} is not the one it trained from (trained again or "
+            "replaced); train on it in another output.dir, or delete the run to train it again "
+            "here"
+        )
+    return "its model.from weights are unchanged; "
+
+
 def _same_checkpoint(a, b) -> bool:
     """Whether two ``model.from`` values name one checkpoint (``runs/s1`` and
     ``runs/s1/checkpoint-final``)."""
@@ -819,7 +854,8 @@ def run_training(
     config: Any, overrides=(), *, progress: bool = True, on_step: StepHook | None = None
 ) -> TrainResult:
     """Train as the config says; resume from the newest checkpoint in ``output.dir``; return at
-    once if ``checkpoint-final`` exists for the identical resolved config.
+    once if ``checkpoint-final`` exists for the identical resolved config (and refuse if the
+    ``model.from`` weights it started from have changed since).
 
     ``on_step(step, model, processor)`` runs on the main process after every optimizer step (single-process
     runs: ``model`` is the live ``LlavaForConditionalGeneration``); a dict it returns is merged
@@ -848,14 +884,20 @@ def run_training(
     # Checked against OUT/config.yaml or, that one deleted, the copy inside checkpoint-final:
     # requiring OUT/config.yaml retrained a finished run from scratch and replaced its final.
     if (final / "config.json").is_file() and same:
+        checked = _check_same_start(cfg, out, final)
         # Said, not silent: the data are not tokenized again to check them (minutes for a large
         # set), so a user who edited the data file would otherwise take the old model for new.
+        if checked is None:  # a run from before finished runs kept their model.from's id
+            why = (
+                "neither its data nor its model.from checkpoint were read again: to train on "
+                "changed data or a retrained model.from"
+            )
+        else:
+            why = f"{checked}its data were not read again: to train on changed data"
         if os.environ.get("RANK", "0") == "0":  # one line under torchrun, not one a process
             print(
                 f"llavamed train: {out} already holds {FINAL} for this config; returned it "
-                "without training (neither its data nor its model.from checkpoint were read "
-                "again: to train on changed data or a retrained model.from, use another "
-                "output.dir)",
+                f"without training ({why}, use another output.dir)",
                 file=sys.stderr,
             )
         return TrainResult(out, final, _read_metrics(metrics_path), 0.0)
@@ -901,6 +943,7 @@ def _run(
     model, processor, spec, template = build_model(cfg)
     # model.init rebuilds the same weights from the config; model.from reads whatever is there.
     base_key = ck.weights_fingerprint(model) if cfg.model.from_ is not None else None
+    from_weights = _from_weights(cfg)  # kept in checkpoint-final for the finished-run check
     model = apply_lora(model, cfg)
     counts = apply_trainable(
         model,
@@ -1248,6 +1291,7 @@ def _run(
                     "steps": step,
                     "tokens_seen": tokens_seen,
                     "config": resolved,
+                    **({"from_weights": from_weights} if from_weights is not None else {}),
                 }
             },
             # Inside the atomic save: a kill between the two would leave a final checkpoint that
