@@ -1476,17 +1476,3 @@ def run_from_config(
     finally:
         if joined:
             dist.destroy_process_group()
-
-
-def load_yaml(path: str | os.PathLike) -> dict:
-    import yaml
-
-    try:
-        data = yaml.safe_load(Path(path).read_text())
-    except FileNotFoundError as exc:
-        raise InputError(path, "file not found") from exc
-    except yaml.YAMLError as exc:
-        raise InputError(path, "invalid YAML", str(exc)) from exc
-    if not isinstance(data, dict):
-        raise InputError(path, "config must be a mapping")
-    return data
