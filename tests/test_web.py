@@ -400,3 +400,91 @@ def test_web_events_one_turn_at_a_time_and_stop_and_reset_cancel_it(tiny_llava_d
     p = values["Top-p"]
     assert p["minimum"] <= 0.01 <= p["maximum"]
     assert values["Seed (-1 = random)"]["value"] == 7
+
+
+def _failing_on_forward(engine, n: int):
+    """Make ``engine``'s model raise on its ``n``-th forward from now (a failure mid-answer, as
+    an out-of-memory error would be); returns a function that heals it."""
+    forward, calls = engine.model.forward, [0]
+
+    def fails(*a, **k):
+        calls[0] += 1
+        if calls[0] == n:
+            raise RuntimeError("out of memory")
+        return forward(*a, **k)
+
+    engine.model.forward = fails
+    return lambda: setattr(engine.model, "forward", forward)
+
+
+def test_an_answer_that_fails_midway_is_marked_at_once(tiny_lm_dir, tmp_path):
+    """An error mid-answer left the partial answer on the page unmarked, like a finished one,
+    until the next question was sent; the page now marks it when the error happens, and the
+    mark stays the only one once the conversation goes on."""
+    gr = pytest.importorskip("gradio")
+    from llavamed.serve.engine import Engine, EngineSettings
+    from llavamed.serve.web import FAILED, UNKEPT, build_app
+
+    engine = Engine.from_path(tiny_lm_dir, settings=EngineSettings(max_batch_size=1))
+    engine.eos_ids = set()  # answers run to max_tokens, or to the failure
+    demo = build_app(engine, examples_dir=tmp_path)
+    respond = next(f.fn for f in demo.fns.values() if f.name == "respond")
+    args = (None, 0.0, 1.0, 8, 1)  # pending, temperature, top_p, max_tokens, seed
+    try:
+        *_, (_, page, conv, _) = respond("first", [], None, *args)
+        heal = _failing_on_forward(engine, 4)  # the prefill and two steps succeed
+        updates = []
+        with pytest.raises(gr.Error, match="generation failed"):
+            for update in respond("second", page, conv, *args):
+                updates.append(update)
+        heal()
+        _, streamed, _, _ = updates[-2]  # the partial answer as it streamed
+        _, failed, conv_after, used = updates[-1]  # the page when the error is reported
+        assert streamed[-1]["content"] and not streamed[-1]["content"].endswith(FAILED)
+        assert failed[:-1] == streamed[:-1]
+        assert failed[-1] == {"role": "assistant", "content": streamed[-1]["content"] + FAILED}
+        assert conv_after is conv and used is None  # the model's conversation does not keep it
+        shown = [  # as the Chatbot hands messages back
+            {"role": m["role"], "content": [{"type": "text", "text": m["content"]}]} for m in failed
+        ]
+        *_, (_, history, conv, _) = respond("third", shown, conv, *args)
+        texts = [
+            m["content"] if isinstance(m["content"], str) else m["content"][0]["text"]
+            for m in history
+        ]
+        assert texts[3] == failed[-1]["content"]  # marked once: not "[failed] [stopped]"
+        assert not any(t.endswith(UNKEPT) for t in texts)
+        assert len(conv["messages"]) == 4 and conv["shown"] == 6  # the first and third turns
+        # Stop leaves a failed answer's mark as it is.
+        on_stop = next(f.fn for f in demo.fns.values() if f.name == "on_stop")
+        assert on_stop(failed, {"shown": 2})[-1] == failed[-1]
+    finally:
+        demo.close()
+        engine.close()
+
+
+def test_a_failed_answer_is_marked_on_the_page_an_http_client_sees(tiny_lm_dir):
+    """Over HTTP, as the browser gets it: the page's last update before the error carries the
+    mark."""
+    pytest.importorskip("gradio")
+    from gradio_client import Client
+    from gradio_client.exceptions import AppError
+
+    from llavamed.serve.engine import Engine, EngineSettings
+    from llavamed.serve.web import FAILED, _message_text
+
+    engine = Engine.from_path(tiny_lm_dir, settings=EngineSettings(max_batch_size=1))
+    engine.eos_ids = set()
+    demo, url = _launch_local(engine, max_tokens=8, temperature=0)
+    try:
+        client = Client(url, verbose=False)
+        _failing_on_forward(engine, 4)
+        job = client.submit("go on", [], 0.0, 1.0, 8, 1, api_name="/respond")
+        with pytest.raises(AppError, match="generation failed"):
+            job.result(timeout=60)
+        answers = [_message_text(history[-1]["content"]) for _, history in job.outputs()]
+        assert len(answers) >= 2 and answers[-2] and not answers[-2].endswith(FAILED)
+        assert answers[-1] == answers[-2] + FAILED
+    finally:
+        demo.close()
+        engine.close()

@@ -21,7 +21,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from llavamed.errors import InputError
+from llavamed.errors import InputError, LlavamedError
 from llavamed.serve.chat import ChatSession
 from llavamed.serve.engine import Engine, SamplingParams, load_user_image
 
@@ -117,6 +117,10 @@ def seed_value(seed) -> int | None:
 
 
 UNKEPT = " [stopped: not part of the conversation]"
+# An answer cut short by an error: as a stopped one, it stays on the page but out of the model's
+# conversation; the error itself is reported beside it.
+FAILED = " [failed: not part of the conversation]"
+MARKS = (UNKEPT, FAILED)
 
 
 def _message_text(content) -> str:
@@ -128,18 +132,19 @@ def _message_text(content) -> str:
     return ""
 
 
-def mark_unkept(history: list, kept: int) -> list:
+def mark_unkept(history: list, kept: int, mark: str = UNKEPT) -> list:
     """``history`` with every answer after its first ``kept`` (settled) messages marked as not
-    part of the conversation: a turn stopped (Stop, or an error mid-answer) stays on the page
-    but never reaches the model's conversation, and the page showed it like any other, so the
-    model's next answers seemed to ignore it. The terminal chat says so when it stops one."""
+    part of the conversation (``mark``: stopped, or FAILED by an error mid-answer): such a turn
+    stays on the page but never reaches the model's conversation, and the page showed it like
+    any other, so the model's next answers seemed to ignore it. The terminal chat says so when
+    it stops one. An answer already marked either way keeps its mark."""
     out = list(history)
     for i in range(max(kept, 0), len(out)):
         m = out[i]
         if isinstance(m, dict) and m.get("role") == "assistant":
             text = _message_text(m.get("content"))
-            if not text.endswith(UNKEPT):
-                out[i] = {"role": "assistant", "content": text + UNKEPT}
+            if not text.endswith(MARKS):
+                out[i] = {"role": "assistant", "content": text + mark}
     return out
 
 
@@ -242,14 +247,20 @@ def build_app(
         if key is not None:
             answering[key] = stop
         stream = session.ask(text)
+        shown = False  # whether this turn has reached the page
         try:
             for delta in stream:
                 if stop.is_set():
                     break
                 answer += delta
                 history[-1] = {"role": "assistant", "content": answer}
+                shown = True
                 yield "", history, conv, None
-        except InputError as exc:
+        except LlavamedError as exc:  # InputError; QueueFull, EngineClosed at submit
+            if shown:
+                # Marked now, as Stop marks an answer: the page showed the partial answer like
+                # a finished one until the next question was sent.
+                yield "", mark_unkept(history, settled, FAILED), conv, None
             raise gr.Error(str(exc)) from None
         finally:
             stream.close()  # stops the engine's generation (ChatSession.ask's finally)
