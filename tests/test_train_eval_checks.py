@@ -218,3 +218,162 @@ def test_a_record_with_its_own_system_turn_is_measured_as_it_is(tmp_path, tiny_l
     assert len(samples) == 1 and not rep.skipped and not rep.truncated
     with pytest.raises(ConfigError, match=f"is already {empty} tokens"):
         _vicuna_load(tmp_path, proc, recs, empty)
+
+
+# --- eval vqa / eval answer: inputs checked before the model loads ---------------------------
+
+
+def _refuse_model_loads(monkeypatch) -> None:
+    """From here on, loading a checkpoint fails the test: the error under test must come first."""
+    from llavamed.eval import vqa_runner
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the model was loaded before the input error was found")
+
+    monkeypatch.setattr(vqa_runner, "_load_model", refuse)
+
+
+@pytest.fixture
+def no_model_load(monkeypatch):
+    _refuse_model_loads(monkeypatch)
+
+
+def _rad(tmp_path, n=4):
+    root = tmp_path / "vqa_rad"
+    (root / "VQA_RAD Image Folder").mkdir(parents=True)
+    Image.new("RGB", (24, 24), (60, 20, 200)).save(root / "VQA_RAD Image Folder" / "i0.jpg")
+    recs = [
+        {"qid": i, "image_name": "i0.jpg", "question": f"Question {i}?", "answer": "yes",
+         "answer_type": "CLOSED", "question_type": "PRES", "phrase_type": "test_freeform"}
+        for i in range(n)
+    ]  # fmt: skip
+    (root / "VQA_RAD Dataset Public.json").write_text(json.dumps(recs))
+    return root
+
+
+def _vqa(model, data, out, *extra):
+    return main(
+        ["eval", "vqa", "--model", str(model), "--dataset", "vqa-rad", "--data", str(data),
+         "--out", str(out), "--bootstrap", "10", "--no-progress", *extra]
+    )  # fmt: skip
+
+
+def test_eval_vqa_refuses_unresumable_answers_before_loading_the_model(
+    tiny_llava_dir, tmp_path, capsys, monkeypatch
+):
+    """Re-running into an --out whose answers were written with other settings (another length
+    limit, dtype) or for other questions was refused only after the model had loaded (minutes
+    for a 7B on CPU): everything it needs is known without the model."""
+    data = _rad(tmp_path)
+    out = tmp_path / "run"
+    assert _vqa(tiny_llava_dir, data, out, "--max-new-tokens", "2", "--limit", "2") == 0
+    _refuse_model_loads(monkeypatch)
+    capsys.readouterr()
+    for extra, why in (
+        (["--max-new-tokens", "3"], "max_new_tokens=2 there, 3 now"),
+        (["--max-new-tokens", "2", "--dtype", "bf16"], "dtype='float32' there, 'bfloat16' now"),
+    ):
+        assert _vqa(tiny_llava_dir, data, out, *extra) == 1
+        err = capsys.readouterr().err
+        assert f"answers written with different settings ({why}; use another --out)" in err
+    # Another dataset numbering its questions alike, into the same --out.
+    other = _rad(tmp_path / "other")
+    recs = json.loads((other / "VQA_RAD Dataset Public.json").read_text())
+    recs[0]["question"] = "Is there a fracture?"
+    (other / "VQA_RAD Dataset Public.json").write_text(json.dumps(recs))
+    assert _vqa(tiny_llava_dir, other, out, "--max-new-tokens", "2") == 1
+    assert "answers written for other questions (question_id 0)" in capsys.readouterr().err
+
+
+def test_eval_vqa_finds_an_unwritable_out_before_loading_the_model(
+    tiny_llava_dir, tmp_path, readonly_disk, capsys, no_model_load
+):
+    """An --out folder on a read-only mount (or without write permission) was found out at the
+    first answer's write, after the model had loaded and answered it."""
+    assert _vqa(tiny_llava_dir, _rad(tmp_path), readonly_disk) == 1
+    assert f"{readonly_disk}: Read-only file system" in capsys.readouterr().err
+
+
+def test_eval_vqa_names_a_wrong_dataset_before_a_wrong_model(tmp_path, capsys):
+    """Both wrong: the dataset is read first (the model path is only resolved after it), so the
+    error a user fixes first is not followed by another after a model load."""
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert _vqa(tmp_path / "no-model", empty, tmp_path / "out") == 1
+    err = capsys.readouterr().err
+    assert "no VQA-RAD JSON" in err and "no-model" not in err
+
+
+def _answer(model, questions, images, out):
+    return main(
+        ["eval", "answer", "--model", str(model), "--questions", str(questions), "--images",
+         str(images), "--out", str(out), "--max-new-tokens", "2", "--no-progress"]
+    )  # fmt: skip
+
+
+def _questions(tmp_path, *images):
+    q = tmp_path / "qa50.jsonl"
+    q.write_text(
+        "".join(
+            json.dumps({"question_id": i, "image": im, "text": f"Q{i}?\n<image>"}) + "\n"
+            for i, im in enumerate(images)
+        )
+    )
+    return q
+
+
+def test_eval_answer_checks_the_questions_file_first(tmp_path, capsys):
+    """A missing questions file behind a mistyped --model was reported as the model's error
+    (fix it, run again, then learn of the file); an empty file or one with no usable record
+    'answered 0 of 0 questions' and exited 0, as a finished run."""
+    no_model = tmp_path / "no-model"
+    assert _answer(no_model, tmp_path / "missing.jsonl", tmp_path, tmp_path / "a.jsonl") == 1
+    err = capsys.readouterr().err
+    assert "missing.jsonl: file not found" in err and "no-model" not in err
+    (tmp_path / "empty.jsonl").write_text("")
+    (tmp_path / "vqa.jsonl").write_text('{"qid": 1, "question": "Q?"}\nnot json\n')
+    for name, why in (
+        ("empty.jsonl", "no records; expected qa50-shaped JSONL"),
+        ("vqa.jsonl", "1 invalid JSON line, 1 missing field question_id"),
+    ):
+        assert _answer(no_model, tmp_path / name, tmp_path, tmp_path / "a.jsonl") == 1
+        assert f"{name}: no usable questions ({why})" in capsys.readouterr().err
+    assert not (tmp_path / "a.jsonl").exists()
+
+
+def test_eval_answer_finds_missing_images_before_loading_the_model(
+    tiny_llava_dir, tmp_path, capsys, no_model_load
+):
+    """A wrong --images folder (every image missing) loaded the model, then skipped every
+    question: 'no question could be answered (N file not found)'. Said before the load now."""
+    q = _questions(tmp_path, "a.jpg", "b.jpg")
+    wrong = tmp_path / "elsewhere"
+    wrong.mkdir()
+    assert _answer(tiny_llava_dir, q, wrong, tmp_path / "a.jsonl") == 1
+    assert "no question could be answered (2 file not found)" in capsys.readouterr().err
+
+
+def test_eval_answer_skips_missing_images_as_before(tiny_llava_dir, tmp_path, capsys):
+    """Some images missing: those questions are skipped and counted as they were, the others
+    answered."""
+    img = tmp_path / "images"
+    img.mkdir()
+    Image.new("RGB", (20, 20), (120, 30, 30)).save(img / "a.jpg")
+    q = _questions(tmp_path, "a.jpg", "gone.jpg")
+    assert _answer(tiny_llava_dir, q, img, tmp_path / "a.jsonl") == 0
+    assert "1 answered, 0 already done, of 2 questions; skipped: 1 file not found" in (
+        capsys.readouterr().err
+    )
+
+
+def test_eval_answer_finds_an_unwritable_out_before_loading_the_model(
+    tiny_llava_dir, tmp_path, readonly_disk, capsys, no_model_load
+):
+    """An --out on a read-only mount was found out at the first answer's write, after the model
+    had loaded and answered it."""
+    img = tmp_path / "images"
+    img.mkdir()
+    Image.new("RGB", (20, 20), (120, 30, 30)).save(img / "a.jpg")
+    q = _questions(tmp_path, "a.jpg")
+    assert _answer(tiny_llava_dir, q, img, readonly_disk / "a.jsonl") == 1
+    assert f"{readonly_disk / 'a.jsonl'}: Read-only file system" in capsys.readouterr().err

@@ -44,12 +44,12 @@ def run(args) -> int:
     import sys
 
     from llavamed.eval.answer import answer_questions
-    from llavamed.model.checkpoint import resolve_checkpoint
     from llavamed.utils.precision import model_dtype
 
-    # A run folder means its checkpoint-final, as for serve, chat, web and train's model.from.
+    # A run folder means its checkpoint-final, as for serve, chat, web and train's model.from
+    # (resolved there, after the questions file is checked).
     r = answer_questions(
-        resolve_checkpoint(args.model),
+        args.model,
         args.questions,
         args.images,
         args.out,

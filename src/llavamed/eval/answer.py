@@ -92,6 +92,12 @@ def answer_questions(
 ) -> dict:
     """Answer every question of ``questions_path`` not yet in ``out_path``, through ``backend``
     ("engine": continuous batching with ``batch_size`` slots; "generate": static batches).
+    ``model_dir`` may be a training run's folder (its checkpoint-final).
+
+    Every input is checked before the model loads (seconds to minutes): the questions file, the
+    image folder, the answers file (writable, and resumable with these settings), and the
+    images' presence; a question whose image is missing is skipped without loading the model
+    for it.
 
     Returns counts: ``{"n_questions", "n_generated", "n_resumed", "bad", "skipped", "seconds"}``
     (``bad``: invalid question records per reason; ``skipped``: unreadable images per reason)."""
@@ -101,21 +107,34 @@ def answer_questions(
     from llavamed.eval.vqa_runner import (
         VQAGenerator,
         answer_items,
+        check_can_write,
         check_same_settings,
         dtype_name,
         model_fingerprint_for,
         model_id_for,
     )
     from llavamed.images import load_image
+    from llavamed.model.checkpoint import resolve_checkpoint
 
     questions, bad = load_questions(questions_path)
+    if not questions:
+        # "0 answered ... of 0 questions", exit 0: an empty file, or one in another shape (a
+        # VQA set's JSON, the answers file given for the questions), passed as a finished run.
+        raise InputError(
+            questions_path,
+            "no usable questions",
+            format_counts(bad) if bad else "no records; expected qa50-shaped JSONL",
+        )
     if limit is not None:
         questions = questions[:limit]
     images_dir = Path(images_dir)
     if not images_dir.is_dir():
         raise InputError(images_dir, "image folder not found")
+    if model_dir is not None:  # after the questions: a typo there is not hidden behind this one
+        model_dir = resolve_checkpoint(model_dir)
     out_path = Path(out_path)
     log = JsonlAppender(out_path)
+    check_can_write(out_path)
     existing = list(log.existing())
     # Resuming appends to another model's (or another length limit's) answers only by mistake:
     # `eval judge` would then score a mix under one name.
@@ -142,11 +161,23 @@ def answer_questions(
     done = {str(r.get("question_id")) for r in existing}
     todo = [q for q in questions if str(q["question_id"]) not in done]
     skipped: Counter = Counter()
+    # A missing image, counted as load_image counts it, before the model loads: a wrong --images
+    # folder was found only after it ("no question could be answered (N file not found)").
+    answerable = []
+    for q in todo:
+        try:
+            os.stat(images_dir / q["image"])
+        except FileNotFoundError:
+            skipped["file not found"] += 1
+            continue
+        except (OSError, ValueError):  # other reasons are load_image's to name
+            pass
+        answerable.append(q)
     n_gen = 0
     t0 = time.perf_counter()
     gen = None
     try:
-        if todo:
+        if answerable:
             gen = VQAGenerator(
                 model_dir,
                 model=model,
@@ -157,11 +188,15 @@ def answer_questions(
                 pack_weights=pack_weights,
             )
             bar = tqdm(
-                total=len(todo), desc="answers", file=sys.stderr, disable=not progress, unit="q"
+                total=len(answerable),
+                desc="answers",
+                file=sys.stderr,
+                disable=not progress,
+                unit="q",
             )
 
             def loaded():
-                for q in todo:
+                for q in answerable:
                     try:
                         img = load_image(images_dir / q["image"])
                     except InputError as err:

@@ -523,6 +523,97 @@ def _question_text(s: VQASample, closed_suffix: bool) -> str:
     return s.question
 
 
+def answer_settings(
+    condition: str,
+    opts: RunOptions,
+    *,
+    max_new_tokens: int,
+    model_id: str,
+    fingerprint: str | None,
+    dtype: str | None,
+) -> dict:
+    """The settings every answers record of ``condition`` carries (and a resumed run must
+    share: :data:`RESUME_KEYS`)."""
+    meta = {
+        "condition": condition,
+        "closed_suffix": opts.closed_suffix,
+        "max_new_tokens": max_new_tokens,
+        "model_id": model_id,
+        "model": fingerprint,
+        "decoding": "greedy",
+    }
+    if condition in ("noise", "shuffle"):  # their images depend on the seed
+        meta["seed"] = opts.seed
+    if dtype is not None:  # bf16's greedy answers are not fp32's
+        meta["dtype"] = dtype
+    return meta
+
+
+def check_can_write(path: str | Path) -> None:
+    """Raise the OSError that writing ``path`` would raise (a read-only mount, a folder without
+    write permission), naming ``path``: an existing file is opened for appending and closed
+    unchanged; a folder, or the folder a new file would go in, gets a nameless temporary file.
+    Answers are appended one at a time, so without this a run found out only at its first
+    answer, after the model had loaded (minutes for a 7B on CPU). Leaves nothing behind."""
+    import tempfile
+
+    path = Path(path)
+    try:
+        if path.is_file():
+            with open(path, "ab"):
+                pass
+        else:
+            with tempfile.TemporaryFile(dir=path if path.is_dir() else path.parent):
+                pass
+    except OSError as exc:
+        raise type(exc)(exc.errno, exc.strerror, str(path)) from exc
+
+
+def check_before_loading(
+    model_dir: str | Path | None,
+    samples: Sequence[VQASample],
+    out_dir: Path,
+    conditions: Sequence[str],
+    opts: RunOptions,
+    shard: tuple[int, int] | None,
+    *,
+    model: Any = None,
+    processor: Any = None,
+    dtype: Any = None,
+) -> None:
+    """What a run would refuse once its model is loaded, checked before loading it: an output
+    folder it cannot write, answers already there written with other settings (another model,
+    dtype, length limit, suffix, seed) or for other questions. Generation checks the same again
+    with the loaded model's own settings."""
+    import torch
+
+    check_can_write(out_dir)
+    model_settings: dict = {}
+    for cond in conditions:
+        path = answers_path(out_dir, cond, shard)
+        if path.exists():
+            check_can_write(path)
+        existing = read_answers(out_dir, cond)
+        if not existing:
+            continue
+        if not model_settings:  # only with answers to compare: it reads the weights files
+            model_settings = {
+                "max_new_tokens": opts.max_new_tokens,
+                "model_id": model_id_for(model_dir, model),
+                "fingerprint": model_fingerprint_for(model_dir),
+                # The weights dtype the generator will run in (a model passed in keeps its own).
+                "dtype": dtype_name(
+                    model.dtype
+                    if model is not None and processor is not None
+                    else dtype or torch.float32
+                ),
+            }
+        check_same_settings(
+            existing.values(), answer_settings(cond, opts, **model_settings), out_dir
+        )
+        _check_same_questions(samples, existing, opts.closed_suffix, out_dir)
+
+
 def generate_answers(
     generator: VQAGenerator,
     samples: Sequence[VQASample],
@@ -545,18 +636,14 @@ def generate_answers(
     if condition != "image" and condition not in ABLATIONS:
         raise InputError(condition, "unknown ablation", f"choose from {', '.join(ABLATIONS)}")
     out_dir = Path(out_dir)
-    meta_base = {
-        "condition": condition,
-        "closed_suffix": opts.closed_suffix,
-        "max_new_tokens": generator.max_new_tokens,
-        "model_id": generator.model_id,
-        "model": generator.model_fingerprint,
-        "decoding": "greedy",
-    }
-    if condition in ("noise", "shuffle"):  # their images depend on the seed
-        meta_base["seed"] = opts.seed
-    if getattr(generator, "dtype", None) is not None:  # bf16's greedy answers are not fp32's
-        meta_base["dtype"] = generator.dtype
+    meta_base = answer_settings(
+        condition,
+        opts,
+        max_new_tokens=generator.max_new_tokens,
+        model_id=generator.model_id,
+        fingerprint=generator.model_fingerprint,
+        dtype=getattr(generator, "dtype", None),
+    )
     path = answers_path(out_dir, condition, shard)
     # Opened (which cuts a torn last line off) before reading: a record killed between its
     # closing brace and its newline parses, so it would be counted as answered here and then
@@ -679,6 +766,17 @@ def run_vqa_eval(
     opts = RunOptions(batch_size, max_new_tokens, closed_suffix, seed, n_resamples, backend)
     shuffle = shuffle_map(samples, seed) if "shuffle" in ablations else None
     chosen = select(samples, limit, shard_t)
+    check_before_loading(
+        model_dir,
+        chosen,
+        out_dir,
+        ["image", *ablations],
+        opts,
+        shard_t,
+        model=model,
+        processor=processor,
+        dtype=dtype,
+    )
     gen = VQAGenerator(
         model_dir,
         model=model,
