@@ -95,6 +95,29 @@ class DataSource:
     of its own single-turn prompt, so it cannot read its answer off another question's
     (``llavamed.train.shared_prefix``). Several times cheaper per epoch than single-turn."""
 
+    def validate(self, where: str) -> None:
+        """This source's own rules; ``where`` names it in errors (``data.sources[0]``)."""
+        if self.format not in ("llava_json", "vqa"):
+            raise ConfigError(f"{where}.format={self.format!r}: choose llava_json or vqa")
+        if not self.path:
+            raise ConfigError(f"{where}.path: required")
+        if self.format == "vqa":
+            from llavamed.eval.vqa_data import DATASETS
+
+            if self.dataset not in DATASETS:
+                raise ConfigError(
+                    f"{where}.dataset={self.dataset!r}: choose from {', '.join(DATASETS)}"
+                )
+        if self.repeat < 1:
+            raise ConfigError(f"{where}.repeat must be >= 1")
+        if self.max_samples is not None and self.max_samples < 1:
+            raise ConfigError(f"{where}.max_samples must be >= 1 (or null for all)")
+        if self.group_by_image and self.format != "vqa":
+            raise ConfigError(
+                f"{where}.group_by_image packs a VQA set's questions per image; a "
+                f"{self.format} source has nothing to pack (set it on a format: vqa source)"
+            )
+
 
 @dataclass
 class DataConfig:
@@ -115,6 +138,19 @@ class DataConfig:
     cutting them into global batches; larger = less padding, less randomness."""
     num_workers: int = 0
     """DataLoader worker processes that decode images (0 = in the training process)."""
+
+    def validate(self) -> None:
+        """The data section's own rules, each source's first."""
+        if not self.sources:
+            raise ConfigError("data: no sources (set data.path or data.sources)")
+        for i, s in enumerate(self.sources):
+            s.validate(f"data.sources[{i}]")
+        if self.batching not in ("length_grouped", "random"):
+            raise ConfigError(f"data.batching={self.batching!r}: choose length_grouped or random")
+        if self.max_length < 8:
+            raise ConfigError("data.max_length must be >= 8")
+        if self.num_workers < 0 or self.group_megabatch < 1:
+            raise ConfigError("data.num_workers must be >= 0 and data.group_megabatch >= 1")
 
 
 @dataclass
@@ -142,6 +178,22 @@ class LoraConfig:
     """LM linear layers that get adapters (names inside the language model only)."""
     quantize: str | None = None
     """``4bit`` or ``8bit`` for QLoRA (bitsandbytes; CUDA only), or null."""
+
+    def validate(self, parts: list[str]) -> None:
+        """``train.lora``'s rules. ``parts`` is :meth:`TrainConfig.trainable_parts` (the adapters
+        train the LM, so it must be one of them)."""
+        if self.quantize not in (None, "4bit", "8bit"):
+            raise ConfigError(f"train.lora.quantize={self.quantize!r}: choose 4bit, 8bit or null")
+        if "lm" not in parts:
+            raise ConfigError(
+                "train.lora needs 'lm' in train.trainable (the adapters train the LM)"
+            )
+        if self.r < 1:
+            raise ConfigError("train.lora.r must be >= 1")
+        if self.alpha <= 0:
+            raise ConfigError("train.lora.alpha must be > 0")
+        if not 0 <= self.dropout < 1:
+            raise ConfigError("train.lora.dropout must be in [0, 1)")
 
 
 @dataclass
@@ -206,6 +258,89 @@ class TrainSection:
     lora: LoraConfig | None = None
     """LoRA/QLoRA on the LM (null = full fine-tuning of the parts listed in ``trainable``)."""
 
+    def validate(self, parts: list[str]) -> None:
+        """The train section's own rules, but for ``epochs`` and ``lora``, which
+        :meth:`TrainConfig.validate` checks after the 4-D mask rule. ``parts`` is
+        :meth:`TrainConfig.trainable_parts`: ``trainable``, or the stage's default when it is
+        null (the stage is the one thing outside this section that these rules read)."""
+        if self.trainable is not None and not self.trainable:
+            # An empty list is falsy: it used to fall back to the stage's default parts silently.
+            raise ConfigError(
+                "train.trainable: empty; list the parts to train (projector, lm, vision), or "
+                "null for the stage's default"
+            )
+        for p in parts:
+            if p not in TRAINABLE_PARTS:
+                raise ConfigError(
+                    f"train.trainable: unknown part {p!r} (choose from {', '.join(TRAINABLE_PARTS)})"
+                )
+        if self.global_batch_size < 1 or self.micro_batch_size < 1:
+            raise ConfigError("train.global_batch_size and train.micro_batch_size must be >= 1")
+        if self.global_batch_size % self.micro_batch_size:
+            raise ConfigError(
+                f"train.global_batch_size={self.global_batch_size} is not a multiple of "
+                f"train.micro_batch_size={self.micro_batch_size}"
+            )
+        if self.lr_scheduler not in ("cosine", "linear", "constant"):
+            raise ConfigError(
+                f"train.lr_scheduler={self.lr_scheduler!r}: choose cosine, linear or constant"
+            )
+        check_precision(self.precision, "train.precision")
+        if self.attn_implementation not in ("sdpa", "eager", "flash_attention_2"):
+            raise ConfigError(
+                f"train.attn_implementation={self.attn_implementation!r}: choose sdpa, eager or flash_attention_2"
+            )
+        if not 0 <= self.warmup_ratio < 1:
+            raise ConfigError("train.warmup_ratio must be in [0, 1)")
+        if self.max_steps is not None and self.max_steps < 1:
+            raise ConfigError("train.max_steps must be >= 1 (or null to use train.epochs)")
+        if not self.weight_decay >= 0 or not self.max_grad_norm >= 0:
+            raise ConfigError("train.weight_decay and train.max_grad_norm must be >= 0")
+        if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
+            raise ConfigError(f"train.betas={self.betas!r}: two numbers in [0, 1)")
+        for name in ("lr", "lr_projector", "lr_vision"):
+            v = getattr(self, name)
+            if v is not None and not v > 0:
+                raise ConfigError(f"train.{name}={v!r}: must be > 0")
+        if not 0 <= self.seed < 2**32:
+            # As every llavamed --seed: a larger one passed here and failed after the model had
+            # loaded and the data tokenized (the data loader's seed overflowed torch's).
+            raise ConfigError(f"train.seed={self.seed}: must be in 0 .. 2**32-1")
+        if self.frozen_lm_layers < 0:
+            raise ConfigError("train.frozen_lm_layers must be >= 0")
+        if self.frozen_lm_layers and "lm" not in parts:
+            raise ConfigError(
+                "train.frozen_lm_layers: the LM is not in train.trainable, so it is frozen whole"
+            )
+        if self.frozen_lm_layers and self.lora is not None:
+            raise ConfigError("train.frozen_lm_layers and train.lora: choose one")
+        if self.freeze_from_epoch < 0:
+            raise ConfigError("train.freeze_from_epoch must be >= 0")
+        if self.freeze_from_epoch and not self.frozen_lm_layers:
+            raise ConfigError(
+                "train.freeze_from_epoch needs train.frozen_lm_layers > 0 (the layers to freeze)"
+            )
+        if self.freeze_from_epoch and not self.max_steps and self.freeze_from_epoch >= self.epochs:
+            raise ConfigError(
+                f"train.freeze_from_epoch={self.freeze_from_epoch}: the run has only "
+                f"{self.epochs:g} epochs, so nothing would ever freeze"
+            )
+        if self.cache_frozen_layers:
+            # With freeze_from_epoch, everything below the LM freezes when the cache starts.
+            below = [
+                p for p in ("projector", "vision") if p in parts and not self.freeze_from_epoch
+            ]
+            if not self.frozen_lm_layers or below:
+                raise ConfigError(
+                    "train.cache_frozen_layers needs train.frozen_lm_layers > 0 and nothing "
+                    "below the LM training"
+                    + (f" (train.trainable has {', '.join(below)})" if below else "")
+                )
+            if self.gradient_checkpointing:
+                raise ConfigError(
+                    "train.cache_frozen_layers and train.gradient_checkpointing: choose one"
+                )
+
 
 @dataclass
 class OutputConfig:
@@ -224,6 +359,18 @@ class OutputConfig:
     """Append a metrics.jsonl record every N steps."""
     tensorboard: bool = False
     """Also log to TensorBoard under ``OUT/tensorboard`` (needs the tensorboard package)."""
+
+    def validate(self) -> None:
+        if (
+            self.save_every < 0
+            or self.save_every_minutes < 0
+            or self.keep_last < 1
+            or self.log_every < 1
+        ):
+            raise ConfigError(
+                "output.save_every and output.save_every_minutes must be >= 0, "
+                "output.keep_last and output.log_every >= 1"
+            )
 
 
 @dataclass
@@ -247,6 +394,12 @@ class DistributedConfig:
     zero), so every trained parameter gets a gradient on every process."""
     timeout_minutes: float = 30.0
     """Collective timeout."""
+
+    def validate(self) -> None:
+        if self.engine not in ("ddp", "fsdp", "deepspeed"):
+            raise ConfigError(f"distributed.engine={self.engine!r}: choose ddp, fsdp or deepspeed")
+        if self.timeout_minutes <= 0:
+            raise ConfigError("distributed.timeout_minutes must be > 0")
 
 
 @dataclass
@@ -287,6 +440,10 @@ class TrainConfig:
         return list(self.train.trainable or STAGE_TRAINABLE[self.stage])
 
     def validate(self) -> None:
+        """The stage, ``model.init``/``model.from`` and the rules that span sections; each section
+        checks its own fields (:meth:`DataConfig.validate`, :meth:`TrainSection.validate`, ...).
+        Checks run in the order they had when this method held them all, so a config broken in
+        several ways reports the same first error."""
         if self.stage not in STAGES:
             raise ConfigError(f"stage={self.stage!r}: {_STAGE_CHOICES}")
         m = self.model
@@ -319,128 +476,24 @@ class TrainConfig:
                 spec.validate()
             except (InputError, ConfigError) as exc:
                 raise ConfigError(f"model.init: {exc}") from exc
-        if not self.data.sources:
-            raise ConfigError("data: no sources (set data.path or data.sources)")
-        for i, s in enumerate(self.data.sources):
-            where = f"data.sources[{i}]"
-            if s.format not in ("llava_json", "vqa"):
-                raise ConfigError(f"{where}.format={s.format!r}: choose llava_json or vqa")
-            if not s.path:
-                raise ConfigError(f"{where}.path: required")
-            if s.format == "vqa":
-                from llavamed.eval.vqa_data import DATASETS
-
-                if s.dataset not in DATASETS:
-                    raise ConfigError(
-                        f"{where}.dataset={s.dataset!r}: choose from {', '.join(DATASETS)}"
-                    )
-            if s.repeat < 1:
-                raise ConfigError(f"{where}.repeat must be >= 1")
-            if s.max_samples is not None and s.max_samples < 1:
-                raise ConfigError(f"{where}.max_samples must be >= 1 (or null for all)")
-            if s.group_by_image and s.format != "vqa":
-                raise ConfigError(
-                    f"{where}.group_by_image packs a VQA set's questions per image; a "
-                    f"{s.format} source has nothing to pack (set it on a format: vqa source)"
-                )
-        d = self.data
-        if d.batching not in ("length_grouped", "random"):
-            raise ConfigError(f"data.batching={d.batching!r}: choose length_grouped or random")
-        if d.max_length < 8:
-            raise ConfigError("data.max_length must be >= 8")
-        if d.num_workers < 0 or d.group_megabatch < 1:
-            raise ConfigError("data.num_workers must be >= 0 and data.group_megabatch >= 1")
+        self.data.validate()
         from llavamed.model.templates import TEMPLATES
 
         if m.template is not None and m.template not in TEMPLATES:
             raise ConfigError(f"model.template={m.template!r}: choose from {', '.join(TEMPLATES)}")
+        # --- rules that span sections ---
+        # The train section's rules read the stage for train.trainable's default.
+        parts = self.trainable_parts()
+        self.train.validate(parts)
         t = self.train
-        if t.trainable is not None and not t.trainable:
-            # An empty list is falsy: it used to fall back to the stage's default parts silently.
-            raise ConfigError(
-                "train.trainable: empty; list the parts to train (projector, lm, vision), or "
-                "null for the stage's default"
-            )
-        for p in self.trainable_parts():
-            if p not in TRAINABLE_PARTS:
-                raise ConfigError(
-                    f"train.trainable: unknown part {p!r} (choose from {', '.join(TRAINABLE_PARTS)})"
-                )
-        if t.global_batch_size < 1 or t.micro_batch_size < 1:
-            raise ConfigError("train.global_batch_size and train.micro_batch_size must be >= 1")
-        if t.global_batch_size % t.micro_batch_size:
-            raise ConfigError(
-                f"train.global_batch_size={t.global_batch_size} is not a multiple of "
-                f"train.micro_batch_size={t.micro_batch_size}"
-            )
-        if t.lr_scheduler not in ("cosine", "linear", "constant"):
-            raise ConfigError(
-                f"train.lr_scheduler={t.lr_scheduler!r}: choose cosine, linear or constant"
-            )
-        check_precision(t.precision, "train.precision")
-        if t.attn_implementation not in ("sdpa", "eager", "flash_attention_2"):
-            raise ConfigError(
-                f"train.attn_implementation={t.attn_implementation!r}: choose sdpa, eager or flash_attention_2"
-            )
-        if not 0 <= t.warmup_ratio < 1:
-            raise ConfigError("train.warmup_ratio must be in [0, 1)")
-        if t.max_steps is not None and t.max_steps < 1:
-            raise ConfigError("train.max_steps must be >= 1 (or null to use train.epochs)")
-        if not t.weight_decay >= 0 or not t.max_grad_norm >= 0:
-            raise ConfigError("train.weight_decay and train.max_grad_norm must be >= 0")
-        if len(t.betas) != 2 or not all(0 <= b < 1 for b in t.betas):
-            raise ConfigError(f"train.betas={t.betas!r}: two numbers in [0, 1)")
-        for name in ("lr", "lr_projector", "lr_vision"):
-            v = getattr(t, name)
-            if v is not None and not v > 0:
-                raise ConfigError(f"train.{name}={v!r}: must be > 0")
-        if not 0 <= t.seed < 2**32:
-            # As every llavamed --seed: a larger one passed here and failed after the model had
-            # loaded and the data tokenized (the data loader's seed overflowed torch's).
-            raise ConfigError(f"train.seed={t.seed}: must be in 0 .. 2**32-1")
-        if t.frozen_lm_layers < 0:
-            raise ConfigError("train.frozen_lm_layers must be >= 0")
-        if t.frozen_lm_layers and "lm" not in self.trainable_parts():
-            raise ConfigError(
-                "train.frozen_lm_layers: the LM is not in train.trainable, so it is frozen whole"
-            )
-        if t.frozen_lm_layers and t.lora is not None:
-            raise ConfigError("train.frozen_lm_layers and train.lora: choose one")
-        if t.freeze_from_epoch < 0:
-            raise ConfigError("train.freeze_from_epoch must be >= 0")
-        if t.freeze_from_epoch and not t.frozen_lm_layers:
-            raise ConfigError(
-                "train.freeze_from_epoch needs train.frozen_lm_layers > 0 (the layers to freeze)"
-            )
-        if t.freeze_from_epoch and not t.max_steps and t.freeze_from_epoch >= t.epochs:
-            raise ConfigError(
-                f"train.freeze_from_epoch={t.freeze_from_epoch}: the run has only "
-                f"{t.epochs:g} epochs, so nothing would ever freeze"
-            )
-        if t.cache_frozen_layers:
-            # With freeze_from_epoch, everything below the LM freezes when the cache starts.
-            below = [
-                p
-                for p in ("projector", "vision")
-                if p in self.trainable_parts() and not t.freeze_from_epoch
-            ]
-            if not t.frozen_lm_layers or below:
-                raise ConfigError(
-                    "train.cache_frozen_layers needs train.frozen_lm_layers > 0 and nothing "
-                    "below the LM training"
-                    + (f" (train.trainable has {', '.join(below)})" if below else "")
-                )
-            if t.gradient_checkpointing:
-                raise ConfigError(
-                    "train.cache_frozen_layers and train.gradient_checkpointing: choose one"
-                )
-        # Both run the decoder with a custom 4-D mask, which flash attention does not take; said
-        # here, not at the first step after the model has loaded and the data tokenized.
+        # Data and train: both run the decoder with a custom 4-D mask, which flash attention does
+        # not take; said here, not at the first step after the model has loaded and the data
+        # tokenized.
         four_d = [
             name
             for name, on in (
                 ("train.cache_frozen_layers", t.cache_frozen_layers),
-                ("data.sources[].group_by_image", any(s.group_by_image for s in d.sources)),
+                ("data.sources[].group_by_image", any(s.group_by_image for s in self.data.sources)),
             )
             if on
         ]
@@ -449,35 +502,14 @@ class TrainConfig:
                 f"{' and '.join(four_d)} need a 4-D attention mask: use "
                 "train.attn_implementation=sdpa or eager"
             )
+        # Train-section rules that always ran after the 4-D mask rule (a config broken both ways
+        # reports the mask first).
         if t.epochs <= 0 and not t.max_steps:
             raise ConfigError("train.epochs must be > 0 (or set train.max_steps)")
         if t.lora is not None:
-            if t.lora.quantize not in (None, "4bit", "8bit"):
-                raise ConfigError(
-                    f"train.lora.quantize={t.lora.quantize!r}: choose 4bit, 8bit or null"
-                )
-            if "lm" not in self.trainable_parts():
-                raise ConfigError(
-                    "train.lora needs 'lm' in train.trainable (the adapters train the LM)"
-                )
-            if t.lora.r < 1:
-                raise ConfigError("train.lora.r must be >= 1")
-            if t.lora.alpha <= 0:
-                raise ConfigError("train.lora.alpha must be > 0")
-            if not 0 <= t.lora.dropout < 1:
-                raise ConfigError("train.lora.dropout must be in [0, 1)")
-        if self.distributed.engine not in ("ddp", "fsdp", "deepspeed"):
-            raise ConfigError(
-                f"distributed.engine={self.distributed.engine!r}: choose ddp, fsdp or deepspeed"
-            )
-        o = self.output
-        if self.distributed.timeout_minutes <= 0:
-            raise ConfigError("distributed.timeout_minutes must be > 0")
-        if o.save_every < 0 or o.save_every_minutes < 0 or o.keep_last < 1 or o.log_every < 1:
-            raise ConfigError(
-                "output.save_every and output.save_every_minutes must be >= 0, "
-                "output.keep_last and output.log_every >= 1"
-            )
+            t.lora.validate(parts)
+        self.distributed.validate()
+        self.output.validate()
 
 
 # --- generic dataclass <-> dict ------------------------------------------------------------------
