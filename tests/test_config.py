@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -346,3 +347,30 @@ def test_4d_mask_options_and_grouping_are_checked_before_anything_loads():
     # on a conversation source it packed nothing, silently
     with pytest.raises(ConfigError, match="a llava_json source has nothing to pack"):
         load_config(BASE, ["data.group_by_image=true"])
+
+
+def test_build_config_is_the_sequence_stage_0b_builds_its_config_by(tmp_path, monkeypatch):
+    """config.build_config (overrides, typing, paths, validate) builds any stage's config: stage
+    0b's own loader and it agree, on a good config and on a broken override."""
+    import dataclasses
+
+    from llavamed.config import build_config
+    from llavamed.train import vision_vqa
+
+    monkeypatch.chdir(tmp_path)
+    raw = yaml.safe_load((ROOT / "configs/cpu/stage0b_vision_vqa.yaml").read_text())
+    overrides = ["steps=7", "output_dir=~/stage0b", "sources.1.path=vqa"]
+
+    def build(ovs):
+        return build_config(
+            vision_vqa.VisionVQAConfig, raw, ovs, resolve_paths=vision_vqa._resolve_paths
+        )
+
+    ours = build(overrides)
+    assert dataclasses.asdict(ours) == dataclasses.asdict(vision_vqa.make_config(raw, overrides))
+    assert ours.steps == 7 and ours.sources[1].path == str(tmp_path / "vqa")
+    for bad in (["steps=x"], ["stepz=1"], ["steps=0"]):
+        with pytest.raises(ConfigError) as theirs:
+            vision_vqa.make_config(raw, bad)
+        with pytest.raises(ConfigError, match=f"^{re.escape(str(theirs.value))}$"):
+            build(bad)

@@ -813,6 +813,9 @@ def _resolve_paths(cfg: TrainConfig) -> None:
         # ``~`` too: the shell leaves it alone in ``output.dir=~/runs/x`` (not an assignment),
         # and a folder named ``~`` appeared in the current directory.
         p = os.path.expanduser(p)
+        # An absolute path stays as typed, symlinks and all (stage 0 and 0b resolve theirs):
+        # a resume compares the saved config's paths as strings, and for moved data it offers
+        # a symlink at the old path, which resolving would turn into the new place and refuse.
         return p if os.path.isabs(p) else str(Path(p).resolve())
 
     if cfg.model.from_ is not None:
@@ -838,9 +841,29 @@ def _resolve_paths(cfg: TrainConfig) -> None:
     cfg.output.dir = res(cfg.output.dir) or cfg.output.dir
 
 
-def config_from_dict(raw: dict) -> TrainConfig:
-    """Validate a raw dict (overrides already applied). Relative paths resolve against the
-    current directory, like every other llavamed command."""
+def build_config(
+    cls: type[Any],
+    raw: dict,
+    overrides: typing.Iterable[str] = (),
+    *,
+    resolve_paths: typing.Callable[[Any], None],
+    normalise: typing.Callable[[dict], dict] | None = None,
+) -> Any:
+    """A validated ``cls`` from a raw config dict, by the steps every training config takes:
+    the ``key=value`` overrides, then ``normalise`` (the raw dict's shorthands, and the checks
+    that must come before the keys are typed), :func:`from_dict`, ``resolve_paths`` (the paths
+    made absolute, as they are saved and compared on resume), and ``cls.validate()``."""
+    data = apply_overrides(raw, overrides)
+    if normalise is not None:
+        data = normalise(data)
+    cfg = from_dict(cls, data)
+    resolve_paths(cfg)
+    cfg.validate()
+    return cfg
+
+
+def _train_raw(raw: dict) -> dict:
+    """A LLaVA-stage raw config with its shorthands expanded and its stage checked."""
     raw = _normalise(raw)
     stage = raw.get("stage")
     if stage in TOWER_STAGES:
@@ -852,24 +875,23 @@ def config_from_dict(raw: dict) -> TrainConfig:
         # Before the keys: a stage-0b config with `stage: vision-vqa` was told its `sources`
         # were an unknown key of a LLaVA config, not that the stage was misspelt.
         raise ConfigError(f"stage={stage!r}: {_STAGE_CHOICES}")
-    cfg = from_dict(TrainConfig, raw)
-    _resolve_paths(cfg)
-    cfg.validate()
-    return cfg
+    return raw
 
 
 def load_config(
     config: str | os.PathLike | dict | TrainConfig, overrides: typing.Iterable[str] = ()
 ) -> TrainConfig:
-    """A validated :class:`TrainConfig` from a YAML path, a raw dict or a config object."""
-    overrides = list(overrides)
+    """A validated :class:`TrainConfig` from a YAML path, a raw dict or a config object.
+    Relative paths resolve against the current directory, like every other llavamed command."""
     if isinstance(config, TrainConfig):
         raw = to_dict(config)
     elif isinstance(config, dict):
         raw = config
     else:
         raw = load_raw(config)
-    return config_from_dict(apply_overrides(raw, overrides))
+    return build_config(
+        TrainConfig, raw, overrides, resolve_paths=_resolve_paths, normalise=_train_raw
+    )
 
 
 def dump_yaml(cfg: TrainConfig) -> str:
