@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from llavamed.quickstart import Pipeline, QuickstartOptions, build_report
+from llavamed.quickstart import Pipeline, QuickstartOptions, Stage, build_report
 
 
 def test_a_moved_output_folder_reports_its_own_paths_not_the_old_folders(tmp_path):
@@ -303,7 +303,7 @@ def test_a_retry_that_changes_nothing_its_readers_read_keeps_them_finished(tmp_p
 
     stages = [
         ("world", "world", stage("world"), {}),
-        ("instruct", "instruct", instruct, {}, ("world",)),
+        Stage("instruct", "instruct", instruct, {}, ("world",), product="instruct/instruct.json"),
         ("tower", "tower", stage("tower"), {}, ("world",)),
         ("lm", "lm", stage("lm"), {}, ("instruct", "tower")),
         ("ev", "ev", stage("ev"), {}, ("lm",)),
@@ -311,7 +311,7 @@ def test_a_retry_that_changes_nothing_its_readers_read_keeps_them_finished(tmp_p
 
     def run():
         calls.clear()
-        return Pipeline(opts, stages, products={"instruct": "instruct/instruct.json"}).run()
+        return Pipeline(opts, stages).run()
 
     run()
     assert calls == ["world", "instruct", "tower", "lm", "ev"]

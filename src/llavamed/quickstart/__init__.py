@@ -14,7 +14,7 @@ killed run resumes inside the interrupted stage (each stage's own tool resumes f
 state), and its seconds before the kill count in the stage's wall time. A stage whose settings
 changed, or whose output files were deleted or edited, starts over in a clean folder, and so does
 every stage that reads one that ran again (unless that one only retried an incomplete run and left
-the file its readers read unchanged: ``Pipeline(products=...)``). The MedSynth stage's settings include the generator
+the file its readers read unchanged: ``Stage.product``). The MedSynth stage's settings include the generator
 version, so a new renderer redoes everything.
 """
 
@@ -22,6 +22,7 @@ from llavamed.quickstart.configs import training_configs
 from llavamed.quickstart.pipeline import (
     STATE_FILE,
     Pipeline,
+    Stage,
     StageError,
     StageResult,
     remaining_seconds,
@@ -36,6 +37,7 @@ __all__ = [
     "Pipeline",
     "QuickstartOptions",
     "SizePreset",
+    "Stage",
     "StageError",
     "StageResult",
     "build_report",

@@ -8,9 +8,10 @@ import os
 import shutil
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from llavamed.errors import ConfigError, InputError, LlavamedError
 from llavamed.quickstart.presets import QuickstartOptions
@@ -206,41 +207,52 @@ class StageOutputs:
             self.dirty = False
 
 
+class Stage(NamedTuple):
+    """One pipeline stage (a plain tuple in this order works too)."""
+
+    name: str
+    folder: str | None
+    """The folder (or the one file) it writes, relative to the output folder; None: nothing."""
+    run: Callable[[], dict | None]
+    """Does the work; returns what the report shows of it (``incomplete: True`` retries it)."""
+    settings: dict
+    """What its output depends on besides the stages it reads: part of its key."""
+    needs: tuple[str, ...] | None = None
+    """The earlier stages whose output it reads (None: the stage before it)."""
+    product: str | None = None
+    """The one file (relative to the output folder) its readers read. A stage that runs again
+    only to retry an incomplete run (self-instruct's failed requests) and leaves that file as it
+    was does not redo its readers: a local server that keeps failing the same figures would
+    otherwise redo stage 2 onwards on every run."""
+
+
 class Pipeline:
     """Runs named stages in order with keyed skip/resume and a total progress bar whose ETA comes
     from reference stage times (``expected_s``), rescaled as stages finish.
 
-    A stage is ``(name, path, fn, settings)`` or ``(name, path, fn, settings, needs)``:
-    ``path`` is the folder (or the one file) it writes under the output folder, or None.
-    ``needs`` names the earlier stages whose output it reads (default: the stage before it). Its
-    key hashes its settings and those stages' keys, and it starts over, in a clean folder, when
-    one of them runs in this invocation. A stage that reads nothing of another is not redone
-    when that one is. A finished stage whose output files were deleted or changed since it
-    finished starts over too, with every stage that reads it."""
+    A stage's key hashes its settings and the keys of the stages it reads (``Stage.needs``), and
+    it starts over, in a clean folder, when one of them runs in this invocation. A stage that
+    reads nothing of another is not redone when that one is. A finished stage whose output files
+    were deleted or changed since it finished starts over too, with every stage that reads it."""
 
     def __init__(
         self,
         opts: QuickstartOptions,
-        stages: list[tuple],
+        stages: list[Stage | tuple],
         expected_s: dict[str, float] | None = None,
-        products: dict[str, str] | None = None,
     ):
         self.opts = opts
-        # Stage -> the one file (relative to --out) its readers read. A stage that runs again
-        # only to retry an incomplete run (self-instruct's failed requests) and leaves that file
-        # as it was does not redo its readers: a local server that keeps failing the same
-        # figures would otherwise redo stage 2 onwards on every run.
-        self.products = dict(products or {})
         self.out = Path(opts.out)
-        names = [s[0] for s in stages]
+        self.stages = [Stage(*s) for s in stages]
+        names = [s.name for s in self.stages]
         self.needs: dict[str, tuple[str, ...]] = {}
-        for i, stage in enumerate(stages):
-            needs = stage[4] if len(stage) > 4 else tuple(names[i - 1 : i])
+        for i, stage in enumerate(self.stages):
+            needs = tuple(names[i - 1 : i]) if stage.needs is None else stage.needs
             unknown = [n for n in needs if n not in names[:i]]
             if unknown:
-                raise ValueError(f"stage {stage[0]} needs {unknown}, which do not run before it")
-            self.needs[stage[0]] = tuple(needs)
-        self.stages = [s[:4] for s in stages]
+                raise ValueError(f"stage {stage.name} needs {unknown}, which do not run before it")
+            self.needs[stage.name] = tuple(needs)
+        self.products = {s.name: s.product for s in self.stages if s.product}
         self.expected_s = dict(expected_s or {})
         self.finished: list[tuple[str, float]] = []
         self.state_path = self.out / STATE_FILE
@@ -268,7 +280,7 @@ class Pipeline:
         self.state["out"] = str(self.out)
 
     def _paths(self) -> dict[str, Path]:
-        return {name: self.out / folder for name, folder, _, _ in self.stages if folder}
+        return {s.name: self.out / s.folder for s in self.stages if s.folder}
 
     def _skip(self, name: str, paths: dict[str, Path]) -> set[Path]:
         """Other stages' paths inside stage ``name``'s (corpus/ holds corpus/instruct/)."""
@@ -315,7 +327,7 @@ class Pipeline:
         self.retry_only: set[str] = set()
         paths = self._paths()
         started = self.state.get("started", {})
-        for name, folder, _fn, settings in self.stages:
+        for name, folder, _run, settings, *_ in self.stages:
             needs = self.needs[name]
             key = _key(name, _portable(settings, self.out), "|".join(keys[n] for n in needs))
             keys[name] = key
@@ -378,7 +390,7 @@ class Pipeline:
             leave=True,
             bar_format="{desc}{n}/{total} stages |{bar}| {elapsed} elapsed{postfix}",
         )
-        names = [s[0] for s in self.stages]
+        names = [s.name for s in self.stages]
         heartbeat = self.out / HEARTBEAT_FILE
         stop = threading.Event()
 
@@ -392,7 +404,7 @@ class Pipeline:
         beater = threading.Thread(target=beat, name="quickstart-heartbeat", daemon=True)
         beater.start()
         try:
-            for i, (name, folder, fn, _settings) in enumerate(self.stages):
+            for i, (name, folder, fn, *_) in enumerate(self.stages):
                 key = keys[name]
                 stage_dir = self.out / folder if folder else None
                 bar.set_description(f"quickstart [{name}]")

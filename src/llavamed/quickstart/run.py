@@ -5,13 +5,20 @@ from __future__ import annotations
 import dataclasses
 import sys
 import time
-from collections.abc import Callable
+from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 from llavamed.errors import ConfigError, InputError, LlavamedError
 from llavamed.quickstart.configs import training_configs
-from llavamed.quickstart.pipeline import HEARTBEAT_FILE, OUTPUTS_FILE, STATE_FILE, Pipeline
-from llavamed.quickstart.presets import EVAL_DATASET, STAGE0B_ASPECT, QuickstartOptions
+from llavamed.quickstart.pipeline import (
+    HEARTBEAT_FILE,
+    OUTPUTS_FILE,
+    STATE_FILE,
+    Pipeline,
+    Stage,
+)
+from llavamed.quickstart.presets import EVAL_DATASET, STAGE0B_ASPECT, QuickstartOptions, SizePreset
 from llavamed.quickstart.report import _headline, build_report
 from llavamed.utils.io import atomic_write_json, exclusive_lock
 
@@ -38,29 +45,33 @@ def _check_out_is_ours(out: Path) -> None:
         )
 
 
-def run_quickstart(opts: QuickstartOptions) -> dict:
+def _check_given_tower(opts: QuickstartOptions, out: Path) -> tuple[Path | None, str | None]:
+    """``--vision``'s tower folder and fingerprint (None, None without one), refused before any
+    work when it cannot serve."""
     from llavamed.train.vision_pretrain import tower_fingerprint
 
-    p = opts.preset()
     given_tower = opts.check_vision()
-    out = Path(opts.out).expanduser().resolve()  # `--out=~/x` made a folder named ~
-    if given_tower is not None and given_tower.resolve().is_relative_to(out):
+    if given_tower is None:
+        return None, None
+    if given_tower.resolve().is_relative_to(out):
         # A stage that starts over empties its folder, which would take the given tower with it.
         raise ConfigError(
             f"--vision {opts.vision}: the tower lies inside --out {out}, whose stage folders a "
             "re-run may empty; copy it elsewhere (or use another --out) and give that path"
         )
-    if given_tower is not None:
-        # Loaded now, not at stage 0b: a folder that is no tower (a LLaVA checkpoint has a
-        # config.json too) failed there, after self-instruct (18 minutes of medium), with advice
-        # to delete stage0b/.
-        from llavamed.train.vision_pretrain import load_tower
+    # Loaded now, not at stage 0b: a folder that is no tower (a LLaVA checkpoint has a
+    # config.json too) failed there, after self-instruct (18 minutes of medium), with advice
+    # to delete stage0b/.
+    from llavamed.train.vision_pretrain import load_tower
 
-        try:
-            load_tower(str(given_tower))
-        except InputError as exc:
-            raise ConfigError(f"--vision {opts.vision}: {exc}") from exc
-    given_fp = tower_fingerprint(given_tower) if given_tower else None
+    try:
+        load_tower(str(given_tower))
+    except InputError as exc:
+        raise ConfigError(f"--vision {opts.vision}: {exc}") from exc
+    return given_tower, tower_fingerprint(given_tower)
+
+
+def _make_out(opts: QuickstartOptions, out: Path) -> None:
     try:
         _check_out_is_ours(out)
         out.mkdir(parents=True, exist_ok=True)
@@ -69,48 +80,87 @@ def run_quickstart(opts: QuickstartOptions) -> dict:
             f"--out {opts.out}: cannot use it as the output folder "
             f"({exc.strerror or type(exc).__name__}); give a folder path you can write to"
         ) from exc
+
+
+def run_quickstart(opts: QuickstartOptions) -> dict:
+    p = opts.preset()
+    out = Path(opts.out).expanduser().resolve()  # `--out=~/x` made a folder named ~
+    given_tower, given_fp = _check_given_tower(opts, out)
+    _make_out(opts, out)
     opts.out = out
-    world, corpus = out / "world", out / "corpus"
-    seed = opts.seed
-    fields = dataclasses.asdict(p)
-    from llavamed.data.synth.world import GENERATOR_VERSION
+    stages = QuickstartStages(opts, p, out, given_tower, given_fp).table()
+    t0 = time.time()
+    # Two runs on one --out would run the same stage into the same folder (and one's restart
+    # would empty the other's live folder).
+    with exclusive_lock(out / LOCK_FILE, "another `llavamed quickstart` run"):
+        results = Pipeline(opts, stages, expected_s=p.stage_seconds).run()
+        report = build_report(opts, results, time.time() - t0)
+    return report
 
-    cfgs = training_configs(p, out, seed, given_tower)
 
-    def synth() -> dict:
+@dataclass
+class QuickstartStages:
+    """What each stage does on one preset and output folder (a method a stage, returning what
+    the report shows of it), and ``table``, which wires them: each stage's folder, the settings
+    in its key and the stages whose output it reads."""
+
+    opts: QuickstartOptions
+    p: SizePreset
+    out: Path
+    given_tower: Path | None = None
+    """``--vision``: stage 0 is skipped and stage 0b starts from this tower."""
+    given_fp: str | None = None
+    world: Path = field(init=False)
+    corpus: Path = field(init=False)
+    cfgs: dict[str, dict] = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.world, self.corpus = self.out / "world", self.out / "corpus"
+        self.cfgs = training_configs(self.p, self.out, self.opts.seed, self.given_tower)
+
+    def synth(self) -> dict:
         from llavamed.data.synth import generate_world
 
+        p = self.p
         m = generate_world(
-            world,
+            self.world,
             articles=p.articles,
-            seed=seed,
+            seed=self.opts.seed,
             image_size=p.image_size,
-            workers=opts.workers,
-            progress=opts.progress,
+            workers=self.opts.workers,
+            progress=self.opts.progress,
             vqa_images=p.vqa_images,
             train_closed=p.train_closed,
         )
         return {"counts": m.get("counts")}
 
-    def ingest() -> dict:
+    def ingest(self) -> dict:
         from llavamed.data.pmc.ingest import ingest as run_ingest
 
-        rep = run_ingest([world / "packages"], corpus, workers=opts.workers, progress=opts.progress)
+        rep = run_ingest(
+            [self.world / "packages"],
+            self.corpus,
+            workers=self.opts.workers,
+            progress=self.opts.progress,
+        )
         return {
             k: rep.get(k) for k in ("figures_written", "skipped", "packages") if k in rep
         } or rep
 
-    def align() -> dict:
+    def align(self) -> dict:
         from llavamed.data.align import build_alignment
         from llavamed.data.figures import iter_figures
 
         samples, skipped = build_alignment(
-            iter_figures(corpus / "figures.jsonl"), image_root=corpus, out_dir=corpus, seed=seed
+            iter_figures(self.corpus / "figures.jsonl"),
+            image_root=self.corpus,
+            out_dir=self.corpus,
+            seed=self.opts.seed,
         )
-        atomic_write_json(corpus / "alignment.json", samples)
+        atomic_write_json(self.corpus / "alignment.json", samples)
         return {"samples": len(samples), "skipped": skipped}
 
-    def instruct() -> dict:
+    def instruct(self) -> dict:
         from llavamed.data.instruct.runner import InstructOptions, run_instruct
         from llavamed.llm.client import ClientOptions
         from llavamed.serve.api import serve_in_background
@@ -123,8 +173,8 @@ def run_quickstart(opts: QuickstartOptions) -> dict:
         try:
             report, rc = run_instruct(
                 InstructOptions(
-                    figures=corpus / "figures.jsonl",
-                    out=corpus / "instruct" / "instruct.json",
+                    figures=self.corpus / "figures.jsonl",
+                    out=self.corpus / "instruct" / "instruct.json",
                     client=ClientOptions(
                         base_url=server.base_url,
                         model="smollm2-135m-instruct",
@@ -132,12 +182,12 @@ def run_quickstart(opts: QuickstartOptions) -> dict:
                         timeout=600.0,
                     ),
                     inline_mentions=True,
-                    max_samples=p.instruct_samples,
+                    max_samples=self.p.instruct_samples,
                     temperature=0.7,
                     max_tokens=256,
-                    seed=seed,
+                    seed=self.opts.seed,
                     few_shot=2,
-                    progress=opts.progress,
+                    progress=self.opts.progress,
                 )
             )
         finally:
@@ -163,36 +213,37 @@ def run_quickstart(opts: QuickstartOptions) -> dict:
             "cache_hits": report["this_run"]["cache_hits"],
         }
 
-    def stage0_pairs() -> dict:
+    def stage0_pairs(self) -> dict:
         from llavamed.data.synth.pairs import write_caption_pairs
 
         path = write_caption_pairs(
-            out / "stage0_pairs",
-            p.stage0_pairs,
-            seed=seed,
-            workers=opts.workers,
-            progress=opts.progress,
+            self.out / "stage0_pairs",
+            self.p.stage0_pairs,
+            seed=self.opts.seed,
+            workers=self.opts.workers,
+            progress=self.opts.progress,
         )
-        return {"pairs": p.stage0_pairs, "figures": str(path)}
+        return {"pairs": self.p.stage0_pairs, "figures": str(path)}
 
-    def stage0() -> dict:
+    def stage0(self) -> dict:
         from tqdm import tqdm
 
         from llavamed.train.vision_pretrain import run_from_config
 
-        res = run_from_config(cfgs["stage0"], [], progress=opts.progress)
+        cfg = self.cfgs["stage0"]
+        res = run_from_config(cfg, [], progress=self.opts.progress)
         info = {"tower": str(res.tower_dir), "report": _small(res.report)}
         if (res.report or {}).get("stopped_early"):
             # The cap is a safety net: cut short, the tower (and every score after it) depends
             # on how busy the machine was, and the run no longer reproduces the documented one.
-            info["stopped_early"] = stage0_cap_note(res.report.get("steps"), cfgs["stage0"])
+            info["stopped_early"] = stage0_cap_note(res.report.get("steps"), cfg)
             tqdm.write(f"[quickstart] stage0_vision: {info['stopped_early']}", file=sys.stderr)
         return info
 
-    def stage0b() -> dict:
+    def stage0b(self) -> dict:
         from llavamed.train.vision_vqa import run_from_config as run_vision_vqa
 
-        res = run_vision_vqa(cfgs["stage0b"], progress=opts.progress)
+        res = run_vision_vqa(self.cfgs["stage0b"], progress=self.opts.progress)
         rep = res.report
         return {
             "tower": str(res.tower_dir),
@@ -201,185 +252,172 @@ def run_quickstart(opts: QuickstartOptions) -> dict:
             "val_n": rep.get("val_n"),
         }
 
-    def train_stage(name: str, cfg: dict) -> Callable[[], dict]:
-        def run() -> dict:
-            from llavamed.train import run_training
+    def train(self, stage: str) -> dict:
+        """Stage 1, stage 2 or fine-tuning: ``llavamed train`` on ``self.cfgs[stage]``."""
+        from llavamed.train import run_training
 
-            res = run_training(cfg, progress=opts.progress)
-            last = res.metrics[-1] if res.metrics else {}
-            return {
-                "checkpoint": str(res.final_checkpoint),
-                "steps": last.get("step"),
-                "final_loss": last.get("loss"),
-                "train_wall_s": round(res.wall_time_s, 1),
-            }
+        res = run_training(self.cfgs[stage], progress=self.opts.progress)
+        last = res.metrics[-1] if res.metrics else {}
+        return {
+            "checkpoint": str(res.final_checkpoint),
+            "steps": last.get("step"),
+            "final_loss": last.get("loss"),
+            "train_wall_s": round(res.wall_time_s, 1),
+        }
 
-        return run
+    def evaluate(self, name: str, trained_by: str, ablate: list[str] | None) -> dict:
+        """The VQA evaluation ``eval/<name>`` of the checkpoint that stage folder
+        ``trained_by`` holds."""
+        from llavamed.eval.report import write_report
+        from llavamed.eval.vqa_data import load_vqa
+        from llavamed.eval.vqa_runner import run_vqa_eval
 
-    stage1_cfg, stage2_cfg, finetune_cfg = cfgs["stage1"], cfgs["stage2"], cfgs["finetune"]
+        samples, load_report = load_vqa(EVAL_DATASET, self.world / "slake", split="test", lang="en")
+        result = run_vqa_eval(
+            self.out / trained_by / "checkpoint-final",
+            samples,
+            self.out / "eval" / name,
+            batch_size=16,
+            ablate=ablate,
+            limit=self.p.eval_limit,
+            max_new_tokens=16,
+            seed=self.opts.seed,
+            progress=self.opts.progress,
+        )
+        write_report(
+            result,
+            self.out / "eval" / name,
+            EVAL_DATASET,
+            load_report.to_dict() if hasattr(load_report, "to_dict") else None,
+        )
+        return {"metrics": _headline(result)}
 
-    def evaluate(name: str, ckpt: Path, ablate: list[str] | None) -> Callable[[], dict]:
-        def run() -> dict:
-            from llavamed.eval.report import write_report
-            from llavamed.eval.vqa_data import load_vqa
-            from llavamed.eval.vqa_runner import run_vqa_eval
+    def table(self) -> list[Stage]:
+        """The stages in order. A stage's settings are part of its key: a comment on a key that
+        is no option of its own says which older outputs it makes a new run redo."""
+        from llavamed.data.synth.world import GENERATOR_VERSION
 
-            samples, load_report = load_vqa(EVAL_DATASET, world / "slake", split="test", lang="en")
-            result = run_vqa_eval(
-                ckpt,
-                samples,
-                out / "eval" / name,
-                batch_size=16,
-                ablate=ablate,
-                limit=p.eval_limit,
-                max_new_tokens=16,
-                seed=seed,
-                progress=opts.progress,
-            )
-            write_report(
-                result,
-                out / "eval" / name,
-                EVAL_DATASET,
-                load_report.to_dict() if hasattr(load_report, "to_dict") else None,
-            )
-            return {"metrics": _headline(result)}
-
-        return run
-
-    # The stage that last trained the tower stage 1 starts from (none: a given tower as is).
-    tower_stage = (
-        ("stage0b_vision_vqa",)
-        if p.stage0b_steps
-        else ("stage0_vision",)
-        if given_tower is None
-        else ()
-    )
-    stages = [
-        (
-            "synth",
-            "world",
-            synth,
-            {
-                "articles": p.articles,
-                "image_size": p.image_size,
-                "seed": seed,
-                "vqa_images": p.vqa_images,
-                "train_closed": p.train_closed,
-                # A new renderer changes every image: an upgraded llavamed redoes the world
-                # (and so every stage) rather than report the old one's numbers as its own.
-                "generator": GENERATOR_VERSION,
-            },
-        ),
-        ("ingest", "corpus", ingest, {}),
-        # brief/detailed prompts by caption length since this key: older sets are redone
-        ("align", "corpus/alignment.json", align, {"seed": seed, "prompts": "by-length"}),
-        (
-            "instruct",
-            "corpus/instruct",
-            instruct,
-            # image paths relative to instruct.json since 4086f98: older outputs are redone
-            {"n": p.instruct_samples, "seed": seed, "image_paths": "relative"},
-            ("ingest",),  # the vision stages read none of it: a redo leaves them alone
-        ),
-        *(
-            [
-                (
+        p, seed, given = self.p, self.opts.seed, self.given_tower is not None
+        fields = dataclasses.asdict(p)
+        stage1_cfg, stage2_cfg, finetune_cfg = (
+            self.cfgs["stage1"],
+            self.cfgs["stage2"],
+            self.cfgs["finetune"],
+        )
+        # The stage that last trained the tower stage 1 starts from (none: a given tower as is).
+        tower_stage = (
+            ("stage0b_vision_vqa",) if p.stage0b_steps else () if given else ("stage0_vision",)
+        )
+        stages = [
+            Stage(
+                "synth",
+                "world",
+                self.synth,
+                {
+                    "articles": p.articles,
+                    "image_size": p.image_size,
+                    "seed": seed,
+                    "vqa_images": p.vqa_images,
+                    "train_closed": p.train_closed,
+                    # A new renderer changes every image: an upgraded llavamed redoes the world
+                    # (and so every stage) rather than report the old one's numbers as its own.
+                    "generator": GENERATOR_VERSION,
+                },
+            ),
+            Stage("ingest", "corpus", self.ingest, {}),
+            # brief/detailed prompts by caption length since this key: older sets are redone
+            Stage(
+                "align", "corpus/alignment.json", self.align, {"seed": seed, "prompts": "by-length"}
+            ),
+            Stage(
+                "instruct",
+                "corpus/instruct",
+                self.instruct,
+                # image paths relative to instruct.json since 4086f98: older outputs are redone
+                {"n": p.instruct_samples, "seed": seed, "image_paths": "relative"},
+                needs=("ingest",),  # the vision stages read none of it: a redo leaves them alone
+                # What stage 2 reads of self-instruct's folder (its report and cache change on
+                # every retry, the conversations only if a retried figure gets through).
+                product="corpus/instruct/instruct.json",
+            ),
+        ]
+        if not given and p.stage0_pairs:
+            stages.append(
+                Stage(
                     "stage0_pairs",
                     "stage0_pairs",
-                    stage0_pairs,
+                    self.stage0_pairs,
                     {"n": p.stage0_pairs, "seed": seed},
-                    ("synth",),  # its own renders: the synth key carries the generator version
+                    needs=("synth",),  # its own renders: the synth key carries the generator
                 )
-            ]
-            if given_tower is None and p.stage0_pairs
-            else []
-        ),
-        *(
-            [
-                (
+            )
+        if not given:
+            stage0_keys = (
+                "vision",
+                "stage0_minutes",
+                "stage0_steps",
+                "stage0_batch",
+                "stage0_pairs",
+                "probe_images",
+            )
+            stages.append(
+                Stage(
                     "stage0_vision",
                     "stage0",
-                    stage0,
-                    {
-                        k: fields[k]
-                        for k in (
-                            "vision",
-                            "stage0_minutes",
-                            "stage0_steps",
-                            "stage0_batch",
-                            "stage0_pairs",
-                            "probe_images",
-                        )
-                    },
-                    ("stage0_pairs",) if p.stage0_pairs else ("ingest",),
+                    self.stage0,
+                    {k: fields[k] for k in stage0_keys},
+                    needs=("stage0_pairs",) if p.stage0_pairs else ("ingest",),
                 )
-            ]
-            if given_tower is None
-            else []
-        ),
-        *(
-            [
-                (
+            )
+        if p.stage0b_steps:
+            stages.append(
+                Stage(
                     "stage0b_vision_vqa",
                     "stage0b",
-                    stage0b,
+                    self.stage0b,
                     {"steps": p.stage0b_steps, "aspect": STAGE0B_ASPECT}
-                    | ({"vision_fingerprint": given_fp} if given_tower else {}),
-                    ("synth",) + (() if given_tower else ("stage0_vision",)),
+                    | ({"vision_fingerprint": self.given_fp} if given else {}),
+                    needs=("synth",) + (() if given else ("stage0_vision",)),
                 )
-            ]
-            if p.stage0b_steps
-            else []
-        ),
-        (
-            "stage1_alignment",
-            "stage1",
-            train_stage("stage1", stage1_cfg),
-            stage1_cfg | ({"tower_fingerprint": given_fp} if given_fp else {}),
-            ("align", *tower_stage),
-        ),
-        (
-            "stage2_instruct",
-            "stage2",
-            train_stage("stage2", stage2_cfg),
-            stage2_cfg,
-            ("stage1_alignment", "instruct"),
-        ),
-        (
-            "eval_zero_shot",
-            "eval/zero_shot",
-            evaluate("zero_shot", out / "stage2" / "checkpoint-final", None),
-            {"limit": p.eval_limit},
-        ),
-        (
-            "finetune_vqa",
-            "finetune",
-            train_stage("finetune", finetune_cfg),
-            # group_by_image changed meaning (multi-turn -> shared image prefix): rerun old runs.
-            finetune_cfg | {"group_by_image": "shared_prefix"},
-            ("synth", "stage2_instruct"),  # not the zero-shot evaluation before it
-        ),
-        (
-            "eval_finetuned",
-            "eval/finetuned",
-            evaluate("finetuned", out / "finetune" / "checkpoint-final", ["blank"]),
-            {"limit": p.eval_limit},
-        ),
-    ]
-    t0 = time.time()
-    # Two runs on one --out would run the same stage into the same folder (and one's restart
-    # would empty the other's live folder).
-    with exclusive_lock(out / LOCK_FILE, "another `llavamed quickstart` run"):
-        results = Pipeline(
-            opts,
-            stages,
-            expected_s=p.stage_seconds,
-            # What stage 2 reads of self-instruct's folder (its report and cache change on
-            # every retry, the conversations only if a retried figure gets through).
-            products={"instruct": "corpus/instruct/instruct.json"},
-        ).run()
-        report = build_report(opts, results, time.time() - t0)
-    return report
+            )
+        stages += [
+            Stage(
+                "stage1_alignment",
+                "stage1",
+                partial(self.train, "stage1"),
+                stage1_cfg | ({"tower_fingerprint": self.given_fp} if self.given_fp else {}),
+                needs=("align", *tower_stage),
+            ),
+            Stage(
+                "stage2_instruct",
+                "stage2",
+                partial(self.train, "stage2"),
+                stage2_cfg,
+                needs=("stage1_alignment", "instruct"),
+            ),
+            Stage(
+                "eval_zero_shot",
+                "eval/zero_shot",
+                partial(self.evaluate, "zero_shot", "stage2", None),
+                {"limit": p.eval_limit},
+            ),
+            Stage(
+                "finetune_vqa",
+                "finetune",
+                partial(self.train, "finetune"),
+                # group_by_image changed meaning (multi-turn -> shared image prefix): rerun old
+                # runs.
+                finetune_cfg | {"group_by_image": "shared_prefix"},
+                needs=("synth", "stage2_instruct"),  # not the zero-shot evaluation before it
+            ),
+            Stage(
+                "eval_finetuned",
+                "eval/finetuned",
+                partial(self.evaluate, "finetuned", "finetune", ["blank"]),
+                {"limit": p.eval_limit},
+            ),
+        ]
+        return stages
 
 
 def stage0_cap_note(steps: int | None, cfg: dict) -> str:
