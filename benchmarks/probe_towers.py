@@ -20,7 +20,7 @@ from pathlib import Path
 
 def main() -> int:
     from llavamed.eval.probes import LABELS, probe_report, probe_table_md
-    from llavamed.train.vision_pretrain import load_tower
+    from llavamed.model.vision_tower import load_tower
 
     ap = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter

@@ -39,7 +39,7 @@ def test_probe_set_labels_follow_ground_truth():
 
 
 def test_probe_report_shape():
-    from llavamed.train.vision_pretrain import load_tower
+    from llavamed.model.vision_tower import load_tower
 
     tower = load_tower("tiny")
     rep = probe_report({"random": tower}, -1, ["mri"], 24, seed=0, progress=False)

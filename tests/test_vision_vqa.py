@@ -181,7 +181,7 @@ def test_the_tower_sees_the_composed_llavas_geometry(tmp_path, aspect):
     import numpy as np
 
     from llavamed.model.compose import ModelSpec, build
-    from llavamed.train.vision_pretrain import load_tower, square_tensor
+    from llavamed.model.vision_tower import load_tower, pad_to_square_uint8
     from llavamed.train.vision_vqa import image_processor, make_config
 
     rng = np.random.default_rng(0)
@@ -193,7 +193,7 @@ def test_the_tower_sees_the_composed_llavas_geometry(tmp_path, aspect):
     llava = processor.image_processor(images=[img], return_tensors="pt")["pixel_values"][0]
     assert torch.equal(ours, llava)
     if aspect == "pad":  # stage 0's own pad-then-resize, up to its uint8 rounding
-        s0 = square_tensor(img, tower.image_size, tower.mean).float() / 255
+        s0 = pad_to_square_uint8(img, tower.image_size, tower.mean).float() / 255
         mean, std = (torch.tensor(v).view(3, 1, 1) for v in (tower.mean, tower.std))
         assert torch.allclose(ours, (s0 - mean) / std, atol=2 / 255 / min(tower.std))
     with pytest.raises(ConfigError, match="aspect"):

@@ -75,7 +75,7 @@ def make_probe_set(domain: str, n: int, size: int, mean: list[float], seed: int 
 
     from llavamed.data.synth.attributes import sample_attributes
     from llavamed.data.synth.render import render
-    from llavamed.train.vision_pretrain import square_tensor
+    from llavamed.model.vision_tower import pad_to_square_uint8
 
     rng = np.random.default_rng(seed * 1009 + sum(map(ord, domain)))  # hash() is salted per process
     imgs = torch.empty(n, 3, size, size, dtype=torch.uint8)
@@ -83,7 +83,7 @@ def make_probe_set(domain: str, n: int, size: int, mean: list[float], seed: int 
     for i in range(n):
         a = sample_attributes(domain, rng)
         # Render a little larger than the input so the resize matches real figures (downscaled).
-        imgs[i] = square_tensor(render(domain, a, rng, size=int(size * 1.25)), size, mean)
+        imgs[i] = pad_to_square_uint8(render(domain, a, rng, size=int(size * 1.25)), size, mean)
         for k, (fn, _) in LABELS[domain].items():
             labels[k].append(fn(a))
     return ProbeSet(domain, imgs, labels)
@@ -93,7 +93,7 @@ def extract(tower, images, feature_layer: int, batch: int = 64):
     """(patch tokens (N, K, H) float32, cls-free) from a frozen tower."""
     import torch
 
-    from llavamed.train.vision_pretrain import normalize, tower_features
+    from llavamed.model.vision_tower import normalize_pixels, tower_features
     from llavamed.utils.precision import resolve_precision
 
     out = []
@@ -102,7 +102,7 @@ def extract(tower, images, feature_layer: int, batch: int = 64):
     bf16 = resolve_precision("auto", device) == "bf16"
     with torch.inference_mode(), torch.autocast(device.type, torch.bfloat16, enabled=bf16):
         for s in range(0, images.shape[0], batch):
-            x = normalize(images[s : s + batch].float() / 255.0, tower.mean, tower.std)
+            x = normalize_pixels(images[s : s + batch].float() / 255.0, tower.mean, tower.std)
             _, patches = tower_features(tower, x.to(device), feature_layer)
             out.append(patches.float().cpu())
     return torch.cat(out)

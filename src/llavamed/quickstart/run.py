@@ -48,7 +48,7 @@ def _check_out_is_ours(out: Path) -> None:
 def _check_given_tower(opts: QuickstartOptions, out: Path) -> tuple[Path | None, str | None]:
     """``--vision``'s tower folder and fingerprint (None, None without one), refused before any
     work when it cannot serve."""
-    from llavamed.train.vision_pretrain import tower_fingerprint
+    from llavamed.model.vision_tower import tower_fingerprint
 
     given_tower = opts.check_vision()
     if given_tower is None:
@@ -62,7 +62,7 @@ def _check_given_tower(opts: QuickstartOptions, out: Path) -> tuple[Path | None,
     # Loaded now, not at stage 0b: a folder that is no tower (a LLaVA checkpoint has a
     # config.json too) failed there, after self-instruct (18 minutes of medium), with advice
     # to delete stage0b/.
-    from llavamed.train.vision_pretrain import load_tower
+    from llavamed.model.vision_tower import load_tower
 
     try:
         load_tower(str(given_tower))

@@ -31,9 +31,18 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 from llavamed.errors import ConfigError, InputError
+from llavamed.model.vision_tower import (
+    Tower,
+    check_tower_layer,
+    load_tower,
+    normalize_pixels,
+    pad_to_square_uint8,
+    save_tower,
+    tower_features,
+    tower_fingerprint,
+)
 from llavamed.utils.precision import check_precision, resolve_precision
 
 STATE_FILE = "stage0_state.pt"
@@ -433,27 +442,6 @@ def _check_batch(
 # ---- images ----------------------------------------------------------------------------------------
 
 
-def square_tensor(img, size: int, mean: list[float]):
-    """PIL image -> uint8 (3, size, size): pad to square with the mean colour, then resize.
-
-    The same geometry as LLaVA's ``pad`` aspect mode (and our LlavaImageProcessor), so the tower
-    is pretrained on exactly what it will see in stages 1-2."""
-    import numpy as np
-    import torch
-    from PIL import Image
-
-    img = img.convert("RGB")
-    w, h = img.size
-    s = max(w, h)
-    if w != h:
-        bg = tuple(int(round(255 * m)) for m in mean)
-        canvas = Image.new("RGB", (s, s), bg)
-        canvas.paste(img, ((s - w) // 2, (s - h) // 2))
-        img = canvas
-    img = img.resize((size, size), Image.BICUBIC)
-    return torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1)
-
-
 class PairImages:
     """Index -> uint8 image tensor; failures raise ``InputError`` naming the file."""
 
@@ -466,7 +454,7 @@ class PairImages:
     def __getitem__(self, i: int):
         from llavamed.images import load_image
 
-        return square_tensor(load_image(self.pairs[i].image), self.size, self.mean)
+        return pad_to_square_uint8(load_image(self.pairs[i].image), self.size, self.mean)
 
 
 def _file_stamp(path: Path) -> str:
@@ -587,92 +575,7 @@ def augment(x, generator, crop_scale, crop_ratio, jitter: float):
     return x.clamp(0, 1)
 
 
-def normalize(x, mean, std):
-    import torch
-
-    m = torch.tensor(mean, dtype=x.dtype).view(1, 3, 1, 1)
-    s = torch.tensor(std, dtype=x.dtype).view(1, 3, 1, 1)
-    return (x - m) / s
-
-
 # ---- model -------------------------------------------------------------------------------------------
-
-
-@dataclass
-class Tower:
-    model: Any
-    kind: str  # clip_vision_model | siglip_vision_model | vit
-    image_size: int
-    mean: list[float]
-    std: list[float]
-    has_cls: bool
-
-
-def load_tower(vision: str, seed: int = 0) -> Tower:
-    """The starting tower as a standalone transformers vision model (random preset or folder)."""
-    import torch
-    from transformers import CLIPVisionModel, SiglipVisionModel, ViTModel
-
-    from llavamed.model.compose import ModelSpec, _load_vision
-
-    torch.manual_seed(seed)
-    v = _load_vision(ModelSpec(vision=vision))
-    kind = v.config.model_type
-    if kind == "clip_vision_model":
-        model = CLIPVisionModel(v.config)
-    elif kind == "siglip_vision_model":
-        model = SiglipVisionModel(v.config)
-    else:
-        # `convert biomedclip` (and AutoModel) write ViT's pooler: build it when the weights
-        # have one, so loading stays strict.
-        pooled = v.state_dict is not None and any(k.startswith("pooler.") for k in v.state_dict)
-        model = ViTModel(v.config, add_pooling_layer=pooled)
-    if v.state_dict is not None:
-        model.load_state_dict(v.state_dict, strict=True)
-    return Tower(
-        model, kind, int(v.config.image_size), list(v.image_mean), list(v.image_std), v.has_cls
-    )
-
-
-def check_tower_layer(feature_layer: int, tower: Tower) -> None:
-    """Refuse a ``feature_layer`` the tower does not have, naming this key (the LLaVA check
-    names ``vision_feature_layer`` and a ``model init`` flag)."""
-    from llavamed.model.compose import check_feature_layer
-
-    n_layers = int(tower.model.config.num_hidden_layers)
-    try:
-        check_feature_layer(feature_layer, n_layers)
-    except ConfigError:
-        raise ConfigError(
-            f"feature_layer={feature_layer}: the tower has {n_layers} layers, so use "
-            f"-{n_layers + 1}..-1 or 1..{n_layers}"
-        ) from None
-
-
-def tower_fingerprint(tower: Path) -> str:
-    """Content hash of a tower folder's config and weights, so a resumed run notices a
-    different tower behind the same path."""
-    h = hashlib.sha256()
-    for f in sorted(tower.iterdir()):
-        if f.is_file() and f.suffix in (".json", ".safetensors", ".bin"):
-            h.update(f.name.encode())
-            h.update(f.read_bytes())
-    return h.hexdigest()[:16]
-
-
-def tower_features(tower: Tower, pixel_values, feature_layer: int):
-    """(pooled (B, H), patch tokens (B, K, H) at ``feature_layer``) -- patch tokens exactly as
-    LLaVA's projector receives them (CLS dropped, no final layer norm)."""
-    out = tower.model(pixel_values=pixel_values, output_hidden_states=True)
-    hs = out.hidden_states[feature_layer]
-    patches = hs[:, 1:] if tower.has_cls else hs
-    if tower.kind == "vit":
-        pooled = out.last_hidden_state[:, 0]
-    else:
-        pooled = out.pooler_output
-        if pooled is None or pooled.dim() != 2:
-            pooled = out.last_hidden_state.mean(1)
-    return pooled, patches
 
 
 def _heads(hidden: int, text_dim: int, embed_dim: int):
@@ -1079,7 +982,7 @@ def train_vision(cfg: VisionPretrainConfig, progress: bool = True) -> VisionPret
         x = augment(
             x8.float() / 255.0, aug_gen, cfg.crop_scale, cfg.crop_ratio, cfg.intensity_jitter
         )
-        x = normalize(x, tower.mean, tower.std).to(device, non_blocking=True)
+        x = normalize_pixels(x, tower.mean, tower.std).to(device, non_blocking=True)
         for g in opt.param_groups:
             g["lr"] = _lr_at(step, total, cfg) * g["lr_mult"]
         with autocast:
@@ -1210,7 +1113,7 @@ def train_vision(cfg: VisionPretrainConfig, progress: bool = True) -> VisionPret
         module.eval()
         # The tower first: an evaluation that fails must not cost the trained weights (a re-run
         # would find the final state and go straight back to it).
-        _save_tower(module.tower, tower, size, tower_dir)
+        save_tower(module.tower, tower, size, tower_dir)
         if val_pairs:
             if val_imgs is None:  # preload: false decodes per step; decode the held-out set now
                 val_imgs, vkept, vbad, vbad_files = preload_images(
@@ -1389,7 +1292,7 @@ def _retrieval(module, tower: Tower, val_pairs, val_imgs, size, text, cfg, cache
     embs = []
     with torch.inference_mode():
         for s in range(0, len(val_pairs), 128):
-            x = normalize(val_imgs[s : s + 128].float() / 255.0, tower.mean, tower.std)
+            x = normalize_pixels(val_imgs[s : s + 128].float() / 255.0, tower.mean, tower.std)
             x = x.to(next(module.parameters()).device)
             pooled, _ = tower_features(tower, x, cfg.feature_layer)
             embs.append(torch.nn.functional.normalize(module.heads.img(pooled).float(), dim=-1))
@@ -1401,19 +1304,6 @@ def _retrieval(module, tower: Tower, val_pairs, val_imgs, size, text, cfg, cache
     counts = {k: keys.count(k) for k in set(keys)}
     r["chance_r@1"] = sum(counts[k] for k in keys) / len(keys) ** 2
     return r
-
-
-def _save_tower(model, tower: Tower, size: int, tower_dir: Path) -> None:
-    """``save_pretrained`` + the image processor it was trained with (pad to square with the
-    mean colour, as :func:`square_tensor`), written to a temp folder then renamed. It said
-    resize and centre-crop, so ``AutoImageProcessor`` cut the sides off wide figures."""
-    from llavamed.model.processing import llava_image_processor
-    from llavamed.utils.io import atomic_dir
-
-    # The folder is this stage's own output: an earlier tower in it is replaced.
-    with atomic_dir(tower_dir, ours=lambda _: True) as tmp:
-        model.save_pretrained(tmp)
-        llava_image_processor(size, tower.mean, tower.std, pad=True).save_pretrained(tmp)
 
 
 def render_report_md(report: dict) -> str:

@@ -337,6 +337,13 @@ def train_vision_vqa(cfg: VisionVQAConfig, progress: bool = True) -> VisionVQARe
     from tqdm import tqdm
 
     from llavamed.config import diff
+    from llavamed.model.vision_tower import (
+        check_tower_layer,
+        load_tower,
+        save_tower,
+        tower_features,
+        tower_fingerprint,
+    )
     from llavamed.train.checkpointing import load_file, rng_state, set_rng_state
     from llavamed.train.text_encoder import (
         TextEncoder,
@@ -344,14 +351,7 @@ def train_vision_vqa(cfg: VisionVQAConfig, progress: bool = True) -> VisionVQARe
         encoder_fingerprint,
         resolve_text_encoder,
     )
-    from llavamed.train.vision_pretrain import (
-        _save_tower,
-        check_tower_layer,
-        load_tower,
-        read_finished_report,
-        tower_features,
-        tower_fingerprint,
-    )
+    from llavamed.train.vision_pretrain import read_finished_report
 
     t0 = time.time()
     cfg.precision = resolve_precision(cfg.precision, "cpu")  # this stage runs on the CPU
@@ -548,7 +548,7 @@ def train_vision_vqa(cfg: VisionVQAConfig, progress: bool = True) -> VisionVQARe
             table.questions[q]: {"n": c[0], "accuracy": c[1] / c[0]}
             for q, c in sorted(acc["per_question"].items())
         }
-    _save_tower(tower.model, tower, tower.image_size, tower_dir)
+    save_tower(tower.model, tower, tower.image_size, tower_dir)
     report["wall_time_s"] = round(time.time() - t0, 1)
     # The JSON report marks the run finished, so it is written last: a run killed between the
     # two was found finished and never wrote its report.md.
