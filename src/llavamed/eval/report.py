@@ -76,13 +76,26 @@ def comparable_reference_rows(result: dict, dataset: str) -> list[dict]:
 
 def render_markdown(result: dict, dataset: str, load_report: dict | None = None) -> str:
     m = result["metrics"]
+    english = result.get("languages", ["en"]) == ["en"]
     lines = [f"# VQA evaluation: {dataset}", ""]
-    lines.append(
+    lines += _header_notes(result, dataset, load_report)
+    lines += _results_table(m, english)
+    lines += _reference_rows(result, dataset)
+    lines += _ablation_table(result)
+    lines += _group_tables(m)
+    lines += _generation_table(result.get("generation", {}))
+    return "\n".join(lines) + "\n"
+
+
+def _header_notes(result: dict, dataset: str, load_report: dict | None) -> list[str]:
+    """What was run, and every reason its numbers may not compare with the paper's."""
+    m = result["metrics"]
+    lines = [
         f"Model `{result.get('model_id')}`; {m['n_answered']} of {m['n_samples']} questions "
         f"answered ({m['n_closed']} closed, {m['n_open']} open); greedy decoding, "
         f"max_new_tokens={result['options']['max_new_tokens']}, "
         f"closed-question suffix {'on' if result['options']['closed_suffix'] else 'off'}."
-    )
+    ]
     if is_partial(result):
         lines.append(
             f"Partial run: limit={result.get('limit')}, shard={result.get('shard')}"
@@ -102,22 +115,37 @@ def render_markdown(result: dict, dataset: str, load_report: dict | None = None)
             "questions only, and Chinese text is scored with each Han character as a token, so "
             "no row here is comparable to the paper."
         )
+    lines += _split_notes(result, dataset, english)
+    lines += _load_notes(load_report, dataset)
+    return lines
+
+
+def _split_notes(result: dict, dataset: str, english: bool) -> list[str]:
+    """A note when the questions are not the paper's test split (other splits, another size,
+    another closed/open division)."""
+    m = result["metrics"]
     sizes = PAPER_SPLIT_SIZES.get(dataset) if english else None
     if sizes and result.get("splits", ["test"]) != ["test"]:
-        lines.append(
-            f"Note: split(s) {', '.join(result['splits'])}; the paper reports test splits."
-        )
-    elif sizes and (
+        return [f"Note: split(s) {', '.join(result['splits'])}; the paper reports test splits."]
+    if sizes and (
         m["n_samples"] != sizes["total"]
         or (not m["n_missing"] and (m["n_open"], m["n_closed"]) != (sizes["open"], sizes["closed"]))
     ):
         # Same total, other closed/open split: closed accuracy is over another set of questions.
-        lines.append(
+        return [
             f"Note: the paper's {dataset} test split has {sizes['total']} questions "
             f"({sizes['open']} open / {sizes['closed']} closed); this run has {m['n_samples']}"
             + ("." if m["n_missing"] else f" ({m['n_open']} open / {m['n_closed']} closed).")
-        )
-    if load_report and load_report.get("n_answer_type_inferred"):
+        ]
+    return []
+
+
+def _load_notes(load_report: dict | None, dataset: str) -> list[str]:
+    """How the questions were read: inferred answer types, and what loaded or was skipped."""
+    if not load_report:
+        return []
+    lines = []
+    if load_report.get("n_answer_type_inferred"):
         inferred = (
             f"{load_report['n_answer_type_inferred']} questions carry no answer_type: yes/no "
             "answers were counted closed and the rest open."
@@ -134,14 +162,17 @@ def render_markdown(result: dict, dataset: str, load_report: dict | None = None)
                 'closed questions also have answers like "CT" or "left", so closed accuracy here '
                 "is over another set of questions."
             )
-    if load_report:
-        lines.append(
-            f"Data: {load_report['n_loaded']} samples loaded from `{load_report['source']}` "
-            f"({load_report['n_records']} records"
-            + ("; skipped " + format_counts(load_report["bad"]) if load_report.get("bad") else "")
-            + ")."
-        )
-    lines += ["", "## Results (95% bootstrap CI)", ""]
+    lines.append(
+        f"Data: {load_report['n_loaded']} samples loaded from `{load_report['source']}` "
+        f"({load_report['n_records']} records"
+        + ("; skipped " + format_counts(load_report["bad"]) if load_report.get("bad") else "")
+        + ")."
+    )
+    return lines
+
+
+def _results_table(m: dict, english: bool) -> list[str]:
+    lines = ["", "## Results (95% bootstrap CI)", ""]
     lines += ["| metric | value | 95% CI | n |", "|---|---:|---:|---:|"]
     for key in MAIN_ROWS:
         if key in m["overall"]:
@@ -155,48 +186,63 @@ def render_markdown(result: dict, dataset: str, load_report: dict | None = None)
         + " *Strict* rows parse an explicit yes/no (none or both counts as wrong) and require "
         "exact matches.",
     ]
+    return lines
 
+
+def _reference_rows(result: dict, dataset: str) -> list[str]:
+    """The paper's rows for this dataset (when comparable), then this run's, side by side."""
     refs = comparable_reference_rows(result, dataset)
-    if refs:
-        lines += ["", f"## Reference rows ({CITATION}; not measured here)", ""]
-        lines += ["| model | open recall | closed acc | source |", "|---|---:|---:|---|"]
-        for r in refs:
-            o = "–" if r["open_recall"] is None else f"{r['open_recall']:.2f}"
-            c = "–" if r["closed_acc"] is None else f"{r['closed_acc']:.2f}"
-            lines.append(f"| {r['model']} | {o} | {c} | {r['source']} |")
-        ov = m["overall"]
-        lines.append(
-            f"| **this run** (measured) | {_cell(ov.get('llava_med_open_recall'))[0]} | "
-            f"{_cell(ov.get('llava_med_closed_acc'))[0]} | this evaluation |"
-        )
+    if not refs:
+        return []
+    lines = ["", f"## Reference rows ({CITATION}; not measured here)", ""]
+    lines += ["| model | open recall | closed acc | source |", "|---|---:|---:|---|"]
+    for r in refs:
+        o = "–" if r["open_recall"] is None else f"{r['open_recall']:.2f}"
+        c = "–" if r["closed_acc"] is None else f"{r['closed_acc']:.2f}"
+        lines.append(f"| {r['model']} | {o} | {c} | {r['source']} |")
+    ov = result["metrics"]["overall"]
+    lines.append(
+        f"| **this run** (measured) | {_cell(ov.get('llava_med_open_recall'))[0]} | "
+        f"{_cell(ov.get('llava_med_closed_acc'))[0]} | this evaluation |"
+    )
+    return lines
 
-    if result.get("ablations"):
-        lines += ["", "## Image reliance (accuracy drop when the image is replaced)", ""]
-        lines += [
-            "| condition | metric | with image | replaced | drop | 95% CI of drop | n |",
-            "|---|---|---:|---:|---:|---:|---:|",
-        ]
-        for cond, ab in result["ablations"].items():
-            for key in CHART_METRICS:
-                d = ab["drop"].get(key)
-                if not d:
-                    continue
-                # Both means over the questions answered in both conditions, the drop's own
-                # questions (results from before mean_a/mean_b: each condition's overall mean).
-                with_image = d.get("mean_a", m["overall"][key]["mean"])
-                replaced = d.get("mean_b", ab["metrics"]["overall"][key]["mean"])
-                lines.append(
-                    f"| {cond} | {M.METRICS[key][0]} | {_pct(with_image)} | {_pct(replaced)} | "
-                    f"{_pct(d['mean'])} | [{_pct(d['lo'])}, {_pct(d['hi'])}] | {d['n']} |"
-                )
-        lines += [
-            "",
-            "A drop whose CI includes 0 means the answers do not depend on the image: the model "
-            "is not looking. blank = black image; noise = uniform RGB noise; shuffle = another "
-            "question's image (a seeded derangement over distinct images). Each row compares "
-            "the n questions answered in both conditions.",
-        ]
 
+def _ablation_table(result: dict) -> list[str]:
+    if not result.get("ablations"):
+        return []
+    overall = result["metrics"]["overall"]
+    lines = ["", "## Image reliance (accuracy drop when the image is replaced)", ""]
+    lines += [
+        "| condition | metric | with image | replaced | drop | 95% CI of drop | n |",
+        "|---|---|---:|---:|---:|---:|---:|",
+    ]
+    for cond, ab in result["ablations"].items():
+        for key in CHART_METRICS:
+            d = ab["drop"].get(key)
+            if not d:
+                continue
+            # Both means over the questions answered in both conditions, the drop's own
+            # questions (results from before mean_a/mean_b: each condition's overall mean).
+            with_image = d.get("mean_a", overall[key]["mean"])
+            replaced = d.get("mean_b", ab["metrics"]["overall"][key]["mean"])
+            lines.append(
+                f"| {cond} | {M.METRICS[key][0]} | {_pct(with_image)} | {_pct(replaced)} | "
+                f"{_pct(d['mean'])} | [{_pct(d['lo'])}, {_pct(d['hi'])}] | {d['n']} |"
+            )
+    lines += [
+        "",
+        "A drop whose CI includes 0 means the answers do not depend on the image: the model "
+        "is not looking. blank = black image; noise = uniform RGB noise; shuffle = another "
+        "question's image (a seeded derangement over distinct images). Each row compares "
+        "the n questions answered in both conditions.",
+    ]
+    return lines
+
+
+def _group_tables(m: dict) -> list[str]:
+    """One table per grouping (answer type, question type) that has groups."""
+    lines = []
     for title, groups in (
         ("answer type", m["by_answer_type"]),
         ("question type", m["by_question_type"]),
@@ -222,19 +268,22 @@ def render_markdown(result: dict, dataset: str, load_report: dict | None = None)
                 v, ci, _ = _cell(agg.get(key))
                 cells.append(v if v == "–" else f"{v} {ci}")
             lines.append(f"| {g} | {n} | " + " | ".join(cells) + " |")
+    return lines
 
-    gen = result.get("generation", {})
-    if gen:
-        lines += ["", "## Generation", ""]
-        lines += ["| condition | generated | resumed | seconds | answers/s | skipped |"]
-        lines += ["|---|---:|---:|---:|---:|---|"]
-        for cond, g in gen.items():
-            sk = ", ".join(f"{n} {r}" for r, n in g["skipped"].items()) or "–"
-            lines.append(
-                f"| {cond} | {g['n_generated']} | {g['n_resumed']} | {g['seconds']} | "
-                f"{g['answers_per_s'] if g['answers_per_s'] is not None else '–'} | {sk} |"
-            )
-    return "\n".join(lines) + "\n"
+
+def _generation_table(gen: dict) -> list[str]:
+    if not gen:
+        return []
+    lines = ["", "## Generation", ""]
+    lines += ["| condition | generated | resumed | seconds | answers/s | skipped |"]
+    lines += ["|---|---:|---:|---:|---:|---|"]
+    for cond, g in gen.items():
+        sk = ", ".join(f"{n} {r}" for r, n in g["skipped"].items()) or "–"
+        lines.append(
+            f"| {cond} | {g['n_generated']} | {g['n_resumed']} | {g['seconds']} | "
+            f"{g['answers_per_s'] if g['answers_per_s'] is not None else '–'} | {sk} |"
+        )
+    return lines
 
 
 def plot_bars(result: dict, dataset: str, path: str | Path) -> None:
