@@ -257,11 +257,15 @@ def build_app(
                 shown = True
                 yield "", history, conv, None
         except LlavamedError as exc:  # InputError; QueueFull, EngineClosed at submit
-            if shown:
-                # Marked now, as Stop marks an answer: the page showed the partial answer like
-                # a finished one until the next question was sent.
-                yield "", mark_unkept(history, settled, FAILED), conv, None
-            raise gr.Error(str(exc)) from None
+            if not shown:
+                raise gr.Error(str(exc)) from None
+            # Marked now, as Stop marks an answer: the page showed the partial answer like a
+            # finished one until the next question was sent. Reported in a toast, not raised:
+            # gradio covers the Chatbot of a failed event with an opaque "Error" box, which hid
+            # the whole conversation, mark and all, until it was closed.
+            gr.Warning(str(exc))
+            yield "", mark_unkept(history, settled, FAILED), conv, None
+            return
         finally:
             stream.close()  # stops the engine's generation (ChatSession.ask's finally)
             if key is not None and answering.get(key) is stop:
