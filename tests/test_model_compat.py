@@ -62,7 +62,7 @@ def test_transformers_5_reads_the_rewritten_tokenizer_as_before(tiny_llava_dir):
 
 
 def test_legacy_tokenizer_config_merges_without_duplicates(tmp_path):
-    from llavamed.model.compose import legacy_tokenizer_config
+    from llavamed.model.checkpoint_format import legacy_tokenizer_config
 
     base = {"bos_token": "<s>", "model_max_length": 4096}
     (tmp_path / "tokenizer_config.json").write_text(
@@ -85,6 +85,41 @@ def test_legacy_tokenizer_config_merges_without_duplicates(tmp_path):
     (tmp_path / "tokenizer_config.json").write_text(json.dumps(kept))
     legacy_tokenizer_config(tmp_path)
     assert _tokenizer_config(tmp_path) == kept
+
+
+def test_weights_are_named_as_llava_hf_from_memory_and_from_transformers_5s_save():
+    """Both writers name weights through checkpoint_format: the converters from transformers'
+    in-memory names (a key outside the four parts is an error), ``model init`` renaming what
+    transformers 5 saved (anything it does not know is kept as saved)."""
+    from llavamed.model.checkpoint_format import disk_key, llava_hf_key
+
+    clip, vit = "clip_vision_model", "vit"
+    assert disk_key("model.vision_tower.encoder.x", clip) == "vision_tower.vision_model.encoder.x"
+    assert disk_key("model.vision_tower.encoder.x", vit) == "vision_tower.encoder.x"
+    assert disk_key("model.language_model.norm.weight", clip) == "language_model.model.norm.weight"
+    assert disk_key("lm_head.weight", vit) == "language_model.lm_head.weight"
+    assert disk_key("model.multi_modal_projector.linear_1.bias", clip) == (
+        "multi_modal_projector.linear_1.bias"
+    )
+    with pytest.raises(KeyError):
+        disk_key("model.mm_projector.0.weight", clip)
+    siglip = "siglip_vision_model"
+    assert llava_hf_key("vision_tower.head.x", siglip) == "vision_tower.vision_model.head.x"
+    for key in ("vision_tower.vision_model.head.x", "language_model.model.x", "other.x"):
+        assert llava_hf_key(key, siglip) == key
+    assert llava_hf_key("vision_tower.encoder.x", vit) == "vision_tower.encoder.x"
+
+
+def test_checkpoint_format_imports_nothing_from_the_model_package():
+    """Every module of llavamed.model imports it at the top; an import back would be a cycle."""
+    import ast
+
+    import llavamed.model.checkpoint_format as fmt
+
+    tree = ast.parse(Path(fmt.__file__).read_text())
+    imported = {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
+    imported |= {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+    assert not {m for m in imported if m and m.startswith("llavamed.model")}
 
 
 # --- vLLM's llava builds CLIP and SigLIP towers only ----------------------------------------

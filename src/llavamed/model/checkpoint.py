@@ -2,13 +2,21 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
-from collections.abc import Iterator
 from pathlib import Path
 
 from llavamed.errors import ConfigError, InputError, first_line
-from llavamed.model.compose import CHECKPOINT_META, ModelSpec
+
+# CONVERT_ORIGINAL_HINT and is_original_llava_type are only re-exported: serve/engine.py imports
+# them from here (and model_files, strict_from_pretrained, as train/trainer.py does).
+from llavamed.model.checkpoint_format import (  # noqa: F401
+    CHECKPOINT_META,
+    CONVERT_ORIGINAL_HINT,
+    is_original_llava_type,
+    model_files,
+    strict_from_pretrained,
+)
+from llavamed.model.compose import ModelSpec
 
 FINAL = "checkpoint-final"
 """The folder a training run saves its finished model in."""
@@ -178,108 +186,6 @@ def _saved_template(path: str | Path) -> str | None:
     except (OSError, ValueError):
         return None
     return template_of_jinja(text)
-
-
-@contextlib.contextmanager
-def model_files(path: str | Path) -> Iterator[None]:
-    """Turn what transformers, tokenizers and safetensors raise on a damaged or incomplete model
-    folder (a truncated ``model.safetensors``, a cut ``tokenizer.json``, a missing weights file)
-    into one :class:`InputError` naming the folder and the library's first line of reason."""
-    from huggingface_hub.errors import StrictDataclassError
-    from safetensors import SafetensorError
-
-    try:
-        yield
-    except InputError:
-        raise
-    except StrictDataclassError as exc:
-        # A config.json field of the wrong type ("hidden_size": "32") was a traceback; the
-        # message's first line names the field, the second what was wrong with it.
-        raise InputError(path, "invalid model config", config_error_reason(exc)) from exc
-    except (OSError, ValueError, SafetensorError) as exc:
-        first = first_line(exc)
-        what = "corrupt weights file" if isinstance(exc, SafetensorError) else "unreadable model"
-        raise InputError(path, what, first) from exc
-
-
-def config_error_reason(exc: BaseException) -> str:
-    """A transformers config validation error in one line (it spreads over two)."""
-    lines = [ln.strip() for ln in str(exc).strip().splitlines() if ln.strip()]
-    return " ".join(lines[:2])[:300] or type(exc).__name__
-
-
-CONVERT_ORIGINAL_HINT = (
-    "this is the original LLaVA format: convert it first with "
-    "'llavamed convert llava-med SRC DST' (LLaVA-Med v1.5, llava_mistral)"
-)
-
-
-def is_original_llava_type(model_type) -> bool:
-    """``llava_mistral``, ``llava_llama``, ...: the LLaVA repo's own classes, which transformers
-    cannot load (their LM fields are flat, the projector is ``mm_projector``)."""
-    return isinstance(model_type, str) and model_type.startswith("llava_")
-
-
-def _check_model_type(cls, path: str | Path) -> None:
-    """Refuse a folder whose config.json names another model type than ``cls`` builds.
-    transformers would build ``cls``'s default config instead: for an original LLaVA-Med folder
-    (``llava_mistral``, flat LM fields) a Llama-7B-sized LlavaForConditionalGeneration, which
-    took 24 GB before its weights were found not to fit (the machine killed it first)."""
-    want = getattr(getattr(cls, "config_class", None), "model_type", None)
-    if not want:
-        return  # an Auto class: transformers picks the model from the config
-    cfg_path = Path(path) / "config.json"
-    try:
-        cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        return  # transformers names what is missing
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise InputError(cfg_path, "unreadable model config", first_line(exc)) from exc
-    if not isinstance(cfg, dict):
-        raise InputError(cfg_path, "unreadable model config", "not a JSON object")
-    got = cfg.get("model_type")
-    if got == want:
-        return
-    hint = f"; {CONVERT_ORIGINAL_HINT}" if is_original_llava_type(got) else ""
-    raise InputError(path, f"not a {want} checkpoint", f"model_type={got!r} in config.json{hint}")
-
-
-def _check_generation_config(path: str | Path) -> None:
-    """transformers falls back to defaults built from config.json, without a word, when
-    generation_config.json cannot be parsed: the checkpoint's stop ids and sampling settings
-    would be lost and the model served, evaluated or trained on as if it had none."""
-    gen_path = Path(path) / "generation_config.json"
-    try:
-        gen = json.loads(gen_path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        return  # optional: a checkpoint without one generates with transformers' defaults
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise InputError(gen_path, "unreadable generation config", first_line(exc)) from exc
-    if not isinstance(gen, dict):
-        raise InputError(gen_path, "unreadable generation config", "not a JSON object")
-
-
-def strict_from_pretrained(cls, path: str | Path, **kwargs):
-    """``cls.from_pretrained(path, **kwargs)`` that refuses a checkpoint whose weights do not fit
-    the model. transformers fills a missing weight with random values and only prints a load
-    report, so a checkpoint without its projector would be served, evaluated or fine-tuned with
-    a random one."""
-    _check_model_type(cls, path)
-    _check_generation_config(path)
-    # ignore_mismatched_sizes: a wrong shape is then listed with the other keys (and refused
-    # below) instead of ending in transformers' RuntimeError after its printed report.
-    model, info = cls.from_pretrained(
-        path, output_loading_info=True, ignore_mismatched_sizes=True, **kwargs
-    )
-    problems = []
-    for kind in ("missing_keys", "unexpected_keys", "mismatched_keys"):
-        keys = sorted(str(k) for k in info.get(kind) or ())
-        if keys:
-            more = f" (+{len(keys) - 3} more)" if len(keys) > 3 else ""
-            problems.append(f"{kind.replace('_', ' ')}: {', '.join(keys[:3])}{more}")
-    if problems:
-        raise InputError(path, "checkpoint does not fit the model", "; ".join(problems))
-    return model
 
 
 def load_llava(path: str | Path, *, dtype=None, device: str = "cpu"):

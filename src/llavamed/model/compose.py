@@ -15,6 +15,19 @@ from pathlib import Path
 from typing import Any
 
 from llavamed.errors import ConfigError, InputError, first_line
+from llavamed.model.checkpoint_format import (
+    LLAVA_HF_TOWERS,
+    add_legacy_rope_theta,
+    config_error_reason,
+    is_checkpoint_dir,
+    is_untrained_checkpoint,
+    legacy_tokenizer_config,
+    llava_hf_key,
+    model_files,
+    strict_from_pretrained,
+    vllm_tower_warning,  # noqa: F401 - commands/model_init.py imports it from here
+    write_meta,
+)
 from llavamed.model.processing import (
     image_stats,
     known_token_id,
@@ -27,11 +40,6 @@ from llavamed.model.templates import (
     get_template,
     template_of_jinja,
 )
-
-CHECKPOINT_META = "llavamed.json"
-LLAVA_HF_TOWERS = ("clip_vision_model", "siglip_vision_model")
-"""Vision towers of the llava-hf layout: the ones vLLM's and SGLang's llava build (besides
-Pixtral); a ViT tower loads in transformers only."""
 
 # Small ViTs sized for CPUs. "tiny" is for tests; "cpu" is the embedded default, measured in the
 # design notes to train at a useful speed on 2 cores while keeping patch tokens local (patch 16).
@@ -156,8 +164,6 @@ def _load_vision(spec: ModelSpec) -> _Vision:
             "not a vision preset or a folder with config.json",
             f"presets: {sorted(VISION_PRESETS)}",
         )
-    from llavamed.model.checkpoint import model_files  # here: checkpoint imports this module
-
     with model_files(path):
         cfg = AutoConfig.from_pretrained(path)
     if getattr(cfg, "vision_config", None) is not None and cfg.model_type in ("clip", "siglip"):
@@ -239,7 +245,6 @@ def _check_vision_loading(path: Path, model_type: str, info: dict, *, full: bool
 def _load_lm(spec: ModelSpec):
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-    from llavamed.model.checkpoint import model_files  # here: checkpoint imports this module
     from llavamed.model.embedded import embedded_lm_dir
 
     if spec.lm in ("embedded", "tiny"):
@@ -279,8 +284,6 @@ def _load_lm(spec: ModelSpec):
         ):
             raise InputError(spec.lm, "folder not found")
         from huggingface_hub.errors import StrictDataclassError
-
-        from llavamed.model.checkpoint import config_error_reason, strict_from_pretrained
 
         try:
             tok = AutoTokenizer.from_pretrained(spec.lm, local_files_only=True)
@@ -493,24 +496,6 @@ def _set_bos_policy(tok, add_bos: bool) -> None:
             pass
 
 
-def is_checkpoint_dir(path: Path) -> bool:
-    """A folder llavamed wrote as a checkpoint (so a new one may replace it)."""
-    return (Path(path) / CHECKPOINT_META).is_file()
-
-
-def is_untrained_checkpoint(path: Path) -> bool:
-    """A checkpoint ``model init`` or ``convert`` may replace: one llavamed wrote that records
-    no training. ``model init --out`` or ``convert ... DST`` naming a run's checkpoint-final
-    replaced hours of training without a word; the trainer itself replaces its own."""
-    if not is_checkpoint_dir(path):
-        return False
-    try:
-        meta = json.loads((Path(path) / CHECKPOINT_META).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return False
-    return isinstance(meta, dict) and "train" not in meta
-
-
 def save_checkpoint(
     model,
     processor,
@@ -534,7 +519,6 @@ def save_checkpoint(
         # the one the processor prompts with: recorded as null, the next stage trained from this
         # checkpoint stopped with "unknown conversation template (not a llavamed checkpoint)".
         meta = {
-            "format": "llavamed-native-llava/1",
             "template": template_of_jinja(getattr(processor, "chat_template", None)),
             "spec": None,
         }
@@ -543,25 +527,23 @@ def save_checkpoint(
             meta["template"] = spec.template
         if extra:
             meta.update(extra)
-        (tmp / CHECKPOINT_META).write_text(json.dumps(meta, indent=2) + "\n")
+        write_meta(tmp, meta)
         for name, text in (files or {}).items():
             (tmp / name).write_text(text)
     return out
 
 
 def _canonicalize_vision_keys(folder: Path, vision_type: str) -> None:
-    """Write CLIP/SigLIP tower weights under ``vision_tower.vision_model.*``, the llava-hf layout
-    that transformers 4.x, vLLM and SGLang expect. transformers 5 saves them without the
-    ``vision_model`` level but maps that prefix back on load, so both generations read the file."""
+    """Rename the CLIP/SigLIP tower weights transformers saved in ``folder`` to the llava-hf
+    layout (:func:`~llavamed.model.checkpoint_format.llava_hf_key`), shards and index alike.
+    A ViT tower's files are left as they are: no key of it changes."""
     if vision_type not in LLAVA_HF_TOWERS:
         return
     from safetensors import safe_open
     from safetensors.torch import save_file
 
     def rename(key: str) -> str:
-        if key.startswith("vision_tower.") and not key.startswith("vision_tower.vision_model."):
-            return "vision_tower.vision_model." + key[len("vision_tower.") :]
-        return key
+        return llava_hf_key(key, vision_type)
 
     index_path = folder / "model.safetensors.index.json"
     shards = sorted(folder.glob("*.safetensors"))
@@ -574,70 +556,6 @@ def _canonicalize_vision_keys(folder: Path, vision_type: str) -> None:
         index = json.loads(index_path.read_text())
         index["weight_map"] = {rename(k): v for k, v in index["weight_map"].items()}
         index_path.write_text(json.dumps(index, indent=2))
-
-
-def vllm_tower_warning(folder: Path) -> str | None:
-    """Why vLLM cannot serve the checkpoint in ``folder``, or None: its llava builds CLIP, SigLIP
-    and Pixtral towers and stops on any other with "Unsupported vision config"."""
-    vision = json.loads((Path(folder) / "config.json").read_text()).get("vision_config") or {}
-    kind = vision.get("model_type")
-    if kind in LLAVA_HF_TOWERS:
-        return None
-    return (
-        f"{folder}: the vision tower (model_type={kind}) loads in transformers; vLLM's llava "
-        "supports CLIP and SigLIP towers only"
-    )
-
-
-def add_legacy_rope_theta(folder: Path) -> None:
-    """Also write ``text_config.rope_theta`` beside transformers 5's ``rope_parameters``.
-    Readers built on transformers 4.x (vLLM, SGLang, older scripts) look only for the flat key
-    and, not finding it, silently use 10,000 instead of SmolLM2's 1e5 or Mistral's 1e6:
-    every logit shifts. transformers 5 reads the flat key as the same value.
-
-    Likewise ``rope_scaling`` for a scaled RoPE (Llama 3's ``llama3``, ``yarn``, ``linear``
-    ...): transformers 5 writes no ``rope_scaling`` beside the scaling it keeps in
-    ``rope_parameters``, so those readers ran a Llama-3.x LM with unscaled rotary frequencies."""
-    path = Path(folder) / "config.json"
-    cfg = json.loads(path.read_text())
-    text = cfg.get("text_config") or {}
-    params = text.get("rope_parameters") or {}
-    changed = False
-    theta = params.get("rope_theta")
-    if theta is not None and "rope_theta" not in text:
-        text["rope_theta"] = theta
-        changed = True
-    if params.get("rope_type") not in (None, "default") and not text.get("rope_scaling"):
-        text["rope_scaling"] = {k: v for k, v in params.items() if k != "rope_theta"}
-        changed = True
-    if changed:
-        path.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
-
-
-def legacy_tokenizer_config(folder: Path) -> None:
-    """Rewrite ``tokenizer_config.json`` so that transformers 4.x (vLLM, SGLang, older scripts)
-    loads the tokenizer too. transformers 5 writes added special tokens as a list
-    ``extra_special_tokens``, which 4.x reads as a dict (AttributeError on ``.keys()``), and names
-    the class ``TokenizersBackend``, which 4.x does not know (ValueError). The list goes into
-    ``additional_special_tokens`` (merged, no duplicates) and the class becomes 4.x's name for
-    it, ``PreTrainedTokenizerFast``; transformers 5 reads both back as the same tokenizer."""
-    path = Path(folder) / "tokenizer_config.json"
-    if not path.is_file():
-        return
-    cfg = json.loads(path.read_text())
-    extra = cfg.get("extra_special_tokens")
-    changed = False
-    if isinstance(extra, list):
-        merged = list(cfg.get("additional_special_tokens") or [])
-        merged += [t for t in extra if t not in merged]
-        cfg["additional_special_tokens"] = merged
-        del cfg["extra_special_tokens"]
-        changed = True
-    if cfg.get("tokenizer_class") == "TokenizersBackend":
-        cfg["tokenizer_class"] = "PreTrainedTokenizerFast"
-        changed = True
-    if changed:
-        path.write_text(json.dumps(cfg, indent=2, ensure_ascii=False) + "\n")
 
 
 def init_checkpoint(out: str | Path, spec: ModelSpec | None = None) -> Path:

@@ -97,7 +97,7 @@ def embedded_lm_dir() -> Path:
 
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from llavamed.model.compose import legacy_tokenizer_config
+    from llavamed.model.checkpoint_format import legacy_tokenizer_config
     from llavamed.utils.io import make_temp_dir, publish_modes
 
     src = gguf_path()

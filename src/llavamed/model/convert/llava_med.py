@@ -60,7 +60,7 @@ def _vision_config_and_weights(src_cfg: dict, sd: dict, vision_tower: str | Path
             f"mm_vision_tower={named!r} is not a local folder; pass --vision-tower DIR "
             "(a CLIP folder such as clip-vit-large-patch14-336)",
         )
-    from llavamed.model.checkpoint import model_files
+    from llavamed.model.checkpoint_format import model_files
 
     with model_files(folder):
         cfg = AutoConfig.from_pretrained(folder)
@@ -186,7 +186,8 @@ def convert_llava_med(
     )
     from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 
-    from llavamed.model.compose import check_tokenizer_fits, is_untrained_checkpoint
+    from llavamed.model.checkpoint_format import is_untrained_checkpoint
+    from llavamed.model.compose import check_tokenizer_fits
     from llavamed.model.convert.native_writer import write_native_checkpoint
     from llavamed.model.processing import llava_image_processor
     from llavamed.model.templates import IMAGE_PLACEHOLDER, get_template
@@ -268,7 +269,7 @@ def convert_llava_med(
         text_config = MistralConfig(**text_cfg)
     except Exception as exc:  # noqa: BLE001 - any invalid field; transformers raises several kinds
         # ("hidden_size": "32" raised a validation error, 0 attention heads a ZeroDivisionError)
-        from llavamed.model.checkpoint import config_error_reason
+        from llavamed.model.checkpoint_format import config_error_reason
 
         raise InputError(cfg_path, "invalid LM config", config_error_reason(exc)) from exc
 

@@ -3,7 +3,8 @@
 Converters use this so that a 7B conversion needs memory for the source weights only. Tensors
 come keyed by transformers' in-memory names and are written under the llava-hf on-disk names
 (``language_model.model.*``, ``language_model.lm_head.*``, ``multi_modal_projector.*``,
-``vision_tower.vision_model.*``) that transformers 4.x/5.x, vLLM and SGLang all read.
+``vision_tower.vision_model.*``; ``checkpoint_format.disk_key``) that transformers 4.x/5.x, vLLM
+and SGLang all read.
 """
 
 from __future__ import annotations
@@ -11,25 +12,15 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-SHARD_BYTES = 4 * 1024**3
-
-DISK_PREFIXES = (
-    ("model.language_model.", "language_model.model."),
-    ("lm_head.", "language_model.lm_head."),
-    ("model.multi_modal_projector.", "multi_modal_projector."),
+from llavamed.model.checkpoint_format import (
+    add_legacy_rope_theta,
+    disk_key,
+    is_untrained_checkpoint,
+    legacy_tokenizer_config,
+    write_meta,
 )
 
-
-def disk_name(key: str, vision_type: str) -> str:
-    for mem, disk in DISK_PREFIXES:
-        if key.startswith(mem):
-            return disk + key[len(mem) :]
-    if key.startswith("model.vision_tower."):
-        rest = key[len("model.vision_tower.") :]
-        if vision_type in ("clip_vision_model", "siglip_vision_model"):
-            return "vision_tower.vision_model." + rest
-        return "vision_tower." + rest
-    raise KeyError(key)
+SHARD_BYTES = 4 * 1024**3
 
 
 def write_native_checkpoint(
@@ -38,18 +29,12 @@ def write_native_checkpoint(
     from safetensors.torch import save_file
     from transformers import GenerationConfig
 
-    from llavamed.model.compose import (
-        CHECKPOINT_META,
-        add_legacy_rope_theta,
-        is_untrained_checkpoint,
-        legacy_tokenizer_config,
-    )
     from llavamed.utils.io import atomic_dir
 
     dst = Path(dst)
     with atomic_dir(dst, ours=is_untrained_checkpoint, keep=(src,)) as tmp:
         vtype = config.vision_config.model_type
-        named = {disk_name(k, vtype): v.contiguous() for k, v in tensors.items()}
+        named = {disk_key(k, vtype): v.contiguous() for k, v in tensors.items()}
         shards, cur, size = [], {}, 0
         for k in sorted(named):
             nbytes = named[k].numel() * named[k].element_size()
@@ -82,7 +67,5 @@ def write_native_checkpoint(
         )
         processor.save_pretrained(tmp)
         legacy_tokenizer_config(tmp)
-        (tmp / CHECKPOINT_META).write_text(
-            json.dumps({"format": "llavamed-native-llava/1", "spec": None, **meta}, indent=2) + "\n"
-        )
+        write_meta(tmp, {"spec": None, **meta})
     return dst
