@@ -6,6 +6,7 @@ anatomy keeps its proportions whatever the aspect ratio (wider images get more b
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -125,14 +126,15 @@ def to_rgb_image(a: np.ndarray) -> Image.Image:
     return Image.fromarray(np.clip(a * 255.0 + 0.5, 0, 255).astype(np.uint8), mode="RGB")
 
 
-_FONT_CACHE: dict[int, ImageFont.ImageFont] = {}
+def font(px: float) -> ImageFont.ImageFont:
+    return _default_font(max(8, int(px)))
 
 
-def font(px: int) -> ImageFont.ImageFont:
-    px = max(8, int(px))
-    if px not in _FONT_CACHE:
-        try:
-            _FONT_CACHE[px] = ImageFont.load_default(size=px)
-        except TypeError:  # Pillow without FreeType
-            _FONT_CACHE[px] = ImageFont.load_default()
-    return _FONT_CACHE[px]
+# Keyed by the whole pixel size, not by font()'s argument: renderers pass fractions of the
+# canvas (0.035 * side), which would each load the same font again.
+@functools.cache
+def _default_font(px: int) -> ImageFont.ImageFont:
+    try:
+        return ImageFont.load_default(size=px)
+    except TypeError:  # Pillow without FreeType
+        return ImageFont.load_default()
