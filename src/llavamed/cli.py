@@ -11,6 +11,7 @@ import os
 import sys
 
 from llavamed import __version__
+from llavamed.commands import UsageError
 from llavamed.errors import LlavamedError
 
 # (group, module) pairs. A group is a two-word command such as ``data ingest``; None means a
@@ -159,6 +160,10 @@ def main(argv: list[str] | None = None) -> int:
     _keep_library_logs_off_stdout()
     try:
         rc = args.func(args)
+    except UsageError as exc:
+        # Flags that cannot go together, found by the command: shown as argparse shows a bad
+        # flag (this command's usage line, exit 2), not as a failed run.
+        _chosen_parser(parser, args).error(str(exc))
     except LlavamedError as exc:
         print(f"llavamed: error: {exc}", file=sys.stderr)
         return 1

@@ -5,16 +5,28 @@ from __future__ import annotations
 import argparse
 import sys
 
-from llavamed.commands import seed_int
+from llavamed.commands import finite_float, positive_int, seed_int
 from llavamed.commands.serve import add_model_args
 
 
 def add_sampling_args(p: argparse.ArgumentParser, temperature: float = 0.2) -> None:
+    # Ranges are argparse types: 'nan' or '1.5' is a usage error before the model loads.
+    # SamplingParams checks them again for library callers (sampling_params below).
     p.add_argument(
-        "--temperature", type=float, default=temperature, help=f"0 = greedy (default {temperature})"
+        "--temperature",
+        type=finite_float(0),
+        default=temperature,
+        help=f">= 0; 0 = greedy (default {temperature})",
     )
-    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (default 1)")
-    p.add_argument("--max-tokens", type=int, default=512, help="longest answer (default 512)")
+    p.add_argument(
+        "--top-p",
+        type=finite_float(0, high=1),
+        default=1.0,
+        help="nucleus sampling mass, in [0, 1] (default 1)",
+    )
+    p.add_argument(
+        "--max-tokens", type=positive_int, default=512, help="longest answer (default 512)"
+    )
     p.add_argument("--seed", type=seed_int, default=None, help="sampling seed (default: random)")
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from llavamed.commands import positive_int
+
 
 def register(sub) -> None:
     p = sub.add_parser(
@@ -40,7 +42,7 @@ def register(sub) -> None:
     b.add_argument("dst", help="output vision tower folder")
     b.add_argument(
         "--num-heads",
-        type=int,
+        type=positive_int,
         default=None,
         help="attention heads (not stored in weights; default hidden/64 = 12 for ViT-B)",
     )

@@ -6,7 +6,7 @@ import argparse
 import json
 from pathlib import Path
 
-from llavamed.commands import seed_int
+from llavamed.commands import positive_int, seed_int
 from llavamed.data.align import CUTOFF_WORDS, PROMPT_POLICIES
 
 DESCRIPTION = """\
@@ -45,7 +45,9 @@ def register(subparsers) -> None:
         metavar="DIR",
         help="folder the records' image paths are relative to (default: the folder of --figures)",
     )
-    p.add_argument("--max", dest="max_samples", type=int, metavar="N", help="keep N samples")
+    p.add_argument(
+        "--max", dest="max_samples", type=positive_int, metavar="N", help="keep N samples"
+    )
     p.add_argument("--seed", type=seed_int, default=0, help="seed for prompts and subsetting")
     p.add_argument(
         "--prompts",
@@ -56,7 +58,7 @@ def register(subparsers) -> None:
     )
     p.add_argument(
         "--cutoff-words",
-        type=int,
+        type=positive_int,
         default=CUTOFF_WORDS,
         metavar="N",
         help=f"by-length: captions of fewer than N words get a brief prompt (default "
@@ -76,10 +78,6 @@ def run(args: argparse.Namespace) -> int:
         raise LlavamedError(f"{args.figures}: file not found")
     # --out naming --figures replaced the figures with the samples made from them.
     refuse_overwriting_inputs({"--figures": args.figures}, {"--out": args.out})
-    if args.max_samples is not None and args.max_samples < 1:
-        raise LlavamedError("--max must be >= 1")
-    if args.cutoff_words < 1:
-        raise LlavamedError("--cutoff-words must be >= 1")
     image_root = args.figures.resolve().parent
     if args.image_folder is not None:
         if not args.image_folder.is_dir():

@@ -7,6 +7,8 @@ import json
 import sys
 from pathlib import Path
 
+from llavamed.commands import UsageError
+
 DESCRIPTION = """\
 Label each figure with the five LLaVA-Med domains (chest_xray, mri, ct_scan, histology, gross;
 multi-label; all false means "other") from its caption and inline mentions, with a rule-based
@@ -50,10 +52,10 @@ def run(args: argparse.Namespace) -> int:
     from llavamed.errors import InputError, LlavamedError
     from llavamed.utils.io import write_jsonl
 
+    if args.out is None and not args.eval:
+        raise UsageError("the following arguments are required: --out (unless --eval is given)")
     if not args.inp.exists():
         raise LlavamedError(f"{args.inp}: file not found")
-    if args.out is None and not args.eval:
-        raise LlavamedError("--out is required unless --eval is given")
     # Read everything first: --out may be the same file as --in. A figure LLaVA-Med's caption JSON
     # files under several domains is one record (its reference domains ORed), written and counted
     # once.

@@ -7,6 +7,8 @@ import json
 import os
 from pathlib import Path
 
+from llavamed.commands import UsageError, non_negative_int, positive_int
+
 DESCRIPTION = """\
 Build a figure-caption corpus (PMC-15M style) from PubMed Central Open Access packages you have
 downloaded. SRC can be package .tar.gz files, folders of them, or folders of unpacked articles
@@ -44,6 +46,21 @@ def _domains_arg(text: str) -> tuple[str, ...]:
     return names
 
 
+def _shard_arg(text: str) -> str:
+    """K/N with 0 <= K < N, checked as the command line is read (the library parses it again)."""
+    import re
+
+    m = re.fullmatch(r"\s*(\d+)\s*/\s*(\d+)\s*", text)
+    if not m:
+        raise argparse.ArgumentTypeError(f"{text!r} is not K/N (e.g. 0/4)")
+    k, n = int(m.group(1)), int(m.group(2))
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"{text}: N must be >= 1")
+    if k >= n:
+        raise argparse.ArgumentTypeError(f"{text}: K must be in 0 .. {n - 1} (0-based)")
+    return text
+
+
 def register(subparsers) -> None:
     p = subparsers.add_parser(
         "ingest",
@@ -55,11 +72,13 @@ def register(subparsers) -> None:
     p.add_argument("--out", required=True, type=Path, metavar="DIR", help="output folder")
     p.add_argument(
         "--workers",
-        type=int,
+        type=positive_int,
         default=min(2, os.cpu_count() or 1),
         help="worker processes (default: min(2, CPUs)); 1 runs in this process",
     )
-    p.add_argument("--shard", metavar="K/N", help="process only shard K of N (0-based)")
+    p.add_argument(
+        "--shard", type=_shard_arg, metavar="K/N", help="process only shard K of N (0-based)"
+    )
     p.add_argument(
         "--keep-missing-images",
         action="store_true",
@@ -67,16 +86,17 @@ def register(subparsers) -> None:
     )
     p.add_argument(
         "--min-size",
-        type=int,
+        type=non_negative_int,
         default=32,
         metavar="PX",
         help="drop images whose shorter side is below PX pixels (default 32)",
     )
     p.add_argument(
         "--max-side",
-        type=int,
+        type=positive_int,
         metavar="PX",
-        help="downscale images whose longer side exceeds PX (default: keep size)",
+        help="downscale images whose longer side exceeds PX, at least --min-size "
+        "(default: keep size)",
     )
     p.add_argument(
         "--domains",
@@ -95,10 +115,14 @@ def run(args: argparse.Namespace) -> int:
     from llavamed.data.pmc.ingest import IngestOptions, ingest
     from llavamed.errors import LlavamedError
 
-    if args.workers < 1:
-        raise LlavamedError("--workers must be >= 1")
+    # Ranges that depend on another flag: usage errors too, like the ranges argparse checks.
+    if args.max_side is not None and args.max_side < args.min_size:
+        raise UsageError(
+            f"argument --max-side: {args.max_side} must be >= --min-size ({args.min_size}): "
+            "images would be downscaled under the minimum size"
+        )
     if args.no_domains and args.domains:
-        raise LlavamedError("--domains needs the domain classifier; drop --no-domains")
+        raise UsageError("argument --domains: needs the domain classifier; drop --no-domains")
     opts = IngestOptions(
         keep_missing_images=args.keep_missing_images,
         min_image_size=args.min_size,

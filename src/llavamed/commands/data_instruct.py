@@ -7,8 +7,13 @@ import json
 import sys
 from pathlib import Path
 
-from llavamed.commands import seed_int
-from llavamed.llm.args import add_client_arguments, client_options_from_args, named_counts
+from llavamed.commands import non_negative_int, positive_int, seed_int
+from llavamed.llm.args import (
+    add_client_arguments,
+    add_sampling_arguments,
+    client_options_from_args,
+    named_counts,
+)
 
 DESCRIPTION = """\
 Generate multi-turn biomedical visual conversations from figure captions with any OpenAI-compatible
@@ -48,17 +53,17 @@ def register(subparsers) -> None:
         help='add "Figure Context:" bullets from in_text_mention (the paper\'s best, 60K-IM)',
     )
     p.add_argument(
-        "--max-samples", type=int, metavar="N", help="ask about at most N figures (round-robin)"
-    )
-    p.add_argument(
-        "--temperature", type=float, default=0.7, help="sampling temperature (default 0.7)"
-    )
-    p.add_argument(
-        "--max-tokens",
-        type=int,
-        default=1024,
+        "--max-samples",
+        type=positive_int,
         metavar="N",
-        help="completion limit per request (default 1024); a reply cut by it loses its cut turn",
+        help="ask about at most N figures (round-robin)",
+    )
+    add_sampling_arguments(
+        p,
+        temperature=0.7,
+        temperature_help="sampling temperature, >= 0 (default 0.7)",
+        max_tokens_help="completion limit per request (default 1024); a reply cut by it loses "
+        "its cut turn",
     )
     p.add_argument(
         "--seed",
@@ -68,7 +73,7 @@ def register(subparsers) -> None:
     )
     p.add_argument(
         "--min-turns",
-        type=int,
+        type=positive_int,
         default=2,
         metavar="N",
         help="keep conversations with >= N Q/A pairs after cleaning (default 2)",
@@ -82,7 +87,7 @@ def register(subparsers) -> None:
     )
     p.add_argument(
         "--few-shot",
-        type=int,
+        type=non_negative_int,
         metavar="N",
         help="use only the first N few-shot examples (default all 8; the first 5 cover the five "
         "domains). A short prompt makes small local models several times faster",
@@ -100,14 +105,7 @@ def register(subparsers) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from llavamed.data.instruct.runner import InstructOptions, default_cache_path, run_instruct
-    from llavamed.errors import LlavamedError
 
-    if args.max_samples is not None and args.max_samples < 1:
-        raise LlavamedError("--max-samples must be >= 1")
-    if args.few_shot is not None and args.few_shot < 0:
-        raise LlavamedError("--few-shot must be >= 0")
-    if args.min_turns < 1:
-        raise LlavamedError("--min-turns must be >= 1")
     opts = InstructOptions(
         figures=args.figures,
         out=args.out,

@@ -6,7 +6,12 @@ import argparse
 from pathlib import Path
 
 from llavamed.commands import seed_int
-from llavamed.llm.args import add_client_arguments, client_options_from_args, named_counts
+from llavamed.llm.args import (
+    add_client_arguments,
+    add_sampling_arguments,
+    client_options_from_args,
+    named_counts,
+)
 
 DESCRIPTION = """\
 Score a model's answers to LLaVA-Med's visual conversation questions with an LLM judge, as the
@@ -37,18 +42,11 @@ def register(subparsers) -> None:
     )
     p.add_argument("--report", type=Path, help="report JSON (default: <out stem>_report.json)")
     p.add_argument("--swap", action="store_true", help="also judge in swapped order")
-    p.add_argument(
-        "--temperature",
-        type=float,
-        default=0.0,
-        help="judge sampling temperature (default 0: the most repeatable scores)",
-    )
-    p.add_argument(
-        "--max-tokens",
-        type=int,
-        default=1024,
-        metavar="N",
-        help="judge completion limit per request (default 1024)",
+    add_sampling_arguments(
+        p,
+        temperature=0.0,
+        temperature_help="judge sampling temperature, >= 0 (default 0: the most repeatable scores)",
+        max_tokens_help="judge completion limit per request (default 1024)",
     )
     p.add_argument(
         "--seed", type=seed_int, default=0, help="API seed, also part of the cache key (default 0)"

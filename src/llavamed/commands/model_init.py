@@ -5,7 +5,7 @@ from __future__ import annotations
 import sys
 
 from llavamed.cli import DefaultsHelpFormatter
-from llavamed.commands import seed_int
+from llavamed.commands import positive_int, seed_int
 
 
 def register(sub) -> None:
@@ -30,7 +30,7 @@ def register(sub) -> None:
     )
     p.add_argument(
         "--lm-layers",
-        type=int,
+        type=positive_int,
         default=None,
         help="keep only the first N LM decoder layers (faster CPU runs)",
     )

@@ -3,11 +3,18 @@
 from __future__ import annotations
 
 import argparse
-import math
 import os
 import sys
 
-from llavamed.commands import add_dtype_arg, add_pack_weights_arg
+from llavamed.commands import (
+    add_dtype_arg,
+    add_pack_weights_arg,
+    finite_float,
+    non_negative_int,
+    port_int,
+    positive_int,
+    size_mib,
+)
 from llavamed.errors import ConfigError
 
 
@@ -36,7 +43,7 @@ def register(subparsers) -> None:
     )
     add_model_args(p)
     p.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1)")
-    p.add_argument("--port", type=int, default=8000, help="port (default 8000; 0 = any free)")
+    p.add_argument("--port", type=port_int, default=8000, help="port (default 8000; 0 = any free)")
     key = p.add_mutually_exclusive_group()
     key.add_argument(
         "--api-key",
@@ -53,13 +60,13 @@ def register(subparsers) -> None:
     )
     p.add_argument(
         "--max-batch-size",
-        type=int,
+        type=positive_int,
         default=8,
         help="requests decoded together (default %(default)s)",
     )
     p.add_argument(
         "--prefix-cache",
-        type=int,
+        type=non_negative_int,
         default=32,
         help="images whose prompt prefix (KV cache) is kept for follow-up turns and repeated "
         "questions, least recently used dropped first (default 32, ~4 MB each for the embedded "
@@ -67,41 +74,44 @@ def register(subparsers) -> None:
     )
     p.add_argument(
         "--max-queue",
-        type=int,
+        type=positive_int,
         default=64,
         help="requests allowed to wait; beyond that 503 + Retry-After (default %(default)s)",
     )
     p.add_argument(
         "--max-tokens",
-        type=int,
+        type=positive_int,
         default=1024,
         dest="max_completion_tokens",
         help="largest max_tokens a request may ask for, and what a request without one gets (default %(default)s)",
     )
     p.add_argument(
         "--max-prompt-tokens",
-        type=int,
+        type=positive_int,
         default=None,
         help="longest prompt in tokens (default: the model's context window)",
     )
     p.add_argument(
-        "--max-images", type=int, default=4, help="images per request (default %(default)s)"
+        "--max-images",
+        type=positive_int,
+        default=4,
+        help="images per request (default %(default)s)",
     )
     p.add_argument(
         "--max-image-mb",
-        type=float,
+        type=size_mib,
         default=16.0,
         help="bytes per image, in MiB (default %(default)s)",
     )
     p.add_argument(
         "--max-image-pixels",
-        type=int,
+        type=positive_int,
         default=40_000_000,
         help="pixels per image (default %(default)s)",
     )
     p.add_argument(
         "--max-request-mb",
-        type=float,
+        type=size_mib,
         default=32.0,
         help="request body, in MiB (default %(default)s)",
     )
@@ -113,7 +123,7 @@ def register(subparsers) -> None:
     )
     p.add_argument(
         "--remote-timeout",
-        type=float,
+        type=finite_float(0, above=True),
         default=10.0,
         metavar="SECONDS",
         help="with --allow-remote-images: the most one image download may take, in all "
@@ -157,25 +167,6 @@ def listen(host: str, port: int):
 def run(args) -> int:
     import logging
 
-    for flag in ("max_batch_size", "max_queue", "max_completion_tokens", "max_images"):
-        if getattr(args, flag) < 1:
-            raise ConfigError(f"--{flag.replace('_', '-')} must be >= 1")
-    if args.prefix_cache < 0:
-        raise ConfigError("--prefix-cache must be >= 0")
-    # A limit no request can meet started a server that refused every image or prompt, and an
-    # infinite size failed with an OverflowError traceback once the model had loaded.
-    if args.max_image_pixels < 1:
-        raise ConfigError("--max-image-pixels must be >= 1")
-    if args.max_prompt_tokens is not None and args.max_prompt_tokens < 1:
-        raise ConfigError("--max-prompt-tokens must be >= 1 (omit it for the model's context)")
-    for flag in ("max_request_mb", "max_image_mb"):
-        value = getattr(args, flag)
-        if not (math.isfinite(value) and int(value * 2**20) >= 1):
-            raise ConfigError(
-                f"--{flag.replace('_', '-')} must be a finite size of at least 1 byte"
-            )
-    if not args.remote_timeout > 0:
-        raise ConfigError("--remote-timeout must be > 0")
     api_key = resolve_api_key(args)
     logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
     # Bound before the model loads: a busy port or a bad address fails in a second, not after

@@ -6,13 +6,22 @@ import argparse
 import os
 from pathlib import Path
 
-from llavamed.commands import seed_int
+from llavamed.commands import int_at_least, non_negative_int, positive_int, seed_int
 
 # Kept in sync with llavamed.data.synth.world (a test checks it); not imported here so that
 # `llavamed --help` stays fast.
 DEFAULT_ARTICLES = 150
 DEFAULT_IMAGE_SIZE = 256
 PAIRS_IMAGE_SIZE = 160  # llavamed.data.synth.pairs.PAIRS_IMAGE_SIZE
+
+MIN_IMAGE_SIZE = 64  # the smallest image the renderers draw legibly
+
+
+def _min_vqa_images() -> int:
+    from llavamed.data.synth.world import min_vqa_images
+
+    return min_vqa_images()
+
 
 DESCRIPTION = """\
 Generate MedSynth, a procedurally generated biomedical figure world with ground truth, in DIR:
@@ -49,7 +58,7 @@ def register(subparsers) -> None:
     p.add_argument("--out", required=True, type=Path, metavar="DIR", help="output folder")
     p.add_argument(
         "--articles",
-        type=int,
+        type=positive_int,
         default=DEFAULT_ARTICLES,
         metavar="N",
         help=f"number of PMC-style articles (1-4 figures each); the VQA sets get 10 images per "
@@ -57,7 +66,12 @@ def register(subparsers) -> None:
     )
     p.add_argument(
         "--vqa-images",
-        type=int,
+        # The minimum is generate_world's (called only when the flag is given: --help stays fast).
+        type=int_at_least(
+            _min_vqa_images,
+            ": with fewer, some split of VQA-RAD or SLAKE (train, validate, test) misses a "
+            "domain or is empty",
+        ),
         default=None,
         metavar="N",
         help="total VQA images, a third VQA-RAD and the rest SLAKE; at least 22, so that every "
@@ -65,7 +79,7 @@ def register(subparsers) -> None:
     )
     p.add_argument(
         "--train-closed",
-        type=int,
+        type=positive_int,
         default=3,
         metavar="N",
         help="at most N closed (yes/no) questions per train-split image (default: 3, the real "
@@ -74,15 +88,15 @@ def register(subparsers) -> None:
     p.add_argument("--seed", type=seed_int, default=0, metavar="S", help="random seed (default: 0)")
     p.add_argument(
         "--image-size",
-        type=int,
+        type=int_at_least(MIN_IMAGE_SIZE),
         default=DEFAULT_IMAGE_SIZE,
         metavar="PX",
         help=f"approximate short side of each image in pixels; aspect ratios vary around it "
-        f"(default: {DEFAULT_IMAGE_SIZE})",
+        f"(at least {MIN_IMAGE_SIZE}; default: {DEFAULT_IMAGE_SIZE})",
     )
     p.add_argument(
         "--workers",
-        type=int,
+        type=non_negative_int,
         default=0,
         metavar="N",
         help="worker processes for rendering; 0 = one per CPU core (default: 0). The output does "
@@ -90,7 +104,7 @@ def register(subparsers) -> None:
     )
     p.add_argument(
         "--caption-pairs",
-        type=int,
+        type=non_negative_int,
         default=0,
         metavar="N",
         help="also render N single-panel figure-caption pairs into DIR/caption_pairs/ for stage 0 "
@@ -99,11 +113,11 @@ def register(subparsers) -> None:
     )
     p.add_argument(
         "--pairs-image-size",
-        type=int,
+        type=int_at_least(MIN_IMAGE_SIZE),
         default=PAIRS_IMAGE_SIZE,
         metavar="PX",
         help="approximate short side of each caption-pair image; --image-size is the world's "
-        f"(default: {PAIRS_IMAGE_SIZE}, the quickstart's stage-0 pairs)",
+        f"(at least {MIN_IMAGE_SIZE}; default: {PAIRS_IMAGE_SIZE}, the quickstart's stage-0 pairs)",
     )
     p.add_argument(
         "--contact-sheet",
@@ -117,29 +131,8 @@ def register(subparsers) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from llavamed.data.synth import generate_world
-    from llavamed.data.synth.world import min_vqa_images
     from llavamed.errors import ConfigError
 
-    # Checked here with the flags' names: generate_world's own checks name its parameters
-    # ("vqa_images must be >= 22"), which a CLI user never typed.
-    if args.articles < 1:
-        raise ConfigError("--articles must be >= 1")
-    if args.image_size < 64:
-        raise ConfigError("--image-size must be >= 64")
-    if args.vqa_images is not None and args.vqa_images < min_vqa_images():
-        raise ConfigError(
-            f"--vqa-images must be >= {min_vqa_images()}: with fewer, some split of VQA-RAD or "
-            "SLAKE (train, validate, test) misses a domain or is empty"
-        )
-    if args.train_closed < 1:
-        raise ConfigError("--train-closed must be >= 1")
-    if args.workers < 0:
-        raise ConfigError("--workers must be >= 0")
-    if args.caption_pairs < 0:
-        raise ConfigError("--caption-pairs must be >= 0")
-    # Checked before the world is generated (minutes at the quickstart's sizes), not after it.
-    if args.caption_pairs and args.pairs_image_size < 64:
-        raise ConfigError("--pairs-image-size must be >= 64")
     if args.contact_sheet is not None:
         if args.contact_sheet.is_dir():
             raise ConfigError(

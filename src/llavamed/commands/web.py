@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sys
 
-from llavamed.commands import positive_int
+from llavamed.commands import int_in, positive_int, size_mib
 from llavamed.commands.chat import add_sampling_args, sampling_params
 from llavamed.commands.serve import add_model_args
 
@@ -19,13 +19,14 @@ def register(subparsers) -> None:
     )
     add_model_args(p)
     p.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1)")
-    p.add_argument("--port", type=int, default=7860, help="port (default 7860)")
+    # No 0 (any free port) here: the page's address is printed before Gradio picks a port.
+    p.add_argument("--port", type=int_in(1, 65535), default=7860, help="port (default 7860)")
     p.add_argument(
         "--max-batch-size", type=positive_int, default=8, help="browser sessions decoded together"
     )
     p.add_argument(
         "--max-upload-mb",
-        type=float,
+        type=size_mib,
         default=256.0,
         help="largest file a page may upload, in MiB; a larger one is refused with a message "
         "naming this limit (default %(default)s)",
@@ -36,15 +37,11 @@ def register(subparsers) -> None:
 
 
 def run(args) -> int:
-    import math
-
-    from llavamed.errors import ConfigError, LlavamedError
+    from llavamed.errors import LlavamedError
     from llavamed.serve.engine import Engine, EngineSettings
 
     params = sampling_params(args)
-    max_upload = args.max_upload_mb * 2**20 if math.isfinite(args.max_upload_mb) else 0
-    if int(max_upload) < 1:
-        raise ConfigError("--max-upload-mb must be a finite size of at least 1 byte")
+    max_upload = args.max_upload_mb * 2**20
     try:
         import gradio  # noqa: F401
     except ImportError:

@@ -11,6 +11,10 @@ from pathlib import Path
 
 
 def add_client_arguments(parser: argparse.ArgumentParser, default_concurrency: int = 8) -> None:
+    # Ranges are argparse types (a bad value is a usage error, exit 2, before any request);
+    # ClientOptions checks them again for library callers.
+    from llavamed.commands import finite_float, non_negative_int, positive_int
+
     g = parser.add_argument_group("LLM endpoint (any OpenAI-compatible chat API)")
     g.add_argument(
         "--base-url",
@@ -29,23 +33,33 @@ def add_client_arguments(parser: argparse.ArgumentParser, default_concurrency: i
     g.add_argument("--api-version", help="Azure OpenAI api-version (switches to api-key header)")
     g.add_argument(
         "--concurrency",
-        type=int,
+        type=positive_int,
         default=default_concurrency,
         metavar="N",
         help=f"requests in flight at once (default {default_concurrency})",
     )
-    g.add_argument("--rpm", type=float, metavar="N", help="client-side requests/minute limit")
-    g.add_argument("--tpm", type=float, metavar="N", help="client-side tokens/minute limit")
+    g.add_argument(
+        "--rpm",
+        type=finite_float(0, above=True),
+        metavar="N",
+        help="client-side requests/minute limit (> 0; default: none)",
+    )
+    g.add_argument(
+        "--tpm",
+        type=finite_float(0, above=True),
+        metavar="N",
+        help="client-side tokens/minute limit (> 0; default: none)",
+    )
     g.add_argument(
         "--timeout",
-        type=float,
+        type=finite_float(0, above=True),
         default=120.0,
         metavar="S",
         help="wall-clock seconds per request attempt (default 120)",
     )
     g.add_argument(
         "--max-retries",
-        type=int,
+        type=non_negative_int,
         default=6,
         metavar="N",
         help="retries per request on 429, 5xx, timeouts and malformed replies, with "
@@ -58,13 +72,36 @@ def add_client_arguments(parser: argparse.ArgumentParser, default_concurrency: i
     )
     g.add_argument("--stream", action="store_true", help="use streaming responses")
     g.add_argument(
-        "--price-in", type=float, metavar="USD", help="USD per 1M prompt tokens (overrides table)"
+        "--price-in",
+        type=finite_float(0),
+        metavar="USD",
+        help="USD per 1M prompt tokens (overrides table)",
     )
     g.add_argument(
         "--price-out",
-        type=float,
+        type=finite_float(0),
         metavar="USD",
         help="USD per 1M completion tokens (overrides table)",
+    )
+
+
+def add_sampling_arguments(
+    parser: argparse.ArgumentParser,
+    *,
+    temperature: float,
+    temperature_help: str,
+    max_tokens_help: str,
+) -> None:
+    """--temperature and --max-tokens of the commands that call an LLM (data instruct, eval
+    judge), in the ranges every server takes (llavamed.llm.client.check_sampling checks them
+    again for library callers)."""
+    from llavamed.commands import finite_float, positive_int
+
+    parser.add_argument(
+        "--temperature", type=finite_float(0), default=temperature, help=temperature_help
+    )
+    parser.add_argument(
+        "--max-tokens", type=positive_int, default=1024, metavar="N", help=max_tokens_help
     )
 
 

@@ -1,0 +1,175 @@
+"""The command-line contract: a flag value out of range is a usage error (exit 2, the command's
+usage line, the flag and its allowed range named), refused as the command line is read, before
+any work."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from llavamed.cli import main
+
+LLM = ["--base-url", "http://127.0.0.1:9/v1", "--model", "m", "--no-progress"]
+SYNTH_TINY = ["--articles", "1", "--vqa-images", "22", "--image-size", "64", "--workers", "1"]
+
+
+def _figures(tmp_path: Path) -> Path:
+    figs = tmp_path / "figures.jsonl"
+    figs.write_text(
+        json.dumps({"pair_id": "a", "fig_caption": "Axial CT of the chest.", "image": "a.jpg"})
+        + "\n"
+    )
+    return figs
+
+
+# (command words, the rest of a valid command line, the bad flag and value, the range named).
+# Every one of these exited 1 after parsing ("llavamed: error: --articles must be >= 1"), or
+# later still (a --port out of range failed at bind time, a --top-p at the engine).
+SYNTH = (["synth"], ["--out", "{tmp}/w"])
+INSTRUCT = (["data", "instruct"], ["--figures", "{figs}", "--out", "{tmp}/o.json", *LLM])
+JUDGE = (["eval", "judge"], ["--questions", "{figs}", "--answers", "{figs}", *LLM])
+ALIGN = (["data", "align"], ["--figures", "{figs}", "--out", "{tmp}/a.json"])
+INGEST = (["data", "ingest"], ["{tmp}", "--out", "{tmp}/c"])
+SERVE = (["serve"], ["--model", "{tmp}/absent"])
+WEB = (["web"], ["--model", "{tmp}/absent"])
+CHAT = (["chat"], ["--model", "{tmp}/absent"])
+FINITE_MIB = "a finite size in MiB of at least 1 byte"
+RANGE_CASES = [
+    (*SYNTH, ["--articles", "0"], ">= 1"),
+    (*SYNTH, ["--image-size", "10"], ">= 64"),
+    (*SYNTH, ["--vqa-images", "5"], ">= 22"),
+    (*SYNTH, ["--train-closed", "0"], ">= 1"),
+    (*SYNTH, ["--workers", "-1"], ">= 0"),
+    (*SYNTH, ["--caption-pairs", "-1"], ">= 0"),
+    (*SYNTH, ["--caption-pairs", "2", "--pairs-image-size", "10"], ">= 64"),
+    (*INSTRUCT, ["--max-samples", "0"], ">= 1"),
+    (*INSTRUCT, ["--few-shot", "-1"], ">= 0"),
+    (*INSTRUCT, ["--min-turns", "0"], ">= 1"),
+    (*INSTRUCT, ["--temperature", "inf"], "a finite number >= 0"),
+    (*INSTRUCT, ["--max-tokens", "0"], ">= 1"),
+    (*INSTRUCT, ["--concurrency", "0"], ">= 1"),
+    (*INSTRUCT, ["--timeout", "nan"], "a finite number > 0"),
+    (*INSTRUCT, ["--rpm", "0"], "a finite number > 0"),
+    (*INSTRUCT, ["--tpm", "-1"], "a finite number > 0"),
+    (*INSTRUCT, ["--max-retries", "-1"], ">= 0"),
+    (*INSTRUCT, ["--price-in", "inf"], "a finite number >= 0"),
+    (*INSTRUCT, ["--price-out", "-1"], "a finite number >= 0"),
+    (*JUDGE, ["--max-tokens", "0"], ">= 1"),
+    (*JUDGE, ["--temperature", "-1"], "a finite number >= 0"),
+    (*JUDGE, ["--timeout", "0"], "a finite number > 0"),
+    (*ALIGN, ["--max", "0"], ">= 1"),
+    (*ALIGN, ["--cutoff-words", "0"], ">= 1"),
+    (*INGEST, ["--workers", "0"], ">= 1"),
+    (*INGEST, ["--min-size", "-1"], ">= 0"),
+    (*INGEST, ["--max-side", "0"], ">= 1"),
+    (*INGEST, ["--shard", "3/2"], "K must be in 0 .. 1"),
+    (*INGEST, ["--shard", "2/0"], "N must be >= 1"),
+    (*INGEST, ["--shard", "half"], "is not K/N"),
+    # A range that depends on another flag, checked by the command: a usage error all the same.
+    (*INGEST, ["--min-size", "32", "--max-side", "16"], "must be >= --min-size (32)"),
+    (*SERVE, ["--max-batch-size", "0"], ">= 1"),
+    (*SERVE, ["--max-queue", "0"], ">= 1"),
+    (*SERVE, ["--max-tokens", "0"], ">= 1"),
+    (*SERVE, ["--max-images", "0"], ">= 1"),
+    (*SERVE, ["--prefix-cache", "-1"], ">= 0"),
+    (*SERVE, ["--max-image-pixels", "0"], ">= 1"),
+    (*SERVE, ["--max-prompt-tokens", "0"], ">= 1"),
+    (*SERVE, ["--max-request-mb", "inf"], FINITE_MIB),
+    (*SERVE, ["--max-image-mb", "1e-9"], FINITE_MIB),
+    (*SERVE, ["--remote-timeout", "0"], "a finite number > 0"),
+    (*SERVE, ["--port", "70000"], "in 0 .. 65535"),
+    (*SERVE, ["--port", "-1"], "in 0 .. 65535"),
+    (*WEB, ["--max-upload-mb", "nan"], FINITE_MIB),
+    (*WEB, ["--port", "70000"], "in 1 .. 65535"),
+    (*WEB, ["--temperature", "nan"], "a finite number >= 0"),
+    (*CHAT, ["--temperature", "-1"], "a finite number >= 0"),
+    (*CHAT, ["--top-p", "1.5"], "a finite number in [0, 1]"),
+    (*CHAT, ["--max-tokens", "0"], ">= 1"),
+    (["model", "init"], ["--out", "{tmp}/m", "--lm", "tiny"], ["--lm-layers", "0"], ">= 1"),
+    (["convert", "biomedclip"], ["{tmp}/absent.bin", "{tmp}/t"], ["--num-heads", "0"], ">= 1"),
+]
+
+
+@pytest.mark.parametrize(
+    ("words", "rest", "bad", "allowed"),
+    RANGE_CASES,
+    ids=[f"{' '.join(c[0])} {' '.join(c[2][-2:])}" for c in RANGE_CASES],
+)
+def test_a_value_out_of_range_is_a_usage_error_naming_the_flag_and_its_range(
+    tmp_path, capsys, words, rest, bad, allowed
+):
+    figs = _figures(tmp_path)
+    argv = [a.format(tmp=tmp_path, figs=figs) for a in [*words, *rest, *bad]]
+    before = sorted(p.name for p in tmp_path.iterdir())
+    with pytest.raises(SystemExit) as exc:
+        main(argv)
+    assert exc.value.code == 2
+    out, err = capsys.readouterr()
+    prog = "llavamed " + " ".join(words)
+    lines = err.strip().splitlines()
+    assert lines[0].startswith(f"usage: {prog} [-h]"), err
+    assert lines[-1].startswith(f"{prog}: error: argument {bad[-2]}: "), err
+    assert allowed in lines[-1], err
+    assert "Traceback" not in err and out == ""
+    assert sorted(p.name for p in tmp_path.iterdir()) == before  # nothing written
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (
+            ["data", "ingest", "{tmp}", "--out", "{tmp}/c", "--domains", "mri", "--no-domains"],
+            "argument --domains: needs the domain classifier; drop --no-domains",
+        ),
+        (
+            ["data", "domains", "--in", "{figs}"],
+            "the following arguments are required: --out (unless --eval is given)",
+        ),
+    ],
+    ids=["ingest --domains --no-domains", "domains without --out or --eval"],
+)
+def test_flags_that_cannot_go_together_are_a_usage_error(tmp_path, capsys, argv, message):
+    """Found by the command rather than by argparse, and exited 1 as a failed run."""
+    figs = _figures(tmp_path)
+    argv = [a.format(tmp=tmp_path, figs=figs) for a in argv]
+    with pytest.raises(SystemExit) as exc:
+        main(argv)
+    assert exc.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    prog = "llavamed " + " ".join(argv[:2])
+    assert err[0].startswith(f"usage: {prog} [-h]") and err[-1] == f"{prog}: error: {message}"
+
+
+def _llavamed(*args: str) -> subprocess.CompletedProcess:
+    src = str(Path(__file__).resolve().parents[1] / "src")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([src, os.environ.get("PYTHONPATH", "")])}
+    env.pop("TQDM_DISABLE", None)
+    return subprocess.run(
+        [sys.executable, "-m", "llavamed", *args], capture_output=True, text=True, env=env
+    )
+
+
+def test_the_installed_command_exits_2_on_a_range_error(tmp_path):
+    """The exit status a shell script sees, not only main()'s."""
+    proc = _llavamed("synth", "--out", str(tmp_path / "w"), "--articles", "0")
+    assert proc.returncode == 2 and proc.stdout == ""
+    assert proc.stderr.startswith("usage: llavamed synth [-h]")
+    assert proc.stderr.splitlines()[-1] == (
+        "llavamed synth: error: argument --articles: 0 must be >= 1"
+    )
+    assert not (tmp_path / "w").exists()
+
+
+def test_argparse_types_take_the_ends_of_their_ranges():
+    from llavamed.commands import finite_float, int_at_least, port_int, size_mib
+
+    assert int_at_least(22)("22") == 22
+    assert finite_float(0)("0") == 0.0 and finite_float(0, high=1)("1") == 1.0
+    assert finite_float(0, above=True)("1e-9") == 1e-9
+    assert size_mib(str(2**-20)) == 2**-20
+    assert port_int("0") == 0 and port_int("65535") == 65535
