@@ -1,6 +1,6 @@
 """The command-line contract: a flag value out of range is a usage error (exit 2, the command's
 usage line, the flag and its allowed range named), refused as the command line is read, before
-any work."""
+any work; and every command spells "no progress bars" --no-progress."""
 
 from __future__ import annotations
 
@@ -173,3 +173,26 @@ def test_argparse_types_take_the_ends_of_their_ranges():
     assert finite_float(0, above=True)("1e-9") == 1e-9
     assert size_mib(str(2**-20)) == 2**-20
     assert port_int("0") == 0 and port_int("65535") == 65535
+
+
+# -- synth spells it --no-progress, as every other command does --------------------------------
+
+
+def test_synth_takes_no_progress_and_still_takes_quiet(tmp_path):
+    """`llavamed synth` alone said --quiet; scripts that use it keep working."""
+    for flag in ("--no-progress", "--quiet"):
+        out = tmp_path / flag.strip("-")
+        proc = _llavamed("synth", "--out", str(out), *SYNTH_TINY, flag)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        assert "%|" not in proc.stderr, (flag, proc.stderr)  # no tqdm bar
+        assert (out / "manifest.json").is_file()
+    # Without either, the bars are drawn: the flag is what turned them off.
+    proc = _llavamed("synth", "--out", str(tmp_path / "bars"), *SYNTH_TINY)
+    assert proc.returncode == 0 and "%|" in proc.stderr
+    assert "--no-progress" in _llavamed("synth", "--help").stdout
+
+
+def test_the_synth_docs_show_no_progress():
+    doc = (Path(__file__).resolve().parents[1] / "docs" / "medsynth.md").read_text()
+    synopsis = doc[doc.index("llavamed synth --out DIR") :].split("```")[0]
+    assert "[--no-progress]" in synopsis and "--quiet" not in synopsis

@@ -153,7 +153,7 @@ def main(argv: list[str] | None = None) -> int:
         # `llavamed > file` does not leave the help in the file.
         parser.print_help(sys.stderr)
         return 2
-    if getattr(args, "no_progress", False) or getattr(args, "quiet", False):
+    if getattr(args, "no_progress", False):
         # Our own bars follow ``progress``; transformers' weight loading and GGUF conversion
         # draw plain tqdm bars, which tqdm itself turns off through this variable.
         os.environ["TQDM_DISABLE"] = "1"

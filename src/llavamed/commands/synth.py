@@ -125,7 +125,9 @@ def register(subparsers) -> None:
         metavar="PNG",
         help="also write a contact sheet PNG (samples per domain)",
     )
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    # --no-progress as every other command spells it; --quiet, this command's old name, is kept
+    # for the scripts that use it.
+    p.add_argument("--no-progress", "--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=run)
 
 
@@ -151,7 +153,7 @@ def run(args: argparse.Namespace) -> int:
         seed=args.seed,
         image_size=args.image_size,
         workers=workers,
-        progress=not args.quiet,
+        progress=not args.no_progress,
         vqa_images=args.vqa_images,
         train_closed=args.train_closed,
     )
@@ -173,7 +175,7 @@ def run(args: argparse.Namespace) -> int:
             seed=args.seed,
             image_size=args.pairs_image_size,
             workers=workers,
-            progress=not args.quiet,
+            progress=not args.no_progress,
         )
         print(f"{args.caption_pairs} caption pairs -> {pairs}")
     if args.contact_sheet:
