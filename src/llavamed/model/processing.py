@@ -120,8 +120,9 @@ def llava_image_processor(image_size: int, mean, std, *, pad: bool):
     """The image geometry of every stage that feeds the tower: ``pad`` (LLaVA's default: pad to
     square with the mean colour, then resize) or crop (resize the short side, centre-crop).
 
-    Stage 0b, composition and conversion all build their processor here, so a tower is never
-    trained on one geometry and served on another."""
+    Stage 0b, composition and conversion build their processor here, and stage 0 saves its tower
+    with it; stage 0 trains through its own uint8 copy of this geometry
+    (:func:`llavamed.model.vision_tower.pad_to_square_uint8`, checked against this one)."""
     from transformers import LlavaImageProcessor
 
     return LlavaImageProcessor(

@@ -109,8 +109,12 @@ def save_tower(model, tower: Tower, size: int, tower_dir: Path) -> None:
 def pad_to_square_uint8(img, size: int, mean: list[float]):
     """PIL image -> uint8 (3, size, size): pad to square with the mean colour, then resize.
 
-    The same geometry as LLaVA's ``pad`` aspect mode (and our LlavaImageProcessor), so the tower
-    is pretrained on exactly what it will see in stages 1-2."""
+    The geometry of LLaVA's ``pad`` aspect mode (:func:`llavamed.model.processing.
+    llava_image_processor`, which every later stage and the saved tower use), so the tower is
+    pretrained on what it will see in stages 1-2. Stage 0 has its own path because it caches the
+    decoded images as uint8 and augments them itself. One difference is kept, so that a run
+    reproduces its towers bit for bit: the padding colour is ``round(255 * mean)`` where
+    transformers truncates, one level apart (``tests/test_vision_tower.py`` pins both)."""
     import numpy as np
     import torch
     from PIL import Image
