@@ -1,6 +1,7 @@
 """The command-line contract: a flag value out of range is a usage error (exit 2, the command's
 usage line, the flag and its allowed range named), refused as the command line is read, before
-any work; and every command spells "no progress bars" --no-progress."""
+any work; every command spells "no progress bars" --no-progress; and an output path that cannot
+be written is one line naming it and the OS's reason, before any work, never a traceback."""
 
 from __future__ import annotations
 
@@ -196,3 +197,155 @@ def test_the_synth_docs_show_no_progress():
     doc = (Path(__file__).resolve().parents[1] / "docs" / "medsynth.md").read_text()
     synopsis = doc[doc.index("llavamed synth --out DIR") :].split("```")[0]
     assert "[--no-progress]" in synopsis and "--quiet" not in synopsis
+
+
+# -- an output that cannot be written: one line, before any work -------------------------------
+
+
+def _proc_is_a_pseudo_fs() -> bool:
+    return sys.platform.startswith("linux") and Path("/proc/self").is_dir()
+
+
+def _bad_outputs(tmp_path: Path) -> dict[str, Path]:
+    """Output folders that cannot be made or written, by kind."""
+    afile = tmp_path / "notes.txt"
+    afile.write_text("mine")
+    bad = {"under a file": afile / "sub"}
+    if _proc_is_a_pseudo_fs():
+        bad["under /proc"] = Path("/proc/llavamed-test/sub")
+    if os.geteuid() != 0:  # root writes into a chmod 555 folder all the same
+        locked = tmp_path / "locked"
+        locked.mkdir(mode=0o555)
+        bad["read-only folder"] = locked / "sub"
+    return bad
+
+
+def _writers(tmp_path: Path, base: Path) -> dict[str, tuple[list[str], str]]:
+    """Each command that writes outputs, with its output under ``base``; and the path the error
+    must name."""
+    from pmc_fixtures import make_tarballs
+    from test_judge import write_inputs
+
+    figs = _figures(tmp_path)
+    pkgs = tmp_path / "pkgs"
+    if not pkgs.exists():
+        make_tarballs(pkgs)
+    qs, ans = write_inputs(tmp_path)
+    src = tmp_path / "llava-med-src"  # enough of one for convert to reach its output check
+    src.mkdir(exist_ok=True)
+    (src / "config.json").write_text("{}")
+    synth = ["synth", *SYNTH_TINY, "--no-progress"]
+    return {
+        "synth --out": ([*synth, "--out", str(base)], str(base)),
+        "synth --contact-sheet": (
+            [*synth, "--out", str(tmp_path / "w"), "--contact-sheet", str(base / "s.png")],
+            str(base / "s.png"),
+        ),
+        "data ingest --out": (
+            ["data", "ingest", str(pkgs), "--out", str(base), "--workers", "1", "--no-progress"],
+            str(base),
+        ),
+        "data align --out": (
+            ["data", "align", "--figures", str(figs), "--out", str(base / "a.json")],
+            str(base / "a.json"),
+        ),
+        "data instruct --out": (
+            ["data", "instruct", "--figures", str(figs), "--out", str(base / "o.json"), *LLM],
+            str(base / "o.json"),
+        ),
+        "data instruct --report": (
+            [
+                "data",
+                "instruct",
+                "--figures",
+                str(figs),
+                "--out",
+                str(tmp_path / "o.json"),
+                "--report",
+                str(base / "r.json"),
+                *LLM,
+            ],
+            str(base / "r.json"),
+        ),
+        "data domains --out": (
+            ["data", "domains", "--in", str(figs), "--out", str(base / "f.jsonl")],
+            str(base / "f.jsonl"),
+        ),
+        "eval judge --out": (
+            [
+                "eval",
+                "judge",
+                "--questions",
+                str(qs),
+                "--answers",
+                str(ans),
+                "--out",
+                str(base / "j.jsonl"),
+                *LLM,
+            ],
+            str(base / "j.jsonl"),
+        ),
+        "model init --out": (
+            ["model", "init", "--out", str(base), "--lm", "tiny", "--vision", "tiny"],
+            str(base),
+        ),
+        "convert llava-med DST": (["convert", "llava-med", str(src), str(base)], str(base)),
+        "convert biomedclip DST": (
+            ["convert", "biomedclip", str(tmp_path / "open_clip_pytorch_model.bin"), str(base)],
+            str(base),
+        ),
+    }
+
+
+WRITERS = [
+    "synth --out",
+    "synth --contact-sheet",
+    "data ingest --out",
+    "data align --out",
+    "data instruct --out",
+    "data instruct --report",
+    "data domains --out",
+    "eval judge --out",
+    "model init --out",
+    "convert llava-med DST",
+    "convert biomedclip DST",
+]
+
+
+@pytest.mark.parametrize("writer", WRITERS)
+def test_an_output_that_cannot_be_written_is_one_line_before_any_work(tmp_path, capsys, writer):
+    """`data ingest --out /proc/x` (and align, domains, instruct, judge, synth, model init,
+    convert) ended in a FileNotFoundError traceback, most after their work; a path under a
+    file was "X: Not a directory" at the first write, after the work."""
+    for kind, base in _bad_outputs(tmp_path).items():
+        argv, named = _writers(tmp_path, base)[writer]
+        capsys.readouterr()
+        assert main(argv) == 1, (kind, capsys.readouterr().err)
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and "Traceback" not in err[0], (kind, err)
+        line = err[0]
+        assert line.startswith(f"llavamed: error: {named}: "), (kind, line)
+        assert "cannot be written" in line, (kind, line)
+        reason = {
+            "under a file": f"{tmp_path / 'notes.txt'} is a file, not a folder",
+            "under /proc": "cannot create /proc/llavamed-test: ",
+            "read-only folder": "Permission denied",
+        }[kind]
+        assert reason in line, (kind, line)
+        assert (tmp_path / "notes.txt").read_text() == "mine"
+    assert not (tmp_path / "w").exists()  # synth stopped before its world
+    assert not (tmp_path / "o.json").exists()
+
+
+def test_the_write_check_leaves_nothing_behind(tmp_path):
+    from llavamed.utils.io import unwritable_reason
+
+    deep = tmp_path / "a" / "b" / "c"
+    assert unwritable_reason(deep) is None
+    assert sorted(tmp_path.iterdir()) == []  # the folders it made to try are gone again
+    (tmp_path / "keep").mkdir()
+    assert unwritable_reason(tmp_path / "keep") is None
+    assert sorted((tmp_path / "keep").iterdir()) == []
+    if _proc_is_a_pseudo_fs():
+        reason = unwritable_reason("/proc/llavamed-test/x")
+        assert reason is not None and reason.startswith("cannot create /proc/llavamed-test: ")

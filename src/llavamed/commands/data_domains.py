@@ -50,12 +50,14 @@ def run(args: argparse.Namespace) -> int:
     from llavamed.data.domains import evaluate_domains, label_record, merge_duplicate_figures
     from llavamed.data.figures import DOMAINS, iter_figures
     from llavamed.errors import InputError, LlavamedError
-    from llavamed.utils.io import write_jsonl
+    from llavamed.utils.io import require_writable, write_jsonl
 
     if args.out is None and not args.eval:
         raise UsageError("the following arguments are required: --out (unless --eval is given)")
     if not args.inp.exists():
         raise LlavamedError(f"{args.inp}: file not found")
+    if not args.eval:
+        require_writable(args.out, "--out")
     # Read everything first: --out may be the same file as --in. A figure LLaVA-Med's caption JSON
     # files under several domains is one record (its reference domains ORed), written and counted
     # once.

@@ -114,6 +114,7 @@ def register(subparsers) -> None:
 def run(args: argparse.Namespace) -> int:
     from llavamed.data.pmc.ingest import IngestOptions, ingest
     from llavamed.errors import LlavamedError
+    from llavamed.utils.io import require_writable
 
     # Ranges that depend on another flag: usage errors too, like the ranges argparse checks.
     if args.max_side is not None and args.max_side < args.min_size:
@@ -123,6 +124,8 @@ def run(args: argparse.Namespace) -> int:
         )
     if args.no_domains and args.domains:
         raise UsageError("argument --domains: needs the domain classifier; drop --no-domains")
+    # Before any package is read: an --out that cannot be made (/proc/x) ended in a traceback.
+    require_writable(args.out, "--out", folder=True)
     opts = IngestOptions(
         keep_missing_images=args.keep_missing_images,
         min_image_size=args.min_size,

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import argparse
 import os
-from pathlib import Path
 
 # -- CLI glue shared by the commands that call an LLM -----------------------------------------
 
@@ -156,19 +155,17 @@ def refuse_overwriting_inputs(
     Keys are the flags' names. An output that is a folder is refused here too: the job paid for
     every request and only then failed to write its output or report there."""
     from llavamed.errors import LlavamedError
+    from llavamed.utils.io import require_writable
 
     for oname, out in outputs.items():
         if out is None:
             continue
         if os.path.isdir(out):
             raise LlavamedError(f"{out}: {oname} is a folder; give a file path")
-        # A file where a folder of the path should be ("figures.jsonl/report.json"): the job ran
-        # and paid, then failed at its end with "figures.jsonl: File exists".
-        for parent in Path(os.path.abspath(out)).parents:
-            if parent.exists():
-                if not parent.is_dir():
-                    raise LlavamedError(f"{out}: {oname} cannot be written: {parent} is a file")
-                break
+        # A file where a folder of the path should be ("figures.jsonl/report.json"), a folder
+        # that cannot be made (/proc/x) or written: the job ran and paid, then failed at its end
+        # ("figures.jsonl: File exists", or a FileNotFoundError traceback).
+        require_writable(out, oname)
 
     def same(a: str | os.PathLike, b: str | os.PathLike) -> bool:
         try:

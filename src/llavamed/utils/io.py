@@ -297,6 +297,55 @@ class JsonlAppender:
         self.close()
 
 
+def unwritable_reason(folder: str | os.PathLike) -> str | None:
+    """Why files cannot be written in ``folder``, or None when they can. The OS is asked, not
+    guessed at: missing folders are made and a file is created in ``folder``, then all of it is
+    removed again, so nothing is left behind. Catches what a mode check cannot, before any
+    work: a pseudo file system (/proc), a read-only mount, no permission, a file where a folder
+    of the path should be. These failed at the first write, after the work, some with a
+    FileNotFoundError traceback."""
+    folder = Path(os.path.abspath(folder))
+    missing: list[Path] = []
+    probe = folder
+    try:
+        while not probe.exists() and probe != probe.parent:
+            missing.append(probe)
+            probe = probe.parent
+        if not probe.is_dir():
+            return f"{probe} is a file, not a folder"
+    except OSError as exc:  # a name too long, a folder we may not look into
+        return f"cannot reach {probe}: {exc.strerror or exc}"
+    made: list[Path] = []
+    try:
+        for d in reversed(missing):
+            try:
+                d.mkdir()
+            except OSError as exc:
+                return f"cannot create {d}: {exc.strerror or exc}"
+            made.append(d)
+        try:
+            fd, tmp = tempfile.mkstemp(prefix=".llavamed-write-test.", dir=folder)
+        except OSError as exc:
+            return f"cannot write in {folder}: {exc.strerror or exc}"
+        os.close(fd)
+        os.unlink(tmp)
+        return None
+    finally:
+        for d in reversed(made):
+            with contextlib.suppress(OSError):
+                d.rmdir()
+
+
+def require_writable(path: str | os.PathLike, flag: str, *, folder: bool = False) -> None:
+    """Stop with one line, "PATH: FLAG cannot be written: REASON", before any work when the
+    output ``path`` (a file, or with ``folder`` a folder the command writes into) cannot be
+    written; see :func:`unwritable_reason`."""
+    path = Path(path)
+    reason = unwritable_reason(path if folder else Path(os.path.abspath(path)).parent)
+    if reason is not None:
+        raise LlavamedError(f"{path}: {flag} cannot be written: {reason}")
+
+
 def check_output_dir(
     path: str | os.PathLike,
     *,
@@ -311,8 +360,6 @@ def check_output_dir(
     if path.exists() and not path.is_dir():
         # Checked first: replacing a user's file by a folder would lose it.
         raise InputError(path, "exists and is not a folder", "give a folder path")
-    if path.parent.exists() and not path.parent.is_dir():
-        raise InputError(path.parent, "is not a folder")
     target = path.resolve()
     for k in keep:
         k = Path(k).resolve()
@@ -325,6 +372,9 @@ def check_output_dir(
             "an earlier output of this command would be replaced, this is not one; "
             "remove it or choose another folder",
         )
+    # The folder is written beside itself, then renamed into place (atomic_dir).
+    if (reason := unwritable_reason(path.absolute().parent)) is not None:
+        raise InputError(path, "cannot be written", reason)
 
 
 @contextlib.contextmanager
