@@ -509,8 +509,10 @@ def test_llavamed_llm_client_drives_text_only_server(lm_server):
 def test_serve_command_refuses_a_negative_prefix_cache(tiny_lm_dir, capsys):
     from llavamed.cli import main
 
-    assert main(["serve", "--model", str(tiny_lm_dir), "--prefix-cache", "-1"]) != 0
-    assert "--prefix-cache must be >= 0" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exc:  # a usage error, as the command line is read
+        main(["serve", "--model", str(tiny_lm_dir), "--prefix-cache", "-1"])
+    assert exc.value.code == 2
+    assert "argument --prefix-cache: -1 must be >= 0" in capsys.readouterr().err
 
 
 def test_serve_command_end_to_end(tiny_lm_dir):

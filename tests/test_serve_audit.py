@@ -137,20 +137,23 @@ def test_chat_survives_input_that_is_not_utf8(tiny_llava_dir):
 @pytest.mark.parametrize(
     "flag, value, words",
     [
-        ("--max-request-mb", "inf", "--max-request-mb must be a finite size"),  # a traceback
-        ("--max-image-mb", "1e-9", "--max-image-mb must be a finite size"),  # 0 bytes
-        ("--max-image-pixels", "0", "--max-image-pixels must be >= 1"),
-        ("--max-prompt-tokens", "-5", "--max-prompt-tokens must be >= 1"),
-        ("--max-prompt-tokens", "0", "--max-prompt-tokens must be >= 1"),  # taken as unset
+        ("--max-request-mb", "inf", "--max-request-mb: inf must be a finite size"),  # traceback
+        ("--max-image-mb", "1e-9", "--max-image-mb: 1e-9 must be a finite size"),  # 0 bytes
+        ("--max-image-pixels", "0", "--max-image-pixels: 0 must be >= 1"),
+        ("--max-prompt-tokens", "-5", "--max-prompt-tokens: -5 must be >= 1"),
+        ("--max-prompt-tokens", "0", "--max-prompt-tokens: 0 must be >= 1"),  # taken as unset
     ],
 )
 def test_serve_refuses_limits_no_request_could_meet(tmp_path, capsys, flag, value, words):
     """These started a server that refused every image or prompt (--max-prompt-tokens -5: 'the
     limit is -5'), or failed with an OverflowError traceback after the model loaded (inf). A
-    missing model folder shows the check comes before any loading."""
+    missing model folder shows the check comes before any loading: a usage error (exit 2), as
+    the command line is read."""
     from llavamed.cli import main
 
-    assert main(["serve", "--model", str(tmp_path / "absent"), "--port", "0", flag, value]) == 1
+    with pytest.raises(SystemExit) as exc:
+        main(["serve", "--model", str(tmp_path / "absent"), "--port", "0", flag, value])
+    assert exc.value.code == 2
     assert words in capsys.readouterr().err
 
 
@@ -203,8 +206,10 @@ def test_web_refuses_an_upload_limit_no_file_could_meet(tmp_path, capsys, value)
     pytest.importorskip("gradio")
     from llavamed.cli import main
 
-    assert main(["web", "--model", str(tmp_path / "absent"), "--max-upload-mb", value]) == 1
-    assert "--max-upload-mb must be a finite size" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exc:
+        main(["web", "--model", str(tmp_path / "absent"), "--max-upload-mb", value])
+    assert exc.value.code == 2
+    assert f"--max-upload-mb: {value} must be a finite size" in capsys.readouterr().err
 
 
 def test_a_prompt_far_over_the_context_is_refused_without_tokenizing(engine):
