@@ -349,3 +349,31 @@ def test_the_write_check_leaves_nothing_behind(tmp_path):
     if _proc_is_a_pseudo_fs():
         reason = unwritable_reason("/proc/llavamed-test/x")
         assert reason is not None and reason.startswith("cannot create /proc/llavamed-test: ")
+
+
+@pytest.mark.skipif(not _proc_is_a_pseudo_fs(), reason="needs /proc, a folder nothing is made in")
+def test_the_shared_writers_refuse_a_folder_the_os_will_not_make_in_one_line(
+    tiny_llava_dir, tmp_path, capsys
+):
+    """Commands that write without checking first (eval answer's answers log) ended in a
+    FileNotFoundError traceback from the folder's mkdir."""
+    from llavamed.errors import InputError
+    from llavamed.utils.io import JsonlAppender, atomic_write_json, exclusive_lock
+    from test_eval_answer import _qa50
+
+    where = "/proc/llavamed-test/sub"
+    why = "cannot create /proc/llavamed-test: No such file or directory"
+    for write in (
+        lambda: JsonlAppender(f"{where}/log.jsonl"),
+        lambda: atomic_write_json(f"{where}/x.json", {}),
+        lambda: exclusive_lock(f"{where}/.lock", "test").__enter__(),
+    ):
+        with pytest.raises(InputError, match=f"^{where}: cannot be written \\({why}\\)$"):
+            write()
+    q, img = _qa50(tmp_path)
+    argv = ["eval", "answer", "--model", str(tiny_llava_dir), "--questions", str(q)]
+    argv += ["--images", str(img), "--out", f"{where}/a.jsonl", "--max-new-tokens", "2"]
+    assert main([*argv, "--no-progress"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1] == f"llavamed: error: {where}: cannot be written ({why})", err
+    assert not any("Traceback" in line for line in err)

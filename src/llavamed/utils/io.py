@@ -41,10 +41,22 @@ _FILE_MODE = 0o666 & ~_umask()
 _DIR_MODE = 0o777 & ~_umask()
 
 
+def make_folder(folder: str | os.PathLike) -> None:
+    """``mkdir -p folder``. A folder the OS will not make although nothing is in the way (one
+    under /proc) is a one-line :class:`InputError`, not a FileNotFoundError traceback; the other
+    OS errors (a file in the way, no permission, read-only) already reach the user as one line
+    through the CLI."""
+    try:
+        Path(folder).mkdir(parents=True, exist_ok=True)
+    except FileNotFoundError as exc:
+        why = f"cannot create {exc.filename or folder}: {exc.strerror or exc}"
+        raise InputError(folder, "cannot be written", why) from None
+
+
 def make_temp_dir(beside: str | os.PathLike) -> Path:
     """An empty hidden folder next to ``beside``, with the mode a plain mkdir would give."""
     beside = Path(beside)
-    beside.parent.mkdir(parents=True, exist_ok=True)
+    make_folder(beside.parent)
     try:
         tmp = Path(tempfile.mkdtemp(prefix=f".{beside.name}.", dir=beside.parent))
     except OSError as exc:
@@ -103,7 +115,7 @@ def atomic_path(path: str | os.PathLike, suffix: str = "", fsync: bool = True) -
     path = Path(path)
     if path.is_dir():
         raise InputError(path, "is a folder", "give a file path")
-    path.parent.mkdir(parents=True, exist_ok=True)
+    make_folder(path.parent)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix + ".tmp", dir=path.parent)
     os.fchmod(fd, _FILE_MODE)
     os.close(fd)
@@ -259,7 +271,7 @@ class JsonlAppender:
 
     def __init__(self, path: str | os.PathLike, fsync: bool = False):
         self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        make_folder(self.path.parent)
         self._fsync = fsync
         self._repair()
         # Opened at the first append: a run that fails before producing anything (a bad model,
@@ -451,7 +463,7 @@ def exclusive_lock(lock_path: str | os.PathLike, what: str) -> Iterator[None]:
         yield
         return
     lock_path = Path(lock_path)
-    lock_path.parent.mkdir(parents=True, exist_ok=True)
+    make_folder(lock_path.parent)
     fh = open(lock_path, "w")  # noqa: SIM115 - held for the whole block
     try:
         fcntl.lockf(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
