@@ -310,11 +310,7 @@ def _load_lm(spec: ModelSpec):
 def build(spec: ModelSpec):
     """Return ``(LlavaForConditionalGeneration, LlavaProcessor)`` for ``spec`` (not saved)."""
     import torch
-    from transformers import (
-        LlavaConfig,
-        LlavaForConditionalGeneration,
-        LlavaProcessor,
-    )
+    from transformers import LlavaForConditionalGeneration
 
     spec.validate()
     torch.manual_seed(spec.seed)
@@ -331,29 +327,25 @@ def build(spec: ModelSpec):
 
     old_vocab = lm.get_input_embeddings().weight.shape[0]
     check_tokenizer_fits(tok, old_vocab, spec.lm)
-    if IMAGE_PLACEHOLDER not in tok.get_vocab():
-        tok.add_special_tokens({"additional_special_tokens": [IMAGE_PLACEHOLDER]})
-    image_token_id = tok.convert_tokens_to_ids(IMAGE_PLACEHOLDER)
-    if tok.pad_token is None:
-        tok.pad_token = tok.eos_token
+    image_token_id = add_image_token(tok, pad=tok.eos_token)
     if len(tok) > old_vocab:
         # Mean-initialised rows keep the new token's logits in the LM's usual range.
         lm.resize_token_embeddings(len(tok), mean_resizing=True)
 
     vcfg = vision.config
     image_size, patch = int(vcfg.image_size), int(vcfg.patch_size)
-    n_patches = (image_size // patch) ** 2
+    # A tower without a CLS token (SigLIP) has only patch tokens: llava keeps them all.
     select = "default" if vision.has_cls else "full"
-
-    config = LlavaConfig(
-        vision_config=vcfg.to_dict() | {"model_type": vcfg.model_type},
-        text_config=lm.config.to_dict() | {"model_type": lm.config.model_type},
+    config = llava_config(
+        vcfg.to_dict() | {"model_type": vcfg.model_type},
+        lm.config.to_dict() | {"model_type": lm.config.model_type},
         image_token_id=image_token_id,
-        projector_hidden_act="gelu",
-        vision_feature_select_strategy=select,
-        vision_feature_layer=feature_layer,
-        image_seq_length=n_patches,
-        tie_word_embeddings=bool(getattr(lm.config, "tie_word_embeddings", False)),
+        select=select,
+        feature_layer=feature_layer,
+        image_size=image_size,
+        patch=patch,
+        has_cls=vision.has_cls,
+        tie=bool(getattr(lm.config, "tie_word_embeddings", False)),
     )
     config.text_config.vocab_size = lm.get_input_embeddings().weight.shape[0]
     model = LlavaForConditionalGeneration(config)
@@ -374,18 +366,71 @@ def build(spec: ModelSpec):
     image_processor = llava_image_processor(
         image_size, vision.image_mean, vision.image_std, pad=spec.aspect == "pad"
     )
-    eos = template_eos(template, tok)
+    processor = llava_processor(
+        image_processor, tok, template, patch=patch, select=select, has_cls=vision.has_cls
+    )
+    # Any LM's tokenizer: the template decides its BOS policy and adds its end-of-turn token to
+    # the stop ids (chatml's <|im_end|> is not SmolLM2's eos).
+    set_chat_template(processor, template, model.generation_config)
+    return model, processor
+
+
+def add_image_token(tok, *, pad: str | None) -> int:
+    """Give ``tok`` the ``<image>`` token and, when it has none, the pad token ``pad``; return
+    ``<image>``'s id."""
+    if IMAGE_PLACEHOLDER not in tok.get_vocab():
+        tok.add_special_tokens({"additional_special_tokens": [IMAGE_PLACEHOLDER]})
+    if tok.pad_token is None:
+        tok.pad_token = pad
+    return tok.convert_tokens_to_ids(IMAGE_PLACEHOLDER)
+
+
+def llava_config(
+    vision_config: dict,
+    text_config: dict,
+    *,
+    image_token_id: int,
+    select: str,
+    feature_layer,
+    image_size: int,
+    patch: int,
+    has_cls: bool,
+    tie: bool,
+):
+    """The ``LlavaConfig`` joining a vision tower to an LM through an mlp2x_gelu projector.
+    An image is one token per patch, plus the CLS token when the tower has one and ``select``
+    is ``"full"`` (which keeps it)."""
+    from transformers import LlavaConfig
+
+    return LlavaConfig(
+        vision_config=vision_config,
+        text_config=text_config,
+        image_token_id=image_token_id,
+        projector_hidden_act="gelu",
+        vision_feature_select_strategy=select,
+        vision_feature_layer=feature_layer,
+        image_seq_length=(image_size // patch) ** 2 + (has_cls and select == "full"),
+        tie_word_embeddings=tie,
+    )
+
+
+def llava_processor(image_processor, tok, template, *, patch: int, select: str, has_cls: bool):
+    """The ``LlavaProcessor`` that prompts with ``template`` and expands ``<image>`` to the image
+    tokens :func:`llava_config` counts (the CLS token is one the tower outputs, kept or not by
+    ``select``). The tokenizer carries the same chat template, for ``tok.apply_chat_template``."""
+    from transformers import LlavaProcessor
+
     processor = LlavaProcessor(
         image_processor=image_processor,
         tokenizer=tok,
         patch_size=patch,
         vision_feature_select_strategy=select,
-        chat_template=template.jinja(eos=eos),
+        chat_template=template.jinja(eos=template_eos(template, tok)),
         image_token=IMAGE_PLACEHOLDER,
-        num_additional_image_tokens=1 if vision.has_cls else 0,
+        num_additional_image_tokens=1 if has_cls else 0,
     )
-    set_chat_template(processor, template, model.generation_config)
-    return model, processor
+    tok.chat_template = processor.chat_template
+    return processor
 
 
 def check_tokenizer_fits(tok, rows: int, source) -> None:

@@ -15,6 +15,11 @@ import re
 from pathlib import Path
 
 from llavamed.errors import InputError, first_line
+from llavamed.model.checkpoint_format import (
+    config_error_reason,
+    is_untrained_checkpoint,
+    model_files,
+)
 from llavamed.model.convert.state_dict_io import check_all_used, load_state_dict
 from llavamed.utils.io import read_json
 
@@ -60,8 +65,6 @@ def _vision_config_and_weights(src_cfg: dict, sd: dict, vision_tower: str | Path
             f"mm_vision_tower={named!r} is not a local folder; pass --vision-tower DIR "
             "(a CLIP folder such as clip-vit-large-patch14-336)",
         )
-    from llavamed.model.checkpoint_format import model_files
-
     with model_files(folder):
         cfg = AutoConfig.from_pretrained(folder)
     if isinstance(cfg, CLIPVisionConfig):
@@ -174,31 +177,9 @@ def _feature_layer(src_cfg: dict, cfg_path: Path, n_layers: int) -> int:
     return native_feature_layer(layer, n_layers)
 
 
-def convert_llava_med(
-    src: str | Path, dst: str | Path, *, vision_tower: str | Path | None = None
-) -> Path:
-    import torch
-    from transformers import (
-        LlavaConfig,
-        LlavaForConditionalGeneration,
-        LlavaProcessor,
-        MistralConfig,
-    )
-    from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
-
-    from llavamed.model.checkpoint_format import is_untrained_checkpoint
-    from llavamed.model.compose import check_tokenizer_fits
-    from llavamed.model.convert.native_writer import write_native_checkpoint
-    from llavamed.model.processing import llava_image_processor
-    from llavamed.model.templates import IMAGE_PLACEHOLDER, get_template
-    from llavamed.utils.io import check_output_dir
-
-    src = Path(src)
-    cfg_path = src / "config.json"
-    if not cfg_path.exists():
-        raise InputError(src, "not a checkpoint folder", "config.json missing")
-    check_output_dir(dst, ours=is_untrained_checkpoint, keep=(src,))  # before minutes of loading
-    src_cfg = read_json(cfg_path)
+def _check_source_config(src_cfg, cfg_path: Path) -> str:
+    """Refuse a source config native llava cannot reproduce; return its
+    ``vision_feature_select_strategy``."""
     if not isinstance(src_cfg, dict):
         raise InputError(cfg_path, "config.json is not a JSON object")
     if src_cfg.get("model_type") == "llava" and (
@@ -251,12 +232,12 @@ def convert_llava_med(
     merge = src_cfg.get("mm_patch_merge_type") or "flat"
     if merge != "flat":
         raise InputError(cfg_path, "unsupported option", f"mm_patch_merge_type={merge!r}")
-    tok = _load_tokenizer(src)  # before the weights: minutes for a 7B checkpoint
-    sd = load_state_dict(src)
-    vcfg, vision_weights, vision_names, vision_used, mean, std = _vision_config_and_weights(
-        src_cfg, sd, vision_tower, src
-    )
-    feature_layer = _feature_layer(src_cfg, cfg_path, int(vcfg.num_hidden_layers))
+    return "default" if select == "patch" else "full"
+
+
+def _text_config(src_cfg: dict, cfg_path: Path):
+    """The LM's ``MistralConfig``: the source's flat fields without LLaVA's own."""
+    from transformers import MistralConfig
 
     text_cfg = {k: v for k, v in src_cfg.items() if k not in LLAVA_KEYS}
     for k in ("architectures", "model_type", "_name_or_path", "transformers_version", "auto_map"):
@@ -266,39 +247,18 @@ def convert_llava_med(
     # caller asked for one, so a plain decoding loop recomputed the whole prompt each token.
     text_cfg.pop("use_cache", None)
     try:
-        text_config = MistralConfig(**text_cfg)
+        return MistralConfig(**text_cfg)
     except Exception as exc:  # noqa: BLE001 - any invalid field; transformers raises several kinds
         # ("hidden_size": "32" raised a validation error, 0 attention heads a ZeroDivisionError)
-        from llavamed.model.checkpoint_format import config_error_reason
-
         raise InputError(cfg_path, "invalid LM config", config_error_reason(exc)) from exc
 
-    if IMAGE_PLACEHOLDER not in tok.get_vocab():
-        tok.add_special_tokens({"additional_special_tokens": [IMAGE_PLACEHOLDER]})
-    if tok.pad_token is None:
-        tok.pad_token = tok.unk_token or tok.eos_token
-    image_token_id = tok.convert_tokens_to_ids(IMAGE_PLACEHOLDER)
-    vocab = max(len(tok), text_config.vocab_size)
-    old_vocab = text_config.vocab_size
-    text_config.vocab_size = vocab
 
-    select = "default" if select == "patch" else "full"
-    image_size, patch = int(vcfg.image_size), int(vcfg.patch_size)
-    config = LlavaConfig(
-        vision_config=vcfg.to_dict() | {"model_type": "clip_vision_model"},
-        text_config=text_config.to_dict() | {"model_type": "mistral"},
-        image_token_id=image_token_id,
-        projector_hidden_act="gelu",
-        vision_feature_select_strategy=select,
-        vision_feature_layer=feature_layer,
-        # "full" (LLaVA's cls_patch) keeps the CLS token as one more image token.
-        image_seq_length=(image_size // patch) ** 2 + (select == "full"),
-        tie_word_embeddings=bool(src_cfg.get("tie_word_embeddings", False)),
-    )
-    with torch.device("meta"):
-        model = LlavaForConditionalGeneration(config)
+def _map_llava_keys(sd: dict, vision_weights: dict, vision_names: dict, vision_used, src: Path):
+    """``(target, source_of)``: the source tensors under native llava's in-memory names, and for
+    each the key it had in the source (so that errors name a key the user can find). Every
+    source key must be mapped or known to be dropped."""
     target = {}
-    source_of: dict[str, str] = {}  # target key -> source key, so errors name the file's keys
+    source_of: dict[str, str] = {}
     used = list(vision_used)
     for k, v in sd.items():
         if k.startswith(TOWER_PREFIX):
@@ -325,8 +285,14 @@ def convert_llava_med(
     for k, v in vision_weights.items():
         target["model.vision_tower." + k] = v
         source_of["model.vision_tower." + k] = vision_names[k]
-    # Grow the embedding (and untied head) by the <image> row(s); their values are never read for
-    # image positions, so the mean embedding is a safe, deterministic fill.
+    return target, source_of
+
+
+def _grow_vocab(target: dict, source_of: dict, old_vocab: int, vocab: int, cfg_path: Path):
+    """Grow the embedding (and untied head) by the ``<image>`` row(s); their values are never
+    read for image positions, so the mean embedding is a safe, deterministic fill."""
+    import torch
+
     for key in ("model.language_model.embed_tokens.weight", "lm_head.weight"):
         if key in target and target[key].shape[0] != old_vocab:
             # Grown anyway, the tensor would be reported with rows it does not have.
@@ -339,19 +305,24 @@ def convert_llava_med(
             w = target[key]
             extra = w.mean(dim=0, keepdim=True).expand(vocab - old_vocab, -1)
             target[key] = torch.cat([w, extra], dim=0)
-    check_tokenizer_fits(tok, old_vocab, src)  # the rows are the weights' now
-    shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    if config.tie_word_embeddings:
-        shapes.pop("lm_head.weight", None)
-        # torch.save of a tied model stores the shared tensor under both names: drop the copy,
-        # but only when it is one (an lm_head that differs would be lost by tying).
-        head = target.pop("lm_head.weight", None)
-        embed = target.get("model.language_model.embed_tokens.weight")
-        if head is not None and not (embed is not None and torch.equal(head, embed)):
-            raise InputError(
-                src,
-                "tie_word_embeddings is set but lm_head.weight differs from embed_tokens.weight",
-            )
+
+
+def _drop_tied_head(target: dict, src: Path) -> None:
+    """torch.save of a tied model stores the shared tensor under both names: drop the copy, but
+    only when it is one (an lm_head that differs would be lost by tying)."""
+    import torch
+
+    head = target.pop("lm_head.weight", None)
+    embed = target.get("model.language_model.embed_tokens.weight")
+    if head is not None and not (embed is not None and torch.equal(head, embed)):
+        raise InputError(
+            src,
+            "tie_word_embeddings is set but lm_head.weight differs from embed_tokens.weight",
+        )
+
+
+def _check_layout(target: dict, shapes: dict, source_of: dict, src: Path) -> None:
+    """Refuse tensors that do not fill native llava's state dict ``shapes`` exactly."""
     missing, unexpected = set(shapes) - set(target), set(target) - set(shapes)
     if missing or unexpected:
         raise InputError(
@@ -369,6 +340,73 @@ def convert_llava_med(
     )
     if wrong:
         raise InputError(src, "tensor shapes do not fit the config", "; ".join(wrong[:5]))
+
+
+def convert_llava_med(
+    src: str | Path, dst: str | Path, *, vision_tower: str | Path | None = None
+) -> Path:
+    """Write the original LLaVA-Med v1.5 checkpoint ``src`` as a native llava checkpoint ``dst``
+    (the tower from ``vision_tower`` when ``src`` holds none and names no local folder)."""
+    import torch
+    from transformers import LlavaForConditionalGeneration
+    from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
+
+    from llavamed.model.compose import (
+        add_image_token,
+        check_tokenizer_fits,
+        llava_config,
+        llava_processor,
+    )
+    from llavamed.model.convert.native_writer import write_native_checkpoint
+    from llavamed.model.processing import llava_image_processor
+    from llavamed.model.templates import get_template
+    from llavamed.utils.io import check_output_dir
+
+    src = Path(src)
+    cfg_path = src / "config.json"
+    if not cfg_path.exists():
+        raise InputError(src, "not a checkpoint folder", "config.json missing")
+    check_output_dir(dst, ours=is_untrained_checkpoint, keep=(src,))  # before minutes of loading
+    src_cfg = read_json(cfg_path)
+    select = _check_source_config(src_cfg, cfg_path)
+    tok = _load_tokenizer(src)  # before the weights: minutes for a 7B checkpoint
+    sd = load_state_dict(src)
+    vcfg, vision_weights, vision_names, vision_used, mean, std = _vision_config_and_weights(
+        src_cfg, sd, vision_tower, src
+    )
+    feature_layer = _feature_layer(src_cfg, cfg_path, int(vcfg.num_hidden_layers))
+    text_config = _text_config(src_cfg, cfg_path)
+
+    # LLaVA's train.py pads with unk (Mistral's and Llama's tokenizers have one).
+    image_token_id = add_image_token(tok, pad=tok.unk_token or tok.eos_token)
+    vocab = max(len(tok), text_config.vocab_size)
+    old_vocab = text_config.vocab_size
+    text_config.vocab_size = vocab
+
+    image_size, patch = int(vcfg.image_size), int(vcfg.patch_size)
+    config = llava_config(
+        # LLaVA-Med v1.5 is CLIP ViT-L/14-336 + Mistral-7B; compose writes what it loaded.
+        vcfg.to_dict() | {"model_type": "clip_vision_model"},
+        text_config.to_dict() | {"model_type": "mistral"},
+        image_token_id=image_token_id,
+        select=select,
+        feature_layer=feature_layer,
+        image_size=image_size,
+        patch=patch,
+        # CLIP's CLS token: "full" (LLaVA's cls_patch) keeps it as one more image token.
+        has_cls=True,
+        tie=bool(src_cfg.get("tie_word_embeddings", False)),
+    )
+    with torch.device("meta"):
+        model = LlavaForConditionalGeneration(config)
+    target, source_of = _map_llava_keys(sd, vision_weights, vision_names, vision_used, src)
+    _grow_vocab(target, source_of, old_vocab, vocab, cfg_path)
+    check_tokenizer_fits(tok, old_vocab, src)  # the rows are the weights' now
+    shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    if config.tie_word_embeddings:
+        shapes.pop("lm_head.weight", None)
+        _drop_tied_head(target, src)
+    _check_layout(target, shapes, source_of, src)
     gen = {
         "pad_token_id": tok.pad_token_id,
         "eos_token_id": tok.eos_token_id,
@@ -379,17 +417,16 @@ def convert_llava_med(
     image_processor = llava_image_processor(
         image_size, mean or OPENAI_CLIP_MEAN, std or OPENAI_CLIP_STD, pad=pad
     )
-    template = get_template("mistral_instruct")
-    processor = LlavaProcessor(
-        image_processor=image_processor,
-        tokenizer=tok,
-        patch_size=patch,
-        vision_feature_select_strategy=select,
-        chat_template=template.jinja(eos=tok.eos_token),
-        image_token=IMAGE_PLACEHOLDER,
-        num_additional_image_tokens=1,
+    # The released tokenizer is kept as it is, unlike compose's set_chat_template: it adds BOS
+    # as mistral_instruct wants, and its eos, which ends mistral_instruct turns, is the stop id.
+    processor = llava_processor(
+        image_processor,
+        tok,
+        get_template("mistral_instruct"),
+        patch=patch,
+        select=select,
+        has_cls=True,
     )
-    tok.chat_template = processor.chat_template
     return write_native_checkpoint(
         dst,
         config,
