@@ -31,6 +31,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from llavamed.errors import ConfigError, InputError
 from llavamed.model.vision_tower import (
@@ -671,6 +672,19 @@ def recall_at_k(image_emb, text_emb, ks=(1, 5), keys=None) -> dict[str, float]:
 
 # ---- training --------------------------------------------------------------------------------------
 
+ADAM_BETAS = (0.9, 0.98)
+"""CLIP's AdamW betas for ViT towers (as OpenCLIP's and BiomedCLIP's recipes): beta2 0.98, a
+shorter second-moment memory than the default 0.999, for stable contrastive training."""
+MAX_LOGIT_SCALE = math.log(100)
+"""CLIP's ceiling on the learnable logit scale (a temperature of at least 0.01), which CLIP found
+necessary to keep training stable."""
+EPOCH_SEED_STRIDE = 1000003
+"""A prime above any epoch count: ``seed * EPOCH_SEED_STRIDE + epoch`` gives every (seed, epoch)
+its own shuffle."""
+AUG_SEED_STRIDE = 7919
+"""A fresh augmentation stream starts at ``seed * AUG_SEED_STRIDE + step * 31 + rank``: primes,
+so each process, and a run resumed without its RNG file, draws other crops than the others do."""
+
 
 def _lr_at(step: int, total: int, cfg: VisionPretrainConfig) -> float:
     warm = max(1, int(cfg.warmup_frac * total))
@@ -684,7 +698,7 @@ def _lr_at(step: int, total: int, cfg: VisionPretrainConfig) -> float:
 def _epoch_order(n: int, epoch: int, seed: int):
     import torch
 
-    g = torch.Generator().manual_seed(seed * 1000003 + epoch)
+    g = torch.Generator().manual_seed(seed * EPOCH_SEED_STRIDE + epoch)
     return torch.randperm(n, generator=g)
 
 
@@ -704,16 +718,16 @@ def _phrase_tables(captions: list[str], max_phrases: int):
 
 
 def train_vision(cfg: VisionPretrainConfig, progress: bool = True) -> VisionPretrainResult:
-    """Run (or resume) stage 0 and write the tower, config and report to ``cfg.output_dir``."""
+    """Run (or resume) stage 0 and write the tower, config and report to ``cfg.output_dir``.
+
+    In order: the run's identity (a finished run with the same one is returned as it is), the
+    starting tower, the pairs and their decoded images, the caption and phrase tables, the module
+    and its optimizer, the resume state, the training loop, then the tower and its report."""
     import torch
-    import yaml
     from tqdm import tqdm
 
-    from llavamed.config import diff
-    from llavamed.train.checkpointing import load_file
-    from llavamed.train.contrastive import clip_loss, dist_info, phrase_patch_loss, world_scale
-    from llavamed.train.text_encoder import TextEncoder, cached_embeddings
-    from llavamed.utils.io import JsonlAppender, atomic_path, atomic_write_json, atomic_write_text
+    from llavamed.train.contrastive import dist_info
+    from llavamed.train.text_encoder import TextEncoder
 
     _resolve_paths(cfg)
     cfg.validate()
@@ -721,43 +735,15 @@ def train_vision(cfg: VisionPretrainConfig, progress: bool = True) -> VisionPret
     t_start = time.time()
     rank, world = dist_info()
     is_main = rank == 0
+    show = progress and is_main
     out = Path(cfg.output_dir)
     tower_dir = out / TOWER_DIR
     bad_records: dict[str, str] = {}
     pairs, skipped = load_pairs(cfg.data, cfg.image_folder, bad_records)
-    # The same config over other pairs (the figures file was completed or rewritten in place)
-    # is another run. Reports and states from before the key existed are trusted.
-    data_key = pairs_fingerprint(pairs)
-    # So is the same config from other weights behind the starting tower's path (a tower
-    # converted or trained again into the same folder): the old tower was returned, or its
-    # state resumed, without a word.
-    start = Path(cfg.vision)
-    from llavamed.model.compose import VISION_PRESETS
-
-    preset = cfg.vision in VISION_PRESETS
-    start_key = cfg.vision if preset or not start.is_dir() else tower_fingerprint(start)
-    # And so is the same text_encoder name over other files (a new package version, a folder
-    # trained again): the global loss learns the encoder's space.
-    from llavamed.train.text_encoder import encoder_fingerprint, resolve_text_encoder
-
-    text_key = encoder_fingerprint(resolve_text_encoder(cfg.text_encoder), cfg.text_max_length)
-    finished = (tower_dir / "config.json").exists()
-    report = read_finished_report(out / REPORT_JSON, "stage 0") if finished else None
+    keys = _run_keys(cfg, pairs)
+    report = _reusable_report(out, cfg, keys)
     if report is not None:
-        # A moved run folder is the same run, and so is one re-run with settings that change
-        # nothing computed (they resumed at the last step and evaluated, probed and wrote the
-        # tower again: minutes). A run the time budget stopped goes on under another budget.
-        changed = set(diff(report.get("config") or {}, config_dict(cfg)))
-        may_change = RESUMABLE_CHANGES - (
-            {"time_budget_min"} if report.get("stopped_early") else set()
-        )
-        if (
-            changed <= may_change
-            and report.get("data", data_key) == data_key
-            and report.get("start_tower", start_key) == start_key
-            and report.get("text_encoder", text_key) == text_key
-        ):
-            return VisionPretrainResult(out, tower_dir, report, time.time() - t_start)
+        return VisionPretrainResult(out, tower_dir, report, time.time() - t_start)
 
     local_b = cfg.batch_size // world
     if local_b * world != cfg.batch_size:  # before the images are decoded, not after
@@ -778,53 +764,18 @@ def train_vision(cfg: VisionPretrainConfig, progress: bool = True) -> VisionPret
 
     text = TextEncoder(cfg.text_encoder, cfg.text_max_length, trainable=cfg.text_trainable)
     cache_dir = out / "cache"
+    images = _prepare_images(cfg, train_pairs, val_pairs, size, tower.mean, cache_dir, show)
+    train_pairs, val_pairs = images.train_pairs, images.val_pairs
+    for k, v in images.skipped.items():
+        skipped[k] = skipped.get(k, 0) + v
     # Unreadable images, path -> reason: named in the report (and on stderr), not only counted.
-    bad_images: dict[str, str] = {}
-    # preload: false meets them in the batches: train-pair index -> reason, kept in the state.
-    stream_bad: dict[int, str] = {}
-    if cfg.preload:
-        train_imgs, kept, bad, bad_files = preload_images(
-            train_pairs, size, tower.mean, cache_dir / f"train_{size}.pt", progress and is_main
-        )
-        train_pairs = [train_pairs[i] for i in kept]
-        val_imgs, vkept, vbad, vbad_files = (
-            preload_images(
-                val_pairs, size, tower.mean, cache_dir / f"val_{size}.pt", progress and is_main
-            )
-            if val_pairs
-            else (None, [], {}, {})
-        )
-        bad_images.update(bad_files)
-        bad_images.update(vbad_files)
-        val_pairs = [val_pairs[i] for i in vkept]
-        for d in (bad, vbad):
-            for k, v in d.items():
-                skipped[k] = skipped.get(k, 0) + v
-    else:
-        train_imgs = val_imgs = None
+    bad_images = images.bad
     if bad_records and is_main:
         print(skipped_records_note(cfg.data, bad_records), file=sys.stderr)
     _check_batch(train_pairs, val_pairs, cfg, bad_images)
     if bad_images and is_main:
         print(skipped_images_note(bad_images), file=sys.stderr)
-    captions = [p.caption for p in train_pairs]
-    # Pairs whose captions read the same are each other's positives in the global loss.
-    caption_ids: dict[str, int] = {}
-    caption_keys = torch.tensor(
-        [caption_ids.setdefault(caption_key(c), len(caption_ids)) for c in captions],
-        dtype=torch.long,
-    )
-    phrases = _phrase_tables(captions, cfg.max_phrases)
-    if not cfg.text_trainable:
-        cap_emb = cached_embeddings(
-            text, captions, cache_dir / "text_captions.pt", progress and is_main
-        )
-        flat = [p for items in phrases for p, _ in items]
-        uniq = list(dict.fromkeys(flat))
-        uniq_emb = cached_embeddings(
-            text, uniq, cache_dir / "text_phrases.pt", progress and is_main
-        )
-        phrase_index = {p: i for i, p in enumerate(uniq)}
+    tables = _text_tables(cfg, text, train_pairs, cache_dir, show)
 
     # Tower + heads (+ text tower when trainable) as one module. Under torch.distributed we
     # average gradients with one all-reduce per parameter after backward (what DDP does), since
@@ -836,112 +787,30 @@ def train_vision(cfg: VisionPretrainConfig, progress: bool = True) -> VisionPret
     module.to(device)
     if cfg.text_trainable:
         text.model.to(device)
-    # The loss temperatures and bias are single scalars that must travel several units (SigLIP's
-    # bias from -5 towards the positive rate's log-odds) in a few hundred CPU steps; at the
-    # weights' lr they barely move, so they get their own, larger one.
-    scalars = {"heads.logit_scale", "heads.local_scale", "heads.local_bias"}
-    named = [(n, p) for n, p in module.named_parameters() if p.requires_grad]
-    params_decay = [p for n, p in named if n not in scalars and p.dim() >= 2]
-    params_nodecay = [p for n, p in named if n not in scalars and p.dim() < 2]
-    params_scalar = [p for n, p in named if n in scalars]
-    opt = torch.optim.AdamW(
-        [
-            {"params": params_decay, "weight_decay": cfg.weight_decay, "lr_mult": 1.0},
-            {"params": params_nodecay, "weight_decay": 0.0, "lr_mult": 1.0},
-            {"params": params_scalar, "weight_decay": 0.0, "lr_mult": cfg.scalar_lr_mult},
-        ],
-        lr=cfg.lr,
-        betas=(0.9, 0.98),
-    )
+    opt = _make_optimizer(module, cfg)
     steps_per_epoch = len(train_pairs) // cfg.batch_size
     total = cfg.max_steps or max(1, int(round(cfg.epochs * steps_per_epoch)))
 
-    step, trained_s = 0, 0.0
     state_path = out / STATE_FILE
     aug_path = out / f"stage0_aug_rank{rank}.pt"
-    aug_gen = torch.Generator()
-    if state_path.exists():
-        # A file cut short (a machine crash before the disk wrote it out) was a torch
-        # traceback on every re-run.
-        state = load_file(state_path, f"Delete it to start over from step 0 in {out}")
-        changed = [
-            k for k in diff(state.get("config", {}), config_dict(cfg)) if k not in RESUMABLE_CHANGES
-        ]
-        if state.get("data", data_key) != data_key:
-            changed.append("the figure-caption pairs")
-        if state.get("start_tower", start_key) != start_key:
-            changed.append(f"the weights in {cfg.vision}")
-        if state.get("text_encoder", text_key) != text_key:
-            changed.append(f"the text encoder {cfg.text_encoder}")
-        if not changed:
-            module.load_state_dict(state["module"])
-            opt.load_state_dict(state["optimizer"])
-            step, trained_s = state["step"], state["trained_s"]
-            stream_bad.update(state.get("stream_bad", {}))
-        elif is_main:
-            print(
-                f"stage 0: {out} holds a run with other settings ({', '.join(changed)}); "
-                "starting from step 0",
-                file=sys.stderr,
-            )
-    # The augmentation stream (and the global RNG, which a trainable text tower's dropout draws
-    # from) continue where they stopped, so a resumed run sees the crops and dropout masks an
-    # uninterrupted one would (a generator re-seeded from the step would not).
-    saved_rng = (
-        load_file(
-            aug_path,
-            "Delete it to resume with a freshly seeded augmentation stream (not bit-exact)",
-        )
-        if step and aug_path.exists()
-        else {}
-    )
-    resumed_rng = saved_rng.get(f"step_{step}")
-    if isinstance(resumed_rng, torch.Tensor):  # files written before the global RNG was kept
-        resumed_rng = {"aug": resumed_rng}
-    if resumed_rng is not None:
-        aug_gen.set_state(resumed_rng["aug"])
-        if "torch" in resumed_rng:
-            torch.set_rng_state(resumed_rng["torch"])
-    else:
-        aug_gen.manual_seed(cfg.seed * 7919 + step * 31 + rank)
-    log = JsonlAppender(out / LOG_FILE) if is_main else None
-    if log is not None:
-        # Drop log lines past the resume point (the run died after logging, before saving).
-        prior = [r for r in log.existing() if r.get("step", 0) <= step]
-        log.close()
-        with atomic_path(out / LOG_FILE) as tmp:
-            tmp.write_text("".join(json.dumps(r) + "\n" for r in prior))
-        log = JsonlAppender(out / LOG_FILE)
+    # preload: false meets unreadable images in the batches: train-pair index -> reason.
+    step, trained_s, stream_bad = _restore(state_path, cfg, keys, module, opt, is_main)
+    aug_gen, rng_kept = _restore_rng(aug_path, step, cfg.seed, rank)
+    log = _open_log(out / LOG_FILE, step) if is_main else None
 
-    rng_kept: dict = {k: v for k, v in saved_rng.items() if k == f"step_{step}"}
+    def main_state() -> dict:
+        return {
+            "config": config_dict(cfg),
+            **keys.fields(),
+            "module": module.state_dict(),
+            "optimizer": opt.state_dict(),
+            "step": step,
+            "trained_s": trained_s,
+            "stream_bad": dict(stream_bad),
+        }
 
     def save_state() -> None:
-        # Every process keeps its own RNG file (each has its own crops), written before the main
-        # state. The file keeps the previous save's entry too: a run killed between the two writes
-        # resumes from the previous main state and still finds that step's RNG.
-        key = f"step_{step}"
-        rng_kept[key] = {"aug": aug_gen.get_state(), "torch": torch.get_rng_state()}
-        for old_key in list(rng_kept)[:-2]:
-            del rng_kept[old_key]
-        with atomic_path(aug_path) as tmp:
-            torch.save(rng_kept, tmp)
-        if not is_main:
-            return
-        with atomic_path(state_path) as tmp:
-            torch.save(
-                {
-                    "config": config_dict(cfg),
-                    "data": data_key,
-                    "start_tower": start_key,
-                    "text_encoder": text_key,
-                    "module": module.state_dict(),
-                    "optimizer": opt.state_dict(),
-                    "step": step,
-                    "trained_s": trained_s,
-                    "stream_bad": dict(stream_bad),
-                },
-                tmp,
-            )
+        _save_state(state_path, aug_path, step, aug_gen, rng_kept, main_state if is_main else None)
 
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16")
     stream = None
@@ -952,12 +821,7 @@ def train_vision(cfg: VisionPretrainConfig, progress: bool = True) -> VisionPret
             )
         )
     bar = tqdm(
-        total=total,
-        initial=step,
-        desc="stage 0",
-        unit="step",
-        disable=not (progress and is_main),
-        file=sys.stderr,
+        total=total, initial=step, desc="stage 0", unit="step", disable=not show, file=sys.stderr
     )
     module.train()
     if not cfg.text_trainable:
@@ -978,7 +842,7 @@ def train_vision(cfg: VisionPretrainConfig, progress: bool = True) -> VisionPret
                 stream_bad.setdefault(int(i), reason)
         else:
             idx = _batch_indices(step, steps_per_epoch, len(train_pairs), cfg, local_b, rank)
-            x8 = train_imgs[idx]
+            x8 = images.train[idx]
         x = augment(
             x8.float() / 255.0, aug_gen, cfg.crop_scale, cfg.crop_ratio, cfg.intensity_jitter
         )
@@ -986,61 +850,7 @@ def train_vision(cfg: VisionPretrainConfig, progress: bool = True) -> VisionPret
         for g in opt.param_groups:
             g["lr"] = _lr_at(step, total, cfg) * g["lr_mult"]
         with autocast:
-            pooled, patches = tower_features(tower, x, cfg.feature_layer)
-            heads = module.heads
-            loss_g = loss_l = torch.zeros(())
-            ids = idx.tolist()
-            if cfg.text_trainable:
-                t_cap = text.forward([captions[i] for i in ids])
-            else:
-                t_cap = cap_emb[idx].to(device)
-            if cfg.global_weight > 0:
-                img = torch.nn.functional.normalize(heads.img(pooled).float(), dim=-1)
-                txt = torch.nn.functional.normalize(
-                    heads.txt(t_cap.to(pooled.dtype)).float(), dim=-1
-                )
-                loss_g = clip_loss(img, txt, heads.logit_scale, caption_keys[idx].to(device))
-            if cfg.local_weight > 0:
-                # One row per distinct phrase key in the batch: otherwise a phrase every image of
-                # a domain carries ("PA CXR") appears dozens of times and its easy, global signal
-                # outweighs the rare local findings the loss is for.
-                uniq_rows = {}
-                for i in ids:
-                    for p, k in phrases[i]:
-                        uniq_rows.setdefault(k, p)
-                ptxt = list(uniq_rows.values())
-                pkeys = torch.tensor(list(uniq_rows), dtype=torch.long, device=device)
-                m = max(1, max(len(phrases[i]) for i in ids))
-                ikeys = torch.full((len(ids), m), -1, dtype=torch.long)
-                for r, i in enumerate(ids):
-                    for c, (_, k) in enumerate(phrases[i]):
-                        ikeys[r, c] = k
-                ikeys = ikeys.to(device)
-                if cfg.text_trainable:
-                    pe = text.forward(ptxt) if ptxt else torch.zeros(0, text.dim, device=device)
-                else:
-                    pe = (
-                        uniq_emb[torch.tensor([phrase_index[p] for p in ptxt], dtype=torch.long)]
-                        if ptxt
-                        else torch.zeros(0, text.dim)
-                    ).to(device)
-                pemb = torch.nn.functional.normalize(
-                    heads.phrase(pe.to(pooled.dtype)).float(), dim=-1
-                )
-                patch_emb = torch.nn.functional.normalize(heads.patch(patches).float(), dim=-1)
-                loss_l = (
-                    phrase_patch_loss(
-                        patch_emb,
-                        pemb,
-                        pkeys,
-                        ikeys,
-                        heads.local_scale,
-                        heads.local_bias,
-                        cfg.local_sharpness,
-                    )
-                    * world_scale()
-                )
-            loss = cfg.global_weight * loss_g + cfg.local_weight * loss_l
+            loss, loss_g, loss_l = _stage0_loss(module, tower, text, tables, x, idx, cfg, device)
         if not torch.isfinite(loss.detach()):
             # Stop before a NaN reaches the weights: a NaN tower would be saved and go on to
             # every later stage.
@@ -1056,7 +866,7 @@ def train_vision(cfg: VisionPretrainConfig, progress: bool = True) -> VisionPret
             torch.nn.utils.clip_grad_norm_(module.parameters(), cfg.grad_clip)
         opt.step()
         with torch.no_grad():
-            module.heads.logit_scale.clamp_(0, math.log(100))
+            module.heads.logit_scale.clamp_(0, MAX_LOGIT_SCALE)
         step += 1
         trained_s = trained_at_seg + (time.time() - t_seg)
         bar.update(1)
@@ -1080,24 +890,11 @@ def train_vision(cfg: VisionPretrainConfig, progress: bool = True) -> VisionPret
     if log is not None:
         log.close()
     if not cfg.preload:
-        met = {str(train_pairs[i].image): r for i, r in stream_bad.items()}
-        if world > 1:  # each process decoded other batches
-            import torch.distributed as dist
-
-            parts: list = [None] * world
-            dist.all_gather_object(parts, met)
-            met = {k: v for part in parts for k, v in part.items()}
-        for reason in met.values():
-            skipped[reason] = skipped.get(reason, 0) + 1
-        bad_images.update(met)
-        if met and is_main:
-            print(skipped_images_note(met), file=sys.stderr)
+        _count_streamed_bad(stream_bad, train_pairs, world, skipped, bad_images, is_main)
 
     report: dict = {
         "config": config_dict(cfg),
-        "data": data_key,
-        "start_tower": start_key,
-        "text_encoder": text_key,
+        **keys.fields(),
         "steps": step,
         "total_steps": total,
         "stopped_early": stopped_early,
@@ -1110,42 +907,447 @@ def train_vision(cfg: VisionPretrainConfig, progress: bool = True) -> VisionPret
         "world_size": world,
     }
     if is_main:
-        module.eval()
-        # The tower first: an evaluation that fails must not cost the trained weights (a re-run
-        # would find the final state and go straight back to it).
-        save_tower(module.tower, tower, size, tower_dir)
-        if val_pairs:
-            if val_imgs is None:  # preload: false decodes per step; decode the held-out set now
-                val_imgs, vkept, vbad, vbad_files = preload_images(
-                    val_pairs, size, tower.mean, cache_dir / f"val_{size}.pt", False
-                )
-                val_pairs = [val_pairs[i] for i in vkept]
-                for k, v in vbad.items():
-                    skipped[k] = skipped.get(k, 0) + v
-                bad_images.update(vbad_files)
-            if val_pairs:
-                report["retrieval"] = _retrieval(
-                    module, tower, val_pairs, val_imgs, size, text, cfg, cache_dir
-                )
-        atomic_write_text(out / CONFIG_YAML, yaml.safe_dump(config_dict(cfg), sort_keys=False))
-        if cfg.probe_images_per_domain > 0:
-            from llavamed.eval.probes import probe_report
-
-            towers = {"stage0": tower}
-            if cfg.probe_baseline:
-                towers = {"start": load_tower(cfg.vision, cfg.seed)} | towers
-            report["probes"] = probe_report(
-                towers,
-                cfg.feature_layer,
-                cfg.probe_domains,
-                cfg.probe_images_per_domain,
-                seed=cfg.seed + 1,
-                progress=progress,
-            )
-        report["wall_minutes"] = round((time.time() - t_start) / 60, 3)
-        atomic_write_text(out / REPORT_MD, render_report_md(report))
-        atomic_write_json(out / REPORT_JSON, report)
+        _final_report(
+            report, cfg, module, tower, size, val_pairs, images.val, text, progress, t_start
+        )
     return VisionPretrainResult(out, tower_dir, report, time.time() - t_start)
+
+
+@dataclass(frozen=True)
+class _RunKeys:
+    """What a run trained from besides its config, each stored under its own key in the report
+    and the resume state. Reports and states from before a key existed are trusted."""
+
+    data: str
+    """The pairs (:func:`pairs_fingerprint`): the same config over a figures file completed or
+    rewritten in place is another run."""
+    start_tower: str
+    """The starting tower: a preset's name, or the content hash of the folder (a tower converted
+    or trained again into the same folder was returned, or its state resumed, without a word)."""
+    text_encoder: str
+    """The text encoder's files: the global loss learns that encoder's space (a new package
+    version, a folder trained again)."""
+
+    def fields(self) -> dict[str, str]:
+        return {
+            "data": self.data,
+            "start_tower": self.start_tower,
+            "text_encoder": self.text_encoder,
+        }
+
+    def changed(self, saved: dict, cfg: VisionPretrainConfig) -> list[str]:
+        """What differs in ``saved`` (a report or a resume state), in words."""
+        named = (
+            ("data", "the figure-caption pairs"),
+            ("start_tower", f"the weights in {cfg.vision}"),
+            ("text_encoder", f"the text encoder {cfg.text_encoder}"),
+        )
+        mine = self.fields()
+        return [words for k, words in named if saved.get(k, mine[k]) != mine[k]]
+
+
+def _run_keys(cfg: VisionPretrainConfig, pairs: list[Pair]) -> _RunKeys:
+    from llavamed.model.compose import VISION_PRESETS
+    from llavamed.train.text_encoder import encoder_fingerprint, resolve_text_encoder
+
+    data_key = pairs_fingerprint(pairs)
+    start = Path(cfg.vision)
+    preset = cfg.vision in VISION_PRESETS
+    start_key = cfg.vision if preset or not start.is_dir() else tower_fingerprint(start)
+    text_key = encoder_fingerprint(resolve_text_encoder(cfg.text_encoder), cfg.text_max_length)
+    return _RunKeys(data_key, start_key, text_key)
+
+
+def _reusable_report(out: Path, cfg: VisionPretrainConfig, keys: _RunKeys) -> dict | None:
+    """The report of a finished run in ``out`` that this one would only repeat, else None.
+
+    A moved run folder is the same run, and so is one re-run with settings that change nothing
+    computed (they resumed at the last step and evaluated, probed and wrote the tower again:
+    minutes). A run the time budget stopped goes on under another budget."""
+    from llavamed.config import diff
+
+    finished = (out / TOWER_DIR / "config.json").exists()
+    report = read_finished_report(out / REPORT_JSON, "stage 0") if finished else None
+    if report is None:
+        return None
+    changed = set(diff(report.get("config") or {}, config_dict(cfg)))
+    may_change = RESUMABLE_CHANGES - ({"time_budget_min"} if report.get("stopped_early") else set())
+    if changed <= may_change and not keys.changed(report, cfg):
+        return report
+    return None
+
+
+@dataclass
+class _Images:
+    """The pairs that train and score, with their decoded images (``preload``; None when the
+    batches decode them) and the images that could not be read."""
+
+    train_pairs: list[Pair]
+    val_pairs: list[Pair]
+    train: Any
+    val: Any
+    skipped: dict[str, int]
+    """Unreadable images per reason."""
+    bad: dict[str, str]
+    """Unreadable images, path -> reason."""
+
+
+def _prepare_images(
+    cfg: VisionPretrainConfig,
+    train_pairs: list[Pair],
+    val_pairs: list[Pair],
+    size: int,
+    mean: list[float],
+    cache_dir: Path,
+    show: bool,
+) -> _Images:
+    """Decode every image once (``preload``, cached in ``cache_dir``) and keep the pairs whose
+    image reads; ``preload: false`` meets the unreadable ones in its batches instead."""
+    if not cfg.preload:
+        return _Images(train_pairs, val_pairs, None, None, {}, {})
+    train_imgs, kept, bad, bad_files = preload_images(
+        train_pairs, size, mean, cache_dir / f"train_{size}.pt", show
+    )
+    val_imgs, vkept, vbad, vbad_files = (
+        preload_images(val_pairs, size, mean, cache_dir / f"val_{size}.pt", show)
+        if val_pairs
+        else (None, [], {}, {})
+    )
+    skipped = dict(bad)
+    for k, v in vbad.items():
+        skipped[k] = skipped.get(k, 0) + v
+    return _Images(
+        [train_pairs[i] for i in kept],
+        [val_pairs[i] for i in vkept],
+        train_imgs,
+        val_imgs,
+        skipped,
+        bad_files | vbad_files,
+    )
+
+
+@dataclass
+class _TextTables:
+    """The training captions and their phrases, as the losses look them up by pair index."""
+
+    captions: list[str]
+    caption_keys: Any
+    """(N,) long: pairs whose captions read the same share a key (each other's positives)."""
+    phrases: list[list[tuple[str, int]]]
+    """Per pair: its finding phrases and their keys (:func:`_phrase_tables`)."""
+    caption_emb: Any = None
+    """Frozen text encoder only: every caption embedded once (cached)."""
+    phrase_emb: Any = None
+    """Frozen text encoder only: every distinct phrase embedded once (cached)."""
+    phrase_index: dict[str, int] = field(default_factory=dict)
+    """Phrase -> its row of ``phrase_emb``."""
+
+
+def _text_tables(
+    cfg: VisionPretrainConfig, text, train_pairs: list[Pair], cache_dir: Path, show: bool
+) -> _TextTables:
+    import torch
+
+    from llavamed.train.text_encoder import cached_embeddings
+
+    captions = [p.caption for p in train_pairs]
+    caption_ids: dict[str, int] = {}
+    caption_keys = torch.tensor(
+        [caption_ids.setdefault(caption_key(c), len(caption_ids)) for c in captions],
+        dtype=torch.long,
+    )
+    tables = _TextTables(captions, caption_keys, _phrase_tables(captions, cfg.max_phrases))
+    if not cfg.text_trainable:
+        tables.caption_emb = cached_embeddings(text, captions, cache_dir / "text_captions.pt", show)
+        flat = [p for items in tables.phrases for p, _ in items]
+        uniq = list(dict.fromkeys(flat))
+        tables.phrase_emb = cached_embeddings(text, uniq, cache_dir / "text_phrases.pt", show)
+        tables.phrase_index = {p: i for i, p in enumerate(uniq)}
+    return tables
+
+
+SCALAR_PARAMS = frozenset({"heads.logit_scale", "heads.local_scale", "heads.local_bias"})
+"""The loss temperatures and bias: single scalars that must travel several units (SigLIP's bias
+from -5 towards the positive rate's log-odds) in a few hundred CPU steps; at the weights' lr
+they barely move, so they get their own, larger one (``scalar_lr_mult``)."""
+
+
+def _make_optimizer(module, cfg: VisionPretrainConfig):
+    """AdamW over three groups: matrices (weight decay), biases and norms (none), and
+    :data:`SCALAR_PARAMS` (none, ``scalar_lr_mult`` times the lr). ``lr_mult`` is read by the
+    schedule each step."""
+    import torch
+
+    named = [(n, p) for n, p in module.named_parameters() if p.requires_grad]
+    params_decay = [p for n, p in named if n not in SCALAR_PARAMS and p.dim() >= 2]
+    params_nodecay = [p for n, p in named if n not in SCALAR_PARAMS and p.dim() < 2]
+    params_scalar = [p for n, p in named if n in SCALAR_PARAMS]
+    return torch.optim.AdamW(
+        [
+            {"params": params_decay, "weight_decay": cfg.weight_decay, "lr_mult": 1.0},
+            {"params": params_nodecay, "weight_decay": 0.0, "lr_mult": 1.0},
+            {"params": params_scalar, "weight_decay": 0.0, "lr_mult": cfg.scalar_lr_mult},
+        ],
+        lr=cfg.lr,
+        betas=ADAM_BETAS,
+    )
+
+
+def _restore(
+    state_path: Path, cfg: VisionPretrainConfig, keys: _RunKeys, module, opt, is_main: bool
+) -> tuple[int, float, dict[int, str]]:
+    """Load the resume state into ``module`` and ``opt`` when it is this run's: (step, training
+    seconds so far, the unreadable images the stream met); a run of other settings starts over."""
+    from llavamed.config import diff
+    from llavamed.train.checkpointing import load_file
+
+    if not state_path.exists():
+        return 0, 0.0, {}
+    # A file cut short (a machine crash before the disk wrote it out) was a torch traceback on
+    # every re-run.
+    state = load_file(state_path, f"Delete it to start over from step 0 in {state_path.parent}")
+    changed = [
+        k for k in diff(state.get("config", {}), config_dict(cfg)) if k not in RESUMABLE_CHANGES
+    ]
+    changed += keys.changed(state, cfg)
+    if not changed:
+        module.load_state_dict(state["module"])
+        opt.load_state_dict(state["optimizer"])
+        return state["step"], state["trained_s"], dict(state.get("stream_bad", {}))
+    if is_main:
+        print(
+            f"stage 0: {state_path.parent} holds a run with other settings "
+            f"({', '.join(changed)}); starting from step 0",
+            file=sys.stderr,
+        )
+    return 0, 0.0, {}
+
+
+def _fresh_aug_seed(seed: int, step: int, rank: int) -> int:
+    return seed * AUG_SEED_STRIDE + step * 31 + rank
+
+
+def _restore_rng(aug_path: Path, step: int, seed: int, rank: int):
+    """(the augmentation generator, the saved RNG entry to keep) for a run at ``step``.
+
+    The augmentation stream (and the global RNG, which a trainable text tower's dropout draws
+    from) continue where they stopped, so a resumed run sees the crops and dropout masks an
+    uninterrupted one would (a generator re-seeded from the step would not)."""
+    import torch
+
+    from llavamed.train.checkpointing import load_file
+
+    aug_gen = torch.Generator()
+    saved_rng = (
+        load_file(
+            aug_path,
+            "Delete it to resume with a freshly seeded augmentation stream (not bit-exact)",
+        )
+        if step and aug_path.exists()
+        else {}
+    )
+    resumed_rng = saved_rng.get(f"step_{step}")
+    if isinstance(resumed_rng, torch.Tensor):  # files written before the global RNG was kept
+        resumed_rng = {"aug": resumed_rng}
+    if resumed_rng is not None:
+        aug_gen.set_state(resumed_rng["aug"])
+        if "torch" in resumed_rng:
+            torch.set_rng_state(resumed_rng["torch"])
+    else:
+        aug_gen.manual_seed(_fresh_aug_seed(seed, step, rank))
+    return aug_gen, {k: v for k, v in saved_rng.items() if k == f"step_{step}"}
+
+
+def _open_log(path: Path, step: int):
+    """The training log, without the lines past ``step`` (the run died after logging them,
+    before saving)."""
+    from llavamed.utils.io import JsonlAppender, atomic_path
+
+    log = JsonlAppender(path)
+    prior = [r for r in log.existing() if r.get("step", 0) <= step]
+    log.close()
+    with atomic_path(path) as tmp:
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in prior))
+    return JsonlAppender(path)
+
+
+def _save_state(
+    state_path: Path, aug_path: Path, step: int, aug_gen, rng_kept: dict, main_state
+) -> None:
+    """Write this process's RNG file, then (``main_state``: the main process) the resume state.
+
+    Every process keeps its own RNG file (each has its own crops), written before the main
+    state. The file keeps the previous save's entry too: a run killed between the two writes
+    resumes from the previous main state and still finds that step's RNG."""
+    import torch
+
+    from llavamed.utils.io import atomic_path
+
+    key = f"step_{step}"
+    rng_kept[key] = {"aug": aug_gen.get_state(), "torch": torch.get_rng_state()}
+    for old_key in list(rng_kept)[:-2]:
+        del rng_kept[old_key]
+    with atomic_path(aug_path) as tmp:
+        torch.save(rng_kept, tmp)
+    if main_state is None:
+        return
+    with atomic_path(state_path) as tmp:
+        torch.save(main_state(), tmp)
+
+
+def _stage0_loss(module, tower: Tower, text, tables: _TextTables, x, idx, cfg, device):
+    """(loss, its global part, its local part) of one batch ``x`` of the pairs ``idx``.
+
+    Global: CLIP's InfoNCE between the pooled image and its caption, captions that read the
+    same being each other's positives. Local: each finding phrase of the batch against every
+    patch token at ``feature_layer`` (:func:`phrase_patch_loss`)."""
+    import torch
+
+    from llavamed.train.contrastive import clip_loss, phrase_patch_loss, world_scale
+
+    pooled, patches = tower_features(tower, x, cfg.feature_layer)
+    heads = module.heads
+    loss_g = loss_l = torch.zeros(())
+    ids = idx.tolist()
+    if cfg.text_trainable:
+        t_cap = text.forward([tables.captions[i] for i in ids])
+    else:
+        t_cap = tables.caption_emb[idx].to(device)
+    if cfg.global_weight > 0:
+        img = torch.nn.functional.normalize(heads.img(pooled).float(), dim=-1)
+        txt = torch.nn.functional.normalize(heads.txt(t_cap.to(pooled.dtype)).float(), dim=-1)
+        loss_g = clip_loss(img, txt, heads.logit_scale, tables.caption_keys[idx].to(device))
+    if cfg.local_weight > 0:
+        pe, pkeys, ikeys = _batch_phrases(text, tables, ids, cfg, device)
+        pemb = torch.nn.functional.normalize(heads.phrase(pe.to(pooled.dtype)).float(), dim=-1)
+        patch_emb = torch.nn.functional.normalize(heads.patch(patches).float(), dim=-1)
+        loss_l = (
+            phrase_patch_loss(
+                patch_emb,
+                pemb,
+                pkeys,
+                ikeys,
+                heads.local_scale,
+                heads.local_bias,
+                cfg.local_sharpness,
+            )
+            * world_scale()
+        )
+    loss = cfg.global_weight * loss_g + cfg.local_weight * loss_l
+    return loss, loss_g, loss_l
+
+
+def _batch_phrases(text, tables: _TextTables, ids: list[int], cfg, device):
+    """The batch's phrases for the local loss: (embeddings (P, D), their keys (P,), each image's
+    phrase keys (B, M), -1 padded)."""
+    import torch
+
+    # One row per distinct phrase key in the batch: otherwise a phrase every image of a domain
+    # carries ("PA CXR") appears dozens of times and its easy, global signal outweighs the rare
+    # local findings the loss is for.
+    uniq_rows = {}
+    for i in ids:
+        for p, k in tables.phrases[i]:
+            uniq_rows.setdefault(k, p)
+    ptxt = list(uniq_rows.values())
+    pkeys = torch.tensor(list(uniq_rows), dtype=torch.long, device=device)
+    m = max(1, max(len(tables.phrases[i]) for i in ids))
+    ikeys = torch.full((len(ids), m), -1, dtype=torch.long)
+    for r, i in enumerate(ids):
+        for c, (_, k) in enumerate(tables.phrases[i]):
+            ikeys[r, c] = k
+    ikeys = ikeys.to(device)
+    if cfg.text_trainable:
+        pe = text.forward(ptxt) if ptxt else torch.zeros(0, text.dim, device=device)
+    else:
+        pe = (
+            tables.phrase_emb[
+                torch.tensor([tables.phrase_index[p] for p in ptxt], dtype=torch.long)
+            ]
+            if ptxt
+            else torch.zeros(0, text.dim)
+        ).to(device)
+    return pe, pkeys, ikeys
+
+
+def _count_streamed_bad(
+    stream_bad: dict[int, str],
+    train_pairs: list[Pair],
+    world: int,
+    skipped: dict[str, int],
+    bad_images: dict[str, str],
+    is_main: bool,
+) -> None:
+    """Add the unreadable images the batches met (``preload: false``), on every process, to the
+    counts and names of the report."""
+    met = {str(train_pairs[i].image): r for i, r in stream_bad.items()}
+    if world > 1:  # each process decoded other batches
+        import torch.distributed as dist
+
+        parts: list = [None] * world
+        dist.all_gather_object(parts, met)
+        met = {k: v for part in parts for k, v in part.items()}
+    for reason in met.values():
+        skipped[reason] = skipped.get(reason, 0) + 1
+    bad_images.update(met)
+    if met and is_main:
+        print(skipped_images_note(met), file=sys.stderr)
+
+
+def _final_report(
+    report: dict,
+    cfg: VisionPretrainConfig,
+    module,
+    tower: Tower,
+    size: int,
+    val_pairs: list[Pair],
+    val_imgs,
+    text,
+    progress: bool,
+    t_start: float,
+) -> None:
+    """Main process: save the tower, then add held-out retrieval and the probes to ``report``
+    and write it with the resolved config."""
+    import yaml
+
+    from llavamed.utils.io import atomic_write_json, atomic_write_text
+
+    out = Path(cfg.output_dir)
+    cache_dir = out / "cache"
+    module.eval()
+    # The tower first: an evaluation that fails must not cost the trained weights (a re-run
+    # would find the final state and go straight back to it).
+    save_tower(module.tower, tower, size, out / TOWER_DIR)
+    if val_pairs:
+        if val_imgs is None:  # preload: false decodes per step; decode the held-out set now
+            val_imgs, vkept, vbad, _ = preload_images(
+                val_pairs, size, tower.mean, cache_dir / f"val_{size}.pt", False
+            )
+            val_pairs = [val_pairs[i] for i in vkept]
+            for k, v in vbad.items():
+                report["skipped"][k] = report["skipped"].get(k, 0) + v
+        if val_pairs:
+            report["retrieval"] = _retrieval(
+                module, tower, val_pairs, val_imgs, size, text, cfg, cache_dir
+            )
+    atomic_write_text(out / CONFIG_YAML, yaml.safe_dump(config_dict(cfg), sort_keys=False))
+    if cfg.probe_images_per_domain > 0:
+        from llavamed.eval.probes import probe_report
+
+        towers = {"stage0": tower}
+        if cfg.probe_baseline:
+            towers = {"start": load_tower(cfg.vision, cfg.seed)} | towers
+        report["probes"] = probe_report(
+            towers,
+            cfg.feature_layer,
+            cfg.probe_domains,
+            cfg.probe_images_per_domain,
+            seed=cfg.seed + 1,
+            progress=progress,
+        )
+    report["wall_minutes"] = round((time.time() - t_start) / 60, 3)
+    atomic_write_text(out / REPORT_MD, render_report_md(report))
+    atomic_write_json(out / REPORT_JSON, report)
 
 
 def read_finished_report(path: Path, stage: str) -> dict | None:
