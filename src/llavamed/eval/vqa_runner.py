@@ -34,6 +34,7 @@ from PIL import Image
 from llavamed.errors import InputError
 from llavamed.eval import metrics as M
 from llavamed.eval.vqa_data import VQASample
+from llavamed.model.processing import generation_prompt, question_messages
 from llavamed.utils.io import JsonlAppender
 
 ABLATIONS = ("blank", "noise", "shuffle")
@@ -244,10 +245,7 @@ class VQAGenerator:
         self._engine = None
 
     def prompt(self, question: str) -> str:
-        conv = [
-            {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}
-        ]
-        return self.processor.apply_chat_template(conv, add_generation_prompt=True)
+        return generation_prompt(self.processor, question_messages(question))
 
     def generate(self, images: Sequence[Image.Image], questions: Sequence[str]) -> list[str]:
         import torch
@@ -517,10 +515,17 @@ def _image_name(s: VQASample) -> str:
     return s.image_key if isinstance(s.image, bytes) else Path(s.image).name
 
 
+def question_text(question: str, answer: str, answer_type: str, closed_suffix: bool) -> str:
+    """The question as the model is asked it: a closed yes/no question gets the paper's suffix
+    when ``closed_suffix`` is on. VQA fine-tuning builds its prompts with this too (train/data.py
+    ``vqa_messages``), so the questions it trains on are the ones evaluation asks."""
+    if closed_suffix and answer_type == "closed" and M.is_yes_no(answer):
+        return f"{question} {CLOSED_SUFFIX}"
+    return question
+
+
 def _question_text(s: VQASample, closed_suffix: bool) -> str:
-    if closed_suffix and s.answer_type == "closed" and M.is_yes_no(s.answer):
-        return f"{s.question} {CLOSED_SUFFIX}"
-    return s.question
+    return question_text(s.question, s.answer, s.answer_type, closed_suffix)
 
 
 def answer_settings(

@@ -200,11 +200,10 @@ def vqa_messages(
 ) -> list[Message]:
     """A VQA pair as the single-turn conversation the eval runner prompts with: the image
     placeholder first, then the question (with the paper's closed suffix when asked)."""
-    from llavamed.eval.vqa_data import VQASample
-    from llavamed.eval.vqa_runner import _question_text
+    from llavamed.eval.vqa_runner import question_text
 
-    # Reuse the runner's own question text so training and evaluation prompts cannot drift.
-    q = _question_text(VQASample("", "", question, answer, answer_type), closed_suffix)  # type: ignore[arg-type]
+    # The runner's own question text, so training and evaluation prompts cannot drift.
+    q = question_text(question, answer, answer_type, closed_suffix)
     return [Message("user", f"{IMAGE_PLACEHOLDER}\n{q}"), Message("assistant", answer)]
 
 
