@@ -67,12 +67,8 @@ def register(sub) -> None:
 
 
 def run(args) -> int:
-    from llavamed.model.compose import (
-        ModelSpec,
-        init_checkpoint,
-        is_untrained_checkpoint,
-        vllm_tower_warning,
-    )
+    from llavamed.model.checkpoint_format import is_untrained_checkpoint, vllm_tower_warning
+    from llavamed.model.compose import ModelSpec, init_checkpoint
     from llavamed.utils.io import check_output_dir
 
     # Before the LM loads: --out naming a folder of the user's (or a trained checkpoint) would

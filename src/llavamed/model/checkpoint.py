@@ -6,16 +6,7 @@ import json
 from pathlib import Path
 
 from llavamed.errors import ConfigError, InputError, first_line
-
-# CONVERT_ORIGINAL_HINT and is_original_llava_type are only re-exported: serve/engine.py imports
-# them from here (and model_files, strict_from_pretrained, as train/trainer.py does).
-from llavamed.model.checkpoint_format import (  # noqa: F401
-    CHECKPOINT_META,
-    CONVERT_ORIGINAL_HINT,
-    is_original_llava_type,
-    model_files,
-    strict_from_pretrained,
-)
+from llavamed.model.checkpoint_format import CHECKPOINT_META, model_files, strict_from_pretrained
 from llavamed.model.compose import ModelSpec
 
 FINAL = "checkpoint-final"

@@ -25,7 +25,6 @@ from llavamed.model.checkpoint_format import (
     llava_hf_key,
     model_files,
     strict_from_pretrained,
-    vllm_tower_warning,  # noqa: F401 - commands/model_init.py imports it from here
     write_meta,
 )
 from llavamed.model.processing import (

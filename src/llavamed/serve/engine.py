@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from llavamed.errors import InputError, LlavamedError
-from llavamed.model.checkpoint import CONVERT_ORIGINAL_HINT, is_original_llava_type
+from llavamed.model.checkpoint_format import CONVERT_ORIGINAL_HINT, is_original_llava_type
 from llavamed.model.processing import known_token_id
 from llavamed.utils.precision import model_dtype
 
@@ -414,7 +414,7 @@ class Engine:
         else:
             from transformers import AutoModelForCausalLM, AutoTokenizer
 
-            from llavamed.model.checkpoint import model_files, strict_from_pretrained
+            from llavamed.model.checkpoint_format import model_files, strict_from_pretrained
 
             with model_files(path):
                 tok = AutoTokenizer.from_pretrained(path)

@@ -182,7 +182,8 @@ def build_model(cfg: TrainConfig):
     import torch
 
     from llavamed.model import ModelSpec, build, checkpoint_template
-    from llavamed.model.checkpoint import checkpoint_spec, model_files, strict_from_pretrained
+    from llavamed.model.checkpoint import checkpoint_spec
+    from llavamed.model.checkpoint_format import model_files, strict_from_pretrained
     from llavamed.model.compose import set_chat_template
     from llavamed.model.templates import get_template
 
