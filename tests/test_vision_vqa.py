@@ -459,3 +459,22 @@ def test_a_run_killed_before_its_markdown_report_writes_it_on_the_re_run(tmp_pat
     res = vv.run_from_config(cfg, progress=False)
     assert res.report["steps"] == 2
     assert (tmp_path / "out" / "vision_vqa_report.md").exists()
+
+
+def test_a_preset_beside_a_folder_of_its_name_is_keyed_by_the_name(tmp_path, monkeypatch, capsys):
+    """Stage 0b keyed its starting tower by the files of any folder of that name, which the
+    preset ``tiny`` never reads: an edit to a ``tiny/`` folder beside the run retrained the
+    finished run from step 0. Presets are keyed by name, as stage 0 keys them."""
+    from llavamed.train.vision_vqa import run_from_config
+
+    data = make_vqa_rad(tmp_path / "rad", 24)
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "tiny").mkdir()
+    (tmp_path / "tiny" / "config.json").write_text('{"model_type": "clip_vision_model"}')
+    cfg = _cfg(data, tmp_path / "o", steps=2, batch_size=8)
+    first = run_from_config(cfg, progress=False)
+    assert first.report["start_tower"] == "tiny"
+    (tmp_path / "tiny" / "config.json").write_text('{"model_type": "siglip_vision_model"}')
+    again = run_from_config(cfg, progress=False)
+    assert "other settings" not in capsys.readouterr().err
+    assert again.wall_time_s == 0.0 and again.report == first.report

@@ -336,15 +336,14 @@ def train_vision_vqa(cfg: VisionVQAConfig, progress: bool = True) -> VisionVQARe
     import torch.nn.functional as F
     from tqdm import tqdm
 
-    from llavamed.config import diff
     from llavamed.model.vision_tower import (
         check_tower_layer,
         load_tower,
         save_tower,
         tower_features,
-        tower_fingerprint,
     )
     from llavamed.train.checkpointing import load_file, rng_state, set_rng_state
+    from llavamed.train.run_inputs import RunInputs, run_changes, start_tower_key
     from llavamed.train.text_encoder import (
         TextEncoder,
         cached_embeddings,
@@ -360,46 +359,32 @@ def train_vision_vqa(cfg: VisionVQAConfig, progress: bool = True) -> VisionVQARe
     tower_dir, report_path = out / "vision_tower", out / REPORT
     resolved = asdict(cfg)
 
-    def recipe_changes(old_config: dict, may_change=RESUMABLE_CHANGES) -> list[str]:
-        return [k for k in diff(old_config, resolved) if k not in may_change]
-
     by_image, loader_bad = collect_yes_no(cfg)
-    # The same recipe on other questions or images (the VQA files changed), or from other
-    # weights behind the same tower path, is another run.
+    # The same recipe on other questions or images (the VQA files changed), from other weights
+    # behind the same tower path, or with the same text_encoder name over other files (a folder
+    # trained again, another package version: the readout head learnt that encoder's question
+    # embeddings) is another run.
     data_key = yes_no_data_key(by_image)
-    start = Path(cfg.vision)
-    start_key = tower_fingerprint(start) if start.is_dir() else cfg.vision
-    # And so is the same text_encoder name over other files (a folder trained again, another
-    # package version): the readout head learnt that encoder's question embeddings.
+    start_key = start_tower_key(cfg.vision)
     text_path = resolve_text_encoder(cfg.text_encoder)
-    text_key = encoder_fingerprint(text_path, TEXT_MAX_LENGTH)
+    inputs = RunInputs(data_key, start_key, encoder_fingerprint(text_path, TEXT_MAX_LENGTH))
+    words = ("the VQA data", "the starting tower's weights", "the text encoder's files")
     finished = (tower_dir / "config.json").exists()
     old = read_finished_report(report_path, "stage 0b") if finished else None
     if old is not None:
-        old_config = old.get("config", {})
-        # Reports from before the keys existed are trusted, as stage 0's are.
-        same_inputs = (
-            old.get("data_key", data_key),
-            old.get("start_tower", start_key),
-            old.get("text_encoder", text_key),
-        ) == (data_key, start_key, text_key)
-        if same_inputs and not recipe_changes(old_config, RESUMABLE_CHANGES):
+        # The report keeps its data key under data_key: its "data" holds the counts.
+        why = run_changes(
+            old, resolved, inputs, words, may_change=RESUMABLE_CHANGES, data_field="data_key"
+        )
+        if not why:
             # A finished run is done whatever the budget now; one its budget stopped goes on
             # only when the budget changed (its resume state is still there).
             done = old.get("steps", 0) >= cfg.steps
-            if done or old_config.get("time_budget_min") == cfg.time_budget_min:
+            if done or old.get("config", {}).get("time_budget_min") == cfg.time_budget_min:
                 return VisionVQAResult(out, tower_dir, old, 0.0)
         elif not (out / STATE_FILE).exists():
             # Its tower was trained over again from step 0 without a word (a resume state, when
             # there is one, says what changed below).
-            why = recipe_changes(old_config)
-            for name, k_old, k_new in (
-                ("the VQA data", old.get("data_key", data_key), data_key),
-                ("the starting tower's weights", old.get("start_tower", start_key), start_key),
-                ("the text encoder's files", old.get("text_encoder", text_key), text_key),
-            ):
-                if k_old != k_new:
-                    why.append(name)
             print(
                 f"stage 0b: {out} holds a finished run with other settings ({', '.join(why)}); "
                 "training again from step 0",
@@ -442,13 +427,11 @@ def train_vision_vqa(cfg: VisionVQAConfig, progress: bool = True) -> VisionVQARe
     state_path = out / STATE_FILE
     if state_path.exists():
         state = load_file(state_path, f"Delete it to start over from step 0 in {out}")
-        changed = recipe_changes(state["config"])
-        if state.get("data") != data_key:
-            changed.append("the VQA data")
-        if state.get("start_tower", start_key) != start_key:
-            changed.append("the starting tower's weights")
-        if state.get("text_encoder", text_key) != text_key:
-            changed.append("the text encoder's files")
+        # Unlike a report's, a state's missing data key is not trusted: states written before
+        # it was stored may have been made from other questions.
+        changed = run_changes(
+            {"data": None} | state, resolved, inputs, words, may_change=RESUMABLE_CHANGES
+        )
         if not changed:
             # Strict loads: the state was written by this recipe, so every key must match.
             tower.model.load_state_dict(state["tower"])
@@ -470,9 +453,7 @@ def train_vision_vqa(cfg: VisionVQAConfig, progress: bool = True) -> VisionVQARe
             torch.save(
                 {
                     "config": resolved,
-                    "data": data_key,
-                    "start_tower": start_key,
-                    "text_encoder": text_key,
+                    **inputs.as_fields(),
                     "tower": tower.model.state_dict(),
                     "head": head.state_dict(),
                     "optimizer": opt.state_dict(),
@@ -526,8 +507,7 @@ def train_vision_vqa(cfg: VisionVQAConfig, progress: bool = True) -> VisionVQARe
         save_state()
     tower.model.eval()
     report: dict[str, Any] = {"config": resolved, "steps": step, "data": counts, "log": log}
-    report["data_key"], report["start_tower"] = data_key, start_key
-    report["text_encoder"] = text_key
+    report.update(inputs.as_fields("data_key"))
     report["skipped"] = table.skipped
     # Named, not only counted (they were on stderr only, gone with the terminal).
     report["skipped_images"] = dict(sorted(table.skipped_images.items()))
