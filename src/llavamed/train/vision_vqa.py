@@ -328,6 +328,20 @@ def _accuracy(head, feats_fn, pix, labels, q_emb, readout, autocast) -> dict:
 
 # ---- training -----------------------------------------------------------------------------------
 
+GRAD_CLIP = 1.0
+"""Gradient-norm clip: the 1.0 of stage 0's ``grad_clip`` and the LLaVA stages'
+``max_grad_norm`` defaults, which bounds the steps a still-random readout head drives through
+the tower it reads from. A constant: stage 0b's recipe has no setting for it."""
+
+
+def _lr_at(step: int, cfg: VisionVQAConfig) -> float:
+    """Linear warm-up over ``warmup_steps`` multiplied into a cosine over all the steps that ends
+    at 0. Stage 0's schedule differs (its cosine starts after the warm-up and stops at
+    ``min_lr_frac``); this one is kept because the measured stage-0b results (docs/stage0.md,
+    docs/measurements.md) were made with it."""
+    warm = min(1.0, (step + 1) / max(1, cfg.warmup_steps))
+    return cfg.lr * warm * 0.5 * (1 + math.cos(math.pi * step / cfg.steps))
+
 
 def train_vision_vqa(cfg: VisionVQAConfig, progress: bool = True) -> VisionVQAResult:
     import contextlib
@@ -479,9 +493,8 @@ def train_vision_vqa(cfg: VisionVQAConfig, progress: bool = True) -> VisionVQARe
     tower.model.train()
     while step < cfg.steps and (budget is None or trained_s < budget):
         idx = train_idx[torch.randint(len(train_idx), (cfg.batch_size,), generator=g)]
-        warm = min(1.0, (step + 1) / max(1, cfg.warmup_steps))
         for grp in opt.param_groups:
-            grp["lr"] = cfg.lr * warm * 0.5 * (1 + math.cos(math.pi * step / cfg.steps))
+            grp["lr"] = _lr_at(step, cfg)
         y = _batch_targets(table.labels, idx, len(table.questions))
         with autocast():
             logits = head(feats(table.pixel_values[idx]), q_emb, cfg.readout).float()
@@ -490,7 +503,7 @@ def train_vision_vqa(cfg: VisionVQAConfig, progress: bool = True) -> VisionVQARe
         mask = y >= 0
         loss = F.binary_cross_entropy_with_logits(logits[mask], y[mask])
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        torch.nn.utils.clip_grad_norm_(params, GRAD_CLIP)
         opt.step()
         opt.zero_grad(set_to_none=True)
         step += 1
