@@ -37,21 +37,48 @@ def test_empty_folder_and_interrupted_world_are_still_accepted(tmp_path):
     assert (empty / "manifest.json").is_file()
 
 
+def _exit_code(argv):
+    """main()'s exit status: argparse exits (2) on a bad flag, a failed run returns 1."""
+    try:
+        return main(argv)
+    except SystemExit as exc:
+        return exc.code
+
+
 @pytest.mark.parametrize(
-    "extra",
+    "extra,code,message",
     [
-        ["--caption-pairs", "5", "--pairs-image-size", "10"],
-        ["--contact-sheet", "{tmp}"],
+        # A range argparse checks: a usage error naming the flag and its bound.
+        (
+            ["--caption-pairs", "5", "--pairs-image-size", "10"],
+            2,
+            "llavamed synth: error: argument --pairs-image-size: 10 must be >= 64",
+        ),
+        (
+            ["--contact-sheet", "{tmp}"],
+            1,
+            "llavamed: error: --contact-sheet {tmp} is a folder: give a PNG file path",
+        ),
         # Its folder is a file: failed after the world with "notes.txt: File exists".
-        ["--contact-sheet", "{tmp}/notes.txt/sub/sheet.png"],
+        (
+            ["--contact-sheet", "{tmp}/notes.txt/sub/sheet.png"],
+            1,
+            "llavamed: error: {tmp}/notes.txt/sub/sheet.png: --contact-sheet cannot be written: "
+            "{tmp}/notes.txt is a file, not a folder",
+        ),
     ],
     ids=["pairs-image-size", "contact-sheet-folder", "contact-sheet-under-a-file"],
 )
-def test_bad_late_arguments_fail_before_the_world_is_generated(tmp_path, extra, capsys):
+def test_bad_late_arguments_fail_before_the_world_is_generated(
+    tmp_path, extra, code, message, capsys
+):
     out = tmp_path / "w"
     (tmp_path / "notes.txt").write_text("mine")
     extra = [a.replace("{tmp}", str(tmp_path)) for a in extra]
-    assert main(["synth", "--out", str(out), *TINY, *extra]) != 0
+    assert _exit_code(["synth", "--out", str(out), *TINY, *extra]) == code
+    err = capsys.readouterr().err
+    assert err.strip().splitlines()[-1] == message.replace("{tmp}", str(tmp_path)), err
+    assert "Traceback" not in err
     assert not out.exists()
 
 
@@ -140,15 +167,20 @@ def test_sigkill_mid_synth_then_resume_gives_the_clean_world(tmp_path):
 
 
 @pytest.mark.parametrize(
-    "flag,value",
-    [("--vqa-images", "5"), ("--image-size", "10"), ("--train-closed", "0")],
+    "flag,value,bound",
+    [("--vqa-images", "5", "22"), ("--image-size", "10", "64"), ("--train-closed", "0", "1")],
 )
-def test_a_bad_value_is_refused_naming_the_flag_the_user_typed(tmp_path, capsys, flag, value):
-    """The refusal named generate_world's parameter ("vqa_images must be >= 22")."""
+def test_a_bad_value_is_refused_naming_the_flag_the_user_typed(
+    tmp_path, capsys, flag, value, bound
+):
+    """The refusal named generate_world's parameter ("vqa_images must be >= 22"). Now a usage
+    error: argparse names the flag as typed, with the value and its bound."""
     out = tmp_path / "w"
     args = ["synth", "--out", str(out), "--articles", "1", "--quiet", "--workers", "1"]
-    assert main([*args, flag, value]) != 0
-    assert f"{flag} must be >= " in capsys.readouterr().err
+    assert _exit_code([*args, flag, value]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[0].startswith("usage: llavamed synth [-h]"), err
+    assert err[-1].startswith(f"llavamed synth: error: argument {flag}: {value} must be >= {bound}")
     assert not out.exists()
 
 
