@@ -135,8 +135,16 @@ def test_cli_prompt_policy_and_cutoff(tmp_path, capsys):
     assert main([*argv, "--prompts", "uniform"]) == 0
     assert prompts_used() & set(brief) and prompts_used() & set(detailed)
     capsys.readouterr()
-    assert main([*argv, "--cutoff-words", "0"]) == 1
-    assert "--cutoff-words must be >= 1" in capsys.readouterr().err
+    before = out.read_bytes()
+    # A usage error (argparse's exit 2), refused as the command line is read: the last run's
+    # output is left as it was.
+    with pytest.raises(SystemExit) as exc:
+        main([*argv, "--cutoff-words", "0"])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[0].startswith("usage: llavamed data align [-h]"), err
+    assert err[-1] == "llavamed data align: error: argument --cutoff-words: 0 must be >= 1", err
+    assert out.read_bytes() == before
 
 
 def test_captions_go_in_on_one_line_without_image_tokens():
