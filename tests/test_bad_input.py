@@ -115,8 +115,14 @@ def test_serve_reports_a_busy_port_before_loading_any_model(capsys):
         # The model path does not exist: the port is checked first, so the port is what fails.
         assert main(["serve", "--model", "/no/such/model", "--port", str(port)]) == 1
     _one_line_error(capsys, f"--port {port}", "cannot listen")
-    assert main(["serve", "--model", "/no/such/model", "--port", "99999"]) == 1
-    _one_line_error(capsys, "--port 99999", "cannot listen")
+    # A port no socket can have is a usage error, refused as the command line is read (it was
+    # found at bind time, after the same checks as a busy one).
+    with pytest.raises(SystemExit) as exc:
+        main(["serve", "--model", "/no/such/model", "--port", "99999"])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[0].startswith("usage: llavamed serve [-h]"), err
+    assert err[-1] == "llavamed serve: error: argument --port: 99999 must be in 0 .. 65535", err
 
 
 def test_non_utf8_inputs_name_the_file(tmp_path, capsys):
@@ -203,7 +209,9 @@ def test_eval_rejects_a_negative_limit_and_a_missing_image_folder(tmp_path, caps
     q.write_text('{"question_id": 1, "image": "a.png", "text": "Q?"}\n')
     out = tmp_path / "answers.jsonl"
     args = ["eval", "answer", "--questions", str(q), "--out", str(out)]
-    # A model folder that is no checkpoint is named first (before the questions are read).
+    # The questions file and the image folder are checked before --model is resolved (a typo
+    # there is not hidden behind a wrong --model); both are fine here, so the model folder that
+    # is no checkpoint is what is named.
     assert main([*args, "--model", "m", "--images", str(tmp_path)]) == 1
     _one_line_error(capsys, "m", "not a checkpoint folder")
     assert main([*args, "--model", str(tiny_llava_dir), "--images", str(tmp_path / "nope")]) == 1
