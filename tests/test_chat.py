@@ -162,9 +162,15 @@ def test_cli_bad_sampling_value_is_a_config_error(command, tmp_path, capsys):
     """chat and web check their sampling options before loading any model."""
     from llavamed.cli import main
 
-    rc = main([command, "--model", str(tmp_path / "absent"), "--top-p", "1.5"])
-    assert rc == 1
-    assert "top_p must be in [0, 1]" in capsys.readouterr().err
+    # A usage error as the command line is read: the absent --model is never reached.
+    with pytest.raises(SystemExit) as exc:
+        main([command, "--model", str(tmp_path / "absent"), "--top-p", "1.5"])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[0].startswith(f"usage: llavamed {command} [-h]"), err
+    assert err[-1] == (
+        f"llavamed {command}: error: argument --top-p: 1.5 must be a finite number in [0, 1]"
+    ), err
 
 
 @pytest.mark.parametrize("value", ["nan", "inf"])
@@ -172,11 +178,16 @@ def test_cli_temperature_that_is_not_a_number_fails_before_the_model_loads(value
     """float() takes 'nan' and 'inf'; the model loaded, then torch raised a traceback."""
     from llavamed.cli import main
 
-    rc = main(["chat", "--model", str(tmp_path / "absent"), "--temperature", value])
-    assert rc == 1
+    with pytest.raises(SystemExit) as exc:
+        main(["chat", "--model", str(tmp_path / "absent"), "--temperature", value])
+    assert exc.value.code == 2  # a usage error, before the (absent) model is looked at
     err = capsys.readouterr().err
-    assert "temperature must be a finite number >= 0" in err
-    assert "Traceback" not in err and len(err.strip().splitlines()) == 1
+    assert "Traceback" not in err
+    lines = err.strip().splitlines()
+    assert lines[0].startswith("usage: llavamed chat [-h]"), err
+    assert lines[-1] == (
+        f"llavamed chat: error: argument --temperature: {value} must be a finite number >= 0"
+    ), err
 
 
 def test_ctrl_c_stops_an_answer_says_it_is_not_kept_and_exits_130(engine):
