@@ -352,29 +352,51 @@ def test_dry_run_calls_nothing(stub, tmp_path):
     assert report["already_done"] == 10 and report["requests_needed"] == 10
 
 
+# A value out of range is a usage error (exit 2, the usage line, "argument --flag: V must be
+# ..."), refused as the command line is read; an empty --cache is refused by the run (exit 1).
+USAGE = "llavamed data instruct: error: argument "
+
+
 @pytest.mark.parametrize(
-    "flags, message",
+    "flags, code, message",
     [
-        (["--max-tokens", "-500"], "--max-tokens must be >= 1"),  # dry run estimated < 0 tokens
-        (["--max-tokens", "0"], "--max-tokens must be >= 1"),
-        (["--temperature", "-1"], "--temperature must be a finite number >= 0"),
+        # the dry run estimated < 0 tokens
+        (["--max-tokens", "-500"], 2, USAGE + "--max-tokens: -500 must be >= 1"),
+        (["--max-tokens", "0"], 2, USAGE + "--max-tokens: 0 must be >= 1"),
+        (["--temperature", "-1"], 2, USAGE + "--temperature: -1 must be a finite number >= 0"),
         # inf passed ">= 0" and httpx refused to encode it: a ValueError traceback
-        (["--temperature", "inf"], "--temperature must be a finite number >= 0"),
-        (["--price-in", "inf"], "--price-in must be a finite number >= 0"),  # "Infinity" in JSON
-        (["--max-retries", "-1"], "--max-retries must be >= 0"),
+        (["--temperature", "inf"], 2, USAGE + "--temperature: inf must be a finite number >= 0"),
+        # "Infinity" in JSON
+        (["--price-in", "inf"], 2, USAGE + "--price-in: inf must be a finite number >= 0"),
+        (["--max-retries", "-1"], 2, USAGE + "--max-retries: -1 must be >= 0"),
         # --cache "$UNSET" turned the cache off without a word
-        (["--cache", ""], "--cache: empty path; give a file, or 'none'"),
+        (
+            ["--cache", ""],
+            1,
+            "llavamed: error: --cache: empty path; give a file, or 'none' to run without a cache",
+        ),
     ],
 )
-def test_bad_sampling_flags_are_refused_before_anything_is_written(tmp_path, capsys, flags, message):  # fmt: skip
+def test_bad_sampling_flags_are_refused_before_anything_is_written(tmp_path, capsys, flags, code, message):  # fmt: skip
     from llavamed.cli import main
 
     write_figures(tmp_path / "figures.jsonl", 3)
     base = ["--figures", str(tmp_path / "figures.jsonl"), "--out", str(tmp_path / "o.json"),
             "--base-url", "http://127.0.0.1:9/v1", "--model", "gpt-4o", "--no-progress"]  # fmt: skip
     for cmd in (["data", "instruct", *base, "--dry-run"], ["data", "instruct", *base]):
-        assert main([*cmd, *flags]) != 0
-        assert message in capsys.readouterr().err
+        try:
+            rc = main([*cmd, *flags])
+        except SystemExit as exc:
+            rc = exc.code
+        assert rc == code
+        err = capsys.readouterr().err
+        assert "Traceback" not in err
+        lines = err.strip().splitlines()
+        assert lines[-1] == message, err
+        if code == 2:
+            assert lines[0].startswith("usage: llavamed data instruct [-h]"), err
+        else:
+            assert len(lines) == 1, err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["figures.jsonl"]
 
 
