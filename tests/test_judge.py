@@ -428,7 +428,12 @@ def test_judge_refuses_a_max_tokens_no_server_takes(stub, tmp_path, capsys):
     qs, ans = write_inputs(tmp_path)
     argv = ["eval", "judge", "--questions", str(qs), "--answers", str(ans), "--base-url",
             stub.base_url, "--model", "judge", "--no-progress", "--max-tokens", "0"]  # fmt: skip
-    assert main(argv) != 0 and "--max-tokens must be >= 1" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exc:  # a usage error, before any request
+        main(argv)
+    assert exc.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[0].startswith("usage: llavamed eval judge [-h]"), err
+    assert err[-1] == "llavamed eval judge: error: argument --max-tokens: 0 must be >= 1", err
     assert stub.count == 0
 
 
