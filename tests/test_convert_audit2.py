@@ -172,15 +172,21 @@ def test_biomedclip_an_incomplete_trunk_is_refused_naming_the_key(
 
 
 @pytest.mark.parametrize(
-    ("heads", "message"),
+    ("heads", "code", "message"),
     [
-        (5, r"--num-heads: 5 heads do not divide the width \(hidden size 32\)"),
-        (0, r"--num-heads: must be a positive number \(got 0\)"),
-        (-2, r"--num-heads: must be a positive number \(got -2\)"),
+        # Known only once the weights are read: the run's one-line error.
+        (
+            5,
+            1,
+            r"^llavamed: error: .*--num-heads: 5 heads do not divide the width \(hidden size 32\)",
+        ),
+        # Out of range whatever the weights: a usage error as the command line is read.
+        (0, 2, r"^llavamed convert biomedclip: error: argument --num-heads: 0 must be >= 1$"),
+        (-2, 2, r"^llavamed convert biomedclip: error: argument --num-heads: -2 must be >= 1$"),
     ],
 )
 def test_biomedclip_num_heads_that_cannot_work_are_refused(
-    biomedclip_state_dict, tmp_path, capsys, heads, message
+    biomedclip_state_dict, tmp_path, capsys, heads, code, message
 ):
     """5 heads on width 32 ended in a RuntimeError traceback; 0 silently meant the default and
     a negative count wrote a folder."""
@@ -190,10 +196,18 @@ def test_biomedclip_num_heads_that_cannot_work_are_refused(
 
     src = tmp_path / "open_clip_pytorch_model.bin"
     torch.save(biomedclip_state_dict, src)
-    rc = main(["convert", "biomedclip", str(src), str(tmp_path / "out"), f"--num-heads={heads}"])
+    try:
+        rc = main(
+            ["convert", "biomedclip", str(src), str(tmp_path / "out"), f"--num-heads={heads}"]
+        )
+    except SystemExit as exc:
+        rc = exc.code
     err = capsys.readouterr().err
-    assert rc == 1 and "Traceback" not in err
-    assert re.search(message, err), err
+    assert rc == code and "Traceback" not in err, err
+    lines = err.strip().splitlines()
+    assert re.search(message, lines[-1]), err
+    if code == 2:
+        assert lines[0].startswith("usage: llavamed convert biomedclip [-h]"), err
     assert not (tmp_path / "out").exists()
 
 
