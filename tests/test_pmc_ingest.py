@@ -484,10 +484,21 @@ def test_a_bad_size_option_is_refused_before_any_package_is_marked_done(tmp_path
     src = make_tarballs(tmp_path / "src")
     out = tmp_path / "out"
     base = ["data", "ingest", str(src), "--out", str(out), "--workers", "1", "--no-progress"]
-    for bad in (["--max-side", "-5"], ["--min-size", "-1"], ["--max-side", "16"]):
-        assert main([*base, *bad]) == 1
-        assert bad[0] in capsys.readouterr().err
-    assert not (out / ".done_packages.jsonl").exists()
+    # Usage errors (exit 2): argparse's range checks, and run()'s check of --max-side against
+    # --min-size (32 by default), both before the ledger is opened.
+    usage = "llavamed data ingest: error: argument "
+    for bad, message in (
+        (["--max-side", "-5"], usage + "--max-side: -5 must be >= 1"),
+        (["--min-size", "-1"], usage + "--min-size: -1 must be >= 0"),
+        (["--max-side", "16"], usage + "--max-side: 16 must be >= --min-size (32): "),
+    ):
+        with pytest.raises(SystemExit) as exc:
+            main([*base, *bad])
+        assert exc.value.code == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert err[0].startswith("usage: llavamed data ingest [-h]"), err
+        assert err[-1].startswith(message), err
+        assert not (out / ".done_packages.jsonl").exists()
     assert main(base) == 0
     assert _report(out)["figures_written"] == len(EXPECTED)
 
