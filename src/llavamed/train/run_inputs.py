@@ -5,6 +5,8 @@ computed, and the same inputs behind the config's names, which the config alone 
 
 from __future__ import annotations
 
+import json
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -66,3 +68,22 @@ def start_tower_key(vision: str) -> str:
     if vision in VISION_PRESETS or not start.is_dir():
         return vision
     return tower_fingerprint(start)
+
+
+def read_finished_report(path: Path, stage: str) -> dict | None:
+    """A finished stage-0 or stage-0b run's report, or None when there is none or it cannot be
+    read (cut short by a crash: it was a JSONDecodeError traceback on every re-run); the run then
+    goes on, from its resume state if it has one."""
+    from llavamed.errors import first_line
+
+    if not path.exists():
+        return None
+    try:
+        report = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        print(
+            f"{stage}: {path} is unreadable ({first_line(exc)}); not a finished run",
+            file=sys.stderr,
+        )
+        return None
+    return report if isinstance(report, dict) else None

@@ -46,7 +46,12 @@ from llavamed.model.vision_tower import (
     # test imports it from llavamed.model.vision_tower (a file this refactor does not own).
     tower_fingerprint,  # noqa: F401
 )
-from llavamed.train.run_inputs import RunInputs, run_changes, start_tower_key
+from llavamed.train.run_inputs import (
+    RunInputs,
+    read_finished_report,
+    run_changes,
+    start_tower_key,
+)
 from llavamed.utils.precision import check_precision, resolve_precision
 
 STATE_FILE = "stage0_state.pt"
@@ -1324,25 +1329,6 @@ def _final_report(
     report["wall_minutes"] = round((time.time() - t_start) / 60, 3)
     atomic_write_text(out / REPORT_MD, render_report_md(report))
     atomic_write_json(out / REPORT_JSON, report)
-
-
-def read_finished_report(path: Path, stage: str) -> dict | None:
-    """A finished stage-0 or stage-0b run's report, or None when there is none or it cannot be
-    read (cut short by a crash: it was a JSONDecodeError traceback on every re-run); the run then
-    goes on, from its resume state if it has one."""
-    from llavamed.errors import first_line
-
-    if not path.exists():
-        return None
-    try:
-        report = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        print(
-            f"{stage}: {path} is unreadable ({first_line(exc)}); not a finished run",
-            file=sys.stderr,
-        )
-        return None
-    return report if isinstance(report, dict) else None
 
 
 def any_process(flag: bool, world: int) -> bool:

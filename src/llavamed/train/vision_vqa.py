@@ -357,14 +357,18 @@ def train_vision_vqa(cfg: VisionVQAConfig, progress: bool = True) -> VisionVQARe
         tower_features,
     )
     from llavamed.train.checkpointing import load_file, rng_state, set_rng_state
-    from llavamed.train.run_inputs import RunInputs, run_changes, start_tower_key
+    from llavamed.train.run_inputs import (
+        RunInputs,
+        read_finished_report,
+        run_changes,
+        start_tower_key,
+    )
     from llavamed.train.text_encoder import (
         TextEncoder,
         cached_embeddings,
         encoder_fingerprint,
         resolve_text_encoder,
     )
-    from llavamed.train.vision_pretrain import read_finished_report
 
     t0 = time.time()
     cfg.precision = resolve_precision(cfg.precision, "cpu")  # this stage runs on the CPU
