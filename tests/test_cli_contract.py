@@ -312,20 +312,18 @@ WRITERS = [
 ]
 
 
-@pytest.mark.parametrize("writer", WRITERS)
-def test_an_output_that_cannot_be_written_is_one_line_before_any_work(tmp_path, capsys, writer):
-    """`data ingest --out /proc/x` (and align, domains, instruct, judge, synth, model init,
-    convert) ended in a FileNotFoundError traceback, most after their work; a path under a
-    file was "X: Not a directory" at the first write, after the work."""
+def _refused_in_one_line(tmp_path, capsys, commands) -> None:
+    """Each kind of bad output: exit 1 and one line, "llavamed: error: PATH: FLAG cannot be
+    written: REASON", the OS's reason named; the user's file beside it untouched."""
     for kind, base in _bad_outputs(tmp_path).items():
-        argv, named = _writers(tmp_path, base)[writer]
+        argv, named, flag = commands(base)
         capsys.readouterr()
         assert main(argv) == 1, (kind, capsys.readouterr().err)
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and "Traceback" not in err[0], (kind, err)
         line = err[0]
         assert line.startswith(f"llavamed: error: {named}: "), (kind, line)
-        assert "cannot be written" in line, (kind, line)
+        assert f"{flag}cannot be written" in line, (kind, line)
         reason = {
             "under a file": f"{tmp_path / 'notes.txt'} is a file, not a folder",
             "under /proc": "cannot create /proc/llavamed-test: ",
@@ -333,8 +331,83 @@ def test_an_output_that_cannot_be_written_is_one_line_before_any_work(tmp_path, 
         }[kind]
         assert reason in line, (kind, line)
         assert (tmp_path / "notes.txt").read_text() == "mine"
+
+
+@pytest.mark.parametrize("writer", WRITERS)
+def test_an_output_that_cannot_be_written_is_one_line_before_any_work(tmp_path, capsys, writer):
+    """`data ingest --out /proc/x` (and align, domains, instruct, judge, synth, model init,
+    convert) ended in a FileNotFoundError traceback, most after their work; a path under a
+    file was "X: Not a directory" at the first write, after the work."""
+    _refused_in_one_line(tmp_path, capsys, lambda base: (*_writers(tmp_path, base)[writer], ""))
     assert not (tmp_path / "w").exists()  # synth stopped before its world
     assert not (tmp_path / "o.json").exists()
+
+
+def _vqa_rad(tmp_path: Path) -> Path:
+    root = tmp_path / "vqa_rad"
+    (root / "VQA_RAD Image Folder").mkdir(parents=True)
+    from PIL import Image
+
+    Image.new("RGB", (24, 24), (60, 20, 200)).save(root / "VQA_RAD Image Folder" / "i0.jpg")
+    rec = {"qid": 0, "image_name": "i0.jpg", "question": "Is it?", "answer": "yes",
+           "answer_type": "CLOSED", "question_type": "PRES", "phrase_type": "test_freeform"}  # fmt: skip
+    (root / "VQA_RAD Dataset Public.json").write_text(json.dumps([rec]))
+    return root
+
+
+def _model_writers(tmp_path: Path, model: Path, writer: str):
+    """A command that loads a model, as a function of its output's folder ``base``: (argv, the
+    path the error must name, the flag or config key it must name)."""
+    import yaml
+
+    from test_eval_answer import _qa50
+    from train_helpers import make_bright_dark, tiny_config
+
+    if writer == "eval vqa --out":
+        data = _vqa_rad(tmp_path)
+        return lambda base: (
+            ["eval", "vqa", "--model", str(model), "--dataset", "vqa-rad", "--data", str(data),
+             "--out", str(base), "--bootstrap", "10", "--no-progress"],
+            str(base),
+            "--out ",
+        )  # fmt: skip
+    if writer == "eval answer --out":
+        questions, images = _qa50(tmp_path)
+        return lambda base: (
+            ["eval", "answer", "--model", str(model), "--questions", str(questions),
+             "--images", str(images), "--out", str(base / "a.jsonl"), "--max-new-tokens", "2",
+             "--no-progress"],
+            str(base / "a.jsonl"),
+            "--out ",
+        )  # fmt: skip
+    assert writer == "train output.dir"
+    cfg = tmp_path / "train.yaml"
+    data = make_bright_dark(tmp_path / "train", 4)
+    cfg.write_text(yaml.safe_dump(tiny_config(data, tmp_path / "run")))
+    return lambda base: (
+        ["train", str(cfg), f"output.dir={base}", "--no-progress"],
+        str(base),
+        "output.dir ",
+    )
+
+
+@pytest.mark.parametrize("writer", ["eval vqa --out", "eval answer --out", "train output.dir"])
+def test_a_model_command_refuses_an_unwritable_output_before_loading_the_model(
+    tiny_llava_dir, tmp_path, capsys, monkeypatch, writer
+):
+    """`eval vqa --out /proc/x` ended in a FileNotFoundError traceback at its folder's mkdir once
+    the data had loaded, a path under a file in "X: Not a directory"; `train output.dir=/proc/x`
+    in the same traceback; `eval answer --out /proc/x/a.jsonl` named the folder, not the flag."""
+    from llavamed.eval import vqa_runner
+    from llavamed.train import trainer
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the model was loaded before the output was checked")
+
+    monkeypatch.setattr(vqa_runner, "_load_model", refuse)
+    monkeypatch.setattr(trainer, "build_model", refuse)
+    _refused_in_one_line(tmp_path, capsys, _model_writers(tmp_path, tiny_llava_dir, writer))
+    assert not (tmp_path / "run").exists()
 
 
 def test_the_write_check_leaves_nothing_behind(tmp_path):
@@ -353,11 +426,13 @@ def test_the_write_check_leaves_nothing_behind(tmp_path):
 
 @pytest.mark.skipif(not _proc_is_a_pseudo_fs(), reason="needs /proc, a folder nothing is made in")
 def test_the_shared_writers_refuse_a_folder_the_os_will_not_make_in_one_line(
-    tiny_llava_dir, tmp_path, capsys
+    tiny_llava_dir, tmp_path
 ):
-    """Commands that write without checking first (eval answer's answers log) ended in a
-    FileNotFoundError traceback from the folder's mkdir."""
+    """Callers that write without checking first (eval answer's answers log, called as a library:
+    the command checks --out up front) ended in a FileNotFoundError traceback from the folder's
+    mkdir."""
     from llavamed.errors import InputError
+    from llavamed.eval.answer import answer_questions
     from llavamed.utils.io import JsonlAppender, atomic_write_json, exclusive_lock
     from test_eval_answer import _qa50
 
@@ -371,9 +446,5 @@ def test_the_shared_writers_refuse_a_folder_the_os_will_not_make_in_one_line(
         with pytest.raises(InputError, match=f"^{where}: cannot be written \\({why}\\)$"):
             write()
     q, img = _qa50(tmp_path)
-    argv = ["eval", "answer", "--model", str(tiny_llava_dir), "--questions", str(q)]
-    argv += ["--images", str(img), "--out", f"{where}/a.jsonl", "--max-new-tokens", "2"]
-    assert main([*argv, "--no-progress"]) == 1
-    err = capsys.readouterr().err.strip().splitlines()
-    assert err[-1] == f"llavamed: error: {where}: cannot be written ({why})", err
-    assert not any("Traceback" in line for line in err)
+    with pytest.raises(InputError, match=f"^{where}: cannot be written \\({why}\\)$"):
+        answer_questions(tiny_llava_dir, q, img, f"{where}/a.jsonl", progress=False)

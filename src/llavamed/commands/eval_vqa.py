@@ -140,15 +140,21 @@ def run(args) -> int:
     from llavamed.eval.vqa_data import load_vqa
     from llavamed.eval.vqa_runner import fmt_pct, run_vqa_eval
     from llavamed.model.checkpoint import resolve_checkpoint
+    from llavamed.utils.io import require_writable
     from llavamed.utils.precision import model_dtype
 
+    out = Path(args.out or f"eval_{args.dataset}_{args.split}")
+    # Before the data and the model load: a folder that cannot be made (/proc/x, one under a
+    # file) ended in a FileNotFoundError traceback at its mkdir once the data had loaded. The
+    # answers already in --out are checked against this run later, with the data
+    # (vqa_runner.check_before_loading), still before the model.
+    require_writable(out, "--out", folder=True)
     samples, rep = load_vqa(
         args.dataset, args.data, split=args.split, lang=args.lang, images=args.images
     )
     print(rep.summary(), file=sys.stderr)
     if not samples:
         raise InputError(args.data, "no usable samples", f"split={args.split}")
-    out = Path(args.out or f"eval_{args.dataset}_{args.split}")
     # A run folder means its checkpoint-final, as for train's model.from, serve, chat and web
     # (`--model runs/stage2` said "config.json missing"); answers name it as the direct path does.
     model = resolve_checkpoint(args.model)

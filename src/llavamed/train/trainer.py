@@ -937,6 +937,12 @@ def _run(
     accum = per_step // info.world_size
     kind = _engine_kind(cfg, info)
     if info.is_main:
+        from llavamed.utils.io import require_writable
+
+        # One line naming output.dir, before the model loads: a folder that cannot be made
+        # (/proc/x) ended in a FileNotFoundError traceback here. Not earlier: a finished run on a
+        # read-only disk is still returned above without writing.
+        require_writable(out, "output.dir", folder=True)
         out.mkdir(parents=True, exist_ok=True)
         atomic_write_text(out / "config.yaml", dump_yaml(cfg))
     torch.manual_seed(t.seed)
