@@ -13,3 +13,22 @@ def wait_until_running(engine, timeout: float = 2.0) -> None:
         if engine.queue_depth == 0 and engine.stats["prefills"]:
             return
         time.sleep(0.01)
+
+
+def engine_failing_at_forward(model_dir, n: int, max_batch_size: int):
+    """An engine on ``model_dir`` that never stops at EOS and whose ``n``-th model forward
+    raises (an out-of-memory error mid-answer, as a real one would come)."""
+    from llavamed.serve.engine import Engine, EngineSettings
+
+    eng = Engine.from_path(model_dir, settings=EngineSettings(max_batch_size=max_batch_size))
+    eng.eos_ids = set()
+    forward, calls = eng.model.forward, [0]
+
+    def fails_on_the_nth_forward(*a, **k):
+        calls[0] += 1
+        if calls[0] == n:
+            raise RuntimeError("out of memory")
+        return forward(*a, **k)
+
+    eng.model.forward = fails_on_the_nth_forward
+    return eng

@@ -16,7 +16,7 @@ httpx = pytest.importorskip("httpx")
 
 from llavamed.serve.api import serve_in_background  # noqa: E402
 from llavamed.serve.engine import Engine, EngineSettings, SamplingParams  # noqa: E402
-from serve_helpers import wait_until_running  # noqa: E402
+from serve_helpers import engine_failing_at_forward, wait_until_running  # noqa: E402
 
 KEY = "sk-test-0123456789abcdef"
 
@@ -380,17 +380,7 @@ def _streamed_go_on(max_tokens: int) -> dict:
 def test_a_stream_that_fails_mid_way_still_ends_with_done(tiny_lm_dir):
     """After a generation error the stream ended with the error object alone; vLLM sends
     "data: [DONE]" after it, and clients read until they see it."""
-    eng = Engine.from_path(tiny_lm_dir, settings=EngineSettings(max_batch_size=1))
-    eng.eos_ids = set()
-    forward, calls = eng.model.forward, [0]
-
-    def fails_on_the_4th_forward(*a, **k):
-        calls[0] += 1
-        if calls[0] == 4:
-            raise RuntimeError("out of memory")
-        return forward(*a, **k)
-
-    eng.model.forward = fails_on_the_4th_forward
+    eng = engine_failing_at_forward(tiny_lm_dir, 4, max_batch_size=1)
     srv = serve_in_background(eng)
     try:
         body = _streamed_go_on(10)
