@@ -65,9 +65,9 @@ def main() -> int:
 
     import torch
 
+    from llavamed.data.vqa import load_vqa
     from llavamed.eval.closed_logits import prepare_closed, yes_no_predictions
     from llavamed.eval.metrics import bootstrap_ci
-    from llavamed.eval.vqa_data import load_vqa
     from llavamed.model.checkpoint import load_llava
 
     if args.threads:

@@ -70,7 +70,7 @@ def make_images(n: int, seed: int = 0) -> list[Image.Image]:
 
 def load_questions(dataset: str, data: str, split: str, n: int):
     """The first ``n`` English questions of an evaluation set, in file order."""
-    from llavamed.eval.vqa_data import load_vqa
+    from llavamed.data.vqa import load_vqa
     from llavamed.images import load_image
 
     samples, _ = load_vqa(dataset, data, split=split, lang="en")

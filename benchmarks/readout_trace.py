@@ -21,7 +21,7 @@ from pathlib import Path
 
 
 def _source(ap, spec: str, split: str):
-    from llavamed.eval.vqa_data import load_vqa
+    from llavamed.data.vqa import load_vqa
 
     name, sep, path = spec.partition("=")
     if not sep or not name or not path:

@@ -34,8 +34,8 @@ from pathlib import Path
 
 
 def run_tower(name: str, vision: str, args) -> list[dict]:
+    from llavamed.data.vqa import load_vqa
     from llavamed.eval.closed_logits import closed_accuracy, prepare_closed
-    from llavamed.eval.vqa_data import load_vqa
     from llavamed.model.compose import VISION_PRESETS
     from llavamed.train import run_training
 
@@ -115,8 +115,8 @@ def run_curriculum(name: str, vision: str, args) -> list[dict]:
     """The quickstart's stages 1, 2 and fine-tuning on ``vision``, scored along the way."""
     import yaml
 
+    from llavamed.data.vqa import load_vqa
     from llavamed.eval.closed_logits import closed_accuracy, prepare_closed
-    from llavamed.eval.vqa_data import load_vqa
     from llavamed.train import run_training
 
     qs = Path(args.curriculum)

@@ -9,7 +9,7 @@ import pickle
 import pytest
 from PIL import Image
 
-from llavamed.eval.vqa_data import load_vqa
+from llavamed.data.vqa import load_vqa
 
 
 def _png(path) -> None:

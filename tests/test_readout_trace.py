@@ -13,7 +13,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 def _samples(folder, n, seed):
     import json
 
-    from llavamed.eval.vqa_data import VQASample
+    from llavamed.data.vqa import VQASample
 
     data = make_bright_dark(folder, n, seed=seed)
     return [

@@ -287,8 +287,8 @@ def test_image_conditioning_learned_and_blank_images_fall_to_chance(tmp_path, br
     )
     from transformers import AutoProcessor
 
+    from llavamed.data.vqa import VQASample
     from llavamed.eval.closed_logits import closed_accuracy, prepare_closed
-    from llavamed.eval.vqa_data import VQASample
 
     recs = json.loads(test.read_text())
     held_out = [

@@ -10,7 +10,7 @@ import pytest
 from transformers import AutoProcessor
 
 from llavamed.config import DataConfig, DataSource
-from llavamed.eval.vqa_data import load_vqa
+from llavamed.data.vqa import load_vqa
 from llavamed.model.processing import IGNORE_INDEX
 from llavamed.train.data import load_samples
 

@@ -13,8 +13,8 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
+from llavamed.data.vqa import load_vqa
 from llavamed.errors import InputError
-from llavamed.eval.vqa_data import load_vqa
 
 RECORDS = {
     "train": [

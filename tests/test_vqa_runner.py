@@ -9,10 +9,10 @@ import json
 import pytest
 from PIL import Image
 
+from llavamed.data.vqa import VQASample
 from llavamed.errors import InputError
 from llavamed.eval import vqa_runner as R
 from llavamed.eval.report import write_report
-from llavamed.eval.vqa_data import VQASample
 from llavamed.utils.io import iter_jsonl
 
 

@@ -66,7 +66,7 @@ class DataSource:
     format: str = "llava_json"
     """``llava_json`` (a LLaVA conversation list, LLaVA-Med's released files as-is, or a
     ``.jsonl`` file with one such record per line) or ``vqa``
-    (a VQA set through :func:`llavamed.eval.vqa_data.load_vqa`, one single-turn sample per
+    (a VQA set through :func:`llavamed.data.vqa.load_vqa`, one single-turn sample per
     question)."""
     path: str = ""
     """The JSON file (llava_json) or the dataset file/folder (vqa). Relative paths (here and
@@ -102,7 +102,7 @@ class DataSource:
         if not self.path:
             raise ConfigError(f"{where}.path: required")
         if self.format == "vqa":
-            from llavamed.eval.vqa_data import DATASETS
+            from llavamed.data.vqa import DATASETS
 
             if self.dataset not in DATASETS:
                 raise ConfigError(

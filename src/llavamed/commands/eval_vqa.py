@@ -135,9 +135,9 @@ def run(args) -> int:
     import sys
     from pathlib import Path
 
+    from llavamed.data.vqa import load_vqa
     from llavamed.errors import InputError, format_counts
     from llavamed.eval.report import write_report
-    from llavamed.eval.vqa_data import load_vqa
     from llavamed.eval.vqa_runner import fmt_pct, run_vqa_eval
     from llavamed.model.checkpoint import resolve_checkpoint
     from llavamed.utils.io import require_writable

@@ -13,7 +13,7 @@ from __future__ import annotations
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
-from llavamed.eval.vqa_data import VQASample
+from llavamed.data.vqa import VQASample
 from llavamed.model.processing import generation_prompt, question_messages
 
 

@@ -22,6 +22,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from llavamed.data.vqa import VQASample
 from llavamed.eval.closed_logits import (
     ClosedSet,
     prefers_yes,
@@ -29,7 +30,6 @@ from llavamed.eval.closed_logits import (
     prompt_batches,
     yes_no_ids,
 )
-from llavamed.eval.vqa_data import VQASample
 
 
 @dataclass

@@ -31,9 +31,9 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from llavamed.data.vqa import VQASample
 from llavamed.errors import InputError
 from llavamed.eval import metrics as M
-from llavamed.eval.vqa_data import VQASample
 from llavamed.model.processing import generation_prompt, question_messages
 from llavamed.utils.io import JsonlAppender
 

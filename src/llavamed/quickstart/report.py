@@ -133,7 +133,7 @@ def _try_it(out: Path) -> dict:
     evaluation asked, with the reference answers and this run's own answers to them: a user's
     first chat then starts from a question the model is known to handle (it was fine-tuned for
     short answers, not free-text descriptions)."""
-    from llavamed.eval.vqa_data import load_vqa
+    from llavamed.data.vqa import load_vqa
     from llavamed.utils.io import iter_jsonl
 
     ckpt = out / "finetune" / "checkpoint-final"

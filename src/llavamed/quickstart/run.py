@@ -268,8 +268,8 @@ class QuickstartStages:
     def evaluate(self, name: str, trained_by: str, ablate: list[str] | None) -> dict:
         """The VQA evaluation ``eval/<name>`` of the checkpoint that stage folder
         ``trained_by`` holds."""
+        from llavamed.data.vqa import load_vqa
         from llavamed.eval.report import write_report
-        from llavamed.eval.vqa_data import load_vqa
         from llavamed.eval.vqa_runner import run_vqa_eval
 
         samples, load_report = load_vqa(EVAL_DATASET, self.world / "slake", split="test", lang="en")

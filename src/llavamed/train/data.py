@@ -215,7 +215,7 @@ def _seeded_subset(items: list, n: int | None, seed: int) -> list:
 
 
 def _vqa_samples(src: DataSource, report: DataReport, encode, pack, seed: int) -> list[Sample]:
-    from llavamed.eval.vqa_data import load_vqa
+    from llavamed.data.vqa import load_vqa
 
     vqa, rep = load_vqa(
         src.dataset, src.path, split=src.split, lang=src.lang, images=src.image_folder

@@ -193,7 +193,7 @@ class YesNoTable:
 def collect_yes_no(cfg: VisionVQAConfig) -> tuple[dict[str, tuple[Any, list]], dict[str, int]]:
     """Every closed yes/no English question of the sources, grouped by image key (images not
     decoded yet): ``{key: (image, [(question, is_yes), ...])}`` and the loaders' skip counts."""
-    from llavamed.eval.vqa_data import load_vqa
+    from llavamed.data.vqa import load_vqa
 
     by_image: dict[str, tuple[Any, list[tuple[str, bool]]]] = {}
     loader_bad: dict[str, int] = {}
