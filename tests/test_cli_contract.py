@@ -380,6 +380,21 @@ def _model_writers(tmp_path: Path, model: Path, writer: str):
             str(base / "a.jsonl"),
             "--out ",
         )  # fmt: skip
+    if writer in ("train stage 0 output_dir", "train stage 0b output_dir"):
+        from test_vision_pretrain import _tiny_run, _write_pairs
+        from test_vision_vqa import _cfg, make_vqa_rad
+
+        if writer == "train stage 0 output_dir":
+            stage = {"stage": "vision", **_tiny_run(_write_pairs(tmp_path / "s0"), "unused")}
+        else:
+            stage = _cfg(make_vqa_rad(tmp_path / "rad", 8), "unused")
+        cfg = tmp_path / "stage.yaml"
+        cfg.write_text(yaml.safe_dump(stage))
+        return lambda base: (
+            ["train", str(cfg), f"output_dir={base}", "--no-progress"],
+            str(base),
+            "output_dir ",
+        )
     assert writer == "train output.dir"
     cfg = tmp_path / "train.yaml"
     data = make_bright_dark(tmp_path / "train", 4)
@@ -391,21 +406,34 @@ def _model_writers(tmp_path: Path, model: Path, writer: str):
     )
 
 
-@pytest.mark.parametrize("writer", ["eval vqa --out", "eval answer --out", "train output.dir"])
+@pytest.mark.parametrize(
+    "writer",
+    [
+        "eval vqa --out",
+        "eval answer --out",
+        "train output.dir",
+        "train stage 0 output_dir",
+        "train stage 0b output_dir",
+    ],
+)
 def test_a_model_command_refuses_an_unwritable_output_before_loading_the_model(
     tiny_llava_dir, tmp_path, capsys, monkeypatch, writer
 ):
     """`eval vqa --out /proc/x` ended in a FileNotFoundError traceback at its folder's mkdir once
     the data had loaded, a path under a file in "X: Not a directory"; `train output.dir=/proc/x`
-    in the same traceback; `eval answer --out /proc/x/a.jsonl` named the folder, not the flag."""
+    in the same traceback, and stage 0 and 0b's `output_dir=/proc/x` at their out.mkdir;
+    `eval answer --out /proc/x/a.jsonl` named the folder, not the flag."""
     from llavamed.eval import vqa_runner
-    from llavamed.train import trainer
+    from llavamed.model import vision_tower
+    from llavamed.train import trainer, vision_pretrain
 
     def refuse(*args, **kwargs):
         raise AssertionError("the model was loaded before the output was checked")
 
     monkeypatch.setattr(vqa_runner, "_load_model", refuse)
     monkeypatch.setattr(trainer, "build_model", refuse)
+    monkeypatch.setattr(vision_pretrain, "load_tower", refuse)  # stage 0 imports it by name
+    monkeypatch.setattr(vision_tower, "load_tower", refuse)  # stage 0b imports it in the call
     _refused_in_one_line(tmp_path, capsys, _model_writers(tmp_path, tiny_llava_dir, writer))
     assert not (tmp_path / "run").exists()
 

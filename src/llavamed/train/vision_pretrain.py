@@ -752,6 +752,12 @@ def train_vision(cfg: VisionPretrainConfig, progress: bool = True) -> VisionPret
     report = _reusable_report(out, cfg, inputs)
     if report is not None:
         return VisionPretrainResult(out, tower_dir, report, time.time() - t_start)
+    from llavamed.utils.io import require_writable
+
+    # One line naming output_dir, before the tower loads: a folder that cannot be made
+    # (/proc/x) ended in a FileNotFoundError traceback at out.mkdir. After the return above: a
+    # finished run on a read-only disk is still returned without writing.
+    require_writable(out, "output_dir", folder=True)
 
     local_b = cfg.batch_size // world
     if local_b * world != cfg.batch_size:  # before the images are decoded, not after

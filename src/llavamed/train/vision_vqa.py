@@ -408,6 +408,12 @@ def train_vision_vqa(cfg: VisionVQAConfig, progress: bool = True) -> VisionVQARe
                 "training again from step 0",
                 file=sys.stderr,
             )
+    from llavamed.utils.io import require_writable
+
+    # One line naming output_dir, before the tower loads: a folder that cannot be made
+    # (/proc/x) ended in a FileNotFoundError traceback here. After the return above: a finished
+    # run on a read-only disk is still returned without writing.
+    require_writable(out, "output_dir", folder=True)
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(cfg.seed)
     tower = load_tower(cfg.vision, seed=cfg.seed)
