@@ -350,7 +350,7 @@ def test_vision_option_rejects_a_folder_without_a_tower(tmp_path):
 
 
 def test_tower_fingerprint_follows_the_weights_not_the_path(tmp_path):
-    from llavamed.train.vision_pretrain import tower_fingerprint
+    from llavamed.model.vision_tower import tower_fingerprint
 
     a, b = tmp_path / "a", tmp_path / "b"
     for d in (a, b):

@@ -42,9 +42,6 @@ from llavamed.model.vision_tower import (
     pad_to_square_uint8,
     save_tower,
     tower_features,
-    # Only for tests/test_quickstart.py, which still imports it from here: drop it when that
-    # test imports it from llavamed.model.vision_tower (a file this refactor does not own).
-    tower_fingerprint,  # noqa: F401
 )
 from llavamed.train.run_inputs import (
     RunInputs,
