@@ -2,7 +2,28 @@
 
 from __future__ import annotations
 
+import base64
+import io
 import time
+
+
+def png_url(size=(40, 30), color=(200, 20, 20)) -> str:
+    """A solid-colour PNG as the data URL an OpenAI client sends."""
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("RGB", size, color).save(buf, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+
+
+def image_msg(url: str, text: str = "What does this image show?") -> dict:
+    return {
+        "role": "user",
+        "content": [
+            {"type": "image_url", "image_url": {"url": url}},
+            {"type": "text", "text": text},
+        ],
+    }
 
 
 def wait_until_running(engine, timeout: float = 2.0) -> None:

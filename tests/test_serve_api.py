@@ -16,17 +16,14 @@ httpx = pytest.importorskip("httpx")
 
 from llavamed.serve.api import serve_in_background  # noqa: E402
 from llavamed.serve.engine import Engine, EngineSettings, SamplingParams  # noqa: E402
-from serve_helpers import engine_failing_at_forward, wait_until_running  # noqa: E402
+from serve_helpers import (  # noqa: E402
+    engine_failing_at_forward,
+    image_msg,
+    png_url,
+    wait_until_running,
+)
 
 KEY = "sk-test-0123456789abcdef"
-
-
-def png_url(size=(40, 30), color=(200, 20, 20)) -> str:
-    from PIL import Image
-
-    buf = io.BytesIO()
-    Image.new("RGB", size, color).save(buf, format="PNG")
-    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
 
 
 def jpeg_url() -> str:
@@ -42,16 +39,6 @@ def dicom_url(name="CT_small.dcm") -> str:
 
     data = open(get_testdata_file(name), "rb").read()
     return "data:application/dicom;base64," + base64.b64encode(data).decode()
-
-
-def image_msg(url: str, text: str = "What does this image show?") -> dict:
-    return {
-        "role": "user",
-        "content": [
-            {"type": "image_url", "image_url": {"url": url}},
-            {"type": "text", "text": text},
-        ],
-    }
 
 
 @pytest.fixture(scope="module")

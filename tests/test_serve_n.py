@@ -13,8 +13,7 @@ httpx = pytest.importorskip("httpx")
 
 from llavamed.serve.api import serve_in_background  # noqa: E402
 from llavamed.serve.engine import Engine, EngineSettings  # noqa: E402
-from serve_helpers import engine_failing_at_forward  # noqa: E402
-from test_serve_api import image_msg, png_url  # noqa: E402
+from serve_helpers import engine_failing_at_forward, image_msg, png_url  # noqa: E402
 
 BATCH = 4
 
