@@ -136,6 +136,15 @@ def biomedclip_state_dict():
     return sd
 
 
+@pytest.fixture(scope="module")
+def original_llava_med(tmp_path_factory):
+    """(folder, CLIP tower folder, state dict) of a tiny LLaVA-Med v1.5-layout checkpoint:
+    sharded safetensors, tower weights inside (convert_helpers.write_original_llava_med)."""
+    from convert_helpers import write_original_llava_med
+
+    return write_original_llava_med(tmp_path_factory.mktemp("llava_med_orig"))
+
+
 def _tmpfs(tmp_path, name: str, options: str):
     """Mount a real tmpfs (needs root) at ``tmp_path/name`` for the test, or skip."""
     import os

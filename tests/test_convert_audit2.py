@@ -9,10 +9,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from llavamed.errors import InputError
-from model_helpers import tiny_llama
-
-# The tiny original LLaVA-Med v1.5 folder (sharded safetensors, tower inside).
-from test_convert import original_llava_med  # noqa: F401
+from model_helpers import sentencepiece_style_llama, tiny_llama
 
 _VIT = dict(image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=2, num_attention_heads=2)
 
@@ -230,9 +227,8 @@ def test_model_init_refuses_chatml_on_a_tokenizer_without_its_markers(tmp_path):
     whose <|im_end|> was eleven plain tokens and no stop id: generation never ended a turn."""
     from llavamed.errors import ConfigError
     from llavamed.model.compose import ModelSpec, init_checkpoint
-    from test_labels import _sentencepiece_style_llama
 
-    lm = _sentencepiece_style_llama(tmp_path / "lm")
+    lm = sentencepiece_style_llama(tmp_path / "lm")
     with pytest.raises(
         ConfigError,
         match=r"template='chatml': the tokenizer of --lm .* has no token '<\|im_start\|>'",
@@ -255,9 +251,8 @@ def test_switching_a_checkpoint_to_a_template_its_tokenizer_lacks_is_refused(tmp
     from llavamed.errors import ConfigError
     from llavamed.model.compose import ModelSpec, init_checkpoint, set_chat_template
     from llavamed.model.templates import get_template
-    from test_labels import _sentencepiece_style_llama
 
-    lm = _sentencepiece_style_llama(tmp_path / "lm")
+    lm = sentencepiece_style_llama(tmp_path / "lm")
     ckpt = init_checkpoint(
         tmp_path / "ckpt", ModelSpec(lm=str(lm), vision="tiny", template="mistral_instruct")
     )
@@ -272,7 +267,7 @@ def test_switching_a_checkpoint_to_a_template_its_tokenizer_lacks_is_refused(tmp
 
 def test_a_trained_checkpoint_is_not_replaced_by_model_init_or_convert(
     tiny_llava_mistral_dir,
-    original_llava_med,  # noqa: F811
+    original_llava_med,
     tmp_path,
     capsys,
 ):
@@ -324,7 +319,7 @@ def _retype(folder, path: tuple, value) -> None:
 def test_a_config_field_of_the_wrong_type_is_one_line_everywhere(
     tiny_llava_dir,
     tiny_lm_dir,
-    original_llava_med,  # noqa: F811
+    original_llava_med,
     tmp_path,
     capsys,
 ):
@@ -393,7 +388,7 @@ def test_a_damaged_preprocessor_config_beside_a_tower_is_named(tmp_path, capsys,
 
 def test_damaged_image_statistics_are_named_by_both_converters(
     biomedclip_state_dict,
-    original_llava_med,  # noqa: F811
+    original_llava_med,
     tmp_path,
 ):
     import shutil
@@ -423,7 +418,7 @@ def test_damaged_image_statistics_are_named_by_both_converters(
 
 
 def test_convert_shows_progress_over_the_shards_it_reads(
-    original_llava_med,  # noqa: F811
+    original_llava_med,
     tmp_path,
     capsys,
 ):

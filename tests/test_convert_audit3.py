@@ -8,14 +8,11 @@ import json
 import yaml
 
 from llavamed.model.checkpoint import checkpoint_template
-
-# The tiny original LLaVA-Med v1.5 folder (sharded safetensors, tower inside).
-from test_convert import original_llava_med  # noqa: F401
 from train_helpers import make_bright_dark, run_cli, tiny_config
 
 
 def test_a_checkpoint_trained_from_a_converted_one_keeps_its_template(
-    original_llava_med,  # noqa: F811
+    original_llava_med,
     tmp_path,
 ):
     """A converted checkpoint has no spec; the trainer saved its result with the template
@@ -73,7 +70,7 @@ def test_biomedclip_from_a_distributed_open_clip_training_checkpoint(
 
 
 def test_converting_llava_med_does_not_warn_that_its_model_type_is_unsupported(
-    original_llava_med,  # noqa: F811
+    original_llava_med,
     tmp_path,
 ):
     """Reading the tokenizer, transformers loaded config.json (model_type llava_mistral) and
@@ -85,7 +82,7 @@ def test_converting_llava_med_does_not_warn_that_its_model_type_is_unsupported(
 
 
 def test_a_native_llava_checkpoint_is_named_as_already_converted(
-    original_llava_med,  # noqa: F811
+    original_llava_med,
     tiny_llava_dir,
     tmp_path,
 ):
