@@ -349,28 +349,30 @@ def test_4d_mask_options_and_grouping_are_checked_before_anything_loads():
         load_config(BASE, ["data.group_by_image=true"])
 
 
-def test_build_config_is_the_sequence_stage_0b_builds_its_config_by(tmp_path, monkeypatch):
-    """config.build_config (overrides, typing, paths, validate) builds any stage's config: stage
-    0b's own loader and it agree, on a good config and on a broken override."""
+def test_build_config_is_the_sequence_stage_0b_built_its_config_by(tmp_path, monkeypatch):
+    """Stage 0b's make_config is config.build_config; it builds the config the sequence stage
+    0b wrote out before (overrides, typing, paths, validate) built, and stops at the same first
+    error for a broken override."""
     import dataclasses
 
-    from llavamed.config import build_config
+    from llavamed.config import apply_overrides, from_dict
     from llavamed.train import vision_vqa
 
     monkeypatch.chdir(tmp_path)
     raw = yaml.safe_load((ROOT / "configs/cpu/stage0b_vision_vqa.yaml").read_text())
     overrides = ["steps=7", "output_dir=~/stage0b", "sources.1.path=vqa"]
 
-    def build(ovs):
-        return build_config(
-            vision_vqa.VisionVQAConfig, raw, ovs, resolve_paths=vision_vqa._resolve_paths
-        )
+    def by_hand(ovs):
+        conf = from_dict(vision_vqa.VisionVQAConfig, apply_overrides(raw, ovs))
+        vision_vqa._resolve_paths(conf)
+        conf.validate()
+        return conf
 
-    ours = build(overrides)
-    assert dataclasses.asdict(ours) == dataclasses.asdict(vision_vqa.make_config(raw, overrides))
+    ours = vision_vqa.make_config(raw, overrides)
+    assert dataclasses.asdict(ours) == dataclasses.asdict(by_hand(overrides))
     assert ours.steps == 7 and ours.sources[1].path == str(tmp_path / "vqa")
-    for bad in (["steps=x"], ["stepz=1"], ["steps=0"]):
+    for bad in (["steps=x"], ["stepz=1"], ["steps=0"], ["steps=x", "readout=max"]):
         with pytest.raises(ConfigError) as theirs:
-            vision_vqa.make_config(raw, bad)
+            by_hand(bad)
         with pytest.raises(ConfigError, match=f"^{re.escape(str(theirs.value))}$"):
-            build(bad)
+            vision_vqa.make_config(raw, bad)

@@ -136,6 +136,30 @@ def test_nonsense_stage0_settings_are_named_before_training(override, words):
         make_config({"data": "figures.jsonl"}, [override])
 
 
+@pytest.mark.parametrize(
+    "overrides, first",
+    [
+        (["epochs=abc", "crop_scale=0.5"], "epochs: expected a number, got 'abc'"),
+        (["stepz=1", "crop_scale=0.5"], "unknown stage-0 config key(s): stepz"),
+        (["crop_scale=0.5", "text_max_length=0"], "crop_scale=0.5: give [min, max]"),
+        (
+            ["crop_ratio=[a,1]", "grad_clip=-1"],
+            "crop_ratio=['a', 1]: give [min, max] as two numbers",
+        ),
+    ],
+)
+def test_a_config_with_two_faults_is_told_the_first_as_before(overrides, first):
+    """make_config is config.build_config with stage 0's two steps in it: unknown keys refused
+    before the keys are typed, the crop ranges typed after (so a key that will not type is named
+    before them) and before validate, as stage 0's own sequence did."""
+    from llavamed.errors import ConfigError
+    from llavamed.train.vision_pretrain import make_config
+
+    with pytest.raises(ConfigError) as err:
+        make_config({"data": "figures.jsonl"}, overrides)
+    assert str(err.value) == first
+
+
 def test_a_feature_layer_or_caption_length_the_models_lack_is_named_up_front(tmp_path):
     """feature_layer=-9 on a 2-layer tower was an IndexError at the first step, after images
     were decoded and captions embedded; a text_max_length past the text encoder's 512

@@ -241,17 +241,31 @@ def make_config(
     """Build and validate a config from a YAML dict plus ``key=value`` overrides, typed by the
     same loader as the LLaVA stages (``epochs=abc`` or ``batch_size=2.5`` is a one-line error
     naming the key, and ``lr=1e-3`` is a number, which YAML alone reads as a string)."""
-    from llavamed.config import apply_overrides, from_dict
+    from llavamed.config import build_config
 
     if isinstance(cfg, VisionPretrainConfig):
         cfg = config_dict(cfg)
-    data = apply_overrides(dict(cfg or {}), list(overrides or []))
+    return build_config(
+        VisionPretrainConfig,
+        dict(cfg or {}),
+        list(overrides or []),
+        normalise=_refuse_unknown_keys,
+        resolve_paths=_type_crops_and_resolve_paths,
+    )
+
+
+def _refuse_unknown_keys(data: dict) -> dict:
     unknown = sorted(set(data) - {f.name for f in dataclasses.fields(VisionPretrainConfig)})
     if unknown:
         raise ConfigError(f"unknown stage-0 config key(s): {', '.join(unknown)}")
-    out = from_dict(VisionPretrainConfig, data)
+    return data
+
+
+def _type_crops_and_resolve_paths(cfg: VisionPretrainConfig) -> None:
+    """The crop ranges typed, then the paths resolved: the typing runs after from_dict (whose
+    errors, as ``epochs=abc``, come first) and before validate, which reads them as numbers."""
     for k in ("crop_scale", "crop_ratio"):
-        v = getattr(out, k)
+        v = getattr(cfg, k)
         # A bare number (crop_scale=0.5) or a word in the list was a TypeError or ValueError
         # traceback.
         if not isinstance(v, list | tuple) or len(v) != 2:
@@ -259,12 +273,10 @@ def make_config(
         try:
             if any(isinstance(x, bool) for x in v):
                 raise TypeError
-            setattr(out, k, tuple(float(x) for x in v))
+            setattr(cfg, k, tuple(float(x) for x in v))
         except (TypeError, ValueError):
             raise ConfigError(f"{k}={list(v)}: give [min, max] as two numbers") from None
-    _resolve_paths(out)
-    out.validate()
-    return out
+    _resolve_paths(cfg)
 
 
 def _resolve_paths(cfg: VisionPretrainConfig) -> None:

@@ -143,15 +143,13 @@ class VisionVQAResult:
 
 
 def make_config(cfg: dict | VisionVQAConfig, overrides: list[str] | None = None) -> VisionVQAConfig:
-    from llavamed.config import apply_overrides, from_dict
+    from llavamed.config import build_config
 
     if isinstance(cfg, VisionVQAConfig):
         cfg = asdict(cfg)
-    data = apply_overrides(dict(cfg), list(overrides or []))
-    conf = from_dict(VisionVQAConfig, data)
-    _resolve_paths(conf)
-    conf.validate()
-    return conf
+    return build_config(
+        VisionVQAConfig, dict(cfg), list(overrides or []), resolve_paths=_resolve_paths
+    )
 
 
 def _resolve_paths(cfg: VisionVQAConfig) -> None:
