@@ -171,15 +171,15 @@ def test_eval_commands_take_a_run_folder_as_serve_does(tiny_llava_dir, tmp_path,
     checkpoint's own: resuming through the direct path generates nothing new."""
     import shutil
 
-    from test_eval_answer import _qa50, _vqa_rad
+    from eval_fixtures import qa50, vqa_rad
 
     run = tmp_path / "run"
     shutil.copytree(tiny_llava_dir, run / "checkpoint-final")
-    data = _vqa_rad(tmp_path)
+    data = vqa_rad(tmp_path)
     vqa = ["eval", "vqa", "--dataset", "vqa-rad", "--data", str(data), "--out"]
     vqa += [str(tmp_path / "ev"), "--limit", "2", "--max-new-tokens", "2", "--bootstrap", "10"]
     assert main([*vqa, "--model", str(run)]) == 0, capsys.readouterr().err
-    q, img = _qa50(tmp_path)
+    q, img = qa50(tmp_path)
     answer = ["eval", "answer", "--questions", str(q), "--images", str(img)]
     answer += ["--out", str(tmp_path / "a.jsonl"), "--max-new-tokens", "2"]
     assert main([*answer, "--model", str(run)]) == 0, capsys.readouterr().err
@@ -314,13 +314,13 @@ def test_ctrl_c_ends_the_progress_bar_before_its_one_line_message(tiny_llava_dir
 def test_eval_commands_take_no_progress_as_the_others_do(tiny_llava_dir, tmp_path, capsys):
     """quickstart, train, data ingest/instruct and eval judge take --no-progress; eval vqa and
     eval answer drew their bars with no way off (--no-progress was an unknown argument)."""
-    from test_eval_answer import _qa50, _vqa_rad
+    from eval_fixtures import qa50, vqa_rad
 
-    data = _vqa_rad(tmp_path)
+    data = vqa_rad(tmp_path)
     vqa = ["eval", "vqa", "--dataset", "vqa-rad", "--data", str(data), "--model"]
     vqa += [str(tiny_llava_dir), "--out", str(tmp_path / "ev"), "--limit", "2"]
     vqa += ["--max-new-tokens", "2", "--bootstrap", "10", "--no-progress"]
-    q, img = _qa50(tmp_path)
+    q, img = qa50(tmp_path)
     answer = ["eval", "answer", "--model", str(tiny_llava_dir), "--questions", str(q)]
     answer += ["--images", str(img), "--out", str(tmp_path / "a.jsonl"), "--max-new-tokens", "2"]
     for cmd in (vqa, [*answer, "--no-progress"]):

@@ -8,43 +8,18 @@ import json
 import pytest
 from PIL import Image
 
+from eval_fixtures import qa50, vqa_rad
 from llavamed.cli import main
 from llavamed.errors import InputError
 from llavamed.eval.answer import answer_questions, load_questions
 from llavamed.utils.io import iter_jsonl
 
-
-def _qa50(tmp_path):
-    img_dir = tmp_path / "images"
-    img_dir.mkdir()
-    Image.new("RGB", (20, 20), (120, 30, 30)).save(img_dir / "a.jpg")
-    recs = [
-        {
-            "question_id": 1,
-            "image": "a.jpg",
-            "pair_id": "p",
-            "text": "What is shown?\n<image>",
-            "gpt4_answer": "x",
-            "type": "conversation",
-        },
-        {
-            "question_id": 2,
-            "image": "a.jpg",
-            "text": "<image>\nDescribe it.",
-            "type": "detailed_description",
-        },
-        {"question_id": 3, "image": "missing.jpg", "text": "Anything?"},
-        {"question_id": 1, "image": "a.jpg", "text": "dup"},
-        {"image": "a.jpg", "text": "no id"},
-        {"question_id": 4, "image": "a.jpg", "text": "<image>"},
-    ]
-    q = tmp_path / "qa50.jsonl"
-    q.write_text("".join(json.dumps(r) + "\n" for r in recs))
-    return q, img_dir
+# test_cli_contract still imports _qa50 from here; drop this once it imports eval_fixtures.qa50.
+_qa50 = qa50
 
 
 def test_load_questions_counts_bad_records(tmp_path):
-    q, _ = _qa50(tmp_path)
+    q, _ = qa50(tmp_path)
     good, bad = load_questions(q)
     assert [g["question_id"] for g in good] == [1, 2, 3]
     assert good[0]["question"] == "What is shown?"
@@ -56,7 +31,7 @@ def test_load_questions_counts_bad_records(tmp_path):
 
 
 def test_answer_questions_resumes(tiny_llava_dir, tmp_path):
-    q, img = _qa50(tmp_path)
+    q, img = qa50(tmp_path)
     out = tmp_path / "answers.jsonl"
     r = answer_questions(tiny_llava_dir, q, img, out, max_new_tokens=4, progress=False)
     assert r["n_generated"] == 2 and r["skipped"] == {"file not found": 1}
@@ -82,7 +57,7 @@ def test_answer_backends_agree_and_cli_flag(wide_llava_dir, tmp_path, capsys):
     answers as static HF generate batches; the CLI passes --backend through."""
     from llavamed.cli import main
 
-    q, img = _qa50(tmp_path)
+    q, img = qa50(tmp_path)
     texts = {}
     for backend in ("engine", "generate"):
         out = tmp_path / f"{backend}.jsonl"
@@ -95,43 +70,8 @@ def test_answer_backends_agree_and_cli_flag(wide_llava_dir, tmp_path, capsys):
     assert capsys.readouterr().err.count("skipped: 1 file not found") == 2
 
 
-def _vqa_rad(tmp_path):
-    root = tmp_path / "vqa_rad"
-    (root / "VQA_RAD Image Folder").mkdir(parents=True)
-    for i in range(3):
-        Image.new("RGB", (24, 24), (60 * i, 20, 200)).save(
-            root / "VQA_RAD Image Folder" / f"i{i}.jpg"
-        )
-    recs = []
-    for i in range(8):
-        closed = i % 2 == 0
-        recs.append(
-            {
-                "qid": i,
-                "image_name": f"i{i % 3}.jpg",
-                "question": f"Question {i}?",
-                "answer": "yes" if closed else "liver",
-                "answer_type": "CLOSED" if closed else "OPEN",
-                "question_type": "PRES" if closed else "ORGAN",
-                "phrase_type": "test_freeform" if i < 6 else "freeform",
-            }
-        )
-    recs.append(
-        {
-            "qid": 99,
-            "image_name": "gone.jpg",
-            "question": "q",
-            "answer": "no",
-            "answer_type": "CLOSED",
-            "phrase_type": "test_freeform",
-        }
-    )
-    (root / "VQA_RAD Dataset Public.json").write_text(json.dumps(recs))
-    return root
-
-
 def test_eval_vqa_cli_end_to_end(tiny_llava_dir, tmp_path, capsys):
-    data = _vqa_rad(tmp_path)
+    data = vqa_rad(tmp_path)
     out = tmp_path / "run"
     argv = [
         "eval",
@@ -200,7 +140,7 @@ def test_answers_to_another_questions_file_are_not_resumed(tiny_llava_dir, tmp_p
     """A second qa50-shaped file numbers its questions alike: answering it into the same --out
     resumed every id with the first file's answers ('0 answered, 2 already done'), and
     ``eval judge`` then judged them as answers to the new questions."""
-    q, img = _qa50(tmp_path)
+    q, img = qa50(tmp_path)
     out = tmp_path / "answers.jsonl"
     answer_questions(tiny_llava_dir, q, img, out, max_new_tokens=4, progress=False)
     other = tmp_path / "other.jsonl"

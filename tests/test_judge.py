@@ -8,7 +8,7 @@ import re
 
 import pytest
 
-from llavamed.data.figures import DOMAINS
+from eval_fixtures import write_judge_inputs
 from llavamed.errors import InputError
 from llavamed.eval.judge import (
     JudgeOptions,
@@ -21,6 +21,10 @@ from llavamed.eval.judge import (
 )
 from llavamed.llm.client import ClientOptions
 from openai_stub_server import StubServer
+
+# test_cli_contract still imports write_inputs from here; drop this once it imports
+# eval_fixtures.write_judge_inputs.
+write_inputs = write_judge_inputs
 
 
 @pytest.mark.parametrize(
@@ -133,8 +137,9 @@ def _section(body: str, name: str) -> str:
 
 
 def judge_responder(req: dict) -> str:
-    """Scores = word count of each answer (1..10), + optional first-slot bias; formats vary by
-    question so the parser is exercised; Q4 needs the re-ask, Q5 never parses."""
+    """Scores = word count of each answer (1..10, set per question in
+    eval_fixtures.JUDGE_QUESTIONS), + optional first-slot bias; formats vary by question so the
+    parser is exercised; Q4 needs the re-ask, Q5 never parses."""
     body = req["messages"][-1]["content"]
     qn = int(re.search(r"\[Question\]\nQ(\d+)", body).group(1))
     s1 = min(10, len(_section(body, "Assistant 1").split()) + BIAS["first"])
@@ -149,59 +154,6 @@ def judge_responder(req: dict) -> str:
     return f"{s1} {s2}\nAssistant 1 gives more detail."
 
 
-def _dom(*names):
-    return {d: d in names for d in DOMAINS}
-
-
-QUESTIONS = [
-    # (n, type, domain flags, reference words, model words)
-    (1, "conversation", _dom("chest_xray"), 8, 4),
-    (2, "detailed_description", _dom("mri"), 6, 9),
-    (3, "conversation", _dom("histology"), 5, 5),
-    (4, "conversation", _dom("ct_scan", "chest_xray"), 9, 2),  # chest_xray comes first
-    (5, "detailed_description", _dom("gross"), 3, 3),
-    (6, "conversation", _dom("mri"), 3, 3),  # no answer in the answers file
-]
-
-
-def write_inputs(tmp_path):
-    qs, ans = tmp_path / "qa50.jsonl", tmp_path / "answers.jsonl"
-    with open(qs, "w") as fq, open(ans, "w") as fa:
-        for n, typ, dom, rw, mw in QUESTIONS:
-            fq.write(
-                json.dumps(
-                    {
-                        "question_id": n,
-                        "image": f"{n}.jpg",
-                        "pair_id": f"P{n}",
-                        "text": f"Q{n} what is shown?\n<image>",
-                        "gpt4_answer": " ".join(["ref"] * rw),
-                        "fig_caption": "A figure.",
-                        "in_text_mention": None,
-                        "domain": dom,
-                        "type": typ,
-                        "fig_label": "Fig 1",
-                    }
-                )
-                + "\n"
-            )
-            if n != 6:
-                fa.write(
-                    json.dumps(
-                        {
-                            "question_id": n,
-                            "prompt": "",
-                            "text": " ".join(["mod"] * mw),
-                            "answer_id": f"a{n}",
-                            "model_id": "m",
-                            "metadata": {},
-                        }
-                    )
-                    + "\n"
-                )
-    return qs, ans
-
-
 @pytest.fixture
 def stub():
     BIAS["first"] = 0
@@ -210,7 +162,7 @@ def stub():
 
 
 def make_opts(srv, tmp_path, **kw):
-    qs, ans = write_inputs(tmp_path)
+    qs, ans = write_judge_inputs(tmp_path)
     client = ClientOptions(
         base_url=srv.base_url,
         model="judge",
@@ -351,7 +303,7 @@ def test_judge_swap_measures_position_bias(stub, tmp_path):
 def test_judge_cli(stub, tmp_path, capsys):
     from llavamed.cli import main
 
-    qs, ans = write_inputs(tmp_path)
+    qs, ans = write_judge_inputs(tmp_path)
     rc = main(
         ["eval", "judge", "--questions", str(qs), "--answers", str(ans), "--base-url",
          stub.base_url, "--model", "judge", "--no-progress", "--api-key-env", "NO_SUCH_VAR"]
@@ -366,7 +318,7 @@ def test_skipped_questions_and_answers_are_named(stub, tmp_path, capsys):
     """The judge counted skipped records ("input issues {'missing_answer': 1}") and named none."""
     from llavamed.cli import main
 
-    qs, ans = write_inputs(tmp_path)
+    qs, ans = write_judge_inputs(tmp_path)
     with open(ans, "a") as fh:
         fh.write('{"question_id": 99, "text": "x"}\n{"text": "no id"}\nnot json\n')
     argv = ["eval", "judge", "--questions", str(qs), "--answers", str(ans), "--base-url",
@@ -393,7 +345,7 @@ def test_a_questions_file_with_no_usable_record_is_named_not_the_answers(stub, t
         run_judge(opts)
     assert str(e.value).startswith(str(opts.questions))
     # Questions fine, answers under other ids: the answers file is named, with the counts.
-    write_inputs(tmp_path)
+    write_judge_inputs(tmp_path)
     opts.answers.write_text(json.dumps({"question_id": "zz", "text": "a"}) + "\n")
     with pytest.raises(
         InputError, match=r"no answers match the questions by question_id.*missing_answer="
@@ -425,7 +377,7 @@ def test_a_judgement_without_text_is_counted_invalid_not_retried_forever(stub, t
 def test_judge_refuses_a_max_tokens_no_server_takes(stub, tmp_path, capsys):
     from llavamed.cli import main
 
-    qs, ans = write_inputs(tmp_path)
+    qs, ans = write_judge_inputs(tmp_path)
     argv = ["eval", "judge", "--questions", str(qs), "--answers", str(ans), "--base-url",
             stub.base_url, "--model", "judge", "--no-progress", "--max-tokens", "0"]  # fmt: skip
     with pytest.raises(SystemExit) as exc:  # a usage error, before any request
