@@ -203,6 +203,34 @@ def test_unreadable_images_are_counted_and_named(tmp_path, capsys, preload):
     assert f"unreadable image {junk}: not an image" in (res.output_dir / REPORT_MD).read_text()
 
 
+def test_unreadable_held_out_images_are_named_when_streaming(tmp_path, capsys):
+    """With ``preload: false`` the held-out images are decoded after training, once the report's
+    named list was copied: an unreadable one was counted in ``skipped`` but not named."""
+    from llavamed.train.vision_pretrain import (
+        REPORT_MD,
+        load_pairs,
+        make_config,
+        run_from_config,
+        split_pairs,
+    )
+    from test_vision_pretrain import _streaming_cfg, _write_pairs
+
+    data = _write_pairs(tmp_path / "data", n=12)
+    cfg = _streaming_cfg(data, tmp_path / "run", val_fraction=0.25)
+    conf = make_config(cfg)
+    _, held_out = split_pairs(load_pairs(conf.data)[0], conf.val_fraction, conf.val_max, conf.data)
+    junk = held_out[0].image
+    junk.write_bytes(b"not a png")
+    res = run_from_config(cfg, progress=False)
+    assert res.report["skipped"]["not an image"] >= 1
+    assert res.report["skipped_images"][str(junk)] == "not an image"
+    assert sum(res.report["skipped"].values()) - res.report["skipped"].get("no caption", 0) == len(
+        res.report["skipped_images"]
+    )
+    assert str(junk) in capsys.readouterr().err
+    assert f"unreadable image {junk}: not an image" in (res.output_dir / REPORT_MD).read_text()
+
+
 def test_records_without_image_or_caption_are_named(tmp_path, capsys):
     """They were only counted ('no caption': 1), so a user could not tell which of thousands
     of records to fix; a record without an id is named by its number in the file."""

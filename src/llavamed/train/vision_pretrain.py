@@ -1316,12 +1316,17 @@ def _final_report(
     save_tower(module.tower, tower, size, out / TOWER_DIR)
     if val_pairs:
         if val_imgs is None:  # preload: false decodes per step; decode the held-out set now
-            val_imgs, vkept, vbad, _ = preload_images(
+            val_imgs, vkept, vbad, vbad_files = preload_images(
                 val_pairs, size, tower.mean, cache_dir / f"val_{size}.pt", False
             )
             val_pairs = [val_pairs[i] for i in vkept]
             for k, v in vbad.items():
                 report["skipped"][k] = report["skipped"].get(k, 0) + v
+            # Named as the preloaded run names them: they were counted in "skipped" only.
+            named = report["skipped_images"] | vbad_files
+            report["skipped_images"] = dict(sorted(named.items()))
+            if vbad_files:
+                print(skipped_images_note(vbad_files), file=sys.stderr)
         if val_pairs:
             report["retrieval"] = _retrieval(
                 module, tower, val_pairs, val_imgs, size, text, cfg, cache_dir
