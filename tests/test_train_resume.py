@@ -281,6 +281,34 @@ def test_a_run_whose_data_moved_says_how_to_resume(tmp_path, monkeypatch):
     assert [m["step"] for m in res.metrics] == list(range(1, 6))
 
 
+def test_a_run_on_a_relative_data_path_resumes_through_a_symlink_at_the_old_place(
+    tmp_path, monkeypatch
+):
+    """The symlink the refusal above suggests did not resume a config that spells the data
+    path relatively: it was made absolute with Path.resolve(), which followed the symlink to the
+    new place, and the resume was refused as other data."""
+    import torch
+
+    from llavamed.errors import ConfigError
+    from llavamed.train import run_training
+
+    torch.set_num_threads(1)
+    monkeypatch.chdir(tmp_path)
+    make_bright_dark(tmp_path / "data", 16)
+    cfg = tiny_config("data/train.json", "a", max_steps=5)
+    cfg["output"]["save_every"] = 2
+    run_interrupted(cfg, monkeypatch, at_step=4)
+    (tmp_path / "data").rename(tmp_path / "moved")
+    with pytest.raises(Exception, match="train.json"):  # nothing at the old place
+        run_training(cfg, progress=False)
+    (tmp_path / "data").symlink_to(tmp_path / "moved")
+    try:
+        res = run_training(cfg, progress=False)
+    except ConfigError as exc:
+        raise AssertionError(f"the resume was refused: {exc}") from None
+    assert [m["step"] for m in res.metrics] == list(range(1, 6))
+
+
 def test_a_checkpoint_is_not_resumed_on_a_replaced_model_from(tmp_path, monkeypatch):
     """model.from names the same folder, but the checkpoint in it was replaced (stage 1 trained
     again) while stage 2 was stopped: the resume loaded the old run's trained parts over the

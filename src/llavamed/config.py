@@ -813,10 +813,11 @@ def _resolve_paths(cfg: TrainConfig) -> None:
         # ``~`` too: the shell leaves it alone in ``output.dir=~/runs/x`` (not an assignment),
         # and a folder named ``~`` appeared in the current directory.
         p = os.path.expanduser(p)
-        # An absolute path stays as typed, symlinks and all (stage 0 and 0b resolve theirs):
-        # a resume compares the saved config's paths as strings, and for moved data it offers
-        # a symlink at the old path, which resolving would turn into the new place and refuse.
-        return p if os.path.isabs(p) else str(Path(p).resolve())
+        # Symlinks are kept, in an absolute path as typed and in a relative one made absolute
+        # (abspath, not resolve; stage 0 and 0b resolve theirs): a resume compares the saved
+        # config's paths as strings, and for moved data it offers a symlink at the old path,
+        # which resolving would turn into the new place and refuse.
+        return p if os.path.isabs(p) else os.path.abspath(p)
 
     if cfg.model.from_ is not None:
         cfg.model.from_ = res(cfg.model.from_)
