@@ -376,4 +376,8 @@ def test_eval_answer_finds_an_unwritable_out_before_loading_the_model(
     Image.new("RGB", (20, 20), (120, 30, 30)).save(img / "a.jpg")
     q = _questions(tmp_path, "a.jpg")
     assert _answer(tiny_llava_dir, q, img, readonly_disk / "a.jsonl") == 1
-    assert f"{readonly_disk / 'a.jsonl'}: Read-only file system" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert (
+        f"{readonly_disk / 'a.jsonl'}: --out cannot be written: cannot write in {readonly_disk}: "
+        "Read-only file system"
+    ) in err

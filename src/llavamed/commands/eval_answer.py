@@ -42,18 +42,17 @@ def register(sub) -> None:
 
 def run(args) -> int:
     import sys
-    from pathlib import Path
 
     from llavamed.eval.answer import answer_questions
     from llavamed.utils.io import require_writable
     from llavamed.utils.precision import model_dtype
 
-    # A folder --out needs made is checked here, before any work: one that cannot be made
-    # (/proc/x, one under a file) was named without --out ("X: Not a directory"). An existing
-    # folder and answers file are probed by answer_questions (appendable, resumable with these
-    # settings), also before the model loads.
-    if not Path(args.out).parent.is_dir():
-        require_writable(args.out, "--out")
+    # --out's folder is checked here, before any work, in the one wording every writer uses:
+    # one that cannot be made (/proc/x, one under a file) was named without --out ("X: Not a
+    # directory"), one on a read-only disk only by answer_questions' own probe. The answers
+    # file itself (appendable, resumable with these settings) is probed there, also before the
+    # model loads.
+    require_writable(args.out, "--out")
     # A run folder means its checkpoint-final, as for serve, chat, web and train's model.from
     # (resolved there, after the questions file is checked).
     r = answer_questions(
