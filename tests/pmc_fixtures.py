@@ -14,7 +14,8 @@ from PIL import Image
 DATA = Path(__file__).parent / "data" / "pmc"
 
 
-def _noise(seed: int, size=(64, 48), mode="RGB") -> Image.Image:
+def noise_image(seed: int, size=(64, 48), mode="RGB") -> Image.Image:
+    """Seeded random pixels in ``mode`` (RGB, L, P, CMYK or I;16), so each figure differs."""
     rng = np.random.default_rng(seed)
     w, h = size
     if mode == "I;16":
@@ -26,7 +27,8 @@ def _noise(seed: int, size=(64, 48), mode="RGB") -> Image.Image:
     return img.convert(mode)
 
 
-def _bytes(img: Image.Image, fmt: str) -> bytes:
+def encoded(img: Image.Image, fmt: str) -> bytes:
+    """``img`` saved as ``fmt`` (JPEG, PNG, GIF, TIFF): a figure file's bytes in a package."""
     buf = io.BytesIO()
     img.save(buf, format=fmt)
     return buf.getvalue()
@@ -38,28 +40,28 @@ def article_files(pmcid: str) -> dict[str, bytes]:
     if pmcid == "PMC1000001":
         files.update(
             {
-                "pmc-1000001-g001.jpg": _bytes(_noise(1), "JPEG"),
-                "pmc-1000001-g001.gif": _bytes(_noise(101, (16, 12), "P"), "GIF"),  # preview
-                "pmc-1000001-g002.jpg": _bytes(_noise(2, mode="L"), "JPEG"),
-                "pmc-1000001-g003.png": _bytes(_noise(3, mode="P"), "PNG"),
-                "pmc-1000001-g004.gif": _bytes(_noise(4, mode="P"), "GIF"),
-                "pmc-1000001-g005.tif": _bytes(_noise(5, mode="CMYK"), "TIFF"),
+                "pmc-1000001-g001.jpg": encoded(noise_image(1), "JPEG"),
+                "pmc-1000001-g001.gif": encoded(noise_image(101, (16, 12), "P"), "GIF"),  # preview
+                "pmc-1000001-g002.jpg": encoded(noise_image(2, mode="L"), "JPEG"),
+                "pmc-1000001-g003.png": encoded(noise_image(3, mode="P"), "PNG"),
+                "pmc-1000001-g004.gif": encoded(noise_image(4, mode="P"), "GIF"),
+                "pmc-1000001-g005.tif": encoded(noise_image(5, mode="CMYK"), "TIFF"),
                 # g006.png is missing on purpose; g007 has no caption.
-                "pmc-1000001-g007.jpg": _bytes(_noise(7), "JPEG"),
-                "pmc-1000001-s002.jpg": _bytes(_noise(8), "JPEG"),
+                "pmc-1000001-g007.jpg": encoded(noise_image(7), "JPEG"),
+                "pmc-1000001-s002.jpg": encoded(noise_image(8), "JPEG"),
                 "pmc-1000001.pdf": b"%PDF-1.4 not really a pdf",
             }
         )
     elif pmcid == "PMC1000002":
         files.update(
             {
-                "brain-g1.png": _bytes(_noise(11, mode="I;16"), "PNG"),
-                "brain-g2.tif": _bytes(_noise(12, mode="L"), "TIFF"),
-                "brain-g3.png": _bytes(_noise(13), "PNG"),
+                "brain-g1.png": encoded(noise_image(11, mode="I;16"), "PNG"),
+                "brain-g2.tif": encoded(noise_image(12, mode="L"), "TIFF"),
+                "brain-g3.png": encoded(noise_image(13), "PNG"),
             }
         )
     elif pmcid == "PMC1000003":
-        files["kidney.jpg"] = _bytes(_noise(21), "JPEG")
+        files["kidney.jpg"] = encoded(noise_image(21), "JPEG")
     return files
 
 

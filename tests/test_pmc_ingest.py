@@ -143,14 +143,14 @@ def test_broken_inputs_are_counted_and_the_run_goes_on(tmp_path):
 
 
 def test_duplicate_and_tiny_images(tmp_path):
-    from pmc_fixtures import _bytes, _noise
+    from pmc_fixtures import encoded, noise_image
 
     src = tmp_path / "src"
     files = article_files("PMC1000002")
     files["brain-g2.tif"] = files["brain-g1.png"]  # the same picture twice
     write_tar(src / "PMC1000002.tar.gz", "PMC1000002", files)
     files = article_files("PMC1000003")
-    files["kidney.jpg"] = _bytes(_noise(5, size=(20, 200)), "JPEG")
+    files["kidney.jpg"] = encoded(noise_image(5, size=(20, 200)), "JPEG")
     write_tar(src / "PMC1000003.tar.gz", "PMC1000003", files)
     report = ingest([src], tmp_path / "out", IngestOptions(min_image_size=24))
     assert report["reasons"]["skipped: duplicate image"] == 1
@@ -602,7 +602,7 @@ def test_a_dangling_symlink_among_the_packages_is_counted_not_fatal(tmp_path):
 
 def test_every_article_of_an_articleset_file_is_ingested(tmp_path):
     """The articles after the first of a <pmc-articleset> were counted but never read."""
-    from pmc_fixtures import _bytes, _noise, write_dir
+    from pmc_fixtures import encoded, noise_image, write_dir
 
     one = (
         '<article article-type="{kind}"><front><article-meta>'
@@ -613,7 +613,7 @@ def test_every_article_of_an_articleset_file_is_ingested(tmp_path):
     kinds = {1: "research-article", 2: "retraction", 3: "case-report"}
     xml = "<pmc-articleset>" + "".join(one.format(i=i, kind=k) for i, k in kinds.items())
     files = {"set.xml": (xml + "</pmc-articleset>").encode()}
-    files.update({f"g{i}.jpg": _bytes(_noise(40 + i), "JPEG") for i in kinds})
+    files.update({f"g{i}.jpg": encoded(noise_image(40 + i), "JPEG") for i in kinds})
     write_dir(tmp_path / "src" / "set", files)
     report = ingest([tmp_path / "src"], tmp_path / "out")
     assert [(r["pair_id"], r["image"]) for r in _records(tmp_path / "out")] == [
@@ -878,7 +878,7 @@ def test_a_fig_group_whose_image_sits_on_the_group_is_one_figure(tmp_path):
     """JATS lets a <fig-group> carry the <graphic> itself, its member <fig>s only panel captions
     (or no members at all): the figure was skipped as "no graphic" per member, and a group
     without members vanished uncounted. A group whose members have images stays per member."""
-    from pmc_fixtures import _bytes, _noise
+    from pmc_fixtures import encoded, noise_image
 
     body = (
         '<p>The CT (<xref ref-type="fig" rid="G1">Figure 1</xref>) shows a mass. The axial '
@@ -895,7 +895,7 @@ def test_a_fig_group_whose_image_sits_on_the_group_is_one_figure(tmp_path):
     )
     files = {"PMC7/PMC7.nxml": _jats("PMC7", body)}
     for i, name in enumerate(("g1", "g2", "g3", "g3a")):
-        files[f"PMC7/{name}.jpg"] = _bytes(_noise(60 + i), "JPEG")
+        files[f"PMC7/{name}.jpg"] = encoded(noise_image(60 + i), "JPEG")
     src = _tar_of(tmp_path / "src" / "PMC7.tar.gz", files).parent
     report = ingest([src], tmp_path / "out")
     got = {r["pair_id"]: r for r in _records(tmp_path / "out")}
@@ -925,7 +925,7 @@ def test_a_citation_of_an_id_two_figures_share_goes_to_the_one_it_names(tmp_path
     the first figure, so "the histology (Figure 2)" became a mention of the chest X-ray and the
     histology figure had none. The citation's number picks the figure; a citation naming no
     number goes to each figure with the id, counted."""
-    from pmc_fixtures import _bytes, _noise
+    from pmc_fixtures import encoded, noise_image
 
     body = (
         '<p>The X-ray is clear (<xref ref-type="fig" rid="F1">Figure 1</xref>).</p>'
@@ -938,7 +938,10 @@ def test_a_citation_of_an_id_two_figures_share_goes_to_the_one_it_names(tmp_path
     )
     files = {"PMC8/PMC8.nxml": _jats("PMC8", body)}
     files.update(
-        {"PMC8/a.jpg": _bytes(_noise(70), "JPEG"), "PMC8/b.jpg": _bytes(_noise(71), "JPEG")}
+        {
+            "PMC8/a.jpg": encoded(noise_image(70), "JPEG"),
+            "PMC8/b.jpg": encoded(noise_image(71), "JPEG"),
+        }
     )
     report = ingest([_tar_of(tmp_path / "src" / "PMC8.tar.gz", files)], tmp_path / "out")
     got = {
@@ -959,7 +962,7 @@ def test_links_inside_a_tarball_are_read_and_links_out_of_it_refused(tmp_path):
     symlink that stays inside the archive (its target read before or after it, in the same
     article folder or an earlier one), reads as its target; a link that is absolute or climbs
     out of the archive is refused, counted, and never followed."""
-    from pmc_fixtures import _bytes, _noise
+    from pmc_fixtures import encoded, noise_image
 
     figs = "".join(
         f'<fig id="F{i}"><label>Figure {i}</label><caption><p>Chest X-ray, case {i}.</p>'
@@ -967,7 +970,7 @@ def test_links_inside_a_tarball_are_read_and_links_out_of_it_refused(tmp_path):
         for i in range(1, 8)
     )
     one = '<fig id="F1"><label>Figure 1</label><caption><p>CT.</p></caption><graphic xlink:href="c1"/></fig>'
-    image = {i: _bytes(_noise(80 + i), "JPEG") for i in range(5)}
+    image = {i: encoded(noise_image(80 + i), "JPEG") for i in range(5)}
     links = {
         "PMC9/g1.jpg": (tarfile.LNKTYPE, "PMC9/orig/h1.jpg"),  # hard link, target read before
         "PMC9/g2.jpg": (tarfile.SYMTYPE, "later/s2.jpg"),  # symlink, target read after it
