@@ -223,14 +223,14 @@ def _bad_outputs(tmp_path: Path) -> dict[str, Path]:
 def _writers(tmp_path: Path, base: Path) -> dict[str, tuple[list[str], str]]:
     """Each command that writes outputs, with its output under ``base``; and the path the error
     must name."""
+    from eval_fixtures import write_judge_inputs
     from pmc_fixtures import make_tarballs
-    from test_judge import write_inputs
 
     figs = _figures(tmp_path)
     pkgs = tmp_path / "pkgs"
     if not pkgs.exists():
         make_tarballs(pkgs)
-    qs, ans = write_inputs(tmp_path)
+    qs, ans = write_judge_inputs(tmp_path)
     src = tmp_path / "llava-med-src"  # enough of one for convert to reach its output check
     src.mkdir(exist_ok=True)
     (src / "config.json").write_text("{}")
@@ -360,7 +360,7 @@ def _model_writers(tmp_path: Path, model: Path, writer: str):
     path the error must name, the flag or config key it must name)."""
     import yaml
 
-    from test_eval_answer import _qa50
+    from eval_fixtures import qa50
     from train_helpers import make_bright_dark, tiny_config
 
     if writer == "eval vqa --out":
@@ -372,7 +372,7 @@ def _model_writers(tmp_path: Path, model: Path, writer: str):
             "--out ",
         )  # fmt: skip
     if writer == "eval answer --out":
-        questions, images = _qa50(tmp_path)
+        questions, images = qa50(tmp_path)
         return lambda base: (
             ["eval", "answer", "--model", str(model), "--questions", str(questions),
              "--images", str(images), "--out", str(base / "a.jsonl"), "--max-new-tokens", "2",
@@ -381,13 +381,13 @@ def _model_writers(tmp_path: Path, model: Path, writer: str):
             "--out ",
         )  # fmt: skip
     if writer in ("train stage 0 output_dir", "train stage 0b output_dir"):
-        from test_vision_pretrain import _tiny_run, _write_pairs
-        from test_vision_vqa import _cfg, make_vqa_rad
+        from stage0_helpers import tiny_run, write_pairs
+        from vqa_fixtures import make_vqa_rad, stage0b_cfg
 
         if writer == "train stage 0 output_dir":
-            stage = {"stage": "vision", **_tiny_run(_write_pairs(tmp_path / "s0"), "unused")}
+            stage = {"stage": "vision", **tiny_run(write_pairs(tmp_path / "s0"), "unused")}
         else:
-            stage = _cfg(make_vqa_rad(tmp_path / "rad", 8), "unused")
+            stage = stage0b_cfg(make_vqa_rad(tmp_path / "rad", 8), "unused")
         cfg = tmp_path / "stage.yaml"
         cfg.write_text(yaml.safe_dump(stage))
         return lambda base: (
@@ -459,10 +459,10 @@ def test_the_shared_writers_refuse_a_folder_the_os_will_not_make_in_one_line(
     """Callers that write without checking first (eval answer's answers log, called as a library:
     the command checks --out up front) ended in a FileNotFoundError traceback from the folder's
     mkdir."""
+    from eval_fixtures import qa50
     from llavamed.errors import InputError
     from llavamed.eval.answer import answer_questions
     from llavamed.utils.io import JsonlAppender, atomic_write_json, exclusive_lock
-    from test_eval_answer import _qa50
 
     where = "/proc/llavamed-test/sub"
     why = "cannot create /proc/llavamed-test: No such file or directory"
@@ -473,6 +473,6 @@ def test_the_shared_writers_refuse_a_folder_the_os_will_not_make_in_one_line(
     ):
         with pytest.raises(InputError, match=f"^{where}: cannot be written \\({why}\\)$"):
             write()
-    q, img = _qa50(tmp_path)
+    q, img = qa50(tmp_path)
     with pytest.raises(InputError, match=f"^{where}: cannot be written \\({why}\\)$"):
         answer_questions(tiny_llava_dir, q, img, f"{where}/a.jsonl", progress=False)

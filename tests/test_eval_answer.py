@@ -14,9 +14,6 @@ from llavamed.errors import InputError
 from llavamed.eval.answer import answer_questions, load_questions
 from llavamed.utils.io import iter_jsonl
 
-# test_cli_contract still imports _qa50 from here; drop this once it imports eval_fixtures.qa50.
-_qa50 = qa50
-
 
 def test_load_questions_counts_bad_records(tmp_path):
     q, _ = qa50(tmp_path)

@@ -22,10 +22,6 @@ from llavamed.eval.judge import (
 from llavamed.llm.client import ClientOptions
 from openai_stub_server import StubServer
 
-# test_cli_contract still imports write_inputs from here; drop this once it imports
-# eval_fixtures.write_judge_inputs.
-write_inputs = write_judge_inputs
-
 
 @pytest.mark.parametrize(
     "text, expected",

@@ -166,10 +166,10 @@ def test_a_feature_layer_or_caption_length_the_models_lack_is_named_up_front(tmp
     positions died inside the embedding of the first long caption."""
     from llavamed.errors import ConfigError
     from llavamed.train.vision_pretrain import run_from_config
-    from test_vision_pretrain import _tiny_run, _write_pairs
+    from stage0_helpers import tiny_run, write_pairs
 
-    data = _write_pairs(tmp_path / "data", n=10)
-    cfg = _tiny_run(data, tmp_path / "run", max_steps=1)
+    data = write_pairs(tmp_path / "data", n=10)
+    cfg = tiny_run(data, tmp_path / "run", max_steps=1)
     with pytest.raises(ConfigError, match=r"feature_layer=-9: the tower has 2 layers"):
         run_from_config(cfg, ["feature_layer=-9"], progress=False)
     with pytest.raises(ConfigError, match=r"text_max_length=600: .* at most 512 tokens"):
@@ -183,14 +183,14 @@ def test_unreadable_images_are_counted_and_named(tmp_path, capsys, preload):
     the report said nothing of a missing file or a file that is no image. In neither mode was
     the file named, so a user could not find which of thousands of images to fix."""
     from llavamed.train.vision_pretrain import REPORT_MD, run_from_config
-    from test_vision_pretrain import _streaming_cfg, _write_pairs
+    from stage0_helpers import streaming_cfg, write_pairs
 
-    data = _write_pairs(tmp_path / "data", n=12)  # + images/missing.png, + a record without caption
+    data = write_pairs(tmp_path / "data", n=12)  # + images/missing.png, + a record without caption
     junk = tmp_path / "data" / "images" / "3.png"
     junk.write_bytes(b"not a png")
     # Two steps of 6 from 12 listed images with a readable one moved in for each bad one:
     # every image is met once in streaming mode.
-    cfg = _streaming_cfg(data, tmp_path / "run", val_fraction=0.0, preload=preload)
+    cfg = streaming_cfg(data, tmp_path / "run", val_fraction=0.0, preload=preload)
     res = run_from_config(cfg, progress=False)
     assert res.report["skipped"] == {"no caption": 1, "not an image": 1, "file not found": 1}
     missing = tmp_path / "data" / "images" / "missing.png"
@@ -213,10 +213,10 @@ def test_unreadable_held_out_images_are_named_when_streaming(tmp_path, capsys):
         run_from_config,
         split_pairs,
     )
-    from test_vision_pretrain import _streaming_cfg, _write_pairs
+    from stage0_helpers import streaming_cfg, write_pairs
 
-    data = _write_pairs(tmp_path / "data", n=12)
-    cfg = _streaming_cfg(data, tmp_path / "run", val_fraction=0.25)
+    data = write_pairs(tmp_path / "data", n=12)
+    cfg = streaming_cfg(data, tmp_path / "run", val_fraction=0.25)
     conf = make_config(cfg)
     _, held_out = split_pairs(load_pairs(conf.data)[0], conf.val_fraction, conf.val_max, conf.data)
     junk = held_out[0].image
@@ -235,9 +235,9 @@ def test_records_without_image_or_caption_are_named(tmp_path, capsys):
     """They were only counted ('no caption': 1), so a user could not tell which of thousands
     of records to fix; a record without an id is named by its number in the file."""
     from llavamed.train.vision_pretrain import REPORT_MD, load_pairs, run_from_config
-    from test_vision_pretrain import _tiny_run, _write_pairs
+    from stage0_helpers import tiny_run, write_pairs
 
-    data = _write_pairs(tmp_path / "data", n=16)  # + a record "nocap" with an empty caption
+    data = write_pairs(tmp_path / "data", n=16)  # + a record "nocap" with an empty caption
     with data.open("a") as fh:
         fh.write(json.dumps({"fig_caption": "A nodule.", "image": ""}) + "\n")
         fh.write(
@@ -247,7 +247,7 @@ def test_records_without_image_or_caption_are_named(tmp_path, capsys):
     _, skipped = load_pairs(data, named=named)
     assert skipped == {"no caption": 2, "no image": 1}
     assert named == {"nocap": "no caption", "#19": "no image", "p99": "no caption"}
-    res = run_from_config(_tiny_run(data, tmp_path / "run", max_steps=1), progress=False)
+    res = run_from_config(tiny_run(data, tmp_path / "run", max_steps=1), progress=False)
     assert res.report["skipped_records"] == named
     assert "skipped 3 record(s) of" in capsys.readouterr().err
     assert "- skipped record #19: no image" in (res.output_dir / REPORT_MD).read_text()
@@ -299,11 +299,11 @@ def test_a_trainable_text_tower_scores_held_out_captions_with_its_own_vectors(tm
     same folder left there (here made unmistakable: NaN) scored the tuned tower."""
     from llavamed.train.text_encoder import TextEncoder
     from llavamed.train.vision_pretrain import load_pairs, run_from_config, split_pairs
-    from test_vision_pretrain import _tiny_run, _write_pairs
+    from stage0_helpers import tiny_run, write_pairs
 
-    data = _write_pairs(tmp_path / "data")
+    data = write_pairs(tmp_path / "data")
     out = tmp_path / "run"
-    cfg = _tiny_run(data, out, max_steps=2, text_trainable=True)
+    cfg = tiny_run(data, out, max_steps=2, text_trainable=True)
     _, val = split_pairs(load_pairs(data)[0], 0.2, 1000)
     caps = [p.caption for p in val if p.image.exists()]
     enc = TextEncoder()
@@ -325,10 +325,10 @@ def test_a_streamed_run_with_a_trainable_text_tower_resumes_exactly(tmp_path, mo
     the loop started, which a resume does only after restoring that RNG: the text tower's
     dropout masks after the resume were one draw off, and so was the tower."""
     from llavamed.train.vision_pretrain import run_from_config
-    from test_vision_pretrain import _killed_at_step, _same_tower, _tiny_run, _write_pairs
+    from stage0_helpers import killed_at_step, same_tower, tiny_run, write_pairs
 
-    data = _write_pairs(tmp_path / "data", n=16)
-    cfg = _tiny_run(
+    data = write_pairs(tmp_path / "data", n=16)
+    cfg = tiny_run(
         data,
         tmp_path / "run",
         max_steps=4,
@@ -338,8 +338,8 @@ def test_a_streamed_run_with_a_trainable_text_tower_resumes_exactly(tmp_path, mo
         preload=False,
     )
     ref = run_from_config({**cfg, "output_dir": str(tmp_path / "ref")}, progress=False)
-    _killed_at_step(4, cfg, monkeypatch)
-    assert _same_tower(run_from_config(cfg, progress=False), ref)
+    killed_at_step(4, cfg, monkeypatch)
+    assert same_tower(run_from_config(cfg, progress=False), ref)
 
 
 def test_an_image_fixed_after_a_run_is_read_again(tmp_path):
@@ -349,14 +349,14 @@ def test_an_image_fixed_after_a_run_is_read_again(tmp_path):
     import shutil
 
     from llavamed.train.vision_pretrain import run_from_config
-    from test_vision_pretrain import _tiny_run, _write_pairs
+    from stage0_helpers import tiny_run, write_pairs
 
-    data = _write_pairs(tmp_path / "data", n=16)
+    data = write_pairs(tmp_path / "data", n=16)
     images = tmp_path / "data" / "images"
     good = images / "3.png"
     shutil.copy(good, tmp_path / "3.png")
     good.write_bytes(b"not a png")
-    cfg = _tiny_run(data, tmp_path / "run", max_steps=1)
+    cfg = tiny_run(data, tmp_path / "run", max_steps=1)
     first = run_from_config(cfg, progress=False).report
     assert first["skipped_images"].get(str(good)) == "not an image"
     shutil.copy(tmp_path / "3.png", good)
@@ -374,13 +374,13 @@ def test_other_weights_behind_the_starting_towers_path_are_another_run(tmp_path,
 
     from llavamed.model.compose import VISION_PRESETS
     from llavamed.train.vision_pretrain import STATE_FILE, run_from_config
-    from test_vision_pretrain import _tiny_run, _write_pairs
+    from stage0_helpers import tiny_run, write_pairs
 
     start = tmp_path / "start"
     torch.manual_seed(0)
     CLIPVisionModel(CLIPVisionConfig(**VISION_PRESETS["tiny"])).save_pretrained(start)
-    data = _write_pairs(tmp_path / "data", n=16)
-    cfg = _tiny_run(data, tmp_path / "run", max_steps=2, vision=str(start), save_every=1)
+    data = write_pairs(tmp_path / "data", n=16)
+    cfg = tiny_run(data, tmp_path / "run", max_steps=2, vision=str(start), save_every=1)
     first = run_from_config(cfg, progress=False)
     from safetensors.torch import load_file
 
@@ -412,11 +412,11 @@ def test_other_files_behind_the_text_encoders_name_are_another_run(tmp_path):
 
     from llavamed.train.text_encoder import embedded_text_encoder_dir
     from llavamed.train.vision_pretrain import run_from_config
-    from test_vision_pretrain import _tiny_run, _write_pairs
+    from stage0_helpers import tiny_run, write_pairs
 
     enc = shutil.copytree(embedded_text_encoder_dir(), tmp_path / "enc")
-    data = _write_pairs(tmp_path / "data", n=16)
-    cfg = _tiny_run(data, tmp_path / "run", max_steps=1, text_encoder=str(enc))
+    data = write_pairs(tmp_path / "data", n=16)
+    cfg = tiny_run(data, tmp_path / "run", max_steps=1, text_encoder=str(enc))
     first = run_from_config(cfg, progress=False).report
     assert run_from_config(cfg, progress=False).report == first  # unchanged: done
     tok = json.loads((enc / "tokenizer_config.json").read_text())
@@ -431,10 +431,10 @@ def test_a_finished_run_is_not_redone_for_a_setting_that_changes_nothing(tmp_pat
     the default probes), although `llavamed train --help` says a finished run returns at once.
     A run the time budget stopped still goes on under another budget."""
     from llavamed.train.vision_pretrain import REPORT_JSON, run_from_config
-    from test_vision_pretrain import _tiny_run, _write_pairs
+    from stage0_helpers import tiny_run, write_pairs
 
-    data = _write_pairs(tmp_path / "data", n=20)
-    cfg = _tiny_run(data, tmp_path / "run", max_steps=3)
+    data = write_pairs(tmp_path / "data", n=20)
+    cfg = tiny_run(data, tmp_path / "run", max_steps=3)
     first = run_from_config(cfg, progress=False)
     weights = first.tower_dir / "model.safetensors"
     stamp, report = weights.stat().st_mtime_ns, (tmp_path / "run" / REPORT_JSON).read_text()
@@ -444,7 +444,7 @@ def test_a_finished_run_is_not_redone_for_a_setting_that_changes_nothing(tmp_pat
         assert weights.stat().st_mtime_ns == stamp
         assert (tmp_path / "run" / REPORT_JSON).read_text() == report
 
-    budget = _tiny_run(data, tmp_path / "cut", max_steps=3, time_budget_min=1e-9)
+    budget = tiny_run(data, tmp_path / "cut", max_steps=3, time_budget_min=1e-9)
     stopped = run_from_config(budget, progress=False)
     assert stopped.report["stopped_early"] and stopped.report["steps"] == 1
     assert run_from_config(budget, progress=False).report["steps"] == 1  # same budget: done
@@ -459,10 +459,10 @@ def test_a_damaged_report_or_resume_state_is_named_not_a_traceback(tmp_path, cap
     it and the way on."""
     from llavamed.errors import InputError
     from llavamed.train.vision_pretrain import REPORT_JSON, STATE_FILE, run_from_config
-    from test_vision_pretrain import _tiny_run, _write_pairs
+    from stage0_helpers import tiny_run, write_pairs
 
-    data = _write_pairs(tmp_path / "data", n=20)
-    cfg = _tiny_run(data, tmp_path / "run", max_steps=2)
+    data = write_pairs(tmp_path / "data", n=20)
+    cfg = tiny_run(data, tmp_path / "run", max_steps=2)
     first = run_from_config(cfg, progress=False)
     report = tmp_path / "run" / REPORT_JSON
     report.write_text(report.read_text()[:40])
@@ -482,15 +482,15 @@ def test_too_few_pairs_names_the_file_and_comes_before_the_decoding(tmp_path):
     pairs was refused only after every image was decoded and cached."""
     from llavamed.errors import InputError
     from llavamed.train.vision_pretrain import run_from_config
-    from test_vision_pretrain import _tiny_run, _write_pairs
+    from stage0_helpers import tiny_run, write_pairs
 
-    data = _write_pairs(tmp_path / "data", n=12)
+    data = write_pairs(tmp_path / "data", n=12)
     one = tmp_path / "data" / "one.jsonl"
     one.write_text(data.read_text().splitlines()[0] + "\n")
-    cfg = _tiny_run(one, tmp_path / "run", max_steps=1)
+    cfg = tiny_run(one, tmp_path / "run", max_steps=1)
     with pytest.raises(InputError, match=r"one.jsonl: too few pairs to train on .*1 usable pair"):
         run_from_config(cfg, progress=False)
-    cfg = _tiny_run(data, tmp_path / "big", max_steps=1, batch_size=64)
+    cfg = tiny_run(data, tmp_path / "big", max_steps=1, batch_size=64)
     with pytest.raises(InputError, match=r"figures.jsonl: fewer training pairs than batch_size"):
         run_from_config(cfg, progress=False)
     assert not (tmp_path / "big" / "cache").exists()
@@ -522,11 +522,11 @@ def test_a_wrong_image_folder_is_named_not_blamed_on_batch_size(tmp_path, capsys
     wrote; streamed (preload: false), a bare 'no readable images'."""
     from llavamed.errors import InputError
     from llavamed.train.vision_pretrain import run_from_config
-    from test_vision_pretrain import _tiny_run, _write_pairs
+    from stage0_helpers import tiny_run, write_pairs
 
-    data = _write_pairs(tmp_path / "data", n=12)
+    data = write_pairs(tmp_path / "data", n=12)
     elsewhere = tmp_path / "elsewhere"
-    cfg = _tiny_run(data, tmp_path / "run", max_steps=1, image_folder=str(elsewhere))
+    cfg = tiny_run(data, tmp_path / "run", max_steps=1, image_folder=str(elsewhere))
     cfg["preload"] = preload
     with pytest.raises(InputError, match=r"readable images .*file not found.* under .*elsewhere"):
         run_from_config(cfg, progress=False)
@@ -555,13 +555,13 @@ def test_a_refused_run_leaves_no_output_folder(tmp_path):
     folder as not its own."""
     from llavamed.errors import InputError
     from llavamed.train.vision_pretrain import run_from_config
-    from test_vision_pretrain import _tiny_run, _write_pairs
+    from stage0_helpers import tiny_run, write_pairs
 
-    cfg = _tiny_run(tmp_path / "missing.jsonl", tmp_path / "runs" / "stage0", max_steps=1)
+    cfg = tiny_run(tmp_path / "missing.jsonl", tmp_path / "runs" / "stage0", max_steps=1)
     with pytest.raises(InputError, match="missing.jsonl"):
         run_from_config(cfg, progress=False)
-    data = _write_pairs(tmp_path / "data", n=12)
-    cfg = _tiny_run(data, tmp_path / "runs" / "big", max_steps=1, batch_size=64)
+    data = write_pairs(tmp_path / "data", n=12)
+    cfg = tiny_run(data, tmp_path / "runs" / "big", max_steps=1, batch_size=64)
     with pytest.raises(InputError, match="fewer training pairs than batch_size"):
         run_from_config(cfg, progress=False)
     assert not (tmp_path / "runs").exists()

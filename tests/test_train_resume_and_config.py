@@ -133,10 +133,10 @@ def test_stage0b_damaged_resume_state_is_a_one_line_error(tmp_path, monkeypatch)
     import torch
 
     from llavamed.train.vision_vqa import STATE_FILE, run_from_config
-    from test_vision_vqa import _cfg, make_vqa_rad
+    from vqa_fixtures import make_vqa_rad, stage0b_cfg
 
     data = make_vqa_rad(tmp_path / "vqa", 24)
-    cfg = _cfg(data, tmp_path / "o", steps=8, save_every=3, batch_size=8)
+    cfg = stage0b_cfg(data, tmp_path / "o", steps=8, save_every=3, batch_size=8)
     real, calls = torch.optim.AdamW.step, {"n": 0}
 
     def interrupted(self, *a, **kw):

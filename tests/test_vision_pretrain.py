@@ -7,7 +7,6 @@ import json
 import math
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -21,6 +20,7 @@ from llavamed.train.contrastive import (
     phrase_patch_loss,
     pooled_patch_scores,
 )
+from stage0_helpers import killed_at_step, same_tower, streaming_cfg, tiny_run, write_pairs
 
 
 def _reference_clip(img, txt, scale):
@@ -196,75 +196,18 @@ def test_text_encoder_cache_roundtrip(tmp_path):
     assert calls == [["new text"]] and torch.allclose(v2[:3], v)
 
 
-def _write_pairs(root, n=24):
-    """Two kinds of figures that differ only locally: a bright dot on the left or on the right."""
-    (root / "images").mkdir(parents=True)
-    recs = []
-    rng = np.random.default_rng(0)
-    for i in range(n):
-        arr = (rng.random((40, 32)) * 60).astype(np.uint8)
-        side = "left" if i % 2 == 0 else "right"
-        c = 6 if side == "left" else 24
-        arr[16:22, c : c + 4] = 250
-        Image.fromarray(arr).save(root / "images" / f"{i}.png")
-        recs.append(
-            {
-                "pair_id": f"p{i}",
-                "fig_caption": f"Radiograph showing a bright nodule on the {side}.",
-                "image": f"images/{i}.png",
-            }
-        )
-    recs.append({"pair_id": "bad", "fig_caption": "broken", "image": "images/missing.png"})
-    recs.append({"pair_id": "nocap", "fig_caption": "", "image": "images/0.png"})
-    (root / "figures.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
-    return root / "figures.jsonl"
-
-
-def _tiny_run(data, out, **kw) -> dict:
-    """A seconds-long stage-0 config: the tiny tower, 8 pairs a step, a 20% held-out split."""
-    return {
-        "data": str(data),
-        "output_dir": str(out),
-        "vision": "tiny",
-        "batch_size": 8,
-        "probe_images_per_domain": 0,
-        "val_fraction": 0.2,
-        "precision": "fp32",
-        **kw,
-    }
-
-
-def _killed_at_step(n: int, cfg: dict, monkeypatch) -> None:
-    """Run stage 0 until step ``n``'s loss raises KeyboardInterrupt (a Ctrl-C mid-run)."""
-    import llavamed.train.contrastive as contrastive
-    from llavamed.train.vision_pretrain import run_from_config
-
-    real, calls = contrastive.clip_loss, {"n": 0}
-
-    def dies(*a, **kw):
-        calls["n"] += 1
-        if calls["n"] == n:
-            raise KeyboardInterrupt
-        return real(*a, **kw)
-
-    monkeypatch.setattr(contrastive, "clip_loss", dies)
-    with pytest.raises(KeyboardInterrupt):
-        run_from_config(cfg, progress=False)
-    monkeypatch.setattr(contrastive, "clip_loss", real)
-
-
 def test_end_to_end_tiny_resume_and_model_init(tmp_path, monkeypatch):
     from llavamed.model.compose import ModelSpec, build
     from llavamed.train.vision_pretrain import STATE_FILE, run_from_config
 
-    data = _write_pairs(tmp_path / "data")
-    cfg = _tiny_run(data, tmp_path / "run", max_steps=6, save_every=3, log_every=1)
+    data = write_pairs(tmp_path / "data")
+    cfg = tiny_run(data, tmp_path / "run", max_steps=6, save_every=3, log_every=1)
 
     ref = run_from_config({**cfg, "output_dir": str(tmp_path / "ref")}, progress=False)
     # Interrupted at step 5 (a resume state was written at 3), then re-run with a setting a
     # resume may change: it continues from step 3 and ends where the uninterrupted run did,
     # augmentation included.
-    _killed_at_step(5, cfg, monkeypatch)
+    killed_at_step(5, cfg, monkeypatch)
     state = torch.load(tmp_path / "run" / STATE_FILE, weights_only=False)
     assert state["step"] == 3
     res = run_from_config(cfg, ["time_budget_min=60"], progress=False)
@@ -285,7 +228,6 @@ def test_end_to_end_tiny_resume_and_model_init(tmp_path, monkeypatch):
     # The saved image processor pads to square with the mean colour, as training did: a wide
     # red strip keeps its width and gets mean-colour rows (0 after normalising) above it. It
     # said resize + centre-crop, which would fill the square with red.
-    from PIL import Image
     from transformers import AutoImageProcessor
 
     proc = AutoImageProcessor.from_pretrained(res.tower_dir)
@@ -349,28 +291,14 @@ def test_load_pairs_conversation_json(tmp_path):
         load_pairs(tmp_path / "none.json")
 
 
-def _streaming_cfg(data, out, **kw) -> dict:
-    """A two-step stage-0 run that decodes images per step (``preload: false``)."""
-    return {
-        "data": str(data),
-        "output_dir": str(out),
-        "vision": "tiny",
-        "batch_size": 6,
-        "max_steps": 2,
-        "probe_images_per_domain": 0,
-        "preload": False,
-        "precision": "fp32",
-    } | kw
-
-
 def test_streaming_loader_skips_unreadable_images(tmp_path):
     """``preload: false`` decodes per step (DataLoader); an unreadable image is replaced, so the
     batch keeps its size."""
     from llavamed.train.vision_pretrain import run_from_config
 
-    data = _write_pairs(tmp_path / "data", n=12)
+    data = write_pairs(tmp_path / "data", n=12)
     (tmp_path / "data" / "images" / "3.png").write_bytes(b"not a png")
-    cfg = _streaming_cfg(data, tmp_path / "run", val_fraction=0.0, log_every=1)
+    cfg = streaming_cfg(data, tmp_path / "run", val_fraction=0.0, log_every=1)
     res = run_from_config(cfg, progress=False)
     assert res.report["steps"] == 2 and "retrieval" not in res.report
     assert (res.tower_dir / "config.json").exists()
@@ -381,8 +309,8 @@ def test_streaming_loader_still_scores_the_held_out_pairs(tmp_path):
     None and crashed before the tower was saved, on every re-run)."""
     from llavamed.train.vision_pretrain import run_from_config
 
-    data = _write_pairs(tmp_path / "data", n=16)
-    res = run_from_config(_streaming_cfg(data, tmp_path / "run", val_fraction=0.3), progress=False)
+    data = write_pairs(tmp_path / "data", n=16)
+    res = run_from_config(streaming_cfg(data, tmp_path / "run", val_fraction=0.3), progress=False)
     assert res.report["retrieval"]["chance_r@1"] > 0
     assert (res.tower_dir / "config.json").exists()
 
@@ -397,7 +325,7 @@ def test_a_converted_biomedclip_tower_trains_and_composes(tmp_path, biomedclip_s
     torch.save(biomedclip_state_dict, tmp_path / "open_clip_pytorch_model.bin")
     vit = convert_biomedclip(tmp_path, tmp_path / "vit", num_heads=4)
     cfg = {
-        "data": str(_write_pairs(tmp_path / "data", n=16)),
+        "data": str(write_pairs(tmp_path / "data", n=16)),
         "output_dir": str(tmp_path / "run"),
         "vision": str(vit),
         "batch_size": 8,
@@ -419,9 +347,9 @@ def test_other_pairs_under_the_same_config_are_another_run(tmp_path, monkeypatch
     tower trained on the partial file, or resumed it with the full file's batch order."""
     from llavamed.train.vision_pretrain import run_from_config
 
-    data = _write_pairs(tmp_path / "data")
+    data = write_pairs(tmp_path / "data")
     full = data.read_text()
-    cfg = _tiny_run(data, tmp_path / "run", max_steps=4, save_every=2)
+    cfg = tiny_run(data, tmp_path / "run", max_steps=4, save_every=2)
     data.write_text("".join(full.splitlines(keepends=True)[4:]))  # an ingest cut short
     first = run_from_config(cfg, progress=False)
     data.write_text(full)  # ... then completed in place
@@ -430,7 +358,7 @@ def test_other_pairs_under_the_same_config_are_another_run(tmp_path, monkeypatch
     assert second.report["pairs"] != first.report["pairs"]
     # Killed after its step-2 state; the file changes again; the state is not resumed.
     cut = {**cfg, "output_dir": str(tmp_path / "killed")}
-    _killed_at_step(3, cut, monkeypatch)
+    killed_at_step(3, cut, monkeypatch)
     data.write_text("".join(full.splitlines(keepends=True)[4:]))
     capsys.readouterr()
     run_from_config(cut, progress=False)
@@ -450,30 +378,30 @@ def test_the_same_run_spelled_with_other_paths_or_moved_is_not_trained_again(
     from llavamed.train.vision_pretrain import make_config, run_from_config
 
     monkeypatch.chdir(tmp_path)
-    data = _write_pairs(tmp_path / "data")
+    data = write_pairs(tmp_path / "data")
     kw = dict(max_steps=4, save_every=2)
-    done = run_from_config(_tiny_run(data, tmp_path / "run", **kw), progress=False)
+    done = run_from_config(tiny_run(data, tmp_path / "run", **kw), progress=False)
     weights = done.tower_dir / "model.safetensors"
     stamp = weights.stat().st_mtime_ns
 
-    relative = run_from_config(_tiny_run(Path("data/figures.jsonl"), Path("run"), **kw), False)
+    relative = run_from_config(tiny_run(Path("data/figures.jsonl"), Path("run"), **kw), False)
     assert relative.report == done.report and weights.stat().st_mtime_ns == stamp
 
     shutil.move(tmp_path / "run", tmp_path / "moved")
-    moved = run_from_config(_tiny_run(data, tmp_path / "moved", **kw), progress=False)
+    moved = run_from_config(tiny_run(data, tmp_path / "moved", **kw), progress=False)
     assert moved.tower_dir == tmp_path / "moved" / "vision_tower"
     assert (moved.tower_dir / "model.safetensors").stat().st_mtime_ns == stamp
 
     # Killed after its step-2 state, moved, and resumed from that state.
-    _killed_at_step(3, _tiny_run(data, tmp_path / "killed", **kw), monkeypatch)
+    killed_at_step(3, tiny_run(data, tmp_path / "killed", **kw), monkeypatch)
     shutil.move(tmp_path / "killed", tmp_path / "killed_moved")
     capsys.readouterr()
-    resumed = run_from_config(_tiny_run(data, tmp_path / "killed_moved", **kw), progress=False)
+    resumed = run_from_config(tiny_run(data, tmp_path / "killed_moved", **kw), progress=False)
     assert "other settings" not in capsys.readouterr().err
     assert resumed.report["steps"] == 4
 
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
-    conf = make_config(_tiny_run(data, Path("x")), ["output_dir=~/runs/b"])
+    conf = make_config(tiny_run(data, Path("x")), ["output_dir=~/runs/b"])
     assert conf.output_dir == str(tmp_path / "home" / "runs" / "b")
     assert conf.data == str(data) and conf.vision == "tiny" and conf.text_encoder == "minilm"
 
@@ -498,24 +426,14 @@ def test_held_out_pairs_are_whole_articles():
     assert 5 < len(val) < 40 and len(train) + len(val) == 100
 
 
-def _same_tower(a, b) -> bool:
-    from safetensors.torch import load_file
-
-    want, got = (
-        load_file(a.tower_dir / "model.safetensors"),
-        load_file(b.tower_dir / "model.safetensors"),
-    )
-    return all(torch.equal(got[k], want[k]) for k in want)
-
-
 def test_killed_between_the_rng_file_and_the_state_resumes_exactly(tmp_path, monkeypatch):
     """The per-process RNG file is written before the main state. It held only the newest step,
     so a run killed between the two writes resumed from the older main state with re-seeded
     crops, and ended on another tower than an uninterrupted run."""
     from llavamed.train.vision_pretrain import STATE_FILE, run_from_config
 
-    data = _write_pairs(tmp_path / "data")
-    cfg = _tiny_run(data, tmp_path / "run", max_steps=8, save_every=3)
+    data = write_pairs(tmp_path / "data")
+    cfg = tiny_run(data, tmp_path / "run", max_steps=8, save_every=3)
     ref = run_from_config({**cfg, "output_dir": str(tmp_path / "ref")}, progress=False)
     real_save = torch.save
 
@@ -529,7 +447,7 @@ def test_killed_between_the_rng_file_and_the_state_resumes_exactly(tmp_path, mon
         run_from_config(cfg, progress=False)
     monkeypatch.setattr(torch, "save", real_save)
     assert torch.load(tmp_path / "run" / STATE_FILE, weights_only=False)["step"] == 3
-    assert _same_tower(run_from_config(cfg, progress=False), ref)
+    assert same_tower(run_from_config(cfg, progress=False), ref)
 
 
 def test_a_trainable_text_tower_resumes_with_its_dropout_masks(tmp_path, monkeypatch):
@@ -537,11 +455,11 @@ def test_a_trainable_text_tower_resumes_with_its_dropout_masks(tmp_path, monkeyp
     the resumed steps drew other masks than the uninterrupted run."""
     from llavamed.train.vision_pretrain import run_from_config
 
-    data = _write_pairs(tmp_path / "data", n=16)
-    cfg = _tiny_run(
+    data = write_pairs(tmp_path / "data", n=16)
+    cfg = tiny_run(
         data, tmp_path / "run", max_steps=4, save_every=2, text_trainable=True, text_max_length=16
     )
     ref = run_from_config({**cfg, "output_dir": str(tmp_path / "ref")}, progress=False)
-    _killed_at_step(4, cfg, monkeypatch)
+    killed_at_step(4, cfg, monkeypatch)
     torch.manual_seed(12345)  # whatever the process did in between
-    assert _same_tower(run_from_config(cfg, progress=False), ref)
+    assert same_tower(run_from_config(cfg, progress=False), ref)

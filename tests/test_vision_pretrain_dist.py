@@ -176,9 +176,9 @@ def test_a_batch_the_processes_cannot_share_is_refused_before_decoding(tmp_path)
 
     import torch.multiprocessing as mp
 
-    from test_vision_pretrain import _write_pairs
+    from stage0_helpers import write_pairs
 
-    data = _write_pairs(tmp_path / "data", n=16)
+    data = write_pairs(tmp_path / "data", n=16)
     out = str(tmp_path / "run")
     mp.spawn(_odd_batch_worker, args=(2, _free_port(), str(data), out), nprocs=2, join=True)
     for rank in (0, 1):

@@ -4,7 +4,6 @@ directly; the saved tower composes into a LLaVA; bad images are counted; re-runs
 from __future__ import annotations
 
 import json
-import random
 from pathlib import Path
 
 import pytest
@@ -12,80 +11,10 @@ import torch
 from PIL import Image
 
 from llavamed.errors import ConfigError
+from vqa_fixtures import make_vqa_rad, stage0b_cfg
 
 # Shared 2-core machine: one intra-op thread (tests/conftest.py).
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-def make_vqa_rad(root: Path, n_images: int, seed: int = 0) -> Path:
-    """A VQA-RAD-shaped folder. Two questions per image, each answerable only from the image:
-    "Is the square on the left?" (a bright square's side) and "Is the image bright?"."""
-    rng = random.Random(seed)
-    images = root / "VQA_RAD Image Folder"
-    images.mkdir(parents=True)
-    recs = []
-    for i in range(n_images):
-        left, bright = rng.random() < 0.5, rng.random() < 0.5
-        base = 150 if bright else 40
-        img = Image.new("RGB", (32, 32), (base, base, base))
-        x0 = 2 if left else 18
-        img.paste((255, 255, 255) if not bright else (0, 0, 0), (x0, 10, x0 + 12, 22))
-        name = f"img{i}.png"
-        img.save(images / name)
-        split = "test_freeform" if i % 5 == 0 else "freeform"
-        for q, yes in (("Is the square on the left?", left), ("Is the image bright?", bright)):
-            recs.append(
-                {
-                    "qid": len(recs),
-                    "image_name": name,
-                    "question": q,
-                    "answer": "yes" if yes else "no",
-                    "answer_type": "CLOSED",
-                    "phrase_type": split,
-                }
-            )
-    # One open question and one corrupt image: neither may break the run.
-    recs.append(
-        {
-            "qid": len(recs),
-            "image_name": "img0.png",
-            "question": "What colour is the square?",
-            "answer": "white",
-            "answer_type": "OPEN",
-            "phrase_type": "freeform",
-        }
-    )
-    (images / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\nnot really")
-    recs.append(
-        {
-            "qid": len(recs),
-            "image_name": "broken.png",
-            "question": "Is the image bright?",
-            "answer": "yes",
-            "answer_type": "CLOSED",
-            "phrase_type": "freeform",
-        }
-    )
-    (root / "VQA_RAD Dataset Public.json").write_text(json.dumps(recs))
-    return root
-
-
-def _cfg(data: Path, out: Path, **kw) -> dict:
-    cfg = {
-        "stage": "vision_vqa",
-        "sources": [{"dataset": "vqa-rad", "path": str(data), "split": "train"}],
-        "vision": "tiny",
-        "feature_layer": -1,
-        "output_dir": str(out),
-        "steps": 300,
-        "batch_size": 32,
-        "lr": 3e-3,
-        "val_fraction": 0.25,
-        "precision": "fp32",
-        "log_every": 10,
-    }
-    cfg.update(kw)
-    return cfg
 
 
 def test_tower_learns_the_questions_and_composes(tmp_path):
@@ -93,7 +22,7 @@ def test_tower_learns_the_questions_and_composes(tmp_path):
     from llavamed.train.vision_vqa import run_from_config
 
     data = make_vqa_rad(tmp_path / "rad", 160)
-    res = run_from_config(_cfg(data, tmp_path / "out"), progress=False)
+    res = run_from_config(stage0b_cfg(data, tmp_path / "out"), progress=False)
     rep = res.report
     print("stage 0b held-out accuracy", rep["val_accuracy"], rep["val_per_question"])
     # Both questions need the image (each is 50/50 yes); a side question needs local evidence.
@@ -113,7 +42,7 @@ def test_tower_learns_the_questions_and_composes(tmp_path):
     assert all(torch.equal(inner[k], v) for k, v in saved.items())
 
     # A finished run with the same recipe returns at once; an override is a new recipe.
-    again = run_from_config(_cfg(data, tmp_path / "out"), progress=False)
+    again = run_from_config(stage0b_cfg(data, tmp_path / "out"), progress=False)
     assert again.wall_time_s == 0.0
 
 
@@ -121,22 +50,24 @@ def test_untrained_baseline_is_chance_and_bad_configs_are_refused(tmp_path):
     from llavamed.train.vision_vqa import make_config, run_from_config
 
     data = make_vqa_rad(tmp_path / "rad", 80)
-    res = run_from_config(_cfg(data, tmp_path / "out", steps=1, lr=1e-6), progress=False)
+    res = run_from_config(stage0b_cfg(data, tmp_path / "out", steps=1, lr=1e-6), progress=False)
     # The side question needs learned local evidence: untrained, it is near chance (so the
     # learning test above is not a given). Brightness shifts every feature, so a random readout
     # can get it right by luck; it is not checked here.
     side = res.report["val_per_question"]["Is the square on the left?"]["accuracy"]
     assert side <= 0.7
     with pytest.raises(ConfigError, match="readout"):
-        make_config(_cfg(data, tmp_path / "o", readout="max"))
+        make_config(stage0b_cfg(data, tmp_path / "o", readout="max"))
     with pytest.raises(ConfigError):
-        make_config(_cfg(data, tmp_path / "o", nonsense=1))
+        make_config(stage0b_cfg(data, tmp_path / "o", nonsense=1))
     empty = tmp_path / "empty"
     (empty / "VQA_RAD Image Folder").mkdir(parents=True)
     (empty / "VQA_RAD Dataset Public.json").write_text("[]")
     with pytest.raises(ConfigError, match="no closed yes/no"):
         run_from_config(
-            _cfg(data, tmp_path / "o2", sources=[{"dataset": "vqa-rad", "path": str(empty)}]),
+            stage0b_cfg(
+                data, tmp_path / "o2", sources=[{"dataset": "vqa-rad", "path": str(empty)}]
+            ),
             progress=False,
         )
 
@@ -163,7 +94,7 @@ def test_an_image_stored_as_bytes_is_one_image_whatever_its_questions(tmp_path):
     (tmp_path / "pvqa").mkdir()
     pq.write_table(pa.table(rows), tmp_path / "pvqa" / "train-00000-of-00001.parquet")
     cfg = make_config(
-        _cfg(
+        stage0b_cfg(
             tmp_path,
             tmp_path / "o",
             sources=[{"dataset": "pathvqa", "path": str(tmp_path / "pvqa")}],
@@ -186,7 +117,7 @@ def test_the_tower_sees_the_composed_llavas_geometry(tmp_path, aspect):
 
     rng = np.random.default_rng(0)
     img = Image.fromarray(rng.integers(0, 256, (24, 61, 3), dtype=np.uint8))
-    cfg = make_config(_cfg(tmp_path, tmp_path / "o", aspect=aspect))
+    cfg = make_config(stage0b_cfg(tmp_path, tmp_path / "o", aspect=aspect))
     tower = load_tower(cfg.vision)
     ours = image_processor(cfg, tower)(images=[img], return_tensors="pt")["pixel_values"][0]
     _, processor = build(ModelSpec(lm="tiny", vision="tiny", aspect=aspect))
@@ -197,7 +128,7 @@ def test_the_tower_sees_the_composed_llavas_geometry(tmp_path, aspect):
         mean, std = (torch.tensor(v).view(3, 1, 1) for v in (tower.mean, tower.std))
         assert torch.allclose(ours, (s0 - mean) / std, atol=2 / 255 / min(tower.std))
     with pytest.raises(ConfigError, match="aspect"):
-        make_config(_cfg(tmp_path, tmp_path / "o", aspect="squash"))
+        make_config(stage0b_cfg(tmp_path, tmp_path / "o", aspect="squash"))
 
 
 def test_a_run_the_time_budget_stopped_goes_on_with_a_larger_budget(tmp_path, capsys):
@@ -209,11 +140,11 @@ def test_a_run_the_time_budget_stopped_goes_on_with_a_larger_budget(tmp_path, ca
 
     data = make_vqa_rad(tmp_path / "rad", 48)
     kw = dict(steps=6, batch_size=8, save_every=100, log_every=1)
-    whole = run_from_config(_cfg(data, tmp_path / "whole", **kw), progress=False)
+    whole = run_from_config(stage0b_cfg(data, tmp_path / "whole", **kw), progress=False)
     out = tmp_path / "budget"
-    cut = run_from_config(_cfg(data, out, **kw, time_budget_min=1e-9), progress=False)
+    cut = run_from_config(stage0b_cfg(data, out, **kw, time_budget_min=1e-9), progress=False)
     assert cut.report["steps"] == 1 and (out / STATE_FILE).exists()
-    more = run_from_config(_cfg(data, out, **kw, time_budget_min=60), progress=False)
+    more = run_from_config(stage0b_cfg(data, out, **kw, time_budget_min=60), progress=False)
     assert f"stage 0b: resuming {out} at step 1/6" in capsys.readouterr().err
     assert [r["loss"] for r in more.report["log"]] == [r["loss"] for r in whole.report["log"]]
     a = CLIPVisionModel.from_pretrained(whole.tower_dir).state_dict()
@@ -229,7 +160,7 @@ def test_a_killed_run_resumes_from_its_last_state_to_the_same_tower(tmp_path, mo
 
     data = make_vqa_rad(tmp_path / "rad", 48)
     kw = dict(steps=12, batch_size=8, save_every=5, log_every=2)
-    whole = run_from_config(_cfg(data, tmp_path / "whole", **kw), progress=False)
+    whole = run_from_config(stage0b_cfg(data, tmp_path / "whole", **kw), progress=False)
 
     # Killed during step 8: the state of step 5 is on disk, nothing after it.
     real_clip, calls = torch.nn.utils.clip_grad_norm_, [0]
@@ -243,13 +174,13 @@ def test_a_killed_run_resumes_from_its_last_state_to_the_same_tower(tmp_path, mo
     monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", dies_at_step_8)
     out = tmp_path / "killed"
     with pytest.raises(KeyboardInterrupt):
-        run_from_config(_cfg(data, out, **kw), progress=False)
+        run_from_config(stage0b_cfg(data, out, **kw), progress=False)
     monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", real_clip)
     assert torch.load(out / STATE_FILE, weights_only=False)["step"] == 5
     assert not (out / "vision_tower").exists()
 
     # A resume that may change only the logging and the budget goes on from step 5.
-    resumed = run_from_config(_cfg(data, out, **kw, time_budget_min=60), progress=False)
+    resumed = run_from_config(stage0b_cfg(data, out, **kw, time_budget_min=60), progress=False)
     assert f"stage 0b: resuming {out} at step 5/12" in capsys.readouterr().err
     assert resumed.report["steps"] == 12
     assert [r["step"] for r in resumed.report["log"]] == [r["step"] for r in whole.report["log"]]
@@ -260,7 +191,7 @@ def test_a_killed_run_resumes_from_its_last_state_to_the_same_tower(tmp_path, mo
     assert not (out / STATE_FILE).exists()  # finished: the report stands for the run
     # Finished: a setting that changes nothing computed (logging) does not retrain it.
     again = run_from_config(
-        _cfg(data, out, **kw | {"log_every": 3, "time_budget_min": 60}), progress=False
+        stage0b_cfg(data, out, **kw | {"log_every": 3, "time_budget_min": 60}), progress=False
     )
     assert again.wall_time_s == 0.0
 
@@ -269,10 +200,10 @@ def test_a_killed_run_resumes_from_its_last_state_to_the_same_tower(tmp_path, mo
     calls[0] = 0
     other = tmp_path / "other"
     with pytest.raises(KeyboardInterrupt):
-        run_from_config(_cfg(data, other, **kw), progress=False)
+        run_from_config(stage0b_cfg(data, other, **kw), progress=False)
     monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", real_clip)
     capsys.readouterr()
-    fresh = run_from_config(_cfg(data, other, **kw | {"lr": 1e-3}), progress=False)
+    fresh = run_from_config(stage0b_cfg(data, other, **kw | {"lr": 1e-3}), progress=False)
     assert "other settings (lr)" in capsys.readouterr().err
     assert fresh.report["steps"] == 12
 
@@ -281,12 +212,12 @@ def test_a_killed_run_resumes_from_its_last_state_to_the_same_tower(tmp_path, mo
     monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", dies_at_step_8)
     calls[0] = 0
     with pytest.raises(KeyboardInterrupt):
-        run_from_config(_cfg(data2, tmp_path / "o3", **kw), progress=False)
+        run_from_config(stage0b_cfg(data2, tmp_path / "o3", **kw), progress=False)
     monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", real_clip)
     questions = data2 / "VQA_RAD Dataset Public.json"
     questions.write_text(json.dumps(json.loads(questions.read_text())[:-12]))
     capsys.readouterr()
-    run_from_config(_cfg(data2, tmp_path / "o3", **kw), progress=False)
+    run_from_config(stage0b_cfg(data2, tmp_path / "o3", **kw), progress=False)
     assert "other settings (the VQA data)" in capsys.readouterr().err
 
 
@@ -305,10 +236,10 @@ def test_a_finished_run_stays_done_under_another_budget_but_not_under_other_inpu
     data = make_vqa_rad(tmp_path / "rad", 48)
     kw = dict(steps=6, batch_size=8, log_every=1)
     out = tmp_path / "out"
-    done = run_from_config(_cfg(data, out, **kw), progress=False)
+    done = run_from_config(stage0b_cfg(data, out, **kw), progress=False)
     start = tmp_path / "start"  # a starting tower for the last check
     shutil.copytree(done.tower_dir, start)
-    budget = run_from_config(_cfg(data, out, **kw, time_budget_min=1e-9), progress=False)
+    budget = run_from_config(stage0b_cfg(data, out, **kw, time_budget_min=1e-9), progress=False)
     assert budget.wall_time_s == 0.0 and budget.report["steps"] == 6
     assert json.loads((out / "vision_vqa_report.json").read_text())["steps"] == 6
 
@@ -318,15 +249,19 @@ def test_a_finished_run_stays_done_under_another_budget_but_not_under_other_inpu
         r["answer"] = {"yes": "no", "no": "yes"}.get(r["answer"], r["answer"])
     (data / "VQA_RAD Dataset Public.json").write_text(json.dumps(recs))
     capsys.readouterr()
-    flipped = run_from_config(_cfg(data, out, **kw), progress=False)
+    flipped = run_from_config(stage0b_cfg(data, out, **kw), progress=False)
     assert flipped.wall_time_s > 0 and flipped.report["data_key"] != done.report["data_key"]
     # ... and says why it trains again (it did so without a word).
     assert "finished run with other settings (the VQA data)" in capsys.readouterr().err
 
     # New weights behind the same starting-tower path: another run.
-    first = run_from_config(_cfg(data, tmp_path / "from", **kw, vision=str(start)), progress=False)
+    first = run_from_config(
+        stage0b_cfg(data, tmp_path / "from", **kw, vision=str(start)), progress=False
+    )
     CLIPVisionModel.from_pretrained(flipped.tower_dir).save_pretrained(start)
-    second = run_from_config(_cfg(data, tmp_path / "from", **kw, vision=str(start)), progress=False)
+    second = run_from_config(
+        stage0b_cfg(data, tmp_path / "from", **kw, vision=str(start)), progress=False
+    )
     assert second.wall_time_s > 0
     assert second.report["start_tower"] != first.report["start_tower"]
 
@@ -344,20 +279,22 @@ def test_bad_stage0b_inputs_are_clear_errors_before_training(tmp_path):
            "answer_type": "CLOSED", "phrase_type": "freeform"}  # fmt: skip
     (root / "VQA_RAD Dataset Public.json").write_text(json.dumps([rec]))
     with pytest.raises(InputError, match="no usable image.*1 corrupt image"):
-        run_from_config(_cfg(root, tmp_path / "o1", steps=2), progress=False)
+        run_from_config(stage0b_cfg(root, tmp_path / "o1", steps=2), progress=False)
 
     data = make_vqa_rad(tmp_path / "rad", 24)
     # A hold-out fraction that rounds to every image leaves one to train on (was torch's
     # "random_ expects 'from' to be less than 'to'").
     res = run_from_config(
-        _cfg(data, tmp_path / "o2", steps=2, batch_size=4, val_fraction=0.99), progress=False
+        stage0b_cfg(data, tmp_path / "o2", steps=2, batch_size=4, val_fraction=0.99), progress=False
     )
     assert res.report["steps"] == 2 and res.report["data"]["images"] == 19
     # A feature layer the tower does not have: a ConfigError naming this stage's key and the
     # range (was an IndexError deep in the forward pass, after every image had loaded; then
     # an error naming vision_feature_layer and a --vision-feature-layer flag stage 0b lacks).
     with pytest.raises(ConfigError, match=r"^feature_layer=-9: the tower has 2 layers"):
-        run_from_config(_cfg(data, tmp_path / "o3", steps=2, feature_layer=-9), progress=False)
+        run_from_config(
+            stage0b_cfg(data, tmp_path / "o3", steps=2, feature_layer=-9), progress=False
+        )
 
 
 def test_the_same_run_spelled_with_other_paths_or_moved_is_not_trained_again(tmp_path, monkeypatch):
@@ -373,18 +310,18 @@ def test_the_same_run_spelled_with_other_paths_or_moved_is_not_trained_again(tmp
     monkeypatch.chdir(tmp_path)
     data = make_vqa_rad(tmp_path / "rad", 24)
     kw = dict(steps=3, batch_size=4, log_every=1)
-    done = run_from_config(_cfg(data, tmp_path / "out", **kw), progress=False)
+    done = run_from_config(stage0b_cfg(data, tmp_path / "out", **kw), progress=False)
     assert done.wall_time_s > 0
-    relative = run_from_config(_cfg(Path("rad"), Path("out"), **kw), progress=False)
+    relative = run_from_config(stage0b_cfg(Path("rad"), Path("out"), **kw), progress=False)
     assert relative.wall_time_s == 0.0  # returned the finished run
     assert relative.report["data_key"] == done.report["data_key"]
 
     shutil.move(tmp_path / "out", tmp_path / "moved")
-    moved = run_from_config(_cfg(data, tmp_path / "moved", **kw), progress=False)
+    moved = run_from_config(stage0b_cfg(data, tmp_path / "moved", **kw), progress=False)
     assert moved.wall_time_s == 0.0 and moved.tower_dir == tmp_path / "moved" / "vision_tower"
 
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
-    conf = make_config(_cfg(data, Path("x"), **kw), ["output_dir=~/runs/b", "vision=tiny"])
+    conf = make_config(stage0b_cfg(data, Path("x"), **kw), ["output_dir=~/runs/b", "vision=tiny"])
     assert conf.output_dir == str(tmp_path / "home" / "runs" / "b")
     assert conf.vision == "tiny" and conf.sources[0].path == str(data)
 
@@ -402,12 +339,14 @@ def test_a_text_encoder_with_other_files_is_another_run(tmp_path):
     shutil.copytree(embedded_text_encoder_dir(), enc)
     data = make_vqa_rad(tmp_path / "rad", 24)
     kw = dict(steps=3, batch_size=4, log_every=1, text_encoder=str(enc))
-    first = run_from_config(_cfg(data, tmp_path / "out", **kw), progress=False)
-    assert run_from_config(_cfg(data, tmp_path / "out", **kw), progress=False).wall_time_s == 0
+    first = run_from_config(stage0b_cfg(data, tmp_path / "out", **kw), progress=False)
+    assert (
+        run_from_config(stage0b_cfg(data, tmp_path / "out", **kw), progress=False).wall_time_s == 0
+    )
     conf = json.loads((enc / "config.json").read_text())
     conf["hidden_dropout_prob"] = 0.25  # the same name, another encoder
     (enc / "config.json").write_text(json.dumps(conf))
-    second = run_from_config(_cfg(data, tmp_path / "out", **kw), progress=False)
+    second = run_from_config(stage0b_cfg(data, tmp_path / "out", **kw), progress=False)
     assert second.wall_time_s > 0
     assert second.report["text_encoder"] != first.report["text_encoder"]
 
@@ -420,9 +359,9 @@ def test_an_unreadable_report_is_not_a_finished_run(tmp_path, capsys):
     data = make_vqa_rad(tmp_path / "rad", 24)
     kw = dict(steps=2, batch_size=4, log_every=1)
     out = tmp_path / "out"
-    done = run_from_config(_cfg(data, out, **kw), progress=False)
+    done = run_from_config(stage0b_cfg(data, out, **kw), progress=False)
     (out / REPORT).write_text(json.dumps(done.report)[:40])
-    again = run_from_config(_cfg(data, out, **kw), progress=False)
+    again = run_from_config(stage0b_cfg(data, out, **kw), progress=False)
     assert again.wall_time_s > 0 and again.report["steps"] == 2
     assert "unreadable" in capsys.readouterr().err
     assert json.loads((out / REPORT).read_text())["steps"] == 2
@@ -433,7 +372,9 @@ def test_unreadable_images_are_named_in_the_report(tmp_path):
     from llavamed.train.vision_vqa import run_from_config
 
     data = make_vqa_rad(tmp_path / "rad", 10)  # + broken.png
-    res = run_from_config(_cfg(data, tmp_path / "out", steps=1, batch_size=4), progress=False)
+    res = run_from_config(
+        stage0b_cfg(data, tmp_path / "out", steps=1, batch_size=4), progress=False
+    )
     broken = str(data / "VQA_RAD Image Folder" / "broken.png")
     assert res.report["skipped_images"] == {broken: "corrupt image"}
     md = (res.output_dir / "vision_vqa_report.md").read_text()
@@ -446,7 +387,7 @@ def test_a_run_killed_before_its_markdown_report_writes_it_on_the_re_run(tmp_pat
     import llavamed.train.vision_vqa as vv
 
     data = make_vqa_rad(tmp_path / "rad", 10)
-    cfg = _cfg(data, tmp_path / "out", steps=2, batch_size=4)
+    cfg = stage0b_cfg(data, tmp_path / "out", steps=2, batch_size=4)
     real = vv.atomic_write_text
 
     def killed(path, *a, **kw):
@@ -471,7 +412,7 @@ def test_a_preset_beside_a_folder_of_its_name_is_keyed_by_the_name(tmp_path, mon
     monkeypatch.chdir(tmp_path)
     (tmp_path / "tiny").mkdir()
     (tmp_path / "tiny" / "config.json").write_text('{"model_type": "clip_vision_model"}')
-    cfg = _cfg(data, tmp_path / "o", steps=2, batch_size=8)
+    cfg = stage0b_cfg(data, tmp_path / "o", steps=2, batch_size=8)
     first = run_from_config(cfg, progress=False)
     assert first.report["start_tower"] == "tiny"
     (tmp_path / "tiny" / "config.json").write_text('{"model_type": "siglip_vision_model"}')
