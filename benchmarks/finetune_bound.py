@@ -134,7 +134,9 @@ def main(argv: list[str] | None = None) -> int:
             f"{seconds:.0f}",
             f"{tokens / seconds:.0f}",
             f"{flops / seconds / 1e9:.1f}",
-            "n/a" if peak is None else f"{flops / seconds / peak:.2f}",
+            # Two significant digits, not two decimals: a small run against a large (AMX bf16)
+            # peak read "0.00", as if it had done no work.
+            "n/a" if peak is None else f"{flops / seconds / peak:.2g}",
         ]
     ]
     if peak is not None:
