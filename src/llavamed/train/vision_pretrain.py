@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from llavamed.errors import ConfigError, InputError
+from llavamed.errors import ConfigError, InputError, LlavamedError
 from llavamed.model.vision_tower import (
     Tower,
     check_tower_layer,
@@ -765,8 +765,17 @@ def train_vision(cfg: VisionPretrainConfig, progress: bool = True) -> VisionPret
 
     # One line naming output_dir, before the tower loads: a folder that cannot be made
     # (/proc/x) ended in a FileNotFoundError traceback at out.mkdir. After the return above: a
-    # finished run on a read-only disk is still returned without writing.
-    require_writable(out, "output_dir", folder=True)
+    # finished run on a read-only disk is still returned without writing. Rank 0 alone probes
+    # (the probe makes and removes the missing folders: ranks probing at once raced, 'File
+    # exists'), and the ranks stop together.
+    unwritable = None
+    if is_main:
+        try:
+            require_writable(out, "output_dir", folder=True)
+        except LlavamedError as exc:
+            unwritable = exc
+    if any_process(unwritable is not None, world):
+        raise unwritable or LlavamedError(f"{out}: output_dir cannot be written (see rank 0)")
 
     local_b = cfg.batch_size // world
     if local_b * world != cfg.batch_size:  # before the images are decoded, not after
