@@ -61,6 +61,8 @@ RESUMABLE_CHANGES = (
     # The other way on after an out-of-memory: backward recomputes the same activations (torch
     # restores the RNG for the recomputation, so dropout masks match too).
     "train.gradient_checkpointing",
+    # Fused kernels for the same arithmetic: the losses differ in rounding only.
+    "train.compile",
 )
 
 
@@ -936,6 +938,10 @@ def _run(
         )
     accum = per_step // info.world_size
     kind = _engine_kind(cfg, info)
+    if t.compile:
+        from llavamed.train.compile_layers import check_can_compile
+
+        check_can_compile(kind, "cuda" if info.device.startswith("cuda") else "cpu")
     if info.is_main:
         from llavamed.utils.io import require_writable
 
@@ -963,6 +969,10 @@ def _run(
         model.model.language_model.gradient_checkpointing_enable(
             gradient_checkpointing_kwargs={"use_reentrant": False}
         )
+    if t.compile:
+        from llavamed.train.compile_layers import compile_lm_layers
+
+        compile_lm_layers(model)
     model.train()
     model.to(info.device)
 
@@ -1114,7 +1124,9 @@ def _run(
             f"llavamed train: {len(samples)} samples, {spe} steps/epoch, {total_steps} steps, "
             f"{info.world_size} process(es) x {accum} accumulation x {t.micro_batch_size} = global batch "
             f"{t.global_batch_size}; engine {kind}; trainable {n_train / 1e6:.2f}M "
-            f"({', '.join(f'{k} {v / 1e6:.2f}M' for k, v in counts.items() if v)})",
+            f"({', '.join(f'{k} {v / 1e6:.2f}M' for k, v in counts.items() if v)})"
+            # Said, as the first step then takes a minute where later ones take a second.
+            + ("; train.compile: the first step compiles the LM's layers" if t.compile else ""),
             file=sys.stderr,
         )
 
