@@ -46,6 +46,8 @@ class SizePreset:
     stage0b_steps: int = 0
     """Steps of stage 0b (the tower learns the VQA train split's yes/no questions); 0 skips it."""
     batch: int = 16
+    compile_finetune: bool = False
+    """Fine-tune with the LM's decoder layers compiled (``train.compile``)."""
     lr_finetune: float = 2e-4
     lr_projector_finetune: float | None = None
     lr_vision_finetune: float | None = None
@@ -125,11 +127,14 @@ SIZES: dict[str, SizePreset] = {
         probe_images=0,
         stage1_steps=30,
         stage2_epochs=1.0,
-        # Three epochs: yes/no logits on all 1,669 closed test questions, 77.1 / 81.9 (SLAKE- /
-        # VQA-RAD-shaped) against 75.9 / 79.5 after 1.9 epochs (same stage-2 checkpoint). With
-        # the current towers, 83.8 / 85.2 against 81.0 / 82.9 for 2 epochs at LM lr 1e-3, and
-        # 82.6 / 85.2 for 3 epochs at 1e-3 (docs/measurements.md, "Levers tried since").
-        finetune_epochs=3.0,
+        # Two epochs with the LM's layers compiled: by yes/no logits on all 1,669 closed test
+        # questions, 86.2 / 90.1 (SLAKE- / VQA-RAD-shaped) against 87.0 / 89.8 for the three
+        # eager epochs of the earlier recipe, from the same stage-2 checkpoint, in 371 s against
+        # 767 (bf16 on a 2-core AMX Xeon, 2026-12-06; docs/measurements.md). Before the 12,000-
+        # pair stage 0 and stage 0b's 900 steps, a third epoch was worth 1-2 points (77.1 / 81.9
+        # against 75.9 / 79.5 after 1.9 epochs; fp32, AVX2 CPU).
+        finetune_epochs=2.0,
+        compile_finetune=True,
         eval_limit=400,
         # 4,500 VQA images with dense train questions: MedSynth makes them in ~30 s, and each
         # training step sees more yes/no answers per image forward.
