@@ -156,23 +156,23 @@ SIZES: dict[str, SizePreset] = {
         # benchmarks/frozen_layers.py (1,587 s on a 2-core Zen 1 EPYC), but strict closed
         # accuracy fell from 85.6% to 70.2% on the same towers, and to 73.6% with the top 4
         # layers trained (docs/measurements.md, "Training only the top of the LM").
-        # Fresh clone of 25ccdfd on an idle 2-core Zen 3 EPYC (AVX2, fp32): 41 min 8 s in all,
-        # 2,383 s of stages, 89.4% strict closed (docs/measurements.md; the same report
-        # again at fc954c9 and 884c9a9). With AMX (bf16) the recipe before the 12,000-pair
-        # stage 0 took 15 min 38 s, fine-tuning 708 s of it.
+        # Fresh clone of 288054d on an idle 2-core Intel Xeon with AMX (bf16), 2026-12-06:
+        # 19 min 16 s in all, 18 min 18 s after set-up, 89.4% strict closed, 40.9 points over a
+        # blank image (docs/measurements.md). The 3-epoch eager recipe before it took 44 min 5 s
+        # after set-up on an idle 2-core Zen 3 EPYC (AVX2, fp32), fine-tuning 1,711 s of it.
         stage_seconds={
-            "synth": 39,
+            "synth": 25,
             "ingest": 1,
             "align": 0,
-            "instruct": 102,
-            "stage0_pairs": 42,
-            "stage0_vision": 315,
-            "stage0b_vision_vqa": 177,
-            "stage1_alignment": 70,
-            "stage2_instruct": 19,
-            "eval_zero_shot": 20,
-            "finetune_vqa": 1582,
-            "eval_finetuned": 16,
+            "instruct": 73,
+            "stage0_pairs": 38,
+            "stage0_vision": 284,
+            "stage0b_vision_vqa": 176,
+            "stage1_alignment": 34,
+            "stage2_instruct": 8,
+            "eval_zero_shot": 21,
+            "finetune_vqa": 416,
+            "eval_finetuned": 19,
         },
     ),
     "medium": SizePreset(
