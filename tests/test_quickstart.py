@@ -514,3 +514,27 @@ def test_a_moved_output_folder_keeps_its_finished_stages(tmp_path):
     # A path outside --out is still part of the key.
     other = [("a", "a", lambda: {}, {"data": str(tmp_path / "elsewhere.json")})]
     assert not Pipeline(QuickstartOptions(out=moved, progress=False), other).run()[0].skipped
+
+
+def test_small_fine_tunes_compiled_and_eager_where_no_cpp_compiler_is_found(
+    tmp_path, monkeypatch, capsys
+):
+    """The README's one command must run on a machine without g++: there fine-tuning runs its
+    layers eager, says so, and keys the stage apart from a compiled fine-tuning. Tiny (the
+    smoke size) never compiles: a cold compile would cost it more than it saves."""
+    from llavamed.quickstart.presets import SIZES
+    from llavamed.quickstart.run import QuickstartStages
+    from llavamed.train import compile_layers
+
+    def finetune(size):
+        stages = QuickstartStages(QuickstartOptions(out=tmp_path, size=size), SIZES[size], tmp_path)
+        stage = next(s for s in stages.table() if s.name == "finetune_vqa")
+        return stages.cfgs["finetune"]["train"].get("compile"), stage.settings
+
+    compiled, compiled_key = finetune("small")
+    assert compiled is True and finetune("tiny")[0] is None
+    assert capsys.readouterr().err == ""
+    monkeypatch.setattr(compile_layers.shutil, "which", lambda name: None)
+    eager, eager_key = finetune("small")
+    assert eager is False and eager_key != compiled_key
+    assert "no C++ compiler (g++, c++ or clang++) on PATH" in capsys.readouterr().err

@@ -117,6 +117,20 @@ class QuickstartStages:
     def __post_init__(self) -> None:
         self.world, self.corpus = self.out / "world", self.out / "corpus"
         self.cfgs = training_configs(self.p, self.out, self.opts.seed, self.given_tower)
+        ft = self.cfgs["finetune"]["train"]
+        if ft.get("compile"):
+            from llavamed.train.compile_layers import have_cpp_compiler
+
+            if not have_cpp_compiler():
+                # The one command should run anywhere: eager computes the same steps, slower.
+                # The key changes with it, so a folder fine-tuned one way is not taken for the other.
+                ft["compile"] = False
+                print(
+                    "quickstart: no C++ compiler (g++, c++ or clang++) on PATH, so fine-tuning "
+                    "runs its LM layers eager, not compiled (about 1.4x slower; install g++ to "
+                    "compile them)",
+                    file=sys.stderr,
+                )
 
     def synth(self) -> dict:
         from llavamed.data.synth import generate_world

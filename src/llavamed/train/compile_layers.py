@@ -22,6 +22,14 @@ from llavamed.errors import ConfigError
 COMPILE_ENGINES = ("single", "ddp")
 
 
+CPP_COMPILERS = ("g++", "c++", "clang++")
+
+
+def have_cpp_compiler() -> bool:
+    """Whether Inductor finds a C++ compiler for CPU code."""
+    return any(shutil.which(c) for c in CPP_COMPILERS)
+
+
 def check_can_compile(engine: str, device_type: str) -> None:
     """Refuse ``train.compile`` where it would fail at the first step, after the model has
     loaded and the data tokenized: another engine, or no C++ compiler for Inductor's CPU code."""
@@ -30,7 +38,7 @@ def check_can_compile(engine: str, device_type: str) -> None:
             f"train.compile works with the {' and '.join(COMPILE_ENGINES)} engines, not "
             f"{engine}; unset it or use distributed.engine=ddp"
         )
-    if device_type == "cpu" and not any(shutil.which(c) for c in ("g++", "c++", "clang++")):
+    if device_type == "cpu" and not have_cpp_compiler():
         raise ConfigError(
             "train.compile: Inductor compiles C++ for the CPU and no C++ compiler (g++, c++ or "
             "clang++) is on PATH; install one (Debian: apt install g++) or unset train.compile"
