@@ -105,3 +105,16 @@ def run_interrupted(cfg: dict, monkeypatch, at_step: int) -> None:
     with pytest.raises(KeyboardInterrupt):
         run_training(cfg, progress=False)
     monkeypatch.setattr(T.Engine, "step", real_step)
+
+
+def resumed_losses(cfg: dict, monkeypatch, overrides: list[str]) -> list[float]:
+    """The losses of a 4-step run cut by a Ctrl-C at step 3 (resume checkpoints every 2 steps)
+    and resumed with ``overrides``: for a setting a run may switch when it resumes. Checks that
+    the resumed run logged each step once."""
+    from llavamed.train import run_training
+
+    cfg["output"]["save_every"] = 2
+    run_interrupted(cfg, monkeypatch, at_step=3)
+    resumed = run_training(cfg, overrides, progress=False).metrics
+    assert [m["step"] for m in resumed] == [1, 2, 3, 4]
+    return [m["loss"] for m in resumed]
