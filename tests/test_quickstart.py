@@ -538,3 +538,52 @@ def test_small_fine_tunes_compiled_and_eager_where_no_cpp_compiler_is_found(
     eager, eager_key = finetune("small")
     assert eager is False and eager_key != compiled_key
     assert "no C++ compiler (g++, c++ or clang++) on PATH" in capsys.readouterr().err
+
+
+def test_deterministic_sends_self_instruct_requests_one_at_a_time_and_keys_them_apart(
+    tmp_path, monkeypatch
+):
+    """Eight concurrent requests are batched by the local server as they arrive, and in bf16
+    the sampled conversations then differ from run to run (10, 7 and 11 of 12 kept in three
+    runs; two one-at-a-time runs were byte-identical). --deterministic sends them one at a
+    time; its self-instruct (and so stage 2 onwards) is keyed apart from the default's, whose
+    key is the one older folders hold."""
+    from llavamed.data.instruct import runner
+    from llavamed.quickstart.presets import SIZES
+    from llavamed.quickstart.run import QuickstartStages
+    from llavamed.serve import api
+
+    sent = []
+
+    class Server:
+        base_url = "http://127.0.0.1:9/v1"
+
+        def stop(self):
+            pass
+
+    monkeypatch.setattr(api, "serve_in_background", lambda *a, **k: Server())
+    monkeypatch.setattr(
+        runner,
+        "run_instruct",
+        lambda o: (
+            sent.append(o.client.concurrency)
+            or (
+                {
+                    "out": "x",
+                    "totals": {"kept": 1, "dropped": 0},
+                    "pending_after_failures": 0,
+                    "this_run": {"http_requests": 1, "cache_hits": 0},
+                },
+                0,
+            )
+        ),
+    )
+    keys = {}
+    for deterministic in (False, True):
+        opts = QuickstartOptions(out=tmp_path, size="tiny", deterministic=deterministic)
+        stages = QuickstartStages(opts, SIZES["tiny"], tmp_path)
+        stages.instruct()
+        keys[deterministic] = next(s for s in stages.table() if s.name == "instruct").settings
+    assert sent == [8, 1]
+    assert keys[False] == {"n": 6, "seed": 0, "image_paths": "relative"}  # the older key
+    assert keys[True] == keys[False] | {"concurrency": 1}

@@ -34,12 +34,11 @@ def register(sub) -> None:
         "--size",
         default="small",
         choices=["tiny", "small", "medium"],
-        help="small: 42 min on 2 Zen 3 AVX2 cores (medsynth-1.1) and 1 h 44-50 min on 2 Zen 1 "
-        "cores (medsynth-1.0; fp32, both measured from a fresh clone with set-up), ~18 min on 2 "
-        "cores with bf16 arithmetic (AMX; estimated), 85.6-89.9%% strict closed accuracy; "
-        "medium: the same recipe on twice the VQA images for longer, 1 h 25 min on 2 Zen 3 "
-        "cores (measured), 90.3%% strict closed on the whole test split; tiny: a few-minute "
-        "smoke run of every stage that learns little",
+        help="small: 18 min after set-up on 2 cores of an Intel Xeon with AMX (bf16; two fresh "
+        "clones, 89.4%% and 89.9%% strict closed accuracy), about 40 on 2 AVX2-only cores (fp32; "
+        "44 min for the previous 3-epoch recipe on a Zen 3); medium: the same recipe on twice the "
+        "VQA images for longer, 1 h 25 min on 2 Zen 3 cores, 90.3-91.0%% strict closed on the "
+        "whole test split; tiny: a few-minute smoke run of every stage that learns little",
     )
     p.add_argument("--seed", type=seed_int, default=0, help="seed for data and training")
     p.add_argument(
@@ -53,6 +52,14 @@ def register(sub) -> None:
         "BiomedCLIP tower): skips stage 0; stage 0b and stage 1 start from it (without it, "
         "stage 0 trains one from random weights); it must lie outside --out, whose stage "
         "folders a rerun may empty",
+    )
+    p.add_argument(
+        "--deterministic",
+        action="store_true",
+        help="send the self-instruct requests to the local server one at a time, so that the "
+        "conversations, and every number after them, repeat exactly from run to run (about 2 "
+        "minutes slower on 2 cores). By default 8 go at once, and the server's batching of "
+        "them as they arrive changes the sampled conversations from run to run with bf16",
     )
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=run)
@@ -71,6 +78,7 @@ def run(args) -> int:
             workers=args.workers,
             progress=not args.no_progress,
             vision=Path(args.vision) if args.vision else None,
+            deterministic=args.deterministic,
         )
     )
     print(f"\nreport: {Path(report['output']) / 'report.md'}")

@@ -235,6 +235,14 @@ class QuickstartOptions:
     vision: Path | None = None
     """A pretrained vision tower folder (stage 0's ``vision_tower/``, a converted BiomedCLIP ...):
     stage 0 is skipped and stage 0b, stage 1 and the rest start from this tower."""
+    deterministic: bool = False
+    """Self-instruct sends its requests one at a time (``--deterministic``): the local server
+    batches concurrent requests as they arrive, and in bf16 a request's logits depend on its
+    batch, so sampled conversations differ between runs; one at a time they repeat exactly."""
+
+    @property
+    def instruct_concurrency(self) -> int:
+        return 1 if self.deterministic else 8
 
     def preset(self) -> SizePreset:
         if self.size not in SIZES:

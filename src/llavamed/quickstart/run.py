@@ -192,7 +192,7 @@ class QuickstartStages:
                     client=ClientOptions(
                         base_url=server.base_url,
                         model="smollm2-135m-instruct",
-                        concurrency=8,
+                        concurrency=self.opts.instruct_concurrency,
                         timeout=600.0,
                     ),
                     inline_mentions=True,
@@ -348,7 +348,9 @@ class QuickstartStages:
                 "corpus/instruct",
                 self.instruct,
                 # image paths relative to instruct.json since 4086f98: older outputs are redone
-                {"n": p.instruct_samples, "seed": seed, "image_paths": "relative"},
+                {"n": p.instruct_samples, "seed": seed, "image_paths": "relative"}
+                # Only when set: older folders' self-instruct (8 at once) keeps its key.
+                | ({"concurrency": 1} if self.opts.deterministic else {}),
                 needs=("ingest",),  # the vision stages read none of it: a redo leaves them alone
                 # What stage 2 reads of self-instruct's folder (its report and cache change on
                 # every retry, the conversations only if a retried figure gets through).
