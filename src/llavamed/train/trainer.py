@@ -976,34 +976,7 @@ def _run(
     model.train()
     model.to(info.device)
 
-    samples, report = load_samples(
-        cfg.data, processor, template, seed=t.seed, quiet=not info.is_main
-    )
-    if info.is_main:
-        atomic_write_json(out / "data_report.json", report.to_dict())
-    if not samples:
-        from llavamed.errors import format_counts
-
-        # Why, here: "see data_report.json" alone sent the user to a file to learn that, say,
-        # every sample was cut at data.max_length.
-        why = (
-            f"{report.n_records} record(s), all skipped: {format_counts(report.skipped)}"
-            if report.skipped
-            else f"{report.n_records} record(s) read"
-        )
-        raise InputError(
-            cfg.data.sources[0].path, "no training samples left", f"{why}; see data_report.json"
-        )
-    empty = [k for k, n in report.per_source.items() if n == 0]
-    if empty:
-        # One source of several that gives nothing (a VQA split the set does not have: VQA-RAD
-        # has no "val") trained on the others alone, with nothing said.
-        raise InputError(
-            empty[0],
-            "no training samples from this source",
-            f"{len(samples)} from the others; a split it does not have, or every record "
-            "skipped; see data_report.json. Fix the source or remove it from data.sources",
-        )
+    samples, report = _load_training_samples(cfg, processor, template, out, info)
     data_key = data_fingerprint(samples)
 
     spe = steps_per_epoch(len(samples), t.global_batch_size)
@@ -1282,19 +1255,8 @@ def _run(
         if tb is not None:
             tb.close()
         export = model
-        if (
-            full_sd is not None
-        ):  # sharded engines: rebuild a plain copy and load the gathered weights
-            export, _, _, _ = build_model(cfg)
-            export = apply_lora(export, cfg)
-            # strict=False only so that a tied lm_head (shared with the embeddings, so absent
-            # from the gathered weights) can be tied back; anything else missing is an error.
-            missing, unexpected = export.load_state_dict(full_sd, strict=False)
-            tied = export.config.tie_word_embeddings
-            if [m for m in missing if not (tied and "lm_head" in m)] or unexpected:
-                raise RuntimeError(f"export: missing {missing[:5]}, unexpected {unexpected[:5]}")
-            if "lm_head.weight" in missing:
-                export.tie_weights()
+        if full_sd is not None:  # sharded engines: a plain copy holding the gathered weights
+            export = _plain_copy(cfg, full_sd)
         export = export.to("cpu")
         if t.lora is not None:
             export = merge_lora(export)
@@ -1325,6 +1287,56 @@ def _run(
         )
     D.barrier(info)
     return TrainResult(out, out / FINAL, _read_metrics(out / "metrics.jsonl"), time.time() - t0)
+
+
+def _load_training_samples(cfg: TrainConfig, processor, template: str, out: Path, info: DistInfo):
+    """``(samples, report)`` of the config's data, the report written to ``OUT/data_report.json``;
+    refuses data that leave no sample, or a source that gives none."""
+    samples, report = load_samples(
+        cfg.data, processor, template, seed=cfg.train.seed, quiet=not info.is_main
+    )
+    if info.is_main:
+        atomic_write_json(out / "data_report.json", report.to_dict())
+    if not samples:
+        from llavamed.errors import format_counts
+
+        # Why, here: "see data_report.json" alone sent the user to a file to learn that, say,
+        # every sample was cut at data.max_length.
+        why = (
+            f"{report.n_records} record(s), all skipped: {format_counts(report.skipped)}"
+            if report.skipped
+            else f"{report.n_records} record(s) read"
+        )
+        raise InputError(
+            cfg.data.sources[0].path, "no training samples left", f"{why}; see data_report.json"
+        )
+    empty = [k for k, n in report.per_source.items() if n == 0]
+    if empty:
+        # One source of several that gives nothing (a VQA split the set does not have: VQA-RAD
+        # has no "val") trained on the others alone, with nothing said.
+        raise InputError(
+            empty[0],
+            "no training samples from this source",
+            f"{len(samples)} from the others; a split it does not have, or every record "
+            "skipped; see data_report.json. Fix the source or remove it from data.sources",
+        )
+    return samples, report
+
+
+def _plain_copy(cfg: TrainConfig, full_sd: dict):
+    """A freshly built (unsharded) model of the config holding a sharded engine's gathered
+    weights."""
+    export, _, _, _ = build_model(cfg)
+    export = apply_lora(export, cfg)
+    # strict=False only so that a tied lm_head (shared with the embeddings, so absent from the
+    # gathered weights) can be tied back; anything else missing is an error.
+    missing, unexpected = export.load_state_dict(full_sd, strict=False)
+    tied = export.config.tie_word_embeddings
+    if [m for m in missing if not (tied and "lm_head" in m)] or unexpected:
+        raise RuntimeError(f"export: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    if "lm_head.weight" in missing:
+        export.tie_weights()
+    return export
 
 
 def _stop_nothing_loads(cfg: TrainConfig, out: Path, report, info: DistInfo) -> None:
